@@ -1,0 +1,126 @@
+"""Typed config schemas. Registered with Hydra's ConfigStore so that a misspelled or unknown key
+fails when the config is composed, not an hour into a run.
+
+Every primary config (``conf/<stage>.yaml``) lists its schema first in its defaults; the groups
+(``cluster/``, ``paths/``, ``tokenizer/``, ``data/``, ``model/``) fill its fields.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from cerbero_ray.tokenizer import SYSTEM_LINE
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None        # None: embedded local cluster (or the job's cluster under `ray job submit`)
+    num_cpus: Optional[int] = None       # embedded cluster only; None = all cores
+    dashboard: bool = False              # embedded cluster only
+    dashboard_host: str = "127.0.0.1"
+    namespace: str = "cerbero"
+    object_store_memory_gb: Optional[float] = None
+    progress_bars: bool = False          # Ray Data's own per-operator bars (ours are always on)
+
+
+@dataclass
+class PathsConfig:
+    repo_dir: str = MISSING
+    data_dir: str = MISSING               # external data (../shared/data or a bucket)
+    output_dir: str = MISSING
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None            # None: mistral-common's tokenizer.model.v1
+    assistant_tag: str = "AI"             # "AI" ([|AI|], the seed) or "Assistente" (the released model)
+    system_line: str = SYSTEM_LINE
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING               # a builder in cerbero_ray.models
+    path: Optional[str] = None            # for cerbero_ray.models.from_pretrained
+    dtype: str = "float32"
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SourceConfig:
+    path: str = MISSING                   # file, folder, glob or URI
+    format: str = "auto"                  # auto | openai | sharegpt | alpaca | text
+    weight: float = 1.0                   # 2.0 = every document twice, 0.5 = half of them (seeded)
+    text_field: str = "text"
+
+
+@dataclass
+class DataConfig:
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    seq_len: int = 8192
+    loss_on: str = "assistant"            # assistant | all
+    packing: str = "whole"                # whole (best-fit decreasing) | split (fill every row)
+    long_docs: str = "split"              # split | drop  (documents longer than seq_len)
+    buffer_docs: int = 4096               # documents per packing buffer (= per shard)
+    workers: Optional[int] = None         # packing actors; None = cluster CPUs - 1 (one CPU left for reads)
+    seed: int = 0
+    compression: str = "zstd"
+    output_dir: str = MISSING
+    overwrite: bool = False
+
+
+@dataclass
+class PrepareDataConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class PipelineConfig(PrepareDataConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: List[str] = field(default_factory=lambda: ["prepare_data"])
+
+
+STAGE_SCHEMAS = {"prepare_data": PrepareDataConfig, "pipeline": PipelineConfig}
+PIPELINE_STAGES = ("prepare_data",)
+
+
+def _resolve_cwd() -> str:
+    return os.getcwd()
+
+
+def register_configs() -> None:
+    """Register schemas and resolvers (idempotent)."""
+    if not OmegaConf.has_resolver("repo_dir"):
+        OmegaConf.register_new_resolver("repo_dir", lambda: REPO_DIR)
+        OmegaConf.register_new_resolver("cwd", _resolve_cwd)
+    cs = ConfigStore.instance()
+    for name, node in STAGE_SCHEMAS.items():
+        cs.store(name=f"{name}_schema", node=node)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data/source", name="source_schema", node=SourceConfig)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """The resolved config as plain dicts: what goes to Ray workers (``${…}`` never resolves there)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def compose(stage: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``conf/<stage>.yaml`` with overrides outside of ``@hydra.main`` (tests, submit)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=os.path.join(REPO_DIR, "conf"), version_base=None):
+        return hydra_compose(config_name=stage, overrides=list(overrides or []))

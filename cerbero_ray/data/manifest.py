@@ -1,0 +1,93 @@
+"""``manifest.json``: what a data run produced, for the trainer's checks and for people.
+
+The trainer reads ``seq_len``, ``tokenizer_hash`` and ``shards`` from it; every count a user may
+ask about (documents in/out, tokens, loss tokens, padding, fill, rejects by reason, split or
+dropped documents) is here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+
+from cerbero_ray import storage
+from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
+
+MANIFEST_VERSION = 1
+SUM_KEYS = ("input_rows", "documents", "rows", "tokens", "loss_tokens", "padding", "rejected",
+            "split_documents", "split_pieces", "dropped_long", "cut_to_fill", "input_bytes")
+
+
+def config_hash(cfg: dict) -> str:
+    """Hash of what determines the shards: the data config (minus where it is written) and the tokenizer."""
+    data = {k: v for k, v in cfg["data"].items() if k not in ("output_dir", "overwrite", "workers")}
+    blob = json.dumps({"data": data, "tokenizer": cfg["tokenizer"]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_manifest(stats: list[dict], cfg: dict, plans, seconds: float) -> dict:
+    d, t = cfg["data"], cfg["tokenizer"]
+    totals = {k: int(sum(s[k] for s in stats)) for k in SUM_KEYS}
+    reasons, per_source = Counter(), Counter()
+    for s in stats:
+        reasons.update(json.loads(s["reject_reasons"]))
+        per_source.update(json.loads(s["per_source"]))
+    seq_len = int(d["seq_len"])
+    capacity = totals["rows"] * seq_len
+    return {
+        "version": MANIFEST_VERSION,
+        "seq_len": seq_len,
+        "tokenizer_hash": tokenizer_hash(build_tokenizer(t.get("path"), t["assistant_tag"], t["system_line"])),
+        "config_hash": config_hash(cfg),
+        "seed": int(d["seed"]),
+        "loss_on": d["loss_on"],
+        "packing": d["packing"],
+        "columns": ["input_ids", "labels", "position_ids", "num_docs"],
+        **totals,
+        "fill": round(totals["tokens"] / capacity, 6) if capacity else 0.0,
+        "rejects_by_reason": dict(sorted(reasons.items())),
+        "documents_by_source": dict(per_source),
+        "sources": {p.name: {"files": p.files, "format": p.format, "bytes": p.bytes,
+                             "weight": d["sources"][p.name].get("weight", 1.0)} for p in plans},
+        "shards": [{"path": s["shard"], "rows": int(s["rows"]), "tokens": int(s["tokens"])}
+                   for s in stats if s["shard"]],
+        "rejects_files": [s["rejects_path"] for s in stats if s["rejects_path"]],
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(totals["tokens"] / seconds) if seconds else None,
+        "config": {"data": d, "tokenizer": t},
+    }
+
+
+def write_manifest(manifest: dict, out: str) -> str:
+    path = storage.join(out, "manifest.json")
+    fs, p = storage.resolve(path)
+    with fs.open_output_stream(p) as f:
+        f.write(json.dumps(manifest, indent=2, ensure_ascii=False, default=str).encode())
+    return path
+
+
+def read_manifest(out: str) -> dict:
+    fs, p = storage.resolve(storage.join(out, "manifest.json"))
+    with fs.open_input_stream(p) as f:
+        return json.loads(f.read())
+
+
+def format_summary(m: dict, out: str) -> str:
+    rej = ", ".join(f"{k}={v}" for k, v in m["rejects_by_reason"].items()) or "none"
+    lines = [
+        "── prepare_data ─────────────────────────────────────────────",
+        f" output        {out}",
+        f" shards        {len(m['shards'])} files, {m['rows']:,} rows × {m['seq_len']} tokens",
+        f" documents     {m['documents']:,} packed from {m['input_rows']:,} input rows "
+        f"({', '.join(f'{k}: {v:,}' for k, v in m['documents_by_source'].items())})",
+        f" tokens        {m['tokens']:,} ({m['loss_tokens']:,} with loss, loss on {m['loss_on']}), "
+        f"padding {m['padding']:,}",
+        f" fill          {100 * m['fill']:.2f}%  (packing {m['packing']}; cut to fill {m['cut_to_fill']:,})",
+        f" long docs     split {m['split_documents']:,} (into {m['split_pieces']:,}), dropped {m['dropped_long']:,}",
+        f" rejected      {m['rejected']:,} ({rej})" + (f" -> {out}/rejects/" if m["rejected"] else ""),
+        f" speed         {m['tokens_per_s'] or 0:,} tokens/s over {m['seconds']} s",
+        f" manifest      {storage.join(out, 'manifest.json')}",
+        "─────────────────────────────────────────────────────────────",
+    ]
+    return "\n".join(lines)

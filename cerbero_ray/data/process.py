@@ -1,0 +1,183 @@
+"""One packing buffer, start to finish: raw rows → documents → tokens + loss masks → packed rows →
+a Parquet shard, a rejects file and a stats record. No Ray here: the pipeline maps this over the
+stream, and tests and benchmarks call it directly.
+
+Raw rows carry ``source`` (the config's source name), ``path``, ``line_no``, ``kind`` and ``raw``
+(bytes): ``jsonl`` a JSON line, ``record`` one JSON object, ``txt`` a whole text file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cerbero_ray import storage
+from cerbero_ray.data.formats import Document, Reject, to_document
+from cerbero_ray.data.packing import IGNORE_INDEX, best_fit_decreasing, build_rows, sequential_fill, split_long
+from cerbero_ray.tokenizer import build_tokenizer
+
+MAX_REJECT_BYTES = 1 << 20  # a rejected row is kept whole up to 1 MiB, and its length always
+
+
+def copies(weight: float, seed: int, key: str) -> int:
+    """How many times a document of a source with ``weight`` is used: ⌊w⌋, plus one more with
+    probability frac(w), decided by a hash of (seed, key) so that reruns agree."""
+    whole, frac = int(math.floor(weight)), weight - math.floor(weight)
+    if frac == 0:
+        return whole
+    u = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little") / 2**64
+    return whole + (u < frac)
+
+
+class BufferProcessor:
+    """Callable on a batch of raw rows (a dict of numpy arrays); returns one stats record.
+
+    ``cfg`` is the plain-dict form of the data config plus ``tokenizer`` and ``output_dir``.
+    """
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = cfg
+        if cfg.get("threads"):  # the tokenizer's Rust thread pool; read when it first starts
+            os.environ.setdefault("RAYON_NUM_THREADS", str(cfg["threads"]))
+        tcfg = cfg["tokenizer"]
+        self.tok = build_tokenizer(tcfg.get("path"), tcfg["assistant_tag"], tcfg["system_line"])
+        self.sources = cfg["sources"]
+        self.seq_len = int(cfg["seq_len"])
+        self.assistant_only = cfg["loss_on"] == "assistant"
+
+    # -- parse ---------------------------------------------------------------------------------
+    def _parse(self, source: str, kind: str, raw: bytes) -> Document:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Reject("invalid_utf8", str(e)) from None
+        src = self.sources[source]
+        if kind == "txt":
+            if not text.strip():
+                raise Reject("empty_text", "file is empty")
+            return Document(text=text)
+        try:
+            record = json.loads(text)
+        except ValueError as e:
+            raise Reject("invalid_json", str(e)[:200]) from None
+        return to_document(record, src["format"], src.get("text_field", "text"))
+
+    # -- tokenize ------------------------------------------------------------------------------
+    def _tokenize(self, docs: list[Document]) -> list[tuple[np.ndarray, np.ndarray]]:
+        out: list[Any] = [None] * len(docs)
+        text_idx = [i for i, d in enumerate(docs) if d.text is not None]
+        chat_idx = [i for i, d in enumerate(docs) if d.messages is not None]
+        bos, eos = self.tok.bos_token_id, self.tok.eos_token_id
+        if text_idx:
+            encs = self.tok.backend_tokenizer.encode_batch_fast([docs[i].text for i in text_idx],
+                                                                add_special_tokens=False)
+            for i, e in zip(text_idx, encs):
+                ids = np.empty(len(e.ids) + 2, dtype=np.int32)
+                ids[0], ids[1:-1], ids[-1] = bos, e.ids, eos
+                out[i] = (ids, ids.copy())
+        if chat_idx:
+            enc = self.tok.apply_chat_template([docs[i].messages for i in chat_idx], tokenize=True,
+                                               return_dict=True, return_assistant_tokens_mask=True)
+            for i, ids, mask in zip(chat_idx, enc["input_ids"], enc["assistant_masks"]):
+                ids = np.asarray(ids, dtype=np.int32)
+                labels = np.where(np.asarray(mask, dtype=bool), ids, IGNORE_INDEX).astype(np.int32) \
+                    if self.assistant_only else ids.copy()
+                out[i] = (ids, labels)
+        return out
+
+    # -- the whole buffer ----------------------------------------------------------------------
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        n = len(batch["raw"])
+        key = hashlib.sha1(f"{batch['path'][0]}:{batch['line_no'][0]}:{n}".encode()).hexdigest()[:16]
+        stats: dict[str, Any] = {"key": key, "input_rows": n, "input_bytes": 0, "documents": 0,
+                                 "split_documents": 0, "split_pieces": 0, "dropped_long": 0}
+        rejects, reasons, per_source = [], Counter(), Counter()
+        docs, origins = [], []
+        for source, path, line_no, kind, raw in zip(batch["source"], batch["path"], batch["line_no"],
+                                                    batch["kind"], batch["raw"]):
+            raw = bytes(raw) if raw is not None else b""
+            stats["input_bytes"] += len(raw)
+            try:
+                doc = self._parse(source, kind, raw)
+            except Reject as r:
+                reasons[r.reason] += 1
+                rejects.append(self._reject_row(source, path, line_no, raw, r))
+                continue
+            for c in range(copies(self.sources[source].get("weight", 1.0), self.cfg["seed"], f"{source}:{path}:{line_no}")):
+                docs.append(doc)
+                origins.append((source, path, int(line_no), raw))
+        pieces = []
+        for (ids, labels), (source, path, line_no, raw) in zip(self._tokenize(docs), origins):
+            if len(ids) > self.seq_len:
+                if self.cfg["long_docs"] == "drop":
+                    stats["dropped_long"] += 1
+                    reasons["too_long"] += 1
+                    rejects.append(self._reject_row(source, path, line_no, raw,
+                                                    Reject("too_long", f"{len(ids)} tokens > seq_len {self.seq_len}")))
+                    continue
+                parts = split_long(ids, labels, self.seq_len)
+                stats["split_documents"] += 1
+                stats["split_pieces"] += len(parts)
+                pieces.extend(parts)
+            else:
+                pieces.append((ids, labels))
+            stats["documents"] += 1
+            per_source[source] += 1
+        stats.update(self._write(pieces, key), rejected=sum(reasons.values()),
+                     reject_reasons=json.dumps(dict(reasons)), per_source=json.dumps(dict(per_source)))
+        stats["rejects_path"] = self._write_rejects(rejects, key)
+        return {k: [v] for k, v in stats.items()}
+
+    def _reject_row(self, source, path, line_no, raw: bytes, r: Reject) -> dict:
+        return {"source": source, "path": path, "line_no": int(line_no), "reason": r.reason,
+                "detail": r.detail, "raw_bytes": len(raw),
+                "raw": raw[:MAX_REJECT_BYTES].decode("utf-8", errors="replace")}
+
+    def _write(self, pieces: list[tuple[np.ndarray, np.ndarray]], key: str) -> dict:
+        empty = {"shard": "", "rows": 0, "tokens": 0, "cut_to_fill": 0, "loss_tokens": 0, "padding": 0}
+        if not pieces:
+            return empty
+        lengths = [len(p[0]) for p in pieces]
+        if self.cfg["packing"] == "whole":
+            bins = best_fit_decreasing(lengths, self.seq_len)
+        else:
+            bins = sequential_fill(lengths, self.seq_len)
+        rows = build_rows(pieces, bins, self.seq_len, self.tok.pad_token_id)
+        perm = np.random.default_rng([self.cfg["seed"], int(key, 16) & 0xFFFFFFFF]).permutation(len(bins))
+        table = pa.table({
+            "input_ids": _fixed(rows.input_ids[perm]),
+            "labels": _fixed(rows.labels[perm]),
+            "position_ids": _fixed(rows.position_ids[perm]),
+            "num_docs": pa.array(rows.num_docs[perm]),
+        })
+        shard = storage.join(self.cfg["output_dir"], "shards", f"shard-{key}.parquet")
+        fs, p = storage.resolve(shard)
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(p) as f:
+            pq.write_table(table, f, compression=self.cfg.get("compression", "zstd"))
+        tokens = int(sum(len(p[0]) for p in pieces))
+        cut = sum(1 for b in bins for _, start, stop in b if start > 0)
+        return {"shard": shard, "rows": len(bins), "tokens": tokens, "cut_to_fill": cut,
+                "loss_tokens": int((rows.labels != IGNORE_INDEX).sum()), "padding": int(rows.padding)}
+
+    def _write_rejects(self, rejects: list[dict], key: str) -> str:
+        if not rejects:
+            return ""
+        path = storage.join(self.cfg["output_dir"], "rejects", f"rejects-{key}.jsonl")
+        fs, p = storage.resolve(path)
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(p) as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode())
+        return path
+
+
+def _fixed(a: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])

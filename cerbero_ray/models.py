@@ -1,0 +1,66 @@
+"""Model builders: named architectures with literal hyperparameters, and HF checkpoints.
+
+``tiny`` is the test and demo model (random init, the real 32,000-token vocabulary, small
+dimensions); ``mistral_7b`` is the Mistral-7B v0.1 architecture; ``from_pretrained`` loads any local
+or object-store HF folder (never ``trust_remote_code``). Single-device model code only: how it is
+distributed lives in the trainer.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def tiny_config(**overrides) -> MistralConfig:
+    cfg = dict(vocab_size=32000, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+               sliding_window=None, rope_theta=10000.0, tie_word_embeddings=False,
+               bos_token_id=1, eos_token_id=2)
+    return MistralConfig(**{**cfg, **overrides})
+
+
+def mistral_7b_config(**overrides) -> MistralConfig:
+    """mistral-7b v0.1: 32 layers, 4096 hidden, 14336 FFN, 32 heads / 8 KV heads, sliding window 4096."""
+    cfg = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+               sliding_window=4096, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+               bos_token_id=1, eos_token_id=2)
+    return MistralConfig(**{**cfg, **overrides})
+
+
+def tiny(path=None, dtype: str = "float32", overrides: dict | None = None, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    return MistralForCausalLM(tiny_config(**(overrides or {}))).to(_dtype(dtype))
+
+
+def mistral_7b(path=None, dtype: str = "bfloat16", overrides: dict | None = None, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    return MistralForCausalLM(mistral_7b_config(**(overrides or {}))).to(_dtype(dtype))
+
+
+def from_pretrained(path: str | None = None, dtype: str = "bfloat16", overrides: dict | None = None,
+                    seed: int = 0) -> PreTrainedModel:
+    if not path:
+        raise ValueError("model.path is required for model=hf (a local folder or an s3:// URI)")
+    from cerbero_ray.storage import local_copy
+
+    return AutoModelForCausalLM.from_pretrained(local_copy(path), dtype=_dtype(dtype), trust_remote_code=False,
+                                                **(overrides or {}))
+
+
+def build_model(model_cfg: dict) -> PreTrainedModel:
+    """The model named by a ``model`` config group (a plain dict)."""
+    from hydra.utils import get_method
+
+    builder = get_method(model_cfg["_target_"])
+    return builder(path=model_cfg.get("path"), dtype=model_cfg.get("dtype", "float32"),
+                   overrides=dict(model_cfg.get("overrides") or {}))

@@ -1,0 +1,53 @@
+"""The one place that starts or attaches Ray.
+
+- ``cluster.address: null`` starts an embedded local cluster in this process, or, inside a job
+  submitted with ``ray job submit`` (``RAY_ADDRESS`` is set), attaches to that job's cluster.
+- ``cluster.address: <addr>`` attaches to a running cluster (``auto``, ``host:6379``, ``ray://…``).
+
+Token authentication (Ray ≥ 2.52, ``RAY_AUTH_MODE=token``) needs nothing here: an embedded cluster
+makes its own token, and attaching reads ``RAY_AUTH_TOKEN``/``RAY_AUTH_TOKEN_PATH``/the default
+token file as Ray does. Dashboards bind to 127.0.0.1 unless the config says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cluster: dict) -> dict:
+    """Start or attach Ray from a plain-dict ``cluster`` config; returns the cluster's resources."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = cluster.get("address")
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = "auto"  # running as a submitted job
+    if address is None:
+        kwargs = dict(
+            num_cpus=cluster.get("num_cpus") or os.cpu_count(),
+            include_dashboard=bool(cluster.get("dashboard")),
+            dashboard_host=cluster.get("dashboard_host", "127.0.0.1"),
+        )
+        if cluster.get("object_store_memory_gb"):
+            kwargs["object_store_memory"] = int(cluster["object_store_memory_gb"] * 2**30)
+        ray.init(namespace=cluster.get("namespace"), log_to_driver=True, **kwargs)
+        log.info("started an embedded Ray cluster: %s", ray.cluster_resources())
+    else:
+        ray.init(address=address, namespace=cluster.get("namespace"))
+        log.info("attached to the Ray cluster at %s: %s", address, ray.cluster_resources())
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = bool(cluster.get("progress_bars"))
+    return ray.cluster_resources()
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,99 @@
+"""The Mistral-7B tokenizer and the cerbero chat format: one implementation for every stage.
+
+The tokenizer is the real Mistral-7B v0.1 sentencepiece model (32,000 tokens) that the
+`mistral-common` package ships as ``data/tokenizer.model.v1``, converted offline to a HF fast
+tokenizer. Its ``chat_template`` renders the cerbero format::
+
+    <s>Questa è una conversazione tra un umano ed un assistente AI.
+    [|Umano|] Ciao!
+    [|AI|] Ciao, come posso aiutarti?
+    </s>
+
+The assistant's text (the space after the tag, the content and its newline, and the end-of-text
+token after the last answer) sits inside ``{% generation %}`` so that
+``apply_chat_template(..., return_assistant_tokens_mask=True)`` yields the loss mask: the trainer,
+the labeler and the server all go through this template, never through a re-implementation.
+``[|Umano|]`` is the stop string at inference.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+
+SYSTEM_LINE = "Questa è una conversazione tra un umano ed un assistente AI."
+USER_TAG = "[|Umano|]"
+STOP_STRING = USER_TAG
+ASSISTANT_TAGS = {"AI": "[|AI|]", "Assistente": "[|Assistente|]"}
+
+
+def chat_template(assistant_tag: str = "AI", system_line: str = SYSTEM_LINE) -> str:
+    """The Jinja chat template of the cerbero format, with ``[|AI|]`` or ``[|Assistente|]`` turns."""
+    if assistant_tag not in ASSISTANT_TAGS:
+        raise ValueError(f"tokenizer.assistant_tag must be one of {sorted(ASSISTANT_TAGS)}, got {assistant_tag!r}")
+    tag = ASSISTANT_TAGS[assistant_tag]
+    system = system_line.replace("\\", "\\\\").replace("'", "\\'")
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' %}"
+        "{%- set system = messages[0]['content'] %}{%- set turns = messages[1:] %}"
+        f"{{%- else %}}{{%- set system = '{system}' %}}{{%- set turns = messages %}}{{%- endif %}}"
+        "{{- bos_token + system + '\\n' }}"
+        "{%- for message in turns %}"
+        f"{{%- if message['role'] == 'user' %}}{{{{- '{USER_TAG} ' + message['content'] + '\\n' }}}}"
+        f"{{%- elif message['role'] == 'assistant' %}}{{{{- '{tag}' }}}}"
+        "{%- generation %}{{- ' ' + message['content'] + '\\n' }}"
+        "{%- if loop.last and not add_generation_prompt %}{{- eos_token }}{%- endif %}{%- endgeneration %}"
+        "{%- else %}{{- raise_exception('unknown role: ' + message['role']) }}{%- endif %}"
+        "{%- endfor %}"
+        f"{{%- if add_generation_prompt %}}{{{{- '{tag}' }}}}{{%- endif %}}"
+    )
+
+
+def mistral_v1_model_file() -> str:
+    """Path of the Mistral-7B v0.1 sentencepiece model shipped inside `mistral-common`."""
+    import mistral_common
+
+    path = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is the mistral-common package installed?")
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def build_tokenizer(
+    path: str | None = None, assistant_tag: str = "AI", system_line: str = SYSTEM_LINE
+) -> PreTrainedTokenizerBase:
+    """The HF fast tokenizer with the cerbero chat template.
+
+    ``path=None`` converts mistral-common's ``tokenizer.model.v1``; otherwise ``path`` is a local or
+    remote HF directory (a checkpoint of ours, which already carries the template, or any Mistral
+    tokenizer, which gets it). Cached per process: workers build it once.
+    """
+    if path is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(mistral_v1_model_file(), os.path.join(tmp, "tokenizer.model"))
+            # legacy=True prepends "▁" after special tokens too, as sentencepiece and the released
+            # Mistral tokenizer do: "<s>Questa" -> ["<s>", "▁Qu", "esta"].
+            tok = LlamaTokenizer.from_pretrained(tmp, legacy=True, add_bos_token=True)
+    else:
+        from cerbero_ray.storage import local_copy
+
+        tok = AutoTokenizer.from_pretrained(local_copy(path), trust_remote_code=False)
+    if not tok.is_fast:
+        raise ValueError(f"tokenizer at {path!r} has no fast (Rust) implementation")
+    tok.chat_template = chat_template(assistant_tag, system_line)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token  # Mistral has no pad token; padding is always label -100
+    return tok
+
+
+def tokenizer_hash(tok: PreTrainedTokenizerBase) -> str:
+    """A short hash of the vocabulary, merges, special tokens and chat template."""
+    h = hashlib.sha256(tok.backend_tokenizer.to_str().encode())
+    h.update((tok.chat_template or "").encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,25 @@
+"""The data stage: Italian corpora -> packed 8192-token Parquet shards + manifest.json.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/prepare_data.py data=mix_sample paths.output_dir=/shared/outputs
+    python jobs/prepare_data.py data=mix_sample            # embedded local cluster
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from cerbero_ray.config import register_configs
+from cerbero_ray.data.pipeline import run_data
+from cerbero_ray.runtime import init_ray
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="prepare_data", version_base=None)
+def main(cfg: DictConfig) -> None:
+    init_ray(cfg.cluster)
+    run_data(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Every shipped config composes against its schema; bad keys and values fail early."""
+import glob
+import os
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from hydra.errors import ConfigCompositionException
+
+from cerbero_ray.config import REPO_DIR, STAGE_SCHEMAS, compose, to_container
+from cerbero_ray.data.pipeline import validate_data_config
+
+CONF = os.path.join(REPO_DIR, "conf")
+
+
+def group_options(group):
+    return sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(CONF, group, "*.yaml")))
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_SCHEMAS))
+@pytest.mark.parametrize("group", ["cluster", "paths", "tokenizer", "data", "model"])
+def test_every_option_composes(stage, group):
+    primary = yaml.safe_load(open(os.path.join(CONF, f"{stage}.yaml")))
+    if not any(isinstance(d, dict) and group in d for d in primary["defaults"]):
+        pytest.skip(f"{stage} has no {group} group")
+    for option in group_options(group):
+        extra = ["model.path=/tmp/ckpt"] if (group, option) == ("model", "hf") else []
+        cfg = compose(stage, [f"{group}={option}", *extra])
+        c = to_container(cfg)
+        if "data" in c:
+            validate_data_config(c["data"])
+            assert all(os.path.isabs(s["path"]) or "://" in s["path"] for s in c["data"]["sources"].values())
+
+
+def test_misspelled_key_fails_at_compose(tmp_path):
+    with pytest.raises(ConfigCompositionException):
+        compose("prepare_data", ["data.seq_lenn=4096"])
+    # a user's own config file with a typo, at any depth, is refused by the schema
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "typo.yaml").write_text("defaults:\n  - chat_sample\n  - _self_\nseq_lenn: 4096\n")
+    (tmp_path / "data" / "typo2.yaml").write_text("defaults:\n  - chat_sample\n  - _self_\n"
+                                                  "sources:\n  chat:\n    wieght: 2\n")
+    for name, key in (("typo", "seq_lenn"), ("typo2", "wieght")):
+        with pytest.raises(ConfigCompositionException, match=key):
+            compose("prepare_data", [f"hydra.searchpath=[file://{tmp_path}]", f"data={name}"])
+
+
+def test_types_are_checked():
+    with pytest.raises(Exception, match="seq_len"):
+        compose("prepare_data", ["data.seq_len=lots"])
+
+
+@pytest.mark.parametrize("key,value", [("loss_on", "users"), ("packing", "tight"), ("long_docs", "keep"),
+                                       ("seq_len", 4), ("buffer_docs", 0)])
+def test_bad_values_name_the_key(key, value):
+    c = to_container(compose("prepare_data"))
+    c["data"][key] = value
+    with pytest.raises(ValueError, match=f"data.{key}"):
+        validate_data_config(c["data"])
+
+
+def test_env_moves_outputs(monkeypatch, tmp_path):
+    monkeypatch.setenv("CERBERO_OUTPUT_DIR", str(tmp_path))
+    c = to_container(compose("pipeline"))
+    assert c["data"]["output_dir"] == f"{tmp_path}/data/chat_sample"
+    assert c["stages"] == ["prepare_data"] and c["model"]["_target_"] == "cerbero_ray.models.tiny"
+
+
+def test_model_builders_follow_config():
+    from cerbero_ray.models import build_model, mistral_7b_config
+
+    m = build_model(to_container(compose("pipeline"))["model"])
+    assert m.config.vocab_size == 32000 and sum(p.numel() for p in m.parameters()) < 10_000_000
+    c = mistral_7b_config()
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_key_value_heads, c.sliding_window) == \
+        (4096, 14336, 32, 8, 4096)
+    with pytest.raises(ValueError, match="model.path"):
+        build_model({"_target_": "cerbero_ray.models.from_pretrained", "path": None})
+
+
+def test_from_pretrained_loads_a_local_folder(tmp_path):
+    from cerbero_ray.models import build_model, tiny
+
+    tiny().save_pretrained(tmp_path)
+    m = build_model({"_target_": "cerbero_ray.models.from_pretrained", "path": str(tmp_path), "dtype": "float32"})
+    assert m.config.hidden_size == 64
+
+
+def test_cluster_yaml_parses_and_names_h100_workers():
+    c = yaml.safe_load(open(os.path.join(REPO_DIR, "cluster.yaml")))
+    assert c["available_node_types"]["h100"]["node_config"]["InstanceType"] == "p5.48xlarge"
+    assert c["head_node_type"] == "head" and c["max_workers"] >= c["available_node_types"]["h100"]["max_workers"]

@@ -1,0 +1,24 @@
+"""The README's main-job command, as a user runs it, with Ray's token auth on (the 2.60 default for
+local clusters) and off."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cerbero_ray.config import REPO_DIR
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("auth", ["token", "disabled"])
+def test_main_job(tmp_path, auth):
+    env = {**os.environ, "RAY_AUTH_MODE": auth, "CERBERO_OUTPUT_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, os.path.join(REPO_DIR, "jobs", "pipeline.py")], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    manifest = tmp_path / "data" / "chat_sample" / "manifest.json"
+    assert f"manifest: {manifest}" in r.stdout
+    m = json.load(open(manifest))
+    assert m["documents"] == 107 and m["seq_len"] == 8192 and m["rejected"] == 0
