@@ -67,15 +67,17 @@ def run_data(cfg: DictConfig | dict) -> dict:
         d["sources"][p.name]["format"] = p.format
     out = d["output_dir"]
     prepare_output(out, bool(d.get("overwrite")))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    workers = d.get("workers") or max(1, cpus - 1)
-    proc_cfg = {**d, "tokenizer": c["tokenizer"], "threads": max(1, cpus // workers)}
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    reserve = 1.0 if cpus >= 2 else cpus / 2  # reads must always get a CPU, or the stream stalls
+    workers = int(d.get("workers") or max(1, cpus - reserve))
+    actor_cpus = min(1.0, (cpus - reserve) / workers)
+    proc_cfg = {**d, "tokenizer": c["tokenizer"], "threads": max(1, int(cpus) // workers)}
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs + seed -> same shards
     ds = build_dataset(plans).map_batches(
         BufferProcessor, fn_constructor_args=(proc_cfg,), batch_size=int(d["buffer_docs"]),
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=actor_cpus)
 
     total = sum(p.bytes for p in plans)
     stats, t0 = [], time.perf_counter()
