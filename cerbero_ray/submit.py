@@ -54,7 +54,7 @@ def submit(address: str, stage: str, overrides: list[str], wait: bool = False, t
 
     spec = job_spec(stage, overrides)
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(submission_id=submission_id, **spec)
+    job_id = _submit_when_ready(client, spec, submission_id)
     print(f"submitted {job_id}: {spec['entrypoint']}", flush=True)
     if not wait:
         return job_id, None
@@ -66,6 +66,18 @@ def submit(address: str, stage: str, overrides: list[str], wait: bool = False, t
     print(client.get_job_logs(job_id)[-4000:], flush=True)
     print(f"job {job_id}: {status}", flush=True)
     return job_id, status
+
+
+def _submit_when_ready(client, spec: dict, submission_id: str | None, wait_s: float = 120) -> str:
+    """Submit, retrying while a just-started head has no job agent yet (Ray answers 500 then)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(submission_id=submission_id, **spec)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def main(argv: list[str] | None = None) -> int:

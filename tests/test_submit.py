@@ -70,7 +70,8 @@ def test_submit_both_ways(head, tmp_path, monkeypatch):
         monkeypatch.delenv(k, raising=False)
         if k in env:
             monkeypatch.setenv(k, env[k])
-    # 1. our command: composes and checks the config here, runs the stage there
+    # 1. our command: composes and checks the config here, runs the stage there (it also waits
+    #    for the just-started head's job agent, which comes up after the dashboard)
     out1 = tmp_path / "ours"
     r = subprocess.run([sys.executable, "-m", "cerbero_ray.submit", "--address", address, "--wait", "--timeout", "400",
                         "prepare_data", f"paths.output_dir={out1}", "data.seq_len=2048"],
@@ -101,3 +102,25 @@ def test_spec_excludes_outputs_and_makes_paths_absolute(tmp_path, monkeypatch):
     assert "outputs/" in spec["runtime_env"]["excludes"] and spec["runtime_env"]["working_dir"] == REPO_DIR
     # the relative path reaches the job only as the absolute env var
     assert spec["entrypoint"] == "python jobs/prepare_data.py data=mix_sample"
+
+
+def test_submit_retries_until_the_job_agent_is_up():
+    from cerbero_ray.submit import _submit_when_ready
+
+    class Client:
+        calls = 0
+
+        def submit_job(self, **kw):
+            Client.calls += 1
+            if Client.calls < 3:
+                raise RuntimeError("Request failed with status code 500: No available agent to submit job")
+            return "raysubmit_1"
+
+    assert _submit_when_ready(Client(), {"entrypoint": "x"}, None, wait_s=30) == "raysubmit_1" and Client.calls == 3
+
+    class Broken:
+        def submit_job(self, **kw):
+            raise RuntimeError("Request failed with status code 400: bad runtime_env")
+
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        _submit_when_ready(Broken(), {"entrypoint": "x"}, None)
