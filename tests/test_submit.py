@@ -36,7 +36,13 @@ def head(request, tmp_path_factory):
     port, dash = free_port(), free_port()
     cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}",
-           "--include-dashboard=true", "--disable-usage-stats"]
+           "--include-dashboard=true", "--disable-usage-stats",
+           # its own ports throughout: another cluster on this machine (the embedded one of the
+           # other tests) already holds the defaults, and a job agent that cannot bind never comes up
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+           f"--ray-client-server-port={free_port()}"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120
