@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -36,15 +37,9 @@ def job_spec(stage: str, overrides: list[str]) -> dict:
         env[var] = value if storage.is_uri(value) else os.path.abspath(value)
     # the job's cwd is a copy of the checkout: paths it gets must not be relative to it
     overrides = [o for o in overrides if not o.startswith(("paths.output_dir=", "paths.data_dir="))]
-    entrypoint = " ".join(["python", f"jobs/{stage}.py", *(_quote(o) for o in overrides)])
+    entrypoint = " ".join(["python", f"jobs/{stage}.py", *(shlex.quote(o) for o in overrides)])
     return {"entrypoint": entrypoint,
             "runtime_env": {"working_dir": REPO_DIR, "excludes": EXCLUDES, "env_vars": env}}
-
-
-def _quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
 
 
 def submit(address: str, stage: str, overrides: list[str], wait: bool = False, timeout_s: float = 3600,
