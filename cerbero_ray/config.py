@@ -76,6 +76,57 @@ class DataConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    stage: int = 1                        # ZeRO stage: 0, 1 (the recipe) or 2
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    extra: Dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed JSON
+
+
+@dataclass
+class TrainConfig:
+    name: str = "cerbero"                 # run name: <output_dir>/<name>; a rerun with the same name resumes
+    data_dir: str = MISSING               # a prepare_data output (manifest.json + shards/)
+    output_dir: str = MISSING             # storage root: local folder (shared on multi-node) or s3://…
+    seq_len: Optional[int] = None         # None: the manifest's; set, it must equal it
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"      # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    precision: str = "bf16"               # bf16 (fp32 master weights in DeepSpeed) | fp32
+    micro_batch_size: int = 1             # rows per worker per forward
+    global_batch_size: int = 8            # rows per optimizer step, all workers together
+    epochs: int = 1
+    max_steps: Optional[int] = None       # stop early (demos, benchmarks); the schedule still spans max_steps
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1             # cosine decays to lr × min_lr_ratio
+    schedule: str = "cosine"              # cosine | linear | constant
+    warmup_steps: Optional[int] = None    # None: warmup_ratio × total steps
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    attention: str = "auto"               # auto | flash_attention_2 | flex_attention | sdpa | eager
+    loss_chunk_tokens: int = 4096
+    seed: int = 0
+    eval_rows: int = 0                    # held-out rows (never trained on)
+    eval_every: int = 0                   # steps; 0: before the first step and at the end only
+    log_every: int = 1
+    checkpoint_every: int = 0             # steps; 0: at the end only
+    keep_checkpoints: int = 2
+    hf_in_checkpoints: bool = True        # every checkpoint also holds an HF folder
+    max_failures: int = 3                 # worker-group restarts from the last checkpoint
+    peak_tflops: Optional[float] = None   # per device, for MFU; None: known GPUs, else no MFU
+    read_cpus: float = 0.25               # CPUs per Ray Data read task
+    fail_at_step: Optional[int] = None    # fault injection (tests, drills): a worker dies after this step, once
+    fail_rank: int = 1
+
+
+@dataclass
 class PrepareDataConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -84,13 +135,25 @@ class PrepareDataConfig:
 
 
 @dataclass
+class TrainStageConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
 class PipelineConfig(PrepareDataConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
-    stages: List[str] = field(default_factory=lambda: ["prepare_data"])
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: List[str] = field(default_factory=lambda: ["prepare_data", "train"])
 
 
-STAGE_SCHEMAS = {"prepare_data": PrepareDataConfig, "pipeline": PipelineConfig}
-PIPELINE_STAGES = ("prepare_data",)
+STAGE_SCHEMAS = {"prepare_data": PrepareDataConfig, "train": TrainStageConfig, "pipeline": PipelineConfig}
+PIPELINE_STAGES = ("prepare_data", "train")
 
 
 def _resolve_cwd() -> str:

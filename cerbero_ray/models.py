@@ -9,7 +9,8 @@ distributed lives in the trainer.
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PretrainedConfig,
+                          PreTrainedModel)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,10 +58,26 @@ def from_pretrained(path: str | None = None, dtype: str = "bfloat16", overrides:
                                                 **(overrides or {}))
 
 
-def build_model(model_cfg: dict) -> PreTrainedModel:
+def build_model(model_cfg: dict, seed: int = 0) -> PreTrainedModel:
     """The model named by a ``model`` config group (a plain dict)."""
     from hydra.utils import get_method
 
     builder = get_method(model_cfg["_target_"])
     return builder(path=model_cfg.get("path"), dtype=model_cfg.get("dtype", "float32"),
-                   overrides=dict(model_cfg.get("overrides") or {}))
+                   overrides=dict(model_cfg.get("overrides") or {}), seed=seed)
+
+
+def build_model_config(model_cfg: dict) -> PretrainedConfig:
+    """The architecture a ``model`` config names, without building the weights (config-time checks)."""
+    target, overrides = model_cfg["_target_"], dict(model_cfg.get("overrides") or {})
+    if target.endswith(".tiny"):
+        return tiny_config(**overrides)
+    if target.endswith(".mistral_7b"):
+        return mistral_7b_config(**overrides)
+    if target.endswith(".from_pretrained"):
+        if not model_cfg.get("path"):
+            raise ValueError("model.path is required for model=hf (a local folder or an s3:// URI)")
+        from cerbero_ray.storage import local_copy
+
+        return AutoConfig.from_pretrained(local_copy(model_cfg["path"]), **overrides)
+    return build_model(model_cfg).config

@@ -31,7 +31,7 @@ def ray_local():
     """One embedded 2-CPU Ray for the in-process integration tests."""
     from cerbero_ray.runtime import init_ray, shutdown_ray
 
-    init_ray({"num_cpus": 2})
+    init_ray({"num_cpus": 2, "dashboard": True})  # Ray Train polls the state API, which needs it
     yield
     shutdown_ray()
 

@@ -1,0 +1,106 @@
+"""What a checkpoint holds, and how the loop writes and reads it.
+
+    <checkpoint>/
+      ds/state/…            DeepSpeed: weights (rank 0) + each rank's ZeRO optimizer partition;
+                            the schedule and the loop's state (step, epoch, metrics) ride in its
+                            client state
+      rng/rank_<r>.pt       each rank's torch / numpy / python RNG states
+      hf/                   safetensors + config + tokenizer with the chat template (rank 0):
+                            ``AutoModelForCausalLM.from_pretrained(<checkpoint>/hf)``
+      complete/rank_<r>     written by each rank once all its files are in storage
+
+Every rank writes its own files into its own folder, then copies them into the run folder's
+``checkpoint_step_<step>/`` and marks its part complete. Resume takes the newest checkpoint whose
+every rank is marked: a worker that dies while writing leaves an incomplete one, never a torn
+resume, and the choice does not depend on Ray's controller having seen the report in time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+
+from cerbero_ray import storage
+
+TAG = "state"
+PREFIX = "checkpoint_step_"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:07d}"
+
+
+def publish(local_dir: str, run_dir: str, step: int, rank: int) -> str:
+    """Copy this rank's files into ``<run_dir>/checkpoint_step_<step>`` (unless already there) and
+    mark its part complete; returns the checkpoint's path or URI."""
+    dest = storage.join(run_dir, checkpoint_name(step))
+    fs, p = storage.resolve(dest)
+    if storage.resolve(local_dir)[1] != p or storage.is_uri(dest):
+        pafs.copy_files(local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    fs.create_dir(f"{p}/complete", recursive=True)
+    with fs.open_output_stream(f"{p}/complete/rank_{rank}"):
+        pass
+    return dest
+
+
+def complete_checkpoints(run_dir: str, world_size: int) -> list[str]:
+    """The run's checkpoints that every one of ``world_size`` ranks marked complete, oldest first."""
+    fs, p = storage.resolve(run_dir)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return []
+    out = []
+    for info in sorted(fs.get_file_info(pafs.FileSelector(p)), key=lambda i: i.base_name):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith(PREFIX):
+            continue
+        marks = fs.get_file_info(pafs.FileSelector(f"{info.path}/complete", allow_not_found=True))
+        if {m.base_name for m in marks} >= {f"rank_{r}" for r in range(world_size)}:
+            out.append(storage.join(run_dir, info.base_name))
+    return out
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, directory: str, rank: int, client_state: dict, hf_model=None, tokenizer=None) -> None:
+    """Write this rank's part of a checkpoint into ``directory`` (a collective: every rank calls it)."""
+    engine.save_checkpoint(os.path.join(directory, "ds"), tag=TAG, client_state=client_state)
+    os.makedirs(os.path.join(directory, "rng"), exist_ok=True)
+    torch.save(rng_state(), os.path.join(directory, "rng", f"rank_{rank}.pt"))
+    if rank == 0 and hf_model is not None:
+        save_hf(hf_model, tokenizer, os.path.join(directory, "hf"))
+
+
+def save_hf(hf_model, tokenizer, directory: str) -> None:
+    hf_model.config.use_cache = True
+    hf_model.save_pretrained(directory, safe_serialization=True)
+    hf_model.config.use_cache = False
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def load(engine, directory: str, rank: int) -> dict:
+    """Restore weights, optimizer, schedule and RNG from ``directory``; returns the loop's state."""
+    path, client = engine.load_checkpoint(os.path.join(directory, "ds"), tag=TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"no DeepSpeed state in {directory}/ds")
+    rng = os.path.join(directory, "rng", f"rank_{rank}.pt")
+    if os.path.exists(rng):
+        set_rng_state(torch.load(rng, weights_only=False))
+    return client

@@ -1,0 +1,90 @@
+"""The DeepSpeed engine: model, optimizer, schedule and the DeepSpeed JSON, from plain config values.
+
+The optimizer is ``torch.optim.AdamW`` (fused on CUDA; DeepSpeed's own fused/CPU Adam needs build
+steps and is not needed with ZeRO-1) and the schedule comes from transformers' library schedulers;
+DeepSpeed owns gradient accumulation, clipping, the bf16 master weights and the ZeRO sharding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cerbero_ray.models import build_model
+from cerbero_ray.train.modeling import PackedCausalLM, pick_attention
+
+SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
+ZERO_STAGES = (0, 1, 2)
+
+
+def deepspeed_config(ds: dict, t: dict, world_size: int) -> dict:
+    """DeepSpeed's JSON from the ``deepspeed`` and ``train`` config groups."""
+    accum = t["global_batch_size"] // (t["micro_batch_size"] * world_size)
+    cfg = {
+        "train_micro_batch_size_per_gpu": t["micro_batch_size"],
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t["global_batch_size"],
+        "gradient_clipping": t["max_grad_norm"],
+        "bf16": {"enabled": t["precision"] == "bf16"},
+        "zero_optimization": {
+            "stage": ds["stage"],
+            "overlap_comm": ds["overlap_comm"],
+            "contiguous_gradients": ds["contiguous_gradients"],
+            "reduce_bucket_size": ds["reduce_bucket_size"],
+            "allgather_bucket_size": ds["allgather_bucket_size"],
+        },
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(cfg, ds.get("extra") or {})
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def warmup_steps(t: dict, total_steps: int) -> int:
+    return int(t["warmup_steps"]) if t.get("warmup_steps") is not None else int(t["warmup_ratio"] * total_steps)
+
+
+def build_optimizer(model: torch.nn.Module, t: dict, cuda: bool) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms and biases (1-D parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"], fused=cuda or None)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, t: dict, total_steps: int):
+    from transformers import get_scheduler
+
+    if t["schedule"] not in SCHEDULES:
+        raise ValueError(f"train.schedule must be one of {sorted(SCHEDULES)}, got {t['schedule']!r}")
+    name = SCHEDULES[t["schedule"]]
+    kwargs = {"min_lr_rate": t["min_lr_ratio"]} if name == "cosine_with_min_lr" else None
+    return get_scheduler(name, opt, num_warmup_steps=warmup_steps(t, total_steps),
+                         num_training_steps=max(total_steps, 1), scheduler_specific_kwargs=kwargs)
+
+
+def build_engine(config: dict, total_steps: int, device: torch.device, world_size: int):
+    """(DeepSpeed engine wrapping :class:`PackedCausalLM`, scheduler, the HF model inside)."""
+    import deepspeed
+
+    t = config["train"]
+    cuda = device.type == "cuda"
+    model_cfg = {**config["model"], "dtype": "float32"}  # DeepSpeed casts to bf16 and keeps fp32 masters
+    lm = build_model(model_cfg, seed=t["seed"])
+    lm.config._attn_implementation = pick_attention(t["attention"], cuda)
+    lm.config.use_cache = False
+    if t["gradient_checkpointing"]:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.train()
+    model = PackedCausalLM(lm, t["loss_chunk_tokens"]).to(device)
+    opt = build_optimizer(model, t, cuda)
+    sched = build_scheduler(opt, t, total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(config["deepspeed"], t, world_size),
+                                           dist_init_required=False)
+    return engine, sched, lm

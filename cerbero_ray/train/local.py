@@ -1,0 +1,31 @@
+"""The training loop without Ray: one process, or one per GPU under torchrun.
+
+Same configs, same loop, same checkpoints layout as ``jobs/train.py``; rows are read in-process
+instead of through Ray Data. For machines without Ray (GPU benchmarks) and for debugging.
+
+    python -m cerbero_ray.train.local train.num_workers=1
+    torchrun --nproc-per-node 8 -m cerbero_ray.train.local train=zero1_8xh100 model=hf model.path=…
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from cerbero_ray.config import compose, to_container
+from cerbero_ray.train.env import LocalEnv
+from cerbero_ray.train.loop import train_loop
+from cerbero_ray.train.validate import prepare_run
+
+
+def run_local(overrides: list[str]) -> dict:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    c = to_container(compose("train", [f"train.num_workers={world}", *overrides]))
+    c = prepare_run(c)
+    return train_loop(c, LocalEnv(c["run"]["run_dir"], keep=c["train"]["keep_checkpoints"]))
+
+
+if __name__ == "__main__":
+    summary = run_local(sys.argv[1:])
+    if summary:
+        print(summary, flush=True)

@@ -1,0 +1,101 @@
+"""Training metrics for people: the progress line, TensorBoard events, metrics.jsonl, the loss PNG.
+
+Written by rank 0 only. ``metrics.jsonl`` and ``loss.png`` are rebuilt from the history carried in
+every checkpoint, so a resumed run shows each step once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+from cerbero_ray import storage
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(m: dict, total_steps: int) -> str:
+    parts = [f"step {m['step']}/{total_steps} ({100 * m['step'] / max(total_steps, 1):.0f}%)",
+             f"epoch {m['epoch']}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}",
+             f"{m['tokens_per_s'] / 1e3:.1f}k tok/s"]
+    if m.get("mfu") is not None:
+        parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    parts.append(f"ETA {format_eta(m['eta_s'])}")
+    return "[train] " + " | ".join(parts)
+
+
+class Writer:
+    """Rank 0's outputs under the run folder (a local path, or staged locally and uploaded)."""
+
+    def __init__(self, run_dir: str, resume_step: int):
+        self.run_dir = run_dir
+        self.local = storage.resolve(run_dir)[1] if not storage.is_uri(run_dir) else tempfile.mkdtemp(prefix="cerbero-run-")
+        os.makedirs(self.local, exist_ok=True)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a crashed attempt logged after the checkpoint we resume from
+            self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"), purge_step=resume_step or None)
+        except ImportError:  # tensorboard is a dependency; tolerate a trimmed install
+            pass
+        self.t0 = time.time()
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self.tb is None:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and v is not None:
+                self.tb.add_scalar(f"train/{k}" if not k.startswith("eval") else k.replace("_", "/", 1), v, step)
+
+    def history(self, history: list[dict]) -> None:
+        with open(os.path.join(self.local, "metrics.jsonl"), "w") as f:
+            for h in history:
+                f.write(json.dumps(h) + "\n")
+
+    def sync(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+        if storage.is_uri(self.run_dir):
+            import pyarrow.fs as pafs
+
+            fs, p = storage.resolve(self.run_dir)
+            pafs.copy_files(self.local, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        self.sync()
+        if storage.is_uri(self.run_dir):
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+def loss_png(history: list[dict], path: str, title: str) -> str:
+    """The training and held-out loss against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    held = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out loss", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (token-weighted mean)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

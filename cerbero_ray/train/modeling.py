@@ -1,0 +1,98 @@
+"""The model as the trainer runs it: document-masked attention and a loss that never builds the full
+logits tensor.
+
+Attention. A packed row holds several documents; ``position_ids`` restart at 0 at each one. With
+no ``attention_mask`` and no cache, transformers turns those restarts into a block-diagonal causal
+mask (and, where the model has a sliding window, a per-document window), for ``sdpa``, ``eager`` and
+``flex_attention``; ``flash_attention_2`` reads them as varlen ``cu_seqlens``. :func:`pick_attention`
+chooses: flash-attention where installed on CUDA, else flex_attention on CUDA, else SDPA (CPU).
+
+Loss. :class:`PackedCausalLM` returns the *sum* of token losses and the count of loss tokens, so the
+loop can divide by the count over the whole global batch (every micro-batch on every rank), the
+token-weighted mean. It projects only the positions that carry a label (chat data trains on the
+assistant turns only), in chunks, each recomputed in backward: at seq 8192 × vocab 32000 the full
+fp32 logits would be 1 GiB per row.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cerbero_ray.data.packing import IGNORE_INDEX
+
+ATTENTION = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
+
+
+def pick_attention(name: str, cuda: bool) -> str:
+    if name not in ATTENTION:
+        raise ValueError(f"train.attention must be one of {ATTENTION}, got {name!r}")
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if name == "flash_attention_2" and not (cuda and has_flash):
+        raise ValueError("train.attention=flash_attention_2 needs CUDA and the flash-attn package")
+    if name == "flex_attention" and not cuda:
+        raise ValueError("train.attention=flex_attention is for CUDA; on CPU use sdpa or auto")
+    if name != "auto":
+        return name
+    if cuda:
+        return "flash_attention_2" if has_flash else "flex_attention"
+    return "sdpa"
+
+
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
+
+
+def token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                   chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token losses and the number of loss tokens; ``labels`` aligned with the inputs
+    (position t's label is the token at t), ``IGNORE_INDEX`` where no loss is taken."""
+    y = labels[:, 1:].reshape(-1)
+    keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    y = y.index_select(0, keep)
+    # no loss token: a zero still tied to the graph, so backward (and DeepSpeed's hooks) run as usual
+    total = hidden.sum().float() * 0 + weight.sum().float() * 0
+    for i in range(0, len(y), chunk):
+        args = (h[i:i + chunk], weight, y[i:i + chunk])
+        total = total + (checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled()
+                         else _chunk_loss(*args))
+    return total, torch.tensor(len(y), device=hidden.device)
+
+
+class PackedCausalLM(nn.Module):
+    """A causal LM returning (sum of token losses, loss tokens) for a packed batch."""
+
+    def __init__(self, lm: nn.Module, loss_chunk: int = 4096):
+        super().__init__()
+        self.lm = lm
+        self.loss_chunk = loss_chunk
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor):
+        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        return token_loss_sum(hidden, self.lm.lm_head.weight, labels, self.loss_chunk)
+
+
+def count_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 × parameters + attention (6 × layers × hidden × seq_len, the
+    convention ../shared/bench/gpu_zero1_check.py uses, so MFU figures compare)."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    return 6 * n + 6 * c.num_hidden_layers * c.hidden_size * seq_len
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, configured: float | None) -> float | None:
+    """Peak FLOP/s per device for MFU: configured, else a known GPU's dense bf16 figure, else None."""
+    if configured:
+        return configured * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L40S", 362)):
+        if key in name:
+            return tflops * 1e12 * (1 if dtype != torch.float32 else 0.5)
+    return None

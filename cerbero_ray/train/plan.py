@@ -1,0 +1,110 @@
+"""Which rows each rank trains on, in which order: a pure function of the manifest and the config.
+
+Ray Data splits a dataset between workers dynamically, so which rows reach which worker, and in
+which order, changes from run to run, and it cannot resume an epoch in the middle. Exact resume
+needs the opposite: every row's place fixed in advance. So the order is planned here:
+
+1. Shards are shuffled (seeded, per epoch); their rows, already shuffled within a shard by the data
+   stage, follow in file order. The last ``eval_rows`` rows of epoch 0's order are held out.
+2. The rest is cut into ``world_size`` contiguous ranges of ``steps × rows_per_step_per_rank`` rows
+   (the remainder, under one global batch, is dropped and counted). Rank r reads range r.
+3. Micro-batch k of rank r is rows ``[k × micro, (k+1) × micro)`` of its range; step s is micro-batches
+   ``[s × accum, (s+1) × accum)``. Resuming at step s is reading the range from row ``s × accum × micro``.
+
+A range is a list of :class:`Segment` (a run of rows of one shard); no data is read here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Segment:
+    path: str
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    epoch: int
+    steps: int                    # optimizer steps in this epoch
+    rows_per_rank: int            # = steps × accum × micro
+    dropped_rows: int             # the remainder under one global batch
+    ranges: list[list[Segment]]   # per rank
+    eval_ranges: list[list[Segment]]
+
+
+def _ordered(shards: list[dict], seed: int, epoch: int) -> list[Segment]:
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    return [Segment(shards[i]["path"], 0, int(shards[i]["rows"])) for i in order if shards[i]["rows"] > 0]
+
+
+def take(segments: list[Segment], start: int, stop: int) -> list[Segment]:
+    """Rows ``[start, stop)`` of the concatenation of ``segments``."""
+    out, at = [], 0
+    for s in segments:
+        lo, hi = max(start, at), min(stop, at + s.rows)
+        if lo < hi:
+            out.append(Segment(s.path, s.start + lo - at, s.start + hi - at))
+        at += s.rows
+        if at >= stop:
+            break
+    return out
+
+
+def _split_evenly(segments: list[Segment], parts: int) -> list[list[Segment]]:
+    n = sum(s.rows for s in segments)
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [take(segments, bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def plan_epoch(shards: list[dict], epoch: int, *, world_size: int, micro_batch: int, accum: int,
+               seed: int, eval_rows: int = 0) -> EpochPlan:
+    """The plan for one epoch (``shards``: the manifest's ``[{path, rows}]``)."""
+    if world_size < 1 or micro_batch < 1 or accum < 1:
+        raise ValueError("world_size, micro_batch and accum must be >= 1")
+    total = sum(int(s["rows"]) for s in shards)
+    if eval_rows >= total:
+        raise ValueError(f"train.eval_rows={eval_rows} leaves no training rows (the shards hold {total})")
+    # held-out rows: the tail of epoch 0's order, excluded from every epoch
+    base = _ordered(shards, seed, 0)
+    held = take(base, total - eval_rows, total)
+    held_keys = {(s.path, r) for s in held for r in range(s.start, s.stop)}
+    segs = _ordered(shards, seed, epoch)
+    if held_keys:
+        segs = [Segment(s.path, a, b) for s in segs for a, b in _runs_without(s, held_keys)]
+    usable = total - eval_rows
+    per_step = world_size * micro_batch * accum
+    steps = usable // per_step
+    rows_per_rank = steps * micro_batch * accum
+    ranges = [take(segs, r * rows_per_rank, (r + 1) * rows_per_rank) for r in range(world_size)]
+    return EpochPlan(epoch, steps, rows_per_rank, usable - steps * per_step, ranges,
+                     _split_evenly(held, world_size))
+
+
+def _runs_without(seg: Segment, held: set) -> list[tuple[int, int]]:
+    """The runs of ``seg``'s rows that are not held out."""
+    runs, start = [], None
+    for r in range(seg.start, seg.stop):
+        if (seg.path, r) in held:
+            if start is not None:
+                runs.append((start, r))
+                start = None
+        elif start is None:
+            start = r
+    if start is not None:
+        runs.append((start, seg.stop))
+    return runs
+
+
+def remaining(plan: EpochPlan, rank: int, step: int, micro_batch: int, accum: int) -> list[Segment]:
+    """Rank ``rank``'s rows from the start of optimizer step ``step`` to the end of its range."""
+    return take(plan.ranges[rank], step * accum * micro_batch, plan.rows_per_rank)
