@@ -1,4 +1,4 @@
-"""The main job: every stage in order on one Ray cluster (today: prepare_data on the shipped sample).
+"""The main job: every stage in order on one Ray cluster: prepare_data, then train (tiny model, shipped sample).
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/pipeline.py
     python jobs/pipeline.py                    # embedded local cluster, tiny model, shipped data

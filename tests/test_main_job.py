@@ -1,7 +1,9 @@
 """The README's main-job command, as a user runs it, with Ray's token auth on (the 2.60 default for
-local clusters) and off."""
+local clusters) and off: the data stage, then training with the held-out loss falling, and the HF
+folder loading with ``from_pretrained``."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,4 +23,9 @@ def test_main_job(tmp_path, auth):
     manifest = tmp_path / "data" / "chat_sample" / "manifest.json"
     assert f"manifest: {manifest}" in r.stdout
     m = json.load(open(manifest))
-    assert m["documents"] == 107 and m["seq_len"] == 8192 and m["rejected"] == 0
+    assert m["documents"] == 107 and m["seq_len"] == 512 and m["rejected"] == 0
+    held = re.search(r"held-out loss: ([\d.]+) -> ([\d.]+)", r.stdout)
+    assert held and float(held[2]) < float(held[1]) - 1.0, r.stdout[-3000:]
+    hf = tmp_path / "train" / "tiny-cpu" / "hf"
+    assert f"from_pretrained('{hf}'): MistralForCausalLM" in r.stdout
+    assert (tmp_path / "train" / "tiny-cpu" / "loss.png").stat().st_size > 10_000

@@ -29,6 +29,12 @@ def _worker(config: dict) -> None:
     from cerbero_ray.train.loop import train_loop
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per dataset read otherwise
+    try:  # Ray Train 2.60 logs every report at INFO under a logger named after its file
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
     train_loop(config, RayEnv(config["run"]["run_dir"]))
 
 
