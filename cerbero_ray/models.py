@@ -8,6 +8,8 @@ distributed lives in the trainer.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PretrainedConfig,
                           PreTrainedModel)
@@ -60,9 +62,8 @@ def from_pretrained(path: str | None = None, dtype: str = "bfloat16", overrides:
 
 def build_model(model_cfg: dict, seed: int = 0) -> PreTrainedModel:
     """The model named by a ``model`` config group (a plain dict)."""
-    from hydra.utils import get_method
-
-    builder = get_method(model_cfg["_target_"])
+    module, _, name = model_cfg["_target_"].rpartition(".")
+    builder = getattr(importlib.import_module(module), name)
     return builder(path=model_cfg.get("path"), dtype=model_cfg.get("dtype", "float32"),
                    overrides=dict(model_cfg.get("overrides") or {}), seed=seed)
 

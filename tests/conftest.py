@@ -1,5 +1,10 @@
 import json
 import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 
 import pytest
 
@@ -54,3 +59,59 @@ def write_jsonl(path, rows):
             f.write(r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode())
             f.write(b"\n")
     return str(path)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _own_ports():
+    # every port its own: another cluster on this machine (the embedded one of other tests) holds
+    # the defaults, and a job agent that cannot bind never comes up
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+
+
+def _start(cmd, env):
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start_head(env, temp, num_cpus):
+    """``ray start --head --block`` on loopback in its own process group; waits for the dashboard."""
+    port, dash = free_port(), free_port()
+    cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={num_cpus}", f"--temp-dir={temp}",
+           "--include-dashboard=true", "--disable-usage-stats", f"--ray-client-server-port={free_port()}", *_own_ports()]
+    proc = _start(cmd, env)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # 401 with token auth: up, and refusing us as it should
+            break
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray head did not start: {proc.stdout.read().decode()[-2000:]}")
+            time.sleep(1)
+    return {"procs": [proc], "gcs": f"127.0.0.1:{port}", "dashboard": address, "env": env, "temp": str(temp)}
+
+
+def add_worker_node(node, num_cpus):
+    """A second raylet on loopback joining ``node``'s head."""
+    cmd = ["ray", "start", "--block", f"--address={node['gcs']}", "--node-ip-address=127.0.0.1",
+           f"--num-cpus={num_cpus}", f"--temp-dir={node['temp']}", "--disable-usage-stats", *_own_ports()]
+    node["procs"].append(_start(cmd, node["env"]))
+
+
+def stop_node(node):
+    for proc in reversed(node["procs"]):
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -93,3 +93,17 @@ def test_cluster_yaml_parses_and_names_h100_workers():
     c = yaml.safe_load(open(os.path.join(REPO_DIR, "cluster.yaml")))
     assert c["available_node_types"]["h100"]["node_config"]["InstanceType"] == "p5.48xlarge"
     assert c["head_node_type"] == "head" and c["max_workers"] >= c["available_node_types"]["h100"]["max_workers"]
+    assert any("pip install -e" in cmd and "cerbero-ray" in cmd for cmd in c["setup_commands"])
+
+
+def test_kuberay_rayjob_parses_and_its_command_composes():
+    job = yaml.safe_load(open(os.path.join(REPO_DIR, "deploy", "rayjob.yaml")))
+    assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    words = job["spec"]["entrypoint"].split()
+    assert words[:2] == ["python", "/home/ray/cerbero-ray/jobs/train.py"]
+    c = to_container(compose("train", words[2:]))
+    check_train_config(c["train"], c["deepspeed"])
+    assert c["train"]["num_workers"] == 8 and c["train"]["use_gpu"] and c["train"]["precision"] == "bf16"
+    assert c["deepspeed"]["stage"] == 1 and c["train"]["seq_len"] == 8192

@@ -4,25 +4,16 @@ under `--block` in its own process group; the test stops exactly that cluster an
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from cerbero_ray.config import REPO_DIR
 from cerbero_ray.submit import job_spec, submit
+from conftest import start_head, stop_node
 
 pytestmark = pytest.mark.integration
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(params=["token", "disabled"])
@@ -32,36 +23,9 @@ def head(request, tmp_path_factory):
         env["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
     else:
         env.pop("RAY_AUTH_TOKEN", None)
-    temp = tmp_path_factory.mktemp("ray")
-    port, dash = free_port(), free_port()
-    cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}",
-           "--include-dashboard=true", "--disable-usage-stats",
-           # its own ports throughout: another cluster on this machine (the embedded one of the
-           # other tests) already holds the defaults, and a job agent that cannot bind never comes up
-           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-           f"--ray-client-server-port={free_port()}"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # 401 with token auth: up, and refusing us as it should
-            break
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray head did not start: {proc.stdout.read().decode()[-2000:]}")
-            time.sleep(1)
-    yield address, env
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    node = start_head(env, tmp_path_factory.mktemp("ray"), num_cpus=2)
+    yield node["dashboard"], env
+    stop_node(node)
 
 
 def check_output(out):

@@ -122,10 +122,11 @@ def train_loop(config: dict, env) -> dict:
     step, history = state["step"], state["history"]
     tok = writer = None
     if rank == 0:
-        from cerbero_ray.tokenizer import build_tokenizer
+        tc = config.get("tokenizer")
+        if tc:  # None in benchmarks: no tokenizer in the HF export
+            from cerbero_ray.tokenizer import build_tokenizer
 
-        tc = config["tokenizer"]
-        tok = build_tokenizer(tc.get("path"), tc["assistant_tag"], tc["system_line"])
+            tok = build_tokenizer(tc.get("path"), tc["assistant_tag"], tc["system_line"])
         writer = Writer(run["run_dir"], step)
 
     def record(m: dict) -> None:
@@ -217,7 +218,10 @@ def _finish(config: dict, env, lm, tok, writer, history: list[dict], step: int, 
     hf_local = os.path.join(writer.local, "hf")
     ckpt.save_hf(lm, tok, hf_local)
     writer.history(history)
-    loss_png(history, os.path.join(writer.local, "loss.png"), f"{config['train']['name']}: {step} steps")
+    try:
+        loss_png(history, os.path.join(writer.local, "loss.png"), f"{config['train']['name']}: {step} steps")
+    except ImportError:  # matplotlib is a dependency; a bare benchmark machine may lack it
+        log.warning("no matplotlib: loss.png not written")
     writer.close()
     evals = [h["eval_loss"] for h in history if h.get("eval_loss") is not None]
     losses = [h["loss"] for h in history if "loss" in h]

@@ -1,0 +1,107 @@
+"""One-GPU benchmark of our training loop beside ../shared/bench/gpu_zero1_check.py (run it in the same
+call): the Ray-free loop (cerbero_ray.train.loop with LocalEnv, no Ray needed) on the same 4-layer
+Mistral-7B-shaped model (hidden 4096, FFN 14336, 32 heads / 8 KV heads, vocab 32000) at seq 8192,
+8 documents per row (document-masked attention), gradient checkpointing, DeepSpeed ZeRO-1 bf16.
+
+    python ../shared/bench/gpu_zero1_check.py --out $OUT && python bench/bench_train_gpu.py --out $OUT
+    python bench/bench_train_gpu.py --cpu-smoke          # tiny sizes on CPU: checks the script runs
+
+Rows are synthetic (random tokens, 8 documents per row, labels on every token as in the baseline),
+written as a shard in the data stage's format and read back through the planned reader. Reports
+the loop's steady-state tokens/s (median after --warmup steps) and MFU (the baseline's formula:
+6 × params + 6 × layers × hidden × seq FLOPs per token, 989 TFLOP/s peak), and the ratios to the
+baseline's ds_zero1 and amp_fp32 when its JSON is in --out. Needs torch, transformers, deepspeed,
+pyarrow, numpy (no Ray, no Hydra, no tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def write_shard(path: str, rows: int, seq: int, docs: int, vocab: int) -> None:
+    g = np.random.default_rng(0)
+    ids = g.integers(3, vocab, (rows, seq), dtype=np.int32)
+    pos = np.empty_like(ids)
+    for r in range(rows):
+        cuts = np.sort(g.choice(np.arange(1, seq), docs - 1, replace=False))
+        bounds = [0, *cuts.tolist(), seq]
+        pos[r] = np.concatenate([np.arange(bounds[i + 1] - bounds[i]) for i in range(docs)])
+    col = lambda a: pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), seq)
+    pq.write_table(pa.table({"input_ids": col(ids), "labels": col(ids), "position_ids": col(pos)}), path, row_group_size=4)
+
+
+def config(a, shard: str, rows: int, run_dir: str) -> dict:
+    hidden, heads, ffn = (64, 4, 192) if a.cpu_smoke else (4096, 32, 14336)
+    model = {"_target_": "cerbero_ray.models.mistral_7b", "path": None, "dtype": "bfloat16",
+             "overrides": {"num_hidden_layers": a.layers, "hidden_size": hidden, "intermediate_size": ffn,
+                           "num_attention_heads": heads, "num_key_value_heads": min(8, heads), "sliding_window": None}}
+    train = {"name": "gpu-bench", "micro_batch_size": 1, "global_batch_size": 1, "epochs": 1, "max_steps": a.steps,
+             "lr": 1e-5, "min_lr_ratio": 0.1, "schedule": "cosine", "warmup_steps": 0, "warmup_ratio": 0.0,
+             "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8, "max_grad_norm": 1.0,
+             "gradient_checkpointing": True, "attention": "auto", "loss_chunk_tokens": a.loss_chunk, "seed": 0,
+             "eval_rows": 0, "eval_every": 0, "log_every": 1, "checkpoint_every": 0, "keep_checkpoints": 1,
+             "hf_in_checkpoints": False, "peak_tflops": None, "read_cpus": 0.25, "fail_at_step": None, "fail_rank": 1,
+             "precision": "fp32" if a.cpu_smoke else "bf16"}
+    ds = {"stage": 1, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 500_000_000,
+          "allgather_bucket_size": 500_000_000, "extra": {}}
+    return {"model": model, "train": train, "deepspeed": ds, "tokenizer": None,
+            "run": {"shards": [{"path": shard, "rows": rows}], "seq_len": a.seq, "run_dir": run_dir, "rows": rows}}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--loss-chunk", type=int, default=4096)
+    p.add_argument("--cpu-smoke", action="store_true")
+    a = p.parse_args()
+    if a.cpu_smoke:
+        a.seq, a.steps, a.warmup, a.layers = 256, 4, 1, 2
+
+    import torch
+
+    from cerbero_ray.train.env import LocalEnv
+    from cerbero_ray.train.loop import train_loop
+
+    work = tempfile.mkdtemp(prefix="cerbero-gpu-bench-")
+    shard = os.path.join(work, "shard.parquet")
+    write_shard(shard, a.steps, a.seq, 8, 32000)
+    cfg = config(a, shard, a.steps, os.path.join(work, "run"))
+    summary = train_loop(cfg, LocalEnv(cfg["run"]["run_dir"]))
+    hist = [json.loads(x) for x in open(os.path.join(cfg["run"]["run_dir"], "metrics.jsonl"))]
+    steady = [h for h in hist if "tokens_per_s" in h][a.warmup:]
+    res = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+           "args": vars(a), "tokens_per_s": round(statistics.median(h["tokens_per_s"] for h in steady)),
+           "mfu": statistics.median(h["mfu"] for h in steady) if steady[0]["mfu"] is not None else None,
+           "final_loss": summary.get("final_loss")}
+    if torch.cuda.is_available():
+        res["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    base_path = os.path.join(a.out, "gpu_zero1_check.json")
+    if os.path.exists(base_path):
+        base = json.load(open(base_path))
+        for k in ("ds_zero1", "amp_fp32", "bf16_plain"):
+            if isinstance(base.get(k), dict):
+                res[f"vs_{k}"] = round(res["tokens_per_s"] / base[k]["tokens_per_s"], 3)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "bench_train_gpu.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
