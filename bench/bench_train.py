@@ -7,6 +7,7 @@ Same model (random init, same seed), same rows in the same order (the shipped mi
 --seq), fp32, no gradient checkpointing, global batch --batch rows of --seq tokens:
   plain     one process, torch on every core: HF forward(labels=…), backward, clip, AdamW
   local     ours without Ray (python -m cerbero_ray.train.local): DeepSpeed ZeRO-1, world size 1
+  ray_1worker  ours: Ray Train + Ray Data + DeepSpeed ZeRO-1, 1 worker with every core
   ray       ours: Ray Train + Ray Data + DeepSpeed ZeRO-1, 2 workers over gloo, one core each
 Reports steady-state tokens/s (median over the steps after --warmup) and the ratios to plain.
 Writes bench/results/train-<date>.json.
@@ -27,11 +28,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def overrides(a, out, data_dir, name, workers):
+def overrides(a, out, data_dir, name, workers, cpus=1):
     return [f"paths.output_dir={out}", f"train.data_dir={data_dir}", f"train.name={name}",
-            f"train.num_workers={workers}", f"train.global_batch_size={a.batch}", "train.micro_batch_size=1",
+            f"train.num_workers={workers}", f"train.cpus_per_worker={cpus}", f"train.global_batch_size={a.batch}", "train.micro_batch_size=1",
             f"train.max_steps={a.steps}", "train.epochs=1", "train.eval_rows=0", "train.checkpoint_every=0",
-            "train.log_every=1", "train.gradient_checkpointing=false", "train.precision=fp32", "train.cpus_per_worker=1",
+            "train.log_every=1", "train.gradient_checkpointing=false", "train.precision=fp32",
             "train.hf_in_checkpoints=false", f"+model.overrides.hidden_size={a.hidden}",
             f"+model.overrides.num_hidden_layers={a.layers}", f"+model.overrides.intermediate_size={3 * a.hidden}",
             f"+model.overrides.num_attention_heads={a.hidden // 64}", "+model.overrides.num_key_value_heads=2"]
@@ -103,11 +104,13 @@ def main():
     res["plain_tokens_per_s"], res["params"] = run_plain(plain_cfg, a.warmup)
     print(f"plain: {res['plain_tokens_per_s']:.0f} tokens/s ({res['params'] / 1e6:.1f}M parameters)", flush=True)
 
-    t0 = time.perf_counter()
-    ray_sum = run_training(to_container(compose("train", overrides(a, a.out, data_dir, "ray", 2))))
-    res["ray_wall_s"] = round(time.perf_counter() - t0, 1)
-    res["ray_tokens_per_s"] = steady([json.loads(x) for x in open(os.path.join(ray_sum["run_dir"], "metrics.jsonl"))],
-                                     a.warmup)
+    cores = os.cpu_count()
+    for key, workers in (("ray_1worker", 1), ("ray", 2)):
+        t0 = time.perf_counter()
+        summary = run_training(to_container(compose("train", overrides(a, a.out, data_dir, key, workers, cores // workers))))
+        res[f"{key}_wall_s"] = round(time.perf_counter() - t0, 1)
+        res[f"{key}_tokens_per_s"] = steady(
+            [json.loads(x) for x in open(os.path.join(summary["run_dir"], "metrics.jsonl"))], a.warmup)
     shutdown_ray()
 
     import subprocess
@@ -120,7 +123,7 @@ def main():
     res["local_wall_s"] = round(time.perf_counter() - t0, 1)
     res["local_tokens_per_s"] = steady([json.loads(x) for x in open(os.path.join(a.out, "train", "local", "metrics.jsonl"))],
                                        a.warmup)
-    for k in ("local", "ray"):
+    for k in ("local", "ray_1worker", "ray"):
         res[f"{k}_vs_plain"] = round(res[f"{k}_tokens_per_s"] / res["plain_tokens_per_s"], 3)
     print(json.dumps(res, indent=1))
     os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)

@@ -127,6 +127,39 @@ class TrainConfig:
 
 
 @dataclass
+class LabelTaskConfig:
+    name: str = MISSING
+    instruction: str = MISSING
+    labels: Dict[str, str] = field(default_factory=dict)        # label -> Italian verbalizer
+    few_shot: List[Dict[str, str]] = field(default_factory=list)  # [{text, label}]
+
+
+@dataclass
+class BatchInferenceConfig:
+    input: str = MISSING                  # file, folder, glob or URI: JSONL, Parquet or .txt (one text per line)
+    format: str = "auto"                  # auto | jsonl | parquet | txt
+    text_field: str = "text"
+    id_field: Optional[str] = "id"        # missing in a row: "<file>:<line>"
+    output_dir: str = MISSING
+    checkpoint: str = MISSING             # an HF folder or URI (a train run's hf/)
+    dtype: str = "auto"                   # auto: bfloat16 on GPU, float32 on CPU
+    workers: Optional[int] = None         # model actors; None: one per GPU, or cluster CPUs - 1
+    gpus_per_worker: float = 0.0          # 1 on GPU clusters
+    cpus_per_worker: float = 1.0
+    chunk_rows: int = 256                 # rows per output part (the unit of resume)
+    overwrite: bool = False               # discard an earlier run in output_dir
+
+
+@dataclass
+class LabelConfig(BatchInferenceConfig):
+    task: LabelTaskConfig = field(default_factory=LabelTaskConfig)
+    task_file: Optional[str] = None       # a YAML task of your own (replaces `task`)
+    max_text_tokens: int = 512            # longer texts keep their first tokens (truncated=true)
+    max_batch_tokens: int = 16384         # padded tokens per forward pass
+    sort_window: int = 256                # rows sorted by length within this window
+
+
+@dataclass
 class PrepareDataConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -145,15 +178,24 @@ class TrainStageConfig:
 
 
 @dataclass
+class LabelStageConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+
+
+@dataclass
 class PipelineConfig(PrepareDataConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    stages: List[str] = field(default_factory=lambda: ["prepare_data", "train"])
+    label: LabelConfig = field(default_factory=LabelConfig)
+    stages: List[str] = field(default_factory=lambda: ["prepare_data", "train", "label"])
 
 
-STAGE_SCHEMAS = {"prepare_data": PrepareDataConfig, "train": TrainStageConfig, "pipeline": PipelineConfig}
-PIPELINE_STAGES = ("prepare_data", "train")
+STAGE_SCHEMAS = {"prepare_data": PrepareDataConfig, "train": TrainStageConfig, "label": LabelStageConfig,
+                 "pipeline": PipelineConfig}
+PIPELINE_STAGES = ("prepare_data", "train", "label")
 
 
 def _resolve_cwd() -> str:

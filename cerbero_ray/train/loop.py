@@ -64,7 +64,8 @@ def signature(shards: list[dict], t: dict, world: int) -> str:
 
 
 def _to_device(b: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.as_tensor(b[k]).to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids"))
+    # torch.tensor copies: Ray Data hands out read-only arrays
+    return tuple(torch.tensor(b[k]).to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids"))
 
 
 def _all_sum(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,7 @@ def _all_sum(x: torch.Tensor) -> torch.Tensor:
 
 def train_step(engine, batches: list[dict], device: torch.device, world: int) -> tuple[float, int]:
     """One optimizer step over ``batches`` (this rank's micro-batches); returns (global loss, N)."""
-    local = sum(int((torch.as_tensor(b["labels"])[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     n = int(_all_sum(torch.tensor(float(local), dtype=torch.float64, device=device)).item())
     scale = world * len(batches) / n if n else 0.0
     total = torch.zeros((), dtype=torch.float64, device=device)

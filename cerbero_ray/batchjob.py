@@ -1,0 +1,169 @@
+"""Resumable, exactly-once batch jobs over a corpus (labeling, generation).
+
+The input (JSONL, Parquet or .txt files; local or object-store) is cut into *chunks*: fixed runs of
+rows of one file (``chunk_rows`` lines / rows), known before any work starts. Each chunk is
+processed whole and written as one Parquet part, ``parts/part-<chunk id>.parquet``, by writing a
+temporary file and renaming it, so a part either exists complete or not at all. A rerun lists the
+parts present and processes only the missing chunks: kill a job midway, run it again, and every
+input row appears exactly once in the output.
+
+Rows: ``id`` is the input's id column when it has one, else ``<file name>:<line or row number>``
+(stable across runs). A row that cannot be used (invalid UTF-8, not JSON, no text, empty text)
+still gets an output row, with ``error`` set, and never stops the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cerbero_ray import storage
+
+FORMATS = ("auto", "jsonl", "parquet", "txt")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    path: str
+    start: int      # first row (Parquet) or first line (JSONL / .txt), 0-based
+    stop: int
+    byte_start: int = 0
+    byte_stop: int = 0
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(f"{self.path}|{self.start}|{self.stop}".encode()).hexdigest()[:16]
+
+
+def file_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    for ext, f in ((".parquet", "parquet"), (".jsonl", "jsonl"), (".json", "jsonl"), (".txt", "txt")):
+        if path.endswith(ext):
+            return f
+    raise ValueError(f"input.format: cannot tell the format of {path}; set it (jsonl | parquet | txt)")
+
+
+def plan_chunks(path: str, fmt: str, chunk_rows: int) -> list[Chunk]:
+    """Chunks of every input file (for line formats, byte ranges found by scanning for newlines)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"input.format must be one of {FORMATS}, got {fmt!r}")
+    chunks = []
+    for f in storage.list_files(path, (".parquet", ".jsonl", ".json", ".txt") if fmt == "auto" else ()):
+        kind = file_format(f, fmt)
+        fs, p = storage.resolve(f)
+        if kind == "parquet":
+            with fs.open_input_file(p) as fh:
+                n = pq.ParquetFile(fh).metadata.num_rows
+            chunks += [Chunk(f, a, min(a + chunk_rows, n)) for a in range(0, n, chunk_rows)]
+            continue
+        with fs.open_input_stream(p) as fh:
+            line, at, start_byte, last = 0, 0, 0, b""
+            while block := fh.read(1 << 23):
+                ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10) + at + 1  # byte after each newline
+                numbers = line + 1 + np.arange(len(ends))
+                for n, end in zip(numbers[numbers % chunk_rows == 0], ends[numbers % chunk_rows == 0]):
+                    chunks.append(Chunk(f, int(n) - chunk_rows, int(n), start_byte, int(end)))
+                    start_byte = int(end)
+                line += len(ends)
+                at += len(block)
+                last = block[-1:]
+            if at > start_byte:
+                start = line - line % chunk_rows if line % chunk_rows else line
+                chunks.append(Chunk(f, start, line + (last != b"\n"), start_byte, at))
+    return chunks
+
+
+def read_chunk(chunk: Chunk, fmt: str, text_field: str, id_field: str | None) -> list[dict]:
+    """The chunk's rows as ``{id, text, error}`` (``text`` None when ``error`` is set)."""
+    kind = file_format(chunk.path, fmt)
+    name = os.path.basename(chunk.path)
+    fs, p = storage.resolve(chunk.path)
+    if kind == "parquet":
+        with fs.open_input_file(p) as fh:
+            table = pq.ParquetFile(fh).read().slice(chunk.start, chunk.stop - chunk.start)
+        records = table.to_pylist()
+        return [_row(r, f"{name}:{chunk.start + i}", text_field, id_field) for i, r in enumerate(records)]
+    with fs.open_input_file(p) as fh:
+        fh.seek(chunk.byte_start)
+        data = fh.read(chunk.byte_stop - chunk.byte_start)
+    out = []
+    for i, raw in enumerate(data.split(b"\n")[: chunk.stop - chunk.start]):
+        rid = f"{name}:{chunk.start + i + 1}"  # 1-based line numbers, as editors show them
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            out.append({"id": rid, "text": None, "error": "invalid_utf8"})
+            continue
+        if kind == "txt":
+            out.append(_checked(rid, line.strip()))
+            continue
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            out.append({"id": rid, "text": None, "error": "invalid_json"})
+            continue
+        out.append(_row(record, rid, text_field, id_field) if isinstance(record, dict)
+                   else {"id": rid, "text": None, "error": "empty" if record is None else "not_an_object"})
+    return out
+
+
+def _row(record: dict, default_id: str, text_field: str, id_field: str | None) -> dict:
+    rid = record.get(id_field) if id_field else None
+    rid = default_id if rid is None else str(rid)
+    text = record.get(text_field)
+    if text is not None and not isinstance(text, str):
+        return {"id": rid, "text": None, "error": f"{text_field}_not_a_string"}
+    return _checked(rid, text)
+
+
+def _checked(rid: str, text: str | None) -> dict:
+    if text is None:
+        return {"id": rid, "text": None, "error": "no_text"}
+    if not text.strip():
+        return {"id": rid, "text": None, "error": "empty"}
+    return {"id": rid, "text": text, "error": None}
+
+
+def part_path(out: str, chunk: Chunk) -> str:
+    return storage.join(out, "parts", f"part-{chunk.key}.parquet")
+
+
+def done_keys(out: str) -> set[str]:
+    """Chunks whose part exists (complete: parts appear by rename)."""
+    fs, p = storage.resolve(storage.join(out, "parts"))
+    if fs.get_file_info(p).type == storage.pafs.FileType.NotFound:
+        return set()
+    return {i.base_name[5:-8] for i in fs.get_file_info(storage.pafs.FileSelector(p))
+            if i.base_name.startswith("part-") and i.base_name.endswith(".parquet")}
+
+
+def clean_partial(out: str) -> None:
+    """Remove temporary files a killed run left behind."""
+    fs, p = storage.resolve(storage.join(out, "parts"))
+    if fs.get_file_info(p).type != storage.pafs.FileType.NotFound:
+        for i in fs.get_file_info(storage.pafs.FileSelector(p)):
+            if i.base_name.endswith(".tmp"):
+                fs.delete_file(i.path)
+
+
+def write_part(out: str, chunk: Chunk, table: pa.Table) -> str:
+    """Write atomically: a temporary name, then a rename (object stores: the upload is atomic)."""
+    dest = part_path(out, chunk)
+    fs, p = storage.resolve(dest)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    if storage.is_uri(dest):
+        with fs.open_output_stream(p) as f:
+            pq.write_table(table, f, compression="zstd")
+        return dest
+    tmp = f"{p}.{uuid.uuid4().hex}.tmp"
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, p)
+    return dest

@@ -1,0 +1,220 @@
+"""Bulk labeling on Ray Data: ``run_labeling(cfg)``.
+
+The input is planned into chunks (:mod:`cerbero_ray.batchjob`); Ray Data hands the missing chunks
+to a pool of model actors (``ActorPoolStrategy``; one GPU each on GPU clusters); each actor loads
+the checkpoint once, reads its chunk, scores every usable row with :class:`Scorer` and writes the
+chunk's Parquet part atomically. Output columns: ``id``, ``label``, ``p_<label>`` for every label,
+``truncated``, ``error`` (null when the row was labeled), ``task``, ``model``, ``prompt_hash``.
+
+    python jobs/label.py label/task=irony label.input=corpus.jsonl     # embedded local cluster
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from cerbero_ray import batchjob, storage
+from cerbero_ray.config import to_container
+from cerbero_ray.label.tasks import Task, load_task, task_from_dict
+
+log = logging.getLogger(__name__)
+RUN_FILE = "label_run.json"
+
+
+def resolve_task(lc: dict) -> Task:
+    return load_task(lc["task_file"]) if lc.get("task_file") else task_from_dict(lc["task"])
+
+
+def load_model(checkpoint: str, dtype: str):
+    """Model + tokenizer from an HF folder or URI (the tokenizer must carry the chat template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = storage.local_copy(checkpoint)
+    cuda = torch.cuda.is_available()
+    dt = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
+          "float32": torch.float32, "float16": torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt).eval().to("cuda" if cuda else "cpu")
+    tok = AutoTokenizer.from_pretrained(path)
+    if not tok.chat_template:
+        raise ValueError(f"{checkpoint}: the tokenizer has no chat template (export it with the trainer)")
+    return model, tok
+
+
+class LabelWorker:
+    """A Ray Data actor: one model, one chunk per call."""
+
+    def __init__(self, lc: dict):
+        from cerbero_ray.label.scoring import Scorer
+        from cerbero_ray.label.tasks import prompt_hash
+
+        self.lc = lc
+        self.task = resolve_task(lc)
+        model, tok = load_model(lc["checkpoint"], lc["dtype"])
+        self.scorer = Scorer(model, tok, self.task, max_text_tokens=lc["max_text_tokens"],
+                             max_batch_tokens=lc["max_batch_tokens"], sort_window=lc["sort_window"])
+        self.hash = prompt_hash(self.task, tok)
+
+    def __call__(self, batch: dict) -> dict:
+        stats = [self.process(batchjob.Chunk(**{k: (str(v[i]) if k == "path" else int(v[i])) for k, v in batch.items()}))
+                 for i in range(len(batch["path"]))]
+        return {k: [s[k] for s in stats] for k in stats[0]}
+
+    def process(self, chunk: batchjob.Chunk) -> dict:
+        lc = self.lc
+        rows = batchjob.read_chunk(chunk, lc["format"], lc["text_field"], lc.get("id_field"))
+        good = [r for r in rows if r["error"] is None]
+        scored = iter(self.scorer.score([r["text"] for r in good]))
+        labels = self.scorer.labels
+        cols = {"id": [], "label": [], **{f"p_{k}": [] for k in labels}, "truncated": [], "error": []}
+        counts = Counter()
+        for r in rows:
+            s = next(scored) if r["error"] is None else None
+            cols["id"].append(r["id"])
+            cols["label"].append(s["label"] if s else None)
+            for k in labels:
+                cols[f"p_{k}"].append(s["probs"][k] if s else None)
+            cols["truncated"].append(bool(s and s["truncated"]))
+            cols["error"].append(r["error"])
+            counts[s["label"] if s else f"error:{r['error']}"] += 1
+        n = len(rows)
+        table = pa.table({**cols, "task": [self.task.name] * n, "model": [lc["checkpoint"]] * n,
+                          "prompt_hash": [self.hash] * n},
+                         schema=pa.schema([("id", pa.string()), ("label", pa.string()),
+                                           *[(f"p_{k}", pa.float64()) for k in labels], ("truncated", pa.bool_()),
+                                           ("error", pa.string()), ("task", pa.string()), ("model", pa.string()),
+                                           ("prompt_hash", pa.string())]))
+        batchjob.write_part(lc["output_dir"], chunk, table)
+        return {"rows": n, "counts": json.dumps(counts), "truncated": sum(cols["truncated"])}
+
+
+def check_run(lc: dict, task: Task) -> dict:
+    """The run's identity; refuse to add to an output folder labeled with something else."""
+    ident = {"task": [task.name, task.instruction, task.labels, task.few_shot], "checkpoint": lc["checkpoint"],
+             "input": lc["input"], "text_field": lc["text_field"], "id_field": lc.get("id_field"),
+             "chunk_rows": lc["chunk_rows"], "max_text_tokens": lc["max_text_tokens"]}
+    path = storage.join(lc["output_dir"], RUN_FILE)
+    fs, p = storage.resolve(path)
+    if fs.get_file_info(p).is_file:
+        with fs.open_input_stream(p) as f:
+            old = json.loads(f.read())
+        if old != ident:
+            if not lc.get("overwrite"):
+                raise FileExistsError(f"{lc['output_dir']} holds a labeling run with other settings "
+                                      f"({', '.join(k for k in ident if ident[k] != old.get(k))} differ); "
+                                      "pass label.overwrite=true or another label.output_dir")
+            fs.delete_dir_contents(p.rsplit("/", 1)[0])
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(json.dumps(ident, indent=1, ensure_ascii=False).encode())
+    return ident
+
+
+def summarize(out: str, labels: list[str], seconds: float, processed: int, skipped: int) -> dict:
+    fs, p = storage.resolve(storage.join(out, "parts"))
+    table = pq.read_table(p, filesystem=fs, columns=["id", "label", "error", "truncated"])
+    ids = table.column("id").to_pylist()
+    dist = Counter(x for x in table.column("label").to_pylist() if x is not None)
+    errors = Counter(x for x in table.column("error").to_pylist() if x is not None)
+    summary = {"rows": len(ids), "unique_ids": len(set(ids)), "labels": {k: dist.get(k, 0) for k in labels},
+               "errors": dict(errors), "truncated": int(sum(table.column("truncated").to_pylist())),
+               "chunks_processed": processed, "chunks_skipped": skipped, "seconds": round(seconds, 2),
+               "output": storage.join(out, "parts")}
+    with fs.open_output_stream(storage.resolve(storage.join(out, "summary.json"))[1]) as f:
+        f.write(json.dumps(summary, indent=1).encode())
+    summary["chart"] = distribution_png(summary, out)
+    return summary
+
+
+def distribution_png(summary: dict, out: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["labels"]) + (["errors"] if summary["errors"] else [])
+    values = list(summary["labels"].values()) + ([sum(summary["errors"].values())] if summary["errors"] else [])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    bars = ax.bar(names, values, color=["#4C72B0"] * len(summary["labels"]) + ["#C44E52"] * (len(names) - len(summary["labels"])))
+    ax.bar_label(bars)
+    ax.set_ylabel("rows")
+    ax.set_title(f"label distribution ({summary['rows']:,} rows)")
+    fig.tight_layout()
+    local = storage.resolve(out)[1] if not storage.is_uri(out) else "/tmp"
+    path = os.path.join(local, "label_distribution.png")
+    fig.savefig(path)
+    plt.close(fig)
+    if storage.is_uri(out):
+        fs, p = storage.resolve(storage.join(out, "label_distribution.png"))
+        with fs.open_output_stream(p) as f, open(path, "rb") as src:
+            f.write(src.read())
+        return storage.join(out, "label_distribution.png")
+    return path
+
+
+def run_labeling(cfg: DictConfig | dict) -> dict:
+    """Label ``label.input`` on an initialised Ray; returns the summary (also ``summary.json``)."""
+    import ray
+    import ray.data
+
+    c = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    lc = c["label"]
+    check_label_config(lc)
+    task = resolve_task(lc)
+    fs, p = storage.resolve(lc["checkpoint"])
+    if not fs.get_file_info(storage.resolve(storage.join(lc["checkpoint"], "config.json"))[1]).is_file:
+        raise ValueError(f"label.checkpoint: no HF model at {lc['checkpoint']} (train first, or point it at an HF folder)")
+    out = lc["output_dir"]
+    check_run(lc, task)
+    batchjob.clean_partial(out)
+    chunks = batchjob.plan_chunks(lc["input"], lc["format"], lc["chunk_rows"])
+    done = batchjob.done_keys(out)
+    todo = [ch for ch in chunks if ch.key not in done]
+    print(f"[label] {task.name}: {len(chunks)} chunks of up to {lc['chunk_rows']} rows; "
+          f"{len(chunks) - len(todo)} already done, {len(todo)} to go -> {out}", flush=True)
+    t0 = time.perf_counter()
+    if todo:
+        gpus = float(lc["gpus_per_worker"])
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        workers = lc.get("workers") or (int(ray.cluster_resources().get("GPU", 0) // gpus) if gpus
+                                        else max(1, int(cpus - 1)))
+        workers = max(1, min(workers, len(todo)))
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = False
+        ds = ray.data.from_items([ch.__dict__ for ch in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(LabelWorker, fn_constructor_args=(lc,), batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus or None,
+                            num_cpus=min(float(lc["cpus_per_worker"]), max(cpus - 1, 0.5) / workers))
+        total = sum(ch.stop - ch.start for ch in todo)
+        with tqdm(total=total, unit="row", desc=f"label {task.name}", dynamic_ncols=True) as bar:
+            for row in ds.iter_rows():
+                bar.update(row["rows"])
+    summary = summarize(out, list(task.labels), time.perf_counter() - t0, len(todo), len(chunks) - len(todo))
+    if summary["rows"] != summary["unique_ids"]:
+        log.warning("%d rows but %d distinct ids: the input repeats ids", summary["rows"], summary["unique_ids"])
+    dist = ", ".join(f"{k} {v:,} ({100 * v / max(summary['rows'], 1):.1f}%)" for k, v in summary["labels"].items())
+    print(f"[label] {summary['rows']:,} rows -> {summary['output']}\n[label] distribution: {dist}"
+          f"{'; errors ' + str(summary['errors']) if summary['errors'] else ''}\n[label] chart: {summary['chart']}",
+          flush=True)
+    return summary
+
+
+def check_label_config(lc: dict) -> None:
+    if lc["format"] not in batchjob.FORMATS:
+        raise ValueError(f"label.format must be one of {batchjob.FORMATS}, got {lc['format']!r}")
+    for k in ("chunk_rows", "max_text_tokens", "max_batch_tokens", "sort_window"):
+        if int(lc[k]) < 1:
+            raise ValueError(f"label.{k} must be >= 1, got {lc[k]}")
+    if lc["dtype"] not in ("auto", "bfloat16", "float32", "float16"):
+        raise ValueError(f"label.dtype must be auto, bfloat16, float32 or float16, got {lc['dtype']!r}")
+    if float(lc["gpus_per_worker"]) < 0 or float(lc["cpus_per_worker"]) <= 0:
+        raise ValueError("label.gpus_per_worker must be >= 0 and label.cpus_per_worker > 0")

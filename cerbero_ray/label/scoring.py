@@ -1,0 +1,113 @@
+"""The scoring engine: one forward pass per prompt scores every label. Plain PyTorch, no Ray.
+
+A row of a batch is the prompt followed by every label's continuation, each continuation seeing
+the prompt and itself only (a 4-D attention mask; positions continue from the prompt's end):
+
+    [ prompt ........ ][ Positivo \\n </s> ][ Negativo \\n </s> ][ Neutro \\n </s> ][pad]
+
+so the prompt is computed once for all labels. A label's score is the sum of the log-probabilities
+of its continuation's tokens (multi-token labels summed exactly); probabilities are the softmax of
+the scores over the labels. The LM head runs only at the positions that predict a continuation
+token. Batches are formed by a token budget after sorting rows by length within a window, which
+cuts padding while keeping memory bounded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cerbero_ray.label.tasks import Task, continuations, prompt_text
+
+
+def plan_batches(lengths: list[int], extra: int, max_tokens: int, window: int) -> list[list[int]]:
+    """Row indices per batch: within each window of ``window`` rows, longest first; a batch grows
+    while ``rows × (longest + extra)`` stays within ``max_tokens`` (a lone row is always allowed)."""
+    out = []
+    for w in range(0, len(lengths), window):
+        order = sorted(range(w, min(w + window, len(lengths))), key=lambda i: -lengths[i])
+        batch, longest = [], 0
+        for i in order:
+            width = max(longest, lengths[i] + extra)
+            if batch and width * (len(batch) + 1) > max_tokens:
+                out.append(batch)
+                batch, width = [], lengths[i] + extra
+            batch.append(i)
+            longest = width
+        if batch:
+            out.append(batch)
+    return out
+
+
+class Scorer:
+    """Scores texts for one task with one causal LM."""
+
+    def __init__(self, model, tok, task: Task, *, max_text_tokens: int = 512, max_batch_tokens: int = 16384,
+                 sort_window: int = 256):
+        self.model, self.tok, self.task = model, tok, task
+        self.max_text_tokens, self.max_batch_tokens, self.sort_window = max_text_tokens, max_batch_tokens, sort_window
+        conts = continuations(task, tok)
+        self.labels = list(conts)
+        self.cont = [conts[k] for k in self.labels]
+        self.tail = sum(len(c) for c in self.cont)
+        model.config._attn_implementation = "sdpa"  # a custom 4-D mask: not for flash-attention
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    def encode(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Prompt token ids per text; texts over ``max_text_tokens`` keep their first tokens."""
+        text_ids = self.tok(texts, add_special_tokens=False).input_ids
+        truncated = [len(t) > self.max_text_tokens for t in text_ids]
+        kept = [self.tok.decode(t[:self.max_text_tokens]) if cut else x for x, t, cut in zip(texts, text_ids, truncated)]
+        prompts = [prompt_text(self.task, x, self.tok) for x in kept]
+        return self.tok(prompts, add_special_tokens=False).input_ids, truncated
+
+    def _inputs(self, prompts: list[list[int]]):
+        b, t = len(prompts), max(len(p) for p in prompts) + self.tail
+        ids = torch.full((b, t), self.tok.pad_token_id or 0, dtype=torch.long)
+        pos = torch.zeros((b, t), dtype=torch.long)
+        seg = torch.full((b, t), -1, dtype=torch.long)  # 0 prompt, j+1 continuation j, -1 padding
+        rows, cols, targets = [], [], []
+        for i, p in enumerate(prompts):
+            n = len(p)
+            ids[i, :n], pos[i, :n], seg[i, :n] = torch.tensor(p), torch.arange(n), 0
+            at = n
+            for j, c in enumerate(self.cont):
+                k = len(c)
+                ids[i, at:at + k], pos[i, at:at + k], seg[i, at:at + k] = torch.tensor(c), n + torch.arange(k), j + 1
+                rows += [i] * k
+                cols += [n - 1] + list(range(at, at + k - 1))  # the position that predicts each token
+                targets += c
+                at += k
+        idx = torch.arange(t)
+        causal = idx[None, :, None] >= idx[None, None, :]
+        allowed = causal & ((seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :])) & (seg[:, :, None] >= 0)
+        allowed |= torch.eye(t, dtype=torch.bool)[None]  # padding attends to itself (no empty rows)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill(~allowed, torch.finfo(self.dtype).min)
+        dev = self.device
+        return (ids.to(dev), pos.to(dev), mask[:, None].to(dev), torch.tensor(rows, device=dev),
+                torch.tensor(cols, device=dev), torch.tensor(targets, device=dev))
+
+    @torch.no_grad()
+    def score_ids(self, prompts: list[list[int]]) -> np.ndarray:
+        """``[rows, labels]`` summed continuation log-probabilities."""
+        out = np.zeros((len(prompts), len(self.labels)), dtype=np.float64)
+        lens = [len(c) for c in self.cont]
+        bounds = np.cumsum([0] + lens)
+        for batch in plan_batches([len(p) for p in prompts], self.tail, self.max_batch_tokens, self.sort_window):
+            ids, pos, mask, rows, cols, targets = self._inputs([prompts[i] for i in batch])
+            hidden = self.model.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
+            logp = torch.log_softmax(self.model.lm_head(hidden[rows, cols]).float(), -1)
+            tok_lp = logp.gather(1, targets[:, None]).squeeze(1).view(len(batch), self.tail).double().cpu().numpy()
+            out[batch] = np.stack([tok_lp[:, bounds[j]:bounds[j + 1]].sum(1) for j in range(len(lens))], 1)
+        return out
+
+    def score(self, texts: list[str]) -> list[dict]:
+        """Per text: ``label``, ``probs`` {label: p}, ``logprobs`` {label: summed log p}, ``truncated``."""
+        prompts, truncated = self.encode(texts)
+        lp = self.score_ids(prompts) if prompts else np.zeros((0, len(self.labels)))
+        probs = np.exp(lp - lp.max(1, keepdims=True)) if len(lp) else lp
+        probs = probs / probs.sum(1, keepdims=True) if len(lp) else probs
+        return [{"label": self.labels[int(np.argmax(p))], "probs": dict(zip(self.labels, p.tolist())),
+                 "logprobs": dict(zip(self.labels, l.tolist())), "truncated": cut}
+                for p, l, cut in zip(probs, lp, truncated)]
