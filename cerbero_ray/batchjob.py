@@ -99,7 +99,12 @@ def read_chunk(chunk: Chunk, fmt: str, text_field: str, id_field: str | None) ->
         rid = f"{name}:{chunk.start + i + 1}"  # 1-based line numbers, as editors show them
         try:
             line = raw.decode("utf-8")
-        except UnicodeDecodeError:
+        except UnicodeDecodeError:  # keep the row's own id when the rest of the line parses
+            try:
+                rec = json.loads(raw.decode("utf-8", errors="replace"))
+                rid = str(rec[id_field]) if kind == "jsonl" and id_field and rec.get(id_field) is not None else rid
+            except (ValueError, AttributeError):
+                pass
             out.append({"id": rid, "text": None, "error": "invalid_utf8"})
             continue
         if kind == "txt":

@@ -41,4 +41,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
             print(f"\nheld-out loss: {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else "")
             print(f"checkpoint: {summary['checkpoint']}\nhf model: {summary['hf_dir']}")
             print(f"from_pretrained({summary['hf_dir']!r}): {check_loads(summary['hf_dir'])}", flush=True)
+        elif stage == "label":
+            from cerbero_ray.label.pipeline import run_labeling
+
+            results[stage] = run_labeling(c)
     return results

@@ -115,3 +115,14 @@ def stop_node(node):
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory, tok):
+    """A tiny random Mistral saved as an HF folder with the cerbero tokenizer, as the trainer exports."""
+    from cerbero_ray.models import tiny
+
+    d = tmp_path_factory.mktemp("tiny_hf")
+    tiny().save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)

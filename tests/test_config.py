@@ -9,6 +9,8 @@ from hydra.errors import ConfigCompositionException
 
 from cerbero_ray.config import REPO_DIR, STAGE_SCHEMAS, compose, to_container
 from cerbero_ray.data.pipeline import validate_data_config
+from cerbero_ray.label.pipeline import check_label_config
+from cerbero_ray.label.tasks import task_from_dict
 from cerbero_ray.train.validate import check_train_config
 
 CONF = os.path.join(REPO_DIR, "conf")
@@ -19,7 +21,7 @@ def group_options(group):
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_SCHEMAS))
-@pytest.mark.parametrize("group", ["cluster", "paths", "tokenizer", "data", "model", "deepspeed", "train"])
+@pytest.mark.parametrize("group", ["cluster", "paths", "tokenizer", "data", "model", "deepspeed", "train", "label/task"])
 def test_every_option_composes(stage, group):
     primary = yaml.safe_load(open(os.path.join(CONF, f"{stage}.yaml")))
     if not any(isinstance(d, dict) and group in d for d in primary["defaults"]):
@@ -30,6 +32,9 @@ def test_every_option_composes(stage, group):
         c = to_container(cfg)
         if "train" in c:
             check_train_config(c["train"], c["deepspeed"])
+        if "label" in c:
+            check_label_config(c["label"])
+            task_from_dict(c["label"]["task"])
         if "data" in c:
             validate_data_config(c["data"])
             assert all(os.path.isabs(s["path"]) or "://" in s["path"] for s in c["data"]["sources"].values())
@@ -66,7 +71,7 @@ def test_env_moves_outputs(monkeypatch, tmp_path):
     monkeypatch.setenv("CERBERO_OUTPUT_DIR", str(tmp_path))
     c = to_container(compose("pipeline"))
     assert c["data"]["output_dir"] == f"{tmp_path}/data/chat_sample"
-    assert c["stages"] == ["prepare_data", "train"] and c["train"]["data_dir"] == c["data"]["output_dir"] and c["model"]["_target_"] == "cerbero_ray.models.tiny"
+    assert c["stages"] == ["prepare_data", "train", "label"] and c["train"]["data_dir"] == c["data"]["output_dir"] and c["model"]["_target_"] == "cerbero_ray.models.tiny"
 
 
 def test_model_builders_follow_config():

@@ -29,3 +29,5 @@ def test_main_job(tmp_path, auth):
     hf = tmp_path / "train" / "tiny-cpu" / "hf"
     assert f"from_pretrained('{hf}'): MistralForCausalLM" in r.stdout
     assert (tmp_path / "train" / "tiny-cpu" / "loss.png").stat().st_size > 10_000
+    assert re.search(r"\[label\] 107 rows -> .*label/sentiment/parts", r.stdout)
+    assert re.search(r"\[label\] distribution: positive [\d,]+ \([\d.]+%\), negative", r.stdout)

@@ -104,10 +104,12 @@ class Scorer:
 
     def score(self, texts: list[str]) -> list[dict]:
         """Per text: ``label``, ``probs`` {label: p}, ``logprobs`` {label: summed log p}, ``truncated``."""
+        if not texts:
+            return []
         prompts, truncated = self.encode(texts)
-        lp = self.score_ids(prompts) if prompts else np.zeros((0, len(self.labels)))
-        probs = np.exp(lp - lp.max(1, keepdims=True)) if len(lp) else lp
-        probs = probs / probs.sum(1, keepdims=True) if len(lp) else probs
+        lp = self.score_ids(prompts)
+        probs = np.exp(lp - lp.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
         return [{"label": self.labels[int(np.argmax(p))], "probs": dict(zip(self.labels, p.tolist())),
                  "logprobs": dict(zip(self.labels, l.tolist())), "truncated": cut}
                 for p, l, cut in zip(probs, lp, truncated)]
