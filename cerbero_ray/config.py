@@ -160,6 +160,37 @@ class LabelConfig(BatchInferenceConfig):
 
 
 @dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.7              # 0: greedy
+    top_p: float = 0.9
+    stop: List[str] = field(default_factory=lambda: ["[|Umano|]"])
+    seed: int = 0
+
+
+@dataclass
+class SelfChatConfig:
+    turns: int = 3                        # exchanges (human + assistant) per conversation
+    assistant_tag: str = "AI"             # must match the checkpoint's chat template
+    user_max_new_tokens: int = 96         # the human's turns are short
+    min_chars: int = 8                    # a shorter turn is degenerate
+    max_repeat_ratio: float = 0.5         # share of repeated word trigrams above which a turn is degenerate
+    drop_unfinished: bool = True          # a turn cut by max_new_tokens is degenerate
+    dedup: str = "ngram"                  # ngram | none
+    dedup_ngram: int = 5
+    dedup_threshold: float = 0.8          # Jaccard similarity of word n-gram sets
+
+
+@dataclass
+class GenerateConfig(BatchInferenceConfig):
+    mode: str = "prompts"                 # prompts (one answer per prompt) | self_chat (conversations from seeds)
+    batch_size: int = 16
+    max_prompt_tokens: int = 2048
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    self_chat: SelfChatConfig = field(default_factory=SelfChatConfig)
+
+
+@dataclass
 class PrepareDataConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -185,6 +216,13 @@ class LabelStageConfig:
 
 
 @dataclass
+class GenerateStageConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+@dataclass
 class PipelineConfig(PrepareDataConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -194,7 +232,7 @@ class PipelineConfig(PrepareDataConfig):
 
 
 STAGE_SCHEMAS = {"prepare_data": PrepareDataConfig, "train": TrainStageConfig, "label": LabelStageConfig,
-                 "pipeline": PipelineConfig}
+                 "generate": GenerateStageConfig, "pipeline": PipelineConfig}
 PIPELINE_STAGES = ("prepare_data", "train", "label")
 
 

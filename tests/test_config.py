@@ -9,6 +9,7 @@ from hydra.errors import ConfigCompositionException
 
 from cerbero_ray.config import REPO_DIR, STAGE_SCHEMAS, compose, to_container
 from cerbero_ray.data.pipeline import validate_data_config
+from cerbero_ray.generate.pipeline import check_generate_config
 from cerbero_ray.label.pipeline import check_label_config
 from cerbero_ray.label.tasks import task_from_dict
 from cerbero_ray.train.validate import check_train_config
@@ -32,6 +33,8 @@ def test_every_option_composes(stage, group):
         c = to_container(cfg)
         if "train" in c:
             check_train_config(c["train"], c["deepspeed"])
+        if "generate" in c:
+            check_generate_config(c["generate"])
         if "label" in c:
             check_label_config(c["label"])
             task_from_dict(c["label"]["task"])

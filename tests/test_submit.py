@@ -94,3 +94,16 @@ def test_submit_retries_until_the_job_agent_is_up():
 
     with pytest.raises(RuntimeError, match="bad runtime_env"):
         _submit_when_ready(Broken(), {"entrypoint": "x"}, None)
+
+
+def test_label_and_generate_through_the_cli(head, tmp_path, tiny_hf):
+    address, env = head
+    if env["RAY_AUTH_MODE"] == "token":
+        pytest.skip("auth is covered above; one mode is enough for these two jobs")
+    for job, extra in (("label", ["label/task=irony"]), ("generate", ["generate.sampling.max_new_tokens=4"])):
+        r = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", REPO_DIR, "--",
+                            "python", f"jobs/{job}.py", f"paths.output_dir={tmp_path}", f"{job}.checkpoint={tiny_hf}", *extra],
+                           env=env, capture_output=True, text=True, timeout=500)
+        assert r.returncode == 0 and "succeeded" in r.stdout.lower(), r.stdout[-3000:] + r.stderr[-3000:]
+    assert len(os.listdir(tmp_path / "label" / "irony" / "parts")) == 1
+    assert json.load(open(tmp_path / "generate" / "prompts" / "summary.json"))["counts"]

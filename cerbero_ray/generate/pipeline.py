@@ -1,0 +1,201 @@
+"""Batch generation on Ray Data: ``run_generation(cfg)``, two modes.
+
+- ``prompts``: one answer per input text, the text as the human's turn of a cerbero chat. Output
+  parts: ``id, prompt, completion, finish_reason, prompt_tokens, new_tokens, truncated, error, model``.
+- ``self_chat``: each input text is a seed (a question or a topic); the model plays both sides for
+  ``self_chat.turns`` exchanges (:mod:`cerbero_ray.generate.selfchat`). Parts hold the conversations;
+  at the end the driver drops near-duplicates across the run and writes ``conversations.jsonl`` in
+  the data stage's ``openai`` format (``python jobs/prepare_data.py data.sources.chat.path=…``).
+
+Same design as labeling (:mod:`cerbero_ray.batchjob`): chunks, a model actor pool, atomic parts,
+a rerun does only the missing chunks. Sampling is seeded per chunk, so a rerun regenerates a
+missing chunk exactly as the first run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from cerbero_ray import batchjob, storage
+from cerbero_ray.config import to_container
+from cerbero_ray.label.pipeline import load_model
+
+MODES = ("prompts", "self_chat")
+
+
+def _sampling(sc: dict, **over):
+    from cerbero_ray.generate.engine import Sampling
+
+    return Sampling(**{**{k: sc[k] for k in ("max_new_tokens", "temperature", "top_p", "seed")},
+                       "stop": tuple(sc["stop"]), **over})
+
+
+class GenerateWorker:
+    """A Ray Data actor: one model, one chunk per call."""
+
+    def __init__(self, gc: dict):
+        from cerbero_ray.generate.engine import Generator
+
+        self.gc = gc
+        model, self.tok = load_model(gc["checkpoint"], gc["dtype"])
+        self.gen = Generator(model, self.tok, batch_size=gc["batch_size"], max_prompt_tokens=gc["max_prompt_tokens"])
+
+    def __call__(self, batch: dict) -> dict:
+        stats = [self.process(batchjob.Chunk(**{k: (str(v[i]) if k == "path" else int(v[i])) for k, v in batch.items()}))
+                 for i in range(len(batch["path"]))]
+        return {k: [s[k] for s in stats] for k in stats[0]}
+
+    def process(self, chunk: batchjob.Chunk) -> dict:
+        gc = self.gc
+        rows = batchjob.read_chunk(chunk, gc["format"], gc["text_field"], gc.get("id_field"))
+        good = [r for r in rows if r["error"] is None]
+        seed = gc["sampling"]["seed"] * 1_000_003 + chunk.start  # per chunk: a rerun redoes it identically
+        if gc["mode"] == "prompts":
+            table, counts = self._prompts(rows, good, seed)
+        else:
+            table, counts = self._self_chat(rows, good, seed)
+        batchjob.write_part(gc["output_dir"], chunk, table)
+        return {"rows": len(rows), "counts": json.dumps(counts)}
+
+    def _prompts(self, rows, good, seed):
+        prompts = [self.tok.apply_chat_template([{"role": "user", "content": r["text"]}], tokenize=False,
+                                                add_generation_prompt=True) for r in good]
+        results = iter(self.gen.generate(prompts, _sampling(self.gc["sampling"]), seed=seed))
+        out = []
+        for r in rows:
+            g = next(results) if r["error"] is None else {}
+            out.append({"id": r["id"], "prompt": r["text"], "completion": g.get("text"),
+                        "finish_reason": g.get("finish_reason"), "prompt_tokens": g.get("prompt_tokens"),
+                        "new_tokens": g.get("new_tokens"), "truncated": bool(g.get("truncated")),
+                        "error": r["error"], "model": self.gc["checkpoint"]})
+        return pa.Table.from_pylist(out, schema=PROMPT_SCHEMA), Counter(x["finish_reason"] or "error" for x in out)
+
+    def _self_chat(self, rows, good, seed):
+        from cerbero_ray.generate.selfchat import self_chat
+
+        sc, s = self.gc["self_chat"], self.gc["sampling"]
+        convs, reasons = self_chat(self.gen, [r["text"] for r in good], turns=sc["turns"], sampling=_sampling(s),
+                                   user_sampling=_sampling(s, max_new_tokens=sc["user_max_new_tokens"]),
+                                   assistant_tag=sc["assistant_tag"], min_chars=sc["min_chars"],
+                                   max_repeat=sc["max_repeat_ratio"], drop_unfinished=sc["drop_unfinished"], seed=seed)
+        it = iter(convs)
+        out = []
+        for r in rows:
+            c = next(it) if r["error"] is None else None
+            out.append({"id": r["id"], "seed": r["text"], "messages": json.dumps(c, ensure_ascii=False) if c else None,
+                        "turns": len(c) // 2 if c else 0, "error": r["error"], "model": self.gc["checkpoint"]})
+        return pa.Table.from_pylist(out, schema=CHAT_SCHEMA), reasons
+
+
+PROMPT_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
+                           ("finish_reason", pa.string()), ("prompt_tokens", pa.int64()), ("new_tokens", pa.int64()),
+                           ("truncated", pa.bool_()), ("error", pa.string()), ("model", pa.string())])
+CHAT_SCHEMA = pa.schema([("id", pa.string()), ("seed", pa.string()), ("messages", pa.string()), ("turns", pa.int64()),
+                         ("error", pa.string()), ("model", pa.string())])
+
+
+def check_generate_config(gc: dict) -> None:
+    if gc["mode"] not in MODES:
+        raise ValueError(f"generate.mode must be one of {MODES}, got {gc['mode']!r}")
+    if gc["format"] not in batchjob.FORMATS:
+        raise ValueError(f"generate.format must be one of {batchjob.FORMATS}, got {gc['format']!r}")
+    for k in ("chunk_rows", "batch_size", "max_prompt_tokens"):
+        if int(gc[k]) < 1:
+            raise ValueError(f"generate.{k} must be >= 1, got {gc[k]}")
+    s, sc = gc["sampling"], gc["self_chat"]
+    if s["max_new_tokens"] < 1 or s["temperature"] < 0 or not 0 < s["top_p"] <= 1:
+        raise ValueError("generate.sampling: max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
+    if sc["turns"] < 1 or sc["dedup"] not in ("ngram", "none") or not 0 < sc["dedup_threshold"] <= 1:
+        raise ValueError("generate.self_chat: turns >= 1, dedup ngram|none, 0 < dedup_threshold <= 1")
+
+
+def _check_run(gc: dict) -> None:
+    ident = {k: gc[k] for k in ("mode", "input", "text_field", "id_field", "checkpoint", "chunk_rows", "sampling",
+                                "self_chat", "max_prompt_tokens")}
+    path = storage.join(gc["output_dir"], "generate_run.json")
+    fs, p = storage.resolve(path)
+    if fs.get_file_info(p).is_file:
+        with fs.open_input_stream(p) as f:
+            old = json.loads(f.read())
+        if old != json.loads(json.dumps(ident)):
+            if not gc.get("overwrite"):
+                raise FileExistsError(f"{gc['output_dir']} holds a generation run with other settings; "
+                                      "pass generate.overwrite=true or another generate.output_dir")
+            fs.delete_dir_contents(p.rsplit("/", 1)[0])
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(json.dumps(ident, indent=1, ensure_ascii=False).encode())
+
+
+def finish_self_chat(gc: dict, reasons: Counter) -> dict:
+    """Drop near-duplicates across the run; write ``conversations.jsonl`` (the data stage's input)."""
+    from cerbero_ray.generate.dedup import near_duplicates
+
+    out = gc["output_dir"]
+    fs, p = storage.resolve(storage.join(out, "parts"))
+    rows = [r for r in pq.read_table(p, filesystem=fs).to_pylist() if r["messages"]]
+    rows.sort(key=lambda r: r["id"])
+    convs = [json.loads(r["messages"]) for r in rows]
+    sc = gc["self_chat"]
+    dup = (near_duplicates([" ".join(m["content"] for m in c) for c in convs], n=sc["dedup_ngram"],
+                           threshold=sc["dedup_threshold"]) if sc["dedup"] == "ngram" else [None] * len(convs))
+    kept = [(r, c) for r, c, d in zip(rows, convs, dup) if d is None]
+    path = storage.join(out, "conversations.jsonl")
+    with fs.open_output_stream(storage.resolve(path)[1]) as f:
+        for r, c in kept:
+            f.write((json.dumps({"id": r["id"], "messages": c, "source": "self_chat", "model": r["model"]},
+                                ensure_ascii=False) + "\n").encode())
+    return {"conversations": len(kept), "near_duplicates": len(convs) - len(kept), "filtered": dict(reasons),
+            "output": path}
+
+
+def run_generation(cfg: DictConfig | dict) -> dict:
+    """Generate over ``generate.input`` on an initialised Ray; returns the summary (also ``summary.json``)."""
+    import ray
+    import ray.data
+
+    c = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    gc = c["generate"]
+    check_generate_config(gc)
+    out = gc["output_dir"]
+    _check_run(gc)
+    batchjob.clean_partial(out)
+    chunks = batchjob.plan_chunks(gc["input"], gc["format"], gc["chunk_rows"])
+    done = batchjob.done_keys(out)
+    todo = [ch for ch in chunks if ch.key not in done]
+    print(f"[generate] {gc['mode']}: {len(chunks)} chunks; {len(chunks) - len(todo)} already done, "
+          f"{len(todo)} to go -> {out}", flush=True)
+    counts, t0 = Counter(), time.perf_counter()
+    if todo:
+        gpus = float(gc["gpus_per_worker"])
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        workers = gc.get("workers") or (int(ray.cluster_resources().get("GPU", 0) // gpus) if gpus else max(1, int(cpus - 1)))
+        workers = max(1, min(workers, len(todo)))
+        ds = ray.data.from_items([ch.__dict__ for ch in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(GenerateWorker, fn_constructor_args=(gc,), batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus or None,
+                            num_cpus=min(float(gc["cpus_per_worker"]), max(cpus - 1, 0.5) / workers))
+        with tqdm(total=sum(ch.stop - ch.start for ch in todo), unit="row", desc=f"generate {gc['mode']}",
+                  dynamic_ncols=True) as bar:
+            for row in ds.iter_rows():
+                counts.update(json.loads(row["counts"]))
+                bar.update(row["rows"])
+    summary = {"mode": gc["mode"], "chunks_processed": len(todo), "chunks_skipped": len(chunks) - len(todo),
+               "seconds": round(time.perf_counter() - t0, 2), "counts": dict(counts), "parts": storage.join(out, "parts")}
+    if gc["mode"] == "self_chat":
+        summary.update(finish_self_chat(gc, counts))
+        print(f"[generate] {summary['conversations']} conversations -> {summary['output']} "
+              f"(near-duplicates dropped {summary['near_duplicates']}, filtered this run {summary['filtered']})", flush=True)
+    else:
+        print(f"[generate] finish reasons this run {dict(counts)} -> {summary['parts']}", flush=True)
+    fs, p = storage.resolve(storage.join(out, "summary.json"))
+    with fs.open_output_stream(p) as f:
+        f.write(json.dumps(summary, indent=1).encode())
+    return summary
