@@ -50,7 +50,7 @@ class Scorer:
         self.labels = list(conts)
         self.cont = [conts[k] for k in self.labels]
         self.tail = sum(len(c) for c in self.cont)
-        model.config._attn_implementation = "sdpa"  # a custom 4-D mask: not for flash-attention
+        model.config._attn_implementation = "sdpa"  # a custom boolean 4-D mask: SDPA, not flash-attention
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
@@ -64,29 +64,34 @@ class Scorer:
 
     def _inputs(self, prompts: list[list[int]]):
         b, t = len(prompts), max(len(p) for p in prompts) + self.tail
-        ids = torch.full((b, t), self.tok.pad_token_id or 0, dtype=torch.long)
-        pos = torch.zeros((b, t), dtype=torch.long)
-        seg = torch.full((b, t), -1, dtype=torch.long)  # 0 prompt, j+1 continuation j, -1 padding
-        rows, cols, targets = [], [], []
+        ids = np.full((b, t), self.tok.pad_token_id or 0, dtype=np.int64)
+        pos = np.zeros((b, t), dtype=np.int64)
+        seg = np.full((b, t), -1, dtype=np.int64)  # 0 prompt, j+1 continuation j, -1 padding
+        tail_ids = np.concatenate([np.asarray(c) for c in self.cont])
+        tail_seg = np.concatenate([np.full(len(c), j + 1) for j, c in enumerate(self.cont)])
+        tail_off = np.concatenate([np.arange(len(c)) for c in self.cont])
+        starts = np.cumsum([0] + [len(c) for c in self.cont])[:-1]
+        # the position predicting each continuation token: the prompt's last token for the first
+        # token of a continuation, else the continuation's previous token
+        first = np.concatenate([np.arange(len(c)) == 0 for c in self.cont])
+        rows, cols = [], []
         for i, p in enumerate(prompts):
             n = len(p)
-            ids[i, :n], pos[i, :n], seg[i, :n] = torch.tensor(p), torch.arange(n), 0
-            at = n
-            for j, c in enumerate(self.cont):
-                k = len(c)
-                ids[i, at:at + k], pos[i, at:at + k], seg[i, at:at + k] = torch.tensor(c), n + torch.arange(k), j + 1
-                rows += [i] * k
-                cols += [n - 1] + list(range(at, at + k - 1))  # the position that predicts each token
-                targets += c
-                at += k
+            ids[i, :n], pos[i, :n], seg[i, :n] = p, np.arange(n), 0
+            ids[i, n:n + self.tail], pos[i, n:n + self.tail], seg[i, n:n + self.tail] = tail_ids, n + tail_off, tail_seg
+            rows.append(np.full(self.tail, i))
+            cols.append(np.where(first, n - 1, n + np.repeat(starts, [len(c) for c in self.cont]) + tail_off - 1))
+        seg_t = torch.from_numpy(seg)
         idx = torch.arange(t)
         causal = idx[None, :, None] >= idx[None, None, :]
-        allowed = causal & ((seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :])) & (seg[:, :, None] >= 0)
+        allowed = causal & ((seg_t[:, None, :] == 0) | (seg_t[:, :, None] == seg_t[:, None, :])) & (seg_t[:, :, None] >= 0)
         allowed |= torch.eye(t, dtype=torch.bool)[None]  # padding attends to itself (no empty rows)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill(~allowed, torch.finfo(self.dtype).min)
+        mask = allowed  # SDPA takes a boolean mask (True: attend) as is
         dev = self.device
-        return (ids.to(dev), pos.to(dev), mask[:, None].to(dev), torch.tensor(rows, device=dev),
-                torch.tensor(cols, device=dev), torch.tensor(targets, device=dev))
+        targets = np.tile(tail_ids, b)
+        return (torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev), mask[:, None].to(dev),
+                torch.from_numpy(np.concatenate(rows)).to(dev), torch.from_numpy(np.concatenate(cols)).to(dev),
+                torch.from_numpy(targets).to(dev))
 
     @torch.no_grad()
     def score_ids(self, prompts: list[list[int]]) -> np.ndarray:
