@@ -191,6 +191,36 @@ class GenerateConfig(BatchInferenceConfig):
 
 
 @dataclass
+class ServeConfig:
+    checkpoint: str = MISSING             # an HF folder or URI (a train run's hf/)
+    model_name: str = "cerbero"           # the id clients pass as `model` and /v1/models lists
+    dtype: str = "auto"                   # auto: bfloat16 on GPU, float32 on CPU
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None         # set (or $CERBERO_API_KEY): /v1/* needs `Authorization: Bearer <key>`
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 4.0  # autoscaling target per replica
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+    metrics_interval_s: float = 2.0
+    look_back_period_s: float = 10.0
+    max_ongoing_requests: int = 16        # per replica
+    max_queued_requests: int = 64         # beyond: overload_status + Retry-After, not an unbounded queue
+    overload_status: int = 503            # 503 or 429
+    retry_after_s: float = 1.0
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0         # 1 on GPU clusters
+    max_batch_size: int = 16              # concurrent requests batched together
+    batch_wait_timeout_s: float = 0.02
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512             # the most a request may ask for
+    default_max_tokens: int = 128
+    max_label_texts: int = 64
+    label_tasks: Dict[str, LabelTaskConfig] = field(default_factory=dict)
+
+
+@dataclass
 class PrepareDataConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -223,6 +253,13 @@ class GenerateStageConfig:
 
 
 @dataclass
+class ServeStageConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+@dataclass
 class PipelineConfig(PrepareDataConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -232,7 +269,7 @@ class PipelineConfig(PrepareDataConfig):
 
 
 STAGE_SCHEMAS = {"prepare_data": PrepareDataConfig, "train": TrainStageConfig, "label": LabelStageConfig,
-                 "generate": GenerateStageConfig, "pipeline": PipelineConfig}
+                 "generate": GenerateStageConfig, "serve": ServeStageConfig, "pipeline": PipelineConfig}
 PIPELINE_STAGES = ("prepare_data", "train", "label")
 
 

@@ -74,3 +74,18 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     assert torch.equal(model.state_dict()["lm_head.weight"], wa["lm_head.weight"])
     assert "[|AI|]" in tok.apply_chat_template([{"role": "user", "content": "Ciao"}], tokenize=False,
                                                add_generation_prompt=True)
+
+
+def test_bf16_on_cpu_without_ray(shards, tmp_path):
+    """The Ray-free entry point (what a GPU box without Ray runs), DeepSpeed bf16 with fp32 masters."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "cerbero_ray.train.local", f"paths.output_dir={tmp_path}",
+                        f"train.data_dir={shards}", "train.precision=bf16", "train.max_steps=3", "train.epochs=1",
+                        "train.num_workers=1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.load(open(tmp_path / "train" / "tiny-cpu" / "summary.json"))
+    assert summary["steps"] == 3 and summary["eval_losses"][-1] < summary["eval_losses"][0]
+    w = load_file(str(tmp_path / "train" / "tiny-cpu" / "hf" / "model.safetensors"))
+    assert all(v.dtype == torch.bfloat16 for v in w.values())

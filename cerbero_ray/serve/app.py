@@ -1,0 +1,243 @@
+"""The serving app: a Ray Serve deployment behind a FastAPI ingress.
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (OpenAI-compatible, with
+server-sent-event streaming), ``GET /v1/models``, ``POST /v1/label`` (the batch job's scorer),
+``GET /health``, ``GET /ready``, and ``GET /`` (a small chat page).
+
+Concurrent non-streaming requests are batched by ``@serve.batch`` (up to ``max_batch_size``,
+waiting at most ``batch_wait_timeout_s``); a replica loads the model once. Overload is Ray Serve's
+backpressure: past ``max_ongoing_requests`` per replica and ``max_queued_requests`` queued, a
+request is answered ``overload_status`` (503 or 429) with ``Retry-After``. Replicas scale between
+``min_replicas`` and ``max_replicas`` on ongoing requests.
+
+    serve run cerbero_ray.serve.app:build_app checkpoint=outputs/train/tiny-cpu/hf
+    python jobs/serve.py                         # the same, from conf/serve.yaml
+"""
+
+# no `from __future__ import annotations`: Serve's ingress reads the route signatures at runtime,
+# and string annotations would turn `request: Request` into a query parameter
+import asyncio
+import json
+import os
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cerbero_ray.generate.engine import Sampling
+from cerbero_ray.serve.schemas import ChatRequest, CompletionRequest, LabelRequest, error_body
+from cerbero_ray.tokenizer import STOP_STRING
+
+app = FastAPI(title="cerbero-ray", docs_url="/docs")
+PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        self.status, self.body = status, error_body(message, "invalid_request_error" if status < 500 else "server_error",
+                                                    param, code)
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError):
+    return JSONResponse(exc.body, status_code=exc.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    # FastAPI's own refusals (an undecodable body, an unknown route, a wrong method), in our error format
+    message = "the body is not valid JSON (or not UTF-8)" if "parsing the body" in str(exc.detail) else str(exc.detail)
+    return JSONResponse(error_body(message, code=str(exc.status_code)), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError):
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        message = "the body is not valid JSON (or not UTF-8)"
+    elif kind == "extra_forbidden":
+        message = f"unknown field {where!r}"
+    else:
+        message = f"{where or 'body'}: {first.get('msg', 'invalid')}"
+    return JSONResponse(error_body(message, param=where or None, code=kind or None), status_code=400)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _choice(kind: str, text: str, finish: str | None, delta: bool = False) -> dict:
+    if kind == "chat" and delta:
+        body = {"delta": {"role": "assistant", "content": text} if text else {}}
+    elif kind == "chat":
+        body = {"message": {"role": "assistant", "content": text}}
+    else:
+        body = {"text": text, "logprobs": None}
+    return {"index": 0, **body, "finish_reason": finish}
+
+
+def _usage(prompt: int, new: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
+
+
+def _envelope(kind: str, rid: str, model: str, choices: list, usage: dict | None, chunk: bool = False) -> dict:
+    obj = "chat.completion.chunk" if kind == "chat" and chunk else "chat.completion" if kind == "chat" else "text_completion"
+    out = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+@serve.deployment
+@serve.ingress(app)
+class CerberoServer:
+    def __init__(self, sc: dict):
+        from cerbero_ray.label.pipeline import resolve_task
+        from cerbero_ray.serve.engine import ServeEngine
+
+        self.sc = sc
+        tasks = {name: resolve_task({"task": t, "task_file": None}) for name, t in sc["label_tasks"].items()}
+        self.engine = ServeEngine(sc["checkpoint"], sc["dtype"], tasks, sc["max_batch_size"], sc["max_prompt_tokens"])
+        for method in (self._generate_batch, self._label_batch):
+            method.set_max_batch_size(sc["max_batch_size"])
+            method.set_batch_wait_timeout_s(sc["batch_wait_timeout_s"])
+        self.key = sc.get("api_key") or os.environ.get("CERBERO_API_KEY") or None
+        self.created = int(time.time())
+
+    # ── plumbing ────────────────────────────────────────────────────────────
+    def _auth(self, request: Request) -> None:
+        if self.key and request.headers.get("authorization", "") != f"Bearer {self.key}":
+            raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key")
+
+    def _sampling(self, req, prompt: str) -> Sampling:
+        sc = self.sc
+        if req.model not in (None, sc["model_name"]):
+            raise APIError(404, f"model {req.model!r} is not served here; this server has {sc['model_name']!r}",
+                           "model", "model_not_found")
+        if not prompt.strip():
+            raise APIError(400, "the prompt is empty", "messages" if isinstance(req, ChatRequest) else "prompt")
+        n = self.engine.count_tokens(prompt)
+        if n > sc["max_prompt_tokens"]:
+            raise APIError(400, f"the prompt has {n} tokens; the limit is {sc['max_prompt_tokens']}",
+                           "messages" if isinstance(req, ChatRequest) else "prompt", "context_length_exceeded")
+        max_tokens = req.max_tokens or sc["default_max_tokens"]
+        if max_tokens > sc["max_new_tokens"]:
+            raise APIError(400, f"max_tokens {max_tokens} is over this server's limit {sc['max_new_tokens']}", "max_tokens")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise APIError(400, "stop: at most 4 non-empty strings", "stop")
+        return Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                        stop=tuple(dict.fromkeys([STOP_STRING, *stop])), seed=req.seed if req.seed is not None else 0)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _generate_batch(self, items: list[tuple[str, Sampling]]) -> list[dict]:
+        return await asyncio.to_thread(self.engine.generate, items)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _label_batch(self, items: list[tuple[str, list[str]]]) -> list[list[dict]]:
+        return await asyncio.to_thread(self.engine.label, items)
+
+    def _stream(self, prompt: str, s: Sampling, kind: str, rid: str):
+        def events():
+            for piece in self.engine.stream(prompt, s):
+                if isinstance(piece, dict):
+                    last = _choice(kind, "", piece["finish_reason"], delta=True)
+                    usage = _usage(piece["prompt_tokens"], piece["new_tokens"])
+                    yield _sse(_envelope(kind, rid, self.sc["model_name"], [last], usage, chunk=True))
+                    break
+                yield _sse(_envelope(kind, rid, self.sc["model_name"], [_choice(kind, piece, None, delta=True)], None, chunk=True))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _complete(self, request: Request, req, prompt: str, kind: str):
+        self._auth(request)
+        s = self._sampling(req, prompt)
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if req.stream:
+            return self._stream(prompt, s, kind, rid)
+        r = await self._generate_batch((prompt, s))
+        return _envelope(kind, rid, self.sc["model_name"], [_choice(kind, r["text"], r["finish_reason"])],
+                         _usage(r["prompt_tokens"], r["new_tokens"]))
+
+    # ── endpoints ───────────────────────────────────────────────────────────
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request, req: ChatRequest):
+        if req.messages[-1].role != "user":
+            raise APIError(400, "the last message must be the user's", "messages")
+        if any(not m.content.strip() for m in req.messages):
+            raise APIError(400, "a message has empty content", "messages")
+        prompt = self.engine.render_chat([m.model_dump() for m in req.messages])
+        return await self._complete(request, req, prompt, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request, req: CompletionRequest):
+        return await self._complete(request, req, req.prompt, "text")
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        self._auth(request)
+        return {"object": "list", "data": [{"id": self.sc["model_name"], "object": "model", "created": self.created,
+                                            "owned_by": "cerbero-ray"}]}
+
+    @app.post("/v1/label")
+    async def label(self, request: Request, req: LabelRequest):
+        self._auth(request)
+        if req.task not in self.engine.scorers:
+            raise APIError(400, f"unknown task {req.task!r}; this server labels {sorted(self.engine.scorers)}", "task")
+        if len(req.texts) > self.sc["max_label_texts"]:
+            raise APIError(400, f"{len(req.texts)} texts; at most {self.sc['max_label_texts']} per request", "texts")
+        for i, t in enumerate(req.texts):
+            if not t.strip():
+                raise APIError(400, f"texts[{i}] is empty", f"texts.{i}")
+        results = await self._label_batch((req.task, req.texts))
+        return {"task": req.task, "model": self.sc["model_name"],
+                "results": [{"label": r["label"], "probs": r["probs"], "truncated": r["truncated"]} for r in results]}
+
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(self):
+        return {"status": "ready", "model": self.sc["model_name"]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page(self):
+        with open(PAGE, encoding="utf-8") as f:
+            return f.read().replace("__MODEL__", self.sc["model_name"])
+
+
+def deployment(sc: dict):
+    """The bound application for a plain-dict ``serve`` config."""
+    from ray.serve.config import AutoscalingConfig, BackpressureConfig
+
+    return CerberoServer.options(
+        name="cerbero",
+        autoscaling_config=AutoscalingConfig(min_replicas=sc["min_replicas"], max_replicas=sc["max_replicas"],
+                                             target_ongoing_requests=sc["target_ongoing_requests"],
+                                             upscale_delay_s=sc["upscale_delay_s"], downscale_delay_s=sc["downscale_delay_s"],
+                                             metrics_interval_s=sc.get("metrics_interval_s", 2.0),
+                                             look_back_period_s=sc.get("look_back_period_s", 10.0)),
+        max_ongoing_requests=sc["max_ongoing_requests"], max_queued_requests=sc["max_queued_requests"],
+        backpressure_config=BackpressureConfig(status_code=sc["overload_status"], retry_after_s=sc["retry_after_s"]),
+        ray_actor_options={"num_cpus": sc["cpus_per_replica"], "num_gpus": sc["gpus_per_replica"]},
+    ).bind(sc)
+
+
+def build_app(args: dict):
+    """App builder for ``serve run cerbero_ray.serve.app:build_app key=value …`` and Serve config
+    files: each ``key=value`` is an override of ``conf/serve.yaml``'s ``serve.<key>``."""
+    from cerbero_ray.config import compose, to_container
+    from cerbero_ray.serve.service import validate_serve_config
+
+    c = to_container(compose("serve", [f"serve.{k}={v}" for k, v in (args or {}).items()]))
+    validate_serve_config(c["serve"])
+    return deployment(c["serve"])

@@ -1,0 +1,104 @@
+"""What a serving replica computes, without Ray: chat and completion generation (batched, or
+streamed token by token), and labeling with the batch job's scorer.
+
+The Serve app (:mod:`cerbero_ray.serve.app`) owns one :class:`ServeEngine` per replica and feeds it
+batches of concurrent requests; benchmarks and tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Iterator
+
+import torch
+
+from cerbero_ray.generate.engine import Generator, Sampling, cut_at_stop
+from cerbero_ray.label.pipeline import load_model
+from cerbero_ray.label.scoring import Scorer
+from cerbero_ray.label.tasks import Task
+
+
+class ServeEngine:
+    def __init__(self, checkpoint: str, dtype: str = "auto", tasks: dict[str, Task] | None = None,
+                 max_batch_size: int = 16, max_prompt_tokens: int = 2048):
+        self.model, self.tok = load_model(checkpoint, dtype)
+        self.gen = Generator(self.model, self.tok, batch_size=max_batch_size, max_prompt_tokens=max_prompt_tokens)
+        self.scorers = {name: Scorer(self.model, self.tok, task) for name, task in (tasks or {}).items()}
+        self.lock = threading.Lock()  # one forward at a time per replica: batches, not races
+
+    def render_chat(self, messages: list[dict]) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tok(text, add_special_tokens=False).input_ids)
+
+    def generate(self, items: list[tuple[str, Sampling]]) -> list[dict]:
+        """Many requests at once: those with the same sampling settings share batched passes."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (_, s) in enumerate(items):
+            groups[(s.max_new_tokens, s.temperature, s.top_p, s.stop, s.seed)].append(i)
+        out: list[dict] = [{}] * len(items)
+        with self.lock:
+            for idx in groups.values():
+                results = self.gen.generate([items[i][0] for i in idx], items[idx[0]][1])
+                for i, r in zip(idx, results):
+                    out[i] = r
+        return out
+
+    def stream(self, prompt: str, s: Sampling) -> Iterator[str]:
+        """Text pieces as they are generated; ends at a stop string, end of sequence or the limit.
+        The last yielded item is a dict: {finish_reason, prompt_tokens, new_tokens}."""
+        from transformers import TextIteratorStreamer
+
+        ids = self.tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(self.gen.device)
+        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        sample = s.temperature > 0
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_new_tokens,
+                      do_sample=sample, temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
+                      top_k=None, stop_strings=list(s.stop) or None, tokenizer=self.tok, streamer=streamer,
+                      pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+        result = {}
+
+        def run():
+            with self.lock, torch.no_grad():
+                torch.manual_seed(s.seed)
+                result["out"] = self.model.generate(**kwargs)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        text, sent, stopped = "", 0, False
+        hold = max((len(x) for x in s.stop), default=1) - 1  # a stop string may be arriving in pieces
+        for piece in streamer:
+            text += piece
+            cut, stopped = cut_at_stop(text, s.stop)
+            if stopped:
+                if len(cut) > sent:
+                    yield cut[sent:]
+                break
+            safe = len(text) - hold
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+        thread.join()
+        if not stopped:
+            cut, stopped = cut_at_stop(text, s.stop)
+            if len(cut) > sent:
+                yield cut[sent:]
+        new = result["out"][0, ids.shape[1]:].tolist()
+        eos = self.tok.eos_token_id in new
+        yield {"finish_reason": "stop" if (stopped or eos) else "length", "prompt_tokens": ids.shape[1],
+               "new_tokens": len(new) if not eos else new.index(self.tok.eos_token_id) + 1}
+
+    def label(self, items: list[tuple[str, list[str]]]) -> list[list[dict]]:
+        """Many label requests at once: the texts of each task are scored together."""
+        by_task: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for r, (task, texts) in enumerate(items):
+            by_task[task] += [(r, k) for k in range(len(texts))]
+        out = [[{}] * len(texts) for _, texts in items]
+        with self.lock:
+            for task, where in by_task.items():
+                scored = self.scorers[task].score([items[r][1][k] for r, k in where])
+                for (r, k), s in zip(where, scored):
+                    out[r][k] = s
+        return out

@@ -1,0 +1,49 @@
+"""Request bodies of the HTTP API (OpenAI-compatible where OpenAI has the endpoint) and the error
+format. Unknown fields and wrong types are refused (``extra="forbid"``, strict types): a client bug
+is a 400 with the offending field named, never a silently ignored parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Sampled(Strict):
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    n: int = Field(default=1, ge=1, le=1)
+
+
+class ChatRequest(Sampled):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(Sampled):
+    prompt: str
+
+
+class LabelRequest(Strict):
+    task: str
+    texts: list[str] = Field(min_length=1)
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
