@@ -125,3 +125,33 @@ def test_overload_is_refused_with_retry_after_not_queued(server):
     assert all(c in (200, 503) for c in codes), codes
     assert codes.count(200) >= 2 and codes.count(503) >= 1, codes
     assert all(h.get("retry-after") or h.get("Retry-After") for s, _, h in results if s == 503)
+
+
+def test_chat_page_in_headless_chromium(server):
+    """Type Italian into the page, see the streamed answer (Debian's chromium + chromedriver)."""
+    import shutil
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("needs Debian's chromium and chromium-driver (the README's test command installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+    try:
+        driver.get(f"{server}/")
+        driver.find_element(By.ID, "key").send_keys(KEY)
+        driver.find_element(By.ID, "text").send_keys("Ciao! Qual è la capitale d'Italia?")
+        driver.find_element(By.ID, "send").click()
+        done = WebDriverWait(driver, 120).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='1']") or d.find_elements(By.CSS_SELECTOR, ".error"))
+        assert done[0].get_attribute("class") == "assistant", done[0].text
+        assert driver.find_element(By.CSS_SELECTOR, ".user").text == "[|Umano|] Ciao! Qual è la capitale d'Italia?"
+        answer = done[0].text
+        assert answer.startswith("[|AI|]") and len(answer) > len("[|AI|] ")
+    finally:
+        driver.quit()

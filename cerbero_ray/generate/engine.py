@@ -20,7 +20,7 @@ class Sampling:
     temperature: float = 0.7     # 0: greedy
     top_p: float = 0.9
     stop: tuple[str, ...] = ("[|Umano|]",)
-    seed: int = 0
+    seed: int | None = 0
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -47,7 +47,9 @@ class Generator:
         ids = [x[-self.max_prompt_tokens:] for x in ids]  # keep the end: that is where the answer starts
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out: list[dict] = [{}] * len(ids)
-        torch.manual_seed(sampling.seed if seed is None else seed)
+        seed = sampling.seed if seed is None else seed
+        if seed is not None:  # None: a fresh random draw (the serving default, as OpenAI's API)
+            torch.manual_seed(seed)
         for b in range(0, len(order), self.batch_size):
             batch = order[b:b + self.batch_size]
             for i, r in zip(batch, self._batch([ids[i] for i in batch], sampling)):

@@ -134,7 +134,7 @@ class CerberoServer:
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop: at most 4 non-empty strings", "stop")
         return Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                        stop=tuple(dict.fromkeys([STOP_STRING, *stop])), seed=req.seed if req.seed is not None else 0)
+                        stop=tuple(dict.fromkeys([STOP_STRING, *stop])), seed=req.seed)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, items: list[tuple[str, Sampling]]) -> list[dict]:

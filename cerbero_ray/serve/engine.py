@@ -62,7 +62,8 @@ class ServeEngine:
 
         def run():
             with self.lock, torch.no_grad():
-                torch.manual_seed(s.seed)
+                if s.seed is not None:
+                    torch.manual_seed(s.seed)
                 result["out"] = self.model.generate(**kwargs)
 
         thread = threading.Thread(target=run, daemon=True)
