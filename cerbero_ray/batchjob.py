@@ -19,6 +19,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -172,3 +173,38 @@ def write_part(out: str, chunk: Chunk, table: pa.Table) -> str:
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, p)
     return dest
+
+
+class ChunkWorker:
+    """Base of the model actors: Ray Data hands over chunk records; ``process(chunk)`` returns one
+    stats dict per chunk (the same keys every time)."""
+
+    def process(self, chunk: Chunk) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict) -> dict:
+        chunks = [Chunk(**{k: (str(v[i]) if k == "path" else int(v[i])) for k, v in batch.items()})
+                  for i in range(len(batch["path"]))]
+        stats = [self.process(ch) for ch in chunks]
+        return {k: [s[k] for s in stats] for k in stats[0]}
+
+
+def map_chunks(todo: list[Chunk], worker: type, cfg: dict, desc: str) -> Iterator[dict]:
+    """Run ``worker(cfg)`` actors over the chunks on the current Ray cluster (``cfg``: ``workers``,
+    ``gpus_per_worker``, ``cpus_per_worker``); yields each chunk's stats, with a progress bar in rows."""
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    res = ray.cluster_resources()
+    gpus, cpus = float(cfg["gpus_per_worker"]), float(res.get("CPU", 1))
+    workers = cfg.get("workers") or (int(res.get("GPU", 0) // gpus) if gpus else max(1, int(cpus - 1)))
+    workers = max(1, min(workers, len(todo)))
+    ray.data.DataContext.get_current().execution_options.preserve_order = False
+    ds = ray.data.from_items([ch.__dict__ for ch in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(worker, fn_constructor_args=(cfg,), batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+                        num_gpus=gpus or None, num_cpus=min(float(cfg["cpus_per_worker"]), max(cpus - 1, 0.5) / workers))
+    with tqdm(total=sum(ch.stop - ch.start for ch in todo), unit="row", desc=desc, dynamic_ncols=True) as bar:
+        for row in ds.iter_rows():
+            bar.update(row["rows"])
+            yield row

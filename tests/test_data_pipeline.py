@@ -68,8 +68,10 @@ def test_sample_corpus_is_deterministic_and_readable_by_ray_data(ray_local, tmp_
 def test_refuses_to_mix_runs_and_rejects_unusable_sources(ray_local, tmp_path):
     src = write_jsonl(tmp_path / "c.jsonl", [CHAT])
     cfg = cfg_for(tmp_path / "out", {"c": {"path": src, "format": "auto"}})
-    run_data(cfg)
-    with pytest.raises(FileExistsError, match="overwrite"):
+    first = run_data(cfg)
+    assert run_data(cfg) == first  # the same config on the same files: up to date, reused
+    cfg["data"]["seq_len"] = 256
+    with pytest.raises(FileExistsError, match="overwrite"):  # another config: never mixed in
         run_data(cfg)
     cfg["data"]["overwrite"] = True
     assert run_data(cfg)["documents"] == 1

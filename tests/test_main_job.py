@@ -1,6 +1,6 @@
 """The README's main-job command, as a user runs it, with Ray's token auth on (the 2.60 default for
-local clusters) and off: the data stage, then training with the held-out loss falling, and the HF
-folder loading with ``from_pretrained``."""
+local clusters) and off: the data stage, training with the held-out loss falling, the HF folder
+loading with ``from_pretrained``, labeling with it; then run again, every stage resumes."""
 import json
 import os
 import re
@@ -31,3 +31,12 @@ def test_main_job(tmp_path, auth):
     assert (tmp_path / "train" / "tiny-cpu" / "loss.png").stat().st_size > 10_000
     assert re.search(r"\[label\] 107 rows -> .*label/sentiment/parts", r.stdout)
     assert re.search(r"\[label\] distribution: positive [\d,]+ \([\d.]+%\), negative", r.stdout)
+    if auth == "token":
+        return
+    # run it again, as a user would: every stage picks up its finished work instead of redoing it
+    again = subprocess.run([sys.executable, os.path.join(REPO_DIR, "jobs", "pipeline.py")], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    assert "is up to date" in out and "resumed from step 56" in out and "4 already done, 0 to go" in out
+    assert json.load(open(manifest)) == m

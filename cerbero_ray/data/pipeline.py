@@ -39,6 +39,19 @@ def validate_data_config(d: dict) -> None:
             raise ValueError(f"data.{key} must be one of {allowed}, got {d[key]!r}")
 
 
+def finished_run(out: str, cfg: dict, plans) -> dict | None:
+    """The manifest of a complete earlier run of this same config on the same input files, if any."""
+    from cerbero_ray.data.manifest import config_hash, read_manifest
+
+    try:
+        m = read_manifest(out)
+    except FileNotFoundError:
+        return None
+    same_files = {p.name: (p.files, p.bytes) for p in plans} == {
+        name: (v["files"], v["bytes"]) for name, v in m.get("sources", {}).items()}
+    return m if m.get("config_hash") == config_hash(cfg) and same_files else None
+
+
 def prepare_output(out: str, overwrite: bool) -> None:
     """Refuse to mix two runs in one folder; with ``overwrite`` clear the old run first."""
     fs, p = storage.resolve(out)
@@ -66,6 +79,11 @@ def run_data(cfg: DictConfig | dict) -> dict:
     for p in plans:
         d["sources"][p.name]["format"] = p.format
     out = d["output_dir"]
+    done = None if d.get("overwrite") else finished_run(out, c, plans)
+    if done:  # a rerun of the same config on the same files: the shards are already there
+        print(f"prepare_data: {out} is up to date ({done['rows']:,} rows, config {done['config_hash']}); "
+              "data.overwrite=true redoes it", flush=True)
+        return done
     prepare_output(out, bool(d.get("overwrite")))
     cpus = float(ray.cluster_resources().get("CPU", 1))
     reserve = 1.0 if cpus >= 2 else cpus / 2  # reads must always get a CPU, or the stream stalls

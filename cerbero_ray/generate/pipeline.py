@@ -21,7 +21,6 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from cerbero_ray import batchjob, storage
 from cerbero_ray.config import to_container
@@ -37,7 +36,7 @@ def _sampling(sc: dict, **over):
                        "stop": tuple(sc["stop"]), **over})
 
 
-class GenerateWorker:
+class GenerateWorker(batchjob.ChunkWorker):
     """A Ray Data actor: one model, one chunk per call."""
 
     def __init__(self, gc: dict):
@@ -46,11 +45,6 @@ class GenerateWorker:
         self.gc = gc
         model, self.tok = load_model(gc["checkpoint"], gc["dtype"])
         self.gen = Generator(model, self.tok, batch_size=gc["batch_size"], max_prompt_tokens=gc["max_prompt_tokens"])
-
-    def __call__(self, batch: dict) -> dict:
-        stats = [self.process(batchjob.Chunk(**{k: (str(v[i]) if k == "path" else int(v[i])) for k, v in batch.items()}))
-                 for i in range(len(batch["path"]))]
-        return {k: [s[k] for s in stats] for k in stats[0]}
 
     def process(self, chunk: batchjob.Chunk) -> dict:
         gc = self.gc
@@ -158,9 +152,6 @@ def finish_self_chat(gc: dict, reasons: Counter) -> dict:
 
 def run_generation(cfg: DictConfig | dict) -> dict:
     """Generate over ``generate.input`` on an initialised Ray; returns the summary (also ``summary.json``)."""
-    import ray
-    import ray.data
-
     c = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
     gc = c["generate"]
     check_generate_config(gc)
@@ -174,19 +165,8 @@ def run_generation(cfg: DictConfig | dict) -> dict:
           f"{len(todo)} to go -> {out}", flush=True)
     counts, t0 = Counter(), time.perf_counter()
     if todo:
-        gpus = float(gc["gpus_per_worker"])
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        workers = gc.get("workers") or (int(ray.cluster_resources().get("GPU", 0) // gpus) if gpus else max(1, int(cpus - 1)))
-        workers = max(1, min(workers, len(todo)))
-        ds = ray.data.from_items([ch.__dict__ for ch in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(GenerateWorker, fn_constructor_args=(gc,), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus or None,
-                            num_cpus=min(float(gc["cpus_per_worker"]), max(cpus - 1, 0.5) / workers))
-        with tqdm(total=sum(ch.stop - ch.start for ch in todo), unit="row", desc=f"generate {gc['mode']}",
-                  dynamic_ncols=True) as bar:
-            for row in ds.iter_rows():
-                counts.update(json.loads(row["counts"]))
-                bar.update(row["rows"])
+        for row in batchjob.map_chunks(todo, GenerateWorker, gc, f"generate {gc['mode']}"):
+            counts.update(json.loads(row["counts"]))
     summary = {"mode": gc["mode"], "chunks_processed": len(todo), "chunks_skipped": len(chunks) - len(todo),
                "seconds": round(time.perf_counter() - t0, 2), "counts": dict(counts), "parts": storage.join(out, "parts")}
     if gc["mode"] == "self_chat":

@@ -20,7 +20,6 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from cerbero_ray import batchjob, storage
 from cerbero_ray.config import to_container
@@ -50,7 +49,7 @@ def load_model(checkpoint: str, dtype: str):
     return model, tok
 
 
-class LabelWorker:
+class LabelWorker(batchjob.ChunkWorker):
     """A Ray Data actor: one model, one chunk per call."""
 
     def __init__(self, lc: dict):
@@ -63,11 +62,6 @@ class LabelWorker:
         self.scorer = Scorer(model, tok, self.task, max_text_tokens=lc["max_text_tokens"],
                              max_batch_tokens=lc["max_batch_tokens"], sort_window=lc["sort_window"])
         self.hash = prompt_hash(self.task, tok)
-
-    def __call__(self, batch: dict) -> dict:
-        stats = [self.process(batchjob.Chunk(**{k: (str(v[i]) if k == "path" else int(v[i])) for k, v in batch.items()}))
-                 for i in range(len(batch["path"]))]
-        return {k: [s[k] for s in stats] for k in stats[0]}
 
     def process(self, chunk: batchjob.Chunk) -> dict:
         lc = self.lc
@@ -163,15 +157,12 @@ def distribution_png(summary: dict, out: str) -> str:
 
 def run_labeling(cfg: DictConfig | dict) -> dict:
     """Label ``label.input`` on an initialised Ray; returns the summary (also ``summary.json``)."""
-    import ray
-    import ray.data
-
     c = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
     lc = c["label"]
     check_label_config(lc)
     task = resolve_task(lc)
-    fs, p = storage.resolve(lc["checkpoint"])
-    if not fs.get_file_info(storage.resolve(storage.join(lc["checkpoint"], "config.json"))[1]).is_file:
+    fs, p = storage.resolve(storage.join(lc["checkpoint"], "config.json"))
+    if not fs.get_file_info(p).is_file:
         raise ValueError(f"label.checkpoint: no HF model at {lc['checkpoint']} (train first, or point it at an HF folder)")
     out = lc["output_dir"]
     check_run(lc, task)
@@ -183,21 +174,8 @@ def run_labeling(cfg: DictConfig | dict) -> dict:
           f"{len(chunks) - len(todo)} already done, {len(todo)} to go -> {out}", flush=True)
     t0 = time.perf_counter()
     if todo:
-        gpus = float(lc["gpus_per_worker"])
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        workers = lc.get("workers") or (int(ray.cluster_resources().get("GPU", 0) // gpus) if gpus
-                                        else max(1, int(cpus - 1)))
-        workers = max(1, min(workers, len(todo)))
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = False
-        ds = ray.data.from_items([ch.__dict__ for ch in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(LabelWorker, fn_constructor_args=(lc,), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus or None,
-                            num_cpus=min(float(lc["cpus_per_worker"]), max(cpus - 1, 0.5) / workers))
-        total = sum(ch.stop - ch.start for ch in todo)
-        with tqdm(total=total, unit="row", desc=f"label {task.name}", dynamic_ncols=True) as bar:
-            for row in ds.iter_rows():
-                bar.update(row["rows"])
+        for _ in batchjob.map_chunks(todo, LabelWorker, lc, f"label {task.name}"):
+            pass  # the parts are the output; the stats rows only drive the progress bar
     summary = summarize(out, list(task.labels), time.perf_counter() - t0, len(todo), len(chunks) - len(todo))
     if summary["rows"] != summary["unique_ids"]:
         log.warning("%d rows but %d distinct ids: the input repeats ids", summary["rows"], summary["unique_ids"])
