@@ -76,3 +76,14 @@ def test_task_validation_and_user_yaml(tmp_path, tok):
     t = load_task(str(f))
     assert t.labels == {"sport": "Sport", "politics": "Politica"}
     assert prompt_hash(t, tok) != prompt_hash(TASK, tok) and len(prompt_hash(t, tok)) == 16
+
+
+def test_the_shared_prefix_is_computed_once_and_changes_nothing(tok):
+    model = tiny().eval()
+    shared = Scorer(model, tok, TASK, max_batch_tokens=300)
+    alone = Scorer(model, tok, TASK, max_batch_tokens=300, min_shared_prefix=10**9)
+    prompts, _ = shared.encode(TEXTS)
+    n, cache = shared._shared_prefix(prompts)
+    assert n > len(prompts[0]) // 3 and cache is not None  # the few-shot example and the instruction
+    assert all(p[:n] == prompts[0][:n] for p in prompts) and alone._shared_prefix(prompts) == (0, None)
+    np.testing.assert_allclose(shared.score_ids(prompts), alone.score_ids(prompts), atol=1e-4)

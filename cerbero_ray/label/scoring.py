@@ -1,7 +1,9 @@
 """The scoring engine: one forward pass per prompt scores every label. Plain PyTorch, no Ray.
 
-A row of a batch is the prompt followed by every label's continuation, each continuation seeing
-the prompt and itself only (a 4-D attention mask; positions continue from the prompt's end):
+The tokens every prompt of a call starts with (the few-shot examples and the instruction, often
+half the prompt) run once; their KV cache is shared by every row. A row of a batch is the rest of
+the prompt followed by every label's continuation, each continuation seeing the prompt and itself
+only (a 4-D attention mask; positions continue from the prompt's end):
 
     [ prompt ........ ][ Positivo \\n </s> ][ Negativo \\n </s> ][ Neutro \\n </s> ][pad]
 
@@ -13,6 +15,9 @@ cuts padding while keeping memory bounded.
 """
 
 from __future__ import annotations
+
+import copy
+import inspect
 
 import numpy as np
 import torch
@@ -43,9 +48,12 @@ class Scorer:
     """Scores texts for one task with one causal LM."""
 
     def __init__(self, model, tok, task: Task, *, max_text_tokens: int = 512, max_batch_tokens: int = 16384,
-                 sort_window: int = 256):
+                 sort_window: int = 256, min_shared_prefix: int = 16):
         self.model, self.tok, self.task = model, tok, task
         self.max_text_tokens, self.max_batch_tokens, self.sort_window = max_text_tokens, max_batch_tokens, sort_window
+        self.min_shared_prefix = min_shared_prefix
+        # transformers >= 5.24 calls the KV cache argument `cache`, earlier 5.x `past_key_values`
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
         conts = continuations(task, tok)
         self.labels = list(conts)
         self.cont = [conts[k] for k in self.labels]
@@ -62,7 +70,8 @@ class Scorer:
         prompts = [prompt_text(self.task, x, self.tok) for x in kept]
         return self.tok(prompts, add_special_tokens=False).input_ids, truncated
 
-    def _inputs(self, prompts: list[list[int]]):
+    def _inputs(self, prompts: list[list[int]], offset: int = 0):
+        """Batch tensors for ``prompts`` (the tokens after a shared prefix of ``offset`` tokens)."""
         b, t = len(prompts), max(len(p) for p in prompts) + self.tail
         ids = np.full((b, t), self.tok.pad_token_id or 0, dtype=np.int64)
         pos = np.zeros((b, t), dtype=np.int64)
@@ -77,8 +86,8 @@ class Scorer:
         rows, cols = [], []
         for i, p in enumerate(prompts):
             n = len(p)
-            ids[i, :n], pos[i, :n], seg[i, :n] = p, np.arange(n), 0
-            ids[i, n:n + self.tail], pos[i, n:n + self.tail], seg[i, n:n + self.tail] = tail_ids, n + tail_off, tail_seg
+            ids[i, :n], pos[i, :n], seg[i, :n] = p, offset + np.arange(n), 0
+            ids[i, n:n + self.tail], pos[i, n:n + self.tail], seg[i, n:n + self.tail] = tail_ids, offset + n + tail_off, tail_seg
             rows.append(np.full(self.tail, i))
             cols.append(np.where(first, n - 1, n + np.repeat(starts, [len(c) for c in self.cont]) + tail_off - 1))
         seg_t = torch.from_numpy(seg)
@@ -86,12 +95,29 @@ class Scorer:
         causal = idx[None, :, None] >= idx[None, None, :]
         allowed = causal & ((seg_t[:, None, :] == 0) | (seg_t[:, :, None] == seg_t[:, None, :])) & (seg_t[:, :, None] >= 0)
         allowed |= torch.eye(t, dtype=torch.bool)[None]  # padding attends to itself (no empty rows)
-        mask = allowed  # SDPA takes a boolean mask (True: attend) as is
+        # SDPA takes a boolean mask (True: attend) as is; every row sees the whole shared prefix
+        mask = torch.cat([torch.ones((b, t, offset), dtype=torch.bool), allowed], 2) if offset else allowed
         dev = self.device
         targets = np.tile(tail_ids, b)
         return (torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev), mask[:, None].to(dev),
                 torch.from_numpy(np.concatenate(rows)).to(dev), torch.from_numpy(np.concatenate(cols)).to(dev),
                 torch.from_numpy(targets).to(dev))
+
+    def _shared_prefix(self, prompts: list[list[int]]):
+        """The tokens every prompt starts with (the few-shot examples and the instruction), run once;
+        returns (their number, their KV cache), or (0, None) when too short to be worth it."""
+        n = min(len(p) for p in prompts) - 1  # each row keeps a token to predict its first label token from
+        first = prompts[0]
+        for p in prompts[1:]:
+            k = 0
+            while k < n and p[k] == first[k]:
+                k += 1
+            n = k
+        if n < self.min_shared_prefix:
+            return 0, None
+        ids = torch.tensor([first[:n]], device=self.device)
+        out = self.model.model(input_ids=ids, position_ids=torch.arange(n, device=self.device)[None], use_cache=True)
+        return n, out.cache if self._cache_kw == "cache" else out.past_key_values
 
     @torch.no_grad()
     def score_ids(self, prompts: list[list[int]]) -> np.ndarray:
@@ -99,9 +125,15 @@ class Scorer:
         out = np.zeros((len(prompts), len(self.labels)), dtype=np.float64)
         lens = [len(c) for c in self.cont]
         bounds = np.cumsum([0] + lens)
+        shared, cache = self._shared_prefix(prompts)
         for batch in plan_batches([len(p) for p in prompts], self.tail, self.max_batch_tokens, self.sort_window):
-            ids, pos, mask, rows, cols, targets = self._inputs([prompts[i] for i in batch])
-            hidden = self.model.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
+            ids, pos, mask, rows, cols, targets = self._inputs([prompts[i][shared:] for i in batch], shared)
+            past = None
+            if cache is not None:
+                past = copy.deepcopy(cache)
+                past.batch_repeat_interleave(len(batch))
+            hidden = self.model.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=past is not None,
+                                      **{self._cache_kw: past}).last_hidden_state
             logp = torch.log_softmax(self.model.lm_head(hidden[rows, cols]).float(), -1)
             tok_lp = logp.gather(1, targets[:, None]).squeeze(1).view(len(batch), self.tail).double().cpu().numpy()
             out[batch] = np.stack([tok_lp[:, bounds[j]:bounds[j + 1]].sum(1) for j in range(len(lens))], 1)
