@@ -151,6 +151,25 @@ def done_keys(out: str) -> set[str]:
             if i.base_name.startswith("part-") and i.base_name.endswith(".parquet")}
 
 
+def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: str) -> None:
+    """Record what this run is in ``<out>/<run_file>``; refuse an output folder that holds a run with
+    other settings (its parts would mix with ours) unless ``overwrite``, which clears it first."""
+    ident = json.loads(json.dumps(ident))  # as it reads back: tuples become lists
+    fs, p = storage.resolve(storage.join(out, run_file))
+    if fs.get_file_info(p).is_file:
+        with fs.open_input_stream(p) as f:
+            old = json.loads(f.read())
+        if old != ident:
+            if not overwrite:
+                raise FileExistsError(f"{out} holds a {stage} run with other settings "
+                                      f"({', '.join(k for k in ident if ident[k] != old.get(k))} differ); "
+                                      f"pass {stage}.overwrite=true or another {stage}.output_dir")
+            fs.delete_dir_contents(p.rsplit("/", 1)[0])
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(json.dumps(ident, indent=1, ensure_ascii=False).encode())
+
+
 def clean_partial(out: str) -> None:
     """Remove temporary files a killed run left behind."""
     fs, p = storage.resolve(storage.join(out, "parts"))

@@ -15,6 +15,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, MistralConfig, Mistr
                           PreTrainedModel)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INFERENCE_DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: bfloat16 on GPU, float32 on CPU
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -58,6 +59,31 @@ def from_pretrained(path: str | None = None, dtype: str = "bfloat16", overrides:
 
     return AutoModelForCausalLM.from_pretrained(local_copy(path), dtype=_dtype(dtype), trust_remote_code=False,
                                                 **(overrides or {}))
+
+
+def check_checkpoint(path: str, key: str) -> None:
+    """``ValueError`` naming ``key`` when ``path`` (a folder or URI) holds no HF model."""
+    from cerbero_ray import storage
+
+    fs, p = storage.resolve(storage.join(path, "config.json"))
+    if not fs.get_file_info(p).is_file:
+        raise ValueError(f"{key}: no HF model at {path} (train first, or point it at an HF folder)")
+
+
+def load_for_inference(checkpoint: str, dtype: str = "auto"):
+    """(model in eval mode on the GPU if there is one, tokenizer) from an HF folder or URI; the
+    tokenizer must carry the chat template (the trainer's export does)."""
+    from transformers import AutoTokenizer
+
+    from cerbero_ray.storage import local_copy
+
+    cuda = torch.cuda.is_available()
+    name = ("bfloat16" if cuda else "float32") if dtype == "auto" else dtype
+    model = from_pretrained(checkpoint, dtype=name).eval().to("cuda" if cuda else "cpu")
+    tok = AutoTokenizer.from_pretrained(local_copy(checkpoint))
+    if not tok.chat_template:
+        raise ValueError(f"{checkpoint}: the tokenizer has no chat template (export it with the trainer)")
+    return model, tok
 
 
 def build_model(model_cfg: dict, seed: int = 0) -> PreTrainedModel:

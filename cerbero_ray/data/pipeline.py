@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cerbero_ray import storage
 from cerbero_ray.config import to_container
-from cerbero_ray.data.manifest import build_manifest, format_summary, write_manifest
+from cerbero_ray.data.manifest import build_manifest, config_hash, format_summary, read_manifest, write_manifest
 from cerbero_ray.data.process import BufferProcessor
 from cerbero_ray.data.sources import build_dataset, inspect_sources
 
@@ -41,8 +41,6 @@ def validate_data_config(d: dict) -> None:
 
 def finished_run(out: str, cfg: dict, plans) -> dict | None:
     """The manifest of a complete earlier run of this same config on the same input files, if any."""
-    from cerbero_ray.data.manifest import config_hash, read_manifest
-
     try:
         m = read_manifest(out)
     except FileNotFoundError:

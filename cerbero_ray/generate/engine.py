@@ -37,6 +37,13 @@ class Generator:
         if tok.pad_token_id is None:
             tok.pad_token = tok.unk_token or tok.eos_token
 
+    def generate_kwargs(self, s: Sampling) -> dict:
+        """``model.generate`` settings for ``s`` (temperature 0: greedy)."""
+        sample = s.temperature > 0
+        return dict(max_new_tokens=s.max_new_tokens, do_sample=sample, temperature=s.temperature if sample else None,
+                    top_p=s.top_p if sample else None, top_k=None, stop_strings=list(s.stop) or None,
+                    tokenizer=self.tok, pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+
     @torch.no_grad()
     def generate(self, prompts: list[str], sampling: Sampling, seed: int | None = None) -> list[dict]:
         """Per prompt: ``text``, ``finish_reason``, ``prompt_tokens``, ``new_tokens``, ``truncated``."""
@@ -61,11 +68,7 @@ class Generator:
         pad = self.tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        sample = s.temperature > 0
-        gen = self.model.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=s.max_new_tokens, do_sample=sample,
-            temperature=s.temperature if sample else None, top_p=s.top_p if sample else None, top_k=None,
-            stop_strings=list(s.stop) or None, tokenizer=self.tok, pad_token_id=pad, eos_token_id=self.tok.eos_token_id)
+        gen = self.model.generate(input_ids=input_ids, attention_mask=mask, **self.generate_kwargs(s))
         out = []
         for row in gen[:, width:].tolist():
             n = next((k + 1 for k, t in enumerate(row) if t == self.tok.eos_token_id), None)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from cerbero_ray import batchjob, storage
 from cerbero_ray.config import to_container
-from cerbero_ray.label.pipeline import load_model
+from cerbero_ray.models import load_for_inference
 
 MODES = ("prompts", "self_chat")
 
@@ -43,7 +43,7 @@ class GenerateWorker(batchjob.ChunkWorker):
         from cerbero_ray.generate.engine import Generator
 
         self.gc = gc
-        model, self.tok = load_model(gc["checkpoint"], gc["dtype"])
+        model, self.tok = load_for_inference(gc["checkpoint"], gc["dtype"])
         self.gen = Generator(model, self.tok, batch_size=gc["batch_size"], max_prompt_tokens=gc["max_prompt_tokens"])
 
     def process(self, chunk: batchjob.Chunk) -> dict:
@@ -110,22 +110,10 @@ def check_generate_config(gc: dict) -> None:
         raise ValueError("generate.self_chat: turns >= 1, dedup ngram|none, 0 < dedup_threshold <= 1")
 
 
-def _check_run(gc: dict) -> None:
-    ident = {k: gc[k] for k in ("mode", "input", "text_field", "id_field", "checkpoint", "chunk_rows", "sampling",
-                                "self_chat", "max_prompt_tokens")}
-    path = storage.join(gc["output_dir"], "generate_run.json")
-    fs, p = storage.resolve(path)
-    if fs.get_file_info(p).is_file:
-        with fs.open_input_stream(p) as f:
-            old = json.loads(f.read())
-        if old != json.loads(json.dumps(ident)):
-            if not gc.get("overwrite"):
-                raise FileExistsError(f"{gc['output_dir']} holds a generation run with other settings; "
-                                      "pass generate.overwrite=true or another generate.output_dir")
-            fs.delete_dir_contents(p.rsplit("/", 1)[0])
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(json.dumps(ident, indent=1, ensure_ascii=False).encode())
+def run_identity(gc: dict) -> dict:
+    """What fixes a generation run's output: another run into the same folder must match it."""
+    return {k: gc[k] for k in ("mode", "input", "text_field", "id_field", "checkpoint", "chunk_rows", "sampling",
+                               "self_chat", "max_prompt_tokens")}
 
 
 def finish_self_chat(gc: dict, reasons: Counter) -> dict:
@@ -156,7 +144,7 @@ def run_generation(cfg: DictConfig | dict) -> dict:
     gc = c["generate"]
     check_generate_config(gc)
     out = gc["output_dir"]
-    _check_run(gc)
+    batchjob.claim_output(out, "generate_run.json", run_identity(gc), bool(gc.get("overwrite")), "generate")
     batchjob.clean_partial(out)
     chunks = batchjob.plan_chunks(gc["input"], gc["format"], gc["chunk_rows"])
     done = batchjob.done_keys(out)

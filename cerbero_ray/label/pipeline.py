@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from cerbero_ray import batchjob, storage
 from cerbero_ray.config import to_container
 from cerbero_ray.label.tasks import Task, load_task, task_from_dict
+from cerbero_ray.models import INFERENCE_DTYPES, check_checkpoint, load_for_inference
 
 log = logging.getLogger(__name__)
 RUN_FILE = "label_run.json"
@@ -31,22 +32,6 @@ RUN_FILE = "label_run.json"
 
 def resolve_task(lc: dict) -> Task:
     return load_task(lc["task_file"]) if lc.get("task_file") else task_from_dict(lc["task"])
-
-
-def load_model(checkpoint: str, dtype: str):
-    """Model + tokenizer from an HF folder or URI (the tokenizer must carry the chat template)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = storage.local_copy(checkpoint)
-    cuda = torch.cuda.is_available()
-    dt = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
-          "float32": torch.float32, "float16": torch.float16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt).eval().to("cuda" if cuda else "cpu")
-    tok = AutoTokenizer.from_pretrained(path)
-    if not tok.chat_template:
-        raise ValueError(f"{checkpoint}: the tokenizer has no chat template (export it with the trainer)")
-    return model, tok
 
 
 class LabelWorker(batchjob.ChunkWorker):
@@ -58,7 +43,7 @@ class LabelWorker(batchjob.ChunkWorker):
 
         self.lc = lc
         self.task = resolve_task(lc)
-        model, tok = load_model(lc["checkpoint"], lc["dtype"])
+        model, tok = load_for_inference(lc["checkpoint"], lc["dtype"])
         self.scorer = Scorer(model, tok, self.task, max_text_tokens=lc["max_text_tokens"],
                              max_batch_tokens=lc["max_batch_tokens"], sort_window=lc["sort_window"])
         self.hash = prompt_hash(self.task, tok)
@@ -91,26 +76,11 @@ class LabelWorker(batchjob.ChunkWorker):
         return {"rows": n, "counts": json.dumps(counts), "truncated": sum(cols["truncated"])}
 
 
-def check_run(lc: dict, task: Task) -> dict:
-    """The run's identity; refuse to add to an output folder labeled with something else."""
-    ident = {"task": [task.name, task.instruction, task.labels, task.few_shot], "checkpoint": lc["checkpoint"],
-             "input": lc["input"], "text_field": lc["text_field"], "id_field": lc.get("id_field"),
-             "chunk_rows": lc["chunk_rows"], "max_text_tokens": lc["max_text_tokens"]}
-    path = storage.join(lc["output_dir"], RUN_FILE)
-    fs, p = storage.resolve(path)
-    if fs.get_file_info(p).is_file:
-        with fs.open_input_stream(p) as f:
-            old = json.loads(f.read())
-        if old != ident:
-            if not lc.get("overwrite"):
-                raise FileExistsError(f"{lc['output_dir']} holds a labeling run with other settings "
-                                      f"({', '.join(k for k in ident if ident[k] != old.get(k))} differ); "
-                                      "pass label.overwrite=true or another label.output_dir")
-            fs.delete_dir_contents(p.rsplit("/", 1)[0])
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(json.dumps(ident, indent=1, ensure_ascii=False).encode())
-    return ident
+def run_identity(lc: dict, task: Task) -> dict:
+    """What fixes a labeling run's output: another run into the same folder must match it."""
+    return {"task": [task.name, task.instruction, task.labels, task.few_shot], "checkpoint": lc["checkpoint"],
+            "input": lc["input"], "text_field": lc["text_field"], "id_field": lc.get("id_field"),
+            "chunk_rows": lc["chunk_rows"], "max_text_tokens": lc["max_text_tokens"]}
 
 
 def summarize(out: str, labels: list[str], seconds: float, processed: int, skipped: int) -> dict:
@@ -161,11 +131,9 @@ def run_labeling(cfg: DictConfig | dict) -> dict:
     lc = c["label"]
     check_label_config(lc)
     task = resolve_task(lc)
-    fs, p = storage.resolve(storage.join(lc["checkpoint"], "config.json"))
-    if not fs.get_file_info(p).is_file:
-        raise ValueError(f"label.checkpoint: no HF model at {lc['checkpoint']} (train first, or point it at an HF folder)")
+    check_checkpoint(lc["checkpoint"], "label.checkpoint")
     out = lc["output_dir"]
-    check_run(lc, task)
+    batchjob.claim_output(out, RUN_FILE, run_identity(lc, task), bool(lc.get("overwrite")), "label")
     batchjob.clean_partial(out)
     chunks = batchjob.plan_chunks(lc["input"], lc["format"], lc["chunk_rows"])
     done = batchjob.done_keys(out)
@@ -192,7 +160,7 @@ def check_label_config(lc: dict) -> None:
     for k in ("chunk_rows", "max_text_tokens", "max_batch_tokens", "sort_window"):
         if int(lc[k]) < 1:
             raise ValueError(f"label.{k} must be >= 1, got {lc[k]}")
-    if lc["dtype"] not in ("auto", "bfloat16", "float32", "float16"):
-        raise ValueError(f"label.dtype must be auto, bfloat16, float32 or float16, got {lc['dtype']!r}")
+    if lc["dtype"] not in INFERENCE_DTYPES:
+        raise ValueError(f"label.dtype must be one of {INFERENCE_DTYPES}, got {lc['dtype']!r}")
     if float(lc["gpus_per_worker"]) < 0 or float(lc["cpus_per_worker"]) <= 0:
         raise ValueError("label.gpus_per_worker must be >= 0 and label.cpus_per_worker > 0")

@@ -14,15 +14,15 @@ from typing import Iterator
 import torch
 
 from cerbero_ray.generate.engine import Generator, Sampling, cut_at_stop
-from cerbero_ray.label.pipeline import load_model
 from cerbero_ray.label.scoring import Scorer
 from cerbero_ray.label.tasks import Task
+from cerbero_ray.models import load_for_inference
 
 
 class ServeEngine:
     def __init__(self, checkpoint: str, dtype: str = "auto", tasks: dict[str, Task] | None = None,
                  max_batch_size: int = 16, max_prompt_tokens: int = 2048):
-        self.model, self.tok = load_model(checkpoint, dtype)
+        self.model, self.tok = load_for_inference(checkpoint, dtype)
         self.gen = Generator(self.model, self.tok, batch_size=max_batch_size, max_prompt_tokens=max_prompt_tokens)
         self.scorers = {name: Scorer(self.model, self.tok, task) for name, task in (tasks or {}).items()}
         self.lock = threading.Lock()  # one forward at a time per replica: batches, not races
@@ -53,11 +53,7 @@ class ServeEngine:
 
         ids = self.tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(self.gen.device)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        sample = s.temperature > 0
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_new_tokens,
-                      do_sample=sample, temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
-                      top_k=None, stop_strings=list(s.stop) or None, tokenizer=self.tok, streamer=streamer,
-                      pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **self.gen.generate_kwargs(s))
         result = {}
 
         def run():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from cerbero_ray import storage
 from cerbero_ray.config import to_container
+from cerbero_ray.models import INFERENCE_DTYPES, check_checkpoint
 
 
 def validate_serve_config(sc: dict) -> None:
@@ -20,11 +20,9 @@ def validate_serve_config(sc: dict) -> None:
             raise ValueError(f"serve.{k} must be >= 1, got {sc[k]}")
     if sc["default_max_tokens"] > sc["max_new_tokens"]:
         raise ValueError("serve.default_max_tokens must be <= serve.max_new_tokens")
-    if sc["dtype"] not in ("auto", "bfloat16", "float32", "float16"):
-        raise ValueError(f"serve.dtype must be auto, bfloat16, float32 or float16, got {sc['dtype']!r}")
-    fs, p = storage.resolve(storage.join(sc["checkpoint"], "config.json"))
-    if not fs.get_file_info(p).is_file:
-        raise ValueError(f"serve.checkpoint: no HF model at {sc['checkpoint']} (train first, or point it at an HF folder)")
+    if sc["dtype"] not in INFERENCE_DTYPES:
+        raise ValueError(f"serve.dtype must be one of {INFERENCE_DTYPES}, got {sc['dtype']!r}")
+    check_checkpoint(sc["checkpoint"], "serve.checkpoint")
 
 
 def run_serve(cfg: DictConfig | dict, blocking: bool = False) -> str:

@@ -9,7 +9,6 @@ the same loop runs on a machine without Ray (GPU benchmarks).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -24,7 +23,19 @@ from cerbero_ray.train.checkpoint import PREFIX, checkpoint_name, complete_check
 from cerbero_ray.train.plan import Segment
 from cerbero_ray.train.reader import local_batches, ray_batches
 
-class LocalEnv:
+class _RunFolder:
+    """Resume from the run folder: the newest checkpoint every rank marked complete."""
+
+    run_dir: str
+    world_size: int
+
+    def latest_checkpoint(self) -> str | None:
+        """A local folder holding it (downloaded when the run folder is a URI), or None."""
+        done = complete_checkpoints(self.run_dir, self.world_size)
+        return storage.local_copy(done[-1]) if done else None
+
+
+class LocalEnv(_RunFolder):
     """A torchrun process, or a single process (world size 1), writing into ``run_dir`` itself."""
 
     def __init__(self, run_dir: str, keep: int = 2):
@@ -45,11 +56,6 @@ class LocalEnv:
 
     def batches(self, segments: list[Segment], micro: int, read_cpus: float) -> Iterator[dict]:
         return local_batches(segments, micro)
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
-        done = complete_checkpoints(self.run_dir, self.world_size)
-        yield storage.local_copy(done[-1]) if done else None
 
     def checkpoint_dir(self, step: int) -> str:
         dest = storage.join(self.run_dir, checkpoint_name(step))
@@ -72,9 +78,11 @@ class LocalEnv:
         dist.barrier()
 
 
-class RayEnv:
+class RayEnv(_RunFolder):
     """A Ray Train worker: ranks and the process group from Ray Train, rows through Ray Data,
-    checkpoints registered with Ray Train (which keeps the last K)."""
+    checkpoints registered with Ray Train (which keeps the last K). Resume reads the run folder, not
+    ``ray.train.get_checkpoint()``: a worker that dies right after reporting can take its report
+    with it before the controller has seen it."""
 
     def __init__(self, run_dir: str):
         import ray.train
@@ -89,13 +97,6 @@ class RayEnv:
 
     def batches(self, segments: list[Segment], micro: int, read_cpus: float) -> Iterator[dict]:
         return ray_batches(segments, micro, read_cpus=read_cpus)
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
-        # the run folder, not ray.train.get_checkpoint(): a worker that dies right after reporting
-        # can take its report with it before the controller has seen it
-        done = complete_checkpoints(self.run_dir, self.world_size)
-        yield storage.local_copy(done[-1]) if done else None
 
     def checkpoint_dir(self, step: int) -> str:
         return tempfile.mkdtemp(prefix=f"cerbero-ckpt-{self.rank}-")

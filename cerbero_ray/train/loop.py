@@ -111,15 +111,15 @@ def train_loop(config: dict, env) -> dict:
     engine, sched, lm = build_engine(config, total, device, world)
     state = {"step": 0, "history": [], "signature": sig}
     resumed_from = None
-    with env.latest_checkpoint() as d:
-        if d:
-            client = ckpt.load(engine, d, rank)["loop"]
-            if client["signature"] != sig:
-                raise ValueError("this run's checkpoint was made with another data order (world size, batch sizes, "
-                                 "epochs, seed, eval_rows or shards changed); keep them, or use a new train.name")
-            state, resumed_from = client, client["step"]
-            if rank == 0:
-                say(f"[train] resumed from step {state['step']} ({d})")
+    d = env.latest_checkpoint()
+    if d:
+        client = ckpt.load(engine, d, rank)["loop"]
+        if client["signature"] != sig:
+            raise ValueError("this run's checkpoint was made with another data order (world size, batch sizes, "
+                             "epochs, seed, eval_rows or shards changed); keep them, or use a new train.name")
+        state, resumed_from = client, client["step"]
+        if rank == 0:
+            say(f"[train] resumed from step {state['step']} ({d})")
     step, history = state["step"], state["history"]
     tok = writer = None
     if rank == 0:
