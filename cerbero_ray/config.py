@@ -211,7 +211,10 @@ class ServeConfig:
     retry_after_s: float = 1.0
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0         # 1 on GPU clusters
-    max_batch_size: int = 16              # concurrent requests batched together
+    engine: str = "continuous"            # continuous (our continuous batching; Mistral/Llama) or hf (transformers generate)
+    max_batch_size: int = 16              # concurrent requests batched together (continuous: KV-cache slots)
+    prefill_tokens: int = 8192            # continuous: prompt tokens admitted per step (a longer prompt runs alone)
+    cuda_graphs: Optional[bool] = None    # continuous: CUDA-graph decoding; null: on when the replica has a GPU
     batch_wait_timeout_s: float = 0.02
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512             # the most a request may ask for

@@ -70,6 +70,17 @@ def check_checkpoint(path: str, key: str) -> None:
         raise ValueError(f"{key}: no HF model at {path} (train first, or point it at an HF folder)")
 
 
+def model_type(path: str) -> str | None:
+    """The ``model_type`` an HF folder or URI's config.json declares."""
+    import json
+
+    from cerbero_ray import storage
+
+    fs, p = storage.resolve(storage.join(path, "config.json"))
+    with fs.open_input_stream(p) as f:
+        return json.loads(f.read()).get("model_type")
+
+
 def load_for_inference(checkpoint: str, dtype: str = "auto"):
     """(model in eval mode on the GPU if there is one, tokenizer) from an HF folder or URI; the
     tokenizer must carry the chat template (the trainer's export does)."""

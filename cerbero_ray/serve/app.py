@@ -4,8 +4,10 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (OpenAI-compa
 server-sent-event streaming), ``GET /v1/models``, ``POST /v1/label`` (the batch job's scorer),
 ``GET /health``, ``GET /ready``, and ``GET /`` (a small chat page).
 
-Concurrent non-streaming requests are batched by ``@serve.batch`` (up to ``max_batch_size``,
-waiting at most ``batch_wait_timeout_s``); a replica loads the model once. Overload is Ray Serve's
+Concurrent requests are batched: with ``engine=continuous`` (the default) every generation request,
+streaming or not, joins the replica's running decode batch (up to ``max_batch_size``) between two
+steps; with ``engine=hf``, and for labeling, ``@serve.batch`` gathers up to ``max_batch_size``
+requests, waiting at most ``batch_wait_timeout_s``. A replica loads the model once. Overload is Ray Serve's
 backpressure: past ``max_ongoing_requests`` per replica and ``max_queued_requests`` queued, a
 request is answered ``overload_status`` (503 or 429) with ``Retry-After``. Replicas scale between
 ``min_replicas`` and ``max_replicas`` on ongoing requests.
@@ -104,7 +106,9 @@ class CerberoServer:
 
         self.sc = sc
         tasks = {name: resolve_task({"task": t, "task_file": None}) for name, t in sc["label_tasks"].items()}
-        self.engine = ServeEngine(sc["checkpoint"], sc["dtype"], tasks, sc["max_batch_size"], sc["max_prompt_tokens"])
+        self.engine = ServeEngine(sc["checkpoint"], sc["dtype"], tasks, sc["max_batch_size"], sc["max_prompt_tokens"],
+                                  engine=sc.get("engine", "continuous"), max_new_tokens=sc["max_new_tokens"],
+                                  prefill_tokens=sc.get("prefill_tokens", 8192), cuda_graphs=sc.get("cuda_graphs"))
         for method in (self._generate_batch, self._label_batch):
             method.set_max_batch_size(sc["max_batch_size"])
             method.set_batch_wait_timeout_s(sc["batch_wait_timeout_s"])

@@ -1,6 +1,13 @@
 """What a serving replica computes, without Ray: chat and completion generation (batched, or
 streamed token by token), and labeling with the batch job's scorer.
 
+Generation runs on one of two engines (``serve.engine``):
+  continuous  our continuous-batching loop (:mod:`cerbero_ray.generate.continuous`): streaming
+              and non-streaming requests share one running batch, joining and leaving between
+              decode steps; CUDA-graph decoding on GPU. Mistral/Llama architectures. The default.
+  hf          transformers' ``generate``: concurrent requests with the same settings share a
+              padded batch, streams run one at a time. Any causal LM.
+
 The Serve app (:mod:`cerbero_ray.serve.app`) owns one :class:`ServeEngine` per replica and feeds it
 batches of concurrent requests; benchmarks and tests drive it directly.
 """
@@ -13,19 +20,31 @@ from typing import Iterator
 
 import torch
 
+from cerbero_ray.generate.continuous import ContinuousBatcher
 from cerbero_ray.generate.engine import Generator, Sampling, cut_at_stop
 from cerbero_ray.label.scoring import Scorer
 from cerbero_ray.label.tasks import Task
 from cerbero_ray.models import load_for_inference
 
 
+ENGINES = ("continuous", "hf")
+
+
 class ServeEngine:
     def __init__(self, checkpoint: str, dtype: str = "auto", tasks: dict[str, Task] | None = None,
-                 max_batch_size: int = 16, max_prompt_tokens: int = 2048):
+                 max_batch_size: int = 16, max_prompt_tokens: int = 2048, *, engine: str = "continuous",
+                 max_new_tokens: int = 512, prefill_tokens: int = 8192, cuda_graphs: bool | None = None):
+        if engine not in ENGINES:
+            raise ValueError(f"serve.engine must be one of {ENGINES}, got {engine!r}")
         self.model, self.tok = load_for_inference(checkpoint, dtype)
         self.gen = Generator(self.model, self.tok, batch_size=max_batch_size, max_prompt_tokens=max_prompt_tokens)
         self.scorers = {name: Scorer(self.model, self.tok, task) for name, task in (tasks or {}).items()}
         self.lock = threading.Lock()  # one forward at a time per replica: batches, not races
+        self.batcher = None
+        if engine == "continuous":
+            self.batcher = ContinuousBatcher(self.model, self.tok, num_slots=max_batch_size, max_prompt_tokens=max_prompt_tokens,
+                                             max_new_tokens=max_new_tokens, prefill_tokens=prefill_tokens,
+                                             cuda_graphs=cuda_graphs, lock=self.lock)
 
     def render_chat(self, messages: list[dict]) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -35,6 +54,8 @@ class ServeEngine:
 
     def generate(self, items: list[tuple[str, Sampling]]) -> list[dict]:
         """Many requests at once: those with the same sampling settings share batched passes."""
+        if self.batcher is not None:
+            return self.batcher.run(items)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (_, s) in enumerate(items):
             groups[(s.max_new_tokens, s.temperature, s.top_p, s.stop, s.seed)].append(i)
@@ -49,6 +70,9 @@ class ServeEngine:
     def stream(self, prompt: str, s: Sampling) -> Iterator[str]:
         """Text pieces as they are generated; ends at a stop string, end of sequence or the limit.
         The last yielded item is a dict: {finish_reason, prompt_tokens, new_tokens}."""
+        if self.batcher is not None:
+            yield from self.batcher.stream(prompt, s)
+            return
         from transformers import TextIteratorStreamer
 
         ids = self.tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(self.gen.device)
