@@ -184,7 +184,8 @@ class SelfChatConfig:
 @dataclass
 class GenerateConfig(BatchInferenceConfig):
     mode: str = "prompts"                 # prompts (one answer per prompt) | self_chat (conversations from seeds)
-    batch_size: int = 16
+    engine: str = "continuous"            # continuous (our continuous batching; Mistral/Llama) or hf (transformers generate)
+    batch_size: int = 16                  # rows decoded together (continuous: KV-cache slots)
     max_prompt_tokens: int = 2048
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     self_chat: SelfChatConfig = field(default_factory=SelfChatConfig)

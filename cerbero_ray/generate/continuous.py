@@ -21,7 +21,7 @@ import queue
 import random
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -92,10 +92,14 @@ class ContinuousBatcher:
         """The client went away: the request's slot is freed at the next step."""
         r.cancelled = True
 
-    def generate(self, prompts: list[str], s: Sampling) -> list[dict]:
+    def generate(self, prompts: list[str], s: Sampling, seed: int | None = None) -> list[dict]:
         """Blocking: per prompt ``text`` (stripped), ``finish_reason``, ``prompt_tokens``,
-        ``new_tokens``, ``truncated`` — the same results as :class:`Generator.generate`."""
-        return self.run([(p, s) for p in prompts])
+        ``new_tokens``, ``truncated`` — the same results as :class:`Generator.generate`. ``seed``
+        (else ``s.seed``) seeds row ``i`` with ``seed * 1_000_003 + i``: the same call, the same text."""
+        seed = s.seed if seed is None else seed
+        if seed is None:
+            return self.run([(p, s) for p in prompts])
+        return self.run([(p, replace(s, seed=seed * 1_000_003 + i)) for i, p in enumerate(prompts)])
 
     def run(self, items: list[tuple[str, Sampling]]) -> list[dict]:
         """Blocking: like :meth:`generate`, each prompt with its own sampling settings."""

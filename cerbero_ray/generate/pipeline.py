@@ -24,9 +24,11 @@ from omegaconf import DictConfig
 
 from cerbero_ray import batchjob, storage
 from cerbero_ray.config import to_container
-from cerbero_ray.models import load_for_inference
+from cerbero_ray.generate.slots import SUPPORTED
+from cerbero_ray.models import check_checkpoint, load_for_inference, model_type
 
 MODES = ("prompts", "self_chat")
+ENGINES = ("continuous", "hf")
 
 
 def _sampling(sc: dict, **over):
@@ -40,11 +42,17 @@ class GenerateWorker(batchjob.ChunkWorker):
     """A Ray Data actor: one model, one chunk per call."""
 
     def __init__(self, gc: dict):
+        from cerbero_ray.generate.continuous import ContinuousBatcher
         from cerbero_ray.generate.engine import Generator
 
         self.gc = gc
         model, self.tok = load_for_inference(gc["checkpoint"], gc["dtype"])
-        self.gen = Generator(model, self.tok, batch_size=gc["batch_size"], max_prompt_tokens=gc["max_prompt_tokens"])
+        if gc.get("engine", "continuous") == "continuous":
+            longest = max(gc["sampling"]["max_new_tokens"], gc["self_chat"]["user_max_new_tokens"])
+            self.gen = ContinuousBatcher(model, self.tok, num_slots=gc["batch_size"],
+                                         max_prompt_tokens=gc["max_prompt_tokens"], max_new_tokens=longest)
+        else:
+            self.gen = Generator(model, self.tok, batch_size=gc["batch_size"], max_prompt_tokens=gc["max_prompt_tokens"])
 
     def process(self, chunk: batchjob.Chunk) -> dict:
         gc = self.gc
@@ -103,6 +111,8 @@ def check_generate_config(gc: dict) -> None:
     for k in ("chunk_rows", "batch_size", "max_prompt_tokens"):
         if int(gc[k]) < 1:
             raise ValueError(f"generate.{k} must be >= 1, got {gc[k]}")
+    if gc.get("engine", "continuous") not in ENGINES:
+        raise ValueError(f"generate.engine must be one of {ENGINES}, got {gc['engine']!r}")
     s, sc = gc["sampling"], gc["self_chat"]
     if s["max_new_tokens"] < 1 or s["temperature"] < 0 or not 0 < s["top_p"] <= 1:
         raise ValueError("generate.sampling: max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
@@ -112,8 +122,9 @@ def check_generate_config(gc: dict) -> None:
 
 def run_identity(gc: dict) -> dict:
     """What fixes a generation run's output: another run into the same folder must match it."""
-    return {k: gc[k] for k in ("mode", "input", "text_field", "id_field", "checkpoint", "chunk_rows", "sampling",
-                               "self_chat", "max_prompt_tokens")}
+    return {k: gc.get(k, "continuous") if k == "engine" else gc[k]
+            for k in ("mode", "input", "text_field", "id_field", "checkpoint", "chunk_rows", "sampling", "self_chat",
+                      "max_prompt_tokens", "engine")}
 
 
 def finish_self_chat(gc: dict, reasons: Counter) -> dict:
@@ -143,6 +154,10 @@ def run_generation(cfg: DictConfig | dict) -> dict:
     c = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
     gc = c["generate"]
     check_generate_config(gc)
+    check_checkpoint(gc["checkpoint"], "generate.checkpoint")
+    if gc.get("engine", "continuous") == "continuous" and model_type(gc["checkpoint"]) not in SUPPORTED:
+        raise ValueError(f"generate.engine=continuous runs {SUPPORTED} models; {gc['checkpoint']} is "
+                         f"{model_type(gc['checkpoint'])!r} (use generate.engine=hf)")
     out = gc["output_dir"]
     batchjob.claim_output(out, "generate_run.json", run_identity(gc), bool(gc.get("overwrite")), "generate")
     batchjob.clean_partial(out)

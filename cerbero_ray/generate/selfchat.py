@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from cerbero_ray.generate.continuous import ContinuousBatcher
 from cerbero_ray.generate.engine import Generator, Sampling
 from cerbero_ray.tokenizer import ASSISTANT_TAGS, USER_TAG
 
@@ -49,7 +50,7 @@ def user_prompt(tok, messages: list[dict], assistant_tag: str) -> str:
     return rendered[: -len(tag)] + USER_TAG
 
 
-def self_chat(gen: Generator, seeds: list[str], *, turns: int, sampling: Sampling, user_sampling: Sampling,
+def self_chat(gen: Generator | ContinuousBatcher, seeds: list[str], *, turns: int, sampling: Sampling, user_sampling: Sampling,
               assistant_tag: str = "AI", min_chars: int = 8, max_repeat: float = 0.5,
               drop_unfinished: bool = True, seed: int = 0) -> tuple[list[list[dict] | None], Counter]:
     """Conversations (``messages`` lists, None when dropped) and the count of each filter reason."""
