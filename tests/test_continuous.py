@@ -119,6 +119,27 @@ def test_closing_a_stream_frees_its_slot_and_others_go_on(model, tok):
     assert cb.live == {}
 
 
+def test_event_loop_interface_gives_the_same_text_and_frees_a_dropped_stream(model, tok):
+    import asyncio
+
+    cb = ContinuousBatcher(model, tok, num_slots=1, max_prompt_tokens=128, max_new_tokens=64)
+    prompt = chat(tok, PROMPTS[2])
+    want = cb.generate([prompt], GREEDY)[0]
+
+    async def main():
+        got = await asyncio.gather(cb.agenerate(prompt, GREEDY), cb.agenerate(prompt, GREEDY))
+        pieces = [p async for p in cb.astream(prompt, GREEDY)]
+        dropped = cb.astream(prompt, Sampling(max_new_tokens=64, temperature=0.0, stop=()))
+        await dropped.__anext__()
+        await dropped.aclose()  # the client went away
+        after = await asyncio.wait_for(cb.agenerate(prompt, GREEDY), 30)  # one slot: free again
+        return got, pieces, after
+
+    got, pieces, after = asyncio.run(main())
+    assert [g["text"] for g in got] == [want["text"]] * 2 and after["text"] == want["text"]
+    assert "".join(pieces[:-1]).strip() == want["text"] and pieces[-1]["new_tokens"] == want["new_tokens"]
+
+
 def test_bad_requests_and_truncation(model, tok):
     cb = ContinuousBatcher(model, tok, num_slots=2, max_prompt_tokens=16, max_new_tokens=8)
     with pytest.raises(ValueError, match="max_new_tokens"):
@@ -152,3 +173,23 @@ def test_cuda_graph_decoding_matches_eager_decoding(tok):
     cb = ContinuousBatcher(m, tok, num_slots=4, max_prompt_tokens=96, max_new_tokens=64, cuda_graphs=True)
     out = cb.generate([chat(tok, p) for p in PROMPTS], Sampling(max_new_tokens=40, temperature=0.0, stop=()))
     assert cb.slots.graphs and all(r["new_tokens"] >= 1 for r in out)
+
+
+def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):
+    import json
+
+    from cerbero_ray.config import compose, to_container
+    from cerbero_ray.generate.pipeline import check_generate_config
+    from cerbero_ray.serve.service import validate_serve_config
+
+    sc = to_container(compose("serve", [f"serve.checkpoint={tiny_hf}"]))["serve"]
+    validate_serve_config(sc)  # the tiny Mistral: fine
+    with pytest.raises(ValueError, match="serve.engine must be one of"):
+        validate_serve_config({**sc, "engine": "vllm"})
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="serve.engine=hf"):
+        validate_serve_config({**sc, "checkpoint": str(tmp_path)})
+    validate_serve_config({**sc, "checkpoint": str(tmp_path), "engine": "hf"})
+    gc = to_container(compose("generate", [f"generate.checkpoint={tiny_hf}", "generate.engine=fast"]))["generate"]
+    with pytest.raises(ValueError, match="generate.engine must be one of"):
+        check_generate_config(gc)

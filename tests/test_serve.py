@@ -45,6 +45,10 @@ def post(url, body, key=KEY, raw=None):
 
 
 def test_openai_client_chat_completion_and_streaming(server):
+    openai_roundtrip(server)
+
+
+def openai_roundtrip(server):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{server}/v1", api_key=KEY)

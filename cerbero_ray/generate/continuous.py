@@ -22,7 +22,7 @@ import random
 import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import torch
 
@@ -58,6 +58,14 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
         k = torch.searchsorted(cum, (u[rows] * cum[:, -1])[:, None]).clamp(max=logits.shape[-1] - 1)
         out[rows] = si.gather(1, k)[:, 0]
     return out
+
+
+def _pieces(items: list) -> tuple[str, dict | None]:
+    """What a stream's reader got since its last read: the text, and the final dict if it came."""
+    end = next((x for x in items if isinstance(x, dict)), None)
+    if end is not None and "error" in end:
+        raise RuntimeError(end["error"])
+    return "".join(x for x in items if isinstance(x, str)), end
 
 
 class ContinuousBatcher:
@@ -124,10 +132,49 @@ class ContinuousBatcher:
                 items = [q.get()]
                 while not q.empty():  # a slow reader gets what piled up as one piece, not many
                     items.append(q.get_nowait())
-                text = "".join(x for x in items if isinstance(x, str))
-                end = next((x for x in items if isinstance(x, dict)), None)
-                if end is not None and "error" in end:
-                    raise RuntimeError(end["error"])
+                text, end = _pieces(items)
+                if text:
+                    yield text
+                if end is not None:
+                    yield end
+                    return
+        finally:
+            self.cancel(r)
+
+    async def agenerate(self, prompt: str, s: Sampling) -> dict:
+        """One request from an event loop (a server handler): no thread waits for it."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def emit(item):
+            if isinstance(item, dict):
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(item))
+
+        r = self.submit(self.tok(prompt, add_special_tokens=False).input_ids, s, emit)
+        try:
+            out = await fut
+        finally:
+            self.cancel(r)  # a no-op when it finished; frees the slot when the caller was cancelled
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return out
+
+    async def astream(self, prompt: str, s: Sampling) -> AsyncIterator[str | dict]:
+        """:meth:`stream` for an event loop: no thread per open stream."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        r = self.submit(self.tok(prompt, add_special_tokens=False).input_ids, s,
+                        lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        try:
+            while True:
+                items = [await q.get()]
+                while not q.empty():
+                    items.append(q.get_nowait())
+                text, end = _pieces(items)
                 if text:
                     yield text
                 if end is not None:
@@ -211,9 +258,9 @@ class ContinuousBatcher:
             r.sent = safe
         if done:
             r.text = cut
+            del self.live[r.slot]  # before the last emit: whoever waits on it sees the slot free
             r.emit({"finish_reason": "stop" if eos or stopped else "length", "prompt_tokens": len(r.ids),
                     "new_tokens": len(r.out), "truncated": r.truncated, "text": cut.strip()})
-            del self.live[r.slot]
 
     def _detokenize(self, r: _Request) -> str:
         """The text the newest token adds: the last few tokens decoded with and without it (a

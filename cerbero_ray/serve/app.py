@@ -149,15 +149,23 @@ class CerberoServer:
         return await asyncio.to_thread(self.engine.label, items)
 
     def _stream(self, prompt: str, s: Sampling, kind: str, rid: str):
-        def events():
-            for piece in self.engine.stream(prompt, s):
-                if isinstance(piece, dict):
-                    last = _choice(kind, "", piece["finish_reason"], delta=True)
-                    usage = _usage(piece["prompt_tokens"], piece["new_tokens"])
-                    yield _sse(_envelope(kind, rid, self.sc["model_name"], [last], usage, chunk=True))
-                    break
-                yield _sse(_envelope(kind, rid, self.sc["model_name"], [_choice(kind, piece, None, delta=True)], None, chunk=True))
-            yield "data: [DONE]\n\n"
+        def sse(piece) -> str:
+            if isinstance(piece, dict):
+                last = _choice(kind, "", piece["finish_reason"], delta=True)
+                usage = _usage(piece["prompt_tokens"], piece["new_tokens"])
+                return _sse(_envelope(kind, rid, self.sc["model_name"], [last], usage, chunk=True))
+            return _sse(_envelope(kind, rid, self.sc["model_name"], [_choice(kind, piece, None, delta=True)], None, chunk=True))
+
+        if self.engine.batcher is not None:
+            async def events():  # on the event loop: no thread per open stream
+                async for piece in self.engine.batcher.astream(prompt, s):
+                    yield sse(piece)
+                yield "data: [DONE]\n\n"
+        else:
+            def events():
+                for piece in self.engine.stream(prompt, s):
+                    yield sse(piece)
+                yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -167,7 +175,10 @@ class CerberoServer:
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
             return self._stream(prompt, s, kind, rid)
-        r = await self._generate_batch((prompt, s))
+        if self.engine.batcher is not None:  # joins the running batch at the next step
+            r = await self.engine.batcher.agenerate(prompt, s)
+        else:
+            r = await self._generate_batch((prompt, s))
         return _envelope(kind, rid, self.sc["model_name"], [_choice(kind, r["text"], r["finish_reason"])],
                          _usage(r["prompt_tokens"], r["new_tokens"]))
 

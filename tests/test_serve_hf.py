@@ -1,0 +1,28 @@
+"""The app on the other generation engine, ``serve.engine=hf`` (transformers ``generate`` behind
+``@serve.batch``, streams through ``TextIteratorStreamer``): the official openai client's chat,
+completion and streaming, as in test_serve.py (which runs the default, continuous engine)."""
+import pytest
+
+from cerbero_ray.config import compose, to_container
+from conftest import free_port
+from test_serve import KEY, openai_roundtrip
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def hf_server(tiny_hf, ray_local):
+    from ray import serve
+
+    from cerbero_ray.serve.service import run_serve
+
+    c = to_container(compose("serve", [f"serve.checkpoint={tiny_hf}", f"serve.port={free_port()}", f"serve.api_key={KEY}",
+                                       "serve.engine=hf", "serve.cpus_per_replica=0.5", "serve.max_prompt_tokens=256",
+                                       "serve.max_new_tokens=64", "serve.default_max_tokens=16"]))
+    url = run_serve(c)
+    yield url
+    serve.shutdown()
+
+
+def test_openai_client_on_the_hf_engine(hf_server):
+    openai_roundtrip(hf_server)
