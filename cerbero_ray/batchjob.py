@@ -170,6 +170,17 @@ def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: s
         f.write(json.dumps(ident, indent=1, ensure_ascii=False).encode())
 
 
+def start_run(out: str, run_file: str, ident: dict, overwrite: bool, stage: str, path: str, fmt: str,
+              chunk_rows: int) -> tuple[list[Chunk], list[Chunk]]:
+    """Claim ``out`` for this run, delete what a killed run left half-written, plan the input;
+    returns (every chunk, the chunks whose part is still missing)."""
+    claim_output(out, run_file, ident, overwrite, stage)
+    clean_partial(out)
+    chunks = plan_chunks(path, fmt, chunk_rows)
+    done = done_keys(out)
+    return chunks, [ch for ch in chunks if ch.key not in done]
+
+
 def clean_partial(out: str) -> None:
     """Remove temporary files a killed run left behind."""
     fs, p = storage.resolve(storage.join(out, "parts"))

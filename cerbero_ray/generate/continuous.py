@@ -60,8 +60,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     return out
 
 
-def _pieces(items: list) -> tuple[str, dict | None]:
-    """What a stream's reader got since its last read: the text, and the final dict if it came."""
+def _pieces(first, q) -> tuple[str, dict | None]:
+    """What a stream's reader got since its last read (``first`` and whatever else piled up in the
+    queue ``q``, a ``queue.Queue`` or an ``asyncio.Queue``): the text as one piece, and the final
+    dict if it came."""
+    items = [first]
+    while not q.empty():
+        items.append(q.get_nowait())
     end = next((x for x in items if isinstance(x, dict)), None)
     if end is not None and "error" in end:
         raise RuntimeError(end["error"])
@@ -129,10 +134,7 @@ class ContinuousBatcher:
         r = self.submit(self.tok(prompt, add_special_tokens=False).input_ids, s, q.put)
         try:
             while True:
-                items = [q.get()]
-                while not q.empty():  # a slow reader gets what piled up as one piece, not many
-                    items.append(q.get_nowait())
-                text, end = _pieces(items)
+                text, end = _pieces(q.get(), q)
                 if text:
                     yield text
                 if end is not None:
@@ -171,10 +173,7 @@ class ContinuousBatcher:
                         lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
         try:
             while True:
-                items = [await q.get()]
-                while not q.empty():
-                    items.append(q.get_nowait())
-                text, end = _pieces(items)
+                text, end = _pieces(await q.get(), q)
                 if text:
                     yield text
                 if end is not None:

@@ -24,11 +24,10 @@ from omegaconf import DictConfig
 
 from cerbero_ray import batchjob, storage
 from cerbero_ray.config import to_container
-from cerbero_ray.generate.slots import SUPPORTED
-from cerbero_ray.models import check_checkpoint, load_for_inference, model_type
+from cerbero_ray.generate.slots import check_engine
+from cerbero_ray.models import check_checkpoint, load_for_inference
 
 MODES = ("prompts", "self_chat")
-ENGINES = ("continuous", "hf")
 
 
 def _sampling(sc: dict, **over):
@@ -47,7 +46,7 @@ class GenerateWorker(batchjob.ChunkWorker):
 
         self.gc = gc
         model, self.tok = load_for_inference(gc["checkpoint"], gc["dtype"])
-        if gc.get("engine", "continuous") == "continuous":
+        if gc["engine"] == "continuous":
             longest = max(gc["sampling"]["max_new_tokens"], gc["self_chat"]["user_max_new_tokens"])
             self.gen = ContinuousBatcher(model, self.tok, num_slots=gc["batch_size"],
                                          max_prompt_tokens=gc["max_prompt_tokens"], max_new_tokens=longest)
@@ -111,8 +110,7 @@ def check_generate_config(gc: dict) -> None:
     for k in ("chunk_rows", "batch_size", "max_prompt_tokens"):
         if int(gc[k]) < 1:
             raise ValueError(f"generate.{k} must be >= 1, got {gc[k]}")
-    if gc.get("engine", "continuous") not in ENGINES:
-        raise ValueError(f"generate.engine must be one of {ENGINES}, got {gc['engine']!r}")
+    check_engine(gc["engine"], "generate.engine")
     s, sc = gc["sampling"], gc["self_chat"]
     if s["max_new_tokens"] < 1 or s["temperature"] < 0 or not 0 < s["top_p"] <= 1:
         raise ValueError("generate.sampling: max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
@@ -122,9 +120,8 @@ def check_generate_config(gc: dict) -> None:
 
 def run_identity(gc: dict) -> dict:
     """What fixes a generation run's output: another run into the same folder must match it."""
-    return {k: gc.get(k, "continuous") if k == "engine" else gc[k]
-            for k in ("mode", "input", "text_field", "id_field", "checkpoint", "chunk_rows", "sampling", "self_chat",
-                      "max_prompt_tokens", "engine")}
+    return {k: gc[k] for k in ("mode", "input", "text_field", "id_field", "checkpoint", "chunk_rows", "sampling",
+                               "self_chat", "max_prompt_tokens", "engine")}
 
 
 def finish_self_chat(gc: dict, reasons: Counter) -> dict:
@@ -155,15 +152,10 @@ def run_generation(cfg: DictConfig | dict) -> dict:
     gc = c["generate"]
     check_generate_config(gc)
     check_checkpoint(gc["checkpoint"], "generate.checkpoint")
-    if gc.get("engine", "continuous") == "continuous" and model_type(gc["checkpoint"]) not in SUPPORTED:
-        raise ValueError(f"generate.engine=continuous runs {SUPPORTED} models; {gc['checkpoint']} is "
-                         f"{model_type(gc['checkpoint'])!r} (use generate.engine=hf)")
+    check_engine(gc["engine"], "generate.engine", gc["checkpoint"])
     out = gc["output_dir"]
-    batchjob.claim_output(out, "generate_run.json", run_identity(gc), bool(gc.get("overwrite")), "generate")
-    batchjob.clean_partial(out)
-    chunks = batchjob.plan_chunks(gc["input"], gc["format"], gc["chunk_rows"])
-    done = batchjob.done_keys(out)
-    todo = [ch for ch in chunks if ch.key not in done]
+    chunks, todo = batchjob.start_run(out, "generate_run.json", run_identity(gc), bool(gc.get("overwrite")), "generate",
+                                      gc["input"], gc["format"], gc["chunk_rows"])
     print(f"[generate] {gc['mode']}: {len(chunks)} chunks; {len(chunks) - len(todo)} already done, "
           f"{len(todo)} to go -> {out}", flush=True)
     counts, t0 = Counter(), time.perf_counter()

@@ -21,6 +21,20 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED = ("mistral", "llama")
+ENGINES = ("continuous", "hf")  # what serve.engine and generate.engine choose between
+
+
+def check_engine(engine: str, key: str, checkpoint: str | None = None) -> None:
+    """``ValueError`` naming ``key`` (``serve.engine``, ``generate.engine``) for an unknown engine,
+    or, given the checkpoint, one whose architecture the continuous engine does not run."""
+    if engine not in ENGINES:
+        raise ValueError(f"{key} must be one of {ENGINES}, got {engine!r}")
+    if engine == "continuous" and checkpoint is not None:
+        from cerbero_ray.models import model_type
+
+        kind = model_type(checkpoint)
+        if kind not in SUPPORTED:
+            raise ValueError(f"{key}=continuous runs {SUPPORTED} models; {checkpoint} is {kind!r} (use {key}=hf)")
 
 
 def check_supported(model) -> None:

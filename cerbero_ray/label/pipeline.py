@@ -133,11 +133,8 @@ def run_labeling(cfg: DictConfig | dict) -> dict:
     task = resolve_task(lc)
     check_checkpoint(lc["checkpoint"], "label.checkpoint")
     out = lc["output_dir"]
-    batchjob.claim_output(out, RUN_FILE, run_identity(lc, task), bool(lc.get("overwrite")), "label")
-    batchjob.clean_partial(out)
-    chunks = batchjob.plan_chunks(lc["input"], lc["format"], lc["chunk_rows"])
-    done = batchjob.done_keys(out)
-    todo = [ch for ch in chunks if ch.key not in done]
+    chunks, todo = batchjob.start_run(out, RUN_FILE, run_identity(lc, task), bool(lc.get("overwrite")), "label",
+                                      lc["input"], lc["format"], lc["chunk_rows"])
     print(f"[label] {task.name}: {len(chunks)} chunks of up to {lc['chunk_rows']} rows; "
           f"{len(chunks) - len(todo)} already done, {len(todo)} to go -> {out}", flush=True)
     t0 = time.perf_counter()

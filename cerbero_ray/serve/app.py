@@ -107,8 +107,8 @@ class CerberoServer:
         self.sc = sc
         tasks = {name: resolve_task({"task": t, "task_file": None}) for name, t in sc["label_tasks"].items()}
         self.engine = ServeEngine(sc["checkpoint"], sc["dtype"], tasks, sc["max_batch_size"], sc["max_prompt_tokens"],
-                                  engine=sc.get("engine", "continuous"), max_new_tokens=sc["max_new_tokens"],
-                                  prefill_tokens=sc.get("prefill_tokens", 8192), cuda_graphs=sc.get("cuda_graphs"))
+                                  engine=sc["engine"], max_new_tokens=sc["max_new_tokens"],
+                                  prefill_tokens=sc["prefill_tokens"], cuda_graphs=sc["cuda_graphs"])
         for method in (self._generate_batch, self._label_batch):
             method.set_max_batch_size(sc["max_batch_size"])
             method.set_batch_wait_timeout_s(sc["batch_wait_timeout_s"])

@@ -22,20 +22,17 @@ import torch
 
 from cerbero_ray.generate.continuous import ContinuousBatcher
 from cerbero_ray.generate.engine import Generator, Sampling, cut_at_stop
+from cerbero_ray.generate.slots import check_engine
 from cerbero_ray.label.scoring import Scorer
 from cerbero_ray.label.tasks import Task
 from cerbero_ray.models import load_for_inference
-
-
-ENGINES = ("continuous", "hf")
 
 
 class ServeEngine:
     def __init__(self, checkpoint: str, dtype: str = "auto", tasks: dict[str, Task] | None = None,
                  max_batch_size: int = 16, max_prompt_tokens: int = 2048, *, engine: str = "continuous",
                  max_new_tokens: int = 512, prefill_tokens: int = 8192, cuda_graphs: bool | None = None):
-        if engine not in ENGINES:
-            raise ValueError(f"serve.engine must be one of {ENGINES}, got {engine!r}")
+        check_engine(engine, "serve.engine")
         self.model, self.tok = load_for_inference(checkpoint, dtype)
         self.gen = Generator(self.model, self.tok, batch_size=max_batch_size, max_prompt_tokens=max_prompt_tokens)
         self.scorers = {name: Scorer(self.model, self.tok, task) for name, task in (tasks or {}).items()}

@@ -5,9 +5,8 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from cerbero_ray.config import to_container
-from cerbero_ray.generate.slots import SUPPORTED
-from cerbero_ray.models import INFERENCE_DTYPES, check_checkpoint, model_type
-from cerbero_ray.serve.engine import ENGINES
+from cerbero_ray.generate.slots import check_engine
+from cerbero_ray.models import INFERENCE_DTYPES, check_checkpoint
 
 
 def validate_serve_config(sc: dict) -> None:
@@ -25,13 +24,7 @@ def validate_serve_config(sc: dict) -> None:
     if sc["dtype"] not in INFERENCE_DTYPES:
         raise ValueError(f"serve.dtype must be one of {INFERENCE_DTYPES}, got {sc['dtype']!r}")
     check_checkpoint(sc["checkpoint"], "serve.checkpoint")
-    if sc.get("engine", "continuous") not in ENGINES:
-        raise ValueError(f"serve.engine must be one of {ENGINES}, got {sc['engine']!r}")
-    if sc.get("engine", "continuous") == "continuous":
-        kind = model_type(sc["checkpoint"])
-        if kind not in SUPPORTED:
-            raise ValueError(f"serve.engine=continuous runs {SUPPORTED} models; {sc['checkpoint']} is {kind!r} "
-                             f"(use serve.engine=hf)")
+    check_engine(sc["engine"], "serve.engine", sc["checkpoint"])
 
 
 def run_serve(cfg: DictConfig | dict, blocking: bool = False) -> str:
