@@ -58,6 +58,15 @@ class Scorer:
         self.labels = list(conts)
         self.cont = [conts[k] for k in self.labels]
         self.tail = sum(len(c) for c in self.cont)
+        # per continuation token, the index of its predicting position among a row's scored positions
+        # (0: the prompt's last token; then every continuation's tokens but the last, in order)
+        which, k = [], 1
+        for c in self.cont:
+            which += [0] + list(range(k, k + len(c) - 1))
+            k += len(c) - 1
+        self.positions = k
+        self._which = torch.tensor(which)
+        self._targets = torch.tensor([t for c in self.cont for t in c])
         model.config._attn_implementation = "sdpa"  # a custom boolean 4-D mask: SDPA, not flash-attention
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -80,16 +89,17 @@ class Scorer:
         tail_seg = np.concatenate([np.full(len(c), j + 1) for j, c in enumerate(self.cont)])
         tail_off = np.concatenate([np.arange(len(c)) for c in self.cont])
         starts = np.cumsum([0] + [len(c) for c in self.cont])[:-1]
-        # the position predicting each continuation token: the prompt's last token for the first
-        # token of a continuation, else the continuation's previous token
-        first = np.concatenate([np.arange(len(c)) == 0 for c in self.cont])
+        # the positions whose next-token distribution a continuation token needs: the prompt's last
+        # token (shared by every label's first token, so computed once) and each continuation's
+        # tokens but its last; `self._which` maps each continuation token to one of them
+        inner = np.concatenate([starts[j] + np.arange(len(c) - 1) for j, c in enumerate(self.cont)])
         rows, cols = [], []
         for i, p in enumerate(prompts):
             n = len(p)
             ids[i, :n], pos[i, :n], seg[i, :n] = p, offset + np.arange(n), 0
             ids[i, n:n + self.tail], pos[i, n:n + self.tail], seg[i, n:n + self.tail] = tail_ids, offset + n + tail_off, tail_seg
-            rows.append(np.full(self.tail, i))
-            cols.append(np.where(first, n - 1, n + np.repeat(starts, [len(c) for c in self.cont]) + tail_off - 1))
+            rows.append(np.full(len(inner) + 1, i))
+            cols.append(np.concatenate([[n - 1], n + inner]))
         seg_t = torch.from_numpy(seg)
         idx = torch.arange(t)
         causal = idx[None, :, None] >= idx[None, None, :]
@@ -98,10 +108,8 @@ class Scorer:
         # SDPA takes a boolean mask (True: attend) as is; every row sees the whole shared prefix
         mask = torch.cat([torch.ones((b, t, offset), dtype=torch.bool), allowed], 2) if offset else allowed
         dev = self.device
-        targets = np.tile(tail_ids, b)
         return (torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev), mask[:, None].to(dev),
-                torch.from_numpy(np.concatenate(rows)).to(dev), torch.from_numpy(np.concatenate(cols)).to(dev),
-                torch.from_numpy(targets).to(dev))
+                torch.from_numpy(np.concatenate(rows)).to(dev), torch.from_numpy(np.concatenate(cols)).to(dev))
 
     def _shared_prefix(self, prompts: list[list[int]]):
         """The tokens every prompt starts with (the few-shot examples and the instruction), run once;
@@ -126,16 +134,17 @@ class Scorer:
         lens = [len(c) for c in self.cont]
         bounds = np.cumsum([0] + lens)
         shared, cache = self._shared_prefix(prompts)
+        which, targets = self._which.to(self.device), self._targets.to(self.device)
         for batch in plan_batches([len(p) for p in prompts], self.tail, self.max_batch_tokens, self.sort_window):
-            ids, pos, mask, rows, cols, targets = self._inputs([prompts[i][shared:] for i in batch], shared)
+            ids, pos, mask, rows, cols = self._inputs([prompts[i][shared:] for i in batch], shared)
             past = None
             if cache is not None:
                 past = copy.deepcopy(cache)
                 past.batch_repeat_interleave(len(batch))
             hidden = self.model.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=past is not None,
                                       **{self._cache_kw: past}).last_hidden_state
-            logp = torch.log_softmax(self.model.lm_head(hidden[rows, cols]).float(), -1)
-            tok_lp = logp.gather(1, targets[:, None]).squeeze(1).view(len(batch), self.tail).double().cpu().numpy()
+            logits = self.model.lm_head(hidden[rows, cols]).float().view(len(batch), self.positions, -1)
+            tok_lp = torch.log_softmax(logits, -1)[:, which, targets].double().cpu().numpy()
             out[batch] = np.stack([tok_lp[:, bounds[j]:bounds[j + 1]].sum(1) for j in range(len(lens))], 1)
         return out
 
