@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run HERE, before a GPU check through the device tool: puts into .gpu/ (git-ignored) what the GPU
+# machine lacks and cannot download, so that one call there does every check of a stage:
+#   .gpu/baselines/  ../shared/bench's gpu_*.py (../shared does not travel; only the checkout does)
+#   .gpu/whl/        pure-Python wheels the image lacks: hydra-core, omegaconf, antlr4 (the test
+#                    conftest composes configs), mistral-common (the Mistral-7B tokenizer file);
+#                    with --train also DeepSpeed (built with DS_BUILD_OPS=0) and its pydantic stack
+# Then call the device tool with carry [".gpu"] and the command `bash bench/gpu_run.sh <stage>…`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${CERBERO_SHARED:-../shared}
+rm -rf .gpu && mkdir -p .gpu/baselines .gpu/whl
+cp "$SHARED"/bench/gpu_*.py .gpu/baselines/
+PIP="python3 -m pip"
+$PIP wheel -q --no-deps -w .gpu/whl mistral-common==1.13.1 hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
+if [[ " $* " == *" --train "* ]]; then
+  DS_BUILD_OPS=0 $PIP wheel -q --no-deps --no-build-isolation -w .gpu/whl deepspeed==0.19.8
+  $PIP wheel -q --no-deps -w .gpu/whl pydantic==2.13.4 annotated-types==0.7.0 typing-inspection==0.4.2 hjson==3.1.0
+  # pydantic-core is compiled: for the GPU image's Python (3.12, x86-64; PY_VERSION=3.11 for a
+  # CPU smoke run of gpu_run.sh on a 3.11 here)
+  $PIP download -q --no-deps --only-binary=:all: --python-version "${PY_VERSION:-3.12}" --implementation cp \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl pydantic-core==2.46.4
+fi
+du -sh .gpu && ls .gpu/whl .gpu/baselines

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Run THERE, on the GPU machine (after bench/gpu_prepare.sh here; the device tool's carry [".gpu"]):
+#   bash bench/gpu_run.sh serve         # gpu_generate_check.py beside bench_serve_gpu.py, then the gpu tests
+#   bash bench/gpu_run.sh label         # bench_label_gpu.py: the scorer vs a bare forward, same batches
+#   bash bench/gpu_run.sh train         # gpu_zero1_check.py beside bench_train_gpu.py (gpu_prepare.sh --train)
+#   bash bench/gpu_run.sh tests         # python -m pytest -m gpu (every gpu-marked test)
+#   CPU_SMOKE=1 bash bench/gpu_run.sh serve label   # here, on CPU: tiny sizes, the baselines skipped
+# Stages run in the order given, each step under its own timeout (sized so `serve label` fits one
+# 600-second call); a failing step is reported and the next one runs. Results and one log go to
+# $OUT (the device tool brings back at most 8 files: each stage writes one or two JSON files).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if compgen -G ".gpu/whl/*.whl" >/dev/null; then
+  rm -rf /tmp/cerbero_site
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/cerbero_site .gpu/whl/*.whl || exit 1
+  export PYTHONPATH=$PYTHONPATH:/tmp/cerbero_site  # after the image's own packages: only what it lacks is taken from here
+fi
+SMOKE=()
+[[ -n "${CPU_SMOKE:-}" ]] && SMOKE=(--cpu-smoke)
+LOG=$OUT/gpu_run.log
+declare -a SUMMARY=()
+
+step() {  # step NAME SECONDS CMD...: run CMD under a timeout, log it, remember how it ended
+  local name=$1 secs=$2; shift 2
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${secs}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$secs" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  SUMMARY+=("$name rc=$rc $((SECONDS - t0))s")
+}
+
+baseline() {  # a ../shared/bench baseline: CUDA only, skipped on a CPU smoke run
+  if [[ -n "${CPU_SMOKE:-}" ]]; then SUMMARY+=("$1 skipped (CPU smoke)"); return; fi
+  step "$@"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+  $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
+} 2>&1 | tee -a "$LOG"
+
+for stage in "$@"; do
+  case $stage in
+    serve)
+      baseline gpu_generate_check 270 $PY .gpu/baselines/gpu_generate_check.py --out "$OUT" --budget-s 240
+      step bench_serve_gpu 200 $PY bench/bench_serve_gpu.py --out "$OUT" "${SMOKE[@]}"
+      step pytest_gpu_continuous 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_continuous.py ;;
+    label)
+      step bench_label_gpu 150 $PY bench/bench_label_gpu.py --out "$OUT" "${SMOKE[@]}" ;;
+    train)
+      baseline gpu_zero1_check 300 $PY .gpu/baselines/gpu_zero1_check.py --out "$OUT"
+      step bench_train_gpu 240 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}" ;;
+    tests)
+      step pytest_gpu 300 $PY -m pytest -q -m gpu -p no:cacheprovider ;;
+    *) echo "unknown stage '$stage' (serve, label, train, tests)" | tee -a "$LOG"; exit 2 ;;
+  esac
+done
+printf '%s\n' "--- summary" "${SUMMARY[@]}" | tee -a "$LOG"
