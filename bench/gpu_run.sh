@@ -45,11 +45,11 @@ baseline() {  # a ../shared/bench baseline: CUDA only, skipped on a CPU smoke ru
 for stage in "$@"; do
   case $stage in
     serve)
-      baseline gpu_generate_check 270 $PY .gpu/baselines/gpu_generate_check.py --out "$OUT" --budget-s 240
-      step bench_serve_gpu 200 $PY bench/bench_serve_gpu.py --out "$OUT" "${SMOKE[@]}"
-      step pytest_gpu_continuous 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_continuous.py ;;
+      baseline gpu_generate_check 230 $PY .gpu/baselines/gpu_generate_check.py --out "$OUT" --budget-s 200
+      step bench_serve_gpu 170 $PY bench/bench_serve_gpu.py --out "$OUT" "${SMOKE[@]}"
+      step pytest_gpu_continuous 70 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_continuous.py ;;
     label)
-      step bench_label_gpu 150 $PY bench/bench_label_gpu.py --out "$OUT" "${SMOKE[@]}" ;;
+      step bench_label_gpu 110 $PY bench/bench_label_gpu.py --out "$OUT" "${SMOKE[@]}" ;;
     train)
       baseline gpu_zero1_check 300 $PY .gpu/baselines/gpu_zero1_check.py --out "$OUT"
       step bench_train_gpu 240 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}" ;;
