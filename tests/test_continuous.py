@@ -175,6 +175,20 @@ def test_cuda_graph_decoding_matches_eager_decoding(tok):
     assert cb.slots.graphs and all(r["new_tokens"] >= 1 for r in out)
 
 
+
+@pytest.mark.gpu
+def test_the_gpu_engine_with_graphs_gives_generate_s_text_and_seeded_samples(tok):
+    """The whole loop on CUDA (graph decoding, GPU logits, CPU-side sampling parameters), fp32 so
+    that greedy text can be compared with transformers' generate token for token."""
+    m = tiny().cuda().eval()
+    prompts = [chat(tok, p) for p in PROMPTS]
+    ref = [Generator(m, tok, batch_size=1).generate([p], GREEDY)[0]["text"] for p in prompts]
+    cb = ContinuousBatcher(m, tok, num_slots=4, max_prompt_tokens=128, max_new_tokens=32, cuda_graphs=True)
+    assert [r["text"] for r in cb.generate(prompts, GREEDY)] == ref
+    s = Sampling(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=7)
+    assert cb.generate(prompts[:1], s)[0]["text"] == cb.generate(prompts, s)[0]["text"]
+    assert cb.slots.graphs and cb.slots.graph_error is None
+
 def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):
     import json
 

@@ -47,16 +47,20 @@ class _Request:
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token per row: greedy where ``temperature <= 0``, else the nucleus (``top_p``) of the
-    tempered distribution sampled by inverse CDF at the row's uniform draw ``u``."""
+    tempered distribution sampled by inverse CDF at the row's uniform draw ``u``. ``temperature``,
+    ``top_p`` and ``u`` may stay on the CPU next to GPU logits: which rows sample is then known
+    without waiting for the GPU, and an all-greedy batch moves nothing to it."""
     out = logits.argmax(-1)
     rows = (temperature > 0).nonzero()[:, 0]
     if len(rows):  # the vocabulary sort only for the rows that sample
-        probs = torch.softmax(logits[rows] / temperature[rows, None], -1)
+        dev = logits.device
+        rows_d, temp, p, draw = (x.to(dev) for x in (rows, temperature[rows], top_p[rows], u[rows]))
+        probs = torch.softmax(logits[rows_d] / temp[:, None], -1)
         sp, si = probs.sort(-1, descending=True)
-        keep = (sp.cumsum(-1) - sp) < top_p[rows, None]  # the most likely token is always kept
+        keep = (sp.cumsum(-1) - sp) < p[:, None]  # the most likely token is always kept
         cum = (sp * keep).cumsum(-1)
-        k = torch.searchsorted(cum, (u[rows] * cum[:, -1])[:, None]).clamp(max=logits.shape[-1] - 1)
-        out[rows] = si.gather(1, k)[:, 0]
+        k = torch.searchsorted(cum, (draw * cum[:, -1])[:, None]).clamp(max=logits.shape[-1] - 1)
+        out[rows_d] = si.gather(1, k)[:, 0]
     return out
 
 
@@ -235,10 +239,9 @@ class ContinuousBatcher:
         return new
 
     def _advance(self, reqs: list[_Request], logits: torch.Tensor) -> None:
-        dev = logits.device
-        temp = torch.tensor([r.sampling.temperature for r in reqs], device=dev, dtype=torch.float32)
-        top_p = torch.tensor([r.sampling.top_p for r in reqs], device=dev, dtype=torch.float32)
-        u = torch.tensor([r.rng.random() for r in reqs], device=dev, dtype=torch.float32)
+        temp = torch.tensor([r.sampling.temperature for r in reqs], dtype=torch.float32)  # on the CPU: see sample
+        top_p = torch.tensor([r.sampling.top_p for r in reqs], dtype=torch.float32)
+        u = torch.tensor([r.rng.random() for r in reqs], dtype=torch.float32)
         for r, t in zip(reqs, sample(logits, temp, top_p, u).tolist()):
             r.out.append(t)
             self._emit(r)
