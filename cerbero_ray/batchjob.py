@@ -43,22 +43,22 @@ class Chunk:
         return hashlib.sha256(f"{self.path}|{self.start}|{self.stop}".encode()).hexdigest()[:16]
 
 
-def file_format(path: str, fmt: str) -> str:
+def file_format(path: str, fmt: str, key: str = "format") -> str:
     if fmt != "auto":
         return fmt
     for ext, f in ((".parquet", "parquet"), (".jsonl", "jsonl"), (".json", "jsonl"), (".txt", "txt")):
         if path.endswith(ext):
             return f
-    raise ValueError(f"input.format: cannot tell the format of {path}; set it (jsonl | parquet | txt)")
+    raise ValueError(f"{key}: cannot tell the format of {path}; set it (jsonl | parquet | txt)")
 
 
-def plan_chunks(path: str, fmt: str, chunk_rows: int) -> list[Chunk]:
+def plan_chunks(path: str, fmt: str, chunk_rows: int, key: str = "format") -> list[Chunk]:
     """Chunks of every input file (for line formats, byte ranges found by scanning for newlines)."""
     if fmt not in FORMATS:
-        raise ValueError(f"input.format must be one of {FORMATS}, got {fmt!r}")
+        raise ValueError(f"{key} must be one of {FORMATS}, got {fmt!r}")
     chunks = []
     for f in storage.list_files(path, (".parquet", ".jsonl", ".json", ".txt") if fmt == "auto" else ()):
-        kind = file_format(f, fmt)
+        kind = file_format(f, fmt, key)
         fs, p = storage.resolve(f)
         if kind == "parquet":
             with fs.open_input_file(p) as fh:
@@ -172,11 +172,15 @@ def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: s
 
 def start_run(out: str, run_file: str, ident: dict, overwrite: bool, stage: str, path: str, fmt: str,
               chunk_rows: int) -> tuple[list[Chunk], list[Chunk]]:
-    """Claim ``out`` for this run, delete what a killed run left half-written, plan the input;
-    returns (every chunk, the chunks whose part is still missing)."""
+    """Plan the input, claim ``out`` for this run, delete what a killed run left half-written;
+    returns (every chunk, the chunks whose part is still missing). A missing input is reported as
+    such (naming ``<stage>.input``) before the output folder is looked at."""
+    try:
+        chunks = plan_chunks(path, fmt, chunk_rows, key=f"{stage}.format")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{stage}.input: {e}") from None
     claim_output(out, run_file, ident, overwrite, stage)
     clean_partial(out)
-    chunks = plan_chunks(path, fmt, chunk_rows)
     done = done_keys(out)
     return chunks, [ch for ch in chunks if ch.key not in done]
 

@@ -10,7 +10,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from cerbero_ray.batchjob import plan_chunks, read_chunk
+from cerbero_ray.batchjob import plan_chunks, read_chunk, start_run
 from cerbero_ray.config import REPO_DIR, compose, to_container
 from cerbero_ray.label.pipeline import run_labeling
 from conftest import SAMPLES, write_jsonl
@@ -62,6 +62,19 @@ def test_chunks_cover_every_line_once(tmp_path):
     ids = [r["id"] for c in chunks for r in read_chunk(c, "auto", "text", "id")]
     assert ids == [str(i) for i in range(103)]
 
+
+
+def test_a_missing_input_or_unknown_format_is_named_before_the_output_is_claimed(tmp_path):
+    out, f = str(tmp_path / "out"), tmp_path / "x.jsonl"
+    f.write_text('{"text": "ciao"}\n')
+    start_run(out, "run.json", {"input": str(f)}, False, "label", str(f), "auto", 10)  # a run claims out
+    with pytest.raises(FileNotFoundError, match="label.input: no such file or folder: .*typo.jsonl"):
+        start_run(out, "run.json", {"input": "typo"}, False, "label", str(tmp_path / "typo.jsonl"), "auto", 10)
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="generate.format: cannot tell the format of .*x.csv"):
+        start_run(out, "run.json", {}, False, "generate", str(tmp_path / "x.csv"), "auto", 10)
+    with pytest.raises(ValueError, match="label.format must be one of"):
+        start_run(out, "run.json", {}, False, "label", str(f), "csv", 10)
 
 def test_killed_job_resumes_exactly_once(tmp_path, tiny_hf, ray_local):
     texts = [json.loads(x)["text"] for x in open(os.path.join(SAMPLES, "label_it_sample.jsonl"))]
