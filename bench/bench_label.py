@@ -9,7 +9,8 @@ sentiment task with its few-shot examples) and one process (no Ray):
   generate   greedy generation of an answer (stop at [|Umano|] or end of turn), then the text is
              matched against the verbalizers (the usual approach), with two answer budgets:
              --answer-tokens (default 32: room for the sentence a chat model answers with) and the
-             bare minimum, the longest verbalizer + end of turn (5 tokens for sentiment)
+             bare minimum, the longest verbalizer + end of turn (5 tokens for sentiment); and the
+             --answer-tokens budget one row at a time (a per-text generate loop), for reference
 Reports rows/s of each and the ratios. The random model never ends its answer early, so the
 baseline always spends its whole budget; a trained model that answers with the bare label would
 stop sooner. Writes bench/results/label-<date>.json.
@@ -54,6 +55,7 @@ def main():
     p.add_argument("--task", default="sentiment")
     p.add_argument("--answer-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=3, help="timed passes of each method; the median counts")
+    p.add_argument("--per-row-rows", type=int, default=32, help="rows for the one-row-at-a-time baseline")
     a = p.parse_args()
 
     import torch
@@ -92,6 +94,18 @@ def main():
         res[f"generate_{name}_rows_per_s"] = round(a.rows / t_gen, 1)
         res[f"generate_{name}_unparsed_rows"] = sum(x is None for x in parsed)
         res[f"ratio_vs_{name}"] = round(t_gen / t_score, 2)
+    # the same answer budget, one row at a time (a loop over the corpus calling generate per text,
+    # as many labeling scripts do); on the first --per-row-rows texts, once (its rows/s is per row)
+    sampling = Sampling(max_new_tokens=a.answer_tokens, temperature=0.0, stop=("[|Umano|]",))
+    one = Generator(model, tok, batch_size=1)
+    sub = texts[:a.per_row_rows]
+    t0 = time.perf_counter()
+    for x in sub:
+        one.generate([prompt_text(task, x, tok)], sampling)
+    t_row = (time.perf_counter() - t0) / len(sub)
+    res["generate_per_row_rows"] = len(sub)
+    res["generate_per_row_rows_per_s"] = round(1 / t_row, 1)
+    res["ratio_vs_per_row"] = round(t_row * a.rows / t_score, 2)
     print(json.dumps(res, indent=1))
     os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
     with open(os.path.join(REPO, "bench", "results", f"label-{res['date']}.json"), "w") as f:
