@@ -176,9 +176,12 @@ class SelfChatConfig:
     min_chars: int = 8                    # a shorter turn is degenerate
     max_repeat_ratio: float = 0.5         # share of repeated word trigrams above which a turn is degenerate
     drop_unfinished: bool = True          # a turn cut by max_new_tokens is degenerate
-    dedup: str = "ngram"                  # ngram | none
+    dedup: str = "ngram"                  # ngram | embedding | none (near-duplicate conversations)
     dedup_ngram: int = 5
-    dedup_threshold: float = 0.8          # Jaccard similarity of word n-gram sets
+    dedup_threshold: float = 0.8          # ngram: Jaccard similarity of word n-gram sets
+    dedup_cosine: float = 0.9             # embedding: cosine similarity of the mean-pooled hidden states
+    dedup_model: Optional[str] = None     # embedding: an HF encoder folder/URI; null: the generating model (centred)
+    dedup_max_tokens: int = 512           # embedding: tokens of a conversation embedded
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Generation: batched greedy decoding equals one prompt at a time; the prompts and self-chat jobs
-write every row once, resume a lost chunk identically, and self-chat output feeds the data stage."""
+write every row once, resume a lost chunk identically, self-chat output feeds the data stage, and
+embedding dedup drops repeated conversations."""
 import json
 import os
 
@@ -60,3 +61,30 @@ def test_self_chat_output_feeds_the_data_stage(tmp_path, tiny_hf, ray_local):
                          "tokenizer": TOKENIZER_CFG})
     assert manifest["documents"] == len(convs) and manifest["rejected"] == 0
     assert manifest["sources"]["chat"]["format"] == "openai"
+
+
+@pytest.mark.integration
+def test_self_chat_embedding_dedup_drops_every_repeated_conversation(tmp_path, tiny_hf, tok, ray_local):
+    from transformers import BertConfig, BertModel
+
+    seeds = [x for x in open(os.path.join(SAMPLES, "self_chat_seeds_it.txt")).read().splitlines() if x.strip()][:6]
+    inp = tmp_path / "seeds.txt"
+    inp.write_text("\n".join(seeds + seeds[:4]) + "\n")  # 4 seeds twice: greedy makes the same conversation twice
+    encoder = tmp_path / "encoder"  # a sentence-embedding model's place: an HF encoder with its tokenizer
+    BertModel(BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(encoder)
+    tok.save_pretrained(encoder)
+    for name, extra in (("own", []), ("encoder", [f"generate.self_chat.dedup_model={encoder}"])):
+        s = run_generation(gen_cfg(tmp_path / name, tiny_hf, inp, "generate.mode=self_chat", "generate.chunk_rows=4",
+                                   "generate.self_chat.turns=1", "generate.self_chat.drop_unfinished=false",
+                                   "generate.sampling.temperature=0", "generate.self_chat.dedup=embedding", *extra))
+        parts = [r for r in pq.read_table(tmp_path / name / "generate" / "self_chat" / "parts").to_pylist() if r["messages"]]
+        assert all(len(r["embedding"]) == 2 * (64 if name == "own" else 32) for r in parts)  # float16 vectors
+        repeats = len(parts) - len({r["messages"] for r in parts})
+        kept = [json.dumps(json.loads(x)["messages"]) for x in open(s["output"])]
+        assert repeats >= 1 and len(kept) == len(set(kept)) == s["conversations"]
+        assert s["near_duplicates"] >= repeats and s["conversations"] + s["near_duplicates"] == len(parts)
+        if name == "own":  # centred, the model's states tell its different conversations apart (here: all of them)
+            assert s["near_duplicates"] == repeats
+        # the random-init encoder only stands in for loading and pooling: its states (uncentred, as a
+        # trained sentence-embedding model's should be) are nearly parallel, so it flags most pairs

@@ -1,6 +1,9 @@
 """Self-chat filters and near-duplicate removal (pure functions), and the self-chat loop with a
 scripted generator."""
-from cerbero_ray.generate.dedup import jaccard, near_duplicates, shingles
+import numpy as np
+import torch
+
+from cerbero_ray.generate.dedup import embed, jaccard, near_duplicates, near_duplicates_cosine, shingles
 from cerbero_ray.generate.engine import Sampling, cut_at_stop
 from cerbero_ray.generate.selfchat import degenerate, repeated_trigram_ratio, self_chat, user_prompt
 
@@ -16,6 +19,47 @@ def test_near_duplicates_keep_the_first_of_each_group():
     assert jaccard(shingles(texts[0], 3), shingles(texts[1], 3)) >= 0.7 > jaccard(shingles(texts[0], 3), shingles(texts[2], 3))
     assert near_duplicates(texts, n=3, threshold=0.99) == [None, None, None, 0, None]
 
+
+
+def test_cosine_near_duplicates_keep_the_first_of_each_group_and_find_every_close_pair():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((300, 48))
+    close = base[:100] + 0.03 * rng.standard_normal((100, 48))  # cosine ~0.999 with its original
+    far = base[100:200] + 1.5 * rng.standard_normal((100, 48))  # cosine ~0.55
+    emb = np.concatenate([base, close, far])
+    dup = near_duplicates_cosine(emb, threshold=0.9)
+    assert dup[:300] == [None] * 300
+    assert dup[300:400] == list(range(100))  # LSH missed none of the close pairs
+    assert dup[400:] == [None] * 100
+    assert near_duplicates_cosine(emb[:2], threshold=0.9) == [None, None]
+    assert near_duplicates_cosine(np.zeros((0, 4))) == []
+
+
+def test_centring_removes_the_direction_every_vector_shares():
+    rng = np.random.default_rng(1)
+    texts = rng.standard_normal((20, 32))
+    hidden = 50 + texts  # a language model's states: a large shared component, the text a small part
+    assert all(d == 0 for d in near_duplicates_cosine(hidden, threshold=0.9)[1:])  # raw: all "the same"
+    centred = near_duplicates_cosine(np.concatenate([hidden, hidden[3:4]]), threshold=0.9, center=True)
+    assert centred == [None] * 20 + [3]
+    assert near_duplicates_cosine(np.stack([hidden[0], hidden[0]]), threshold=0.9, center=True) == [None, 0]
+
+
+def test_embed_mean_pools_each_text_alone_whatever_the_batch(tok):
+    from cerbero_ray.models import tiny
+
+    body = tiny().eval().model
+    texts = ["Ciao!", BASE, "Roma è la capitale d'Italia."]
+    together = embed(body, tok, texts, batch_size=3)
+    for t, row in zip(texts, together):
+        ids = torch.tensor([tok(t, add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            alone = body(input_ids=ids).last_hidden_state[0].mean(0).numpy()
+        np.testing.assert_allclose(row, alone, rtol=1e-4, atol=1e-5)
+    cut = embed(body, tok, [BASE], max_tokens=4)[0]
+    with torch.no_grad():
+        first4 = body(input_ids=torch.tensor([tok(BASE, add_special_tokens=False).input_ids[:4]])).last_hidden_state[0]
+    np.testing.assert_allclose(cut, first4.mean(0).numpy(), rtol=1e-4, atol=1e-5)
 
 def test_degenerate_turns():
     ok = {"text": "La capitale d'Italia è Roma, sede del governo.", "finish_reason": "stop"}
@@ -55,3 +99,21 @@ def test_self_chat_alternates_roles_and_ends_at_a_complete_exchange(tok):
     # the human's turn is prompted with the human's tag after the conversation so far
     assert gen.prompts[1][0].endswith("[|AI|] Roma è la capitale d'Italia.\n[|Umano|]")
     assert user_prompt(tok, convs[0][:2], "AI").endswith("[|Umano|]")
+
+
+def test_dedup_config_errors_name_the_key(tmp_path):
+    import pytest
+
+    from cerbero_ray.config import compose, to_container
+    from cerbero_ray.generate.pipeline import check_generate_config
+
+    def check(*overrides):
+        check_generate_config(to_container(compose("generate", list(overrides)))["generate"])
+
+    check("generate.self_chat.dedup=embedding")  # the generating model's own states: nothing to check
+    for bad, msg in ((["generate.self_chat.dedup=minhash"], "generate.self_chat.dedup must be one of"),
+                     (["generate.self_chat.dedup_cosine=1.5"], "generate.self_chat.dedup_cosine must be in"),
+                     (["generate.self_chat.dedup=embedding", f"generate.self_chat.dedup_model={tmp_path}/nope"],
+                      "generate.self_chat.dedup_model: no HF model at")):
+        with pytest.raises(ValueError, match=msg):
+            check(*bad)

@@ -1,7 +1,15 @@
-"""Near-duplicate removal by word n-gram similarity: MinHash signatures, LSH bands to find candidate
-pairs, then the exact Jaccard similarity of the two n-gram sets decides. Pure numpy.
+"""Near-duplicate removal, two ways (``generate.self_chat.dedup``):
 
-Of each group of texts with Jaccard ≥ ``threshold`` the first (in input order) is kept.
+- ``ngram``: word n-gram sets; MinHash signatures and LSH bands find candidate pairs, the exact
+  Jaccard similarity of the two sets decides (:func:`near_duplicates`);
+- ``embedding``: mean-pooled hidden states of a model (:func:`embed`); random-hyperplane (SimHash)
+  LSH bands find candidate pairs, the exact cosine similarity decides
+  (:func:`near_duplicates_cosine`).
+
+Either way, of each group of texts at or above the threshold the first (in input order) is kept,
+and a text is matched only against kept ones. LSH finds nearly every pair above the threshold
+(the bands are chosen for >= 95% at the threshold itself, more above it) without comparing all
+pairs. Pure numpy, but for ``embed`` (torch).
 """
 
 from __future__ import annotations
@@ -56,4 +64,71 @@ def near_duplicates(texts: list[str], *, n: int = 5, threshold: float = 0.8, num
         if dup[i] is None:  # only kept texts are matched against
             for band in range(bands):
                 buckets.setdefault((band, tuple(sig[band * rows:(band + 1) * rows])), []).append(i)
+    return dup
+
+
+def embed(model, tok, texts: list[str], *, max_tokens: int = 512, batch_size: int = 16) -> np.ndarray:
+    """``[len(texts), hidden]`` float32: the mean of the last hidden states over each text's tokens
+    (the first ``max_tokens``). ``model`` is a base model returning ``last_hidden_state`` (a causal
+    LM's ``.model``, or an encoder loaded with ``AutoModel``)."""
+    import torch
+
+    dev = next(model.parameters()).device
+    out = []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            ids = tok(texts[i:i + batch_size], add_special_tokens=False, truncation=True, max_length=max_tokens).input_ids
+            ids = [x or [pad] for x in ids]
+            width = max(len(x) for x in ids)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=dev)
+            x = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=dev)
+            h = model(input_ids=x, attention_mask=mask).last_hidden_state.float()
+            out.append(((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def _simhash_bands(threshold: float, bands: int = 32) -> int:
+    """Bits per band: the most (fewest chance candidates) that still finds >= 95% of the pairs at
+    cosine ``threshold`` (a random hyperplane splits two vectors with probability angle / pi)."""
+    p = 1 - np.arccos(np.clip(threshold, -1, 1)) / np.pi
+    for rows in (24, 20, 16, 12, 10, 8, 6, 4, 2, 1):
+        if 1 - (1 - p ** rows) ** bands >= 0.95:
+            return rows
+    return 1
+
+
+def near_duplicates_cosine(emb: np.ndarray, *, threshold: float = 0.9, center: bool = False,
+                           seed: int = 0) -> list[int | None]:
+    """For each row of ``emb``, the index of the earlier row it duplicates (cosine >= ``threshold``),
+    or None. ``center`` subtracts the rows' mean first: a language model's raw hidden states all
+    point much the same way (cosines near 1 whatever the text); centred, they spread out. Rows equal
+    to the mean (identical texts in a run of only those) count as identical to each other."""
+    x = np.asarray(emb, dtype=np.float64)
+    if len(x) == 0:
+        return []
+    if center:
+        x = x - x.mean(0)
+    norm = np.linalg.norm(x, axis=1)
+    flat = norm <= 1e-6 * max(float(norm.max()), 1e-12)
+    x[flat] = 0
+    x[flat, 0] = 1  # one shared direction for the rows with nothing left after centring
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rows = _simhash_bands(threshold)
+    bands = 32
+    planes = np.random.default_rng(seed).standard_normal((x.shape[1], bands * rows))
+    bits = (x @ planes) > 0
+    buckets: dict = {}
+    dup: list[int | None] = [None] * len(x)
+    for i in range(len(x)):
+        keys = [(b, bits[i, b * rows:(b + 1) * rows].tobytes()) for b in range(bands)]
+        candidates = sorted({j for k in keys for j in buckets.get(k, ())})
+        if candidates:
+            sims = x[candidates] @ x[i]
+            hit = np.flatnonzero(sims >= threshold - 1e-9)
+            if len(hit):
+                dup[i] = candidates[int(hit[0])]
+                continue
+        for k in keys:  # only kept rows are matched against
+            buckets.setdefault(k, []).append(i)
     return dup

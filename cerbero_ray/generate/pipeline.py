@@ -28,6 +28,7 @@ from cerbero_ray.generate.slots import check_engine
 from cerbero_ray.models import check_checkpoint, load_for_inference
 
 MODES = ("prompts", "self_chat")
+DEDUP = ("ngram", "embedding", "none")
 
 
 def _sampling(sc: dict, **over):
@@ -46,6 +47,7 @@ class GenerateWorker(batchjob.ChunkWorker):
 
         self.gc = gc
         model, self.tok = load_for_inference(gc["checkpoint"], gc["dtype"])
+        self.model, self._embedder = model, None
         if gc["engine"] == "continuous":
             longest = max(gc["sampling"]["max_new_tokens"], gc["self_chat"]["user_max_new_tokens"])
             self.gen = ContinuousBatcher(model, self.tok, num_slots=gc["batch_size"],
@@ -86,20 +88,51 @@ class GenerateWorker(batchjob.ChunkWorker):
                                    user_sampling=_sampling(s, max_new_tokens=sc["user_max_new_tokens"]),
                                    assistant_tag=sc["assistant_tag"], min_chars=sc["min_chars"],
                                    max_repeat=sc["max_repeat_ratio"], drop_unfinished=sc["drop_unfinished"], seed=seed)
+        vectors = iter(self._embed([conversation_text(c) for c in convs if c]) if sc["dedup"] == "embedding" else ())
         it = iter(convs)
         out = []
         for r in rows:
             c = next(it) if r["error"] is None else None
             out.append({"id": r["id"], "seed": r["text"], "messages": json.dumps(c, ensure_ascii=False) if c else None,
-                        "turns": len(c) // 2 if c else 0, "error": r["error"], "model": self.gc["checkpoint"]})
+                        "turns": len(c) // 2 if c else 0, "error": r["error"], "model": self.gc["checkpoint"],
+                        "embedding": next(vectors).astype("float16").tobytes() if c and sc["dedup"] == "embedding" else None})
         return pa.Table.from_pylist(out, schema=CHAT_SCHEMA), reasons
+
+    def _embed(self, texts: list[str]):
+        """Each conversation's embedding for ``dedup=embedding``: computed here, where the model
+        (and the GPU) is, and kept in the part, so the driver only compares vectors."""
+        import contextlib
+
+        from cerbero_ray.generate.dedup import embed
+
+        sc = self.gc["self_chat"]
+        if self._embedder is None:
+            if sc["dedup_model"]:
+                from transformers import AutoModel, AutoTokenizer
+
+                from cerbero_ray.storage import local_copy
+
+                path = local_copy(sc["dedup_model"])
+                enc = AutoModel.from_pretrained(path, dtype=self.model.dtype).eval().to(self.model.device)
+                self._embedder = (enc, AutoTokenizer.from_pretrained(path))
+            else:
+                self._embedder = (self.model.model, self.tok)  # the causal LM's body: its final hidden states
+        model, tok = self._embedder
+        with getattr(self.gen, "lock", contextlib.nullcontext()):  # the continuous engine's loop shares the model
+            return embed(model, tok, texts, max_tokens=sc["dedup_max_tokens"])
 
 
 PROMPT_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
                            ("finish_reason", pa.string()), ("prompt_tokens", pa.int64()), ("new_tokens", pa.int64()),
                            ("truncated", pa.bool_()), ("error", pa.string()), ("model", pa.string())])
 CHAT_SCHEMA = pa.schema([("id", pa.string()), ("seed", pa.string()), ("messages", pa.string()), ("turns", pa.int64()),
-                         ("error", pa.string()), ("model", pa.string())])
+                         ("error", pa.string()), ("model", pa.string()),
+                         ("embedding", pa.binary())])  # float16 vector, with self_chat.dedup=embedding
+
+
+def conversation_text(messages: list[dict]) -> str:
+    """What near-duplicate detection compares: every turn's text, in order."""
+    return " ".join(m["content"] for m in messages)
 
 
 def check_generate_config(gc: dict) -> None:
@@ -114,8 +147,17 @@ def check_generate_config(gc: dict) -> None:
     s, sc = gc["sampling"], gc["self_chat"]
     if s["max_new_tokens"] < 1 or s["temperature"] < 0 or not 0 < s["top_p"] <= 1:
         raise ValueError("generate.sampling: max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
-    if sc["turns"] < 1 or sc["dedup"] not in ("ngram", "none") or not 0 < sc["dedup_threshold"] <= 1:
-        raise ValueError("generate.self_chat: turns >= 1, dedup ngram|none, 0 < dedup_threshold <= 1")
+    if sc["turns"] < 1:
+        raise ValueError(f"generate.self_chat.turns must be >= 1, got {sc['turns']}")
+    if sc["dedup"] not in DEDUP:
+        raise ValueError(f"generate.self_chat.dedup must be one of {DEDUP}, got {sc['dedup']!r}")
+    for k in ("dedup_threshold", "dedup_cosine"):
+        if not 0 < sc[k] <= 1:
+            raise ValueError(f"generate.self_chat.{k} must be in (0, 1], got {sc[k]}")
+    if sc["dedup_ngram"] < 1 or sc["dedup_max_tokens"] < 1:
+        raise ValueError("generate.self_chat.dedup_ngram and dedup_max_tokens must be >= 1")
+    if sc["dedup"] == "embedding" and sc["dedup_model"]:
+        check_checkpoint(sc["dedup_model"], "generate.self_chat.dedup_model")
 
 
 def run_identity(gc: dict) -> dict:
@@ -126,7 +168,9 @@ def run_identity(gc: dict) -> dict:
 
 def finish_self_chat(gc: dict, reasons: Counter) -> dict:
     """Drop near-duplicates across the run; write ``conversations.jsonl`` (the data stage's input)."""
-    from cerbero_ray.generate.dedup import near_duplicates
+    import numpy as np
+
+    from cerbero_ray.generate.dedup import near_duplicates, near_duplicates_cosine
 
     out = gc["output_dir"]
     fs, p = storage.resolve(storage.join(out, "parts"))
@@ -134,8 +178,14 @@ def finish_self_chat(gc: dict, reasons: Counter) -> dict:
     rows.sort(key=lambda r: r["id"])
     convs = [json.loads(r["messages"]) for r in rows]
     sc = gc["self_chat"]
-    dup = (near_duplicates([" ".join(m["content"] for m in c) for c in convs], n=sc["dedup_ngram"],
-                           threshold=sc["dedup_threshold"]) if sc["dedup"] == "ngram" else [None] * len(convs))
+    if sc["dedup"] == "ngram":
+        dup = near_duplicates([conversation_text(c) for c in convs], n=sc["dedup_ngram"], threshold=sc["dedup_threshold"])
+    elif sc["dedup"] == "embedding":
+        emb = np.stack([np.frombuffer(r["embedding"], dtype=np.float16) for r in rows]) if rows else np.zeros((0, 1))
+        # a language model's own hidden states are centred (see near_duplicates_cosine); an encoder's are not
+        dup = near_duplicates_cosine(emb, threshold=sc["dedup_cosine"], center=not sc["dedup_model"])
+    else:
+        dup = [None] * len(convs)
     kept = [(r, c) for r, c, d in zip(rows, convs, dup) if d is None]
     path = storage.join(out, "conversations.jsonl")
     with fs.open_output_stream(storage.resolve(path)[1]) as f:
