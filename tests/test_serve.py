@@ -71,6 +71,14 @@ def openai_roundtrip(server):
     same = client.chat.completions.create(model="cerbero", messages=[{"role": "user", "content": "Dimmi qualcosa."}],
                                           max_tokens=10, temperature=0)
     assert "".join(pieces).strip() == same.choices[0].message.content
+    # what newer clients and frameworks send: max_completion_tokens, stream_options, neutral penalties
+    chunks = list(client.chat.completions.create(
+        model="cerbero", messages=[{"role": "user", "content": "Dimmi qualcosa."}], max_completion_tokens=10,
+        temperature=0, stream=True, stream_options={"include_usage": True}, frequency_penalty=0, presence_penalty=0))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == same.usage.completion_tokens
+    assert [c.usage is None for c in chunks[:-1]] == [True] * (len(chunks) - 1)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == same.choices[0].message.content
 
 
 def test_label_endpoint(server):
@@ -89,6 +97,15 @@ def test_label_endpoint(server):
     ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}, {"role": "assistant", "content": "x"}]}, "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": "parola " * 400}]}, "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "max_tokens": 10000}, "max_tokens"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "max_completion_tokens": 10000},
+     "max_completion_tokens"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "max_tokens": 5, "max_completion_tokens": 6},
+     "max_completion_tokens"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "stream_options": {"include_usage": True}},
+     "stream_options"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "stream": True,
+                          "stream_options": {"include_usage": True, "chunks": 2}}, "stream_options.chunks"),
     ("completions", {"prompt": ""}, "prompt"),
     ("completions", {"prompt": 42}, "prompt"),
     ("label", {"task": "weather", "texts": ["ciao"]}, "task"),

@@ -131,9 +131,18 @@ class CerberoServer:
         if n > sc["max_prompt_tokens"]:
             raise APIError(400, f"the prompt has {n} tokens; the limit is {sc['max_prompt_tokens']}",
                            "messages" if isinstance(req, ChatRequest) else "prompt", "context_length_exceeded")
-        max_tokens = req.max_tokens or sc["default_max_tokens"]
+        mct = getattr(req, "max_completion_tokens", None)
+        if mct is not None and req.max_tokens is not None and mct != req.max_tokens:
+            raise APIError(400, "max_tokens and max_completion_tokens differ; give one", "max_completion_tokens")
+        field = "max_completion_tokens" if mct is not None else "max_tokens"
+        max_tokens = mct or req.max_tokens or sc["default_max_tokens"]
         if max_tokens > sc["max_new_tokens"]:
-            raise APIError(400, f"max_tokens {max_tokens} is over this server's limit {sc['max_new_tokens']}", "max_tokens")
+            raise APIError(400, f"{field} {max_tokens} is over this server's limit {sc['max_new_tokens']}", field)
+        for k in ("frequency_penalty", "presence_penalty"):
+            if getattr(req, k) not in (None, 0):
+                raise APIError(400, f"{k} is not supported (only 0)", k)
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options needs stream: true", "stream_options")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop: at most 4 non-empty strings", "stop")
@@ -148,13 +157,20 @@ class CerberoServer:
     async def _label_batch(self, items: list[tuple[str, list[str]]]) -> list[list[dict]]:
         return await asyncio.to_thread(self.engine.label, items)
 
-    def _stream(self, prompt: str, s: Sampling, kind: str, rid: str):
+    def _stream(self, prompt: str, s: Sampling, kind: str, rid: str, include_usage: bool = False):
+        """Server-sent events. The usage rides on the finishing chunk; with ``stream_options.include_usage``
+        it comes as OpenAI sends it instead: a last chunk of its own, with no choices."""
+        model = self.sc["model_name"]
+
         def sse(piece) -> str:
             if isinstance(piece, dict):
                 last = _choice(kind, "", piece["finish_reason"], delta=True)
                 usage = _usage(piece["prompt_tokens"], piece["new_tokens"])
-                return _sse(_envelope(kind, rid, self.sc["model_name"], [last], usage, chunk=True))
-            return _sse(_envelope(kind, rid, self.sc["model_name"], [_choice(kind, piece, None, delta=True)], None, chunk=True))
+                if include_usage:
+                    return (_sse(_envelope(kind, rid, model, [last], None, chunk=True))
+                            + _sse(_envelope(kind, rid, model, [], usage, chunk=True)))
+                return _sse(_envelope(kind, rid, model, [last], usage, chunk=True))
+            return _sse(_envelope(kind, rid, model, [_choice(kind, piece, None, delta=True)], None, chunk=True))
 
         if self.engine.batcher is not None:
             async def events():  # on the event loop: no thread per open stream
@@ -174,7 +190,7 @@ class CerberoServer:
         s = self._sampling(req, prompt)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
-            return self._stream(prompt, s, kind, rid)
+            return self._stream(prompt, s, kind, rid, bool(req.stream_options and req.stream_options.include_usage))
         if self.engine.batcher is not None:  # joins the running batch at the next step
             r = await self.engine.batcher.agenerate(prompt, s)
         else:

@@ -19,6 +19,10 @@ class Message(Strict):
     content: str
 
 
+class StreamOptions(Strict):
+    include_usage: bool = False  # a last chunk with no choices and the usage, as OpenAI sends it
+
+
 class Sampled(Strict):
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
@@ -26,13 +30,18 @@ class Sampled(Strict):
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
+    stream_options: Optional[StreamOptions] = None
     seed: Optional[int] = None
     user: Optional[str] = None
     n: int = Field(default=1, ge=1, le=1)
+    # accepted as clients and frameworks send them, at their neutral value only (checked in the app)
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
 
 
 class ChatRequest(Sampled):
     messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
 
 
 class CompletionRequest(Sampled):
