@@ -49,10 +49,14 @@ def test_openai_client_chat_completion_and_streaming(server):
 
 
 def openai_roundtrip(server):
+    import openai
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{server}/v1", api_key=KEY)
     assert [m.id for m in client.models.list().data] == ["cerbero"]
+    assert client.models.retrieve("cerbero").id == "cerbero"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     chat = client.chat.completions.create(model="cerbero", messages=[{"role": "user", "content": "Ciao! Come stai?"}],
                                           max_tokens=12, temperature=0)
     assert isinstance(chat.choices[0].message.content, str) and chat.choices[0].finish_reason in ("stop", "length")

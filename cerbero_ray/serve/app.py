@@ -212,11 +212,21 @@ class CerberoServer:
     async def completions(self, request: Request, req: CompletionRequest):
         return await self._complete(request, req, req.prompt, "text")
 
+    def _model_card(self) -> dict:
+        return {"id": self.sc["model_name"], "object": "model", "created": self.created, "owned_by": "cerbero-ray"}
+
     @app.get("/v1/models")
     async def models(self, request: Request):
         self._auth(request)
-        return {"object": "list", "data": [{"id": self.sc["model_name"], "object": "model", "created": self.created,
-                                            "owned_by": "cerbero-ray"}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(self, request: Request, model_id: str):
+        self._auth(request)
+        if model_id != self.sc["model_name"]:
+            raise APIError(404, f"model {model_id!r} is not served here; this server has {self.sc['model_name']!r}",
+                           "model", "model_not_found")
+        return self._model_card()
 
     @app.post("/v1/label")
     async def label(self, request: Request, req: LabelRequest):
