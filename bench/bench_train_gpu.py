@@ -82,7 +82,9 @@ def main():
     shard = os.path.join(work, "shard.parquet")
     write_shard(shard, a.steps, a.seq, 8, 32000)
     cfg = config(a, shard, a.steps, os.path.join(work, "run"))
-    summary = train_loop(cfg, LocalEnv(cfg["run"]["run_dir"]))
+    env = LocalEnv(cfg["run"]["run_dir"])
+    summary = train_loop(cfg, env)
+    env.close()
     hist = [json.loads(x) for x in open(os.path.join(cfg["run"]["run_dir"], "metrics.jsonl"))]
     steady = [h for h in hist if "tokens_per_s" in h][a.warmup:]
     res = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,

@@ -45,6 +45,7 @@ def _run(rank, world, port, out):
     loss, n = train_step(engine, mine, torch.device("cpu"), world)
     if rank == 0:
         torch.save({"state": lm.state_dict(), "loss": loss, "n": n}, out)
+    torch.distributed.barrier()  # leave together: a rank tearing gloo down under a peer's collective can abort
     torch.distributed.destroy_process_group()
 
 

@@ -57,6 +57,15 @@ class LocalEnv(_RunFolder):
     def batches(self, segments: list[Segment], micro: int, read_cpus: float) -> Iterator[dict]:
         return local_batches(segments, micro)
 
+    def close(self) -> None:
+        """After a finished run: every rank leaves together, then the process group goes. A process
+        that exits with its group alive, or while a peer is still in a collective, can abort in
+        gloo's/NCCL's teardown ("terminate called without an active exception"), and torchrun
+        then reports a finished run as failed."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def checkpoint_dir(self, step: int) -> str:
         dest = storage.join(self.run_dir, checkpoint_name(step))
         if storage.is_uri(dest):

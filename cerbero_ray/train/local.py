@@ -22,7 +22,10 @@ def run_local(overrides: list[str]) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
     c = to_container(compose("train", [f"train.num_workers={world}", *overrides]))
     c = prepare_run(c)
-    return train_loop(c, LocalEnv(c["run"]["run_dir"], keep=c["train"]["keep_checkpoints"]))
+    env = LocalEnv(c["run"]["run_dir"], keep=c["train"]["keep_checkpoints"])
+    summary = train_loop(c, env)
+    env.close()
+    return summary
 
 
 if __name__ == "__main__":
