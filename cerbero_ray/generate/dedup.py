@@ -50,20 +50,23 @@ def near_duplicates(texts: list[str], *, n: int = 5, threshold: float = 0.8, num
         x = np.fromiter(s, dtype=np.uint64, count=len(s)) if s else np.zeros(1, dtype=np.uint64)
         sigs.append(((a * x[None, :] + b) % PRIME).min(1))
     bands, rows = _bands_rows(threshold, num_perm)
+    keys = [[(band, tuple(sig[band * rows:(band + 1) * rows])) for band in range(bands)] for sig in sigs]
+    return _keep_first(keys, lambda i, cands: next((j for j in cands if jaccard(sets[i], sets[j]) >= threshold), None))
+
+
+def _keep_first(keys: list[list], match) -> list[int | None]:
+    """The LSH pass both methods share. ``keys[i]``: row ``i``'s band keys; rows sharing a key with
+    it are its candidates, and ``match(i, candidates)`` (sorted, all earlier and kept) returns the
+    one it duplicates, or None. Only kept rows are put in the buckets, so a row is matched only
+    against kept ones."""
     buckets: dict = {}
-    dup: list[int | None] = [None] * len(texts)
-    for i, sig in enumerate(sigs):
-        candidates = set()
-        for band in range(bands):
-            key = (band, tuple(sig[band * rows:(band + 1) * rows]))
-            candidates.update(buckets.get(key, ()))
-        for j in sorted(candidates):
-            if dup[j] is None and jaccard(sets[i], sets[j]) >= threshold:
-                dup[i] = j
-                break
-        if dup[i] is None:  # only kept texts are matched against
-            for band in range(bands):
-                buckets.setdefault((band, tuple(sig[band * rows:(band + 1) * rows])), []).append(i)
+    dup: list[int | None] = []
+    for i, ks in enumerate(keys):
+        candidates = sorted({j for k in ks for j in buckets.get(k, ())})
+        dup.append(match(i, candidates) if candidates else None)
+        if dup[i] is None:
+            for k in ks:
+                buckets.setdefault(k, []).append(i)
     return dup
 
 
@@ -88,7 +91,7 @@ def embed(model, tok, texts: list[str], *, max_tokens: int = 512, batch_size: in
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def _simhash_bands(threshold: float, bands: int = 32) -> int:
+def _simhash_bands(threshold: float, bands: int) -> int:
     """Bits per band: the most (fewest chance candidates) that still finds >= 95% of the pairs at
     cosine ``threshold`` (a random hyperplane splits two vectors with probability angle / pi)."""
     p = 1 - np.arccos(np.clip(threshold, -1, 1)) / np.pi
@@ -114,21 +117,14 @@ def near_duplicates_cosine(emb: np.ndarray, *, threshold: float = 0.9, center: b
     x[flat] = 0
     x[flat, 0] = 1  # one shared direction for the rows with nothing left after centring
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    rows = _simhash_bands(threshold)
     bands = 32
+    rows = _simhash_bands(threshold, bands)
     planes = np.random.default_rng(seed).standard_normal((x.shape[1], bands * rows))
     bits = (x @ planes) > 0
-    buckets: dict = {}
-    dup: list[int | None] = [None] * len(x)
-    for i in range(len(x)):
-        keys = [(b, bits[i, b * rows:(b + 1) * rows].tobytes()) for b in range(bands)]
-        candidates = sorted({j for k in keys for j in buckets.get(k, ())})
-        if candidates:
-            sims = x[candidates] @ x[i]
-            hit = np.flatnonzero(sims >= threshold - 1e-9)
-            if len(hit):
-                dup[i] = candidates[int(hit[0])]
-                continue
-        for k in keys:  # only kept rows are matched against
-            buckets.setdefault(k, []).append(i)
-    return dup
+
+    def match(i, cands):
+        hit = np.flatnonzero(x[cands] @ x[i] >= threshold - 1e-9)
+        return cands[int(hit[0])] if len(hit) else None
+
+    return _keep_first([[(b, bits[i, b * rows:(b + 1) * rows].tobytes()) for b in range(bands)] for i in range(len(x))],
+                       match)

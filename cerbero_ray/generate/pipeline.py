@@ -88,14 +88,16 @@ class GenerateWorker(batchjob.ChunkWorker):
                                    user_sampling=_sampling(s, max_new_tokens=sc["user_max_new_tokens"]),
                                    assistant_tag=sc["assistant_tag"], min_chars=sc["min_chars"],
                                    max_repeat=sc["max_repeat_ratio"], drop_unfinished=sc["drop_unfinished"], seed=seed)
-        vectors = iter(self._embed([conversation_text(c) for c in convs if c]) if sc["dedup"] == "embedding" else ())
-        it = iter(convs)
+        kept = [c for c in convs if c]
+        vectors = ([v.astype("float16").tobytes() for v in self._embed([conversation_text(c) for c in kept])]
+                   if sc["dedup"] == "embedding" else [None] * len(kept))
+        it, vec = iter(convs), iter(vectors)
         out = []
         for r in rows:
             c = next(it) if r["error"] is None else None
             out.append({"id": r["id"], "seed": r["text"], "messages": json.dumps(c, ensure_ascii=False) if c else None,
                         "turns": len(c) // 2 if c else 0, "error": r["error"], "model": self.gc["checkpoint"],
-                        "embedding": next(vectors).astype("float16").tobytes() if c and sc["dedup"] == "embedding" else None})
+                        "embedding": next(vec) if c else None})
         return pa.Table.from_pylist(out, schema=CHAT_SCHEMA), reasons
 
     def _embed(self, texts: list[str]):

@@ -58,13 +58,17 @@ class Scorer:
         self.labels = list(conts)
         self.cont = [conts[k] for k in self.labels]
         self.tail = sum(len(c) for c in self.cont)
-        # per continuation token, the index of its predicting position among a row's scored positions
-        # (0: the prompt's last token; then every continuation's tokens but the last, in order)
-        which, k = [], 1
+        # the positions whose next-token distribution a continuation token needs: the prompt's last
+        # token (shared by every label's first token, so computed once), then each continuation's
+        # tokens but its last (`_inner`: their offsets into the continuations); `_which`: per
+        # continuation token, the index of its predicting position among those
+        which, inner, start = [], [], 0
         for c in self.cont:
-            which += [0] + list(range(k, k + len(c) - 1))
-            k += len(c) - 1
-        self.positions = k
+            which += [0] + list(range(len(inner) + 1, len(inner) + len(c)))
+            inner += range(start, start + len(c) - 1)
+            start += len(c)
+        self.positions = len(inner) + 1
+        self._inner = np.asarray(inner, dtype=np.int64)
         self._which = torch.tensor(which)
         self._targets = torch.tensor([t for c in self.cont for t in c])
         model.config._attn_implementation = "sdpa"  # a custom boolean 4-D mask: SDPA, not flash-attention
@@ -88,18 +92,13 @@ class Scorer:
         tail_ids = np.concatenate([np.asarray(c) for c in self.cont])
         tail_seg = np.concatenate([np.full(len(c), j + 1) for j, c in enumerate(self.cont)])
         tail_off = np.concatenate([np.arange(len(c)) for c in self.cont])
-        starts = np.cumsum([0] + [len(c) for c in self.cont])[:-1]
-        # the positions whose next-token distribution a continuation token needs: the prompt's last
-        # token (shared by every label's first token, so computed once) and each continuation's
-        # tokens but its last; `self._which` maps each continuation token to one of them
-        inner = np.concatenate([starts[j] + np.arange(len(c) - 1) for j, c in enumerate(self.cont)])
         rows, cols = [], []
         for i, p in enumerate(prompts):
             n = len(p)
             ids[i, :n], pos[i, :n], seg[i, :n] = p, offset + np.arange(n), 0
             ids[i, n:n + self.tail], pos[i, n:n + self.tail], seg[i, n:n + self.tail] = tail_ids, offset + n + tail_off, tail_seg
-            rows.append(np.full(len(inner) + 1, i))
-            cols.append(np.concatenate([[n - 1], n + inner]))
+            rows.append(np.full(self.positions, i))
+            cols.append(np.concatenate([[n - 1], n + self._inner]))
         seg_t = torch.from_numpy(seg)
         idx = torch.arange(t)
         causal = idx[None, :, None] >= idx[None, None, :]
