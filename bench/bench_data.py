@@ -28,7 +28,8 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from cerbero_ray.tokenizer import SYSTEM_LINE, build_tokenizer  # noqa: E402
+from cerbero_ray.chat import SYSTEM_LINE  # noqa: E402
+from cerbero_ray.tokenizer import build_tokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,11 +84,15 @@ def make_corpus(src: str, dest: str, repeat: int, as_jsonl_from_json: bool = Fal
 
 def bench_bare(path: str) -> dict:
     tok = build_tokenizer()
-    texts = [json.loads(l)["text"] for l in open(path, encoding="utf-8")]
+    texts = [json.loads(line)["text"] for line in open(path, encoding="utf-8")]
     out = {}
-    for name, fn in (("tok_call", lambda: tok(texts, add_special_tokens=False)["input_ids"]),
-                     ("encode_batch_fast", lambda: [e.ids for e in tok.backend_tokenizer.encode_batch_fast(
-                         texts, add_special_tokens=False)])):
+    for name, fn in (
+        ("tok_call", lambda: tok(texts, add_special_tokens=False)["input_ids"]),
+        (
+            "encode_batch_fast",
+            lambda: [e.ids for e in tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)],
+        ),
+    ):
         gc.collect()
         with PeakRSS() as mem:
             t = time.perf_counter()
@@ -111,37 +116,65 @@ def bench_hf(path: str, seq_len: int, num_proc: int | None, cache: str) -> dict:
     def group_texts(batch):
         ids = [t for x in batch["input_ids"] for t in x]
         n = len(ids) // seq_len * seq_len
-        return {"input_ids": [ids[i:i + seq_len] for i in range(0, n, seq_len)]}
+        return {"input_ids": [ids[i : i + seq_len] for i in range(0, n, seq_len)]}
 
     with PeakRSS() as mem:
         t = time.perf_counter()
         ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache)
         tokd = ds.map(tokenize, batched=True, num_proc=num_proc, remove_columns=ds.column_names)
         n = sum(len(x) for x in tokd["input_ids"])
-        grouped = tokd.map(group_texts, batched=True, batch_size=1000, num_proc=num_proc,
-                           remove_columns=tokd.column_names)
+        grouped = tokd.map(
+            group_texts, batched=True, batch_size=1000, num_proc=num_proc, remove_columns=tokd.column_names
+        )
         rows = len(grouped)
         s = time.perf_counter() - t
-    return {"tokens": n, "rows": rows, "seconds": round(s, 2), "tokens_per_s": round(n / s), "peak_rss_gib": mem.gib,
-            "fill": 1.0, "note": "documents bleed into each other; the tail of every 1000-doc batch is dropped"}
+    return {
+        "tokens": n,
+        "rows": rows,
+        "seconds": round(s, 2),
+        "tokens_per_s": round(n / s),
+        "peak_rss_gib": mem.gib,
+        "fill": 1.0,
+        "note": "documents bleed into each other; the tail of every 1000-doc batch is dropped",
+    }
 
 
 def bench_ours(path: str, out: str, seq_len: int, packing: str, fmt: str, loss_on: str) -> dict:
     from cerbero_ray.data.pipeline import run_data
 
     shutil.rmtree(out, ignore_errors=True)
-    cfg = {"data": {"sources": {"s": {"path": path, "format": fmt, "weight": 1.0, "text_field": "text"}},
-                    "seq_len": seq_len, "loss_on": loss_on, "packing": packing, "long_docs": "split",
-                    "buffer_docs": 4096, "workers": None, "seed": 0, "compression": "zstd", "output_dir": out,
-                    "overwrite": True},
-           "tokenizer": {"path": None, "assistant_tag": "AI", "system_line": SYSTEM_LINE}}
+    cfg = {
+        "data": {
+            "sources": {"s": {"path": path, "format": fmt, "weight": 1.0, "text_field": "text"}},
+            "seq_len": seq_len,
+            "loss_on": loss_on,
+            "packing": packing,
+            "long_docs": "split",
+            "buffer_docs": 4096,
+            "workers": None,
+            "seed": 0,
+            "compression": "zstd",
+            "output_dir": out,
+            "overwrite": True,
+        },
+        "tokenizer": {"path": None, "assistant_tag": "AI", "system_line": SYSTEM_LINE},
+    }
     with PeakRSS() as mem:
         t = time.perf_counter()
         m = run_data(cfg)
         s = time.perf_counter() - t
-    return {"tokens": m["tokens"], "rows": m["rows"], "seconds": round(s, 2), "tokens_per_s": round(m["tokens"] / s),
-            "stream_tokens_per_s": m["tokens_per_s"], "fill": m["fill"], "cut_to_fill": m["cut_to_fill"],
-            "peak_rss_gib_tree": mem.gib, "documents": m["documents"], "packing": packing}
+    return {
+        "tokens": m["tokens"],
+        "rows": m["rows"],
+        "seconds": round(s, 2),
+        "tokens_per_s": round(m["tokens"] / s),
+        "stream_tokens_per_s": m["tokens_per_s"],
+        "fill": m["fill"],
+        "cut_to_fill": m["cut_to_fill"],
+        "peak_rss_gib_tree": mem.gib,
+        "documents": m["documents"],
+        "packing": packing,
+    }
 
 
 def main() -> None:
@@ -154,13 +187,24 @@ def main() -> None:
     p.add_argument("--work", default=os.path.join(REPO, ".bench"))
     a = p.parse_args()
     os.makedirs(a.work, exist_ok=True)
-    novels = make_corpus(os.path.join(a.data_dir, "text_it", "it_novels_packing_5MB.jsonl"),
-                         os.path.join(a.work, "novels.jsonl"), a.repeat)
-    chat = make_corpus(os.path.join(a.data_dir, "chat_it", "eu_it_messages.json"),
-                       os.path.join(a.work, "chat.jsonl"), a.chat_repeat, as_jsonl_from_json=True)
-    res = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-           f"{round(psutil.virtual_memory().total / 2**30)} GiB", "novels_mb": round(os.path.getsize(novels) / 1e6, 1),
-           "chat_mb": round(os.path.getsize(chat) / 1e6, 1), "seq_len": a.seq_len}
+    novels = make_corpus(
+        os.path.join(a.data_dir, "text_it", "it_novels_packing_5MB.jsonl"),
+        os.path.join(a.work, "novels.jsonl"),
+        a.repeat,
+    )
+    chat = make_corpus(
+        os.path.join(a.data_dir, "chat_it", "eu_it_messages.json"),
+        os.path.join(a.work, "chat.jsonl"),
+        a.chat_repeat,
+        as_jsonl_from_json=True,
+    )
+    res = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
+        "novels_mb": round(os.path.getsize(novels) / 1e6, 1),
+        "chat_mb": round(os.path.getsize(chat) / 1e6, 1),
+        "seq_len": a.seq_len,
+    }
     res["a_bare"] = bench_bare(novels)
     print("(a)", res["a_bare"], flush=True)
     if not a.skip_hf:
@@ -171,17 +215,32 @@ def main() -> None:
 
     init_ray({"num_cpus": os.cpu_count()})
     for packing in ("whole", "split"):
-        res[f"ours_novels_{packing}"] = bench_ours(novels, os.path.join(a.work, f"out_{packing}"), a.seq_len,
-                                                   packing, "text", "all")
+        res[f"ours_novels_{packing}"] = bench_ours(
+            novels, os.path.join(a.work, f"out_{packing}"), a.seq_len, packing, "text", "all"
+        )
         print("ours", packing, res[f"ours_novels_{packing}"], flush=True)
-    res["ours_chat_whole"] = bench_ours(chat, os.path.join(a.work, "out_chat"), a.seq_len, "whole", "openai", "assistant")
+    res["ours_chat_whole"] = bench_ours(
+        chat, os.path.join(a.work, "out_chat"), a.seq_len, "whole", "openai", "assistant"
+    )
     print("ours chat", res["ours_chat_whole"], flush=True)
     base = res["a_bare"]["tok_call"]["tokens_per_s"]
-    res["ratios"] = {k: {"vs_a_tok_call": round(v["tokens_per_s"] / base, 3),
-                         "vs_a_encode_batch_fast": round(v["tokens_per_s"] / res["a_bare"]["encode_batch_fast"]["tokens_per_s"], 3),
-                         **({"vs_b_best": round(v["tokens_per_s"] / max(res[b]["tokens_per_s"] for b in res if b.startswith("b_")), 3)}
-                            if not a.skip_hf else {})}
-                     for k, v in res.items() if k.startswith("ours_novels")}
+    res["ratios"] = {
+        k: {
+            "vs_a_tok_call": round(v["tokens_per_s"] / base, 3),
+            "vs_a_encode_batch_fast": round(v["tokens_per_s"] / res["a_bare"]["encode_batch_fast"]["tokens_per_s"], 3),
+            **(
+                {
+                    "vs_b_best": round(
+                        v["tokens_per_s"] / max(res[b]["tokens_per_s"] for b in res if b.startswith("b_")), 3
+                    )
+                }
+                if not a.skip_hf
+                else {}
+            ),
+        }
+        for k, v in res.items()
+        if k.startswith("ours_novels")
+    }
     os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
     path = os.path.join(REPO, "bench", "results", f"data-{res['date']}.json")
     json.dump(res, open(path, "w"), indent=2)

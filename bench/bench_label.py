@@ -5,7 +5,7 @@
 
 Both use the same model (tiny random-init Mistral, the real tokenizer), the same prompts (the
 sentiment task with its few-shot examples) and one process (no Ray):
-  scoring    cerbero_ray.label.scoring.Scorer: one forward pass per prompt scores every label
+  scoring    cerbero_ray.inference.scorer.Scorer: one forward pass per prompt scores every label
   generate   greedy generation of an answer (stop at [|Umano|] or end of turn), then the text is
              matched against the verbalizers (the usual approach), with two answer budgets:
              --answer-tokens (default 32: room for the sentence a chat model answers with) and the
@@ -61,9 +61,10 @@ def main():
     import torch
     import yaml
 
-    from cerbero_ray.generate.engine import Generator, Sampling
-    from cerbero_ray.label.scoring import Scorer
-    from cerbero_ray.label.tasks import continuations, prompt_text, task_from_dict
+    from cerbero_ray.inference.generator import Generator
+    from cerbero_ray.inference.sampling import Sampling
+    from cerbero_ray.inference.scorer import Scorer
+    from cerbero_ray.inference.tasks import continuations, prompt_text, task_from_dict
     from cerbero_ray.models import tiny
     from cerbero_ray.tokenizer import build_tokenizer
 
@@ -71,7 +72,7 @@ def main():
     tok = build_tokenizer()
     task = task_from_dict(yaml.safe_load(open(os.path.join(REPO, "conf", "label", "task", f"{a.task}.yaml"))))
     texts = [json.loads(x)["text"] for x in open(os.path.join(REPO, "data", "samples", "label_it_sample.jsonl"))]
-    texts = (texts * (a.rows // len(texts) + 1))[:a.rows]
+    texts = (texts * (a.rows // len(texts) + 1))[: a.rows]
     model = tiny().eval()
 
     scorer = Scorer(model, tok, task)
@@ -81,14 +82,21 @@ def main():
     gen = Generator(model, tok, batch_size=16)
     longest = max(len(c) for c in continuations(task, tok).values())
     prompts = [prompt_text(task, x, tok) for x in texts]
-    res = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
-           "rows": a.rows, "reps": a.reps, "task": a.task, "model": "tiny (2 layers, hidden 64, vocab 32000)",
-           "scoring_rows_per_s": round(a.rows / t_score, 1), "scoring_unlabeled_rows": sum(r["label"] is None for r in scored)}
+    res = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+        "rows": a.rows,
+        "reps": a.reps,
+        "task": a.task,
+        "model": "tiny (2 layers, hidden 64, vocab 32000)",
+        "scoring_rows_per_s": round(a.rows / t_score, 1),
+        "scoring_unlabeled_rows": sum(r["label"] is None for r in scored),
+    }
     for name, budget in (("answer", a.answer_tokens), ("minimal", longest)):
         sampling = Sampling(max_new_tokens=budget, temperature=0.0, stop=("[|Umano|]",))
         gen.generate(prompts[:4], sampling)
         # rendering the prompts is timed, as in scoring
-        t_gen, answers = timed(lambda: gen.generate([prompt_text(task, x, tok) for x in texts], sampling), a.reps)
+        t_gen, answers = timed(lambda s=sampling: gen.generate([prompt_text(task, x, tok) for x in texts], s), a.reps)
         parsed = [parse(r["text"], task) for r in answers]
         res[f"generate_{name}_max_new_tokens"] = budget
         res[f"generate_{name}_rows_per_s"] = round(a.rows / t_gen, 1)
@@ -98,7 +106,7 @@ def main():
     # as many labeling scripts do); on the first --per-row-rows texts, once (its rows/s is per row)
     sampling = Sampling(max_new_tokens=a.answer_tokens, temperature=0.0, stop=("[|Umano|]",))
     one = Generator(model, tok, batch_size=1)
-    sub = texts[:a.per_row_rows]
+    sub = texts[: a.per_row_rows]
     t0 = time.perf_counter()
     for x in sub:
         one.generate([prompt_text(task, x, tok)], sampling)

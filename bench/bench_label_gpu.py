@@ -38,8 +38,8 @@ def main():
     import yaml
     from transformers import MistralForCausalLM
 
-    from cerbero_ray.label.scoring import Scorer, plan_batches
-    from cerbero_ray.label.tasks import task_from_dict
+    from cerbero_ray.inference.scorer import Scorer, plan_batches
+    from cerbero_ray.inference.tasks import task_from_dict
     from cerbero_ray.models import mistral_7b_config, tiny_config
     from cerbero_ray.tokenizer import build_tokenizer
 
@@ -84,9 +84,16 @@ def main():
 
     t_bare = timed(bare)
     t_score = timed(lambda: scorer.score_ids(prompts))
-    res = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__, "rows": rows,
-           "prompt_tokens": tokens, "batches": len(batches), "bare_tokens_per_s": round(tokens / t_bare),
-           "scoring_tokens_per_s": round(tokens / t_score), "ratio": round(t_bare / t_score, 3)}
+    res = {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__,
+        "rows": rows,
+        "prompt_tokens": tokens,
+        "batches": len(batches),
+        "bare_tokens_per_s": round(tokens / t_bare),
+        "scoring_tokens_per_s": round(tokens / t_score),
+        "ratio": round(t_bare / t_score, 3),
+    }
     anchor = os.path.join(a.out, "gpu_anchor.json")
     if os.path.exists(anchor):
         res["anchor"] = json.load(open(anchor)).get("fwd7b")

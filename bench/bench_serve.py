@@ -29,13 +29,25 @@ import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS = ["Ciao! Come stai?", "Qual è la capitale d'Italia?", "Raccontami una storia breve.", "Che cos'è la fotosintesi?",
-           "Come si prepara il caffè?", "Dammi un consiglio per studiare.", "Chi era Dante Alighieri?", "Perché piove?"]
+PROMPTS = [
+    "Ciao! Come stai?",
+    "Qual è la capitale d'Italia?",
+    "Raccontami una storia breve.",
+    "Che cos'è la fotosintesi?",
+    "Come si prepara il caffè?",
+    "Dammi un consiglio per studiare.",
+    "Chi era Dante Alighieri?",
+    "Perché piove?",
+]
 
 
 def post(url: str, i: int, tokens: int, stream: bool = False) -> tuple[float, int, int]:
-    body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "max_tokens": tokens, "temperature": 0,
-            "stream": stream}
+    body = {
+        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST")
     t0 = time.perf_counter()
     try:
@@ -57,9 +69,14 @@ def load(url: str, n: int, clients: int, tokens: int, stream: bool = False) -> d
         results = list(pool.map(lambda i: post(url, i, tokens, stream), range(n)))
     wall = time.perf_counter() - t0
     lat = sorted(r[0] for r in results)
-    return {"requests_per_s": round(n / wall, 2), "new_tokens_per_s": round(sum(r[2] for r in results) / wall, 1),
-            "p50_s": round(statistics.median(lat), 3), "p95_s": round(lat[int(0.95 * (len(lat) - 1))], 3),
-            "errors": sum(r[1] != 200 for r in results), "wall_s": round(wall, 1)}
+    return {
+        "requests_per_s": round(n / wall, 2),
+        "new_tokens_per_s": round(sum(r[2] for r in results) / wall, 1),
+        "p50_s": round(statistics.median(lat), 3),
+        "p95_s": round(lat[int(0.95 * (len(lat) - 1))], 3),
+        "errors": sum(r[1] != 200 for r in results),
+        "wall_s": round(wall, 1),
+    }
 
 
 def main():
@@ -81,15 +98,34 @@ def main():
     tiny().save_pretrained(ckpt)
     build_tokenizer().save_pretrained(ckpt)
     init_ray({"num_cpus": os.cpu_count(), "dashboard": True})
-    res = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
-           "args": vars(a), "model": "tiny (2 layers, hidden 64, vocab 32000)"}
-    runs = (("continuous", "continuous", a.clients, False), ("continuous_stream", "continuous", a.clients, True),
-            ("hf_batched", "hf", a.clients, False), ("per_request", "hf", 1, False))
+    res = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+        "args": vars(a),
+        "model": "tiny (2 layers, hidden 64, vocab 32000)",
+    }
+    runs = (
+        ("continuous", "continuous", a.clients, False),
+        ("continuous_stream", "continuous", a.clients, True),
+        ("hf_batched", "hf", a.clients, False),
+        ("per_request", "hf", 1, False),
+    )
     for name, engine, batch, stream in runs:
-        c = to_container(compose("serve", [f"serve.checkpoint={ckpt}", "serve.port=8123", f"serve.engine={engine}",
-                                           f"serve.max_batch_size={batch}", "serve.batch_wait_timeout_s=0.05",
-                                           f"serve.max_ongoing_requests={a.clients * 2}",
-                                           f"serve.max_queued_requests={a.requests * 2}", "serve.cpus_per_replica=1"]))
+        c = to_container(
+            compose(
+                "serve",
+                [
+                    f"serve.checkpoint={ckpt}",
+                    "serve.port=8123",
+                    f"serve.engine={engine}",
+                    f"serve.max_batch_size={batch}",
+                    "serve.batch_wait_timeout_s=0.05",
+                    f"serve.max_ongoing_requests={a.clients * 2}",
+                    f"serve.max_queued_requests={a.requests * 2}",
+                    "serve.cpus_per_replica=1",
+                ],
+            )
+        )
         url = run_serve(c) + "/v1/chat/completions"
         load(url, 8, 8, a.tokens, stream)  # warm-up
         res[name] = load(url, a.requests, a.clients, a.tokens, stream)

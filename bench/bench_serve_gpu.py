@@ -5,7 +5,7 @@ prompts, 64 new tokens each, greedy, no stop string. No Ray.
     python ../shared/bench/gpu_generate_check.py --out $OUT; python bench/bench_serve_gpu.py --out $OUT
     python bench/bench_serve_gpu.py --cpu-smoke          # tiny sizes on CPU: checks the script runs
 
-  hf                serve.engine=hf: cerbero_ray.generate.engine.Generator (transformers generate)
+  hf                serve.engine=hf: cerbero_ray.inference.generator.Generator (transformers generate)
   continuous        serve.engine=continuous with cuda_graphs=false: our loop, eager decoding
   continuous_graphs serve.engine=continuous, the GPU default: CUDA-graph-captured decoding
 All 32 requests are submitted at once, as token ids (exactly --prompt tokens each). Reports new
@@ -65,8 +65,9 @@ def main():
     import torch
     from transformers import MistralForCausalLM
 
-    from cerbero_ray.generate.continuous import ContinuousBatcher
-    from cerbero_ray.generate.engine import Generator, Sampling
+    from cerbero_ray.inference.continuous import ContinuousBatcher
+    from cerbero_ray.inference.generator import Generator
+    from cerbero_ray.inference.sampling import Sampling
     from cerbero_ray.models import mistral_7b_config, tiny_config
     from cerbero_ray.tokenizer import build_tokenizer
 
@@ -84,19 +85,28 @@ def main():
     gen = Generator(model, tok, batch_size=a.batch, max_prompt_tokens=a.prompt)
     prompts = [tok.decode(x) for x in ids]  # Generator takes text; its retokenized prompts differ slightly
     out, t = timed(lambda: gen.generate(prompts, s), a.reps, cuda)
-    res["hf"] = {"new_tokens": sum(r["new_tokens"] for r in out), "s": round(t, 3),
-                 "prompt_tokens_mean": round(statistics.mean(r["prompt_tokens"] for r in out), 1)}
+    res["hf"] = {
+        "new_tokens": sum(r["new_tokens"] for r in out),
+        "s": round(t, 3),
+        "prompt_tokens_mean": round(statistics.mean(r["prompt_tokens"] for r in out), 1),
+    }
     texts = {}
     for name, graphs in (("continuous", False), ("continuous_graphs", True)):
         if graphs and not cuda:
             res[name] = "skipped: CUDA graphs need a GPU"
             continue
-        cb = ContinuousBatcher(model, tok, num_slots=a.batch, max_prompt_tokens=a.prompt, max_new_tokens=a.new,
-                               cuda_graphs=graphs)
-        out, t = timed(lambda: run_batcher(cb, ids, s), a.reps, cuda)
+        cb = ContinuousBatcher(
+            model, tok, num_slots=a.batch, max_prompt_tokens=a.prompt, max_new_tokens=a.new, cuda_graphs=graphs
+        )
+        out, t = timed(lambda cb=cb: run_batcher(cb, ids, s), a.reps, cuda)
         texts[name] = [r["text"] for r in out]
-        res[name] = {"new_tokens": sum(r["new_tokens"] for r in out), "s": round(t, 3), "steps": cb.steps,
-                     "graph_error": cb.slots.graph_error, "kv_cache_gib": round(cb.slots.cache_bytes() / 2**30, 2)}
+        res[name] = {
+            "new_tokens": sum(r["new_tokens"] for r in out),
+            "s": round(t, 3),
+            "steps": cb.steps,
+            "graph_error": cb.slots.graph_error,
+            "kv_cache_gib": round(cb.slots.cache_bytes() / 2**30, 2),
+        }
         del cb
     if "continuous_graphs" in texts:
         same = sum(x == y for x, y in zip(texts["continuous"], texts["continuous_graphs"]))

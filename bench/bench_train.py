@@ -29,13 +29,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def overrides(a, out, data_dir, name, workers, cpus=1):
-    return [f"paths.output_dir={out}", f"train.data_dir={data_dir}", f"train.name={name}",
-            f"train.num_workers={workers}", f"train.cpus_per_worker={cpus}", f"train.global_batch_size={a.batch}", "train.micro_batch_size=1",
-            f"train.max_steps={a.steps}", "train.epochs=1", "train.eval_rows=0", "train.checkpoint_every=0",
-            "train.log_every=1", "train.gradient_checkpointing=false", "train.precision=fp32",
-            "train.hf_in_checkpoints=false", f"+model.overrides.hidden_size={a.hidden}",
-            f"+model.overrides.num_hidden_layers={a.layers}", f"+model.overrides.intermediate_size={3 * a.hidden}",
-            f"+model.overrides.num_attention_heads={a.hidden // 64}", "+model.overrides.num_key_value_heads=2"]
+    return [
+        f"paths.output_dir={out}",
+        f"train.data_dir={data_dir}",
+        f"train.name={name}",
+        f"train.num_workers={workers}",
+        f"train.cpus_per_worker={cpus}",
+        f"train.global_batch_size={a.batch}",
+        "train.micro_batch_size=1",
+        f"train.max_steps={a.steps}",
+        "train.epochs=1",
+        "train.eval_rows=0",
+        "train.checkpoint_every=0",
+        "train.log_every=1",
+        "train.gradient_checkpointing=false",
+        "train.precision=fp32",
+        "train.hf_in_checkpoints=false",
+        f"+model.overrides.hidden_size={a.hidden}",
+        f"+model.overrides.num_hidden_layers={a.layers}",
+        f"+model.overrides.intermediate_size={3 * a.hidden}",
+        f"+model.overrides.num_attention_heads={a.hidden // 64}",
+        "+model.overrides.num_key_value_heads=2",
+    ]
 
 
 def steady(history, warmup):
@@ -48,7 +63,7 @@ def run_plain(cfg, warmup):
     import torch
 
     from cerbero_ray.models import build_model
-    from cerbero_ray.train.loop import plan_all, total_steps
+    from cerbero_ray.train.plan import plan_all, total_steps
     from cerbero_ray.train.reader import local_batches
 
     t, run = cfg["train"], cfg["run"]
@@ -63,7 +78,9 @@ def run_plain(cfg, warmup):
         t0 = time.perf_counter()
         for _ in range(t["global_batch_size"]):
             b = {k: torch.as_tensor(v) for k, v in next(batches).items()}
-            loss = model(input_ids=b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], use_cache=False).loss
+            loss = model(
+                input_ids=b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], use_cache=False
+            ).loss
             (loss / t["global_batch_size"]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t["max_grad_norm"])
         opt.step()
@@ -89,16 +106,19 @@ def main():
     from cerbero_ray.config import compose, to_container
     from cerbero_ray.data.pipeline import run_data
     from cerbero_ray.runtime import init_ray, shutdown_ray
-    from cerbero_ray.train.trainer import run_training
-    from cerbero_ray.train.validate import prepare_run
+    from cerbero_ray.train import run_train
+    from cerbero_ray.train.prepare import prepare_run
 
     shutil.rmtree(a.out, ignore_errors=True)
     init_ray({"num_cpus": os.cpu_count() + 1, "dashboard": True})  # 1 CPU per worker + 1 for Ray Data reads
-    data = to_container(compose("prepare_data", ["data=mix_sample", f"data.seq_len={a.seq}", f"paths.output_dir={a.out}"]))
+    data = to_container(compose("data", ["data=mix_sample", f"data.seq_len={a.seq}", f"paths.output_dir={a.out}"]))
     run_data(data)
     data_dir = data["data"]["output_dir"]
-    res = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
-           "args": vars(a)}
+    res = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+        "args": vars(a),
+    }
 
     plain_cfg = prepare_run(to_container(compose("train", overrides(a, a.out, data_dir, "plain", 1))))
     res["plain_tokens_per_s"], res["params"] = run_plain(plain_cfg, a.warmup)
@@ -107,22 +127,30 @@ def main():
     cores = os.cpu_count()
     for key, workers in (("ray_1worker", 1), ("ray", 2)):
         t0 = time.perf_counter()
-        summary = run_training(to_container(compose("train", overrides(a, a.out, data_dir, key, workers, cores // workers))))
+        summary = run_train(
+            to_container(compose("train", overrides(a, a.out, data_dir, key, workers, cores // workers)))
+        )
         res[f"{key}_wall_s"] = round(time.perf_counter() - t0, 1)
         res[f"{key}_tokens_per_s"] = steady(
-            [json.loads(x) for x in open(os.path.join(summary["run_dir"], "metrics.jsonl"))], a.warmup)
+            [json.loads(x) for x in open(os.path.join(summary["run_dir"], "metrics.jsonl"))], a.warmup
+        )
     shutdown_ray()
 
     import subprocess
 
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "cerbero_ray.train.local", *overrides(a, a.out, data_dir, "local", 1)],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})
+    r = subprocess.run(
+        [sys.executable, "-m", "cerbero_ray.train.local", *overrides(a, a.out, data_dir, "local", 1)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())},
+    )
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
     res["local_wall_s"] = round(time.perf_counter() - t0, 1)
-    res["local_tokens_per_s"] = steady([json.loads(x) for x in open(os.path.join(a.out, "train", "local", "metrics.jsonl"))],
-                                       a.warmup)
+    res["local_tokens_per_s"] = steady(
+        [json.loads(x) for x in open(os.path.join(a.out, "train", "local", "metrics.jsonl"))], a.warmup
+    )
     for k in ("local", "ray_1worker", "ray"):
         res[f"{k}_vs_plain"] = round(res[f"{k}_tokens_per_s"] / res["plain_tokens_per_s"], 3)
     print(json.dumps(res, indent=1))

@@ -39,25 +39,72 @@ def write_shard(path: str, rows: int, seq: int, docs: int, vocab: int) -> None:
         bounds = [0, *cuts.tolist(), seq]
         pos[r] = np.concatenate([np.arange(bounds[i + 1] - bounds[i]) for i in range(docs)])
     col = lambda a: pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), seq)
-    pq.write_table(pa.table({"input_ids": col(ids), "labels": col(ids), "position_ids": col(pos)}), path, row_group_size=4)
+    pq.write_table(
+        pa.table({"input_ids": col(ids), "labels": col(ids), "position_ids": col(pos)}), path, row_group_size=4
+    )
 
 
 def config(a, shard: str, rows: int, run_dir: str) -> dict:
     hidden, heads, ffn = (64, 4, 192) if a.cpu_smoke else (4096, 32, 14336)
-    model = {"_target_": "cerbero_ray.models.mistral_7b", "path": None, "dtype": "bfloat16",
-             "overrides": {"num_hidden_layers": a.layers, "hidden_size": hidden, "intermediate_size": ffn,
-                           "num_attention_heads": heads, "num_key_value_heads": min(8, heads), "sliding_window": None}}
-    train = {"name": "gpu-bench", "micro_batch_size": 1, "global_batch_size": 1, "epochs": 1, "max_steps": a.steps,
-             "lr": 1e-5, "min_lr_ratio": 0.1, "schedule": "cosine", "warmup_steps": 0, "warmup_ratio": 0.0,
-             "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8, "max_grad_norm": 1.0,
-             "gradient_checkpointing": True, "attention": "auto", "loss_chunk_tokens": a.loss_chunk, "seed": 0,
-             "eval_rows": 0, "eval_every": 0, "log_every": 1, "checkpoint_every": 0, "keep_checkpoints": 1,
-             "hf_in_checkpoints": False, "peak_tflops": None, "read_cpus": 0.25, "fail_at_step": None, "fail_rank": 1,
-             "precision": "fp32" if a.cpu_smoke else "bf16"}
-    ds = {"stage": 1, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 500_000_000,
-          "allgather_bucket_size": 500_000_000, "extra": {}}
-    return {"model": model, "train": train, "deepspeed": ds, "tokenizer": None,
-            "run": {"shards": [{"path": shard, "rows": rows}], "seq_len": a.seq, "run_dir": run_dir, "rows": rows}}
+    model = {
+        "_target_": "cerbero_ray.models.mistral_7b",
+        "path": None,
+        "dtype": "bfloat16",
+        "overrides": {
+            "num_hidden_layers": a.layers,
+            "hidden_size": hidden,
+            "intermediate_size": ffn,
+            "num_attention_heads": heads,
+            "num_key_value_heads": min(8, heads),
+            "sliding_window": None,
+        },
+    }
+    train = {
+        "name": "gpu-bench",
+        "micro_batch_size": 1,
+        "global_batch_size": 1,
+        "epochs": 1,
+        "max_steps": a.steps,
+        "lr": 1e-5,
+        "min_lr_ratio": 0.1,
+        "schedule": "cosine",
+        "warmup_steps": 0,
+        "warmup_ratio": 0.0,
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.95],
+        "eps": 1e-8,
+        "max_grad_norm": 1.0,
+        "gradient_checkpointing": True,
+        "attention": "auto",
+        "loss_chunk_tokens": a.loss_chunk,
+        "seed": 0,
+        "eval_rows": 0,
+        "eval_every": 0,
+        "log_every": 1,
+        "checkpoint_every": 0,
+        "keep_checkpoints": 1,
+        "hf_in_checkpoints": False,
+        "peak_tflops": None,
+        "read_cpus": 0.25,
+        "fail_at_step": None,
+        "fail_rank": 1,
+        "precision": "fp32" if a.cpu_smoke else "bf16",
+    }
+    ds = {
+        "stage": 1,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 500_000_000,
+        "allgather_bucket_size": 500_000_000,
+        "extra": {},
+    }
+    return {
+        "model": model,
+        "train": train,
+        "deepspeed": ds,
+        "tokenizer": None,
+        "run": {"shards": [{"path": shard, "rows": rows}], "seq_len": a.seq, "run_dir": run_dir, "rows": rows},
+    }
 
 
 def main():
@@ -86,11 +133,15 @@ def main():
     summary = train_loop(cfg, env)
     env.close()
     hist = [json.loads(x) for x in open(os.path.join(cfg["run"]["run_dir"], "metrics.jsonl"))]
-    steady = [h for h in hist if "tokens_per_s" in h][a.warmup:]
-    res = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-           "args": vars(a), "tokens_per_s": round(statistics.median(h["tokens_per_s"] for h in steady)),
-           "mfu": statistics.median(h["mfu"] for h in steady) if steady[0]["mfu"] is not None else None,
-           "final_loss": summary.get("final_loss")}
+    steady = [h for h in hist if "tokens_per_s" in h][a.warmup :]
+    res = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "args": vars(a),
+        "tokens_per_s": round(statistics.median(h["tokens_per_s"] for h in steady)),
+        "mfu": statistics.median(h["mfu"] for h in steady) if steady[0]["mfu"] is not None else None,
+        "final_loss": summary.get("final_loss"),
+    }
     if torch.cuda.is_available():
         res["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     base_path = os.path.join(a.out, "gpu_zero1_check.json")

@@ -47,7 +47,7 @@ for stage in "$@"; do
     serve)
       baseline gpu_generate_check 230 $PY .gpu/baselines/gpu_generate_check.py --out "$OUT" --budget-s 200
       step bench_serve_gpu 170 $PY bench/bench_serve_gpu.py --out "$OUT" "${SMOKE[@]}"
-      step pytest_gpu_continuous 70 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_continuous.py ;;
+      step pytest_gpu_continuous 70 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_inference_continuous.py ;;
     label)
       step bench_label_gpu 110 $PY bench/bench_label_gpu.py --out "$OUT" "${SMOKE[@]}" ;;
     train)

@@ -33,7 +33,7 @@ FORMATS = ("auto", "jsonl", "parquet", "txt")
 @dataclass(frozen=True)
 class Chunk:
     path: str
-    start: int      # first row (Parquet) or first line (JSONL / .txt), 0-based
+    start: int  # first row (Parquet) or first line (JSONL / .txt), 0-based
     stop: int
     byte_start: int = 0
     byte_stop: int = 0
@@ -116,8 +116,11 @@ def read_chunk(chunk: Chunk, fmt: str, text_field: str, id_field: str | None) ->
         except json.JSONDecodeError:
             out.append({"id": rid, "text": None, "error": "invalid_json"})
             continue
-        out.append(_row(record, rid, text_field, id_field) if isinstance(record, dict)
-                   else {"id": rid, "text": None, "error": "empty" if record is None else "not_an_object"})
+        out.append(
+            _row(record, rid, text_field, id_field)
+            if isinstance(record, dict)
+            else {"id": rid, "text": None, "error": "empty" if record is None else "not_an_object"}
+        )
     return out
 
 
@@ -147,31 +150,35 @@ def done_keys(out: str) -> set[str]:
     fs, p = storage.resolve(storage.join(out, "parts"))
     if fs.get_file_info(p).type == storage.pafs.FileType.NotFound:
         return set()
-    return {i.base_name[5:-8] for i in fs.get_file_info(storage.pafs.FileSelector(p))
-            if i.base_name.startswith("part-") and i.base_name.endswith(".parquet")}
+    return {
+        i.base_name[5:-8]
+        for i in fs.get_file_info(storage.pafs.FileSelector(p))
+        if i.base_name.startswith("part-") and i.base_name.endswith(".parquet")
+    }
 
 
 def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: str) -> None:
     """Record what this run is in ``<out>/<run_file>``; refuse an output folder that holds a run with
     other settings (its parts would mix with ours) unless ``overwrite``, which clears it first."""
     ident = json.loads(json.dumps(ident))  # as it reads back: tuples become lists
-    fs, p = storage.resolve(storage.join(out, run_file))
+    path = storage.join(out, run_file)
+    fs, p = storage.resolve(path)
     if fs.get_file_info(p).is_file:
-        with fs.open_input_stream(p) as f:
-            old = json.loads(f.read())
+        old = storage.read_json(path)
         if old != ident:
             if not overwrite:
-                raise FileExistsError(f"{out} holds a {stage} run with other settings "
-                                      f"({', '.join(k for k in ident if ident[k] != old.get(k))} differ); "
-                                      f"pass {stage}.overwrite=true or another {stage}.output_dir")
+                raise FileExistsError(
+                    f"{out} holds a {stage} run with other settings "
+                    f"({', '.join(k for k in ident if ident[k] != old.get(k))} differ); "
+                    f"pass {stage}.overwrite=true or another {stage}.output_dir"
+                )
             fs.delete_dir_contents(p.rsplit("/", 1)[0])
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(json.dumps(ident, indent=1, ensure_ascii=False).encode())
+    storage.write_json(path, ident)
 
 
-def start_run(out: str, run_file: str, ident: dict, overwrite: bool, stage: str, path: str, fmt: str,
-              chunk_rows: int) -> tuple[list[Chunk], list[Chunk]]:
+def start_run(
+    out: str, run_file: str, ident: dict, overwrite: bool, stage: str, path: str, fmt: str, chunk_rows: int
+) -> tuple[list[Chunk], list[Chunk]]:
     """Plan the input, claim ``out`` for this run, delete what a killed run left half-written;
     returns (every chunk, the chunks whose part is still missing). A missing input is reported as
     such (naming ``<stage>.input``) before the output folder is looked at."""
@@ -217,15 +224,24 @@ class ChunkWorker:
         raise NotImplementedError
 
     def __call__(self, batch: dict) -> dict:
-        chunks = [Chunk(**{k: (str(v[i]) if k == "path" else int(v[i])) for k, v in batch.items()})
-                  for i in range(len(batch["path"]))]
+        chunks = [
+            Chunk(**{k: (str(v[i]) if k == "path" else int(v[i])) for k, v in batch.items()})
+            for i in range(len(batch["path"]))
+        ]
         stats = [self.process(ch) for ch in chunks]
         return {k: [s[k] for s in stats] for k in stats[0]}
 
 
 def map_chunks(todo: list[Chunk], worker: type, cfg: dict, desc: str) -> Iterator[dict]:
-    """Run ``worker(cfg)`` actors over the chunks on the current Ray cluster (``cfg``: ``workers``,
-    ``gpus_per_worker``, ``cpus_per_worker``); yields each chunk's stats, with a progress bar in rows."""
+    """Run ``worker(cfg)`` actors over the chunks on the current Ray cluster; yields each chunk's
+    stats, with a progress bar in rows."""
+    yield from map_items([ch.__dict__ for ch in todo], worker, cfg, desc, sum(ch.stop - ch.start for ch in todo))
+
+
+def map_items(items: list[dict], worker: type, cfg: dict, desc: str, total_rows: int) -> Iterator[dict]:
+    """Run a pool of ``worker(cfg)`` model actors over ``items`` (one per call) on the current Ray
+    cluster (``cfg``: ``workers``, ``gpus_per_worker``, ``cpus_per_worker``); yields each item's
+    result, whose ``rows`` drives a progress bar of ``total_rows``."""
     import ray
     import ray.data
     from tqdm import tqdm
@@ -233,12 +249,18 @@ def map_chunks(todo: list[Chunk], worker: type, cfg: dict, desc: str) -> Iterato
     res = ray.cluster_resources()
     gpus, cpus = float(cfg["gpus_per_worker"]), float(res.get("CPU", 1))
     workers = cfg.get("workers") or (int(res.get("GPU", 0) // gpus) if gpus else max(1, int(cpus - 1)))
-    workers = max(1, min(workers, len(todo)))
+    workers = max(1, min(workers, len(items)))
     ray.data.DataContext.get_current().execution_options.preserve_order = False
-    ds = ray.data.from_items([ch.__dict__ for ch in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(worker, fn_constructor_args=(cfg,), batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
-                        num_gpus=gpus or None, num_cpus=min(float(cfg["cpus_per_worker"]), max(cpus - 1, 0.5) / workers))
-    with tqdm(total=sum(ch.stop - ch.start for ch in todo), unit="row", desc=desc, dynamic_ncols=True) as bar:
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        worker,
+        fn_constructor_args=(cfg,),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_gpus=gpus or None,
+        num_cpus=min(float(cfg["cpus_per_worker"]), max(cpus - 1, 0.5) / workers),
+    )
+    with tqdm(total=total_rows, unit="row", desc=desc, dynamic_ncols=True) as bar:
         for row in ds.iter_rows():
             bar.update(row["rows"])
             yield row

@@ -11,11 +11,16 @@ from __future__ import annotations
 import importlib
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PretrainedConfig,
-                          PreTrainedModel)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-INFERENCE_DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: bfloat16 on GPU, float32 on CPU
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -25,19 +30,40 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def tiny_config(**overrides) -> MistralConfig:
-    cfg = dict(vocab_size=32000, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-               sliding_window=None, rope_theta=10000.0, tie_word_embeddings=False,
-               bos_token_id=1, eos_token_id=2)
+    cfg = dict(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        sliding_window=None,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return MistralConfig(**{**cfg, **overrides})
 
 
 def mistral_7b_config(**overrides) -> MistralConfig:
     """mistral-7b v0.1: 32 layers, 4096 hidden, 14336 FFN, 32 heads / 8 KV heads, sliding window 4096."""
-    cfg = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-               sliding_window=4096, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-               bos_token_id=1, eos_token_id=2)
+    cfg = dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return MistralConfig(**{**cfg, **overrides})
 
 
@@ -51,14 +77,16 @@ def mistral_7b(path=None, dtype: str = "bfloat16", overrides: dict | None = None
     return MistralForCausalLM(mistral_7b_config(**(overrides or {}))).to(_dtype(dtype))
 
 
-def from_pretrained(path: str | None = None, dtype: str = "bfloat16", overrides: dict | None = None,
-                    seed: int = 0) -> PreTrainedModel:
+def from_pretrained(
+    path: str | None = None, dtype: str = "bfloat16", overrides: dict | None = None, seed: int = 0
+) -> PreTrainedModel:
     if not path:
         raise ValueError("model.path is required for model=hf (a local folder or an s3:// URI)")
     from cerbero_ray.storage import local_copy
 
-    return AutoModelForCausalLM.from_pretrained(local_copy(path), dtype=_dtype(dtype), trust_remote_code=False,
-                                                **(overrides or {}))
+    return AutoModelForCausalLM.from_pretrained(
+        local_copy(path), dtype=_dtype(dtype), trust_remote_code=False, **(overrides or {})
+    )
 
 
 def check_checkpoint(path: str, key: str) -> None:
@@ -72,13 +100,9 @@ def check_checkpoint(path: str, key: str) -> None:
 
 def model_type(path: str) -> str | None:
     """The ``model_type`` an HF folder or URI's config.json declares."""
-    import json
-
     from cerbero_ray import storage
 
-    fs, p = storage.resolve(storage.join(path, "config.json"))
-    with fs.open_input_stream(p) as f:
-        return json.loads(f.read()).get("model_type")
+    return storage.read_json(storage.join(path, "config.json")).get("model_type")
 
 
 def load_for_inference(checkpoint: str, dtype: str = "auto"):
@@ -101,8 +125,12 @@ def build_model(model_cfg: dict, seed: int = 0) -> PreTrainedModel:
     """The model named by a ``model`` config group (a plain dict)."""
     module, _, name = model_cfg["_target_"].rpartition(".")
     builder = getattr(importlib.import_module(module), name)
-    return builder(path=model_cfg.get("path"), dtype=model_cfg.get("dtype", "float32"),
-                   overrides=dict(model_cfg.get("overrides") or {}), seed=seed)
+    return builder(
+        path=model_cfg.get("path"),
+        dtype=model_cfg.get("dtype", "float32"),
+        overrides=dict(model_cfg.get("overrides") or {}),
+        seed=seed,
+    )
 
 
 def build_model_config(model_cfg: dict) -> PretrainedConfig:

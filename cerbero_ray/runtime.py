@@ -51,3 +51,21 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def launch(stage: str, cfg, run, ray: bool = True, **kwargs):
+    """What every ``jobs/<stage>.py`` does: check the composed config (a bad key or value, a missing
+    local input, is one line naming the key and exit status 2, before Ray starts), start or attach
+    Ray (unless ``ray=False``), and call ``run(cfg)``."""
+    import sys
+
+    from cerbero_ray.config import check
+
+    try:
+        c = check(stage, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if ray:
+        init_ray(c["cluster"])
+    return run(c, **kwargs)

@@ -19,7 +19,7 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
     if path.startswith("file://"):
-        path = path[len("file://"):]
+        path = path[len("file://") :]
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
@@ -41,8 +41,10 @@ def list_files(path: str, suffixes: tuple[str, ...] = ()) -> list[str]:
         return [path]
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
     files = sorted(
-        i.path for i in infos
-        if i.type == pafs.FileType.File and not posixpath.basename(i.path).startswith((".", "_"))
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and not posixpath.basename(i.path).startswith((".", "_"))
         and (pattern is None or fnmatch.fnmatch(posixpath.basename(i.path), pattern))
         and (not suffixes or i.path.endswith(suffixes))
     )
@@ -62,3 +64,25 @@ def local_copy(path: str, cache_dir: str | None = None) -> str:
         pafs.copy_files(src, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         open(os.path.join(dest, ".complete"), "w").close()
     return dest
+
+
+def write_json(path: str, obj, indent: int | None = 1) -> str:
+    """``obj`` as JSON at ``path`` (a local path or URI), parent folders created; returns ``path``."""
+    import json
+
+    fs, p = resolve(path)
+    fs.create_dir(posixpath.dirname(p) if is_uri(path) else os.path.dirname(p), recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(json.dumps(obj, indent=indent, ensure_ascii=False, default=str).encode())
+    return path
+
+
+def read_json(path: str):
+    """The JSON at ``path``; ``FileNotFoundError`` when there is none."""
+    import json
+
+    fs, p = resolve(path)
+    if not fs.get_file_info(p).is_file:
+        raise FileNotFoundError(f"no such file: {path}")
+    with fs.open_input_stream(p) as f:
+        return json.loads(f.read())

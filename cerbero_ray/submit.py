@@ -1,9 +1,10 @@
 """Submit a stage to a running Ray cluster: compose and check the config here, run it there.
 
-    cerbero-submit --address http://127.0.0.1:8265 prepare_data data=mix_sample --wait
-    python -m cerbero_ray.submit --address http://head:8265 pipeline paths.output_dir=s3://bucket/run1
+    cerbero-submit --address http://127.0.0.1:8265 data data=mix_sample --wait
+    python -m cerbero_ray.submit --address http://head:8265 recipe paths.output_dir=s3://bucket/run1
 
-The config is composed locally first, so a misspelled key fails before anything is sent. The job
+The config is composed and checked locally first (the stage's ``check_<stage>``), so a misspelled
+key or a bad value fails before anything is sent. The job
 runs ``python jobs/<stage>.py <overrides>`` with this checkout as its ``working_dir`` (data and
 outputs excluded), attached to the cluster. Local output and data folders are made absolute, since
 the job's working directory is a copy; use object-store URIs for clusters that do not share this
@@ -21,16 +22,25 @@ import time
 from cerbero_ray import storage
 from cerbero_ray.config import REPO_DIR, STAGE_SCHEMAS, compose
 
-EXCLUDES = ["outputs/", "multirun/", ".git/", "**/__pycache__/", "*.parquet", ".bench/", ".whl/",
-            "*.egg-info/", "bench/results/"]
+EXCLUDES = [
+    "outputs/",
+    "multirun/",
+    ".git/",
+    "**/__pycache__/",
+    "*.parquet",
+    ".bench/",
+    ".whl/",
+    "*.egg-info/",
+    "bench/results/",
+]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def job_spec(stage: str, overrides: list[str]) -> dict:
-    """Entrypoint and runtime_env for ``stage``; composes the config to fail early on bad keys."""
+    """Entrypoint and runtime_env for ``stage``; composes and checks the config to fail early."""
     if stage not in STAGE_SCHEMAS:
         raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_SCHEMAS)}")
-    cfg = compose(stage, overrides)
+    cfg = compose(stage, overrides, checked=True)
     env = {}
     for key, var in (("output_dir", "CERBERO_OUTPUT_DIR"), ("data_dir", "CERBERO_DATA_DIR")):
         value = str(cfg.paths[key])
@@ -38,12 +48,17 @@ def job_spec(stage: str, overrides: list[str]) -> dict:
     # the job's cwd is a copy of the checkout: paths it gets must not be relative to it
     overrides = [o for o in overrides if not o.startswith(("paths.output_dir=", "paths.data_dir="))]
     entrypoint = " ".join(["python", f"jobs/{stage}.py", *(shlex.quote(o) for o in overrides)])
-    return {"entrypoint": entrypoint,
-            "runtime_env": {"working_dir": REPO_DIR, "excludes": EXCLUDES, "env_vars": env}}
+    return {"entrypoint": entrypoint, "runtime_env": {"working_dir": REPO_DIR, "excludes": EXCLUDES, "env_vars": env}}
 
 
-def submit(address: str, stage: str, overrides: list[str], wait: bool = False, timeout_s: float = 3600,
-           submission_id: str | None = None) -> tuple[str, str | None]:
+def submit(
+    address: str,
+    stage: str,
+    overrides: list[str],
+    wait: bool = False,
+    timeout_s: float = 3600,
+    submission_id: str | None = None,
+) -> tuple[str, str | None]:
     """Submit; returns (submission id, final status or None when not waiting)."""
     from ray.job_submission import JobSubmissionClient
 
@@ -77,8 +92,11 @@ def _submit_when_ready(client, spec: dict, submission_id: str | None, wait_s: fl
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")),
-                   help="the cluster's job server (dashboard) address")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS", os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")),
+        help="the cluster's job server (dashboard) address",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the job and print its logs")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--submission-id", default=None)

@@ -26,32 +26,7 @@ import tempfile
 
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
-SYSTEM_LINE = "Questa è una conversazione tra un umano ed un assistente AI."
-USER_TAG = "[|Umano|]"
-STOP_STRING = USER_TAG
-ASSISTANT_TAGS = {"AI": "[|AI|]", "Assistente": "[|Assistente|]"}
-
-
-def chat_template(assistant_tag: str = "AI", system_line: str = SYSTEM_LINE) -> str:
-    """The Jinja chat template of the cerbero format, with ``[|AI|]`` or ``[|Assistente|]`` turns."""
-    if assistant_tag not in ASSISTANT_TAGS:
-        raise ValueError(f"tokenizer.assistant_tag must be one of {sorted(ASSISTANT_TAGS)}, got {assistant_tag!r}")
-    tag = ASSISTANT_TAGS[assistant_tag]
-    system = system_line.replace("\\", "\\\\").replace("'", "\\'")
-    return (
-        "{%- if messages and messages[0]['role'] == 'system' %}"
-        "{%- set system = messages[0]['content'] %}{%- set turns = messages[1:] %}"
-        f"{{%- else %}}{{%- set system = '{system}' %}}{{%- set turns = messages %}}{{%- endif %}}"
-        "{{- bos_token + system + '\\n' }}"
-        "{%- for message in turns %}"
-        f"{{%- if message['role'] == 'user' %}}{{{{- '{USER_TAG} ' + message['content'] + '\\n' }}}}"
-        f"{{%- elif message['role'] == 'assistant' %}}{{{{- '{tag}' }}}}"
-        "{%- generation %}{{- ' ' + message['content'] + '\\n' }}"
-        "{%- if loop.last and not add_generation_prompt %}{{- eos_token }}{%- endif %}{%- endgeneration %}"
-        "{%- else %}{{- raise_exception('unknown role: ' + message['role']) }}{%- endif %}"
-        "{%- endfor %}"
-        f"{{%- if add_generation_prompt %}}{{{{- '{tag}' }}}}{{%- endif %}}"
-    )
+from cerbero_ray.chat import SYSTEM_LINE, chat_template
 
 
 def mistral_v1_model_file() -> str:
@@ -74,22 +49,37 @@ def build_tokenizer(
     remote HF directory (a checkpoint of ours, which already carries the template, or any Mistral
     tokenizer, which gets it). Cached per process: workers build it once.
     """
+    spm = None  # the sentencepiece model behind the tokenizer, when there is one: saved beside it
     if path is None:
+        spm = mistral_v1_model_file()
         with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy(mistral_v1_model_file(), os.path.join(tmp, "tokenizer.model"))
+            shutil.copy(spm, os.path.join(tmp, "tokenizer.model"))
             # legacy=True prepends "▁" after special tokens too, as sentencepiece and the released
             # Mistral tokenizer do: "<s>Questa" -> ["<s>", "▁Qu", "esta"].
             tok = LlamaTokenizer.from_pretrained(tmp, legacy=True, add_bos_token=True)
     else:
         from cerbero_ray.storage import local_copy
 
-        tok = AutoTokenizer.from_pretrained(local_copy(path), trust_remote_code=False)
+        local = local_copy(path)
+        tok = AutoTokenizer.from_pretrained(local, trust_remote_code=False)
+        spm = os.path.join(local, "tokenizer.model") if os.path.isfile(os.path.join(local, "tokenizer.model")) else None
+    tok.sentencepiece_file = spm
     if not tok.is_fast:
         raise ValueError(f"tokenizer at {path!r} has no fast (Rust) implementation")
     tok.chat_template = chat_template(assistant_tag, system_line)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token  # Mistral has no pad token; padding is always label -100
     return tok
+
+
+def save_tokenizer(tok: PreTrainedTokenizerBase, directory: str) -> None:
+    """``save_pretrained`` (``tokenizer.json``, the chat template), plus ``tokenizer.model`` when the
+    tokenizer came from a sentencepiece model, so that converters that want it (llama.cpp's, ours
+    for GGUF) find it."""
+    tok.save_pretrained(directory)
+    spm = getattr(tok, "sentencepiece_file", None)
+    if spm and os.path.isfile(spm) and not os.path.exists(os.path.join(directory, "tokenizer.model")):
+        shutil.copy(spm, os.path.join(directory, "tokenizer.model"))
 
 
 def tokenizer_hash(tok: PreTrainedTokenizerBase) -> str:

@@ -9,16 +9,15 @@ import hydra
 from omegaconf import DictConfig
 
 from cerbero_ray.config import register_configs
-from cerbero_ray.label.pipeline import run_labeling
-from cerbero_ray.runtime import init_ray
+from cerbero_ray.label import run_label
+from cerbero_ray.runtime import launch
 
 register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="label", version_base=None)
 def main(cfg: DictConfig) -> None:
-    init_ray(cfg.cluster)
-    run_labeling(cfg)
+    launch("label", cfg, run_label)
 
 
 if __name__ == "__main__":

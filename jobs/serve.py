@@ -1,23 +1,22 @@
 """The serving endpoint: the checkpoint behind an autoscaled Ray Serve app (Ctrl-C stops it).
 
-    python jobs/serve.py                       # embedded local cluster, the demo's checkpoint, 127.0.0.1:8000
-    serve run cerbero_ray.serve.app:build_app checkpoint=outputs/train/tiny-cpu/hf   # Ray's own CLI
+python jobs/serve.py                       # embedded local cluster, the demo's checkpoint, 127.0.0.1:8000
+serve run cerbero_ray.serve.app:build_app checkpoint=outputs/train/tiny-cpu/hf   # Ray's own CLI
 """
 
 import hydra
 from omegaconf import DictConfig
 
 from cerbero_ray.config import register_configs
-from cerbero_ray.runtime import init_ray
-from cerbero_ray.serve.service import run_serve
+from cerbero_ray.runtime import launch
+from cerbero_ray.serve import run_serve
 
 register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="serve", version_base=None)
 def main(cfg: DictConfig) -> None:
-    init_ray(cfg.cluster)
-    run_serve(cfg, blocking=True)
+    launch("serve", cfg, run_serve, blocking=True)
 
 
 if __name__ == "__main__":

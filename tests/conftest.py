@@ -8,8 +8,9 @@ import urllib.request
 
 import pytest
 
+from cerbero_ray.chat import SYSTEM_LINE
 from cerbero_ray.config import REPO_DIR
-from cerbero_ray.tokenizer import SYSTEM_LINE, build_tokenizer
+from cerbero_ray.tokenizer import build_tokenizer
 
 SHARED_DATA = os.environ.get("CERBERO_DATA_DIR", os.path.join(REPO_DIR, "..", "shared", "data"))
 SAMPLES = os.path.join(REPO_DIR, "data", "samples")
@@ -18,6 +19,7 @@ SAMPLES = os.path.join(REPO_DIR, "data", "samples")
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
+
         has_cuda = torch.cuda.is_available()
     except ImportError:
         has_cuda = False
@@ -43,9 +45,19 @@ def ray_local():
 
 def proc_cfg(out, sources, **data):
     """A plain-dict config for BufferProcessor / run_data."""
-    d = {"sources": sources, "seq_len": 512, "loss_on": "assistant", "packing": "whole", "long_docs": "split",
-         "buffer_docs": 4096, "workers": None, "seed": 0, "compression": "zstd", "output_dir": str(out),
-         "overwrite": False}
+    d = {
+        "sources": sources,
+        "seq_len": 512,
+        "loss_on": "assistant",
+        "packing": "whole",
+        "long_docs": "split",
+        "buffer_docs": 4096,
+        "workers": None,
+        "seed": 0,
+        "compression": "zstd",
+        "output_dir": str(out),
+        "overwrite": False,
+    }
     d.update(data)
     return d
 
@@ -70,9 +82,14 @@ def free_port():
 def _own_ports():
     # every port its own: another cluster on this machine (the embedded one of other tests) holds
     # the defaults, and a job agent that cannot bind never comes up
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+    ]
 
 
 def _start(cmd, env):
@@ -82,9 +99,22 @@ def _start(cmd, env):
 def start_head(env, temp, num_cpus):
     """``ray start --head --block`` on loopback in its own process group; waits for the dashboard."""
     port, dash = free_port(), free_port()
-    cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={num_cpus}", f"--temp-dir={temp}",
-           "--include-dashboard=true", "--disable-usage-stats", f"--ray-client-server-port={free_port()}", *_own_ports()]
+    cmd = [
+        "ray",
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+        f"--ray-client-server-port={free_port()}",
+        *_own_ports(),
+    ]
     proc = _start(cmd, env)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120
@@ -96,15 +126,24 @@ def start_head(env, temp, num_cpus):
             break
         except Exception:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray head did not start: {proc.stdout.read().decode()[-2000:]}")
+                raise RuntimeError(f"ray head did not start: {proc.stdout.read().decode()[-2000:]}") from None
             time.sleep(1)
     return {"procs": [proc], "gcs": f"127.0.0.1:{port}", "dashboard": address, "env": env, "temp": str(temp)}
 
 
 def add_worker_node(node, num_cpus):
     """A second raylet on loopback joining ``node``'s head."""
-    cmd = ["ray", "start", "--block", f"--address={node['gcs']}", "--node-ip-address=127.0.0.1",
-           f"--num-cpus={num_cpus}", f"--temp-dir={node['temp']}", "--disable-usage-stats", *_own_ports()]
+    cmd = [
+        "ray",
+        "start",
+        "--block",
+        f"--address={node['gcs']}",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={node['temp']}",
+        "--disable-usage-stats",
+        *_own_ports(),
+    ]
     node["procs"].append(_start(cmd, node["env"]))
 
 

@@ -1,18 +1,15 @@
 """Every shipped config composes against its schema; bad keys and values fail early."""
+
 import glob
 import os
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
 from hydra.errors import ConfigCompositionException
 
-from cerbero_ray.config import REPO_DIR, STAGE_SCHEMAS, compose, to_container
-from cerbero_ray.data.pipeline import validate_data_config
-from cerbero_ray.generate.pipeline import check_generate_config
-from cerbero_ray.label.pipeline import check_label_config
-from cerbero_ray.label.tasks import task_from_dict
-from cerbero_ray.train.validate import check_train_config
+from cerbero_ray.config import REPO_DIR, STAGE_SCHEMAS, check, compose, to_container
+from cerbero_ray.config.data import check_data
+from cerbero_ray.config.train import check_train
 
 CONF = os.path.join(REPO_DIR, "conf")
 
@@ -22,69 +19,75 @@ def group_options(group):
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_SCHEMAS))
-@pytest.mark.parametrize("group", ["cluster", "paths", "tokenizer", "data", "model", "deepspeed", "train", "label/task"])
-def test_every_option_composes(stage, group):
+@pytest.mark.parametrize(
+    "group", ["cluster", "paths", "tokenizer", "data", "model", "deepspeed", "train", "label/task"]
+)
+def test_every_option_composes(stage, group, tmp_path):
     primary = yaml.safe_load(open(os.path.join(CONF, f"{stage}.yaml")))
     if not any(isinstance(d, dict) and group in d for d in primary["defaults"]):
         pytest.skip(f"{stage} has no {group} group")
     for option in group_options(group):
         extra = ["model.path=/tmp/ckpt"] if (group, option) == ("model", "hf") else []
-        cfg = compose(stage, [f"{group}={option}", *extra])
-        c = to_container(cfg)
-        if "train" in c:
-            check_train_config(c["train"], c["deepspeed"])
-        if "generate" in c:
-            check_generate_config(c["generate"])
-        if "label" in c:
-            check_label_config(c["label"])
-            task_from_dict(c["label"]["task"])
+        (tmp_path / "config.json").write_text("{}")  # a checkpoint for the stages that read one
+        extra += [f"{s}.checkpoint={tmp_path}" for s in ("label", "generate", "serve") if s == stage]
+        c = check(stage, compose(stage, [f"{group}={option}", *extra]))
         if "data" in c:
-            validate_data_config(c["data"])
             assert all(os.path.isabs(s["path"]) or "://" in s["path"] for s in c["data"]["sources"].values())
 
 
 def test_misspelled_key_fails_at_compose(tmp_path):
     with pytest.raises(ConfigCompositionException):
-        compose("prepare_data", ["data.seq_lenn=4096"])
+        compose("data", ["data.seq_lenn=4096"])
     # a user's own config file with a typo, at any depth, is refused by the schema
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "typo.yaml").write_text("defaults:\n  - chat_sample\n  - _self_\nseq_lenn: 4096\n")
-    (tmp_path / "data" / "typo2.yaml").write_text("defaults:\n  - chat_sample\n  - _self_\n"
-                                                  "sources:\n  chat:\n    wieght: 2\n")
+    (tmp_path / "data" / "typo2.yaml").write_text(
+        "defaults:\n  - chat_sample\n  - _self_\nsources:\n  chat:\n    wieght: 2\n"
+    )
     for name, key in (("typo", "seq_lenn"), ("typo2", "wieght")):
         with pytest.raises(ConfigCompositionException, match=key):
-            compose("prepare_data", [f"hydra.searchpath=[file://{tmp_path}]", f"data={name}"])
+            compose("data", [f"hydra.searchpath=[file://{tmp_path}]", f"data={name}"])
 
 
 def test_types_are_checked():
     with pytest.raises(Exception, match="seq_len"):
-        compose("prepare_data", ["data.seq_len=lots"])
+        compose("data", ["data.seq_len=lots"])
 
 
-@pytest.mark.parametrize("key,value", [("loss_on", "users"), ("packing", "tight"), ("long_docs", "keep"),
-                                       ("seq_len", 4), ("buffer_docs", 0)])
+@pytest.mark.parametrize(
+    "key,value", [("loss_on", "users"), ("packing", "tight"), ("long_docs", "keep"), ("seq_len", 4), ("buffer_docs", 0)]
+)
 def test_bad_values_name_the_key(key, value):
-    c = to_container(compose("prepare_data"))
+    c = to_container(compose("data"))
     c["data"][key] = value
     with pytest.raises(ValueError, match=f"data.{key}"):
-        validate_data_config(c["data"])
+        check_data(c)
 
 
 def test_env_moves_outputs(monkeypatch, tmp_path):
     monkeypatch.setenv("CERBERO_OUTPUT_DIR", str(tmp_path))
-    c = to_container(compose("pipeline"))
+    c = to_container(compose("recipe"))
     assert c["data"]["output_dir"] == f"{tmp_path}/data/chat_sample"
-    assert c["stages"] == ["prepare_data", "train", "label"] and c["train"]["data_dir"] == c["data"]["output_dir"] and c["model"]["_target_"] == "cerbero_ray.models.tiny"
+    assert (
+        c["stages"] == ["data", "train", "label"]
+        and c["train"]["data_dir"] == c["data"]["output_dir"]
+        and c["model"]["_target_"] == "cerbero_ray.models.tiny"
+    )
 
 
 def test_model_builders_follow_config():
     from cerbero_ray.models import build_model, mistral_7b_config
 
-    m = build_model(to_container(compose("pipeline"))["model"])
+    m = build_model(to_container(compose("recipe"))["model"])
     assert m.config.vocab_size == 32000 and sum(p.numel() for p in m.parameters()) < 10_000_000
     c = mistral_7b_config()
-    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_key_value_heads, c.sliding_window) == \
-        (4096, 14336, 32, 8, 4096)
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_key_value_heads, c.sliding_window) == (
+        4096,
+        14336,
+        32,
+        8,
+        4096,
+    )
     with pytest.raises(ValueError, match="model.path"):
         build_model({"_target_": "cerbero_ray.models.from_pretrained", "path": None})
 
@@ -112,6 +115,6 @@ def test_kuberay_rayjob_parses_and_its_command_composes():
     words = job["spec"]["entrypoint"].split()
     assert words[:2] == ["python", "/home/ray/cerbero-ray/jobs/train.py"]
     c = to_container(compose("train", words[2:]))
-    check_train_config(c["train"], c["deepspeed"])
+    check_train(c)
     assert c["train"]["num_workers"] == 8 and c["train"]["use_gpu"] and c["train"]["precision"] == "bf16"
     assert c["deepspeed"]["stage"] == 1 and c["train"]["seq_len"] == 8192

@@ -1,4 +1,5 @@
 """The data stage on an embedded Ray cluster: mixed sources and formats, rejects, determinism."""
+
 import json
 import os
 
@@ -7,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cerbero_ray.config import compose, to_container
+from cerbero_ray.config import compose
 from cerbero_ray.data.manifest import read_manifest
 from cerbero_ray.data.pipeline import run_data
 from conftest import SAMPLES, TOKENIZER_CFG, proc_cfg, write_jsonl
@@ -24,24 +25,33 @@ def cfg_for(out, sources, **data):
 def test_mixed_formats_and_bad_rows(ray_local, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    write_jsonl(src / "chat.jsonl", [CHAT, b"\xc3\x28 bad utf-8", b"{oops", CHAT, b"",
-                                     {"messages": [{"role": "user", "content": "solo domanda"}]}])
-    write_jsonl(src / "sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "Come va?"},
-                                                            {"from": "gpt", "value": "Bene."}]}])
+    write_jsonl(
+        src / "chat.jsonl",
+        [CHAT, b"\xc3\x28 bad utf-8", b"{oops", CHAT, b"", {"messages": [{"role": "user", "content": "solo domanda"}]}],
+    )
+    write_jsonl(
+        src / "sharegpt.jsonl",
+        [{"conversations": [{"from": "human", "value": "Come va?"}, {"from": "gpt", "value": "Bene."}]}],
+    )
     (src / "doc.txt").write_text("Nel mezzo del cammin di nostra vita.")
     pq.write_table(pa.table({"id": [1, 2], "body": ["Primo testo.", "Secondo testo."]}), src / "t.parquet")
     out = tmp_path / "out"
-    m = run_data(cfg_for(out, {
-        "chat": {"path": str(src / "chat.jsonl"), "format": "auto"},
-        "sg": {"path": str(src / "sharegpt.jsonl"), "format": "auto"},
-        "txt": {"path": str(src / "doc.txt"), "format": "auto"},
-        "pq": {"path": str(src / "t.parquet"), "format": "text", "text_field": "body", "weight": 2.0},
-    }))
+    m = run_data(
+        cfg_for(
+            out,
+            {
+                "chat": {"path": str(src / "chat.jsonl"), "format": "auto"},
+                "sg": {"path": str(src / "sharegpt.jsonl"), "format": "auto"},
+                "txt": {"path": str(src / "doc.txt"), "format": "auto"},
+                "pq": {"path": str(src / "t.parquet"), "format": "text", "text_field": "body", "weight": 2.0},
+            },
+        )
+    )
     assert m["sources"]["chat"]["format"] == "openai" and m["sources"]["sg"]["format"] == "sharegpt"
     assert m["documents_by_source"] == {"chat": 2, "sg": 1, "txt": 1, "pq": 4}
     assert m["rejects_by_reason"] == {"invalid_utf8": 1, "invalid_json": 1, "no_assistant_turn": 1}
     assert m["rejected"] == 3 and m["input_rows"] == 5 + 1 + 1 + 2  # the blank line is not a row
-    rejects = [json.loads(l) for f in m["rejects_files"] for l in open(f)]
+    rejects = [json.loads(line) for f in m["rejects_files"] for line in open(f)]
     assert sorted(r["line_no"] for r in rejects) == [2, 3, 6]
     rows = sum(pq.read_table(s["path"]).num_rows for s in m["shards"])
     assert rows == m["rows"] and m["tokens"] + m["padding"] == rows * m["seq_len"]
@@ -51,8 +61,10 @@ def test_mixed_formats_and_bad_rows(ray_local, tmp_path):
 def test_sample_corpus_is_deterministic_and_readable_by_ray_data(ray_local, tmp_path):
     import ray.data
 
-    sources = {"chat": {"path": os.path.join(SAMPLES, "chat_it_openassistant.jsonl"), "format": "openai"},
-               "novels": {"path": os.path.join(SAMPLES, "novels_it_sample.jsonl"), "format": "text", "weight": 0.5}}
+    sources = {
+        "chat": {"path": os.path.join(SAMPLES, "chat_it_openassistant.jsonl"), "format": "openai"},
+        "novels": {"path": os.path.join(SAMPLES, "novels_it_sample.jsonl"), "format": "text", "weight": 0.5},
+    }
     a = run_data(cfg_for(tmp_path / "a", sources, seq_len=2048, buffer_docs=64))
     b = run_data(cfg_for(tmp_path / "b", sources, seq_len=2048, buffer_docs=64))
     assert len(a["shards"]) > 1
@@ -84,6 +96,6 @@ def test_refuses_to_mix_runs_and_rejects_unusable_sources(ray_local, tmp_path):
 
 def test_shipped_config_runs(ray_local, tmp_path, monkeypatch):
     monkeypatch.setenv("CERBERO_OUTPUT_DIR", str(tmp_path))
-    m = run_data(compose("prepare_data", ["data=mix_sample"]))
+    m = run_data(compose("data", ["data=mix_sample"]))
     assert m["documents_by_source"]["chat"] == 214 and m["documents_by_source"]["novels"] == 50
     assert m["fill"] > 0.9 and m["rejected"] == 0

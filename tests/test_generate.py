@@ -1,6 +1,7 @@
 """Generation: batched greedy decoding equals one prompt at a time; the prompts and self-chat jobs
 write every row once, resume a lost chunk identically, self-chat output feeds the data stage, and
 embedding dedup drops repeated conversations."""
+
 import json
 import os
 
@@ -9,8 +10,9 @@ import pytest
 
 from cerbero_ray.config import compose, to_container
 from cerbero_ray.data.pipeline import run_data
-from cerbero_ray.generate.engine import Generator, Sampling
-from cerbero_ray.generate.pipeline import run_generation
+from cerbero_ray.generate import run_generate
+from cerbero_ray.inference.generator import Generator
+from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.models import tiny
 from conftest import SAMPLES, TOKENIZER_CFG, proc_cfg, write_jsonl
 
@@ -20,8 +22,10 @@ PROMPTS = ["Ciao!", "Qual è la capitale d'Italia? Rispondi in breve, per favore
 def test_batched_greedy_equals_one_at_a_time(tok):
     gen = Generator(tiny().eval(), tok, batch_size=3)
     s = Sampling(max_new_tokens=12, temperature=0.0, stop=("[|Umano|]",))
-    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in PROMPTS]
+    chats = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in PROMPTS
+    ]
     together = gen.generate(chats, s)
     alone = [gen.generate([c], s)[0] for c in chats]
     assert [r["text"] for r in together] == [r["text"] for r in alone]
@@ -29,20 +33,32 @@ def test_batched_greedy_equals_one_at_a_time(tok):
 
 
 def gen_cfg(tmp_path, checkpoint, inp, *extra):
-    return to_container(compose("generate", [f"paths.output_dir={tmp_path}", f"generate.checkpoint={checkpoint}",
-                                             f"generate.input={inp}", "generate.sampling.max_new_tokens=8", *extra]))
+    return to_container(
+        compose(
+            "generate",
+            [
+                f"paths.output_dir={tmp_path}",
+                f"generate.checkpoint={checkpoint}",
+                f"generate.input={inp}",
+                "generate.sampling.max_new_tokens=8",
+                *extra,
+            ],
+        )
+    )
 
 
 @pytest.mark.integration
 def test_prompts_job_every_row_once_and_a_lost_chunk_comes_back_identical(tmp_path, tiny_hf, ray_local):
-    inp = write_jsonl(tmp_path / "q.jsonl", [{"id": f"q{i}", "text": PROMPTS[i % 3]} for i in range(10)] + [{"id": "bad", "text": ""}])
-    s = run_generation(gen_cfg(tmp_path, tiny_hf, inp, "generate.chunk_rows=4"))
+    inp = write_jsonl(
+        tmp_path / "q.jsonl", [{"id": f"q{i}", "text": PROMPTS[i % 3]} for i in range(10)] + [{"id": "bad", "text": ""}]
+    )
+    s = run_generate(gen_cfg(tmp_path, tiny_hf, inp, "generate.chunk_rows=4"))
     parts = tmp_path / "generate" / "prompts" / "parts"
     first = {r["id"]: r for r in pq.read_table(parts).to_pylist()}
     assert len(first) == 11 and first["bad"]["error"] == "empty" and first["q0"]["completion"] is not None
     lost = sorted(os.listdir(parts))[1]
     os.remove(parts / lost)
-    again = run_generation(gen_cfg(tmp_path, tiny_hf, inp, "generate.chunk_rows=4"))
+    again = run_generate(gen_cfg(tmp_path, tiny_hf, inp, "generate.chunk_rows=4"))
     assert again["chunks_processed"] == 1 and again["chunks_skipped"] == s["chunks_processed"] - 1
     second = {r["id"]: r for r in pq.read_table(parts).to_pylist()}
     assert second == first  # seeded per chunk: regenerated exactly
@@ -51,14 +67,29 @@ def test_prompts_job_every_row_once_and_a_lost_chunk_comes_back_identical(tmp_pa
 @pytest.mark.integration
 def test_self_chat_output_feeds_the_data_stage(tmp_path, tiny_hf, ray_local):
     seeds = os.path.join(SAMPLES, "self_chat_seeds_it.txt")
-    s = run_generation(gen_cfg(tmp_path, tiny_hf, seeds, "generate.mode=self_chat", "generate.self_chat.turns=2",
-                               "generate.self_chat.drop_unfinished=false", "generate.self_chat.user_max_new_tokens=6"))
+    s = run_generate(
+        gen_cfg(
+            tmp_path,
+            tiny_hf,
+            seeds,
+            "generate.mode=self_chat",
+            "generate.self_chat.turns=2",
+            "generate.self_chat.drop_unfinished=false",
+            "generate.self_chat.user_max_new_tokens=6",
+        )
+    )
     convs = [json.loads(x) for x in open(s["output"])]
     assert s["conversations"] == len(convs) > 10
     assert all(c["messages"][0]["role"] == "user" and c["messages"][-1]["role"] == "assistant" for c in convs)
-    manifest = run_data({"data": proc_cfg(tmp_path / "data", {"chat": {"path": s["output"], "format": "auto",
-                                                                       "weight": 1.0, "text_field": "text"}}),
-                         "tokenizer": TOKENIZER_CFG})
+    manifest = run_data(
+        {
+            "data": proc_cfg(
+                tmp_path / "data",
+                {"chat": {"path": s["output"], "format": "auto", "weight": 1.0, "text_field": "text"}},
+            ),
+            "tokenizer": TOKENIZER_CFG,
+        }
+    )
     assert manifest["documents"] == len(convs) and manifest["rejected"] == 0
     assert manifest["sources"]["chat"]["format"] == "openai"
 
@@ -71,14 +102,28 @@ def test_self_chat_embedding_dedup_drops_every_repeated_conversation(tmp_path, t
     inp = tmp_path / "seeds.txt"
     inp.write_text("\n".join(seeds + seeds[:4]) + "\n")  # 4 seeds twice: greedy makes the same conversation twice
     encoder = tmp_path / "encoder"  # a sentence-embedding model's place: an HF encoder with its tokenizer
-    BertModel(BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(encoder)
+    BertModel(
+        BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(encoder)
     tok.save_pretrained(encoder)
     for name, extra in (("own", []), ("encoder", [f"generate.self_chat.dedup_model={encoder}"])):
-        s = run_generation(gen_cfg(tmp_path / name, tiny_hf, inp, "generate.mode=self_chat", "generate.chunk_rows=4",
-                                   "generate.self_chat.turns=1", "generate.self_chat.drop_unfinished=false",
-                                   "generate.sampling.temperature=0", "generate.self_chat.dedup=embedding", *extra))
-        parts = [r for r in pq.read_table(tmp_path / name / "generate" / "self_chat" / "parts").to_pylist() if r["messages"]]
+        s = run_generate(
+            gen_cfg(
+                tmp_path / name,
+                tiny_hf,
+                inp,
+                "generate.mode=self_chat",
+                "generate.chunk_rows=4",
+                "generate.self_chat.turns=1",
+                "generate.self_chat.drop_unfinished=false",
+                "generate.sampling.temperature=0",
+                "generate.self_chat.dedup=embedding",
+                *extra,
+            )
+        )
+        parts = [
+            r for r in pq.read_table(tmp_path / name / "generate" / "self_chat" / "parts").to_pylist() if r["messages"]
+        ]
         assert all(len(r["embedding"]) == 2 * (64 if name == "own" else 32) for r in parts)  # float16 vectors
         repeats = len(parts) - len({r["messages"] for r in parts})
         kept = [json.dumps(json.loads(x)["messages"]) for x in open(s["output"])]

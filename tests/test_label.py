@@ -1,5 +1,6 @@
 """The labeling job: every input row exactly once in the output, bad rows flagged not fatal, and a
 job killed midway finishes on rerun by processing only the missing chunks."""
+
 import json
 import os
 import signal
@@ -12,15 +13,18 @@ import pytest
 
 from cerbero_ray.batchjob import plan_chunks, read_chunk, start_run
 from cerbero_ray.config import REPO_DIR, compose, to_container
-from cerbero_ray.label.pipeline import run_labeling
+from cerbero_ray.label import run_label
 from conftest import SAMPLES, write_jsonl
 
 pytestmark = pytest.mark.integration
 
 
 def label_cfg(tmp_path, checkpoint, inp, *extra):
-    return to_container(compose("label", [f"paths.output_dir={tmp_path}", f"label.checkpoint={checkpoint}",
-                                          f"label.input={inp}", *extra]))
+    return to_container(
+        compose(
+            "label", [f"paths.output_dir={tmp_path}", f"label.checkpoint={checkpoint}", f"label.input={inp}", *extra]
+        )
+    )
 
 
 def output(out):
@@ -28,22 +32,29 @@ def output(out):
 
 
 def test_bad_rows_get_an_error_and_every_row_is_there(tmp_path, tiny_hf, ray_local):
-    inp = write_jsonl(tmp_path / "in.jsonl", [
-        {"id": "a", "text": "Che bella giornata!"},
-        {"id": "b", "text": ""},                         # empty
-        b'{"id": "c", "text": "caff\xe8"}',              # invalid UTF-8 (latin-1 byte)
-        b'{"id": "d", "text": ',                         # not JSON
-        {"id": "e", "body": "no text field"},
-        {"id": "f", "text": 42},
-        {"text": "senza id"},                            # id derived from the line
-        {"id": "h", "text": "parola " * 2000},           # over-long: truncated, still labeled
-        b"",                                             # blank line
-    ])
-    s = run_labeling(label_cfg(tmp_path, tiny_hf, inp, "label.chunk_rows=4", "label.max_text_tokens=64"))
+    inp = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"id": "a", "text": "Che bella giornata!"},
+            {"id": "b", "text": ""},  # empty
+            b'{"id": "c", "text": "caff\xe8"}',  # invalid UTF-8 (latin-1 byte)
+            b'{"id": "d", "text": ',  # not JSON
+            {"id": "e", "body": "no text field"},
+            {"id": "f", "text": 42},
+            {"text": "senza id"},  # id derived from the line
+            {"id": "h", "text": "parola " * 2000},  # over-long: truncated, still labeled
+            b"",  # blank line
+        ],
+    )
+    s = run_label(label_cfg(tmp_path, tiny_hf, inp, "label.chunk_rows=4", "label.max_text_tokens=64"))
     rows = {r["id"]: r for r in output(s["output"].rsplit("/", 1)[0])}
     assert len(rows) == 9 == s["rows"] == s["unique_ids"]
-    assert {k: rows[k]["error"] for k in "bcef"} == {"b": "empty", "c": "invalid_utf8", "e": "no_text",
-                                                     "f": "text_not_a_string"}
+    assert {k: rows[k]["error"] for k in "bcef"} == {
+        "b": "empty",
+        "c": "invalid_utf8",
+        "e": "no_text",
+        "f": "text_not_a_string",
+    }
     assert rows["in.jsonl:4"]["error"] == "invalid_json"  # no id to read: the line number stands in
     assert rows["in.jsonl:9"]["error"] == "empty" and rows["in.jsonl:7"]["label"] is not None
     assert rows["h"]["truncated"] and rows["h"]["label"] in ("positive", "negative", "neutral")
@@ -63,7 +74,6 @@ def test_chunks_cover_every_line_once(tmp_path):
     assert ids == [str(i) for i in range(103)]
 
 
-
 def test_a_missing_input_or_unknown_format_is_named_before_the_output_is_claimed(tmp_path):
     out, f = str(tmp_path / "out"), tmp_path / "x.jsonl"
     f.write_text('{"text": "ciao"}\n')
@@ -76,13 +86,24 @@ def test_a_missing_input_or_unknown_format_is_named_before_the_output_is_claimed
     with pytest.raises(ValueError, match="label.format must be one of"):
         start_run(out, "run.json", {}, False, "label", str(f), "csv", 10)
 
+
 def test_killed_job_resumes_exactly_once(tmp_path, tiny_hf, ray_local):
     texts = [json.loads(x)["text"] for x in open(os.path.join(SAMPLES, "label_it_sample.jsonl"))]
     inp = write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"r{i}", "text": texts[i % len(texts)]} for i in range(1500)])
-    args = [f"paths.output_dir={tmp_path}", f"label.checkpoint={tiny_hf}", f"label.input={inp}", "label.chunk_rows=50",
-            "cluster.num_cpus=2"]
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO_DIR, "jobs", "label.py"), *args], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        f"paths.output_dir={tmp_path}",
+        f"label.checkpoint={tiny_hf}",
+        f"label.input={inp}",
+        "label.chunk_rows=50",
+        "cluster.num_cpus=2",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO_DIR, "jobs", "label.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     parts = tmp_path / "label" / "sentiment" / "parts"
     deadline = time.monotonic() + 300
     while not (parts.exists() and len([p for p in os.listdir(parts) if p.endswith(".parquet")]) >= 3):
@@ -92,12 +113,20 @@ def test_killed_job_resumes_exactly_once(tmp_path, tiny_hf, ray_local):
     proc.wait()
     done_before = len([p for p in os.listdir(parts) if p.endswith(".parquet")])
     assert done_before < 30  # killed midway
-    s = run_labeling(label_cfg(tmp_path, tiny_hf, inp, "label.chunk_rows=50"))
+    s = run_label(label_cfg(tmp_path, tiny_hf, inp, "label.chunk_rows=50"))
     assert s["chunks_skipped"] >= done_before and s["chunks_processed"] == 30 - s["chunks_skipped"]
     ids = [r["id"] for r in output(tmp_path / "label" / "sentiment")]
     assert sorted(ids) == sorted(f"r{i}" for i in range(1500))
     assert not [p for p in os.listdir(parts) if p.endswith(".tmp")]
     # a rerun with another task into the same folder is refused, not mixed in
     with pytest.raises(FileExistsError, match="task"):
-        run_labeling(label_cfg(tmp_path, tiny_hf, inp, "label.chunk_rows=50", "label/task=irony",
-                               f"label.output_dir={tmp_path}/label/sentiment"))
+        run_label(
+            label_cfg(
+                tmp_path,
+                tiny_hf,
+                inp,
+                "label.chunk_rows=50",
+                "label/task=irony",
+                f"label.output_dir={tmp_path}/label/sentiment",
+            )
+        )

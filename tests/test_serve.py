@@ -1,6 +1,7 @@
 """The serving endpoint on the embedded cluster, with real clients: the official openai client
 (chat, completion, streaming), /v1/label, bad input answered 4xx with a JSON error body (never
 500), a missing API key answered 401, and overload answered 503 + Retry-After."""
+
 import concurrent.futures as cf
 import json
 import urllib.error
@@ -21,18 +22,35 @@ def server(tiny_hf, ray_local):
 
     from cerbero_ray.serve.service import run_serve
 
-    c = to_container(compose("serve", [f"serve.checkpoint={tiny_hf}", f"serve.port={free_port()}", f"serve.api_key={KEY}",
-                                       "serve.cpus_per_replica=0.5", "serve.max_ongoing_requests=2",
-                                       "serve.max_queued_requests=2", "serve.max_prompt_tokens=256",
-                                       "serve.max_new_tokens=64", "serve.default_max_tokens=16", "serve.max_label_texts=4"]))
+    c = to_container(
+        compose(
+            "serve",
+            [
+                f"serve.checkpoint={tiny_hf}",
+                f"serve.port={free_port()}",
+                f"serve.api_key={KEY}",
+                "serve.cpus_per_replica=0.5",
+                "serve.max_ongoing_requests=2",
+                "serve.max_queued_requests=2",
+                "serve.max_prompt_tokens=256",
+                "serve.max_new_tokens=64",
+                "serve.default_max_tokens=16",
+                "serve.max_label_texts=4",
+            ],
+        )
+    )
     url = run_serve(c)
     yield url
     serve.shutdown()
 
 
 def post(url, body, key=KEY, raw=None):
-    req = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
+    req = urllib.request.Request(
+        url,
+        data=raw if raw is not None else json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read()), dict(r.headers)
@@ -57,28 +75,47 @@ def openai_roundtrip(server):
     assert client.models.retrieve("cerbero").id == "cerbero"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
-    chat = client.chat.completions.create(model="cerbero", messages=[{"role": "user", "content": "Ciao! Come stai?"}],
-                                          max_tokens=12, temperature=0)
+    chat = client.chat.completions.create(
+        model="cerbero", messages=[{"role": "user", "content": "Ciao! Come stai?"}], max_tokens=12, temperature=0
+    )
     assert isinstance(chat.choices[0].message.content, str) and chat.choices[0].finish_reason in ("stop", "length")
     assert chat.usage.completion_tokens <= 12 and chat.usage.prompt_tokens > 5
     comp = client.completions.create(model="cerbero", prompt="La capitale d'Italia è", max_tokens=8, temperature=0)
-    assert isinstance(comp.choices[0].text, str) and comp.usage.total_tokens == comp.usage.prompt_tokens + comp.usage.completion_tokens
+    assert (
+        isinstance(comp.choices[0].text, str)
+        and comp.usage.total_tokens == comp.usage.prompt_tokens + comp.usage.completion_tokens
+    )
     pieces, finish = [], None
-    for chunk in client.chat.completions.create(model="cerbero", messages=[{"role": "user", "content": "Dimmi qualcosa."}],
-                                                max_tokens=10, temperature=0, stream=True):
+    for chunk in client.chat.completions.create(
+        model="cerbero",
+        messages=[{"role": "user", "content": "Dimmi qualcosa."}],
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+    ):
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
         if chunk.choices and chunk.choices[0].finish_reason:
             finish = chunk.choices[0].finish_reason
     assert finish in ("stop", "length") and "[|Umano|]" not in "".join(pieces)
     # greedy streaming and greedy batch give the same text
-    same = client.chat.completions.create(model="cerbero", messages=[{"role": "user", "content": "Dimmi qualcosa."}],
-                                          max_tokens=10, temperature=0)
+    same = client.chat.completions.create(
+        model="cerbero", messages=[{"role": "user", "content": "Dimmi qualcosa."}], max_tokens=10, temperature=0
+    )
     assert "".join(pieces).strip() == same.choices[0].message.content
     # what newer clients and frameworks send: max_completion_tokens, stream_options, neutral penalties
-    chunks = list(client.chat.completions.create(
-        model="cerbero", messages=[{"role": "user", "content": "Dimmi qualcosa."}], max_completion_tokens=10,
-        temperature=0, stream=True, stream_options={"include_usage": True}, frequency_penalty=0, presence_penalty=0))
+    chunks = list(
+        client.chat.completions.create(
+            model="cerbero",
+            messages=[{"role": "user", "content": "Dimmi qualcosa."}],
+            max_completion_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            frequency_penalty=0,
+            presence_penalty=0,
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == same.usage.completion_tokens
     assert [c.usage is None for c in chunks[:-1]] == [True] * (len(chunks) - 1)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -92,42 +129,77 @@ def test_label_endpoint(server):
         assert r["label"] in ("ironic", "not_ironic") and abs(sum(r["probs"].values()) - 1) < 1e-6
 
 
-@pytest.mark.parametrize("path,body,param", [
-    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "temperatura": 0.2}, "temperatura"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "temperature": "hot"}, "temperature"),
-    ("chat/completions", {"messages": []}, "messages"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "   "}]}, "messages"),
-    ("chat/completions", {"messages": [{"role": "robot", "content": "ciao"}]}, "messages.0.role"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}, {"role": "assistant", "content": "x"}]}, "messages"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "parola " * 400}]}, "messages"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "max_tokens": 10000}, "max_tokens"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "max_completion_tokens": 10000},
-     "max_completion_tokens"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "max_tokens": 5, "max_completion_tokens": 6},
-     "max_completion_tokens"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "frequency_penalty": 0.5}, "frequency_penalty"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "stream_options": {"include_usage": True}},
-     "stream_options"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "stream": True,
-                          "stream_options": {"include_usage": True, "chunks": 2}}, "stream_options.chunks"),
-    ("completions", {"prompt": ""}, "prompt"),
-    ("completions", {"prompt": 42}, "prompt"),
-    ("label", {"task": "weather", "texts": ["ciao"]}, "task"),
-    ("label", {"task": "irony", "texts": ["a", "b", "c", "d", "e"]}, "texts"),
-    ("label", {"task": "irony", "texts": ["ok", ""]}, "texts.1"),
-])
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "temperatura": 0.2}, "temperatura"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "temperature": "hot"}, "temperature"),
+        ("chat/completions", {"messages": []}, "messages"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "   "}]}, "messages"),
+        ("chat/completions", {"messages": [{"role": "robot", "content": "ciao"}]}, "messages.0.role"),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": "ciao"}, {"role": "assistant", "content": "x"}]},
+            "messages",
+        ),
+        ("chat/completions", {"messages": [{"role": "user", "content": "parola " * 400}]}, "messages"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "max_tokens": 10000}, "max_tokens"),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": "ciao"}], "max_completion_tokens": 10000},
+            "max_completion_tokens",
+        ),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": "ciao"}], "max_tokens": 5, "max_completion_tokens": 6},
+            "max_completion_tokens",
+        ),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": "ciao"}], "frequency_penalty": 0.5},
+            "frequency_penalty",
+        ),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": "ciao"}], "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
+        (
+            "chat/completions",
+            {
+                "messages": [{"role": "user", "content": "ciao"}],
+                "stream": True,
+                "stream_options": {"include_usage": True, "chunks": 2},
+            },
+            "stream_options.chunks",
+        ),
+        ("completions", {"prompt": ""}, "prompt"),
+        ("completions", {"prompt": 42}, "prompt"),
+        ("label", {"task": "weather", "texts": ["ciao"]}, "task"),
+        ("label", {"task": "irony", "texts": ["a", "b", "c", "d", "e"]}, "texts"),
+        ("label", {"task": "irony", "texts": ["ok", ""]}, "texts.1"),
+    ],
+)
 def test_bad_input_is_a_400_naming_the_field(server, path, body, param):
     status, out, _ = post(f"{server}/v1/{path}", body)
     assert status == 400, out
-    assert out["error"]["type"] == "invalid_request_error" and out["error"]["param"] == param and out["error"]["message"]
+    assert (
+        out["error"]["type"] == "invalid_request_error" and out["error"]["param"] == param and out["error"]["message"]
+    )
 
 
 def test_other_refusals(server):
-    status, out, _ = post(f"{server}/v1/chat/completions", None, raw=b'{"messages": [{"role": "user", "content": "caff\xe8"}]}')
+    status, out, _ = post(
+        f"{server}/v1/chat/completions", None, raw=b'{"messages": [{"role": "user", "content": "caff\xe8"}]}'
+    )
     assert status == 400 and "JSON" in out["error"]["message"], out
-    status, out, _ = post(f"{server}/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "ciao"}]})
+    status, out, _ = post(
+        f"{server}/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "ciao"}]}
+    )
     assert status == 404 and out["error"]["code"] == "model_not_found"
-    status, out, _ = post(f"{server}/v1/chat/completions", {"messages": [{"role": "user", "content": "ciao"}]}, key=None)
+    status, out, _ = post(
+        f"{server}/v1/chat/completions", {"messages": [{"role": "user", "content": "ciao"}]}, key=None
+    )
     assert status == 401 and out["error"]["code"] == "invalid_api_key"
     status, out, _ = post(f"{server}/v1/label", {"task": "irony", "texts": ["ciao"]}, key="wrong")
     assert status == 401
@@ -143,7 +215,11 @@ def test_health_ready_and_chat_page(server):
 
 
 def test_overload_is_refused_with_retry_after_not_queued(server):
-    body = {"messages": [{"role": "user", "content": "Raccontami una lunga storia."}], "max_tokens": 64, "temperature": 0.7}
+    body = {
+        "messages": [{"role": "user", "content": "Raccontami una lunga storia."}],
+        "max_tokens": 64,
+        "temperature": 0.7,
+    }
     with cf.ThreadPoolExecutor(24) as pool:
         results = list(pool.map(lambda _: post(f"{server}/v1/chat/completions", body), range(24)))
     codes = [s for s, _, _ in results]
@@ -166,14 +242,20 @@ def test_chat_page_in_headless_chromium(server):
     opts.binary_location = shutil.which("chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         opts.add_argument(arg)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+    driver = webdriver.Chrome(
+        options=opts, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    )
     try:
         driver.get(f"{server}/")
         driver.find_element(By.ID, "key").send_keys(KEY)
         driver.find_element(By.ID, "text").send_keys("Ciao! Qual è la capitale d'Italia?")
         driver.find_element(By.ID, "send").click()
         done = WebDriverWait(driver, 120).until(
-            lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='1']") or d.find_elements(By.CSS_SELECTOR, ".error"))
+            lambda d: (
+                d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='1']")
+                or d.find_elements(By.CSS_SELECTOR, ".error")
+            )
+        )
         assert done[0].get_attribute("class") == "assistant", done[0].text
         assert driver.find_element(By.CSS_SELECTOR, ".user").text == "[|Umano|] Ciao! Qual è la capitale d'Italia?"
         answer = done[0].text

@@ -1,14 +1,15 @@
 """A bounded load test on loopback (fixed request count and time): zero 5xx (overload is answered
 429 + Retry-After), and with max_replicas=2 the replica count rises under load and falls after."""
+
 import concurrent.futures as cf
 import threading
 import time
 
 import pytest
+from test_serve import post
 
 from cerbero_ray.config import compose, to_container
 from conftest import free_port
-from test_serve import post
 
 pytestmark = pytest.mark.integration
 
@@ -23,12 +24,29 @@ def test_replicas_rise_under_load_and_fall_after(tiny_hf, ray_local):
 
     from cerbero_ray.serve.service import run_serve
 
-    c = to_container(compose("serve", [
-        f"serve.checkpoint={tiny_hf}", f"serve.port={free_port()}", "serve.cpus_per_replica=0.5",
-        "serve.min_replicas=1", "serve.max_replicas=2", "serve.target_ongoing_requests=1", "serve.upscale_delay_s=1",
-        "serve.downscale_delay_s=3", "serve.metrics_interval_s=0.5", "serve.look_back_period_s=2",
-        "serve.max_ongoing_requests=4", "serve.max_queued_requests=8", "serve.overload_status=429",
-        "serve.max_batch_size=1", "serve.max_new_tokens=48", "serve.default_max_tokens=48"]))
+    c = to_container(
+        compose(
+            "serve",
+            [
+                f"serve.checkpoint={tiny_hf}",
+                f"serve.port={free_port()}",
+                "serve.cpus_per_replica=0.5",
+                "serve.min_replicas=1",
+                "serve.max_replicas=2",
+                "serve.target_ongoing_requests=1",
+                "serve.upscale_delay_s=1",
+                "serve.downscale_delay_s=3",
+                "serve.metrics_interval_s=0.5",
+                "serve.look_back_period_s=2",
+                "serve.max_ongoing_requests=4",
+                "serve.max_queued_requests=8",
+                "serve.overload_status=429",
+                "serve.max_batch_size=1",
+                "serve.max_new_tokens=48",
+                "serve.default_max_tokens=48",
+            ],
+        )
+    )
     url = run_serve(c)
     try:
         assert running(serve) == 1

@@ -1,6 +1,7 @@
 """The shipped Serve config file (deploy/serve.yaml) through Ray Serve's own CLI, as an operator runs
 it: `serve run <file>` starts Ray, builds the app with cerbero_ray.serve.app:build_app from the file's
 args, and answers on the file's port. Only the checkpoint, the port and the resources are changed."""
+
 import json
 import os
 import signal
@@ -27,8 +28,15 @@ def test_serve_run_with_the_shipped_config_file(tmp_path, tiny_hf):
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as on a laptop
-    proc = subprocess.Popen(["serve", "run", str(path)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["serve", "run", str(path)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline, ready = time.monotonic() + 180, False
@@ -39,8 +47,12 @@ def test_serve_run_with_the_shipped_config_file(tmp_path, tiny_hf):
             except OSError:
                 time.sleep(1)
         assert ready, f"not ready; serve run exited {proc.poll()}"
-        req = urllib.request.Request(f"{url}/v1/chat/completions", method="POST", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"messages": [{"role": "user", "content": "Ciao!"}], "max_tokens": 6}).encode())
+        req = urllib.request.Request(
+            f"{url}/v1/chat/completions",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"messages": [{"role": "user", "content": "Ciao!"}], "max_tokens": 6}).encode(),
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             body = json.loads(r.read())
         assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] <= 6

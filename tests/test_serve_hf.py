@@ -1,11 +1,12 @@
 """The app on the other generation engine, ``serve.engine=hf`` (transformers ``generate`` behind
 ``@serve.batch``, streams through ``TextIteratorStreamer``): the official openai client's chat,
 completion and streaming, as in test_serve.py (which runs the default, continuous engine)."""
+
 import pytest
+from test_serve import KEY, openai_roundtrip
 
 from cerbero_ray.config import compose, to_container
 from conftest import free_port
-from test_serve import KEY, openai_roundtrip
 
 pytestmark = pytest.mark.integration
 
@@ -16,9 +17,21 @@ def hf_server(tiny_hf, ray_local):
 
     from cerbero_ray.serve.service import run_serve
 
-    c = to_container(compose("serve", [f"serve.checkpoint={tiny_hf}", f"serve.port={free_port()}", f"serve.api_key={KEY}",
-                                       "serve.engine=hf", "serve.cpus_per_replica=0.5", "serve.max_prompt_tokens=256",
-                                       "serve.max_new_tokens=64", "serve.default_max_tokens=16"]))
+    c = to_container(
+        compose(
+            "serve",
+            [
+                f"serve.checkpoint={tiny_hf}",
+                f"serve.port={free_port()}",
+                f"serve.api_key={KEY}",
+                "serve.engine=hf",
+                "serve.cpus_per_replica=0.5",
+                "serve.max_prompt_tokens=256",
+                "serve.max_new_tokens=64",
+                "serve.default_max_tokens=16",
+            ],
+        )
+    )
     url = run_serve(c)
     yield url
     serve.shutdown()

@@ -1,6 +1,7 @@
 """The submit path against a real local head (`ray start --head` on loopback), with Ray's token
 authentication on and off: our submit command and the plain `ray job submit` CLI. The head runs
 under `--block` in its own process group; the test stops exactly that cluster and nothing else."""
+
 import json
 import os
 import secrets
@@ -43,35 +44,69 @@ def test_submit_both_ways(head, tmp_path, monkeypatch):
     # 1. our command: composes and checks the config here, runs the stage there (it also waits
     #    for the just-started head's job agent, which comes up after the dashboard)
     out1 = tmp_path / "ours"
-    r = subprocess.run([sys.executable, "-m", "cerbero_ray.submit", "--address", address, "--wait", "--timeout", "400",
-                        "prepare_data", f"paths.output_dir={out1}", "data.seq_len=2048"],
-                       env={**os.environ}, capture_output=True, text=True, timeout=500, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cerbero_ray.submit",
+            "--address",
+            address,
+            "--wait",
+            "--timeout",
+            "400",
+            "data",
+            f"paths.output_dir={out1}",
+            "data.seq_len=2048",
+        ],
+        env={**os.environ},
+        capture_output=True,
+        text=True,
+        timeout=500,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SUCCEEDED" in r.stdout
     check_output(out1)
     # 2. the plain CLI, as the README shows it
     out2 = tmp_path / "cli"
-    r = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", REPO_DIR, "--",
-                        "python", "jobs/prepare_data.py", f"paths.output_dir={out2}", "data.seq_len=2048"],
-                       env={**os.environ}, capture_output=True, text=True, timeout=500)
+    r = subprocess.run(
+        [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            REPO_DIR,
+            "--",
+            "python",
+            "jobs/data.py",
+            f"paths.output_dir={out2}",
+            "data.seq_len=2048",
+        ],
+        env={**os.environ},
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     assert r.returncode == 0 and "succeeded" in r.stdout.lower(), r.stdout[-3000:] + r.stderr[-3000:]
     check_output(out2)
 
 
 def test_bad_config_fails_before_submitting():
     with pytest.raises(Exception, match="seq_lenn"):
-        job_spec("prepare_data", ["data.seq_lenn=1"])
+        job_spec("data", ["data.seq_lenn=1"])
     with pytest.raises(ValueError, match="unknown stage"):
         submit("http://127.0.0.1:1", "trian", [])
 
 
 def test_spec_excludes_outputs_and_makes_paths_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    spec = job_spec("prepare_data", ["paths.output_dir=rel/out", "data=mix_sample"])
+    spec = job_spec("data", ["paths.output_dir=rel/out", "data=mix_sample"])
     assert spec["runtime_env"]["env_vars"]["CERBERO_OUTPUT_DIR"] == str(tmp_path / "rel" / "out")
     assert "outputs/" in spec["runtime_env"]["excludes"] and spec["runtime_env"]["working_dir"] == REPO_DIR
     # the relative path reaches the job only as the absolute env var
-    assert spec["entrypoint"] == "python jobs/prepare_data.py data=mix_sample"
+    assert spec["entrypoint"] == "python jobs/data.py data=mix_sample"
 
 
 def test_submit_retries_until_the_job_agent_is_up():
@@ -101,9 +136,27 @@ def test_label_and_generate_through_the_cli(head, tmp_path, tiny_hf):
     if env["RAY_AUTH_MODE"] == "token":
         pytest.skip("auth is covered above; one mode is enough for these two jobs")
     for job, extra in (("label", ["label/task=irony"]), ("generate", ["generate.sampling.max_new_tokens=4"])):
-        r = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", REPO_DIR, "--",
-                            "python", f"jobs/{job}.py", f"paths.output_dir={tmp_path}", f"{job}.checkpoint={tiny_hf}", *extra],
-                           env=env, capture_output=True, text=True, timeout=500)
+        r = subprocess.run(
+            [
+                "ray",
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                REPO_DIR,
+                "--",
+                "python",
+                f"jobs/{job}.py",
+                f"paths.output_dir={tmp_path}",
+                f"{job}.checkpoint={tiny_hf}",
+                *extra,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=500,
+        )
         assert r.returncode == 0 and "succeeded" in r.stdout.lower(), r.stdout[-3000:] + r.stderr[-3000:]
     assert len(os.listdir(tmp_path / "label" / "irony" / "parts")) == 1
     assert json.load(open(tmp_path / "generate" / "prompts" / "summary.json"))["counts"]

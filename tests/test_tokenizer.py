@@ -4,10 +4,15 @@ import os
 import numpy as np
 import pytest
 
-from cerbero_ray.tokenizer import SYSTEM_LINE, build_tokenizer, chat_template, mistral_v1_model_file, tokenizer_hash
+from cerbero_ray.chat import SYSTEM_LINE, chat_template
+from cerbero_ray.tokenizer import build_tokenizer, mistral_v1_model_file, tokenizer_hash
 
-CONV = [{"role": "user", "content": "Ciao!"}, {"role": "assistant", "content": "Ciao, come posso aiutarti?"},
-        {"role": "user", "content": "Dove si trova Roma?"}, {"role": "assistant", "content": "In Italia."}]
+CONV = [
+    {"role": "user", "content": "Ciao!"},
+    {"role": "assistant", "content": "Ciao, come posso aiutarti?"},
+    {"role": "user", "content": "Dove si trova Roma?"},
+    {"role": "assistant", "content": "In Italia."},
+]
 
 
 def test_real_vocab_and_special_tokens(tok):
@@ -20,8 +25,10 @@ def test_matches_sentencepiece(tok):
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=mistral_v1_model_file())
-    texts = [json.loads(l)["text"] for l in open(os.path.join(os.path.dirname(__file__), "..", "data", "samples",
-                                                              "novels_it_sample.jsonl"))]
+    texts = [
+        json.loads(line)["text"]
+        for line in open(os.path.join(os.path.dirname(__file__), "..", "data", "samples", "novels_it_sample.jsonl"))
+    ]
     texts += ["Questa è una conversazione.\n[|Umano|] Perché? Così!", "àèìòù «citazione» — fine"]
     for t in texts:
         assert tok(t, add_special_tokens=False).input_ids == sp.encode(t)
@@ -33,8 +40,10 @@ def test_matches_sentencepiece(tok):
 
 def test_template_renders_cerbero_format(tok):
     text = tok.apply_chat_template(CONV, tokenize=False)
-    assert text == (f"<s>{SYSTEM_LINE}\n[|Umano|] Ciao!\n[|AI|] Ciao, come posso aiutarti?\n"
-                    "[|Umano|] Dove si trova Roma?\n[|AI|] In Italia.\n</s>")
+    assert text == (
+        f"<s>{SYSTEM_LINE}\n[|Umano|] Ciao!\n[|AI|] Ciao, come posso aiutarti?\n"
+        "[|Umano|] Dove si trova Roma?\n[|AI|] In Italia.\n</s>"
+    )
     prompt = tok.apply_chat_template(CONV[:1], tokenize=False, add_generation_prompt=True)
     assert prompt == f"<s>{SYSTEM_LINE}\n[|Umano|] Ciao!\n[|AI|]"
 
@@ -43,7 +52,8 @@ def test_assistente_tag_and_system_override():
     tok = build_tokenizer(None, "Assistente")
     sys_conv = [{"role": "system", "content": "Rispondi in breve."}] + CONV[:2]
     assert tok.apply_chat_template(sys_conv, tokenize=False) == (
-        "<s>Rispondi in breve.\n[|Umano|] Ciao!\n[|Assistente|] Ciao, come posso aiutarti?\n</s>")
+        "<s>Rispondi in breve.\n[|Umano|] Ciao!\n[|Assistente|] Ciao, come posso aiutarti?\n</s>"
+    )
     with pytest.raises(ValueError, match="assistant_tag"):
         chat_template("Bot")
 

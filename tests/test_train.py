@@ -4,6 +4,7 @@ A worker killed mid-run (after a checkpoint, before the next) resumes from the c
 exact data position, schedule and RNG: every step sees the same rows and has the same loss as in an
 uninterrupted run, and the final weights are bit-identical. A rerun of a finished run resumes
 instead of training again; the HF folder loads with ``from_pretrained``."""
+
 import json
 import os
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from cerbero_ray.config import compose, to_container
 from cerbero_ray.data.pipeline import run_data
-from cerbero_ray.train.trainer import run_training
+from cerbero_ray.train import run_train
 from conftest import SAMPLES, TOKENIZER_CFG, proc_cfg
 
 pytestmark = pytest.mark.integration
@@ -23,16 +24,38 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, ray_local):
     out = tmp_path_factory.mktemp("data") / "chat"
-    run_data({"data": proc_cfg(out, {"chat": {"path": os.path.join(SAMPLES, "chat_it_openassistant.jsonl"),
-                                              "format": "openai", "weight": 1.0, "text_field": "text"}}, seq_len=256),
-              "tokenizer": TOKENIZER_CFG})
+    run_data(
+        {
+            "data": proc_cfg(
+                out,
+                {
+                    "chat": {
+                        "path": os.path.join(SAMPLES, "chat_it_openassistant.jsonl"),
+                        "format": "openai",
+                        "weight": 1.0,
+                        "text_field": "text",
+                    }
+                },
+                seq_len=256,
+            ),
+            "tokenizer": TOKENIZER_CFG,
+        }
+    )
     return str(out)
 
 
 def train_cfg(shards, out, name, **train):
-    overrides = [f"paths.output_dir={out}", f"train.data_dir={shards}", f"train.name={name}", f"train.max_steps={STEPS}",
-                 "train.checkpoint_every=3", "train.eval_every=4", "train.log_every=2", "train.epochs=1",
-                 "train.keep_checkpoints=2"] + [f"train.{k}={v}" for k, v in train.items()]
+    overrides = [
+        f"paths.output_dir={out}",
+        f"train.data_dir={shards}",
+        f"train.name={name}",
+        f"train.max_steps={STEPS}",
+        "train.checkpoint_every=3",
+        "train.eval_every=4",
+        "train.log_every=2",
+        "train.epochs=1",
+        "train.keep_checkpoints=2",
+    ] + [f"train.{k}={v}" for k, v in train.items()]
     return to_container(compose("train", overrides))
 
 
@@ -41,12 +64,12 @@ def history(run_dir):
 
 
 def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
-    clean = run_training(train_cfg(shards, tmp_path, "clean"))
+    clean = run_train(train_cfg(shards, tmp_path, "clean"))
     assert clean["steps"] == STEPS and clean["resumed_from"] is None
-    killed = run_training(train_cfg(shards, tmp_path, "killed", fail_at_step=4, fail_rank=1))
+    killed = run_train(train_cfg(shards, tmp_path, "killed", fail_at_step=4, fail_rank=1))
     run = killed["run_dir"]
-    assert open(os.path.join(run, ".fault_injected")).read() == "4"   # it did die
-    assert killed["resumed_from"] == 3                                 # and came back from the step-3 checkpoint
+    assert open(os.path.join(run, ".fault_injected")).read() == "4"  # it did die
+    assert killed["resumed_from"] == 3  # and came back from the step-3 checkpoint
     a, b = history(clean["run_dir"]), history(run)
     assert [h["step"] for h in b if "loss" in h] == list(range(1, STEPS + 1))  # each step once in the record
     # same rows at every step (a skipped or repeated row would change the loss and token count)
@@ -63,7 +86,7 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     assert os.path.exists(os.path.join(run, "loss.png")) and os.listdir(os.path.join(run, "tensorboard"))
 
     # a rerun of the finished run resumes at its end instead of starting over
-    again = run_training(train_cfg(shards, tmp_path, "clean"))
+    again = run_train(train_cfg(shards, tmp_path, "clean"))
     assert again["resumed_from"] == STEPS and again["steps"] == STEPS
     assert len([h for h in history(clean["run_dir"]) if "loss" in h]) == STEPS
 
@@ -72,8 +95,9 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     model = AutoModelForCausalLM.from_pretrained(clean["hf_dir"])
     tok = AutoTokenizer.from_pretrained(clean["hf_dir"])
     assert torch.equal(model.state_dict()["lm_head.weight"], wa["lm_head.weight"])
-    assert "[|AI|]" in tok.apply_chat_template([{"role": "user", "content": "Ciao"}], tokenize=False,
-                                               add_generation_prompt=True)
+    assert "[|AI|]" in tok.apply_chat_template(
+        [{"role": "user", "content": "Ciao"}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_bf16_on_cpu_without_ray(shards, tmp_path):
@@ -81,9 +105,22 @@ def test_bf16_on_cpu_without_ray(shards, tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "cerbero_ray.train.local", f"paths.output_dir={tmp_path}",
-                        f"train.data_dir={shards}", "train.precision=bf16", "train.max_steps=3", "train.epochs=1",
-                        "train.num_workers=1"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cerbero_ray.train.local",
+            f"paths.output_dir={tmp_path}",
+            f"train.data_dir={shards}",
+            "train.precision=bf16",
+            "train.max_steps=3",
+            "train.epochs=1",
+            "train.num_workers=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(tmp_path / "train" / "tiny-cpu" / "summary.json"))
     assert summary["steps"] == 3 and summary["eval_losses"][-1] < summary["eval_losses"][0]

@@ -1,5 +1,6 @@
 """Config-time checks of the training stage: each bad value is a ValueError naming its key, raised
 on the driver before any worker starts."""
+
 import json
 
 import pytest
@@ -7,14 +8,17 @@ import pytest
 from cerbero_ray.config import compose, to_container
 from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
 from cerbero_ray.train.engine import deepspeed_config
-from cerbero_ray.train.validate import prepare_run
+from cerbero_ray.train.prepare import prepare_run
 
 
 def manifest_dir(tmp_path, seq_len=512, rows=40, tok_hash=None):
     d = tmp_path / "data"
     d.mkdir(exist_ok=True)
-    m = {"seq_len": seq_len, "tokenizer_hash": tok_hash or tokenizer_hash(build_tokenizer()),
-         "shards": [{"path": str(d / "shards" / "a.parquet"), "rows": rows, "tokens": 1}]}
+    m = {
+        "seq_len": seq_len,
+        "tokenizer_hash": tok_hash or tokenizer_hash(build_tokenizer()),
+        "shards": [{"path": str(d / "shards" / "a.parquet"), "rows": rows, "tokens": 1}],
+    }
     (d / "manifest.json").write_text(json.dumps(m))
     return str(d)
 
@@ -29,20 +33,23 @@ def test_a_good_config_gets_its_run_section(tmp_path):
     assert run["seq_len"] == 512 and run["rows"] == 40 and run["run_dir"] == str(tmp_path / "train" / "tiny-cpu")
 
 
-@pytest.mark.parametrize("override,key", [
-    ("train.global_batch_size=3", "train.global_batch_size"),        # not a multiple of micro × workers
-    ("train.micro_batch_size=0", "train.micro_batch_size"),
-    ("train.precision=fp16", "train.precision"),
-    ("train.attention=flash", "train.attention"),
-    ("train.schedule=step", "train.schedule"),
-    ("deepspeed.stage=3", "deepspeed.stage"),
-    ("train.seq_len=1024", "train.seq_len"),                         # the shards are 512
-    ("train.eval_rows=38", "train.eval_rows"),                       # 4 + 38 > 40 rows
-    ("+model.overrides.vocab_size=1000", "vocab_size"),               # smaller than the tokenizer
-    ("+model.overrides.max_position_embeddings=256", "max_position_embeddings"),
-    ("train.max_steps=0", "train.max_steps"),
-    ("train.placement_strategy=SCATTER", "train.placement_strategy"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.global_batch_size=3", "train.global_batch_size"),  # not a multiple of micro × workers
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("train.precision=fp16", "train.precision"),
+        ("train.attention=flash", "train.attention"),
+        ("train.schedule=step", "train.schedule"),
+        ("deepspeed.stage=3", "deepspeed.stage"),
+        ("train.seq_len=1024", "train.seq_len"),  # the shards are 512
+        ("train.eval_rows=38", "train.eval_rows"),  # 4 + 38 > 40 rows
+        ("+model.overrides.vocab_size=1000", "vocab_size"),  # smaller than the tokenizer
+        ("+model.overrides.max_position_embeddings=256", "max_position_embeddings"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("train.placement_strategy=SCATTER", "train.placement_strategy"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path, override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         prepare_run(cfg(tmp_path, override))
@@ -60,8 +67,16 @@ def test_missing_data(tmp_path):
 
 
 def test_deepspeed_json():
-    c = to_container(compose("train", ["paths.output_dir=/tmp", "train.global_batch_size=8",
-                                       "+deepspeed.extra.zero_optimization.round_robin_gradients=true"]))
+    c = to_container(
+        compose(
+            "train",
+            [
+                "paths.output_dir=/tmp",
+                "train.global_batch_size=8",
+                "+deepspeed.extra.zero_optimization.round_robin_gradients=true",
+            ],
+        )
+    )
     ds = deepspeed_config(c["deepspeed"], c["train"], world_size=2)
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 8
     assert ds["zero_optimization"]["stage"] == 1 and ds["zero_optimization"]["round_robin_gradients"] is True

@@ -15,8 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FORMATS = ("openai", "sharegpt", "alpaca", "text")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "system": "system",
+}
 OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 
 
@@ -111,8 +119,10 @@ def to_document(record: dict, fmt: str, text_field: str = "text") -> Document:
             raise Reject("wrong_type", "input is not a string")
         if extra and extra.strip():
             prompt = f"{prompt}\n\n{extra}"
-        msgs = [{"role": "user", "content": prompt},
-                {"role": "assistant", "content": _text(record.get("output"), "output")}]
+        msgs = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _text(record.get("output"), "output")},
+        ]
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     return Document(messages=check_turns(msgs))

@@ -15,8 +15,20 @@ from cerbero_ray import storage
 from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
 
 MANIFEST_VERSION = 1
-SUM_KEYS = ("input_rows", "documents", "rows", "tokens", "loss_tokens", "padding", "rejected",
-            "split_documents", "split_pieces", "dropped_long", "cut_to_fill", "input_bytes")
+SUM_KEYS = (
+    "input_rows",
+    "documents",
+    "rows",
+    "tokens",
+    "loss_tokens",
+    "padding",
+    "rejected",
+    "split_documents",
+    "split_pieces",
+    "dropped_long",
+    "cut_to_fill",
+    "input_bytes",
+)
 
 
 def config_hash(cfg: dict) -> str:
@@ -48,10 +60,18 @@ def build_manifest(stats: list[dict], cfg: dict, plans, seconds: float) -> dict:
         "fill": round(totals["tokens"] / capacity, 6) if capacity else 0.0,
         "rejects_by_reason": dict(sorted(reasons.items())),
         "documents_by_source": dict(per_source),
-        "sources": {p.name: {"files": p.files, "format": p.format, "bytes": p.bytes,
-                             "weight": d["sources"][p.name].get("weight", 1.0)} for p in plans},
-        "shards": [{"path": s["shard"], "rows": int(s["rows"]), "tokens": int(s["tokens"])}
-                   for s in stats if s["shard"]],
+        "sources": {
+            p.name: {
+                "files": p.files,
+                "format": p.format,
+                "bytes": p.bytes,
+                "weight": d["sources"][p.name].get("weight", 1.0),
+            }
+            for p in plans
+        },
+        "shards": [
+            {"path": s["shard"], "rows": int(s["rows"]), "tokens": int(s["tokens"])} for s in stats if s["shard"]
+        ],
         "rejects_files": [s["rejects_path"] for s in stats if s["rejects_path"]],
         "seconds": round(seconds, 2),
         "tokens_per_s": round(totals["tokens"] / seconds) if seconds else None,
@@ -60,23 +80,17 @@ def build_manifest(stats: list[dict], cfg: dict, plans, seconds: float) -> dict:
 
 
 def write_manifest(manifest: dict, out: str) -> str:
-    path = storage.join(out, "manifest.json")
-    fs, p = storage.resolve(path)
-    with fs.open_output_stream(p) as f:
-        f.write(json.dumps(manifest, indent=2, ensure_ascii=False, default=str).encode())
-    return path
+    return storage.write_json(storage.join(out, "manifest.json"), manifest, indent=2)
 
 
 def read_manifest(out: str) -> dict:
-    fs, p = storage.resolve(storage.join(out, "manifest.json"))
-    with fs.open_input_stream(p) as f:
-        return json.loads(f.read())
+    return storage.read_json(storage.join(out, "manifest.json"))
 
 
 def format_summary(m: dict, out: str) -> str:
     rej = ", ".join(f"{k}={v}" for k, v in m["rejects_by_reason"].items()) or "none"
     lines = [
-        "── prepare_data ─────────────────────────────────────────────",
+        "── data ─────────────────────────────────────────────────────",
         f" output        {out}",
         f" shards        {len(m['shards'])} files, {m['rows']:,} rows × {m['seq_len']} tokens",
         f" documents     {m['documents']:,} packed from {m['input_rows']:,} input rows "

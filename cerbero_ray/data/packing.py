@@ -5,10 +5,10 @@ Each document is a pair (``ids``, ``labels``) of int32 arrays of equal length, `
 ``seq_len`` (longest first, each into the fullest bin that still has room), documents whole;
 :func:`sequential_fill` fills every row to the brim instead, cutting the document that crosses a
 row end into two pieces (each trained as its own document). Both return, per row, spans
-``(doc, start, stop)``; :func:`build_rows` lays the spans out as rows. In a row, ``position_ids`` restart at 0 for each document, so the
-trainer can keep documents from attending to each other, and the first label of every document is
--100, so no document is trained to follow the one before it. Padding (``pad_id``, label -100)
-fills the end of a row and counts as one more position run.
+``(doc, start, stop)``; :func:`build_rows` lays the spans out as rows. In a row, ``position_ids``
+restart at 0 for each document, so the trainer can keep documents from attending to each other,
+and the first label of every document is -100, so no document is trained to follow the one
+before it. Padding (``pad_id``, label -100) fills the end of a row and counts as one more position run.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ IGNORE_INDEX = -100
 
 @dataclass
 class PackedRows:
-    input_ids: np.ndarray      # [rows, seq_len] int32
-    labels: np.ndarray         # [rows, seq_len] int32
-    position_ids: np.ndarray   # [rows, seq_len] int32
-    num_docs: np.ndarray       # [rows] int32
+    input_ids: np.ndarray  # [rows, seq_len] int32
+    labels: np.ndarray  # [rows, seq_len] int32
+    position_ids: np.ndarray  # [rows, seq_len] int32
+    num_docs: np.ndarray  # [rows] int32
     padding: int
 
 
 def split_long(ids: np.ndarray, labels: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """A document longer than ``seq_len`` as consecutive pieces of at most ``seq_len`` tokens."""
-    return [(ids[i:i + seq_len], labels[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
+    return [(ids[i : i + seq_len], labels[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
 
 
 Span = tuple[int, int, int]  # (document index, start, stop)
@@ -76,8 +76,9 @@ def sequential_fill(lengths: list[int], capacity: int) -> list[list[Span]]:
     return bins if bins[0] else []
 
 
-def build_rows(docs: list[tuple[np.ndarray, np.ndarray]], bins: list[list[Span]], seq_len: int,
-               pad_id: int) -> PackedRows:
+def build_rows(
+    docs: list[tuple[np.ndarray, np.ndarray]], bins: list[list[Span]], seq_len: int, pad_id: int
+) -> PackedRows:
     """Rows laid out from ``bins`` of spans; each span restarts ``position_ids`` and has its first
     label ignored."""
     rows = len(bins)
@@ -91,12 +92,12 @@ def build_rows(docs: list[tuple[np.ndarray, np.ndarray]], bins: list[list[Span]]
         for d, start, stop in members:
             ids, lab = docs[d]
             n = stop - start
-            input_ids[r, at:at + n] = ids[start:stop]
-            labels[r, at:at + n] = lab[start:stop]
+            input_ids[r, at : at + n] = ids[start:stop]
+            labels[r, at : at + n] = lab[start:stop]
             labels[r, at] = IGNORE_INDEX
-            position_ids[r, at:at + n] = arange[:n]
+            position_ids[r, at : at + n] = arange[:n]
             at += n
-        position_ids[r, at:] = arange[:seq_len - at]
+        position_ids[r, at:] = arange[: seq_len - at]
         padding += seq_len - at
     num_docs = np.array([len(b) for b in bins], dtype=np.int32)
     return PackedRows(input_ids, labels, position_ids, num_docs, padding)

@@ -5,38 +5,24 @@ actors; each actor takes ``buffer_docs`` rows at a time and runs :class:`BufferP
 validate → render chat → tokenize → loss mask → pack → write one shard (and a rejects file). The
 driver only sees one small stats record per shard, from which it writes the manifest.
 
-    python jobs/prepare_data.py data=mix_sample          # embedded local cluster
+    python jobs/data.py data=mix_sample          # embedded local cluster
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from cerbero_ray import storage
-from cerbero_ray.config import to_container
+from cerbero_ray.config import check
 from cerbero_ray.data.manifest import build_manifest, config_hash, format_summary, read_manifest, write_manifest
 from cerbero_ray.data.process import BufferProcessor
 from cerbero_ray.data.sources import build_dataset, inspect_sources
 
 log = logging.getLogger(__name__)
-
-
-def validate_data_config(d: dict) -> None:
-    """``ValueError`` naming the key for a bad data config."""
-    if int(d["seq_len"]) < 16:
-        raise ValueError(f"data.seq_len must be >= 16, got {d['seq_len']}")
-    if int(d["buffer_docs"]) < 1:
-        raise ValueError(f"data.buffer_docs must be >= 1, got {d['buffer_docs']}")
-    for key, allowed in (("loss_on", ("assistant", "all")), ("packing", ("whole", "split")),
-                         ("long_docs", ("split", "drop"))):
-        if d[key] not in allowed:
-            raise ValueError(f"data.{key} must be one of {allowed}, got {d[key]!r}")
 
 
 def finished_run(out: str, cfg: dict, plans) -> dict | None:
@@ -46,7 +32,8 @@ def finished_run(out: str, cfg: dict, plans) -> dict | None:
     except FileNotFoundError:
         return None
     same_files = {p.name: (p.files, p.bytes) for p in plans} == {
-        name: (v["files"], v["bytes"]) for name, v in m.get("sources", {}).items()}
+        name: (v["files"], v["bytes"]) for name, v in m.get("sources", {}).items()
+    }
     return m if m.get("config_hash") == config_hash(cfg) and same_files else None
 
 
@@ -57,7 +44,11 @@ def prepare_output(out: str, overwrite: bool) -> None:
     if info.type == storage.pafs.FileType.NotFound:
         fs.create_dir(p, recursive=True)
         return
-    existing = [i for i in fs.get_file_info(storage.pafs.FileSelector(p)) if i.base_name in ("shards", "rejects", "manifest.json")]
+    existing = [
+        i
+        for i in fs.get_file_info(storage.pafs.FileSelector(p))
+        if i.base_name in ("shards", "rejects", "manifest.json")
+    ]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds a data run; pass data.overwrite=true or another data.output_dir")
     for i in existing:
@@ -70,17 +61,19 @@ def run_data(cfg: DictConfig | dict) -> dict:
     import ray
     import ray.data
 
-    c = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    c = check("data", cfg)
     d = c["data"]
-    validate_data_config(d)
     plans = inspect_sources(d["sources"])
     for p in plans:
         d["sources"][p.name]["format"] = p.format
     out = d["output_dir"]
     done = None if d.get("overwrite") else finished_run(out, c, plans)
     if done:  # a rerun of the same config on the same files: the shards are already there
-        print(f"prepare_data: {out} is up to date ({done['rows']:,} rows, config {done['config_hash']}); "
-              "data.overwrite=true redoes it", flush=True)
+        print(
+            f"[data] {out} is up to date ({done['rows']:,} rows, config {done['config_hash']}); "
+            "data.overwrite=true redoes it",
+            flush=True,
+        )
         return done
     prepare_output(out, bool(d.get("overwrite")))
     cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -92,12 +85,17 @@ def run_data(cfg: DictConfig | dict) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs + seed -> same shards
     ds = build_dataset(plans).map_batches(
-        BufferProcessor, fn_constructor_args=(proc_cfg,), batch_size=int(d["buffer_docs"]),
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=actor_cpus)
+        BufferProcessor,
+        fn_constructor_args=(proc_cfg,),
+        batch_size=int(d["buffer_docs"]),
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=actor_cpus,
+    )
 
     total = sum(p.bytes for p in plans)
     stats, t0 = [], time.perf_counter()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="prepare_data", dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc="data", dynamic_ncols=True) as bar:
         for row in ds.iter_rows():
             stats.append(row)
             bar.update(min(row["input_bytes"], total - bar.n))

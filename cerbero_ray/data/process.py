@@ -79,19 +79,24 @@ class BufferProcessor:
         chat_idx = [i for i, d in enumerate(docs) if d.messages is not None]
         bos, eos = self.tok.bos_token_id, self.tok.eos_token_id
         if text_idx:
-            encs = self.tok.backend_tokenizer.encode_batch_fast([docs[i].text for i in text_idx],
-                                                                add_special_tokens=False)
+            encs = self.tok.backend_tokenizer.encode_batch_fast(
+                [docs[i].text for i in text_idx], add_special_tokens=False
+            )
             for i, e in zip(text_idx, encs):
                 ids = np.empty(len(e.ids) + 2, dtype=np.int32)
                 ids[0], ids[1:-1], ids[-1] = bos, e.ids, eos
                 out[i] = (ids, ids.copy())
         if chat_idx:
-            enc = self.tok.apply_chat_template([docs[i].messages for i in chat_idx], tokenize=True,
-                                               return_dict=True, return_assistant_tokens_mask=True)
+            enc = self.tok.apply_chat_template(
+                [docs[i].messages for i in chat_idx], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
             for i, ids, mask in zip(chat_idx, enc["input_ids"], enc["assistant_masks"]):
                 ids = np.asarray(ids, dtype=np.int32)
-                labels = np.where(np.asarray(mask, dtype=bool), ids, IGNORE_INDEX).astype(np.int32) \
-                    if self.assistant_only else ids.copy()
+                labels = (
+                    np.where(np.asarray(mask, dtype=bool), ids, IGNORE_INDEX).astype(np.int32)
+                    if self.assistant_only
+                    else ids.copy()
+                )
                 out[i] = (ids, labels)
         return out
 
@@ -99,12 +104,20 @@ class BufferProcessor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         n = len(batch["raw"])
         key = hashlib.sha1(f"{batch['path'][0]}:{batch['line_no'][0]}:{n}".encode()).hexdigest()[:16]
-        stats: dict[str, Any] = {"key": key, "input_rows": n, "input_bytes": 0, "documents": 0,
-                                 "split_documents": 0, "split_pieces": 0, "dropped_long": 0}
+        stats: dict[str, Any] = {
+            "key": key,
+            "input_rows": n,
+            "input_bytes": 0,
+            "documents": 0,
+            "split_documents": 0,
+            "split_pieces": 0,
+            "dropped_long": 0,
+        }
         rejects, reasons, per_source = [], Counter(), Counter()
         docs, origins = [], []
-        for source, path, line_no, kind, raw in zip(batch["source"], batch["path"], batch["line_no"],
-                                                    batch["kind"], batch["raw"]):
+        for source, path, line_no, kind, raw in zip(
+            batch["source"], batch["path"], batch["line_no"], batch["kind"], batch["raw"]
+        ):
             raw = bytes(raw) if raw is not None else b""
             stats["input_bytes"] += len(raw)
             try:
@@ -113,7 +126,9 @@ class BufferProcessor:
                 reasons[r.reason] += 1
                 rejects.append(self._reject_row(source, path, line_no, raw, r))
                 continue
-            for c in range(copies(self.sources[source].get("weight", 1.0), self.cfg["seed"], f"{source}:{path}:{line_no}")):
+            for _ in range(
+                copies(self.sources[source].get("weight", 1.0), self.cfg["seed"], f"{source}:{path}:{line_no}")
+            ):
                 docs.append(doc)
                 origins.append((source, path, int(line_no), raw))
         pieces = []
@@ -122,8 +137,15 @@ class BufferProcessor:
                 if self.cfg["long_docs"] == "drop":
                     stats["dropped_long"] += 1
                     reasons["too_long"] += 1
-                    rejects.append(self._reject_row(source, path, line_no, raw,
-                                                    Reject("too_long", f"{len(ids)} tokens > seq_len {self.seq_len}")))
+                    rejects.append(
+                        self._reject_row(
+                            source,
+                            path,
+                            line_no,
+                            raw,
+                            Reject("too_long", f"{len(ids)} tokens > seq_len {self.seq_len}"),
+                        )
+                    )
                     continue
                 parts = split_long(ids, labels, self.seq_len)
                 stats["split_documents"] += 1
@@ -133,15 +155,25 @@ class BufferProcessor:
                 pieces.append((ids, labels))
             stats["documents"] += 1
             per_source[source] += 1
-        stats.update(self._write(pieces, key), rejected=sum(reasons.values()),
-                     reject_reasons=json.dumps(dict(reasons)), per_source=json.dumps(dict(per_source)))
+        stats.update(
+            self._write(pieces, key),
+            rejected=sum(reasons.values()),
+            reject_reasons=json.dumps(dict(reasons)),
+            per_source=json.dumps(dict(per_source)),
+        )
         stats["rejects_path"] = self._write_rejects(rejects, key)
         return {k: [v] for k, v in stats.items()}
 
     def _reject_row(self, source, path, line_no, raw: bytes, r: Reject) -> dict:
-        return {"source": source, "path": path, "line_no": int(line_no), "reason": r.reason,
-                "detail": r.detail, "raw_bytes": len(raw),
-                "raw": raw[:MAX_REJECT_BYTES].decode("utf-8", errors="replace")}
+        return {
+            "source": source,
+            "path": path,
+            "line_no": int(line_no),
+            "reason": r.reason,
+            "detail": r.detail,
+            "raw_bytes": len(raw),
+            "raw": raw[:MAX_REJECT_BYTES].decode("utf-8", errors="replace"),
+        }
 
     def _write(self, pieces: list[tuple[np.ndarray, np.ndarray]], key: str) -> dict:
         empty = {"shard": "", "rows": 0, "tokens": 0, "cut_to_fill": 0, "loss_tokens": 0, "padding": 0}
@@ -154,12 +186,14 @@ class BufferProcessor:
             bins = sequential_fill(lengths, self.seq_len)
         rows = build_rows(pieces, bins, self.seq_len, self.tok.pad_token_id)
         perm = np.random.default_rng([self.cfg["seed"], int(key, 16) & 0xFFFFFFFF]).permutation(len(bins))
-        table = pa.table({
-            "input_ids": _fixed(rows.input_ids[perm]),
-            "labels": _fixed(rows.labels[perm]),
-            "position_ids": _fixed(rows.position_ids[perm]),
-            "num_docs": pa.array(rows.num_docs[perm]),
-        })
+        table = pa.table(
+            {
+                "input_ids": _fixed(rows.input_ids[perm]),
+                "labels": _fixed(rows.labels[perm]),
+                "position_ids": _fixed(rows.position_ids[perm]),
+                "num_docs": pa.array(rows.num_docs[perm]),
+            }
+        )
         shard = storage.join(self.cfg["output_dir"], "shards", f"shard-{key}.parquet")
         fs, p = storage.resolve(shard)
         fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
@@ -168,8 +202,14 @@ class BufferProcessor:
             pq.write_table(table, f, compression=self.cfg.get("compression", "zstd"), row_group_size=ROW_GROUP_ROWS)
         tokens = int(sum(len(p[0]) for p in pieces))
         cut = sum(1 for b in bins for _, start, stop in b if start > 0)
-        return {"shard": shard, "rows": len(bins), "tokens": tokens, "cut_to_fill": cut,
-                "loss_tokens": int((rows.labels != IGNORE_INDEX).sum()), "padding": int(rows.padding)}
+        return {
+            "shard": shard,
+            "rows": len(bins),
+            "tokens": tokens,
+            "cut_to_fill": cut,
+            "loss_tokens": int((rows.labels != IGNORE_INDEX).sum()),
+            "padding": int(rows.padding),
+        }
 
     def _write_rejects(self, rejects: list[dict], key: str) -> str:
         if not rejects:

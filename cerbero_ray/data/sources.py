@@ -48,7 +48,7 @@ def _peek_records(path: str) -> list:
             raise ValueError(f"{path} is not valid JSON ({e}); use JSON Lines for large files") from None
         return (obj if isinstance(obj, list) else [obj])[:PEEK_ROWS]
     records = []
-    for line in head.split(b"\n")[:-1 if len(head) == 1 << 20 else None][:PEEK_ROWS * 4]:
+    for line in head.split(b"\n")[: -1 if len(head) == 1 << 20 else None][: PEEK_ROWS * 4]:
         try:
             records.append(json.loads(line))
         except ValueError:
@@ -85,7 +85,8 @@ def inspect_sources(sources: dict[str, dict]) -> list[SourcePlan]:
                     raise ValueError(
                         f"data.sources.{name}: no usable column in {src['path']} (saw {cols or 'no JSON objects'}); "
                         f"expected 'messages', 'conversations', 'instruction'+'output' or '{text_field}' "
-                        f"(set data.sources.{name}.text_field for another text column)")
+                        f"(set data.sources.{name}.text_field for another text column)"
+                    )
                 fmt = max(set(found), key=found.count)
             ok = 0
             for r in dicts:
@@ -95,17 +96,25 @@ def inspect_sources(sources: dict[str, dict]) -> list[SourcePlan]:
                 except Reject:
                     pass
             if dicts and ok == 0:
-                raise ValueError(f"data.sources.{name}: none of the first {len(dicts)} rows of {src['path']} "
-                                 f"is a valid '{fmt}' record; check data.sources.{name}.format/text_field")
+                raise ValueError(
+                    f"data.sources.{name}: none of the first {len(dicts)} rows of {src['path']} "
+                    f"is a valid '{fmt}' record; check data.sources.{name}.format/text_field"
+                )
         plans.append(SourcePlan(name, files, fmt, size))
     return plans
 
 
 def _table(source: str, path: str, kind: str, line_nos: list[int], raws: list[bytes]) -> pa.Table:
     n = len(raws)
-    return pa.table({"source": pa.array([source] * n, pa.string()), "path": pa.array([path] * n, pa.string()),
-                     "line_no": pa.array(line_nos, pa.int64()), "kind": pa.array([kind] * n, pa.string()),
-                     "raw": pa.array(raws, pa.binary())})
+    return pa.table(
+        {
+            "source": pa.array([source] * n, pa.string()),
+            "path": pa.array([path] * n, pa.string()),
+            "line_no": pa.array(line_nos, pa.int64()),
+            "kind": pa.array([kind] * n, pa.string()),
+            "raw": pa.array(raws, pa.binary()),
+        }
+    )
 
 
 def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterator[pa.Table]:
@@ -123,9 +132,14 @@ def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterat
             return
         items = obj if isinstance(obj, list) else [obj]
         for s in range(0, len(items), block_rows):
-            chunk = items[s:s + block_rows]
-            yield _table(source, path, "record", list(range(s, s + len(chunk))),
-                         [json.dumps(x, ensure_ascii=False).encode() for x in chunk])
+            chunk = items[s : s + block_rows]
+            yield _table(
+                source,
+                path,
+                "record",
+                list(range(s, s + len(chunk))),
+                [json.dumps(x, ensure_ascii=False).encode() for x in chunk],
+            )
         return
     rest, line_no, nos, raws = b"", 0, [], []
     while True:
@@ -148,8 +162,10 @@ def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterat
 
 def parquet_to_raw(batch: pa.Table, source: str) -> pa.Table:
     """Parquet rows as raw JSON records; ``line_no`` is a content hash (row order is not stable)."""
-    raws = [json.dumps(r, ensure_ascii=False, default=str).encode() for r in batch.drop_columns(
-        [c for c in ("path",) if c in batch.column_names]).to_pylist()]
+    raws = [
+        json.dumps(r, ensure_ascii=False, default=str).encode()
+        for r in batch.drop_columns([c for c in ("path",) if c in batch.column_names]).to_pylist()
+    ]
     paths = batch.column("path").to_pylist() if "path" in batch.column_names else [""] * len(raws)
     nos = [int.from_bytes(hashlib.blake2b(r, digest_size=7).digest(), "little") for r in raws]
     t = _table(source, "", "record", nos, raws)
@@ -179,7 +195,9 @@ def build_dataset(plans: list[SourcePlan], block_rows: int = 1024):
             parts.append(ray.data.read_datasource(RawRecords(other, plan.name, filesystem=fs)))
         if pq_files:
             ds = ray.data.read_parquet(pq_files, filesystem=fs, include_paths=True)
-            parts.append(ds.map_batches(parquet_to_raw, fn_kwargs={"source": plan.name}, batch_format="pyarrow",
-                                        batch_size=block_rows))
+            parts.append(
+                ds.map_batches(
+                    parquet_to_raw, fn_kwargs={"source": plan.name}, batch_format="pyarrow", batch_size=block_rows
+                )
+            )
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-

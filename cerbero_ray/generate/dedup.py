@@ -23,7 +23,7 @@ PRIME = (1 << 31) - 1  # a × x + b stays below 2**63 for 32-bit x: exact in uin
 
 def shingles(text: str, n: int) -> set[int]:
     words = text.lower().split()
-    grams = [" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))]
+    grams = [" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))]
     return {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=4).digest(), "little") for g in grams if g}
 
 
@@ -33,13 +33,16 @@ def jaccard(a: set, b: set) -> float:
 
 def _bands_rows(threshold: float, num_perm: int) -> tuple[int, int]:
     """The (bands, rows) split whose LSH S-curve threshold (1/b)^(1/r) is nearest ``threshold``."""
-    best = min(((b, num_perm // b) for b in range(1, num_perm + 1) if num_perm % b == 0),
-               key=lambda br: abs((1 / br[0]) ** (1 / br[1]) - threshold * 0.9))
+    best = min(
+        ((b, num_perm // b) for b in range(1, num_perm + 1) if num_perm % b == 0),
+        key=lambda br: abs((1 / br[0]) ** (1 / br[1]) - threshold * 0.9),
+    )
     return best
 
 
-def near_duplicates(texts: list[str], *, n: int = 5, threshold: float = 0.8, num_perm: int = 64,
-                    seed: int = 0) -> list[int | None]:
+def near_duplicates(
+    texts: list[str], *, n: int = 5, threshold: float = 0.8, num_perm: int = 64, seed: int = 0
+) -> list[int | None]:
     """For each text, the index of the earlier text it duplicates, or None."""
     sets = [shingles(t, n) for t in texts]
     rng = np.random.default_rng(seed)
@@ -50,7 +53,7 @@ def near_duplicates(texts: list[str], *, n: int = 5, threshold: float = 0.8, num
         x = np.fromiter(s, dtype=np.uint64, count=len(s)) if s else np.zeros(1, dtype=np.uint64)
         sigs.append(((a * x[None, :] + b) % PRIME).min(1))
     bands, rows = _bands_rows(threshold, num_perm)
-    keys = [[(band, tuple(sig[band * rows:(band + 1) * rows])) for band in range(bands)] for sig in sigs]
+    keys = [[(band, tuple(sig[band * rows : (band + 1) * rows])) for band in range(bands)] for sig in sigs]
     return _keep_first(keys, lambda i, cands: next((j for j in cands if jaccard(sets[i], sets[j]) >= threshold), None))
 
 
@@ -81,7 +84,9 @@ def embed(model, tok, texts: list[str], *, max_tokens: int = 512, batch_size: in
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            ids = tok(texts[i:i + batch_size], add_special_tokens=False, truncation=True, max_length=max_tokens).input_ids
+            ids = tok(
+                texts[i : i + batch_size], add_special_tokens=False, truncation=True, max_length=max_tokens
+            ).input_ids
             ids = [x or [pad] for x in ids]
             width = max(len(x) for x in ids)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=dev)
@@ -96,13 +101,14 @@ def _simhash_bands(threshold: float, bands: int) -> int:
     cosine ``threshold`` (a random hyperplane splits two vectors with probability angle / pi)."""
     p = 1 - np.arccos(np.clip(threshold, -1, 1)) / np.pi
     for rows in (24, 20, 16, 12, 10, 8, 6, 4, 2, 1):
-        if 1 - (1 - p ** rows) ** bands >= 0.95:
+        if 1 - (1 - p**rows) ** bands >= 0.95:
             return rows
     return 1
 
 
-def near_duplicates_cosine(emb: np.ndarray, *, threshold: float = 0.9, center: bool = False,
-                           seed: int = 0) -> list[int | None]:
+def near_duplicates_cosine(
+    emb: np.ndarray, *, threshold: float = 0.9, center: bool = False, seed: int = 0
+) -> list[int | None]:
     """For each row of ``emb``, the index of the earlier row it duplicates (cosine >= ``threshold``),
     or None. ``center`` subtracts the rows' mean first: a language model's raw hidden states all
     point much the same way (cosines near 1 whatever the text); centred, they spread out. Rows equal
@@ -126,5 +132,6 @@ def near_duplicates_cosine(emb: np.ndarray, *, threshold: float = 0.9, center: b
         hit = np.flatnonzero(x[cands] @ x[i] >= threshold - 1e-9)
         return cands[int(hit[0])] if len(hit) else None
 
-    return _keep_first([[(b, bits[i, b * rows:(b + 1) * rows].tobytes()) for b in range(bands)] for i in range(len(x))],
-                       match)
+    return _keep_first(
+        [[(b, bits[i, b * rows : (b + 1) * rows].tobytes()) for b in range(bands)] for i in range(len(x))], match
+    )

@@ -1,11 +1,11 @@
-"""Batch generation on Ray Data: ``run_generation(cfg)``, two modes.
+"""Batch generation on Ray Data: ``run_generate(cfg)``, two modes.
 
 - ``prompts``: one answer per input text, the text as the human's turn of a cerbero chat. Output
   parts: ``id, prompt, completion, finish_reason, prompt_tokens, new_tokens, truncated, error, model``.
 - ``self_chat``: each input text is a seed (a question or a topic); the model plays both sides for
   ``self_chat.turns`` exchanges (:mod:`cerbero_ray.generate.selfchat`). Parts hold the conversations;
   at the end the driver drops near-duplicates across the run and writes ``conversations.jsonl`` in
-  the data stage's ``openai`` format (``python jobs/prepare_data.py data.sources.chat.path=…``).
+  the data stage's ``openai`` format (``python jobs/data.py data.sources.chat.path=…``).
 
 Same design as labeling (:mod:`cerbero_ray.batchjob`): chunks, a model actor pool, atomic parts,
 a rerun does only the missing chunks. Sampling is seeded per chunk, so a rerun regenerates a
@@ -23,37 +23,40 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from cerbero_ray import batchjob, storage
-from cerbero_ray.config import to_container
-from cerbero_ray.generate.slots import check_engine
+from cerbero_ray.config import check
+from cerbero_ray.inference.batch import generate_columns
+from cerbero_ray.inference.sampling import Sampling
+from cerbero_ray.inference.slots import check_engine
 from cerbero_ray.models import check_checkpoint, load_for_inference
 
-MODES = ("prompts", "self_chat")
-DEDUP = ("ngram", "embedding", "none")
 
-
-def _sampling(sc: dict, **over):
-    from cerbero_ray.generate.engine import Sampling
-
-    return Sampling(**{**{k: sc[k] for k in ("max_new_tokens", "temperature", "top_p", "seed")},
-                       "stop": tuple(sc["stop"]), **over})
+def _sampling(sc: dict, **over) -> Sampling:
+    return Sampling(**{**sc, **over})
 
 
 class GenerateWorker(batchjob.ChunkWorker):
     """A Ray Data actor: one model, one chunk per call."""
 
     def __init__(self, gc: dict):
-        from cerbero_ray.generate.continuous import ContinuousBatcher
-        from cerbero_ray.generate.engine import Generator
+        from cerbero_ray.inference.continuous import ContinuousBatcher
+        from cerbero_ray.inference.generator import Generator
 
         self.gc = gc
         model, self.tok = load_for_inference(gc["checkpoint"], gc["dtype"])
         self.model, self._embedder = model, None
         if gc["engine"] == "continuous":
             longest = max(gc["sampling"]["max_new_tokens"], gc["self_chat"]["user_max_new_tokens"])
-            self.gen = ContinuousBatcher(model, self.tok, num_slots=gc["batch_size"],
-                                         max_prompt_tokens=gc["max_prompt_tokens"], max_new_tokens=longest)
+            self.gen = ContinuousBatcher(
+                model,
+                self.tok,
+                num_slots=gc["batch_size"],
+                max_prompt_tokens=gc["max_prompt_tokens"],
+                max_new_tokens=longest,
+            )
         else:
-            self.gen = Generator(model, self.tok, batch_size=gc["batch_size"], max_prompt_tokens=gc["max_prompt_tokens"])
+            self.gen = Generator(
+                model, self.tok, batch_size=gc["batch_size"], max_prompt_tokens=gc["max_prompt_tokens"]
+            )
 
     def process(self, chunk: batchjob.Chunk) -> dict:
         gc = self.gc
@@ -68,36 +71,62 @@ class GenerateWorker(batchjob.ChunkWorker):
         return {"rows": len(rows), "counts": json.dumps(counts)}
 
     def _prompts(self, rows, good, seed):
-        prompts = [self.tok.apply_chat_template([{"role": "user", "content": r["text"]}], tokenize=False,
-                                                add_generation_prompt=True) for r in good]
-        results = iter(self.gen.generate(prompts, _sampling(self.gc["sampling"]), seed=seed))
-        out = []
-        for r in rows:
-            g = next(results) if r["error"] is None else {}
-            out.append({"id": r["id"], "prompt": r["text"], "completion": g.get("text"),
-                        "finish_reason": g.get("finish_reason"), "prompt_tokens": g.get("prompt_tokens"),
-                        "new_tokens": g.get("new_tokens"), "truncated": bool(g.get("truncated")),
-                        "error": r["error"], "model": self.gc["checkpoint"]})
-        return pa.Table.from_pylist(out, schema=PROMPT_SCHEMA), Counter(x["finish_reason"] or "error" for x in out)
+        cols = generate_columns(
+            self.gen,
+            self.tok,
+            [r["text"] for r in rows],
+            _sampling(self.gc["sampling"]),
+            seed,
+            [r["error"] for r in rows],
+        )
+        table = pa.table(
+            {
+                "id": [r["id"] for r in rows],
+                "prompt": [r["text"] for r in rows],
+                **cols,
+                "model": [self.gc["checkpoint"]] * len(rows),
+            },
+            schema=PROMPT_SCHEMA,
+        )
+        return table, Counter(x or "error" for x in cols["finish_reason"])
 
     def _self_chat(self, rows, good, seed):
         from cerbero_ray.generate.selfchat import self_chat
 
         sc, s = self.gc["self_chat"], self.gc["sampling"]
-        convs, reasons = self_chat(self.gen, [r["text"] for r in good], turns=sc["turns"], sampling=_sampling(s),
-                                   user_sampling=_sampling(s, max_new_tokens=sc["user_max_new_tokens"]),
-                                   assistant_tag=sc["assistant_tag"], min_chars=sc["min_chars"],
-                                   max_repeat=sc["max_repeat_ratio"], drop_unfinished=sc["drop_unfinished"], seed=seed)
+        convs, reasons = self_chat(
+            self.gen,
+            [r["text"] for r in good],
+            turns=sc["turns"],
+            sampling=_sampling(s),
+            user_sampling=_sampling(s, max_new_tokens=sc["user_max_new_tokens"]),
+            assistant_tag=sc["assistant_tag"],
+            min_chars=sc["min_chars"],
+            max_repeat=sc["max_repeat_ratio"],
+            drop_unfinished=sc["drop_unfinished"],
+            seed=seed,
+        )
         kept = [c for c in convs if c]
-        vectors = ([v.astype("float16").tobytes() for v in self._embed([conversation_text(c) for c in kept])]
-                   if sc["dedup"] == "embedding" else [None] * len(kept))
+        vectors = (
+            [v.astype("float16").tobytes() for v in self._embed([conversation_text(c) for c in kept])]
+            if sc["dedup"] == "embedding"
+            else [None] * len(kept)
+        )
         it, vec = iter(convs), iter(vectors)
         out = []
         for r in rows:
             c = next(it) if r["error"] is None else None
-            out.append({"id": r["id"], "seed": r["text"], "messages": json.dumps(c, ensure_ascii=False) if c else None,
-                        "turns": len(c) // 2 if c else 0, "error": r["error"], "model": self.gc["checkpoint"],
-                        "embedding": next(vec) if c else None})
+            out.append(
+                {
+                    "id": r["id"],
+                    "seed": r["text"],
+                    "messages": json.dumps(c, ensure_ascii=False) if c else None,
+                    "turns": len(c) // 2 if c else 0,
+                    "error": r["error"],
+                    "model": self.gc["checkpoint"],
+                    "embedding": next(vec) if c else None,
+                }
+            )
         return pa.Table.from_pylist(out, schema=CHAT_SCHEMA), reasons
 
     def _embed(self, texts: list[str]):
@@ -124,12 +153,30 @@ class GenerateWorker(batchjob.ChunkWorker):
             return embed(model, tok, texts, max_tokens=sc["dedup_max_tokens"])
 
 
-PROMPT_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
-                           ("finish_reason", pa.string()), ("prompt_tokens", pa.int64()), ("new_tokens", pa.int64()),
-                           ("truncated", pa.bool_()), ("error", pa.string()), ("model", pa.string())])
-CHAT_SCHEMA = pa.schema([("id", pa.string()), ("seed", pa.string()), ("messages", pa.string()), ("turns", pa.int64()),
-                         ("error", pa.string()), ("model", pa.string()),
-                         ("embedding", pa.binary())])  # float16 vector, with self_chat.dedup=embedding
+PROMPT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("completion", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("new_tokens", pa.int64()),
+        ("truncated", pa.bool_()),
+        ("error", pa.string()),
+        ("model", pa.string()),
+    ]
+)
+CHAT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("seed", pa.string()),
+        ("messages", pa.string()),
+        ("turns", pa.int64()),
+        ("error", pa.string()),
+        ("model", pa.string()),
+        ("embedding", pa.binary()),
+    ]
+)  # float16 vector, with self_chat.dedup=embedding
 
 
 def conversation_text(messages: list[dict]) -> str:
@@ -137,35 +184,23 @@ def conversation_text(messages: list[dict]) -> str:
     return " ".join(m["content"] for m in messages)
 
 
-def check_generate_config(gc: dict) -> None:
-    if gc["mode"] not in MODES:
-        raise ValueError(f"generate.mode must be one of {MODES}, got {gc['mode']!r}")
-    if gc["format"] not in batchjob.FORMATS:
-        raise ValueError(f"generate.format must be one of {batchjob.FORMATS}, got {gc['format']!r}")
-    for k in ("chunk_rows", "batch_size", "max_prompt_tokens"):
-        if int(gc[k]) < 1:
-            raise ValueError(f"generate.{k} must be >= 1, got {gc[k]}")
-    check_engine(gc["engine"], "generate.engine")
-    s, sc = gc["sampling"], gc["self_chat"]
-    if s["max_new_tokens"] < 1 or s["temperature"] < 0 or not 0 < s["top_p"] <= 1:
-        raise ValueError("generate.sampling: max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
-    if sc["turns"] < 1:
-        raise ValueError(f"generate.self_chat.turns must be >= 1, got {sc['turns']}")
-    if sc["dedup"] not in DEDUP:
-        raise ValueError(f"generate.self_chat.dedup must be one of {DEDUP}, got {sc['dedup']!r}")
-    for k in ("dedup_threshold", "dedup_cosine"):
-        if not 0 < sc[k] <= 1:
-            raise ValueError(f"generate.self_chat.{k} must be in (0, 1], got {sc[k]}")
-    if sc["dedup_ngram"] < 1 or sc["dedup_max_tokens"] < 1:
-        raise ValueError("generate.self_chat.dedup_ngram and dedup_max_tokens must be >= 1")
-    if sc["dedup"] == "embedding" and sc["dedup_model"]:
-        check_checkpoint(sc["dedup_model"], "generate.self_chat.dedup_model")
-
-
 def run_identity(gc: dict) -> dict:
     """What fixes a generation run's output: another run into the same folder must match it."""
-    return {k: gc[k] for k in ("mode", "input", "text_field", "id_field", "checkpoint", "chunk_rows", "sampling",
-                               "self_chat", "max_prompt_tokens", "engine")}
+    return {
+        k: gc[k]
+        for k in (
+            "mode",
+            "input",
+            "text_field",
+            "id_field",
+            "checkpoint",
+            "chunk_rows",
+            "sampling",
+            "self_chat",
+            "max_prompt_tokens",
+            "engine",
+        )
+    }
 
 
 def finish_self_chat(gc: dict, reasons: Counter) -> dict:
@@ -181,7 +216,9 @@ def finish_self_chat(gc: dict, reasons: Counter) -> dict:
     convs = [json.loads(r["messages"]) for r in rows]
     sc = gc["self_chat"]
     if sc["dedup"] == "ngram":
-        dup = near_duplicates([conversation_text(c) for c in convs], n=sc["dedup_ngram"], threshold=sc["dedup_threshold"])
+        dup = near_duplicates(
+            [conversation_text(c) for c in convs], n=sc["dedup_ngram"], threshold=sc["dedup_threshold"]
+        )
     elif sc["dedup"] == "embedding":
         emb = np.stack([np.frombuffer(r["embedding"], dtype=np.float16) for r in rows]) if rows else np.zeros((0, 1))
         # a language model's own hidden states are centred (see near_duplicates_cosine); an encoder's are not
@@ -192,37 +229,67 @@ def finish_self_chat(gc: dict, reasons: Counter) -> dict:
     path = storage.join(out, "conversations.jsonl")
     with fs.open_output_stream(storage.resolve(path)[1]) as f:
         for r, c in kept:
-            f.write((json.dumps({"id": r["id"], "messages": c, "source": "self_chat", "model": r["model"]},
-                                ensure_ascii=False) + "\n").encode())
-    return {"conversations": len(kept), "near_duplicates": len(convs) - len(kept), "filtered": dict(reasons),
-            "output": path}
+            f.write(
+                (
+                    json.dumps(
+                        {"id": r["id"], "messages": c, "source": "self_chat", "model": r["model"]}, ensure_ascii=False
+                    )
+                    + "\n"
+                ).encode()
+            )
+    return {
+        "conversations": len(kept),
+        "near_duplicates": len(convs) - len(kept),
+        "filtered": dict(reasons),
+        "output": path,
+    }
 
 
-def run_generation(cfg: DictConfig | dict) -> dict:
+def run_generate(cfg: DictConfig | dict) -> dict:
     """Generate over ``generate.input`` on an initialised Ray; returns the summary (also ``summary.json``)."""
-    c = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    c = check("generate", cfg)
     gc = c["generate"]
-    check_generate_config(gc)
     check_checkpoint(gc["checkpoint"], "generate.checkpoint")
+    sc = gc["self_chat"]
+    if gc["mode"] == "self_chat" and sc["dedup"] == "embedding" and sc["dedup_model"]:
+        check_checkpoint(sc["dedup_model"], "generate.self_chat.dedup_model")
     check_engine(gc["engine"], "generate.engine", gc["checkpoint"])
     out = gc["output_dir"]
-    chunks, todo = batchjob.start_run(out, "generate_run.json", run_identity(gc), bool(gc.get("overwrite")), "generate",
-                                      gc["input"], gc["format"], gc["chunk_rows"])
-    print(f"[generate] {gc['mode']}: {len(chunks)} chunks; {len(chunks) - len(todo)} already done, "
-          f"{len(todo)} to go -> {out}", flush=True)
+    chunks, todo = batchjob.start_run(
+        out,
+        "generate_run.json",
+        run_identity(gc),
+        bool(gc.get("overwrite")),
+        "generate",
+        gc["input"],
+        gc["format"],
+        gc["chunk_rows"],
+    )
+    print(
+        f"[generate] {gc['mode']}: {len(chunks)} chunks; {len(chunks) - len(todo)} already done, "
+        f"{len(todo)} to go -> {out}",
+        flush=True,
+    )
     counts, t0 = Counter(), time.perf_counter()
     if todo:
         for row in batchjob.map_chunks(todo, GenerateWorker, gc, f"generate {gc['mode']}"):
             counts.update(json.loads(row["counts"]))
-    summary = {"mode": gc["mode"], "chunks_processed": len(todo), "chunks_skipped": len(chunks) - len(todo),
-               "seconds": round(time.perf_counter() - t0, 2), "counts": dict(counts), "parts": storage.join(out, "parts")}
+    summary = {
+        "mode": gc["mode"],
+        "chunks_processed": len(todo),
+        "chunks_skipped": len(chunks) - len(todo),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "counts": dict(counts),
+        "parts": storage.join(out, "parts"),
+    }
     if gc["mode"] == "self_chat":
         summary.update(finish_self_chat(gc, counts))
-        print(f"[generate] {summary['conversations']} conversations -> {summary['output']} "
-              f"(near-duplicates dropped {summary['near_duplicates']}, filtered this run {summary['filtered']})", flush=True)
+        print(
+            f"[generate] {summary['conversations']} conversations -> {summary['output']} "
+            f"(near-duplicates dropped {summary['near_duplicates']}, filtered this run {summary['filtered']})",
+            flush=True,
+        )
     else:
         print(f"[generate] finish reasons this run {dict(counts)} -> {summary['parts']}", flush=True)
-    fs, p = storage.resolve(storage.join(out, "summary.json"))
-    with fs.open_output_stream(p) as f:
-        f.write(json.dumps(summary, indent=1).encode())
+    storage.write_json(storage.join(out, "summary.json"), summary)
     return summary

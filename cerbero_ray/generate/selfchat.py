@@ -14,19 +14,21 @@ from __future__ import annotations
 
 from collections import Counter
 
-from cerbero_ray.generate.continuous import ContinuousBatcher
-from cerbero_ray.generate.engine import Generator, Sampling
-from cerbero_ray.tokenizer import ASSISTANT_TAGS, USER_TAG
+from cerbero_ray.chat import ASSISTANT_TAGS, USER_TAG
+from cerbero_ray.inference.continuous import ContinuousBatcher
+from cerbero_ray.inference.generator import Generator
+from cerbero_ray.inference.sampling import Sampling
 
 
 def repeated_trigram_ratio(text: str) -> float:
     words = text.lower().split()
-    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def degenerate(turn: dict, history: list[str], min_chars: int, max_repeat: float,
-               drop_unfinished: bool = True) -> str | None:
+def degenerate(
+    turn: dict, history: list[str], min_chars: int, max_repeat: float, drop_unfinished: bool = True
+) -> str | None:
     """Why a generated turn is unusable, or None."""
     text = turn["text"]
     if len(text.strip()) < min_chars:
@@ -50,9 +52,19 @@ def user_prompt(tok, messages: list[dict], assistant_tag: str) -> str:
     return rendered[: -len(tag)] + USER_TAG
 
 
-def self_chat(gen: Generator | ContinuousBatcher, seeds: list[str], *, turns: int, sampling: Sampling, user_sampling: Sampling,
-              assistant_tag: str = "AI", min_chars: int = 8, max_repeat: float = 0.5,
-              drop_unfinished: bool = True, seed: int = 0) -> tuple[list[list[dict] | None], Counter]:
+def self_chat(
+    gen: Generator | ContinuousBatcher,
+    seeds: list[str],
+    *,
+    turns: int,
+    sampling: Sampling,
+    user_sampling: Sampling,
+    assistant_tag: str = "AI",
+    min_chars: int = 8,
+    max_repeat: float = 0.5,
+    drop_unfinished: bool = True,
+    seed: int = 0,
+) -> tuple[list[list[dict] | None], Counter]:
     """Conversations (``messages`` lists, None when dropped) and the count of each filter reason."""
     convs = [[{"role": "user", "content": s.strip()}] for s in seeds]
     active = [i for i, s in enumerate(seeds)]
@@ -62,12 +74,16 @@ def self_chat(gen: Generator | ContinuousBatcher, seeds: list[str], *, turns: in
     user_stop = (ASSISTANT_TAGS[assistant_tag], USER_TAG)
     for t in range(turns):
         prompts = [tok.apply_chat_template(convs[i], tokenize=False, add_generation_prompt=True) for i in active]
-        replies = gen.generate(prompts, Sampling(**{**sampling.__dict__, "stop": assistant_stop}), seed=seed * 1000 + 2 * t)
+        replies = gen.generate(
+            prompts, Sampling(**{**sampling.__dict__, "stop": assistant_stop}), seed=seed * 1000 + 2 * t
+        )
         active = _extend(convs, active, replies, "assistant", (min_chars, max_repeat, drop_unfinished), reasons)
         if t == turns - 1 or not active:
             break
         prompts = [user_prompt(tok, convs[i], assistant_tag) for i in active]
-        asks = gen.generate(prompts, Sampling(**{**user_sampling.__dict__, "stop": user_stop}), seed=seed * 1000 + 2 * t + 1)
+        asks = gen.generate(
+            prompts, Sampling(**{**user_sampling.__dict__, "stop": user_stop}), seed=seed * 1000 + 2 * t + 1
+        )
         active = _extend(convs, active, asks, "user", (min_chars, max_repeat, drop_unfinished), reasons)
     out = []
     for c in convs:

@@ -1,8 +1,9 @@
-"""Bulk labeling on Ray Data: ``run_labeling(cfg)``.
+"""Bulk labeling on Ray Data: ``run_label(cfg)``.
 
 The input is planned into chunks (:mod:`cerbero_ray.batchjob`); Ray Data hands the missing chunks
 to a pool of model actors (``ActorPoolStrategy``; one GPU each on GPU clusters); each actor loads
-the checkpoint once, reads its chunk, scores every usable row with :class:`Scorer` and writes the
+the checkpoint once, reads its chunk, scores every usable row with the inference core's
+:class:`~cerbero_ray.inference.scorer.Scorer` (:func:`~cerbero_ray.inference.batch.label_columns`) and writes the
 chunk's Parquet part atomically. Output columns: ``id``, ``label``, ``p_<label>`` for every label,
 ``truncated``, ``error`` (null when the row was labeled), ``task``, ``model``, ``prompt_hash``.
 
@@ -22,65 +23,76 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from cerbero_ray import batchjob, storage
-from cerbero_ray.config import to_container
-from cerbero_ray.label.tasks import Task, load_task, task_from_dict
-from cerbero_ray.models import INFERENCE_DTYPES, check_checkpoint, load_for_inference
+from cerbero_ray.config import check
+from cerbero_ray.inference.batch import label_columns
+from cerbero_ray.inference.tasks import Task, resolve_task
+from cerbero_ray.models import check_checkpoint, load_for_inference
 
 log = logging.getLogger(__name__)
 RUN_FILE = "label_run.json"
-
-
-def resolve_task(lc: dict) -> Task:
-    return load_task(lc["task_file"]) if lc.get("task_file") else task_from_dict(lc["task"])
 
 
 class LabelWorker(batchjob.ChunkWorker):
     """A Ray Data actor: one model, one chunk per call."""
 
     def __init__(self, lc: dict):
-        from cerbero_ray.label.scoring import Scorer
-        from cerbero_ray.label.tasks import prompt_hash
+        from cerbero_ray.inference.scorer import Scorer
+        from cerbero_ray.inference.tasks import prompt_hash
 
         self.lc = lc
         self.task = resolve_task(lc)
         model, tok = load_for_inference(lc["checkpoint"], lc["dtype"])
-        self.scorer = Scorer(model, tok, self.task, max_text_tokens=lc["max_text_tokens"],
-                             max_batch_tokens=lc["max_batch_tokens"], sort_window=lc["sort_window"])
+        self.scorer = Scorer(
+            model,
+            tok,
+            self.task,
+            max_text_tokens=lc["max_text_tokens"],
+            max_batch_tokens=lc["max_batch_tokens"],
+            sort_window=lc["sort_window"],
+        )
         self.hash = prompt_hash(self.task, tok)
 
     def process(self, chunk: batchjob.Chunk) -> dict:
         lc = self.lc
         rows = batchjob.read_chunk(chunk, lc["format"], lc["text_field"], lc.get("id_field"))
-        good = [r for r in rows if r["error"] is None]
-        scored = iter(self.scorer.score([r["text"] for r in good]))
         labels = self.scorer.labels
-        cols = {"id": [], "label": [], **{f"p_{k}": [] for k in labels}, "truncated": [], "error": []}
-        counts = Counter()
-        for r in rows:
-            s = next(scored) if r["error"] is None else None
-            cols["id"].append(r["id"])
-            cols["label"].append(s["label"] if s else None)
-            for k in labels:
-                cols[f"p_{k}"].append(s["probs"][k] if s else None)
-            cols["truncated"].append(bool(s and s["truncated"]))
-            cols["error"].append(r["error"])
-            counts[s["label"] if s else f"error:{r['error']}"] += 1
+        cols = {
+            "id": [r["id"] for r in rows],
+            **label_columns(self.scorer, [r["text"] for r in rows], [r["error"] for r in rows]),
+        }
+        counts = Counter(lab or f"error:{err}" for lab, err in zip(cols["label"], cols["error"]))
         n = len(rows)
-        table = pa.table({**cols, "task": [self.task.name] * n, "model": [lc["checkpoint"]] * n,
-                          "prompt_hash": [self.hash] * n},
-                         schema=pa.schema([("id", pa.string()), ("label", pa.string()),
-                                           *[(f"p_{k}", pa.float64()) for k in labels], ("truncated", pa.bool_()),
-                                           ("error", pa.string()), ("task", pa.string()), ("model", pa.string()),
-                                           ("prompt_hash", pa.string())]))
+        table = pa.table(
+            {**cols, "task": [self.task.name] * n, "model": [lc["checkpoint"]] * n, "prompt_hash": [self.hash] * n},
+            schema=pa.schema(
+                [
+                    ("id", pa.string()),
+                    ("label", pa.string()),
+                    *[(f"p_{k}", pa.float64()) for k in labels],
+                    ("truncated", pa.bool_()),
+                    ("error", pa.string()),
+                    ("task", pa.string()),
+                    ("model", pa.string()),
+                    ("prompt_hash", pa.string()),
+                ]
+            ),
+        )
         batchjob.write_part(lc["output_dir"], chunk, table)
         return {"rows": n, "counts": json.dumps(counts), "truncated": sum(cols["truncated"])}
 
 
 def run_identity(lc: dict, task: Task) -> dict:
     """What fixes a labeling run's output: another run into the same folder must match it."""
-    return {"task": [task.name, task.instruction, task.labels, task.few_shot], "checkpoint": lc["checkpoint"],
-            "input": lc["input"], "text_field": lc["text_field"], "id_field": lc.get("id_field"),
-            "chunk_rows": lc["chunk_rows"], "max_text_tokens": lc["max_text_tokens"]}
+    return {
+        "task": [task.name, task.instruction, task.labels, task.few_shot]
+        + ([task.template] if task.template is not None else []),
+        "checkpoint": lc["checkpoint"],
+        "input": lc["input"],
+        "text_field": lc["text_field"],
+        "id_field": lc.get("id_field"),
+        "chunk_rows": lc["chunk_rows"],
+        "max_text_tokens": lc["max_text_tokens"],
+    }
 
 
 def summarize(out: str, labels: list[str], seconds: float, processed: int, skipped: int) -> dict:
@@ -89,12 +101,18 @@ def summarize(out: str, labels: list[str], seconds: float, processed: int, skipp
     ids = table.column("id").to_pylist()
     dist = Counter(x for x in table.column("label").to_pylist() if x is not None)
     errors = Counter(x for x in table.column("error").to_pylist() if x is not None)
-    summary = {"rows": len(ids), "unique_ids": len(set(ids)), "labels": {k: dist.get(k, 0) for k in labels},
-               "errors": dict(errors), "truncated": int(sum(table.column("truncated").to_pylist())),
-               "chunks_processed": processed, "chunks_skipped": skipped, "seconds": round(seconds, 2),
-               "output": storage.join(out, "parts")}
-    with fs.open_output_stream(storage.resolve(storage.join(out, "summary.json"))[1]) as f:
-        f.write(json.dumps(summary, indent=1).encode())
+    summary = {
+        "rows": len(ids),
+        "unique_ids": len(set(ids)),
+        "labels": {k: dist.get(k, 0) for k in labels},
+        "errors": dict(errors),
+        "truncated": int(sum(table.column("truncated").to_pylist())),
+        "chunks_processed": processed,
+        "chunks_skipped": skipped,
+        "seconds": round(seconds, 2),
+        "output": storage.join(out, "parts"),
+    }
+    storage.write_json(storage.join(out, "summary.json"), summary)
     summary["chart"] = distribution_png(summary, out)
     return summary
 
@@ -108,7 +126,9 @@ def distribution_png(summary: dict, out: str) -> str:
     names = list(summary["labels"]) + (["errors"] if summary["errors"] else [])
     values = list(summary["labels"].values()) + ([sum(summary["errors"].values())] if summary["errors"] else [])
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    bars = ax.bar(names, values, color=["#4C72B0"] * len(summary["labels"]) + ["#C44E52"] * (len(names) - len(summary["labels"])))
+    bars = ax.bar(
+        names, values, color=["#4C72B0"] * len(summary["labels"]) + ["#C44E52"] * (len(names) - len(summary["labels"]))
+    )
     ax.bar_label(bars)
     ax.set_ylabel("rows")
     ax.set_title(f"label distribution ({summary['rows']:,} rows)")
@@ -125,18 +145,28 @@ def distribution_png(summary: dict, out: str) -> str:
     return path
 
 
-def run_labeling(cfg: DictConfig | dict) -> dict:
+def run_label(cfg: DictConfig | dict) -> dict:
     """Label ``label.input`` on an initialised Ray; returns the summary (also ``summary.json``)."""
-    c = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    c = check("label", cfg)
     lc = c["label"]
-    check_label_config(lc)
     task = resolve_task(lc)
     check_checkpoint(lc["checkpoint"], "label.checkpoint")
     out = lc["output_dir"]
-    chunks, todo = batchjob.start_run(out, RUN_FILE, run_identity(lc, task), bool(lc.get("overwrite")), "label",
-                                      lc["input"], lc["format"], lc["chunk_rows"])
-    print(f"[label] {task.name}: {len(chunks)} chunks of up to {lc['chunk_rows']} rows; "
-          f"{len(chunks) - len(todo)} already done, {len(todo)} to go -> {out}", flush=True)
+    chunks, todo = batchjob.start_run(
+        out,
+        RUN_FILE,
+        run_identity(lc, task),
+        bool(lc.get("overwrite")),
+        "label",
+        lc["input"],
+        lc["format"],
+        lc["chunk_rows"],
+    )
+    print(
+        f"[label] {task.name}: {len(chunks)} chunks of up to {lc['chunk_rows']} rows; "
+        f"{len(chunks) - len(todo)} already done, {len(todo)} to go -> {out}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     if todo:
         for _ in batchjob.map_chunks(todo, LabelWorker, lc, f"label {task.name}"):
@@ -145,19 +175,9 @@ def run_labeling(cfg: DictConfig | dict) -> dict:
     if summary["rows"] != summary["unique_ids"]:
         log.warning("%d rows but %d distinct ids: the input repeats ids", summary["rows"], summary["unique_ids"])
     dist = ", ".join(f"{k} {v:,} ({100 * v / max(summary['rows'], 1):.1f}%)" for k, v in summary["labels"].items())
-    print(f"[label] {summary['rows']:,} rows -> {summary['output']}\n[label] distribution: {dist}"
-          f"{'; errors ' + str(summary['errors']) if summary['errors'] else ''}\n[label] chart: {summary['chart']}",
-          flush=True)
+    print(
+        f"[label] {summary['rows']:,} rows -> {summary['output']}\n[label] distribution: {dist}"
+        f"{'; errors ' + str(summary['errors']) if summary['errors'] else ''}\n[label] chart: {summary['chart']}",
+        flush=True,
+    )
     return summary
-
-
-def check_label_config(lc: dict) -> None:
-    if lc["format"] not in batchjob.FORMATS:
-        raise ValueError(f"label.format must be one of {batchjob.FORMATS}, got {lc['format']!r}")
-    for k in ("chunk_rows", "max_text_tokens", "max_batch_tokens", "sort_window"):
-        if int(lc[k]) < 1:
-            raise ValueError(f"label.{k} must be >= 1, got {lc[k]}")
-    if lc["dtype"] not in INFERENCE_DTYPES:
-        raise ValueError(f"label.dtype must be one of {INFERENCE_DTYPES}, got {lc['dtype']!r}")
-    if float(lc["gpus_per_worker"]) < 0 or float(lc["cpus_per_worker"]) <= 0:
-        raise ValueError("label.gpus_per_worker must be >= 0 and label.cpus_per_worker > 0")

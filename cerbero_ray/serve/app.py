@@ -30,9 +30,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cerbero_ray.generate.engine import Sampling
+from cerbero_ray.chat import STOP_STRING
+from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.serve.schemas import ChatRequest, CompletionRequest, LabelRequest, error_body
-from cerbero_ray.tokenizer import STOP_STRING
 
 app = FastAPI(title="cerbero-ray", docs_url="/docs")
 PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
@@ -40,8 +40,10 @@ PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        self.status, self.body = status, error_body(message, "invalid_request_error" if status < 500 else "server_error",
-                                                    param, code)
+        self.status, self.body = (
+            status,
+            error_body(message, "invalid_request_error" if status < 500 else "server_error", param, code),
+        )
 
 
 @app.exception_handler(APIError)
@@ -53,8 +55,11 @@ async def _api_error(request: Request, exc: APIError):
 async def _http_error(request: Request, exc: StarletteHTTPException):
     # FastAPI's own refusals (an undecodable body, an unknown route, a wrong method), in our error format
     message = "the body is not valid JSON (or not UTF-8)" if "parsing the body" in str(exc.detail) else str(exc.detail)
-    return JSONResponse(error_body(message, code=str(exc.status_code)), status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+    return JSONResponse(
+        error_body(message, code=str(exc.status_code)),
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
 
 
 @app.exception_handler(RequestValidationError)
@@ -90,7 +95,13 @@ def _usage(prompt: int, new: int) -> dict:
 
 
 def _envelope(kind: str, rid: str, model: str, choices: list, usage: dict | None, chunk: bool = False) -> dict:
-    obj = "chat.completion.chunk" if kind == "chat" and chunk else "chat.completion" if kind == "chat" else "text_completion"
+    obj = (
+        "chat.completion.chunk"
+        if kind == "chat" and chunk
+        else "chat.completion"
+        if kind == "chat"
+        else "text_completion"
+    )
     out = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices}
     if usage is not None:
         out["usage"] = usage
@@ -101,14 +112,22 @@ def _envelope(kind: str, rid: str, model: str, choices: list, usage: dict | None
 @serve.ingress(app)
 class CerberoServer:
     def __init__(self, sc: dict):
-        from cerbero_ray.label.pipeline import resolve_task
+        from cerbero_ray.inference.tasks import task_from_dict
         from cerbero_ray.serve.engine import ServeEngine
 
         self.sc = sc
-        tasks = {name: resolve_task({"task": t, "task_file": None}) for name, t in sc["label_tasks"].items()}
-        self.engine = ServeEngine(sc["checkpoint"], sc["dtype"], tasks, sc["max_batch_size"], sc["max_prompt_tokens"],
-                                  engine=sc["engine"], max_new_tokens=sc["max_new_tokens"],
-                                  prefill_tokens=sc["prefill_tokens"], cuda_graphs=sc["cuda_graphs"])
+        tasks = {name: task_from_dict(t) for name, t in sc["label_tasks"].items()}
+        self.engine = ServeEngine(
+            sc["checkpoint"],
+            sc["dtype"],
+            tasks,
+            sc["max_batch_size"],
+            sc["max_prompt_tokens"],
+            engine=sc["engine"],
+            max_new_tokens=sc["max_new_tokens"],
+            prefill_tokens=sc["prefill_tokens"],
+            cuda_graphs=sc["cuda_graphs"],
+        )
         for method in (self._generate_batch, self._label_batch):
             method.set_max_batch_size(sc["max_batch_size"])
             method.set_batch_wait_timeout_s(sc["batch_wait_timeout_s"])
@@ -123,14 +142,22 @@ class CerberoServer:
     def _sampling(self, req, prompt: str) -> Sampling:
         sc = self.sc
         if req.model not in (None, sc["model_name"]):
-            raise APIError(404, f"model {req.model!r} is not served here; this server has {sc['model_name']!r}",
-                           "model", "model_not_found")
+            raise APIError(
+                404,
+                f"model {req.model!r} is not served here; this server has {sc['model_name']!r}",
+                "model",
+                "model_not_found",
+            )
         if not prompt.strip():
             raise APIError(400, "the prompt is empty", "messages" if isinstance(req, ChatRequest) else "prompt")
         n = self.engine.count_tokens(prompt)
         if n > sc["max_prompt_tokens"]:
-            raise APIError(400, f"the prompt has {n} tokens; the limit is {sc['max_prompt_tokens']}",
-                           "messages" if isinstance(req, ChatRequest) else "prompt", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {n} tokens; the limit is {sc['max_prompt_tokens']}",
+                "messages" if isinstance(req, ChatRequest) else "prompt",
+                "context_length_exceeded",
+            )
         mct = getattr(req, "max_completion_tokens", None)
         if mct is not None and req.max_tokens is not None and mct != req.max_tokens:
             raise APIError(400, "max_tokens and max_completion_tokens differ; give one", "max_completion_tokens")
@@ -146,8 +173,13 @@ class CerberoServer:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop: at most 4 non-empty strings", "stop")
-        return Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                        stop=tuple(dict.fromkeys([STOP_STRING, *stop])), seed=req.seed)
+        return Sampling(
+            max_new_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=list(dict.fromkeys([STOP_STRING, *stop])),
+            seed=req.seed,
+        )
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, items: list[tuple[str, Sampling]]) -> list[dict]:
@@ -167,17 +199,20 @@ class CerberoServer:
                 last = _choice(kind, "", piece["finish_reason"], delta=True)
                 usage = _usage(piece["prompt_tokens"], piece["new_tokens"])
                 if include_usage:
-                    return (_sse(_envelope(kind, rid, model, [last], None, chunk=True))
-                            + _sse(_envelope(kind, rid, model, [], usage, chunk=True)))
+                    return _sse(_envelope(kind, rid, model, [last], None, chunk=True)) + _sse(
+                        _envelope(kind, rid, model, [], usage, chunk=True)
+                    )
                 return _sse(_envelope(kind, rid, model, [last], usage, chunk=True))
             return _sse(_envelope(kind, rid, model, [_choice(kind, piece, None, delta=True)], None, chunk=True))
 
         if self.engine.batcher is not None:
+
             async def events():  # on the event loop: no thread per open stream
                 async for piece in self.engine.batcher.astream(prompt, s):
                     yield sse(piece)
                 yield "data: [DONE]\n\n"
         else:
+
             def events():
                 for piece in self.engine.stream(prompt, s):
                     yield sse(piece)
@@ -195,8 +230,13 @@ class CerberoServer:
             r = await self.engine.batcher.agenerate(prompt, s)
         else:
             r = await self._generate_batch((prompt, s))
-        return _envelope(kind, rid, self.sc["model_name"], [_choice(kind, r["text"], r["finish_reason"])],
-                         _usage(r["prompt_tokens"], r["new_tokens"]))
+        return _envelope(
+            kind,
+            rid,
+            self.sc["model_name"],
+            [_choice(kind, r["text"], r["finish_reason"])],
+            _usage(r["prompt_tokens"], r["new_tokens"]),
+        )
 
     # ── endpoints ───────────────────────────────────────────────────────────
     @app.post("/v1/chat/completions")
@@ -224,8 +264,12 @@ class CerberoServer:
     async def model(self, request: Request, model_id: str):
         self._auth(request)
         if model_id != self.sc["model_name"]:
-            raise APIError(404, f"model {model_id!r} is not served here; this server has {self.sc['model_name']!r}",
-                           "model", "model_not_found")
+            raise APIError(
+                404,
+                f"model {model_id!r} is not served here; this server has {self.sc['model_name']!r}",
+                "model",
+                "model_not_found",
+            )
         return self._model_card()
 
     @app.post("/v1/label")
@@ -239,8 +283,11 @@ class CerberoServer:
             if not t.strip():
                 raise APIError(400, f"texts[{i}] is empty", f"texts.{i}")
         results = await self._label_batch((req.task, req.texts))
-        return {"task": req.task, "model": self.sc["model_name"],
-                "results": [{"label": r["label"], "probs": r["probs"], "truncated": r["truncated"]} for r in results]}
+        return {
+            "task": req.task,
+            "model": self.sc["model_name"],
+            "results": [{"label": r["label"], "probs": r["probs"], "truncated": r["truncated"]} for r in results],
+        }
 
     @app.get("/health")
     async def health(self):
@@ -262,12 +309,17 @@ def deployment(sc: dict):
 
     return CerberoServer.options(
         name="cerbero",
-        autoscaling_config=AutoscalingConfig(min_replicas=sc["min_replicas"], max_replicas=sc["max_replicas"],
-                                             target_ongoing_requests=sc["target_ongoing_requests"],
-                                             upscale_delay_s=sc["upscale_delay_s"], downscale_delay_s=sc["downscale_delay_s"],
-                                             metrics_interval_s=sc.get("metrics_interval_s", 2.0),
-                                             look_back_period_s=sc.get("look_back_period_s", 10.0)),
-        max_ongoing_requests=sc["max_ongoing_requests"], max_queued_requests=sc["max_queued_requests"],
+        autoscaling_config=AutoscalingConfig(
+            min_replicas=sc["min_replicas"],
+            max_replicas=sc["max_replicas"],
+            target_ongoing_requests=sc["target_ongoing_requests"],
+            upscale_delay_s=sc["upscale_delay_s"],
+            downscale_delay_s=sc["downscale_delay_s"],
+            metrics_interval_s=sc.get("metrics_interval_s", 2.0),
+            look_back_period_s=sc.get("look_back_period_s", 10.0),
+        ),
+        max_ongoing_requests=sc["max_ongoing_requests"],
+        max_queued_requests=sc["max_queued_requests"],
         backpressure_config=BackpressureConfig(status_code=sc["overload_status"], retry_after_s=sc["retry_after_s"]),
         ray_actor_options={"num_cpus": sc["cpus_per_replica"], "num_gpus": sc["gpus_per_replica"]},
     ).bind(sc)
@@ -276,9 +328,9 @@ def deployment(sc: dict):
 def build_app(args: dict):
     """App builder for ``serve run cerbero_ray.serve.app:build_app key=value …`` and Serve config
     files: each ``key=value`` is an override of ``conf/serve.yaml``'s ``serve.<key>``."""
-    from cerbero_ray.config import compose, to_container
-    from cerbero_ray.serve.service import validate_serve_config
+    from cerbero_ray.config import check, compose
+    from cerbero_ray.serve.engine import check_servable
 
-    c = to_container(compose("serve", [f"serve.{k}={v}" for k, v in (args or {}).items()]))
-    validate_serve_config(c["serve"])
-    return deployment(c["serve"])
+    sc = check("serve", compose("serve", [f"serve.{k}={v}" for k, v in (args or {}).items()]))["serve"]
+    check_servable(sc)
+    return deployment(sc)

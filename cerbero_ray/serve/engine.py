@@ -2,7 +2,7 @@
 streamed token by token), and labeling with the batch job's scorer.
 
 Generation runs on one of two engines (``serve.engine``):
-  continuous  our continuous-batching loop (:mod:`cerbero_ray.generate.continuous`): streaming
+  continuous  our continuous-batching loop (:mod:`cerbero_ray.inference.continuous`): streaming
               and non-streaming requests share one running batch, joining and leaving between
               decode steps; CUDA-graph decoding on GPU. Mistral/Llama architectures. The default.
   hf          transformers' ``generate``: concurrent requests with the same settings share a
@@ -20,28 +20,52 @@ from typing import Iterator
 
 import torch
 
-from cerbero_ray.generate.continuous import ContinuousBatcher
-from cerbero_ray.generate.engine import Generator, Sampling, cut_at_stop
-from cerbero_ray.generate.slots import check_engine
-from cerbero_ray.label.scoring import Scorer
-from cerbero_ray.label.tasks import Task
-from cerbero_ray.models import load_for_inference
+from cerbero_ray.inference.continuous import ContinuousBatcher
+from cerbero_ray.inference.generator import Generator
+from cerbero_ray.inference.sampling import Sampling, cut_at_stop
+from cerbero_ray.inference.scorer import Scorer
+from cerbero_ray.inference.slots import check_engine
+from cerbero_ray.inference.tasks import Task
+from cerbero_ray.models import check_checkpoint, load_for_inference
+
+
+def check_servable(sc: dict) -> None:
+    """The checks of a ``serve`` config that read its checkpoint: an HF model is there, and the
+    engine runs its architecture (``ValueError`` naming the key)."""
+    check_checkpoint(sc["checkpoint"], "serve.checkpoint")
+    check_engine(sc["engine"], "serve.engine", sc["checkpoint"])
 
 
 class ServeEngine:
-    def __init__(self, checkpoint: str, dtype: str = "auto", tasks: dict[str, Task] | None = None,
-                 max_batch_size: int = 16, max_prompt_tokens: int = 2048, *, engine: str = "continuous",
-                 max_new_tokens: int = 512, prefill_tokens: int = 8192, cuda_graphs: bool | None = None):
-        check_engine(engine, "serve.engine")
+    def __init__(
+        self,
+        checkpoint: str,
+        dtype: str = "auto",
+        tasks: dict[str, Task] | None = None,
+        max_batch_size: int = 16,
+        max_prompt_tokens: int = 2048,
+        *,
+        engine: str = "continuous",
+        max_new_tokens: int = 512,
+        prefill_tokens: int = 8192,
+        cuda_graphs: bool | None = None,
+    ):
         self.model, self.tok = load_for_inference(checkpoint, dtype)
         self.gen = Generator(self.model, self.tok, batch_size=max_batch_size, max_prompt_tokens=max_prompt_tokens)
         self.scorers = {name: Scorer(self.model, self.tok, task) for name, task in (tasks or {}).items()}
         self.lock = threading.Lock()  # one forward at a time per replica: batches, not races
         self.batcher = None
         if engine == "continuous":
-            self.batcher = ContinuousBatcher(self.model, self.tok, num_slots=max_batch_size, max_prompt_tokens=max_prompt_tokens,
-                                             max_new_tokens=max_new_tokens, prefill_tokens=prefill_tokens,
-                                             cuda_graphs=cuda_graphs, lock=self.lock)
+            self.batcher = ContinuousBatcher(
+                self.model,
+                self.tok,
+                num_slots=max_batch_size,
+                max_prompt_tokens=max_prompt_tokens,
+                max_new_tokens=max_new_tokens,
+                prefill_tokens=prefill_tokens,
+                cuda_graphs=cuda_graphs,
+                lock=self.lock,
+            )
 
     def render_chat(self, messages: list[dict]) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -55,7 +79,7 @@ class ServeEngine:
             return self.batcher.run(items)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (_, s) in enumerate(items):
-            groups[(s.max_new_tokens, s.temperature, s.top_p, s.stop, s.seed)].append(i)
+            groups[s.key()].append(i)
         out: list[dict] = [{}] * len(items)
         with self.lock:
             for idx in groups.values():
@@ -74,7 +98,9 @@ class ServeEngine:
 
         ids = self.tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(self.gen.device)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **self.gen.generate_kwargs(s))
+        kwargs = dict(
+            input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **self.gen.generate_kwargs(s)
+        )
         result = {}
 
         def run():
@@ -103,10 +129,13 @@ class ServeEngine:
             cut, stopped = cut_at_stop(text, s.stop)
             if len(cut) > sent:
                 yield cut[sent:]
-        new = result["out"][0, ids.shape[1]:].tolist()
+        new = result["out"][0, ids.shape[1] :].tolist()
         eos = self.tok.eos_token_id in new
-        yield {"finish_reason": "stop" if (stopped or eos) else "length", "prompt_tokens": ids.shape[1],
-               "new_tokens": len(new) if not eos else new.index(self.tok.eos_token_id) + 1}
+        yield {
+            "finish_reason": "stop" if (stopped or eos) else "length",
+            "prompt_tokens": ids.shape[1],
+            "new_tokens": len(new) if not eos else new.index(self.tok.eos_token_id) + 1,
+        }
 
     def label(self, items: list[tuple[str, list[str]]]) -> list[list[dict]]:
         """Many label requests at once: the texts of each task are scored together."""

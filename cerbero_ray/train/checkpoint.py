@@ -91,13 +91,30 @@ def save_hf(hf_model, tokenizer, directory: str) -> None:
     hf_model.save_pretrained(directory, safe_serialization=True)
     hf_model.config.use_cache = False
     if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+        from cerbero_ray.tokenizer import save_tokenizer
+
+        save_tokenizer(tokenizer, directory)
+
+
+def save_hf_to(hf_model, tokenizer, dest: str) -> str:
+    """:func:`save_hf` into a local folder or an object-store URI (staged locally, then uploaded)."""
+    if not storage.is_uri(dest):
+        save_hf(hf_model, tokenizer, storage.resolve(dest)[1])
+        return dest
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(hf_model, tokenizer, tmp)
+        fs, p = storage.resolve(dest)
+        pafs.copy_files(tmp, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return dest
 
 
 def load(engine, directory: str, rank: int) -> dict:
     """Restore weights, optimizer, schedule and RNG from ``directory``; returns the loop's state."""
-    path, client = engine.load_checkpoint(os.path.join(directory, "ds"), tag=TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    path, client = engine.load_checkpoint(
+        os.path.join(directory, "ds"), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:
         raise RuntimeError(f"no DeepSpeed state in {directory}/ds")
     rng = os.path.join(directory, "rng", f"rank_{rank}.pt")

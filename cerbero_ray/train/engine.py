@@ -13,7 +13,6 @@ from cerbero_ray.models import build_model
 from cerbero_ray.train.modeling import PackedCausalLM, pick_attention
 
 SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
-ZERO_STAGES = (0, 1, 2)
 
 
 def deepspeed_config(ds: dict, t: dict, world_size: int) -> dict:
@@ -64,8 +63,13 @@ def build_scheduler(opt: torch.optim.Optimizer, t: dict, total_steps: int):
         raise ValueError(f"train.schedule must be one of {sorted(SCHEDULES)}, got {t['schedule']!r}")
     name = SCHEDULES[t["schedule"]]
     kwargs = {"min_lr_rate": t["min_lr_ratio"]} if name == "cosine_with_min_lr" else None
-    return get_scheduler(name, opt, num_warmup_steps=warmup_steps(t, total_steps),
-                         num_training_steps=max(total_steps, 1), scheduler_specific_kwargs=kwargs)
+    return get_scheduler(
+        name,
+        opt,
+        num_warmup_steps=warmup_steps(t, total_steps),
+        num_training_steps=max(total_steps, 1),
+        scheduler_specific_kwargs=kwargs,
+    )
 
 
 def build_engine(config: dict, total_steps: int, device: torch.device, world_size: int):
@@ -84,7 +88,11 @@ def build_engine(config: dict, total_steps: int, device: torch.device, world_siz
     model = PackedCausalLM(lm, t["loss_chunk_tokens"]).to(device)
     opt = build_optimizer(model, t, cuda)
     sched = build_scheduler(opt, t, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(config["deepspeed"], t, world_size),
-                                           dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        lr_scheduler=sched,
+        config=deepspeed_config(config["deepspeed"], t, world_size),
+        dist_init_required=False,
+    )
     return engine, sched, lm

@@ -1,8 +1,9 @@
 """Where the training loop runs: under Ray Train, or in plain processes (torchrun, one process).
 
-The loop in :mod:`cerbero_ray.train.loop` needs five things from its surroundings: its rank and
-device, its micro-batches, the latest checkpoint, a place to write a checkpoint, and a way to
-publish metrics and checkpoints. :class:`RayEnv` takes them from Ray Train and Ray Data;
+The loop in :mod:`cerbero_ray.train.loop` needs six things from its surroundings (:class:`TrainEnv`):
+its rank and device, its micro-batches, the latest checkpoint, a place to write a checkpoint, a way
+to publish metrics and checkpoints, and a hook after each step (where drills inject a fault).
+:class:`RayEnv` takes them from Ray Train and Ray Data;
 :class:`LocalEnv` from ``torch.distributed`` environment variables and the run folder itself, so
 the same loop runs on a machine without Ray (GPU benchmarks).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import pyarrow.fs as pafs
 import torch
@@ -23,22 +24,56 @@ from cerbero_ray.train.checkpoint import PREFIX, checkpoint_name, complete_check
 from cerbero_ray.train.plan import Segment
 from cerbero_ray.train.reader import local_batches, ray_batches
 
+FAULT_MARKER = ".fault_injected"
+
+
+class TrainEnv(Protocol):
+    """What :func:`cerbero_ray.train.loop.train_loop` asks of where it runs."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def batches(self, segments: list[Segment], micro: int, read_cpus: float) -> Iterator[dict]: ...
+    def latest_checkpoint(self) -> str | None: ...
+    def checkpoint_dir(self, step: int) -> str: ...
+    def report(self, metrics: dict, checkpoint: str | None = None) -> None: ...
+    def after_step(self, step: int) -> None: ...
+
+
 class _RunFolder:
-    """Resume from the run folder: the newest checkpoint every rank marked complete."""
+    """Resume from the run folder: the newest checkpoint every rank marked complete. Drills:
+    ``fail_at_step`` makes rank ``fail_rank`` die abruptly after that step, once per run."""
 
     run_dir: str
     world_size: int
+    rank: int
+    fail_at_step: int | None = None
+    fail_rank: int = 1
 
     def latest_checkpoint(self) -> str | None:
         """A local folder holding it (downloaded when the run folder is a URI), or None."""
         done = complete_checkpoints(self.run_dir, self.world_size)
         return storage.local_copy(done[-1]) if done else None
 
+    def after_step(self, step: int) -> None:
+        if self.fail_at_step != step or self.rank != self.fail_rank:
+            return
+        fs, p = storage.resolve(storage.join(self.run_dir, FAULT_MARKER))
+        if fs.get_file_info(p).is_file:
+            return
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(p) as f:
+            f.write(str(step).encode())
+        print(f"[train] fault injection: rank {self.rank} exits after step {step}", flush=True)
+        os._exit(1)
+
 
 class LocalEnv(_RunFolder):
     """A torchrun process, or a single process (world size 1), writing into ``run_dir`` itself."""
 
-    def __init__(self, run_dir: str, keep: int = 2):
+    def __init__(self, run_dir: str, keep: int = 2, fail_at_step: int | None = None, fail_rank: int = 1):
+        self.fail_at_step, self.fail_rank = fail_at_step, fail_rank
         for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
             os.environ.setdefault(k, v)  # one process without a launcher; DeepSpeed reads them too
         self.rank = int(os.environ["RANK"])
@@ -81,7 +116,7 @@ class LocalEnv(_RunFolder):
             shutil.rmtree(checkpoint, ignore_errors=True)
         dist.barrier()
         if self.rank == 0:
-            for old in complete_checkpoints(self.run_dir, self.world_size)[:-self.keep]:
+            for old in complete_checkpoints(self.run_dir, self.world_size)[: -self.keep]:
                 fs, p = storage.resolve(old)
                 fs.delete_dir(p)
         dist.barrier()
@@ -93,11 +128,11 @@ class RayEnv(_RunFolder):
     ``ray.train.get_checkpoint()``: a worker that dies right after reporting can take its report
     with it before the controller has seen it."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, fail_at_step: int | None = None, fail_rank: int = 1):
         import ray.train
         import ray.train.torch
 
-        self.run_dir = run_dir
+        self.run_dir, self.fail_at_step, self.fail_rank = run_dir, fail_at_step, fail_rank
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -123,8 +158,12 @@ class RayEnv(_RunFolder):
             return ray.train.Checkpoint(p, filesystem=fs)
 
         step = int(metrics["step"])
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint),
-                         checkpoint_dir_name=checkpoint_name(step), checkpoint_upload_fn=upload)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(checkpoint),
+            checkpoint_dir_name=checkpoint_name(step),
+            checkpoint_upload_fn=upload,
+        )
         shutil.rmtree(checkpoint, ignore_errors=True)
         if self.rank == 0:
             self._prune_unregistered(step)

@@ -16,9 +16,6 @@ Checkpoints carry the step, so a restarted worker re-plans and reads from exactl
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
 import sys
 import time
@@ -26,41 +23,18 @@ import time
 import torch
 import torch.distributed as dist
 
-from cerbero_ray import storage
 from cerbero_ray.data.packing import IGNORE_INDEX
 from cerbero_ray.train import checkpoint as ckpt
 from cerbero_ray.train.engine import build_engine
-from cerbero_ray.train.metrics import Writer, loss_png, progress_line
+from cerbero_ray.train.metrics import Writer, progress_line, write_summary
 from cerbero_ray.train.modeling import count_flops_per_token, peak_flops
-from cerbero_ray.train.plan import EpochPlan, plan_epoch, remaining
-
-log = logging.getLogger(__name__)
-FAULT_MARKER = ".fault_injected"
-SUMMARY = "summary.json"
+from cerbero_ray.train.plan import plan_all, remaining, signature, total_steps
 
 
 def say(line: str) -> None:
     """One line to stdout (under Ray Train: forwarded to the driver once, not through its print patch)."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def plan_all(shards: list[dict], t: dict, world: int) -> list[EpochPlan]:
-    accum = t["global_batch_size"] // (t["micro_batch_size"] * world)
-    return [plan_epoch(shards, e, world_size=world, micro_batch=t["micro_batch_size"], accum=accum,
-                       seed=t["seed"], eval_rows=t["eval_rows"]) for e in range(t["epochs"])]
-
-
-def total_steps(plans: list[EpochPlan], t: dict) -> int:
-    n = sum(p.steps for p in plans)
-    return min(n, t["max_steps"]) if t.get("max_steps") else n
-
-
-def signature(shards: list[dict], t: dict, world: int) -> str:
-    """What fixes the data order: a checkpoint only resumes a run with the same one."""
-    keys = ("micro_batch_size", "global_batch_size", "epochs", "seed", "eval_rows", "max_steps")
-    blob = json.dumps({"shards": shards, "world": world, **{k: t.get(k) for k in keys}}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _to_device(b: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -102,143 +76,144 @@ def evaluate(engine, env, segments, device: torch.device, read_cpus: float) -> f
     return s / n if n else None
 
 
-def train_loop(config: dict, env) -> dict:
-    """Train on this worker; every worker runs it. Returns rank 0's summary (others: {})."""
-    t, run = config["train"], config["run"]
-    rank, world, device = env.rank, env.world_size, env.device
-    plans = plan_all(run["shards"], t, world)
-    total, sig = total_steps(plans, t), signature(run["shards"], t, world)
-    engine, sched, lm = build_engine(config, total, device, world)
-    state = {"step": 0, "history": [], "signature": sig}
-    resumed_from = None
-    d = env.latest_checkpoint()
-    if d:
-        client = ckpt.load(engine, d, rank)["loop"]
-        if client["signature"] != sig:
-            raise ValueError("this run's checkpoint was made with another data order (world size, batch sizes, "
-                             "epochs, seed, eval_rows or shards changed); keep them, or use a new train.name")
-        state, resumed_from = client, client["step"]
-        if rank == 0:
-            say(f"[train] resumed from step {state['step']} ({d})")
-    step, history = state["step"], state["history"]
-    tok = writer = None
-    if rank == 0:
-        tc = config.get("tokenizer")
-        if tc:  # None in benchmarks: no tokenizer in the HF export
-            from cerbero_ray.tokenizer import build_tokenizer
+class _Run:
+    """One worker's training run: the engine, the plan, the history, and where they are written."""
 
-            tok = build_tokenizer(tc.get("path"), tc["assistant_tag"], tc["system_line"])
-        writer = Writer(run["run_dir"], step)
+    def __init__(self, config: dict, env):
+        t, run = config["train"], config["run"]
+        self.config, self.t, self.env = config, t, env
+        self.rank, self.world, self.device = env.rank, env.world_size, env.device
+        self.plans = plan_all(run["shards"], t, self.world)
+        self.total, self.sig = total_steps(self.plans, t), signature(run["shards"], t, self.world)
+        self.engine, self.sched, self.lm = build_engine(config, self.total, self.device, self.world)
+        self.micro = t["micro_batch_size"]
+        self.accum = t["global_batch_size"] // (self.micro * self.world)
+        self.read_cpus = float(t.get("read_cpus", 0.25))
+        self.step, self.history, self.resumed_from = 0, [], None
+        self.tok = self.writer = None
 
-    def record(m: dict) -> None:
-        history.append(m)
-        if writer:
-            writer.scalars(m["step"], {k: v for k, v in m.items() if k not in ("step", "epoch")})
+    def resume(self) -> None:
+        """Load the newest complete checkpoint, if any (refused when the data order changed)."""
+        d = self.env.latest_checkpoint()
+        if d:
+            state = ckpt.load(self.engine, d, self.rank)["loop"]
+            if state["signature"] != self.sig:
+                raise ValueError(
+                    "this run's checkpoint was made with another data order (world size, batch sizes, "
+                    "epochs, seed, eval_rows or shards changed); keep them, or use a new train.name"
+                )
+            self.step, self.history, self.resumed_from = state["step"], state["history"], state["step"]
+            if self.rank == 0:
+                say(f"[train] resumed from step {self.step} ({d})")
+        if self.rank == 0:
+            tc = self.config.get("tokenizer")
+            if tc:  # None in benchmarks: no tokenizer in the HF export
+                from cerbero_ray.tokenizer import build_tokenizer
 
-    def save(at: int) -> None:
-        d = env.checkpoint_dir(at)
-        client = {"loop": {"step": at, "history": history, "signature": sig}}
-        ckpt.save(engine, d, rank, client, lm if (rank == 0 and t["hf_in_checkpoints"]) else None, tok)
-        if writer:
-            writer.history(history)
-            writer.sync()
-        env.report({**(history[-1] if history else {}), "step": at}, checkpoint=d)
+                self.tok = build_tokenizer(tc.get("path"), tc["assistant_tag"], tc["system_line"])
+            self.writer = Writer(self.config["run"]["run_dir"], self.step)
 
-    seq_len, micro = run["seq_len"], t["micro_batch_size"]
-    accum = t["global_batch_size"] // (micro * world)
-    read_cpus = float(t.get("read_cpus", 0.25))
-    if step == 0 and t["eval_rows"]:
-        record({"step": 0, "eval_loss": evaluate(engine, env, plans[0].eval_ranges[rank], device, read_cpus)})
-    flops_tok = count_flops_per_token(lm, seq_len)
-    peak = peak_flops(device, torch.bfloat16 if t["precision"] == "bf16" else torch.float32, t.get("peak_tflops"))
-    tokens_per_step = world * accum * micro * seq_len
-    t_start, start_step, last_saved = time.perf_counter(), step, step
-    epoch_start = 0
-    for plan in plans:
-        if step >= total:
-            break
-        if step >= epoch_start + plan.steps:
+    def record(self, m: dict) -> None:
+        self.history.append(m)
+        if self.writer:
+            self.writer.scalars(m["step"], {k: v for k, v in m.items() if k not in ("step", "epoch")})
+
+    def save(self, at: int) -> None:
+        d = self.env.checkpoint_dir(at)
+        client = {"loop": {"step": at, "history": self.history, "signature": self.sig}}
+        hf = self.lm if (self.rank == 0 and self.t["hf_in_checkpoints"]) else None
+        ckpt.save(self.engine, d, self.rank, client, hf, self.tok)
+        if self.writer:
+            self.writer.history(self.history)
+            self.writer.sync()
+        self.env.report({**(self.history[-1] if self.history else {}), "step": at}, checkpoint=d)
+
+    def held_out(self) -> float | None:
+        return evaluate(self.engine, self.env, self.plans[0].eval_ranges[self.rank], self.device, self.read_cpus)
+
+    def one_step(self, it, epoch: int, timing: tuple[float, int]) -> dict:
+        """Train one optimizer step from the batch iterator ``it``; returns its metrics."""
+        t = self.t
+        t0, lr = time.perf_counter(), self.sched.get_last_lr()[0]
+        loss, n = train_step(self.engine, [next(it) for _ in range(self.accum)], self.device, self.world)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        gn = self.engine.get_global_grad_norm()
+        tokens = self.world * self.accum * self.micro * self.config["run"]["seq_len"]
+        t_start, start_step = timing
+        m = {
+            "step": self.step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(gn) if gn is not None else float("nan"),
+            "loss_tokens": n,
+            "tokens_per_s": tokens / dt,
+            "step_s": dt,
+            "mfu": self.flops_tok * tokens / dt / self.world / self.peak if self.peak else None,
+            "eta_s": (time.perf_counter() - t_start) / (self.step - start_step) * (self.total - self.step),
+        }
+        if t["eval_every"] and self.step % t["eval_every"] == 0 and self.step < self.total and t["eval_rows"]:
+            m["eval_loss"] = self.held_out()
+        return m
+
+    def train(self) -> int:
+        """Every remaining step, from ``self.step``; returns the last step checkpointed."""
+        t = self.t
+        self.flops_tok = count_flops_per_token(self.lm, self.config["run"]["seq_len"])
+        dtype = torch.bfloat16 if t["precision"] == "bf16" else torch.float32
+        self.peak = peak_flops(self.device, dtype, t.get("peak_tflops"))
+        timing, last_saved, epoch_start = (time.perf_counter(), self.step), self.step, 0
+        for plan in self.plans:
+            if self.step >= self.total:
+                break
+            if self.step >= epoch_start + plan.steps:
+                epoch_start += plan.steps
+                continue
+            segments = remaining(plan, self.rank, self.step - epoch_start, self.micro, self.accum)
+            it = iter(self.env.batches(segments, self.micro, self.read_cpus))
+            while self.step < min(epoch_start + plan.steps, self.total):
+                m = self.one_step(it, plan.epoch, timing)
+                self.record(m)
+                if self.rank == 0 and (self.step % t["log_every"] == 0 or self.step == self.total):
+                    held = f" | held-out {m['eval_loss']:.4f}" if m.get("eval_loss") else ""
+                    say(progress_line(m, self.total) + held)
+                self.env.after_step(self.step)
+                if t["checkpoint_every"] and self.step % t["checkpoint_every"] == 0 and self.step < self.total:
+                    self.save(self.step)
+                    last_saved = self.step
+                elif self.step % t["log_every"] == 0:
+                    self.env.report(m)
             epoch_start += plan.steps
-            continue
-        it = iter(env.batches(remaining(plan, rank, step - epoch_start, micro, accum), micro, read_cpus))
-        while step < min(epoch_start + plan.steps, total):
-            t0 = time.perf_counter()
-            lr = sched.get_last_lr()[0]
-            loss, n = train_step(engine, [next(it) for _ in range(accum)], device, world)
-            step += 1
-            dt = time.perf_counter() - t0
-            gn = engine.get_global_grad_norm()
-            m = {"step": step, "epoch": plan.epoch, "loss": loss, "lr": lr,
-                 "grad_norm": float(gn) if gn is not None else float("nan"), "loss_tokens": n,
-                 "tokens_per_s": tokens_per_step / dt, "step_s": dt,
-                 "mfu": flops_tok * tokens_per_step / dt / world / peak if peak else None,
-                 "eta_s": (time.perf_counter() - t_start) / (step - start_step) * (total - step)}
-            if t["eval_every"] and step % t["eval_every"] == 0 and step < total and t["eval_rows"]:
-                m["eval_loss"] = evaluate(engine, env, plans[0].eval_ranges[rank], device, read_cpus)
-            record(m)
-            if rank == 0 and (step % t["log_every"] == 0 or step == total):
-                say(progress_line(m, total) + (f" | held-out {m['eval_loss']:.4f}" if m.get("eval_loss") else ""))
-            _maybe_fail(t, rank, step, run["run_dir"])
-            if t["checkpoint_every"] and step % t["checkpoint_every"] == 0 and step < total:
-                save(step)
-                last_saved = step
-            elif step % t["log_every"] == 0:
-                env.report(m)
-        epoch_start += plan.steps
-    if t["eval_rows"] and (not history or "eval_loss" not in history[-1] or history[-1]["step"] != step):
-        ev = evaluate(engine, env, plans[0].eval_ranges[rank], device, read_cpus)
-        if history and history[-1]["step"] == step:
-            history[-1]["eval_loss"] = ev
+        return last_saved
+
+    def final_eval(self) -> None:
+        """The held-out loss at the last step, unless that step already has it."""
+        h = self.history
+        if not self.t["eval_rows"] or (h and "eval_loss" in h[-1] and h[-1]["step"] == self.step):
+            return
+        ev = self.held_out()
+        if h and h[-1]["step"] == self.step:
+            h[-1]["eval_loss"] = ev
         else:
-            record({"step": step, "eval_loss": ev})
-        if rank == 0:
-            say(f"[train] held-out loss at step {step}: {ev:.4f}")
-    if last_saved != step or start_step == step == 0:
-        save(step)
-    return _finish(config, env, lm, tok, writer, history, step, resumed_from)
+            self.record({"step": self.step, "eval_loss": ev})
+        if self.rank == 0:
+            say(f"[train] held-out loss at step {self.step}: {ev:.4f}")
 
 
-def _maybe_fail(t: dict, rank: int, step: int, run_dir: str) -> None:
-    """Fault injection: rank ``fail_rank`` dies abruptly after step ``fail_at_step``, once per run."""
-    if t.get("fail_at_step") != step or rank != t.get("fail_rank", 1):
-        return
-    fs, p = storage.resolve(storage.join(run_dir, FAULT_MARKER))
-    if fs.get_file_info(p).is_file:
-        return
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(str(step).encode())
-    say(f"[train] fault injection: rank {rank} exits after step {step}")
-    os._exit(1)
-
-
-def _finish(config: dict, env, lm, tok, writer, history: list[dict], step: int, resumed_from: int | None) -> dict:
-    if env.rank != 0:
+def train_loop(config: dict, env) -> dict:
+    """Train on this worker (``env``: a :class:`~cerbero_ray.train.env.TrainEnv`); every worker runs
+    it. Returns rank 0's summary (others: {})."""
+    r = _Run(config, env)
+    r.resume()
+    start = r.step
+    if r.step == 0 and r.t["eval_rows"]:
+        r.record({"step": 0, "eval_loss": r.held_out()})
+    last_saved = r.train()
+    r.final_eval()
+    if last_saved != r.step or start == r.step == 0:
+        r.save(r.step)
+    if r.rank != 0:
         return {}
-    run_dir = config["run"]["run_dir"]
-    hf_local = os.path.join(writer.local, "hf")
-    ckpt.save_hf(lm, tok, hf_local)
-    writer.history(history)
-    try:
-        loss_png(history, os.path.join(writer.local, "loss.png"), f"{config['train']['name']}: {step} steps")
-    except ImportError:  # matplotlib is a dependency; a bare benchmark machine may lack it
-        log.warning("no matplotlib: loss.png not written")
-    writer.close()
-    evals = [h["eval_loss"] for h in history if h.get("eval_loss") is not None]
-    losses = [h["loss"] for h in history if "loss" in h]
-    speeds = sorted(h["tokens_per_s"] for h in history if "tokens_per_s" in h)
-    summary = {"steps": step, "resumed_from": resumed_from, "run_dir": run_dir, "hf_dir": storage.join(run_dir, "hf"),
-            "loss_png": storage.join(run_dir, "loss.png"), "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None, "eval_losses": evals,
-            "tokens_per_s_median": speeds[len(speeds) // 2] if speeds else None}
-    fs, p = storage.resolve(storage.join(run_dir, SUMMARY))
-    with fs.open_output_stream(p) as f:
-        f.write(json.dumps(summary, indent=1).encode())
-    return summary
-
-
-def read_summary(run_dir: str) -> dict:
-    """The summary rank 0 wrote at the end of the run."""
-    fs, p = storage.resolve(storage.join(run_dir, SUMMARY))
-    with fs.open_input_stream(p) as f:
-        return json.loads(f.read())
+    ckpt.save_hf(r.lm, r.tok, os.path.join(r.writer.local, "hf"))
+    return write_summary(config, r.writer, r.history, r.step, r.resumed_from)

@@ -7,12 +7,16 @@ every checkpoint, so a resumed run shows each step once.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 
 from cerbero_ray import storage
+
+log = logging.getLogger(__name__)
+SUMMARY = "summary.json"
 
 
 def format_eta(seconds: float) -> str:
@@ -21,9 +25,14 @@ def format_eta(seconds: float) -> str:
 
 
 def progress_line(m: dict, total_steps: int) -> str:
-    parts = [f"step {m['step']}/{total_steps} ({100 * m['step'] / max(total_steps, 1):.0f}%)",
-             f"epoch {m['epoch']}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}",
-             f"{m['tokens_per_s'] / 1e3:.1f}k tok/s"]
+    parts = [
+        f"step {m['step']}/{total_steps} ({100 * m['step'] / max(total_steps, 1):.0f}%)",
+        f"epoch {m['epoch']}",
+        f"loss {m['loss']:.4f}",
+        f"lr {m['lr']:.2e}",
+        f"gnorm {m['grad_norm']:.3f}",
+        f"{m['tokens_per_s'] / 1e3:.1f}k tok/s",
+    ]
     if m.get("mfu") is not None:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")
     parts.append(f"ETA {format_eta(m['eta_s'])}")
@@ -35,7 +44,9 @@ class Writer:
 
     def __init__(self, run_dir: str, resume_step: int):
         self.run_dir = run_dir
-        self.local = storage.resolve(run_dir)[1] if not storage.is_uri(run_dir) else tempfile.mkdtemp(prefix="cerbero-run-")
+        self.local = (
+            storage.resolve(run_dir)[1] if not storage.is_uri(run_dir) else tempfile.mkdtemp(prefix="cerbero-run-")
+        )
         os.makedirs(self.local, exist_ok=True)
         self.tb = None
         try:
@@ -99,3 +110,35 @@ def loss_png(history: list[dict], path: str, title: str) -> str:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def write_summary(config: dict, writer: Writer, history: list[dict], step: int, resumed_from: int | None) -> dict:
+    """Rank 0 at the end: ``metrics.jsonl``, ``loss.png``, TensorBoard closed, ``summary.json``."""
+    run_dir = config["run"]["run_dir"]
+    writer.history(history)
+    try:
+        loss_png(history, os.path.join(writer.local, "loss.png"), f"{config['train']['name']}: {step} steps")
+    except ImportError:  # matplotlib is a dependency; a bare benchmark machine may lack it
+        log.warning("no matplotlib: loss.png not written")
+    writer.close()
+    evals = [h["eval_loss"] for h in history if h.get("eval_loss") is not None]
+    losses = [h["loss"] for h in history if "loss" in h]
+    speeds = sorted(h["tokens_per_s"] for h in history if "tokens_per_s" in h)
+    summary = {
+        "steps": step,
+        "resumed_from": resumed_from,
+        "run_dir": run_dir,
+        "hf_dir": storage.join(run_dir, "hf"),
+        "loss_png": storage.join(run_dir, "loss.png"),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "eval_losses": evals,
+        "tokens_per_s_median": speeds[len(speeds) // 2] if speeds else None,
+    }
+    storage.write_json(storage.join(run_dir, SUMMARY), summary)
+    return summary
+
+
+def read_summary(run_dir: str) -> dict:
+    """The summary rank 0 wrote at the end of the run."""
+    return storage.read_json(storage.join(run_dir, SUMMARY))

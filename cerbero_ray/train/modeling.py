@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cerbero_ray.config.train import ATTENTION
 from cerbero_ray.data.packing import IGNORE_INDEX
-
-ATTENTION = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 
 
 def pick_attention(name: str, cuda: bool) -> str:
@@ -47,8 +46,9 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch
     return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
 
 
-def token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                   chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token losses and the number of loss tokens; ``labels`` aligned with the inputs
     (position t's label is the token at t), ``IGNORE_INDEX`` where no loss is taken."""
     y = labels[:, 1:].reshape(-1)
@@ -58,9 +58,10 @@ def token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     # no loss token: a zero still tied to the graph, so backward (and DeepSpeed's hooks) run as usual
     total = hidden.sum().float() * 0 + weight.sum().float() * 0
     for i in range(0, len(y), chunk):
-        args = (h[i:i + chunk], weight, y[i:i + chunk])
-        total = total + (checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled()
-                         else _chunk_loss(*args))
+        args = (h[i : i + chunk], weight, y[i : i + chunk])
+        total = total + (
+            checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_loss(*args)
+        )
     return total, torch.tensor(len(y), device=hidden.device)
 
 

@@ -16,6 +16,8 @@ A range is a list of :class:`Segment` (a run of rows of one shard); no data is r
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,10 +37,10 @@ class Segment:
 @dataclass(frozen=True)
 class EpochPlan:
     epoch: int
-    steps: int                    # optimizer steps in this epoch
-    rows_per_rank: int            # = steps × accum × micro
-    dropped_rows: int             # the remainder under one global batch
-    ranges: list[list[Segment]]   # per rank
+    steps: int  # optimizer steps in this epoch
+    rows_per_rank: int  # = steps × accum × micro
+    dropped_rows: int  # the remainder under one global batch
+    ranges: list[list[Segment]]  # per rank
     eval_ranges: list[list[Segment]]
 
 
@@ -66,8 +68,9 @@ def _split_evenly(segments: list[Segment], parts: int) -> list[list[Segment]]:
     return [take(segments, bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-def plan_epoch(shards: list[dict], epoch: int, *, world_size: int, micro_batch: int, accum: int,
-               seed: int, eval_rows: int = 0) -> EpochPlan:
+def plan_epoch(
+    shards: list[dict], epoch: int, *, world_size: int, micro_batch: int, accum: int, seed: int, eval_rows: int = 0
+) -> EpochPlan:
     """The plan for one epoch (``shards``: the manifest's ``[{path, rows}]``)."""
     if world_size < 1 or micro_batch < 1 or accum < 1:
         raise ValueError("world_size, micro_batch and accum must be >= 1")
@@ -86,8 +89,7 @@ def plan_epoch(shards: list[dict], epoch: int, *, world_size: int, micro_batch: 
     steps = usable // per_step
     rows_per_rank = steps * micro_batch * accum
     ranges = [take(segs, r * rows_per_rank, (r + 1) * rows_per_rank) for r in range(world_size)]
-    return EpochPlan(epoch, steps, rows_per_rank, usable - steps * per_step, ranges,
-                     _split_evenly(held, world_size))
+    return EpochPlan(epoch, steps, rows_per_rank, usable - steps * per_step, ranges, _split_evenly(held, world_size))
 
 
 def _runs_without(seg: Segment, held: set) -> list[tuple[int, int]]:
@@ -108,3 +110,32 @@ def _runs_without(seg: Segment, held: set) -> list[tuple[int, int]]:
 def remaining(plan: EpochPlan, rank: int, step: int, micro_batch: int, accum: int) -> list[Segment]:
     """Rank ``rank``'s rows from the start of optimizer step ``step`` to the end of its range."""
     return take(plan.ranges[rank], step * accum * micro_batch, plan.rows_per_rank)
+
+
+def plan_all(shards: list[dict], t: dict, world: int) -> list[EpochPlan]:
+    """Every epoch's plan for a ``train`` config section and ``world`` ranks."""
+    accum = t["global_batch_size"] // (t["micro_batch_size"] * world)
+    return [
+        plan_epoch(
+            shards,
+            e,
+            world_size=world,
+            micro_batch=t["micro_batch_size"],
+            accum=accum,
+            seed=t["seed"],
+            eval_rows=t["eval_rows"],
+        )
+        for e in range(t["epochs"])
+    ]
+
+
+def total_steps(plans: list[EpochPlan], t: dict) -> int:
+    n = sum(p.steps for p in plans)
+    return min(n, t["max_steps"]) if t.get("max_steps") else n
+
+
+def signature(shards: list[dict], t: dict, world: int) -> str:
+    """What fixes the data order: a checkpoint only resumes a run with the same one."""
+    keys = ("micro_batch_size", "global_batch_size", "epochs", "seed", "eval_rows", "max_steps")
+    blob = json.dumps({"shards": shards, "world": world, **{k: t.get(k) for k in keys}}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -33,7 +33,9 @@ def read_segment(path: str, start: int, stop: int) -> dict[str, np.ndarray]:
                 first = at if first is None else first
             at += n
         if stop > at:
-            raise ValueError(f"{path} has {at} rows; the plan asks for rows up to {stop} (shards changed since the manifest?)")
+            raise ValueError(
+                f"{path} has {at} rows; the plan asks for rows up to {stop} (shards changed since the manifest?)"
+            )
         table = pf.read_row_groups(groups, columns=list(COLUMNS)).slice(start - first, stop - start)
     out = {}
     for c in COLUMNS:
@@ -43,7 +45,11 @@ def read_segment(path: str, start: int, stop: int) -> dict[str, np.ndarray]:
 
 
 def _pieces(segments: list[Segment]) -> list[Segment]:
-    return [Segment(s.path, a, min(a + SEGMENT_ROWS, s.stop)) for s in segments for a in range(s.start, s.stop, SEGMENT_ROWS)]
+    return [
+        Segment(s.path, a, min(a + SEGMENT_ROWS, s.stop))
+        for s in segments
+        for a in range(s.start, s.stop, SEGMENT_ROWS)
+    ]
 
 
 def _rebatch(chunks: Iterator[dict[str, np.ndarray]], micro: int) -> Iterator[dict[str, np.ndarray]]:
@@ -71,8 +77,9 @@ def _read_items(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([x[k] for x in parts]) for k in COLUMNS}
 
 
-def ray_batches(segments: list[Segment], micro: int, read_cpus: float = 0.25,
-                prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
+def ray_batches(
+    segments: list[Segment], micro: int, read_cpus: float = 0.25, prefetch: int = 4
+) -> Iterator[dict[str, np.ndarray]]:
     """The same micro-batches as :func:`local_batches`, read by Ray Data tasks in order."""
     import ray.data
 
@@ -82,7 +89,8 @@ def ray_batches(segments: list[Segment], micro: int, read_cpus: float = 0.25,
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-    ds = ray.data.from_items([{"path": s.path, "start": s.start, "stop": s.stop} for s in pieces],
-                             override_num_blocks=len(pieces))
+    ds = ray.data.from_items(
+        [{"path": s.path, "start": s.start, "stop": s.stop} for s in pieces], override_num_blocks=len(pieces)
+    )
     ds = ds.map_batches(_read_items, batch_size=1, batch_format="numpy", num_cpus=read_cpus)
     return ds.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=prefetch, drop_last=False)

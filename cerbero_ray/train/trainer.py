@@ -1,4 +1,4 @@
-"""The training stage on Ray: ``run_training(cfg)`` → a Ray Train ``TorchTrainer`` running
+"""The training stage on Ray: ``run_train(cfg)`` → a Ray Train ``TorchTrainer`` running
 :func:`cerbero_ray.train.loop.train_loop` in every worker, DeepSpeed ZeRO-1 inside.
 
 - Rows stream in through Ray Data in every worker, in the order :mod:`cerbero_ray.train.plan`
@@ -18,8 +18,9 @@ import logging
 from omegaconf import DictConfig
 
 from cerbero_ray.config import to_container
-from cerbero_ray.train.loop import plan_all, read_summary, total_steps
-from cerbero_ray.train.validate import prepare_run
+from cerbero_ray.train.metrics import read_summary
+from cerbero_ray.train.plan import plan_all, total_steps
+from cerbero_ray.train.prepare import prepare_run
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,11 @@ def _worker(config: dict) -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
     except ImportError:
         pass
-    train_loop(config, RayEnv(config["run"]["run_dir"]))
+    t = config["train"]
+    train_loop(config, RayEnv(config["run"]["run_dir"], t.get("fail_at_step"), t.get("fail_rank", 1)))
 
 
-def run_training(cfg: DictConfig | dict) -> dict:
+def run_train(cfg: DictConfig | dict) -> dict:
     """Train on an initialised Ray; returns the summary (run folder, HF folder, losses, speed)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -47,23 +49,31 @@ def run_training(cfg: DictConfig | dict) -> dict:
     t, run = c["train"], c["run"]
     plans = plan_all(run["shards"], t, t["num_workers"])
     steps = total_steps(plans, t)
-    print(f"[train] {run['rows']} rows × {run['seq_len']} tokens; {t['num_workers']} workers; "
-          f"global batch {t['global_batch_size']} rows; {steps} steps over {t['epochs']} epoch(s) "
-          f"({plans[0].dropped_rows} rows per epoch left over, {t['eval_rows']} held out) → {run['run_dir']}", flush=True)
+    print(
+        f"[train] {run['rows']} rows × {run['seq_len']} tokens; {t['num_workers']} workers; "
+        f"global batch {t['global_batch_size']} rows; {steps} steps over {t['epochs']} epoch(s) "
+        f"({plans[0].dropped_rows} rows per epoch left over, {t['eval_rows']} held out) → {run['run_dir']}",
+        flush=True,
+    )
     resources = {"CPU": t["cpus_per_worker"], **({"GPU": 1} if t["use_gpu"] else {})}
     trainer = TorchTrainer(
         _worker,
         train_loop_config=c,
         torch_config=TorchConfig(backend="nccl" if t["use_gpu"] else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=t["num_workers"], use_gpu=t["use_gpu"],
-                                               resources_per_worker=resources,
-                                               placement_strategy=t["placement_strategy"]),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t["num_workers"],
+            use_gpu=t["use_gpu"],
+            resources_per_worker=resources,
+            placement_strategy=t["placement_strategy"],
+        ),
         run_config=ray.train.RunConfig(
-            name=t["name"], storage_path=t["output_dir"],
+            name=t["name"],
+            storage_path=t["output_dir"],
             failure_config=ray.train.FailureConfig(max_failures=t["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t["keep_checkpoints"]),
             # our progress lines are the log; Ray Train's INFO line per report would drown them
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
     )
     result = trainer.fit()
     if result.error:
@@ -73,8 +83,12 @@ def run_training(cfg: DictConfig | dict) -> dict:
     evals = summary.get("eval_losses") or []
     print("── train ─────────────────────────────────────────────────────")
     print(f" run           {summary.get('run_dir')}")
-    print(f" steps         {summary.get('steps')}  (train loss {summary.get('first_loss'):.4f} → "
-          f"{summary.get('final_loss'):.4f})" if summary.get("first_loss") is not None else f" steps  {summary.get('steps')}")
+    print(
+        f" steps         {summary.get('steps')}  (train loss {summary.get('first_loss'):.4f} → "
+        f"{summary.get('final_loss'):.4f})"
+        if summary.get("first_loss") is not None
+        else f" steps  {summary.get('steps')}"
+    )
     if evals:
         print(f" held-out loss {' → '.join(f'{e:.3f}' for e in evals)}")
     print(f" checkpoint    {summary['checkpoint']}")

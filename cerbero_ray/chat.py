@@ -1,0 +1,47 @@
+"""The cerbero chat format: its tags, its system line, the stop string, and the one Jinja template
+that renders it. Plain Python (no transformers), so configs and request validation can use it.
+
+    <s>Questa è una conversazione tra un umano ed un assistente AI.
+    [|Umano|] Ciao!
+    [|AI|] Ciao, come posso aiutarti?
+    </s>
+
+The assistant's text (the space after the tag, the content and its newline, and the end-of-text
+token after the last answer) sits inside ``{% generation %}`` so that
+``apply_chat_template(..., return_assistant_tokens_mask=True)`` yields the loss mask.
+"""
+
+from __future__ import annotations
+
+SYSTEM_LINE = "Questa è una conversazione tra un umano ed un assistente AI."
+USER_TAG = "[|Umano|]"
+STOP_STRING = USER_TAG
+ASSISTANT_TAGS = {"AI": "[|AI|]", "Assistente": "[|Assistente|]"}
+
+
+def chat_template(assistant_tag: str = "AI", system_line: str = SYSTEM_LINE) -> str:
+    """The Jinja chat template of the cerbero format, with ``[|AI|]`` or ``[|Assistente|]`` turns."""
+    if assistant_tag not in ASSISTANT_TAGS:
+        raise ValueError(f"tokenizer.assistant_tag must be one of {sorted(ASSISTANT_TAGS)}, got {assistant_tag!r}")
+    tag = ASSISTANT_TAGS[assistant_tag]
+    system = system_line.replace("\\", "\\\\").replace("'", "\\'")
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' %}"
+        "{%- set system = messages[0]['content'] %}{%- set turns = messages[1:] %}"
+        f"{{%- else %}}{{%- set system = '{system}' %}}{{%- set turns = messages %}}{{%- endif %}}"
+        "{{- bos_token + system + '\\n' }}"
+        "{%- for message in turns %}"
+        f"{{%- if message['role'] == 'user' %}}{{{{- '{USER_TAG} ' + message['content'] + '\\n' }}}}"
+        f"{{%- elif message['role'] == 'assistant' %}}{{{{- '{tag}' }}}}"
+        "{%- generation %}{{- ' ' + message['content'] + '\\n' }}"
+        "{%- if loop.last and not add_generation_prompt %}{{- eos_token }}{%- endif %}{%- endgeneration %}"
+        "{%- else %}{{- raise_exception('unknown role: ' + message['role']) }}{%- endif %}"
+        "{%- endfor %}"
+        f"{{%- if add_generation_prompt %}}{{{{- '{tag}' }}}}{{%- endif %}}"
+    )
+
+
+def plain_template(template: str) -> str:
+    """``template`` without the ``{% generation %}`` markers (transformers' extension for the loss
+    mask), for engines with a plain Jinja renderer (llama.cpp, llama-cpp-python); it renders the same."""
+    return template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")

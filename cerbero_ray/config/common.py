@@ -1,0 +1,87 @@
+"""Schemas every stage shares (cluster, paths, tokenizer, model) and small check helpers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from omegaconf import MISSING
+
+from cerbero_ray.chat import ASSISTANT_TAGS, SYSTEM_LINE
+
+INFERENCE_DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: bfloat16 on GPU, float32 on CPU
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+ENGINES = ("continuous", "hf")  # what serve.engine and generate.engine choose between
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # None: embedded local cluster (or the job's cluster under `ray job submit`)
+    num_cpus: Optional[int] = None  # embedded cluster only; None = all cores
+    dashboard: bool = False  # embedded cluster only
+    dashboard_host: str = "127.0.0.1"
+    namespace: str = "cerbero"
+    object_store_memory_gb: Optional[float] = None
+    progress_bars: bool = False  # Ray Data's own per-operator bars (ours are always on)
+
+
+@dataclass
+class PathsConfig:
+    repo_dir: str = MISSING
+    data_dir: str = MISSING  # external data (../shared/data or a bucket)
+    output_dir: str = MISSING
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None  # None: mistral-common's tokenizer.model.v1
+    assistant_tag: str = "AI"  # "AI" ([|AI|], the seed) or "Assistente" (the released model)
+    system_line: str = SYSTEM_LINE
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING  # a builder in cerbero_ray.models
+    path: Optional[str] = None  # for cerbero_ray.models.from_pretrained
+    dtype: str = "float32"
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+def one_of(value, allowed, key: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def at_least(section: dict, keys, low: float, prefix: str) -> None:
+    for k in keys:
+        if section[k] is not None and section[k] < low:
+            raise ValueError(f"{prefix}.{k} must be >= {low}, got {section[k]}")
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def check_local_checkpoint(path: str, key: str) -> None:
+    """``ValueError`` naming ``key`` when a local ``path`` holds no HF model (an object-store
+    checkpoint is looked at when the stage runs, :func:`cerbero_ray.models.check_checkpoint`)."""
+    if is_local(path) and not os.path.isfile(
+        os.path.join(os.path.expanduser(path.removeprefix("file://")), "config.json")
+    ):
+        raise ValueError(f"{key}: no HF model at {path} (train first, or point it at an HF folder)")
+
+
+def check_tokenizer(tc: dict) -> None:
+    one_of(tc["assistant_tag"], ASSISTANT_TAGS, "tokenizer.assistant_tag")
+
+
+def check_model(mc: dict) -> None:
+    one_of(mc.get("dtype", "float32"), MODEL_DTYPES, "model.dtype")
+    if mc["_target_"].endswith(".from_pretrained") and not mc.get("path"):
+        raise ValueError("model.path is required for model=hf (a local folder or an s3:// URI)")
+
+
+def check_cluster(cc: dict) -> None:
+    if cc.get("num_cpus") is not None and cc["num_cpus"] < 1:
+        raise ValueError(f"cluster.num_cpus must be >= 1 or null, got {cc['num_cpus']}")

@@ -1,0 +1,61 @@
+"""The data stage's schema and its config-time checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from omegaconf import MISSING
+
+from cerbero_ray.config.common import ClusterConfig, PathsConfig, TokenizerConfig, at_least, check_tokenizer, one_of
+
+SOURCE_FORMATS = ("auto", "openai", "sharegpt", "alpaca", "text")
+
+
+@dataclass
+class SourceConfig:
+    path: str = MISSING  # file, folder, glob or URI
+    format: str = "auto"  # auto | openai | sharegpt | alpaca | text
+    weight: float = 1.0  # 2.0 = every document twice, 0.5 = half of them (seeded)
+    text_field: str = "text"
+
+
+@dataclass
+class DataConfig:
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    seq_len: int = 8192
+    loss_on: str = "assistant"  # assistant | all
+    packing: str = "whole"  # whole (best-fit decreasing) | split (fill every row)
+    long_docs: str = "split"  # split | drop  (documents longer than seq_len)
+    buffer_docs: int = 4096  # documents per packing buffer (= per shard)
+    workers: Optional[int] = None  # packing actors; None = cluster CPUs - 1 (one CPU left for reads)
+    seed: int = 0
+    compression: str = "zstd"
+    output_dir: str = MISSING
+    overwrite: bool = False
+
+
+@dataclass
+class DataStageConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def check_data(c: dict) -> None:
+    """``ValueError`` naming the key for a bad data config (the sources' files are checked at run time)."""
+    d = c["data"]
+    check_tokenizer(c["tokenizer"])
+    if int(d["seq_len"]) < 16:
+        raise ValueError(f"data.seq_len must be >= 16, got {d['seq_len']}")
+    at_least(d, ("buffer_docs", "workers"), 1, "data")
+    one_of(d["loss_on"], ("assistant", "all"), "data.loss_on")
+    one_of(d["packing"], ("whole", "split"), "data.packing")
+    one_of(d["long_docs"], ("split", "drop"), "data.long_docs")
+    if not d["sources"]:
+        raise ValueError("data.sources: no source (add one: +data.sources.NAME.path=...)")
+    for name, s in d["sources"].items():
+        one_of(s["format"], SOURCE_FORMATS, f"data.sources.{name}.format")
+        if not s["weight"] > 0:
+            raise ValueError(f"data.sources.{name}.weight must be > 0, got {s['weight']}")

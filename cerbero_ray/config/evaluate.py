@@ -1,0 +1,95 @@
+"""The evaluation stage's schema and its checks: the seed's SQuAD-it and EVALITA tables for any
+checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+from cerbero_ray.config.common import (
+    INFERENCE_DTYPES,
+    ClusterConfig,
+    PathsConfig,
+    at_least,
+    check_local_checkpoint,
+    is_local,
+    one_of,
+)
+
+TASK_KINDS = ("squad", "ami2020", "ironita", "sentipolc")
+PROTOCOLS = ("generate", "score")
+
+
+@dataclass
+class EvalTaskConfig:
+    kind: str = MISSING  # squad | ami2020 | ironita | sentipolc
+    path: str = MISSING  # the task's file (a local path or URI)
+    shots: int = 5
+    max_rows: Optional[int] = None  # score a seeded sample of this many rows; null: every row
+    pool_rows: int = 100  # ami2020 / ironita: rows held out (fixed seed) as the shot pool
+    protocols: List[str] = field(default_factory=lambda: ["generate", "score"])  # squad: generate only
+    max_new_tokens: int = 32
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoints: Dict[str, str] = field(default_factory=dict)  # name -> HF folder or URI (one table row each)
+    tasks: Dict[str, EvalTaskConfig] = field(default_factory=dict)
+    only: Optional[List[str]] = None  # run these tasks of `tasks`; null: all
+    skip_missing: bool = False  # a task whose file is missing is skipped with one line (else an error)
+    output_dir: str = MISSING
+    seed: int = 0
+    dtype: str = "auto"
+    workers: Optional[int] = None  # model actors per checkpoint; None: one per GPU, or cluster CPUs - 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    batch_rows: int = 64  # rows per actor call
+    batch_size: int = 16  # continuous-batching slots (generate protocol)
+    max_prompt_tokens: int = 4096
+    overwrite: bool = False
+    published: List[Dict[str, Any]] = field(default_factory=list)  # rows printed for reference in results.md
+
+
+@dataclass
+class EvaluateStageConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def selected_tasks(ec: dict) -> dict:
+    return {k: v for k, v in ec["tasks"].items() if ec.get("only") is None or k in ec["only"]}
+
+
+def check_evaluate(c: dict, checkpoints: bool = True) -> None:
+    """``checkpoints=False`` when an earlier stage of the same job writes them (the recipe)."""
+    import os
+
+    ec = c["evaluate"]
+    if not ec["checkpoints"]:
+        raise ValueError("evaluate.checkpoints: no checkpoint (a mapping name -> HF folder or URI)")
+    if checkpoints:
+        for name, path in ec["checkpoints"].items():
+            check_local_checkpoint(path, f"evaluate.checkpoints.{name}")
+    unknown = set(ec.get("only") or []) - set(ec["tasks"])
+    if unknown:
+        raise ValueError(f"evaluate.only: unknown tasks {sorted(unknown)}; configured: {sorted(ec['tasks'])}")
+    one_of(ec["dtype"], INFERENCE_DTYPES, "evaluate.dtype")
+    at_least(ec, ("workers", "batch_rows", "batch_size", "max_prompt_tokens"), 1, "evaluate")
+    if float(ec["gpus_per_worker"]) < 0 or float(ec["cpus_per_worker"]) <= 0:
+        raise ValueError("evaluate.gpus_per_worker must be >= 0 and evaluate.cpus_per_worker > 0")
+    for name, t in selected_tasks(ec).items():
+        key = f"evaluate.tasks.{name}"
+        one_of(t["kind"], TASK_KINDS, f"{key}.kind")
+        for p in t["protocols"]:
+            one_of(p, PROTOCOLS if t["kind"] != "squad" else ("generate",), f"{key}.protocols")
+        if not t["protocols"]:
+            raise ValueError(f"{key}.protocols: at least one of {PROTOCOLS}")
+        at_least(t, ("shots", "max_new_tokens", "max_rows"), 1, key)
+        at_least(t, ("pool_rows",), 1, key)
+        path = t["path"]
+        if is_local(path) and not os.path.isfile(os.path.expanduser(path.removeprefix("file://"))):
+            if not ec["skip_missing"]:
+                raise ValueError(f"{key}.path: no such file: {path} (see ../shared/data/MANIFEST.md)")

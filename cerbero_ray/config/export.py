@@ -1,0 +1,43 @@
+"""The export stage's schema and its checks: a checkpoint as GGUF files for llama.cpp."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from omegaconf import MISSING
+
+from cerbero_ray.config.common import ClusterConfig, PathsConfig, at_least, check_local_checkpoint
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = MISSING  # an HF folder or URI (a train run's hf/)
+    output_dir: str = MISSING  # a local folder or URI: <output_dir>/<name>-<TYPE>.gguf
+    name: str = "cerbero"  # general.name in the file, and the file names' prefix
+    types: List[str] = field(default_factory=lambda: ["f16", "q4_k_m"])
+    threads: int = 0  # llama.cpp's quantizer; 0: all cores
+    overwrite: bool = False  # redo files that are newer than the checkpoint
+
+
+@dataclass
+class ExportStageConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def check_export(c: dict, checkpoint: bool = True) -> None:
+    x = c["export"]
+    if not x["types"]:
+        raise ValueError(f"export.types: at least one of {GGUF_TYPES}")
+    for t in x["types"]:
+        if t not in GGUF_TYPES:
+            raise ValueError(f"export.types: {t!r} is not one of {GGUF_TYPES}")
+    if not x["name"] or "/" in x["name"]:
+        raise ValueError(f"export.name must be a non-empty file name prefix, got {x['name']!r}")
+    at_least(x, ("threads",), 0, "export")
+    if checkpoint:
+        check_local_checkpoint(x["checkpoint"], "export.checkpoint")

@@ -1,0 +1,97 @@
+"""The batch inference schemas (labeling; generation builds on the same base) and their checks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from omegaconf import MISSING
+
+from cerbero_ray.config.common import (
+    INFERENCE_DTYPES,
+    ClusterConfig,
+    PathsConfig,
+    at_least,
+    check_local_checkpoint,
+    one_of,
+)
+
+INPUT_FORMATS = ("auto", "jsonl", "parquet", "txt")
+
+
+@dataclass
+class LabelTaskConfig:
+    name: str = MISSING
+    instruction: str = MISSING
+    labels: Dict[str, str] = field(default_factory=dict)  # label -> Italian verbalizer
+    few_shot: List[Dict[str, str]] = field(default_factory=list)  # [{text, label}]
+    template: Optional[str] = None  # the human's turn with {text}; null: instruction + text + the options
+
+
+@dataclass
+class BatchInferenceConfig:
+    input: str = MISSING  # file, folder, glob or URI: JSONL, Parquet or .txt (one text per line)
+    format: str = "auto"  # auto | jsonl | parquet | txt
+    text_field: str = "text"
+    id_field: Optional[str] = "id"  # missing in a row: "<file>:<line>"
+    output_dir: str = MISSING
+    checkpoint: str = MISSING  # an HF folder or URI (a train run's hf/)
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    workers: Optional[int] = None  # model actors; None: one per GPU, or cluster CPUs - 1
+    gpus_per_worker: float = 0.0  # 1 on GPU clusters
+    cpus_per_worker: float = 1.0
+    chunk_rows: int = 256  # rows per output part (the unit of resume)
+    overwrite: bool = False  # discard an earlier run in output_dir
+
+
+@dataclass
+class LabelConfig(BatchInferenceConfig):
+    task: LabelTaskConfig = field(default_factory=LabelTaskConfig)
+    task_file: Optional[str] = None  # a YAML task of your own (replaces `task`)
+    max_text_tokens: int = 512  # longer texts keep their first tokens (truncated=true)
+    max_batch_tokens: int = 16384  # padded tokens per forward pass
+    sort_window: int = 256  # rows sorted by length within this window
+
+
+@dataclass
+class LabelStageConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+
+
+def check_batch_inference(b: dict, stage: str) -> None:
+    """The keys labeling and generation share; a local input that does not exist is named here,
+    before Ray starts (an object-store input is listed when the run plans its chunks)."""
+    one_of(b["format"], INPUT_FORMATS, f"{stage}.format")
+    one_of(b["dtype"], INFERENCE_DTYPES, f"{stage}.dtype")
+    at_least(b, ("chunk_rows", "workers"), 1, stage)
+    if float(b["gpus_per_worker"]) < 0 or float(b["cpus_per_worker"]) <= 0:
+        raise ValueError(f"{stage}.gpus_per_worker must be >= 0 and {stage}.cpus_per_worker > 0")
+    check_local_path(b["input"], f"{stage}.input", glob_ok=True)
+
+
+def check_local_path(path: str, key: str, glob_ok: bool = False) -> None:
+    """``ValueError`` naming ``key`` when a local ``path`` does not exist (URIs are not looked up)."""
+    if "://" in path and not path.startswith("file://"):
+        return
+    p = os.path.expanduser(path.removeprefix("file://"))
+    if glob_ok and any(c in os.path.basename(p) for c in "*?["):
+        p = os.path.dirname(p) or "."
+    if not os.path.exists(p):
+        raise ValueError(f"{key}: no such file or folder: {path}")
+
+
+def check_label(c: dict, checkpoint: bool = True) -> None:
+    """``checkpoint=False`` when an earlier stage of the same job writes it (the recipe)."""
+    from cerbero_ray.inference.tasks import resolve_task
+
+    lc = c["label"]
+    check_batch_inference(lc, "label")
+    if checkpoint:
+        check_local_checkpoint(lc["checkpoint"], "label.checkpoint")
+    at_least(lc, ("max_text_tokens", "max_batch_tokens", "sort_window"), 1, "label")
+    if lc.get("task_file"):
+        check_local_path(lc["task_file"], "label.task_file")
+    resolve_task(lc)  # a ValueError naming label.task… for a malformed task

@@ -1,0 +1,97 @@
+"""The serving stage's schema and its checks (the checkpoint itself is checked when it deploys)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from omegaconf import MISSING
+
+from cerbero_ray.config.common import (
+    ENGINES,
+    INFERENCE_DTYPES,
+    ClusterConfig,
+    PathsConfig,
+    at_least,
+    check_local_checkpoint,
+    one_of,
+)
+from cerbero_ray.config.label import LabelTaskConfig
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str = MISSING  # an HF folder or URI (a train run's hf/)
+    model_name: str = "cerbero"  # the id clients pass as `model` and /v1/models lists
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None  # set (or $CERBERO_API_KEY): /v1/* needs `Authorization: Bearer <key>`
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 4.0  # autoscaling target per replica
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+    metrics_interval_s: float = 2.0
+    look_back_period_s: float = 10.0
+    max_ongoing_requests: int = 16  # per replica
+    max_queued_requests: int = 64  # beyond: overload_status + Retry-After, not an unbounded queue
+    overload_status: int = 503  # 503 or 429
+    retry_after_s: float = 1.0
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0  # 1 on GPU clusters
+    engine: str = "continuous"  # continuous (our continuous batching; Mistral/Llama) or hf (transformers generate)
+    max_batch_size: int = 16  # concurrent requests batched together (continuous: KV-cache slots)
+    prefill_tokens: int = 8192  # continuous: prompt tokens admitted per step (a longer prompt runs alone)
+    cuda_graphs: Optional[bool] = None  # continuous: CUDA-graph decoding; null: on when the replica has a GPU
+    batch_wait_timeout_s: float = 0.02
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512  # the most a request may ask for
+    default_max_tokens: int = 128
+    max_label_texts: int = 64
+    label_tasks: Dict[str, LabelTaskConfig] = field(default_factory=dict)
+
+
+@dataclass
+class ServeStageConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+def check_serve(c: dict) -> None:
+    """``ValueError`` naming the key, before Ray starts."""
+    from cerbero_ray.inference.tasks import task_from_dict
+
+    sc = c["serve"]
+    if not 1 <= sc["min_replicas"] <= sc["max_replicas"]:
+        raise ValueError(
+            f"serve.min_replicas ({sc['min_replicas']}) must be >= 1 and <= serve.max_replicas ({sc['max_replicas']})"
+        )
+    one_of(sc["overload_status"], (503, 429), "serve.overload_status")
+    at_least(
+        sc,
+        (
+            "max_ongoing_requests",
+            "max_queued_requests",
+            "max_batch_size",
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "default_max_tokens",
+            "max_label_texts",
+            "port",
+            "prefill_tokens",
+        ),
+        1,
+        "serve",
+    )
+    if sc["default_max_tokens"] > sc["max_new_tokens"]:
+        raise ValueError("serve.default_max_tokens must be <= serve.max_new_tokens")
+    one_of(sc["dtype"], INFERENCE_DTYPES, "serve.dtype")
+    one_of(sc["engine"], ENGINES, "serve.engine")
+    check_local_checkpoint(sc["checkpoint"], "serve.checkpoint")
+    for name, task in sc["label_tasks"].items():
+        try:
+            task_from_dict(task)
+        except ValueError as e:
+            raise ValueError(f"serve.label_tasks.{name}: {e}") from None

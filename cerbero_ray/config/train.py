@@ -1,0 +1,133 @@
+"""The training stage's schema and its config-time checks (the manifest and the model are checked
+against it at run time, :func:`cerbero_ray.train.prepare.prepare_run`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+from cerbero_ray.config.common import (
+    ClusterConfig,
+    ModelConfig,
+    PathsConfig,
+    TokenizerConfig,
+    at_least,
+    check_model,
+    check_tokenizer,
+    one_of,
+)
+
+PRECISIONS = ("bf16", "fp32")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+ATTENTION = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
+SCHEDULES = ("cosine", "linear", "constant")
+ZERO_STAGES = (0, 1, 2)
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 1  # ZeRO stage: 0, 1 (the recipe) or 2
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    extra: Dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed JSON
+
+
+@dataclass
+class TrainConfig:
+    name: str = "cerbero"  # run name: <output_dir>/<name>; a rerun with the same name resumes
+    data_dir: str = MISSING  # a data-stage output (manifest.json + shards/)
+    output_dir: str = MISSING  # storage root: local folder (shared on multi-node) or s3://…
+    seq_len: Optional[int] = None  # None: the manifest's; set, it must equal it
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    precision: str = "bf16"  # bf16 (fp32 master weights in DeepSpeed) | fp32
+    micro_batch_size: int = 1  # rows per worker per forward
+    global_batch_size: int = 8  # rows per optimizer step, all workers together
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop early (demos, benchmarks); the schedule still spans max_steps
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1  # cosine decays to lr × min_lr_ratio
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: Optional[int] = None  # None: warmup_ratio × total steps
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    attention: str = "auto"  # auto | flash_attention_2 | flex_attention | sdpa | eager
+    loss_chunk_tokens: int = 4096
+    seed: int = 0
+    eval_rows: int = 0  # held-out rows (never trained on)
+    eval_every: int = 0  # steps; 0: before the first step and at the end only
+    log_every: int = 1
+    checkpoint_every: int = 0  # steps; 0: at the end only
+    keep_checkpoints: int = 2
+    hf_in_checkpoints: bool = True  # every checkpoint also holds an HF folder
+    max_failures: int = 3  # worker-group restarts from the last checkpoint
+    peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs, else no MFU
+    read_cpus: float = 0.25  # CPUs per Ray Data read task
+    fail_at_step: Optional[int] = None  # fault injection (tests, drills): a worker dies after this step, once
+    fail_rank: int = 1
+
+
+@dataclass
+class TrainStageConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def check_train(c: dict) -> None:
+    """``ValueError`` naming the key: batch arithmetic, schedule, precision, ZeRO stage."""
+    t, ds = c["train"], c["deepspeed"]
+    check_tokenizer(c["tokenizer"])
+    check_model(c["model"])
+    positive = (
+        "num_workers",
+        "micro_batch_size",
+        "global_batch_size",
+        "epochs",
+        "log_every",
+        "keep_checkpoints",
+        "loss_chunk_tokens",
+        "max_steps",
+        "seq_len",
+    )
+    at_least(t, positive, 1, "train")
+    at_least(
+        t, ("eval_rows", "eval_every", "checkpoint_every", "max_failures", "weight_decay", "warmup_steps"), 0, "train"
+    )
+    per_step = t["micro_batch_size"] * t["num_workers"]
+    if t["global_batch_size"] % per_step:
+        raise ValueError(
+            f"train.global_batch_size={t['global_batch_size']} must be a multiple of "
+            f"train.micro_batch_size × train.num_workers = {per_step}"
+        )
+    for key, allowed in (
+        ("precision", PRECISIONS),
+        ("attention", ATTENTION),
+        ("schedule", SCHEDULES),
+        ("placement_strategy", PLACEMENTS),
+    ):
+        one_of(t[key], allowed, f"train.{key}")
+    if ds["stage"] not in ZERO_STAGES:
+        raise ValueError(
+            f"deepspeed.stage must be one of {ZERO_STAGES} (the recipe is ZeRO-1; stage 3 shards "
+            f"the weights, which this trainer's checkpoint export does not gather), got {ds['stage']}"
+        )
+    if not 0 <= t["min_lr_ratio"] <= 1 or t["lr"] <= 0:
+        raise ValueError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
+    if not 0 <= t["warmup_ratio"] <= 1:
+        raise ValueError(f"train.warmup_ratio must be in [0, 1], got {t['warmup_ratio']}")
+    if t["cpus_per_worker"] <= 0 or t["read_cpus"] <= 0:
+        raise ValueError("train.cpus_per_worker and train.read_cpus must be > 0")

@@ -1,0 +1,118 @@
+"""EVALITA tasks as the seed evaluated them: AMI 2020 (toxicity = ``misogynous``), IronITA 2018
+(irony = ``irony``), SENTIPOLC 2014 (sentiment = ``negativo``, the binary reading). Pure Python.
+
+Each is a 5-shot yes/no question in Italian (``Dato questo testo:\\n{text}\\nIl suo contenuto è
+misogino? (si/no)``…). The shots come from a pool disjoint from the scored rows: SENTIPOLC's own
+``train`` rows (its ``test`` rows are scored); for the others a fixed-seed pool of ``pool_rows``
+rows is held out and the rest is scored. The shots are the same for every scored row (drawn with the
+seed, both answers represented), which is also what lets the scorer run the shared prefix once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+from dataclasses import dataclass
+
+from cerbero_ray import storage
+from cerbero_ray.inference.tasks import Task
+
+YES, NO = "si", "no"
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    question: str  # what the user is asked about the text
+    delimiter: str
+    text_col: str
+    gold_col: str
+    split_col: str | None = None  # SENTIPOLC: train / test
+
+
+SPECS = {
+    "ami2020": Spec("ami2020", "Il suo contenuto è misogino?", "\t", "text", "misogynous"),
+    "ironita": Spec("ironita", "Il suo contenuto è ironico?", ";", "text", "irony"),
+    "sentipolc": Spec("sentipolc", "Il suo contenuto è negativo?", ";", "tweet", "negativo", "set"),
+}
+SEED_NAMES = {"ami2020": "toxicity", "ironita": "irony", "sentipolc": "sentiment"}  # the seed's table headers
+_TRUE, _FALSE = {"1", "true", "yes"}, {"0", "false", "no"}
+
+
+def template(spec: Spec) -> str:
+    return f"Dato questo testo:\n{{text}}\n{spec.question} ({YES}/{NO})"
+
+
+def _gold(value) -> int | None:
+    v = str(value).strip().lower() if value is not None else ""
+    return 1 if v in _TRUE else 0 if v in _FALSE else None
+
+
+def load(spec: Spec, path: str) -> tuple[list[dict], list[dict]]:
+    """Rows ``{id, text, gold, split}`` and rejects ``{id, line, reason}`` (a row with no text, an
+    unknown gold value or the wrong number of fields is counted, never silently dropped)."""
+    fs, p = storage.resolve(path)
+    with fs.open_input_stream(p) as f:
+        raw = f.read().decode("utf-8", errors="replace")
+    reader = csv.DictReader(io.StringIO(raw), delimiter=spec.delimiter)
+    missing = {spec.text_col, spec.gold_col, *([spec.split_col] if spec.split_col else [])} - set(
+        reader.fieldnames or []
+    )
+    if missing:
+        raise ValueError(f"{path}: not a {spec.name} file (no column {sorted(missing)}; has {reader.fieldnames})")
+    rows, rejects = [], []
+    for line, rec in enumerate(reader, start=2):
+        rid = (rec.get("id") or "").strip() or f"line{line}"
+        text, gold = rec.get(spec.text_col), _gold(rec.get(spec.gold_col))
+        reason = (
+            "wrong_field_count"
+            if None in rec or any(v is None for v in rec.values())
+            else "no_text"
+            if not text or not text.strip()
+            else "bad_gold"
+            if gold is None
+            else None
+        )
+        if reason:
+            rejects.append({"id": rid, "line": line, "reason": reason})
+            continue
+        split = (rec.get(spec.split_col) or "").strip().lower() if spec.split_col else None
+        rows.append({"id": rid, "text": text.strip(), "gold": gold, "split": split})
+    return rows, rejects
+
+
+def split(spec: Spec, rows: list[dict], pool_rows: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(shot pool, scored rows), disjoint."""
+    if spec.split_col:
+        pool = [r for r in rows if r["split"] == "train"]
+        scored = [r for r in rows if r["split"] == "test"]
+        if not pool or not scored:
+            raise ValueError(f"{spec.name}: needs both 'train' and 'test' rows in column {spec.split_col!r}")
+        return pool, scored
+    if len(rows) <= pool_rows:
+        raise ValueError(f"{spec.name}: {len(rows)} rows cannot hold out a shot pool of {pool_rows}")
+    held = set(random.Random(f"{seed}:{spec.name}:pool").sample(range(len(rows)), pool_rows))
+    return [r for i, r in enumerate(rows) if i in held], [r for i, r in enumerate(rows) if i not in held]
+
+
+def pick_shots(pool: list[dict], k: int, seed: int) -> list[dict]:
+    """``k`` shots from the pool (seeded), at least one of each answer when ``k`` >= 2."""
+    order = random.Random(seed).sample(pool, len(pool))
+    shots = order[:k]
+    if k >= 2 and len({s["gold"] for s in shots}) < 2:
+        other = next((r for r in order[k:] if r["gold"] != shots[0]["gold"]), None)
+        if other is not None:
+            shots[-1] = other
+    return shots
+
+
+def build_task(spec: Spec, shots: list[dict]) -> Task:
+    """The scorer's task: ``si``/``no`` verbalizers, the seed's question as the human's turn."""
+    return Task(
+        name=spec.name,
+        instruction=spec.question,
+        labels={"no": NO, "yes": YES},  # "no" first: a tie in nearest-label mapping goes to it
+        few_shot=[{"text": s["text"], "label": "yes" if s["gold"] else "no"} for s in shots],
+        template=template(spec),
+    )

@@ -1,0 +1,74 @@
+"""The generation engine: batched sampling from a causal LM, stopping at the cerbero stop string.
+Plain PyTorch + transformers, no Ray (the batch job wraps it; benchmarks run it bare).
+
+Prompts are already rendered (chat template applied). They are sorted by length and run in
+left-padded batches of ``batch_size``; ``stop`` strings end a sequence (transformers'
+``stop_strings``) and are cut from the text. ``finish_reason`` is ``stop`` (a stop string or the
+end-of-sequence token) or ``length`` (``max_new_tokens`` reached).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cerbero_ray.inference.sampling import Sampling, cut_at_stop
+
+
+class Generator:
+    def __init__(self, model, tok, *, batch_size: int = 16, max_prompt_tokens: int = 2048):
+        self.model, self.tok = model.eval(), tok
+        self.batch_size, self.max_prompt_tokens = batch_size, max_prompt_tokens
+        self.device = next(model.parameters()).device
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.unk_token or tok.eos_token
+
+    def generate_kwargs(self, s: Sampling) -> dict:
+        """``model.generate`` settings for ``s`` (temperature 0: greedy)."""
+        sample = s.temperature > 0
+        return dict(
+            max_new_tokens=s.max_new_tokens,
+            do_sample=sample,
+            temperature=s.temperature if sample else None,
+            top_p=s.top_p if sample else None,
+            top_k=None,
+            stop_strings=list(s.stop) or None,
+            tokenizer=self.tok,
+            pad_token_id=self.tok.pad_token_id,
+            eos_token_id=self.tok.eos_token_id,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], sampling: Sampling, seed: int | None = None) -> list[dict]:
+        """Per prompt: ``text``, ``finish_reason``, ``prompt_tokens``, ``new_tokens``, ``truncated``."""
+        if not prompts:
+            return []
+        ids = self.tok(prompts, add_special_tokens=False).input_ids
+        truncated = [len(x) > self.max_prompt_tokens for x in ids]
+        ids = [x[-self.max_prompt_tokens :] for x in ids]  # keep the end: that is where the answer starts
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        out: list[dict] = [{}] * len(ids)
+        seed = sampling.seed if seed is None else seed
+        if seed is not None:  # None: a fresh random draw (the serving default, as OpenAI's API)
+            torch.manual_seed(seed)
+        for b in range(0, len(order), self.batch_size):
+            batch = order[b : b + self.batch_size]
+            for i, r in zip(batch, self._batch([ids[i] for i in batch], sampling)):
+                out[i] = {**r, "truncated": truncated[i]}
+        return out
+
+    def _batch(self, ids: list[list[int]], s: Sampling) -> list[dict]:
+        width = max(len(x) for x in ids)
+        pad = self.tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        gen = self.model.generate(input_ids=input_ids, attention_mask=mask, **self.generate_kwargs(s))
+        out = []
+        for row in gen[:, width:].tolist():
+            n = next((k + 1 for k, t in enumerate(row) if t == self.tok.eos_token_id), None)
+            new = row[:n] if n else [t for t in row if t != pad]
+            text, stopped = cut_at_stop(self.tok.decode(new, skip_special_tokens=True), s.stop)
+            ended = stopped or (n is not None)
+            out.append({"text": text.strip(), "finish_reason": "stop" if ended else "length", "new_tokens": len(new)})
+        for r, x in zip(out, ids):
+            r["prompt_tokens"] = len(x)
+        return out

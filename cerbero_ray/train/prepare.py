@@ -1,0 +1,57 @@
+"""The training stage's run-time checks, before any worker starts: :func:`prepare_run` checks the
+config (``check_train``), reads the data stage's manifest, checks the shards and the model against
+it (a ``ValueError`` naming the key), and returns the plain-dict config the workers get, with a
+``run`` section (shards, seq_len, run folder) filled in.
+"""
+
+from __future__ import annotations
+
+from cerbero_ray import storage
+from cerbero_ray.config import check
+from cerbero_ray.data.manifest import read_manifest
+from cerbero_ray.models import build_model_config
+from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
+
+
+def prepare_run(c: dict) -> dict:
+    """Validate ``c`` (the resolved config) against the shards and the model; returns the workers' config."""
+    c = check("train", c)
+    t = c["train"]
+    try:
+        manifest = read_manifest(t["data_dir"])
+    except FileNotFoundError:
+        raise ValueError(
+            f"train.data_dir: no manifest.json in {t['data_dir']} (run the data stage first, "
+            "or point train.data_dir at its data.output_dir)"
+        ) from None
+    seq_len = int(manifest["seq_len"])
+    if t.get("seq_len") is not None and int(t["seq_len"]) != seq_len:
+        raise ValueError(
+            f"train.seq_len={t['seq_len']} but the shards in {t['data_dir']} are {seq_len} tokens "
+            "long; rerun the data stage with that data.seq_len, or drop train.seq_len"
+        )
+    tc = c["tokenizer"]
+    tok = build_tokenizer(tc.get("path"), tc["assistant_tag"], tc["system_line"])
+    if manifest["tokenizer_hash"] != tokenizer_hash(tok):
+        raise ValueError(
+            f"tokenizer: the shards were made with another tokenizer or chat template "
+            f"({manifest['tokenizer_hash']} vs {tokenizer_hash(tok)}); use the data stage's tokenizer config"
+        )
+    mc = build_model_config(c["model"])
+    if len(tok) > mc.vocab_size:
+        raise ValueError(
+            f"model: vocab_size {mc.vocab_size} is smaller than the tokenizer's {len(tok)} tokens "
+            "(model.overrides.vocab_size)"
+        )
+    if seq_len > mc.max_position_embeddings:
+        raise ValueError(f"model: max_position_embeddings {mc.max_position_embeddings} < the shards' seq_len {seq_len}")
+    shards = [{"path": s["path"], "rows": int(s["rows"])} for s in manifest["shards"]]
+    rows = sum(s["rows"] for s in shards)
+    need = t["global_batch_size"] + t["eval_rows"]
+    if rows < need:
+        raise ValueError(
+            f"train.global_batch_size + train.eval_rows = {need} rows, but {t['data_dir']} holds {rows}; "
+            "lower them or prepare more data (a shorter data.seq_len gives more rows)"
+        )
+    run_dir = storage.join(t["output_dir"], t["name"])
+    return {**c, "run": {"shards": shards, "seq_len": seq_len, "run_dir": run_dir, "rows": rows}}

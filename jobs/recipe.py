@@ -1,0 +1,23 @@
+"""The main job: every stage in order on one Ray cluster: data, then train (tiny model, shipped sample).
+
+ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/recipe.py
+python jobs/recipe.py                    # embedded local cluster, tiny model, shipped data
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from cerbero_ray.config import register_configs
+from cerbero_ray.recipe import run_recipe
+from cerbero_ray.runtime import launch
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="recipe", version_base=None)
+def main(cfg: DictConfig) -> None:
+    launch("recipe", cfg, run_recipe)
+
+
+if __name__ == "__main__":
+    main()

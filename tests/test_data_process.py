@@ -1,0 +1,121 @@
+"""The packing buffer end to end without Ray: parse, tokenize, mask, pack, write, reject."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cerbero_ray.data.packing import IGNORE_INDEX
+from cerbero_ray.data.process import BufferProcessor, copies
+from conftest import TOKENIZER_CFG, proc_cfg
+
+CHAT = {
+    "messages": [
+        {"role": "user", "content": "Qual è la capitale d'Italia?"},
+        {"role": "assistant", "content": "La capitale d'Italia è Roma."},
+    ]
+}
+
+
+def batch(rows, source="s", kind="jsonl"):
+    raws = [r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode() for r in rows]
+    n = len(raws)
+    return {
+        "source": np.array([source] * n, dtype=object),
+        "path": np.array(["in.jsonl"] * n, dtype=object),
+        "line_no": np.arange(1, n + 1),
+        "kind": np.array([kind] * n, dtype=object),
+        "raw": np.array(raws + [b""], dtype=object)[:n],
+    }
+
+
+def run(tmp_path, rows, fmt="openai", **data):
+    cfg = {
+        **proc_cfg(tmp_path, {"s": {"format": fmt, "weight": data.pop("weight", 1.0), "text_field": "text"}}, **data),
+        "tokenizer": TOKENIZER_CFG,
+    }
+    stats = {k: v[0] for k, v in BufferProcessor(cfg)(batch(rows)).items()}
+    table = pq.read_table(stats["shard"]) if stats["shard"] else None
+    return stats, table
+
+
+def rows_of(table, col):
+    return np.array(table.column(col).to_pylist(), dtype=np.int64)
+
+
+def test_chat_masks_train_only_the_answer(tmp_path, tok):
+    stats, table = run(tmp_path, [CHAT])
+    ids, labels, pos = rows_of(table, "input_ids"), rows_of(table, "labels"), rows_of(table, "position_ids")
+    assert ids.shape == (1, 512) and stats["rows"] == 1
+    expected = tok.apply_chat_template(CHAT["messages"], tokenize=False)
+    n = stats["tokens"]
+    assert ids[0, :n].tolist() == tok(expected, add_special_tokens=False).input_ids
+    trained = labels[0][labels[0] != IGNORE_INDEX]
+    assert tok.decode(trained).strip() == "La capitale d'Italia è Roma.\n</s>".strip()
+    assert stats["loss_tokens"] == len(trained)
+    assert pos[0, :n].tolist() == list(range(n)) and pos[0, n] == 0
+    assert (labels[0, n:] == IGNORE_INDEX).all() and stats["padding"] == 512 - n
+
+
+def test_loss_on_all_trains_everything_but_document_starts(tmp_path):
+    stats, table = run(tmp_path, [CHAT, CHAT], loss_on="all")
+    labels, ids = rows_of(table, "labels")[0], rows_of(table, "input_ids")[0]
+    assert stats["loss_tokens"] == stats["tokens"] - 2  # both BOS positions are ignored
+    n = stats["tokens"] // 2
+    assert labels[0] == labels[n] == IGNORE_INDEX and (labels[1:n] == ids[1:n]).all()
+
+
+def test_bad_rows_are_rejected_counted_and_kept(tmp_path):
+    rows = [
+        CHAT,
+        b"\xff\xfe not utf-8",
+        b"{not json",
+        {"messages": [{"role": "robot", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]},
+        {"text": "x"},
+    ]
+    stats, _ = run(tmp_path, rows)
+    assert stats["documents"] == 1 and stats["rejected"] == 6
+    assert json.loads(stats["reject_reasons"]) == {
+        "invalid_utf8": 1,
+        "invalid_json": 1,
+        "unknown_role": 1,
+        "non_alternating": 1,
+        "empty_text": 1,
+        "missing_field": 1,
+    }
+    rejects = [json.loads(line) for line in open(stats["rejects_path"])]
+    assert [r["line_no"] for r in rejects] == [2, 3, 4, 5, 6, 7]
+    assert rejects[0]["raw"].endswith("not utf-8") and rejects[1]["raw"] == "{not json"
+
+
+def test_long_documents_split_or_dropped(tmp_path):
+    long = {"text": "parola " * 1500}  # ~1,500+ tokens > 512
+    stats, table = run(tmp_path / "split", [long, {"text": "breve"}], fmt="text")
+    assert stats["split_documents"] == 1 and stats["split_pieces"] >= 3 and stats["documents"] == 2
+    assert stats["rows"] >= 3 and table.num_rows == stats["rows"]
+    stats, _ = run(tmp_path / "drop", [long, {"text": "breve"}], fmt="text", long_docs="drop")
+    assert stats["dropped_long"] == 1 and stats["documents"] == 1
+    assert json.loads(stats["reject_reasons"]) == {"too_long": 1}
+    assert json.loads(open(stats["rejects_path"]).readline())["reason"] == "too_long"
+
+
+def test_weights_repeat_and_subsample_deterministically(tmp_path):
+    docs = [{"text": f"documento numero {i}"} for i in range(400)]
+    assert run(tmp_path / "a", docs, fmt="text", weight=2.0)[0]["documents"] == 800
+    half = run(tmp_path / "b", docs, fmt="text", weight=0.5)[0]["documents"]
+    assert 160 < half < 240
+    assert half == run(tmp_path / "c", docs, fmt="text", weight=0.5)[0]["documents"]
+    assert copies(1.5, 0, "k") in (1, 2) and copies(0.0, 0, "k") == 0
+
+
+@pytest.mark.parametrize("packing", ["whole", "split"])
+def test_same_input_same_shard(tmp_path, packing, tok):
+    docs = [{"text": "testo " * int(n)} for n in np.random.default_rng(0).integers(5, 300, 60)]
+    a, ta = run(tmp_path / "a", docs, fmt="text", packing=packing)
+    b, tb = run(tmp_path / "b", docs, fmt="text", packing=packing)
+    assert ta.equals(tb) and a["tokens"] == sum(len(tok(d["text"]).input_ids) + 1 for d in docs)
+    if packing == "split":
+        assert a["padding"] < 512 and a["cut_to_fill"] >= 1

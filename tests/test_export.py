@@ -1,0 +1,199 @@
+"""GGUF export: the file's keys and tensor shapes as llama.cpp's ``llama`` expects them (read back
+with the gguf package), errors before anything is written, no partial file under the final name;
+and, with llama-cpp-python (which compiles llama.cpp), llama.cpp itself loads each file, tokenizes
+Italian as the HF tokenizer does, gives the HF model's logits within stated tolerances, continues
+greedily as transformers does, and stops the seed's chat prompt at ``[|Umano|]``."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cerbero_ray.chat import plain_template
+from cerbero_ray.config import compose
+from cerbero_ray.export.gguf import convert, permute_qk
+from cerbero_ray.models import tiny
+from cerbero_ray.tokenizer import build_tokenizer, save_tokenizer
+
+# big enough for real K-quant blocks (rows of 256): hidden 256, 4 heads of 64, 2 KV heads (GQA)
+SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+SENTENCES = [
+    "Qual è la capitale d'Italia? È Roma, città eterna.",
+    "L'anno scorso, nell'aprile del 1973, c'erano 25.000 persone all'università.",
+    "[|Umano|] Perché l'ho detto? Così è più facile: sì, però... «citazione» — fine!",
+    "Dell'amicizia e dell’amore: àèéìòù ÀÈ 3,14 100% #hashtag @utente",
+]
+# |llama.cpp - transformers| on the tiny model's logits, relative to the largest |logit|
+TOLERANCE = {"F32": 1e-4, "F16": 5e-3, "BF16": 2e-2, "Q8_0": 3e-2, "Q4_K_M": 0.25}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny Mistral trained for a few steps on Italian (so greedy decoding is not a flat argmax),
+    saved as the trainer does: safetensors, tokenizer.json, tokenizer.model, the chat template."""
+    d = str(tmp_path_factory.mktemp("export_hf"))
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = tiny(overrides=SHAPE)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = tok(SENTENCES * 2, return_tensors="pt", padding=True).input_ids
+    for _ in range(30):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(d)
+    save_tokenizer(tok, d)
+    return d
+
+
+def test_tokenizer_model_is_saved_beside_tokenizer_json(hf_dir):
+    assert {"tokenizer.json", "tokenizer.model", "config.json", "model.safetensors"} <= set(os.listdir(hf_dir))
+
+
+def test_permutation_pairs_rotary_halves():
+    # one head of 4 rows: rotate-half order [x0, x1, y0, y1] -> interleaved [x0, y0, x1, y1]
+    w = np.arange(8, dtype=np.float32).reshape(4, 2)
+    assert permute_qk(w, 1)[:, 0].tolist() == [0, 4, 2, 6]
+
+
+@pytest.mark.parametrize("out_type", ["f16", "q8_0"])
+def test_keys_and_shapes(hf_dir, tmp_path, out_type):
+    from gguf import GGUFReader
+
+    r = convert(
+        hf_dir, str(tmp_path / "m.gguf"), out_type, chat_template=plain_template(build_tokenizer().chat_template)
+    )
+    assert r["vocabulary"] == "tokenizer.model" and r["tensors"] == 3 + 9 * SHAPE["num_hidden_layers"]
+    g = GGUFReader(str(tmp_path / "m.gguf"))
+
+    def val(key):
+        f = g.fields[key]
+        return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]].tolist()
+
+    assert val("general.architecture") == "llama" and val("llama.block_count") == 2
+    assert val("llama.attention.head_count") == 4 and val("llama.attention.head_count_kv") == 2
+    assert val("llama.embedding_length") == 256 and val("llama.rope.dimension_count") == 64
+    assert val("tokenizer.ggml.model") == "llama" and len(val("tokenizer.ggml.tokens")) == 32000
+    assert val("tokenizer.ggml.bos_token_id") == 1 and val("tokenizer.ggml.eos_token_id") == 2
+    assert "[|Umano|]" in val("tokenizer.chat_template") and "{%- generation %}" not in val("tokenizer.chat_template")
+    shapes = {t.name: (t.shape.tolist(), t.tensor_type.name) for t in g.tensors}
+    q = "F16" if out_type == "f16" else "Q8_0"
+    assert shapes["token_embd.weight"] == ([256, 32000], q) and shapes["output_norm.weight"] == ([256], "F32")
+    assert shapes["blk.1.attn_k.weight"] == ([256, 128], q) and shapes["blk.0.ffn_down.weight"] == ([512, 256], q)
+
+
+def test_errors_come_before_any_file(hf_dir, tmp_path):
+    for name, change in (("arch", {"model_type": "gpt2"}), ("vocab", {"vocab_size": 32001})):
+        bad = tmp_path / name
+        shutil.copytree(hf_dir, bad)
+        cfg = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(ValueError, match="model_type 'gpt2'|must agree"):
+            convert(str(bad), str(tmp_path / f"{name}.gguf"), "f16")
+        assert not list(tmp_path.glob(f"{name}.gguf*"))
+    notok = tmp_path / "notok"
+    shutil.copytree(hf_dir, notok)
+    for f in ("tokenizer.model", "tokenizer.json"):
+        os.remove(notok / f)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        convert(str(notok), str(tmp_path / "n.gguf"), "f16")
+    assert not list(tmp_path.glob("n.gguf*"))
+
+
+def test_config_errors_name_the_key(hf_dir, tmp_path):
+    compose("export", [f"export.checkpoint={hf_dir}", "export.types=[f16]"], checked=True)
+    for over, key in (
+        (["export.types=[q3]"], "export.types"),
+        ([f"export.checkpoint={tmp_path}"], "export.checkpoint"),
+    ):
+        with pytest.raises(ValueError, match=key):
+            compose("export", [f"export.checkpoint={hf_dir}", *over], checked=True)
+
+
+# ── llama.cpp itself ─────────────────────────────────────────────────────────
+
+
+@pytest.fixture(scope="module")
+def exported(hf_dir, tmp_path_factory):
+    pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[gguf]' (builds llama.cpp)"
+    )
+    from cerbero_ray.export import run_export
+
+    out = str(tmp_path_factory.mktemp("gguf"))
+    res = run_export(
+        {
+            "export": {
+                "checkpoint": hf_dir,
+                "output_dir": out,
+                "name": "tiny",
+                "types": ["f32", "f16", "bf16", "q8_0", "q4_k_m"],
+                "threads": 2,
+                "overwrite": False,
+            }
+        }
+    )
+    return {t: r["path"] for t, r in res["files"].items()}
+
+
+def _llama(path, **kw):
+    from llama_cpp import Llama
+
+    return Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False, seed=0, n_threads=2, **kw)
+
+
+def test_llama_cpp_tokenizes_as_hf(exported):
+    tok = build_tokenizer()
+    llm = _llama(exported["f16"])
+    for s in SENTENCES:
+        assert llm.tokenize(s.encode(), add_bos=False, special=False) == tok(s, add_special_tokens=False).input_ids, s
+    assert llm.tokenize(SENTENCES[0].encode(), add_bos=True)[0] == tok.bos_token_id
+
+
+@pytest.mark.parametrize("out_type", ["f32", "f16", "bf16", "q8_0", "q4_k_m"])
+def test_llama_cpp_logits_match_transformers(exported, hf_dir, out_type):
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer()
+    ids = [tok.bos_token_id] + tok(SENTENCES[1], add_special_tokens=False).input_ids
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(hf_dir).eval()(torch.tensor([ids])).logits[0].numpy()
+    llm = _llama(exported[out_type])
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err < TOLERANCE[out_type.upper()], f"{out_type}: relative max error {err:.2e}"
+    if out_type in ("f32", "f16"):
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.95
+
+
+def test_greedy_continuation_is_identical_for_f16(exported, hf_dir):
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer()
+    ids = [tok.bos_token_id] + tok("L'anno scorso, nell'aprile", add_special_tokens=False).input_ids
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :].tolist()
+    llm = _llama(exported["f16"])
+    ours = []
+    for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        ours.append(t)
+        if len(ours) == 16 or t == tok.eos_token_id:
+            break
+    assert ours == hf[: len(ours)] and len(ours) == min(16, len(hf))
+
+
+def test_the_seeds_snippet_stops_at_the_user_tag(exported):
+    llm = _llama(exported["q4_k_m"])
+    prompt = "Questa è una conversazione tra un umano ed un assistente AI.\n[|Umano|] Come stai?\n[|AI|]"
+    out = llm(prompt, max_tokens=48, stop=["[|Umano|]"], temperature=0.0)
+    text = out["choices"][0]["text"]
+    assert "[|Umano|]" not in text and out["choices"][0]["finish_reason"] in ("stop", "length")
+    # a model that says the tag stops there: force it with a prompt that ends in a user turn's start
+    out = llm(prompt + " Bene.\n", max_tokens=8, stop=["[|Umano|]"], temperature=0.0)
+    assert "[|Umano|]" not in out["choices"][0]["text"]

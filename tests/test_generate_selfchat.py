@@ -1,0 +1,142 @@
+"""Self-chat filters and near-duplicate removal (pure functions), and the self-chat loop with a
+scripted generator."""
+
+import numpy as np
+import torch
+
+from cerbero_ray.generate.dedup import embed, jaccard, near_duplicates, near_duplicates_cosine, shingles
+from cerbero_ray.generate.selfchat import degenerate, repeated_trigram_ratio, self_chat, user_prompt
+from cerbero_ray.inference.sampling import Sampling, cut_at_stop
+
+BASE = (
+    "La fotosintesi è il processo con cui le piante trasformano la luce del sole in energia chimica, "
+    "producendo ossigeno e zuccheri a partire da acqua e anidride carbonica."
+)
+
+
+def test_near_duplicates_keep_the_first_of_each_group():
+    texts = [
+        BASE,
+        BASE.replace("piante", "alghe"),
+        "Roma è la capitale d'Italia e conta quasi tre milioni di abitanti.",
+        BASE,
+        "Un testo del tutto diverso sulla cucina napoletana e la pizza margherita.",
+    ]
+    dup = near_duplicates(texts, n=3, threshold=0.7)
+    assert dup == [None, 0, None, 0, None]
+    assert (
+        jaccard(shingles(texts[0], 3), shingles(texts[1], 3))
+        >= 0.7
+        > jaccard(shingles(texts[0], 3), shingles(texts[2], 3))
+    )
+    assert near_duplicates(texts, n=3, threshold=0.99) == [None, None, None, 0, None]
+
+
+def test_cosine_near_duplicates_keep_the_first_of_each_group_and_find_every_close_pair():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((300, 48))
+    close = base[:100] + 0.03 * rng.standard_normal((100, 48))  # cosine ~0.999 with its original
+    far = base[100:200] + 1.5 * rng.standard_normal((100, 48))  # cosine ~0.55
+    emb = np.concatenate([base, close, far])
+    dup = near_duplicates_cosine(emb, threshold=0.9)
+    assert dup[:300] == [None] * 300
+    assert dup[300:400] == list(range(100))  # LSH missed none of the close pairs
+    assert dup[400:] == [None] * 100
+    assert near_duplicates_cosine(emb[:2], threshold=0.9) == [None, None]
+    assert near_duplicates_cosine(np.zeros((0, 4))) == []
+
+
+def test_centring_removes_the_direction_every_vector_shares():
+    rng = np.random.default_rng(1)
+    texts = rng.standard_normal((20, 32))
+    hidden = 50 + texts  # a language model's states: a large shared component, the text a small part
+    assert all(d == 0 for d in near_duplicates_cosine(hidden, threshold=0.9)[1:])  # raw: all "the same"
+    centred = near_duplicates_cosine(np.concatenate([hidden, hidden[3:4]]), threshold=0.9, center=True)
+    assert centred == [None] * 20 + [3]
+    assert near_duplicates_cosine(np.stack([hidden[0], hidden[0]]), threshold=0.9, center=True) == [None, 0]
+
+
+def test_embed_mean_pools_each_text_alone_whatever_the_batch(tok):
+    from cerbero_ray.models import tiny
+
+    body = tiny().eval().model
+    texts = ["Ciao!", BASE, "Roma è la capitale d'Italia."]
+    together = embed(body, tok, texts, batch_size=3)
+    for t, row in zip(texts, together):
+        ids = torch.tensor([tok(t, add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            alone = body(input_ids=ids).last_hidden_state[0].mean(0).numpy()
+        np.testing.assert_allclose(row, alone, rtol=1e-4, atol=1e-5)
+    cut = embed(body, tok, [BASE], max_tokens=4)[0]
+    with torch.no_grad():
+        first4 = body(input_ids=torch.tensor([tok(BASE, add_special_tokens=False).input_ids[:4]])).last_hidden_state[0]
+    np.testing.assert_allclose(cut, first4.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_degenerate_turns():
+    ok = {"text": "La capitale d'Italia è Roma, sede del governo.", "finish_reason": "stop"}
+    assert degenerate(ok, [], 8, 0.5) is None
+    assert degenerate({**ok, "text": "Sì."}, [], 8, 0.5) == "too_short"
+    assert degenerate({**ok, "finish_reason": "length"}, [], 8, 0.5) == "unfinished"
+    assert degenerate({**ok, "text": ok["text"] + " [|AI|] e poi"}, [], 8, 0.5) == "role_tag"
+    assert degenerate({**ok, "text": "molto bene " * 20}, [], 8, 0.5) == "repetitive"
+    assert degenerate(ok, [ok["text"]], 8, 0.5) == "repeated_turn"
+    assert repeated_trigram_ratio("a b c d e") == 0.0
+    assert cut_at_stop("Certo! [|Umano|] e poi", ("[|Umano|]",)) == ("Certo! ", True)
+
+
+class Scripted:
+    """A stand-in for Generator: answers from a script, records the prompts it was given."""
+
+    def __init__(self, tok, script):
+        self.tok, self.script, self.prompts = tok, iter(script), []
+
+    def generate(self, prompts, sampling, seed=None):
+        self.prompts.append(prompts)
+        return [next(self.script) for _ in prompts]
+
+
+def test_self_chat_alternates_roles_and_ends_at_a_complete_exchange(tok):
+    good = lambda t: {"text": t, "finish_reason": "stop"}
+    script = [
+        good("Roma è la capitale d'Italia."),
+        good("Ciao ciao"),  # turn 1: answers to the 2 seeds
+        good("E quanti abitanti ha Roma?"),
+        good("x"),  # the humans ask; 2nd too short
+        good("Circa due milioni e ottocentomila persone."),
+    ]  # turn 2: the answer
+    gen = Scripted(tok, script)
+    s = Sampling(max_new_tokens=32)
+    convs, reasons = self_chat(
+        gen, ["Qual è la capitale d'Italia?", "Come stai oggi?"], turns=2, sampling=s, user_sampling=s, min_chars=5
+    )
+    assert [m["role"] for m in convs[0]] == ["user", "assistant", "user", "assistant"]
+    assert convs[1] == [{"role": "user", "content": "Come stai oggi?"}, {"role": "assistant", "content": "Ciao ciao"}]
+    assert reasons["user_too_short"] == 1
+    # the human's turn is prompted with the human's tag after the conversation so far
+    assert gen.prompts[1][0].endswith("[|AI|] Roma è la capitale d'Italia.\n[|Umano|]")
+    assert user_prompt(tok, convs[0][:2], "AI").endswith("[|Umano|]")
+
+
+def test_dedup_config_errors_name_the_key(tmp_path):
+    import pytest
+
+    from cerbero_ray.config import compose
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+
+    def check(*overrides):
+        compose("generate", [f"generate.checkpoint={tmp_path}/m", *overrides], checked=True)
+
+    check("generate.self_chat.dedup=embedding")  # the generating model's own states: nothing to check
+    for bad, msg in (
+        (["generate.self_chat.dedup=minhash"], "generate.self_chat.dedup must be one of"),
+        (["generate.self_chat.dedup_cosine=1.5"], "generate.self_chat.dedup_cosine must be in"),
+        (
+            ["generate.self_chat.dedup=embedding", f"generate.self_chat.dedup_model={tmp_path}/nope"],
+            "generate.self_chat.dedup_model: no HF model at",
+        ),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            check(*bad)

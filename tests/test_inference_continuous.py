@@ -1,0 +1,220 @@
+"""Continuous batching: the slot-cache forward gives the HF model's logits; greedy text equals
+transformers' generate whatever the arrival order and the number of slots; stop strings, streaming,
+seeded sampling, cancellation and bad requests behave. CPU, tiny model, no Ray."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cerbero_ray.inference.continuous import ContinuousBatcher, sample
+from cerbero_ray.inference.generator import Generator
+from cerbero_ray.inference.sampling import Sampling
+from cerbero_ray.inference.slots import SlotModel
+from cerbero_ray.models import tiny
+
+PROMPTS = [
+    "Ciao!",
+    "Qual è la capitale d'Italia? Rispondi in breve, per favore.",
+    "Perché il cielo è blu?",
+    "Scrivi una frase sul mare " * 6,
+    "Dimmi un proverbio.",
+]
+GREEDY = Sampling(max_new_tokens=16, temperature=0.0, stop=("[|Umano|]",))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny().eval()
+
+
+def chat(tok, text):
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_slot_cache_logits_equal_the_hf_forward(window):
+    m = tiny(overrides={"sliding_window": window}).eval()
+    seqs = [[1, 5, 9, 400, 31, 7, 8, 99, 12, 13, 14, 15], [1, 100, 200, 300], [1, 42, 43, 44, 45, 46, 47, 48, 49]]
+    slots = [2, 0, 1]  # out of order, and prompts of different lengths in one right-padded prefill
+    start = [8, 3, 5]  # the first is longer than the window
+    sm = SlotModel(m, num_slots=3, max_len=32)
+    with torch.no_grad():
+        ref = [m(torch.tensor([s])).logits[0] for s in seqs]
+    got = sm.prefill([s[:k] for s, k in zip(seqs, start)], slots)
+    for i in range(3):
+        torch.testing.assert_close(got[i], ref[i][start[i] - 1], rtol=1e-4, atol=1e-4)
+    for t in range(3, 12):
+        ids, pos = torch.zeros(3, dtype=torch.long), torch.full((3,), -1)  # -1: the slot sits this step out
+        live = [i for i, s in enumerate(seqs) if start[i] <= t < len(s)]
+        for i in live:
+            ids[slots[i]], pos[slots[i]] = seqs[i][t], t
+        out = sm.decode(ids, pos)
+        for i in live:
+            torch.testing.assert_close(out[slots[i]], ref[i][t], rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_text_equals_transformers_generate_with_staggered_arrivals(model, tok):
+    prompts = [chat(tok, p) for p in PROMPTS]
+    ref = [Generator(model, tok, batch_size=1).generate([p], GREEDY)[0] for p in prompts]
+    cb = ContinuousBatcher(
+        model, tok, num_slots=2, max_prompt_tokens=128, max_new_tokens=32
+    )  # fewer slots than requests
+    out = [None] * len(prompts)
+
+    def one(i):
+        out[i] = cb.generate([prompts[i]], GREEDY)[0]
+
+    threads = []
+    for i in range(len(prompts)):
+        threads.append(threading.Thread(target=one, args=(i,)))
+        threads[-1].start()
+        time.sleep(0.01 * i)  # later requests join a batch already decoding
+    for t in threads:
+        t.join(60)
+    for r, e in zip(out, ref):
+        assert (r["text"], r["finish_reason"], r["new_tokens"], r["prompt_tokens"]) == (
+            e["text"],
+            e["finish_reason"],
+            e["new_tokens"],
+            e["prompt_tokens"],
+        )
+    assert cb.live == {}
+
+
+def test_stop_string_cuts_the_text_and_the_stream_adds_up(model, tok):
+    cb = ContinuousBatcher(model, tok, num_slots=4, max_prompt_tokens=128, max_new_tokens=32)
+    prompt = chat(tok, PROMPTS[2])
+    full = cb.generate([prompt], Sampling(max_new_tokens=24, temperature=0.0, stop=()))[0]
+    assert full["finish_reason"] == "length" and full["new_tokens"] == 24
+    stop = full["text"][10:13]  # a string the greedy answer is known to contain
+    s = Sampling(max_new_tokens=24, temperature=0.0, stop=("[|Umano|]", stop))
+    pieces = list(cb.stream(prompt, s))
+    end = pieces.pop()
+    assert end["finish_reason"] == "stop" and end["new_tokens"] < 24
+    assert "".join(pieces).strip() == end["text"]
+    assert end["text"] == full["text"][: full["text"].index(stop)].strip()
+    assert all(isinstance(p, str) and p for p in pieces)
+
+
+def test_seeded_sampling_is_the_same_whatever_shares_the_batch(model, tok):
+    cb = ContinuousBatcher(model, tok, num_slots=4, max_prompt_tokens=128, max_new_tokens=32)
+    s = Sampling(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=7)
+    alone = cb.generate([chat(tok, PROMPTS[0])], s)[0]["text"]
+    crowded = cb.generate([chat(tok, p) for p in PROMPTS], s)[0]["text"]
+    other = cb.generate([chat(tok, PROMPTS[0])], Sampling(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=8))
+    greedy = cb.generate([chat(tok, PROMPTS[0])], Sampling(max_new_tokens=12, temperature=0.0))[0]["text"]
+    assert alone == crowded
+    assert {alone, other[0]["text"]} != {greedy}  # it samples (a random tiny model is far from peaked)
+
+
+def test_sample_greedy_nucleus_and_frequencies():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 1000))
+    u = (torch.arange(1000, dtype=torch.float32) + 0.5) / 1000
+    ones, zero = torch.ones(1000), torch.zeros(1000)
+    assert (sample(logits, zero, ones, u) == 0).all()  # temperature 0: argmax
+    assert (sample(logits, ones, torch.full((1000,), 0.4), u) == 0).all()  # the nucleus is the top token
+    counts = np.bincount(sample(logits, ones, torch.full((1000,), 0.7), u).numpy(), minlength=4)
+    np.testing.assert_allclose(counts / 1000, [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.002)  # top-p 0.7: two tokens
+    counts = np.bincount(sample(logits, ones, ones, u).numpy(), minlength=4)
+    np.testing.assert_allclose(counts / 1000, [0.5, 0.3, 0.15, 0.05], atol=0.002)
+
+
+def test_closing_a_stream_frees_its_slot_and_others_go_on(model, tok):
+    cb = ContinuousBatcher(model, tok, num_slots=1, max_prompt_tokens=128, max_new_tokens=64)
+    it = cb.stream(chat(tok, PROMPTS[1]), Sampling(max_new_tokens=64, temperature=0.0, stop=()))
+    next(it)
+    it.close()  # the client went away
+    r = cb.generate([chat(tok, PROMPTS[0])], GREEDY)[0]  # one slot: it runs only if the cancelled one left
+    assert r["new_tokens"] >= 1
+    assert cb.live == {}
+
+
+def test_event_loop_interface_gives_the_same_text_and_frees_a_dropped_stream(model, tok):
+    import asyncio
+
+    cb = ContinuousBatcher(model, tok, num_slots=1, max_prompt_tokens=128, max_new_tokens=64)
+    prompt = chat(tok, PROMPTS[2])
+    want = cb.generate([prompt], GREEDY)[0]
+
+    async def main():
+        got = await asyncio.gather(cb.agenerate(prompt, GREEDY), cb.agenerate(prompt, GREEDY))
+        pieces = [p async for p in cb.astream(prompt, GREEDY)]
+        dropped = cb.astream(prompt, Sampling(max_new_tokens=64, temperature=0.0, stop=()))
+        await dropped.__anext__()
+        await dropped.aclose()  # the client went away
+        after = await asyncio.wait_for(cb.agenerate(prompt, GREEDY), 30)  # one slot: free again
+        return got, pieces, after
+
+    got, pieces, after = asyncio.run(main())
+    assert [g["text"] for g in got] == [want["text"]] * 2 and after["text"] == want["text"]
+    assert "".join(pieces[:-1]).strip() == want["text"] and pieces[-1]["new_tokens"] == want["new_tokens"]
+
+
+def test_bad_requests_and_truncation(model, tok):
+    cb = ContinuousBatcher(model, tok, num_slots=2, max_prompt_tokens=16, max_new_tokens=8)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        cb.submit([1, 2, 3], Sampling(max_new_tokens=9), lambda x: None)
+    with pytest.raises(ValueError, match="empty"):
+        cb.submit([], Sampling(max_new_tokens=4), lambda x: None)
+    r = cb.generate(["parola " * 40], Sampling(max_new_tokens=4, temperature=0.0, stop=()))[0]
+    assert r["truncated"] and r["prompt_tokens"] == 16 and r["new_tokens"] == 4
+
+
+def test_other_architectures_are_refused_with_a_clear_error(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(ValueError, match="serve.engine=hf"):
+        ContinuousBatcher(m, tok)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decoding_matches_eager_decoding(tok):
+    m = tiny(dtype="bfloat16").cuda().eval()
+    sm = SlotModel(m, num_slots=4, max_len=160)
+    prompts = [tok(chat(tok, p), add_special_tokens=False).input_ids for p in PROMPTS[:4]]
+    nxt = sm.prefill(prompts, [0, 1, 2, 3]).argmax(-1).cpu()
+    pos = torch.tensor([len(p) for p in prompts])
+    for _ in range(60):  # crosses from the 128 bucket into the 160 one
+        eager, graphed = sm.decode(nxt, pos, graphs=False), sm.decode(nxt, pos, graphs=True)
+        torch.testing.assert_close(graphed, eager, rtol=2e-2, atol=2e-2)
+        nxt, pos = eager.argmax(-1).cpu(), pos + 1
+    assert sm.graph_error is None and len(sm.graphs) == 2
+    cb = ContinuousBatcher(m, tok, num_slots=4, max_prompt_tokens=96, max_new_tokens=64, cuda_graphs=True)
+    out = cb.generate([chat(tok, p) for p in PROMPTS], Sampling(max_new_tokens=40, temperature=0.0, stop=()))
+    assert cb.slots.graphs and all(r["new_tokens"] >= 1 for r in out)
+
+
+@pytest.mark.gpu
+def test_the_gpu_engine_with_graphs_gives_generate_s_text_and_seeded_samples(tok):
+    """The whole loop on CUDA (graph decoding, GPU logits, CPU-side sampling parameters), fp32 so
+    that greedy text can be compared with transformers' generate token for token."""
+    m = tiny().cuda().eval()
+    prompts = [chat(tok, p) for p in PROMPTS]
+    ref = [Generator(m, tok, batch_size=1).generate([p], GREEDY)[0]["text"] for p in prompts]
+    cb = ContinuousBatcher(m, tok, num_slots=4, max_prompt_tokens=128, max_new_tokens=32, cuda_graphs=True)
+    assert [r["text"] for r in cb.generate(prompts, GREEDY)] == ref
+    s = Sampling(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=7)
+    assert cb.generate(prompts[:1], s)[0]["text"] == cb.generate(prompts, s)[0]["text"]
+    assert cb.slots.graphs and cb.slots.graph_error is None
+
+
+def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):
+    import json
+
+    from cerbero_ray.config import compose
+    from cerbero_ray.serve.engine import check_servable
+
+    sc = compose("serve", [f"serve.checkpoint={tiny_hf}"], checked=True).serve
+    check_servable(sc)  # the tiny Mistral: fine
+    with pytest.raises(ValueError, match="serve.engine must be one of"):
+        compose("serve", [f"serve.checkpoint={tiny_hf}", "serve.engine=vllm"], checked=True)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="serve.engine=hf"):
+        check_servable({**sc, "checkpoint": str(tmp_path)})
+    check_servable({**sc, "checkpoint": str(tmp_path), "engine": "hf"})
+    with pytest.raises(ValueError, match="generate.engine must be one of"):
+        compose("generate", [f"generate.checkpoint={tiny_hf}", "generate.engine=fast"], checked=True)

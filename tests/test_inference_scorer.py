@@ -1,0 +1,99 @@
+"""Label scoring: the one-pass, shared-prompt scores equal scoring each label's continuation alone."""
+
+import numpy as np
+import pytest
+import torch
+
+from cerbero_ray.inference.scorer import Scorer, plan_batches
+from cerbero_ray.inference.tasks import Task, continuations, load_task, prompt_hash, prompt_text, task_from_dict
+from cerbero_ray.models import tiny
+
+TASK = Task(
+    "sentiment",
+    "Classifica il sentimento del testo.",
+    {"positive": "Positivo", "negative": "Negativo", "mixed": "Misto ma non troppo"},
+    [{"text": "Che bello!", "label": "positive"}],
+)
+TEXTS = [
+    "Oggi è una giornata splendida.",
+    "Il servizio è stato pessimo e lento, non tornerò mai più in quel posto.",
+    "Mah.",
+    "Non saprei cosa dire di questo film: alcune scene belle, altre noiose.",
+]
+
+
+def reference(model, tok, task, text):
+    """Each label scored by its own full forward pass over prompt + continuation."""
+    prompt = tok(prompt_text(task, text, tok), add_special_tokens=False).input_ids
+    out = {}
+    for label, cont in continuations(task, tok).items():
+        ids = torch.tensor([prompt + cont])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].double(), -1)
+        out[label] = sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(cont))
+    return out
+
+
+@pytest.mark.parametrize("max_batch_tokens", [1, 300, 100000])  # one row per batch, a few, all at once
+def test_scores_equal_separate_passes(tok, max_batch_tokens):
+    model = tiny().eval()
+    scorer = Scorer(model, tok, TASK, max_batch_tokens=max_batch_tokens, sort_window=3)
+    got = scorer.score(TEXTS)
+    for text, g in zip(TEXTS, got):
+        ref = reference(model, tok, TASK, text)
+        for label in TASK.labels:
+            assert g["logprobs"][label] == pytest.approx(ref[label], abs=1e-3)
+        assert g["label"] == max(ref, key=ref.get)
+        assert sum(g["probs"].values()) == pytest.approx(1.0) and not g["truncated"]
+
+
+def test_multi_token_labels_sum_every_token(tok):
+    conts = continuations(TASK, tok)
+    assert len(conts["mixed"]) > len(conts["positive"]) >= 3  # verbalizer pieces + newline + </s>
+    assert conts["positive"][-1] == tok.eos_token_id
+
+
+def test_long_texts_are_truncated_by_policy(tok):
+    scorer = Scorer(tiny().eval(), tok, TASK, max_text_tokens=8)
+    long_text = "parola " * 100
+    (r,) = scorer.score([long_text])
+    prompts, cut = scorer.encode([long_text, "breve"])
+    assert r["truncated"] and cut == [True, False] and len(prompts[0]) < len(tok(long_text).input_ids)
+
+
+def test_plan_batches_respects_the_budget_and_keeps_every_row():
+    lengths = [5, 50, 7, 30, 30, 2, 90, 11]
+    batches = plan_batches(lengths, extra=4, max_tokens=120, window=4)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    for b in batches:
+        assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 4) <= 120
+        assert all(i // 4 == b[0] // 4 for i in b)  # never across a window
+
+
+def test_task_validation_and_user_yaml(tmp_path, tok):
+    with pytest.raises(ValueError, match="at least two"):
+        Task("t", "i", {"a": "A"})
+    with pytest.raises(ValueError, match="distinct"):
+        Task("t", "i", {"a": "Sì", "b": "Sì"})
+    with pytest.raises(ValueError, match="few_shot"):
+        Task("t", "i", {"a": "A", "b": "B"}, [{"text": "x", "label": "c"}])
+    with pytest.raises(ValueError, match="unknown keys"):
+        task_from_dict({"name": "t", "instruction": "i", "labels": {"a": "A", "b": "B"}, "verbalisers": {}})
+    f = tmp_path / "topic.yaml"
+    f.write_text(
+        "name: topic\ninstruction: Di che argomento parla il testo?\nlabels:\n  sport: Sport\n  politics: Politica\n"
+    )
+    t = load_task(str(f))
+    assert t.labels == {"sport": "Sport", "politics": "Politica"}
+    assert prompt_hash(t, tok) != prompt_hash(TASK, tok) and len(prompt_hash(t, tok)) == 16
+
+
+def test_the_shared_prefix_is_computed_once_and_changes_nothing(tok):
+    model = tiny().eval()
+    shared = Scorer(model, tok, TASK, max_batch_tokens=300)
+    alone = Scorer(model, tok, TASK, max_batch_tokens=300, min_shared_prefix=10**9)
+    prompts, _ = shared.encode(TEXTS)
+    n, cache = shared._shared_prefix(prompts)
+    assert n > len(prompts[0]) // 3 and cache is not None  # the few-shot example and the instruction
+    assert all(p[:n] == prompts[0][:n] for p in prompts) and alone._shared_prefix(prompts) == (0, None)
+    np.testing.assert_allclose(shared.score_ids(prompts), alone.score_ids(prompts), atol=1e-4)

@@ -1,0 +1,64 @@
+"""The README's main-job command, as a user runs it, with Ray's token auth on (the 2.60 default for
+local clusters) and off: the data stage, training with the held-out loss falling, the HF folder
+loading with ``from_pretrained``, labeling with it, the untrained and the trained model evaluated;
+then run again, every stage resumes."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from cerbero_ray.config import REPO_DIR
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("auth", ["token", "disabled"])
+def test_main_job(tmp_path, auth):
+    env = {**os.environ, "RAY_AUTH_MODE": auth, "CERBERO_OUTPUT_DIR": str(tmp_path)}
+    r = subprocess.run(
+        [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    manifest = tmp_path / "data" / "chat_sample" / "manifest.json"
+    assert f"manifest: {manifest}" in r.stdout
+    m = json.load(open(manifest))
+    assert m["documents"] == 107 and m["seq_len"] == 512 and m["rejected"] == 0
+    held = re.search(r"held-out loss: ([\d.]+) -> ([\d.]+)", r.stdout)
+    assert held and float(held[2]) < float(held[1]) - 1.0, r.stdout[-3000:]
+    hf = tmp_path / "train" / "tiny-cpu" / "hf"
+    assert f"from_pretrained('{hf}'): MistralForCausalLM" in r.stdout
+    assert (tmp_path / "train" / "tiny-cpu" / "loss.png").stat().st_size > 10_000
+    assert re.search(r"\[label\] 107 rows -> .*label/sentiment/parts", r.stdout)
+    assert re.search(r"\[label\] distribution: positive [\d,]+ \([\d.]+%\), negative", r.stdout)
+    # evaluation: the untrained and the trained model in the seed's tables
+    assert re.search(r"\| untrained \| [\d.]+ \| [\d.]+ \|", r.stdout) and re.search(
+        r"\| trained \| [\d.]+ \|", r.stdout
+    )
+    results = json.load(open(tmp_path / "evaluate" / "results.json"))
+    assert set(results["results"]) == {"untrained", "trained"} and results["tasks"]["squad_it"]["rows"] == 71
+    assert (tmp_path / "evaluate" / "results.png").stat().st_size > 1000
+    if auth == "token":
+        return
+    # run it again, as a user would: every stage picks up its finished work instead of redoing it
+    again = subprocess.run(
+        [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    assert "is up to date" in out and "resumed from step 56" in out and "4 already done, 0 to go" in out
+    assert re.search(r"untrained: \d task\(s\) already done, 0 to go", out)
+    assert json.load(open(manifest)) == m
