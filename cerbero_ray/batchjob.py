@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cerbero_ray import storage
+from cerbero_ray.inference.batch import text_error
 
 FORMATS = ("auto", "jsonl", "parquet", "txt")
 
@@ -83,62 +84,88 @@ def plan_chunks(path: str, fmt: str, chunk_rows: int, key: str = "format") -> li
 
 
 def read_chunk(chunk: Chunk, fmt: str, text_field: str, id_field: str | None) -> list[dict]:
-    """The chunk's rows as ``{id, text, error}`` (``text`` None when ``error`` is set)."""
+    """The chunk's rows as ``{id, text, error}`` (``text`` None when ``error`` is set). Whatever a
+    line holds (bad bytes, bad or deeply nested JSON, wrong types, lone surrogates) it becomes a
+    row, with ``error`` set when it cannot be used: no row is lost and none raises."""
     kind = file_format(chunk.path, fmt)
     name = os.path.basename(chunk.path)
     fs, p = storage.resolve(chunk.path)
     if kind == "parquet":
         with fs.open_input_file(p) as fh:
             table = pq.ParquetFile(fh).read().slice(chunk.start, chunk.stop - chunk.start)
-        records = table.to_pylist()
-        return [_row(r, f"{name}:{chunk.start + i}", text_field, id_field) for i, r in enumerate(records)]
+        return [
+            _guarded(_row, r, f"{name}:{chunk.start + i}", text_field, id_field)
+            for i, r in enumerate(table.to_pylist())
+        ]
     with fs.open_input_file(p) as fh:
         fh.seek(chunk.byte_start)
         data = fh.read(chunk.byte_stop - chunk.byte_start)
-    out = []
-    for i, raw in enumerate(data.split(b"\n")[: chunk.stop - chunk.start]):
-        rid = f"{name}:{chunk.start + i + 1}"  # 1-based line numbers, as editors show them
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:  # keep the row's own id when the rest of the line parses
-            try:
-                rec = json.loads(raw.decode("utf-8", errors="replace"))
-                rid = str(rec[id_field]) if kind == "jsonl" and id_field and rec.get(id_field) is not None else rid
-            except (ValueError, AttributeError):
-                pass
-            out.append({"id": rid, "text": None, "error": "invalid_utf8"})
-            continue
-        if kind == "txt":
-            out.append(_checked(rid, line.strip()))
-            continue
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            out.append({"id": rid, "text": None, "error": "invalid_json"})
-            continue
-        out.append(
-            _row(record, rid, text_field, id_field)
-            if isinstance(record, dict)
-            else {"id": rid, "text": None, "error": "empty" if record is None else "not_an_object"}
-        )
-    return out
+    lines = data.split(b"\n")[: chunk.stop - chunk.start]
+    # 1-based line numbers, as editors show them
+    return [
+        _guarded(_line, raw, f"{name}:{chunk.start + i + 1}", kind, text_field, id_field) for i, raw in enumerate(lines)
+    ]
+
+
+def _guarded(parse, raw, rid: str, *args) -> dict:
+    """``parse(raw, rid, …)``, or an error row naming what went wrong: one row never stops a chunk."""
+    try:
+        return parse(raw, rid, *args)
+    except Exception as e:  # a case the parsers below do not foresee still becomes an error row
+        return {"id": _safe(rid), "text": None, "error": f"unreadable:{type(e).__name__}"}
+
+
+def _line(raw: bytes, rid: str, kind: str, text_field: str, id_field: str | None) -> dict:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:  # keep the row's own id when the rest of the line parses
+        rec = _json(raw.decode("utf-8", errors="replace")) if kind == "jsonl" else None
+        return {"id": _id(rec, rid, id_field), "text": None, "error": "invalid_utf8"}
+    if kind == "txt":
+        return _checked(rid, line.strip())
+    if not line.strip():
+        return {"id": rid, "text": None, "error": "empty"}
+    record = _json(line)
+    if record is _BAD:
+        return {"id": rid, "text": None, "error": "invalid_json"}
+    return (
+        _row(record, rid, text_field, id_field)
+        if isinstance(record, dict)
+        else ({"id": rid, "text": None, "error": "not_an_object"})
+    )
+
+
+_BAD = object()
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser allows
+        return _BAD
+
+
+def _safe(s: str) -> str:
+    """``s`` with lone surrogates written as escapes, so it can be stored as UTF-8."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _id(record, default_id: str, id_field: str | None) -> str:
+    v = record.get(id_field) if id_field and isinstance(record, dict) else None
+    return _safe(str(v)) if isinstance(v, (str, int, float, bool)) else default_id
 
 
 def _row(record: dict, default_id: str, text_field: str, id_field: str | None) -> dict:
-    rid = record.get(id_field) if id_field else None
-    rid = default_id if rid is None else str(rid)
+    rid = _id(record, default_id, id_field)
     text = record.get(text_field)
     if text is not None and not isinstance(text, str):
-        return {"id": rid, "text": None, "error": f"{text_field}_not_a_string"}
+        return {"id": rid, "text": None, "error": f"{_safe(text_field)}_not_a_string"}
     return _checked(rid, text)
 
 
 def _checked(rid: str, text: str | None) -> dict:
-    if text is None:
-        return {"id": rid, "text": None, "error": "no_text"}
-    if not text.strip():
-        return {"id": rid, "text": None, "error": "empty"}
-    return {"id": rid, "text": text, "error": None}
+    error = text_error(text)
+    return {"id": rid, "text": None if error else text, "error": error}
 
 
 def part_path(out: str, chunk: Chunk) -> str:

@@ -1,4 +1,4 @@
-"""The main job, the recipe: the stages in ``cfg.stages`` in order (data, train, label, evaluate),
+"""The main job, the recipe: the stages in ``cfg.stages`` in order (data, train, label, evaluate, export),
 each handed the same composed config, on one Ray cluster. Before evaluating, the run's initial
 weights (what training started from) are written as ``<run>/hf_init`` when an evaluation
 checkpoint names that folder, so the untrained and the trained model share one table."""
@@ -32,7 +32,7 @@ def save_initial(c: dict) -> str:
 
     t, tc = c["train"], c["tokenizer"]
     dest = storage.join(t["output_dir"], t["name"], "hf_init")
-    fs, p = storage.resolve(storage.join(dest, "config.json"))
+    fs, p = storage.resolve(storage.join(dest, "tokenizer.json"))  # written last: the folder is complete
     if not fs.get_file_info(p).is_file:
         lm = build_model({**c["model"], "dtype": "float32"}, seed=t["seed"])
         save_hf_to(lm, build_tokenizer(tc.get("path"), tc["assistant_tag"], tc["system_line"]), dest)
@@ -69,4 +69,16 @@ def run_recipe(cfg: DictConfig | dict) -> dict:
             if init in c["evaluate"]["checkpoints"].values():
                 save_initial(c)
             results[stage] = run_evaluate(c)
+        elif stage == "export":
+            from cerbero_ray.export import quantize, run_export
+
+            x = c["export"]
+            if not quantize.available() and any(t in quantize.FTYPES for t in x["types"]):
+                dropped = [t for t in x["types"] if t in quantize.FTYPES]
+                x = {**x, "types": [t for t in x["types"] if t not in quantize.FTYPES] or ["f16"]}
+                print(
+                    f"[export] {', '.join(dropped)} skipped: llama.cpp's quantizer comes with llama-cpp-python "
+                    "(pip install -e '.[gguf]')"
+                )
+            results[stage] = run_export({**c, "export": x})
     return results

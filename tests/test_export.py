@@ -20,14 +20,26 @@ from cerbero_ray.tokenizer import build_tokenizer, save_tokenizer
 
 # big enough for real K-quant blocks (rows of 256): hidden 256, 4 heads of 64, 2 KV heads (GQA)
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+SEED_PROMPT = "Questa è una conversazione tra un umano ed un assistente AI.\n[|Umano|] Come stai?\n[|AI|]"
+CHAT = SEED_PROMPT + " Bene, grazie! E tu?\n[|Umano|] Anch'io, grazie."  # learnt by the test model
 SENTENCES = [
     "Qual è la capitale d'Italia? È Roma, città eterna.",
     "L'anno scorso, nell'aprile del 1973, c'erano 25.000 persone all'università.",
     "[|Umano|] Perché l'ho detto? Così è più facile: sì, però... «citazione» — fine!",
     "Dell'amicizia e dell’amore: àèéìòù ÀÈ 3,14 100% #hashtag @utente",
+    CHAT,
 ]
-# |llama.cpp - transformers| on the tiny model's logits, relative to the largest |logit|
-TOLERANCE = {"F32": 1e-4, "F16": 5e-3, "BF16": 2e-2, "Q8_0": 3e-2, "Q4_K_M": 0.25}
+# llama.cpp vs transformers on the logits of an Italian sentence: (max |difference| relative to the
+# largest |logit|, mean KL(transformers || llama.cpp) per position in nats, top-1 agreement).
+# Measured on the test model (two sentences): f32 2.8e-4 / 3e-7 / 1.00, f16 5.2e-4 / 5e-7 / 1.00,
+# bf16 4.1e-3 / 1.1e-5 / 1.00, q8_0 9.2e-3 / 1.8e-4 / 1.00, Q4_K_M 0.23 / 1.8e-2 / 0.97.
+TOLERANCE = {
+    "f32": (1e-3, 1e-5, 1.0),
+    "f16": (2e-3, 1e-5, 1.0),
+    "bf16": (2e-2, 1e-4, 0.95),
+    "q8_0": (5e-2, 1e-3, 0.95),
+    "q4_k_m": (0.6, 0.1, 0.85),
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +51,8 @@ def hf_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = tiny(overrides=SHAPE)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    ids = tok(SENTENCES * 2, return_tensors="pt", padding=True).input_ids
-    for _ in range(30):
+    ids = tok(SENTENCES + [CHAT] * 4, return_tensors="pt", padding=True).input_ids
+    for _ in range(80):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -164,11 +176,13 @@ def test_llama_cpp_logits_match_transformers(exported, hf_dir, out_type):
         ref = AutoModelForCausalLM.from_pretrained(hf_dir).eval()(torch.tensor([ids])).logits[0].numpy()
     llm = _llama(exported[out_type])
     llm.eval(ids)
-    got = np.asarray(llm.scores[: len(ids)])
+    got = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
     err = np.abs(got - ref).max() / np.abs(ref).max()
-    assert err < TOLERANCE[out_type.upper()], f"{out_type}: relative max error {err:.2e}"
-    if out_type in ("f32", "f16"):
-        assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.95
+    lp_ref, lp_got = (torch.log_softmax(torch.tensor(x, dtype=torch.float64), -1).numpy() for x in (ref, got))
+    kl = (np.exp(lp_ref) * (lp_ref - lp_got)).sum(-1).mean()
+    top1 = (got.argmax(-1) == ref.argmax(-1)).mean()
+    max_err, max_kl, min_top1 = TOLERANCE[out_type]
+    assert err < max_err and kl < max_kl and top1 >= min_top1, f"{out_type}: {err:.2e} {kl:.2e} {top1:.2f}"
 
 
 def test_greedy_continuation_is_identical_for_f16(exported, hf_dir):
@@ -189,11 +203,9 @@ def test_greedy_continuation_is_identical_for_f16(exported, hf_dir):
 
 
 def test_the_seeds_snippet_stops_at_the_user_tag(exported):
-    llm = _llama(exported["q4_k_m"])
-    prompt = "Questa è una conversazione tra un umano ed un assistente AI.\n[|Umano|] Come stai?\n[|AI|]"
-    out = llm(prompt, max_tokens=48, stop=["[|Umano|]"], temperature=0.0)
-    text = out["choices"][0]["text"]
-    assert "[|Umano|]" not in text and out["choices"][0]["finish_reason"] in ("stop", "length")
-    # a model that says the tag stops there: force it with a prompt that ends in a user turn's start
-    out = llm(prompt + " Bene.\n", max_tokens=8, stop=["[|Umano|]"], temperature=0.0)
-    assert "[|Umano|]" not in out["choices"][0]["text"]
+    for out_type in ("f16", "q4_k_m"):
+        llm = _llama(exported[out_type])
+        free = llm(SEED_PROMPT, max_tokens=24, temperature=0.0)["choices"][0]["text"]
+        assert "[|Umano|]" in free, free  # the test model learnt to hand the turn back
+        out = llm(SEED_PROMPT, max_tokens=24, stop=["[|Umano|]"], temperature=0.0)["choices"][0]
+        assert out["text"] == free[: free.index("[|Umano|]")] and out["finish_reason"] == "stop"

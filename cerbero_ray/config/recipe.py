@@ -8,10 +8,11 @@ from typing import List
 from cerbero_ray.config.common import ModelConfig
 from cerbero_ray.config.data import DataStageConfig, check_data
 from cerbero_ray.config.evaluate import EvaluateConfig, check_evaluate
+from cerbero_ray.config.export import ExportConfig, check_export
 from cerbero_ray.config.label import LabelConfig, check_label
 from cerbero_ray.config.train import DeepSpeedConfig, TrainConfig, check_train
 
-RECIPE_STAGES = ("data", "train", "label", "evaluate")
+RECIPE_STAGES = ("data", "train", "label", "evaluate", "export")
 
 
 @dataclass
@@ -21,6 +22,7 @@ class RecipeConfig(DataStageConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     stages: List[str] = field(default_factory=lambda: list(RECIPE_STAGES))
 
 
@@ -33,6 +35,7 @@ def check_recipe(c: dict) -> None:
         "train": check_train,
         "label": lambda c: check_label(c, checkpoint="train" not in c["stages"]),
         "evaluate": lambda c: check_evaluate(c, checkpoints="train" not in c["stages"]),
+        "export": lambda c: check_export(c, checkpoint="train" not in c["stages"]),
     }
     for stage in c["stages"]:
         checks[stage](c)

@@ -49,6 +49,8 @@ class ServeConfig:
     max_new_tokens: int = 512  # the most a request may ask for
     default_max_tokens: int = 128
     max_label_texts: int = 64
+    max_body_bytes: int = 1_048_576  # larger request bodies are a 413, refused before they are read
+    shutdown_grace_s: float = 30.0  # on SIGTERM: in-flight requests get this long to finish
     label_tasks: Dict[str, LabelTaskConfig] = field(default_factory=dict)
 
 
@@ -81,10 +83,12 @@ def check_serve(c: dict) -> None:
             "max_label_texts",
             "port",
             "prefill_tokens",
+            "max_body_bytes",
         ),
         1,
         "serve",
     )
+    at_least(sc, ("shutdown_grace_s",), 0, "serve")
     if sc["default_max_tokens"] > sc["max_new_tokens"]:
         raise ValueError("serve.default_max_tokens must be <= serve.max_new_tokens")
     one_of(sc["dtype"], INFERENCE_DTYPES, "serve.dtype")

@@ -26,6 +26,7 @@ SHAREGPT_ROLES = {
     "system": "system",
 }
 OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+ROLE_TAGS = ("[|Umano|]", "[|AI|]", "[|Assistente|]")
 
 
 class Reject(Exception):
@@ -81,9 +82,13 @@ def _turns(items, role_key: str, content_key: str, roles: dict[str, str], field:
         if not isinstance(turn, dict):
             raise Reject("wrong_type", f"{field}[{i}] is not an object")
         role = turn.get(role_key)
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:
             raise Reject("unknown_role", f"{field}[{i}].{role_key}={role!r}")
-        messages.append({"role": roles[role], "content": _text(turn.get(content_key), f"{field}[{i}].{content_key}")})
+        content = _text(turn.get(content_key), f"{field}[{i}].{content_key}")
+        if any(line.lstrip().startswith(ROLE_TAGS) for line in content.splitlines()):
+            # the cerbero format marks turns with these at a line's start: the loss mask would be wrong
+            raise Reject("role_tag_in_text", f"{field}[{i}].{content_key} has a line starting with a role tag")
+        messages.append({"role": roles[role], "content": content})
     return messages
 
 
@@ -118,11 +123,14 @@ def to_document(record: dict, fmt: str, text_field: str = "text") -> Document:
         if extra is not None and not isinstance(extra, str):
             raise Reject("wrong_type", "input is not a string")
         if extra and extra.strip():
-            prompt = f"{prompt}\n\n{extra}"
-        msgs = [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": _text(record.get("output"), "output")},
-        ]
+            prompt = f"{prompt}\n\n{_text(extra, 'input')}"
+        msgs = _turns(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": record.get("output")}],
+            "role",
+            "content",
+            OPENAI_ROLES,
+            "alpaca",
+        )
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     return Document(messages=check_turns(msgs))

@@ -62,6 +62,8 @@ class BufferProcessor:
         except UnicodeDecodeError as e:
             raise Reject("invalid_utf8", str(e)) from None
         src = self.sources[source]
+        if kind == "jsonl" and not text.strip():
+            raise Reject("empty", "a blank line")
         if kind == "txt":
             if not text.strip():
                 raise Reject("empty_text", "file is empty")
@@ -70,6 +72,8 @@ class BufferProcessor:
             record = json.loads(text)
         except ValueError as e:
             raise Reject("invalid_json", str(e)[:200]) from None
+        except RecursionError:
+            raise Reject("invalid_json", "nested deeper than the JSON parser allows") from None
         return to_document(record, src["format"], src.get("text_field", "text"))
 
     # -- tokenize ------------------------------------------------------------------------------
@@ -122,7 +126,8 @@ class BufferProcessor:
             stats["input_bytes"] += len(raw)
             try:
                 doc = self._parse(source, kind, raw)
-            except Reject as r:
+            except Exception as e:  # Reject, or anything a row can still break: one row never stops the job
+                r = e if isinstance(e, Reject) else Reject("unreadable", f"{type(e).__name__}: {str(e)[:200]}")
                 reasons[r.reason] += 1
                 rejects.append(self._reject_row(source, path, line_no, raw, r))
                 continue
@@ -218,7 +223,9 @@ class BufferProcessor:
         fs, p = storage.resolve(path)
         fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(p) as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode())
+            f.write(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode("utf-8", "backslashreplace")
+            )
         return path
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cerbero_ray import storage
-from cerbero_ray.data.formats import FORMATS, Reject, detect_format, to_document
+from cerbero_ray.data.formats import FORMATS, detect_format, to_document
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 PEEK_ROWS = 50
@@ -44,14 +44,14 @@ def _peek_records(path: str) -> list:
     if path.endswith(".json"):
         try:
             obj = json.loads(head)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ValueError(f"{path} is not valid JSON ({e}); use JSON Lines for large files") from None
         return (obj if isinstance(obj, list) else [obj])[:PEEK_ROWS]
     records = []
     for line in head.split(b"\n")[: -1 if len(head) == 1 << 20 else None][: PEEK_ROWS * 4]:
         try:
             records.append(json.loads(line))
-        except ValueError:
+        except (ValueError, RecursionError):  # bad rows are the rejects' business, not a config error
             continue
         if len(records) >= PEEK_ROWS:
             break
@@ -93,7 +93,7 @@ def inspect_sources(sources: dict[str, dict]) -> list[SourcePlan]:
                 try:
                     to_document(r, fmt, text_field)
                     ok += 1
-                except Reject:
+                except Exception:  # Reject, or a row odd enough to break the parser: not this row's verdict
                     pass
             if dicts and ok == 0:
                 raise ValueError(
@@ -119,7 +119,8 @@ def _table(source: str, path: str, kind: str, line_nos: list[int], raws: list[by
 
 def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterator[pa.Table]:
     """Raw rows of one file, streamed in blocks: JSONL line by line, a JSON array element by element
-    (the file is read whole), a .txt file as one document. Blank JSONL lines are skipped."""
+    (the file is read whole), a .txt file as one document. Blank JSONL lines are rows too (rejected
+    as ``empty`` downstream), so that input rows = documents + rejects holds for every file."""
     if path.endswith(".txt"):
         yield _table(source, path, "txt", [0], [f.read()])
         return
@@ -127,7 +128,7 @@ def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterat
         data = f.read()
         try:
             obj = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             yield _table(source, path, "record", [0], [data])  # rejected downstream, with its reason
             return
         items = obj if isinstance(obj, list) else [obj]
@@ -148,9 +149,8 @@ def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterat
         rest = lines.pop() if chunk else b""
         for line in lines:
             line_no += 1
-            if line.strip():
-                nos.append(line_no)
-                raws.append(line)
+            nos.append(line_no)
+            raws.append(line)
             if len(raws) >= block_rows:
                 yield _table(source, path, "jsonl", nos, raws)
                 nos, raws = [], []

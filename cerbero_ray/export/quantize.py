@@ -15,6 +15,23 @@ FTYPES = {
 }
 
 
+_KEEP = []  # the log callback handed to C must outlive the call
+
+
+def _quiet(llama_cpp) -> None:
+    """llama.cpp's log: warnings and errors to stderr, not its per-tensor progress."""
+    import ctypes
+    import sys
+
+    @llama_cpp.llama_log_callback
+    def log(level, text, _user):
+        if level in (3, 4):  # GGML_LOG_LEVEL_WARN, _ERROR
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+    _KEEP.append(log)
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+
+
 def available() -> bool:
     try:
         import llama_cpp  # noqa: F401
@@ -34,6 +51,7 @@ def quantize(src: str, dest: str, out_type: str, threads: int = 0) -> dict:
         raise ValueError(
             f"export.types: {out_type} needs llama-cpp-python (pip install 'cerbero-ray[gguf]'; it compiles llama.cpp)"
         ) from None
+    _quiet(llama_cpp)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[out_type])
     params.nthread = threads

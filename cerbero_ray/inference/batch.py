@@ -29,7 +29,13 @@ def text_error(text) -> str | None:
         return "no_text"
     if not isinstance(text, str):
         return "text_not_a_string"
-    return "empty" if not text.strip() else None
+    if not text.strip():
+        return "empty"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "invalid_unicode"  # a lone surrogate (valid in JSON): no tokenizer takes it
+    return None
 
 
 def label_columns(scorer, texts: list, errors: list[str | None] | None = None) -> dict[str, list]:

@@ -32,10 +32,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cerbero_ray.chat import STOP_STRING
 from cerbero_ray.inference.sampling import Sampling
+from cerbero_ray.serve.guard import Guard, configure_guard
 from cerbero_ray.serve.schemas import ChatRequest, CompletionRequest, LabelRequest, error_body
 
 app = FastAPI(title="cerbero-ray", docs_url="/docs")
 PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
+ROLE_TAGS = ("[|Umano|]", "[|AI|]", "[|Assistente|]")
+
+app.add_middleware(Guard)
 
 
 class APIError(Exception):
@@ -65,7 +69,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError):
     first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    # pydantic names the member of a union it tried ("list[...]", "str"): not part of the field's path
+    union = ("str", "int", "float", "bool", "list", "dict")
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and "[" not in str(x) and x not in union)
     kind = first.get("type", "")
     if kind == "json_invalid":
         message = "the body is not valid JSON (or not UTF-8)"
@@ -132,6 +138,7 @@ class CerberoServer:
             method.set_max_batch_size(sc["max_batch_size"])
             method.set_batch_wait_timeout_s(sc["batch_wait_timeout_s"])
         self.key = sc.get("api_key") or os.environ.get("CERBERO_API_KEY") or None
+        configure_guard(self.key, sc.get("max_body_bytes", 1 << 20))
         self.created = int(time.time())
 
     # ── plumbing ────────────────────────────────────────────────────────────
@@ -139,7 +146,7 @@ class CerberoServer:
         if self.key and request.headers.get("authorization", "") != f"Bearer {self.key}":
             raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
-    def _sampling(self, req, prompt: str) -> Sampling:
+    async def _sampling(self, req, prompt: str) -> Sampling:
         sc = self.sc
         if req.model not in (None, sc["model_name"]):
             raise APIError(
@@ -150,7 +157,7 @@ class CerberoServer:
             )
         if not prompt.strip():
             raise APIError(400, "the prompt is empty", "messages" if isinstance(req, ChatRequest) else "prompt")
-        n = self.engine.count_tokens(prompt)
+        n = await asyncio.to_thread(self.engine.count_tokens, prompt)  # a long prompt never holds the loop
         if n > sc["max_prompt_tokens"]:
             raise APIError(
                 400,
@@ -222,7 +229,7 @@ class CerberoServer:
 
     async def _complete(self, request: Request, req, prompt: str, kind: str):
         self._auth(request)
-        s = self._sampling(req, prompt)
+        s = await self._sampling(req, prompt)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
             return self._stream(prompt, s, kind, rid, bool(req.stream_options and req.stream_options.include_usage))
@@ -245,7 +252,18 @@ class CerberoServer:
             raise APIError(400, "the last message must be the user's", "messages")
         if any(not m.content.strip() for m in req.messages):
             raise APIError(400, "a message has empty content", "messages")
-        prompt = self.engine.render_chat([m.model_dump() for m in req.messages])
+        for i, m in enumerate(req.messages):
+            if m.role == "system" and i > 0:
+                raise APIError(400, "a system message may only come first, once", f"messages.{i}.role")
+            # a line opening with a role tag would forge a turn of the cerbero format: refused
+            if any(line.lstrip().startswith(ROLE_TAGS) for line in m.content.splitlines()):
+                raise APIError(
+                    400, f"a line of the content starts with a role tag {ROLE_TAGS}", f"messages.{i}.content"
+                )
+        try:
+            prompt = await asyncio.to_thread(self.engine.render_chat, [m.model_dump() for m in req.messages])
+        except Exception as e:  # whatever the template refuses is the request's fault
+            raise APIError(400, f"the messages cannot be rendered: {e}", "messages") from None
         return await self._complete(request, req, prompt, "chat")
 
     @app.post("/v1/completions")
@@ -283,6 +301,8 @@ class CerberoServer:
             if not t.strip():
                 raise APIError(400, f"texts[{i}] is empty", f"texts.{i}")
         results = await self._label_batch((req.task, req.texts))
+        if isinstance(results, dict):  # this request's texts failed to score (no other request did)
+            raise APIError(500, f"labeling failed: {results['error']}", "texts", "label_failed")
         return {
             "task": req.task,
             "model": self.sc["model_name"],
@@ -322,6 +342,8 @@ def deployment(sc: dict):
         max_queued_requests=sc["max_queued_requests"],
         backpressure_config=BackpressureConfig(status_code=sc["overload_status"], retry_after_s=sc["retry_after_s"]),
         ray_actor_options={"num_cpus": sc["cpus_per_replica"], "num_gpus": sc["gpus_per_replica"]},
+        graceful_shutdown_timeout_s=sc.get("shutdown_grace_s", 30.0),  # in-flight requests finish first
+        graceful_shutdown_wait_loop_s=0.5,
     ).bind(sc)
 
 

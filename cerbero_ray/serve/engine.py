@@ -137,15 +137,24 @@ class ServeEngine:
             "new_tokens": len(new) if not eos else new.index(self.tok.eos_token_id) + 1,
         }
 
-    def label(self, items: list[tuple[str, list[str]]]) -> list[list[dict]]:
-        """Many label requests at once: the texts of each task are scored together."""
-        by_task: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for r, (task, texts) in enumerate(items):
-            by_task[task] += [(r, k) for k in range(len(texts))]
-        out = [[{}] * len(texts) for _, texts in items]
+    def label(self, items: list[tuple[str, list[str]]]) -> list:
+        """Many label requests at once: the texts of each task are scored together. Should a batch
+        fail, its requests are scored one by one, so a failure stays with the request that caused
+        it (its entry is then ``{"error": message}`` instead of a list of results)."""
+        by_task: dict[str, list[int]] = defaultdict(list)
+        for r, (task, _) in enumerate(items):
+            by_task[task].append(r)
+        out: list = [None] * len(items)
         with self.lock:
-            for task, where in by_task.items():
-                scored = self.scorers[task].score([items[r][1][k] for r, k in where])
-                for (r, k), s in zip(where, scored):
-                    out[r][k] = s
+            for task, reqs in by_task.items():
+                try:
+                    scored = iter(self.scorers[task].score([t for r in reqs for t in items[r][1]]))
+                    for r in reqs:
+                        out[r] = [next(scored) for _ in items[r][1]]
+                except Exception:
+                    for r in reqs:
+                        try:
+                            out[r] = self.scorers[task].score(items[r][1])
+                        except Exception as e:
+                            out[r] = {"error": f"{type(e).__name__}: {e}"}
         return out

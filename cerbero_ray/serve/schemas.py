@@ -5,9 +5,21 @@ is a 400 with the offending field named, never a silently ignored parameter.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _unicode(s: str) -> str:
+    """Valid JSON may still hold a lone surrogate (``"\\ud800"``), which no tokenizer can encode."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode (a lone surrogate)") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class Strict(BaseModel):
@@ -16,7 +28,7 @@ class Strict(BaseModel):
 
 class Message(Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class StreamOptions(Strict):
@@ -28,11 +40,11 @@ class Sampled(Strict):
     max_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    stop: Optional[Union[str, list[str]]] = None
+    stop: Optional[Union[Text, list[Text]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     seed: Optional[int] = None
-    user: Optional[str] = None
+    user: Optional[Text] = None
     n: int = Field(default=1, ge=1, le=1)
     # accepted as clients and frameworks send them, at their neutral value only (checked in the app)
     frequency_penalty: Optional[float] = None
@@ -45,12 +57,12 @@ class ChatRequest(Sampled):
 
 
 class CompletionRequest(Sampled):
-    prompt: str
+    prompt: Text
 
 
 class LabelRequest(Strict):
-    task: str
-    texts: list[str] = Field(min_length=1)
+    task: Text
+    texts: list[Text] = Field(min_length=1)
 
 
 def error_body(

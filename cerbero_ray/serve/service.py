@@ -28,11 +28,27 @@ def run_serve(cfg: DictConfig | dict, blocking: bool = False) -> str:
         flush=True,
     )
     if blocking:
-        import time
-
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.shutdown()
+        serve_until_signalled(sc)
     return url
+
+
+def serve_until_signalled(sc: dict) -> None:
+    """Serve until SIGTERM (systemd, Kubernetes, ``ray job stop``) or Ctrl-C, then shut down in
+    order: the app is deleted first — its replicas take no new request and finish the ones in
+    flight, for up to ``serve.shutdown_grace_s`` — then Serve and Ray stop, and the process exits 0."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    print(f"[serve] stopping: finishing in-flight requests (up to {sc['shutdown_grace_s']} s)", flush=True)
+    serve.delete("cerbero")
+    serve.shutdown()
+    ray.shutdown()
+    print("[serve] stopped", flush=True)

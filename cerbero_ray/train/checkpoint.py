@@ -98,11 +98,16 @@ def save_hf(hf_model, tokenizer, directory: str) -> None:
 
 def save_hf_to(hf_model, tokenizer, dest: str) -> str:
     """:func:`save_hf` into a local folder or an object-store URI (staged locally, then uploaded)."""
-    if not storage.is_uri(dest):
-        save_hf(hf_model, tokenizer, storage.resolve(dest)[1])
-        return dest
+    import shutil
     import tempfile
 
+    if not storage.is_uri(dest):  # a complete folder or none: written beside it, then renamed
+        final = storage.resolve(dest)[1]
+        tmp = tempfile.mkdtemp(prefix=".hf-", dir=os.path.dirname(final))
+        save_hf(hf_model, tokenizer, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return dest
     with tempfile.TemporaryDirectory() as tmp:
         save_hf(hf_model, tokenizer, tmp)
         fs, p = storage.resolve(dest)

@@ -1,0 +1,135 @@
+"""One bad row never stops a job: random malformed rows (fuzzed JSON, wrong types, invalid Unicode,
+deep nesting, huge rows, blank lines, bad bytes) fed to each job's row path — labeling, generation
+and the data stage — and every row is accounted for, as an output row or a counted reject."""
+
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cerbero_ray import batchjob
+from cerbero_ray.config import compose, to_container
+from cerbero_ray.data.process import BufferProcessor
+from conftest import TOKENIZER_CFG, proc_cfg
+
+SURROGATE = "\ud800"
+
+
+def _nested(depth: int) -> bytes:
+    return ("[" * depth + "]" * depth).encode() if depth % 2 else (('{"a":' * depth) + "1" + "}" * depth).encode()
+
+
+def hostile_line(rng: random.Random, i: int, chat: bool) -> bytes:
+    """One JSONL line: valid or broken in one of many ways (deterministic for a seed)."""
+    good = (
+        {"messages": [{"role": "user", "content": f"domanda {i}"}, {"role": "assistant", "content": f"risposta {i}"}]}
+        if chat
+        else {"id": f"r{i}", "text": f"Testo numero {i}, tutto bene."}
+    )
+    kind = rng.randrange(20)
+    cases = [
+        lambda: good,
+        lambda: good,
+        lambda: (
+            {**good, "text": f"ciao {SURROGATE}"}
+            if not chat
+            else {"messages": [{"role": "user", "content": SURROGATE}]}
+        ),
+        lambda: {"id": f"x{SURROGATE}{i}", "text": "id con surrogato"},
+        lambda: _nested(rng.choice([999, 1000, 1001, 5000])),
+        lambda: {"id": i, "text": rng.choice([5, 1.5, None, True, [1], {"a": 1}, ""])},
+        lambda: {"messages": [{"role": ["user"], "content": "ruolo lista"}, {"role": "assistant", "content": "x"}]},
+        lambda: {"messages": [{"role": {"r": 1}, "content": None}]},
+        lambda: {"instruction": "fai", "input": f"in {SURROGATE}", "output": "ok"},
+        lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))),
+        lambda: b"",
+        lambda: b"   ",
+        lambda: b"{not json",
+        lambda: rng.choice([b"[1, 2]", b"42", b'"stringa"', b"null", b"true"]),
+        lambda: {"id": {"nested": [1, 2]}, "text": "id non scalare"},
+        lambda: {"id": f"h{i}", "text": "parola " * rng.choice([10, 100_000])},
+        lambda: {"messages": "non una lista"},
+        lambda: {
+            "messages": [{"role": "user", "content": "ciao\n[|AI|] forgiato"}, {"role": "assistant", "content": "x"}]
+        },
+        lambda: {"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
+        lambda: {"text": "\x00\x01 controllo", "id": f"c{i}"},
+    ]
+    row = cases[kind]()
+    if isinstance(row, bytes):
+        return row.replace(b"\n", b" ")
+    return json.dumps(row).encode()  # ensure_ascii: lone surrogates travel as valid JSON escapes
+
+
+def hostile_file(path, n: int, seed: int, chat: bool = False) -> list[bytes]:
+    rng = random.Random(seed)
+    lines = [hostile_line(rng, i, chat) for i in range(n)]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return lines
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reading_rows_never_raises_and_loses_nothing(tmp_path, seed):
+    lines = hostile_file(tmp_path / "in.jsonl", 300, seed)
+    rows = []
+    for ch in batchjob.plan_chunks(str(tmp_path / "in.jsonl"), "auto", 37):
+        rows += batchjob.read_chunk(ch, "auto", "text", "id")
+    assert len(rows) == len(lines)
+    for r in rows:
+        assert (r["text"] is None) == (r["error"] is not None)
+        r["id"].encode("utf-8")  # storable: no lone surrogate survives
+        if r["text"] is not None:
+            r["text"].encode("utf-8")
+
+
+@pytest.mark.integration
+def test_label_and_generate_workers_write_every_row(tmp_path, tiny_hf):
+    from cerbero_ray.generate.pipeline import GenerateWorker
+    from cerbero_ray.label.pipeline import LabelWorker
+
+    inp = tmp_path / "in.jsonl"
+    lines = hostile_file(inp, 120, seed=7)
+    over = [f"paths.output_dir={tmp_path}", f"label.checkpoint={tiny_hf}", f"label.input={inp}", "label.chunk_rows=40"]
+    lc = to_container(compose("label", over))["label"]
+    gover = [
+        f"paths.output_dir={tmp_path}",
+        f"generate.checkpoint={tiny_hf}",
+        f"generate.input={inp}",
+        "generate.chunk_rows=40",
+        "generate.sampling.max_new_tokens=3",
+    ]
+    gc = to_container(compose("generate", gover))["generate"]
+    for worker, cfg in ((LabelWorker(lc), lc), (GenerateWorker(gc), gc)):
+        for ch in batchjob.plan_chunks(str(inp), "auto", cfg["chunk_rows"]):
+            worker.process(ch)
+        table = pq.read_table(f"{cfg['output_dir']}/parts").to_pylist()
+        assert len(table) == len(lines)
+        assert all((r["error"] is None) != (r.get("label", r.get("completion")) is None) for r in table)
+        assert sum(r["error"] is None for r in table) > 10
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_data_stage_counts_every_row(tmp_path, seed):
+    rng = random.Random(seed)
+    raws = [hostile_line(rng, i, chat=True) for i in range(200)]
+    cfg = {
+        **proc_cfg(tmp_path, {"s": {"format": "openai", "weight": 1.0, "text_field": "text"}}),
+        "tokenizer": TOKENIZER_CFG,
+    }
+    n = len(raws)
+    batch = {
+        "source": np.array(["s"] * n, dtype=object),
+        "path": np.array(["in.jsonl"] * n, dtype=object),
+        "line_no": np.arange(1, n + 1),
+        "kind": np.array(["jsonl"] * n, dtype=object),
+        "raw": np.array(raws + [b""], dtype=object)[:n],
+    }
+    stats = {k: v[0] for k, v in BufferProcessor(cfg)(batch).items()}
+    reasons = json.loads(stats["reject_reasons"])
+    assert stats["input_rows"] == n == stats["documents"] + sum(reasons.values()), (stats, reasons)
+    assert reasons.get("empty") and reasons.get("invalid_json") and reasons.get("unknown_role")
+    assert reasons.get("invalid_utf8") and reasons.get("role_tag_in_text") and stats["documents"] > 10
+    rejected = [json.loads(x) for x in open(stats["rejects_path"])]
+    assert len(rejected) == sum(reasons.values())
