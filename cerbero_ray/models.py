@@ -110,8 +110,10 @@ def load_for_inference(checkpoint: str, dtype: str = "auto"):
     tokenizer must carry the chat template (the trainer's export does)."""
     from transformers import AutoTokenizer
 
+    from cerbero_ray.logs import quiet
     from cerbero_ray.storage import local_copy
 
+    quiet()  # every model actor and replica loads through here
     cuda = torch.cuda.is_available()
     name = ("bfloat16" if cuda else "float32") if dtype == "auto" else dtype
     model = from_pretrained(checkpoint, dtype=name).eval().to("cuda" if cuda else "cpu")

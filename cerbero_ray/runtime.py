@@ -21,6 +21,9 @@ def init_ray(cluster: dict) -> dict:
     """Start or attach Ray from a plain-dict ``cluster`` config; returns the cluster's resources."""
     import ray
 
+    from cerbero_ray.logs import quiet
+
+    quiet()
     if ray.is_initialized():
         return ray.cluster_resources()
     address = cluster.get("address")

@@ -29,7 +29,10 @@ def test_every_option_composes(stage, group, tmp_path):
     for option in group_options(group):
         extra = ["model.path=/tmp/ckpt"] if (group, option) == ("model", "hf") else []
         (tmp_path / "config.json").write_text("{}")  # a checkpoint for the stages that read one
-        extra += [f"{s}.checkpoint={tmp_path}" for s in ("label", "generate", "serve") if s == stage]
+        extra += [f"{s}.checkpoint={tmp_path}" for s in ("label", "generate", "serve", "export") if s == stage]
+        extra += (
+            [f"evaluate.checkpoints.tiny-cpu={tmp_path}", "evaluate.skip_missing=true"] if stage == "evaluate" else []
+        )
         c = check(stage, compose(stage, [f"{group}={option}", *extra]))
         if "data" in c:
             assert all(os.path.isabs(s["path"]) or "://" in s["path"] for s in c["data"]["sources"].values())
@@ -44,9 +47,29 @@ def test_misspelled_key_fails_at_compose(tmp_path):
     (tmp_path / "data" / "typo2.yaml").write_text(
         "defaults:\n  - chat_sample\n  - _self_\nsources:\n  chat:\n    wieght: 2\n"
     )
-    for name, key in (("typo", "seq_lenn"), ("typo2", "wieght")):
-        with pytest.raises(ConfigCompositionException, match=key):
-            compose("data", [f"hydra.searchpath=[file://{tmp_path}]", f"data={name}"])
+    with pytest.raises(ConfigCompositionException, match="seq_lenn"):
+        compose("data", [f"hydra.searchpath=[file://{tmp_path}]", "data=typo"])
+    # inside a source (a free mapping, so that sources can be added from the command line): the
+    # check that runs before Ray starts names it
+    with pytest.raises(ValueError, match=r"data\.sources\.chat: unknown key\(s\) \['wieght'\]"):
+        compose("data", [f"hydra.searchpath=[file://{tmp_path}]", "data=typo2"], checked=True)
+
+
+def test_a_source_can_be_added_from_the_command_line(tmp_path):
+    c = check("data", compose("data", [f"+data.sources.extra.path={tmp_path}/x.jsonl", "+data.sources.extra.weight=2"]))
+    assert c["data"]["sources"]["extra"] == {
+        "path": f"{tmp_path}/x.jsonl",
+        "weight": 2,
+        "format": "auto",
+        "text_field": "text",
+    }
+    assert set(c["data"]["sources"]) == {"chat", "extra"}
+    for over, key in (
+        ("+data.sources.bad.weight=2", "data.sources.bad.path"),
+        ("+data.sources.bad={path: x, format: csv}", "data.sources.bad.format"),
+    ):
+        with pytest.raises(ValueError, match=key):
+            compose("data", [over], checked=True)
 
 
 def test_types_are_checked():
@@ -69,7 +92,7 @@ def test_env_moves_outputs(monkeypatch, tmp_path):
     c = to_container(compose("recipe"))
     assert c["data"]["output_dir"] == f"{tmp_path}/data/chat_sample"
     assert (
-        c["stages"] == ["data", "train", "label"]
+        c["stages"] == ["data", "train", "label", "evaluate", "export"]
         and c["train"]["data_dir"] == c["data"]["output_dir"]
         and c["model"]["_target_"] == "cerbero_ray.models.tiny"
     )

@@ -97,3 +97,19 @@ def test_the_shared_prefix_is_computed_once_and_changes_nothing(tok):
     assert n > len(prompts[0]) // 3 and cache is not None  # the few-shot example and the instruction
     assert all(p[:n] == prompts[0][:n] for p in prompts) and alone._shared_prefix(prompts) == (0, None)
     np.testing.assert_allclose(shared.score_ids(prompts), alone.score_ids(prompts), atol=1e-4)
+
+
+def test_prompts_longer_than_the_sliding_window_are_refused_per_row(tok):
+    from cerbero_ray.inference.batch import label_columns
+
+    plain = tiny().eval()
+    windowed = tiny(overrides={"sliding_window": 200}).eval()  # the same weights (seed 0), a window
+    scorer = Scorer(windowed, tok, TASK, max_text_tokens=512)
+    long_text = "una parola dopo l'altra " * 40
+    got = scorer.score([TEXTS[0], long_text, TEXTS[2]])
+    assert got[1]["label"] is None and "sliding window (200 tokens)" in got[1]["error"]
+    ref = Scorer(plain, tok, TASK).score([TEXTS[0], TEXTS[2]])  # within the window: the same scores
+    for g, r in zip([got[0], got[2]], ref):
+        assert g["label"] == r["label"] and g["logprobs"] == pytest.approx(r["logprobs"], abs=1e-4)
+    cols = label_columns(scorer, [TEXTS[0], long_text])
+    assert cols["error"] == [None, "too_long_for_window"] and cols["label"][1] is None

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from cerbero_ray.config import REPO_DIR
+from cerbero_ray.export import quantize
 
 pytestmark = pytest.mark.integration
 
@@ -19,8 +20,10 @@ pytestmark = pytest.mark.integration
 @pytest.mark.parametrize("auth", ["token", "disabled"])
 def test_main_job(tmp_path, auth):
     env = {**os.environ, "RAY_AUTH_MODE": auth, "CERBERO_OUTPUT_DIR": str(tmp_path)}
+    # with token auth, the stages that run on the cluster; without, the whole main job, twice
+    stages = ["stages=[data,train,label]"] if auth == "token" else []
     r = subprocess.run(
-        [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py")],
+        [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py"), *stages],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -39,6 +42,8 @@ def test_main_job(tmp_path, auth):
     assert (tmp_path / "train" / "tiny-cpu" / "loss.png").stat().st_size > 10_000
     assert re.search(r"\[label\] 107 rows -> .*label/sentiment/parts", r.stdout)
     assert re.search(r"\[label\] distribution: positive [\d,]+ \([\d.]+%\), negative", r.stdout)
+    if auth == "token":
+        return
     # evaluation: the untrained and the trained model in the seed's tables
     assert re.search(r"\| untrained \| [\d.]+ \| [\d.]+ \|", r.stdout) and re.search(
         r"\| trained \| [\d.]+ \|", r.stdout
@@ -46,8 +51,10 @@ def test_main_job(tmp_path, auth):
     results = json.load(open(tmp_path / "evaluate" / "results.json"))
     assert set(results["results"]) == {"untrained", "trained"} and results["tasks"]["squad_it"]["rows"] == 71
     assert (tmp_path / "evaluate" / "results.png").stat().st_size > 1000
-    if auth == "token":
-        return
+    gguf = tmp_path / "export" / "tiny-cpu"
+    assert (gguf / "cerbero-F16.gguf").stat().st_size > 1_000_000 and 'Llama(model_path="' in r.stdout
+    if quantize.available():
+        assert (gguf / "cerbero-Q4_K_M.gguf").stat().st_size > 1_000_000
     # run it again, as a user would: every stage picks up its finished work instead of redoing it
     again = subprocess.run(
         [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py")],
@@ -61,4 +68,5 @@ def test_main_job(tmp_path, auth):
     out = again.stdout + again.stderr
     assert "is up to date" in out and "resumed from step 56" in out and "4 already done, 0 to go" in out
     assert re.search(r"untrained: \d task\(s\) already done, 0 to go", out)
+    assert "cerbero-F16.gguf is newer than the checkpoint: kept" in out
     assert json.load(open(manifest)) == m

@@ -55,6 +55,12 @@ def test_bad_values_name_the_key(tmp_path, override, key):
         prepare_run(cfg(tmp_path, override))
 
 
+def test_flash_attention_needs_one_row_per_micro_batch(tmp_path):
+    # transformers reads packed documents from position_ids on the flash path only for one row
+    with pytest.raises(ValueError, match=r"train\.micro_batch_size=1"):
+        prepare_run(cfg(tmp_path, "train.attention=flash_attention_2", "train.micro_batch_size=2"))
+
+
 def test_shards_from_another_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="tokenizer"):
         prepare_run(cfg(tmp_path, tok_hash="0123456789abcdef"))

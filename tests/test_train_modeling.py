@@ -85,6 +85,9 @@ def test_no_loss_tokens_gives_zero_and_still_backpropagates():
 
 def test_pick_attention():
     assert pick_attention("auto", cuda=False) == "sdpa"
+    assert pick_attention("auto", cuda=True, micro_batch=2) == "flex_attention"
+    with pytest.raises(ValueError, match="micro_batch_size=1"):
+        pick_attention("flash_attention_2", cuda=True, micro_batch=2)
     assert pick_attention("auto", cuda=True) in ("flash_attention_2", "flex_attention")
     with pytest.raises(ValueError, match="train.attention"):
         pick_attention("flash", cuda=False)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional
 
 from omegaconf import MISSING
 
@@ -22,7 +22,9 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    # name -> a SourceConfig's keys. Not typed as Dict[str, SourceConfig]: Hydra could then not add a
+    # source from the command line (+data.sources.NAME.path=…); check_data checks every key instead
+    sources: Dict[str, Any] = field(default_factory=dict)
     seq_len: int = 8192
     loss_on: str = "assistant"  # assistant | all
     packing: str = "whole"  # whole (best-fit decreasing) | split (fill every row)
@@ -55,7 +57,20 @@ def check_data(c: dict) -> None:
     one_of(d["long_docs"], ("split", "drop"), "data.long_docs")
     if not d["sources"]:
         raise ValueError("data.sources: no source (add one: +data.sources.NAME.path=...)")
+    defaults = {k: v for k, v in asdict(SourceConfig()).items() if k != "path"}
     for name, s in d["sources"].items():
-        one_of(s["format"], SOURCE_FORMATS, f"data.sources.{name}.format")
-        if not s["weight"] > 0:
-            raise ValueError(f"data.sources.{name}.weight must be > 0, got {s['weight']}")
+        key = f"data.sources.{name}"
+        if not isinstance(s, dict):
+            raise ValueError(f"{key} must be a mapping of {sorted(['path', *defaults])}, got {s!r}")
+        unknown = set(s) - {"path", *defaults}
+        if unknown:
+            raise ValueError(f"{key}: unknown key(s) {sorted(unknown)}; allowed {sorted(['path', *defaults])}")
+        if not isinstance(s.get("path"), str) or not s["path"]:
+            raise ValueError(f"{key}.path is required (a file, folder, glob or URI)")
+        for k, v in defaults.items():
+            s.setdefault(k, v)
+        one_of(s["format"], SOURCE_FORMATS, f"{key}.format")
+        if not isinstance(s["weight"], (int, float)) or not s["weight"] > 0:
+            raise ValueError(f"{key}.weight must be a number > 0, got {s['weight']!r}")
+        if not isinstance(s["text_field"], str):
+            raise ValueError(f"{key}.text_field must be a string, got {s['text_field']!r}")

@@ -87,8 +87,8 @@ def check_evaluate(c: dict, checkpoints: bool = True) -> None:
             one_of(p, PROTOCOLS if t["kind"] != "squad" else ("generate",), f"{key}.protocols")
         if not t["protocols"]:
             raise ValueError(f"{key}.protocols: at least one of {PROTOCOLS}")
-        at_least(t, ("shots", "max_new_tokens", "max_rows"), 1, key)
-        at_least(t, ("pool_rows",), 1, key)
+        at_least(t, ("max_new_tokens", "max_rows", "pool_rows"), 1, key)
+        at_least(t, ("shots",), 0, key)
         path = t["path"]
         if is_local(path) and not os.path.isfile(os.path.expanduser(path.removeprefix("file://"))):
             if not ec["skip_missing"]:

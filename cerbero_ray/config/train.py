@@ -120,6 +120,12 @@ def check_train(c: dict) -> None:
         ("placement_strategy", PLACEMENTS),
     ):
         one_of(t[key], allowed, f"train.{key}")
+    if t["attention"] == "flash_attention_2" and t["micro_batch_size"] > 1:
+        raise ValueError(
+            "train.attention=flash_attention_2 needs train.micro_batch_size=1: transformers reads a packed "
+            "row's documents from position_ids on that path only for one row, so documents of a row "
+            "would attend to each other (use auto, which picks flex_attention, or sdpa)"
+        )
     if ds["stage"] not in ZERO_STAGES:
         raise ValueError(
             f"deepspeed.stage must be one of {ZERO_STAGES} (the recipe is ZeRO-1; stage 3 shards "

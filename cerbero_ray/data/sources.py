@@ -146,7 +146,9 @@ def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterat
     while True:
         chunk = f.read(8 << 20)
         lines = (rest + chunk).split(b"\n")
-        rest = lines.pop() if chunk else b""
+        rest = lines.pop()  # a line not ended yet (at the end of the file: a last line with no newline, or b"")
+        if not chunk and rest:
+            lines.append(rest)
         for line in lines:
             line_no += 1
             nos.append(line_no)

@@ -46,6 +46,8 @@ def label_columns(scorer, texts: list, errors: list[str | None] | None = None) -
     cols: dict[str, list] = {"label": [], **{f"p_{k}": [] for k in scorer.labels}, "truncated": [], "error": []}
     for e in errors:
         s = next(scored) if e is None else None
+        if s is not None and s.get("error"):
+            e, s = "too_long_for_window", None
         cols["label"].append(s["label"] if s else None)
         for k in scorer.labels:
             cols[f"p_{k}"].append(s["probs"][k] if s else None)

@@ -175,10 +175,24 @@ class Scorer:
         return out
 
     def score(self, texts: list[str]) -> list[dict]:
-        """Per text: ``label``, ``probs`` {label: p}, ``logprobs`` {label: summed log p}, ``truncated``."""
+        """Per text: ``label``, ``probs`` {label: p}, ``logprobs`` {label: summed log p}, ``truncated``
+        (and ``error``, the others None, for a prompt longer than the model's sliding window)."""
         if not texts:
             return []
         prompts, truncated = self.encode(texts)
+        # the 4-D mask is plain causal: a prompt and its longest label must fit the model's sliding
+        # window (Mistral: 4096), or the score would not be the model's; such a row gets an error
+        window = getattr(self.model.config, "sliding_window", None)
+        longest = max(len(c) for c in self.cont)
+        fits = [not window or len(p) + longest <= window for p in prompts]
+        if not all(fits):
+            good = [i for i, ok in enumerate(fits) if ok]
+            scored = iter(self.score([texts[i] for i in good]) if good else [])
+            err = f"the prompt is longer than the model's sliding window ({window} tokens)"
+            return [
+                next(scored) if ok else {"label": None, "probs": None, "logprobs": None, "truncated": cut, "error": err}
+                for ok, cut in zip(fits, truncated)
+            ]
         lp = self.score_ids(prompts)
         probs = np.exp(lp - lp.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)

@@ -303,6 +303,9 @@ class CerberoServer:
         results = await self._label_batch((req.task, req.texts))
         if isinstance(results, dict):  # this request's texts failed to score (no other request did)
             raise APIError(500, f"labeling failed: {results['error']}", "texts", "label_failed")
+        for i, r in enumerate(results):
+            if r.get("error"):
+                raise APIError(400, r["error"], f"texts.{i}", "context_length_exceeded")
         return {
             "task": req.task,
             "model": self.sc["model_name"],

@@ -24,6 +24,10 @@ def deepspeed_config(ds: dict, t: dict, world_size: int) -> dict:
         "train_batch_size": t["global_batch_size"],
         "gradient_clipping": t["max_grad_norm"],
         "bf16": {"enabled": t["precision"] == "bf16"},
+        # fp32 master weights are the optimizer's; gradients get the same: accumulated over the
+        # micro-batches and reduced across ranks in fp32, not in the model's bf16
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
         "zero_optimization": {
             "stage": ds["stage"],
             "overlap_comm": ds["overlap_comm"],
@@ -80,10 +84,13 @@ def build_engine(config: dict, total_steps: int, device: torch.device, world_siz
     cuda = device.type == "cuda"
     model_cfg = {**config["model"], "dtype": "float32"}  # DeepSpeed casts to bf16 and keeps fp32 masters
     lm = build_model(model_cfg, seed=t["seed"])
-    lm.config._attn_implementation = pick_attention(t["attention"], cuda)
+    lm.config._attn_implementation = pick_attention(t["attention"], cuda, t["micro_batch_size"])
     lm.config.use_cache = False
-    if t["gradient_checkpointing"]:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t["gradient_checkpointing"]:  # transformers >= 5.2x renamed it; the GPU images may be older
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.train()
     model = PackedCausalLM(lm, t["loss_chunk_tokens"]).to(device)
     opt = build_optimizer(model, t, cuda)

@@ -27,9 +27,17 @@ from cerbero_ray.config.train import ATTENTION
 from cerbero_ray.data.packing import IGNORE_INDEX
 
 
-def pick_attention(name: str, cuda: bool) -> str:
+def pick_attention(name: str, cuda: bool, micro_batch: int = 1) -> str:
+    """The attention implementation for ``train.attention``. transformers reads packed rows'
+    document boundaries from ``position_ids`` on the flash-attention path only for a batch of one
+    row, so with ``micro_batch > 1`` flash-attention is refused, and ``auto`` picks flex_attention."""
     if name not in ATTENTION:
         raise ValueError(f"train.attention must be one of {ATTENTION}, got {name!r}")
+    if name == "flash_attention_2" and micro_batch > 1:
+        raise ValueError(
+            "train.attention=flash_attention_2 needs train.micro_batch_size=1: with more rows, "
+            "documents of a packed row would attend to each other"
+        )
     has_flash = importlib.util.find_spec("flash_attn") is not None
     if name == "flash_attention_2" and not (cuda and has_flash):
         raise ValueError("train.attention=flash_attention_2 needs CUDA and the flash-attn package")
@@ -38,7 +46,7 @@ def pick_attention(name: str, cuda: bool) -> str:
     if name != "auto":
         return name
     if cuda:
-        return "flash_attention_2" if has_flash else "flex_attention"
+        return "flash_attention_2" if has_flash and micro_batch == 1 else "flex_attention"
     return "sdpa"
 
 

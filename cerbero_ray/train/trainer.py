@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def _worker(config: dict) -> None:
+    from cerbero_ray.logs import quiet
     from cerbero_ray.train.env import RayEnv
     from cerbero_ray.train.loop import train_loop
 
+    quiet()
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per dataset read otherwise
     try:  # Ray Train 2.60 logs every report at INFO under a logger named after its file
         from ray.train.v2._internal.execution import context

@@ -1,0 +1,141 @@
+"""Evaluation throughput on CPU, ratios measured in one process on the same rows and checkpoint:
+
+1. EVALITA, our ``score`` protocol (the label scorer: ``si``/``no`` scored in one forward pass per
+   row, the shared 5-shot prefix once) vs the authors' ``generate`` protocol (greedy answer, at most
+   32 tokens, stopping at a newline, then mapped to the nearest label): rows/s ratio (goal >= 4x);
+2. SQuAD-it answers (3-shot prompts, greedy, 32 tokens) through the continuous-batching engine vs
+   transformers ``generate`` in batches of the same size on the same prompts (goal >= 1.5x).
+
+    python bench/bench_evaluate.py                          # tiny random model; EVALITA from ../shared/data
+    python bench/bench_evaluate.py --checkpoint outputs/quality/train/sentipolc/hf --rows 200
+
+A random tiny model never stops early, so generation spends its whole 32-token budget; a model that
+answers "si" and a newline stops after 2-3 tokens and narrows ratio 1. Writes bench/results/evaluate-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def timed(fn, reps: int):
+    ts, out = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2], out
+
+
+def main():
+    import torch
+
+    from cerbero_ray.chat import STOP_STRING
+    from cerbero_ray.evaluate.tasks import prepare
+    from cerbero_ray.evaluate.worker import EvalWorker
+    from cerbero_ray.inference.generator import Generator
+    from cerbero_ray.inference.sampling import Sampling
+    from cerbero_ray.models import load_for_inference, tiny
+    from cerbero_ray.tokenizer import build_tokenizer, save_tokenizer
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--checkpoint", default=None, help="an HF folder; default: the tiny random model")
+    p.add_argument("--rows", type=int, default=200, help="EVALITA rows (sentipolc test)")
+    p.add_argument("--data-dir", default=os.environ.get("CERBERO_DATA_DIR", os.path.join(REPO, "..", "shared", "data")))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "results"), help="where the JSON goes")
+    a = p.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    ckpt = a.checkpoint
+    if ckpt is None:
+        ckpt = tempfile.mkdtemp(prefix="bench-eval-")
+        tiny().save_pretrained(ckpt)
+        save_tokenizer(build_tokenizer(), ckpt)
+    res = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "checkpoint": a.checkpoint or "tiny random-init Mistral",
+        "reps": a.reps,
+    }
+
+    # 1. EVALITA: score vs generate, the same rows and prompts
+    senti = os.path.join(a.data_dir, "evalita", "sentipolc.csv")
+    tc = {
+        "kind": "sentipolc",
+        "path": senti,
+        "shots": 5,
+        "max_rows": a.rows,
+        "pool_rows": 100,
+        "protocols": ["generate", "score"],
+        "max_new_tokens": 32,
+    }
+    p_ev = prepare("sentipolc", tc, seed=0)
+    cfg = {
+        "checkpoint": ckpt,
+        "dtype": "auto",
+        "batch_size": a.batch,
+        "max_prompt_tokens": 2048,
+        "tasks": {"sentipolc": {"kind": "sentipolc", "max_new_tokens": 32, "task": p_ev.task}},
+    }
+    w = EvalWorker(cfg)
+    rows = [{k: r[k] for k in ("id", "text", "messages")} for r in p_ev.rows]
+    w.score("sentipolc", rows[:8]), w.generate("sentipolc", rows[:4])  # warm-up
+    t_score, scored = timed(lambda: w.score("sentipolc", rows), a.reps)
+    t_gen, gen = timed(lambda: w.generate("sentipolc", rows), a.reps)
+    agree = sum(s["prediction"] == g["prediction"] for s, g in zip(scored, gen)) / len(rows)
+    res["evalita"] = {
+        "rows": len(rows),
+        "score_rows_per_s": round(len(rows) / t_score, 1),
+        "generate_rows_per_s": round(len(rows) / t_gen, 1),
+        "ratio": round(t_gen / t_score, 2),
+        "protocols_agree": round(agree, 3),
+    }
+
+    # 2. SQuAD-it: the continuous engine vs transformers generate, batches of the same size
+    sq = prepare(
+        "squad_it",
+        {
+            "kind": "squad",
+            "path": os.path.join(REPO, "data", "samples", "squad_it_sample.json"),
+            "shots": 3,
+            "max_rows": None,
+        },
+        seed=0,
+    )
+    model, tok = load_for_inference(ckpt, "auto")
+    prompts = [tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True) for r in sq.rows]
+    s = Sampling(max_new_tokens=32, temperature=0.0, stop=[STOP_STRING, "\n"], seed=0)
+    hf = Generator(model, tok, batch_size=a.batch, max_prompt_tokens=4096)
+    hf.generate(prompts[:2], s)
+    t_hf, out_hf = timed(lambda: hf.generate(prompts, s), a.reps)
+    t_cb, out_cb = timed(lambda: w.batcher.generate(prompts, s), a.reps)
+    same = sum(x["text"] == y["text"] for x, y in zip(out_hf, out_cb)) / len(prompts)
+    res["squad"] = {
+        "rows": len(prompts),
+        "batch": a.batch,
+        "prompt_tokens_mean": round(sum(r["prompt_tokens"] for r in out_cb) / len(out_cb), 1),
+        "hf_generate_rows_per_s": round(len(prompts) / t_hf, 2),
+        "continuous_rows_per_s": round(len(prompts) / t_cb, 2),
+        "ratio": round(t_hf / t_cb, 2),
+        "same_text": round(same, 3),
+    }
+    print(json.dumps(res, indent=1))
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"evaluate-{res['date']}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
