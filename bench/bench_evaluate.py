@@ -86,7 +86,8 @@ def main():
         "checkpoint": ckpt,
         "dtype": "auto",
         "batch_size": a.batch,
-        "max_prompt_tokens": 2048,
+        "max_prompt_tokens": 4096,
+        "prefill_tokens": 32768,
         "tasks": {"sentipolc": {"kind": "sentipolc", "max_new_tokens": 32, "task": p_ev.task}},
     }
     w = EvalWorker(cfg)

@@ -49,10 +49,11 @@ def test_mixed_formats_and_bad_rows(ray_local, tmp_path):
     )
     assert m["sources"]["chat"]["format"] == "openai" and m["sources"]["sg"]["format"] == "sharegpt"
     assert m["documents_by_source"] == {"chat": 2, "sg": 1, "txt": 1, "pq": 4}
-    assert m["rejects_by_reason"] == {"invalid_utf8": 1, "invalid_json": 1, "no_assistant_turn": 1}
-    assert m["rejected"] == 3 and m["input_rows"] == 5 + 1 + 1 + 2  # the blank line is not a row
+    assert m["rejects_by_reason"] == {"invalid_utf8": 1, "invalid_json": 1, "no_assistant_turn": 1, "empty": 1}
+    # the blank line is a row too, counted: input rows = documents + rejects for every file
+    assert m["rejected"] == 4 and m["input_rows"] == 6 + 1 + 1 + 2
     rejects = [json.loads(line) for f in m["rejects_files"] for line in open(f)]
-    assert sorted(r["line_no"] for r in rejects) == [2, 3, 6]
+    assert sorted(r["line_no"] for r in rejects) == [2, 3, 5, 6]
     rows = sum(pq.read_table(s["path"]).num_rows for s in m["shards"])
     assert rows == m["rows"] and m["tokens"] + m["padding"] == rows * m["seq_len"]
     assert read_manifest(str(out))["config_hash"] == m["config_hash"]

@@ -47,6 +47,7 @@ class EvaluateConfig:
     cpus_per_worker: float = 1.0
     batch_rows: int = 64  # rows per actor call
     batch_size: int = 16  # continuous-batching slots (generate protocol)
+    prefill_tokens: int = 32768  # prompt tokens prefilled per step: offline, bigger steps go faster
     max_prompt_tokens: int = 4096
     overwrite: bool = False
     published: List[Dict[str, Any]] = field(default_factory=list)  # rows printed for reference in results.md
@@ -77,7 +78,7 @@ def check_evaluate(c: dict, checkpoints: bool = True) -> None:
     if unknown:
         raise ValueError(f"evaluate.only: unknown tasks {sorted(unknown)}; configured: {sorted(ec['tasks'])}")
     one_of(ec["dtype"], INFERENCE_DTYPES, "evaluate.dtype")
-    at_least(ec, ("workers", "batch_rows", "batch_size", "max_prompt_tokens"), 1, "evaluate")
+    at_least(ec, ("workers", "batch_rows", "batch_size", "max_prompt_tokens", "prefill_tokens"), 1, "evaluate")
     if float(ec["gpus_per_worker"]) < 0 or float(ec["cpus_per_worker"]) <= 0:
         raise ValueError("evaluate.gpus_per_worker must be >= 0 and evaluate.cpus_per_worker > 0")
     for name, t in selected_tasks(ec).items():

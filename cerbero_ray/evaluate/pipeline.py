@@ -154,7 +154,15 @@ def evaluate_checkpoint(ec: dict, ckpt: str, prepared: dict[str, Prepared]) -> d
         "checkpoint": ec["checkpoints"][ckpt],
         **{
             k: ec[k]
-            for k in ("dtype", "batch_size", "max_prompt_tokens", "workers", "gpus_per_worker", "cpus_per_worker")
+            for k in (
+                "dtype",
+                "batch_size",
+                "max_prompt_tokens",
+                "prefill_tokens",
+                "workers",
+                "gpus_per_worker",
+                "cpus_per_worker",
+            )
         },
         "tasks": {
             n: {

@@ -59,15 +59,21 @@ def evalita_table(results: dict, published: list[dict], metric: str = "f1") -> l
     return lines
 
 
+def _shots(results: dict, ec: dict, squad: bool) -> str:
+    """The shots of the tasks evaluated (of SQuAD, or of the EVALITA tasks)."""
+    found = {ec["tasks"][t]["shots"] for t, v in results["tasks"].items() if (v["kind"] == "squad") == squad}
+    return "/".join(str(k) for k in sorted(found)) or "?"
+
+
 def markdown(results: dict, ec: dict) -> str:
     out = ["# Evaluation", ""]
     sq = squad_table(results, ec.get("published") or [])
     if sq:
-        out += ["## SQuAD-it (3-shot, greedy, official SQuAD v1.1 EM/F1, %)", "", *sq, ""]
+        out += [f"## SQuAD-it ({_shots(results, ec, True)}-shot, greedy, official SQuAD v1.1 EM/F1, %)", "", *sq, ""]
     for metric, title in (("f1", "F1 of the positive class"), ("macro_f1", "macro-F1"), ("accuracy", "accuracy")):
         ev = evalita_table(results, ec.get("published") or [], metric)
         if ev:
-            out += [f"## EVALITA (5-shot yes/no, {title}, %)", "", *ev, ""]
+            out += [f"## EVALITA ({_shots(results, ec, False)}-shot yes/no, {title}, %)", "", *ev, ""]
     rows = ", ".join(
         f"{t} {v['rows']} rows (pool {v['pool_rows']}, rejects {sum(v['rejects'].values())})"
         for t, v in results["tasks"].items()

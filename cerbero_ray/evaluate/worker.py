@@ -29,6 +29,7 @@ class EvalWorker:
             num_slots=cfg["batch_size"],
             max_prompt_tokens=cfg["max_prompt_tokens"],
             max_new_tokens=longest,
+            prefill_tokens=cfg.get("prefill_tokens", 32768),
         )
         self.scorers = {
             name: Scorer(model, self.tok, Task(**t["task"]), max_text_tokens=cfg["max_prompt_tokens"])
