@@ -22,23 +22,14 @@ import os
 import platform
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def timed(fn, reps: int):
-    ts, out = [], None
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2], out
-
-
 def main():
     import torch
+    from bench_label import timed  # the same median-of-reps timer
 
     from cerbero_ray.chat import STOP_STRING
     from cerbero_ray.evaluate.tasks import prepare

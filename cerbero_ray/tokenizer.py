@@ -1,19 +1,10 @@
-"""The Mistral-7B tokenizer and the cerbero chat format: one implementation for every stage.
+"""The Mistral-7B tokenizer with the cerbero chat template: one implementation for every stage.
 
 The tokenizer is the real Mistral-7B v0.1 sentencepiece model (32,000 tokens) that the
 `mistral-common` package ships as ``data/tokenizer.model.v1``, converted offline to a HF fast
-tokenizer. Its ``chat_template`` renders the cerbero format::
-
-    <s>Questa è una conversazione tra un umano ed un assistente AI.
-    [|Umano|] Ciao!
-    [|AI|] Ciao, come posso aiutarti?
-    </s>
-
-The assistant's text (the space after the tag, the content and its newline, and the end-of-text
-token after the last answer) sits inside ``{% generation %}`` so that
-``apply_chat_template(..., return_assistant_tokens_mask=True)`` yields the loss mask: the trainer,
-the labeler and the server all go through this template, never through a re-implementation.
-``[|Umano|]`` is the stop string at inference.
+tokenizer. Its ``chat_template`` is :func:`cerbero_ray.chat.chat_template` (the format, its loss
+mask and the stop string are described there): the trainer, the labeler, the evaluator and the
+server all go through it, never through a re-implementation.
 """
 
 from __future__ import annotations

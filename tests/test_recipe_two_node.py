@@ -12,7 +12,7 @@ import pytest
 from cerbero_ray.config import REPO_DIR
 from conftest import add_worker_node, start_head, stop_node
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~2 minutes: `python -m pytest -m slow`
 
 
 @pytest.fixture

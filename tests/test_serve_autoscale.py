@@ -11,7 +11,7 @@ from test_serve import post
 from cerbero_ray.config import compose, to_container
 from conftest import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # scales up and back down: minutes of waiting
 
 
 def running(serve):

@@ -215,5 +215,7 @@ def train_loop(config: dict, env) -> dict:
         r.save(r.step)
     if r.rank != 0:
         return {}
-    ckpt.save_hf(r.lm, r.tok, os.path.join(r.writer.local, "hf"))
+    hf = os.path.join(r.writer.local, "hf")
+    if start != r.step or not os.path.isfile(os.path.join(hf, "config.json")):  # a finished run leaves it be
+        ckpt.save_hf(r.lm, r.tok, hf)
     return write_summary(config, r.writer, r.history, r.step, r.resumed_from)
