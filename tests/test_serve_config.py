@@ -15,7 +15,7 @@ import yaml
 from cerbero_ray.config import REPO_DIR
 from conftest import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a whole `serve run` CLI start: about a minute
 
 
 def test_serve_run_with_the_shipped_config_file(tmp_path, tiny_hf):
