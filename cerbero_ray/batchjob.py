@@ -189,8 +189,7 @@ def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: s
     other settings (its parts would mix with ours) unless ``overwrite``, which clears it first."""
     ident = json.loads(json.dumps(ident))  # as it reads back: tuples become lists
     path = storage.join(out, run_file)
-    fs, p = storage.resolve(path)
-    if fs.get_file_info(p).is_file:
+    if storage.is_file(path):
         old = storage.read_json(path)
         if old != ident:
             if not overwrite:
@@ -199,7 +198,8 @@ def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: s
                     f"({', '.join(k for k in ident if ident[k] != old.get(k))} differ); "
                     f"pass {stage}.overwrite=true or another {stage}.output_dir"
                 )
-            fs.delete_dir_contents(p.rsplit("/", 1)[0])
+            fs, p = storage.resolve(out)
+            fs.delete_dir_contents(p)
     storage.write_json(path, ident)
 
 

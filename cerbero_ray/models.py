@@ -93,8 +93,7 @@ def check_checkpoint(path: str, key: str) -> None:
     """``ValueError`` naming ``key`` when ``path`` (a folder or URI) holds no HF model."""
     from cerbero_ray import storage
 
-    fs, p = storage.resolve(storage.join(path, "config.json"))
-    if not fs.get_file_info(p).is_file:
+    if not storage.is_file(storage.join(path, "config.json")):
         raise ValueError(f"{key}: no HF model at {path} (train first, or point it at an HF folder)")
 
 

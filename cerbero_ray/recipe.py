@@ -32,8 +32,7 @@ def save_initial(c: dict) -> str:
 
     t, tc = c["train"], c["tokenizer"]
     dest = storage.join(t["output_dir"], t["name"], "hf_init")
-    fs, p = storage.resolve(storage.join(dest, "tokenizer.json"))  # written last: the folder is complete
-    if not fs.get_file_info(p).is_file:
+    if not storage.is_file(storage.join(dest, "tokenizer.json")):  # written last: the folder is complete
         lm = build_model({**c["model"], "dtype": "float32"}, seed=t["seed"])
         save_hf_to(lm, build_tokenizer(tc.get("path"), tc["assistant_tag"], tc["system_line"]), dest)
     return dest

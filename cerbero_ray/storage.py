@@ -77,6 +77,12 @@ def write_json(path: str, obj, indent: int | None = 1) -> str:
     return path
 
 
+def is_file(path: str) -> bool:
+    """Whether ``path`` (local or a URI) is a file."""
+    fs, p = resolve(path)
+    return fs.get_file_info(p).is_file
+
+
 def read_json(path: str):
     """The JSON at ``path``; ``FileNotFoundError`` when there is none."""
     import json

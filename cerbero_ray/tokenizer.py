@@ -5,19 +5,27 @@ The tokenizer is the real Mistral-7B v0.1 sentencepiece model (32,000 tokens) th
 tokenizer. Its ``chat_template`` is :func:`cerbero_ray.chat.chat_template` (the format, its loss
 mask and the stop string are described there): the trainer, the labeler, the evaluator and the
 server all go through it, never through a re-implementation.
+
+Text becomes token ids here only, by three functions: :func:`encode_plain` (content),
+:func:`encode_prompts` (rendered prompts, with the truncation that keeps the system line) and
+:func:`encode_chats` (whole conversations, with the loss mask). In all three a special-token string
+inside text — ``<s>`` or ``</s>`` in web text (HTML strike-through) or in a user's message — stays
+plain text; BOS and EOS are only ever the ids the format puts there.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
-from cerbero_ray.chat import SYSTEM_LINE, chat_template
+from cerbero_ray.chat import ASSISTANT_TAGS, SYSTEM_LINE, USER_TAG, chat_template
 
 
 def mistral_v1_model_file() -> str:
@@ -78,3 +86,77 @@ def tokenizer_hash(tok: PreTrainedTokenizerBase) -> str:
     h = hashlib.sha256(tok.backend_tokenizer.to_str().encode())
     h.update((tok.chat_template or "").encode())
     return h.hexdigest()[:16]
+
+
+def encode_plain(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` as plain text: no BOS/EOS added, special-token strings kept as text."""
+    return tok(list(texts), add_special_tokens=False, split_special_tokens=True).input_ids if texts else []
+
+
+def encode_chats(
+    tok: PreTrainedTokenizerBase, conversations: list[list[dict]], *, add_generation_prompt: bool = False
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and assistant masks (1 where the loss goes) of whole conversations in the chat format.
+
+    The template is rendered with empty BOS/EOS strings and the text encoded plain; the ids of BOS
+    (mask 0) and of the EOS that ends a conversation's last answer (mask 1, inside the answer) are
+    then put where the template writes them. The ids equal the template's own tokenization whenever
+    the content holds no special-token string.
+    """
+    if not conversations:
+        return [], []
+    enc = tok.apply_chat_template(
+        conversations,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        add_generation_prompt=add_generation_prompt,
+        bos_token="",
+        eos_token="",
+        tokenizer_kwargs={"split_special_tokens": True},
+    )
+    ids_out, masks_out = [], []
+    for conv, ids, mask in zip(conversations, enc["input_ids"], enc["assistant_masks"]):
+        ends = not add_generation_prompt and conv and conv[-1].get("role") == "assistant"
+        ids_out.append([tok.bos_token_id, *ids, *([tok.eos_token_id] if ends else [])])
+        masks_out.append([0, *mask, *([1] if ends else [])])
+    return ids_out, masks_out
+
+
+_TURN = re.compile("\n(?=" + "|".join(re.escape(t) for t in (USER_TAG, *ASSISTANT_TAGS.values())) + ")")
+
+
+def encode_prompts(
+    tok: PreTrainedTokenizerBase, prompts: list[str], max_tokens: int | None = None
+) -> tuple[list[list[int]], list[bool]]:
+    """Token ids of rendered prompts, and whether each was truncated.
+
+    Every prompt starts with BOS: a leading ``bos_token`` string (the chat template writes one) is
+    that BOS; the rest is plain text (:func:`encode_plain`). A prompt over ``max_tokens`` keeps its
+    head (BOS and the system line) and drops whole exchanges (a user turn and its answer) from its
+    start — the oldest, few-shot examples first — until it fits; should the last user turn alone
+    not fit, the head is followed by the prompt's last tokens (where the answer starts).
+    """
+    bos = tok.bos_token or ""
+    bodies = [p[len(bos) :] if bos and p.startswith(bos) else p for p in prompts]
+    ids = [[tok.bos_token_id, *x] for x in encode_plain(tok, bodies)]
+    cut = [max_tokens is not None and len(x) > max_tokens for x in ids]
+    for i in (i for i, c in enumerate(cut) if c):
+        ids[i] = [tok.bos_token_id, *_fit(tok, bodies[i], max_tokens - 1)]
+    return ids, cut
+
+
+def _fit(tok: PreTrainedTokenizerBase, body: str, budget: int) -> list[int]:
+    """``body``'s tokens within ``budget``: the head up to the first turn, then the exchanges from the
+    latest user turn that fits on (without the head when only that fits), else the head and the last
+    tokens."""
+    enc = tok(body, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    ids, starts = enc.input_ids, [a for a, _ in enc.offset_mapping]
+    turns = [(bisect.bisect_left(starts, m.end()), body.startswith(USER_TAG, m.end())) for m in _TURN.finditer(body)]
+    first = turns[0][0] if turns else 0
+    for head in dict.fromkeys((first, 0)):
+        for t in (t for t, user in turns if user and t > head):  # a user turn: its answer goes with it
+            if head + len(ids) - t <= budget:
+                return ids[:head] + ids[t:]
+    head = first if first <= budget // 2 else 0
+    return ids[:head] + ids[len(ids) - (budget - head) :]

@@ -58,6 +58,30 @@ def test_chat_masks_train_only_the_answer(tmp_path, tok):
     assert (labels[0, n:] == IGNORE_INDEX).all() and stats["padding"] == 512 - n
 
 
+def test_special_token_strings_in_content_are_text(tmp_path, tok):
+    html = "<s>prezzo vecchio</s> prezzo nuovo"
+    chat = {
+        "messages": [{"role": "user", "content": f"Cosa vuol dire {html}?"}, {"role": "assistant", "content": html}]
+    }
+    for rows, fmt in (([chat], "openai"), ([{"text": f"Nel sito: {html}."}], "text")):
+        stats, table = run(tmp_path / fmt, rows, fmt=fmt)
+        ids, labels = rows_of(table, "input_ids"), rows_of(table, "labels")
+        assert stats["documents"] == 1 and (ids == tok.bos_token_id).sum() == 1 and (ids == tok.eos_token_id).sum() == 1
+        assert html in tok.decode(labels[labels != IGNORE_INDEX])  # "<s>…</s>" trained as the text it is
+
+
+def test_rows_record_each_document_s_source_and_length(tmp_path):
+    stats, table = run(tmp_path, [CHAT] * 5, seq_len=128)
+    t = table.to_pydict()
+    assert max(t["num_docs"]) > 1
+    pos = np.array(t["position_ids"])
+    for sources, lengths, n, p in zip(t["doc_sources"], t["doc_tokens"], t["num_docs"], pos):
+        assert sources == ["s"] * n and len(lengths) == n
+        starts = np.flatnonzero(p == 0)[:n]  # each document restarts the positions
+        assert lengths == np.diff(np.append(starts, starts[0] + sum(lengths))).tolist()
+    assert sum(map(sum, t["doc_tokens"])) == stats["tokens"]
+
+
 def test_loss_on_all_trains_everything_but_document_starts(tmp_path):
     stats, table = run(tmp_path, [CHAT, CHAT], loss_on="all")
     labels, ids = rows_of(table, "labels")[0], rows_of(table, "input_ids")[0]

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from cerbero_ray.chat import SYSTEM_LINE
 from cerbero_ray.inference.continuous import ContinuousBatcher, sample
 from cerbero_ray.inference.generator import Generator
 from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.inference.slots import SlotModel
 from cerbero_ray.models import tiny
+from cerbero_ray.tokenizer import encode_prompts
 
 PROMPTS = [
     "Ciao!",
@@ -159,8 +161,33 @@ def test_bad_requests_and_truncation(model, tok):
         cb.submit([1, 2, 3], Sampling(max_new_tokens=9), lambda x: None)
     with pytest.raises(ValueError, match="empty"):
         cb.submit([], Sampling(max_new_tokens=4), lambda x: None)
+    with pytest.raises(ValueError, match="prompt tokens"):
+        cb.submit(list(range(1, 18)), Sampling(max_new_tokens=4), lambda x: None)
     r = cb.generate(["parola " * 40], Sampling(max_new_tokens=4, temperature=0.0, stop=()))[0]
     assert r["truncated"] and r["prompt_tokens"] == 16 and r["new_tokens"] == 4
+
+
+def test_long_chats_lose_their_oldest_exchanges_alike_in_both_engines(model, tok):
+    msgs = []
+    for k in range(6):
+        msgs += [
+            {"role": "user", "content": f"Domanda {k} </s> <s>"},
+            {"role": "assistant", "content": f"Risposta {k}"},
+        ]
+    prompt = tok.apply_chat_template(
+        msgs + [{"role": "user", "content": "E ora?"}], tokenize=False, add_generation_prompt=True
+    )
+    (kept,), _ = encode_prompts(tok, [prompt], 80)
+    short = "<s>" + tok.decode(kept[1:])  # the truncated prompt as text: system line, the last exchanges
+    assert short.startswith("<s>" + SYSTEM_LINE + "\n[|Umano|] Domanda ") and short.endswith("E ora?\n[|AI|]")
+    ref = Generator(model, tok, max_prompt_tokens=1024).generate([short], GREEDY)[0]
+    gen = Generator(model, tok, max_prompt_tokens=80).generate([prompt], GREEDY)[0]
+    cont = ContinuousBatcher(model, tok, num_slots=2, max_prompt_tokens=80, max_new_tokens=16).generate(
+        [prompt], GREEDY
+    )[0]
+    for r in (gen, cont):
+        assert r["truncated"] and r["prompt_tokens"] == len(kept) <= 80
+        assert (r["text"], r["new_tokens"]) == (ref["text"], ref["new_tokens"])
 
 
 def test_other_architectures_are_refused_with_a_clear_error(tok):

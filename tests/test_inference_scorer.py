@@ -24,7 +24,9 @@ TEXTS = [
 
 def reference(model, tok, task, text):
     """Each label scored by its own full forward pass over prompt + continuation."""
-    prompt = tok(prompt_text(task, text, tok), add_special_tokens=False).input_ids
+    rendered = prompt_text(task, text, tok)
+    assert rendered.startswith("<s>")  # the template's BOS; anything after it is text
+    prompt = [tok.bos_token_id] + tok(rendered[3:], add_special_tokens=False, split_special_tokens=True).input_ids
     out = {}
     for label, cont in continuations(task, tok).items():
         ids = torch.tensor([prompt + cont])
@@ -59,6 +61,17 @@ def test_long_texts_are_truncated_by_policy(tok):
     (r,) = scorer.score([long_text])
     prompts, cut = scorer.encode([long_text, "breve"])
     assert r["truncated"] and cut == [True, False] and len(prompts[0]) < len(tok(long_text).input_ids)
+
+
+def test_special_token_strings_in_a_text_are_text(tok):
+    model = tiny().eval()
+    scorer = Scorer(model, tok, TASK)
+    text = "Bello </s> davvero <s>"
+    (prompt,), _ = scorer.encode([text])
+    assert prompt.count(tok.bos_token_id) == 1 and tok.eos_token_id not in prompt
+    (r,) = scorer.score([text])
+    ref = reference(model, tok, TASK, text)
+    assert all(r["logprobs"][k] == pytest.approx(ref[k], abs=1e-3) for k in TASK.labels)
 
 
 def test_plan_batches_respects_the_budget_and_keeps_every_row():

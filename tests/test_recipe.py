@@ -17,6 +17,20 @@ from cerbero_ray.export import quantize
 pytestmark = pytest.mark.integration
 
 
+def main_job(env: dict, cwd) -> subprocess.CompletedProcess:
+    """``python jobs/recipe.py`` as the README runs it; asserts it exits 0."""
+    r = subprocess.run(
+        [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py")],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
 def test_main_job(tmp_path):
     # Ray's default token auth on embedded clusters is what every in-process test (ray_local) runs
     # under; here it is off, as the README's "RAY_AUTH_MODE=disabled" users run it. No EVALITA data:
@@ -27,15 +41,7 @@ def test_main_job(tmp_path):
         "CERBERO_OUTPUT_DIR": str(tmp_path),
         "CERBERO_DATA_DIR": str(tmp_path / "no-shared-data"),
     }
-    r = subprocess.run(
-        [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py")],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = main_job(env, tmp_path)
     manifest = tmp_path / "data" / "chat_sample" / "manifest.json"
     assert f"manifest: {manifest}" in r.stdout
     m = json.load(open(manifest))
@@ -60,15 +66,7 @@ def test_main_job(tmp_path):
     if quantize.available():
         assert (gguf / "cerbero-Q4_K_M.gguf").stat().st_size > 1_000_000
     # run it again, as a user would: every stage picks up its finished work instead of redoing it
-    again = subprocess.run(
-        [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py")],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    again = main_job(env, tmp_path)
     out = again.stdout + again.stderr
     assert "is up to date" in out and "resumed from step 56" in out and "4 already done, 0 to go" in out
     assert re.search(r"untrained: \d task\(s\) already done, 0 to go", out)

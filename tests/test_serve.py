@@ -123,6 +123,19 @@ def openai_roundtrip(server):
     assert text.strip() == same.choices[0].message.content
 
 
+def test_special_token_strings_in_content_are_text(server, tok):
+    def plain(text):  # BOS, then the text as text
+        return 1 + len(tok(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+
+    msgs = [{"role": "user", "content": "Barrato: <s>vecchio</s> nuovo"}]
+    status, body, _ = post(f"{server}/v1/chat/completions", {"messages": msgs, "max_tokens": 4, "temperature": 0})
+    prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert status == 200 and body["usage"]["prompt_tokens"] == plain(prompt[len("<s>") :])
+    for text in ("fine</s>", "<s>fine</s>"):  # a completion prompt's leading "<s>" is its BOS
+        status, body, _ = post(f"{server}/v1/completions", {"prompt": text, "max_tokens": 2, "temperature": 0})
+        assert status == 200 and body["usage"]["prompt_tokens"] == plain("fine</s>")
+
+
 def test_label_endpoint(server):
     status, body, _ = post(f"{server}/v1/label", {"task": "irony", "texts": ["Che bella giornata di pioggia.", "Ciao"]})
     assert status == 200 and len(body["results"]) == 2
@@ -293,6 +306,8 @@ def test_overload_is_refused_with_retry_after_not_queued(server):
     assert all(c in (200, 503) for c in codes), codes
     assert codes.count(200) >= 2 and codes.count(503) >= 1, codes
     assert all(h.get("retry-after") or h.get("Retry-After") for s, _, h in results if s == 503)
+    # Ray Serve's proxy answers overload itself; its plain text comes out as our JSON error object
+    assert all(b["error"]["code"] == "overloaded" and b["error"]["message"] for s, b, _ in results if s == 503)
 
 
 def test_chat_page_in_headless_chromium(server):

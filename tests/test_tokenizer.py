@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from cerbero_ray.chat import SYSTEM_LINE, chat_template
-from cerbero_ray.tokenizer import build_tokenizer, mistral_v1_model_file, tokenizer_hash
+from cerbero_ray.tokenizer import (
+    build_tokenizer,
+    encode_chats,
+    encode_plain,
+    encode_prompts,
+    mistral_v1_model_file,
+    tokenizer_hash,
+)
 
 CONV = [
     {"role": "user", "content": "Ciao!"},
@@ -81,3 +88,80 @@ def test_hf_folder_roundtrip(tmp_path, tok):
     again = build_tokenizer(str(tmp_path))
     assert again.apply_chat_template(CONV, tokenize=False) == tok.apply_chat_template(CONV, tokenize=False)
     assert again("Buongiorno a tutti").input_ids == tok("Buongiorno a tutti").input_ids
+
+
+# ── control tokens are ids, never text ─────────────────────────────────────
+HOSTILE = [
+    {"role": "user", "content": "Cosa vuol dire <s>barrato</s> in HTML?"},
+    {"role": "assistant", "content": "È testo </s> barrato: <s>così</s>."},
+]
+
+
+def test_encode_chats_equals_the_template_on_ordinary_content(tok):
+    ids, masks = encode_chats(tok, [CONV, CONV[:1]])
+    for conv, x, m in zip([CONV, CONV[:1]], ids, masks):
+        enc = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert x == enc["input_ids"] and m == enc["assistant_masks"]
+    (p,), _ = encode_chats(tok, [CONV[:1]], add_generation_prompt=True)
+    assert p == tok(tok.apply_chat_template(CONV[:1], tokenize=False, add_generation_prompt=True)).input_ids[1:]
+
+
+def test_special_token_strings_in_content_stay_text(tok):
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    (ids,), (mask,) = encode_chats(tok, [HOSTILE])
+    assert ids.count(bos) == 1 and ids[0] == bos  # before: one BOS per "<s>" in the content
+    assert ids.count(eos) == 1 and ids[-1] == eos and mask[-1] == 1
+    assert tok.decode(ids, skip_special_tokens=True).count("<s>") == 2  # the content's, as text
+    trained = tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
+    assert trained.strip() == "È testo </s> barrato: <s>così</s>."
+    prompt = tok.apply_chat_template(HOSTILE[:1], tokenize=False, add_generation_prompt=True)
+    (p,), _ = encode_prompts(tok, [prompt])
+    assert p.count(bos) == 1 and p[0] == bos and eos not in p
+    assert tok.decode(p[1:]) == prompt[len("<s>") :]  # the rest is the prompt's text, exactly
+    assert eos not in encode_plain(tok, ["fine</s>"])[0]
+
+
+def test_every_prompt_starts_with_one_bos(tok):
+    (a, b, c), cut = encode_prompts(tok, ["Ciao", "<s>Ciao", "<s><s>Ciao"])
+    assert a == b == [tok.bos_token_id, *encode_plain(tok, ["Ciao"])[0]] and cut == [False] * 3
+    assert c.count(tok.bos_token_id) == 1  # the second "<s>" is text
+
+
+def _many_turns(n):
+    msgs = []
+    for k in range(n):
+        msgs += [
+            {"role": "user", "content": f"Esempio {k}: una domanda abbastanza lunga da pesare."},
+            {"role": "assistant", "content": f"Risposta {k}."},
+        ]
+    return msgs + [{"role": "user", "content": "La domanda vera?"}]
+
+
+def test_truncation_keeps_bos_and_system_line_and_drops_whole_early_turns(tok):
+    prompt = tok.apply_chat_template(_many_turns(8), tokenize=False, add_generation_prompt=True)
+    (full,), _ = encode_prompts(tok, [prompt])
+    for limit in (len(full) - 1, len(full) // 2, 100):
+        (x,), (cut,) = encode_prompts(tok, [prompt], limit)
+        text = tok.decode(x[1:])
+        assert cut and len(x) <= limit and x[0] == tok.bos_token_id
+        assert text.startswith(SYSTEM_LINE + "\n[|Umano|] Esempio ")  # a whole turn follows the system line
+        assert text.endswith("[|Umano|] La domanda vera?\n[|AI|]")
+        kept = int(text.split("Esempio ")[1].split(":")[0])
+        assert text == SYSTEM_LINE + "\n" + prompt[prompt.index(f"[|Umano|] Esempio {kept}:") :]
+        one_more = "<s>" + SYSTEM_LINE + "\n" + prompt[prompt.index(f"[|Umano|] Esempio {kept - 1}:") :]
+        assert len(encode_prompts(tok, [one_more])[0][0]) > limit  # as many exchanges as fit
+    (x,), _ = encode_prompts(tok, [prompt], 40)
+    assert tok.decode(x[1:]) == SYSTEM_LINE + "\n[|Umano|] La domanda vera?\n[|AI|]"
+    (x,), _ = encode_prompts(tok, [prompt], len(full))
+    assert x == full  # at the limit: nothing dropped
+
+
+def test_truncation_when_the_last_turn_alone_is_too_long(tok):
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "parola " * 200}], tokenize=False, add_generation_prompt=True
+    )
+    (x,), (cut,) = encode_prompts(tok, [prompt], 64)
+    assert cut and len(x) == 64 and x[0] == tok.bos_token_id
+    assert tok.decode(x[1:]).startswith(SYSTEM_LINE) and tok.decode(x).endswith("parola \n[|AI|]")
+    (y,), _ = encode_prompts(tok, ["testo " * 100], 10)  # no chat format: BOS and the end
+    assert len(y) == 10 and y[0] == tok.bos_token_id and y[1:] == encode_plain(tok, ["testo " * 100])[0][-9:]

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cerbero_ray.train.plan import plan_epoch, remaining, take
+from cerbero_ray.train.plan import plan_epoch, remaining, signature, step_rows, take
 from cerbero_ray.train.reader import local_batches, read_segment
 
 SHARDS = [{"path": f"s{i}", "rows": n} for i, n in enumerate([13, 0, 7, 21, 5])]  # 46 rows
@@ -15,9 +15,12 @@ def rows_of(segments):
     return [(s.path, r) for s in segments for r in range(s.start, s.stop)]
 
 
+@pytest.mark.parametrize("block", [0, 1, 4])
 @pytest.mark.parametrize("world,micro,accum,eval_rows", [(1, 1, 1, 0), (2, 1, 4, 6), (3, 2, 2, 1), (4, 1, 1, 10)])
-def test_every_row_once_and_ranks_disjoint(world, micro, accum, eval_rows):
-    p = plan_epoch(SHARDS, 0, world_size=world, micro_batch=micro, accum=accum, seed=3, eval_rows=eval_rows)
+def test_every_row_once_and_ranks_disjoint(world, micro, accum, eval_rows, block):
+    p = plan_epoch(
+        SHARDS, 0, world_size=world, micro_batch=micro, accum=accum, seed=3, eval_rows=eval_rows, mix_block_rows=block
+    )
     per_step = world * micro * accum
     assert p.steps == (46 - eval_rows) // per_step and p.rows_per_rank == p.steps * micro * accum
     train = [rows_of(r) for r in p.ranges]
@@ -38,12 +41,36 @@ def test_seeded_and_epochs_differ_but_hold_out_the_same_rows():
     assert plan_epoch(SHARDS, 0, **{**kw, "seed": 8}).ranges != a.ranges
 
 
-def test_remaining_starts_exactly_at_the_step():
-    p = plan_epoch(SHARDS, 0, world_size=2, micro_batch=2, accum=3, seed=0)
+@pytest.mark.parametrize("block", [0, 1, 3])
+def test_remaining_starts_exactly_at_the_step(block):
+    p = plan_epoch(SHARDS, 0, world_size=2, micro_batch=2, accum=3, seed=0, mix_block_rows=block)
     for rank in range(2):
         full = rows_of(p.ranges[rank])
         for step in range(p.steps + 1):
             assert rows_of(remaining(p, rank, step, 2, 3)) == full[step * 6 :]
+
+
+def test_global_batches_mix_the_shards():
+    shards = [{"path": f"s{i}", "rows": 40} for i in range(10)]  # one shard, one source: the worst case
+    kw = dict(world_size=2, micro_batch=2, accum=4, seed=5)
+
+    def shards_per_batch(block):
+        p = plan_epoch(shards, 0, **kw, mix_block_rows=block)
+        batches = [step_rows(p, s, 2, 4) for s in range(p.steps)]
+        assert all(sum(x.rows for x in b) == 16 for b in batches) and p.steps == 25
+        return np.mean([len({x.path for x in b}) for b in batches])
+
+    in_order, blocks, rows = shards_per_batch(0), shards_per_batch(4), shards_per_batch(1)
+    assert in_order <= 2.5 and blocks >= 3 and rows >= 7  # 16 rows from 10 shards: 8.1 expected
+    e0, e1 = (plan_epoch(shards, e, **kw, mix_block_rows=1) for e in (0, 1))
+    assert step_rows(e0, 0, 2, 4) != step_rows(e1, 0, 2, 4)  # a new mix every epoch
+
+
+def test_the_signature_tracks_the_mix():
+    t = {"micro_batch_size": 1, "global_batch_size": 4, "epochs": 1, "seed": 0, "eval_rows": 0, "max_steps": None}
+    sigs = {b: signature(SHARDS, {**t, "mix_block_rows": b}, 2) for b in (0, 1, 4)}
+    assert len(set(sigs.values())) == 3  # a checkpoint resumes only the order it was made with
+    assert sigs[1] == signature(SHARDS, t, 2) and sigs[0] != signature(SHARDS, {**t, "seed": 1, "mix_block_rows": 0}, 2)
 
 
 def test_take_spans_segments():

@@ -65,6 +65,7 @@ class TrainConfig:
     loss_chunk_tokens: int = 4096
     seed: int = 0
     eval_rows: int = 0  # held-out rows (never trained on)
+    mix_block_rows: int = 1  # rows shuffled across shards per epoch in blocks of this many (0: shard order)
     eval_every: int = 0  # steps; 0: before the first step and at the end only
     log_every: int = 1
     checkpoint_every: int = 0  # steps; 0: at the end only
@@ -105,7 +106,18 @@ def check_train(c: dict) -> None:
     )
     at_least(t, positive, 1, "train")
     at_least(
-        t, ("eval_rows", "eval_every", "checkpoint_every", "max_failures", "weight_decay", "warmup_steps"), 0, "train"
+        t,
+        (
+            "eval_rows",
+            "eval_every",
+            "checkpoint_every",
+            "max_failures",
+            "weight_decay",
+            "warmup_steps",
+            "mix_block_rows",
+        ),
+        0,
+        "train",
     )
     per_step = t["micro_batch_size"] * t["num_workers"]
     if t["global_batch_size"] % per_step:

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from cerbero_ray import storage
 from cerbero_ray.data.formats import Document, Reject, to_document
 from cerbero_ray.data.packing import IGNORE_INDEX, best_fit_decreasing, build_rows, sequential_fill, split_long
-from cerbero_ray.tokenizer import build_tokenizer
+from cerbero_ray.tokenizer import build_tokenizer, encode_chats, encode_plain
 
 ROW_GROUP_ROWS = 16  # rows per Parquet row group (~1.5 MB at seq 8192)
 
@@ -83,18 +83,12 @@ class BufferProcessor:
         chat_idx = [i for i, d in enumerate(docs) if d.messages is not None]
         bos, eos = self.tok.bos_token_id, self.tok.eos_token_id
         if text_idx:
-            encs = self.tok.backend_tokenizer.encode_batch_fast(
-                [docs[i].text for i in text_idx], add_special_tokens=False
-            )
-            for i, e in zip(text_idx, encs):
-                ids = np.empty(len(e.ids) + 2, dtype=np.int32)
-                ids[0], ids[1:-1], ids[-1] = bos, e.ids, eos
+            for i, e in zip(text_idx, encode_plain(self.tok, [docs[i].text for i in text_idx])):
+                ids = np.empty(len(e) + 2, dtype=np.int32)
+                ids[0], ids[1:-1], ids[-1] = bos, e, eos
                 out[i] = (ids, ids.copy())
         if chat_idx:
-            enc = self.tok.apply_chat_template(
-                [docs[i].messages for i in chat_idx], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-            )
-            for i, ids, mask in zip(chat_idx, enc["input_ids"], enc["assistant_masks"]):
+            for i, ids, mask in zip(chat_idx, *encode_chats(self.tok, [docs[i].messages for i in chat_idx])):
                 ids = np.asarray(ids, dtype=np.int32)
                 labels = (
                     np.where(np.asarray(mask, dtype=bool), ids, IGNORE_INDEX).astype(np.int32)
@@ -136,7 +130,7 @@ class BufferProcessor:
             ):
                 docs.append(doc)
                 origins.append((source, path, int(line_no), raw))
-        pieces = []
+        pieces, piece_sources = [], []
         for (ids, labels), (source, path, line_no, raw) in zip(self._tokenize(docs), origins):
             if len(ids) > self.seq_len:
                 if self.cfg["long_docs"] == "drop":
@@ -156,12 +150,14 @@ class BufferProcessor:
                 stats["split_documents"] += 1
                 stats["split_pieces"] += len(parts)
                 pieces.extend(parts)
+                piece_sources += [source] * len(parts)
             else:
                 pieces.append((ids, labels))
+                piece_sources.append(source)
             stats["documents"] += 1
             per_source[source] += 1
         stats.update(
-            self._write(pieces, key),
+            self._write(pieces, piece_sources, key),
             rejected=sum(reasons.values()),
             reject_reasons=json.dumps(dict(reasons)),
             per_source=json.dumps(dict(per_source)),
@@ -180,7 +176,7 @@ class BufferProcessor:
             "raw": raw[:MAX_REJECT_BYTES].decode("utf-8", errors="replace"),
         }
 
-    def _write(self, pieces: list[tuple[np.ndarray, np.ndarray]], key: str) -> dict:
+    def _write(self, pieces: list[tuple[np.ndarray, np.ndarray]], sources: list[str], key: str) -> dict:
         empty = {"shard": "", "rows": 0, "tokens": 0, "cut_to_fill": 0, "loss_tokens": 0, "padding": 0}
         if not pieces:
             return empty
@@ -197,6 +193,9 @@ class BufferProcessor:
                 "labels": _fixed(rows.labels[perm]),
                 "position_ids": _fixed(rows.position_ids[perm]),
                 "num_docs": pa.array(rows.num_docs[perm]),
+                # per packed piece: its source and its tokens (what the source-mix report reads)
+                "doc_sources": pa.array([[str(sources[d]) for d, _, _ in bins[i]] for i in perm]),
+                "doc_tokens": pa.array([[b - a for _, a, b in bins[i]] for i in perm], pa.list_(pa.int32())),
             }
         )
         shard = storage.join(self.cfg["output_dir"], "shards", f"shard-{key}.parquet")

@@ -35,16 +35,11 @@ from cerbero_ray.evaluate.worker import EvalWorker
 from cerbero_ray.models import check_checkpoint
 
 
-def _exists(path: str) -> bool:
-    fs, p = storage.resolve(path)
-    return fs.get_file_info(p).is_file
-
-
 def prepare_tasks(ec: dict) -> tuple[dict[str, Prepared], list[str]]:
     """Every selected task's rows; tasks whose file is missing are skipped when ``skip_missing``."""
     prepared, skipped = {}, []
     for name, tc in selected_tasks(ec).items():
-        if not _exists(tc["path"]):
+        if not storage.is_file(tc["path"]):
             if ec["skip_missing"]:
                 skipped.append(name)
                 continue

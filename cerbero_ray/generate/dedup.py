@@ -79,15 +79,14 @@ def embed(model, tok, texts: list[str], *, max_tokens: int = 512, batch_size: in
     LM's ``.model``, or an encoder loaded with ``AutoModel``)."""
     import torch
 
+    from cerbero_ray.tokenizer import encode_plain
+
     dev = next(model.parameters()).device
     out = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            ids = tok(
-                texts[i : i + batch_size], add_special_tokens=False, truncation=True, max_length=max_tokens
-            ).input_ids
-            ids = [x or [pad] for x in ids]
+            ids = [x[:max_tokens] or [pad] for x in encode_plain(tok, texts[i : i + batch_size])]
             width = max(len(x) for x in ids)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=dev)
             x = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=dev)

@@ -28,6 +28,7 @@ import torch
 
 from cerbero_ray.inference.sampling import Sampling, cut_at_stop
 from cerbero_ray.inference.slots import SlotModel
+from cerbero_ray.tokenizer import encode_prompts
 
 
 @dataclass(eq=False)
@@ -107,16 +108,22 @@ class ContinuousBatcher:
         threading.Thread(target=self._loop, name="continuous-batcher", daemon=True).start()
 
     # ── the public side (any thread) ────────────────────────────────────────
-    def submit(self, ids: list[int], s: Sampling, emit: Callable[[object], None]) -> _Request:
+    def encode(self, prompts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids of rendered prompts within ``max_prompt_tokens`` (:func:`encode_prompts`)."""
+        return encode_prompts(self.tok, prompts, self.max_prompt_tokens)
+
+    def submit(self, ids: list[int], s: Sampling, emit: Callable[[object], None], truncated: bool = False) -> _Request:
         if not ids:
             raise ValueError("an empty prompt")
+        if len(ids) > self.max_prompt_tokens:
+            raise ValueError(f"{len(ids)} prompt tokens; at most {self.max_prompt_tokens} (encode with encode())")
         if not 1 <= s.max_new_tokens <= self.max_new_tokens:
             raise ValueError(f"max_new_tokens must be within 1..{self.max_new_tokens}, got {s.max_new_tokens}")
         r = _Request(
-            ids[-self.max_prompt_tokens :],
+            ids,
             s,
             emit,
-            truncated=len(ids) > self.max_prompt_tokens,
+            truncated=truncated,
             rng=random.Random(s.seed) if s.seed is not None else random.Random(),
         )
         with self._cv:
@@ -140,9 +147,9 @@ class ContinuousBatcher:
     def run(self, items: list[tuple[str, Sampling]]) -> list[dict]:
         """Blocking: like :meth:`generate`, each prompt with its own sampling settings."""
         done = [queue.Queue() for _ in items]
-        ids = self.tok([p for p, _ in items], add_special_tokens=False).input_ids if items else []
-        for x, (_, s), q in zip(ids, items, done):
-            self.submit(x, s, lambda item, q=q: q.put(item) if isinstance(item, dict) else None)
+        ids, cut = self.encode([p for p, _ in items])
+        for x, c, (_, s), q in zip(ids, cut, items, done):
+            self.submit(x, s, lambda item, q=q: q.put(item) if isinstance(item, dict) else None, c)
         out = [q.get() for q in done]
         for r in out:
             if "error" in r:
@@ -154,7 +161,8 @@ class ContinuousBatcher:
         then one dict (``finish_reason``, ``prompt_tokens``, ``new_tokens``, ``truncated``, ``text``).
         Closing the iterator early cancels the request."""
         q: queue.Queue = queue.Queue()
-        r = self.submit(self.tok(prompt, add_special_tokens=False).input_ids, s, q.put)
+        (ids,), (cut,) = self.encode([prompt])
+        r = self.submit(ids, s, q.put, cut)
         try:
             while True:
                 text, end = _pieces(q.get(), q)
@@ -177,7 +185,8 @@ class ContinuousBatcher:
             if isinstance(item, dict):
                 loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(item))
 
-        r = self.submit(self.tok(prompt, add_special_tokens=False).input_ids, s, emit)
+        (ids,), (cut,) = self.encode([prompt])
+        r = self.submit(ids, s, emit, cut)
         try:
             out = await fut
         finally:
@@ -192,11 +201,8 @@ class ContinuousBatcher:
 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        r = self.submit(
-            self.tok(prompt, add_special_tokens=False).input_ids,
-            s,
-            lambda item: loop.call_soon_threadsafe(q.put_nowait, item),
-        )
+        (ids,), (cut,) = self.encode([prompt])
+        r = self.submit(ids, s, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), cut)
         try:
             while True:
                 text, end = _pieces(await q.get(), q)

@@ -1,10 +1,12 @@
 """The generation engine: batched sampling from a causal LM, stopping at the cerbero stop string.
 Plain PyTorch + transformers, no Ray (the batch job wraps it; benchmarks run it bare).
 
-Prompts are already rendered (chat template applied). They are sorted by length and run in
-left-padded batches of ``batch_size``; ``stop`` strings end a sequence (transformers'
-``stop_strings``) and are cut from the text. ``finish_reason`` is ``stop`` (a stop string or the
-end-of-sequence token) or ``length`` (``max_new_tokens`` reached).
+Prompts are already rendered (chat template applied) and encoded by
+:func:`cerbero_ray.tokenizer.encode_prompts` (a long one drops its oldest turns, keeping BOS and the
+system line). They are sorted by length and run in left-padded batches of ``batch_size``; ``stop``
+strings end a sequence (transformers' ``stop_strings``) and are cut from the text.
+``finish_reason`` is ``stop`` (a stop string or the end-of-sequence token) or ``length``
+(``max_new_tokens`` reached).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from cerbero_ray.inference.sampling import Sampling, cut_at_stop
+from cerbero_ray.tokenizer import encode_prompts
 
 
 class Generator:
@@ -42,9 +45,7 @@ class Generator:
         """Per prompt: ``text``, ``finish_reason``, ``prompt_tokens``, ``new_tokens``, ``truncated``."""
         if not prompts:
             return []
-        ids = self.tok(prompts, add_special_tokens=False).input_ids
-        truncated = [len(x) > self.max_prompt_tokens for x in ids]
-        ids = [x[-self.max_prompt_tokens :] for x in ids]  # keep the end: that is where the answer starts
+        ids, truncated = encode_prompts(self.tok, prompts, self.max_prompt_tokens)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out: list[dict] = [{}] * len(ids)
         seed = sampling.seed if seed is None else seed

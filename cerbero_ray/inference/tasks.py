@@ -116,14 +116,13 @@ def prompt_text(task: Task, text: str, tok) -> str:
 
 def continuations(task: Task, tok) -> dict[str, list[int]]:
     """Each label's continuation token ids after the prompt (verbalizer + end of turn)."""
+    from cerbero_ray.tokenizer import encode_chats, encode_prompts
+
     msgs = messages(task, "x")
-    prompt = tok(prompt_text(task, "x", tok), add_special_tokens=False).input_ids
+    (prompt,), _ = encode_prompts(tok, [prompt_text(task, "x", tok)])
     out = {}
     for label, verb in task.labels.items():
-        full = tok(
-            tok.apply_chat_template(msgs + [{"role": "assistant", "content": verb}], tokenize=False),
-            add_special_tokens=False,
-        ).input_ids
+        (full,), _ = encode_chats(tok, [msgs + [{"role": "assistant", "content": verb}]])
         if full[: len(prompt)] != prompt:
             raise ValueError(f"label.task.labels.{label}: the verbalizer {verb!r} changes how the prompt tokenizes")
         out[label] = full[len(prompt) :]

@@ -27,6 +27,7 @@ from cerbero_ray.inference.scorer import Scorer
 from cerbero_ray.inference.slots import check_engine
 from cerbero_ray.inference.tasks import Task
 from cerbero_ray.models import check_checkpoint, load_for_inference
+from cerbero_ray.tokenizer import encode_prompts
 
 
 def check_servable(sc: dict) -> None:
@@ -71,7 +72,7 @@ class ServeEngine:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tok(text, add_special_tokens=False).input_ids)
+        return len(encode_prompts(self.tok, [text])[0][0])
 
     def generate(self, items: list[tuple[str, Sampling]]) -> list[dict]:
         """Many requests at once: those with the same sampling settings share batched passes."""
@@ -96,7 +97,8 @@ class ServeEngine:
             return
         from transformers import TextIteratorStreamer
 
-        ids = self.tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(self.gen.device)
+        (x,), _ = encode_prompts(self.tok, [prompt], self.gen.max_prompt_tokens)
+        ids = torch.tensor([x], device=self.gen.device)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(
             input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **self.gen.generate_kwargs(s)

@@ -97,10 +97,11 @@ class _Run:
         d = self.env.latest_checkpoint()
         if d:
             state = ckpt.load(self.engine, d, self.rank)["loop"]
-            if state["signature"] != self.sig:
+            if state["signature"] != self.sig and state["step"] < self.total:  # a finished run reads nothing more
                 raise ValueError(
                     "this run's checkpoint was made with another data order (world size, batch sizes, "
-                    "epochs, seed, eval_rows or shards changed); keep them, or use a new train.name"
+                    "epochs, seed, eval_rows, mix_block_rows or shards changed); keep them, or use a new "
+                    "train.name"
                 )
             self.step, self.history, self.resumed_from = state["step"], state["history"], state["step"]
             if self.rank == 0:

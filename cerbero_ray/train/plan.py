@@ -6,9 +6,14 @@ needs the opposite: every row's place fixed in advance. So the order is planned 
 
 1. Shards are shuffled (seeded, per epoch); their rows, already shuffled within a shard by the data
    stage, follow in file order. The last ``eval_rows`` rows of epoch 0's order are held out.
-2. The rest is cut into ``world_size`` contiguous ranges of ``steps × rows_per_step_per_rank`` rows
+2. The rows are shuffled across shards (seeded, per epoch) in blocks of ``mix_block_rows`` rows of
+   one shard: a shard holds one buffer of the data stage, often of one source, so without this a
+   global batch would come from a handful of shards and could be all one source. With blocks of one
+   row (the default) a global batch is a uniform sample of the corpus; larger blocks mean fewer,
+   longer reads; 0 keeps the shard order.
+3. The rest is cut into ``world_size`` contiguous ranges of ``steps × rows_per_step_per_rank`` rows
    (the remainder, under one global batch, is dropped and counted). Rank r reads range r.
-3. Micro-batch k of rank r is rows ``[k × micro, (k+1) × micro)`` of its range; step s is micro-batches
+4. Micro-batch k of rank r is rows ``[k × micro, (k+1) × micro)`` of its range; step s is micro-batches
    ``[s × accum, (s+1) × accum)``. Resuming at step s is reading the range from row ``s × accum × micro``.
 
 A range is a list of :class:`Segment` (a run of rows of one shard); no data is read here.
@@ -49,6 +54,22 @@ def _ordered(shards: list[dict], seed: int, epoch: int) -> list[Segment]:
     return [Segment(shards[i]["path"], 0, int(shards[i]["rows"])) for i in order if shards[i]["rows"] > 0]
 
 
+def _mixed(segments: list[Segment], block: int, seed: int, epoch: int) -> list[Segment]:
+    """``segments`` cut into blocks of ``block`` rows of one shard, the blocks in a seeded random order
+    (adjacent blocks of one shard are merged back into one segment)."""
+    if block < 1:
+        return segments
+    blocks = [Segment(s.path, a, min(a + block, s.stop)) for s in segments for a in range(s.start, s.stop, block)]
+    out: list[Segment] = []
+    for i in np.random.default_rng([seed, epoch, 1]).permutation(len(blocks)):
+        b = blocks[i]
+        if out and out[-1].path == b.path and out[-1].stop == b.start:
+            out[-1] = Segment(b.path, out[-1].start, b.stop)
+        else:
+            out.append(b)
+    return out
+
+
 def take(segments: list[Segment], start: int, stop: int) -> list[Segment]:
     """Rows ``[start, stop)`` of the concatenation of ``segments``."""
     out, at = [], 0
@@ -69,7 +90,15 @@ def _split_evenly(segments: list[Segment], parts: int) -> list[list[Segment]]:
 
 
 def plan_epoch(
-    shards: list[dict], epoch: int, *, world_size: int, micro_batch: int, accum: int, seed: int, eval_rows: int = 0
+    shards: list[dict],
+    epoch: int,
+    *,
+    world_size: int,
+    micro_batch: int,
+    accum: int,
+    seed: int,
+    eval_rows: int = 0,
+    mix_block_rows: int = 1,
 ) -> EpochPlan:
     """The plan for one epoch (``shards``: the manifest's ``[{path, rows}]``)."""
     if world_size < 1 or micro_batch < 1 or accum < 1:
@@ -84,6 +113,7 @@ def plan_epoch(
     segs = _ordered(shards, seed, epoch)
     if held_keys:
         segs = [Segment(s.path, a, b) for s in segs for a, b in _runs_without(s, held_keys)]
+    segs = _mixed(segs, mix_block_rows, seed, epoch)
     usable = total - eval_rows
     per_step = world_size * micro_batch * accum
     steps = usable // per_step
@@ -112,6 +142,12 @@ def remaining(plan: EpochPlan, rank: int, step: int, micro_batch: int, accum: in
     return take(plan.ranges[rank], step * accum * micro_batch, plan.rows_per_rank)
 
 
+def step_rows(plan: EpochPlan, step: int, micro_batch: int, accum: int) -> list[Segment]:
+    """The rows of optimizer step ``step``'s global batch, all ranks together."""
+    n = accum * micro_batch
+    return [s for r in plan.ranges for s in take(r, step * n, (step + 1) * n)]
+
+
 def plan_all(shards: list[dict], t: dict, world: int) -> list[EpochPlan]:
     """Every epoch's plan for a ``train`` config section and ``world`` ranks."""
     accum = t["global_batch_size"] // (t["micro_batch_size"] * world)
@@ -124,6 +160,7 @@ def plan_all(shards: list[dict], t: dict, world: int) -> list[EpochPlan]:
             accum=accum,
             seed=t["seed"],
             eval_rows=t["eval_rows"],
+            mix_block_rows=t.get("mix_block_rows", 1),
         )
         for e in range(t["epochs"])
     ]
@@ -137,5 +174,9 @@ def total_steps(plans: list[EpochPlan], t: dict) -> int:
 def signature(shards: list[dict], t: dict, world: int) -> str:
     """What fixes the data order: a checkpoint only resumes a run with the same one."""
     keys = ("micro_batch_size", "global_batch_size", "epochs", "seed", "eval_rows", "max_steps")
-    blob = json.dumps({"shards": shards, "world": world, **{k: t.get(k) for k in keys}}, sort_keys=True)
+    mix = t.get("mix_block_rows", 1)  # 0, the shard order, signs as runs from before the setting did
+    blob = json.dumps(
+        {"shards": shards, "world": world, **{k: t.get(k) for k in keys}, **({"mix_block_rows": mix} if mix else {})},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -8,6 +8,7 @@ ahead of the GPU). Both yield the same micro-batches in the same order.
 
 from __future__ import annotations
 
+import json
 from typing import Iterator
 
 import numpy as np
@@ -17,7 +18,7 @@ from cerbero_ray import storage
 from cerbero_ray.train.plan import Segment
 
 COLUMNS = ("input_ids", "labels", "position_ids")
-SEGMENT_ROWS = 64  # a longer segment is read as several Ray Data items
+SEGMENT_ROWS = 64  # rows per read (one Ray Data item): longer segments are cut, shorter ones grouped
 
 
 def read_segment(path: str, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -44,12 +45,25 @@ def read_segment(path: str, start: int, stop: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _pieces(segments: list[Segment]) -> list[Segment]:
-    return [
-        Segment(s.path, a, min(a + SEGMENT_ROWS, s.stop))
-        for s in segments
-        for a in range(s.start, s.stop, SEGMENT_ROWS)
-    ]
+def _items(segments: list[Segment]) -> list[list[Segment]]:
+    """``segments`` in order, as reads of at most ``SEGMENT_ROWS`` rows in all: a long segment is cut,
+    short ones (rows mixed across shards) are grouped."""
+    items: list[list[Segment]] = [[]]
+    have = 0
+    for s in segments:
+        for a in range(s.start, s.stop, SEGMENT_ROWS):
+            piece = Segment(s.path, a, min(a + SEGMENT_ROWS, s.stop))
+            if have + piece.rows > SEGMENT_ROWS:
+                items.append([])
+                have = 0
+            items[-1].append(piece)
+            have += piece.rows
+    return [i for i in items if i]
+
+
+def _read(item: list[Segment]) -> dict[str, np.ndarray]:
+    parts = [read_segment(s.path, s.start, s.stop) for s in item]
+    return {k: np.concatenate([x[k] for x in parts]) for k in COLUMNS}
 
 
 def _rebatch(chunks: Iterator[dict[str, np.ndarray]], micro: int) -> Iterator[dict[str, np.ndarray]]:
@@ -69,11 +83,11 @@ def _rebatch(chunks: Iterator[dict[str, np.ndarray]], micro: int) -> Iterator[di
 
 def local_batches(segments: list[Segment], micro: int) -> Iterator[dict[str, np.ndarray]]:
     """Micro-batches of ``micro`` rows, read in this process."""
-    return _rebatch((read_segment(s.path, s.start, s.stop) for s in _pieces(segments)), micro)
+    return _rebatch((_read(item) for item in _items(segments)), micro)
 
 
 def _read_items(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    parts = [read_segment(str(p), int(a), int(b)) for p, a, b in zip(batch["path"], batch["start"], batch["stop"])]
+    parts = [_read([Segment(*s) for s in json.loads(str(x))]) for x in batch["segments"]]
     return {k: np.concatenate([x[k] for x in parts]) for k in COLUMNS}
 
 
@@ -83,14 +97,15 @@ def ray_batches(
     """The same micro-batches as :func:`local_batches`, read by Ray Data tasks in order."""
     import ray.data
 
-    pieces = _pieces(segments)
-    if not pieces:
+    items = _items(segments)
+    if not items:
         return iter(())
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ds = ray.data.from_items(
-        [{"path": s.path, "start": s.start, "stop": s.stop} for s in pieces], override_num_blocks=len(pieces)
+        [{"segments": json.dumps([[s.path, s.start, s.stop] for s in item])} for item in items],
+        override_num_blocks=len(items),
     )
     ds = ds.map_batches(_read_items, batch_size=1, batch_format="numpy", num_cpus=read_cpus)
     return ds.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=prefetch, drop_last=False)

@@ -1,0 +1,62 @@
+"""The proxy middleware: Ray Serve's own plain-text error answers become our JSON error object."""
+
+import asyncio
+import json
+
+from cerbero_ray.serve.proxy import JSONErrors, proxy_middlewares
+
+
+def answer(status, headers, *chunks):
+    """An ASGI app answering ``status`` with ``chunks`` as its body, the way Ray's proxy does."""
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        for i, c in enumerate(chunks):
+            await send({"type": "http.response.body", "body": c, "more_body": i < len(chunks) - 1})
+
+    return app
+
+
+def through(app):
+    sent = []
+
+    async def send(msg):
+        sent.append(msg)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    asyncio.run(JSONErrors(app)({"type": "http", "path": "/v1/chat/completions"}, receive, send))
+    start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], dict(start["headers"]), body
+
+
+def test_overload_text_becomes_the_json_error_object_with_retry_after_kept():
+    text = b"Request dropped due to backpressure (num_queued_requests=4, max_queued_requests=4)."
+    status, headers, body = through(
+        answer(503, [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"2")], text[:20], text[20:])
+    )
+    err = json.loads(body)["error"]
+    assert status == 503 and headers[b"retry-after"] == b"2" and headers[b"content-type"] == b"application/json"
+    assert int(headers[b"content-length"]) == len(body)
+    assert err == {"message": text.decode(), "type": "server_error", "param": None, "code": "overloaded"}
+    _, _, body = through(answer(429, [(b"content-type", b"text/plain")], b""))
+    assert json.loads(body)["error"] == {
+        "message": "Too Many Requests",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+
+
+def test_json_answers_and_successes_pass_untouched():
+    ours = json.dumps({"error": {"message": "bad", "type": "invalid_request_error", "param": "x", "code": None}})
+    for status, ctype, body in ((400, b"application/json", ours.encode()), (200, b"text/event-stream", b"data: x\n\n")):
+        got = through(answer(status, [(b"content-type", ctype)], body[:5], body[5:]))
+        assert got == (status, {b"content-type": ctype}, body)
+
+
+def test_ray_serve_accepts_the_callback():
+    from ray.serve._private.http_util import validate_http_proxy_callback_return
+
+    assert validate_http_proxy_callback_return(proxy_middlewares())[0].cls is JSONErrors
