@@ -139,16 +139,14 @@ def bench_hf(path: str, seq_len: int, num_proc: int | None, cache: str) -> dict:
     }
 
 
-def bench_ours(path: str, out: str, seq_len: int, packing: str, fmt: str, loss_on: str) -> dict:
-    from cerbero_ray.data.pipeline import run_data
-
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = {
+def data_config(sources: dict, out: str, seq_len: int, **data) -> dict:
+    """A data-stage config (plain dict) for ``sources`` ``{name: {path, format[, weight]}}``."""
+    return {
         "data": {
-            "sources": {"s": {"path": path, "format": fmt, "weight": 1.0, "text_field": "text"}},
+            "sources": {k: {"weight": 1.0, "text_field": "text", **v} for k, v in sources.items()},
             "seq_len": seq_len,
-            "loss_on": loss_on,
-            "packing": packing,
+            "loss_on": "assistant",
+            "packing": "whole",
             "long_docs": "split",
             "buffer_docs": 4096,
             "workers": None,
@@ -156,9 +154,17 @@ def bench_ours(path: str, out: str, seq_len: int, packing: str, fmt: str, loss_o
             "compression": "zstd",
             "output_dir": out,
             "overwrite": True,
+            **data,
         },
         "tokenizer": {"path": None, "assistant_tag": "AI", "system_line": SYSTEM_LINE},
     }
+
+
+def bench_ours(path: str, out: str, seq_len: int, packing: str, fmt: str, loss_on: str) -> dict:
+    from cerbero_ray.data.pipeline import run_data
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = data_config({"s": {"path": path, "format": fmt}}, out, seq_len, loss_on=loss_on, packing=packing)
     with PeakRSS() as mem:
         t = time.perf_counter()
         m = run_data(cfg)

@@ -28,13 +28,14 @@ import pyarrow.parquet as pq
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from cerbero_ray.chat import SYSTEM_LINE  # noqa: E402
 from cerbero_ray.train.plan import plan_epoch, step_rows  # noqa: E402
 
 SHARED = os.path.join(REPO, "..", "shared", "data")
 
 
 def make_data(out: str, seq_len: int, buffer_docs: int) -> dict:
+    from bench_data import data_config  # noqa: E402 (this folder is on sys.path when run as a script)
+
     from cerbero_ray.data.pipeline import run_data
     from cerbero_ray.runtime import init_ray
 
@@ -44,23 +45,7 @@ def make_data(out: str, seq_len: int, buffer_docs: int) -> dict:
         "novels": {"path": os.path.join(SHARED, "text_it", "it_novels_packing_5MB.jsonl"), "format": "text"},
         "chat": {"path": os.path.join(SHARED, "chat_it", "eu_it_messages.json"), "format": "openai", "weight": 2.0},
     }
-    cfg = {
-        "data": {
-            "sources": {k: {"weight": 1.0, "text_field": "text", **v} for k, v in sources.items()},
-            "seq_len": seq_len,
-            "loss_on": "assistant",
-            "packing": "whole",
-            "long_docs": "split",
-            "buffer_docs": buffer_docs,
-            "workers": None,
-            "seed": 0,
-            "compression": "zstd",
-            "output_dir": out,
-            "overwrite": True,
-        },
-        "tokenizer": {"path": None, "assistant_tag": "AI", "system_line": SYSTEM_LINE},
-    }
-    return run_data(cfg)
+    return run_data(data_config(sources, out, seq_len, buffer_docs=buffer_docs))
 
 
 def row_mixes(shards: list[dict]) -> dict[tuple[str, int], Counter]:

@@ -89,8 +89,20 @@ def tokenizer_hash(tok: PreTrainedTokenizerBase) -> str:
 
 
 def encode_plain(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Token ids of ``texts`` as plain text: no BOS/EOS added, special-token strings kept as text."""
-    return tok(list(texts), add_special_tokens=False, split_special_tokens=True).input_ids if texts else []
+    """Token ids of ``texts`` as plain text: no BOS/EOS added, special-token strings kept as text.
+
+    The Rust backend directly (no offsets, no Python-side encodings: 1.5x faster than ``tok()``).
+    Its ``encode_special_tokens`` flag is state shared by every caller of the tokenizer; every
+    encode in this project sets it on (here, or through transformers' ``split_special_tokens=True``),
+    so it never goes off under a concurrent call.
+    """
+    if not texts:
+        return []
+    if not tok.is_fast:  # a Python tokenizer (an encoder for dedup embeddings, say)
+        return tok(list(texts), add_special_tokens=False, split_special_tokens=True).input_ids
+    backend = tok.backend_tokenizer
+    backend.encode_special_tokens = True
+    return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
 
 def encode_chats(
