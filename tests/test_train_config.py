@@ -48,6 +48,7 @@ def test_a_good_config_gets_its_run_section(tmp_path):
         ("+model.overrides.max_position_embeddings=256", "max_position_embeddings"),
         ("train.max_steps=0", "train.max_steps"),
         ("train.placement_strategy=SCATTER", "train.placement_strategy"),
+        ("train.mix_block_rows=-1", "train.mix_block_rows"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, key):
