@@ -127,12 +127,17 @@ def encode_chats(
         eos_token="",
         tokenizer_kwargs={"split_special_tokens": True},
     )
-    ids_out, masks_out = [], []
+    bos, ids_out, masks_out = _bos(tok), [], []
     for conv, ids, mask in zip(conversations, enc["input_ids"], enc["assistant_masks"]):
         ends = not add_generation_prompt and conv and conv[-1].get("role") == "assistant"
-        ids_out.append([tok.bos_token_id, *ids, *([tok.eos_token_id] if ends else [])])
-        masks_out.append([0, *mask, *([1] if ends else [])])
+        ids_out.append([*bos, *ids, *([tok.eos_token_id] if ends else [])])
+        masks_out.append([0] * len(bos) + [*mask, *([1] if ends else [])])
     return ids_out, masks_out
+
+
+def _bos(tok: PreTrainedTokenizerBase) -> list[int]:
+    """``[bos_token_id]``, or ``[]`` for a tokenizer without one (the template writes none then)."""
+    return [] if tok.bos_token_id is None else [tok.bos_token_id]
 
 
 _TURN = re.compile("\n(?=" + "|".join(re.escape(t) for t in (USER_TAG, *ASSISTANT_TAGS.values())) + ")")
@@ -143,18 +148,20 @@ def encode_prompts(
 ) -> tuple[list[list[int]], list[bool]]:
     """Token ids of rendered prompts, and whether each was truncated.
 
-    Every prompt starts with BOS: a leading ``bos_token`` string (the chat template writes one) is
-    that BOS; the rest is plain text (:func:`encode_plain`). A prompt over ``max_tokens`` keeps its
-    head (BOS and the system line) and drops whole exchanges (a user turn and its answer) from its
-    start — the oldest, few-shot examples first — until it fits; should the last user turn alone
-    not fit, the head is followed by the prompt's last tokens (where the answer starts).
+    Every prompt starts with BOS (when the tokenizer has one): a leading ``bos_token`` string (the
+    chat template writes one) is that BOS; the rest is plain text (:func:`encode_plain`). A prompt
+    over ``max_tokens`` keeps its head (BOS and the system line) and drops whole exchanges (a user
+    turn and its answer) from its start — the oldest, few-shot examples first — until it fits;
+    should the last user turn alone not fit, the head is followed by the prompt's last tokens
+    (where the answer starts).
     """
     bos = tok.bos_token or ""
     bodies = [p[len(bos) :] if bos and p.startswith(bos) else p for p in prompts]
-    ids = [[tok.bos_token_id, *x] for x in encode_plain(tok, bodies)]
+    head = _bos(tok)
+    ids = [[*head, *x] for x in encode_plain(tok, bodies)]
     cut = [max_tokens is not None and len(x) > max_tokens for x in ids]
     for i in (i for i, c in enumerate(cut) if c):
-        ids[i] = [tok.bos_token_id, *_fit(tok, bodies[i], max_tokens - 1)]
+        ids[i] = [*head, *_fit(tok, bodies[i], max_tokens - len(head))]
     return ids, cut
 
 

@@ -127,6 +127,18 @@ def test_every_prompt_starts_with_one_bos(tok):
     assert c.count(tok.bos_token_id) == 1  # the second "<s>" is text
 
 
+def test_a_tokenizer_without_bos_gets_none_added(tok):
+    import copy
+
+    nobos = copy.deepcopy(tok)
+    nobos.bos_token = None
+    assert nobos.bos_token_id is None
+    (p,), _ = encode_prompts(nobos, ["Ciao"], 64)
+    (c,), (m,) = encode_chats(nobos, [CONV[:2]])
+    assert p == encode_plain(tok, ["Ciao"])[0] and None not in c and len(c) == len(m)
+    assert c == encode_chats(tok, [CONV[:2]])[0][0][1:]  # the same, less the BOS
+
+
 def _many_turns(n):
     msgs = []
     for k in range(n):
