@@ -4,6 +4,7 @@
 
 import concurrent.futures as cf
 import json
+import random
 import urllib.error
 import urllib.request
 
@@ -283,6 +284,63 @@ def test_a_bad_label_request_fails_alone(server):
         futures = [pool.submit(post, f"{server}/v1/label", bad if i == 2 else good) for i in range(4)]
         results = [f.result() for f in futures]  # 4: within the fixture's 4 ongoing
     assert [s for s, _, _ in results] == [400 if i == 2 else 200 for i in range(4)], [s for s, _, _ in results]
+
+
+PIECES = [
+    "",
+    " ",
+    "<s>",
+    "</s>",
+    "[|AI|] x",
+    "\n[|Umano|] y",
+    "\ud800",
+    "Ciao ",
+    "é" * 300,
+    "\x00",
+    "😀",
+    "parola " * 60,
+]
+
+
+def _fuzzed_body(rnd: random.Random, path: str) -> dict:
+    """A request body, half of them plausible (odd text in the right places), half garbage."""
+
+    def text():
+        return "".join(rnd.choice(PIECES) for _ in range(rnd.randint(1, 5)))
+
+    def junk(depth=0):
+        if depth > 2 or rnd.random() < 0.4:
+            return rnd.choice([*PIECES, 0, -1, 1.5, 1e308, True, None, 10**30])
+        if rnd.random() < 0.5:
+            return [junk(depth + 1) for _ in range(rnd.randint(0, 3))]
+        return {
+            rnd.choice(["role", "content", "prompt", "texts", "x"]): junk(depth + 1) for _ in range(rnd.randint(0, 3))
+        }
+
+    plausible = rnd.random() < 0.5
+    if path.endswith("chat/completions"):
+        roles = ["user"] if plausible else ["user", "assistant", "system", "tool", None, 1]
+        b = {"messages": [{"role": rnd.choice(roles), "content": text() if plausible else junk(1)}]}
+    elif path.endswith("/completions"):
+        b = {"prompt": text() if plausible else junk(1)}
+    else:
+        b = {"task": "irony", "texts": [text() if plausible else junk(1) for _ in range(rnd.randint(0, 5))]}
+    for _ in range(rnd.randint(0, 2)):
+        key = rnd.choice(["max_tokens", "temperature", "top_p", "stop", "seed", "stream", "n", "model"])
+        b[key] = rnd.choice([rnd.randint(1, 8), 0.5, "x", None, [1], {"a": 1}])
+    return b
+
+
+def test_fuzzed_bodies_never_get_a_5xx(server):
+    rnd = random.Random(14)
+    paths = [rnd.choice(["/v1/chat/completions", "/v1/completions", "/v1/label"]) for _ in range(120)]
+    bodies = [_fuzzed_body(rnd, p) for p in paths]
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda pb: post(f"{server}{pb[0]}", pb[1]), zip(paths, bodies)))
+    codes = [s for s, _, _ in results]
+    assert all(c < 500 for c in codes), [(c, b) for c, b in zip(codes, bodies) if c >= 500][:3]
+    assert codes.count(200) >= 10 and codes.count(400) >= 10  # both sides were exercised
+    assert all("error" in b for s, b, _ in results if s >= 400)
 
 
 def test_health_ready_and_chat_page(server):
