@@ -5,6 +5,9 @@ Mistral-7B-shaped model (hidden 4096, FFN 14336, 32 heads / 8 KV heads, vocab 32
 
     python ../shared/bench/gpu_zero1_check.py --out $OUT && python bench/bench_train_gpu.py --out $OUT
     python bench/bench_train_gpu.py --cpu-smoke          # tiny sizes on CPU: checks the script runs
+    # what fp32 gradient accumulation costs (ours) against DeepSpeed's default (the model's bf16):
+    python bench/bench_train_gpu.py --accum 4 --steps 5 --warmup 2 --grad-accum-dtype fp32 --out $OUT
+    python bench/bench_train_gpu.py --accum 4 --steps 5 --warmup 2 --grad-accum-dtype bf16 --out $OUT
 
 Rows are synthetic (random tokens, 8 documents per row, labels on every token as in the baseline),
 written as a shard in the data stage's format and read back through the planned reader. Reports
@@ -62,7 +65,7 @@ def config(a, shard: str, rows: int, run_dir: str) -> dict:
     train = {
         "name": "gpu-bench",
         "micro_batch_size": 1,
-        "global_batch_size": 1,
+        "global_batch_size": a.accum,
         "epochs": 1,
         "max_steps": a.steps,
         "lr": 1e-5,
@@ -96,7 +99,10 @@ def config(a, shard: str, rows: int, run_dir: str) -> dict:
         "contiguous_gradients": True,
         "reduce_bucket_size": 500_000_000,
         "allgather_bucket_size": 500_000_000,
-        "extra": {},
+        # fp32: ours (engine.deepspeed_config); bf16: DeepSpeed's default, which follows the model dtype
+        "extra": {}
+        if a.grad_accum_dtype == "fp32"
+        else {"data_types": {"grad_accum_dtype": "bf16"}, "communication_data_type": "bf16"},
     }
     return {
         "model": model,
@@ -115,6 +121,8 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--loss-chunk", type=int, default=4096)
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--grad-accum-dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--cpu-smoke", action="store_true")
     a = p.parse_args()
     if a.cpu_smoke:
@@ -127,8 +135,8 @@ def main():
 
     work = tempfile.mkdtemp(prefix="cerbero-gpu-bench-")
     shard = os.path.join(work, "shard.parquet")
-    write_shard(shard, a.steps, a.seq, 8, 32000)
-    cfg = config(a, shard, a.steps, os.path.join(work, "run"))
+    write_shard(shard, a.steps * a.accum, a.seq, 8, 32000)
+    cfg = config(a, shard, a.steps * a.accum, os.path.join(work, "run"))
     env = LocalEnv(cfg["run"]["run_dir"])
     summary = train_loop(cfg, env)
     env.close()
@@ -151,7 +159,8 @@ def main():
             if isinstance(base.get(k), dict):
                 res[f"vs_{k}"] = round(res["tokens_per_s"] / base[k]["tokens_per_s"], 3)
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "bench_train_gpu.json"), "w") as f:
+    name = "bench_train_gpu" + (f"-accum{a.accum}-{a.grad_accum_dtype}" if a.accum > 1 else "")
+    with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res), flush=True)
 

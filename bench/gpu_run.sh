@@ -3,6 +3,7 @@
 #   bash bench/gpu_run.sh serve         # gpu_generate_check.py beside bench_serve_gpu.py, then the gpu tests
 #   bash bench/gpu_run.sh label         # bench_label_gpu.py: the scorer vs a bare forward, same batches
 #   bash bench/gpu_run.sh train         # gpu_zero1_check.py beside bench_train_gpu.py (gpu_prepare.sh --train)
+#   bash bench/gpu_run.sh accum         # bench_train_gpu.py with 4 micro-batches: fp32 vs bf16 gradient accumulation
 #   bash bench/gpu_run.sh evaluate      # bench_evaluate.py: score vs generate protocol, continuous vs generate
 #   bash bench/gpu_run.sh tests         # python -m pytest -m gpu (every gpu-marked test)
 #   CPU_SMOKE=1 bash bench/gpu_run.sh serve label   # here, on CPU: tiny sizes, the baselines skipped
@@ -54,11 +55,16 @@ for stage in "$@"; do
     train)
       baseline gpu_zero1_check 300 $PY .gpu/baselines/gpu_zero1_check.py --out "$OUT"
       step bench_train_gpu 240 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}" ;;
+    accum)   # fp32 vs bf16 gradient accumulation over 4 micro-batches (a call of its own: ~2 × 150 s)
+      for dt in fp32 bf16; do
+        step bench_train_gpu_accum_$dt 200 $PY bench/bench_train_gpu.py --accum 4 --steps 5 --warmup 2 \
+          --grad-accum-dtype $dt --out "$OUT" "${SMOKE[@]}"
+      done ;;
     evaluate)
       step bench_evaluate 200 $PY bench/bench_evaluate.py --data-dir .gpu/data --out "$OUT" ;;
     tests)
       step pytest_gpu 300 $PY -m pytest -q -m gpu -p no:cacheprovider ;;
-    *) echo "unknown stage '$stage' (serve, label, train, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown stage '$stage' (serve, label, train, accum, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 printf '%s\n' "--- summary" "${SUMMARY[@]}" | tee -a "$LOG"
