@@ -98,7 +98,10 @@ def main() -> None:
     for c in mixes.values():
         tokens.update(c)
     corpus = {k: v / sum(tokens.values()) for k, v in tokens.items()}
-    single = sum(1 for s in shards if len({n for (p, _), c in mixes.items() if p == s["path"] for n in c}) == 1)
+    shard_sources: dict[str, set] = {}
+    for (path, _), c in mixes.items():
+        shard_sources.setdefault(path, set()).update(c)
+    single = sum(1 for names in shard_sources.values() if len(names) == 1)
     accum = args.global_batch // (args.micro_batch * args.workers)
     result = {
         "date": datetime.date.today().isoformat(),

@@ -39,7 +39,9 @@ def init_ray(cluster: dict) -> dict:
             kwargs["object_store_memory"] = int(cluster["object_store_memory_gb"] * 2**30)
         # Ray Serve's proxy answers overload and timeouts in our JSON error format (serve/proxy.py); the
         # variable reaches the proxy through the raylet this process starts
-        os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "cerbero_ray.serve.proxy.proxy_middlewares")
+        from cerbero_ray.serve.proxy import PROXY_CALLBACK
+
+        os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
         ray.init(namespace=cluster.get("namespace"), log_to_driver=True, **kwargs)
         log.info("started an embedded Ray cluster: %s", ray.cluster_resources())
     else:
