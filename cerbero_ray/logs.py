@@ -5,12 +5,20 @@ model): it hides what the libraries print on every run and a user can do nothing
 per-file progress bars, Ray Data's notice that we draw our own progress bars, DeepSpeed's accelerator
 auto-detection on a CPU machine, and the deprecation warnings of APIs that libraries call on our
 behalf (``all_gather_into_tensor`` inside DeepSpeed). Errors and other warnings still show.
+
+Two more, each where it happens: :func:`quiet_ray_data` (Ray Data's per-dataset INFO lines on the
+console, which cut through our progress bars; its log file keeps them) and :func:`drop_lines` (a
+library's bare ``print``, such as DeepSpeed's "op built successfully" on CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import re
+import sys
 import warnings
 
 _DONE = False
@@ -38,3 +46,58 @@ def quiet() -> None:
         hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" per file
     except ImportError:
         pass
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's console shows warnings and errors only; INFO ("Starting execution of Dataset …",
+    its execution plan, "execution finished in …") still goes to ``ray-data.log`` in the session's
+    log folder. Used when our own progress bars and summaries stand in for Ray Data's."""
+    import ray.data  # noqa: F401  (importing it configures the "ray.data" logger)
+
+    for h in logging.getLogger("ray.data").handlers:  # the console: a stream handler, not a file one
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            h.setLevel(max(h.level, logging.WARNING))
+
+
+class _LineFilter(io.TextIOBase):
+    """A text stream that passes whole lines to ``out`` except those matching ``pattern``."""
+
+    def __init__(self, out, pattern: re.Pattern):
+        self.out, self.pattern, self.buf = out, pattern, ""
+
+    def write(self, s: str) -> int:
+        self.buf += s
+        *lines, self.buf = self.buf.split("\n")
+        for line in lines:
+            if not self.pattern.search(line):
+                self.out.write(line + "\n")
+        return len(s)
+
+    def flush(self) -> None:
+        if self.buf and not self.pattern.search(self.buf):
+            self.out.write(self.buf)
+        self.buf = ""
+        self.out.flush()
+
+
+@contextlib.contextmanager
+def drop_lines(pattern: str):
+    """Within the block, lines printed to ``sys.stdout`` that match ``pattern`` are dropped; the
+    rest pass through unchanged, in order. Ray Train's workers turn ``print`` into a record on the
+    root logger: those records are matched too."""
+    rx = re.compile(pattern)
+    old = sys.stdout
+    f = _LineFilter(old, rx)
+    root = logging.getLogger()
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not rx.search(record.getMessage())
+
+    sys.stdout = f
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+        f.flush()
+        sys.stdout = old

@@ -51,6 +51,10 @@ def init_ray(cluster: dict) -> dict:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = bool(cluster.get("progress_bars"))
+    if not ctx.enable_progress_bars:  # our bars and summaries stand in for Ray Data's console lines
+        from cerbero_ray.logs import quiet_ray_data
+
+        quiet_ray_data()
     return ray.cluster_resources()
 
 

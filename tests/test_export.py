@@ -4,6 +4,8 @@ and, with llama-cpp-python (which compiles llama.cpp), llama.cpp itself loads ea
 Italian as the HF tokenizer does, gives the HF model's logits within stated tolerances, continues
 greedily as transformers does, and stops the seed's chat prompt at ``[|Umano|]``."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -149,7 +151,39 @@ def exported(hf_dir, tmp_path_factory):
             }
         }
     )
+    assert "fallback_tensors" not in res["files"]["q4_k_m"]  # 256-wide rows: every tensor is a K-quant
     return {t: r["path"] for t, r in res["files"].items()}
+
+
+def test_quantizer_fallbacks_are_one_line(exported, tmp_path):
+    """The default tiny model's rows (64 wide) are no multiple of the K-quant block: llama.cpp gives
+    those tensors a simpler type and warns once per tensor. The export says so in one line instead."""
+    from cerbero_ray.export import run_export
+
+    tiny().save_pretrained(tmp_path / "hf")
+    save_tokenizer(build_tokenizer(), str(tmp_path / "hf"))
+    said, warned = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(warned):
+        res = run_export(
+            {
+                "export": {
+                    "checkpoint": str(tmp_path / "hf"),
+                    "output_dir": str(tmp_path / "gguf"),
+                    "name": "tiny64",
+                    "types": ["q4_k_m"],
+                    "threads": 2,
+                    "overwrite": False,
+                }
+            }
+        )
+    info = res["files"]["q4_k_m"]
+    assert 0 < info["fallback_tensors"] <= info["tensors"]
+    assert "not divisible" not in warned.getvalue() and "fallback" not in warned.getvalue()
+    lines = [ln for ln in said.getvalue().splitlines() if "simpler type" in ln]
+    assert lines == [
+        f"[export] q4_k_m: {info['fallback_tensors']} of {info['tensors']} tensors kept a simpler type (q5_0/q8_0): "
+        "their rows are not a multiple of the K-quant block (256), as in tiny test models"
+    ]
 
 
 def _llama(path, **kw):

@@ -98,6 +98,12 @@ def run_export(cfg: DictConfig | dict) -> dict:
                 _upload(dest, final)
             results[t]["path"] = final
             print(f"[export] {t}: {final} ({results[t]['bytes'] / 2**20:.1f} MiB, {results[t]['seconds']} s)")
+            if results[t].get("fallback_tensors"):
+                of = f" of {results[t]['tensors']}" if "tensors" in results[t] else ""
+                print(
+                    f"[export] {t}: {results[t]['fallback_tensors']}{of} tensors kept a simpler type (q5_0/q8_0): "
+                    "their rows are not a multiple of the K-quant block (256), as in tiny test models"
+                )
         if "f16" not in x["types"] and os.path.exists(f16) and not storage.is_uri(out):
             os.remove(f16)  # made only for the quantizer
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

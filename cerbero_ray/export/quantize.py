@@ -6,6 +6,8 @@ llama-cpp-python compiles llama.cpp from source when it is installed (no prebuil
 from __future__ import annotations
 
 import os
+import re
+import sys
 
 FTYPES = {
     "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
@@ -16,20 +18,33 @@ FTYPES = {
 
 
 _KEEP = []  # the log callback handed to C must outlive the call
+_FALLBACK = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
+_FALLBACK_TENSOR = re.compile(r"not divisible by \d+ \(required for type")
 
 
-def _quiet(llama_cpp) -> None:
-    """llama.cpp's log: warnings and errors to stderr, not its per-tensor progress."""
+def _quiet(llama_cpp, notes: list) -> list:
+    """llama.cpp's log: warnings and errors to stderr, not its per-tensor progress. Its per-tensor
+    fallback warnings (a row length that is not a multiple of the K-quant block, so the tensor gets a
+    simpler type) and their total go to ``notes``: the caller reports them in one line."""
     import ctypes
-    import sys
+
+    pending = [""]  # llama.cpp writes a line in pieces (GGML_LOG_LEVEL_CONT continues the last one)
 
     @llama_cpp.llama_log_callback
     def log(level, text, _user):
-        if level in (3, 4):  # GGML_LOG_LEVEL_WARN, _ERROR
-            sys.stderr.write(text.decode("utf-8", errors="replace"))
+        if level not in (3, 4, 5) or (level == 5 and not pending[0]):  # WARN, ERROR, CONT of a kept line
+            return
+        pending[0] += text.decode("utf-8", errors="replace")
+        *lines, pending[0] = pending[0].split("\n")
+        for line in lines:
+            if _FALLBACK_TENSOR.search(line) or _FALLBACK.search(line):
+                notes.append(line)
+            else:
+                sys.stderr.write(line + "\n")
 
-    _KEEP.append(log)
     llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    _KEEP[:] = [log]  # after the swap: the callback C held until now may go
+    return pending
 
 
 def available() -> bool:
@@ -51,7 +66,8 @@ def quantize(src: str, dest: str, out_type: str, threads: int = 0) -> dict:
         raise ValueError(
             f"export.types: {out_type} needs llama-cpp-python (pip install 'cerbero-ray[gguf]'; it compiles llama.cpp)"
         ) from None
-    _quiet(llama_cpp)
+    notes: list[str] = []
+    pending = _quiet(llama_cpp, notes)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[out_type])
     params.nthread = threads
@@ -64,4 +80,13 @@ def quantize(src: str, dest: str, out_type: str, threads: int = 0) -> dict:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return {"path": dest, "type": out_type, "bytes": os.path.getsize(dest), "from": os.path.basename(src)}
+        if pending[0]:  # a last warning without its newline
+            sys.stderr.write(pending[0] + "\n")
+            pending[0] = ""
+    info = {"path": dest, "type": out_type, "bytes": os.path.getsize(dest), "from": os.path.basename(src)}
+    total = [m for m in map(_FALLBACK.search, notes) if m]
+    if total:  # e.g. a tiny test model, whose 64-wide rows are no multiple of the 256-wide K-quant block
+        info["fallback_tensors"], info["tensors"] = int(total[-1].group(1)), int(total[-1].group(2))
+    elif any(_FALLBACK_TENSOR.search(n) for n in notes):
+        info["fallback_tensors"] = sum(1 for n in notes if _FALLBACK_TENSOR.search(n))
+    return info

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from cerbero_ray.logs import drop_lines
 from cerbero_ray.models import build_model
 from cerbero_ray.train.modeling import PackedCausalLM, pick_attention
 
@@ -95,11 +96,12 @@ def build_engine(config: dict, total_steps: int, device: torch.device, world_siz
     model = PackedCausalLM(lm, t["loss_chunk_tokens"]).to(device)
     opt = build_optimizer(model, t, cuda)
     sched = build_scheduler(opt, t, total_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=opt,
-        lr_scheduler=sched,
-        config=deepspeed_config(config["deepspeed"], t, world_size),
-        dist_init_required=False,
-    )
+    with drop_lines(r"^DeepSpeed \S+ built successfully$"):  # its CPU comm op, printed once per worker
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=opt,
+            lr_scheduler=sched,
+            config=deepspeed_config(config["deepspeed"], t, world_size),
+            dist_init_required=False,
+        )
     return engine, sched, lm
