@@ -82,10 +82,13 @@ def from_pretrained(
 ) -> PreTrainedModel:
     if not path:
         raise ValueError("model.path is required for model=hf (a local folder or an s3:// URI)")
+    from cerbero_ray.config.common import check_weights
     from cerbero_ray.storage import local_copy
 
+    folder = local_copy(path)
+    check_weights(folder, path)  # a cut-short copy is named, not a safetensors traceback
     return AutoModelForCausalLM.from_pretrained(
-        local_copy(path), dtype=_dtype(dtype), trust_remote_code=False, **(overrides or {})
+        folder, dtype=_dtype(dtype), trust_remote_code=False, **(overrides or {})
     )
 
 

@@ -27,8 +27,9 @@ def test_every_option_composes(stage, group, tmp_path):
     if not any(isinstance(d, dict) and group in d for d in primary["defaults"]):
         pytest.skip(f"{stage} has no {group} group")
     for option in group_options(group):
-        extra = ["model.path=/tmp/ckpt"] if (group, option) == ("model", "hf") else []
+        extra = [f"model.path={tmp_path}"] if (group, option) == ("model", "hf") else []
         (tmp_path / "config.json").write_text("{}")  # a checkpoint for the stages that read one
+        (tmp_path / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # no tensors
         extra += [f"{s}.checkpoint={tmp_path}" for s in ("label", "generate", "serve", "export") if s == stage]
         extra += (
             [f"evaluate.checkpoints.tiny-cpu={tmp_path}", "evaluate.skip_missing=true"] if stage == "evaluate" else []

@@ -125,6 +125,7 @@ def test_dedup_config_errors_name_the_key(tmp_path):
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # no tensors
 
     def check(*overrides):
         compose("generate", [f"generate.checkpoint={tmp_path}/m", *overrides], checked=True)

@@ -7,7 +7,15 @@ from typing import Any, Dict, Optional
 
 from omegaconf import MISSING
 
-from cerbero_ray.config.common import ClusterConfig, PathsConfig, TokenizerConfig, at_least, check_tokenizer, one_of
+from cerbero_ray.config.common import (
+    ClusterConfig,
+    PathsConfig,
+    TokenizerConfig,
+    at_least,
+    check_output_dir,
+    check_tokenizer,
+    one_of,
+)
 
 SOURCE_FORMATS = ("auto", "openai", "sharegpt", "alpaca", "text")
 
@@ -49,6 +57,7 @@ def check_data(c: dict) -> None:
     """``ValueError`` naming the key for a bad data config (the sources' files are checked at run time)."""
     d = c["data"]
     check_tokenizer(c["tokenizer"])
+    check_output_dir(d["output_dir"], "data.output_dir")
     if int(d["seq_len"]) < 16:
         raise ValueError(f"data.seq_len must be >= 16, got {d['seq_len']}")
     at_least(d, ("buffer_docs", "workers"), 1, "data")

@@ -14,6 +14,7 @@ from cerbero_ray.config.common import (
     PathsConfig,
     at_least,
     check_local_checkpoint,
+    check_output_dir,
     is_local,
     one_of,
 )
@@ -78,6 +79,7 @@ def check_evaluate(c: dict, checkpoints: bool = True) -> None:
     if unknown:
         raise ValueError(f"evaluate.only: unknown tasks {sorted(unknown)}; configured: {sorted(ec['tasks'])}")
     one_of(ec["dtype"], INFERENCE_DTYPES, "evaluate.dtype")
+    check_output_dir(ec["output_dir"], "evaluate.output_dir")
     at_least(ec, ("workers", "batch_rows", "batch_size", "max_prompt_tokens", "prefill_tokens"), 1, "evaluate")
     if float(ec["gpus_per_worker"]) < 0 or float(ec["cpus_per_worker"]) <= 0:
         raise ValueError("evaluate.gpus_per_worker must be >= 0 and evaluate.cpus_per_worker > 0")

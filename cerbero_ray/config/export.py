@@ -7,7 +7,7 @@ from typing import List
 
 from omegaconf import MISSING
 
-from cerbero_ray.config.common import ClusterConfig, PathsConfig, at_least, check_local_checkpoint
+from cerbero_ray.config.common import ClusterConfig, PathsConfig, at_least, check_local_checkpoint, check_output_dir
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k")
 
@@ -39,5 +39,6 @@ def check_export(c: dict, checkpoint: bool = True) -> None:
     if not x["name"] or "/" in x["name"]:
         raise ValueError(f"export.name must be a non-empty file name prefix, got {x['name']!r}")
     at_least(x, ("threads",), 0, "export")
+    check_output_dir(x["output_dir"], "export.output_dir")
     if checkpoint:
         check_local_checkpoint(x["checkpoint"], "export.checkpoint")

@@ -14,6 +14,7 @@ from cerbero_ray.config.common import (
     PathsConfig,
     at_least,
     check_local_checkpoint,
+    check_output_dir,
     one_of,
 )
 
@@ -70,6 +71,7 @@ def check_batch_inference(b: dict, stage: str) -> None:
     if float(b["gpus_per_worker"]) < 0 or float(b["cpus_per_worker"]) <= 0:
         raise ValueError(f"{stage}.gpus_per_worker must be >= 0 and {stage}.cpus_per_worker > 0")
     check_local_path(b["input"], f"{stage}.input", glob_ok=True)
+    check_output_dir(b["output_dir"], f"{stage}.output_dir")
 
 
 def check_local_path(path: str, key: str, glob_ok: bool = False) -> None:

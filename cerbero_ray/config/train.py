@@ -15,6 +15,7 @@ from cerbero_ray.config.common import (
     TokenizerConfig,
     at_least,
     check_model,
+    check_output_dir,
     check_tokenizer,
     one_of,
 )
@@ -93,6 +94,7 @@ def check_train(c: dict) -> None:
     t, ds = c["train"], c["deepspeed"]
     check_tokenizer(c["tokenizer"])
     check_model(c["model"])
+    check_output_dir(t["output_dir"], "train.output_dir")
     positive = (
         "num_workers",
         "micro_batch_size",

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from cerbero_ray import storage
 from cerbero_ray.config import check
+from cerbero_ray.config.common import check_weights
 from cerbero_ray.export import gguf as conv
 from cerbero_ray.export import quantize as quant
 from cerbero_ray.models import check_checkpoint
@@ -64,6 +65,7 @@ def run_export(cfg: DictConfig | dict) -> dict:
     x = c["export"]
     check_checkpoint(x["checkpoint"], "export.checkpoint")
     folder = storage.local_copy(x["checkpoint"])
+    check_weights(folder, "export.checkpoint")
     conv.read_arch(folder)  # architecture, tokenizer and sizes are checked before anything is written
     conv.vocabulary(folder)
     if any(t in quant.FTYPES for t in x["types"]) and not quant.available():
