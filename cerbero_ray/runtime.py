@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,6 @@ def launch(stage: str, cfg, run, ray: bool = True, **kwargs):
     """What every ``jobs/<stage>.py`` does: check the composed config (a bad key or value, a missing
     local input, is one line naming the key and exit status 2, before Ray starts), start or attach
     Ray (unless ``ray=False``), and call ``run(cfg)``."""
-    import sys
-
     from cerbero_ray.config import check
 
     try:
@@ -80,4 +80,35 @@ def launch(stage: str, cfg, run, ray: bool = True, **kwargs):
         sys.exit(2)
     if ray:
         init_ray(c["cluster"])
-    return run(c, **kwargs)
+        interrupt_on_sigterm()  # after ray.init: it installs a C++ stack dump for SIGTERM
+    try:
+        return run(c, **kwargs)
+    except KeyboardInterrupt:
+        how = STOPPED_BY.get("signal", signal.SIGINT)
+        hint = RESUME.get(stage, "")
+        print(f"[{stage}] stopped by {signal.Signals(how).name}{hint}", file=sys.stderr, flush=True)
+        sys.exit(128 + how)
+
+
+STOPPED_BY: dict = {}
+RESUME = {  # what running the same command again does after a stop
+    "data": "; the same command starts it again (the unfinished shards are cleared)",
+    "train": "; the same command resumes from its last complete checkpoint",
+    "label": "; the same command resumes: finished chunks are kept",
+    "generate": "; the same command resumes: finished chunks are kept",
+    "evaluate": "; the same command resumes: finished tasks are kept",
+    "export": "; the same command makes the files it did not finish",
+    "recipe": "; the same command resumes: finished stages, chunks and checkpoints are kept",
+}
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (``ray job stop``, Kubernetes, systemd) stops a job as Ctrl-C does: a
+    ``KeyboardInterrupt`` in the main thread, so Ray Data and Ray Train wind down, the job prints one
+    line and exits 143, instead of Ray's C++ handler dumping a stack and aborting."""
+
+    def on_sigterm(signum, _frame):
+        STOPPED_BY["signal"] = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)

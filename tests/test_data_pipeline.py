@@ -88,6 +88,13 @@ def test_refuses_to_mix_runs_and_rejects_unusable_sources(ray_local, tmp_path):
         run_data(cfg)
     cfg["data"]["overwrite"] = True
     assert run_data(cfg)["documents"] == 1
+    # a run stopped before its manifest (the last file written) is cleared and redone, not refused
+    os.remove(tmp_path / "out" / "manifest.json")
+    (tmp_path / "out" / "shards" / "shard-99999.parquet").write_bytes(b"half a shard")
+    cfg["data"]["overwrite"] = False
+    assert run_data(cfg)["documents"] == 1
+    assert not (tmp_path / "out" / "shards" / "shard-99999.parquet").exists()
+    assert (tmp_path / "out" / "manifest.json").exists()
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"titolo": "x", "corpo": "y"}])
     with pytest.raises(ValueError, match="no usable column"):
         run_data(cfg_for(tmp_path / "o2", {"b": {"path": bad, "format": "auto"}}))

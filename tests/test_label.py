@@ -97,11 +97,12 @@ def test_killed_job_resumes_exactly_once(tmp_path, tiny_hf, ray_local):
         "label.chunk_rows=50",
         "cluster.num_cpus=2",
     ]
+    log = open(tmp_path / "job.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO_DIR, "jobs", "label.py"), *args],
         cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     parts = tmp_path / "label" / "sentiment" / "parts"
@@ -109,8 +110,17 @@ def test_killed_job_resumes_exactly_once(tmp_path, tiny_hf, ray_local):
     while not (parts.exists() and len([p for p in os.listdir(parts) if p.endswith(".parquet")]) >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(signal.SIGTERM)  # what `ray job stop`, Kubernetes and systemd send
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log.seek(0)
+    said = log.read()
+    assert proc.returncode == 128 + signal.SIGTERM, said[-3000:]
+    assert "[label] stopped by SIGTERM; the same command resumes" in said
+    assert "Traceback" not in said and "SIGTERM received" not in said  # no stack, no C++ dump
     done_before = len([p for p in os.listdir(parts) if p.endswith(".parquet")])
     assert done_before < 30  # killed midway
     s = run_label(label_cfg(tmp_path, tiny_hf, inp, "label.chunk_rows=50"))

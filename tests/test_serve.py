@@ -277,6 +277,16 @@ def test_huge_bodies_are_refused_before_they_are_read(server):
     assert status == 200 and took < 30
 
 
+def test_a_chunked_body_over_the_limit_is_a_413(server):
+    # no Content-Length: the guard counts the bytes as they stream in and stops at the limit
+    chunks = (b'{"messages": [{"role": "user", "content": "' + b"parola " * 10_000 + b'"}]}' for _ in range(1))
+    status, out, _ = post(f"{server}/v1/chat/completions", None, raw=chunks)
+    assert status == 413 and out["error"]["code"] == "body_too_large", (status, out)
+    small = (b'{"messages": [{"role": "user", "content": "Ciao"}], "max_tokens": 2}' for _ in range(1))
+    status, out, _ = post(f"{server}/v1/chat/completions", None, raw=small)  # a small chunked body is read
+    assert status == 200, out
+
+
 def test_a_bad_label_request_fails_alone(server):
     good = {"task": "irony", "texts": ["Che bella giornata di pioggia.", "Ciao"]}
     bad = {"task": "irony", "texts": ["ok", "rotto \ud800"]}

@@ -24,7 +24,7 @@ def _post(url, body):
         return r.status, json.loads(r.read())
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_hf, tmp_path):
+def _start(tiny_hf, tmp_path, **popen):
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen(
@@ -42,19 +42,26 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_hf, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        **popen,
     )
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=5) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the server did not come up")
+        time.sleep(1)
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_hf, tmp_path):
+    proc, url = _start(tiny_hf, tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ready", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up"
-            time.sleep(1)
         body = {
             "messages": [{"role": "user", "content": "Raccontami una storia."}],
             "max_tokens": 48,
@@ -74,3 +81,21 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_hf, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_to_the_whole_process_group_exits_at_once_and_says_why(tiny_hf, tmp_path):
+    """systemd's default KillMode, `timeout` and `kill -- -PGID` signal Ray's own processes too: no
+    drain is possible then. The job says so and exits 143 in seconds, not after a minute's wait
+    for a GCS that is gone."""
+    proc, url = _start(tiny_hf, tmp_path, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+        assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+        assert "KillMode=mixed" in out and "Failed to connect to GCS" not in out
+        assert took < 30, took
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -49,7 +49,10 @@ def prepare_output(out: str, overwrite: bool) -> None:
         for i in fs.get_file_info(storage.pafs.FileSelector(p))
         if i.base_name in ("shards", "rejects", "manifest.json")
     ]
-    if existing and not overwrite:
+    finished = any(i.base_name == "manifest.json" for i in existing)
+    if existing and not finished:  # the manifest comes last: a run stopped before it is of no use to anyone
+        print(f"[data] {out} holds an unfinished run (no manifest.json): cleared, starting again", flush=True)
+    elif existing and not overwrite:
         raise FileExistsError(f"{out} already holds a data run; pass data.overwrite=true or another data.output_dir")
     for i in existing:
         fs.delete_dir(i.path) if i.type == storage.pafs.FileType.Directory else fs.delete_file(i.path)

@@ -35,27 +35,31 @@ class Guard:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await too_big(scope, receive, send)
-        seen, started = 0, False
+        seen, started, over = 0, False, False
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, over
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
+                    over = True
                     raise _BodyTooLarge
             return msg
 
         async def tracked(msg):
             nonlocal started
+            if over:  # the app's answer to a body it could not finish reading (FastAPI makes it a 400)
+                return
             started = started or msg["type"] == "http.response.start"
             await send(msg)
 
         try:
             await self.inner(scope, limited, tracked)
         except _BodyTooLarge:
-            if not started:
-                await too_big(scope, receive, send)
+            pass
+        if over and not started:  # a body with no Content-Length (chunked) that grew past the limit
+            await too_big(scope, receive, send)
 
 
 def configure_guard(key: str | None, max_body_bytes: int) -> None:
