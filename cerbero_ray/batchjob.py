@@ -100,6 +100,8 @@ def read_chunk(chunk: Chunk, fmt: str, text_field: str, id_field: str | None) ->
     with fs.open_input_file(p) as fh:
         fh.seek(chunk.byte_start)
         data = fh.read(chunk.byte_stop - chunk.byte_start)
+    if chunk.byte_start == 0:
+        data = storage.strip_bom(data)
     lines = data.split(b"\n")[: chunk.stop - chunk.start]
     # 1-based line numbers, as editors show them
     return [

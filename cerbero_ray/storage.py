@@ -77,6 +77,14 @@ def write_json(path: str, obj, indent: int | None = 1) -> str:
     return path
 
 
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows tools put at the start of a text file
+
+
+def strip_bom(head: bytes) -> bytes:
+    """A file's first bytes without a UTF-8 byte-order mark (which would make its first JSON line invalid)."""
+    return head[len(BOM) :] if head.startswith(BOM) else head
+
+
 def is_file(path: str) -> bool:
     """Whether ``path`` (local or a URI) is a file."""
     fs, p = resolve(path)

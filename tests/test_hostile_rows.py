@@ -84,6 +84,30 @@ def test_reading_rows_never_raises_and_loses_nothing(tmp_path, seed):
             r["text"].encode("utf-8")
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".txt"])
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path, suffix):
+    """Windows tools start UTF-8 files with a BOM: the first row is read as if it were not there."""
+    from cerbero_ray.data.sources import _peek_records, read_raw_stream
+
+    body = {
+        ".jsonl": b'{"id": "a", "text": "primo"}\n{"id": "b", "text": "secondo"}\n',
+        ".json": b'[{"id": "a", "text": "primo"}, {"id": "b", "text": "secondo"}]',
+        ".txt": b"primo\nsecondo\n",
+    }[suffix]
+    f = tmp_path / f"in{suffix}"
+    f.write_bytes(b"\xef\xbb\xbf" + body)
+    with open(f, "rb") as fh:
+        raws = [r for t in read_raw_stream(fh, str(f), "x") for r in t.column("raw").to_pylist()]
+    assert not raws[0].startswith(b"\xef\xbb\xbf")
+    if suffix != ".txt":
+        assert json.loads(raws[0])["text"] == "primo" and _peek_records(str(f))[0]["id"] == "a"
+    if suffix == ".jsonl":  # the batch jobs' reader
+        rows = [
+            r for ch in batchjob.plan_chunks(str(f), "auto", 1) for r in batchjob.read_chunk(ch, "auto", "text", "id")
+        ]
+        assert [(r["id"], r["text"], r["error"]) for r in rows] == [("a", "primo", None), ("b", "secondo", None)]
+
+
 @pytest.mark.integration
 def test_label_and_generate_workers_write_every_row(tmp_path, tiny_hf):
     from cerbero_ray.generate.pipeline import GenerateWorker

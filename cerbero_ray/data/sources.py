@@ -40,7 +40,7 @@ def _peek_records(path: str) -> list:
                 return []
             return pf.read_row_group(0).slice(0, PEEK_ROWS).to_pylist()
     with fs.open_input_stream(p) as f:
-        head = f.read(1 << 20) if path.endswith(".jsonl") else f.readall()
+        head = storage.strip_bom(f.read(1 << 20) if path.endswith(".jsonl") else f.readall())
     if path.endswith(".json"):
         try:
             obj = json.loads(head)
@@ -122,10 +122,10 @@ def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterat
     (the file is read whole), a .txt file as one document. Blank JSONL lines are rows too (rejected
     as ``empty`` downstream), so that input rows = documents + rejects holds for every file."""
     if path.endswith(".txt"):
-        yield _table(source, path, "txt", [0], [f.read()])
+        yield _table(source, path, "txt", [0], [storage.strip_bom(f.read())])
         return
     if path.endswith(".json"):
-        data = f.read()
+        data = storage.strip_bom(f.read())
         try:
             obj = json.loads(data)
         except (ValueError, RecursionError):
@@ -145,6 +145,8 @@ def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterat
     rest, line_no, nos, raws = b"", 0, [], []
     while True:
         chunk = f.read(8 << 20)
+        if line_no == 0 and not rest:
+            chunk = storage.strip_bom(chunk)
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()  # a line not ended yet (at the end of the file: a last line with no newline, or b"")
         if not chunk and rest:
