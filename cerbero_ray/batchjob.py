@@ -1,7 +1,8 @@
 """Resumable, exactly-once batch jobs over a corpus (labeling, generation).
 
-The input (JSONL, Parquet or .txt files; local or object-store) is cut into *chunks*: fixed runs of
-rows of one file (``chunk_rows`` lines / rows), known before any work starts. Each chunk is
+The input (JSONL, a JSON array, Parquet or .txt files; local or object-store) is cut into *chunks*:
+fixed runs of rows of one file (``chunk_rows`` lines / rows / array items), known before any work
+starts. Each chunk is
 processed whole and written as one Parquet part, ``parts/part-<chunk id>.parquet``, by writing a
 temporary file and renaming it, so a part either exists complete or not at all. A rerun lists the
 parts present and processes only the missing chunks: kill a job midway, run it again, and every
@@ -14,6 +15,7 @@ still gets an output row, with ``error`` set, and never stops the job.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,7 +30,7 @@ import pyarrow.parquet as pq
 from cerbero_ray import storage
 from cerbero_ray.inference.batch import text_error
 
-FORMATS = ("auto", "jsonl", "parquet", "txt")
+FORMATS = ("auto", "jsonl", "json", "parquet", "txt")  # json: one JSON array of objects, read whole
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,35 @@ class Chunk:
 def file_format(path: str, fmt: str, key: str = "format") -> str:
     if fmt != "auto":
         return fmt
-    for ext, f in ((".parquet", "parquet"), (".jsonl", "jsonl"), (".json", "jsonl"), (".txt", "txt")):
+    if path.endswith(".json"):  # a JSON array, or JSON Lines under another name: the first byte tells
+        fs, p = storage.resolve(path)
+        with fs.open_input_stream(p) as fh:
+            head = storage.strip_bom(fh.read(1 << 16)).lstrip()
+        return "json" if head.startswith(b"[") else "jsonl"
+    for ext, f in ((".parquet", "parquet"), (".jsonl", "jsonl"), (".txt", "txt")):
         if path.endswith(ext):
             return f
-    raise ValueError(f"{key}: cannot tell the format of {path}; set it (jsonl | parquet | txt)")
+    raise ValueError(f"{key}: cannot tell the format of {path}; set it (jsonl | json | parquet | txt)")
+
+
+@functools.lru_cache(maxsize=2)
+def _json_items(path: str, size: int, mtime_ns: int | None):
+    """A JSON array file's items (read whole; cached for the chunks after the first), or ``_BAD``
+    when the file is not a JSON array."""
+    fs, p = storage.resolve(path)
+    with fs.open_input_stream(p) as fh:
+        data = storage.strip_bom(fh.readall())
+    try:
+        items = json.loads(data)
+    except (ValueError, RecursionError):
+        return _BAD
+    return items if isinstance(items, list) else _BAD
+
+
+def json_items(path: str):
+    fs, p = storage.resolve(path)
+    info = fs.get_file_info(p)
+    return _json_items(path, info.size, info.mtime_ns)
 
 
 def plan_chunks(path: str, fmt: str, chunk_rows: int, key: str = "format") -> list[Chunk]:
@@ -61,9 +88,13 @@ def plan_chunks(path: str, fmt: str, chunk_rows: int, key: str = "format") -> li
     for f in storage.list_files(path, (".parquet", ".jsonl", ".json", ".txt") if fmt == "auto" else ()):
         kind = file_format(f, fmt, key)
         fs, p = storage.resolve(f)
-        if kind == "parquet":
-            with fs.open_input_file(p) as fh:
-                n = pq.ParquetFile(fh).metadata.num_rows
+        if kind in ("parquet", "json"):
+            if kind == "parquet":
+                with fs.open_input_file(p) as fh:
+                    n = pq.ParquetFile(fh).metadata.num_rows
+            else:  # a file that is no JSON array is one row, an error row
+                items = json_items(f)
+                n = 1 if items is _BAD else len(items)
             chunks += [Chunk(f, a, min(a + chunk_rows, n)) for a in range(0, n, chunk_rows)]
             continue
         with fs.open_input_stream(p) as fh:
@@ -96,6 +127,14 @@ def read_chunk(chunk: Chunk, fmt: str, text_field: str, id_field: str | None) ->
         return [
             _guarded(_row, r, f"{name}:{chunk.start + i}", text_field, id_field)
             for i, r in enumerate(table.to_pylist())
+        ]
+    if kind == "json":
+        items = json_items(chunk.path)
+        if items is _BAD:
+            return [{"id": f"{name}:0", "text": None, "error": "invalid_json"}]
+        return [
+            _guarded(_record, r, f"{name}:{chunk.start + i}", text_field, id_field)
+            for i, r in enumerate(items[chunk.start : chunk.stop])
         ]
     with fs.open_input_file(p) as fh:
         fh.seek(chunk.byte_start)
@@ -130,11 +169,13 @@ def _line(raw: bytes, rid: str, kind: str, text_field: str, id_field: str | None
     record = _json(line)
     if record is _BAD:
         return {"id": rid, "text": None, "error": "invalid_json"}
-    return (
-        _row(record, rid, text_field, id_field)
-        if isinstance(record, dict)
-        else ({"id": rid, "text": None, "error": "not_an_object"})
-    )
+    return _record(record, rid, text_field, id_field)
+
+
+def _record(record, rid: str, text_field: str, id_field: str | None) -> dict:
+    if not isinstance(record, dict):
+        return {"id": rid, "text": None, "error": "not_an_object"}
+    return _row(record, rid, text_field, id_field)
 
 
 _BAD = object()

@@ -157,3 +157,32 @@ def test_the_data_stage_counts_every_row(tmp_path, seed):
     assert reasons.get("invalid_utf8") and reasons.get("role_tag_in_text") and stats["documents"] > 10
     rejected = [json.loads(x) for x in open(stats["rejects_path"])]
     assert len(rejected) == sum(reasons.values())
+
+
+def test_a_json_array_file_is_read_item_by_item(tmp_path):
+    """The batch jobs read a `.json` file that holds one JSON array (pretty-printed, so one item
+    spans many lines) item by item; a `.json` file of JSON Lines as lines; a broken array as one
+    error row. Every item is a row, in order, whatever the chunk size."""
+    items = [{"id": f"a{i}", "text": f"testo {i}"} for i in range(7)] + [42, {"id": "z", "text": 3}]
+    arr = tmp_path / "arr.json"
+    arr.write_bytes(b"\xef\xbb\xbf" + json.dumps(items, indent=2).encode())
+    lines = tmp_path / "lines.json"
+    lines.write_text("\n".join(json.dumps(x) for x in items[:3]) + "\n")
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": "a", "text": "x"},')
+
+    def read(path, chunk_rows):
+        return [
+            r
+            for ch in batchjob.plan_chunks(str(path), "auto", chunk_rows)
+            for r in batchjob.read_chunk(ch, "auto", "text", "id")
+        ]
+
+    for chunk_rows in (1, 2, 4, 100):
+        rows = read(arr, chunk_rows)
+        assert [r["id"] for r in rows] == [f"a{i}" for i in range(7)] + ["arr.json:7", "z"]
+        assert [r["text"] for r in rows[:7]] == [f"testo {i}" for i in range(7)]
+        assert [r["error"] for r in rows[7:]] == ["not_an_object", "text_not_a_string"]
+    assert [r["id"] for r in read(lines, 2)] == ["a0", "a1", "a2"]
+    assert [(r["id"], r["error"]) for r in read(broken, 5)] == [("broken.json:0", "invalid_json")]
+    assert batchjob.file_format(str(arr), "auto") == "json" and batchjob.file_format(str(lines), "auto") == "jsonl"

@@ -18,7 +18,7 @@ from cerbero_ray.config.common import (
     one_of,
 )
 
-INPUT_FORMATS = ("auto", "jsonl", "parquet", "txt")
+INPUT_FORMATS = ("auto", "jsonl", "json", "parquet", "txt")
 
 
 @dataclass
@@ -33,7 +33,7 @@ class LabelTaskConfig:
 @dataclass
 class BatchInferenceConfig:
     input: str = MISSING  # file, folder, glob or URI: JSONL, Parquet or .txt (one text per line)
-    format: str = "auto"  # auto | jsonl | parquet | txt
+    format: str = "auto"  # auto | jsonl | json (one array, read whole) | parquet | txt
     text_field: str = "text"
     id_field: Optional[str] = "id"  # missing in a row: "<file>:<line>"
     output_dir: str = MISSING
