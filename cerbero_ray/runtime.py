@@ -70,7 +70,9 @@ def shutdown_ray() -> None:
 def launch(stage: str, cfg, run, ray: bool = True, **kwargs):
     """What every ``jobs/<stage>.py`` does: check the composed config (a bad key or value, a missing
     local input, is one line naming the key and exit status 2, before Ray starts), start or attach
-    Ray (unless ``ray=False``), and call ``run(cfg)``."""
+    Ray (unless ``ray=False``), and call ``run(cfg)``. What the run itself finds wrong with its input
+    (a ``ValueError`` or file error raised by our code) is one line and exit status 2 as well
+    (``HYDRA_FULL_ERROR=1`` shows the stack); a SIGTERM or Ctrl-C, one line and 128 + the signal."""
     from cerbero_ray.config import check
 
     try:
@@ -83,11 +85,26 @@ def launch(stage: str, cfg, run, ray: bool = True, **kwargs):
         interrupt_on_sigterm()  # after ray.init: it installs a C++ stack dump for SIGTERM
     try:
         return run(c, **kwargs)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        if not _ours(e) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)  # what the run found wrong with its input or config
+        sys.exit(2)
     except KeyboardInterrupt:
         how = STOPPED_BY.get("signal", signal.SIGINT)
         hint = RESUME.get(stage, "")
         print(f"[{stage}] stopped by {signal.Signals(how).name}{hint}", file=sys.stderr, flush=True)
         sys.exit(128 + how)
+
+
+def _ours(e: BaseException) -> bool:
+    """Whether ``e`` was raised by this package's own code (a check that names what is wrong), not
+    inside a library it called (a bug, or a failure whose stack the user needs)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(here)
 
 
 STOPPED_BY: dict = {}
