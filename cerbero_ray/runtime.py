@@ -82,7 +82,7 @@ def launch(stage: str, cfg, run, ray: bool = True, **kwargs):
         sys.exit(2)
     if ray:
         init_ray(c["cluster"])
-        interrupt_on_sigterm()  # after ray.init: it installs a C++ stack dump for SIGTERM
+    interrupt_on_sigterm()  # after ray.init, which installs a C++ stack dump for SIGTERM
     try:
         return run(c, **kwargs)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

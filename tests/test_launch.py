@@ -11,7 +11,7 @@ import pytest
 
 from cerbero_ray.config import compose
 from cerbero_ray.config.common import one_of
-from cerbero_ray.runtime import STOPPED_BY, interrupt_on_sigterm, launch
+from cerbero_ray.runtime import STOPPED_BY, launch
 
 
 def _cfg(tmp_path):
@@ -46,8 +46,7 @@ def test_a_library_error_keeps_its_stack(tmp_path, monkeypatch):
 def test_sigterm_stops_a_job_as_ctrl_c_does(tmp_path, capsys):
     old = signal.getsignal(signal.SIGTERM)
 
-    def run(c):
-        interrupt_on_sigterm()
+    def run(c):  # launch has set the handler
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the signal should have stopped the run")
 
