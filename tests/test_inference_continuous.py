@@ -154,6 +154,19 @@ def test_event_loop_interface_gives_the_same_text_and_frees_a_dropped_stream(mod
     assert [g["text"] for g in got] == [want["text"]] * 2 and after["text"] == want["text"]
     assert "".join(pieces[:-1]).strip() == want["text"] and pieces[-1]["new_tokens"] == want["new_tokens"]
 
+    # ids the caller encoded already (the server does it off the loop, for its limit check) are not
+    # encoded again, and give the same text
+    (ids,), _ = cb.encode([prompt])
+    cb.encode = None  # any second encode would fail
+
+    async def pre_encoded():
+        one = await cb.agenerate(prompt, GREEDY, ids)
+        return one, [p async for p in cb.astream(prompt, GREEDY, ids)]
+
+    one, streamed = asyncio.run(pre_encoded())
+    assert one["text"] == want["text"] and one["prompt_tokens"] == want["prompt_tokens"]
+    assert "".join(streamed[:-1]).strip() == want["text"]
+
 
 def test_bad_requests_and_truncation(model, tok):
     cb = ContinuousBatcher(model, tok, num_slots=2, max_prompt_tokens=16, max_new_tokens=8)

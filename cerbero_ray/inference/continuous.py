@@ -174,8 +174,9 @@ class ContinuousBatcher:
         finally:
             self.cancel(r)
 
-    async def agenerate(self, prompt: str, s: Sampling) -> dict:
-        """One request from an event loop (a server handler): no thread waits for it."""
+    async def agenerate(self, prompt: str, s: Sampling, ids: list[int] | None = None) -> dict:
+        """One request from an event loop (a server handler): no thread waits for it. ``ids``: the
+        prompt already encoded (off the loop, within ``max_prompt_tokens``), so it is not done twice."""
         import asyncio
 
         loop = asyncio.get_running_loop()
@@ -185,7 +186,7 @@ class ContinuousBatcher:
             if isinstance(item, dict):
                 loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(item))
 
-        (ids,), (cut,) = self.encode([prompt])
+        (ids,), (cut,) = ([ids], [False]) if ids is not None else self.encode([prompt])
         r = self.submit(ids, s, emit, cut)
         try:
             out = await fut
@@ -195,13 +196,13 @@ class ContinuousBatcher:
             raise RuntimeError(out["error"])
         return out
 
-    async def astream(self, prompt: str, s: Sampling) -> AsyncIterator[str | dict]:
-        """:meth:`stream` for an event loop: no thread per open stream."""
+    async def astream(self, prompt: str, s: Sampling, ids: list[int] | None = None) -> AsyncIterator[str | dict]:
+        """:meth:`stream` for an event loop: no thread per open stream (``ids`` as in :meth:`agenerate`)."""
         import asyncio
 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        (ids,), (cut,) = self.encode([prompt])
+        (ids,), (cut,) = ([ids], [False]) if ids is not None else self.encode([prompt])
         r = self.submit(ids, s, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), cut)
         try:
             while True:

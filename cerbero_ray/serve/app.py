@@ -146,7 +146,8 @@ class CerberoServer:
         if self.key and request.headers.get("authorization", "") != f"Bearer {self.key}":
             raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
-    async def _sampling(self, req, prompt: str) -> Sampling:
+    async def _sampling(self, req, prompt: str) -> tuple[Sampling, list[int]]:
+        """The request's sampling settings and its prompt's ids (encoded off the event loop, once)."""
         sc = self.sc
         if req.model not in (None, sc["model_name"]):
             raise APIError(
@@ -157,7 +158,8 @@ class CerberoServer:
             )
         if not prompt.strip():
             raise APIError(400, "the prompt is empty", "messages" if isinstance(req, ChatRequest) else "prompt")
-        n = await asyncio.to_thread(self.engine.count_tokens, prompt)  # a long prompt never holds the loop
+        ids = await asyncio.to_thread(self.engine.encode, prompt)  # a long prompt never holds the loop
+        n = len(ids)
         if n > sc["max_prompt_tokens"]:
             raise APIError(
                 400,
@@ -180,13 +182,14 @@ class CerberoServer:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop: at most 4 non-empty strings", "stop")
-        return Sampling(
+        s = Sampling(
             max_new_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
             stop=list(dict.fromkeys([STOP_STRING, *stop])),
             seed=req.seed,
         )
+        return s, ids
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, items: list[tuple[str, Sampling]]) -> list[dict]:
@@ -196,7 +199,7 @@ class CerberoServer:
     async def _label_batch(self, items: list[tuple[str, list[str]]]) -> list[list[dict]]:
         return await asyncio.to_thread(self.engine.label, items)
 
-    def _stream(self, prompt: str, s: Sampling, kind: str, rid: str, include_usage: bool = False):
+    def _stream(self, prompt: str, ids: list[int], s: Sampling, kind: str, rid: str, include_usage: bool = False):
         """Server-sent events. The usage rides on the finishing chunk; with ``stream_options.include_usage``
         it comes as OpenAI sends it instead: a last chunk of its own, with no choices."""
         model = self.sc["model_name"]
@@ -215,7 +218,7 @@ class CerberoServer:
         if self.engine.batcher is not None:
 
             async def events():  # on the event loop: no thread per open stream
-                async for piece in self.engine.batcher.astream(prompt, s):
+                async for piece in self.engine.batcher.astream(prompt, s, ids):
                     yield sse(piece)
                 yield "data: [DONE]\n\n"
         else:
@@ -229,12 +232,13 @@ class CerberoServer:
 
     async def _complete(self, request: Request, req, prompt: str, kind: str):
         self._auth(request)
-        s = await self._sampling(req, prompt)
+        s, ids = await self._sampling(req, prompt)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
-            return self._stream(prompt, s, kind, rid, bool(req.stream_options and req.stream_options.include_usage))
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._stream(prompt, ids, s, kind, rid, usage)
         if self.engine.batcher is not None:  # joins the running batch at the next step
-            r = await self.engine.batcher.agenerate(prompt, s)
+            r = await self.engine.batcher.agenerate(prompt, s, ids)
         else:
             r = await self._generate_batch((prompt, s))
         return _envelope(

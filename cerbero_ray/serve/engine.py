@@ -71,8 +71,9 @@ class ServeEngine:
     def render_chat(self, messages: list[dict]) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def count_tokens(self, text: str) -> int:
-        return len(encode_prompts(self.tok, [text])[0][0])
+    def encode(self, prompt: str) -> list[int]:
+        """A rendered prompt's ids, whole (the server refuses one over its limit rather than cut it)."""
+        return encode_prompts(self.tok, [prompt])[0][0]
 
     def generate(self, items: list[tuple[str, Sampling]]) -> list[dict]:
         """Many requests at once: those with the same sampling settings share batched passes."""
