@@ -2,9 +2,9 @@
 
 The input (JSONL, a JSON array, Parquet or .txt files; local or object-store) is cut into *chunks*:
 fixed runs of rows of one file (``chunk_rows`` lines / rows / array items), known before any work
-starts. Each chunk is
-processed whole and written as one Parquet part, ``parts/part-<chunk id>.parquet``, by writing a
-temporary file and renaming it, so a part either exists complete or not at all. A rerun lists the
+starts. Each chunk is processed whole and written as one Parquet part,
+``parts/part-<chunk id>.parquet``, by writing a temporary file and renaming it, so a part either
+exists complete or not at all. A rerun lists the
 parts present and processes only the missing chunks: kill a job midway, run it again, and every
 input row appears exactly once in the output.
 
