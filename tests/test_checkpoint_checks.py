@@ -88,7 +88,7 @@ def test_missing_weights_and_missing_shards(good, tmp_path):
         ("generate", ["generate.checkpoint={ckpt}"], "generate.checkpoint"),
         ("serve", ["serve.checkpoint={ckpt}"], "serve.checkpoint"),
         ("export", ["export.checkpoint={ckpt}"], "export.checkpoint"),
-        ("evaluate", ["+evaluate.checkpoints.mine={ckpt}"], "evaluate.checkpoints.mine"),
+        ("evaluate", ["evaluate.checkpoints.tiny-cpu={ckpt}"], "evaluate.checkpoints.tiny-cpu"),
         ("train", ["model=hf", "model.path={ckpt}"], "model.path"),
     ],
 )
@@ -117,8 +117,8 @@ def test_an_output_folder_that_is_a_file_is_refused(good, tmp_path, stage, key):
     over = [f"{key}={f}"]
     if stage in ("label", "generate", "export"):
         over.append(f"{stage}.checkpoint={good}")
-    if stage == "evaluate":
-        over.append(f"+evaluate.checkpoints.mine={good}")
+    if stage == "evaluate":  # its default names the demo's checkpoint, absent on a fresh clone
+        over.append(f"evaluate.checkpoints.tiny-cpu={good}")
     with pytest.raises(ValueError, match=f"{key}: {f} is a file"):
         compose(stage, over, checked=True)
 
