@@ -16,6 +16,7 @@ from cerbero_ray.config.common import (
     check_local_checkpoint,
     check_output_dir,
     is_local,
+    local_path,
     one_of,
 )
 
@@ -93,6 +94,6 @@ def check_evaluate(c: dict, checkpoints: bool = True) -> None:
         at_least(t, ("max_new_tokens", "max_rows", "pool_rows"), 1, key)
         at_least(t, ("shots",), 0, key)
         path = t["path"]
-        if is_local(path) and not os.path.isfile(os.path.expanduser(path.removeprefix("file://"))):
+        if is_local(path) and not os.path.isfile(local_path(path)):
             if not ec["skip_missing"]:
                 raise ValueError(f"{key}.path: no such file: {path} (see ../shared/data/MANIFEST.md)")

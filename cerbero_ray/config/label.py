@@ -15,6 +15,8 @@ from cerbero_ray.config.common import (
     at_least,
     check_local_checkpoint,
     check_output_dir,
+    is_local,
+    local_path,
     one_of,
 )
 
@@ -76,9 +78,9 @@ def check_batch_inference(b: dict, stage: str) -> None:
 
 def check_local_path(path: str, key: str, glob_ok: bool = False) -> None:
     """``ValueError`` naming ``key`` when a local ``path`` does not exist (URIs are not looked up)."""
-    if "://" in path and not path.startswith("file://"):
+    if not is_local(path):
         return
-    p = os.path.expanduser(path.removeprefix("file://"))
+    p = local_path(path)
     if glob_ok and any(c in os.path.basename(p) for c in "*?["):
         p = os.path.dirname(p) or "."
     if not os.path.exists(p):
