@@ -19,6 +19,30 @@ STOP_STRING = USER_TAG
 ASSISTANT_TAGS = {"AI": "[|AI|]", "Assistente": "[|Assistente|]"}
 
 
+ROLE_TAGS = (USER_TAG, *ASSISTANT_TAGS.values())
+
+
+def _invisible(ch: str) -> bool:
+    """Whitespace, or a character that shows nothing (format and control characters: U+200B,
+    U+2060, U+FEFF, bidi marks…)."""
+    import unicodedata
+
+    return ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp")
+
+
+def forges_turn(text: str) -> bool:
+    """Whether a line of ``text`` starts, after whitespace and invisible characters, with a role tag:
+    in the cerbero format that opens a turn, so inside a message it would forge one (and in training
+    data, put the loss mask on the wrong tokens)."""
+    for line in text.splitlines():
+        i = 0
+        while i < len(line) and _invisible(line[i]):
+            i += 1
+        if line.startswith(ROLE_TAGS, i):
+            return True
+    return False
+
+
 def chat_template(assistant_tag: str = "AI", system_line: str = SYSTEM_LINE) -> str:
     """The Jinja chat template of the cerbero format, with ``[|AI|]`` or ``[|Assistente|]`` turns."""
     if assistant_tag not in ASSISTANT_TAGS:

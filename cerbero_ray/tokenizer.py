@@ -88,6 +88,16 @@ def tokenizer_hash(tok: PreTrainedTokenizerBase) -> str:
     return h.hexdigest()[:16]
 
 
+def render_chat(tok: PreTrainedTokenizerBase, messages: list[dict]) -> str:
+    """A chat as the prompt the model answers: the turns and the assistant's tag. An assistant
+    message last is a prefill: its turn is left open (no newline, no end of text) and the answer
+    continues it."""
+    if messages and messages[-1]["role"] == "assistant":
+        head = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        return head + " " + messages[-1]["content"]
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def encode_plain(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """Token ids of ``texts`` as plain text: no BOS/EOS added, special-token strings kept as text.
 

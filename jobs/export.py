@@ -5,6 +5,8 @@
     python jobs/export.py                      # the demo's checkpoint -> outputs/export/tiny-cpu/
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -17,7 +19,8 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="export", version_base=None)
 def main(cfg: DictConfig) -> None:
-    launch("export", cfg, run_export, ray=False)  # a conversion on this node: no cluster to start
+    res = launch("export", cfg, run_export, ray=False)  # a conversion on this node: no cluster to start
+    sys.exit(1 if res["failed"] else 0)  # a file that failed llama.cpp's check was named on the console
 
 
 if __name__ == "__main__":

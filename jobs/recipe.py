@@ -1,8 +1,11 @@
-"""The main job: every stage in order on one Ray cluster: data, then train (tiny model, shipped sample).
+"""The main job: every stage in order on one Ray cluster: data, train, label, evaluate, export
+(tiny model, shipped sample).
 
 ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/recipe.py
 python jobs/recipe.py                    # embedded local cluster, tiny model, shipped data
 """
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -16,7 +19,8 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="recipe", version_base=None)
 def main(cfg: DictConfig) -> None:
-    launch("recipe", cfg, run_recipe)
+    res = launch("recipe", cfg, run_recipe)
+    sys.exit(1 if res.get("export", {}).get("failed") else 0)  # a GGUF file that failed llama.cpp's check
 
 
 if __name__ == "__main__":

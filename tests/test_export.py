@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from cerbero_ray import llamacpp
 from cerbero_ray.chat import plain_template
 from cerbero_ray.config import compose
 from cerbero_ray.export.gguf import convert, permute_qk
@@ -128,14 +129,18 @@ def test_config_errors_name_the_key(hf_dir, tmp_path):
             compose("export", [f"export.checkpoint={hf_dir}", *over], checked=True)
 
 
-# ── llama.cpp itself ─────────────────────────────────────────────────────────
+# ── llama.cpp itself (always in a child process: a native crash fails a test, not the suite) ──────
+
+
+needs_llama_cpp = pytest.mark.skipif(
+    not llamacpp.available(), reason="llama-cpp-python is not installed: pip install -e '.[gguf]' (builds llama.cpp)"
+)
 
 
 @pytest.fixture(scope="module")
 def exported(hf_dir, tmp_path_factory):
-    pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[gguf]' (builds llama.cpp)"
-    )
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python is not installed: pip install -e '.[gguf]' (builds llama.cpp)")
     from cerbero_ray.export import run_export
 
     out = str(tmp_path_factory.mktemp("gguf"))
@@ -148,11 +153,70 @@ def exported(hf_dir, tmp_path_factory):
                 "types": ["f32", "f16", "bf16", "q8_0", "q4_k_m"],
                 "threads": 2,
                 "overwrite": False,
+                "verify": True,
             }
         }
     )
     assert "fallback_tensors" not in res["files"]["q4_k_m"]  # 256-wide rows: every tensor is a K-quant
-    return {t: r["path"] for t, r in res["files"].items()}
+    return {"res": res, **{t: r["path"] for t, r in res["files"].items()}}
+
+
+@needs_llama_cpp
+def test_llama_cpp_build_has_no_amx_kernels():
+    """llama.cpp's AMX kernels die with SIGILL on CPUs whose kernel gates AMX per thread: the build
+    the README makes (deploy/llama_cpp_no_amx.cmake) has none, whatever this machine's CPU."""
+    info = llamacpp.call("system_info")["info"]
+    assert "CPU" in info and "AMX_INT8 = 1" not in info, info
+
+
+def test_a_native_crash_is_a_finding_not_the_end(monkeypatch):
+    """The child dies from SIGILL (the drill): the caller gets an error naming the signal and the
+    build flag, and this process (the test suite) goes on."""
+    monkeypatch.setenv(llamacpp.FAULT_ENV, "SIGILL")
+    with pytest.raises(llamacpp.NativeCrash, match="SIGILL in system_info.*llama_cpp_no_amx.cmake") as e:
+        llamacpp.call("system_info")
+    assert e.value.signal == "SIGILL"
+    monkeypatch.setenv(llamacpp.FAULT_ENV, "SIGSEGV")
+    with pytest.raises(llamacpp.NativeCrash, match="SIGSEGV in check on m.gguf"):
+        llamacpp.call("check", path="m.gguf", prompt="x")
+
+
+def test_an_error_in_the_child_names_the_operation(tmp_path):
+    with pytest.raises(RuntimeError, match="llama.cpp check on .*missing.gguf: .*Error"):
+        llamacpp.call("check", path=str(tmp_path / "missing.gguf"), prompt="x")
+
+
+def test_the_export_reports_each_files_check(exported):
+    """Each file was loaded by llama.cpp and run on the seed's prompt before it took its name."""
+    for t in ("f32", "f16", "bf16", "q8_0", "q4_k_m"):
+        info = exported["res"]["files"][t]
+        c = info["check"]
+        assert info["status"] == "checked" and c["ok"] and c["tokens_match"] and c["tokens"] > 10, (t, c)
+        assert c["max_logit_diff_rel"] <= c["bound_rel"] and isinstance(c["greedy"], int)
+        assert os.path.exists(exported[t]) and not os.path.exists(exported[t] + ".unverified")
+    assert exported["res"]["failed"] == []
+    assert (
+        exported["res"]["files"]["f16"]["check"]["greedy"]
+        == exported["res"]["files"]["f16"]["check"]["greedy_transformers"]
+    )
+
+
+def test_a_file_that_crashes_llama_cpp_is_failed_not_written(hf_dir, tmp_path, monkeypatch, capsys):
+    from cerbero_ray.export import run_export
+
+    monkeypatch.setenv(llamacpp.FAULT_ENV, "SIGILL")
+    x = {"checkpoint": hf_dir, "output_dir": str(tmp_path), "name": "m", "types": ["f16"], "threads": 2}
+    res = run_export({"export": {**x, "overwrite": False, "verify": True}})
+    out = capsys.readouterr().out
+    info = res["files"]["f16"]
+    assert res["failed"] == ["f16"] and info["status"] == "failed" and info["check"]["signal"] == "SIGILL"
+    assert not (tmp_path / "m-F16.gguf").exists() and (tmp_path / "m-F16.gguf.failed").exists()
+    line = next(ln for ln in out.splitlines() if "SIGILL" in ln)
+    assert line.startswith("[export] f16: llama.cpp check FAILED") and "m-F16.gguf" in line
+    assert "llama_cpp_no_amx.cmake" in line and not res["snippet"]
+    monkeypatch.delenv(llamacpp.FAULT_ENV)  # the same command, on a working llama.cpp: written and checked
+    res = run_export({"export": {**x, "overwrite": False, "verify": True}})
+    assert res["failed"] == [] and res["files"]["f16"]["status"] == "checked" and (tmp_path / "m-F16.gguf").exists()
 
 
 def test_quantizer_fallbacks_are_one_line(exported, tmp_path):
@@ -173,6 +237,7 @@ def test_quantizer_fallbacks_are_one_line(exported, tmp_path):
                     "types": ["q4_k_m"],
                     "threads": 2,
                     "overwrite": False,
+                    "verify": False,
                 }
             }
         )
@@ -184,20 +249,16 @@ def test_quantizer_fallbacks_are_one_line(exported, tmp_path):
         f"[export] q4_k_m: {info['fallback_tensors']} of {info['tensors']} tensors kept a simpler type (q5_0/q8_0): "
         "their rows are not a multiple of the K-quant block (256), as in tiny test models"
     ]
-
-
-def _llama(path, **kw):
-    from llama_cpp import Llama
-
-    return Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False, seed=0, n_threads=2, **kw)
+    assert not list((tmp_path / "gguf").glob("*F16*"))  # the f16 file made for the quantizer is gone
 
 
 def test_llama_cpp_tokenizes_as_hf(exported):
     tok = build_tokenizer()
-    llm = _llama(exported["f16"])
-    for s in SENTENCES:
-        assert llm.tokenize(s.encode(), add_bos=False, special=False) == tok(s, add_special_tokens=False).input_ids, s
-    assert llm.tokenize(SENTENCES[0].encode(), add_bos=True)[0] == tok.bos_token_id
+    got = llamacpp.call("tokenize", path=exported["f16"], texts=SENTENCES)["tokens"]
+    for s, ids in zip(SENTENCES, got):
+        assert ids == tok(s, add_special_tokens=False).input_ids, s
+    bos = llamacpp.call("tokenize", path=exported["f16"], texts=SENTENCES[:1], add_bos=True)["tokens"][0]
+    assert bos[0] == tok.bos_token_id
 
 
 @pytest.mark.parametrize("out_type", ["f32", "f16", "bf16", "q8_0", "q4_k_m"])
@@ -208,9 +269,7 @@ def test_llama_cpp_logits_match_transformers(exported, hf_dir, out_type):
     ids = [tok.bos_token_id] + tok(SENTENCES[1], add_special_tokens=False).input_ids
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(hf_dir).eval()(torch.tensor([ids])).logits[0].numpy()
-    llm = _llama(exported[out_type])
-    llm.eval(ids)
-    got = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+    got = llamacpp.call("logits", path=exported[out_type], ids=ids, threads=2)["logits"].astype(np.float64)
     err = np.abs(got - ref).max() / np.abs(ref).max()
     lp_ref, lp_got = (torch.log_softmax(torch.tensor(x, dtype=torch.float64), -1).numpy() for x in (ref, got))
     kl = (np.exp(lp_ref) * (lp_ref - lp_got)).sum(-1).mean()
@@ -227,19 +286,15 @@ def test_greedy_continuation_is_identical_for_f16(exported, hf_dir):
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     with torch.no_grad():
         hf = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :].tolist()
-    llm = _llama(exported["f16"])
-    ours = []
-    for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-        ours.append(t)
-        if len(ours) == 16 or t == tok.eos_token_id:
-            break
+    ours = llamacpp.call("generate", path=exported["f16"], ids=ids, max_tokens=16, threads=2)["tokens"]
     assert ours == hf[: len(ours)] and len(ours) == min(16, len(hf))
 
 
-def test_the_seeds_snippet_stops_at_the_user_tag(exported):
-    for out_type in ("f16", "q4_k_m"):
-        llm = _llama(exported[out_type])
-        free = llm(SEED_PROMPT, max_tokens=24, temperature=0.0)["choices"][0]["text"]
-        assert "[|Umano|]" in free, free  # the test model learnt to hand the turn back
-        out = llm(SEED_PROMPT, max_tokens=24, stop=["[|Umano|]"], temperature=0.0)["choices"][0]
-        assert out["text"] == free[: free.index("[|Umano|]")] and out["finish_reason"] == "stop"
+@pytest.mark.parametrize("out_type", ["f32", "f16", "bf16", "q8_0", "q4_k_m"])
+def test_the_seeds_snippet_stops_at_the_user_tag(exported, out_type):
+    """Every exported type answers the seed's snippet, as a user runs it, and stops at ``[|Umano|]``."""
+    kw = dict(path=exported[out_type], prompt=SEED_PROMPT, max_tokens=24, temperature=0.0)
+    free = llamacpp.call("complete", **kw)["text"]
+    assert "[|Umano|]" in free, free  # the test model learnt to hand the turn back
+    out = llamacpp.call("complete", **kw, stop=["[|Umano|]"])
+    assert out["text"] == free[: free.index("[|Umano|]")] and out["finish_reason"] == "stop"

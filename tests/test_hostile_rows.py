@@ -6,6 +6,7 @@ import json
 import random
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -70,18 +71,83 @@ def hostile_file(path, n: int, seed: int, chat: bool = False) -> list[bytes]:
     return lines
 
 
+def hostile_files(tmp_path, n: int, seed: int, chat: bool = False) -> dict[str, tuple[str, int]]:
+    """The same fuzzed rows in every input format the stages read: {format: (path, rows)}.
+
+    - jsonl: every line as is;
+    - json: one JSON array (written with ``ensure_ascii``, as many tools do) of the lines that are
+      JSON, lone surrogates included as escapes;
+    - parquet: a ``text`` (and ``id``) column of the rows' texts as Arrow holds them (strings that
+      are valid UTF-8, nulls, empty, huge, control characters, forged role tags), and for chat rows
+      a ``messages`` list of turns (null roles or contents where the row had another type);
+    - txt: the lines as a text file (bad bytes, blank lines and all) for the batch jobs; the data
+      stage reads a .txt file as one document, so it gets one file per line (see the data test).
+    """
+    lines = hostile_file(tmp_path / "in.jsonl", n, seed, chat)
+    parsed = [_loads(x) for x in lines]
+    items = [x for x in parsed if x is not _NOT_JSON]
+    (tmp_path / "in.json").write_text(json.dumps(items, indent=1))
+    texts = [_parquet_text(x) for x in parsed]
+    cols = {"id": [f"p{i}" if i % 3 else None for i in range(n)], "text": texts}
+    if chat:
+        cols["messages"] = [_parquet_messages(x) for x in parsed]
+    pq.write_table(pa.table(cols), tmp_path / "in.parquet", row_group_size=max(1, n // 7))
+    (tmp_path / "in.txt").write_bytes(b"\n".join(lines) + b"\n")
+    return {
+        "jsonl": (str(tmp_path / "in.jsonl"), len(lines)),
+        "json": (str(tmp_path / "in.json"), len(items)),
+        "parquet": (str(tmp_path / "in.parquet"), n),
+        "txt": (str(tmp_path / "in.txt"), len(lines)),
+    }
+
+
+_NOT_JSON = object()
+
+
+def _loads(raw: bytes):
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return _NOT_JSON
+
+
+def _arrow_str(t):
+    if isinstance(t, str):  # Arrow strings are UTF-8: a lone surrogate cannot be stored
+        return t.encode("utf-8", "replace").decode()
+    return None
+
+
+def _parquet_text(x):
+    return _arrow_str(x.get("text")) if isinstance(x, dict) else None
+
+
+def _parquet_messages(x):
+    """A list<struct<role, content>> cell: the row's turns where Arrow can hold them (a role or
+    content of another type becomes null), else null."""
+    m = x.get("messages") if isinstance(x, dict) else None
+    if not isinstance(m, list) or not all(isinstance(t, dict) for t in m):
+        return None
+    return [{"role": _arrow_str(t.get("role")), "content": _arrow_str(t.get("content"))} for t in m]
+
+
+FORMATS = ["jsonl", "json", "parquet", "txt"]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_reading_rows_never_raises_and_loses_nothing(tmp_path, seed):
-    lines = hostile_file(tmp_path / "in.jsonl", 300, seed)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reading_rows_never_raises_and_loses_nothing(tmp_path, seed, fmt):
+    """The batch jobs' row path (label, generate): every row of every format is one output row."""
+    path, n = hostile_files(tmp_path, 300, seed)[fmt]
     rows = []
-    for ch in batchjob.plan_chunks(str(tmp_path / "in.jsonl"), "auto", 37):
+    for ch in batchjob.plan_chunks(path, "auto", 37):
         rows += batchjob.read_chunk(ch, "auto", "text", "id")
-    assert len(rows) == len(lines)
+    assert len(rows) == n
     for r in rows:
         assert (r["text"] is None) == (r["error"] is not None)
         r["id"].encode("utf-8")  # storable: no lone surrogate survives
         if r["text"] is not None:
             r["text"].encode("utf-8")
+    assert sum(r["error"] is None for r in rows) > 10 and sum(r["error"] is not None for r in rows) > 10
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".txt"])
@@ -134,29 +200,78 @@ def test_label_and_generate_workers_write_every_row(tmp_path, tiny_hf):
         assert sum(r["error"] is None for r in table) > 10
 
 
+def _data_stage_raws(tmp_path, fmt: str, seed: int) -> tuple[list[tuple[str, bytes]], int]:
+    """The fuzzed chat rows as the data stage's readers hand them to the packing buffer."""
+    from cerbero_ray.data.sources import parquet_to_raw, read_raw_stream
+
+    files = hostile_files(tmp_path, 200, seed, chat=True)
+    if fmt == "parquet":
+        table = pq.read_table(files["parquet"][0]).drop_columns(["text"])
+        t = parquet_to_raw(table, "s")
+        return [("record", r) for r in t.column("raw").to_pylist()], table.num_rows
+    if fmt == "txt":  # one document per .txt file: the lines as files
+        raws = []
+        for i, line in enumerate(open(files["txt"][0], "rb").read().split(b"\n")[:-1]):
+            f = tmp_path / f"doc{i}.txt"
+            f.write_bytes(line)
+            with open(f, "rb") as fh:
+                raws += [("txt", r) for t in read_raw_stream(fh, str(f), "s") for r in t.column("raw").to_pylist()]
+        return raws, len(raws)
+    path, n = files[fmt]
+    with open(path, "rb") as fh:
+        tables = list(read_raw_stream(fh, path, "s", block_rows=64))
+    return [(k, r) for t in tables for k, r in zip(t.column("kind").to_pylist(), t.column("raw").to_pylist())], n
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-def test_the_data_stage_counts_every_row(tmp_path, seed):
-    rng = random.Random(seed)
-    raws = [hostile_line(rng, i, chat=True) for i in range(200)]
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_data_stage_counts_every_row(tmp_path, seed, fmt):
+    """The data stage, every format through its own reader: input rows = documents + rejects."""
+    kinds_raws, n = _data_stage_raws(tmp_path, fmt, seed)
+    assert len(kinds_raws) == n
     cfg = {
-        **proc_cfg(tmp_path, {"s": {"format": "openai", "weight": 1.0, "text_field": "text"}}),
+        **proc_cfg(tmp_path, {"s": {"format": "text" if fmt == "txt" else "openai", "weight": 1.0}}),
         "tokenizer": TOKENIZER_CFG,
     }
-    n = len(raws)
     batch = {
         "source": np.array(["s"] * n, dtype=object),
-        "path": np.array(["in.jsonl"] * n, dtype=object),
+        "path": np.array([f"in.{fmt}"] * n, dtype=object),
         "line_no": np.arange(1, n + 1),
-        "kind": np.array(["jsonl"] * n, dtype=object),
-        "raw": np.array(raws + [b""], dtype=object)[:n],
+        "kind": np.array([k for k, _ in kinds_raws], dtype=object),
+        "raw": np.array([r for _, r in kinds_raws] + [b""], dtype=object)[:n],
     }
     stats = {k: v[0] for k, v in BufferProcessor(cfg)(batch).items()}
     reasons = json.loads(stats["reject_reasons"])
     assert stats["input_rows"] == n == stats["documents"] + sum(reasons.values()), (stats, reasons)
-    assert reasons.get("empty") and reasons.get("invalid_json") and reasons.get("unknown_role")
-    assert reasons.get("invalid_utf8") and reasons.get("role_tag_in_text") and stats["documents"] > 10
+    assert stats["documents"] > 10 and sum(reasons.values()) > 10, reasons
+    if fmt == "jsonl":
+        assert reasons.get("empty") and reasons.get("invalid_json") and reasons.get("unknown_role")
+        assert reasons.get("invalid_utf8") and reasons.get("role_tag_in_text")
     rejected = [json.loads(x) for x in open(stats["rejects_path"])]
     assert len(rejected) == sum(reasons.values())
+
+
+def test_a_lone_surrogate_in_a_json_array_is_one_reject(tmp_path):
+    """Valid JSON (``ensure_ascii`` writes the escape), no valid Unicode: the JSON-array reader
+    re-serialises items, and such an item is one counted reject, as the same JSON Lines row is."""
+    from cerbero_ray.data.sources import read_raw_stream
+
+    items = [
+        {"instruction": "Saluta", "input": "ciao \ud800", "output": "Ciao!"},
+        {"instruction": "Saluta", "input": "ciao", "output": "Ciao!"},
+    ]
+    stats = {}
+    for name, body in (("a.json", json.dumps(items)), ("a.jsonl", "\n".join(json.dumps(x) for x in items))):
+        f = tmp_path / name
+        f.write_text(body)
+        with open(f, "rb") as fh:
+            t = pa.concat_tables(read_raw_stream(fh, str(f), "s"))
+        cfg = {**proc_cfg(tmp_path / name[2:], {"s": {"format": "alpaca", "weight": 1.0}}), "tokenizer": TOKENIZER_CFG}
+        batch = {k: np.array(t.column(k).to_pylist(), dtype=object) for k in ("source", "path", "kind", "raw")}
+        batch["line_no"] = np.array(t.column("line_no").to_pylist())
+        st = {k: v[0] for k, v in BufferProcessor(cfg)(batch).items()}
+        stats[name] = (st["input_rows"], st["documents"], json.loads(st["reject_reasons"]))
+    assert stats["a.json"] == stats["a.jsonl"] and stats["a.json"][:2] == (2, 1), stats
 
 
 def test_a_json_array_file_is_read_item_by_item(tmp_path):

@@ -1,13 +1,19 @@
-"""``jobs/serve.py`` as systemd, Kubernetes and ``ray job stop`` end it: SIGTERM while requests are
-in flight. Every in-flight request finishes, then Serve and Ray stop and the process exits 0."""
+"""``jobs/serve.py`` as systemd, Kubernetes and ``ray job stop`` end it, and as slow clients try it:
+SIGTERM while requests are in flight and queued (every accepted request finishes, or past the
+grace period is answered 503 in our JSON object — a stream gets an error event and ``[DONE]`` —
+never dropped; a request that arrives while draining is a 503 with ``Retry-After`` until the port
+closes), and uploads that stall (a 408, without holding a replica's slot)."""
 
 import concurrent.futures as cf
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -24,7 +30,7 @@ def _post(url, body):
         return r.status, json.loads(r.read())
 
 
-def _start(tiny_hf, tmp_path, **popen):
+def _start(tiny_hf, tmp_path, *overrides, **popen):
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen(
@@ -36,6 +42,7 @@ def _start(tiny_hf, tmp_path, **popen):
             "cluster.num_cpus=2",
             "serve.max_batch_size=4",
             "serve.shutdown_grace_s=60",
+            *overrides,
         ],
         cwd=tmp_path,
         env=env,
@@ -99,3 +106,138 @@ def test_sigterm_to_the_whole_process_group_exits_at_once_and_says_why(tiny_hf, 
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _try(url, body, timeout=120):
+    """(status, JSON body, headers), or the connection error's class name."""
+    try:
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read()), {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()}
+    except (OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", e)
+        return type(reason).__name__, None, {}
+
+
+def _stall(port: int, sent: bytes = b'{"messages": ') -> socket.socket:
+    """A client that sends its headers and the start of its body, then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += "Content-Length: 100\r\n\r\n"
+    sock.sendall(head.encode() + sent)
+    return sock
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict]:
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < 20:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(body[body.index(b"{") :])
+
+
+LONG = {
+    "messages": [{"role": "user", "content": "Raccontami una storia lunga."}],
+    "max_tokens": 512,
+    "temperature": 0.8,
+}
+
+
+def test_stalled_uploads_hold_no_slot_and_sigterm_keeps_every_accepted_request(tiny_hf, tmp_path):
+    proc, url = _start(
+        tiny_hf,
+        tmp_path,
+        "serve.max_batch_size=16",
+        "serve.max_ongoing_requests=16",
+        "serve.max_new_tokens=512",
+        "serve.body_timeout_s=4",
+    )
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        # 1. twenty clients stall mid-body: more than the replica's 16 slots; a normal request goes through
+        stalled = [_stall(port) for _ in range(20)]
+        t0 = time.monotonic()
+        status, out, _ = _try(f"{url}/v1/chat/completions", {**LONG, "max_tokens": 4}, timeout=60)
+        assert status == 200 and time.monotonic() - t0 < 4, (status, out)
+        answers = [_answer(s) for s in stalled]  # after body_timeout_s: a 408 each, our JSON object
+        assert all(st == 408 and b["error"]["code"] == "timeout" for st, b in answers), answers[:2]
+        for s in stalled:
+            s.close()
+        # 2. SIGTERM with 16 requests running and 8 queued: all 24 get an answer, none is dropped
+        with cf.ThreadPoolExecutor(40) as pool:
+            accepted = [pool.submit(_try, f"{url}/v1/chat/completions", LONG) for _ in range(24)]
+            time.sleep(2.0)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the proxies have seen the drain: a new request is a 503 until the port closes
+            late = []
+            while True:
+                r = _try(f"{url}/v1/chat/completions", LONG, 30)
+                late.append(r)
+                if not isinstance(r[0], int) or len(late) > 400:
+                    break
+                time.sleep(0.05)
+            results = [f.result() for f in accepted]
+        codes = [r[0] for r in results]
+        assert all(c in (200, 503) for c in codes), codes  # never a dropped connection
+        assert codes.count(200) >= 16, codes
+        for c, body, headers in results + [r for r in late if isinstance(r[0], int)]:
+            if c == 503:
+                assert body["error"]["code"] == "shutting_down" and headers.get("retry-after"), (body, headers)
+        late_codes = [r[0] for r in late]
+        assert late_codes[-1] == "ConnectionRefusedError" or len(late) > 400, late_codes[-5:]
+        assert 503 in late_codes and all(c in (200, 503) for c in late_codes[:-1]), late_codes
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "[serve] stopped" in out, out[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _stream_events(url: str, body: dict) -> list[str]:
+    """The data lines of a server-sent-event stream, until it ends."""
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    conn.request(
+        "POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"}
+    )
+    r = conn.getresponse()
+    assert r.status == 200
+    return [ln[6:] for ln in r.read().decode().splitlines() if ln.startswith("data: ")]
+
+
+def test_when_the_grace_period_runs_out_requests_get_a_503_and_streams_an_error_event(tiny_hf, tmp_path):
+    proc, url = _start(
+        tiny_hf,
+        tmp_path,
+        "serve.max_batch_size=16",
+        "serve.max_ongoing_requests=16",
+        "serve.max_new_tokens=512",
+        "serve.shutdown_grace_s=1",
+    )
+    slow = {**LONG, "stop": ["nessuna-fine"]}
+    try:
+        with cf.ThreadPoolExecutor(8) as pool:
+            streams = [pool.submit(_stream_events, url, slow) for _ in range(2)]
+            plain = [pool.submit(_try, f"{url}/v1/chat/completions", slow) for _ in range(4)]
+            time.sleep(1.5)
+            proc.send_signal(signal.SIGTERM)
+            events = [f.result() for f in streams]
+            results = [f.result() for f in plain]
+        for ev in events:
+            assert ev[-1] == "[DONE]", ev[-3:]
+            last = json.loads(ev[-2])
+            assert last["error"]["code"] == "shutting_down", ev[-3:]  # an error event, then the end
+        for c, body, headers in results:
+            assert c == 503 and body["error"]["code"] == "shutting_down" and headers.get("retry-after"), (c, body)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -20,6 +20,7 @@ class ExportConfig:
     types: List[str] = field(default_factory=lambda: ["f16", "q4_k_m"])
     threads: int = 0  # llama.cpp's quantizer; 0: all cores
     overwrite: bool = False  # redo files that are newer than the checkpoint
+    verify: bool = True  # llama.cpp loads each file and runs the seed's prompt (in a child process)
 
 
 @dataclass

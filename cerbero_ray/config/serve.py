@@ -50,7 +50,8 @@ class ServeConfig:
     default_max_tokens: int = 128
     max_label_texts: int = 64
     max_body_bytes: int = 1_048_576  # larger request bodies are a 413, refused before they are read
-    shutdown_grace_s: float = 30.0  # on SIGTERM: in-flight requests get this long to finish
+    body_timeout_s: float = 10.0  # a request body must arrive within this (408); read before a replica is chosen
+    shutdown_grace_s: float = 30.0  # on SIGTERM: accepted requests get this long to finish, then a 503
     label_tasks: Dict[str, LabelTaskConfig] = field(default_factory=dict)
 
 
@@ -89,6 +90,7 @@ def check_serve(c: dict) -> None:
         "serve",
     )
     at_least(sc, ("shutdown_grace_s",), 0, "serve")
+    at_least(sc, ("body_timeout_s", "retry_after_s"), 0.1, "serve")
     if sc["default_max_tokens"] > sc["max_new_tokens"]:
         raise ValueError("serve.default_max_tokens must be <= serve.max_new_tokens")
     one_of(sc["dtype"], INFERENCE_DTYPES, "serve.dtype")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cerbero_ray.chat import forges_turn
+
 FORMATS = ("openai", "sharegpt", "alpaca", "text")
 SHAREGPT_ROLES = {
     "human": "user",
@@ -26,7 +28,6 @@ SHAREGPT_ROLES = {
     "system": "system",
 }
 OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
-ROLE_TAGS = ("[|Umano|]", "[|AI|]", "[|Assistente|]")
 
 
 class Reject(Exception):
@@ -85,7 +86,7 @@ def _turns(items, role_key: str, content_key: str, roles: dict[str, str], field:
         if not isinstance(role, str) or role not in roles:
             raise Reject("unknown_role", f"{field}[{i}].{role_key}={role!r}")
         content = _text(turn.get(content_key), f"{field}[{i}].{content_key}")
-        if any(line.lstrip().startswith(ROLE_TAGS) for line in content.splitlines()):
+        if forges_turn(content):
             # the cerbero format marks turns with these at a line's start: the loss mask would be wrong
             raise Reject("role_tag_in_text", f"{field}[{i}].{content_key} has a line starting with a role tag")
         messages.append({"role": roles[role], "content": content})

@@ -117,6 +117,16 @@ def _table(source: str, path: str, kind: str, line_nos: list[int], raws: list[by
     )
 
 
+def record_bytes(record) -> bytes:
+    """A parsed record as the raw JSON bytes of a row. A string with a lone surrogate (valid JSON
+    as an escape, ``"\\ud800"``, but no UTF-8) keeps its escapes, so the row is parsed and rejected
+    downstream exactly as the same JSON Lines row is, instead of failing to encode here."""
+    try:
+        return json.dumps(record, ensure_ascii=False, default=str).encode()
+    except UnicodeEncodeError:
+        return json.dumps(record, default=str).encode()
+
+
 def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterator[pa.Table]:
     """Raw rows of one file, streamed in blocks: JSONL line by line, a JSON array element by element
     (the file is read whole), a .txt file as one document. Blank JSONL lines are rows too (rejected
@@ -139,7 +149,7 @@ def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterat
                 path,
                 "record",
                 list(range(s, s + len(chunk))),
-                [json.dumps(x, ensure_ascii=False).encode() for x in chunk],
+                [record_bytes(x) for x in chunk],
             )
         return
     rest, line_no, nos, raws = b"", 0, [], []
@@ -166,10 +176,7 @@ def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterat
 
 def parquet_to_raw(batch: pa.Table, source: str) -> pa.Table:
     """Parquet rows as raw JSON records; ``line_no`` is a content hash (row order is not stable)."""
-    raws = [
-        json.dumps(r, ensure_ascii=False, default=str).encode()
-        for r in batch.drop_columns([c for c in ("path",) if c in batch.column_names]).to_pylist()
-    ]
+    raws = [record_bytes(r) for r in batch.drop_columns([c for c in ("path",) if c in batch.column_names]).to_pylist()]
     paths = batch.column("path").to_pylist() if "path" in batch.column_names else [""] * len(raws)
     nos = [int.from_bytes(hashlib.blake2b(r, digest_size=7).digest(), "little") for r in raws]
     t = _table(source, "", "record", nos, raws)

@@ -4,7 +4,10 @@ The checkpoint (a local folder, or a URI fetched once into the cache) is convert
 (:mod:`cerbero_ray.export.gguf`) into ``f32``/``f16``/``bf16``/``q8_0``; each K-quant (``q4_k_m``…)
 is made from the f16 file by llama.cpp's quantizer (:mod:`cerbero_ray.export.quantize`; an f16 file
 not asked for is made and removed). Files are ``<output_dir>/<name>-<TYPE>.gguf``; one newer than
-every file of the checkpoint is kept on a rerun (``export.overwrite=true`` redoes it). The stage
+every file of the checkpoint is kept on a rerun (``export.overwrite=true`` redoes it). Each file is
+written as ``….gguf.unverified`` and checked by llama.cpp in a child process (:mod:`.verify`: the
+seed's prompt, tokens and logits against transformers) before it takes its final name; one that
+fails stays ``….gguf.failed`` and is reported (``export.verify=false`` skips the check). The stage
 needs no Ray cluster: under ``ray job submit`` it runs in the job's driver.
 
     python jobs/export.py export.types=[f16,q8_0,q4_k_m]
@@ -20,11 +23,12 @@ import time
 
 from omegaconf import DictConfig
 
-from cerbero_ray import storage
+from cerbero_ray import llamacpp, storage
 from cerbero_ray.config import check
 from cerbero_ray.config.common import check_weights
 from cerbero_ray.export import gguf as conv
 from cerbero_ray.export import quantize as quant
+from cerbero_ray.export import verify
 from cerbero_ray.models import check_checkpoint
 
 SNIPPET = '''from llama_cpp import Llama
@@ -60,7 +64,8 @@ def _template(folder: str) -> str | None:
 
 
 def run_export(cfg: DictConfig | dict) -> dict:
-    """Export ``export.checkpoint``; returns {type: file info} and the chat snippet."""
+    """Export ``export.checkpoint``; returns {type: file info}, the types that failed llama.cpp's
+    check (``failed``: written nowhere under their final name) and the chat snippet."""
     c = check("export", cfg)
     x = c["export"]
     check_checkpoint(x["checkpoint"], "export.checkpoint")
@@ -72,52 +77,100 @@ def run_export(cfg: DictConfig | dict) -> dict:
         raise ValueError("export.types: K-quants need llama-cpp-python (pip install 'cerbero-ray[gguf]')")
     out, results, t0 = x["output_dir"], {}, time.perf_counter()
     template = _template(folder)
+    tag = "Assistente" if template and "[|Assistente|]" in template else "AI"
+    ref = _reference(folder, tag, x["verify"])
     with tempfile.TemporaryDirectory(prefix="cerbero-gguf-") as tmp:
         local_out = tmp if storage.is_uri(out) else storage.resolve(out)[1]
         os.makedirs(local_out, exist_ok=True)
         order = sorted(x["types"], key=lambda t: t in quant.FTYPES)  # the f16 file first: quants start from it
         f16 = os.path.join(local_out, file_name(x["name"], "f16"))
         for t in order:
-            dest = os.path.join(local_out, file_name(x["name"], t))
             final = storage.join(out, file_name(x["name"], t))
             if not x["overwrite"] and _fresh(final, folder):
-                results[t] = {"path": final, "type": t, "kept": True}
+                results[t] = {"path": final, "type": t, "status": "kept"}
                 print(f"[export] {final} is newer than the checkpoint: kept (export.overwrite=true redoes it)")
                 continue
-            t1 = time.perf_counter()
-            if t in quant.FTYPES:
-                if not os.path.exists(f16):
-                    storage_f16 = storage.join(out, file_name(x["name"], "f16"))
-                    if "f16" in x["types"] and storage.is_uri(out):
-                        _download(storage_f16, f16)
-                    else:
-                        conv.convert(folder, f16, "f16", x["name"], template)
-                results[t] = quant.quantize(f16, dest, t, x["threads"])
-            else:
-                results[t] = conv.convert(folder, dest, t, x["name"], template)
-            results[t]["seconds"] = round(time.perf_counter() - t1, 2)
-            if storage.is_uri(out):
-                _upload(dest, final)
-            results[t]["path"] = final
-            print(f"[export] {t}: {final} ({results[t]['bytes'] / 2**20:.1f} MiB, {results[t]['seconds']} s)")
-            if results[t].get("fallback_tensors"):
-                of = f" of {results[t]['tensors']}" if "tensors" in results[t] else ""
-                print(
-                    f"[export] {t}: {results[t]['fallback_tensors']}{of} tensors kept a simpler type (q5_0/q8_0): "
-                    "their rows are not a multiple of the K-quant block (256), as in tiny test models"
-                )
-        if "f16" not in x["types"] and os.path.exists(f16) and not storage.is_uri(out):
-            os.remove(f16)  # made only for the quantizer
+            if t in quant.FTYPES and results.get("f16", {}).get("status") == "kept" and storage.is_uri(out):
+                if not os.path.exists(f16):  # the quantizer starts from the f16 file kept in the bucket
+                    _download(storage.join(out, file_name(x["name"], "f16")), f16)
+            results[t] = _make(t, folder, os.path.join(local_out, file_name(x["name"], t)), f16, x, template, ref)
+            _publish(results[t], final, storage.is_uri(out))
+        if os.path.exists(f16 + UNVERIFIED):  # an f16 file made only for the quantizer
+            os.remove(f16 + UNVERIFIED)
+    failed = [t for t, r in results.items() if r["status"] == "failed"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    tag = "Assistente" if template and "[|Assistente|]" in template else "AI"
-    first = results[x["types"][-1]]["path"]
-    snippet = SNIPPET.format(path=first, tag=tag)
+    good = [t for t in x["types"] if results[t]["status"] != "failed"]
+    snippet = SNIPPET.format(path=results[good[-1]]["path"], tag=tag) if good else ""
     print(
-        f"[export] {len(results)} file(s) in {time.perf_counter() - t0:.1f} s, peak RSS {peak:.0f} MiB\n"
-        f"[export] chat with it in llama-cpp-python (pip install llama-cpp-python):\n{snippet}",
+        f"[export] {len(results) - len(failed)} file(s) in {time.perf_counter() - t0:.1f} s, peak RSS {peak:.0f} MiB"
+        + (f"; {len(failed)} failed llama.cpp's check: {', '.join(failed)}" if failed else ""),
         flush=True,
     )
-    return {"files": results, "peak_rss_mib": round(peak), "snippet": snippet}
+    if snippet:
+        print(f"[export] chat with it in llama-cpp-python (pip install llama-cpp-python):\n{snippet}", flush=True)
+    return {"files": results, "failed": failed, "peak_rss_mib": round(peak), "snippet": snippet}
+
+
+UNVERIFIED = ".unverified"  # a file written but not yet checked by llama.cpp: never under its final name
+
+
+def _reference(folder: str, tag: str, wanted: bool) -> dict | None:
+    if not wanted:
+        return None
+    if not llamacpp.available():
+        print("[export] llama.cpp check skipped: llama-cpp-python is not installed (pip install -e '.[gguf]')")
+        return None
+    return verify.reference(folder, tag)
+
+
+def _make(t: str, folder: str, dest: str, f16: str, x: dict, template: str | None, ref: dict | None) -> dict:
+    """Write type ``t`` as ``dest + UNVERIFIED``, check it with llama.cpp (when ``ref``); returns its
+    info with ``status`` (``checked``, ``unchecked`` or ``failed``) and ``check``."""
+    t1, staged = time.perf_counter(), dest + UNVERIFIED
+    try:
+        if t in quant.FTYPES:
+            # the f16 file of this run (made or kept), else one made only for the quantizer
+            src = f16 if "f16" in x["types"] and os.path.exists(f16) else f16 + UNVERIFIED
+            if not os.path.exists(src):
+                conv.convert(folder, src, "f16", x["name"], template)
+            info = quant.quantize(src, staged, t, x["threads"])
+        else:
+            info = conv.convert(folder, staged, t, x["name"], template)
+    except llamacpp.NativeCrash as e:  # the quantizer died: this type fails, the others go on
+        print(f"[export] {t}: FAILED: {e}", flush=True)
+        return {"type": t, "status": "failed", "check": {"ok": False, "signal": e.signal, "error": str(e)}}
+    info = {**info, "seconds": round(time.perf_counter() - t1, 2), "status": "unchecked"}
+    if ref is not None:
+        info["check"] = verify.verify(staged, t, ref, x["threads"])
+        info["status"] = "checked" if info["check"]["ok"] else "failed"
+        print(f"[export] {t}: {verify.describe(info['check'], ref['decode'])}", flush=True)
+    if info.get("fallback_tensors"):
+        of = f" of {info['tensors']}" if "tensors" in info else ""
+        print(
+            f"[export] {t}: {info['fallback_tensors']}{of} tensors kept a simpler type (q5_0/q8_0): "
+            "their rows are not a multiple of the K-quant block (256), as in tiny test models"
+        )
+    info["staged"] = staged
+    return info
+
+
+def _publish(info: dict, final: str, uri: bool) -> None:
+    """A checked (or unchecked) file goes under its final name; a failed one stays ``….failed``."""
+    staged = info.pop("staged", None)
+    if info["status"] == "failed":
+        if staged and os.path.exists(staged) and not uri:
+            os.replace(staged, storage.resolve(final)[1] + ".failed")
+            info["path"] = final + ".failed"
+        print(f"[export] {info['type']}: not written as {final} (it failed llama.cpp's check)", flush=True)
+        return
+    dest = staged[: -len(UNVERIFIED)]
+    if uri:
+        _upload(staged, final)
+        os.replace(staged, dest)  # kept locally for the quantizer (f16) until the temporary folder goes
+    else:
+        os.replace(staged, dest)
+    info["path"] = final
+    print(f"[export] {info['type']}: {final} ({info['bytes'] / 2**20:.1f} MiB, {info['seconds']} s)", flush=True)
 
 
 def _upload(local: str, uri: str) -> None:

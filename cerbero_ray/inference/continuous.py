@@ -13,6 +13,11 @@ A short request never waits for a long one, a new request waits at most one step
 and non-streaming requests share the same batch. A request ends at the end-of-sequence token, at
 one of its stop strings (cut from the text) or at ``max_new_tokens``; text that could be the start
 of a stop string, or an incomplete UTF-8 character, is held back until it is decided.
+
+With ``Sampling.logprobs`` set (``k``), each token's log-probability under the model (before
+temperature and top-p, as OpenAI reports them) and the ``k`` most likely tokens ride along: a
+stream's text pieces are :class:`Piece` strings carrying the entries of the tokens they hold, and
+the final dict has them all (``logprobs``: ``{"id", "logprob", "top": [(id, logprob), …]}``).
 """
 
 from __future__ import annotations
@@ -44,6 +49,20 @@ class _Request:
     offsets: tuple[int, int] = (0, 0)  # incremental detokenization: (prefix start, read start)
     rng: random.Random | None = None
     cancelled: bool = False
+    lps: list[dict] = field(default_factory=list)  # per token, with Sampling.logprobs
+    starts: list[int] = field(default_factory=list)  # per token: the text's length before it
+    lp_sent: int = 0
+
+
+class Piece(str):
+    """A piece of streamed text with the log-probability entries of the tokens it holds."""
+
+    logprobs: list[dict]
+
+    def __new__(cls, text: str, logprobs: list[dict]):
+        p = super().__new__(cls, text)
+        p.logprobs = logprobs
+        return p
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -75,7 +94,9 @@ def _pieces(first, q) -> tuple[str, dict | None]:
     end = next((x for x in items if isinstance(x, dict)), None)
     if end is not None and "error" in end:
         raise RuntimeError(end["error"])
-    return "".join(x for x in items if isinstance(x, str)), end
+    text = "".join(x for x in items if isinstance(x, str))
+    lps = [e for x in items if isinstance(x, Piece) for e in x.logprobs]
+    return (Piece(text, lps) if any(isinstance(x, Piece) for x in items) else text), end
 
 
 class ContinuousBatcher:
@@ -271,9 +292,28 @@ class ContinuousBatcher:
         temp = torch.tensor([r.sampling.temperature for r in reqs], dtype=torch.float32)  # on the CPU: see sample
         top_p = torch.tensor([r.sampling.top_p for r in reqs], dtype=torch.float32)
         u = torch.tensor([r.rng.random() for r in reqs], dtype=torch.float32)
-        for r, t in zip(reqs, sample(logits, temp, top_p, u).tolist()):
+        tokens = sample(logits, temp, top_p, u).tolist()
+        self._logprobs(reqs, logits, tokens)
+        for r, t in zip(reqs, tokens):
             r.out.append(t)
+            r.starts.append(len(r.text))
             self._emit(r)
+
+    @staticmethod
+    def _logprobs(reqs: list[_Request], logits: torch.Tensor, tokens: list[int]) -> None:
+        """Each sampled token's log-probability (and the top ones) for the requests that ask."""
+        rows = [i for i, r in enumerate(reqs) if r.sampling.logprobs is not None]
+        if not rows:
+            return
+        lp = torch.log_softmax(logits[torch.tensor(rows, device=logits.device)].float(), -1)
+        k = max(reqs[i].sampling.logprobs for i in rows)
+        top_v, top_i = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
+        chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=lp.device))[:, 0].tolist()
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        for j, i in enumerate(rows):
+            n = reqs[i].sampling.logprobs
+            top = list(zip(top_i[j][:n], top_v[j][:n]))
+            reqs[i].lps.append({"id": tokens[i], "logprob": chosen[j], "top": top})
 
     def _emit(self, r: _Request) -> None:
         s = r.sampling
@@ -285,20 +325,32 @@ class ContinuousBatcher:
         hold = 0 if done else max((len(x) for x in s.stop), default=1) - 1
         safe = len(cut) - hold
         if safe > r.sent:
-            r.emit(cut[r.sent : safe])
+            r.emit(self._piece(r, cut[r.sent : safe], safe))
             r.sent = safe
         if done:
             r.text = cut
             del self.live[r.slot]  # before the last emit: whoever waits on it sees the slot free
-            r.emit(
-                {
-                    "finish_reason": "stop" if eos or stopped else "length",
-                    "prompt_tokens": len(r.ids),
-                    "new_tokens": len(r.out),
-                    "truncated": r.truncated,
-                    "text": cut.strip(),
-                }
-            )
+            end = {
+                "finish_reason": "stop" if eos or stopped else "length",
+                "prompt_tokens": len(r.ids),
+                "new_tokens": len(r.out),
+                "truncated": r.truncated,
+                "text": cut.strip(),
+            }
+            if s.logprobs is not None:  # the tokens of the text (not the stop string's, not EOS)
+                end["logprobs"] = [e for e, at in zip(r.lps, r.starts) if at < len(cut)]
+            r.emit(end)
+
+    @staticmethod
+    def _piece(r: _Request, text: str, upto: int) -> str:
+        """``text``, with the entries of the tokens that start before ``upto`` not yet sent."""
+        if r.sampling.logprobs is None:
+            return text
+        n = r.lp_sent
+        while n < len(r.starts) and r.starts[n] < upto:
+            n += 1
+        piece, r.lp_sent = Piece(text, r.lps[r.lp_sent : n]), n
+        return piece
 
     def _detokenize(self, r: _Request) -> str:
         """The text the newest token adds: the last few tokens decoded with and without it (a

@@ -16,10 +16,11 @@ class Sampling:
     top_p: float = 0.9
     stop: List[str] = field(default_factory=lambda: [STOP_STRING])
     seed: Optional[int] = 0  # None: a fresh random draw (the serving default, as OpenAI's API)
+    logprobs: Optional[int] = None  # continuous engine: each token's log-probability and this many top ones
 
     def key(self) -> tuple:
         """Hashable: requests with equal keys can share a batched ``generate`` call."""
-        return (self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop), self.seed)
+        return (self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop), self.seed, self.logprobs)
 
 
 def cut_at_stop(text: str, stop) -> tuple[str, bool]:

@@ -30,14 +30,20 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cerbero_ray.chat import STOP_STRING
+from cerbero_ray.chat import ROLE_TAGS, STOP_STRING, forges_turn
 from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.serve.guard import Guard, configure_guard
-from cerbero_ray.serve.schemas import ChatRequest, CompletionRequest, LabelRequest, error_body
+from cerbero_ray.serve.schemas import (
+    MAX_STOP,
+    ChatRequest,
+    CompletionRequest,
+    LabelRequest,
+    error_body,
+    short,
+)
 
 app = FastAPI(title="cerbero-ray", docs_url="/docs")
 PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
-ROLE_TAGS = ("[|Umano|]", "[|AI|]", "[|Assistente|]")
 
 app.add_middleware(Guard)
 
@@ -66,18 +72,26 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     )
 
 
+# an error that only says the value is not of one member of a union ("Input should be a valid
+# string" for a list given to `str | list[str]`): another error of the same field says more
+_WRONG_BRANCH = {"string_type", "list_type", "dict_type", "model_type", "int_type", "float_type", "bool_type"}
+
+
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError):
-    first = exc.errors()[0] if exc.errors() else {}
+    errors = exc.errors() or [{}]
+    first = next((e for e in errors if e.get("type") not in _WRONG_BRANCH), errors[0])
     # pydantic names the member of a union it tried ("list[...]", "str"): not part of the field's path
     union = ("str", "int", "float", "bool", "list", "dict")
-    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and "[" not in str(x) and x not in union)
+    loc = [x for x in first.get("loc", ()) if x != "body" and "[" not in str(x) and x not in union]
     kind = first.get("type", "")
-    if kind == "json_invalid":
-        message = "the body is not valid JSON (or not UTF-8)"
-    elif kind == "extra_forbidden":
+    if kind == "json_invalid":  # loc: the character offset, which is no field
+        at = f" at character {loc[0]}" if loc and isinstance(loc[0], int) else ""
+        message, loc = f"the body is not valid JSON{at} (or not UTF-8)", []
+    where = ".".join(str(x) if len(str(x)) <= 64 else short(str(x)) for x in loc)
+    if kind == "extra_forbidden":
         message = f"unknown field {where!r}"
-    else:
+    elif kind != "json_invalid":
         message = f"{where or 'body'}: {first.get('msg', 'invalid')}"
     return JSONResponse(error_body(message, param=where or None, code=kind or None), status_code=400)
 
@@ -86,14 +100,40 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _choice(kind: str, text: str, finish: str | None, delta: bool = False) -> dict:
+def _choice(kind: str, text: str, finish: str | None, delta: bool = False, logprobs: list | None = None) -> dict:
     if kind == "chat" and delta:
         body = {"delta": {"role": "assistant", "content": text} if text else {}}
     elif kind == "chat":
         body = {"message": {"role": "assistant", "content": text}}
     else:
         body = {"text": text, "logprobs": None}
+    if kind == "chat":
+        body["logprobs"] = {"content": logprobs} if logprobs is not None else None
     return {"index": 0, **body, "finish_reason": finish}
+
+
+def _token(tok, token_id: int) -> tuple[str, list[int]]:
+    """A token's text and bytes as OpenAI reports them (SentencePiece's ``▁`` is a space; a byte
+    token ``<0x0A>`` is that byte)."""
+    piece = tok.convert_ids_to_tokens(token_id)
+    if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+        raw = bytes([int(piece[3:5], 16)])
+        return raw.decode("utf-8", "replace"), list(raw)
+    text = piece.replace("\u2581", " ")
+    return text, list(text.encode("utf-8"))
+
+
+def openai_logprobs(tok, entries: list[dict]) -> list[dict]:
+    """The engine's per-token entries (``id``, ``logprob``, ``top``) as OpenAI's ``logprobs.content``."""
+    out = []
+    for e in entries:
+        text, raw = _token(tok, e["id"])
+        top = []
+        for i, lp in e["top"]:
+            t, b = _token(tok, i)
+            top.append({"token": t, "logprob": lp, "bytes": b})
+        out.append({"token": text, "logprob": e["logprob"], "bytes": raw, "top_logprobs": top})
+    return out
 
 
 def _usage(prompt: int, new: int) -> dict:
@@ -112,6 +152,24 @@ def _envelope(kind: str, rid: str, model: str, choices: list, usage: dict | None
     if usage is not None:
         out["usage"] = usage
     return out
+
+
+def _content(content, i: int) -> str:
+    """A message's content as text: a string, or OpenAI's list of parts, whose text parts are
+    joined by newlines (any other part is refused, naming it)."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise APIError(
+                400,
+                f"content part of type {short(part.type)} is not supported: only text parts "
+                '({"type": "text", "text": "..."}); this model reads text only',
+                f"messages.{i}.content.{j}",
+            )
+        texts.append(part.text)
+    return "\n".join(texts)
 
 
 @serve.deployment
@@ -152,7 +210,7 @@ class CerberoServer:
         if req.model not in (None, sc["model_name"]):
             raise APIError(
                 404,
-                f"model {req.model!r} is not served here; this server has {sc['model_name']!r}",
+                f"model {short(req.model)} is not served here; this server has {sc['model_name']!r}",
                 "model",
                 "model_not_found",
             )
@@ -180,14 +238,22 @@ class CerberoServer:
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options needs stream: true", "stream_options")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise APIError(400, "stop: at most 4 non-empty strings", "stop")
+        if len(stop) > MAX_STOP:
+            raise APIError(400, f"stop: at most {MAX_STOP} strings, got {len(stop)}", "stop")
+        logprobs = None
+        if getattr(req, "logprobs", False):
+            if self.engine.batcher is None:
+                raise APIError(400, "logprobs needs serve.engine=continuous (this server runs engine=hf)", "logprobs")
+            logprobs = req.top_logprobs or 0
+        elif getattr(req, "top_logprobs", None) is not None:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         s = Sampling(
             max_new_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
             stop=list(dict.fromkeys([STOP_STRING, *stop])),
             seed=req.seed,
+            logprobs=logprobs,
         )
         return s, ids
 
@@ -202,7 +268,7 @@ class CerberoServer:
     def _stream(self, prompt: str, ids: list[int], s: Sampling, kind: str, rid: str, include_usage: bool = False):
         """Server-sent events. The usage rides on the finishing chunk; with ``stream_options.include_usage``
         it comes as OpenAI sends it instead: a last chunk of its own, with no choices."""
-        model = self.sc["model_name"]
+        model, tok = self.sc["model_name"], self.engine.tok
 
         def sse(piece) -> str:
             if isinstance(piece, dict):
@@ -213,7 +279,8 @@ class CerberoServer:
                         _envelope(kind, rid, model, [], usage, chunk=True)
                     )
                 return _sse(_envelope(kind, rid, model, [last], usage, chunk=True))
-            return _sse(_envelope(kind, rid, model, [_choice(kind, piece, None, delta=True)], None, chunk=True))
+            lps = openai_logprobs(tok, piece.logprobs) if s.logprobs is not None else None
+            return _sse(_envelope(kind, rid, model, [_choice(kind, piece, None, True, lps)], None, chunk=True))
 
         if self.engine.batcher is not None:
 
@@ -241,31 +308,40 @@ class CerberoServer:
             r = await self.engine.batcher.agenerate(prompt, s, ids)
         else:
             r = await self._generate_batch((prompt, s))
+        lps = openai_logprobs(self.engine.tok, r["logprobs"]) if s.logprobs is not None else None
         return _envelope(
             kind,
             rid,
             self.sc["model_name"],
-            [_choice(kind, r["text"], r["finish_reason"])],
+            [_choice(kind, r["text"], r["finish_reason"], logprobs=lps)],
             _usage(r["prompt_tokens"], r["new_tokens"]),
         )
 
     # ── endpoints ───────────────────────────────────────────────────────────
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request, req: ChatRequest):
-        if req.messages[-1].role != "user":
-            raise APIError(400, "the last message must be the user's", "messages")
-        if any(not m.content.strip() for m in req.messages):
+        if req.response_format is not None and req.response_format.type != "text":
+            raise APIError(
+                400,
+                f"response_format {short(req.response_format.type)} is not supported: only text (no constrained "
+                "decoding here); ask for JSON in the prompt and parse the answer",
+                "response_format",
+            )
+        messages = [{"role": m.role, "content": _content(m.content, i)} for i, m in enumerate(req.messages)]
+        if any(not m["content"].strip() for m in messages):
             raise APIError(400, "a message has empty content", "messages")
-        for i, m in enumerate(req.messages):
-            if m.role == "system" and i > 0:
+        for i, m in enumerate(messages):
+            if m["role"] == "system" and i > 0:
                 raise APIError(400, "a system message may only come first, once", f"messages.{i}.role")
             # a line opening with a role tag would forge a turn of the cerbero format: refused
-            if any(line.lstrip().startswith(ROLE_TAGS) for line in m.content.splitlines()):
+            if forges_turn(m["content"]):
                 raise APIError(
                     400, f"a line of the content starts with a role tag {ROLE_TAGS}", f"messages.{i}.content"
                 )
+        if messages[-1]["role"] == "system":
+            raise APIError(400, "the last message must be the user's (or the assistant's, to continue it)", "messages")
         try:
-            prompt = await asyncio.to_thread(self.engine.render_chat, [m.model_dump() for m in req.messages])
+            prompt = await asyncio.to_thread(self.engine.render_chat, messages)
         except Exception as e:  # whatever the template refuses is the request's fault
             raise APIError(400, f"the messages cannot be rendered: {e}", "messages") from None
         return await self._complete(request, req, prompt, "chat")
@@ -316,11 +392,11 @@ class CerberoServer:
             "results": [{"label": r["label"], "probs": r["probs"], "truncated": r["truncated"]} for r in results],
         }
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD too
     async def health(self):
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.api_route("/ready", methods=["GET", "HEAD"])
     async def ready(self):
         return {"status": "ready", "model": self.sc["model_name"]}
 

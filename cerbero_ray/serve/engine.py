@@ -27,7 +27,7 @@ from cerbero_ray.inference.scorer import Scorer
 from cerbero_ray.inference.slots import check_engine
 from cerbero_ray.inference.tasks import Task
 from cerbero_ray.models import check_checkpoint, load_for_inference
-from cerbero_ray.tokenizer import encode_prompts
+from cerbero_ray.tokenizer import encode_prompts, render_chat
 
 
 def check_servable(sc: dict) -> None:
@@ -69,7 +69,7 @@ class ServeEngine:
             )
 
     def render_chat(self, messages: list[dict]) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_chat(self.tok, messages)
 
     def encode(self, prompt: str) -> list[int]:
         """A rendered prompt's ids, whole (the server refuses one over its limit rather than cut it)."""

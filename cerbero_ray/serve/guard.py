@@ -14,9 +14,9 @@ class _BodyTooLarge(Exception):
 
 
 class Guard:
-    """ASGI middleware, before FastAPI reads or parses anything: ``/v1/*`` without the right key is
-    a 401, and a body over ``max_body_bytes`` a 413 (by its Content-Length, or while it streams in),
-    so a bad or huge request costs the replica nothing."""
+    """ASGI middleware, before FastAPI reads or parses anything: two ``Authorization`` headers are a
+    400, ``/v1/*`` without the right key a 401, and a body over ``max_body_bytes`` a 413 (by its
+    Content-Length, or while it streams in), so a bad or huge request costs the replica nothing."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -24,8 +24,12 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.inner(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
+        raw = scope.get("headers") or []
+        headers = dict(raw)
         key, limit = GUARD["key"], GUARD["max_body_bytes"]
+        if sum(1 for k, _ in raw if k.lower() == b"authorization") > 1:  # which one counts would be a guess
+            body = error_body("more than one Authorization header; send one", code="duplicate_header")
+            return await JSONResponse(body, status_code=400)(scope, receive, send)
         if key and scope["path"].startswith("/v1/"):
             given = headers.get(b"authorization", b"").decode("latin-1")
             if given != f"Bearer {key}":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 
 def _unicode(s: str) -> str:
@@ -20,15 +20,42 @@ def _unicode(s: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_unicode)]
+MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_STOP_CHARS = 256  # a longer one would hold back that much of a stream (text that may start it is held)
+Stop = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+ECHO_CHARS = 64  # a value the client sent, quoted back in an error message, is cut to this
+
+
+def short(value: object) -> str:
+    """``repr(value)`` cut to :data:`ECHO_CHARS` characters: an error never echoes a huge value."""
+    r = repr(value)
+    return r if len(r) <= ECHO_CHARS else r[: ECHO_CHARS - 1] + "…"
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content (OpenAI's list form). Only ``text`` parts are served; the
+    others (``image_url``, ``input_audio``, ``file``…) are named in a 400 by the app."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: Optional[Text] = None
+
+
 class Message(Strict):
     role: Literal["system", "user", "assistant"]
-    content: Text
+    content: Union[Text, list[ContentPart]]
+    name: Optional[Text] = None  # accepted as clients send it; the cerbero format has no names, so unused
+
+
+class ResponseFormat(Strict):
+    type: str  # only "text" (the default) is served: there is no constrained decoding here
+    json_schema: Optional[dict] = None
 
 
 class StreamOptions(Strict):
@@ -38,22 +65,25 @@ class StreamOptions(Strict):
 class Sampled(Strict):
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    stop: Optional[Union[Text, list[Text]]] = None
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: Optional[Union[Stop, list[Stop]]] = Field(default=None)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     seed: Optional[int] = None
     user: Optional[Text] = None
     n: int = Field(default=1, ge=1, le=1)
     # accepted as clients and frameworks send them, at their neutral value only (checked in the app)
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = Field(default=None, allow_inf_nan=False)
+    presence_penalty: Optional[float] = Field(default=None, allow_inf_nan=False)
 
 
 class ChatRequest(Sampled):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False  # each answer token's log-probability (engine=continuous)
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)  # and this many most likely tokens
+    response_format: Optional[ResponseFormat] = None
 
 
 class CompletionRequest(Sampled):

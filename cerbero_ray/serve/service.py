@@ -22,6 +22,7 @@ def run_serve(cfg: DictConfig | dict, blocking: bool = False) -> str:
     # Python's handlers replace the C++ stack dump Ray installs for SIGTERM; set before deploying,
     # so a signal during start-up is a clean stop too (once the app is up)
     stop = stop_on_signals() if blocking else None
+    control()  # before the app: the proxies find it at their first request
     serve.start(http_options={"host": sc["host"], "port": sc["port"]})
     serve.run(deployment(sc), name="cerbero", route_prefix="/", blocking=False)
     url = f"http://{sc['host']}:{sc['port']}"
@@ -103,7 +104,47 @@ def serve_until_signalled(sc: dict, stop: _Stop | None = None) -> None:
         )
         os._exit(128 + stop.signum)
     print(f"[serve] stopping: finishing in-flight requests (up to {sc['shutdown_grace_s']} s)", flush=True)
-    serve.delete("cerbero")
+    if not drain(sc["shutdown_grace_s"]):  # no proxy of ours (set RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH):
+        serve.delete("cerbero")  # Serve's own graceful stop, which drops the requests still queued
     serve.shutdown()
     ray.shutdown()
     print("[serve] stopped", flush=True)
+
+
+def control():
+    """The drain's control actor (:class:`cerbero_ray.serve.proxy.ServeControl`), made or reset."""
+    import ray
+
+    from cerbero_ray.serve.proxy import CONTROL, ServeControl
+
+    actor = (
+        ray.remote(ServeControl).options(name=CONTROL[0], namespace=CONTROL[1], get_if_exists=True, num_cpus=0).remote()
+    )
+    ray.get(actor.reset.remote())
+    _HELD[:] = [actor]  # an actor lives while a handle does: this driver holds one for as long as it serves
+    return actor
+
+
+_HELD: list = []
+
+
+def drain(grace_s: float) -> bool:
+    """Start the drain and wait until no proxy holds a request (they answer new ones 503 and, at the
+    deadline, the ones left 503 too); False when no proxy of ours reported (nothing to wait on)."""
+    import time
+
+    import ray
+
+    from cerbero_ray.serve.proxy import CONTROL, POLL_S
+
+    actor = ray.get_actor(CONTROL[0], namespace=CONTROL[1])
+    ray.get(actor.drain.remote(grace_s))
+    give_up = time.monotonic() + grace_s + 10 * POLL_S + 5
+    while time.monotonic() < give_up:
+        held, proxies, seen = ray.get(actor.held.remote())
+        if proxies == 0:
+            return False
+        if seen and held == 0:
+            return True
+        time.sleep(POLL_S)
+    return True

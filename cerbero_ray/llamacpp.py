@@ -1,0 +1,225 @@
+"""llama.cpp (through llama-cpp-python), always in a child process.
+
+llama.cpp is native code, and native code can die from a signal: SIGILL from CPU kernels the build
+chose that this machine cannot run (llama.cpp's AMX kernels on CPUs whose kernel gates AMX per
+thread; see ``deploy/llama_cpp_no_amx.cmake``), SIGSEGV on a file it misreads. In our own process
+such a crash would end the job, or the whole test suite, without a word. So every call into
+llama.cpp's runtime — the quantizer, loading a file, a forward pass, generation — runs in a child
+(``python -m cerbero_ray.llamacpp``): a crash there is a :class:`NativeCrash` naming the signal and
+what to do, and the caller goes on.
+
+    from cerbero_ray import llamacpp
+    llamacpp.call("logits", path="m.gguf", ids=[1, 415, 2063])["logits"]   # numpy (positions, vocab)
+
+The request goes to the child as JSON on stdin; the child writes its answer (JSON, and arrays as
+``.npy``) into a temporary folder the parent reads back. The child's stderr is the parent's.
+``CERBERO_LLAMACPP_FAULT=SIGILL`` (any signal name) makes the child kill itself with that signal
+before it runs the operation: the drill the tests use to show that a crash is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+
+BUILD_FLAG = "CMAKE_ARGS=-DCMAKE_PROJECT_INCLUDE=$PWD/deploy/llama_cpp_no_amx.cmake"
+REBUILD = (
+    "rebuild llama-cpp-python for this CPU without AMX kernels (README, 'Native builds'): "
+    f"pip cache remove llama_cpp_python; {BUILD_FLAG} pip install --force-reinstall --no-deps llama-cpp-python"
+)
+FAULT_ENV = "CERBERO_LLAMACPP_FAULT"
+
+
+class NativeCrash(RuntimeError):
+    """The child running llama.cpp died from a signal."""
+
+    def __init__(self, op: str, signum: int, what: str = ""):
+        self.op, self.signum = op, signum
+        self.signal = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+        hint = REBUILD if self.signal == "SIGILL" else "llama.cpp crashed; the file or the build may be at fault"
+        super().__init__(f"llama.cpp died with {self.signal} in {op}{' on ' + what if what else ''}: {hint}")
+
+
+def available() -> bool:
+    """Whether llama-cpp-python is installed (imported here only to look: nothing of llama.cpp runs)."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def call(op: str, timeout: float | None = None, **kwargs) -> dict:
+    """Run ``op`` (a function of :data:`OPS`) with ``kwargs`` in a child process; returns its
+    answer. ``NativeCrash`` if the child dies from a signal, ``RuntimeError`` if it fails otherwise
+    (its Python error's message), ``subprocess.TimeoutExpired`` past ``timeout`` seconds."""
+    import numpy as np
+
+    if op not in OPS:
+        raise ValueError(f"llama.cpp operation {op!r} is not one of {sorted(OPS)}")
+    what = kwargs.get("path") or kwargs.get("src") or ""
+    with tempfile.TemporaryDirectory(prefix="cerbero-llamacpp-") as tmp:
+        req = json.dumps({"op": op, "kwargs": kwargs, "out": tmp})
+        p = subprocess.run([sys.executable, "-m", "cerbero_ray.llamacpp"], input=req.encode(), timeout=timeout)
+        if p.returncode < 0:
+            raise NativeCrash(op, -p.returncode, what)
+        answer = os.path.join(tmp, "answer.json")
+        if not os.path.exists(answer):
+            raise RuntimeError(f"llama.cpp {op}{' on ' + what if what else ''}: the child exited {p.returncode}")
+        with open(answer) as f:
+            result = json.load(f)
+        if "error" in result:
+            raise RuntimeError(f"llama.cpp {op}{' on ' + what if what else ''}: {result['error']}")
+        for name in result.pop("arrays", []):
+            result[name] = np.load(os.path.join(tmp, f"{name}.npy"))
+        return result
+
+
+# ── the child's side ─────────────────────────────────────────────────────────────────────────────
+
+
+def _llama(path: str, n_ctx: int = 512, threads: int = 0, logits_all: bool = False):
+    from llama_cpp import Llama
+
+    return Llama(
+        model_path=path,
+        n_ctx=n_ctx,
+        logits_all=logits_all,
+        verbose=False,
+        seed=0,
+        n_threads=threads or min(os.cpu_count() or 1, 8),
+    )
+
+
+def system_info() -> dict:
+    """llama.cpp's build: the CPU features its kernels were compiled for."""
+    import llama_cpp
+
+    return {"info": llama_cpp.llama_print_system_info().decode()}
+
+
+def tokenize(path: str, texts: list[str], add_bos: bool = False, special: bool = False) -> dict:
+    llm = _llama(path)
+    return {"tokens": [llm.tokenize(t.encode(), add_bos=add_bos, special=special) for t in texts]}
+
+
+def logits(path: str, ids: list[int], threads: int = 0) -> dict:
+    """The logits at every position of ``ids`` (one forward pass)."""
+    import numpy as np
+
+    llm = _llama(path, n_ctx=max(64, len(ids) + 8), threads=threads, logits_all=True)
+    llm.eval(ids)
+    return {"logits": np.asarray(llm.scores[: len(ids)], dtype=np.float32)}
+
+
+def check(path: str, prompt: str, threads: int = 0) -> dict:
+    """Load ``path``, tokenize ``prompt`` (with BOS, tags as text) and run one forward pass: the
+    tokens and every position's logits."""
+    import numpy as np
+
+    llm = _llama(path, n_ctx=512, threads=threads, logits_all=True)
+    ids = llm.tokenize(prompt.encode(), add_bos=True, special=False)
+    llm.eval(ids)
+    return {"tokens": ids, "logits": np.asarray(llm.scores[: len(ids)], dtype=np.float32)}
+
+
+def generate(path: str, ids: list[int], max_tokens: int, threads: int = 0) -> dict:
+    """Greedy continuation of ``ids``, at most ``max_tokens`` tokens, stopping after EOS."""
+    llm = _llama(path, threads=threads)
+    out = []
+    for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        out.append(t)
+        if len(out) == max_tokens or t == llm.token_eos():
+            break
+    return {"tokens": out}
+
+
+def complete(path: str, prompt: str, max_tokens: int, stop: list[str] | None = None, **kw) -> dict:
+    """``Llama(path)(prompt, …)``, as a user's snippet calls it: the first choice."""
+    llm = _llama(path)
+    return llm(prompt, max_tokens=max_tokens, stop=stop or [], **kw)["choices"][0]
+
+
+_FALLBACK = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
+_FALLBACK_TENSOR = re.compile(r"not divisible by \d+ \(required for type")
+_KEEP = []  # the log callback handed to C must outlive the call
+
+
+def _quiet_log(llama_cpp, notes: list) -> list:
+    """llama.cpp's log: warnings and errors to stderr, not its per-tensor progress. Its per-tensor
+    fallback warnings (a row length that is not a multiple of the K-quant block, so the tensor gets a
+    simpler type) and their total go to ``notes``: the caller reports them in one line."""
+    import ctypes
+
+    pending = [""]  # llama.cpp writes a line in pieces (GGML_LOG_LEVEL_CONT continues the last one)
+
+    @llama_cpp.llama_log_callback
+    def log(level, text, _user):
+        if level not in (3, 4, 5) or (level == 5 and not pending[0]):  # WARN, ERROR, CONT of a kept line
+            return
+        pending[0] += text.decode("utf-8", errors="replace")
+        *lines, pending[0] = pending[0].split("\n")
+        for line in lines:
+            if _FALLBACK_TENSOR.search(line) or _FALLBACK.search(line):
+                notes.append(line)
+            else:
+                sys.stderr.write(line + "\n")
+
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    _KEEP[:] = [log]
+    return pending
+
+
+def quantize(src: str, dest: str, ftype: str, threads: int = 0) -> dict:
+    """llama.cpp's quantizer (``llama_model_quantize``): ``src`` → ``dest`` as ``ftype`` (a
+    ``LLAMA_FTYPE_*`` name). Returns the counts of tensors that kept a simpler type, if any."""
+    import llama_cpp
+
+    notes: list[str] = []
+    pending = _quiet_log(llama_cpp, notes)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype)
+    params.nthread = threads
+    try:
+        rc = llama_cpp.llama_model_quantize(src.encode(), dest.encode(), params)
+    finally:
+        if pending[0]:  # a last warning without its newline
+            sys.stderr.write(pending[0] + "\n")
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) failed with status {rc}")
+    info = {}
+    total = [m for m in map(_FALLBACK.search, notes) if m]
+    if total:  # e.g. a tiny test model, whose 64-wide rows are no multiple of the 256-wide K-quant block
+        info["fallback_tensors"], info["tensors"] = int(total[-1].group(1)), int(total[-1].group(2))
+    elif any(_FALLBACK_TENSOR.search(n) for n in notes):
+        info["fallback_tensors"] = sum(1 for n in notes if _FALLBACK_TENSOR.search(n))
+    return info
+
+
+OPS = {f.__name__: f for f in (system_info, tokenize, logits, check, generate, complete, quantize)}
+
+
+def _child() -> None:
+    import numpy as np
+
+    req = json.loads(sys.stdin.buffer.read())
+    fault = os.environ.get(FAULT_ENV)
+    if fault:  # the drill: die as a native crash would
+        os.kill(os.getpid(), getattr(signal, fault))
+    out = req["out"]
+    try:
+        result = OPS[req["op"]](**req["kwargs"])
+    except Exception as e:  # reported to the parent, which raises it with the operation named
+        result = {"error": f"{type(e).__name__}: {e}"}
+    arrays = [k for k, v in result.items() if isinstance(v, np.ndarray)]
+    for k in arrays:
+        np.save(os.path.join(out, f"{k}.npy"), result.pop(k))
+    with open(os.path.join(out, "answer.json"), "w") as f:
+        json.dump({**result, "arrays": arrays}, f)
+
+
+if __name__ == "__main__":
+    _child()
