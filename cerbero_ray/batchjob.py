@@ -15,10 +15,12 @@ still gets an output row, with ``error`` set, and never stops the job.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -27,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cerbero_ray import storage
+from cerbero_ray import inputs, storage
 from cerbero_ray.inference.batch import text_error
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "txt")  # json: one JSON array of objects, read whole
@@ -40,6 +42,11 @@ class Chunk:
     stop: int
     byte_start: int = 0
     byte_stop: int = 0
+    # how the rows are found: "" a byte range of the file; "stream" lines start..stop of the
+    # decompressed stream (a compressed file); "decoded" lines of the whole file decoded (UTF-16/32);
+    # "unreadable" one error row for what could not be read (a file, a stream's end)
+    mode: str = ""
+    error: str = ""
 
     @property
     def key(self) -> str:
@@ -47,87 +54,160 @@ class Chunk:
 
 
 def file_format(path: str, fmt: str, key: str = "format") -> str:
+    """The format a file is read as: ``fmt``, or with ``auto`` its name's (a ``.json`` file holds a
+    JSON array, or JSON Lines under another name: its first byte tells)."""
     if fmt != "auto":
         return fmt
-    if path.endswith(".json"):  # a JSON array, or JSON Lines under another name: the first byte tells
-        fs, p = storage.resolve(path)
-        with fs.open_input_stream(p) as fh:
-            head = storage.strip_bom(fh.read(1 << 16)).lstrip()
+    suffix = inputs.format_suffix(path)
+    if suffix == ".json":
+        with inputs.open_stream(path) as fh:
+            head = inputs.to_utf8(fh.read(1 << 16)).lstrip()
         return "json" if head.startswith(b"[") else "jsonl"
     for ext, f in ((".parquet", "parquet"), (".jsonl", "jsonl"), (".txt", "txt")):
-        if path.endswith(ext):
+        if suffix == ext:
             return f
     raise ValueError(f"{key}: cannot tell the format of {path}; set it (jsonl | json | parquet | txt)")
+
+
+def _whole(path: str) -> bytes:
+    with inputs.open_stream(path) as fh:
+        return fh.read()
 
 
 @functools.lru_cache(maxsize=2)
 def _json_items(path: str, size: int, mtime_ns: int | None):
     """A JSON array file's items (read whole; cached for the chunks after the first), or ``_BAD``
     when the file is not a JSON array."""
-    fs, p = storage.resolve(path)
-    with fs.open_input_stream(p) as fh:
-        data = storage.strip_bom(fh.readall())
     try:
+        data = inputs.to_utf8(_whole(path))
         items = json.loads(data)
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError, OSError):
         return _BAD
     return items if isinstance(items, list) else _BAD
 
 
-def json_items(path: str):
+def _identity(path: str) -> tuple[int, int | None]:
     fs, p = storage.resolve(path)
     info = fs.get_file_info(p)
-    return _json_items(path, info.size, info.mtime_ns)
+    return info.size, info.mtime_ns
 
 
-def plan_chunks(path: str, fmt: str, chunk_rows: int, key: str = "format") -> list[Chunk]:
-    """Chunks of every input file (for line formats, byte ranges found by scanning for newlines)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"{key} must be one of {FORMATS}, got {fmt!r}")
-    chunks = []
-    for f in storage.list_files(path, (".parquet", ".jsonl", ".json", ".txt") if fmt == "auto" else ()):
-        kind = file_format(f, fmt, key)
-        fs, p = storage.resolve(f)
-        if kind in ("parquet", "json"):
-            if kind == "parquet":
-                with fs.open_input_file(p) as fh:
-                    n = pq.ParquetFile(fh).metadata.num_rows
-            else:  # a file that is no JSON array is one row, an error row
-                items = json_items(f)
-                n = 1 if items is _BAD else len(items)
-            chunks += [Chunk(f, a, min(a + chunk_rows, n)) for a in range(0, n, chunk_rows)]
-            continue
-        with fs.open_input_stream(p) as fh:
-            line, at, start_byte, last = 0, 0, 0, b""
-            while block := fh.read(1 << 23):
-                ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10) + at + 1  # byte after each newline
+def json_items(path: str):
+    return _json_items(path, *_identity(path))
+
+
+@functools.lru_cache(maxsize=2)
+def _decoded_lines(path: str, size: int, mtime_ns: int | None) -> list[bytes]:
+    """A UTF-16/32 file's lines, decoded whole and as UTF-8 (cached for the chunks after the first)."""
+    return split_lines(inputs.to_utf8(_whole(path)), universal=True)
+
+
+def split_lines(data: bytes, universal: bool) -> list[bytes]:
+    """Lines without their ends; ``universal``: CR, LF and CRLF all end a line (text files), else
+    LF (JSON Lines, where a CR can only be whitespace). A last line without its end is a line."""
+    lines = re.split(rb"\r\n|\r|\n", data) if universal else data.split(b"\n")
+    return lines[:-1] if lines and not lines[-1] else lines
+
+
+def _line_ends(block: np.ndarray, universal: bool) -> np.ndarray:
+    """Offsets just past each line end in ``block`` (whose last byte is never a lone CR: the caller
+    holds one back until the next block says whether an LF follows)."""
+    lf = block == 10
+    if not universal:
+        return np.flatnonzero(lf) + 1
+    cr = block == 13
+    lone_cr = cr & ~np.concatenate([lf[1:], [False]])
+    return np.flatnonzero(lf | lone_cr) + 1
+
+
+def _plan_file(f: str, kind: str, chunk_rows: int, key: str) -> list[Chunk]:
+    """The chunks of one input file. What cannot be read becomes an ``unreadable`` chunk (one error
+    row) instead of stopping the job: a Parquet file whose footer is broken, a compressed stream
+    cut short (the lines before the break are planned as usual)."""
+    if kind == "parquet":
+        try:
+            with parquet_file(f) as pf:
+                n = pf.metadata.num_rows
+        except (OSError, ValueError, pa.ArrowException) as e:
+            return [Chunk(f, 0, 1, mode="unreadable", error=f"unreadable_file: {_short(e)}")]
+        return [Chunk(f, a, min(a + chunk_rows, n)) for a in range(0, n, chunk_rows)]
+    if kind == "json":  # a file that is no JSON array is one row, an error row
+        items = json_items(f)
+        n = 1 if items is _BAD else len(items)
+        return [Chunk(f, a, min(a + chunk_rows, n)) for a in range(0, n, chunk_rows)]
+    with inputs.open_stream(f) as fh:
+        head = fh.read(4)
+    if inputs.is_wide(head):  # UTF-16/32: decoded whole, chunked by line
+        n = len(_decoded_lines(f, *_identity(f)))
+        return [Chunk(f, a, min(a + chunk_rows, n), mode="decoded") for a in range(0, n, chunk_rows)]
+    compressed = inputs.compression(f) is not None
+    universal = kind == "txt"
+    chunks, line, at, start_byte, last, held = [], 0, 0, 0, b"", b""
+    try:
+        with inputs.open_stream(f) as fh:
+            while True:
+                block = fh.read(_block(compressed))
+                data = held + block
+                held = data[-1:] if block and data.endswith(b"\r") and universal else b""
+                data = data[: len(data) - len(held)]
+                if not data:
+                    break
+                ends = _line_ends(np.frombuffer(data, dtype=np.uint8), universal) + at
                 numbers = line + 1 + np.arange(len(ends))
                 for n, end in zip(numbers[numbers % chunk_rows == 0], ends[numbers % chunk_rows == 0]):
                     chunks.append(Chunk(f, int(n) - chunk_rows, int(n), start_byte, int(end)))
                     start_byte = int(end)
                 line += len(ends)
-                at += len(block)
-                last = block[-1:]
-            if at > start_byte:
-                start = line - line % chunk_rows if line % chunk_rows else line
-                chunks.append(Chunk(f, start, line + (last != b"\n"), start_byte, at))
+                at += len(data)
+                last = data[-1:]
+    except (OSError, pa.ArrowException, EOFError) as e:  # a compressed stream cut short or corrupt
+        broken = Chunk(f, line, line + 1, mode="unreadable", error=f"unreadable_file: {_short(e)}")
+        last = b"\n"  # a line the break cut is part of what could not be read
+    else:
+        broken = None
+    if at > start_byte:
+        start = line - line % chunk_rows if line % chunk_rows else line
+        chunks.append(Chunk(f, start, line + (last not in (b"\n", b"\r")), start_byte, at))
+    if compressed:  # no byte ranges in a compressed file: lines of the decompressed stream
+        chunks = [Chunk(c.path, c.start, c.stop, mode="stream") for c in chunks]
+    if broken:  # after the lines read before the break
+        at_line = chunks[-1].stop if chunks else 0
+        chunks.append(Chunk(f, at_line, at_line + 1, mode="unreadable", error=broken.error))
     return chunks
+
+
+def _block(compressed: bool) -> int:
+    """Bytes read at a time: small for a compressed stream, whose read fails whole at a break (what
+    a failed read held is counted as unreadable, so it stays small)."""
+    return 1 << 16 if compressed else 1 << 23
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:200]
+
+
+def plan_chunks(path: str, fmt: str, chunk_rows: int, key: str = "format") -> tuple[list[Chunk], list[dict]]:
+    """Chunks of every input file (for line formats, byte ranges found by scanning for line ends),
+    and the files of a folder that are not read, with why (:func:`cerbero_ray.inputs.list_inputs`)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"{key} must be one of {FORMATS}, got {fmt!r}")
+    files, skipped = inputs.list_inputs(path, inputs.FORMAT_SUFFIXES if fmt == "auto" else ())
+    chunks = []
+    for f in files:
+        chunks += _plan_file(f, file_format(f, fmt, key), chunk_rows, key)
+    return chunks, skipped
 
 
 def read_chunk(chunk: Chunk, fmt: str, text_field: str, id_field: str | None) -> list[dict]:
     """The chunk's rows as ``{id, text, error}`` (``text`` None when ``error`` is set). Whatever a
     line holds (bad bytes, bad or deeply nested JSON, wrong types, lone surrogates) it becomes a
     row, with ``error`` set when it cannot be used: no row is lost and none raises."""
-    kind = file_format(chunk.path, fmt)
     name = os.path.basename(chunk.path)
-    fs, p = storage.resolve(chunk.path)
+    if chunk.mode == "unreadable":
+        return [{"id": f"{name}:{chunk.start}", "text": None, "error": chunk.error}]
+    kind = file_format(chunk.path, fmt)
     if kind == "parquet":
-        with fs.open_input_file(p) as fh:
-            table = pq.ParquetFile(fh).read().slice(chunk.start, chunk.stop - chunk.start)
-        return [
-            _guarded(_row, r, f"{name}:{chunk.start + i}", text_field, id_field)
-            for i, r in enumerate(table.to_pylist())
-        ]
+        return _parquet_rows(chunk, name, text_field, id_field)
     if kind == "json":
         items = json_items(chunk.path)
         if items is _BAD:
@@ -136,16 +216,89 @@ def read_chunk(chunk: Chunk, fmt: str, text_field: str, id_field: str | None) ->
             _guarded(_record, r, f"{name}:{chunk.start + i}", text_field, id_field)
             for i, r in enumerate(items[chunk.start : chunk.stop])
         ]
-    with fs.open_input_file(p) as fh:
-        fh.seek(chunk.byte_start)
-        data = fh.read(chunk.byte_stop - chunk.byte_start)
-    if chunk.byte_start == 0:
-        data = storage.strip_bom(data)
-    lines = data.split(b"\n")[: chunk.stop - chunk.start]
+    if chunk.mode == "decoded":
+        lines = _decoded_lines(chunk.path, *_identity(chunk.path))[chunk.start : chunk.stop]
+    elif chunk.mode == "stream":
+        lines = _stream_lines(chunk, kind == "txt")
+    else:
+        fs, p = storage.resolve(chunk.path)
+        with fs.open_input_file(p) as fh:
+            fh.seek(chunk.byte_start)
+            data = fh.read(chunk.byte_stop - chunk.byte_start)
+        if chunk.byte_start == 0:
+            data = storage.strip_bom(data)
+        lines = split_lines(data, kind == "txt")[: chunk.stop - chunk.start]
     # 1-based line numbers, as editors show them
     return [
         _guarded(_line, raw, f"{name}:{chunk.start + i + 1}", kind, text_field, id_field) for i, raw in enumerate(lines)
     ]
+
+
+def _stream_lines(chunk: Chunk, universal: bool) -> list[bytes]:
+    """Lines ``start..stop`` of a compressed file, read from its start (a compressed stream has no
+    byte offsets to seek to: a chunk costs the decompression of what comes before it)."""
+    out = []
+    with inputs.open_stream(chunk.path) as fh:
+        for i, line in enumerate(iter_lines(fh, universal, _block(True))):
+            if i >= chunk.start:
+                out.append(line)
+            if i + 1 >= chunk.stop:  # not one read more: past the planned lines a stream may be broken
+                break
+    return out
+
+
+def iter_lines(fh, universal: bool, block_size: int = 1 << 23) -> Iterator[bytes]:
+    """The lines of a stream, as :func:`split_lines` cuts them, a block at a time (a UTF-8
+    byte-order mark at the start dropped)."""
+    rest, first = b"", True
+    while True:
+        block = fh.read(block_size)
+        if first:
+            block, first = storage.strip_bom(block), False
+        data = rest + block
+        if not block:
+            yield from split_lines(data, universal)
+            return
+        hold = 1 if universal and data.endswith(b"\r") else 0  # an LF may follow in the next block
+        body = data[: len(data) - hold]
+        parts = re.split(rb"\r\n|\r|\n", body) if universal else body.split(b"\n")
+        rest = parts.pop() + data[len(data) - hold :]
+        yield from parts
+
+
+@contextlib.contextmanager
+def parquet_file(path: str):
+    """A Parquet file opened for reading (compressed whole, it is decompressed into memory first)."""
+    fs, p = storage.resolve(path)
+    with fs.open_input_file(p) as fh:
+        codec = inputs.sniff(fh.read(4))
+        fh.seek(0)
+        yield pq.ParquetFile(pa.BufferReader(pa.CompressedInputStream(fh, codec).read()) if codec else fh)
+
+
+def _parquet_rows(chunk: Chunk, name: str, text_field: str, id_field: str | None) -> list[dict]:
+    """The chunk's rows, read row group by row group: a row group that cannot be read (corrupt data
+    pages) gives an error row for each of its rows in the chunk, and the others are read as usual."""
+    rows = []
+    with parquet_file(chunk.path) as pf:
+        first = 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            lo, hi = max(chunk.start, first), min(chunk.stop, first + n)
+            if lo < hi:
+                try:
+                    records = pf.read_row_group(g).slice(lo - first, hi - lo).to_pylist()
+                except (OSError, ValueError, pa.ArrowException) as e:
+                    err = f"unreadable_row_group: {g}: {_short(e)}"
+                    records = [None] * (hi - lo)
+                rows += [
+                    _guarded(_row, r, f"{name}:{lo + i}", text_field, id_field)
+                    if r is not None
+                    else {"id": f"{name}:{lo + i}", "text": None, "error": err}
+                    for i, r in enumerate(records)
+                ]
+            first += n
+    return rows
 
 
 def _guarded(parse, raw, rid: str, *args) -> dict:
@@ -253,13 +406,15 @@ def start_run(
     returns (every chunk, the chunks whose part is still missing). A missing input is reported as
     such (naming ``<stage>.input``) before the output folder is looked at."""
     try:
-        chunks = plan_chunks(path, fmt, chunk_rows, key=f"{stage}.format")
+        chunks, skipped = plan_chunks(path, fmt, chunk_rows, key=f"{stage}.format")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{stage}.input: {e}") from None
+    if skipped:
+        print(f"[{stage}] {inputs.describe_skipped(skipped)}; all listed in summary.json", flush=True)
     claim_output(out, run_file, ident, overwrite, stage)
     clean_partial(out)
     done = done_keys(out)
-    return chunks, [ch for ch in chunks if ch.key not in done]
+    return chunks, [ch for ch in chunks if ch.key not in done], skipped
 
 
 def clean_partial(out: str) -> None:
@@ -295,7 +450,7 @@ class ChunkWorker:
 
     def __call__(self, batch: dict) -> dict:
         chunks = [
-            Chunk(**{k: (str(v[i]) if k == "path" else int(v[i])) for k, v in batch.items()})
+            Chunk(**{k: (str(v[i]) if k in ("path", "mode", "error") else int(v[i])) for k, v in batch.items()})
             for i in range(len(batch["path"]))
         ]
         stats = [self.process(ch) for ch in chunks]

@@ -57,6 +57,7 @@ def test_misspelled_key_fails_at_compose(tmp_path):
 
 
 def test_a_source_can_be_added_from_the_command_line(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"text": "ciao"}\n')
     c = check("data", compose("data", [f"+data.sources.extra.path={tmp_path}/x.jsonl", "+data.sources.extra.weight=2"]))
     assert c["data"]["sources"]["extra"] == {
         "path": f"{tmp_path}/x.jsonl",
@@ -68,6 +69,7 @@ def test_a_source_can_be_added_from_the_command_line(tmp_path):
     for over, key in (
         ("+data.sources.bad.weight=2", "data.sources.bad.path"),
         ("+data.sources.bad={path: x, format: csv}", "data.sources.bad.format"),
+        (f"+data.sources.bad.path={tmp_path}/missing.jsonl", "data.sources.bad.path: no such file or folder"),
     ):
         with pytest.raises(ValueError, match=key):
             compose("data", [over], checked=True)

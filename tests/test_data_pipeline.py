@@ -107,3 +107,33 @@ def test_shipped_config_runs(ray_local, tmp_path, monkeypatch):
     m = run_data(compose("data", ["data=mix_sample"]))
     assert m["documents_by_source"]["chat"] == 214 and m["documents_by_source"]["novels"] == 50
     assert m["fill"] > 0.9 and m["rejected"] == 0
+
+
+def test_a_folder_with_compressed_corrupt_and_foreign_files_accounts_for_every_file(ray_local, tmp_path):
+    """gzip and zstd files read in a folder (by their bytes), a Parquet file with a corrupt row group
+    a counted reject naming it (its other row groups read), a CSV and a hidden file listed as
+    skipped in the manifest: nothing stops the run and nothing goes unaccounted."""
+    import gzip
+
+    src = tmp_path / "in"
+    src.mkdir()
+    chats = [json.dumps(CHAT).encode() for _ in range(30)]
+    (src / "a.jsonl.gz").write_bytes(gzip.compress(b"\n".join(chats) + b"\n"))
+    (src / "b.jsonl").write_bytes(gzip.compress(b"\n".join(chats[:10]) + b"\n"))  # a gzip under a plain name
+    table = pa.Table.from_pylist([{"messages": CHAT["messages"]} for _ in range(40)])
+    pq.write_table(table, src / "c.parquet", row_group_size=10)
+    data = bytearray((src / "c.parquet").read_bytes())
+    col = pq.ParquetFile(src / "c.parquet").metadata.row_group(1).column(0)
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    data[start + 4 : start + col.total_compressed_size - 4] = b"\xff" * (col.total_compressed_size - 8)
+    (src / "c.parquet").write_bytes(bytes(data))
+    (src / "d.csv").write_text("a,b\n1,2\n")
+    (src / ".e.jsonl").write_bytes(b"\n".join(chats))
+    m = run_data(cfg_for(tmp_path / "out", {"s": {"path": str(src), "format": "auto"}}))
+    assert m["documents_by_source"] == {"s": 30 + 10 + 30}, m["rejects_by_reason"]
+    assert m["rejects_by_reason"] == {"unreadable_file": 1}
+    assert m["input_rows"] == 30 + 10 + 30 + 1 == m["documents"] + m["rejected"]
+    rejects = [json.loads(line) for f in m["rejects_files"] for line in open(f)]
+    assert [os.path.basename(r["path"]) for r in rejects] == ["c.parquet"] and "row group 1" in rejects[0]["detail"]
+    skipped = {os.path.basename(s["path"]): s["reason"] for s in m["sources"]["s"]["skipped_files"]}
+    assert skipped == {"d.csv": "not an input format (.csv)", ".e.jsonl": "hidden name (starts with '.' or '_')"}

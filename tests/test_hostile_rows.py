@@ -92,12 +92,15 @@ def hostile_files(tmp_path, n: int, seed: int, chat: bool = False) -> dict[str, 
     if chat:
         cols["messages"] = [_parquet_messages(x) for x in parsed]
     pq.write_table(pa.table(cols), tmp_path / "in.parquet", row_group_size=max(1, n // 7))
-    (tmp_path / "in.txt").write_bytes(b"\n".join(lines) + b"\n")
+    txt = b"\n".join(lines) + b"\n"
+    (tmp_path / "in.txt").write_bytes(txt)
+    # a text file's lines end at LF, CRLF or a lone CR (fuzzed bytes hold some CRs)
+    txt_lines = txt.count(b"\n") + txt.replace(b"\r\n", b"").count(b"\r")
     return {
         "jsonl": (str(tmp_path / "in.jsonl"), len(lines)),
         "json": (str(tmp_path / "in.json"), len(items)),
         "parquet": (str(tmp_path / "in.parquet"), n),
-        "txt": (str(tmp_path / "in.txt"), len(lines)),
+        "txt": (str(tmp_path / "in.txt"), txt_lines),
     }
 
 
@@ -139,7 +142,7 @@ def test_reading_rows_never_raises_and_loses_nothing(tmp_path, seed, fmt):
     """The batch jobs' row path (label, generate): every row of every format is one output row."""
     path, n = hostile_files(tmp_path, 300, seed)[fmt]
     rows = []
-    for ch in batchjob.plan_chunks(path, "auto", 37):
+    for ch in batchjob.plan_chunks(path, "auto", 37)[0]:
         rows += batchjob.read_chunk(ch, "auto", "text", "id")
     assert len(rows) == n
     for r in rows:
@@ -169,7 +172,9 @@ def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path, suffix):
         assert json.loads(raws[0])["text"] == "primo" and _peek_records(str(f))[0]["id"] == "a"
     if suffix == ".jsonl":  # the batch jobs' reader
         rows = [
-            r for ch in batchjob.plan_chunks(str(f), "auto", 1) for r in batchjob.read_chunk(ch, "auto", "text", "id")
+            r
+            for ch in batchjob.plan_chunks(str(f), "auto", 1)[0]
+            for r in batchjob.read_chunk(ch, "auto", "text", "id")
         ]
         assert [(r["id"], r["text"], r["error"]) for r in rows] == [("a", "primo", None), ("b", "secondo", None)]
 
@@ -192,7 +197,7 @@ def test_label_and_generate_workers_write_every_row(tmp_path, tiny_hf):
     ]
     gc = to_container(compose("generate", gover))["generate"]
     for worker, cfg in ((LabelWorker(lc), lc), (GenerateWorker(gc), gc)):
-        for ch in batchjob.plan_chunks(str(inp), "auto", cfg["chunk_rows"]):
+        for ch in batchjob.plan_chunks(str(inp), "auto", cfg["chunk_rows"])[0]:
             worker.process(ch)
         table = pq.read_table(f"{cfg['output_dir']}/parts").to_pylist()
         assert len(table) == len(lines)
@@ -202,12 +207,14 @@ def test_label_and_generate_workers_write_every_row(tmp_path, tiny_hf):
 
 def _data_stage_raws(tmp_path, fmt: str, seed: int) -> tuple[list[tuple[str, bytes]], int]:
     """The fuzzed chat rows as the data stage's readers hand them to the packing buffer."""
-    from cerbero_ray.data.sources import parquet_to_raw, read_raw_stream
+    from cerbero_ray.data.sources import read_raw_stream
 
     files = hostile_files(tmp_path, 200, seed, chat=True)
-    if fmt == "parquet":
+    if fmt == "parquet":  # the chat rows alone: a text column would make them text documents
         table = pq.read_table(files["parquet"][0]).drop_columns(["text"])
-        t = parquet_to_raw(table, "s")
+        pq.write_table(table, tmp_path / "chat.parquet", row_group_size=37)
+        with pa.OSFile(str(tmp_path / "chat.parquet")) as fh:
+            t = pa.concat_tables(read_raw_stream(fh, str(tmp_path / "chat.parquet"), "s"))
         return [("record", r) for r in t.column("raw").to_pylist()], table.num_rows
     if fmt == "txt":  # one document per .txt file: the lines as files
         raws = []
@@ -289,7 +296,7 @@ def test_a_json_array_file_is_read_item_by_item(tmp_path):
     def read(path, chunk_rows):
         return [
             r
-            for ch in batchjob.plan_chunks(str(path), "auto", chunk_rows)
+            for ch in batchjob.plan_chunks(str(path), "auto", chunk_rows)[0]
             for r in batchjob.read_chunk(ch, "auto", "text", "id")
         ]
 

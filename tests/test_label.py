@@ -68,7 +68,7 @@ def test_chunks_cover_every_line_once(tmp_path):
     lines = [json.dumps({"id": i, "text": f"t{i}"}) for i in range(103)]
     f = tmp_path / "x.jsonl"
     f.write_text("\n".join(lines))  # no final newline
-    chunks = plan_chunks(str(f), "auto", 10)
+    chunks = plan_chunks(str(f), "auto", 10)[0]
     assert [(c.start, c.stop) for c in chunks] == [(i, min(i + 10, 103)) for i in range(0, 103, 10)]
     ids = [r["id"] for c in chunks for r in read_chunk(c, "auto", "text", "id")]
     assert ids == [str(i) for i in range(103)]
@@ -140,3 +140,48 @@ def test_killed_job_resumes_exactly_once(tmp_path, tiny_hf, ray_local):
                 f"label.output_dir={tmp_path}/label/sentiment",
             )
         )
+
+
+def test_a_folder_of_mixed_broken_and_compressed_files_is_labeled_row_for_row(tmp_path, tiny_hf, ray_local):
+    """The hostile pass's folder: a good JSONL, a good Parquet, a Parquet with corrupt data pages and
+    one cut short, a gzip JSONL, a gzip file named .jsonl, a CR-only and a UTF-16 text file, a CSV.
+    Every readable row is labeled, every unreadable one is an error row naming why, the CSV is
+    listed as skipped, and the rerun finds the run complete (it does not fail the same way)."""
+    import gzip
+
+    import pyarrow as pa
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rows = [{"id": f"g{i}", "text": f"Che bella giornata numero {i}!"} for i in range(30)]
+    write_jsonl(src / "good.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist([{**r, "id": f"p{i}"} for i, r in enumerate(rows)]), src / "good.parquet")
+    corrupt = [{**r, "id": f"c{i}"} for i, r in enumerate(rows)]
+    pq.write_table(pa.Table.from_pylist(corrupt), src / "corrupt.parquet", row_group_size=10, compression="zstd")
+    data = bytearray((src / "corrupt.parquet").read_bytes())
+    col = pq.ParquetFile(src / "corrupt.parquet").metadata.row_group(0).column(1)
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    size = col.total_compressed_size
+    data[start + 4 : start + size - 4] = (b"\x00\xff" * size)[: size - 8]
+    (src / "corrupt.parquet").write_bytes(bytes(data))
+    cut = (src / "good.parquet").read_bytes()
+    (src / "cut.parquet").write_bytes(cut[: len(cut) // 2])
+    lines = b"".join(json.dumps({**r, "id": f"z{i}"}).encode() + b"\n" for i, r in enumerate(rows))
+    (src / "z.jsonl.gz").write_bytes(gzip.compress(lines))
+    (src / "y.jsonl").write_bytes(gzip.compress(lines.replace(b'"z', b'"y')))
+    (src / "cr.txt").write_bytes(b"uno\rdue\rtre\rquattro")
+    (src / "wide.txt").write_bytes("Perché sì.\nÈ così!\n".encode("utf-16"))
+    (src / "table.csv").write_text("id,text\n1,ciao\n")
+    s = run_label(label_cfg(tmp_path, tiny_hf, src, "label.chunk_rows=8"))
+    out = {r["id"]: r for r in output(s["output"].rsplit("/", 1)[0])}
+    assert len(out) == s["rows"] == 30 * 5 + 1 + 4 + 2  # the cut Parquet file is one error row
+    errors = {k: r["error"] for k, r in out.items() if r["error"]}
+    assert set(errors) == {f"corrupt.parquet:{i}" for i in range(10)} | {"cut.parquet:0"}, errors
+    assert all(e.startswith("unreadable_row_group: 0") for k, e in errors.items() if k.startswith("corrupt"))
+    assert errors["cut.parquet:0"].startswith("unreadable_file")
+    assert {f"z{i}" for i in range(30)} | {f"y{i}" for i in range(30)} <= set(out)
+    assert [out[f"cr.txt:{i}"]["label"] is not None for i in (1, 2, 3, 4)] == [True] * 4
+    assert out["wide.txt:1"]["error"] is None and out["wide.txt:2"]["error"] is None
+    assert [os.path.basename(x["path"]) for x in s["skipped_files"]] == ["table.csv"]
+    again = run_label(label_cfg(tmp_path, tiny_hf, src, "label.chunk_rows=8"))
+    assert again["chunks_processed"] == 0 and again["rows"] == s["rows"]

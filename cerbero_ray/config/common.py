@@ -153,3 +153,14 @@ def check_model(mc: dict) -> None:
 def check_cluster(cc: dict) -> None:
     if cc.get("num_cpus") is not None and cc["num_cpus"] < 1:
         raise ValueError(f"cluster.num_cpus must be >= 1 or null, got {cc['num_cpus']}")
+
+
+def check_local_path(path: str, key: str, glob_ok: bool = False) -> None:
+    """``ValueError`` naming ``key`` when a local ``path`` does not exist (URIs are not looked up)."""
+    if not is_local(path):
+        return
+    p = local_path(path)
+    if glob_ok and any(c in os.path.basename(p) for c in "*?["):
+        p = os.path.dirname(p) or "."
+    if not os.path.exists(p):
+        raise ValueError(f"{key}: no such file or folder: {path}")

@@ -12,6 +12,7 @@ from cerbero_ray.config.common import (
     PathsConfig,
     TokenizerConfig,
     at_least,
+    check_local_path,
     check_output_dir,
     check_tokenizer,
     one_of,
@@ -83,3 +84,4 @@ def check_data(c: dict) -> None:
             raise ValueError(f"{key}.weight must be a number > 0, got {s['weight']!r}")
         if not isinstance(s["text_field"], str):
             raise ValueError(f"{key}.text_field must be a string, got {s['text_field']!r}")
+        check_local_path(s["path"], f"{key}.path", glob_ok=True)  # before Ray starts, naming the key

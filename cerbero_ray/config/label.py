@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -14,9 +13,8 @@ from cerbero_ray.config.common import (
     PathsConfig,
     at_least,
     check_local_checkpoint,
+    check_local_path,
     check_output_dir,
-    is_local,
-    local_path,
     one_of,
 )
 
@@ -74,17 +72,6 @@ def check_batch_inference(b: dict, stage: str) -> None:
         raise ValueError(f"{stage}.gpus_per_worker must be >= 0 and {stage}.cpus_per_worker > 0")
     check_local_path(b["input"], f"{stage}.input", glob_ok=True)
     check_output_dir(b["output_dir"], f"{stage}.output_dir")
-
-
-def check_local_path(path: str, key: str, glob_ok: bool = False) -> None:
-    """``ValueError`` naming ``key`` when a local ``path`` does not exist (URIs are not looked up)."""
-    if not is_local(path):
-        return
-    p = local_path(path)
-    if glob_ok and any(c in os.path.basename(p) for c in "*?["):
-        p = os.path.dirname(p) or "."
-    if not os.path.exists(p):
-        raise ValueError(f"{key}: no such file or folder: {path}")
 
 
 def check_label(c: dict, checkpoint: bool = True) -> None:

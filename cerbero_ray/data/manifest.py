@@ -66,6 +66,7 @@ def build_manifest(stats: list[dict], cfg: dict, plans, seconds: float) -> dict:
                 "format": p.format,
                 "bytes": p.bytes,
                 "weight": d["sources"][p.name].get("weight", 1.0),
+                "skipped_files": p.skipped,  # files of the source's folder not read, with why
             }
             for p in plans
         },
@@ -100,8 +101,16 @@ def format_summary(m: dict, out: str) -> str:
         f" fill          {100 * m['fill']:.2f}%  (packing {m['packing']}; cut to fill {m['cut_to_fill']:,})",
         f" long docs     split {m['split_documents']:,} (into {m['split_pieces']:,}), dropped {m['dropped_long']:,}",
         f" rejected      {m['rejected']:,} ({rej})" + (f" -> {out}/rejects/" if m["rejected"] else ""),
+        *_skipped_lines(m),
         f" speed         {m['tokens_per_s'] or 0:,} tokens/s over {m['seconds']} s",
         f" manifest      {storage.join(out, 'manifest.json')}",
         "─────────────────────────────────────────────────────────────",
     ]
     return "\n".join(lines)
+
+
+def _skipped_lines(m: dict) -> list[str]:
+    from cerbero_ray.inputs import describe_skipped
+
+    skipped = [f for src in m["sources"].values() for f in src.get("skipped_files", [])]
+    return [f" skipped       {describe_skipped(skipped)} (manifest: sources.*.skipped_files)"] if skipped else []

@@ -3,7 +3,8 @@ a Parquet shard, a rejects file and a stats record. No Ray here: the pipeline ma
 stream, and tests and benchmarks call it directly.
 
 Raw rows carry ``source`` (the config's source name), ``path``, ``line_no``, ``kind`` and ``raw``
-(bytes): ``jsonl`` a JSON line, ``record`` one JSON object, ``txt`` a whole text file.
+(bytes): ``jsonl`` a JSON line, ``record`` one JSON object, ``txt`` a whole text file,
+``unreadable`` what the reader could not read (the error, as text).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class BufferProcessor:
 
     # -- parse ---------------------------------------------------------------------------------
     def _parse(self, source: str, kind: str, raw: bytes) -> Document:
+        if kind == "unreadable":  # what the reader could not read: a Parquet row group, a cut stream
+            raise Reject("unreadable_file", raw.decode("utf-8", "replace"))
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -8,18 +8,17 @@ format is there (a schema-level problem is a ``ValueError`` naming the source).
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cerbero_ray import storage
+from cerbero_ray import inputs, storage
 from cerbero_ray.data.formats import FORMATS, detect_format, to_document
 
-SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+SUFFIXES = inputs.FORMAT_SUFFIXES
 PEEK_ROWS = 50
 
 
@@ -29,26 +28,42 @@ class SourcePlan:
     files: list[str]
     format: str
     bytes: int
+    skipped: list[dict] = field(default_factory=list)  # files of the folder not read, with why
 
 
 def _peek_records(path: str) -> list:
-    fs, p = storage.resolve(path)
-    if path.endswith(".parquet"):
-        with fs.open_input_file(p) as f:
-            pf = pq.ParquetFile(f)
+    """The first records of a file, to tell a source's format; ``[]`` for a file that cannot be read
+    (the run makes it a counted reject)."""
+    try:
+        return _peek(path)
+    except (OSError, pa.ArrowException, EOFError):
+        return []
+
+
+def _peek(path: str) -> list:
+    suffix = inputs.format_suffix(path)
+    if suffix == ".parquet":
+        from cerbero_ray.batchjob import parquet_file
+
+        with parquet_file(path) as pf:
             if pf.metadata.num_rows == 0:
                 return []
             return pf.read_row_group(0).slice(0, PEEK_ROWS).to_pylist()
-    with fs.open_input_stream(p) as f:
-        head = storage.strip_bom(f.read(1 << 20) if path.endswith(".jsonl") else f.readall())
-    if path.endswith(".json"):
+    with inputs.open_stream(path) as f:
+        head = f.read(1 << 20) if suffix == ".jsonl" else f.read()
+    wide = inputs.is_wide(head)
+    if wide and suffix == ".jsonl":
+        with inputs.open_stream(path) as f:
+            head = f.read()
+    head = inputs.to_utf8(head)
+    if suffix == ".json":
         try:
             obj = json.loads(head)
         except (ValueError, RecursionError) as e:
             raise ValueError(f"{path} is not valid JSON ({e}); use JSON Lines for large files") from None
         return (obj if isinstance(obj, list) else [obj])[:PEEK_ROWS]
     records = []
-    for line in head.split(b"\n")[: -1 if len(head) == 1 << 20 else None][: PEEK_ROWS * 4]:
+    for line in head.split(b"\n")[: -1 if len(head) == 1 << 20 and not wide else None][: PEEK_ROWS * 4]:
         try:
             records.append(json.loads(line))
         except (ValueError, RecursionError):  # bad rows are the rejects' business, not a config error
@@ -69,14 +84,22 @@ def inspect_sources(sources: dict[str, dict]) -> list[SourcePlan]:
             raise ValueError(f"data.sources.{name}.format={fmt!r}: expected auto or one of {FORMATS}")
         if float(src.get("weight", 1.0)) < 0:
             raise ValueError(f"data.sources.{name}.weight must be >= 0, got {src['weight']}")
-        files = storage.list_files(src["path"], SUFFIXES)
+        try:
+            files, skipped = inputs.list_inputs(src["path"], SUFFIXES)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.sources.{name}.path: {e}") from None
         fs, _ = storage.resolve(files[0])
         size = sum(fs.get_file_info(storage.resolve(f)[1]).size for f in files)
         text_field = src.get("text_field", "text")
-        if all(f.endswith(".txt") for f in files):
+        if all(inputs.format_suffix(f) == ".txt" for f in files):
             fmt = "text"
         else:
-            records = [r for f in files[:4] if not f.endswith(".txt") for r in _peek_records(f)]
+            peek = [f for f in files if inputs.format_suffix(f) != ".txt"]
+            records = []
+            for f in peek:  # the first few files that can be read
+                records += _peek_records(f)
+                if len(records) >= PEEK_ROWS:
+                    break
             dicts = [r for r in records if isinstance(r, dict)]
             if fmt == "auto":
                 found = [x for x in (detect_format(r, text_field) for r in dicts) if x]
@@ -100,7 +123,7 @@ def inspect_sources(sources: dict[str, dict]) -> list[SourcePlan]:
                     f"data.sources.{name}: none of the first {len(dicts)} rows of {src['path']} "
                     f"is a valid '{fmt}' record; check data.sources.{name}.format/text_field"
                 )
-        plans.append(SourcePlan(name, files, fmt, size))
+        plans.append(SourcePlan(name, files, fmt, size, skipped))
     return plans
 
 
@@ -129,34 +152,52 @@ def record_bytes(record) -> bytes:
 
 def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterator[pa.Table]:
     """Raw rows of one file, streamed in blocks: JSONL line by line, a JSON array element by element
-    (the file is read whole), a .txt file as one document. Blank JSONL lines are rows too (rejected
-    as ``empty`` downstream), so that input rows = documents + rejects holds for every file."""
-    if path.endswith(".txt"):
-        yield _table(source, path, "txt", [0], [storage.strip_bom(f.read())])
-        return
-    if path.endswith(".json"):
-        data = storage.strip_bom(f.read())
-        try:
-            obj = json.loads(data)
-        except (ValueError, RecursionError):
-            yield _table(source, path, "record", [0], [data])  # rejected downstream, with its reason
+    (the file is read whole), a .txt file as one document, Parquet row group by row group. ``f`` is
+    the file as stored (random access): a compressed one is decompressed here (by its first bytes),
+    a UTF-16/32 one decoded. Blank JSONL lines are rows too (rejected as ``empty`` downstream), so
+    that input rows = documents + rejects holds for every file; what cannot be read (a corrupt
+    Parquet row group or footer, a compressed stream cut short) is one ``unreadable`` row each,
+    rejected downstream naming the file."""
+    suffix = inputs.format_suffix(path)
+    try:
+        if suffix == ".parquet":
+            yield from _parquet_raw(f, path, source, block_rows)
             return
-        items = obj if isinstance(obj, list) else [obj]
-        for s in range(0, len(items), block_rows):
-            chunk = items[s : s + block_rows]
-            yield _table(
-                source,
-                path,
-                "record",
-                list(range(s, s + len(chunk))),
-                [record_bytes(x) for x in chunk],
-            )
+        stream = inputs.decompressed(f)
+        if suffix == ".txt":
+            yield _table(source, path, "txt", [0], [inputs.to_utf8(stream.read())])
+            return
+        if suffix == ".json":
+            yield from _json_raw(inputs.to_utf8(stream.read()), path, source, block_rows)
+            return
+        yield from _jsonl_raw(stream, path, source, block_rows)
+    except (OSError, pa.ArrowException, EOFError) as e:
+        yield _table(source, path, "unreadable", [-1], [f"{type(e).__name__}: {e}"[:500].encode()])
+
+
+def _json_raw(data: bytes, path: str, source: str, block_rows: int) -> Iterator[pa.Table]:
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        yield _table(source, path, "record", [0], [data])  # rejected downstream, with its reason
         return
-    rest, line_no, nos, raws = b"", 0, [], []
+    items = obj if isinstance(obj, list) else [obj]
+    for s in range(0, len(items), block_rows):
+        chunk = items[s : s + block_rows]
+        yield _table(source, path, "record", list(range(s, s + len(chunk))), [record_bytes(x) for x in chunk])
+
+
+def _jsonl_raw(f, path: str, source: str, block_rows: int) -> Iterator[pa.Table]:
+    head = f.read(8 << 20)
+    if inputs.is_wide(head):  # UTF-16/32: decoded whole
+        lines = inputs.to_utf8(head + f.read()).split(b"\n")
+        lines = lines[:-1] if lines and not lines[-1] else lines
+        for s in range(0, len(lines), block_rows):
+            chunk = lines[s : s + block_rows]
+            yield _table(source, path, "jsonl", list(range(s + 1, s + len(chunk) + 1)), chunk)
+        return
+    rest, line_no, nos, raws, chunk = b"", 0, [], [], storage.strip_bom(head)
     while True:
-        chunk = f.read(8 << 20)
-        if line_no == 0 and not rest:
-            chunk = storage.strip_bom(chunk)
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()  # a line not ended yet (at the end of the file: a last line with no newline, or b"")
         if not chunk and rest:
@@ -170,17 +211,36 @@ def read_raw_stream(f, path: str, source: str, block_rows: int = 1024) -> Iterat
                 nos, raws = [], []
         if not chunk:
             break
+        chunk = f.read(8 << 20)
     if raws:
         yield _table(source, path, "jsonl", nos, raws)
 
 
-def parquet_to_raw(batch: pa.Table, source: str) -> pa.Table:
-    """Parquet rows as raw JSON records; ``line_no`` is a content hash (row order is not stable)."""
-    raws = [record_bytes(r) for r in batch.drop_columns([c for c in ("path",) if c in batch.column_names]).to_pylist()]
-    paths = batch.column("path").to_pylist() if "path" in batch.column_names else [""] * len(raws)
-    nos = [int.from_bytes(hashlib.blake2b(r, digest_size=7).digest(), "little") for r in raws]
-    t = _table(source, "", "record", nos, raws)
-    return t.set_column(1, "path", pa.array(paths, pa.string()))
+def _parquet_raw(f, path: str, source: str, block_rows: int) -> Iterator[pa.Table]:
+    """Parquet rows as raw JSON records, ``line_no`` their row number; a row group that cannot be
+    read is one ``unreadable`` row naming it."""
+    codec = inputs.sniff(f.read(4))
+    f.seek(0)
+    pf = pq.ParquetFile(pa.BufferReader(pa.CompressedInputStream(f, codec).read()) if codec else f)
+    first = 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        try:
+            records = pf.read_row_group(g).to_pylist()
+        except (OSError, ValueError, pa.ArrowException) as e:
+            detail = f"row group {g} (rows {first}..{first + n - 1}): {type(e).__name__}: {e}"[:500]
+            yield _table(source, path, "unreadable", [first], [detail.encode()])
+        else:
+            for s in range(0, len(records), block_rows):
+                part = records[s : s + block_rows]
+                yield _table(
+                    source,
+                    path,
+                    "record",
+                    list(range(first + s, first + s + len(part))),
+                    [record_bytes(r) for r in part],
+                )
+        first += n
 
 
 def build_dataset(plans: list[SourcePlan], block_rows: int = 1024):
@@ -193,6 +253,9 @@ def build_dataset(plans: list[SourcePlan], block_rows: int = 1024):
             super().__init__(paths, **kwargs)
             self._source = source
 
+        def _open_input_source(self, filesystem, path: str, **open_args):
+            return filesystem.open_input_file(path)  # as stored: read_raw_stream decompresses by content
+
         def _read_stream(self, f, path: str):
             yield from read_raw_stream(f, path, self._source, block_rows)
 
@@ -200,15 +263,5 @@ def build_dataset(plans: list[SourcePlan], block_rows: int = 1024):
     for plan in plans:
         fs, _ = storage.resolve(plan.files[0])
         paths = [storage.resolve(p)[1] for p in plan.files]
-        pq_files = [p for p in paths if p.endswith(".parquet")]
-        other = [p for p in paths if not p.endswith(".parquet")]
-        if other:
-            parts.append(ray.data.read_datasource(RawRecords(other, plan.name, filesystem=fs)))
-        if pq_files:
-            ds = ray.data.read_parquet(pq_files, filesystem=fs, include_paths=True)
-            parts.append(
-                ds.map_batches(
-                    parquet_to_raw, fn_kwargs={"source": plan.name}, batch_format="pyarrow", batch_size=block_rows
-                )
-            )
+        parts.append(ray.data.read_datasource(RawRecords(paths, plan.name, filesystem=fs)))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

@@ -255,7 +255,7 @@ def run_generate(cfg: DictConfig | dict) -> dict:
         check_checkpoint(sc["dedup_model"], "generate.self_chat.dedup_model")
     check_engine(gc["engine"], "generate.engine", gc["checkpoint"])
     out = gc["output_dir"]
-    chunks, todo = batchjob.start_run(
+    chunks, todo, skipped = batchjob.start_run(
         out,
         "generate_run.json",
         run_identity(gc),
@@ -280,6 +280,7 @@ def run_generate(cfg: DictConfig | dict) -> dict:
         "chunks_skipped": len(chunks) - len(todo),
         "seconds": round(time.perf_counter() - t0, 2),
         "counts": dict(counts),
+        "skipped_files": skipped,  # files of the input folder not read, with why
         "parts": storage.join(out, "parts"),
     }
     if gc["mode"] == "self_chat":

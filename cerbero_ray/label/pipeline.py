@@ -95,7 +95,9 @@ def run_identity(lc: dict, task: Task) -> dict:
     }
 
 
-def summarize(out: str, labels: list[str], seconds: float, processed: int, skipped: int) -> dict:
+def summarize(
+    out: str, labels: list[str], seconds: float, processed: int, skipped: int, skipped_files: list[dict] = ()
+) -> dict:
     fs, p = storage.resolve(storage.join(out, "parts"))
     table = pq.read_table(p, filesystem=fs, columns=["id", "label", "error", "truncated"])
     ids = table.column("id").to_pylist()
@@ -109,6 +111,7 @@ def summarize(out: str, labels: list[str], seconds: float, processed: int, skipp
         "truncated": int(sum(table.column("truncated").to_pylist())),
         "chunks_processed": processed,
         "chunks_skipped": skipped,
+        "skipped_files": list(skipped_files),  # files of the input folder not read, with why
         "seconds": round(seconds, 2),
         "output": storage.join(out, "parts"),
     }
@@ -152,7 +155,7 @@ def run_label(cfg: DictConfig | dict) -> dict:
     task = resolve_task(lc)
     check_checkpoint(lc["checkpoint"], "label.checkpoint")
     out = lc["output_dir"]
-    chunks, todo = batchjob.start_run(
+    chunks, todo, skipped = batchjob.start_run(
         out,
         RUN_FILE,
         run_identity(lc, task),
@@ -171,7 +174,7 @@ def run_label(cfg: DictConfig | dict) -> dict:
     if todo:
         for _ in batchjob.map_chunks(todo, LabelWorker, lc, f"label {task.name}"):
             pass  # the parts are the output; the stats rows only drive the progress bar
-    summary = summarize(out, list(task.labels), time.perf_counter() - t0, len(todo), len(chunks) - len(todo))
+    summary = summarize(out, list(task.labels), time.perf_counter() - t0, len(todo), len(chunks) - len(todo), skipped)
     if summary["rows"] != summary["unique_ids"]:
         log.warning("%d rows but %d distinct ids: the input repeats ids", summary["rows"], summary["unique_ids"])
     dist = ", ".join(f"{k} {v:,} ({100 * v / max(summary['rows'], 1):.1f}%)" for k, v in summary["labels"].items())

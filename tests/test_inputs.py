@@ -1,0 +1,168 @@
+"""Every input file and every row accounted for: compressed files (by their bytes, whatever their
+name), Parquet files that are corrupt or cut short, text files with CR line ends or in UTF-16/32,
+and files a folder holds that no stage reads (listed with why, never silently dropped). Each case
+through the batch jobs' reader (label, generate) and the data stage's reader."""
+
+import bz2
+import gzip
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cerbero_ray import batchjob, inputs
+from cerbero_ray.data.sources import inspect_sources, read_raw_stream
+
+ROWS = [{"id": f"r{i}", "text": f"Testo numero {i}: va tutto bene."} for i in range(50)]
+JSONL = b"".join(json.dumps(r).encode() + b"\n" for r in ROWS)
+
+
+def read_all(path, fmt="auto", chunk_rows=7):
+    chunks, skipped = batchjob.plan_chunks(str(path), fmt, chunk_rows)
+    return [r for ch in chunks for r in batchjob.read_chunk(ch, fmt, "text", "id")], skipped
+
+
+def raw_rows(path):
+    with pa.OSFile(str(path)) as f:
+        return [r for t in read_raw_stream(f, str(path), "s") for r in zip(t["kind"].to_pylist(), t["raw"].to_pylist())]
+
+
+def _zstd(data: bytes) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, "zstd") as out:
+        out.write(data)
+    return sink.getvalue().to_pybytes()
+
+
+COMPRESS = {"gzip": gzip.compress, "zstd": _zstd, "bz2": bz2.compress}
+
+
+@pytest.mark.parametrize("codec", sorted(COMPRESS))
+@pytest.mark.parametrize("name", ["in.jsonl.{ext}", "in.jsonl"])  # by name, and a compressed file under a plain name
+def test_compressed_jsonl_is_read_whole_never_as_text(tmp_path, codec, name):
+    ext = {"gzip": "gz", "zstd": "zst", "bz2": "bz2"}[codec]
+    f = tmp_path / name.format(ext=ext)
+    f.write_bytes(COMPRESS[codec](JSONL))
+    for chunk_rows in (7, 50, 1000):
+        rows, _ = read_all(f, chunk_rows=chunk_rows)
+        assert [r["id"] for r in rows] == [r["id"] for r in ROWS] and all(r["error"] is None for r in rows)
+    rows, _ = read_all(f, fmt="jsonl")  # the format given, as the old error message advised
+    assert len(rows) == 50 and all(r["error"] is None for r in rows)
+    assert [json.loads(raw)["id"] for _, raw in raw_rows(f)] == [r["id"] for r in ROWS]  # the data stage
+
+
+def test_compressed_json_array_txt_and_parquet(tmp_path):
+    (tmp_path / "a.json.gz").write_bytes(gzip.compress(json.dumps(ROWS).encode()))
+    (tmp_path / "b.txt.zst").write_bytes(COMPRESS["zstd"]("\n".join(r["text"] for r in ROWS).encode()))
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "c.parquet")
+    (tmp_path / "c.parquet.gz").write_bytes(gzip.compress((tmp_path / "c.parquet").read_bytes()))
+    os.remove(tmp_path / "c.parquet")
+    rows, skipped = read_all(tmp_path)
+    assert len(rows) == 150 and all(r["error"] is None for r in rows) and skipped == []
+    assert [k for k, _ in raw_rows(tmp_path / "c.parquet.gz")] == ["record"] * 50
+
+
+def test_a_compressed_stream_cut_short_keeps_its_lines_and_counts_the_break(tmp_path):
+    f = tmp_path / "cut.jsonl.gz"
+    whole = gzip.compress(JSONL * 400)
+    f.write_bytes(whole[: len(whole) // 2])
+    rows, _ = read_all(f, chunk_rows=100)
+    good = [r for r in rows if r["error"] is None]
+    assert good and rows[-1]["error"].startswith("unreadable_file") and len(rows) == len(good) + 1
+    # the data stage: the lines before the break, then one unreadable row naming the error
+    kinds = [k for k, _ in raw_rows(f)]
+    assert kinds[-1] == "unreadable" and kinds.count("unreadable") == 1
+
+
+def _corrupt_parquet(path, groups=4):
+    """A Parquet file with a valid footer whose first row group's data pages are garbage."""
+    pq.write_table(pa.Table.from_pylist(ROWS * 2), path, row_group_size=25, compression="zstd")
+    data = bytearray(path.read_bytes())
+    meta = pq.ParquetFile(path).metadata
+    col = meta.row_group(0).column(1)
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    data[start + 8 : start + col.total_compressed_size - 4] = os.urandom(col.total_compressed_size - 12)
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_parquet_row_group_becomes_error_rows_and_the_rest_is_read(tmp_path):
+    good_jsonl = tmp_path / "a.jsonl"
+    good_jsonl.write_bytes(JSONL)
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "b.parquet")
+    _corrupt_parquet(tmp_path / "c.parquet")
+    rows, _ = read_all(tmp_path, chunk_rows=10)
+    assert len(rows) == 50 + 50 + 100  # every row of every file, as a row
+    bad = [r for r in rows if r["error"]]
+    assert len(bad) == 25 and all(r["error"].startswith("unreadable_row_group: 0") for r in bad), bad[:2]
+    assert {r["id"] for r in bad} == {f"c.parquet:{i}" for i in range(25)}
+    kinds = [k for k, _ in raw_rows(tmp_path / "c.parquet")]  # the data stage
+    assert kinds.count("unreadable") == 1 and kinds.count("record") == 75
+
+
+def test_a_parquet_file_cut_short_is_one_error_row(tmp_path):
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "t.parquet")
+    data = (tmp_path / "t.parquet").read_bytes()
+    (tmp_path / "t.parquet").write_bytes(data[: len(data) // 2])
+    (tmp_path / "ok.jsonl").write_bytes(JSONL)
+    rows, _ = read_all(tmp_path)
+    assert len(rows) == 51 and [r["id"] for r in rows if r["error"]] == ["t.parquet:0"]
+    assert rows[-1]["error"].startswith("unreadable_file")
+    assert [k for k, _ in raw_rows(tmp_path / "t.parquet")] == ["unreadable"]
+
+
+def test_text_line_ends_cr_lf_and_crlf(tmp_path):
+    f = tmp_path / "cr.txt"
+    for body in (b"uno\rdue\rtre\rquattro", b"uno\r\ndue\r\ntre\r\nquattro\r\n", b"uno\ndue\r\ntre\rquattro\n"):
+        f.write_bytes(body)
+        for chunk_rows in (1, 2, 3, 10):
+            rows, _ = read_all(f, chunk_rows=chunk_rows)
+            assert [r["text"] for r in rows] == ["uno", "due", "tre", "quattro"], (body, chunk_rows)
+        f.with_suffix(".txt.gz").write_bytes(gzip.compress(body))  # the same through a compressed stream
+        rows, _ = read_all(f.with_suffix(".txt.gz"), chunk_rows=3)
+        assert [r["text"] for r in rows] == ["uno", "due", "tre", "quattro"], body
+        os.remove(f.with_suffix(".txt.gz"))
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-be", "utf-32"])
+def test_a_utf16_or_utf32_file_is_decoded(tmp_path, codec):
+    text = "Perché sì.\nÈ così!\r\nCittà"
+    data = text.encode(codec)
+    if codec == "utf-16-be":
+        data = b"\xfe\xff" + data
+    (tmp_path / "w.txt").write_bytes(data)
+    rows, _ = read_all(tmp_path / "w.txt", chunk_rows=2)
+    assert [r["text"] for r in rows] == ["Perché sì.", "È così!", "Città"]
+    lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in ROWS[:3]).encode(codec)
+    (tmp_path / "w.jsonl").write_bytes((b"\xfe\xff" if codec == "utf-16-be" else b"") + lines)
+    rows, _ = read_all(tmp_path / "w.jsonl")
+    assert [r["id"] for r in rows] == ["r0", "r1", "r2"] and all(r["error"] is None for r in rows)
+    assert [json.loads(raw)["id"] for _, raw in raw_rows(tmp_path / "w.jsonl")] == ["r0", "r1", "r2"]
+    (_, raw), *_ = raw_rows(tmp_path / "w.txt")
+    assert raw.decode("utf-8") == text
+
+
+def test_files_a_folder_holds_but_no_stage_reads_are_listed_with_why(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(JSONL)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(JSONL))
+    for name in ("c.csv", "d.tsv", "README.md", ".hidden.jsonl", "_SUCCESS"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "_tmp").mkdir()
+    (tmp_path / "_tmp" / "e.jsonl").write_bytes(JSONL)
+    files, skipped = inputs.list_inputs(str(tmp_path))
+    assert [os.path.basename(f) for f in files] == ["a.jsonl", "b.jsonl.gz"]
+    why = {os.path.relpath(s["path"], tmp_path): s["reason"] for s in skipped}
+    assert why == {
+        ".hidden.jsonl": "hidden name (starts with '.' or '_')",
+        "README.md": "not an input format (.md)",
+        "_SUCCESS": "hidden name (starts with '.' or '_')",
+        "_tmp/e.jsonl": "hidden name (starts with '.' or '_')",
+        "c.csv": "not an input format (.csv)",
+        "d.tsv": "not an input format (.tsv)",
+    }
+    assert "6 file(s) skipped" in inputs.describe_skipped(skipped)
+    (plan,) = inspect_sources({"s": {"path": str(tmp_path), "format": "auto", "weight": 1.0}})
+    assert plan.skipped == skipped and len(plan.files) == 2
+    rows, listed = read_all(tmp_path)
+    assert len(rows) == 100 and listed == skipped
