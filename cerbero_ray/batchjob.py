@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -419,25 +418,14 @@ def start_run(
 
 def clean_partial(out: str) -> None:
     """Remove temporary files a killed run left behind."""
-    fs, p = storage.resolve(storage.join(out, "parts"))
-    if fs.get_file_info(p).type != storage.pafs.FileType.NotFound:
-        for i in fs.get_file_info(storage.pafs.FileSelector(p)):
-            if i.base_name.endswith(".tmp"):
-                fs.delete_file(i.path)
+    storage.delete_tmp(storage.join(out, "parts"))
 
 
 def write_part(out: str, chunk: Chunk, table: pa.Table) -> str:
-    """Write atomically: a temporary name, then a rename (object stores: the upload is atomic)."""
+    """Write the chunk's part whole or not at all (:func:`cerbero_ray.storage.open_output`)."""
     dest = part_path(out, chunk)
-    fs, p = storage.resolve(dest)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    if storage.is_uri(dest):
-        with fs.open_output_stream(p) as f:
-            pq.write_table(table, f, compression="zstd")
-        return dest
-    tmp = f"{p}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, p)
+    with storage.open_output(dest) as f:
+        pq.write_table(table, f, compression="zstd")
     return dest
 
 

@@ -98,6 +98,7 @@ def check_checkpoint(path: str, key: str) -> None:
 
     if not storage.is_file(storage.join(path, "config.json")):
         raise ValueError(f"{key}: no HF model at {path} (train first, or point it at an HF folder)")
+    storage.check_folder(path, key)
 
 
 def model_type(path: str) -> str | None:

@@ -51,7 +51,11 @@ def init_ray(cluster: dict) -> dict:
         log.info("attached to the Ray cluster at %s: %s", address, ray.cluster_resources())
     from ray.data import DataContext
 
+    from cerbero_ray.storage import retried_io_errors
+
     ctx = DataContext.get_current()
+    # object stores under load: Ray Data retries these on top of the S3 client's own retries
+    ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *retried_io_errors()]))
     ctx.enable_progress_bars = bool(cluster.get("progress_bars"))
     if not ctx.enable_progress_bars:  # our bars and summaries stand in for Ray Data's console lines
         from cerbero_ray.logs import quiet_ray_data
@@ -90,11 +94,32 @@ def launch(stage: str, cfg, run, ray: bool = True, **kwargs):
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)  # what the run found wrong with its input or config
         sys.exit(2)
+    except Exception as e:  # object storage gone for good (after the client's retries): one line, resumable
+        gone = _storage_error(e)
+        if gone is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        hint = RESUME.get(stage, "")
+        print(f"error: object storage: {gone}{hint}", file=sys.stderr, flush=True)
+        sys.exit(75)  # EX_TEMPFAIL: try again later
     except KeyboardInterrupt:
         how = STOPPED_BY.get("signal", signal.SIGINT)
         hint = RESUME.get(stage, "")
         print(f"[{stage}] stopped by {signal.Signals(how).name}{hint}", file=sys.stderr, flush=True)
         sys.exit(128 + how)
+
+
+def _storage_error(e: BaseException) -> str | None:
+    """The first line of a storage failure in ``e`` or what it wraps (a Ray task's error carries
+    the worker's), or None when ``e`` is something else."""
+    from cerbero_ray.storage import StorageError
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, StorageError) or (isinstance(e, OSError) and "AWS Error" in str(e)):
+            return str(e).strip().splitlines()[0]
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
 
 
 def _ours(e: BaseException) -> bool:

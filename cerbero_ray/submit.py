@@ -36,8 +36,10 @@ EXCLUDES = [
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def job_spec(stage: str, overrides: list[str]) -> dict:
-    """Entrypoint and runtime_env for ``stage``; composes and checks the config to fail early."""
+def job_spec(stage: str, overrides: list[str], pass_env: list[str] = ()) -> dict:
+    """Entrypoint and runtime_env for ``stage``; composes and checks the config to fail early.
+    Credentials are not shipped unless named in ``pass_env`` (then in the runtime env's variables,
+    never in the working dir); a cluster should rather have its own (an instance role)."""
     if stage not in STAGE_SCHEMAS:
         raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_SCHEMAS)}")
     cfg = compose(stage, overrides, checked=True)
@@ -45,6 +47,10 @@ def job_spec(stage: str, overrides: list[str]) -> dict:
     for key, var in (("output_dir", "CERBERO_OUTPUT_DIR"), ("data_dir", "CERBERO_DATA_DIR")):
         value = str(cfg.paths[key])
         env[var] = value if storage.is_uri(value) else os.path.abspath(value)
+    for var in pass_env:
+        if var not in os.environ:
+            raise ValueError(f"--env {var}: not set in this environment")
+        env[var] = os.environ[var]
     # the job's cwd is a copy of the checkout: paths it gets must not be relative to it
     overrides = [o for o in overrides if not o.startswith(("paths.output_dir=", "paths.data_dir="))]
     entrypoint = " ".join(["python", f"jobs/{stage}.py", *(shlex.quote(o) for o in overrides)])
@@ -58,11 +64,12 @@ def submit(
     wait: bool = False,
     timeout_s: float = 3600,
     submission_id: str | None = None,
+    pass_env: list[str] = (),
 ) -> tuple[str, str | None]:
     """Submit; returns (submission id, final status or None when not waiting)."""
     from ray.job_submission import JobSubmissionClient
 
-    spec = job_spec(stage, overrides)
+    spec = job_spec(stage, overrides, pass_env)
     client = JobSubmissionClient(address)
     job_id = _submit_when_ready(client, spec, submission_id)
     print(f"submitted {job_id}: {spec['entrypoint']}", flush=True)
@@ -100,10 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", action="store_true", help="wait for the job and print its logs")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--submission-id", default=None)
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pass this variable of your environment to the job (e.g. AWS_ACCESS_KEY_ID for a bucket); "
+        "repeatable. Nothing else of your environment is shipped",
+    )
     p.add_argument("stage", choices=sorted(STAGE_SCHEMAS))
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for jobs/<stage>.py")
     a = p.parse_args(argv)
-    _, status = submit(a.address, a.stage, a.overrides, a.wait, a.timeout, a.submission_id)
+    _, status = submit(a.address, a.stage, a.overrides, a.wait, a.timeout, a.submission_id, a.env)
     return 0 if status in (None, "SUCCEEDED") else 1
 
 

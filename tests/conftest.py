@@ -13,6 +13,29 @@ from cerbero_ray.config import REPO_DIR
 from cerbero_ray.tokenizer import build_tokenizer
 
 SHARED_DATA = os.environ.get("CERBERO_DATA_DIR", os.path.join(REPO_DIR, "..", "shared", "data"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# An S3-protocol server on loopback (moto's), reached as users reach S3: through AWS_ENDPOINT_URL,
+# which pyarrow, s3fs and boto3 honour. Set when the tests start, before any Ray cluster, so every
+# worker and job the tests start inherits it; the server itself starts with the `s3` fixture.
+S3_PORT = _free_port()
+S3_SECRET = "cerbero-test-secret-7f3a9c"  # a test greps every output for it
+S3_ENV = {
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "cerbero-test-key",
+    "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "CERBERO_S3_MAX_ATTEMPTS": "6",
+}
+os.environ.update(S3_ENV)
 SAMPLES = os.path.join(REPO_DIR, "data", "samples")
 
 
@@ -73,10 +96,7 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = _free_port
 
 
 def _own_ports():
@@ -131,8 +151,9 @@ def start_head(env, temp, num_cpus):
     return {"procs": [proc], "gcs": f"127.0.0.1:{port}", "dashboard": address, "env": env, "temp": str(temp)}
 
 
-def add_worker_node(node, num_cpus):
-    """A second raylet on loopback joining ``node``'s head."""
+def add_worker_node(node, num_cpus, env=None):
+    """A second raylet on loopback joining ``node``'s head (``env``: its own environment, e.g. its own
+    temporary and cache folders); returns its process (a group of its own)."""
     cmd = [
         "ray",
         "start",
@@ -144,7 +165,9 @@ def add_worker_node(node, num_cpus):
         "--disable-usage-stats",
         *_own_ports(),
     ]
-    node["procs"].append(_start(cmd, node["env"]))
+    proc = _start(cmd, env or node["env"])
+    node["procs"].append(proc)
+    return proc
 
 
 def stop_node(node):
@@ -165,3 +188,27 @@ def tiny_hf(tmp_path_factory, tok):
     tiny().save_pretrained(d)
     tok.save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on ``S3_PORT`` for the whole run."""
+    pytest.importorskip("moto.server", reason="needs moto[server] (the test extra)")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    yield S3_ENV["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A new, empty bucket for one test: its ``s3://`` URI."""
+    import re
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", f"t-{request.node.name.lower()}")[:50].strip("-") + f"-{_free_port()}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -98,7 +98,7 @@ def test_refuses_to_mix_runs_and_rejects_unusable_sources(ray_local, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"titolo": "x", "corpo": "y"}])
     with pytest.raises(ValueError, match="no usable column"):
         run_data(cfg_for(tmp_path / "o2", {"b": {"path": bad, "format": "auto"}}))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="data.sources.b.path: no such file or folder"):  # named, before any work
         run_data(cfg_for(tmp_path / "o3", {"b": {"path": str(tmp_path / "missing.jsonl")}}))
 
 

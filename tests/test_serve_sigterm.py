@@ -176,7 +176,7 @@ def test_stalled_uploads_hold_no_slot_and_sigterm_keeps_every_accepted_request(t
             time.sleep(0.5)  # the proxies have seen the drain: a new request is a 503 until the port closes
             late = []
             while True:
-                r = _try(f"{url}/v1/chat/completions", LONG, 30)
+                r = _try(f"{url}/v1/chat/completions", LONG, 180)  # one accepted before the drain is served
                 late.append(r)
                 if not isinstance(r[0], int) or len(late) > 400:
                     break

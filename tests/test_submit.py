@@ -93,6 +93,33 @@ def test_submit_both_ways(head, tmp_path, monkeypatch):
     check_output(out2)
 
 
+def test_submit_with_a_bucket_as_the_output(head, tmp_path, monkeypatch, bucket):
+    """A cluster with no disk shared with this machine: the output is a bucket. The head has the
+    bucket's credentials of its own (here: its environment); nothing of ours is shipped."""
+    address, env = head
+    if env["RAY_AUTH_MODE"] != "disabled":
+        pytest.skip("once is enough: the token case is the test above")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    job_id, status = submit(address, "data", [f"paths.output_dir={bucket}/run", "data.seq_len=2048"], wait=True)
+    assert status == "SUCCEEDED"
+    from cerbero_ray import storage
+
+    m = storage.read_json(f"{bucket}/run/data/chat_sample/manifest.json")
+    assert m["documents"] == 107 and all(storage.is_file(s["path"]) for s in m["shards"])
+    assert all(s["path"].startswith(f"{bucket}/run/") for s in m["shards"])
+
+
+def test_credentials_are_shipped_only_when_asked(monkeypatch):
+    from conftest import S3_SECRET
+
+    spec = job_spec("data", ["paths.output_dir=s3://b/run"])
+    assert S3_SECRET not in json.dumps(spec) and "AWS_SECRET_ACCESS_KEY" not in spec["runtime_env"]["env_vars"]
+    spec = job_spec("data", ["paths.output_dir=s3://b/run"], pass_env=["AWS_SECRET_ACCESS_KEY"])
+    assert spec["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == S3_SECRET
+    with pytest.raises(ValueError, match="--env NOT_THERE"):
+        job_spec("data", [], pass_env=["NOT_THERE"])
+
+
 def test_bad_config_fails_before_submitting():
     with pytest.raises(Exception, match="seq_lenn"):
         job_spec("data", ["data.seq_lenn=1"])

@@ -77,6 +77,9 @@ def check_local_checkpoint(path: str, key: str) -> None:
         return
     if not os.path.isfile(os.path.join(local_path(path), "config.json")):
         raise ValueError(f"{key}: no HF model at {path} (train first, or point it at an HF folder)")
+    from cerbero_ray.storage import check_folder
+
+    check_folder(local_path(path), key)  # a copy cut short (its marker says so), before the weights
     check_weights(local_path(path), key)
 
 

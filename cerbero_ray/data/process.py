@@ -202,9 +202,7 @@ class BufferProcessor:
             }
         )
         shard = storage.join(self.cfg["output_dir"], "shards", f"shard-{key}.parquet")
-        fs, p = storage.resolve(shard)
-        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(p) as f:
+        with storage.open_output(shard) as f:
             # small row groups: the trainer reads any run of rows without decoding the whole shard
             pq.write_table(table, f, compression=self.cfg.get("compression", "zstd"), row_group_size=ROW_GROUP_ROWS)
         tokens = int(sum(len(p[0]) for p in pieces))
@@ -222,13 +220,8 @@ class BufferProcessor:
         if not rejects:
             return ""
         path = storage.join(self.cfg["output_dir"], "rejects", f"rejects-{key}.jsonl")
-        fs, p = storage.resolve(path)
-        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(p) as f:
-            f.write(
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode("utf-8", "backslashreplace")
-            )
-        return path
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+        return storage.write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
 
 def _fixed(a: np.ndarray) -> pa.FixedSizeListArray:

@@ -99,8 +99,6 @@ def _finish_task(ec: dict, ckpt: str, p: Prepared, outs: dict[str, list[dict]], 
             table["raw"].append(o.get("raw"))
             table["p_yes"].append(o.get("p_yes"))
             table["protocol"].append(protocol)
-    fs, path = storage.resolve(storage.join(d, "predictions.parquet"))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     schema = pa.schema(
         [
             ("id", pa.string()),
@@ -111,7 +109,7 @@ def _finish_task(ec: dict, ckpt: str, p: Prepared, outs: dict[str, list[dict]], 
             ("protocol", pa.string()),
         ]
     )
-    with fs.open_output_stream(path) as f:
+    with storage.open_output(storage.join(d, "predictions.parquet")) as f:
         pq.write_table(pa.table(dict(table), schema=schema), f)
     result = {
         "identity": ident,

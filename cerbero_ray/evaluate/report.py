@@ -124,15 +124,11 @@ def write_report(results: dict, ec: dict) -> dict:
     """``results.md`` and ``results.png`` under ``evaluate.output_dir``; prints the tables."""
     out = ec["output_dir"]
     md = markdown(results, ec)
-    fs, p = storage.resolve(storage.join(out, "results.md"))
-    with fs.open_output_stream(p) as f:
-        f.write(md.encode())
+    storage.write_bytes(storage.join(out, "results.md"), md.encode())
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "results.png")
         chart(results, local)
-        fs, p = storage.resolve(storage.join(out, "results.png"))
-        with fs.open_output_stream(p) as f, open(local, "rb") as src:
-            f.write(src.read())
+        storage.upload_file(local, storage.join(out, "results.png"))
     print(md, flush=True)
     return {
         "results_md": storage.join(out, "results.md"),

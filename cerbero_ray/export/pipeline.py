@@ -165,7 +165,7 @@ def _publish(info: dict, final: str, uri: bool) -> None:
         return
     dest = staged[: -len(UNVERIFIED)]
     if uri:
-        _upload(staged, final)
+        storage.upload_file(staged, final)
         os.replace(staged, dest)  # kept locally for the quantizer (f16) until the temporary folder goes
     else:
         os.replace(staged, dest)
@@ -173,13 +173,7 @@ def _publish(info: dict, final: str, uri: bool) -> None:
     print(f"[export] {info['type']}: {final} ({info['bytes'] / 2**20:.1f} MiB, {info['seconds']} s)", flush=True)
 
 
-def _upload(local: str, uri: str) -> None:
-    fs, p = storage.resolve(uri)
-    with open(local, "rb") as src, fs.open_output_stream(p) as dst:
-        shutil.copyfileobj(src, dst, 1 << 24)
-
-
 def _download(uri: str, local: str) -> None:
     fs, p = storage.resolve(uri)
-    with fs.open_input_stream(p) as src, open(local, "wb") as dst:
+    with fs.open_input_stream(p, compression=None) as src, open(local, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 24)

@@ -227,16 +227,12 @@ def finish_self_chat(gc: dict, reasons: Counter) -> dict:
         dup = [None] * len(convs)
     kept = [(r, c) for r, c, d in zip(rows, convs, dup) if d is None]
     path = storage.join(out, "conversations.jsonl")
-    with fs.open_output_stream(storage.resolve(path)[1]) as f:
-        for r, c in kept:
-            f.write(
-                (
-                    json.dumps(
-                        {"id": r["id"], "messages": c, "source": "self_chat", "model": r["model"]}, ensure_ascii=False
-                    )
-                    + "\n"
-                ).encode()
-            )
+    lines = (
+        json.dumps({"id": r["id"], "messages": c, "source": "self_chat", "model": r["model"]}, ensure_ascii=False)
+        + "\n"
+        for r, c in kept
+    )
+    storage.write_bytes(path, "".join(lines).encode())
     return {
         "conversations": len(kept),
         "near_duplicates": len(convs) - len(kept),

@@ -141,10 +141,7 @@ def distribution_png(summary: dict, out: str) -> str:
     fig.savefig(path)
     plt.close(fig)
     if storage.is_uri(out):
-        fs, p = storage.resolve(storage.join(out, "label_distribution.png"))
-        with fs.open_output_stream(p) as f, open(path, "rb") as src:
-            f.write(src.read())
-        return storage.join(out, "label_distribution.png")
+        return storage.upload_file(path, storage.join(out, "label_distribution.png"))
     return path
 
 

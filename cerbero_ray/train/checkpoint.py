@@ -38,12 +38,9 @@ def publish(local_dir: str, run_dir: str, step: int, rank: int) -> str:
     """Copy this rank's files into ``<run_dir>/checkpoint_step_<step>`` (unless already there) and
     mark its part complete; returns the checkpoint's path or URI."""
     dest = storage.join(run_dir, checkpoint_name(step))
-    fs, p = storage.resolve(dest)
-    if storage.resolve(local_dir)[1] != p or storage.is_uri(dest):
-        pafs.copy_files(local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    fs.create_dir(f"{p}/complete", recursive=True)
-    with fs.open_output_stream(f"{p}/complete/rank_{rank}"):
-        pass
+    if storage.resolve(local_dir)[1] != storage.resolve(dest)[1] or storage.is_uri(dest):
+        storage.upload_folder(local_dir, dest, markers=False)  # the rank marks say it is complete
+    storage.write_bytes(storage.join(dest, "complete", f"rank_{rank}"), b"")
     return dest
 
 
@@ -87,6 +84,7 @@ def save(engine, directory: str, rank: int, client_state: dict, hf_model=None, t
 
 
 def save_hf(hf_model, tokenizer, directory: str) -> None:
+    """An HF folder, its complete marker last (:func:`cerbero_ray.storage.check_folder`)."""
     hf_model.config.use_cache = True
     hf_model.save_pretrained(directory, safe_serialization=True)
     hf_model.config.use_cache = False
@@ -94,6 +92,7 @@ def save_hf(hf_model, tokenizer, directory: str) -> None:
         from cerbero_ray.tokenizer import save_tokenizer
 
         save_tokenizer(tokenizer, directory)
+    storage.mark_complete(directory)
 
 
 def save_hf_to(hf_model, tokenizer, dest: str) -> str:
@@ -110,8 +109,7 @@ def save_hf_to(hf_model, tokenizer, dest: str) -> str:
         return dest
     with tempfile.TemporaryDirectory() as tmp:
         save_hf(hf_model, tokenizer, tmp)
-        fs, p = storage.resolve(dest)
-        pafs.copy_files(tmp, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        storage.upload_folder(tmp, dest)  # marked: a copy cut short reads as incomplete, not as a model
     return dest
 
 

@@ -74,10 +74,7 @@ class Writer:
         if self.tb is not None:
             self.tb.flush()
         if storage.is_uri(self.run_dir):
-            import pyarrow.fs as pafs
-
-            fs, p = storage.resolve(self.run_dir)
-            pafs.copy_files(self.local, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            storage.upload_folder(self.local, self.run_dir, markers=False)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -14,9 +14,11 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from omegaconf import DictConfig
 
+from cerbero_ray import storage
 from cerbero_ray.config import to_container
 from cerbero_ray.train.metrics import read_summary
 from cerbero_ray.train.plan import plan_all, total_steps
@@ -40,6 +42,14 @@ def _worker(config: dict) -> None:
         pass
     t = config["train"]
     train_loop(config, RayEnv(config["run"]["run_dir"], t.get("fail_at_step"), t.get("fail_rank", 1)))
+
+
+def _storage(output_dir: str) -> dict:
+    """Ray Train's storage: an object store through our client (its retries), else the path."""
+    if not storage.is_uri(output_dir):
+        return {"storage_path": output_dir}
+    fs, p = storage.resolve(output_dir)
+    return {"storage_path": p, "storage_filesystem": fs}
 
 
 def run_train(cfg: DictConfig | dict) -> dict:
@@ -70,7 +80,7 @@ def run_train(cfg: DictConfig | dict) -> dict:
         ),
         run_config=ray.train.RunConfig(
             name=t["name"],
-            storage_path=t["output_dir"],
+            **_storage(t["output_dir"]),
             failure_config=ray.train.FailureConfig(max_failures=t["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t["keep_checkpoints"]),
             # our progress lines are the log; Ray Train's INFO line per report would drown them
@@ -81,7 +91,9 @@ def run_train(cfg: DictConfig | dict) -> dict:
     if result.error:
         raise result.error
     summary = read_summary(run["run_dir"])
-    summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    # Ray's path is inside its filesystem (no s3://): the same checkpoint named by the run folder's URI
+    last = result.checkpoint
+    summary["checkpoint"] = storage.join(run["run_dir"], os.path.basename(last.path.rstrip("/"))) if last else None
     evals = summary.get("eval_losses") or []
     print("── train ─────────────────────────────────────────────────────")
     print(f" run           {summary.get('run_dir')}")

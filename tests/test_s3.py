@@ -1,0 +1,172 @@
+"""Object storage end to end, on a real S3-protocol server (moto's, on loopback): the main job with
+``paths.output_dir=s3://…`` writes everything to the bucket and its rerun resumes from it; the
+stages that load a checkpoint from a URI (generate, serve) do; faults on the wire mid-job (503
+SlowDown, dropped connections, stalls) are retried and nothing is lost; an endpoint gone for good
+stops the job with one line naming the URI, and the same command then finishes; no output holds
+the secret key."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from faults import FaultProxy
+
+from cerbero_ray import storage
+from cerbero_ray.config import REPO_DIR, compose, to_container
+from conftest import S3_PORT, S3_SECRET
+
+pytestmark = pytest.mark.integration
+
+
+def _objects(uri: str) -> dict[str, int]:
+    fs, p = storage.resolve(uri)
+    infos = fs.get_file_info(storage.pafs.FileSelector(p, recursive=True, allow_not_found=True))
+    return {i.path[len(p) + 1 :]: i.size for i in infos if i.type == storage.pafs.FileType.File}
+
+
+def _no_secret_in(uri: str) -> None:
+    fs, p = storage.resolve(uri)
+    for name in _objects(uri):
+        with fs.open_input_stream(f"{p}/{name}", compression=None) as f:
+            assert S3_SECRET.encode() not in f.read(), name
+
+
+def _job(stage: str, *overrides: str, env: dict | None = None, check: bool = True):
+    r = subprocess.run(
+        [sys.executable, os.path.join(REPO_DIR, "jobs", f"{stage}.py"), *overrides],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket, tmp_path):
+    out = f"{bucket}/recipe"
+    args = (
+        f"paths.output_dir={out}",
+        f"paths.data_dir={tmp_path / 'no-shared-data'}",
+        "train.epochs=1",
+        "evaluate.tasks.squad_it.max_rows=8",
+        "export.types=[f16]",
+    )
+    r = _job("recipe", *args)
+    said = r.stdout + r.stderr
+    objs = _objects(out)
+    assert "data/chat_sample/manifest.json" in objs and any(k.startswith("data/chat_sample/shards/") for k in objs)
+    assert "train/tiny-cpu/hf/model.safetensors" in objs and f"train/tiny-cpu/hf/{storage.COMPLETE}" in objs
+    assert any(re.match(r"train/tiny-cpu/checkpoint_step_\d+/complete/rank_1", k) for k in objs)
+    assert "label/sentiment/summary.json" in objs and any(k.startswith("label/sentiment/parts/") for k in objs)
+    assert "evaluate/results.json" in objs and "export/tiny-cpu/cerbero-F16.gguf" in objs
+    assert not any(k.endswith(storage.TMP_SUFFIX) or storage.WRITING in k for k in objs)
+    assert re.search(rf"checkpoint: {re.escape(out)}/train/tiny-cpu/checkpoint_step_\d+", said), said[-3000:]
+    assert "[export] f16: llama.cpp check ok" in said or "check skipped" in said
+    again = _job("recipe", *args)
+    said2 = again.stdout + again.stderr
+    assert "is up to date" in said2 and "resumed from step" in said2 and "already done, 0 to go" in said2
+    assert "cerbero-F16.gguf is newer than the checkpoint: kept" in said2
+    _no_secret_in(out)
+    assert S3_SECRET not in said + said2
+
+
+def test_generate_and_serve_load_a_checkpoint_from_the_bucket(bucket, tiny_hf, ray_local):
+    from ray import serve
+
+    from cerbero_ray.generate import run_generate
+    from cerbero_ray.serve.service import run_serve
+    from conftest import free_port
+
+    ckpt = storage.upload_folder(tiny_hf, f"{bucket}/run/hf")
+    storage.write_bytes(f"{bucket}/in/q.jsonl", b'{"id": "a", "text": "Ciao!"}\n{"id": "b", "text": "Come va?"}\n')
+    g = run_generate(
+        to_container(
+            compose(
+                "generate",
+                [
+                    f"generate.checkpoint={ckpt}",
+                    f"generate.input={bucket}/in/q.jsonl",
+                    f"generate.output_dir={bucket}/gen",
+                    "generate.sampling.max_new_tokens=4",
+                ],
+            )
+        )
+    )
+    assert g["counts"] and sum(g["counts"].values()) == 2 and storage.is_file(f"{bucket}/gen/summary.json")
+    url = run_serve(
+        to_container(
+            compose("serve", [f"serve.checkpoint={ckpt}", f"serve.port={free_port()}", "serve.cpus_per_replica=0.5"])
+        )
+    )
+    try:
+        import urllib.request
+
+        body = json.dumps({"messages": [{"role": "user", "content": "Ciao"}], "max_tokens": 3}).encode()
+        req = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            assert resp.status == 200 and json.loads(resp.read())["choices"][0]["message"]["content"] is not None
+    finally:
+        serve.shutdown()
+    _no_secret_in(bucket)
+
+
+def test_a_cut_short_hf_folder_in_the_bucket_is_refused_naming_the_key(bucket, tiny_hf):
+    ckpt = storage.upload_folder(tiny_hf, f"{bucket}/run/hf")
+    fs, p = storage.resolve(f"{ckpt}/{storage.COMPLETE}")
+    fs.delete_file(p)
+    storage.write_bytes(f"{ckpt}/{storage.WRITING}", b"")
+    r = _job("export", f"export.checkpoint={ckpt}", f"export.output_dir={bucket}/gguf", check=False)
+    assert r.returncode == 2 and "export.checkpoint" in r.stderr and "incomplete" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.fixture
+def proxy(s3_server):
+    p = FaultProxy(S3_PORT).start()
+    yield p
+    p.stop()
+
+
+def test_faults_on_the_wire_mid_job_are_retried_and_nothing_is_lost(bucket, proxy, tmp_path):
+    """The data stage reads its input from the bucket and writes its shards there, through a proxy
+    that throttles, drops and stalls requests; the manifest equals a run without faults."""
+    data = os.path.join(REPO_DIR, "data", "samples")
+    src = f"{bucket}/in/chat.jsonl"
+    storage.upload_file(os.path.join(data, "chat_it_openassistant.jsonl"), src)
+    over = ("+data.sources.s.path=" + src, "~data.sources.chat", "data.seq_len=256")
+    clean = _job("data", f"paths.output_dir={bucket}/clean", *over)
+    assert clean.returncode == 0
+    proxy.inject("slowdown", 4, every=3)
+    proxy.inject("drop", 3, every=3)
+    proxy.inject("stall", 2, 2.0, every=2)
+    proxy.inject("slowdown", 2, every=2)
+    _job("data", f"paths.output_dir={bucket}/faulty", *over, env={"AWS_ENDPOINT_URL": proxy.url})
+    assert sum(proxy.seen.values()) == 11 and not proxy.faults, proxy.seen  # every fault happened, mid-job
+    a = storage.read_json(f"{bucket}/clean/data/chat_sample/manifest.json")
+    b = storage.read_json(f"{bucket}/faulty/data/chat_sample/manifest.json")
+    for k in ("input_rows", "documents", "rows", "tokens", "rejected", "loss_tokens"):
+        assert a[k] == b[k], k
+
+
+def test_an_endpoint_gone_for_good_stops_the_job_in_one_line_and_the_same_command_resumes(bucket, proxy):
+    src = f"{bucket}/in/q.jsonl"
+    storage.write_bytes(src, b"".join(b'{"id": "%d", "text": "Ciao %d"}\n' % (i, i) for i in range(20)))
+    proxy.down(True)
+    env = {"AWS_ENDPOINT_URL": proxy.url, "CERBERO_S3_MAX_ATTEMPTS": "2", "CERBERO_S3_CONNECT_TIMEOUT_S": "2"}
+    over = (
+        "paths.output_dir=" + bucket + "/out",
+        "data.seq_len=256",
+        "+data.sources.s.path=" + src,
+        "~data.sources.chat",
+    )
+    r = _job("data", *over, env=env, check=False)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 75 and len(lines) == 1 and bucket[5:] in lines[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    proxy.down(False)
+    _job("data", *over, env=env)
+    assert storage.read_json(f"{bucket}/out/data/chat_sample/manifest.json")["documents"] == 20

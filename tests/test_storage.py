@@ -1,0 +1,157 @@
+"""Storage on a real S3-protocol server (moto's, on loopback, through AWS_ENDPOINT_URL) and on a
+local disk: a file appears whole or not at all, a folder is complete only with its marker, a
+cached copy of a URI folder works and is never half there, transient faults on the wire (503
+SlowDown, dropped connections, stalls) are retried, and an endpoint that is gone is an error."""
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from faults import FaultProxy
+
+from cerbero_ray import batchjob, storage
+from conftest import S3_PORT
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """A folder on a local disk, or a fresh bucket."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("bucket")
+
+
+def _names(path: str) -> list[str]:
+    fs, p = storage.resolve(path)
+    return sorted(
+        i.path[len(p) + 1 :]
+        for i in fs.get_file_info(storage.pafs.FileSelector(p, recursive=True, allow_not_found=True))
+        if i.type == storage.pafs.FileType.File
+    )
+
+
+def test_a_write_that_fails_is_never_published(root):
+    dest = storage.join(root, "out", "x.bin")
+    with pytest.raises(RuntimeError, match="boom"):
+        with storage.open_output(dest) as f:
+            f.write(b"x" * 1000)
+            raise RuntimeError("boom")
+    assert not storage.is_file(dest) and _names(root) == []  # neither the file nor its temporary
+    storage.write_json(dest, {"ok": True})
+    assert storage.read_json(dest) == {"ok": True} and _names(root) == ["out/x.bin"]
+
+
+def test_a_part_whose_write_fails_midway_is_redone_by_the_rerun(root, tmp_path, monkeypatch):
+    """A labeling worker whose Parquet write fails leaves no part: the rerun does that chunk."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(10)))
+    (chunk,) = batchjob.plan_chunks(str(inp), "auto", 100)[0]
+    table = pa.table({"id": [str(i) for i in range(10)]})
+    real = pq.write_table
+
+    def half_then_fail(t, where, **kw):
+        where.write(b"PAR1" + b"\0" * 500)
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(pq, "write_table", half_then_fail)
+    with pytest.raises(OSError, match="went away"):
+        batchjob.write_part(root, chunk, table)
+    assert batchjob.done_keys(root) == set()  # nothing counts as done
+    monkeypatch.setattr(pq, "write_table", real)
+    batchjob.clean_partial(root)
+    batchjob.write_part(root, chunk, table)
+    assert batchjob.done_keys(root) == {chunk.key}
+    fs, p = storage.resolve(storage.join(root, "parts"))
+    assert pq.read_table(p, filesystem=fs).column("id").to_pylist() == [str(i) for i in range(10)]
+
+
+def _folder(tmp_path):
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text('{"model_type": "mistral"}')
+    (src / "model.safetensors").write_bytes(os.urandom(100_000))
+    (src / "sub" / "x.txt").write_text("nested")
+    return src
+
+
+def test_a_folder_is_complete_only_with_its_marker(root, tmp_path):
+    src = _folder(tmp_path)
+    dest = storage.join(root, "hf")
+    storage.upload_folder(str(src), dest)
+    storage.check_folder(dest, "x.checkpoint")
+    assert set(_names(dest)) == {storage.COMPLETE, "config.json", "model.safetensors", "sub/x.txt"}
+    # a copy cut short: the writing mark is there, the complete one is not
+    storage.write_bytes(storage.join(dest, storage.WRITING), b"")
+    fs, p = storage.resolve(storage.join(dest, storage.COMPLETE))
+    fs.delete_file(p)
+    with pytest.raises(ValueError, match=r"x.checkpoint: .* is incomplete \(its copy was cut short"):
+        storage.check_folder(dest, "x.checkpoint")
+    # complete, then a file lost: the marker's sizes say so
+    storage.upload_folder(str(src), dest)
+    storage.write_bytes(storage.join(dest, "model.safetensors"), b"short")
+    with pytest.raises(ValueError, match="model.safetensors is 5 bytes, its marker says 100000 bytes"):
+        storage.check_folder(dest, "x.checkpoint")
+    storage.check_folder(str(src), "x")  # a folder we did not write (no markers) is taken as it is
+
+
+def test_a_cached_copy_of_a_uri_folder(bucket, tmp_path):
+    """Every stage that loads a checkpoint from a URI goes through this (it failed: the cache
+    folder was never created)."""
+    src = _folder(tmp_path)
+    storage.upload_folder(str(src), f"{bucket}/run/hf")
+    cache = str(tmp_path / "cache" / "deeper")
+    local = storage.local_copy(f"{bucket}/run/hf", cache)
+    assert open(os.path.join(local, "sub", "x.txt")).read() == "nested"
+    assert os.path.getsize(os.path.join(local, "model.safetensors")) == 100_000
+    assert storage.local_copy(f"{bucket}/run/hf", cache) == local  # cached
+    assert [n for n in os.listdir(cache) if n.startswith(".download-")] == []
+    storage.write_bytes(f"{bucket}/cut/hf/{storage.WRITING}", b"")
+    storage.write_bytes(f"{bucket}/cut/hf/config.json", b"{}")
+    with pytest.raises(ValueError, match="incomplete"):
+        storage.local_copy(f"{bucket}/cut/hf", cache)
+
+
+@pytest.fixture
+def proxy(s3_server, monkeypatch):
+    """The fault proxy in front of the S3 server, as this process's endpoint."""
+    p = FaultProxy(S3_PORT).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
+    storage._s3.cache_clear()
+    yield p
+    p.stop()
+    storage._s3.cache_clear()
+
+
+def test_slowdowns_dropped_connections_and_stalls_are_retried(bucket, proxy):
+    data = {"rows": list(range(1000))}
+    storage.write_json(f"{bucket}/a.json", data)  # the client is warm: faults hit real requests
+    for kind, times, seconds in (("slowdown", 3, 0), ("drop", 3, 0), ("stall", 2, 2.0)):
+        proxy.inject(kind, times, seconds)
+        storage.write_json(f"{bucket}/{kind}.json", data)
+        assert storage.read_json(f"{bucket}/{kind}.json") == data
+        assert proxy.seen[kind] == times, proxy.seen
+
+
+def test_an_endpoint_that_is_gone_is_an_error_naming_the_uri(bucket, proxy, monkeypatch):
+    monkeypatch.setenv("CERBERO_S3_MAX_ATTEMPTS", "2")
+    storage._s3.cache_clear()
+    storage.write_json(f"{bucket}/warm.json", {})
+    proxy.down(True)
+    with pytest.raises(OSError, match=f"{bucket[5:]}/x.json"):
+        storage.write_json(f"{bucket}/x.json", {"a": 1})
+    proxy.down(False)
+    storage.write_json(f"{bucket}/x.json", {"a": 1})  # the same call, once it is back
+    assert storage.read_json(f"{bucket}/x.json") == {"a": 1}
+
+
+def test_what_we_write_is_what_s3fs_reads(bucket):
+    """The other client users reach a bucket with (fsspec/s3fs, pandas, datasets): it sees our files
+    whole, and no temporary."""
+    s3fs = pytest.importorskip("s3fs")
+    storage.write_json(f"{bucket}/run/manifest.json", {"rows": 3})
+    fs = s3fs.S3FileSystem()  # AWS_ENDPOINT_URL, as for every client
+    assert json.loads(fs.cat(f"{bucket[5:]}/run/manifest.json")) == {"rows": 3}
+    listed = fs.ls(f"{bucket[5:]}/run")  # (pyarrow may leave an empty "run/" folder marker: not a file)
+    assert f"{bucket[5:]}/run/manifest.json" in listed and not any(x.endswith(".tmp") for x in listed)
