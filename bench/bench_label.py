@@ -61,10 +61,11 @@ def main():
     import torch
     import yaml
 
+    from cerbero_ray.config.label_task import task_from_dict
     from cerbero_ray.inference.generator import Generator
+    from cerbero_ray.inference.label_prompts import continuations, prompt_text
     from cerbero_ray.inference.sampling import Sampling
     from cerbero_ray.inference.scorer import Scorer
-    from cerbero_ray.inference.tasks import continuations, prompt_text, task_from_dict
     from cerbero_ray.models import tiny
     from cerbero_ray.tokenizer import build_tokenizer
 

@@ -38,8 +38,8 @@ def main():
     import yaml
     from transformers import MistralForCausalLM
 
+    from cerbero_ray.config.label_task import task_from_dict
     from cerbero_ray.inference.scorer import Scorer, plan_batches
-    from cerbero_ray.inference.tasks import task_from_dict
     from cerbero_ray.models import mistral_7b_config, tiny_config
     from cerbero_ray.tokenizer import build_tokenizer
 

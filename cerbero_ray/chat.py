@@ -20,6 +20,18 @@ ASSISTANT_TAGS = {"AI": "[|AI|]", "Assistente": "[|Assistente|]"}
 
 
 ROLE_TAGS = (USER_TAG, *ASSISTANT_TAGS.values())
+SEED_QUESTION = "Come posso distinguere un AI da un umano?"  # the seed's own example prompt
+
+
+def seed_prompt(assistant_tag: str = "AI") -> str:
+    """The seed's example prompt, as its README runs the GGUF file: the system line, one question,
+    the assistant's tag."""
+    return f"{SYSTEM_LINE}\n{USER_TAG} {SEED_QUESTION}\n{ASSISTANT_TAGS[assistant_tag]}"
+
+
+def assistant_tag_of(template: str | None) -> str:
+    """Which assistant tag (``AI`` or ``Assistente``) a chat template renders; ``AI`` when unknown."""
+    return next((k for k, tag in ASSISTANT_TAGS.items() if k != "AI" and template and tag in template), "AI")
 
 
 def _invisible(ch: str) -> bool:

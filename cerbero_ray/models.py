@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from cerbero_ray.checkpoints import PATH_REQUIRED, check_weights
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -81,8 +83,7 @@ def from_pretrained(
     path: str | None = None, dtype: str = "bfloat16", overrides: dict | None = None, seed: int = 0
 ) -> PreTrainedModel:
     if not path:
-        raise ValueError("model.path is required for model=hf (a local folder or an s3:// URI)")
-    from cerbero_ray.config.common import check_weights
+        raise ValueError(PATH_REQUIRED)
     from cerbero_ray.storage import local_copy
 
     folder = local_copy(path)
@@ -90,22 +91,6 @@ def from_pretrained(
     return AutoModelForCausalLM.from_pretrained(
         folder, dtype=_dtype(dtype), trust_remote_code=False, **(overrides or {})
     )
-
-
-def check_checkpoint(path: str, key: str) -> None:
-    """``ValueError`` naming ``key`` when ``path`` (a folder or URI) holds no HF model."""
-    from cerbero_ray import storage
-
-    if not storage.is_file(storage.join(path, "config.json")):
-        raise ValueError(f"{key}: no HF model at {path} (train first, or point it at an HF folder)")
-    storage.check_folder(path, key)
-
-
-def model_type(path: str) -> str | None:
-    """The ``model_type`` an HF folder or URI's config.json declares."""
-    from cerbero_ray import storage
-
-    return storage.read_json(storage.join(path, "config.json")).get("model_type")
 
 
 def load_for_inference(checkpoint: str, dtype: str = "auto"):
@@ -147,7 +132,7 @@ def build_model_config(model_cfg: dict) -> PretrainedConfig:
         return mistral_7b_config(**overrides)
     if target.endswith(".from_pretrained"):
         if not model_cfg.get("path"):
-            raise ValueError("model.path is required for model=hf (a local folder or an s3:// URI)")
+            raise ValueError(PATH_REQUIRED)
         from cerbero_ray.storage import local_copy
 
         return AutoConfig.from_pretrained(local_copy(model_cfg["path"]), **overrides)

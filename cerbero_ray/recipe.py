@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from cerbero_ray.config import check
+from cerbero_ray.config import Checked, check
+from cerbero_ray.stages import STAGES
 
 
 def check_loads(hf_dir: str) -> str:
@@ -38,46 +39,54 @@ def save_initial(c: dict) -> str:
     return dest
 
 
+def _after_data(c: dict, result: dict) -> None:
+    print(f"\nshards: {c['data']['output_dir']}/shards\nmanifest: {c['data']['output_dir']}/manifest.json")
+
+
+def _after_train(c: dict, summary: dict) -> None:
+    evals = summary["eval_losses"]
+    print(f"\nheld-out loss: {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else "")
+    print(f"checkpoint: {summary['checkpoint']}\nhf model: {summary['hf_dir']}")
+    print(f"from_pretrained({summary['hf_dir']!r}): {check_loads(summary['hf_dir'])}", flush=True)
+
+
+def _before_evaluate(c: dict) -> dict:
+    from cerbero_ray.storage import join
+
+    if join(c["train"]["output_dir"], c["train"]["name"], "hf_init") in c["evaluate"]["checkpoints"].values():
+        save_initial(c)
+    return c
+
+
+def _before_export(c: dict) -> dict:
+    """Without llama-cpp-python the K-quants are dropped, with one line (the f16 file is made)."""
+    from cerbero_ray.export import quantize
+
+    x = c["export"]
+    if quantize.available() or not any(t in quantize.FTYPES for t in x["types"]):
+        return c
+    dropped = [t for t in x["types"] if t in quantize.FTYPES]
+    print(
+        f"[export] {', '.join(dropped)} skipped: llama.cpp's quantizer comes with llama-cpp-python "
+        "(pip install -e '.[gguf]')"
+    )
+    out = Checked({**c, "export": {**x, "types": [t for t in x["types"] if t not in quantize.FTYPES] or ["f16"]}})
+    out.checked = c.checked  # the same config, less what cannot be made here: checked already
+    return out
+
+
+BEFORE = {"evaluate": _before_evaluate, "export": _before_export}  # the main job's policy, per stage
+AFTER = {"data": _after_data, "train": _after_train}
+
+
 def run_recipe(cfg: DictConfig | dict) -> dict:
-    """Run each stage on an initialised Ray; returns {stage: its result}."""
+    """Run each stage of ``stages`` on an initialised Ray; returns {stage: its result}. The config
+    is checked once, here, for every stage."""
     c = check("recipe", cfg)
     results = {}
-    for stage in c["stages"]:
-        if stage == "data":
-            from cerbero_ray.data import run_data
-
-            results[stage] = run_data(c)
-            print(f"\nshards: {c['data']['output_dir']}/shards\nmanifest: {c['data']['output_dir']}/manifest.json")
-        elif stage == "train":
-            from cerbero_ray.train import run_train
-
-            results[stage] = summary = run_train(c)
-            evals = summary["eval_losses"]
-            print(f"\nheld-out loss: {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else "")
-            print(f"checkpoint: {summary['checkpoint']}\nhf model: {summary['hf_dir']}")
-            print(f"from_pretrained({summary['hf_dir']!r}): {check_loads(summary['hf_dir'])}", flush=True)
-        elif stage == "label":
-            from cerbero_ray.label import run_label
-
-            results[stage] = run_label(c)
-        elif stage == "evaluate":
-            from cerbero_ray.evaluate import run_evaluate
-            from cerbero_ray.storage import join
-
-            init = join(c["train"]["output_dir"], c["train"]["name"], "hf_init")
-            if init in c["evaluate"]["checkpoints"].values():
-                save_initial(c)
-            results[stage] = run_evaluate(c)
-        elif stage == "export":
-            from cerbero_ray.export import quantize, run_export
-
-            x = c["export"]
-            if not quantize.available() and any(t in quantize.FTYPES for t in x["types"]):
-                dropped = [t for t in x["types"] if t in quantize.FTYPES]
-                x = {**x, "types": [t for t in x["types"] if t not in quantize.FTYPES] or ["f16"]}
-                print(
-                    f"[export] {', '.join(dropped)} skipped: llama.cpp's quantizer comes with llama-cpp-python "
-                    "(pip install -e '.[gguf]')"
-                )
-            results[stage] = run_export({**c, "export": x})
+    for name in c["stages"]:
+        stage_cfg = BEFORE.get(name, lambda c: c)(c)
+        results[name] = STAGES[name].runner()(stage_cfg)
+        if name in AFTER:
+            AFTER[name](c, results[name])
     return results

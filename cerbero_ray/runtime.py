@@ -71,14 +71,17 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
-def launch(stage: str, cfg, run, ray: bool = True, **kwargs):
+def launch(stage: str, cfg, run=None, ray: bool | None = None, **kwargs):
     """What every ``jobs/<stage>.py`` does: check the composed config (a bad key or value, a missing
     local input, is one line naming the key and exit status 2, before Ray starts), start or attach
     Ray (unless ``ray=False``), and call ``run(cfg)``. What the run itself finds wrong with its input
     (a ``ValueError`` or file error raised by our code) is one line and exit status 2 as well
     (``HYDRA_FULL_ERROR=1`` shows the stack); a SIGTERM or Ctrl-C, one line and 128 + the signal."""
     from cerbero_ray.config import check
+    from cerbero_ray.stages import STAGES
 
+    run = run or STAGES[stage].runner()  # the stage table's run_<stage>, unless given (tests)
+    ray = STAGES[stage].ray if ray is None else ray
     try:
         c = check(stage, cfg)
     except (ValueError, FileNotFoundError) as e:
@@ -98,14 +101,20 @@ def launch(stage: str, cfg, run, ray: bool = True, **kwargs):
         gone = _storage_error(e)
         if gone is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        hint = RESUME.get(stage, "")
+        hint = _resume(stage)
         print(f"error: object storage: {gone}{hint}", file=sys.stderr, flush=True)
         sys.exit(75)  # EX_TEMPFAIL: try again later
     except KeyboardInterrupt:
         how = STOPPED_BY.get("signal", signal.SIGINT)
-        hint = RESUME.get(stage, "")
+        hint = _resume(stage)
         print(f"[{stage}] stopped by {signal.Signals(how).name}{hint}", file=sys.stderr, flush=True)
         sys.exit(128 + how)
+
+
+def _resume(stage: str) -> str:
+    from cerbero_ray.stages import STAGES
+
+    return f"; {STAGES[stage].resume}" if stage in STAGES else ""
 
 
 def _storage_error(e: BaseException) -> str | None:
@@ -133,15 +142,6 @@ def _ours(e: BaseException) -> bool:
 
 
 STOPPED_BY: dict = {}
-RESUME = {  # what running the same command again does after a stop
-    "data": "; the same command starts it again (the unfinished shards are cleared)",
-    "train": "; the same command resumes from its last complete checkpoint",
-    "label": "; the same command resumes: finished chunks are kept",
-    "generate": "; the same command resumes: finished chunks are kept",
-    "evaluate": "; the same command resumes: finished tasks are kept",
-    "export": "; the same command makes the files it did not finish",
-    "recipe": "; the same command resumes: finished stages, chunks and checkpoints are kept",
-}
 
 
 def interrupt_on_sigterm() -> None:

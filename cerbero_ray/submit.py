@@ -20,7 +20,8 @@ import sys
 import time
 
 from cerbero_ray import storage
-from cerbero_ray.config import REPO_DIR, STAGE_SCHEMAS, compose
+from cerbero_ray.config import REPO_DIR, compose
+from cerbero_ray.stages import STAGES
 
 EXCLUDES = [
     "outputs/",
@@ -40,8 +41,8 @@ def job_spec(stage: str, overrides: list[str], pass_env: list[str] = ()) -> dict
     """Entrypoint and runtime_env for ``stage``; composes and checks the config to fail early.
     Credentials are not shipped unless named in ``pass_env`` (then in the runtime env's variables,
     never in the working dir); a cluster should rather have its own (an instance role)."""
-    if stage not in STAGE_SCHEMAS:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_SCHEMAS)}")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGES)}")
     cfg = compose(stage, overrides, checked=True)
     env = {}
     for key, var in (("output_dir", "CERBERO_OUTPUT_DIR"), ("data_dir", "CERBERO_DATA_DIR")):
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         help="pass this variable of your environment to the job (e.g. AWS_ACCESS_KEY_ID for a bucket); "
         "repeatable. Nothing else of your environment is shipped",
     )
-    p.add_argument("stage", choices=sorted(STAGE_SCHEMAS))
+    p.add_argument("stage", choices=sorted(STAGES))
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for jobs/<stage>.py")
     a = p.parse_args(argv)
     _, status = submit(a.address, a.stage, a.overrides, a.wait, a.timeout, a.submission_id, a.env)

@@ -9,7 +9,6 @@ import hydra
 from omegaconf import DictConfig
 
 from cerbero_ray.config import register_configs
-from cerbero_ray.data import run_data
 from cerbero_ray.runtime import launch
 
 register_configs()
@@ -17,7 +16,7 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="data", version_base=None)
 def main(cfg: DictConfig) -> None:
-    launch("data", cfg, run_data)
+    launch("data", cfg)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import hydra
 from omegaconf import DictConfig
 
 from cerbero_ray.config import register_configs
-from cerbero_ray.evaluate import run_evaluate
 from cerbero_ray.runtime import launch
 
 register_configs()
@@ -17,7 +16,7 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    launch("evaluate", cfg, run_evaluate)
+    launch("evaluate", cfg)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import hydra
 from omegaconf import DictConfig
 
 from cerbero_ray.config import register_configs
-from cerbero_ray.export import run_export
 from cerbero_ray.runtime import launch
 
 register_configs()
@@ -19,7 +18,7 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="export", version_base=None)
 def main(cfg: DictConfig) -> None:
-    res = launch("export", cfg, run_export, ray=False)  # a conversion on this node: no cluster to start
+    res = launch("export", cfg)  # on this node alone: the stage table says export needs no cluster
     sys.exit(1 if res["failed"] else 0)  # a file that failed llama.cpp's check was named on the console
 
 

@@ -10,7 +10,6 @@ import hydra
 from omegaconf import DictConfig
 
 from cerbero_ray.config import register_configs
-from cerbero_ray.generate import run_generate
 from cerbero_ray.runtime import launch
 
 register_configs()
@@ -18,7 +17,7 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="generate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    launch("generate", cfg, run_generate)
+    launch("generate", cfg)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import hydra
 from omegaconf import DictConfig
 
 from cerbero_ray.config import register_configs
-from cerbero_ray.recipe import run_recipe
 from cerbero_ray.runtime import launch
 
 register_configs()
@@ -19,7 +18,7 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="recipe", version_base=None)
 def main(cfg: DictConfig) -> None:
-    res = launch("recipe", cfg, run_recipe)
+    res = launch("recipe", cfg)
     sys.exit(1 if res.get("export", {}).get("failed") else 0)  # a GGUF file that failed llama.cpp's check
 
 

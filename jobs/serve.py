@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 
 from cerbero_ray.config import register_configs
 from cerbero_ray.runtime import launch
-from cerbero_ray.serve import run_serve
 from cerbero_ray.serve.proxy import proxy_env
 
 register_configs()
@@ -20,7 +19,7 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="serve", version_base=None)
 def main(cfg: DictConfig) -> None:
     os.environ.update(proxy_env(cfg.serve))  # read by Serve's HTTP proxy, which the embedded cluster starts
-    launch("serve", cfg, run_serve, blocking=True)
+    launch("serve", cfg, blocking=True)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ from omegaconf import DictConfig
 
 from cerbero_ray.config import register_configs
 from cerbero_ray.runtime import launch
-from cerbero_ray.train import run_train
 
 register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
-    launch("train", cfg, run_train)
+    launch("train", cfg)
 
 
 if __name__ == "__main__":

@@ -172,6 +172,8 @@ def add_worker_node(node, num_cpus, env=None):
 
 def stop_node(node):
     for proc in reversed(node["procs"]):
+        if proc.poll() is not None:  # already gone (a test killed that node)
+            continue
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(60)
@@ -194,8 +196,11 @@ def tiny_hf(tmp_path_factory, tok):
 def s3_server():
     """moto's S3 server on ``S3_PORT`` for the whole run."""
     pytest.importorskip("moto.server", reason="needs moto[server] (the test extra)")
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
     server.start()
     yield S3_ENV["AWS_ENDPOINT_URL"]

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
+from cerbero_ray.checkpoints import check_weights
 from cerbero_ray.config import REPO_DIR, compose
-from cerbero_ray.config.common import check_weights
 from cerbero_ray.models import from_pretrained, tiny
 
 

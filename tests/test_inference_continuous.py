@@ -245,16 +245,16 @@ def test_the_gpu_engine_with_graphs_gives_generate_s_text_and_seeded_samples(tok
 def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):
     import json
 
+    from cerbero_ray.checkpoints import check_inference
     from cerbero_ray.config import compose
-    from cerbero_ray.serve.engine import check_servable
 
     sc = compose("serve", [f"serve.checkpoint={tiny_hf}"], checked=True).serve
-    check_servable(sc)  # the tiny Mistral: fine
+    check_inference(sc["checkpoint"], sc["engine"], "serve")  # the tiny Mistral: fine
     with pytest.raises(ValueError, match="serve.engine must be one of"):
         compose("serve", [f"serve.checkpoint={tiny_hf}", "serve.engine=vllm"], checked=True)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="serve.engine=hf"):
-        check_servable({**sc, "checkpoint": str(tmp_path)})
-    check_servable({**sc, "checkpoint": str(tmp_path), "engine": "hf"})
+        check_inference(str(tmp_path), sc["engine"], "serve")
+    check_inference(str(tmp_path), "hf", "serve")
     with pytest.raises(ValueError, match="generate.engine must be one of"):
         compose("generate", [f"generate.checkpoint={tiny_hf}", "generate.engine=fast"], checked=True)

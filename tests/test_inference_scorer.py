@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from cerbero_ray.config.label_task import LabelTask, load_task, task_from_dict
+from cerbero_ray.inference.label_prompts import continuations, prompt_hash, prompt_text
 from cerbero_ray.inference.scorer import Scorer, plan_batches
-from cerbero_ray.inference.tasks import Task, continuations, load_task, prompt_hash, prompt_text, task_from_dict
 from cerbero_ray.models import tiny
 
-TASK = Task(
+TASK = LabelTask(
     "sentiment",
     "Classifica il sentimento del testo.",
     {"positive": "Positivo", "negative": "Negativo", "mixed": "Misto ma non troppo"},
@@ -85,11 +86,11 @@ def test_plan_batches_respects_the_budget_and_keeps_every_row():
 
 def test_task_validation_and_user_yaml(tmp_path, tok):
     with pytest.raises(ValueError, match="at least two"):
-        Task("t", "i", {"a": "A"})
+        LabelTask("t", "i", {"a": "A"})
     with pytest.raises(ValueError, match="distinct"):
-        Task("t", "i", {"a": "Sì", "b": "Sì"})
+        LabelTask("t", "i", {"a": "Sì", "b": "Sì"})
     with pytest.raises(ValueError, match="few_shot"):
-        Task("t", "i", {"a": "A", "b": "B"}, [{"text": "x", "label": "c"}])
+        LabelTask("t", "i", {"a": "A", "b": "B"}, [{"text": "x", "label": "c"}])
     with pytest.raises(ValueError, match="unknown keys"):
         task_from_dict({"name": "t", "instruction": "i", "labels": {"a": "A", "b": "B"}, "verbalisers": {}})
     f = tmp_path / "topic.yaml"

@@ -71,11 +71,23 @@ def to_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
-def check(stage: str, cfg: DictConfig | dict) -> dict:
-    """Run ``check_<stage>`` on the composed config; returns it resolved, as plain dicts."""
+class Checked(dict):
+    """A resolved config that passed the checks of ``checked`` (stages) in this process: checking it
+    for one of them again is a no-op, so a job's config is checked once (the recipe's check covers
+    its stages), not again by each ``run_<stage>``."""
+
+    checked: frozenset = frozenset()
+
+
+def check(stage: str, cfg: DictConfig | dict) -> Checked:
+    """Run ``check_<stage>`` on the composed config (once); returns it resolved, as plain dicts."""
+    if isinstance(cfg, Checked) and stage in cfg.checked:
+        return cfg
     c = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
     CHECKS[stage](c)
-    return c
+    out = c if isinstance(c, Checked) else Checked(c)
+    out.checked = out.checked | {stage} | (set(c["stages"]) if stage == "recipe" else set())
+    return out
 
 
 def compose(stage: str, overrides: list[str] | None = None, checked: bool = False) -> DictConfig:

@@ -7,7 +7,7 @@ from typing import Optional
 
 from cerbero_ray.config.common import ENGINES, ClusterConfig, PathsConfig, at_least, check_local_checkpoint, one_of
 from cerbero_ray.config.label import BatchInferenceConfig, check_batch_inference
-from cerbero_ray.inference.sampling import Sampling, check_sampling
+from cerbero_ray.config.sampling import Sampling, check_sampling
 
 MODES = ("prompts", "self_chat")
 DEDUP = ("ngram", "embedding", "none")

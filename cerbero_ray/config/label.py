@@ -76,7 +76,7 @@ def check_batch_inference(b: dict, stage: str) -> None:
 
 def check_label(c: dict, checkpoint: bool = True) -> None:
     """``checkpoint=False`` when an earlier stage of the same job writes it (the recipe)."""
-    from cerbero_ray.inference.tasks import resolve_task
+    from cerbero_ray.config.label_task import resolve_task
 
     lc = c["label"]
     check_batch_inference(lc, "label")

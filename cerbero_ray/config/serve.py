@@ -64,7 +64,7 @@ class ServeStageConfig:
 
 def check_serve(c: dict) -> None:
     """``ValueError`` naming the key, before Ray starts."""
-    from cerbero_ray.inference.tasks import task_from_dict
+    from cerbero_ray.config.label_task import task_from_dict
 
     sc = c["serve"]
     if not 1 <= sc["min_replicas"] <= sc["max_replicas"]:

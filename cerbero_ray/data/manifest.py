@@ -12,9 +12,9 @@ import json
 from collections import Counter
 
 from cerbero_ray import storage
+from cerbero_ray.shards import COLUMNS, MANIFEST_VERSION, read_manifest, write_manifest  # noqa: F401 (the stage's API)
 from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
 
-MANIFEST_VERSION = 1
 SUM_KEYS = (
     "input_rows",
     "documents",
@@ -55,7 +55,7 @@ def build_manifest(stats: list[dict], cfg: dict, plans, seconds: float) -> dict:
         "seed": int(d["seed"]),
         "loss_on": d["loss_on"],
         "packing": d["packing"],
-        "columns": ["input_ids", "labels", "position_ids", "num_docs"],
+        "columns": list(COLUMNS),
         **totals,
         "fill": round(totals["tokens"] / capacity, 6) if capacity else 0.0,
         "rejects_by_reason": dict(sorted(reasons.items())),
@@ -78,14 +78,6 @@ def build_manifest(stats: list[dict], cfg: dict, plans, seconds: float) -> dict:
         "tokens_per_s": round(totals["tokens"] / seconds) if seconds else None,
         "config": {"data": d, "tokenizer": t},
     }
-
-
-def write_manifest(manifest: dict, out: str) -> str:
-    return storage.write_json(storage.join(out, "manifest.json"), manifest, indent=2)
-
-
-def read_manifest(out: str) -> dict:
-    return storage.read_json(storage.join(out, "manifest.json"))
 
 
 def format_summary(m: dict, out: str) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from cerbero_ray.shards import IGNORE_INDEX  # noqa: F401 (re-exported: the packers' label)
 
 
 @dataclass

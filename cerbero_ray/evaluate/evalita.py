@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 
 from cerbero_ray import storage
-from cerbero_ray.inference.tasks import Task
+from cerbero_ray.config.label_task import LabelTask
 
 YES, NO = "si", "no"
 
@@ -107,9 +107,9 @@ def pick_shots(pool: list[dict], k: int, seed: int) -> list[dict]:
     return shots
 
 
-def build_task(spec: Spec, shots: list[dict]) -> Task:
+def build_task(spec: Spec, shots: list[dict]) -> LabelTask:
     """The scorer's task: ``si``/``no`` verbalizers, the seed's question as the human's turn."""
-    return Task(
+    return LabelTask(
         name=spec.name,
         instruction=spec.question,
         labels={"no": NO, "yes": YES},  # "no" first: a tie in nearest-label mapping goes to it

@@ -24,15 +24,14 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from cerbero_ray import batchjob, storage
+from cerbero_ray.checkpoints import check_checkpoint, is_local
 from cerbero_ray.config import check
-from cerbero_ray.config.common import is_local
 from cerbero_ray.config.evaluate import selected_tasks
 from cerbero_ray.evaluate import squad
 from cerbero_ray.evaluate.metrics import baselines, classification_scores, squad_scores
 from cerbero_ray.evaluate.report import write_report
 from cerbero_ray.evaluate.tasks import Prepared, prepare
 from cerbero_ray.evaluate.worker import EvalWorker
-from cerbero_ray.models import check_checkpoint
 
 
 def prepare_tasks(ec: dict) -> tuple[dict[str, Prepared], list[str]]:

@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from cerbero_ray.evaluate import evalita, squad
-from cerbero_ray.inference.tasks import messages
+from cerbero_ray.inference.label_prompts import messages
 
 
 @dataclass

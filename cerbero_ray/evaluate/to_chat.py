@@ -13,7 +13,7 @@ import json
 import random
 
 from cerbero_ray.evaluate import evalita
-from cerbero_ray.inference.tasks import messages
+from cerbero_ray.inference.label_prompts import messages
 
 
 def rows_to_chat(kind: str, path: str, split: str | None = "train", shots: int = 0, seed: int = 0) -> list[dict]:

@@ -15,24 +15,19 @@ class EvalWorker:
     """One checkpoint; items ``{task, protocol, rows}`` (``rows``: JSON); returns ``{rows, out}``."""
 
     def __init__(self, cfg: dict):
-        from cerbero_ray.inference.continuous import ContinuousBatcher
+        from cerbero_ray.config.label_task import LabelTask
+        from cerbero_ray.inference.engines import EngineConfig, build_engine
         from cerbero_ray.inference.scorer import Scorer
-        from cerbero_ray.inference.tasks import Task
         from cerbero_ray.models import load_for_inference
 
         self.cfg = cfg
         model, self.tok = load_for_inference(cfg["checkpoint"], cfg["dtype"])
         longest = max([t["max_new_tokens"] for t in cfg["tasks"].values()] or [1])
-        self.batcher = ContinuousBatcher(
-            model,
-            self.tok,
-            num_slots=cfg["batch_size"],
-            max_prompt_tokens=cfg["max_prompt_tokens"],
-            max_new_tokens=longest,
-            prefill_tokens=cfg.get("prefill_tokens", 32768),
+        self.batcher = build_engine(
+            model, self.tok, EngineConfig("continuous", cfg["batch_size"], cfg["max_prompt_tokens"], longest)
         )
         self.scorers = {
-            name: Scorer(model, self.tok, Task(**t["task"]), max_text_tokens=cfg["max_prompt_tokens"])
+            name: Scorer(model, self.tok, LabelTask(**t["task"]), max_text_tokens=cfg["max_prompt_tokens"])
             for name, t in cfg["tasks"].items()
             if t.get("task")
         }

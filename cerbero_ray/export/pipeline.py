@@ -24,19 +24,17 @@ import time
 from omegaconf import DictConfig
 
 from cerbero_ray import llamacpp, storage
+from cerbero_ray.chat import USER_TAG, assistant_tag_of, seed_prompt
+from cerbero_ray.checkpoints import check_checkpoint, check_weights
 from cerbero_ray.config import check
-from cerbero_ray.config.common import check_weights
 from cerbero_ray.export import gguf as conv
 from cerbero_ray.export import quantize as quant
 from cerbero_ray.export import verify
-from cerbero_ray.models import check_checkpoint
 
 SNIPPET = '''from llama_cpp import Llama
 
 llm = Llama(model_path="{path}", n_ctx=4086)  # llama.cpp's llama has no sliding window: stay under 4096
-out = llm("""Questa è una conversazione tra un umano ed un assistente AI.
-[|Umano|] Come posso distinguere un AI da un umano?
-[|{tag}|]""", max_tokens=128, stop=["[|Umano|]"])
+out = llm("""{prompt}""", max_tokens=128, stop=["{stop}"])
 print(out["choices"][0]["text"])'''
 
 
@@ -77,7 +75,7 @@ def run_export(cfg: DictConfig | dict) -> dict:
         raise ValueError("export.types: K-quants need llama-cpp-python (pip install 'cerbero-ray[gguf]')")
     out, results, t0 = x["output_dir"], {}, time.perf_counter()
     template = _template(folder)
-    tag = "Assistente" if template and "[|Assistente|]" in template else "AI"
+    tag = assistant_tag_of(template)
     ref = _reference(folder, tag, x["verify"])
     with tempfile.TemporaryDirectory(prefix="cerbero-gguf-") as tmp:
         local_out = tmp if storage.is_uri(out) else storage.resolve(out)[1]
@@ -100,7 +98,7 @@ def run_export(cfg: DictConfig | dict) -> dict:
     failed = [t for t, r in results.items() if r["status"] == "failed"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     good = [t for t in x["types"] if results[t]["status"] != "failed"]
-    snippet = SNIPPET.format(path=results[good[-1]]["path"], tag=tag) if good else ""
+    snippet = SNIPPET.format(path=results[good[-1]]["path"], prompt=seed_prompt(tag), stop=USER_TAG) if good else ""
     print(
         f"[export] {len(results) - len(failed)} file(s) in {time.perf_counter() - t0:.1f} s, peak RSS {peak:.0f} MiB"
         + (f"; {len(failed)} failed llama.cpp's check: {', '.join(failed)}" if failed else ""),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from cerbero_ray import llamacpp
+from cerbero_ray.chat import seed_prompt
 
 # the largest |llama.cpp - transformers| logit difference, relative to the largest |logit|, that a
 # sound file stays under. Measured on the test model (tests/test_export.py): f32 2.8e-4, f16 5.2e-4,
@@ -22,18 +23,13 @@ from cerbero_ray import llamacpp
 BOUND = {"f32": 1e-2, "f16": 1e-2, "bf16": 5e-2, "q8_0": 0.1}
 QUANT_BOUND = 1.0  # K-quants
 
-SEED_PROMPT = (
-    "Questa è una conversazione tra un umano ed un assistente AI.\n"
-    "[|Umano|] Come posso distinguere un AI da un umano?\n[|{tag}|]"
-)
-
 
 def reference(folder: str, tag: str) -> dict:
     """transformers on the seed's prompt (with BOS): its tokens and every position's logits."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    prompt = SEED_PROMPT.format(tag=tag)
+    prompt = seed_prompt(tag)
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok(prompt, add_special_tokens=False).input_ids
     if tok.bos_token_id is not None:

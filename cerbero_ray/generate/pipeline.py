@@ -23,11 +23,19 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from cerbero_ray import batchjob, storage
+from cerbero_ray.checkpoints import check_checkpoint, check_inference
 from cerbero_ray.config import check
 from cerbero_ray.inference.batch import generate_columns
 from cerbero_ray.inference.sampling import Sampling
-from cerbero_ray.inference.slots import check_engine
-from cerbero_ray.models import check_checkpoint, load_for_inference
+from cerbero_ray.models import load_for_inference
+
+
+def engine_config(gc: dict):
+    """The generation engine of a ``generate`` config section."""
+    from cerbero_ray.inference.engines import EngineConfig
+
+    longest = max(gc["sampling"]["max_new_tokens"], gc["self_chat"]["user_max_new_tokens"])
+    return EngineConfig(gc["engine"], gc["batch_size"], gc["max_prompt_tokens"], longest)
 
 
 def _sampling(sc: dict, **over) -> Sampling:
@@ -38,25 +46,12 @@ class GenerateWorker(batchjob.ChunkWorker):
     """A Ray Data actor: one model, one chunk per call."""
 
     def __init__(self, gc: dict):
-        from cerbero_ray.inference.continuous import ContinuousBatcher
-        from cerbero_ray.inference.generator import Generator
+        from cerbero_ray.inference.engines import build_engine
 
         self.gc = gc
         model, self.tok = load_for_inference(gc["checkpoint"], gc["dtype"])
         self.model, self._embedder = model, None
-        if gc["engine"] == "continuous":
-            longest = max(gc["sampling"]["max_new_tokens"], gc["self_chat"]["user_max_new_tokens"])
-            self.gen = ContinuousBatcher(
-                model,
-                self.tok,
-                num_slots=gc["batch_size"],
-                max_prompt_tokens=gc["max_prompt_tokens"],
-                max_new_tokens=longest,
-            )
-        else:
-            self.gen = Generator(
-                model, self.tok, batch_size=gc["batch_size"], max_prompt_tokens=gc["max_prompt_tokens"]
-            )
+        self.gen = build_engine(model, self.tok, engine_config(gc))
 
     def process(self, chunk: batchjob.Chunk) -> dict:
         gc = self.gc
@@ -245,11 +240,10 @@ def run_generate(cfg: DictConfig | dict) -> dict:
     """Generate over ``generate.input`` on an initialised Ray; returns the summary (also ``summary.json``)."""
     c = check("generate", cfg)
     gc = c["generate"]
-    check_checkpoint(gc["checkpoint"], "generate.checkpoint")
+    check_inference(gc["checkpoint"], gc["engine"], "generate")
     sc = gc["self_chat"]
     if gc["mode"] == "self_chat" and sc["dedup"] == "embedding" and sc["dedup_model"]:
         check_checkpoint(sc["dedup_model"], "generate.self_chat.dedup_model")
-    check_engine(gc["engine"], "generate.engine", gc["checkpoint"])
     out = gc["output_dir"]
     chunks, todo, skipped = batchjob.start_run(
         out,

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from cerbero_ray.config.label_task import LabelTask, get_task
 from cerbero_ray.inference.sampling import Sampling
-from cerbero_ray.inference.tasks import Task, get_task
 
 
 def text_error(text) -> str | None:
@@ -88,7 +88,7 @@ class _Labeler:
         from cerbero_ray.models import load_for_inference
 
         model, tok = load_for_inference(checkpoint, dtype)
-        self.scorer, self.column = Scorer(model, tok, Task(**task), **scorer_kw), column
+        self.scorer, self.column = Scorer(model, tok, LabelTask(**task), **scorer_kw), column
 
     def __call__(self, batch: dict) -> dict:
         texts = [None if t is None else str(t) if not isinstance(t, str) else t for t in batch[self.column].tolist()]
@@ -101,18 +101,13 @@ class _Generator:
     def __init__(
         self, checkpoint: str, column: str, dtype: str, sampling: dict, batch_size: int, max_prompt_tokens: int
     ):
-        from cerbero_ray.inference.continuous import ContinuousBatcher
+        from cerbero_ray.inference.engines import EngineConfig, build_engine
         from cerbero_ray.models import load_for_inference
 
         model, self.tok = load_for_inference(checkpoint, dtype)
         self.sampling, self.column, self.calls = Sampling(**sampling), column, 0
-        self.engine = ContinuousBatcher(
-            model,
-            self.tok,
-            num_slots=batch_size,
-            max_prompt_tokens=max_prompt_tokens,
-            max_new_tokens=self.sampling.max_new_tokens,
-        )
+        cfg = EngineConfig("continuous", batch_size, max_prompt_tokens, self.sampling.max_new_tokens)
+        self.engine = build_engine(model, self.tok, cfg)
 
     def __call__(self, batch: dict) -> dict:
         seed = None if self.sampling.seed is None else self.sampling.seed * 1_000_003 + self.calls

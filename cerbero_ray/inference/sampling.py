@@ -1,41 +1,14 @@
-"""Sampling settings: one dataclass for the batch jobs' configs, the engines and the server.
-Plain Python (it is also the ``generate.sampling`` config schema)."""
+"""Stop strings for the engines; the settings themselves are :class:`Sampling`, a config schema
+(:mod:`cerbero_ray.config.sampling`), importable from here too."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional
+from cerbero_ray.config.sampling import Sampling, check_sampling
 
-from cerbero_ray.chat import STOP_STRING
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 256
-    temperature: float = 0.7  # 0: greedy
-    top_p: float = 0.9
-    stop: List[str] = field(default_factory=lambda: [STOP_STRING])
-    seed: Optional[int] = 0  # None: a fresh random draw (the serving default, as OpenAI's API)
-    logprobs: Optional[int] = None  # continuous engine: each token's log-probability and this many top ones
-
-    def key(self) -> tuple:
-        """Hashable: requests with equal keys can share a batched ``generate`` call."""
-        return (self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop), self.seed, self.logprobs)
+__all__ = ["Sampling", "check_sampling", "cut_at_stop"]
 
 
 def cut_at_stop(text: str, stop) -> tuple[str, bool]:
     """``text`` up to the first stop string, and whether one was found."""
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     return (text[: min(hits)], True) if hits else (text, False)
-
-
-def check_sampling(s: dict, key: str) -> None:
-    """``ValueError`` naming ``key`` for settings no engine can honour."""
-    if int(s["max_new_tokens"]) < 1:
-        raise ValueError(f"{key}.max_new_tokens must be >= 1, got {s['max_new_tokens']}")
-    if float(s["temperature"]) < 0:
-        raise ValueError(f"{key}.temperature must be >= 0, got {s['temperature']}")
-    if not 0 < float(s["top_p"]) <= 1:
-        raise ValueError(f"{key}.top_p must be in (0, 1], got {s['top_p']}")
-    if any(not x for x in s["stop"]):
-        raise ValueError(f"{key}.stop: stop strings must be non-empty")

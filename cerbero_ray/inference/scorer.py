@@ -22,7 +22,8 @@ import inspect
 import numpy as np
 import torch
 
-from cerbero_ray.inference.tasks import Task, continuations, prompt_text
+from cerbero_ray.config.label_task import LabelTask
+from cerbero_ray.inference.label_prompts import continuations, prompt_text
 from cerbero_ray.tokenizer import encode_plain, encode_prompts
 
 
@@ -52,7 +53,7 @@ class Scorer:
         self,
         model,
         tok,
-        task: Task,
+        task: LabelTask,
         *,
         max_text_tokens: int = 512,
         max_batch_tokens: int = 16384,

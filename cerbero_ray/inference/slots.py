@@ -20,18 +20,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("mistral", "llama")
-
-
-def check_engine(engine: str, key: str, checkpoint: str) -> None:
-    """``ValueError`` naming ``key`` (``serve.engine``, ``generate.engine``) when the continuous
-    engine is asked to run a checkpoint whose architecture it does not support (reads its config)."""
-    if engine == "continuous":
-        from cerbero_ray.models import model_type
-
-        kind = model_type(checkpoint)
-        if kind not in SUPPORTED:
-            raise ValueError(f"{key}=continuous runs {SUPPORTED} models; {checkpoint} is {kind!r} (use {key}=hf)")
+from cerbero_ray.checkpoints import CONTINUOUS_ARCHITECTURES as SUPPORTED
 
 
 def check_supported(model) -> None:

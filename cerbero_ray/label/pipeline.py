@@ -23,10 +23,11 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from cerbero_ray import batchjob, storage
+from cerbero_ray.checkpoints import check_checkpoint
 from cerbero_ray.config import check
+from cerbero_ray.config.label_task import LabelTask, resolve_task
 from cerbero_ray.inference.batch import label_columns
-from cerbero_ray.inference.tasks import Task, resolve_task
-from cerbero_ray.models import check_checkpoint, load_for_inference
+from cerbero_ray.models import load_for_inference
 
 log = logging.getLogger(__name__)
 RUN_FILE = "label_run.json"
@@ -36,8 +37,8 @@ class LabelWorker(batchjob.ChunkWorker):
     """A Ray Data actor: one model, one chunk per call."""
 
     def __init__(self, lc: dict):
+        from cerbero_ray.inference.label_prompts import prompt_hash
         from cerbero_ray.inference.scorer import Scorer
-        from cerbero_ray.inference.tasks import prompt_hash
 
         self.lc = lc
         self.task = resolve_task(lc)
@@ -81,7 +82,7 @@ class LabelWorker(batchjob.ChunkWorker):
         return {"rows": n, "counts": json.dumps(counts), "truncated": sum(cols["truncated"])}
 
 
-def run_identity(lc: dict, task: Task) -> dict:
+def run_identity(lc: dict, task: LabelTask) -> dict:
     """What fixes a labeling run's output: another run into the same folder must match it."""
     return {
         "task": [task.name, task.instruction, task.labels, task.few_shot]

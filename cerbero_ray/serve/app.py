@@ -176,7 +176,7 @@ def _content(content, i: int) -> str:
 @serve.ingress(app)
 class CerberoServer:
     def __init__(self, sc: dict):
-        from cerbero_ray.inference.tasks import task_from_dict
+        from cerbero_ray.config.label_task import task_from_dict
         from cerbero_ray.serve.engine import ServeEngine
 
         self.sc = sc
@@ -433,9 +433,9 @@ def deployment(sc: dict):
 def build_app(args: dict):
     """App builder for ``serve run cerbero_ray.serve.app:build_app key=value …`` and Serve config
     files: each ``key=value`` is an override of ``conf/serve.yaml``'s ``serve.<key>``."""
+    from cerbero_ray.checkpoints import check_inference
     from cerbero_ray.config import check, compose
-    from cerbero_ray.serve.engine import check_servable
 
     sc = check("serve", compose("serve", [f"serve.{k}={v}" for k, v in (args or {}).items()]))["serve"]
-    check_servable(sc)
+    check_inference(sc["checkpoint"], sc["engine"], "serve")
     return deployment(sc)

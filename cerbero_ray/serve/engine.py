@@ -20,21 +20,12 @@ from typing import Iterator
 
 import torch
 
-from cerbero_ray.inference.continuous import ContinuousBatcher
-from cerbero_ray.inference.generator import Generator
+from cerbero_ray.config.label_task import LabelTask
+from cerbero_ray.inference.engines import EngineConfig, build_engine
 from cerbero_ray.inference.sampling import Sampling, cut_at_stop
 from cerbero_ray.inference.scorer import Scorer
-from cerbero_ray.inference.slots import check_engine
-from cerbero_ray.inference.tasks import Task
-from cerbero_ray.models import check_checkpoint, load_for_inference
+from cerbero_ray.models import load_for_inference
 from cerbero_ray.tokenizer import encode_prompts, render_chat
-
-
-def check_servable(sc: dict) -> None:
-    """The checks of a ``serve`` config that read its checkpoint: an HF model is there, and the
-    engine runs its architecture (``ValueError`` naming the key)."""
-    check_checkpoint(sc["checkpoint"], "serve.checkpoint")
-    check_engine(sc["engine"], "serve.engine", sc["checkpoint"])
 
 
 class ServeEngine:
@@ -42,7 +33,7 @@ class ServeEngine:
         self,
         checkpoint: str,
         dtype: str = "auto",
-        tasks: dict[str, Task] | None = None,
+        tasks: dict[str, LabelTask] | None = None,
         max_batch_size: int = 16,
         max_prompt_tokens: int = 2048,
         *,
@@ -52,21 +43,12 @@ class ServeEngine:
         cuda_graphs: bool | None = None,
     ):
         self.model, self.tok = load_for_inference(checkpoint, dtype)
-        self.gen = Generator(self.model, self.tok, batch_size=max_batch_size, max_prompt_tokens=max_prompt_tokens)
         self.scorers = {name: Scorer(self.model, self.tok, task) for name, task in (tasks or {}).items()}
         self.lock = threading.Lock()  # one forward at a time per replica: batches, not races
-        self.batcher = None
-        if engine == "continuous":
-            self.batcher = ContinuousBatcher(
-                self.model,
-                self.tok,
-                num_slots=max_batch_size,
-                max_prompt_tokens=max_prompt_tokens,
-                max_new_tokens=max_new_tokens,
-                prefill_tokens=prefill_tokens,
-                cuda_graphs=cuda_graphs,
-                lock=self.lock,
-            )
+        cfg = EngineConfig(engine, max_batch_size, max_prompt_tokens, max_new_tokens, prefill_tokens, cuda_graphs)
+        built = build_engine(self.model, self.tok, cfg, self.lock)
+        self.batcher = built if engine == "continuous" else None  # continuous: requests join a running batch
+        self.gen = built if engine == "hf" else None  # hf: batched generate calls, a stream on its own
 
     def render_chat(self, messages: list[dict]) -> str:
         return render_chat(self.tok, messages)

@@ -7,8 +7,8 @@ import sys
 
 from omegaconf import DictConfig
 
+from cerbero_ray.checkpoints import check_inference
 from cerbero_ray.config import check
-from cerbero_ray.serve.engine import check_servable
 
 
 def run_serve(cfg: DictConfig | dict, blocking: bool = False) -> str:
@@ -18,7 +18,7 @@ def run_serve(cfg: DictConfig | dict, blocking: bool = False) -> str:
     from cerbero_ray.serve.app import deployment
 
     sc = check("serve", cfg)["serve"]
-    check_servable(sc)
+    check_inference(sc["checkpoint"], sc["engine"], "serve")
     # Python's handlers replace the C++ stack dump Ray installs for SIGTERM; set before deploying,
     # so a signal during start-up is a clean stop too (once the app is up)
     stop = stop_on_signals() if blocking else None

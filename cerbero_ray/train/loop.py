@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from cerbero_ray.data.packing import IGNORE_INDEX
+from cerbero_ray.shards import IGNORE_INDEX
 from cerbero_ray.train import checkpoint as ckpt
 from cerbero_ray.train.engine import build_engine
 from cerbero_ray.train.metrics import Writer, progress_line, write_summary

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cerbero_ray.config.train import ATTENTION
-from cerbero_ray.data.packing import IGNORE_INDEX
+from cerbero_ray.shards import IGNORE_INDEX
 
 
 def pick_attention(name: str, cuda: bool, micro_batch: int = 1) -> str:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from cerbero_ray import storage
 from cerbero_ray.config import check
-from cerbero_ray.data.manifest import read_manifest
 from cerbero_ray.models import build_model_config
+from cerbero_ray.shards import read_manifest
 from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
 
 

@@ -1,0 +1,35 @@
+"""Sampling settings: one dataclass for the batch jobs' configs (it is the ``generate.sampling``
+schema), the engines and the server, and its check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from cerbero_ray.chat import STOP_STRING
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0: greedy
+    top_p: float = 0.9
+    stop: List[str] = field(default_factory=lambda: [STOP_STRING])
+    seed: Optional[int] = 0  # None: a fresh random draw (the serving default, as OpenAI's API)
+    logprobs: Optional[int] = None  # continuous engine: each token's log-probability and this many top ones
+
+    def key(self) -> tuple:
+        """Hashable: requests with equal keys can share a batched ``generate`` call."""
+        return (self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop), self.seed, self.logprobs)
+
+
+def check_sampling(s: dict, key: str) -> None:
+    """``ValueError`` naming ``key`` for settings no engine can honour."""
+    if int(s["max_new_tokens"]) < 1:
+        raise ValueError(f"{key}.max_new_tokens must be >= 1, got {s['max_new_tokens']}")
+    if float(s["temperature"]) < 0:
+        raise ValueError(f"{key}.temperature must be >= 0, got {s['temperature']}")
+    if not 0 < float(s["top_p"]) <= 1:
+        raise ValueError(f"{key}.top_p must be in (0, 1], got {s['top_p']}")
+    if any(not x for x in s["stop"]):
+        raise ValueError(f"{key}.stop: stop strings must be non-empty")

@@ -1,0 +1,52 @@
+"""The generation engines, built one way for every user (the batch jobs, the Ray Data API,
+evaluation, the server): :class:`EngineConfig` says which and how big, :func:`build_engine` makes it.
+
+- ``continuous``: :class:`~cerbero_ray.inference.continuous.ContinuousBatcher`, our continuous
+  batching over a slot KV cache (Mistral/Llama architectures);
+- ``hf``: :class:`~cerbero_ray.inference.generator.Generator`, transformers' ``generate`` on padded
+  batches (any causal LM).
+
+Both answer ``generate(prompts, sampling, seed=…)`` with the same result dicts.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+KINDS = ("continuous", "hf")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kind: str = "continuous"
+    batch_size: int = 16  # continuous: KV-cache slots (requests decoded together); hf: rows per generate
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512  # the most a request may ask for (continuous: sizes the cache)
+    prefill_tokens: int = 8192  # continuous: prompt tokens admitted per step (a longer prompt runs alone)
+    cuda_graphs: bool | None = None  # continuous: CUDA-graph decoding; None: on a GPU
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"engine must be one of {KINDS}, got {self.kind!r}")
+
+
+def build_engine(model, tok, cfg: EngineConfig, lock: threading.Lock | None = None):
+    """The engine ``cfg`` names, over a loaded ``model`` and its tokenizer (``lock``: held per step,
+    so other users of the model, such as a label scorer, run between steps)."""
+    if cfg.kind == "continuous":
+        from cerbero_ray.inference.continuous import ContinuousBatcher
+
+        return ContinuousBatcher(
+            model,
+            tok,
+            num_slots=cfg.batch_size,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            max_new_tokens=cfg.max_new_tokens,
+            prefill_tokens=cfg.prefill_tokens,
+            cuda_graphs=cfg.cuda_graphs,
+            lock=lock,
+        )
+    from cerbero_ray.inference.generator import Generator
+
+    return Generator(model, tok, batch_size=cfg.batch_size, max_prompt_tokens=cfg.max_prompt_tokens)

@@ -1,0 +1,76 @@
+"""Labeling tasks: an Italian instruction, labels with verbalizers, optional few-shot examples.
+
+A task becomes one chat per text, in the cerbero format every stage shares:
+
+    <s>{system line}
+    [|Umano|] {instruction}\\n\\nTesto: {example text}\\n\\nRispondi con una sola di queste opzioni: …
+    [|AI|] {example verbalizer}
+    …
+    [|Umano|] {instruction}\\n\\nTesto: {text}\\n\\nRispondi con una sola di queste opzioni: …
+    [|AI|]
+
+and each label's *continuation* is its verbalizer as the assistant's whole answer (`` Positivo\\n</s>``):
+scoring the end of turn too keeps a label from winning because it is a prefix of a longer answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from cerbero_ray.config.label_task import LabelTask, get_task, resolve_task
+
+__all__ = ["LabelTask", "get_task", "resolve_task", "messages", "prompt_text", "continuations", "prompt_hash"]
+TEXT_SLOT = "\x00TESTO\x00"
+
+
+def _question(task: LabelTask, text: str) -> str:
+    if task.template is not None:
+        return task.template.replace("{text}", text)
+    options = ", ".join(task.labels.values())
+    return f"{task.instruction}\n\nTesto: {text}\n\nRispondi con una sola di queste opzioni: {options}."
+
+
+def messages(task: LabelTask, text: str) -> list[dict]:
+    out = []
+    for ex in task.few_shot:
+        out += [
+            {"role": "user", "content": _question(task, ex["text"])},
+            {"role": "assistant", "content": task.labels[ex["label"]]},
+        ]
+    return out + [{"role": "user", "content": _question(task, text)}]
+
+
+def prompt_text(task: LabelTask, text: str, tok) -> str:
+    """The rendered prompt, ending with the assistant tag."""
+    return tok.apply_chat_template(messages(task, text), tokenize=False, add_generation_prompt=True)
+
+
+def continuations(task: LabelTask, tok) -> dict[str, list[int]]:
+    """Each label's continuation token ids after the prompt (verbalizer + end of turn)."""
+    from cerbero_ray.tokenizer import encode_chats, encode_prompts
+
+    msgs = messages(task, "x")
+    (prompt,), _ = encode_prompts(tok, [prompt_text(task, "x", tok)])
+    out = {}
+    for label, verb in task.labels.items():
+        (full,), _ = encode_chats(tok, [msgs + [{"role": "assistant", "content": verb}]])
+        if full[: len(prompt)] != prompt:
+            raise ValueError(f"label.task.labels.{label}: the verbalizer {verb!r} changes how the prompt tokenizes")
+        out[label] = full[len(prompt) :]
+    return out
+
+
+def prompt_hash(task: LabelTask, tok) -> str:
+    """Identifies the exact prompts and continuations (task + chat template + tokenizer)."""
+    blob = json.dumps(
+        {
+            "task": [task.name, task.instruction, task.labels, task.few_shot]
+            + ([task.template] if task.template is not None else []),
+            "template": prompt_text(task, TEXT_SLOT, tok),
+            "continuations": continuations(task, tok),
+        },
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
