@@ -66,12 +66,13 @@ def run_plain(cfg, warmup):
     from cerbero_ray.train.plan import plan_all, total_steps
     from cerbero_ray.train.reader import local_batches
 
-    t, run = cfg["train"], cfg["run"]
+    cfg, run = cfg
+    t = cfg["train"]
     torch.set_num_threads(os.cpu_count())
     model = build_model({**cfg["model"], "dtype": "float32"}, seed=t["seed"]).train()
     model.config._attn_implementation = "sdpa"
     opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"])
-    plan = plan_all(run["shards"], t, 1)[0]
+    plan = plan_all(list(run.shards), t, 1)[0]
     batches = local_batches(plan.ranges[0], 1)
     speeds = []
     for _ in range(total_steps([plan], t)):
@@ -107,7 +108,7 @@ def main():
     from cerbero_ray.data.pipeline import run_data
     from cerbero_ray.runtime import init_ray, shutdown_ray
     from cerbero_ray.train import run_train
-    from cerbero_ray.train.prepare import prepare_run
+    from cerbero_ray.train.run_plan import plan_run
 
     shutil.rmtree(a.out, ignore_errors=True)
     init_ray({"num_cpus": os.cpu_count() + 1, "dashboard": True})  # 1 CPU per worker + 1 for Ray Data reads
@@ -120,7 +121,8 @@ def main():
         "args": vars(a),
     }
 
-    plain_cfg = prepare_run(to_container(compose("train", overrides(a, a.out, data_dir, "plain", 1))))
+    plain = to_container(compose("train", overrides(a, a.out, data_dir, "plain", 1)))
+    plain_cfg = (plain, plan_run(plain))
     res["plain_tokens_per_s"], res["params"] = run_plain(plain_cfg, a.warmup)
     print(f"plain: {res['plain_tokens_per_s']:.0f} tokens/s ({res['params'] / 1e6:.1f}M parameters)", flush=True)
 

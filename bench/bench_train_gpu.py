@@ -62,7 +62,12 @@ def config(a, shard: str, rows: int, run_dir: str) -> dict:
             "sliding_window": None,
         },
     }
-    train = {
+    from dataclasses import asdict
+
+    from cerbero_ray.config.train import TrainConfig
+
+    train = {  # the schema's defaults (every key the loop reads), then this bench's settings
+        **asdict(TrainConfig()),
         "name": "gpu-bench",
         "micro_batch_size": 1,
         "global_batch_size": a.accum,
@@ -109,7 +114,6 @@ def config(a, shard: str, rows: int, run_dir: str) -> dict:
         "train": train,
         "deepspeed": ds,
         "tokenizer": None,
-        "run": {"shards": [{"path": shard, "rows": rows}], "seq_len": a.seq, "run_dir": run_dir, "rows": rows},
     }
 
 
@@ -136,11 +140,15 @@ def main():
     work = tempfile.mkdtemp(prefix="cerbero-gpu-bench-")
     shard = os.path.join(work, "shard.parquet")
     write_shard(shard, a.steps * a.accum, a.seq, 8, 32000)
-    cfg = config(a, shard, a.steps * a.accum, os.path.join(work, "run"))
-    env = LocalEnv(cfg["run"]["run_dir"])
-    summary = train_loop(cfg, env)
+    from cerbero_ray.train.run_plan import RunPlan
+
+    rows = a.steps * a.accum
+    cfg = config(a, shard, rows, os.path.join(work, "run"))
+    plan = RunPlan(os.path.join(work, "run"), a.seq, rows, ({"path": shard, "rows": rows},))
+    env = LocalEnv(plan.run_dir)
+    summary = train_loop(cfg, plan, env)
     env.close()
-    hist = [json.loads(x) for x in open(os.path.join(cfg["run"]["run_dir"], "metrics.jsonl"))]
+    hist = [json.loads(x) for x in open(os.path.join(plan.run_dir, "metrics.jsonl"))]
     steady = [h for h in hist if "tokens_per_s" in h][a.warmup :]
     res = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

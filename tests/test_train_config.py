@@ -8,7 +8,7 @@ import pytest
 from cerbero_ray.config import compose, to_container
 from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
 from cerbero_ray.train.engine import deepspeed_config
-from cerbero_ray.train.prepare import prepare_run
+from cerbero_ray.train.run_plan import plan_run
 
 
 def manifest_dir(tmp_path, seq_len=512, rows=40, tok_hash=None):
@@ -28,9 +28,11 @@ def cfg(tmp_path, *overrides, **manifest):
     return to_container(compose("train", [f"paths.output_dir={tmp_path}", f"train.data_dir={data}", *overrides]))
 
 
-def test_a_good_config_gets_its_run_section(tmp_path):
-    run = prepare_run(cfg(tmp_path))["run"]
-    assert run["seq_len"] == 512 and run["rows"] == 40 and run["run_dir"] == str(tmp_path / "train" / "tiny-cpu")
+def test_a_good_config_gets_its_run_plan(tmp_path):
+    run = plan_run(cfg(tmp_path))
+    assert run.seq_len == 512 and run.rows == 40 and run.run_dir == str(tmp_path / "train" / "tiny-cpu")
+    with pytest.raises(AttributeError):  # frozen: what every worker trains on cannot drift
+        run.rows = 1
 
 
 @pytest.mark.parametrize(
@@ -53,24 +55,24 @@ def test_a_good_config_gets_its_run_section(tmp_path):
 )
 def test_bad_values_name_the_key(tmp_path, override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        prepare_run(cfg(tmp_path, override))
+        plan_run(cfg(tmp_path, override))
 
 
 def test_flash_attention_needs_one_row_per_micro_batch(tmp_path):
     # transformers reads packed documents from position_ids on the flash path only for one row
     with pytest.raises(ValueError, match=r"train\.micro_batch_size=1"):
-        prepare_run(cfg(tmp_path, "train.attention=flash_attention_2", "train.micro_batch_size=2"))
+        plan_run(cfg(tmp_path, "train.attention=flash_attention_2", "train.micro_batch_size=2"))
 
 
 def test_shards_from_another_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="tokenizer"):
-        prepare_run(cfg(tmp_path, tok_hash="0123456789abcdef"))
+        plan_run(cfg(tmp_path, tok_hash="0123456789abcdef"))
 
 
 def test_missing_data(tmp_path):
     c = to_container(compose("train", [f"paths.output_dir={tmp_path}", f"train.data_dir={tmp_path}/nothing"]))
     with pytest.raises(ValueError, match="train.data_dir"):
-        prepare_run(c)
+        plan_run(c)
 
 
 def test_deepspeed_json():

@@ -1,4 +1,6 @@
-"""The serving stage's schema and its checks (the checkpoint itself is checked when it deploys)."""
+"""The serving stage's schema and its checks: at compose time a local checkpoint is checked whole
+(:mod:`cerbero_ray.checkpoints`); an object-store one, and the engine against its architecture,
+when ``run_serve`` starts, before the app is deployed."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The training stage's schema and its config-time checks (the manifest and the model are checked
-against it at run time, :func:`cerbero_ray.train.prepare.prepare_run`)."""
+against it at run time, :func:`cerbero_ray.train.run_plan.plan_run`)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,9 @@ class EvalWorker:
         model, self.tok = load_for_inference(cfg["checkpoint"], cfg["dtype"])
         longest = max([t["max_new_tokens"] for t in cfg["tasks"].values()] or [1])
         self.batcher = build_engine(
-            model, self.tok, EngineConfig("continuous", cfg["batch_size"], cfg["max_prompt_tokens"], longest)
+            model,
+            self.tok,
+            EngineConfig("continuous", cfg["batch_size"], cfg["max_prompt_tokens"], longest, cfg["prefill_tokens"]),
         )
         self.scorers = {
             name: Scorer(model, self.tok, LabelTask(**t["task"]), max_text_tokens=cfg["max_prompt_tokens"])

@@ -7,7 +7,7 @@ Ray Data (in the manner of ``ray.data.llm``'s processors)::
 
     ds = ray.data.read_json("corpus.jsonl")                       # a column "text"
     labeled = label_dataset(ds, "outputs/train/tiny-cpu/hf", "sentiment", concurrency=1)
-    labeled.select_columns(["text", "label", "p_positivo"]).show(3)
+    labeled.select_columns(["text", "label", "p_positive"]).show(3)
     answers = generate_dataset(ds, "outputs/train/tiny-cpu/hf", prompt_column="text",
                                sampling={"max_new_tokens": 32, "temperature": 0})
 
@@ -80,19 +80,32 @@ def generate_columns(
     return cols
 
 
-class _Labeler:
-    """A Ray Data actor for :func:`label_dataset`: one model, one scorer."""
+class Labeler:
+    """One model and one label scorer: what labels rows, whether they come from a stage's chunk
+    (:mod:`cerbero_ray.label`) or a Ray Dataset's batch (:func:`label_dataset`)."""
 
-    def __init__(self, checkpoint: str, task: dict, column: str, dtype: str, scorer_kw: dict):
+    def __init__(self, checkpoint: str, task: LabelTask, dtype: str = "auto", **scorer_kw):
+        from cerbero_ray.inference.label_prompts import prompt_hash
         from cerbero_ray.inference.scorer import Scorer
         from cerbero_ray.models import load_for_inference
 
         model, tok = load_for_inference(checkpoint, dtype)
-        self.scorer, self.column = Scorer(model, tok, LabelTask(**task), **scorer_kw), column
+        self.scorer, self.task = Scorer(model, tok, task, **scorer_kw), task
+        self.prompt_hash = prompt_hash(task, tok)
+
+    def columns(self, texts: list, errors: list[str | None] | None = None) -> dict[str, list]:
+        return label_columns(self.scorer, texts, errors)
+
+
+class _Labeler:
+    """A Ray Data actor for :func:`label_dataset`."""
+
+    def __init__(self, checkpoint: str, task: dict, column: str, dtype: str, scorer_kw: dict):
+        self.labeler, self.column = Labeler(checkpoint, LabelTask(**task), dtype, **scorer_kw), column
 
     def __call__(self, batch: dict) -> dict:
         texts = [None if t is None else str(t) if not isinstance(t, str) else t for t in batch[self.column].tolist()]
-        return {**batch, **label_columns(self.scorer, texts)}
+        return {**batch, **self.labeler.columns(texts)}
 
 
 class _Generator:

@@ -26,8 +26,7 @@ from cerbero_ray import batchjob, storage
 from cerbero_ray.checkpoints import check_checkpoint
 from cerbero_ray.config import check
 from cerbero_ray.config.label_task import LabelTask, resolve_task
-from cerbero_ray.inference.batch import label_columns
-from cerbero_ray.models import load_for_inference
+from cerbero_ray.inference.batch import Labeler
 
 log = logging.getLogger(__name__)
 RUN_FILE = "label_run.json"
@@ -37,21 +36,16 @@ class LabelWorker(batchjob.ChunkWorker):
     """A Ray Data actor: one model, one chunk per call."""
 
     def __init__(self, lc: dict):
-        from cerbero_ray.inference.label_prompts import prompt_hash
-        from cerbero_ray.inference.scorer import Scorer
-
         self.lc = lc
-        self.task = resolve_task(lc)
-        model, tok = load_for_inference(lc["checkpoint"], lc["dtype"])
-        self.scorer = Scorer(
-            model,
-            tok,
-            self.task,
+        self.labeler = Labeler(
+            lc["checkpoint"],
+            resolve_task(lc),
+            lc["dtype"],
             max_text_tokens=lc["max_text_tokens"],
             max_batch_tokens=lc["max_batch_tokens"],
             sort_window=lc["sort_window"],
         )
-        self.hash = prompt_hash(self.task, tok)
+        self.task, self.scorer, self.hash = self.labeler.task, self.labeler.scorer, self.labeler.prompt_hash
 
     def process(self, chunk: batchjob.Chunk) -> dict:
         lc = self.lc
@@ -59,7 +53,7 @@ class LabelWorker(batchjob.ChunkWorker):
         labels = self.scorer.labels
         cols = {
             "id": [r["id"] for r in rows],
-            **label_columns(self.scorer, [r["text"] for r in rows], [r["error"] for r in rows]),
+            **self.labeler.columns([r["text"] for r in rows], [r["error"] for r in rows]),
         }
         counts = Counter(lab or f"error:{err}" for lab, err in zip(cols["label"], cols["error"]))
         n = len(rows)

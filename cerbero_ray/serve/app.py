@@ -196,7 +196,7 @@ class CerberoServer:
             method.set_max_batch_size(sc["max_batch_size"])
             method.set_batch_wait_timeout_s(sc["batch_wait_timeout_s"])
         self.key = sc.get("api_key") or os.environ.get("CERBERO_API_KEY") or None
-        configure_guard(self.key, sc.get("max_body_bytes", 1 << 20))
+        configure_guard(self.key, sc["max_body_bytes"])
         self.created = int(time.time())
 
     # ── plumbing ────────────────────────────────────────────────────────────
@@ -418,14 +418,14 @@ def deployment(sc: dict):
             target_ongoing_requests=sc["target_ongoing_requests"],
             upscale_delay_s=sc["upscale_delay_s"],
             downscale_delay_s=sc["downscale_delay_s"],
-            metrics_interval_s=sc.get("metrics_interval_s", 2.0),
-            look_back_period_s=sc.get("look_back_period_s", 10.0),
+            metrics_interval_s=sc["metrics_interval_s"],
+            look_back_period_s=sc["look_back_period_s"],
         ),
         max_ongoing_requests=sc["max_ongoing_requests"],
         max_queued_requests=sc["max_queued_requests"],
         backpressure_config=BackpressureConfig(status_code=sc["overload_status"], retry_after_s=sc["retry_after_s"]),
         ray_actor_options={"num_cpus": sc["cpus_per_replica"], "num_gpus": sc["gpus_per_replica"]},
-        graceful_shutdown_timeout_s=sc.get("shutdown_grace_s", 30.0),  # in-flight requests finish first
+        graceful_shutdown_timeout_s=sc["shutdown_grace_s"],  # in-flight requests finish first
         graceful_shutdown_wait_loop_s=0.5,
     ).bind(sc)
 

@@ -12,24 +12,25 @@ from __future__ import annotations
 import os
 import sys
 
-from cerbero_ray.config import compose, to_container
+from cerbero_ray.config import check, compose, to_container
 from cerbero_ray.train.env import LocalEnv
 from cerbero_ray.train.loop import train_loop
-from cerbero_ray.train.prepare import prepare_run
+from cerbero_ray.train.run_plan import plan_run
 
 
 def run_local(overrides: list[str]) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
     c = to_container(compose("train", [f"train.num_workers={world}", *overrides]))
-    c = prepare_run(c)
+    c = check("train", c)
+    plan = plan_run(c)
     t = c["train"]
     env = LocalEnv(
-        c["run"]["run_dir"],
+        plan.run_dir,
         keep=t["keep_checkpoints"],
         fail_at_step=t.get("fail_at_step"),
         fail_rank=t.get("fail_rank", 1),
     )
-    summary = train_loop(c, env)
+    summary = train_loop(c, plan, env)
     env.close()
     return summary
 

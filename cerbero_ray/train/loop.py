@@ -79,16 +79,16 @@ def evaluate(engine, env, segments, device: torch.device, read_cpus: float) -> f
 class _Run:
     """One worker's training run: the engine, the plan, the history, and where they are written."""
 
-    def __init__(self, config: dict, env):
-        t, run = config["train"], config["run"]
-        self.config, self.t, self.env = config, t, env
+    def __init__(self, config: dict, plan, env):
+        t = config["train"]
+        self.config, self.plan, self.t, self.env = config, plan, t, env
         self.rank, self.world, self.device = env.rank, env.world_size, env.device
-        self.plans = plan_all(run["shards"], t, self.world)
-        self.total, self.sig = total_steps(self.plans, t), signature(run["shards"], t, self.world)
+        self.plans = plan_all(list(plan.shards), t, self.world)
+        self.total, self.sig = total_steps(self.plans, t), signature(list(plan.shards), t, self.world)
         self.engine, self.sched, self.lm = build_engine(config, self.total, self.device, self.world)
         self.micro = t["micro_batch_size"]
         self.accum = t["global_batch_size"] // (self.micro * self.world)
-        self.read_cpus = float(t.get("read_cpus", 0.25))
+        self.read_cpus = float(t["read_cpus"])
         self.step, self.history, self.resumed_from = 0, [], None
         self.tok = self.writer = None
 
@@ -112,7 +112,7 @@ class _Run:
                 from cerbero_ray.tokenizer import build_tokenizer
 
                 self.tok = build_tokenizer(tc.get("path"), tc["assistant_tag"], tc["system_line"])
-            self.writer = Writer(self.config["run"]["run_dir"], self.step)
+            self.writer = Writer(self.plan.run_dir, self.step)
 
     def record(self, m: dict) -> None:
         self.history.append(m)
@@ -140,7 +140,7 @@ class _Run:
         self.step += 1
         dt = time.perf_counter() - t0
         gn = self.engine.get_global_grad_norm()
-        tokens = self.world * self.accum * self.micro * self.config["run"]["seq_len"]
+        tokens = self.world * self.accum * self.micro * self.plan.seq_len
         t_start, start_step = timing
         m = {
             "step": self.step,
@@ -161,7 +161,7 @@ class _Run:
     def train(self) -> int:
         """Every remaining step, from ``self.step``; returns the last step checkpointed."""
         t = self.t
-        self.flops_tok = count_flops_per_token(self.lm, self.config["run"]["seq_len"])
+        self.flops_tok = count_flops_per_token(self.lm, self.plan.seq_len)
         dtype = torch.bfloat16 if t["precision"] == "bf16" else torch.float32
         self.peak = peak_flops(self.device, dtype, t.get("peak_tflops"))
         timing, last_saved, epoch_start = (time.perf_counter(), self.step), self.step, 0
@@ -202,10 +202,11 @@ class _Run:
             say(f"[train] held-out loss at step {self.step}: {ev:.4f}")
 
 
-def train_loop(config: dict, env) -> dict:
-    """Train on this worker (``env``: a :class:`~cerbero_ray.train.env.TrainEnv`); every worker runs
-    it. Returns rank 0's summary (others: {})."""
-    r = _Run(config, env)
+def train_loop(config: dict, plan, env) -> dict:
+    """Train on this worker (``plan``: the run's :class:`~cerbero_ray.train.run_plan.RunPlan`;
+    ``env``: a :class:`~cerbero_ray.train.env.TrainEnv`); every worker runs it. Returns rank 0's
+    summary (others: {})."""
+    r = _Run(config, plan, env)
     r.resume()
     start = r.step
     if r.step == 0 and r.t["eval_rows"]:
@@ -219,4 +220,4 @@ def train_loop(config: dict, env) -> dict:
     hf = os.path.join(r.writer.local, "hf")
     if start != r.step or not os.path.isfile(os.path.join(hf, "config.json")):  # a finished run leaves it be
         ckpt.save_hf(r.lm, r.tok, hf)
-    return write_summary(config, r.writer, r.history, r.step, r.resumed_from)
+    return write_summary(config, plan.run_dir, r.writer, r.history, r.step, r.resumed_from)

@@ -109,9 +109,10 @@ def loss_png(history: list[dict], path: str, title: str) -> str:
     return path
 
 
-def write_summary(config: dict, writer: Writer, history: list[dict], step: int, resumed_from: int | None) -> dict:
+def write_summary(
+    config: dict, run_dir: str, writer: Writer, history: list[dict], step: int, resumed_from: int | None
+) -> dict:
     """Rank 0 at the end: ``metrics.jsonl``, ``loss.png``, TensorBoard closed, ``summary.json``."""
-    run_dir = config["run"]["run_dir"]
     writer.history(history)
     try:
         loss_png(history, os.path.join(writer.local, "loss.png"), f"{config['train']['name']}: {step} steps")

@@ -160,7 +160,7 @@ def plan_all(shards: list[dict], t: dict, world: int) -> list[EpochPlan]:
             accum=accum,
             seed=t["seed"],
             eval_rows=t["eval_rows"],
-            mix_block_rows=t.get("mix_block_rows", 1),
+            mix_block_rows=t["mix_block_rows"],
         )
         for e in range(t["epochs"])
     ]

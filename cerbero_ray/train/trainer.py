@@ -19,10 +19,10 @@ import os
 from omegaconf import DictConfig
 
 from cerbero_ray import storage
-from cerbero_ray.config import to_container
+from cerbero_ray.config import check
 from cerbero_ray.train.metrics import read_summary
 from cerbero_ray.train.plan import plan_all, total_steps
-from cerbero_ray.train.prepare import prepare_run
+from cerbero_ray.train.run_plan import plan_run
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ def _worker(config: dict) -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
     except ImportError:
         pass
-    t = config["train"]
-    train_loop(config, RayEnv(config["run"]["run_dir"], t.get("fail_at_step"), t.get("fail_rank", 1)))
+    c, plan = config["config"], config["plan"]
+    t = c["train"]
+    train_loop(c, plan, RayEnv(plan.run_dir, t.get("fail_at_step"), t.get("fail_rank", 1)))
 
 
 def _storage(output_dir: str) -> dict:
@@ -57,20 +58,20 @@ def run_train(cfg: DictConfig | dict) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    c = prepare_run(to_container(cfg) if isinstance(cfg, DictConfig) else cfg)
-    t, run = c["train"], c["run"]
-    plans = plan_all(run["shards"], t, t["num_workers"])
+    c = check("train", cfg)
+    t, run = c["train"], plan_run(c)
+    plans = plan_all(list(run.shards), t, t["num_workers"])
     steps = total_steps(plans, t)
     print(
-        f"[train] {run['rows']} rows × {run['seq_len']} tokens; {t['num_workers']} workers; "
+        f"[train] {run.rows} rows × {run.seq_len} tokens; {t['num_workers']} workers; "
         f"global batch {t['global_batch_size']} rows; {steps} steps over {t['epochs']} epoch(s) "
-        f"({plans[0].dropped_rows} rows per epoch left over, {t['eval_rows']} held out) → {run['run_dir']}",
+        f"({plans[0].dropped_rows} rows per epoch left over, {t['eval_rows']} held out) → {run.run_dir}",
         flush=True,
     )
     resources = {"CPU": t["cpus_per_worker"], **({"GPU": 1} if t["use_gpu"] else {})}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config=c,
+        train_loop_config={"config": c, "plan": run},
         torch_config=TorchConfig(backend="nccl" if t["use_gpu"] else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=t["num_workers"],
@@ -90,10 +91,10 @@ def run_train(cfg: DictConfig | dict) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    summary = read_summary(run["run_dir"])
+    summary = read_summary(run.run_dir)
     # Ray's path is inside its filesystem (no s3://): the same checkpoint named by the run folder's URI
     last = result.checkpoint
-    summary["checkpoint"] = storage.join(run["run_dir"], os.path.basename(last.path.rstrip("/"))) if last else None
+    summary["checkpoint"] = storage.join(run.run_dir, os.path.basename(last.path.rstrip("/"))) if last else None
     evals = summary.get("eval_losses") or []
     print("── train ─────────────────────────────────────────────────────")
     print(f" run           {summary.get('run_dir')}")

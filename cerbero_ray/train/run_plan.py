@@ -1,10 +1,12 @@
-"""The training stage's run-time checks, before any worker starts: :func:`prepare_run` checks the
+"""The training stage's run-time checks, before any worker starts: :func:`plan_run` checks the
 config (``check_train``), reads the data stage's manifest, checks the shards and the model against
-it (a ``ValueError`` naming the key), and returns the plain-dict config the workers get, with a
-``run`` section (shards, seq_len, run folder) filled in.
+it (a ``ValueError`` naming the key), and returns the run's :class:`RunPlan` (what every worker
+trains on, and where it writes), which the workers get beside the config.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from cerbero_ray import storage
 from cerbero_ray.config import check
@@ -13,8 +15,16 @@ from cerbero_ray.shards import read_manifest
 from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
 
 
-def prepare_run(c: dict) -> dict:
-    """Validate ``c`` (the resolved config) against the shards and the model; returns the workers' config."""
+@dataclass(frozen=True)
+class RunPlan:
+    run_dir: str  # <train.output_dir>/<train.name>: checkpoints, hf/, metrics
+    seq_len: int  # the shards' rows, in tokens
+    rows: int  # rows in all the shards
+    shards: tuple  # ({"path", "rows"}, …): the manifest's shards, in its order
+
+
+def plan_run(c: dict) -> RunPlan:
+    """Validate ``c`` (the resolved config) against the shards and the model; returns the run's plan."""
     c = check("train", c)
     t = c["train"]
     try:
@@ -53,5 +63,4 @@ def prepare_run(c: dict) -> dict:
             f"train.global_batch_size + train.eval_rows = {need} rows, but {t['data_dir']} holds {rows}; "
             "lower them or prepare more data (a shorter data.seq_len gives more rows)"
         )
-    run_dir = storage.join(t["output_dir"], t["name"])
-    return {**c, "run": {"shards": shards, "seq_len": seq_len, "run_dir": run_dir, "rows": rows}}
+    return RunPlan(storage.join(t["output_dir"], t["name"]), seq_len, rows, tuple(shards))
