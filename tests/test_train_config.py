@@ -7,8 +7,8 @@ import pytest
 
 from cerbero_ray.config import compose, to_container
 from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
-from cerbero_ray.train.engine import deepspeed_config
 from cerbero_ray.train.run_plan import plan_run
+from cerbero_ray.train.zero import deepspeed_config
 
 
 def manifest_dir(tmp_path, seq_len=512, rows=40, tok_hash=None):

@@ -59,10 +59,10 @@ def _run(rank, world, port, out):
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    from cerbero_ray.train.engine import build_engine
     from cerbero_ray.train.loop import train_step
+    from cerbero_ray.train.zero import build_deepspeed
 
-    engine, _, lm = build_engine({"train": TRAIN, "model": MODEL, "deepspeed": DS}, 1, torch.device("cpu"), world)
+    engine, _, lm = build_deepspeed({"train": TRAIN, "model": MODEL, "deepspeed": DS}, 1, torch.device("cpu"), world)
     mine = batches() if world == 1 else [batches()[rank]]
     loss, n = train_step(engine, mine, torch.device("cpu"), world)
     if rank == 0:

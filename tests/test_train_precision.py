@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cerbero_ray.config import compose, to_container
-from cerbero_ray.train.engine import deepspeed_config
+from cerbero_ray.train.zero import build_deepspeed, deepspeed_config
 from conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -29,8 +29,6 @@ def accumulated_grads(precision: str, extra: dict) -> dict[str, torch.Tensor]:
     """Every parameter's gradient after 8 micro-batches (one optimizer step's worth)."""
     from deepspeed.utils import safe_get_full_grad
 
-    from cerbero_ray.train.engine import build_engine
-
     c = to_container(
         compose(
             "train",
@@ -43,7 +41,7 @@ def accumulated_grads(precision: str, extra: dict) -> dict[str, torch.Tensor]:
         )
     )
     c["deepspeed"]["extra"] = extra
-    engine, _, _ = build_engine(c, 10, torch.device("cpu"), 1)
+    engine, _, _ = build_deepspeed(c, 10, torch.device("cpu"), 1)
     g = torch.Generator().manual_seed(0)
     for i in range(8):
         ids = torch.randint(3, 32000, (1, 128), generator=g)

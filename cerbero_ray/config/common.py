@@ -13,7 +13,7 @@ from cerbero_ray.checkpoints import PATH_REQUIRED, check_local_checkpoint, is_lo
 
 INFERENCE_DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: bfloat16 on GPU, float32 on CPU
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
-ENGINES = ("continuous", "hf")  # what serve.engine and generate.engine choose between
+GENERATION_ENGINES = ("continuous", "hf")  # what serve.engine and generate.engine choose between
 
 
 @dataclass

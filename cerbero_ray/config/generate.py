@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cerbero_ray.config.common import ENGINES, ClusterConfig, PathsConfig, at_least, check_local_checkpoint, one_of
+from cerbero_ray.config.common import (
+    GENERATION_ENGINES,
+    ClusterConfig,
+    PathsConfig,
+    at_least,
+    check_local_checkpoint,
+    one_of,
+)
 from cerbero_ray.config.label import BatchInferenceConfig, check_batch_inference
 from cerbero_ray.config.sampling import Sampling, check_sampling
 
@@ -52,7 +59,7 @@ def check_generate(c: dict) -> None:
     check_batch_inference(gc, "generate")
     check_local_checkpoint(gc["checkpoint"], "generate.checkpoint")
     at_least(gc, ("batch_size", "max_prompt_tokens"), 1, "generate")
-    one_of(gc["engine"], ENGINES, "generate.engine")
+    one_of(gc["engine"], GENERATION_ENGINES, "generate.engine")
     check_sampling(gc["sampling"], "generate.sampling")
     sc = gc["self_chat"]
     at_least(sc, ("turns", "user_max_new_tokens", "dedup_ngram", "dedup_max_tokens"), 1, "generate.self_chat")

@@ -10,7 +10,7 @@ from typing import Dict, Optional
 from omegaconf import MISSING
 
 from cerbero_ray.config.common import (
-    ENGINES,
+    GENERATION_ENGINES,
     INFERENCE_DTYPES,
     ClusterConfig,
     PathsConfig,
@@ -96,7 +96,7 @@ def check_serve(c: dict) -> None:
     if sc["default_max_tokens"] > sc["max_new_tokens"]:
         raise ValueError("serve.default_max_tokens must be <= serve.max_new_tokens")
     one_of(sc["dtype"], INFERENCE_DTYPES, "serve.dtype")
-    one_of(sc["engine"], ENGINES, "serve.engine")
+    one_of(sc["engine"], GENERATION_ENGINES, "serve.engine")
     check_local_checkpoint(sc["checkpoint"], "serve.checkpoint")
     for name, task in sc["label_tasks"].items():
         try:

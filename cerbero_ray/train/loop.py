@@ -25,10 +25,10 @@ import torch.distributed as dist
 
 from cerbero_ray.shards import IGNORE_INDEX
 from cerbero_ray.train import checkpoint as ckpt
-from cerbero_ray.train.engine import build_engine
 from cerbero_ray.train.metrics import Writer, progress_line, write_summary
 from cerbero_ray.train.modeling import count_flops_per_token, peak_flops
 from cerbero_ray.train.plan import plan_all, remaining, signature, total_steps
+from cerbero_ray.train.zero import build_deepspeed
 
 
 def say(line: str) -> None:
@@ -85,7 +85,7 @@ class _Run:
         self.rank, self.world, self.device = env.rank, env.world_size, env.device
         self.plans = plan_all(list(plan.shards), t, self.world)
         self.total, self.sig = total_steps(self.plans, t), signature(list(plan.shards), t, self.world)
-        self.engine, self.sched, self.lm = build_engine(config, self.total, self.device, self.world)
+        self.engine, self.sched, self.lm = build_deepspeed(config, self.total, self.device, self.world)
         self.micro = t["micro_batch_size"]
         self.accum = t["global_batch_size"] // (self.micro * self.world)
         self.read_cpus = float(t["read_cpus"])

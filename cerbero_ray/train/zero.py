@@ -77,7 +77,7 @@ def build_scheduler(opt: torch.optim.Optimizer, t: dict, total_steps: int):
     )
 
 
-def build_engine(config: dict, total_steps: int, device: torch.device, world_size: int):
+def build_deepspeed(config: dict, total_steps: int, device: torch.device, world_size: int):
     """(DeepSpeed engine wrapping :class:`PackedCausalLM`, scheduler, the HF model inside)."""
     import deepspeed
 
