@@ -32,7 +32,6 @@ def main():
     from bench_label import timed  # the same median-of-reps timer
 
     from cerbero_ray.chat import STOP_STRING
-    from cerbero_ray.evaluate.tasks import prepare
     from cerbero_ray.evaluate.worker import EvalWorker
     from cerbero_ray.inference.generator import Generator
     from cerbero_ray.inference.sampling import Sampling
@@ -61,7 +60,12 @@ def main():
         "reps": a.reps,
     }
 
-    # 1. EVALITA: score vs generate, the same rows and prompts
+    # 1. EVALITA: score vs generate, the same rows and prompts (the first wording)
+    import pyarrow as pa
+
+    from cerbero_ray.evaluate.reading import read_unit
+    from cerbero_ray.evaluate.tasks import prepare
+
     senti = os.path.join(a.data_dir, "evalita", "sentipolc.csv")
     tc = {
         "kind": "sentipolc",
@@ -70,23 +74,51 @@ def main():
         "max_rows": a.rows,
         "pool_rows": 100,
         "protocols": ["generate", "score"],
+        "prompts": [0],
         "max_new_tokens": 32,
     }
     p_ev = prepare("sentipolc", tc, seed=0)
+    gen_unit, score_unit = p_ev.units
     cfg = {
         "checkpoint": ckpt,
         "dtype": "auto",
         "batch_size": a.batch,
         "max_prompt_tokens": 4096,
         "prefill_tokens": 32768,
-        "tasks": {"sentipolc": {"kind": "sentipolc", "max_new_tokens": 32, "task": p_ev.task}},
+        "max_new_tokens": 32,
+        "tasks": {f"sentipolc/{score_unit.key}": score_unit.task},
     }
     w = EvalWorker(cfg)
-    rows = [{k: r[k] for k in ("id", "text", "messages")} for r in p_ev.rows]
-    w.score("sentipolc", rows[:8]), w.generate("sentipolc", rows[:4])  # warm-up
-    t_score, scored = timed(lambda: w.score("sentipolc", rows), a.reps)
-    t_gen, gen = timed(lambda: w.generate("sentipolc", rows), a.reps)
-    agree = sum(s["prediction"] == g["prediction"] for s, g in zip(scored, gen)) / len(rows)
+
+    def requests(unit):
+        return pa.Table.from_pylist(
+            [
+                {
+                    "task": "sentipolc",
+                    "unit": unit.key,
+                    "id": r["id"],
+                    "messages": r.get("messages"),
+                    "text": r.get("text"),
+                    "max_new_tokens": unit.max_new_tokens,
+                    "stop_at_newline": unit.stop_at_newline,
+                }
+                for r in unit.requests
+            ]
+        )
+
+    def answers(unit, out):
+        return {
+            i: {"raw": r, "p_yes": p, "truncated": t}
+            for i, r, p, t in zip(out["id"], out["raw"], out["p_yes"], out["truncated"])
+        }
+
+    w(requests(score_unit).slice(0, 8)), w(requests(gen_unit).slice(0, 4))  # warm-up
+    t_score, scored = timed(lambda: w(requests(score_unit)), a.reps)
+    t_gen, gen = timed(lambda: w(requests(gen_unit)), a.reps)
+    s_rows = read_unit(p_ev, score_unit, answers(score_unit, scored))[0]
+    g_rows = read_unit(p_ev, gen_unit, answers(gen_unit, gen))[0]
+    agree = sum(x["pred_class"] == y["pred_class"] for x, y in zip(s_rows, g_rows)) / len(s_rows)
+    rows = score_unit.requests
     res["evalita"] = {
         "rows": len(rows),
         "score_rows_per_s": round(len(rows) / t_score, 1),
@@ -103,11 +135,16 @@ def main():
             "path": os.path.join(REPO, "data", "samples", "squad_it_sample.json"),
             "shots": 3,
             "max_rows": None,
+            "protocols": ["generate"],
+            "prompts": [0],
+            "max_new_tokens": 32,
         },
         seed=0,
     )
     model, tok = load_for_inference(ckpt, "auto")
-    prompts = [tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True) for r in sq.rows]
+    prompts = [
+        tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True) for r in sq.units[0].requests
+    ]
     s = Sampling(max_new_tokens=32, temperature=0.0, stop=[STOP_STRING, "\n"], seed=0)
     hf = Generator(model, tok, batch_size=a.batch, max_prompt_tokens=4096)
     hf.generate(prompts[:2], s)

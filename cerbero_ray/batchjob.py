@@ -451,10 +451,19 @@ def map_chunks(todo: list[Chunk], worker: type, cfg: dict, desc: str) -> Iterato
     yield from map_items([ch.__dict__ for ch in todo], worker, cfg, desc, sum(ch.stop - ch.start for ch in todo))
 
 
-def map_items(items: list[dict], worker: type, cfg: dict, desc: str, total_rows: int) -> Iterator[dict]:
-    """Run a pool of ``worker(cfg)`` model actors over ``items`` (one per call) on the current Ray
-    cluster (``cfg``: ``workers``, ``gpus_per_worker``, ``cpus_per_worker``); yields each item's
-    result, whose ``rows`` drives a progress bar of ``total_rows``."""
+def map_items(
+    items: list[dict],
+    worker: type,
+    cfg: dict,
+    desc: str,
+    total_rows: int,
+    batch_size: int = 1,
+    batch_format: str = "numpy",
+) -> Iterator[dict]:
+    """Run a pool of ``worker(cfg)`` model actors over ``items`` (``batch_size`` per call, each a
+    row of columns) on the current Ray cluster (``cfg``: ``workers``, ``gpus_per_worker``,
+    ``cpus_per_worker``); yields each result row, whose ``rows`` drives a progress bar of
+    ``total_rows``."""
     import ray
     import ray.data
     from tqdm import tqdm
@@ -462,13 +471,15 @@ def map_items(items: list[dict], worker: type, cfg: dict, desc: str, total_rows:
     res = ray.cluster_resources()
     gpus, cpus = float(cfg["gpus_per_worker"]), float(res.get("CPU", 1))
     workers = cfg.get("workers") or (int(res.get("GPU", 0) // gpus) if gpus else max(1, int(cpus - 1)))
-    workers = max(1, min(workers, len(items)))
+    batches = -(-len(items) // batch_size)
+    workers = max(1, min(workers, batches))
     ray.data.DataContext.get_current().execution_options.preserve_order = False
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ray.data.from_items(items, override_num_blocks=batches)
     ds = ds.map_batches(
         worker,
         fn_constructor_args=(cfg,),
-        batch_size=1,
+        batch_size=batch_size,
+        batch_format=batch_format,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=gpus or None,
         num_cpus=min(float(cfg["cpus_per_worker"]), max(cpus - 1, 0.5) / workers),

@@ -137,6 +137,52 @@ def generate(path: str, ids: list[int], max_tokens: int, threads: int = 0) -> di
     return {"tokens": out}
 
 
+def generate_many(path: str, prompts: list[list[int]], max_tokens: int, stop: list[str], threads: int = 0) -> dict:
+    """Greedy continuations of many token-id prompts, one model load: each stops at EOS, at one of
+    the ``stop`` strings (in its detokenized text) or after ``max_tokens`` tokens."""
+    longest = max((len(p) for p in prompts), default=1)
+    llm = _llama(path, n_ctx=longest + max_tokens + 8, threads=threads)
+    out = []
+    for ids in prompts:
+        toks = []
+        for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if t == llm.token_eos():
+                break
+            toks.append(t)
+            text = llm.detokenize(toks).decode("utf-8", errors="ignore")
+            if len(toks) >= max_tokens or any(s in text for s in stop):
+                break
+        out.append(toks)
+    return {"tokens": out}
+
+
+def score_many(path: str, prompts: list[list[int]], continuations: dict[str, list[int]], threads: int = 0) -> dict:
+    """The summed log-probability of each continuation after each prompt (one forward pass per
+    prompt and continuation, one model load)."""
+    import numpy as np
+
+    longest = max((len(p) for p in prompts), default=1) + max((len(c) for c in continuations.values()), default=1)
+    llm = _llama(path, n_ctx=longest + 8, threads=threads, logits_all=True)
+    out = []
+    for ids in prompts:
+        row = {}
+        for label, cont in continuations.items():
+            llm.reset()
+            llm.eval(ids + cont)
+            scores = np.asarray(llm.scores[: len(ids) + len(cont)], dtype=np.float64)
+            m = scores.max(-1, keepdims=True)
+            logp = scores - m - np.log(np.exp(scores - m).sum(-1, keepdims=True))  # log-softmax
+            row[label] = float(sum(logp[len(ids) - 1 + j, t] for j, t in enumerate(cont)))
+        out.append(row)
+    return {"logprobs": out}
+
+
+def metadata(path: str) -> dict:
+    """The GGUF file's vocabulary size and chat template (llama.cpp's reading of its header)."""
+    llm = _llama(path, n_ctx=64)
+    return {"n_vocab": llm.n_vocab(), "chat_template": llm.metadata.get("tokenizer.chat_template")}
+
+
 def complete(path: str, prompt: str, max_tokens: int, stop: list[str] | None = None, **kw) -> dict:
     """``Llama(path)(prompt, …)``, as a user's snippet calls it: the first choice."""
     llm = _llama(path)
@@ -199,7 +245,10 @@ def quantize(src: str, dest: str, ftype: str, threads: int = 0) -> dict:
     return info
 
 
-OPS = {f.__name__: f for f in (system_info, tokenize, logits, check, generate, complete, quantize)}
+OPS = {
+    f.__name__: f
+    for f in (system_info, tokenize, logits, check, generate, generate_many, score_many, metadata, complete, quantize)
+}
 
 
 def _child() -> None:

@@ -257,6 +257,27 @@ def local_copy(path: str, cache: str | None = None) -> str:
     return dest
 
 
+def local_file(path: str, cache: str | None = None) -> str:
+    """A local path holding the file ``path``: itself when local, else a cached download (written
+    under a temporary name and renamed, so a download cut short is never taken for the file)."""
+    if not is_uri(path):
+        return resolve(path)[1]
+    root = cache or cache_dir()
+    dest = os.path.join(root, hashlib.sha256(path.encode()).hexdigest()[:16] + "-" + posixpath.basename(path))
+    if not os.path.exists(dest):
+        os.makedirs(root, exist_ok=True)
+        fs, src = resolve(path)
+        tmp = f"{dest}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+        try:
+            with naming(path, "reading"), fs.open_input_stream(src, compression=None) as f, open(tmp, "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 24)
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return dest
+
+
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows tools put at the start of a text file
 
 

@@ -4,18 +4,26 @@ row, loaders that count malformed rows, and config errors that name the key."""
 
 import json
 
+import numpy as np
 import pytest
 
 from cerbero_ray.config import compose
 from cerbero_ray.evaluate import evalita, squad
 from cerbero_ray.evaluate.metrics import (
     best,
+    bootstrap,
     classification_scores,
     exact_match,
     f1,
     nearest_label,
     normalize_answer_it,
+    paired_bootstrap,
+    parse_yes_no,
+    prefix_class,
+    prompt_summary,
+    report_scores,
     squad_scores,
+    v2_rows,
 )
 from cerbero_ray.evaluate.tasks import prepare
 from conftest import SAMPLES
@@ -27,9 +35,9 @@ SQUAD_SLICE = f"{SAMPLES}/squad_it_sample.json"
     "pred,gold,em,f1_,em_it,f1_it",
     [
         # official: punctuation goes first, "l'ottobre" -> "lottobre": only 1973 shared, P 1/3 R 1/2
-        ("l'ottobre del 1973", "ottobre 1973", 0, 0.4, 0, 0.8),
+        ("l'ottobre del 1973", "ottobre 1973", 0, 0.4, 1, 1),  # Italian: l' and del both go
         ("Città del Vaticano", "città del vaticano.", 1, 1, 1, 1),  # case and final period
-        ("Citta del Vaticano", "Città del Vaticano", 0, 2 / 3, 0, 2 / 3),  # accents are kept
+        ("Citta del Vaticano", "Città del Vaticano", 0, 2 / 3, 0, 0.5),  # accents are kept; Italian: del goes
         ("the Apollo program", "Apollo program", 1, 1, 0, 0.8),  # English articles: official only
         ("il programma Apollo", "programma Apollo", 0, 0.8, 1, 1),  # Italian articles: the variant only
         ("dell’Organizzazione", "Organizzazione", 0, 0, 1, 1),  # typographic apostrophe, elided form
@@ -69,6 +77,115 @@ def test_nearest_label_on_odd_answers(answer, label):
     assert nearest_label(answer, {"no": "no", "yes": "si"}) == label
 
 
+@pytest.mark.parametrize(
+    "a,b,same",
+    [
+        ("dell'arte", "arte", True),  # elided articulated preposition
+        ("della città", "città", True),  # and its full form: the same rule
+        ("nella stanza", "nell'aula stanza", False),
+        ("negli anni", "anni", True),
+        ("Carlo I", "Carlo", False),  # an upper-case I is a numeral, not the article
+        ("i Romani", "Romani", True),  # a lower-case i is the article
+        ("1.000 euro", "1000 euro", True),  # punctuation deleted as the official script deletes it
+        ("U.S.A.", "USA", True),
+        ("«Roma»", "Roma", True),  # Unicode punctuation
+        ("“Roma” – capitale…", "Roma capitale", True),
+        ("citta\u0300", "città", True),  # NFC: a decomposed accent is the same letter
+        ("l’Italia", "Italia", True),  # typographic apostrophe
+        ("di Roma", "Roma", False),  # a simple preposition is content
+    ],
+)
+def test_each_italian_normalisation_rule(a, b, same):
+    assert (normalize_answer_it(a) == normalize_answer_it(b)) is same, (normalize_answer_it(a), normalize_answer_it(b))
+
+
+def test_empty_gold_answers_count_as_the_official_script_counts_them():
+    """An empty gold answer matches a prediction that normalises to nothing ("."), as in the
+    official v1.1 script; a missing prediction scores 0, never EM 1 against an empty gold."""
+    golds = {"d322": [""], "q2": ["", "Roma"], "q3": [""]}
+    s = squad_scores({"d322": ".", "q2": "Roma"}, golds)  # q3: no prediction
+    assert s["em"] == pytest.approx(200 / 3) and s["rows"] == 3
+
+
+def test_squad_v2_against_the_first_gold():
+    r = v2_rows({"a": "la città di Roma", "b": "", "c": "x", "d": ""}, {"a": "Roma", "b": "", "c": "", "d": "y"})
+    assert r["exact"].tolist() == [0, 1, 0, 0]
+    assert r["f1"][0] == pytest.approx(0.4) and r["f1"][1:].tolist() == [1, 0, 0]  # P 1/4 R 1; empty: only empty
+
+
+@pytest.mark.parametrize(
+    "answer,label,parsed",
+    [
+        ("Sì, è misogino", "yes", True),  # the first word, not the whole line
+        ("si.", "yes", True),
+        ("SI", "yes", True),
+        ("No, non lo è", "no", True),
+        ("no", "no", True),
+        ("Nope", "no", False),  # unparsed: the nearest label by edit distance is the fallback
+        ("", "no", False),
+        ("Forse sì", "yes", False),  # first word neither: unparsed, then the nearest label
+    ],
+)
+def test_yes_no_answers_are_read_from_their_first_word(answer, label, parsed):
+    assert parse_yes_no(answer, {"no": "no", "yes": "si"}) == (label, parsed)
+
+
+@pytest.mark.parametrize(
+    "answer,cls",
+    [
+        ("MISOGINO", "MISOGINO"),
+        ("NON_MISOGINO.", "NON_MISOGINO"),  # starts with a class
+        ("NON_MIS", "NON_MISOGINO"),  # a start of a class
+        ("misogino", "<UNKNOWN>"),  # case-sensitive, as benchita
+        ("Credo di sì", "<UNKNOWN>"),
+        ("", "NON_MISOGINO"),  # benchita's own behaviour: "" is a start of every class, the longest wins
+    ],
+)
+def test_benchita_prefix_matching(answer, cls):
+    assert prefix_class(answer, ["NON_MISOGINO", "MISOGINO"], "<UNKNOWN>") == cls
+
+
+def test_figures_equal_scikit_learn():
+    from sklearn.metrics import classification_report, f1_score
+
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 2, 200).tolist()
+    pred = rng.integers(0, 3, 200).tolist()  # 2: unknown
+    rep = classification_report(gold, pred, output_dict=True, zero_division=0)
+    mine = report_scores(gold, pred)
+    assert mine["macro_f1"] == pytest.approx(100 * rep["macro avg"]["f1-score"])
+    assert mine["weighted_f1"] == pytest.approx(100 * rep["weighted avg"]["f1-score"])
+    pred2 = [p % 2 for p in pred]
+    c = classification_scores(gold, pred2)
+    assert c["f1"] == pytest.approx(100 * f1_score(gold, pred2)) and c["macro_f1"] == pytest.approx(
+        100 * f1_score(gold, pred2, average="macro")
+    )
+
+
+def test_bootstrap_intervals_are_seeded_hold_the_figure_and_narrow_with_rows():
+    rng = np.random.default_rng(1)
+    gold = rng.integers(0, 2, 400)
+    pred = np.where(rng.random(400) < 0.8, gold, 1 - gold)  # 80% right
+    small = bootstrap("binary", {"gold": gold[:50], "pred": pred[:50]}, 1000, seed=0)
+    big = bootstrap("binary", {"gold": gold, "pred": pred}, 1000, seed=0)
+    assert small == bootstrap("binary", {"gold": gold[:50], "pred": pred[:50]}, 1000, seed=0)
+    acc = classification_scores(gold.tolist(), pred.tolist())["accuracy"]
+    assert big["accuracy"][0] < acc < big["accuracy"][1]
+    assert small["accuracy"][1] - small["accuracy"][0] > 1.8 * (big["accuracy"][1] - big["accuracy"][0])
+    same = paired_bootstrap("binary", {"gold": gold, "pred": pred}, {"gold": gold, "pred": pred}, 200, 0)
+    assert same["accuracy"] == {"diff": 0.0, "ci": [0.0, 0.0], "p_not_better": 1.0}
+    better = paired_bootstrap("binary", {"gold": gold, "pred": pred}, {"gold": gold, "pred": gold}, 200, 0)
+    assert (
+        better["accuracy"]["diff"] > 15 and better["accuracy"]["ci"][0] > 10 and better["accuracy"]["p_not_better"] == 0
+    )
+
+
+def test_prompt_summary():
+    s = prompt_summary([60.0, 70.0, 80.0])
+    assert s["mean"] == 70 and s["std"] == pytest.approx(10) and s["best"] == 80 and s["best_prompt"] == 2
+    assert s["combined"] == pytest.approx((1 - (80 - 70) / 100) * 80)
+
+
 def test_clean_answer():
     assert squad.clean_answer(" Risposta breve: ottobre 1973\naltro") == "ottobre 1973"
     assert squad.clean_answer("Roma [|Umano|] e poi") == "Roma"
@@ -82,17 +199,20 @@ def test_squad_shots_are_deterministic_and_from_other_articles():
         shots = squad.shots_for(r, rows, 3, seed=0)
         assert shots == squad.shots_for(r, rows, 3, seed=0) and len(shots) == 3
         assert all(s["article"] != r["article"] and s["id"] != r["id"] for s in shots)
-    p = prepare("squad_it", {"kind": "squad", "path": SQUAD_SLICE, "shots": 3, "max_rows": 20}, seed=0)
-    assert (
-        len(p.rows) == 20
-        and p.rows
-        == prepare("squad_it", {"kind": "squad", "path": SQUAD_SLICE, "shots": 3, "max_rows": 20}, seed=0).rows
-    )
-    for r in p.rows:
-        user_turns = [m["content"] for m in r["messages"] if m["role"] == "user"]
-        assert len(r["messages"]) == 7 and r["question"] in user_turns[-1]
-        assert all(r["context"] not in t for t in user_turns[:-1])  # no shot holds the scored article
-        assert r["messages"][1]["content"].startswith("Risposta breve: ")
+    tc = {"kind": "squad", "path": SQUAD_SLICE, "shots": 3, "max_rows": 20, "protocols": ["generate", "benchita"]}
+    tc |= {"prompts": None, "max_new_tokens": 32}
+    p = prepare("squad_it", tc, seed=0)
+    assert len(p.rows) == 20 and p.rows == prepare("squad_it", tc, seed=0).rows
+    assert [u.key for u in p.units] == ["generate/0", "generate/1", "benchita/0"]
+    g0, g1, b = p.units
+    for row, req in zip(p.rows, g0.requests):
+        user_turns = [m["content"] for m in req["messages"] if m["role"] == "user"]
+        assert len(req["messages"]) == 7 and row["question"] in user_turns[-1]
+        assert all(row["context"] not in t for t in user_turns[:-1])  # no shot holds the scored article
+        assert req["messages"][1]["content"].startswith("Risposta breve: ")
+    assert not g1.requests[0]["messages"][1]["content"].startswith("Risposta breve")  # the second wording
+    assert b.requests[0]["messages"][0]["role"] == "system" and b.max_new_tokens == 100 and not b.stop_at_newline
+    assert len({g0.prompt_hash(), g1.prompt_hash(), b.prompt_hash()}) == 3
 
 
 def _evalita_files(tmp_path):
@@ -112,18 +232,53 @@ def test_evalita_pool_and_scored_rows_are_disjoint(tmp_path):
     ami, senti = _evalita_files(tmp_path)
     rows, rejects = evalita.load(evalita.SPECS["ami2020"], str(ami))
     assert len(rows) == 30 and sorted(r["reason"] for r in rejects) == ["bad_gold", "no_text", "wrong_field_count"]
-    tc = {"kind": "ami2020", "path": str(ami), "shots": 5, "max_rows": None, "pool_rows": 10}
+    tc = {"kind": "ami2020", "path": str(ami), "shots": 5, "max_rows": None, "pool_rows": 10, "prompts": None}
+    tc |= {"protocols": ["generate", "score", "benchita"], "max_new_tokens": 32}
     p = prepare("ami2020", tc, seed=0)
     assert len(p.rows) == 20 and p.pool_rows == 10 and len(p.rejects) == 3
     assert not set(p.shots) & {r["id"] for r in p.rows}  # no scored row is a shot
-    assert p.shots == prepare("ami2020", tc, seed=0).shots != prepare("ami2020", tc, seed=1).shots
-    assert {s["label"] for s in p.task["few_shot"]} == {"yes", "no"} and len(p.task["few_shot"]) == 5
-    assert p.rows[0]["messages"][0]["content"].startswith("Dato questo testo:\n")
-    assert p.rows[0]["messages"][0]["content"].endswith("\nIl suo contenuto è misogino? (si/no)")
+    assert p.shots == prepare("ami2020", tc, seed=0).shots != prepare("ami2020", {**tc}, seed=1).shots
+    keys = [u.key for u in p.units]
+    assert keys == ["generate/0", "generate/1", "generate/2", "score/0", "score/1", "score/2", "benchita/0"]
+    score = p.units[3]
+    assert {s["label"] for s in score.task["few_shot"]} == {"yes", "no"} and len(score.task["few_shot"]) == 5
+    first = p.units[0].requests[0]["messages"][-1]["content"]
+    assert first.startswith("Dato questo testo:\n") and first.endswith("\nIl suo contenuto è misogino? (si/no)")
+    bench = p.units[-1].requests[0]["messages"]
+    assert bench[0]["role"] == "system" and "MISOGINO" in bench[0]["content"]
+    assert {m["content"] for m in bench[1:-1] if m["role"] == "assistant"} <= {"MISOGINO", "NON_MISOGINO"}
+    pool_texts = {r["text"] for r in rows} - {r["text"] for r in p.rows}
+    assert all(m["content"] in pool_texts for m in bench[1:-1] if m["role"] == "user")  # shots from the pool
     s = prepare(
-        "sentipolc", {"kind": "sentipolc", "path": str(senti), "shots": 5, "max_rows": None, "pool_rows": 1}, seed=0
+        "sentipolc",
+        {**tc, "kind": "sentipolc", "path": str(senti), "pool_rows": 1, "prompts": [0]},
+        seed=0,
     )
     assert len(s.rows) == 20 and all(int(i) < 20 for i in s.shots) and all(int(r["id"]) >= 20 for r in s.rows)
+    assert [u.key for u in s.units] == ["generate/0", "score/0", "benchita/0"]
+
+
+def test_duplicate_ids_are_counted_rejects(tmp_path):
+    """The shared SENTIPOLC test split repeats 5 ids: every figure must cover the same rows."""
+    ami = ["id\ttext\tmisogynous\taggressiveness"] + [f"{i % 8}\ttesto {i}\t{i % 2}\t0" for i in range(10)]
+    (tmp_path / "dup.tsv").write_text("\n".join(ami) + "\n")
+    rows, rejects = evalita.load(evalita.SPECS["ami2020"], str(tmp_path / "dup.tsv"))
+    assert [r["id"] for r in rows] == [str(i) for i in range(8)]
+    assert [(r["id"], r["reason"]) for r in rejects] == [("0", "duplicate_id"), ("1", "duplicate_id")]
+
+
+def test_the_shared_sentipolc_file_has_duplicates_and_they_are_rejected():
+    import os
+
+    from conftest import SHARED_DATA
+
+    path = os.path.join(SHARED_DATA, "evalita", "sentipolc.csv")
+    if not os.path.exists(path):
+        pytest.skip("../shared/data is not here")
+    rows, rejects = evalita.load(evalita.SPECS["sentipolc"], path)
+    test = [r for r in rows if r["split"] == "test"]
+    assert len({r["id"] for r in rows}) == len(rows)  # unique now
+    assert sum(r["reason"] == "duplicate_id" for r in rejects) >= 5 and len(test) < 1935
 
 
 def test_config_errors_name_the_key(tmp_path, tiny_hf):
@@ -131,6 +286,8 @@ def test_config_errors_name_the_key(tmp_path, tiny_hf):
     compose("evaluate", [*base, "evaluate.only=[squad_it]"], checked=True)
     for extra, msg in (
         (["evaluate.only=[squad_it]", "evaluate.tasks.squad_it.protocols=[score]"], "squad_it.protocols"),
+        (["evaluate.only=[squad_it]", "evaluate.tasks.squad_it.prompts=[2]"], "squad_it.prompts"),
+        (["evaluate.only=[squad_it]", "evaluate.bootstrap=-1"], "evaluate.bootstrap"),
         (["evaluate.only=[nope]"], "evaluate.only"),
         ([f"evaluate.tasks.ami2020.path={tmp_path}/none.tsv"], "evaluate.tasks.ami2020.path"),
         (["evaluate.only=[squad_it]", f"evaluate.checkpoints.tiny-cpu={tmp_path}"], "evaluate.checkpoints.tiny-cpu"),

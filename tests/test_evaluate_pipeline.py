@@ -4,6 +4,7 @@ same EM/F1; a rerun resumes every (checkpoint, task); a bad config is one line b
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -81,17 +82,25 @@ def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, r
     assert set(res["results"]) == {"a", "b"}
     assert res["tasks"]["sentipolc"]["rows"] == 16 and res["tasks"]["sentipolc"]["rejects"] == {"bad_gold": 1}
     assert res["tasks"]["ami2020"]["rows"] == 30 and res["tasks"]["squad_it"]["rows"] == 12
+    evalita_units = {"generate/0", "generate/1", "generate/2", "score/0", "score/1", "score/2", "benchita/0"}
     for ck in ("a", "b"):
         r = res["results"][ck]
-        assert set(r["squad_it"]) == {"generate"} and set(r["ami2020"]) == {"generate", "score"}
+        assert set(r["squad_it"]) == {"generate/0", "generate/1", "benchita/0"} and set(r["ami2020"]) == evalita_units
         for t in ("ami2020", "ironita", "sentipolc"):
-            for proto in ("generate", "score"):
-                assert set(r[t][proto]) >= {"f1", "macro_f1", "accuracy", "rows"}
+            for key, u in r[t].items():
+                figures = {"macro_f1", "weighted_f1", "accuracy"} if key.startswith("benchita") else {"f1", "macro_f1"}
+                assert figures <= set(u) and set(u["ci"]) >= figures and u["rows"] == res["tasks"][t]["rows"]
+                for f in figures:
+                    assert u["ci"][f][0] <= u[f] <= u["ci"][f][1], (t, key, f)
+            assert 0 <= r[t]["generate/0"]["unparsed"] <= r[t]["generate/0"]["rows"]
+        over = res["over_prompts"][ck]["ami2020"]["generate"]["f1"]
+        assert over["prompts"] == 3 and over["best"] >= over["mean"] and 0 <= over["best_prompt"] < 3
         preds = pq.read_table(os.path.join(out, "runs", ck, "ironita", "predictions.parquet")).to_pylist()
-        assert len(preds) == 60 and {p["protocol"] for p in preds} == {"generate", "score"}
-        assert all(p["raw"] is not None for p in preds if p["protocol"] == "generate")
+        assert len(preds) == 30 * 7 and {p["protocol"] for p in preds} == {"generate", "score", "benchita"}
+        assert all(p["raw"] is not None for p in preds if p["protocol"] != "score")
         assert all(0 <= p["p_yes"] <= 1 for p in preds if p["protocol"] == "score")
-        # the official script's inputs give the same figures
+        assert all(p["parsed"] is not None for p in preds if p["protocol"] == "generate")
+        # the official script's inputs give the same figures, empty gold answers included
         d = os.path.join(out, "runs", ck, "squad_it")
         rescored = subprocess.run(
             [sys.executable, "-m", "cerbero_ray.evaluate.squad", f"{d}/gold.json", f"{d}/predictions.json"],
@@ -100,17 +109,117 @@ def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, r
             check=True,
         )
         again = json.loads(rescored.stdout)
-        assert again["exact_match"] == pytest.approx(r["squad_it"]["generate"]["em"])
-        assert again["f1"] == pytest.approx(r["squad_it"]["generate"]["f1"])
+        assert again["exact_match"] == pytest.approx(r["squad_it"]["generate/0"]["em"])
+        assert again["f1"] == pytest.approx(r["squad_it"]["generate/0"]["f1"])
+    pairs = res["paired"]["b - a"]
+    assert set(pairs) == {"squad_it", "ami2020", "ironita", "sentipolc"}
+    d = pairs["ami2020"]["score/0"]["f1"]
+    assert d["ci"][0] <= d["diff"] <= d["ci"][1] and 0 <= d["p_not_better"] <= 1
     md = open(os.path.join(out, "results.md")).read()
-    assert "| a |" in md and "| b | score |" in md and "cerbero-7b (published)" in md and "*always positive*" in md
+    for published in ("cerbero-7b (published)", "Fauno (published)", "Camoscio (published)", "mistral-7b (published)"):
+        assert md.count(published) == 3, published  # SQuAD, and beside both F1 tables
+    assert "| b | score |" in md and "*always positive*" in md and "Prompt sensitivity" in md and "b - a" in md
+    assert "does not say which F1" in md and re.search(r"\d+\.\d\d \[\d+\.\d, \d+\.\d\]", md)
+    assert "Differs from the published setting" in md and "## What was scored" in md
     assert os.path.getsize(os.path.join(out, "results.png")) > 1000
     saved = json.load(open(os.path.join(out, "results.json")))
     assert saved["results"] == res["results"] and saved["seed"] == 0
+    assert set(saved["tasks"]["ami2020"]["prompt_hashes"]) == evalita_units
     capsys.readouterr()
     again = run_evaluate(c)  # every (checkpoint, task) resumes from its metrics.json
     assert "4 task(s) already done, 0 to go" in capsys.readouterr().out
-    assert again["results"] == res["results"]
+    assert again["results"] == res["results"] and again["paired"] == res["paired"]
+    # another prompt limit is another run: the identity holds it
+    c2 = json.loads(json.dumps(c))
+    c2["evaluate"]["max_prompt_tokens"] = 2048
+    c2["evaluate"]["only"] = ["sentipolc"]
+    capsys.readouterr()
+    run_evaluate(c2)
+    assert "a: 0 task(s) already done, 1 to go" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_hf, tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[gguf]'")
+    from cerbero_ray.export import run_export
+
+    out = str(tmp_path_factory.mktemp("gguf"))
+    x = {"checkpoint": tiny_hf, "output_dir": out, "name": "tiny", "types": ["f32"], "threads": 2}
+    res = run_export({"export": {**x, "overwrite": False, "verify": False}})
+    return res["files"]["f32"]["path"]
+
+
+def _small(out, models: dict, data, *extra):
+    over = [
+        f"paths.output_dir={out}",
+        "~evaluate.checkpoints.tiny-cpu",
+        *[f"+evaluate.checkpoints.{k}={v}" for k, v in models.items()],
+        f"evaluate.tasks.squad_it.path={SAMPLES}/squad_it_sample.json",
+        "evaluate.tasks.squad_it.max_rows=6",
+        "evaluate.tasks.squad_it.max_new_tokens=8",
+        "evaluate.tasks.squad_it.prompts=[0]",
+        f"evaluate.tasks.ami2020.path={data}/ami2020.tsv",
+        "evaluate.tasks.ami2020.pool_rows=10",
+        "evaluate.tasks.ami2020.max_rows=10",
+        "evaluate.tasks.ami2020.max_new_tokens=4",
+        "evaluate.tasks.ami2020.prompts=[0]",
+        "evaluate.only=[squad_it,ami2020]",
+        "evaluate.bootstrap=100",
+        *extra,
+    ]
+    return to_container(compose("evaluate", over))
+
+
+def test_a_gguf_file_is_evaluated_like_its_checkpoint(tmp_path, tiny_hf, tiny_gguf, evalita_dir, ray_local):
+    """llama.cpp (in a child process) on the f32 GGUF of the same model: the same greedy answers and
+    nearly the same yes/no probabilities, under every protocol."""
+    res = run_evaluate(_small(tmp_path, {"hf": tiny_hf, "gguf": tiny_gguf}, evalita_dir))
+    assert res["model_kinds"] == {"hf": "hf", "gguf": "gguf"}
+    out = os.path.join(tmp_path, "evaluate", "runs")
+    for task in ("squad_it", "ami2020"):
+        hf = pq.read_table(os.path.join(out, "hf", task, "predictions.parquet")).to_pylist()
+        gg = pq.read_table(os.path.join(out, "gguf", task, "predictions.parquet")).to_pylist()
+        assert [(r["id"], r["protocol"]) for r in hf] == [(r["id"], r["protocol"]) for r in gg]
+        same = [a["raw"] == b["raw"] for a, b in zip(hf, gg) if a["raw"] is not None]
+        assert sum(same) >= 0.9 * len(same), (task, sum(same), len(same))
+        for a, b in zip(hf, gg):
+            if a["p_yes"] is not None:
+                assert abs(a["p_yes"] - b["p_yes"]) < 0.02
+
+
+def test_an_openai_compatible_endpoint_is_evaluated(tmp_path, tiny_hf, evalita_dir, ray_local):
+    """Our own server as the endpoint: the generating protocols through /v1/chat/completions give
+    the HF checkpoint's greedy answers; score is refused for an endpoint, in one line."""
+    from ray import serve
+
+    from cerbero_ray.serve.service import run_serve
+    from conftest import free_port
+
+    url = run_serve(
+        to_container(
+            compose(
+                "serve",
+                [f"serve.checkpoint={tiny_hf}", f"serve.port={free_port()}", "serve.cpus_per_replica=0.5"],
+            )
+        )
+    )
+    try:
+        res = run_evaluate(_small(tmp_path, {"hf": tiny_hf, "api": f"{url}/v1"}, evalita_dir))
+    finally:
+        serve.shutdown()
+    assert res["model_kinds"]["api"] == "endpoint"
+    assert set(res["results"]["api"]["ami2020"]) == {"generate/0", "benchita/0"}
+    out = os.path.join(tmp_path, "evaluate", "runs")
+    m = json.load(open(os.path.join(out, "api", "ami2020", "metrics.json")))
+    assert "score/0" in m["unsupported"] and "log-probability" in m["unsupported"]["score/0"]
+    for task in ("squad_it", "ami2020"):
+        hf = {
+            (r["id"], r["protocol"]): r["raw"]
+            for r in pq.read_table(f"{out}/hf/{task}/predictions.parquet").to_pylist()
+        }
+        api = pq.read_table(f"{out}/api/{task}/predictions.parquet").to_pylist()
+        same = [hf[(r["id"], r["protocol"])] == r["raw"] for r in api]
+        assert sum(same) >= 0.9 * len(same), (task, sum(same), len(same))
 
 
 def test_job_refuses_a_bad_config_before_ray(tmp_path):

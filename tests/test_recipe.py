@@ -53,13 +53,16 @@ def test_main_job(tmp_path):
     assert (tmp_path / "train" / "tiny-cpu" / "loss.png").stat().st_size > 10_000
     assert re.search(r"\[label\] 107 rows -> .*label/sentiment/parts", r.stdout)
     assert re.search(r"\[label\] distribution: positive [\d,]+ \([\d.]+%\), negative", r.stdout)
-    # evaluation: the untrained and the trained model in the seed's tables
-    assert re.search(r"\| untrained \| [\d.]+ \| [\d.]+ \|", r.stdout) and re.search(
-        r"\| trained \| [\d.]+ \|", r.stdout
-    )
+    # evaluation: the untrained and the trained model (and its Q4_K_M file), figures with intervals
+    interval = r"[\d.]+ \[[\d.]+, [\d.]+\]"
+    assert re.search(rf"\| untrained \| generate \| {interval} \|", r.stdout), r.stdout[-3000:]
+    assert re.search(rf"\| trained \| benchita \(v2, first gold\) \| {interval} \|", r.stdout)
     assert "[evaluate] skipped, their files are not there" in r.stdout and "ami2020, ironita, sentipolc" in r.stdout
+    assert "| mistral-7b (published) | published |" in r.stdout and "trained - untrained" in r.stdout
     results = json.load(open(tmp_path / "evaluate" / "results.json"))
-    assert set(results["results"]) == {"untrained", "trained"} and results["tasks"]["squad_it"]["rows"] == 71
+    models = {"untrained", "trained"} | ({"trained-Q4_K_M"} if quantize.available() else set())
+    assert set(results["results"]) == models and results["tasks"]["squad_it"]["rows"] == 71
+    assert set(results["results"]["trained"]["squad_it"]) == {"generate/0", "generate/1", "benchita/0"}
     assert (tmp_path / "evaluate" / "results.png").stat().st_size > 1000
     gguf = tmp_path / "export" / "tiny-cpu"
     assert (gguf / "cerbero-F16.gguf").stat().st_size > 1_000_000 and 'Llama(model_path="' in r.stdout

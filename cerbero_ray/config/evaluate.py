@@ -1,5 +1,6 @@
-"""The evaluation stage's schema and its checks: the seed's SQuAD-it and EVALITA tables for any
-checkpoints."""
+"""The evaluation stage's schema and its checks: SQuAD-it and EVALITA tables for any models (HF
+folders or URIs, GGUF files, OpenAI-compatible endpoints), under three protocols and several prompt
+wordings, with bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from cerbero_ray.config.common import (
 )
 
 TASK_KINDS = ("squad", "ami2020", "ironita", "sentipolc")
-PROTOCOLS = ("generate", "score")
+PROTOCOLS = ("generate", "score", "benchita")
+PROMPT_WORDINGS = {"squad": 2, "ami2020": 3, "ironita": 3, "sentipolc": 3}  # len(evaluate.prompts.PROMPTS[kind])
 
 
 @dataclass
@@ -31,13 +33,15 @@ class EvalTaskConfig:
     shots: int = 5
     max_rows: Optional[int] = None  # score a seeded sample of this many rows; null: every row
     pool_rows: int = 100  # ami2020 / ironita: rows held out (fixed seed) as the shot pool
-    protocols: List[str] = field(default_factory=lambda: ["generate", "score"])  # squad: generate only
-    max_new_tokens: int = 32
+    protocols: List[str] = field(default_factory=lambda: ["generate", "score", "benchita"])  # squad: no score
+    prompts: Optional[List[int]] = None  # the prompt wordings to run (indices); null: every shipped one
+    max_new_tokens: int = 32  # the generate protocol's (benchita's own: 100 SQuAD, 10 EVALITA)
 
 
 @dataclass
 class EvaluateConfig:
-    checkpoints: Dict[str, str] = field(default_factory=dict)  # name -> HF folder or URI (one table row each)
+    # name -> an HF folder or URI, a .gguf file (llama.cpp), or an http(s)://…/v1 endpoint (one table row each)
+    checkpoints: Dict[str, str] = field(default_factory=dict)
     tasks: Dict[str, EvalTaskConfig] = field(default_factory=dict)
     only: Optional[List[str]] = None  # run these tasks of `tasks`; null: all
     skip_missing: bool = False  # a task whose file is missing is skipped with one line (else an error)
@@ -52,6 +56,10 @@ class EvaluateConfig:
     prefill_tokens: int = 32768  # prompt tokens prefilled per step: offline, bigger steps go faster
     max_prompt_tokens: int = 4096
     overwrite: bool = False
+    bootstrap: int = 1000  # resamples of the rows for every 95% interval (0: none)
+    endpoint_model: Optional[str] = None  # an endpoint's model id; null: the first of its /v1/models
+    endpoint_key_env: str = "OPENAI_API_KEY"  # the environment variable holding an endpoint's key
+    endpoint_concurrency: int = 8  # requests in flight to an endpoint
     published: List[Dict[str, Any]] = field(default_factory=list)  # rows printed for reference in results.md
 
 
@@ -73,24 +81,39 @@ def check_evaluate(c: dict, checkpoints: bool = True) -> None:
     ec = c["evaluate"]
     if not ec["checkpoints"]:
         raise ValueError("evaluate.checkpoints: no checkpoint (a mapping name -> HF folder or URI)")
-    if checkpoints:
-        for name, path in ec["checkpoints"].items():
-            check_local_checkpoint(path, f"evaluate.checkpoints.{name}")
+    for name, path in ec["checkpoints"].items():
+        key = f"evaluate.checkpoints.{name}"
+        if path.startswith(("http://", "https://")):
+            continue  # an endpoint: asked for its models when the stage runs
+        if path.lower().endswith(".gguf"):
+            if checkpoints and is_local(path) and not os.path.isfile(local_path(path)):
+                raise ValueError(f"{key}: no such GGUF file: {path}")
+        elif checkpoints:
+            check_local_checkpoint(path, key)
     unknown = set(ec.get("only") or []) - set(ec["tasks"])
     if unknown:
         raise ValueError(f"evaluate.only: unknown tasks {sorted(unknown)}; configured: {sorted(ec['tasks'])}")
     one_of(ec["dtype"], INFERENCE_DTYPES, "evaluate.dtype")
     check_output_dir(ec["output_dir"], "evaluate.output_dir")
-    at_least(ec, ("workers", "batch_rows", "batch_size", "max_prompt_tokens", "prefill_tokens"), 1, "evaluate")
+    at_least(
+        ec,
+        ("workers", "batch_rows", "batch_size", "max_prompt_tokens", "prefill_tokens", "endpoint_concurrency"),
+        1,
+        "evaluate",
+    )
+    at_least(ec, ("bootstrap",), 0, "evaluate")
     if float(ec["gpus_per_worker"]) < 0 or float(ec["cpus_per_worker"]) <= 0:
         raise ValueError("evaluate.gpus_per_worker must be >= 0 and evaluate.cpus_per_worker > 0")
     for name, t in selected_tasks(ec).items():
         key = f"evaluate.tasks.{name}"
         one_of(t["kind"], TASK_KINDS, f"{key}.kind")
         for p in t["protocols"]:
-            one_of(p, PROTOCOLS if t["kind"] != "squad" else ("generate",), f"{key}.protocols")
+            one_of(p, PROTOCOLS if t["kind"] != "squad" else ("generate", "benchita"), f"{key}.protocols")
         if not t["protocols"]:
             raise ValueError(f"{key}.protocols: at least one of {PROTOCOLS}")
+        wordings = PROMPT_WORDINGS[t["kind"]]
+        if t.get("prompts") is not None and (not t["prompts"] or any(not 0 <= i < wordings for i in t["prompts"])):
+            raise ValueError(f"{key}.prompts: indices of the {wordings} shipped wordings (0..{wordings - 1}), or null")
         at_least(t, ("max_new_tokens", "max_rows", "pool_rows"), 1, key)
         at_least(t, ("shots",), 0, key)
         path = t["path"]

@@ -12,7 +12,7 @@ from cerbero_ray.config.export import ExportConfig, check_export
 from cerbero_ray.config.label import LabelConfig, check_label
 from cerbero_ray.config.train import DeepSpeedConfig, TrainConfig, check_train
 
-RECIPE_STAGES = ("data", "train", "label", "evaluate", "export")
+RECIPE_STAGES = ("data", "train", "label", "export", "evaluate")  # evaluate last: it also scores the GGUF file
 
 
 @dataclass
@@ -34,7 +34,7 @@ def check_recipe(c: dict) -> None:
         "data": check_data,
         "train": check_train,
         "label": lambda c: check_label(c, checkpoint="train" not in c["stages"]),
-        "evaluate": lambda c: check_evaluate(c, checkpoints="train" not in c["stages"]),
+        "evaluate": lambda c: check_evaluate(c, checkpoints="train" not in c["stages"] and "export" not in c["stages"]),
         "export": lambda c: check_export(c, checkpoint="train" not in c["stages"]),
     }
     for stage in c["stages"]:

@@ -1,11 +1,13 @@
-"""EVALITA tasks as the seed evaluated them: AMI 2020 (toxicity = ``misogynous``), IronITA 2018
-(irony = ``irony``), SENTIPOLC 2014 (sentiment = ``negativo``, the binary reading). Pure Python.
+"""EVALITA tasks, as the seed's table names them: AMI 2020 (toxicity = ``misogynous``), IronITA
+2018 (irony = ``irony``), SENTIPOLC 2014 (sentiment = ``negativo``, the binary reading). Pure Python.
 
-Each is a 5-shot yes/no question in Italian (``Dato questo testo:\\n{text}\\nIl suo contenuto è
-misogino? (si/no)``…). The shots come from a pool disjoint from the scored rows: SENTIPOLC's own
-``train`` rows (its ``test`` rows are scored); for the others a fixed-seed pool of ``pool_rows``
-rows is held out and the rest is scored. The shots are the same for every scored row (drawn with the
-seed, both answers represented), which is also what lets the scorer run the shared prefix once.
+Each is a few-shot yes/no question in Italian (:data:`cerbero_ray.evaluate.prompts.PROMPTS`: several
+wordings). The shots come from a pool disjoint from the scored rows: SENTIPOLC's own ``train`` rows
+(its ``test`` rows are scored); for the others a fixed-seed pool of ``pool_rows`` rows is held out
+and the rest is scored. Under ``generate``/``score`` the shots are the same for every scored row
+(drawn with the seed, both answers represented), which lets the scorer run the shared prefix once.
+A row whose id repeats an earlier row's is a counted reject (``duplicate_id``): every figure of a
+table is computed on the same rows.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from dataclasses import dataclass
 
 from cerbero_ray import storage
 from cerbero_ray.config.label_task import LabelTask
-
-YES, NO = "si", "no"
+from cerbero_ray.evaluate.prompts import NO, PROMPTS, YES  # noqa: F401 (YES/NO: the answers, re-exported)
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,8 @@ SEED_NAMES = {"ami2020": "toxicity", "ironita": "irony", "sentipolc": "sentiment
 _TRUE, _FALSE = {"1", "true", "yes"}, {"0", "false", "no"}
 
 
-def template(spec: Spec) -> str:
-    return f"Dato questo testo:\n{{text}}\n{spec.question} ({YES}/{NO})"
+def template(spec: Spec, prompt: int = 0) -> str:
+    return PROMPTS[spec.name][prompt]
 
 
 def _gold(value) -> int | None:
@@ -61,7 +62,7 @@ def load(spec: Spec, path: str) -> tuple[list[dict], list[dict]]:
     )
     if missing:
         raise ValueError(f"{path}: not a {spec.name} file (no column {sorted(missing)}; has {reader.fieldnames})")
-    rows, rejects = [], []
+    rows, rejects, seen = [], [], set()
     for line, rec in enumerate(reader, start=2):
         rid = (rec.get("id") or "").strip() or f"line{line}"
         text, gold = rec.get(spec.text_col), _gold(rec.get(spec.gold_col))
@@ -72,11 +73,14 @@ def load(spec: Spec, path: str) -> tuple[list[dict], list[dict]]:
             if not text or not text.strip()
             else "bad_gold"
             if gold is None
+            else "duplicate_id"
+            if rid in seen
             else None
         )
         if reason:
             rejects.append({"id": rid, "line": line, "reason": reason})
             continue
+        seen.add(rid)
         split = (rec.get(spec.split_col) or "").strip().lower() if spec.split_col else None
         rows.append({"id": rid, "text": text.strip(), "gold": gold, "split": split})
     return rows, rejects
@@ -107,12 +111,12 @@ def pick_shots(pool: list[dict], k: int, seed: int) -> list[dict]:
     return shots
 
 
-def build_task(spec: Spec, shots: list[dict]) -> LabelTask:
-    """The scorer's task: ``si``/``no`` verbalizers, the seed's question as the human's turn."""
+def build_task(spec: Spec, shots: list[dict], prompt: int = 0) -> LabelTask:
+    """The scorer's task: ``si``/``no`` verbalizers, prompt ``prompt``'s question as the human's turn."""
     return LabelTask(
         name=spec.name,
         instruction=spec.question,
         labels={"no": NO, "yes": YES},  # "no" first: a tie in nearest-label mapping goes to it
         few_shot=[{"text": s["text"], "label": "yes" if s["gold"] else "no"} for s in shots],
-        template=template(spec),
+        template=template(spec, prompt),
     )

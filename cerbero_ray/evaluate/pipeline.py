@@ -1,41 +1,67 @@
-"""The evaluation stage on Ray Data: ``run_evaluate(cfg)``.
+"""The evaluation stage: ``run_evaluate(cfg)``.
 
-For every checkpoint in ``evaluate.checkpoints`` and every task in ``evaluate.tasks``: the driver
-loads the task's file, samples the scored rows and picks the shots (:mod:`cerbero_ray.evaluate.tasks`);
-a pool of model actors (one checkpoint each, ``ActorPoolStrategy``, one GPU each on GPU clusters)
-runs batches of rows under each protocol (:class:`~cerbero_ray.evaluate.worker.EvalWorker`: the
-continuous-batching generator for answers, the label scorer for ``score``); the driver computes
-the metrics and writes, per (checkpoint, task), ``predictions.parquet`` (and for SQuAD a
-``predictions.json`` in the official format) and ``metrics.json`` last. A rerun skips every
-(checkpoint, task) whose ``metrics.json`` holds the same identity. At the end: ``results.json``,
-``results.md`` (the seed's two tables) and ``results.png``.
+For every model in ``evaluate.checkpoints`` (an HF folder or URI, a ``.gguf`` file, or an
+OpenAI-compatible ``http(s)://…/v1`` endpoint) and every task in ``evaluate.tasks``: the driver
+loads the task's file, samples the scored rows, picks the shots and builds one *unit* per
+(protocol, prompt wording) (:mod:`cerbero_ray.evaluate.tasks`). The request rows of every unit not
+yet done travel as columns: to a pool of model actors for an HF checkpoint
+(:class:`~cerbero_ray.evaluate.worker.EvalWorker`, ``ActorPoolStrategy``, one GPU each on GPU
+clusters), to llama.cpp in a child process for a GGUF file, to the endpoint for a URL
+(:mod:`cerbero_ray.evaluate.backends`). The driver reads the answers (:mod:`.reading`), computes the
+figures with 95% bootstrap intervals, and writes, per (model, task), ``predictions.parquet`` (and
+for SQuAD the official script's ``predictions.json`` and ``gold.json``) and ``metrics.json`` last.
+A rerun skips every (model, task) whose ``metrics.json`` holds the same identity. At the end:
+paired intervals of each model against the first, ``results.json``, ``results.md``, ``results.png``.
 
     python jobs/evaluate.py                                   # embedded local cluster
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter, defaultdict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from cerbero_ray import batchjob, storage
 from cerbero_ray.checkpoints import check_checkpoint, is_local
 from cerbero_ray.config import check
 from cerbero_ray.config.evaluate import selected_tasks
 from cerbero_ray.evaluate import squad
-from cerbero_ray.evaluate.metrics import baselines, classification_scores, squad_scores
+from cerbero_ray.evaluate.backends import UNSUPPORTED, model_kind, runner
+from cerbero_ray.evaluate.metrics import baselines, paired_bootstrap, prompt_summary
+from cerbero_ray.evaluate.reading import columns_from_rows, figures, metric_kind, read_unit
 from cerbero_ray.evaluate.report import write_report
-from cerbero_ray.evaluate.tasks import Prepared, prepare
+from cerbero_ray.evaluate.tasks import Prepared, Unit, prepare
 from cerbero_ray.evaluate.worker import EvalWorker
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("protocol", pa.string()),
+        ("prompt", pa.int32()),
+        ("gold", pa.string()),
+        ("prediction", pa.string()),
+        ("raw", pa.string()),
+        ("p_yes", pa.float64()),
+        ("parsed", pa.bool_()),
+        ("truncated", pa.bool_()),
+        ("gold_class", pa.int32()),
+        ("pred_class", pa.int32()),
+        ("em", pa.float64()),
+        ("f1", pa.float64()),
+        ("em_it", pa.float64()),
+        ("f1_it", pa.float64()),
+        ("exact", pa.float64()),
+    ]
+)
 
 
 def prepare_tasks(ec: dict) -> tuple[dict[str, Prepared], list[str]]:
-    """Every selected task's rows; tasks whose file is missing are skipped when ``skip_missing``."""
+    """Every selected task's rows and units; tasks whose file is missing are skipped when ``skip_missing``."""
     prepared, skipped = {}, []
     for name, tc in selected_tasks(ec).items():
         if not storage.is_file(tc["path"]):
@@ -67,135 +93,203 @@ def _done(ec: dict, ckpt: str, task: str, ident: str) -> dict | None:
     return m if m.get("identity") == ident else None
 
 
-def _items(p: Prepared, protocol: str, batch_rows: int) -> list[dict]:
-    keep = ("id", "messages") if protocol == "generate" else ("id", "text")
-    rows = [{k: r[k] for k in keep} for r in p.rows]
+def _runnable(kind: str, units: list[Unit]) -> tuple[list[Unit], dict[str, str]]:
+    """The units a model of ``kind`` runs, and why the others are not."""
+    refused = {u.key: UNSUPPORTED[kind][u.protocol] for u in units if u.protocol in UNSUPPORTED.get(kind, {})}
+    return [u for u in units if u.key not in refused], refused
+
+
+def _requests(todo: dict[str, list[Unit]]) -> list[dict]:
     return [
-        {"task": p.name, "protocol": protocol, "rows": json.dumps(rows[i : i + batch_rows], ensure_ascii=False)}
-        for i in range(0, len(rows), batch_rows)
+        {
+            "task": name,
+            "unit": u.key,
+            "id": r["id"],
+            "messages": r.get("messages"),
+            "text": r.get("text"),
+            "max_new_tokens": u.max_new_tokens,
+            "stop_at_newline": u.stop_at_newline,
+        }
+        for name, units in todo.items()
+        for u in units
+        for r in u.requests
     ]
 
 
-def _finish_task(ec: dict, ckpt: str, p: Prepared, outs: dict[str, list[dict]], ident: str) -> dict:
-    """Metrics and predictions of one (checkpoint, task); ``metrics.json`` is written last."""
+def _answers(ec: dict, ckpt: str, todo: dict[str, list[Unit]]) -> dict[tuple, dict]:
+    """Every request of ``todo`` answered by model ``ckpt``: {(task, unit, id): {raw, p_yes, truncated}}."""
+    spec, kind = ec["checkpoints"][ckpt], model_kind(ec["checkpoints"][ckpt])
+    items = _requests(todo)
+    longest = max([u.max_new_tokens for us in todo.values() for u in us] or [1])
+    cfg = {
+        "checkpoint": spec,
+        **{k: ec[k] for k in ("dtype", "batch_size", "max_prompt_tokens", "prefill_tokens", "workers")},
+        **{k: ec[k] for k in ("gpus_per_worker", "cpus_per_worker", "endpoint_model", "endpoint_key_env")},
+        "max_new_tokens": max(longest, 1),
+        "tasks": {f"{n}/{u.key}": u.task for n, us in todo.items() for u in us if u.task},
+    }
+    out = {}
+    if kind == "hf":
+        for row in batchjob.map_items(
+            items, EvalWorker, cfg, f"evaluate {ckpt}", len(items), ec["batch_rows"], batch_format="pyarrow"
+        ):
+            out[(row["task"], row["unit"], row["id"])] = row
+        return out
+    run = runner(kind, spec, cfg)
+    with tqdm(total=len(items), unit="row", desc=f"evaluate {ckpt} ({kind})", dynamic_ncols=True) as bar:
+        for s in range(0, len(items), ec["batch_rows"]):
+            batch = items[s : s + ec["batch_rows"]]
+            for item, o in zip(batch, run.run(batch)):
+                out[(item["task"], item["unit"], item["id"])] = o
+            bar.update(len(batch))
+    return out
+
+
+def _finish_task(ec: dict, ckpt: str, p: Prepared, units: list[Unit], answers: dict, ident: str, refused: dict) -> dict:
+    """Figures and predictions of one (model, task); ``metrics.json`` is written last."""
     d = _task_dir(ec, ckpt, p.name)
-    gold = {r["id"]: r["gold"] for r in p.rows}
-    metrics, table = {}, defaultdict(list)
-    for protocol, out in outs.items():
-        by_id = {o["id"]: o for o in out}
-        if p.kind == "squad":
-            preds = {q: by_id[q]["prediction"] for q in gold}
-            metrics[protocol] = squad_scores(preds, gold)
-            storage.write_json(storage.join(d, "predictions.json"), preds)  # the official script's inputs
+    table, by_unit = [], {}
+    for u in units:
+        outs = {r["id"]: answers[(p.name, u.key, r["id"])] for r in u.requests}
+        rows, cols, counts = read_unit(p, u, outs)
+        table += rows
+        by_unit[u.key] = {
+            "protocol": u.protocol,
+            "prompt": u.prompt,
+            "prompt_hash": u.prompt_hash(),
+            **figures(metric_kind(p.kind, u.protocol), cols, counts, ec["bootstrap"], ec["seed"]),
+        }
+        if p.kind == "squad" and u.protocol == "generate" and u.prompt == 0:  # the official script's inputs
+            preds = {r["id"]: r["prediction"] for r in rows}
+            storage.write_json(storage.join(d, "predictions.json"), preds)
             storage.write_json(storage.join(d, "gold.json"), squad.subset(p.rows))
-        else:
-            metrics[protocol] = classification_scores([gold[q] for q in gold], [by_id[q]["prediction"] for q in gold])
-        for q in gold:
-            o = by_id[q]
-            table["id"].append(q)
-            table["gold"].append(json.dumps(gold[q], ensure_ascii=False))
-            table["prediction"].append(str(o["prediction"]))
-            table["raw"].append(o.get("raw"))
-            table["p_yes"].append(o.get("p_yes"))
-            table["protocol"].append(protocol)
-    schema = pa.schema(
-        [
-            ("id", pa.string()),
-            ("gold", pa.string()),
-            ("prediction", pa.string()),
-            ("raw", pa.string()),
-            ("p_yes", pa.float64()),
-            ("protocol", pa.string()),
-        ]
-    )
     with storage.open_output(storage.join(d, "predictions.parquet")) as f:
-        pq.write_table(pa.table(dict(table), schema=schema), f)
+        pq.write_table(pa.Table.from_pylist(table, schema=PREDICTION_SCHEMA), f)
     result = {
         "identity": ident,
         "checkpoint": ec["checkpoints"][ckpt],
+        "model_kind": model_kind(ec["checkpoints"][ckpt]),
         "task": p.name,
         "kind": p.kind,
         "rows": len(p.rows),
-        "metrics": metrics,
+        "units": by_unit,
+        "protocols": _over_prompts(by_unit),
+        "unsupported": refused,
     }
     storage.write_json(storage.join(d, "metrics.json"), result)
     return result
 
 
-def evaluate_checkpoint(ec: dict, ckpt: str, prepared: dict[str, Prepared]) -> dict[str, dict]:
-    """Every task of one checkpoint; returns {task: metrics.json content}."""
-    tasks = selected_tasks(ec)
-    results, todo = {}, {}
+def _over_prompts(by_unit: dict) -> dict:
+    """Per protocol and figure: mean, std, best prompt and the combined score over its prompts."""
+    out = defaultdict(dict)
+    groups = defaultdict(list)
+    for u in by_unit.values():
+        groups[u["protocol"]].append(u)
+    for protocol, us in groups.items():
+        us = sorted(us, key=lambda u: u["prompt"])
+        for k, v in us[0].items():
+            if isinstance(v, float) and k not in ("prompt",):
+                out[protocol][k] = prompt_summary([u[k] for u in us])
+    return dict(out)
+
+
+def evaluate_model(ec: dict, ckpt: str, prepared: dict[str, Prepared]) -> dict[str, dict]:
+    """Every task of one model; returns {task: metrics.json content}."""
+    tasks, kind = selected_tasks(ec), model_kind(ec["checkpoints"][ckpt])
+    model = {k: ec[k] for k in ("dtype", "max_prompt_tokens")} | {"checkpoint": ec["checkpoints"][ckpt]}
+    results, todo, idents, refused = {}, {}, {}, {}
     for name, p in prepared.items():
-        ident = p.identity(tasks[name], ec["seed"]) + ":" + ec["checkpoints"][ckpt]
-        done = None if ec.get("overwrite") else _done(ec, ckpt, name, ident)
+        ident = p.identity(tasks[name], ec["seed"], model) + f":{ec['bootstrap']}"
+        units, refused[name] = _runnable(kind, p.units)
+        for key, why in refused[name].items():
+            print(f"[evaluate] {ckpt}: {name} {key} not run: {why}")
+        done = None if ec["overwrite"] else _done(ec, ckpt, name, ident)
         if done:
             results[name] = done
         else:
-            todo[name] = ident
+            todo[name], idents[name] = units, ident
     print(f"[evaluate] {ckpt}: {len(results)} task(s) already done, {len(todo)} to go ({', '.join(todo) or '-'})")
     if not todo:
         return results
-    items = [
-        it
-        for name in todo
-        for proto in tasks[name]["protocols"]
-        for it in _items(prepared[name], proto, ec["batch_rows"])
-    ]
-    cfg = {
-        "checkpoint": ec["checkpoints"][ckpt],
-        **{
-            k: ec[k]
-            for k in (
-                "dtype",
-                "batch_size",
-                "max_prompt_tokens",
-                "prefill_tokens",
-                "workers",
-                "gpus_per_worker",
-                "cpus_per_worker",
-            )
-        },
-        "tasks": {
-            n: {
-                "kind": tasks[n]["kind"],
-                "max_new_tokens": tasks[n]["max_new_tokens"],
-                "task": prepared[n].task if "score" in tasks[n]["protocols"] else None,
-            }
-            for n in todo
-        },
-    }
-    expected = Counter(f"{it['task']}/{it['protocol']}" for it in items)
-    outs: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    total = sum(len(json.loads(it["rows"])) for it in items)
-    for row in batchjob.map_items(items, EvalWorker, cfg, f"evaluate {ckpt}", total):
-        outs[row["task"]][row["protocol"]] += json.loads(row["out"])
-        expected[f"{row['task']}/{row['protocol']}"] -= 1
-        name = row["task"]
-        if name in todo and all(expected[f"{name}/{pr}"] == 0 for pr in tasks[name]["protocols"]):
-            results[name] = _finish_task(ec, ckpt, prepared[name], outs.pop(name), todo.pop(name))
+    answers = _answers(ec, ckpt, todo)
+    for name, units in todo.items():
+        results[name] = _finish_task(ec, ckpt, prepared[name], units, answers, idents[name], refused[name])
     return results
 
 
+def paired(ec: dict, prepared: dict[str, Prepared], per_model: dict) -> dict:
+    """Each model against the first, on the same rows and resamples: per task and unit, the
+    difference of every figure with its 95% interval."""
+    names = list(per_model)
+    if len(names) < 2:
+        return {}
+    out = {}
+    cols = {
+        (m, t): {
+            u: columns_from_rows(metric_kind(prepared[t].kind, u.split("/")[0]), rows) for u, rows in units.items()
+        }
+        for m in names
+        for t in per_model[m]
+        for units in [_unit_rows(ec, m, t)]
+    }
+    base = names[0]
+    for m in names[1:]:
+        for t in per_model[m]:
+            for u, b in cols.get((m, t), {}).items():
+                a = cols.get((base, t), {}).get(u)
+                if a is None or len(next(iter(a.values()))) != len(next(iter(b.values()))):
+                    continue
+                kind = metric_kind(prepared[t].kind, u.split("/")[0])
+                out.setdefault(f"{m} - {base}", {}).setdefault(t, {})[u] = paired_bootstrap(
+                    kind, a, b, ec["bootstrap"], ec["seed"]
+                )
+    return out
+
+
+def _unit_rows(ec: dict, ckpt: str, task: str) -> dict[str, list[dict]]:
+    fs, p = storage.resolve(storage.join(_task_dir(ec, ckpt, task), "predictions.parquet"))
+    with fs.open_input_file(p) as f:
+        rows = pq.read_table(f).to_pylist()
+    units = defaultdict(list)
+    for r in rows:
+        units[f"{r['protocol']}/{r['prompt']}"].append(r)
+    return units
+
+
+def _present(ec: dict, name: str, path: str) -> bool:
+    """A GGUF file that is not there (the main job without llama-cpp-python makes no Q4_K_M file) is
+    skipped with one line when ``skip_missing``; else an error naming the key."""
+    if model_kind(path) != "gguf" or storage.is_file(path):
+        return True
+    if ec["skip_missing"]:
+        print(f"[evaluate] {name} skipped: no GGUF file at {path}")
+        return False
+    raise ValueError(f"evaluate.checkpoints.{name}: no such GGUF file: {path}")
+
+
 def run_evaluate(cfg: DictConfig | dict) -> dict:
-    """Evaluate every checkpoint on every task on an initialised Ray; returns ``results.json``'s content."""
+    """Evaluate every model on every task on an initialised Ray; returns ``results.json``'s content."""
     c = check("evaluate", cfg)
     ec = c["evaluate"]
     for name, path in ec["checkpoints"].items():
-        if not is_local(path):
+        if model_kind(path) == "hf" and not is_local(path):
             check_checkpoint(path, f"evaluate.checkpoints.{name}")
     t0 = time.perf_counter()
     prepared, skipped = prepare_tasks(ec)
     for name, p in prepared.items():
         rej = Counter(r["reason"] for r in p.rejects)
         print(
-            f"[evaluate] {name}: {len(p.rows)} rows scored, {p.pool_rows} in the shot pool"
+            f"[evaluate] {name}: {len(p.rows)} rows scored, {p.pool_rows} in the shot pool, "
+            f"{len(p.units)} unit(s) ({', '.join(u.key for u in p.units)})"
             f"{', rejects ' + str(dict(rej)) if rej else ''}"
         )
-    per_ckpt = {ckpt: evaluate_checkpoint(ec, ckpt, prepared) for ckpt in ec["checkpoints"]}
+    models = [m for m, path in ec["checkpoints"].items() if _present(ec, m, path)]
+    per_model = {m: evaluate_model(ec, m, prepared) for m in models}
     results = {
         "config": ec,
         "seed": ec["seed"],
+        "bootstrap": ec["bootstrap"],
         "skipped_tasks": skipped,
         "seconds": round(time.perf_counter() - t0, 1),
         "tasks": {
@@ -204,13 +298,18 @@ def run_evaluate(cfg: DictConfig | dict) -> dict:
                 "rows": len(p.rows),
                 "pool_rows": p.pool_rows,
                 "shots": p.shots,
+                "file_sha256": p.file_sha256,
+                "prompt_hashes": {u.key: u.prompt_hash() for u in p.units},
                 "rejects": dict(Counter(r["reason"] for r in p.rejects)),
                 "rejected": p.rejects[:100],
                 "baselines": baselines([r["gold"] for r in p.rows]) if p.kind != "squad" else None,
             }
             for n, p in prepared.items()
         },
-        "results": {ck: {t: r["metrics"] for t, r in res.items()} for ck, res in per_ckpt.items()},
+        "results": {m: {t: r["units"] for t, r in res.items()} for m, res in per_model.items()},
+        "over_prompts": {m: {t: r["protocols"] for t, r in res.items()} for m, res in per_model.items()},
+        "model_kinds": {m: model_kind(ec["checkpoints"][m]) for m in per_model},
+        "paired": paired(ec, prepared, per_model),
     }
     storage.write_json(storage.join(ec["output_dir"], "results.json"), results)
     results["report"] = write_report(results, ec)

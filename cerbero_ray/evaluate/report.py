@@ -1,5 +1,11 @@
-"""The seed's two tables for every checkpoint (``results.md``), a chart (``results.png``), and the
-same tables printed at the end of the job."""
+"""``results.md`` (printed at the end of the job too) and ``results.png``.
+
+Every figure is given on the first prompt wording with its 95% bootstrap interval; the prompt
+sensitivity table gives the mean ± standard deviation over the wordings, the best one and the
+combined score; the paired table gives each model's difference from the first on the same rows.
+The seed's published rows stand beside both F1 tables, since the seed does not say which F1 it
+published. Each task says what was scored and how that differs from the published setting.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,31 @@ from cerbero_ray import storage
 from cerbero_ray.evaluate.evalita import SEED_NAMES
 
 EVALITA = list(SEED_NAMES)  # ami2020, ironita, sentipolc: the seed's column order
+PROTOCOLS = ("generate", "score", "benchita")
+TITLES = {
+    "f1": "F1 of the positive class",
+    "macro_f1": "macro-F1",
+    "accuracy": "accuracy",
+    "weighted_f1": "weighted F1 (benchita's classification_report)",
+}
+FULL_SQUAD_IT_TEST = 7609  # questions in SQuAD-it's test set
 
 
 def _f(x) -> str:
     return "–" if x is None else f"{x:.2f}"
+
+
+def _ci(unit: dict | None, metric: str) -> str:
+    """``value [lo, hi]`` of a figure of a unit, or ``–``."""
+    if not unit or unit.get(metric) is None:
+        return "–"
+    lo_hi = (unit.get("ci") or {}).get(metric)
+    return f"{unit[metric]:.2f} [{lo_hi[0]:.1f}, {lo_hi[1]:.1f}]" if lo_hi else f"{unit[metric]:.2f}"
+
+
+def _first(units: dict, protocol: str) -> dict | None:
+    """The unit of ``protocol``'s first prompt wording."""
+    return units.get(f"{protocol}/0")
 
 
 def squad_table(results: dict, published: list[dict]) -> list[str]:
@@ -21,71 +48,176 @@ def squad_table(results: dict, published: list[dict]) -> list[str]:
     if not names:
         return []
     lines = [
-        "| Model | SQuAD-it F1 | SQuAD-it EM | F1 (Italian-normalised) | EM (Italian-normalised) | rows |",
-        "|---|---|---|---|---|---|",
+        "| Model | protocol | F1 | EM | F1 (Italian-normalised) | EM (Italian-normalised) | rows |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for ckpt, res in results["results"].items():
+    for model, res in results["results"].items():
         for t in names:
-            m = res.get(t, {}).get("generate")
-            if m:
-                label = ckpt if len(names) == 1 else f"{ckpt} ({t})"
+            units = res.get(t, {})
+            label = model if len(names) == 1 else f"{model} ({t})"
+            g, b = _first(units, "generate"), _first(units, "benchita")
+            if g:
                 lines.append(
-                    f"| {label} | {_f(m['f1'])} | {_f(m['em'])} | {_f(m['f1_it'])} | {_f(m['em_it'])} | {m['rows']} |"
+                    f"| {label} | generate | {_ci(g, 'f1')} | {_ci(g, 'em')} | {_ci(g, 'f1_it')} | "
+                    f"{_ci(g, 'em_it')} | {g['rows']} |"
+                )
+            if b:
+                lines.append(
+                    f"| {label} | benchita (v2, first gold) | {_ci(b, 'f1')} | {_ci(b, 'exact')} | – | – | "
+                    f"{b['rows']} |"
                 )
     for p in published:
         if p.get("squad_it_f1") is not None:
-            lines.append(f"| {p['model']} | {_f(p['squad_it_f1'])} | {_f(p.get('squad_it_em'))} | – | – | – |")
+            lines.append(
+                f"| {p['model']} | published | {_f(p['squad_it_f1'])} | {_f(p.get('squad_it_em'))} | – | – | – |"
+            )
     return lines
 
 
-def evalita_table(results: dict, published: list[dict], metric: str = "f1") -> list[str]:
+def evalita_table(results: dict, published: list[dict], metric: str) -> list[str]:
     present = [t for t in EVALITA if t in results["tasks"]]
     if not present:
         return []
     head = " | ".join(f"{SEED_NAMES[t].capitalize()} ({t})" for t in present)
     lines = [f"| Model | protocol | {head} |", "|---|---|" + "---|" * len(present)]
-    for ckpt, res in results["results"].items():
-        for proto in ("generate", "score"):
-            cells = [res.get(t, {}).get(proto, {}).get(metric) for t in present]
-            if any(c is not None for c in cells):
-                lines.append(f"| {ckpt} | {proto} | " + " | ".join(_f(c) for c in cells) + " |")
-    for base in ("majority_class", "always_positive"):
-        cells = [results["tasks"][t]["baselines"][base][metric] for t in present]
-        lines.append(f"| *{base.replace('_', ' ')}* | baseline | " + " | ".join(_f(c) for c in cells) + " |")
-    if metric == "f1":
+    for model, res in results["results"].items():
+        for proto in PROTOCOLS:
+            cells = [_ci(_first(res.get(t, {}), proto), metric) for t in present]
+            if any(c != "–" for c in cells):
+                lines.append(f"| {model} | {proto} | " + " | ".join(cells) + " |")
+    if metric in ("f1", "macro_f1", "accuracy"):
+        for base in ("majority_class", "always_positive"):
+            cells = [_f(results["tasks"][t]["baselines"][base][metric]) for t in present]
+            lines.append(f"| *{base.replace('_', ' ')}* | baseline | " + " | ".join(cells) + " |")
+    if metric in ("f1", "macro_f1"):  # which F1 the seed published is not stated: beside both
         for p in published:
             if any(p.get(t) is not None for t in present):
-                lines.append(f"| {p['model']} | generate | " + " | ".join(_f(p.get(t)) for t in present) + " |")
+                lines.append(
+                    f"| {p['model']} | published (F1, unstated) | " + " | ".join(_f(p.get(t)) for t in present) + " |"
+                )
     return lines
 
 
-def _shots(results: dict, ec: dict, squad: bool) -> str:
-    """The shots of the tasks evaluated (of SQuAD, or of the EVALITA tasks)."""
-    found = {ec["tasks"][t]["shots"] for t, v in results["tasks"].items() if (v["kind"] == "squad") == squad}
-    return "/".join(str(k) for k in sorted(found)) or "?"
+def counts_table(results: dict) -> list[str]:
+    """Answers the protocols could not read, and prompts cut to fit, per model and task."""
+    lines = [
+        "| Model | task | protocol/prompt | unparsed (generate) | unknown (benchita) | too long (score) | "
+        "prompts cut |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, res in results["results"].items():
+        for t, units in res.items():
+            for key, u in sorted(units.items()):
+                if u.get("unparsed") or u.get("unknown") or u.get("errors") or u.get("truncated"):
+                    lines.append(
+                        f"| {model} | {t} | {key} | {u.get('unparsed', 0)} of {u['rows']} | {u.get('unknown', 0)} | "
+                        f"{u.get('errors', 0)} | {u.get('truncated', 0)} |"
+                    )
+    return lines if len(lines) > 2 else []
+
+
+def prompts_table(results: dict) -> list[str]:
+    lines = [
+        "| Model | task | protocol | figure | mean ± std over prompts | best (prompt) | combined |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, res in results["over_prompts"].items():
+        for t, protocols in res.items():
+            for proto, figs in protocols.items():
+                metric = "f1" if "f1" in figs else next(iter(figs), None)
+                s = figs.get(metric) if metric else None
+                if s and s["prompts"] > 1:
+                    lines.append(
+                        f"| {model} | {t} | {proto} | {metric} | {s['mean']:.2f} ± {s['std']:.2f} | "
+                        f"{s['best']:.2f} ({s['best_prompt']}) | {s['combined']:.2f} |"
+                    )
+    return lines if len(lines) > 2 else []
+
+
+def paired_table(results: dict) -> list[str]:
+    lines = [
+        "| Difference | task | protocol/prompt | figure | difference [95% CI] | share of resamples ≤ 0 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for pair, tasks in results.get("paired", {}).items():
+        for t, units in tasks.items():
+            for key, figs in sorted(units.items()):
+                metric = "f1" if "f1" in figs else "macro_f1" if "macro_f1" in figs else next(iter(figs), None)
+                d = figs.get(metric) if metric else None
+                if d:
+                    lines.append(
+                        f"| {pair} | {t} | {key} | {metric} | {d['diff']:+.2f} "
+                        f"[{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}] | "
+                        f"{d['p_not_better']:.3f} |"
+                    )
+    return lines if len(lines) > 2 else []
+
+
+def setting_notes(results: dict, ec: dict) -> list[str]:
+    """Per task: the rows scored, the shot pool, the protocols, and how that differs from the
+    published setting."""
+    out = []
+    for t, v in results["tasks"].items():
+        tc = ec["tasks"][t]
+        rej = sum(v["rejects"].values())
+        base = (
+            f"- **{t}**: {v['rows']} rows scored, shot pool {v['pool_rows']} rows, {tc['shots']}-shot, "
+            f"protocols {', '.join(tc['protocols'])}, prompt wordings {tc.get('prompts') or 'all'}"
+            + (f", {rej} rejects {v['rejects']}" if rej else "")
+            + "."
+        )
+        if v["kind"] == "squad" and v["rows"] < FULL_SQUAD_IT_TEST:
+            base += (
+                f" Differs from the published setting: {v['rows']} questions of `{os.path.basename(tc['path'])}` "
+                f"(the shared file holds the test set's first 6 articles), not the {FULL_SQUAD_IT_TEST:,} "
+                "of the full test set."
+            )
+        elif v["kind"] == "sentipolc":
+            base += (
+                " Differs from the published setting, as far as it is known: only the `test` rows are scored "
+                "(the `train` rows are the shot pool); the seed reports no split."
+            )
+        elif v["kind"] in ("ami2020", "ironita"):
+            base += (
+                f" Differs from the published setting: {v['pool_rows']} rows are held out as the shot pool, "
+                "so not every row of the file is scored."
+            )
+        out.append(base)
+    return out
 
 
 def markdown(results: dict, ec: dict) -> str:
+    published = ec.get("published") or []
     out = ["# Evaluation", ""]
-    sq = squad_table(results, ec.get("published") or [])
+    kinds = results.get("model_kinds", {})
+    if kinds:
+        out += ["Models: " + ", ".join(f"{m} ({k})" for m, k in kinds.items()) + ".", ""]
+    sq = squad_table(results, published)
     if sq:
-        out += [f"## SQuAD-it ({_shots(results, ec, True)}-shot, greedy, official SQuAD v1.1 EM/F1, %)", "", *sq, ""]
-    for metric, title in (("f1", "F1 of the positive class"), ("macro_f1", "macro-F1"), ("accuracy", "accuracy")):
-        ev = evalita_table(results, ec.get("published") or [], metric)
-        if ev:
-            out += [f"## EVALITA ({_shots(results, ec, False)}-shot yes/no, {title}, %)", "", *ev, ""]
-    rows = ", ".join(
-        f"{t} {v['rows']} rows (pool {v['pool_rows']}, rejects {sum(v['rejects'].values())})"
-        for t, v in results["tasks"].items()
-    )
-    out += [f"Rows scored: {rows}.", ""]
+        out += ["## SQuAD-it (greedy; EM/F1 as the official SQuAD v1.1 script, %; 95% bootstrap interval)", "", *sq, ""]
+    for metric, title in TITLES.items():
+        ev = evalita_table(results, published, metric)
+        if len(ev) > 2:
+            out += [f"## EVALITA ({title}, %; first prompt wording, 95% bootstrap interval)", "", *ev, ""]
+    for title, table in (
+        ("Answers not read as a label, and prompts cut to fit", counts_table(results)),
+        ("Prompt sensitivity (over the shipped wordings)", prompts_table(results)),
+        ("Each model against the first (paired bootstrap, same rows)", paired_table(results)),
+    ):
+        if table:
+            out += [f"## {title}", "", *table, ""]
+    out += ["## What was scored", "", *setting_notes(results, ec), ""]
     if results["skipped_tasks"]:
         out += [f"Skipped (no file): {', '.join(results['skipped_tasks'])}.", ""]
     out += [
-        "Protocols: `generate` is the authors' (greedy answer, at most 32 tokens, cut at the first newline, "
-        "mapped to the nearest label by edit distance); `score` is ours (the label scorer: the log-probability "
-        "of `si`/`no` as the assistant's whole answer, no generation). Published rows are the seed's figures "
-        "for reference.",
+        "Protocols: `generate` and `score` are ours (README, Evaluation): yes/no questions in the cerbero chat, "
+        "the answer's first word read as si/no (`unparsed` when neither, then mapped to the nearest label), or the "
+        "log-probability of si/no; `benchita` follows the authors' later public harness (upper-case labels, prefix "
+        "matching, classification_report; SQuAD v2 metric on the first gold answer). The seed describes none of its "
+        "protocols. Published rows are the seed's README figures; it does not say which F1 they are (mistral-7b's "
+        "identical 34.16 on AMI 2020 and IronITA, two nearly balanced sets, reads like the macro-F1 of a near-constant "
+        "predictor), so they stand beside both F1 tables. Intervals: 95% percentile bootstrap over the scored rows, "
+        f"{results.get('bootstrap', 0)} resamples, seed {results['seed']}.",
         "",
     ]
     return "\n".join(out)
@@ -98,23 +230,29 @@ def chart(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    bars = []  # (task label, series label, value)
-    for ckpt, res in results["results"].items():
-        for t, by_proto in res.items():
-            for proto, m in by_proto.items():
-                bars.append((t, f"{ckpt} ({proto})", m.get("f1")))
+    bars = []
+    for model, res in results["results"].items():
+        for t, units in res.items():
+            for proto in PROTOCOLS:
+                u = _first(units, proto)
+                if u is not None:
+                    metric = "f1" if u.get("f1") is not None else "macro_f1"
+                    ci = (u.get("ci") or {}).get(metric)
+                    bars.append((t, f"{model} ({proto})", u.get(metric), ci))
     tasks = list(dict.fromkeys(b[0] for b in bars))
     series = list(dict.fromkeys(b[1] for b in bars))
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(tasks) + 2), 4), dpi=120)
     width = 0.8 / max(len(series), 1)
     for i, s in enumerate(series):
-        vals = [next((v for t2, s2, v in bars if t2 == t and s2 == s), 0) or 0 for t in tasks]
-        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=s)
+        vals = [next((b for b in bars if b[0] == t and b[1] == s), (t, s, 0, None)) for t in tasks]
+        heights = [v[2] or 0 for v in vals]
+        err = np.array([[h - v[3][0], v[3][1] - h] if v[3] else [0, 0] for h, v in zip(heights, vals)]).T
+        ax.bar(np.arange(len(tasks)) + i * width, heights, width, label=s, yerr=err, capsize=2)
     ax.set_xticks(np.arange(len(tasks)) + width * (len(series) - 1) / 2, tasks)
     ax.set_ylabel("F1 (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
-    ax.set_title("evaluation: F1 per task (SQuAD-it: F1; EVALITA: positive class)")
+    ax.legend(fontsize=6)
+    ax.set_title("evaluation: F1 per task, 95% intervals (EVALITA benchita: macro-F1)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,11 +1,12 @@
-"""SQuAD-it: loader, few-shot prompts, answer clean-up. Pure Python.
+"""SQuAD-it: loader, shots, answer clean-up, the official script's files. Pure Python.
 
-The seed's protocol (the authors' harness): 3-shot, each shot a chat turn in the cerbero template —
-user ``Dato il seguente testo:\\n{context}\\nRispondi brevemente a questa domanda:\\n{question}``,
-assistant ``Risposta breve: {answer}`` — then the scored question; greedy decoding, at most 32 new
-tokens; the answer is cut at the first newline or ``[|Umano|]`` and the ``Risposta breve:`` prefix
-removed. Shots are drawn with a fixed seed per question from the questions of *other* articles,
-so no shot shares the scored question's context.
+Our ``generate`` protocol (:mod:`cerbero_ray.evaluate.prompts`): 3-shot, each shot a chat turn in
+the cerbero template (user ``Dato il seguente testo:\\n{context}\\nRispondi brevemente a questa
+domanda:\\n{question}``, assistant ``Risposta breve: {answer}``; or a second wording), then the
+scored question; greedy decoding, at most 32 new tokens; the answer is cut at the first newline or
+``[|Umano|]`` and the ``Risposta breve:`` prefix removed. Shots are drawn with a fixed seed per
+question from the questions of *other* articles, so no shot shares the scored question's context.
+Gold answers are kept as the official script reads them, an empty one included.
 """
 
 from __future__ import annotations
@@ -15,12 +16,7 @@ import random
 
 from cerbero_ray import storage
 from cerbero_ray.chat import STOP_STRING
-
-ANSWER_PREFIX = "Risposta breve:"
-
-
-def question_turn(context: str, question: str) -> str:
-    return f"Dato il seguente testo:\n{context}\nRispondi brevemente a questa domanda:\n{question}"
+from cerbero_ray.evaluate.prompts import ANSWER_PREFIX
 
 
 def load(path: str) -> tuple[list[dict], list[dict]]:
@@ -37,8 +33,10 @@ def load(path: str) -> tuple[list[dict], list[dict]]:
             context = para.get("context") if isinstance(para, dict) else None
             for qa in para.get("qas", []) if isinstance(context, str) and context.strip() else []:
                 qid = str(qa.get("id")) if isinstance(qa, dict) and qa.get("id") is not None else None
+                # every gold answer as the official script reads it, an empty one included (it
+                # matches an empty prediction there); no answer at all is a reject
                 answers = [x.get("text") for x in qa.get("answers", []) if isinstance(x, dict)] if qid else []
-                answers = [x for x in answers if isinstance(x, str) and x.strip()]
+                answers = [x for x in answers if isinstance(x, str)]
                 reason = (
                     "no_id"
                     if qid is None
@@ -77,16 +75,6 @@ def shots_for(row: dict, pool: list[dict], k: int, seed: int) -> list[dict]:
             f"{len(others)} (use a file with more articles, or fewer shots)"
         )
     return random.Random(f"{seed}:{row['id']}").sample(others, k)
-
-
-def messages(row: dict, shots: list[dict]) -> list[dict]:
-    out = []
-    for s in shots:
-        out += [
-            {"role": "user", "content": question_turn(s["context"], s["question"])},
-            {"role": "assistant", "content": f"{ANSWER_PREFIX} {s['answers'][0]}"},
-        ]
-    return out + [{"role": "user", "content": question_turn(row["context"], row["question"])}]
 
 
 def clean_answer(text: str) -> str:

@@ -1,59 +1,132 @@
-"""From a task's config to the rows a model actor runs: load the file, sample, pick the shots, and
-describe each scored row (its chat messages, or its text for the scorer). Pure Python."""
+"""From a task's config to what a model runs: load the file (malformed rows are counted rejects),
+sample the scored rows, pick the shots, and for every (protocol, prompt) of the task a *unit*: the
+request of each scored row (chat messages to answer, or a text to score with a yes/no label task)
+and how its answers are read. Pure Python.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import asdict, dataclass, field
 
-from cerbero_ray.evaluate import evalita, squad
-from cerbero_ray.inference.label_prompts import messages
+from cerbero_ray import storage
+from cerbero_ray.evaluate import evalita, prompts, squad
+
+
+@dataclass
+class Unit:
+    """One (protocol, prompt) of a task: a request per scored row."""
+
+    protocol: str
+    prompt: int
+    requests: list[dict]  # {id, messages} (generate, benchita) or {id, text} (score)
+    max_new_tokens: int = 0
+    stop_at_newline: bool = True
+    task: dict | None = None  # score: the yes/no label task (its shots and template)
+
+    @property
+    def key(self) -> str:
+        return f"{self.protocol}/{self.prompt}"
+
+    def prompt_hash(self) -> str:
+        """Identifies exactly what the model is asked (every row's messages or text, the task)."""
+        blob = json.dumps({"requests": self.requests, "task": self.task}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
 class Prepared:
     name: str
     kind: str
-    rows: list[dict]  # scored rows: {id, gold (answers list or 0/1), messages?, text?}
+    rows: list[dict]  # scored rows: {id, gold (answers list or 0/1), ...}
     rejects: list[dict]
-    task: dict | None = None  # the scorer's Task (EVALITA)
-    shots: list[str] = field(default_factory=list)  # the shots' ids
+    units: list[Unit] = field(default_factory=list)
+    shots: list[str] = field(default_factory=list)  # the fixed shots' ids (EVALITA generate/score)
     pool_rows: int = 0
+    file_sha256: str = ""
 
-    def identity(self, tc: dict, seed: int) -> str:
-        """Fixes a task's results: config, seed, the scored ids and the prompts' inputs."""
+    def identity(self, tc: dict, seed: int, model: dict) -> str:
+        """Fixes a (checkpoint, task)'s results: the task's config, the seed, the input file's bytes,
+        every unit's prompts, and how the model runs (``model``: checkpoint, dtype, prompt limit)."""
         blob = json.dumps(
-            {"cfg": tc, "seed": seed, "ids": [r["id"] for r in self.rows], "shots": self.shots, "task": self.task},
+            {
+                "cfg": tc,
+                "seed": seed,
+                "file": self.file_sha256,
+                "units": {u.key: u.prompt_hash() for u in self.units},
+                "model": model,
+            },
             sort_keys=True,
             ensure_ascii=False,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def file_hash(path: str) -> str:
+    fs, p = storage.resolve(path)
+    h = hashlib.sha256()
+    with fs.open_input_stream(p) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def wordings(tc: dict, kind: str) -> list[int]:
+    """The prompt wordings a task runs (``prompts``: their indices; null: every shipped one)."""
+    shipped = len(prompts.PROMPTS["squad" if kind == "squad" else kind])
+    return list(range(shipped)) if tc.get("prompts") is None else list(tc["prompts"])
+
+
 def prepare(name: str, tc: dict, seed: int) -> Prepared:
-    """The rows of task ``name`` (config ``tc``) to score, with their prompts' inputs."""
+    """The rows of task ``name`` (config ``tc``) to score, and the units its protocols run."""
     if tc["kind"] == "squad":
-        rows, rejects = squad.load(tc["path"])
-        scored = squad.sample_rows(rows, tc.get("max_rows"), seed)
-        out = []
-        for r in scored:
-            shots = squad.shots_for(r, rows, tc["shots"], seed)
-            out.append(
-                {
-                    "id": r["id"],
-                    "gold": r["answers"],
-                    "messages": squad.messages(r, shots),
-                    "context": r["context"],
-                    "question": r["question"],
-                }
-            )
-        return Prepared(name, "squad", out, rejects, pool_rows=len(rows))
+        return _squad(name, tc, seed)
+    return _evalita(name, tc, seed)
+
+
+def _squad(name: str, tc: dict, seed: int) -> Prepared:
+    rows, rejects = squad.load(tc["path"])
+    scored = squad.sample_rows(rows, tc["max_rows"], seed)
+    shots = {r["id"]: squad.shots_for(r, rows, tc["shots"], seed) for r in scored}
+    units = []
+    for protocol in tc["protocols"]:
+        if protocol == "generate":
+            for p in wordings(tc, "squad"):
+                reqs = [{"id": r["id"], "messages": prompts.squad_messages(p, r, shots[r["id"]])} for r in scored]
+                units.append(Unit("generate", p, reqs, tc["max_new_tokens"], True))
+        elif protocol == "benchita":
+            reqs = [{"id": r["id"], "messages": prompts.benchita_squad_messages(r, shots[r["id"]])} for r in scored]
+            units.append(Unit("benchita", 0, reqs, prompts.BENCHITA_MAX_NEW_TOKENS["squad"], False))
+    out = [{"id": r["id"], "gold": r["answers"], "context": r["context"], "question": r["question"]} for r in scored]
+    return Prepared(name, "squad", out, rejects, units, pool_rows=len(rows), file_sha256=file_hash(tc["path"]))
+
+
+def _evalita(name: str, tc: dict, seed: int) -> Prepared:
     spec = evalita.SPECS[tc["kind"]]
     rows, rejects = evalita.load(spec, tc["path"])
     pool, scored = evalita.split(spec, rows, tc["pool_rows"], seed)
-    scored = squad.sample_rows(scored, tc.get("max_rows"), seed)
+    scored = squad.sample_rows(scored, tc["max_rows"], seed)
     shots = evalita.pick_shots(pool, tc["shots"], seed)
-    task = evalita.build_task(spec, shots)
-    out = [{"id": r["id"], "gold": r["gold"], "text": r["text"], "messages": messages(task, r["text"])} for r in scored]
-    return Prepared(name, tc["kind"], out, rejects, asdict(task), [s["id"] for s in shots], len(pool))
+    units = []
+    for protocol in tc["protocols"]:
+        if protocol in ("generate", "score"):
+            for p in wordings(tc, tc["kind"]):
+                task = evalita.build_task(spec, shots, p)
+                if protocol == "score":
+                    reqs = [{"id": r["id"], "text": r["text"]} for r in scored]
+                    units.append(Unit("score", p, reqs, task=asdict(task)))
+                else:
+                    from cerbero_ray.inference.label_prompts import messages
+
+                    reqs = [{"id": r["id"], "messages": messages(task, r["text"])} for r in scored]
+                    units.append(Unit("generate", p, reqs, tc["max_new_tokens"], True))
+        elif protocol == "benchita":
+            reqs = []
+            for r in scored:  # its own shots per row, from the held-out pool
+                own = random.Random(f"{seed}:{r['id']}:benchita").sample(pool, min(tc["shots"], len(pool)))
+                reqs.append({"id": r["id"], "messages": prompts.benchita_evalita_messages(tc["kind"], r, own)})
+            units.append(Unit("benchita", 0, reqs, prompts.BENCHITA_MAX_NEW_TOKENS["evalita"], False))
+    out = [{"id": r["id"], "gold": r["gold"], "text": r["text"]} for r in scored]
+    return Prepared(name, tc["kind"], out, rejects, units, [s["id"] for s in shots], len(pool), file_hash(tc["path"]))

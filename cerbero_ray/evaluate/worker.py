@@ -1,65 +1,79 @@
-"""What one model actor of the evaluation runs: a batch of one task's rows under one protocol, on
-the inference core's engines. Plain PyTorch, no Ray (Ray Data runs it in an actor pool)."""
+"""What one model actor of the evaluation runs: batches of request rows (columns ``task``, ``unit``,
+``id``, ``messages`` or ``text``, ``max_new_tokens``, ``stop_at_newline``), each answered on the
+inference core's engines. Plain PyTorch, no Ray (Ray Data runs it in an actor pool).
+
+- a row with ``messages``: greedy generation on the continuous-batching engine, stopping at
+  ``[|Umano|]`` (and at a newline when ``stop_at_newline``): its ``raw`` answer;
+- a row with ``text``: the label scorer of its unit's yes/no task: ``p_yes``.
+
+Every result row says whether its prompt was cut to fit (``truncated``).
+"""
 
 from __future__ import annotations
 
-import json
+from collections import defaultdict
 
 from cerbero_ray.chat import STOP_STRING
-from cerbero_ray.evaluate import evalita, squad
-from cerbero_ray.evaluate.metrics import nearest_label
-from cerbero_ray.inference.sampling import Sampling
+from cerbero_ray.config.sampling import Sampling
+
+
+def sampling(max_new_tokens: int, stop_at_newline: bool) -> Sampling:
+    """Greedy, stopping at the user's tag (and a newline): what every generating protocol uses."""
+    return Sampling(
+        max_new_tokens=max_new_tokens, temperature=0.0, stop=[STOP_STRING, *(["\n"] if stop_at_newline else [])], seed=0
+    )
 
 
 class EvalWorker:
-    """One checkpoint; items ``{task, protocol, rows}`` (``rows``: JSON); returns ``{rows, out}``."""
+    """One checkpoint, HF weights; ``cfg``: ``checkpoint``, ``dtype``, ``batch_size``,
+    ``max_prompt_tokens``, ``prefill_tokens``, ``max_new_tokens`` (the longest any unit asks),
+    ``tasks`` ({"<task>/<unit>": label task dict} for the score units)."""
 
     def __init__(self, cfg: dict):
-        from cerbero_ray.config.label_task import LabelTask
         from cerbero_ray.inference.engines import EngineConfig, build_engine
-        from cerbero_ray.inference.scorer import Scorer
         from cerbero_ray.models import load_for_inference
 
         self.cfg = cfg
-        model, self.tok = load_for_inference(cfg["checkpoint"], cfg["dtype"])
-        longest = max([t["max_new_tokens"] for t in cfg["tasks"].values()] or [1])
-        self.batcher = build_engine(
-            model,
-            self.tok,
-            EngineConfig("continuous", cfg["batch_size"], cfg["max_prompt_tokens"], longest, cfg["prefill_tokens"]),
+        self.model, self.tok = load_for_inference(cfg["checkpoint"], cfg["dtype"])
+        engine = EngineConfig(
+            "continuous", cfg["batch_size"], cfg["max_prompt_tokens"], cfg["max_new_tokens"], cfg["prefill_tokens"]
         )
-        self.scorers = {
-            name: Scorer(model, self.tok, LabelTask(**t["task"]), max_text_tokens=cfg["max_prompt_tokens"])
-            for name, t in cfg["tasks"].items()
-            if t.get("task")
-        }
+        self.batcher = build_engine(self.model, self.tok, engine)
+        self.scorers = {}
 
-    def __call__(self, batch: dict) -> dict:
-        task, protocol = str(batch["task"][0]), str(batch["protocol"][0])
-        rows = json.loads(str(batch["rows"][0]))
-        out = self.score(task, rows) if protocol == "score" else self.generate(task, rows)
-        return {"task": [task], "protocol": [protocol], "rows": [len(rows)], "out": [json.dumps(out)]}
+    def _scorer(self, key: str):
+        if key not in self.scorers:
+            from cerbero_ray.config.label_task import LabelTask
+            from cerbero_ray.inference.scorer import Scorer
 
-    def generate(self, task: str, rows: list[dict]) -> list[dict]:
-        """Greedy answers (stopping at a newline or ``[|Umano|]``), cleaned and mapped to a prediction."""
-        tc = self.cfg["tasks"][task]
-        s = Sampling(max_new_tokens=tc["max_new_tokens"], temperature=0.0, stop=[STOP_STRING, "\n"], seed=0)
-        prompts = [
-            self.tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True) for r in rows
-        ]
-        out = []
-        for r, g in zip(rows, self.batcher.generate(prompts, s)):
-            if tc["kind"] == "squad":
-                out.append({"id": r["id"], "raw": g["text"], "prediction": squad.clean_answer(g["text"])})
+            task = LabelTask(**self.cfg["tasks"][key])
+            self.scorers[key] = Scorer(self.model, self.tok, task, max_text_tokens=self.cfg["max_prompt_tokens"])
+        return self.scorers[key]
+
+    def __call__(self, batch) -> dict:
+        rows = batch.to_pylist()
+        out = [None] * len(rows)
+        groups = defaultdict(list)  # (task, unit, max_new_tokens, stop_at_newline) -> row indices
+        for i, r in enumerate(rows):
+            groups[(r["task"], r["unit"], r["max_new_tokens"], r["stop_at_newline"], r["text"] is not None)].append(i)
+        for (task, unit, new, newline, scores), idx in groups.items():
+            if scores:
+                for i, s in zip(idx, self._scorer(f"{task}/{unit}").score([rows[i]["text"] for i in idx])):
+                    p_yes = s["probs"]["yes"] if s.get("probs") else None
+                    out[i] = {"raw": None, "p_yes": p_yes, "truncated": bool(s["truncated"])}
             else:
-                label = nearest_label(g["text"], {"no": evalita.NO, "yes": evalita.YES})
-                out.append({"id": r["id"], "raw": g["text"], "prediction": int(label == "yes")})
-        return out
-
-    def score(self, task: str, rows: list[dict]) -> list[dict]:
-        """The label scorer: ``si``/``no`` as the assistant's whole answer, no generation."""
-        scored = self.scorers[task].score([r["text"] for r in rows])
-        return [
-            {"id": r["id"], "p_yes": s["probs"]["yes"], "prediction": int(s["label"] == "yes")}
-            for r, s in zip(rows, scored)
-        ]
+                prompts = [
+                    self.tok.apply_chat_template(rows[i]["messages"], tokenize=False, add_generation_prompt=True)
+                    for i in idx
+                ]
+                for i, g in zip(idx, self.batcher.generate(prompts, sampling(new, newline))):
+                    out[i] = {"raw": g["text"], "p_yes": None, "truncated": bool(g["truncated"])}
+        return {
+            "task": [r["task"] for r in rows],
+            "unit": [r["unit"] for r in rows],
+            "id": [r["id"] for r in rows],
+            "raw": [o["raw"] for o in out],
+            "p_yes": [o["p_yes"] for o in out],
+            "truncated": [o["truncated"] for o in out],
+            "rows": [1] * len(rows),
+        }

@@ -1,0 +1,158 @@
+"""Models that are not HF folders: a GGUF file (llama.cpp, in a child process) and an
+OpenAI-compatible endpoint (ours, vLLM, llama.cpp's server). Each answers the same request rows
+as :class:`~cerbero_ray.evaluate.worker.EvalWorker`, on the driver (no actor pool: the work is in
+the child process or behind the endpoint).
+
+- ``.gguf``: prompts are rendered and tokenized with the cerbero tokenizer (the file must carry the
+  Mistral vocabulary, as our export writes it; its chat template says which assistant tag), then
+  llama.cpp generates greedily or scores each label's continuation: every protocol runs.
+- ``http(s)://…/v1``: ``/v1/chat/completions`` at temperature 0 for the generating protocols; the
+  ``score`` protocol needs the log-probability of given answers, which the chat API does not
+  return, so it is refused for an endpoint (one line, and ``unsupported`` in the results).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+
+from cerbero_ray.chat import STOP_STRING
+
+
+def model_kind(spec: str) -> str:
+    """``endpoint`` (an http(s) URL), ``gguf`` (a .gguf file) or ``hf`` (a folder or URI)."""
+    if spec.startswith(("http://", "https://")):
+        return "endpoint"
+    return "gguf" if spec.lower().endswith(".gguf") else "hf"
+
+
+UNSUPPORTED = {
+    "endpoint": {
+        "score": "an OpenAI-compatible endpoint returns no log-probability of a given answer, which the "
+        "score protocol needs; it runs generate and benchita"
+    }
+}
+
+
+def _stops(newline: bool) -> list[str]:
+    return [STOP_STRING, *(["\n"] if newline else [])]
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(hits)] if hits else text).strip()
+
+
+class GGUFRunner:
+    def __init__(self, path: str, cfg: dict):
+        from cerbero_ray import llamacpp, storage
+        from cerbero_ray.chat import assistant_tag_of
+        from cerbero_ray.tokenizer import build_tokenizer
+
+        if not llamacpp.available():
+            raise ValueError(f"{path}: a GGUF model needs llama-cpp-python (pip install -e '.[gguf]')")
+        self.path, self.cfg, self.call = storage.local_file(path), cfg, llamacpp.call
+        meta = self.call("metadata", path=self.path)
+        self.tok = build_tokenizer(assistant_tag=assistant_tag_of(meta.get("chat_template")))
+        if meta["n_vocab"] != len(self.tok):
+            raise ValueError(
+                f"{path}: {meta['n_vocab']} tokens in its vocabulary; the cerbero tokenizer has {len(self.tok)} "
+                "(evaluate GGUF files of cerbero checkpoints, as jobs/export.py writes them)"
+            )
+
+    def run(self, rows: list[dict]) -> list[dict]:
+        from cerbero_ray.tokenizer import encode_prompts
+
+        out = [None] * len(rows)
+        gen = [i for i, r in enumerate(rows) if r["text"] is None]
+        for (new, newline), idx in _groups(rows, gen, lambda r: (r["max_new_tokens"], r["stop_at_newline"])).items():
+            prompts = [
+                self.tok.apply_chat_template(rows[i]["messages"], tokenize=False, add_generation_prompt=True)
+                for i in idx
+            ]
+            ids, cut = encode_prompts(self.tok, prompts, self.cfg["max_prompt_tokens"])
+            toks = self.call("generate_many", path=self.path, prompts=ids, max_tokens=new, stop=_stops(newline))[
+                "tokens"
+            ]
+            for i, t, c in zip(idx, toks, cut):
+                out[i] = {
+                    "raw": _cut(self.tok.decode(t, skip_special_tokens=True), _stops(newline)),
+                    "p_yes": None,
+                    "truncated": c,
+                }
+        scored = [i for i, r in enumerate(rows) if r["text"] is not None]
+        for key, idx in _groups(rows, scored, lambda r: f"{r['task']}/{r['unit']}").items():
+            out_rows = self._score(key, [rows[i]["text"] for i in idx])
+            for i, o in zip(idx, out_rows):
+                out[i] = o
+        return out
+
+    def _score(self, key: str, texts: list[str]) -> list[dict]:
+        import math
+
+        from cerbero_ray.config.label_task import LabelTask
+        from cerbero_ray.inference.label_prompts import continuations, prompt_text
+        from cerbero_ray.tokenizer import encode_prompts
+
+        task = LabelTask(**self.cfg["tasks"][key])
+        ids, cut = encode_prompts(
+            self.tok, [prompt_text(task, t, self.tok) for t in texts], self.cfg["max_prompt_tokens"]
+        )
+        conts = continuations(task, self.tok)
+        lps = self.call("score_many", path=self.path, prompts=ids, continuations=conts)["logprobs"]
+        out = []
+        for lp, c in zip(lps, cut):
+            z = max(lp.values())
+            p = {k: math.exp(v - z) for k, v in lp.items()}
+            out.append({"raw": None, "p_yes": p["yes"] / sum(p.values()), "truncated": c})
+        return out
+
+
+class EndpointRunner:
+    def __init__(self, url: str, cfg: dict):
+        self.url, self.cfg = url.rstrip("/"), cfg
+        self.key = os.environ.get(cfg.get("endpoint_key_env") or "OPENAI_API_KEY", "unused")
+        self.model = cfg.get("endpoint_model") or self._get("/models")["data"][0]["id"]
+
+    def _request(self, path: str, body: dict | None = None) -> dict:
+        req = urllib.request.Request(
+            self.url + path,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"},
+        )
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.loads(r.read())
+
+    def _get(self, path: str) -> dict:
+        return self._request(path)
+
+    def run(self, rows: list[dict]) -> list[dict]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(r):
+            if r["text"] is not None:
+                raise ValueError(UNSUPPORTED["endpoint"]["score"])
+            body = {
+                "model": self.model,
+                "messages": r["messages"],
+                "max_tokens": r["max_new_tokens"],
+                "temperature": 0,
+                "stop": _stops(r["stop_at_newline"]),
+            }
+            text = self._request("/chat/completions", body)["choices"][0]["message"]["content"] or ""
+            return {"raw": _cut(text, _stops(r["stop_at_newline"])), "p_yes": None, "truncated": False}
+
+        with ThreadPoolExecutor(int(self.cfg.get("endpoint_concurrency") or 8)) as pool:
+            return list(pool.map(one, rows))
+
+
+def _groups(rows: list[dict], idx: list[int], key) -> dict:
+    out: dict = {}
+    for i in idx:
+        out.setdefault(key(rows[i]), []).append(i)
+    return out
+
+
+def runner(kind: str, spec: str, cfg: dict):
+    return GGUFRunner(spec, cfg) if kind == "gguf" else EndpointRunner(spec, cfg)
