@@ -24,40 +24,61 @@ def local_path(path: str) -> str:
     return os.path.expanduser(path.removeprefix("file://"))
 
 
-def check_checkpoint(path: str, key: str) -> None:
+def check_checkpoint(path: str, key: str, base: str | None = None) -> None:
     """``ValueError`` naming ``key`` when ``path`` (a folder or URI) holds no HF model, or a copy of
-    it that was cut short (its folder marker says so)."""
+    it that was cut short (its folder marker says so). A LoRA adapter folder is a checkpoint too:
+    the adapter and its base (``base``, else the one it records) are checked."""
+    from cerbero_ray import adapters
+
+    if adapters.is_adapter(path):
+        adapters.check_adapter(path, key)
+        b = adapters.base_of(path, base, key)
+        if adapters.is_adapter(b):
+            raise ValueError(f"{key}: the base of the adapter at {path} is another adapter ({b})")
+        check_checkpoint(b, f"{key} (the adapter's base)")
+        return
     if not storage.is_file(storage.join(path, "config.json")):
         raise ValueError(f"{key}: no HF model at {path} (train first, or point it at an HF folder)")
     storage.check_folder(path, key)
 
 
-def check_local_checkpoint(path: str, key: str) -> None:
+def check_local_checkpoint(path: str, key: str, base: str | None = None) -> None:
     """At compose time: :func:`check_checkpoint` and :func:`check_weights` for a local ``path``
     (an object-store checkpoint is looked at when the stage has copied it)."""
     if not is_local(path):
+        return
+    from cerbero_ray import adapters
+
+    if adapters.is_adapter(local_path(path)):
+        adapters.check_adapter(local_path(path), key)
+        check_local_checkpoint(adapters.base_of(local_path(path), base, key), f"{key} (the adapter's base)")
         return
     check_checkpoint(local_path(path), key)
     check_weights(local_path(path), key)
 
 
-def model_type(path: str) -> str | None:
-    """The ``model_type`` an HF folder or URI's config.json declares."""
+def model_type(path: str, base: str | None = None) -> str | None:
+    """The ``model_type`` an HF folder or URI's config.json declares (an adapter's: its base's)."""
+    from cerbero_ray import adapters
+
+    if adapters.is_adapter(path):
+        return adapters.read_record(path).get("model_type") or model_type(adapters.base_of(path, base))
     return storage.read_json(storage.join(path, "config.json")).get("model_type")
 
 
-def check_inference(checkpoint: str, engine: str, stage: str) -> None:
+def check_inference(checkpoint: str, engine: str, stage: str, base: str | None = None) -> None:
     """What a stage that generates with ``checkpoint`` checks once it can read it: a whole HF model
-    (``<stage>.checkpoint``) of an architecture the engine runs (``<stage>.engine``)."""
-    check_checkpoint(checkpoint, f"{stage}.checkpoint")
-    check_engine(engine, f"{stage}.engine", checkpoint)
+    or adapter (``<stage>.checkpoint``; ``base``: an adapter's) of an architecture the engine runs
+    (``<stage>.engine``)."""
+    check_checkpoint(checkpoint, f"{stage}.checkpoint", base)
+    check_engine(engine, f"{stage}.engine", checkpoint, base)
 
 
-def check_engine(engine: str, key: str, checkpoint: str) -> None:
+def check_engine(engine: str, key: str, checkpoint: str, base: str | None = None) -> None:
     """``ValueError`` naming ``key`` (``serve.engine``, ``generate.engine``) when the continuous
     engine is asked to run a checkpoint whose architecture it does not support (reads its config)."""
     if engine == "continuous":
-        kind = model_type(checkpoint)
+        kind = model_type(checkpoint, base)
         if kind not in CONTINUOUS_ARCHITECTURES:
             raise ValueError(
                 f"{key}=continuous runs {CONTINUOUS_ARCHITECTURES} models; {checkpoint} is {kind!r} (use {key}=hf)"

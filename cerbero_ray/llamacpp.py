@@ -81,11 +81,12 @@ def call(op: str, timeout: float | None = None, **kwargs) -> dict:
 # ── the child's side ─────────────────────────────────────────────────────────────────────────────
 
 
-def _llama(path: str, n_ctx: int = 512, threads: int = 0, logits_all: bool = False):
+def _llama(path: str, n_ctx: int = 512, threads: int = 0, logits_all: bool = False, lora: str | None = None):
     from llama_cpp import Llama
 
     return Llama(
         model_path=path,
+        lora_path=lora,  # a LoRA GGUF applied at load time (export's adapter file)
         n_ctx=n_ctx,
         logits_all=logits_all,
         verbose=False,
@@ -115,12 +116,12 @@ def logits(path: str, ids: list[int], threads: int = 0) -> dict:
     return {"logits": np.asarray(llm.scores[: len(ids)], dtype=np.float32)}
 
 
-def check(path: str, prompt: str, threads: int = 0) -> dict:
-    """Load ``path``, tokenize ``prompt`` (with BOS, tags as text) and run one forward pass: the
-    tokens and every position's logits."""
+def check(path: str, prompt: str, threads: int = 0, lora: str | None = None) -> dict:
+    """Load ``path`` (with the LoRA GGUF ``lora`` applied), tokenize ``prompt`` (with BOS, tags as
+    text) and run one forward pass: the tokens and every position's logits."""
     import numpy as np
 
-    llm = _llama(path, n_ctx=512, threads=threads, logits_all=True)
+    llm = _llama(path, n_ctx=512, threads=threads, logits_all=True, lora=lora)
     ids = llm.tokenize(prompt.encode(), add_bos=True, special=False)
     llm.eval(ids)
     return {"tokens": ids, "logits": np.asarray(llm.scores[: len(ids)], dtype=np.float32)}
@@ -183,9 +184,11 @@ def metadata(path: str) -> dict:
     return {"n_vocab": llm.n_vocab(), "chat_template": llm.metadata.get("tokenizer.chat_template")}
 
 
-def complete(path: str, prompt: str, max_tokens: int, stop: list[str] | None = None, **kw) -> dict:
-    """``Llama(path)(prompt, …)``, as a user's snippet calls it: the first choice."""
-    llm = _llama(path)
+def complete(
+    path: str, prompt: str, max_tokens: int, stop: list[str] | None = None, lora: str | None = None, **kw
+) -> dict:
+    """``Llama(path, lora_path=lora)(prompt, …)``, as a user's snippet calls it: the first choice."""
+    llm = _llama(path, lora=lora)
     return llm(prompt, max_tokens=max_tokens, stop=stop or [], **kw)["choices"][0]
 
 

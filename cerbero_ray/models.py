@@ -93,19 +93,44 @@ def from_pretrained(
     )
 
 
-def load_for_inference(checkpoint: str, dtype: str = "auto"):
-    """(model in eval mode on the GPU if there is one, tokenizer) from an HF folder or URI; the
-    tokenizer must carry the chat template (the trainer's export does)."""
+def load_adapted(adapter: str, dtype: str, base: str | None = None, merge: bool = True):
+    """The base of a LoRA ``adapter`` folder (``base``, else the one it records; its fingerprint
+    checked) with the adapter applied: merged into the weights (``merge``: a plain model, as fast as
+    the base) or as a ``peft.PeftModel``."""
+    from peft import PeftModel
+
+    from cerbero_ray import adapters
+    from cerbero_ray.storage import local_copy
+
+    b = adapters.base_of(adapter, base)
+    folder = local_copy(b)
+    adapters.check_base(adapter, b, folder, "checkpoint")
+    model = from_pretrained(b, dtype=dtype)
+    peft_model = PeftModel.from_pretrained(model, local_copy(adapter))
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def load_for_inference(checkpoint: str, dtype: str = "auto", base: str | None = None):
+    """(model in eval mode on the GPU if there is one, tokenizer) from an HF folder or URI, or a LoRA
+    adapter folder (merged into its base: ``base``, else the one it records); the tokenizer must
+    carry the chat template (the trainer's export does; an adapter's tokenizer, else its base's)."""
     from transformers import AutoTokenizer
 
+    from cerbero_ray import adapters
     from cerbero_ray.logs import quiet
-    from cerbero_ray.storage import local_copy
+    from cerbero_ray.storage import is_file, join, local_copy
 
     quiet()  # every model actor and replica loads through here
     cuda = torch.cuda.is_available()
     name = ("bfloat16" if cuda else "float32") if dtype == "auto" else dtype
-    model = from_pretrained(checkpoint, dtype=name).eval().to("cuda" if cuda else "cpu")
-    tok = AutoTokenizer.from_pretrained(local_copy(checkpoint))
+    if adapters.is_adapter(checkpoint):
+        model = load_adapted(checkpoint, name, base)
+        has_tok = is_file(join(checkpoint, "tokenizer_config.json"))
+        tok_from = checkpoint if has_tok else adapters.base_of(checkpoint, base)
+    else:
+        model, tok_from = from_pretrained(checkpoint, dtype=name), checkpoint
+    model = model.eval().to("cuda" if cuda else "cpu")
+    tok = AutoTokenizer.from_pretrained(local_copy(tok_from))
     if not tok.chat_template:
         raise ValueError(f"{checkpoint}: the tokenizer has no chat template (export it with the trainer)")
     return model, tok

@@ -11,15 +11,28 @@ from cerbero_ray.config import Checked, check
 from cerbero_ray.stages import STAGES
 
 
-def check_loads(hf_dir: str) -> str:
-    """Load the exported folder as a user would; returns a one-line description."""
+def check_loads(folder: str) -> str:
+    """Load the exported folder (an HF model, or a LoRA adapter on its base, with peft) as a user
+    would; returns a one-line description."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cerbero_ray import adapters
     from cerbero_ray.storage import local_copy
 
-    path = local_copy(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    path = local_copy(folder)
     tok = AutoTokenizer.from_pretrained(path)
+    if adapters.is_adapter(folder):
+        from peft import PeftModel
+
+        base = adapters.base_of(folder)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(local_copy(base)), path)
+        lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        n = sum(p.numel() for p in model.parameters())
+        return (
+            f"PeftModel.from_pretrained: {type(model.base_model.model).__name__} + LoRA, {lora / 1e6:.3f}M of "
+            f"{n / 1e6:.1f}M parameters, tokenizer of {len(tok)} tokens with the chat template"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path)
     n = sum(p.numel() for p in model.parameters())
     return f"{type(model).__name__}, {n / 1e6:.1f}M parameters, tokenizer of {len(tok)} tokens with the chat template"
 
@@ -46,8 +59,9 @@ def _after_data(c: dict, result: dict) -> None:
 def _after_train(c: dict, summary: dict) -> None:
     evals = summary["eval_losses"]
     print(f"\nheld-out loss: {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else "")
-    print(f"checkpoint: {summary['checkpoint']}\nhf model: {summary['hf_dir']}")
-    print(f"from_pretrained({summary['hf_dir']!r}): {check_loads(summary['hf_dir'])}", flush=True)
+    model = summary.get("adapter_dir") or summary["hf_dir"]
+    print(f"checkpoint: {summary['checkpoint']}\n{'adapter' if summary.get('adapter_dir') else 'hf model'}: {model}")
+    print(f"from_pretrained({model!r}): {check_loads(model)}", flush=True)
 
 
 def _before_evaluate(c: dict) -> dict:

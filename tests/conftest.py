@@ -192,6 +192,45 @@ def tiny_hf(tmp_path_factory, tok):
     return str(d)
 
 
+def make_adapter(base_dir: str, dest: str, r: int, targets: list[str], seed: int, tok=None) -> str:
+    """A peft LoRA adapter on the HF folder ``base_dir`` with random A and B (peft starts B at zero:
+    an adapter that changes nothing proves nothing), its base recorded as the trainer records it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cerbero_ray.adapters import write_record
+    from cerbero_ray.train.lora import make_record
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+    pm = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(20)  # an update of the size of the weights: greedy text changes
+    pm.save_pretrained(dest)
+    if tok is not None:
+        from cerbero_ray.tokenizer import save_tokenizer
+
+        save_tokenizer(tok, dest)
+    write_record(dest, make_record(base_dir, base_dir))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_hf, tmp_path_factory, tok):
+    """Two LoRA adapters on ``tiny_hf``: different ranks and target modules."""
+    d = tmp_path_factory.mktemp("adapters")
+    return {
+        "sentiment-it": make_adapter(tiny_hf, str(d / "a"), 4, ["q_proj", "v_proj", "down_proj"], 10, tok),
+        "toxicity-it": make_adapter(
+            tiny_hf, str(d / "b"), 8, ["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"], 11
+        ),
+    }
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on ``S3_PORT`` for the whole run."""

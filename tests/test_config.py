@@ -101,10 +101,16 @@ def test_env_moves_outputs(monkeypatch, tmp_path):
     c = to_container(compose("recipe"))
     assert c["data"]["output_dir"] == f"{tmp_path}/data/chat_sample"
     assert (
-        c["stages"] == ["data", "train", "label", "evaluate", "export"]
+        c["stages"] == ["data", "train", "label", "export", "evaluate"]
         and c["train"]["data_dir"] == c["data"]["output_dir"]
         and c["model"]["_target_"] == "cerbero_ray.models.tiny"
     )
+    run = f"{tmp_path}/train/tiny-cpu"
+    assert c["label"]["checkpoint"] == c["export"]["checkpoint"] == f"{run}/hf"
+    # one override trains an adapter, and every later stage takes it
+    lora = to_container(compose("recipe", ["train.method=lora"]))
+    assert lora["label"]["checkpoint"] == lora["export"]["checkpoint"] == f"{run}/adapter"
+    assert lora["evaluate"]["checkpoints"]["trained"] == f"{run}/adapter"
 
 
 def test_model_builders_follow_config():

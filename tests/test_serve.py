@@ -1,6 +1,8 @@
 """The serving endpoint on the embedded cluster, with real clients: the official openai client
 (chat, completion, streaming), /v1/label, bad input answered 4xx with a JSON error body (never
-500), a missing API key answered 401, and overload answered 503 + Retry-After."""
+500), a missing API key answered 401, and overload answered 503 + Retry-After. The server carries
+two LoRA adapters beside its base (a request's ``model`` picks one): every base test runs with
+them loaded."""
 
 import concurrent.futures as cf
 import json
@@ -18,7 +20,7 @@ KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_hf, ray_local):
+def server(tiny_hf, tiny_adapters, ray_local):
     from ray import serve
 
     from cerbero_ray.serve.service import run_serve
@@ -38,6 +40,7 @@ def server(tiny_hf, ray_local):
                 "serve.default_max_tokens=16",
                 "serve.max_label_texts=4",
                 "serve.max_body_bytes=65536",
+                *[f"+serve.adapters.{n}={p}" for n, p in tiny_adapters.items()],
             ],
         )
     )
@@ -68,12 +71,12 @@ def test_openai_client_chat_completion_and_streaming(server):
     openai_roundtrip(server)
 
 
-def openai_roundtrip(server):
+def openai_roundtrip(server, models=("cerbero", "sentiment-it", "toxicity-it")):
     import openai
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{server}/v1", api_key=KEY)
-    assert [m.id for m in client.models.list().data] == ["cerbero"]
+    assert [m.id for m in client.models.list().data] == list(models)
     assert client.models.retrieve("cerbero").id == "cerbero"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
@@ -122,6 +125,46 @@ def openai_roundtrip(server):
     assert [c.usage is None for c in chunks[:-1]] == [True] * (len(chunks) - 1)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip() == same.choices[0].message.content
+
+
+def test_each_adapter_by_name_in_one_endpoint(server, tiny_hf, tiny_adapters, tok):
+    """A request's ``model`` picks the base or an adapter; concurrent requests for all three share
+    the running batch, and each gets what its model alone gives (the engine served in-process)."""
+    from openai import OpenAI
+
+    from cerbero_ray.inference.continuous import ContinuousBatcher
+    from cerbero_ray.inference.sampling import Sampling
+    from cerbero_ray.models import load_for_inference
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEY)
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards["sentiment-it"].parent == "cerbero" and client.models.retrieve("toxicity-it").id == "toxicity-it"
+    names = ["cerbero", "sentiment-it", "toxicity-it"] * 2
+
+    def ask(name):
+        r = client.completions.create(model=name, prompt="La capitale d'Italia è", max_tokens=10, temperature=0)
+        return r.model, r.choices[0].text
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(ask, names))
+    assert [m for m, _ in got] == names
+    s = Sampling(max_new_tokens=10, temperature=0.0, stop=["[|Umano|]"])
+    for name, path in (("cerbero", tiny_hf), *tiny_adapters.items()):
+        model, t = load_for_inference(path, "float32")
+        want = ContinuousBatcher(model, t, num_slots=2, max_prompt_tokens=64, max_new_tokens=16).run(
+            [("La capitale d'Italia è", s)]
+        )[0]["text"]
+        assert {text.strip() for m, text in got if m == name} == {want}, name
+    # the label endpoint takes a model too, and an unknown one is a 404 in our error object
+    st, body, _ = post(f"{server}/v1/label", {"task": "sentiment", "texts": ["Bellissimo!"], "model": "sentiment-it"})
+    assert st == 200 and body["model"] == "sentiment-it"
+    for path, body in (
+        ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}),
+        ("/v1/completions", {"model": "sentiment", "prompt": "x"}),
+        ("/v1/label", {"task": "sentiment", "texts": ["x"], "model": "nope"}),
+    ):
+        st, err, _ = post(server + path, body)
+        assert st == 404 and err["error"]["code"] == "model_not_found" and "sentiment-it" in err["error"]["message"]
 
 
 def test_special_token_strings_in_content_are_text(server, tok):

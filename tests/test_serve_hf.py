@@ -38,4 +38,4 @@ def hf_server(tiny_hf, ray_local):
 
 
 def test_openai_client_on_the_hf_engine(hf_server):
-    openai_roundtrip(hf_server)
+    openai_roundtrip(hf_server, models=("cerbero",))

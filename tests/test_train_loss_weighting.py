@@ -16,6 +16,7 @@ SEQ = 32
 MODEL = {"_target_": "cerbero_ray.models.tiny", "path": None, "dtype": "float32", "overrides": {}}
 # eps = 1: Adam's first step is then ~ lr × gradient, so a wrongly weighted gradient shows
 TRAIN = {
+    "method": "full",
     "micro_batch_size": 1,
     "global_batch_size": 2,
     "max_grad_norm": 1e9,
@@ -62,7 +63,7 @@ def _run(rank, world, port, out):
     from cerbero_ray.train.loop import train_step
     from cerbero_ray.train.zero import build_deepspeed
 
-    engine, _, lm = build_deepspeed({"train": TRAIN, "model": MODEL, "deepspeed": DS}, 1, torch.device("cpu"), world)
+    engine, _, lm, _ = build_deepspeed({"train": TRAIN, "model": MODEL, "deepspeed": DS}, 1, torch.device("cpu"), world)
     mine = batches() if world == 1 else [batches()[rank]]
     loss, n = train_step(engine, mine, torch.device("cpu"), world)
     if rank == 0:

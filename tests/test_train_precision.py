@@ -41,7 +41,7 @@ def accumulated_grads(precision: str, extra: dict) -> dict[str, torch.Tensor]:
         )
     )
     c["deepspeed"]["extra"] = extra
-    engine, _, _ = build_deepspeed(c, 10, torch.device("cpu"), 1)
+    engine, _, _, _ = build_deepspeed(c, 10, torch.device("cpu"), 1)
     g = torch.Generator().manual_seed(0)
     for i in range(8):
         ids = torch.randint(3, 32000, (1, 128), generator=g)

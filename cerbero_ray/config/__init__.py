@@ -53,11 +53,18 @@ def _resolve_cwd() -> str:
     return os.getcwd()
 
 
+def _trained_folder(method: str) -> str:
+    """``${trained_folder:${train.method}}``: the folder a training run leaves its model in."""
+    return "adapter" if method == "lora" else "hf"
+
+
 def register_configs() -> None:
     """Register schemas and resolvers (idempotent)."""
     if not OmegaConf.has_resolver("repo_dir"):
         OmegaConf.register_new_resolver("repo_dir", lambda: REPO_DIR)
         OmegaConf.register_new_resolver("cwd", _resolve_cwd)
+    if not OmegaConf.has_resolver("trained_folder"):
+        OmegaConf.register_new_resolver("trained_folder", _trained_folder)
     cs = ConfigStore.instance()
     for name, node in STAGE_SCHEMAS.items():
         cs.store(name=f"{name}_schema", node=node)

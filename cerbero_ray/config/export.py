@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from omegaconf import MISSING
 
@@ -14,13 +14,17 @@ GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k"
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = MISSING  # an HF folder or URI (a train run's hf/)
+    checkpoint: str = MISSING  # an HF folder or URI (a train run's hf/), or a LoRA adapter folder (adapter/)
+    base: Optional[str] = None  # an adapter's base checkpoint; None: the one the adapter records
     output_dir: str = MISSING  # a local folder or URI: <output_dir>/<name>-<TYPE>.gguf
     name: str = "cerbero"  # general.name in the file, and the file names' prefix
     types: List[str] = field(default_factory=lambda: ["f16", "q4_k_m"])
     threads: int = 0  # llama.cpp's quantizer; 0: all cores
     overwrite: bool = False  # redo files that are newer than the checkpoint
     verify: bool = True  # llama.cpp loads each file and runs the seed's prompt (in a child process)
+    # an adapter checkpoint: besides the merged model's files, the adapter as a llama.cpp LoRA file
+    # (<name>-LORA-F32.gguf) and the base it applies to (<name>-base-F16.gguf)
+    lora: bool = True
 
 
 @dataclass
@@ -41,5 +45,5 @@ def check_export(c: dict, checkpoint: bool = True) -> None:
         raise ValueError(f"export.name must be a non-empty file name prefix, got {x['name']!r}")
     at_least(x, ("threads",), 0, "export")
     check_output_dir(x["output_dir"], "export.output_dir")
-    if checkpoint:
+    if checkpoint and not x["base"]:
         check_local_checkpoint(x["checkpoint"], "export.checkpoint")

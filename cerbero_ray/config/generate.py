@@ -57,7 +57,7 @@ def check_generate(c: dict) -> None:
     gc = c["generate"]
     one_of(gc["mode"], MODES, "generate.mode")
     check_batch_inference(gc, "generate")
-    check_local_checkpoint(gc["checkpoint"], "generate.checkpoint")
+    check_local_checkpoint(gc["checkpoint"], "generate.checkpoint", gc["base"])
     at_least(gc, ("batch_size", "max_prompt_tokens"), 1, "generate")
     one_of(gc["engine"], GENERATION_ENGINES, "generate.engine")
     check_sampling(gc["sampling"], "generate.sampling")

@@ -37,7 +37,8 @@ class BatchInferenceConfig:
     text_field: str = "text"
     id_field: Optional[str] = "id"  # missing in a row: "<file>:<line>"
     output_dir: str = MISSING
-    checkpoint: str = MISSING  # an HF folder or URI (a train run's hf/)
+    checkpoint: str = MISSING  # an HF folder or URI (a train run's hf/), or a LoRA adapter folder (adapter/)
+    base: Optional[str] = None  # an adapter checkpoint's base; None: the one the adapter records
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     workers: Optional[int] = None  # model actors; None: one per GPU, or cluster CPUs - 1
     gpus_per_worker: float = 0.0  # 1 on GPU clusters
@@ -81,7 +82,7 @@ def check_label(c: dict, checkpoint: bool = True) -> None:
     lc = c["label"]
     check_batch_inference(lc, "label")
     if checkpoint:
-        check_local_checkpoint(lc["checkpoint"], "label.checkpoint")
+        check_local_checkpoint(lc["checkpoint"], "label.checkpoint", lc["base"])
     at_least(lc, ("max_text_tokens", "max_batch_tokens", "sort_window"), 1, "label")
     if lc.get("task_file"):
         check_local_path(lc["task_file"], "label.task_file")

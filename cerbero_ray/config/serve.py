@@ -23,8 +23,11 @@ from cerbero_ray.config.label import LabelTaskConfig
 
 @dataclass
 class ServeConfig:
-    checkpoint: str = MISSING  # an HF folder or URI (a train run's hf/)
+    checkpoint: str = MISSING  # an HF folder or URI (a train run's hf/), or a LoRA adapter folder (merged)
     model_name: str = "cerbero"  # the id clients pass as `model` and /v1/models lists
+    # LoRA adapters on the checkpoint, {name: adapter folder or URI}: a request's `model` picks one;
+    # requests for different adapters (and the base) share every decode step (continuous engine)
+    adapters: Dict[str, str] = field(default_factory=dict)
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     host: str = "127.0.0.1"
     port: int = 8000
@@ -98,8 +101,36 @@ def check_serve(c: dict) -> None:
     one_of(sc["dtype"], INFERENCE_DTYPES, "serve.dtype")
     one_of(sc["engine"], GENERATION_ENGINES, "serve.engine")
     check_local_checkpoint(sc["checkpoint"], "serve.checkpoint")
+    check_adapters(sc)
     for name, task in sc["label_tasks"].items():
         try:
             task_from_dict(task)
         except ValueError as e:
             raise ValueError(f"serve.label_tasks.{name}: {e}") from None
+
+
+def check_adapters(sc: dict) -> None:
+    """``serve.adapters``: names a client can send, the continuous engine, a base checkpoint, and
+    (local ones) whole LoRA folders trained on it."""
+    from cerbero_ray import adapters
+    from cerbero_ray.checkpoints import is_local, local_path
+
+    if not sc["adapters"]:
+        return
+    if sc["engine"] != "continuous":
+        raise ValueError("serve.adapters needs serve.engine=continuous (it mixes adapters in one batch)")
+    if is_local(sc["checkpoint"]) and adapters.is_adapter(local_path(sc["checkpoint"])):
+        raise ValueError("serve.checkpoint is an adapter; with serve.adapters it must be their base (an HF folder)")
+    for name, path in sc["adapters"].items():
+        key = f"serve.adapters.{name}"
+        if not adapters.NAME.match(name) or name == sc["model_name"]:
+            raise ValueError(
+                f"{key}: a name is letters, digits and ._:- (up to 64), not serve.model_name {sc['model_name']!r}"
+            )
+        if is_local(path):
+            if not adapters.is_adapter(local_path(path)):
+                raise ValueError(f"{key}: no LoRA adapter at {path} (adapter_config.json; a train run's adapter/)")
+            adapters.check_adapter(local_path(path), key)
+            why = adapters.unsupported(adapters.adapter_config(local_path(path)))
+            if why:
+                raise ValueError(f"{key}: cannot be served in a mixed batch: {why}")

@@ -25,6 +25,9 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ATTENTION = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 SCHEDULES = ("cosine", "linear", "constant")
 ZERO_STAGES = (0, 1, 2)
+METHODS = ("full", "lora")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FULL_MODULES = ("embed_tokens", "lm_head")  # what train.lora.train_in_full may name
 
 
 @dataclass
@@ -38,7 +41,22 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class LoraConfig:
+    """``train.method=lora``: low-rank adapters on a frozen base (peft)."""
+
+    r: int = 16
+    alpha: float = 32.0  # the update is scaled by alpha / r
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))  # attention + MLP linears
+    train_in_full: List[str] = field(default_factory=list)  # modules trained in full beside: embed_tokens, lm_head
+    merge: bool = False  # also write <run>/hf: the base with the adapter merged in
+    qlora: bool = False  # a 4-bit base through bitsandbytes (CUDA only)
+
+
+@dataclass
 class TrainConfig:
+    method: str = "full"  # full (the recipe) | lora (train.lora.*: an adapter on a frozen base)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     name: str = "cerbero"  # run name: <output_dir>/<name>; a rerun with the same name resumes
     data_dir: str = MISSING  # a data-stage output (manifest.json + shards/)
     output_dir: str = MISSING  # storage root: local folder (shared on multi-node) or s3://…
@@ -151,3 +169,31 @@ def check_train(c: dict) -> None:
         raise ValueError(f"train.warmup_ratio must be in [0, 1], got {t['warmup_ratio']}")
     if t["cpus_per_worker"] <= 0 or t["read_cpus"] <= 0:
         raise ValueError("train.cpus_per_worker and train.read_cpus must be > 0")
+    one_of(t["method"], METHODS, "train.method")
+    if t["method"] == "lora":
+        check_lora(t["lora"], t["use_gpu"])
+
+
+def check_lora(lc: dict, use_gpu: bool) -> None:
+    """``ValueError`` naming the ``train.lora`` key: rank, scale, dropout, modules, QLoRA's needs."""
+    if lc["r"] < 1 or lc["alpha"] <= 0:
+        raise ValueError(f"train.lora.r must be >= 1 and train.lora.alpha > 0, got r={lc['r']}, alpha={lc['alpha']}")
+    if not 0 <= lc["dropout"] < 1:
+        raise ValueError(f"train.lora.dropout must be in [0, 1), got {lc['dropout']}")
+    if not lc["target_modules"]:
+        raise ValueError(f"train.lora.target_modules: name at least one of {LORA_TARGETS}")
+    for m in lc["target_modules"]:
+        one_of(m, LORA_TARGETS, "train.lora.target_modules[]")
+    for m in lc["train_in_full"]:
+        one_of(m, FULL_MODULES, "train.lora.train_in_full[]")
+    if lc["qlora"]:
+        if not use_gpu:
+            raise ValueError(
+                "train.lora.qlora=true quantizes the base to 4 bits with bitsandbytes, which needs CUDA: "
+                "set train.use_gpu=true on a GPU cluster, or train.lora.qlora=false on CPU"
+            )
+        if lc["merge"]:
+            raise ValueError(
+                "train.lora.merge=true with qlora: merging into a 4-bit base loses the adapter's precision; "
+                "merge the adapter into the bf16 base afterwards (export does it)"
+            )

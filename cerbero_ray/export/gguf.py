@@ -250,3 +250,64 @@ def _metadata(w, arch: Arch, name: str, out_type: str, folder: str, tokens, scor
     special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens))
     special.chat_template = chat_template  # ours, without the generation markers (None: none)
     special.add_to_gguf(w, quiet=True)
+
+
+def convert_lora(adapter: str, base: str, dest: str, name: str = "cerbero") -> dict:
+    """Write a peft LoRA adapter (local folder ``adapter``, trained on the local HF folder ``base``)
+    as a llama.cpp LoRA GGUF at ``dest``: per adapted weight ``blk.N.<tensor>.weight.lora_a`` (the
+    ``r × in`` A) and ``.lora_b`` (the ``out × r`` B, its rows permuted as the weight's are for the
+    query and key projections), float32, with ``adapter.lora.alpha`` such that llama.cpp's
+    ``alpha / r`` is peft's scale. llama.cpp applies it to the base's GGUF at load time."""
+    import logging
+
+    import gguf
+
+    from cerbero_ray import adapters
+
+    logging.getLogger("gguf").setLevel(logging.ERROR)
+    cfg, pairs = adapters.read_lora(adapter)
+    why = adapters.unsupported(cfg)
+    if why:
+        raise ValueError(f"export.checkpoint: llama.cpp's LoRA files cannot hold {why}")
+    arch = read_arch(base)
+    r = cfg["r"]
+    alpha = adapters.lora_scale(cfg) * r  # llama.cpp scales by alpha / r
+    tmp = f"{dest}.{os.getpid()}.tmp"
+    w = gguf.GGUFWriter(tmp, "llama")
+    try:
+        w.add_name(name)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        for module in sorted(pairs, key=_module_order):
+            a, b = (t.numpy().astype(np.float32) for t in pairs[module])
+            g = gguf_name(module + ".weight")
+            if g.endswith("attn_q.weight"):
+                b = permute_qk(b, arch.heads)
+            elif g.endswith("attn_k.weight"):
+                b = permute_qk(b, arch.kv_heads)
+            w.add_tensor(g + ".lora_a", np.ascontiguousarray(a))
+            w.add_tensor(g + ".lora_b", np.ascontiguousarray(b))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, dest)
+    except BaseException:
+        w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return {
+        "path": dest,
+        "type": "lora",
+        "tensors": 2 * len(pairs),
+        "rank": r,
+        "alpha": alpha,
+        "bytes": os.path.getsize(dest),
+    }
+
+
+def _module_order(module: str) -> tuple:
+    parts = module.split(".")
+    return (int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else -1, module)

@@ -10,6 +10,12 @@ seed's prompt, tokens and logits against transformers) before it takes its final
 fails stays ``….gguf.failed`` and is reported (``export.verify=false`` skips the check). The stage
 needs no Ray cluster: under ``ray job submit`` it runs in the job's driver.
 
+A LoRA adapter folder as the checkpoint: the adapter is merged into its base (fp32) and the merged
+model is exported as above; with ``export.lora`` the adapter is also written alone as a llama.cpp
+LoRA file (``<name>-LORA-F32.gguf``, :func:`~cerbero_ray.export.gguf.convert_lora`) beside the base
+it applies to (``<name>-base-F16.gguf``), and llama.cpp checks the pair (base + adapter loaded at
+run time) against the merged model in transformers.
+
     python jobs/export.py export.types=[f16,q8_0,q4_k_m]
 """
 
@@ -23,7 +29,7 @@ import time
 
 from omegaconf import DictConfig
 
-from cerbero_ray import llamacpp, storage
+from cerbero_ray import adapters, llamacpp, storage
 from cerbero_ray.chat import USER_TAG, assistant_tag_of, seed_prompt
 from cerbero_ray.checkpoints import check_checkpoint, check_weights
 from cerbero_ray.config import check
@@ -66,9 +72,38 @@ def run_export(cfg: DictConfig | dict) -> dict:
     check (``failed``: written nowhere under their final name) and the chat snippet."""
     c = check("export", cfg)
     x = c["export"]
-    check_checkpoint(x["checkpoint"], "export.checkpoint")
-    folder = storage.local_copy(x["checkpoint"])
-    check_weights(folder, "export.checkpoint")
+    check_checkpoint(x["checkpoint"], "export.checkpoint", x["base"])
+    with tempfile.TemporaryDirectory(prefix="cerbero-merged-") as merged:
+        if not adapters.is_adapter(x["checkpoint"]):
+            folder = storage.local_copy(x["checkpoint"])
+            check_weights(folder, "export.checkpoint")
+            return _export(x, folder, folder)
+        src = storage.local_copy(x["checkpoint"])
+        base = adapters.base_of(x["checkpoint"], x["base"], "export.checkpoint")
+        base_folder = storage.local_copy(base)
+        check_weights(base_folder, "export.base")
+        adapters.check_base(x["checkpoint"], base, base_folder, "export.checkpoint")
+        _merge(x["checkpoint"], base, src, base_folder, merged)
+        return _export(x, merged, src, (src, base_folder) if x["lora"] else None)
+
+
+def _merge(adapter: str, base: str, src: str, base_folder: str, dest: str) -> None:
+    """The adapter merged into its base (fp32) as an HF folder in ``dest``, with the adapter's
+    tokenizer (else the base's)."""
+    from cerbero_ray.models import load_adapted
+
+    model = load_adapted(adapter, "float32", base)
+    model.save_pretrained(dest, safe_serialization=True)
+    tok_src = src if os.path.exists(os.path.join(src, "tokenizer_config.json")) else base_folder
+    for f in os.listdir(tok_src):
+        if f.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(os.path.join(tok_src, f), os.path.join(dest, f))
+    print(f"[export] {adapter}: merged into {base} for the GGUF files", flush=True)
+
+
+def _export(x: dict, folder: str, src: str, lora: tuple[str, str] | None = None) -> dict:
+    """Export the local HF folder ``folder`` (``src``: what the files' freshness is judged against);
+    ``lora``: (adapter folder, base folder) to write as a LoRA file and its base too."""
     conv.read_arch(folder)  # architecture, tokenizer and sizes are checked before anything is written
     conv.vocabulary(folder)
     if any(t in quant.FTYPES for t in x["types"]) and not quant.available():
@@ -84,7 +119,7 @@ def run_export(cfg: DictConfig | dict) -> dict:
         f16 = os.path.join(local_out, file_name(x["name"], "f16"))
         for t in order:
             final = storage.join(out, file_name(x["name"], t))
-            if not x["overwrite"] and _fresh(final, folder):
+            if not x["overwrite"] and _fresh(final, src):
                 results[t] = {"path": final, "type": t, "status": "kept"}
                 print(f"[export] {final} is newer than the checkpoint: kept (export.overwrite=true redoes it)")
                 continue
@@ -95,6 +130,8 @@ def run_export(cfg: DictConfig | dict) -> dict:
             _publish(results[t], final, storage.is_uri(out))
         if os.path.exists(f16 + UNVERIFIED):  # an f16 file made only for the quantizer
             os.remove(f16 + UNVERIFIED)
+        if lora is not None:
+            results.update(_lora_files(x, lora, local_out, src, template, ref))
     failed = [t for t, r in results.items() if r["status"] == "failed"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     good = [t for t in x["types"] if results[t]["status"] != "failed"]
@@ -106,6 +143,12 @@ def run_export(cfg: DictConfig | dict) -> dict:
     )
     if snippet:
         print(f"[export] chat with it in llama-cpp-python (pip install llama-cpp-python):\n{snippet}", flush=True)
+    if lora is not None and all(k in results and results[k]["status"] != "failed" for k in ("lora", "base-f16")):
+        print(
+            "[export] or the base with the adapter applied at load time: "
+            f'Llama(model_path="{results["base-f16"]["path"]}", lora_path="{results["lora"]["path"]}", n_ctx=4086)',
+            flush=True,
+        )
     return {"files": results, "failed": failed, "peak_rss_mib": round(peak), "snippet": snippet}
 
 
@@ -119,6 +162,39 @@ def _reference(folder: str, tag: str, wanted: bool) -> dict | None:
         print("[export] llama.cpp check skipped: llama-cpp-python is not installed (pip install -e '.[gguf]')")
         return None
     return verify.reference(folder, tag)
+
+
+def _lora_files(x: dict, lora: tuple[str, str], local_out: str, src: str, template, ref: dict | None) -> dict:
+    """The adapter as ``<name>-LORA-F32.gguf`` and its base as ``<name>-base-F16.gguf``, checked
+    together by llama.cpp (the adapter applied at load time) against the merged model."""
+    adapter, base_folder = lora
+    why = adapters.unsupported(adapters.adapter_config(adapter))
+    if why:
+        print(f"[export] no LoRA file: llama.cpp's LoRA files cannot hold {why}; the merged files are written")
+        return {}
+    names = {"base-f16": file_name(f"{x['name']}-base", "f16"), "lora": file_name(x["name"], "lora-f32")}
+    finals = {k: storage.join(x["output_dir"], n) for k, n in names.items()}
+    if not x["overwrite"] and all(_fresh(f, src) for f in finals.values()):
+        for f in finals.values():
+            print(f"[export] {f} is newer than the checkpoint: kept (export.overwrite=true redoes it)")
+        return {k: {"path": f, "type": k, "status": "kept"} for k, f in finals.items()}
+    t1 = time.perf_counter()
+    staged = {k: os.path.join(local_out, n) + UNVERIFIED for k, n in names.items()}
+    infos = {
+        "base-f16": {**conv.convert(base_folder, staged["base-f16"], "f16", f"{x['name']}-base", template)},
+        "lora": {**conv.convert_lora(adapter, base_folder, staged["lora"], x["name"])},
+    }
+    status, check = "unchecked", None
+    if ref is not None:
+        check = verify.verify(staged["base-f16"], "f16", ref, x["threads"], lora=staged["lora"])
+        status = "checked" if check["ok"] else "failed"
+        print(f"[export] base-f16 + lora: {verify.describe(check, ref['decode'])}", flush=True)
+    for k, info in infos.items():
+        info.update(type=k, status=status, seconds=round(time.perf_counter() - t1, 2), staged=staged[k])
+        if check is not None:
+            info["check"] = check
+        _publish(info, finals[k], storage.is_uri(x["output_dir"]))
+    return infos
 
 
 def _make(t: str, folder: str, dest: str, f16: str, x: dict, template: str | None, ref: dict | None) -> dict:

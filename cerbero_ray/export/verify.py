@@ -41,10 +41,11 @@ def reference(folder: str, tag: str) -> dict:
     return {"prompt": prompt, "tokens": ids, "logits": logits, "decode": tok.decode}
 
 
-def verify(path: str, out_type: str, ref: dict, threads: int = 0) -> dict:
-    """llama.cpp's check of one file against ``ref``: a dict with ``ok`` and the figures (or ``error``)."""
+def verify(path: str, out_type: str, ref: dict, threads: int = 0, lora: str | None = None) -> dict:
+    """llama.cpp's check of one file (with the LoRA file ``lora`` applied, checked against the
+    merged model's ``ref``) against ``ref``: a dict with ``ok`` and the figures (or ``error``)."""
     try:
-        got = llamacpp.call("check", path=path, prompt=ref["prompt"], threads=threads)
+        got = llamacpp.call("check", path=path, prompt=ref["prompt"], threads=threads, lora=lora)
     except llamacpp.NativeCrash as e:
         return {"ok": False, "signal": e.signal, "error": str(e)}
     except RuntimeError as e:

@@ -49,7 +49,7 @@ class GenerateWorker(batchjob.ChunkWorker):
         from cerbero_ray.inference.engines import build_engine
 
         self.gc = gc
-        model, self.tok = load_for_inference(gc["checkpoint"], gc["dtype"])
+        model, self.tok = load_for_inference(gc["checkpoint"], gc["dtype"], gc["base"])
         self.model, self._embedder = model, None
         self.gen = build_engine(model, self.tok, engine_config(gc))
 
@@ -240,7 +240,7 @@ def run_generate(cfg: DictConfig | dict) -> dict:
     """Generate over ``generate.input`` on an initialised Ray; returns the summary (also ``summary.json``)."""
     c = check("generate", cfg)
     gc = c["generate"]
-    check_inference(gc["checkpoint"], gc["engine"], "generate")
+    check_inference(gc["checkpoint"], gc["engine"], "generate", gc["base"])
     sc = gc["self_chat"]
     if gc["mode"] == "self_chat" and sc["dedup"] == "embedding" and sc["dedup_model"]:
         check_checkpoint(sc["dedup_model"], "generate.self_chat.dedup_model")

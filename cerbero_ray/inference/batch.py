@@ -84,12 +84,12 @@ class Labeler:
     """One model and one label scorer: what labels rows, whether they come from a stage's chunk
     (:mod:`cerbero_ray.label`) or a Ray Dataset's batch (:func:`label_dataset`)."""
 
-    def __init__(self, checkpoint: str, task: LabelTask, dtype: str = "auto", **scorer_kw):
+    def __init__(self, checkpoint: str, task: LabelTask, dtype: str = "auto", base: str | None = None, **scorer_kw):
         from cerbero_ray.inference.label_prompts import prompt_hash
         from cerbero_ray.inference.scorer import Scorer
         from cerbero_ray.models import load_for_inference
 
-        model, tok = load_for_inference(checkpoint, dtype)
+        model, tok = load_for_inference(checkpoint, dtype, base)
         self.scorer, self.task = Scorer(model, tok, task, **scorer_kw), task
         self.prompt_hash = prompt_hash(task, tok)
 
@@ -100,8 +100,8 @@ class Labeler:
 class _Labeler:
     """A Ray Data actor for :func:`label_dataset`."""
 
-    def __init__(self, checkpoint: str, task: dict, column: str, dtype: str, scorer_kw: dict):
-        self.labeler, self.column = Labeler(checkpoint, LabelTask(**task), dtype, **scorer_kw), column
+    def __init__(self, checkpoint: str, task: dict, column: str, dtype: str, scorer_kw: dict, base: str | None):
+        self.labeler, self.column = Labeler(checkpoint, LabelTask(**task), dtype, base, **scorer_kw), column
 
     def __call__(self, batch: dict) -> dict:
         texts = [None if t is None else str(t) if not isinstance(t, str) else t for t in batch[self.column].tolist()]
@@ -112,12 +112,19 @@ class _Generator:
     """A Ray Data actor for :func:`generate_dataset`: one model, the continuous-batching engine."""
 
     def __init__(
-        self, checkpoint: str, column: str, dtype: str, sampling: dict, batch_size: int, max_prompt_tokens: int
+        self,
+        checkpoint: str,
+        column: str,
+        dtype: str,
+        sampling: dict,
+        batch_size: int,
+        max_prompt_tokens: int,
+        base: str | None = None,
     ):
         from cerbero_ray.inference.engines import EngineConfig, build_engine
         from cerbero_ray.models import load_for_inference
 
-        model, self.tok = load_for_inference(checkpoint, dtype)
+        model, self.tok = load_for_inference(checkpoint, dtype, base)
         self.sampling, self.column, self.calls = Sampling(**sampling), column, 0
         cfg = EngineConfig("continuous", batch_size, max_prompt_tokens, self.sampling.max_new_tokens)
         self.engine = build_engine(model, self.tok, cfg)
@@ -146,17 +153,19 @@ def label_dataset(
     dtype: str = "auto",
     max_text_tokens: int = 512,
     max_batch_tokens: int = 16384,
+    base: str | None = None,
 ):
     """``ds`` with ``label``, ``p_<label>`` per label, ``truncated`` and ``error`` added, scored by
-    ``checkpoint`` (an HF folder or URI) for ``task`` (a shipped task's name, a YAML file, a dict or
-    a :class:`Task`). ``concurrency`` model actors, each with ``num_gpus`` GPUs."""
+    ``checkpoint`` (an HF folder or URI, or a LoRA adapter folder on its recorded ``base``, or the
+    one given) for ``task`` (a shipped task's name, a YAML file, a dict or a :class:`Task`).
+    ``concurrency`` model actors, each with ``num_gpus`` GPUs."""
     t = get_task(task)
     if text_column not in ds.schema().names:
         raise ValueError(f"text_column {text_column!r} is not a column of the dataset ({ds.schema().names})")
     kw = {"max_text_tokens": max_text_tokens, "max_batch_tokens": max_batch_tokens, "sort_window": batch_size}
     return ds.map_batches(
         _Labeler,
-        fn_constructor_args=(checkpoint, asdict(t), text_column, dtype, kw),
+        fn_constructor_args=(checkpoint, asdict(t), text_column, dtype, kw, base),
         batch_size=batch_size,
         batch_format="numpy",
         **_compute(concurrency, num_gpus, num_cpus),
@@ -175,6 +184,7 @@ def generate_dataset(
     num_cpus: float = 1,
     dtype: str = "auto",
     max_prompt_tokens: int = 2048,
+    base: str | None = None,
 ):
     """``ds`` with ``completion``, ``finish_reason``, ``prompt_tokens``, ``new_tokens``, ``truncated``
     and ``error`` added: each row's ``prompt_column`` asked as the human's turn of a cerbero chat,
@@ -182,7 +192,7 @@ def generate_dataset(
     s = sampling if isinstance(sampling, Sampling) else Sampling(**(sampling or {}))
     if prompt_column not in ds.schema().names:
         raise ValueError(f"prompt_column {prompt_column!r} is not a column of the dataset ({ds.schema().names})")
-    args = (checkpoint, prompt_column, dtype, asdict(s), batch_size, max_prompt_tokens)
+    args = (checkpoint, prompt_column, dtype, asdict(s), batch_size, max_prompt_tokens, base)
     return ds.map_batches(
         _Generator,
         fn_constructor_args=args,

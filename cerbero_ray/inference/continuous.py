@@ -10,9 +10,13 @@ Each step of the loop thread:
      hand the new text to the request's callback, and free the slots of finished requests.
 
 A short request never waits for a long one, a new request waits at most one step, and streaming
-and non-streaming requests share the same batch. A request ends at the end-of-sequence token, at
-one of its stop strings (cut from the text) or at ``max_new_tokens``; text that could be the start
-of a stop string, or an incomplete UTF-8 character, is held back until it is decided.
+and non-streaming requests share the same batch. With LoRA adapters loaded
+(:mod:`cerbero_ray.inference.multilora`), requests for different adapters (and the base) share it
+too: each slot's adapter is a row of a table the model's adapted layers gather from.
+
+A request ends at the end-of-sequence token, at one of its stop strings (cut from the text) or at
+``max_new_tokens``; text that could be the start of a stop string, or an incomplete UTF-8
+character, is held back until it is decided.
 
 With ``Sampling.logprobs`` set (``k``), each token's log-probability under the model (before
 temperature and top-p, as OpenAI reports them) and the ``k`` most likely tokens ride along: a
@@ -52,6 +56,7 @@ class _Request:
     lps: list[dict] = field(default_factory=list)  # per token, with Sampling.logprobs
     starts: list[int] = field(default_factory=list)  # per token: the text's length before it
     lp_sent: int = 0
+    adapter: int = 0  # the LoRA adapter this request's rows use (0: the base; AdapterSet indices)
 
 
 class Piece(str):
@@ -111,9 +116,11 @@ class ContinuousBatcher:
         prefill_tokens: int = 8192,
         cuda_graphs: bool | None = None,
         lock: threading.Lock | None = None,
+        adapters=None,
     ):
         self.tok = tok
-        self.slots = SlotModel(model, num_slots, max_prompt_tokens + max_new_tokens)
+        self.adapters = adapters  # an AdapterSet: requests name theirs, mixed in every step
+        self.slots = SlotModel(model, num_slots, max_prompt_tokens + max_new_tokens, adapters)
         self.max_prompt_tokens, self.max_new_tokens, self.prefill_tokens = (
             max_prompt_tokens,
             max_new_tokens,
@@ -133,7 +140,11 @@ class ContinuousBatcher:
         """Token ids of rendered prompts within ``max_prompt_tokens`` (:func:`encode_prompts`)."""
         return encode_prompts(self.tok, prompts, self.max_prompt_tokens)
 
-    def submit(self, ids: list[int], s: Sampling, emit: Callable[[object], None], truncated: bool = False) -> _Request:
+    def submit(
+        self, ids: list[int], s: Sampling, emit: Callable[[object], None], truncated: bool = False, adapter: int = 0
+    ) -> _Request:
+        if adapter and (self.adapters is None or not 0 <= adapter < len(self.adapters.names)):
+            raise ValueError(f"no adapter {adapter} is loaded")
         if not ids:
             raise ValueError("an empty prompt")
         if len(ids) > self.max_prompt_tokens:
@@ -146,6 +157,7 @@ class ContinuousBatcher:
             emit,
             truncated=truncated,
             rng=random.Random(s.seed) if s.seed is not None else random.Random(),
+            adapter=adapter,
         )
         with self._cv:
             self.waiting.append(r)
@@ -156,34 +168,36 @@ class ContinuousBatcher:
         """The client went away: the request's slot is freed at the next step."""
         r.cancelled = True
 
-    def generate(self, prompts: list[str], s: Sampling, seed: int | None = None) -> list[dict]:
+    def generate(self, prompts: list[str], s: Sampling, seed: int | None = None, adapter: int = 0) -> list[dict]:
         """Blocking: per prompt ``text`` (stripped), ``finish_reason``, ``prompt_tokens``,
         ``new_tokens``, ``truncated`` — the same results as :class:`Generator.generate`. ``seed``
         (else ``s.seed``) seeds row ``i`` with ``seed * 1_000_003 + i``: the same call, the same text."""
         seed = s.seed if seed is None else seed
         if seed is None:
-            return self.run([(p, s) for p in prompts])
-        return self.run([(p, replace(s, seed=seed * 1_000_003 + i)) for i, p in enumerate(prompts)])
+            return self.run([(p, s, adapter) for p in prompts])
+        return self.run([(p, replace(s, seed=seed * 1_000_003 + i), adapter) for i, p in enumerate(prompts)])
 
-    def run(self, items: list[tuple[str, Sampling]]) -> list[dict]:
-        """Blocking: like :meth:`generate`, each prompt with its own sampling settings."""
+    def run(self, items: list[tuple]) -> list[dict]:
+        """Blocking: like :meth:`generate`, each prompt with its own sampling settings (and, as a
+        third element, its adapter: a mixed batch)."""
         done = [queue.Queue() for _ in items]
-        ids, cut = self.encode([p for p, _ in items])
-        for x, c, (_, s), q in zip(ids, cut, items, done):
-            self.submit(x, s, lambda item, q=q: q.put(item) if isinstance(item, dict) else None, c)
+        ids, cut = self.encode([it[0] for it in items])
+        for x, c, it, q in zip(ids, cut, items, done):
+            adapter = it[2] if len(it) > 2 else 0
+            self.submit(x, it[1], lambda item, q=q: q.put(item) if isinstance(item, dict) else None, c, adapter)
         out = [q.get() for q in done]
         for r in out:
             if "error" in r:
                 raise RuntimeError(r["error"])
         return out
 
-    def stream(self, prompt: str, s: Sampling) -> Iterator[str | dict]:
+    def stream(self, prompt: str, s: Sampling, adapter: int = 0) -> Iterator[str | dict]:
         """Text pieces as they are decided (what piled up since the last read comes as one piece),
         then one dict (``finish_reason``, ``prompt_tokens``, ``new_tokens``, ``truncated``, ``text``).
         Closing the iterator early cancels the request."""
         q: queue.Queue = queue.Queue()
         (ids,), (cut,) = self.encode([prompt])
-        r = self.submit(ids, s, q.put, cut)
+        r = self.submit(ids, s, q.put, cut, adapter)
         try:
             while True:
                 text, end = _pieces(q.get(), q)
@@ -195,7 +209,7 @@ class ContinuousBatcher:
         finally:
             self.cancel(r)
 
-    async def agenerate(self, prompt: str, s: Sampling, ids: list[int] | None = None) -> dict:
+    async def agenerate(self, prompt: str, s: Sampling, ids: list[int] | None = None, adapter: int = 0) -> dict:
         """One request from an event loop (a server handler): no thread waits for it. ``ids``: the
         prompt already encoded (off the loop, within ``max_prompt_tokens``), so it is not done twice."""
         import asyncio
@@ -208,7 +222,7 @@ class ContinuousBatcher:
                 loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(item))
 
         (ids,), (cut,) = ([ids], [False]) if ids is not None else self.encode([prompt])
-        r = self.submit(ids, s, emit, cut)
+        r = self.submit(ids, s, emit, cut, adapter)
         try:
             out = await fut
         finally:
@@ -217,14 +231,16 @@ class ContinuousBatcher:
             raise RuntimeError(out["error"])
         return out
 
-    async def astream(self, prompt: str, s: Sampling, ids: list[int] | None = None) -> AsyncIterator[str | dict]:
+    async def astream(
+        self, prompt: str, s: Sampling, ids: list[int] | None = None, adapter: int = 0
+    ) -> AsyncIterator[str | dict]:
         """:meth:`stream` for an event loop: no thread per open stream (``ids`` as in :meth:`agenerate`)."""
         import asyncio
 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         (ids,), (cut,) = ([ids], [False]) if ids is not None else self.encode([prompt])
-        r = self.submit(ids, s, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), cut)
+        r = self.submit(ids, s, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), cut, adapter)
         try:
             while True:
                 text, end = _pieces(await q.get(), q)
@@ -284,6 +300,7 @@ class ContinuousBatcher:
                     continue
                 r.slot = free.pop(0)
                 self.live[r.slot] = r
+                self.slots.set_adapter(r.slot, r.adapter)
                 new.append(r)
                 tokens += len(r.ids)
         return new

@@ -31,9 +31,12 @@ class EngineConfig:
             raise ValueError(f"engine must be one of {KINDS}, got {self.kind!r}")
 
 
-def build_engine(model, tok, cfg: EngineConfig, lock: threading.Lock | None = None):
+def build_engine(model, tok, cfg: EngineConfig, lock: threading.Lock | None = None, adapters=None):
     """The engine ``cfg`` names, over a loaded ``model`` and its tokenizer (``lock``: held per step,
-    so other users of the model, such as a label scorer, run between steps)."""
+    so other users of the model, such as a label scorer, run between steps; ``adapters``: the
+    :class:`~cerbero_ray.inference.multilora.AdapterSet` loaded into it, continuous only)."""
+    if adapters is not None and cfg.kind != "continuous":
+        raise ValueError("LoRA adapters in a mixed batch need the continuous engine")
     if cfg.kind == "continuous":
         from cerbero_ray.inference.continuous import ContinuousBatcher
 
@@ -46,6 +49,7 @@ def build_engine(model, tok, cfg: EngineConfig, lock: threading.Lock | None = No
             prefill_tokens=cfg.prefill_tokens,
             cuda_graphs=cfg.cuda_graphs,
             lock=lock,
+            adapters=adapters,
         )
     from cerbero_ray.inference.generator import Generator
 

@@ -41,9 +41,10 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class SlotModel:
-    def __init__(self, model, num_slots: int, max_len: int):
+    def __init__(self, model, num_slots: int, max_len: int, adapters=None):
         check_supported(model)
         self.model = model.eval()
+        self.adapters = adapters  # an AdapterSet wrapped into the model's linears, or None
         cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -54,9 +55,23 @@ class SlotModel:
         shape = (cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads, max_len, self.head_dim)
         self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # each slot's LoRA adapter (0: the base), read in place by the adapted layers (and the graphs)
+        self.slot_adapter = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.graphs: dict[int, tuple] = {}
         self.graph_error: str | None = None
         self._pool = None
+
+    def set_adapter(self, slot: int, adapter: int) -> None:
+        if self.adapters is not None:
+            self.slot_adapter[slot] = adapter
+
+    def _rows(self, rows: torch.Tensor):
+        """The adapters of ``rows`` (slot indices) for the forward inside."""
+        import contextlib
+
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.per_row(self.slot_adapter.index_select(0, rows))
 
     def cache_bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
@@ -113,7 +128,8 @@ class SlotModel:
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
             )
 
-        h = self._layers(ids, pos, attend)
+        with self._rows(where):
+            h = self._layers(ids, pos, attend)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         return self.model.lm_head(h[torch.arange(len(prompts), device=self.device), last]).float()
 
@@ -140,7 +156,9 @@ class SlotModel:
             )
             return o.reshape(q.shape)
 
-        return self.model.lm_head(self._layers(ids[:, None], pos[:, None], attend)[:, 0]).float()
+        with self._rows(rows):
+            h = self._layers(ids[:, None], pos[:, None], attend)
+        return self.model.lm_head(h[:, 0]).float()
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, pos: torch.Tensor, graphs: bool = False) -> torch.Tensor:

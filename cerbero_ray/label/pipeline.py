@@ -44,6 +44,7 @@ class LabelWorker(batchjob.ChunkWorker):
             max_text_tokens=lc["max_text_tokens"],
             max_batch_tokens=lc["max_batch_tokens"],
             sort_window=lc["sort_window"],
+            base=lc["base"],
         )
         self.task, self.scorer, self.hash = self.labeler.task, self.labeler.scorer, self.labeler.prompt_hash
 
@@ -145,7 +146,7 @@ def run_label(cfg: DictConfig | dict) -> dict:
     c = check("label", cfg)
     lc = c["label"]
     task = resolve_task(lc)
-    check_checkpoint(lc["checkpoint"], "label.checkpoint")
+    check_checkpoint(lc["checkpoint"], "label.checkpoint", lc["base"])
     out = lc["output_dir"]
     chunks, todo, skipped = batchjob.start_run(
         out,

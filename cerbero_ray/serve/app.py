@@ -191,6 +191,8 @@ class CerberoServer:
             max_new_tokens=sc["max_new_tokens"],
             prefill_tokens=sc["prefill_tokens"],
             cuda_graphs=sc["cuda_graphs"],
+            adapters=sc["adapters"],
+            model_name=sc["model_name"],
         )
         for method in (self._generate_batch, self._label_batch):
             method.set_max_batch_size(sc["max_batch_size"])
@@ -204,16 +206,28 @@ class CerberoServer:
         if self.key and request.headers.get("authorization", "") != f"Bearer {self.key}":
             raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
+    def _served(self) -> list[str]:
+        return [self.sc["model_name"], *self.sc["adapters"]]
+
+    def _adapter(self, model: str | None) -> tuple[int, str]:
+        """(adapter index, the model's name) for a request's ``model`` (None: the base); 404 when
+        this server does not serve it."""
+        if model in (None, self.sc["model_name"]):
+            return 0, self.sc["model_name"]
+        try:
+            return self.engine.adapter_index(model), model
+        except KeyError:
+            raise APIError(
+                404,
+                f"model {short(model)} is not served here; this server has {self._served()}",
+                "model",
+                "model_not_found",
+            ) from None
+
     async def _sampling(self, req, prompt: str) -> tuple[Sampling, list[int]]:
         """The request's sampling settings and its prompt's ids (encoded off the event loop, once)."""
         sc = self.sc
-        if req.model not in (None, sc["model_name"]):
-            raise APIError(
-                404,
-                f"model {short(req.model)} is not served here; this server has {sc['model_name']!r}",
-                "model",
-                "model_not_found",
-            )
+        self._adapter(req.model)
         if not prompt.strip():
             raise APIError(400, "the prompt is empty", "messages" if isinstance(req, ChatRequest) else "prompt")
         ids = await asyncio.to_thread(self.engine.encode, prompt)  # a long prompt never holds the loop
@@ -262,13 +276,22 @@ class CerberoServer:
         return await asyncio.to_thread(self.engine.generate, items)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _label_batch(self, items: list[tuple[str, list[str]]]) -> list[list[dict]]:
+    async def _label_batch(self, items: list[tuple[str, list[str], int]]) -> list[list[dict]]:
         return await asyncio.to_thread(self.engine.label, items)
 
-    def _stream(self, prompt: str, ids: list[int], s: Sampling, kind: str, rid: str, include_usage: bool = False):
+    def _stream(
+        self,
+        prompt: str,
+        ids: list[int],
+        s: Sampling,
+        kind: str,
+        rid: str,
+        include_usage: bool = False,
+        adapter: tuple[int, str] = (0, ""),
+    ):
         """Server-sent events. The usage rides on the finishing chunk; with ``stream_options.include_usage``
         it comes as OpenAI sends it instead: a last chunk of its own, with no choices."""
-        model, tok = self.sc["model_name"], self.engine.tok
+        (index, model), tok = adapter, self.engine.tok
 
         def sse(piece) -> str:
             if isinstance(piece, dict):
@@ -285,7 +308,7 @@ class CerberoServer:
         if self.engine.batcher is not None:
 
             async def events():  # on the event loop: no thread per open stream
-                async for piece in self.engine.batcher.astream(prompt, s, ids):
+                async for piece in self.engine.batcher.astream(prompt, s, ids, index):
                     yield sse(piece)
                 yield "data: [DONE]\n\n"
         else:
@@ -300,19 +323,20 @@ class CerberoServer:
     async def _complete(self, request: Request, req, prompt: str, kind: str):
         self._auth(request)
         s, ids = await self._sampling(req, prompt)
+        index, model = self._adapter(req.model)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(prompt, ids, s, kind, rid, usage)
-        if self.engine.batcher is not None:  # joins the running batch at the next step
-            r = await self.engine.batcher.agenerate(prompt, s, ids)
+            return self._stream(prompt, ids, s, kind, rid, usage, (index, model))
+        if self.engine.batcher is not None:  # joins the running batch (every adapter's) at the next step
+            r = await self.engine.batcher.agenerate(prompt, s, ids, index)
         else:
             r = await self._generate_batch((prompt, s))
         lps = openai_logprobs(self.engine.tok, r["logprobs"]) if s.logprobs is not None else None
         return _envelope(
             kind,
             rid,
-            self.sc["model_name"],
+            model,
             [_choice(kind, r["text"], r["finish_reason"], logprobs=lps)],
             _usage(r["prompt_tokens"], r["new_tokens"]),
         )
@@ -350,25 +374,22 @@ class CerberoServer:
     async def completions(self, request: Request, req: CompletionRequest):
         return await self._complete(request, req, req.prompt, "text")
 
-    def _model_card(self) -> dict:
-        return {"id": self.sc["model_name"], "object": "model", "created": self.created, "owned_by": "cerbero-ray"}
+    def _model_card(self, name: str) -> dict:
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "cerbero-ray"}
+        if name != self.sc["model_name"]:  # a LoRA adapter on the base (vLLM's field names)
+            card.update(root=self.sc["adapters"][name], parent=self.sc["model_name"])
+        return card
 
     @app.get("/v1/models")
     async def models(self, request: Request):
         self._auth(request)
-        return {"object": "list", "data": [self._model_card()]}
+        return {"object": "list", "data": [self._model_card(m) for m in self._served()]}
 
     @app.get("/v1/models/{model_id}")
     async def model(self, request: Request, model_id: str):
         self._auth(request)
-        if model_id != self.sc["model_name"]:
-            raise APIError(
-                404,
-                f"model {model_id!r} is not served here; this server has {self.sc['model_name']!r}",
-                "model",
-                "model_not_found",
-            )
-        return self._model_card()
+        self._adapter(model_id)
+        return self._model_card(model_id)
 
     @app.post("/v1/label")
     async def label(self, request: Request, req: LabelRequest):
@@ -380,7 +401,8 @@ class CerberoServer:
         for i, t in enumerate(req.texts):
             if not t.strip():
                 raise APIError(400, f"texts[{i}] is empty", f"texts.{i}")
-        results = await self._label_batch((req.task, req.texts))
+        index, model = self._adapter(req.model)
+        results = await self._label_batch((req.task, req.texts, index))
         if isinstance(results, dict):  # this request's texts failed to score (no other request did)
             raise APIError(500, f"labeling failed: {results['error']}", "texts", "label_failed")
         for i, r in enumerate(results):
@@ -388,7 +410,7 @@ class CerberoServer:
                 raise APIError(400, r["error"], f"texts.{i}", "context_length_exceeded")
         return {
             "task": req.task,
-            "model": self.sc["model_name"],
+            "model": model,
             "results": [{"label": r["label"], "probs": r["probs"], "truncated": r["truncated"]} for r in results],
         }
 

@@ -41,12 +41,19 @@ class ServeEngine:
         max_new_tokens: int = 512,
         prefill_tokens: int = 8192,
         cuda_graphs: bool | None = None,
+        adapters: dict[str, str] | None = None,
+        model_name: str = "base",
     ):
         self.model, self.tok = load_for_inference(checkpoint, dtype)
+        self.adapters = None  # LoRA adapters by name, mixed with the base in every batch
+        if adapters:
+            from cerbero_ray.inference.multilora import load_adapters
+
+            self.adapters = load_adapters(self.model, adapters, model_name, base=checkpoint)
         self.scorers = {name: Scorer(self.model, self.tok, task) for name, task in (tasks or {}).items()}
         self.lock = threading.Lock()  # one forward at a time per replica: batches, not races
         cfg = EngineConfig(engine, max_batch_size, max_prompt_tokens, max_new_tokens, prefill_tokens, cuda_graphs)
-        built = build_engine(self.model, self.tok, cfg, self.lock)
+        built = build_engine(self.model, self.tok, cfg, self.lock, self.adapters)
         self.batcher = built if engine == "continuous" else None  # continuous: requests join a running batch
         self.gen = built if engine == "hf" else None  # hf: batched generate calls, a stream on its own
 
@@ -122,24 +129,38 @@ class ServeEngine:
             "new_tokens": len(new) if not eos else new.index(self.tok.eos_token_id) + 1,
         }
 
-    def label(self, items: list[tuple[str, list[str]]]) -> list:
-        """Many label requests at once: the texts of each task are scored together. Should a batch
-        fail, its requests are scored one by one, so a failure stays with the request that caused
-        it (its entry is then ``{"error": message}`` instead of a list of results)."""
-        by_task: dict[str, list[int]] = defaultdict(list)
-        for r, (task, _) in enumerate(items):
-            by_task[task].append(r)
+    def adapter_index(self, name: str | None) -> int:
+        """The index of the model ``name`` among the loaded adapters (None or the base: 0);
+        ``KeyError`` when it is not loaded."""
+        if self.adapters is None:
+            if name is None:
+                return 0
+            raise KeyError(name)
+        return self.adapters.resolve(name)
+
+    def label(self, items: list[tuple]) -> list:
+        """Many label requests at once (``(task, texts)``, or ``(task, texts, adapter index)``): the
+        texts of each task and model are scored together. Should a batch fail, its requests are
+        scored one by one, so a failure stays with the request that caused it (its entry is then
+        ``{"error": message}`` instead of a list of results)."""
+        import contextlib
+
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for r, item in enumerate(items):
+            groups[(item[0], item[2] if len(item) > 2 else 0)].append(r)
         out: list = [None] * len(items)
         with self.lock:
-            for task, reqs in by_task.items():
-                try:
-                    scored = iter(self.scorers[task].score([t for r in reqs for t in items[r][1]]))
-                    for r in reqs:
-                        out[r] = [next(scored) for _ in items[r][1]]
-                except Exception:
-                    for r in reqs:
-                        try:
-                            out[r] = self.scorers[task].score(items[r][1])
-                        except Exception as e:
-                            out[r] = {"error": f"{type(e).__name__}: {e}"}
+            for (task, adapter), reqs in groups.items():
+                ctx = self.adapters.use(adapter) if self.adapters is not None else contextlib.nullcontext()
+                with ctx:
+                    try:
+                        scored = iter(self.scorers[task].score([t for r in reqs for t in items[r][1]]))
+                        for r in reqs:
+                            out[r] = [next(scored) for _ in items[r][1]]
+                    except Exception:
+                        for r in reqs:
+                            try:
+                                out[r] = self.scorers[task].score(items[r][1])
+                            except Exception as e:
+                                out[r] = {"error": f"{type(e).__name__}: {e}"}
         return out

@@ -93,6 +93,7 @@ class CompletionRequest(Sampled):
 class LabelRequest(Strict):
     task: Text
     texts: list[Text] = Field(min_length=1)
+    model: Optional[Text] = None  # the base (serve.model_name) or one of serve.adapters
 
 
 def error_body(

@@ -7,6 +7,7 @@ import sys
 
 from omegaconf import DictConfig
 
+from cerbero_ray.adapters import check_adapter
 from cerbero_ray.checkpoints import check_inference
 from cerbero_ray.config import check
 
@@ -19,6 +20,8 @@ def run_serve(cfg: DictConfig | dict, blocking: bool = False) -> str:
 
     sc = check("serve", cfg)["serve"]
     check_inference(sc["checkpoint"], sc["engine"], "serve")
+    for name, path in sc["adapters"].items():  # object-store ones too, before the app is deployed
+        check_adapter(path, f"serve.adapters.{name}")
     # Python's handlers replace the C++ stack dump Ray installs for SIGTERM; set before deploying,
     # so a signal during start-up is a clean stop too (once the app is up)
     stop = stop_on_signals() if blocking else None
@@ -29,7 +32,8 @@ def run_serve(cfg: DictConfig | dict, blocking: bool = False) -> str:
     auth = ' -H "Authorization: Bearer $CERBERO_API_KEY"' if sc.get("api_key") else ""
     print(
         f"[serve] {sc['model_name']} ({sc['checkpoint']}) at {url}\n"
-        f"[serve] chat page: {url}/\n"
+        + "".join(f'[serve] adapter {n} ({p}): "model": "{n}"\n' for n, p in sc["adapters"].items())
+        + f"[serve] chat page: {url}/\n"
         f"[serve] try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
         f'-d \'{{"messages": [{{"role": "user", "content": "Ciao! Come stai?"}}], "max_tokens": 32}}\'',
         flush=True,

@@ -7,6 +7,8 @@
       rng/rank_<r>.pt       each rank's torch / numpy / python RNG states
       hf/                   safetensors + config + tokenizer with the chat template (rank 0):
                             ``AutoModelForCausalLM.from_pretrained(<checkpoint>/hf)``
+      adapter/              instead of hf/ under ``train.method=lora`` (the weights in ds/ then
+                            leave the frozen base out: it is rebuilt, not stored)
       complete/rank_<r>     written by each rank once all its files are in storage
 
 Every rank writes its own files into its own folder, then copies them into the run folder's
@@ -74,13 +76,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, directory: str, rank: int, client_state: dict, hf_model=None, tokenizer=None) -> None:
-    """Write this rank's part of a checkpoint into ``directory`` (a collective: every rank calls it)."""
-    engine.save_checkpoint(os.path.join(directory, "ds"), tag=TAG, client_state=client_state)
+def save(engine, directory: str, rank: int, client_state: dict, write_model=None, frozen: bool = False) -> None:
+    """Write this rank's part of a checkpoint into ``directory`` (a collective: every rank calls it);
+    ``write_model(folder)`` (rank 0) writes the model folder beside; ``frozen``: leave frozen
+    parameters (a LoRA run's base) out of the weights."""
+    engine.save_checkpoint(
+        os.path.join(directory, "ds"), tag=TAG, client_state=client_state, exclude_frozen_parameters=frozen
+    )
     os.makedirs(os.path.join(directory, "rng"), exist_ok=True)
     torch.save(rng_state(), os.path.join(directory, "rng", f"rank_{rank}.pt"))
-    if rank == 0 and hf_model is not None:
-        save_hf(hf_model, tokenizer, os.path.join(directory, "hf"))
+    if rank == 0 and write_model is not None:
+        write_model(directory)
 
 
 def save_hf(hf_model, tokenizer, directory: str) -> None:
@@ -102,6 +108,7 @@ def save_hf_to(hf_model, tokenizer, dest: str) -> str:
 
     if not storage.is_uri(dest):  # a complete folder or none: written beside it, then renamed
         final = storage.resolve(dest)[1]
+        os.makedirs(os.path.dirname(final), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".hf-", dir=os.path.dirname(final))
         save_hf(hf_model, tokenizer, tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -113,10 +120,15 @@ def save_hf_to(hf_model, tokenizer, dest: str) -> str:
     return dest
 
 
-def load(engine, directory: str, rank: int) -> dict:
-    """Restore weights, optimizer, schedule and RNG from ``directory``; returns the loop's state."""
+def load(engine, directory: str, rank: int, frozen: bool = False) -> dict:
+    """Restore weights, optimizer, schedule and RNG from ``directory``; returns the loop's state.
+    ``frozen``: the checkpoint left the frozen parameters out (they are the rebuilt base's)."""
     path, client = engine.load_checkpoint(
-        os.path.join(directory, "ds"), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        os.path.join(directory, "ds"),
+        tag=TAG,
+        load_module_strict=not frozen,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if path is None:
         raise RuntimeError(f"no DeepSpeed state in {directory}/ds")

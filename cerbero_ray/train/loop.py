@@ -23,6 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from cerbero_ray import storage
 from cerbero_ray.shards import IGNORE_INDEX
 from cerbero_ray.train import checkpoint as ckpt
 from cerbero_ray.train.metrics import Writer, progress_line, write_summary
@@ -85,18 +86,46 @@ class _Run:
         self.rank, self.world, self.device = env.rank, env.world_size, env.device
         self.plans = plan_all(list(plan.shards), t, self.world)
         self.total, self.sig = total_steps(self.plans, t), signature(list(plan.shards), t, self.world)
-        self.engine, self.sched, self.lm = build_deepspeed(config, self.total, self.device, self.world)
+        self.tok = self.writer = self.base_record = None
+        tc = config.get("tokenizer")
+        if self.rank == 0 and tc:  # None in benchmarks: no tokenizer in the HF export
+            from cerbero_ray.tokenizer import build_tokenizer
+
+            self.tok = build_tokenizer(tc.get("path"), tc["assistant_tag"], tc["system_line"])
+        self.lora = t["method"] == "lora"
+        on_base = self._record_base if self.lora and self.rank == 0 else None
+        self.engine, self.sched, self.lm, self.peft = build_deepspeed(
+            config, self.total, self.device, self.world, on_base
+        )
         self.micro = t["micro_batch_size"]
         self.accum = t["global_batch_size"] // (self.micro * self.world)
         self.read_cpus = float(t["read_cpus"])
         self.step, self.history, self.resumed_from = 0, [], None
-        self.tok = self.writer = None
+
+    def _record_base(self, lm) -> None:
+        """Rank 0, LoRA: the frozen base's identity (a random-init base is written to <run>/base)."""
+        from cerbero_ray.train.lora import record_of, save_base
+
+        path = self.config["model"].get("path")
+        self.base_record = record_of(path) if path else save_base(lm, self.tok, self.plan.run_dir)
+
+    def write_model(self, folder: str) -> str:
+        """Rank 0: the model into ``folder`` (``hf/``, or ``adapter/`` for LoRA); returns its path."""
+        if self.lora:
+            from cerbero_ray.train.lora import save_adapter
+
+            d = os.path.join(folder, "adapter")
+            save_adapter(self.peft, self.tok, self.base_record, d)
+        else:
+            d = os.path.join(folder, "hf")
+            ckpt.save_hf(self.lm, self.tok, d)
+        return d
 
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any (refused when the data order changed)."""
         d = self.env.latest_checkpoint()
         if d:
-            state = ckpt.load(self.engine, d, self.rank)["loop"]
+            state = ckpt.load(self.engine, d, self.rank, frozen=self.lora)["loop"]
             if state["signature"] != self.sig and state["step"] < self.total:  # a finished run reads nothing more
                 raise ValueError(
                     "this run's checkpoint was made with another data order (world size, batch sizes, "
@@ -107,11 +136,6 @@ class _Run:
             if self.rank == 0:
                 say(f"[train] resumed from step {self.step} ({d})")
         if self.rank == 0:
-            tc = self.config.get("tokenizer")
-            if tc:  # None in benchmarks: no tokenizer in the HF export
-                from cerbero_ray.tokenizer import build_tokenizer
-
-                self.tok = build_tokenizer(tc.get("path"), tc["assistant_tag"], tc["system_line"])
             self.writer = Writer(self.plan.run_dir, self.step)
 
     def record(self, m: dict) -> None:
@@ -122,8 +146,8 @@ class _Run:
     def save(self, at: int) -> None:
         d = self.env.checkpoint_dir(at)
         client = {"loop": {"step": at, "history": self.history, "signature": self.sig}}
-        hf = self.lm if (self.rank == 0 and self.t["hf_in_checkpoints"]) else None
-        ckpt.save(self.engine, d, self.rank, client, hf, self.tok)
+        write = self.write_model if self.t["hf_in_checkpoints"] else None
+        ckpt.save(self.engine, d, self.rank, client, write, frozen=self.lora)
         if self.writer:
             self.writer.history(self.history)
             self.writer.sync()
@@ -217,7 +241,41 @@ def train_loop(config: dict, plan, env) -> dict:
         r.save(r.step)
     if r.rank != 0:
         return {}
-    hf = os.path.join(r.writer.local, "hf")
-    if start != r.step or not os.path.isfile(os.path.join(hf, "config.json")):  # a finished run leaves it be
-        ckpt.save_hf(r.lm, r.tok, hf)
-    return write_summary(config, plan.run_dir, r.writer, r.history, r.step, r.resumed_from)
+    local = r.writer.local
+    done = os.path.join(local, "adapter" if r.lora else "hf", "config.json" if not r.lora else "adapter_config.json")
+    if start != r.step or not os.path.isfile(done):  # a finished run leaves it be
+        r.write_model(local)
+    extra = {"method": r.t["method"]}
+    if r.lora:
+        from cerbero_ray.train.lora import counts
+
+        trainable, total = counts(r.lm)
+        merged = r.t["lora"]["merge"]
+        hf = os.path.join(local, "hf")
+        if merged and (start != r.step or not os.path.isfile(os.path.join(hf, "config.json"))):
+            ckpt.save_hf(r.peft.merge_and_unload(), r.tok, hf)
+        extra.update(
+            trainable_params=trainable,
+            total_params=total,
+            trainable_share=trainable / total,
+            adapter_dir=storage.join(plan.run_dir, "adapter"),
+            base=r.base_record["base"],
+            hf_dir=storage.join(plan.run_dir, "hf") if merged else None,
+        )
+    else:
+        n = sum(p.numel() for p in r.lm.parameters())
+        extra.update(trainable_params=n, total_params=n, trainable_share=1.0)
+    extra["peak_memory_bytes"] = peak_memory(r.device)
+    return write_summary(config, plan.run_dir, r.writer, r.history, r.step, r.resumed_from, extra)
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Peak bytes this process held: the GPU's allocator peak, else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    except (ImportError, OSError):
+        return None

@@ -110,9 +110,16 @@ def loss_png(history: list[dict], path: str, title: str) -> str:
 
 
 def write_summary(
-    config: dict, run_dir: str, writer: Writer, history: list[dict], step: int, resumed_from: int | None
+    config: dict,
+    run_dir: str,
+    writer: Writer,
+    history: list[dict],
+    step: int,
+    resumed_from: int | None,
+    extra: dict | None = None,
 ) -> dict:
-    """Rank 0 at the end: ``metrics.jsonl``, ``loss.png``, TensorBoard closed, ``summary.json``."""
+    """Rank 0 at the end: ``metrics.jsonl``, ``loss.png``, TensorBoard closed, ``summary.json``
+    (``extra``: the method, trainable parameters and their share, peak memory, the adapter)."""
     writer.history(history)
     try:
         loss_png(history, os.path.join(writer.local, "loss.png"), f"{config['train']['name']}: {step} steps")
@@ -132,6 +139,8 @@ def write_summary(
         "final_loss": losses[-1] if losses else None,
         "eval_losses": evals,
         "tokens_per_s_median": speeds[len(speeds) // 2] if speeds else None,
+        "train_s": sum(h.get("step_s", 0.0) for h in history),
+        **(extra or {}),
     }
     storage.write_json(storage.join(run_dir, SUMMARY), summary)
     return summary

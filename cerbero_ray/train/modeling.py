@@ -76,22 +76,28 @@ def token_loss_sum(
 class PackedCausalLM(nn.Module):
     """A causal LM returning (sum of token losses, loss tokens) for a packed batch."""
 
-    def __init__(self, lm: nn.Module, loss_chunk: int = 4096):
+    def __init__(self, lm: nn.Module, loss_chunk: int = 4096, autocast: bool = False):
         super().__init__()
         self.lm = lm
         self.loss_chunk = loss_chunk
+        self.autocast = autocast  # bf16 autocast on CUDA (LoRA: fp32 adapters on a bf16 base)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor):
-        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        return token_loss_sum(hidden, self.lm.lm_head.weight, labels, self.loss_chunk)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            head = self.lm.lm_head
+            weight = head.weight if hasattr(head, "weight") else head.modules_to_save["default"].weight
+            return token_loss_sum(hidden, weight, labels, self.loss_chunk)
 
 
 def count_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token: 6 × parameters + attention (6 × layers × hidden × seq_len, the
-    convention ../shared/bench/gpu_zero1_check.py uses, so MFU figures compare)."""
+    """Training FLOPs per token: 2 × parameters forward, 2 × backward to the inputs, 2 × trainable
+    parameters for their gradients (6 × parameters for a full fine-tune), + attention (6 × layers ×
+    hidden × seq_len, the convention ../shared/bench/gpu_zero1_check.py uses, so MFU figures compare)."""
     c = model.config
     n = sum(p.numel() for p in model.parameters())
-    return 6 * n + 6 * c.num_hidden_layers * c.hidden_size * seq_len
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4 * n + 2 * trainable + 6 * c.num_hidden_layers * c.hidden_size * seq_len
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, configured: float | None) -> float | None:

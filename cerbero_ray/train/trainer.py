@@ -5,7 +5,8 @@
   fixes, so a restarted worker resumes at the exact next row.
 - Failures: ``FailureConfig(max_failures)`` restarts the worker group from the last checkpoint.
 - The run folder is ``<train.output_dir>/<train.name>``: Ray Train's checkpoints (the last
-  ``keep_checkpoints``), ``hf/`` (the final model), ``metrics.jsonl``, ``tensorboard/``, ``loss.png``.
+  ``keep_checkpoints``), ``hf/`` (the final model; ``adapter/`` under ``train.method=lora``, see
+  :mod:`cerbero_ray.train.lora`), ``metrics.jsonl``, ``tensorboard/``, ``loss.png``.
   Running again with the same name resumes that run (a finished one returns at once).
 
     python jobs/train.py                      # tiny model, 2 CPU workers, the shipped chat sample
@@ -107,7 +108,14 @@ def run_train(cfg: DictConfig | dict) -> dict:
     if evals:
         print(f" held-out loss {' → '.join(f'{e:.3f}' for e in evals)}")
     print(f" checkpoint    {summary['checkpoint']}")
-    print(f" hf model      {summary.get('hf_dir')}")
+    if summary.get("adapter_dir"):
+        print(
+            f" adapter       {summary['adapter_dir']}  (LoRA: {summary['trainable_params']:,} trainable "
+            f"parameters, {100 * summary['trainable_share']:.2f}% of {summary['total_params']:,}; "
+            f"base {summary['base']})"
+        )
+    if summary.get("hf_dir"):
+        print(f" hf model      {summary['hf_dir']}")
     print(f" loss curve    {summary.get('loss_png')}")
     print("──────────────────────────────────────────────────────────────", flush=True)
     return summary

@@ -24,7 +24,8 @@ def deepspeed_config(ds: dict, t: dict, world_size: int) -> dict:
         "gradient_accumulation_steps": accum,
         "train_batch_size": t["global_batch_size"],
         "gradient_clipping": t["max_grad_norm"],
-        "bf16": {"enabled": t["precision"] == "bf16"},
+        # LoRA: fp32 adapters on a frozen bf16 base under autocast; DeepSpeed's bf16 mode would cast them
+        "bf16": {"enabled": t["precision"] == "bf16" and t["method"] == "full"},
         # fp32 master weights are the optimizer's; gradients get the same: accumulated over the
         # micro-batches and reduced across ranks in fp32, not in the model's bf16
         "data_types": {"grad_accum_dtype": "fp32"},
@@ -58,6 +59,7 @@ def build_optimizer(model: torch.nn.Module, t: dict, cuda: bool) -> torch.optim.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # LoRA has no 1-D trainable parameters; ZeRO drops empty groups
     return torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"], fused=cuda or None)
 
 
@@ -77,14 +79,26 @@ def build_scheduler(opt: torch.optim.Optimizer, t: dict, total_steps: int):
     )
 
 
-def build_deepspeed(config: dict, total_steps: int, device: torch.device, world_size: int):
-    """(DeepSpeed engine wrapping :class:`PackedCausalLM`, scheduler, the HF model inside)."""
+def build_deepspeed(config: dict, total_steps: int, device: torch.device, world_size: int, on_base=None):
+    """(DeepSpeed engine wrapping :class:`PackedCausalLM`, scheduler, the HF model inside, the peft
+    model around it or None). ``train.method=lora``: ``on_base(lm)`` sees the frozen base before
+    the adapters are applied (rank 0 records it, :mod:`cerbero_ray.train.lora`)."""
     import deepspeed
 
     t = config["train"]
     cuda = device.type == "cuda"
-    model_cfg = {**config["model"], "dtype": "float32"}  # DeepSpeed casts to bf16 and keeps fp32 masters
-    lm = build_model(model_cfg, seed=t["seed"])
+    lora = t["method"] == "lora"
+    peft_model = None
+    if lora:
+        from cerbero_ray.train.lora import apply_lora, build_base
+
+        lm = build_base(config["model"], t, cuda, t["seed"])
+        lm.requires_grad_(False)
+        if on_base is not None:
+            on_base(lm)
+    else:
+        model_cfg = {**config["model"], "dtype": "float32"}  # DeepSpeed casts to bf16 and keeps fp32 masters
+        lm = build_model(model_cfg, seed=t["seed"])
     lm.config._attn_implementation = pick_attention(t["attention"], cuda, t["micro_batch_size"])
     lm.config.use_cache = False
     if t["gradient_checkpointing"]:  # transformers >= 5.2x renamed it; the GPU images may be older
@@ -92,8 +106,11 @@ def build_deepspeed(config: dict, total_steps: int, device: torch.device, world_
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        peft_model = apply_lora(lm, t["lora"], t["seed"])
     lm.train()
-    model = PackedCausalLM(lm, t["loss_chunk_tokens"]).to(device)
+    autocast = lora and cuda and t["precision"] == "bf16"
+    model = PackedCausalLM(lm, t["loss_chunk_tokens"], autocast=autocast).to(device)
     opt = build_optimizer(model, t, cuda)
     sched = build_scheduler(opt, t, total_steps)
     with drop_lines(r"^DeepSpeed \S+ built successfully$"):  # its CPU comm op, printed once per worker
@@ -104,4 +121,4 @@ def build_deepspeed(config: dict, total_steps: int, device: torch.device, world_
             config=deepspeed_config(config["deepspeed"], t, world_size),
             dist_init_required=False,
         )
-    return engine, sched, lm
+    return engine, sched, lm, peft_model

@@ -1,0 +1,132 @@
+"""``train.method=lora``: low-rank adapters (peft) on a frozen base, in the same loop, the same
+DeepSpeed ZeRO-1 engine and the same checkpoints as a full fine-tune.
+
+- The base is built as for a full fine-tune and frozen: bf16 on GPU under ``precision=bf16`` (fp32
+  on CPU), or 4-bit NF4 through bitsandbytes with ``train.lora.qlora`` (CUDA). The adapter weights
+  (and modules trained in full, ``train.lora.train_in_full``) are fp32, and so are their AdamW
+  states: DeepSpeed runs without its bf16 mode (which would cast them), and on GPU the forward runs
+  under ``torch.autocast(bfloat16)``.
+- DeepSpeed checkpoints leave the frozen base out (``exclude_frozen_parameters``); a resumed worker
+  rebuilds the same base (the same path, or the same seed) and loads the adapter and its optimizer
+  state: resume is exact.
+- Outputs (rank 0): ``<run>/adapter`` (:mod:`cerbero_ray.adapters`: peft's folder, the tokenizer,
+  the base's identity); ``<run>/base`` when the base has no checkpoint of its own (a random-init
+  builder: the demo and tests), so the adapter always names a base it can be loaded with;
+  ``<run>/hf`` merged when ``train.lora.merge``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from cerbero_ray import adapters, storage
+
+BASE_DIR, ADAPTER_DIR = "base", "adapter"
+
+
+def base_dtype(t: dict, cuda: bool) -> str:
+    """The frozen base's dtype: bf16 on GPU under ``precision=bf16``, else fp32."""
+    return "bfloat16" if cuda and t["precision"] == "bf16" else "float32"
+
+
+def build_base(model_cfg: dict, t: dict, cuda: bool, seed: int):
+    """The base as a full fine-tune builds it, in :func:`base_dtype`, or 4-bit with QLoRA."""
+    from cerbero_ray.models import build_model, from_pretrained
+
+    if not t["lora"]["qlora"]:
+        return build_model({**model_cfg, "dtype": base_dtype(t, cuda)}, seed=seed)
+    if not cuda:
+        raise ValueError("train.lora.qlora=true needs CUDA (bitsandbytes' 4-bit kernels); set it false on CPU")
+    if not model_cfg["_target_"].endswith(".from_pretrained"):
+        raise ValueError("train.lora.qlora=true quantizes a checkpoint as it loads: use model=hf model.path=…")
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    overrides = {
+        **(model_cfg.get("overrides") or {}),
+        "quantization_config": q,
+        "device_map": {"": torch.cuda.current_device()},
+    }
+    return from_pretrained(model_cfg["path"], dtype="bfloat16", overrides=overrides)
+
+
+def apply_lora(lm, lc: dict, seed: int):
+    """The peft model around ``lm`` (changed in place: its targeted linears gain adapters); the base
+    frozen, the trainable weights fp32. The adapter's initial weights follow ``seed``."""
+    from peft import LoraConfig, get_peft_model
+
+    if lc["qlora"]:
+        from peft import prepare_model_for_kbit_training
+
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)  # ours is set by the caller
+    cfg = LoraConfig(
+        r=lc["r"],
+        lora_alpha=lc["alpha"],
+        lora_dropout=lc["dropout"],
+        target_modules=list(lc["target_modules"]),
+        modules_to_save=list(lc["train_in_full"]) or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    pm = get_peft_model(lm, cfg)
+    for p in pm.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return pm
+
+
+def counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable parameters, all parameters)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_base(lm, tokenizer, run_dir: str) -> dict:
+    """Rank 0, before the adapters are applied: the base's identity record; a random-init base is
+    first written to ``<run>/base`` (kept when a resumed run finds it)."""
+    from cerbero_ray.train.checkpoint import save_hf, save_hf_to
+
+    dest = storage.join(run_dir, BASE_DIR)
+    if storage.is_file(storage.join(dest, "config.json")) and storage.is_file(storage.join(dest, storage.COMPLETE)):
+        return record_of(dest)
+    if storage.is_uri(dest):
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf(lm, tokenizer, tmp)
+            record = make_record(dest, tmp)
+            storage.upload_folder(tmp, dest)
+        return record
+    save_hf_to(lm, tokenizer, dest)
+    return make_record(dest, storage.resolve(dest)[1])
+
+
+def record_of(base: str) -> dict:
+    """The identity record of a base checkpoint (a folder or URI)."""
+    return make_record(base, storage.local_copy(base))
+
+
+def make_record(base: str, folder: str) -> dict:
+    import json
+
+    with open(os.path.join(folder, "config.json")) as f:
+        kind = json.load(f).get("model_type")
+    return {"base": base, "model_type": kind, "fingerprint": adapters.fingerprint(folder)}
+
+
+def save_adapter(peft_model, tokenizer, record: dict, directory: str) -> None:
+    """An adapter folder: peft's files, the tokenizer, the base record; its complete marker last."""
+    peft_model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        from cerbero_ray.tokenizer import save_tokenizer
+
+        save_tokenizer(tokenizer, directory)
+    adapters.write_record(directory, record)
+    storage.mark_complete(directory)
