@@ -192,7 +192,9 @@ def tiny_hf(tmp_path_factory, tok):
     return str(d)
 
 
-def make_adapter(base_dir: str, dest: str, r: int, targets: list[str], seed: int, tok=None) -> str:
+def make_adapter(
+    base_dir: str, dest: str, r: int, targets: list[str], seed: int, tok=None, b_scale: float = 20.0
+) -> str:
     """A peft LoRA adapter on the HF folder ``base_dir`` with random A and B (peft starts B at zero:
     an adapter that changes nothing proves nothing), its base recorded as the trainer records it."""
     import torch
@@ -209,7 +211,7 @@ def make_adapter(base_dir: str, dest: str, r: int, targets: list[str], seed: int
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
-                p.mul_(20)  # an update of the size of the weights: greedy text changes
+                p.mul_(b_scale)  # 20: an update of the size of the weights: greedy text changes
     pm.save_pretrained(dest)
     if tok is not None:
         from cerbero_ray.tokenizer import save_tokenizer

@@ -298,3 +298,54 @@ def test_the_seeds_snippet_stops_at_the_user_tag(exported, out_type):
     assert "[|Umano|]" in free, free  # the test model learnt to hand the turn back
     out = llamacpp.call("complete", **kw, stop=["[|Umano|]"])
     assert out["text"] == free[: free.index("[|Umano|]")] and out["finish_reason"] == "stop"
+
+
+def test_an_adapter_exports_merged_and_as_a_llama_cpp_lora(hf_dir, tmp_path):
+    """A LoRA adapter as the checkpoint: the merged model's file, the adapter's own LoRA GGUF and
+    its base, llama.cpp loading the pair (the adapter applied at run time) within f16's bound of
+    transformers on the merged model; the base alone is not (the check sees a missing adapter)."""
+    pytest.importorskip("llama_cpp")
+    from cerbero_ray.config import check, to_container
+    from cerbero_ray.export import verify
+    from cerbero_ray.export.pipeline import run_export
+    from conftest import make_adapter
+
+    # all seven projections; the query and key ones need their B rows permuted as the weights are
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapter = make_adapter(hf_dir, str(tmp_path / "adapter"), 8, targets, 7, build_tokenizer(), b_scale=1.0)
+    out = tmp_path / "gguf"
+    c = check(
+        "export",
+        to_container(
+            compose("export", [f"export.checkpoint={adapter}", f"export.output_dir={out}", "export.types=[f16]"])
+        ),
+    )
+    res = run_export(c)
+    assert not res["failed"], res
+    files = res["files"]
+    assert set(files) == {"f16", "lora", "base-f16"} and all(f["status"] == "checked" for f in files.values())
+    assert sorted(os.listdir(out)) == ["cerbero-F16.gguf", "cerbero-LORA-F32.gguf", "cerbero-base-F16.gguf"]
+    pair = files["lora"]["check"]
+    assert pair["tokens_match"] and pair["max_logit_diff_rel"] < 1e-2
+    # the same reference without the adapter applied fails: the check does see the adapter
+    from cerbero_ray.export.pipeline import _merge  # noqa: F401  (the merged folder the reference used)
+
+    merged = tmp_path / "merged"
+    from cerbero_ray.models import load_adapted
+
+    m = load_adapted(adapter, "float32")
+    m.save_pretrained(merged)
+    save_tokenizer(build_tokenizer(), str(merged))
+    ref = verify.reference(str(merged), "AI")
+    alone = verify.verify(str(out / "cerbero-base-F16.gguf"), "f16", ref)
+    assert not alone["ok"] and alone["max_logit_diff_rel"] > 10 * pair["max_logit_diff_rel"]
+    with_lora = verify.verify(str(out / "cerbero-base-F16.gguf"), "f16", ref, lora=str(out / "cerbero-LORA-F32.gguf"))
+    assert with_lora["ok"]
+    # the LoRA file's header: an adapter of the llama architecture with peft's scale as alpha / r
+    import gguf
+
+    r = gguf.GGUFReader(str(out / "cerbero-LORA-F32.gguf"))
+    kv = {f.name: f for f in r.fields.values()}
+    assert bytes(kv["general.type"].parts[-1]).decode() == "adapter"
+    assert float(kv["adapter.lora.alpha"].parts[-1][0]) == 16.0  # lora_alpha 2r: scale 2 = 16 / 8
+    assert len(r.tensors) == 2 * 7 * SHAPE["num_hidden_layers"]

@@ -213,10 +213,10 @@ def test_label_scores_with_the_named_adapter(tiny_hf, tiny_adapters):
 
 
 def test_unsupported_adapters_are_refused(tiny_hf, tmp_path):
-    from conftest import make_adapter
     from transformers import AutoModelForCausalLM
 
     from cerbero_ray.inference.multilora import AdapterSet
+    from conftest import make_adapter
 
     a = make_adapter(tiny_hf, str(tmp_path / "dora"), 4, ["q_proj"], 3)
     cfg = json.load(open(os.path.join(a, "adapter_config.json")))

@@ -75,3 +75,69 @@ def test_main_job(tmp_path):
     assert re.search(r"untrained: \d task\(s\) already done, 0 to go", out)
     assert "cerbero-F16.gguf is newer than the checkpoint: kept" in out
     assert json.load(open(manifest)) == m
+
+
+def test_main_job_lora_then_served_beside_another_adapter(tmp_path):
+    """One override, as a new user would: ``python jobs/recipe.py train.method=lora`` trains an
+    adapter that is labeled, exported (merged, and as a llama.cpp LoRA with its base) and evaluated;
+    then ``jobs/serve.py`` serves it beside a second adapter of the same base, from one endpoint."""
+    import signal
+    import urllib.request
+
+    from test_serve_sigterm import _post, _start
+
+    from conftest import make_adapter
+
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "CERBERO_OUTPUT_DIR": str(tmp_path),
+        "CERBERO_DATA_DIR": str(tmp_path / "no-shared-data"),
+    }
+    r = subprocess.run(
+        [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py"), "train.method=lora", "train.lr=1e-2", "train.epochs=2"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "train" / "tiny-cpu"
+    adapter, base = run / "adapter", run / "base"
+    assert f"from_pretrained('{adapter}'): PeftModel.from_pretrained: MistralForCausalLM + LoRA" in r.stdout
+    assert re.search(r"adapter +.*\(LoRA: [\d,]+ trainable parameters, [\d.]+% of", r.stdout)
+    held = re.search(r"held-out loss: ([\d.]+) -> ([\d.]+)", r.stdout)
+    assert held and float(held[2]) < float(held[1]), r.stdout[-3000:]
+    assert not (run / "hf").exists()  # train.lora.merge=false: the adapter is the output
+    assert re.search(r"\[label\] 107 rows -> .*label/sentiment/parts", r.stdout)
+    gguf = tmp_path / "export" / "tiny-cpu"
+    names = {"cerbero-F16.gguf", "cerbero-LORA-F32.gguf", "cerbero-base-F16.gguf"}
+    assert names <= set(os.listdir(gguf)) and "lora_path=" in r.stdout
+    assert "base-f16 + lora: llama.cpp check ok" in r.stdout
+    results = json.load(open(tmp_path / "evaluate" / "results.json"))
+    assert {"untrained", "trained"} <= set(results["results"])
+    assert results["results"]["trained"]["squad_it"]  # the adapter, merged on its recorded base
+
+    other = make_adapter(str(base), str(tmp_path / "other"), 4, ["q_proj", "v_proj"], 3)
+    proc, url = _start(str(base), tmp_path, f"+serve.adapters.trained={adapter}", f"+serve.adapters.other={other}")
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as resp:
+            assert [m["id"] for m in json.loads(resp.read())["data"]] == ["cerbero", "trained", "other"]
+        texts = {}
+        for name in ("cerbero", "trained", "other"):
+            body = {
+                "model": name,
+                "messages": [{"role": "user", "content": "Ciao!"}],
+                "max_tokens": 8,
+                "temperature": 0,
+            }
+            st, out = _post(f"{url}/v1/chat/completions", body)
+            assert st == 200 and out["model"] == name
+            texts[name] = out["choices"][0]["message"]["content"]
+        st, out = _post(f"{url}/v1/label", {"task": "sentiment", "texts": ["Bellissimo!"], "model": "trained"})
+        assert st == 200 and out["results"][0]["label"] in ("positive", "negative", "neutral")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    assert len(set(texts.values())) > 1, texts  # the adapters answer differently from the base

@@ -126,3 +126,38 @@ def test_bf16_on_cpu_without_ray(shards, tmp_path):
     assert summary["steps"] == 3 and summary["eval_losses"][-1] < summary["eval_losses"][0]
     w = load_file(str(tmp_path / "train" / "tiny-cpu" / "hf" / "model.safetensors"))
     assert all(v.dtype == torch.bfloat16 for v in w.values())
+
+
+def test_lora_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
+    """train.method=lora under Ray Train: a worker killed mid-run gives the same adapter, bit for
+    bit; the base stays frozen (and out of the checkpoints); the adapter loads with peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = {"method": "lora", "lr": "1e-2", "lora.r": 4}
+    clean = run_train(train_cfg(shards, tmp_path, "lora", **lora))
+    killed = run_train(train_cfg(shards, tmp_path, "lora-killed", fail_at_step=4, fail_rank=1, **lora))
+    assert killed["resumed_from"] == 3
+    assert clean["method"] == "lora" and clean["hf_dir"] is None and 0 < clean["trainable_share"] < 0.02
+    a = load_file(os.path.join(clean["adapter_dir"], "adapter_model.safetensors"))
+    b = load_file(os.path.join(killed["adapter_dir"], "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(v.dtype == torch.float32 for v in a.values())
+    assert clean["eval_losses"] == killed["eval_losses"] and clean["eval_losses"][-1] < clean["eval_losses"][0]
+    # the random-init base the adapter was trained on, written once, recorded in the adapter
+    base_dir = os.path.join(clean["run_dir"], "base")
+    rec = json.load(open(os.path.join(clean["adapter_dir"], "cerbero_base.json")))
+    assert rec["base"] == base_dir == clean["base"] and rec["model_type"] == "mistral"
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    from cerbero_ray.models import tiny
+
+    init = tiny(seed=0).state_dict()
+    assert all(torch.equal(v, init[k]) for k, v in base.state_dict().items())  # frozen: the initial weights
+    # checkpoints hold the adapter and its optimizer state, not the base
+    ck = sorted(d for d in os.listdir(clean["run_dir"]) if d.startswith("checkpoint_step_"))[-1]
+    states = os.path.join(clean["run_dir"], ck, "ds", "state")
+    model_states = [f for f in os.listdir(states) if "model_states" in f]
+    assert model_states and all(os.path.getsize(os.path.join(states, f)) < 1_000_000 for f in model_states)
+    assert os.path.exists(os.path.join(clean["run_dir"], ck, "adapter", "adapter_model.safetensors"))
+    pm = PeftModel.from_pretrained(base, clean["adapter_dir"])
+    assert sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n) == clean["trainable_params"]
