@@ -8,6 +8,8 @@ Mistral-7B-shaped model (hidden 4096, FFN 14336, 32 heads / 8 KV heads, vocab 32
     # what fp32 gradient accumulation costs (ours) against DeepSpeed's default (the model's bf16):
     python bench/bench_train_gpu.py --accum 4 --steps 5 --warmup 2 --grad-accum-dtype fp32 --out $OUT
     python bench/bench_train_gpu.py --accum 4 --steps 5 --warmup 2 --grad-accum-dtype bf16 --out $OUT
+    # LoRA (r 16 on every projection, the base frozen in bf16) against the full fine-tune, same model:
+    python bench/bench_train_gpu.py --out $OUT && python bench/bench_train_gpu.py --method lora --out $OUT
 
 Rows are synthetic (random tokens, 8 documents per row, labels on every token as in the baseline),
 written as a shard in the data stage's format and read back through the planned reader. Reports
@@ -97,6 +99,16 @@ def config(a, shard: str, rows: int, run_dir: str) -> dict:
         "fail_at_step": None,
         "fail_rank": 1,
         "precision": "fp32" if a.cpu_smoke else "bf16",
+        "method": a.method,
+        "lora": {
+            "r": 16,
+            "alpha": 32.0,
+            "dropout": 0.05,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            "train_in_full": [],
+            "merge": False,
+            "qlora": False,
+        },
     }
     ds = {
         "stage": 1,
@@ -127,6 +139,7 @@ def main():
     p.add_argument("--loss-chunk", type=int, default=4096)
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--grad-accum-dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--method", choices=("full", "lora"), default="full")
     p.add_argument("--cpu-smoke", action="store_true")
     a = p.parse_args()
     if a.cpu_smoke:
@@ -157,6 +170,10 @@ def main():
         "tokens_per_s": round(statistics.median(h["tokens_per_s"] for h in steady)),
         "mfu": statistics.median(h["mfu"] for h in steady) if steady[0]["mfu"] is not None else None,
         "final_loss": summary.get("final_loss"),
+        "method": a.method,
+        "trainable_params": summary.get("trainable_params"),
+        "total_params": summary.get("total_params"),
+        "peak_memory_bytes": summary.get("peak_memory_bytes"),
     }
     if torch.cuda.is_available():
         res["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
@@ -166,8 +183,15 @@ def main():
         for k in ("ds_zero1", "amp_fp32", "bf16_plain"):
             if isinstance(base.get(k), dict):
                 res[f"vs_{k}"] = round(res["tokens_per_s"] / base[k]["tokens_per_s"], 3)
+    full_path = os.path.join(a.out, "bench_train_gpu.json")
+    if a.method == "lora" and os.path.exists(full_path):  # the full fine-tune of the same call
+        full = json.load(open(full_path))
+        res["vs_full_tokens_per_s"] = round(res["tokens_per_s"] / full["tokens_per_s"], 3)
+        if full.get("max_mem_gb") and res.get("max_mem_gb"):
+            res["vs_full_peak_memory"] = round(res["max_mem_gb"] / full["max_mem_gb"], 3)
     os.makedirs(a.out, exist_ok=True)
     name = "bench_train_gpu" + (f"-accum{a.accum}-{a.grad_accum_dtype}" if a.accum > 1 else "")
+    name += "-lora" if a.method == "lora" else ""
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res), flush=True)

@@ -4,6 +4,8 @@
 #   bash bench/gpu_run.sh label         # bench_label_gpu.py: the scorer vs a bare forward, same batches
 #   bash bench/gpu_run.sh train         # gpu_zero1_check.py beside bench_train_gpu.py (gpu_prepare.sh --train)
 #   bash bench/gpu_run.sh accum         # bench_train_gpu.py with 4 micro-batches: fp32 vs bf16 gradient accumulation
+#   bash bench/gpu_run.sh lora          # bench_train_gpu.py full, then LoRA: tokens/s and peak memory (gpu_prepare.sh --train)
+#   bash bench/gpu_run.sh multilora     # bench_multilora.py: k = 1, 4, 16 adapters mixed in one stream vs one at a time
 #   bash bench/gpu_run.sh evaluate      # bench_evaluate.py: score vs generate protocol, continuous vs generate
 #   bash bench/gpu_run.sh tests         # python -m pytest -m gpu (every gpu-marked test)
 #   CPU_SMOKE=1 bash bench/gpu_run.sh serve label   # here, on CPU: tiny sizes, the baselines skipped
@@ -60,11 +62,16 @@ for stage in "$@"; do
         step bench_train_gpu_accum_$dt 200 $PY bench/bench_train_gpu.py --accum 4 --steps 5 --warmup 2 \
           --grad-accum-dtype $dt --out "$OUT" "${SMOKE[@]}"
       done ;;
+    lora)   # the full fine-tune, then LoRA on the same 4-layer 7B-shape model (a call of its own: ~2 × 200 s)
+      step bench_train_gpu_full 260 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}"
+      step bench_train_gpu_lora 260 $PY bench/bench_train_gpu.py --method lora --out "$OUT" "${SMOKE[@]}" ;;
+    multilora)
+      step bench_multilora 300 $PY bench/bench_multilora.py --out "$OUT" "${SMOKE[@]}" ;;
     evaluate)
       step bench_evaluate 200 $PY bench/bench_evaluate.py --data-dir .gpu/data --out "$OUT" ;;
     tests)
       step pytest_gpu 300 $PY -m pytest -q -m gpu -p no:cacheprovider ;;
-    *) echo "unknown stage '$stage' (serve, label, train, accum, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown stage '$stage' (serve, label, train, accum, lora, multilora, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 printf '%s\n' "--- summary" "${SUMMARY[@]}" | tee -a "$LOG"

@@ -145,7 +145,7 @@ def tiny_gguf(tiny_hf, tmp_path_factory):
 
     out = str(tmp_path_factory.mktemp("gguf"))
     x = {"checkpoint": tiny_hf, "output_dir": out, "name": "tiny", "types": ["f32"], "threads": 2}
-    res = run_export({"export": {**x, "overwrite": False, "verify": False}})
+    res = run_export({"export": {**x, "overwrite": False, "verify": False, "base": None, "lora": True}})
     return res["files"]["f32"]["path"]
 
 

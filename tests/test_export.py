@@ -154,6 +154,8 @@ def exported(hf_dir, tmp_path_factory):
                 "threads": 2,
                 "overwrite": False,
                 "verify": True,
+                "base": None,
+                "lora": True,
             }
         }
     )
@@ -206,7 +208,7 @@ def test_a_file_that_crashes_llama_cpp_is_failed_not_written(hf_dir, tmp_path, m
 
     monkeypatch.setenv(llamacpp.FAULT_ENV, "SIGILL")
     x = {"checkpoint": hf_dir, "output_dir": str(tmp_path), "name": "m", "types": ["f16"], "threads": 2}
-    res = run_export({"export": {**x, "overwrite": False, "verify": True}})
+    res = run_export({"export": {**x, "overwrite": False, "verify": True, "base": None, "lora": True}})
     out = capsys.readouterr().out
     info = res["files"]["f16"]
     assert res["failed"] == ["f16"] and info["status"] == "failed" and info["check"]["signal"] == "SIGILL"
@@ -215,7 +217,7 @@ def test_a_file_that_crashes_llama_cpp_is_failed_not_written(hf_dir, tmp_path, m
     assert line.startswith("[export] f16: llama.cpp check FAILED") and "m-F16.gguf" in line
     assert "llama_cpp_no_amx.cmake" in line and not res["snippet"]
     monkeypatch.delenv(llamacpp.FAULT_ENV)  # the same command, on a working llama.cpp: written and checked
-    res = run_export({"export": {**x, "overwrite": False, "verify": True}})
+    res = run_export({"export": {**x, "overwrite": False, "verify": True, "base": None, "lora": True}})
     assert res["failed"] == [] and res["files"]["f16"]["status"] == "checked" and (tmp_path / "m-F16.gguf").exists()
 
 
@@ -238,6 +240,8 @@ def test_quantizer_fallbacks_are_one_line(exported, tmp_path):
                     "threads": 2,
                     "overwrite": False,
                     "verify": False,
+                    "base": None,
+                    "lora": True,
                 }
             }
         )

@@ -95,7 +95,7 @@ def test_main_job_lora_then_served_beside_another_adapter(tmp_path):
         "CERBERO_DATA_DIR": str(tmp_path / "no-shared-data"),
     }
     r = subprocess.run(
-        [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py"), "train.method=lora", "train.lr=1e-2", "train.epochs=2"],
+        [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py"), "train.method=lora", "train.epochs=2"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

@@ -134,7 +134,7 @@ def test_lora_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    lora = {"method": "lora", "lr": "1e-2", "lora.r": 4}
+    lora = {"method": "lora", "lora.r": 4}
     clean = run_train(train_cfg(shards, tmp_path, "lora", **lora))
     killed = run_train(train_cfg(shards, tmp_path, "lora-killed", fail_at_step=4, fail_rank=1, **lora))
     assert killed["resumed_from"] == 3

@@ -49,6 +49,7 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))  # attention + MLP linears
     train_in_full: List[str] = field(default_factory=list)  # modules trained in full beside: embed_tokens, lm_head
+    lr: Optional[float] = None  # the LoRA run's peak learning rate; null: train.lr
     merge: bool = False  # also write <run>/hf: the base with the adapter merged in
     qlora: bool = False  # a 4-bit base through bitsandbytes (CUDA only)
 
@@ -176,6 +177,8 @@ def check_train(c: dict) -> None:
 
 def check_lora(lc: dict, use_gpu: bool) -> None:
     """``ValueError`` naming the ``train.lora`` key: rank, scale, dropout, modules, QLoRA's needs."""
+    if lc["lr"] is not None and lc["lr"] <= 0:
+        raise ValueError(f"train.lora.lr must be > 0 (or null: train.lr), got {lc['lr']}")
     if lc["r"] < 1 or lc["alpha"] <= 0:
         raise ValueError(f"train.lora.r must be >= 1 and train.lora.alpha > 0, got r={lc['r']}, alpha={lc['alpha']}")
     if not 0 <= lc["dropout"] < 1:

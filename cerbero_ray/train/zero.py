@@ -60,7 +60,13 @@ def build_optimizer(model: torch.nn.Module, t: dict, cuda: bool) -> torch.optim.
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]  # LoRA has no 1-D trainable parameters; ZeRO drops empty groups
-    return torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"], fused=cuda or None)
+    return torch.optim.AdamW(groups, lr=learning_rate(t), betas=tuple(t["betas"]), eps=t["eps"], fused=cuda or None)
+
+
+def learning_rate(t: dict) -> float:
+    """The peak learning rate: ``train.lora.lr`` for a LoRA run when set (adapters usually take a
+    rate ~10× a full fine-tune's), else ``train.lr``."""
+    return t["lora"]["lr"] if t["method"] == "lora" and t["lora"]["lr"] is not None else t["lr"]
 
 
 def build_scheduler(opt: torch.optim.Optimizer, t: dict, total_steps: int):
