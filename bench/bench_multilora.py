@@ -38,6 +38,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SHAPES = {
     "smoke": dict(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2),
     "cpu": dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4),
+    "2k": dict(hidden_size=2048, intermediate_size=7168, num_attention_heads=16, num_key_value_heads=4),
     "7b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
 }
 
@@ -112,6 +113,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--ks", default="1,4,16")
+    p.add_argument("--kernel", choices=("auto", "gather"), default="auto", help="the decode step's LoRA form")
     p.add_argument("--cpu-smoke", action="store_true")
     a = p.parse_args()
     import torch
@@ -162,6 +164,7 @@ def main():
     for k in ks:
         m = model()
         aset = AdapterSet(m, dict(list(folders.items())[:k]))
+        aset.kernel = a.kernel
         eng = ContinuousBatcher(m, tok, adapters=aset, **kw)
         reqs = [(x, 1 + i % k) for i, x in enumerate(prompts)]
         serve(eng, reqs[: a.slots], sampling, False)  # warm-up
@@ -184,7 +187,7 @@ def main():
             flush=True,
         )
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "bench_multilora.json"), "w") as f:
+    with open(os.path.join(a.out, f"bench_multilora{'-gather' if a.kernel == 'gather' else ''}.json"), "w") as f:
         json.dump(res, f, indent=1)
 
 

@@ -64,7 +64,8 @@ for stage in "$@"; do
       done ;;
     lora)   # the full fine-tune, then LoRA on the same 4-layer 7B-shape model (a call of its own: ~2 × 200 s)
       step bench_train_gpu_full 260 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}"
-      step bench_train_gpu_lora 260 $PY bench/bench_train_gpu.py --method lora --out "$OUT" "${SMOKE[@]}" ;;
+      step bench_train_gpu_lora 260 $PY bench/bench_train_gpu.py --method lora --out "$OUT" "${SMOKE[@]}"
+      step pytest_gpu_lora 70 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_lora_gpu.py ;;
     multilora)
       step bench_multilora 300 $PY bench/bench_multilora.py --out "$OUT" "${SMOKE[@]}" ;;
     evaluate)

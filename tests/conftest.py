@@ -175,10 +175,11 @@ def stop_node(node):
         if proc.poll() is not None:  # already gone (a test killed that node)
             continue
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
+        try:  # a test's cluster holds nothing worth a graceful stop: `ray start` takes ~30 s for one
+            proc.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
 
 
 @pytest.fixture(scope="session")

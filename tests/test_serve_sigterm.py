@@ -189,7 +189,9 @@ def test_stalled_uploads_hold_no_slot_and_sigterm_keeps_every_accepted_request(t
             if c == 503:
                 assert body["error"]["code"] == "shutting_down" and headers.get("retry-after"), (body, headers)
         late_codes = [r[0] for r in late]
-        assert late_codes[-1] == "ConnectionRefusedError" or len(late) > 400, late_codes[-5:]
+        # the port closed: refused, or reset when the connection reached the kernel's backlog as the
+        # listener closed (never read: not an accepted request; those are all answered above)
+        assert late_codes[-1] in ("ConnectionRefusedError", "ConnectionResetError") or len(late) > 400, late_codes[-5:]
         assert 503 in late_codes and all(c in (200, 503) for c in late_codes[:-1]), late_codes
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0 and "[serve] stopped" in out, out[-3000:]

@@ -90,3 +90,15 @@ def test_deepspeed_json():
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 8
     assert ds["zero_optimization"]["stage"] == 1 and ds["zero_optimization"]["round_robin_gradients"] is True
     assert ds["bf16"]["enabled"] is False  # tiny_cpu trains in fp32
+
+
+def test_relative_output_folders_become_absolute(monkeypatch, tmp_path):
+    """``paths.output_dir=outputs/x`` (relative): Ray Train's storage and the manifest's shard paths
+    are absolute, so neither depends on the folder a worker or a later job runs in."""
+    from cerbero_ray.data.manifest import _absolute
+    from cerbero_ray.train.trainer import _storage
+
+    monkeypatch.chdir(tmp_path)
+    assert _storage("outputs/train") == {"storage_path": str(tmp_path / "outputs" / "train")}
+    assert _absolute("outputs/d/shards/s.parquet") == str(tmp_path / "outputs" / "d" / "shards" / "s.parquet")
+    assert _absolute("s3://b/d/s.parquet") == "s3://b/d/s.parquet"

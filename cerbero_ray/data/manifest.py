@@ -71,9 +71,11 @@ def build_manifest(stats: list[dict], cfg: dict, plans, seconds: float) -> dict:
             for p in plans
         },
         "shards": [
-            {"path": s["shard"], "rows": int(s["rows"]), "tokens": int(s["tokens"])} for s in stats if s["shard"]
+            {"path": _absolute(s["shard"]), "rows": int(s["rows"]), "tokens": int(s["tokens"])}
+            for s in stats
+            if s["shard"]
         ],
-        "rejects_files": [s["rejects_path"] for s in stats if s["rejects_path"]],
+        "rejects_files": [_absolute(s["rejects_path"]) for s in stats if s["rejects_path"]],
         "seconds": round(seconds, 2),
         "tokens_per_s": round(totals["tokens"] / seconds) if seconds else None,
         "config": {"data": d, "tokenizer": t},
@@ -106,3 +108,9 @@ def _skipped_lines(m: dict) -> list[str]:
 
     skipped = [f for src in m["sources"].values() for f in src.get("skipped_files", [])]
     return [f" skipped       {describe_skipped(skipped)} (manifest: sources.*.skipped_files)"] if skipped else []
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (a relative data.output_dir would otherwise tie the manifest to
+    the folder the job ran from); URIs as they are."""
+    return path if storage.is_uri(path) else storage.resolve(path)[1]

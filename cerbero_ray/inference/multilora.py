@@ -9,7 +9,13 @@ padded with zeros; the scale folded into B; slot 0 all zeros: the base). A forwa
     y = base(x) + ((x @ A[rows]ᵀ) @ B[rows]ᵀ)       rows: each row's adapter index
 
 with two batched matmuls: the base weights are shared and never copied or merged, and a row of the
-base (index 0) gets exactly ``base(x) + 0``. Which adapter each row uses is the
+base (index 0) gets exactly ``base(x) + 0``. In decode steps (one token a row) the gather is replaced
+by two dense matmuls over every adapter at once, the rows masked to their own block in between:
+
+    y = base(x) + ((x @ A_allᵀ) ⊙ mask[rows]) @ B_allᵀ     A_all [(k + 1) r, in], B_all [out, (k + 1) r]
+
+which reads each adapter's weights once per step instead of copying them per row (the same result:
+the other blocks contribute exact zeros). Which adapter each row uses is the
 :class:`AdapterSet`'s state, set by whoever runs the model: ``rows`` (a tensor, one index per
 row: the continuous batcher's per-slot table, which a CUDA graph reads in place), or ``single`` (one
 adapter for the whole batch: the label scorer), else the base alone.
@@ -34,6 +40,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.register_buffer("lora_a", a, persistent=False)  # [k + 1, r, in]
         self.register_buffer("lora_b", b, persistent=False)  # [k + 1, out, r], scale folded in
+        self.register_buffer("b_all", b.permute(1, 0, 2).reshape(b.shape[1], -1).contiguous(), persistent=False)
         self._owner = [owner]  # a list: not a registered submodule
 
     @property
@@ -49,6 +56,10 @@ class LoRALinear(nn.Module):
             return y + (x @ self.lora_a[s.single].T) @ self.lora_b[s.single].T
         if s.rows is None:
             return y
+        if s.mask is not None and (x.dim() == 2 or x.shape[1] == 1):  # decode: every adapter, masked
+            h = x @ self.lora_a.flatten(0, 1).T  # [rows, (1,) (k + 1) r]
+            h = h * (s.mask if x.dim() == 2 else s.mask[:, None])
+            return y + h @ self.b_all.T
         a = self.lora_a.index_select(0, s.rows)  # [rows, r, in]
         b = self.lora_b.index_select(0, s.rows)  # [rows, out, r]
         flat = x.dim() == 2  # [rows, in]: one token per row
@@ -66,7 +77,9 @@ class AdapterSet:
         self.names = [base_name, *folders]
         self.index = {n: i for i, n in enumerate(self.names)}
         self.rows: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # [rows, (k + 1) r]: each row's own adapter block
         self.single: int | None = None
+        self.kernel = "auto"  # auto: the dense form in decode steps, the gather otherwise; "gather": always
         loaded = {}
         for name, folder in folders.items():
             if not NAME.match(name) or name == base_name:
@@ -80,6 +93,7 @@ class AdapterSet:
             loaded[name] = (adapter_files.lora_scale(cfg), pairs)
         p = next(model.parameters())
         dtype, device = p.dtype, p.device
+        self.dtype = dtype
         targets = sorted({m for _, pairs in loaded.values() for m in pairs})
         r = max(ab[0].shape[0] for _, pairs in loaded.values() for ab in pairs.values())
         self.rank, self.modules = r, targets
@@ -127,12 +141,15 @@ class AdapterSet:
     @contextlib.contextmanager
     def per_row(self, rows: torch.Tensor):
         """Row ``i`` of the forwards inside uses adapter ``rows[i]``."""
-        prev = self.rows
-        self.rows = rows
+        prev = self.rows, self.mask
+        self.rows, self.mask = rows, None
+        if self.kernel == "auto":  # no one_hot: it checks its input on the host, which a CUDA graph cannot
+            hot = rows[:, None] == torch.arange(len(self.names), device=rows.device)[None]
+            self.mask = hot.to(self.dtype).repeat_interleave(self.rank, dim=1)
         try:
             yield
         finally:
-            self.rows = prev
+            self.rows, self.mask = prev
 
 
 def load_adapters(model: nn.Module, adapters: dict[str, str], base_name: str = "base", base: str | None = None):

@@ -63,4 +63,6 @@ def plan_run(c: dict) -> RunPlan:
             f"train.global_batch_size + train.eval_rows = {need} rows, but {t['data_dir']} holds {rows}; "
             "lower them or prepare more data (a shorter data.seq_len gives more rows)"
         )
-    return RunPlan(storage.join(t["output_dir"], t["name"]), seq_len, rows, tuple(shards))
+    # a local run folder made absolute here, once: the workers' working folder is not the driver's
+    out = t["output_dir"] if storage.is_uri(t["output_dir"]) else storage.resolve(t["output_dir"])[1]
+    return RunPlan(storage.join(out, t["name"]), seq_len, rows, tuple(shards))

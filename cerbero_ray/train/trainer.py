@@ -48,8 +48,8 @@ def _worker(config: dict) -> None:
 
 def _storage(output_dir: str) -> dict:
     """Ray Train's storage: an object store through our client (its retries), else the path."""
-    if not storage.is_uri(output_dir):
-        return {"storage_path": output_dir}
+    if not storage.is_uri(output_dir):  # absolute: Ray Train takes a relative path for a URI
+        return {"storage_path": storage.resolve(output_dir)[1]}
     fs, p = storage.resolve(output_dir)
     return {"storage_path": p, "storage_filesystem": fs}
 
