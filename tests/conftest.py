@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -193,6 +194,22 @@ def tiny_hf(tmp_path_factory, tok):
     return str(d)
 
 
+@contextlib.contextmanager
+def one_rank_group(monkeypatch, backend: str = "gloo"):
+    """A torch.distributed group of one rank (what DeepSpeed needs outside a launcher)."""
+    import torch.distributed as dist
+
+    for k, v in dict(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    ).items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group(backend, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def make_adapter(
     base_dir: str, dest: str, r: int, targets: list[str], seed: int, tok=None, b_scale: float = 20.0
 ) -> str:
@@ -229,7 +246,7 @@ def tiny_adapters(tiny_hf, tmp_path_factory, tok):
     return {
         "sentiment-it": make_adapter(tiny_hf, str(d / "a"), 4, ["q_proj", "v_proj", "down_proj"], 10, tok),
         "toxicity-it": make_adapter(
-            tiny_hf, str(d / "b"), 8, ["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"], 11
+            tiny_hf, str(d / "b"), 8, ["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "lm_head"], 11
         ),
     }
 

@@ -52,6 +52,30 @@ def test_generate_dataset_answers_like_the_engine(tiny_hf, ray_local):
     assert all(r["finish_reason"] in ("stop", "length") and r["new_tokens"] >= 1 for r in got)
 
 
+def test_an_adapter_is_a_checkpoint_for_the_dataset_api(tiny_hf, tiny_adapters, ray_local):
+    """A LoRA adapter folder where a checkpoint goes: the base it records, or the one given (its
+    fingerprint checked); the answers are the adapter's, not the base's."""
+    import ray
+
+    from cerbero_ray.models import load_for_inference
+
+    adapter = tiny_adapters["toxicity-it"]  # no tokenizer of its own: its base's is used
+    ds = ray.data.from_items([{"doc": i, "prompt": t} for i, t in enumerate(TEXTS[:1])])
+    greedy = {"max_new_tokens": 6, "temperature": 0.0}
+    (row,) = generate_dataset(ds, adapter, sampling=greedy, batch_size=2).take_all()
+    (given,) = generate_dataset(ds, adapter, sampling=greedy, batch_size=2, base=tiny_hf).take_all()
+    (plain,) = generate_dataset(ds, tiny_hf, sampling=greedy, batch_size=2).take_all()
+    assert row["completion"] == given["completion"] != plain["completion"]
+    model, tok = load_for_inference(adapter)
+    from cerbero_ray.inference.batch import chat_prompt
+    from cerbero_ray.inference.continuous import ContinuousBatcher
+
+    want = ContinuousBatcher(model, tok, num_slots=2, max_new_tokens=6).generate(
+        [chat_prompt(tok, TEXTS[0])], Sampling(**greedy)
+    )[0]["text"]
+    assert row["completion"] == want
+
+
 def test_bad_arguments_are_named(tiny_hf, ray_local):
     import ray
 

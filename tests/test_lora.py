@@ -32,6 +32,7 @@ PROMPTS = ["Ciao, come stai?", "Il gatto dorme sul divano.", "Roma è la capital
         ("train.lora.target_modules=[q_proj,attn]", r"train.lora.target_modules\[\]"),
         ("train.lora.train_in_full=[norm]", r"train.lora.train_in_full\[\]"),
         ("train.lora.qlora=true", "needs CUDA"),
+        ("train.lora.train_in_full=[lm_head]", "choose one"),
     ],
 )
 def test_bad_lora_config_names_the_key(override, match, tmp_path):
@@ -41,13 +42,18 @@ def test_bad_lora_config_names_the_key(override, match, tmp_path):
 
 
 def test_lora_config_defaults_and_the_one_gpu_preset(tmp_path):
+    from cerbero_ray.config.train import LoraConfig
+
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert LoraConfig().target_modules == projections  # the schema's default: attention + MLP
     t = check("train", compose("train", [f"paths.output_dir={tmp_path}", "train.method=lora"]))["train"]
-    assert t["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert t["lora"]["target_modules"] == [*projections, "lm_head"]  # the random-init demo adds the head
     assert not t["lora"]["merge"] and not t["lora"]["qlora"]
     full = check("train", compose("train", [f"paths.output_dir={tmp_path}"]))["train"]
     assert full["method"] == "full"  # the recipe stays a full fine-tune
     one = to_container(compose("train", [f"paths.output_dir={tmp_path}", "train=lora_1xh100", "model=mistral_7b"]))
     assert one["train"]["method"] == "lora" and one["train"]["num_workers"] == 1 and one["train"]["use_gpu"]
+    assert one["train"]["lora"]["target_modules"] == projections
 
 
 def test_serve_adapters_are_checked_before_ray(tiny_hf, tiny_adapters, tmp_path):
@@ -248,7 +254,7 @@ def test_decode_kernels_agree(tiny_hf, tiny_adapters, tok):
         first = slots.prefill(prompts, [0, 1, 2, 3]).argmax(-1)
         pos = torch.tensor([len(p) for p in prompts])
         out[kernel] = slots.decode(first, pos)
-    assert torch.allclose(out["auto"], out["gather"], atol=1e-5)
+    assert torch.allclose(out["auto"], out["gather"], atol=1e-4, rtol=1e-5)
     plain = SlotModel(copy.deepcopy(base), 4, 64)  # the same rows, no adapters loaded
     first = plain.prefill(prompts, [0, 1, 2, 3]).argmax(-1)
     ref = plain.decode(first, pos)

@@ -17,10 +17,10 @@ from cerbero_ray.export import quantize
 pytestmark = pytest.mark.integration
 
 
-def main_job(env: dict, cwd) -> subprocess.CompletedProcess:
-    """``python jobs/recipe.py`` as the README runs it; asserts it exits 0."""
+def main_job(env: dict, cwd, *overrides: str) -> subprocess.CompletedProcess:
+    """``python jobs/recipe.py [overrides]`` as the README runs it; asserts it exits 0."""
     r = subprocess.run(
-        [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py")],
+        [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py"), *overrides],
         env=env,
         cwd=cwd,
         capture_output=True,
@@ -94,15 +94,7 @@ def test_main_job_lora_then_served_beside_another_adapter(tmp_path):
         "CERBERO_OUTPUT_DIR": str(tmp_path),
         "CERBERO_DATA_DIR": str(tmp_path / "no-shared-data"),
     }
-    r = subprocess.run(
-        [sys.executable, os.path.join(REPO_DIR, "jobs", "recipe.py"), "train.method=lora", "train.epochs=2"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = main_job(env, tmp_path, "train.method=lora", "train.epochs=2")
     run = tmp_path / "train" / "tiny-cpu"
     adapter, base = run / "adapter", run / "base"
     assert f"from_pretrained('{adapter}'): PeftModel.from_pretrained: MistralForCausalLM + LoRA" in r.stdout

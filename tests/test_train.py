@@ -138,7 +138,7 @@ def test_lora_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     clean = run_train(train_cfg(shards, tmp_path, "lora", **lora))
     killed = run_train(train_cfg(shards, tmp_path, "lora-killed", fail_at_step=4, fail_rank=1, **lora))
     assert killed["resumed_from"] == 3
-    assert clean["method"] == "lora" and clean["hf_dir"] is None and 0 < clean["trainable_share"] < 0.02
+    assert clean["method"] == "lora" and clean["hf_dir"] is None and 0 < clean["trainable_share"] < 0.05
     a = load_file(os.path.join(clean["adapter_dir"], "adapter_model.safetensors"))
     b = load_file(os.path.join(killed["adapter_dir"], "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -7,22 +7,15 @@ import torch
 
 from cerbero_ray.config import compose, to_container
 from cerbero_ray.train.zero import build_deepspeed, deepspeed_config
-from conftest import free_port
+from conftest import one_rank_group
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def one_rank(monkeypatch):
-    import torch.distributed as dist
-
-    for k, v in dict(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-    ).items():
-        monkeypatch.setenv(k, v)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with one_rank_group(monkeypatch, "gloo"):
+        yield
 
 
 def accumulated_grads(precision: str, extra: dict) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ ZERO_STAGES = (0, 1, 2)
 METHODS = ("full", "lora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FULL_MODULES = ("embed_tokens", "lm_head")  # what train.lora.train_in_full may name
+HEAD = "lm_head"  # a LoRA target beside LORA_TARGETS (not a default): the output layer
 
 
 @dataclass
@@ -47,7 +48,9 @@ class LoraConfig:
     r: int = 16
     alpha: float = 32.0  # the update is scaled by alpha / r
     dropout: float = 0.05
-    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))  # attention + MLP linears
+    # attention + MLP linears; lm_head may be added (a low-rank update of the output layer: what a
+    # weak base needs to make new tokens likely)
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
     train_in_full: List[str] = field(default_factory=list)  # modules trained in full beside: embed_tokens, lm_head
     lr: Optional[float] = None  # the LoRA run's peak learning rate; null: train.lr
     merge: bool = False  # also write <run>/hf: the base with the adapter merged in
@@ -186,7 +189,9 @@ def check_lora(lc: dict, use_gpu: bool) -> None:
     if not lc["target_modules"]:
         raise ValueError(f"train.lora.target_modules: name at least one of {LORA_TARGETS}")
     for m in lc["target_modules"]:
-        one_of(m, LORA_TARGETS, "train.lora.target_modules[]")
+        one_of(m, (*LORA_TARGETS, HEAD), "train.lora.target_modules[]")
+    if HEAD in lc["target_modules"] and HEAD in lc["train_in_full"]:
+        raise ValueError("train.lora: lm_head is in target_modules and in train_in_full; choose one")
     for m in lc["train_in_full"]:
         one_of(m, FULL_MODULES, "train.lora.train_in_full[]")
     if lc["qlora"]:

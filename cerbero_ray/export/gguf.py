@@ -21,6 +21,7 @@ written under a temporary name and renamed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -104,6 +105,33 @@ def gguf_name(hf: str) -> str | None:
     if "rotary_emb" in hf:
         return None  # buffers some exports carry; llama.cpp computes RoPE itself
     raise ValueError(f"export.checkpoint: unexpected tensor {hf!r} for a llama-architecture model")
+
+
+@contextlib.contextmanager
+def _writing(dest: str):
+    """A GGUF writer on a temporary file renamed to ``dest`` once whole, removed on any error."""
+    import gguf
+
+    tmp = f"{dest}.{os.getpid()}.tmp"
+    w = gguf.GGUFWriter(tmp, "llama")
+    try:
+        yield w
+        w.close()
+        os.replace(tmp, dest)
+    except BaseException:
+        w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _rows_for_llama_cpp(x: np.ndarray, gguf_tensor: str, arch: Arch) -> np.ndarray:
+    """The query and key projections' rows (or a LoRA B's, which are theirs) in llama.cpp's order."""
+    if gguf_tensor.endswith("attn_q.weight"):
+        return permute_qk(x, arch.heads)
+    if gguf_tensor.endswith("attn_k.weight"):
+        return permute_qk(x, arch.kv_heads)
+    return x
 
 
 def permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
@@ -195,9 +223,7 @@ def convert(
             f"export.checkpoint: the tokenizer has {len(tokens)} tokens, config.json says vocab_size "
             f"{arch.vocab} and the embedding has {embed_rows} rows: they must agree"
         )
-    tmp = f"{dest}.{os.getpid()}.tmp"
-    w = gguf.GGUFWriter(tmp, "llama")
-    try:
+    with _writing(dest) as w:
         _metadata(w, arch, name, out_type, folder, tokens, scores, types, chat_template)
         for _, _, g, shape, q in plan:
             raw = gguf.quant_shape_to_byte_shape(shape, q)  # a quantized tensor is declared in bytes
@@ -207,21 +233,10 @@ def convert(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for f, hf, g, _, q in plan:  # one tensor in memory at a time
-            x = _load(f, hf)
-            if g.endswith("attn_q.weight"):
-                x = permute_qk(x, arch.heads)
-            elif g.endswith("attn_k.weight"):
-                x = permute_qk(x, arch.kv_heads)
+            x = _rows_for_llama_cpp(_load(f, hf), g, arch)
             x = x.astype(_NUMPY[q.name]) if q.name in _NUMPY else gguf.quants.quantize(x, q)
             w.write_tensor_data(np.ascontiguousarray(x))
             del x
-        w.close()
-        os.replace(tmp, dest)
-    except BaseException:
-        w.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return {"path": dest, "type": out_type, "tensors": len(plan), "vocabulary": source, "bytes": os.path.getsize(dest)}
 
 
@@ -272,9 +287,7 @@ def convert_lora(adapter: str, base: str, dest: str, name: str = "cerbero") -> d
     arch = read_arch(base)
     r = cfg["r"]
     alpha = adapters.lora_scale(cfg) * r  # llama.cpp scales by alpha / r
-    tmp = f"{dest}.{os.getpid()}.tmp"
-    w = gguf.GGUFWriter(tmp, "llama")
-    try:
+    with _writing(dest) as w:
         w.add_name(name)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -282,22 +295,11 @@ def convert_lora(adapter: str, base: str, dest: str, name: str = "cerbero") -> d
         for module in sorted(pairs, key=_module_order):
             a, b = (t.numpy().astype(np.float32) for t in pairs[module])
             g = gguf_name(module + ".weight")
-            if g.endswith("attn_q.weight"):
-                b = permute_qk(b, arch.heads)
-            elif g.endswith("attn_k.weight"):
-                b = permute_qk(b, arch.kv_heads)
-            w.add_tensor(g + ".lora_a", np.ascontiguousarray(a))
-            w.add_tensor(g + ".lora_b", np.ascontiguousarray(b))
+            w.add_tensor(g + ".lora_a", np.ascontiguousarray(a))  # B's rows are the weight's rows
+            w.add_tensor(g + ".lora_b", np.ascontiguousarray(_rows_for_llama_cpp(b, g, arch)))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, dest)
-    except BaseException:
-        w.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return {
         "path": dest,
         "type": "lora",

@@ -128,10 +128,10 @@ class SlotModel:
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
             )
 
-        with self._rows(where):
-            h = self._layers(ids, pos, attend)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self.model.lm_head(h[torch.arange(len(prompts), device=self.device), last]).float()
+        with self._rows(where):  # the output layer too: an adapter may target it
+            h = self._layers(ids, pos, attend)
+            return self.model.lm_head(h[torch.arange(len(prompts), device=self.device), last]).float()
 
     def _decode(self, ids: torch.Tensor, pos: torch.Tensor, n: int, length: int) -> torch.Tensor:
         rows = torch.arange(n, device=self.device)
@@ -158,7 +158,7 @@ class SlotModel:
 
         with self._rows(rows):
             h = self._layers(ids[:, None], pos[:, None], attend)
-        return self.model.lm_head(h[:, 0]).float()
+            return self.model.lm_head(h[:, 0]).float()
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, pos: torch.Tensor, graphs: bool = False) -> torch.Tensor:

@@ -73,6 +73,17 @@ def token_loss_sum(
     return total, torch.tensor(len(y), device=hidden.device)
 
 
+def output_weight(head: nn.Module) -> torch.Tensor:
+    """The output layer's weight as the chunked loss multiplies by it: the plain weight; a LoRA'd
+    head's ``W + scale · B A`` (its adapter applied without dropout: the loss never builds the
+    full logits, so it cannot run the layer's own forward); a head trained in full's own copy."""
+    if hasattr(head, "lora_A") and "default" in head.lora_A:
+        return head.base_layer.weight + head.get_delta_weight("default")
+    if hasattr(head, "modules_to_save"):
+        return head.modules_to_save["default"].weight
+    return head.weight
+
+
 class PackedCausalLM(nn.Module):
     """A causal LM returning (sum of token losses, loss tokens) for a packed batch."""
 
@@ -85,9 +96,7 @@ class PackedCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-            head = self.lm.lm_head
-            weight = head.weight if hasattr(head, "weight") else head.modules_to_save["default"].weight
-            return token_loss_sum(hidden, weight, labels, self.loss_chunk)
+            return token_loss_sum(hidden, output_weight(self.lm.lm_head), labels, self.loss_chunk)
 
 
 def count_flops_per_token(model: nn.Module, seq_len: int) -> float:
