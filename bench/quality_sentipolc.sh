@@ -7,9 +7,9 @@
 # 3. the base fine-tuned on them twice, from the same weights and on the same shards:
 #    train.method=full, then train.method=lora;
 # 4. the base, the fully fine-tuned and the LoRA model evaluated on the `test` rows (negativo, the
-#    three protocols, the first prompt wording, 5-shot), each figure with its 95% bootstrap interval,
+#    three protocols, the first prompt wording, 0-shot (as trained) and 5-shot), each figure with its 95% bootstrap interval,
 #    and the paired differences from the base.
-#   bash bench/quality_sentipolc.sh [OUT]      # ~25 minutes on 2 cores; needs ../shared/data
+#   bash bench/quality_sentipolc.sh [OUT]      # ~28 minutes on 2 cores; needs ../shared/data
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:-outputs/quality}")
@@ -36,7 +36,9 @@ for run in ("sentipolc", "sentipolc-lora"):
           f"median {s['tokens_per_s_median']:.0f} tokens/s, peak RSS (rank 0) {s['peak_memory_bytes'] / 2**20:.0f} MiB, "
           f"held-out {s['eval_losses'][0]:.3f} -> {min(s['eval_losses']):.3f} (min) -> {s['eval_losses'][-1]:.3f}")
 PY
-t python jobs/evaluate.py paths.output_dir="$OUT" evaluate.output_dir="$OUT/evaluate" \
-    '~evaluate.checkpoints.tiny-cpu' "+evaluate.checkpoints.base=$OUT/train/base/hf" \
-    "+evaluate.checkpoints.full=$OUT/train/sentipolc/hf" "+evaluate.checkpoints.lora=$OUT/train/sentipolc-lora/adapter" \
-    evaluate.only=[sentipolc] evaluate.tasks.sentipolc.prompts=[0]
+for shots in 0 5; do
+  t python jobs/evaluate.py paths.output_dir="$OUT" evaluate.output_dir="$OUT/evaluate_${shots}shot" \
+      '~evaluate.checkpoints.tiny-cpu' "+evaluate.checkpoints.base=$OUT/train/base/hf" \
+      "+evaluate.checkpoints.full=$OUT/train/sentipolc/hf" "+evaluate.checkpoints.lora=$OUT/train/sentipolc-lora/adapter" \
+      evaluate.only=[sentipolc] evaluate.tasks.sentipolc.prompts=[0] evaluate.tasks.sentipolc.shots=$shots
+done
