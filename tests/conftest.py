@@ -219,8 +219,7 @@ def make_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from cerbero_ray.adapters import write_record
-    from cerbero_ray.train.lora import make_record
+    from cerbero_ray.train.lora import make_record, save_adapter
 
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     torch.manual_seed(seed)
@@ -230,12 +229,7 @@ def make_adapter(
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.mul_(b_scale)  # 20: an update of the size of the weights: greedy text changes
-    pm.save_pretrained(dest)
-    if tok is not None:
-        from cerbero_ray.tokenizer import save_tokenizer
-
-        save_tokenizer(tok, dest)
-    write_record(dest, make_record(base_dir, base_dir))
+    save_adapter(pm, tok, make_record(base_dir, base_dir), dest)
     return dest
 
 

@@ -94,6 +94,12 @@ def test_adapter_is_a_checkpoint_with_its_base_recorded(tiny_hf, tiny_adapters, 
     # the adapter without a tokenizer takes its base's
     b = tiny_adapters["toxicity-it"]
     assert load_for_inference(b, "float32")[1].chat_template
+    # its adapted lm_head is A and B only: the frozen base head is not copied into the adapter
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(b, "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert any("lm_head.lora_A" in n for n in names) and all("lora_" in n for n in names)
 
     # another base than the recorded one is refused, by fingerprint
     other = tmp_path / "other"
@@ -113,6 +119,11 @@ def test_adapter_is_a_checkpoint_with_its_base_recorded(tiny_hf, tiny_adapters, 
             (cut / f).write_bytes(open(os.path.join(a, f), "rb").read())
     w = cut / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="label.checkpoint: .* is incomplete: adapter_model.safetensors is"):
+        check_checkpoint(str(cut), "label.checkpoint")  # by its complete marker
+    from cerbero_ray.storage import COMPLETE
+
+    (cut / COMPLETE).unlink()  # a peft folder from elsewhere: by the safetensors header
     with pytest.raises(ValueError, match="label.checkpoint: .* is cut short"):
         check_checkpoint(str(cut), "label.checkpoint")
     rec = json.loads((cut / "cerbero_base.json").read_text())
