@@ -19,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ import pyarrow.parquet as pq
 
 from cerbero_ray import inputs, storage
 from cerbero_ray.inference.batch import text_error
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "txt")  # json: one JSON array of objects, read whole
 
@@ -409,7 +412,7 @@ def start_run(
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{stage}.input: {e}") from None
     if skipped:
-        print(f"[{stage}] {inputs.describe_skipped(skipped)}; all listed in summary.json", flush=True)
+        log.warning(f"[{stage}] {inputs.describe_skipped(skipped)}; all listed in summary.json")
     claim_output(out, run_file, ident, overwrite, stage)
     clean_partial(out)
     done = done_keys(out)

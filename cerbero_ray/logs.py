@@ -101,3 +101,12 @@ def drop_lines(pattern: str):
         root.removeFilter(keep)
         f.flush()
         sys.stdout = old
+
+
+def console(level: int = logging.INFO) -> None:
+    """Our library logs through ``logging`` (``cerbero_ray.<module>``) and leaves the console to the
+    entry point. The jobs' Hydra logging config (``hydra/job_logging: stdout``) prints its records as
+    bare lines on stdout; this does the same for entry points without Hydra (``torchrun -m
+    cerbero_ray.train.local``, scripts). A process that configured logging already is left alone."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout)

@@ -5,10 +5,14 @@ checkpoint names that folder, so the untrained and the trained model share one t
 
 from __future__ import annotations
 
+import logging
+
 from omegaconf import DictConfig
 
 from cerbero_ray.config import Checked, check
 from cerbero_ray.stages import STAGES
+
+log = logging.getLogger(__name__)
 
 
 def check_loads(folder: str) -> str:
@@ -53,15 +57,15 @@ def save_initial(c: dict) -> str:
 
 
 def _after_data(c: dict, result: dict) -> None:
-    print(f"\nshards: {c['data']['output_dir']}/shards\nmanifest: {c['data']['output_dir']}/manifest.json")
+    log.info(f"\nshards: {c['data']['output_dir']}/shards\nmanifest: {c['data']['output_dir']}/manifest.json")
 
 
 def _after_train(c: dict, summary: dict) -> None:
     evals = summary["eval_losses"]
-    print(f"\nheld-out loss: {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else "")
+    log.info(f"\nheld-out loss: {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else "")
     model = summary.get("adapter_dir") or summary["hf_dir"]
-    print(f"checkpoint: {summary['checkpoint']}\n{'adapter' if summary.get('adapter_dir') else 'hf model'}: {model}")
-    print(f"from_pretrained({model!r}): {check_loads(model)}", flush=True)
+    log.info(f"checkpoint: {summary['checkpoint']}\n{'adapter' if summary.get('adapter_dir') else 'hf model'}: {model}")
+    log.info(f"from_pretrained({model!r}): {check_loads(model)}")
 
 
 def _before_evaluate(c: dict) -> dict:
@@ -80,7 +84,7 @@ def _before_export(c: dict) -> dict:
     if quantize.available() or not any(t in quantize.FTYPES for t in x["types"]):
         return c
     dropped = [t for t in x["types"] if t in quantize.FTYPES]
-    print(
+    log.warning(
         f"[export] {', '.join(dropped)} skipped: llama.cpp's quantizer comes with llama-cpp-python "
         "(pip install -e '.[gguf]')"
     )

@@ -3,6 +3,7 @@ tables, chart and per-row predictions written; SQuAD predictions rescored from t
 same EM/F1; a rerun resumes every (checkpoint, task); a bad config is one line before Ray starts."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -75,7 +76,7 @@ def eval_cfg(out, a, b, data):
     )
 
 
-def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, ray_local, capsys):
+def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, ray_local, caplog):
     c = eval_cfg(tmp_path, tiny_hf, second_hf, evalita_dir)
     res = run_evaluate(c)
     out = c["evaluate"]["output_dir"]
@@ -125,17 +126,18 @@ def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, r
     saved = json.load(open(os.path.join(out, "results.json")))
     assert saved["results"] == res["results"] and saved["seed"] == 0
     assert set(saved["tasks"]["ami2020"]["prompt_hashes"]) == evalita_units
-    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="cerbero_ray")
+    caplog.clear()
     again = run_evaluate(c)  # every (checkpoint, task) resumes from its metrics.json
-    assert "4 task(s) already done, 0 to go" in capsys.readouterr().out
+    assert "4 task(s) already done, 0 to go" in caplog.text
     assert again["results"] == res["results"] and again["paired"] == res["paired"]
     # another prompt limit is another run: the identity holds it
     c2 = json.loads(json.dumps(c))
     c2["evaluate"]["max_prompt_tokens"] = 2048
     c2["evaluate"]["only"] = ["sentipolc"]
-    capsys.readouterr()
+    caplog.clear()
     run_evaluate(c2)
-    assert "a: 0 task(s) already done, 1 to go" in capsys.readouterr().out
+    assert "a: 0 task(s) already done, 1 to go" in caplog.text
 
 
 @pytest.fixture(scope="module")

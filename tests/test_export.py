@@ -7,6 +7,7 @@ greedily as transformers does, and stops the seed's chat prompt at ``[|Umano|]``
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 
@@ -203,31 +204,37 @@ def test_the_export_reports_each_files_check(exported):
     )
 
 
-def test_a_file_that_crashes_llama_cpp_is_failed_not_written(hf_dir, tmp_path, monkeypatch, capsys):
+def test_a_file_that_crashes_llama_cpp_is_failed_not_written(hf_dir, tmp_path, monkeypatch, caplog):
     from cerbero_ray.export import run_export
 
+    caplog.set_level(logging.INFO, logger="cerbero_ray")
     monkeypatch.setenv(llamacpp.FAULT_ENV, "SIGILL")
     x = {"checkpoint": hf_dir, "output_dir": str(tmp_path), "name": "m", "types": ["f16"], "threads": 2}
     res = run_export({"export": {**x, "overwrite": False, "verify": True, "base": None, "lora": True}})
-    out = capsys.readouterr().out
     info = res["files"]["f16"]
     assert res["failed"] == ["f16"] and info["status"] == "failed" and info["check"]["signal"] == "SIGILL"
     assert not (tmp_path / "m-F16.gguf").exists() and (tmp_path / "m-F16.gguf.failed").exists()
-    line = next(ln for ln in out.splitlines() if "SIGILL" in ln)
-    assert line.startswith("[export] f16: llama.cpp check FAILED") and "m-F16.gguf" in line
+    rec = next(r for r in caplog.records if "SIGILL" in r.getMessage())
+    line = rec.getMessage()
+    assert (
+        rec.levelno == logging.WARNING
+        and line.startswith("[export] f16: llama.cpp check FAILED")
+        and "m-F16.gguf" in line
+    )
     assert "llama_cpp_no_amx.cmake" in line and not res["snippet"]
     monkeypatch.delenv(llamacpp.FAULT_ENV)  # the same command, on a working llama.cpp: written and checked
     res = run_export({"export": {**x, "overwrite": False, "verify": True, "base": None, "lora": True}})
     assert res["failed"] == [] and res["files"]["f16"]["status"] == "checked" and (tmp_path / "m-F16.gguf").exists()
 
 
-def test_quantizer_fallbacks_are_one_line(exported, tmp_path):
+def test_quantizer_fallbacks_are_one_line(exported, tmp_path, caplog):
     """The default tiny model's rows (64 wide) are no multiple of the K-quant block: llama.cpp gives
     those tensors a simpler type and warns once per tensor. The export says so in one line instead."""
     from cerbero_ray.export import run_export
 
     tiny().save_pretrained(tmp_path / "hf")
     save_tokenizer(build_tokenizer(), str(tmp_path / "hf"))
+    caplog.set_level(logging.INFO, logger="cerbero_ray")
     said, warned = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(said), contextlib.redirect_stderr(warned):
         res = run_export(
@@ -248,7 +255,7 @@ def test_quantizer_fallbacks_are_one_line(exported, tmp_path):
     info = res["files"]["q4_k_m"]
     assert 0 < info["fallback_tensors"] <= info["tensors"]
     assert "not divisible" not in warned.getvalue() and "fallback" not in warned.getvalue()
-    lines = [ln for ln in said.getvalue().splitlines() if "simpler type" in ln]
+    lines = [r.getMessage() for r in caplog.records if "simpler type" in r.getMessage()]
     assert lines == [
         f"[export] q4_k_m: {info['fallback_tensors']} of {info['tensors']} tensors kept a simpler type (q5_0/q8_0): "
         "their rows are not a multiple of the K-quant block (256), as in tiny test models"

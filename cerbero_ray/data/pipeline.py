@@ -51,7 +51,7 @@ def prepare_output(out: str, overwrite: bool) -> None:
     ]
     finished = any(i.base_name == "manifest.json" for i in existing)
     if existing and not finished:  # the manifest comes last: a run stopped before it is of no use to anyone
-        print(f"[data] {out} holds an unfinished run (no manifest.json): cleared, starting again", flush=True)
+        log.info(f"[data] {out} holds an unfinished run (no manifest.json): cleared, starting again")
     elif existing and not overwrite:
         raise FileExistsError(f"{out} already holds a data run; pass data.overwrite=true or another data.output_dir")
     for i in existing:
@@ -72,10 +72,9 @@ def run_data(cfg: DictConfig | dict) -> dict:
     out = d["output_dir"]
     done = None if d.get("overwrite") else finished_run(out, c, plans)
     if done:  # a rerun of the same config on the same files: the shards are already there
-        print(
+        log.info(
             f"[data] {out} is up to date ({done['rows']:,} rows, config {done['config_hash']}); "
             "data.overwrite=true redoes it",
-            flush=True,
         )
         return done
     prepare_output(out, bool(d.get("overwrite")))
@@ -107,5 +106,5 @@ def run_data(cfg: DictConfig | dict) -> dict:
     seconds = time.perf_counter() - t0
     manifest = build_manifest(stats, c, plans, seconds)
     write_manifest(manifest, out)
-    print(format_summary(manifest, out), flush=True)
+    log.info(format_summary(manifest, out))
     return manifest

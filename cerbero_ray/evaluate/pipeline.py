@@ -18,6 +18,7 @@ paired intervals of each model against the first, ``results.json``, ``results.md
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, defaultdict
 
@@ -37,6 +38,8 @@ from cerbero_ray.evaluate.reading import columns_from_rows, figures, metric_kind
 from cerbero_ray.evaluate.report import write_report
 from cerbero_ray.evaluate.tasks import Prepared, Unit, prepare
 from cerbero_ray.evaluate.worker import EvalWorker
+
+log = logging.getLogger(__name__)
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -74,7 +77,7 @@ def prepare_tasks(ec: dict) -> tuple[dict[str, Prepared], list[str]]:
         except ValueError as e:
             raise ValueError(f"evaluate.tasks.{name}: {e}") from None
     if skipped:
-        print(
+        log.warning(
             f"[evaluate] skipped, their files are not there (paths.data_dir; see ../shared/data/MANIFEST.md): "
             f"{', '.join(skipped)}"
         )
@@ -203,13 +206,13 @@ def evaluate_model(ec: dict, ckpt: str, prepared: dict[str, Prepared]) -> dict[s
         ident = p.identity(tasks[name], ec["seed"], model) + f":{ec['bootstrap']}"
         units, refused[name] = _runnable(kind, p.units)
         for key, why in refused[name].items():
-            print(f"[evaluate] {ckpt}: {name} {key} not run: {why}")
+            log.info(f"[evaluate] {ckpt}: {name} {key} not run: {why}")
         done = None if ec["overwrite"] else _done(ec, ckpt, name, ident)
         if done:
             results[name] = done
         else:
             todo[name], idents[name] = units, ident
-    print(f"[evaluate] {ckpt}: {len(results)} task(s) already done, {len(todo)} to go ({', '.join(todo) or '-'})")
+    log.info(f"[evaluate] {ckpt}: {len(results)} task(s) already done, {len(todo)} to go ({', '.join(todo) or '-'})")
     if not todo:
         return results
     answers = _answers(ec, ckpt, todo)
@@ -263,7 +266,7 @@ def _present(ec: dict, name: str, path: str) -> bool:
     if model_kind(path) != "gguf" or storage.is_file(path):
         return True
     if ec["skip_missing"]:
-        print(f"[evaluate] {name} skipped: no GGUF file at {path}")
+        log.warning(f"[evaluate] {name} skipped: no GGUF file at {path}")
         return False
     raise ValueError(f"evaluate.checkpoints.{name}: no such GGUF file: {path}")
 
@@ -279,7 +282,7 @@ def run_evaluate(cfg: DictConfig | dict) -> dict:
     prepared, skipped = prepare_tasks(ec)
     for name, p in prepared.items():
         rej = Counter(r["reason"] for r in p.rejects)
-        print(
+        log.info(
             f"[evaluate] {name}: {len(p.rows)} rows scored, {p.pool_rows} in the shot pool, "
             f"{len(p.units)} unit(s) ({', '.join(u.key for u in p.units)})"
             f"{', rejects ' + str(dict(rej)) if rej else ''}"

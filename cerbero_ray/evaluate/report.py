@@ -9,11 +9,14 @@ published. Each task says what was scored and how that differs from the publishe
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
 from cerbero_ray import storage
 from cerbero_ray.evaluate.evalita import SEED_NAMES
+
+log = logging.getLogger(__name__)
 
 EVALITA = list(SEED_NAMES)  # ami2020, ironita, sentipolc: the seed's column order
 PROTOCOLS = ("generate", "score", "benchita")
@@ -267,7 +270,7 @@ def write_report(results: dict, ec: dict) -> dict:
         local = os.path.join(tmp, "results.png")
         chart(results, local)
         storage.upload_file(local, storage.join(out, "results.png"))
-    print(md, flush=True)
+    log.info(md)
     return {
         "results_md": storage.join(out, "results.md"),
         "results_png": storage.join(out, "results.png"),

@@ -21,6 +21,7 @@ run time) against the merged model in transformers.
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import shutil
@@ -36,6 +37,8 @@ from cerbero_ray.config import check
 from cerbero_ray.export import gguf as conv
 from cerbero_ray.export import quantize as quant
 from cerbero_ray.export import verify
+
+log = logging.getLogger(__name__)
 
 SNIPPET = '''from llama_cpp import Llama
 
@@ -98,7 +101,7 @@ def _merge(adapter: str, base: str, src: str, base_folder: str, dest: str) -> No
     for f in os.listdir(tok_src):
         if f.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(os.path.join(tok_src, f), os.path.join(dest, f))
-    print(f"[export] {adapter}: merged into {base} for the GGUF files", flush=True)
+    log.info(f"[export] {adapter}: merged into {base} for the GGUF files")
 
 
 def _export(x: dict, folder: str, src: str, lora: tuple[str, str] | None = None) -> dict:
@@ -121,7 +124,7 @@ def _export(x: dict, folder: str, src: str, lora: tuple[str, str] | None = None)
             final = storage.join(out, file_name(x["name"], t))
             if not x["overwrite"] and _fresh(final, src):
                 results[t] = {"path": final, "type": t, "status": "kept"}
-                print(f"[export] {final} is newer than the checkpoint: kept (export.overwrite=true redoes it)")
+                log.warning(f"[export] {final} is newer than the checkpoint: kept (export.overwrite=true redoes it)")
                 continue
             if t in quant.FTYPES and results.get("f16", {}).get("status") == "kept" and storage.is_uri(out):
                 if not os.path.exists(f16):  # the quantizer starts from the f16 file kept in the bucket
@@ -136,18 +139,16 @@ def _export(x: dict, folder: str, src: str, lora: tuple[str, str] | None = None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     good = [t for t in x["types"] if results[t]["status"] != "failed"]
     snippet = SNIPPET.format(path=results[good[-1]]["path"], prompt=seed_prompt(tag), stop=USER_TAG) if good else ""
-    print(
+    log.info(
         f"[export] {len(results) - len(failed)} file(s) in {time.perf_counter() - t0:.1f} s, peak RSS {peak:.0f} MiB"
         + (f"; {len(failed)} failed llama.cpp's check: {', '.join(failed)}" if failed else ""),
-        flush=True,
     )
     if snippet:
-        print(f"[export] chat with it in llama-cpp-python (pip install llama-cpp-python):\n{snippet}", flush=True)
+        log.info(f"[export] chat with it in llama-cpp-python (pip install llama-cpp-python):\n{snippet}")
     if lora is not None and all(k in results and results[k]["status"] != "failed" for k in ("lora", "base-f16")):
-        print(
+        log.info(
             "[export] or the base with the adapter applied at load time: "
             f'Llama(model_path="{results["base-f16"]["path"]}", lora_path="{results["lora"]["path"]}", n_ctx=4086)',
-            flush=True,
         )
     return {"files": results, "failed": failed, "peak_rss_mib": round(peak), "snippet": snippet}
 
@@ -159,7 +160,7 @@ def _reference(folder: str, tag: str, wanted: bool) -> dict | None:
     if not wanted:
         return None
     if not llamacpp.available():
-        print("[export] llama.cpp check skipped: llama-cpp-python is not installed (pip install -e '.[gguf]')")
+        log.warning("[export] llama.cpp check skipped: llama-cpp-python is not installed (pip install -e '.[gguf]')")
         return None
     return verify.reference(folder, tag)
 
@@ -170,13 +171,13 @@ def _lora_files(x: dict, lora: tuple[str, str], local_out: str, src: str, templa
     adapter, base_folder = lora
     why = adapters.unsupported(adapters.adapter_config(adapter))
     if why:
-        print(f"[export] no LoRA file: llama.cpp's LoRA files cannot hold {why}; the merged files are written")
+        log.warning(f"[export] no LoRA file: llama.cpp's LoRA files cannot hold {why}; the merged files are written")
         return {}
     names = {"base-f16": file_name(f"{x['name']}-base", "f16"), "lora": file_name(x["name"], "lora-f32")}
     finals = {k: storage.join(x["output_dir"], n) for k, n in names.items()}
     if not x["overwrite"] and all(_fresh(f, src) for f in finals.values()):
         for f in finals.values():
-            print(f"[export] {f} is newer than the checkpoint: kept (export.overwrite=true redoes it)")
+            log.warning(f"[export] {f} is newer than the checkpoint: kept (export.overwrite=true redoes it)")
         return {k: {"path": f, "type": k, "status": "kept"} for k, f in finals.items()}
     t1 = time.perf_counter()
     staged = {k: os.path.join(local_out, n) + UNVERIFIED for k, n in names.items()}
@@ -188,7 +189,8 @@ def _lora_files(x: dict, lora: tuple[str, str], local_out: str, src: str, templa
     if ref is not None:
         check = verify.verify(staged["base-f16"], "f16", ref, x["threads"], lora=staged["lora"])
         status = "checked" if check["ok"] else "failed"
-        print(f"[export] base-f16 + lora: {verify.describe(check, ref['decode'])}", flush=True)
+        said = f"[export] base-f16 + lora: {verify.describe(check, ref['decode'])}"
+        log.log(logging.INFO if check["ok"] else logging.WARNING, said)
     for k, info in infos.items():
         info.update(type=k, status=status, seconds=round(time.perf_counter() - t1, 2), staged=staged[k])
         if check is not None:
@@ -211,16 +213,18 @@ def _make(t: str, folder: str, dest: str, f16: str, x: dict, template: str | Non
         else:
             info = conv.convert(folder, staged, t, x["name"], template)
     except llamacpp.NativeCrash as e:  # the quantizer died: this type fails, the others go on
-        print(f"[export] {t}: FAILED: {e}", flush=True)
+        log.warning(f"[export] {t}: FAILED: {e}")
         return {"type": t, "status": "failed", "check": {"ok": False, "signal": e.signal, "error": str(e)}}
     info = {**info, "seconds": round(time.perf_counter() - t1, 2), "status": "unchecked"}
     if ref is not None:
         info["check"] = verify.verify(staged, t, ref, x["threads"])
         info["status"] = "checked" if info["check"]["ok"] else "failed"
-        print(f"[export] {t}: {verify.describe(info['check'], ref['decode'])}", flush=True)
+        (log.info if info["check"]["ok"] else log.warning)(
+            f"[export] {t}: {verify.describe(info['check'], ref['decode'])}"
+        )
     if info.get("fallback_tensors"):
         of = f" of {info['tensors']}" if "tensors" in info else ""
-        print(
+        log.info(
             f"[export] {t}: {info['fallback_tensors']}{of} tensors kept a simpler type (q5_0/q8_0): "
             "their rows are not a multiple of the K-quant block (256), as in tiny test models"
         )
@@ -235,7 +239,7 @@ def _publish(info: dict, final: str, uri: bool) -> None:
         if staged and os.path.exists(staged) and not uri:
             os.replace(staged, storage.resolve(final)[1] + ".failed")
             info["path"] = final + ".failed"
-        print(f"[export] {info['type']}: not written as {final} (it failed llama.cpp's check)", flush=True)
+        log.warning(f"[export] {info['type']}: not written as {final} (it failed llama.cpp's check)")
         return
     dest = staged[: -len(UNVERIFIED)]
     if uri:
@@ -244,7 +248,7 @@ def _publish(info: dict, final: str, uri: bool) -> None:
     else:
         os.replace(staged, dest)
     info["path"] = final
-    print(f"[export] {info['type']}: {final} ({info['bytes'] / 2**20:.1f} MiB, {info['seconds']} s)", flush=True)
+    log.info(f"[export] {info['type']}: {final} ({info['bytes'] / 2**20:.1f} MiB, {info['seconds']} s)")
 
 
 def _download(uri: str, local: str) -> None:

@@ -15,6 +15,7 @@ missing chunk exactly as the first run would have.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 
@@ -28,6 +29,8 @@ from cerbero_ray.config import check
 from cerbero_ray.inference.batch import generate_columns
 from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.models import load_for_inference
+
+log = logging.getLogger(__name__)
 
 
 def engine_config(gc: dict):
@@ -255,10 +258,9 @@ def run_generate(cfg: DictConfig | dict) -> dict:
         gc["format"],
         gc["chunk_rows"],
     )
-    print(
+    log.info(
         f"[generate] {gc['mode']}: {len(chunks)} chunks; {len(chunks) - len(todo)} already done, "
         f"{len(todo)} to go -> {out}",
-        flush=True,
     )
     counts, t0 = Counter(), time.perf_counter()
     if todo:
@@ -275,12 +277,11 @@ def run_generate(cfg: DictConfig | dict) -> dict:
     }
     if gc["mode"] == "self_chat":
         summary.update(finish_self_chat(gc, counts))
-        print(
+        log.info(
             f"[generate] {summary['conversations']} conversations -> {summary['output']} "
             f"(near-duplicates dropped {summary['near_duplicates']}, filtered this run {summary['filtered']})",
-            flush=True,
         )
     else:
-        print(f"[generate] finish reasons this run {dict(counts)} -> {summary['parts']}", flush=True)
+        log.info(f"[generate] finish reasons this run {dict(counts)} -> {summary['parts']}")
     storage.write_json(storage.join(out, "summary.json"), summary)
     return summary

@@ -158,10 +158,9 @@ def run_label(cfg: DictConfig | dict) -> dict:
         lc["format"],
         lc["chunk_rows"],
     )
-    print(
+    log.info(
         f"[label] {task.name}: {len(chunks)} chunks of up to {lc['chunk_rows']} rows; "
         f"{len(chunks) - len(todo)} already done, {len(todo)} to go -> {out}",
-        flush=True,
     )
     t0 = time.perf_counter()
     if todo:
@@ -171,9 +170,8 @@ def run_label(cfg: DictConfig | dict) -> dict:
     if summary["rows"] != summary["unique_ids"]:
         log.warning("%d rows but %d distinct ids: the input repeats ids", summary["rows"], summary["unique_ids"])
     dist = ", ".join(f"{k} {v:,} ({100 * v / max(summary['rows'], 1):.1f}%)" for k, v in summary["labels"].items())
-    print(
+    log.info(
         f"[label] {summary['rows']:,} rows -> {summary['output']}\n[label] distribution: {dist}"
         f"{'; errors ' + str(summary['errors']) if summary['errors'] else ''}\n[label] chart: {summary['chart']}",
-        flush=True,
     )
     return summary

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 
 from omegaconf import DictConfig
 
 from cerbero_ray.adapters import check_adapter
 from cerbero_ray.checkpoints import check_inference
 from cerbero_ray.config import check
+
+log = logging.getLogger(__name__)
 
 
 def run_serve(cfg: DictConfig | dict, blocking: bool = False) -> str:
@@ -30,13 +32,12 @@ def run_serve(cfg: DictConfig | dict, blocking: bool = False) -> str:
     serve.run(deployment(sc), name="cerbero", route_prefix="/", blocking=False)
     url = f"http://{sc['host']}:{sc['port']}"
     auth = ' -H "Authorization: Bearer $CERBERO_API_KEY"' if sc.get("api_key") else ""
-    print(
+    log.info(
         f"[serve] {sc['model_name']} ({sc['checkpoint']}) at {url}\n"
         + "".join(f'[serve] adapter {n} ({p}): "model": "{n}"\n' for n, p in sc["adapters"].items())
         + f"[serve] chat page: {url}/\n"
         f"[serve] try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
         f'-d \'{{"messages": [{{"role": "user", "content": "Ciao! Come stai?"}}], "max_tokens": 32}}\'',
-        flush=True,
     )
     if blocking:
         serve_until_signalled(sc, stop)
@@ -100,19 +101,17 @@ def serve_until_signalled(sc: dict, stop: _Stop | None = None) -> None:
         # the same signal reached Ray's own processes (sent to the whole process group or cgroup:
         # systemd's default KillMode, `timeout`, `kill -- -PGID`): nothing is left to drain through,
         # and Serve's shutdown would wait a minute for a GCS that is gone
-        print(
+        log.warning(
             "[serve] Ray's own processes were stopped by the same signal, so in-flight requests are lost; "
             "signal this process only (systemd: KillMode=mixed) to let them finish",
-            file=sys.stderr,
-            flush=True,
         )
         os._exit(128 + stop.signum)
-    print(f"[serve] stopping: finishing in-flight requests (up to {sc['shutdown_grace_s']} s)", flush=True)
+    log.info(f"[serve] stopping: finishing in-flight requests (up to {sc['shutdown_grace_s']} s)")
     if not drain(sc["shutdown_grace_s"]):  # no proxy of ours (set RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH):
         serve.delete("cerbero")  # Serve's own graceful stop, which drops the requests still queued
     serve.shutdown()
     ray.shutdown()
-    print("[serve] stopped", flush=True)
+    log.info("[serve] stopped")
 
 
 def control():

@@ -10,6 +10,7 @@ the same loop runs on a machine without Ray (GPU benchmarks).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,8 @@ from cerbero_ray import storage
 from cerbero_ray.train.checkpoint import PREFIX, checkpoint_name, complete_checkpoints, publish
 from cerbero_ray.train.plan import Segment
 from cerbero_ray.train.reader import local_batches, ray_batches
+
+log = logging.getLogger(__name__)
 
 FAULT_MARKER = ".fault_injected"
 
@@ -65,7 +68,7 @@ class _RunFolder:
         fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(p) as f:
             f.write(str(step).encode())
-        print(f"[train] fault injection: rank {self.rank} exits after step {step}", flush=True)
+        log.warning(f"[train] fault injection: rank {self.rank} exits after step {step}")
         os._exit(1)
 
 

@@ -36,6 +36,9 @@ def run_local(overrides: list[str]) -> dict:
 
 
 if __name__ == "__main__":
+    from cerbero_ray.logs import console
+
+    console()
     summary = run_local(sys.argv[1:])
     if summary:
         print(summary, flush=True)

@@ -63,11 +63,10 @@ def run_train(cfg: DictConfig | dict) -> dict:
     t, run = c["train"], plan_run(c)
     plans = plan_all(list(run.shards), t, t["num_workers"])
     steps = total_steps(plans, t)
-    print(
+    log.info(
         f"[train] {run.rows} rows × {run.seq_len} tokens; {t['num_workers']} workers; "
         f"global batch {t['global_batch_size']} rows; {steps} steps over {t['epochs']} epoch(s) "
         f"({plans[0].dropped_rows} rows per epoch left over, {t['eval_rows']} held out) → {run.run_dir}",
-        flush=True,
     )
     resources = {"CPU": t["cpus_per_worker"], **({"GPU": 1} if t["use_gpu"] else {})}
     trainer = TorchTrainer(
@@ -97,25 +96,25 @@ def run_train(cfg: DictConfig | dict) -> dict:
     last = result.checkpoint
     summary["checkpoint"] = storage.join(run.run_dir, os.path.basename(last.path.rstrip("/"))) if last else None
     evals = summary.get("eval_losses") or []
-    print("── train ─────────────────────────────────────────────────────")
-    print(f" run           {summary.get('run_dir')}")
-    print(
+    log.info("── train ─────────────────────────────────────────────────────")
+    log.info(f" run           {summary.get('run_dir')}")
+    log.info(
         f" steps         {summary.get('steps')}  (train loss {summary.get('first_loss'):.4f} → "
         f"{summary.get('final_loss'):.4f})"
         if summary.get("first_loss") is not None
         else f" steps  {summary.get('steps')}"
     )
     if evals:
-        print(f" held-out loss {' → '.join(f'{e:.3f}' for e in evals)}")
-    print(f" checkpoint    {summary['checkpoint']}")
+        log.info(f" held-out loss {' → '.join(f'{e:.3f}' for e in evals)}")
+    log.info(f" checkpoint    {summary['checkpoint']}")
     if summary.get("adapter_dir"):
-        print(
+        log.info(
             f" adapter       {summary['adapter_dir']}  (LoRA: {summary['trainable_params']:,} trainable "
             f"parameters, {100 * summary['trainable_share']:.2f}% of {summary['total_params']:,}; "
             f"base {summary['base']})"
         )
     if summary.get("hf_dir"):
-        print(f" hf model      {summary['hf_dir']}")
-    print(f" loss curve    {summary.get('loss_png')}")
-    print("──────────────────────────────────────────────────────────────", flush=True)
+        log.info(f" hf model      {summary['hf_dir']}")
+    log.info(f" loss curve    {summary.get('loss_png')}")
+    log.info("──────────────────────────────────────────────────────────────")
     return summary
