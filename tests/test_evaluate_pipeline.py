@@ -191,7 +191,8 @@ def test_a_gguf_file_is_evaluated_like_its_checkpoint(tmp_path, tiny_hf, tiny_gg
 
 def test_an_openai_compatible_endpoint_is_evaluated(tmp_path, tiny_hf, evalita_dir, ray_local):
     """Our own server as the endpoint: the generating protocols through /v1/chat/completions give
-    the HF checkpoint's greedy answers; score is refused for an endpoint, in one line."""
+    the HF checkpoint's greedy answers, and score through /v1/label (the unit's task sent inline)
+    gives its yes/no probabilities."""
     from ray import serve
 
     from cerbero_ray.serve.service import run_serve
@@ -210,18 +211,62 @@ def test_an_openai_compatible_endpoint_is_evaluated(tmp_path, tiny_hf, evalita_d
     finally:
         serve.shutdown()
     assert res["model_kinds"]["api"] == "endpoint"
-    assert set(res["results"]["api"]["ami2020"]) == {"generate/0", "benchita/0"}
+    assert set(res["results"]["api"]["ami2020"]) == {"generate/0", "score/0", "benchita/0"}
     out = os.path.join(tmp_path, "evaluate", "runs")
     m = json.load(open(os.path.join(out, "api", "ami2020", "metrics.json")))
-    assert "score/0" in m["unsupported"] and "log-probability" in m["unsupported"]["score/0"]
+    assert not m.get("unsupported")
     for task in ("squad_it", "ami2020"):
-        hf = {
-            (r["id"], r["protocol"]): r["raw"]
-            for r in pq.read_table(f"{out}/hf/{task}/predictions.parquet").to_pylist()
-        }
+        hf = {(r["id"], r["protocol"]): r for r in pq.read_table(f"{out}/hf/{task}/predictions.parquet").to_pylist()}
         api = pq.read_table(f"{out}/api/{task}/predictions.parquet").to_pylist()
-        same = [hf[(r["id"], r["protocol"])] == r["raw"] for r in api]
+        assert {(r["id"], r["protocol"]) for r in api} == set(hf)
+        same = [hf[(r["id"], r["protocol"])]["raw"] == r["raw"] for r in api if r["raw"] is not None]
         assert sum(same) >= 0.9 * len(same), (task, sum(same), len(same))
+        scored = [(hf[(r["id"], r["protocol"])]["p_yes"], r["p_yes"]) for r in api if r["protocol"].startswith("score")]
+        assert len(scored) == (10 if task == "ami2020" else 0)
+        assert all(abs(a - b) < 1e-4 for a, b in scored), scored
+
+
+def test_an_endpoint_that_cannot_score_runs_the_rest(tmp_path, evalita_dir, ray_local):
+    """An OpenAI-compatible endpoint without /v1/label (as vLLM's or llama.cpp's server): asked
+    once, score is refused in one line and ``unsupported`` in the results; generate and benchita run."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class OpenAIOnly(http.server.BaseHTTPRequestHandler):
+        def _send(self, code, body):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            seen.append(("GET", self.path))
+            self._send(200, {"object": "list", "data": [{"id": "other", "object": "model"}]})
+
+        def do_POST(self):
+            seen.append(("POST", self.path))
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path != "/v1/chat/completions":
+                return self._send(404, {"detail": "Not Found"})
+            self._send(200, {"choices": [{"message": {"role": "assistant", "content": "no"}}]})
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OpenAIOnly)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        res = run_evaluate(_small(tmp_path, {"other": f"http://127.0.0.1:{srv.server_port}/v1"}, evalita_dir))
+    finally:
+        srv.shutdown()
+    assert set(res["results"]["other"]["ami2020"]) == {"generate/0", "benchita/0"}
+    m = json.load(open(os.path.join(tmp_path, "evaluate", "runs", "other", "ami2020", "metrics.json")))
+    assert "/v1/label" in m["unsupported"]["score/0"] and "log-probability" in m["unsupported"]["score/0"]
+    assert [p for p in seen if p[1] == "/v1/label"] == [("POST", "/v1/label")]  # asked once
 
 
 def test_job_refuses_a_bad_config_before_ray(tmp_path):

@@ -6,13 +6,14 @@ them loaded."""
 
 import concurrent.futures as cf
 import json
+import os
 import random
 import urllib.error
 import urllib.request
 
 import pytest
 
-from cerbero_ray.config import compose, to_container
+from cerbero_ray.config import REPO_DIR, compose, to_container
 from conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -185,6 +186,36 @@ def test_label_endpoint(server):
     assert status == 200 and len(body["results"]) == 2
     for r in body["results"]:
         assert r["label"] in ("ironic", "not_ironic") and abs(sum(r["probs"].values()) - 1) < 1e-6
+
+
+def test_label_endpoint_scores_a_task_sent_inline(server):
+    """A task sent with the request scores as the same task configured on the server does, on the
+    base and on an adapter; a malformed or too-long inline task is a 400 naming ``task``."""
+    import yaml
+
+    irony = yaml.safe_load(open(os.path.join(REPO_DIR, "conf", "label", "task", "irony.yaml")))
+    texts = ["Che bella giornata di pioggia.", "Ciao"]
+    for model in (None, "sentiment-it"):
+        by_name = post(f"{server}/v1/label", {"task": "irony", "texts": texts, "model": model})
+        inline = post(f"{server}/v1/label", {"task": irony, "texts": texts, "model": model})
+        assert by_name[0] == inline[0] == 200 and inline[1]["task"] == "irony"
+        for a, b in zip(by_name[1]["results"], inline[1]["results"]):
+            assert a["label"] == b["label"] and all(abs(a["probs"][k] - b["probs"][k]) < 1e-5 for k in a["probs"])
+    yes_no = {"instruction": "Il testo parla di meteo?", "labels": {"yes": "Sì", "no": "No"}}
+    status, body, _ = post(f"{server}/v1/label", {"task": yes_no, "texts": texts})
+    assert status == 200 and body["task"] == "inline" and set(body["results"][0]["probs"]) == {"yes", "no"}
+    bad = [
+        ({**yes_no, "labels": {"yes": "Sì"}}, "labels"),  # one label
+        ({**yes_no, "labels": {"yes": "Sì", "no": " Sì"}}, "distinct"),
+        ({**yes_no, "template": "no slot"}, "{text}"),
+        ({**yes_no, "few_shot": [{"text": "x", "label": "maybe"}]}, "known label"),
+        ({**yes_no, "instruction": "parola " * 400}, "before any text"),
+        ({**yes_no, "colour": "red"}, "colour"),
+    ]
+    for task, said in bad:
+        status, body, _ = post(f"{server}/v1/label", {"task": task, "texts": texts})
+        assert status == 400 and body["error"]["param"].startswith("task"), (task, body)
+        assert said in json.dumps(body, ensure_ascii=False), (said, body)
 
 
 @pytest.mark.parametrize(

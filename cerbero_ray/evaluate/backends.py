@@ -6,15 +6,19 @@ the child process or behind the endpoint).
 - ``.gguf``: prompts are rendered and tokenized with the cerbero tokenizer (the file must carry the
   Mistral vocabulary, as our export writes it; its chat template says which assistant tag), then
   llama.cpp generates greedily or scores each label's continuation: every protocol runs.
-- ``http(s)://…/v1``: ``/v1/chat/completions`` at temperature 0 for the generating protocols; the
+- ``http(s)://…/v1``: ``/v1/chat/completions`` at temperature 0 for the generating protocols. The
   ``score`` protocol needs the log-probability of given answers, which the chat API does not
-  return, so it is refused for an endpoint (one line, and ``unsupported`` in the results).
+  return: on cerbero-ray's own server it goes through ``/v1/label`` with the unit's yes/no task
+  sent inline (the same scorer as the HF path, on the served model or adapter); an endpoint
+  without it (vLLM, llama.cpp's server, OpenAI) is asked once, and refuses ``score`` in one line
+  (``unsupported`` in the results).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import urllib.error
 import urllib.request
 
 from cerbero_ray.chat import STOP_STRING
@@ -27,12 +31,20 @@ def model_kind(spec: str) -> str:
     return "gguf" if spec.lower().endswith(".gguf") else "hf"
 
 
-UNSUPPORTED = {
-    "endpoint": {
-        "score": "an OpenAI-compatible endpoint returns no log-probability of a given answer, which the "
-        "score protocol needs; it runs generate and benchita"
-    }
-}
+NO_SCORE = (
+    "this endpoint has no /v1/label for a task sent inline (cerbero-ray's server has one), and the "
+    "OpenAI API returns no log-probability of a given answer, which the score protocol needs; it runs "
+    "generate and benchita"
+)
+LABEL_CHUNK = 16  # texts per /v1/label request (the server's serve.max_label_texts is 64 by default)
+
+
+def unsupported(kind: str, spec: str, cfg: dict) -> dict[str, str]:
+    """The protocols a model of ``kind`` at ``spec`` cannot run, and why: an endpoint is asked
+    whether it scores (one request); HF folders and GGUF files run every protocol."""
+    if kind != "endpoint":
+        return {}
+    return {} if EndpointRunner(spec, cfg).scores() else {"score": NO_SCORE}
 
 
 def _stops(newline: bool) -> list[str]:
@@ -112,7 +124,7 @@ class GGUFRunner:
 class EndpointRunner:
     def __init__(self, url: str, cfg: dict):
         self.url, self.cfg = url.rstrip("/"), cfg
-        self.key = os.environ.get(cfg.get("endpoint_key_env") or "OPENAI_API_KEY", "unused")
+        self.key = os.environ.get(self._key_env(), "unused")
         self.model = cfg.get("endpoint_model") or self._get("/models")["data"][0]["id"]
 
     def _request(self, path: str, body: dict | None = None) -> dict:
@@ -127,12 +139,48 @@ class EndpointRunner:
     def _get(self, path: str) -> dict:
         return self._request(path)
 
+    def scores(self) -> bool:
+        """Whether the endpoint scores given answers: cerbero-ray's ``/v1/label`` with a task inline."""
+        probe = {"instruction": "Il testo è una prova?", "labels": {"yes": "Sì", "no": "No"}}
+        try:
+            body = self._request("/label", {"task": probe, "texts": ["prova"], "model": self.model})
+            return set(body["results"][0]["probs"]) == {"yes", "no"}
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise ValueError(f"{self.url}: {e.code} {e.reason}; the key comes from ${self._key_env()}") from None
+            return False  # 404 (no such route), 400/422 (an older server: named tasks only)
+        except (KeyError, IndexError, TypeError, ValueError):
+            return False
+
+    def _key_env(self) -> str:
+        return self.cfg.get("endpoint_key_env") or "OPENAI_API_KEY"
+
+    def _score(self, key: str, texts: list[str]) -> list[dict]:
+        """p(yes) of each text under the unit's task, from /v1/label; a text the server refuses
+        (too long for its window) is ``p_yes`` None, counted as an error like the HF path's."""
+        body = {"task": self.cfg["tasks"][key], "texts": texts, "model": self.model}
+        try:
+            results = self._request("/label", body)["results"]
+        except urllib.error.HTTPError as e:
+            if e.code != 400:
+                raise
+            if len(texts) == 1:
+                return [{"raw": None, "p_yes": None, "truncated": False}]
+            return [o for t in texts for o in self._score(key, [t])]  # one by one: the bad one alone
+        return [{"raw": None, "p_yes": r["probs"]["yes"], "truncated": bool(r["truncated"])} for r in results]
+
     def run(self, rows: list[dict]) -> list[dict]:
         from concurrent.futures import ThreadPoolExecutor
 
+        out = [None] * len(rows)
+        scored = [i for i, r in enumerate(rows) if r["text"] is not None]
+        chunks = [
+            (key, idx[s : s + LABEL_CHUNK])
+            for key, idx in _groups(rows, scored, lambda r: f"{r['task']}/{r['unit']}").items()
+            for s in range(0, len(idx), LABEL_CHUNK)
+        ]
+
         def one(r):
-            if r["text"] is not None:
-                raise ValueError(UNSUPPORTED["endpoint"]["score"])
             body = {
                 "model": self.model,
                 "messages": r["messages"],
@@ -143,8 +191,18 @@ class EndpointRunner:
             text = self._request("/chat/completions", body)["choices"][0]["message"]["content"] or ""
             return {"raw": _cut(text, _stops(r["stop_at_newline"])), "p_yes": None, "truncated": False}
 
+        def chunk(c):
+            key, idx = c
+            return idx, self._score(key, [rows[i]["text"] for i in idx])
+
+        gen = [i for i, r in enumerate(rows) if r["text"] is None]
         with ThreadPoolExecutor(int(self.cfg.get("endpoint_concurrency") or 8)) as pool:
-            return list(pool.map(one, rows))
+            for i, o in zip(gen, pool.map(one, [rows[i] for i in gen])):
+                out[i] = o
+            for idx, outs in pool.map(chunk, chunks):
+                for i, o in zip(idx, outs):
+                    out[i] = o
+        return out
 
 
 def _groups(rows: list[dict], idx: list[int], key) -> dict:

@@ -32,7 +32,7 @@ from cerbero_ray.checkpoints import check_checkpoint, is_local
 from cerbero_ray.config import check
 from cerbero_ray.config.evaluate import selected_tasks
 from cerbero_ray.evaluate import squad
-from cerbero_ray.evaluate.backends import UNSUPPORTED, model_kind, runner
+from cerbero_ray.evaluate.backends import model_kind, runner, unsupported
 from cerbero_ray.evaluate.metrics import baselines, paired_bootstrap, prompt_summary
 from cerbero_ray.evaluate.reading import columns_from_rows, figures, metric_kind, read_unit
 from cerbero_ray.evaluate.report import write_report
@@ -96,9 +96,9 @@ def _done(ec: dict, ckpt: str, task: str, ident: str) -> dict | None:
     return m if m.get("identity") == ident else None
 
 
-def _runnable(kind: str, units: list[Unit]) -> tuple[list[Unit], dict[str, str]]:
-    """The units a model of ``kind`` runs, and why the others are not."""
-    refused = {u.key: UNSUPPORTED[kind][u.protocol] for u in units if u.protocol in UNSUPPORTED.get(kind, {})}
+def _runnable(units: list[Unit], cannot: dict[str, str]) -> tuple[list[Unit], dict[str, str]]:
+    """The units a model runs, and why the others are not (``cannot``: protocol -> why)."""
+    refused = {u.key: cannot[u.protocol] for u in units if u.protocol in cannot}
     return [u for u in units if u.key not in refused], refused
 
 
@@ -202,9 +202,11 @@ def evaluate_model(ec: dict, ckpt: str, prepared: dict[str, Prepared]) -> dict[s
     tasks, kind = selected_tasks(ec), model_kind(ec["checkpoints"][ckpt])
     model = {k: ec[k] for k in ("dtype", "max_prompt_tokens")} | {"checkpoint": ec["checkpoints"][ckpt]}
     results, todo, idents, refused = {}, {}, {}, {}
+    cannot = unsupported(kind, ec["checkpoints"][ckpt], ec)  # an endpoint that cannot score: asked once
     for name, p in prepared.items():
+        units, refused[name] = _runnable(p.units, cannot)
         ident = p.identity(tasks[name], ec["seed"], model) + f":{ec['bootstrap']}"
-        units, refused[name] = _runnable(kind, p.units)
+        ident += f":without={','.join(sorted(refused[name]))}" if refused[name] else ""  # a later server may
         for key, why in refused[name].items():
             log.info(f"[evaluate] {ckpt}: {name} {key} not run: {why}")
         done = None if ec["overwrite"] else _done(ec, ckpt, name, ident)

@@ -19,6 +19,7 @@ request is answered ``overload_status`` (503 or 429) with ``Retry-After``. Repli
 # no `from __future__ import annotations`: Serve's ingress reads the route signatures at runtime,
 # and string annotations would turn `request: Request` into a query parameter
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -31,6 +32,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cerbero_ray.chat import ROLE_TAGS, STOP_STRING, forges_turn
+from cerbero_ray.config.label_task import LabelTask
 from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.serve.guard import Guard, configure_guard
 from cerbero_ray.serve.schemas import (
@@ -276,7 +278,7 @@ class CerberoServer:
         return await asyncio.to_thread(self.engine.generate, items)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _label_batch(self, items: list[tuple[str, list[str], int]]) -> list[list[dict]]:
+    async def _label_batch(self, items: list[tuple[str, list[str], int, LabelTask | None]]) -> list[list[dict]]:
         return await asyncio.to_thread(self.engine.label, items)
 
     def _stream(
@@ -394,25 +396,56 @@ class CerberoServer:
     @app.post("/v1/label")
     async def label(self, request: Request, req: LabelRequest):
         self._auth(request)
-        if req.task not in self.engine.scorers:
-            raise APIError(400, f"unknown task {req.task!r}; this server labels {sorted(self.engine.scorers)}", "task")
+        if isinstance(req.task, str):
+            if req.task not in self.engine.scorers:
+                known = sorted(self.engine.scorers)
+                raise APIError(
+                    400, f"unknown task {req.task!r}; this server labels {known}, or one sent inline", "task"
+                )
+            key, task, name = req.task, None, req.task
+        else:
+            key, task = await asyncio.to_thread(self._inline_task, req.task)
+            name = task.name
         if len(req.texts) > self.sc["max_label_texts"]:
             raise APIError(400, f"{len(req.texts)} texts; at most {self.sc['max_label_texts']} per request", "texts")
         for i, t in enumerate(req.texts):
             if not t.strip():
                 raise APIError(400, f"texts[{i}] is empty", f"texts.{i}")
         index, model = self._adapter(req.model)
-        results = await self._label_batch((req.task, req.texts, index))
+        results = await self._label_batch((key, req.texts, index, task))
         if isinstance(results, dict):  # this request's texts failed to score (no other request did)
             raise APIError(500, f"labeling failed: {results['error']}", "texts", "label_failed")
         for i, r in enumerate(results):
             if r.get("error"):
                 raise APIError(400, r["error"], f"texts.{i}", "context_length_exceeded")
         return {
-            "task": req.task,
+            "task": name,
             "model": model,
             "results": [{"label": r["label"], "probs": r["probs"], "truncated": r["truncated"]} for r in results],
         }
+
+    def _inline_task(self, spec) -> tuple[str, LabelTask]:
+        """An inline task checked as a configured one is at start-up (the verbalizers, the prompt's
+        length without the text), and its key: the same task always finds the same scorer."""
+        from cerbero_ray.inference.label_prompts import continuations, prompt_text
+
+        d = spec.model_dump()
+        try:
+            task = LabelTask(d["name"], d["instruction"], d["labels"], d["few_shot"], d["template"])
+            conts = continuations(task, self.engine.tok)
+        except ValueError as e:
+            raise APIError(400, str(e).replace("label.task", "task"), "task") from None
+        n = len(self.engine.encode(prompt_text(task, "", self.engine.tok))) + max(len(c) for c in conts.values())
+        if n > self.sc["max_prompt_tokens"]:
+            raise APIError(
+                400,
+                f"the task's prompt (instruction, examples, longest answer) has {n} tokens before any text; "
+                f"the limit is {self.sc['max_prompt_tokens']}",
+                "task",
+                "context_length_exceeded",
+            )
+        blob = json.dumps(d, sort_keys=True, ensure_ascii=False).encode()
+        return "inline:" + hashlib.sha256(blob).hexdigest()[:16], task
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD too
     async def health(self):

@@ -15,7 +15,7 @@ batches of concurrent requests; benchmarks and tests drive it directly.
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Iterator
 
 import torch
@@ -26,6 +26,8 @@ from cerbero_ray.inference.sampling import Sampling, cut_at_stop
 from cerbero_ray.inference.scorer import Scorer
 from cerbero_ray.models import load_for_inference
 from cerbero_ray.tokenizer import encode_prompts, render_chat
+
+INLINE_TASKS = 32  # scorers of inline tasks a replica keeps
 
 
 class ServeEngine:
@@ -51,6 +53,7 @@ class ServeEngine:
 
             self.adapters = load_adapters(self.model, adapters, model_name, base=checkpoint)
         self.scorers = {name: Scorer(self.model, self.tok, task) for name, task in (tasks or {}).items()}
+        self.inline: OrderedDict[str, Scorer] = OrderedDict()  # tasks sent with requests, most recent last
         self.lock = threading.Lock()  # one forward at a time per replica: batches, not races
         cfg = EngineConfig(engine, max_batch_size, max_prompt_tokens, max_new_tokens, prefill_tokens, cuda_graphs)
         built = build_engine(self.model, self.tok, cfg, self.lock, self.adapters)
@@ -138,11 +141,24 @@ class ServeEngine:
             raise KeyError(name)
         return self.adapters.resolve(name)
 
+    def scorer(self, key: str, task: LabelTask | None = None) -> Scorer:
+        """A configured task's scorer (``task`` None), or an inline task's, made on first use and
+        kept for the :data:`INLINE_TASKS` most recent (a client scoring its own task sends it with
+        every request; an evaluation, thousands of times)."""
+        if task is None:
+            return self.scorers[key]
+        scorer = self.inline.pop(key, None) or Scorer(self.model, self.tok, task)
+        self.inline[key] = scorer
+        while len(self.inline) > INLINE_TASKS:
+            self.inline.popitem(last=False)
+        return scorer
+
     def label(self, items: list[tuple]) -> list:
-        """Many label requests at once (``(task, texts)``, or ``(task, texts, adapter index)``): the
-        texts of each task and model are scored together. Should a batch fail, its requests are
-        scored one by one, so a failure stays with the request that caused it (its entry is then
-        ``{"error": message}`` instead of a list of results)."""
+        """Many label requests at once (``(task, texts)``, or ``(task, texts, adapter index)``, or
+        ``(key, texts, adapter index, LabelTask)`` for a task sent inline): the texts of each task
+        and model are scored together. Should a batch fail, its requests are scored one by one, so a
+        failure stays with the request that caused it (its entry is then ``{"error": message}``
+        instead of a list of results)."""
         import contextlib
 
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -150,17 +166,19 @@ class ServeEngine:
             groups[(item[0], item[2] if len(item) > 2 else 0)].append(r)
         out: list = [None] * len(items)
         with self.lock:
-            for (task, adapter), reqs in groups.items():
+            for (key, adapter), reqs in groups.items():
                 ctx = self.adapters.use(adapter) if self.adapters is not None else contextlib.nullcontext()
+                inline = items[reqs[0]][3] if len(items[reqs[0]]) > 3 else None
                 with ctx:
                     try:
-                        scored = iter(self.scorers[task].score([t for r in reqs for t in items[r][1]]))
+                        scorer = self.scorer(key, inline)
+                        scored = iter(scorer.score([t for r in reqs for t in items[r][1]]))
                         for r in reqs:
                             out[r] = [next(scored) for _ in items[r][1]]
                     except Exception:
                         for r in reqs:
                             try:
-                                out[r] = self.scorers[task].score(items[r][1])
+                                out[r] = self.scorer(key, inline).score(items[r][1])
                             except Exception as e:
                                 out[r] = {"error": f"{type(e).__name__}: {e}"}
         return out

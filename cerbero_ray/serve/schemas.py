@@ -90,8 +90,28 @@ class CompletionRequest(Sampled):
     prompt: Text
 
 
+MAX_LABELS = 32  # of an inline task: each label is one more continuation scored per text
+MAX_SHOTS = 32
+
+
+class Example(Strict):
+    text: Text
+    label: Text
+
+
+class InlineTask(Strict):
+    """A labeling task sent with the request (the keys of ``conf/label/task/*.yaml``): how an
+    evaluation, or any client, scores its own yes/no or multi-class question on this server."""
+
+    name: Text = "inline"
+    instruction: Text
+    labels: dict[Text, Text] = Field(min_length=2, max_length=MAX_LABELS)  # label -> verbalizer
+    few_shot: list[Example] = Field(default_factory=list, max_length=MAX_SHOTS)
+    template: Optional[Text] = None
+
+
 class LabelRequest(Strict):
-    task: Text
+    task: Union[Text, InlineTask]  # a task this server was started with (serve.label_tasks), or one inline
     texts: list[Text] = Field(min_length=1)
     model: Optional[Text] = None  # the base (serve.model_name) or one of serve.adapters
 
