@@ -228,9 +228,11 @@ def test_an_openai_compatible_endpoint_is_evaluated(tmp_path, tiny_hf, evalita_d
 
 def test_an_endpoint_that_cannot_score_runs_the_rest(tmp_path, evalita_dir, ray_local):
     """An OpenAI-compatible endpoint without /v1/label (as vLLM's or llama.cpp's server): asked
-    once, score is refused in one line and ``unsupported`` in the results; generate and benchita run."""
+    once, score is refused in one line and ``unsupported`` in the results; generate and benchita run.
+    A row the endpoint answers 400 (a prompt over its window) is counted as an error, the rest go on."""
     import http.server
     import threading
+    import zlib
 
     seen = []
 
@@ -249,9 +251,12 @@ def test_an_endpoint_that_cannot_score_runs_the_rest(tmp_path, evalita_dir, ray_
 
         def do_POST(self):
             seen.append(("POST", self.path))
-            self.rfile.read(int(self.headers["Content-Length"]))
+            body = self.rfile.read(int(self.headers["Content-Length"]))
             if self.path != "/v1/chat/completions":
                 return self._send(404, {"detail": "Not Found"})
+            if zlib.crc32(body) % 5 == 0:  # some rows, the same ones on every run
+                seen.append(("400", self.path))
+                return self._send(400, {"error": {"message": "the prompt exceeds the context window"}})
             self._send(200, {"choices": [{"message": {"role": "assistant", "content": "no"}}]})
 
         def log_message(self, *a):
@@ -267,6 +272,8 @@ def test_an_endpoint_that_cannot_score_runs_the_rest(tmp_path, evalita_dir, ray_
     m = json.load(open(os.path.join(tmp_path, "evaluate", "runs", "other", "ami2020", "metrics.json")))
     assert "/v1/label" in m["unsupported"]["score/0"] and "log-probability" in m["unsupported"]["score/0"]
     assert [p for p in seen if p[1] == "/v1/label"] == [("POST", "/v1/label")]  # asked once
+    errors = sum(u["errors"] for t in res["results"]["other"].values() for u in t.values())
+    assert errors == seen.count(("400", "/v1/chat/completions")) > 0
 
 
 def test_job_refuses_a_bad_config_before_ray(tmp_path):

@@ -165,7 +165,7 @@ class EndpointRunner:
             if e.code != 400:
                 raise
             if len(texts) == 1:
-                return [{"raw": None, "p_yes": None, "truncated": False}]
+                return [_refused(e)]
             return [o for t in texts for o in self._score(key, [t])]  # one by one: the bad one alone
         return [{"raw": None, "p_yes": r["probs"]["yes"], "truncated": bool(r["truncated"])} for r in results]
 
@@ -188,7 +188,12 @@ class EndpointRunner:
                 "temperature": 0,
                 "stop": _stops(r["stop_at_newline"]),
             }
-            text = self._request("/chat/completions", body)["choices"][0]["message"]["content"] or ""
+            try:
+                text = self._request("/chat/completions", body)["choices"][0]["message"]["content"] or ""
+            except urllib.error.HTTPError as e:
+                if e.code != 400:
+                    raise
+                return _refused(e)  # this row only (a prompt over the endpoint's window): counted
             return {"raw": _cut(text, _stops(r["stop_at_newline"])), "p_yes": None, "truncated": False}
 
         def chunk(c):
@@ -203,6 +208,15 @@ class EndpointRunner:
                 for i, o in zip(idx, outs):
                     out[i] = o
         return out
+
+
+def _refused(e: urllib.error.HTTPError) -> dict:
+    """A row the endpoint answered 400: no answer, its error kept and counted as one."""
+    try:
+        said = json.loads(e.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        said = e.reason
+    return {"raw": None, "p_yes": None, "truncated": False, "error": f"{e.code}: {said}"[:300]}
 
 
 def _groups(rows: list[dict], idx: list[int], key) -> dict:

@@ -65,7 +65,7 @@ def read_unit(p: Prepared, unit: Unit, outs: dict[str, dict]) -> tuple[list[dict
                 counts["unparsed"] += not parsed
                 c = int(label == "yes")
             elif unit.protocol == "score":
-                counts["errors"] += o["p_yes"] is None  # too long for the model's window: counted, read as no
+                counts["errors"] += o["p_yes"] is None and not o.get("error")  # too long: counted, read as no
                 c = int((o["p_yes"] or 0.0) > 0.5)
             else:
                 cls = prefix_class(o["raw"] or "", labels, prompts.BENCHITA_UNKNOWN)
@@ -76,6 +76,7 @@ def read_unit(p: Prepared, unit: Unit, outs: dict[str, dict]) -> tuple[list[dict
             rows.append(_row(q, unit, g, str(c), o, parsed, (int(g), c), {}))
         cols = {"gold": np.asarray(gold), "pred": np.asarray(pred)}
     counts["truncated"] = sum(bool(outs[q]["truncated"]) for q in golds)
+    counts["errors"] += sum(bool(outs[q].get("error")) for q in golds)  # rows an endpoint refused (400)
     return rows, cols, counts
 
 
