@@ -4,7 +4,7 @@ Called once per process (the driver when Ray starts, and each Ray worker that tr
 model): it hides what the libraries print on every run and a user can do nothing about — transformers'
 per-file progress bars, Ray Data's notice that we draw our own progress bars, DeepSpeed's accelerator
 auto-detection on a CPU machine, and the deprecation warnings of APIs that libraries call on our
-behalf (``all_gather_into_tensor`` inside DeepSpeed). Errors and other warnings still show.
+behalf (``all_gather_into_tensor`` inside DeepSpeed, ``is_gradient_checkpointing`` inside peft). Errors and other warnings still show.
 
 Two more, each where it happens: :func:`quiet_ray_data` (Ray Data's per-dataset INFO lines on the
 console, which cut through our progress bars; its log file keeps them) and :func:`drop_lines` (a
@@ -31,6 +31,8 @@ def quiet() -> None:
     _DONE = True
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*", category=FutureWarning)
+    # peft asks transformers for is_gradient_checkpointing, which transformers 5 deprecates
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     logging.getLogger("gguf").setLevel(logging.WARNING)
     try:
