@@ -4,7 +4,8 @@ Called once per process (the driver when Ray starts, and each Ray worker that tr
 model): it hides what the libraries print on every run and a user can do nothing about — transformers'
 per-file progress bars, Ray Data's notice that we draw our own progress bars, DeepSpeed's accelerator
 auto-detection on a CPU machine, and the deprecation warnings of APIs that libraries call on our
-behalf (``all_gather_into_tensor`` inside DeepSpeed, ``is_gradient_checkpointing`` inside peft). Errors and other warnings still show.
+behalf (``all_gather_into_tensor`` inside DeepSpeed, ``is_gradient_checkpointing`` inside peft).
+Errors and other warnings still show.
 
 Two more, each where it happens: :func:`quiet_ray_data` (Ray Data's per-dataset INFO lines on the
 console, which cut through our progress bars; its log file keeps them) and :func:`drop_lines` (a
