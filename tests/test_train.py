@@ -129,6 +129,7 @@ def test_bf16_on_cpu_without_ray(shards, tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in w.values())
 
 
+@pytest.mark.slow  # ~1.5 minutes; the ZeRO-1 LoRA resume below runs by default
 def test_lora_on_plain_data_parallel_resumes_exactly(shards, tmp_path, ray_local):
     """``deepspeed.stage=0`` (plain data parallel, what bench/bench_lora_zero.py measures against
     ZeRO-1 for a small trainable set): a killed worker gives the same adapter, bit for bit."""
