@@ -177,7 +177,7 @@ def stop_node(node):
             continue
         os.killpg(proc.pid, signal.SIGTERM)
         try:  # a test's cluster holds nothing worth a graceful stop: `ray start` takes ~30 s for one
-            proc.wait(5)
+            proc.wait(1)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)

@@ -17,8 +17,10 @@ from conftest import start_head, stop_node
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["token", "disabled"])
+@pytest.fixture(scope="module", params=["token", "disabled"])
 def head(request, tmp_path_factory):
+    """One `ray start --head` per auth mode, shared by this module's tests (each submits its own jobs
+    into its own output folder)."""
     env = {**os.environ, "RAY_AUTH_MODE": request.param}
     if request.param == "token":
         env["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
