@@ -189,6 +189,24 @@ def test_a_gguf_file_is_evaluated_like_its_checkpoint(tmp_path, tiny_hf, tiny_gg
                 assert abs(a["p_yes"] - b["p_yes"]) < 0.02
 
 
+def test_an_adapter_is_evaluated_on_its_recorded_base(tmp_path, tiny_hf, tiny_adapters, evalita_dir, ray_local):
+    """A LoRA adapter folder as a checkpoint (the main job's with train.method=lora): loaded on the
+    base its record names (tests/test_lora.py checks that against peft), every protocol runs, and
+    its yes/no probabilities differ from the base's."""
+    a = tiny_adapters["sentiment-it"]
+    res = run_evaluate(_small(tmp_path, {"base": tiny_hf, "adapter": a}, evalita_dir))
+    assert res["model_kinds"] == {"base": "hf", "adapter": "hf"}
+    out = os.path.join(tmp_path, "evaluate", "runs")
+    preds = {
+        m: {(r["id"], r["protocol"]): r for r in pq.read_table(f"{out}/{m}/ami2020/predictions.parquet").to_pylist()}
+        for m in ("base", "adapter")
+    }
+    assert preds["base"].keys() == preds["adapter"].keys()
+    assert any(
+        preds["base"][k]["p_yes"] != preds["adapter"][k]["p_yes"] for k in preds["base"] if k[1].startswith("score")
+    )
+
+
 def test_an_openai_compatible_endpoint_is_evaluated(tmp_path, tiny_hf, evalita_dir, ray_local):
     """Our own server as the endpoint: the generating protocols through /v1/chat/completions give
     the HF checkpoint's greedy answers, and score through /v1/label (the unit's task sent inline)

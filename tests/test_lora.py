@@ -56,6 +56,17 @@ def test_lora_config_defaults_and_the_one_gpu_preset(tmp_path):
     assert one["train"]["lora"]["target_modules"] == projections
 
 
+def test_the_main_job_with_lora_hands_the_adapter_to_every_later_stage(tmp_path):
+    """``jobs/recipe.py train.method=lora``: label, export and evaluate read ``<run>/adapter``; a full
+    fine-tune's read ``<run>/hf`` (the whole run is the slow tier's test_recipe LoRA test)."""
+    for method, folder in (("lora", "adapter"), ("full", "hf")):
+        c = to_container(compose("recipe", [f"paths.output_dir={tmp_path}", f"train.method={method}"]))
+        run = os.path.join(c["train"]["output_dir"], c["train"]["name"])
+        want = os.path.join(run, folder)
+        assert c["label"]["checkpoint"] == c["export"]["checkpoint"] == want
+        assert c["evaluate"]["checkpoints"]["trained"] == want
+
+
 def test_serve_adapters_are_checked_before_ray(tiny_hf, tiny_adapters, tmp_path):
     ok = [f"serve.checkpoint={tiny_hf}"] + [f"+serve.adapters.{n}={p}" for n, p in tiny_adapters.items()]
     assert set(check("serve", compose("serve", ok))["serve"]["adapters"]) == set(tiny_adapters)

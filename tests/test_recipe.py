@@ -77,6 +77,7 @@ def test_main_job(tmp_path):
     assert json.load(open(manifest)) == m
 
 
+@pytest.mark.slow  # ~3 minutes; each part is also tested alone (test_lora, test_train, test_export, test_serve)
 def test_main_job_lora_then_served_beside_another_adapter(tmp_path):
     """One override, as a new user would: ``python jobs/recipe.py train.method=lora`` trains an
     adapter that is labeled, exported (merged, and as a llama.cpp LoRA with its base) and evaluated;
