@@ -471,7 +471,11 @@ def test_huge_bodies_are_refused_before_they_are_read(server):
         t0 = time.monotonic()
         status, _, _ = post(f"{server}/v1/chat/completions", small)
         took = time.monotonic() - t0
-        assert all(f.result()[0] == 413 for f in bigs)
+        answers = [f.result() for f in bigs]
+    # each is refused unread: 413, or Serve's 503 when the fixture's 4 ongoing + 4 queued slots are
+    # momentarily full (a refused upload still counts until its connection closes)
+    assert all(a[0] == 413 or (a[0] == 503 and "backpressure" in a[1]["error"]["message"]) for a in answers), answers
+    assert any(a[0] == 413 for a in answers), answers
     assert status == 200 and took < 30
 
 

@@ -220,10 +220,10 @@ def test_when_the_grace_period_runs_out_requests_get_a_503_and_streams_an_error_
         tmp_path,
         "serve.max_batch_size=16",
         "serve.max_ongoing_requests=16",
-        "serve.max_new_tokens=512",
+        "serve.max_new_tokens=4096",
         "serve.shutdown_grace_s=1",
     )
-    slow = {**LONG, "stop": ["nessuna-fine"]}
+    slow = {**LONG, "max_tokens": 4096, "stop": ["nessuna-fine"]}  # far longer than 1.5 s + the 1 s grace
     try:
         with cf.ThreadPoolExecutor(8) as pool:
             streams = [pool.submit(_stream_events, url, slow) for _ in range(2)]
