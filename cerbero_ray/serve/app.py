@@ -427,11 +427,16 @@ class CerberoServer:
     def _inline_task(self, spec) -> tuple[str, LabelTask]:
         """An inline task checked as a configured one is at start-up (the verbalizers, the prompt's
         length without the text), and its key: the same task always finds the same scorer."""
+        from cerbero_ray.config.label_task import task_from_dict
         from cerbero_ray.inference.label_prompts import continuations, prompt_text
 
         d = spec.model_dump()
+        blob = json.dumps(d, sort_keys=True, ensure_ascii=False).encode()
+        key = "inline:" + hashlib.sha256(blob).hexdigest()[:16]
         try:
-            task = LabelTask(d["name"], d["instruction"], d["labels"], d["few_shot"], d["template"])
+            task = task_from_dict(d)
+            if key in self.engine.inline:  # checked when its scorer was made: an evaluation sends it again and again
+                return key, task
             conts = continuations(task, self.engine.tok)
         except ValueError as e:
             raise APIError(400, str(e).replace("label.task", "task"), "task") from None
@@ -444,8 +449,7 @@ class CerberoServer:
                 "task",
                 "context_length_exceeded",
             )
-        blob = json.dumps(d, sort_keys=True, ensure_ascii=False).encode()
-        return "inline:" + hashlib.sha256(blob).hexdigest()[:16], task
+        return key, task
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD too
     async def health(self):
