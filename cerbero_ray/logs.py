@@ -111,5 +111,4 @@ def console(level: int = logging.INFO) -> None:
     entry point. The jobs' Hydra logging config (``hydra/job_logging: stdout``) prints its records as
     bare lines on stdout; this does the same for entry points without Hydra (``torchrun -m
     cerbero_ray.train.local``, scripts). A process that configured logging already is left alone."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout)  # a no-op when configured

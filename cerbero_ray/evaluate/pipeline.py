@@ -206,7 +206,8 @@ def evaluate_model(ec: dict, ckpt: str, prepared: dict[str, Prepared]) -> dict[s
     for name, p in prepared.items():
         units, refused[name] = _runnable(p.units, cannot)
         ident = p.identity(tasks[name], ec["seed"], model) + f":{ec['bootstrap']}"
-        ident += f":without={','.join(sorted(refused[name]))}" if refused[name] else ""  # a later server may
+        # what was refused is part of the identity: an endpoint that can score later redoes the task
+        ident += f":without={','.join(sorted(refused[name]))}" if refused[name] else ""
         for key, why in refused[name].items():
             log.info(f"[evaluate] {ckpt}: {name} {key} not run: {why}")
         done = None if ec["overwrite"] else _done(ec, ckpt, name, ident)
