@@ -142,6 +142,7 @@ def bench_hf(path: str, seq_len: int, num_proc: int | None, cache: str) -> dict:
 def data_config(sources: dict, out: str, seq_len: int, **data) -> dict:
     """A data-stage config (plain dict) for ``sources`` ``{name: {path, format[, weight]}}``."""
     return {
+        "paths": {"repo_dir": REPO, "data_dir": os.path.dirname(out), "output_dir": out},
         "data": {
             "sources": {k: {"weight": 1.0, "text_field": "text", **v} for k, v in sources.items()},
             "seq_len": seq_len,
@@ -217,9 +218,10 @@ def main() -> None:
         for npr in (None, 2):
             res[f"b_hf_num_proc_{npr or 1}"] = bench_hf(novels, a.seq_len, npr, os.path.join(a.work, "hf_cache"))
             print("(b)", npr, res[f"b_hf_num_proc_{npr or 1}"], flush=True)
+    from cerbero_ray.config.common import ClusterConfig
     from cerbero_ray.runtime import init_ray
 
-    init_ray({"num_cpus": os.cpu_count()})
+    init_ray(ClusterConfig(num_cpus=os.cpu_count()))
     for packing in ("whole", "split"):
         res[f"ours_novels_{packing}"] = bench_ours(
             novels, os.path.join(a.work, f"out_{packing}"), a.seq_len, packing, "text", "all"

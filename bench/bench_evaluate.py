@@ -32,6 +32,8 @@ def main():
     from bench_label import timed  # the same median-of-reps timer
 
     from cerbero_ray.chat import STOP_STRING
+    from cerbero_ray.config.evaluate import EvalTaskConfig, EvaluateConfig
+    from cerbero_ray.evaluate.backends import ModelRun
     from cerbero_ray.evaluate.worker import EvalWorker
     from cerbero_ray.inference.generator import Generator
     from cerbero_ray.inference.sampling import Sampling
@@ -77,18 +79,10 @@ def main():
         "prompts": [0],
         "max_new_tokens": 32,
     }
-    p_ev = prepare("sentipolc", tc, seed=0)
+    p_ev = prepare("sentipolc", EvalTaskConfig(**tc), seed=0)
     gen_unit, score_unit = p_ev.units
-    cfg = {
-        "checkpoint": ckpt,
-        "dtype": "auto",
-        "batch_size": a.batch,
-        "max_prompt_tokens": 4096,
-        "prefill_tokens": 32768,
-        "max_new_tokens": 32,
-        "tasks": {f"sentipolc/{score_unit.key}": score_unit.task},
-    }
-    w = EvalWorker(cfg)
+    ec = EvaluateConfig(output_dir=a.out, batch_size=a.batch)  # the schema's engine settings otherwise
+    w = EvalWorker(ModelRun.of(ec, ckpt, 32, {f"sentipolc/{score_unit.key}": score_unit.task}))
 
     def requests(unit):
         return pa.Table.from_pylist(
@@ -130,15 +124,15 @@ def main():
     # 2. SQuAD-it: the continuous engine vs transformers generate, batches of the same size
     sq = prepare(
         "squad_it",
-        {
-            "kind": "squad",
-            "path": os.path.join(REPO, "data", "samples", "squad_it_sample.json"),
-            "shots": 3,
-            "max_rows": None,
-            "protocols": ["generate"],
-            "prompts": [0],
-            "max_new_tokens": 32,
-        },
+        EvalTaskConfig(
+            kind="squad",
+            path=os.path.join(REPO, "data", "samples", "squad_it_sample.json"),
+            shots=3,
+            max_rows=None,
+            protocols=["generate"],
+            prompts=[0],
+            max_new_tokens=32,
+        ),
         seed=0,
     )
     model, tok = load_for_inference(ckpt, "auto")

@@ -115,11 +115,12 @@ def main():
     data_dir = a.data_dir
     if data_dir is None:  # the shipped mix sample, packed once by the data stage (Ray Data, then shut down)
         from cerbero_ray.config import compose, to_container
+        from cerbero_ray.config.common import ClusterConfig
         from cerbero_ray.data.pipeline import run_data
         from cerbero_ray.runtime import init_ray, shutdown_ray
 
         shutil.rmtree(a.out, ignore_errors=True)
-        init_ray({"num_cpus": os.cpu_count(), "dashboard": False})
+        init_ray(ClusterConfig(num_cpus=os.cpu_count(), dashboard=False))
         data = to_container(compose("data", ["data=mix_sample", f"data.seq_len={a.seq}", f"paths.output_dir={a.out}"]))
         run_data(data)
         shutdown_ray()

@@ -36,10 +36,11 @@ SHARED = os.path.join(REPO, "..", "shared", "data")
 def make_data(out: str, seq_len: int, buffer_docs: int) -> dict:
     from bench_data import data_config  # noqa: E402 (this folder is on sys.path when run as a script)
 
+    from cerbero_ray.config.common import ClusterConfig
     from cerbero_ray.data.pipeline import run_data
     from cerbero_ray.runtime import init_ray
 
-    init_ray({"num_cpus": os.cpu_count()})
+    init_ray(ClusterConfig(num_cpus=os.cpu_count()))
     shutil.rmtree(out, ignore_errors=True)
     sources = {
         "novels": {"path": os.path.join(SHARED, "text_it", "it_novels_packing_5MB.jsonl"), "format": "text"},

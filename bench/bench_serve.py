@@ -89,6 +89,7 @@ def main():
     from ray import serve
 
     from cerbero_ray.config import compose, to_container
+    from cerbero_ray.config.common import ClusterConfig
     from cerbero_ray.models import tiny
     from cerbero_ray.runtime import init_ray, shutdown_ray
     from cerbero_ray.serve.service import run_serve
@@ -97,7 +98,7 @@ def main():
     ckpt = tempfile.mkdtemp(prefix="cerbero-serve-bench-")
     tiny().save_pretrained(ckpt)
     build_tokenizer().save_pretrained(ckpt)
-    init_ray({"num_cpus": os.cpu_count(), "dashboard": True})
+    init_ray(ClusterConfig(num_cpus=os.cpu_count(), dashboard=True))
     res = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",

@@ -60,6 +60,8 @@ def steady(history, warmup):
 
 def run_plain(cfg, warmup):
     """The baseline: the same micro-batches, a textbook PyTorch loop."""
+    from dataclasses import replace
+
     import torch
 
     from cerbero_ray.models import build_model
@@ -67,26 +69,26 @@ def run_plain(cfg, warmup):
     from cerbero_ray.train.reader import local_batches
 
     cfg, run = cfg
-    t = cfg["train"]
+    t = cfg.train
     torch.set_num_threads(os.cpu_count())
-    model = build_model({**cfg["model"], "dtype": "float32"}, seed=t["seed"]).train()
+    model = build_model(replace(cfg.model, dtype="float32"), seed=t.seed).train()
     model.config._attn_implementation = "sdpa"
-    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"])
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     plan = plan_all(list(run.shards), t, 1)[0]
     batches = local_batches(plan.ranges[0], 1)
     speeds = []
     for _ in range(total_steps([plan], t)):
         t0 = time.perf_counter()
-        for _ in range(t["global_batch_size"]):
+        for _ in range(t.global_batch_size):
             b = {k: torch.as_tensor(v) for k, v in next(batches).items()}
             loss = model(
                 input_ids=b["input_ids"], labels=b["labels"], position_ids=b["position_ids"], use_cache=False
             ).loss
-            (loss / t["global_batch_size"]).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t["max_grad_norm"])
+            (loss / t.global_batch_size).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        speeds.append(t["global_batch_size"] * run["seq_len"] / (time.perf_counter() - t0))
+        speeds.append(t.global_batch_size * run.seq_len / (time.perf_counter() - t0))
     n = sum(p.numel() for p in model.parameters())
     return statistics.median(speeds[warmup:]), n
 
@@ -104,14 +106,15 @@ def main():
 
     import shutil
 
-    from cerbero_ray.config import compose, to_container
+    from cerbero_ray.config import check, compose, to_container
+    from cerbero_ray.config.common import ClusterConfig
     from cerbero_ray.data.pipeline import run_data
     from cerbero_ray.runtime import init_ray, shutdown_ray
     from cerbero_ray.train import run_train
     from cerbero_ray.train.run_plan import plan_run
 
     shutil.rmtree(a.out, ignore_errors=True)
-    init_ray({"num_cpus": os.cpu_count() + 1, "dashboard": True})  # 1 CPU per worker + 1 for Ray Data reads
+    init_ray(ClusterConfig(num_cpus=os.cpu_count() + 1, dashboard=True))  # 1 CPU per worker + 1 for Ray Data reads
     data = to_container(compose("data", ["data=mix_sample", f"data.seq_len={a.seq}", f"paths.output_dir={a.out}"]))
     run_data(data)
     data_dir = data["data"]["output_dir"]
@@ -121,7 +124,7 @@ def main():
         "args": vars(a),
     }
 
-    plain = to_container(compose("train", overrides(a, a.out, data_dir, "plain", 1)))
+    plain = check("train", compose("train", overrides(a, a.out, data_dir, "plain", 1)))
     plain_cfg = (plain, plan_run(plain))
     res["plain_tokens_per_s"], res["params"] = run_plain(plain_cfg, a.warmup)
     print(f"plain: {res['plain_tokens_per_s']:.0f} tokens/s ({res['params'] / 1e6:.1f}M parameters)", flush=True)

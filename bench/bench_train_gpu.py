@@ -49,7 +49,7 @@ def write_shard(path: str, rows: int, seq: int, docs: int, vocab: int) -> None:
     )
 
 
-def config(a, shard: str, rows: int, run_dir: str) -> dict:
+def config(a, shard: str, rows: int, run_dir: str):
     hidden, heads, ffn = (64, 4, 192) if a.cpu_smoke else (4096, 32, 14336)
     model = {
         "_target_": "cerbero_ray.models.mistral_7b",
@@ -66,11 +66,14 @@ def config(a, shard: str, rows: int, run_dir: str) -> dict:
     }
     from dataclasses import asdict
 
-    from cerbero_ray.config.train import TrainConfig
+    from cerbero_ray.config.common import ModelConfig
+    from cerbero_ray.config.train import DeepSpeedConfig, LoraConfig, TrainConfig, TrainStageConfig
 
     train = {  # the schema's defaults (every key the loop reads), then this bench's settings
         **asdict(TrainConfig()),
         "name": "gpu-bench",
+        "data_dir": os.path.dirname(shard),
+        "output_dir": os.path.dirname(run_dir),
         "micro_batch_size": 1,
         "global_batch_size": a.accum,
         "epochs": 1,
@@ -121,12 +124,11 @@ def config(a, shard: str, rows: int, run_dir: str) -> dict:
         if a.grad_accum_dtype == "fp32"
         else {"data_types": {"grad_accum_dtype": "bf16"}, "communication_data_type": "bf16"},
     }
-    return {
-        "model": model,
-        "train": train,
-        "deepspeed": ds,
-        "tokenizer": None,
-    }
+    return TrainStageConfig(  # the tokenizer: the default (Mistral's), written with the final HF folder
+        model=ModelConfig(**model),
+        deepspeed=DeepSpeedConfig(**ds),
+        train=TrainConfig(**{**train, "lora": LoraConfig(**train["lora"])}),
+    )
 
 
 def main():

@@ -23,13 +23,14 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cerbero_ray import inputs, storage
+from cerbero_ray.config.label import BatchInferenceConfig
 from cerbero_ray.inference.batch import text_error
 
 log = logging.getLogger(__name__)
@@ -402,18 +403,20 @@ def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: s
 
 
 def start_run(
-    out: str, run_file: str, ident: dict, overwrite: bool, stage: str, path: str, fmt: str, chunk_rows: int
-) -> tuple[list[Chunk], list[Chunk]]:
-    """Plan the input, claim ``out`` for this run, delete what a killed run left half-written;
-    returns (every chunk, the chunks whose part is still missing). A missing input is reported as
-    such (naming ``<stage>.input``) before the output folder is looked at."""
+    stage: str, b: BatchInferenceConfig, run_file: str, ident: dict
+) -> tuple[list[Chunk], list[Chunk], list[dict]]:
+    """Plan ``b.input``, claim ``b.output_dir`` for this run (``ident``: what fixes its output),
+    delete what a killed run left half-written; returns (every chunk, the chunks whose part is still
+    missing, the input files skipped). A missing input is reported as such (naming
+    ``<stage>.input``) before the output folder is looked at."""
+    out = b.output_dir
     try:
-        chunks, skipped = plan_chunks(path, fmt, chunk_rows, key=f"{stage}.format")
+        chunks, skipped = plan_chunks(b.input, b.format, b.chunk_rows, key=f"{stage}.format")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{stage}.input: {e}") from None
     if skipped:
         log.warning(f"[{stage}] {inputs.describe_skipped(skipped)}; all listed in summary.json")
-    claim_output(out, run_file, ident, overwrite, stage)
+    claim_output(out, run_file, ident, b.overwrite, stage)
     clean_partial(out)
     done = done_keys(out)
     return chunks, [ch for ch in chunks if ch.key not in done], skipped
@@ -448,7 +451,15 @@ class ChunkWorker:
         return {k: [s[k] for s in stats] for k in stats[0]}
 
 
-def map_chunks(todo: list[Chunk], worker: type, cfg: dict, desc: str) -> Iterator[dict]:
+class Pool(Protocol):
+    """What sizes a pool of model actors (``BatchInferenceConfig`` has it, and evaluation's ``ModelRun``)."""
+
+    workers: Optional[int]  # None: one per GPU, or the cluster's CPUs - 1
+    gpus_per_worker: float
+    cpus_per_worker: float
+
+
+def map_chunks(todo: list[Chunk], worker: type, cfg: BatchInferenceConfig, desc: str) -> Iterator[dict]:
     """Run ``worker(cfg)`` actors over the chunks on the current Ray cluster; yields each chunk's
     stats, with a progress bar in rows."""
     yield from map_items([ch.__dict__ for ch in todo], worker, cfg, desc, sum(ch.stop - ch.start for ch in todo))
@@ -457,7 +468,7 @@ def map_chunks(todo: list[Chunk], worker: type, cfg: dict, desc: str) -> Iterato
 def map_items(
     items: list[dict],
     worker: type,
-    cfg: dict,
+    cfg: Pool,
     desc: str,
     total_rows: int,
     batch_size: int = 1,
@@ -472,8 +483,8 @@ def map_items(
     from tqdm import tqdm
 
     res = ray.cluster_resources()
-    gpus, cpus = float(cfg["gpus_per_worker"]), float(res.get("CPU", 1))
-    workers = cfg.get("workers") or (int(res.get("GPU", 0) // gpus) if gpus else max(1, int(cpus - 1)))
+    gpus, cpus = float(cfg.gpus_per_worker), float(res.get("CPU", 1))
+    workers = cfg.workers or (int(res.get("GPU", 0) // gpus) if gpus else max(1, int(cpus - 1)))
     batches = -(-len(items) // batch_size)
     workers = max(1, min(workers, batches))
     ray.data.DataContext.get_current().execution_options.preserve_order = False
@@ -485,7 +496,7 @@ def map_items(
         batch_format=batch_format,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=gpus or None,
-        num_cpus=min(float(cfg["cpus_per_worker"]), max(cpus - 1, 0.5) / workers),
+        num_cpus=min(float(cfg.cpus_per_worker), max(cpus - 1, 0.5) / workers),
     )
     with tqdm(total=total_rows, unit="row", desc=desc, dynamic_ncols=True) as bar:
         for row in ds.iter_rows():

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from cerbero_ray.checkpoints import PATH_REQUIRED, check_weights
+from cerbero_ray.config.common import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -136,29 +137,35 @@ def load_for_inference(checkpoint: str, dtype: str = "auto", base: str | None = 
     return model, tok
 
 
-def build_model(model_cfg: dict, seed: int = 0) -> PreTrainedModel:
-    """The model named by a ``model`` config group (a plain dict)."""
-    module, _, name = model_cfg["_target_"].rpartition(".")
+def _model_config(model_cfg: ModelConfig | dict) -> ModelConfig:
+    return ModelConfig(**model_cfg) if isinstance(model_cfg, dict) else model_cfg
+
+
+def build_model(model_cfg: ModelConfig | dict, seed: int = 0) -> PreTrainedModel:
+    """The model named by a ``model`` config group (its schema, or a mapping of its keys)."""
+    model_cfg = _model_config(model_cfg)
+    module, _, name = model_cfg._target_.rpartition(".")
     builder = getattr(importlib.import_module(module), name)
     return builder(
-        path=model_cfg.get("path"),
-        dtype=model_cfg.get("dtype", "float32"),
-        overrides=dict(model_cfg.get("overrides") or {}),
+        path=model_cfg.path,
+        dtype=model_cfg.dtype,
+        overrides=dict(model_cfg.overrides or {}),
         seed=seed,
     )
 
 
-def build_model_config(model_cfg: dict) -> PretrainedConfig:
+def build_model_config(model_cfg: ModelConfig | dict) -> PretrainedConfig:
     """The architecture a ``model`` config names, without building the weights (config-time checks)."""
-    target, overrides = model_cfg["_target_"], dict(model_cfg.get("overrides") or {})
+    model_cfg = _model_config(model_cfg)
+    target, overrides = model_cfg._target_, dict(model_cfg.overrides or {})
     if target.endswith(".tiny"):
         return tiny_config(**overrides)
     if target.endswith(".mistral_7b"):
         return mistral_7b_config(**overrides)
     if target.endswith(".from_pretrained"):
-        if not model_cfg.get("path"):
+        if not model_cfg.path:
             raise ValueError(PATH_REQUIRED)
         from cerbero_ray.storage import local_copy
 
-        return AutoConfig.from_pretrained(local_copy(model_cfg["path"]), **overrides)
+        return AutoConfig.from_pretrained(local_copy(model_cfg.path), **overrides)
     return build_model(model_cfg).config

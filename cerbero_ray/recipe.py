@@ -6,10 +6,12 @@ checkpoint names that folder, so the untrained and the trained model share one t
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from omegaconf import DictConfig
 
-from cerbero_ray.config import Checked, check
+from cerbero_ray.config import check, checked_for, mark_checked
+from cerbero_ray.config.recipe import RecipeConfig
 from cerbero_ray.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -41,26 +43,26 @@ def check_loads(folder: str) -> str:
     return f"{type(model).__name__}, {n / 1e6:.1f}M parameters, tokenizer of {len(tok)} tokens with the chat template"
 
 
-def save_initial(c: dict) -> str:
+def save_initial(c: RecipeConfig) -> str:
     """The model the train stage started from (its builder and seed), as an HF folder; kept if there."""
     from cerbero_ray import storage
     from cerbero_ray.models import build_model
     from cerbero_ray.tokenizer import build_tokenizer
     from cerbero_ray.train.checkpoint import save_hf_to
 
-    t, tc = c["train"], c["tokenizer"]
-    dest = storage.join(t["output_dir"], t["name"], "hf_init")
+    t, tc = c.train, c.tokenizer
+    dest = storage.join(t.output_dir, t.name, "hf_init")
     if not storage.is_file(storage.join(dest, "tokenizer.json")):  # written last: the folder is complete
-        lm = build_model({**c["model"], "dtype": "float32"}, seed=t["seed"])
-        save_hf_to(lm, build_tokenizer(tc.get("path"), tc["assistant_tag"], tc["system_line"]), dest)
+        lm = build_model(replace(c.model, dtype="float32"), seed=t.seed)
+        save_hf_to(lm, build_tokenizer(tc.path, tc.assistant_tag, tc.system_line), dest)
     return dest
 
 
-def _after_data(c: dict, result: dict) -> None:
-    log.info(f"\nshards: {c['data']['output_dir']}/shards\nmanifest: {c['data']['output_dir']}/manifest.json")
+def _after_data(c: RecipeConfig, result: dict) -> None:
+    log.info(f"\nshards: {c.data.output_dir}/shards\nmanifest: {c.data.output_dir}/manifest.json")
 
 
-def _after_train(c: dict, summary: dict) -> None:
+def _after_train(c: RecipeConfig, summary: dict) -> None:
     evals = summary["eval_losses"]
     log.info(f"\nheld-out loss: {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else "")
     model = summary.get("adapter_dir") or summary["hf_dir"]
@@ -68,28 +70,28 @@ def _after_train(c: dict, summary: dict) -> None:
     log.info(f"from_pretrained({model!r}): {check_loads(model)}")
 
 
-def _before_evaluate(c: dict) -> dict:
+def _before_evaluate(c: RecipeConfig) -> RecipeConfig:
     from cerbero_ray.storage import join
 
-    if join(c["train"]["output_dir"], c["train"]["name"], "hf_init") in c["evaluate"]["checkpoints"].values():
+    if join(c.train.output_dir, c.train.name, "hf_init") in c.evaluate.checkpoints.values():
         save_initial(c)
     return c
 
 
-def _before_export(c: dict) -> dict:
+def _before_export(c: RecipeConfig) -> RecipeConfig:
     """Without llama-cpp-python the K-quants are dropped, with one line (the f16 file is made)."""
     from cerbero_ray.export import quantize
 
-    x = c["export"]
-    if quantize.available() or not any(t in quantize.FTYPES for t in x["types"]):
+    x = c.export
+    if quantize.available() or not any(t in quantize.FTYPES for t in x.types):
         return c
-    dropped = [t for t in x["types"] if t in quantize.FTYPES]
+    dropped = [t for t in x.types if t in quantize.FTYPES]
     log.warning(
         f"[export] {', '.join(dropped)} skipped: llama.cpp's quantizer comes with llama-cpp-python "
         "(pip install -e '.[gguf]')"
     )
-    out = Checked({**c, "export": {**x, "types": [t for t in x["types"] if t not in quantize.FTYPES] or ["f16"]}})
-    out.checked = c.checked  # the same config, less what cannot be made here: checked already
+    out = replace(c, export=replace(x, types=[t for t in x.types if t not in quantize.FTYPES] or ["f16"]))
+    mark_checked(out, checked_for(c))  # the same config, less what cannot be made here: checked already
     return out
 
 
@@ -97,12 +99,12 @@ BEFORE = {"evaluate": _before_evaluate, "export": _before_export}  # the main jo
 AFTER = {"data": _after_data, "train": _after_train}
 
 
-def run_recipe(cfg: DictConfig | dict) -> dict:
+def run_recipe(cfg: DictConfig | dict | RecipeConfig) -> dict:
     """Run each stage of ``stages`` on an initialised Ray; returns {stage: its result}. The config
     is checked once, here, for every stage."""
     c = check("recipe", cfg)
     results = {}
-    for name in c["stages"]:
+    for name in c.stages:
         stage_cfg = BEFORE.get(name, lambda c: c)(c)
         results[name] = STAGES[name].runner()(stage_cfg)
         if name in AFTER:

@@ -16,11 +16,13 @@ import os
 import signal
 import sys
 
+from cerbero_ray.config.common import ClusterConfig
+
 log = logging.getLogger(__name__)
 
 
-def init_ray(cluster: dict) -> dict:
-    """Start or attach Ray from a plain-dict ``cluster`` config; returns the cluster's resources."""
+def init_ray(cluster: ClusterConfig) -> dict:
+    """Start or attach Ray as the ``cluster`` config says; returns the cluster's resources."""
     import ray
 
     from cerbero_ray.logs import quiet
@@ -28,26 +30,26 @@ def init_ray(cluster: dict) -> dict:
     quiet()
     if ray.is_initialized():
         return ray.cluster_resources()
-    address = cluster.get("address")
+    address = cluster.address
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = "auto"  # running as a submitted job
     if address is None:
         kwargs = dict(
-            num_cpus=cluster.get("num_cpus") or os.cpu_count(),
-            include_dashboard=bool(cluster.get("dashboard")),
-            dashboard_host=cluster.get("dashboard_host", "127.0.0.1"),
+            num_cpus=cluster.num_cpus or os.cpu_count(),
+            include_dashboard=cluster.dashboard,
+            dashboard_host=cluster.dashboard_host,
         )
-        if cluster.get("object_store_memory_gb"):
-            kwargs["object_store_memory"] = int(cluster["object_store_memory_gb"] * 2**30)
+        if cluster.object_store_memory_gb:
+            kwargs["object_store_memory"] = int(cluster.object_store_memory_gb * 2**30)
         # Ray Serve's proxy answers overload and timeouts in our JSON error format (serve/proxy.py); the
         # variable reaches the proxy through the raylet this process starts
         from cerbero_ray.serve.proxy import PROXY_CALLBACK
 
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
-        ray.init(namespace=cluster.get("namespace"), log_to_driver=True, **kwargs)
+        ray.init(namespace=cluster.namespace, log_to_driver=True, **kwargs)
         log.info("started an embedded Ray cluster: %s", ray.cluster_resources())
     else:
-        ray.init(address=address, namespace=cluster.get("namespace"))
+        ray.init(address=address, namespace=cluster.namespace)
         log.info("attached to the Ray cluster at %s: %s", address, ray.cluster_resources())
     from ray.data import DataContext
 
@@ -56,7 +58,7 @@ def init_ray(cluster: dict) -> dict:
     ctx = DataContext.get_current()
     # object stores under load: Ray Data retries these on top of the S3 client's own retries
     ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *retried_io_errors()]))
-    ctx.enable_progress_bars = bool(cluster.get("progress_bars"))
+    ctx.enable_progress_bars = cluster.progress_bars
     if not ctx.enable_progress_bars:  # our bars and summaries stand in for Ray Data's console lines
         from cerbero_ray.logs import quiet_ray_data
 
@@ -88,7 +90,7 @@ def launch(stage: str, cfg, run=None, ray: bool | None = None, **kwargs):
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     if ray:
-        init_ray(c["cluster"])
+        init_ray(c.cluster)
     interrupt_on_sigterm()  # after ray.init, which installs a C++ stack dump for SIGTERM
     try:
         return run(c, **kwargs)

@@ -60,9 +60,10 @@ def tok():
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded 2-CPU Ray for the in-process integration tests."""
+    from cerbero_ray.config.common import ClusterConfig
     from cerbero_ray.runtime import init_ray, shutdown_ray
 
-    init_ray({"num_cpus": 2, "dashboard": True})  # Ray Train polls the state API, which needs it
+    init_ray(ClusterConfig(num_cpus=2, dashboard=True))  # Ray Train polls the state API, which needs it
     yield
     shutdown_ray()
 
@@ -87,6 +88,24 @@ def proc_cfg(out, sources, **data):
 
 
 TOKENIZER_CFG = {"path": None, "assistant_tag": "AI", "system_line": SYSTEM_LINE}
+
+
+PATHS = {"repo_dir": REPO_DIR, "data_dir": SHARED_DATA, "output_dir": os.path.join(REPO_DIR, "outputs")}
+
+
+def data_stage(out, sources, **data):
+    """A whole data-stage config (plain dicts, as a user's would be) for run_data."""
+    return {"paths": PATHS, "data": proc_cfg(out, sources, **data), "tokenizer": TOKENIZER_CFG}
+
+
+def buffer_processor(out, sources, **data):
+    """A BufferProcessor on sources given as SourceConfig keys (path optional: the rows come in batches)."""
+    from cerbero_ray.config.common import TokenizerConfig
+    from cerbero_ray.config.data import DataConfig, SourceConfig
+    from cerbero_ray.data.process import BufferProcessor
+
+    d = proc_cfg(out, {k: SourceConfig(**{"path": "-", **s}) for k, s in sources.items()}, **data)
+    return BufferProcessor(DataConfig(**d), TokenizerConfig(**TOKENIZER_CFG))
 
 
 def write_jsonl(path, rows):

@@ -8,8 +8,7 @@ import yaml
 from hydra.errors import ConfigCompositionException
 
 from cerbero_ray.config import REPO_DIR, STAGE_SCHEMAS, check, compose, to_container
-from cerbero_ray.config.data import check_data
-from cerbero_ray.config.train import check_train
+from cerbero_ray.config.data import SourceConfig
 
 CONF = os.path.join(REPO_DIR, "conf")
 
@@ -41,8 +40,9 @@ def test_every_option_composes(stage, group, tmp_path):
             [f"evaluate.checkpoints.tiny-cpu={tmp_path}", "evaluate.skip_missing=true"] if stage == "evaluate" else []
         )
         c = check(stage, compose(stage, [f"{group}={option}", *extra]))
-        if "data" in c:
-            assert all(os.path.isabs(s["path"]) or "://" in s["path"] for s in c["data"]["sources"].values())
+        assert isinstance(c, STAGE_SCHEMAS[stage])  # what run_<stage> gets: the schema's dataclass, every key set
+        if stage in ("data", "recipe"):
+            assert all(os.path.isabs(s.path) or "://" in s.path for s in c.data.sources.values())
 
 
 def test_misspelled_key_fails_at_compose(tmp_path):
@@ -65,13 +65,8 @@ def test_misspelled_key_fails_at_compose(tmp_path):
 def test_a_source_can_be_added_from_the_command_line(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"text": "ciao"}\n')
     c = check("data", compose("data", [f"+data.sources.extra.path={tmp_path}/x.jsonl", "+data.sources.extra.weight=2"]))
-    assert c["data"]["sources"]["extra"] == {
-        "path": f"{tmp_path}/x.jsonl",
-        "weight": 2,
-        "format": "auto",
-        "text_field": "text",
-    }
-    assert set(c["data"]["sources"]) == {"chat", "extra"}
+    assert c.data.sources["extra"] == SourceConfig(f"{tmp_path}/x.jsonl", format="auto", weight=2, text_field="text")
+    assert set(c.data.sources) == {"chat", "extra"}
     for over, key in (
         ("+data.sources.bad.weight=2", "data.sources.bad.path"),
         ("+data.sources.bad={path: x, format: csv}", "data.sources.bad.format"),
@@ -93,7 +88,7 @@ def test_bad_values_name_the_key(key, value):
     c = to_container(compose("data"))
     c["data"][key] = value
     with pytest.raises(ValueError, match=f"data.{key}"):
-        check_data(c)
+        check("data", c)
 
 
 def test_env_moves_outputs(monkeypatch, tmp_path):
@@ -152,7 +147,28 @@ def test_kuberay_rayjob_parses_and_its_command_composes():
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "8"
     words = job["spec"]["entrypoint"].split()
     assert words[:2] == ["python", "/home/ray/cerbero-ray/jobs/train.py"]
-    c = to_container(compose("train", words[2:]))
-    check_train(c)
-    assert c["train"]["num_workers"] == 8 and c["train"]["use_gpu"] and c["train"]["precision"] == "bf16"
-    assert c["deepspeed"]["stage"] == 1 and c["train"]["seq_len"] == 8192
+    c = check("train", compose("train", words[2:]))
+    assert c.train.num_workers == 8 and c.train.use_gpu and c.train.precision == "bf16"
+    assert c.deepspeed.stage == 1 and c.train.seq_len == 8192
+
+
+def test_run_code_gets_the_typed_schema_with_every_default(tmp_path):
+    """A config handed to run_<stage> as plain dicts (a user's, a test's) comes out as the stage's
+    dataclass with the schema's defaults filled in; a wrong type or an unknown key is a ValueError
+    naming the key; a checked config is not checked again; the recipe's config is each stage's."""
+    from cerbero_ray.config import checked_for
+    from cerbero_ray.config.label import LabelStageConfig
+
+    c = to_container(compose("export", [f"export.checkpoint={tmp_path}", f"export.output_dir={tmp_path}/out"]))
+    del c["export"]["threads"], c["export"]["verify"]  # a hand-written config that leaves defaults out
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    x = check("export", c)
+    assert (x.export.threads, x.export.verify) == (0, True) and x.cluster.num_cpus is None
+    assert check("export", x) is x and checked_for(x) == {"export"}
+    for bad, key in (("threads", "export.threads"), ("colour", "export.colour")):
+        with pytest.raises(ValueError, match=key):
+            check("export", {**c, "export": {**c["export"], bad: "many"}})
+    r = check("recipe", compose("recipe", [f"paths.output_dir={tmp_path}"]))
+    label = check("label", r)  # what run_recipe hands run_label: checked already, sections shared
+    assert isinstance(label, LabelStageConfig) and label.label is r.label and "label" in checked_for(label)

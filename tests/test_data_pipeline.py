@@ -11,7 +11,7 @@ import pytest
 from cerbero_ray.config import compose
 from cerbero_ray.data.manifest import read_manifest
 from cerbero_ray.data.pipeline import run_data
-from conftest import SAMPLES, TOKENIZER_CFG, proc_cfg, write_jsonl
+from conftest import SAMPLES, data_stage, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ CHAT = {"messages": [{"role": "user", "content": "Ciao"}, {"role": "assistant", 
 
 
 def cfg_for(out, sources, **data):
-    return {"data": proc_cfg(out, sources, **data), "tokenizer": TOKENIZER_CFG}
+    return data_stage(out, sources, **data)
 
 
 def test_mixed_formats_and_bad_rows(ray_local, tmp_path):

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cerbero_ray.data.packing import IGNORE_INDEX
-from cerbero_ray.data.process import BufferProcessor, copies
-from conftest import TOKENIZER_CFG, proc_cfg
+from cerbero_ray.data.process import copies
+from conftest import buffer_processor
 
 CHAT = {
     "messages": [
@@ -31,11 +31,8 @@ def batch(rows, source="s", kind="jsonl"):
 
 
 def run(tmp_path, rows, fmt="openai", **data):
-    cfg = {
-        **proc_cfg(tmp_path, {"s": {"format": fmt, "weight": data.pop("weight", 1.0), "text_field": "text"}}, **data),
-        "tokenizer": TOKENIZER_CFG,
-    }
-    stats = {k: v[0] for k, v in BufferProcessor(cfg)(batch(rows)).items()}
+    proc = buffer_processor(tmp_path, {"s": {"format": fmt, "weight": data.pop("weight", 1.0)}}, **data)
+    stats = {k: v[0] for k, v in proc(batch(rows)).items()}
     table = pq.read_table(stats["shard"]) if stats["shard"] else None
     return stats, table
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cerbero_ray.config import compose
+from cerbero_ray.config.evaluate import EvalTaskConfig
 from cerbero_ray.evaluate import evalita, squad
 from cerbero_ray.evaluate.metrics import (
     best,
@@ -201,6 +202,7 @@ def test_squad_shots_are_deterministic_and_from_other_articles():
         assert all(s["article"] != r["article"] and s["id"] != r["id"] for s in shots)
     tc = {"kind": "squad", "path": SQUAD_SLICE, "shots": 3, "max_rows": 20, "protocols": ["generate", "benchita"]}
     tc |= {"prompts": None, "max_new_tokens": 32}
+    tc = EvalTaskConfig(**tc)
     p = prepare("squad_it", tc, seed=0)
     assert len(p.rows) == 20 and p.rows == prepare("squad_it", tc, seed=0).rows
     assert [u.key for u in p.units] == ["generate/0", "generate/1", "benchita/0"]
@@ -234,10 +236,11 @@ def test_evalita_pool_and_scored_rows_are_disjoint(tmp_path):
     assert len(rows) == 30 and sorted(r["reason"] for r in rejects) == ["bad_gold", "no_text", "wrong_field_count"]
     tc = {"kind": "ami2020", "path": str(ami), "shots": 5, "max_rows": None, "pool_rows": 10, "prompts": None}
     tc |= {"protocols": ["generate", "score", "benchita"], "max_new_tokens": 32}
-    p = prepare("ami2020", tc, seed=0)
+    p = prepare("ami2020", EvalTaskConfig(**tc), seed=0)
     assert len(p.rows) == 20 and p.pool_rows == 10 and len(p.rejects) == 3
     assert not set(p.shots) & {r["id"] for r in p.rows}  # no scored row is a shot
-    assert p.shots == prepare("ami2020", tc, seed=0).shots != prepare("ami2020", {**tc}, seed=1).shots
+    assert p.shots == prepare("ami2020", EvalTaskConfig(**tc), seed=0).shots
+    assert p.shots != prepare("ami2020", EvalTaskConfig(**tc), seed=1).shots
     keys = [u.key for u in p.units]
     assert keys == ["generate/0", "generate/1", "generate/2", "score/0", "score/1", "score/2", "benchita/0"]
     score = p.units[3]
@@ -251,7 +254,7 @@ def test_evalita_pool_and_scored_rows_are_disjoint(tmp_path):
     assert all(m["content"] in pool_texts for m in bench[1:-1] if m["role"] == "user")  # shots from the pool
     s = prepare(
         "sentipolc",
-        {**tc, "kind": "sentipolc", "path": str(senti), "pool_rows": 1, "prompts": [0]},
+        EvalTaskConfig(**{**tc, "kind": "sentipolc", "path": str(senti), "pool_rows": 1, "prompts": [0]}),
         seed=0,
     )
     assert len(s.rows) == 20 and all(int(i) < 20 for i in s.shots) and all(int(r["id"]) >= 20 for r in s.rows)

@@ -14,7 +14,7 @@ import pytest
 
 from cerbero_ray.config import REPO_DIR, compose, to_container
 from cerbero_ray.evaluate import run_evaluate, squad
-from conftest import SAMPLES
+from conftest import PATHS, SAMPLES
 
 pytestmark = pytest.mark.integration
 
@@ -147,7 +147,7 @@ def tiny_gguf(tiny_hf, tmp_path_factory):
 
     out = str(tmp_path_factory.mktemp("gguf"))
     x = {"checkpoint": tiny_hf, "output_dir": out, "name": "tiny", "types": ["f32"], "threads": 2}
-    res = run_export({"export": {**x, "overwrite": False, "verify": False, "base": None, "lora": True}})
+    res = run_export({"paths": PATHS, "export": {**x, "overwrite": False, "verify": False, "base": None, "lora": True}})
     return res["files"]["f32"]["path"]
 
 

@@ -21,6 +21,7 @@ from cerbero_ray.config import compose
 from cerbero_ray.export.gguf import convert, permute_qk
 from cerbero_ray.models import tiny
 from cerbero_ray.tokenizer import build_tokenizer, save_tokenizer
+from conftest import PATHS
 
 # big enough for real K-quant blocks (rows of 256): hidden 256, 4 heads of 64, 2 KV heads (GQA)
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
@@ -147,6 +148,7 @@ def exported(hf_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("gguf"))
     res = run_export(
         {
+            "paths": PATHS,
             "export": {
                 "checkpoint": hf_dir,
                 "output_dir": out,
@@ -157,7 +159,7 @@ def exported(hf_dir, tmp_path_factory):
                 "verify": True,
                 "base": None,
                 "lora": True,
-            }
+            },
         }
     )
     assert "fallback_tensors" not in res["files"]["q4_k_m"]  # 256-wide rows: every tensor is a K-quant
@@ -210,7 +212,7 @@ def test_a_file_that_crashes_llama_cpp_is_failed_not_written(hf_dir, tmp_path, m
     caplog.set_level(logging.INFO, logger="cerbero_ray")
     monkeypatch.setenv(llamacpp.FAULT_ENV, "SIGILL")
     x = {"checkpoint": hf_dir, "output_dir": str(tmp_path), "name": "m", "types": ["f16"], "threads": 2}
-    res = run_export({"export": {**x, "overwrite": False, "verify": True, "base": None, "lora": True}})
+    res = run_export({"paths": PATHS, "export": {**x, "overwrite": False, "verify": True, "base": None, "lora": True}})
     info = res["files"]["f16"]
     assert res["failed"] == ["f16"] and info["status"] == "failed" and info["check"]["signal"] == "SIGILL"
     assert not (tmp_path / "m-F16.gguf").exists() and (tmp_path / "m-F16.gguf.failed").exists()
@@ -223,7 +225,7 @@ def test_a_file_that_crashes_llama_cpp_is_failed_not_written(hf_dir, tmp_path, m
     )
     assert "llama_cpp_no_amx.cmake" in line and not res["snippet"]
     monkeypatch.delenv(llamacpp.FAULT_ENV)  # the same command, on a working llama.cpp: written and checked
-    res = run_export({"export": {**x, "overwrite": False, "verify": True, "base": None, "lora": True}})
+    res = run_export({"paths": PATHS, "export": {**x, "overwrite": False, "verify": True, "base": None, "lora": True}})
     assert res["failed"] == [] and res["files"]["f16"]["status"] == "checked" and (tmp_path / "m-F16.gguf").exists()
 
 
@@ -239,6 +241,7 @@ def test_quantizer_fallbacks_are_one_line(exported, tmp_path, caplog):
     with contextlib.redirect_stdout(said), contextlib.redirect_stderr(warned):
         res = run_export(
             {
+                "paths": PATHS,
                 "export": {
                     "checkpoint": str(tmp_path / "hf"),
                     "output_dir": str(tmp_path / "gguf"),
@@ -249,7 +252,7 @@ def test_quantizer_fallbacks_are_one_line(exported, tmp_path, caplog):
                     "verify": False,
                     "base": None,
                     "lora": True,
-                }
+                },
             }
         )
     info = res["files"]["q4_k_m"]

@@ -14,7 +14,7 @@ from cerbero_ray.generate import run_generate
 from cerbero_ray.inference.generator import Generator
 from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.models import tiny
-from conftest import SAMPLES, TOKENIZER_CFG, proc_cfg, write_jsonl
+from conftest import SAMPLES, data_stage, write_jsonl
 
 PROMPTS = ["Ciao!", "Qual è la capitale d'Italia? Rispondi in breve, per favore.", "Perché il cielo è blu?"]
 
@@ -82,13 +82,10 @@ def test_self_chat_output_feeds_the_data_stage(tmp_path, tiny_hf, ray_local):
     assert s["conversations"] == len(convs) > 10
     assert all(c["messages"][0]["role"] == "user" and c["messages"][-1]["role"] == "assistant" for c in convs)
     manifest = run_data(
-        {
-            "data": proc_cfg(
-                tmp_path / "data",
-                {"chat": {"path": s["output"], "format": "auto", "weight": 1.0, "text_field": "text"}},
-            ),
-            "tokenizer": TOKENIZER_CFG,
-        }
+        data_stage(
+            tmp_path / "data",
+            {"chat": {"path": s["output"], "format": "auto", "weight": 1.0, "text_field": "text"}},
+        )
     )
     assert manifest["documents"] == len(convs) and manifest["rejected"] == 0
     assert manifest["sources"]["chat"]["format"] == "openai"

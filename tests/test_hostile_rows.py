@@ -11,9 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cerbero_ray import batchjob
-from cerbero_ray.config import compose, to_container
-from cerbero_ray.data.process import BufferProcessor
-from conftest import TOKENIZER_CFG, proc_cfg
+from cerbero_ray.config import check, compose
+from conftest import buffer_processor
 
 SURROGATE = "\ud800"
 
@@ -187,7 +186,7 @@ def test_label_and_generate_workers_write_every_row(tmp_path, tiny_hf):
     inp = tmp_path / "in.jsonl"
     lines = hostile_file(inp, 120, seed=7)
     over = [f"paths.output_dir={tmp_path}", f"label.checkpoint={tiny_hf}", f"label.input={inp}", "label.chunk_rows=40"]
-    lc = to_container(compose("label", over))["label"]
+    lc = check("label", compose("label", over)).label
     gover = [
         f"paths.output_dir={tmp_path}",
         f"generate.checkpoint={tiny_hf}",
@@ -195,11 +194,11 @@ def test_label_and_generate_workers_write_every_row(tmp_path, tiny_hf):
         "generate.chunk_rows=40",
         "generate.sampling.max_new_tokens=3",
     ]
-    gc = to_container(compose("generate", gover))["generate"]
+    gc = check("generate", compose("generate", gover)).generate
     for worker, cfg in ((LabelWorker(lc), lc), (GenerateWorker(gc), gc)):
-        for ch in batchjob.plan_chunks(str(inp), "auto", cfg["chunk_rows"])[0]:
+        for ch in batchjob.plan_chunks(str(inp), "auto", cfg.chunk_rows)[0]:
             worker.process(ch)
-        table = pq.read_table(f"{cfg['output_dir']}/parts").to_pylist()
+        table = pq.read_table(f"{cfg.output_dir}/parts").to_pylist()
         assert len(table) == len(lines)
         assert all((r["error"] is None) != (r.get("label", r.get("completion")) is None) for r in table)
         assert sum(r["error"] is None for r in table) > 10
@@ -236,10 +235,7 @@ def test_the_data_stage_counts_every_row(tmp_path, seed, fmt):
     """The data stage, every format through its own reader: input rows = documents + rejects."""
     kinds_raws, n = _data_stage_raws(tmp_path, fmt, seed)
     assert len(kinds_raws) == n
-    cfg = {
-        **proc_cfg(tmp_path, {"s": {"format": "text" if fmt == "txt" else "openai", "weight": 1.0}}),
-        "tokenizer": TOKENIZER_CFG,
-    }
+    proc = buffer_processor(tmp_path, {"s": {"format": "text" if fmt == "txt" else "openai", "weight": 1.0}})
     batch = {
         "source": np.array(["s"] * n, dtype=object),
         "path": np.array([f"in.{fmt}"] * n, dtype=object),
@@ -247,7 +243,7 @@ def test_the_data_stage_counts_every_row(tmp_path, seed, fmt):
         "kind": np.array([k for k, _ in kinds_raws], dtype=object),
         "raw": np.array([r for _, r in kinds_raws] + [b""], dtype=object)[:n],
     }
-    stats = {k: v[0] for k, v in BufferProcessor(cfg)(batch).items()}
+    stats = {k: v[0] for k, v in proc(batch).items()}
     reasons = json.loads(stats["reject_reasons"])
     assert stats["input_rows"] == n == stats["documents"] + sum(reasons.values()), (stats, reasons)
     assert stats["documents"] > 10 and sum(reasons.values()) > 10, reasons
@@ -273,10 +269,10 @@ def test_a_lone_surrogate_in_a_json_array_is_one_reject(tmp_path):
         f.write_text(body)
         with open(f, "rb") as fh:
             t = pa.concat_tables(read_raw_stream(fh, str(f), "s"))
-        cfg = {**proc_cfg(tmp_path / name[2:], {"s": {"format": "alpaca", "weight": 1.0}}), "tokenizer": TOKENIZER_CFG}
+        proc = buffer_processor(tmp_path / name[2:], {"s": {"format": "alpaca", "weight": 1.0}})
         batch = {k: np.array(t.column(k).to_pylist(), dtype=object) for k in ("source", "path", "kind", "raw")}
         batch["line_no"] = np.array(t.column("line_no").to_pylist())
-        st = {k: v[0] for k, v in BufferProcessor(cfg)(batch).items()}
+        st = {k: v[0] for k, v in proc(batch).items()}
         stats[name] = (st["input_rows"], st["documents"], json.loads(st["reject_reasons"]))
     assert stats["a.json"] == stats["a.jsonl"] and stats["a.json"][:2] == (2, 1), stats
 

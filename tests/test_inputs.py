@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cerbero_ray import batchjob, inputs
+from cerbero_ray.config.data import SourceConfig
 from cerbero_ray.data.sources import inspect_sources, read_raw_stream
 
 ROWS = [{"id": f"r{i}", "text": f"Testo numero {i}: va tutto bene."} for i in range(50)]
@@ -162,7 +163,7 @@ def test_files_a_folder_holds_but_no_stage_reads_are_listed_with_why(tmp_path):
         "d.tsv": "not an input format (.tsv)",
     }
     assert "6 file(s) skipped" in inputs.describe_skipped(skipped)
-    (plan,) = inspect_sources({"s": {"path": str(tmp_path), "format": "auto", "weight": 1.0}})
+    (plan,) = inspect_sources({"s": SourceConfig(str(tmp_path))})
     assert plan.skipped == skipped and len(plan.files) == 2
     rows, listed = read_all(tmp_path)
     assert len(rows) == 100 and listed == skipped

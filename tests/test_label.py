@@ -13,6 +13,7 @@ import pytest
 
 from cerbero_ray.batchjob import plan_chunks, read_chunk, start_run
 from cerbero_ray.config import REPO_DIR, compose, to_container
+from cerbero_ray.config.label import BatchInferenceConfig
 from cerbero_ray.label import run_label
 from conftest import SAMPLES, write_jsonl
 
@@ -77,14 +78,18 @@ def test_chunks_cover_every_line_once(tmp_path):
 def test_a_missing_input_or_unknown_format_is_named_before_the_output_is_claimed(tmp_path):
     out, f = str(tmp_path / "out"), tmp_path / "x.jsonl"
     f.write_text('{"text": "ciao"}\n')
-    start_run(out, "run.json", {"input": str(f)}, False, "label", str(f), "auto", 10)  # a run claims out
+
+    def job(path, fmt="auto"):
+        return BatchInferenceConfig(input=str(path), format=fmt, output_dir=out, checkpoint="-", chunk_rows=10)
+
+    start_run("label", job(f), "run.json", {"input": str(f)})  # a run claims out
     with pytest.raises(FileNotFoundError, match="label.input: no such file or folder: .*typo.jsonl"):
-        start_run(out, "run.json", {"input": "typo"}, False, "label", str(tmp_path / "typo.jsonl"), "auto", 10)
+        start_run("label", job(tmp_path / "typo.jsonl"), "run.json", {"input": "typo"})
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="generate.format: cannot tell the format of .*x.csv"):
-        start_run(out, "run.json", {}, False, "generate", str(tmp_path / "x.csv"), "auto", 10)
+        start_run("generate", job(tmp_path / "x.csv"), "run.json", {})
     with pytest.raises(ValueError, match="label.format must be one of"):
-        start_run(out, "run.json", {}, False, "label", str(f), "csv", 10)
+        start_run("label", job(f, "csv"), "run.json", {})
 
 
 def test_killed_job_resumes_exactly_once(tmp_path, tiny_hf, ray_local):

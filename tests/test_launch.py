@@ -20,7 +20,7 @@ def _cfg(tmp_path):
 
 def test_an_error_our_code_raises_is_one_line(tmp_path, capsys):
     def run(c):
-        one_of(c["data"]["packing"], ("split",), "data.packing")  # a check of ours, raising from our code
+        one_of(c.data.packing, ("split",), "data.packing")  # a check of ours, raising from our code
 
     with pytest.raises(SystemExit) as e:
         launch("data", _cfg(tmp_path), run, ray=False)
@@ -37,7 +37,7 @@ def test_a_library_error_keeps_its_stack(tmp_path, monkeypatch):
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # and our own errors show their stack on request
 
     def ours(c):
-        one_of(c["data"]["packing"], ("split",), "data.packing")
+        one_of(c.data.packing, ("split",), "data.packing")
 
     with pytest.raises(ValueError, match="data.packing"):
         launch("data", _cfg(tmp_path), ours, ray=False)

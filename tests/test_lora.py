@@ -46,11 +46,11 @@ def test_lora_config_defaults_and_the_one_gpu_preset(tmp_path):
 
     projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert LoraConfig().target_modules == projections  # the schema's default: attention + MLP
-    t = check("train", compose("train", [f"paths.output_dir={tmp_path}", "train.method=lora"]))["train"]
-    assert t["lora"]["target_modules"] == [*projections, "lm_head"]  # the random-init demo adds the head
-    assert not t["lora"]["merge"] and not t["lora"]["qlora"]
-    full = check("train", compose("train", [f"paths.output_dir={tmp_path}"]))["train"]
-    assert full["method"] == "full"  # the recipe stays a full fine-tune
+    t = check("train", compose("train", [f"paths.output_dir={tmp_path}", "train.method=lora"])).train
+    assert t.lora.target_modules == [*projections, "lm_head"]  # the random-init demo adds the head
+    assert not t.lora.merge and not t.lora.qlora
+    full = check("train", compose("train", [f"paths.output_dir={tmp_path}"])).train
+    assert full.method == "full"  # the recipe stays a full fine-tune
     one = to_container(compose("train", [f"paths.output_dir={tmp_path}", "train=lora_1xh100", "model=mistral_7b"]))
     assert one["train"]["method"] == "lora" and one["train"]["num_workers"] == 1 and one["train"]["use_gpu"]
     assert one["train"]["lora"]["target_modules"] == projections
@@ -69,7 +69,7 @@ def test_the_main_job_with_lora_hands_the_adapter_to_every_later_stage(tmp_path)
 
 def test_serve_adapters_are_checked_before_ray(tiny_hf, tiny_adapters, tmp_path):
     ok = [f"serve.checkpoint={tiny_hf}"] + [f"+serve.adapters.{n}={p}" for n, p in tiny_adapters.items()]
-    assert set(check("serve", compose("serve", ok))["serve"]["adapters"]) == set(tiny_adapters)
+    assert set(check("serve", compose("serve", ok)).serve.adapters) == set(tiny_adapters)
     a = tiny_adapters["sentiment-it"]
     for over, match in (
         ([f"+serve.adapters.cerbero={a}"], "serve.adapters.cerbero: a name"),

@@ -108,6 +108,33 @@ def test_sigterm_to_the_whole_process_group_exits_at_once_and_says_why(tiny_hf, 
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_ray_stopping_during_the_drain_ends_the_server_at_once(monkeypatch):
+    """On a loaded machine Ray's own processes, signalled with the server, can outlive the first
+    look at the GCS: a watcher ends the server as soon as the GCS goes, during the drain; not after
+    the drain, when our own shutdown stops the embedded cluster's GCS."""
+    from cerbero_ray.serve import service
+
+    alive, exits = [True], []
+    monkeypatch.setattr(service, "gcs_reachable", lambda wait_s=1.0: alive[0])
+    monkeypatch.setattr(service.os, "_exit", exits.append)
+    done = service._watch_gcs(signal.SIGTERM)
+    time.sleep(1.2)
+    assert exits == []  # the GCS is up: the drain goes on
+    alive[0] = False
+    deadline = time.monotonic() + 5
+    while not exits and time.monotonic() < deadline:
+        time.sleep(0.1)
+    done.set()
+    assert exits[:1] == [128 + signal.SIGTERM]
+    exits.clear()
+    alive[0] = True
+    done = service._watch_gcs(signal.SIGTERM)
+    done.set()  # the drain is over
+    alive[0] = False
+    time.sleep(1.2)
+    assert exits == []
+
+
 def _try(url, body, timeout=120):
     """(status, JSON body, headers), or the connection error's class name."""
     try:

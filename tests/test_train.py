@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from cerbero_ray.config import compose, to_container
 from cerbero_ray.data.pipeline import run_data
 from cerbero_ray.train import run_train
-from conftest import SAMPLES, TOKENIZER_CFG, proc_cfg
+from conftest import SAMPLES, data_stage
 
 pytestmark = pytest.mark.integration
 STEPS = 8
@@ -25,21 +25,18 @@ STEPS = 8
 def shards(tmp_path_factory, ray_local):
     out = tmp_path_factory.mktemp("data") / "chat"
     run_data(
-        {
-            "data": proc_cfg(
-                out,
-                {
-                    "chat": {
-                        "path": os.path.join(SAMPLES, "chat_it_openassistant.jsonl"),
-                        "format": "openai",
-                        "weight": 1.0,
-                        "text_field": "text",
-                    }
-                },
-                seq_len=256,
-            ),
-            "tokenizer": TOKENIZER_CFG,
-        }
+        data_stage(
+            out,
+            {
+                "chat": {
+                    "path": os.path.join(SAMPLES, "chat_it_openassistant.jsonl"),
+                    "format": "openai",
+                    "weight": 1.0,
+                    "text_field": "text",
+                }
+            },
+            seq_len=256,
+        )
     )
     return str(out)
 

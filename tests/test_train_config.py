@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from cerbero_ray.config import compose, to_container
+from cerbero_ray.config import check, compose, to_container
 from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
 from cerbero_ray.train.run_plan import plan_run
 from cerbero_ray.train.zero import deepspeed_config
@@ -86,7 +86,8 @@ def test_deepspeed_json():
             ],
         )
     )
-    ds = deepspeed_config(c["deepspeed"], c["train"], world_size=2)
+    c = check("train", c)
+    ds = deepspeed_config(c.deepspeed, c.train, world_size=2)
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 8
     assert ds["zero_optimization"]["stage"] == 1 and ds["zero_optimization"]["round_robin_gradients"] is True
     assert ds["bf16"]["enabled"] is False  # tiny_cpu trains in fp32

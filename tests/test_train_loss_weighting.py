@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from cerbero_ray.config.common import ModelConfig
+from cerbero_ray.config.train import DeepSpeedConfig, TrainConfig, TrainStageConfig
 from cerbero_ray.data.packing import IGNORE_INDEX
 from cerbero_ray.models import build_model
 
@@ -44,6 +46,13 @@ DS = {
 }
 
 
+CONFIG = TrainStageConfig(
+    model=ModelConfig(**MODEL),
+    deepspeed=DeepSpeedConfig(**DS),
+    train=TrainConfig(data_dir="-", output_dir="-", **TRAIN),
+)
+
+
 def batches():
     g = np.random.default_rng(0)
     out = []
@@ -63,7 +72,7 @@ def _run(rank, world, port, out):
     from cerbero_ray.train.loop import train_step
     from cerbero_ray.train.zero import build_deepspeed
 
-    engine, _, lm, _ = build_deepspeed({"train": TRAIN, "model": MODEL, "deepspeed": DS}, 1, torch.device("cpu"), world)
+    engine, _, lm, _ = build_deepspeed(CONFIG, 1, torch.device("cpu"), world)
     mine = batches() if world == 1 else [batches()[rank]]
     loss, n = train_step(engine, mine, torch.device("cpu"), world)
     if rank == 0:

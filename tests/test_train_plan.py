@@ -5,6 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cerbero_ray.config.train import TrainConfig
 from cerbero_ray.train.plan import plan_epoch, remaining, signature, step_rows, take
 from cerbero_ray.train.reader import local_batches, read_segment
 
@@ -68,9 +69,11 @@ def test_global_batches_mix_the_shards():
 
 def test_the_signature_tracks_the_mix():
     t = {"micro_batch_size": 1, "global_batch_size": 4, "epochs": 1, "seed": 0, "eval_rows": 0, "max_steps": None}
-    sigs = {b: signature(SHARDS, {**t, "mix_block_rows": b}, 2) for b in (0, 1, 4)}
+    t = {"data_dir": "-", "output_dir": "-", **t}
+    sigs = {b: signature(SHARDS, TrainConfig(**t, mix_block_rows=b), 2) for b in (0, 1, 4)}
     assert len(set(sigs.values())) == 3  # a checkpoint resumes only the order it was made with
-    assert sigs[1] == signature(SHARDS, t, 2) and sigs[0] != signature(SHARDS, {**t, "seed": 1, "mix_block_rows": 0}, 2)
+    assert sigs[1] == signature(SHARDS, TrainConfig(**t), 2)  # 1 is the default
+    assert sigs[0] != signature(SHARDS, TrainConfig(**{**t, "seed": 1}, mix_block_rows=0), 2)
 
 
 def test_take_spans_segments():

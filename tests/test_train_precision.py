@@ -5,7 +5,7 @@ accumulates (and reduces) in the model's bf16. DeepSpeed ZeRO-1 on CPU, one gloo
 import pytest
 import torch
 
-from cerbero_ray.config import compose, to_container
+from cerbero_ray.config import check, compose, to_container
 from cerbero_ray.train.zero import build_deepspeed, deepspeed_config
 from conftest import one_rank_group
 
@@ -34,6 +34,7 @@ def accumulated_grads(precision: str, extra: dict) -> dict[str, torch.Tensor]:
         )
     )
     c["deepspeed"]["extra"] = extra
+    c = check("train", c)
     engine, _, _, _ = build_deepspeed(c, 10, torch.device("cpu"), 1)
     g = torch.Generator().manual_seed(0)
     for i in range(8):
@@ -46,8 +47,8 @@ def accumulated_grads(precision: str, extra: dict) -> dict[str, torch.Tensor]:
 
 
 def test_bf16_accumulates_gradients_in_fp32(one_rank):
-    c = to_container(compose("train", ["paths.output_dir=/tmp/unused", "train.precision=bf16"]))
-    ds = deepspeed_config(c["deepspeed"], c["train"], world_size=2)
+    c = check("train", compose("train", ["paths.output_dir=/tmp/unused", "train.precision=bf16"]))
+    ds = deepspeed_config(c.deepspeed, c.train, world_size=2)
     assert ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["communication_data_type"] == "fp32"
     ref = accumulated_grads("fp32", {})
     err = {}

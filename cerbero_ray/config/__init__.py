@@ -3,17 +3,21 @@
 Each stage's schema and its ``check_<stage>(c)`` live in ``cerbero_ray/config/<stage>.py``; they
 are registered with Hydra's ConfigStore so that a misspelled or unknown key fails when the config
 is composed, and :func:`check` runs the stage's value checks (a ``ValueError`` naming the key) on the
-composed config, before Ray starts — in ``jobs/<stage>.py`` and in ``cerbero-submit`` alike. Checks
-that must read storage (a data manifest, a checkpoint) stay in ``run_<stage>``. Importing this
-package imports neither torch nor transformers.
+composed config, before Ray starts — in ``jobs/<stage>.py`` and in ``cerbero-submit`` alike. It
+returns the stage's schema dataclass, resolved, every default filled in: what ``run_<stage>`` and
+the code below it read (attributes, never ``["key"]``). Checks that must read storage (a data
+manifest, a checkpoint) stay in ``run_<stage>``. Importing this package imports neither torch nor
+transformers.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import fields, is_dataclass
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cerbero_ray.config.common import ModelConfig
 from cerbero_ray.config.data import DataStageConfig, SourceConfig, check_data
@@ -74,27 +78,55 @@ def register_configs() -> None:
 
 
 def to_container(cfg: DictConfig) -> dict:
-    """The resolved config as plain dicts: what goes to Ray workers (``${…}`` never resolves there)."""
+    """The resolved config as plain dicts (what a run record or a test edits; ``check`` types it)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
-class Checked(dict):
-    """A resolved config that passed the checks of ``checked`` (stages) in this process: checking it
-    for one of them again is a no-op, so a job's config is checked once (the recipe's check covers
-    its stages), not again by each ``run_<stage>``."""
-
-    checked: frozenset = frozenset()
+def checked_for(cfg) -> frozenset:
+    """The stages whose checks ``cfg`` (a typed config) passed in this process."""
+    return getattr(cfg, "_checked_for", frozenset())
 
 
-def check(stage: str, cfg: DictConfig | dict) -> Checked:
-    """Run ``check_<stage>`` on the composed config (once); returns it resolved, as plain dicts."""
-    if isinstance(cfg, Checked) and stage in cfg.checked:
+def mark_checked(cfg, stages) -> None:
+    """Record that ``cfg`` passed the checks of ``stages``: checking it for one of them again is a
+    no-op, so a job's config is checked once (the recipe's check covers its stages)."""
+    object.__setattr__(cfg, "_checked_for", checked_for(cfg) | frozenset(stages))
+
+
+def as_stage(stage: str, cfg):
+    """``cfg`` (a typed config holding every section of ``stage``'s schema, e.g. the recipe's) as
+    that stage's schema; its sections are shared, not copied."""
+    schema = STAGE_SCHEMAS[stage]
+    if type(cfg) is schema:
         return cfg
-    c = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
-    CHECKS[stage](c)
-    out = c if isinstance(c, Checked) else Checked(c)
-    out.checked = out.checked | {stage} | (set(c["stages"]) if stage == "recipe" else set())
+    out = schema(**{f.name: getattr(cfg, f.name) for f in fields(schema)})
+    mark_checked(out, checked_for(cfg) & {stage})
     return out
+
+
+def typed(stage: str, cfg: DictConfig | dict):
+    """``cfg`` (composed, or plain dicts) as ``stage``'s schema dataclass, resolved, every default
+    filled; a key the schema lacks or a value of the wrong type is a ``ValueError`` naming the key."""
+    if is_dataclass(cfg):
+        return as_stage(stage, cfg)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[stage]), cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+        raise ValueError(f"{key}: {msg}" if key else msg) from None
+
+
+def check(stage: str, cfg):
+    """Run ``check_<stage>`` on the composed config (once); returns it typed: an instance of the stage's
+    schema (``STAGE_SCHEMAS[stage]``), what ``run_<stage>`` and the code below it read."""
+    c = typed(stage, cfg)
+    if stage in checked_for(c):
+        return c
+    CHECKS[stage](c)
+    mark_checked(c, {stage, *(c.stages if stage == "recipe" else ())})
+    return c
 
 
 def compose(stage: str, overrides: list[str] | None = None, checked: bool = False) -> DictConfig:

@@ -54,10 +54,11 @@ def one_of(value, allowed, key: str) -> None:
         raise ValueError(f"{key} must be one of {tuple(allowed)}, got {value!r}")
 
 
-def at_least(section: dict, keys, low: float, prefix: str) -> None:
+def at_least(section, keys, low: float, prefix: str) -> None:
     for k in keys:
-        if section[k] is not None and section[k] < low:
-            raise ValueError(f"{prefix}.{k} must be >= {low}, got {section[k]}")
+        v = getattr(section, k)
+        if v is not None and v < low:
+            raise ValueError(f"{prefix}.{k} must be >= {low}, got {v}")
 
 
 def check_output_dir(path: str, key: str) -> None:
@@ -66,21 +67,21 @@ def check_output_dir(path: str, key: str) -> None:
         raise ValueError(f"{key}: {path} is a file; give a folder (it is made if missing)")
 
 
-def check_tokenizer(tc: dict) -> None:
-    one_of(tc["assistant_tag"], ASSISTANT_TAGS, "tokenizer.assistant_tag")
+def check_tokenizer(tc: TokenizerConfig) -> None:
+    one_of(tc.assistant_tag, ASSISTANT_TAGS, "tokenizer.assistant_tag")
 
 
-def check_model(mc: dict) -> None:
-    one_of(mc.get("dtype", "float32"), MODEL_DTYPES, "model.dtype")
-    if mc["_target_"].endswith(".from_pretrained"):
-        if not mc.get("path"):
+def check_model(mc: ModelConfig) -> None:
+    one_of(mc.dtype, MODEL_DTYPES, "model.dtype")
+    if mc._target_.endswith(".from_pretrained"):
+        if not mc.path:
             raise ValueError(PATH_REQUIRED)
-        check_local_checkpoint(mc["path"], "model.path")
+        check_local_checkpoint(mc.path, "model.path")
 
 
-def check_cluster(cc: dict) -> None:
-    if cc.get("num_cpus") is not None and cc["num_cpus"] < 1:
-        raise ValueError(f"cluster.num_cpus must be >= 1 or null, got {cc['num_cpus']}")
+def check_cluster(cc: ClusterConfig) -> None:
+    if cc.num_cpus is not None and cc.num_cpus < 1:
+        raise ValueError(f"cluster.num_cpus must be >= 1 or null, got {cc.num_cpus}")
 
 
 def check_local_path(path: str, key: str, glob_ok: bool = False) -> None:

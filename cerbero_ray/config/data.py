@@ -54,22 +54,23 @@ class DataStageConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-def check_data(c: dict) -> None:
+def check_data(c: DataStageConfig) -> None:
     """``ValueError`` naming the key for a bad data config (the sources' files are checked at run time)."""
-    d = c["data"]
-    check_tokenizer(c["tokenizer"])
-    check_output_dir(d["output_dir"], "data.output_dir")
-    if int(d["seq_len"]) < 16:
-        raise ValueError(f"data.seq_len must be >= 16, got {d['seq_len']}")
+    d = c.data
+    check_tokenizer(c.tokenizer)
+    check_output_dir(d.output_dir, "data.output_dir")
+    if int(d.seq_len) < 16:
+        raise ValueError(f"data.seq_len must be >= 16, got {d.seq_len}")
     at_least(d, ("buffer_docs", "workers"), 1, "data")
-    one_of(d["loss_on"], ("assistant", "all"), "data.loss_on")
-    one_of(d["packing"], ("whole", "split"), "data.packing")
-    one_of(d["long_docs"], ("split", "drop"), "data.long_docs")
-    if not d["sources"]:
+    one_of(d.loss_on, ("assistant", "all"), "data.loss_on")
+    one_of(d.packing, ("whole", "split"), "data.packing")
+    one_of(d.long_docs, ("split", "drop"), "data.long_docs")
+    if not d.sources:
         raise ValueError("data.sources: no source (add one: +data.sources.NAME.path=...)")
     defaults = {k: v for k, v in asdict(SourceConfig()).items() if k != "path"}
-    for name, s in d["sources"].items():
+    for name, s in list(d.sources.items()):
         key = f"data.sources.{name}"
+        s = asdict(s) if isinstance(s, SourceConfig) else s
         if not isinstance(s, dict):
             raise ValueError(f"{key} must be a mapping of {sorted(['path', *defaults])}, got {s!r}")
         unknown = set(s) - {"path", *defaults}
@@ -77,11 +78,11 @@ def check_data(c: dict) -> None:
             raise ValueError(f"{key}: unknown key(s) {sorted(unknown)}; allowed {sorted(['path', *defaults])}")
         if not isinstance(s.get("path"), str) or not s["path"]:
             raise ValueError(f"{key}.path is required (a file, folder, glob or URI)")
-        for k, v in defaults.items():
-            s.setdefault(k, v)
-        one_of(s["format"], SOURCE_FORMATS, f"{key}.format")
-        if not isinstance(s["weight"], (int, float)) or not s["weight"] > 0:
-            raise ValueError(f"{key}.weight must be a number > 0, got {s['weight']!r}")
-        if not isinstance(s["text_field"], str):
-            raise ValueError(f"{key}.text_field must be a string, got {s['text_field']!r}")
-        check_local_path(s["path"], f"{key}.path", glob_ok=True)  # before Ray starts, naming the key
+        s = SourceConfig(**{**defaults, **s})
+        one_of(s.format, SOURCE_FORMATS, f"{key}.format")
+        if not isinstance(s.weight, (int, float)) or not s.weight > 0:
+            raise ValueError(f"{key}.weight must be a number > 0, got {s.weight!r}")
+        if not isinstance(s.text_field, str):
+            raise ValueError(f"{key}.text_field must be a string, got {s.text_field!r}")
+        check_local_path(s.path, f"{key}.path", glob_ok=True)  # before Ray starts, naming the key
+        d.sources[name] = s  # typed from here on

@@ -70,18 +70,18 @@ class EvaluateStageConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
-def selected_tasks(ec: dict) -> dict:
-    return {k: v for k, v in ec["tasks"].items() if ec.get("only") is None or k in ec["only"]}
+def selected_tasks(ec: EvaluateConfig) -> dict:
+    return {k: v for k, v in ec.tasks.items() if ec.only is None or k in ec.only}
 
 
-def check_evaluate(c: dict, checkpoints: bool = True) -> None:
+def check_evaluate(c: EvaluateStageConfig, checkpoints: bool = True) -> None:
     """``checkpoints=False`` when an earlier stage of the same job writes them (the recipe)."""
     import os
 
-    ec = c["evaluate"]
-    if not ec["checkpoints"]:
+    ec = c.evaluate
+    if not ec.checkpoints:
         raise ValueError("evaluate.checkpoints: no checkpoint (a mapping name -> HF folder or URI)")
-    for name, path in ec["checkpoints"].items():
+    for name, path in ec.checkpoints.items():
         key = f"evaluate.checkpoints.{name}"
         if path.startswith(("http://", "https://")):
             continue  # an endpoint: asked for its models when the stage runs
@@ -90,11 +90,11 @@ def check_evaluate(c: dict, checkpoints: bool = True) -> None:
                 raise ValueError(f"{key}: no such GGUF file: {path}")
         elif checkpoints:
             check_local_checkpoint(path, key)
-    unknown = set(ec.get("only") or []) - set(ec["tasks"])
+    unknown = set(ec.only or []) - set(ec.tasks)
     if unknown:
-        raise ValueError(f"evaluate.only: unknown tasks {sorted(unknown)}; configured: {sorted(ec['tasks'])}")
-    one_of(ec["dtype"], INFERENCE_DTYPES, "evaluate.dtype")
-    check_output_dir(ec["output_dir"], "evaluate.output_dir")
+        raise ValueError(f"evaluate.only: unknown tasks {sorted(unknown)}; configured: {sorted(ec.tasks)}")
+    one_of(ec.dtype, INFERENCE_DTYPES, "evaluate.dtype")
+    check_output_dir(ec.output_dir, "evaluate.output_dir")
     at_least(
         ec,
         ("workers", "batch_rows", "batch_size", "max_prompt_tokens", "prefill_tokens", "endpoint_concurrency"),
@@ -102,21 +102,21 @@ def check_evaluate(c: dict, checkpoints: bool = True) -> None:
         "evaluate",
     )
     at_least(ec, ("bootstrap",), 0, "evaluate")
-    if float(ec["gpus_per_worker"]) < 0 or float(ec["cpus_per_worker"]) <= 0:
+    if float(ec.gpus_per_worker) < 0 or float(ec.cpus_per_worker) <= 0:
         raise ValueError("evaluate.gpus_per_worker must be >= 0 and evaluate.cpus_per_worker > 0")
     for name, t in selected_tasks(ec).items():
         key = f"evaluate.tasks.{name}"
-        one_of(t["kind"], TASK_KINDS, f"{key}.kind")
-        for p in t["protocols"]:
-            one_of(p, PROTOCOLS if t["kind"] != "squad" else ("generate", "benchita"), f"{key}.protocols")
-        if not t["protocols"]:
+        one_of(t.kind, TASK_KINDS, f"{key}.kind")
+        for p in t.protocols:
+            one_of(p, PROTOCOLS if t.kind != "squad" else ("generate", "benchita"), f"{key}.protocols")
+        if not t.protocols:
             raise ValueError(f"{key}.protocols: at least one of {PROTOCOLS}")
-        wordings = PROMPT_WORDINGS[t["kind"]]
-        if t.get("prompts") is not None and (not t["prompts"] or any(not 0 <= i < wordings for i in t["prompts"])):
+        wordings = PROMPT_WORDINGS[t.kind]
+        if t.prompts is not None and (not t.prompts or any(not 0 <= i < wordings for i in t.prompts)):
             raise ValueError(f"{key}.prompts: indices of the {wordings} shipped wordings (0..{wordings - 1}), or null")
         at_least(t, ("max_new_tokens", "max_rows", "pool_rows"), 1, key)
         at_least(t, ("shots",), 0, key)
-        path = t["path"]
+        path = t.path
         if is_local(path) and not os.path.isfile(local_path(path)):
-            if not ec["skip_missing"]:
+            if not ec.skip_missing:
                 raise ValueError(f"{key}.path: no such file: {path} (see ../shared/data/MANIFEST.md)")

@@ -34,16 +34,16 @@ class ExportStageConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-def check_export(c: dict, checkpoint: bool = True) -> None:
-    x = c["export"]
-    if not x["types"]:
+def check_export(c: ExportStageConfig, checkpoint: bool = True) -> None:
+    x = c.export
+    if not x.types:
         raise ValueError(f"export.types: at least one of {GGUF_TYPES}")
-    for t in x["types"]:
+    for t in x.types:
         if t not in GGUF_TYPES:
             raise ValueError(f"export.types: {t!r} is not one of {GGUF_TYPES}")
-    if not x["name"] or "/" in x["name"]:
-        raise ValueError(f"export.name must be a non-empty file name prefix, got {x['name']!r}")
+    if not x.name or "/" in x.name:
+        raise ValueError(f"export.name must be a non-empty file name prefix, got {x.name!r}")
     at_least(x, ("threads",), 0, "export")
-    check_output_dir(x["output_dir"], "export.output_dir")
-    if checkpoint and not x["base"]:
-        check_local_checkpoint(x["checkpoint"], "export.checkpoint")
+    check_output_dir(x.output_dir, "export.output_dir")
+    if checkpoint and not x.base:
+        check_local_checkpoint(x.checkpoint, "export.checkpoint")

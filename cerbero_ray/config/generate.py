@@ -53,19 +53,19 @@ class GenerateStageConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
-def check_generate(c: dict) -> None:
-    gc = c["generate"]
-    one_of(gc["mode"], MODES, "generate.mode")
+def check_generate(c: GenerateStageConfig) -> None:
+    gc = c.generate
+    one_of(gc.mode, MODES, "generate.mode")
     check_batch_inference(gc, "generate")
-    check_local_checkpoint(gc["checkpoint"], "generate.checkpoint", gc["base"])
+    check_local_checkpoint(gc.checkpoint, "generate.checkpoint", gc.base)
     at_least(gc, ("batch_size", "max_prompt_tokens"), 1, "generate")
-    one_of(gc["engine"], GENERATION_ENGINES, "generate.engine")
-    check_sampling(gc["sampling"], "generate.sampling")
-    sc = gc["self_chat"]
+    one_of(gc.engine, GENERATION_ENGINES, "generate.engine")
+    check_sampling(gc.sampling, "generate.sampling")
+    sc = gc.self_chat
     at_least(sc, ("turns", "user_max_new_tokens", "dedup_ngram", "dedup_max_tokens"), 1, "generate.self_chat")
-    one_of(sc["dedup"], DEDUP, "generate.self_chat.dedup")
+    one_of(sc.dedup, DEDUP, "generate.self_chat.dedup")
     for k in ("dedup_threshold", "dedup_cosine"):
-        if not 0 < sc[k] <= 1:
-            raise ValueError(f"generate.self_chat.{k} must be in (0, 1], got {sc[k]}")
-    if sc["dedup"] == "embedding" and sc["dedup_model"]:
-        check_local_checkpoint(sc["dedup_model"], "generate.self_chat.dedup_model")
+        if not 0 < getattr(sc, k) <= 1:
+            raise ValueError(f"generate.self_chat.{k} must be in (0, 1], got {getattr(sc, k)}")
+    if sc.dedup == "embedding" and sc.dedup_model:
+        check_local_checkpoint(sc.dedup_model, "generate.self_chat.dedup_model")

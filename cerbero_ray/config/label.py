@@ -63,27 +63,27 @@ class LabelStageConfig:
     label: LabelConfig = field(default_factory=LabelConfig)
 
 
-def check_batch_inference(b: dict, stage: str) -> None:
+def check_batch_inference(b: BatchInferenceConfig, stage: str) -> None:
     """The keys labeling and generation share; a local input that does not exist is named here,
     before Ray starts (an object-store input is listed when the run plans its chunks)."""
-    one_of(b["format"], INPUT_FORMATS, f"{stage}.format")
-    one_of(b["dtype"], INFERENCE_DTYPES, f"{stage}.dtype")
+    one_of(b.format, INPUT_FORMATS, f"{stage}.format")
+    one_of(b.dtype, INFERENCE_DTYPES, f"{stage}.dtype")
     at_least(b, ("chunk_rows", "workers"), 1, stage)
-    if float(b["gpus_per_worker"]) < 0 or float(b["cpus_per_worker"]) <= 0:
+    if float(b.gpus_per_worker) < 0 or float(b.cpus_per_worker) <= 0:
         raise ValueError(f"{stage}.gpus_per_worker must be >= 0 and {stage}.cpus_per_worker > 0")
-    check_local_path(b["input"], f"{stage}.input", glob_ok=True)
-    check_output_dir(b["output_dir"], f"{stage}.output_dir")
+    check_local_path(b.input, f"{stage}.input", glob_ok=True)
+    check_output_dir(b.output_dir, f"{stage}.output_dir")
 
 
-def check_label(c: dict, checkpoint: bool = True) -> None:
+def check_label(c: LabelStageConfig, checkpoint: bool = True) -> None:
     """``checkpoint=False`` when an earlier stage of the same job writes it (the recipe)."""
     from cerbero_ray.config.label_task import resolve_task
 
-    lc = c["label"]
+    lc = c.label
     check_batch_inference(lc, "label")
     if checkpoint:
-        check_local_checkpoint(lc["checkpoint"], "label.checkpoint", lc["base"])
+        check_local_checkpoint(lc.checkpoint, "label.checkpoint", lc.base)
     at_least(lc, ("max_text_tokens", "max_batch_tokens", "sort_window"), 1, "label")
-    if lc.get("task_file"):
-        check_local_path(lc["task_file"], "label.task_file")
+    if lc.task_file:
+        check_local_path(lc.task_file, "label.task_file")
     resolve_task(lc)  # a ValueError naming label.task… for a malformed task

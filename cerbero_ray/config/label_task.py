@@ -6,7 +6,7 @@ prompts and label continuations is :mod:`cerbero_ray.inference.label_prompts`.""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 
 import yaml
 
@@ -37,7 +37,10 @@ class LabelTask:
                 raise ValueError(f"label.task.few_shot: each example is {{text, label}} with a known label, got {ex}")
 
 
-def task_from_dict(d: dict) -> LabelTask:
+def task_from_dict(d) -> LabelTask:
+    """A task from a mapping of task keys, or a ``LabelTaskConfig`` (the ``label.task`` schema)."""
+    if is_dataclass(d):
+        d = asdict(d)
     unknown = set(d) - TASK_KEYS
     if unknown:
         raise ValueError(f"label.task: unknown keys {sorted(unknown)}; allowed {sorted(TASK_KEYS)}")
@@ -59,9 +62,9 @@ def load_task(path: str) -> LabelTask:
     return task_from_dict(d)
 
 
-def resolve_task(lc: dict) -> LabelTask:
+def resolve_task(lc) -> LabelTask:
     """The task of a ``label`` config section: ``task_file`` when set, else ``task``."""
-    return load_task(lc["task_file"]) if lc.get("task_file") else task_from_dict(lc["task"])
+    return load_task(lc.task_file) if lc.task_file else task_from_dict(lc.task)
 
 
 def get_task(spec) -> LabelTask:

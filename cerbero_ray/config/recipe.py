@@ -26,16 +26,16 @@ class RecipeConfig(DataStageConfig):
     stages: List[str] = field(default_factory=lambda: list(RECIPE_STAGES))
 
 
-def check_recipe(c: dict) -> None:
-    unknown = [s for s in c["stages"] if s not in RECIPE_STAGES]
+def check_recipe(c: RecipeConfig) -> None:
+    unknown = [s for s in c.stages if s not in RECIPE_STAGES]
     if unknown:
         raise ValueError(f"stages: unknown {unknown}; available: {list(RECIPE_STAGES)}")
     checks = {  # a checkpoint that the train stage of this job writes is not there yet
         "data": check_data,
         "train": check_train,
-        "label": lambda c: check_label(c, checkpoint="train" not in c["stages"]),
-        "evaluate": lambda c: check_evaluate(c, checkpoints="train" not in c["stages"] and "export" not in c["stages"]),
-        "export": lambda c: check_export(c, checkpoint="train" not in c["stages"]),
+        "label": lambda c: check_label(c, checkpoint="train" not in c.stages),
+        "evaluate": lambda c: check_evaluate(c, checkpoints="train" not in c.stages and "export" not in c.stages),
+        "export": lambda c: check_export(c, checkpoint="train" not in c.stages),
     }
-    for stage in c["stages"]:
+    for stage in c.stages:
         checks[stage](c)

@@ -23,13 +23,13 @@ class Sampling:
         return (self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop), self.seed, self.logprobs)
 
 
-def check_sampling(s: dict, key: str) -> None:
+def check_sampling(s: Sampling, key: str) -> None:
     """``ValueError`` naming ``key`` for settings no engine can honour."""
-    if int(s["max_new_tokens"]) < 1:
-        raise ValueError(f"{key}.max_new_tokens must be >= 1, got {s['max_new_tokens']}")
-    if float(s["temperature"]) < 0:
-        raise ValueError(f"{key}.temperature must be >= 0, got {s['temperature']}")
-    if not 0 < float(s["top_p"]) <= 1:
-        raise ValueError(f"{key}.top_p must be in (0, 1], got {s['top_p']}")
-    if any(not x for x in s["stop"]):
+    if int(s.max_new_tokens) < 1:
+        raise ValueError(f"{key}.max_new_tokens must be >= 1, got {s.max_new_tokens}")
+    if float(s.temperature) < 0:
+        raise ValueError(f"{key}.temperature must be >= 0, got {s.temperature}")
+    if not 0 < float(s.top_p) <= 1:
+        raise ValueError(f"{key}.top_p must be in (0, 1], got {s.top_p}")
+    if any(not x for x in s.stop):
         raise ValueError(f"{key}.stop: stop strings must be non-empty")

@@ -67,16 +67,16 @@ class ServeStageConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
-def check_serve(c: dict) -> None:
+def check_serve(c: ServeStageConfig) -> None:
     """``ValueError`` naming the key, before Ray starts."""
     from cerbero_ray.config.label_task import task_from_dict
 
-    sc = c["serve"]
-    if not 1 <= sc["min_replicas"] <= sc["max_replicas"]:
+    sc = c.serve
+    if not 1 <= sc.min_replicas <= sc.max_replicas:
         raise ValueError(
-            f"serve.min_replicas ({sc['min_replicas']}) must be >= 1 and <= serve.max_replicas ({sc['max_replicas']})"
+            f"serve.min_replicas ({sc.min_replicas}) must be >= 1 and <= serve.max_replicas ({sc.max_replicas})"
         )
-    one_of(sc["overload_status"], (503, 429), "serve.overload_status")
+    one_of(sc.overload_status, (503, 429), "serve.overload_status")
     at_least(
         sc,
         (
@@ -96,36 +96,36 @@ def check_serve(c: dict) -> None:
     )
     at_least(sc, ("shutdown_grace_s",), 0, "serve")
     at_least(sc, ("body_timeout_s", "retry_after_s"), 0.1, "serve")
-    if sc["default_max_tokens"] > sc["max_new_tokens"]:
+    if sc.default_max_tokens > sc.max_new_tokens:
         raise ValueError("serve.default_max_tokens must be <= serve.max_new_tokens")
-    one_of(sc["dtype"], INFERENCE_DTYPES, "serve.dtype")
-    one_of(sc["engine"], GENERATION_ENGINES, "serve.engine")
-    check_local_checkpoint(sc["checkpoint"], "serve.checkpoint")
+    one_of(sc.dtype, INFERENCE_DTYPES, "serve.dtype")
+    one_of(sc.engine, GENERATION_ENGINES, "serve.engine")
+    check_local_checkpoint(sc.checkpoint, "serve.checkpoint")
     check_adapters(sc)
-    for name, task in sc["label_tasks"].items():
+    for name, task in sc.label_tasks.items():
         try:
             task_from_dict(task)
         except ValueError as e:
             raise ValueError(f"serve.label_tasks.{name}: {e}") from None
 
 
-def check_adapters(sc: dict) -> None:
+def check_adapters(sc: ServeConfig) -> None:
     """``serve.adapters``: names a client can send, the continuous engine, a base checkpoint, and
     (local ones) whole LoRA folders trained on it."""
     from cerbero_ray import adapters
     from cerbero_ray.checkpoints import is_local, local_path
 
-    if not sc["adapters"]:
+    if not sc.adapters:
         return
-    if sc["engine"] != "continuous":
+    if sc.engine != "continuous":
         raise ValueError("serve.adapters needs serve.engine=continuous (it mixes adapters in one batch)")
-    if is_local(sc["checkpoint"]) and adapters.is_adapter(local_path(sc["checkpoint"])):
+    if is_local(sc.checkpoint) and adapters.is_adapter(local_path(sc.checkpoint)):
         raise ValueError("serve.checkpoint is an adapter; with serve.adapters it must be their base (an HF folder)")
-    for name, path in sc["adapters"].items():
+    for name, path in sc.adapters.items():
         key = f"serve.adapters.{name}"
-        if not adapters.NAME.match(name) or name == sc["model_name"]:
+        if not adapters.NAME.match(name) or name == sc.model_name:
             raise ValueError(
-                f"{key}: a name is letters, digits and ._:- (up to 64), not serve.model_name {sc['model_name']!r}"
+                f"{key}: a name is letters, digits and ._:- (up to 64), not serve.model_name {sc.model_name!r}"
             )
         if is_local(path):
             if not adapters.is_adapter(local_path(path)):

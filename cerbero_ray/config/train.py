@@ -111,12 +111,12 @@ class TrainStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def check_train(c: dict) -> None:
+def check_train(c: TrainStageConfig) -> None:
     """``ValueError`` naming the key: batch arithmetic, schedule, precision, ZeRO stage."""
-    t, ds = c["train"], c["deepspeed"]
-    check_tokenizer(c["tokenizer"])
-    check_model(c["model"])
-    check_output_dir(t["output_dir"], "train.output_dir")
+    t, ds = c.train, c.deepspeed
+    check_tokenizer(c.tokenizer)
+    check_model(c.model)
+    check_output_dir(t.output_dir, "train.output_dir")
     positive = (
         "num_workers",
         "micro_batch_size",
@@ -143,10 +143,10 @@ def check_train(c: dict) -> None:
         0,
         "train",
     )
-    per_step = t["micro_batch_size"] * t["num_workers"]
-    if t["global_batch_size"] % per_step:
+    per_step = t.micro_batch_size * t.num_workers
+    if t.global_batch_size % per_step:
         raise ValueError(
-            f"train.global_batch_size={t['global_batch_size']} must be a multiple of "
+            f"train.global_batch_size={t.global_batch_size} must be a multiple of "
             f"train.micro_batch_size × train.num_workers = {per_step}"
         )
     for key, allowed in (
@@ -155,52 +155,52 @@ def check_train(c: dict) -> None:
         ("schedule", SCHEDULES),
         ("placement_strategy", PLACEMENTS),
     ):
-        one_of(t[key], allowed, f"train.{key}")
-    if t["attention"] == "flash_attention_2" and t["micro_batch_size"] > 1:
+        one_of(getattr(t, key), allowed, f"train.{key}")
+    if t.attention == "flash_attention_2" and t.micro_batch_size > 1:
         raise ValueError(
             "train.attention=flash_attention_2 needs train.micro_batch_size=1: transformers reads a packed "
             "row's documents from position_ids on that path only for one row, so documents of a row "
             "would attend to each other (use auto, which picks flex_attention, or sdpa)"
         )
-    if ds["stage"] not in ZERO_STAGES:
+    if ds.stage not in ZERO_STAGES:
         raise ValueError(
             f"deepspeed.stage must be one of {ZERO_STAGES} (the recipe is ZeRO-1; stage 3 shards "
-            f"the weights, which this trainer's checkpoint export does not gather), got {ds['stage']}"
+            f"the weights, which this trainer's checkpoint export does not gather), got {ds.stage}"
         )
-    if not 0 <= t["min_lr_ratio"] <= 1 or t["lr"] <= 0:
+    if not 0 <= t.min_lr_ratio <= 1 or t.lr <= 0:
         raise ValueError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
-    if not 0 <= t["warmup_ratio"] <= 1:
-        raise ValueError(f"train.warmup_ratio must be in [0, 1], got {t['warmup_ratio']}")
-    if t["cpus_per_worker"] <= 0 or t["read_cpus"] <= 0:
+    if not 0 <= t.warmup_ratio <= 1:
+        raise ValueError(f"train.warmup_ratio must be in [0, 1], got {t.warmup_ratio}")
+    if t.cpus_per_worker <= 0 or t.read_cpus <= 0:
         raise ValueError("train.cpus_per_worker and train.read_cpus must be > 0")
-    one_of(t["method"], METHODS, "train.method")
-    if t["method"] == "lora":
-        check_lora(t["lora"], t["use_gpu"])
+    one_of(t.method, METHODS, "train.method")
+    if t.method == "lora":
+        check_lora(t.lora, t.use_gpu)
 
 
-def check_lora(lc: dict, use_gpu: bool) -> None:
+def check_lora(lc: LoraConfig, use_gpu: bool) -> None:
     """``ValueError`` naming the ``train.lora`` key: rank, scale, dropout, modules, QLoRA's needs."""
-    if lc["lr"] is not None and lc["lr"] <= 0:
-        raise ValueError(f"train.lora.lr must be > 0 (or null: train.lr), got {lc['lr']}")
-    if lc["r"] < 1 or lc["alpha"] <= 0:
-        raise ValueError(f"train.lora.r must be >= 1 and train.lora.alpha > 0, got r={lc['r']}, alpha={lc['alpha']}")
-    if not 0 <= lc["dropout"] < 1:
-        raise ValueError(f"train.lora.dropout must be in [0, 1), got {lc['dropout']}")
-    if not lc["target_modules"]:
+    if lc.lr is not None and lc.lr <= 0:
+        raise ValueError(f"train.lora.lr must be > 0 (or null: train.lr), got {lc.lr}")
+    if lc.r < 1 or lc.alpha <= 0:
+        raise ValueError(f"train.lora.r must be >= 1 and train.lora.alpha > 0, got r={lc.r}, alpha={lc.alpha}")
+    if not 0 <= lc.dropout < 1:
+        raise ValueError(f"train.lora.dropout must be in [0, 1), got {lc.dropout}")
+    if not lc.target_modules:
         raise ValueError(f"train.lora.target_modules: name at least one of {LORA_TARGETS}")
-    for m in lc["target_modules"]:
+    for m in lc.target_modules:
         one_of(m, (*LORA_TARGETS, HEAD), "train.lora.target_modules[]")
-    if HEAD in lc["target_modules"] and HEAD in lc["train_in_full"]:
+    if HEAD in lc.target_modules and HEAD in lc.train_in_full:
         raise ValueError("train.lora: lm_head is in target_modules and in train_in_full; choose one")
-    for m in lc["train_in_full"]:
+    for m in lc.train_in_full:
         one_of(m, FULL_MODULES, "train.lora.train_in_full[]")
-    if lc["qlora"]:
+    if lc.qlora:
         if not use_gpu:
             raise ValueError(
                 "train.lora.qlora=true quantizes the base to 4 bits with bitsandbytes, which needs CUDA: "
                 "set train.use_gpu=true on a GPU cluster, or train.lora.qlora=false on CPU"
             )
-        if lc["merge"]:
+        if lc.merge:
             raise ValueError(
                 "train.lora.merge=true with qlora: merging into a 4-bit base loses the adapter's precision; "
                 "merge the adapter into the bf16 base afterwards (export does it)"

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from dataclasses import asdict
 
 from cerbero_ray import storage
+from cerbero_ray.config.data import DataStageConfig
 from cerbero_ray.shards import COLUMNS, MANIFEST_VERSION, read_manifest, write_manifest  # noqa: F401 (the stage's API)
 from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
 
@@ -31,30 +33,30 @@ SUM_KEYS = (
 )
 
 
-def config_hash(cfg: dict) -> str:
+def config_hash(cfg: DataStageConfig) -> str:
     """Hash of what determines the shards: the data config (minus where it is written) and the tokenizer."""
-    data = {k: v for k, v in cfg["data"].items() if k not in ("output_dir", "overwrite", "workers")}
-    blob = json.dumps({"data": data, "tokenizer": cfg["tokenizer"]}, sort_keys=True, default=str)
+    data = {k: v for k, v in asdict(cfg.data).items() if k not in ("output_dir", "overwrite", "workers")}
+    blob = json.dumps({"data": data, "tokenizer": asdict(cfg.tokenizer)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_manifest(stats: list[dict], cfg: dict, plans, seconds: float) -> dict:
-    d, t = cfg["data"], cfg["tokenizer"]
+def build_manifest(stats: list[dict], cfg: DataStageConfig, plans, seconds: float) -> dict:
+    d, t = cfg.data, cfg.tokenizer
     totals = {k: int(sum(s[k] for s in stats)) for k in SUM_KEYS}
     reasons, per_source = Counter(), Counter()
     for s in stats:
         reasons.update(json.loads(s["reject_reasons"]))
         per_source.update(json.loads(s["per_source"]))
-    seq_len = int(d["seq_len"])
+    seq_len = d.seq_len
     capacity = totals["rows"] * seq_len
     return {
         "version": MANIFEST_VERSION,
         "seq_len": seq_len,
-        "tokenizer_hash": tokenizer_hash(build_tokenizer(t.get("path"), t["assistant_tag"], t["system_line"])),
+        "tokenizer_hash": tokenizer_hash(build_tokenizer(t.path, t.assistant_tag, t.system_line)),
         "config_hash": config_hash(cfg),
-        "seed": int(d["seed"]),
-        "loss_on": d["loss_on"],
-        "packing": d["packing"],
+        "seed": d.seed,
+        "loss_on": d.loss_on,
+        "packing": d.packing,
         "columns": list(COLUMNS),
         **totals,
         "fill": round(totals["tokens"] / capacity, 6) if capacity else 0.0,
@@ -65,7 +67,7 @@ def build_manifest(stats: list[dict], cfg: dict, plans, seconds: float) -> dict:
                 "files": p.files,
                 "format": p.format,
                 "bytes": p.bytes,
-                "weight": d["sources"][p.name].get("weight", 1.0),
+                "weight": d.sources[p.name].weight,
                 "skipped_files": p.skipped,  # files of the source's folder not read, with why
             }
             for p in plans
@@ -78,7 +80,7 @@ def build_manifest(stats: list[dict], cfg: dict, plans, seconds: float) -> dict:
         "rejects_files": [_absolute(s["rejects_path"]) for s in stats if s["rejects_path"]],
         "seconds": round(seconds, 2),
         "tokens_per_s": round(totals["tokens"] / seconds) if seconds else None,
-        "config": {"data": d, "tokenizer": t},
+        "config": {"data": asdict(d), "tokenizer": asdict(t)},
     }
 
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from cerbero_ray import storage
 from cerbero_ray.config import check
+from cerbero_ray.config.data import DataStageConfig
 from cerbero_ray.data.manifest import build_manifest, config_hash, format_summary, read_manifest, write_manifest
 from cerbero_ray.data.process import BufferProcessor
 from cerbero_ray.data.sources import build_dataset, inspect_sources
@@ -25,7 +26,7 @@ from cerbero_ray.data.sources import build_dataset, inspect_sources
 log = logging.getLogger(__name__)
 
 
-def finished_run(out: str, cfg: dict, plans) -> dict | None:
+def finished_run(out: str, cfg: DataStageConfig, plans) -> dict | None:
     """The manifest of a complete earlier run of this same config on the same input files, if any."""
     try:
         m = read_manifest(out)
@@ -58,38 +59,37 @@ def prepare_output(out: str, overwrite: bool) -> None:
         fs.delete_dir(i.path) if i.type == storage.pafs.FileType.Directory else fs.delete_file(i.path)
 
 
-def run_data(cfg: DictConfig | dict) -> dict:
+def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
     """Run the data stage on an initialised Ray; returns the manifest (also written to
     ``<data.output_dir>/manifest.json``)."""
     import ray
     import ray.data
 
     c = check("data", cfg)
-    d = c["data"]
-    plans = inspect_sources(d["sources"])
+    d = c.data
+    plans = inspect_sources(d.sources)
     for p in plans:
-        d["sources"][p.name]["format"] = p.format
-    out = d["output_dir"]
-    done = None if d.get("overwrite") else finished_run(out, c, plans)
+        d.sources[p.name].format = p.format
+    out = d.output_dir
+    done = None if d.overwrite else finished_run(out, c, plans)
     if done:  # a rerun of the same config on the same files: the shards are already there
         log.info(
             f"[data] {out} is up to date ({done['rows']:,} rows, config {done['config_hash']}); "
             "data.overwrite=true redoes it",
         )
         return done
-    prepare_output(out, bool(d.get("overwrite")))
+    prepare_output(out, d.overwrite)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     reserve = 1.0 if cpus >= 2 else cpus / 2  # reads must always get a CPU, or the stream stalls
-    workers = int(d.get("workers") or max(1, cpus - reserve))
+    workers = d.workers or int(max(1, cpus - reserve))
     actor_cpus = min(1.0, (cpus - reserve) / workers)
-    proc_cfg = {**d, "tokenizer": c["tokenizer"], "threads": max(1, int(cpus) // workers)}
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs + seed -> same shards
     ds = build_dataset(plans).map_batches(
         BufferProcessor,
-        fn_constructor_args=(proc_cfg,),
-        batch_size=int(d["buffer_docs"]),
+        fn_constructor_args=(d, c.tokenizer, max(1, int(cpus) // workers)),
+        batch_size=d.buffer_docs,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=actor_cpus,

@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cerbero_ray import storage
+from cerbero_ray.config.common import TokenizerConfig
+from cerbero_ray.config.data import DataConfig
 from cerbero_ray.data.formats import Document, Reject, to_document
 from cerbero_ray.data.packing import IGNORE_INDEX, best_fit_decreasing, build_rows, sequential_fill, split_long
 from cerbero_ray.tokenizer import build_tokenizer, encode_chats, encode_plain
@@ -43,18 +45,18 @@ def copies(weight: float, seed: int, key: str) -> int:
 class BufferProcessor:
     """Callable on a batch of raw rows (a dict of numpy arrays); returns one stats record.
 
-    ``cfg`` is the plain-dict form of the data config plus ``tokenizer`` and ``output_dir``.
+    ``cfg``: the data config (its sources typed, as ``check_data`` leaves them); ``threads``: the
+    tokenizer's thread pool (0: its default).
     """
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: DataConfig, tokenizer: TokenizerConfig, threads: int = 0):
         self.cfg = cfg
-        if cfg.get("threads"):  # the tokenizer's Rust thread pool; read when it first starts
-            os.environ.setdefault("RAYON_NUM_THREADS", str(cfg["threads"]))
-        tcfg = cfg["tokenizer"]
-        self.tok = build_tokenizer(tcfg.get("path"), tcfg["assistant_tag"], tcfg["system_line"])
-        self.sources = cfg["sources"]
-        self.seq_len = int(cfg["seq_len"])
-        self.assistant_only = cfg["loss_on"] == "assistant"
+        if threads:  # the tokenizer's Rust thread pool; read when it first starts
+            os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+        self.tok = build_tokenizer(tokenizer.path, tokenizer.assistant_tag, tokenizer.system_line)
+        self.sources = cfg.sources
+        self.seq_len = cfg.seq_len
+        self.assistant_only = cfg.loss_on == "assistant"
 
     # -- parse ---------------------------------------------------------------------------------
     def _parse(self, source: str, kind: str, raw: bytes) -> Document:
@@ -77,7 +79,7 @@ class BufferProcessor:
             raise Reject("invalid_json", str(e)[:200]) from None
         except RecursionError:
             raise Reject("invalid_json", "nested deeper than the JSON parser allows") from None
-        return to_document(record, src["format"], src.get("text_field", "text"))
+        return to_document(record, src.format, src.text_field)
 
     # -- tokenize ------------------------------------------------------------------------------
     def _tokenize(self, docs: list[Document]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -128,15 +130,13 @@ class BufferProcessor:
                 reasons[r.reason] += 1
                 rejects.append(self._reject_row(source, path, line_no, raw, r))
                 continue
-            for _ in range(
-                copies(self.sources[source].get("weight", 1.0), self.cfg["seed"], f"{source}:{path}:{line_no}")
-            ):
+            for _ in range(copies(self.sources[source].weight, self.cfg.seed, f"{source}:{path}:{line_no}")):
                 docs.append(doc)
                 origins.append((source, path, int(line_no), raw))
         pieces, piece_sources = [], []
         for (ids, labels), (source, path, line_no, raw) in zip(self._tokenize(docs), origins):
             if len(ids) > self.seq_len:
-                if self.cfg["long_docs"] == "drop":
+                if self.cfg.long_docs == "drop":
                     stats["dropped_long"] += 1
                     reasons["too_long"] += 1
                     rejects.append(
@@ -184,12 +184,12 @@ class BufferProcessor:
         if not pieces:
             return empty
         lengths = [len(p[0]) for p in pieces]
-        if self.cfg["packing"] == "whole":
+        if self.cfg.packing == "whole":
             bins = best_fit_decreasing(lengths, self.seq_len)
         else:
             bins = sequential_fill(lengths, self.seq_len)
         rows = build_rows(pieces, bins, self.seq_len, self.tok.pad_token_id)
-        perm = np.random.default_rng([self.cfg["seed"], int(key, 16) & 0xFFFFFFFF]).permutation(len(bins))
+        perm = np.random.default_rng([self.cfg.seed, int(key, 16) & 0xFFFFFFFF]).permutation(len(bins))
         table = pa.table(
             {
                 "input_ids": _fixed(rows.input_ids[perm]),
@@ -201,10 +201,10 @@ class BufferProcessor:
                 "doc_tokens": pa.array([[b - a for _, a, b in bins[i]] for i in perm], pa.list_(pa.int32())),
             }
         )
-        shard = storage.join(self.cfg["output_dir"], "shards", f"shard-{key}.parquet")
+        shard = storage.join(self.cfg.output_dir, "shards", f"shard-{key}.parquet")
         with storage.open_output(shard) as f:
             # small row groups: the trainer reads any run of rows without decoding the whole shard
-            pq.write_table(table, f, compression=self.cfg.get("compression", "zstd"), row_group_size=ROW_GROUP_ROWS)
+            pq.write_table(table, f, compression=self.cfg.compression, row_group_size=ROW_GROUP_ROWS)
         tokens = int(sum(len(p[0]) for p in pieces))
         cut = sum(1 for b in bins for _, start, stop in b if start > 0)
         return {
@@ -219,7 +219,7 @@ class BufferProcessor:
     def _write_rejects(self, rejects: list[dict], key: str) -> str:
         if not rejects:
             return ""
-        path = storage.join(self.cfg["output_dir"], "rejects", f"rejects-{key}.jsonl")
+        path = storage.join(self.cfg.output_dir, "rejects", f"rejects-{key}.jsonl")
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
         return storage.write_bytes(path, text.encode("utf-8", "backslashreplace"))
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cerbero_ray import inputs, storage
+from cerbero_ray.config.data import SourceConfig
 from cerbero_ray.data.formats import FORMATS, detect_format, to_document
 
 SUFFIXES = inputs.FORMAT_SUFFIXES
@@ -73,24 +74,24 @@ def _peek(path: str) -> list:
     return records
 
 
-def inspect_sources(sources: dict[str, dict]) -> list[SourcePlan]:
+def inspect_sources(sources: dict[str, SourceConfig]) -> list[SourcePlan]:
     """Files, format and size of each source; ``ValueError`` if a source has no usable data."""
     if not sources:
         raise ValueError("data.sources is empty: give at least one source (see conf/data/*.yaml)")
     plans = []
     for name, src in sources.items():
-        fmt = src.get("format", "auto")
+        fmt = src.format
         if fmt != "auto" and fmt not in FORMATS:
             raise ValueError(f"data.sources.{name}.format={fmt!r}: expected auto or one of {FORMATS}")
-        if float(src.get("weight", 1.0)) < 0:
-            raise ValueError(f"data.sources.{name}.weight must be >= 0, got {src['weight']}")
+        if float(src.weight) < 0:
+            raise ValueError(f"data.sources.{name}.weight must be >= 0, got {src.weight}")
         try:
-            files, skipped = inputs.list_inputs(src["path"], SUFFIXES)
+            files, skipped = inputs.list_inputs(src.path, SUFFIXES)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"data.sources.{name}.path: {e}") from None
         fs, _ = storage.resolve(files[0])
         size = sum(fs.get_file_info(storage.resolve(f)[1]).size for f in files)
-        text_field = src.get("text_field", "text")
+        text_field = src.text_field
         if all(inputs.format_suffix(f) == ".txt" for f in files):
             fmt = "text"
         else:
@@ -106,7 +107,7 @@ def inspect_sources(sources: dict[str, dict]) -> list[SourcePlan]:
                 if not found:
                     cols = sorted({k for r in dicts for k in r})[:20]
                     raise ValueError(
-                        f"data.sources.{name}: no usable column in {src['path']} (saw {cols or 'no JSON objects'}); "
+                        f"data.sources.{name}: no usable column in {src.path} (saw {cols or 'no JSON objects'}); "
                         f"expected 'messages', 'conversations', 'instruction'+'output' or '{text_field}' "
                         f"(set data.sources.{name}.text_field for another text column)"
                     )
@@ -120,7 +121,7 @@ def inspect_sources(sources: dict[str, dict]) -> list[SourcePlan]:
                     pass
             if dicts and ok == 0:
                 raise ValueError(
-                    f"data.sources.{name}: none of the first {len(dicts)} rows of {src['path']} "
+                    f"data.sources.{name}: none of the first {len(dicts)} rows of {src.path} "
                     f"is a valid '{fmt}' record; check data.sources.{name}.format/text_field"
                 )
         plans.append(SourcePlan(name, files, fmt, size, skipped))

@@ -20,8 +20,38 @@ import json
 import os
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
+from typing import Optional
 
 from cerbero_ray.chat import STOP_STRING
+from cerbero_ray.config.evaluate import EvaluateConfig
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """How one model of an evaluation runs (what its actors, its llama.cpp child or its endpoint
+    client read): the ``evaluate`` section's engine, pool and endpoint settings, the model's
+    checkpoint, the longest answer any unit asks for and the score units' label tasks
+    ({"<task>/<unit>": LabelTask keys})."""
+
+    checkpoint: str
+    dtype: str
+    batch_size: int
+    max_prompt_tokens: int
+    prefill_tokens: int
+    workers: Optional[int]
+    gpus_per_worker: float
+    cpus_per_worker: float
+    endpoint_model: Optional[str]
+    endpoint_key_env: str
+    endpoint_concurrency: int
+    max_new_tokens: int = 1
+    tasks: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, ec: EvaluateConfig, checkpoint: str, max_new_tokens: int = 1, tasks: dict | None = None) -> ModelRun:
+        keys = [f for f in cls.__dataclass_fields__ if f not in ("checkpoint", "max_new_tokens", "tasks")]
+        return cls(checkpoint, **{k: getattr(ec, k) for k in keys}, max_new_tokens=max_new_tokens, tasks=tasks or {})
 
 
 def model_kind(spec: str) -> str:
@@ -39,7 +69,7 @@ NO_SCORE = (
 LABEL_CHUNK = 16  # texts per /v1/label request (the server's serve.max_label_texts is 64 by default)
 
 
-def unsupported(kind: str, spec: str, cfg: dict) -> dict[str, str]:
+def unsupported(kind: str, spec: str, cfg: ModelRun) -> dict[str, str]:
     """The protocols a model of ``kind`` at ``spec`` cannot run, and why: an endpoint is asked
     whether it scores (one request); HF folders and GGUF files run every protocol."""
     if kind != "endpoint":
@@ -57,7 +87,7 @@ def _cut(text: str, stops: list[str]) -> str:
 
 
 class GGUFRunner:
-    def __init__(self, path: str, cfg: dict):
+    def __init__(self, path: str, cfg: ModelRun):
         from cerbero_ray import llamacpp, storage
         from cerbero_ray.chat import assistant_tag_of
         from cerbero_ray.tokenizer import build_tokenizer
@@ -83,7 +113,7 @@ class GGUFRunner:
                 self.tok.apply_chat_template(rows[i]["messages"], tokenize=False, add_generation_prompt=True)
                 for i in idx
             ]
-            ids, cut = encode_prompts(self.tok, prompts, self.cfg["max_prompt_tokens"])
+            ids, cut = encode_prompts(self.tok, prompts, self.cfg.max_prompt_tokens)
             toks = self.call("generate_many", path=self.path, prompts=ids, max_tokens=new, stop=_stops(newline))[
                 "tokens"
             ]
@@ -107,10 +137,8 @@ class GGUFRunner:
         from cerbero_ray.inference.label_prompts import continuations, prompt_text
         from cerbero_ray.tokenizer import encode_prompts
 
-        task = LabelTask(**self.cfg["tasks"][key])
-        ids, cut = encode_prompts(
-            self.tok, [prompt_text(task, t, self.tok) for t in texts], self.cfg["max_prompt_tokens"]
-        )
+        task = LabelTask(**self.cfg.tasks[key])
+        ids, cut = encode_prompts(self.tok, [prompt_text(task, t, self.tok) for t in texts], self.cfg.max_prompt_tokens)
         conts = continuations(task, self.tok)
         lps = self.call("score_many", path=self.path, prompts=ids, continuations=conts)["logprobs"]
         out = []
@@ -122,10 +150,10 @@ class GGUFRunner:
 
 
 class EndpointRunner:
-    def __init__(self, url: str, cfg: dict):
+    def __init__(self, url: str, cfg: ModelRun):
         self.url, self.cfg = url.rstrip("/"), cfg
         self.key = os.environ.get(self._key_env(), "unused")
-        self.model = cfg.get("endpoint_model") or self._get("/models")["data"][0]["id"]
+        self.model = cfg.endpoint_model or self._get("/models")["data"][0]["id"]
 
     def _request(self, path: str, body: dict | None = None) -> dict:
         req = urllib.request.Request(
@@ -153,12 +181,12 @@ class EndpointRunner:
             return False
 
     def _key_env(self) -> str:
-        return self.cfg.get("endpoint_key_env") or "OPENAI_API_KEY"
+        return self.cfg.endpoint_key_env or "OPENAI_API_KEY"
 
     def _score(self, key: str, texts: list[str]) -> list[dict]:
         """p(yes) of each text under the unit's task, from /v1/label; a text the server refuses
         (too long for its window) is ``p_yes`` None, counted as an error like the HF path's."""
-        body = {"task": self.cfg["tasks"][key], "texts": texts, "model": self.model}
+        body = {"task": self.cfg.tasks[key], "texts": texts, "model": self.model}
         try:
             results = self._request("/label", body)["results"]
         except urllib.error.HTTPError as e:
@@ -201,7 +229,7 @@ class EndpointRunner:
             return idx, self._score(key, [rows[i]["text"] for i in idx])
 
         gen = [i for i, r in enumerate(rows) if r["text"] is None]
-        with ThreadPoolExecutor(int(self.cfg.get("endpoint_concurrency") or 8)) as pool:
+        with ThreadPoolExecutor(self.cfg.endpoint_concurrency) as pool:
             for i, o in zip(gen, pool.map(one, [rows[i] for i in gen])):
                 out[i] = o
             for idx, outs in pool.map(chunk, chunks):
@@ -226,5 +254,5 @@ def _groups(rows: list[dict], idx: list[int], key) -> dict:
     return out
 
 
-def runner(kind: str, spec: str, cfg: dict):
+def runner(kind: str, spec: str, cfg: ModelRun):
     return GGUFRunner(spec, cfg) if kind == "gguf" else EndpointRunner(spec, cfg)

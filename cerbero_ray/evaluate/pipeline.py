@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
+from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,9 +31,9 @@ from tqdm import tqdm
 from cerbero_ray import batchjob, storage
 from cerbero_ray.checkpoints import check_checkpoint, is_local
 from cerbero_ray.config import check
-from cerbero_ray.config.evaluate import selected_tasks
+from cerbero_ray.config.evaluate import EvaluateConfig, EvaluateStageConfig, selected_tasks
 from cerbero_ray.evaluate import squad
-from cerbero_ray.evaluate.backends import model_kind, runner, unsupported
+from cerbero_ray.evaluate.backends import ModelRun, model_kind, runner, unsupported
 from cerbero_ray.evaluate.metrics import baselines, paired_bootstrap, prompt_summary
 from cerbero_ray.evaluate.reading import columns_from_rows, figures, metric_kind, read_unit
 from cerbero_ray.evaluate.report import write_report
@@ -63,17 +64,17 @@ PREDICTION_SCHEMA = pa.schema(
 )
 
 
-def prepare_tasks(ec: dict) -> tuple[dict[str, Prepared], list[str]]:
+def prepare_tasks(ec: EvaluateConfig) -> tuple[dict[str, Prepared], list[str]]:
     """Every selected task's rows and units; tasks whose file is missing are skipped when ``skip_missing``."""
     prepared, skipped = {}, []
     for name, tc in selected_tasks(ec).items():
-        if not storage.is_file(tc["path"]):
-            if ec["skip_missing"]:
+        if not storage.is_file(tc.path):
+            if ec.skip_missing:
                 skipped.append(name)
                 continue
-            raise ValueError(f"evaluate.tasks.{name}.path: no such file: {tc['path']}")
+            raise ValueError(f"evaluate.tasks.{name}.path: no such file: {tc.path}")
         try:
-            prepared[name] = prepare(name, tc, ec["seed"])
+            prepared[name] = prepare(name, tc, ec.seed)
         except ValueError as e:
             raise ValueError(f"evaluate.tasks.{name}: {e}") from None
     if skipped:
@@ -84,11 +85,11 @@ def prepare_tasks(ec: dict) -> tuple[dict[str, Prepared], list[str]]:
     return prepared, skipped
 
 
-def _task_dir(ec: dict, ckpt: str, task: str) -> str:
-    return storage.join(ec["output_dir"], "runs", ckpt, task)
+def _task_dir(ec: EvaluateConfig, ckpt: str, task: str) -> str:
+    return storage.join(ec.output_dir, "runs", ckpt, task)
 
 
-def _done(ec: dict, ckpt: str, task: str, ident: str) -> dict | None:
+def _done(ec: EvaluateConfig, ckpt: str, task: str, ident: str) -> dict | None:
     try:
         m = storage.read_json(storage.join(_task_dir(ec, ckpt, task), "metrics.json"))
     except FileNotFoundError:
@@ -119,36 +120,33 @@ def _requests(todo: dict[str, list[Unit]]) -> list[dict]:
     ]
 
 
-def _answers(ec: dict, ckpt: str, todo: dict[str, list[Unit]]) -> dict[tuple, dict]:
+def _answers(ec: EvaluateConfig, ckpt: str, todo: dict[str, list[Unit]]) -> dict[tuple, dict]:
     """Every request of ``todo`` answered by model ``ckpt``: {(task, unit, id): {raw, p_yes, truncated}}."""
-    spec, kind = ec["checkpoints"][ckpt], model_kind(ec["checkpoints"][ckpt])
+    spec, kind = ec.checkpoints[ckpt], model_kind(ec.checkpoints[ckpt])
     items = _requests(todo)
     longest = max([u.max_new_tokens for us in todo.values() for u in us] or [1])
-    cfg = {
-        "checkpoint": spec,
-        **{k: ec[k] for k in ("dtype", "batch_size", "max_prompt_tokens", "prefill_tokens", "workers")},
-        **{k: ec[k] for k in ("gpus_per_worker", "cpus_per_worker", "endpoint_model", "endpoint_key_env")},
-        "max_new_tokens": max(longest, 1),
-        "tasks": {f"{n}/{u.key}": u.task for n, us in todo.items() for u in us if u.task},
-    }
+    tasks = {f"{n}/{u.key}": u.task for n, us in todo.items() for u in us if u.task}
+    cfg = ModelRun.of(ec, spec, max(longest, 1), tasks)
     out = {}
     if kind == "hf":
         for row in batchjob.map_items(
-            items, EvalWorker, cfg, f"evaluate {ckpt}", len(items), ec["batch_rows"], batch_format="pyarrow"
+            items, EvalWorker, cfg, f"evaluate {ckpt}", len(items), ec.batch_rows, batch_format="pyarrow"
         ):
             out[(row["task"], row["unit"], row["id"])] = row
         return out
     run = runner(kind, spec, cfg)
     with tqdm(total=len(items), unit="row", desc=f"evaluate {ckpt} ({kind})", dynamic_ncols=True) as bar:
-        for s in range(0, len(items), ec["batch_rows"]):
-            batch = items[s : s + ec["batch_rows"]]
+        for s in range(0, len(items), ec.batch_rows):
+            batch = items[s : s + ec.batch_rows]
             for item, o in zip(batch, run.run(batch)):
                 out[(item["task"], item["unit"], item["id"])] = o
             bar.update(len(batch))
     return out
 
 
-def _finish_task(ec: dict, ckpt: str, p: Prepared, units: list[Unit], answers: dict, ident: str, refused: dict) -> dict:
+def _finish_task(
+    ec: EvaluateConfig, ckpt: str, p: Prepared, units: list[Unit], answers: dict, ident: str, refused: dict
+) -> dict:
     """Figures and predictions of one (model, task); ``metrics.json`` is written last."""
     d = _task_dir(ec, ckpt, p.name)
     table, by_unit = [], {}
@@ -160,7 +158,7 @@ def _finish_task(ec: dict, ckpt: str, p: Prepared, units: list[Unit], answers: d
             "protocol": u.protocol,
             "prompt": u.prompt,
             "prompt_hash": u.prompt_hash(),
-            **figures(metric_kind(p.kind, u.protocol), cols, counts, ec["bootstrap"], ec["seed"]),
+            **figures(metric_kind(p.kind, u.protocol), cols, counts, ec.bootstrap, ec.seed),
         }
         if p.kind == "squad" and u.protocol == "generate" and u.prompt == 0:  # the official script's inputs
             preds = {r["id"]: r["prediction"] for r in rows}
@@ -170,8 +168,8 @@ def _finish_task(ec: dict, ckpt: str, p: Prepared, units: list[Unit], answers: d
         pq.write_table(pa.Table.from_pylist(table, schema=PREDICTION_SCHEMA), f)
     result = {
         "identity": ident,
-        "checkpoint": ec["checkpoints"][ckpt],
-        "model_kind": model_kind(ec["checkpoints"][ckpt]),
+        "checkpoint": ec.checkpoints[ckpt],
+        "model_kind": model_kind(ec.checkpoints[ckpt]),
         "task": p.name,
         "kind": p.kind,
         "rows": len(p.rows),
@@ -197,20 +195,21 @@ def _over_prompts(by_unit: dict) -> dict:
     return dict(out)
 
 
-def evaluate_model(ec: dict, ckpt: str, prepared: dict[str, Prepared]) -> dict[str, dict]:
+def evaluate_model(ec: EvaluateConfig, ckpt: str, prepared: dict[str, Prepared]) -> dict[str, dict]:
     """Every task of one model; returns {task: metrics.json content}."""
-    tasks, kind = selected_tasks(ec), model_kind(ec["checkpoints"][ckpt])
-    model = {k: ec[k] for k in ("dtype", "max_prompt_tokens")} | {"checkpoint": ec["checkpoints"][ckpt]}
+    tasks, kind = selected_tasks(ec), model_kind(ec.checkpoints[ckpt])
+    model = {"dtype": ec.dtype, "max_prompt_tokens": ec.max_prompt_tokens, "checkpoint": ec.checkpoints[ckpt]}
     results, todo, idents, refused = {}, {}, {}, {}
-    cannot = unsupported(kind, ec["checkpoints"][ckpt], ec)  # an endpoint that cannot score: asked once
+    # an endpoint that cannot score: asked once
+    cannot = unsupported(kind, ec.checkpoints[ckpt], ModelRun.of(ec, ec.checkpoints[ckpt]))
     for name, p in prepared.items():
         units, refused[name] = _runnable(p.units, cannot)
-        ident = p.identity(tasks[name], ec["seed"], model) + f":{ec['bootstrap']}"
+        ident = p.identity(tasks[name], ec.seed, model) + f":{ec.bootstrap}"
         # what was refused is part of the identity: an endpoint that can score later redoes the task
         ident += f":without={','.join(sorted(refused[name]))}" if refused[name] else ""
         for key, why in refused[name].items():
             log.info(f"[evaluate] {ckpt}: {name} {key} not run: {why}")
-        done = None if ec["overwrite"] else _done(ec, ckpt, name, ident)
+        done = None if ec.overwrite else _done(ec, ckpt, name, ident)
         if done:
             results[name] = done
         else:
@@ -224,7 +223,7 @@ def evaluate_model(ec: dict, ckpt: str, prepared: dict[str, Prepared]) -> dict[s
     return results
 
 
-def paired(ec: dict, prepared: dict[str, Prepared], per_model: dict) -> dict:
+def paired(ec: EvaluateConfig, prepared: dict[str, Prepared], per_model: dict) -> dict:
     """Each model against the first, on the same rows and resamples: per task and unit, the
     difference of every figure with its 95% interval."""
     names = list(per_model)
@@ -248,12 +247,12 @@ def paired(ec: dict, prepared: dict[str, Prepared], per_model: dict) -> dict:
                     continue
                 kind = metric_kind(prepared[t].kind, u.split("/")[0])
                 out.setdefault(f"{m} - {base}", {}).setdefault(t, {})[u] = paired_bootstrap(
-                    kind, a, b, ec["bootstrap"], ec["seed"]
+                    kind, a, b, ec.bootstrap, ec.seed
                 )
     return out
 
 
-def _unit_rows(ec: dict, ckpt: str, task: str) -> dict[str, list[dict]]:
+def _unit_rows(ec: EvaluateConfig, ckpt: str, task: str) -> dict[str, list[dict]]:
     fs, p = storage.resolve(storage.join(_task_dir(ec, ckpt, task), "predictions.parquet"))
     with fs.open_input_file(p) as f:
         rows = pq.read_table(f).to_pylist()
@@ -263,22 +262,22 @@ def _unit_rows(ec: dict, ckpt: str, task: str) -> dict[str, list[dict]]:
     return units
 
 
-def _present(ec: dict, name: str, path: str) -> bool:
+def _present(ec: EvaluateConfig, name: str, path: str) -> bool:
     """A GGUF file that is not there (the main job without llama-cpp-python makes no Q4_K_M file) is
     skipped with one line when ``skip_missing``; else an error naming the key."""
     if model_kind(path) != "gguf" or storage.is_file(path):
         return True
-    if ec["skip_missing"]:
+    if ec.skip_missing:
         log.warning(f"[evaluate] {name} skipped: no GGUF file at {path}")
         return False
     raise ValueError(f"evaluate.checkpoints.{name}: no such GGUF file: {path}")
 
 
-def run_evaluate(cfg: DictConfig | dict) -> dict:
+def run_evaluate(cfg: DictConfig | dict | EvaluateStageConfig) -> dict:
     """Evaluate every model on every task on an initialised Ray; returns ``results.json``'s content."""
     c = check("evaluate", cfg)
-    ec = c["evaluate"]
-    for name, path in ec["checkpoints"].items():
+    ec = c.evaluate
+    for name, path in ec.checkpoints.items():
         if model_kind(path) == "hf" and not is_local(path):
             check_checkpoint(path, f"evaluate.checkpoints.{name}")
     t0 = time.perf_counter()
@@ -290,12 +289,12 @@ def run_evaluate(cfg: DictConfig | dict) -> dict:
             f"{len(p.units)} unit(s) ({', '.join(u.key for u in p.units)})"
             f"{', rejects ' + str(dict(rej)) if rej else ''}"
         )
-    models = [m for m, path in ec["checkpoints"].items() if _present(ec, m, path)]
+    models = [m for m, path in ec.checkpoints.items() if _present(ec, m, path)]
     per_model = {m: evaluate_model(ec, m, prepared) for m in models}
     results = {
-        "config": ec,
-        "seed": ec["seed"],
-        "bootstrap": ec["bootstrap"],
+        "config": asdict(ec),
+        "seed": ec.seed,
+        "bootstrap": ec.bootstrap,
         "skipped_tasks": skipped,
         "seconds": round(time.perf_counter() - t0, 1),
         "tasks": {
@@ -314,9 +313,9 @@ def run_evaluate(cfg: DictConfig | dict) -> dict:
         },
         "results": {m: {t: r["units"] for t, r in res.items()} for m, res in per_model.items()},
         "over_prompts": {m: {t: r["protocols"] for t, r in res.items()} for m, res in per_model.items()},
-        "model_kinds": {m: model_kind(ec["checkpoints"][m]) for m in per_model},
+        "model_kinds": {m: model_kind(ec.checkpoints[m]) for m in per_model},
         "paired": paired(ec, prepared, per_model),
     }
-    storage.write_json(storage.join(ec["output_dir"], "results.json"), results)
+    storage.write_json(storage.join(ec.output_dir, "results.json"), results)
     results["report"] = write_report(results, ec)
     return results

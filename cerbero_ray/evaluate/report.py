@@ -14,6 +14,7 @@ import os
 import tempfile
 
 from cerbero_ray import storage
+from cerbero_ray.config.evaluate import EvaluateConfig
 from cerbero_ray.evaluate.evalita import SEED_NAMES
 
 log = logging.getLogger(__name__)
@@ -156,22 +157,22 @@ def paired_table(results: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def setting_notes(results: dict, ec: dict) -> list[str]:
+def setting_notes(results: dict, ec: EvaluateConfig) -> list[str]:
     """Per task: the rows scored, the shot pool, the protocols, and how that differs from the
     published setting."""
     out = []
     for t, v in results["tasks"].items():
-        tc = ec["tasks"][t]
+        tc = ec.tasks[t]
         rej = sum(v["rejects"].values())
         base = (
-            f"- **{t}**: {v['rows']} rows scored, shot pool {v['pool_rows']} rows, {tc['shots']}-shot, "
-            f"protocols {', '.join(tc['protocols'])}, prompt wordings {tc.get('prompts') or 'all'}"
+            f"- **{t}**: {v['rows']} rows scored, shot pool {v['pool_rows']} rows, {tc.shots}-shot, "
+            f"protocols {', '.join(tc.protocols)}, prompt wordings {tc.prompts or 'all'}"
             + (f", {rej} rejects {v['rejects']}" if rej else "")
             + "."
         )
         if v["kind"] == "squad" and v["rows"] < FULL_SQUAD_IT_TEST:
             base += (
-                f" Differs from the published setting: {v['rows']} questions of `{os.path.basename(tc['path'])}` "
+                f" Differs from the published setting: {v['rows']} questions of `{os.path.basename(tc.path)}` "
                 f"(the shared file holds the test set's first 6 articles), not the {FULL_SQUAD_IT_TEST:,} "
                 "of the full test set."
             )
@@ -189,8 +190,8 @@ def setting_notes(results: dict, ec: dict) -> list[str]:
     return out
 
 
-def markdown(results: dict, ec: dict) -> str:
-    published = ec.get("published") or []
+def markdown(results: dict, ec: EvaluateConfig) -> str:
+    published = ec.published
     out = ["# Evaluation", ""]
     kinds = results.get("model_kinds", {})
     if kinds:
@@ -261,9 +262,9 @@ def chart(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_report(results: dict, ec: dict) -> dict:
+def write_report(results: dict, ec: EvaluateConfig) -> dict:
     """``results.md`` and ``results.png`` under ``evaluate.output_dir``; prints the tables."""
-    out = ec["output_dir"]
+    out = ec.output_dir
     md = markdown(results, ec)
     storage.write_bytes(storage.join(out, "results.md"), md.encode())
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,6 +12,7 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from cerbero_ray import storage
+from cerbero_ray.config.evaluate import EvalTaskConfig
 from cerbero_ray.evaluate import evalita, prompts, squad
 
 
@@ -47,12 +48,12 @@ class Prepared:
     pool_rows: int = 0
     file_sha256: str = ""
 
-    def identity(self, tc: dict, seed: int, model: dict) -> str:
+    def identity(self, tc: EvalTaskConfig, seed: int, model: dict) -> str:
         """Fixes a (checkpoint, task)'s results: the task's config, the seed, the input file's bytes,
         every unit's prompts, and how the model runs (``model``: checkpoint, dtype, prompt limit)."""
         blob = json.dumps(
             {
-                "cfg": tc,
+                "cfg": asdict(tc),
                 "seed": seed,
                 "file": self.file_sha256,
                 "units": {u.key: u.prompt_hash() for u in self.units},
@@ -73,46 +74,46 @@ def file_hash(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def wordings(tc: dict, kind: str) -> list[int]:
+def wordings(tc: EvalTaskConfig, kind: str) -> list[int]:
     """The prompt wordings a task runs (``prompts``: their indices; null: every shipped one)."""
     shipped = len(prompts.PROMPTS["squad" if kind == "squad" else kind])
-    return list(range(shipped)) if tc.get("prompts") is None else list(tc["prompts"])
+    return list(range(shipped)) if tc.prompts is None else list(tc.prompts)
 
 
-def prepare(name: str, tc: dict, seed: int) -> Prepared:
+def prepare(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
     """The rows of task ``name`` (config ``tc``) to score, and the units its protocols run."""
-    if tc["kind"] == "squad":
+    if tc.kind == "squad":
         return _squad(name, tc, seed)
     return _evalita(name, tc, seed)
 
 
-def _squad(name: str, tc: dict, seed: int) -> Prepared:
-    rows, rejects = squad.load(tc["path"])
-    scored = squad.sample_rows(rows, tc["max_rows"], seed)
-    shots = {r["id"]: squad.shots_for(r, rows, tc["shots"], seed) for r in scored}
+def _squad(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
+    rows, rejects = squad.load(tc.path)
+    scored = squad.sample_rows(rows, tc.max_rows, seed)
+    shots = {r["id"]: squad.shots_for(r, rows, tc.shots, seed) for r in scored}
     units = []
-    for protocol in tc["protocols"]:
+    for protocol in tc.protocols:
         if protocol == "generate":
             for p in wordings(tc, "squad"):
                 reqs = [{"id": r["id"], "messages": prompts.squad_messages(p, r, shots[r["id"]])} for r in scored]
-                units.append(Unit("generate", p, reqs, tc["max_new_tokens"], True))
+                units.append(Unit("generate", p, reqs, tc.max_new_tokens, True))
         elif protocol == "benchita":
             reqs = [{"id": r["id"], "messages": prompts.benchita_squad_messages(r, shots[r["id"]])} for r in scored]
             units.append(Unit("benchita", 0, reqs, prompts.BENCHITA_MAX_NEW_TOKENS["squad"], False))
     out = [{"id": r["id"], "gold": r["answers"], "context": r["context"], "question": r["question"]} for r in scored]
-    return Prepared(name, "squad", out, rejects, units, pool_rows=len(rows), file_sha256=file_hash(tc["path"]))
+    return Prepared(name, "squad", out, rejects, units, pool_rows=len(rows), file_sha256=file_hash(tc.path))
 
 
-def _evalita(name: str, tc: dict, seed: int) -> Prepared:
-    spec = evalita.SPECS[tc["kind"]]
-    rows, rejects = evalita.load(spec, tc["path"])
-    pool, scored = evalita.split(spec, rows, tc["pool_rows"], seed)
-    scored = squad.sample_rows(scored, tc["max_rows"], seed)
-    shots = evalita.pick_shots(pool, tc["shots"], seed)
+def _evalita(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
+    spec = evalita.SPECS[tc.kind]
+    rows, rejects = evalita.load(spec, tc.path)
+    pool, scored = evalita.split(spec, rows, tc.pool_rows, seed)
+    scored = squad.sample_rows(scored, tc.max_rows, seed)
+    shots = evalita.pick_shots(pool, tc.shots, seed)
     units = []
-    for protocol in tc["protocols"]:
+    for protocol in tc.protocols:
         if protocol in ("generate", "score"):
-            for p in wordings(tc, tc["kind"]):
+            for p in wordings(tc, tc.kind):
                 task = evalita.build_task(spec, shots, p)
                 if protocol == "score":
                     reqs = [{"id": r["id"], "text": r["text"]} for r in scored]
@@ -121,12 +122,12 @@ def _evalita(name: str, tc: dict, seed: int) -> Prepared:
                     from cerbero_ray.inference.label_prompts import messages
 
                     reqs = [{"id": r["id"], "messages": messages(task, r["text"])} for r in scored]
-                    units.append(Unit("generate", p, reqs, tc["max_new_tokens"], True))
+                    units.append(Unit("generate", p, reqs, tc.max_new_tokens, True))
         elif protocol == "benchita":
             reqs = []
             for r in scored:  # its own shots per row, from the held-out pool
-                own = random.Random(f"{seed}:{r['id']}:benchita").sample(pool, min(tc["shots"], len(pool)))
-                reqs.append({"id": r["id"], "messages": prompts.benchita_evalita_messages(tc["kind"], r, own)})
+                own = random.Random(f"{seed}:{r['id']}:benchita").sample(pool, min(tc.shots, len(pool)))
+                reqs.append({"id": r["id"], "messages": prompts.benchita_evalita_messages(tc.kind, r, own)})
             units.append(Unit("benchita", 0, reqs, prompts.BENCHITA_MAX_NEW_TOKENS["evalita"], False))
     out = [{"id": r["id"], "gold": r["gold"], "text": r["text"]} for r in scored]
-    return Prepared(name, tc["kind"], out, rejects, units, [s["id"] for s in shots], len(pool), file_hash(tc["path"]))
+    return Prepared(name, tc.kind, out, rejects, units, [s["id"] for s in shots], len(pool), file_hash(tc.path))

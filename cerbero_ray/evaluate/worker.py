@@ -15,6 +15,7 @@ from collections import defaultdict
 
 from cerbero_ray.chat import STOP_STRING
 from cerbero_ray.config.sampling import Sampling
+from cerbero_ray.evaluate.backends import ModelRun
 
 
 def sampling(max_new_tokens: int, stop_at_newline: bool) -> Sampling:
@@ -25,18 +26,17 @@ def sampling(max_new_tokens: int, stop_at_newline: bool) -> Sampling:
 
 
 class EvalWorker:
-    """One checkpoint, HF weights; ``cfg``: ``checkpoint``, ``dtype``, ``batch_size``,
-    ``max_prompt_tokens``, ``prefill_tokens``, ``max_new_tokens`` (the longest any unit asks),
-    ``tasks`` ({"<task>/<unit>": label task dict} for the score units)."""
+    """One checkpoint, HF weights, run as ``cfg`` says (its engine settings, the longest answer,
+    the score units' label tasks)."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: ModelRun):
         from cerbero_ray.inference.engines import EngineConfig, build_engine
         from cerbero_ray.models import load_for_inference
 
         self.cfg = cfg
-        self.model, self.tok = load_for_inference(cfg["checkpoint"], cfg["dtype"])
+        self.model, self.tok = load_for_inference(cfg.checkpoint, cfg.dtype)
         engine = EngineConfig(
-            "continuous", cfg["batch_size"], cfg["max_prompt_tokens"], cfg["max_new_tokens"], cfg["prefill_tokens"]
+            "continuous", cfg.batch_size, cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.prefill_tokens
         )
         self.batcher = build_engine(self.model, self.tok, engine)
         self.scorers = {}
@@ -46,8 +46,8 @@ class EvalWorker:
             from cerbero_ray.config.label_task import LabelTask
             from cerbero_ray.inference.scorer import Scorer
 
-            task = LabelTask(**self.cfg["tasks"][key])
-            self.scorers[key] = Scorer(self.model, self.tok, task, max_text_tokens=self.cfg["max_prompt_tokens"])
+            task = LabelTask(**self.cfg.tasks[key])
+            self.scorers[key] = Scorer(self.model, self.tok, task, max_text_tokens=self.cfg.max_prompt_tokens)
         return self.scorers[key]
 
     def __call__(self, batch) -> dict:

@@ -34,6 +34,7 @@ from cerbero_ray import adapters, llamacpp, storage
 from cerbero_ray.chat import USER_TAG, assistant_tag_of, seed_prompt
 from cerbero_ray.checkpoints import check_checkpoint, check_weights
 from cerbero_ray.config import check
+from cerbero_ray.config.export import ExportConfig, ExportStageConfig
 from cerbero_ray.export import gguf as conv
 from cerbero_ray.export import quantize as quant
 from cerbero_ray.export import verify
@@ -70,24 +71,24 @@ def _template(folder: str) -> str | None:
     return plain_template(tpl) if tpl else None
 
 
-def run_export(cfg: DictConfig | dict) -> dict:
+def run_export(cfg: DictConfig | dict | ExportStageConfig) -> dict:
     """Export ``export.checkpoint``; returns {type: file info}, the types that failed llama.cpp's
     check (``failed``: written nowhere under their final name) and the chat snippet."""
     c = check("export", cfg)
-    x = c["export"]
-    check_checkpoint(x["checkpoint"], "export.checkpoint", x["base"])
+    x = c.export
+    check_checkpoint(x.checkpoint, "export.checkpoint", x.base)
     with tempfile.TemporaryDirectory(prefix="cerbero-merged-") as merged:
-        if not adapters.is_adapter(x["checkpoint"]):
-            folder = storage.local_copy(x["checkpoint"])
+        if not adapters.is_adapter(x.checkpoint):
+            folder = storage.local_copy(x.checkpoint)
             check_weights(folder, "export.checkpoint")
             return _export(x, folder, folder)
-        src = storage.local_copy(x["checkpoint"])
-        base = adapters.base_of(x["checkpoint"], x["base"], "export.checkpoint")
+        src = storage.local_copy(x.checkpoint)
+        base = adapters.base_of(x.checkpoint, x.base, "export.checkpoint")
         base_folder = storage.local_copy(base)
         check_weights(base_folder, "export.base")
-        adapters.check_base(x["checkpoint"], base, base_folder, "export.checkpoint")
-        _merge(x["checkpoint"], base, src, base_folder, merged)
-        return _export(x, merged, src, (src, base_folder) if x["lora"] else None)
+        adapters.check_base(x.checkpoint, base, base_folder, "export.checkpoint")
+        _merge(x.checkpoint, base, src, base_folder, merged)
+        return _export(x, merged, src, (src, base_folder) if x.lora else None)
 
 
 def _merge(adapter: str, base: str, src: str, base_folder: str, dest: str) -> None:
@@ -104,32 +105,32 @@ def _merge(adapter: str, base: str, src: str, base_folder: str, dest: str) -> No
     log.info(f"[export] {adapter}: merged into {base} for the GGUF files")
 
 
-def _export(x: dict, folder: str, src: str, lora: tuple[str, str] | None = None) -> dict:
+def _export(x: ExportConfig, folder: str, src: str, lora: tuple[str, str] | None = None) -> dict:
     """Export the local HF folder ``folder`` (``src``: what the files' freshness is judged against);
     ``lora``: (adapter folder, base folder) to write as a LoRA file and its base too."""
     conv.read_arch(folder)  # architecture, tokenizer and sizes are checked before anything is written
     conv.vocabulary(folder)
-    if any(t in quant.FTYPES for t in x["types"]) and not quant.available():
+    if any(t in quant.FTYPES for t in x.types) and not quant.available():
         raise ValueError("export.types: K-quants need llama-cpp-python (pip install 'cerbero-ray[gguf]')")
-    out, results, t0 = x["output_dir"], {}, time.perf_counter()
+    out, results, t0 = x.output_dir, {}, time.perf_counter()
     template = _template(folder)
     tag = assistant_tag_of(template)
-    ref = _reference(folder, tag, x["verify"])
+    ref = _reference(folder, tag, x.verify)
     with tempfile.TemporaryDirectory(prefix="cerbero-gguf-") as tmp:
         local_out = tmp if storage.is_uri(out) else storage.resolve(out)[1]
         os.makedirs(local_out, exist_ok=True)
-        order = sorted(x["types"], key=lambda t: t in quant.FTYPES)  # the f16 file first: quants start from it
-        f16 = os.path.join(local_out, file_name(x["name"], "f16"))
+        order = sorted(x.types, key=lambda t: t in quant.FTYPES)  # the f16 file first: quants start from it
+        f16 = os.path.join(local_out, file_name(x.name, "f16"))
         for t in order:
-            final = storage.join(out, file_name(x["name"], t))
-            if not x["overwrite"] and _fresh(final, src):
+            final = storage.join(out, file_name(x.name, t))
+            if not x.overwrite and _fresh(final, src):
                 results[t] = {"path": final, "type": t, "status": "kept"}
                 log.warning(f"[export] {final} is newer than the checkpoint: kept (export.overwrite=true redoes it)")
                 continue
             if t in quant.FTYPES and results.get("f16", {}).get("status") == "kept" and storage.is_uri(out):
                 if not os.path.exists(f16):  # the quantizer starts from the f16 file kept in the bucket
-                    _download(storage.join(out, file_name(x["name"], "f16")), f16)
-            results[t] = _make(t, folder, os.path.join(local_out, file_name(x["name"], t)), f16, x, template, ref)
+                    _download(storage.join(out, file_name(x.name, "f16")), f16)
+            results[t] = _make(t, folder, os.path.join(local_out, file_name(x.name, t)), f16, x, template, ref)
             _publish(results[t], final, storage.is_uri(out))
         if os.path.exists(f16 + UNVERIFIED):  # an f16 file made only for the quantizer
             os.remove(f16 + UNVERIFIED)
@@ -137,7 +138,7 @@ def _export(x: dict, folder: str, src: str, lora: tuple[str, str] | None = None)
             results.update(_lora_files(x, lora, local_out, src, template, ref))
     failed = [t for t, r in results.items() if r["status"] == "failed"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    good = [t for t in x["types"] if results[t]["status"] != "failed"]
+    good = [t for t in x.types if results[t]["status"] != "failed"]
     snippet = SNIPPET.format(path=results[good[-1]]["path"], prompt=seed_prompt(tag), stop=USER_TAG) if good else ""
     log.info(
         f"[export] {len(results) - len(failed)} file(s) in {time.perf_counter() - t0:.1f} s, peak RSS {peak:.0f} MiB"
@@ -165,7 +166,7 @@ def _reference(folder: str, tag: str, wanted: bool) -> dict | None:
     return verify.reference(folder, tag)
 
 
-def _lora_files(x: dict, lora: tuple[str, str], local_out: str, src: str, template, ref: dict | None) -> dict:
+def _lora_files(x: ExportConfig, lora: tuple[str, str], local_out: str, src: str, template, ref: dict | None) -> dict:
     """The adapter as ``<name>-LORA-F32.gguf`` and its base as ``<name>-base-F16.gguf``, checked
     together by llama.cpp (the adapter applied at load time) against the merged model."""
     adapter, base_folder = lora
@@ -173,21 +174,21 @@ def _lora_files(x: dict, lora: tuple[str, str], local_out: str, src: str, templa
     if why:
         log.warning(f"[export] no LoRA file: llama.cpp's LoRA files cannot hold {why}; the merged files are written")
         return {}
-    names = {"base-f16": file_name(f"{x['name']}-base", "f16"), "lora": file_name(x["name"], "lora-f32")}
-    finals = {k: storage.join(x["output_dir"], n) for k, n in names.items()}
-    if not x["overwrite"] and all(_fresh(f, src) for f in finals.values()):
+    names = {"base-f16": file_name(f"{x.name}-base", "f16"), "lora": file_name(x.name, "lora-f32")}
+    finals = {k: storage.join(x.output_dir, n) for k, n in names.items()}
+    if not x.overwrite and all(_fresh(f, src) for f in finals.values()):
         for f in finals.values():
             log.warning(f"[export] {f} is newer than the checkpoint: kept (export.overwrite=true redoes it)")
         return {k: {"path": f, "type": k, "status": "kept"} for k, f in finals.items()}
     t1 = time.perf_counter()
     staged = {k: os.path.join(local_out, n) + UNVERIFIED for k, n in names.items()}
     infos = {
-        "base-f16": {**conv.convert(base_folder, staged["base-f16"], "f16", f"{x['name']}-base", template)},
-        "lora": {**conv.convert_lora(adapter, base_folder, staged["lora"], x["name"])},
+        "base-f16": {**conv.convert(base_folder, staged["base-f16"], "f16", f"{x.name}-base", template)},
+        "lora": {**conv.convert_lora(adapter, base_folder, staged["lora"], x.name)},
     }
     status, check = "unchecked", None
     if ref is not None:
-        check = verify.verify(staged["base-f16"], "f16", ref, x["threads"], lora=staged["lora"])
+        check = verify.verify(staged["base-f16"], "f16", ref, x.threads, lora=staged["lora"])
         status = "checked" if check["ok"] else "failed"
         said = f"[export] base-f16 + lora: {verify.describe(check, ref['decode'])}"
         log.log(logging.INFO if check["ok"] else logging.WARNING, said)
@@ -195,29 +196,29 @@ def _lora_files(x: dict, lora: tuple[str, str], local_out: str, src: str, templa
         info.update(type=k, status=status, seconds=round(time.perf_counter() - t1, 2), staged=staged[k])
         if check is not None:
             info["check"] = check
-        _publish(info, finals[k], storage.is_uri(x["output_dir"]))
+        _publish(info, finals[k], storage.is_uri(x.output_dir))
     return infos
 
 
-def _make(t: str, folder: str, dest: str, f16: str, x: dict, template: str | None, ref: dict | None) -> dict:
+def _make(t: str, folder: str, dest: str, f16: str, x: ExportConfig, template: str | None, ref: dict | None) -> dict:
     """Write type ``t`` as ``dest + UNVERIFIED``, check it with llama.cpp (when ``ref``); returns its
     info with ``status`` (``checked``, ``unchecked`` or ``failed``) and ``check``."""
     t1, staged = time.perf_counter(), dest + UNVERIFIED
     try:
         if t in quant.FTYPES:
             # the f16 file of this run (made or kept), else one made only for the quantizer
-            src = f16 if "f16" in x["types"] and os.path.exists(f16) else f16 + UNVERIFIED
+            src = f16 if "f16" in x.types and os.path.exists(f16) else f16 + UNVERIFIED
             if not os.path.exists(src):
-                conv.convert(folder, src, "f16", x["name"], template)
-            info = quant.quantize(src, staged, t, x["threads"])
+                conv.convert(folder, src, "f16", x.name, template)
+            info = quant.quantize(src, staged, t, x.threads)
         else:
-            info = conv.convert(folder, staged, t, x["name"], template)
+            info = conv.convert(folder, staged, t, x.name, template)
     except llamacpp.NativeCrash as e:  # the quantizer died: this type fails, the others go on
         log.warning(f"[export] {t}: FAILED: {e}")
         return {"type": t, "status": "failed", "check": {"ok": False, "signal": e.signal, "error": str(e)}}
     info = {**info, "seconds": round(time.perf_counter() - t1, 2), "status": "unchecked"}
     if ref is not None:
-        info["check"] = verify.verify(staged, t, ref, x["threads"])
+        info["check"] = verify.verify(staged, t, ref, x.threads)
         info["status"] = "checked" if info["check"]["ok"] else "failed"
         (log.info if info["check"]["ok"] else log.warning)(
             f"[export] {t}: {verify.describe(info['check'], ref['decode'])}"

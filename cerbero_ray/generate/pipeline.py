@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import asdict, is_dataclass, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,46 +27,42 @@ from omegaconf import DictConfig
 from cerbero_ray import batchjob, storage
 from cerbero_ray.checkpoints import check_checkpoint, check_inference
 from cerbero_ray.config import check
+from cerbero_ray.config.generate import GenerateConfig, GenerateStageConfig
 from cerbero_ray.inference.batch import generate_columns
-from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.models import load_for_inference
 
 log = logging.getLogger(__name__)
 
 
-def engine_config(gc: dict):
+def engine_config(gc: GenerateConfig):
     """The generation engine of a ``generate`` config section."""
     from cerbero_ray.inference.engines import EngineConfig
 
-    longest = max(gc["sampling"]["max_new_tokens"], gc["self_chat"]["user_max_new_tokens"])
-    return EngineConfig(gc["engine"], gc["batch_size"], gc["max_prompt_tokens"], longest)
-
-
-def _sampling(sc: dict, **over) -> Sampling:
-    return Sampling(**{**sc, **over})
+    longest = max(gc.sampling.max_new_tokens, gc.self_chat.user_max_new_tokens)
+    return EngineConfig(gc.engine, gc.batch_size, gc.max_prompt_tokens, longest)
 
 
 class GenerateWorker(batchjob.ChunkWorker):
     """A Ray Data actor: one model, one chunk per call."""
 
-    def __init__(self, gc: dict):
+    def __init__(self, gc: GenerateConfig):
         from cerbero_ray.inference.engines import build_engine
 
         self.gc = gc
-        model, self.tok = load_for_inference(gc["checkpoint"], gc["dtype"], gc["base"])
+        model, self.tok = load_for_inference(gc.checkpoint, gc.dtype, gc.base)
         self.model, self._embedder = model, None
         self.gen = build_engine(model, self.tok, engine_config(gc))
 
     def process(self, chunk: batchjob.Chunk) -> dict:
         gc = self.gc
-        rows = batchjob.read_chunk(chunk, gc["format"], gc["text_field"], gc.get("id_field"))
+        rows = batchjob.read_chunk(chunk, gc.format, gc.text_field, gc.id_field)
         good = [r for r in rows if r["error"] is None]
-        seed = gc["sampling"]["seed"] * 1_000_003 + chunk.start  # per chunk: a rerun redoes it identically
-        if gc["mode"] == "prompts":
+        seed = gc.sampling.seed * 1_000_003 + chunk.start  # per chunk: a rerun redoes it identically
+        if gc.mode == "prompts":
             table, counts = self._prompts(rows, good, seed)
         else:
             table, counts = self._self_chat(rows, good, seed)
-        batchjob.write_part(gc["output_dir"], chunk, table)
+        batchjob.write_part(gc.output_dir, chunk, table)
         return {"rows": len(rows), "counts": json.dumps(counts)}
 
     def _prompts(self, rows, good, seed):
@@ -73,7 +70,7 @@ class GenerateWorker(batchjob.ChunkWorker):
             self.gen,
             self.tok,
             [r["text"] for r in rows],
-            _sampling(self.gc["sampling"]),
+            self.gc.sampling,
             seed,
             [r["error"] for r in rows],
         )
@@ -82,7 +79,7 @@ class GenerateWorker(batchjob.ChunkWorker):
                 "id": [r["id"] for r in rows],
                 "prompt": [r["text"] for r in rows],
                 **cols,
-                "model": [self.gc["checkpoint"]] * len(rows),
+                "model": [self.gc.checkpoint] * len(rows),
             },
             schema=PROMPT_SCHEMA,
         )
@@ -91,23 +88,23 @@ class GenerateWorker(batchjob.ChunkWorker):
     def _self_chat(self, rows, good, seed):
         from cerbero_ray.generate.selfchat import self_chat
 
-        sc, s = self.gc["self_chat"], self.gc["sampling"]
+        sc, s = self.gc.self_chat, self.gc.sampling
         convs, reasons = self_chat(
             self.gen,
             [r["text"] for r in good],
-            turns=sc["turns"],
-            sampling=_sampling(s),
-            user_sampling=_sampling(s, max_new_tokens=sc["user_max_new_tokens"]),
-            assistant_tag=sc["assistant_tag"],
-            min_chars=sc["min_chars"],
-            max_repeat=sc["max_repeat_ratio"],
-            drop_unfinished=sc["drop_unfinished"],
+            turns=sc.turns,
+            sampling=s,
+            user_sampling=replace(s, max_new_tokens=sc.user_max_new_tokens),
+            assistant_tag=sc.assistant_tag,
+            min_chars=sc.min_chars,
+            max_repeat=sc.max_repeat_ratio,
+            drop_unfinished=sc.drop_unfinished,
             seed=seed,
         )
         kept = [c for c in convs if c]
         vectors = (
             [v.astype("float16").tobytes() for v in self._embed([conversation_text(c) for c in kept])]
-            if sc["dedup"] == "embedding"
+            if sc.dedup == "embedding"
             else [None] * len(kept)
         )
         it, vec = iter(convs), iter(vectors)
@@ -121,7 +118,7 @@ class GenerateWorker(batchjob.ChunkWorker):
                     "messages": json.dumps(c, ensure_ascii=False) if c else None,
                     "turns": len(c) // 2 if c else 0,
                     "error": r["error"],
-                    "model": self.gc["checkpoint"],
+                    "model": self.gc.checkpoint,
                     "embedding": next(vec) if c else None,
                 }
             )
@@ -134,21 +131,21 @@ class GenerateWorker(batchjob.ChunkWorker):
 
         from cerbero_ray.generate.dedup import embed
 
-        sc = self.gc["self_chat"]
+        sc = self.gc.self_chat
         if self._embedder is None:
-            if sc["dedup_model"]:
+            if sc.dedup_model:
                 from transformers import AutoModel, AutoTokenizer
 
                 from cerbero_ray.storage import local_copy
 
-                path = local_copy(sc["dedup_model"])
+                path = local_copy(sc.dedup_model)
                 enc = AutoModel.from_pretrained(path, dtype=self.model.dtype).eval().to(self.model.device)
                 self._embedder = (enc, AutoTokenizer.from_pretrained(path))
             else:
                 self._embedder = (self.model.model, self.tok)  # the causal LM's body: its final hidden states
         model, tok = self._embedder
         with getattr(self.gen, "lock", contextlib.nullcontext()):  # the continuous engine's loop shares the model
-            return embed(model, tok, texts, max_tokens=sc["dedup_max_tokens"])
+            return embed(model, tok, texts, max_tokens=sc.dedup_max_tokens)
 
 
 PROMPT_SCHEMA = pa.schema(
@@ -182,10 +179,10 @@ def conversation_text(messages: list[dict]) -> str:
     return " ".join(m["content"] for m in messages)
 
 
-def run_identity(gc: dict) -> dict:
+def run_identity(gc: GenerateConfig) -> dict:
     """What fixes a generation run's output: another run into the same folder must match it."""
     return {
-        k: gc[k]
+        k: asdict(v) if is_dataclass(v := getattr(gc, k)) else v
         for k in (
             "mode",
             "input",
@@ -201,26 +198,24 @@ def run_identity(gc: dict) -> dict:
     }
 
 
-def finish_self_chat(gc: dict, reasons: Counter) -> dict:
+def finish_self_chat(gc: GenerateConfig, reasons: Counter) -> dict:
     """Drop near-duplicates across the run; write ``conversations.jsonl`` (the data stage's input)."""
     import numpy as np
 
     from cerbero_ray.generate.dedup import near_duplicates, near_duplicates_cosine
 
-    out = gc["output_dir"]
+    out = gc.output_dir
     fs, p = storage.resolve(storage.join(out, "parts"))
     rows = [r for r in pq.read_table(p, filesystem=fs).to_pylist() if r["messages"]]
     rows.sort(key=lambda r: r["id"])
     convs = [json.loads(r["messages"]) for r in rows]
-    sc = gc["self_chat"]
-    if sc["dedup"] == "ngram":
-        dup = near_duplicates(
-            [conversation_text(c) for c in convs], n=sc["dedup_ngram"], threshold=sc["dedup_threshold"]
-        )
-    elif sc["dedup"] == "embedding":
+    sc = gc.self_chat
+    if sc.dedup == "ngram":
+        dup = near_duplicates([conversation_text(c) for c in convs], n=sc.dedup_ngram, threshold=sc.dedup_threshold)
+    elif sc.dedup == "embedding":
         emb = np.stack([np.frombuffer(r["embedding"], dtype=np.float16) for r in rows]) if rows else np.zeros((0, 1))
         # a language model's own hidden states are centred (see near_duplicates_cosine); an encoder's are not
-        dup = near_duplicates_cosine(emb, threshold=sc["dedup_cosine"], center=not sc["dedup_model"])
+        dup = near_duplicates_cosine(emb, threshold=sc.dedup_cosine, center=not sc.dedup_model)
     else:
         dup = [None] * len(convs)
     kept = [(r, c) for r, c, d in zip(rows, convs, dup) if d is None]
@@ -239,35 +234,26 @@ def finish_self_chat(gc: dict, reasons: Counter) -> dict:
     }
 
 
-def run_generate(cfg: DictConfig | dict) -> dict:
+def run_generate(cfg: DictConfig | dict | GenerateStageConfig) -> dict:
     """Generate over ``generate.input`` on an initialised Ray; returns the summary (also ``summary.json``)."""
     c = check("generate", cfg)
-    gc = c["generate"]
-    check_inference(gc["checkpoint"], gc["engine"], "generate", gc["base"])
-    sc = gc["self_chat"]
-    if gc["mode"] == "self_chat" and sc["dedup"] == "embedding" and sc["dedup_model"]:
-        check_checkpoint(sc["dedup_model"], "generate.self_chat.dedup_model")
-    out = gc["output_dir"]
-    chunks, todo, skipped = batchjob.start_run(
-        out,
-        "generate_run.json",
-        run_identity(gc),
-        bool(gc.get("overwrite")),
-        "generate",
-        gc["input"],
-        gc["format"],
-        gc["chunk_rows"],
-    )
+    gc = c.generate
+    check_inference(gc.checkpoint, gc.engine, "generate", gc.base)
+    sc = gc.self_chat
+    if gc.mode == "self_chat" and sc.dedup == "embedding" and sc.dedup_model:
+        check_checkpoint(sc.dedup_model, "generate.self_chat.dedup_model")
+    out = gc.output_dir
+    chunks, todo, skipped = batchjob.start_run("generate", gc, "generate_run.json", run_identity(gc))
     log.info(
-        f"[generate] {gc['mode']}: {len(chunks)} chunks; {len(chunks) - len(todo)} already done, "
+        f"[generate] {gc.mode}: {len(chunks)} chunks; {len(chunks) - len(todo)} already done, "
         f"{len(todo)} to go -> {out}",
     )
     counts, t0 = Counter(), time.perf_counter()
     if todo:
-        for row in batchjob.map_chunks(todo, GenerateWorker, gc, f"generate {gc['mode']}"):
+        for row in batchjob.map_chunks(todo, GenerateWorker, gc, f"generate {gc.mode}"):
             counts.update(json.loads(row["counts"]))
     summary = {
-        "mode": gc["mode"],
+        "mode": gc.mode,
         "chunks_processed": len(todo),
         "chunks_skipped": len(chunks) - len(todo),
         "seconds": round(time.perf_counter() - t0, 2),
@@ -275,7 +261,7 @@ def run_generate(cfg: DictConfig | dict) -> dict:
         "skipped_files": skipped,  # files of the input folder not read, with why
         "parts": storage.join(out, "parts"),
     }
-    if gc["mode"] == "self_chat":
+    if gc.mode == "self_chat":
         summary.update(finish_self_chat(gc, counts))
         log.info(
             f"[generate] {summary['conversations']} conversations -> {summary['output']} "

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from cerbero_ray import batchjob, storage
 from cerbero_ray.checkpoints import check_checkpoint
 from cerbero_ray.config import check
+from cerbero_ray.config.label import LabelConfig, LabelStageConfig
 from cerbero_ray.config.label_task import LabelTask, resolve_task
 from cerbero_ray.inference.batch import Labeler
 
@@ -35,22 +36,22 @@ RUN_FILE = "label_run.json"
 class LabelWorker(batchjob.ChunkWorker):
     """A Ray Data actor: one model, one chunk per call."""
 
-    def __init__(self, lc: dict):
+    def __init__(self, lc: LabelConfig):
         self.lc = lc
         self.labeler = Labeler(
-            lc["checkpoint"],
+            lc.checkpoint,
             resolve_task(lc),
-            lc["dtype"],
-            max_text_tokens=lc["max_text_tokens"],
-            max_batch_tokens=lc["max_batch_tokens"],
-            sort_window=lc["sort_window"],
-            base=lc["base"],
+            lc.dtype,
+            max_text_tokens=lc.max_text_tokens,
+            max_batch_tokens=lc.max_batch_tokens,
+            sort_window=lc.sort_window,
+            base=lc.base,
         )
         self.task, self.scorer, self.hash = self.labeler.task, self.labeler.scorer, self.labeler.prompt_hash
 
     def process(self, chunk: batchjob.Chunk) -> dict:
         lc = self.lc
-        rows = batchjob.read_chunk(chunk, lc["format"], lc["text_field"], lc.get("id_field"))
+        rows = batchjob.read_chunk(chunk, lc.format, lc.text_field, lc.id_field)
         labels = self.scorer.labels
         cols = {
             "id": [r["id"] for r in rows],
@@ -59,7 +60,7 @@ class LabelWorker(batchjob.ChunkWorker):
         counts = Counter(lab or f"error:{err}" for lab, err in zip(cols["label"], cols["error"]))
         n = len(rows)
         table = pa.table(
-            {**cols, "task": [self.task.name] * n, "model": [lc["checkpoint"]] * n, "prompt_hash": [self.hash] * n},
+            {**cols, "task": [self.task.name] * n, "model": [lc.checkpoint] * n, "prompt_hash": [self.hash] * n},
             schema=pa.schema(
                 [
                     ("id", pa.string()),
@@ -73,21 +74,21 @@ class LabelWorker(batchjob.ChunkWorker):
                 ]
             ),
         )
-        batchjob.write_part(lc["output_dir"], chunk, table)
+        batchjob.write_part(lc.output_dir, chunk, table)
         return {"rows": n, "counts": json.dumps(counts), "truncated": sum(cols["truncated"])}
 
 
-def run_identity(lc: dict, task: LabelTask) -> dict:
+def run_identity(lc: LabelConfig, task: LabelTask) -> dict:
     """What fixes a labeling run's output: another run into the same folder must match it."""
     return {
         "task": [task.name, task.instruction, task.labels, task.few_shot]
         + ([task.template] if task.template is not None else []),
-        "checkpoint": lc["checkpoint"],
-        "input": lc["input"],
-        "text_field": lc["text_field"],
-        "id_field": lc.get("id_field"),
-        "chunk_rows": lc["chunk_rows"],
-        "max_text_tokens": lc["max_text_tokens"],
+        "checkpoint": lc.checkpoint,
+        "input": lc.input,
+        "text_field": lc.text_field,
+        "id_field": lc.id_field,
+        "chunk_rows": lc.chunk_rows,
+        "max_text_tokens": lc.max_text_tokens,
     }
 
 
@@ -141,25 +142,16 @@ def distribution_png(summary: dict, out: str) -> str:
     return path
 
 
-def run_label(cfg: DictConfig | dict) -> dict:
+def run_label(cfg: DictConfig | dict | LabelStageConfig) -> dict:
     """Label ``label.input`` on an initialised Ray; returns the summary (also ``summary.json``)."""
     c = check("label", cfg)
-    lc = c["label"]
+    lc = c.label
     task = resolve_task(lc)
-    check_checkpoint(lc["checkpoint"], "label.checkpoint", lc["base"])
-    out = lc["output_dir"]
-    chunks, todo, skipped = batchjob.start_run(
-        out,
-        RUN_FILE,
-        run_identity(lc, task),
-        bool(lc.get("overwrite")),
-        "label",
-        lc["input"],
-        lc["format"],
-        lc["chunk_rows"],
-    )
+    check_checkpoint(lc.checkpoint, "label.checkpoint", lc.base)
+    out = lc.output_dir
+    chunks, todo, skipped = batchjob.start_run("label", lc, RUN_FILE, run_identity(lc, task))
     log.info(
-        f"[label] {task.name}: {len(chunks)} chunks of up to {lc['chunk_rows']} rows; "
+        f"[label] {task.name}: {len(chunks)} chunks of up to {lc.chunk_rows} rows; "
         f"{len(chunks) - len(todo)} already done, {len(todo)} to go -> {out}",
     )
     t0 = time.perf_counter()

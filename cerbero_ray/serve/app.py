@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cerbero_ray.chat import ROLE_TAGS, STOP_STRING, forges_turn
 from cerbero_ray.config.label_task import LabelTask
+from cerbero_ray.config.serve import ServeConfig
 from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.serve.guard import Guard, configure_guard
 from cerbero_ray.serve.schemas import (
@@ -177,30 +178,30 @@ def _content(content, i: int) -> str:
 @serve.deployment
 @serve.ingress(app)
 class CerberoServer:
-    def __init__(self, sc: dict):
+    def __init__(self, sc: ServeConfig):
         from cerbero_ray.config.label_task import task_from_dict
         from cerbero_ray.serve.engine import ServeEngine
 
         self.sc = sc
-        tasks = {name: task_from_dict(t) for name, t in sc["label_tasks"].items()}
+        tasks = {name: task_from_dict(t) for name, t in sc.label_tasks.items()}
         self.engine = ServeEngine(
-            sc["checkpoint"],
-            sc["dtype"],
+            sc.checkpoint,
+            sc.dtype,
             tasks,
-            sc["max_batch_size"],
-            sc["max_prompt_tokens"],
-            engine=sc["engine"],
-            max_new_tokens=sc["max_new_tokens"],
-            prefill_tokens=sc["prefill_tokens"],
-            cuda_graphs=sc["cuda_graphs"],
-            adapters=sc["adapters"],
-            model_name=sc["model_name"],
+            sc.max_batch_size,
+            sc.max_prompt_tokens,
+            engine=sc.engine,
+            max_new_tokens=sc.max_new_tokens,
+            prefill_tokens=sc.prefill_tokens,
+            cuda_graphs=sc.cuda_graphs,
+            adapters=sc.adapters,
+            model_name=sc.model_name,
         )
         for method in (self._generate_batch, self._label_batch):
-            method.set_max_batch_size(sc["max_batch_size"])
-            method.set_batch_wait_timeout_s(sc["batch_wait_timeout_s"])
-        self.key = sc.get("api_key") or os.environ.get("CERBERO_API_KEY") or None
-        configure_guard(self.key, sc["max_body_bytes"])
+            method.set_max_batch_size(sc.max_batch_size)
+            method.set_batch_wait_timeout_s(sc.batch_wait_timeout_s)
+        self.key = sc.api_key or os.environ.get("CERBERO_API_KEY") or None
+        configure_guard(self.key, sc.max_body_bytes)
         self.created = int(time.time())
 
     # ── plumbing ────────────────────────────────────────────────────────────
@@ -209,13 +210,13 @@ class CerberoServer:
             raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
     def _served(self) -> list[str]:
-        return [self.sc["model_name"], *self.sc["adapters"]]
+        return [self.sc.model_name, *self.sc.adapters]
 
     def _adapter(self, model: str | None) -> tuple[int, str]:
         """(adapter index, the model's name) for a request's ``model`` (None: the base); 404 when
         this server does not serve it."""
-        if model in (None, self.sc["model_name"]):
-            return 0, self.sc["model_name"]
+        if model in (None, self.sc.model_name):
+            return 0, self.sc.model_name
         try:
             return self.engine.adapter_index(model), model
         except KeyError:
@@ -234,10 +235,10 @@ class CerberoServer:
             raise APIError(400, "the prompt is empty", "messages" if isinstance(req, ChatRequest) else "prompt")
         ids = await asyncio.to_thread(self.engine.encode, prompt)  # a long prompt never holds the loop
         n = len(ids)
-        if n > sc["max_prompt_tokens"]:
+        if n > sc.max_prompt_tokens:
             raise APIError(
                 400,
-                f"the prompt has {n} tokens; the limit is {sc['max_prompt_tokens']}",
+                f"the prompt has {n} tokens; the limit is {sc.max_prompt_tokens}",
                 "messages" if isinstance(req, ChatRequest) else "prompt",
                 "context_length_exceeded",
             )
@@ -245,9 +246,9 @@ class CerberoServer:
         if mct is not None and req.max_tokens is not None and mct != req.max_tokens:
             raise APIError(400, "max_tokens and max_completion_tokens differ; give one", "max_completion_tokens")
         field = "max_completion_tokens" if mct is not None else "max_tokens"
-        max_tokens = mct or req.max_tokens or sc["default_max_tokens"]
-        if max_tokens > sc["max_new_tokens"]:
-            raise APIError(400, f"{field} {max_tokens} is over this server's limit {sc['max_new_tokens']}", field)
+        max_tokens = mct or req.max_tokens or sc.default_max_tokens
+        if max_tokens > sc.max_new_tokens:
+            raise APIError(400, f"{field} {max_tokens} is over this server's limit {sc.max_new_tokens}", field)
         for k in ("frequency_penalty", "presence_penalty"):
             if getattr(req, k) not in (None, 0):
                 raise APIError(400, f"{k} is not supported (only 0)", k)
@@ -378,8 +379,8 @@ class CerberoServer:
 
     def _model_card(self, name: str) -> dict:
         card = {"id": name, "object": "model", "created": self.created, "owned_by": "cerbero-ray"}
-        if name != self.sc["model_name"]:  # a LoRA adapter on the base (vLLM's field names)
-            card.update(root=self.sc["adapters"][name], parent=self.sc["model_name"])
+        if name != self.sc.model_name:  # a LoRA adapter on the base (vLLM's field names)
+            card.update(root=self.sc.adapters[name], parent=self.sc.model_name)
         return card
 
     @app.get("/v1/models")
@@ -406,8 +407,8 @@ class CerberoServer:
         else:
             key, task = await asyncio.to_thread(self._inline_task, req.task)
             name = task.name
-        if len(req.texts) > self.sc["max_label_texts"]:
-            raise APIError(400, f"{len(req.texts)} texts; at most {self.sc['max_label_texts']} per request", "texts")
+        if len(req.texts) > self.sc.max_label_texts:
+            raise APIError(400, f"{len(req.texts)} texts; at most {self.sc.max_label_texts} per request", "texts")
         for i, t in enumerate(req.texts):
             if not t.strip():
                 raise APIError(400, f"texts[{i}] is empty", f"texts.{i}")
@@ -441,11 +442,11 @@ class CerberoServer:
         except ValueError as e:
             raise APIError(400, str(e).replace("label.task", "task"), "task") from None
         n = len(self.engine.encode(prompt_text(task, "", self.engine.tok))) + max(len(c) for c in conts.values())
-        if n > self.sc["max_prompt_tokens"]:
+        if n > self.sc.max_prompt_tokens:
             raise APIError(
                 400,
                 f"the task's prompt (instruction, examples, longest answer) has {n} tokens before any text; "
-                f"the limit is {self.sc['max_prompt_tokens']}",
+                f"the limit is {self.sc.max_prompt_tokens}",
                 "task",
                 "context_length_exceeded",
             )
@@ -457,34 +458,34 @@ class CerberoServer:
 
     @app.api_route("/ready", methods=["GET", "HEAD"])
     async def ready(self):
-        return {"status": "ready", "model": self.sc["model_name"]}
+        return {"status": "ready", "model": self.sc.model_name}
 
     @app.get("/", response_class=HTMLResponse)
     async def page(self):
         with open(PAGE, encoding="utf-8") as f:
-            return f.read().replace("__MODEL__", self.sc["model_name"])
+            return f.read().replace("__MODEL__", self.sc.model_name)
 
 
-def deployment(sc: dict):
-    """The bound application for a plain-dict ``serve`` config."""
+def deployment(sc: ServeConfig):
+    """The bound application for a checked ``serve`` config section."""
     from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
     return CerberoServer.options(
         name="cerbero",
         autoscaling_config=AutoscalingConfig(
-            min_replicas=sc["min_replicas"],
-            max_replicas=sc["max_replicas"],
-            target_ongoing_requests=sc["target_ongoing_requests"],
-            upscale_delay_s=sc["upscale_delay_s"],
-            downscale_delay_s=sc["downscale_delay_s"],
-            metrics_interval_s=sc["metrics_interval_s"],
-            look_back_period_s=sc["look_back_period_s"],
+            min_replicas=sc.min_replicas,
+            max_replicas=sc.max_replicas,
+            target_ongoing_requests=sc.target_ongoing_requests,
+            upscale_delay_s=sc.upscale_delay_s,
+            downscale_delay_s=sc.downscale_delay_s,
+            metrics_interval_s=sc.metrics_interval_s,
+            look_back_period_s=sc.look_back_period_s,
         ),
-        max_ongoing_requests=sc["max_ongoing_requests"],
-        max_queued_requests=sc["max_queued_requests"],
-        backpressure_config=BackpressureConfig(status_code=sc["overload_status"], retry_after_s=sc["retry_after_s"]),
-        ray_actor_options={"num_cpus": sc["cpus_per_replica"], "num_gpus": sc["gpus_per_replica"]},
-        graceful_shutdown_timeout_s=sc["shutdown_grace_s"],  # in-flight requests finish first
+        max_ongoing_requests=sc.max_ongoing_requests,
+        max_queued_requests=sc.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=sc.overload_status, retry_after_s=sc.retry_after_s),
+        ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica},
+        graceful_shutdown_timeout_s=sc.shutdown_grace_s,  # in-flight requests finish first
         graceful_shutdown_wait_loop_s=0.5,
     ).bind(sc)
 
@@ -495,6 +496,6 @@ def build_app(args: dict):
     from cerbero_ray.checkpoints import check_inference
     from cerbero_ray.config import check, compose
 
-    sc = check("serve", compose("serve", [f"serve.{k}={v}" for k, v in (args or {}).items()]))["serve"]
-    check_inference(sc["checkpoint"], sc["engine"], "serve")
+    sc = check("serve", compose("serve", [f"serve.{k}={v}" for k, v in (args or {}).items()])).serve
+    check_inference(sc.checkpoint, sc.engine, "serve")
     return deployment(sc)

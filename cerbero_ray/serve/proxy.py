@@ -29,8 +29,12 @@ import json
 import os
 import time
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 from cerbero_ray.serve.schemas import error_body
+
+if TYPE_CHECKING:  # the proxy process imports this module: no config package there
+    from cerbero_ray.config.serve import ServeConfig
 
 PROXY_CALLBACK = "cerbero_ray.serve.proxy.proxy_middlewares"
 CONTROL = ("cerbero_serve_control", "cerbero")  # the control actor's name and namespace
@@ -47,9 +51,9 @@ _KINDS = {
 }
 
 
-def proxy_env(sc: dict) -> dict[str, str]:
+def proxy_env(sc: ServeConfig) -> dict[str, str]:
     """The environment variables that carry a ``serve`` config's proxy settings."""
-    return {var: str(sc[key]) for key, (var, _) in ENV.items()}
+    return {var: str(getattr(sc, key)) for key, (var, _) in ENV.items()}
 
 
 def _setting(key: str) -> float:

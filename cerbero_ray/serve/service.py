@@ -10,31 +10,32 @@ from omegaconf import DictConfig
 from cerbero_ray.adapters import check_adapter
 from cerbero_ray.checkpoints import check_inference
 from cerbero_ray.config import check
+from cerbero_ray.config.serve import ServeConfig, ServeStageConfig
 
 log = logging.getLogger(__name__)
 
 
-def run_serve(cfg: DictConfig | dict, blocking: bool = False) -> str:
+def run_serve(cfg: DictConfig | dict | ServeStageConfig, blocking: bool = False) -> str:
     """Deploy the app; returns the base URL. ``blocking`` keeps serving until interrupted."""
     from ray import serve
 
     from cerbero_ray.serve.app import deployment
 
-    sc = check("serve", cfg)["serve"]
-    check_inference(sc["checkpoint"], sc["engine"], "serve")
-    for name, path in sc["adapters"].items():  # object-store ones too, before the app is deployed
+    sc = check("serve", cfg).serve
+    check_inference(sc.checkpoint, sc.engine, "serve")
+    for name, path in sc.adapters.items():  # object-store ones too, before the app is deployed
         check_adapter(path, f"serve.adapters.{name}")
     # Python's handlers replace the C++ stack dump Ray installs for SIGTERM; set before deploying,
     # so a signal during start-up is a clean stop too (once the app is up)
     stop = stop_on_signals() if blocking else None
     control()  # before the app: the proxies find it at their first request
-    serve.start(http_options={"host": sc["host"], "port": sc["port"]})
+    serve.start(http_options={"host": sc.host, "port": sc.port})
     serve.run(deployment(sc), name="cerbero", route_prefix="/", blocking=False)
-    url = f"http://{sc['host']}:{sc['port']}"
-    auth = ' -H "Authorization: Bearer $CERBERO_API_KEY"' if sc.get("api_key") else ""
+    url = f"http://{sc.host}:{sc.port}"
+    auth = ' -H "Authorization: Bearer $CERBERO_API_KEY"' if sc.api_key else ""
     log.info(
-        f"[serve] {sc['model_name']} ({sc['checkpoint']}) at {url}\n"
-        + "".join(f'[serve] adapter {n} ({p}): "model": "{n}"\n' for n, p in sc["adapters"].items())
+        f"[serve] {sc.model_name} ({sc.checkpoint}) at {url}\n"
+        + "".join(f'[serve] adapter {n} ({p}): "model": "{n}"\n' for n, p in sc.adapters.items())
         + f"[serve] chat page: {url}/\n"
         f"[serve] try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
         f'-d \'{{"messages": [{{"role": "user", "content": "Ciao! Come stai?"}}], "max_tokens": 32}}\'',
@@ -87,7 +88,7 @@ def stop_on_signals() -> _Stop:
     return stop
 
 
-def serve_until_signalled(sc: dict, stop: _Stop | None = None) -> None:
+def serve_until_signalled(sc: ServeConfig, stop: _Stop | None = None) -> None:
     """Serve until SIGTERM (systemd, Kubernetes, ``ray job stop``) or Ctrl-C, then shut down in
     order: the app is deleted first — its replicas take no new request and finish the ones in
     flight, for up to ``serve.shutdown_grace_s`` — then Serve and Ray stop, and the process exits 0."""
@@ -98,20 +99,43 @@ def serve_until_signalled(sc: dict, stop: _Stop | None = None) -> None:
     while not stop.event.wait(1.0):
         pass
     if not gcs_reachable():
-        # the same signal reached Ray's own processes (sent to the whole process group or cgroup:
-        # systemd's default KillMode, `timeout`, `kill -- -PGID`): nothing is left to drain through,
-        # and Serve's shutdown would wait a minute for a GCS that is gone
-        log.warning(
-            "[serve] Ray's own processes were stopped by the same signal, so in-flight requests are lost; "
-            "signal this process only (systemd: KillMode=mixed) to let them finish",
-        )
-        os._exit(128 + stop.signum)
-    log.info(f"[serve] stopping: finishing in-flight requests (up to {sc['shutdown_grace_s']} s)")
-    if not drain(sc["shutdown_grace_s"]):  # no proxy of ours (set RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH):
+        _ray_stopped_too(stop.signum)
+    # on a loaded machine Ray's processes may take longer than that to go: watched during the drain
+    draining = _watch_gcs(stop.signum)
+    log.info(f"[serve] stopping: finishing in-flight requests (up to {sc.shutdown_grace_s} s)")
+    if not drain(sc.shutdown_grace_s):  # no proxy of ours (set RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH):
         serve.delete("cerbero")  # Serve's own graceful stop, which drops the requests still queued
+    draining.set()  # our own shutdown stops the embedded cluster's GCS next
     serve.shutdown()
     ray.shutdown()
     log.info("[serve] stopped")
+
+
+def _ray_stopped_too(signum: int) -> None:
+    """The same signal reached Ray's own processes (sent to the whole process group or cgroup:
+    systemd's default KillMode, `timeout`, `kill -- -PGID`): nothing is left to drain through, and
+    Serve's shutdown would wait a minute for a GCS that is gone. Says so and exits at once."""
+    log.warning(
+        "[serve] Ray's own processes were stopped by the same signal, so in-flight requests are lost; "
+        "signal this process only (systemd: KillMode=mixed) to let them finish",
+    )
+    os._exit(128 + signum)
+
+
+def _watch_gcs(signum: int):
+    """A daemon thread that exits as :func:`_ray_stopped_too` if the GCS goes away before the
+    returned event is set."""
+    import threading
+
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(0.5):
+            if not gcs_reachable(0) and not done.is_set():
+                _ray_stopped_too(signum)
+
+    threading.Thread(target=watch, name="cerbero-gcs-watch", daemon=True).start()
+    return done
 
 
 def control():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from cerbero_ray.config import check, compose, to_container
+from cerbero_ray.config import check, compose
 from cerbero_ray.train.env import LocalEnv
 from cerbero_ray.train.loop import train_loop
 from cerbero_ray.train.run_plan import plan_run
@@ -20,15 +20,14 @@ from cerbero_ray.train.run_plan import plan_run
 
 def run_local(overrides: list[str]) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
-    c = to_container(compose("train", [f"train.num_workers={world}", *overrides]))
-    c = check("train", c)
+    c = check("train", compose("train", [f"train.num_workers={world}", *overrides]))
     plan = plan_run(c)
-    t = c["train"]
+    t = c.train
     env = LocalEnv(
         plan.run_dir,
-        keep=t["keep_checkpoints"],
-        fail_at_step=t.get("fail_at_step"),
-        fail_rank=t.get("fail_rank", 1),
+        keep=t.keep_checkpoints,
+        fail_at_step=t.fail_at_step,
+        fail_rank=t.fail_rank,
     )
     summary = train_loop(c, plan, env)
     env.close()

@@ -24,11 +24,14 @@ import torch
 import torch.distributed as dist
 
 from cerbero_ray import storage
+from cerbero_ray.config.train import TrainStageConfig
 from cerbero_ray.shards import IGNORE_INDEX
 from cerbero_ray.train import checkpoint as ckpt
+from cerbero_ray.train.env import TrainEnv
 from cerbero_ray.train.metrics import Writer, progress_line, write_summary
 from cerbero_ray.train.modeling import count_flops_per_token, peak_flops
 from cerbero_ray.train.plan import plan_all, remaining, signature, total_steps
+from cerbero_ray.train.run_plan import RunPlan
 from cerbero_ray.train.zero import build_deepspeed
 
 
@@ -80,33 +83,33 @@ def evaluate(engine, env, segments, device: torch.device, read_cpus: float) -> f
 class _Run:
     """One worker's training run: the engine, the plan, the history, and where they are written."""
 
-    def __init__(self, config: dict, plan, env):
-        t = config["train"]
+    def __init__(self, config: TrainStageConfig, plan: RunPlan, env: TrainEnv):
+        t = config.train
         self.config, self.plan, self.t, self.env = config, plan, t, env
         self.rank, self.world, self.device = env.rank, env.world_size, env.device
         self.plans = plan_all(list(plan.shards), t, self.world)
         self.total, self.sig = total_steps(self.plans, t), signature(list(plan.shards), t, self.world)
         self.tok = self.writer = self.base_record = None
-        tc = config.get("tokenizer")
-        if self.rank == 0 and tc:  # None in benchmarks: no tokenizer in the HF export
+        if self.rank == 0:  # the HF export's tokenizer
             from cerbero_ray.tokenizer import build_tokenizer
 
-            self.tok = build_tokenizer(tc.get("path"), tc["assistant_tag"], tc["system_line"])
-        self.lora = t["method"] == "lora"
+            tc = config.tokenizer
+            self.tok = build_tokenizer(tc.path, tc.assistant_tag, tc.system_line)
+        self.lora = t.method == "lora"
         on_base = self._record_base if self.lora and self.rank == 0 else None
         self.engine, self.sched, self.lm, self.peft = build_deepspeed(
             config, self.total, self.device, self.world, on_base
         )
-        self.micro = t["micro_batch_size"]
-        self.accum = t["global_batch_size"] // (self.micro * self.world)
-        self.read_cpus = float(t["read_cpus"])
+        self.micro = t.micro_batch_size
+        self.accum = t.global_batch_size // (self.micro * self.world)
+        self.read_cpus = float(t.read_cpus)
         self.step, self.history, self.resumed_from = 0, [], None
 
     def _record_base(self, lm) -> None:
         """Rank 0, LoRA: the frozen base's identity (a random-init base is written to <run>/base)."""
         from cerbero_ray.train.lora import record_of, save_base
 
-        path = self.config["model"].get("path")
+        path = self.config.model.path
         self.base_record = record_of(path) if path else save_base(lm, self.tok, self.plan.run_dir)
 
     def write_model(self, folder: str) -> str:
@@ -146,7 +149,7 @@ class _Run:
     def save(self, at: int) -> None:
         d = self.env.checkpoint_dir(at)
         client = {"loop": {"step": at, "history": self.history, "signature": self.sig}}
-        write = self.write_model if self.t["hf_in_checkpoints"] else None
+        write = self.write_model if self.t.hf_in_checkpoints else None
         ckpt.save(self.engine, d, self.rank, client, write, frozen=self.lora)
         if self.writer:
             self.writer.history(self.history)
@@ -178,7 +181,7 @@ class _Run:
             "mfu": self.flops_tok * tokens / dt / self.world / self.peak if self.peak else None,
             "eta_s": (time.perf_counter() - t_start) / (self.step - start_step) * (self.total - self.step),
         }
-        if t["eval_every"] and self.step % t["eval_every"] == 0 and self.step < self.total and t["eval_rows"]:
+        if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total and t.eval_rows:
             m["eval_loss"] = self.held_out()
         return m
 
@@ -186,8 +189,8 @@ class _Run:
         """Every remaining step, from ``self.step``; returns the last step checkpointed."""
         t = self.t
         self.flops_tok = count_flops_per_token(self.lm, self.plan.seq_len)
-        dtype = torch.bfloat16 if t["precision"] == "bf16" else torch.float32
-        self.peak = peak_flops(self.device, dtype, t.get("peak_tflops"))
+        dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+        self.peak = peak_flops(self.device, dtype, t.peak_tflops)
         timing, last_saved, epoch_start = (time.perf_counter(), self.step), self.step, 0
         for plan in self.plans:
             if self.step >= self.total:
@@ -200,14 +203,14 @@ class _Run:
             while self.step < min(epoch_start + plan.steps, self.total):
                 m = self.one_step(it, plan.epoch, timing)
                 self.record(m)
-                if self.rank == 0 and (self.step % t["log_every"] == 0 or self.step == self.total):
+                if self.rank == 0 and (self.step % t.log_every == 0 or self.step == self.total):
                     held = f" | held-out {m['eval_loss']:.4f}" if m.get("eval_loss") else ""
                     say(progress_line(m, self.total) + held)
                 self.env.after_step(self.step)
-                if t["checkpoint_every"] and self.step % t["checkpoint_every"] == 0 and self.step < self.total:
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < self.total:
                     self.save(self.step)
                     last_saved = self.step
-                elif self.step % t["log_every"] == 0:
+                elif self.step % t.log_every == 0:
                     self.env.report(m)
             epoch_start += plan.steps
         return last_saved
@@ -215,7 +218,7 @@ class _Run:
     def final_eval(self) -> None:
         """The held-out loss at the last step, unless that step already has it."""
         h = self.history
-        if not self.t["eval_rows"] or (h and "eval_loss" in h[-1] and h[-1]["step"] == self.step):
+        if not self.t.eval_rows or (h and "eval_loss" in h[-1] and h[-1]["step"] == self.step):
             return
         ev = self.held_out()
         if h and h[-1]["step"] == self.step:
@@ -226,14 +229,14 @@ class _Run:
             say(f"[train] held-out loss at step {self.step}: {ev:.4f}")
 
 
-def train_loop(config: dict, plan, env) -> dict:
+def train_loop(config: TrainStageConfig, plan: RunPlan, env: TrainEnv) -> dict:
     """Train on this worker (``plan``: the run's :class:`~cerbero_ray.train.run_plan.RunPlan`;
     ``env``: a :class:`~cerbero_ray.train.env.TrainEnv`); every worker runs it. Returns rank 0's
     summary (others: {})."""
     r = _Run(config, plan, env)
     r.resume()
     start = r.step
-    if r.step == 0 and r.t["eval_rows"]:
+    if r.step == 0 and r.t.eval_rows:
         r.record({"step": 0, "eval_loss": r.held_out()})
     last_saved = r.train()
     r.final_eval()
@@ -245,12 +248,12 @@ def train_loop(config: dict, plan, env) -> dict:
     done = os.path.join(local, "adapter" if r.lora else "hf", "config.json" if not r.lora else "adapter_config.json")
     if start != r.step or not os.path.isfile(done):  # a finished run leaves it be
         r.write_model(local)
-    extra = {"method": r.t["method"]}
+    extra = {"method": r.t.method}
     if r.lora:
         from cerbero_ray.train.lora import counts
 
         trainable, total = counts(r.lm)
-        merged = r.t["lora"]["merge"]
+        merged = r.t.lora.merge
         hf = os.path.join(local, "hf")
         if merged and (start != r.step or not os.path.isfile(os.path.join(hf, "config.json"))):
             ckpt.save_hf(r.peft.merge_and_unload(), r.tok, hf)
@@ -266,7 +269,7 @@ def train_loop(config: dict, plan, env) -> dict:
         n = sum(p.numel() for p in r.lm.parameters())
         extra.update(trainable_params=n, total_params=n, trainable_share=1.0)
     extra["peak_memory_bytes"] = peak_memory(r.device)
-    return write_summary(config, plan.run_dir, r.writer, r.history, r.step, r.resumed_from, extra)
+    return write_summary(config.train.name, plan.run_dir, r.writer, r.history, r.step, r.resumed_from, extra)
 
 
 def peak_memory(device: torch.device) -> int | None:

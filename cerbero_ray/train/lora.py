@@ -19,28 +19,31 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 
 import torch
 
 from cerbero_ray import adapters, storage
+from cerbero_ray.config.common import ModelConfig
+from cerbero_ray.config.train import LoraConfig, TrainConfig
 
 BASE_DIR, ADAPTER_DIR = "base", "adapter"
 
 
-def base_dtype(t: dict, cuda: bool) -> str:
+def base_dtype(t: TrainConfig, cuda: bool) -> str:
     """The frozen base's dtype: bf16 on GPU under ``precision=bf16``, else fp32."""
-    return "bfloat16" if cuda and t["precision"] == "bf16" else "float32"
+    return "bfloat16" if cuda and t.precision == "bf16" else "float32"
 
 
-def build_base(model_cfg: dict, t: dict, cuda: bool, seed: int):
+def build_base(model_cfg: ModelConfig, t: TrainConfig, cuda: bool, seed: int):
     """The base as a full fine-tune builds it, in :func:`base_dtype`, or 4-bit with QLoRA."""
     from cerbero_ray.models import build_model, from_pretrained
 
-    if not t["lora"]["qlora"]:
-        return build_model({**model_cfg, "dtype": base_dtype(t, cuda)}, seed=seed)
+    if not t.lora.qlora:
+        return build_model(replace(model_cfg, dtype=base_dtype(t, cuda)), seed=seed)
     if not cuda:
         raise ValueError("train.lora.qlora=true needs CUDA (bitsandbytes' 4-bit kernels); set it false on CPU")
-    if not model_cfg["_target_"].endswith(".from_pretrained"):
+    if not model_cfg._target_.endswith(".from_pretrained"):
         raise ValueError("train.lora.qlora=true quantizes a checkpoint as it loads: use model=hf model.path=…")
     from transformers import BitsAndBytesConfig
 
@@ -51,28 +54,28 @@ def build_base(model_cfg: dict, t: dict, cuda: bool, seed: int):
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     overrides = {
-        **(model_cfg.get("overrides") or {}),
+        **(model_cfg.overrides or {}),
         "quantization_config": q,
         "device_map": {"": torch.cuda.current_device()},
     }
-    return from_pretrained(model_cfg["path"], dtype="bfloat16", overrides=overrides)
+    return from_pretrained(model_cfg.path, dtype="bfloat16", overrides=overrides)
 
 
-def apply_lora(lm, lc: dict, seed: int):
+def apply_lora(lm, lc: LoraConfig, seed: int):
     """The peft model around ``lm`` (changed in place: its targeted linears gain adapters); the base
     frozen, the trainable weights fp32. The adapter's initial weights follow ``seed``."""
     from peft import LoraConfig, get_peft_model
 
-    if lc["qlora"]:
+    if lc.qlora:
         from peft import prepare_model_for_kbit_training
 
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)  # ours is set by the caller
     cfg = LoraConfig(
-        r=lc["r"],
-        lora_alpha=lc["alpha"],
-        lora_dropout=lc["dropout"],
-        target_modules=list(lc["target_modules"]),
-        modules_to_save=list(lc["train_in_full"]) or None,
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=list(lc.target_modules),
+        modules_to_save=list(lc.train_in_full) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -110,7 +110,7 @@ def loss_png(history: list[dict], path: str, title: str) -> str:
 
 
 def write_summary(
-    config: dict,
+    name: str,
     run_dir: str,
     writer: Writer,
     history: list[dict],
@@ -122,7 +122,7 @@ def write_summary(
     (``extra``: the method, trainable parameters and their share, peak memory, the adapter)."""
     writer.history(history)
     try:
-        loss_png(history, os.path.join(writer.local, "loss.png"), f"{config['train']['name']}: {step} steps")
+        loss_png(history, os.path.join(writer.local, "loss.png"), f"{name}: {step} steps")
     except ImportError:  # matplotlib is a dependency; a bare benchmark machine may lack it
         log.warning("no matplotlib: loss.png not written")
     writer.close()

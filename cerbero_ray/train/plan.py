@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cerbero_ray.config.train import TrainConfig
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -148,35 +150,40 @@ def step_rows(plan: EpochPlan, step: int, micro_batch: int, accum: int) -> list[
     return [s for r in plan.ranges for s in take(r, step * n, (step + 1) * n)]
 
 
-def plan_all(shards: list[dict], t: dict, world: int) -> list[EpochPlan]:
+def plan_all(shards: list[dict], t: TrainConfig, world: int) -> list[EpochPlan]:
     """Every epoch's plan for a ``train`` config section and ``world`` ranks."""
-    accum = t["global_batch_size"] // (t["micro_batch_size"] * world)
+    accum = t.global_batch_size // (t.micro_batch_size * world)
     return [
         plan_epoch(
             shards,
             e,
             world_size=world,
-            micro_batch=t["micro_batch_size"],
+            micro_batch=t.micro_batch_size,
             accum=accum,
-            seed=t["seed"],
-            eval_rows=t["eval_rows"],
-            mix_block_rows=t["mix_block_rows"],
+            seed=t.seed,
+            eval_rows=t.eval_rows,
+            mix_block_rows=t.mix_block_rows,
         )
-        for e in range(t["epochs"])
+        for e in range(t.epochs)
     ]
 
 
-def total_steps(plans: list[EpochPlan], t: dict) -> int:
+def total_steps(plans: list[EpochPlan], t: TrainConfig) -> int:
     n = sum(p.steps for p in plans)
-    return min(n, t["max_steps"]) if t.get("max_steps") else n
+    return min(n, t.max_steps) if t.max_steps else n
 
 
-def signature(shards: list[dict], t: dict, world: int) -> str:
+def signature(shards: list[dict], t: TrainConfig, world: int) -> str:
     """What fixes the data order: a checkpoint only resumes a run with the same one."""
     keys = ("micro_batch_size", "global_batch_size", "epochs", "seed", "eval_rows", "max_steps")
-    mix = t.get("mix_block_rows", 1)  # 0, the shard order, signs as runs from before the setting did
+    mix = t.mix_block_rows  # 0, the shard order, signs as runs from before the setting did
     blob = json.dumps(
-        {"shards": shards, "world": world, **{k: t.get(k) for k in keys}, **({"mix_block_rows": mix} if mix else {})},
+        {
+            "shards": shards,
+            "world": world,
+            **{k: getattr(t, k) for k in keys},
+            **({"mix_block_rows": mix} if mix else {}),
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

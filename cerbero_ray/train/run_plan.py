@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from cerbero_ray import storage
 from cerbero_ray.config import check
+from cerbero_ray.config.train import TrainStageConfig
 from cerbero_ray.models import build_model_config
 from cerbero_ray.shards import read_manifest
 from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
@@ -23,31 +24,31 @@ class RunPlan:
     shards: tuple  # ({"path", "rows"}, …): the manifest's shards, in its order
 
 
-def plan_run(c: dict) -> RunPlan:
+def plan_run(c: TrainStageConfig) -> RunPlan:
     """Validate ``c`` (the resolved config) against the shards and the model; returns the run's plan."""
     c = check("train", c)
-    t = c["train"]
+    t = c.train
     try:
-        manifest = read_manifest(t["data_dir"])
+        manifest = read_manifest(t.data_dir)
     except FileNotFoundError:
         raise ValueError(
-            f"train.data_dir: no manifest.json in {t['data_dir']} (run the data stage first, "
+            f"train.data_dir: no manifest.json in {t.data_dir} (run the data stage first, "
             "or point train.data_dir at its data.output_dir)"
         ) from None
     seq_len = int(manifest["seq_len"])
-    if t.get("seq_len") is not None and int(t["seq_len"]) != seq_len:
+    if t.seq_len is not None and int(t.seq_len) != seq_len:
         raise ValueError(
-            f"train.seq_len={t['seq_len']} but the shards in {t['data_dir']} are {seq_len} tokens "
+            f"train.seq_len={t.seq_len} but the shards in {t.data_dir} are {seq_len} tokens "
             "long; rerun the data stage with that data.seq_len, or drop train.seq_len"
         )
-    tc = c["tokenizer"]
-    tok = build_tokenizer(tc.get("path"), tc["assistant_tag"], tc["system_line"])
+    tc = c.tokenizer
+    tok = build_tokenizer(tc.path, tc.assistant_tag, tc.system_line)
     if manifest["tokenizer_hash"] != tokenizer_hash(tok):
         raise ValueError(
             f"tokenizer: the shards were made with another tokenizer or chat template "
             f"({manifest['tokenizer_hash']} vs {tokenizer_hash(tok)}); use the data stage's tokenizer config"
         )
-    mc = build_model_config(c["model"])
+    mc = build_model_config(c.model)
     if len(tok) > mc.vocab_size:
         raise ValueError(
             f"model: vocab_size {mc.vocab_size} is smaller than the tokenizer's {len(tok)} tokens "
@@ -57,12 +58,12 @@ def plan_run(c: dict) -> RunPlan:
         raise ValueError(f"model: max_position_embeddings {mc.max_position_embeddings} < the shards' seq_len {seq_len}")
     shards = [{"path": s["path"], "rows": int(s["rows"])} for s in manifest["shards"]]
     rows = sum(s["rows"] for s in shards)
-    need = t["global_batch_size"] + t["eval_rows"]
+    need = t.global_batch_size + t.eval_rows
     if rows < need:
         raise ValueError(
-            f"train.global_batch_size + train.eval_rows = {need} rows, but {t['data_dir']} holds {rows}; "
+            f"train.global_batch_size + train.eval_rows = {need} rows, but {t.data_dir} holds {rows}; "
             "lower them or prepare more data (a shorter data.seq_len gives more rows)"
         )
     # a local run folder made absolute here, once: the workers' working folder is not the driver's
-    out = t["output_dir"] if storage.is_uri(t["output_dir"]) else storage.resolve(t["output_dir"])[1]
-    return RunPlan(storage.join(out, t["name"]), seq_len, rows, tuple(shards))
+    out = t.output_dir if storage.is_uri(t.output_dir) else storage.resolve(t.output_dir)[1]
+    return RunPlan(storage.join(out, t.name), seq_len, rows, tuple(shards))

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from cerbero_ray import storage
 from cerbero_ray.config import check
+from cerbero_ray.config.train import TrainStageConfig
 from cerbero_ray.train.metrics import read_summary
 from cerbero_ray.train.plan import plan_all, total_steps
 from cerbero_ray.train.run_plan import plan_run
@@ -42,8 +43,8 @@ def _worker(config: dict) -> None:
     except ImportError:
         pass
     c, plan = config["config"], config["plan"]
-    t = c["train"]
-    train_loop(c, plan, RayEnv(plan.run_dir, t.get("fail_at_step"), t.get("fail_rank", 1)))
+    t = c.train
+    train_loop(c, plan, RayEnv(plan.run_dir, t.fail_at_step, t.fail_rank))
 
 
 def _storage(output_dir: str) -> dict:
@@ -54,36 +55,36 @@ def _storage(output_dir: str) -> dict:
     return {"storage_path": p, "storage_filesystem": fs}
 
 
-def run_train(cfg: DictConfig | dict) -> dict:
+def run_train(cfg: DictConfig | dict | TrainStageConfig) -> dict:
     """Train on an initialised Ray; returns the summary (run folder, HF folder, losses, speed)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     c = check("train", cfg)
-    t, run = c["train"], plan_run(c)
-    plans = plan_all(list(run.shards), t, t["num_workers"])
+    t, run = c.train, plan_run(c)
+    plans = plan_all(list(run.shards), t, t.num_workers)
     steps = total_steps(plans, t)
     log.info(
-        f"[train] {run.rows} rows × {run.seq_len} tokens; {t['num_workers']} workers; "
-        f"global batch {t['global_batch_size']} rows; {steps} steps over {t['epochs']} epoch(s) "
-        f"({plans[0].dropped_rows} rows per epoch left over, {t['eval_rows']} held out) → {run.run_dir}",
+        f"[train] {run.rows} rows × {run.seq_len} tokens; {t.num_workers} workers; "
+        f"global batch {t.global_batch_size} rows; {steps} steps over {t.epochs} epoch(s) "
+        f"({plans[0].dropped_rows} rows per epoch left over, {t.eval_rows} held out) → {run.run_dir}",
     )
-    resources = {"CPU": t["cpus_per_worker"], **({"GPU": 1} if t["use_gpu"] else {})}
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": c, "plan": run},
-        torch_config=TorchConfig(backend="nccl" if t["use_gpu"] else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=t["num_workers"],
-            use_gpu=t["use_gpu"],
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
             resources_per_worker=resources,
-            placement_strategy=t["placement_strategy"],
+            placement_strategy=t.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name=t["name"],
-            **_storage(t["output_dir"]),
-            failure_config=ray.train.FailureConfig(max_failures=t["max_failures"]),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t["keep_checkpoints"]),
+            name=t.name,
+            **_storage(t.output_dir),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             # our progress lines are the log; Ray Train's INFO line per report would drown them
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),

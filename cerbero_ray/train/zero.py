@@ -7,8 +7,11 @@ DeepSpeed owns gradient accumulation, clipping, the bf16 master weights and the 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from cerbero_ray.config.train import DeepSpeedConfig, TrainConfig, TrainStageConfig
 from cerbero_ray.logs import drop_lines
 from cerbero_ray.models import build_model
 from cerbero_ray.train.modeling import PackedCausalLM, pick_attention
@@ -16,31 +19,31 @@ from cerbero_ray.train.modeling import PackedCausalLM, pick_attention
 SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
 
 
-def deepspeed_config(ds: dict, t: dict, world_size: int) -> dict:
+def deepspeed_config(ds: DeepSpeedConfig, t: TrainConfig, world_size: int) -> dict:
     """DeepSpeed's JSON from the ``deepspeed`` and ``train`` config groups."""
-    accum = t["global_batch_size"] // (t["micro_batch_size"] * world_size)
+    accum = t.global_batch_size // (t.micro_batch_size * world_size)
     cfg = {
-        "train_micro_batch_size_per_gpu": t["micro_batch_size"],
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
-        "train_batch_size": t["global_batch_size"],
-        "gradient_clipping": t["max_grad_norm"],
+        "train_batch_size": t.global_batch_size,
+        "gradient_clipping": t.max_grad_norm,
         # LoRA: fp32 adapters on a frozen bf16 base under autocast; DeepSpeed's bf16 mode would cast them
-        "bf16": {"enabled": t["precision"] == "bf16" and t["method"] == "full"},
+        "bf16": {"enabled": t.precision == "bf16" and t.method == "full"},
         # fp32 master weights are the optimizer's; gradients get the same: accumulated over the
         # micro-batches and reduced across ranks in fp32, not in the model's bf16
         "data_types": {"grad_accum_dtype": "fp32"},
         "communication_data_type": "fp32",
         "zero_optimization": {
-            "stage": ds["stage"],
-            "overlap_comm": ds["overlap_comm"],
-            "contiguous_gradients": ds["contiguous_gradients"],
-            "reduce_bucket_size": ds["reduce_bucket_size"],
-            "allgather_bucket_size": ds["allgather_bucket_size"],
+            "stage": ds.stage,
+            "overlap_comm": ds.overlap_comm,
+            "contiguous_gradients": ds.contiguous_gradients,
+            "reduce_bucket_size": ds.reduce_bucket_size,
+            "allgather_bucket_size": ds.allgather_bucket_size,
         },
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
-    return _merge(cfg, ds.get("extra") or {})
+    return _merge(cfg, ds.extra or {})
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -50,32 +53,32 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def warmup_steps(t: dict, total_steps: int) -> int:
-    return int(t["warmup_steps"]) if t.get("warmup_steps") is not None else int(t["warmup_ratio"] * total_steps)
+def warmup_steps(t: TrainConfig, total_steps: int) -> int:
+    return int(t.warmup_steps) if t.warmup_steps is not None else int(t.warmup_ratio * total_steps)
 
 
-def build_optimizer(model: torch.nn.Module, t: dict, cuda: bool) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, cuda: bool) -> torch.optim.Optimizer:
     """AdamW; no weight decay on norms and biases (1-D parameters)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": t["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]  # LoRA has no 1-D trainable parameters; ZeRO drops empty groups
-    return torch.optim.AdamW(groups, lr=learning_rate(t), betas=tuple(t["betas"]), eps=t["eps"], fused=cuda or None)
+    return torch.optim.AdamW(groups, lr=learning_rate(t), betas=tuple(t.betas), eps=t.eps, fused=cuda or None)
 
 
-def learning_rate(t: dict) -> float:
+def learning_rate(t: TrainConfig) -> float:
     """The peak learning rate: ``train.lora.lr`` for a LoRA run when set (adapters usually take a
     rate ~10× a full fine-tune's), else ``train.lr``."""
-    return t["lora"]["lr"] if t["method"] == "lora" and t["lora"]["lr"] is not None else t["lr"]
+    return t.lora.lr if t.method == "lora" and t.lora.lr is not None else t.lr
 
 
-def build_scheduler(opt: torch.optim.Optimizer, t: dict, total_steps: int):
+def build_scheduler(opt: torch.optim.Optimizer, t: TrainConfig, total_steps: int):
     from transformers import get_scheduler
 
-    if t["schedule"] not in SCHEDULES:
-        raise ValueError(f"train.schedule must be one of {sorted(SCHEDULES)}, got {t['schedule']!r}")
-    name = SCHEDULES[t["schedule"]]
-    kwargs = {"min_lr_rate": t["min_lr_ratio"]} if name == "cosine_with_min_lr" else None
+    if t.schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule must be one of {sorted(SCHEDULES)}, got {t.schedule!r}")
+    name = SCHEDULES[t.schedule]
+    kwargs = {"min_lr_rate": t.min_lr_ratio} if name == "cosine_with_min_lr" else None
     return get_scheduler(
         name,
         opt,
@@ -85,38 +88,38 @@ def build_scheduler(opt: torch.optim.Optimizer, t: dict, total_steps: int):
     )
 
 
-def build_deepspeed(config: dict, total_steps: int, device: torch.device, world_size: int, on_base=None):
+def build_deepspeed(config: TrainStageConfig, total_steps: int, device: torch.device, world_size: int, on_base=None):
     """(DeepSpeed engine wrapping :class:`PackedCausalLM`, scheduler, the HF model inside, the peft
     model around it or None). ``train.method=lora``: ``on_base(lm)`` sees the frozen base before
     the adapters are applied (rank 0 records it, :mod:`cerbero_ray.train.lora`)."""
     import deepspeed
 
-    t = config["train"]
+    t = config.train
     cuda = device.type == "cuda"
-    lora = t["method"] == "lora"
+    lora = t.method == "lora"
     peft_model = None
     if lora:
         from cerbero_ray.train.lora import apply_lora, build_base
 
-        lm = build_base(config["model"], t, cuda, t["seed"])
+        lm = build_base(config.model, t, cuda, t.seed)
         lm.requires_grad_(False)
         if on_base is not None:
             on_base(lm)
     else:
-        model_cfg = {**config["model"], "dtype": "float32"}  # DeepSpeed casts to bf16 and keeps fp32 masters
-        lm = build_model(model_cfg, seed=t["seed"])
-    lm.config._attn_implementation = pick_attention(t["attention"], cuda, t["micro_batch_size"])
+        # DeepSpeed casts to bf16 and keeps fp32 masters
+        lm = build_model(replace(config.model, dtype="float32"), seed=t.seed)
+    lm.config._attn_implementation = pick_attention(t.attention, cuda, t.micro_batch_size)
     lm.config.use_cache = False
-    if t["gradient_checkpointing"]:  # transformers >= 5.2x renamed it; the GPU images may be older
+    if t.gradient_checkpointing:  # transformers >= 5.2x renamed it; the GPU images may be older
         if hasattr(lm, "activation_checkpointing_enable"):
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
-        peft_model = apply_lora(lm, t["lora"], t["seed"])
+        peft_model = apply_lora(lm, t.lora, t.seed)
     lm.train()
-    autocast = lora and cuda and t["precision"] == "bf16"
-    model = PackedCausalLM(lm, t["loss_chunk_tokens"], autocast=autocast).to(device)
+    autocast = lora and cuda and t.precision == "bf16"
+    model = PackedCausalLM(lm, t.loss_chunk_tokens, autocast=autocast).to(device)
     opt = build_optimizer(model, t, cuda)
     sched = build_scheduler(opt, t, total_steps)
     with drop_lines(r"^DeepSpeed \S+ built successfully$"):  # its CPU comm op, printed once per worker
@@ -124,7 +127,7 @@ def build_deepspeed(config: dict, total_steps: int, device: torch.device, world_
             model=model,
             optimizer=opt,
             lr_scheduler=sched,
-            config=deepspeed_config(config["deepspeed"], t, world_size),
+            config=deepspeed_config(config.deepspeed, t, world_size),
             dist_init_required=False,
         )
     return engine, sched, lm, peft_model
