@@ -290,6 +290,7 @@ def test_an_endpoint_that_cannot_score_runs_the_rest(tmp_path, evalita_dir, ray_
     m = json.load(open(os.path.join(tmp_path, "evaluate", "runs", "other", "ami2020", "metrics.json")))
     assert "/v1/label" in m["unsupported"]["score/0"] and "log-probability" in m["unsupported"]["score/0"]
     assert [p for p in seen if p[1] == "/v1/label"] == [("POST", "/v1/label")]  # asked once
+    assert [p for p in seen if p[0] == "GET"] == [("GET", "/v1/models")]  # which model: asked once too
     errors = sum(u["errors"] for t in res["results"]["other"].values() for u in t.values())
     assert errors == seen.count(("400", "/v1/chat/completions")) > 0
 

@@ -20,7 +20,7 @@ import json
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from cerbero_ray.chat import STOP_STRING
@@ -69,12 +69,14 @@ NO_SCORE = (
 LABEL_CHUNK = 16  # texts per /v1/label request (the server's serve.max_label_texts is 64 by default)
 
 
-def unsupported(kind: str, spec: str, cfg: ModelRun) -> dict[str, str]:
-    """The protocols a model of ``kind`` at ``spec`` cannot run, and why: an endpoint is asked
-    whether it scores (one request); HF folders and GGUF files run every protocol."""
+def probe(kind: str, spec: str, cfg: ModelRun) -> tuple[ModelRun, dict[str, str]]:
+    """``cfg`` naming the model an endpoint serves, and the protocols a model of ``kind`` at
+    ``spec`` cannot run, with why: an endpoint is asked once which model it serves (unless
+    ``endpoint_model`` names it) and whether it scores; HF folders and GGUF files run every protocol."""
     if kind != "endpoint":
-        return {}
-    return {} if EndpointRunner(spec, cfg).scores() else {"score": NO_SCORE}
+        return cfg, {}
+    client = EndpointRunner(spec, cfg)
+    return replace(cfg, endpoint_model=client.model), ({} if client.scores() else {"score": NO_SCORE})
 
 
 def _stops(newline: bool) -> list[str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,7 +33,7 @@ from cerbero_ray.checkpoints import check_checkpoint, is_local
 from cerbero_ray.config import check
 from cerbero_ray.config.evaluate import EvaluateConfig, EvaluateStageConfig, selected_tasks
 from cerbero_ray.evaluate import squad
-from cerbero_ray.evaluate.backends import ModelRun, model_kind, runner, unsupported
+from cerbero_ray.evaluate.backends import ModelRun, model_kind, probe, runner
 from cerbero_ray.evaluate.metrics import baselines, paired_bootstrap, prompt_summary
 from cerbero_ray.evaluate.reading import columns_from_rows, figures, metric_kind, read_unit
 from cerbero_ray.evaluate.report import write_report
@@ -120,13 +120,14 @@ def _requests(todo: dict[str, list[Unit]]) -> list[dict]:
     ]
 
 
-def _answers(ec: EvaluateConfig, ckpt: str, todo: dict[str, list[Unit]]) -> dict[tuple, dict]:
-    """Every request of ``todo`` answered by model ``ckpt``: {(task, unit, id): {raw, p_yes, truncated}}."""
+def _answers(ec: EvaluateConfig, ckpt: str, todo: dict[str, list[Unit]], how: ModelRun) -> dict[tuple, dict]:
+    """Every request of ``todo`` answered by model ``ckpt`` run as ``how`` says: {(task, unit, id):
+    {raw, p_yes, truncated}}."""
     spec, kind = ec.checkpoints[ckpt], model_kind(ec.checkpoints[ckpt])
     items = _requests(todo)
     longest = max([u.max_new_tokens for us in todo.values() for u in us] or [1])
     tasks = {f"{n}/{u.key}": u.task for n, us in todo.items() for u in us if u.task}
-    cfg = ModelRun.of(ec, spec, max(longest, 1), tasks)
+    cfg = replace(how, max_new_tokens=max(longest, 1), tasks=tasks)
     out = {}
     if kind == "hf":
         for row in batchjob.map_items(
@@ -200,8 +201,8 @@ def evaluate_model(ec: EvaluateConfig, ckpt: str, prepared: dict[str, Prepared])
     tasks, kind = selected_tasks(ec), model_kind(ec.checkpoints[ckpt])
     model = {"dtype": ec.dtype, "max_prompt_tokens": ec.max_prompt_tokens, "checkpoint": ec.checkpoints[ckpt]}
     results, todo, idents, refused = {}, {}, {}, {}
-    # an endpoint that cannot score: asked once
-    cannot = unsupported(kind, ec.checkpoints[ckpt], ModelRun.of(ec, ec.checkpoints[ckpt]))
+    # an endpoint is asked once which model it serves and whether it scores
+    how, cannot = probe(kind, ec.checkpoints[ckpt], ModelRun.of(ec, ec.checkpoints[ckpt]))
     for name, p in prepared.items():
         units, refused[name] = _runnable(p.units, cannot)
         ident = p.identity(tasks[name], ec.seed, model) + f":{ec.bootstrap}"
@@ -217,7 +218,7 @@ def evaluate_model(ec: EvaluateConfig, ckpt: str, prepared: dict[str, Prepared])
     log.info(f"[evaluate] {ckpt}: {len(results)} task(s) already done, {len(todo)} to go ({', '.join(todo) or '-'})")
     if not todo:
         return results
-    answers = _answers(ec, ckpt, todo)
+    answers = _answers(ec, ckpt, todo, how)
     for name, units in todo.items():
         results[name] = _finish_task(ec, ckpt, prepared[name], units, answers, idents[name], refused[name])
     return results
