@@ -98,7 +98,12 @@ def test_sigterm_to_the_whole_process_group_exits_at_once_and_says_why(tiny_hf, 
     try:
         t0 = time.monotonic()
         os.killpg(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            raise AssertionError(f"still running 60 s after the signal:\n{out[-4000:]}") from None
         took = time.monotonic() - t0
         assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
         assert "KillMode=mixed" in out and "Failed to connect to GCS" not in out
