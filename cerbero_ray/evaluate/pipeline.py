@@ -123,7 +123,7 @@ def _requests(todo: dict[str, list[Unit]]) -> list[dict]:
 def _answers(ec: EvaluateConfig, ckpt: str, todo: dict[str, list[Unit]], how: ModelRun) -> dict[tuple, dict]:
     """Every request of ``todo`` answered by model ``ckpt`` run as ``how`` says: {(task, unit, id):
     {raw, p_yes, truncated}}."""
-    spec, kind = ec.checkpoints[ckpt], model_kind(ec.checkpoints[ckpt])
+    spec, kind = how.checkpoint, model_kind(how.checkpoint)
     items = _requests(todo)
     longest = max([u.max_new_tokens for us in todo.values() for u in us] or [1])
     tasks = {f"{n}/{u.key}": u.task for n, us in todo.items() for u in us if u.task}
