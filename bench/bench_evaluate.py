@@ -47,7 +47,10 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results"), help="where the JSON goes")
+    p.add_argument("--cpu-smoke", action="store_true", help="8 rows, one repetition: checks the script runs")
     a = p.parse_args()
+    if a.cpu_smoke:
+        a.rows, a.reps = 8, 1
     torch.set_num_threads(os.cpu_count())
     ckpt = a.checkpoint
     if ckpt is None:

@@ -26,9 +26,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # git-ignored
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--out", default=os.environ.get("OUT", RESULTS))
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--max-batch-tokens", type=int, default=65536)
     p.add_argument("--cpu-smoke", action="store_true")

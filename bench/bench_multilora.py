@@ -103,9 +103,12 @@ def serve(engine, requests: list[tuple[list[int], int]], sampling, groups: bool)
     }
 
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # git-ignored
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--out", default=os.environ.get("OUT", RESULTS))
     p.add_argument("--shape", choices=tuple(SHAPES), default=None)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--requests", type=int, default=64)

@@ -50,9 +50,12 @@ def timed(fn, reps, cuda):
     return out, statistics.median(times)
 
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # git-ignored
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--out", default=os.environ.get("OUT", RESULTS))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--new", type=int, default=64)

@@ -131,9 +131,12 @@ def config(a, shard: str, rows: int, run_dir: str):
     )
 
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # git-ignored
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--out", default=os.environ.get("OUT", RESULTS))
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--steps", type=int, default=10)

@@ -18,10 +18,12 @@ OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if compgen -G ".gpu/whl/*.whl" >/dev/null; then
+if [[ -z "${CPU_SMOKE:-}" ]] && compgen -G ".gpu/whl/*.whl" >/dev/null; then
   rm -rf /tmp/cerbero_site
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/cerbero_site .gpu/whl/*.whl || exit 1
-  export PYTHONPATH=$PYTHONPATH:/tmp/cerbero_site  # after the image's own packages: only what it lacks is taken from here
+  # PYTHONPATH comes before the image's site-packages, so these win where both have a package:
+  # gpu_prepare.sh carries only what the image lacks. A CPU smoke run uses this machine's install
+  export PYTHONPATH=$PYTHONPATH:/tmp/cerbero_site
 fi
 SMOKE=()
 [[ -n "${CPU_SMOKE:-}" ]] && SMOKE=(--cpu-smoke)
@@ -69,7 +71,8 @@ for stage in "$@"; do
     multilora)
       step bench_multilora 300 $PY bench/bench_multilora.py --out "$OUT" "${SMOKE[@]}" ;;
     evaluate)
-      step bench_evaluate 200 $PY bench/bench_evaluate.py --data-dir .gpu/data --out "$OUT" ;;
+      data=.gpu/data; [[ -n "${CPU_SMOKE:-}" ]] && data=${CERBERO_DATA_DIR:-../shared/data}
+      step bench_evaluate 200 $PY bench/bench_evaluate.py --data-dir "$data" --out "$OUT" "${SMOKE[@]}" ;;
     tests)
       step pytest_gpu 300 $PY -m pytest -q -m gpu -p no:cacheprovider ;;
     *) echo "unknown stage '$stage' (serve, label, train, accum, lora, multilora, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;

@@ -99,38 +99,6 @@ def base_of(adapter: str, base: str | None = None, key: str = "checkpoint") -> s
     return recorded
 
 
-def check_adapter(path: str, key: str) -> None:
-    """``ValueError`` naming ``key`` unless ``path`` is a whole LoRA adapter folder."""
-    storage.check_folder(path, key)
-    try:
-        cfg = adapter_config(path)
-    except ValueError as e:
-        raise ValueError(f"{key}: {path}/{ADAPTER_CONFIG} is not JSON ({e})") from None
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{key}: {path} is a {cfg.get('peft_type')!r} adapter; LoRA adapters only")
-    if not storage.is_file(storage.join(path, ADAPTER_WEIGHTS)):
-        raise ValueError(f"{key}: {path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
-    from cerbero_ray.checkpoints import is_local, local_path
-
-    if is_local(path):
-        from cerbero_ray.checkpoints import _safetensors_problem
-
-        problem = _safetensors_problem(os.path.join(local_path(path), ADAPTER_WEIGHTS))
-        if problem:
-            raise ValueError(f"{key}: {path}/{ADAPTER_WEIGHTS} {problem}")
-
-
-def check_base(adapter: str, base: str, base_folder: str, key: str) -> None:
-    """``ValueError`` when the base at ``base_folder`` (a local copy of ``base``) is not the model
-    the adapter was trained on (its recorded fingerprint)."""
-    want = read_record(adapter).get("fingerprint")
-    if want and fingerprint(base_folder) != want:
-        raise ValueError(
-            f"{key}: {base} is not the base the adapter at {adapter} was trained on (fingerprint "
-            f"{fingerprint(base_folder)}, recorded {want}); give the base it was trained on"
-        )
-
-
 def lora_scale(cfg: dict) -> float:
     """The factor peft multiplies ``B @ A`` by."""
     r, alpha = cfg["r"], cfg["lora_alpha"]

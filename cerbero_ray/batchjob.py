@@ -480,7 +480,8 @@ def map_items(
     ``total_rows``."""
     import ray
     import ray.data
-    from tqdm import tqdm
+
+    from cerbero_ray.logs import progress
 
     res = ray.cluster_resources()
     gpus, cpus = float(cfg.gpus_per_worker), float(res.get("CPU", 1))
@@ -498,7 +499,7 @@ def map_items(
         num_gpus=gpus or None,
         num_cpus=min(float(cfg.cpus_per_worker), max(cpus - 1, 0.5) / workers),
     )
-    with tqdm(total=total_rows, unit="row", desc=desc, dynamic_ncols=True) as bar:
+    with progress(total=total_rows, unit="row", desc=desc) as bar:
         for row in ds.iter_rows():
             bar.update(row["rows"])
             yield row

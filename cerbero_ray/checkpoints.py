@@ -10,28 +10,20 @@ import json
 import os
 import struct
 
-from cerbero_ray import storage
+from cerbero_ray import adapters, storage
+from cerbero_ray.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, fingerprint, read_record
+from cerbero_ray.storage import is_local, local_path
 
 CONTINUOUS_ARCHITECTURES = ("mistral", "llama")  # what the continuous-batching engine runs
 PATH_REQUIRED = "model.path is required for model=hf (a local folder or an s3:// URI)"
-
-
-def is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
-def local_path(path: str) -> str:
-    return os.path.expanduser(path.removeprefix("file://"))
 
 
 def check_checkpoint(path: str, key: str, base: str | None = None) -> None:
     """``ValueError`` naming ``key`` when ``path`` (a folder or URI) holds no HF model, or a copy of
     it that was cut short (its folder marker says so). A LoRA adapter folder is a checkpoint too:
     the adapter and its base (``base``, else the one it records) are checked."""
-    from cerbero_ray import adapters
-
     if adapters.is_adapter(path):
-        adapters.check_adapter(path, key)
+        check_adapter(path, key)
         b = adapters.base_of(path, base, key)
         if adapters.is_adapter(b):
             raise ValueError(f"{key}: the base of the adapter at {path} is another adapter ({b})")
@@ -42,15 +34,52 @@ def check_checkpoint(path: str, key: str, base: str | None = None) -> None:
     storage.check_folder(path, key)
 
 
+def check_adapter(path: str, key: str) -> None:
+    """``ValueError`` naming ``key`` unless ``path`` is a whole LoRA adapter folder."""
+    storage.check_folder(path, key)
+    try:
+        cfg = adapter_config(path)
+    except ValueError as e:
+        raise ValueError(f"{key}: {path}/{ADAPTER_CONFIG} is not JSON ({e})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{key}: {path} is a {cfg.get('peft_type')!r} adapter; LoRA adapters only")
+    if not storage.is_file(storage.join(path, ADAPTER_WEIGHTS)):
+        raise ValueError(f"{key}: {path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    if is_local(path):
+        problem = _safetensors_problem(os.path.join(local_path(path), ADAPTER_WEIGHTS))
+        if problem:
+            raise ValueError(f"{key}: {path}/{ADAPTER_WEIGHTS} {problem}")
+
+
+def check_base(adapter: str, base: str, base_folder: str, key: str) -> None:
+    """``ValueError`` when the base at ``base_folder`` (a local copy of ``base``) is not the model
+    the adapter was trained on (its recorded fingerprint)."""
+    want = read_record(adapter).get("fingerprint")
+    if want and fingerprint(base_folder) != want:
+        raise ValueError(
+            f"{key}: {base} is not the base the adapter at {adapter} was trained on (fingerprint "
+            f"{fingerprint(base_folder)}, recorded {want}); give the base it was trained on"
+        )
+
+
+def check_served_adapter(path: str, key: str) -> None:
+    """``ValueError`` naming ``key`` (``serve.adapters.<name>``) unless ``path`` is a whole LoRA
+    adapter folder that a mixed batch can serve (no DoRA, per-module ranks, trained biases...)."""
+    if not adapters.is_adapter(path):
+        raise ValueError(f"{key}: no LoRA adapter at {path} (adapter_config.json; a train run's adapter/)")
+    check_adapter(path, key)
+    why = adapters.unsupported(adapter_config(path))
+    if why:
+        raise ValueError(f"{key}: cannot be served in a mixed batch: {why}")
+
+
 def check_local_checkpoint(path: str, key: str, base: str | None = None) -> None:
     """At compose time: :func:`check_checkpoint` and :func:`check_weights` for a local ``path``
     (an object-store checkpoint is looked at when the stage has copied it)."""
     if not is_local(path):
         return
-    from cerbero_ray import adapters
-
     if adapters.is_adapter(local_path(path)):
-        adapters.check_adapter(local_path(path), key)
+        check_adapter(local_path(path), key)
         check_local_checkpoint(adapters.base_of(local_path(path), base, key), f"{key} (the adapter's base)")
         return
     check_checkpoint(local_path(path), key)
@@ -59,8 +88,6 @@ def check_local_checkpoint(path: str, key: str, base: str | None = None) -> None
 
 def model_type(path: str, base: str | None = None) -> str | None:
     """The ``model_type`` an HF folder or URI's config.json declares (an adapter's: its base's)."""
-    from cerbero_ray import adapters
-
     if adapters.is_adapter(path):
         return adapters.read_record(path).get("model_type") or model_type(adapters.base_of(path, base))
     return storage.read_json(storage.join(path, "config.json")).get("model_type")

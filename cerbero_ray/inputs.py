@@ -6,16 +6,20 @@ are skipped (each with why, for the run's summary or manifest), and their bytes 
   name starting with ``.`` or ``_`` (``_SUCCESS``, ``.DS_Store``) is skipped and listed, never
   silently dropped.
 - **Compression** by the file's first bytes (gzip, zstd, bzip2), whatever its name says: a gzip
-  file named ``.jsonl`` is decompressed, never read as text.
+  file named ``.jsonl`` is decompressed, never read as text. A gzip or bzip2 stream cut short or
+  corrupt gives every byte before the break (it is fed to the decompressor 16 KiB at a time), then
+  an error: the readers keep each complete line before it and make the break one error row.
 - **Encodings**: UTF-8 (a byte-order mark at the start is dropped); a file that starts with a
   UTF-16 or UTF-32 byte-order mark is decoded from it.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import fnmatch
 import posixpath
+import zlib
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -45,8 +49,10 @@ def format_suffix(path: str) -> str:
 
 def list_inputs(path: str, suffixes: tuple[str, ...] = FORMAT_SUFFIXES) -> tuple[list[str], list[dict]]:
     """(files read, files skipped as ``{"path", "reason"}``) under ``path``: a file (always read: it
-    was named), a folder (recursively) or a glob in its last part; sorted, full paths or URIs.
-    ``suffixes`` empty: every file of the folder that is not hidden is read."""
+    was named, unless it is empty), a folder (recursively; on a local disk symbolic links are
+    followed, each real folder and file read once, a loop named once) or a glob in its last part;
+    sorted, full paths or URIs. ``suffixes`` empty: every file of the folder that is not hidden is
+    read. An empty file (0 bytes) is skipped and listed: it holds no row."""
     fs, p = storage.resolve(path)
     prefix = path[: len(path) - len(p)] if storage.is_uri(path) else ""
     pattern = None
@@ -56,24 +62,68 @@ def list_inputs(path: str, suffixes: tuple[str, ...] = FORMAT_SUFFIXES) -> tuple
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"no such file or folder: {path}")
     if info.type == pafs.FileType.File:
+        if info.size == 0:
+            return [], [{"path": path, "reason": "empty file (0 bytes)"}]
         return [path], []
-    files, skipped = [], []
-    for i in sorted(fs.get_file_info(pafs.FileSelector(p, recursive=True)), key=lambda i: i.path):
-        name = posixpath.basename(i.path)
-        if i.type != pafs.FileType.File or (pattern is not None and not fnmatch.fnmatch(name, pattern)):
+    entries, skipped = _walk_local(p) if not prefix else _walk(fs, p, prefix)
+    files = []
+    for full, size in entries:
+        name = posixpath.basename(full)
+        if pattern is not None and not fnmatch.fnmatch(name, pattern):
             continue
-        full = prefix + i.path if prefix and not i.path.startswith(prefix) else i.path
-        hidden = any(part.startswith((".", "_")) for part in posixpath.relpath(i.path, p).split("/"))
-        if hidden:
+        rel = posixpath.relpath(full[len(prefix) :] if prefix else full, p)
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
             skipped.append({"path": full, "reason": "hidden name (starts with '.' or '_')"})
         elif suffixes and format_suffix(name) not in suffixes:
             skipped.append({"path": full, "reason": f"not an input format ({format_suffix(name) or 'no suffix'})"})
+        elif size == 0:
+            skipped.append({"path": full, "reason": "empty file (0 bytes)"})
         else:
             files.append(full)
     if not files:
         why = f" ({len(skipped)} skipped: {skipped[0]['path']}: {skipped[0]['reason']}…)" if skipped else ""
         raise FileNotFoundError(f"no input files{' ' + str(suffixes) if suffixes else ''} under {path}{why}")
     return files, skipped
+
+
+def _walk(fs, p: str, prefix: str) -> tuple[list[tuple[str, int]], list[dict]]:
+    """(full name, size) of every file under ``p`` in an object store (no links there), sorted."""
+    infos = sorted(fs.get_file_info(pafs.FileSelector(p, recursive=True)), key=lambda i: i.path)
+    return [
+        (prefix + i.path if not i.path.startswith(prefix) else i.path, i.size)
+        for i in infos
+        if i.type == pafs.FileType.File
+    ], []
+
+
+def _walk_local(p: str) -> tuple[list[tuple[str, int]], list[dict]]:
+    """(path, size) of every file under the local folder ``p``, sorted, following symbolic links but
+    entering each real folder once and listing each real file once; what is not entered or read
+    again is listed as skipped, with why."""
+    import os
+
+    files, skipped, seen_dirs, seen_files = [], [], {}, {}
+    for folder, dirs, names in os.walk(p, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen_dirs:  # a link back up (a loop) or a second way into a folder already read
+            skipped.append({"path": folder, "reason": f"symbolic link loop: the same folder as {seen_dirs[real]}"})
+            dirs[:] = []
+            continue
+        seen_dirs[real] = folder
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(folder, name)
+            try:
+                real_file, size = os.path.realpath(full), os.stat(full).st_size
+            except OSError as e:  # a dangling link
+                skipped.append({"path": full, "reason": f"unreadable ({type(e).__name__})"})
+                continue
+            if real_file in seen_files:
+                skipped.append({"path": full, "reason": f"the same file as {seen_files[real_file]} (a link)"})
+                continue
+            seen_files[real_file] = full
+            files.append((full, size))
+    return sorted(files), skipped
 
 
 def sniff(head: bytes) -> str | None:
@@ -98,7 +148,60 @@ def decompressed(f):
     head = f.read(4)
     f.seek(0)
     codec = sniff(head)
+    if codec in ("gzip", "bz2"):
+        return Salvaging(f, codec)
     return pa.CompressedInputStream(f, codec) if codec else f
+
+
+class Salvaging:
+    """A gzip or bzip2 stream (several members too) that gives every byte it could decompress before
+    a break: ``read(n)`` returns them, and only the read after them raises (``EOFError`` for a stream
+    cut short, ``OSError`` for a corrupt one), naming the compressed offset. A decompressing stream
+    that fails a whole block at once would lose the complete lines before the break."""
+
+    PIECE = 1 << 14  # compressed bytes fed at a time
+
+    def __init__(self, raw, codec: str):
+        self.raw, self.codec, self.buf, self.fed = raw, codec, bytearray(), 0
+        self.dec, self.done, self.error = self._decompressor(), False, None
+
+    def _decompressor(self):
+        return zlib.decompressobj(zlib.MAX_WBITS | 16) if self.codec == "gzip" else bz2.BZ2Decompressor()
+
+    def _fill(self, want: int) -> None:
+        while len(self.buf) < want and not self.done and self.error is None:
+            piece = self.raw.read(self.PIECE)
+            if not piece:
+                self.done = True
+                if not self.dec.eof:
+                    self.error = EOFError(f"{self.codec} stream cut short after {self.fed:,} compressed bytes")
+                return
+            try:
+                self.buf += self.dec.decompress(piece)
+                while self.dec.eof and self.dec.unused_data:  # the next member
+                    rest, self.dec = self.dec.unused_data, self._decompressor()
+                    self.buf += self.dec.decompress(rest)
+            except (zlib.error, OSError, EOFError, ValueError) as e:
+                self.error = OSError(f"corrupt {self.codec} stream near compressed byte {self.fed:,}: {e}")
+            self.fed += len(piece)
+
+    def read(self, n: int = -1) -> bytes:
+        self._fill(n if n is not None and n >= 0 else float("inf"))
+        if self.error is not None and (not self.buf or n is None or n < 0):
+            raise self.error
+        n = len(self.buf) if n is None or n < 0 else n
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def to_utf8(data: bytes) -> bytes:

@@ -25,6 +25,39 @@ import warnings
 _DONE = False
 
 
+ECHO_CHARS = 64  # a value a user sent, quoted back in an error message, is cut to this
+
+
+def short(value: object, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message never echoes a huge value."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 1] + "…"
+
+
+def progress(**kw):
+    """A tqdm bar whose rate and ETA count from its first update: what comes before it (a model
+    loading, an actor pool starting) is warm-up, and an ETA that divides the rows left by the
+    first row's time would read hours for a minute's work."""
+    from tqdm import tqdm
+
+    class WarmBar(tqdm):
+        _warm = False
+
+        def update(self, n=1):
+            if self._warm or not n:
+                return super().update(n)
+            self._warm = True
+            self.n += n
+            now = self._time()
+            # the rate counts from now: as if the bar started here with what is done already
+            self.start_t, self.last_print_t, self.last_print_n, self.initial = now, now, self.n, self.n
+            self._ema_dn, self._ema_dt = type(self._ema_dn)(self.smoothing), type(self._ema_dt)(self.smoothing)
+            self.refresh()
+            return True
+
+    return WarmBar(dynamic_ncols=True, **kw)
+
+
 def quiet() -> None:
     global _DONE
     if _DONE:

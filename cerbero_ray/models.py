@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from cerbero_ray.checkpoints import PATH_REQUIRED, check_weights
+from cerbero_ray.checkpoints import PATH_REQUIRED, check_base, check_weights
 from cerbero_ray.config.common import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -105,7 +105,7 @@ def load_adapted(adapter: str, dtype: str, base: str | None = None, merge: bool 
 
     b = adapters.base_of(adapter, base)
     folder = local_copy(b)
-    adapters.check_base(adapter, b, folder, "checkpoint")
+    check_base(adapter, b, folder, "checkpoint")
     model = from_pretrained(b, dtype=dtype)
     peft_model = PeftModel.from_pretrained(model, local_copy(adapter))
     return peft_model.merge_and_unload() if merge else peft_model

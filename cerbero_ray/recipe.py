@@ -1,7 +1,8 @@
-"""The main job, the recipe: the stages in ``cfg.stages`` in order (data, train, label, evaluate, export),
-each handed the same composed config, on one Ray cluster. Before evaluating, the run's initial
-weights (what training started from) are written as ``<run>/hf_init`` when an evaluation
-checkpoint names that folder, so the untrained and the trained model share one table."""
+"""The main job, the recipe: the stages in ``cfg.stages`` in the stage table's order (data, train,
+label, export, evaluate), each handed the same composed config, on one Ray cluster. Before
+evaluating, the run's initial weights (what training started from) are written as ``<run>/hf_init``
+when an evaluation checkpoint names that folder, so the untrained and the trained model share one
+table."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from omegaconf import DictConfig
 
 from cerbero_ray.config import check, checked_for, mark_checked
 from cerbero_ray.config.recipe import RecipeConfig
-from cerbero_ray.stages import STAGES
+from cerbero_ray.config.stages import STAGES
 
 log = logging.getLogger(__name__)
 

@@ -80,7 +80,7 @@ def launch(stage: str, cfg, run=None, ray: bool | None = None, **kwargs):
     (a ``ValueError`` or file error raised by our code) is one line and exit status 2 as well
     (``HYDRA_FULL_ERROR=1`` shows the stack); a SIGTERM or Ctrl-C, one line and 128 + the signal."""
     from cerbero_ray.config import check
-    from cerbero_ray.stages import STAGES
+    from cerbero_ray.config.stages import STAGES
 
     run = run or STAGES[stage].runner()  # the stage table's run_<stage>, unless given (tests)
     ray = STAGES[stage].ray if ray is None else ray
@@ -114,7 +114,7 @@ def launch(stage: str, cfg, run=None, ray: bool | None = None, **kwargs):
 
 
 def _resume(stage: str) -> str:
-    from cerbero_ray.stages import STAGES
+    from cerbero_ray.config.stages import STAGES
 
     return f"; {STAGES[stage].resume}" if stage in STAGES else ""
 

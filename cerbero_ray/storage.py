@@ -42,6 +42,16 @@ def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def is_local(path: str) -> bool:
+    """A path on this machine's disk (plain, or ``file://``), not an object-store URI."""
+    return not is_uri(path)
+
+
+def local_path(path: str) -> str:
+    """A local path (plain or ``file://``) as the OS names it."""
+    return os.path.expanduser(path.removeprefix("file://"))
+
+
 def max_attempts() -> int:
     return int(os.environ.get("CERBERO_S3_MAX_ATTEMPTS", "10"))
 

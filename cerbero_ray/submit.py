@@ -21,7 +21,7 @@ import time
 
 from cerbero_ray import storage
 from cerbero_ray.config import REPO_DIR, compose
-from cerbero_ray.stages import STAGES
+from cerbero_ray.config.stages import STAGES
 
 EXCLUDES = [
     "outputs/",
@@ -98,7 +98,8 @@ def _submit_when_ready(client, spec: dict, submission_id: str | None, wait_s: fl
             time.sleep(2)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The CLI's arguments; its stages are the stage table's."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--address",
@@ -118,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("stage", choices=sorted(STAGES))
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for jobs/<stage>.py")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     _, status = submit(a.address, a.stage, a.overrides, a.wait, a.timeout, a.submission_id, a.env)
     return 0 if status in (None, "SUCCEEDED") else 1
 

@@ -38,6 +38,9 @@ S3_ENV = {
 }
 os.environ.update(S3_ENV)
 SAMPLES = os.path.join(REPO_DIR, "data", "samples")
+# A GPU test's body runs on CPU too, in the default tier, with the same inputs and assertions (so a
+# signature change breaks it in CI, which has no GPU); its CUDA run is the `gpu` tier's
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -69,7 +72,7 @@ def ray_local():
 
 
 def proc_cfg(out, sources, **data):
-    """A plain-dict config for BufferProcessor / run_data."""
+    """The ``data`` section as plain dicts (``DataConfig``'s keys): for ``buffer_processor`` and ``data_stage``."""
     d = {
         "sources": sources,
         "seq_len": 512,

@@ -126,6 +126,13 @@ def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, r
     saved = json.load(open(os.path.join(out, "results.json")))
     assert saved["results"] == res["results"] and saved["seed"] == 0
     assert set(saved["tasks"]["ami2020"]["prompt_hashes"]) == evalita_units
+    # the console's headline: a row per model, the main figure of each task, the path of every table
+    from cerbero_ray.evaluate.report import headline
+
+    head = headline(saved, "OUT/results.md").splitlines()
+    assert len(head) == 3 + 2 + 1 and head[-1].endswith("OUT/results.md"), head
+    assert "squad_it F1 (generate)" in head[1] and "ami2020 macro-F1 (score)" in head[1]
+    assert re.match(r"\| b \| \d+\.\d\d \[", head[4]) and head[4].count("[") == 4, head[4]
     caplog.set_level(logging.INFO, logger="cerbero_ray")
     caplog.clear()
     again = run_evaluate(c)  # every (checkpoint, task) resumes from its metrics.json

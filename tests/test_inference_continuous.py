@@ -16,6 +16,7 @@ from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.inference.slots import SlotModel
 from cerbero_ray.models import tiny
 from cerbero_ray.tokenizer import encode_prompts
+from conftest import DEVICES
 
 PROMPTS = [
     "Ciao!",
@@ -211,35 +212,38 @@ def test_other_architectures_are_refused_with_a_clear_error(tok):
         ContinuousBatcher(m, tok)
 
 
-@pytest.mark.gpu
-def test_cuda_graph_decoding_matches_eager_decoding(tok):
-    m = tiny(dtype="bfloat16").cuda().eval()
+@pytest.mark.parametrize("device", DEVICES)
+def test_graph_decoding_matches_eager_decoding(tok, device):
+    """bf16; on CUDA the graphed step (two length buckets) against the eager one, on CPU (no graphs:
+    ``cuda_graphs`` is ignored there) two eager runs."""
+    cuda = device == "cuda"
+    m = tiny(dtype="bfloat16").to(device).eval()
     sm = SlotModel(m, num_slots=4, max_len=160)
     prompts = [tok(chat(tok, p), add_special_tokens=False).input_ids for p in PROMPTS[:4]]
     nxt = sm.prefill(prompts, [0, 1, 2, 3]).argmax(-1).cpu()
     pos = torch.tensor([len(p) for p in prompts])
-    for _ in range(60):  # crosses from the 128 bucket into the 160 one
-        eager, graphed = sm.decode(nxt, pos, graphs=False), sm.decode(nxt, pos, graphs=True)
+    for _ in range(60 if cuda else 8):  # on CUDA: crosses from the 128 bucket into the 160 one
+        eager, graphed = sm.decode(nxt, pos, graphs=False), sm.decode(nxt, pos, graphs=cuda)
         torch.testing.assert_close(graphed, eager, rtol=2e-2, atol=2e-2)
         nxt, pos = eager.argmax(-1).cpu(), pos + 1
-    assert sm.graph_error is None and len(sm.graphs) == 2
+    assert sm.graph_error is None and len(sm.graphs) == (2 if cuda else 0)
     cb = ContinuousBatcher(m, tok, num_slots=4, max_prompt_tokens=96, max_new_tokens=64, cuda_graphs=True)
     out = cb.generate([chat(tok, p) for p in PROMPTS], Sampling(max_new_tokens=40, temperature=0.0, stop=()))
-    assert cb.slots.graphs and all(r["new_tokens"] >= 1 for r in out)
+    assert bool(cb.slots.graphs) == cuda and all(r["new_tokens"] >= 1 for r in out)
 
 
-@pytest.mark.gpu
-def test_the_gpu_engine_with_graphs_gives_generate_s_text_and_seeded_samples(tok):
-    """The whole loop on CUDA (graph decoding, GPU logits, CPU-side sampling parameters), fp32 so
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_engine_with_graphs_gives_generate_s_text_and_seeded_samples(tok, device):
+    """The whole loop with ``cuda_graphs=True`` (graph decoding and device logits on CUDA), fp32 so
     that greedy text can be compared with transformers' generate token for token."""
-    m = tiny().cuda().eval()
+    m = tiny().to(device).eval()
     prompts = [chat(tok, p) for p in PROMPTS]
     ref = [Generator(m, tok, batch_size=1).generate([p], GREEDY)[0]["text"] for p in prompts]
     cb = ContinuousBatcher(m, tok, num_slots=4, max_prompt_tokens=128, max_new_tokens=32, cuda_graphs=True)
     assert [r["text"] for r in cb.generate(prompts, GREEDY)] == ref
     s = Sampling(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=7)
     assert cb.generate(prompts[:1], s)[0]["text"] == cb.generate(prompts, s)[0]["text"]
-    assert cb.slots.graphs and cb.slots.graph_error is None
+    assert bool(cb.slots.graphs) == (device == "cuda") and cb.slots.graph_error is None
 
 
 def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):

@@ -127,3 +127,54 @@ def test_prompts_longer_than_the_sliding_window_are_refused_per_row(tok):
         assert g["label"] == r["label"] and g["logprobs"] == pytest.approx(r["logprobs"], abs=1e-4)
     cols = label_columns(scorer, [TEXTS[0], long_text])
     assert cols["error"] == [None, "too_long_for_window"] and cols["label"][1] is None
+
+
+def test_the_guard_is_held_per_batch_not_per_call(tok):
+    """A server passes its model lock as ``guard``: it is entered once for the shared prefix and once
+    per batch, and left between them (a chat step can run there); the scores do not change."""
+    import contextlib
+
+    model = tiny().eval()
+    entered, held = [], []
+
+    @contextlib.contextmanager
+    def guard():
+        entered.append(1)
+        held.append(True)
+        yield
+        held.pop()
+
+    scorer = Scorer(model, tok, TASK, max_batch_tokens=1)  # one row per batch
+    texts = [TEXTS[0]] * 2 + TEXTS
+    guarded = scorer.score(texts, guard)
+    assert len(entered) == 1 + len(texts) and held == []
+    plain = Scorer(model, tok, TASK, max_batch_tokens=100000).score(texts)
+    for a, b in zip(guarded, plain):
+        assert a["label"] == b["label"] and all(abs(a["probs"][k] - b["probs"][k]) < 1e-6 for k in a["probs"])
+
+
+def test_task_names_are_checked_and_values_quoted_short():
+    base = {"name": "t", "instruction": "Q?", "labels": {"yes": "Sì", "no": "No"}}
+    for labels, said in [
+        ({"yes": "Sì", "Yes": "No"}, "one label"),
+        ({"yes": "Sì", " ": "No"}, "empty or blank"),
+        ({"yes": "Sì", "no": "Sì "}, "the same verbalizer"),
+        ({"yes": "Sì", "no": "  "}, "is blank"),
+        ({"yes": "Sì", "no": "n" * 10_000}, "at most 256"),
+    ]:
+        with pytest.raises(ValueError, match=said) as e:
+            task_from_dict({**base, "labels": labels})
+        assert len(str(e.value)) < 300
+    with pytest.raises(ValueError, match="not blank"):
+        task_from_dict({**base, "instruction": " \n "})
+    with pytest.raises(ValueError) as e:
+        task_from_dict({**base, "template": "x" * 100_000})
+    assert len(str(e.value)) < 200
+
+
+def test_a_template_places_the_instruction_where_it_says(tok):
+    plain = LabelTask("t", "Il testo è ironico?", {"yes": "Sì", "no": "No"}, template="Testo: {text}")
+    placed = LabelTask("t", "Il testo è ironico?", {"yes": "Sì", "no": "No"}, template="{instruction}\nTesto: {text}")
+    assert "ironico" not in prompt_text(plain, "ciao {instruction}", tok)  # a template without the slot: left out
+    rendered = prompt_text(placed, "ciao {instruction}", tok)
+    assert "Il testo è ironico?\nTesto: ciao {instruction}" in rendered  # the text's own braces stay as they are

@@ -77,6 +77,49 @@ def test_a_compressed_stream_cut_short_keeps_its_lines_and_counts_the_break(tmp_
     assert kinds[-1] == "unreadable" and kinds.count("unreadable") == 1
 
 
+@pytest.mark.parametrize("codec", ["gzip", "bz2"])
+def test_every_complete_line_before_a_break_is_kept(tmp_path, codec):
+    """Half of a 200-line file (gzip; bzip2 in 100 kB blocks): every line the readable half holds
+    whole is a row, in both readers, and the break is one error row naming the next line."""
+    import random
+    import zlib
+
+    rng = random.Random(0)
+    rows = [
+        {"id": f"r{i}", "text": " ".join(rng.choice(["ciao", "mare", "sole", "vento", "pane"]) for _ in range(400))}
+        for i in range(200)
+    ]
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+    whole = gzip.compress(data) if codec == "gzip" else bz2.compress(data, compresslevel=1)
+    cut = whole[: len(whole) // 2]
+    if codec == "gzip":
+        readable = zlib.decompressobj(zlib.MAX_WBITS | 16).decompress(cut)
+    else:
+        readable = b"".join(bz2.decompress(b) for b in _bz2_whole_blocks(data, cut))
+    expected = readable.count(b"\n")
+    assert 20 < expected < 200
+    f = tmp_path / f"cut.jsonl.{'gz' if codec == 'gzip' else 'bz2'}"
+    f.write_bytes(cut)
+    got, _ = read_all(f, chunk_rows=16)
+    assert [r["id"] for r in got if r["error"] is None] == [f"r{i}" for i in range(expected)]
+    assert len(got) == expected + 1 and got[-1]["error"].startswith("unreadable_file: EOFError")
+    raws = raw_rows(f)  # the data stage
+    assert [json.loads(raw)["id"] for k, raw in raws if k == "jsonl"] == [f"r{i}" for i in range(expected)]
+    assert [k for k, _ in raws][-1] == "unreadable" and b"cut short" in raws[-1][1]
+
+
+def _bz2_whole_blocks(data: bytes, cut: bytes) -> list[bytes]:
+    """The reference for a cut bzip2 file: what its complete blocks decompress to (bzip2 decodes
+    block by block: a block the cut reaches is lost whole)."""
+    d, out = bz2.BZ2Decompressor(), b""
+    try:
+        for i in range(0, len(cut), 1 << 12):
+            out += d.decompress(cut[i : i + (1 << 12)])
+    except (OSError, EOFError):
+        pass
+    return [bz2.compress(out)] if out else []
+
+
 def _corrupt_parquet(path, groups=4):
     """A Parquet file with a valid footer whose first row group's data pages are garbage."""
     pq.write_table(pa.Table.from_pylist(ROWS * 2), path, row_group_size=25, compression="zstd")
@@ -167,3 +210,30 @@ def test_files_a_folder_holds_but_no_stage_reads_are_listed_with_why(tmp_path):
     assert plan.skipped == skipped and len(plan.files) == 2
     rows, listed = read_all(tmp_path)
     assert len(rows) == 100 and listed == skipped
+
+
+def test_a_folder_link_loop_is_walked_once_and_named(tmp_path):
+    """A folder holding a link to itself (and a second link to a file) is read once per real file:
+    the 1-row file labeled once, not 41 times, and the loop listed as skipped."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "one.jsonl").write_bytes(JSONL[: JSONL.index(b"\n") + 1])
+    os.symlink(d, d / "loop")
+    os.symlink(d / "one.jsonl", d / "again.jsonl")
+    rows, skipped = read_all(d)
+    assert [r["id"] for r in rows] == ["r0"]
+    reasons = {os.path.relpath(s["path"], d): s["reason"] for s in skipped}
+    assert reasons["loop"].startswith("symbolic link loop") and "the same file as" in reasons["one.jsonl"]
+    plan = inspect_sources({"s": SourceConfig(path=str(d))})[0]  # the data stage lists the same files
+    assert [os.path.basename(f) for f in plan.files] == ["again.jsonl"] and len(plan.skipped) == 2
+
+
+@pytest.mark.parametrize("name", ["e.jsonl", "e.txt", "e.jsonl.gz", "e.parquet"])
+def test_an_empty_file_is_listed_as_skipped(tmp_path, name):
+    (tmp_path / name).write_bytes(b"")
+    (tmp_path / "ok.jsonl").write_bytes(JSONL)
+    rows, skipped = read_all(tmp_path)
+    assert len(rows) == 50 and all(r["error"] is None for r in rows)
+    assert skipped == [{"path": str(tmp_path / name), "reason": "empty file (0 bytes)"}]
+    files, skipped = inputs.list_inputs(str(tmp_path / name))  # named on its own: still listed
+    assert files == [] and skipped[0]["reason"] == "empty file (0 bytes)"

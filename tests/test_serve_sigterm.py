@@ -66,30 +66,6 @@ def _start(tiny_hf, tmp_path, *overrides, **popen):
         time.sleep(1)
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_hf, tmp_path):
-    proc, url = _start(tiny_hf, tmp_path)
-    try:
-        body = {
-            "messages": [{"role": "user", "content": "Raccontami una storia."}],
-            "max_tokens": 48,
-            "temperature": 0.8,
-            "seed": 1,
-        }
-        with cf.ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(_post, f"{url}/v1/chat/completions", body) for _ in range(6)]
-            time.sleep(1.5)  # the requests are in flight
-            proc.send_signal(signal.SIGTERM)
-            results = [f.result() for f in futures]
-        assert [s for s, _ in results] == [200] * 6
-        assert all(r["choices"][0]["finish_reason"] in ("stop", "length") for _, r in results)
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out[-3000:]
-        assert "[serve] stopped" in out and "core dumped" not in out.lower()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
 def test_sigterm_to_the_whole_process_group_exits_at_once_and_says_why(tiny_hf, tmp_path):
     """systemd's default KillMode, `timeout` and `kill -- -PGID` signal Ray's own processes too: no
     drain is possible then. The job says so and exits 143 in seconds, not after a minute's wait
@@ -216,7 +192,8 @@ def test_stalled_uploads_hold_no_slot_and_sigterm_keeps_every_accepted_request(t
             results = [f.result() for f in accepted]
         codes = [r[0] for r in results]
         assert all(c in (200, 503) for c in codes), codes  # never a dropped connection
-        assert codes.count(200) >= 16, codes
+        assert codes.count(200) >= 16, codes  # the 16 in flight when the signal came: answered whole
+        assert all(b["choices"][0]["finish_reason"] in ("stop", "length") for c, b, _ in results if c == 200)
         for c, body, headers in results + [r for r in late if isinstance(r[0], int)]:
             if c == 503:
                 assert body["error"]["code"] == "shutting_down" and headers.get("retry-after"), (body, headers)
@@ -226,7 +203,8 @@ def test_stalled_uploads_hold_no_slot_and_sigterm_keeps_every_accepted_request(t
         assert late_codes[-1] in ("ConnectionRefusedError", "ConnectionResetError") or len(late) > 400, late_codes[-5:]
         assert 503 in late_codes and all(c in (200, 503) for c in late_codes[:-1]), late_codes
         out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0 and "[serve] stopped" in out, out[-3000:]
+        assert proc.returncode == 0 and "[serve] stopped" in out, out[-3000:]  # drained, then exit 0
+        assert "core dumped" not in out.lower()
     finally:
         if proc.poll() is None:
             proc.kill()

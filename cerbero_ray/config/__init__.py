@@ -1,8 +1,9 @@
 """Typed config schemas, composed with Hydra, checked before anything runs.
 
-Each stage's schema and its ``check_<stage>(c)`` live in ``cerbero_ray/config/<stage>.py``; they
-are registered with Hydra's ConfigStore so that a misspelled or unknown key fails when the config
-is composed, and :func:`check` runs the stage's value checks (a ``ValueError`` naming the key) on the
+Each stage's schema and its ``check_<stage>(c)`` live in ``cerbero_ray/config/<stage>.py`` and are
+declared once, with the rest of the stage, in the stage table (``config/stages.py``); they are
+registered with Hydra's ConfigStore so that a misspelled or unknown key fails when the config is
+composed, and :func:`check` runs the stage's value checks (a ``ValueError`` naming the key) on the
 composed config, before Ray starts — in ``jobs/<stage>.py`` and in ``cerbero-submit`` alike. It
 returns the stage's schema dataclass, resolved, every default filled in: what ``run_<stage>`` and
 the code below it read (attributes, never ``["key"]``). Checks that must read storage (a data
@@ -20,37 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cerbero_ray.config.common import ModelConfig
-from cerbero_ray.config.data import DataStageConfig, SourceConfig, check_data
-from cerbero_ray.config.evaluate import EvalTaskConfig, EvaluateStageConfig, check_evaluate
-from cerbero_ray.config.export import ExportStageConfig, check_export
-from cerbero_ray.config.generate import GenerateStageConfig, check_generate
-from cerbero_ray.config.label import LabelStageConfig, check_label
-from cerbero_ray.config.recipe import RecipeConfig, check_recipe
-from cerbero_ray.config.serve import ServeStageConfig, check_serve
-from cerbero_ray.config.train import TrainStageConfig, check_train
+from cerbero_ray.config.data import SourceConfig
+from cerbero_ray.config.evaluate import EvalTaskConfig
+from cerbero_ray.config.stages import STAGES
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-STAGE_SCHEMAS = {
-    "data": DataStageConfig,
-    "train": TrainStageConfig,
-    "label": LabelStageConfig,
-    "generate": GenerateStageConfig,
-    "serve": ServeStageConfig,
-    "evaluate": EvaluateStageConfig,
-    "export": ExportStageConfig,
-    "recipe": RecipeConfig,
-}
-CHECKS = {
-    "data": check_data,
-    "train": check_train,
-    "label": check_label,
-    "generate": check_generate,
-    "serve": check_serve,
-    "evaluate": check_evaluate,
-    "export": check_export,
-    "recipe": check_recipe,
-}
 
 
 def _resolve_cwd() -> str:
@@ -70,8 +45,8 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("trained_folder"):
         OmegaConf.register_new_resolver("trained_folder", _trained_folder)
     cs = ConfigStore.instance()
-    for name, node in STAGE_SCHEMAS.items():
-        cs.store(name=f"{name}_schema", node=node)
+    for name, stage in STAGES.items():
+        cs.store(name=f"{name}_schema", node=stage.schema)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data/source", name="source_schema", node=SourceConfig)
     cs.store(group="evaluate/task", name="task_schema", node=EvalTaskConfig)
@@ -96,7 +71,7 @@ def mark_checked(cfg, stages) -> None:
 def as_stage(stage: str, cfg):
     """``cfg`` (a typed config holding every section of ``stage``'s schema, e.g. the recipe's) as
     that stage's schema; its sections are shared, not copied."""
-    schema = STAGE_SCHEMAS[stage]
+    schema = STAGES[stage].schema
     if type(cfg) is schema:
         return cfg
     out = schema(**{f.name: getattr(cfg, f.name) for f in fields(schema)})
@@ -110,7 +85,7 @@ def typed(stage: str, cfg: DictConfig | dict):
     if is_dataclass(cfg):
         return as_stage(stage, cfg)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[stage]), cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(STAGES[stage].schema), cfg)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
@@ -120,11 +95,11 @@ def typed(stage: str, cfg: DictConfig | dict):
 
 def check(stage: str, cfg):
     """Run ``check_<stage>`` on the composed config (once); returns it typed: an instance of the stage's
-    schema (``STAGE_SCHEMAS[stage]``), what ``run_<stage>`` and the code below it read."""
+    schema (``STAGES[stage].schema``), what ``run_<stage>`` and the code below it read."""
     c = typed(stage, cfg)
     if stage in checked_for(c):
         return c
-    CHECKS[stage](c)
+    STAGES[stage].check(c)
     mark_checked(c, {stage, *(c.stages if stage == "recipe" else ())})
     return c
 

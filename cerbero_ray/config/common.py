@@ -9,7 +9,8 @@ from typing import Any, Dict, Optional
 from omegaconf import MISSING
 
 from cerbero_ray.chat import ASSISTANT_TAGS, SYSTEM_LINE
-from cerbero_ray.checkpoints import PATH_REQUIRED, check_local_checkpoint, is_local, local_path
+from cerbero_ray.checkpoints import PATH_REQUIRED, check_local_checkpoint
+from cerbero_ray.storage import is_local, local_path
 
 INFERENCE_DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: bfloat16 on GPU, float32 on CPU
 MODEL_DTYPES = ("float32", "bfloat16", "float16")

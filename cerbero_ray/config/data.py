@@ -54,7 +54,7 @@ class DataStageConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-def check_data(c: DataStageConfig) -> None:
+def check_data(c: DataStageConfig, before: frozenset = frozenset()) -> None:
     """``ValueError`` naming the key for a bad data config (the sources' files are checked at run time)."""
     d = c.data
     check_tokenizer(c.tokenizer)

@@ -74,11 +74,13 @@ def selected_tasks(ec: EvaluateConfig) -> dict:
     return {k: v for k, v in ec.tasks.items() if ec.only is None or k in ec.only}
 
 
-def check_evaluate(c: EvaluateStageConfig, checkpoints: bool = True) -> None:
-    """``checkpoints=False`` when an earlier stage of the same job writes them (the recipe)."""
+def check_evaluate(c: EvaluateStageConfig, before: frozenset = frozenset()) -> None:
+    """``before``: the stages that run before this one in the same job (the recipe's train and
+    export stages write the checkpoints and GGUF files: they are not there yet)."""
     import os
 
     ec = c.evaluate
+    checkpoints = not before & {"train", "export"}
     if not ec.checkpoints:
         raise ValueError("evaluate.checkpoints: no checkpoint (a mapping name -> HF folder or URI)")
     for name, path in ec.checkpoints.items():

@@ -34,7 +34,9 @@ class ExportStageConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-def check_export(c: ExportStageConfig, checkpoint: bool = True) -> None:
+def check_export(c: ExportStageConfig, before: frozenset = frozenset()) -> None:
+    """``before``: the stages that run before this one in the same job (the recipe's train stage
+    writes the checkpoint: it is not there yet)."""
     x = c.export
     if not x.types:
         raise ValueError(f"export.types: at least one of {GGUF_TYPES}")
@@ -45,5 +47,5 @@ def check_export(c: ExportStageConfig, checkpoint: bool = True) -> None:
         raise ValueError(f"export.name must be a non-empty file name prefix, got {x.name!r}")
     at_least(x, ("threads",), 0, "export")
     check_output_dir(x.output_dir, "export.output_dir")
-    if checkpoint and not x.base:
+    if "train" not in before and not x.base:
         check_local_checkpoint(x.checkpoint, "export.checkpoint")

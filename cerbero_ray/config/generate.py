@@ -53,7 +53,7 @@ class GenerateStageConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
-def check_generate(c: GenerateStageConfig) -> None:
+def check_generate(c: GenerateStageConfig, before: frozenset = frozenset()) -> None:
     gc = c.generate
     one_of(gc.mode, MODES, "generate.mode")
     check_batch_inference(gc, "generate")

@@ -75,13 +75,14 @@ def check_batch_inference(b: BatchInferenceConfig, stage: str) -> None:
     check_output_dir(b.output_dir, f"{stage}.output_dir")
 
 
-def check_label(c: LabelStageConfig, checkpoint: bool = True) -> None:
-    """``checkpoint=False`` when an earlier stage of the same job writes it (the recipe)."""
+def check_label(c: LabelStageConfig, before: frozenset = frozenset()) -> None:
+    """``before``: the stages that run before this one in the same job (the recipe's train stage
+    writes the checkpoint: it is not there yet)."""
     from cerbero_ray.config.label_task import resolve_task
 
     lc = c.label
     check_batch_inference(lc, "label")
-    if checkpoint:
+    if "train" not in before:
         check_local_checkpoint(lc.checkpoint, "label.checkpoint", lc.base)
     at_least(lc, ("max_text_tokens", "max_batch_tokens", "sort_window"), 1, "label")
     if lc.task_file:

@@ -10,7 +10,13 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 
 import yaml
 
+from cerbero_ray.logs import short
+
 TASK_KEYS = {"name", "instruction", "labels", "few_shot", "template"}
+
+
+MAX_NAME_CHARS = 64  # a label's name: a column value and a key of every result's probs
+MAX_VERBALIZER_CHARS = 256  # a label's verbalizer: scored as a continuation of every text
 
 
 @dataclass(frozen=True)
@@ -19,22 +25,55 @@ class LabelTask:
     instruction: str
     labels: dict[str, str]  # label -> verbalizer
     few_shot: list[dict] = field(default_factory=list)
-    # the human's turn, with ``{text}`` where the text goes; None: the instruction, the text and the options
+    # the human's turn, with ``{text}`` where the text goes and ``{instruction}`` where the instruction
+    # goes (a template without it leaves the instruction out of the prompt); None: the instruction,
+    # the text and the options
     template: str | None = None
 
     def __post_init__(self):
-        if not self.name or not self.instruction:
-            raise ValueError("label.task: name and instruction are required")
+        if not self.name.strip() or not self.instruction.strip():
+            raise ValueError("label.task: name and instruction are required (and not blank)")
         if self.template is not None and "{text}" not in self.template:
-            raise ValueError(f"label.task.template must hold {{text}}, got {self.template!r}")
+            raise ValueError(f"label.task.template must hold {{text}}, got {short(self.template)}")
         if len(self.labels) < 2:
-            raise ValueError(f"label.task.labels: at least two labels, got {list(self.labels)}")
-        verbs = [v.strip() for v in self.labels.values()]
-        if any(not v for v in verbs) or len(set(verbs)) != len(verbs):
-            raise ValueError(f"label.task.labels: verbalizers must be non-empty and distinct, got {self.labels}")
+            raise ValueError(f"label.task.labels: at least two labels, got {short(list(self.labels))}")
+        _check_labels(self.labels)
         for ex in self.few_shot:
             if set(ex) != {"text", "label"} or ex["label"] not in self.labels:
-                raise ValueError(f"label.task.few_shot: each example is {{text, label}} with a known label, got {ex}")
+                raise ValueError(
+                    f"label.task.few_shot: each example is {{text, label}} with a known label, got {short(ex)}"
+                )
+
+
+def _check_labels(labels: dict[str, str]) -> None:
+    """Names non-blank, at most :data:`MAX_NAME_CHARS`, distinct once case and surrounding spaces are
+    set aside; verbalizers non-blank, at most :data:`MAX_VERBALIZER_CHARS`, distinct."""
+    names, verbs = {}, {}
+    for name, verb in labels.items():
+        if not name.strip():
+            raise ValueError(f"label.task.labels: a label name is empty or blank ({short(name)})")
+        if len(name) > MAX_NAME_CHARS:
+            raise ValueError(
+                f"label.task.labels: the name {short(name)} has {len(name):,} characters; at most {MAX_NAME_CHARS}"
+            )
+        if not verb.strip():
+            raise ValueError(f"label.task.labels: verbalizers must be non-empty and distinct; {short(name)}'s is blank")
+        if len(verb) > MAX_VERBALIZER_CHARS:
+            raise ValueError(
+                f"label.task.labels.{short(name)}: the verbalizer has {len(verb):,} characters; "
+                f"at most {MAX_VERBALIZER_CHARS}"
+            )
+        same = names.setdefault(name.strip().casefold(), name)
+        if same != name:
+            raise ValueError(
+                f"label.task.labels: {short(same)} and {short(name)} are one label (case and spaces aside)"
+            )
+        twin = verbs.setdefault(verb.strip(), name)
+        if twin != name:
+            raise ValueError(
+                f"label.task.labels: verbalizers must be non-empty and distinct; {short(twin)} and {short(name)} "
+                f"have the same verbalizer {short(verb.strip())}"
+            )
 
 
 def task_from_dict(d) -> LabelTask:

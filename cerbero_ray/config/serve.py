@@ -54,6 +54,9 @@ class ServeConfig:
     max_new_tokens: int = 512  # the most a request may ask for
     default_max_tokens: int = 128
     max_label_texts: int = 64
+    # what one /v1/label request with an inline task may cost: texts x (the task's prompt + every
+    # label's answer, each scored per text), in tokens; the scorer's batch budget is 16,384
+    max_label_tokens: int = 32768
     max_body_bytes: int = 1_048_576  # larger request bodies are a 413, refused before they are read
     body_timeout_s: float = 10.0  # a request body must arrive within this (408); read before a replica is chosen
     shutdown_grace_s: float = 30.0  # on SIGTERM: accepted requests get this long to finish, then a 503
@@ -67,7 +70,7 @@ class ServeStageConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
-def check_serve(c: ServeStageConfig) -> None:
+def check_serve(c: ServeStageConfig, before: frozenset = frozenset()) -> None:
     """``ValueError`` naming the key, before Ray starts."""
     from cerbero_ray.config.label_task import task_from_dict
 
@@ -87,6 +90,7 @@ def check_serve(c: ServeStageConfig) -> None:
             "max_new_tokens",
             "default_max_tokens",
             "max_label_texts",
+            "max_label_tokens",
             "port",
             "prefill_tokens",
             "max_body_bytes",
@@ -113,7 +117,8 @@ def check_adapters(sc: ServeConfig) -> None:
     """``serve.adapters``: names a client can send, the continuous engine, a base checkpoint, and
     (local ones) whole LoRA folders trained on it."""
     from cerbero_ray import adapters
-    from cerbero_ray.checkpoints import is_local, local_path
+    from cerbero_ray.checkpoints import check_served_adapter
+    from cerbero_ray.storage import is_local, local_path
 
     if not sc.adapters:
         return
@@ -127,10 +132,5 @@ def check_adapters(sc: ServeConfig) -> None:
             raise ValueError(
                 f"{key}: a name is letters, digits and ._:- (up to 64), not serve.model_name {sc.model_name!r}"
             )
-        if is_local(path):
-            if not adapters.is_adapter(local_path(path)):
-                raise ValueError(f"{key}: no LoRA adapter at {path} (adapter_config.json; a train run's adapter/)")
-            adapters.check_adapter(local_path(path), key)
-            why = adapters.unsupported(adapters.adapter_config(local_path(path)))
-            if why:
-                raise ValueError(f"{key}: cannot be served in a mixed batch: {why}")
+        if is_local(path):  # an object-store one is checked by run_serve, before the app is deployed
+            check_served_adapter(local_path(path), key)

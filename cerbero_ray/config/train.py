@@ -111,7 +111,7 @@ class TrainStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def check_train(c: TrainStageConfig) -> None:
+def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
     """``ValueError`` naming the key: batch arithmetic, schedule, precision, ZeRO stage."""
     t, ds = c.train, c.deepspeed
     check_tokenizer(c.tokenizer)

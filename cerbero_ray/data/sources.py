@@ -89,6 +89,8 @@ def inspect_sources(sources: dict[str, SourceConfig]) -> list[SourcePlan]:
             files, skipped = inputs.list_inputs(src.path, SUFFIXES)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"data.sources.{name}.path: {e}") from None
+        if not files:  # one file named, and it is empty
+            raise ValueError(f"data.sources.{name}.path: {skipped[0]['path']}: {skipped[0]['reason']}")
         fs, _ = storage.resolve(files[0])
         size = sum(fs.get_file_info(storage.resolve(f)[1]).size for f in files)
         text_field = src.text_field
@@ -212,7 +214,13 @@ def _jsonl_raw(f, path: str, source: str, block_rows: int) -> Iterator[pa.Table]
                 nos, raws = [], []
         if not chunk:
             break
-        chunk = f.read(8 << 20)
+        try:
+            chunk = f.read(8 << 20)
+        except (OSError, pa.ArrowException, EOFError) as e:  # a compressed stream's break: the lines
+            if raws:  # before it are kept; the cut line (``rest``) is part of what could not be read
+                yield _table(source, path, "jsonl", nos, raws)
+            yield _table(source, path, "unreadable", [line_no + 1], [f"{type(e).__name__}: {e}"[:500].encode()])
+            return
     if raws:
         yield _table(source, path, "jsonl", nos, raws)
 

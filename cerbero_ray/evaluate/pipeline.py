@@ -26,10 +26,9 @@ from dataclasses import asdict, replace
 import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from cerbero_ray import batchjob, storage
-from cerbero_ray.checkpoints import check_checkpoint, is_local
+from cerbero_ray.checkpoints import check_checkpoint
 from cerbero_ray.config import check
 from cerbero_ray.config.evaluate import EvaluateConfig, EvaluateStageConfig, selected_tasks
 from cerbero_ray.evaluate import squad
@@ -39,6 +38,8 @@ from cerbero_ray.evaluate.reading import columns_from_rows, figures, metric_kind
 from cerbero_ray.evaluate.report import write_report
 from cerbero_ray.evaluate.tasks import Prepared, Unit, prepare
 from cerbero_ray.evaluate.worker import EvalWorker
+from cerbero_ray.logs import progress
+from cerbero_ray.storage import is_local
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _answers(ec: EvaluateConfig, ckpt: str, todo: dict[str, list[Unit]], how: Mo
             out[(row["task"], row["unit"], row["id"])] = row
         return out
     run = runner(kind, spec, cfg)
-    with tqdm(total=len(items), unit="row", desc=f"evaluate {ckpt} ({kind})", dynamic_ncols=True) as bar:
+    with progress(total=len(items), unit="row", desc=f"evaluate {ckpt} ({kind})") as bar:
         for s in range(0, len(items), ec.batch_rows):
             batch = items[s : s + ec.batch_rows]
             for item, o in zip(batch, run.run(batch)):

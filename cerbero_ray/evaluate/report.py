@@ -262,8 +262,31 @@ def chart(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+HEADLINE = {"squad": (("generate", "f1"),), "evalita": (("score", "macro_f1"), ("generate", "macro_f1"))}
+
+
+def headline(results: dict, md_path: str) -> str:
+    """What the console shows: one row per model, the main figure of each task (SQuAD-it: F1 of
+    ``generate``; EVALITA: macro-F1 of ``score``, else ``generate``) on the first wording with its
+    interval, and where every table is."""
+    cols = []  # (task, protocol, metric) of the first model that has one
+    for t, info in results["tasks"].items():
+        for proto, metric in HEADLINE["squad" if info["kind"] == "squad" else "evalita"]:
+            if any(_first(r.get(t, {}), proto) for r in results["results"].values()):
+                cols.append((t, proto, metric))
+                break
+    lines = [
+        "[evaluate] main figures (first prompt wording, %, 95% bootstrap interval):",
+        "| Model | " + " | ".join(f"{t} {TITLES.get(m, m).split(' (')[0]} ({p})" for t, p, m in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for model, res in results["results"].items():
+        lines.append(f"| {model} | " + " | ".join(_ci(_first(res.get(t, {}), p), m) for t, p, m in cols) + " |")
+    return "\n".join(lines + [f"[evaluate] every table (protocols, wordings, baselines, published rows): {md_path}"])
+
+
 def write_report(results: dict, ec: EvaluateConfig) -> dict:
-    """``results.md`` and ``results.png`` under ``evaluate.output_dir``; prints the tables."""
+    """``results.md`` and ``results.png`` under ``evaluate.output_dir``; prints the headline table."""
     out = ec.output_dir
     md = markdown(results, ec)
     storage.write_bytes(storage.join(out, "results.md"), md.encode())
@@ -271,7 +294,7 @@ def write_report(results: dict, ec: EvaluateConfig) -> dict:
         local = os.path.join(tmp, "results.png")
         chart(results, local)
         storage.upload_file(local, storage.join(out, "results.png"))
-    log.info(md)
+    log.info(headline(results, storage.join(out, "results.md")))
     return {
         "results_md": storage.join(out, "results.md"),
         "results_png": storage.join(out, "results.png"),

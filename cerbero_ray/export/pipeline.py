@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 
 from cerbero_ray import adapters, llamacpp, storage
 from cerbero_ray.chat import USER_TAG, assistant_tag_of, seed_prompt
-from cerbero_ray.checkpoints import check_checkpoint, check_weights
+from cerbero_ray.checkpoints import check_base, check_checkpoint, check_weights
 from cerbero_ray.config import check
 from cerbero_ray.config.export import ExportConfig, ExportStageConfig
 from cerbero_ray.export import gguf as conv
@@ -86,7 +86,7 @@ def run_export(cfg: DictConfig | dict | ExportStageConfig) -> dict:
         base = adapters.base_of(x.checkpoint, x.base, "export.checkpoint")
         base_folder = storage.local_copy(base)
         check_weights(base_folder, "export.base")
-        adapters.check_base(x.checkpoint, base, base_folder, "export.checkpoint")
+        check_base(x.checkpoint, base, base_folder, "export.checkpoint")
         _merge(x.checkpoint, base, src, base_folder, merged)
         return _export(x, merged, src, (src, base_folder) if x.lora else None)
 

@@ -157,7 +157,7 @@ def label_dataset(
 ):
     """``ds`` with ``label``, ``p_<label>`` per label, ``truncated`` and ``error`` added, scored by
     ``checkpoint`` (an HF folder or URI, or a LoRA adapter folder on its recorded ``base``, or the
-    one given) for ``task`` (a shipped task's name, a YAML file, a dict or a :class:`Task`).
+    one given) for ``task`` (a shipped task's name, a YAML file, a dict or a :class:`LabelTask`).
     ``concurrency`` model actors, each with ``num_gpus`` GPUs."""
     t = get_task(task)
     if text_column not in ds.schema().names:

@@ -126,7 +126,8 @@ class ContinuousBatcher:
             max_new_tokens,
             prefill_tokens,
         )
-        self.graphs = self.slots.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # CUDA graphs: on by default on CUDA; elsewhere there are none to capture (the flag is ignored)
+        self.graphs = self.slots.device.type == "cuda" and cuda_graphs is not False
         self.lock = lock or threading.Lock()  # held per step: other users of the model run between steps
         self.eos = tok.eos_token_id
         self.waiting: deque[_Request] = deque()

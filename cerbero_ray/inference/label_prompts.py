@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from cerbero_ray.config.label_task import LabelTask, get_task, resolve_task
 
@@ -25,8 +26,9 @@ TEXT_SLOT = "\x00TESTO\x00"
 
 
 def _question(task: LabelTask, text: str) -> str:
-    if task.template is not None:
-        return task.template.replace("{text}", text)
+    if task.template is not None:  # the instruction only where the template says {instruction}
+        slots = {"{text}": text, "{instruction}": task.instruction}
+        return re.sub(r"\{text\}|\{instruction\}", lambda m: slots[m[0]], task.template)  # one pass
     options = ", ".join(task.labels.values())
     return f"{task.instruction}\n\nTesto: {text}\n\nRispondi con una sola di queste opzioni: {options}."
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from cerbero_ray import adapters as adapter_files
 from cerbero_ray.adapters import NAME
+from cerbero_ray.checkpoints import check_adapter, check_base
 
 
 class LoRALinear(nn.Module):
@@ -160,8 +161,8 @@ def load_adapters(model: nn.Module, adapters: dict[str, str], base_name: str = "
 
     folders = {}
     for name, path in adapters.items():
-        adapter_files.check_adapter(path, f"serve.adapters.{name}")
+        check_adapter(path, f"serve.adapters.{name}")
         if base is not None:
-            adapter_files.check_base(path, base, local_copy(base), f"serve.adapters.{name}")
+            check_base(path, base, local_copy(base), f"serve.adapters.{name}")
         folders[name] = local_copy(path)
     return AdapterSet(model, folders, base_name)

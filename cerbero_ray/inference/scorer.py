@@ -16,6 +16,7 @@ cuts padding while keeping memory bounded.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 
@@ -151,12 +152,15 @@ class Scorer:
         return n, out.cache if self._cache_kw == "cache" else out.past_key_values
 
     @torch.no_grad()
-    def score_ids(self, prompts: list[list[int]]) -> np.ndarray:
-        """``[rows, labels]`` summed continuation log-probabilities."""
+    def score_ids(self, prompts: list[list[int]], guard=contextlib.nullcontext) -> np.ndarray:
+        """``[rows, labels]`` summed continuation log-probabilities. ``guard()`` is entered around
+        each forward pass (the shared prefix, then each batch) and left between them: a server holds
+        its model's lock there, so a chat step waits at most one batch, not a whole request."""
         out = np.zeros((len(prompts), len(self.labels)), dtype=np.float64)
         lens = [len(c) for c in self.cont]
         bounds = np.cumsum([0] + lens)
-        shared, cache = self._shared_prefix(prompts)
+        with guard():
+            shared, cache = self._shared_prefix(prompts)
         which, targets = self._which.to(self.device), self._targets.to(self.device)
         for batch in plan_batches([len(p) for p in prompts], self.tail, self.max_batch_tokens, self.sort_window):
             ids, pos, mask, rows, cols = self._inputs([prompts[i][shared:] for i in batch], shared)
@@ -164,21 +168,23 @@ class Scorer:
             if cache is not None:
                 past = copy.deepcopy(cache)
                 past.batch_repeat_interleave(len(batch))
-            hidden = self.model.model(
-                input_ids=ids,
-                position_ids=pos,
-                attention_mask=mask,
-                use_cache=past is not None,
-                **{self._cache_kw: past},
-            ).last_hidden_state
-            logits = self.model.lm_head(hidden[rows, cols]).float().view(len(batch), self.positions, -1)
+            with guard():
+                hidden = self.model.model(
+                    input_ids=ids,
+                    position_ids=pos,
+                    attention_mask=mask,
+                    use_cache=past is not None,
+                    **{self._cache_kw: past},
+                ).last_hidden_state
+                logits = self.model.lm_head(hidden[rows, cols]).float().view(len(batch), self.positions, -1)
             tok_lp = torch.log_softmax(logits, -1)[:, which, targets].double().cpu().numpy()
             out[batch] = np.stack([tok_lp[:, bounds[j] : bounds[j + 1]].sum(1) for j in range(len(lens))], 1)
         return out
 
-    def score(self, texts: list[str]) -> list[dict]:
+    def score(self, texts: list[str], guard=contextlib.nullcontext) -> list[dict]:
         """Per text: ``label``, ``probs`` {label: p}, ``logprobs`` {label: summed log p}, ``truncated``
-        (and ``error``, the others None, for a prompt longer than the model's sliding window)."""
+        (and ``error``, the others None, for a prompt longer than the model's sliding window).
+        ``guard``: see :meth:`score_ids`."""
         if not texts:
             return []
         prompts, truncated = self.encode(texts)
@@ -189,13 +195,13 @@ class Scorer:
         fits = [not window or len(p) + longest <= window for p in prompts]
         if not all(fits):
             good = [i for i, ok in enumerate(fits) if ok]
-            scored = iter(self.score([texts[i] for i in good]) if good else [])
+            scored = iter(self.score([texts[i] for i in good], guard) if good else [])
             err = f"the prompt is longer than the model's sliding window ({window} tokens)"
             return [
                 next(scored) if ok else {"label": None, "probs": None, "logprobs": None, "truncated": cut, "error": err}
                 for ok, cut in zip(fits, truncated)
             ]
-        lp = self.score_ids(prompts)
+        lp = self.score_ids(prompts, guard)
         probs = np.exp(lp - lp.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
         return [

@@ -24,6 +24,7 @@ import json
 import os
 import time
 import uuid
+from collections import OrderedDict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +42,7 @@ from cerbero_ray.serve.schemas import (
     ChatRequest,
     CompletionRequest,
     LabelRequest,
+    duplicate_key,
     error_body,
     short,
 )
@@ -183,6 +185,7 @@ class CerberoServer:
         from cerbero_ray.serve.engine import ServeEngine
 
         self.sc = sc
+        self._task_tokens: OrderedDict[str, int] = OrderedDict()  # inline task key -> tokens per text
         tasks = {name: task_from_dict(t) for name, t in sc.label_tasks.items()}
         self.engine = ServeEngine(
             sc.checkpoint,
@@ -248,7 +251,7 @@ class CerberoServer:
         field = "max_completion_tokens" if mct is not None else "max_tokens"
         max_tokens = mct or req.max_tokens or sc.default_max_tokens
         if max_tokens > sc.max_new_tokens:
-            raise APIError(400, f"{field} {max_tokens} is over this server's limit {sc.max_new_tokens}", field)
+            raise APIError(400, f"{field} {short(max_tokens)} is over this server's limit {sc.max_new_tokens}", field)
         for k in ("frequency_penalty", "presence_penalty"):
             if getattr(req, k) not in (None, 0):
                 raise APIError(400, f"{k} is not supported (only 0)", k)
@@ -401,14 +404,29 @@ class CerberoServer:
             if req.task not in self.engine.scorers:
                 known = sorted(self.engine.scorers)
                 raise APIError(
-                    400, f"unknown task {req.task!r}; this server labels {known}, or one sent inline", "task"
+                    400, f"unknown task {short(req.task)}; this server labels {known}, or one sent inline", "task"
                 )
             key, task, name = req.task, None, req.task
         else:
-            key, task = await asyncio.to_thread(self._inline_task, req.task)
+            dup = duplicate_key(await request.body())  # the body as read (cached by the parse)
+            if dup is not None:
+                msg = f"the body repeats the key {short(dup)}: send each key once"
+                raise APIError(400, msg, "task", "duplicate_key")
+            key, task, per_text = await asyncio.to_thread(self._inline_task, req.task)
             name = task.name
         if len(req.texts) > self.sc.max_label_texts:
             raise APIError(400, f"{len(req.texts)} texts; at most {self.sc.max_label_texts} per request", "texts")
+        if task is not None:  # what scoring costs: every text is scored with every label's answer
+            cost = len(req.texts) * per_text
+            if cost > self.sc.max_label_tokens:
+                raise APIError(
+                    400,
+                    f"{len(req.texts)} texts x {per_text:,} tokens (the task's prompt and every "
+                    f"label's answer) = {cost:,}; the limit is {self.sc.max_label_tokens:,} per request: send fewer "
+                    "texts at a time, or shorter labels",
+                    "texts",
+                    "label_cost_exceeded",
+                )
         for i, t in enumerate(req.texts):
             if not t.strip():
                 raise APIError(400, f"texts[{i}] is empty", f"texts.{i}")
@@ -425,9 +443,10 @@ class CerberoServer:
             "results": [{"label": r["label"], "probs": r["probs"], "truncated": r["truncated"]} for r in results],
         }
 
-    def _inline_task(self, spec) -> tuple[str, LabelTask]:
+    def _inline_task(self, spec) -> tuple[str, LabelTask, int]:
         """An inline task checked as a configured one is at start-up (the verbalizers, the prompt's
-        length without the text), and its key: the same task always finds the same scorer."""
+        length without the text and with every label's answer), its key (the same task always finds
+        the same scorer) and those tokens per text (what each text costs)."""
         from cerbero_ray.config.label_task import task_from_dict
         from cerbero_ray.inference.label_prompts import continuations, prompt_text
 
@@ -436,21 +455,25 @@ class CerberoServer:
         key = "inline:" + hashlib.sha256(blob).hexdigest()[:16]
         try:
             task = task_from_dict(d)
-            if key in self.engine.inline:  # checked when its scorer was made: an evaluation sends it again and again
-                return key, task
+            if key in self._task_tokens:  # checked already: an evaluation sends it again and again
+                self._task_tokens.move_to_end(key)
+                return key, task, self._task_tokens[key]
             conts = continuations(task, self.engine.tok)
         except ValueError as e:
             raise APIError(400, str(e).replace("label.task", "task"), "task") from None
-        n = len(self.engine.encode(prompt_text(task, "", self.engine.tok))) + max(len(c) for c in conts.values())
+        n = len(self.engine.encode(prompt_text(task, "", self.engine.tok))) + sum(len(c) for c in conts.values())
         if n > self.sc.max_prompt_tokens:
             raise APIError(
                 400,
-                f"the task's prompt (instruction, examples, longest answer) has {n} tokens before any text; "
-                f"the limit is {self.sc.max_prompt_tokens}",
+                f"the task's prompt (instruction, examples) and every label's answer (each scored after every "
+                f"text) have {n:,} tokens before any text; the limit is {self.sc.max_prompt_tokens:,}",
                 "task",
                 "context_length_exceeded",
             )
-        return key, task
+        self._task_tokens[key] = n
+        while len(self._task_tokens) > 128:  # the inline tasks checked most recently
+            self._task_tokens.popitem(last=False)
+        return key, task, n
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD too
     async def health(self):

@@ -14,6 +14,8 @@ batches of concurrent requests; benchmarks and tests drive it directly.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 from collections import OrderedDict, defaultdict
 from typing import Iterator
@@ -156,29 +158,31 @@ class ServeEngine:
     def label(self, items: list[tuple]) -> list:
         """Many label requests at once (``(task, texts)``, or ``(task, texts, adapter index)``, or
         ``(key, texts, adapter index, LabelTask)`` for a task sent inline): the texts of each task
-        and model are scored together. Should a batch fail, its requests are scored one by one, so a
-        failure stays with the request that caused it (its entry is then ``{"error": message}``
-        instead of a list of results)."""
-        import contextlib
-
+        and model are scored together. The model's lock (and the adapter) is held for one scorer
+        batch at a time, so chat steps run between them. Should a batch fail, its requests are
+        scored one by one, so a failure stays with the request that caused it (its entry is then
+        ``{"error": message}`` instead of a list of results)."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for r, item in enumerate(items):
             groups[(item[0], item[2] if len(item) > 2 else 0)].append(r)
         out: list = [None] * len(items)
-        with self.lock:
-            for (key, adapter), reqs in groups.items():
-                ctx = self.adapters.use(adapter) if self.adapters is not None else contextlib.nullcontext()
-                inline = items[reqs[0]][3] if len(items[reqs[0]]) > 3 else None
-                with ctx:
+        for (key, adapter), reqs in groups.items():
+            inline = items[reqs[0]][3] if len(items[reqs[0]]) > 3 else None
+            guard = functools.partial(self._holding, adapter)
+            try:
+                scored = iter(self.scorer(key, inline).score([t for r in reqs for t in items[r][1]], guard))
+                for r in reqs:
+                    out[r] = [next(scored) for _ in items[r][1]]
+            except Exception:
+                for r in reqs:
                     try:
-                        scorer = self.scorer(key, inline)
-                        scored = iter(scorer.score([t for r in reqs for t in items[r][1]]))
-                        for r in reqs:
-                            out[r] = [next(scored) for _ in items[r][1]]
-                    except Exception:
-                        for r in reqs:
-                            try:
-                                out[r] = self.scorer(key, inline).score(items[r][1])
-                            except Exception as e:
-                                out[r] = {"error": f"{type(e).__name__}: {e}"}
+                        out[r] = self.scorer(key, inline).score(items[r][1], guard)
+                    except Exception as e:
+                        out[r] = {"error": f"{type(e).__name__}: {e}"}
         return out
+
+    @contextlib.contextmanager
+    def _holding(self, adapter: int):
+        """The model for one forward pass of the scorer: its lock, and ``adapter`` for the whole batch."""
+        with self.lock, self.adapters.use(adapter) if self.adapters is not None else contextlib.nullcontext():
+            yield

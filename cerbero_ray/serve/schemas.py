@@ -5,9 +5,12 @@ is a 400 with the offending field named, never a silently ignored parameter.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from cerbero_ray.logs import ECHO_CHARS, short  # noqa: F401 (re-exported: the app quotes values with it)
 
 
 def _unicode(s: str) -> str:
@@ -27,15 +30,6 @@ Stop = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-
-
-ECHO_CHARS = 64  # a value the client sent, quoted back in an error message, is cut to this
-
-
-def short(value: object) -> str:
-    """``repr(value)`` cut to :data:`ECHO_CHARS` characters: an error never echoes a huge value."""
-    r = repr(value)
-    return r if len(r) <= ECHO_CHARS else r[: ECHO_CHARS - 1] + "…"
 
 
 class ContentPart(BaseModel):
@@ -114,6 +108,26 @@ class LabelRequest(Strict):
     task: Union[Text, InlineTask]  # a task this server was started with (serve.label_tasks), or one inline
     texts: list[Text] = Field(min_length=1)
     model: Optional[Text] = None  # the base (serve.model_name) or one of serve.adapters
+
+
+def duplicate_key(raw: bytes) -> str | None:
+    """The first key an object of the JSON body ``raw`` repeats, or None: a JSON parser keeps the last
+    value silently (``{"no": "No", "no": "Forse"}`` would be one label)."""
+    found: list[str] = []
+
+    def pairs(items):
+        seen = set()
+        for k, _ in items:
+            if k in seen and not found:
+                found.append(k)
+            seen.add(k)
+        return dict(items)
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None
+    return found[0] if found else None
 
 
 def error_body(

@@ -7,8 +7,7 @@ import os
 
 from omegaconf import DictConfig
 
-from cerbero_ray.adapters import check_adapter
-from cerbero_ray.checkpoints import check_inference
+from cerbero_ray.checkpoints import check_inference, check_served_adapter
 from cerbero_ray.config import check
 from cerbero_ray.config.serve import ServeConfig, ServeStageConfig
 
@@ -24,7 +23,7 @@ def run_serve(cfg: DictConfig | dict | ServeStageConfig, blocking: bool = False)
     sc = check("serve", cfg).serve
     check_inference(sc.checkpoint, sc.engine, "serve")
     for name, path in sc.adapters.items():  # object-store ones too, before the app is deployed
-        check_adapter(path, f"serve.adapters.{name}")
+        check_served_adapter(path, f"serve.adapters.{name}")
     # Python's handlers replace the C++ stack dump Ray installs for SIGTERM; set before deploying,
     # so a signal during start-up is a clean stop too (once the app is up)
     stop = stop_on_signals() if blocking else None
