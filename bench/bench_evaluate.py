@@ -157,6 +157,34 @@ def main():
         "ratio": round(t_hf / t_cb, 2),
         "same_text": round(same, 3),
     }
+    # 3. EVALITA on a GGUF file of the same model (llama.cpp, one child for the whole run) against
+    #    the HF path above: the same rows, score and generate
+    from cerbero_ray import llamacpp
+
+    if llamacpp.available():
+        from cerbero_ray.evaluate.backends import GGUFRunner
+        from cerbero_ray.export import run_export
+
+        gdir = tempfile.mkdtemp(prefix="bench-eval-gguf-")
+        x = {"checkpoint": ckpt, "output_dir": gdir, "name": "m", "types": ["f16"], "threads": 0}
+        x |= {"overwrite": False, "verify": False, "base": None, "lora": True}
+        paths = {"repo_dir": REPO, "data_dir": a.data_dir, "output_dir": gdir}
+        gguf = run_export({"paths": paths, "export": x})["files"]["f16"]["path"]
+        cfg = ModelRun.of(ec, gguf, 32, {f"sentipolc/{score_unit.key}": score_unit.task})
+        runner = GGUFRunner(gguf, cfg)
+        try:
+            both = requests(score_unit).to_pylist() + requests(gen_unit).to_pylist()
+            runner.run(both[:4])  # warm-up: the child starts and loads the file
+            t_gguf, _ = timed(lambda: runner.run(both), a.reps)
+        finally:
+            runner.close()
+        t_hf_both = t_score + t_gen
+        res["evalita_gguf"] = {
+            "rows": len(both),
+            "gguf_rows_per_s": round(len(both) / t_gguf, 1),
+            "hf_rows_per_s": round(len(both) / t_hf_both, 1),
+            "hf_over_gguf": round(t_gguf / t_hf_both, 2),
+        }
     print(json.dumps(res, indent=1))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"evaluate-{res['date']}.json"), "w") as f:

@@ -12,8 +12,10 @@ continuous-batching engine (:mod:`cerbero_ray.inference.continuous`, 16 slots):
   next adapter's (what a server that batches one adapter at a time does); latency counts from
   the moment all requests arrived.
 
-Reports per k: generated tokens/s of each, mixed / base and mixed / one-at-a-time throughput, and
-mean and p90 latency ratios. The issue's goal: mixed ≥ 0.8 × base throughput at k = 16. Adapters are
+Reports per k: generated tokens/s of each (medians of ``--reps`` repetitions in alternating order,
+after a warm-up of each variant on the full request set; every repetition is kept), mixed / base
+(also per repetition) and mixed / one-at-a-time throughput, and mean and p90 latency ratios. The
+goal: mixed >= 0.9 x base throughput at k = 16 (median of 3 or more alternating runs). Adapters are
 written as peft folders directly (no peft needed: the GPU image lacks it).
 
     python bench/bench_multilora.py                       # CPU: a 4-layer, hidden-512 model
@@ -103,6 +105,20 @@ def serve(engine, requests: list[tuple[list[int], int]], sampling, groups: bool)
     }
 
 
+def measure(runs: dict, reps: int) -> dict[str, list[dict]]:
+    """Each of ``runs`` (name -> a function returning a result) once to warm up, then ``reps`` times
+    in alternating order (as given, then reversed): {name: its results}. Which runs first, caches,
+    clocks and allocator growth then weigh on every variant alike."""
+    for fn in runs.values():
+        fn()
+    out: dict[str, list[dict]] = {n: [] for n in runs}
+    names = list(runs)
+    for rep in range(reps):
+        for n in names if rep % 2 == 0 else names[::-1]:
+            out[n].append(runs[n]())
+    return out
+
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # git-ignored
 
 
@@ -117,6 +133,7 @@ def main():
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--ks", default="1,4,16")
     p.add_argument("--kernel", choices=("auto", "gather"), default="auto", help="the decode step's LoRA form")
+    p.add_argument("--reps", type=int, default=3, help="repetitions of each variant, in alternating order")
     p.add_argument("--cpu-smoke", action="store_true")
     a = p.parse_args()
     import torch
@@ -124,7 +141,7 @@ def main():
     cuda = torch.cuda.is_available()
     shape = a.shape or ("smoke" if a.cpu_smoke else "7b" if cuda else "cpu")
     if a.cpu_smoke:
-        a.requests, a.new_tokens, a.ks, a.layers = 8, 4, "1,4", 2
+        a.requests, a.new_tokens, a.ks, a.layers, a.reps = 8, 4, "1,4", 2, 2
 
     from cerbero_ray.inference.continuous import ContinuousBatcher
     from cerbero_ray.inference.multilora import AdapterSet
@@ -154,14 +171,13 @@ def main():
         write_adapter(ref, f, a.rank, i)
 
     base_engine = ContinuousBatcher(model(), tok, **kw)
-    serve(base_engine, [(x, 0) for x in prompts[: a.slots]], sampling, False)  # warm-up
-    base = serve(base_engine, [(x, 0) for x in prompts], sampling, False)
     res = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__,
         "args": vars(a),
         "shape": {**SHAPES[shape], "layers": a.layers},
-        "base": base,
+        "method": f"per k: each variant warmed up on the full request set, then {a.reps} repetitions in "
+        "alternating order (base, mixed, one at a time; then reversed), medians",
         "k": {},
     }
     for k in ks:
@@ -170,13 +186,24 @@ def main():
         aset.kernel = a.kernel
         eng = ContinuousBatcher(m, tok, adapters=aset, **kw)
         reqs = [(x, 1 + i % k) for i, x in enumerate(prompts)]
-        serve(eng, reqs[: a.slots], sampling, False)  # warm-up
-        mixed = serve(eng, reqs, sampling, False)
-        one = serve(eng, reqs, sampling, True)
+        runs = measure(
+            {
+                "base": lambda: serve(base_engine, [(x, 0) for x in prompts], sampling, False),
+                "mixed": lambda eng=eng, reqs=reqs: serve(eng, reqs, sampling, False),
+                "one_at_a_time": lambda eng=eng, reqs=reqs: serve(eng, reqs, sampling, True),
+            },
+            a.reps,
+        )
+        med = {n: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for n, rs in runs.items()}
+        base, mixed, one = med["base"], med["mixed"], med["one_at_a_time"]
         res["k"][k] = {
-            "mixed": mixed,
-            "one_at_a_time": one,
+            **med,
+            "runs": runs,
             "mixed_vs_base_tokens_per_s": round(mixed["tokens_per_s"] / base["tokens_per_s"], 3),
+            # the same ratio per repetition (each pair ran side by side): its spread says how much to trust it
+            "mixed_vs_base_per_rep": [
+                round(x["tokens_per_s"] / y["tokens_per_s"], 3) for x, y in zip(runs["mixed"], runs["base"])
+            ],
             "mixed_vs_one_at_a_time_tokens_per_s": round(mixed["tokens_per_s"] / one["tokens_per_s"], 3),
             "mixed_vs_one_at_a_time_latency_mean": round(mixed["latency_mean_s"] / one["latency_mean_s"], 3),
             "mixed_vs_one_at_a_time_latency_p90": round(mixed["latency_p90_s"] / one["latency_p90_s"], 3),
@@ -184,9 +211,10 @@ def main():
         r = res["k"][k]
         print(
             f"k={k:2d}: mixed {mixed['tokens_per_s']:.0f} tok/s ({r['mixed_vs_base_tokens_per_s']:.2f}x base "
-            f"{base['tokens_per_s']:.0f}), one adapter at a time {one['tokens_per_s']:.0f} tok/s "
-            f"(mixed {r['mixed_vs_one_at_a_time_tokens_per_s']:.2f}x); mean latency mixed/one-at-a-time "
-            f"{r['mixed_vs_one_at_a_time_latency_mean']:.2f}, p90 {r['mixed_vs_one_at_a_time_latency_p90']:.2f}",
+            f"{base['tokens_per_s']:.0f}; per repetition {r['mixed_vs_base_per_rep']}), one adapter at a time "
+            f"{one['tokens_per_s']:.0f} tok/s (mixed {r['mixed_vs_one_at_a_time_tokens_per_s']:.2f}x); mean "
+            f"latency mixed/one-at-a-time {r['mixed_vs_one_at_a_time_latency_mean']:.2f}, "
+            f"p90 {r['mixed_vs_one_at_a_time_latency_p90']:.2f}",
             flush=True,
         )
     os.makedirs(a.out, exist_ok=True)

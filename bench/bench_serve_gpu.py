@@ -1,17 +1,26 @@
-"""One-GPU benchmark of the server's generation engines beside ../shared/bench/gpu_generate_check.py
-(run it in the same call): a full Mistral-7B-shaped random model in bf16, batch 32, 256-token
-prompts, 64 new tokens each, greedy, no stop string. No Ray.
+"""One-GPU benchmark of the server's generation engines, with transformers' own paths in the same
+process: a full Mistral-7B-shaped random model in bf16, 256-token prompts, 64 new tokens each,
+greedy, no stop string; batch 32 and 128, and a mixed-length case. No Ray.
 
     python ../shared/bench/gpu_generate_check.py --out $OUT; python bench/bench_serve_gpu.py --out $OUT
     python bench/bench_serve_gpu.py --cpu-smoke          # tiny sizes on CPU: checks the script runs
 
-  hf                serve.engine=hf: cerbero_ray.inference.generator.Generator (transformers generate)
-  continuous        serve.engine=continuous with cuda_graphs=false: our loop, eager decoding
+Per batch size (``--batches``), new tokens/s (median of ``--reps`` after a warm-up that also
+captures graphs or compiles) of:
+
+  hf                transformers ``generate`` with its default dynamic cache (what users compare with)
+  hf_static_compile transformers ``generate`` with a static cache (its compiled decoding), batch 32
+                    only (a compile per shape); CUDA only
+  continuous        serve.engine=continuous, eager decoding (``cuda_graphs=false``)
   continuous_graphs serve.engine=continuous, the GPU default: CUDA-graph-captured decoding
-All 32 requests are submitted at once, as token ids (exactly --prompt tokens each). Reports new
-tokens/s (median of --reps after a warm-up that also captures the graphs), the greedy texts'
-agreement with `hf`, and, when the baseline's JSON is in --out, each ratio to its default
-`generate` figure (goal >= 3x for the server's default engine).
+
+and, for the continuous engine, **ms per decode step**: (time for ``--new`` tokens − time for one)
+/ (``--new`` − 1), so prefill is left out, beside the **floor** one step cannot beat: the bytes it must
+read (every weight once, plus the KV cache of the batch at its mean length) over the copy bandwidth
+measured here (a device-to-device copy, bytes read + written). The **mixed** case puts one
+``--long``-token prompt among ``batch − 1`` short ones: its ms per step against the all-short case's
+(the goal: within 1.3x, i.e. one long request does not make every step read the whole cache).
+Ratios to ../shared's ``gpu_generate_check.json`` (same call, same --out) when it is there.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # git-ignored
 
 
 def run_batcher(cb, ids, s) -> list[dict]:
@@ -37,7 +47,7 @@ def run_batcher(cb, ids, s) -> list[dict]:
 def timed(fn, reps, cuda):
     import torch
 
-    fn()  # warm-up (and graph capture)
+    fn()  # warm-up (and graph capture, compilation)
     times = []
     for _ in range(reps):
         if cuda:
@@ -50,20 +60,62 @@ def timed(fn, reps, cuda):
     return out, statistics.median(times)
 
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # git-ignored
+def copy_bandwidth(cuda: bool, mib: int = 1024) -> float:
+    """Bytes read + written per second by a device copy of ``mib`` MiB (median of 10 after 3)."""
+    import torch
+
+    dev = "cuda" if cuda else "cpu"
+    src = torch.empty(mib << 20, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return 2 * src.numel() / statistics.median(times)
+
+
+def kv_bytes(model, tokens: int) -> int:
+    """KV-cache bytes of ``tokens`` positions (every layer, K and V)."""
+    c = model.config
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head * tokens * model.dtype.itemsize
+
+
+def step_ms(make, ids, new: int, reps: int, cuda: bool) -> tuple[float, float, dict]:
+    """(ms per decode step, new tokens/s at ``new`` tokens, the engine's facts) of a continuous
+    engine made by ``make(max_prompt)``: time for ``new`` tokens minus time for one, per step."""
+    from cerbero_ray.inference.sampling import Sampling
+
+    cb = make(max(len(x) for x in ids))
+    full, one = Sampling(max_new_tokens=new, temperature=0.0, stop=()), Sampling(max_new_tokens=1, temperature=0.0)
+    out, t_full = timed(lambda: run_batcher(cb, ids, full), reps, cuda)
+    _, t_one = timed(lambda: run_batcher(cb, ids, one), reps, cuda)
+    facts = {
+        "graph_error": cb.slots.graph_error,
+        "kv_cache_gib": round(cb.slots.cache_bytes() / 2**30, 2),
+        "texts": [r["text"] for r in out],
+    }
+    return 1000 * (t_full - t_one) / (new - 1), sum(r["new_tokens"] for r in out) / t_full, facts
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", RESULTS))
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batches", default="32,128")
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--new", type=int, default=64)
+    p.add_argument("--long", type=int, default=4000, help="the mixed case's long prompt")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--cpu-smoke", action="store_true")
     a = p.parse_args()
     if a.cpu_smoke:
-        a.batch, a.prompt, a.new, a.reps = 4, 32, 8, 2
+        a.batches, a.prompt, a.new, a.long, a.reps = "4,8", 32, 8, 96, 2
 
     import torch
     from transformers import MistralForCausalLM
@@ -81,51 +133,86 @@ def main():
         model = MistralForCausalLM(tiny_config() if a.cpu_smoke else mistral_7b_config()).to(dtype).eval()
     tok = build_tokenizer()
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 31000, (a.batch, a.prompt), generator=g).tolist()
-    s = Sampling(max_new_tokens=a.new, temperature=0.0, stop=(), seed=0)
-    res = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__, "args": vars(a)}
+    greedy = Sampling(max_new_tokens=a.new, temperature=0.0, stop=(), seed=0)
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    bw = copy_bandwidth(cuda, 1024 if cuda else 64)
+    import transformers
 
-    gen = Generator(model, tok, batch_size=a.batch, max_prompt_tokens=a.prompt)
-    prompts = [tok.decode(x) for x in ids]  # Generator takes text; its retokenized prompts differ slightly
-    out, t = timed(lambda: gen.generate(prompts, s), a.reps, cuda)
-    res["hf"] = {
-        "new_tokens": sum(r["new_tokens"] for r in out),
-        "s": round(t, 3),
-        "prompt_tokens_mean": round(statistics.mean(r["prompt_tokens"] for r in out), 1),
+    res = {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "args": vars(a),
+        "weights_gib": round(weights / 2**30, 2),
+        "copy_bandwidth_gb_s": round(bw / 1e9, 1),
+        "batch": {},
     }
-    texts = {}
-    for name, graphs in (("continuous", False), ("continuous_graphs", True)):
-        if graphs and not cuda:
-            res[name] = "skipped: CUDA graphs need a GPU"
-            continue
-        cb = ContinuousBatcher(
-            model, tok, num_slots=a.batch, max_prompt_tokens=a.prompt, max_new_tokens=a.new, cuda_graphs=graphs
+
+    def engine(slots: int, graphs: bool):
+        return lambda max_prompt: ContinuousBatcher(
+            model, tok, num_slots=slots, max_prompt_tokens=max_prompt, max_new_tokens=a.new, cuda_graphs=graphs
         )
-        out, t = timed(lambda cb=cb: run_batcher(cb, ids, s), a.reps, cuda)
-        texts[name] = [r["text"] for r in out]
-        res[name] = {
-            "new_tokens": sum(r["new_tokens"] for r in out),
-            "s": round(t, 3),
-            "steps": cb.steps,
-            "graph_error": cb.slots.graph_error,
-            "kv_cache_gib": round(cb.slots.cache_bytes() / 2**30, 2),
-        }
-        del cb
-    if "continuous_graphs" in texts:
-        same = sum(x == y for x, y in zip(texts["continuous"], texts["continuous_graphs"]))
-        res["graphs_same_text_as_eager"] = f"{same}/{a.batch}"
+
+    for batch in [int(b) for b in a.batches.split(",")]:
+        ids = torch.randint(1000, 31000, (batch, a.prompt), generator=g).tolist()
+        r = res["batch"][batch] = {}
+        gen = Generator(model, tok, batch_size=batch, max_prompt_tokens=a.prompt)
+        prompts = [tok.decode(x) for x in ids]  # Generator takes text; its retokenized prompts differ slightly
+        out, t = timed(lambda gen=gen, prompts=prompts: gen.generate(prompts, greedy), a.reps, cuda)
+        r["hf"] = {"new_tokens_per_s": round(sum(x["new_tokens"] for x in out) / t, 1), "s": round(t, 3)}
+        if cuda and batch == 32:
+            x = torch.tensor(ids, device=dev)
+            kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=0)
+            with torch.inference_mode():
+                static = lambda x=x, kw=kw: model.generate(input_ids=x, cache_implementation="static", **kw)
+                _, t = timed(static, a.reps, cuda)
+            r["hf_static_compile"] = {"new_tokens_per_s": round(batch * a.new / t, 1), "s": round(t, 3)}
+        floor = 1000 * (weights + kv_bytes(model, batch * (a.prompt + a.new // 2))) / bw
+        texts = {}
+        for name, graphs in (("continuous", False), ("continuous_graphs", True)):
+            if graphs and not cuda:
+                r[name] = "skipped: CUDA graphs need a GPU"
+                continue
+            ms, tps, facts = step_ms(engine(batch, graphs), ids, a.new, a.reps, cuda)
+            texts[name] = facts.pop("texts")
+            r[name] = {
+                "new_tokens_per_s": round(tps, 1),
+                "ms_per_decode_step": round(ms, 3),
+                "floor_ms": round(floor, 3),
+                "vs_floor": round(ms / floor, 2),
+                "vs_hf_here": round(tps / r["hf"]["new_tokens_per_s"], 3),
+                **facts,
+            }
+            if "hf_static_compile" in r:
+                r[name]["vs_hf_static_compile"] = round(tps / r["hf_static_compile"]["new_tokens_per_s"], 3)
+        if len(texts) == 2:
+            same = sum(x == y for x, y in zip(texts["continuous"], texts["continuous_graphs"]))
+            r["graphs_same_text_as_eager"] = f"{same}/{batch}"
+    # one long prompt among short ones: does every step pay for the longest slot?
+    batch = int(a.batches.split(",")[0])
+    best = "continuous_graphs" if cuda else "continuous"
+    mixed = torch.randint(1000, 31000, (batch - 1, a.prompt), generator=g).tolist()
+    mixed.append(torch.randint(1000, 31000, (a.long,), generator=g).tolist())
+    ms, tps, facts = step_ms(engine(batch, cuda), mixed, a.new, a.reps, cuda)
+    short = res["batch"][batch][best]["ms_per_decode_step"]
+    res["mixed_lengths"] = {
+        "engine": best,
+        "prompts": f"{batch - 1} x {a.prompt} + 1 x {a.long}",
+        "ms_per_decode_step": round(ms, 3),
+        "all_short_ms_per_decode_step": short,
+        "vs_all_short": round(ms / short, 2),
+        "kv_cache_gib": facts["kv_cache_gib"],
+    }
     base = os.path.join(a.out, "gpu_generate_check.json")
-    default = None
-    if os.path.exists(base):
+    if os.path.exists(base):  # the shared baseline, batch 32, from the same call
         b = json.load(open(base))
-        default = b.get("dynamic") if isinstance(b.get("dynamic"), dict) else None  # its default-generate run
-    for name in ("hf", "continuous", "continuous_graphs"):
-        if isinstance(res.get(name), dict):
-            r = res[name]
-            r["new_tokens_per_s"] = round(r["new_tokens"] / r["s"], 1)
-            r["vs_hf_here"] = round(r["new_tokens_per_s"] / (res["hf"]["new_tokens"] / res["hf"]["s"]), 3)
-            if default and default.get("new_tokens_per_s"):
-                r["vs_baseline_default_generate"] = round(r["new_tokens_per_s"] / default["new_tokens_per_s"], 3)
+        r = res["batch"].get(32, {})
+        for ref in ("dynamic", "static_comp"):
+            if isinstance(b.get(ref), dict) and b[ref].get("new_tokens_per_s"):
+                for name in ("hf", "hf_static_compile", "continuous", "continuous_graphs"):
+                    if isinstance(r.get(name), dict):
+                        ratio = r[name]["new_tokens_per_s"] / b[ref]["new_tokens_per_s"]
+                        r[name][f"vs_baseline_{ref}"] = round(ratio, 3)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench_serve_gpu.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -9,7 +9,7 @@
 #   bash bench/gpu_run.sh evaluate      # bench_evaluate.py: score vs generate protocol, continuous vs generate
 #   bash bench/gpu_run.sh tests         # python -m pytest -m gpu (every gpu-marked test)
 #   CPU_SMOKE=1 bash bench/gpu_run.sh serve label   # here, on CPU: tiny sizes, the baselines skipped
-# Stages run in the order given, each step under its own timeout (sized so `serve label` fits one
+# Stages run in the order given, each step under its own timeout (sized so `serve` fits one
 # 600-second call); a failing step is reported and the next one runs. Results and one log go to
 # $OUT (the device tool brings back at most 8 files: each stage writes one or two JSON files).
 set -uo pipefail
@@ -51,8 +51,8 @@ baseline() {  # a ../shared/bench baseline: CUDA only, skipped on a CPU smoke ru
 for stage in "$@"; do
   case $stage in
     serve)
-      baseline gpu_generate_check 230 $PY .gpu/baselines/gpu_generate_check.py --out "$OUT" --budget-s 200
-      step bench_serve_gpu 170 $PY bench/bench_serve_gpu.py --out "$OUT" "${SMOKE[@]}"
+      baseline gpu_generate_check 200 $PY .gpu/baselines/gpu_generate_check.py --out "$OUT" --budget-s 170
+      step bench_serve_gpu 300 $PY bench/bench_serve_gpu.py --out "$OUT" "${SMOKE[@]}"
       step pytest_gpu_continuous 70 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_inference_continuous.py ;;
     label)
       step bench_label_gpu 110 $PY bench/bench_label_gpu.py --out "$OUT" "${SMOKE[@]}" ;;

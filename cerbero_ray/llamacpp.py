@@ -78,7 +78,74 @@ def call(op: str, timeout: float | None = None, **kwargs) -> dict:
         return result
 
 
+class Session:
+    """One child for many calls (evaluation: a batch of rows each): llama.cpp and the model stay
+    loaded between them, instead of a process start and a model load per call. Requests and answers
+    are JSON lines on the child's stdin and its own copy of stdout (native prints go to stderr). A
+    child that dies is a :class:`NativeCrash` (or ``RuntimeError``) for that call; the next call
+    starts a fresh one. Answers must be JSON (no arrays): ``generate_many``, ``score_many``,
+    ``metadata``, ``tokenize``."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+
+    def call(self, op: str, **kwargs) -> dict:
+        if op not in OPS:
+            raise ValueError(f"llama.cpp operation {op!r} is not one of {sorted(OPS)}")
+        what = kwargs.get("path") or ""
+        if self.proc is None or self.proc.poll() is not None:
+            cmd = [sys.executable, "-m", "cerbero_ray.llamacpp", "--session"]
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, "kwargs": kwargs}).encode() + b"\n")
+            self.proc.stdin.flush()
+            answer = self.proc.stdout.readline()
+        except OSError:  # the child is gone (a broken pipe)
+            answer = b""
+        if not answer:
+            rc, self.proc = self.proc.wait(), None
+            if rc < 0:
+                raise NativeCrash(op, -rc, what)
+            raise RuntimeError(f"llama.cpp {op}{' on ' + what if what else ''}: the child exited {rc}")
+        result = json.loads(answer)
+        if "error" in result:
+            raise RuntimeError(f"llama.cpp {op}{' on ' + what if what else ''}: {result['error']}")
+        return result
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()  # the child's loop ends at the end of its input
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
 # ── the child's side ─────────────────────────────────────────────────────────────────────────────
+
+_LOADED: dict[tuple, object] = {}  # (path, logits_all, lora) -> Llama: a session's models stay loaded
+
+
+def _loaded(path: str, n_ctx: int, logits_all: bool = False):
+    """A Llama for ``path`` with at least ``n_ctx`` positions, kept for the session's next calls (a
+    larger context than the one held loads it again)."""
+    key = (path, logits_all)
+    llm = _LOADED.get(key)
+    if llm is None or llm.n_ctx() < n_ctx:
+        _LOADED.pop(key, None)
+        llm = _LOADED[key] = _llama(path, n_ctx=max(n_ctx, 512), logits_all=logits_all)
+    return llm
 
 
 def _llama(path: str, n_ctx: int = 512, threads: int = 0, logits_all: bool = False, lora: str | None = None):
@@ -142,7 +209,7 @@ def generate_many(path: str, prompts: list[list[int]], max_tokens: int, stop: li
     """Greedy continuations of many token-id prompts, one model load: each stops at EOS, at one of
     the ``stop`` strings (in its detokenized text) or after ``max_tokens`` tokens."""
     longest = max((len(p) for p in prompts), default=1)
-    llm = _llama(path, n_ctx=longest + max_tokens + 8, threads=threads)
+    llm = _loaded(path, longest + max_tokens + 8) if not threads else _llama(path, longest + max_tokens + 8, threads)
     out = []
     for ids in prompts:
         toks = []
@@ -158,29 +225,36 @@ def generate_many(path: str, prompts: list[list[int]], max_tokens: int, stop: li
 
 
 def score_many(path: str, prompts: list[list[int]], continuations: dict[str, list[int]], threads: int = 0) -> dict:
-    """The summed log-probability of each continuation after each prompt (one forward pass per
-    prompt and continuation, one model load)."""
+    """The summed log-probability of each continuation after each prompt: the prompt's forward pass
+    once, then each continuation after it (the KV cache rewound to the prompt's end); the
+    log-softmax only at the positions that predict a continuation token. One model load."""
     import numpy as np
 
     longest = max((len(p) for p in prompts), default=1) + max((len(c) for c in continuations.values()), default=1)
-    llm = _llama(path, n_ctx=longest + 8, threads=threads, logits_all=True)
+    llm = _loaded(path, longest + 8, logits_all=True) if not threads else _llama(path, longest + 8, threads, True)
     out = []
     for ids in prompts:
+        llm.reset()
+        llm.eval(ids)
+        first = np.asarray(llm.scores[len(ids) - 1], dtype=np.float64)  # predicts every label's first token
         row = {}
         for label, cont in continuations.items():
-            llm.reset()
-            llm.eval(ids + cont)
-            scores = np.asarray(llm.scores[: len(ids) + len(cont)], dtype=np.float64)
-            m = scores.max(-1, keepdims=True)
-            logp = scores - m - np.log(np.exp(scores - m).sum(-1, keepdims=True))  # log-softmax
-            row[label] = float(sum(logp[len(ids) - 1 + j, t] for j, t in enumerate(cont)))
+            llm.n_tokens = len(ids)  # rewind: eval drops the cache past it and goes on from the prompt's end
+            if len(cont) > 1:
+                llm.eval(cont[:-1])
+            rows = [first] + [np.asarray(llm.scores[len(ids) + j], dtype=np.float64) for j in range(len(cont) - 1)]
+            logp = 0.0
+            for x, t in zip(rows, cont):
+                m = x.max()
+                logp += float(x[t] - m - np.log(np.exp(x - m).sum()))
+            row[label] = logp
         out.append(row)
     return {"logprobs": out}
 
 
 def metadata(path: str) -> dict:
     """The GGUF file's vocabulary size and chat template (llama.cpp's reading of its header)."""
-    llm = _llama(path, n_ctx=64)
+    llm = _loaded(path, 64)
     return {"n_vocab": llm.n_vocab(), "chat_template": llm.metadata.get("tokenizer.chat_template")}
 
 
@@ -273,5 +347,25 @@ def _child() -> None:
         json.dump({**result, "arrays": arrays}, f)
 
 
+def _session() -> None:
+    """``--session``: requests as JSON lines on stdin until it closes, each answer a JSON line on
+    this process's original stdout; fd 1 itself goes to stderr, so that nothing native writes there
+    can corrupt an answer."""
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    fault = os.environ.get(FAULT_ENV)
+    for line in sys.stdin:
+        if fault:  # the drill: die as a native crash would
+            os.kill(os.getpid(), getattr(signal, fault))
+        req = json.loads(line)
+        try:
+            result = OPS[req["op"]](**req["kwargs"])
+            text = json.dumps(result)
+        except Exception as e:  # reported to the parent, which raises it with the operation named
+            text = json.dumps({"error": f"{type(e).__name__}: {e}"})
+        answers.write(text + "\n")
+        answers.flush()
+
+
 if __name__ == "__main__":
-    _child()
+    _session() if "--session" in sys.argv else _child()

@@ -229,6 +229,9 @@ def one_rank_group(monkeypatch, backend: str = "gloo"):
     try:
         yield
     finally:
+        import deepspeed.utils.groups as ds_groups
+
+        ds_groups._WORLD_GROUP = None  # DeepSpeed keeps a clone of the world group: gone with it
         dist.destroy_process_group()
 
 

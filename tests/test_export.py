@@ -186,6 +186,24 @@ def test_a_native_crash_is_a_finding_not_the_end(monkeypatch):
         llamacpp.call("check", path="m.gguf", prompt="x")
 
 
+def test_a_session_keeps_one_child_and_survives_a_crash(monkeypatch, tmp_path):
+    """Evaluation's llama.cpp session: many calls, one child (the model loads once); an error is the
+    call's; a child killed by a signal is a NativeCrash and the next call gets a fresh child."""
+    with llamacpp.Session() as s:
+        assert "CPU" in s.call("system_info")["info"]
+        pid = s.proc.pid
+        with pytest.raises(RuntimeError, match="llama.cpp metadata on .*missing.gguf: .*Error"):
+            s.call("metadata", path=str(tmp_path / "missing.gguf"))
+        assert "CPU" in s.call("system_info")["info"] and s.proc.pid == pid  # the same child
+        monkeypatch.setenv(llamacpp.FAULT_ENV, "SIGSEGV")
+        s.close()  # the drill applies to the next child
+        with pytest.raises(llamacpp.NativeCrash, match="SIGSEGV in system_info"):
+            s.call("system_info")
+        monkeypatch.delenv(llamacpp.FAULT_ENV)
+        assert "CPU" in s.call("system_info")["info"] and s.proc.pid != pid
+    assert s.proc is None
+
+
 def test_an_error_in_the_child_names_the_operation(tmp_path):
     with pytest.raises(RuntimeError, match="llama.cpp check on .*missing.gguf: .*Error"):
         llamacpp.call("check", path=str(tmp_path / "missing.gguf"), prompt="x")

@@ -133,6 +133,7 @@ def proxy(s3_server):
     p.stop()
 
 
+@pytest.mark.slow  # ~1 minute; the client's retries of the same faults: tests/test_storage.py, by default
 def test_faults_on_the_wire_mid_job_are_retried_and_nothing_is_lost(bucket, proxy, tmp_path):
     """The data stage reads its input from the bucket and writes its shards there, through a proxy
     that throttles, drops and stalls requests; the manifest equals a run without faults."""

@@ -40,6 +40,7 @@ def server(tiny_hf, tiny_adapters, ray_local):
                 "serve.max_new_tokens=64",
                 "serve.default_max_tokens=16",
                 "serve.max_label_texts=4",
+                "serve.max_label_tokens=600",
                 "serve.max_body_bytes=65536",
                 *[f"+serve.adapters.{n}={p}" for n, p in tiny_adapters.items()],
             ],
@@ -228,10 +229,31 @@ def test_label_endpoint_scores_a_task_sent_inline(server):
     status, body, _ = post(f"{server}/v1/label", None, raw=raw)
     assert status == 400 and body["error"]["code"] == "duplicate_key" and "'no'" in body["error"]["message"], body
     # what a request costs: texts x (prompt + every answer), against serve.max_label_tokens
-    wide = {**yes_no, "labels": {f"l{i}": f"{i} " + "ciao " * 20 for i in range(16)}}
+    # (5 labels: about 205 tokens a text; the fixture's limit is 600)
+    wide = {**yes_no, "labels": {f"l{i}": f"{i} " + "ciao " * 5 for i in range(5)}}
     assert post(f"{server}/v1/label", {"task": wide, "texts": texts})[0] == 200
-    status, body, _ = post(f"{server}/v1/label", {"task": wide, "texts": ["x"] * 64})
+    status, body, _ = post(f"{server}/v1/label", {"task": wide, "texts": ["x"] * 4})
     assert status == 400 and body["error"]["code"] == "label_cost_exceeded", body
+
+
+def test_the_largest_inline_label_answer_is_bounded(server):
+    """Label names of 64 characters (the limit): the answer repeats every name per text, so its size
+    is bounded by texts x labels x (64 + a probability); 10,000-character names made a 321 kB
+    request a 21 MB answer before."""
+    names = [f"{i:02d}" + "n" * 62 for i in range(16)]
+    task = {"instruction": "Quale?", "labels": {n: f"v{i}" for i, n in enumerate(names)}}
+    raw = json.dumps({"task": task, "texts": [f"testo {i}" for i in range(3)]}).encode()
+    req = urllib.request.Request(
+        f"{server}/v1/label", raw, {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        body = r.read()
+    assert r.status == 200 and len(json.loads(body)["results"]) == 3
+    assert len(body) < 3 * 16 * (64 + 48) + 1000, len(body)
+    status, out, _ = post(
+        f"{server}/v1/label", {"task": {**task, "labels": {"n" * 10_000: "a", "b": "b"}}, "texts": ["x"]}
+    )
+    assert status == 400 and len(json.dumps(out)) < 1000
 
 
 def test_errors_cut_every_value_they_quote(server):
@@ -239,10 +261,10 @@ def test_errors_cut_every_value_they_quote(server):
     template, few-shot example and verbalizers, an unknown task's name, a huge max_tokens."""
     yes_no = {"instruction": "Q?", "labels": {"yes": "Sì", "no": "No"}}
     cases = [
-        ("label", {"task": {**yes_no, "template": "t" * 900_000}, "texts": ["x"]}),
-        ("label", {"task": {**yes_no, "few_shot": [{"text": "t" * 900_000, "label": "boh"}]}, "texts": ["x"]}),
+        ("label", {"task": {**yes_no, "template": "t" * 60_000}, "texts": ["x"]}),  # the fixture's bodies: 64 kB
+        ("label", {"task": {**yes_no, "few_shot": [{"text": "t" * 60_000, "label": "boh"}]}, "texts": ["x"]}),
         ("label", {"task": {**yes_no, "labels": {"a": "v" * 200, "b": "v" * 200}}, "texts": ["x"]}),
-        ("label", {"task": "t" * 900_000, "texts": ["x"]}),
+        ("label", {"task": "t" * 60_000, "texts": ["x"]}),
         ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "max_tokens": 10**400}),
     ]
     for path, body in cases:

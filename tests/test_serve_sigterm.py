@@ -66,6 +66,7 @@ def _start(tiny_hf, tmp_path, *overrides, **popen):
         time.sleep(1)
 
 
+@pytest.mark.slow  # a server of its own for one signal path (~25 s)
 def test_sigterm_to_the_whole_process_group_exits_at_once_and_says_why(tiny_hf, tmp_path):
     """systemd's default KillMode, `timeout` and `kill -- -PGID` signal Ray's own processes too: no
     drain is possible then. The job says so and exits 143 in seconds, not after a minute's wait

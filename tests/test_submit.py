@@ -70,7 +70,7 @@ def test_submit_both_ways(head, tmp_path, monkeypatch):
     assert "SUCCEEDED" in r.stdout
     check_output(out1)
     if env["RAY_AUTH_MODE"] == "disabled":
-        return  # the plain CLI without auth: test_label_and_generate_through_the_cli submits with it
+        return  # the plain CLI without auth: the slow tier's label and generate jobs (below)
     # 2. the plain CLI, as the README shows it
     out2 = tmp_path / "cli"
     r = subprocess.run(
@@ -162,6 +162,7 @@ def test_submit_retries_until_the_job_agent_is_up():
         _submit_when_ready(Broken(), {"entrypoint": "x"}, None)
 
 
+@pytest.mark.slow  # two more jobs (~40 s); the data job goes through both ways above, by default
 def test_label_and_generate_through_the_cli(head, tmp_path, tiny_hf):
     address, env = head
     if env["RAY_AUTH_MODE"] == "token":

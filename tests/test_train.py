@@ -2,8 +2,8 @@
 
 A worker killed mid-run (after a checkpoint, before the next) resumes from the checkpoint with the
 exact data position, schedule and RNG: every step sees the same rows and has the same loss as in an
-uninterrupted run, and the final weights are bit-identical. A rerun of a finished run resumes
-instead of training again; the HF folder loads with ``from_pretrained``."""
+uninterrupted run, and the final weights are bit-identical; the HF folder loads with
+``from_pretrained``."""
 
 import json
 import os
@@ -83,10 +83,8 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     assert os.path.exists(os.path.join(run, ckpts[-1], "hf", "model.safetensors"))
     assert os.path.exists(os.path.join(run, "loss.png")) and os.listdir(os.path.join(run, "tensorboard"))
 
-    # a rerun of the finished run resumes at its end instead of starting over
-    again = run_train(train_cfg(shards, tmp_path, "clean"))
-    assert again["resumed_from"] == STEPS and again["steps"] == STEPS
-    assert len([h for h in history(clean["run_dir"]) if "loss" in h]) == STEPS
+    # a rerun of a finished run resumes at its end instead of starting over: tests/test_s3.py (the
+    # main job's training rerun, from a bucket) and the slow tier's two-node main job
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -96,7 +96,9 @@ class GGUFRunner:
 
         if not llamacpp.available():
             raise ValueError(f"{path}: a GGUF model needs llama-cpp-python (pip install -e '.[gguf]')")
-        self.path, self.cfg, self.call = storage.local_file(path), cfg, llamacpp.call
+        # one llama.cpp child for the whole evaluation of this file: the model loads once
+        self.session = llamacpp.Session()
+        self.path, self.cfg, self.call = storage.local_file(path), cfg, self.session.call
         meta = self.call("metadata", path=self.path)
         self.tok = build_tokenizer(assistant_tag=assistant_tag_of(meta.get("chat_template")))
         if meta["n_vocab"] != len(self.tok):
@@ -104,6 +106,9 @@ class GGUFRunner:
                 f"{path}: {meta['n_vocab']} tokens in its vocabulary; the cerbero tokenizer has {len(self.tok)} "
                 "(evaluate GGUF files of cerbero checkpoints, as jobs/export.py writes them)"
             )
+
+    def close(self) -> None:
+        self.session.close()
 
     def run(self, rows: list[dict]) -> list[dict]:
         from cerbero_ray.tokenizer import encode_prompts

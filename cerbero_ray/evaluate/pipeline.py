@@ -137,12 +137,16 @@ def _answers(ec: EvaluateConfig, ckpt: str, todo: dict[str, list[Unit]], how: Mo
             out[(row["task"], row["unit"], row["id"])] = row
         return out
     run = runner(kind, spec, cfg)
-    with progress(total=len(items), unit="row", desc=f"evaluate {ckpt} ({kind})") as bar:
-        for s in range(0, len(items), ec.batch_rows):
-            batch = items[s : s + ec.batch_rows]
-            for item, o in zip(batch, run.run(batch)):
-                out[(item["task"], item["unit"], item["id"])] = o
-            bar.update(len(batch))
+    try:
+        with progress(total=len(items), unit="row", desc=f"evaluate {ckpt} ({kind})") as bar:
+            for s in range(0, len(items), ec.batch_rows):
+                batch = items[s : s + ec.batch_rows]
+                for item, o in zip(batch, run.run(batch)):
+                    out[(item["task"], item["unit"], item["id"])] = o
+                bar.update(len(batch))
+    finally:
+        if hasattr(run, "close"):  # a GGUF file's llama.cpp child
+            run.close()
     return out
 
 

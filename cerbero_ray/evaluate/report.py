@@ -263,6 +263,7 @@ def chart(results: dict, path: str) -> None:
 
 
 HEADLINE = {"squad": (("generate", "f1"),), "evalita": (("score", "macro_f1"), ("generate", "macro_f1"))}
+SHORT = {"f1": "F1", "macro_f1": "macro-F1"}
 
 
 def headline(results: dict, md_path: str) -> str:
@@ -277,7 +278,7 @@ def headline(results: dict, md_path: str) -> str:
                 break
     lines = [
         "[evaluate] main figures (first prompt wording, %, 95% bootstrap interval):",
-        "| Model | " + " | ".join(f"{t} {TITLES.get(m, m).split(' (')[0]} ({p})" for t, p, m in cols) + " |",
+        "| Model | " + " | ".join(f"{t} {SHORT[m]} ({p})" for t, p, m in cols) + " |",
         "|---|" + "---|" * len(cols),
     ]
     for model, res in results["results"].items():
