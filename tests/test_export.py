@@ -57,7 +57,7 @@ def hf_dir(tmp_path_factory):
     model = tiny(overrides=SHAPE)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = tok(SENTENCES + [CHAT] * 4, return_tensors="pt", padding=True).input_ids
-    for _ in range(80):
+    for _ in range(40):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()

@@ -54,6 +54,8 @@ def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket
         f"paths.data_dir={tmp_path / 'no-shared-data'}",
         "train.epochs=1",
         "evaluate.tasks.squad_it.max_rows=8",
+        "~evaluate.checkpoints.untrained",  # one model's evaluation writes to the bucket as three would
+        "~evaluate.checkpoints.trained-Q4_K_M",
         "export.types=[f16]",
     )
     r = _job("recipe", *args)
@@ -155,6 +157,7 @@ def test_faults_on_the_wire_mid_job_are_retried_and_nothing_is_lost(bucket, prox
         assert a[k] == b[k], k
 
 
+@pytest.mark.slow  # two data jobs against a dead endpoint (~40 s)
 def test_an_endpoint_gone_for_good_stops_the_job_in_one_line_and_the_same_command_resumes(bucket, proxy):
     src = f"{bucket}/in/q.jsonl"
     storage.write_bytes(src, b"".join(b'{"id": "%d", "text": "Ciao %d"}\n' % (i, i) for i in range(20)))

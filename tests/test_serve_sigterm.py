@@ -225,6 +225,7 @@ def _stream_events(url: str, body: dict) -> list[str]:
     return [ln[6:] for ln in r.read().decode().splitlines() if ln.startswith("data: ")]
 
 
+@pytest.mark.slow  # a server of its own for the deadline path (~30 s); the drain itself runs by default
 def test_when_the_grace_period_runs_out_requests_get_a_503_and_streams_an_error_event(tiny_hf, tmp_path):
     proc, url = _start(
         tiny_hf,

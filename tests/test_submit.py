@@ -17,10 +17,10 @@ from conftest import start_head, stop_node
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module", params=["token", "disabled"])
+@pytest.fixture(scope="module", params=["token", pytest.param("disabled", marks=pytest.mark.slow)])
 def head(request, tmp_path_factory):
     """One `ray start --head` per auth mode, shared by this module's tests (each submits its own jobs
-    into its own output folder)."""
+    into its own output folder); the head without auth is the slow tier's."""
     env = {**os.environ, "RAY_AUTH_MODE": request.param}
     if request.param == "token":
         env["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
@@ -69,8 +69,6 @@ def test_submit_both_ways(head, tmp_path, monkeypatch):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SUCCEEDED" in r.stdout
     check_output(out1)
-    if env["RAY_AUTH_MODE"] == "disabled":
-        return  # the plain CLI without auth: the slow tier's label and generate jobs (below)
     # 2. the plain CLI, as the README shows it
     out2 = tmp_path / "cli"
     r = subprocess.run(
@@ -101,9 +99,10 @@ def test_submit_with_a_bucket_as_the_output(head, tmp_path, monkeypatch, bucket)
     """A cluster with no disk shared with this machine: the output is a bucket. The head has the
     bucket's credentials of its own (here: its environment); nothing of ours is shipped."""
     address, env = head
-    if env["RAY_AUTH_MODE"] != "disabled":
-        pytest.skip("once is enough: the token case is the test above")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    if env["RAY_AUTH_MODE"] != "token":
+        pytest.skip("once is enough: with token auth, as a shared cluster runs")
+    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.setenv(k, env[k])
     job_id, status = submit(address, "data", [f"paths.output_dir={bucket}/run", "data.seq_len=2048"], wait=True)
     assert status == "SUCCEEDED"
     from cerbero_ray import storage
