@@ -45,6 +45,11 @@ class NativeCrash(RuntimeError):
         super().__init__(f"llama.cpp died with {self.signal} in {op}{' on ' + what if what else ''}: {hint}")
 
 
+def _named(op: str, what: str) -> str:
+    """``llama.cpp <op> on <file>``: how an error of a call names it."""
+    return f"llama.cpp {op}{' on ' + what if what else ''}"
+
+
 def available() -> bool:
     """Whether llama-cpp-python is installed (imported here only to look: nothing of llama.cpp runs)."""
     import importlib.util
@@ -68,11 +73,11 @@ def call(op: str, timeout: float | None = None, **kwargs) -> dict:
             raise NativeCrash(op, -p.returncode, what)
         answer = os.path.join(tmp, "answer.json")
         if not os.path.exists(answer):
-            raise RuntimeError(f"llama.cpp {op}{' on ' + what if what else ''}: the child exited {p.returncode}")
+            raise RuntimeError(f"{_named(op, what)}: the child exited {p.returncode}")
         with open(answer) as f:
             result = json.load(f)
         if "error" in result:
-            raise RuntimeError(f"llama.cpp {op}{' on ' + what if what else ''}: {result['error']}")
+            raise RuntimeError(f"{_named(op, what)}: {result['error']}")
         for name in result.pop("arrays", []):
             result[name] = np.load(os.path.join(tmp, f"{name}.npy"))
         return result
@@ -106,10 +111,10 @@ class Session:
             rc, self.proc = self.proc.wait(), None
             if rc < 0:
                 raise NativeCrash(op, -rc, what)
-            raise RuntimeError(f"llama.cpp {op}{' on ' + what if what else ''}: the child exited {rc}")
+            raise RuntimeError(f"{_named(op, what)}: the child exited {rc}")
         result = json.loads(answer)
         if "error" in result:
-            raise RuntimeError(f"llama.cpp {op}{' on ' + what if what else ''}: {result['error']}")
+            raise RuntimeError(f"{_named(op, what)}: {result['error']}")
         return result
 
     def close(self) -> None:
@@ -134,7 +139,7 @@ class Session:
 
 # ── the child's side ─────────────────────────────────────────────────────────────────────────────
 
-_LOADED: dict[tuple, object] = {}  # (path, logits_all, lora) -> Llama: a session's models stay loaded
+_LOADED: dict[tuple, object] = {}  # (path, logits_all) -> Llama: a session's models stay loaded
 
 
 def _loaded(path: str, n_ctx: int, logits_all: bool = False):
