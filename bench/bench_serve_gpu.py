@@ -98,6 +98,11 @@ def step_ms(make, ids, new: int, reps: int, cuda: bool) -> tuple[float, float, d
     _, t_one = timed(lambda: run_batcher(cb, ids, one), reps, cuda)
     facts = {
         "graph_error": cb.slots.graph_error,
+        "fast": cb.slots.fast,
+        "compiled": cb.slots.compiled,
+        "compile_error": cb.slots.compile_error,
+        "attention": cb.slots.attention,
+        "attention_note": cb.slots.attention_note,
         "kv_cache_gib": round(cb.slots.cache_bytes() / 2**30, 2),
         "texts": [r["text"] for r in out],
     }

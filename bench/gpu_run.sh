@@ -6,9 +6,11 @@
 #   bash bench/gpu_run.sh accum         # bench_train_gpu.py with 4 micro-batches: fp32 vs bf16 gradient accumulation
 #   bash bench/gpu_run.sh lora          # bench_train_gpu.py full, then LoRA: tokens/s and peak memory (gpu_prepare.sh --train)
 #   bash bench/gpu_run.sh multilora     # bench_multilora.py: k = 1, 4, 16 adapters mixed in one stream vs one at a time
+#   bash bench/gpu_run.sh probe         # probe_decode_gpu.py: a decode step's GPU time, its kernels, fused variants
 #   bash bench/gpu_run.sh evaluate      # bench_evaluate.py: score vs generate protocol, continuous vs generate
 #   bash bench/gpu_run.sh tests         # python -m pytest -m gpu (every gpu-marked test)
 #   CPU_SMOKE=1 bash bench/gpu_run.sh serve label   # here, on CPU: tiny sizes, the baselines skipped
+#   BASELINES=0 bash bench/gpu_run.sh serve         # without ../shared's baselines (ours run in-process)
 # Stages run in the order given, each step under its own timeout (sized so `serve` fits one
 # 600-second call); a failing step is reported and the next one runs. Results and one log go to
 # $OUT (the device tool brings back at most 8 files: each stage writes one or two JSON files).
@@ -39,8 +41,9 @@ step() {  # step NAME SECONDS CMD...: run CMD under a timeout, log it, remember 
   SUMMARY+=("$name rc=$rc $((SECONDS - t0))s")
 }
 
-baseline() {  # a ../shared/bench baseline: CUDA only, skipped on a CPU smoke run
+baseline() {  # a ../shared/bench baseline: CUDA only, skipped on a CPU smoke run (and with BASELINES=0)
   if [[ -n "${CPU_SMOKE:-}" ]]; then SUMMARY+=("$1 skipped (CPU smoke)"); return; fi
+  if [[ "${BASELINES:-1}" == 0 ]]; then SUMMARY+=("$1 skipped (BASELINES=0)"); return; fi
   step "$@"
 }
 
@@ -70,12 +73,14 @@ for stage in "$@"; do
       step pytest_gpu_lora 70 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_lora_gpu.py ;;
     multilora)
       step bench_multilora 300 $PY bench/bench_multilora.py --out "$OUT" "${SMOKE[@]}" ;;
+    probe)   # where a decode step's time goes: the engine's graph vs fused / compiled variants (~3 min)
+      step probe_decode_gpu 240 $PY bench/probe_decode_gpu.py --out "$OUT" "${SMOKE[@]}" ;;
     evaluate)
       data=.gpu/data; [[ -n "${CPU_SMOKE:-}" ]] && data=${CERBERO_DATA_DIR:-../shared/data}
       step bench_evaluate 200 $PY bench/bench_evaluate.py --data-dir "$data" --out "$OUT" "${SMOKE[@]}" ;;
     tests)
       step pytest_gpu 300 $PY -m pytest -q -m gpu -p no:cacheprovider ;;
-    *) echo "unknown stage '$stage' (serve, label, train, accum, lora, multilora, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown stage '$stage' (serve, probe, label, train, accum, lora, multilora, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 printf '%s\n' "--- summary" "${SUMMARY[@]}" | tee -a "$LOG"

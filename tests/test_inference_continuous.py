@@ -226,10 +226,12 @@ def test_graph_decoding_matches_eager_decoding(tok, device):
         eager, graphed = sm.decode(nxt, pos, graphs=False), sm.decode(nxt, pos, graphs=cuda)
         torch.testing.assert_close(graphed, eager, rtol=2e-2, atol=2e-2)
         nxt, pos = eager.argmax(-1).cpu(), pos + 1
-    assert sm.graph_error is None and len(sm.graphs) == (2 if cuda else 0)
+    # varlen attention (CUDA, when this torch has it) reads real lengths: one graph for every length
+    assert sm.graph_error is None and len(sm.graphs) == ((1 if sm.attention == "varlen" else 2) if cuda else 0)
     cb = ContinuousBatcher(m, tok, num_slots=4, max_prompt_tokens=96, max_new_tokens=64, cuda_graphs=True)
     out = cb.generate([chat(tok, p) for p in PROMPTS], Sampling(max_new_tokens=40, temperature=0.0, stop=()))
-    assert bool(cb.slots.graphs) == cuda and all(r["new_tokens"] >= 1 for r in out)
+    assert bool(cb.slots.step_graphs) == cuda and all(r["new_tokens"] >= 1 for r in out)
+    assert cb.slots.graph_error is None and cb.slots.compile_error is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -243,7 +245,8 @@ def test_the_engine_with_graphs_gives_generate_s_text_and_seeded_samples(tok, de
     assert [r["text"] for r in cb.generate(prompts, GREEDY)] == ref
     s = Sampling(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=7)
     assert cb.generate(prompts[:1], s)[0]["text"] == cb.generate(prompts, s)[0]["text"]
-    assert bool(cb.slots.graphs) == (device == "cuda") and cb.slots.graph_error is None
+    assert bool(cb.slots.step_graphs) == (device == "cuda") and cb.slots.graph_error is None
+    assert cb.slots.fast == (device == "cuda") and cb.slots.compile_error is None
 
 
 def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):
@@ -262,3 +265,129 @@ def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):
     check_inference(str(tmp_path), "hf", "serve")
     with pytest.raises(ValueError, match="generate.engine must be one of"):
         compose("generate", [f"generate.checkpoint={tiny_hf}", "generate.engine=fast"], checked=True)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_the_fast_decode_step_gives_the_module_path_s_logits_and_shares_the_weights(window):
+    """The fused step (one QKV and one gate/up weight, the norm/rope/MLP functions) against the HF
+    modules' step, row by row, with a slot sitting out; the modules' weights become views of the
+    fused ones (no memory added, the same numbers), and a second engine reuses them."""
+    from cerbero_ray.inference.slots import fast_unsupported
+
+    m = tiny(overrides={"sliding_window": window}).eval()
+    ref_sd = {k: v.clone() for k, v in m.state_dict().items()}
+    plain = SlotModel(m, num_slots=3, max_len=32, fast=False)
+    fast = SlotModel(m, num_slots=3, max_len=32, fast=True)
+    assert not plain.fast and fast.fast and fast.attention == "sdpa"  # varlen: CUDA only
+    a = m.model.layers[0].self_attn
+    assert a.k_proj.weight.untyped_storage().data_ptr() == a._cerbero_qkv.untyped_storage().data_ptr()
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in ref_sd.items())
+    again = SlotModel(m, num_slots=2, max_len=16, fast=True)
+    assert again._fused[0].qkv is fast._fused[0].qkv
+    seqs = [[1, 5, 9, 400, 31, 7, 8, 99, 12, 13], [1, 100, 200, 300], [1, 42, 43, 44, 45, 46, 47]]
+    for sm in (plain, fast):
+        sm.prefill([s[:3] for s in seqs], [0, 1, 2])
+    for t in range(3, 10):
+        ids = torch.tensor([s[t] if t < len(s) else 0 for s in seqs])
+        pos = torch.tensor([t if t < len(s) else -1 for s in seqs])
+        got, want = fast.decode(ids, pos), plain.decode(ids, pos)
+        live = pos >= 0
+        torch.testing.assert_close(got[live], want[live], rtol=1e-4, atol=1e-4)
+    assert fast_unsupported(tiny(overrides={"hidden_act": "gelu"})) == "hidden_act=gelu"
+
+
+def test_the_engine_with_the_fast_step_gives_generate_s_text(model, tok):
+    prompts = [chat(tok, p) for p in PROMPTS]
+    ref = [Generator(model, tok, batch_size=1).generate([p], GREEDY)[0]["text"] for p in prompts]
+    cb = ContinuousBatcher(model, tok, num_slots=3, max_prompt_tokens=128, max_new_tokens=32, fast_decode=True)
+    assert cb.slots.fast
+    assert [r["text"] for r in cb.generate(prompts, GREEDY)] == ref
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_regions_equal_the_plain_functions():
+    """``torch.compile`` of the two per-layer functions (the graphs' path on CUDA; inductor's CPU
+    backend here) gives the uncompiled functions' logits."""
+    m = tiny().eval()
+    sm = SlotModel(m, num_slots=2, max_len=16, fast=True)
+    sm.prefill([[1, 5, 9, 400], [1, 7, 8]], [0, 1])
+    ids, pos = torch.tensor([31, 99]), torch.tensor([4, 3])
+    with torch.no_grad():
+        plain = sm._decode(ids, pos, 2, 5, compiled=False)
+        compiled = sm._decode(ids, pos, 2, 5, compiled=True)
+    torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_a_row_that_ends_while_the_next_step_is_in_flight_leaves_no_trace(model, tok):
+    """The decode loop launches step n + 1 before it hands out step n's tokens, so a row that
+    ends at a stop string in step n has already been decoded once more: that token is dropped, and
+    the next request in its slot (one slot) starts clean, with generate's text."""
+    prompts = [chat(tok, p) for p in PROMPTS[:3]]
+    cb = ContinuousBatcher(model, tok, num_slots=1, max_prompt_tokens=128, max_new_tokens=32)
+    full = cb.generate(prompts[:1], Sampling(max_new_tokens=24, temperature=0.0, stop=()))[0]
+    stop = full["text"][6:9]
+    s = Sampling(max_new_tokens=24, temperature=0.0, stop=(stop,))
+    ref = [Generator(model, tok, batch_size=1).generate([p], GREEDY)[0] for p in prompts[1:]]
+    got = cb.run([(prompts[0], s), (prompts[1], GREEDY), (prompts[2], GREEDY)])
+    cut = got[0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == full["text"][: full["text"].index(stop)].strip()
+    # the in-flight step's token is not counted: the tokens up to the stop string's end, no more
+    assert cut["new_tokens"] < 24 and cb.steps > cut["new_tokens"]
+    assert [(g["text"], g["new_tokens"]) for g in got[1:]] == [(r["text"], r["new_tokens"]) for r in ref]
+    assert cb.live == {} and cb.pending is None and int(cb.slots.cur_pos.max()) == -1
+
+
+def test_a_failed_admission_fails_its_requests_and_leaves_the_live_ones_running(model, tok, monkeypatch):
+    cb = ContinuousBatcher(model, tok, num_slots=3, max_prompt_tokens=128, max_new_tokens=48)
+    long = Sampling(max_new_tokens=40, temperature=0.0, stop=())
+    want = cb.generate([chat(tok, PROMPTS[2])], long)[0]
+    real = cb.slots.prefill
+    bad = cb.encode([chat(tok, PROMPTS[4])])[0][0]
+
+    def prefill(prompts, slots):
+        if bad in prompts:
+            raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+        return real(prompts, slots)
+
+    monkeypatch.setattr(cb.slots, "prefill", prefill)
+    it = cb.stream(chat(tok, PROMPTS[2]), long)
+    first = next(it)  # live and decoding
+    with pytest.raises(RuntimeError, match="admission failed: .*out of memory"):
+        cb.generate([chat(tok, PROMPTS[4])], GREEDY)
+    rest = list(it)
+    assert (first + "".join(rest[:-1])).strip() == want["text"] and rest[-1]["new_tokens"] == 40
+    after = cb.generate([chat(tok, PROMPTS[0])], GREEDY)[0]  # the failed one's slot is free again
+    assert after["new_tokens"] >= 1 and cb.live == {}
+
+
+def test_logprobs_and_seeds_through_the_in_flight_steps(model, tok):
+    """Per-token logprobs (computed on the device with the step, read a step later) equal a plain
+    forward's log-softmax of the chosen token; a seeded request draws once per token whatever
+    else shares its steps, so its text and logprobs are its own."""
+    prompt = chat(tok, PROMPTS[0])
+    s = Sampling(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3, logprobs=2, stop=())
+    cb = ContinuousBatcher(model, tok, num_slots=3, max_prompt_tokens=128, max_new_tokens=16)
+    alone = cb.run([(prompt, s)])[0]
+    crowd = cb.run([(prompt, s), (chat(tok, PROMPTS[1]), GREEDY), (chat(tok, PROMPTS[3]), s)])[0]
+    assert crowd["text"] == alone["text"]
+    assert [e["id"] for e in crowd["logprobs"]] == [e["id"] for e in alone["logprobs"]]
+    (ids,), _ = cb.encode([prompt])
+    toks = [e["id"] for e in alone["logprobs"]]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids + toks])).logits[0].float(), -1)
+    for j, e in enumerate(alone["logprobs"]):
+        row = lp[len(ids) - 1 + j]
+        assert e["logprob"] == pytest.approx(float(row[e["id"]]), abs=1e-4)
+        assert [t for t, _ in e["top"]] == row.topk(2).indices.tolist()
+
+
+def test_closing_the_engine_stops_its_loop_and_fails_what_it_held(model, tok):
+    cb = ContinuousBatcher(model, tok, num_slots=1, max_prompt_tokens=128, max_new_tokens=64)
+    it = cb.stream(chat(tok, PROMPTS[1]), Sampling(max_new_tokens=64, temperature=0.0, stop=()))
+    next(it)
+    cb.close()
+    assert not cb._thread.is_alive()
+    with pytest.raises(RuntimeError, match="engine was closed"):
+        list(it)
+    with pytest.raises(RuntimeError, match="engine is closed"):
+        cb.generate([chat(tok, PROMPTS[0])], GREEDY)

@@ -75,6 +75,7 @@ def test_serve_adapters_are_checked_before_ray(tiny_hf, tiny_adapters, tmp_path)
         ([f"+serve.adapters.cerbero={a}"], "serve.adapters.cerbero: a name"),
         ([f"+serve.adapters.x={tiny_hf}"], "serve.adapters.x: no LoRA adapter"),
         ([f"+serve.adapters.x={a}", "serve.engine=hf"], "serve.engine=continuous"),
+        ([f"+serve.adapters.x={a}", "serve.fast_decode=true"], "serve.fast_decode=true cannot apply LoRA"),
         ([f"+serve.adapters.x={tmp_path}/nothing"], "serve.adapters.x: no LoRA adapter"),
     ):
         with pytest.raises(ValueError, match=match):

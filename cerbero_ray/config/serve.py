@@ -49,6 +49,9 @@ class ServeConfig:
     max_batch_size: int = 16  # concurrent requests batched together (continuous: KV-cache slots)
     prefill_tokens: int = 8192  # continuous: prompt tokens admitted per step (a longer prompt runs alone)
     cuda_graphs: Optional[bool] = None  # continuous: CUDA-graph decoding; null: on when the replica has a GPU
+    # continuous: the fast decode step (fused QKV and gate/up, compiled norm/rope/MLP, varlen attention);
+    # null: on a GPU for Mistral/Llama checkpoints without LoRA adapters
+    fast_decode: Optional[bool] = None
     batch_wait_timeout_s: float = 0.02
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512  # the most a request may ask for
@@ -124,6 +127,8 @@ def check_adapters(sc: ServeConfig) -> None:
         return
     if sc.engine != "continuous":
         raise ValueError("serve.adapters needs serve.engine=continuous (it mixes adapters in one batch)")
+    if sc.fast_decode:
+        raise ValueError("serve.fast_decode=true cannot apply LoRA adapters (serve.adapters): leave it null")
     if is_local(sc.checkpoint) and adapters.is_adapter(local_path(sc.checkpoint)):
         raise ValueError("serve.checkpoint is an adapter; with serve.adapters it must be their base (an HF folder)")
     for name, path in sc.adapters.items():

@@ -26,6 +26,7 @@ the final dict has them all (``logprobs``: ``{"id", "logprob", "top": [(id, logp
 
 from __future__ import annotations
 
+import atexit
 import queue
 import random
 import threading
@@ -57,6 +58,28 @@ class _Request:
     starts: list[int] = field(default_factory=list)  # per token: the text's length before it
     lp_sent: int = 0
     adapter: int = 0  # the LoRA adapter this request's rows use (0: the base; AdapterSet indices)
+    launched: int = 0  # tokens asked of the device (prefill's first, then one per decode step)
+    done: bool = False  # ended (or cancelled): a step still in flight for it is ignored
+
+
+@dataclass(eq=False)
+class _Launch:
+    """A decode step in flight: the requests it decodes, its tokens (and logprob tensors) as they
+    will land in host memory, and the event that says they have."""
+
+    rows: list
+    tokens: torch.Tensor
+    lp: list
+    event: object
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """An asynchronous copy of ``t`` in pinned host memory (the tensor itself on the CPU)."""
+    if t.device.type != "cuda":
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
 
 
 class Piece(str):
@@ -72,21 +95,18 @@ class Piece(str):
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token per row: greedy where ``temperature <= 0``, else the nucleus (``top_p``) of the
-    tempered distribution sampled by inverse CDF at the row's uniform draw ``u``. ``temperature``,
-    ``top_p`` and ``u`` may stay on the CPU next to GPU logits: which rows sample is then known
-    without waiting for the GPU, and an all-greedy batch moves nothing to it."""
-    out = logits.argmax(-1)
-    rows = (temperature > 0).nonzero()[:, 0]
-    if len(rows):  # the vocabulary sort only for the rows that sample
-        dev = logits.device
-        rows_d, temp, p, draw = (x.to(dev) for x in (rows, temperature[rows], top_p[rows], u[rows]))
-        probs = torch.softmax(logits[rows_d] / temp[:, None], -1)
-        sp, si = probs.sort(-1, descending=True)
-        keep = (sp.cumsum(-1) - sp) < p[:, None]  # the most likely token is always kept
-        cum = (sp * keep).cumsum(-1)
-        k = torch.searchsorted(cum, (draw * cum[:, -1])[:, None]).clamp(max=logits.shape[-1] - 1)
-        out[rows_d] = si.gather(1, k)[:, 0]
-    return out
+    tempered distribution sampled by inverse CDF at the row's uniform draw ``u``. Static shapes and
+    no host round trip (every row is computed, the greedy ones then take the argmax), so it runs
+    inside a captured decode step; each row's result depends on that row alone."""
+    dev = logits.device
+    temperature, top_p, u = (x.to(dev, non_blocking=True) for x in (temperature, top_p, u))
+    greedy = logits.argmax(-1)
+    probs = torch.softmax(logits / temperature.clamp(min=1e-6)[:, None], -1)
+    sp, si = probs.sort(-1, descending=True)
+    keep = (sp.cumsum(-1) - sp) < top_p[:, None]  # the most likely token is always kept
+    cum = (sp * keep).cumsum(-1)
+    k = torch.searchsorted(cum, (u * cum[:, -1])[:, None]).clamp(max=logits.shape[-1] - 1)
+    return torch.where(temperature > 0, si.gather(1, k)[:, 0], greedy)
 
 
 def _pieces(first, q) -> tuple[str, dict | None]:
@@ -115,12 +135,13 @@ class ContinuousBatcher:
         max_new_tokens: int = 512,
         prefill_tokens: int = 8192,
         cuda_graphs: bool | None = None,
+        fast_decode: bool | None = None,
         lock: threading.Lock | None = None,
         adapters=None,
     ):
         self.tok = tok
         self.adapters = adapters  # an AdapterSet: requests name theirs, mixed in every step
-        self.slots = SlotModel(model, num_slots, max_prompt_tokens + max_new_tokens, adapters)
+        self.slots = SlotModel(model, num_slots, max_prompt_tokens + max_new_tokens, adapters, fast=fast_decode)
         self.max_prompt_tokens, self.max_new_tokens, self.prefill_tokens = (
             max_prompt_tokens,
             max_new_tokens,
@@ -134,7 +155,26 @@ class ContinuousBatcher:
         self.live: dict[int, _Request] = {}
         self._cv = threading.Condition()
         self.steps = 0
-        threading.Thread(target=self._loop, name="continuous-batcher", daemon=True).start()
+        self.pending: _Launch | None = None  # the decode step in flight, its tokens not yet handed out
+        if self.graphs:
+            self.slots.warm()  # capture (and compile) before the first request, not during it
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
+        self._thread.start()
+        # at exit, the loop stops between steps: a daemon thread inside a torch op while the
+        # interpreter finalizes can abort the process ("terminate called without an active exception")
+        atexit.register(self.close)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the loop thread after its current step (requests still waiting are failed)."""
+        with self._cv:
+            self._closed = True
+            left = list(self.live.values()) + list(self.waiting)
+            self._cv.notify_all()
+        self._thread.join(timeout)
+        for r in left:
+            if not r.done:
+                r.emit({"error": "the engine was closed"})
 
     # ── the public side (any thread) ────────────────────────────────────────
     def encode(self, prompts: list[str]) -> tuple[list[list[int]], list[bool]]:
@@ -161,6 +201,8 @@ class ContinuousBatcher:
             adapter=adapter,
         )
         with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
             self.waiting.append(r)
             self._cv.notify()
         return r
@@ -257,8 +299,10 @@ class ContinuousBatcher:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self.live and not self.waiting:
+                while not self.live and not self.waiting and self.pending is None and not self._closed:
                     self._cv.wait()
+                if self._closed:
+                    return
             try:
                 with self.lock:
                     self.step()
@@ -267,26 +311,95 @@ class ContinuousBatcher:
                     failed = list(self.live.values()) + list(self.waiting)
                     self.live.clear()
                     self.waiting.clear()
+                    self.pending = None
+                try:
+                    self.slots.cur_pos.fill_(-1)
+                except Exception:  # a broken device: the next step reports it to its requests
+                    pass
                 for r in failed:
                     r.emit({"error": f"generation failed: {e!r}"})
 
     def step(self) -> None:
-        """Decode one token for every live request, admit and prefill new ones, emit, free."""
+        """One turn of the loop: launch the decode step of every live request that still needs a
+        token, then (while the GPU runs it) hand out the previous step's tokens, then admit and
+        prefill new requests. The decode step reads and advances the slots' state on the device, so
+        its inputs never wait for the host; a request that ended in the previous step was decoded
+        once more in this one, and that token is dropped (its slot is not reused before then)."""
         for slot in [s for s, r in self.live.items() if r.cancelled]:
-            del self.live[slot]
-        old = list(self.live.values())
-        if old:
-            n = max(r.slot for r in old) + 1
-            ids, pos = [0] * n, [-1] * n  # -1: a free slot, not decoded
-            for r in old:
-                ids[r.slot], pos[r.slot] = r.out[-1], len(r.ids) + len(r.out) - 1
-            logits = self.slots.decode(torch.tensor(ids), torch.tensor(pos), graphs=self.graphs)
-            self._advance(old, logits[torch.tensor([r.slot for r in old], device=logits.device)])
+            self._free(self.live[slot])
+        rows = [r for r in self.live.values() if not r.done and r.launched < r.sampling.max_new_tokens]
+        launched = self._launch(rows) if rows else None
+        if self.pending is not None:
+            self._finish(self.pending)
+        self.pending = launched
         new = self._admit()
         if new:
-            logits = self.slots.prefill([r.ids for r in new], [r.slot for r in new])
-            self._advance(new, logits)
+            try:
+                self._prefill(new)
+            except Exception as e:  # out of memory on a big admission: those requests fail, not the live ones
+                for r in new:
+                    if not r.done:
+                        self._free(r)
+                        r.emit({"error": f"admission failed: {e!r}"})
+                if getattr(torch, self.slots.device.type, None) is torch.cuda:
+                    torch.cuda.empty_cache()
         self.steps += 1
+
+    def _free(self, r: _Request) -> None:
+        r.done = True
+        self.slots.stop(r.slot)
+        self.live.pop(r.slot, None)
+
+    def _launch(self, rows: list[_Request]) -> _Launch:
+        n = max(r.slot for r in rows) + 1
+        length = max(len(r.ids) + r.launched for r in rows)  # the longest row's position + 1
+        sampling = any(r.sampling.temperature > 0 for r in rows)
+        if sampling:  # one draw per token of each request: a seeded request's text is its own
+            u = [0.0] * self.slots.num_slots
+            for r in rows:
+                u[r.slot] = r.rng.random()
+            self.slots.set_draws(u)
+        tokens, logits = self.slots.run(n, length, sampling, self.graphs)
+        for r in rows:
+            r.launched += 1
+            if r.launched >= r.sampling.max_new_tokens:
+                self.slots.stop(r.slot)  # its last token is decided: the next steps leave it
+        lp = self._logprob_tensors(rows, logits, tokens)
+        cuda = tokens.device.type == "cuda"
+        host = [_host(t) for t in (tokens, *lp)]
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return _Launch(rows, host[0], host[1:], event)
+
+    def _finish(self, launch: _Launch) -> None:
+        """Hand out a launched step's tokens (waiting for them, if the GPU is still at it)."""
+        if launch.event is not None:
+            launch.event.synchronize()
+        tokens = launch.tokens.tolist()
+        lp = [x.tolist() for x in launch.lp]
+        for r in launch.rows:
+            if r.done:
+                continue  # cancelled, or ended a step earlier
+            t = tokens[r.slot]
+            if lp and r.sampling.logprobs is not None:
+                n = r.sampling.logprobs
+                r.lps.append({"id": t, "logprob": lp[0][r.slot], "top": list(zip(lp[2][r.slot][:n], lp[1][r.slot][:n]))})
+            r.out.append(t)
+            r.starts.append(len(r.text))
+            self._emit(r)
+
+    @staticmethod
+    def _logprob_tensors(rows: list[_Request], logits: torch.Tensor, tokens: torch.Tensor) -> tuple:
+        """(chosen, top values, top ids) per slot, on the device, when a row asks for logprobs."""
+        ks = [r.sampling.logprobs for r in rows if r.sampling.logprobs is not None]
+        if not ks:
+            return ()
+        n = max(r.slot for r in rows) + 1
+        lp = torch.log_softmax(logits[:n].float(), -1)
+        top_v, top_i = lp.topk(max(ks), -1)
+        return lp.gather(1, tokens[:n, None])[:, 0], top_v, top_i
 
     def _admit(self) -> list[_Request]:
         new, tokens = [], 0
@@ -306,13 +419,24 @@ class ContinuousBatcher:
                 tokens += len(r.ids)
         return new
 
-    def _advance(self, reqs: list[_Request], logits: torch.Tensor) -> None:
-        temp = torch.tensor([r.sampling.temperature for r in reqs], dtype=torch.float32)  # on the CPU: see sample
-        top_p = torch.tensor([r.sampling.top_p for r in reqs], dtype=torch.float32)
-        u = torch.tensor([r.rng.random() for r in reqs], dtype=torch.float32)
-        tokens = sample(logits, temp, top_p, u).tolist()
-        self._logprobs(reqs, logits, tokens)
-        for r, t in zip(reqs, tokens):
+    def _prefill(self, new: list[_Request]) -> None:
+        """Run the new prompts, sample their first tokens, start their slots on the device."""
+        logits = self.slots.prefill([r.ids for r in new], [r.slot for r in new])
+        temp = [r.sampling.temperature for r in new]
+        top_p = [r.sampling.top_p for r in new]
+        u = torch.tensor([r.rng.random() for r in new], dtype=torch.float32)
+        f32 = torch.float32
+        tokens = sample(logits, torch.tensor(temp, dtype=f32), torch.tensor(top_p, dtype=f32), u)
+        slots = [r.slot for r in new]
+        self.slots.set_sampling(slots, temp, top_p)
+        going = [i for i, r in enumerate(new) if r.sampling.max_new_tokens > 1]
+        if going:
+            idx = torch.tensor(going, device=tokens.device)
+            self.slots.start([slots[i] for i in going], tokens[idx], [len(new[i].ids) for i in going])
+        out = tokens.tolist()
+        self._logprobs(new, logits, out)
+        for r, t in zip(new, out):
+            r.launched = 1
             r.out.append(t)
             r.starts.append(len(r.text))
             self._emit(r)
@@ -347,7 +471,7 @@ class ContinuousBatcher:
             r.sent = safe
         if done:
             r.text = cut
-            del self.live[r.slot]  # before the last emit: whoever waits on it sees the slot free
+            self._free(r)  # before the last emit: whoever waits on it sees the slot free
             end = {
                 "finish_reason": "stop" if eos or stopped else "length",
                 "prompt_tokens": len(r.ids),

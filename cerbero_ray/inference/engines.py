@@ -25,6 +25,7 @@ class EngineConfig:
     max_new_tokens: int = 512  # the most a request may ask for (continuous: sizes the cache)
     prefill_tokens: int = 8192  # continuous: prompt tokens admitted per step (a longer prompt runs alone)
     cuda_graphs: bool | None = None  # continuous: CUDA-graph decoding; None: on a GPU
+    fast_decode: bool | None = None  # continuous: fused, compiled decode step (SlotModel); None: on a GPU
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -48,6 +49,7 @@ def build_engine(model, tok, cfg: EngineConfig, lock: threading.Lock | None = No
             max_new_tokens=cfg.max_new_tokens,
             prefill_tokens=cfg.prefill_tokens,
             cuda_graphs=cfg.cuda_graphs,
+            fast_decode=cfg.fast_decode,
             lock=lock,
             adapters=adapters,
         )

@@ -197,6 +197,7 @@ class CerberoServer:
             max_new_tokens=sc.max_new_tokens,
             prefill_tokens=sc.prefill_tokens,
             cuda_graphs=sc.cuda_graphs,
+            fast_decode=sc.fast_decode,
             adapters=sc.adapters,
             model_name=sc.model_name,
         )
