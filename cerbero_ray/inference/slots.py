@@ -536,6 +536,6 @@ class SlotModel:
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` (on the CPU) on ``device`` without blocking the host on the GPU: through pinned memory."""
-    if device.type != "cuda":
+    if device.type != "cuda" or t.device == device:
         return t
     return t.pin_memory().to(device, non_blocking=True)
