@@ -50,7 +50,7 @@ class ServeConfig:
     prefill_tokens: int = 8192  # continuous: prompt tokens admitted per step (a longer prompt runs alone)
     cuda_graphs: Optional[bool] = None  # continuous: CUDA-graph decoding; null: on when the replica has a GPU
     # continuous: the fast decode step (fused QKV and gate/up, compiled norm/rope/MLP, varlen attention);
-    # null: on a GPU for Mistral/Llama checkpoints without LoRA adapters
+    # null: on with CUDA graphs (a GPU) for Mistral/Llama checkpoints without LoRA adapters
     fast_decode: Optional[bool] = None
     batch_wait_timeout_s: float = 0.02
     max_prompt_tokens: int = 2048
