@@ -238,12 +238,20 @@ def test_evalita_pool_and_scored_rows_are_disjoint(tmp_path):
     tc |= {"protocols": ["generate", "score", "benchita"], "max_new_tokens": 32}
     p = prepare("ami2020", EvalTaskConfig(**tc), seed=0)
     assert len(p.rows) == 20 and p.pool_rows == 10 and len(p.rejects) == 3
-    assert not set(p.shots) & {r["id"] for r in p.rows}  # no scored row is a shot
+    assert len(p.shots) == 3 and not {i for d in p.shots for i in d} & {r["id"] for r in p.rows}  # pool only
     assert p.shots == prepare("ami2020", EvalTaskConfig(**tc), seed=0).shots
     assert p.shots != prepare("ami2020", EvalTaskConfig(**tc), seed=1).shots
+    pool = [r for r in rows if r["id"] not in {x["id"] for x in p.rows}]
+    assert p.shots[0] == [r["id"] for r in evalita.pick_shots(pool, 5, 0)]  # draw 0: the earlier runs' shots
+    assert len({tuple(d) for d in p.shots}) == 3  # three different sets
     keys = [u.key for u in p.units]
-    assert keys == ["generate/0", "generate/1", "generate/2", "score/0", "score/1", "score/2", "benchita/0"]
-    score = p.units[3]
+    wordings = [f"{w}{d}" for d in ("", "#1", "#2") for w in ("/0", "/1", "/2")]
+    assert keys == [f"generate{w}" for w in wordings] + [f"score{w}" for w in wordings] + ["benchita/0"]
+    assert [u.draw for u in p.units[:9]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for u in p.units[9:18]:  # each score unit's shots are its draw's, both answers in each
+        assert [s["text"] for s in u.task["few_shot"]] == [next(r["text"] for r in rows if r["id"] == i) for i in p.shots[u.draw]]
+        assert {s["label"] for s in u.task["few_shot"]} == {"yes", "no"}
+    score = p.units[9]
     assert {s["label"] for s in score.task["few_shot"]} == {"yes", "no"} and len(score.task["few_shot"]) == 5
     first = p.units[0].requests[0]["messages"][-1]["content"]
     assert first.startswith("Dato questo testo:\n") and first.endswith("\nIl suo contenuto è misogino? (si/no)")
@@ -257,8 +265,33 @@ def test_evalita_pool_and_scored_rows_are_disjoint(tmp_path):
         EvalTaskConfig(**{**tc, "kind": "sentipolc", "path": str(senti), "pool_rows": 1, "prompts": [0]}),
         seed=0,
     )
-    assert len(s.rows) == 20 and all(int(i) < 20 for i in s.shots) and all(int(r["id"]) >= 20 for r in s.rows)
-    assert [u.key for u in s.units] == ["generate/0", "score/0", "benchita/0"]
+    assert len(s.rows) == 20 and all(int(i) < 20 for d in s.shots for i in d) and all(int(r["id"]) >= 20 for r in s.rows)
+    assert [u.key for u in s.units] == ["generate/0", "generate/0#1", "generate/0#2", "score/0", "score/0#1", "score/0#2", "benchita/0"]
+    one = prepare("sentipolc", EvalTaskConfig(**{**tc, "kind": "sentipolc", "path": str(senti), "shot_draws": 1, "prompts": [0]}), 0)
+    assert [u.key for u in one.units] == ["generate/0", "score/0", "benchita/0"] and one.shots == s.shots[:1]
+    zero = prepare("sentipolc", EvalTaskConfig(**{**tc, "kind": "sentipolc", "path": str(senti), "shots": 0, "prompts": [0]}), 0)
+    assert [u.key for u in zero.units] == ["generate/0", "score/0", "benchita/0"]  # 0-shot: nothing to draw
+
+
+def test_per_row_shots_give_each_row_its_own_examples(tmp_path):
+    """``shot_mode=per_row`` (lm-evaluation-harness's way): one unit per wording, every row's request
+    with its own seeded shots (both answers), a score row carrying its own label task."""
+    _, senti = _evalita_files(tmp_path)
+    tc = {"kind": "sentipolc", "path": str(senti), "shots": 4, "max_rows": None, "pool_rows": 1, "prompts": [0, 1]}
+    tc |= {"protocols": ["generate", "score"], "max_new_tokens": 8, "shot_mode": "per_row"}
+    p = prepare("sentipolc", EvalTaskConfig(**tc), seed=0)
+    assert [u.key for u in p.units] == ["generate/0", "generate/1", "score/0", "score/1"] and p.shots == []
+    score = p.units[2]
+    assert score.task is None and all("task" in r for r in score.requests)
+    sets = [tuple(s["text"] for s in r["task"]["few_shot"]) for r in score.requests]
+    assert len(set(sets)) > len(sets) // 2  # rows differ in their shots
+    assert all({s["label"] for s in r["task"]["few_shot"]} == {"yes", "no"} for r in score.requests)
+    gen = p.units[0].requests[0]["messages"]
+    assert [m["content"] for m in gen if m["role"] == "user"][:-1] != [
+        m["content"] for m in p.units[0].requests[1]["messages"] if m["role"] == "user"
+    ][:-1]
+    again = prepare("sentipolc", EvalTaskConfig(**tc), seed=0)
+    assert [r["task"] for r in again.units[2].requests] == [r["task"] for r in score.requests]  # seeded
 
 
 def test_duplicate_ids_are_counted_rejects(tmp_path):
@@ -295,6 +328,8 @@ def test_config_errors_name_the_key(tmp_path, tiny_hf):
         ([f"evaluate.tasks.ami2020.path={tmp_path}/none.tsv"], "evaluate.tasks.ami2020.path"),
         (["evaluate.only=[squad_it]", f"evaluate.checkpoints.tiny-cpu={tmp_path}"], "evaluate.checkpoints.tiny-cpu"),
         (["evaluate.only=[squad_it]", "evaluate.tasks.squad_it.kind=glue"], "evaluate.tasks.squad_it.kind"),
+        (["evaluate.only=[squad_it]", "evaluate.tasks.squad_it.shot_draws=0"], "squad_it.shot_draws must be >= 1"),
+        (["evaluate.only=[squad_it]", "evaluate.tasks.squad_it.shot_mode=each"], "squad_it.shot_mode must be one of"),
     ):
         with pytest.raises(ValueError, match=msg):
             compose("evaluate", [*base, *extra], checked=True)
@@ -312,3 +347,61 @@ def test_rescore_reads_the_official_formats(tmp_path):
     preds = {rows[0]["id"]: rows[0]["gold"][0], rows[1]["id"]: "niente"}
     out = squad.rescore(json.loads(json.dumps(squad.subset(rows))), preds)
     assert out["exact_match"] == pytest.approx(20.0)
+
+
+def test_two_shot_draws_on_the_shared_sentipolc_predict_differently(tok):
+    """On ../shared's SENTIPOLC (40 test rows, 5-shot, two draws, the score protocol) the tiny model's
+    per-row prediction (``p_yes``, the score protocol's column of predictions.parquet) moves with the
+    draw for every row, and the whole batch shifts one way: a fixed set of shots is a bias on every
+    answer (the issue's 5-shot model said "no" to 1,999 of 2,000), which is why every figure is the
+    mean over draws. (A random model sits at p_yes ≈ 0.48 whatever the shots, so the thresholded
+    class seldom flips here; the pipeline test checks the tables over draws.)"""
+    import os
+
+    from conftest import SHARED_DATA
+
+    from cerbero_ray.config.label_task import LabelTask
+    from cerbero_ray.inference.scorer import Scorer
+    from cerbero_ray.models import tiny
+
+    path = os.path.join(SHARED_DATA, "evalita", "sentipolc.csv")
+    if not os.path.exists(path):
+        pytest.skip("../shared/data is not here")
+    tc = {"kind": "sentipolc", "path": path, "shots": 5, "max_rows": 40, "prompts": [0], "protocols": ["score"]}
+    p = prepare("sentipolc", EvalTaskConfig(**tc, shot_draws=2), seed=0)
+    assert [u.key for u in p.units] == ["score/0", "score/0#1"] and p.shots[0] != p.shots[1]
+    model = tiny().eval()
+    texts = [r["text"] for r in p.units[0].requests]
+    p_yes = [[s["probs"]["yes"] for s in Scorer(model, tok, LabelTask(**u.task)).score(texts)] for u in p.units]
+    diffs = [b - a for a, b in zip(*p_yes)]
+    assert all(abs(d) > 1e-4 for d in diffs)
+    assert all(d > 0 for d in diffs) or all(d < 0 for d in diffs)  # a shift of the whole batch
+
+
+def test_per_row_score_requests_are_scored_under_their_own_task(tmp_path, tiny_hf):
+    """The model actor's path for ``shot_mode=per_row``: each score request names its own label task
+    (``scorer``), and its p(yes) is the one a scorer of that task gives; draws keep their own."""
+    import pyarrow as pa
+
+    from cerbero_ray.config.label_task import LabelTask
+    from cerbero_ray.evaluate.backends import ModelRun
+    from cerbero_ray.evaluate.pipeline import _requests
+    from cerbero_ray.evaluate.worker import EvalWorker
+    from cerbero_ray.inference.scorer import Scorer
+
+    _, senti = _evalita_files(tmp_path)
+    tc = {"kind": "sentipolc", "path": str(senti), "shots": 3, "max_rows": 4, "pool_rows": 1, "prompts": [0]}
+    tc |= {"protocols": ["score"], "max_new_tokens": 4, "shot_mode": "per_row"}
+    per_row = prepare("sentipolc", EvalTaskConfig(**tc), seed=0)
+    drawn = prepare("sentipolc", EvalTaskConfig(**{**tc, "shot_mode": "draws", "shot_draws": 2}), seed=0)
+    todo = {"per_row": per_row.units, "drawn": drawn.units}
+    items = _requests(todo)
+    tasks = {f"drawn/{u.key}": u.task for u in drawn.units}
+    tasks |= {f"per_row/{u.key}/{r['id']}": r["task"] for u in per_row.units for r in u.requests}
+    assert {i["scorer"] for i in items} == set(tasks)
+    run = ModelRun(tiny_hf, "float32", 4, 1024, 8192, 1, 0.0, 1.0, None, "K", 1, 4, tasks)
+    w = EvalWorker(run)
+    out = w(pa.Table.from_pylist(items))
+    for item, p_yes in zip(items, out["p_yes"]):
+        want = Scorer(w.model, w.tok, LabelTask(**tasks[item["scorer"]])).score([item["text"]])[0]["probs"]["yes"]
+        assert p_yes == pytest.approx(want, abs=1e-5), item["scorer"]

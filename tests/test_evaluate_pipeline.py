@@ -71,6 +71,12 @@ def eval_cfg(out, a, b, data):
                 "evaluate.tasks.ami2020.max_new_tokens=4",
                 "evaluate.tasks.ironita.max_new_tokens=4",
                 "evaluate.tasks.sentipolc.max_new_tokens=4",
+                # shot draws: one for AMI (its three wordings), two for IronITA and SENTIPOLC (one wording)
+                "evaluate.tasks.ami2020.shot_draws=1",
+                "evaluate.tasks.ironita.prompts=[0]",
+                "evaluate.tasks.sentipolc.prompts=[0]",
+                "evaluate.tasks.ironita.shot_draws=2",
+                "evaluate.tasks.sentipolc.shot_draws=2",
             ],
         )
     )
@@ -84,9 +90,11 @@ def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, r
     assert res["tasks"]["sentipolc"]["rows"] == 16 and res["tasks"]["sentipolc"]["rejects"] == {"bad_gold": 1}
     assert res["tasks"]["ami2020"]["rows"] == 30 and res["tasks"]["squad_it"]["rows"] == 12
     evalita_units = {"generate/0", "generate/1", "generate/2", "score/0", "score/1", "score/2", "benchita/0"}
+    drawn = {"generate/0", "generate/0#1", "score/0", "score/0#1", "benchita/0"}
     for ck in ("a", "b"):
         r = res["results"][ck]
         assert set(r["squad_it"]) == {"generate/0", "generate/1", "benchita/0"} and set(r["ami2020"]) == evalita_units
+        assert set(r["ironita"]) == set(r["sentipolc"]) == drawn
         for t in ("ami2020", "ironita", "sentipolc"):
             for key, u in r[t].items():
                 figures = {"macro_f1", "weighted_f1", "accuracy"} if key.startswith("benchita") else {"f1", "macro_f1"}
@@ -97,7 +105,26 @@ def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, r
         over = res["over_prompts"][ck]["ami2020"]["generate"]["f1"]
         assert over["prompts"] == 3 and over["best"] >= over["mean"] and 0 <= over["best_prompt"] < 3
         preds = pq.read_table(os.path.join(out, "runs", ck, "ironita", "predictions.parquet")).to_pylist()
-        assert len(preds) == 30 * 7 and {p["protocol"] for p in preds} == {"generate", "score", "benchita"}
+        assert len(preds) == 30 * 5 and {p["protocol"] for p in preds} == {"generate", "score", "benchita"}
+        assert {(p["protocol"], p["draw"]) for p in preds} == {(x, d) for x in ("generate", "score") for d in (0, 1)} | {
+            ("benchita", 0)
+        }
+        # rescoring from the per-row predictions (draw index kept) gives every unit's figures
+        from sklearn.metrics import f1_score
+
+        for t in ("ironita", "sentipolc", "ami2020"):
+            rows = pq.read_table(os.path.join(out, "runs", ck, t, "predictions.parquet")).to_pylist()
+            for key, u in r[t].items():
+                if key.startswith("benchita"):
+                    continue
+                mine = [x for x in rows if (x["protocol"], x["prompt"], x["draw"]) == (u["protocol"], u["prompt"], u["draw"])]
+                gold, pred = [x["gold_class"] for x in mine], [x["pred_class"] for x in mine]
+                assert len(mine) == u["rows"]
+                assert u["macro_f1"] == pytest.approx(100 * f1_score(gold, pred, average="macro", zero_division=0), abs=1e-3)
+        over = res["over_prompts"][ck]["sentipolc"]["score"]["macro_f1"]
+        both = [r["sentipolc"][k]["macro_f1"] for k in ("score/0", "score/0#1")]
+        assert over["draws"] == 2 and over["mean"] == pytest.approx(sum(both) / 2, abs=1e-3)
+        assert over["draw_range"] == pytest.approx(abs(both[0] - both[1]), abs=1e-3)
         assert all(p["raw"] is not None for p in preds if p["protocol"] != "score")
         assert all(0 <= p["p_yes"] <= 1 for p in preds if p["protocol"] == "score")
         assert all(p["parsed"] is not None for p in preds if p["protocol"] == "generate")
@@ -122,6 +149,13 @@ def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, r
     assert "| b | score |" in md and "*always positive*" in md and "Prompt sensitivity" in md and "b - a" in md
     assert "does not say which F1" in md and re.search(r"\d+\.\d\d \[\d+\.\d, \d+\.\d\]", md)
     assert "Differs from the published setting" in md and "## What was scored" in md
+    # the shot draws: each draw's shots by id and figure, the mean in the main tables, how far it moved
+    assert "## Shot draws" in md and "2 draws of shots" in md
+    for d, ids in enumerate(res["tasks"]["sentipolc"]["shots"]):
+        assert f"| a | sentipolc | score | {d} | {', '.join(ids)} |" in md
+    assert re.search(r"- a, sentipolc, score: macro_f1 moved by \d+\.\d\d points across 2 shot draws", md)
+    s0, s1 = (res["results"]["a"]["sentipolc"][k]["macro_f1"] for k in ("score/0", "score/0#1"))
+    assert f"{(s0 + s1) / 2:.2f} (draws {min(s0, s1):.1f}–{max(s0, s1):.1f})" in md
     assert os.path.getsize(os.path.join(out, "results.png")) > 1000
     saved = json.load(open(os.path.join(out, "results.json")))
     assert saved["results"] == res["results"] and saved["seed"] == 0
@@ -132,7 +166,8 @@ def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, r
     head = headline(saved, "OUT/results.md").splitlines()
     assert len(head) == 3 + 2 + 1 and head[-1].endswith("OUT/results.md"), head
     assert "squad_it F1 (generate)" in head[1] and "ami2020 macro-F1 (score)" in head[1]
-    assert re.match(r"\| b \| \d+\.\d\d \[", head[4]) and head[4].count("[") == 4, head[4]
+    assert re.match(r"\| b \| \d+\.\d\d \[", head[4]) and head[4].count("[") == 2, head[4]
+    assert head[4].count("(draws ") == 2  # IronITA and SENTIPOLC: the mean over two shot draws
     caplog.set_level(logging.INFO, logger="cerbero_ray")
     caplog.clear()
     again = run_evaluate(c)  # every (checkpoint, task) resumes from its metrics.json

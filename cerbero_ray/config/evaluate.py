@@ -22,6 +22,7 @@ from cerbero_ray.config.common import (
 )
 
 TASK_KINDS = ("squad", "ami2020", "ironita", "sentipolc")
+SHOT_MODES = ("draws", "per_row")
 PROTOCOLS = ("generate", "score", "benchita")
 PROMPT_WORDINGS = {"squad": 2, "ami2020": 3, "ironita": 3, "sentipolc": 3}  # len(evaluate.prompts.PROMPTS[kind])
 
@@ -31,6 +32,12 @@ class EvalTaskConfig:
     kind: str = MISSING  # squad | ami2020 | ironita | sentipolc
     path: str = MISSING  # the task's file (a local path or URI)
     shots: int = 5
+    # EVALITA generate/score: how the shots are chosen. "draws": `shot_draws` fixed sets, each the same
+    # for every row (so the scorer runs its prefix once), drawn with their own seeds, both answers in
+    # each; every figure is the mean over draws, with their spread. "per_row": every row its own
+    # shots (lm-evaluation-harness's default): no shared prefix, so `score` costs a full prompt per row
+    shot_mode: str = "draws"
+    shot_draws: int = 3
     max_rows: Optional[int] = None  # score a seeded sample of this many rows; null: every row
     pool_rows: int = 100  # ami2020 / ironita: rows held out (fixed seed) as the shot pool
     protocols: List[str] = field(default_factory=lambda: ["generate", "score", "benchita"])  # squad: no score
@@ -118,6 +125,8 @@ def check_evaluate(c: EvaluateStageConfig, before: frozenset = frozenset()) -> N
             raise ValueError(f"{key}.prompts: indices of the {wordings} shipped wordings (0..{wordings - 1}), or null")
         at_least(t, ("max_new_tokens", "max_rows", "pool_rows"), 1, key)
         at_least(t, ("shots",), 0, key)
+        at_least(t, ("shot_draws",), 1, key)
+        one_of(t.shot_mode, SHOT_MODES, f"{key}.shot_mode")
         path = t.path
         if is_local(path) and not os.path.isfile(local_path(path)):
             if not ec.skip_missing:

@@ -131,7 +131,7 @@ class GGUFRunner:
                     "truncated": c,
                 }
         scored = [i for i, r in enumerate(rows) if r["text"] is not None]
-        for key, idx in _groups(rows, scored, lambda r: f"{r['task']}/{r['unit']}").items():
+        for key, idx in _groups(rows, scored, lambda r: r.get("scorer") or f"{r['task']}/{r['unit']}").items():
             out_rows = self._score(key, [rows[i]["text"] for i in idx])
             for i, o in zip(idx, out_rows):
                 out[i] = o
@@ -211,7 +211,7 @@ class EndpointRunner:
         scored = [i for i, r in enumerate(rows) if r["text"] is not None]
         chunks = [
             (key, idx[s : s + LABEL_CHUNK])
-            for key, idx in _groups(rows, scored, lambda r: f"{r['task']}/{r['unit']}").items()
+            for key, idx in _groups(rows, scored, lambda r: r.get("scorer") or f"{r['task']}/{r['unit']}").items()
             for s in range(0, len(idx), LABEL_CHUNK)
         ]
 

@@ -19,6 +19,7 @@ paired intervals of each model against the first, ``results.json``, ``results.md
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, replace
@@ -36,7 +37,7 @@ from cerbero_ray.evaluate.backends import ModelRun, model_kind, probe, runner
 from cerbero_ray.evaluate.metrics import baselines, paired_bootstrap, prompt_summary
 from cerbero_ray.evaluate.reading import columns_from_rows, figures, metric_kind, read_unit
 from cerbero_ray.evaluate.report import write_report
-from cerbero_ray.evaluate.tasks import Prepared, Unit, prepare
+from cerbero_ray.evaluate.tasks import Prepared, Unit, prepare, unit_key
 from cerbero_ray.evaluate.worker import EvalWorker
 from cerbero_ray.logs import progress
 from cerbero_ray.storage import is_local
@@ -48,6 +49,7 @@ PREDICTION_SCHEMA = pa.schema(
         ("id", pa.string()),
         ("protocol", pa.string()),
         ("prompt", pa.int32()),
+        ("draw", pa.int32()),
         ("gold", pa.string()),
         ("prediction", pa.string()),
         ("raw", pa.string()),
@@ -112,6 +114,8 @@ def _requests(todo: dict[str, list[Unit]]) -> list[dict]:
             "id": r["id"],
             "messages": r.get("messages"),
             "text": r.get("text"),
+            # the label task that scores it: its unit's, or its own (per-row shots)
+            "scorer": f"{name}/{u.key}/{r['id']}" if "task" in r else f"{name}/{u.key}",
             "max_new_tokens": u.max_new_tokens,
             "stop_at_newline": u.stop_at_newline,
         }
@@ -128,6 +132,7 @@ def _answers(ec: EvaluateConfig, ckpt: str, todo: dict[str, list[Unit]], how: Mo
     items = _requests(todo)
     longest = max([u.max_new_tokens for us in todo.values() for u in us] or [1])
     tasks = {f"{n}/{u.key}": u.task for n, us in todo.items() for u in us if u.task}
+    tasks |= {f"{n}/{u.key}/{r['id']}": r["task"] for n, us in todo.items() for u in us for r in u.requests if "task" in r}
     cfg = replace(how, max_new_tokens=max(longest, 1), tasks=tasks)
     out = {}
     if kind == "hf":
@@ -163,6 +168,7 @@ def _finish_task(
         by_unit[u.key] = {
             "protocol": u.protocol,
             "prompt": u.prompt,
+            "draw": u.draw,
             "prompt_hash": u.prompt_hash(),
             **figures(metric_kind(p.kind, u.protocol), cols, counts, ec.bootstrap, ec.seed),
         }
@@ -188,16 +194,24 @@ def _finish_task(
 
 
 def _over_prompts(by_unit: dict) -> dict:
-    """Per protocol and figure: mean, std, best prompt and the combined score over its prompts."""
+    """Per protocol and figure: over its prompt wordings (each the mean over its shot draws) the
+    mean, std, best prompt and combined score; over the shot draws, their number, the mean of each
+    wording's standard deviation and the widest range (``draw_std``, ``draw_range``)."""
     out = defaultdict(dict)
-    groups = defaultdict(list)
+    groups = defaultdict(lambda: defaultdict(list))  # protocol -> prompt -> its draws' units
     for u in by_unit.values():
-        groups[u["protocol"]].append(u)
-    for protocol, us in groups.items():
-        us = sorted(us, key=lambda u: u["prompt"])
-        for k, v in us[0].items():
+        groups[u["protocol"]][u["prompt"]].append(u)
+    for protocol, per_prompt in groups.items():
+        order = sorted(per_prompt)
+        first = per_prompt[order[0]][0]
+        for k, v in first.items():
             if isinstance(v, float) and k not in ("prompt",):
-                out[protocol][k] = prompt_summary([u[k] for u in us])
+                draws = [[u[k] for u in per_prompt[p] if u.get(k) is not None] for p in order]
+                s = prompt_summary([sum(d) / len(d) for d in draws])
+                s["draws"] = min(len(d) for d in draws)
+                s["draw_std"] = round(sum(statistics.stdev(d) if len(d) > 1 else 0.0 for d in draws) / len(draws), 4)
+                s["draw_range"] = round(max(max(d) - min(d) for d in draws), 4)
+                out[protocol][k] = s
     return dict(out)
 
 
@@ -264,7 +278,7 @@ def _unit_rows(ec: EvaluateConfig, ckpt: str, task: str) -> dict[str, list[dict]
         rows = pq.read_table(f).to_pylist()
     units = defaultdict(list)
     for r in rows:
-        units[f"{r['protocol']}/{r['prompt']}"].append(r)
+        units[unit_key(r["protocol"], r["prompt"], r.get("draw") or 0)].append(r)
     return units
 
 

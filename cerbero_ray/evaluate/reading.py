@@ -85,6 +85,7 @@ def _row(q, unit: Unit, gold, prediction, out: dict, parsed, classes, scores: di
         "id": q,
         "protocol": unit.protocol,
         "prompt": unit.prompt,
+        "draw": unit.draw,
         "gold": json.dumps(gold, ensure_ascii=False),
         "prediction": str(prediction),
         "raw": out.get("raw"),

@@ -1,8 +1,9 @@
 """``results.md`` (printed at the end of the job too) and ``results.png``.
 
-Every figure is given on the first prompt wording with its 95% bootstrap interval; the prompt
-sensitivity table gives the mean ± standard deviation over the wordings, the best one and the
-combined score; the paired table gives each model's difference from the first on the same rows.
+Every figure is given on the first prompt wording with its 95% bootstrap interval, or, where a
+few-shot unit ran several draws of shots, as the mean over the draws with their range; the prompt
+sensitivity table gives the mean ± standard deviation over the wordings, the best one, the combined
+score and the spread over shot draws; the shot-draws table names each draw's shots; the paired table gives each model's difference from the first on the same rows.
 The seed's published rows stand beside both F1 tables, since the seed does not say which F1 it
 published. Each task says what was scored and how that differs from the published setting.
 """
@@ -35,16 +36,35 @@ def _f(x) -> str:
 
 
 def _ci(unit: dict | None, metric: str) -> str:
-    """``value [lo, hi]`` of a figure of a unit, or ``–``."""
+    """``value [lo, hi]`` of a figure of a unit (over several shot draws: their mean and range,
+    ``mean (draws lo–hi)``), or ``–``."""
     if not unit or unit.get(metric) is None:
         return "–"
+    spread = (unit.get("draw_spread") or {}).get(metric)
+    if spread:
+        return f"{unit[metric]:.2f} (draws {spread[0]:.1f}–{spread[1]:.1f})"
     lo_hi = (unit.get("ci") or {}).get(metric)
     return f"{unit[metric]:.2f} [{lo_hi[0]:.1f}, {lo_hi[1]:.1f}]" if lo_hi else f"{unit[metric]:.2f}"
 
 
+def _draws(units: dict, protocol: str, prompt: int = 0) -> list[dict]:
+    """The units of one wording of ``protocol``, one per shot draw, draw 0 first."""
+    return [u for k, u in sorted(units.items()) if k == f"{protocol}/{prompt}" or k.startswith(f"{protocol}/{prompt}#")]
+
+
 def _first(units: dict, protocol: str) -> dict | None:
-    """The unit of ``protocol``'s first prompt wording."""
-    return units.get(f"{protocol}/0")
+    """``protocol``'s first prompt wording: its unit, or over several shot draws one that holds each
+    figure's mean over the draws and (``draw_spread``) their lowest and highest."""
+    ds = _draws(units, protocol)
+    if len(ds) <= 1:
+        return ds[0] if ds else None
+    out = {"rows": ds[0]["rows"], "draws": len(ds), "draw_spread": {}}
+    for k, v in ds[0].items():
+        if isinstance(v, float) and all(isinstance(d.get(k), float) for d in ds):
+            vals = [d[k] for d in ds]
+            out[k] = round(sum(vals) / len(vals), 4)
+            out["draw_spread"][k] = (min(vals), max(vals))
+    return out
 
 
 def squad_table(results: dict, published: list[dict]) -> list[str]:
@@ -122,20 +142,46 @@ def counts_table(results: dict) -> list[str]:
 
 def prompts_table(results: dict) -> list[str]:
     lines = [
-        "| Model | task | protocol | figure | mean ± std over prompts | best (prompt) | combined |",
-        "|---|---|---|---|---|---|---|",
+        "| Model | task | protocol | figure | mean ± std over prompts | best (prompt) | combined | "
+        "std over shot draws (draws) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for model, res in results["over_prompts"].items():
         for t, protocols in res.items():
             for proto, figs in protocols.items():
                 metric = "f1" if "f1" in figs else next(iter(figs), None)
                 s = figs.get(metric) if metric else None
-                if s and s["prompts"] > 1:
+                if s and (s["prompts"] > 1 or s.get("draws", 1) > 1):
+                    draws = f"{s['draw_std']:.2f} ({s['draws']})" if s.get("draws", 1) > 1 else "– (1)"
                     lines.append(
                         f"| {model} | {t} | {proto} | {metric} | {s['mean']:.2f} ± {s['std']:.2f} | "
-                        f"{s['best']:.2f} ({s['best_prompt']}) | {s['combined']:.2f} |"
+                        f"{s['best']:.2f} ({s['best_prompt']}) | {s['combined']:.2f} | {draws} |"
                     )
     return lines if len(lines) > 2 else []
+
+
+def draws_table(results: dict) -> list[str]:
+    """Each shot draw of the first wording, with its shots' ids and its figure, and per (model,
+    task, protocol) one line on how far the figure moved across the draws."""
+    lines = ["| Model | task | protocol | draw | shots (ids) | figure [95% CI] |", "|---|---|---|---|---|---|"]
+    moved = []
+    for model, res in results["results"].items():
+        for t, units in res.items():
+            shots = results["tasks"].get(t, {}).get("shots") or []
+            for proto in ("generate", "score"):
+                ds = _draws(units, proto)
+                if len(ds) < 2:
+                    continue
+                metric = "macro_f1" if "macro_f1" in ds[0] else "f1"
+                for d, u in enumerate(ds):
+                    ids = ", ".join(shots[d]) if d < len(shots) else "?"
+                    lines.append(f"| {model} | {t} | {proto} | {d} | {ids} | {_ci(u, metric)} |")
+                vals = [u[metric] for u in ds]
+                moved.append(
+                    f"- {model}, {t}, {proto}: {metric} moved by {max(vals) - min(vals):.2f} points across "
+                    f"{len(ds)} shot draws ({min(vals):.2f}–{max(vals):.2f}; mean {sum(vals) / len(vals):.2f})."
+                )
+    return lines + [""] + moved if moved else []
 
 
 def paired_table(results: dict) -> list[str]:
@@ -164,8 +210,16 @@ def setting_notes(results: dict, ec: EvaluateConfig) -> list[str]:
     for t, v in results["tasks"].items():
         tc = ec.tasks[t]
         rej = sum(v["rejects"].values())
+        draws = len(v.get("shots") or [])
+        how = (
+            f" ({draws} draws of shots, each the same for every row)"
+            if draws > 1
+            else " (every row its own shots)"
+            if tc.shot_mode == "per_row" and tc.shots and v["kind"] != "squad"
+            else ""
+        )
         base = (
-            f"- **{t}**: {v['rows']} rows scored, shot pool {v['pool_rows']} rows, {tc.shots}-shot, "
+            f"- **{t}**: {v['rows']} rows scored, shot pool {v['pool_rows']} rows, {tc.shots}-shot{how}, "
             f"protocols {', '.join(tc.protocols)}, prompt wordings {tc.prompts or 'all'}"
             + (f", {rej} rejects {v['rejects']}" if rej else "")
             + "."
@@ -206,6 +260,7 @@ def markdown(results: dict, ec: EvaluateConfig) -> str:
     for title, table in (
         ("Answers not read as a label, and prompts cut to fit", counts_table(results)),
         ("Prompt sensitivity (over the shipped wordings)", prompts_table(results)),
+        ("Shot draws (first wording: each draw's shots and figure)", draws_table(results)),
         ("Each model against the first (paired bootstrap, same rows)", paired_table(results)),
     ):
         if table:

@@ -16,20 +16,26 @@ from cerbero_ray.config.evaluate import EvalTaskConfig
 from cerbero_ray.evaluate import evalita, prompts, squad
 
 
+def unit_key(protocol: str, prompt: int, draw: int = 0) -> str:
+    """``generate/0`` (the first shot draw, or the only one), ``generate/0#2`` (the third)."""
+    return f"{protocol}/{prompt}" + (f"#{draw}" if draw else "")
+
+
 @dataclass
 class Unit:
-    """One (protocol, prompt) of a task: a request per scored row."""
+    """One (protocol, prompt wording, shot draw) of a task: a request per scored row."""
 
     protocol: str
     prompt: int
-    requests: list[dict]  # {id, messages} (generate, benchita) or {id, text} (score)
+    requests: list[dict]  # {id, messages} (generate, benchita), {id, text} (score), + {task} per-row shots
     max_new_tokens: int = 0
     stop_at_newline: bool = True
     task: dict | None = None  # score: the yes/no label task (its shots and template)
+    draw: int = 0  # which draw of few-shot examples (EVALITA generate/score)
 
     @property
     def key(self) -> str:
-        return f"{self.protocol}/{self.prompt}"
+        return unit_key(self.protocol, self.prompt, self.draw)
 
     def prompt_hash(self) -> str:
         """Identifies exactly what the model is asked (every row's messages or text, the task)."""
@@ -44,7 +50,7 @@ class Prepared:
     rows: list[dict]  # scored rows: {id, gold (answers list or 0/1), ...}
     rejects: list[dict]
     units: list[Unit] = field(default_factory=list)
-    shots: list[str] = field(default_factory=list)  # the fixed shots' ids (EVALITA generate/score)
+    shots: list[list[str]] = field(default_factory=list)  # each draw's shot ids (EVALITA generate/score)
     pool_rows: int = 0
     file_sha256: str = ""
 
@@ -109,25 +115,41 @@ def _evalita(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
     rows, rejects = evalita.load(spec, tc.path)
     pool, scored = evalita.split(spec, rows, tc.pool_rows, seed)
     scored = squad.sample_rows(scored, tc.max_rows, seed)
-    shots = evalita.pick_shots(pool, tc.shots, seed)
+    per_row = tc.shot_mode == "per_row" and tc.shots > 0
+    # draw 0 keeps the seed's own set (the shots of every earlier run); 0-shot has nothing to draw
+    draws = 1 if per_row or tc.shots == 0 else tc.shot_draws
+    shot_sets = [evalita.pick_shots(pool, tc.shots, seed if d == 0 else f"{seed}:draw{d}") for d in range(draws)]
+    own = {r["id"]: evalita.pick_shots(pool, tc.shots, f"{seed}:{r['id']}:shots") for r in scored} if per_row else {}
     units = []
     for protocol in tc.protocols:
         if protocol in ("generate", "score"):
-            for p in wordings(tc, tc.kind):
-                task = evalita.build_task(spec, shots, p)
-                if protocol == "score":
-                    reqs = [{"id": r["id"], "text": r["text"]} for r in scored]
-                    units.append(Unit("score", p, reqs, task=asdict(task)))
-                else:
-                    from cerbero_ray.inference.label_prompts import messages
-
-                    reqs = [{"id": r["id"], "messages": messages(task, r["text"])} for r in scored]
-                    units.append(Unit("generate", p, reqs, tc.max_new_tokens, True))
+            for d, shots in enumerate(shot_sets):
+                for p in wordings(tc, tc.kind):
+                    units.append(_evalita_unit(spec, protocol, p, d, shots, scored, own, tc.max_new_tokens))
         elif protocol == "benchita":
             reqs = []
             for r in scored:  # its own shots per row, from the held-out pool
-                own = random.Random(f"{seed}:{r['id']}:benchita").sample(pool, min(tc.shots, len(pool)))
-                reqs.append({"id": r["id"], "messages": prompts.benchita_evalita_messages(tc.kind, r, own)})
+                shots = random.Random(f"{seed}:{r['id']}:benchita").sample(pool, min(tc.shots, len(pool)))
+                reqs.append({"id": r["id"], "messages": prompts.benchita_evalita_messages(tc.kind, r, shots)})
             units.append(Unit("benchita", 0, reqs, prompts.BENCHITA_MAX_NEW_TOKENS["evalita"], False))
     out = [{"id": r["id"], "gold": r["gold"], "text": r["text"]} for r in scored]
-    return Prepared(name, tc.kind, out, rejects, units, [s["id"] for s in shots], len(pool), file_hash(tc.path))
+    ids = [] if per_row else [[s["id"] for s in shots] for shots in shot_sets]
+    return Prepared(name, tc.kind, out, rejects, units, ids, len(pool), file_hash(tc.path))
+
+
+def _evalita_unit(spec, protocol, p, d, shots, scored, own, max_new_tokens) -> Unit:
+    """A generate or score unit of wording ``p`` and draw ``d``: one shot set for every row, or
+    (``own``: row id -> its shots) every row its own, carried by its request."""
+    from cerbero_ray.inference.label_prompts import messages
+
+    reqs = []
+    for r in scored:
+        task = evalita.build_task(spec, own.get(r["id"], shots), p)
+        req = {"id": r["id"], "text": r["text"]} if protocol == "score" else {"id": r["id"], "messages": messages(task, r["text"])}
+        if own and protocol == "score":
+            req["task"] = asdict(task)
+        reqs.append(req)
+    if protocol == "score":
+        task = None if own else asdict(evalita.build_task(spec, shots, p))
+        return Unit("score", p, reqs, task=task, draw=d)
+    return Unit("generate", p, reqs, max_new_tokens, True, draw=d)

@@ -42,7 +42,10 @@ class EvalWorker:
         self.scorers = {}
 
     def _scorer(self, key: str):
+        """The label scorer of a unit's task, or of one row's own (per-row shots: at most 64 kept)."""
         if key not in self.scorers:
+            if len(self.scorers) >= 64:
+                self.scorers.pop(next(iter(self.scorers)))
             from cerbero_ray.config.label_task import LabelTask
             from cerbero_ray.inference.scorer import Scorer
 
@@ -55,10 +58,11 @@ class EvalWorker:
         out = [None] * len(rows)
         groups = defaultdict(list)  # (task, unit, max_new_tokens, stop_at_newline) -> row indices
         for i, r in enumerate(rows):
-            groups[(r["task"], r["unit"], r["max_new_tokens"], r["stop_at_newline"], r["text"] is not None)].append(i)
-        for (task, unit, new, newline, scores), idx in groups.items():
-            if scores:
-                for i, s in zip(idx, self._scorer(f"{task}/{unit}").score([rows[i]["text"] for i in idx])):
+            scorer = r.get("scorer") or f"{r['task']}/{r['unit']}" if r["text"] is not None else None
+            groups[(r["task"], r["unit"], r["max_new_tokens"], r["stop_at_newline"], scorer)].append(i)
+        for (task, unit, new, newline, scorer), idx in groups.items():
+            if scorer:
+                for i, s in zip(idx, self._scorer(scorer).score([rows[i]["text"] for i in idx])):
                     p_yes = s["probs"]["yes"] if s.get("probs") else None
                     out[i] = {"raw": None, "p_yes": p_yes, "truncated": bool(s["truncated"])}
             else:
