@@ -62,8 +62,10 @@ def eval_cfg(out, a, b, data):
                 "evaluate.tasks.squad_it.max_rows=12",
                 f"evaluate.tasks.ami2020.path={data}/ami2020.tsv",
                 "evaluate.tasks.ami2020.pool_rows=10",
+                "evaluate.tasks.ami2020.max_rows=16",
                 f"evaluate.tasks.ironita.path={data}/ironita.csv",
                 "evaluate.tasks.ironita.pool_rows=10",
+                "evaluate.tasks.ironita.max_rows=16",
                 f"evaluate.tasks.sentipolc.path={data}/sentipolc.csv",
                 "evaluate.tasks.sentipolc.max_rows=16",
                 "evaluate.batch_rows=8",
@@ -88,7 +90,7 @@ def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, r
     out = c["evaluate"]["output_dir"]
     assert set(res["results"]) == {"a", "b"}
     assert res["tasks"]["sentipolc"]["rows"] == 16 and res["tasks"]["sentipolc"]["rejects"] == {"bad_gold": 1}
-    assert res["tasks"]["ami2020"]["rows"] == 30 and res["tasks"]["squad_it"]["rows"] == 12
+    assert res["tasks"]["ami2020"]["rows"] == 16 and res["tasks"]["squad_it"]["rows"] == 12
     evalita_units = {"generate/0", "generate/1", "generate/2", "score/0", "score/1", "score/2", "benchita/0"}
     drawn = {"generate/0", "generate/0#1", "score/0", "score/0#1", "benchita/0"}
     for ck in ("a", "b"):
@@ -105,7 +107,7 @@ def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, r
         over = res["over_prompts"][ck]["ami2020"]["generate"]["f1"]
         assert over["prompts"] == 3 and over["best"] >= over["mean"] and 0 <= over["best_prompt"] < 3
         preds = pq.read_table(os.path.join(out, "runs", ck, "ironita", "predictions.parquet")).to_pylist()
-        assert len(preds) == 30 * 5 and {p["protocol"] for p in preds} == {"generate", "score", "benchita"}
+        assert len(preds) == 16 * 5 and {p["protocol"] for p in preds} == {"generate", "score", "benchita"}
         assert {(p["protocol"], p["draw"]) for p in preds} == {(x, d) for x in ("generate", "score") for d in (0, 1)} | {
             ("benchita", 0)
         }

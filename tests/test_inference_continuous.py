@@ -344,10 +344,10 @@ def test_a_failed_admission_fails_its_requests_and_leaves_the_live_ones_running(
     real = cb.slots.prefill
     bad = cb.encode([chat(tok, PROMPTS[4])])[0][0]
 
-    def prefill(prompts, slots):
+    def prefill(prompts, slots, starts=None):
         if bad in prompts:
             raise torch.OutOfMemoryError("CUDA out of memory (a test)")
-        return real(prompts, slots)
+        return real(prompts, slots, starts)
 
     monkeypatch.setattr(cb.slots, "prefill", prefill)
     it = cb.stream(chat(tok, PROMPTS[2]), long)
@@ -391,3 +391,67 @@ def test_closing_the_engine_stops_its_loop_and_fails_what_it_held(model, tok):
         list(it)
     with pytest.raises(RuntimeError, match="engine is closed"):
         cb.generate([chat(tok, PROMPTS[0])], GREEDY)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_chunked_prefill_gives_the_whole_prompt_s_logits(window):
+    """Prompts prefilled in chunks (each continuing its slot's cache, rows at different offsets)
+    give the logits of one whole-prompt prefill and of the HF forward, and decoding goes on alike."""
+    m = tiny(overrides={"sliding_window": window}).eval()
+    seqs = [[1, 5, 9, 400, 31, 7, 8, 99, 12, 13, 14, 15, 16], [1, 100, 200, 300, 301, 302], [1, 42, 43, 44, 45, 46, 47, 48]]
+    whole, chunked = SlotModel(m, num_slots=3, max_len=32), SlotModel(m, num_slots=3, max_len=32)
+    want = whole.prefill(seqs, [0, 1, 2])
+    cuts = [[0, 5, 9, 13], [0, 2, 6], [0, 3, 4, 8]]  # each row's chunk boundaries
+    got = {}
+    for k in range(3):  # step k prefills the k-th chunk of every row that has one, in one batch
+        batch = [(i, c[k], c[k + 1]) for i, c in enumerate(cuts) if k + 1 < len(c)]
+        out = chunked.prefill([seqs[i][a:b] for i, a, b in batch], [i for i, _, _ in batch], [a for _, a, _ in batch])
+        for j, (i, _, b) in enumerate(batch):
+            if b == len(seqs[i]):
+                got[i] = out[j]
+    with torch.no_grad():
+        ref = [m(torch.tensor([s])).logits[0, -1] for s in seqs]
+    for i in range(3):
+        torch.testing.assert_close(got[i], want[i], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[i], ref[i], rtol=1e-4, atol=1e-4)
+    ids, pos = torch.tensor([17, 18, 19]), torch.tensor([len(s) for s in seqs])
+    torch.testing.assert_close(chunked.decode(ids, pos), whole.decode(ids, pos), rtol=1e-4, atol=1e-4)
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_a_step_while_the_others_decode(model, tok):
+    """``prefill_tokens`` bounds each step's padded prefill: a prompt longer than it is prefilled
+    over several steps, a live stream getting tokens in between, and the text equals an unchunked
+    engine's."""
+    short = tok("Ciao, come stai?", add_special_tokens=True).input_ids
+    long = tok("Scrivi una frase sul mare e sul vento di maestrale " * 5, add_special_tokens=True).input_ids
+    assert len(long) > 64
+    s = Sampling(max_new_tokens=24, temperature=0.0, stop=())
+    whole = ContinuousBatcher(model, tok, num_slots=2, max_prompt_tokens=128, max_new_tokens=32)
+    want = []
+    for x in (short, long):
+        q = __import__("queue").Queue()
+        whole.submit(x, s, lambda item, q=q: q.put(item) if isinstance(item, dict) else None)
+        want.append(q.get(timeout=60))
+    cb = ContinuousBatcher(model, tok, num_slots=2, max_prompt_tokens=128, max_new_tokens=32, prefill_tokens=16)
+    events, done = [], [threading.Event(), threading.Event()]
+    results = [None, None]
+
+    def emit(i):
+        def f(item):
+            events.append((i, cb.steps))
+            if isinstance(item, dict):
+                results[i] = item
+                done[i].set()
+
+        return f
+
+    cb.submit(short, s, emit(0))
+    while not events:
+        time.sleep(0.001)
+    cb.submit(long, s, emit(1))
+    assert done[0].wait(60) and done[1].wait(60)
+    first_long = min(step for i, step in events if i == 1)
+    during = {step for i, step in events if i == 0 and step < first_long}
+    assert len(during) >= 3  # the stream went on while the long prompt's chunks ran
+    assert [r["text"] for r in results] == [w["text"] for w in want]
+    assert results[1]["prompt_tokens"] == len(long) and cb.live == {} and not cb.prefilling

@@ -59,6 +59,7 @@ class _Request:
     lp_sent: int = 0
     adapter: int = 0  # the LoRA adapter this request's rows use (0: the base; AdapterSet indices)
     launched: int = 0  # tokens asked of the device (prefill's first, then one per decode step)
+    prefilled: int = 0  # prompt tokens in its cache slot so far (a long prompt: a chunk per step)
     done: bool = False  # ended (or cancelled): a step still in flight for it is ignored
 
 
@@ -160,6 +161,7 @@ class ContinuousBatcher:
         self._cv = threading.Condition()
         self.steps = 0
         self.pending: _Launch | None = None  # the decode step in flight, its tokens not yet handed out
+        self.prefilling: deque[_Request] = deque()  # in a slot, their prompt prefilled a chunk a step
         if self.graphs:
             self.slots.warm()  # capture (and compile) before the first request, not during it
         self._closed = False
@@ -315,6 +317,7 @@ class ContinuousBatcher:
                     failed = list(self.live.values()) + list(self.waiting)
                     self.live.clear()
                     self.waiting.clear()
+                    self.prefilling.clear()
                     self.pending = None
                 try:
                     self.slots.cur_pos.fill_(-1)
@@ -331,17 +334,17 @@ class ContinuousBatcher:
         once more in this one, and that token is dropped (its slot is not reused before then)."""
         for slot in [s for s, r in self.live.items() if r.cancelled]:
             self._free(self.live[slot])
-        rows = [r for r in self.live.values() if not r.done and r.launched < r.sampling.max_new_tokens]
+        rows = [r for r in self.live.values() if 0 < r.launched < r.sampling.max_new_tokens and not r.done]
         launched = self._launch(rows) if rows else None
         if self.pending is not None:
             self._finish(self.pending)
         self.pending = launched
-        new = self._admit()
-        if new:
+        plan = self._plan()
+        if plan:
             try:
-                self._prefill(new)
+                self._prefill(plan)
             except Exception as e:  # out of memory on a big admission: those requests fail, not the live ones
-                for r in new:
+                for r, _, _ in plan:
                     if not r.done:
                         self._free(r)
                         r.emit({"error": f"admission failed: {e!r}"})
@@ -353,6 +356,8 @@ class ContinuousBatcher:
         r.done = True
         self.slots.stop(r.slot)
         self.live.pop(r.slot, None)
+        if r in self.prefilling:
+            self.prefilling.remove(r)
 
     def _launch(self, rows: list[_Request]) -> _Launch:
         n = max(r.slot for r in rows) + 1
@@ -405,27 +410,63 @@ class ContinuousBatcher:
         top_v, top_i = lp.topk(max(ks), -1)
         return lp.gather(1, tokens[:n, None])[:, 0], top_v, top_i
 
-    def _admit(self) -> list[_Request]:
-        new, tokens = [], 0
+    def _plan(self) -> list[tuple[_Request, int, int]]:
+        """This step's prefill, as (request, start, end) chunks of prompts: the partly prefilled
+        requests first, then waiting ones into free slots (lowest first). The padded batch (rows x
+        longest chunk) stays within ``prefill_tokens``; a prompt longer than that is prefilled a
+        chunk per step, the live requests decoding in between."""
+        budget, plan, longest = self.prefill_tokens, [], 0
+
+        def take(rest: int) -> int:  # how much of a prompt's rest this step's batch can hold
+            if (len(plan) + 1) * max(longest, rest) <= budget:
+                return rest
+            return 0 if plan else min(rest, budget)
+
+        for r in list(self.prefilling):
+            n = take(len(r.ids) - r.prefilled)
+            if not n:
+                break
+            plan.append((r, r.prefilled, r.prefilled + n))
+            longest = max(longest, n)
+        if len(plan) < len(self.prefilling):  # a partly prefilled prompt waits: no newcomer overtakes it
+            return plan
         free = [s for s in range(self.slots.num_slots) if s not in self.live]
         with self._cv:
             while free and self.waiting:
                 r = self.waiting[0]
-                if new and tokens + len(r.ids) > self.prefill_tokens:
+                if r.cancelled:
+                    self.waiting.popleft()
+                    continue
+                n = take(len(r.ids))
+                if not n:
                     break
                 self.waiting.popleft()
-                if r.cancelled:
-                    continue
                 r.slot = free.pop(0)
                 self.live[r.slot] = r
                 self.slots.set_adapter(r.slot, r.adapter)
-                new.append(r)
-                tokens += len(r.ids)
-        return new
+                plan.append((r, 0, n))
+                longest = max(longest, n)
+                if n < len(r.ids):
+                    self.prefilling.append(r)
+        return plan
 
-    def _prefill(self, new: list[_Request]) -> None:
-        """Run the new prompts, sample their first tokens, start their slots on the device."""
-        logits = self.slots.prefill([r.ids for r in new], [r.slot for r in new])
+    def _prefill(self, plan: list[tuple[_Request, int, int]]) -> None:
+        """Run this step's prompt chunks into their slots; the requests whose prompt is now whole
+        sample their first token and start decoding."""
+        logits = self.slots.prefill([r.ids[a:b] for r, a, b in plan], [r.slot for r, _, _ in plan], [a for _, a, _ in plan])
+        whole = []
+        for i, (r, _, b) in enumerate(plan):
+            r.prefilled = b
+            if b == len(r.ids):
+                whole.append(i)
+                if r in self.prefilling:
+                    self.prefilling.remove(r)
+        if whole:
+            rows = torch.tensor(whole, device=logits.device) if len(whole) < len(plan) else None
+            self._start([plan[i][0] for i in whole], logits if rows is None else logits[rows])
+
+    def _start(self, new: list[_Request], logits: torch.Tensor) -> None:
+        """Sample the first tokens of prompts just prefilled, start their slots on the device."""
         temp = [r.sampling.temperature for r in new]
         top_p = [r.sampling.top_p for r in new]
         u = torch.tensor([r.rng.random() for r in new], dtype=torch.float32)

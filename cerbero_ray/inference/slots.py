@@ -288,21 +288,34 @@ class SlotModel:
         return m.norm(h)
 
     @torch.no_grad()
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Runs the prompts, writes their cache into ``slots``; returns the last position's logits
-        ``[len(prompts), vocab]`` (float32)."""
+    def prefill(self, prompts: list[list[int]], slots: list[int], starts: list[int] | None = None) -> torch.Tensor:
+        """Runs the prompts (or chunks of them: ``starts[i]``, the position of chunk ``i``'s first
+        token, whose earlier positions are in slot ``slots[i]``'s cache already), writes their
+        cache into ``slots``; returns each row's last position's logits ``[len(prompts), vocab]``
+        (float32)."""
+        starts = starts or [0] * len(prompts)
         t = max(len(p) for p in prompts)
-        if t > self.max_len:
-            raise ValueError(f"a prompt of {t} tokens does not fit the cache's {self.max_len}")
+        if max(s + len(p) for s, p in zip(starts, prompts)) > self.max_len:
+            raise ValueError(f"a prompt of {max(s + len(p) for s, p in zip(starts, prompts))} tokens does not fit the cache's {self.max_len}")
         ids = torch.zeros((len(prompts), t), dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, : len(p)] = torch.tensor(p)
         ids = ids.to(self.device)
-        pos = torch.arange(t, device=self.device)[None].expand(len(prompts), t)
+        where = torch.tensor(slots, device=self.device)
+        if any(starts):
+            h = self._prefill_chunks(ids, where, torch.tensor(starts, device=self.device))
+        else:
+            h = self._prefill_whole(ids, where)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        with self._rows(where):  # the output layer too: an adapter may target it
+            return self.model.lm_head(h[torch.arange(len(prompts), device=self.device), last]).float()
+
+    def _prefill_whole(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        pos = torch.arange(t, device=self.device)[None].expand(b, t)
         # right padding: a real token never sees a pad (pads come after it), so plain causal
         # attention (flash-attention on GPU) is exact unless the sliding window cuts in
         mask = self._mask(pos, t) if self.window and t > self.window else None
-        where = torch.tensor(slots, device=self.device)
 
         def attend(i, q, k, v, scale):
             self.k[i, where, :t] = k.transpose(1, 2)
@@ -311,10 +324,28 @@ class SlotModel:
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
             )
 
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        with self._rows(where):  # the output layer too: an adapter may target it
-            h = self._layers(ids, pos, attend)
-            return self.model.lm_head(h[torch.arange(len(prompts), device=self.device), last]).float()
+        with self._rows(where):
+            return self._layers(ids, pos, attend)
+
+    def _prefill_chunks(self, ids: torch.Tensor, where: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """Chunks that continue prompts: each row's queries at ``start + j`` attend to its slot's
+        cache up to themselves (the earlier chunks' keys, then their own, written first)."""
+        b, t = ids.shape
+        pos = starts[:, None] + torch.arange(t, device=self.device)[None]
+        write = pos.clamp(max=self.max_len - 1)  # a pad past the cache writes its last position (unread)
+        length = int(pos.max()) + 1
+        mask = self._mask(pos, length)
+        rows = where[:, None]
+
+        def attend(i, q, k, v, scale):
+            self.k[i, rows, write] = k.transpose(1, 2)
+            self.v[i, rows, write] = v.transpose(1, 2)
+            keys = self.k[i, where, :length].transpose(1, 2)
+            values = self.v[i, where, :length].transpose(1, 2)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+
+        with self._rows(where):
+            return self._layers(ids, pos, attend)
 
     def _sdpa(self, q, k, v, pos, n: int, length: int) -> torch.Tensor:
         """Decode attention over ``[n, length, kv heads, hd]`` keys and values with a mask:
