@@ -121,7 +121,7 @@ def main():
     n = len(score_units[0].requests)
     agree = []
     for d, (su, gu) in enumerate(zip(score_units, gen_units)):  # per draw: do the two protocols agree
-        part = lambda out: {k: v[d * n : (d + 1) * n] for k, v in out.items()}  # noqa: E731
+        part = lambda out, d=d: {k: v[d * n : (d + 1) * n] for k, v in out.items()}  # noqa: E731
         s_rows = read_unit(p_ev, su, answers(su, part(scored)))[0]
         g_rows = read_unit(p_ev, gu, answers(gu, part(gen)))[0]
         agree.append(sum(x["pred_class"] == y["pred_class"] for x, y in zip(s_rows, g_rows)) / n)

@@ -80,6 +80,22 @@ def copy_bandwidth(cuda: bool, mib: int = 1024) -> float:
     return 2 * src.numel() / statistics.median(times)
 
 
+def bench_model(cpu_smoke: bool):
+    """(model, cuda): the full Mistral-7B shape in bf16 on the GPU, random weights (seed 0); with
+    ``cpu_smoke`` (or no GPU) the tiny model in fp32 on the CPU."""
+    import torch
+    from transformers import MistralForCausalLM
+
+    from cerbero_ray.models import mistral_7b_config, tiny_config
+
+    cuda = torch.cuda.is_available() and not cpu_smoke
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = MistralForCausalLM(tiny_config() if cpu_smoke else mistral_7b_config()).to(dtype).eval()
+    return model, cuda
+
+
 def kv_bytes(model, tokens: int) -> int:
     """KV-cache bytes of ``tokens`` positions (every layer, K and V)."""
     c = model.config
@@ -123,19 +139,14 @@ def main():
         a.batches, a.prompt, a.new, a.long, a.reps = "4,8", 32, 8, 96, 2
 
     import torch
-    from transformers import MistralForCausalLM
 
     from cerbero_ray.inference.continuous import ContinuousBatcher
     from cerbero_ray.inference.generator import Generator
     from cerbero_ray.inference.sampling import Sampling
-    from cerbero_ray.models import mistral_7b_config, tiny_config
     from cerbero_ray.tokenizer import build_tokenizer
 
-    cuda = torch.cuda.is_available() and not a.cpu_smoke
-    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = MistralForCausalLM(tiny_config() if a.cpu_smoke else mistral_7b_config()).to(dtype).eval()
+    model, cuda = bench_model(a.cpu_smoke)
+    dev = model.device
     tok = build_tokenizer()
     g = torch.Generator().manual_seed(0)
     greedy = Sampling(max_new_tokens=a.new, temperature=0.0, stop=(), seed=0)

@@ -56,19 +56,13 @@ def main():
         a.batch, a.prompt = 4, 32
 
     import torch
-    from bench_serve_gpu import step_ms
-    from transformers import MistralForCausalLM
+    from bench_serve_gpu import bench_model, step_ms
 
     from cerbero_ray.inference.continuous import ContinuousBatcher
     from cerbero_ray.inference.slots import SlotModel
-    from cerbero_ray.models import mistral_7b_config, tiny_config
     from cerbero_ray.tokenizer import build_tokenizer
 
-    cuda = torch.cuda.is_available() and not a.cpu_smoke
-    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = MistralForCausalLM(tiny_config() if a.cpu_smoke else mistral_7b_config()).to(dtype).eval()
+    model, cuda = bench_model(a.cpu_smoke)
     tk = build_tokenizer()
     b = a.batch
     ids = torch.randint(1000, 31000, (b, a.prompt)).tolist()
@@ -81,11 +75,11 @@ def main():
         slots.start(list(range(b)), first, [a.prompt] * b)
         state = [slots.cur_ids.clone(), slots.cur_pos.clone()]
 
-        def reset():
+        def reset(slots=slots, state=state):
             slots.cur_ids.copy_(state[0])
             slots.cur_pos.copy_(state[1])
 
-        def eager():
+        def eager(slots=slots, reset=reset):
             reset()
             return slots.run(b, a.prompt + 1, False, graphs=False)
 
@@ -94,7 +88,7 @@ def main():
         if cuda:
             slots.run(b, a.prompt + 1, False, graphs=True)
             g = next(iter(slots.step_graphs.values()))[0]
-            r["graph_replay"] = median_ms(lambda: (reset(), g.replay()), cuda)
+            r["graph_replay"] = median_ms(lambda g=g, reset=reset: (reset(), g.replay()), cuda)
         r.update(attention=slots.attention, attention_note=slots.attention_note, compiled=slots.compiled)
         r.update(compile_error=slots.compile_error, graph_error=slots.graph_error, graphs=len(slots.step_graphs))
         make = lambda max_prompt, fast=fast: ContinuousBatcher(

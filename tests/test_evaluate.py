@@ -249,7 +249,9 @@ def test_evalita_pool_and_scored_rows_are_disjoint(tmp_path):
     assert keys == [f"generate{w}" for w in wordings] + [f"score{w}" for w in wordings] + ["benchita/0"]
     assert [u.draw for u in p.units[:9]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     for u in p.units[9:18]:  # each score unit's shots are its draw's, both answers in each
-        assert [s["text"] for s in u.task["few_shot"]] == [next(r["text"] for r in rows if r["id"] == i) for i in p.shots[u.draw]]
+        assert [s["text"] for s in u.task["few_shot"]] == [
+            next(r["text"] for r in rows if r["id"] == i) for i in p.shots[u.draw]
+        ]
         assert {s["label"] for s in u.task["few_shot"]} == {"yes", "no"}
     score = p.units[9]
     assert {s["label"] for s in score.task["few_shot"]} == {"yes", "no"} and len(score.task["few_shot"]) == 5
@@ -265,11 +267,27 @@ def test_evalita_pool_and_scored_rows_are_disjoint(tmp_path):
         EvalTaskConfig(**{**tc, "kind": "sentipolc", "path": str(senti), "pool_rows": 1, "prompts": [0]}),
         seed=0,
     )
-    assert len(s.rows) == 20 and all(int(i) < 20 for d in s.shots for i in d) and all(int(r["id"]) >= 20 for r in s.rows)
-    assert [u.key for u in s.units] == ["generate/0", "generate/0#1", "generate/0#2", "score/0", "score/0#1", "score/0#2", "benchita/0"]
-    one = prepare("sentipolc", EvalTaskConfig(**{**tc, "kind": "sentipolc", "path": str(senti), "shot_draws": 1, "prompts": [0]}), 0)
+    assert (
+        len(s.rows) == 20 and all(int(i) < 20 for d in s.shots for i in d) and all(int(r["id"]) >= 20 for r in s.rows)
+    )
+    assert [u.key for u in s.units] == [
+        "generate/0",
+        "generate/0#1",
+        "generate/0#2",
+        "score/0",
+        "score/0#1",
+        "score/0#2",
+        "benchita/0",
+    ]
+    one = prepare(
+        "sentipolc",
+        EvalTaskConfig(**{**tc, "kind": "sentipolc", "path": str(senti), "shot_draws": 1, "prompts": [0]}),
+        0,
+    )
     assert [u.key for u in one.units] == ["generate/0", "score/0", "benchita/0"] and one.shots == s.shots[:1]
-    zero = prepare("sentipolc", EvalTaskConfig(**{**tc, "kind": "sentipolc", "path": str(senti), "shots": 0, "prompts": [0]}), 0)
+    zero = prepare(
+        "sentipolc", EvalTaskConfig(**{**tc, "kind": "sentipolc", "path": str(senti), "shots": 0, "prompts": [0]}), 0
+    )
     assert [u.key for u in zero.units] == ["generate/0", "score/0", "benchita/0"]  # 0-shot: nothing to draw
 
 
@@ -358,11 +376,10 @@ def test_two_shot_draws_on_the_shared_sentipolc_predict_differently(tok):
     class seldom flips here; the pipeline test checks the tables over draws.)"""
     import os
 
-    from conftest import SHARED_DATA
-
     from cerbero_ray.config.label_task import LabelTask
     from cerbero_ray.inference.scorer import Scorer
     from cerbero_ray.models import tiny
+    from conftest import SHARED_DATA
 
     path = os.path.join(SHARED_DATA, "evalita", "sentipolc.csv")
     if not os.path.exists(path):

@@ -108,9 +108,9 @@ def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, r
         assert over["prompts"] == 3 and over["best"] >= over["mean"] and 0 <= over["best_prompt"] < 3
         preds = pq.read_table(os.path.join(out, "runs", ck, "ironita", "predictions.parquet")).to_pylist()
         assert len(preds) == 16 * 5 and {p["protocol"] for p in preds} == {"generate", "score", "benchita"}
-        assert {(p["protocol"], p["draw"]) for p in preds} == {(x, d) for x in ("generate", "score") for d in (0, 1)} | {
-            ("benchita", 0)
-        }
+        assert {(p["protocol"], p["draw"]) for p in preds} == {
+            (x, d) for x in ("generate", "score") for d in (0, 1)
+        } | {("benchita", 0)}
         # rescoring from the per-row predictions (draw index kept) gives every unit's figures
         from sklearn.metrics import f1_score
 
@@ -119,10 +119,16 @@ def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, r
             for key, u in r[t].items():
                 if key.startswith("benchita"):
                     continue
-                mine = [x for x in rows if (x["protocol"], x["prompt"], x["draw"]) == (u["protocol"], u["prompt"], u["draw"])]
+                mine = [
+                    x
+                    for x in rows
+                    if (x["protocol"], x["prompt"], x["draw"]) == (u["protocol"], u["prompt"], u["draw"])
+                ]
                 gold, pred = [x["gold_class"] for x in mine], [x["pred_class"] for x in mine]
                 assert len(mine) == u["rows"]
-                assert u["macro_f1"] == pytest.approx(100 * f1_score(gold, pred, average="macro", zero_division=0), abs=1e-3)
+                assert u["macro_f1"] == pytest.approx(
+                    100 * f1_score(gold, pred, average="macro", zero_division=0), abs=1e-3
+                )
         over = res["over_prompts"][ck]["sentipolc"]["score"]["macro_f1"]
         both = [r["sentipolc"][k]["macro_f1"] for k in ("score/0", "score/0#1")]
         assert over["draws"] == 2 and over["mean"] == pytest.approx(sum(both) / 2, abs=1e-3)

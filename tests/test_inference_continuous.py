@@ -398,7 +398,11 @@ def test_chunked_prefill_gives_the_whole_prompt_s_logits(window):
     """Prompts prefilled in chunks (each continuing its slot's cache, rows at different offsets)
     give the logits of one whole-prompt prefill and of the HF forward, and decoding goes on alike."""
     m = tiny(overrides={"sliding_window": window}).eval()
-    seqs = [[1, 5, 9, 400, 31, 7, 8, 99, 12, 13, 14, 15, 16], [1, 100, 200, 300, 301, 302], [1, 42, 43, 44, 45, 46, 47, 48]]
+    seqs = [
+        [1, 5, 9, 400, 31, 7, 8, 99, 12, 13, 14, 15, 16],
+        [1, 100, 200, 300, 301, 302],
+        [1, 42, 43, 44, 45, 46, 47, 48],
+    ]
     whole, chunked = SlotModel(m, num_slots=3, max_len=32), SlotModel(m, num_slots=3, max_len=32)
     want = whole.prefill(seqs, [0, 1, 2])
     cuts = [[0, 5, 9, 13], [0, 2, 6], [0, 3, 4, 8]]  # each row's chunk boundaries

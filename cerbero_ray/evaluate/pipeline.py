@@ -132,7 +132,9 @@ def _answers(ec: EvaluateConfig, ckpt: str, todo: dict[str, list[Unit]], how: Mo
     items = _requests(todo)
     longest = max([u.max_new_tokens for us in todo.values() for u in us] or [1])
     tasks = {f"{n}/{u.key}": u.task for n, us in todo.items() for u in us if u.task}
-    tasks |= {f"{n}/{u.key}/{r['id']}": r["task"] for n, us in todo.items() for u in us for r in u.requests if "task" in r}
+    tasks |= {
+        f"{n}/{u.key}/{r['id']}": r["task"] for n, us in todo.items() for u in us for r in u.requests if "task" in r
+    }
     cfg = replace(how, max_new_tokens=max(longest, 1), tasks=tasks)
     out = {}
     if kind == "hf":

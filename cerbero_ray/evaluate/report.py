@@ -3,7 +3,8 @@
 Every figure is given on the first prompt wording with its 95% bootstrap interval, or, where a
 few-shot unit ran several draws of shots, as the mean over the draws with their range; the prompt
 sensitivity table gives the mean ± standard deviation over the wordings, the best one, the combined
-score and the spread over shot draws; the shot-draws table names each draw's shots; the paired table gives each model's difference from the first on the same rows.
+score and the spread over shot draws; the shot-draws table names each draw's shots; the paired
+table gives each model's difference from the first on the same rows.
 The seed's published rows stand beside both F1 tables, since the seed does not say which F1 it
 published. Each task says what was scored and how that differs from the published setting.
 """

@@ -145,7 +145,11 @@ def _evalita_unit(spec, protocol, p, d, shots, scored, own, max_new_tokens) -> U
     reqs = []
     for r in scored:
         task = evalita.build_task(spec, own.get(r["id"], shots), p)
-        req = {"id": r["id"], "text": r["text"]} if protocol == "score" else {"id": r["id"], "messages": messages(task, r["text"])}
+        req = (
+            {"id": r["id"], "text": r["text"]}
+            if protocol == "score"
+            else {"id": r["id"], "messages": messages(task, r["text"])}
+        )
         if own and protocol == "score":
             req["task"] = asdict(task)
         reqs.append(req)

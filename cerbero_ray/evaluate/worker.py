@@ -60,7 +60,7 @@ class EvalWorker:
         for i, r in enumerate(rows):
             scorer = r.get("scorer") or f"{r['task']}/{r['unit']}" if r["text"] is not None else None
             groups[(r["task"], r["unit"], r["max_new_tokens"], r["stop_at_newline"], scorer)].append(i)
-        for (task, unit, new, newline, scorer), idx in groups.items():
+        for (_task, _unit, new, newline, scorer), idx in groups.items():
             if scorer:
                 for i, s in zip(idx, self._scorer(scorer).score([rows[i]["text"] for i in idx])):
                     p_yes = s["probs"]["yes"] if s.get("probs") else None

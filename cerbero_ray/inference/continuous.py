@@ -394,7 +394,9 @@ class ContinuousBatcher:
             t = tokens[r.slot]
             if lp and r.sampling.logprobs is not None:
                 n = r.sampling.logprobs
-                r.lps.append({"id": t, "logprob": lp[0][r.slot], "top": list(zip(lp[2][r.slot][:n], lp[1][r.slot][:n]))})
+                r.lps.append(
+                    {"id": t, "logprob": lp[0][r.slot], "top": list(zip(lp[2][r.slot][:n], lp[1][r.slot][:n]))}
+                )
             r.out.append(t)
             r.starts.append(len(r.text))
             self._emit(r)
@@ -453,7 +455,9 @@ class ContinuousBatcher:
     def _prefill(self, plan: list[tuple[_Request, int, int]]) -> None:
         """Run this step's prompt chunks into their slots; the requests whose prompt is now whole
         sample their first token and start decoding."""
-        logits = self.slots.prefill([r.ids[a:b] for r, a, b in plan], [r.slot for r, _, _ in plan], [a for _, a, _ in plan])
+        logits = self.slots.prefill(
+            [r.ids[a:b] for r, a, b in plan], [r.slot for r, _, _ in plan], [a for _, a, _ in plan]
+        )
         whole = []
         for i, (r, _, b) in enumerate(plan):
             r.prefilled = b

@@ -235,7 +235,9 @@ class SlotModel:
             k = torch.randn(n, length, self.nkv, self.head_dim, device=self.device, dtype=self.dtype, generator=g)
             v = torch.randn_like(k)
             pos = torch.tensor([5, 39, 17], device=self.device)
-            got = self._varlen(fn, q, k.view(-1, self.nkv, self.head_dim), v.view(-1, self.nkv, self.head_dim), pos, n, length, length)
+            got = self._varlen(
+                fn, q, k.view(-1, self.nkv, self.head_dim), v.view(-1, self.nkv, self.head_dim), pos, n, length, length
+            )
             want = self._sdpa(q, k, v, pos, n, length)
             err = float((got.float() - want.float()).abs().max())
             if err > 2e-2:
@@ -295,8 +297,9 @@ class SlotModel:
         (float32)."""
         starts = starts or [0] * len(prompts)
         t = max(len(p) for p in prompts)
-        if max(s + len(p) for s, p in zip(starts, prompts)) > self.max_len:
-            raise ValueError(f"a prompt of {max(s + len(p) for s, p in zip(starts, prompts))} tokens does not fit the cache's {self.max_len}")
+        end = max(s + len(p) for s, p in zip(starts, prompts))
+        if end > self.max_len:
+            raise ValueError(f"a prompt of {end} tokens does not fit the cache's {self.max_len}")
         ids = torch.zeros((len(prompts), t), dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, : len(p)] = torch.tensor(p)
@@ -396,7 +399,9 @@ class SlotModel:
             h = post(h, o, w.o, w.ln2, w.gu, w.down, self.eps)
         return self.model.lm_head(m.norm(h)).float()
 
-    def _decode(self, ids: torch.Tensor, pos: torch.Tensor, n: int, length: int, compiled: bool = False) -> torch.Tensor:
+    def _decode(
+        self, ids: torch.Tensor, pos: torch.Tensor, n: int, length: int, compiled: bool = False
+    ) -> torch.Tensor:
         if self.fast:
             return self._decode_fast(ids, pos, n, length, compiled)
         rows = torch.arange(n, device=self.device)

@@ -58,7 +58,9 @@ class ServeEngine:
         self.scorers = {name: Scorer(self.model, self.tok, task) for name, task in (tasks or {}).items()}
         self.inline: OrderedDict[str, Scorer] = OrderedDict()  # tasks sent with requests, most recent last
         self.lock = threading.Lock()  # one forward at a time per replica: batches, not races
-        cfg = EngineConfig(engine, max_batch_size, max_prompt_tokens, max_new_tokens, prefill_tokens, cuda_graphs, fast_decode)
+        cfg = EngineConfig(
+            engine, max_batch_size, max_prompt_tokens, max_new_tokens, prefill_tokens, cuda_graphs, fast_decode
+        )
         built = build_engine(self.model, self.tok, cfg, self.lock, self.adapters)
         self.batcher = built if engine == "continuous" else None  # continuous: requests join a running batch
         self.gen = built if engine == "hf" else None  # hf: batched generate calls, a stream on its own
