@@ -371,9 +371,34 @@ def test_errors_cut_every_value_they_quote(server):
         ),
         (
             "chat/completions",
-            {"messages": [{"role": "user", "content": "ciao"}], "response_format": {"type": "json_object"}},
-            "response_format",
+            {"messages": [{"role": "user", "content": "ciao"}], "response_format": {"type": "xml"}},
+            "response_format.type",
         ),
+        # constraints that cannot run: a 400 naming the field and the problem
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": "ciao"}], "response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+        ),
+        (
+            "chat/completions",
+            {
+                "messages": [{"role": "user", "content": "ciao"}],
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "string", "format": "iban"}},
+                },
+            },
+            "response_format.json_schema.schema",
+        ),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": "ciao"}], "guided_regex": "(si|no"},
+            "guided_regex",
+        ),
+        ("completions", {"prompt": "ciao", "guided_choice": []}, "guided_choice"),
+        ("completions", {"prompt": "ciao", "guided_json": "{not json"}, "guided_json"),
+        ("completions", {"prompt": "ciao", "guided_choice": ["a"], "guided_regex": "b"}, "guided_regex"),
         ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "top_logprobs": 2}, "top_logprobs"),
         (
             "chat/completions",
@@ -388,6 +413,67 @@ def test_bad_input_is_a_400_naming_the_field(server, path, body, param):
     assert (
         out["error"]["type"] == "invalid_request_error" and out["error"]["param"] == param and out["error"]["message"]
     )
+
+
+def test_structured_output_through_the_openai_client(server):
+    """``response_format`` json_schema (strict) with the official client: the answer parses and
+    validates, or finishes by length and says so; vLLM's guided_choice and guided_regex too."""
+    import re
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEY)
+    schema = {
+        "type": "object",
+        "properties": {"argomento": {"type": "string", "maxLength": 20}, "opinione": {"type": "boolean"}},
+        "required": ["argomento", "opinione"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "domanda", "schema": schema, "strict": True}}
+    chat = client.chat.completions.create(
+        model="cerbero",
+        messages=[{"role": "user", "content": "Di che cosa parla: dov'è il Colosseo?"}],
+        max_tokens=64,
+        temperature=0,
+        response_format=fmt,
+    )
+    c = chat.choices[0]
+    value = json.loads(c.message.content)
+    assert c.finish_reason == "stop" and set(value) == {"argomento", "opinione"} and isinstance(value["opinione"], bool)
+    short = client.chat.completions.create(
+        model="cerbero",
+        messages=[{"role": "user", "content": "Ciao"}],
+        max_tokens=2,
+        temperature=0,
+        response_format=fmt,
+    )
+    assert short.choices[0].finish_reason == "length" and short.choices[0].model_extra["constraint"] == "incomplete"
+    pick = client.completions.create(
+        model="cerbero",
+        prompt="Il cielo è blu?",
+        max_tokens=8,
+        temperature=0.9,
+        seed=3,
+        extra_body={"guided_choice": ["sì", "no"]},
+    )
+    assert pick.choices[0].text in ("sì", "no")
+    date = client.chat.completions.create(
+        model="sentiment-it",  # an adapter's rows are constrained alike
+        messages=[{"role": "user", "content": "Una data?"}],
+        max_tokens=16,
+        temperature=0,
+        extra_body={"guided_regex": r"[0-3][0-9]/[01][0-9]/20[0-9]{2}"},
+    )
+    assert re.fullmatch(r"[0-3][0-9]/[01][0-9]/20[0-9]{2}", date.choices[0].message.content)
+    obj = client.chat.completions.create(
+        model="cerbero",
+        messages=[{"role": "user", "content": "Un oggetto JSON"}],
+        max_tokens=48,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
 
 
 def test_other_refusals(server):

@@ -17,10 +17,14 @@ class Sampling:
     stop: List[str] = field(default_factory=lambda: [STOP_STRING])
     seed: Optional[int] = 0  # None: a fresh random draw (the serving default, as OpenAI's API)
     logprobs: Optional[int] = None  # continuous engine: each token's log-probability and this many top ones
+    # continuous engine: an llguidance grammar the output must match (cerbero_ray.inference.grammar.grammar
+    # builds one from a JSON schema, a regex or a choice list); None: free text
+    grammar: Optional[str] = None
 
     def key(self) -> tuple:
         """Hashable: requests with equal keys can share a batched ``generate`` call."""
-        return (self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop), self.seed, self.logprobs)
+        s = self
+        return (s.max_new_tokens, s.temperature, s.top_p, tuple(s.stop), s.seed, s.logprobs, s.grammar)
 
 
 def check_sampling(s: Sampling, key: str) -> None:

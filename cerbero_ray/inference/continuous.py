@@ -60,6 +60,7 @@ class _Request:
     adapter: int = 0  # the LoRA adapter this request's rows use (0: the base; AdapterSet indices)
     launched: int = 0  # tokens asked of the device (prefill's first, then one per decode step)
     prefilled: int = 0  # prompt tokens in its cache slot so far (a long prompt: a chunk per step)
+    matcher: object = None  # a constrained request's grammar.Matcher
     done: bool = False  # ended (or cancelled): a step still in flight for it is ignored
 
 
@@ -206,6 +207,10 @@ class ContinuousBatcher:
             rng=random.Random(s.seed) if s.seed is not None else random.Random(),
             adapter=adapter,
         )
+        if s.grammar is not None:  # a constraint that cannot run is refused here, before it is queued
+            from cerbero_ray.inference.grammar import Matcher
+
+            r.matcher = Matcher(self.tok, s.grammar)
         with self._cv:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -335,6 +340,11 @@ class ContinuousBatcher:
         for slot in [s for s, r in self.live.items() if r.cancelled]:
             self._free(self.live[slot])
         rows = [r for r in self.live.values() if 0 < r.launched < r.sampling.max_new_tokens and not r.done]
+        if self.pending is not None and any(r.matcher is not None for r in rows):
+            # a constrained row's next mask needs the token of the step in flight: no overlap this turn
+            self._finish(self.pending)
+            self.pending = None
+            rows = [r for r in rows if not r.done and r.launched < r.sampling.max_new_tokens]
         launched = self._launch(rows) if rows else None
         if self.pending is not None:
             self._finish(self.pending)
@@ -363,12 +373,15 @@ class ContinuousBatcher:
         n = max(r.slot for r in rows) + 1
         length = max(len(r.ids) + r.launched for r in rows)  # the longest row's position + 1
         sampling = any(r.sampling.temperature > 0 for r in rows)
+        masked = any(r.matcher is not None for r in rows)
+        if masked:  # each constrained row's allowed next tokens (the others: all)
+            self.slots.set_bits(self._bits([r for r in rows if r.matcher is not None], self.slots.num_slots))
         if sampling:  # one draw per token of each request: a seeded request's text is its own
             u = [0.0] * self.slots.num_slots
             for r in rows:
                 u[r.slot] = r.rng.random()
             self.slots.set_draws(u)
-        tokens, logits = self.slots.run(n, length, sampling, self.graphs)
+        tokens, logits = self.slots.run(n, length, sampling, self.graphs, masked)
         for r in rows:
             r.launched += 1
             if r.launched >= r.sampling.max_new_tokens:
@@ -392,6 +405,8 @@ class ContinuousBatcher:
             if r.done:
                 continue  # cancelled, or ended a step earlier
             t = tokens[r.slot]
+            if r.matcher is not None:
+                r.matcher.consume(t)
             if lp and r.sampling.logprobs is not None:
                 n = r.sampling.logprobs
                 r.lps.append(
@@ -469,13 +484,29 @@ class ContinuousBatcher:
             rows = torch.tensor(whole, device=logits.device) if len(whole) < len(plan) else None
             self._start([plan[i][0] for i in whole], logits if rows is None else logits[rows])
 
+    def _bits(self, reqs: list[_Request], rows: int, by_slot: bool = True) -> torch.Tensor:
+        """The bitmask of allowed next tokens of ``rows`` rows: each constrained request's at its
+        slot (``by_slot``) or at its index in ``reqs``; every other row all ones."""
+        from cerbero_ray.inference.grammar import bitmask
+
+        bits = bitmask(rows, self.slots.vocab)
+        for i, r in enumerate(reqs):
+            if r.matcher is not None:
+                r.matcher.fill(bits, r.slot if by_slot else i)
+        return bits
+
     def _start(self, new: list[_Request], logits: torch.Tensor) -> None:
         """Sample the first tokens of prompts just prefilled, start their slots on the device."""
         temp = [r.sampling.temperature for r in new]
         top_p = [r.sampling.top_p for r in new]
         u = torch.tensor([r.rng.random() for r in new], dtype=torch.float32)
         f32 = torch.float32
-        tokens = sample(logits, torch.tensor(temp, dtype=f32), torch.tensor(top_p, dtype=f32), u)
+        held = logits
+        if any(r.matcher is not None for r in new):
+            from cerbero_ray.inference.grammar import mask_logits
+
+            held = mask_logits(logits, self._bits(new, len(new), by_slot=False).to(logits.device))
+        tokens = sample(held, torch.tensor(temp, dtype=f32), torch.tensor(top_p, dtype=f32), u)
         slots = [r.slot for r in new]
         self.slots.set_sampling(slots, temp, top_p)
         going = [i for i, r in enumerate(new) if r.sampling.max_new_tokens > 1]
@@ -485,6 +516,8 @@ class ContinuousBatcher:
         out = tokens.tolist()
         self._logprobs(new, logits, out)
         for r, t in zip(new, out):
+            if r.matcher is not None:
+                r.matcher.consume(t)
             r.launched = 1
             r.out.append(t)
             r.starts.append(len(r.text))
@@ -512,7 +545,8 @@ class ContinuousBatcher:
         if not eos:
             r.text += self._detokenize(r)
         cut, stopped = cut_at_stop(r.text, s.stop)
-        done = eos or stopped or len(r.out) >= s.max_new_tokens
+        complete = r.matcher is not None and r.matcher.done  # the grammar allows nothing more
+        done = eos or stopped or complete or len(r.out) >= s.max_new_tokens
         hold = 0 if done else max((len(x) for x in s.stop), default=1) - 1
         safe = len(cut) - hold
         if safe > r.sent:
@@ -522,12 +556,14 @@ class ContinuousBatcher:
             r.text = cut
             self._free(r)  # before the last emit: whoever waits on it sees the slot free
             end = {
-                "finish_reason": "stop" if eos or stopped else "length",
+                "finish_reason": "stop" if eos or stopped or complete else "length",
                 "prompt_tokens": len(r.ids),
                 "new_tokens": len(r.out),
                 "truncated": r.truncated,
                 "text": cut.strip(),
             }
+            if r.matcher is not None:  # did the output reach the end of its grammar?
+                end["constraint"] = "complete" if (complete or r.matcher.accepting) and not stopped else "incomplete"
             if s.logprobs is not None:  # the tokens of the text (not the stop string's, not EOS)
                 end["logprobs"] = [e for e, at in zip(r.lps, r.starts) if at < len(cut)]
             r.emit(end)

@@ -190,7 +190,11 @@ class SlotModel:
         self.temp = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
         self.top_p = torch.ones(num_slots, dtype=torch.float32, device=self.device)
         self.u = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
-        self.step_graphs: dict[tuple[int, bool], tuple] = {}
+        # constrained rows: each slot's bitmask of allowed next tokens (all ones: unconstrained)
+        vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width (LoRA wraps keep .weight)
+        self.vocab = vocab
+        self.bits = torch.full((num_slots, (vocab + 31) // 32), -1, dtype=torch.int32, device=self.device)
+        self.step_graphs: dict[tuple[int, bool, bool], tuple] = {}
         self.graph_error: str | None = None
         self.compile_error: str | None = None
         self._pool = None
@@ -498,38 +502,45 @@ class SlotModel:
         self._put(self.temp, slots, temperature)
         self._put(self.top_p, slots, top_p)
 
+    def set_bits(self, bits: torch.Tensor) -> None:
+        """This step's bitmasks of allowed tokens (every slot; CPU int32 ``[slots, words]``)."""
+        self.bits.copy_(_to(bits, self.device))
+
     def set_draws(self, u: list[float]) -> None:
         """This step's uniform draw per slot (every slot, in slot order)."""
         self.u.copy_(_to(torch.tensor(u, dtype=torch.float32), self.device))
 
-    def _step(self, n: int, length: int, sampling: bool, compiled: bool = False):
-        """Decode the first ``n`` slots from the device state, sample, advance the state; returns
-        (tokens ``[n]``, logits ``[n, vocab]``)."""
+    def _step(self, n: int, length: int, sampling: bool, compiled: bool = False, masked: bool = False):
+        """Decode the first ``n`` slots from the device state, (``masked``: hold each row to its
+        bitmask,) sample, advance the state; returns (tokens ``[n]``, logits ``[n, vocab]``, before
+        any mask: what logprobs report)."""
         from cerbero_ray.inference.continuous import sample
+        from cerbero_ray.inference.grammar import mask_logits
 
         ids, pos = self.cur_ids[:n], self.cur_pos[:n]
         logits = self._decode(ids, pos, n, length, compiled)
-        tokens = sample(logits, self.temp[:n], self.top_p[:n], self.u[:n]) if sampling else logits.argmax(-1)
+        held = mask_logits(logits, self.bits[:n]) if masked else logits
+        tokens = sample(held, self.temp[:n], self.top_p[:n], self.u[:n]) if sampling else held.argmax(-1)
         live = pos >= 0
         self.cur_ids[:n] = torch.where(live, tokens, ids)
         self.cur_pos[:n] = torch.where(live, pos + 1, pos)
         return tokens, logits
 
     @torch.no_grad()
-    def run(self, n: int, length: int, sampling: bool, graphs: bool = False):
+    def run(self, n: int, length: int, sampling: bool, graphs: bool = False, masked: bool = False):
         """One step for the first ``n`` slots, the longest reading ``length`` positions: eagerly, or
-        (``graphs``, CUDA) every slot through a graph captured per (length bucket, sampling)."""
+        (``graphs``, CUDA) every slot through a graph captured per (length bucket, sampling, masked)."""
         if not graphs or self.graph_error:
-            return self._step(n, length, sampling)
+            return self._step(n, length, sampling, masked=masked)
         bucket = self.max_len if self.attention == "varlen" else next(b for b in self.buckets() if b >= length)
-        key = (bucket, sampling)
+        key = (bucket, sampling, masked)
         if key not in self.step_graphs:
             try:
-                self.step_graphs[key] = self._capture_step(bucket, sampling)
+                self.step_graphs[key] = self._capture_step(bucket, sampling, masked)
             except Exception as e:
                 self.graph_error = repr(e)
                 warnings.warn(f"CUDA-graph capture failed, decoding without graphs: {e!r}", stacklevel=2)
-                return self._step(n, length, sampling)
+                return self._step(n, length, sampling, masked=masked)
         g, tokens, logits = self.step_graphs[key]
         g.replay()
         return tokens, logits
@@ -539,10 +550,10 @@ class SlotModel:
         for sampling in (False, True):
             self.run(self.num_slots, 1, sampling, graphs=True)
 
-    def _capture_step(self, length: int, sampling: bool):
+    def _capture_step(self, length: int, sampling: bool, masked: bool = False):
         state = [t.clone() for t in (self.cur_ids, self.cur_pos)]  # warm-up runs advance it: put back
         try:
-            return self._capture_step_with(length, sampling, self.compiled)
+            return self._capture_step_with(length, sampling, self.compiled, masked)
         except Exception as e:
             if not self.compiled:
                 raise
@@ -550,23 +561,23 @@ class SlotModel:
             warnings.warn(f"compiling the decode step failed, capturing it uncompiled: {e!r}", stacklevel=3)
             self.cur_ids.copy_(state[0])
             self.cur_pos.copy_(state[1])
-            return self._capture_step_with(length, sampling, False)
+            return self._capture_step_with(length, sampling, False, masked)
         finally:
             self.cur_ids.copy_(state[0])
             self.cur_pos.copy_(state[1])
 
-    def _capture_step_with(self, length: int, sampling: bool, compiled: bool):
+    def _capture_step_with(self, length: int, sampling: bool, compiled: bool, masked: bool = False):
         n = self.num_slots
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(2):  # warm-up outside the graph (allocator, lazy init, compilation)
-                self._step(n, length, sampling, compiled)
+                self._step(n, length, sampling, compiled, masked)
         torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
         self._pool = self._pool or torch.cuda.graph_pool_handle()
         with torch.cuda.graph(g, pool=self._pool), torch.no_grad():
-            tokens, logits = self._step(n, length, sampling, compiled)
+            tokens, logits = self._step(n, length, sampling, compiled, masked)
         return g, tokens, logits
 
 

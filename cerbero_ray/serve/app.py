@@ -275,8 +275,67 @@ class CerberoServer:
             stop=list(dict.fromkeys([STOP_STRING, *stop])),
             seed=req.seed,
             logprobs=logprobs,
+            grammar=await self._grammar(req),
         )
         return s, ids
+
+    async def _grammar(self, req) -> str | None:
+        """The request's constraint as a grammar (``response_format`` json_object / json_schema, or
+        vLLM's ``guided_choice`` / ``guided_regex`` / ``guided_json``), compiled off the event loop
+        and cached; a 400 naming the field and the problem when it cannot run."""
+        from cerbero_ray.inference import grammar as G
+
+        asked = []
+        rf = getattr(req, "response_format", None)
+        if rf is not None and rf.type != "text":
+            if rf.type == "json_object":
+                asked.append(("response_format", "json_object", None))
+            elif rf.type == "json_schema":
+                js = rf.json_schema
+                if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+                    raise APIError(
+                        400,
+                        "response_format json_schema needs json_schema.schema, an object",
+                        "response_format.json_schema",
+                    )
+                asked.append(("response_format.json_schema.schema", "json_schema", js["schema"]))
+            else:
+                raise APIError(
+                    400,
+                    f"response_format {short(rf.type)}: one of text, json_object, json_schema",
+                    "response_format.type",
+                )
+        if req.guided_choice is not None:
+            asked.append(("guided_choice", "choice", req.guided_choice))
+        if req.guided_regex is not None:
+            asked.append(("guided_regex", "regex", req.guided_regex))
+        if req.guided_json is not None:
+            value = req.guided_json
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    raise APIError(400, "guided_json is not valid JSON", "guided_json") from None
+            asked.append(("guided_json", "json_schema", value))
+        if not asked:
+            return None
+        if len(asked) > 1:
+            raise APIError(400, f"give one constraint, not {len(asked)}: {', '.join(a[0] for a in asked)}", asked[1][0])
+        param, kind, value = asked[0]
+        if self.engine.batcher is None:
+            raise APIError(
+                400, "constrained decoding needs serve.engine=continuous (this server runs engine=hf)", param
+            )
+
+        def build():
+            g = G.grammar(kind, value)
+            G.check(self.engine.tok, g)
+            return g
+
+        try:
+            return await asyncio.to_thread(build)
+        except ValueError as e:
+            raise APIError(400, f"{param}: {e}", param) from None
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, items: list[tuple[str, Sampling]]) -> list[dict]:
@@ -340,24 +399,14 @@ class CerberoServer:
         else:
             r = await self._generate_batch((prompt, s))
         lps = openai_logprobs(self.engine.tok, r["logprobs"]) if s.logprobs is not None else None
-        return _envelope(
-            kind,
-            rid,
-            model,
-            [_choice(kind, r["text"], r["finish_reason"], logprobs=lps)],
-            _usage(r["prompt_tokens"], r["new_tokens"]),
-        )
+        choice = _choice(kind, r["text"], r["finish_reason"], logprobs=lps)
+        if "constraint" in r:  # a constrained answer says whether it reached its grammar's end
+            choice["constraint"] = r["constraint"]
+        return _envelope(kind, rid, model, [choice], _usage(r["prompt_tokens"], r["new_tokens"]))
 
     # ── endpoints ───────────────────────────────────────────────────────────
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request, req: ChatRequest):
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(
-                400,
-                f"response_format {short(req.response_format.type)} is not supported: only text (no constrained "
-                "decoding here); ask for JSON in the prompt and parse the answer",
-                "response_format",
-            )
         messages = [{"role": m.role, "content": _content(m.content, i)} for i, m in enumerate(req.messages)]
         if any(not m["content"].strip() for m in messages):
             raise APIError(400, "a message has empty content", "messages")

@@ -48,8 +48,8 @@ class Message(Strict):
 
 
 class ResponseFormat(Strict):
-    type: str  # only "text" (the default) is served: there is no constrained decoding here
-    json_schema: Optional[dict] = None
+    type: str  # text (the default), json_object, json_schema (OpenAI's shapes; the app checks)
+    json_schema: Optional[dict] = None  # {"name", "schema", "strict", "description"}
 
 
 class StreamOptions(Strict):
@@ -70,6 +70,10 @@ class Sampled(Strict):
     # accepted as clients and frameworks send them, at their neutral value only (checked in the app)
     frequency_penalty: Optional[float] = Field(default=None, allow_inf_nan=False)
     presence_penalty: Optional[float] = Field(default=None, allow_inf_nan=False)
+    # constrained decoding as vLLM names it (engine=continuous): one of these, or response_format
+    guided_choice: Optional[list[Text]] = Field(default=None, max_length=256)
+    guided_regex: Optional[Text] = Field(default=None, max_length=4096)
+    guided_json: Optional[Union[dict, Text]] = None
 
 
 class ChatRequest(Sampled):

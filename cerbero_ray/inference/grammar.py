@@ -1,0 +1,136 @@
+"""Constrained decoding: a request's output held to a JSON schema, any JSON object, a regular
+expression or a list of choices, token by token. The grammars are llguidance's (the Rust library
+behind vLLM's and SGLang's ``guidance`` backend; CPU, no GPU needed): a constraint becomes a
+grammar once per process (:func:`grammar`, cached), a request gets its own matcher
+(:class:`Matcher`), and before each token the matcher's bitmask of allowed tokens is applied to
+that row's logits, on the device where the engine runs (:func:`mask_logits`). Rows without a
+constraint pay nothing. The Mistral tokenizer's byte-fallback tokens and SentencePiece spaces are
+llguidance's to handle (``llguidance.hf.from_tokenizer``).
+
+A constraint is ``(kind, value)``:
+
+- ``("json_schema", schema)``: a JSON object valid under ``schema`` (a dict);
+- ``("json_object", None)``: any JSON object;
+- ``("regex", pattern)``: text matching the whole pattern;
+- ``("choice", [str, …])``: exactly one of the strings.
+
+A constraint that cannot compile (an unsupported schema keyword, an invalid regex, an empty
+choice list) is a ``ValueError`` saying why, before the request is queued.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+
+import torch
+
+KINDS = ("json_schema", "json_object", "regex", "choice")
+
+
+def _llg():
+    try:
+        import llguidance
+        import llguidance.hf
+        import llguidance.torch
+    except ImportError as e:  # a base install without it: the constraint is refused, not ignored
+        raise ValueError("constrained decoding needs llguidance (pip install llguidance)") from e
+    return llguidance
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(kind: str, value: str) -> str:
+    llg = _llg()
+    M = llg.LLMatcher
+    if kind == "json_schema":
+        schema = json.loads(value)
+        if not isinstance(schema, dict):
+            raise ValueError("a JSON schema must be an object")
+        return M.grammar_from_json_schema(value, defaults={"whitespace_flexible": False})
+    if kind == "json_object":
+        return M.grammar_from_json_schema(json.dumps({"type": "object"}), defaults={"whitespace_flexible": False})
+    if kind == "regex":
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"invalid regular expression: {e}") from None
+        return M.grammar_from_regex(value)
+    choices = json.loads(value)
+    if not choices or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError("a choice list must hold at least one non-empty string")
+    return M.grammar_from_regex("|".join(f"({re.escape(c)})" for c in choices))
+
+
+def grammar(kind: str, value=None) -> str:
+    """The llguidance grammar of a constraint (cached per process); ``ValueError`` naming why it
+    cannot be one."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown constraint {kind!r}; one of {KINDS}")
+    key = json.dumps(value, sort_keys=True, ensure_ascii=False) if kind in ("json_schema", "choice") else value or ""
+    return _compiled(kind, key)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(tok):
+    return _llg().hf.from_tokenizer(tok)
+
+
+def check(tok, g: str) -> None:
+    """``ValueError`` with llguidance's own words if grammar ``g`` cannot run (an unsupported
+    schema feature, say), so a server answers 400 before the request is queued."""
+    llg = _llg()
+    m = llg.LLMatcher(_tokenizer(tok), g)
+    if m.is_error():
+        err = m.get_error()
+        raise ValueError(
+            f"unsupported constraint: {err.strip().splitlines()[0] if err else 'rejected by the grammar compiler'}"
+        )
+
+
+class Matcher:
+    """One request's position in its grammar: which tokens may come next, and whether it may end."""
+
+    def __init__(self, tok, g: str):
+        llg = _llg()
+        self._tok = _tokenizer(tok)
+        self.m = llg.LLMatcher(self._tok, g)
+        if self.m.is_error():
+            raise ValueError(f"unsupported constraint: {self.m.get_error()}")
+        self.words = (self._tok.vocab_size + 31) // 32
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into ``bitmask[row]`` (int32 words, CPU); tokens past the
+        tokenizer's vocabulary (a model's padded embedding rows) are never allowed."""
+        own = torch.empty((1, self.words), dtype=torch.int32)
+        _llg().torch.fill_next_token_bitmask(self.m, own, 0)
+        bitmask[row] = 0
+        n = min(self.words, bitmask.shape[1])
+        bitmask[row, :n] = own[0, :n]
+
+    def consume(self, token: int) -> None:
+        if not self.m.consume_token(token):
+            raise RuntimeError(f"the grammar refused token {token}: {self.m.get_error()}")
+
+    @property
+    def done(self) -> bool:
+        """The grammar allows nothing more (the output is complete)."""
+        return self.m.is_stopped()
+
+    @property
+    def accepting(self) -> bool:
+        return self.m.is_accepting()
+
+
+def bitmask(rows: int, vocab: int) -> torch.Tensor:
+    """An all-allowed bitmask ``[rows, ceil(vocab / 32)]`` (int32, CPU)."""
+    return torch.full((rows, (vocab + 31) // 32), -1, dtype=torch.int32)
+
+
+def mask_logits(logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``logits`` with every token a row's bitmask forbids at -inf (``bits`` on the logits' device;
+    static shapes, so it runs inside a captured step)."""
+    vocab = logits.shape[-1]
+    idx = torch.arange(vocab, device=logits.device)
+    allowed = (bits[:, idx // 32] >> (idx % 32)) & 1
+    return logits.masked_fill(allowed == 0, float("-inf"))

@@ -1,0 +1,144 @@
+"""Constrained decoding (llguidance): constrained greedy output equals transformers' greedy output
+under the same mask (a logits processor applying the matcher's bitmask to ``generate``), for a JSON
+schema, a regex and a choice list; constrained and free rows share a batch; a constraint that
+cannot run is refused before it is queued. CPU, tiny model, no Ray."""
+
+import json
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from cerbero_ray.inference import grammar as G
+from cerbero_ray.inference.continuous import ContinuousBatcher
+from cerbero_ray.inference.sampling import Sampling
+from cerbero_ray.models import tiny
+
+pytest.importorskip("llguidance")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "argomento": {"type": "string", "maxLength": 16},
+        "luoghi": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 2},
+        "opinione": {"type": "boolean"},
+    },
+    "required": ["argomento", "luoghi", "opinione"],
+    "additionalProperties": False,
+}
+CONSTRAINTS = {
+    "json_schema": ("json_schema", SCHEMA),
+    "regex": ("regex", r"[0-9]{2}/[0-9]{2}/(19|20)[0-9]{2}"),
+    "choice": ("choice", ["sì", "no", "non so"]),
+}
+
+
+class Masked(LogitsProcessor):
+    """The reference: the same matcher's bitmask applied to ``generate``'s scores (batch of one)."""
+
+    def __init__(self, tok, g: str, prompt_len: int):
+        self.m, self.n, self.seen = G.Matcher(tok, g), prompt_len, 0
+
+    def __call__(self, input_ids, scores):
+        new = input_ids[0, self.n :].tolist()
+        for t in new[self.seen :]:
+            self.m.consume(t)
+        self.seen = len(new)
+        bits = G.bitmask(1, scores.shape[-1])
+        self.m.fill(bits, 0)
+        return G.mask_logits(scores, bits)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny().eval()
+
+
+def _prompt(tok, text):
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", list(CONSTRAINTS))
+def test_constrained_greedy_equals_generate_under_the_same_mask(model, tok, name):
+    g = G.grammar(*CONSTRAINTS[name])
+    prompt = _prompt(tok, "Di che cosa parla questa domanda: dov'è il Colosseo?")
+    cb = ContinuousBatcher(model, tok, num_slots=2, max_prompt_tokens=256, max_new_tokens=96)
+    got = cb.generate([prompt], Sampling(max_new_tokens=96, temperature=0.0, stop=(), grammar=g))[0]
+    (ids,), _ = cb.encode([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=97,  # one more: where our engine stops at the grammar's end, generate's mask leaves EOS
+            do_sample=False,
+            logits_processor=LogitsProcessorList([Masked(tok, g, len(ids))]),
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id,
+        )[0, len(ids) :].tolist()
+    if out and out[-1] == tok.eos_token_id:
+        out = out[:-1]
+    assert got["text"] == tok.decode(out, skip_special_tokens=True).strip()
+    assert got["finish_reason"] == "stop" and got["constraint"] == "complete"
+    if name == "json_schema":
+        value = json.loads(got["text"])
+        assert set(value) == {"argomento", "luoghi", "opinione"} and isinstance(value["opinione"], bool)
+    elif name == "choice":
+        assert got["text"] in ("sì", "no", "non so")
+    else:
+        import re
+
+        assert re.fullmatch(CONSTRAINTS["regex"][1], got["text"])
+
+
+def test_constrained_and_free_rows_share_a_batch_and_the_free_ones_are_unchanged(model, tok):
+    prompts = [_prompt(tok, t) for t in ("Ciao!", "Perché il cielo è blu?", "Dimmi un proverbio.")]
+    free = Sampling(max_new_tokens=12, temperature=0.0, stop=())
+    cb = ContinuousBatcher(model, tok, num_slots=4, max_prompt_tokens=256, max_new_tokens=64)
+    alone = cb.generate(prompts, free)
+    g = G.grammar(*CONSTRAINTS["json_schema"])
+    mixed = cb.run(
+        [
+            (prompts[0], free),
+            (prompts[1], Sampling(max_new_tokens=64, temperature=0.0, stop=(), grammar=g)),
+            (prompts[2], free),
+        ]
+    )
+    assert [mixed[0]["text"], mixed[2]["text"]] == [alone[0]["text"], alone[2]["text"]]
+    assert "constraint" not in mixed[0] and json.loads(mixed[1]["text"])["opinione"] in (True, False)
+    # seeded sampling under a constraint: reproducible, and still inside the grammar
+    s = Sampling(
+        max_new_tokens=8,
+        temperature=1.0,
+        top_p=1.0,
+        seed=5,
+        stop=(),
+        grammar=G.grammar("choice", ["alfa", "beta", "gamma"]),
+    )
+    picks = {cb.run([(p, s)])[0]["text"] for p in prompts for _ in range(2)}
+    assert picks <= {"alfa", "beta", "gamma"}
+    assert cb.run([(prompts[0], s)])[0]["text"] == cb.run([(prompts[0], s)])[0]["text"]
+
+
+def test_a_constraint_cut_by_the_token_limit_says_so(model, tok):
+    g = G.grammar(*CONSTRAINTS["json_schema"])
+    cb = ContinuousBatcher(model, tok, num_slots=1, max_prompt_tokens=256, max_new_tokens=64)
+    r = cb.generate([_prompt(tok, "Ciao")], Sampling(max_new_tokens=3, temperature=0.0, stop=(), grammar=g))[0]
+    assert r["finish_reason"] == "length" and r["constraint"] == "incomplete" and r["new_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    "kind, value, says",
+    [
+        ("regex", "(si|no", "invalid regular expression"),
+        ("choice", [], "at least one non-empty string"),
+        ("json_schema", {"type": "string", "format": "codice-fiscale"}, "Unknown format"),
+        ("json_schema", {"$ref": "#/definitions/nope"}, "does not exist"),
+        ("json_schema", ["not", "an", "object"], "must be an object"),
+        ("grammar", "x", "unknown constraint"),
+    ],
+)
+def test_a_constraint_that_cannot_run_is_refused_naming_why(model, tok, kind, value, says):
+    cb = ContinuousBatcher(model, tok, num_slots=1, max_prompt_tokens=64, max_new_tokens=8)
+    with pytest.raises(ValueError, match=says):
+        g = G.grammar(kind, value)
+        G.check(tok, g)
+        cb.submit([1, 2, 3], Sampling(max_new_tokens=4, grammar=g), lambda x: None)
