@@ -487,12 +487,10 @@ class ContinuousBatcher:
     def _bits(self, reqs: list[_Request], rows: int, by_slot: bool = True) -> torch.Tensor:
         """The bitmask of allowed next tokens of ``rows`` rows: each constrained request's at its
         slot (``by_slot``) or at its index in ``reqs``; every other row all ones."""
-        from cerbero_ray.inference.grammar import bitmask
+        from cerbero_ray.inference.grammar import bitmask, fill_rows
 
         bits = bitmask(rows, self.slots.vocab)
-        for i, r in enumerate(reqs):
-            if r.matcher is not None:
-                r.matcher.fill(bits, r.slot if by_slot else i)
+        fill_rows(bits, [(r.matcher, r.slot if by_slot else i) for i, r in enumerate(reqs) if r.matcher is not None])
         return bits
 
     def _start(self, new: list[_Request], logits: torch.Tensor) -> None:
