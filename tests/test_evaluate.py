@@ -393,6 +393,27 @@ def test_two_shot_draws_on_the_shared_sentipolc_predict_differently(tok):
     diffs = [b - a for a, b in zip(*p_yes)]
     assert all(abs(d) > 1e-4 for d in diffs)
     assert all(d > 0 for d in diffs) or all(d < 0 for d in diffs)  # a shift of the whole batch
+    # the generate protocol's answers (its per-row prediction, before reading si/no) move too
+    from cerbero_ray.inference.continuous import ContinuousBatcher
+    from cerbero_ray.inference.sampling import Sampling
+
+    gen = prepare("sentipolc", EvalTaskConfig(**{**tc, "protocols": ["generate"]}, shot_draws=2), seed=0)
+    cb = ContinuousBatcher(model, tok, num_slots=8, max_prompt_tokens=2048, max_new_tokens=4)
+    s = Sampling(max_new_tokens=4, temperature=0.0, stop=())
+    answers = [
+        [
+            r["text"]
+            for r in cb.generate(
+                [
+                    tok.apply_chat_template(q["messages"], tokenize=False, add_generation_prompt=True)
+                    for q in u.requests
+                ],
+                s,
+            )
+        ]
+        for u in gen.units
+    ]
+    assert sum(a != b for a, b in zip(*answers)) >= len(texts) // 4
 
 
 def test_per_row_score_requests_are_scored_under_their_own_task(tmp_path, tiny_hf):
