@@ -36,7 +36,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 import torch
 
-from cerbero_ray.inference.sampling import Sampling, cut_at_stop
+from cerbero_ray.inference.sampling import Sampling, cut_at_stop, sample  # noqa: F401 (sample: re-exported)
 from cerbero_ray.inference.slots import SlotModel
 from cerbero_ray.tokenizer import encode_prompts
 
@@ -93,22 +93,6 @@ class Piece(str):
         p = super().__new__(cls, text)
         p.logprobs = logprobs
         return p
-
-
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per row: greedy where ``temperature <= 0``, else the nucleus (``top_p``) of the
-    tempered distribution sampled by inverse CDF at the row's uniform draw ``u``. Static shapes and
-    no host round trip (every row is computed, the greedy ones then take the argmax), so it runs
-    inside a captured decode step; each row's result depends on that row alone."""
-    dev = logits.device
-    temperature, top_p, u = (x.to(dev, non_blocking=True) for x in (temperature, top_p, u))
-    greedy = logits.argmax(-1)
-    probs = torch.softmax(logits / temperature.clamp(min=1e-6)[:, None], -1)
-    sp, si = probs.sort(-1, descending=True)
-    keep = (sp.cumsum(-1) - sp) < top_p[:, None]  # the most likely token is always kept
-    cum = (sp * keep).cumsum(-1)
-    k = torch.searchsorted(cum, (u * cum[:, -1])[:, None]).clamp(max=logits.shape[-1] - 1)
-    return torch.where(temperature > 0, si.gather(1, k)[:, 0], greedy)
 
 
 def _pieces(first, q) -> tuple[str, dict | None]:

@@ -514,8 +514,8 @@ class SlotModel:
         """Decode the first ``n`` slots from the device state, (``masked``: hold each row to its
         bitmask,) sample, advance the state; returns (tokens ``[n]``, logits ``[n, vocab]``, before
         any mask: what logprobs report)."""
-        from cerbero_ray.inference.continuous import sample
         from cerbero_ray.inference.grammar import mask_logits
+        from cerbero_ray.inference.sampling import sample
 
         ids, pos = self.cur_ids[:n], self.cur_pos[:n]
         logits = self._decode(ids, pos, n, length, compiled)
