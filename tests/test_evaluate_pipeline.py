@@ -215,6 +215,7 @@ def _small(out, models: dict, data, *extra):
         "evaluate.tasks.ami2020.max_rows=10",
         "evaluate.tasks.ami2020.max_new_tokens=4",
         "evaluate.tasks.ami2020.prompts=[0]",
+        "evaluate.tasks.ami2020.shot_draws=1",  # the backends, not the draws, are under test here
         "evaluate.only=[squad_it,ami2020]",
         "evaluate.bootstrap=100",
         *extra,
