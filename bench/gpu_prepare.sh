@@ -8,7 +8,7 @@
 #                    list: ../.library/device/KINDS.md; it has torch, transformers, peft, accelerate,
 #                    scikit-learn, pyarrow, safetensors, sentencepiece): hydra-core, omegaconf, antlr4
 #                    (the test conftest composes configs), mistral-common (the Mistral-7B tokenizer
-#                    file); with --train also DeepSpeed (built with DS_BUILD_OPS=0: pure Python) and its
+#                    file), llguidance (constrained decoding); with --train also DeepSpeed (built with DS_BUILD_OPS=0: pure Python) and its
 #                    pydantic stack (pydantic-core compiled, so downloaded for 3.12)
 # tests/test_gpu_scripts.py (slow tier) checks that every wheel here installs for Python 3.12.
 # Then call the device tool with carry [".gpu"] and the command `bash bench/gpu_run.sh <stage>…`.
@@ -22,6 +22,9 @@ cp -r "$SHARED"/data/evalita "$DIR/data/"  # 1.3 MB: the evaluate stage's GPU fi
 PIP="python3 -m pip"
 # pure-Python wheels (py3-none-any): the same file whatever Python builds it
 $PIP wheel -q --no-deps -w "$DIR/whl" mistral-common==1.13.1 hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
+# llguidance (constrained decoding, bench_structured.py): a compiled abi3 wheel, downloaded for the image
+$PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_31_x86_64 -d "$DIR/whl" llguidance==1.9.1
 if [[ " $* " == *" --train "* ]]; then
   DS_BUILD_OPS=0 $PIP wheel -q --no-deps --no-build-isolation -w "$DIR/whl" deepspeed==0.19.8
   $PIP wheel -q --no-deps -w "$DIR/whl" pydantic==2.13.4 annotated-types==0.7.0 typing-inspection==0.4.2 hjson==3.1.0
