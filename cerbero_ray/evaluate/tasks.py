@@ -142,9 +142,10 @@ def _evalita_unit(spec, protocol, p, d, shots, scored, own, max_new_tokens) -> U
     (``own``: row id -> its shots) every row its own, carried by its request."""
     from cerbero_ray.inference.label_prompts import messages
 
+    shared = None if own else evalita.build_task(spec, shots, p)  # one task for every row: built once
     reqs = []
     for r in scored:
-        task = evalita.build_task(spec, own.get(r["id"], shots), p)
+        task = shared or evalita.build_task(spec, own[r["id"]], p)
         req = (
             {"id": r["id"], "text": r["text"]}
             if protocol == "score"
@@ -154,6 +155,5 @@ def _evalita_unit(spec, protocol, p, d, shots, scored, own, max_new_tokens) -> U
             req["task"] = asdict(task)
         reqs.append(req)
     if protocol == "score":
-        task = None if own else asdict(evalita.build_task(spec, shots, p))
-        return Unit("score", p, reqs, task=task, draw=d)
+        return Unit("score", p, reqs, task=None if own else asdict(shared), draw=d)
     return Unit("generate", p, reqs, max_new_tokens, True, draw=d)

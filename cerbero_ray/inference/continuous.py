@@ -342,7 +342,7 @@ class ContinuousBatcher:
                     if not r.done:
                         self._free(r)
                         r.emit({"error": f"admission failed: {e!r}"})
-                if getattr(torch, self.slots.device.type, None) is torch.cuda:
+                if self.slots.device.type == "cuda":
                     torch.cuda.empty_cache()
         self.steps += 1
 
@@ -370,7 +370,7 @@ class ContinuousBatcher:
             r.launched += 1
             if r.launched >= r.sampling.max_new_tokens:
                 self.slots.stop(r.slot)  # its last token is decided: the next steps leave it
-        lp = self._logprob_tensors(rows, logits, tokens)
+        lp = self._logprob_tensors(rows, logits, tokens, max(r.slot for r in rows) + 1)
         cuda = tokens.device.type == "cuda"
         host = [_host(t) for t in (tokens, *lp)]
         event = None
@@ -386,27 +386,28 @@ class ContinuousBatcher:
         tokens = launch.tokens.tolist()
         lp = [x.tolist() for x in launch.lp]
         for r in launch.rows:
-            if r.done:
-                continue  # cancelled, or ended a step earlier
-            t = tokens[r.slot]
-            if r.matcher is not None:
-                r.matcher.consume(t)
-            if lp and r.sampling.logprobs is not None:
-                n = r.sampling.logprobs
-                r.lps.append(
-                    {"id": t, "logprob": lp[0][r.slot], "top": list(zip(lp[2][r.slot][:n], lp[1][r.slot][:n]))}
-                )
-            r.out.append(t)
-            r.starts.append(len(r.text))
-            self._emit(r)
+            if not r.done:  # else cancelled, or ended a step earlier
+                self._accept(r, tokens[r.slot], lp, r.slot)
+
+    def _accept(self, r: _Request, t: int, lp: list, row: int) -> None:
+        """Token ``t`` joins request ``r``: its grammar moves on, its logprob entry (row ``row`` of
+        the step's logprob lists ``lp``, when it asks) is kept, its text is emitted."""
+        if r.matcher is not None:
+            r.matcher.consume(t)
+        if lp and r.sampling.logprobs is not None:
+            k = r.sampling.logprobs
+            r.lps.append({"id": t, "logprob": lp[0][row], "top": list(zip(lp[2][row][:k], lp[1][row][:k]))})
+        r.out.append(t)
+        r.starts.append(len(r.text))
+        self._emit(r)
 
     @staticmethod
-    def _logprob_tensors(rows: list[_Request], logits: torch.Tensor, tokens: torch.Tensor) -> tuple:
-        """(chosen, top values, top ids) per slot, on the device, when a row asks for logprobs."""
-        ks = [r.sampling.logprobs for r in rows if r.sampling.logprobs is not None]
+    def _logprob_tensors(reqs: list[_Request], logits: torch.Tensor, tokens: torch.Tensor, n: int) -> tuple:
+        """(chosen, top values, top ids) of the first ``n`` rows, on the device, when a request asks
+        for logprobs (before temperature, top-p and any grammar's mask, as OpenAI reports them)."""
+        ks = [r.sampling.logprobs for r in reqs if r.sampling.logprobs is not None]
         if not ks:
             return ()
-        n = max(r.slot for r in rows) + 1
         lp = torch.log_softmax(logits[:n].float(), -1)
         top_v, top_i = lp.topk(max(ks), -1)
         return lp.gather(1, tokens[:n, None])[:, 0], top_v, top_i
@@ -495,31 +496,10 @@ class ContinuousBatcher:
         if going:
             idx = torch.tensor(going, device=tokens.device)
             self.slots.start([slots[i] for i in going], tokens[idx], [len(new[i].ids) for i in going])
-        out = tokens.tolist()
-        self._logprobs(new, logits, out)
-        for r, t in zip(new, out):
-            if r.matcher is not None:
-                r.matcher.consume(t)
+        lp = [x.tolist() for x in self._logprob_tensors(new, logits, tokens, len(new))]
+        for i, (r, t) in enumerate(zip(new, tokens.tolist())):
             r.launched = 1
-            r.out.append(t)
-            r.starts.append(len(r.text))
-            self._emit(r)
-
-    @staticmethod
-    def _logprobs(reqs: list[_Request], logits: torch.Tensor, tokens: list[int]) -> None:
-        """Each sampled token's log-probability (and the top ones) for the requests that ask."""
-        rows = [i for i, r in enumerate(reqs) if r.sampling.logprobs is not None]
-        if not rows:
-            return
-        lp = torch.log_softmax(logits[torch.tensor(rows, device=logits.device)].float(), -1)
-        k = max(reqs[i].sampling.logprobs for i in rows)
-        top_v, top_i = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
-        chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=lp.device))[:, 0].tolist()
-        top_v, top_i = top_v.tolist(), top_i.tolist()
-        for j, i in enumerate(rows):
-            n = reqs[i].sampling.logprobs
-            top = list(zip(top_i[j][:n], top_v[j][:n]))
-            reqs[i].lps.append({"id": tokens[i], "logprob": chosen[j], "top": top})
+            self._accept(r, t, lp, i)
 
     def _emit(self, r: _Request) -> None:
         s = r.sampling

@@ -79,24 +79,20 @@ def _tokenizer(tok):
 def check(tok, g: str) -> None:
     """``ValueError`` with llguidance's own words if grammar ``g`` cannot run (an unsupported
     schema feature, say), so a server answers 400 before the request is queued."""
-    llg = _llg()
-    m = llg.LLMatcher(_tokenizer(tok), g)
-    if m.is_error():
-        err = m.get_error()
-        raise ValueError(
-            f"unsupported constraint: {err.strip().splitlines()[0] if err else 'rejected by the grammar compiler'}"
-        )
+    Matcher(tok, g)
 
 
 class Matcher:
-    """One request's position in its grammar: which tokens may come next, and whether it may end."""
+    """One request's position in its grammar: which tokens may come next, and whether it may end.
+    A grammar that cannot run is a ``ValueError`` (the first line of llguidance's reason)."""
 
     def __init__(self, tok, g: str):
         llg = _llg()
         self._tok = _tokenizer(tok)
         self.m = llg.LLMatcher(self._tok, g)
         if self.m.is_error():
-            raise ValueError(f"unsupported constraint: {self.m.get_error()}")
+            err = (self.m.get_error() or "").strip()
+            raise ValueError(f"unsupported constraint: {err.splitlines()[0] if err else 'rejected by the compiler'}")
         self.words = (self._tok.vocab_size + 31) // 32
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:

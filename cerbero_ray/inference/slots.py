@@ -77,14 +77,10 @@ def _post(h, o, wo, ln, wgu, wdown, eps: float):
     return h + F.linear(F.silu(g) * u, wdown)
 
 
-_COMPILED: dict = {}
-
-
+@functools.cache
 def _compiled(fn):
     """``fn`` compiled once per process (every layer and every engine shares it; shapes are guards)."""
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
-    return _COMPILED[fn]
+    return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
 def _fuse(mods: list[torch.nn.Linear], key: str, owner) -> torch.Tensor:
@@ -133,24 +129,18 @@ def fast_unsupported(model, adapters=None) -> str | None:
     return None
 
 
-_VARLEN: list = []  # [the function or None], looked up once
-
-
-@functools.lru_cache(maxsize=None)
-def _varlen_params(fn) -> frozenset:
-    return frozenset(inspect.signature(fn).parameters)
-
-
+@functools.cache
 def _varlen_attn():
-    """torch's FlashAttention varlen entry point, if it reads a KV cache in place (``seqused_k``)."""
-    if not _VARLEN:
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-        except ImportError:
-            varlen_attn = None
-        params = _varlen_params(varlen_attn) if varlen_attn else frozenset()
-        _VARLEN.append(varlen_attn if {"seqused_k", "window_size"} <= params else None)
-    return _VARLEN[0]
+    """(torch's FlashAttention varlen entry point, its extra keyword arguments) if it reads a KV
+    cache in place (``seqused_k``), else (None, {}); looked up once."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, {}
+    params = inspect.signature(varlen_attn).parameters
+    if not {"seqused_k", "window_size"} <= set(params):
+        return None, {}
+    return varlen_attn, ({"enable_gqa": True} if "enable_gqa" in params else {})
 
 
 class SlotModel:
@@ -229,7 +219,7 @@ class SlotModel:
     def _pick_attention(self) -> tuple[str, str | None]:
         """``varlen`` if torch's FlashAttention varlen kernel is here and gives SDPA's result on a
         small cache of this model's shape (rows of different lengths), else ``sdpa`` and why."""
-        fn = _varlen_attn()
+        fn = _varlen_attn()[0]
         if fn is None:
             return "sdpa", "torch.nn.attention.varlen has no seqused_k/window_size in this torch"
         try:
@@ -374,7 +364,7 @@ class SlotModel:
         cu_q = torch.arange(n + 1, device=dev, dtype=torch.int32)
         cu_k = cu_q * max_len
         used = (pos + 1).to(torch.int32)
-        kw = {"enable_gqa": True} if "enable_gqa" in _varlen_params(fn) else {}
+        kw = _varlen_attn()[1]
         window = (self.window - 1, 0) if self.window else (-1, -1)
         o = fn(q, k, v, cu_q, cu_k, 1, length, scale=self.head_dim**-0.5, window_size=window, seqused_k=used, **kw)
         return o.reshape(n, -1)
@@ -386,7 +376,7 @@ class SlotModel:
         write = torch.where(pos < 0, self.max_len - 1, pos)
         pos = pos.clamp(min=0)
         pre, post = (_compiled(_pre), _compiled(_post)) if compiled else (_pre, _post)
-        varlen = _VARLEN[0] if self.attention == "varlen" else None
+        varlen = _varlen_attn()[0] if self.attention == "varlen" else None
         h = m.embed_tokens(ids)
         cos, sin = m.rotary_emb(h, pos[:, None])
         cos, sin = cos[:, 0], sin[:, 0]
@@ -432,17 +422,11 @@ class SlotModel:
         slot runs, through a captured graph for the bucket of the longest position (one graph for
         every length with varlen attention)."""
         length = max(int(pos.max()) + 1, 1)
-        if not graphs or self.graph_error:
+        bucket = self._bucket(length)
+        captured = graphs and self._graph(self.graphs, bucket, lambda: self._capture_decode(bucket))
+        if not captured:
             return self._decode(ids.to(self.device), pos.to(self.device), len(ids), length)
-        bucket = self.max_len if self.attention == "varlen" else next(b for b in self.buckets() if b >= length)
-        if bucket not in self.graphs:
-            try:
-                self.graphs[bucket] = self._capture(bucket)
-            except Exception as e:  # a CUDA/driver combination that cannot capture: decode eagerly, slower
-                self.graph_error = repr(e)
-                warnings.warn(f"CUDA-graph capture failed, decoding without graphs: {e!r}", stacklevel=2)
-                return self.decode(ids, pos, graphs=False)
-        g, s_ids, s_pos, s_out = self.graphs[bucket]
+        g, s_ids, s_pos, s_out = captured
         s_ids.zero_()
         s_pos.fill_(-1)
         s_ids[: len(ids)] = ids
@@ -457,30 +441,65 @@ class SlotModel:
             b *= 2
         return out + [self.max_len]
 
-    def _capture(self, length: int):
-        try:
-            return self._capture_with(length, self.compiled)
-        except Exception as e:
-            if not self.compiled:
-                raise
-            # the compiled regions failed (no Triton, an inductor bug): the same step uncompiled
-            self.compiled, self.compile_error = False, repr(e)[:500]
-            warnings.warn(f"compiling the decode step failed, capturing it uncompiled: {e!r}", stacklevel=3)
-            return self._capture_with(length, False)
+    def _bucket(self, length: int) -> int:
+        """The cache length a captured step reads for a longest position of ``length`` (varlen
+        attention reads each row's own length: one graph serves all)."""
+        return self.max_len if self.attention == "varlen" else next(b for b in self.buckets() if b >= length)
 
-    def _capture_with(self, length: int, compiled: bool):
-        s_ids = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
-        s_pos = torch.full((self.num_slots,), -1, dtype=torch.long, device=self.device)
+    def _graph(self, table: dict, key, capture):
+        """``table[key]``, captured by ``capture()`` on first use; None once capture has failed (a
+        CUDA/driver combination that cannot capture: eager decoding from then on, slower)."""
+        if self.graph_error:
+            return None
+        if key not in table:
+            try:
+                table[key] = capture()
+            except Exception as e:
+                self.graph_error = repr(e)
+                warnings.warn(f"CUDA-graph capture failed, decoding without graphs: {e!r}", stacklevel=3)
+                return None
+        return table[key]
+
+    def _captured(self, body, restore: tuple = ()):
+        """``body(compiled)`` as a CUDA graph in the shared pool: (graph, its outputs). The compiled
+        regions first; if they fail (no Triton, an inductor bug), the same body uncompiled
+        (``compile_error`` says why). ``restore``: tensors the warm-up runs change, put back after."""
+        saved = [t.clone() for t in restore]
+
+        def put_back():
+            for t, s in zip(restore, saved):
+                t.copy_(s)
+
+        try:
+            try:
+                return self._capture_once(body, self.compiled)
+            except Exception as e:
+                if not self.compiled:
+                    raise
+                self.compiled, self.compile_error = False, repr(e)[:500]
+                warnings.warn(f"compiling the decode step failed, capturing it uncompiled: {e!r}", stacklevel=3)
+                put_back()
+                return self._capture_once(body, False)
+        finally:
+            put_back()
+
+    def _capture_once(self, body, compiled: bool):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(2):  # warm-up outside the graph (allocator, lazy init, compilation)
-                self._decode(s_ids, s_pos, self.num_slots, length, compiled)
+                body(compiled)
         torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
-        self._pool = self._pool or torch.cuda.graph_pool_handle()  # the buckets' graphs share memory
+        self._pool = self._pool or torch.cuda.graph_pool_handle()  # every graph shares memory
         with torch.cuda.graph(g, pool=self._pool), torch.no_grad():
-            s_out = self._decode(s_ids, s_pos, self.num_slots, length, compiled)
+            out = body(compiled)
+        return g, out
+
+    def _capture_decode(self, length: int):
+        s_ids = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
+        s_pos = torch.full((self.num_slots,), -1, dtype=torch.long, device=self.device)
+        g, s_out = self._captured(lambda c: self._decode(s_ids, s_pos, self.num_slots, length, c))
         return g, s_ids, s_pos, s_out
 
     # ── the decode loop's steps on device state (ContinuousBatcher) ──────────
@@ -530,18 +549,12 @@ class SlotModel:
     def run(self, n: int, length: int, sampling: bool, graphs: bool = False, masked: bool = False):
         """One step for the first ``n`` slots, the longest reading ``length`` positions: eagerly, or
         (``graphs``, CUDA) every slot through a graph captured per (length bucket, sampling, masked)."""
-        if not graphs or self.graph_error:
-            return self._step(n, length, sampling, masked=masked)
-        bucket = self.max_len if self.attention == "varlen" else next(b for b in self.buckets() if b >= length)
+        bucket = self._bucket(length)
         key = (bucket, sampling, masked)
-        if key not in self.step_graphs:
-            try:
-                self.step_graphs[key] = self._capture_step(bucket, sampling, masked)
-            except Exception as e:
-                self.graph_error = repr(e)
-                warnings.warn(f"CUDA-graph capture failed, decoding without graphs: {e!r}", stacklevel=2)
-                return self._step(n, length, sampling, masked=masked)
-        g, tokens, logits = self.step_graphs[key]
+        captured = graphs and self._graph(self.step_graphs, key, lambda: self._capture_step(*key))
+        if not captured:
+            return self._step(n, length, sampling, masked=masked)
+        g, (tokens, logits) = captured
         g.replay()
         return tokens, logits
 
@@ -551,34 +564,9 @@ class SlotModel:
             self.run(self.num_slots, 1, sampling, graphs=True)
 
     def _capture_step(self, length: int, sampling: bool, masked: bool = False):
-        state = [t.clone() for t in (self.cur_ids, self.cur_pos)]  # warm-up runs advance it: put back
-        try:
-            return self._capture_step_with(length, sampling, self.compiled, masked)
-        except Exception as e:
-            if not self.compiled:
-                raise
-            self.compiled, self.compile_error = False, repr(e)[:500]
-            warnings.warn(f"compiling the decode step failed, capturing it uncompiled: {e!r}", stacklevel=3)
-            self.cur_ids.copy_(state[0])
-            self.cur_pos.copy_(state[1])
-            return self._capture_step_with(length, sampling, False, masked)
-        finally:
-            self.cur_ids.copy_(state[0])
-            self.cur_pos.copy_(state[1])
-
-    def _capture_step_with(self, length: int, sampling: bool, compiled: bool, masked: bool = False):
-        n = self.num_slots
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(2):  # warm-up outside the graph (allocator, lazy init, compilation)
-                self._step(n, length, sampling, compiled, masked)
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        self._pool = self._pool or torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(g, pool=self._pool), torch.no_grad():
-            tokens, logits = self._step(n, length, sampling, compiled, masked)
-        return g, tokens, logits
+        # the warm-up runs advance the device state: it is put back
+        body = lambda c: self._step(self.num_slots, length, sampling, c, masked)  # noqa: E731
+        return self._captured(body, restore=(self.cur_ids, self.cur_pos))
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
