@@ -40,5 +40,6 @@ for shots in 0 5; do
   t python jobs/evaluate.py paths.output_dir="$OUT" evaluate.output_dir="$OUT/evaluate_${shots}shot" \
       '~evaluate.checkpoints.tiny-cpu' "+evaluate.checkpoints.base=$OUT/train/base/hf" \
       "+evaluate.checkpoints.full=$OUT/train/sentipolc/hf" "+evaluate.checkpoints.lora=$OUT/train/sentipolc-lora/adapter" \
-      evaluate.only=[sentipolc] evaluate.tasks.sentipolc.prompts=[0] evaluate.tasks.sentipolc.shots=$shots
+      evaluate.only=[sentipolc] evaluate.tasks.sentipolc.prompts=[0] evaluate.tasks.sentipolc.shots=$shots \
+      evaluate.tasks.sentipolc.protocols=[generate,choice,score,benchita]
 done

@@ -210,15 +210,29 @@ def generate(path: str, ids: list[int], max_tokens: int, threads: int = 0) -> di
     return {"tokens": out}
 
 
-def generate_many(path: str, prompts: list[list[int]], max_tokens: int, stop: list[str], threads: int = 0) -> dict:
+def choice_grammar(choices: list[str]) -> str:
+    """A GBNF grammar whose only sentences are ``choices`` (llama.cpp's constrained decoding)."""
+    if not choices or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError("a choice list must hold at least one non-empty string")
+    # one space allowed first, as our llguidance grammars allow it (cerbero_ray.config.constraint)
+    return 'root ::= " "? (' + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices) + ")"
+
+
+def generate_many(
+    path: str, prompts: list[list[int]], max_tokens: int, stop: list[str], threads: int = 0, grammar: str | None = None
+) -> dict:
     """Greedy continuations of many token-id prompts, one model load: each stops at EOS, at one of
-    the ``stop`` strings (in its detokenized text) or after ``max_tokens`` tokens."""
+    the ``stop`` strings (in its detokenized text) or after ``max_tokens`` tokens; ``grammar`` (GBNF,
+    :func:`choice_grammar`): each held to it, and ended where it allows nothing more."""
+    from llama_cpp import LlamaGrammar
+
     longest = max((len(p) for p in prompts), default=1)
     llm = _loaded(path, longest + max_tokens + 8) if not threads else _llama(path, longest + max_tokens + 8, threads)
     out = []
     for ids in prompts:
         toks = []
-        for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        g = LlamaGrammar.from_string(grammar, verbose=False) if grammar else None  # a fresh state per prompt
+        for t in llm.generate(ids, temp=0.0, top_k=1, reset=True, grammar=g):
             if t == llm.token_eos():
                 break
             toks.append(t)

@@ -5,10 +5,11 @@ row, loaders that count malformed rows, and config errors that name the key."""
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from cerbero_ray.config import compose
-from cerbero_ray.config.evaluate import EvalTaskConfig
+from cerbero_ray.config.evaluate import EvalTaskConfig, EvaluateConfig
 from cerbero_ray.evaluate import evalita, squad
 from cerbero_ray.evaluate.metrics import (
     best,
@@ -289,6 +290,34 @@ def test_evalita_pool_and_scored_rows_are_disjoint(tmp_path):
         "sentipolc", EvalTaskConfig(**{**tc, "kind": "sentipolc", "path": str(senti), "shots": 0, "prompts": [0]}), 0
     )
     assert [u.key for u in zero.units] == ["generate/0", "score/0", "benchita/0"]  # 0-shot: nothing to draw
+
+
+def test_the_choice_protocol_asks_what_generate_asks_with_the_answer_held_to_si_or_no(tmp_path, tiny_hf):
+    """``choice``: the generate unit's very requests, the answer constrained to the verbalizers, a
+    unit of its own (its own key and prompt hash); on the HF engine every answer is si or no, read
+    as generate's are, and none is unparsed."""
+    from cerbero_ray.evaluate.backends import ModelRun
+    from cerbero_ray.evaluate.pipeline import _requests
+    from cerbero_ray.evaluate.reading import read_unit
+    from cerbero_ray.evaluate.worker import EvalWorker
+
+    ami, _ = _evalita_files(tmp_path)
+    tc = {"kind": "ami2020", "path": str(ami), "shots": 2, "max_rows": 8, "pool_rows": 10, "prompts": [0]}
+    tc |= {"protocols": ["generate", "choice"], "max_new_tokens": 6, "shot_draws": 1}
+    p = prepare("ami2020", EvalTaskConfig(**tc), seed=0)
+    gen, choice = p.units
+    assert (gen.key, choice.key) == ("generate/0", "choice/0") and choice.choices == ["si", "no"]
+    assert choice.requests == gen.requests and choice.prompt_hash() != gen.prompt_hash()
+    rows = _requests({"ami2020": p.units})
+    assert {r["choices"] for r in rows} == {None, '["si", "no"]'}
+    ec = EvaluateConfig(output_dir=str(tmp_path))
+    worker = EvalWorker(ModelRun.of(ec, tiny_hf, max_new_tokens=6))
+    out = worker(pa.Table.from_pylist(rows))
+    answers = {(u, i): raw for u, i, raw in zip(out["unit"], out["id"], out["raw"])}
+    assert {answers[("choice/0", r["id"])] for r in choice.requests} <= {"si", "no"}
+    outs = {r["id"]: {"raw": answers[("choice/0", r["id"])], "p_yes": None, "truncated": False} for r in p.rows}
+    _, _, counts = read_unit(p, choice, outs)
+    assert counts["unparsed"] == 0
 
 
 def test_per_row_shots_give_each_row_its_own_examples(tmp_path):

@@ -216,6 +216,7 @@ def _small(out, models: dict, data, *extra):
         "evaluate.tasks.ami2020.max_new_tokens=4",
         "evaluate.tasks.ami2020.prompts=[0]",
         "evaluate.tasks.ami2020.shot_draws=1",  # the backends, not the draws, are under test here
+        "evaluate.tasks.ami2020.protocols=[generate,choice,score,benchita]",
         "evaluate.only=[squad_it,ami2020]",
         "evaluate.bootstrap=100",
         *extra,
@@ -238,6 +239,13 @@ def test_a_gguf_file_is_evaluated_like_its_checkpoint(tmp_path, tiny_hf, tiny_gg
         for a, b in zip(hf, gg):
             if a["p_yes"] is not None:
                 assert abs(a["p_yes"] - b["p_yes"]) < 0.02
+    # the choice protocol: llguidance on the HF weights, a GBNF grammar in llama.cpp; every answer
+    # is exactly si or no (nothing unparsed), and the two agree
+    for m in ("hf", "gguf"):
+        rows = pq.read_table(os.path.join(out, m, "ami2020", "predictions.parquet")).to_pylist()
+        choice = [r for r in rows if r["protocol"] == "choice"]
+        assert len(choice) == 10 and {r["raw"] for r in choice} <= {"si", "no"} and all(r["parsed"] for r in choice)
+        assert res["results"][m]["ami2020"]["choice/0"]["unparsed"] == 0
 
 
 def test_an_adapter_is_evaluated_on_its_recorded_base(tmp_path, tiny_hf, tiny_adapters, evalita_dir, ray_local):
@@ -280,7 +288,7 @@ def test_an_openai_compatible_endpoint_is_evaluated(tmp_path, tiny_hf, evalita_d
     finally:
         serve.shutdown()
     assert res["model_kinds"]["api"] == "endpoint"
-    assert set(res["results"]["api"]["ami2020"]) == {"generate/0", "score/0", "benchita/0"}
+    assert set(res["results"]["api"]["ami2020"]) == {"generate/0", "choice/0", "score/0", "benchita/0"}
     out = os.path.join(tmp_path, "evaluate", "runs")
     m = json.load(open(os.path.join(out, "api", "ami2020", "metrics.json")))
     assert not m.get("unsupported")
@@ -337,7 +345,7 @@ def test_an_endpoint_that_cannot_score_runs_the_rest(tmp_path, evalita_dir, ray_
         res = run_evaluate(_small(tmp_path, {"other": f"http://127.0.0.1:{srv.server_port}/v1"}, evalita_dir))
     finally:
         srv.shutdown()
-    assert set(res["results"]["other"]["ami2020"]) == {"generate/0", "benchita/0"}
+    assert set(res["results"]["other"]["ami2020"]) == {"generate/0", "choice/0", "benchita/0"}
     m = json.load(open(os.path.join(tmp_path, "evaluate", "runs", "other", "ami2020", "metrics.json")))
     assert "/v1/label" in m["unsupported"]["score/0"] and "log-probability" in m["unsupported"]["score/0"]
     assert [p for p in seen if p[1] == "/v1/label"] == [("POST", "/v1/label")]  # asked once

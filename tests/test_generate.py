@@ -130,3 +130,56 @@ def test_self_chat_embedding_dedup_drops_every_repeated_conversation(tmp_path, t
             assert s["near_duplicates"] == repeats
         # the random-init encoder only stands in for loading and pooling: its states (uncentred, as a
         # trained sentence-embedding model's should be) are nearly parallel, so it flags most pairs
+
+
+def test_constrained_answers_and_self_chat_turns_follow_their_format(tmp_path, tiny_hf):
+    """``generate.constraint`` holds each answer (prompts mode) or each assistant turn (self_chat) to
+    a format, ``generate.user_constraint`` each human turn; a constraint that cannot run, or one on
+    the hf engine, is named at compose time. The workers run as Ray's actors would, without Ray."""
+    import re
+
+    from cerbero_ray import batchjob
+    from cerbero_ray.config import check
+    from cerbero_ray.generate.pipeline import GenerateWorker, run_identity
+
+    inp = write_jsonl(tmp_path / "q.jsonl", [{"id": f"q{i}", "text": p} for i, p in enumerate(PROMPTS * 2)])
+    base = [f"paths.output_dir={tmp_path}", f"generate.checkpoint={tiny_hf}", f"generate.input={inp}"]
+    choice = ["generate.constraint.kind=choice", "generate.constraint.value=['sì',no,forse]"]
+    gc = check("generate", compose("generate", [*base, *choice, "generate.sampling.max_new_tokens=8"])).generate
+    GenerateWorker(gc).process(batchjob.plan_chunks(str(inp), "auto", 64)[0][0])
+    rows = pq.read_table(f"{gc.output_dir}/parts").to_pylist()
+    assert len(rows) == 6 and {r["completion"] for r in rows} <= {"sì", "no", "forse"}
+    assert run_identity(gc)["constraint"] == {"kind": "choice", "value": ["sì", "no", "forse"]}
+    plain = check("generate", compose("generate", base)).generate
+    assert "constraint" not in run_identity(plain)  # an unconstrained run's folder is what it was
+    ask = r"Domanda: [a-z ]{4,30}\?"
+    chat = [
+        *base,
+        "generate.mode=self_chat",
+        "generate.self_chat.turns=2",
+        "generate.self_chat.min_chars=1",
+        "generate.self_chat.dedup=none",
+        "generate.constraint.kind=regex",
+        "generate.constraint.value='Risposta: [a-z ]{4,30}\\.'",
+        "generate.user_constraint.kind=regex",
+        f"generate.user_constraint.value='{ask}'",
+        "generate.sampling.max_new_tokens=40",
+        "generate.self_chat.user_max_new_tokens=40",
+    ]
+    sc = check("generate", compose("generate", chat)).generate
+    GenerateWorker(sc).process(batchjob.plan_chunks(str(inp), "auto", 64)[0][0])
+    convs = [json.loads(r["messages"]) for r in pq.read_table(f"{sc.output_dir}/parts").to_pylist() if r["messages"]]
+    assert convs and any(len(c) == 4 for c in convs)
+    for c in convs:
+        assert all(re.fullmatch(r"Risposta: [a-z ]{4,30}\.", m["content"]) for m in c if m["role"] == "assistant")
+        assert all(re.fullmatch(ask, m["content"]) for m in c[1:] if m["role"] == "user")
+    for bad, says in [
+        (["generate.constraint.kind=regex", "generate.constraint.value='(?<=a)b'"], "generate.constraint: constrained"),
+        (["generate.constraint.kind=choice", "generate.constraint.value=[]"], "generate.constraint: a choice list"),
+        (["generate.constraint.kind=yaml"], "generate.constraint: unknown constraint"),
+        (["generate.constraint.value=[a]"], "generate.constraint.value is set but"),
+        ([*choice, "generate.engine=hf"], "runs on engine=continuous"),
+        (["generate.user_constraint.kind=json_object"], "generate.user_constraint: the human's turns are self_chat"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            check("generate", compose("generate", [*base, *bad]))

@@ -3,19 +3,15 @@ job killed midway finishes on rerun by processing only the missing chunks."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from cerbero_ray.batchjob import plan_chunks, read_chunk, start_run
-from cerbero_ray.config import REPO_DIR, compose, to_container
+from cerbero_ray.config import compose, to_container
 from cerbero_ray.config.label import BatchInferenceConfig
 from cerbero_ray.label import run_label
-from conftest import SAMPLES, write_jsonl
+from conftest import write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -92,59 +88,8 @@ def test_a_missing_input_or_unknown_format_is_named_before_the_output_is_claimed
         start_run("label", job(f, "csv"), "run.json", {})
 
 
-def test_killed_job_resumes_exactly_once(tmp_path, tiny_hf, ray_local):
-    texts = [json.loads(x)["text"] for x in open(os.path.join(SAMPLES, "label_it_sample.jsonl"))]
-    inp = write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"r{i}", "text": texts[i % len(texts)]} for i in range(1500)])
-    args = [
-        f"paths.output_dir={tmp_path}",
-        f"label.checkpoint={tiny_hf}",
-        f"label.input={inp}",
-        "label.chunk_rows=50",
-        "cluster.num_cpus=2",
-    ]
-    log = open(tmp_path / "job.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO_DIR, "jobs", "label.py"), *args],
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    parts = tmp_path / "label" / "sentiment" / "parts"
-    deadline = time.monotonic() + 300
-    while not (parts.exists() and len([p for p in os.listdir(parts) if p.endswith(".parquet")]) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)  # what `ray job stop`, Kubernetes and systemd send
-    try:
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    log.seek(0)
-    said = log.read()
-    assert proc.returncode == 128 + signal.SIGTERM, said[-3000:]
-    assert "[label] stopped by SIGTERM; the same command resumes" in said
-    assert "Traceback" not in said and "SIGTERM received" not in said  # no stack, no C++ dump
-    done_before = len([p for p in os.listdir(parts) if p.endswith(".parquet")])
-    assert done_before < 30  # killed midway
-    s = run_label(label_cfg(tmp_path, tiny_hf, inp, "label.chunk_rows=50"))
-    assert s["chunks_skipped"] >= done_before and s["chunks_processed"] == 30 - s["chunks_skipped"]
-    ids = [r["id"] for r in output(tmp_path / "label" / "sentiment")]
-    assert sorted(ids) == sorted(f"r{i}" for i in range(1500))
-    assert not [p for p in os.listdir(parts) if p.endswith(".tmp")]
-    # a rerun with another task into the same folder is refused, not mixed in
-    with pytest.raises(FileExistsError, match="task"):
-        run_label(
-            label_cfg(
-                tmp_path,
-                tiny_hf,
-                inp,
-                "label.chunk_rows=50",
-                "label/task=irony",
-                f"label.output_dir={tmp_path}/label/sentiment",
-            )
-        )
+# a job killed midway and rerun (exactly once, the SIGTERM line, another task refused into the same
+# folder): tests/test_label_extract.py, on the extract task (the same chunk machinery, its slower rows)
 
 
 def test_a_folder_of_mixed_broken_and_compressed_files_is_labeled_row_for_row(tmp_path, tiny_hf, ray_local):

@@ -152,8 +152,16 @@ def _answer(sock: socket.socket) -> tuple[int, dict]:
 
 LONG = {
     "messages": [{"role": "user", "content": "Raccontami una storia lunga."}],
-    "max_tokens": 512,
+    "max_tokens": 256,
     "temperature": 0.8,
+}
+# heavy label work (the hostile pass's finding 7): an inline task of 16 long labels over 16 texts (near the cost limit)
+HEAVY_LABEL = {
+    "task": {
+        "instruction": "Di quale argomento parla il testo?",
+        "labels": {f"l{i}": f"{i} " + "argomento molto specifico " * 8 for i in range(16)},
+    },
+    "texts": [f"Testo numero {i}: " + "una frase qualunque sul tempo e sul mare. " * 6 for i in range(16)],
 }
 
 
@@ -177,32 +185,51 @@ def test_stalled_uploads_hold_no_slot_and_sigterm_keeps_every_accepted_request(t
         assert all(st == 408 and b["error"]["code"] == "timeout" for st, b in answers), answers[:2]
         for s in stalled:
             s.close()
-        # 2. SIGTERM with 16 requests running and 8 queued: all 24 get an answer, none is dropped
+        # 2. SIGTERM with 16 requests running, 8 queued and heavy label work (the scorer runs between
+        # decode steps on the same model): all 24 and the label requests get an answer, none is dropped
         with cf.ThreadPoolExecutor(40) as pool:
             accepted = [pool.submit(_try, f"{url}/v1/chat/completions", LONG) for _ in range(24)]
+            labels = [pool.submit(_try, f"{url}/v1/label", HEAVY_LABEL, 180) for _ in range(3)]
             time.sleep(2.0)
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)  # the proxies have seen the drain: a new request is a 503 until the port closes
-            late = []
-            while True:
-                r = _try(f"{url}/v1/chat/completions", LONG, 180)  # one accepted before the drain is served
-                late.append(r)
-                if not isinstance(r[0], int) or len(late) > 400:
-                    break
-                time.sleep(0.05)
+            signalled = time.monotonic()
+            # new requests every 0.1 s, each on its own thread (one accepted before the proxies learnt
+            # of the drain is served whole, which takes a while), until the port closes
+            sent = []  # (seconds after the signal, future)
+            with cf.ThreadPoolExecutor(64) as probes:
+                while len(sent) < 600 and not any(
+                    f.done() and not isinstance(f.result()[0], int) for _, f in sent[-20:]
+                ):
+                    sent.append(
+                        (time.monotonic() - signalled, probes.submit(_try, f"{url}/v1/chat/completions", LONG, 180))
+                    )
+                    time.sleep(0.1)
+                late = [(at, f.result()) for at, f in sent]
             results = [f.result() for f in accepted]
+            labeled = [f.result() for f in labels]
+        # the label requests, accepted before the signal, are answered whole (every text, every label)
+        assert [c for c, _, _ in labeled] == [200] * 3, [(c, b) for c, b, _ in labeled]
+        assert all(len(b["results"]) == 16 and len(b["results"][0]["probs"]) == 16 for _, b, _ in labeled)
+        # README: the proxies learn of the drain within ~0.25 s idle, 0.6-0.8 s seen under heavy label
+        # work; from then on every new request is a 503 (or, once the port closes, refused)
+        first_503 = min(at for at, r in late if r[0] == 503)
+        assert first_503 < 3, [(round(at, 2), r[0]) for at, r in late[:40]]
+        assert all(r[0] != 200 for at, r in late if at > first_503 + 0.5), [(round(at, 2), r[0]) for at, r in late]
+        late = [r for _, r in late]
         codes = [r[0] for r in results]
         assert all(c in (200, 503) for c in codes), codes  # never a dropped connection
         assert codes.count(200) >= 16, codes  # the 16 in flight when the signal came: answered whole
         assert all(b["choices"][0]["finish_reason"] in ("stop", "length") for c, b, _ in results if c == 200)
         for c, body, headers in results + [r for r in late if isinstance(r[0], int)]:
-            if c == 503:
+            if c == 503:  # the drain's own 503, never "the grace period ran out" (60 s here)
                 assert body["error"]["code"] == "shutting_down" and headers.get("retry-after"), (body, headers)
+                assert "grace period ran out" not in body["error"]["message"], body
         late_codes = [r[0] for r in late]
         # the port closed: refused, or reset when the connection reached the kernel's backlog as the
         # listener closed (never read: not an accepted request; those are all answered above)
-        assert late_codes[-1] in ("ConnectionRefusedError", "ConnectionResetError") or len(late) > 400, late_codes[-5:]
-        assert 503 in late_codes and all(c in (200, 503) for c in late_codes[:-1]), late_codes
+        gone = [c for c in late_codes if not isinstance(c, int)]
+        assert set(gone) <= {"ConnectionRefusedError", "ConnectionResetError"} and (gone or len(late) >= 600), gone
+        assert 503 in late_codes and all(c in (200, 503) for c in late_codes if isinstance(c, int)), late_codes
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0 and "[serve] stopped" in out, out[-3000:]  # drained, then exit 0
         assert "core dumped" not in out.lower()

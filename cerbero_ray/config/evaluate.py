@@ -1,5 +1,5 @@
 """The evaluation stage's schema and its checks: SQuAD-it and EVALITA tables for any models (HF
-folders or URIs, GGUF files, OpenAI-compatible endpoints), under three protocols and several prompt
+folders or URIs, GGUF files, OpenAI-compatible endpoints), under four protocols and several prompt
 wordings, with bootstrap intervals."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from cerbero_ray.config.common import (
 
 TASK_KINDS = ("squad", "ami2020", "ironita", "sentipolc")
 SHOT_MODES = ("draws", "per_row")
-PROTOCOLS = ("generate", "score", "benchita")
+PROTOCOLS = ("generate", "choice", "score", "benchita")
 PROMPT_WORDINGS = {"squad": 2, "ami2020": 3, "ironita": 3, "sentipolc": 3}  # len(evaluate.prompts.PROMPTS[kind])
 
 
@@ -40,7 +40,8 @@ class EvalTaskConfig:
     shot_draws: int = 3
     max_rows: Optional[int] = None  # score a seeded sample of this many rows; null: every row
     pool_rows: int = 100  # ami2020 / ironita: rows held out (fixed seed) as the shot pool
-    protocols: List[str] = field(default_factory=lambda: ["generate", "score", "benchita"])  # squad: no score
+    # squad: generate and benchita; EVALITA also score, and choice (generate held to si/no)
+    protocols: List[str] = field(default_factory=lambda: ["generate", "score", "benchita"])
     prompts: Optional[List[int]] = None  # the prompt wordings to run (indices); null: every shipped one
     max_new_tokens: int = 32  # the generate protocol's (benchita's own: 100 SQuAD, 10 EVALITA)
 

@@ -13,6 +13,7 @@ from cerbero_ray.config.common import (
     check_local_checkpoint,
     one_of,
 )
+from cerbero_ray.config.constraint import ConstraintConfig, config_grammar
 from cerbero_ray.config.label import BatchInferenceConfig, check_batch_inference
 from cerbero_ray.config.sampling import Sampling, check_sampling
 
@@ -44,6 +45,10 @@ class GenerateConfig(BatchInferenceConfig):
     max_prompt_tokens: int = 2048
     sampling: Sampling = field(default_factory=Sampling)
     self_chat: SelfChatConfig = field(default_factory=SelfChatConfig)
+    # the answers' format (prompts mode), the assistant's turns (self_chat): a JSON schema, any JSON
+    # object, a regex or a choice list, by constrained decoding (continuous engine); null kind: free
+    constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
+    user_constraint: ConstraintConfig = field(default_factory=ConstraintConfig)  # self_chat: the human's turns
 
 
 @dataclass
@@ -61,6 +66,13 @@ def check_generate(c: GenerateStageConfig, before: frozenset = frozenset()) -> N
     at_least(gc, ("batch_size", "max_prompt_tokens"), 1, "generate")
     one_of(gc.engine, GENERATION_ENGINES, "generate.engine")
     check_sampling(gc.sampling, "generate.sampling")
+    constrained = [k for k in ("constraint", "user_constraint") if config_grammar(getattr(gc, k), f"generate.{k}")]
+    if constrained and gc.engine != "continuous":
+        raise ValueError(f"generate.{constrained[0]}: constrained decoding runs on engine=continuous, not {gc.engine}")
+    if "user_constraint" in constrained and gc.mode != "self_chat":
+        raise ValueError("generate.user_constraint: the human's turns are self_chat's (generate.mode=self_chat)")
+    if gc.sampling.grammar is not None:
+        raise ValueError("generate.sampling.grammar: set generate.constraint (kind and value) instead")
     sc = gc.self_chat
     at_least(sc, ("turns", "user_max_new_tokens", "dedup_ngram", "dedup_max_tokens"), 1, "generate.self_chat")
     one_of(sc.dedup, DEDUP, "generate.self_chat.dedup")

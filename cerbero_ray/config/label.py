@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -26,8 +26,11 @@ class LabelTaskConfig:
     name: str = MISSING
     instruction: str = MISSING
     labels: Dict[str, str] = field(default_factory=dict)  # label -> Italian verbalizer
-    few_shot: List[Dict[str, str]] = field(default_factory=list)  # [{text, label}]
+    few_shot: List[Dict[str, Any]] = field(default_factory=list)  # [{text, label}]; extract: [{text, output}]
     template: Optional[str] = None  # the human's turn with {text}; null: instruction + text + the options
+    kind: str = "classify"  # classify: score the labels; extract: JSON under `schema`, a typed column per property
+    schema: Optional[Dict[str, Any]] = None  # extract: a JSON schema of an object
+    max_new_tokens: int = 256  # extract: the answer's token budget (an answer cut there is an error row)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class LabelConfig(BatchInferenceConfig):
     max_text_tokens: int = 512  # longer texts keep their first tokens (truncated=true)
     max_batch_tokens: int = 16384  # padded tokens per forward pass
     sort_window: int = 256  # rows sorted by length within this window
+    slots: int = 16  # extract tasks: answers decoded together (the continuous engine's KV-cache slots)
 
 
 @dataclass
@@ -84,7 +88,7 @@ def check_label(c: LabelStageConfig, before: frozenset = frozenset()) -> None:
     check_batch_inference(lc, "label")
     if "train" not in before:
         check_local_checkpoint(lc.checkpoint, "label.checkpoint", lc.base)
-    at_least(lc, ("max_text_tokens", "max_batch_tokens", "sort_window"), 1, "label")
+    at_least(lc, ("max_text_tokens", "max_batch_tokens", "sort_window", "slots"), 1, "label")
     if lc.task_file:
         check_local_path(lc.task_file, "label.task_file")
     resolve_task(lc)  # a ValueError naming label.task… for a malformed task

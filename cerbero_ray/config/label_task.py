@@ -1,7 +1,12 @@
 """A labeling task (the ``label.task`` schema, and ``serve.label_tasks``): an Italian instruction,
-labels with their verbalizers, optional few-shot examples, an optional template. Validated when
-made, so a malformed task is a ``ValueError`` naming its key at compose time. How a task becomes
-prompts and label continuations is :mod:`cerbero_ray.inference.label_prompts`."""
+optional few-shot examples, an optional template, and either
+
+- ``kind: classify`` (the default): labels with their verbalizers, each scored; or
+- ``kind: extract``: a JSON schema the answer must follow (constrained decoding), written as one
+  typed Parquet column per property (:func:`column_types`).
+
+Validated when made, so a malformed task is a ``ValueError`` naming its key at compose time. How a
+task becomes prompts and label continuations is :mod:`cerbero_ray.inference.label_prompts`."""
 
 from __future__ import annotations
 
@@ -10,9 +15,14 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 
 import yaml
 
+from cerbero_ray.config.constraint import plain
 from cerbero_ray.logs import short
 
-TASK_KEYS = {"name", "instruction", "labels", "few_shot", "template"}
+TASK_KEYS = {"name", "instruction", "labels", "few_shot", "template", "kind", "schema", "max_new_tokens"}
+KINDS = ("classify", "extract")
+# the extract job's own columns: a schema property of one of these names would collide with them
+RESERVED_COLUMNS = ("id", "json", "new_tokens", "truncated", "error", "task", "model", "prompt_hash")
+MAX_EXTRACT_TOKENS = 4096
 
 
 MAX_NAME_CHARS = 64  # a label's name: a column value and a key of every result's probs
@@ -29,12 +39,22 @@ class LabelTask:
     # goes (a template without it leaves the instruction out of the prompt); None: the instruction,
     # the text and the options
     template: str | None = None
+    kind: str = "classify"  # classify: score the labels; extract: generate JSON under `schema`
+    schema: dict | None = None  # extract: a JSON schema of an object (its properties become columns)
+    max_new_tokens: int = 256  # extract: the answer's token budget (a longer one is an error row)
 
     def __post_init__(self):
         if not self.name.strip() or not self.instruction.strip():
             raise ValueError("label.task: name and instruction are required (and not blank)")
         if self.template is not None and "{text}" not in self.template:
             raise ValueError(f"label.task.template must hold {{text}}, got {short(self.template)}")
+        if self.kind not in KINDS:
+            raise ValueError(f"label.task.kind must be one of {KINDS}, got {short(self.kind)}")
+        if self.kind == "extract":
+            _check_extract(self)
+            return
+        if self.schema is not None:
+            raise ValueError("label.task.schema is for kind: extract (a classify task has labels)")
         if len(self.labels) < 2:
             raise ValueError(f"label.task.labels: at least two labels, got {short(list(self.labels))}")
         _check_labels(self.labels)
@@ -43,6 +63,106 @@ class LabelTask:
                 raise ValueError(
                     f"label.task.few_shot: each example is {{text, label}} with a known label, got {short(ex)}"
                 )
+
+    def keys(self) -> dict:
+        """The task as its YAML keys (what ``task_from_dict`` and ``/v1/label``'s inline task read); a
+        classify task without the extract keys, so it is what it was before extract tasks came."""
+        d = {"name": self.name, "instruction": self.instruction, "labels": dict(self.labels)}
+        d |= {"few_shot": [dict(x) for x in self.few_shot], "template": self.template}
+        if self.kind != "classify":
+            d |= {"kind": self.kind, "schema": self.schema, "max_new_tokens": self.max_new_tokens}
+        return d
+
+    def identity(self) -> list:
+        """What fixes the task's prompts and answers (a classify task's stays what it was before
+        extract tasks came, so earlier runs still match)."""
+        out = [self.name, self.instruction, self.labels, self.few_shot]
+        out += [self.template] if self.template is not None else []
+        return out + ([self.kind, self.schema, self.max_new_tokens] if self.kind != "classify" else [])
+
+
+def _check_extract(t: LabelTask) -> None:
+    if t.labels:
+        raise ValueError("label.task.labels: an extract task has a schema, not labels")
+    if not isinstance(t.schema, dict) or not t.schema:
+        raise ValueError("label.task.schema: an extract task needs a JSON schema (a mapping)")
+    if not 1 <= int(t.max_new_tokens) <= MAX_EXTRACT_TOKENS:
+        raise ValueError(f"label.task.max_new_tokens must be within 1..{MAX_EXTRACT_TOKENS}, got {t.max_new_tokens}")
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(t.schema).check_schema(t.schema)
+    except jsonschema.SchemaError as e:
+        raise ValueError(f"label.task.schema is not a valid JSON schema: {short(e.message)}") from None
+    column_types(t.schema)
+    from cerbero_ray.config.constraint import check
+
+    check("json_schema", t.schema, "label.task.schema")
+    for ex in t.few_shot:
+        if set(ex) != {"text", "output"} or not isinstance(ex["output"], dict):
+            raise ValueError(
+                f"label.task.few_shot: each example of an extract task is {{text, output}}, got {short(ex)}"
+            )
+        problem = jsonschema.validators.validator_for(t.schema)(t.schema).iter_errors(ex["output"])
+        first = next(iter(sorted(problem, key=lambda e: list(e.path))), None)
+        if first is not None:
+            raise ValueError(f"label.task.few_shot: an example's output breaks the schema: {short(first.message)}")
+
+
+_SCALARS = {"string": "string", "integer": "int64", "number": "float64", "boolean": "bool"}
+
+
+def column_types(schema: dict) -> dict[str, object]:
+    """{property: its column type} for an extract task's schema: ``"string"``, ``"int64"``,
+    ``"float64"``, ``"bool"``, ``"dictionary"`` (a string enum), ``("list", t)`` (an array of
+    ``items``), ``("struct", {name: t})`` (an object of ``properties``); a type with ``"null"`` beside
+    it (``type: [string, "null"]``, or ``anyOf`` of one type and null) is that type. ``ValueError``
+    naming the property whose schema has no single column type."""
+    if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict) or not schema["properties"]:
+        raise ValueError("label.task.schema: the top level must be {type: object, properties: {…}} (one column each)")
+    props = schema["properties"]
+    clash = sorted(set(props) & set(RESERVED_COLUMNS))
+    if clash:
+        raise ValueError(f"label.task.schema: properties {clash} would collide with the job's own columns")
+    return {name: _column_type(p, f"label.task.schema.properties.{name[:64]}") for name, p in props.items()}
+
+
+def _column_type(p, where: str):
+    if not isinstance(p, dict):
+        raise ValueError(f"{where}: a property's schema must be a mapping")
+    for key in ("anyOf", "oneOf"):
+        if key in p:
+            kept = [x for x in p[key] if not (isinstance(x, dict) and x.get("type") == "null")]
+            if len(kept) != 1:
+                raise ValueError(f"{where}: {key} of several types has no single column type; give it one type")
+            return _column_type(kept[0], where)
+    t = p.get("type")
+    if isinstance(t, list):
+        kept = [x for x in t if x != "null"]
+        if len(kept) != 1:
+            raise ValueError(f"{where}: type {short(t)} has no single column type; give it one type (null aside)")
+        t = kept[0]
+    if t is None and "enum" in p:
+        t = "string" if all(isinstance(v, str) for v in p["enum"]) else None
+    if t is None and isinstance(p.get("const"), str):
+        t = "string"
+    if t == "string":
+        return "dictionary" if "enum" in p else "string"
+    if t in _SCALARS:
+        return _SCALARS[t]
+    if t == "array":
+        if not isinstance(p.get("items"), dict):
+            raise ValueError(f"{where}: an array needs one `items` schema")
+        return ("list", _column_type(p["items"], f"{where}.items"))
+    if t == "object":
+        inner = p.get("properties")
+        if not isinstance(inner, dict) or not inner:
+            raise ValueError(f"{where}: an object needs `properties` (its fields become a struct's)")
+        return ("struct", {k: _column_type(v, f"{where}.{k[:64]}") for k, v in inner.items()})
+    raise ValueError(
+        f"{where}: no column type for {short(t if t is not None else p)}; use one of "
+        "string, integer, number, boolean, array, object, a string enum"
+    )
 
 
 def _check_labels(labels: dict[str, str]) -> None:
@@ -83,12 +203,16 @@ def task_from_dict(d) -> LabelTask:
     unknown = set(d) - TASK_KEYS
     if unknown:
         raise ValueError(f"label.task: unknown keys {sorted(unknown)}; allowed {sorted(TASK_KEYS)}")
+    schema = d.get("schema")
     return LabelTask(
         d.get("name", ""),
         d.get("instruction", ""),
         {str(k): str(v) for k, v in (d.get("labels") or {}).items()},
-        [dict(x) for x in d.get("few_shot") or []],
+        [dict(plain(x)) for x in d.get("few_shot") or []],
         d.get("template"),
+        d.get("kind") or "classify",
+        plain(schema) if schema is not None else None,
+        int(256 if d.get("max_new_tokens") is None else d["max_new_tokens"]),
     )
 
 

@@ -111,9 +111,14 @@ def check_serve(c: ServeStageConfig, before: frozenset = frozenset()) -> None:
     check_adapters(sc)
     for name, task in sc.label_tasks.items():
         try:
-            task_from_dict(task)
+            t = task_from_dict(task)
         except ValueError as e:
             raise ValueError(f"serve.label_tasks.{name}: {e}") from None
+        if t.kind != "classify":
+            raise ValueError(
+                f"serve.label_tasks.{name}: an {t.kind} task runs in the label job (jobs/label.py); a client "
+                "gets the same per request from /v1/chat/completions with response_format json_schema"
+            )
 
 
 def check_adapters(sc: ServeConfig) -> None:

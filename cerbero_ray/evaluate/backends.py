@@ -5,8 +5,11 @@ the child process or behind the endpoint).
 
 - ``.gguf``: prompts are rendered and tokenized with the cerbero tokenizer (the file must carry the
   Mistral vocabulary, as our export writes it; its chat template says which assistant tag), then
-  llama.cpp generates greedily or scores each label's continuation: every protocol runs.
-- ``http(s)://…/v1``: ``/v1/chat/completions`` at temperature 0 for the generating protocols. The
+  llama.cpp generates greedily (under a GBNF grammar for ``choice``) or scores each label's
+  continuation: every protocol runs.
+- ``http(s)://…/v1``: ``/v1/chat/completions`` at temperature 0 for the generating protocols
+  (``choice`` sends ``guided_choice``, as vLLM and our server read it; an endpoint that refuses it
+  answers 400 per row, counted as errors). The
   ``score`` protocol needs the log-probability of given answers, which the chat API does not
   return: on cerbero-ray's own server it goes through ``/v1/label`` with the unit's yes/no task
   sent inline (the same scorer as the HF path, on the served model or adapter); an endpoint
@@ -111,19 +114,22 @@ class GGUFRunner:
         self.session.close()
 
     def run(self, rows: list[dict]) -> list[dict]:
+        from cerbero_ray import llamacpp
         from cerbero_ray.tokenizer import encode_prompts
 
         out = [None] * len(rows)
         gen = [i for i, r in enumerate(rows) if r["text"] is None]
-        for (new, newline), idx in _groups(rows, gen, lambda r: (r["max_new_tokens"], r["stop_at_newline"])).items():
+        by = lambda r: (r["max_new_tokens"], r["stop_at_newline"], r.get("choices"))  # noqa: E731
+        for (new, newline, choices), idx in _groups(rows, gen, by).items():
             prompts = [
                 self.tok.apply_chat_template(rows[i]["messages"], tokenize=False, add_generation_prompt=True)
                 for i in idx
             ]
             ids, cut = encode_prompts(self.tok, prompts, self.cfg.max_prompt_tokens)
-            toks = self.call("generate_many", path=self.path, prompts=ids, max_tokens=new, stop=_stops(newline))[
-                "tokens"
-            ]
+            grammar = llamacpp.choice_grammar(json.loads(choices)) if choices else None
+            toks = self.call(
+                "generate_many", path=self.path, prompts=ids, max_tokens=new, stop=_stops(newline), grammar=grammar
+            )["tokens"]
             for i, t, c in zip(idx, toks, cut):
                 out[i] = {
                     "raw": _cut(self.tok.decode(t, skip_special_tokens=True), _stops(newline)),
@@ -223,6 +229,8 @@ class EndpointRunner:
                 "temperature": 0,
                 "stop": _stops(r["stop_at_newline"]),
             }
+            if r.get("choices"):  # the choice protocol: vLLM's name, which our server accepts too
+                body["guided_choice"] = json.loads(r["choices"])
             try:
                 text = self._request("/chat/completions", body)["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as e:

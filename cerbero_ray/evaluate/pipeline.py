@@ -18,6 +18,7 @@ paired intervals of each model against the first, ``results.json``, ``results.md
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
@@ -118,6 +119,7 @@ def _requests(todo: dict[str, list[Unit]]) -> list[dict]:
             "scorer": f"{name}/{u.key}/{r['id']}" if "task" in r else f"{name}/{u.key}",
             "max_new_tokens": u.max_new_tokens,
             "stop_at_newline": u.stop_at_newline,
+            "choices": json.dumps(u.choices, ensure_ascii=False) if u.choices else None,  # choice: the allowed answers
         }
         for name, units in todo.items()
         for u in units

@@ -1,6 +1,6 @@
 """The prompts of each evaluation task, under each protocol. Plain data and string building.
 
-Three protocols, each named for what it is:
+Four protocols, each named for what it is:
 
 - ``generate`` (ours): the task as a yes/no question (EVALITA) or a short-answer reading question
   (SQuAD-it) in the cerbero chat, few-shot turns, greedy decoding of at most ``max_new_tokens``
@@ -8,6 +8,10 @@ Three protocols, each named for what it is:
   misogino`` → yes), an answer that does not start with ``si``/``no`` is *unparsed* (counted, then
   mapped to the nearest label by edit distance). The seed's README shows neither its prompts nor its
   parsing: this is our reading of its table headers (5-shot yes/no questions, SQuAD-it 3-shot).
+- ``choice`` (ours): ``generate`` with the answer held to exactly ``si`` or ``no`` by constrained
+  decoding (a choice grammar: llguidance on HF weights, a GBNF grammar in llama.cpp,
+  ``guided_choice`` to an endpoint). Nothing is left unparsed by construction; beside ``generate`` it
+  measures what the free answer's parsing costs.
 - ``score`` (ours): the same prompts; the log-probability of ``si`` and of ``no`` as the
   assistant's whole answer, no generation, no parsing.
 - ``benchita``: the authors' later public harness (galatolofederico/benchita) as we read its code:

@@ -9,6 +9,8 @@ How each protocol reads an answer (:mod:`cerbero_ray.evaluate.prompts`):
   first gold answer.
 - EVALITA ``generate``: the first word's label (``si``/``no``); an answer whose first word is
   neither is *unparsed*, counted, and mapped to the nearest label by edit distance (the fallback).
+- EVALITA ``choice``: read as ``generate``; the answer was generated under a choice constraint
+  (exactly ``si`` or ``no``), so none is unparsed unless it was cut short.
 - EVALITA ``score``: yes when p(yes) > 0.5.
 - EVALITA ``benchita``: prefix matching to the upper-case labels, or the unknown class (counted).
 """
@@ -60,7 +62,7 @@ def read_unit(p: Prepared, unit: Unit, outs: dict[str, dict]) -> tuple[list[dict
         labels = list(prompts.BENCHITA_LABELS.get(p.kind, ()))
         for q, g in golds.items():
             o, parsed = outs[q], None
-            if unit.protocol == "generate":
+            if unit.protocol in ("generate", "choice"):
                 label, parsed = parse_yes_no(o["raw"] or "", VERBALIZERS)
                 counts["unparsed"] += not parsed
                 c = int(label == "yes")

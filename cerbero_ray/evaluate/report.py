@@ -22,7 +22,7 @@ from cerbero_ray.evaluate.evalita import SEED_NAMES
 log = logging.getLogger(__name__)
 
 EVALITA = list(SEED_NAMES)  # ami2020, ironita, sentipolc: the seed's column order
-PROTOCOLS = ("generate", "score", "benchita")
+PROTOCOLS = ("generate", "choice", "score", "benchita")
 TITLES = {
     "f1": "F1 of the positive class",
     "macro_f1": "macro-F1",
@@ -126,7 +126,7 @@ def evalita_table(results: dict, published: list[dict], metric: str) -> list[str
 def counts_table(results: dict) -> list[str]:
     """Answers the protocols could not read, and prompts cut to fit, per model and task."""
     lines = [
-        "| Model | task | protocol/prompt | unparsed (generate) | unknown (benchita) | too long (score) | "
+        "| Model | task | protocol/prompt | unparsed (generate, choice) | unknown (benchita) | too long (score) | "
         "prompts cut |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -169,7 +169,7 @@ def draws_table(results: dict) -> list[str]:
     for model, res in results["results"].items():
         for t, units in res.items():
             shots = results["tasks"].get(t, {}).get("shots") or []
-            for proto in ("generate", "score"):
+            for proto in ("generate", "choice", "score"):
                 ds = _draws(units, proto)
                 if len(ds) < 2:
                     continue

@@ -31,7 +31,8 @@ class Unit:
     max_new_tokens: int = 0
     stop_at_newline: bool = True
     task: dict | None = None  # score: the yes/no label task (its shots and template)
-    draw: int = 0  # which draw of few-shot examples (EVALITA generate/score)
+    draw: int = 0  # which draw of few-shot examples (EVALITA generate/choice/score)
+    choices: list[str] | None = None  # choice: the only answers the constrained decoding allows
 
     @property
     def key(self) -> str:
@@ -39,7 +40,8 @@ class Unit:
 
     def prompt_hash(self) -> str:
         """Identifies exactly what the model is asked (every row's messages or text, the task)."""
-        blob = json.dumps({"requests": self.requests, "task": self.task}, sort_keys=True, ensure_ascii=False)
+        what = {"requests": self.requests, "task": self.task} | ({"choices": self.choices} if self.choices else {})
+        blob = json.dumps(what, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -122,7 +124,7 @@ def _evalita(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
     own = {r["id"]: evalita.pick_shots(pool, tc.shots, f"{seed}:{r['id']}:shots") for r in scored} if per_row else {}
     units = []
     for protocol in tc.protocols:
-        if protocol in ("generate", "score"):
+        if protocol in ("generate", "choice", "score"):
             for d, shots in enumerate(shot_sets):
                 for p in wordings(tc, tc.kind):
                     units.append(_evalita_unit(spec, protocol, p, d, shots, scored, own, tc.max_new_tokens))
@@ -138,7 +140,7 @@ def _evalita(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
 
 
 def _evalita_unit(spec, protocol, p, d, shots, scored, own, max_new_tokens) -> Unit:
-    """A generate or score unit of wording ``p`` and draw ``d``: one shot set for every row, or
+    """A generate, choice or score unit of wording ``p`` and draw ``d``: one shot set for every row, or
     (``own``: row id -> its shots) every row its own, carried by its request."""
     from cerbero_ray.inference.label_prompts import messages
 
@@ -152,8 +154,10 @@ def _evalita_unit(spec, protocol, p, d, shots, scored, own, max_new_tokens) -> U
             else {"id": r["id"], "messages": messages(task, r["text"])}
         )
         if own and protocol == "score":
-            req["task"] = asdict(task)
+            req["task"] = task.keys()
         reqs.append(req)
     if protocol == "score":
-        return Unit("score", p, reqs, task=None if own else asdict(shared), draw=d)
+        return Unit("score", p, reqs, task=None if own else shared.keys(), draw=d)
+    if protocol == "choice":
+        return Unit("choice", p, reqs, max_new_tokens, True, draw=d, choices=[prompts.YES, prompts.NO])
     return Unit("generate", p, reqs, max_new_tokens, True, draw=d)

@@ -1,9 +1,10 @@
 """What one model actor of the evaluation runs: batches of request rows (columns ``task``, ``unit``,
-``id``, ``messages`` or ``text``, ``max_new_tokens``, ``stop_at_newline``), each answered on the
+``id``, ``messages`` or ``text``, ``max_new_tokens``, ``stop_at_newline``, ``choices``), each answered on the
 inference core's engines. Plain PyTorch, no Ray (Ray Data runs it in an actor pool).
 
 - a row with ``messages``: greedy generation on the continuous-batching engine, stopping at
-  ``[|Umano|]`` (and at a newline when ``stop_at_newline``): its ``raw`` answer;
+  ``[|Umano|]`` (and at a newline when ``stop_at_newline``): its ``raw`` answer; with ``choices``
+  (a JSON list), the answer held to exactly one of them (a choice grammar);
 - a row with ``text``: the label scorer of its unit's yes/no task: ``p_yes``.
 
 Every result row says whether its prompt was cut to fit (``truncated``).
@@ -11,6 +12,7 @@ Every result row says whether its prompt was cut to fit (``truncated``).
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 from cerbero_ray.chat import STOP_STRING
@@ -18,11 +20,16 @@ from cerbero_ray.config.sampling import Sampling
 from cerbero_ray.evaluate.backends import ModelRun
 
 
-def sampling(max_new_tokens: int, stop_at_newline: bool) -> Sampling:
-    """Greedy, stopping at the user's tag (and a newline): what every generating protocol uses."""
-    return Sampling(
-        max_new_tokens=max_new_tokens, temperature=0.0, stop=[STOP_STRING, *(["\n"] if stop_at_newline else [])], seed=0
-    )
+def sampling(max_new_tokens: int, stop_at_newline: bool, choices: str | None = None) -> Sampling:
+    """Greedy, stopping at the user's tag (and a newline): what every generating protocol uses;
+    ``choices`` (a JSON list): the answer is exactly one of them."""
+    g = None
+    if choices:
+        from cerbero_ray.inference.grammar import grammar
+
+        g = grammar("choice", json.loads(choices))
+    stop = [STOP_STRING, *(["\n"] if stop_at_newline else [])]
+    return Sampling(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, seed=0, grammar=g)
 
 
 class EvalWorker:
@@ -56,11 +63,12 @@ class EvalWorker:
     def __call__(self, batch) -> dict:
         rows = batch.to_pylist()
         out = [None] * len(rows)
-        groups = defaultdict(list)  # (task, unit, max_new_tokens, stop_at_newline) -> row indices
+        groups = defaultdict(list)  # (task, unit, max_new_tokens, stop_at_newline, scorer, choices) -> rows
         for i, r in enumerate(rows):
             scorer = r.get("scorer") or f"{r['task']}/{r['unit']}" if r["text"] is not None else None
-            groups[(r["task"], r["unit"], r["max_new_tokens"], r["stop_at_newline"], scorer)].append(i)
-        for (_task, _unit, new, newline, scorer), idx in groups.items():
+            key = (r["task"], r["unit"], r["max_new_tokens"], r["stop_at_newline"], scorer, r.get("choices"))
+            groups[key].append(i)
+        for (_task, _unit, new, newline, scorer, choices), idx in groups.items():
             if scorer:
                 for i, s in zip(idx, self._scorer(scorer).score([rows[i]["text"] for i in idx])):
                     p_yes = s["probs"]["yes"] if s.get("probs") else None
@@ -70,7 +78,7 @@ class EvalWorker:
                     self.tok.apply_chat_template(rows[i]["messages"], tokenize=False, add_generation_prompt=True)
                     for i in idx
                 ]
-                for i, g in zip(idx, self.batcher.generate(prompts, sampling(new, newline))):
+                for i, g in zip(idx, self.batcher.generate(prompts, sampling(new, newline, choices))):
                     out[i] = {"raw": g["text"], "p_yes": None, "truncated": bool(g["truncated"])}
         return {
             "task": [r["task"] for r in rows],

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from cerbero_ray import batchjob, storage
 from cerbero_ray.checkpoints import check_checkpoint, check_inference
 from cerbero_ray.config import check
+from cerbero_ray.config.constraint import config_grammar, plain
 from cerbero_ray.config.generate import GenerateConfig, GenerateStageConfig
 from cerbero_ray.inference.batch import generate_columns
 from cerbero_ray.models import load_for_inference
@@ -52,6 +53,9 @@ class GenerateWorker(batchjob.ChunkWorker):
         model, self.tok = load_for_inference(gc.checkpoint, gc.dtype, gc.base)
         self.model, self._embedder = model, None
         self.gen = build_engine(model, self.tok, engine_config(gc))
+        # the answers' and the human turns' grammars (None: free text), checked at compose time
+        self.sampling = replace(gc.sampling, grammar=config_grammar(gc.constraint, "generate.constraint"))
+        self.user_grammar = config_grammar(gc.user_constraint, "generate.user_constraint")
 
     def process(self, chunk: batchjob.Chunk) -> dict:
         gc = self.gc
@@ -70,7 +74,7 @@ class GenerateWorker(batchjob.ChunkWorker):
             self.gen,
             self.tok,
             [r["text"] for r in rows],
-            self.gc.sampling,
+            self.sampling,
             seed,
             [r["error"] for r in rows],
         )
@@ -88,13 +92,13 @@ class GenerateWorker(batchjob.ChunkWorker):
     def _self_chat(self, rows, good, seed):
         from cerbero_ray.generate.selfchat import self_chat
 
-        sc, s = self.gc.self_chat, self.gc.sampling
+        sc, s = self.gc.self_chat, self.sampling
         convs, reasons = self_chat(
             self.gen,
             [r["text"] for r in good],
             turns=sc.turns,
             sampling=s,
-            user_sampling=replace(s, max_new_tokens=sc.user_max_new_tokens),
+            user_sampling=replace(s, max_new_tokens=sc.user_max_new_tokens, grammar=self.user_grammar),
             assistant_tag=sc.assistant_tag,
             min_chars=sc.min_chars,
             max_repeat=sc.max_repeat_ratio,
@@ -180,8 +184,9 @@ def conversation_text(messages: list[dict]) -> str:
 
 
 def run_identity(gc: GenerateConfig) -> dict:
-    """What fixes a generation run's output: another run into the same folder must match it."""
-    return {
+    """What fixes a generation run's output: another run into the same folder must match it (a
+    constraint only when set, so an earlier unconstrained run's folder still matches)."""
+    out = {
         k: asdict(v) if is_dataclass(v := getattr(gc, k)) else v
         for k in (
             "mode",
@@ -196,6 +201,11 @@ def run_identity(gc: GenerateConfig) -> dict:
             "engine",
         )
     }
+    for k in ("constraint", "user_constraint"):
+        c = getattr(gc, k)
+        if c.kind is not None:
+            out[k] = {"kind": c.kind, "value": plain(c.value)}
+    return out
 
 
 def finish_self_chat(gc: GenerateConfig, reasons: Counter) -> dict:

@@ -81,20 +81,33 @@ def generate_columns(
 
 
 class Labeler:
-    """One model and one label scorer: what labels rows, whether they come from a stage's chunk
+    """One model and what a task needs of it: a label scorer (``classify``), or the continuous
+    engine under the task's schema (``extract``, :class:`~cerbero_ray.inference.extract.Extractor`,
+    ``slots`` answers at a time). What labels rows, whether they come from a stage's chunk
     (:mod:`cerbero_ray.label`) or a Ray Dataset's batch (:func:`label_dataset`)."""
 
-    def __init__(self, checkpoint: str, task: LabelTask, dtype: str = "auto", base: str | None = None, **scorer_kw):
+    def __init__(
+        self, checkpoint: str, task: LabelTask, dtype: str = "auto", base: str | None = None, slots: int = 16, **kw
+    ):
+        from cerbero_ray.inference.extract import Extractor, output_fields
         from cerbero_ray.inference.label_prompts import prompt_hash
         from cerbero_ray.inference.scorer import Scorer
         from cerbero_ray.models import load_for_inference
 
         model, tok = load_for_inference(checkpoint, dtype, base)
-        self.scorer, self.task = Scorer(model, tok, task, **scorer_kw), task
+        self.task, self.fields = task, output_fields(task)  # the columns between id and truncated
+        if task.kind == "extract":
+            self.scorer = None
+            self.extractor = Extractor(model, tok, task, max_text_tokens=kw.get("max_text_tokens", 512), slots=slots)
+        else:
+            self.scorer, self.extractor = Scorer(model, tok, task, **kw), None
         self.prompt_hash = prompt_hash(task, tok)
 
     def columns(self, texts: list, errors: list[str | None] | None = None) -> dict[str, list]:
-        return label_columns(self.scorer, texts, errors)
+        if self.extractor is None:
+            return label_columns(self.scorer, texts, errors)
+        errors = [e or text_error(t) for t, e in zip(texts, errors or [None] * len(texts))]
+        return self.extractor.columns(texts, errors)
 
 
 class _Labeler:
@@ -157,15 +170,16 @@ def label_dataset(
 ):
     """``ds`` with ``label``, ``p_<label>`` per label, ``truncated`` and ``error`` added, scored by
     ``checkpoint`` (an HF folder or URI, or a LoRA adapter folder on its recorded ``base``, or the
-    one given) for ``task`` (a shipped task's name, a YAML file, a dict or a :class:`LabelTask`).
-    ``concurrency`` model actors, each with ``num_gpus`` GPUs."""
+    one given) for ``task`` (a shipped task's name, a YAML file, a dict or a :class:`LabelTask`; an
+    ``extract`` task adds a typed column per schema property, ``json`` and ``new_tokens`` instead of
+    the labels). ``concurrency`` model actors, each with ``num_gpus`` GPUs."""
     t = get_task(task)
     if text_column not in ds.schema().names:
         raise ValueError(f"text_column {text_column!r} is not a column of the dataset ({ds.schema().names})")
     kw = {"max_text_tokens": max_text_tokens, "max_batch_tokens": max_batch_tokens, "sort_window": batch_size}
     return ds.map_batches(
         _Labeler,
-        fn_constructor_args=(checkpoint, asdict(t), text_column, dtype, kw, base),
+        fn_constructor_args=(checkpoint, t.keys(), text_column, dtype, kw, base),
         batch_size=batch_size,
         batch_format="numpy",
         **_compute(concurrency, num_gpus, num_cpus),

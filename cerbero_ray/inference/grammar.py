@@ -5,14 +5,8 @@ grammar once per process (:func:`grammar`, cached), a request gets its own match
 (:class:`Matcher`), and before each token the matcher's bitmask of allowed tokens is applied to
 that row's logits, on the device where the engine runs (:func:`mask_logits`). Rows without a
 constraint pay nothing. The Mistral tokenizer's byte-fallback tokens and SentencePiece spaces are
-llguidance's to handle (``llguidance.hf.from_tokenizer``).
-
-A constraint is ``(kind, value)``:
-
-- ``("json_schema", schema)``: a JSON object valid under ``schema`` (a dict);
-- ``("json_object", None)``: any JSON object;
-- ``("regex", pattern)``: text matching the whole pattern;
-- ``("choice", [str, …])``: exactly one of the strings.
+llguidance's to handle (``llguidance.hf.from_tokenizer``). What a constraint is, and the grammar
+it becomes (one space allowed before the text), is :mod:`cerbero_ray.config.constraint`.
 
 A constraint that cannot compile (an unsupported schema keyword, an invalid regex, an empty
 choice list) is a ``ValueError`` saying why, before the request is queued.
@@ -21,12 +15,12 @@ choice list) is a ``ValueError`` saying why, before the request is queued.
 from __future__ import annotations
 
 import functools
-import json
-import re
 
 import torch
 
-KINDS = ("json_schema", "json_object", "regex", "choice")
+from cerbero_ray.config.constraint import KINDS, grammar
+
+__all__ = ["KINDS", "grammar", "check", "Matcher", "fill_rows", "bitmask", "mask_logits"]
 
 
 def _llg():
@@ -37,38 +31,6 @@ def _llg():
     except ImportError as e:  # a base install without it: the constraint is refused, not ignored
         raise ValueError("constrained decoding needs llguidance (pip install llguidance)") from e
     return llguidance
-
-
-@functools.lru_cache(maxsize=1024)
-def _compiled(kind: str, value: str) -> str:
-    llg = _llg()
-    M = llg.LLMatcher
-    if kind == "json_schema":
-        schema = json.loads(value)
-        if not isinstance(schema, dict):
-            raise ValueError("a JSON schema must be an object")
-        return M.grammar_from_json_schema(value, defaults={"whitespace_flexible": False})
-    if kind == "json_object":
-        return M.grammar_from_json_schema(json.dumps({"type": "object"}), defaults={"whitespace_flexible": False})
-    if kind == "regex":
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise ValueError(f"invalid regular expression: {e}") from None
-        return M.grammar_from_regex(value)
-    choices = json.loads(value)
-    if not choices or not all(isinstance(c, str) and c for c in choices):
-        raise ValueError("a choice list must hold at least one non-empty string")
-    return M.grammar_from_regex("|".join(f"({re.escape(c)})" for c in choices))
-
-
-def grammar(kind: str, value=None) -> str:
-    """The llguidance grammar of a constraint (cached per process); ``ValueError`` naming why it
-    cannot be one."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown constraint {kind!r}; one of {KINDS}")
-    key = json.dumps(value, sort_keys=True, ensure_ascii=False) if kind in ("json_schema", "choice") else value or ""
-    return _compiled(kind, key)
 
 
 @functools.lru_cache(maxsize=8)

@@ -11,6 +11,10 @@ A task becomes one chat per text, in the cerbero format every stage shares:
 
 and each label's *continuation* is its verbalizer as the assistant's whole answer (`` Positivo\\n</s>``):
 scoring the end of turn too keeps a label from winning because it is a prefix of a longer answer.
+
+An ``extract`` task asks for a JSON object instead of the options (``Rispondi solo con un oggetto
+JSON con i campi: …``, each field with its schema's ``description``); a few-shot example's answer is
+its ``output`` as compact JSON, the form the constrained answer takes.
 """
 
 from __future__ import annotations
@@ -29,8 +33,21 @@ def _question(task: LabelTask, text: str) -> str:
     if task.template is not None:  # the instruction only where the template says {instruction}
         slots = {"{text}": text, "{instruction}": task.instruction}
         return re.sub(r"\{text\}|\{instruction\}", lambda m: slots[m[0]], task.template)  # one pass
+    if task.kind == "extract":
+        fields = ", ".join(
+            f"{k} ({p['description']})" if isinstance(p, dict) and p.get("description") else k
+            for k, p in task.schema["properties"].items()
+        )
+        return f"{task.instruction}\n\nTesto: {text}\n\nRispondi solo con un oggetto JSON con i campi: {fields}."
     options = ", ".join(task.labels.values())
     return f"{task.instruction}\n\nTesto: {text}\n\nRispondi con una sola di queste opzioni: {options}."
+
+
+def answer(task: LabelTask, example: dict) -> str:
+    """A few-shot example's answer: its label's verbalizer, or (extract) its output as compact JSON."""
+    if task.kind == "extract":
+        return json.dumps(example["output"], ensure_ascii=False, separators=(",", ":"))
+    return task.labels[example["label"]]
 
 
 def messages(task: LabelTask, text: str) -> list[dict]:
@@ -38,7 +55,7 @@ def messages(task: LabelTask, text: str) -> list[dict]:
     for ex in task.few_shot:
         out += [
             {"role": "user", "content": _question(task, ex["text"])},
-            {"role": "assistant", "content": task.labels[ex["label"]]},
+            {"role": "assistant", "content": answer(task, ex)},
         ]
     return out + [{"role": "user", "content": _question(task, text)}]
 
@@ -67,8 +84,7 @@ def prompt_hash(task: LabelTask, tok) -> str:
     """Identifies the exact prompts and continuations (task + chat template + tokenizer)."""
     blob = json.dumps(
         {
-            "task": [task.name, task.instruction, task.labels, task.few_shot]
-            + ([task.template] if task.template is not None else []),
+            "task": task.identity(),
             "template": prompt_text(task, TEXT_SLOT, tok),
             "continuations": continuations(task, tok),
         },

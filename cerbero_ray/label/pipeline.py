@@ -5,7 +5,10 @@ to a pool of model actors (``ActorPoolStrategy``; one GPU each on GPU clusters);
 the checkpoint once, reads its chunk, scores every usable row with the inference core's
 :class:`~cerbero_ray.inference.scorer.Scorer` (:func:`~cerbero_ray.inference.batch.label_columns`) and writes the
 chunk's Parquet part atomically. Output columns: ``id``, ``label``, ``p_<label>`` for every label,
-``truncated``, ``error`` (null when the row was labeled), ``task``, ``model``, ``prompt_hash``.
+``truncated``, ``error`` (null when the row was labeled), ``task``, ``model``, ``prompt_hash``. An
+``extract`` task (:mod:`cerbero_ray.inference.extract`) writes, in place of ``label`` and the
+``p_<label>`` columns, one typed column per schema property, ``json`` (the raw answer) and
+``new_tokens``.
 
     python jobs/label.py label/task=irony label.input=corpus.jsonl     # embedded local cluster
 """
@@ -46,26 +49,26 @@ class LabelWorker(batchjob.ChunkWorker):
             max_batch_tokens=lc.max_batch_tokens,
             sort_window=lc.sort_window,
             base=lc.base,
+            slots=lc.slots,
         )
-        self.task, self.scorer, self.hash = self.labeler.task, self.labeler.scorer, self.labeler.prompt_hash
+        self.task, self.hash = self.labeler.task, self.labeler.prompt_hash
 
     def process(self, chunk: batchjob.Chunk) -> dict:
         lc = self.lc
         rows = batchjob.read_chunk(chunk, lc.format, lc.text_field, lc.id_field)
-        labels = self.scorer.labels
         cols = {
             "id": [r["id"] for r in rows],
             **self.labeler.columns([r["text"] for r in rows], [r["error"] for r in rows]),
         }
-        counts = Counter(lab or f"error:{err}" for lab, err in zip(cols["label"], cols["error"]))
+        outcome = cols["label"] if "label" in cols else [None if e else "extracted" for e in cols["error"]]
+        counts = Counter(lab or f"error:{err}" for lab, err in zip(outcome, cols["error"]))
         n = len(rows)
         table = pa.table(
             {**cols, "task": [self.task.name] * n, "model": [lc.checkpoint] * n, "prompt_hash": [self.hash] * n},
             schema=pa.schema(
                 [
                     ("id", pa.string()),
-                    ("label", pa.string()),
-                    *[(f"p_{k}", pa.float64()) for k in labels],
+                    *self.labeler.fields,
                     ("truncated", pa.bool_()),
                     ("error", pa.string()),
                     ("task", pa.string()),
@@ -81,8 +84,7 @@ class LabelWorker(batchjob.ChunkWorker):
 def run_identity(lc: LabelConfig, task: LabelTask) -> dict:
     """What fixes a labeling run's output: another run into the same folder must match it."""
     return {
-        "task": [task.name, task.instruction, task.labels, task.few_shot]
-        + ([task.template] if task.template is not None else []),
+        "task": task.identity(),
         "checkpoint": lc.checkpoint,
         "input": lc.input,
         "text_field": lc.text_field,
@@ -93,17 +95,24 @@ def run_identity(lc: LabelConfig, task: LabelTask) -> dict:
 
 
 def summarize(
-    out: str, labels: list[str], seconds: float, processed: int, skipped: int, skipped_files: list[dict] = ()
+    out: str, task: LabelTask, seconds: float, processed: int, skipped: int, skipped_files: list[dict] = ()
 ) -> dict:
+    """The run's ``summary.json``: rows, distinct ids, the label distribution (an extract task:
+    ``extracted``, the rows with an answer), errors by reason, and the chart."""
     fs, p = storage.resolve(storage.join(out, "parts"))
-    table = pq.read_table(p, filesystem=fs, columns=["id", "label", "error", "truncated"])
+    columns = ["id", "error", "truncated"] + (["label"] if task.kind == "classify" else [])
+    table = pq.read_table(p, filesystem=fs, columns=columns)
     ids = table.column("id").to_pylist()
-    dist = Counter(x for x in table.column("label").to_pylist() if x is not None)
-    errors = Counter(x for x in table.column("error").to_pylist() if x is not None)
+    errors = Counter(_reason(x) for x in table.column("error").to_pylist() if x is not None)
+    if task.kind == "classify":
+        dist = Counter(x for x in table.column("label").to_pylist() if x is not None)
+        outcome = {k: dist.get(k, 0) for k in task.labels}
+    else:
+        outcome = {"extracted": len(ids) - sum(errors.values())}
     summary = {
         "rows": len(ids),
         "unique_ids": len(set(ids)),
-        "labels": {k: dist.get(k, 0) for k in labels},
+        "labels": outcome,
         "errors": dict(errors),
         "truncated": int(sum(table.column("truncated").to_pylist())),
         "chunks_processed": processed,
@@ -115,6 +124,11 @@ def summarize(
     storage.write_json(storage.join(out, "summary.json"), summary)
     summary["chart"] = distribution_png(summary, out)
     return summary
+
+
+def _reason(error: str) -> str:
+    """An error's kind (``incomplete_json: the answer reached …`` counts as ``incomplete_json``)."""
+    return error.split(":", 1)[0]
 
 
 def distribution_png(summary: dict, out: str) -> str:
@@ -158,7 +172,7 @@ def run_label(cfg: DictConfig | dict | LabelStageConfig) -> dict:
     if todo:
         for _ in batchjob.map_chunks(todo, LabelWorker, lc, f"label {task.name}"):
             pass  # the parts are the output; the stats rows only drive the progress bar
-    summary = summarize(out, list(task.labels), time.perf_counter() - t0, len(todo), len(chunks) - len(todo), skipped)
+    summary = summarize(out, task, time.perf_counter() - t0, len(todo), len(chunks) - len(todo), skipped)
     if summary["rows"] != summary["unique_ids"]:
         log.warning("%d rows but %d distinct ids: the input repeats ids", summary["rows"], summary["unique_ids"])
     dist = ", ".join(f"{k} {v:,} ({100 * v / max(summary['rows'], 1):.1f}%)" for k, v in summary["labels"].items())
