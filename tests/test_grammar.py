@@ -142,3 +142,17 @@ def test_a_constraint_that_cannot_run_is_refused_naming_why(model, tok, kind, va
         g = G.grammar(kind, value)
         G.check(tok, g)
         cb.submit([1, 2, 3], Sampling(max_new_tokens=4, grammar=g), lambda x: None)
+
+
+@pytest.mark.parametrize("vocab, dtype", [(32000, torch.float32), (32003, torch.bfloat16), (31999, torch.float32)])
+def test_the_mask_forbids_exactly_the_tokens_whose_bit_is_clear(vocab, dtype):
+    """The CPU mask (a byte lookup) against each token's bit read one by one."""
+    g = torch.Generator().manual_seed(vocab)
+    bits = torch.randint(-(2**31), 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32, generator=g)
+    logits = torch.randn(3, vocab, generator=g).to(dtype)
+    out = G.mask_logits(logits, bits)
+    tok = torch.arange(vocab)
+    allowed = ((bits[:, tok // 32] >> (tok % 32)) & 1).bool()
+    assert out.dtype == dtype and torch.equal(out[allowed], logits[allowed])
+    assert torch.isinf(out[~allowed]).all() and (out[~allowed] < 0).all()
+    assert torch.equal(G.mask_logits(logits, bits[1:2].expand(3, -1)), G.mask_logits(logits, bits[1:2].repeat(3, 1)))
