@@ -103,6 +103,7 @@ def config(a, shard: str, rows: int, run_dir: str):
         "fail_rank": 1,
         "precision": "fp32" if a.cpu_smoke else "bf16",
         "method": a.method,
+        "compile": a.compile,
         "lora": {
             "r": 16,
             "alpha": 32.0,
@@ -145,6 +146,7 @@ def main():
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--grad-accum-dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--method", choices=("full", "lora"), default="full")
+    p.add_argument("--compile", choices=("none", "layers"), default="none", help="train.compile")
     p.add_argument("--cpu-smoke", action="store_true")
     a = p.parse_args()
     if a.cpu_smoke:
@@ -179,6 +181,8 @@ def main():
         "trainable_params": summary.get("trainable_params"),
         "total_params": summary.get("total_params"),
         "peak_memory_bytes": summary.get("peak_memory_bytes"),
+        "compile": a.compile,
+        "first_step_s": round(hist[0]["step_s"], 2),  # with --compile layers: the compilation's time
     }
     if torch.cuda.is_available():
         res["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
@@ -194,9 +198,15 @@ def main():
         res["vs_full_tokens_per_s"] = round(res["tokens_per_s"] / full["tokens_per_s"], 3)
         if full.get("max_mem_gb") and res.get("max_mem_gb"):
             res["vs_full_peak_memory"] = round(res["max_mem_gb"] / full["max_mem_gb"], 3)
+    if a.compile != "none" and os.path.exists(full_path):  # the eager run of the same call, same batches
+        eager = json.load(open(full_path))
+        if eager.get("method") == a.method and eager.get("compile", "none") == "none":
+            res["vs_eager_tokens_per_s"] = round(res["tokens_per_s"] / eager["tokens_per_s"], 3)
+            res["eager_final_loss"] = eager.get("final_loss")
     os.makedirs(a.out, exist_ok=True)
     name = "bench_train_gpu" + (f"-accum{a.accum}-{a.grad_accum_dtype}" if a.accum > 1 else "")
     name += "-lora" if a.method == "lora" else ""
+    name += f"-compile-{a.compile}" if a.compile != "none" else ""
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res), flush=True)

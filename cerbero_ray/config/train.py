@@ -23,6 +23,7 @@ from cerbero_ray.config.common import (
 PRECISIONS = ("bf16", "fp32")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ATTENTION = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
+COMPILE = ("none", "layers")
 SCHEDULES = ("cosine", "linear", "constant")
 ZERO_STAGES = (0, 1, 2)
 METHODS = ("full", "lora")
@@ -85,6 +86,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True
     attention: str = "auto"  # auto | flash_attention_2 | flex_attention | sdpa | eager
+    # none | layers: torch.compile each decoder layer (regional, as torchtitan: one graph for every
+    # layer, compiled in the first step; losses equal to eager); speed measured by bench_train_gpu.py
+    compile: str = "none"
     loss_chunk_tokens: int = 4096
     seed: int = 0
     eval_rows: int = 0  # held-out rows (never trained on)
@@ -152,6 +156,7 @@ def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
     for key, allowed in (
         ("precision", PRECISIONS),
         ("attention", ATTENTION),
+        ("compile", COMPILE),
         ("schedule", SCHEDULES),
         ("placement_strategy", PLACEMENTS),
     ):

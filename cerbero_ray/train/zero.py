@@ -88,6 +88,32 @@ def build_scheduler(opt: torch.optim.Optimizer, t: TrainConfig, total_steps: int
     )
 
 
+def decoder_layers(lm) -> torch.nn.ModuleList:
+    """The decoder layers of an HF causal LM (``model.layers``; a peft model's too: it injects in place)."""
+    inner = getattr(lm, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"train.compile=layers: {type(lm).__name__} has no model.layers to compile")
+    return layers
+
+
+def compile_layers(lm, checkpointing: bool) -> int:
+    """``torch.compile`` each decoder layer's forward (regional compilation, as torchtitan: layers of
+    one shape share one graph, compiled once, in the first step). With activation checkpointing,
+    our own non-reentrant checkpoint goes around each compiled forward: transformers' checkpointing
+    wraps the layer's call from inside, where dynamo breaks the graph on its context variable (so
+    nothing would be compiled). Parameters and state-dict keys are untouched."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    layers = decoder_layers(lm)
+    for layer in layers:
+        fwd = torch.compile(layer.forward)
+        layer.forward = functools.partial(checkpoint, fwd, use_reentrant=False) if checkpointing else fwd
+    return len(layers)
+
+
 def build_deepspeed(config: TrainStageConfig, total_steps: int, device: torch.device, world_size: int, on_base=None):
     """(DeepSpeed engine wrapping :class:`PackedCausalLM`, scheduler, the HF model inside, the peft
     model around it or None). ``train.method=lora``: ``on_base(lm)`` sees the frozen base before
@@ -110,13 +136,15 @@ def build_deepspeed(config: TrainStageConfig, total_steps: int, device: torch.de
         lm = build_model(replace(config.model, dtype="float32"), seed=t.seed)
     lm.config._attn_implementation = pick_attention(t.attention, cuda, t.micro_batch_size)
     lm.config.use_cache = False
-    if t.gradient_checkpointing:  # transformers >= 5.2x renamed it; the GPU images may be older
+    if t.gradient_checkpointing and t.compile == "none":  # transformers >= 5.2x renamed it; the GPU images may be older
         if hasattr(lm, "activation_checkpointing_enable"):
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         peft_model = apply_lora(lm, t.lora, t.seed)
+    if t.compile == "layers":
+        compile_layers(lm, t.gradient_checkpointing)
     lm.train()
     autocast = lora and cuda and t.precision == "bf16"
     model = PackedCausalLM(lm, t.loss_chunk_tokens, autocast=autocast).to(device)
