@@ -203,7 +203,7 @@ class _Run:
             while self.step < min(epoch_start + plan.steps, self.total):
                 m = self.one_step(it, plan.epoch, timing)
                 if t.compile != "none" and self.rank == 0 and self.step == timing[1] + 1:
-                    say(f"[train] first step {m['step_s']:.1f} s, compiling the decoder layers (train.compile={t.compile})")
+                    say(f"[train] first step {m['step_s']:.1f} s, the layers' compilation included (train.compile)")
                 self.record(m)
                 if self.rank == 0 and (self.step % t.log_every == 0 or self.step == self.total):
                     held = f" | held-out {m['eval_loss']:.4f}" if m.get("eval_loss") else ""
