@@ -152,7 +152,7 @@ def _answer(sock: socket.socket) -> tuple[int, dict]:
 
 LONG = {
     "messages": [{"role": "user", "content": "Raccontami una storia lunga."}],
-    "max_tokens": 256,
+    "max_tokens": 192,
     "temperature": 0.8,
 }
 # heavy label work (the hostile pass's finding 7): an inline task of 16 long labels over 16 texts (near the cost limit)
