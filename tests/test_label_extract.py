@@ -219,4 +219,5 @@ def test_a_killed_extraction_of_200_rows_resumes_to_every_row_once_typed_and_val
     assert not [p for p in os.listdir(parts) if p.endswith(".tmp")]
     # a rerun with another task into the same folder is refused, not mixed in
     with pytest.raises(FileExistsError, match="task"):
-        run_label(to_container(compose("label", [*args[:3], "label.chunk_rows=10", f"label.output_dir={parts.parent}"])))
+        other = [*args[:3], "label.chunk_rows=10", f"label.output_dir={parts.parent}"]  # the default task
+        run_label(to_container(compose("label", other)))
