@@ -137,6 +137,7 @@ def test_answers_validate_and_become_typed_values_or_error_rows(tiny_hf):
     for i in range(12):
         if i in answered:
             value = json.loads(cols["json"][i])
+            assert list(value) == list(SCHEMA["properties"])  # generated in the schema's order
             validator.validate(value)
             assert {k: cols[k][i] for k in TYPES} == value  # each column holds the answer's value
         else:  # cut short, or a number no float64 holds (7e707): an error row keeping the raw text

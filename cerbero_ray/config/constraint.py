@@ -69,7 +69,8 @@ def grammar(kind: str, value=None) -> str:
     cannot be one."""
     if kind not in KINDS:
         raise ValueError(f"unknown constraint {kind!r}; one of {KINDS}")
-    key = json.dumps(value, sort_keys=True, ensure_ascii=False) if kind in ("json_schema", "choice") else value or ""
+    # not sort_keys: a schema's property order is the order the answer's fields are generated in
+    key = json.dumps(value, ensure_ascii=False) if kind in ("json_schema", "choice") else value or ""
     return _compiled(kind, key)
 
 
