@@ -32,17 +32,22 @@ class ConstraintConfig:
     value: Any = None  # json_schema: the schema (a mapping); regex: the pattern; choice: the list of strings
 
 
-def _llg():
+def llg(*submodules: str):
+    """llguidance, with its ``submodules`` (``hf``, ``torch``) imported; without it, a ValueError:
+    a constraint is refused, never ignored."""
+    import importlib
+
     try:
-        import llguidance
-    except ImportError as e:  # a base install without it: the constraint is refused, not ignored
+        for name in ("llguidance", *(f"llguidance.{s}" for s in submodules)):
+            importlib.import_module(name)
+    except ImportError as e:
         raise ValueError("constrained decoding needs llguidance (pip install llguidance)") from e
-    return llguidance
+    return importlib.import_module("llguidance")
 
 
 @functools.lru_cache(maxsize=1024)
 def _compiled(kind: str, value: str) -> str:
-    M = _llg().LLMatcher
+    M = llg().LLMatcher
     if kind in ("json_schema", "json_object"):
         schema = json.loads(value) if kind == "json_schema" else {"type": "object"}
         if not isinstance(schema, dict):
@@ -81,7 +86,7 @@ def check(kind: str, value, key: str) -> str:
         g = grammar(kind, value)
     except ValueError as e:
         raise ValueError(f"{key}: {e}") from None
-    err = _llg().LLMatcher.validate_grammar(g)
+    err = llg().LLMatcher.validate_grammar(g)
     if err:
         lines = [x.strip() for x in err.strip().splitlines() if x.strip()]
         why = next((x for x in lines if x.startswith("error:")), lines[0])

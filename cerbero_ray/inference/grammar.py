@@ -18,19 +18,13 @@ import functools
 
 import torch
 
-from cerbero_ray.config.constraint import KINDS, grammar
+from cerbero_ray.config.constraint import KINDS, grammar, llg
 
 __all__ = ["KINDS", "grammar", "check", "Matcher", "fill_rows", "bitmask", "mask_logits"]
 
 
 def _llg():
-    try:
-        import llguidance
-        import llguidance.hf
-        import llguidance.torch
-    except ImportError as e:  # a base install without it: the constraint is refused, not ignored
-        raise ValueError("constrained decoding needs llguidance (pip install llguidance)") from e
-    return llguidance
+    return llg("hf", "torch")
 
 
 @functools.lru_cache(maxsize=8)
