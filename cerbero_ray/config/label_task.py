@@ -90,8 +90,9 @@ def _check_extract(t: LabelTask) -> None:
         raise ValueError(f"label.task.max_new_tokens must be within 1..{MAX_EXTRACT_TOKENS}, got {t.max_new_tokens}")
     import jsonschema
 
+    validator = jsonschema.validators.validator_for(t.schema)
     try:
-        jsonschema.validators.validator_for(t.schema).check_schema(t.schema)
+        validator.check_schema(t.schema)
     except jsonschema.SchemaError as e:
         raise ValueError(f"label.task.schema is not a valid JSON schema: {short(e.message)}") from None
     column_types(t.schema)
@@ -103,7 +104,7 @@ def _check_extract(t: LabelTask) -> None:
             raise ValueError(
                 f"label.task.few_shot: each example of an extract task is {{text, output}}, got {short(ex)}"
             )
-        problem = jsonschema.validators.validator_for(t.schema)(t.schema).iter_errors(ex["output"])
+        problem = validator(t.schema).iter_errors(ex["output"])
         first = next(iter(sorted(problem, key=lambda e: list(e.path))), None)
         if first is not None:
             raise ValueError(f"label.task.few_shot: an example's output breaks the schema: {short(first.message)}")
@@ -203,7 +204,6 @@ def task_from_dict(d) -> LabelTask:
     unknown = set(d) - TASK_KEYS
     if unknown:
         raise ValueError(f"label.task: unknown keys {sorted(unknown)}; allowed {sorted(TASK_KEYS)}")
-    schema = d.get("schema")
     return LabelTask(
         d.get("name", ""),
         d.get("instruction", ""),
@@ -211,7 +211,7 @@ def task_from_dict(d) -> LabelTask:
         [dict(plain(x)) for x in d.get("few_shot") or []],
         d.get("template"),
         d.get("kind") or "classify",
-        plain(schema) if schema is not None else None,
+        plain(d.get("schema")),
         int(256 if d.get("max_new_tokens") is None else d["max_new_tokens"]),
     )
 

@@ -17,9 +17,9 @@ import math
 import pyarrow as pa
 
 from cerbero_ray.config.label_task import LabelTask, column_types
-from cerbero_ray.inference.label_prompts import prompt_text
+from cerbero_ray.inference.label_prompts import prompt_text, text_prompts
 from cerbero_ray.logs import short
-from cerbero_ray.tokenizer import encode_plain, encode_prompts
+from cerbero_ray.tokenizer import encode_prompts
 
 _SCALAR_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
 
@@ -46,14 +46,6 @@ def output_fields(task: LabelTask) -> list[tuple[str, pa.DataType]]:
     if task.kind == "extract":
         return [*fields(task), ("json", pa.string()), ("new_tokens", pa.int64())]
     return [("label", pa.string()), *[(f"p_{k}", pa.float64()) for k in task.labels]]
-
-
-def extract_prompts(task: LabelTask, tok, texts: list[str], max_text_tokens: int) -> tuple[list[str], list[bool]]:
-    """Each text's rendered prompt, texts over ``max_text_tokens`` cut to their first tokens."""
-    ids = encode_plain(tok, texts)
-    cut = [len(t) > max_text_tokens for t in ids]
-    kept = [tok.decode(t[:max_text_tokens]) if c else x for x, t, c in zip(texts, ids, cut)]
-    return [prompt_text(task, x, tok) for x in kept], cut
 
 
 def prompt_budget(task: LabelTask, tok, max_text_tokens: int) -> int:
@@ -104,7 +96,7 @@ class Extractor:
         each of ``texts``; rows with an error in ``errors`` get no answer."""
         errors = errors or [None] * len(texts)
         todo = [i for i, e in enumerate(errors) if e is None]
-        prompts, cut = extract_prompts(self.task, self.tok, [texts[i] for i in todo], self.max_text_tokens)
+        prompts, cut = text_prompts(self.task, self.tok, [texts[i] for i in todo], self.max_text_tokens)
         results = dict(zip(todo, self.engine.run([(p, self.sampling) for p in prompts]) if prompts else []))
         truncated = dict(zip(todo, cut))
         cols: dict[str, list] = {k: [] for k, _ in self.fields}

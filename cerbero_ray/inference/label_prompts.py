@@ -25,7 +25,16 @@ import re
 
 from cerbero_ray.config.label_task import LabelTask, get_task, resolve_task
 
-__all__ = ["LabelTask", "get_task", "resolve_task", "messages", "prompt_text", "continuations", "prompt_hash"]
+__all__ = [
+    "LabelTask",
+    "get_task",
+    "resolve_task",
+    "messages",
+    "prompt_text",
+    "text_prompts",
+    "continuations",
+    "prompt_hash",
+]
 TEXT_SLOT = "\x00TESTO\x00"
 
 
@@ -63,6 +72,17 @@ def messages(task: LabelTask, text: str) -> list[dict]:
 def prompt_text(task: LabelTask, text: str, tok) -> str:
     """The rendered prompt, ending with the assistant tag."""
     return tok.apply_chat_template(messages(task, text), tokenize=False, add_generation_prompt=True)
+
+
+def text_prompts(task: LabelTask, tok, texts: list[str], max_text_tokens: int) -> tuple[list[str], list[bool]]:
+    """Each text's rendered prompt, and whether the text was cut: a text over ``max_text_tokens``
+    keeps its first tokens."""
+    from cerbero_ray.tokenizer import encode_plain
+
+    ids = encode_plain(tok, texts)
+    cut = [len(t) > max_text_tokens for t in ids]
+    kept = [tok.decode(t[:max_text_tokens]) if c else x for x, t, c in zip(texts, ids, cut)]
+    return [prompt_text(task, x, tok) for x in kept], cut
 
 
 def continuations(task: LabelTask, tok) -> dict[str, list[int]]:

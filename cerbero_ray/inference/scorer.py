@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from cerbero_ray.config.label_task import LabelTask
-from cerbero_ray.inference.label_prompts import continuations, prompt_text
-from cerbero_ray.tokenizer import encode_plain, encode_prompts
+from cerbero_ray.inference.label_prompts import continuations, text_prompts
+from cerbero_ray.tokenizer import encode_prompts
 
 
 def plan_batches(lengths: list[int], extra: int, max_tokens: int, window: int) -> list[list[int]]:
@@ -89,12 +89,7 @@ class Scorer:
 
     def encode(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Prompt token ids per text; texts over ``max_text_tokens`` keep their first tokens."""
-        text_ids = encode_plain(self.tok, texts)
-        truncated = [len(t) > self.max_text_tokens for t in text_ids]
-        kept = [
-            self.tok.decode(t[: self.max_text_tokens]) if cut else x for x, t, cut in zip(texts, text_ids, truncated)
-        ]
-        prompts = [prompt_text(self.task, x, self.tok) for x in kept]
+        prompts, truncated = text_prompts(self.task, self.tok, texts, self.max_text_tokens)
         return encode_prompts(self.tok, prompts)[0], truncated
 
     def _inputs(self, prompts: list[list[int]], offset: int = 0):
