@@ -13,6 +13,7 @@ from cerbero_ray.inference import grammar as G
 from cerbero_ray.inference.continuous import ContinuousBatcher
 from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.models import tiny
+from conftest import DEVICES
 
 pytest.importorskip("llguidance")
 
@@ -116,6 +117,38 @@ def test_constrained_and_free_rows_share_a_batch_and_the_free_ones_are_unchanged
     picks = {cb.run([(p, s)])[0]["text"] for p in prompts for _ in range(2)}
     assert picks <= {"alfa", "beta", "gamma"}
     assert cb.run([(prompts[0], s)])[0]["text"] == cb.run([(prompts[0], s)])[0]["text"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_constrained_rows_ending_while_the_next_step_runs_give_their_alone_text(model, tok, device):
+    """A constrained step launches its forward before the previous step's tokens are handed out
+    (each matcher needs its row's newest token while the forward runs): rows that end in that
+    hand-out (grammar complete, a stop string, the token limit) are dropped from the step, and rows
+    admitted between steps into the freed slots start clean. Six requests through three slots, each
+    one's text equal to its own run alone (on CUDA: the two halves as captured graphs)."""
+    texts = ("Ciao!", "Perché il cielo è blu?", "Dimmi un proverbio.", "Dov'è Napoli?", "Che ore sono?", "Grazie")
+    prompts = [_prompt(tok, t) for t in texts]
+    free = Sampling(max_new_tokens=20, temperature=0.0, stop=())
+    stopped = Sampling(max_new_tokens=20, temperature=0.0, stop=(" ",))
+    held = {
+        k: Sampling(max_new_tokens=48, temperature=0.0, stop=(), grammar=G.grammar(*v)) for k, v in CONSTRAINTS.items()
+    }
+    cut = Sampling(max_new_tokens=4, temperature=0.0, stop=(), grammar=G.grammar(*CONSTRAINTS["json_schema"]))
+    items = list(zip(prompts, [held["json_schema"], free, held["regex"], stopped, held["choice"], cut]))
+    m = model if device == "cpu" else tiny().to(device).eval()
+    cb = ContinuousBatcher(m, tok, num_slots=3, max_prompt_tokens=256, max_new_tokens=64, cuda_graphs=True)
+    together = cb.run(items)
+    alone = [cb.run([it])[0] for it in items]
+    for got, want in zip(together, alone):
+        assert (got["text"], got["finish_reason"], got.get("constraint")) == (
+            want["text"],
+            want["finish_reason"],
+            want.get("constraint"),
+        )
+    assert [r.get("constraint") for r in together] == ["complete", None, "complete", None, "complete", "incomplete"]
+    assert not cb.live and cb.pending is None or all(r.done for r in cb.pending.rows)
+    halves = {k[0] for k in cb.slots.step_graphs if isinstance(k[0], str)}
+    assert halves == ({"forward", "pick"} if device == "cuda" else set()) and cb.slots.graph_error is None
 
 
 def test_a_constraint_cut_by_the_token_limit_says_so(model, tok):

@@ -324,11 +324,6 @@ class ContinuousBatcher:
         for slot in [s for s, r in self.live.items() if r.cancelled]:
             self._free(self.live[slot])
         rows = [r for r in self.live.values() if 0 < r.launched < r.sampling.max_new_tokens and not r.done]
-        if self.pending is not None and any(r.matcher is not None for r in rows):
-            # a constrained row's next mask needs the token of the step in flight: no overlap this turn
-            self._finish(self.pending)
-            self.pending = None
-            rows = [r for r in rows if not r.done and r.launched < r.sampling.max_new_tokens]
         launched = self._launch(rows) if rows else None
         if self.pending is not None:
             self._finish(self.pending)
@@ -353,19 +348,28 @@ class ContinuousBatcher:
         if r in self.prefilling:
             self.prefilling.remove(r)
 
-    def _launch(self, rows: list[_Request]) -> _Launch:
+    def _launch(self, rows: list[_Request]) -> _Launch | None:
+        """Start the decode step of ``rows``. A step with a constrained row runs in two halves: the
+        forward is launched first, the previous step's tokens (:attr:`pending`) are handed out while
+        it runs (each matcher needs its row's newest token), then the bitmasks are computed and the
+        rows sampled under them; None if every row ended meanwhile."""
         n = max(r.slot for r in rows) + 1
         length = max(len(r.ids) + r.launched for r in rows)  # the longest row's position + 1
         sampling = any(r.sampling.temperature > 0 for r in rows)
-        masked = any(r.matcher is not None for r in rows)
-        if masked:  # each constrained row's allowed next tokens (the others: all)
+        if any(r.matcher is not None for r in rows):
+            logits = self.slots.forward(n, length, self.graphs)
+            if self.pending is not None:
+                self._finish(self.pending)
+                self.pending = None
+            rows = [r for r in rows if not r.done]  # the others' rows of this step are dropped
+            if not rows:
+                return None
             self.slots.set_bits(self._bits([r for r in rows if r.matcher is not None], self.slots.num_slots))
-        if sampling:  # one draw per token of each request: a seeded request's text is its own
-            u = [0.0] * self.slots.num_slots
-            for r in rows:
-                u[r.slot] = r.rng.random()
-            self.slots.set_draws(u)
-        tokens, logits = self.slots.run(n, length, sampling, self.graphs, masked)
+            self._draws(rows, sampling)
+            tokens, logits = self.slots.pick(logits, n, length, sampling, self.graphs)
+        else:
+            self._draws(rows, sampling)
+            tokens, logits = self.slots.run(n, length, sampling, self.graphs)
         for r in rows:
             r.launched += 1
             if r.launched >= r.sampling.max_new_tokens:
@@ -378,6 +382,14 @@ class ContinuousBatcher:
             event = torch.cuda.Event()
             event.record()
         return _Launch(rows, host[0], host[1:], event)
+
+    def _draws(self, rows: list[_Request], sampling: bool) -> None:
+        """One uniform draw per sampled token of each request: a seeded request's text is its own."""
+        if sampling:
+            u = [0.0] * self.slots.num_slots
+            for r in rows:
+                u[r.slot] = r.rng.random()
+            self.slots.set_draws(u)
 
     def _finish(self, launch: _Launch) -> None:
         """Hand out a launched step's tokens (waiting for them, if the GPU is still at it)."""

@@ -184,7 +184,7 @@ class SlotModel:
         vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width (LoRA wraps keep .weight)
         self.vocab = vocab
         self.bits = torch.full((num_slots, (vocab + 31) // 32), -1, dtype=torch.int32, device=self.device)
-        self.step_graphs: dict[tuple[int, bool, bool], tuple] = {}
+        self.step_graphs: dict[tuple, tuple] = {}  # (bucket, sampling); ("forward", bucket); ("pick", bucket, sampling)
         self.graph_error: str | None = None
         self.compile_error: str | None = None
         self._pool = None
@@ -529,15 +529,20 @@ class SlotModel:
         """This step's uniform draw per slot (every slot, in slot order)."""
         self.u.copy_(_to(torch.tensor(u, dtype=torch.float32), self.device))
 
-    def _step(self, n: int, length: int, sampling: bool, compiled: bool = False, masked: bool = False):
-        """Decode the first ``n`` slots from the device state, (``masked``: hold each row to its
-        bitmask,) sample, advance the state; returns (tokens ``[n]``, logits ``[n, vocab]``, before
-        any mask: what logprobs report)."""
+    def _step(self, n: int, length: int, sampling: bool, compiled: bool = False):
+        """Decode the first ``n`` slots from the device state, sample, advance the state; returns
+        (tokens ``[n]``, logits ``[n, vocab]``)."""
+        logits = self._decode(self.cur_ids[:n], self.cur_pos[:n], n, length, compiled)
+        return self._pick(logits, n, sampling)
+
+    def _pick(self, logits: torch.Tensor, n: int, sampling: bool, masked: bool = False):
+        """Sample the first ``n`` rows of ``logits`` (``masked``: each held to its row of
+        ``bits``) and advance the state of the slots that decode; returns (tokens, logits: before
+        any mask, what logprobs report)."""
         from cerbero_ray.inference.grammar import mask_logits
         from cerbero_ray.inference.sampling import sample
 
-        ids, pos = self.cur_ids[:n], self.cur_pos[:n]
-        logits = self._decode(ids, pos, n, length, compiled)
+        ids, pos, logits = self.cur_ids[:n], self.cur_pos[:n], logits[:n]
         held = mask_logits(logits, self.bits[:n]) if masked else logits
         tokens = sample(held, self.temp[:n], self.top_p[:n], self.u[:n]) if sampling else held.argmax(-1)
         live = pos >= 0
@@ -546,26 +551,63 @@ class SlotModel:
         return tokens, logits
 
     @torch.no_grad()
-    def run(self, n: int, length: int, sampling: bool, graphs: bool = False, masked: bool = False):
+    def run(self, n: int, length: int, sampling: bool, graphs: bool = False):
         """One step for the first ``n`` slots, the longest reading ``length`` positions: eagerly, or
-        (``graphs``, CUDA) every slot through a graph captured per (length bucket, sampling, masked)."""
-        bucket = self._bucket(length)
-        key = (bucket, sampling, masked)
+        (``graphs``, CUDA) every slot through a graph captured per (length bucket, sampling)."""
+        key = (self._bucket(length), sampling)
         captured = graphs and self._graph(self.step_graphs, key, lambda: self._capture_step(*key))
         if not captured:
-            return self._step(n, length, sampling, masked=masked)
+            return self._step(n, length, sampling)
         g, (tokens, logits) = captured
         g.replay()
         return tokens, logits
+
+    # A constrained step in two halves: its bitmask needs the previous step's token on the host,
+    # which is read while the first half runs on the GPU (the mask's cost hides behind the forward)
+    @torch.no_grad()
+    def forward(self, n: int, length: int, graphs: bool = False) -> torch.Tensor:
+        """The first half: the next-token logits of the first ``n`` slots from the device state
+        (nothing advanced; with ``graphs``, every slot's, one graph per length bucket)."""
+        bucket = self._bucket(length)
+
+        def capture():
+            return self._captured(lambda c: self._decode(self.cur_ids, self.cur_pos, self.num_slots, bucket, c))
+
+        captured = graphs and self._graph(self.step_graphs, ("forward", bucket), capture)
+        if not captured:
+            return self._decode(self.cur_ids[:n], self.cur_pos[:n], n, length)
+        g, logits = captured
+        g.replay()
+        return logits
+
+    @torch.no_grad()
+    def pick(self, logits: torch.Tensor, n: int, length: int, sampling: bool, graphs: bool = False):
+        """The second half: each row held to its bitmask (:meth:`set_bits`), sampled, the state
+        advanced; returns (tokens, logits) as :meth:`run`. ``logits``: what :meth:`forward` gave."""
+        bucket = self._bucket(length)
+        fwd = self.step_graphs.get(("forward", bucket)) if graphs else None
+
+        def capture():  # against the forward graph's output, which every replay rewrites in place
+            return self._captured(
+                lambda c: self._pick(logits, self.num_slots, sampling, True), restore=(self.cur_ids, self.cur_pos)
+            )
+
+        captured = fwd is not None and fwd[1] is logits
+        captured = captured and self._graph(self.step_graphs, ("pick", bucket, sampling), capture)
+        if not captured:
+            return self._pick(logits, n, sampling, True)
+        g, out = captured
+        g.replay()
+        return out
 
     def warm(self) -> None:
         """Capture the shortest bucket's graphs (greedy and sampling) before the first request."""
         for sampling in (False, True):
             self.run(self.num_slots, 1, sampling, graphs=True)
 
-    def _capture_step(self, length: int, sampling: bool, masked: bool = False):
+    def _capture_step(self, length: int, sampling: bool):
         # the warm-up runs advance the device state: it is put back
-        body = lambda c: self._step(self.num_slots, length, sampling, c, masked)  # noqa: E731
+        body = lambda c: self._step(self.num_slots, length, sampling, c)  # noqa: E731
         return self._captured(body, restore=(self.cur_ids, self.cur_pos))
 
 
