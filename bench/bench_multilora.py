@@ -209,6 +209,7 @@ def main():
             "mixed_vs_one_at_a_time_latency_p90": round(mixed["latency_p90_s"] / one["latency_p90_s"], 3),
         }
         r = res["k"][k]
+        r["fast_decode"] = {"base": base_engine.slots.fast, "adapters": eng.slots.fast}
         print(
             f"k={k:2d}: mixed {mixed['tokens_per_s']:.0f} tok/s ({r['mixed_vs_base_tokens_per_s']:.2f}x base "
             f"{base['tokens_per_s']:.0f}; per repetition {r['mixed_vs_base_per_rep']}), one adapter at a time "

@@ -305,11 +305,19 @@ def test_the_engine_with_the_fast_step_gives_generate_s_text(model, tok):
 
 
 @pytest.mark.slow
-def test_the_compiled_decode_regions_equal_the_plain_functions():
+@pytest.mark.parametrize("adapters", [False, True])
+def test_the_compiled_decode_regions_equal_the_plain_functions(adapters, tiny_hf, tiny_adapters):
     """``torch.compile`` of the two per-layer functions (the graphs' path on CUDA; inductor's CPU
-    backend here) gives the uncompiled functions' logits."""
-    m = tiny().eval()
-    sm = SlotModel(m, num_slots=2, max_len=16, fast=True)
+    backend here) gives the uncompiled functions' logits, with and without LoRA deltas in them."""
+    from transformers import AutoModelForCausalLM
+
+    from cerbero_ray.inference.multilora import AdapterSet
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_hf).eval() if adapters else tiny().eval()
+    aset = AdapterSet(m, dict(tiny_adapters)) if adapters else None
+    sm = SlotModel(m, num_slots=2, max_len=16, adapters=aset, fast=True)
+    sm.set_adapter(0, 2 if adapters else 0)
+    sm.set_adapter(1, 1 if adapters else 0)
     sm.prefill([[1, 5, 9, 400], [1, 7, 8]], [0, 1])
     ids, pos = torch.tensor([31, 99]), torch.tensor([4, 3])
     with torch.no_grad():

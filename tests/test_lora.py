@@ -70,12 +70,12 @@ def test_the_main_job_with_lora_hands_the_adapter_to_every_later_stage(tmp_path)
 def test_serve_adapters_are_checked_before_ray(tiny_hf, tiny_adapters, tmp_path):
     ok = [f"serve.checkpoint={tiny_hf}"] + [f"+serve.adapters.{n}={p}" for n, p in tiny_adapters.items()]
     assert set(check("serve", compose("serve", ok)).serve.adapters) == set(tiny_adapters)
+    assert check("serve", compose("serve", [*ok, "serve.fast_decode=true"])).serve.fast_decode  # adapters run in it
     a = tiny_adapters["sentiment-it"]
     for over, match in (
         ([f"+serve.adapters.cerbero={a}"], "serve.adapters.cerbero: a name"),
         ([f"+serve.adapters.x={tiny_hf}"], "serve.adapters.x: no LoRA adapter"),
         ([f"+serve.adapters.x={a}", "serve.engine=hf"], "serve.engine=continuous"),
-        ([f"+serve.adapters.x={a}", "serve.fast_decode=true"], "serve.fast_decode=true cannot apply LoRA"),
         ([f"+serve.adapters.x={tmp_path}/nothing"], "serve.adapters.x: no LoRA adapter"),
     ):
         with pytest.raises(ValueError, match=match):
@@ -147,13 +147,18 @@ def test_adapter_is_a_checkpoint_with_its_base_recorded(tiny_hf, tiny_adapters, 
 # ── many adapters in one batch ──────────────────────────────────────────────────────────────────
 
 
-def _engine(model, tok, adapter_set=None):
+def _engine(model, tok, adapter_set=None, fast=None):
     from cerbero_ray.inference.continuous import ContinuousBatcher
 
-    return ContinuousBatcher(model, tok, num_slots=8, max_prompt_tokens=64, max_new_tokens=16, adapters=adapter_set)
+    return ContinuousBatcher(
+        model, tok, num_slots=8, max_prompt_tokens=64, max_new_tokens=16, adapters=adapter_set, fast_decode=fast
+    )
 
 
-def test_mixed_batch_equals_each_adapter_alone_and_peft_merged(tiny_hf, tiny_adapters, tok):
+@pytest.mark.parametrize("fast", [False, True])
+def test_mixed_batch_equals_each_adapter_alone_and_peft_merged(tiny_hf, tiny_adapters, tok, fast):
+    """The module path and the fast decode step (fused QKV and gate/up, the adapters' deltas added
+    per group of projections; on CPU uncompiled): each row's text is its adapter's merged model's."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -163,7 +168,8 @@ def test_mixed_batch_equals_each_adapter_alone_and_peft_merged(tiny_hf, tiny_ada
     served = copy.deepcopy(base)
     aset = AdapterSet(served, dict(tiny_adapters), "cerbero")
     assert aset.names == ["cerbero", "sentiment-it", "toxicity-it"] and aset.rank == 8
-    eng = _engine(served, tok, aset)
+    eng = _engine(served, tok, aset, fast)
+    assert eng.slots.fast == fast
     items = [(p, GREEDY, i % 3) for i, p in enumerate(PROMPTS * 2)]  # base, a, b, base, a, b, …
     mixed = [r["text"] for r in eng.run(items)]
     alone = [eng.run([it])[0]["text"] for it in items]

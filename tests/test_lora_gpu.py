@@ -89,7 +89,8 @@ def test_qlora_trains_a_4bit_base(one_rank, tmp_path, tiny_hf, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_mixed_adapters_decoded_eager_and_graphed(tiny_hf, tiny_adapters, tok, device):
-    """On CUDA the graphed step against the eager one; on CPU (no graphs) two eager runs agree."""
+    """The module path (eager) against the fast decode step with the adapters' deltas (on CUDA:
+    captured in a graph, its regions compiled; on CPU: eager), rows of three adapters."""
     from transformers import AutoModelForCausalLM
 
     from cerbero_ray.inference.multilora import AdapterSet
@@ -97,13 +98,14 @@ def test_mixed_adapters_decoded_eager_and_graphed(tiny_hf, tiny_adapters, tok, d
 
     base = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.bfloat16).to(device).eval()
     out = []
-    for graphs in (False, device == "cuda"):
+    for fast, graphs in ((False, False), (True, device == "cuda")):
         m = copy.deepcopy(base)
-        slots = SlotModel(m, 4, 256, AdapterSet(m, dict(tiny_adapters)))
+        slots = SlotModel(m, 4, 256, AdapterSet(m, dict(tiny_adapters)), fast=fast)
         prompts = [tok(p).input_ids for p in ("Ciao", "Il gatto dorme", "Roma è", "Buongiorno")]
         for s, a in enumerate((0, 1, 2, 1)):
             slots.set_adapter(s, a)
         first = slots.prefill(prompts, [0, 1, 2, 3]).argmax(-1)
         out.append(slots.decode(first.cpu(), torch.tensor([len(p) for p in prompts]), graphs=graphs))
-        assert slots.graph_error is None and bool(slots.graphs) == graphs
+        assert slots.fast == fast and slots.graph_error is None and bool(slots.graphs) == graphs
+        assert slots.compile_error is None
     assert torch.allclose(out[1], out[0], atol=2e-2)

@@ -132,8 +132,6 @@ def check_adapters(sc: ServeConfig) -> None:
         return
     if sc.engine != "continuous":
         raise ValueError("serve.adapters needs serve.engine=continuous (it mixes adapters in one batch)")
-    if sc.fast_decode:
-        raise ValueError("serve.fast_decode=true cannot apply LoRA adapters (serve.adapters): leave it null")
     if is_local(sc.checkpoint) and adapters.is_adapter(local_path(sc.checkpoint)):
         raise ValueError("serve.checkpoint is an adapter; with serve.adapters it must be their base (an HF folder)")
     for name, path in sc.adapters.items():

@@ -13,7 +13,7 @@ per bucket as a CUDA graph and replayed: decoding a batch is a few hundred small
 and launching them one by one from Python costs more than running them.
 
 The **fast decode step** (``fast``; on by default on CUDA for the plain Mistral/Llama shape: no
-biases, SiLU MLP, plain ``nn.Linear`` projections, no LoRA adapters) reads the same weights
+biases, SiLU MLP, plain ``nn.Linear`` projections) reads the same weights
 differently: Q, K and V become one matrix and gate and up another (the modules' own weights become
 views of them: no memory is added and every other user of the model sees the same numbers), and
 the arithmetic around the matrix products (RMSNorm, rope, SiLU·mul, the residual adds) is written
@@ -21,7 +21,10 @@ as two functions per layer that ``torch.compile`` fuses into a few kernels, shar
 (``compile``; in the captured graph only). Decode attention then reads each slot's real length in
 place with FlashAttention's varlen kernel (``torch.nn.attention.varlen``, ``seqused_k``) where this
 torch has it and it passes a check against SDPA at start-up; elsewhere it is SDPA with a mask. With
-varlen attention one graph serves every length. On one H200 (bench/probe_decode_gpu.py, batch 32 of
+varlen attention one graph serves every length. Mixed LoRA adapters run in it too: each group of
+projections that reads one input (Q/K/V, O, gate/up, down) adds its rows' deltas in
+:mod:`~cerbero_ray.inference.multilora`'s dense masked form (one product for the group's A side,
+one per member for B), inside the same compiled functions. On one H200 (bench/probe_decode_gpu.py, batch 32 of
 the 7B shape) the captured step went from 8.6 ms to 6.5 ms with the compiled regions, and the mask
 alone cost 0.9 ms of that.
 """
@@ -62,19 +65,54 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _pre(h, ln, wqkv, cos, sin, eps: float, nq: int, nkv: int, hd: int):
-    """Norm, the fused QKV product and rope of one decode token per row: ``[n, heads, hd]`` each."""
-    q, k, v = F.linear(_rms(h, ln, eps), wqkv).split([nq * hd, nkv * hd, nkv * hd], -1)
+def _lora(x, a, bs, mask):
+    """The LoRA deltas of linears that read the same input ``x`` (``[n, in]``): ``a`` their
+    adapters' A matrices stacked (``[members · (k + 1) r, in]``), ``bs`` each member's B over every
+    adapter (``[out, (k + 1) r]``, the scale folded in; None: the member has no adapter), ``mask``
+    each row's own adapter block (``[n, (k + 1) r]``): :mod:`cerbero_ray.inference.multilora`'s dense
+    form, one product for the group's A side."""
+    h = F.linear(x, a).view(x.shape[0], -1, mask.shape[1]) * mask[:, None]
+    out, j = [], 0
+    for b in bs:
+        out.append(None if b is None else F.linear(h[:, j], b))
+        j += b is not None
+    return out
+
+
+def _plus(y, d):
+    return y if d is None else y + d
+
+
+def _pre(h, ln, wqkv, cos, sin, eps: float, nq: int, nkv: int, hd: int, lqkv=None, mask=None):
+    """Norm, the fused QKV product (plus each row's LoRA deltas, ``lqkv``: (A, (Bq, Bk, Bv))) and
+    rope of one decode token per row: ``[n, heads, hd]`` each."""
+    x = _rms(h, ln, eps)
+    q, k, v = F.linear(x, wqkv).split([nq * hd, nkv * hd, nkv * hd], -1)
+    if lqkv is not None:
+        dq, dk, dv = _lora(x, lqkv[0], lqkv[1], mask)
+        q, k, v = _plus(q, dq), _plus(k, dk), _plus(v, dv)
     q, k, v = q.view(-1, nq, hd), k.view(-1, nkv, hd), v.view(-1, nkv, hd)
     return _rope(q, cos[:, None], sin[:, None]), _rope(k, cos[:, None], sin[:, None]), v
 
 
-def _post(h, o, wo, ln, wgu, wdown, eps: float):
+def _post(h, o, wo, ln, wgu, wdown, eps: float, lo=None, lgu=None, ldown=None, mask=None):
     """The attention output's projection and residual, then the norm, the fused gate/up product,
-    SiLU·mul, the down projection and the second residual."""
-    h = h + F.linear(o, wo)
-    g, u = F.linear(_rms(h, ln, eps), wgu).chunk(2, -1)
-    return h + F.linear(F.silu(g) * u, wdown)
+    SiLU·mul, the down projection and the second residual (each product plus its rows' LoRA
+    deltas, where adapters target it: (A, (B, …)) per group)."""
+    y = F.linear(o, wo)
+    if lo is not None:
+        y = _plus(y, _lora(o, lo[0], lo[1], mask)[0])
+    h = h + y
+    x = _rms(h, ln, eps)
+    g, u = F.linear(x, wgu).chunk(2, -1)
+    if lgu is not None:
+        dg, du = _lora(x, lgu[0], lgu[1], mask)
+        g, u = _plus(g, dg), _plus(u, du)
+    z = F.silu(g) * u
+    d = F.linear(z, wdown)
+    if ldown is not None:
+        d = _plus(d, _lora(z, ldown[0], ldown[1], mask)[0])
+    return h + d
 
 
 @functools.cache
@@ -110,18 +148,40 @@ class _Layer:
     ln2: torch.Tensor
     gu: torch.Tensor
     down: torch.Tensor
+    # LoRA adapters, per group of projections that read one input: (A stacked, (B per member or
+    # None)); None: no adapter targets the group
+    lqkv: tuple | None = None
+    lo: tuple | None = None
+    lgu: tuple | None = None
+    ldown: tuple | None = None
+
+
+def _base(m):
+    """The plain linear inside a LoRA wrapper (:class:`~cerbero_ray.inference.multilora.LoRALinear`)."""
+    return getattr(m, "base", m) if hasattr(m, "lora_a") else m
+
+
+def _lora_group(mods) -> tuple | None:
+    """(A of every targeted member stacked, (each member's B or None)) for linears that read one
+    input; None when no adapter targets any of them."""
+    if not any(hasattr(m, "lora_a") for m in mods):
+        return None
+    a = torch.cat([m.lora_a.flatten(0, 1) for m in mods if hasattr(m, "lora_a")])
+    return a, tuple(m.b_all if hasattr(m, "lora_a") else None for m in mods)
 
 
 def fast_unsupported(model, adapters=None) -> str | None:
-    """Why the fast decode step cannot run this model (None: it can)."""
-    if adapters is not None:
-        return "LoRA adapters wrap the projections"
+    """Why the fast decode step cannot run this model (None: it can). LoRA adapters
+    (:class:`~cerbero_ray.inference.multilora.AdapterSet`) run in it in their dense masked form."""
+    if adapters is not None and getattr(adapters, "kernel", "auto") != "auto":
+        return f"adapters with kernel={adapters.kernel!r} (the fast step runs the dense form)"
     cfg = model.config
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"hidden_act={cfg.hidden_act}"
     for layer in model.model.layers:
         a, mlp = layer.self_attn, layer.mlp
         for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            m = _base(m)
             if type(m) is not torch.nn.Linear:
                 return f"a {type(m).__name__} projection"
             if m.bias is not None:
@@ -204,14 +264,19 @@ class SlotModel:
         out = []
         for layer in self.model.model.layers:
             a, mlp = layer.self_attn, layer.mlp
+            qkv, gu = [a.q_proj, a.k_proj, a.v_proj], [mlp.gate_proj, mlp.up_proj]
             out.append(
                 _Layer(
                     layer.input_layernorm.weight,
-                    _fuse([a.q_proj, a.k_proj, a.v_proj], "_cerbero_qkv", a),
+                    _fuse([_base(m) for m in qkv], "_cerbero_qkv", a),
                     a.o_proj.weight,
                     layer.post_attention_layernorm.weight,
-                    _fuse([mlp.gate_proj, mlp.up_proj], "_cerbero_gate_up", mlp),
+                    _fuse([_base(m) for m in gu], "_cerbero_gate_up", mlp),
                     mlp.down_proj.weight,
+                    _lora_group(qkv),
+                    _lora_group([a.o_proj]),
+                    _lora_group(gu),
+                    _lora_group([mlp.down_proj]),
                 )
             )
         return out
@@ -380,8 +445,13 @@ class SlotModel:
         h = m.embed_tokens(ids)
         cos, sin = m.rotary_emb(h, pos[:, None])
         cos, sin = cos[:, 0], sin[:, 0]
+        mask = None
+        if self.adapters is not None:  # each row's own block of every adapter's rank (0: the base)
+            k1, r = len(self.adapters.names), self.adapters.rank
+            hot = self.slot_adapter[:n, None] == torch.arange(k1, device=self.device)[None]
+            mask = hot.to(h.dtype).repeat_interleave(r, dim=1)
         for i, w in enumerate(self._fused):
-            q, k, v = pre(h, w.ln1, w.qkv, cos, sin, self.eps, self.nq, self.nkv, self.head_dim)
+            q, k, v = pre(h, w.ln1, w.qkv, cos, sin, self.eps, self.nq, self.nkv, self.head_dim, w.lqkv, mask)
             self.k[i, rows, write] = k
             self.v[i, rows, write] = v
             if varlen is not None:
@@ -390,8 +460,9 @@ class SlotModel:
                 o = self._varlen(varlen, q, kc, vc, pos, n, length, self.max_len)
             else:
                 o = self._sdpa(q, self.k[i, :n, :length], self.v[i, :n, :length], pos, n, length)
-            h = post(h, o, w.o, w.ln2, w.gu, w.down, self.eps)
-        return self.model.lm_head(m.norm(h)).float()
+            h = post(h, o, w.o, w.ln2, w.gu, w.down, self.eps, w.lo, w.lgu, w.ldown, mask)
+        with self._rows(rows):  # an adapter may target the output layer
+            return self.model.lm_head(m.norm(h)).float()
 
     def _decode(
         self, ids: torch.Tensor, pos: torch.Tensor, n: int, length: int, compiled: bool = False
