@@ -10,6 +10,8 @@ Mistral-7B-shaped model (hidden 4096, FFN 14336, 32 heads / 8 KV heads, vocab 32
     python bench/bench_train_gpu.py --accum 4 --steps 5 --warmup 2 --grad-accum-dtype bf16 --out $OUT
     # LoRA (r 16 on every projection, the base frozen in bf16) against the full fine-tune, same model:
     python bench/bench_train_gpu.py --out $OUT && python bench/bench_train_gpu.py --method lora --out $OUT
+    # train.strategy=torch (fp32 weights under bf16 autocast, DDP + ZeroRedundancyOptimizer) against DeepSpeed:
+    python bench/bench_train_gpu.py --out $OUT && python bench/bench_train_gpu.py --strategy torch --out $OUT
 
 Rows are synthetic (random tokens, 8 documents per row, labels on every token as in the baseline),
 written as a shard in the data stage's format and read back through the planned reader. Reports
@@ -104,6 +106,7 @@ def config(a, shard: str, rows: int, run_dir: str):
         "precision": "fp32" if a.cpu_smoke else "bf16",
         "method": a.method,
         "compile": a.compile,
+        "strategy": a.strategy,
         "lora": {
             "r": 16,
             "alpha": 32.0,
@@ -147,6 +150,7 @@ def main():
     p.add_argument("--grad-accum-dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--method", choices=("full", "lora"), default="full")
     p.add_argument("--compile", choices=("none", "layers"), default="none", help="train.compile")
+    p.add_argument("--strategy", choices=("deepspeed", "torch"), default="deepspeed", help="train.strategy")
     p.add_argument("--cpu-smoke", action="store_true")
     a = p.parse_args()
     if a.cpu_smoke:
@@ -182,6 +186,7 @@ def main():
         "total_params": summary.get("total_params"),
         "peak_memory_bytes": summary.get("peak_memory_bytes"),
         "compile": a.compile,
+        "strategy": a.strategy,
         "first_step_s": round(hist[0]["step_s"], 2),  # with --compile layers: the compilation's time
     }
     if torch.cuda.is_available():
@@ -203,10 +208,18 @@ def main():
         if eager.get("method") == a.method and eager.get("compile", "none") == "none":
             res["vs_eager_tokens_per_s"] = round(res["tokens_per_s"] / eager["tokens_per_s"], 3)
             res["eager_final_loss"] = eager.get("final_loss")
+    if a.strategy == "torch" and os.path.exists(full_path):  # DeepSpeed's run of the same call, same batches
+        ds = json.load(open(full_path))
+        if ds.get("method") == a.method and ds.get("strategy", "deepspeed") == "deepspeed":
+            res["vs_deepspeed_tokens_per_s"] = round(res["tokens_per_s"] / ds["tokens_per_s"], 3)
+            res["deepspeed_final_loss"] = ds.get("final_loss")
+            if ds.get("max_mem_gb") and res.get("max_mem_gb"):
+                res["vs_deepspeed_peak_memory"] = round(res["max_mem_gb"] / ds["max_mem_gb"], 3)
     os.makedirs(a.out, exist_ok=True)
     name = "bench_train_gpu" + (f"-accum{a.accum}-{a.grad_accum_dtype}" if a.accum > 1 else "")
     name += "-lora" if a.method == "lora" else ""
     name += f"-compile-{a.compile}" if a.compile != "none" else ""
+    name += "-torch" if a.strategy == "torch" else ""
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res), flush=True)

@@ -46,7 +46,19 @@ def test_every_carried_wheel_installs_for_python_3_12(tmp_path):
 
 
 def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
-    stages = ["serve", "probe", "structured", "label", "train", "accum", "lora", "compile", "multilora", "evaluate"]
+    stages = [
+        "serve",
+        "probe",
+        "structured",
+        "label",
+        "train",
+        "accum",
+        "lora",
+        "compile",
+        "native",
+        "multilora",
+        "evaluate",
+    ]
     env = {**os.environ, "CPU_SMOKE": "1", "OUT": str(tmp_path), "CERBERO_DATA_DIR": SHARED_DATA}
     r = subprocess.run(
         ["bash", "bench/gpu_run.sh", *stages], cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=1800
@@ -55,4 +67,9 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
     ran = re.findall(r"^(\S+) rc=(\d+)", summary, re.M)
     assert ran and all(rc == "0" for _, rc in ran), summary + r.stdout[-3000:]
     assert {n for n, _ in ran} >= {"bench_serve_gpu", "bench_label_gpu", "bench_train_gpu", "bench_multilora"}
-    assert {n for n, _ in ran} >= {"probe_decode_gpu", "bench_structured", "bench_train_gpu_compile"}
+    assert {n for n, _ in ran} >= {
+        "probe_decode_gpu",
+        "bench_structured",
+        "bench_train_gpu_compile",
+        "bench_train_gpu_torch",
+    }

@@ -96,8 +96,10 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     )
 
 
-def test_bf16_on_cpu_without_ray(shards, tmp_path):
-    """The Ray-free entry point (what a GPU box without Ray runs), DeepSpeed bf16 with fp32 masters."""
+@pytest.mark.parametrize("strategy", ["deepspeed", "torch"])
+def test_bf16_on_cpu_without_ray(shards, tmp_path, strategy):
+    """The Ray-free entry point (what a GPU box without Ray runs): DeepSpeed bf16 with fp32 masters,
+    or ``train.strategy=torch`` (fp32 weights under bf16 autocast); either writes a bf16 model."""
     import subprocess
     import sys
 
@@ -109,6 +111,7 @@ def test_bf16_on_cpu_without_ray(shards, tmp_path):
             f"paths.output_dir={tmp_path}",
             f"train.data_dir={shards}",
             "train.precision=bf16",
+            f"train.strategy={strategy}",
             "train.max_steps=3",
             "train.epochs=1",
             "train.num_workers=1",
@@ -120,8 +123,12 @@ def test_bf16_on_cpu_without_ray(shards, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(tmp_path / "train" / "tiny-cpu" / "summary.json"))
     assert summary["steps"] == 3 and summary["eval_losses"][-1] < summary["eval_losses"][0]
-    w = load_file(str(tmp_path / "train" / "tiny-cpu" / "hf" / "model.safetensors"))
+    hf = tmp_path / "train" / "tiny-cpu" / "hf"
+    w = load_file(str(hf / "model.safetensors"))
     assert all(v.dtype == torch.bfloat16 for v in w.values())
+    assert json.load(open(hf / "config.json"))["dtype"] == "bfloat16"
+    state = tmp_path / "train" / "tiny-cpu" / "checkpoint_step_0000003"
+    assert os.path.isdir(state / ("ds" if strategy == "deepspeed" else "torch") / "state")
 
 
 @pytest.mark.slow  # ~1.5 minutes

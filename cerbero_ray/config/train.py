@@ -24,6 +24,7 @@ PRECISIONS = ("bf16", "fp32")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ATTENTION = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 COMPILE = ("none", "layers")
+STRATEGIES = ("deepspeed", "torch")
 SCHEDULES = ("cosine", "linear", "constant")
 ZERO_STAGES = (0, 1, 2)
 METHODS = ("full", "lora")
@@ -71,6 +72,9 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     precision: str = "bf16"  # bf16 (fp32 master weights in DeepSpeed) | fp32
+    # deepspeed (the recipe) | torch: the same ZeRO-1 in plain PyTorch (fp32 weights under bf16
+    # autocast, DDP's fp32 all-reduce, ZeroRedundancyOptimizer for deepspeed.stage=1; cerbero_ray.train.native)
+    strategy: str = "deepspeed"
     micro_batch_size: int = 1  # rows per worker per forward
     global_batch_size: int = 8  # rows per optimizer step, all workers together
     epochs: int = 1
@@ -157,6 +161,7 @@ def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
         ("precision", PRECISIONS),
         ("attention", ATTENTION),
         ("compile", COMPILE),
+        ("strategy", STRATEGIES),
         ("schedule", SCHEDULES),
         ("placement_strategy", PLACEMENTS),
     ):
@@ -171,6 +176,11 @@ def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
         raise ValueError(
             f"deepspeed.stage must be one of {ZERO_STAGES} (the recipe is ZeRO-1; stage 3 shards "
             f"the weights, which this trainer's checkpoint export does not gather), got {ds.stage}"
+        )
+    if t.strategy == "torch" and ds.stage > 1:
+        raise ValueError(
+            f"train.strategy=torch shards the optimizer states only (deepspeed.stage 0 or 1, the recipe's "
+            f"ZeRO-1); deepspeed.stage={ds.stage} needs train.strategy=deepspeed"
         )
     if not 0 <= t.min_lr_ratio <= 1 or t.lr <= 0:
         raise ValueError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")

@@ -4,6 +4,8 @@
       ds/state/…            DeepSpeed: weights (rank 0) + each rank's ZeRO optimizer partition;
                             the schedule and the loop's state (step, epoch, metrics) ride in its
                             client state
+      torch/state/…         instead, under train.strategy=torch: the same, in torch.save files
+                            (:mod:`cerbero_ray.train.native`)
       rng/rank_<r>.pt       each rank's torch / numpy / python RNG states
       hf/                   safetensors + config + tokenizer with the chat template (rank 0):
                             ``AutoModelForCausalLM.from_pretrained(<checkpoint>/hf)``
@@ -81,7 +83,10 @@ def save(engine, directory: str, rank: int, client_state: dict, write_model=None
     ``write_model(folder)`` (rank 0) writes the model folder beside; ``frozen``: leave frozen
     parameters (a LoRA run's base) out of the weights."""
     engine.save_checkpoint(
-        os.path.join(directory, "ds"), tag=TAG, client_state=client_state, exclude_frozen_parameters=frozen
+        os.path.join(directory, _state_dir(engine)),
+        tag=TAG,
+        client_state=client_state,
+        exclude_frozen_parameters=frozen,
     )
     os.makedirs(os.path.join(directory, "rng"), exist_ok=True)
     torch.save(rng_state(), os.path.join(directory, "rng", f"rank_{rank}.pt"))
@@ -89,11 +94,26 @@ def save(engine, directory: str, rank: int, client_state: dict, write_model=None
         write_model(directory)
 
 
-def save_hf(hf_model, tokenizer, directory: str) -> None:
-    """An HF folder, its complete marker last (:func:`cerbero_ray.storage.check_folder`)."""
+def save_hf(hf_model, tokenizer, directory: str, dtype: torch.dtype | None = None) -> None:
+    """An HF folder, its complete marker last (:func:`cerbero_ray.storage.check_folder`). ``dtype``:
+    the floating weights written in it (fp32 masters as the bf16 model DeepSpeed's bf16 run
+    exports), copied tensor by tensor to host memory; the model itself is left as it is."""
+    import json
+
     hf_model.config.use_cache = True
-    hf_model.save_pretrained(directory, safe_serialization=True)
+    state = None
+    if dtype is not None:
+        state = {
+            k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in hf_model.state_dict().items()
+        }
+    hf_model.save_pretrained(directory, safe_serialization=True, state_dict=state)
     hf_model.config.use_cache = False
+    if dtype is not None:  # the config says what the model's (fp32) parameters are: say what was written
+        path = os.path.join(directory, "config.json")
+        cfg = json.load(open(path))
+        cfg["dtype"] = str(dtype).split(".")[1]
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
     if tokenizer is not None:
         from cerbero_ray.tokenizer import save_tokenizer
 
@@ -120,18 +140,29 @@ def save_hf_to(hf_model, tokenizer, dest: str) -> str:
     return dest
 
 
+def _state_dir(engine) -> str:
+    """Where an engine's state goes in a checkpoint: ``ds`` (DeepSpeed) or ``torch``."""
+    return getattr(engine, "state_dir", "ds")
+
+
 def load(engine, directory: str, rank: int, frozen: bool = False) -> dict:
     """Restore weights, optimizer, schedule and RNG from ``directory``; returns the loop's state.
     ``frozen``: the checkpoint left the frozen parameters out (they are the rebuilt base's)."""
+    sub = _state_dir(engine)
+    names = {"ds": "deepspeed", "torch": "torch"}  # the state folder of each train.strategy
+    if not os.path.isdir(os.path.join(directory, sub, TAG)):
+        written = [s for s in names if s != sub and os.path.isdir(os.path.join(directory, s))]
+        why = f": it was written with train.strategy={names[written[0]]}" if written else ""
+        raise RuntimeError(f"no {names[sub]} state in {directory}/{sub}{why}")
     path, client = engine.load_checkpoint(
-        os.path.join(directory, "ds"),
+        os.path.join(directory, sub),
         tag=TAG,
         load_module_strict=not frozen,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
     if path is None:
-        raise RuntimeError(f"no DeepSpeed state in {directory}/ds")
+        raise RuntimeError(f"no {names[sub]} state in {directory}/{sub}")
     rng = os.path.join(directory, "rng", f"rank_{rank}.pt")
     if os.path.exists(rng):
         set_rng_state(torch.load(rng, weights_only=False))

@@ -1,4 +1,4 @@
-"""The per-worker training loop: plain PyTorch + DeepSpeed, no Ray import.
+"""The per-worker training loop: plain PyTorch + DeepSpeed (or ``train.strategy=torch``), no Ray import.
 
 Ray Train runs :func:`train_loop` in every worker with a :class:`~cerbero_ray.train.env.RayEnv`;
 ``python -m cerbero_ray.train.local`` (torchrun or one process) runs it with a
@@ -32,7 +32,7 @@ from cerbero_ray.train.metrics import Writer, progress_line, write_summary
 from cerbero_ray.train.modeling import count_flops_per_token, peak_flops
 from cerbero_ray.train.plan import plan_all, remaining, signature, total_steps
 from cerbero_ray.train.run_plan import RunPlan
-from cerbero_ray.train.zero import build_deepspeed
+from cerbero_ray.train.zero import build_engine
 
 
 def say(line: str) -> None:
@@ -97,9 +97,7 @@ class _Run:
             self.tok = build_tokenizer(tc.path, tc.assistant_tag, tc.system_line)
         self.lora = t.method == "lora"
         on_base = self._record_base if self.lora and self.rank == 0 else None
-        self.engine, self.sched, self.lm, self.peft = build_deepspeed(
-            config, self.total, self.device, self.world, on_base
-        )
+        self.engine, self.sched, self.lm, self.peft = build_engine(config, self.total, self.device, self.world, on_base)
         self.micro = t.micro_batch_size
         self.accum = t.global_batch_size // (self.micro * self.world)
         self.read_cpus = float(t.read_cpus)
@@ -121,7 +119,9 @@ class _Run:
             save_adapter(self.peft, self.tok, self.base_record, d)
         else:
             d = os.path.join(folder, "hf")
-            ckpt.save_hf(self.lm, self.tok, d)
+            # train.strategy=torch trains fp32 weights under bf16 autocast: its model is written in bf16, as DeepSpeed's
+            cast = self.t.strategy == "torch" and self.t.precision == "bf16"
+            ckpt.save_hf(self.lm, self.tok, d, torch.bfloat16 if cast else None)
         return d
 
     def resume(self) -> None:

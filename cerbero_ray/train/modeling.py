@@ -91,10 +91,11 @@ class PackedCausalLM(nn.Module):
         super().__init__()
         self.lm = lm
         self.loss_chunk = loss_chunk
-        self.autocast = autocast  # bf16 autocast on CUDA (LoRA: fp32 adapters on a bf16 base)
+        # bf16 autocast (LoRA on CUDA: fp32 adapters on a bf16 base; train.strategy=torch: fp32 master weights)
+        self.autocast = autocast
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
             return token_loss_sum(hidden, output_weight(self.lm.lm_head), labels, self.loss_chunk)
 

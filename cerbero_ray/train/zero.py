@@ -1,8 +1,10 @@
-"""The DeepSpeed engine: model, optimizer, schedule and the DeepSpeed JSON, from plain config values.
+"""The training engine: model, optimizer, schedule and the DeepSpeed JSON, from plain config values.
 
-The optimizer is ``torch.optim.AdamW`` (fused on CUDA; DeepSpeed's own fused/CPU Adam needs build
-steps and is not needed with ZeRO-1) and the schedule comes from transformers' library schedulers;
-DeepSpeed owns gradient accumulation, clipping, the bf16 master weights and the ZeRO sharding.
+``train.strategy=deepspeed`` (the recipe's default): the optimizer is ``torch.optim.AdamW`` (fused
+on CUDA; DeepSpeed's own fused/CPU Adam needs build steps and is not needed with ZeRO-1) and the
+schedule comes from transformers' library schedulers; DeepSpeed owns gradient accumulation,
+clipping, the bf16 master weights and the ZeRO sharding. ``train.strategy=torch``: the same model,
+optimizer and schedule in plain PyTorch (:mod:`cerbero_ray.train.native`).
 """
 
 from __future__ import annotations
@@ -57,13 +59,19 @@ def warmup_steps(t: TrainConfig, total_steps: int) -> int:
     return int(t.warmup_steps) if t.warmup_steps is not None else int(t.warmup_ratio * total_steps)
 
 
-def build_optimizer(model: torch.nn.Module, t: TrainConfig, cuda: bool) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms and biases (1-D parameters)."""
+def param_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict]:
+    """The trainable parameters; no weight decay on norms and biases (1-D parameters)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]  # LoRA has no 1-D trainable parameters; ZeRO drops empty groups
-    return torch.optim.AdamW(groups, lr=learning_rate(t), betas=tuple(t.betas), eps=t.eps, fused=cuda or None)
+    return [g for g in groups if g["params"]]  # LoRA has no 1-D trainable parameters; ZeRO drops empty groups
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, cuda: bool) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`."""
+    return torch.optim.AdamW(
+        param_groups(model, t), lr=learning_rate(t), betas=tuple(t.betas), eps=t.eps, fused=cuda or None
+    )
 
 
 def learning_rate(t: TrainConfig) -> float:
@@ -114,12 +122,10 @@ def compile_layers(lm, checkpointing: bool) -> int:
     return len(layers)
 
 
-def build_deepspeed(config: TrainStageConfig, total_steps: int, device: torch.device, world_size: int, on_base=None):
-    """(DeepSpeed engine wrapping :class:`PackedCausalLM`, scheduler, the HF model inside, the peft
-    model around it or None). ``train.method=lora``: ``on_base(lm)`` sees the frozen base before
-    the adapters are applied (rank 0 records it, :mod:`cerbero_ray.train.lora`)."""
-    import deepspeed
-
+def build_packed(config: TrainStageConfig, device: torch.device, on_base=None, autocast: bool = False):
+    """(:class:`PackedCausalLM` on ``device``, the HF model inside, the peft model around it or
+    None). ``train.method=lora``: ``on_base(lm)`` sees the frozen base before the adapters are
+    applied (rank 0 records it, :mod:`cerbero_ray.train.lora`). A full fine-tune's weights are fp32."""
     t = config.train
     cuda = device.type == "cuda"
     lora = t.method == "lora"
@@ -132,7 +138,7 @@ def build_deepspeed(config: TrainStageConfig, total_steps: int, device: torch.de
         if on_base is not None:
             on_base(lm)
     else:
-        # DeepSpeed casts to bf16 and keeps fp32 masters
+        # DeepSpeed casts to bf16 and keeps fp32 masters; train.strategy=torch keeps fp32 under autocast
         lm = build_model(replace(config.model, dtype="float32"), seed=t.seed)
     lm.config._attn_implementation = pick_attention(t.attention, cuda, t.micro_batch_size)
     lm.config.use_cache = False
@@ -146,8 +152,39 @@ def build_deepspeed(config: TrainStageConfig, total_steps: int, device: torch.de
     if t.compile == "layers":
         compile_layers(lm, t.gradient_checkpointing)
     lm.train()
-    autocast = lora and cuda and t.precision == "bf16"
-    model = PackedCausalLM(lm, t.loss_chunk_tokens, autocast=autocast).to(device)
+    return PackedCausalLM(lm, t.loss_chunk_tokens, autocast=autocast).to(device), lm, peft_model
+
+
+def build_engine(config: TrainStageConfig, total_steps: int, device: torch.device, world_size: int, on_base=None):
+    """(engine, scheduler, the HF model inside, the peft model or None) for ``train.strategy``."""
+    if config.train.strategy == "torch":
+        return build_torch(config, total_steps, device, world_size, on_base)
+    return build_deepspeed(config, total_steps, device, world_size, on_base)
+
+
+def build_torch(config: TrainStageConfig, total_steps: int, device: torch.device, world_size: int, on_base=None):
+    """:func:`build_engine` for ``train.strategy=torch`` (:class:`~cerbero_ray.train.native.TorchEngine`)."""
+    from cerbero_ray.train.native import TorchEngine
+    from cerbero_ray.train.native import build_optimizer as sharded_adamw
+
+    t = config.train
+    model, lm, peft_model = build_packed(config, device, on_base, autocast=t.precision == "bf16")
+    opt = sharded_adamw(param_groups(model, t), t, device.type == "cuda", config.deepspeed.stage, learning_rate(t))
+    sched = build_scheduler(opt, t, total_steps)
+    accum = t.global_batch_size // (t.micro_batch_size * world_size)
+    return TorchEngine(model, opt, sched, accum, t.max_grad_norm, device), sched, lm, peft_model
+
+
+def build_deepspeed(config: TrainStageConfig, total_steps: int, device: torch.device, world_size: int, on_base=None):
+    """(DeepSpeed engine wrapping :class:`PackedCausalLM`, scheduler, the HF model inside, the peft
+    model around it or None); ``on_base``: as :func:`build_packed`."""
+    import deepspeed
+
+    t = config.train
+    cuda = device.type == "cuda"
+    model, lm, peft_model = build_packed(
+        config, device, on_base, autocast=t.method == "lora" and cuda and t.precision == "bf16"
+    )
     opt = build_optimizer(model, t, cuda)
     sched = build_scheduler(opt, t, total_steps)
     with drop_lines(r"^DeepSpeed \S+ built successfully$"):  # its CPU comm op, printed once per worker
