@@ -19,7 +19,9 @@ and, for the continuous engine, **ms per decode step**: (time for ``--new`` toke
 read (every weight once, plus the KV cache of the batch at its mean length) over the copy bandwidth
 measured here (a device-to-device copy, bytes read + written). The **mixed** case puts one
 ``--long``-token prompt among ``batch − 1`` short ones: its ms per step against the all-short case's
-(the goal: within 1.3x, i.e. one long request does not make every step read the whole cache).
+(the goal: within 1.3x, i.e. one long request does not make every step read the whole cache),
+once with the default decode attention and once per ``--attentions`` choice (``flex``:
+flex_attention over each row's own blocks), each against its own all-short case.
 Ratios to ../shared's ``gpu_generate_check.json`` (same call, same --out) when it is there.
 """
 
@@ -133,6 +135,10 @@ def main():
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--long", type=int, default=4000, help="the mixed case's long prompt")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--attentions", default="", help="decode attentions the mixed case also runs (comma list: flex)")
+    p.add_argument(
+        "--skip-hf", action="store_true", help="leave out transformers' generate (bench/gpu_run.sh attention)"
+    )
     p.add_argument("--cpu-smoke", action="store_true")
     a = p.parse_args()
     if a.cpu_smoke:
@@ -164,19 +170,27 @@ def main():
         "batch": {},
     }
 
-    def engine(slots: int, graphs: bool):
+    def engine(slots: int, graphs: bool, attention: str = "auto"):
         return lambda max_prompt: ContinuousBatcher(
-            model, tok, num_slots=slots, max_prompt_tokens=max_prompt, max_new_tokens=a.new, cuda_graphs=graphs
+            model,
+            tok,
+            num_slots=slots,
+            max_prompt_tokens=max_prompt,
+            max_new_tokens=a.new,
+            cuda_graphs=graphs,
+            fast_decode=True if attention != "auto" else None,  # a chosen attention is the fast step's
+            decode_attention=attention,
         )
 
     for batch in [int(b) for b in a.batches.split(",")]:
         ids = torch.randint(1000, 31000, (batch, a.prompt), generator=g).tolist()
         r = res["batch"][batch] = {}
-        gen = Generator(model, tok, batch_size=batch, max_prompt_tokens=a.prompt)
-        prompts = [tok.decode(x) for x in ids]  # Generator takes text; its retokenized prompts differ slightly
-        out, t = timed(lambda gen=gen, prompts=prompts: gen.generate(prompts, greedy), a.reps, cuda)
-        r["hf"] = {"new_tokens_per_s": round(sum(x["new_tokens"] for x in out) / t, 1), "s": round(t, 3)}
-        if cuda and batch == 32:
+        if not a.skip_hf:
+            gen = Generator(model, tok, batch_size=batch, max_prompt_tokens=a.prompt)
+            prompts = [tok.decode(x) for x in ids]  # Generator takes text; its retokenized prompts differ slightly
+            out, t = timed(lambda gen=gen, prompts=prompts: gen.generate(prompts, greedy), a.reps, cuda)
+            r["hf"] = {"new_tokens_per_s": round(sum(x["new_tokens"] for x in out) / t, 1), "s": round(t, 3)}
+        if cuda and batch == 32 and not a.skip_hf:
             x = torch.tensor(ids, device=dev)
             kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=0)
             with torch.inference_mode():
@@ -196,7 +210,7 @@ def main():
                 "ms_per_decode_step": round(ms, 3),
                 "floor_ms": round(floor, 3),
                 "vs_floor": round(ms / floor, 2),
-                "vs_hf_here": round(tps / r["hf"]["new_tokens_per_s"], 3),
+                "vs_hf_here": round(tps / r["hf"]["new_tokens_per_s"], 3) if "hf" in r else None,
                 **facts,
             }
             if "hf_static_compile" in r:
@@ -218,7 +232,24 @@ def main():
         "all_short_ms_per_decode_step": short,
         "vs_all_short": round(ms / short, 2),
         "kv_cache_gib": facts["kv_cache_gib"],
+        "attention": facts["attention"],
     }
+    for att in [x for x in a.attentions.split(",") if x]:  # the same two cases with this decode attention
+        shorts = [x[: a.prompt] for x in mixed[:-1]] + [mixed[-1][: a.prompt]]
+        ms_short, _, f_short = step_ms(engine(batch, cuda, att), shorts, a.new, a.reps, cuda)
+        ms_mixed, _, f_mixed = step_ms(engine(batch, cuda, att), mixed, a.new, a.reps, cuda)
+        same = sum(x == y for x, y in zip(f_mixed["texts"], facts["texts"]))
+        res[f"mixed_lengths_{att}"] = {
+            "attention": f_mixed["attention"],  # what ran: a choice that failed its start-up check is "sdpa"
+            "attention_note": f_mixed["attention_note"],
+            "compile_error": f_mixed["compile_error"],
+            "all_short_ms_per_decode_step": round(ms_short, 3),
+            "ms_per_decode_step": round(ms_mixed, 3),
+            "vs_all_short": round(ms_mixed / ms_short, 2),
+            "vs_default_mixed": round(ms_mixed / ms, 2),
+            "vs_default_all_short": round(ms_short / short, 2),
+            "same_text_as_default": f"{same}/{batch}",
+        }
     base = os.path.join(a.out, "gpu_generate_check.json")
     if os.path.exists(base):  # the shared baseline, batch 32, from the same call
         b = json.load(open(base))
@@ -230,7 +261,8 @@ def main():
                         ratio = r[name]["new_tokens_per_s"] / b[ref]["new_tokens_per_s"]
                         r[name][f"vs_baseline_{ref}"] = round(ratio, 3)
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "bench_serve_gpu.json"), "w") as f:
+    name = "bench_serve_gpu" + "".join(f"-{x}" for x in a.attentions.split(",") if x)
+    with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res), flush=True)
 

@@ -10,6 +10,7 @@
 #   bash bench/gpu_run.sh multilora     # bench_multilora.py: k = 1, 4, 16 adapters mixed in one stream vs one at a time
 #   bash bench/gpu_run.sh structured    # bench_structured.py: constrained vs free generation, same requests
 #   bash bench/gpu_run.sh probe         # probe_decode_gpu.py: a decode step's GPU time, its kernels, fused variants
+#   bash bench/gpu_run.sh attention     # bench_serve_gpu.py batch 32: all-short vs one long prompt, SDPA vs flex decode attention
 #   bash bench/gpu_run.sh evaluate      # bench_evaluate.py: score vs generate protocol, continuous vs generate
 #   bash bench/gpu_run.sh tests         # python -m pytest -m gpu (every gpu-marked test)
 #   CPU_SMOKE=1 bash bench/gpu_run.sh serve label   # here, on CPU: tiny sizes, the baselines skipped
@@ -84,6 +85,9 @@ for stage in "$@"; do
       step bench_multilora 300 $PY bench/bench_multilora.py --out "$OUT" "${SMOKE[@]}" ;;
     structured)   # constrained (JSON schema, choice, regex) vs free generation, batch 32 (~2 min)
       step bench_structured 200 $PY bench/bench_structured.py --out "$OUT" "${SMOKE[@]}" ;;
+    attention)  # decode attention reading each row's real length (flex) against the default, batch 32 (~4 min)
+      step bench_serve_gpu_flex 400 $PY bench/bench_serve_gpu.py --batches 32 --attentions flex --skip-hf \
+        --out "$OUT" "${SMOKE[@]}" ;;
     probe)   # where a decode step's time goes: the engine's graph vs fused / compiled variants (~3 min)
       step probe_decode_gpu 240 $PY bench/probe_decode_gpu.py --out "$OUT" "${SMOKE[@]}" ;;
     evaluate)
@@ -91,7 +95,7 @@ for stage in "$@"; do
       step bench_evaluate 200 $PY bench/bench_evaluate.py --data-dir "$data" --out "$OUT" "${SMOKE[@]}" ;;
     tests)
       step pytest_gpu 300 $PY -m pytest -q -m gpu -p no:cacheprovider ;;
-    *) echo "unknown stage '$stage' (serve, probe, structured, label, train, accum, lora, compile, native, multilora, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown stage '$stage' (serve, probe, attention, structured, label, train, accum, lora, compile, native, multilora, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 printf '%s\n' "--- summary" "${SUMMARY[@]}" | tee -a "$LOG"

@@ -56,6 +56,7 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "lora",
         "compile",
         "native",
+        "attention",
         "multilora",
         "evaluate",
     ]
@@ -72,4 +73,5 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "bench_structured",
         "bench_train_gpu_compile",
         "bench_train_gpu_torch",
+        "bench_serve_gpu_flex",
     }

@@ -259,6 +259,12 @@ def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):
     check_inference(sc["checkpoint"], sc["engine"], "serve")  # the tiny Mistral: fine
     with pytest.raises(ValueError, match="serve.engine must be one of"):
         compose("serve", [f"serve.checkpoint={tiny_hf}", "serve.engine=vllm"], checked=True)
+    with pytest.raises(ValueError, match="serve.decode_attention must be one of"):
+        compose("serve", [f"serve.checkpoint={tiny_hf}", "serve.decode_attention=paged"], checked=True)
+    from cerbero_ray.config.serve import DECODE_ATTENTION
+    from cerbero_ray.inference.slots import ATTENTION
+
+    assert DECODE_ATTENTION == ATTENTION
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="serve.engine=hf"):
         check_inference(str(tmp_path), sc["engine"], "serve")
@@ -267,18 +273,21 @@ def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):
         compose("generate", [f"generate.checkpoint={tiny_hf}", "generate.engine=fast"], checked=True)
 
 
+@pytest.mark.parametrize("attention", ["auto", "flex"])
 @pytest.mark.parametrize("window", [None, 6])
-def test_the_fast_decode_step_gives_the_module_path_s_logits_and_shares_the_weights(window):
-    """The fused step (one QKV and one gate/up weight, the norm/rope/MLP functions) against the HF
-    modules' step, row by row, with a slot sitting out; the modules' weights become views of the
-    fused ones (no memory added, the same numbers), and a second engine reuses them."""
+def test_the_fast_decode_step_gives_the_module_path_s_logits_and_shares_the_weights(window, attention):
+    """The fused step (one QKV and one gate/up weight, the norm/rope/MLP functions; attention by
+    masked SDPA or by flex_attention over each row's blocks, eager here) against the HF modules'
+    step, row by row, with a slot sitting out; the modules' weights become views of the fused ones
+    (no memory added, the same numbers), and a second engine reuses them."""
     from cerbero_ray.inference.slots import fast_unsupported
 
     m = tiny(overrides={"sliding_window": window}).eval()
     ref_sd = {k: v.clone() for k, v in m.state_dict().items()}
     plain = SlotModel(m, num_slots=3, max_len=32, fast=False)
-    fast = SlotModel(m, num_slots=3, max_len=32, fast=True)
-    assert not plain.fast and fast.fast and fast.attention == "sdpa"  # varlen: CUDA only
+    fast = SlotModel(m, num_slots=3, max_len=32, fast=True, attention=attention)
+    # varlen: CUDA only; flex: its start-up check against SDPA passed
+    assert not plain.fast and fast.fast and fast.attention == ("sdpa" if attention == "auto" else "flex")
     a = m.model.layers[0].self_attn
     assert a.k_proj.weight.untyped_storage().data_ptr() == a._cerbero_qkv.untyped_storage().data_ptr()
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in ref_sd.items())
@@ -294,6 +303,42 @@ def test_the_fast_decode_step_gives_the_module_path_s_logits_and_shares_the_weig
         live = pos >= 0
         torch.testing.assert_close(got[live], want[live], rtol=1e-4, atol=1e-4)
     assert fast_unsupported(tiny(overrides={"hidden_act": "gelu"})) == "hidden_act=gelu"
+
+
+@pytest.mark.parametrize("window", [None, 200])
+def test_flex_block_masks_list_exactly_the_blocks_each_row_sees(window):
+    """The decode block mask (flex_attention's kernels read only the listed blocks, whole ones
+    without the mask): each row's listed blocks are exactly those holding a key it sees, the whole
+    ones entirely visible, the cut ones partly, none listed twice; brute force over positions at
+    and around block edges."""
+    from cerbero_ray.inference.slots import _FLEX_BLOCK as BS
+
+    sm = SlotModel(tiny(overrides={"sliding_window": window}).eval(), num_slots=2, max_len=1024, fast=True)
+    pos = torch.tensor([0, 1, 126, 127, 128, 129, 255, 256, 300, 1000, 1023])
+    bm = sm._block_mask(pos, 1024)
+    for r, p in enumerate(pos.tolist()):
+        lo = max(0, p - window + 1) if window else 0
+        seen = {b for b in range(1024 // BS) if b * BS <= p and b * BS + BS - 1 >= lo}
+        whole = {b for b in seen if b * BS >= lo and b * BS + BS - 1 <= p}
+        n, idx = int(bm.full_kv_num_blocks[r, 0, 0]), bm.full_kv_indices[r, 0, 0].tolist()
+        c, cidx = int(bm.kv_num_blocks[r, 0, 0]), bm.kv_indices[r, 0, 0].tolist()
+        assert set(idx[:n]) == whole and len(idx[:n]) == n, (p, idx[:n], whole)
+        assert set(cidx[:c]) == seen - whole and len(set(cidx[:c])) == c, (p, cidx[:c], seen - whole)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_engine_with_flex_decode_attention_gives_generate_s_text(tok, device):
+    """``decode_attention=flex`` through the whole loop (on CUDA: captured graphs, flex_attention's
+    Triton kernel compiled; on CPU its eager reference), fp32 greedy text equal to generate's."""
+    m = tiny().to(device).eval()
+    prompts = [chat(tok, p) for p in PROMPTS]
+    ref = [Generator(m, tok, batch_size=1).generate([p], GREEDY)[0]["text"] for p in prompts]
+    cb = ContinuousBatcher(
+        m, tok, num_slots=3, max_prompt_tokens=128, max_new_tokens=32, fast_decode=True, decode_attention="flex"
+    )
+    assert cb.slots.attention == "flex", cb.slots.attention_note
+    assert [r["text"] for r in cb.generate(prompts, GREEDY)] == ref
+    assert cb.slots.graph_error is None and cb.slots.compile_error is None
 
 
 def test_the_engine_with_the_fast_step_gives_generate_s_text(model, tok):

@@ -20,6 +20,8 @@ from cerbero_ray.config.common import (
 )
 from cerbero_ray.config.label import LabelTaskConfig
 
+DECODE_ATTENTION = ("auto", "sdpa", "varlen", "flex")  # inference.slots.ATTENTION (config imports no torch)
+
 
 @dataclass
 class ServeConfig:
@@ -49,9 +51,13 @@ class ServeConfig:
     max_batch_size: int = 16  # concurrent requests batched together (continuous: KV-cache slots)
     prefill_tokens: int = 8192  # continuous: padded prompt tokens prefilled per step (a longer prompt: a chunk a step)
     cuda_graphs: Optional[bool] = None  # continuous: CUDA-graph decoding; null: on when the replica has a GPU
-    # continuous: the fast decode step (fused QKV and gate/up, compiled norm/rope/MLP, varlen attention);
-    # null: on with CUDA graphs (a GPU) for Mistral/Llama checkpoints without LoRA adapters
+    # continuous: the fast decode step (fused QKV and gate/up, compiled norm/rope/MLP, LoRA deltas,
+    # varlen attention); null: on with CUDA graphs (a GPU) for Mistral/Llama checkpoints
     fast_decode: Optional[bool] = None
+    # the fast step's decode attention: auto (FlashAttention varlen where torch has it, else masked SDPA
+    # up to a length bucket) | sdpa | varlen | flex (flex_attention over each row's own blocks: a row
+    # reads its real length); a choice that fails its start-up check against SDPA falls back to it
+    decode_attention: str = "auto"
     batch_wait_timeout_s: float = 0.02
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512  # the most a request may ask for
@@ -107,6 +113,7 @@ def check_serve(c: ServeStageConfig, before: frozenset = frozenset()) -> None:
         raise ValueError("serve.default_max_tokens must be <= serve.max_new_tokens")
     one_of(sc.dtype, INFERENCE_DTYPES, "serve.dtype")
     one_of(sc.engine, GENERATION_ENGINES, "serve.engine")
+    one_of(sc.decode_attention, DECODE_ATTENTION, "serve.decode_attention")
     check_local_checkpoint(sc.checkpoint, "serve.checkpoint")
     check_adapters(sc)
     for name, task in sc.label_tasks.items():

@@ -124,6 +124,7 @@ class ContinuousBatcher:
         fast_decode: bool | None = None,
         lock: threading.Lock | None = None,
         adapters=None,
+        decode_attention: str = "auto",
     ):
         self.tok = tok
         self.adapters = adapters  # an AdapterSet: requests name theirs, mixed in every step
@@ -131,7 +132,9 @@ class ContinuousBatcher:
         # HF modules (39 vs 33 ms a step on an H200, bench/probe_decode_gpu.py), so its default follows the graphs
         on_gpu = next(model.parameters()).device.type == "cuda"
         fast = fast_decode if fast_decode is not None else (None if on_gpu and cuda_graphs is not False else False)
-        self.slots = SlotModel(model, num_slots, max_prompt_tokens + max_new_tokens, adapters, fast=fast)
+        self.slots = SlotModel(
+            model, num_slots, max_prompt_tokens + max_new_tokens, adapters, fast=fast, attention=decode_attention
+        )
         self.max_prompt_tokens, self.max_new_tokens, self.prefill_tokens = (
             max_prompt_tokens,
             max_new_tokens,

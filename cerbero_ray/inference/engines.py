@@ -26,6 +26,7 @@ class EngineConfig:
     prefill_tokens: int = 8192  # continuous: padded prompt tokens prefilled per step (a longer prompt: a chunk a step)
     cuda_graphs: bool | None = None  # continuous: CUDA-graph decoding; None: on a GPU
     fast_decode: bool | None = None  # continuous: fused, compiled decode step (SlotModel); None: on a GPU
+    decode_attention: str = "auto"  # continuous, fast step: auto | sdpa | varlen | flex (slots.ATTENTION)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -50,6 +51,7 @@ def build_engine(model, tok, cfg: EngineConfig, lock: threading.Lock | None = No
             prefill_tokens=cfg.prefill_tokens,
             cuda_graphs=cfg.cuda_graphs,
             fast_decode=cfg.fast_decode,
+            decode_attention=cfg.decode_attention,
             lock=lock,
             adapters=adapters,
         )

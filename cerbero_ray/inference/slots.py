@@ -13,20 +13,25 @@ per bucket as a CUDA graph and replayed: decoding a batch is a few hundred small
 and launching them one by one from Python costs more than running them.
 
 The **fast decode step** (``fast``; on by default on CUDA for the plain Mistral/Llama shape: no
-biases, SiLU MLP, plain ``nn.Linear`` projections) reads the same weights
-differently: Q, K and V become one matrix and gate and up another (the modules' own weights become
-views of them: no memory is added and every other user of the model sees the same numbers), and
-the arithmetic around the matrix products (RMSNorm, rope, SiLU·mul, the residual adds) is written
-as two functions per layer that ``torch.compile`` fuses into a few kernels, shared by every layer
-(``compile``; in the captured graph only). Decode attention then reads each slot's real length in
-place with FlashAttention's varlen kernel (``torch.nn.attention.varlen``, ``seqused_k``) where this
-torch has it and it passes a check against SDPA at start-up; elsewhere it is SDPA with a mask. With
-varlen attention one graph serves every length. Mixed LoRA adapters run in it too: each group of
+biases, SiLU MLP, plain ``nn.Linear`` projections) reads the same weights differently: Q, K and V
+become one matrix and gate and up another (the modules' own weights become views of them: no
+memory is added and every other user of the model sees the same numbers), and the arithmetic
+around the matrix products (RMSNorm, rope, SiLU·mul, the residual adds) is written as two
+functions per layer that ``torch.compile`` fuses into a few kernels, shared by every layer
+(``compile``; in the captured graph only). Mixed LoRA adapters run in it too: each group of
 projections that reads one input (Q/K/V, O, gate/up, down) adds its rows' deltas in
 :mod:`~cerbero_ray.inference.multilora`'s dense masked form (one product for the group's A side,
-one per member for B), inside the same compiled functions. On one H200 (bench/probe_decode_gpu.py, batch 32 of
-the 7B shape) the captured step went from 8.6 ms to 6.5 ms with the compiled regions, and the mask
-alone cost 0.9 ms of that.
+one per member for B), inside the same compiled functions.
+
+Decode attention then reads each slot's real length in place with FlashAttention's varlen kernel
+(``torch.nn.attention.varlen``, ``seqused_k``) where this torch has it and it passes a check
+against SDPA at start-up; elsewhere it is SDPA with a mask up to the length bucket. By choice
+(``attention="flex"``; torch 2.11 has no ``seqused_k``) it is flex_attention over a block mask of
+each row's own blocks of 128 keys (:meth:`SlotModel._block_mask`; Triton's decoding kernel,
+compiled, in the graph; its eager reference on the CPU), checked against SDPA at start-up too.
+With varlen or flex attention one graph serves every length. On one H200
+(bench/probe_decode_gpu.py, batch 32 of the 7B shape) the captured step went from 8.6 ms to 6.5 ms
+with the compiled regions, and the mask alone cost 0.9 ms of that.
 """
 
 from __future__ import annotations
@@ -189,6 +194,15 @@ def fast_unsupported(model, adapters=None) -> str | None:
     return None
 
 
+ATTENTION = ("auto", "sdpa", "varlen", "flex")  # the fast decode step's attention (SlotModel(attention=...))
+_FLEX_BLOCK = 128  # keys per flex_attention block
+
+
+@functools.cache
+def _params(fn) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
+
+
 @functools.cache
 def _varlen_attn():
     """(torch's FlashAttention varlen entry point, its extra keyword arguments) if it reads a KV
@@ -212,8 +226,11 @@ class SlotModel:
         adapters=None,
         fast: bool | None = None,
         compile: bool | None = None,
+        attention: str = "auto",
     ):
         check_supported(model)
+        if attention not in ATTENTION:
+            raise ValueError(f"decode attention must be one of {ATTENTION}, got {attention!r}")
         self.model = model.eval()
         self.adapters = adapters  # an AdapterSet wrapped into the model's linears, or None
         cfg = model.config
@@ -257,8 +274,12 @@ class SlotModel:
         self._fused = self._fuse() if self.fast else None
         self.attention = "sdpa"
         self.attention_note: str | None = None
-        if self.fast and cuda:
-            self.attention, self.attention_note = self._pick_attention()
+        if self.fast and (cuda or attention == "flex"):
+            self.attention, self.attention_note = self._pick_attention(attention)
+            if self.attention_note and attention != "auto":
+                warnings.warn(
+                    f"decode attention {attention!r} unavailable, using SDPA: {self.attention_note}", stacklevel=2
+                )
 
     def _fuse(self) -> list[_Layer]:
         out = []
@@ -281,29 +302,85 @@ class SlotModel:
             )
         return out
 
-    def _pick_attention(self) -> tuple[str, str | None]:
-        """``varlen`` if torch's FlashAttention varlen kernel is here and gives SDPA's result on a
-        small cache of this model's shape (rows of different lengths), else ``sdpa`` and why."""
-        fn = _varlen_attn()[0]
-        if fn is None:
+    def _pick_attention(self, want: str = "auto") -> tuple[str, str | None]:
+        """The decode attention for ``want`` (``auto``: ``varlen`` if torch's FlashAttention varlen
+        kernel is here, else ``sdpa``; ``flex``: flex_attention over a block mask of each row's
+        length; ``sdpa``: the masked SDPA), kept only if it gives SDPA's result on a small cache of
+        this model's shape (rows of different lengths, one past the window), else ``sdpa`` and why."""
+        if want == "sdpa":
+            return "sdpa", None
+        kind = "flex" if want == "flex" else "varlen"
+        if kind == "varlen" and _varlen_attn()[0] is None:
             return "sdpa", "torch.nn.attention.varlen has no seqused_k/window_size in this torch"
         try:
             g = torch.Generator(device=self.device).manual_seed(0)
-            n, length = 3, 40
+            n, length = 3, 300
             q = torch.randn(n, self.nq, self.head_dim, device=self.device, dtype=self.dtype, generator=g)
             k = torch.randn(n, length, self.nkv, self.head_dim, device=self.device, dtype=self.dtype, generator=g)
             v = torch.randn_like(k)
-            pos = torch.tensor([5, 39, 17], device=self.device)
-            got = self._varlen(
-                fn, q, k.view(-1, self.nkv, self.head_dim), v.view(-1, self.nkv, self.head_dim), pos, n, length, length
-            )
-            want = self._sdpa(q, k, v, pos, n, length)
-            err = float((got.float() - want.float()).abs().max())
+            pos = torch.tensor([5, 299, 130], device=self.device)
+            if kind == "varlen":
+                kf, vf = k.view(-1, self.nkv, self.head_dim), v.view(-1, self.nkv, self.head_dim)
+                got = self._varlen(_varlen_attn()[0], q, kf, vf, pos, n, length, length)
+            else:
+                got = self._flex(q, k, v, self._block_mask(pos, length), self.device.type == "cuda")
+            want_ = self._sdpa(q, k, v, pos, n, length)
+            err = float((got.float() - want_.float()).abs().max())
             if err > 2e-2:
-                return "sdpa", f"varlen differs from SDPA by {err:.3g}"
-        except Exception as e:  # a torch built without FlashAttention, an old GPU: SDPA
-            return "sdpa", f"varlen failed: {e!r}"[:300]
-        return "varlen", None
+                return "sdpa", f"{kind} differs from SDPA by {err:.3g}"
+        except Exception as e:  # a torch built without FlashAttention, an old GPU, no Triton: SDPA
+            return "sdpa", f"{kind} failed: {e!r}"[:300]
+        return kind, None
+
+    def _block_mask(self, pos: torch.Tensor, length: int):
+        """flex_attention's block mask for one query per row at ``pos`` over ``length`` cached
+        positions: the blocks of 128 keys a row can see (inside ``[pos - window + 1, pos]``) are
+        listed, whole ones apart from the one or two its bounds cut, so a row reads its own length,
+        not the longest row's. Static shapes, built on the device (a CUDA graph captures it)."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        bs = _FLEX_BLOCK
+        nb = -(-length // bs)
+        lo = (pos - self.window + 1).clamp(min=0) if self.window else torch.zeros_like(pos)
+        start = torch.arange(nb, device=pos.device) * bs
+        end = start + bs - 1
+        seen = (start[None] <= pos[:, None]) & (end[None] >= lo[:, None])  # [rows, blocks] any key visible
+        whole = seen & (start[None] >= lo[:, None]) & (end[None] <= pos[:, None])
+        cut = seen & ~whole
+
+        def listed(m):  # (count [rows, 1, 1], indices [rows, 1, 1, blocks]): the marked blocks first
+            order = torch.argsort((~m).to(torch.int8), dim=1, stable=True).to(torch.int32)
+            return m.sum(1, dtype=torch.int32)[:, None, None], order[:, None, None].contiguous()
+
+        window = self.window
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            ok = kv_idx <= pos[b]
+            return ok & (kv_idx > pos[b] - window) if window else ok
+
+        (cn, ci), (wn, wi) = listed(cut), listed(whole)
+        extra = {"compute_q_blocks": False} if "compute_q_blocks" in _params(BlockMask.from_kv_blocks) else {}
+        return BlockMask.from_kv_blocks(
+            cn, ci, wn, wi, BLOCK_SIZE=(bs, bs), mask_mod=mask_mod, seq_lengths=(1, length), **extra
+        )
+
+    def _flex(self, q, k, v, block_mask, compiled: bool) -> torch.Tensor:
+        """Decode attention with flex_attention over ``[n, length, kv heads, hd]`` keys and values
+        read in place, each row its own blocks (:meth:`_block_mask`); ``compiled``: the Triton
+        kernel (its decoding form for one query), else the eager reference. ``[n, heads · hd]``."""
+        from torch.nn.attention.flex_attention import flex_attention
+
+        fn = _compiled(flex_attention) if compiled else flex_attention
+        n = q.shape[0]
+        o = fn(
+            q[:, :, None],
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            block_mask=block_mask,
+            enable_gqa=True,
+            scale=self.head_dim**-0.5,
+        )
+        return o.reshape(n, -1)
 
     def set_adapter(self, slot: int, adapter: int) -> None:
         if self.adapters is not None:
@@ -442,6 +519,7 @@ class SlotModel:
         pos = pos.clamp(min=0)
         pre, post = (_compiled(_pre), _compiled(_post)) if compiled else (_pre, _post)
         varlen = _varlen_attn()[0] if self.attention == "varlen" else None
+        flex = self._block_mask(pos, self.max_len) if self.attention == "flex" else None
         h = m.embed_tokens(ids)
         cos, sin = m.rotary_emb(h, pos[:, None])
         cos, sin = cos[:, 0], sin[:, 0]
@@ -458,6 +536,8 @@ class SlotModel:
                 kc = self.k[i, :n].view(-1, self.nkv, self.head_dim)
                 vc = self.v[i, :n].view(-1, self.nkv, self.head_dim)
                 o = self._varlen(varlen, q, kc, vc, pos, n, length, self.max_len)
+            elif flex is not None:
+                o = self._flex(q, self.k[i, :n], self.v[i, :n], flex, compiled)
             else:
                 o = self._sdpa(q, self.k[i, :n, :length], self.v[i, :n, :length], pos, n, length)
             h = post(h, o, w.o, w.ln2, w.gu, w.down, self.eps, w.lo, w.lgu, w.ldown, mask)
@@ -515,7 +595,9 @@ class SlotModel:
     def _bucket(self, length: int) -> int:
         """The cache length a captured step reads for a longest position of ``length`` (varlen
         attention reads each row's own length: one graph serves all)."""
-        return self.max_len if self.attention == "varlen" else next(b for b in self.buckets() if b >= length)
+        if self.attention in ("varlen", "flex"):
+            return self.max_len
+        return next(b for b in self.buckets() if b >= length)
 
     def _graph(self, table: dict, key, capture):
         """``table[key]``, captured by ``capture()`` on first use; None once capture has failed (a

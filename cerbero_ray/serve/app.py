@@ -198,6 +198,7 @@ class CerberoServer:
             prefill_tokens=sc.prefill_tokens,
             cuda_graphs=sc.cuda_graphs,
             fast_decode=sc.fast_decode,
+            decode_attention=sc.decode_attention,
             adapters=sc.adapters,
             model_name=sc.model_name,
         )

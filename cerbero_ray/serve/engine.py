@@ -46,6 +46,7 @@ class ServeEngine:
         prefill_tokens: int = 8192,
         cuda_graphs: bool | None = None,
         fast_decode: bool | None = None,
+        decode_attention: str = "auto",
         adapters: dict[str, str] | None = None,
         model_name: str = "base",
     ):
@@ -59,7 +60,14 @@ class ServeEngine:
         self.inline: OrderedDict[str, Scorer] = OrderedDict()  # tasks sent with requests, most recent last
         self.lock = threading.Lock()  # one forward at a time per replica: batches, not races
         cfg = EngineConfig(
-            engine, max_batch_size, max_prompt_tokens, max_new_tokens, prefill_tokens, cuda_graphs, fast_decode
+            engine,
+            max_batch_size,
+            max_prompt_tokens,
+            max_new_tokens,
+            prefill_tokens,
+            cuda_graphs,
+            fast_decode,
+            decode_attention,
         )
         built = build_engine(self.model, self.tok, cfg, self.lock, self.adapters)
         self.batcher = built if engine == "continuous" else None  # continuous: requests join a running batch
