@@ -10,6 +10,8 @@ Mistral-7B-shaped model (hidden 4096, FFN 14336, 32 heads / 8 KV heads, vocab 32
     python bench/bench_train_gpu.py --accum 4 --steps 5 --warmup 2 --grad-accum-dtype bf16 --out $OUT
     # LoRA (r 16 on every projection, the base frozen in bf16) against the full fine-tune, same model:
     python bench/bench_train_gpu.py --out $OUT && python bench/bench_train_gpu.py --method lora --out $OUT
+    # Liger Kernel's Triton kernels (train.kernels=liger) against the plain modules, same batches:
+    python bench/bench_train_gpu.py --out $OUT && python bench/bench_train_gpu.py --kernels liger --out $OUT
     # train.strategy=torch (fp32 weights under bf16 autocast, DDP + ZeroRedundancyOptimizer) against DeepSpeed:
     python bench/bench_train_gpu.py --out $OUT && python bench/bench_train_gpu.py --strategy torch --out $OUT
 
@@ -107,6 +109,7 @@ def config(a, shard: str, rows: int, run_dir: str):
         "method": a.method,
         "compile": a.compile,
         "strategy": a.strategy,
+        "kernels": a.kernels,
         "lora": {
             "r": 16,
             "alpha": 32.0,
@@ -151,6 +154,7 @@ def main():
     p.add_argument("--method", choices=("full", "lora"), default="full")
     p.add_argument("--compile", choices=("none", "layers"), default="none", help="train.compile")
     p.add_argument("--strategy", choices=("deepspeed", "torch"), default="deepspeed", help="train.strategy")
+    p.add_argument("--kernels", choices=("none", "liger"), default="none", help="train.kernels")
     p.add_argument("--cpu-smoke", action="store_true")
     a = p.parse_args()
     if a.cpu_smoke:
@@ -187,6 +191,7 @@ def main():
         "peak_memory_bytes": summary.get("peak_memory_bytes"),
         "compile": a.compile,
         "strategy": a.strategy,
+        "kernels": a.kernels,
         "first_step_s": round(hist[0]["step_s"], 2),  # with --compile layers: the compilation's time
     }
     if torch.cuda.is_available():
@@ -208,6 +213,13 @@ def main():
         if eager.get("method") == a.method and eager.get("compile", "none") == "none":
             res["vs_eager_tokens_per_s"] = round(res["tokens_per_s"] / eager["tokens_per_s"], 3)
             res["eager_final_loss"] = eager.get("final_loss")
+    if a.kernels != "none" and os.path.exists(full_path):  # the plain run of the same call, same batches
+        plain = json.load(open(full_path))
+        if plain.get("method") == a.method and plain.get("kernels", "none") == "none":
+            res["vs_plain_kernels_tokens_per_s"] = round(res["tokens_per_s"] / plain["tokens_per_s"], 3)
+            res["plain_final_loss"] = plain.get("final_loss")
+            if plain.get("max_mem_gb") and res.get("max_mem_gb"):
+                res["vs_plain_kernels_peak_memory"] = round(res["max_mem_gb"] / plain["max_mem_gb"], 3)
     if a.strategy == "torch" and os.path.exists(full_path):  # DeepSpeed's run of the same call, same batches
         ds = json.load(open(full_path))
         if ds.get("method") == a.method and ds.get("strategy", "deepspeed") == "deepspeed":
@@ -220,6 +232,7 @@ def main():
     name += "-lora" if a.method == "lora" else ""
     name += f"-compile-{a.compile}" if a.compile != "none" else ""
     name += "-torch" if a.strategy == "torch" else ""
+    name += f"-{a.kernels}" if a.kernels != "none" else ""
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res), flush=True)

@@ -9,7 +9,8 @@
 #                    scikit-learn, pyarrow, safetensors, sentencepiece): hydra-core, omegaconf, antlr4
 #                    (the test conftest composes configs), mistral-common (the Mistral-7B tokenizer
 #                    file), llguidance (constrained decoding); with --train also DeepSpeed (built with DS_BUILD_OPS=0: pure Python) and its
-#                    pydantic stack (pydantic-core compiled, so downloaded for 3.12)
+#                    pydantic stack (pydantic-core compiled, so downloaded for 3.12) and liger-kernel (Triton
+#                    kernels, pure Python: train.kernels=liger)
 # tests/test_gpu_scripts.py (slow tier) checks that every wheel here installs for Python 3.12.
 # Then call the device tool with carry [".gpu"] and the command `bash bench/gpu_run.sh <stage>…`.
 set -euo pipefail
@@ -27,7 +28,8 @@ $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implement
   --platform manylinux_2_31_x86_64 -d "$DIR/whl" llguidance==1.9.1
 if [[ " $* " == *" --train "* ]]; then
   DS_BUILD_OPS=0 $PIP wheel -q --no-deps --no-build-isolation -w "$DIR/whl" deepspeed==0.19.8
-  $PIP wheel -q --no-deps -w "$DIR/whl" pydantic==2.13.4 annotated-types==0.7.0 typing-inspection==0.4.2 hjson==3.1.0
+  $PIP wheel -q --no-deps -w "$DIR/whl" pydantic==2.13.4 annotated-types==0.7.0 typing-inspection==0.4.2 hjson==3.1.0 \
+    liger-kernel==0.8.5
   $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$DIR/whl" pydantic-core==2.46.4
 fi

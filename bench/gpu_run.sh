@@ -6,6 +6,7 @@
 #   bash bench/gpu_run.sh accum         # bench_train_gpu.py with 4 micro-batches: fp32 vs bf16 gradient accumulation
 #   bash bench/gpu_run.sh lora          # bench_train_gpu.py full, then LoRA: tokens/s and peak memory (gpu_prepare.sh --train)
 #   bash bench/gpu_run.sh compile       # bench_train_gpu.py eager, then train.compile=layers (compile time, tokens/s, loss)
+#   bash bench/gpu_run.sh kernels       # bench_train_gpu.py plain, then train.kernels=liger (tokens/s, memory, loss)
 #   bash bench/gpu_run.sh native        # bench_train_gpu.py DeepSpeed, then train.strategy=torch (tokens/s, memory, loss)
 #   bash bench/gpu_run.sh multilora     # bench_multilora.py: k = 1, 4, 16 adapters mixed in one stream vs one at a time
 #   bash bench/gpu_run.sh structured    # bench_structured.py: constrained vs free generation, same requests
@@ -78,6 +79,9 @@ for stage in "$@"; do
     compile)  # eager, then regional torch.compile, on the same batches (a call of its own: ~2 × 200 s)
       step bench_train_gpu_eager 260 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}"
       step bench_train_gpu_compile 300 $PY bench/bench_train_gpu.py --compile layers --out "$OUT" "${SMOKE[@]}" ;;
+    kernels)  # the plain modules, then Liger Kernel's (a call of its own: ~2 × 200 s; gpu_prepare.sh --train)
+      step bench_train_gpu_plain 260 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}"
+      step bench_train_gpu_liger 260 $PY bench/bench_train_gpu.py --kernels liger --out "$OUT" "${SMOKE[@]}" ;;
     native)  # DeepSpeed, then the torch-native ZeRO-1 on the same batches (a call of its own: ~2 × 200 s)
       step bench_train_gpu_deepspeed 260 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}"
       step bench_train_gpu_torch 260 $PY bench/bench_train_gpu.py --strategy torch --out "$OUT" "${SMOKE[@]}" ;;
@@ -95,7 +99,7 @@ for stage in "$@"; do
       step bench_evaluate 200 $PY bench/bench_evaluate.py --data-dir "$data" --out "$OUT" "${SMOKE[@]}" ;;
     tests)
       step pytest_gpu 300 $PY -m pytest -q -m gpu -p no:cacheprovider ;;
-    *) echo "unknown stage '$stage' (serve, probe, attention, structured, label, train, accum, lora, compile, native, multilora, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown stage '$stage' (serve, probe, attention, structured, label, train, accum, lora, compile, kernels, native, multilora, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 printf '%s\n' "--- summary" "${SUMMARY[@]}" | tee -a "$LOG"

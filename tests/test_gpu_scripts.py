@@ -25,7 +25,8 @@ def test_every_carried_wheel_installs_for_python_3_12(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     wheels = sorted(str(p) for p in (d / "whl").glob("*.whl"))
     names = {re.split(r"-\d", os.path.basename(w))[0].lower() for w in wheels}
-    assert {"deepspeed", "mistral_common", "hydra_core", "pydantic_core"} <= names and not names & IMAGE_HAS, names
+    assert {"deepspeed", "mistral_common", "hydra_core", "pydantic_core", "liger_kernel"} <= names, names
+    assert not names & IMAGE_HAS, names
     r = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps", "--only-binary=:all:"]
         + ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64"]
@@ -56,6 +57,7 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "lora",
         "compile",
         "native",
+        "kernels",
         "attention",
         "multilora",
         "evaluate",
@@ -73,5 +75,6 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "bench_structured",
         "bench_train_gpu_compile",
         "bench_train_gpu_torch",
+        "bench_train_gpu_liger",
         "bench_serve_gpu_flex",
     }

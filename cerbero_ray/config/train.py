@@ -25,6 +25,7 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ATTENTION = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 COMPILE = ("none", "layers")
 STRATEGIES = ("deepspeed", "torch")
+KERNELS = ("none", "liger")
 SCHEDULES = ("cosine", "linear", "constant")
 ZERO_STAGES = (0, 1, 2)
 METHODS = ("full", "lora")
@@ -93,6 +94,9 @@ class TrainConfig:
     # none | layers: torch.compile each decoder layer (regional, as torchtitan: one graph for every
     # layer, compiled in the first step; losses equal to eager); speed measured by bench_train_gpu.py
     compile: str = "none"
+    # none | liger: Liger Kernel's Triton kernels (RMSNorm, SwiGLU, rope; the fused linear
+    # cross-entropy as the loss); CUDA only: on CPU the plain path runs (said once)
+    kernels: str = "none"
     loss_chunk_tokens: int = 4096
     seed: int = 0
     eval_rows: int = 0  # held-out rows (never trained on)
@@ -162,6 +166,7 @@ def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
         ("attention", ATTENTION),
         ("compile", COMPILE),
         ("strategy", STRATEGIES),
+        ("kernels", KERNELS),
         ("schedule", SCHEDULES),
         ("placement_strategy", PLACEMENTS),
     ):

@@ -73,6 +73,44 @@ def token_loss_sum(
     return total, torch.tensor(len(y), device=hidden.device)
 
 
+def fused_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_loss_sum` by Liger Kernel's fused linear cross-entropy (``train.kernels=liger``,
+    CUDA): the labeled positions' logits are built a chunk at a time inside one Triton-backed
+    function that also computes their gradients (accumulated in fp32), never whole."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    y = labels[:, 1:].reshape(-1)
+    keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    y = y.index_select(0, keep)
+    total = hidden.sum().float() * 0 + weight.sum().float() * 0
+    if len(y):
+        loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", accum_dtype=torch.float32)
+        total = total + loss(weight, h, y).float()
+    return total, torch.tensor(len(y), device=hidden.device)
+
+
+def apply_liger(lm: nn.Module) -> None:
+    """Liger Kernel's Triton RMSNorm, SwiGLU and rope in ``lm``'s modules (``train.kernels=liger``;
+    the loss is :func:`fused_loss_sum`); ``ValueError`` naming the key when the package is missing
+    or has no kernels for the architecture."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as e:
+        raise ValueError(
+            f"train.kernels=liger needs the liger-kernel package (pip install liger-kernel; Triton, CUDA): {e}"
+        ) from e
+    kind = getattr(lm.config, "model_type", None)
+    fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(kind)
+    if fn is None:
+        raise ValueError(
+            f"train.kernels=liger: Liger Kernel has no kernels for {kind!r} models; use train.kernels=none"
+        )
+    fn(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=lm)
+
+
 def output_weight(head: nn.Module) -> torch.Tensor:
     """The output layer's weight as the chunked loss multiplies by it: the plain weight; a LoRA'd
     head's ``W + scale · B A`` (its adapter applied without dropout: the loss never builds the
@@ -87,16 +125,19 @@ def output_weight(head: nn.Module) -> torch.Tensor:
 class PackedCausalLM(nn.Module):
     """A causal LM returning (sum of token losses, loss tokens) for a packed batch."""
 
-    def __init__(self, lm: nn.Module, loss_chunk: int = 4096, autocast: bool = False):
+    def __init__(self, lm: nn.Module, loss_chunk: int = 4096, autocast: bool = False, fused_loss: bool = False):
         super().__init__()
         self.lm = lm
         self.loss_chunk = loss_chunk
+        self.fused_loss = fused_loss  # Liger's fused linear cross-entropy (train.kernels=liger, CUDA)
         # bf16 autocast (LoRA on CUDA: fp32 adapters on a bf16 base; train.strategy=torch: fp32 master weights)
         self.autocast = autocast
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor):
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            if self.fused_loss:
+                return fused_loss_sum(hidden, output_weight(self.lm.lm_head), labels)
             return token_loss_sum(hidden, output_weight(self.lm.lm_head), labels, self.loss_chunk)
 
 

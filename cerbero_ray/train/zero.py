@@ -9,6 +9,7 @@ optimizer and schedule in plain PyTorch (:mod:`cerbero_ray.train.native`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from cerbero_ray.config.train import DeepSpeedConfig, TrainConfig, TrainStageConfig
 from cerbero_ray.logs import drop_lines
 from cerbero_ray.models import build_model
-from cerbero_ray.train.modeling import PackedCausalLM, pick_attention
+from cerbero_ray.train.modeling import PackedCausalLM, apply_liger, pick_attention
 
 SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -142,6 +143,11 @@ def build_packed(config: TrainStageConfig, device: torch.device, on_base=None, a
         lm = build_model(replace(config.model, dtype="float32"), seed=t.seed)
     lm.config._attn_implementation = pick_attention(t.attention, cuda, t.micro_batch_size)
     lm.config.use_cache = False
+    liger = t.kernels == "liger" and cuda
+    if t.kernels == "liger" and not cuda:
+        warnings.warn("train.kernels=liger: Liger's Triton kernels need CUDA; the plain path runs on CPU", stacklevel=2)
+    if liger:  # on the base, before any adapter wraps its projections
+        apply_liger(lm)
     if t.gradient_checkpointing and t.compile == "none":  # transformers >= 5.2x renamed it; the GPU images may be older
         if hasattr(lm, "activation_checkpointing_enable"):
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -152,7 +158,8 @@ def build_packed(config: TrainStageConfig, device: torch.device, on_base=None, a
     if t.compile == "layers":
         compile_layers(lm, t.gradient_checkpointing)
     lm.train()
-    return PackedCausalLM(lm, t.loss_chunk_tokens, autocast=autocast).to(device), lm, peft_model
+    model = PackedCausalLM(lm, t.loss_chunk_tokens, autocast=autocast, fused_loss=liger)
+    return model.to(device), lm, peft_model
 
 
 def build_engine(config: TrainStageConfig, total_steps: int, device: torch.device, world_size: int, on_base=None):
