@@ -109,3 +109,52 @@ def test_mixed_adapters_decoded_eager_and_graphed(tiny_hf, tiny_adapters, tok, d
         assert slots.fast == fast and slots.graph_error is None and bool(slots.graphs) == graphs
         assert slots.compile_error is None
     assert torch.allclose(out[1], out[0], atol=2e-2)
+
+
+def test_adapters_read_bf16_activations_as_they_come_under_autocast():
+    """peft copies each adapted linear's input to its A's dtype (fp32) before autocast casts it back
+    to bf16 for the product: a full-size pass over the activations per projection, for the same
+    numbers. ``apply_lora(..., autocast=True)`` turns that copy off: no fp32 copy of an activation
+    in a forward and backward (counted at the dispatcher), the same logits and adapter gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cerbero_ray.config.train import LORA_TARGETS, LoraConfig
+    from cerbero_ray.models import tiny
+    from cerbero_ray.train.lora import apply_lora
+
+    seq = 48
+    base = tiny(dtype="bfloat16").eval()
+    base.requires_grad_(False)
+    hidden = base.config.hidden_size
+
+    class Copies(TorchDispatchMode):  # fp32 copies of activation-sized tensors
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.dtype == torch.float32 and out.numel() >= seq * hidden:
+                self.n += 1
+            return out
+
+    ids = torch.randint(3, 32000, (1, seq), generator=torch.Generator().manual_seed(0))
+    got = {}
+    for off in (None, False, True):  # None: the base alone (its RMSNorms and the loss copy to fp32 anyway)
+        pm = copy.deepcopy(base)
+        if off is not None:
+            pm = apply_lora(pm, LoraConfig(r=4, dropout=0.0, target_modules=list(LORA_TARGETS)), 0, off)
+        else:
+            pm.model.embed_tokens.weight.requires_grad_(True)  # a backward through every layer, as LoRA's
+        with Copies() as c, torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = pm(input_ids=ids).logits
+            logits.float().logsumexp(-1).mean().backward()
+        grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+        got[off] = (c.n, logits.detach(), grads)
+    layers = base.config.num_hidden_layers
+    # peft's copies: at least one per adapted linear; with the flag, none beyond the base's own
+    # (whose backward through every layer also copies its embedding's gradient)
+    counts = {k: v[0] for k, v in got.items()}
+    assert counts[False] - counts[None] >= 7 * layers and counts[True] <= counts[None], counts
+    assert torch.equal(got[False][1], got[True][1])
+    assert all(torch.equal(got[False][2][k], got[True][2][k]) for k in got[False][2])

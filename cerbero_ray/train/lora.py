@@ -61,9 +61,12 @@ def build_base(model_cfg: ModelConfig, t: TrainConfig, cuda: bool, seed: int):
     return from_pretrained(model_cfg.path, dtype="bfloat16", overrides=overrides)
 
 
-def apply_lora(lm, lc: LoraConfig, seed: int):
+def apply_lora(lm, lc: LoraConfig, seed: int, autocast: bool = False):
     """The peft model around ``lm`` (changed in place: its targeted linears gain adapters); the base
-    frozen, the trainable weights fp32. The adapter's initial weights follow ``seed``."""
+    frozen, the trainable weights fp32. The adapter's initial weights follow ``seed``. Under bf16
+    ``autocast`` each adapter reads its input as it comes: peft would first copy every adapted
+    linear's input to fp32 (its A's dtype), a full-size pass over the activations per projection
+    that autocast then casts back to bf16 for the product (the same numbers, twice the traffic)."""
     from peft import LoraConfig, get_peft_model
 
     if lc.qlora:
@@ -84,6 +87,12 @@ def apply_lora(lm, lc: LoraConfig, seed: int):
     for p in pm.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if autocast:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for m in pm.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.cast_input_dtype_enabled = False
     return pm
 
 

@@ -154,7 +154,7 @@ def build_packed(config: TrainStageConfig, device: torch.device, on_base=None, a
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
-        peft_model = apply_lora(lm, t.lora, t.seed)
+        peft_model = apply_lora(lm, t.lora, t.seed, autocast)
     if t.compile == "layers":
         compile_layers(lm, t.gradient_checkpointing)
     lm.train()
