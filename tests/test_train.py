@@ -96,10 +96,9 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     )
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed", "torch"])
-def test_bf16_on_cpu_without_ray(shards, tmp_path, strategy):
-    """The Ray-free entry point (what a GPU box without Ray runs): DeepSpeed bf16 with fp32 masters,
-    or ``train.strategy=torch`` (fp32 weights under bf16 autocast); either writes a bf16 model."""
+def test_bf16_on_cpu_without_ray(shards, tmp_path):
+    """The Ray-free entry point (what a GPU box without Ray runs), DeepSpeed bf16 with fp32 masters
+    (``train.strategy=torch``'s export in bf16: tests/test_train_native.py)."""
     import subprocess
     import sys
 
@@ -111,7 +110,6 @@ def test_bf16_on_cpu_without_ray(shards, tmp_path, strategy):
             f"paths.output_dir={tmp_path}",
             f"train.data_dir={shards}",
             "train.precision=bf16",
-            f"train.strategy={strategy}",
             "train.max_steps=3",
             "train.epochs=1",
             "train.num_workers=1",
@@ -127,8 +125,28 @@ def test_bf16_on_cpu_without_ray(shards, tmp_path, strategy):
     w = load_file(str(hf / "model.safetensors"))
     assert all(v.dtype == torch.bfloat16 for v in w.values())
     assert json.load(open(hf / "config.json"))["dtype"] == "bfloat16"
-    state = tmp_path / "train" / "tiny-cpu" / "checkpoint_step_0000003"
-    assert os.path.isdir(state / ("ds" if strategy == "deepspeed" else "torch") / "state")
+    assert os.path.isdir(tmp_path / "train" / "tiny-cpu" / "checkpoint_step_0000003" / "ds" / "state")
+
+
+@pytest.mark.slow  # ~1.5 minutes
+def test_the_torch_strategy_under_ray_train_resumes_exactly(shards, tmp_path, ray_local):
+    """``train.strategy=torch`` on Ray Train's 2 gloo workers (DDP, ZeroRedundancyOptimizer): a worker
+    killed mid-run resumes from its own checkpoint format to the same losses and bit-identical
+    weights, and the HF folder loads."""
+    from transformers import AutoModelForCausalLM
+
+    clean = run_train(train_cfg(shards, tmp_path, "native", strategy="torch"))
+    killed = run_train(train_cfg(shards, tmp_path, "native-killed", strategy="torch", fail_at_step=4, fail_rank=1))
+    assert killed["resumed_from"] == 3 and clean["eval_losses"] == killed["eval_losses"]
+    a, b = history(clean["run_dir"]), history(killed["run_dir"])
+    assert [h["loss"] for h in a if "loss" in h] == [h["loss"] for h in b if "loss" in h]
+    wa = load_file(os.path.join(clean["hf_dir"], "model.safetensors"))
+    wb = load_file(os.path.join(killed["hf_dir"], "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ck = sorted(d for d in os.listdir(killed["run_dir"]) if d.startswith("checkpoint_step_"))[-1]
+    state = os.path.join(killed["run_dir"], ck, "torch", "state")
+    assert {"optimizer_rank_0.pt", "optimizer_rank_1.pt", "model.pt", "engine.pt"} <= set(os.listdir(state))
+    assert AutoModelForCausalLM.from_pretrained(clean["hf_dir"]).dtype == torch.float32  # precision=fp32 here
 
 
 @pytest.mark.slow  # ~1.5 minutes

@@ -3,7 +3,8 @@ ZeroRedundancyOptimizer) against DeepSpeed on the same batches. On CPU over gloo
 DeepSpeed's losses, gradient norms and weights (full fine-tune and LoRA, fp32; bf16 within bf16's
 tolerance); two ranks shard AdamW's states, give one rank's losses on the same global batches and
 resume exactly from their checkpoint; a run resumed with the other strategy's checkpoint is refused
-naming the strategy; the config refuses ZeRO-2 for it."""
+naming the strategy; its fp32 weights are exported as a bf16 model; the config refuses ZeRO-2 for
+it."""
 
 import os
 import socket
@@ -101,6 +102,27 @@ def test_one_rank_resumes_exactly_and_refuses_the_other_strategy_s_checkpoint(on
     ds = build_engine(config("deepspeed"), 10, torch.device("cpu"), 1)[0]
     with pytest.raises(RuntimeError, match="no deepspeed state in .*: it was written with train.strategy=torch"):
         ckpt.load(ds, str(tmp_path / "c"), 0)
+
+
+def test_fp32_weights_are_exported_as_the_bf16_model_deepspeed_writes(tmp_path):
+    """Under ``train.strategy=torch`` with ``precision=bf16`` the weights are fp32 masters; the HF
+    folder (:func:`~cerbero_ray.train.checkpoint.save_hf` with a dtype) holds them in bf16 and says
+    so in its config, and the model in memory stays fp32."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from cerbero_ray.models import tiny
+
+    lm = tiny()
+    ckpt.save_hf(lm, None, str(tmp_path / "hf"), torch.bfloat16)
+    w = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert {v.dtype for v in w.values()} == {torch.bfloat16} and {p.dtype for p in lm.parameters()} == {torch.float32}
+    assert json.load(open(tmp_path / "hf" / "config.json"))["dtype"] == "bfloat16"
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="auto")
+    assert back.dtype == torch.bfloat16
+    assert torch.equal(back.state_dict()["lm_head.weight"], lm.state_dict()["lm_head.weight"].to(torch.bfloat16))
 
 
 def test_zero2_is_refused_for_the_torch_strategy():
