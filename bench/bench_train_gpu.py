@@ -12,6 +12,10 @@ Mistral-7B-shaped model (hidden 4096, FFN 14336, 32 heads / 8 KV heads, vocab 32
     python bench/bench_train_gpu.py --out $OUT && python bench/bench_train_gpu.py --method lora --out $OUT
     # Liger Kernel's Triton kernels (train.kernels=liger) against the plain modules, same batches:
     python bench/bench_train_gpu.py --out $OUT && python bench/bench_train_gpu.py --kernels liger --out $OUT
+    # a whole Mistral-7B shape (32 layers) on one GPU: the torch strategy's 16 bytes a parameter fit an
+    # H200 where DeepSpeed's 20 do not (its run ends in an out-of-memory record); LoRA on DeepSpeed:
+    python bench/bench_train_gpu.py --layers 32 --steps 4 --warmup 1 --strategy torch --out $OUT
+    python bench/bench_train_gpu.py --layers 32 --steps 4 --warmup 1 --method lora --out $OUT
     # train.strategy=torch (fp32 weights under bf16 autocast, DDP + ZeroRedundancyOptimizer) against DeepSpeed:
     python bench/bench_train_gpu.py --out $OUT && python bench/bench_train_gpu.py --strategy torch --out $OUT
 
@@ -174,7 +178,26 @@ def main():
     cfg = config(a, shard, rows, os.path.join(work, "run"))
     plan = RunPlan(os.path.join(work, "run"), a.seq, rows, ({"path": shard, "rows": rows},))
     env = LocalEnv(plan.run_dir)
-    summary = train_loop(cfg, plan, env)
+    name = "bench_train_gpu" + (f"-accum{a.accum}-{a.grad_accum_dtype}" if a.accum > 1 else "")
+    name += "-lora" if a.method == "lora" else ""
+    name += f"-compile-{a.compile}" if a.compile != "none" else ""
+    name += "-torch" if a.strategy == "torch" else ""
+    name += f"-{a.kernels}" if a.kernels != "none" else ""
+    name += f"-L{a.layers}" if a.layers != 4 and not a.cpu_smoke else ""
+    try:
+        summary = train_loop(cfg, plan, env)
+    except torch.cuda.OutOfMemoryError as e:  # a figure too: what does not fit one GPU (a whole 7B's masters)
+        res = {
+            "device": torch.cuda.get_device_name(0),
+            "args": vars(a),
+            "error": f"out of memory: {str(e).splitlines()[0][:300]}",
+            "max_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        }
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, f"{name}.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        print(json.dumps(res), flush=True)
+        sys.exit(3)
     env.close()
     hist = [json.loads(x) for x in open(os.path.join(plan.run_dir, "metrics.jsonl"))]
     steady = [h for h in hist if "tokens_per_s" in h][a.warmup :]
@@ -228,11 +251,6 @@ def main():
             if ds.get("max_mem_gb") and res.get("max_mem_gb"):
                 res["vs_deepspeed_peak_memory"] = round(res["max_mem_gb"] / ds["max_mem_gb"], 3)
     os.makedirs(a.out, exist_ok=True)
-    name = "bench_train_gpu" + (f"-accum{a.accum}-{a.grad_accum_dtype}" if a.accum > 1 else "")
-    name += "-lora" if a.method == "lora" else ""
-    name += f"-compile-{a.compile}" if a.compile != "none" else ""
-    name += "-torch" if a.strategy == "torch" else ""
-    name += f"-{a.kernels}" if a.kernels != "none" else ""
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res), flush=True)

@@ -7,6 +7,9 @@
 #   bash bench/gpu_run.sh lora          # bench_train_gpu.py full, then LoRA: tokens/s and peak memory (gpu_prepare.sh --train)
 #   bash bench/gpu_run.sh compile       # bench_train_gpu.py eager, then train.compile=layers (compile time, tokens/s, loss)
 #   bash bench/gpu_run.sh kernels       # bench_train_gpu.py plain, then train.kernels=liger (tokens/s, memory, loss)
+#   bash bench/gpu_run.sh whole7b       # the 32-layer 7B shape, full fine-tune, train.strategy=torch (one call; ~5 min)
+#   bash bench/gpu_run.sh whole7b_lora  # the same, LoRA on DeepSpeed (one call)
+#   bash bench/gpu_run.sh whole7b_ds    # the same, full on DeepSpeed: expected not to fit one H200 (an OOM record)
 #   bash bench/gpu_run.sh native        # bench_train_gpu.py DeepSpeed, then train.strategy=torch (tokens/s, memory, loss)
 #   bash bench/gpu_run.sh multilora     # bench_multilora.py: k = 1, 4, 16 adapters mixed in one stream vs one at a time
 #   bash bench/gpu_run.sh structured    # bench_structured.py: constrained vs free generation, same requests
@@ -82,6 +85,15 @@ for stage in "$@"; do
     kernels)  # the plain modules, then Liger Kernel's (a call of its own: ~2 × 200 s; gpu_prepare.sh --train)
       step bench_train_gpu_plain 260 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}"
       step bench_train_gpu_liger 260 $PY bench/bench_train_gpu.py --kernels liger --out "$OUT" "${SMOKE[@]}" ;;
+    whole7b)  # a whole Mistral-7B shape on one GPU (issue 31): each a call of its own
+      step bench_train_gpu_7b_torch 540 $PY bench/bench_train_gpu.py --layers 32 --steps 4 --warmup 1 \
+        --strategy torch --out "$OUT" "${SMOKE[@]}" ;;
+    whole7b_lora)
+      step bench_train_gpu_7b_lora 540 $PY bench/bench_train_gpu.py --layers 32 --steps 4 --warmup 1 \
+        --method lora --out "$OUT" "${SMOKE[@]}" ;;
+    whole7b_ds)
+      step bench_train_gpu_7b_ds 540 $PY bench/bench_train_gpu.py --layers 32 --steps 4 --warmup 1 \
+        --out "$OUT" "${SMOKE[@]}" ;;
     native)  # DeepSpeed, then the torch-native ZeRO-1 on the same batches (a call of its own: ~2 × 200 s)
       step bench_train_gpu_deepspeed 260 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}"
       step bench_train_gpu_torch 260 $PY bench/bench_train_gpu.py --strategy torch --out "$OUT" "${SMOKE[@]}" ;;
@@ -99,7 +111,7 @@ for stage in "$@"; do
       step bench_evaluate 200 $PY bench/bench_evaluate.py --data-dir "$data" --out "$OUT" "${SMOKE[@]}" ;;
     tests)
       step pytest_gpu 300 $PY -m pytest -q -m gpu -p no:cacheprovider ;;
-    *) echo "unknown stage '$stage' (serve, probe, attention, structured, label, train, accum, lora, compile, kernels, native, multilora, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown stage '$stage' (serve, probe, attention, structured, label, train, accum, lora, compile, kernels, native, whole7b, whole7b_lora, whole7b_ds, multilora, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 printf '%s\n' "--- summary" "${SUMMARY[@]}" | tee -a "$LOG"

@@ -58,6 +58,8 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "compile",
         "native",
         "kernels",
+        "whole7b",
+        "whole7b_lora",
         "attention",
         "multilora",
         "evaluate",
