@@ -261,6 +261,12 @@ def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):
         compose("serve", [f"serve.checkpoint={tiny_hf}", "serve.engine=vllm"], checked=True)
     with pytest.raises(ValueError, match="serve.decode_attention must be one of"):
         compose("serve", [f"serve.checkpoint={tiny_hf}", "serve.decode_attention=paged"], checked=True)
+    with pytest.raises(ValueError, match="serve.decode_attention=flex is the fast decode step's"):
+        compose(
+            "serve",
+            [f"serve.checkpoint={tiny_hf}", "serve.decode_attention=flex", "serve.fast_decode=false"],
+            checked=True,
+        )
     from cerbero_ray.config.serve import DECODE_ATTENTION
     from cerbero_ray.inference.slots import ATTENTION
 
@@ -339,6 +345,12 @@ def test_the_engine_with_flex_decode_attention_gives_generate_s_text(tok, device
     assert cb.slots.attention == "flex", cb.slots.attention_note
     assert [r["text"] for r in cb.generate(prompts, GREEDY)] == ref
     assert cb.slots.graph_error is None and cb.slots.compile_error is None
+    cb.close()
+    if device == "cpu":  # the fast step is off on CPU unless asked for: a chosen attention says it is unused
+        with pytest.warns(UserWarning, match="decode attention 'flex' is the fast decode step's, which is off"):
+            ContinuousBatcher(
+                m, tok, num_slots=1, max_prompt_tokens=16, max_new_tokens=4, decode_attention="flex"
+            ).close()
 
 
 def test_the_engine_with_the_fast_step_gives_generate_s_text(model, tok):

@@ -51,6 +51,8 @@ def test_a_good_config_gets_its_run_plan(tmp_path):
         ("train.max_steps=0", "train.max_steps"),
         ("train.placement_strategy=SCATTER", "train.placement_strategy"),
         ("train.mix_block_rows=-1", "train.mix_block_rows"),
+        ("train.strategy=fsdp", "train.strategy"),
+        ("train.kernels=unsloth", "train.kernels"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, key):

@@ -130,6 +130,8 @@ def test_zero2_is_refused_for_the_torch_strategy():
         config("torch", "full", "fp32", 1, 2, "deepspeed.stage=2")
     with pytest.raises(ValueError, match="train.strategy must be one of"):
         config("fsdp")
+    with pytest.raises(ValueError, match="deepspeed.extra is merged into DeepSpeed's JSON"):
+        config("torch", "full", "fp32", 1, 2, "+deepspeed.extra.zero_optimization.overlap_comm=false")
 
 
 def _two_ranks(rank: int, port: int, out: str) -> None:

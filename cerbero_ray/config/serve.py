@@ -114,6 +114,11 @@ def check_serve(c: ServeStageConfig, before: frozenset = frozenset()) -> None:
     one_of(sc.dtype, INFERENCE_DTYPES, "serve.dtype")
     one_of(sc.engine, GENERATION_ENGINES, "serve.engine")
     one_of(sc.decode_attention, DECODE_ATTENTION, "serve.decode_attention")
+    if sc.decode_attention != "auto" and (sc.fast_decode is False or sc.engine != "continuous"):
+        raise ValueError(
+            f"serve.decode_attention={sc.decode_attention} is the fast decode step's (serve.engine=continuous, "
+            "serve.fast_decode true or null); leave it auto"
+        )
     check_local_checkpoint(sc.checkpoint, "serve.checkpoint")
     check_adapters(sc)
     for name, task in sc.label_tasks.items():

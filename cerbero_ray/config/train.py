@@ -182,6 +182,11 @@ def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
             f"deepspeed.stage must be one of {ZERO_STAGES} (the recipe is ZeRO-1; stage 3 shards "
             f"the weights, which this trainer's checkpoint export does not gather), got {ds.stage}"
         )
+    if t.strategy == "torch" and ds.extra:
+        raise ValueError(
+            "deepspeed.extra is merged into DeepSpeed's JSON, which train.strategy=torch does not use; "
+            "empty it or use train.strategy=deepspeed"
+        )
     if t.strategy == "torch" and ds.stage > 1:
         raise ValueError(
             f"train.strategy=torch shards the optimizer states only (deepspeed.stage 0 or 1, the recipe's "

@@ -135,6 +135,14 @@ class ContinuousBatcher:
         self.slots = SlotModel(
             model, num_slots, max_prompt_tokens + max_new_tokens, adapters, fast=fast, attention=decode_attention
         )
+        if decode_attention not in ("auto", "sdpa") and not self.slots.fast:
+            import warnings
+
+            warnings.warn(
+                f"decode attention {decode_attention!r} is the fast decode step's, which is off here "
+                "(on CPU it is off unless fast_decode=true): decoding uses the HF modules",
+                stacklevel=2,
+            )
         self.max_prompt_tokens, self.max_new_tokens, self.prefill_tokens = (
             max_prompt_tokens,
             max_new_tokens,
