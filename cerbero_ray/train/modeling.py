@@ -100,7 +100,7 @@ def apply_liger(lm: nn.Module) -> None:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as e:
         raise ValueError(
-            f"train.kernels=liger needs the liger-kernel package (pip install liger-kernel; Triton, CUDA): {e}"
+            f"train.kernels=liger needs the liger-kernel package (pip install '.[liger]'; Triton, CUDA): {e}"
         ) from e
     kind = getattr(lm.config, "model_type", None)
     fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(kind)
