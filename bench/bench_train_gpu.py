@@ -12,6 +12,8 @@ Mistral-7B-shaped model (hidden 4096, FFN 14336, 32 heads / 8 KV heads, vocab 32
     python bench/bench_train_gpu.py --out $OUT && python bench/bench_train_gpu.py --method lora --out $OUT
     # Liger Kernel's Triton kernels (train.kernels=liger) against the plain modules, same batches:
     python bench/bench_train_gpu.py --out $OUT && python bench/bench_train_gpu.py --kernels liger --out $OUT
+    # packed documents' attention: flex_attention (auto on CUDA) against SDPA with the block-diagonal mask:
+    python bench/bench_train_gpu.py --out $OUT && python bench/bench_train_gpu.py --attention sdpa --out $OUT
     # a whole Mistral-7B shape (32 layers) on one GPU: the torch strategy's 16 bytes a parameter fit an
     # H200 where DeepSpeed's 20 do not (its run ends in an out-of-memory record); LoRA on DeepSpeed:
     python bench/bench_train_gpu.py --layers 32 --steps 4 --warmup 1 --strategy torch --out $OUT
@@ -96,7 +98,7 @@ def config(a, shard: str, rows: int, run_dir: str):
         "eps": 1e-8,
         "max_grad_norm": 1.0,
         "gradient_checkpointing": True,
-        "attention": "auto",
+        "attention": "sdpa" if a.cpu_smoke else a.attention,
         "loss_chunk_tokens": a.loss_chunk,
         "seed": 0,
         "eval_rows": 0,
@@ -159,6 +161,7 @@ def main():
     p.add_argument("--compile", choices=("none", "layers"), default="none", help="train.compile")
     p.add_argument("--strategy", choices=("deepspeed", "torch"), default="deepspeed", help="train.strategy")
     p.add_argument("--kernels", choices=("none", "liger"), default="none", help="train.kernels")
+    p.add_argument("--attention", choices=("auto", "flex_attention", "sdpa"), default="auto", help="train.attention")
     p.add_argument("--cpu-smoke", action="store_true")
     a = p.parse_args()
     if a.cpu_smoke:
@@ -184,6 +187,7 @@ def main():
     name += "-torch" if a.strategy == "torch" else ""
     name += f"-{a.kernels}" if a.kernels != "none" else ""
     name += f"-L{a.layers}" if a.layers != 4 and not a.cpu_smoke else ""
+    name += f"-{a.attention}" if a.attention != "auto" else ""
     try:
         summary = train_loop(cfg, plan, env)
     except torch.cuda.OutOfMemoryError as e:  # a figure too: what does not fit one GPU (a whole 7B's masters)
@@ -215,6 +219,7 @@ def main():
         "compile": a.compile,
         "strategy": a.strategy,
         "kernels": a.kernels,
+        "attention": a.attention,
         "first_step_s": round(hist[0]["step_s"], 2),  # with --compile layers: the compilation's time
     }
     if torch.cuda.is_available():
@@ -243,6 +248,11 @@ def main():
             res["plain_final_loss"] = plain.get("final_loss")
             if plain.get("max_mem_gb") and res.get("max_mem_gb"):
                 res["vs_plain_kernels_peak_memory"] = round(res["max_mem_gb"] / plain["max_mem_gb"], 3)
+    if a.attention != "auto" and os.path.exists(full_path):  # auto (flex_attention on CUDA) of the same call
+        auto = json.load(open(full_path))
+        if auto.get("method") == a.method and auto.get("attention", "auto") == "auto":
+            res["vs_auto_attention_tokens_per_s"] = round(res["tokens_per_s"] / auto["tokens_per_s"], 3)
+            res["auto_final_loss"] = auto.get("final_loss")
     if a.strategy == "torch" and os.path.exists(full_path):  # DeepSpeed's run of the same call, same batches
         ds = json.load(open(full_path))
         if ds.get("method") == a.method and ds.get("strategy", "deepspeed") == "deepspeed":

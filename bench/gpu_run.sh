@@ -7,6 +7,7 @@
 #   bash bench/gpu_run.sh lora          # bench_train_gpu.py full, then LoRA: tokens/s and peak memory (gpu_prepare.sh --train)
 #   bash bench/gpu_run.sh compile       # bench_train_gpu.py eager, then train.compile=layers (compile time, tokens/s, loss)
 #   bash bench/gpu_run.sh kernels       # bench_train_gpu.py plain, then train.kernels=liger (tokens/s, memory, loss)
+#   bash bench/gpu_run.sh train_attention  # bench_train_gpu.py flex_attention (auto), then SDPA with a document mask
 #   bash bench/gpu_run.sh whole7b       # the 32-layer 7B shape, full fine-tune, train.strategy=torch (one call; ~5 min)
 #   bash bench/gpu_run.sh whole7b_lora  # the same, LoRA on DeepSpeed (one call)
 #   bash bench/gpu_run.sh whole7b_ds    # the same, full on DeepSpeed: expected not to fit one H200 (an OOM record)
@@ -85,6 +86,9 @@ for stage in "$@"; do
     kernels)  # the plain modules, then Liger Kernel's (a call of its own: ~2 × 200 s; gpu_prepare.sh --train)
       step bench_train_gpu_plain 260 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}"
       step bench_train_gpu_liger 260 $PY bench/bench_train_gpu.py --kernels liger --out "$OUT" "${SMOKE[@]}" ;;
+    train_attention)  # which attention trains packed documents fastest (a call of its own: ~2 × 200 s)
+      step bench_train_gpu_auto 260 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}"
+      step bench_train_gpu_sdpa 260 $PY bench/bench_train_gpu.py --attention sdpa --out "$OUT" "${SMOKE[@]}" ;;
     whole7b)  # a whole Mistral-7B shape on one GPU (issue 31): each a call of its own
       step bench_train_gpu_7b_torch 540 $PY bench/bench_train_gpu.py --layers 32 --steps 4 --warmup 1 \
         --strategy torch --out "$OUT" "${SMOKE[@]}" ;;
@@ -111,7 +115,7 @@ for stage in "$@"; do
       step bench_evaluate 200 $PY bench/bench_evaluate.py --data-dir "$data" --out "$OUT" "${SMOKE[@]}" ;;
     tests)
       step pytest_gpu 300 $PY -m pytest -q -m gpu -p no:cacheprovider ;;
-    *) echo "unknown stage '$stage' (serve, probe, attention, structured, label, train, accum, lora, compile, kernels, native, whole7b, whole7b_lora, whole7b_ds, multilora, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown stage '$stage' (serve, probe, attention, structured, label, train, accum, lora, compile, kernels, native, train_attention, whole7b, whole7b_lora, whole7b_ds, multilora, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 printf '%s\n' "--- summary" "${SUMMARY[@]}" | tee -a "$LOG"

@@ -58,6 +58,7 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "compile",
         "native",
         "kernels",
+        "train_attention",
         "whole7b",
         "whole7b_lora",
         "attention",
