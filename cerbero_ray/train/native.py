@@ -37,7 +37,11 @@ class TorchEngine:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            ids = [device.index] if device.type == "cuda" else None
+            ids = (
+                [torch.cuda.current_device() if device.index is None else device.index]
+                if device.type == "cuda"
+                else None
+            )
             self.ddp = DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
         self.micro_steps = 0
         self._grad_norm: float | None = None
