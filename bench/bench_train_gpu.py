@@ -236,30 +236,19 @@ def main():
         res["vs_full_tokens_per_s"] = round(res["tokens_per_s"] / full["tokens_per_s"], 3)
         if full.get("max_mem_gb") and res.get("max_mem_gb"):
             res["vs_full_peak_memory"] = round(res["max_mem_gb"] / full["max_mem_gb"], 3)
-    if a.compile != "none" and os.path.exists(full_path):  # the eager run of the same call, same batches
-        eager = json.load(open(full_path))
-        if eager.get("method") == a.method and eager.get("compile", "none") == "none":
-            res["vs_eager_tokens_per_s"] = round(res["tokens_per_s"] / eager["tokens_per_s"], 3)
-            res["eager_final_loss"] = eager.get("final_loss")
-    if a.kernels != "none" and os.path.exists(full_path):  # the plain run of the same call, same batches
-        plain = json.load(open(full_path))
-        if plain.get("method") == a.method and plain.get("kernels", "none") == "none":
-            res["vs_plain_kernels_tokens_per_s"] = round(res["tokens_per_s"] / plain["tokens_per_s"], 3)
-            res["plain_final_loss"] = plain.get("final_loss")
-            if plain.get("max_mem_gb") and res.get("max_mem_gb"):
-                res["vs_plain_kernels_peak_memory"] = round(res["max_mem_gb"] / plain["max_mem_gb"], 3)
-    if a.attention != "auto" and os.path.exists(full_path):  # auto (flex_attention on CUDA) of the same call
-        auto = json.load(open(full_path))
-        if auto.get("method") == a.method and auto.get("attention", "auto") == "auto":
-            res["vs_auto_attention_tokens_per_s"] = round(res["tokens_per_s"] / auto["tokens_per_s"], 3)
-            res["auto_final_loss"] = auto.get("final_loss")
-    if a.strategy == "torch" and os.path.exists(full_path):  # DeepSpeed's run of the same call, same batches
-        ds = json.load(open(full_path))
-        if ds.get("method") == a.method and ds.get("strategy", "deepspeed") == "deepspeed":
-            res["vs_deepspeed_tokens_per_s"] = round(res["tokens_per_s"] / ds["tokens_per_s"], 3)
-            res["deepspeed_final_loss"] = ds.get("final_loss")
-            if ds.get("max_mem_gb") and res.get("max_mem_gb"):
-                res["vs_deepspeed_peak_memory"] = round(res["max_mem_gb"] / ds["max_mem_gb"], 3)
+    # a variant against the default run of the same call (bench_train_gpu.json: same method, same batches)
+    ref = json.load(open(full_path)) if os.path.exists(full_path) else None
+    for key, default, label in (
+        ("compile", "none", "eager"),
+        ("kernels", "none", "plain_kernels"),
+        ("attention", "auto", "auto_attention"),
+        ("strategy", "deepspeed", "deepspeed"),
+    ):
+        if ref and getattr(a, key) != default and ref.get("method") == a.method and ref.get(key, default) == default:
+            res[f"vs_{label}_tokens_per_s"] = round(res["tokens_per_s"] / ref["tokens_per_s"], 3)
+            res[f"{label}_final_loss"] = ref.get("final_loss")
+            if ref.get("max_mem_gb") and res.get("max_mem_gb"):
+                res[f"vs_{label}_peak_memory"] = round(res["max_mem_gb"] / ref["max_mem_gb"], 3)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump(res, f, indent=1)
