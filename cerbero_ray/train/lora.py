@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import types
 from dataclasses import replace
 
 import torch
@@ -93,7 +94,39 @@ def apply_lora(lm, lc: LoraConfig, seed: int, autocast: bool = False):
         for m in pm.modules():
             if isinstance(m, BaseTunerLayer):
                 m.cast_input_dtype_enabled = False
+            if _plain_lora_linear(m):
+                m.forward = types.MethodType(_fused_forward, m)
     return pm
+
+
+def _plain_lora_linear(m) -> bool:
+    """A peft LoRA linear with one plain adapter (no DoRA or other variant) on an ``nn.Linear``."""
+    from peft.tuners.lora.layer import Linear
+
+    return (
+        type(m) is Linear
+        and type(m.base_layer) is torch.nn.Linear
+        and list(m.lora_A) == ["default"]
+        and not getattr(m, "lora_variant", None)
+        and not m.use_dora.get("default", False)
+    )
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's LoRA forward (``base(x) + scaling · B(A(dropout(x)))``) with the scaled update added
+    in the second product's epilogue (``addmm``): one pass writes the output, where peft's
+    ``* scaling`` and ``+`` make two more over it. Training under bf16 autocast only."""
+    result = self.base_layer(x, *args, **kwargs)
+    if self.disable_adapters or self.merged:
+        return result
+    h = self.lora_A["default"](self.lora_dropout["default"](x))
+    out = torch.addmm(
+        result.reshape(-1, result.shape[-1]),
+        h.reshape(-1, h.shape[-1]),
+        self.lora_B["default"].weight.t(),
+        alpha=self.scaling["default"],
+    )
+    return out.view(result.shape)
 
 
 def counts(model: torch.nn.Module) -> tuple[int, int]:
