@@ -123,6 +123,11 @@ class TrainStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def accumulation_steps(t: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank (:func:`check_train` makes it whole)."""
+    return t.global_batch_size // (t.micro_batch_size * world_size)
+
+
 def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
     """``ValueError`` naming the key: batch arithmetic, schedule, precision, ZeRO stage."""
     t, ds = c.train, c.deepspeed

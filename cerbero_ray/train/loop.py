@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from cerbero_ray import storage
-from cerbero_ray.config.train import TrainStageConfig
+from cerbero_ray.config.train import TrainStageConfig, accumulation_steps
 from cerbero_ray.shards import IGNORE_INDEX
 from cerbero_ray.train import checkpoint as ckpt
 from cerbero_ray.train.env import TrainEnv
@@ -99,7 +99,7 @@ class _Run:
         on_base = self._record_base if self.lora and self.rank == 0 else None
         self.engine, self.sched, self.lm, self.peft = build_engine(config, self.total, self.device, self.world, on_base)
         self.micro = t.micro_batch_size
-        self.accum = t.global_batch_size // (self.micro * self.world)
+        self.accum = accumulation_steps(t, self.world)
         self.read_cpus = float(t.read_cpus)
         self.step, self.history, self.resumed_from = 0, [], None
 

@@ -54,17 +54,21 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch
     return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
 
 
+def _labeled(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
+    """(the hidden states of the positions that carry a next-token label, those labels, a zero tied
+    to the graph: with no loss token, backward and DeepSpeed's hooks still run as usual)."""
+    y = labels[:, 1:].reshape(-1)
+    keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    return h, y.index_select(0, keep), hidden.sum().float() * 0 + weight.sum().float() * 0
+
+
 def token_loss_sum(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 4096
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token losses and the number of loss tokens; ``labels`` aligned with the inputs
     (position t's label is the token at t), ``IGNORE_INDEX`` where no loss is taken."""
-    y = labels[:, 1:].reshape(-1)
-    keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    y = y.index_select(0, keep)
-    # no loss token: a zero still tied to the graph, so backward (and DeepSpeed's hooks) run as usual
-    total = hidden.sum().float() * 0 + weight.sum().float() * 0
+    h, y, total = _labeled(hidden, weight, labels)
     for i in range(0, len(y), chunk):
         args = (h[i : i + chunk], weight, y[i : i + chunk])
         total = total + (
@@ -81,11 +85,7 @@ def fused_loss_sum(
     function that also computes their gradients (accumulated in fp32), never whole."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    y = labels[:, 1:].reshape(-1)
-    keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    y = y.index_select(0, keep)
-    total = hidden.sum().float() * 0 + weight.sum().float() * 0
+    h, y, total = _labeled(hidden, weight, labels)
     if len(y):
         loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", accum_dtype=torch.float32)
         total = total + loss(weight, h, y).float()

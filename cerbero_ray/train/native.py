@@ -129,13 +129,3 @@ class TorchEngine:
             g["lr"] = lr
         self.micro_steps = state["micro_steps"]
         return d, state["client"]
-
-
-def build_optimizer(groups: list[dict], t, cuda: bool, stage: int, lr: float) -> torch.optim.Optimizer:
-    """AdamW over ``groups``; sharded across ranks (ZeRO-1) when ``stage`` is 1 and there are ranks."""
-    kw = dict(lr=lr, betas=tuple(t.betas), eps=t.eps, fused=cuda or None)
-    if stage >= 1 and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, parameters_as_bucket_view=True, **kw)
-    return torch.optim.AdamW(groups, **kw)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cerbero_ray.config.train import TrainConfig
+from cerbero_ray.config.train import TrainConfig, accumulation_steps
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def step_rows(plan: EpochPlan, step: int, micro_batch: int, accum: int) -> list[
 
 def plan_all(shards: list[dict], t: TrainConfig, world: int) -> list[EpochPlan]:
     """Every epoch's plan for a ``train`` config section and ``world`` ranks."""
-    accum = t.global_batch_size // (t.micro_batch_size * world)
+    accum = accumulation_steps(t, world)
     return [
         plan_epoch(
             shards,

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from cerbero_ray.config.train import DeepSpeedConfig, TrainConfig, TrainStageConfig
+from cerbero_ray.config.train import DeepSpeedConfig, TrainConfig, TrainStageConfig, accumulation_steps
 from cerbero_ray.logs import drop_lines
 from cerbero_ray.models import build_model
 from cerbero_ray.train.modeling import PackedCausalLM, apply_liger, pick_attention
@@ -24,7 +24,7 @@ SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "co
 
 def deepspeed_config(ds: DeepSpeedConfig, t: TrainConfig, world_size: int) -> dict:
     """DeepSpeed's JSON from the ``deepspeed`` and ``train`` config groups."""
-    accum = t.global_batch_size // (t.micro_batch_size * world_size)
+    accum = accumulation_steps(t, world_size)
     cfg = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
@@ -68,11 +68,17 @@ def param_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]  # LoRA has no 1-D trainable parameters; ZeRO drops empty groups
 
 
-def build_optimizer(model: torch.nn.Module, t: TrainConfig, cuda: bool) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`."""
-    return torch.optim.AdamW(
-        param_groups(model, t), lr=learning_rate(t), betas=tuple(t.betas), eps=t.eps, fused=cuda or None
-    )
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, cuda: bool, shard: bool = False) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`; ``shard``: its states split across the ranks (ZeRO-1 by
+    torch's ``ZeroRedundancyOptimizer``: each rank steps its share and broadcasts it)."""
+    kw = dict(lr=learning_rate(t), betas=tuple(t.betas), eps=t.eps, fused=cuda or None)
+    if shard:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(
+            param_groups(model, t), optimizer_class=torch.optim.AdamW, parameters_as_bucket_view=True, **kw
+        )
+    return torch.optim.AdamW(param_groups(model, t), **kw)
 
 
 def learning_rate(t: TrainConfig) -> float:
@@ -172,14 +178,13 @@ def build_engine(config: TrainStageConfig, total_steps: int, device: torch.devic
 def build_torch(config: TrainStageConfig, total_steps: int, device: torch.device, world_size: int, on_base=None):
     """:func:`build_engine` for ``train.strategy=torch`` (:class:`~cerbero_ray.train.native.TorchEngine`)."""
     from cerbero_ray.train.native import TorchEngine
-    from cerbero_ray.train.native import build_optimizer as sharded_adamw
 
     t = config.train
     model, lm, peft_model = build_packed(config, device, on_base, autocast=t.precision == "bf16")
-    opt = sharded_adamw(param_groups(model, t), t, device.type == "cuda", config.deepspeed.stage, learning_rate(t))
+    opt = build_optimizer(model, t, device.type == "cuda", shard=config.deepspeed.stage >= 1 and world_size > 1)
     sched = build_scheduler(opt, t, total_steps)
-    accum = t.global_batch_size // (t.micro_batch_size * world_size)
-    return TorchEngine(model, opt, sched, accum, t.max_grad_norm, device), sched, lm, peft_model
+    engine = TorchEngine(model, opt, sched, accumulation_steps(t, world_size), t.max_grad_norm, device)
+    return engine, sched, lm, peft_model
 
 
 def build_deepspeed(config: TrainStageConfig, total_steps: int, device: torch.device, world_size: int, on_base=None):
