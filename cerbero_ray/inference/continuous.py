@@ -135,14 +135,6 @@ class ContinuousBatcher:
         self.slots = SlotModel(
             model, num_slots, max_prompt_tokens + max_new_tokens, adapters, fast=fast, attention=decode_attention
         )
-        if decode_attention not in ("auto", "sdpa") and not self.slots.fast:
-            import warnings
-
-            warnings.warn(
-                f"decode attention {decode_attention!r} is the fast decode step's, which is off here "
-                "(on CPU it is off unless fast_decode=true): decoding uses the HF modules",
-                stacklevel=2,
-            )
         self.max_prompt_tokens, self.max_new_tokens, self.prefill_tokens = (
             max_prompt_tokens,
             max_new_tokens,
@@ -367,7 +359,8 @@ class ContinuousBatcher:
         n = max(r.slot for r in rows) + 1
         length = max(len(r.ids) + r.launched for r in rows)  # the longest row's position + 1
         sampling = any(r.sampling.temperature > 0 for r in rows)
-        if any(r.matcher is not None for r in rows):
+        masked = any(r.matcher is not None for r in rows)
+        if masked:
             logits = self.slots.forward(n, length, self.graphs)
             if self.pending is not None:
                 self._finish(self.pending)
@@ -376,10 +369,10 @@ class ContinuousBatcher:
             if not rows:
                 return None
             self.slots.set_bits(self._bits([r for r in rows if r.matcher is not None], self.slots.num_slots))
-            self._draws(rows, sampling)
+        self._draws(rows, sampling)
+        if masked:
             tokens, logits = self.slots.pick(logits, n, length, sampling, self.graphs)
         else:
-            self._draws(rows, sampling)
             tokens, logits = self.slots.run(n, length, sampling, self.graphs)
         for r in rows:
             r.launched += 1

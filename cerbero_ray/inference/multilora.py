@@ -139,14 +139,19 @@ class AdapterSet:
         finally:
             self.single = prev
 
+    def row_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[rows, (k + 1) r]``: ones over each row's own adapter's block of the stacked ranks (the
+        dense decode form). No ``one_hot``: it checks its input on the host, which a CUDA graph cannot."""
+        hot = rows[:, None] == torch.arange(len(self.names), device=rows.device)[None]
+        return hot.to(self.dtype).repeat_interleave(self.rank, dim=1)
+
     @contextlib.contextmanager
     def per_row(self, rows: torch.Tensor):
         """Row ``i`` of the forwards inside uses adapter ``rows[i]``."""
         prev = self.rows, self.mask
         self.rows, self.mask = rows, None
-        if self.kernel == "auto":  # no one_hot: it checks its input on the host, which a CUDA graph cannot
-            hot = rows[:, None] == torch.arange(len(self.names), device=rows.device)[None]
-            self.mask = hot.to(self.dtype).repeat_interleave(self.rank, dim=1)
+        if self.kernel == "auto":
+            self.mask = self.row_mask(rows)
         try:
             yield
         finally:

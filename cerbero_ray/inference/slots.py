@@ -274,7 +274,13 @@ class SlotModel:
         self._fused = self._fuse() if self.fast else None
         self.attention = "sdpa"
         self.attention_note: str | None = None
-        if self.fast and (cuda or attention == "flex"):
+        if attention not in ("auto", "sdpa") and not self.fast:
+            warnings.warn(
+                f"decode attention {attention!r} is the fast decode step's, which is off here "
+                "(on CPU it is off unless fast_decode=true): decoding uses the HF modules",
+                stacklevel=2,
+            )
+        elif self.fast and (cuda or attention == "flex"):
             self.attention, self.attention_note = self._pick_attention(attention)
             if self.attention_note and attention != "auto":
                 warnings.warn(
@@ -523,11 +529,7 @@ class SlotModel:
         h = m.embed_tokens(ids)
         cos, sin = m.rotary_emb(h, pos[:, None])
         cos, sin = cos[:, 0], sin[:, 0]
-        mask = None
-        if self.adapters is not None:  # each row's own block of every adapter's rank (0: the base)
-            k1, r = len(self.adapters.names), self.adapters.rank
-            hot = self.slot_adapter[:n, None] == torch.arange(k1, device=self.device)[None]
-            mask = hot.to(h.dtype).repeat_interleave(r, dim=1)
+        mask = self.adapters.row_mask(self.slot_adapter[:n]) if self.adapters is not None else None
         for i, w in enumerate(self._fused):
             q, k, v = pre(h, w.ln1, w.qkv, cos, sin, self.eps, self.nq, self.nkv, self.head_dim, w.lqkv, mask)
             self.k[i, rows, write] = k
