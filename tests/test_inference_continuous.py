@@ -460,31 +460,94 @@ def test_closing_the_engine_stops_its_loop_and_fails_what_it_held(model, tok):
 
 @pytest.mark.parametrize("window", [None, 6])
 def test_chunked_prefill_gives_the_whole_prompt_s_logits(window):
-    """Prompts prefilled in chunks (each continuing its slot's cache, rows at different offsets)
-    give the logits of one whole-prompt prefill and of the HF forward, and decoding goes on alike."""
+    """Prompts prefilled in chunks (each continuing its slot's cache, rows at different offsets),
+    packed in one batch with whole prompts of other lengths that join mid-way, give the logits of
+    each prompt prefilled alone and of the HF forward, the same cache, and decoding goes on alike."""
     m = tiny(overrides={"sliding_window": window}).eval()
     seqs = [
         [1, 5, 9, 400, 31, 7, 8, 99, 12, 13, 14, 15, 16],
         [1, 100, 200, 300, 301, 302],
         [1, 42, 43, 44, 45, 46, 47, 48],
+        [1, 77, 78, 79, 80, 81, 82, 83, 84],  # whole, beside step 1's continuing chunks
+        [1, 60],  # whole, beside step 2's (another padding group than the 9 tokens above)
     ]
-    whole, chunked = SlotModel(m, num_slots=3, max_len=32), SlotModel(m, num_slots=3, max_len=32)
-    want = whole.prefill(seqs, [0, 1, 2])
-    cuts = [[0, 5, 9, 13], [0, 2, 6], [0, 3, 4, 8]]  # each row's chunk boundaries
+    n = len(seqs)
+    alone, chunked = SlotModel(m, num_slots=n, max_len=32), SlotModel(m, num_slots=n, max_len=32)
+    want = [alone.prefill([s], [i])[0] for i, s in enumerate(seqs)]
+    # each step's chunks (row, start, end): whole prompts and continuing chunks mixed
+    steps = [
+        [(0, 0, 5), (1, 0, 2), (2, 0, 3)],
+        [(0, 5, 9), (3, 0, 9), (1, 2, 6), (2, 3, 4)],
+        [(2, 4, 8), (4, 0, 2), (0, 9, 13)],
+    ]
     got = {}
-    for k in range(3):  # step k prefills the k-th chunk of every row that has one, in one batch
-        batch = [(i, c[k], c[k + 1]) for i, c in enumerate(cuts) if k + 1 < len(c)]
+    for batch in steps:
         out = chunked.prefill([seqs[i][a:b] for i, a, b in batch], [i for i, _, _ in batch], [a for _, a, _ in batch])
         for j, (i, _, b) in enumerate(batch):
             if b == len(seqs[i]):
                 got[i] = out[j]
     with torch.no_grad():
         ref = [m(torch.tensor([s])).logits[0, -1] for s in seqs]
-    for i in range(3):
+    for i in range(n):
         torch.testing.assert_close(got[i], want[i], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got[i], ref[i], rtol=1e-4, atol=1e-4)
-    ids, pos = torch.tensor([17, 18, 19]), torch.tensor([len(s) for s in seqs])
-    torch.testing.assert_close(chunked.decode(ids, pos), whole.decode(ids, pos), rtol=1e-4, atol=1e-4)
+        for cache in ("k", "v"):  # every written position, the same keys and values
+            a, b = getattr(chunked, cache)[:, i, : len(seqs[i])], getattr(alone, cache)[:, i, : len(seqs[i])]
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    ids, pos = torch.arange(17, 17 + n), torch.tensor([len(s) for s in seqs])
+    torch.testing.assert_close(chunked.decode(ids, pos), alone.decode(ids, pos), rtol=1e-4, atol=1e-4)
+
+
+def test_packed_prefill_groups_bound_the_padding():
+    """Whole prompts' attention groups: every prompt in one group, longest first, and a group's
+    padded size (rows × its longest) within 1.25× its tokens unless it is one prompt."""
+    from cerbero_ray.inference.slots import _prefill_groups
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lens = rng.integers(1, 300, size=rng.integers(1, 40)).tolist()
+        segs = list(zip(np.cumsum([0] + lens[:-1]).tolist(), lens))
+        groups = _prefill_groups(segs)
+        assert sorted(x for g in groups for x in g) == sorted(segs)
+        for g in groups:
+            assert [x[1] for x in g] == sorted((x[1] for x in g), reverse=True)
+            assert len(g) == 1 or len(g) * g[0][1] <= 1.25 * sum(x[1] for x in g)
+    assert len(_prefill_groups([(0, 7), (7, 7), (14, 7)])) == 1  # one length: one batch
+
+
+def test_the_prefill_budget_counts_prompt_tokens_not_padding(model, tok):
+    """Prompts of very different lengths are admitted in one packed step when their tokens fit
+    ``prefill_tokens`` (rows × longest would not), never more than that in a step, and the text
+    equals an engine that admits them one a step."""
+    lens = []
+    prompts = [chat(tok, p) for p in (PROMPTS[3], PROMPTS[0], PROMPTS[4])]
+    ids, _ = encode_prompts(tok, prompts, 128)
+    budget = sum(len(x) for x in ids)
+    assert 3 * max(len(x) for x in ids) > budget  # the padded rule would have split them
+    one = ContinuousBatcher(
+        model, tok, num_slots=3, max_prompt_tokens=128, max_new_tokens=16, prefill_tokens=len(ids[0])
+    )
+    want = [one.run([(p, GREEDY)])[0]["text"] for p in prompts]
+    for limit in (budget, budget - 1):
+        cb = ContinuousBatcher(model, tok, num_slots=3, max_prompt_tokens=128, max_new_tokens=16, prefill_tokens=limit)
+        real, lens = cb.slots.prefill, []
+        cb.slots.prefill = lambda p, s, a=None, real=real, lens=lens: lens.append([len(x) for x in p]) or real(p, s, a)
+        got = [None] * 3
+
+        def one(i, cb=cb, got=got):
+            got[i] = cb.run([(prompts[i], GREEDY)])[0]
+
+        with cb.lock:  # the loop waits: all three are queued before the first step
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            while len(cb.waiting) < 3:
+                time.sleep(0.001)
+        for t in threads:
+            t.join(60)
+        assert [g["text"] for g in got] == want
+        assert all(sum(x) <= limit for x in lens)
+        assert (len(lens[0]) == 3) == (limit == budget), lens
 
 
 def test_a_long_prompt_is_prefilled_a_chunk_a_step_while_the_others_decode(model, tok):

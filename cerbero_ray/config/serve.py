@@ -49,7 +49,7 @@ class ServeConfig:
     gpus_per_replica: float = 0.0  # 1 on GPU clusters
     engine: str = "continuous"  # continuous (our continuous batching; Mistral/Llama) or hf (transformers generate)
     max_batch_size: int = 16  # concurrent requests batched together (continuous: KV-cache slots)
-    prefill_tokens: int = 8192  # continuous: padded prompt tokens prefilled per step (a longer prompt: a chunk a step)
+    prefill_tokens: int = 8192  # continuous: prompt tokens prefilled per step, packed (a longer prompt: a chunk a step)
     cuda_graphs: Optional[bool] = None  # continuous: CUDA-graph decoding; null: on when the replica has a GPU
     # continuous: the fast decode step (fused QKV and gate/up, compiled norm/rope/MLP, LoRA deltas,
     # varlen attention); null: on with CUDA graphs (a GPU) for Mistral/Llama checkpoints

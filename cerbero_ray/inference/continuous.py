@@ -430,13 +430,13 @@ class ContinuousBatcher:
 
     def _plan(self) -> list[tuple[_Request, int, int]]:
         """This step's prefill, as (request, start, end) chunks of prompts: the partly prefilled
-        requests first, then waiting ones into free slots (lowest first). The padded batch (rows x
-        longest chunk) stays within ``prefill_tokens``; a prompt longer than that is prefilled a
-        chunk per step, the live requests decoding in between."""
-        budget, plan, longest = self.prefill_tokens, [], 0
+        requests first, then waiting ones into free slots (lowest first). The chunks run packed
+        (no padding), so their tokens stay within ``prefill_tokens``; a prompt longer than that
+        is prefilled a chunk per step, the live requests decoding in between."""
+        budget, plan = self.prefill_tokens, []
 
         def take(rest: int) -> int:  # how much of a prompt's rest this step's batch can hold
-            if (len(plan) + 1) * max(longest, rest) <= budget:
+            if sum(b - a for _, a, b in plan) + rest <= budget:
                 return rest
             return 0 if plan else min(rest, budget)
 
@@ -445,7 +445,6 @@ class ContinuousBatcher:
             if not n:
                 break
             plan.append((r, r.prefilled, r.prefilled + n))
-            longest = max(longest, n)
         if len(plan) < len(self.prefilling):  # a partly prefilled prompt waits: no newcomer overtakes it
             return plan
         free = [s for s in range(self.slots.num_slots) if s not in self.live]
@@ -463,7 +462,6 @@ class ContinuousBatcher:
                 self.live[r.slot] = r
                 self.slots.set_adapter(r.slot, r.adapter)
                 plan.append((r, 0, n))
-                longest = max(longest, n)
                 if n < len(r.ids):
                     self.prefilling.append(r)
         return plan

@@ -23,7 +23,7 @@ class EngineConfig:
     batch_size: int = 16  # continuous: KV-cache slots (requests decoded together); hf: rows per generate
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512  # the most a request may ask for (continuous: sizes the cache)
-    prefill_tokens: int = 8192  # continuous: padded prompt tokens prefilled per step (a longer prompt: a chunk a step)
+    prefill_tokens: int = 8192  # continuous: prompt tokens prefilled per step, packed (a longer prompt: a chunk a step)
     cuda_graphs: bool | None = None  # continuous: CUDA-graph decoding; None: on a GPU
     fast_decode: bool | None = None  # continuous: fused, compiled decode step (SlotModel); None: on a GPU
     decode_attention: str = "auto"  # continuous, fast step: auto | sdpa | varlen | flex (slots.ATTENTION)

@@ -146,11 +146,12 @@ class AdapterSet:
         return hot.to(self.dtype).repeat_interleave(self.rank, dim=1)
 
     @contextlib.contextmanager
-    def per_row(self, rows: torch.Tensor):
-        """Row ``i`` of the forwards inside uses adapter ``rows[i]``."""
+    def per_row(self, rows: torch.Tensor, dense: bool = False):
+        """Row ``i`` of the forwards inside uses adapter ``rows[i]`` (``dense``: in the masked dense
+        form whatever :attr:`kernel` says: rows of one token each, such as a packed prefill's)."""
         prev = self.rows, self.mask
         self.rows, self.mask = rows, None
-        if self.kernel == "auto":
+        if self.kernel == "auto" or dense:
             self.mask = self.row_mask(rows)
         try:
             yield

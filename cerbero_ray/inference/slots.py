@@ -2,7 +2,8 @@
 PyTorch, no Ray: the numeric core of continuous batching (:mod:`cerbero_ray.inference.continuous`).
 
 The cache holds ``num_slots`` sequences of up to ``max_len`` tokens per layer. ``prefill`` runs new
-prompts (right-padded, one batch) and writes their keys and values into the slots they were given;
+prompts and chunks of long ones (packed, one token after another, no padding) and writes their keys
+and values into the slots they were given;
 ``decode`` runs one token for each of the first ``n`` slots, each at its own position, and reads the
 cache up to length ``length``. The HF model's own modules (projections, norms, MLP, rotary
 embedding) do the arithmetic, so any checkpoint of these architectures works unchanged; only the
@@ -192,6 +193,23 @@ def fast_unsupported(model, adapters=None) -> str | None:
             if m.bias is not None:
                 return "projections with biases"
     return None
+
+
+def _prefill_groups(segs: list[tuple[int, int]], slack: float = 1.25) -> list[list[tuple[int, int]]]:
+    """Whole prompts ((offset, length) each) in groups whose attention runs as one right-padded
+    batch: longest first, a prompt joins the group while rows × width stays within ``slack`` times
+    the group's tokens (prompts of one length: one group; the padded attention's memory stays
+    within ``slack`` times the prefill's tokens)."""
+    groups, tokens = [], 0
+    for seg in sorted(segs, key=lambda x: -x[1]):
+        g = groups[-1] if groups else None
+        if g is not None and (len(g) + 1) * g[0][1] <= slack * (tokens + seg[1]):
+            g.append(seg)
+            tokens += seg[1]
+        else:
+            groups.append([seg])
+            tokens = seg[1]
+    return groups
 
 
 ATTENTION = ("auto", "sdpa", "varlen", "flex")  # the fast decode step's attention (SlotModel(attention=...))
@@ -392,13 +410,14 @@ class SlotModel:
         if self.adapters is not None:
             self.slot_adapter[slot] = adapter
 
-    def _rows(self, rows: torch.Tensor):
-        """The adapters of ``rows`` (slot indices) for the forward inside."""
+    def _rows(self, rows: torch.Tensor, dense: bool = False):
+        """The adapters of ``rows`` (slot indices) for the forward inside (``dense``: in the
+        masked dense form whatever the set's kernel, as packed prefill's one-token rows need)."""
         import contextlib
 
         if self.adapters is None:
             return contextlib.nullcontext()
-        return self.adapters.per_row(self.slot_adapter.index_select(0, rows))
+        return self.adapters.per_row(self.slot_adapter.index_select(0, rows), dense)
 
     def cache_bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
@@ -436,61 +455,86 @@ class SlotModel:
         """Runs the prompts (or chunks of them: ``starts[i]``, the position of chunk ``i``'s first
         token, whose earlier positions are in slot ``slots[i]``'s cache already), writes their
         cache into ``slots``; returns each row's last position's logits ``[len(prompts), vocab]``
-        (float32)."""
+        (float32).
+
+        The chunks run packed, one token after another with no padding (:meth:`_packed`): the
+        projections, the MLP and the norms see exactly the prompt tokens, so a step's prefill
+        costs and holds its tokens, not rows × the longest prompt."""
         starts = starts or [0] * len(prompts)
-        t = max(len(p) for p in prompts)
-        end = max(s + len(p) for s, p in zip(starts, prompts))
+        lens = [len(p) for p in prompts]
+        end = max(s + n for s, n in zip(starts, lens))
         if end > self.max_len:
             raise ValueError(f"a prompt of {end} tokens does not fit the cache's {self.max_len}")
-        ids = torch.zeros((len(prompts), t), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, : len(p)] = torch.tensor(p)
-        ids = ids.to(self.device)
-        where = torch.tensor(slots, device=self.device)
-        if any(starts):
-            h = self._prefill_chunks(ids, where, torch.tensor(starts, device=self.device))
-        else:
-            h = self._prefill_whole(ids, where)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        with self._rows(where):  # the output layer too: an adapter may target it
-            return self.model.lm_head(h[torch.arange(len(prompts), device=self.device), last]).float()
+        dev = self.device
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(dev)
+        slot_t = torch.tensor(slots).repeat_interleave(torch.tensor(lens)).to(dev)
+        pos_t = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]).to(dev)
+        h = self._packed(ids, slot_t, pos_t, list(zip(lens, slots, starts)))
+        last = torch.tensor(lens).cumsum(0).sub(1).to(dev)
+        with self._rows(torch.tensor(slots, device=dev)):  # the output layer too: an adapter may target it
+            return self.model.lm_head(h[last, 0]).float()
 
-    def _prefill_whole(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        b, t = ids.shape
-        pos = torch.arange(t, device=self.device)[None].expand(b, t)
-        # right padding: a real token never sees a pad (pads come after it), so plain causal
-        # attention (flash-attention on GPU) is exact unless the sliding window cuts in
-        mask = self._mask(pos, t) if self.window and t > self.window else None
-
-        def attend(i, q, k, v, scale):
-            self.k[i, where, :t] = k.transpose(1, 2)
-            self.v[i, where, :t] = v.transpose(1, 2)
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
-            )
-
-        with self._rows(where):
-            return self._layers(ids, pos, attend)
-
-    def _prefill_chunks(self, ids: torch.Tensor, where: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        """Chunks that continue prompts: each row's queries at ``start + j`` attend to its slot's
-        cache up to themselves (the earlier chunks' keys, then their own, written first)."""
-        b, t = ids.shape
-        pos = starts[:, None] + torch.arange(t, device=self.device)[None]
-        write = pos.clamp(max=self.max_len - 1)  # a pad past the cache writes its last position (unread)
-        length = int(pos.max()) + 1
-        mask = self._mask(pos, length)
-        rows = where[:, None]
+    def _packed(self, ids, slot_t, pos_t, segs: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Hidden states ``[tokens, 1, hidden]`` of packed prompt chunks (``segs``: each chunk's
+        (length, slot, start), in order). Every token is a row of the HF modules' batch (its own
+        LoRA adapter, through the dense form), and attention runs per group of chunks: whole
+        prompts of similar lengths right-padded together (:func:`_prefill_groups`; causal, so a
+        real token never sees a pad), each continuing chunk over its slot's cache, read in place."""
+        offs = [0]
+        for n, _, _ in segs:
+            offs.append(offs[-1] + n)
+        whole = [(offs[j], n) for j, (n, _, a) in enumerate(segs) if a == 0]
+        plans = [self._group_plan(g) for g in _prefill_groups(whole)]
+        going = [(offs[j], n, s, a) for j, (n, s, a) in enumerate(segs) if a > 0]
+        masks = {}
 
         def attend(i, q, k, v, scale):
-            self.k[i, rows, write] = k.transpose(1, 2)
-            self.v[i, rows, write] = v.transpose(1, 2)
-            keys = self.k[i, where, :length].transpose(1, 2)
-            values = self.v[i, where, :length].transpose(1, 2)
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+            k, v, q = k[:, :, 0], v[:, :, 0], q[:, :, 0]  # [tokens, heads, hd]
+            self.k[i, slot_t, pos_t] = k
+            self.v[i, slot_t, pos_t] = v
+            out = torch.empty_like(q)
+            for take, put, src, rows, width in plans:
+                qg, kg, vg = (
+                    x.index_select(0, take).view(rows, width, *x.shape[1:]).transpose(1, 2) for x in (q, k, v)
+                )
+                cut = self.window and width > self.window
+                mask = (
+                    masks.setdefault(width, self._mask(torch.arange(width, device=q.device)[None], width))
+                    if cut
+                    else None
+                )
+                o = F.scaled_dot_product_attention(
+                    qg, kg, vg, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+                )
+                out.index_copy_(0, put, o.transpose(1, 2).reshape(-1, *q.shape[1:]).index_select(0, src))
+            for o0, n, s, a in going:  # a chunk after earlier ones: its slot's cache up to itself
+                pos = pos_t[o0 : o0 + n]
+                o = F.scaled_dot_product_attention(
+                    q[o0 : o0 + n].transpose(0, 1)[None],
+                    self.k[i, s, : a + n].transpose(0, 1)[None],
+                    self.v[i, s, : a + n].transpose(0, 1)[None],
+                    attn_mask=self._mask(pos[None], a + n),
+                    scale=scale,
+                    enable_gqa=True,
+                )
+                out[o0 : o0 + n] = o[0].transpose(0, 1)
+            return out[:, :, None]
 
-        with self._rows(where):
-            return self._layers(ids, pos, attend)
+        with self._rows(slot_t, dense=True):
+            return self._layers(ids[:, None], pos_t[:, None], attend)
+
+    def _group_plan(self, group: list[tuple[int, int]]):
+        """Index tensors of one group of whole prompts ((offset, length) each), built once per
+        prefill: ``take`` the packed tokens into ``rows × width`` (a pad takes its row's last
+        token), ``put``/``src``: where each real token's output goes and where it sits padded."""
+        off, n = (torch.tensor(x) for x in zip(*group))
+        width = int(n.max())
+        col = torch.arange(width)[None]
+        real = col < n[:, None]
+        take = (off[:, None] + torch.minimum(col, n[:, None] - 1)).flatten()
+        put = (off[:, None] + col)[real]
+        src = torch.arange(len(group) * width).view(len(group), width)[real]
+        return (*(x.to(self.device) for x in (take, put, src)), len(group), width)
 
     def _sdpa(self, q, k, v, pos, n: int, length: int) -> torch.Tensor:
         """Decode attention over ``[n, length, kv heads, hd]`` keys and values with a mask:
