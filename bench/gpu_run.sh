@@ -16,6 +16,7 @@
 #   bash bench/gpu_run.sh structured    # bench_structured.py: constrained vs free generation, same requests
 #   bash bench/gpu_run.sh probe         # probe_decode_gpu.py: a decode step's GPU time, its kernels, fused variants
 #   bash bench/gpu_run.sh attention     # bench_serve_gpu.py batch 32: all-short vs one long prompt, SDPA vs flex decode attention
+#   bash bench/gpu_run.sh prefill       # bench_prefill.py: packed prefill vs transformers' padded prefill, 7B shape
 #   bash bench/gpu_run.sh evaluate      # bench_evaluate.py: score vs generate protocol, continuous vs generate
 #   bash bench/gpu_run.sh tests         # python -m pytest -m gpu (every gpu-marked test)
 #   CPU_SMOKE=1 bash bench/gpu_run.sh serve label   # here, on CPU: tiny sizes, the baselines skipped
@@ -108,6 +109,8 @@ for stage in "$@"; do
     attention)  # decode attention reading each row's real length (flex) against the default, batch 32 (~4 min)
       step bench_serve_gpu_flex 400 $PY bench/bench_serve_gpu.py --batches 32 --attentions flex --skip-hf \
         --out "$OUT" "${SMOKE[@]}" ;;
+    prefill)   # packed prefill vs transformers' padded prefill, 16 prompts of similar and of varied lengths (~2 min)
+      step bench_prefill 200 $PY bench/bench_prefill.py --out "$OUT" "${SMOKE[@]}" ;;
     probe)   # where a decode step's time goes: the engine's graph vs fused / compiled variants (~3 min)
       step probe_decode_gpu 240 $PY bench/probe_decode_gpu.py --out "$OUT" "${SMOKE[@]}" ;;
     evaluate)

@@ -62,6 +62,7 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "whole7b",
         "whole7b_lora",
         "attention",
+        "prefill",
         "multilora",
         "evaluate",
     ]
@@ -80,4 +81,5 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "bench_train_gpu_torch",
         "bench_train_gpu_liger",
         "bench_serve_gpu_flex",
+        "bench_prefill",
     }
