@@ -119,7 +119,7 @@ def config(a, shard: str, rows: int, run_dir: str):
         "lora": {
             "r": 16,
             "alpha": 32.0,
-            "dropout": 0.05,
+            "dropout": LoraConfig.dropout if a.lora_dropout is None else a.lora_dropout,
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
             "train_in_full": [],
             "merge": False,
@@ -158,6 +158,7 @@ def main():
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--grad-accum-dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--method", choices=("full", "lora"), default="full")
+    p.add_argument("--lora-dropout", type=float, default=None, help="train.lora.dropout (default: the config's)")
     p.add_argument("--compile", choices=("none", "layers"), default="none", help="train.compile")
     p.add_argument("--strategy", choices=("deepspeed", "torch"), default="deepspeed", help="train.strategy")
     p.add_argument("--kernels", choices=("none", "liger"), default="none", help="train.kernels")
@@ -183,6 +184,7 @@ def main():
     env = LocalEnv(plan.run_dir)
     name = "bench_train_gpu" + (f"-accum{a.accum}-{a.grad_accum_dtype}" if a.accum > 1 else "")
     name += "-lora" if a.method == "lora" else ""
+    name += f"-dropout{a.lora_dropout:g}" if a.method == "lora" and a.lora_dropout is not None else ""
     name += f"-compile-{a.compile}" if a.compile != "none" else ""
     name += "-torch" if a.strategy == "torch" else ""
     name += f"-{a.kernels}" if a.kernels != "none" else ""

@@ -5,6 +5,7 @@
 #   bash bench/gpu_run.sh train         # gpu_zero1_check.py beside bench_train_gpu.py (gpu_prepare.sh --train)
 #   bash bench/gpu_run.sh accum         # bench_train_gpu.py with 4 micro-batches: fp32 vs bf16 gradient accumulation
 #   bash bench/gpu_run.sh lora          # bench_train_gpu.py full, then LoRA: tokens/s and peak memory (gpu_prepare.sh --train)
+#   bash bench/gpu_run.sh lora_dropout  # bench_train_gpu.py LoRA at train.lora.dropout 0.05 (the default is 0)
 #   bash bench/gpu_run.sh compile       # bench_train_gpu.py eager, then train.compile=layers (compile time, tokens/s, loss)
 #   bash bench/gpu_run.sh kernels       # bench_train_gpu.py plain, then train.kernels=liger (tokens/s, memory, loss)
 #   bash bench/gpu_run.sh train_attention  # bench_train_gpu.py flex_attention (auto), then SDPA with a document mask
@@ -81,6 +82,9 @@ for stage in "$@"; do
       step bench_train_gpu_full 260 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}"
       step bench_train_gpu_lora 260 $PY bench/bench_train_gpu.py --method lora --out "$OUT" "${SMOKE[@]}"
       step pytest_gpu_lora 70 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_lora_gpu.py ;;
+    lora_dropout)  # LoRA with train.lora.dropout 0.05, beside the lora stage's run at the default 0 (~200 s)
+      step bench_train_gpu_lora_dropout 260 $PY bench/bench_train_gpu.py --method lora --lora-dropout 0.05 \
+        --out "$OUT" "${SMOKE[@]}" ;;
     compile)  # eager, then regional torch.compile, on the same batches (a call of its own: ~2 × 200 s)
       step bench_train_gpu_eager 260 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}"
       step bench_train_gpu_compile 300 $PY bench/bench_train_gpu.py --compile layers --out "$OUT" "${SMOKE[@]}" ;;

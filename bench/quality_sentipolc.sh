@@ -25,7 +25,7 @@ TRAIN=(paths.output_dir="$OUT" model=hf model.path="$OUT/train/base/hf" train.da
        train.epochs=3 train.global_batch_size=8 train.warmup_steps=10 train.eval_every=50 train.log_every=25
        train.checkpoint_every=0)
 t python jobs/train.py "${TRAIN[@]}" train.name=sentipolc train.lr=3e-3
-t python jobs/train.py "${TRAIN[@]}" train.name=sentipolc-lora train.method=lora train.lora.lr=1e-2
+t python jobs/train.py "${TRAIN[@]}" train.name=sentipolc-lora train.method=lora train.lora.lr=1e-2 train.lora.dropout=0.05
 python - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]

@@ -55,6 +55,7 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "train",
         "accum",
         "lora",
+        "lora_dropout",
         "compile",
         "native",
         "kernels",
@@ -82,4 +83,5 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "bench_train_gpu_liger",
         "bench_serve_gpu_flex",
         "bench_prefill",
+        "bench_train_gpu_lora_dropout",
     }

@@ -153,7 +153,7 @@ def test_the_torch_strategy_under_ray_train_resumes_exactly(shards, tmp_path, ra
 def test_lora_on_plain_data_parallel_resumes_exactly(shards, tmp_path, ray_local):
     """``deepspeed.stage=0`` (plain data parallel, what bench/bench_lora_zero.py measures against
     ZeRO-1 for a small trainable set): a killed worker gives the same adapter, bit for bit."""
-    lora, dp = {"method": "lora", "lora.r": 4}, ["deepspeed.stage=0"]
+    lora, dp = {"method": "lora", "lora.r": 4, "lora.dropout": 0.05}, ["deepspeed.stage=0"]  # dropout: RNG resumed
     clean = run_train(train_cfg(shards, tmp_path, "dp", extra=dp, **lora))
     killed = run_train(train_cfg(shards, tmp_path, "dp-killed", extra=dp, fail_at_step=4, fail_rank=1, **lora))
     assert killed["resumed_from"] == 3 and clean["eval_losses"] == killed["eval_losses"]
@@ -197,7 +197,7 @@ def test_a_lora_run_trains_only_the_adapter_and_records_its_base(shards, tmp_pat
 @pytest.mark.slow  # ~1.5 minutes
 def test_lora_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     """train.method=lora (ZeRO-1): a worker killed mid-run gives the same adapter, bit for bit."""
-    lora = {"method": "lora", "lora.r": 4}
+    lora = {"method": "lora", "lora.r": 4, "lora.dropout": 0.05}  # dropout draws: the RNG states must resume too
     clean = run_train(train_cfg(shards, tmp_path, "lora", **lora))
     killed = run_train(train_cfg(shards, tmp_path, "lora-killed", fail_at_step=4, fail_rank=1, **lora))
     assert killed["resumed_from"] == 3 and clean["eval_losses"] == killed["eval_losses"]

@@ -50,7 +50,7 @@ class LoraConfig:
 
     r: int = 16
     alpha: float = 32.0  # the update is scaled by alpha / r
-    dropout: float = 0.05
+    dropout: float = 0.0  # > 0 costs every adapted input a mask and a kept copy (bench/bench_lora_dropout.py)
     # attention + MLP linears; lm_head may be added (a low-rank update of the output layer: what a
     # weak base needs to make new tokens likely)
     target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
