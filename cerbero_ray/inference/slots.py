@@ -485,35 +485,32 @@ class SlotModel:
             offs.append(offs[-1] + n)
         whole = [(offs[j], n) for j, (n, _, a) in enumerate(segs) if a == 0]
         plans = [self._group_plan(g) for g in _prefill_groups(whole)]
-        going = [(offs[j], n, s, a) for j, (n, s, a) in enumerate(segs) if a > 0]
-        masks = {}
+        # a chunk after earlier ones: (offset, length, slot, start, its mask over the slot's cache)
+        going = [
+            (offs[j], n, s, a, self._mask(pos_t[offs[j] : offs[j] + n][None], a + n))
+            for j, (n, s, a) in enumerate(segs)
+            if a > 0
+        ]
 
         def attend(i, q, k, v, scale):
             k, v, q = k[:, :, 0], v[:, :, 0], q[:, :, 0]  # [tokens, heads, hd]
             self.k[i, slot_t, pos_t] = k
             self.v[i, slot_t, pos_t] = v
             out = torch.empty_like(q)
-            for take, put, src, rows, width in plans:
+            for take, put, src, rows, width, mask in plans:
                 qg, kg, vg = (
                     x.index_select(0, take).view(rows, width, *x.shape[1:]).transpose(1, 2) for x in (q, k, v)
-                )
-                cut = self.window and width > self.window
-                mask = (
-                    masks.setdefault(width, self._mask(torch.arange(width, device=q.device)[None], width))
-                    if cut
-                    else None
                 )
                 o = F.scaled_dot_product_attention(
                     qg, kg, vg, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
                 )
                 out.index_copy_(0, put, o.transpose(1, 2).reshape(-1, *q.shape[1:]).index_select(0, src))
-            for o0, n, s, a in going:  # a chunk after earlier ones: its slot's cache up to itself
-                pos = pos_t[o0 : o0 + n]
+            for o0, n, s, a, mask in going:  # its slot's cache up to itself
                 o = F.scaled_dot_product_attention(
                     q[o0 : o0 + n].transpose(0, 1)[None],
                     self.k[i, s, : a + n].transpose(0, 1)[None],
                     self.v[i, s, : a + n].transpose(0, 1)[None],
-                    attn_mask=self._mask(pos[None], a + n),
+                    attn_mask=mask,
                     scale=scale,
                     enable_gqa=True,
                 )
@@ -526,7 +523,8 @@ class SlotModel:
     def _group_plan(self, group: list[tuple[int, int]]):
         """Index tensors of one group of whole prompts ((offset, length) each), built once per
         prefill: ``take`` the packed tokens into ``rows × width`` (a pad takes its row's last
-        token), ``put``/``src``: where each real token's output goes and where it sits padded."""
+        token), ``put``/``src``: where each real token's output goes and where it sits padded, and
+        the window's mask where it cuts into the width (None: plain causal attention)."""
         off, n = (torch.tensor(x) for x in zip(*group))
         width = int(n.max())
         col = torch.arange(width)[None]
@@ -534,7 +532,9 @@ class SlotModel:
         take = (off[:, None] + torch.minimum(col, n[:, None] - 1)).flatten()
         put = (off[:, None] + col)[real]
         src = torch.arange(len(group) * width).view(len(group), width)[real]
-        return (*(x.to(self.device) for x in (take, put, src)), len(group), width)
+        cut = self.window and width > self.window
+        mask = self._mask(torch.arange(width, device=self.device)[None], width) if cut else None
+        return (*(x.to(self.device) for x in (take, put, src)), len(group), width, mask)
 
     def _sdpa(self, q, k, v, pos, n: int, length: int) -> torch.Tensor:
         """Decode attention over ``[n, length, kv heads, hd]`` keys and values with a mask:
