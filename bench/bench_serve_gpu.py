@@ -236,10 +236,19 @@ def main():
     }
     for att in [x for x in a.attentions.split(",") if x]:  # the same two cases with this decode attention
         shorts = [x[: a.prompt] for x in mixed[:-1]] + [mixed[-1][: a.prompt]]
-        ms_short, _, f_short = step_ms(engine(batch, cuda, att), shorts, a.new, a.reps, cuda)
+        ms_short, tps_short, f_short = step_ms(engine(batch, cuda, att), shorts, a.new, a.reps, cuda)
         ms_mixed, _, f_mixed = step_ms(engine(batch, cuda, att), mixed, a.new, a.reps, cuda)
         same = sum(x == y for x, y in zip(f_mixed["texts"], facts["texts"]))
+        here = res["batch"][batch]  # this attention's all-short case against the batch's baselines and floor
+        floor = here[best]["floor_ms"]
         res[f"mixed_lengths_{att}"] = {
+            "all_short_new_tokens_per_s": round(tps_short, 1),
+            "all_short_vs_floor": round(ms_short / floor, 2),
+            **{
+                f"all_short_vs_{k}": round(tps_short / here[k]["new_tokens_per_s"], 3)
+                for k in ("hf", "hf_static_compile")
+                if isinstance(here.get(k), dict)
+            },
             "attention": f_mixed["attention"],  # what ran: a choice that failed its start-up check is "sdpa"
             "attention_note": f_mixed["attention_note"],
             "compile_error": f_mixed["compile_error"],

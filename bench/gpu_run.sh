@@ -20,6 +20,9 @@
 #   bash bench/gpu_run.sh prefill       # bench_prefill.py: packed prefill vs transformers' padded prefill, 7B shape
 #   bash bench/gpu_run.sh evaluate      # bench_evaluate.py: score vs generate protocol, continuous vs generate
 #   bash bench/gpu_run.sh tests         # python -m pytest -m gpu (every gpu-marked test)
+#   bash bench/gpu_run.sh train31       # issue 31 in one call: the default run once, then torch, LoRA, Liger, SDPA, compile
+#   bash bench/gpu_run.sh serve30       # issue 30 in one call: batch 32 with flex decode attention beside generate, static+compile
+#                                       # and the floor, the mixed lengths; then multi-LoRA and packed prefill
 #   CPU_SMOKE=1 bash bench/gpu_run.sh serve label   # here, on CPU: tiny sizes, the baselines skipped
 #   BASELINES=0 bash bench/gpu_run.sh serve         # without ../shared's baselines (ours run in-process)
 # Stages run in the order given, each step under its own timeout (sized so `serve` fits one
@@ -120,9 +123,25 @@ for stage in "$@"; do
     evaluate)
       data=.gpu/data; [[ -n "${CPU_SMOKE:-}" ]] && data=${CERBERO_DATA_DIR:-../shared/data}
       step bench_evaluate 200 $PY bench/bench_evaluate.py --data-dir "$data" --out "$OUT" "${SMOKE[@]}" ;;
+    train31)  # issue 31's open checks in one 600-second call, each variant once beside one default run (the
+      # comparisons are against bench_train_gpu.json of the same call), in the order their answers weigh:
+      # a step cut short by its limit loses its own figure only; every finished one is already in $OUT
+      step bench_train_gpu 100 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}"
+      step bench_train_gpu_torch 100 $PY bench/bench_train_gpu.py --strategy torch --out "$OUT" "${SMOKE[@]}"
+      step bench_train_gpu_lora 95 $PY bench/bench_train_gpu.py --method lora --out "$OUT" "${SMOKE[@]}"
+      step bench_train_gpu_liger 95 $PY bench/bench_train_gpu.py --kernels liger --out "$OUT" "${SMOKE[@]}"
+      step bench_train_gpu_sdpa 85 $PY bench/bench_train_gpu.py --attention sdpa --out "$OUT" "${SMOKE[@]}"
+      step bench_train_gpu_compile 95 $PY bench/bench_train_gpu.py --compile layers --out "$OUT" "${SMOKE[@]}" ;;
+    serve30)  # issue 30's open checks in one 600-second call: decode attention reading real lengths (the
+      # mixed-length goal), mixed LoRA adapters on the fast step, packed prefill on the 7B shape
+      # (batch 32 with transformers' generate and static+compile in the same process, the default decode
+      # attention and flex: mixed_lengths_flex holds flex's all-short step against those and the floor)
+      step bench_serve_gpu_flex 330 $PY bench/bench_serve_gpu.py --batches 32 --attentions flex --out "$OUT" "${SMOKE[@]}"
+      step bench_multilora 150 $PY bench/bench_multilora.py --out "$OUT" "${SMOKE[@]}"
+      step bench_prefill 90 $PY bench/bench_prefill.py --out "$OUT" "${SMOKE[@]}" ;;
     tests)
       step pytest_gpu 300 $PY -m pytest -q -m gpu -p no:cacheprovider ;;
-    *) echo "unknown stage '$stage' (serve, probe, attention, structured, label, train, accum, lora, compile, kernels, native, train_attention, whole7b, whole7b_lora, whole7b_ds, multilora, evaluate, tests)" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown stage '$stage' (serve, probe, attention, structured, label, train, accum, lora, lora_dropout, compile, kernels, native, train_attention, whole7b, whole7b_lora, whole7b_ds, multilora, prefill, evaluate, tests, train31, serve30)" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 printf '%s\n' "--- summary" "${SUMMARY[@]}" | tee -a "$LOG"

@@ -3,6 +3,7 @@
 nothing the image already has, and ``CPU_SMOKE=1 bash bench/gpu_run.sh`` runs every stage's step to
 a zero exit on CPU (tiny sizes; the ../shared baselines are CUDA-only and skipped)."""
 
+import json
 import os
 import re
 import subprocess
@@ -85,3 +86,32 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "bench_prefill",
         "bench_train_gpu_lora_dropout",
     }
+
+
+@pytest.mark.parametrize("stage", ["serve30", "train31"])
+def test_a_one_call_stage_brings_every_figure_back(tmp_path, stage):
+    """The stages sized for one device call: every step runs, the device tool's 8 files hold all they
+    write, and each variant's comparison is against the default run of the same call."""
+    env = {**os.environ, "CPU_SMOKE": "1", "OUT": str(tmp_path), "CERBERO_DATA_DIR": SHARED_DATA}
+    r = subprocess.run(
+        ["bash", "bench/gpu_run.sh", stage], cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=900
+    )
+    ran = re.findall(r"^(\S+) rc=(\d+)", r.stdout.split("--- summary", 1)[-1], re.M)
+    assert len(ran) >= 3 and all(rc == "0" for _, rc in ran), r.stdout[-3000:]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) <= 8, files
+    load = lambda name: json.load(open(tmp_path / name))
+    if stage == "train31":
+        assert len(ran) == 6, ran
+        for name, key in (
+            ("torch", "vs_deepspeed_tokens_per_s"),
+            ("lora", "vs_full_tokens_per_s"),
+            ("liger", "vs_plain_kernels_tokens_per_s"),
+            ("sdpa", "vs_auto_attention_tokens_per_s"),
+            ("compile-layers", "vs_eager_tokens_per_s"),
+        ):
+            assert load(f"bench_train_gpu-{name}.json")[key] > 0, name
+    else:
+        flex = load("bench_serve_gpu-flex.json")["mixed_lengths_flex"]
+        assert flex["all_short_vs_floor"] > 0 and flex["all_short_vs_hf"] > 0, flex
+        assert {"bench_multilora.json"} <= set(files) and any(f.startswith("prefill") for f in files), files
