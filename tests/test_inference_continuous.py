@@ -1,5 +1,6 @@
 """Continuous batching: the slot-cache forward gives the HF model's logits; greedy text equals
-transformers' generate whatever the arrival order and the number of slots; stop strings, streaming,
+transformers' generate whatever the arrival order and the number of slots (and a randomized mix of
+arrivals, budgets and clients that leave equals each request alone); stop strings, streaming,
 seeded sampling, cancellation and bad requests behave. CPU, tiny model, no Ray."""
 
 import threading
@@ -590,3 +591,63 @@ def test_a_long_prompt_is_prefilled_a_chunk_a_step_while_the_others_decode(model
     assert len(during) >= 3  # the stream went on while the long prompt's chunks ran
     assert [r["text"] for r in results] == [w["text"] for w in want]
     assert results[1]["prompt_tokens"] == len(long) and cb.live == {} and not cb.prefilling
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(window, tok):
+    """A randomized mix (prompts of 1 to 96 tokens, greedy and seeded sampled requests, arrivals at
+    random moments from many threads, two clients that leave after their first piece) through engines
+    of 2 to 5 slots, prefill budgets smaller than a prompt up to larger than all of them, with the
+    fast step or the module path: every request that stays gets what it gets alone in a one-slot
+    engine, and the engine ends with no slot held."""
+    import queue
+    import random
+
+    model = (tiny(overrides={"sliding_window": window}) if window else tiny()).eval()
+    g = random.Random(window or 0)
+    n = 12
+    lengths = [g.choice([1, 2, g.randrange(1, 96), g.randrange(40, 96)]) for _ in range(n)]
+    prompts = [[g.randrange(100, 30000) for _ in range(k)] for k in lengths]
+    samplings = [
+        Sampling(max_new_tokens=g.randrange(1, 12), temperature=0.0, stop=())
+        if i % 2
+        else Sampling(max_new_tokens=g.randrange(1, 12), temperature=0.9, top_p=0.8, stop=(), seed=i)
+        for i in range(n)
+    ]
+
+    def ask(cb, i, leave_after=None):
+        q = queue.Queue()
+        r = cb.submit(prompts[i], samplings[i], q.put)
+        while not isinstance(item := q.get(timeout=120), dict):
+            if leave_after is not None:
+                cb.cancel(r)
+                return None
+        return item
+
+    alone = ContinuousBatcher(model, tok, num_slots=1, max_prompt_tokens=96, max_new_tokens=12, prefill_tokens=4096)
+    want = [ask(alone, i)["text"] for i in range(n)]
+    for budget, slots, fast in ((g.choice([3, 5, 9]), 2, True), (g.choice([17, 40]), 5, False), (200, 3, True)):
+        kw = dict(num_slots=slots, max_prompt_tokens=96, max_new_tokens=12, prefill_tokens=budget, fast_decode=fast)
+        cb = ContinuousBatcher(model, tok, **kw)
+        leaving = set(g.sample(range(n), 2))
+        delays = [g.random() * 0.05 for _ in range(n)]
+        got = [None] * n
+
+        def client(i, cb=cb, got=got, leaving=leaving, delays=delays):
+            time.sleep(delays[i])
+            got[i] = ask(cb, i, 1 if i in leaving else None)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stayed = [i for i in range(n) if i not in leaving]
+        assert [got[i] and got[i]["text"] for i in stayed] == [want[i] for i in stayed], (budget, slots, fast)
+        assert [got[i]["prompt_tokens"] for i in stayed] == [lengths[i] for i in stayed]
+        deadline = time.time() + 10  # a client that left is freed at the loop's next step
+        while (cb.live or cb.prefilling or cb.waiting) and time.time() < deadline:
+            time.sleep(0.01)
+        assert not cb.live and not cb.prefilling and not cb.waiting
+        cb.close()
+    alone.close()

@@ -48,8 +48,11 @@ def _job(stage: str, *overrides: str, env: dict | None = None, check: bool = Tru
 
 
 def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket, tmp_path, ray_local):
+    import ray
+
     out = f"{bucket}/recipe"
-    args = (
+    args = (  # the job attaches to this test's Ray (one cluster on the box, not two competing for its cores)
+        f"cluster.address={ray.get_runtime_context().gcs_address}",
         f"paths.output_dir={out}",
         f"paths.data_dir={tmp_path / 'no-shared-data'}",
         "train.epochs=1",
@@ -58,7 +61,7 @@ def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket
         "~evaluate.checkpoints.trained-Q4_K_M",
         "export.types=[f16]",
     )
-    r = _job("recipe", *args)
+    r = _job("recipe", *args, env={"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")})  # the test's Ray's
     said = r.stdout + r.stderr
     objs = _objects(out)
     assert "data/chat_sample/manifest.json" in objs and any(k.startswith("data/chat_sample/shards/") for k in objs)
