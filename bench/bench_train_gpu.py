@@ -32,8 +32,10 @@ pyarrow, numpy (no Ray, no Hydra, no tokenizer).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -163,6 +165,7 @@ def main():
     p.add_argument("--strategy", choices=("deepspeed", "torch"), default="deepspeed", help="train.strategy")
     p.add_argument("--kernels", choices=("none", "liger"), default="none", help="train.kernels")
     p.add_argument("--attention", choices=("auto", "flex_attention", "sdpa"), default="auto", help="train.attention")
+    p.add_argument("--save", action="store_true", help="write the final checkpoint and model too (off: steps only)")
     p.add_argument("--cpu-smoke", action="store_true")
     a = p.parse_args()
     if a.cpu_smoke:
@@ -174,6 +177,7 @@ def main():
     from cerbero_ray.train.loop import train_loop
 
     work = tempfile.mkdtemp(prefix="cerbero-gpu-bench-")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # a call runs several of these on one disk
     shard = os.path.join(work, "shard.parquet")
     write_shard(shard, a.steps * a.accum, a.seq, 8, 32000)
     from cerbero_ray.train.run_plan import RunPlan
@@ -190,6 +194,13 @@ def main():
     name += f"-{a.kernels}" if a.kernels != "none" else ""
     name += f"-L{a.layers}" if a.layers != 4 and not a.cpu_smoke else ""
     name += f"-{a.attention}" if a.attention != "auto" else ""
+    if not a.save:  # the steps are timed, not the checkpoint: its 16-20 bytes a parameter are 18 GB for the
+        # 4-layer model and ~116 GB for a whole 7B, more than a GPU machine's 64 GB disk holds (and a call's
+        # six runs would leave six of them); metrics.jsonl and the summary are still written
+        from cerbero_ray.train import loop as loop_mod
+
+        loop_mod._Run.save = lambda self, at: None
+        loop_mod._Run.write_model = lambda self, folder: folder
     try:
         summary = train_loop(cfg, plan, env)
     except torch.cuda.OutOfMemoryError as e:  # a figure too: what does not fit one GPU (a whole 7B's masters)
