@@ -139,6 +139,13 @@ def config(a, shard: str, rows: int, run_dir: str):
         if a.grad_accum_dtype == "fp32"
         else {"data_types": {"grad_accum_dtype": "bf16"}, "communication_data_type": "bf16"},
     }
+    if a.offload:  # the fp32 masters and AdamW's moments in host memory, stepped there by torch's AdamW
+        # (DeepSpeed's own CPU Adam is a C++ op the carried pure-Python wheel does not build)
+        ds["extra"] = {
+            **ds["extra"],
+            "zero_optimization": {"offload_optimizer": {"device": "cpu", "pin_memory": not a.cpu_smoke}},
+            "zero_force_ds_cpu_optimizer": False,
+        }
     return TrainStageConfig(  # the tokenizer: the default (Mistral's), written with the final HF folder
         model=ModelConfig(**model),
         deepspeed=DeepSpeedConfig(**ds),
@@ -165,6 +172,7 @@ def main():
     p.add_argument("--strategy", choices=("deepspeed", "torch"), default="deepspeed", help="train.strategy")
     p.add_argument("--kernels", choices=("none", "liger"), default="none", help="train.kernels")
     p.add_argument("--attention", choices=("auto", "flex_attention", "sdpa"), default="auto", help="train.attention")
+    p.add_argument("--offload", action="store_true", help="DeepSpeed's offload_optimizer to the CPU (a whole 7B)")
     p.add_argument("--save", action="store_true", help="write the final checkpoint and model too (off: steps only)")
     p.add_argument("--cpu-smoke", action="store_true")
     a = p.parse_args()
@@ -194,6 +202,7 @@ def main():
     name += f"-{a.kernels}" if a.kernels != "none" else ""
     name += f"-L{a.layers}" if a.layers != 4 and not a.cpu_smoke else ""
     name += f"-{a.attention}" if a.attention != "auto" else ""
+    name += "-offload" if a.offload else ""
     if not a.save:  # the steps are timed, not the checkpoint: its 16-20 bytes a parameter are 18 GB for the
         # 4-layer model and ~116 GB for a whole 7B, more than a GPU machine's 64 GB disk holds (and a call's
         # six runs would leave six of them); metrics.jsonl and the summary are still written

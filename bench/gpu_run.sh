@@ -12,6 +12,7 @@
 #   bash bench/gpu_run.sh whole7b       # the 32-layer 7B shape, full fine-tune, train.strategy=torch (one call; ~5 min)
 #   bash bench/gpu_run.sh whole7b_lora  # the same, LoRA on DeepSpeed (one call)
 #   bash bench/gpu_run.sh whole7b_ds    # the same, full on DeepSpeed: expected not to fit one H200 (an OOM record)
+#   bash bench/gpu_run.sh whole7b_offload  # the same with DeepSpeed's optimizer offloaded to the host (what fitting costs)
 #   bash bench/gpu_run.sh native        # bench_train_gpu.py DeepSpeed, then train.strategy=torch (tokens/s, memory, loss)
 #   bash bench/gpu_run.sh multilora     # bench_multilora.py: k = 1, 4, 16 adapters mixed in one stream vs one at a time
 #   bash bench/gpu_run.sh structured    # bench_structured.py: constrained vs free generation, same requests
@@ -106,6 +107,10 @@ for stage in "$@"; do
     whole7b_ds)
       step bench_train_gpu_7b_ds 540 $PY bench/bench_train_gpu.py --layers 32 --steps 4 --warmup 1 \
         --out "$OUT" "${SMOKE[@]}" ;;
+    whole7b_offload)  # the same on DeepSpeed with its optimizer offloaded to the host (what fitting costs); 4 micro-
+      # batches a step, as a real run amortizes the host's AdamW step. Host memory: ~116 GB of the machine's 128
+      step bench_train_gpu_7b_offload 540 $PY bench/bench_train_gpu.py --layers 32 --steps 3 --warmup 1 --accum 4 \
+        --offload --out "$OUT" "${SMOKE[@]}" ;;
     native)  # DeepSpeed, then the torch-native ZeRO-1 on the same batches (a call of its own: ~2 × 200 s)
       step bench_train_gpu_deepspeed 260 $PY bench/bench_train_gpu.py --out "$OUT" "${SMOKE[@]}"
       step bench_train_gpu_torch 260 $PY bench/bench_train_gpu.py --strategy torch --out "$OUT" "${SMOKE[@]}" ;;
@@ -141,7 +146,7 @@ for stage in "$@"; do
       step bench_prefill 90 $PY bench/bench_prefill.py --out "$OUT" "${SMOKE[@]}" ;;
     tests)
       step pytest_gpu 300 $PY -m pytest -q -m gpu -p no:cacheprovider ;;
-    *) echo "unknown stage '$stage' (serve, probe, attention, structured, label, train, accum, lora, lora_dropout, compile, kernels, native, train_attention, whole7b, whole7b_lora, whole7b_ds, multilora, prefill, evaluate, tests, train31, serve30)" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown stage '$stage' (serve, probe, attention, structured, label, train, accum, lora, lora_dropout, compile, kernels, native, train_attention, whole7b, whole7b_lora, whole7b_ds, whole7b_offload, multilora, prefill, evaluate, tests, train31, serve30)" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 printf '%s\n' "--- summary" "${SUMMARY[@]}" | tee -a "$LOG"

@@ -63,6 +63,7 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "train_attention",
         "whole7b",
         "whole7b_lora",
+        "whole7b_offload",
         "attention",
         "prefill",
         "multilora",
@@ -115,3 +116,18 @@ def test_a_one_call_stage_brings_every_figure_back(tmp_path, stage):
         flex = load("bench_serve_gpu-flex.json")["mixed_lengths_flex"]
         assert flex["all_short_vs_floor"] > 0 and flex["all_short_vs_hf"] > 0, flex
         assert {"bench_multilora.json"} <= set(files) and any(f.startswith("prefill") for f in files), files
+
+
+def test_the_offloaded_optimizer_trains_like_the_plain_one(tmp_path):
+    """``bench_train_gpu.py --offload`` (DeepSpeed's offload_optimizer to the host, torch's AdamW
+    stepping the host's partitions): the same losses as without it, on CPU's tiny sizes."""
+    losses = {}
+    for extra in ([], ["--offload"]):
+        out = tmp_path / ("offload" if extra else "plain")
+        cmd = [sys.executable, "bench/bench_train_gpu.py", "--cpu-smoke", "--out", str(out), *extra]
+        r = subprocess.run(cmd, cwd=REPO_DIR, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        (res,) = [json.load(open(p)) for p in out.glob("*.json")]
+        assert res["args"]["offload"] == bool(extra)
+        losses[bool(extra)] = res["final_loss"]
+    assert losses[True] == losses[False] and losses[True] > 0, losses
