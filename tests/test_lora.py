@@ -288,3 +288,16 @@ def test_decode_kernels_agree(tiny_hf, tiny_adapters, tok):
     first = plain.prefill(prompts, [0, 1, 2, 3]).argmax(-1)
     ref = plain.decode(first, pos)
     assert torch.equal(out["auto"][0], ref[0]) and not torch.allclose(out["auto"][1], ref[1], atol=1e-3)
+
+
+def test_a_packed_prefill_runs_its_adapters_by_segments(tiny_hf, tiny_adapters):
+    """Chunks with one adapter in a row run as one segment; the base's rows add nothing; the
+    segments are gone after the forward."""
+    from transformers import AutoModelForCausalLM
+
+    from cerbero_ray.inference.multilora import AdapterSet
+
+    aset = AdapterSet(AutoModelForCausalLM.from_pretrained(tiny_hf), dict(tiny_adapters))
+    with aset.per_segment([1, 1, 0, 2, 2, 1], [2, 3, 1, 2, 2, 4]):
+        assert aset.segments == [(1, 0, 5), (2, 6, 10), (1, 10, 14)]
+    assert aset.segments is None

@@ -15,10 +15,17 @@ by two dense matmuls over every adapter at once, the rows masked to their own bl
     y = base(x) + ((x @ A_allᵀ) ⊙ mask[rows]) @ B_allᵀ     A_all [(k + 1) r, in], B_all [out, (k + 1) r]
 
 which reads each adapter's weights once per step instead of copying them per row (the same result:
-the other blocks contribute exact zeros). Which adapter each row uses is the
+the other blocks contribute exact zeros). A packed prefill (rows of one token each, a prompt's
+tokens one after another) runs its rows by contiguous segments of one adapter instead:
+
+    y[a:b] += (x[a:b] @ A[i]ᵀ) @ B[i]ᵀ                 per segment (i, a, b) with i > 0
+
+so each token pays for its own adapter alone, where the dense form would multiply it by all k + 1
+(prefill is bound by arithmetic, not by reading the weights). Which adapter each row uses is the
 :class:`AdapterSet`'s state, set by whoever runs the model: ``rows`` (a tensor, one index per
-row: the continuous batcher's per-slot table, which a CUDA graph reads in place), or ``single`` (one
-adapter for the whole batch: the label scorer), else the base alone.
+row: the continuous batcher's per-slot table, which a CUDA graph reads in place), ``segments``
+(host-side (adapter, start, end) runs of rows: the packed prefill), or ``single`` (one adapter for
+the whole batch: the label scorer), else the base alone.
 """
 
 from __future__ import annotations
@@ -55,6 +62,10 @@ class LoRALinear(nn.Module):
             if s.single == 0:
                 return y
             return y + (x @ self.lora_a[s.single].T) @ self.lora_b[s.single].T
+        if s.segments is not None:
+            for i, a, b in s.segments:
+                y[a:b] += (x[a:b] @ self.lora_a[i].T) @ self.lora_b[i].T
+            return y
         if s.rows is None:
             return y
         if s.mask is not None and (x.dim() == 2 or x.shape[1] == 1):  # decode: every adapter, masked
@@ -80,6 +91,7 @@ class AdapterSet:
         self.rows: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # [rows, (k + 1) r]: each row's own adapter block
         self.single: int | None = None
+        self.segments: list[tuple[int, int, int]] | None = None  # (adapter > 0, first row, end row)
         self.kernel = "auto"  # auto: the dense form in decode steps, the gather otherwise; "gather": always
         loaded = {}
         for name, folder in folders.items():
@@ -146,17 +158,35 @@ class AdapterSet:
         return hot.to(self.dtype).repeat_interleave(self.rank, dim=1)
 
     @contextlib.contextmanager
-    def per_row(self, rows: torch.Tensor, dense: bool = False):
-        """Row ``i`` of the forwards inside uses adapter ``rows[i]`` (``dense``: in the masked dense
-        form whatever :attr:`kernel` says: rows of one token each, such as a packed prefill's)."""
+    def per_row(self, rows: torch.Tensor):
+        """Row ``i`` of the forwards inside uses adapter ``rows[i]``."""
         prev = self.rows, self.mask
         self.rows, self.mask = rows, None
-        if self.kernel == "auto" or dense:
+        if self.kernel == "auto":
             self.mask = self.row_mask(rows)
         try:
             yield
         finally:
             self.rows, self.mask = prev
+
+    @contextlib.contextmanager
+    def per_segment(self, adapters: list[int], lengths: list[int]):
+        """The forwards inside run ``lengths[j]`` rows after another with adapter ``adapters[j]``
+        (host-side: a packed prefill's chunks, one token a row); neighbours with one adapter run
+        as one segment, the base's rows add nothing."""
+        segs, start = [], 0
+        for i, n in zip(adapters, lengths):
+            if segs and segs[-1][0] == i and segs[-1][2] == start:
+                segs[-1] = (i, segs[-1][1], start + n)
+            elif i:
+                segs.append((i, start, start + n))
+            start += n
+        prev = self.segments
+        self.segments = segs
+        try:
+            yield
+        finally:
+            self.segments = prev
 
 
 def load_adapters(model: nn.Module, adapters: dict[str, str], base_name: str = "base", base: str | None = None):

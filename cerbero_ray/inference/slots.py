@@ -266,6 +266,7 @@ class SlotModel:
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         # each slot's LoRA adapter (0: the base), read in place by the adapted layers (and the graphs)
         self.slot_adapter = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self.slot_adapter_host = [0] * num_slots
         self.graphs: dict[int, tuple] = {}
         # the decode loop's state on the device (the continuous batcher's steps read and advance it,
         # so the next step's inputs never come from the host): each slot's last token and its
@@ -409,15 +410,15 @@ class SlotModel:
     def set_adapter(self, slot: int, adapter: int) -> None:
         if self.adapters is not None:
             self.slot_adapter[slot] = adapter
+            self.slot_adapter_host[slot] = adapter  # the packed prefill's segments, without a device read
 
-    def _rows(self, rows: torch.Tensor, dense: bool = False):
-        """The adapters of ``rows`` (slot indices) for the forward inside (``dense``: in the
-        masked dense form whatever the set's kernel, as packed prefill's one-token rows need)."""
+    def _rows(self, rows: torch.Tensor):
+        """The adapters of ``rows`` (slot indices) for the forward inside."""
         import contextlib
 
         if self.adapters is None:
             return contextlib.nullcontext()
-        return self.adapters.per_row(self.slot_adapter.index_select(0, rows), dense)
+        return self.adapters.per_row(self.slot_adapter.index_select(0, rows))
 
     def cache_bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
@@ -476,10 +477,11 @@ class SlotModel:
 
     def _packed(self, ids, slot_t, pos_t, segs: list[tuple[int, int, int]]) -> torch.Tensor:
         """Hidden states ``[tokens, 1, hidden]`` of packed prompt chunks (``segs``: each chunk's
-        (length, slot, start), in order). Every token is a row of the HF modules' batch (its own
-        LoRA adapter, through the dense form), and attention runs per group of chunks: whole
-        prompts of similar lengths right-padded together (:func:`_prefill_groups`; causal, so a
-        real token never sees a pad), each continuing chunk over its slot's cache, read in place."""
+        (length, slot, start), in order). Every token is a row of the HF modules' batch (its
+        chunk's LoRA adapter, a segment of rows each: :meth:`AdapterSet.per_segment`), and
+        attention runs per group of chunks: whole prompts of similar lengths right-padded together
+        (:func:`_prefill_groups`; causal, so a real token never sees a pad), each continuing chunk
+        over its slot's cache, read in place."""
         offs = [0]
         for n, _, _ in segs:
             offs.append(offs[-1] + n)
@@ -517,7 +519,9 @@ class SlotModel:
                 out[o0 : o0 + n] = o[0].transpose(0, 1)
             return out[:, :, None]
 
-        with self._rows(slot_t, dense=True):
+        if self.adapters is None:
+            return self._layers(ids[:, None], pos_t[:, None], attend)
+        with self.adapters.per_segment([self.slot_adapter_host[s] for _, s, _ in segs], [n for n, _, _ in segs]):
             return self._layers(ids[:, None], pos_t[:, None], attend)
 
     def _group_plan(self, group: list[tuple[int, int]]):
