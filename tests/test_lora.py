@@ -186,8 +186,10 @@ def test_mixed_batch_equals_each_adapter_alone_and_peft_merged(tiny_hf, tiny_ada
     assert len({mixed[0], mixed[1], mixed[2]}) == 3
 
 
-def test_mixed_batch_logits_match_peft(tiny_hf, tiny_adapters, tok):
-    """One prefill of rows for three models at once against peft's unmerged model per row."""
+@pytest.mark.parametrize("segments", [True, False])
+def test_mixed_batch_logits_match_peft(tiny_hf, tiny_adapters, tok, segments):
+    """One prefill of rows for three models at once against peft's unmerged model per row, the
+    adapters by segments of one adapter (the CPU's form) and in the dense masked form (a GPU's)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -198,6 +200,8 @@ def test_mixed_batch_logits_match_peft(tiny_hf, tiny_adapters, tok):
     served = copy.deepcopy(base)
     aset = AdapterSet(served, dict(tiny_adapters))
     slots = SlotModel(served, 4, 64, aset)
+    assert slots.prefill_segments  # on CPU
+    slots.prefill_segments = segments
     prompts = [tok(p, add_special_tokens=True).input_ids for p in PROMPTS[:3]]
     for s, a in enumerate((2, 0, 1)):
         slots.set_adapter(s, a)

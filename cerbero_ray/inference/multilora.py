@@ -21,11 +21,16 @@ tokens one after another) runs its rows by contiguous segments of one adapter in
     y[a:b] += (x[a:b] @ A[i]ᵀ) @ B[i]ᵀ                 per segment (i, a, b) with i > 0
 
 so each token pays for its own adapter alone, where the dense form would multiply it by all k + 1
-(prefill is bound by arithmetic, not by reading the weights). Which adapter each row uses is the
-:class:`AdapterSet`'s state, set by whoever runs the model: ``rows`` (a tensor, one index per
-row: the continuous batcher's per-slot table, which a CUDA graph reads in place), ``segments``
-(host-side (adapter, start, end) runs of rows: the packed prefill), or ``single`` (one adapter for
-the whole batch: the label scorer), else the base alone.
+(prefill is bound by arithmetic, not by reading the weights). That is the CPU's form (k = 16 of a
+hidden-512 model: mixed adapters 0.71-0.73x the base's throughput against 0.67-0.69x dense,
+bench/bench_multilora.py); on a GPU a segment's two products are small kernels launched from the
+host, 2 per segment per projection per layer, which for a prefill of many short prompts costs
+more than the dense form's extra arithmetic, so there the packed prefill takes the dense form.
+
+Which adapter each row uses is the :class:`AdapterSet`'s state, set by whoever runs the model:
+``rows`` (a tensor, one index per row: the continuous batcher's per-slot table, which a CUDA graph
+reads in place), ``segments`` (host-side (adapter, start, end) runs of rows: the packed prefill on
+CPU), or ``single`` (one adapter for the whole batch: the label scorer), else the base alone.
 """
 
 from __future__ import annotations
@@ -158,11 +163,12 @@ class AdapterSet:
         return hot.to(self.dtype).repeat_interleave(self.rank, dim=1)
 
     @contextlib.contextmanager
-    def per_row(self, rows: torch.Tensor):
-        """Row ``i`` of the forwards inside uses adapter ``rows[i]``."""
+    def per_row(self, rows: torch.Tensor, dense: bool = False):
+        """Row ``i`` of the forwards inside uses adapter ``rows[i]`` (``dense``: in the masked dense
+        form whatever :attr:`kernel` says: rows of one token each, such as a packed prefill's)."""
         prev = self.rows, self.mask
         self.rows, self.mask = rows, None
-        if self.kernel == "auto":
+        if self.kernel == "auto" or dense:
             self.mask = self.row_mask(rows)
         try:
             yield

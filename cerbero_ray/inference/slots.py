@@ -267,6 +267,9 @@ class SlotModel:
         # each slot's LoRA adapter (0: the base), read in place by the adapted layers (and the graphs)
         self.slot_adapter = torch.zeros(num_slots, dtype=torch.long, device=self.device)
         self.slot_adapter_host = [0] * num_slots
+        # a packed prefill's adapters by segments of one adapter (arithmetic: the CPU), else in the
+        # dense form (a GPU: a segment's products are small kernel launches; multilora.py)
+        self.prefill_segments = self.device.type != "cuda"
         self.graphs: dict[int, tuple] = {}
         # the decode loop's state on the device (the continuous batcher's steps read and advance it,
         # so the next step's inputs never come from the host): each slot's last token and its
@@ -412,13 +415,14 @@ class SlotModel:
             self.slot_adapter[slot] = adapter
             self.slot_adapter_host[slot] = adapter  # the packed prefill's segments, without a device read
 
-    def _rows(self, rows: torch.Tensor):
-        """The adapters of ``rows`` (slot indices) for the forward inside."""
+    def _rows(self, rows: torch.Tensor, dense: bool = False):
+        """The adapters of ``rows`` (slot indices) for the forward inside (``dense``: in the
+        masked dense form whatever the set's kernel, as packed prefill's one-token rows need)."""
         import contextlib
 
         if self.adapters is None:
             return contextlib.nullcontext()
-        return self.adapters.per_row(self.slot_adapter.index_select(0, rows))
+        return self.adapters.per_row(self.slot_adapter.index_select(0, rows), dense)
 
     def cache_bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
@@ -478,7 +482,7 @@ class SlotModel:
     def _packed(self, ids, slot_t, pos_t, segs: list[tuple[int, int, int]]) -> torch.Tensor:
         """Hidden states ``[tokens, 1, hidden]`` of packed prompt chunks (``segs``: each chunk's
         (length, slot, start), in order). Every token is a row of the HF modules' batch (its
-        chunk's LoRA adapter, a segment of rows each: :meth:`AdapterSet.per_segment`), and
+        chunk's LoRA adapter: by segments on CPU, :meth:`AdapterSet.per_segment`; dense on a GPU), and
         attention runs per group of chunks: whole prompts of similar lengths right-padded together
         (:func:`_prefill_groups`; causal, so a real token never sees a pad), each continuing chunk
         over its slot's cache, read in place."""
@@ -519,8 +523,9 @@ class SlotModel:
                 out[o0 : o0 + n] = o[0].transpose(0, 1)
             return out[:, :, None]
 
-        if self.adapters is None:
-            return self._layers(ids[:, None], pos_t[:, None], attend)
+        if self.adapters is None or not self.prefill_segments:  # (dense: every adapter, rows masked)
+            with self._rows(slot_t, dense=True):
+                return self._layers(ids[:, None], pos_t[:, None], attend)
         with self.adapters.per_segment([self.slot_adapter_host[s] for _, s, _ in segs], [n for n, _, _ in segs]):
             return self._layers(ids[:, None], pos_t[:, None], attend)
 
