@@ -124,6 +124,7 @@ def step_ms(make, ids, new: int, reps: int, cuda: bool) -> tuple[float, float, d
         "kv_cache_gib": round(cb.slots.cache_bytes() / 2**30, 2),
         "texts": [r["text"] for r in out],
     }
+    cb.close()  # its KV cache (17 GB for the mixed case's 32 x 4,064 tokens) is freed on return
     return 1000 * (t_full - t_one) / (new - 1), sum(r["new_tokens"] for r in out) / t_full, facts
 
 

@@ -457,6 +457,14 @@ def test_closing_the_engine_stops_its_loop_and_fails_what_it_held(model, tok):
         list(it)
     with pytest.raises(RuntimeError, match="engine is closed"):
         cb.generate([chat(tok, PROMPTS[0])], GREEDY)
+    # nothing else holds a closed engine: dropped, it and its KV cache are freed
+    import gc
+    import weakref
+
+    gone, cache = weakref.ref(cb), weakref.ref(cb.slots.k)
+    del cb, it
+    gc.collect()
+    assert gone() is None and cache() is None
 
 
 @pytest.mark.parametrize("device", DEVICES)

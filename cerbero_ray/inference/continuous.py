@@ -160,7 +160,9 @@ class ContinuousBatcher:
         atexit.register(self.close)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the loop thread after its current step (requests still waiting are failed)."""
+        """Stop the loop thread after its current step (requests still waiting are failed). A closed
+        engine holds no reference from the interpreter's exit hooks: dropped, its cache is freed."""
+        atexit.unregister(self.close)
         with self._cv:
             self._closed = True
             left = list(self.live.values()) + list(self.waiting)
