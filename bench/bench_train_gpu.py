@@ -205,11 +205,14 @@ def main():
     name += "-offload" if a.offload else ""
     if not a.save:  # the steps are timed, not the checkpoint: its 16-20 bytes a parameter are 18 GB for the
         # 4-layer model and ~116 GB for a whole 7B, more than a GPU machine's 64 GB disk holds (and a call's
-        # six runs would leave six of them); metrics.jsonl and the summary are still written
+        # six runs would leave six of them); metrics.jsonl and the summary are still written. patch.object
+        # fails at once if the loop's methods are renamed, rather than letting the checkpoint back in
+        from unittest import mock
+
         from cerbero_ray.train import loop as loop_mod
 
-        loop_mod._Run.save = lambda self, at: None
-        loop_mod._Run.write_model = lambda self, folder: folder
+        mock.patch.object(loop_mod._Run, "save", lambda self, at: None).start()
+        mock.patch.object(loop_mod._Run, "write_model", lambda self, folder: folder).start()
     try:
         summary = train_loop(cfg, plan, env)
     except torch.cuda.OutOfMemoryError as e:  # a figure too: what does not fit one GPU (a whole 7B's masters)

@@ -266,10 +266,10 @@ class SlotModel:
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         # each slot's LoRA adapter (0: the base), read in place by the adapted layers (and the graphs)
         self.slot_adapter = torch.zeros(num_slots, dtype=torch.long, device=self.device)
-        self.slot_adapter_host = [0] * num_slots
-        # a packed prefill's adapters by segments of one adapter (arithmetic: the CPU), else in the
-        # dense form (a GPU: a segment's products are small kernel launches; multilora.py)
-        self.prefill_segments = self.device.type != "cuda"
+        # a packed prefill's adapters by segments of one adapter (arithmetic: the CPU, where reading
+        # the table above costs nothing), else in the dense form (an accelerator: a segment's products
+        # are small kernel launches; multilora.py)
+        self.prefill_segments = self.device.type == "cpu"
         self.graphs: dict[int, tuple] = {}
         # the decode loop's state on the device (the continuous batcher's steps read and advance it,
         # so the next step's inputs never come from the host): each slot's last token and its
@@ -413,7 +413,6 @@ class SlotModel:
     def set_adapter(self, slot: int, adapter: int) -> None:
         if self.adapters is not None:
             self.slot_adapter[slot] = adapter
-            self.slot_adapter_host[slot] = adapter  # the packed prefill's segments, without a device read
 
     def _rows(self, rows: torch.Tensor, dense: bool = False):
         """The adapters of ``rows`` (slot indices) for the forward inside (``dense``: in the
@@ -526,7 +525,8 @@ class SlotModel:
         if self.adapters is None or not self.prefill_segments:  # (dense: every adapter, rows masked)
             with self._rows(slot_t, dense=True):
                 return self._layers(ids[:, None], pos_t[:, None], attend)
-        with self.adapters.per_segment([self.slot_adapter_host[s] for _, s, _ in segs], [n for n, _, _ in segs]):
+        table = self.slot_adapter.tolist()  # on the CPU: no device to wait for
+        with self.adapters.per_segment([table[s] for _, s, _ in segs], [n for n, _, _ in segs]):
             return self._layers(ids[:, None], pos_t[:, None], attend)
 
     def _group_plan(self, group: list[tuple[int, int]]):
