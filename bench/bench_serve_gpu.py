@@ -21,7 +21,12 @@ measured here (a device-to-device copy, bytes read + written). The **mixed** cas
 ``--long``-token prompt among ``batch − 1`` short ones: its ms per step against the all-short case's
 (the goal: within 1.3x, i.e. one long request does not make every step read the whole cache),
 once with the default decode attention and once per ``--attentions`` choice (``flex``:
-flex_attention over each row's own blocks), each against its own all-short case.
+flex_attention over each row's own blocks), each against its own all-short case. The
+**low-occupancy** case puts ``--few`` ``--long``-token requests in the first batch size's engine:
+its ms per step with the default batch buckets (a step replays the smallest captured graph that
+holds its slots) against one graph of every slot (``graph_batch_sizes=()``, the engine before
+buckets), with each engine's start-up time (``warm_s``: capture and compilation). The JSON is
+written after each case, so a step cut by its timeout keeps what it measured.
 Ratios to ../shared's ``gpu_generate_check.json`` (same call, same --out) when it is there.
 """
 
@@ -122,6 +127,9 @@ def step_ms(make, ids, new: int, reps: int, cuda: bool) -> tuple[float, float, d
         "attention": cb.slots.attention,
         "attention_note": cb.slots.attention_note,
         "kv_cache_gib": round(cb.slots.cache_bytes() / 2**30, 2),
+        "batch_buckets": cb.slots.batch_buckets if cb.graphs else None,
+        "graphs": len(cb.slots.step_graphs),
+        "warm_s": None if cb.slots.warm_s is None else round(cb.slots.warm_s, 2),  # start-up capture and compilation
         "texts": [r["text"] for r in out],
     }
     cb.close()  # its KV cache (17 GB for the mixed case's 32 x 4,064 tokens) is freed on return
@@ -135,6 +143,7 @@ def main():
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--long", type=int, default=4000, help="the mixed case's long prompt")
+    p.add_argument("--few", type=int, default=4, help="the low-occupancy case's requests (of --long tokens)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--attentions", default="", help="decode attentions the mixed case also runs (comma list: flex)")
     p.add_argument(
@@ -143,7 +152,7 @@ def main():
     p.add_argument("--cpu-smoke", action="store_true")
     a = p.parse_args()
     if a.cpu_smoke:
-        a.batches, a.prompt, a.new, a.long, a.reps = "4,8", 32, 8, 96, 2
+        a.batches, a.prompt, a.new, a.long, a.reps, a.few = "4,8", 32, 8, 96, 2, 2
 
     import torch
 
@@ -171,7 +180,14 @@ def main():
         "batch": {},
     }
 
-    def engine(slots: int, graphs: bool, attention: str = "auto"):
+    out_file = os.path.join(a.out, "bench_serve_gpu" + "".join(f"-{x}" for x in a.attentions.split(",") if x) + ".json")
+
+    def save():
+        os.makedirs(a.out, exist_ok=True)
+        with open(out_file, "w") as f:
+            json.dump(res, f, indent=1)
+
+    def engine(slots: int, graphs: bool, attention: str = "auto", sizes=None):
         return lambda max_prompt: ContinuousBatcher(
             model,
             tok,
@@ -181,6 +197,7 @@ def main():
             cuda_graphs=graphs,
             fast_decode=True if attention != "auto" else None,  # a chosen attention is the fast step's
             decode_attention=attention,
+            graph_batch_sizes=sizes,
         )
 
     for batch in [int(b) for b in a.batches.split(",")]:
@@ -219,6 +236,17 @@ def main():
         if len(texts) == 2:
             same = sum(x == y for x, y in zip(texts["continuous"], texts["continuous_graphs"]))
             r["graphs_same_text_as_eager"] = f"{same}/{batch}"
+    base = os.path.join(a.out, "gpu_generate_check.json")
+    if os.path.exists(base):  # the shared baseline, batch 32, from the same call
+        b = json.load(open(base))
+        r = res["batch"].get(32, {})
+        for ref in ("dynamic", "static_comp"):
+            if isinstance(b.get(ref), dict) and b[ref].get("new_tokens_per_s"):
+                for name in ("hf", "hf_static_compile", "continuous", "continuous_graphs"):
+                    if isinstance(r.get(name), dict):
+                        ratio = r[name]["new_tokens_per_s"] / b[ref]["new_tokens_per_s"]
+                        r[name][f"vs_baseline_{ref}"] = round(ratio, 3)
+    save()  # each case as it ends: a step cut by its timeout keeps what it measured
     # one long prompt among short ones: does every step pay for the longest slot?
     batch = int(a.batches.split(",")[0])
     best = "continuous_graphs" if cuda else "continuous"
@@ -235,10 +263,13 @@ def main():
         "kv_cache_gib": facts["kv_cache_gib"],
         "attention": facts["attention"],
     }
+    save()
     for att in [x for x in a.attentions.split(",") if x]:  # the same two cases with this decode attention
+        # at full occupancy a step replays the largest graph whatever the buckets: one graph, so that
+        # flex_attention's kernel (compiled per shape) compiles once, not once per batch bucket
         shorts = [x[: a.prompt] for x in mixed[:-1]] + [mixed[-1][: a.prompt]]
-        ms_short, tps_short, f_short = step_ms(engine(batch, cuda, att), shorts, a.new, a.reps, cuda)
-        ms_mixed, _, f_mixed = step_ms(engine(batch, cuda, att), mixed, a.new, a.reps, cuda)
+        ms_short, tps_short, f_short = step_ms(engine(batch, cuda, att, ()), shorts, a.new, a.reps, cuda)
+        ms_mixed, _, f_mixed = step_ms(engine(batch, cuda, att, ()), mixed, a.new, a.reps, cuda)
         same = sum(x == y for x, y in zip(f_mixed["texts"], facts["texts"]))
         here = res["batch"][batch]  # this attention's all-short case against the batch's baselines and floor
         floor = here[best]["floor_ms"]
@@ -260,20 +291,25 @@ def main():
             "vs_default_all_short": round(ms_short / short, 2),
             "same_text_as_default": f"{same}/{batch}",
         }
-    base = os.path.join(a.out, "gpu_generate_check.json")
-    if os.path.exists(base):  # the shared baseline, batch 32, from the same call
-        b = json.load(open(base))
-        r = res["batch"].get(32, {})
-        for ref in ("dynamic", "static_comp"):
-            if isinstance(b.get(ref), dict) and b[ref].get("new_tokens_per_s"):
-                for name in ("hf", "hf_static_compile", "continuous", "continuous_graphs"):
-                    if isinstance(r.get(name), dict):
-                        ratio = r[name]["new_tokens_per_s"] / b[ref]["new_tokens_per_s"]
-                        r[name][f"vs_baseline_{ref}"] = round(ratio, 3)
-    os.makedirs(a.out, exist_ok=True)
-    name = "bench_serve_gpu" + "".join(f"-{x}" for x in a.attentions.split(",") if x)
-    with open(os.path.join(a.out, f"{name}.json"), "w") as f:
-        json.dump(res, f, indent=1)
+        save()
+    # a few long requests in the batch's engine: each step replays the smallest batch bucket that holds
+    # them (the default) against one graph of every slot (what the engine captured before buckets)
+    few = [torch.randint(1000, 31000, (a.long,), generator=g).tolist() for _ in range(a.few)]
+    occ = {}
+    for case, sizes in (("buckets", None), ("one_graph", ())):
+        ms_few, tps_few, f_few = step_ms(engine(batch, cuda, sizes=sizes), few, a.new, a.reps, cuda)
+        occ[case] = {"ms_per_decode_step": round(ms_few, 3), "new_tokens_per_s": round(tps_few, 1)}
+        occ[case].update({k: f_few[k] for k in ("batch_buckets", "graphs", "warm_s", "attention", "compile_error")})
+        occ[case]["texts"] = f_few["texts"]
+    same = sum(x == y for x, y in zip(occ["buckets"].pop("texts"), occ["one_graph"].pop("texts")))
+    res["low_occupancy"] = {
+        "engine": best,
+        "prompts": f"{a.few} x {a.long} in {batch} slots",
+        **occ,
+        "vs_one_graph": round(occ["buckets"]["ms_per_decode_step"] / occ["one_graph"]["ms_per_decode_step"], 2),
+        "same_text": f"{same}/{a.few}",
+    }
+    save()
     print(json.dumps(res), flush=True)
 
 

@@ -295,3 +295,40 @@ def bucket(s3_server, request):
     name = re.sub(r"[^a-z0-9-]", "-", f"t-{request.node.name.lower()}")[:50].strip("-") + f"-{_free_port()}"
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+class _Replayed:
+    """A CUDA graph's stand-in on the CPU: ``replay`` runs the captured body again (reading the
+    tensors it closed over, as a replay reads its static inputs) and writes the results into the
+    tensors the capture returned (as a replay rewrites its outputs in place)."""
+
+    def __init__(self, body, out):
+        self.body, self.out, self.replays = body, out, 0
+
+    def replay(self):
+        new = self.body(False)
+        pairs = zip(self.out, new) if isinstance(self.out, tuple) else [(self.out, new)]
+        for dst, src in pairs:
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+        self.replays += 1
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """``on(batcher)``: the continuous engine's captured-graph path on the CPU (every capture a
+    :class:`_Replayed`), switched on and warmed as a GPU engine is at start-up: the graph keys,
+    batch and length buckets, static buffers and in-place outputs run in CI, which has no GPU."""
+    from cerbero_ray.inference.slots import SlotModel
+
+    monkeypatch.setattr(
+        SlotModel, "_capture_once", lambda self, body, compiled: (lambda o: (_Replayed(body, o), o))(body(compiled))
+    )
+
+    def on(cb):
+        with cb.lock:
+            cb.graphs = True
+            cb.slots.warm()
+        return cb
+
+    return on

@@ -115,6 +115,8 @@ def test_a_one_call_stage_brings_every_figure_back(tmp_path, stage):
     else:
         flex = load("bench_serve_gpu-flex.json")["mixed_lengths_flex"]
         assert flex["all_short_vs_floor"] > 0 and flex["all_short_vs_hf"] > 0, flex
+        low = load("bench_serve_gpu-flex.json")["low_occupancy"]
+        assert low["vs_one_graph"] > 0 and low["same_text"] == "2/2", low
         assert {"bench_multilora.json"} <= set(files) and any(f.startswith("prefill") for f in files), files
 
 

@@ -250,6 +250,55 @@ def test_the_engine_with_graphs_gives_generate_s_text_and_seeded_samples(tok, de
     assert cb.slots.fast == (device == "cuda") and cb.slots.compile_error is None
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_steps_replay_the_smallest_batch_bucket_that_holds_their_slots(model, tok, cpu_graphs, device):
+    """Graphs per batch-size bucket (CUDA graphs; on the CPU :func:`conftest.cpu_graphs`' stand-in):
+    start-up captures every bucket, a step replays the smallest that holds its highest live slot as
+    requests end, and each request's text (greedy, seeded samples, a constrained row's two halves)
+    equals the eager engine's for it alone."""
+    pytest.importorskip("llguidance")
+    from cerbero_ray.inference import grammar as G
+
+    cuda = device == "cuda"
+    m = tiny().to(device).eval() if cuda else model
+    prompts = [chat(tok, p) for p in PROMPTS] + [chat(tok, "Dov'è Napoli?")]
+    items = [  # the lowest slot decodes longest: the highest live slot falls 6, 5, ... 1 as they end
+        (p, Sampling(max_new_tokens=14 - 2 * i, temperature=0.0 if i % 2 else 0.8, seed=i, stop=()), 0)
+        for i, p in enumerate(prompts)
+    ]
+    digits = Sampling(max_new_tokens=20, temperature=0.0, stop=(), grammar=G.grammar("regex", r"[0-9]{100}"))
+    kw = dict(num_slots=8, max_prompt_tokens=128, max_new_tokens=24)
+    eager = ContinuousBatcher(m, tok, cuda_graphs=False, **kw)
+    cb = ContinuousBatcher(m, tok, cuda_graphs=True, **kw) if cuda else cpu_graphs(ContinuousBatcher(m, tok, **kw))
+    assert cb.slots.batch_buckets == [1, 2, 4, 8] and cb.slots.warm_s is not None
+    length = cb.slots._bucket(1)  # 128, or the cache's whole length (varlen/flex attention)
+    assert set(cb.slots.step_graphs) == {(length, b, s) for b in (1, 2, 4, 8) for s in (False, True)}
+    for batch in (items, [(prompts[0], digits, 0)] + items[1:]):
+        want = [eager.run([it])[0] for it in batch]
+        for g in cb.slots.step_graphs.values() if not cuda else ():
+            g[0].replays = 0
+        got = cb.run(batch)
+        assert [(r["text"], r["new_tokens"]) for r in got] == [(r["text"], r["new_tokens"]) for r in want]
+        if not cuda:  # which graphs ran (the stand-in counts its replays)
+            replayed = {k for k, g in cb.slots.step_graphs.items() if g[0].replays}
+            rows = {k[-2] if k[0] == "pick" else k[-1] if k[0] == "forward" else k[1] for k in replayed}
+            assert rows == {1, 2, 4, 8}
+    assert {k[0] for k in cb.slots.step_graphs if isinstance(k[0], str)} == {"forward", "pick"}
+    assert got[0]["text"].isdigit() and cb.slots.graph_error is None and cb.slots.compile_error is None
+    assert not cb.live and cb.pending is None or all(r.done for r in cb.pending.rows)
+
+
+def test_batch_buckets_default_and_chosen():
+    from cerbero_ray.inference.slots import batch_buckets
+
+    assert batch_buckets(1) == [1] and batch_buckets(3) == [1, 2, 3] and batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32] and batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert batch_buckets(16, [4, 4, 1]) == [1, 4, 16] and batch_buckets(16, []) == [16]
+    for bad in ([0], [17], [2.5], [True]):
+        with pytest.raises(ValueError, match="graph batch sizes"):
+            batch_buckets(16, bad)
+
+
 def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):
     import json
 
@@ -268,6 +317,16 @@ def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):
             [f"serve.checkpoint={tiny_hf}", "serve.decode_attention=flex", "serve.fast_decode=false"],
             checked=True,
         )
+    for sizes in ("[0,4]", "[4,17]"):  # max_batch_size 16
+        with pytest.raises(ValueError, match=r"serve.graph_batch_sizes must lie within 1..serve.max_batch_size \(16\)"):
+            compose("serve", [f"serve.checkpoint={tiny_hf}", f"serve.graph_batch_sizes={sizes}"], checked=True)
+    sc = compose("serve", [f"serve.checkpoint={tiny_hf}", "serve.graph_batch_sizes=[1,8]"], checked=True).serve
+    assert list(sc.graph_batch_sizes) == [1, 8]
+    from cerbero_ray.serve.engine import ServeEngine
+
+    se = ServeEngine(tiny_hf, max_batch_size=sc.max_batch_size, graph_batch_sizes=sc.graph_batch_sizes)
+    assert se.batcher.slots.batch_buckets == [1, 8, 16]
+    se.batcher.close()
     from cerbero_ray.config.serve import DECODE_ATTENTION
     from cerbero_ray.inference.slots import ATTENTION
 
@@ -366,22 +425,43 @@ def test_the_engine_with_the_fast_step_gives_generate_s_text(model, tok):
 @pytest.mark.parametrize("adapters", [False, True])
 def test_the_compiled_decode_regions_equal_the_plain_functions(adapters, tiny_hf, tiny_adapters):
     """``torch.compile`` of the two per-layer functions (the graphs' path on CUDA; inductor's CPU
-    backend here) gives the uncompiled functions' logits, with and without LoRA deltas in them."""
+    backend here) gives the uncompiled functions' logits, with and without LoRA deltas in them, at
+    every batch bucket, in the order start-up captures them (the largest first): the first
+    compiles static, the others share one compilation with the rows symbolic (one row: its own)."""
+    from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
     from cerbero_ray.inference.multilora import AdapterSet
 
     m = AutoModelForCausalLM.from_pretrained(tiny_hf).eval() if adapters else tiny().eval()
     aset = AdapterSet(m, dict(tiny_adapters)) if adapters else None
-    sm = SlotModel(m, num_slots=2, max_len=16, adapters=aset, fast=True)
-    sm.set_adapter(0, 2 if adapters else 0)
-    sm.set_adapter(1, 1 if adapters else 0)
-    sm.prefill([[1, 5, 9, 400], [1, 7, 8]], [0, 1])
-    ids, pos = torch.tensor([31, 99]), torch.tensor([4, 3])
-    with torch.no_grad():
-        plain = sm._decode(ids, pos, 2, 5, compiled=False)
-        compiled = sm._decode(ids, pos, 2, 5, compiled=True)
-    torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-4)
+    sm = SlotModel(m, num_slots=4, max_len=16, adapters=aset, fast=True)
+    for slot, adapter in enumerate((2, 1, 0, 1) if adapters else (0, 0, 0, 0)):
+        sm.set_adapter(slot, adapter)
+    sm.prefill([[1, 5, 9, 400], [1, 7, 8], [1, 2], [1, 3, 4, 5, 6]], [0, 1, 2, 3])
+    ids, pos = torch.tensor([31, 99, 7, 12]), torch.tensor([4, 3, 2, 5])
+    torch._dynamo.reset()
+    counters.clear()
+    for rows in (4, 2, 1, 3):
+        with torch.no_grad():
+            plain = sm._decode(ids[:rows], pos[:rows], rows, 6, compiled=False)
+            compiled = sm._decode(ids[:rows], pos[:rows], rows, 6, compiled=True)
+        torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 2 * 3  # _pre and _post: 4 rows, n rows, 1 row
+
+
+@pytest.mark.slow
+def test_a_static_compilation_per_batch_bucket_is_not_cut_off_by_the_recompile_limit():
+    """flex_attention compiles once per shape (a batch bucket each): past dynamo's default limit of
+    8 a ``fullgraph`` function would fail (and the engine fall back to eager kernels)."""
+    from cerbero_ray.inference.slots import _compiled
+
+    def f(x):
+        return (x * 3).sin()
+
+    g = _compiled(f, False)
+    for n in range(1, 12):
+        torch.testing.assert_close(g(torch.ones(n)), f(torch.ones(n)))
 
 
 def test_a_row_that_ends_while_the_next_step_is_in_flight_leaves_no_trace(model, tok):
@@ -602,12 +682,13 @@ def test_a_long_prompt_is_prefilled_a_chunk_a_step_while_the_others_decode(model
 
 
 @pytest.mark.parametrize("window", [None, 7])
-def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(window, tok):
+def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(window, tok, cpu_graphs):
     """A randomized mix (prompts of 1 to 96 tokens, greedy and seeded sampled requests, arrivals at
     random moments from many threads, two clients that leave after their first piece) through engines
     of 2 to 5 slots, prefill budgets smaller than a prompt up to larger than all of them, with the
-    fast step or the module path: every request that stays gets what it gets alone in a one-slot
-    engine, and the engine ends with no slot held."""
+    fast step or the module path, eager or through captured batch buckets (the CPU stand-in for
+    CUDA graphs): every request that stays gets what it gets alone in a one-slot engine, and the
+    engine ends with no slot held."""
     import queue
     import random
 
@@ -634,9 +715,12 @@ def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(wi
 
     alone = ContinuousBatcher(model, tok, num_slots=1, max_prompt_tokens=96, max_new_tokens=12, prefill_tokens=4096)
     want = [ask(alone, i)["text"] for i in range(n)]
-    for budget, slots, fast in ((g.choice([3, 5, 9]), 2, True), (g.choice([17, 40]), 5, False), (200, 3, True)):
+    configs = ((g.choice([3, 5, 9]), 2, True, False), (g.choice([17, 40]), 5, False, True), (200, 3, True, True))
+    for budget, slots, fast, graphs in configs:
         kw = dict(num_slots=slots, max_prompt_tokens=96, max_new_tokens=12, prefill_tokens=budget, fast_decode=fast)
         cb = ContinuousBatcher(model, tok, **kw)
+        if graphs:
+            cpu_graphs(cb)
         leaving = set(g.sample(range(n), 2))
         delays = [g.random() * 0.05 for _ in range(n)]
         got = [None] * n
@@ -651,7 +735,7 @@ def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(wi
         for t in threads:
             t.join(120)
         stayed = [i for i in range(n) if i not in leaving]
-        assert [got[i] and got[i]["text"] for i in stayed] == [want[i] for i in stayed], (budget, slots, fast)
+        assert [got[i] and got[i]["text"] for i in stayed] == [want[i] for i in stayed], (budget, slots, fast, graphs)
         assert [got[i]["prompt_tokens"] for i in stayed] == [lengths[i] for i in stayed]
         deadline = time.time() + 10  # a client that left is freed at the loop's next step
         while (cb.live or cb.prefilling or cb.waiting) and time.time() < deadline:

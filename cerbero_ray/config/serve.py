@@ -5,7 +5,7 @@ when ``run_serve`` starts, before the app is deployed."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -58,6 +58,9 @@ class ServeConfig:
     # up to a length bucket) | sdpa | varlen | flex (flex_attention over each row's own blocks: a row
     # reads its real length); a choice that fails its start-up check against SDPA falls back to it
     decode_attention: str = "auto"
+    # continuous, CUDA graphs: the batch sizes graphs are captured at, each step running the smallest
+    # that holds its live requests' slots; null: 1, 2, 4, then every multiple of 8, and max_batch_size
+    graph_batch_sizes: Optional[List[int]] = None
     batch_wait_timeout_s: float = 0.02
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512  # the most a request may ask for
@@ -118,6 +121,11 @@ def check_serve(c: ServeStageConfig, before: frozenset = frozenset()) -> None:
         raise ValueError(
             f"serve.decode_attention={sc.decode_attention} is the fast decode step's (serve.engine=continuous, "
             "serve.fast_decode true or null); leave it auto"
+        )
+    bad = [b for b in sc.graph_batch_sizes or () if not 1 <= b <= sc.max_batch_size]
+    if bad:
+        raise ValueError(
+            f"serve.graph_batch_sizes must lie within 1..serve.max_batch_size ({sc.max_batch_size}): {bad}"
         )
     check_local_checkpoint(sc.checkpoint, "serve.checkpoint")
     check_adapters(sc)

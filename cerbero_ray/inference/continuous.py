@@ -125,6 +125,7 @@ class ContinuousBatcher:
         lock: threading.Lock | None = None,
         adapters=None,
         decode_attention: str = "auto",
+        graph_batch_sizes=None,
     ):
         self.tok = tok
         self.adapters = adapters  # an AdapterSet: requests name theirs, mixed in every step
@@ -133,7 +134,13 @@ class ContinuousBatcher:
         on_gpu = next(model.parameters()).device.type == "cuda"
         fast = fast_decode if fast_decode is not None else (None if on_gpu and cuda_graphs is not False else False)
         self.slots = SlotModel(
-            model, num_slots, max_prompt_tokens + max_new_tokens, adapters, fast=fast, attention=decode_attention
+            model,
+            num_slots,
+            max_prompt_tokens + max_new_tokens,
+            adapters,
+            fast=fast,
+            attention=decode_attention,
+            graph_batch_sizes=graph_batch_sizes,
         )
         self.max_prompt_tokens, self.max_new_tokens, self.prefill_tokens = (
             max_prompt_tokens,

@@ -27,6 +27,7 @@ class EngineConfig:
     cuda_graphs: bool | None = None  # continuous: CUDA-graph decoding; None: on a GPU
     fast_decode: bool | None = None  # continuous: fused, compiled decode step (SlotModel); None: on a GPU
     decode_attention: str = "auto"  # continuous, fast step: auto | sdpa | varlen | flex (slots.ATTENTION)
+    graph_batch_sizes: tuple | None = None  # continuous, CUDA graphs: the batch buckets; None: 1, 2, 4, 8, 16, …
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -52,6 +53,7 @@ def build_engine(model, tok, cfg: EngineConfig, lock: threading.Lock | None = No
             cuda_graphs=cfg.cuda_graphs,
             fast_decode=cfg.fast_decode,
             decode_attention=cfg.decode_attention,
+            graph_batch_sizes=cfg.graph_batch_sizes,
             lock=lock,
             adapters=adapters,
         )

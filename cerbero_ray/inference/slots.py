@@ -9,9 +9,13 @@ cache up to length ``length``. The HF model's own modules (projections, norms, M
 embedding) do the arithmetic, so any checkpoint of these architectures works unchanged; only the
 attention's cache handling is ours.
 
-On CUDA, ``decode`` at fixed shapes (all slots, ``length`` rounded up to a bucket) is captured once
-per bucket as a CUDA graph and replayed: decoding a batch is a few hundred small kernels per token,
-and launching them one by one from Python costs more than running them.
+On CUDA, ``decode`` at fixed shapes is captured as CUDA graphs and replayed: decoding a batch is a
+few hundred small kernels per token, and launching them one by one from Python costs more than
+running them. A graph runs the first ``rows`` slots, ``rows`` a batch-size bucket (1, 2, 4, 8, 16,
+24, 32, … up to the slot count, as vLLM captures them), and reads the cache up to a length bucket
+(one for every length with varlen or flex attention): a step runs the smallest bucket that holds
+its highest live slot, so a few requests in a large engine do not pay for every slot's attention.
+Start-up captures every batch bucket at the shortest length (:meth:`SlotModel.warm`).
 
 The **fast decode step** (``fast``; on by default on CUDA for the plain Mistral/Llama shape: no
 biases, SiLU MLP, plain ``nn.Linear`` projections) reads the same weights differently: Q, K and V
@@ -122,9 +126,34 @@ def _post(h, o, wo, ln, wgu, wdown, eps: float, lo=None, lgu=None, ldown=None, m
 
 
 @functools.cache
-def _compiled(fn):
-    """``fn`` compiled once per process (every layer and every engine shares it; shapes are guards)."""
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+def _compiled(fn, dynamic: bool | None = None):
+    """``fn`` compiled once per process (every layer and every engine shares it; shapes are guards).
+    ``dynamic=None`` (automatic dynamic shapes): the first call's shapes compile static, and the first
+    recompile for a changed size (the rows of another batch bucket) makes that dimension symbolic,
+    so the batch buckets share a second compilation (one row is specialized: a third) rather than
+    compiling once per bucket at start-up. ``False``: a compilation per shape (flex_attention's
+    kernel, whose symbolic-shape form inductor's CPU backend fails to build); the recompile limit
+    is raised for it, as one graph per bucket is expected, not a sign of trouble."""
+    c = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return c(*args, **kwargs)
+
+    return call
+
+
+def batch_buckets(num_slots: int, sizes=None) -> list[int]:
+    """The row counts graphs are captured at: ``sizes`` (each within 1..``num_slots``), else 1, 2,
+    4, then every multiple of 8; always ``num_slots`` itself, the largest."""
+    if sizes is None:
+        sizes = [b for b in (1, 2, 4, *range(8, num_slots, 8)) if b < num_slots]
+    sizes = list(sizes)
+    bad = [b for b in sizes if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= num_slots]
+    if bad:
+        raise ValueError(f"graph batch sizes must be whole numbers from 1 to the slot count {num_slots}, got {bad}")
+    return sorted({b for b in sizes if b < num_slots} | {num_slots})
 
 
 def _fuse(mods: list[torch.nn.Linear], key: str, owner) -> torch.Tensor:
@@ -245,6 +274,7 @@ class SlotModel:
         fast: bool | None = None,
         compile: bool | None = None,
         attention: str = "auto",
+        graph_batch_sizes=None,
     ):
         check_supported(model)
         if attention not in ATTENTION:
@@ -270,7 +300,9 @@ class SlotModel:
         # the table above costs nothing), else in the dense form (an accelerator: a segment's products
         # are small kernel launches; multilora.py)
         self.prefill_segments = self.device.type == "cpu"
-        self.graphs: dict[int, tuple] = {}
+        self.batch_buckets = batch_buckets(num_slots, graph_batch_sizes)  # the rows a captured step runs
+        self.graphs: dict[tuple, tuple] = {}  # SlotModel.decode's: (length bucket, rows)
+        self.warm_s: float | None = None  # seconds warm() took (capture and compilation)
         # the decode loop's state on the device (the continuous batcher's steps read and advance it,
         # so the next step's inputs never come from the host): each slot's last token and its
         # position (-1: the slot does not decode), and its sampling settings and uniform draw
@@ -283,7 +315,8 @@ class SlotModel:
         vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width (LoRA wraps keep .weight)
         self.vocab = vocab
         self.bits = torch.full((num_slots, (vocab + 31) // 32), -1, dtype=torch.int32, device=self.device)
-        self.step_graphs: dict[tuple, tuple] = {}  # (bucket, sampling); ("forward", bucket); ("pick", bucket, sampling)
+        # (length bucket, rows, sampling); ("forward", length bucket, rows); ("pick", length bucket, rows, sampling)
+        self.step_graphs: dict[tuple, tuple] = {}
         self.graph_error: str | None = None
         self.compile_error: str | None = None
         self._pool = None
@@ -398,7 +431,7 @@ class SlotModel:
         kernel (its decoding form for one query), else the eager reference. ``[n, heads · hd]``."""
         from torch.nn.attention.flex_attention import flex_attention
 
-        fn = _compiled(flex_attention) if compiled else flex_attention
+        fn = _compiled(flex_attention, False) if compiled else flex_attention
         n = q.shape[0]
         o = fn(
             q[:, :, None],
@@ -624,12 +657,12 @@ class SlotModel:
     def decode(self, ids: torch.Tensor, pos: torch.Tensor, graphs: bool = False) -> torch.Tensor:
         """One token for each of the first ``len(ids)`` slots (``ids[s]`` at position ``pos[s]``;
         ``pos[s] = -1``: slot ``s`` does not decode this step, its cache is left as it is); returns
-        their next-token logits ``[len(ids), vocab]`` (float32). With ``graphs`` (CUDA only) every
-        slot runs, through a captured graph for the bucket of the longest position (one graph for
-        every length with varlen attention)."""
+        their next-token logits ``[len(ids), vocab]`` (float32). With ``graphs`` (CUDA only) the
+        rows' batch bucket runs, through a graph captured per (length bucket of the longest
+        position, batch bucket) (one length bucket with varlen or flex attention)."""
         length = max(int(pos.max()) + 1, 1)
-        bucket = self._bucket(length)
-        captured = graphs and self._graph(self.graphs, bucket, lambda: self._capture_decode(bucket))
+        key = (self._bucket(length), self._batch_bucket(len(ids)))
+        captured = graphs and self._graph(self.graphs, key, lambda: self._capture_decode(*key))
         if not captured:
             return self._decode(ids.to(self.device), pos.to(self.device), len(ids), length)
         g, s_ids, s_pos, s_out = captured
@@ -646,6 +679,10 @@ class SlotModel:
             out.append(b)
             b *= 2
         return out + [self.max_len]
+
+    def _batch_bucket(self, n: int) -> int:
+        """The batch bucket a captured step for the first ``n`` slots runs: the smallest that holds them."""
+        return next(b for b in self.batch_buckets if b >= n)
 
     def _bucket(self, length: int) -> int:
         """The cache length a captured step reads for a longest position of ``length`` (varlen
@@ -704,10 +741,10 @@ class SlotModel:
             out = body(compiled)
         return g, out
 
-    def _capture_decode(self, length: int):
-        s_ids = torch.zeros(self.num_slots, dtype=torch.long, device=self.device)
-        s_pos = torch.full((self.num_slots,), -1, dtype=torch.long, device=self.device)
-        g, s_out = self._captured(lambda c: self._decode(s_ids, s_pos, self.num_slots, length, c))
+    def _capture_decode(self, length: int, rows: int):
+        s_ids = torch.zeros(rows, dtype=torch.long, device=self.device)
+        s_pos = torch.full((rows,), -1, dtype=torch.long, device=self.device)
+        g, s_out = self._captured(lambda c: self._decode(s_ids, s_pos, rows, length, c))
         return g, s_ids, s_pos, s_out
 
     # ── the decode loop's steps on device state (ContinuousBatcher) ──────────
@@ -761,8 +798,9 @@ class SlotModel:
     @torch.no_grad()
     def run(self, n: int, length: int, sampling: bool, graphs: bool = False):
         """One step for the first ``n`` slots, the longest reading ``length`` positions: eagerly, or
-        (``graphs``, CUDA) every slot through a graph captured per (length bucket, sampling)."""
-        key = (self._bucket(length), sampling)
+        (``graphs``, CUDA) the rows of ``n``'s batch bucket through a graph captured per (length
+        bucket, batch bucket, sampling); the tokens and logits have a row per slot run."""
+        key = (self._bucket(length), self._batch_bucket(n), sampling)
         captured = graphs and self._graph(self.step_graphs, key, lambda: self._capture_step(*key))
         if not captured:
             return self._step(n, length, sampling)
@@ -775,13 +813,15 @@ class SlotModel:
     @torch.no_grad()
     def forward(self, n: int, length: int, graphs: bool = False) -> torch.Tensor:
         """The first half: the next-token logits of the first ``n`` slots from the device state
-        (nothing advanced; with ``graphs``, every slot's, one graph per length bucket)."""
-        bucket = self._bucket(length)
+        (nothing advanced; with ``graphs``, the rows of ``n``'s batch bucket, one graph per length
+        bucket and batch bucket)."""
+        bucket, rows = self._bucket(length), self._batch_bucket(n)
 
         def capture():
-            return self._captured(lambda c: self._decode(self.cur_ids, self.cur_pos, self.num_slots, bucket, c))
+            ids, pos = self.cur_ids[:rows], self.cur_pos[:rows]
+            return self._captured(lambda c: self._decode(ids, pos, rows, bucket, c))
 
-        captured = graphs and self._graph(self.step_graphs, ("forward", bucket), capture)
+        captured = graphs and self._graph(self.step_graphs, ("forward", bucket, rows), capture)
         if not captured:
             return self._decode(self.cur_ids[:n], self.cur_pos[:n], n, length)
         g, logits = captured
@@ -792,16 +832,16 @@ class SlotModel:
     def pick(self, logits: torch.Tensor, n: int, length: int, sampling: bool, graphs: bool = False):
         """The second half: each row held to its bitmask (:meth:`set_bits`), sampled, the state
         advanced; returns (tokens, logits) as :meth:`run`. ``logits``: what :meth:`forward` gave."""
-        bucket = self._bucket(length)
-        fwd = self.step_graphs.get(("forward", bucket)) if graphs else None
+        bucket, rows = self._bucket(length), self._batch_bucket(n)
+        fwd = self.step_graphs.get(("forward", bucket, rows)) if graphs else None
 
         def capture():  # against the forward graph's output, which every replay rewrites in place
             return self._captured(
-                lambda c: self._pick(logits, self.num_slots, sampling, True), restore=(self.cur_ids, self.cur_pos)
+                lambda c: self._pick(logits, rows, sampling, True), restore=(self.cur_ids, self.cur_pos)
             )
 
         captured = fwd is not None and fwd[1] is logits
-        captured = captured and self._graph(self.step_graphs, ("pick", bucket, sampling), capture)
+        captured = captured and self._graph(self.step_graphs, ("pick", bucket, rows, sampling), capture)
         if not captured:
             return self._pick(logits, n, sampling, True)
         g, out = captured
@@ -809,13 +849,20 @@ class SlotModel:
         return out
 
     def warm(self) -> None:
-        """Capture the shortest bucket's graphs (greedy and sampling) before the first request."""
-        for sampling in (False, True):
-            self.run(self.num_slots, 1, sampling, graphs=True)
+        """Capture the shortest length bucket's graphs (greedy and sampling) at every batch bucket
+        before the first request, the largest first (its shapes compile static; the smaller ones
+        share one compilation with the batch dimension symbolic, :func:`_compiled`)."""
+        import time
 
-    def _capture_step(self, length: int, sampling: bool):
+        t0 = time.perf_counter()
+        for rows in reversed(self.batch_buckets):
+            for sampling in (False, True):
+                self.run(rows, 1, sampling, graphs=True)
+        self.warm_s = time.perf_counter() - t0
+
+    def _capture_step(self, length: int, rows: int, sampling: bool):
         # the warm-up runs advance the device state: it is put back
-        body = lambda c: self._step(self.num_slots, length, sampling, c)  # noqa: E731
+        body = lambda c: self._step(rows, length, sampling, c)  # noqa: E731
         return self._captured(body, restore=(self.cur_ids, self.cur_pos))
 
 

@@ -199,6 +199,7 @@ class CerberoServer:
             cuda_graphs=sc.cuda_graphs,
             fast_decode=sc.fast_decode,
             decode_attention=sc.decode_attention,
+            graph_batch_sizes=sc.graph_batch_sizes,
             adapters=sc.adapters,
             model_name=sc.model_name,
         )

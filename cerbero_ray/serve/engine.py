@@ -47,6 +47,7 @@ class ServeEngine:
         cuda_graphs: bool | None = None,
         fast_decode: bool | None = None,
         decode_attention: str = "auto",
+        graph_batch_sizes=None,
         adapters: dict[str, str] | None = None,
         model_name: str = "base",
     ):
@@ -68,6 +69,7 @@ class ServeEngine:
             cuda_graphs,
             fast_decode,
             decode_attention,
+            None if graph_batch_sizes is None else tuple(graph_batch_sizes),
         )
         built = build_engine(self.model, self.tok, cfg, self.lock, self.adapters)
         self.batcher = built if engine == "continuous" else None  # continuous: requests join a running batch
