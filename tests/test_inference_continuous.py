@@ -271,6 +271,7 @@ def test_steps_replay_the_smallest_batch_bucket_that_holds_their_slots(model, to
     eager = ContinuousBatcher(m, tok, cuda_graphs=False, **kw)
     cb = ContinuousBatcher(m, tok, cuda_graphs=True, **kw) if cuda else cpu_graphs(ContinuousBatcher(m, tok, **kw))
     assert cb.slots.batch_buckets == [1, 2, 4, 8] and cb.slots.warm_s is not None
+    assert "CUDA graphs for batch sizes [1, 2, 4, 8] in " in cb.describe() and "HF modules" in eager.describe()
     length = cb.slots._bucket(1)  # 128, or the cache's whole length (varlen/flex attention)
     assert set(cb.slots.step_graphs) == {(length, b, s) for b in (1, 2, 4, 8) for s in (False, True)}
     for batch in (items, [(prompts[0], digits, 0)] + items[1:]):

@@ -696,6 +696,18 @@ def test_fuzzed_bodies_never_get_a_5xx(server):
     assert all("error" in b for s, b, _ in results if s >= 400)
 
 
+def test_the_replica_log_says_how_it_decodes(server):
+    """At start-up a replica logs its engine (slots, decode path, CUDA graphs and their batch sizes,
+    any fallback) through Serve's logger: in the replica's log file."""
+    import glob
+
+    import ray
+
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "serve", "replica_*")
+    lines = [x for f in glob.glob(logs) for x in open(f, errors="replace") if "continuous engine: " in x]
+    assert lines and "16 slots of 320 tokens; cpu; HF modules" in lines[-1], lines
+
+
 def test_health_ready_and_chat_page(server):
     for path in ("health", "ready"):
         with urllib.request.urlopen(f"{server}/{path}", timeout=30) as r:

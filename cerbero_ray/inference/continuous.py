@@ -166,6 +166,28 @@ class ContinuousBatcher:
         # interpreter finalizes can abort the process ("terminate called without an active exception")
         atexit.register(self.close)
 
+    def describe(self) -> str:
+        """One line on how this engine decodes (a replica logs it at start-up): slots, the fast step
+        and its attention, CUDA graphs with their batch buckets and start-up time, and any fallback."""
+        sm = self.slots
+        parts = [f"{sm.num_slots} slots of {sm.max_len} tokens", f"{sm.device.type}"]
+        parts.append(
+            f"fast decode step ({sm.attention} attention{', compiled' if sm.compiled else ''})"
+            if sm.fast
+            else "HF modules"
+        )
+        if self.graphs:
+            took = f" in {sm.warm_s:.1f} s" if sm.warm_s is not None else ""
+            parts.append(f"CUDA graphs for batch sizes {sm.batch_buckets}{took}")
+        for what, why in (
+            ("graphs off", sm.graph_error),
+            ("compile off", sm.compile_error),
+            ("attention", sm.attention_note),
+        ):
+            if why:
+                parts.append(f"{what}: {why}")
+        return "continuous engine: " + "; ".join(parts)
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop the loop thread after its current step (requests still waiting are failed). A closed
         engine holds no reference from the interpreter's exit hooks: dropped, its cache is freed."""

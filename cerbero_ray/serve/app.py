@@ -21,6 +21,7 @@ request is answered ``overload_status`` (503 or 429) with ``Retry-After``. Repli
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -208,6 +209,8 @@ class CerberoServer:
             method.set_batch_wait_timeout_s(sc.batch_wait_timeout_s)
         self.key = sc.api_key or os.environ.get("CERBERO_API_KEY") or None
         configure_guard(self.key, sc.max_body_bytes)
+        if self.engine.batcher is not None:  # how it decodes, in the replica's log (Serve's logger)
+            logging.getLogger("ray.serve").info(self.engine.batcher.describe())
         self.created = int(time.time())
 
     # ── plumbing ────────────────────────────────────────────────────────────
