@@ -92,7 +92,13 @@ def main():
         r.update(attention=slots.attention, attention_note=slots.attention_note, compiled=slots.compiled)
         r.update(compile_error=slots.compile_error, graph_error=slots.graph_error, graphs=len(slots.step_graphs))
         make = lambda max_prompt, fast=fast: ContinuousBatcher(
-            model, tk, num_slots=b, max_prompt_tokens=max_prompt, max_new_tokens=64, fast_decode=fast
+            model,
+            tk,
+            num_slots=b,
+            max_prompt_tokens=max_prompt,
+            max_new_tokens=64,
+            fast_decode=fast,
+            graph_batch_sizes=(),  # every step here is at full occupancy: the one graph the probe times
         )
         r["engine_step"] = round(step_ms(make, ids, 64 if cuda else 8, 3, cuda)[0], 3)
         del slots
