@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from cerbero_ray import storage
 from cerbero_ray.config import check
 from cerbero_ray.config.train import TrainStageConfig
-from cerbero_ray.models import build_model_config
 from cerbero_ray.shards import read_manifest
-from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
 
 
 @dataclass(frozen=True)
@@ -41,6 +39,11 @@ def plan_run(c: TrainStageConfig) -> RunPlan:
             f"train.seq_len={t.seq_len} but the shards in {t.data_dir} are {seq_len} tokens "
             "long; rerun the data stage with that data.seq_len, or drop train.seq_len"
         )
+    # transformers is imported here, not with the module: Ray Train's controller unpickles the
+    # worker function from cerbero_ray.train.trainer, which imports this module, and runs no plan
+    from cerbero_ray.models import build_model_config
+    from cerbero_ray.tokenizer import build_tokenizer, tokenizer_hash
+
     tc = c.tokenizer
     tok = build_tokenizer(tc.path, tc.assistant_tag, tc.system_line)
     if manifest["tokenizer_hash"] != tokenizer_hash(tok):
