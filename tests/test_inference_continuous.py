@@ -285,6 +285,9 @@ def test_steps_replay_the_smallest_batch_bucket_that_holds_their_slots(model, to
             rows = {k[-2] if k[0] == "pick" else k[-1] if k[0] == "forward" else k[1] for k in replayed}
             assert rows == {1, 2, 4, 8}
     assert {k[0] for k in cb.slots.step_graphs if isinstance(k[0], str)} == {"forward", "pick"}
+    for key, (_, out) in cb.slots.step_graphs.items():  # each graph runs its bucket's rows, no more
+        rows = key[2] if key[0] in ("forward", "pick") else key[1]
+        assert (out if key[0] == "forward" else out[0]).shape[0] == rows, key
     assert got[0]["text"].isdigit() and cb.slots.graph_error is None and cb.slots.compile_error is None
     assert not cb.live and cb.pending is None or all(r.done for r in cb.pending.rows)
 
