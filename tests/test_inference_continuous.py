@@ -274,6 +274,10 @@ def test_steps_replay_the_smallest_batch_bucket_that_holds_their_slots(model, to
     assert "CUDA graphs for batch sizes [1, 2, 4, 8] in " in cb.describe() and "HF modules" in eager.describe()
     length = cb.slots._bucket(1)  # 128, or the cache's whole length (varlen/flex attention)
     assert set(cb.slots.step_graphs) == {(length, b, s) for b in (1, 2, 4, 8) for s in (False, True)}
+
+    def rows(key):  # (length, rows, sampling), ("forward", length, rows), ("pick", length, rows, sampling)
+        return key[2] if isinstance(key[0], str) else key[1]
+
     for batch in (items, [(prompts[0], digits, 0)] + items[1:]):
         want = [eager.run([it])[0] for it in batch]
         for g in cb.slots.step_graphs.values() if not cuda else ():
@@ -282,12 +286,10 @@ def test_steps_replay_the_smallest_batch_bucket_that_holds_their_slots(model, to
         assert [(r["text"], r["new_tokens"]) for r in got] == [(r["text"], r["new_tokens"]) for r in want]
         if not cuda:  # which graphs ran (the stand-in counts its replays)
             replayed = {k for k, g in cb.slots.step_graphs.items() if g[0].replays}
-            rows = {k[-2] if k[0] == "pick" else k[-1] if k[0] == "forward" else k[1] for k in replayed}
-            assert rows == {1, 2, 4, 8}
+            assert {rows(k) for k in replayed} == {1, 2, 4, 8}
     assert {k[0] for k in cb.slots.step_graphs if isinstance(k[0], str)} == {"forward", "pick"}
     for key, (_, out) in cb.slots.step_graphs.items():  # each graph runs its bucket's rows, no more
-        rows = key[2] if key[0] in ("forward", "pick") else key[1]
-        assert (out if key[0] == "forward" else out[0]).shape[0] == rows, key
+        assert (out if key[0] == "forward" else out[0]).shape[0] == rows(key), key
     assert got[0]["text"].isdigit() and cb.slots.graph_error is None and cb.slots.compile_error is None
     assert not cb.live and cb.pending is None or all(r.done for r in cb.pending.rows)
 

@@ -132,8 +132,9 @@ def _compiled(fn, dynamic: bool | None = None):
     recompile for a changed size (the rows of another batch bucket) makes that dimension symbolic,
     so the batch buckets share a second compilation (one row is specialized: a third) rather than
     compiling once per bucket at start-up. ``False``: a compilation per shape (flex_attention's
-    kernel, whose symbolic-shape form inductor's CPU backend fails to build); the recompile limit
-    is raised for it, as one graph per bucket is expected, not a sign of trouble."""
+    kernel, whose symbolic-shape form inductor's CPU backend fails to build). The recompile limit
+    is raised for every call (a fullgraph function fails past dynamo's default of 8): one
+    compilation per bucket, adapter set or engine shape is expected, not a sign of trouble."""
     c = torch.compile(fn, fullgraph=True, dynamic=dynamic)
 
     @functools.wraps(fn)
