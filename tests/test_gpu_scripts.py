@@ -1,6 +1,6 @@
 """The GPU scripts cannot rot between lent GPUs (slow tier, run before each stop): every wheel
 ``bench/gpu_prepare.sh --train`` carries installs on the GPU image's Python (3.12, x86-64), it carries
-nothing the image already has, and ``CPU_SMOKE=1 bash bench/gpu_run.sh`` runs every stage's step to
+nothing the image already has and needs nothing that is neither carried nor in the image, and ``CPU_SMOKE=1 bash bench/gpu_run.sh`` runs every stage's step to
 a zero exit on CPU (tiny sizes; the ../shared baselines are CUDA-only and skipped)."""
 
 import json
@@ -15,7 +15,59 @@ from cerbero_ray.config import REPO_DIR
 from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.slow
-IMAGE_HAS = {"torch", "transformers", "peft", "accelerate", "scikit_learn", "pyarrow", "safetensors", "numpy"}
+# python 3.12 on x86-64 Linux, as the image's markers evaluate
+IMAGE_PYTHON = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux"}
+IMAGE_PYTHON |= {"platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython"}
+
+
+def image_packages() -> set[str]:
+    """The image's packages (bench/gpu_image_packages.txt, from the device tool's list), canonical names."""
+    from packaging.utils import canonicalize_name
+
+    lines = open(os.path.join(REPO_DIR, "bench", "gpu_image_packages.txt")).read().splitlines()
+    return {canonicalize_name(n) for n in lines if n.strip() and not n.startswith("#")}
+
+
+def wheel_requirements(wheel: str) -> tuple[str, dict[str, list]]:
+    """A wheel's canonical name and its requirements by extra ("" for the unconditional ones)."""
+    import email
+    import zipfile
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    name = canonicalize_name(parse_wheel_filename(os.path.basename(wheel))[0])
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        reqs = [Requirement(r) for r in email.message_from_bytes(z.read(meta)).get_all("Requires-Dist") or []]
+    extras = {""} | {e for r in reqs if r.marker for e in _extras_named(str(r.marker))}
+    on = {e: [r for r in reqs if not r.marker or r.marker.evaluate({**IMAGE_PYTHON, "extra": e})] for e in extras}
+    return name, on
+
+
+def _extras_named(marker: str) -> list[str]:
+    return re.findall(r"extra == ['\"]([^'\"]+)['\"]", marker)
+
+
+def unmet_requirements(wheels: list[str], image: set[str]) -> list[str]:
+    """What a carried wheel needs (its extras followed through carried wheels) that neither the other
+    carried wheels nor the image hold."""
+    from packaging.utils import canonicalize_name
+
+    by_name = dict(wheel_requirements(w) for w in wheels)
+    have = set(by_name) | image
+    missing, todo, seen = [], [(n, "") for n in by_name], set()
+    while todo:
+        name, extra = todo.pop()
+        if (name, extra) in seen or name not in by_name:
+            continue
+        seen.add((name, extra))
+        for r in by_name[name].get(extra, []):
+            dep = canonicalize_name(r.name)
+            if dep not in have:
+                missing.append(f"{name}{f'[{extra}]' if extra else ''} needs {r}")
+            todo += [(dep, e) for e in ("", *r.extras)]
+    return missing
 
 
 def test_every_carried_wheel_installs_for_python_3_12(tmp_path):
@@ -27,7 +79,15 @@ def test_every_carried_wheel_installs_for_python_3_12(tmp_path):
     wheels = sorted(str(p) for p in (d / "whl").glob("*.whl"))
     names = {re.split(r"-\d", os.path.basename(w))[0].lower() for w in wheels}
     assert {"deepspeed", "mistral_common", "hydra_core", "pydantic_core", "liger_kernel"} <= names, names
-    assert not names & IMAGE_HAS, names
+    image = image_packages()
+    assert {"torch", "transformers", "peft", "triton", "tiktoken", "attrs"} <= image  # the list is read whole
+    carried = {wheel_requirements(w)[0] for w in wheels}
+    assert not carried & image, carried & image  # nothing the image has: PYTHONPATH would shadow its copy
+    # what importing them needs is there: transformers 5.17's AutoTokenizer imports mistral-common, whose
+    # jsonschema and pydantic-extra-types were missing until 2026-12-05
+    assert unmet_requirements(wheels, image) == []
+    without = [w for w in wheels if not os.path.basename(w).startswith("jsonschema-")]
+    assert unmet_requirements(without, image) == ["mistral-common needs jsonschema>=4.21.1"]
     r = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps", "--only-binary=:all:"]
         + ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64"]

@@ -27,7 +27,7 @@ def _steps(engine, device, n=4, seq=128):
         loss_sum, tokens = engine(ids, ids.clone(), torch.arange(seq, device=device)[None])
         engine.backward(loss_sum / tokens)
         engine.step()
-        losses.append(float(loss_sum / tokens))
+        losses.append(float(loss_sum.detach() / tokens))
     return losses
 
 

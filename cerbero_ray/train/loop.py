@@ -42,8 +42,11 @@ def say(line: str) -> None:
 
 
 def _to_device(b: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
-    # torch.tensor copies: Ray Data hands out read-only arrays
-    return tuple(torch.tensor(b[k]).to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids"))
+    # Ray Data hands out read-only arrays, which torch.tensor copies; a tensor (the Ray-free loader's) is moved as is
+    return tuple(
+        (x if isinstance(x := b[k], torch.Tensor) else torch.tensor(x)).to(device, non_blocking=True)
+        for k in ("input_ids", "labels", "position_ids")
+    )
 
 
 def _all_sum(x: torch.Tensor) -> torch.Tensor:
