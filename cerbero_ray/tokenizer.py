@@ -71,10 +71,28 @@ def build_tokenizer(
     return tok
 
 
+def plain_backend(tok: PreTrainedTokenizerBase):
+    """``tok``'s Rust tokenizer with padding and truncation off.
+
+    Both are state on the backend that every user of the tokenizer shares: a padded or truncating
+    ``tok(...)`` call leaves them on (transformers sets them per call, for its own calls), and a
+    checkpoint's ``tokenizer.json`` may carry them. Read through the backend directly, they would
+    pad or cut every text after them, in whatever process made that one call: silently wrong ids.
+    Turning them off is what transformers' own next unpadded call does."""
+    backend = tok.backend_tokenizer
+    if backend.padding is not None:
+        backend.no_padding()
+    if backend.truncation is not None:
+        backend.no_truncation()
+    return backend
+
+
 def save_tokenizer(tok: PreTrainedTokenizerBase, directory: str) -> None:
     """``save_pretrained`` (``tokenizer.json``, the chat template), plus ``tokenizer.model`` when the
     tokenizer came from a sentencepiece model, so that converters that want it (llama.cpp's, ours
-    for GGUF) find it."""
+    for GGUF) find it. The file holds no padding or truncation (:func:`plain_backend`)."""
+    if tok.is_fast:
+        plain_backend(tok)
     tok.save_pretrained(directory)
     spm = getattr(tok, "sentencepiece_file", None)
     if spm and os.path.isfile(spm) and not os.path.exists(os.path.join(directory, "tokenizer.model")):
@@ -82,8 +100,9 @@ def save_tokenizer(tok: PreTrainedTokenizerBase, directory: str) -> None:
 
 
 def tokenizer_hash(tok: PreTrainedTokenizerBase) -> str:
-    """A short hash of the vocabulary, merges, special tokens and chat template."""
-    h = hashlib.sha256(tok.backend_tokenizer.to_str().encode())
+    """A short hash of the vocabulary, merges, special tokens and chat template (not of the padding
+    or truncation a call left on: :func:`plain_backend`)."""
+    h = hashlib.sha256(plain_backend(tok).to_str().encode())
     h.update((tok.chat_template or "").encode())
     return h.hexdigest()[:16]
 
@@ -101,16 +120,17 @@ def render_chat(tok: PreTrainedTokenizerBase, messages: list[dict]) -> str:
 def encode_plain(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """Token ids of ``texts`` as plain text: no BOS/EOS added, special-token strings kept as text.
 
-    The Rust backend directly (no offsets, no Python-side encodings: 1.5x faster than ``tok()``).
-    Its ``encode_special_tokens`` flag is state shared by every caller of the tokenizer; every
-    encode in this project sets it on (here, or through transformers' ``split_special_tokens=True``),
-    so it never goes off under a concurrent call.
+    The Rust backend directly (no offsets, no Python-side encodings: 1.5x faster than ``tok()``),
+    with padding and truncation off (:func:`plain_backend`). Its ``encode_special_tokens`` flag is
+    state shared by every caller of the tokenizer; every encode in this project sets it on (here,
+    or through transformers' ``split_special_tokens=True``), so it never goes off under a concurrent
+    call.
     """
     if not texts:
         return []
     if not tok.is_fast:  # a Python tokenizer (an encoder for dedup embeddings, say)
         return tok(list(texts), add_special_tokens=False, split_special_tokens=True).input_ids
-    backend = tok.backend_tokenizer
+    backend = plain_backend(tok)
     backend.encode_special_tokens = True
     return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 

@@ -186,6 +186,7 @@ def test_a_native_crash_is_a_finding_not_the_end(monkeypatch):
         llamacpp.call("check", path="m.gguf", prompt="x")
 
 
+@needs_llama_cpp
 def test_a_session_keeps_one_child_and_survives_a_crash(monkeypatch, tmp_path):
     """Evaluation's llama.cpp session: many calls, one child (the model loads once); an error is the
     call's; a child killed by a signal is a NativeCrash and the next call gets a fresh child."""
@@ -224,6 +225,7 @@ def test_the_export_reports_each_files_check(exported):
     )
 
 
+@needs_llama_cpp
 def test_a_file_that_crashes_llama_cpp_is_failed_not_written(hf_dir, tmp_path, monkeypatch, caplog):
     from cerbero_ray.export import run_export
 

@@ -1,7 +1,8 @@
 """The GPU scripts cannot rot between lent GPUs (slow tier, run before each stop): every wheel
 ``bench/gpu_prepare.sh --train`` carries installs on the GPU image's Python (3.12, x86-64), it carries
-nothing the image already has and needs nothing that is neither carried nor in the image, and ``CPU_SMOKE=1 bash bench/gpu_run.sh`` runs every stage's step to
-a zero exit on CPU (tiny sizes; the ../shared baselines are CUDA-only and skipped)."""
+nothing the image already has and needs nothing that is neither carried nor in the image, and
+``CPU_SMOKE=1 bash bench/gpu_run.sh`` runs every stage's step to a zero exit on CPU (tiny sizes; the
+../shared baselines are CUDA-only and skipped)."""
 
 import json
 import os

@@ -11,6 +11,7 @@ from cerbero_ray.tokenizer import (
     encode_plain,
     encode_prompts,
     mistral_v1_model_file,
+    save_tokenizer,
     tokenizer_hash,
 )
 
@@ -88,6 +89,38 @@ def test_hf_folder_roundtrip(tmp_path, tok):
     again = build_tokenizer(str(tmp_path))
     assert again.apply_chat_template(CONV, tokenize=False) == tok.apply_chat_template(CONV, tokenize=False)
     assert again("Buongiorno a tutti").input_ids == tok("Buongiorno a tutti").input_ids
+
+
+def test_padding_or_truncation_left_on_the_shared_tokenizer_changes_no_ids(tmp_path):
+    """A padded, truncating ``tok(...)`` call (a user's, a library's) leaves both on the Rust backend
+    every user of the cached tokenizer shares, and a saved ``tokenizer.json`` carries them: our
+    encoders, hash and saved files ignore them (they padded every later prompt, or cut it at 3)."""
+    from transformers import AutoTokenizer
+
+    tok = build_tokenizer()
+    texts = ["Ciao!", "Qual è la capitale d'Italia? Rispondi in breve, per favore."]
+    chats = [[{"role": "user", "content": t}] for t in texts]
+
+    def encoded():
+        return encode_plain(tok, texts), encode_prompts(tok, texts), encode_chats(tok, chats), tokenizer_hash(tok)
+
+    clean = encoded()
+    assert 3 < len(clean[0][0]) + 1 < len(clean[0][1])  # padding to the longest or a cut at 3 would show
+    tok(["uno due tre quattro", "cinque"], padding=True, truncation=True, max_length=3)
+    assert tok.backend_tokenizer.padding and tok.backend_tokenizer.truncation  # what the call leaves on
+    save_tokenizer(tok, str(tmp_path))
+    saved = json.load(open(tmp_path / "tokenizer.json"))
+    assert (saved["padding"], saved["truncation"]) == (None, None)
+    tok(["uno due tre quattro", "cinque"], padding=True, truncation=True, max_length=3)
+    assert encoded() == clean
+    # a checkpoint's tokenizer.json written elsewhere with both on
+    saved["padding"] = {"strategy": {"Fixed": 64}, "direction": "Left", "pad_to_multiple_of": None}
+    saved["padding"] |= {"pad_id": 0, "pad_type_id": 0, "pad_token": "<unk>"}
+    saved["truncation"] = {"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0}
+    json.dump(saved, open(tmp_path / "tokenizer.json", "w"))
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert loaded.backend_tokenizer.truncation  # transformers keeps it on the backend
+    assert encode_plain(loaded, texts) == clean[0] and encode_prompts(loaded, texts) == clean[1]
 
 
 # ── control tokens are ids, never text ─────────────────────────────────────
