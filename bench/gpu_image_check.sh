@@ -41,7 +41,7 @@ trap 'rm -rf "$SITE"' EXIT
 STAGES=("$@")
 [[ ${#STAGES[@]} -eq 0 ]] && STAGES=(serve probe structured label train accum lora lora_dropout compile kernels \
   train_attention native multilora attention prefill evaluate whole7b whole7b_lora whole7b_ds whole7b_offload \
-  train31 serve30)
+  train31 serve30 tests)
 rc=0
 rm -rf "$OUT"
 CPU_SMOKE=1 PYTHON="$VENV/bin/python3" PYTHONPATH="$SITE" OUT="$OUT" bash bench/gpu_run.sh "${STAGES[@]}" || rc=1
