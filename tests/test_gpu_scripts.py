@@ -40,14 +40,11 @@ def wheel_requirements(wheel: str) -> tuple[str, dict[str, list]]:
     name = canonicalize_name(parse_wheel_filename(os.path.basename(wheel))[0])
     with zipfile.ZipFile(wheel) as z:
         meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-        reqs = [Requirement(r) for r in email.message_from_bytes(z.read(meta)).get_all("Requires-Dist") or []]
-    extras = {""} | {e for r in reqs if r.marker for e in _extras_named(str(r.marker))}
+        msg = email.message_from_bytes(z.read(meta))
+    reqs = [Requirement(r) for r in msg.get_all("Requires-Dist") or []]
+    extras = {""} | set(msg.get_all("Provides-Extra") or [])
     on = {e: [r for r in reqs if not r.marker or r.marker.evaluate({**IMAGE_PYTHON, "extra": e})] for e in extras}
     return name, on
-
-
-def _extras_named(marker: str) -> list[str]:
-    return re.findall(r"extra == ['\"]([^'\"]+)['\"]", marker)
 
 
 def unmet_requirements(wheels: list[str], image: set[str]) -> list[str]:
