@@ -31,7 +31,6 @@ PROMPTS = ["Ciao, come stai?", "Il gatto dorme sul divano.", "Roma è la capital
         ("train.lora.dropout=1.0", "train.lora.dropout"),
         ("train.lora.target_modules=[q_proj,attn]", r"train.lora.target_modules\[\]"),
         ("train.lora.train_in_full=[norm]", r"train.lora.train_in_full\[\]"),
-        ("train.lora.qlora=true", "needs CUDA"),
         ("train.lora.train_in_full=[lm_head]", "choose one"),
     ],
 )

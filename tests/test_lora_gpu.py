@@ -65,26 +65,79 @@ def test_lora_frozen_base_and_fp32_adapters(one_rank, tmp_path, device):
     assert states and all(s.dtype == torch.float32 for s in states)
 
 
-def _qlora_config(tmp_path, tiny_hf):
-    return _config(tmp_path, "cuda", "model=hf", f"model.path={tiny_hf}", "train.lora.qlora=true")
+def _qlora_config(tmp_path, tiny_hf, device="cuda"):
+    return _config(tmp_path, device, "model=hf", f"model.path={tiny_hf}", "train.lora.qlora=true")
 
 
-def test_the_qlora_config_checks_on_cpu(tmp_path, tiny_hf):
+def test_the_qlora_config_checks_on_cpu(tmp_path, tiny_hf, monkeypatch):
     c = _qlora_config(tmp_path, tiny_hf)
     assert c.train.lora.qlora and c.train.use_gpu and c.model.path == tiny_hf
+    with pytest.raises(ValueError, match="train.lora.merge=true with qlora"):
+        _config(tmp_path, "cuda", "model=hf", f"model.path={tiny_hf}", "train.lora.qlora=true", "train.lora.merge=true")
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)  # an install without bitsandbytes
+    with pytest.raises(ValueError, match=r"qlora=true needs bitsandbytes >= 0.50 on CPU \(found none\): pip install"):
+        _qlora_config(tmp_path, tiny_hf, "cpu")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("device", ["cuda"])
-def test_qlora_trains_a_4bit_base(one_rank, tmp_path, tiny_hf, device):
+def _strip(name: str, parts: dict) -> str:
+    for k, v in parts.items():
+        name = name.replace(k, v)
+    return name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qlora_trains_a_4bit_base_and_resumes_exactly(one_rank, tmp_path, tiny_hf, device):
+    """QLoRA (bitsandbytes' 4-bit NF4 base; on CPU its torch fallback): the base's linears are 4-bit
+    and frozen, the adapters fp32, the loss falls; a checkpoint without the base (as the trainer
+    writes it) resumed on a base quantized again from the same checkpoint gives the same losses and
+    adapter weights as the run that did not stop; the adapter folder loads with peft on the base."""
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install '.[qlora]'")
+    from peft import PeftModel
+    from test_train_native import batches, run
+    from transformers import AutoModelForCausalLM
+
+    from cerbero_ray.train import checkpoint as ckpt
+    from cerbero_ray.train.lora import counts, record_of, save_adapter
     from cerbero_ray.train.zero import build_deepspeed
 
-    engine, _, lm, _ = build_deepspeed(_qlora_config(tmp_path, tiny_hf), 10, torch.device(device), 1)
-    kinds = {type(m).__name__ for m in lm.modules()}
-    assert "Linear4bit" in kinds, kinds
-    losses = _steps(engine, device)
-    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    dev = torch.device(device)
+
+    def engine():
+        return build_deepspeed(_qlora_config(tmp_path, tiny_hf, device), 10, dev, 1)
+
+    bs = [{k: v.to(dev) for k, v in b.items()} for b in batches(8)]
+    whole, _, lm, peft_model = engine()
+    assert "Linear4bit" in {type(m).__name__ for m in lm.modules()}
+    assert {p.dtype for p in lm.parameters() if p.requires_grad} == {torch.float32}
+    assert torch.uint8 in {p.dtype for p in lm.parameters() if not p.requires_grad}  # packed 4-bit weights
+    plain = AutoModelForCausalLM.from_pretrained(tiny_hf)
+    assert counts(peft_model)[1] - counts(peft_model)[0] == sum(p.numel() for p in plain.parameters())
+    want = run(whole, bs, 2)
+    assert all(torch.isfinite(torch.tensor(want)).flatten()) and want[-1][0] < want[0][0]
+    first = engine()[0]
+    run(first, bs[:4], 2)
+    ckpt.save(first, str(tmp_path / "c"), 0, {"loop": {"step": 2}}, frozen=True)
+    again = engine()[0]
+    assert ckpt.load(again, str(tmp_path / "c"), 0, frozen=True)["loop"] == {"step": 2}
+    assert run(again, bs[4:], 2) == want[2:]
+    trained = {n: p for n, p in whole.module.named_parameters() if p.requires_grad}
+    resumed = {n: p for n, p in again.module.named_parameters() if p.requires_grad}
+    assert trained.keys() == resumed.keys() and all(torch.equal(trained[n], resumed[n]) for n in trained)
+    save_adapter(peft_model, None, record_of(tiny_hf), str(tmp_path / "adapter"))
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_hf), str(tmp_path / "adapter"))
+    b = {
+        n.replace(".default", "").removeprefix("base_model.model."): p
+        for n, p in loaded.named_parameters()
+        if "lora_" in n
+    }
+    a = {n.replace(".default", "").removeprefix("lm."): p for n, p in trained.items()}
+    assert b.keys() == a.keys(), (list(a)[:2], list(b)[:2])
+    assert all(torch.equal(b[n].cpu(), a[n].detach().cpu()) for n in b)
 
 
 @pytest.mark.parametrize("device", DEVICES)

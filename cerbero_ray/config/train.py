@@ -57,7 +57,7 @@ class LoraConfig:
     train_in_full: List[str] = field(default_factory=list)  # modules trained in full beside: embed_tokens, lm_head
     lr: Optional[float] = None  # the LoRA run's peak learning rate; null: train.lr
     merge: bool = False  # also write <run>/hf: the base with the adapter merged in
-    qlora: bool = False  # a 4-bit base through bitsandbytes (CUDA only)
+    qlora: bool = False  # a 4-bit base through bitsandbytes (CUDA; on CPU its slow fallback)
 
 
 @dataclass
@@ -225,13 +225,29 @@ def check_lora(lc: LoraConfig, use_gpu: bool) -> None:
     for m in lc.train_in_full:
         one_of(m, FULL_MODULES, "train.lora.train_in_full[]")
     if lc.qlora:
-        if not use_gpu:
-            raise ValueError(
-                "train.lora.qlora=true quantizes the base to 4 bits with bitsandbytes, which needs CUDA: "
-                "set train.use_gpu=true on a GPU cluster, or train.lora.qlora=false on CPU"
-            )
+        check_bitsandbytes(use_gpu)  # before Ray starts; on CPU its 4-bit path is a slow fallback (tests, small runs)
         if lc.merge:
             raise ValueError(
                 "train.lora.merge=true with qlora: merging into a 4-bit base loses the adapter's precision; "
                 "merge the adapter into the bf16 base afterwards (export does it)"
             )
+
+
+def check_bitsandbytes(cuda: bool) -> None:
+    """``ValueError`` saying how to install bitsandbytes, when it is missing or older than the
+    version checked here: 0.45 on CUDA (``[qlora]``'s bound), 0.50 on CPU (its torch fallback for
+    4-bit layers; the default test tier trains QLoRA on CPU with it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        v = version("bitsandbytes")
+    except PackageNotFoundError:
+        v = None
+    need = "0.45" if cuda else "0.50"
+    if v is None or Version(v) < Version(need):
+        raise ValueError(
+            f"train.lora.qlora=true needs bitsandbytes >= {need} {'on CUDA' if cuda else 'on CPU'} "
+            f"(found {v or 'none'}): pip install '.[qlora]'"
+        )

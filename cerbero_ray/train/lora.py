@@ -2,8 +2,9 @@
 DeepSpeed ZeRO-1 engine and the same checkpoints as a full fine-tune.
 
 - The base is built as for a full fine-tune and frozen: bf16 on GPU under ``precision=bf16`` (fp32
-  on CPU), or 4-bit NF4 through bitsandbytes with ``train.lora.qlora`` (CUDA). The adapter weights
-  (and modules trained in full, ``train.lora.train_in_full``) are fp32, and so are their AdamW
+  on CPU), or 4-bit NF4 through bitsandbytes with ``train.lora.qlora`` (CUDA; on CPU its slow torch
+  fallback, for tests). The adapter weights (and modules trained in full,
+  ``train.lora.train_in_full``) are fp32, and so are their AdamW
   states: DeepSpeed runs without its bf16 mode (which would cast them), and on GPU the forward runs
   under ``torch.autocast(bfloat16)``.
 - DeepSpeed checkpoints leave the frozen base out (``exclude_frozen_parameters``); a resumed worker
@@ -26,7 +27,7 @@ import torch
 
 from cerbero_ray import adapters, storage
 from cerbero_ray.config.common import ModelConfig
-from cerbero_ray.config.train import LoraConfig, TrainConfig
+from cerbero_ray.config.train import LoraConfig, TrainConfig, check_bitsandbytes
 
 BASE_DIR, ADAPTER_DIR = "base", "adapter"
 
@@ -42,24 +43,26 @@ def build_base(model_cfg: ModelConfig, t: TrainConfig, cuda: bool, seed: int):
 
     if not t.lora.qlora:
         return build_model(replace(model_cfg, dtype=base_dtype(t, cuda)), seed=seed)
-    if not cuda:
-        raise ValueError("train.lora.qlora=true needs CUDA (bitsandbytes' 4-bit kernels); set it false on CPU")
     if not model_cfg._target_.endswith(".from_pretrained"):
         raise ValueError("train.lora.qlora=true quantizes a checkpoint as it loads: use model=hf model.path=…")
+    check_bitsandbytes(cuda)
     from transformers import BitsAndBytesConfig
 
+    # the 4-bit weights are unpacked to the compute dtype in each product: bf16 on GPU; on CPU
+    # bitsandbytes' torch fallback (slow: tests and small runs) computes in fp32, as LoRA does there
+    compute = torch.bfloat16 if cuda else torch.float32
     q = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute,
     )
     overrides = {
         **(model_cfg.overrides or {}),
         "quantization_config": q,
-        "device_map": {"": torch.cuda.current_device()},
+        "device_map": {"": torch.cuda.current_device() if cuda else "cpu"},
     }
-    return from_pretrained(model_cfg.path, dtype="bfloat16", overrides=overrides)
+    return from_pretrained(model_cfg.path, dtype=str(compute).removeprefix("torch."), overrides=overrides)
 
 
 def apply_lora(lm, lc: LoraConfig, seed: int, autocast: bool = False):
@@ -130,9 +133,15 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable parameters, all parameters)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable parameters, all parameters); a 4-bit weight (QLoRA) counts as the matrix it
+    stands for, not its packed bytes."""
+
+    def n(p) -> int:
+        qs = getattr(p, "quant_state", None)
+        return qs.shape.numel() if qs is not None else p.numel()
+
+    trainable = sum(n(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(n(p) for p in model.parameters())
 
 
 def save_base(lm, tokenizer, run_dir: str) -> dict:
