@@ -69,19 +69,38 @@ def _qlora_config(tmp_path, tiny_hf, device="cuda"):
     return _config(tmp_path, device, "model=hf", f"model.path={tiny_hf}", "train.lora.qlora=true")
 
 
-def test_the_qlora_config_checks_on_cpu(tmp_path, tiny_hf, monkeypatch):
-    c = _qlora_config(tmp_path, tiny_hf)
-    assert c.train.lora.qlora and c.train.use_gpu and c.model.path == tiny_hf
-    with pytest.raises(ValueError, match="train.lora.merge=true with qlora"):
-        _config(tmp_path, "cuda", "model=hf", f"model.path={tiny_hf}", "train.lora.qlora=true", "train.lora.merge=true")
+@pytest.mark.parametrize("installed", ["0.50.2", "0.45.0", None])
+def test_the_qlora_config_checks_on_cpu(tmp_path, tiny_hf, monkeypatch, installed):
+    """The config, checked before Ray starts, whatever bitsandbytes this machine has (the version
+    the check reads is set here): a CUDA config needs 0.45, a CPU one 0.50 (its torch fallback);
+    merging into a 4-bit base is refused."""
     import importlib.metadata
 
-    def missing(name):
-        raise importlib.metadata.PackageNotFoundError(name)
+    real = importlib.metadata.version
 
-    monkeypatch.setattr(importlib.metadata, "version", missing)  # an install without bitsandbytes
-    with pytest.raises(ValueError, match=r"qlora=true needs bitsandbytes >= 0.50 on CPU \(found none\): pip install"):
-        _qlora_config(tmp_path, tiny_hf, "cpu")
+    def version(name):
+        if name != "bitsandbytes":
+            return real(name)
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    for device, need in (("cuda", "0.45"), ("cpu", "0.50")):
+        if installed is not None and installed >= need:
+            c = _qlora_config(tmp_path, tiny_hf, device)
+            assert c.train.lora.qlora and c.train.use_gpu == (device == "cuda") and c.model.path == tiny_hf
+        else:
+            on = "on CUDA" if device == "cuda" else "on CPU"
+            with pytest.raises(
+                ValueError, match=rf"needs bitsandbytes >= {need} {on} \(found {installed or 'none'}\): pip"
+            ):
+                _qlora_config(tmp_path, tiny_hf, device)
+    if installed is not None:
+        with pytest.raises(ValueError, match="train.lora.merge=true with qlora"):
+            _config(
+                tmp_path, "cuda", "model=hf", f"model.path={tiny_hf}", "train.lora.qlora=true", "train.lora.merge=true"
+            )
 
 
 def _strip(name: str, parts: dict) -> str:
