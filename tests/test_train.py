@@ -149,14 +149,14 @@ def test_bf16_on_cpu_without_ray(shards, tmp_path):
     assert os.path.isdir(tmp_path / "train" / "tiny-cpu" / "checkpoint_step_0000003" / "ds" / "state")
 
 
-@pytest.mark.slow  # ~1.5 minutes
+@pytest.mark.slow  # ~1 minute
 def test_the_torch_strategy_under_ray_train_resumes_exactly(shards, tmp_path, ray_local):
     """``train.strategy=torch`` on Ray Train's 2 gloo workers (DDP, ZeroRedundancyOptimizer): a worker
     killed mid-run resumes from its own checkpoint format to the same losses and bit-identical
     weights, and the HF folder loads."""
     from transformers import AutoModelForCausalLM
 
-    clean = run_train(train_cfg(shards, tmp_path, "native", strategy="torch"))
+    clean = run_torchrun(train_overrides(shards, tmp_path, "native", strategy="torch"))  # without Ray, as above
     killed = run_train(train_cfg(shards, tmp_path, "native-killed", strategy="torch", fail_at_step=4, fail_rank=1))
     assert killed["resumed_from"] == 3 and clean["eval_losses"] == killed["eval_losses"]
     a, b = history(clean["run_dir"]), history(killed["run_dir"])
@@ -170,12 +170,12 @@ def test_the_torch_strategy_under_ray_train_resumes_exactly(shards, tmp_path, ra
     assert AutoModelForCausalLM.from_pretrained(clean["hf_dir"]).dtype == torch.float32  # precision=fp32 here
 
 
-@pytest.mark.slow  # ~1.5 minutes
+@pytest.mark.slow  # ~1 minute
 def test_lora_on_plain_data_parallel_resumes_exactly(shards, tmp_path, ray_local):
     """``deepspeed.stage=0`` (plain data parallel, what bench/bench_lora_zero.py measures against
     ZeRO-1 for a small trainable set): a killed worker gives the same adapter, bit for bit."""
     lora, dp = {"method": "lora", "lora.r": 4, "lora.dropout": 0.05}, ["deepspeed.stage=0"]  # dropout: RNG resumed
-    clean = run_train(train_cfg(shards, tmp_path, "dp", extra=dp, **lora))
+    clean = run_torchrun(train_overrides(shards, tmp_path, "dp", extra=dp, **lora))  # without Ray, as above
     killed = run_train(train_cfg(shards, tmp_path, "dp-killed", extra=dp, fail_at_step=4, fail_rank=1, **lora))
     assert killed["resumed_from"] == 3 and clean["eval_losses"] == killed["eval_losses"]
     a = load_file(os.path.join(clean["adapter_dir"], "adapter_model.safetensors"))
@@ -215,11 +215,11 @@ def test_a_lora_run_trains_only_the_adapter_and_records_its_base(shards, tmp_pat
     assert sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n) == clean["trainable_params"]
 
 
-@pytest.mark.slow  # ~1.5 minutes
+@pytest.mark.slow  # ~1 minute
 def test_lora_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     """train.method=lora (ZeRO-1): a worker killed mid-run gives the same adapter, bit for bit."""
     lora = {"method": "lora", "lora.r": 4, "lora.dropout": 0.05}  # dropout draws: the RNG states must resume too
-    clean = run_train(train_cfg(shards, tmp_path, "lora", **lora))
+    clean = run_torchrun(train_overrides(shards, tmp_path, "lora", **lora))  # without Ray, as above
     killed = run_train(train_cfg(shards, tmp_path, "lora-killed", fail_at_step=4, fail_rank=1, **lora))
     assert killed["resumed_from"] == 3 and clean["eval_losses"] == killed["eval_losses"]
     a = load_file(os.path.join(clean["adapter_dir"], "adapter_model.safetensors"))
