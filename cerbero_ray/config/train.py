@@ -237,14 +237,19 @@ def check_bitsandbytes(cuda: bool) -> None:
     """``ValueError`` saying how to install bitsandbytes, when it is missing or older than the
     version checked here: 0.45 on CUDA (``[qlora]``'s bound), 0.50 on CPU (its torch fallback for
     4-bit layers; the default test tier trains QLoRA on CPU with it)."""
-    from importlib.metadata import PackageNotFoundError, version
+    import importlib.metadata
+    import importlib.util
 
     from packaging.version import Version
 
     try:
-        v = version("bitsandbytes")
-    except PackageNotFoundError:
+        v = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:  # not installed, or under another name (a fork)
         v = None
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            import bitsandbytes
+
+            v = getattr(bitsandbytes, "__version__", "0")
     need = "0.45" if cuda else "0.50"
     if v is None or Version(v) < Version(need):
         raise ValueError(
