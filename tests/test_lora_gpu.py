@@ -102,6 +102,8 @@ def test_the_qlora_config_checks_on_cpu(tmp_path, tiny_hf, monkeypatch, installe
             ):
                 _qlora_config(tmp_path, tiny_hf, device)
     if installed is not None:
+        with pytest.raises(ValueError, match="qlora=true quantizes a checkpoint as it loads: use model=hf"):
+            _config(tmp_path, "cpu", "train.lora.qlora=true")  # the random-init demo model: nothing to load
         with pytest.raises(ValueError, match="train.lora.merge=true with qlora"):
             _config(
                 tmp_path, "cuda", "model=hf", f"model.path={tiny_hf}", "train.lora.qlora=true", "train.lora.merge=true"

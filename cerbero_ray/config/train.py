@@ -133,6 +133,8 @@ def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
     t, ds = c.train, c.deepspeed
     check_tokenizer(c.tokenizer)
     check_model(c.model)
+    if t.method == "lora" and t.lora.qlora and not c.model._target_.endswith(".from_pretrained"):
+        raise ValueError("train.lora.qlora=true quantizes a checkpoint as it loads: use model=hf model.path=…")
     check_output_dir(t.output_dir, "train.output_dir")
     positive = (
         "num_workers",

@@ -43,9 +43,7 @@ def build_base(model_cfg: ModelConfig, t: TrainConfig, cuda: bool, seed: int):
 
     if not t.lora.qlora:
         return build_model(replace(model_cfg, dtype=base_dtype(t, cuda)), seed=seed)
-    if not model_cfg._target_.endswith(".from_pretrained"):
-        raise ValueError("train.lora.qlora=true quantizes a checkpoint as it loads: use model=hf model.path=…")
-    check_bitsandbytes(cuda)
+    check_bitsandbytes(cuda)  # and model=hf: check_train
     from transformers import BitsAndBytesConfig
 
     # the 4-bit weights are unpacked to the compute dtype in each product: bf16 on GPU; on CPU
