@@ -481,10 +481,13 @@ def map_items(
     import ray
     import ray.data
 
+    from cerbero_ray.cluster import check_fits
     from cerbero_ray.logs import progress
 
     res = ray.cluster_resources()
     gpus, cpus = float(cfg.gpus_per_worker), float(res.get("CPU", 1))
+    stage = desc.split()[0]  # "label …", "generate …", "evaluate …": the stage whose key it is
+    check_fits({"GPU": gpus}, f"{stage}.gpus_per_worker={gpus:g} (one model actor's)")
     workers = cfg.workers or (int(res.get("GPU", 0) // gpus) if gpus else max(1, int(cpus - 1)))
     batches = -(-len(items) // batch_size)
     workers = max(1, min(workers, batches))

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 
+from cerbero_ray import cluster as cluster_state
 from cerbero_ray.config.common import ClusterConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def init_ray(cluster: ClusterConfig) -> dict:
 
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
         ray.init(namespace=cluster.namespace, log_to_driver=True, **kwargs)
+        cluster_state.started_here(True)
         log.info("started an embedded Ray cluster: %s", ray.cluster_resources())
     else:
         ray.init(address=address, namespace=cluster.namespace)
@@ -71,6 +73,7 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    cluster_state.started_here(False)
 
 
 def launch(stage: str, cfg, run=None, ray: bool | None = None, **kwargs):

@@ -135,3 +135,35 @@ def test_a_folder_of_mixed_broken_and_compressed_files_is_labeled_row_for_row(tm
     assert [os.path.basename(x["path"]) for x in s["skipped_files"]] == ["table.csv"]
     again = run_label(label_cfg(tmp_path, tiny_hf, src, "label.chunk_rows=8"))
     assert again["chunks_processed"] == 0 and again["rows"] == s["rows"]
+
+
+def test_what_the_embedded_cluster_lacks_is_refused_before_ray_waits_for_it(tmp_path, tiny_hf, ray_local):
+    """On the embedded cluster (no autoscaler) a request for GPUs it does not have would wait
+    forever ("No available node types can fulfill resource request" every ~35 s): a model actor's
+    GPUs, Ray Train's workers together, a Serve replica's are refused first, naming the keys."""
+    import ray
+
+    from cerbero_ray.serve.service import run_serve
+
+    assert ray.cluster_resources().get("GPU", 0) == 0
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "Ciao"}])
+    cfg = label_cfg(tmp_path, tiny_hf, inp, "label.gpus_per_worker=1")
+    with pytest.raises(
+        ValueError,
+        match=r"label.gpus_per_worker=1 \(one model actor's\) needs 1 GPU; the embedded Ray cluster has 0 GPU",
+    ):
+        run_label(cfg)
+    over = ["serve.cpus_per_replica=3", "serve.gpus_per_replica=0"]
+    serve_cfg = to_container(compose("serve", [f"serve.checkpoint={tiny_hf}", *over]))
+    with pytest.raises(
+        ValueError, match=r"serve.cpus_per_replica=3 and serve.gpus_per_replica=0 needs 3 CPU; .* has 2 CPU"
+    ):
+        run_serve(serve_cfg)
+    # an attached cluster may scale up to the request: nothing is checked there
+    from cerbero_ray import cluster
+
+    cluster.started_here(False)
+    try:
+        cluster.check_fits({"GPU": 8}, "anything")
+    finally:
+        cluster.started_here(True)

@@ -225,3 +225,14 @@ def test_lora_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     a = load_file(os.path.join(clean["adapter_dir"], "adapter_model.safetensors"))
     b = load_file(os.path.join(killed["adapter_dir"], "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gpu_workers_the_embedded_cluster_lacks_are_refused_before_ray_train_waits(shards, tmp_path, ray_local):
+    """Every worker's GPU (or CPUs) together, checked against the embedded cluster before the
+    trainer starts: what it lacks would never come (tests/test_label.py: a model actor, a replica)."""
+    with pytest.raises(
+        ValueError, match=r"train.use_gpu=true \(a GPU each\) needs 2 GPU; the embedded Ray cluster has 0 GPU"
+    ):
+        run_train(train_cfg(shards, tmp_path, "gpu", use_gpu="true"))
+    with pytest.raises(ValueError, match=r"train.cpus_per_worker=3 needs 6 CPU; the embedded Ray cluster has 2 CPU"):
+        run_train(train_cfg(shards, tmp_path, "cpus", cpus_per_worker=3))

@@ -8,6 +8,7 @@ import os
 from omegaconf import DictConfig
 
 from cerbero_ray.checkpoints import check_inference, check_served_adapter
+from cerbero_ray.cluster import check_fits
 from cerbero_ray.config import check
 from cerbero_ray.config.serve import ServeConfig, ServeStageConfig
 
@@ -27,6 +28,10 @@ def run_serve(cfg: DictConfig | dict | ServeStageConfig, blocking: bool = False)
     # Python's handlers replace the C++ stack dump Ray installs for SIGTERM; set before deploying,
     # so a signal during start-up is a clean stop too (once the app is up)
     stop = stop_on_signals() if blocking else None
+    check_fits(
+        {"CPU": sc.cpus_per_replica, "GPU": sc.gpus_per_replica},
+        f"serve.cpus_per_replica={sc.cpus_per_replica:g} and serve.gpus_per_replica={sc.gpus_per_replica:g}",
+    )
     control()  # before the app: the proxies find it at their first request
     serve.start(http_options={"host": sc.host, "port": sc.port})
     serve.run(deployment(sc), name="cerbero", route_prefix="/", blocking=False)

@@ -20,6 +20,7 @@ import os
 from omegaconf import DictConfig
 
 from cerbero_ray import storage
+from cerbero_ray.cluster import check_fits
 from cerbero_ray.config import check
 from cerbero_ray.config.train import TrainStageConfig
 from cerbero_ray.train.metrics import read_summary
@@ -70,6 +71,11 @@ def run_train(cfg: DictConfig | dict | TrainStageConfig) -> dict:
         f"({plans[0].dropped_rows} rows per epoch left over, {t.eval_rows} held out) → {run.run_dir}",
     )
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    check_fits(  # Ray Train starts the workers together
+        {k: v * t.num_workers for k, v in resources.items()},
+        f"train.num_workers={t.num_workers} with train.cpus_per_worker={t.cpus_per_worker:g}"
+        + (" and train.use_gpu=true (a GPU each)" if t.use_gpu else ""),
+    )
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": c, "plan": run},

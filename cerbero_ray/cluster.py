@@ -1,0 +1,35 @@
+"""What the stages may ask of the Ray cluster this process runs on, checked before they ask.
+
+:mod:`cerbero_ray.runtime` records whether it started the cluster itself (the embedded one: one
+machine, no autoscaler); on that cluster a request it cannot meet would wait forever, so the stages
+check theirs first (:func:`check_fits`)."""
+
+from __future__ import annotations
+
+_EMBEDDED = {"here": False}
+
+
+def started_here(embedded: bool) -> None:
+    """Record that this process started (True) or stopped (False) an embedded cluster."""
+    _EMBEDDED["here"] = embedded
+
+
+def check_fits(need: dict[str, float], what: str) -> None:
+    """On the embedded cluster (one machine, no autoscaler: what it lacks never comes), a
+    ``ValueError`` naming ``what`` when ``need`` (resource -> amount, e.g. every Ray Train worker's
+    GPUs together, or one model actor's) exceeds what the cluster has; Ray would otherwise wait for
+    it forever, repeating "No available node types can fulfill resource request". An attached
+    cluster may scale up to it, so nothing is checked there."""
+    if not _EMBEDDED["here"]:
+        return
+    import ray
+
+    have = ray.cluster_resources()
+    short = {k: v for k, v in need.items() if v > have.get(k, 0) + 1e-9}
+    if short:
+        wants = ", ".join(f"{v:g} {k}" for k, v in short.items())
+        has = ", ".join(f"{have.get(k, 0):g} {k}" for k in short)
+        raise ValueError(
+            f"{what} needs {wants}; the embedded Ray cluster has {has}. Lower it, or attach a cluster "
+            "that has them (cluster.address=…, or ray job submit)"
+        )
