@@ -76,6 +76,8 @@ def test_the_qlora_config_checks_on_cpu(tmp_path, tiny_hf, monkeypatch, installe
     merging into a 4-bit base is refused."""
     import importlib.metadata
 
+    from packaging.version import Version
+
     real = importlib.metadata.version
 
     def version(name):
@@ -92,7 +94,7 @@ def test_the_qlora_config_checks_on_cpu(tmp_path, tiny_hf, monkeypatch, installe
         find = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else find(n, *a))
     for device, need in (("cuda", "0.45"), ("cpu", "0.50")):
-        if installed is not None and installed >= need:
+        if installed is not None and Version(installed) >= Version(need):
             c = _qlora_config(tmp_path, tiny_hf, device)
             assert c.train.lora.qlora and c.train.use_gpu == (device == "cuda") and c.model.path == tiny_hf
         else:
@@ -108,12 +110,6 @@ def test_the_qlora_config_checks_on_cpu(tmp_path, tiny_hf, monkeypatch, installe
             _config(
                 tmp_path, "cuda", "model=hf", f"model.path={tiny_hf}", "train.lora.qlora=true", "train.lora.merge=true"
             )
-
-
-def _strip(name: str, parts: dict) -> str:
-    for k, v in parts.items():
-        name = name.replace(k, v)
-    return name
 
 
 @pytest.mark.parametrize("device", DEVICES)
