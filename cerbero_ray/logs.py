@@ -69,6 +69,9 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     logging.getLogger("gguf").setLevel(logging.WARNING)
+    # bitsandbytes >= 0.50 (peft imports it) asks the Hub for a CPU 4-bit kernel on CPUs with
+    # AVX512-BF16 and warns when it may not load it: a line per process, whatever the run
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import torch
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -185,6 +186,7 @@ def test_four_tasks_two_checkpoints(tmp_path, tiny_hf, second_hf, evalita_dir, r
     c2 = json.loads(json.dumps(c))
     c2["evaluate"]["max_prompt_tokens"] = 2048
     c2["evaluate"]["only"] = ["sentipolc"]
+    del c2["evaluate"]["checkpoints"]["b"]  # one model says it (each one more costs ~5 s here)
     caplog.clear()
     run_evaluate(c2)
     assert "a: 0 task(s) already done, 1 to go" in caplog.text
@@ -224,10 +226,30 @@ def _small(out, models: dict, data, *extra):
     return to_container(compose("evaluate", over))
 
 
-def test_a_gguf_file_is_evaluated_like_its_checkpoint(tmp_path, tiny_hf, tiny_gguf, evalita_dir, ray_local):
+@pytest.fixture(scope="module")
+def hf_runs(tmp_path_factory, tiny_hf, evalita_dir, ray_local):
+    """The HF checkpoint's evaluation under ``_small``, once for the module (~9 s a model here): each
+    test that sets a GGUF file, an adapter or an endpoint beside it copies it into its own output
+    folder with :func:`_with_hf`, and the job resumes it (same identity) instead of running again."""
+    out = tmp_path_factory.mktemp("hf_eval")
+    run_evaluate(_small(out, {"hf": tiny_hf}, evalita_dir))
+    return out / "evaluate" / "runs" / "hf"
+
+
+def _with_hf(tmp_path, hf_runs, tiny_hf, other: dict, data):
+    """``_small`` for "hf" (done already: :func:`hf_runs`, its figures read back as they are) and ``other``."""
+    shutil.copytree(hf_runs, tmp_path / "evaluate" / "runs" / "hf")
+    res = run_evaluate(_small(tmp_path, {"hf": tiny_hf, **other}, data))
+    assert all(
+        json.load(open(hf_runs / t / "metrics.json"))["units"] == res["results"]["hf"][t] for t in res["results"]["hf"]
+    )
+    return res
+
+
+def test_a_gguf_file_is_evaluated_like_its_checkpoint(tmp_path, tiny_hf, hf_runs, tiny_gguf, evalita_dir):
     """llama.cpp (in a child process) on the f32 GGUF of the same model: the same greedy answers and
     nearly the same yes/no probabilities, under every protocol."""
-    res = run_evaluate(_small(tmp_path, {"hf": tiny_hf, "gguf": tiny_gguf}, evalita_dir))
+    res = _with_hf(tmp_path, hf_runs, tiny_hf, {"gguf": tiny_gguf}, evalita_dir)
     assert res["model_kinds"] == {"hf": "hf", "gguf": "gguf"}
     out = os.path.join(tmp_path, "evaluate", "runs")
     for task in ("squad_it", "ami2020"):
@@ -248,25 +270,23 @@ def test_a_gguf_file_is_evaluated_like_its_checkpoint(tmp_path, tiny_hf, tiny_gg
         assert res["results"][m]["ami2020"]["choice/0"]["unparsed"] == 0
 
 
-def test_an_adapter_is_evaluated_on_its_recorded_base(tmp_path, tiny_hf, tiny_adapters, evalita_dir, ray_local):
+def test_an_adapter_is_evaluated_on_its_recorded_base(tmp_path, tiny_hf, hf_runs, tiny_adapters, evalita_dir):
     """A LoRA adapter folder as a checkpoint (the main job's with train.method=lora): loaded on the
     base its record names (tests/test_lora.py checks that against peft), every protocol runs, and
     its yes/no probabilities differ from the base's."""
     a = tiny_adapters["sentiment-it"]
-    res = run_evaluate(_small(tmp_path, {"base": tiny_hf, "adapter": a}, evalita_dir))
-    assert res["model_kinds"] == {"base": "hf", "adapter": "hf"}
+    res = _with_hf(tmp_path, hf_runs, tiny_hf, {"adapter": a}, evalita_dir)  # the base: "hf"
+    assert res["model_kinds"] == {"hf": "hf", "adapter": "hf"}
     out = os.path.join(tmp_path, "evaluate", "runs")
     preds = {
         m: {(r["id"], r["protocol"]): r for r in pq.read_table(f"{out}/{m}/ami2020/predictions.parquet").to_pylist()}
-        for m in ("base", "adapter")
+        for m in ("hf", "adapter")
     }
-    assert preds["base"].keys() == preds["adapter"].keys()
-    assert any(
-        preds["base"][k]["p_yes"] != preds["adapter"][k]["p_yes"] for k in preds["base"] if k[1].startswith("score")
-    )
+    assert preds["hf"].keys() == preds["adapter"].keys()
+    assert any(preds["hf"][k]["p_yes"] != preds["adapter"][k]["p_yes"] for k in preds["hf"] if k[1].startswith("score"))
 
 
-def test_an_openai_compatible_endpoint_is_evaluated(tmp_path, tiny_hf, evalita_dir, ray_local):
+def test_an_openai_compatible_endpoint_is_evaluated(tmp_path, tiny_hf, hf_runs, evalita_dir):
     """Our own server as the endpoint: the generating protocols through /v1/chat/completions give
     the HF checkpoint's greedy answers, and score through /v1/label (the unit's task sent inline)
     gives its yes/no probabilities."""
@@ -284,7 +304,7 @@ def test_an_openai_compatible_endpoint_is_evaluated(tmp_path, tiny_hf, evalita_d
         )
     )
     try:
-        res = run_evaluate(_small(tmp_path, {"hf": tiny_hf, "api": f"{url}/v1"}, evalita_dir))
+        res = _with_hf(tmp_path, hf_runs, tiny_hf, {"api": f"{url}/v1"}, evalita_dir)
     finally:
         serve.shutdown()
     assert res["model_kinds"]["api"] == "endpoint"

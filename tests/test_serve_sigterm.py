@@ -152,7 +152,7 @@ def _answer(sock: socket.socket) -> tuple[int, dict]:
 
 LONG = {
     "messages": [{"role": "user", "content": "Raccontami una storia lunga."}],
-    "max_tokens": 192,
+    "max_tokens": 96,  # 16 running, 8 queued: ~3 s of decoding still to do here when the signal comes at 1 s
     "temperature": 0.8,
 }
 # heavy label work (the hostile pass's finding 7): an inline task of 16 long labels over 16 texts (near the cost limit)
@@ -189,8 +189,11 @@ def test_stalled_uploads_hold_no_slot_and_sigterm_keeps_every_accepted_request(t
         # decode steps on the same model): all 24 and the label requests get an answer, none is dropped
         with cf.ThreadPoolExecutor(40) as pool:
             accepted = [pool.submit(_try, f"{url}/v1/chat/completions", LONG) for _ in range(24)]
+            finished = []  # when each accepted request was answered
+            for f in accepted:
+                f.add_done_callback(lambda _: finished.append(time.monotonic()))
             labels = [pool.submit(_try, f"{url}/v1/label", HEAVY_LABEL, 180) for _ in range(3)]
-            time.sleep(2.0)
+            time.sleep(1.0)
             proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             # new requests every 0.1 s, each on its own thread (one accepted before the proxies learnt
@@ -219,6 +222,9 @@ def test_stalled_uploads_hold_no_slot_and_sigterm_keeps_every_accepted_request(t
         codes = [r[0] for r in results]
         assert all(c in (200, 503) for c in codes), codes  # never a dropped connection
         assert codes.count(200) >= 16, codes  # the 16 in flight when the signal came: answered whole
+        # and they were in flight: answered after the signal (a machine fast enough to finish them in
+        # 1 s would make this a test of nothing; LONG's max_tokens is what to raise then)
+        assert sum(t > signalled for t in finished) >= 16, [round(t - signalled, 2) for t in finished]
         assert all(b["choices"][0]["finish_reason"] in ("stop", "length") for c, b, _ in results if c == 200)
         for c, body, headers in results + [r for r in late if isinstance(r[0], int)]:
             if c == 503:  # the drain's own 503, never "the grace period ran out" (60 s here)

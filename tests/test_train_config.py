@@ -105,3 +105,43 @@ def test_relative_output_folders_become_absolute(monkeypatch, tmp_path):
     assert _storage("outputs/train") == {"storage_path": str(tmp_path / "outputs" / "train")}
     assert _absolute("outputs/d/shards/s.parquet") == str(tmp_path / "outputs" / "d" / "shards" / "s.parquet")
     assert _absolute("s3://b/d/s.parquet") == "s3://b/d/s.parquet"
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_each_schedule_gives_transformers_learning_rates_and_resumes(tmp_path, schedule, warmup):
+    """Our ``LambdaLR`` (no transformers scheduler import: it pulls peft and bitsandbytes into every
+    worker) steps through transformers' own ``get_scheduler`` rates, bit for bit, and a scheduler
+    rebuilt from a state dict mid-run goes on where the first one was."""
+    import torch
+    from transformers import get_scheduler
+
+    from cerbero_ray.train.zero import build_scheduler
+
+    t = check(
+        "train", cfg(tmp_path, f"train.schedule={schedule}", f"train.warmup_steps={warmup}", "train.min_lr_ratio=0.2")
+    ).train
+    names = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
+
+    def opt():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
+
+    ours, o2 = build_scheduler(o1 := opt(), t, 12), opt()
+    kw = {"min_lr_rate": 0.2} if schedule == "cosine" else None
+    theirs = get_scheduler(
+        names[schedule], o2, num_warmup_steps=warmup, num_training_steps=12, scheduler_specific_kwargs=kw
+    )
+    got, want = [], []
+    for step in range(14):  # two past the end: linear stays at 0, cosine at its floor
+        got.append(o1.param_groups[0]["lr"])
+        want.append(o2.param_groups[0]["lr"])
+        if step == 6:
+            again = build_scheduler(o3 := opt(), t, 12)
+            again.load_state_dict(ours.state_dict())
+            o3.param_groups[0]["lr"] = again.get_last_lr()[0]
+            ours, o1 = again, o3
+        o1.step(), ours.step(), o2.step(), theirs.step()
+    assert got == want
+    assert got[12] == pytest.approx({"cosine": 0.2, "linear": 0.0, "constant": 1.0}[schedule] * t.lr)
+    if warmup:
+        assert got[0] == 0.0 and got[1] == pytest.approx(t.lr / 3)

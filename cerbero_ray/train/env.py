@@ -126,7 +126,7 @@ class LocalEnv(_RunFolder):
 
 
 class RayEnv(_RunFolder):
-    """A Ray Train worker: ranks and the process group from Ray Train, rows through Ray Data,
+    """A Ray Train worker: ranks and the process group from Ray Train, training rows through Ray Data,
     checkpoints registered with Ray Train (which keeps the last K). Resume reads the run folder, not
     ``ray.train.get_checkpoint()``: a worker that dies right after reporting can take its report
     with it before the controller has seen it."""

@@ -31,6 +31,7 @@ from cerbero_ray.train.env import TrainEnv
 from cerbero_ray.train.metrics import Writer, progress_line, write_summary
 from cerbero_ray.train.modeling import count_flops_per_token, peak_flops
 from cerbero_ray.train.plan import plan_all, remaining, signature, total_steps
+from cerbero_ray.train.reader import local_batches
 from cerbero_ray.train.run_plan import RunPlan
 from cerbero_ray.train.zero import build_engine
 
@@ -71,11 +72,13 @@ def train_step(engine, batches: list[dict], device: torch.device, world: int) ->
 
 
 @torch.no_grad()
-def evaluate(engine, env, segments, device: torch.device, read_cpus: float) -> float | None:
-    """Token-weighted held-out loss over every rank's share of the held-out rows."""
+def evaluate(engine, segments, device: torch.device) -> float | None:
+    """Token-weighted held-out loss over every rank's share of the held-out rows. They are read in
+    this process whatever the env: a few rows, for which a Ray Data pipeline per evaluation took
+    longer to start than to read them, beside the training rows' own pipeline."""
     engine.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for b in env.batches(segments, 1, read_cpus) if segments else ():
+    for b in local_batches(segments, 1) if segments else ():
         loss_sum, n = engine(*_to_device(b, device))
         sums += torch.stack([loss_sum.double(), n.double()])
     engine.train()
@@ -160,7 +163,7 @@ class _Run:
         self.env.report({**(self.history[-1] if self.history else {}), "step": at}, checkpoint=d)
 
     def held_out(self) -> float | None:
-        return evaluate(self.engine, self.env, self.plans[0].eval_ranges[self.rank], self.device, self.read_cpus)
+        return evaluate(self.engine, self.plans[0].eval_ranges[self.rank], self.device)
 
     def one_step(self, it, epoch: int, timing: tuple[float, int]) -> dict:
         """Train one optimizer step from the batch iterator ``it``; returns its metrics."""

@@ -2,7 +2,8 @@
 :func:`cerbero_ray.train.loop.train_loop` in every worker, DeepSpeed ZeRO-1 inside.
 
 - Rows stream in through Ray Data in every worker, in the order :mod:`cerbero_ray.train.plan`
-  fixes, so a restarted worker resumes at the exact next row.
+  fixes, so a restarted worker resumes at the exact next row (the few held-out rows are read in
+  the worker itself).
 - Failures: ``FailureConfig(max_failures)`` restarts the worker group from the last checkpoint.
 - The run folder is ``<train.output_dir>/<train.name>``: Ray Train's checkpoints (the last
   ``keep_checkpoints``), ``hf/`` (the final model; ``adapter/`` under ``train.method=lora``, see

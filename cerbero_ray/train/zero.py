@@ -2,24 +2,26 @@
 
 ``train.strategy=deepspeed`` (the recipe's default): the optimizer is ``torch.optim.AdamW`` (fused
 on CUDA; DeepSpeed's own fused/CPU Adam needs build steps and is not needed with ZeRO-1) and the
-schedule comes from transformers' library schedulers; DeepSpeed owns gradient accumulation,
+schedule a ``LambdaLR`` over transformers' formulas (written here: importing transformers' schedulers
+imports peft and bitsandbytes, ~3 s in every worker); DeepSpeed owns gradient accumulation,
 clipping, the bf16 master weights and the ZeRO sharding. ``train.strategy=torch``: the same model,
 optimizer and schedule in plain PyTorch (:mod:`cerbero_ray.train.native`).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import replace
+from functools import partial
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
-from cerbero_ray.config.train import DeepSpeedConfig, TrainConfig, TrainStageConfig, accumulation_steps
+from cerbero_ray.config.train import SCHEDULES, DeepSpeedConfig, TrainConfig, TrainStageConfig, accumulation_steps
 from cerbero_ray.logs import drop_lines
 from cerbero_ray.models import build_model
 from cerbero_ray.train.modeling import PackedCausalLM, apply_liger, pick_attention
-
-SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 def deepspeed_config(ds: DeepSpeedConfig, t: TrainConfig, world_size: int) -> dict:
@@ -87,20 +89,27 @@ def learning_rate(t: TrainConfig) -> float:
     return t.lora.lr if t.method == "lora" and t.lora.lr is not None else t.lr
 
 
-def build_scheduler(opt: torch.optim.Optimizer, t: TrainConfig, total_steps: int):
-    from transformers import get_scheduler
+def lr_factor(step: int, *, schedule: str, warmup: int, total: int, min_ratio: float) -> float:
+    """The learning rate at optimizer step ``step`` as a share of the peak: linear warmup from 0 over
+    ``warmup`` steps, then constant, linear to 0 at ``total``, or a half cosine down to ``min_ratio``
+    at ``total`` (transformers' ``constant_with_warmup``, ``linear`` and ``cosine_with_min_lr``)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, cosine * (1 - min_ratio) + min_ratio)
 
+
+def build_scheduler(opt: torch.optim.Optimizer, t: TrainConfig, total_steps: int) -> LambdaLR:
     if t.schedule not in SCHEDULES:
-        raise ValueError(f"train.schedule must be one of {sorted(SCHEDULES)}, got {t.schedule!r}")
-    name = SCHEDULES[t.schedule]
-    kwargs = {"min_lr_rate": t.min_lr_ratio} if name == "cosine_with_min_lr" else None
-    return get_scheduler(
-        name,
-        opt,
-        num_warmup_steps=warmup_steps(t, total_steps),
-        num_training_steps=max(total_steps, 1),
-        scheduler_specific_kwargs=kwargs,
-    )
+        raise ValueError(f"train.schedule must be one of {list(SCHEDULES)}, got {t.schedule!r}")
+    warmup = warmup_steps(t, total_steps)
+    fn = partial(lr_factor, schedule=t.schedule, warmup=warmup, total=max(total_steps, 1), min_ratio=t.min_lr_ratio)
+    return LambdaLR(opt, fn)
 
 
 def decoder_layers(lm) -> torch.nn.ModuleList:
