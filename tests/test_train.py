@@ -236,3 +236,9 @@ def test_gpu_workers_the_embedded_cluster_lacks_are_refused_before_ray_train_wai
         run_train(train_cfg(shards, tmp_path, "gpu", use_gpu="true"))
     with pytest.raises(ValueError, match=r"train.cpus_per_worker=3 needs 6 CPU; the embedded Ray cluster has 2 CPU"):
         run_train(train_cfg(shards, tmp_path, "cpus", cpus_per_worker=3))
+    # a CUDA-only attention kernel on CPU workers: one error before Ray Train starts (torchrun without
+    # Ray picks its device from CUDA itself, so the config check lets it through there)
+    for kernel in ("flex_attention", "flash_attention_2"):
+        with pytest.raises(ValueError, match=rf"train.attention={kernel} needs CUDA, and train.use_gpu=false"):
+            run_train(train_cfg(shards, tmp_path, "attn", attention=kernel))
+    assert not os.path.exists(os.path.join(tmp_path, "train", "attn"))  # nothing started

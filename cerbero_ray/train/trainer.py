@@ -63,7 +63,13 @@ def run_train(cfg: DictConfig | dict | TrainStageConfig) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     c = check("train", cfg)
-    t, run = c.train, plan_run(c)
+    t = c.train
+    if not t.use_gpu and t.attention in ("flex_attention", "flash_attention_2"):  # else a traceback per worker
+        raise ValueError(
+            f"train.attention={t.attention} needs CUDA, and train.use_gpu=false gives Ray Train's workers "
+            "none: set train.use_gpu=true, or train.attention=auto (sdpa on CPU)"
+        )
+    run = plan_run(c)
     plans = plan_all(list(run.shards), t, t.num_workers)
     steps = total_steps(plans, t)
     log.info(
