@@ -64,11 +64,13 @@ def run_train(cfg: DictConfig | dict | TrainStageConfig) -> dict:
 
     c = check("train", cfg)
     t = c.train
-    if not t.use_gpu and t.attention in ("flex_attention", "flash_attention_2"):  # else a traceback per worker
-        raise ValueError(
-            f"train.attention={t.attention} needs CUDA, and train.use_gpu=false gives Ray Train's workers "
-            "none: set train.use_gpu=true, or train.attention=auto (sdpa on CPU)"
-        )
+    if not t.use_gpu:  # the CPU workers' own choice of attention, made here: one error, not one per worker
+        from cerbero_ray.train.modeling import pick_attention
+
+        try:
+            pick_attention(t.attention, cuda=False, micro_batch=t.micro_batch_size)
+        except ValueError as e:
+            raise ValueError(f"{e} (train.use_gpu=false gives Ray Train's workers no GPU)") from None
     run = plan_run(c)
     plans = plan_all(list(run.shards), t, t.num_workers)
     steps = total_steps(plans, t)

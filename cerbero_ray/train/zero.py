@@ -97,9 +97,9 @@ def lr_factor(step: int, *, schedule: str, warmup: int, total: int, min_ratio: f
         return step / max(1, warmup)
     if schedule == "constant":
         return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
     if schedule == "linear":
         return max(0.0, (total - step) / max(1, total - warmup))
+    progress = (step - warmup) / max(1, total - warmup)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return max(0.0, cosine * (1 - min_ratio) + min_ratio)
 
