@@ -152,6 +152,9 @@ def test_constrained_answers_and_self_chat_turns_follow_their_format(tmp_path, t
     assert run_identity(gc)["constraint"] == {"kind": "choice", "value": ["sì", "no", "forse"]}
     plain = check("generate", compose("generate", base)).generate
     assert "constraint" not in run_identity(plain)  # an unconstrained run's folder is what it was
+    assert "frequency_penalty" not in run_identity(plain)["sampling"]  # so is one without penalties
+    pen = check("generate", compose("generate", [*base, "generate.sampling.presence_penalty=0.5"])).generate
+    assert run_identity(pen)["sampling"]["presence_penalty"] == 0.5
     ask = r"Domanda: [a-z ]{4,30}\?"
     chat = [
         *base,
@@ -180,6 +183,8 @@ def test_constrained_answers_and_self_chat_turns_follow_their_format(tmp_path, t
         (["generate.constraint.value=[a]"], "generate.constraint.value is set but"),
         ([*choice, "generate.engine=hf"], "runs on engine=continuous"),
         (["generate.user_constraint.kind=json_object"], "generate.user_constraint: the human's turns are self_chat"),
+        (["generate.sampling.frequency_penalty=2.5"], r"generate.sampling.frequency_penalty must be in \[-2, 2\]"),
+        (["generate.sampling.presence_penalty=nan"], r"generate.sampling.presence_penalty must be in \[-2, 2\]"),
     ]:
         with pytest.raises(ValueError, match=says):
             check("generate", compose("generate", [*base, *bad]))

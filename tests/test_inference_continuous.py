@@ -5,6 +5,7 @@ seeded sampling, cancellation and bad requests behave. CPU, tiny model, no Ray."
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ PROMPTS = [
     "Dimmi un proverbio.",
 ]
 GREEDY = Sampling(max_new_tokens=16, temperature=0.0, stop=("[|Umano|]",))
+GREEDY_20 = Sampling(max_new_tokens=20, temperature=0.0, stop=())
 
 
 @pytest.fixture(scope="module")
@@ -238,12 +240,16 @@ def test_graph_decoding_matches_eager_decoding(tok, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_engine_with_graphs_gives_generate_s_text_and_seeded_samples(tok, device):
     """The whole loop with ``cuda_graphs=True`` (graph decoding and device logits on CUDA), fp32 so
-    that greedy text can be compared with transformers' generate token for token."""
+    that greedy text, with penalties too, can be compared with transformers' generate token for token."""
     m = tiny().to(device).eval()
     prompts = [chat(tok, p) for p in PROMPTS]
     ref = [Generator(m, tok, batch_size=1).generate([p], GREEDY)[0]["text"] for p in prompts]
     cb = ContinuousBatcher(m, tok, num_slots=4, max_prompt_tokens=128, max_new_tokens=32, cuda_graphs=True)
     assert [r["text"] for r in cb.generate(prompts, GREEDY)] == ref
+    pen = replace(GREEDY, frequency_penalty=1.5, presence_penalty=0.5)  # penalties: counted in the graphs
+    assert [r["text"] for r in cb.generate(prompts, pen)] == [
+        r["text"] for r in Generator(m, tok).generate(prompts, pen)
+    ]
     s = Sampling(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=7)
     assert cb.generate(prompts[:1], s)[0]["text"] == cb.generate(prompts, s)[0]["text"]
     assert bool(cb.slots.step_graphs) == (device == "cuda") and cb.slots.graph_error is None
@@ -533,6 +539,67 @@ def test_logprobs_and_seeds_through_the_in_flight_steps(model, tok):
         assert [t for t, _ in e["top"]] == row.topk(2).indices.tolist()
 
 
+def _penalized_reference(model, ids: list[int], s: Sampling, eos: int) -> list[int]:
+    """Greedy decoding under OpenAI's penalties the slow way: the whole text through the model for
+    every token, each candidate's logit less frequency x its count so far and presence if it is there."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(s.max_new_tokens):
+            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+            for t in set(out):
+                logits[t] -= s.frequency_penalty * out.count(t) + s.presence_penalty
+            out.append(int(logits.argmax()))
+            if out[-1] == eos:
+                break
+    return out
+
+
+@pytest.mark.parametrize("penalties", [(1.5, 0.5), (-1.0, 0.0), (0.0, 2.0)])
+def test_penalties_give_the_reference_greedy_text_in_both_engines(model, tok, penalties):
+    """Frequency and presence penalties (greedy, so every token can be checked): both engines give
+    the reference loop's tokens, the continuous one beside unpenalized rows that keep their own text;
+    a seeded penalized sample is the same alone or in a crowd."""
+    f, p = penalties
+    s = Sampling(max_new_tokens=20, temperature=0.0, stop=(), frequency_penalty=f, presence_penalty=p)
+    prompts = [chat(tok, x) for x in PROMPTS[:3]]
+    cb = ContinuousBatcher(model, tok, num_slots=4, max_prompt_tokens=128, max_new_tokens=32)
+    ids, _ = cb.encode(prompts)
+    want = [
+        tok.decode(_penalized_reference(model, x, s, tok.eos_token_id), skip_special_tokens=True).strip() for x in ids
+    ]
+    plain = [r["text"] for r in cb.run([(x, replace(s, frequency_penalty=0.0, presence_penalty=0.0)) for x in prompts])]
+    assert want != plain  # the penalties change the answers of this model
+    mixed = cb.run([(x, y) for x in prompts for y in (s, GREEDY_20)])
+    assert [r["text"] for r in mixed[0::2]] == want
+    assert [r["text"] for r in mixed[1::2]] == [r["text"] for r in cb.run([(x, GREEDY_20) for x in prompts])]
+    assert [r["text"] for r in Generator(model, tok, batch_size=3).generate(prompts, s)] == want  # left-padded batch
+    sampled = replace(s, temperature=0.9, top_p=0.95, seed=5)
+    alone = cb.run([(prompts[0], sampled)])[0]["text"]
+    assert cb.run([(prompts[0], sampled), (prompts[1], s), (prompts[2], GREEDY)])[0]["text"] == alone
+    assert alone != cb.run([(prompts[0], replace(sampled, frequency_penalty=0.0, presence_penalty=0.0))])[0]["text"]
+    cb.close()
+
+
+def test_a_graph_captured_mid_answer_leaves_the_penalty_counts_as_they_were(model, tok, cpu_graphs):
+    """A penalized answer that crosses into a length bucket not captured yet: the capture's warm-up
+    runs (which advance the device state) are undone, its token counts included, so the text is
+    the eager engine's (the CPU stand-in for CUDA graphs runs the capture's body as a GPU does)."""
+    prompt = chat(tok, "Scrivi una frase sul mare, " * 12)
+    s = Sampling(max_new_tokens=40, temperature=0.0, stop=(), frequency_penalty=1.5, presence_penalty=0.5)
+    kw = dict(num_slots=2, max_prompt_tokens=128, max_new_tokens=40)
+    eager = ContinuousBatcher(model, tok, **kw)
+    (ids,), _ = eager.encode([prompt])
+    assert 100 < len(ids) < 128  # the answer crosses from the 128 bucket into the 168 one
+    want = eager.run([(prompt, s)])[0]
+    cb = cpu_graphs(ContinuousBatcher(model, tok, **kw))
+    assert {k[0] for k in cb.slots.step_graphs} == {128}
+    got = cb.run([(prompt, s)])[0]
+    assert {k[0] for k in cb.slots.step_graphs} == {128, 168} and got["new_tokens"] == want["new_tokens"] == 40
+    assert got["text"] == want["text"]
+    eager.close()
+    cb.close()
+
+
 def test_closing_the_engine_stops_its_loop_and_fails_what_it_held(model, tok):
     cb = ContinuousBatcher(model, tok, num_slots=1, max_prompt_tokens=128, max_new_tokens=64)
     it = cb.stream(chat(tok, PROMPTS[1]), Sampling(max_new_tokens=64, temperature=0.0, stop=()))
@@ -689,7 +756,8 @@ def test_a_long_prompt_is_prefilled_a_chunk_a_step_while_the_others_decode(model
 
 @pytest.mark.parametrize("window", [None, 7])
 def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(window, tok, cpu_graphs):
-    """A randomized mix (prompts of 1 to 96 tokens, greedy and seeded sampled requests, arrivals at
+    """A randomized mix (prompts of 1 to 96 tokens, greedy and seeded sampled requests, some with
+    frequency and presence penalties, arrivals at
     random moments from many threads, two clients that leave after their first piece) through engines
     of 2 to 5 slots, prefill budgets smaller than a prompt up to larger than all of them, with the
     fast step or the module path, eager or through captured batch buckets (the CPU stand-in for
@@ -709,6 +777,8 @@ def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(wi
         else Sampling(max_new_tokens=g.randrange(1, 12), temperature=0.9, top_p=0.8, stop=(), seed=i)
         for i in range(n)
     ]
+    for i in range(0, n, 3):  # penalized, greedy (3, 9) and sampled (0, 6): counts follow slots reused
+        samplings[i] = replace(samplings[i], frequency_penalty=1.5, presence_penalty=0.5)
 
     def ask(cb, i, leave_after=None):
         q = queue.Queue()

@@ -157,6 +157,16 @@ def test_each_adapter_by_name_in_one_endpoint(server, tiny_hf, tiny_adapters, to
             [("La capitale d'Italia è", s)]
         )[0]["text"]
         assert {text.strip() for m, text in got if m == name} == {want}, name
+    # penalties reach the engine, an adapter's rows included
+    pen = dict(frequency_penalty=1.5, presence_penalty=0.5)
+    r = client.completions.create(
+        model="sentiment-it", prompt="La capitale d'Italia è", max_tokens=10, temperature=0, **pen
+    )
+    model, t = load_for_inference(tiny_adapters["sentiment-it"], "float32")
+    want = ContinuousBatcher(model, t, num_slots=2, max_prompt_tokens=64, max_new_tokens=16).run(
+        [("La capitale d'Italia è", Sampling(max_new_tokens=10, temperature=0.0, stop=["[|Umano|]"], **pen))]
+    )[0]["text"]
+    assert r.choices[0].text.strip() == want
     # the label endpoint takes a model too, and an unknown one is a 404 in our error object
     st, body, _ = post(f"{server}/v1/label", {"task": "sentiment", "texts": ["Bellissimo!"], "model": "sentiment-it"})
     assert st == 200 and body["model"] == "sentiment-it"
@@ -296,7 +306,7 @@ def test_errors_cut_every_value_they_quote(server):
         ),
         (
             "chat/completions",
-            {"messages": [{"role": "user", "content": "ciao"}], "frequency_penalty": 0.5},
+            {"messages": [{"role": "user", "content": "ciao"}], "frequency_penalty": 2.5},
             "frequency_penalty",
         ),
         (

@@ -20,11 +20,30 @@ class Sampling:
     # continuous engine: an llguidance grammar the output must match (cerbero_ray.inference.grammar.grammar
     # builds one from a JSON schema, a regex or a choice list); None: free text
     grammar: Optional[str] = None
+    # OpenAI's penalties on the tokens generated so far (not the prompt's), each in [-2, 2]: every
+    # candidate's logit loses frequency_penalty times its count and presence_penalty once if it
+    # appeared; before temperature and top-p, greedy decoding included
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty)
 
     def key(self) -> tuple:
         """Hashable: requests with equal keys can share a batched ``generate`` call."""
         s = self
-        return (s.max_new_tokens, s.temperature, s.top_p, tuple(s.stop), s.seed, s.logprobs, s.grammar)
+        return (
+            s.max_new_tokens,
+            s.temperature,
+            s.top_p,
+            tuple(s.stop),
+            s.seed,
+            s.logprobs,
+            s.grammar,
+            s.frequency_penalty,
+            s.presence_penalty,
+        )
 
 
 def check_sampling(s: Sampling, key: str) -> None:
@@ -35,5 +54,9 @@ def check_sampling(s: Sampling, key: str) -> None:
         raise ValueError(f"{key}.temperature must be >= 0, got {s.temperature}")
     if not 0 < float(s.top_p) <= 1:
         raise ValueError(f"{key}.top_p must be in (0, 1], got {s.top_p}")
+    for k in ("frequency_penalty", "presence_penalty"):
+        v = float(getattr(s, k))
+        if not -2 <= v <= 2:  # also NaN
+            raise ValueError(f"{key}.{k} must be in [-2, 2] (OpenAI's range), got {getattr(s, k)}")
     if any(not x for x in s.stop):
         raise ValueError(f"{key}.stop: stop strings must be non-empty")

@@ -185,7 +185,8 @@ def conversation_text(messages: list[dict]) -> str:
 
 def run_identity(gc: GenerateConfig) -> dict:
     """What fixes a generation run's output: another run into the same folder must match it (a
-    constraint only when set, so an earlier unconstrained run's folder still matches)."""
+    constraint and the sampling penalties only when set, so an earlier run's folder without them
+    still matches)."""
     out = {
         k: asdict(v) if is_dataclass(v := getattr(gc, k)) else v
         for k in (
@@ -201,6 +202,9 @@ def run_identity(gc: GenerateConfig) -> dict:
             "engine",
         )
     }
+    for k in ("frequency_penalty", "presence_penalty"):
+        if not out["sampling"][k]:
+            del out["sampling"][k]
     for k in ("constraint", "user_constraint"):
         c = getattr(gc, k)
         if c.kind is not None:

@@ -14,6 +14,10 @@ and non-streaming requests share the same batch. With LoRA adapters loaded
 (:mod:`cerbero_ray.inference.multilora`), requests for different adapters (and the base) share it
 too: each slot's adapter is a row of a table the model's adapted layers gather from.
 
+OpenAI's frequency and presence penalties (``Sampling``) lower the logits of the tokens a request
+has generated (its own counts, kept per slot on the device); a request with one runs in sampling
+steps, where they apply, greedy or not.
+
 A request ends at the end-of-sequence token, at one of its stop strings (cut from the text) or at
 ``max_new_tokens``; text that could be the start of a stop string, or an incomplete UTF-8
 character, is held back until it is decided.
@@ -389,7 +393,7 @@ class ContinuousBatcher:
         rows sampled under them; None if every row ended meanwhile."""
         n = max(r.slot for r in rows) + 1
         length = max(len(r.ids) + r.launched for r in rows)  # the longest row's position + 1
-        sampling = any(r.sampling.temperature > 0 for r in rows)
+        sampling = any(r.sampling.temperature > 0 or r.sampling.penalized for r in rows)
         masked = any(r.matcher is not None for r in rows)
         if masked:
             logits = self.slots.forward(n, length, self.graphs)
@@ -524,7 +528,8 @@ class ContinuousBatcher:
         return bits
 
     def _start(self, new: list[_Request], logits: torch.Tensor) -> None:
-        """Sample the first tokens of prompts just prefilled, start their slots on the device."""
+        """Sample the first tokens of prompts just prefilled (no token generated yet: no penalty
+        applies), start their slots on the device."""
         temp = [r.sampling.temperature for r in new]
         top_p = [r.sampling.top_p for r in new]
         u = torch.tensor([r.rng.random() for r in new], dtype=torch.float32)
@@ -536,7 +541,9 @@ class ContinuousBatcher:
             held = mask_logits(logits, self._bits(new, len(new), by_slot=False).to(logits.device))
         tokens = sample(held, torch.tensor(temp, dtype=f32), torch.tensor(top_p, dtype=f32), u)
         slots = [r.slot for r in new]
-        self.slots.set_sampling(slots, temp, top_p)
+        self.slots.set_sampling(
+            slots, temp, top_p, [r.sampling.frequency_penalty for r in new], [r.sampling.presence_penalty for r in new]
+        )
         going = [i for i, r in enumerate(new) if r.sampling.max_new_tokens > 1]
         if going:
             idx = torch.tensor(going, device=tokens.device)

@@ -6,7 +6,8 @@ Prompts are already rendered (chat template applied) and encoded by
 system line). They are sorted by length and run in left-padded batches of ``batch_size``; ``stop``
 strings end a sequence (transformers' ``stop_strings``) and are cut from the text.
 ``finish_reason`` is ``stop`` (a stop string or the end-of-sequence token) or ``length``
-(``max_new_tokens`` reached).
+(``max_new_tokens`` reached). Frequency and presence penalties run as a logits processor over the
+tokens generated past the padded prompts (:class:`Penalties`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,24 @@ import torch
 
 from cerbero_ray.inference.sampling import Sampling, cut_at_stop
 from cerbero_ray.tokenizer import encode_prompts
+
+
+class Penalties:
+    """A transformers logits processor: OpenAI's frequency and presence penalties on the tokens
+    generated so far, those past the first ``width`` (the left-padded prompts)."""
+
+    def __init__(self, width: int, frequency: float, presence: float):
+        self.width, self.frequency, self.presence = width, frequency, presence
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        from cerbero_ray.inference.sampling import penalize
+
+        new = input_ids[:, self.width :]
+        counts = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device)
+        counts.scatter_add_(1, new, torch.ones(new.shape, dtype=scores.dtype, device=scores.device))
+        rows = scores.shape[0]
+        f = torch.full((rows,), self.frequency, dtype=scores.dtype, device=scores.device)
+        return penalize(scores, counts, f, torch.full_like(f, self.presence))
 
 
 class Generator:
@@ -62,7 +81,14 @@ class Generator:
         pad = self.tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        gen = self.model.generate(input_ids=input_ids, attention_mask=mask, **self.generate_kwargs(s))
+        kwargs = self.generate_kwargs(s)
+        if s.penalized:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [Penalties(width, s.frequency_penalty, s.presence_penalty)]
+            )
+        gen = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         out = []
         for row in gen[:, width:].tolist():
             n = next((k + 1 for k, t in enumerate(row) if t == self.tok.eos_token_id), None)

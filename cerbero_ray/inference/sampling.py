@@ -7,13 +7,23 @@ import torch
 
 from cerbero_ray.config.sampling import Sampling, check_sampling
 
-__all__ = ["Sampling", "check_sampling", "cut_at_stop", "sample"]
+__all__ = ["Sampling", "check_sampling", "cut_at_stop", "penalize", "sample"]
 
 
 def cut_at_stop(text: str, stop) -> tuple[str, bool]:
     """``text`` up to the first stop string, and whether one was found."""
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     return (text[: min(hits)], True) if hits else (text, False)
+
+
+def penalize(
+    logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties: each row's logits less ``frequency`` times how
+    often each token was generated so far (``counts``, ``[rows, vocab]``) and less ``presence``
+    for each token generated at all. A row with both at 0 is unchanged, bit for bit."""
+    seen = (counts > 0).to(logits.dtype)
+    return logits - counts.to(logits.dtype) * frequency[:, None] - seen * presence[:, None]
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

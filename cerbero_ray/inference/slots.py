@@ -312,9 +312,15 @@ class SlotModel:
         self.temp = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
         self.top_p = torch.ones(num_slots, dtype=torch.float32, device=self.device)
         self.u = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
-        # constrained rows: each slot's bitmask of allowed next tokens (all ones: unconstrained)
         vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width (LoRA wraps keep .weight)
         self.vocab = vocab
+        # frequency and presence penalties: each slot's two factors and how often it generated each
+        # token (float32, as the logits; 4 bytes per slot and vocabulary entry). Applied and counted
+        # in sampling steps only: a request with a penalty makes its steps sampling ones
+        self.freq = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
+        self.pres = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
+        self.counts = torch.zeros(num_slots, vocab, dtype=torch.float32, device=self.device)
+        # constrained rows: each slot's bitmask of allowed next tokens (all ones: unconstrained)
         self.bits = torch.full((num_slots, (vocab + 31) // 32), -1, dtype=torch.int32, device=self.device)
         # (length bucket, rows, sampling); ("forward", length bucket, rows); ("pick", length bucket, rows, sampling)
         self.step_graphs: dict[tuple, tuple] = {}
@@ -756,16 +762,29 @@ class SlotModel:
         dst[idx] = _to(val, self.device).to(dst.dtype)
 
     def start(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> None:
-        """Slots begin decoding: ``tokens`` (device) at ``positions`` (each prompt's length)."""
+        """Slots begin decoding: ``tokens`` (device) at ``positions`` (each prompt's length); each
+        slot's generated-token counts start at its first token."""
         self._put(self.cur_ids, slots, tokens)
         self._put(self.cur_pos, slots, positions)
+        idx = _to(torch.tensor(slots), self.device)
+        self.counts[idx] = 0.0
+        self.counts[idx, tokens.to(self.device)] = 1.0
 
     def stop(self, slot: int) -> None:
         self.cur_pos[slot] = -1
 
-    def set_sampling(self, slots: list[int], temperature: list[float], top_p: list[float]) -> None:
+    def set_sampling(
+        self,
+        slots: list[int],
+        temperature: list[float],
+        top_p: list[float],
+        frequency: list[float] | None = None,
+        presence: list[float] | None = None,
+    ) -> None:
         self._put(self.temp, slots, temperature)
         self._put(self.top_p, slots, top_p)
+        self._put(self.freq, slots, frequency or [0.0] * len(slots))
+        self._put(self.pres, slots, presence or [0.0] * len(slots))
 
     def set_bits(self, bits: torch.Tensor) -> None:
         """This step's bitmasks of allowed tokens (every slot; CPU int32 ``[slots, words]``)."""
@@ -786,12 +805,17 @@ class SlotModel:
         ``bits``) and advance the state of the slots that decode; returns (tokens, logits: before
         any mask, what logprobs report)."""
         from cerbero_ray.inference.grammar import mask_logits
-        from cerbero_ray.inference.sampling import sample
+        from cerbero_ray.inference.sampling import penalize, sample
 
         ids, pos, logits = self.cur_ids[:n], self.cur_pos[:n], logits[:n]
         held = mask_logits(logits, self.bits[:n]) if masked else logits
-        tokens = sample(held, self.temp[:n], self.top_p[:n], self.u[:n]) if sampling else held.argmax(-1)
         live = pos >= 0
+        if sampling:  # penalties, then the sampler; the tokens of the decoding slots are counted
+            held = penalize(held, self.counts[:n], self.freq[:n], self.pres[:n])
+            tokens = sample(held, self.temp[:n], self.top_p[:n], self.u[:n])
+            self.counts[:n].scatter_add_(1, tokens[:, None], live[:, None].to(self.counts.dtype))
+        else:
+            tokens = held.argmax(-1)
         self.cur_ids[:n] = torch.where(live, tokens, ids)
         self.cur_pos[:n] = torch.where(live, pos + 1, pos)
         return tokens, logits
@@ -838,7 +862,7 @@ class SlotModel:
 
         def capture():  # against the forward graph's output, which every replay rewrites in place
             return self._captured(
-                lambda c: self._pick(logits, rows, sampling, True), restore=(self.cur_ids, self.cur_pos)
+                lambda c: self._pick(logits, rows, sampling, True), restore=(self.cur_ids, self.cur_pos, self.counts)
             )
 
         captured = fwd is not None and fwd[1] is logits
@@ -864,7 +888,7 @@ class SlotModel:
     def _capture_step(self, length: int, rows: int, sampling: bool):
         # the warm-up runs advance the device state: it is put back
         body = lambda c: self._step(rows, length, sampling, c)  # noqa: E731
-        return self._captured(body, restore=(self.cur_ids, self.cur_pos))
+        return self._captured(body, restore=(self.cur_ids, self.cur_pos, self.counts))
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -258,9 +258,6 @@ class CerberoServer:
         max_tokens = mct or req.max_tokens or sc.default_max_tokens
         if max_tokens > sc.max_new_tokens:
             raise APIError(400, f"{field} {short(max_tokens)} is over this server's limit {sc.max_new_tokens}", field)
-        for k in ("frequency_penalty", "presence_penalty"):
-            if getattr(req, k) not in (None, 0):
-                raise APIError(400, f"{k} is not supported (only 0)", k)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options needs stream: true", "stream_options")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -281,6 +278,8 @@ class CerberoServer:
             seed=req.seed,
             logprobs=logprobs,
             grammar=await self._grammar(req),
+            frequency_penalty=req.frequency_penalty or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
         )
         return s, ids
 

@@ -67,9 +67,9 @@ class Sampled(Strict):
     seed: Optional[int] = None
     user: Optional[Text] = None
     n: int = Field(default=1, ge=1, le=1)
-    # accepted as clients and frameworks send them, at their neutral value only (checked in the app)
-    frequency_penalty: Optional[float] = Field(default=None, allow_inf_nan=False)
-    presence_penalty: Optional[float] = Field(default=None, allow_inf_nan=False)
+    # OpenAI's penalties on the tokens generated so far (both engines; null: 0)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     # constrained decoding as vLLM names it (engine=continuous): one of these, or response_format
     guided_choice: Optional[list[Text]] = Field(default=None, max_length=256)
     guided_regex: Optional[Text] = Field(default=None, max_length=4096)
