@@ -410,6 +410,8 @@ def test_errors_cut_every_value_they_quote(server):
         ("completions", {"prompt": "ciao", "guided_json": "{not json"}, "guided_json"),
         ("completions", {"prompt": "ciao", "guided_choice": ["a"], "guided_regex": "b"}, "guided_regex"),
         ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "top_logprobs": 2}, "top_logprobs"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "n": 9}, "n"),  # serve.max_choices
+        ("completions", {"prompt": "ciao", "n": 0}, "n"),
         (
             "chat/completions",
             {"messages": [{"role": "user", "content": "ciao"}], "logprobs": True, "top_logprobs": 21},
@@ -572,6 +574,81 @@ def test_an_assistant_message_last_is_continued(server):
     status, out, _ = post(f"{server}/v1/chat/completions", body)
     assert status == 200 and isinstance(out["choices"][0]["message"]["content"], str), out
     assert out["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 2
+
+
+def n_choices_roundtrip(server, stream: bool = True, singles: bool = False):
+    """``n`` choices: indices 0..n-1, different samples, the same ones when the request comes again
+    (seeded), the usage summed over the choices; streamed, each choice's pieces under its index add
+    up to its answer. ``singles`` (an engine that runs each seed alone: hf): choice i is the answer
+    of the request with n=1 and seed + i x 1,000,003. (On the continuous engine three rows decode
+    together where one decoded alone, and a random model's flat distribution turns the last bits
+    of a batch-shaped matrix product into another sample: not comparable token for token.)"""
+    from openai import OpenAI
+
+    from cerbero_ray.serve.app import CHOICE_SEED_STEP
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEY)
+    kw = dict(model="cerbero", messages=[{"role": "user", "content": "Raccontami qualcosa."}], max_tokens=8)
+    kw |= dict(temperature=0.9, seed=11)
+    r = client.chat.completions.create(n=3, **kw)
+    texts = [c.message.content for c in r.choices]
+    assert [c.index for c in r.choices] == [0, 1, 2] and len(set(texts)) > 1  # different samples
+    assert [c.message.content for c in client.chat.completions.create(n=3, **kw).choices] == texts
+    assert 3 <= r.usage.completion_tokens <= 3 * 8
+    if singles:
+        alone = [client.chat.completions.create(**{**kw, "seed": 11 + i * CHOICE_SEED_STEP}) for i in range(3)]
+        assert texts == [a.choices[0].message.content for a in alone]
+        assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+        assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    if not stream:
+        return
+    chunks = list(client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw))
+    pieces, ends = ["", "", ""], {}
+    for c in chunks:
+        for ch in c.choices:
+            pieces[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                ends[ch.index] = ch.finish_reason
+    assert [t.strip() for t in pieces] == texts
+    assert ends == {i: c.finish_reason for i, c in enumerate(r.choices)}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_n_choices_through_the_openai_client(server):
+    n_choices_roundtrip(server)
+
+
+def test_a_merged_stream_closed_early_closes_every_choice():
+    """``n`` streams become one (:func:`cerbero_ray.serve.app._merged`): a client that leaves after
+    the first piece closes every choice's stream (each frees its slot in its ``finally``)."""
+    import asyncio
+
+    from cerbero_ray.serve.app import _merged
+
+    closed = []
+
+    async def choice(i):
+        try:
+            for k in range(100):
+                yield f"{i}:{k}"
+                await asyncio.sleep(0.01)
+        finally:
+            closed.append(i)
+
+    async def client():
+        got = []
+        merged = _merged([choice(i) for i in range(3)])
+        async for i, piece in merged:
+            got.append((i, piece))
+            if len(got) == 4:
+                break
+        await merged.aclose()
+        return got
+
+    got = asyncio.run(client())
+    assert len(got) == 4 and {i for i, _ in got} == {0, 1, 2} and all(p.startswith(f"{i}:") for i, p in got)
+    assert sorted(closed) == [0, 1, 2]
 
 
 def test_logprobs_come_with_each_token(server):

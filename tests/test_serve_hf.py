@@ -3,7 +3,7 @@
 completion and streaming, as in test_serve.py (which runs the default, continuous engine)."""
 
 import pytest
-from test_serve import KEY, openai_roundtrip
+from test_serve import KEY, n_choices_roundtrip, openai_roundtrip, post
 
 from cerbero_ray.config import compose, to_container
 from conftest import free_port
@@ -39,3 +39,12 @@ def hf_server(tiny_hf, ray_local):
 
 def test_openai_client_on_the_hf_engine(hf_server):
     openai_roundtrip(hf_server, models=("cerbero",))
+
+
+def test_n_choices_on_the_hf_engine(hf_server):
+    """``n`` choices on transformers' generate: each the answer of its own seed, as on the continuous
+    engine; streaming several needs the continuous engine, a 400 naming ``n``."""
+    n_choices_roundtrip(hf_server, stream=False, singles=True)
+    body = {"messages": [{"role": "user", "content": "ciao"}], "n": 2, "stream": True}
+    status, out, _ = post(f"{hf_server}/v1/chat/completions", body)
+    assert status == 400 and out["error"]["param"] == "n" and "engine=continuous" in out["error"]["message"]

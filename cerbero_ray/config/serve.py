@@ -65,6 +65,7 @@ class ServeConfig:
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512  # the most a request may ask for
     default_max_tokens: int = 128
+    max_choices: int = 8  # the most `n` a request may ask for (each choice decodes in a slot of its own)
     max_label_texts: int = 64
     # what one /v1/label request with an inline task may cost: texts x (the task's prompt + every
     # label's answer, each scored per text), in tokens; the scorer's batch budget is 16,384
@@ -101,6 +102,7 @@ def check_serve(c: ServeStageConfig, before: frozenset = frozenset()) -> None:
             "max_prompt_tokens",
             "max_new_tokens",
             "default_max_tokens",
+            "max_choices",
             "max_label_texts",
             "max_label_tokens",
             "port",

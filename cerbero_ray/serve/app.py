@@ -26,6 +26,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -106,7 +107,9 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _choice(kind: str, text: str, finish: str | None, delta: bool = False, logprobs: list | None = None) -> dict:
+def _choice(
+    kind: str, text: str, finish: str | None, delta: bool = False, logprobs: list | None = None, index: int = 0
+) -> dict:
     if kind == "chat" and delta:
         body = {"delta": {"role": "assistant", "content": text} if text else {}}
     elif kind == "chat":
@@ -115,7 +118,7 @@ def _choice(kind: str, text: str, finish: str | None, delta: bool = False, logpr
         body = {"text": text, "logprobs": None}
     if kind == "chat":
         body["logprobs"] = {"content": logprobs} if logprobs is not None else None
-    return {"index": 0, **body, "finish_reason": finish}
+    return {"index": index, **body, "finish_reason": finish}
 
 
 def _token(tok, token_id: int) -> tuple[str, list[int]]:
@@ -140,6 +143,47 @@ def openai_logprobs(tok, entries: list[dict]) -> list[dict]:
             top.append({"token": t, "logprob": lp, "bytes": b})
         out.append({"token": text, "logprob": e["logprob"], "bytes": raw, "top_logprobs": top})
     return out
+
+
+CHOICE_SEED_STEP = 1_000_003  # choice i of a seeded request with n > 1 draws with seed + i x this
+
+
+def _choices(s: Sampling, n: int) -> list[Sampling]:
+    """The sampling settings of each of ``n`` choices: the first is the request's own (so choice 0
+    is what the request with n=1 answers), each other one seeded apart (or unseeded, as the request)."""
+    return [s if i == 0 or s.seed is None else replace(s, seed=s.seed + i * CHOICE_SEED_STEP) for i in range(n)]
+
+
+async def _merged(streams: list):
+    """(index, item) from several async iterators as they come; closing it (a client that left)
+    cancels every one that is still running."""
+    q: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i, it):
+        try:
+            async for x in it:
+                await q.put((i, x))
+        except Exception as e:  # the engine's error reaches the client's stream as for n=1
+            await q.put((i, e))
+        finally:
+            await q.put((i, end))
+
+    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, x = await q.get()
+            if x is end:
+                left -= 1
+            elif isinstance(x, Exception):
+                raise x
+            else:
+                yield i, x
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _usage(prompt: int, new: int) -> dict:
@@ -353,39 +397,43 @@ class CerberoServer:
         self,
         prompt: str,
         ids: list[int],
-        s: Sampling,
+        samplings: list[Sampling],
         kind: str,
         rid: str,
         include_usage: bool = False,
         adapter: tuple[int, str] = (0, ""),
     ):
-        """Server-sent events. The usage rides on the finishing chunk; with ``stream_options.include_usage``
-        it comes as OpenAI sends it instead: a last chunk of its own, with no choices."""
-        (index, model), tok = adapter, self.engine.tok
+        """Server-sent events, each choice's pieces under its ``index`` as they come. The usage (every
+        choice's tokens) rides on the last finishing chunk; with ``stream_options.include_usage`` it
+        comes as OpenAI sends it instead: a last chunk of its own, with no choices."""
+        (index, model), tok, s = adapter, self.engine.tok, samplings[0]
+        left, new_tokens = len(samplings), 0
 
-        def sse(piece) -> str:
+        def sse(i: int, piece) -> str:
+            nonlocal left, new_tokens
             if isinstance(piece, dict):
-                last = _choice(kind, "", piece["finish_reason"], delta=True)
-                usage = _usage(piece["prompt_tokens"], piece["new_tokens"])
+                left, new_tokens = left - 1, new_tokens + piece["new_tokens"]
+                last = _choice(kind, "", piece["finish_reason"], delta=True, index=i)
+                usage = _usage(piece["prompt_tokens"], new_tokens) if not left else None
                 if include_usage:
-                    return _sse(_envelope(kind, rid, model, [last], None, chunk=True)) + _sse(
-                        _envelope(kind, rid, model, [], usage, chunk=True)
-                    )
+                    tail = _sse(_envelope(kind, rid, model, [], usage, chunk=True)) if usage else ""
+                    return _sse(_envelope(kind, rid, model, [last], None, chunk=True)) + tail
                 return _sse(_envelope(kind, rid, model, [last], usage, chunk=True))
             lps = openai_logprobs(tok, piece.logprobs) if s.logprobs is not None else None
-            return _sse(_envelope(kind, rid, model, [_choice(kind, piece, None, True, lps)], None, chunk=True))
+            return _sse(_envelope(kind, rid, model, [_choice(kind, piece, None, True, lps, i)], None, chunk=True))
 
         if self.engine.batcher is not None:
 
             async def events():  # on the event loop: no thread per open stream
-                async for piece in self.engine.batcher.astream(prompt, s, ids, index):
-                    yield sse(piece)
+                streams = [self.engine.batcher.astream(prompt, x, ids, index) for x in samplings]
+                async for i, piece in _merged(streams):
+                    yield sse(i, piece)
                 yield "data: [DONE]\n\n"
-        else:
+        else:  # one choice (n > 1 streams need the continuous engine: refused before)
 
             def events():
                 for piece in self.engine.stream(prompt, s):
-                    yield sse(piece)
+                    yield sse(0, piece)
                 yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -394,19 +442,26 @@ class CerberoServer:
         self._auth(request)
         s, ids = await self._sampling(req, prompt)
         index, model = self._adapter(req.model)
+        if req.n > self.sc.max_choices:
+            raise APIError(400, f"n {req.n} is over this server's limit {self.sc.max_choices} (serve.max_choices)", "n")
+        if req.n > 1 and req.stream and self.engine.batcher is None:
+            raise APIError(400, "n > 1 with stream: true needs serve.engine=continuous (this server runs hf)", "n")
+        samplings = _choices(s, req.n)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(prompt, ids, s, kind, rid, usage, (index, model))
+            return self._stream(prompt, ids, samplings, kind, rid, usage, (index, model))
         if self.engine.batcher is not None:  # joins the running batch (every adapter's) at the next step
-            r = await self.engine.batcher.agenerate(prompt, s, ids, index)
+            rs = await asyncio.gather(*(self.engine.batcher.agenerate(prompt, x, ids, index) for x in samplings))
         else:
-            r = await self._generate_batch((prompt, s))
-        lps = openai_logprobs(self.engine.tok, r["logprobs"]) if s.logprobs is not None else None
-        choice = _choice(kind, r["text"], r["finish_reason"], logprobs=lps)
-        if "constraint" in r:  # a constrained answer says whether it reached its grammar's end
-            choice["constraint"] = r["constraint"]
-        return _envelope(kind, rid, model, [choice], _usage(r["prompt_tokens"], r["new_tokens"]))
+            rs = await asyncio.gather(*(self._generate_batch((prompt, x)) for x in samplings))
+        choices = []
+        for i, r in enumerate(rs):
+            lps = openai_logprobs(self.engine.tok, r["logprobs"]) if s.logprobs is not None else None
+            choices.append(_choice(kind, r["text"], r["finish_reason"], logprobs=lps, index=i))
+            if "constraint" in r:  # a constrained answer says whether it reached its grammar's end
+                choices[-1]["constraint"] = r["constraint"]
+        return _envelope(kind, rid, model, choices, _usage(rs[0]["prompt_tokens"], sum(r["new_tokens"] for r in rs)))
 
     # ── endpoints ───────────────────────────────────────────────────────────
     @app.post("/v1/chat/completions")

@@ -66,7 +66,7 @@ class Sampled(Strict):
     stream_options: Optional[StreamOptions] = None
     seed: Optional[int] = None
     user: Optional[Text] = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1)  # choices, each its own answer (at most serve.max_choices; checked in the app)
     # OpenAI's penalties on the tokens generated so far (both engines; null: 0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
