@@ -93,6 +93,18 @@ def model_type(path: str, base: str | None = None) -> str | None:
     return storage.read_json(storage.join(path, "config.json")).get("model_type")
 
 
+def check_logit_bias(bias: dict | None, key: str, checkpoint: str, base: str | None = None) -> None:
+    """``ValueError`` naming ``key`` when a logit bias names a token id past the vocabulary the
+    checkpoint's config.json declares (an adapter's: its base's)."""
+    if not bias:
+        return
+    path = adapters.base_of(checkpoint, base) if adapters.is_adapter(checkpoint) else checkpoint
+    vocab = storage.read_json(storage.join(path, "config.json")).get("vocab_size")
+    bad = sorted(t for t in bias if vocab is not None and t >= vocab)
+    if bad:
+        raise ValueError(f"{key}: token id(s) {bad[:5]} outside {checkpoint}'s vocabulary (0..{vocab - 1})")
+
+
 def check_inference(checkpoint: str, engine: str, stage: str, base: str | None = None) -> None:
     """What a stage that generates with ``checkpoint`` checks once it can read it: a whole HF model
     or adapter (``<stage>.checkpoint``; ``base``: an adapter's) of an architecture the engine runs

@@ -34,6 +34,15 @@ def test_a_whole_checkpoint_passes(good):
     check_weights(good, "label.checkpoint")
 
 
+def test_a_logit_bias_past_the_vocabulary_is_named(good):
+    from cerbero_ray.checkpoints import check_logit_bias
+
+    check_logit_bias({0: 1.0, 31999: -100.0}, "generate.sampling.logit_bias", good)
+    check_logit_bias({}, "generate.sampling.logit_bias", good)
+    with pytest.raises(ValueError, match=r"generate.sampling.logit_bias: token id\(s\) \[32000, 40000\] outside"):
+        check_logit_bias({40000: 1.0, 5: 1.0, 32000: 2.0}, "generate.sampling.logit_bias", good)
+
+
 def test_cut_short_weights_are_named_with_their_size(good, tmp_path):
     d = _copy(good, tmp_path)
     f = d / "model.safetensors"

@@ -155,6 +155,10 @@ def test_constrained_answers_and_self_chat_turns_follow_their_format(tmp_path, t
     assert "frequency_penalty" not in run_identity(plain)["sampling"]  # so is one without penalties
     pen = check("generate", compose("generate", [*base, "generate.sampling.presence_penalty=0.5"])).generate
     assert run_identity(pen)["sampling"]["presence_penalty"] == 0.5
+    biased = check("generate", compose("generate", [*base, "+generate.sampling.logit_bias={5: -100, 7: 2.5}"]))
+    assert (
+        biased.generate.sampling.logit_bias == {5: -100.0, 7: 2.5} and "logit_bias" not in run_identity(pen)["sampling"]
+    )
     ask = r"Domanda: [a-z ]{4,30}\?"
     chat = [
         *base,
@@ -185,6 +189,7 @@ def test_constrained_answers_and_self_chat_turns_follow_their_format(tmp_path, t
         (["generate.user_constraint.kind=json_object"], "generate.user_constraint: the human's turns are self_chat"),
         (["generate.sampling.frequency_penalty=2.5"], r"generate.sampling.frequency_penalty must be in \[-2, 2\]"),
         (["generate.sampling.presence_penalty=nan"], r"generate.sampling.presence_penalty must be in \[-2, 2\]"),
+        (["+generate.sampling.logit_bias={5: 200}"], r"generate.sampling.logit_bias.5 must be in \[-100, 100\]"),
     ]:
         with pytest.raises(ValueError, match=says):
             check("generate", compose("generate", [*base, *bad]))

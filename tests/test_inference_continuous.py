@@ -180,6 +180,10 @@ def test_bad_requests_and_truncation(model, tok):
         cb.submit([], Sampling(max_new_tokens=4), lambda x: None)
     with pytest.raises(ValueError, match="prompt tokens"):
         cb.submit(list(range(1, 18)), Sampling(max_new_tokens=4), lambda x: None)
+    with pytest.raises(ValueError, match=r"logit_bias: token id\(s\) \[32000\] outside the vocabulary \(0..31999\)"):
+        cb.submit([1, 2, 3], Sampling(max_new_tokens=4, logit_bias={5: 1.0, 32000: 1.0}), lambda x: None)
+    with pytest.raises(ValueError, match=r"logit_bias: token id\(s\) \[32000\] outside the vocabulary"):
+        Generator(model, tok).generate(["ciao"], Sampling(max_new_tokens=4, logit_bias={32000: -100.0}))
     r = cb.generate(["parola " * 40], Sampling(max_new_tokens=4, temperature=0.0, stop=()))[0]
     assert r["truncated"] and r["prompt_tokens"] == 16 and r["new_tokens"] == 4
 
@@ -540,12 +544,15 @@ def test_logprobs_and_seeds_through_the_in_flight_steps(model, tok):
 
 
 def _penalized_reference(model, ids: list[int], s: Sampling, eos: int) -> list[int]:
-    """Greedy decoding under OpenAI's penalties the slow way: the whole text through the model for
-    every token, each candidate's logit less frequency x its count so far and presence if it is there."""
+    """Greedy decoding under OpenAI's penalties and logit bias the slow way: the whole text through
+    the model for every token, each candidate's logit plus its bias, less frequency x its count so
+    far and presence if it is there."""
     out: list[int] = []
     with torch.no_grad():
         for _ in range(s.max_new_tokens):
             logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+            for t, b in (s.logit_bias or {}).items():
+                logits[t] += b
             for t in set(out):
                 logits[t] -= s.frequency_penalty * out.count(t) + s.presence_penalty
             out.append(int(logits.argmax()))
@@ -554,21 +561,25 @@ def _penalized_reference(model, ids: list[int], s: Sampling, eos: int) -> list[i
     return out
 
 
-@pytest.mark.parametrize("penalties", [(1.5, 0.5), (-1.0, 0.0), (0.0, 2.0)])
+@pytest.mark.parametrize("penalties", [(1.5, 0.5, False), (-1.0, 0.0, False), (0.0, 2.0, False), (0.5, 0.0, True)])
 def test_penalties_give_the_reference_greedy_text_in_both_engines(model, tok, penalties):
-    """Frequency and presence penalties (greedy, so every token can be checked): both engines give
-    the reference loop's tokens, the continuous one beside unpenalized rows that keep their own text;
-    a seeded penalized sample is the same alone or in a crowd."""
-    f, p = penalties
+    """Frequency and presence penalties and a logit bias (greedy, so every token can be checked):
+    both engines give the reference loop's tokens, the continuous one beside plain rows that keep
+    their own text; a seeded adjusted sample is the same alone or in a crowd."""
+    f, p, biased = penalties
     s = Sampling(max_new_tokens=20, temperature=0.0, stop=(), frequency_penalty=f, presence_penalty=p)
     prompts = [chat(tok, x) for x in PROMPTS[:3]]
     cb = ContinuousBatcher(model, tok, num_slots=4, max_prompt_tokens=128, max_new_tokens=32)
     ids, _ = cb.encode(prompts)
+    if biased:  # the plain answers' first tokens banned, the first prompt's third one favoured
+        firsts = [_penalized_reference(model, x, replace(GREEDY_20, max_new_tokens=3), -1) for x in ids]
+        s = replace(s, logit_bias={**{a[0]: -100.0 for a in firsts}, firsts[0][2]: 3.0})
     want = [
         tok.decode(_penalized_reference(model, x, s, tok.eos_token_id), skip_special_tokens=True).strip() for x in ids
     ]
-    plain = [r["text"] for r in cb.run([(x, replace(s, frequency_penalty=0.0, presence_penalty=0.0)) for x in prompts])]
-    assert want != plain  # the penalties change the answers of this model
+    neutral = replace(s, frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None)
+    plain = [r["text"] for r in cb.run([(x, neutral) for x in prompts])]
+    assert want != plain  # the penalties (the bias) change the answers of this model
     mixed = cb.run([(x, y) for x in prompts for y in (s, GREEDY_20)])
     assert [r["text"] for r in mixed[0::2]] == want
     assert [r["text"] for r in mixed[1::2]] == [r["text"] for r in cb.run([(x, GREEDY_20) for x in prompts])]
@@ -576,7 +587,8 @@ def test_penalties_give_the_reference_greedy_text_in_both_engines(model, tok, pe
     sampled = replace(s, temperature=0.9, top_p=0.95, seed=5)
     alone = cb.run([(prompts[0], sampled)])[0]["text"]
     assert cb.run([(prompts[0], sampled), (prompts[1], s), (prompts[2], GREEDY)])[0]["text"] == alone
-    assert alone != cb.run([(prompts[0], replace(sampled, frequency_penalty=0.0, presence_penalty=0.0))])[0]["text"]
+    unadjusted = replace(sampled, frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None)
+    assert alone != cb.run([(prompts[0], unadjusted)])[0]["text"]
     cb.close()
 
 

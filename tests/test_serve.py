@@ -10,6 +10,7 @@ import os
 import random
 import urllib.error
 import urllib.request
+from dataclasses import replace
 
 import pytest
 
@@ -157,16 +158,25 @@ def test_each_adapter_by_name_in_one_endpoint(server, tiny_hf, tiny_adapters, to
             [("La capitale d'Italia è", s)]
         )[0]["text"]
         assert {text.strip() for m, text in got if m == name} == {want}, name
-    # penalties reach the engine, an adapter's rows included
-    pen = dict(frequency_penalty=1.5, presence_penalty=0.5)
-    r = client.completions.create(
-        model="sentiment-it", prompt="La capitale d'Italia è", max_tokens=10, temperature=0, **pen
-    )
+    # penalties and a logit bias reach the engine, an adapter's rows included: the adapter's greedy
+    # first token banned, another token favoured
     model, t = load_for_inference(tiny_adapters["sentiment-it"], "float32")
-    want = ContinuousBatcher(model, t, num_slots=2, max_prompt_tokens=64, max_new_tokens=16).run(
-        [("La capitale d'Italia è", Sampling(max_new_tokens=10, temperature=0.0, stop=["[|Umano|]"], **pen))]
-    )[0]["text"]
-    assert r.choices[0].text.strip() == want
+    engine = ContinuousBatcher(model, t, num_slots=2, max_prompt_tokens=64, max_new_tokens=16)
+    plain = engine.run([("La capitale d'Italia è", replace(s, logprobs=0))])[0]
+    bias = {plain["logprobs"][0]["id"]: -100.0, 1000: 2.5}
+    adjusted = replace(s, frequency_penalty=1.5, presence_penalty=0.5, logit_bias=bias)
+    r = client.completions.create(
+        model="sentiment-it",
+        prompt="La capitale d'Italia è",
+        max_tokens=10,
+        temperature=0,
+        frequency_penalty=1.5,
+        presence_penalty=0.5,
+        logit_bias={str(k): v for k, v in bias.items()},
+    )
+    want = engine.run([("La capitale d'Italia è", adjusted)])[0]["text"]
+    assert r.choices[0].text.strip() == want != plain["text"]
+    engine.close()
     # the label endpoint takes a model too, and an unknown one is a 404 in our error object
     st, body, _ = post(f"{server}/v1/label", {"task": "sentiment", "texts": ["Bellissimo!"], "model": "sentiment-it"})
     assert st == 200 and body["model"] == "sentiment-it"
@@ -411,6 +421,10 @@ def test_errors_cut_every_value_they_quote(server):
         ("completions", {"prompt": "ciao", "guided_choice": ["a"], "guided_regex": "b"}, "guided_regex"),
         ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "top_logprobs": 2}, "top_logprobs"),
         ("chat/completions", {"messages": [{"role": "user", "content": "ciao"}], "n": 9}, "n"),  # serve.max_choices
+        ("completions", {"prompt": "ciao", "logit_bias": {"abc": 1}}, "logit_bias"),
+        ("completions", {"prompt": "ciao", "logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+        ("completions", {"prompt": "ciao", "logit_bias": {"32000": 1}}, "logit_bias"),
+        ("completions", {"prompt": "ciao", "logit_bias": {"5": 101}}, "logit_bias.5"),
         ("completions", {"prompt": "ciao", "n": 0}, "n"),
         (
             "chat/completions",

@@ -4,7 +4,7 @@ schema), the engines and the server, and its check."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from cerbero_ray.chat import STOP_STRING
 
@@ -25,10 +25,18 @@ class Sampling:
     # appeared; before temperature and top-p, greedy decoding included
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # OpenAI's logit_bias: token id -> a number in [-100, 100] added to its logit at every token,
+    # before temperature and top-p, greedy included (-100 bans the token, 100 all but forces it)
+    logit_bias: Optional[Dict[int, float]] = field(default_factory=dict)
 
     @property
     def penalized(self) -> bool:
         return bool(self.frequency_penalty or self.presence_penalty)
+
+    @property
+    def adjusted(self) -> bool:
+        """Penalties or a logit bias change its logits (the continuous engine's sampling steps apply them)."""
+        return self.penalized or bool(self.logit_bias)
 
     def key(self) -> tuple:
         """Hashable: requests with equal keys can share a batched ``generate`` call."""
@@ -43,6 +51,7 @@ class Sampling:
             s.grammar,
             s.frequency_penalty,
             s.presence_penalty,
+            tuple(sorted((s.logit_bias or {}).items())),
         )
 
 
@@ -58,5 +67,10 @@ def check_sampling(s: Sampling, key: str) -> None:
         v = float(getattr(s, k))
         if not -2 <= v <= 2:  # also NaN
             raise ValueError(f"{key}.{k} must be in [-2, 2] (OpenAI's range), got {getattr(s, k)}")
+    for t, b in (s.logit_bias or {}).items():
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(f"{key}.logit_bias: keys are token ids (whole numbers >= 0), got {t!r}")
+        if not -100 <= float(b) <= 100:
+            raise ValueError(f"{key}.logit_bias.{t} must be in [-100, 100] (OpenAI's range), got {b}")
     if any(not x for x in s.stop):
         raise ValueError(f"{key}.stop: stop strings must be non-empty")

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from cerbero_ray import batchjob, storage
-from cerbero_ray.checkpoints import check_checkpoint, check_inference
+from cerbero_ray.checkpoints import check_checkpoint, check_inference, check_logit_bias
 from cerbero_ray.config import check
 from cerbero_ray.config.constraint import config_grammar, plain
 from cerbero_ray.config.generate import GenerateConfig, GenerateStageConfig
@@ -185,8 +185,8 @@ def conversation_text(messages: list[dict]) -> str:
 
 def run_identity(gc: GenerateConfig) -> dict:
     """What fixes a generation run's output: another run into the same folder must match it (a
-    constraint and the sampling penalties only when set, so an earlier run's folder without them
-    still matches)."""
+    constraint, the sampling penalties and logit bias only when set, so an earlier run's folder
+    without them still matches)."""
     out = {
         k: asdict(v) if is_dataclass(v := getattr(gc, k)) else v
         for k in (
@@ -202,7 +202,7 @@ def run_identity(gc: GenerateConfig) -> dict:
             "engine",
         )
     }
-    for k in ("frequency_penalty", "presence_penalty"):
+    for k in ("frequency_penalty", "presence_penalty", "logit_bias"):
         if not out["sampling"][k]:
             del out["sampling"][k]
     for k in ("constraint", "user_constraint"):
@@ -253,6 +253,7 @@ def run_generate(cfg: DictConfig | dict | GenerateStageConfig) -> dict:
     c = check("generate", cfg)
     gc = c.generate
     check_inference(gc.checkpoint, gc.engine, "generate", gc.base)
+    check_logit_bias(gc.sampling.logit_bias, "generate.sampling.logit_bias", gc.checkpoint, gc.base)
     sc = gc.self_chat
     if gc.mode == "self_chat" and sc.dedup == "embedding" and sc.dedup_model:
         check_checkpoint(sc.dedup_model, "generate.self_chat.dedup_model")

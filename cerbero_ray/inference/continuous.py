@@ -15,8 +15,8 @@ and non-streaming requests share the same batch. With LoRA adapters loaded
 too: each slot's adapter is a row of a table the model's adapted layers gather from.
 
 OpenAI's frequency and presence penalties (``Sampling``) lower the logits of the tokens a request
-has generated (its own counts, kept per slot on the device); a request with one runs in sampling
-steps, where they apply, greedy or not.
+has generated (its own counts, kept per slot on the device), and its logit bias is added to every
+token's logits; a request with either runs in sampling steps, where they apply, greedy or not.
 
 A request ends at the end-of-sequence token, at one of its stop strings (cut from the text) or at
 ``max_new_tokens``; text that could be the start of a stop string, or an incomplete UTF-8
@@ -221,6 +221,9 @@ class ContinuousBatcher:
             raise ValueError(f"{len(ids)} prompt tokens; at most {self.max_prompt_tokens} (encode with encode())")
         if not 1 <= s.max_new_tokens <= self.max_new_tokens:
             raise ValueError(f"max_new_tokens must be within 1..{self.max_new_tokens}, got {s.max_new_tokens}")
+        bad = [t for t in s.logit_bias or {} if not 0 <= t < self.slots.vocab]
+        if bad:
+            raise ValueError(f"logit_bias: token id(s) {bad[:5]} outside the vocabulary (0..{self.slots.vocab - 1})")
         r = _Request(
             ids,
             s,
@@ -393,7 +396,7 @@ class ContinuousBatcher:
         rows sampled under them; None if every row ended meanwhile."""
         n = max(r.slot for r in rows) + 1
         length = max(len(r.ids) + r.launched for r in rows)  # the longest row's position + 1
-        sampling = any(r.sampling.temperature > 0 or r.sampling.penalized for r in rows)
+        sampling = any(r.sampling.temperature > 0 or r.sampling.adjusted for r in rows)
         masked = any(r.matcher is not None for r in rows)
         if masked:
             logits = self.slots.forward(n, length, self.graphs)
@@ -528,19 +531,22 @@ class ContinuousBatcher:
         return bits
 
     def _start(self, new: list[_Request], logits: torch.Tensor) -> None:
-        """Sample the first tokens of prompts just prefilled (no token generated yet: no penalty
-        applies), start their slots on the device."""
+        """Sample the first tokens of prompts just prefilled (each under its logit bias; no token
+        generated yet: no penalty applies), start their slots on the device."""
         temp = [r.sampling.temperature for r in new]
         top_p = [r.sampling.top_p for r in new]
         u = torch.tensor([r.rng.random() for r in new], dtype=torch.float32)
         f32 = torch.float32
+        slots = [r.slot for r in new]
+        self.slots.set_bias(slots, [r.sampling.logit_bias for r in new])
         held = logits
+        if any(r.sampling.logit_bias for r in new):
+            held = held + self.slots.bias[torch.tensor(slots, device=logits.device)]
         if any(r.matcher is not None for r in new):
             from cerbero_ray.inference.grammar import mask_logits
 
-            held = mask_logits(logits, self._bits(new, len(new), by_slot=False).to(logits.device))
+            held = mask_logits(held, self._bits(new, len(new), by_slot=False).to(logits.device))
         tokens = sample(held, torch.tensor(temp, dtype=f32), torch.tensor(top_p, dtype=f32), u)
-        slots = [r.slot for r in new]
         self.slots.set_sampling(
             slots, temp, top_p, [r.sampling.frequency_penalty for r in new], [r.sampling.presence_penalty for r in new]
         )

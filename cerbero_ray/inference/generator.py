@@ -6,8 +6,8 @@ Prompts are already rendered (chat template applied) and encoded by
 system line). They are sorted by length and run in left-padded batches of ``batch_size``; ``stop``
 strings end a sequence (transformers' ``stop_strings``) and are cut from the text.
 ``finish_reason`` is ``stop`` (a stop string or the end-of-sequence token) or ``length``
-(``max_new_tokens`` reached). Frequency and presence penalties run as a logits processor over the
-tokens generated past the padded prompts (:class:`Penalties`).
+(``max_new_tokens`` reached). Frequency and presence penalties (over the tokens generated past the
+padded prompts) and a logit bias run as a logits processor (:class:`Adjust`).
 """
 
 from __future__ import annotations
@@ -18,22 +18,28 @@ from cerbero_ray.inference.sampling import Sampling, cut_at_stop
 from cerbero_ray.tokenizer import encode_prompts
 
 
-class Penalties:
+class Adjust:
     """A transformers logits processor: OpenAI's frequency and presence penalties on the tokens
-    generated so far, those past the first ``width`` (the left-padded prompts)."""
+    generated so far (those past the first ``width``, the left-padded prompts) and its logit bias."""
 
-    def __init__(self, width: int, frequency: float, presence: float):
-        self.width, self.frequency, self.presence = width, frequency, presence
+    def __init__(self, width: int, s: Sampling):
+        self.width, self.frequency, self.presence = width, s.frequency_penalty, s.presence_penalty
+        self.logit_bias, self.bias = dict(s.logit_bias or {}), None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         from cerbero_ray.inference.sampling import penalize
 
-        new = input_ids[:, self.width :]
-        counts = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device)
-        counts.scatter_add_(1, new, torch.ones(new.shape, dtype=scores.dtype, device=scores.device))
-        rows = scores.shape[0]
-        f = torch.full((rows,), self.frequency, dtype=scores.dtype, device=scores.device)
-        return penalize(scores, counts, f, torch.full_like(f, self.presence))
+        if self.logit_bias and self.bias is None:
+            self.bias = torch.zeros(scores.shape[-1], dtype=scores.dtype, device=scores.device)
+            vals = torch.tensor(list(self.logit_bias.values()), dtype=scores.dtype, device=scores.device)
+            self.bias[torch.tensor(list(self.logit_bias), device=scores.device)] = vals
+        if self.frequency or self.presence:
+            new = input_ids[:, self.width :]
+            counts = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device)
+            counts.scatter_add_(1, new, torch.ones(new.shape, dtype=scores.dtype, device=scores.device))
+            f = torch.full((scores.shape[0],), self.frequency, dtype=scores.dtype, device=scores.device)
+            scores = penalize(scores, counts, f, torch.full_like(f, self.presence))
+        return scores if self.bias is None else scores + self.bias
 
 
 class Generator:
@@ -64,6 +70,10 @@ class Generator:
         """Per prompt: ``text``, ``finish_reason``, ``prompt_tokens``, ``new_tokens``, ``truncated``."""
         if not prompts:
             return []
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        bad = [t for t in sampling.logit_bias or {} if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias: token id(s) {bad[:5]} outside the vocabulary (0..{vocab - 1})")
         ids, truncated = encode_prompts(self.tok, prompts, self.max_prompt_tokens)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out: list[dict] = [{}] * len(ids)
@@ -82,12 +92,10 @@ class Generator:
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
         kwargs = self.generate_kwargs(s)
-        if s.penalized:
+        if s.adjusted:
             from transformers import LogitsProcessorList
 
-            kwargs["logits_processor"] = LogitsProcessorList(
-                [Penalties(width, s.frequency_penalty, s.presence_penalty)]
-            )
+            kwargs["logits_processor"] = LogitsProcessorList([Adjust(width, s)])
         gen = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         out = []
         for row in gen[:, width:].tolist():

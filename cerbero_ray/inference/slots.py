@@ -315,11 +315,13 @@ class SlotModel:
         vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width (LoRA wraps keep .weight)
         self.vocab = vocab
         # frequency and presence penalties: each slot's two factors and how often it generated each
-        # token (float32, as the logits; 4 bytes per slot and vocabulary entry). Applied and counted
-        # in sampling steps only: a request with a penalty makes its steps sampling ones
+        # token, and its logit bias (float32, as the logits; 4 bytes per slot and vocabulary entry
+        # each). Applied and counted in sampling steps only: a request with either makes its steps
+        # sampling ones
         self.freq = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
         self.pres = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
         self.counts = torch.zeros(num_slots, vocab, dtype=torch.float32, device=self.device)
+        self.bias = torch.zeros(num_slots, vocab, dtype=torch.float32, device=self.device)  # logit_bias rows
         # constrained rows: each slot's bitmask of allowed next tokens (all ones: unconstrained)
         self.bits = torch.full((num_slots, (vocab + 31) // 32), -1, dtype=torch.int32, device=self.device)
         # (length bucket, rows, sampling); ("forward", length bucket, rows); ("pick", length bucket, rows, sampling)
@@ -786,6 +788,15 @@ class SlotModel:
         self._put(self.freq, slots, frequency or [0.0] * len(slots))
         self._put(self.pres, slots, presence or [0.0] * len(slots))
 
+    def set_bias(self, slots: list[int], biases: list[dict | None]) -> None:
+        """Each slot's logit bias row: zero, then each request's ``{token id: bias}``."""
+        self.bias[_to(torch.tensor(slots), self.device)] = 0.0
+        pairs = [(slot, t, b) for slot, d in zip(slots, biases) for t, b in (d or {}).items()]
+        if pairs:
+            rows, ids, vals = zip(*pairs)
+            idx = (_to(torch.tensor(rows), self.device), _to(torch.tensor(ids), self.device))
+            self.bias[idx] = _to(torch.tensor(vals, dtype=torch.float32), self.device)
+
     def set_bits(self, bits: torch.Tensor) -> None:
         """This step's bitmasks of allowed tokens (every slot; CPU int32 ``[slots, words]``)."""
         self.bits.copy_(_to(bits, self.device))
@@ -810,8 +821,8 @@ class SlotModel:
         ids, pos, logits = self.cur_ids[:n], self.cur_pos[:n], logits[:n]
         held = mask_logits(logits, self.bits[:n]) if masked else logits
         live = pos >= 0
-        if sampling:  # penalties, then the sampler; the tokens of the decoding slots are counted
-            held = penalize(held, self.counts[:n], self.freq[:n], self.pres[:n])
+        if sampling:  # penalties and bias, then the sampler; the tokens of the decoding slots are counted
+            held = penalize(held, self.counts[:n], self.freq[:n], self.pres[:n]) + self.bias[:n]
             tokens = sample(held, self.temp[:n], self.top_p[:n], self.u[:n])
             self.counts[:n].scatter_add_(1, tokens[:, None], live[:, None].to(self.counts.dtype))
         else:

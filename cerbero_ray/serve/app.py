@@ -302,6 +302,18 @@ class CerberoServer:
         max_tokens = mct or req.max_tokens or sc.default_max_tokens
         if max_tokens > sc.max_new_tokens:
             raise APIError(400, f"{field} {short(max_tokens)} is over this server's limit {sc.max_new_tokens}", field)
+        bias = None
+        if req.logit_bias:
+            vocab = self.engine.model.get_output_embeddings().weight.shape[0]
+            bad = next(
+                (k for k in req.logit_bias if not (k.isascii() and k.isdigit() and len(k) < 10 and int(k) < vocab)),
+                None,
+            )
+            if bad is not None:
+                raise APIError(
+                    400, f"logit_bias: {short(bad)} is not a token id of this model (0..{vocab - 1})", "logit_bias"
+                )
+            bias = {int(k): v for k, v in req.logit_bias.items()}
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options needs stream: true", "stream_options")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -324,6 +336,7 @@ class CerberoServer:
             grammar=await self._grammar(req),
             frequency_penalty=req.frequency_penalty or 0.0,
             presence_penalty=req.presence_penalty or 0.0,
+            logit_bias=bias,
         )
         return s, ids
 

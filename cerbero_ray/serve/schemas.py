@@ -24,6 +24,7 @@ def _unicode(s: str) -> str:
 
 Text = Annotated[str, AfterValidator(_unicode)]
 MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_LOGIT_BIAS = 1024  # tokens a request may bias (OpenAI takes 300)
 MAX_STOP_CHARS = 256  # a longer one would hold back that much of a stream (text that may start it is held)
 Stop = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
 
@@ -70,6 +71,10 @@ class Sampled(Strict):
     # OpenAI's penalties on the tokens generated so far (both engines; null: 0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    # OpenAI's: token id (a string) -> a number in [-100, 100] added to that token's logit (both engines)
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]]] = Field(
+        default=None, max_length=MAX_LOGIT_BIAS
+    )
     # constrained decoding as vLLM names it (engine=continuous): one of these, or response_format
     guided_choice: Optional[list[Text]] = Field(default=None, max_length=256)
     guided_regex: Optional[Text] = Field(default=None, max_length=4096)
