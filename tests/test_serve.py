@@ -869,3 +869,36 @@ def test_chat_page_in_headless_chromium(server):
         assert answer.startswith("[|AI|]") and len(answer) > len("[|AI|] ")
     finally:
         driver.quit()
+
+
+def test_the_replica_s_metrics_reach_ray_s_metrics_agent(server):
+    """What the tests above generated, labeled and streamed, as Prometheus scrapes it from Ray's
+    metrics agent (exported every ~10 s): tokens and requests per model and endpoint, the time to
+    first token, the load gauges, each with Serve's deployment tag."""
+    import re
+    import time
+
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    want = ("generated_tokens_total", "requests_total", "time_to_first_token_seconds_count", "running_requests")
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            lines = [x for x in r.read().decode().splitlines() if x.startswith("ray_cerbero_")]
+        if all(any(x.startswith(f"ray_cerbero_{w}") for x in lines) for w in want) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+
+    def total(name, **tags):
+        pick = [x for x in lines if x.startswith(f"ray_cerbero_{name}{{")]
+        pick = [x for x in pick if all(f'{k}="{v}"' in x for k, v in tags.items())]
+        return sum(float(x.rsplit(" ", 1)[1]) for x in pick)
+
+    assert total("generated_tokens_total", model="cerbero") > 50, lines[:20]
+    assert total("generated_tokens_total", model="sentiment-it") > 0  # an adapter is a model of its own
+    assert total("requests_total", model="cerbero", endpoint="chat") > 0
+    assert total("requests_total", endpoint="label") > 0 and total("label_texts_total") > 0
+    assert total("time_to_first_token_seconds_count", model="cerbero") > 0
+    assert total("request_seconds_count", endpoint="text") > 0
+    assert any(re.match(r'ray_cerbero_running_requests\{.*deployment="[^"]+".*replica="', x) for x in lines), lines

@@ -34,6 +34,7 @@ import atexit
 import queue
 import random
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable, Iterator
@@ -66,6 +67,8 @@ class _Request:
     prefilled: int = 0  # prompt tokens in its cache slot so far (a long prompt: a chunk per step)
     matcher: object = None  # a constrained request's grammar.Matcher
     done: bool = False  # ended (or cancelled): a step still in flight for it is ignored
+    t0: float = field(default_factory=time.perf_counter)  # submitted
+    first: float | None = None  # seconds from submission to its first token
 
 
 @dataclass(eq=False)
@@ -161,6 +164,7 @@ class ContinuousBatcher:
         self.steps = 0
         self.pending: _Launch | None = None  # the decode step in flight, its tokens not yet handed out
         self.prefilling: deque[_Request] = deque()  # in a slot, their prompt prefilled a chunk a step
+        self.on_step: Callable[[], None] | None = None  # called by the loop after each step (a server's metrics)
         if self.graphs:
             self.slots.warm()  # capture (and compile) before the first request, not during it
         self._closed = False
@@ -355,6 +359,11 @@ class ContinuousBatcher:
                     pass
                 for r in failed:
                     r.emit({"error": f"generation failed: {e!r}"})
+            if self.on_step is not None:
+                try:
+                    self.on_step()
+                except Exception:  # an observer's problem never stops the loop
+                    pass
 
     def step(self) -> None:
         """One turn of the loop: launch the decode step of every live request that still needs a
@@ -446,6 +455,8 @@ class ContinuousBatcher:
     def _accept(self, r: _Request, t: int, lp: list, row: int) -> None:
         """Token ``t`` joins request ``r``: its grammar moves on, its logprob entry (row ``row`` of
         the step's logprob lists ``lp``, when it asks) is kept, its text is emitted."""
+        if r.first is None:
+            r.first = time.perf_counter() - r.t0
         if r.matcher is not None:
             r.matcher.consume(t)
         if lp and r.sampling.logprobs is not None:
@@ -581,6 +592,8 @@ class ContinuousBatcher:
                 "new_tokens": len(r.out),
                 "truncated": r.truncated,
                 "text": cut.strip(),
+                "first_token_s": r.first,  # from submission to the first token, and to the end
+                "seconds": time.perf_counter() - r.t0,
             }
             if r.matcher is not None:  # did the output reach the end of its grammar?
                 end["constraint"] = "complete" if (complete or r.matcher.accepting) and not stopped else "incomplete"

@@ -256,6 +256,11 @@ class CerberoServer:
         if self.engine.batcher is not None:  # how it decodes, in the replica's log (Serve's logger)
             logging.getLogger("ray.serve").info(self.engine.batcher.describe())
         self.created = int(time.time())
+        from cerbero_ray.serve.metrics import ServeMetrics
+
+        self.metrics = ServeMetrics()  # tokens, time to first token, slots in use: through Ray's metrics agent
+        if self.engine.batcher is not None:
+            self.engine.batcher.on_step = self.metrics.load_hook(self.engine.batcher)
 
     # ── plumbing ────────────────────────────────────────────────────────────
     def _auth(self, request: Request) -> None:
@@ -421,6 +426,15 @@ class CerberoServer:
         comes as OpenAI sends it instead: a last chunk of its own, with no choices."""
         (index, model), tok, s = adapter, self.engine.tok, samplings[0]
         left, new_tokens = len(samplings), 0
+        t0, first, ends = time.perf_counter(), {}, {}
+
+        def seen(i: int, piece) -> None:  # the metrics' view: each choice's first piece and its end
+            if isinstance(piece, dict):
+                ends[i] = {"first_token_s": first.get(i), **piece}  # the engine's own time, where it has one
+                if len(ends) == len(samplings):
+                    self.metrics.generated(model, kind, list(ends.values()), time.perf_counter() - t0)
+            elif i not in first:
+                first[i] = time.perf_counter() - t0
 
         def sse(i: int, piece) -> str:
             nonlocal left, new_tokens
@@ -439,14 +453,24 @@ class CerberoServer:
 
             async def events():  # on the event loop: no thread per open stream
                 streams = [self.engine.batcher.astream(prompt, x, ids, index) for x in samplings]
-                async for i, piece in _merged(streams):
-                    yield sse(i, piece)
+                try:
+                    async for i, piece in _merged(streams):
+                        seen(i, piece)
+                        yield sse(i, piece)
+                except Exception:
+                    self.metrics.failed(model, kind)
+                    raise
                 yield "data: [DONE]\n\n"
         else:  # one choice (n > 1 streams need the continuous engine: refused before)
 
             def events():
-                for piece in self.engine.stream(prompt, s):
-                    yield sse(0, piece)
+                try:
+                    for piece in self.engine.stream(prompt, s):
+                        seen(0, piece)
+                        yield sse(0, piece)
+                except Exception:
+                    self.metrics.failed(model, kind)
+                    raise
                 yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -464,10 +488,17 @@ class CerberoServer:
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._stream(prompt, ids, samplings, kind, rid, usage, (index, model))
-        if self.engine.batcher is not None:  # joins the running batch (every adapter's) at the next step
-            rs = await asyncio.gather(*(self.engine.batcher.agenerate(prompt, x, ids, index) for x in samplings))
-        else:
-            rs = await asyncio.gather(*(self._generate_batch((prompt, x)) for x in samplings))
+        t0 = time.perf_counter()
+        try:
+            if self.engine.batcher is not None:  # joins the running batch (every adapter's) at the next step
+                answers = [self.engine.batcher.agenerate(prompt, x, ids, index) for x in samplings]
+            else:
+                answers = [self._generate_batch((prompt, x)) for x in samplings]
+            rs = await asyncio.gather(*answers)
+        except Exception:
+            self.metrics.failed(model, kind)
+            raise
+        self.metrics.generated(model, kind, rs, time.perf_counter() - t0)
         choices = []
         for i, r in enumerate(rs):
             lps = openai_logprobs(self.engine.tok, r["logprobs"]) if s.logprobs is not None else None
@@ -553,12 +584,14 @@ class CerberoServer:
             if not t.strip():
                 raise APIError(400, f"texts[{i}] is empty", f"texts.{i}")
         index, model = self._adapter(req.model)
+        t0 = time.perf_counter()
         results = await self._label_batch((key, req.texts, index, task))
         if isinstance(results, dict):  # this request's texts failed to score (no other request did)
             raise APIError(500, f"labeling failed: {results['error']}", "texts", "label_failed")
         for i, r in enumerate(results):
             if r.get("error"):
                 raise APIError(400, r["error"], f"texts.{i}", "context_length_exceeded")
+        self.metrics.labeled(model, name, len(req.texts), time.perf_counter() - t0)
         return {
             "task": name,
             "model": model,
