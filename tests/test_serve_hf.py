@@ -48,3 +48,17 @@ def test_n_choices_on_the_hf_engine(hf_server):
     body = {"messages": [{"role": "user", "content": "ciao"}], "n": 2, "stream": True}
     status, out, _ = post(f"{hf_server}/v1/chat/completions", body)
     assert status == 400 and out["error"]["param"] == "n" and "engine=continuous" in out["error"]["message"]
+
+
+def test_penalties_and_a_logit_bias_stream_as_they_answer_on_the_hf_engine(hf_server):
+    """A stream on the hf engine (transformers' streamer) runs under the same penalties and logit
+    bias as the batched answer: the same text, which they changed."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{hf_server}/v1", api_key=KEY)
+    kw = dict(model="cerbero", messages=[{"role": "user", "content": "Dimmi qualcosa."}], max_tokens=12, temperature=0)
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    kw |= dict(frequency_penalty=-2.0, presence_penalty=0.5, logit_bias={"1000": 5.0})
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw))
+    assert streamed.strip() == whole != plain

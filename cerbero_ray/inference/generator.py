@@ -50,10 +50,15 @@ class Generator:
         if tok.pad_token_id is None:
             tok.pad_token = tok.unk_token or tok.eos_token
 
-    def generate_kwargs(self, s: Sampling) -> dict:
-        """``model.generate`` settings for ``s`` (temperature 0: greedy)."""
+    def generate_kwargs(self, s: Sampling, width: int) -> dict:
+        """``model.generate`` settings for ``s`` (temperature 0: greedy) on prompts left-padded to
+        ``width`` tokens (penalties and a logit bias: :class:`Adjust`)."""
         sample = s.temperature > 0
-        return dict(
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        bad = [t for t in s.logit_bias or {} if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias: token id(s) {bad[:5]} outside the vocabulary (0..{vocab - 1})")
+        kwargs = dict(
             max_new_tokens=s.max_new_tokens,
             do_sample=sample,
             temperature=s.temperature if sample else None,
@@ -64,16 +69,18 @@ class Generator:
             pad_token_id=self.tok.pad_token_id,
             eos_token_id=self.tok.eos_token_id,
         )
+        if s.adjusted:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([Adjust(width, s)])
+        return kwargs
 
     @torch.no_grad()
     def generate(self, prompts: list[str], sampling: Sampling, seed: int | None = None) -> list[dict]:
         """Per prompt: ``text``, ``finish_reason``, ``prompt_tokens``, ``new_tokens``, ``truncated``."""
         if not prompts:
             return []
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        bad = [t for t in sampling.logit_bias or {} if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"logit_bias: token id(s) {bad[:5]} outside the vocabulary (0..{vocab - 1})")
+        self.generate_kwargs(sampling, 0)  # a setting it cannot run fails here, before any batch
         ids, truncated = encode_prompts(self.tok, prompts, self.max_prompt_tokens)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out: list[dict] = [{}] * len(ids)
@@ -91,12 +98,7 @@ class Generator:
         pad = self.tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        kwargs = self.generate_kwargs(s)
-        if s.adjusted:
-            from transformers import LogitsProcessorList
-
-            kwargs["logits_processor"] = LogitsProcessorList([Adjust(width, s)])
-        gen = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        gen = self.model.generate(input_ids=input_ids, attention_mask=mask, **self.generate_kwargs(s, width))
         out = []
         for row in gen[:, width:].tolist():
             n = next((k + 1 for k, t in enumerate(row) if t == self.tok.eos_token_id), None)

@@ -109,7 +109,10 @@ class ServeEngine:
         ids = torch.tensor([x], device=self.gen.device)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(
-            input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **self.gen.generate_kwargs(s)
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            streamer=streamer,
+            **self.gen.generate_kwargs(s, ids.shape[1]),
         )
         result = {}
 
