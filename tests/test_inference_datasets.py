@@ -85,3 +85,8 @@ def test_bad_arguments_are_named(tiny_hf, ray_local):
         generate_dataset(ds, tiny_hf)
     with pytest.raises(ValueError, match="not a shipped task"):
         label_dataset(ds, tiny_hf, "nonexistent", text_column="body")
+    # sampling settings are checked before any actor starts, naming the setting
+    with pytest.raises(ValueError, match=r"sampling.frequency_penalty must be in \[-2, 2\]"):
+        generate_dataset(ds, tiny_hf, prompt_column="body", sampling={"frequency_penalty": 3})
+    with pytest.raises(ValueError, match="sampling: .*'temprature'"):
+        generate_dataset(ds, tiny_hf, prompt_column="body", sampling={"temprature": 0})

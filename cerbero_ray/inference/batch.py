@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from cerbero_ray.config.label_task import LabelTask, get_task
-from cerbero_ray.inference.sampling import Sampling
+from cerbero_ray.inference.sampling import Sampling, check_sampling
 
 
 def text_error(text) -> str | None:
@@ -203,7 +203,13 @@ def generate_dataset(
     """``ds`` with ``completion``, ``finish_reason``, ``prompt_tokens``, ``new_tokens``, ``truncated``
     and ``error`` added: each row's ``prompt_column`` asked as the human's turn of a cerbero chat,
     answered by ``checkpoint`` on the continuous-batching engine (``batch_size`` slots per actor)."""
-    s = sampling if isinstance(sampling, Sampling) else Sampling(**(sampling or {}))
+    try:
+        s = sampling if isinstance(sampling, Sampling) else Sampling(**(sampling or {}))
+    except TypeError as e:  # an unknown setting
+        raise ValueError(
+            f"sampling: {e} (the settings are Sampling's: {list(Sampling.__dataclass_fields__)})"
+        ) from None
+    check_sampling(s, "sampling")
     if prompt_column not in ds.schema().names:
         raise ValueError(f"prompt_column {prompt_column!r} is not a column of the dataset ({ds.schema().names})")
     args = (checkpoint, prompt_column, dtype, asdict(s), batch_size, max_prompt_tokens, base)
