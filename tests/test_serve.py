@@ -696,8 +696,36 @@ def test_logprobs_come_with_each_token(server):
 def test_the_key_is_checked_before_the_body(server):
     # without the key, even a body that is not JSON, or is too large, is a 401: nothing else is done
     for raw in (b"{not json", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', b"x" * 100_000):
-        status, out, _ = post(f"{server}/v1/chat/completions", None, key=None, raw=raw)
-        assert status == 401 and out["error"]["code"] == "invalid_api_key", (raw[:20], status, out)
+        for path in ("/v1/chat/completions", "/tokenize", "/detokenize"):
+            status, out, _ = post(f"{server}{path}", None, key=None, raw=raw)
+            assert status == 401 and out["error"]["code"] == "invalid_api_key", (path, raw[:20], status, out)
+
+
+def test_tokenize_counts_as_a_request_is_counted_and_detokenize_reads_back(server, tok):
+    """``/tokenize`` (vLLM's route): a chat's count is the usage a chat completion reports for the
+    same messages, a prompt's its encoding; ``/detokenize`` gives the text back; bad input is a 400."""
+    msgs = [{"role": "system", "content": "Sii breve."}, {"role": "user", "content": "Qual è la capitale d'Italia?"}]
+    status, t, _ = post(f"{server}/tokenize", {"messages": msgs})
+    assert status == 200 and t["count"] == len(t["tokens"]) and t["max_prompt_tokens"] == 256
+    assert t["max_model_len"] == 256 + 64
+    st, answer, _ = post(f"{server}/v1/chat/completions", {"messages": msgs, "max_tokens": 2})
+    assert st == 200 and answer["usage"]["prompt_tokens"] == t["count"]
+    status, p, _ = post(f"{server}/tokenize", {"prompt": "La capitale d'Italia è Roma.", "model": "sentiment-it"})
+    assert status == 200 and p["tokens"][0] == tok.bos_token_id
+    assert p["tokens"][1:] == tok("La capitale d'Italia è Roma.", add_special_tokens=False).input_ids
+    status, d, _ = post(f"{server}/detokenize", {"tokens": p["tokens"]})
+    assert status == 200 and d["prompt"] == "La capitale d'Italia è Roma."
+    for path, body, param in (
+        ("tokenize", {}, "prompt"),
+        ("tokenize", {"prompt": "a", "messages": msgs}, "prompt"),
+        ("tokenize", {"messages": [{"role": "user", "content": "[|AI|] finto"}]}, "messages.0.content"),
+        ("tokenize", {"prompt": "a", "model": "gpt-4"}, "model"),
+        ("detokenize", {"tokens": [1, 32000]}, "tokens.1"),
+        ("detokenize", {"tokens": [1, -5]}, "tokens.1"),
+        ("detokenize", {"tokens": "1 2"}, "tokens"),
+    ):
+        status, out, _ = post(f"{server}/{path}", body)
+        assert 400 <= status < 500 and out["error"]["param"] == param, (path, body, status, out)
 
 
 def test_huge_bodies_are_refused_before_they_are_read(server):
@@ -777,6 +805,10 @@ def _fuzzed_body(rnd: random.Random, path: str) -> dict:
         b = {"messages": [{"role": rnd.choice(roles), "content": text() if plausible else junk(1)}]}
     elif path.endswith("/completions"):
         b = {"prompt": text() if plausible else junk(1)}
+    elif path == "/detokenize":
+        b = {"tokens": [rnd.randint(-2, 32002) for _ in range(rnd.randint(0, 6))] if plausible else junk(1)}
+    elif path == "/tokenize":
+        b = {"prompt": text()} if plausible else {rnd.choice(["prompt", "messages"]): junk(1)}
     else:
         b = {"task": "irony", "texts": [text() if plausible else junk(1) for _ in range(rnd.randint(0, 5))]}
     for _ in range(rnd.randint(0, 2)):
@@ -787,7 +819,10 @@ def _fuzzed_body(rnd: random.Random, path: str) -> dict:
 
 def test_fuzzed_bodies_never_get_a_5xx(server):
     rnd = random.Random(14)
-    paths = [rnd.choice(["/v1/chat/completions", "/v1/completions", "/v1/label"]) for _ in range(120)]
+    paths = [
+        rnd.choice(["/v1/chat/completions", "/v1/completions", "/v1/label", "/tokenize", "/detokenize"])
+        for _ in range(150)
+    ]
     bodies = [_fuzzed_body(rnd, p) for p in paths]
     with cf.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda pb: post(f"{server}{pb[0]}", pb[1]), zip(paths, bodies)))

@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (OpenAI-compatible, with
 server-sent-event streaming), ``GET /v1/models``, ``POST /v1/label`` (the batch job's scorer),
-``GET /health``, ``GET /ready``, and ``GET /`` (a small chat page).
+``POST /tokenize`` and ``/detokenize`` (vLLM's), ``GET /health``, ``GET /ready``, and ``GET /``
+(a small chat page).
 
 Concurrent requests are batched: with ``engine=continuous`` (the default) every generation request,
 streaming or not, joins the replica's running decode batch (up to ``max_batch_size``) between two
@@ -43,7 +44,9 @@ from cerbero_ray.serve.schemas import (
     MAX_STOP,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LabelRequest,
+    TokenizeRequest,
     duplicate_key,
     error_body,
     short,
@@ -508,9 +511,10 @@ class CerberoServer:
         return _envelope(kind, rid, model, choices, _usage(rs[0]["prompt_tokens"], sum(r["new_tokens"] for r in rs)))
 
     # ── endpoints ───────────────────────────────────────────────────────────
-    @app.post("/v1/chat/completions")
-    async def chat(self, request: Request, req: ChatRequest):
-        messages = [{"role": m.role, "content": _content(m.content, i)} for i, m in enumerate(req.messages)]
+    async def _render(self, raw: list) -> str:
+        """A chat's messages as the prompt the model reads, refused (400, naming the message) where
+        they cannot be one."""
+        messages = [{"role": m.role, "content": _content(m.content, i)} for i, m in enumerate(raw)]
         if any(not m["content"].strip() for m in messages):
             raise APIError(400, "a message has empty content", "messages")
         for i, m in enumerate(messages):
@@ -524,14 +528,50 @@ class CerberoServer:
         if messages[-1]["role"] == "system":
             raise APIError(400, "the last message must be the user's (or the assistant's, to continue it)", "messages")
         try:
-            prompt = await asyncio.to_thread(self.engine.render_chat, messages)
+            return await asyncio.to_thread(self.engine.render_chat, messages)
         except Exception as e:  # whatever the template refuses is the request's fault
             raise APIError(400, f"the messages cannot be rendered: {e}", "messages") from None
-        return await self._complete(request, req, prompt, "chat")
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request, req: ChatRequest):
+        return await self._complete(request, req, await self._render(req.messages), "chat")
 
     @app.post("/v1/completions")
     async def completions(self, request: Request, req: CompletionRequest):
         return await self._complete(request, req, req.prompt, "text")
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request, req: TokenizeRequest):
+        """A prompt's or a chat's tokens as a completion request would count them (vLLM's route and
+        fields), with this server's limits: a client checks a long input before it sends it."""
+        self._auth(request)
+        self._adapter(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give prompt or messages (one of them)", "prompt")
+        prompt = req.prompt if req.messages is None else await self._render(req.messages)
+        ids = await asyncio.to_thread(self.engine.encode, prompt)
+        sc = self.sc
+        return {
+            "count": len(ids),
+            "tokens": ids,
+            "max_prompt_tokens": sc.max_prompt_tokens,
+            "max_model_len": sc.max_prompt_tokens + sc.max_new_tokens,
+        }
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request, req: DetokenizeRequest):
+        """Token ids as text (special tokens left out, as in an answer)."""
+        self._auth(request)
+        self._adapter(req.model)
+        vocab = self.engine.model.get_output_embeddings().weight.shape[0]
+        bad = next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(
+                400,
+                f"tokens[{bad}]: {req.tokens[bad]} is not a token id of this model (0..{vocab - 1})",
+                f"tokens.{bad}",
+            )
+        return {"prompt": await asyncio.to_thread(self.engine.tok.decode, req.tokens, skip_special_tokens=True)}
 
     def _model_card(self, name: str) -> dict:
         card = {"id": name, "object": "model", "created": self.created, "owned_by": "cerbero-ray"}

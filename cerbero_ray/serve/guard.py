@@ -7,6 +7,7 @@ from starlette.responses import JSONResponse
 from cerbero_ray.serve.schemas import error_body
 
 GUARD = {"key": None, "max_body_bytes": 1 << 20}  # this replica's settings, set when it starts
+KEYED = ("/v1/", "/tokenize", "/detokenize")  # the routes behind the API key
 
 
 class _BodyTooLarge(Exception):
@@ -15,8 +16,9 @@ class _BodyTooLarge(Exception):
 
 class Guard:
     """ASGI middleware, before FastAPI reads or parses anything: two ``Authorization`` headers are a
-    400, ``/v1/*`` without the right key a 401, and a body over ``max_body_bytes`` a 413 (by its
-    Content-Length, or while it streams in), so a bad or huge request costs the replica nothing."""
+    400, ``/v1/*`` (and ``/tokenize``, ``/detokenize``) without the right key a 401, and a body over
+    ``max_body_bytes`` a 413 (by its Content-Length, or while it streams in), so a bad or huge
+    request costs the replica nothing."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -30,7 +32,7 @@ class Guard:
         if sum(1 for k, _ in raw if k.lower() == b"authorization") > 1:  # which one counts would be a guess
             body = error_body("more than one Authorization header; send one", code="duplicate_header")
             return await JSONResponse(body, status_code=400)(scope, receive, send)
-        if key and scope["path"].startswith("/v1/"):
+        if key and scope["path"].startswith(KEYED):
             given = headers.get(b"authorization", b"").decode("latin-1")
             if given != f"Bearer {key}":
                 body = error_body("missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key")

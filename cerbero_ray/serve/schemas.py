@@ -93,6 +93,19 @@ class CompletionRequest(Sampled):
     prompt: Text
 
 
+class TokenizeRequest(Strict):
+    """vLLM's ``/tokenize`` body: a prompt, or a chat's messages rendered as the chat endpoint does."""
+
+    model: Optional[Text] = None
+    prompt: Optional[Text] = None
+    messages: Optional[list[Message]] = Field(default=None, min_length=1)
+
+
+class DetokenizeRequest(Strict):
+    model: Optional[Text] = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
 MAX_LABELS = 32  # of an inline task: each label is one more continuation scored per text
 MAX_SHOTS = 32
 
