@@ -190,6 +190,7 @@ def test_constrained_answers_and_self_chat_turns_follow_their_format(tmp_path, t
         (["generate.sampling.frequency_penalty=2.5"], r"generate.sampling.frequency_penalty must be in \[-2, 2\]"),
         (["generate.sampling.presence_penalty=nan"], r"generate.sampling.presence_penalty must be in \[-2, 2\]"),
         (["+generate.sampling.logit_bias={5: 200}"], r"generate.sampling.logit_bias.5 must be in \[-100, 100\]"),
+        (["generate.sampling.repetition_penalty=0"], r"generate.sampling.repetition_penalty must be in \(0, 10\]"),
     ]:
         with pytest.raises(ValueError, match=says):
             check("generate", compose("generate", [*base, *bad]))

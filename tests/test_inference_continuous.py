@@ -544,30 +544,38 @@ def test_logprobs_and_seeds_through_the_in_flight_steps(model, tok):
 
 
 def _penalized_reference(model, ids: list[int], s: Sampling, eos: int) -> list[int]:
-    """Greedy decoding under OpenAI's penalties and logit bias the slow way: the whole text through
-    the model for every token, each candidate's logit plus its bias, less frequency x its count so
-    far and presence if it is there."""
+    """Greedy decoding under the penalties and logit bias the slow way: the whole text through the
+    model for every token; each candidate's logit divided (positive) or multiplied (negative) by the
+    repetition penalty if the prompt or the answer holds it, less frequency x its count in the
+    answer and presence if it is there, plus its bias."""
     out: list[int] = []
     with torch.no_grad():
         for _ in range(s.max_new_tokens):
             logits = model(torch.tensor([ids + out])).logits[0, -1].float()
-            for t, b in (s.logit_bias or {}).items():
-                logits[t] += b
+            for t in set(ids + out):  # the repetition penalty first, over the prompt and the answer
+                logits[t] = logits[t] / s.repetition_penalty if logits[t] > 0 else logits[t] * s.repetition_penalty
             for t in set(out):
                 logits[t] -= s.frequency_penalty * out.count(t) + s.presence_penalty
+            for t, b in (s.logit_bias or {}).items():
+                logits[t] += b
             out.append(int(logits.argmax()))
             if out[-1] == eos:
                 break
     return out
 
 
-@pytest.mark.parametrize("penalties", [(1.5, 0.5, False), (-1.0, 0.0, False), (0.0, 2.0, False), (0.5, 0.0, True)])
+@pytest.mark.parametrize(
+    "penalties",
+    [(1.5, 0.5, False, 1.0), (-1.0, 0.0, False, 1.0), (0.0, 2.0, False, 1.0), (0.5, 0.0, True, 1.0)]
+    + [(0.0, 0.0, False, 0.2), (0.5, 0.0, True, 3.0)],  # the repetition penalty, for repeating and against it
+)
 def test_penalties_give_the_reference_greedy_text_in_both_engines(model, tok, penalties):
     """Frequency and presence penalties and a logit bias (greedy, so every token can be checked):
     both engines give the reference loop's tokens, the continuous one beside plain rows that keep
     their own text; a seeded adjusted sample is the same alone or in a crowd."""
-    f, p, biased = penalties
+    f, p, biased, rep = penalties
     s = Sampling(max_new_tokens=20, temperature=0.0, stop=(), frequency_penalty=f, presence_penalty=p)
+    s = replace(s, repetition_penalty=rep)
     prompts = [chat(tok, x) for x in PROMPTS[:3]]
     cb = ContinuousBatcher(model, tok, num_slots=4, max_prompt_tokens=128, max_new_tokens=32)
     ids, _ = cb.encode(prompts)
@@ -577,7 +585,7 @@ def test_penalties_give_the_reference_greedy_text_in_both_engines(model, tok, pe
     want = [
         tok.decode(_penalized_reference(model, x, s, tok.eos_token_id), skip_special_tokens=True).strip() for x in ids
     ]
-    neutral = replace(s, frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None)
+    neutral = replace(s, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, logit_bias=None)
     plain = [r["text"] for r in cb.run([(x, neutral) for x in prompts])]
     assert want != plain  # the penalties (the bias) change the answers of this model
     mixed = cb.run([(x, y) for x in prompts for y in (s, GREEDY_20)])
@@ -587,9 +595,26 @@ def test_penalties_give_the_reference_greedy_text_in_both_engines(model, tok, pe
     sampled = replace(s, temperature=0.9, top_p=0.95, seed=5)
     alone = cb.run([(prompts[0], sampled)])[0]["text"]
     assert cb.run([(prompts[0], sampled), (prompts[1], s), (prompts[2], GREEDY)])[0]["text"] == alone
-    unadjusted = replace(sampled, frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None)
+    unadjusted = replace(sampled, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, logit_bias=None)
     assert alone != cb.run([(prompts[0], unadjusted)])[0]["text"]
     cb.close()
+
+
+def test_the_hf_engine_s_repetition_penalty_leaves_the_left_padding_out():
+    """transformers' own repetition processor reads the padding as prompt tokens; ours (``Adjust``)
+    reads each row's prompt past its padding, and the answer's tokens past the padded width."""
+    from cerbero_ray.inference.generator import Adjust
+
+    s = Sampling(repetition_penalty=2.0, frequency_penalty=0.25)
+    adjust = Adjust(4, s, pads=[2, 0])
+    ids = torch.tensor([[0, 0, 5, 6, 9], [7, 8, 5, 6, 6]])  # pad 0; prompts [5, 6] and [7, 8, 5, 6]; answers 9, 6
+    got = adjust(ids, torch.full((2, 10), 1.0))
+    want = torch.ones(2, 10)
+    want[0, [5, 6, 9]] = 0.5
+    want[0, 9] -= 0.25  # generated once
+    want[1, [5, 6, 7, 8]] = 0.5
+    want[1, 6] -= 0.25
+    torch.testing.assert_close(got, want)
 
 
 def test_a_graph_captured_mid_answer_leaves_the_penalty_counts_as_they_were(model, tok, cpu_graphs):
@@ -790,7 +815,7 @@ def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(wi
         for i in range(n)
     ]
     for i in range(0, n, 3):  # penalized, greedy (3, 9) and sampled (0, 6): counts follow slots reused
-        samplings[i] = replace(samplings[i], frequency_penalty=1.5, presence_penalty=0.5)
+        samplings[i] = replace(samplings[i], frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3)
 
     def ask(cb, i, leave_after=None):
         q = queue.Queue()

@@ -164,7 +164,7 @@ def test_each_adapter_by_name_in_one_endpoint(server, tiny_hf, tiny_adapters, to
     engine = ContinuousBatcher(model, t, num_slots=2, max_prompt_tokens=64, max_new_tokens=16)
     plain = engine.run([("La capitale d'Italia è", replace(s, logprobs=0))])[0]
     bias = {plain["logprobs"][0]["id"]: -100.0, 1000: 2.5}
-    adjusted = replace(s, frequency_penalty=1.5, presence_penalty=0.5, logit_bias=bias)
+    adjusted = replace(s, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3, logit_bias=bias)
     r = client.completions.create(
         model="sentiment-it",
         prompt="La capitale d'Italia è",
@@ -173,6 +173,7 @@ def test_each_adapter_by_name_in_one_endpoint(server, tiny_hf, tiny_adapters, to
         frequency_penalty=1.5,
         presence_penalty=0.5,
         logit_bias={str(k): v for k, v in bias.items()},
+        extra_body={"repetition_penalty": 1.3},
     )
     want = engine.run([("La capitale d'Italia è", adjusted)])[0]["text"]
     assert r.choices[0].text.strip() == want != plain["text"]
@@ -425,6 +426,7 @@ def test_errors_cut_every_value_they_quote(server):
         ("completions", {"prompt": "ciao", "logit_bias": {"9" * 5000: 1}}, "logit_bias"),
         ("completions", {"prompt": "ciao", "logit_bias": {"32000": 1}}, "logit_bias"),
         ("completions", {"prompt": "ciao", "logit_bias": {"5": 101}}, "logit_bias.5"),
+        ("completions", {"prompt": "ciao", "repetition_penalty": 0}, "repetition_penalty"),
         ("completions", {"prompt": "ciao", "n": 0}, "n"),
         (
             "chat/completions",

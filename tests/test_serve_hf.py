@@ -59,6 +59,7 @@ def test_penalties_and_a_logit_bias_stream_as_they_answer_on_the_hf_engine(hf_se
     kw = dict(model="cerbero", messages=[{"role": "user", "content": "Dimmi qualcosa."}], max_tokens=12, temperature=0)
     plain = client.chat.completions.create(**kw).choices[0].message.content
     kw |= dict(frequency_penalty=-2.0, presence_penalty=0.5, logit_bias={"1000": 5.0})
+    kw |= dict(extra_body={"repetition_penalty": 1.3})  # vLLM's, beside OpenAI's
     whole = client.chat.completions.create(**kw).choices[0].message.content
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw))
     assert streamed.strip() == whole != plain

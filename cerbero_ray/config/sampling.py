@@ -25,13 +25,16 @@ class Sampling:
     # appeared; before temperature and top-p, greedy decoding included
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # HF's and vLLM's: a token the prompt or the answer holds has its logit divided by this where
+    # positive, multiplied where not (1: off; > 1 discourages repeating); applied first
+    repetition_penalty: float = 1.0
     # OpenAI's logit_bias: token id -> a number in [-100, 100] added to its logit at every token,
     # before temperature and top-p, greedy included (-100 bans the token, 100 all but forces it)
     logit_bias: Optional[Dict[int, float]] = field(default_factory=dict)
 
     @property
     def penalized(self) -> bool:
-        return bool(self.frequency_penalty or self.presence_penalty)
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
 
     @property
     def adjusted(self) -> bool:
@@ -51,6 +54,7 @@ class Sampling:
             s.grammar,
             s.frequency_penalty,
             s.presence_penalty,
+            s.repetition_penalty,
             tuple(sorted((s.logit_bias or {}).items())),
         )
 
@@ -67,6 +71,8 @@ def check_sampling(s: Sampling, key: str) -> None:
         v = float(getattr(s, k))
         if not -2 <= v <= 2:  # also NaN
             raise ValueError(f"{key}.{k} must be in [-2, 2] (OpenAI's range), got {getattr(s, k)}")
+    if not 0 < float(s.repetition_penalty) <= 10:  # also NaN
+        raise ValueError(f"{key}.repetition_penalty must be in (0, 10] (1: off), got {s.repetition_penalty}")
     for t, b in (s.logit_bias or {}).items():
         if isinstance(t, bool) or not isinstance(t, int) or t < 0:
             raise ValueError(f"{key}.logit_bias: keys are token ids (whole numbers >= 0), got {t!r}")

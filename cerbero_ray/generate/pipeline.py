@@ -202,8 +202,8 @@ def run_identity(gc: GenerateConfig) -> dict:
             "engine",
         )
     }
-    for k in ("frequency_penalty", "presence_penalty", "logit_bias"):
-        if not out["sampling"][k]:
+    for k, off in (("frequency_penalty", 0), ("presence_penalty", 0), ("repetition_penalty", 1), ("logit_bias", {})):
+        if out["sampling"][k] in (off, None):
             del out["sampling"][k]
     for k in ("constraint", "user_constraint"):
         c = getattr(gc, k)

@@ -15,8 +15,9 @@ and non-streaming requests share the same batch. With LoRA adapters loaded
 too: each slot's adapter is a row of a table the model's adapted layers gather from.
 
 OpenAI's frequency and presence penalties (``Sampling``) lower the logits of the tokens a request
-has generated (its own counts, kept per slot on the device), and its logit bias is added to every
-token's logits; a request with either runs in sampling steps, where they apply, greedy or not.
+has generated (its own counts, kept per slot on the device), the repetition penalty those of the
+tokens its prompt or answer holds, and its logit bias is added to every token's logits; a request
+with any of them runs in sampling steps, where they apply, greedy or not.
 
 A request ends at the end-of-sequence token, at one of its stop strings (cut from the text) or at
 ``max_new_tokens``; text that could be the start of a stop string, or an incomplete UTF-8
@@ -542,15 +543,33 @@ class ContinuousBatcher:
         return bits
 
     def _start(self, new: list[_Request], logits: torch.Tensor) -> None:
-        """Sample the first tokens of prompts just prefilled (each under its logit bias; no token
-        generated yet: no penalty applies), start their slots on the device."""
+        """Sample the first tokens of prompts just prefilled (each under its logit bias and its
+        repetition penalty over the prompt; no token generated yet: the other penalties have nothing
+        to count), start their slots on the device."""
         temp = [r.sampling.temperature for r in new]
         top_p = [r.sampling.top_p for r in new]
         u = torch.tensor([r.rng.random() for r in new], dtype=torch.float32)
         f32 = torch.float32
         slots = [r.slot for r in new]
         self.slots.set_bias(slots, [r.sampling.logit_bias for r in new])
+        self.slots.set_sampling(
+            slots,
+            temp,
+            top_p,
+            [r.sampling.frequency_penalty for r in new],
+            [r.sampling.presence_penalty for r in new],
+            [r.sampling.repetition_penalty for r in new],
+        )
         held = logits
+        repeat = [(r.slot, r.ids) for r in new if r.sampling.repetition_penalty != 1]
+        if repeat:  # the first token already pays for the prompt's tokens
+            self.slots.set_prompt(*zip(*repeat))
+            from cerbero_ray.inference.sampling import penalize
+
+            idx = torch.tensor(slots, device=logits.device)
+            zero = torch.zeros(len(new), device=logits.device)
+            rep, seen = self.slots.rep[idx], self.slots.in_prompt[idx]
+            held = penalize(held, torch.zeros_like(held), zero, zero, rep, seen)
         if any(r.sampling.logit_bias for r in new):
             held = held + self.slots.bias[torch.tensor(slots, device=logits.device)]
         if any(r.matcher is not None for r in new):
@@ -558,9 +577,6 @@ class ContinuousBatcher:
 
             held = mask_logits(held, self._bits(new, len(new), by_slot=False).to(logits.device))
         tokens = sample(held, torch.tensor(temp, dtype=f32), torch.tensor(top_p, dtype=f32), u)
-        self.slots.set_sampling(
-            slots, temp, top_p, [r.sampling.frequency_penalty for r in new], [r.sampling.presence_penalty for r in new]
-        )
         going = [i for i, r in enumerate(new) if r.sampling.max_new_tokens > 1]
         if going:
             idx = torch.tensor(going, device=tokens.device)

@@ -19,26 +19,36 @@ from cerbero_ray.tokenizer import encode_prompts
 
 
 class Adjust:
-    """A transformers logits processor: OpenAI's frequency and presence penalties on the tokens
-    generated so far (those past the first ``width``, the left-padded prompts) and its logit bias."""
+    """A transformers logits processor: the repetition penalty over the prompt's tokens (those past
+    each row's left padding, ``pads``) and the answer's, then OpenAI's frequency and presence
+    penalties on the tokens generated so far (those past the first ``width``), then the logit bias:
+    :func:`~cerbero_ray.inference.sampling.penalize`'s order, as the continuous engine applies them."""
 
-    def __init__(self, width: int, s: Sampling):
+    def __init__(self, width: int, s: Sampling, pads: list[int] | None = None):
         self.width, self.frequency, self.presence = width, s.frequency_penalty, s.presence_penalty
-        self.logit_bias, self.bias = dict(s.logit_bias or {}), None
+        self.repetition, self.pads = s.repetition_penalty, pads
+        self.logit_bias, self.bias, self.in_prompt = dict(s.logit_bias or {}), None, None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         from cerbero_ray.inference.sampling import penalize
 
+        dev, dt, rows = scores.device, scores.dtype, scores.shape[0]
         if self.logit_bias and self.bias is None:
-            self.bias = torch.zeros(scores.shape[-1], dtype=scores.dtype, device=scores.device)
-            vals = torch.tensor(list(self.logit_bias.values()), dtype=scores.dtype, device=scores.device)
-            self.bias[torch.tensor(list(self.logit_bias), device=scores.device)] = vals
-        if self.frequency or self.presence:
+            self.bias = torch.zeros(scores.shape[-1], dtype=dt, device=dev)
+            vals = torch.tensor(list(self.logit_bias.values()), dtype=dt, device=dev)
+            self.bias[torch.tensor(list(self.logit_bias), device=dev)] = vals
+        if self.repetition != 1 and self.in_prompt is None:  # the prompt's tokens, padding left out
+            pads = torch.tensor(self.pads or [0] * rows, device=dev)
+            real = (torch.arange(self.width, device=dev)[None, :] >= pads[:, None]).int()
+            held = torch.zeros(scores.shape, dtype=torch.int32, device=dev)
+            self.in_prompt = held.scatter_add_(1, input_ids[:, : self.width], real) > 0
+        if self.frequency or self.presence or self.repetition != 1:
             new = input_ids[:, self.width :]
-            counts = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device)
-            counts.scatter_add_(1, new, torch.ones(new.shape, dtype=scores.dtype, device=scores.device))
-            f = torch.full((scores.shape[0],), self.frequency, dtype=scores.dtype, device=scores.device)
-            scores = penalize(scores, counts, f, torch.full_like(f, self.presence))
+            counts = torch.zeros(scores.shape, dtype=dt, device=dev)
+            counts.scatter_add_(1, new, torch.ones(new.shape, dtype=dt, device=dev))
+            f = torch.full((rows,), self.frequency, dtype=dt, device=dev)
+            rep = torch.full((rows,), self.repetition, dtype=dt, device=dev) if self.repetition != 1 else None
+            scores = penalize(scores, counts, f, torch.full_like(f, self.presence), rep, self.in_prompt)
         return scores if self.bias is None else scores + self.bias
 
 
@@ -50,9 +60,9 @@ class Generator:
         if tok.pad_token_id is None:
             tok.pad_token = tok.unk_token or tok.eos_token
 
-    def generate_kwargs(self, s: Sampling, width: int) -> dict:
+    def generate_kwargs(self, s: Sampling, width: int, pads: list[int] | None = None) -> dict:
         """``model.generate`` settings for ``s`` (temperature 0: greedy) on prompts left-padded to
-        ``width`` tokens (penalties and a logit bias: :class:`Adjust`)."""
+        ``width`` tokens, each row by ``pads`` (penalties and a logit bias: :class:`Adjust`)."""
         sample = s.temperature > 0
         vocab = self.model.get_output_embeddings().weight.shape[0]
         bad = [t for t in s.logit_bias or {} if not 0 <= t < vocab]
@@ -72,7 +82,7 @@ class Generator:
         if s.adjusted:
             from transformers import LogitsProcessorList
 
-            kwargs["logits_processor"] = LogitsProcessorList([Adjust(width, s)])
+            kwargs["logits_processor"] = LogitsProcessorList([Adjust(width, s, pads)])
         return kwargs
 
     @torch.no_grad()
@@ -98,7 +108,9 @@ class Generator:
         pad = self.tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        gen = self.model.generate(input_ids=input_ids, attention_mask=mask, **self.generate_kwargs(s, width))
+        gen = self.model.generate(
+            input_ids=input_ids, attention_mask=mask, **self.generate_kwargs(s, width, [width - len(x) for x in ids])
+        )
         out = []
         for row in gen[:, width:].tolist():
             n = next((k + 1 for k, t in enumerate(row) if t == self.tok.eos_token_id), None)

@@ -17,13 +17,25 @@ def cut_at_stop(text: str, stop) -> tuple[str, bool]:
 
 
 def penalize(
-    logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
+    repetition: torch.Tensor | None = None,
+    in_prompt: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """OpenAI's frequency and presence penalties: each row's logits less ``frequency`` times how
-    often each token was generated so far (``counts``, ``[rows, vocab]``) and less ``presence``
-    for each token generated at all. A row with both at 0 is unchanged, bit for bit."""
-    seen = (counts > 0).to(logits.dtype)
-    return logits - counts.to(logits.dtype) * frequency[:, None] - seen * presence[:, None]
+    """The penalties on each row's logits, in vLLM's order: ``repetition`` first (HF's and vLLM's,
+    multiplicative: the logit of a token the prompt (``in_prompt``, bool ``[rows, vocab]``) or the
+    answer holds is divided by it where positive, multiplied where not), then OpenAI's
+    ``frequency`` times how often each token was generated so far (``counts``, ``[rows, vocab]``)
+    and ``presence`` for each token generated at all. A row with repetition 1 and both others 0 is
+    unchanged, bit for bit."""
+    seen = counts > 0
+    if repetition is not None:
+        r = repetition[:, None].to(logits.dtype)
+        hit = seen | in_prompt if in_prompt is not None else seen
+        logits = torch.where(hit, torch.where(logits > 0, logits / r, logits * r), logits)
+    return logits - counts.to(logits.dtype) * frequency[:, None] - seen.to(logits.dtype) * presence[:, None]
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -322,6 +322,10 @@ class SlotModel:
         self.pres = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
         self.counts = torch.zeros(num_slots, vocab, dtype=torch.float32, device=self.device)
         self.bias = torch.zeros(num_slots, vocab, dtype=torch.float32, device=self.device)  # logit_bias rows
+        # the repetition penalty: each slot's factor (1: off) and which tokens its prompt holds (set
+        # for the requests with one; another's row is stale, and a factor of 1 ignores it)
+        self.rep = torch.ones(num_slots, dtype=torch.float32, device=self.device)
+        self.in_prompt = torch.zeros(num_slots, vocab, dtype=torch.bool, device=self.device)
         # constrained rows: each slot's bitmask of allowed next tokens (all ones: unconstrained)
         self.bits = torch.full((num_slots, (vocab + 31) // 32), -1, dtype=torch.int32, device=self.device)
         # (length bucket, rows, sampling); ("forward", length bucket, rows); ("pick", length bucket, rows, sampling)
@@ -782,11 +786,21 @@ class SlotModel:
         top_p: list[float],
         frequency: list[float] | None = None,
         presence: list[float] | None = None,
+        repetition: list[float] | None = None,
     ) -> None:
         self._put(self.temp, slots, temperature)
         self._put(self.top_p, slots, top_p)
         self._put(self.freq, slots, frequency or [0.0] * len(slots))
         self._put(self.pres, slots, presence or [0.0] * len(slots))
+        self._put(self.rep, slots, repetition or [1.0] * len(slots))
+
+    def set_prompt(self, slots: list[int], prompts: list[list[int]]) -> None:
+        """Which tokens each slot's prompt holds (the repetition penalty reads it)."""
+        self.in_prompt[_to(torch.tensor(slots), self.device)] = False
+        rows = [slot for slot, ids in zip(slots, prompts) for _ in ids]
+        if rows:
+            ids = [t for p in prompts for t in p]
+            self.in_prompt[_to(torch.tensor(rows), self.device), _to(torch.tensor(ids), self.device)] = True
 
     def set_bias(self, slots: list[int], biases: list[dict | None]) -> None:
         """Each slot's logit bias row: zero, then each request's ``{token id: bias}``."""
@@ -822,7 +836,8 @@ class SlotModel:
         held = mask_logits(logits, self.bits[:n]) if masked else logits
         live = pos >= 0
         if sampling:  # penalties and bias, then the sampler; the tokens of the decoding slots are counted
-            held = penalize(held, self.counts[:n], self.freq[:n], self.pres[:n]) + self.bias[:n]
+            held = penalize(held, self.counts[:n], self.freq[:n], self.pres[:n], self.rep[:n], self.in_prompt[:n])
+            held = held + self.bias[:n]
             tokens = sample(held, self.temp[:n], self.top_p[:n], self.u[:n])
             self.counts[:n].scatter_add_(1, tokens[:, None], live[:, None].to(self.counts.dtype))
         else:

@@ -344,6 +344,7 @@ class CerberoServer:
             grammar=await self._grammar(req),
             frequency_penalty=req.frequency_penalty or 0.0,
             presence_penalty=req.presence_penalty or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
             logit_bias=bias,
         )
         return s, ids

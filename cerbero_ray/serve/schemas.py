@@ -71,6 +71,7 @@ class Sampled(Strict):
     # OpenAI's penalties on the tokens generated so far (both engines; null: 0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=10.0, allow_inf_nan=False)  # vLLM's, HF's
     # OpenAI's: token id (a string) -> a number in [-100, 100] added to that token's logit (both engines)
     logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]]] = Field(
         default=None, max_length=MAX_LOGIT_BIAS
