@@ -250,7 +250,7 @@ def test_the_engine_with_graphs_gives_generate_s_text_and_seeded_samples(tok, de
     ref = [Generator(m, tok, batch_size=1).generate([p], GREEDY)[0]["text"] for p in prompts]
     cb = ContinuousBatcher(m, tok, num_slots=4, max_prompt_tokens=128, max_new_tokens=32, cuda_graphs=True)
     assert [r["text"] for r in cb.generate(prompts, GREEDY)] == ref
-    pen = replace(GREEDY, frequency_penalty=1.5, presence_penalty=0.5)  # penalties: counted in the graphs
+    pen = replace(GREEDY, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3)  # in the graphs
     assert [r["text"] for r in cb.generate(prompts, pen)] == [
         r["text"] for r in Generator(m, tok).generate(prompts, pen)
     ]
