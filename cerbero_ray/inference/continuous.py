@@ -406,7 +406,8 @@ class ContinuousBatcher:
         rows sampled under them; None if every row ended meanwhile."""
         n = max(r.slot for r in rows) + 1
         length = max(len(r.ids) + r.launched for r in rows)  # the longest row's position + 1
-        sampling = any(r.sampling.temperature > 0 or r.sampling.adjusted for r in rows)
+        sampling = any(r.sampling.temperature > 0 for r in rows)
+        adjust = any(r.sampling.adjusted for r in rows)  # penalties or a bias: eagerly only then, in graphs always
         masked = any(r.matcher is not None for r in rows)
         if masked:
             logits = self.slots.forward(n, length, self.graphs)
@@ -419,9 +420,9 @@ class ContinuousBatcher:
             self.slots.set_bits(self._bits([r for r in rows if r.matcher is not None], self.slots.num_slots))
         self._draws(rows, sampling)
         if masked:
-            tokens, logits = self.slots.pick(logits, n, length, sampling, self.graphs)
+            tokens, logits = self.slots.pick(logits, n, length, sampling, self.graphs, adjust)
         else:
-            tokens, logits = self.slots.run(n, length, sampling, self.graphs)
+            tokens, logits = self.slots.run(n, length, sampling, self.graphs, adjust)
         for r in rows:
             r.launched += 1
             if r.launched >= r.sampling.max_new_tokens:

@@ -819,42 +819,46 @@ class SlotModel:
         """This step's uniform draw per slot (every slot, in slot order)."""
         self.u.copy_(_to(torch.tensor(u, dtype=torch.float32), self.device))
 
-    def _step(self, n: int, length: int, sampling: bool, compiled: bool = False):
+    def _step(self, n: int, length: int, sampling: bool, compiled: bool = False, adjust: bool | None = None):
         """Decode the first ``n`` slots from the device state, sample, advance the state; returns
         (tokens ``[n]``, logits ``[n, vocab]``)."""
         logits = self._decode(self.cur_ids[:n], self.cur_pos[:n], n, length, compiled)
-        return self._pick(logits, n, sampling)
+        return self._pick(logits, n, sampling, adjust=adjust)
 
-    def _pick(self, logits: torch.Tensor, n: int, sampling: bool, masked: bool = False):
+    def _pick(self, logits: torch.Tensor, n: int, sampling: bool, masked: bool = False, adjust: bool | None = None):
         """Sample the first ``n`` rows of ``logits`` (``masked``: each held to its row of
-        ``bits``) and advance the state of the slots that decode; returns (tokens, logits: before
-        any mask, what logprobs report)."""
+        ``bits``; ``adjust``: under each row's penalties and logit bias, its token counted; None: as
+        ``sampling``, which a captured graph's sampling variant does for every row) and advance the
+        state of the slots that decode; returns (tokens, logits: before any mask, what logprobs report)."""
         from cerbero_ray.inference.grammar import mask_logits
         from cerbero_ray.inference.sampling import penalize, sample
 
+        adjust = sampling if adjust is None else adjust
         ids, pos, logits = self.cur_ids[:n], self.cur_pos[:n], logits[:n]
         held = mask_logits(logits, self.bits[:n]) if masked else logits
         live = pos >= 0
-        if sampling:  # penalties and bias, then the sampler; the tokens of the decoding slots are counted
+        if adjust:  # penalties and bias (a row without them is unchanged), then the choice
             held = penalize(held, self.counts[:n], self.freq[:n], self.pres[:n], self.rep[:n], self.in_prompt[:n])
             held = held + self.bias[:n]
-            tokens = sample(held, self.temp[:n], self.top_p[:n], self.u[:n])
+        tokens = sample(held, self.temp[:n], self.top_p[:n], self.u[:n]) if sampling else held.argmax(-1)
+        if adjust:  # the tokens of the decoding slots are counted
             self.counts[:n].scatter_add_(1, tokens[:, None], live[:, None].to(self.counts.dtype))
-        else:
-            tokens = held.argmax(-1)
         self.cur_ids[:n] = torch.where(live, tokens, ids)
         self.cur_pos[:n] = torch.where(live, pos + 1, pos)
         return tokens, logits
 
     @torch.no_grad()
-    def run(self, n: int, length: int, sampling: bool, graphs: bool = False):
+    def run(self, n: int, length: int, sampling: bool, graphs: bool = False, adjust: bool | None = None):
         """One step for the first ``n`` slots, the longest reading ``length`` positions: eagerly, or
         (``graphs``, CUDA) the rows of ``n``'s batch bucket through a graph captured per (length
-        bucket, batch bucket, sampling); the tokens and logits have a row per slot run."""
-        key = (self._bucket(length), self._batch_bucket(n), sampling)
+        bucket, batch bucket, sampling); the tokens and logits have a row per slot run. ``adjust``:
+        a row has penalties or a logit bias (None: as ``sampling``); a captured step applies them in
+        its sampling variant, which such a step takes, greedy or not."""
+        adjust = sampling if adjust is None else adjust
+        key = (self._bucket(length), self._batch_bucket(n), sampling or adjust)
         captured = graphs and self._graph(self.step_graphs, key, lambda: self._capture_step(*key))
         if not captured:
-            return self._step(n, length, sampling)
+            return self._step(n, length, sampling, adjust=adjust)
         g, (tokens, logits) = captured
         g.replay()
         return tokens, logits
@@ -880,21 +884,32 @@ class SlotModel:
         return logits
 
     @torch.no_grad()
-    def pick(self, logits: torch.Tensor, n: int, length: int, sampling: bool, graphs: bool = False):
+    def pick(
+        self,
+        logits: torch.Tensor,
+        n: int,
+        length: int,
+        sampling: bool,
+        graphs: bool = False,
+        adjust: bool | None = None,
+    ):
         """The second half: each row held to its bitmask (:meth:`set_bits`), sampled, the state
-        advanced; returns (tokens, logits) as :meth:`run`. ``logits``: what :meth:`forward` gave."""
+        advanced; returns (tokens, logits) as :meth:`run` (``adjust`` too). ``logits``: what
+        :meth:`forward` gave."""
+        adjust = sampling if adjust is None else adjust
         bucket, rows = self._bucket(length), self._batch_bucket(n)
         fwd = self.step_graphs.get(("forward", bucket, rows)) if graphs else None
+        variant = sampling or adjust
 
         def capture():  # against the forward graph's output, which every replay rewrites in place
             return self._captured(
-                lambda c: self._pick(logits, rows, sampling, True), restore=(self.cur_ids, self.cur_pos, self.counts)
+                lambda c: self._pick(logits, rows, variant, True), restore=(self.cur_ids, self.cur_pos, self.counts)
             )
 
         captured = fwd is not None and fwd[1] is logits
-        captured = captured and self._graph(self.step_graphs, ("pick", bucket, rows, sampling), capture)
+        captured = captured and self._graph(self.step_graphs, ("pick", bucket, rows, variant), capture)
         if not captured:
-            return self._pick(logits, n, sampling, True)
+            return self._pick(logits, n, sampling, True, adjust)
         g, out = captured
         g.replay()
         return out
