@@ -158,8 +158,8 @@ def test_each_adapter_by_name_in_one_endpoint(server, tiny_hf, tiny_adapters, to
             [("La capitale d'Italia è", s)]
         )[0]["text"]
         assert {text.strip() for m, text in got if m == name} == {want}, name
-    # penalties and a logit bias reach the engine, an adapter's rows included: the adapter's greedy
-    # first token banned, another token favoured
+    # the three penalties and a logit bias reach the engine, an adapter's rows included: the
+    # adapter's greedy first token banned, another token favoured
     model, t = load_for_inference(tiny_adapters["sentiment-it"], "float32")
     engine = ContinuousBatcher(model, t, num_slots=2, max_prompt_tokens=64, max_new_tokens=16)
     plain = engine.run([("La capitale d'Italia è", replace(s, logprobs=0))])[0]

@@ -16,8 +16,9 @@ too: each slot's adapter is a row of a table the model's adapted layers gather f
 
 OpenAI's frequency and presence penalties (``Sampling``) lower the logits of the tokens a request
 has generated (its own counts, kept per slot on the device), the repetition penalty those of the
-tokens its prompt or answer holds, and its logit bias is added to every token's logits; a request
-with any of them runs in sampling steps, where they apply, greedy or not.
+tokens its prompt or answer holds, and its logit bias is added to every token's logits; a step
+with such a request applies them to every row (a row without any is unchanged; a captured step
+takes its sampling variant, greedy or not), a step without skips them.
 
 A request ends at the end-of-sequence token, at one of its stop strings (cut from the text) or at
 ``max_new_tokens``; text that could be the start of a stop string, or an incomplete UTF-8

@@ -316,8 +316,8 @@ class SlotModel:
         self.vocab = vocab
         # frequency and presence penalties: each slot's two factors and how often it generated each
         # token, and its logit bias (float32, as the logits; 4 bytes per slot and vocabulary entry
-        # each). Applied and counted in sampling steps only: a request with either makes its steps
-        # sampling ones
+        # each). Applied and counted in the steps that have a row with any of them (a captured
+        # step: its sampling variant, which such a step takes, greedy or not)
         self.freq = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
         self.pres = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
         self.counts = torch.zeros(num_slots, vocab, dtype=torch.float32, device=self.device)
