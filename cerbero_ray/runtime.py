@@ -42,6 +42,8 @@ def init_ray(cluster: ClusterConfig) -> dict:
         )
         if cluster.object_store_memory_gb:
             kwargs["object_store_memory"] = int(cluster.object_store_memory_gb * 2**30)
+        if cluster.metrics_export_port:
+            kwargs["_metrics_export_port"] = int(cluster.metrics_export_port)
         # Ray Serve's proxy answers overload and timeouts in our JSON error format (serve/proxy.py); the
         # variable reaches the proxy through the raylet this process starts
         from cerbero_ray.serve.proxy import PROXY_CALLBACK

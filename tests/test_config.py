@@ -186,3 +186,31 @@ def test_run_code_gets_the_typed_schema_with_every_default(tmp_path):
     r = check("recipe", compose("recipe", [f"paths.output_dir={tmp_path}"]))
     label = check("label", r)  # what run_recipe hands run_label: checked already, sections shared
     assert isinstance(label, LabelStageConfig) and label.label is r.label and "label" in checked_for(label)
+
+
+def test_the_metrics_port_reaches_the_embedded_cluster(monkeypatch):
+    """``cluster.metrics_export_port`` is where Ray's metrics agent (and the server's metrics) is
+    scraped on an embedded cluster: handed to ``ray.init``; a value that is not a port is named."""
+    import ray
+
+    from cerbero_ray import cluster as cluster_state
+    from cerbero_ray.config.common import ClusterConfig
+    from cerbero_ray.runtime import init_ray
+
+    seen = {}
+    was = cluster_state._EMBEDDED.get("here")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        init_ray(ClusterConfig(num_cpus=2, metrics_export_port=9464))
+    finally:
+        cluster_state.started_here(bool(was))
+    assert seen["_metrics_export_port"] == 9464 and seen["num_cpus"] == 2
+    c = to_container(compose("serve", ["cluster.metrics_export_port=9464"]))
+    assert c["cluster"]["metrics_export_port"] == 9464
+    with pytest.raises(ValueError, match=r"cluster.metrics_export_port must be a port \(1..65535\) or null, got 70000"):
+        check("data", compose("data", ["cluster.metrics_export_port=70000"]))
+    with pytest.raises(ValueError, match=r"cluster.num_cpus must be >= 1 or null, got 0"):
+        check("data", compose("data", ["cluster.num_cpus=0"]))

@@ -23,8 +23,8 @@ class ToyStageConfig:  # sections the main job's config has: the recipe can run 
 
 
 def check_toy(c: ToyStageConfig, before: frozenset = frozenset()) -> None:
-    if c.cluster.num_cpus == 0:
-        raise ValueError("cluster.num_cpus: a toy needs a CPU")
+    if c.cluster.namespace == "no-toys":
+        raise ValueError("cluster.namespace: no toys in this one")
     SEEN.append(("check", sorted(before)))
 
 
@@ -52,7 +52,9 @@ def test_a_toy_stage_is_one_record(toy):
     from cerbero_ray.recipe import run_recipe
     from cerbero_ray.runtime import launch
 
-    with pytest.raises(ValueError, match="cluster.num_cpus: a toy needs a CPU"):
+    with pytest.raises(ValueError, match="cluster.namespace: no toys in this one"):
+        check("toy", {"paths": PATHS, "cluster": {"namespace": "no-toys"}})
+    with pytest.raises(ValueError, match="cluster.num_cpus must be >= 1"):  # every stage's cluster check first
         check("toy", {"paths": PATHS, "cluster": {"num_cpus": 0}})
     assert launch("toy", {"paths": PATHS}) == {"toy": "AI"}  # no Ray: its record says so
     assert SEEN == [("check", []), ("run", "ToyStageConfig")]

@@ -99,6 +99,10 @@ def check(stage: str, cfg):
     c = typed(stage, cfg)
     if stage in checked_for(c):
         return c
+    if getattr(c, "cluster", None) is not None:  # every stage's: the embedded cluster's settings
+        from cerbero_ray.config.common import check_cluster
+
+        check_cluster(c.cluster)
     STAGES[stage].check(c)
     mark_checked(c, {stage, *(c.stages if stage == "recipe" else ())})
     return c

@@ -26,6 +26,8 @@ class ClusterConfig:
     namespace: str = "cerbero"
     object_store_memory_gb: Optional[float] = None
     progress_bars: bool = False  # Ray Data's own per-operator bars (ours are always on)
+    # embedded cluster only: the port Prometheus scrapes Ray's metrics (and the server's) from; None: Ray picks one
+    metrics_export_port: Optional[int] = None
 
 
 @dataclass
@@ -83,6 +85,8 @@ def check_model(mc: ModelConfig) -> None:
 def check_cluster(cc: ClusterConfig) -> None:
     if cc.num_cpus is not None and cc.num_cpus < 1:
         raise ValueError(f"cluster.num_cpus must be >= 1 or null, got {cc.num_cpus}")
+    if cc.metrics_export_port is not None and not 1 <= cc.metrics_export_port <= 65535:
+        raise ValueError(f"cluster.metrics_export_port must be a port (1..65535) or null, got {cc.metrics_export_port}")
 
 
 def check_local_path(path: str, key: str, glob_ok: bool = False) -> None:
