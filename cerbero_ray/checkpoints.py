@@ -98,11 +98,12 @@ def check_logit_bias(bias: dict | None, key: str, checkpoint: str, base: str | N
     checkpoint's config.json declares (an adapter's: its base's)."""
     if not bias:
         return
+    from cerbero_ray.config.sampling import check_token_ids
+
     path = adapters.base_of(checkpoint, base) if adapters.is_adapter(checkpoint) else checkpoint
     vocab = storage.read_json(storage.join(path, "config.json")).get("vocab_size")
-    bad = sorted(t for t in bias if vocab is not None and t >= vocab)
-    if bad:
-        raise ValueError(f"{key}: token id(s) {bad[:5]} outside {checkpoint}'s vocabulary (0..{vocab - 1})")
+    if vocab is not None:
+        check_token_ids(bias, vocab, key, f"{checkpoint}'s vocabulary")
 
 
 def check_inference(checkpoint: str, engine: str, stage: str, base: str | None = None) -> None:

@@ -33,13 +33,10 @@ class Sampling:
     logit_bias: Optional[Dict[int, float]] = field(default_factory=dict)
 
     @property
-    def penalized(self) -> bool:
-        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
-
-    @property
     def adjusted(self) -> bool:
         """Penalties or a logit bias change its logits (the continuous engine's sampling steps apply them)."""
-        return self.penalized or bool(self.logit_bias)
+        s = self
+        return bool(s.frequency_penalty or s.presence_penalty or s.repetition_penalty != 1 or s.logit_bias)
 
     def key(self) -> tuple:
         """Hashable: requests with equal keys can share a batched ``generate`` call."""
@@ -57,6 +54,14 @@ class Sampling:
             s.repetition_penalty,
             tuple(sorted((s.logit_bias or {}).items())),
         )
+
+
+def check_token_ids(bias: dict | None, vocab: int, key: str = "logit_bias", whose: str = "the vocabulary") -> None:
+    """``ValueError`` naming ``key`` when a logit bias names a token id outside ``0..vocab - 1``
+    (``whose``: the vocabulary the message names)."""
+    bad = sorted(t for t in bias or {} if not 0 <= t < vocab)
+    if bad:
+        raise ValueError(f"{key}: token id(s) {bad[:5]} outside {whose} (0..{vocab - 1})")
 
 
 def check_sampling(s: Sampling, key: str) -> None:

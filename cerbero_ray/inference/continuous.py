@@ -43,6 +43,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 import torch
 
+from cerbero_ray.config.sampling import check_token_ids
 from cerbero_ray.inference.sampling import Sampling, cut_at_stop, sample  # noqa: F401 (sample: re-exported)
 from cerbero_ray.inference.slots import SlotModel
 from cerbero_ray.tokenizer import encode_prompts
@@ -227,9 +228,7 @@ class ContinuousBatcher:
             raise ValueError(f"{len(ids)} prompt tokens; at most {self.max_prompt_tokens} (encode with encode())")
         if not 1 <= s.max_new_tokens <= self.max_new_tokens:
             raise ValueError(f"max_new_tokens must be within 1..{self.max_new_tokens}, got {s.max_new_tokens}")
-        bad = [t for t in s.logit_bias or {} if not 0 <= t < self.slots.vocab]
-        if bad:
-            raise ValueError(f"logit_bias: token id(s) {bad[:5]} outside the vocabulary (0..{self.slots.vocab - 1})")
+        check_token_ids(s.logit_bias, self.slots.vocab)
         r = _Request(
             ids,
             s,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from cerbero_ray.config.sampling import check_token_ids
 from cerbero_ray.inference.sampling import Sampling, cut_at_stop
 from cerbero_ray.tokenizer import encode_prompts
 
@@ -64,10 +65,7 @@ class Generator:
         """``model.generate`` settings for ``s`` (temperature 0: greedy) on prompts left-padded to
         ``width`` tokens, each row by ``pads`` (penalties and a logit bias: :class:`Adjust`)."""
         sample = s.temperature > 0
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        bad = [t for t in s.logit_bias or {} if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"logit_bias: token id(s) {bad[:5]} outside the vocabulary (0..{vocab - 1})")
+        check_token_ids(s.logit_bias, self.model.get_output_embeddings().weight.shape[0])
         kwargs = dict(
             max_new_tokens=s.max_new_tokens,
             do_sample=sample,
@@ -90,7 +88,6 @@ class Generator:
         """Per prompt: ``text``, ``finish_reason``, ``prompt_tokens``, ``new_tokens``, ``truncated``."""
         if not prompts:
             return []
-        self.generate_kwargs(sampling, 0)  # a setting it cannot run fails here, before any batch
         ids, truncated = encode_prompts(self.tok, prompts, self.max_prompt_tokens)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out: list[dict] = [{}] * len(ids)

@@ -259,6 +259,7 @@ class CerberoServer:
         if self.engine.batcher is not None:  # how it decodes, in the replica's log (Serve's logger)
             logging.getLogger("ray.serve").info(self.engine.batcher.describe())
         self.created = int(time.time())
+        self.vocab = self.engine.model.get_output_embeddings().weight.shape[0]  # token ids 0..vocab - 1
         from cerbero_ray.serve.metrics import ServeMetrics
 
         self.metrics = ServeMetrics()  # tokens, time to first token, slots in use: through Ray's metrics agent
@@ -312,7 +313,7 @@ class CerberoServer:
             raise APIError(400, f"{field} {short(max_tokens)} is over this server's limit {sc.max_new_tokens}", field)
         bias = None
         if req.logit_bias:
-            vocab = self.engine.model.get_output_embeddings().weight.shape[0]
+            vocab = self.vocab
             bad = next(
                 (k for k in req.logit_bias if not (k.isascii() and k.isdigit() and len(k) < 10 and int(k) < vocab)),
                 None,
@@ -564,7 +565,7 @@ class CerberoServer:
         """Token ids as text (special tokens left out, as in an answer)."""
         self._auth(request)
         self._adapter(req.model)
-        vocab = self.engine.model.get_output_embeddings().weight.shape[0]
+        vocab = self.vocab
         bad = next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(
