@@ -562,17 +562,17 @@ class ContinuousBatcher:
             [r.sampling.repetition_penalty for r in new],
         )
         held = logits
+        rows = torch.tensor(slots, device=logits.device)  # the new requests' slots, in their order
         repeat = [(r.slot, r.ids) for r in new if r.sampling.repetition_penalty != 1]
         if repeat:  # the first token already pays for the prompt's tokens
             self.slots.set_prompt(*zip(*repeat))
             from cerbero_ray.inference.sampling import penalize
 
-            idx = torch.tensor(slots, device=logits.device)
             zero = torch.zeros(len(new), device=logits.device)
-            rep, seen = self.slots.rep[idx], self.slots.in_prompt[idx]
+            rep, seen = self.slots.rep[rows], self.slots.in_prompt[rows]
             held = penalize(held, torch.zeros_like(held), zero, zero, rep, seen)
         if any(r.sampling.logit_bias for r in new):
-            held = held + self.slots.bias[torch.tensor(slots, device=logits.device)]
+            held = held + self.slots.bias[rows]
         if any(r.matcher is not None for r in new):
             from cerbero_ray.inference.grammar import mask_logits
 

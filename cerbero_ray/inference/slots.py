@@ -784,15 +784,16 @@ class SlotModel:
         slots: list[int],
         temperature: list[float],
         top_p: list[float],
-        frequency: list[float] | None = None,
-        presence: list[float] | None = None,
-        repetition: list[float] | None = None,
+        frequency: list[float],
+        presence: list[float],
+        repetition: list[float],
     ) -> None:
+        """Each slot's sampling settings and penalty factors, read in place by the steps."""
         self._put(self.temp, slots, temperature)
         self._put(self.top_p, slots, top_p)
-        self._put(self.freq, slots, frequency or [0.0] * len(slots))
-        self._put(self.pres, slots, presence or [0.0] * len(slots))
-        self._put(self.rep, slots, repetition or [1.0] * len(slots))
+        self._put(self.freq, slots, frequency)
+        self._put(self.pres, slots, presence)
+        self._put(self.rep, slots, repetition)
 
     def set_prompt(self, slots: list[int], prompts: list[list[int]]) -> None:
         """Which tokens each slot's prompt holds (the repetition penalty reads it)."""

@@ -430,8 +430,7 @@ class CerberoServer:
         choice's tokens) rides on the last finishing chunk; with ``stream_options.include_usage`` it
         comes as OpenAI sends it instead: a last chunk of its own, with no choices."""
         (index, model), tok, s = adapter, self.engine.tok, samplings[0]
-        left, new_tokens = len(samplings), 0
-        t0, first, ends = time.perf_counter(), {}, {}
+        t0, first, ends = time.perf_counter(), {}, {}  # each choice's first piece and its end, as they come
 
         def seen(i: int, piece) -> None:  # the metrics' view: each choice's first piece and its end
             if isinstance(piece, dict):
@@ -441,12 +440,11 @@ class CerberoServer:
             elif i not in first:
                 first[i] = time.perf_counter() - t0
 
-        def sse(i: int, piece) -> str:
-            nonlocal left, new_tokens
+        def sse(i: int, piece) -> str:  # after seen(i, piece)
             if isinstance(piece, dict):
-                left, new_tokens = left - 1, new_tokens + piece["new_tokens"]
                 last = _choice(kind, "", piece["finish_reason"], delta=True, index=i)
-                usage = _usage(piece["prompt_tokens"], new_tokens) if not left else None
+                done = len(ends) == len(samplings)  # the last choice to finish carries every choice's usage
+                usage = _usage(piece["prompt_tokens"], sum(e["new_tokens"] for e in ends.values())) if done else None
                 if include_usage:
                     tail = _sse(_envelope(kind, rid, model, [], usage, chunk=True)) if usage else ""
                     return _sse(_envelope(kind, rid, model, [last], None, chunk=True)) + tail
