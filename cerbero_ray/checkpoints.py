@@ -93,17 +93,11 @@ def model_type(path: str, base: str | None = None) -> str | None:
     return storage.read_json(storage.join(path, "config.json")).get("model_type")
 
 
-def check_logit_bias(bias: dict | None, key: str, checkpoint: str, base: str | None = None) -> None:
-    """``ValueError`` naming ``key`` when a logit bias names a token id past the vocabulary the
-    checkpoint's config.json declares (an adapter's: its base's)."""
-    if not bias:
-        return
-    from cerbero_ray.config.sampling import check_token_ids
-
-    path = adapters.base_of(checkpoint, base) if adapters.is_adapter(checkpoint) else checkpoint
-    vocab = storage.read_json(storage.join(path, "config.json")).get("vocab_size")
-    if vocab is not None:
-        check_token_ids(bias, vocab, key, f"{checkpoint}'s vocabulary")
+def vocab_size(path: str, base: str | None = None) -> int | None:
+    """The ``vocab_size`` an HF folder or URI's config.json declares (an adapter's: its base's)."""
+    if adapters.is_adapter(path):
+        path = adapters.base_of(path, base)
+    return storage.read_json(storage.join(path, "config.json")).get("vocab_size")
 
 
 def check_inference(checkpoint: str, engine: str, stage: str, base: str | None = None) -> None:

@@ -35,12 +35,16 @@ def test_a_whole_checkpoint_passes(good):
 
 
 def test_a_logit_bias_past_the_vocabulary_is_named(good):
-    from cerbero_ray.checkpoints import check_logit_bias
+    """The generate stage's check before Ray: the vocabulary config.json declares, the ids against it."""
+    from cerbero_ray.checkpoints import vocab_size
+    from cerbero_ray.config.sampling import check_token_ids
 
-    check_logit_bias({0: 1.0, 31999: -100.0}, "generate.sampling.logit_bias", good)
-    check_logit_bias({}, "generate.sampling.logit_bias", good)
+    vocab = vocab_size(good)
+    assert vocab == 32000
+    check_token_ids({0: 1.0, 31999: -100.0}, vocab, "generate.sampling.logit_bias")
+    check_token_ids({}, vocab, "generate.sampling.logit_bias")
     with pytest.raises(ValueError, match=r"generate.sampling.logit_bias: token id\(s\) \[32000, 40000\] outside"):
-        check_logit_bias({40000: 1.0, 5: 1.0, 32000: 2.0}, "generate.sampling.logit_bias", good)
+        check_token_ids({40000: 1.0, 5: 1.0, 32000: 2.0}, vocab, "generate.sampling.logit_bias")
 
 
 def test_cut_short_weights_are_named_with_their_size(good, tmp_path):

@@ -156,6 +156,12 @@ def test_constrained_answers_and_self_chat_turns_follow_their_format(tmp_path, t
     pen = check("generate", compose("generate", [*base, "generate.sampling.presence_penalty=0.5"])).generate
     assert run_identity(pen)["sampling"]["presence_penalty"] == 0.5
     biased = check("generate", compose("generate", [*base, "+generate.sampling.logit_bias={5: -100, 7: 2.5}"]))
+    from cerbero_ray.generate.pipeline import run_generate
+
+    with pytest.raises(
+        ValueError, match=r"generate.sampling.logit_bias: token id\(s\) \[40000\] outside .*'s vocabulary"
+    ):
+        run_generate(compose("generate", [*base, "+generate.sampling.logit_bias={40000: 1}"]))  # before Ray is asked
     assert (
         biased.generate.sampling.logit_bias == {5: -100.0, 7: 2.5} and "logit_bias" not in run_identity(pen)["sampling"]
     )

@@ -25,10 +25,11 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from cerbero_ray import batchjob, storage
-from cerbero_ray.checkpoints import check_checkpoint, check_inference, check_logit_bias
+from cerbero_ray.checkpoints import check_checkpoint, check_inference, vocab_size
 from cerbero_ray.config import check
 from cerbero_ray.config.constraint import config_grammar, plain
 from cerbero_ray.config.generate import GenerateConfig, GenerateStageConfig
+from cerbero_ray.config.sampling import check_token_ids
 from cerbero_ray.inference.batch import generate_columns
 from cerbero_ray.models import load_for_inference
 
@@ -253,7 +254,8 @@ def run_generate(cfg: DictConfig | dict | GenerateStageConfig) -> dict:
     c = check("generate", cfg)
     gc = c.generate
     check_inference(gc.checkpoint, gc.engine, "generate", gc.base)
-    check_logit_bias(gc.sampling.logit_bias, "generate.sampling.logit_bias", gc.checkpoint, gc.base)
+    if gc.sampling.logit_bias and (vocab := vocab_size(gc.checkpoint, gc.base)) is not None:
+        check_token_ids(gc.sampling.logit_bias, vocab, "generate.sampling.logit_bias", f"{gc.checkpoint}'s vocabulary")
     sc = gc.self_chat
     if gc.mode == "self_chat" and sc.dedup == "embedding" and sc.dedup_model:
         check_checkpoint(sc.dedup_model, "generate.self_chat.dedup_model")
