@@ -7,6 +7,7 @@ table."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 
 from omegaconf import DictConfig
@@ -102,12 +103,25 @@ AFTER = {"data": _after_data, "train": _after_train}
 
 def run_recipe(cfg: DictConfig | dict | RecipeConfig) -> dict:
     """Run each stage of ``stages`` on an initialised Ray; returns {stage: its result}. The config
-    is checked once, here, for every stage."""
+    is checked once, here, for every stage. Last, one line: each stage's wall time."""
     c = check("recipe", cfg)
-    results = {}
+    results, took = {}, {}
     for name in c.stages:
+        t0 = time.perf_counter()
         stage_cfg = BEFORE.get(name, lambda c: c)(c)
         results[name] = STAGES[name].runner()(stage_cfg)
         if name in AFTER:
             AFTER[name](c, results[name])
+        took[name] = time.perf_counter() - t0
+    log.info(
+        f"[recipe] {len(took)} stage(s) in {_span(sum(took.values()))}: "
+        + ", ".join(f"{name} {_span(s)}" for name, s in took.items())
+    )
     return results
+
+
+def _span(seconds: float) -> str:
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s:02d} s"

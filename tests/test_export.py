@@ -225,6 +225,21 @@ def test_the_export_reports_each_files_check(exported):
     )
 
 
+def test_the_snippet_opens_a_local_file_and_names_a_buckets_copy(tmp_path):
+    """llama-cpp-python opens local files only: the snippet of a file in a bucket says how to copy
+    it and opens the copy; both are Python a user can paste."""
+    import ast
+
+    from cerbero_ray.export.pipeline import _snippet
+
+    here = _snippet(f"file://{tmp_path}/m-F16.gguf", "AI")
+    assert f'model_path="{tmp_path}/m-F16.gguf"' in here and "copy" not in here
+    there = _snippet("s3://b/run/export/m-Q4_K_M.gguf", "AI")
+    assert "aws s3 cp s3://b/run/export/m-Q4_K_M.gguf ." in there and 'model_path="m-Q4_K_M.gguf"' in there
+    for code in (here, there):
+        ast.parse(code)
+
+
 @needs_llama_cpp
 def test_a_file_that_crashes_llama_cpp_is_failed_not_written(hf_dir, tmp_path, monkeypatch, caplog):
     from cerbero_ray.export import run_export

@@ -63,6 +63,8 @@ def test_data_and_training(run):
     hf = out / "train" / "tiny-cpu" / "hf"
     assert f"from_pretrained('{hf}'): MistralForCausalLM" in said
     assert (out / "train" / "tiny-cpu" / "loss.png").stat().st_size > 10_000
+    took = re.search(r"\[recipe\] 5 stage\(s\) in (.+?): (.+)", said)  # last: each stage's wall time
+    assert took and [p.split()[0] for p in took[2].split(", ")] == ["data", "train", "label", "export", "evaluate"]
 
 
 def test_labels_exports_and_evaluation(run):

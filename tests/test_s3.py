@@ -73,6 +73,7 @@ def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket
     assert not any(k.endswith(storage.TMP_SUFFIX) or storage.WRITING in k for k in objs)
     assert re.search(rf"checkpoint: {re.escape(out)}/train/tiny-cpu/checkpoint_step_\d+", said), said[-3000:]
     assert "[export] f16: llama.cpp check ok" in said or "check skipped" in said
+    assert f"aws s3 cp {out}/export/tiny-cpu/cerbero-F16.gguf ." in said and 'model_path="cerbero-F16.gguf"' in said
     # a rerun resumes from the bucket: checked on training (its checkpoint read back from the bucket;
     # every stage's own rerun is tested on a local disk, test_recipe and the stage tests)
     # (in this process, on the test's Ray: the same train stage as the job's, without a second start)

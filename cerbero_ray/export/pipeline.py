@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 SNIPPET = '''from llama_cpp import Llama
 
-llm = Llama(model_path="{path}", n_ctx=4086)  # llama.cpp's llama has no sliding window: stay under 4096
+{fetch}llm = Llama(model_path="{path}", n_ctx=4086)  # llama.cpp's llama has no sliding window: stay under 4096
 out = llm("""{prompt}""", max_tokens=128, stop=["{stop}"])
 print(out["choices"][0]["text"])'''
 
@@ -139,7 +139,7 @@ def _export(x: ExportConfig, folder: str, src: str, lora: tuple[str, str] | None
     failed = [t for t, r in results.items() if r["status"] == "failed"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     good = [t for t in x.types if results[t]["status"] != "failed"]
-    snippet = SNIPPET.format(path=results[good[-1]]["path"], prompt=seed_prompt(tag), stop=USER_TAG) if good else ""
+    snippet = _snippet(results[good[-1]]["path"], tag) if good else ""
     log.info(
         f"[export] {len(results) - len(failed)} file(s) in {time.perf_counter() - t0:.1f} s, peak RSS {peak:.0f} MiB"
         + (f"; {len(failed)} failed llama.cpp's check: {', '.join(failed)}" if failed else ""),
@@ -149,9 +149,26 @@ def _export(x: ExportConfig, folder: str, src: str, lora: tuple[str, str] | None
     if lora is not None and all(k in results and results[k]["status"] != "failed" for k in ("lora", "base-f16")):
         log.info(
             "[export] or the base with the adapter applied at load time: "
-            f'Llama(model_path="{results["base-f16"]["path"]}", lora_path="{results["lora"]["path"]}", n_ctx=4086)',
+            f'Llama(model_path="{_at_hand(results["base-f16"]["path"])}", '
+            f'lora_path="{_at_hand(results["lora"]["path"])}", n_ctx=4086)',
         )
     return {"files": results, "failed": failed, "peak_rss_mib": round(peak), "snippet": snippet}
+
+
+def _at_hand(path: str) -> str:
+    """The path llama.cpp opens: a local file as it is, a bucket's object by its name once copied."""
+    return storage.local_path(path) if storage.is_local(path) else path.rsplit("/", 1)[-1]
+
+
+def _snippet(path: str, tag: str) -> str:
+    """The seed's prompt in llama-cpp-python, which opens local files only: a file in a bucket is
+    named by the copy the first line makes."""
+    if storage.is_local(path):
+        fetch = ""
+    else:
+        cp = {"s3": "aws s3 cp", "gs": "gcloud storage cp"}.get(path.split("://", 1)[0], "copy")
+        fetch = f"# llama.cpp opens local files only: copy it here first ({cp} {path} .)\n"
+    return SNIPPET.format(fetch=fetch, path=_at_hand(path), prompt=seed_prompt(tag), stop=USER_TAG)
 
 
 UNVERIFIED = ".unverified"  # a file written but not yet checked by llama.cpp: never under its final name
