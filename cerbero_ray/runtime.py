@@ -18,6 +18,7 @@ import sys
 
 from cerbero_ray import cluster as cluster_state
 from cerbero_ray.config.common import ClusterConfig
+from cerbero_ray.logs import OUR_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +100,12 @@ def launch(stage: str, cfg, run=None, ray: bool | None = None, **kwargs):
     interrupt_on_sigterm()  # after ray.init, which installs a C++ stack dump for SIGTERM
     try:
         return run(c, **kwargs)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        if not _ours(e) or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr, flush=True)  # what the run found wrong with its input or config
-        sys.exit(2)
-    except Exception as e:  # object storage gone for good (after the client's retries): one line, resumable
+    except Exception as e:
+        why = str(e) if isinstance(e, OUR_ERRORS) and _ours(e) else _ours_elsewhere(e)
+        if why is not None and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            print(f"error: {why}", file=sys.stderr, flush=True)  # what the run found wrong with its input or config
+            sys.exit(2)
+        # object storage gone for good (after the client's retries): one line, resumable
         gone = _storage_error(e)
         if gone is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -134,6 +135,22 @@ def _storage_error(e: BaseException) -> str | None:
         seen.add(id(e))
         if isinstance(e, StorageError) or (isinstance(e, OSError) and "AWS Error" in str(e)):
             return str(e).strip().splitlines()[0]
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
+def _ours_elsewhere(e: BaseException) -> str | None:
+    """The message of a check of ours that failed in another process: a Ray task that raised it,
+    or an actor (a model actor of a batch job) whose start it stopped; None for anything else."""
+    from cerbero_ray.logs import our_error
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__module__.startswith("ray."):  # RayTaskError(ValueError), ActorDiedError: the remote traceback
+            why = our_error(str(e))
+            if why is not None:
+                return f"a model actor did not start: {why}" if getattr(e, "actor_init_failed", False) else why
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
     return None
 

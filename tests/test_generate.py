@@ -65,6 +65,20 @@ def test_prompts_job_every_row_once_and_a_lost_chunk_comes_back_identical(tmp_pa
 
 
 @pytest.mark.integration
+def test_a_model_actor_that_cannot_start_is_one_line(tmp_path, tiny_hf, ray_local, capsys):
+    """More KV-cache slots than the node's memory holds: the model actor's check stops its start,
+    and the job says so in one line (exit status 2), not Ray's three tracebacks."""
+    from cerbero_ray.runtime import launch
+
+    inp = write_jsonl(tmp_path / "q.jsonl", [{"id": "q0", "text": PROMPTS[0]}])
+    with pytest.raises(SystemExit) as e:
+        launch("generate", gen_cfg(tmp_path, tiny_hf, inp, "generate.batch_size=100000000"), ray=False)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: a model actor did not start: the engine's cache does not fit: 100000000 slots"), err
+
+
+@pytest.mark.integration
 def test_self_chat_output_feeds_the_data_stage(tmp_path, tiny_hf, ray_local):
     seeds = os.path.join(SAMPLES, "self_chat_seeds_it.txt")
     s = run_generate(

@@ -40,6 +40,28 @@ def chat(tok, text):
     return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cache_larger_than_free_memory_is_refused_naming_the_slots_that_fit(tok, device, monkeypatch):
+    """Before any of it is allocated: a GPU's out-of-memory error names no setting, and on a host
+    the kernel kills the process."""
+    from cerbero_ray.inference import slots
+
+    model = tiny().to(device).eval()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    per = slots.slot_bytes(model.config, model.model.layers[0].self_attn.head_dim, 64, torch.float32, vocab)
+    assert per > 2 * model.config.num_hidden_layers * 64 * model.config.num_key_value_heads * 4 + 9 * vocab
+    with monkeypatch.context() as m:
+        m.setattr(slots, "free_memory", lambda device: int(per * 5 / slots.CACHE_SHARE) + 1)
+        assert SlotModel(model, num_slots=5, max_len=64).k.shape[1] == 5  # fits
+        with pytest.raises(ValueError, match=r"6 slots of 64 positions need .*: 5 slots fit at this length\. Lower"):
+            SlotModel(model, num_slots=6, max_len=64)
+    free = slots.free_memory(torch.device(device))  # the device's own: a GPU's, or the host's MemAvailable
+    assert free is not None and 0 < free
+    huge = int(free / per) + 1  # more slots than the device holds: refused, not allocated
+    with pytest.raises(ValueError, match=rf"{huge} slots of 64 positions .*\d+ slots fit"):
+        ContinuousBatcher(model, tok, num_slots=huge, max_prompt_tokens=32, max_new_tokens=32, cuda_graphs=False)
+
+
 @pytest.mark.parametrize("window", [None, 6])
 def test_slot_cache_logits_equal_the_hf_forward(window):
     m = tiny(overrides={"sliding_window": window}).eval()

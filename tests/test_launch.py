@@ -60,3 +60,49 @@ def test_sigterm_stops_a_job_as_ctrl_c_does(tmp_path, capsys):
     assert capsys.readouterr().err == (
         "[data] stopped by SIGTERM; the same command starts it again (the unfinished shards are cleared)\n"
     )
+
+
+def _check_packing(packing: str) -> None:
+    one_of(packing, ("split",), "data.packing")  # a check of ours, raising from our code
+
+
+def test_a_check_of_ours_in_a_ray_task_is_one_line_and_a_library_error_there_keeps_its_stack(
+    tmp_path, capsys, ray_local
+):
+    """The remote traceback is read back to its message (a model actor whose start a check stopped:
+    tests/test_generate.py)."""
+    import ray
+
+    def task(c):
+        ray.get(ray.remote(one_of).options(num_cpus=0).remote(c.data.packing, ("split",), "data.packing"))
+
+    with pytest.raises(SystemExit) as e:
+        launch("data", _cfg(tmp_path), task, ray=False)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: data.packing must be one of ('split',), got 'whole'\n"
+
+    def library(c):
+        ray.get(ray.remote(json.loads).options(num_cpus=0).remote("{not json"))
+
+    with pytest.raises(ValueError, match="Expecting property name"):
+        launch("data", _cfg(tmp_path), library, ray=False)
+
+
+def test_our_error_reads_only_a_traceback_that_ends_in_our_code():
+    import traceback
+
+    from cerbero_ray.logs import our_error
+
+    def formatted(fn) -> str:
+        try:
+            fn()
+        except Exception:
+            return traceback.format_exc()
+        raise AssertionError("it should have raised")
+
+    assert our_error(formatted(lambda: _check_packing("whole"))) == (
+        "data.packing must be one of ('split',), got 'whole'"
+    )
+    assert our_error(formatted(lambda: json.loads("{not json"))) is None  # raised in the json module
+    assert our_error(formatted(lambda: {}["key"])) is None  # not a kind our checks raise
+    assert our_error("ValueError: no traceback around it") is None and our_error("") is None

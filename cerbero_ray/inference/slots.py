@@ -265,6 +265,61 @@ def _varlen_attn():
     return varlen_attn, ({"enable_gqa": True} if "enable_gqa" in params else {})
 
 
+CACHE_SHARE = 0.9  # of the memory free at start-up, what the cache may take (the rest: activations, graphs)
+
+
+def slot_bytes(cfg, head_dim: int, max_len: int, dtype: torch.dtype, vocab: int) -> int:
+    """What one slot holds: its keys and values over ``max_len`` positions in every layer, and its
+    state over the vocabulary (penalty counts and logit bias in float32, the prompt's tokens as
+    bools, the grammar's bitmask)."""
+    kv = 2 * cfg.num_hidden_layers * max_len * cfg.num_key_value_heads * head_dim * dtype.itemsize
+    return kv + 9 * vocab + 4 * ((vocab + 31) // 32)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: a GPU's free memory and what torch's caching
+    allocator holds unused, or this host's available memory (Linux's MemAvailable, within the
+    cgroup's limit where one is set); None where unknown."""
+    if device.type == "cuda":
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                free = min(free, int(limit) - int(g.read()))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def check_cache_fits(num_slots: int, max_len: int, per_slot: int, device: torch.device, layers: int) -> None:
+    """A cache larger than what ``device`` has free is a ValueError saying how many slots fit,
+    before any of it is allocated (a GPU's out-of-memory error names no setting; a host's kills
+    the process)."""
+    free = free_memory(device)
+    need = num_slots * per_slot
+    if free is None or need <= CACHE_SHARE * free:
+        return
+    fit = int(CACHE_SHARE * free // per_slot)
+    gib = 1 << 30
+    raise ValueError(
+        f"the engine's cache does not fit: {num_slots} slots of {max_len:,} positions need {need / gib:.2f} GiB "
+        f"({per_slot / gib:.3f} GiB a slot: keys and values in {layers} layers, and its sampling state), and "
+        f"{device} has {free / gib:.2f} GiB free, of which the cache may take {CACHE_SHARE:.0%}: "
+        + (f"{fit} slots fit" if fit else "not one slot fits")
+        + " at this length. Lower the slot count (serve.max_batch_size, generate.batch_size, evaluate.batch_size, "
+        "label.slots) or the length (max_prompt_tokens + max_new_tokens)"
+    )
+
+
 class SlotModel:
     def __init__(
         self,
@@ -290,6 +345,10 @@ class SlotModel:
         self.head_dim = attn.head_dim
         self.num_slots, self.max_len = num_slots, max_len
         self.window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
+        vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width (LoRA wraps keep .weight)
+        self.vocab = vocab
+        per_slot = slot_bytes(cfg, self.head_dim, max_len, self.dtype, vocab)
+        check_cache_fits(num_slots, max_len, per_slot, self.device, cfg.num_hidden_layers)
         # [layer, slot, position, kv head, head dim]: a slot's tokens are rows of one block, as
         # FlashAttention's varlen kernel reads them (SDPA reads a transposed view)
         shape = (cfg.num_hidden_layers, num_slots, max_len, cfg.num_key_value_heads, self.head_dim)
@@ -312,8 +371,6 @@ class SlotModel:
         self.temp = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
         self.top_p = torch.ones(num_slots, dtype=torch.float32, device=self.device)
         self.u = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
-        vocab = model.get_output_embeddings().weight.shape[0]  # the logits' width (LoRA wraps keep .weight)
-        self.vocab = vocab
         # frequency and presence penalties: each slot's two factors and how often it generated each
         # token, and its logit bias (float32, as the logits; 4 bytes per slot and vocabulary entry
         # each). Applied and counted in the steps that have a row with any of them (a captured

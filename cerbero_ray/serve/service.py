@@ -11,6 +11,7 @@ from cerbero_ray.checkpoints import check_inference, check_served_adapter
 from cerbero_ray.cluster import check_fits
 from cerbero_ray.config import check
 from cerbero_ray.config.serve import ServeConfig, ServeStageConfig
+from cerbero_ray.logs import our_error
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,14 @@ def run_serve(cfg: DictConfig | dict | ServeStageConfig, blocking: bool = False)
     )
     control()  # before the app: the proxies find it at their first request
     serve.start(http_options={"host": sc.host, "port": sc.port})
-    serve.run(deployment(sc), name="cerbero", route_prefix="/", blocking=False)
+    try:
+        serve.run(deployment(sc), name="cerbero", route_prefix="/", blocking=False)
+    except RuntimeError:  # "Deploying application cerbero failed": what its replica raised is in Serve's status
+        why = our_error(replica_failure("cerbero") or "")
+        serve.delete("cerbero")  # nothing left retrying on the cluster
+        if why is not None:  # a check of ours in the replica: a bad setting, one line
+            raise ValueError(f"the model replica did not start: {why}") from None
+        raise
     url = f"http://{sc.host}:{sc.port}"
     auth = ' -H "Authorization: Bearer $CERBERO_API_KEY"' if sc.api_key else ""
     log.info(
@@ -47,6 +55,16 @@ def run_serve(cfg: DictConfig | dict | ServeStageConfig, blocking: bool = False)
     if blocking:
         serve_until_signalled(sc, stop)
     return url
+
+
+def replica_failure(app: str) -> str | None:
+    """What a replica of ``app`` raised when it failed to start, with its traceback (Serve's status
+    keeps it), or None."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    failed = [d.message for d in status.deployments.values() if d.status == "DEPLOY_FAILED"] if status else []
+    return failed[0] if failed else None
 
 
 def gcs_reachable(wait_s: float = 1.0) -> bool:
