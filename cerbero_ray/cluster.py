@@ -6,6 +6,8 @@ check theirs first (:func:`check_fits`)."""
 
 from __future__ import annotations
 
+import errno
+
 _EMBEDDED = {"here": False}
 
 
@@ -33,3 +35,26 @@ def check_fits(need: dict[str, float], what: str) -> None:
             f"{what} needs {wants}; the embedded Ray cluster has {has}. Lower it, or attach a cluster "
             "that has them (cluster.address=…, or ray job submit)"
         )
+
+
+def check_listen(host: str, port: int, what: str) -> None:
+    """On the embedded cluster (its proxy listens on this machine), a ``ValueError`` naming ``what``
+    when ``host``:``port`` cannot be listened on: a port another program holds, or a host that is
+    not an address of this machine. Ray Serve's proxy would otherwise fail to bind, retry, and end
+    the job with a page of tracebacks. An attached cluster's proxies listen on its nodes: nothing
+    is checked there."""
+    import socket
+
+    if not _EMBEDDED["here"]:
+        return
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"{what}: cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closed socket's TIME_WAIT is no hold
+        try:
+            s.bind(addr)
+        except OSError as e:
+            held = " (another server holds it? pick another port)" if e.errno == errno.EADDRINUSE else ""
+            raise ValueError(f"{what}: cannot listen on {host}:{port}: {e.strerror}{held}") from None

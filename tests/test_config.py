@@ -214,3 +214,28 @@ def test_the_metrics_port_reaches_the_embedded_cluster(monkeypatch):
         check("data", compose("data", ["cluster.metrics_export_port=70000"]))
     with pytest.raises(ValueError, match=r"cluster.num_cpus must be >= 1 or null, got 0"):
         check("data", compose("data", ["cluster.num_cpus=0"]))
+
+
+def test_a_port_the_server_cannot_listen_on_is_one_line(tiny_hf, monkeypatch):
+    """Out of range: before Ray starts. Held by another program, or a host that is not this
+    machine's: on the embedded cluster, before Serve's proxy would fail to bind (a page of its
+    tracebacks); an attached cluster's proxies listen on its nodes, so nothing is checked there."""
+    import socket
+
+    from cerbero_ray import cluster
+
+    with pytest.raises(ValueError, match=r"serve.port must be a port \(1..65535\), got 70000"):
+        check("serve", compose("serve", [f"serve.checkpoint={tiny_hf}", "serve.port=70000"]))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        monkeypatch.setitem(cluster._EMBEDDED, "here", True)
+        with pytest.raises(ValueError, match=rf"serve.port: cannot listen on 127.0.0.1:{port}: .*another server"):
+            cluster.check_listen("127.0.0.1", port, "serve.port")
+        with pytest.raises(ValueError, match=r"serve.host: cannot listen on 999.1.1.1:"):
+            cluster.check_listen("999.1.1.1", port, "serve.host")
+        monkeypatch.setitem(cluster._EMBEDDED, "here", False)
+        cluster.check_listen("127.0.0.1", port, "serve.port")  # attached: not this machine's port
+    monkeypatch.setitem(cluster._EMBEDDED, "here", True)
+    cluster.check_listen("127.0.0.1", port, "serve.port")  # free again

@@ -140,8 +140,9 @@ def test_a_folder_of_mixed_broken_and_compressed_files_is_labeled_row_for_row(tm
 def test_what_the_embedded_cluster_lacks_is_refused_before_ray_waits_for_it(tmp_path, tiny_hf, ray_local):
     """On the embedded cluster (no autoscaler) a request for GPUs it does not have would wait
     forever ("No available node types can fulfill resource request" every ~35 s): a model actor's
-    GPUs, Ray Train's workers together, a Serve replica's are refused first, naming the keys. A
-    replica that cannot start (its cache larger than the memory free) is one line too."""
+    GPUs, Ray Train's workers together, a Serve replica's are refused first, naming the keys. So is
+    a port another program holds, and a replica that cannot start (its cache larger than the memory
+    free) is one line too."""
     import ray
 
     from cerbero_ray.serve.service import run_serve
@@ -160,11 +161,22 @@ def test_what_the_embedded_cluster_lacks_is_refused_before_ray_waits_for_it(tmp_
         ValueError, match=r"serve.cpus_per_replica=3 and serve.gpus_per_replica=0 needs 3 CPU; .* has 2 CPU"
     ):
         run_serve(serve_cfg)
-    # what only the replica can find (the memory its machine has free) fails the start in one line,
-    # and leaves nothing retrying on the cluster
+    # a port another program holds: before Serve's proxy fails to bind
+    import socket
+
     from ray import serve
 
     from conftest import free_port
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        taken = [f"serve.checkpoint={tiny_hf}", f"serve.port={port}", "serve.cpus_per_replica=0.5"]
+        with pytest.raises(ValueError, match=rf"serve.host and serve.port: cannot listen on 127.0.0.1:{port}: "):
+            run_serve(to_container(compose("serve", taken)))
+    # what only the replica can find (the memory its machine has free) fails the start in one line,
+    # and leaves nothing retrying on the cluster
 
     huge = ["serve.max_batch_size=100000000", f"serve.port={free_port()}", "serve.cpus_per_replica=0.5"]
     try:

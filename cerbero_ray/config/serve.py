@@ -112,6 +112,8 @@ def check_serve(c: ServeStageConfig, before: frozenset = frozenset()) -> None:
         1,
         "serve",
     )
+    if sc.port > 65535:
+        raise ValueError(f"serve.port must be a port (1..65535), got {sc.port}")
     at_least(sc, ("shutdown_grace_s",), 0, "serve")
     at_least(sc, ("body_timeout_s", "retry_after_s"), 0.1, "serve")
     if sc.default_max_tokens > sc.max_new_tokens:

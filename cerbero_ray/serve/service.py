@@ -8,7 +8,7 @@ import os
 from omegaconf import DictConfig
 
 from cerbero_ray.checkpoints import check_inference, check_served_adapter
-from cerbero_ray.cluster import check_fits
+from cerbero_ray.cluster import check_fits, check_listen
 from cerbero_ray.config import check
 from cerbero_ray.config.serve import ServeConfig, ServeStageConfig
 from cerbero_ray.logs import our_error
@@ -33,6 +33,7 @@ def run_serve(cfg: DictConfig | dict | ServeStageConfig, blocking: bool = False)
         {"CPU": sc.cpus_per_replica, "GPU": sc.gpus_per_replica},
         f"serve.cpus_per_replica={sc.cpus_per_replica:g} and serve.gpus_per_replica={sc.gpus_per_replica:g}",
     )
+    check_listen(sc.host, sc.port, "serve.host and serve.port")
     control()  # before the app: the proxies find it at their first request
     serve.start(http_options={"host": sc.host, "port": sc.port})
     try:
