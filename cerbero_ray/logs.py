@@ -157,13 +157,14 @@ def our_error(traceback_text: str) -> str | None:
     """The message a formatted traceback (another process's, as Ray and Serve pass it on) ends
     with, when that is one of our checks: a ValueError, FileNotFoundError or FileExistsError raised
     in this package's own code (its last frame under ``cerbero_ray/``); else None."""
+    kinds = {t.__name__ for t in OUR_ERRORS}
     lines = [line.rstrip() for line in traceback_text.rstrip().splitlines()]
     for i in range(len(lines) - 1, -1, -1):
         line = lines[i].strip()
         if line.startswith('File "'):
             return None  # the last frame has no exception line after it
         kind, sep, message = line.partition(": ")
-        if sep and kind in {t.__name__ for t in OUR_ERRORS}:
+        if sep and kind in kinds:
             frame = next((x.strip() for x in reversed(lines[:i]) if x.strip().startswith('File "')), "")
             ours = f"{os.sep}cerbero_ray{os.sep}" in frame
             return " ".join([message, *(x.strip() for x in lines[i + 1 :])]).strip() if ours else None

@@ -18,7 +18,7 @@ import sys
 
 from cerbero_ray import cluster as cluster_state
 from cerbero_ray.config.common import ClusterConfig
-from cerbero_ray.logs import OUR_ERRORS
+from cerbero_ray.logs import OUR_ERRORS, our_error
 
 log = logging.getLogger(__name__)
 
@@ -126,33 +126,34 @@ def _resume(stage: str) -> str:
     return f"; {STAGES[stage].resume}" if stage in STAGES else ""
 
 
+def _chain(e: BaseException | None):
+    """``e`` and what it wraps, once each: its causes and contexts, and a Ray error's ``cause`` (the
+    worker's exception)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+
+
 def _storage_error(e: BaseException) -> str | None:
     """The first line of a storage failure in ``e`` or what it wraps (a Ray task's error carries
     the worker's), or None when ``e`` is something else."""
     from cerbero_ray.storage import StorageError
 
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, StorageError) or (isinstance(e, OSError) and "AWS Error" in str(e)):
-            return str(e).strip().splitlines()[0]
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    for x in _chain(e):
+        if isinstance(x, StorageError) or (isinstance(x, OSError) and "AWS Error" in str(x)):
+            return str(x).strip().splitlines()[0]
     return None
 
 
 def _ours_elsewhere(e: BaseException) -> str | None:
     """The message of a check of ours that failed in another process: a Ray task that raised it,
     or an actor (a model actor of a batch job) whose start it stopped; None for anything else."""
-    from cerbero_ray.logs import our_error
-
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if type(e).__module__.startswith("ray."):  # RayTaskError(ValueError), ActorDiedError: the remote traceback
-            why = our_error(str(e))
-            if why is not None:
-                return f"a model actor did not start: {why}" if getattr(e, "actor_init_failed", False) else why
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    for x in _chain(e):
+        why = our_error(str(x)) if type(x).__module__.startswith("ray.") else None  # the remote traceback
+        if why is not None:
+            return f"a model actor did not start: {why}" if getattr(x, "actor_init_failed", False) else why
     return None
 
 

@@ -52,7 +52,9 @@ def test_a_cache_larger_than_free_memory_is_refused_naming_the_slots_that_fit(to
     assert per > 2 * model.config.num_hidden_layers * 64 * model.config.num_key_value_heads * 4 + 9 * vocab
     with monkeypatch.context() as m:
         m.setattr(slots, "free_memory", lambda device: int(per * 5 / slots.CACHE_SHARE) + 1)
-        assert SlotModel(model, num_slots=5, max_len=64).k.shape[1] == 5  # fits
+        sm = SlotModel(model, num_slots=5, max_len=64)  # fits
+        held = (sm.k, sm.v, sm.counts, sm.bias, sm.in_prompt, sm.bits)  # every per-slot tensor the engine keeps
+        assert sum(t.numel() * t.element_size() for t in held) == 5 * per  # slot_bytes is what is allocated
         with pytest.raises(ValueError, match=r"6 slots of 64 positions need .*: 5 slots fit at this length\. Lower"):
             SlotModel(model, num_slots=6, max_len=64)
     free = slots.free_memory(torch.device(device))  # the device's own: a GPU's, or the host's MemAvailable
