@@ -459,16 +459,18 @@ class Pool(Protocol):
     cpus_per_worker: float
 
 
-def map_chunks(todo: list[Chunk], worker: type, cfg: BatchInferenceConfig, desc: str) -> Iterator[dict]:
+def map_chunks(todo: list[Chunk], worker: type, cfg: BatchInferenceConfig, stage: str, desc: str) -> Iterator[dict]:
     """Run ``worker(cfg)`` actors over the chunks on the current Ray cluster; yields each chunk's
     stats, with a progress bar in rows."""
-    yield from map_items([ch.__dict__ for ch in todo], worker, cfg, desc, sum(ch.stop - ch.start for ch in todo))
+    rows = sum(ch.stop - ch.start for ch in todo)
+    yield from map_items([ch.__dict__ for ch in todo], worker, cfg, stage, desc, rows)
 
 
 def map_items(
     items: list[dict],
     worker: type,
     cfg: Pool,
+    stage: str,
     desc: str,
     total_rows: int,
     batch_size: int = 1,
@@ -476,8 +478,8 @@ def map_items(
 ) -> Iterator[dict]:
     """Run a pool of ``worker(cfg)`` model actors over ``items`` (``batch_size`` per call, each a
     row of columns) on the current Ray cluster (``cfg``: ``workers``, ``gpus_per_worker``,
-    ``cpus_per_worker``); yields each result row, whose ``rows`` drives a progress bar of
-    ``total_rows``."""
+    ``cpus_per_worker``, set under the config key ``stage``); yields each result row, whose
+    ``rows`` drives a progress bar of ``total_rows``."""
     import ray
     import ray.data
 
@@ -486,7 +488,6 @@ def map_items(
 
     res = ray.cluster_resources()
     gpus, cpus = float(cfg.gpus_per_worker), float(res.get("CPU", 1))
-    stage = desc.split()[0]  # "label …", "generate …", "evaluate …": the stage whose key it is
     check_fits({"GPU": gpus}, f"{stage}.gpus_per_worker={gpus:g} (one model actor's)")
     workers = cfg.workers or (int(res.get("GPU", 0) // gpus) if gpus else max(1, int(cpus - 1)))
     batches = -(-len(items) // batch_size)

@@ -141,7 +141,7 @@ def _answers(ec: EvaluateConfig, ckpt: str, todo: dict[str, list[Unit]], how: Mo
     out = {}
     if kind == "hf":
         for row in batchjob.map_items(
-            items, EvalWorker, cfg, f"evaluate {ckpt}", len(items), ec.batch_rows, batch_format="pyarrow"
+            items, EvalWorker, cfg, "evaluate", f"evaluate {ckpt}", len(items), ec.batch_rows, batch_format="pyarrow"
         ):
             out[(row["task"], row["unit"], row["id"])] = row
         return out

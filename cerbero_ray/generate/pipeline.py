@@ -267,7 +267,7 @@ def run_generate(cfg: DictConfig | dict | GenerateStageConfig) -> dict:
     )
     counts, t0 = Counter(), time.perf_counter()
     if todo:
-        for row in batchjob.map_chunks(todo, GenerateWorker, gc, f"generate {gc.mode}"):
+        for row in batchjob.map_chunks(todo, GenerateWorker, gc, "generate", f"generate {gc.mode}"):
             counts.update(json.loads(row["counts"]))
     summary = {
         "mode": gc.mode,

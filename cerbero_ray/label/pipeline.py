@@ -170,7 +170,7 @@ def run_label(cfg: DictConfig | dict | LabelStageConfig) -> dict:
     )
     t0 = time.perf_counter()
     if todo:
-        for _ in batchjob.map_chunks(todo, LabelWorker, lc, f"label {task.name}"):
+        for _ in batchjob.map_chunks(todo, LabelWorker, lc, "label", f"label {task.name}"):
             pass  # the parts are the output; the stats rows only drive the progress bar
     summary = summarize(out, task, time.perf_counter() - t0, len(todo), len(chunks) - len(todo), skipped)
     if summary["rows"] != summary["unique_ids"]:
