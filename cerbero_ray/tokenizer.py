@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
@@ -71,8 +72,16 @@ def build_tokenizer(
     return tok
 
 
-def plain_backend(tok: PreTrainedTokenizerBase):
-    """``tok``'s Rust tokenizer with padding and truncation off.
+# Writes to a Rust tokenizer's settings (padding, truncation, encode_special_tokens) take it
+# mutably: on tokenizers < 0.23 one made while another thread encodes with it (a server's requests)
+# raises "RuntimeError: Already borrowed". So they are made only when a setting is wrong, which after
+# a tokenizer's first use it is not, and one at a time.
+_SETTING = threading.Lock()
+
+
+def plain_backend(tok: PreTrainedTokenizerBase, special_as_text: bool = False):
+    """``tok``'s Rust tokenizer with padding and truncation off (and ``encode_special_tokens`` on
+    when ``special_as_text``).
 
     Both are state on the backend that every user of the tokenizer shares: a padded or truncating
     ``tok(...)`` call leaves them on (transformers sets them per call, for its own calls), and a
@@ -80,10 +89,22 @@ def plain_backend(tok: PreTrainedTokenizerBase):
     pad or cut every text after them, in whatever process made that one call: silently wrong ids.
     Turning them off is what transformers' own next unpadded call does."""
     backend = tok.backend_tokenizer
-    if backend.padding is not None:
-        backend.no_padding()
-    if backend.truncation is not None:
-        backend.no_truncation()
+
+    def wrong():
+        return (
+            backend.padding is not None
+            or backend.truncation is not None
+            or (special_as_text and not backend.encode_special_tokens)
+        )
+
+    if wrong():
+        with _SETTING:
+            if backend.padding is not None:
+                backend.no_padding()
+            if backend.truncation is not None:
+                backend.no_truncation()
+            if special_as_text and not backend.encode_special_tokens:
+                backend.encode_special_tokens = True
     return backend
 
 
@@ -124,14 +145,13 @@ def encode_plain(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[in
     with padding and truncation off (:func:`plain_backend`). Its ``encode_special_tokens`` flag is
     state shared by every caller of the tokenizer; every encode in this project sets it on (here,
     or through transformers' ``split_special_tokens=True``), so it never goes off under a concurrent
-    call.
+    call, and it is written only when it is off (concurrent calls never write: see ``_SETTING``).
     """
     if not texts:
         return []
     if not tok.is_fast:  # a Python tokenizer (an encoder for dedup embeddings, say)
         return tok(list(texts), add_special_tokens=False, split_special_tokens=True).input_ids
-    backend = plain_backend(tok)
-    backend.encode_special_tokens = True
+    backend = plain_backend(tok, special_as_text=True)
     return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
 

@@ -119,8 +119,48 @@ def test_padding_or_truncation_left_on_the_shared_tokenizer_changes_no_ids(tmp_p
     saved["truncation"] = {"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0}
     json.dump(saved, open(tmp_path / "tokenizer.json", "w"))
     loaded = AutoTokenizer.from_pretrained(str(tmp_path))
-    assert loaded.backend_tokenizer.truncation  # transformers keeps it on the backend
+    if not loaded.backend_tokenizer.truncation:  # transformers 5.0 drops it on load; later ones keep it
+        loaded.backend_tokenizer.enable_truncation(3)
+    assert loaded.backend_tokenizer.truncation
     assert encode_plain(loaded, texts) == clean[0] and encode_prompts(loaded, texts) == clean[1]
+
+
+def test_threads_encoding_with_one_tokenizer_all_get_their_ids():
+    """A server's requests encode in threads sharing one cached tokenizer. A write to the Rust
+    backend's settings while another thread encodes raised "Already borrowed" on tokenizers 0.22
+    (transformers 5.0 pins <= 0.23.0): most concurrent calls failed. Every call succeeds and gets
+    the ids it gets alone, in all three encoders, with the flags as a new tokenizer has them (the
+    first calls set them) and after a padded call left padding on."""
+    import threading
+
+    d = build_tokenizer.__wrapped__()  # not the cached one other tests share
+    texts = ["Qual è la capitale d'Italia? <s>Roma</s>. " * 40] * 32
+    chats = [[{"role": "user", "content": t}, {"role": "assistant", "content": "Roma."}] for t in texts[:8]]
+    prompts = [p[: 60 + i] for i, p in enumerate(texts[:8])]
+    calls = [lambda: encode_plain(d, texts), lambda: encode_chats(d, chats), lambda: encode_prompts(d, prompts, 50)]
+    want = [c() for c in calls]
+    for left_on in ("nothing", "padding"):
+        if left_on == "nothing":
+            d.backend_tokenizer.encode_special_tokens = False  # as a new tokenizer has it
+        else:
+            d(["uno due", "tre"], padding=True)
+            assert d.backend_tokenizer.padding
+        got, errors = [[] for _ in range(6)], []
+
+        def work(i, got=got, errors=errors):
+            for _ in range(8):
+                try:
+                    got[i].append(calls[i % 3]())
+                except Exception as e:  # every failure is the finding
+                    errors.append(repr(e))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert all(len(g) == 8 and all(r == want[i % 3] for r in g) for i, g in enumerate(got))
 
 
 # ── control tokens are ids, never text ─────────────────────────────────────

@@ -490,10 +490,10 @@ class SlotModel:
             return ok & (kv_idx > pos[b] - window) if window else ok
 
         (cn, ci), (wn, wi) = listed(cut), listed(whole)
-        extra = {"compute_q_blocks": False} if "compute_q_blocks" in _params(BlockMask.from_kv_blocks) else {}
-        return BlockMask.from_kv_blocks(
-            cn, ci, wn, wi, BLOCK_SIZE=(bs, bs), mask_mod=mask_mod, seq_lengths=(1, length), **extra
-        )
+        has = _params(BlockMask.from_kv_blocks)  # both arrived after torch 2.5
+        extra = {"compute_q_blocks": False} if "compute_q_blocks" in has else {}
+        extra |= {"seq_lengths": (1, length)} if "seq_lengths" in has else {}
+        return BlockMask.from_kv_blocks(cn, ci, wn, wi, BLOCK_SIZE=(bs, bs), mask_mod=mask_mod, **extra)
 
     def _flex(self, q, k, v, block_mask, compiled: bool) -> torch.Tensor:
         """Decode attention with flex_attention over ``[n, length, kv heads, hd]`` keys and values
