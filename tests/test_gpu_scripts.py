@@ -124,6 +124,7 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "whole7b_offload",
         "attention",
         "prefill",
+        "prefix",
         "multilora",
         "evaluate",
     ]
@@ -143,6 +144,7 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "bench_train_gpu_liger",
         "bench_serve_gpu_flex",
         "bench_prefill",
+        "bench_prefix",
         "bench_train_gpu_lora_dropout",
     }
 

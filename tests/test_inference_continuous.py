@@ -14,6 +14,7 @@ import torch
 from cerbero_ray.chat import SYSTEM_LINE
 from cerbero_ray.inference.continuous import ContinuousBatcher, sample
 from cerbero_ray.inference.generator import Generator
+from cerbero_ray.inference.prefix import common_prefix
 from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.inference.slots import SlotModel
 from cerbero_ray.models import tiny
@@ -531,7 +532,7 @@ def test_a_failed_admission_fails_its_requests_and_leaves_the_live_ones_running(
     bad = cb.encode([chat(tok, PROMPTS[4])])[0][0]
 
     def prefill(prompts, slots, starts=None):
-        if bad in prompts:
+        if any(len(p) > 8 and p == bad[len(bad) - len(p) :] for p in prompts):  # its rest after what a slot held
             raise torch.OutOfMemoryError("CUDA out of memory (a test)")
         return real(prompts, slots, starts)
 
@@ -540,6 +541,8 @@ def test_a_failed_admission_fails_its_requests_and_leaves_the_live_ones_running(
     first = next(it)  # live and decoding
     with pytest.raises(RuntimeError, match="admission failed: .*out of memory"):
         cb.generate([chat(tok, PROMPTS[4])], GREEDY)
+    # the failed slot's cache is not offered to later prompts (its prefill may have written part of it)
+    assert [cb.prefixes.tokens(s) for s in range(3) if s not in cb.live] == [[], []]
     rest = list(it)
     assert (first + "".join(rest[:-1])).strip() == want["text"] and rest[-1]["new_tokens"] == 40
     after = cb.generate([chat(tok, PROMPTS[0])], GREEDY)[0]  # the failed one's slot is free again
@@ -741,6 +744,149 @@ def test_packed_prefill_groups_bound_the_padding():
     assert len(_prefill_groups([(0, 7), (7, 7), (14, 7)])) == 1  # one length: one batch
 
 
+def test_the_longest_held_prefix_under_the_request_s_adapter():
+    from cerbero_ray.inference.prefix import SlotPrefixes
+
+    pairs = (([], [1]), ([1, 2, 3], [1, 2, 3]), ([1, 2, 3], [1, 2]), ([5], [6]))
+    assert [common_prefix(a, b) for a, b in pairs] == [0, 3, 2, 0]
+    g = np.random.default_rng(0)
+    for _ in range(200):  # against a plain loop
+        a, b = g.integers(0, 3, g.integers(0, 12)).tolist(), g.integers(0, 3, g.integers(0, 12)).tolist()
+        assert common_prefix(a, b) == next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    p = SlotPrefixes(4)
+    p.set(0, 0, [1, 2, 3])
+    p.set(1, 1, [1, 2, 3, 4, 5])  # another adapter's
+    p.set(2, 0, [1, 2, 3, 4])
+    p.set(3, 0, [1, 2, 3, 4])  # as long as slot 2's: the lower slot wins
+    assert p.best([1, 2, 3, 4, 5, 6], 0, 10) == (2, 4)
+    assert p.best([1, 2, 3, 4, 5, 6], 0, 2) == (0, 2)  # at most the limit
+    assert p.best([1, 2, 3, 4, 5, 6], 1, 10) == (1, 5) and p.best([9], 0, 10) == (-1, 0)
+    assert p.best([1, 2, 3, 4, 5, 6], 0, 10, {3: (0, [1, 2, 3, 4, 5])}) == (3, 5)  # other records
+    p.set(2, 0, [])
+    p.drop(3)
+    assert p.tokens(2) == [] and p.best([1, 2, 3, 4], 0, 10) == (0, 3)
+    p.clear()
+    assert p.best([1, 2, 3], 0, 10) == (-1, 0)
+
+
+def _counting_prefill(cb) -> list[int]:
+    """The prompt tokens ``cb`` computes from now on, one entry per chunk."""
+    real, lens = cb.slots.prefill, []
+    cb.slots.prefill = lambda p, s, a=None: lens.extend(len(x) for x in p) or real(p, s, a)
+    return lens
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prompts_that_start_alike_reuse_what_the_slots_hold_and_get_the_same_text(model, tok, device):
+    """Prefix reuse: four chats with one long system prompt, sent at once: the first is computed,
+    the others wait one step and copy its shared part; sent again (another order), each finds
+    its own earlier prompt; a chat's next turn reuses its previous prompt (and answer). Every text
+    equals an engine without reuse, and only the tokens not reused are computed (on CUDA: with
+    the graphs and the fast step, fp32)."""
+    model = model if device == "cpu" else tiny().to(device).eval()
+    system = "Sei un assistente che risponde sempre in italiano, in modo breve, chiaro e cortese. " * 4
+    questions = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[4]]
+
+    def render(*turns):
+        msgs = [{"role": "system", "content": system}]
+        msgs += [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    prompts = [render(q) for q in questions]
+    ids, _ = encode_prompts(tok, prompts, 256)
+    shared = min(common_prefix(ids[0], x) for x in ids[1:])
+    assert shared > 64  # the system prompt, whole
+    kw = dict(num_slots=4, max_prompt_tokens=256, max_new_tokens=24)
+    plain = ContinuousBatcher(model, tok, prefix_cache=False, **kw)
+    cb = ContinuousBatcher(model, tok, **kw)
+    assert "; prefix reuse" in cb.describe() and "no prefix reuse" in plain.describe()
+    computed = _counting_prefill(cb)
+    for order in (questions, questions[::-1]):
+        batch = [render(q) for q in order]
+        want, got = plain.generate(batch, GREEDY_20), cb.generate(batch, GREEDY_20)
+        assert [g["text"] for g in got] == [w["text"] for w in want]
+        assert [g["prompt_tokens"] for g in got] == [w["prompt_tokens"] for w in want]
+        assert all(w["cached_tokens"] == 0 for w in want)
+        n = [g["prompt_tokens"] for g in got]
+        cached = [g["cached_tokens"] for g in got]
+        if order is questions:
+            assert cached == [0] + [common_prefix(ids[0], x) for x in ids[1:]]
+        else:  # each one's own slot: the whole prompt but its last token, whose logits start the answer
+            assert cached == [k - 1 for k in n]
+        assert sum(computed) == sum(n) - sum(cached)
+        computed.clear()
+    # the next turn: the first chat's prompt and answer, then a new question
+    first = want[-1]  # questions[0], the last of the reversed order
+    turn = render(questions[0], first["text"], "E poi?")
+    again = cb.generate([turn], GREEDY_20)[0]
+    assert again["text"] == plain.generate([turn], GREEDY_20)[0]["text"]
+    assert again["cached_tokens"] >= common_prefix(ids[0], encode_prompts(tok, [turn], 256)[0][0]) >= len(ids[0]) - 1
+    assert sum(computed) == again["prompt_tokens"] - again["cached_tokens"]
+    plain.close()
+    cb.close()
+
+
+def test_what_a_slot_says_it_holds_is_what_its_cache_holds(model, tok):
+    """After requests that end at their token limit, at a stop string and by a client that leaves,
+    each slot's record (the prompt and the answer but its last token) is exactly what a fresh
+    prefill of those tokens writes: nothing reused is stale or never written."""
+    import queue
+
+    cb = ContinuousBatcher(model, tok, num_slots=3, max_prompt_tokens=64, max_new_tokens=24)
+    limit = Sampling(max_new_tokens=10, temperature=0.0, stop=())
+    free = cb.generate([chat(tok, PROMPTS[1])], GREEDY_20)[0]["text"]
+    stop = Sampling(max_new_tokens=20, temperature=0.0, stop=(free[6:9],))
+    qs = [queue.Queue() for _ in range(3)]
+    with cb.lock:  # the three share the steps: one slot each
+        rs = [
+            cb.submit(cb.encode([chat(tok, p)])[0][0], s, q.put)
+            for p, s, q in zip(PROMPTS, (limit, stop, GREEDY_20), qs)
+        ]
+    ended = []
+    for q in qs[:2]:
+        while not isinstance(item := q.get(timeout=60), dict):
+            pass
+        ended.append(item)
+    assert [e["finish_reason"] for e in ended] == ["length", "stop"] and ended[1]["new_tokens"] < 20
+    cb.cancel(rs[2])  # a client that leaves mid-answer
+    deadline = time.time() + 10
+    while cb.live and time.time() < deadline:
+        time.sleep(0.01)
+    held = [cb.prefixes.tokens(s) for s in range(3)]
+    assert all(held) and cb.live == {}
+    assert len(held[0]) == ended[0]["prompt_tokens"] + 10 - 1  # the token limit's last token was never fed
+    for slot, tokens in enumerate(held):
+        ref = SlotModel(model, num_slots=1, max_len=80)
+        ref.prefill([tokens], [0])
+        for got, want in ((cb.slots.k, ref.k), (cb.slots.v, ref.v)):
+            torch.testing.assert_close(got[:, slot, : len(tokens)], want[:, 0, : len(tokens)], rtol=1e-4, atol=1e-5)
+    cb.close()
+
+
+def test_a_slot_s_cache_is_reused_only_under_the_adapter_that_wrote_it(tiny_hf, tiny_adapters, tok):
+    """Keys and values depend on the LoRA adapter: the same prompt under another adapter is
+    computed anew (and its text is that adapter's), under the same adapter it is reused."""
+    from transformers import AutoModelForCausalLM
+
+    from cerbero_ray.inference.multilora import AdapterSet
+
+    served = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
+    aset = AdapterSet(served, dict(tiny_adapters), "cerbero")
+    kw = dict(num_slots=2, max_prompt_tokens=64, max_new_tokens=16, adapters=aset)
+    cb, plain = ContinuousBatcher(served, tok, **kw), ContinuousBatcher(served, tok, prefix_cache=False, **kw)
+    prompt = chat(tok, PROMPTS[1])
+    n = len(cb.encode([prompt])[0][0])
+    got = [cb.run([(prompt, GREEDY, a)])[0] for a in (1, 2, 2, 0, 1)]
+    want = [plain.run([(prompt, GREEDY, a)])[0] for a in (1, 2, 2, 0, 1)]
+    assert [g["text"] for g in got] == [w["text"] for w in want]
+    assert len({w["text"] for w in want[:4]}) == 3  # the adapters do change the text
+    # two slots: adapter 2's second request finds its first; the base finds nothing of its own;
+    # adapter 1's first slot was taken by then (the lowest free slot is the one given out)
+    assert [g["cached_tokens"] for g in got] == [0, 0, n - 1, 0, 0]
+    cb.close()
+    plain.close()
+
+
 def test_the_prefill_budget_counts_prompt_tokens_not_padding(model, tok):
     """Prompts of very different lengths are admitted in one packed step when their tokens fit
     ``prefill_tokens`` (rows × longest would not), never more than that in a step, and the text
@@ -832,6 +978,12 @@ def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(wi
     n = 12
     lengths = [g.choice([1, 2, g.randrange(1, 96), g.randrange(40, 96)]) for _ in range(n)]
     prompts = [[g.randrange(100, 30000) for _ in range(k)] for k in lengths]
+    share = random.Random(100 + (window or 0))  # half of them start as an earlier one (prefix reuse)
+    for i in range(1, n):
+        if share.random() < 0.5:
+            base = prompts[share.randrange(i)]
+            keep = share.randrange(min(len(base), lengths[i]) + 1)
+            prompts[i] = base[:keep] + prompts[i][keep:]
     samplings = [
         Sampling(max_new_tokens=g.randrange(1, 12), temperature=0.0, stop=())
         if i % 2
@@ -850,8 +1002,11 @@ def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(wi
                 return None
         return item
 
-    alone = ContinuousBatcher(model, tok, num_slots=1, max_prompt_tokens=96, max_new_tokens=12, prefill_tokens=4096)
+    alone = ContinuousBatcher(
+        model, tok, num_slots=1, max_prompt_tokens=96, max_new_tokens=12, prefill_tokens=4096, prefix_cache=False
+    )
     want = [ask(alone, i)["text"] for i in range(n)]
+    reused = 0
     configs = ((g.choice([3, 5, 9]), 2, True, False), (g.choice([17, 40]), 5, False, True), (200, 3, True, True))
     for budget, slots, fast, graphs in configs:
         kw = dict(num_slots=slots, max_prompt_tokens=96, max_new_tokens=12, prefill_tokens=budget, fast_decode=fast)
@@ -874,9 +1029,11 @@ def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(wi
         stayed = [i for i in range(n) if i not in leaving]
         assert [got[i] and got[i]["text"] for i in stayed] == [want[i] for i in stayed], (budget, slots, fast, graphs)
         assert [got[i]["prompt_tokens"] for i in stayed] == [lengths[i] for i in stayed]
+        reused += sum(got[i]["cached_tokens"] for i in stayed)
         deadline = time.time() + 10  # a client that left is freed at the loop's next step
         while (cb.live or cb.prefilling or cb.waiting) and time.time() < deadline:
             time.sleep(0.01)
         assert not cb.live and not cb.prefilling and not cb.waiting
         cb.close()
     alone.close()
+    assert reused > 0  # some of them did start from what a slot held

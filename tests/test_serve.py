@@ -74,7 +74,7 @@ def test_openai_client_chat_completion_and_streaming(server):
     openai_roundtrip(server)
 
 
-def openai_roundtrip(server, models=("cerbero", "sentiment-it", "toxicity-it")):
+def openai_roundtrip(server, models=("cerbero", "sentiment-it", "toxicity-it"), reuse=True):
     import openai
     from openai import OpenAI
 
@@ -111,6 +111,10 @@ def openai_roundtrip(server, models=("cerbero", "sentiment-it", "toxicity-it")):
         model="cerbero", messages=[{"role": "user", "content": "Dimmi qualcosa."}], max_tokens=10, temperature=0
     )
     assert "".join(pieces).strip() == same.choices[0].message.content
+    # the continuous engine reused the streamed request's prompt (its slot held it): all but the
+    # last token, whose logits start the answer; the hf engine reports no cached tokens
+    details = same.usage.prompt_tokens_details
+    assert (details.cached_tokens if details else None) == (same.usage.prompt_tokens - 1 if reuse else None)
     # what newer clients and frameworks send: max_completion_tokens, stream_options, neutral penalties
     chunks = list(
         client.chat.completions.create(

@@ -38,7 +38,7 @@ def hf_server(tiny_hf, ray_local):
 
 
 def test_openai_client_on_the_hf_engine(hf_server):
-    openai_roundtrip(hf_server, models=("cerbero",))
+    openai_roundtrip(hf_server, models=("cerbero",), reuse=False)
 
 
 def test_n_choices_on_the_hf_engine(hf_server):

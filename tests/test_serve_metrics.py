@@ -53,6 +53,7 @@ def test_a_request_records_its_tokens_and_times():
     assert r.calls["cerbero_requests"] == [(1, {**tags, "endpoint": "chat", "finish_reason": "length"})]
     assert r.calls["cerbero_prompt_tokens"] == [(12, tags)]  # the prompt once, whatever n
     assert r.calls["cerbero_generated_tokens"] == [(6, tags)]
+    assert "cerbero_cached_prompt_tokens" not in r.calls  # an engine without prefix reuse says nothing
     assert r.calls["cerbero_time_to_first_token_seconds"] == [(0.1, tags), (0.2, tags)]
     # the tokens after the first, each: (0.5 - 0.1) / 4; a one-token answer has none
     assert r.calls["cerbero_time_per_output_token_seconds"] == [(pytest.approx(0.1), tags)]
@@ -60,6 +61,9 @@ def test_a_request_records_its_tokens_and_times():
     m.generated("cerbero", "text", [{"finish_reason": "stop", "prompt_tokens": 3, "new_tokens": 0}], 0.1)
     assert r.calls["cerbero_generated_tokens"] == [(6, tags)]  # nothing generated, nothing added
     assert len(r.calls["cerbero_time_to_first_token_seconds"]) == 2  # an answer without the engine's time
+    reused = {"finish_reason": "stop", "prompt_tokens": 40, "cached_tokens": 32, "new_tokens": 2}
+    m.generated("cerbero", "chat", [reused, {**reused, "cached_tokens": 39}], 0.1)
+    assert r.calls["cerbero_cached_prompt_tokens"] == [(32, {"model": "cerbero"})]  # as the prompt: the first choice's
     m.failed("cerbero", "text")
     assert r.calls["cerbero_requests"][-1] == (1, {"model": "cerbero", "endpoint": "text", "finish_reason": "error"})
     m.labeled("cerbero", "sentiment", 4, 0.3)

@@ -61,6 +61,9 @@ class ServeConfig:
     # continuous, CUDA graphs: the batch sizes graphs are captured at, each step running the smallest
     # that holds its live requests' slots; null: 1, 2, 4, then every multiple of 8, and max_batch_size
     graph_batch_sizes: Optional[List[int]] = None
+    # continuous: a prompt that starts as one a cache slot holds (a shared system prompt, a chat's
+    # earlier turns, the other choices of n) reuses its keys and values instead of computing them
+    prefix_cache: bool = True
     batch_wait_timeout_s: float = 0.02
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512  # the most a request may ask for

@@ -44,9 +44,16 @@ from typing import AsyncIterator, Callable, Iterator
 import torch
 
 from cerbero_ray.config.sampling import check_token_ids
+from cerbero_ray.inference.prefix import SlotPrefixes
 from cerbero_ray.inference.sampling import Sampling, cut_at_stop, sample  # noqa: F401 (sample: re-exported)
 from cerbero_ray.inference.slots import SlotModel
 from cerbero_ray.tokenizer import encode_prompts
+
+# prefix reuse (:mod:`cerbero_ray.inference.prefix`): a newcomer waits a step for a prompt being
+# prefilled when it would then reuse at least this many more tokens, and takes the free slot that
+# holds its prefix (rather than the lowest free one, which keeps live slots packed) from this many
+DEFER_FOR = 32
+TAKE_SLOT_FROM = 32
 
 
 @dataclass(eq=False)
@@ -68,6 +75,7 @@ class _Request:
     adapter: int = 0  # the LoRA adapter this request's rows use (0: the base; AdapterSet indices)
     launched: int = 0  # tokens asked of the device (prefill's first, then one per decode step)
     prefilled: int = 0  # prompt tokens in its cache slot so far (a long prompt: a chunk per step)
+    cached: int = 0  # of them, reused from what a slot held (prefix reuse), not computed
     matcher: object = None  # a constrained request's grammar.Matcher
     done: bool = False  # ended (or cancelled): a step still in flight for it is ignored
     t0: float = field(default_factory=time.perf_counter)  # submitted
@@ -136,6 +144,7 @@ class ContinuousBatcher:
         adapters=None,
         decode_attention: str = "auto",
         graph_batch_sizes=None,
+        prefix_cache: bool = True,
     ):
         self.tok = tok
         self.adapters = adapters  # an AdapterSet: requests name theirs, mixed in every step
@@ -168,6 +177,8 @@ class ContinuousBatcher:
         self.pending: _Launch | None = None  # the decode step in flight, its tokens not yet handed out
         self.prefilling: deque[_Request] = deque()  # in a slot, their prompt prefilled a chunk a step
         self.on_step: Callable[[], None] | None = None  # called by the loop after each step (a server's metrics)
+        # which tokens each slot's cache holds: a prompt that starts the same way reuses them (.prefix)
+        self.prefixes = SlotPrefixes(num_slots) if prefix_cache else None
         if self.graphs:
             self.slots.warm()  # capture (and compile) before the first request, not during it
         self._closed = False
@@ -190,6 +201,7 @@ class ContinuousBatcher:
         if self.graphs:
             took = f" in {sm.warm_s:.1f} s" if sm.warm_s is not None else ""
             parts.append(f"CUDA graphs for batch sizes {sm.batch_buckets}{took}")
+        parts.append("prefix reuse" if self.prefixes is not None else "no prefix reuse")
         for what, why in (
             ("graphs off", sm.graph_error),
             ("compile off", sm.compile_error),
@@ -354,6 +366,8 @@ class ContinuousBatcher:
                     self.waiting.clear()
                     self.prefilling.clear()
                     self.pending = None
+                    if self.prefixes is not None:  # what a failed step left in the cache is not trusted
+                        self.prefixes.clear()
                 try:
                     self.slots.cur_pos.fill_(-1)
                 except Exception:  # a broken device: the next step reports it to its requests
@@ -388,6 +402,8 @@ class ContinuousBatcher:
                     if not r.done:
                         self._free(r)
                         r.emit({"error": f"admission failed: {e!r}"})
+                    if self.prefixes is not None:  # its slot's cache was being written
+                        self.prefixes.drop(r.slot)
                 if self.slots.device.type == "cuda":
                     torch.cuda.empty_cache()
         self.steps += 1
@@ -395,6 +411,9 @@ class ContinuousBatcher:
     def _free(self, r: _Request) -> None:
         r.done = True
         self.slots.stop(r.slot)
+        if self.prefixes is not None:  # the slot keeps what it computed: the prompt, the answer but its last token
+            whole = r.prefilled == len(r.ids)
+            self.prefixes.set(r.slot, r.adapter, r.ids + r.out[:-1] if whole else r.ids[: r.prefilled])
         self.live.pop(r.slot, None)
         if r in self.prefilling:
             self.prefilling.remove(r)
@@ -483,7 +502,10 @@ class ContinuousBatcher:
         """This step's prefill, as (request, start, end) chunks of prompts: the partly prefilled
         requests first, then waiting ones into free slots (lowest first). The chunks run packed
         (no padding), so their tokens stay within ``prefill_tokens``; a prompt longer than that
-        is prefilled a chunk per step, the live requests decoding in between."""
+        is prefilled a chunk per step, the live requests decoding in between.
+
+        With prefix reuse, a newcomer starts after the longest beginning of its prompt a slot holds
+        (copied into its slot, or that slot itself when it is free; :mod:`.prefix`)."""
         budget, plan = self.prefill_tokens, []
 
         def take(rest: int) -> int:  # how much of a prompt's rest this step's batch can hold
@@ -499,21 +521,37 @@ class ContinuousBatcher:
         if len(plan) < len(self.prefilling):  # a partly prefilled prompt waits: no newcomer overtakes it
             return plan
         free = [s for s in range(self.slots.num_slots) if s not in self.live]
+        soon = {r.slot: (r.adapter, r.ids[:b]) for r, _, b in plan}  # what this step's prefill will hold
         with self._cv:
             while free and self.waiting:
                 r = self.waiting[0]
                 if r.cancelled:
                     self.waiting.popleft()
                     continue
-                n = take(len(r.ids))
+                slot, src, reuse = free[0], -1, 0
+                if self.prefixes is not None:
+                    src, reuse = self.prefixes.best(r.ids, r.adapter, len(r.ids) - 1)
+                    # a prompt being prefilled in this step shares much more: wait a step and copy it then
+                    if self.prefixes.best(r.ids, r.adapter, len(r.ids) - 1, soon)[1] >= reuse + DEFER_FOR:
+                        break
+                    if reuse >= TAKE_SLOT_FROM and src in free:
+                        slot = src  # no copy, and the other free slots keep what they hold
+                n = take(len(r.ids) - reuse)
                 if not n:
                     break
                 self.waiting.popleft()
-                r.slot = free.pop(0)
-                self.live[r.slot] = r
-                self.slots.set_adapter(r.slot, r.adapter)
-                plan.append((r, 0, n))
-                if n < len(r.ids):
+                free.remove(slot)
+                r.slot = slot
+                self.live[slot] = r
+                self.slots.set_adapter(slot, r.adapter)
+                if self.prefixes is not None:
+                    if reuse and src != slot:
+                        self.slots.copy_prefix(src, slot, reuse)  # before this step's prefill writes into src
+                    self.prefixes.set(slot, r.adapter, r.ids[:reuse])
+                    soon[slot] = (r.adapter, r.ids[: reuse + n])
+                r.prefilled = r.cached = reuse
+                plan.append((r, reuse, reuse + n))
+                if reuse + n < len(r.ids):
                     self.prefilling.append(r)
         return plan
 
@@ -526,6 +564,8 @@ class ContinuousBatcher:
         whole = []
         for i, (r, _, b) in enumerate(plan):
             r.prefilled = b
+            if self.prefixes is not None:
+                self.prefixes.set(r.slot, r.adapter, r.ids[:b])
             if b == len(r.ids):
                 whole.append(i)
                 if r in self.prefilling:
@@ -606,6 +646,7 @@ class ContinuousBatcher:
             end = {
                 "finish_reason": "stop" if eos or stopped or complete else "length",
                 "prompt_tokens": len(r.ids),
+                "cached_tokens": r.cached,  # of them, reused from a slot's cache (prefix reuse)
                 "new_tokens": len(r.out),
                 "truncated": r.truncated,
                 "text": cut.strip(),

@@ -28,6 +28,7 @@ class EngineConfig:
     fast_decode: bool | None = None  # continuous: fused, compiled decode step (SlotModel); None: on a GPU
     decode_attention: str = "auto"  # continuous, fast step: auto | sdpa | varlen | flex (slots.ATTENTION)
     graph_batch_sizes: tuple | None = None  # continuous, CUDA graphs: the batch buckets; None: 1, 2, 4, 8, 16, …
+    prefix_cache: bool = True  # continuous: a prompt reuses what a cache slot holds of its beginning
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -54,6 +55,7 @@ def build_engine(model, tok, cfg: EngineConfig, lock: threading.Lock | None = No
             fast_decode=cfg.fast_decode,
             decode_attention=cfg.decode_attention,
             graph_batch_sizes=cfg.graph_batch_sizes,
+            prefix_cache=cfg.prefix_cache,
             lock=lock,
             adapters=adapters,
         )

@@ -836,6 +836,13 @@ class SlotModel:
     def stop(self, slot: int) -> None:
         self.cur_pos[slot] = -1
 
+    @torch.no_grad()
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Slot ``dst`` gets the keys and values of slot ``src``'s first ``n`` positions (every
+        layer; a prompt that starts as ``src``'s continues from there, :mod:`.prefix`)."""
+        self.k[:, dst, :n] = self.k[:, src, :n]
+        self.v[:, dst, :n] = self.v[:, src, :n]
+
     def set_sampling(
         self,
         slots: list[int],

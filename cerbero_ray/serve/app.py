@@ -189,8 +189,15 @@ async def _merged(streams: list):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _usage(prompt: int, new: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
+def _usage(first: dict, new: int) -> dict:
+    """OpenAI's usage of a request whose first choice ended with ``first`` and whose choices
+    generated ``new`` tokens in all; the continuous engine adds how many of the prompt's tokens
+    it reused from a cache slot (prefix reuse) as OpenAI's ``prompt_tokens_details.cached_tokens``."""
+    prompt = first["prompt_tokens"]
+    out = {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
+    if "cached_tokens" in first:
+        out["prompt_tokens_details"] = {"cached_tokens": first["cached_tokens"]}
+    return out
 
 
 def _envelope(kind: str, rid: str, model: str, choices: list, usage: dict | None, chunk: bool = False) -> dict:
@@ -248,6 +255,7 @@ class CerberoServer:
             fast_decode=sc.fast_decode,
             decode_attention=sc.decode_attention,
             graph_batch_sizes=sc.graph_batch_sizes,
+            prefix_cache=sc.prefix_cache,
             adapters=sc.adapters,
             model_name=sc.model_name,
         )
@@ -444,7 +452,7 @@ class CerberoServer:
             if isinstance(piece, dict):
                 last = _choice(kind, "", piece["finish_reason"], delta=True, index=i)
                 done = len(ends) == len(samplings)  # the last choice to finish carries every choice's usage
-                usage = _usage(piece["prompt_tokens"], sum(e["new_tokens"] for e in ends.values())) if done else None
+                usage = _usage(ends[0], sum(e["new_tokens"] for e in ends.values())) if done else None
                 if include_usage:
                     tail = _sse(_envelope(kind, rid, model, [], usage, chunk=True)) if usage else ""
                     return _sse(_envelope(kind, rid, model, [last], None, chunk=True)) + tail
@@ -508,7 +516,7 @@ class CerberoServer:
             choices.append(_choice(kind, r["text"], r["finish_reason"], logprobs=lps, index=i))
             if "constraint" in r:  # a constrained answer says whether it reached its grammar's end
                 choices[-1]["constraint"] = r["constraint"]
-        return _envelope(kind, rid, model, choices, _usage(rs[0]["prompt_tokens"], sum(r["new_tokens"] for r in rs)))
+        return _envelope(kind, rid, model, choices, _usage(rs[0], sum(r["new_tokens"] for r in rs)))
 
     # ── endpoints ───────────────────────────────────────────────────────────
     async def _render(self, raw: list) -> str:

@@ -48,6 +48,7 @@ class ServeEngine:
         fast_decode: bool | None = None,
         decode_attention: str = "auto",
         graph_batch_sizes=None,
+        prefix_cache: bool = True,
         adapters: dict[str, str] | None = None,
         model_name: str = "base",
     ):
@@ -70,6 +71,7 @@ class ServeEngine:
             fast_decode,
             decode_attention,
             None if graph_batch_sizes is None else tuple(graph_batch_sizes),
+            prefix_cache,
         )
         built = build_engine(self.model, self.tok, cfg, self.lock, self.adapters)
         self.batcher = built if engine == "continuous" else None  # continuous: requests join a running batch

@@ -8,6 +8,8 @@ metrics page and Grafana read the same). Per served model (``model``: the base o
 - ``cerbero_requests_total`` (``endpoint``: chat, text, label; ``finish_reason``: stop, length, or
   ``error`` for a generation that failed after it was accepted);
 - ``cerbero_prompt_tokens_total``, ``cerbero_generated_tokens_total``, ``cerbero_label_texts_total``;
+- ``cerbero_cached_prompt_tokens_total``: of the prompt tokens, those the continuous engine reused
+  from a cache slot instead of computing them (prefix reuse; their ratio is its hit rate);
 - ``cerbero_time_to_first_token_seconds``: from the engine's admission of a request to its first
   token (the continuous engine; a stream on the hf engine: to its first piece);
 - ``cerbero_time_per_output_token_seconds``: each later token, on average over a request;
@@ -40,6 +42,9 @@ class ServeMetrics:
         self.requests = C("cerbero_requests", "Requests answered", ("model", "endpoint", "finish_reason"))
         self.prompt_tokens = C("cerbero_prompt_tokens", "Prompt tokens of the requests answered", ("model",))
         self.generated_tokens = C("cerbero_generated_tokens", "Tokens generated", ("model",))
+        self.cached_tokens = C(
+            "cerbero_cached_prompt_tokens", "Prompt tokens reused from a cache slot (prefix reuse)", ("model",)
+        )
         self.label_texts = C("cerbero_label_texts", "Texts labeled", ("model", "task"))
         self.ttft = H(
             "cerbero_time_to_first_token_seconds",
@@ -79,6 +84,8 @@ class ServeMetrics:
             new = sum(r["new_tokens"] for r in results)
             self.requests.inc(1, {**tags, "endpoint": endpoint, "finish_reason": results[0]["finish_reason"]})
             self.prompt_tokens.inc(results[0]["prompt_tokens"], tags)
+            if results[0].get("cached_tokens"):
+                self.cached_tokens.inc(results[0]["cached_tokens"], tags)
             if new:
                 self.generated_tokens.inc(new, tags)
             for r in results:
