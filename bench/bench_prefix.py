@@ -38,23 +38,6 @@ WORDS = (
 ).split()
 
 
-def build(shape: str):
-    import torch
-    from transformers import MistralForCausalLM
-
-    from cerbero_ray.models import tiny, tiny_config
-
-    torch.manual_seed(0)
-    if shape == "7b":
-        from bench_serve_gpu import bench_model
-
-        return bench_model(False)[0]
-    if shape == "tiny":
-        return tiny().eval()
-    mid = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=16)
-    return MistralForCausalLM(tiny_config(**mid, num_key_value_heads=4)).eval()
-
-
 def words(g: random.Random, n: int) -> str:
     return " ".join(g.choice(WORDS) for _ in range(n))
 
@@ -121,6 +104,8 @@ def main() -> None:
     else:
         sizes = dict(system_words=400, distinct_words=130, n=32, convs=8, turns=4)
     a.slots = a.slots or (32 if cuda else 8)
+    from bench_prefill import build  # the same tiny, mid and 7b models
+
     model = build(a.shape)
     s = Sampling(max_new_tokens=16, temperature=0.0, stop=())
     kw = dict(num_slots=a.slots, max_prompt_tokens=1024, max_new_tokens=16, prefill_tokens=8192)
