@@ -826,6 +826,25 @@ def test_prompts_that_start_alike_reuse_what_the_slots_hold_and_get_the_same_tex
     cb.close()
 
 
+def test_a_salted_request_shares_cached_prefixes_only_with_its_own_salt(model, tok):
+    """vLLM's ``cache_salt``: a tenant's requests reuse each other's prefixes and no one else's (so
+    the time to first token tells no one what another tenant sent); the text is the same."""
+    import asyncio
+
+    cb = ContinuousBatcher(model, tok, num_slots=2, max_prompt_tokens=64, max_new_tokens=16)
+    prompt = chat(tok, PROMPTS[1])
+    ids = cb.encode([prompt])[0][0]
+
+    async def ask(salt):
+        return await cb.agenerate(prompt, GREEDY, ids, 0, salt)
+
+    got = [asyncio.run(ask(salt)) for salt in (None, "a", "a", "b", None, None)]
+    assert len({g["text"] for g in got}) == 1
+    # one slot in use at a time (the lowest free): each request's record replaces the one before
+    assert [g["cached_tokens"] for g in got] == [0, 0, len(ids) - 1, 0, 0, len(ids) - 1]
+    cb.close()
+
+
 def test_what_a_slot_says_it_holds_is_what_its_cache_holds(model, tok):
     """After requests that end at their token limit, at a stop string and by a client that leaves,
     each slot's record (the prompt and the answer but its last token) is exactly what a fresh

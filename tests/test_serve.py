@@ -115,6 +115,20 @@ def openai_roundtrip(server, models=("cerbero", "sentiment-it", "toxicity-it"), 
     # last token, whose logits start the answer; the hf engine reports no cached tokens
     details = same.usage.prompt_tokens_details
     assert (details.cached_tokens if details else None) == (same.usage.prompt_tokens - 1 if reuse else None)
+    # a cache salt (a tenant's): its requests share cached prefixes with each other, with no one else
+    salted = [
+        client.chat.completions.create(
+            model="cerbero",
+            messages=[{"role": "user", "content": "Dimmi qualcosa."}],
+            max_tokens=10,
+            temperature=0,
+            extra_body={"cache_salt": "tenant-a"},
+        )
+        for _ in range(2)
+    ]
+    assert [c.choices[0].message.content for c in salted] == [same.choices[0].message.content] * 2
+    cached = [c.usage.prompt_tokens_details.cached_tokens if reuse else None for c in salted]
+    assert cached == ([0, same.usage.prompt_tokens - 1] if reuse else [None, None])
     # what newer clients and frameworks send: max_completion_tokens, stream_options, neutral penalties
     chunks = list(
         client.chat.completions.create(
@@ -432,6 +446,8 @@ def test_errors_cut_every_value_they_quote(server):
         ("completions", {"prompt": "ciao", "logit_bias": {"5": 101}}, "logit_bias.5"),
         ("completions", {"prompt": "ciao", "repetition_penalty": 0}, "repetition_penalty"),
         ("completions", {"prompt": "ciao", "n": 0}, "n"),
+        ("completions", {"prompt": "ciao", "cache_salt": ""}, "cache_salt"),
+        ("completions", {"prompt": "ciao", "cache_salt": 7}, "cache_salt"),
         (
             "chat/completions",
             {"messages": [{"role": "user", "content": "ciao"}], "logprobs": True, "top_logprobs": 21},

@@ -73,6 +73,7 @@ class _Request:
     starts: list[int] = field(default_factory=list)  # per token: the text's length before it
     lp_sent: int = 0
     adapter: int = 0  # the LoRA adapter this request's rows use (0: the base; AdapterSet indices)
+    salt: str | None = None  # its cache salt: it shares cached prefixes only with the same salt
     launched: int = 0  # tokens asked of the device (prefill's first, then one per decode step)
     prefilled: int = 0  # prompt tokens in its cache slot so far (a long prompt: a chunk per step)
     cached: int = 0  # of them, reused from what a slot held (prefix reuse), not computed
@@ -80,6 +81,11 @@ class _Request:
     done: bool = False  # ended (or cancelled): a step still in flight for it is ignored
     t0: float = field(default_factory=time.perf_counter)  # submitted
     first: float | None = None  # seconds from submission to its first token
+
+    @property
+    def key(self) -> tuple:
+        """What another request must share for this one's cached prefix to serve it (.prefix)."""
+        return (self.adapter, self.salt)
 
 
 @dataclass(eq=False)
@@ -230,7 +236,13 @@ class ContinuousBatcher:
         return encode_prompts(self.tok, prompts, self.max_prompt_tokens)
 
     def submit(
-        self, ids: list[int], s: Sampling, emit: Callable[[object], None], truncated: bool = False, adapter: int = 0
+        self,
+        ids: list[int],
+        s: Sampling,
+        emit: Callable[[object], None],
+        truncated: bool = False,
+        adapter: int = 0,
+        salt: str | None = None,
     ) -> _Request:
         if adapter and (self.adapters is None or not 0 <= adapter < len(self.adapters.names)):
             raise ValueError(f"no adapter {adapter} is loaded")
@@ -248,6 +260,7 @@ class ContinuousBatcher:
             truncated=truncated,
             rng=random.Random(s.seed) if s.seed is not None else random.Random(),
             adapter=adapter,
+            salt=salt,
         )
         if s.grammar is not None:  # a constraint that cannot run is refused here, before it is queued
             from cerbero_ray.inference.grammar import Matcher
@@ -305,9 +318,12 @@ class ContinuousBatcher:
         finally:
             self.cancel(r)
 
-    async def agenerate(self, prompt: str, s: Sampling, ids: list[int] | None = None, adapter: int = 0) -> dict:
+    async def agenerate(
+        self, prompt: str, s: Sampling, ids: list[int] | None = None, adapter: int = 0, salt: str | None = None
+    ) -> dict:
         """One request from an event loop (a server handler): no thread waits for it. ``ids``: the
-        prompt already encoded (off the loop, within ``max_prompt_tokens``), so it is not done twice."""
+        prompt already encoded (off the loop, within ``max_prompt_tokens``), so it is not done twice;
+        ``salt``: its cache salt (a tenant's: prefixes are shared only with the same salt)."""
         import asyncio
 
         loop = asyncio.get_running_loop()
@@ -318,7 +334,7 @@ class ContinuousBatcher:
                 loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(item))
 
         (ids,), (cut,) = ([ids], [False]) if ids is not None else self.encode([prompt])
-        r = self.submit(ids, s, emit, cut, adapter)
+        r = self.submit(ids, s, emit, cut, adapter, salt)
         try:
             out = await fut
         finally:
@@ -328,15 +344,16 @@ class ContinuousBatcher:
         return out
 
     async def astream(
-        self, prompt: str, s: Sampling, ids: list[int] | None = None, adapter: int = 0
+        self, prompt: str, s: Sampling, ids: list[int] | None = None, adapter: int = 0, salt: str | None = None
     ) -> AsyncIterator[str | dict]:
-        """:meth:`stream` for an event loop: no thread per open stream (``ids`` as in :meth:`agenerate`)."""
+        """:meth:`stream` for an event loop: no thread per open stream (``ids``, ``salt``: as
+        :meth:`agenerate`'s)."""
         import asyncio
 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         (ids,), (cut,) = ([ids], [False]) if ids is not None else self.encode([prompt])
-        r = self.submit(ids, s, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), cut, adapter)
+        r = self.submit(ids, s, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), cut, adapter, salt)
         try:
             while True:
                 text, end = _pieces(await q.get(), q)
@@ -413,7 +430,7 @@ class ContinuousBatcher:
         self.slots.stop(r.slot)
         if self.prefixes is not None:  # the slot keeps what it computed: the prompt, the answer but its last token
             whole = r.prefilled == len(r.ids)
-            self.prefixes.set(r.slot, r.adapter, r.ids + r.out[:-1] if whole else r.ids[: r.prefilled])
+            self.prefixes.set(r.slot, r.key, r.ids + r.out[:-1] if whole else r.ids[: r.prefilled])
         self.live.pop(r.slot, None)
         if r in self.prefilling:
             self.prefilling.remove(r)
@@ -521,7 +538,7 @@ class ContinuousBatcher:
         if len(plan) < len(self.prefilling):  # a partly prefilled prompt waits: no newcomer overtakes it
             return plan
         free = [s for s in range(self.slots.num_slots) if s not in self.live]
-        soon = {r.slot: (r.adapter, r.ids[:b]) for r, _, b in plan}  # what this step's prefill will hold
+        soon = {r.slot: (r.key, r.ids[:b]) for r, _, b in plan}  # what this step's prefill will hold
         with self._cv:
             while free and self.waiting:
                 r = self.waiting[0]
@@ -530,9 +547,9 @@ class ContinuousBatcher:
                     continue
                 slot, src, reuse = free[0], -1, 0
                 if self.prefixes is not None:
-                    src, reuse = self.prefixes.best(r.ids, r.adapter, len(r.ids) - 1)
+                    src, reuse = self.prefixes.best(r.ids, r.key, len(r.ids) - 1)
                     # a prompt being prefilled in this step shares much more: wait a step and copy it then
-                    if self.prefixes.best(r.ids, r.adapter, len(r.ids) - 1, soon)[1] >= reuse + DEFER_FOR:
+                    if self.prefixes.best(r.ids, r.key, len(r.ids) - 1, soon)[1] >= reuse + DEFER_FOR:
                         break
                     if reuse >= TAKE_SLOT_FROM and src in free:
                         slot = src  # no copy, and the other free slots keep what they hold
@@ -547,8 +564,8 @@ class ContinuousBatcher:
                 if self.prefixes is not None:
                     if reuse and src != slot:
                         self.slots.copy_prefix(src, slot, reuse)  # before this step's prefill writes into src
-                    self.prefixes.set(slot, r.adapter, r.ids[:reuse])
-                    soon[slot] = (r.adapter, r.ids[: reuse + n])
+                    self.prefixes.set(slot, r.key, r.ids[:reuse])
+                    soon[slot] = (r.key, r.ids[: reuse + n])
                 r.prefilled = r.cached = reuse
                 plan.append((r, reuse, reuse + n))
                 if reuse + n < len(r.ids):
@@ -565,7 +582,7 @@ class ContinuousBatcher:
         for i, (r, _, b) in enumerate(plan):
             r.prefilled = b
             if self.prefixes is not None:
-                self.prefixes.set(r.slot, r.adapter, r.ids[:b])
+                self.prefixes.set(r.slot, r.key, r.ids[:b])
             if b == len(r.ids):
                 whole.append(i)
                 if r in self.prefilling:

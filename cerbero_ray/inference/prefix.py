@@ -8,7 +8,9 @@ request, so a prompt that starts like one of them (the same system prompt, a few
 turns of a chat so far, another of ``n`` choices) skips that part of its prefill: the engine copies
 it from the slot that holds it (one device copy per cache tensor) or takes that slot when it is
 free, and prefills the rest as a continuing chunk. Keys and values depend on the LoRA adapter too,
-so a slot only serves requests for the adapter that wrote it.
+so a slot only serves requests for the adapter that wrote it; and a request with a cache salt
+(vLLM's ``cache_salt``: a tenant's own) only those with the same salt, so one tenant cannot learn
+from another's time to first token what prompts the other sent.
 
 This is vLLM's automatic prefix caching and SGLang's radix cache without their page tables: the
 cache is contiguous per slot (:class:`~cerbero_ray.inference.slots.SlotModel`), so what can be
@@ -34,13 +36,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class SlotPrefixes:
-    """Which tokens each cache slot holds the keys and values of (and under which adapter)."""
+    """Which tokens each cache slot holds the keys and values of, under which key: what must be
+    equal for them to be shared (the engine's: the adapter and the cache salt)."""
 
     def __init__(self, num_slots: int):
-        self.held: list[tuple[int, list[int]] | None] = [None] * num_slots
+        self.held: list[tuple[object, list[int]] | None] = [None] * num_slots
 
-    def set(self, slot: int, adapter: int, tokens: list[int]) -> None:
-        self.held[slot] = (adapter, list(tokens)) if tokens else None
+    def set(self, slot: int, key, tokens: list[int]) -> None:
+        self.held[slot] = (key, list(tokens)) if tokens else None
 
     def drop(self, slot: int) -> None:
         self.held[slot] = None
@@ -51,14 +54,14 @@ class SlotPrefixes:
     def tokens(self, slot: int) -> list[int]:
         return self.held[slot][1] if self.held[slot] is not None else []
 
-    def best(self, ids: list[int], adapter: int, limit: int, held=None) -> tuple[int, int]:
+    def best(self, ids: list[int], key, limit: int, held=None) -> tuple[int, int]:
         """(slot, n): the slot whose held tokens share the longest prefix with ``ids`` under
-        ``adapter``, at most ``limit`` tokens (the lowest slot among equals); (-1, 0) if none.
-        ``held``: other records to search, ``{slot: (adapter, tokens)}`` (default: the slots')."""
+        ``key``, at most ``limit`` tokens (the lowest slot among equals); (-1, 0) if none.
+        ``held``: other records to search, ``{slot: (key, tokens)}`` (default: the slots')."""
         best, at = 0, -1
-        records = enumerate(self.held) if held is None else sorted(held.items())
+        records = enumerate(self.held) if held is None else sorted(held.items(), key=lambda x: x[0])
         for slot, rec in records:
-            if rec is None or rec[0] != adapter or best >= min(limit, len(rec[1])):
+            if rec is None or rec[0] != key or best >= min(limit, len(rec[1])):
                 continue
             n = min(common_prefix(rec[1], ids), limit)
             if n > best:

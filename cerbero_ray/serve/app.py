@@ -433,6 +433,7 @@ class CerberoServer:
         rid: str,
         include_usage: bool = False,
         adapter: tuple[int, str] = (0, ""),
+        salt: str | None = None,
     ):
         """Server-sent events, each choice's pieces under its ``index`` as they come. The usage (every
         choice's tokens) rides on the last finishing chunk; with ``stream_options.include_usage`` it
@@ -463,7 +464,7 @@ class CerberoServer:
         if self.engine.batcher is not None:
 
             async def events():  # on the event loop: no thread per open stream
-                streams = [self.engine.batcher.astream(prompt, x, ids, index) for x in samplings]
+                streams = [self.engine.batcher.astream(prompt, x, ids, index, salt) for x in samplings]
                 try:
                     async for i, piece in _merged(streams):
                         seen(i, piece)
@@ -498,11 +499,11 @@ class CerberoServer:
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(prompt, ids, samplings, kind, rid, usage, (index, model))
+            return self._stream(prompt, ids, samplings, kind, rid, usage, (index, model), req.cache_salt)
         t0 = time.perf_counter()
         try:
             if self.engine.batcher is not None:  # joins the running batch (every adapter's) at the next step
-                answers = [self.engine.batcher.agenerate(prompt, x, ids, index) for x in samplings]
+                answers = [self.engine.batcher.agenerate(prompt, x, ids, index, req.cache_salt) for x in samplings]
             else:
                 answers = [self._generate_batch((prompt, x)) for x in samplings]
             rs = await asyncio.gather(*answers)

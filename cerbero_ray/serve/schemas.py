@@ -80,6 +80,9 @@ class Sampled(Strict):
     guided_choice: Optional[list[Text]] = Field(default=None, max_length=256)
     guided_regex: Optional[Text] = Field(default=None, max_length=4096)
     guided_json: Optional[Union[dict, Text]] = None
+    # vLLM's: cached prompt prefixes are shared only among requests with the same salt (a tenant's
+    # secret), so no one learns from their time to first token what prompts others sent
+    cache_salt: Optional[Annotated[Text, StringConstraints(min_length=1, max_length=256)]] = None
 
 
 class ChatRequest(Sampled):
