@@ -826,6 +826,43 @@ def test_prompts_that_start_alike_reuse_what_the_slots_hold_and_get_the_same_tex
     cb.close()
 
 
+def test_a_prefix_is_reused_only_where_it_saves_arithmetic(model, tok):
+    """A continuing chunk's attention computes every query-key pair (a mask over the slot's cache)
+    where a whole prompt's causal kernel skips half: on the tiny model, whose layers are small beside
+    its attention, a short shared beginning before a long rest is computed with the rest, a long one
+    is reused; on a 7B's layers a few dozen tokens pay."""
+    import random
+
+    from cerbero_ray.models import mistral_7b_config
+
+    g = random.Random(0)
+    words = lambda n: [g.randrange(100, 30000) for _ in range(n)]  # noqa: E731
+    shared, a, b = words(40), words(800), words(800)
+    cb = ContinuousBatcher(model, tok, num_slots=2, max_prompt_tokens=900, max_new_tokens=4, prefill_tokens=4096)
+    s = Sampling(max_new_tokens=2, temperature=0.0, stop=())
+    assert _ask(cb, shared + a, s)["cached_tokens"] == 0
+    assert _ask(cb, shared + a[:600] + words(100), s)["cached_tokens"] == 640  # 640 of 740: reused
+    assert _ask(cb, shared + b, s)["cached_tokens"] == 0  # 40 of 840: computed whole
+    assert not cb._pays(35, 1425) and cb._pays(600, 1425) and not cb._pays(0, 100)
+    c = mistral_7b_config()  # a 7B's layer: 2 x its parameters a token, against 4 x heads x head dim a pair
+    hd = c.hidden_size // c.num_attention_heads
+    attention = 2 * c.hidden_size * hd * (c.num_attention_heads + c.num_key_value_heads)  # q, k, v, o
+    layer = attention + 3 * c.hidden_size * c.intermediate_size  # and the MLP
+    cb._per_token, cb._per_pair = 2 * layer, 4 * c.num_attention_heads * hd
+    assert cb._pays(40, 1425) and not cb._pays(30, 1425)
+    cb.close()
+
+
+def _ask(cb, ids, s) -> dict:
+    import queue
+
+    q = queue.Queue()
+    cb.submit(ids, s, q.put)
+    while not isinstance(item := q.get(timeout=60), dict):
+        pass
+    return item
+
+
 def test_a_salted_request_shares_cached_prefixes_only_with_its_own_salt(model, tok):
     """vLLM's ``cache_salt``: a tenant's requests reuse each other's prefixes and no one else's (so
     the time to first token tells no one what another tenant sent); the text is the same."""
