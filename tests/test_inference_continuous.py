@@ -879,6 +879,8 @@ def test_a_salted_request_shares_cached_prefixes_only_with_its_own_salt(model, t
     assert len({g["text"] for g in got}) == 1
     # one slot in use at a time (the lowest free): each request's record replaces the one before
     assert [g["cached_tokens"] for g in got] == [0, 0, len(ids) - 1, 0, 0, len(ids) - 1]
+    cb.forget()  # what a batch job does per chunk: nothing is reused from before
+    assert asyncio.run(ask(None))["cached_tokens"] == 0
     cb.close()
 
 

@@ -61,6 +61,7 @@ class EvalWorker:
         return self.scorers[key]
 
     def __call__(self, batch) -> dict:
+        self.batcher.forget()  # a batch's answers depend on the batch alone, however the rows were split
         rows = batch.to_pylist()
         out = [None] * len(rows)
         groups = defaultdict(list)  # (task, unit, max_new_tokens, stop_at_newline, scorer, choices) -> rows

@@ -63,6 +63,7 @@ class GenerateWorker(batchjob.ChunkWorker):
         rows = batchjob.read_chunk(chunk, gc.format, gc.text_field, gc.id_field)
         good = [r for r in rows if r["error"] is None]
         seed = gc.sampling.seed * 1_000_003 + chunk.start  # per chunk: a rerun redoes it identically
+        self.gen.forget()  # and so does the engine: no prefix reused from the chunks before
         if gc.mode == "prompts":
             table, counts = self._prompts(rows, good, seed)
         else:

@@ -145,6 +145,7 @@ class _Generator:
     def __call__(self, batch: dict) -> dict:
         seed = None if self.sampling.seed is None else self.sampling.seed * 1_000_003 + self.calls
         self.calls += 1
+        self.engine.forget()  # a batch's prefixes are its own, as its seed
         texts = batch[self.column].tolist()
         return {**batch, **generate_columns(self.engine, self.tok, texts, self.sampling, seed)}
 

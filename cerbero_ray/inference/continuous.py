@@ -279,6 +279,14 @@ class ContinuousBatcher:
             self._cv.notify()
         return r
 
+    def forget(self) -> None:
+        """Drop what the slots hold for prefix reuse: the next prompts are computed whole. A batch
+        job calls it per chunk, so that a chunk's output depends on the chunk alone (a rerun of a
+        lost chunk on a fresh worker gives the same rows) and not on what the worker ran before."""
+        if self.prefixes is not None:
+            with self.lock:  # between steps
+                self.prefixes.clear()
+
     def cancel(self, r: _Request) -> None:
         """The client went away: the request's slot is freed at the next step."""
         r.cancelled = True
@@ -297,9 +305,10 @@ class ContinuousBatcher:
         third element, its adapter: a mixed batch)."""
         done = [queue.Queue() for _ in items]
         ids, cut = self.encode([it[0] for it in items])
-        for x, c, it, q in zip(ids, cut, items, done):
-            adapter = it[2] if len(it) > 2 else 0
-            self.submit(x, it[1], lambda item, q=q: q.put(item) if isinstance(item, dict) else None, c, adapter)
+        with self._cv:  # queued at once (the condition's lock is reentrant): a step admits from all of them or none
+            for x, c, it, q in zip(ids, cut, items, done):
+                adapter = it[2] if len(it) > 2 else 0
+                self.submit(x, it[1], lambda item, q=q: q.put(item) if isinstance(item, dict) else None, c, adapter)
         out = [q.get() for q in done]
         for r in out:
             if "error" in r:

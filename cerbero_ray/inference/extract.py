@@ -95,6 +95,7 @@ class Extractor:
         """One list per schema property, ``json``, ``new_tokens``, ``truncated`` and ``error`` for
         each of ``texts``; rows with an error in ``errors`` get no answer."""
         errors = errors or [None] * len(texts)
+        self.engine.forget()  # no prefix reused from earlier calls: a rerun chunk gives the same answers
         todo = [i for i, e in enumerate(errors) if e is None]
         prompts, cut = text_prompts(self.task, self.tok, [texts[i] for i in todo], self.max_text_tokens)
         results = dict(zip(todo, self.engine.run([(p, self.sampling) for p in prompts]) if prompts else []))

@@ -61,6 +61,9 @@ class Generator:
         if tok.pad_token_id is None:
             tok.pad_token = tok.unk_token or tok.eos_token
 
+    def forget(self) -> None:
+        """Nothing is kept between calls (the continuous engine's :meth:`forget` drops its prefixes)."""
+
     def generate_kwargs(self, s: Sampling, width: int, pads: list[int] | None = None) -> dict:
         """``model.generate`` settings for ``s`` (temperature 0: greedy) on prompts left-padded to
         ``width`` tokens, each row by ``pads`` (penalties and a logit bias: :class:`Adjust`)."""
