@@ -16,7 +16,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${IMAGE_VENV:-/tmp/cerbero_image_venv}
 OUT=${OUT:-outputs/gpu_image}
-PY312=${PYTHON312:-$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3 2>/dev/null | tail -1)}
+PY312=${PYTHON312:-}
+if [[ -z "$PY312" ]]; then  # the first that runs: a pyenv shim is on PATH even where 3.12 is not selected
+  for c in "$(command -v python3.12)" "$HOME"/.pyenv/versions/3.12*/bin/python3; do
+    if [[ -x "$c" ]] && "$c" -c '' 2>/dev/null; then PY312=$c; break; fi
+  done
+fi
 [[ -x "$PY312" ]] || { echo "no Python 3.12: set PYTHON312=" >&2; exit 2; }
 if [[ ! -x "$VENV/bin/python3" ]]; then
   "$PY312" -m venv "$VENV"
