@@ -250,6 +250,12 @@ class ContinuousBatcher:
         adapter: int = 0,
         salt: str | None = None,
     ) -> _Request:
+        r = self._request(ids, s, emit, truncated, adapter, salt)
+        self._enqueue([r])
+        return r
+
+    def _request(self, ids, s: Sampling, emit, truncated: bool, adapter: int, salt: str | None) -> _Request:
+        """A checked request, not yet queued (a constraint that cannot run is refused here)."""
         if adapter and (self.adapters is None or not 0 <= adapter < len(self.adapters.names)):
             raise ValueError(f"no adapter {adapter} is loaded")
         if not ids:
@@ -272,12 +278,15 @@ class ContinuousBatcher:
             from cerbero_ray.inference.grammar import Matcher
 
             r.matcher = Matcher(self.tok, s.grammar)
+        return r
+
+    def _enqueue(self, rs: list[_Request]) -> None:
+        """Queue ``rs`` together: a step admits from all of them or none."""
         with self._cv:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            self.waiting.append(r)
+            self.waiting.extend(rs)
             self._cv.notify()
-        return r
 
     def forget(self) -> None:
         """Drop what the slots hold for prefix reuse: the next prompts are computed whole. A batch
@@ -305,10 +314,12 @@ class ContinuousBatcher:
         third element, its adapter: a mixed batch)."""
         done = [queue.Queue() for _ in items]
         ids, cut = self.encode([it[0] for it in items])
-        with self._cv:  # queued at once (the condition's lock is reentrant): a step admits from all of them or none
-            for x, c, it, q in zip(ids, cut, items, done):
-                adapter = it[2] if len(it) > 2 else 0
-                self.submit(x, it[1], lambda item, q=q: q.put(item) if isinstance(item, dict) else None, c, adapter)
+        rs = []
+        for x, c, it, q in zip(ids, cut, items, done):
+            adapter = it[2] if len(it) > 2 else 0
+            emit = lambda item, q=q: q.put(item) if isinstance(item, dict) else None  # noqa: E731
+            rs.append(self._request(x, it[1], emit, c, adapter, None))
+        self._enqueue(rs)  # at once, so the same call is admitted alike every time
         out = [q.get() for q in done]
         for r in out:
             if "error" in r:

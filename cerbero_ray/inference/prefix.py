@@ -43,7 +43,8 @@ class SlotPrefixes:
         self.held: list[tuple[object, list[int]] | None] = [None] * num_slots
 
     def set(self, slot: int, key, tokens: list[int]) -> None:
-        self.held[slot] = (key, list(tokens)) if tokens else None
+        """``tokens``: kept as given (the engine passes slices of its own, never changed after)."""
+        self.held[slot] = (key, tokens) if tokens else None
 
     def drop(self, slot: int) -> None:
         self.held[slot] = None
