@@ -42,19 +42,19 @@ def words(g: random.Random, n: int) -> str:
     return " ".join(g.choice(WORDS) for _ in range(n))
 
 
-def cases(tok, system_words: int, distinct_words: int, n: int, convs: int, turns: int) -> dict:
-    """Each case: a list of waves, each wave a list of conversations (message lists) sent at once;
-    ``turns`` is filled in by the run (each answer joins its conversation)."""
+def cases(system_words: int, distinct_words: int, n: int, convs: int, turns: int) -> dict:
+    """Each case: (conversations sent at once, each a message list; per conversation its later
+    questions, one a round, or None for one round): each answer joins its conversation."""
     g = random.Random(0)
     system = words(g, system_words)
     chats = [[{"role": "system", "content": system}, {"role": "user", "content": words(g, 12) + "?"}] for _ in range(n)]
     distinct = [[{"role": "user", "content": words(g, distinct_words)}] for _ in range(n)]
     openers = [[{"role": "user", "content": words(g, 40) + "?"}] for _ in range(convs)]
     follow = [[words(g, 10) + "?" for _ in range(turns)] for _ in range(convs)]
-    return {"system": ([chats], None), "turns": ([openers], follow), "distinct": ([distinct], None)}
+    return {"system": (chats, None), "turns": (openers, follow), "distinct": (distinct, None)}
 
 
-def run_case(cb, tok, waves, follow, s, reuse: bool) -> tuple[float, list[str], int, int]:
+def run_case(cb, tok, start, follow, s, reuse: bool) -> tuple[float, list[str], int, int]:
     """(seconds, every text, prompt tokens, of them reused) of one case on engine ``cb`` (idle
     between runs) with prefix reuse on or off, starting cold (nothing held from an earlier run)."""
     from cerbero_ray.inference.prefix import SlotPrefixes
@@ -62,7 +62,7 @@ def run_case(cb, tok, waves, follow, s, reuse: bool) -> tuple[float, list[str], 
     cb.prefixes = SlotPrefixes(cb.slots.num_slots) if reuse else None
     texts, prompt, cached = [], 0, 0
     t0 = time.perf_counter()
-    convs = [list(c) for c in waves[0]]
+    convs = [list(c) for c in start]
     rounds = len(follow[0]) if follow else 1
     for t in range(rounds):
         prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
@@ -111,14 +111,14 @@ def main() -> None:
     kw = dict(num_slots=a.slots, max_prompt_tokens=1024, max_new_tokens=16, prefill_tokens=8192)
     cb = ContinuousBatcher(model, tok, **kw)  # one engine (one graph capture on a GPU), reuse switched per run
     results = {}
-    for name, (waves, follow) in cases(tok, **sizes).items():
+    for name, (start, follow) in cases(**sizes).items():
         for on in (False, True):  # warm-up: every shape once
-            run_case(cb, tok, waves, follow, s, on)
+            run_case(cb, tok, start, follow, s, on)
         times = {False: [], True: []}
         seen = {}
         for rep in range(a.reps):
             for on in (False, True) if rep % 2 == 0 else (True, False):
-                sec, texts, prompt, cached = run_case(cb, tok, waves, follow, s, on)
+                sec, texts, prompt, cached = run_case(cb, tok, start, follow, s, on)
                 times[on].append(sec)
                 seen[on] = (texts, prompt, cached)
         off, on = statistics.median(times[False]), statistics.median(times[True])
