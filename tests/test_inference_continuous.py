@@ -826,6 +826,37 @@ def test_prompts_that_start_alike_reuse_what_the_slots_hold_and_get_the_same_tex
     cb.close()
 
 
+@pytest.mark.parametrize("num_slots", [4, 2])
+def test_a_request_that_waits_for_a_shared_prefix_keeps_a_slot_and_holds_no_one_else_back(model, tok, num_slots):
+    """A burst of two chats with one long system prompt and an unrelated chat behind them: the
+    second chat waits a step for the first's system prompt; with slots to spare the unrelated one
+    is prefilled beside the first, not a step later; with one spare slot that slot is kept for the
+    waiting chat, which goes first. Texts equal an engine without reuse."""
+    system = "Sei un assistente che risponde sempre in italiano, in modo breve, chiaro e cortese. " * 4
+    with_system = lambda q: tok.apply_chat_template(  # noqa: E731
+        [{"role": "system", "content": system}, {"role": "user", "content": q}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    prompts = [with_system(PROMPTS[1]), with_system(PROMPTS[2]), chat(tok, PROMPTS[3])]
+    (a, b, c), _ = encode_prompts(tok, prompts, 256)
+    shared = common_prefix(a, b)
+    assert shared > 64 and common_prefix(a, c) < 8
+    kw = dict(num_slots=num_slots, max_prompt_tokens=256, max_new_tokens=24)
+    plain, cb = ContinuousBatcher(model, tok, prefix_cache=False, **kw), ContinuousBatcher(model, tok, **kw)
+    steps, real = [], cb.slots.prefill
+    cb.slots.prefill = lambda p, s, st=None: steps.append([len(x) for x in p]) or real(p, s, st)
+    want, got = plain.generate(prompts, GREEDY_20), cb.generate(prompts, GREEDY_20)
+    assert [g["text"] for g in got] == [w["text"] for w in want]
+    assert [g["cached_tokens"] for g in got] == [0, shared, 0]
+    if num_slots == 4:
+        assert steps == [[len(a), len(c)], [len(b) - shared]]
+    else:  # the one free slot beside the first chat is the waiting chat's; the unrelated one waits for a free slot
+        assert steps == [[len(a)], [len(b) - shared], [len(c)]]
+    plain.close()
+    cb.close()
+
+
 def test_a_prefix_is_reused_only_where_it_saves_arithmetic(model, tok):
     """A continuing chunk's attention computes every query-key pair (a mask over the slot's cache)
     where a whole prompt's causal kernel skips half: on the tiny model, whose layers are small beside

@@ -548,7 +548,9 @@ class ContinuousBatcher:
         is prefilled a chunk per step, the live requests decoding in between.
 
         With prefix reuse, a newcomer starts after the longest beginning of its prompt a slot holds
-        (copied into its slot, or that slot itself when it is free; :mod:`.prefix`)."""
+        (copied into its slot, or that slot itself when it is free; :mod:`.prefix`). One whose prompt
+        shares much more with a prompt prefilled in this step waits a step, a free slot kept for it;
+        the requests behind it go ahead into the other free slots."""
         budget, plan = self.prefill_tokens, []
 
         def take(rest: int) -> int:  # how much of a prompt's rest this step's batch can hold
@@ -565,11 +567,12 @@ class ContinuousBatcher:
             return plan
         free = [s for s in range(self.slots.num_slots) if s not in self.live]
         soon = {r.slot: (r.key, r.ids[:b]) for r, _, b in plan}  # what this step's prefill will hold
+        deferred = 0  # requests left in the queue for a step, each keeping a free slot for then
         with self._cv:
-            while free and self.waiting:
-                r = self.waiting[0]
+            while len(free) > deferred and deferred < len(self.waiting):
+                r = self.waiting[deferred]
                 if r.cancelled:
-                    self.waiting.popleft()
+                    del self.waiting[deferred]
                     continue
                 slot, src, reuse = free[0], -1, 0
                 if self.prefixes is not None:
@@ -579,13 +582,14 @@ class ContinuousBatcher:
                     # a prompt being prefilled in this step shares much more: wait a step and copy it then
                     later = self.prefixes.best(r.ids, r.key, len(r.ids) - 1, soon)[1]
                     if later >= reuse + DEFER_FOR and self._pays(later, len(r.ids)):
-                        break
+                        deferred += 1  # the requests behind it that share nothing do not wait with it
+                        continue
                     if reuse >= TAKE_SLOT_FROM and src in free:
                         slot = src  # no copy, and the other free slots keep what they hold
                 n = take(len(r.ids) - reuse)
                 if not n:
                     break
-                self.waiting.popleft()
+                del self.waiting[deferred]
                 free.remove(slot)
                 r.slot = slot
                 self.live[slot] = r
