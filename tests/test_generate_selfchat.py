@@ -1,6 +1,8 @@
 """Self-chat filters and near-duplicate removal (pure functions), and the self-chat loop with a
 scripted generator."""
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -141,3 +143,89 @@ def test_dedup_config_errors_name_the_key(tmp_path):
     ):
         with pytest.raises(ValueError, match=msg):
             check(*bad)
+
+
+class Waves:
+    """The continuous engine seen as a plain generator (``generate`` and ``tok`` only): self-chat
+    then runs its half-turn-by-half-turn path on it."""
+
+    def __init__(self, engine):
+        self.engine, self.tok = engine, engine.tok
+
+    def generate(self, prompts, sampling, seed=None):
+        return self.engine.generate(prompts, sampling, seed=seed)
+
+
+def _computed(engine) -> list[int]:
+    """The prompt tokens ``engine`` computes from now on, one entry per chunk."""
+    real, lens = engine.slots.prefill, []
+    engine.slots.prefill = lambda p, s, a=None: lens.extend(len(x) for x in p) or real(p, s, a)
+    return lens
+
+
+def test_on_the_continuous_engine_each_conversation_is_a_chain_that_finds_its_own_slot(tok):
+    """Six conversations on two slots: run as chains, each turn reuses the conversation so far from
+    the slot its previous turn left, where turn-by-turn waves keep only the last two. Greedy, the
+    conversations are the same both ways; sampled (seeded), a rerun gives the same ones."""
+    from cerbero_ray.inference.continuous import ContinuousBatcher
+    from cerbero_ray.models import tiny
+
+    model = tiny().eval()
+    seeds = ["Qual è la capitale d'Italia?", "Come stai?", "Dimmi un proverbio.", "Perché il mare è salato?"]
+    seeds += ["Che cos'è la fotosintesi?", "Chi era Dante?"]
+    greedy, sampled = Sampling(max_new_tokens=12, temperature=0.0), Sampling(max_new_tokens=12, temperature=0.8)
+    runs = {}
+    for way, s in (("chains", greedy), ("waves", greedy), ("sampled", sampled), ("sampled again", sampled)):
+        kw = dict(turns=3, sampling=s, user_sampling=replace(s, max_new_tokens=9), min_chars=1, max_repeat=1.0)
+        kw.update(drop_unfinished=False, seed=7)
+        cb = ContinuousBatcher(model, tok, num_slots=2, max_prompt_tokens=512, max_new_tokens=16)
+        computed = _computed(cb)
+        convs, reasons = self_chat(cb if way != "waves" else Waves(cb), seeds, **kw)
+        assert all(c is not None and len(c) == 6 for c in convs), reasons  # 3 exchanges each
+        runs[way] = convs, sum(computed)
+        cb.close()
+    assert runs["chains"][0] == runs["waves"][0]
+    assert runs["sampled"][0] == runs["sampled again"][0] != runs["chains"][0]
+    # the chains compute each conversation's tokens at most once (no more than its last prompt
+    # holds; the shared system line once per slot), the waves most prompts whole
+    render = lambda c: tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)  # noqa: E731
+    last = sum(len(x) for x in cb.encode([render(c[:5]) for c in runs["chains"][0]])[0])
+    assert runs["chains"][1] <= last < 0.5 * runs["waves"][1]
+
+
+def test_chains_reuse_their_slot_and_one_whose_follow_up_fails_leaves_the_others_to_end(tok):
+    """``ContinuousBatcher.chains``: a chain's next request reuses what its previous one left in its
+    slot (its prompt and answer), gives the text that request alone gives, and a ``follow`` that
+    raises ends its chain with an error raised once every chain has ended."""
+    import pytest
+
+    from cerbero_ray.inference.continuous import ContinuousBatcher
+    from cerbero_ray.models import tiny
+
+    model = tiny().eval()
+    greedy = Sampling(max_new_tokens=8, temperature=0.0, stop=())
+    chat = lambda *t: tok.apply_chat_template(  # noqa: E731
+        [{"role": ("user", "assistant")[i % 2], "content": x} for i, x in enumerate(t)],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    cb = ContinuousBatcher(model, tok, num_slots=2, max_prompt_tokens=256, max_new_tokens=8)
+    ends: dict[int, list[dict]] = {i: [] for i in range(5)}
+    questions = ["Ciao!", "Come stai?", "Dimmi un proverbio.", "Chi era Dante?", "Perché?"]
+
+    def follow(i, end):
+        ends[i].append(end)
+        if len(ends[i]) == 1:
+            return chat(questions[i], end["text"], "E poi?"), greedy
+        if i == 3:
+            raise KeyError("a bug of the caller")
+        return None
+
+    with pytest.raises(RuntimeError, match=r"chain 3: KeyError\('a bug of the caller'\)"):
+        cb.chains([(chat(q), greedy) for q in questions], follow)
+    assert all(len(e) == 2 for e in ends.values())  # every chain ran both its requests
+    for i, (first, second) in ends.items():
+        alone = cb.generate([chat(questions[i], first["text"], "E poi?")], greedy)[0]
+        assert second["text"] == alone["text"]
+        assert second["cached_tokens"] >= first["prompt_tokens"]  # at least its first prompt came from its slot
+    cb.close()

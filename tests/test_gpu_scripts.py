@@ -125,6 +125,7 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "attention",
         "prefill",
         "prefix",
+        "selfchat",
         "multilora",
         "evaluate",
     ]
@@ -145,6 +146,7 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "bench_serve_gpu_flex",
         "bench_prefill",
         "bench_prefix",
+        "bench_selfchat",
         "bench_train_gpu_lora_dropout",
     }
 

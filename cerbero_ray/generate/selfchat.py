@@ -2,8 +2,12 @@
 
 From a seed (a question or a topic, the first ``[|Umano|]`` turn), the model answers as
 ``[|AI|]``, then is prompted with ``[|Umano|]`` to write the human's next turn, and so on for
-``turns`` exchanges. All conversations of a chunk advance together, one batched generation per
-half-turn. A generated turn is *degenerate* when it is empty or too short, unfinished (hit
+``turns`` exchanges. On the continuous engine each conversation is a chain of requests
+(:meth:`ContinuousBatcher.chains`): its next turn is queued as soon as its last one ends, goes ahead
+of the waiting requests and finds the conversation so far in the slot it left (prefix reuse), so no
+step waits for a turn's slowest answer and however many conversations a chunk has, each turn
+computes only its new tokens. On other engines all conversations advance together, one batched
+generation per half-turn. A generated turn is *degenerate* when it is empty or too short, unfinished (hit
 ``max_new_tokens``), mostly repeated word trigrams, leaks a role tag, or repeats an earlier turn;
 the conversation then ends at its last complete exchange (and is dropped if it has none). Each
 reason is counted. Near-duplicate conversations are removed afterwards across the whole run
@@ -13,6 +17,7 @@ reason is counted. Near-duplicate conversations are removed afterwards across th
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 from cerbero_ray.chat import ASSISTANT_TAGS, USER_TAG
 from cerbero_ray.inference.continuous import ContinuousBatcher
@@ -67,24 +72,40 @@ def self_chat(
 ) -> tuple[list[list[dict] | None], Counter]:
     """Conversations (``messages`` lists, None when dropped) and the count of each filter reason."""
     convs = [[{"role": "user", "content": s.strip()}] for s in seeds]
-    active = [i for i, s in enumerate(seeds)]
     reasons: Counter = Counter()
     tok = gen.tok
-    assistant_stop = tuple(sampling.stop)
-    user_stop = (ASSISTANT_TAGS[assistant_tag], USER_TAG)
-    for t in range(turns):
-        prompts = [tok.apply_chat_template(convs[i], tokenize=False, add_generation_prompt=True) for i in active]
-        replies = gen.generate(
-            prompts, Sampling(**{**sampling.__dict__, "stop": assistant_stop}), seed=seed * 1000 + 2 * t
-        )
-        active = _extend(convs, active, replies, "assistant", (min_chars, max_repeat, drop_unfinished), reasons)
-        if t == turns - 1 or not active:
-            break
-        prompts = [user_prompt(tok, convs[i], assistant_tag) for i in active]
-        asks = gen.generate(
-            prompts, Sampling(**{**user_sampling.__dict__, "stop": user_stop}), seed=seed * 1000 + 2 * t + 1
-        )
-        active = _extend(convs, active, asks, "user", (min_chars, max_repeat, drop_unfinished), reasons)
+    limits = (min_chars, max_repeat, drop_unfinished)
+    # half-turn h (the answers: even, the human's turns: odd) of every conversation samples as
+    # ``gen.generate(..., seed=seed * 1000 + h)`` does its rows
+    half = (
+        Sampling(**{**sampling.__dict__, "stop": tuple(sampling.stop)}),
+        Sampling(**{**user_sampling.__dict__, "stop": (ASSISTANT_TAGS[assistant_tag], USER_TAG)}),
+    )
+
+    def prompt(i: int, h: int) -> str:
+        if h % 2:
+            return user_prompt(tok, convs[i], assistant_tag)
+        return tok.apply_chat_template(convs[i], tokenize=False, add_generation_prompt=True)
+
+    if isinstance(gen, ContinuousBatcher):
+        done = [0] * len(convs)  # half-turns each conversation has had
+
+        def follow(i: int, turn: dict):
+            h = done[i]
+            done[i] += 1
+            kept = _extend(convs, [i], [turn], ("assistant", "user")[h % 2], limits, reasons)
+            if not kept or h + 1 == 2 * turns - 1:
+                return None
+            return prompt(i, h + 1), _seeded(half[(h + 1) % 2], seed * 1000 + h + 1, i)
+
+        gen.chains([(prompt(i, 0), _seeded(half[0], seed * 1000, i)) for i in range(len(convs))], follow)
+    else:
+        active = list(range(len(convs)))
+        for h in range(2 * turns - 1):
+            turn = gen.generate([prompt(i, h) for i in active], half[h % 2], seed=seed * 1000 + h)
+            active = _extend(convs, active, turn, ("assistant", "user")[h % 2], limits, reasons)
+            if not active:
+                break
     out = []
     for c in convs:
         while c and c[-1]["role"] != "assistant":  # end at the last complete exchange
@@ -92,6 +113,11 @@ def self_chat(
         out.append(c or None)
     reasons["dropped_no_exchange"] = sum(c is None for c in out)
     return out, reasons
+
+
+def _seeded(s: Sampling, seed: int, i: int) -> Sampling:
+    """Row ``i`` of a ``generate(..., seed=seed)`` call's sampling."""
+    return replace(s, seed=seed * 1_000_003 + i)
 
 
 def _extend(convs, active, turns, role, limits, reasons) -> list[int]:

@@ -182,6 +182,7 @@ class ContinuousBatcher:
         self.steps = 0
         self.pending: _Launch | None = None  # the decode step in flight, its tokens not yet handed out
         self.prefilling: deque[_Request] = deque()  # in a slot, their prompt prefilled a chunk a step
+        self._ahead = 0  # requests queued first (chains' next requests) since this step began
         self.on_step: Callable[[], None] | None = None  # called by the loop after each step (a server's metrics)
         # which tokens each slot's cache holds: a prompt that starts the same way reuses them (.prefix)
         self.prefixes = SlotPrefixes(num_slots) if prefix_cache else None
@@ -280,12 +281,18 @@ class ContinuousBatcher:
             r.matcher = Matcher(self.tok, s.grammar)
         return r
 
-    def _enqueue(self, rs: list[_Request]) -> None:
-        """Queue ``rs`` together: a step admits from all of them or none."""
+    def _enqueue(self, rs: list[_Request], first: bool = False) -> None:
+        """Queue ``rs`` together: a step admits from all of them or none. ``first``: ahead of the
+        requests already waiting, behind those queued first in this step (a chain's next request)."""
         with self._cv:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            self.waiting.extend(rs)
+            if first:
+                for r in rs:
+                    self.waiting.insert(self._ahead, r)
+                    self._ahead += 1
+            else:
+                self.waiting.extend(rs)
             self._cv.notify()
 
     def forget(self) -> None:
@@ -325,6 +332,55 @@ class ContinuousBatcher:
             if "error" in r:
                 raise RuntimeError(r["error"])
         return out
+
+    def chains(
+        self,
+        starts: list[tuple[str, Sampling]],
+        follow: Callable[[int, dict], tuple[str, Sampling] | None],
+        adapter: int = 0,
+    ) -> None:
+        """Blocking: sequences of requests where each depends on the one before (a self-chat
+        conversation: its next turn's prompt is the conversation so far with the new answer).
+        ``starts[i]`` (a prompt and its sampling) begins chain ``i``; when a chain's request ends,
+        ``follow(i, end)`` (``end``: the dict :meth:`run` returns for it) gives the chain's next
+        ``(prompt, sampling)``, or None to end it. ``follow`` runs on the loop thread between steps,
+        so keep it light; the request it gives goes ahead of every waiting one, into the slot its
+        predecessor just left, and reuses that slot's cache (the earlier prompt and the answer).
+        Unlike :meth:`run` turn by turn, no step waits for a turn's slowest answer, and a chain
+        finds its own slot however many chains there are. Raises (after every chain has ended) if
+        a request failed or ``follow`` raised."""
+        left, errors = threading.Semaphore(0), []
+
+        def emitter(i: int):
+            def emit(item) -> None:
+                if not isinstance(item, dict):
+                    return
+                if "error" not in item:
+                    try:
+                        nxt = follow(i, item)
+                        if nxt is not None:
+                            (ids,), (cut,) = self.encode([nxt[0]])
+                            self._enqueue([self._request(ids, nxt[1], emit, cut, adapter, None)], first=True)
+                            return
+                    except Exception as e:  # the chain ends; the others go on
+                        item = {"error": f"chain {i}: {e!r}"}
+                if "error" in item:
+                    errors.append(item["error"])
+                left.release()
+
+            return emit
+
+        ids, cut = self.encode([p for p, _ in starts])
+        self._enqueue(
+            [
+                self._request(x, s, emitter(i), c, adapter, None)
+                for i, (x, c, (_, s)) in enumerate(zip(ids, cut, starts))
+            ]
+        )
+        for _ in starts:
+            left.acquire()
+        if errors:
+            raise RuntimeError(errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more)")
 
     def stream(self, prompt: str, s: Sampling, adapter: int = 0) -> Iterator[str | dict]:
         """Text pieces as they are decided (what piled up since the last read comes as one piece),
@@ -429,6 +485,8 @@ class ContinuousBatcher:
         prefill new requests. The decode step reads and advances the slots' state on the device, so
         its inputs never wait for the host; a request that ended in the previous step was decoded
         once more in this one, and that token is dropped (its slot is not reused before then)."""
+        with self._cv:
+            self._ahead = 0
         for slot in [s for s, r in self.live.items() if r.cancelled]:
             self._free(self.live[slot])
         rows = [r for r in self.live.values() if 0 < r.launched < r.sampling.max_new_tokens and not r.done]
