@@ -42,6 +42,37 @@ def words(g: random.Random, n: int) -> str:
     return " ".join(g.choice(WORDS) for _ in range(n))
 
 
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options of an engine benchmark (this one's and bench_selfchat's)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--shape", default="mid", choices=["tiny", "mid", "7b"])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--slots", type=int, default=None, help="default: 8 (32 on a GPU)")
+    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes: checks the script runs")
+    return ap
+
+
+def save(out_dir: str, name: str, cuda: bool, fields: dict) -> str:
+    """Write ``<out_dir>/<name>-<date>.json``: the date, the device, the machine, torch's version,
+    then ``fields``; print and return its path."""
+    import torch
+
+    out = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        **fields,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}-{datetime.date.today()}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(path)
+    return path
+
+
 def cases(system_words: int, distinct_words: int, n: int, convs: int, turns: int) -> dict:
     """Each case: (conversations sent at once, each a message list; per conversation its later
     questions, one a round, or None for one round): each answer joins its conversation."""
@@ -79,13 +110,7 @@ def run_case(cb, tok, start, follow, s, reuse: bool) -> tuple[float, list[str], 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="mid", choices=["tiny", "mid", "7b"])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--slots", type=int, default=None, help="default: 8 (32 on a GPU)")
-    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes: checks the script runs")
-    a = ap.parse_args()
+    a = arguments(__doc__).parse_args()
     import torch
 
     from cerbero_ray.inference.continuous import ContinuousBatcher
@@ -141,21 +166,7 @@ def main() -> None:
             flush=True,
         )
     cb.close()
-    out = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__,
-        "shape": a.shape,
-        "slots": a.slots,
-        "reps": a.reps,
-        "results": results,
-    }
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"prefix-{datetime.date.today()}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print(path)
+    save(a.out, "prefix", cuda, {"shape": a.shape, "slots": a.slots, "reps": a.reps, "results": results})
     if not cuda and not all(r["texts_equal"] for r in results.values()):
         sys.exit("texts differ between prefix reuse on and off")
 

@@ -21,22 +21,13 @@ computed, and whether the conversations are equal. Writes <out>/selfchat-<date>.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
-import platform
 import random
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = (
-    "il la di che e un una per non con del della si come più anche ma questo sono era molto tutto "
-    "casa tempo anno giorno mondo vita città paese lavoro storia mare sole vento strada libro"
-).split()
 
 
 class Waves:
@@ -67,14 +58,12 @@ def run_way(cb, way: str, seeds: list[str], kw: dict) -> tuple[float, list, int]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="mid", choices=["tiny", "mid", "7b"])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--slots", type=int, default=None, help="default: 8 (32 on a GPU)")
-    ap.add_argument("--conversations", type=int, default=None, help="default: 4 x the slots")
+    from bench_prefill import build  # the same tiny, mid and 7b models
+    from bench_prefix import WORDS, arguments, save  # its options, its words, its result file
+
+    ap = arguments(__doc__)
+    ap.add_argument("--conversations", type=int, default=None, help="default: 4 x the slots (2 x on a GPU)")
     ap.add_argument("--turns", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes: checks the script runs")
     a = ap.parse_args()
     import torch
 
@@ -94,8 +83,6 @@ def main() -> None:
         answer, ask = 96, 32
     a.slots = a.slots or (32 if cuda else 8)
     a.conversations = a.conversations or (2 if cuda else 4) * a.slots
-    from bench_prefill import build  # the same tiny, mid and 7b models
-
     model = build(a.shape)
     g = random.Random(0)
     seeds = [" ".join(g.choice(WORDS) for _ in range(40)) + "?" for _ in range(a.conversations)]
@@ -141,24 +128,13 @@ def main() -> None:
             f"{computed:,}  exchanges {r['exchanges']}  same conversations: {r['conversations_equal']}",
             flush=True,
         )
-    out = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__,
-        "shape": a.shape,
-        "slots": a.slots,
-        "conversations": a.conversations,
-        "turns": a.turns,
-        "new_tokens": {"answer": answer, "human": ask},
-        "reps": a.reps,
-        "results": results,
-    }
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"selfchat-{datetime.date.today()}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print(path)
+    fields = {"shape": a.shape, "slots": a.slots, "conversations": a.conversations, "turns": a.turns}
+    save(
+        a.out,
+        "selfchat",
+        cuda,
+        {**fields, "new_tokens": {"answer": answer, "human": ask}, "reps": a.reps, "results": results},
+    )
     if not cuda and not all(r["conversations_equal"] for r in results.values()):
         sys.exit("the conversations differ between the ways")
 
