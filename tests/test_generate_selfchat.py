@@ -229,3 +229,27 @@ def test_chains_reuse_their_slot_and_one_whose_follow_up_fails_leaves_the_others
         assert second["text"] == alone["text"]
         assert second["cached_tokens"] >= first["prompt_tokens"]  # at least its first prompt came from its slot
     cb.close()
+
+
+def test_a_chain_s_next_request_goes_ahead_of_every_waiting_one_but_the_chains_before_it(tok):
+    """The queue order ``chains`` relies on, whatever was admitted in between: a chain's next
+    request is queued ahead of the other waiting requests and behind the chains' queued before it
+    (also once an earlier one has been admitted from the front in the same step)."""
+    from cerbero_ray.inference.continuous import ContinuousBatcher
+    from cerbero_ray.models import tiny
+
+    cb = ContinuousBatcher(tiny().eval(), tok, num_slots=1, max_prompt_tokens=64, max_new_tokens=4)
+    s = Sampling(max_new_tokens=2, temperature=0.0, stop=())
+    a, b, f1, f2, f3 = (cb._request([1, 100 + i], s, lambda _: None, False, 0, None) for i in range(5))
+    with cb.lock:  # the loop thread waits between steps: nothing is admitted meanwhile
+        cb._enqueue([a, b])
+        cb._enqueue([f1], first=True)
+        cb._enqueue([f2], first=True)
+        assert list(cb.waiting) == [f1, f2, a, b]
+        with cb._cv:
+            del cb.waiting[0]  # f1 admitted, as _plan does
+        cb._enqueue([f3], first=True)
+        assert list(cb.waiting) == [f2, f3, a, b]
+        with cb._cv:
+            cb.waiting.clear()
+    cb.close()

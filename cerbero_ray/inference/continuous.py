@@ -73,6 +73,7 @@ class _Request:
     starts: list[int] = field(default_factory=list)  # per token: the text's length before it
     lp_sent: int = 0
     adapter: int = 0  # the LoRA adapter this request's rows use (0: the base; AdapterSet indices)
+    chained: bool = False  # a chain's next request (:meth:`ContinuousBatcher.chains`): queued first
     salt: str | None = None  # its cache salt: it shares cached prefixes only with the same salt
     launched: int = 0  # tokens asked of the device (prefill's first, then one per decode step)
     prefilled: int = 0  # prompt tokens in its cache slot so far (a long prompt: a chunk per step)
@@ -182,7 +183,6 @@ class ContinuousBatcher:
         self.steps = 0
         self.pending: _Launch | None = None  # the decode step in flight, its tokens not yet handed out
         self.prefilling: deque[_Request] = deque()  # in a slot, their prompt prefilled a chunk a step
-        self._ahead = 0  # requests queued first (chains' next requests) since this step began
         self.on_step: Callable[[], None] | None = None  # called by the loop after each step (a server's metrics)
         # which tokens each slot's cache holds: a prompt that starts the same way reuses them (.prefix)
         self.prefixes = SlotPrefixes(num_slots) if prefix_cache else None
@@ -282,15 +282,16 @@ class ContinuousBatcher:
         return r
 
     def _enqueue(self, rs: list[_Request], first: bool = False) -> None:
-        """Queue ``rs`` together: a step admits from all of them or none. ``first``: ahead of the
-        requests already waiting, behind those queued first in this step (a chain's next request)."""
+        """Queue ``rs`` together: a step admits from all of them or none. ``first`` (a chain's next
+        request): ahead of every waiting request but the chains' queued before it."""
         with self._cv:
             if self._closed:
                 raise RuntimeError("the engine is closed")
             if first:
-                for r in rs:
-                    self.waiting.insert(self._ahead, r)
-                    self._ahead += 1
+                at = next((k for k, w in enumerate(self.waiting) if not w.chained), len(self.waiting))
+                for k, r in enumerate(rs):
+                    r.chained = True
+                    self.waiting.insert(at + k, r)
             else:
                 self.waiting.extend(rs)
             self._cv.notify()
@@ -485,8 +486,6 @@ class ContinuousBatcher:
         prefill new requests. The decode step reads and advances the slots' state on the device, so
         its inputs never wait for the host; a request that ended in the previous step was decoded
         once more in this one, and that token is dropped (its slot is not reused before then)."""
-        with self._cv:
-            self._ahead = 0
         for slot in [s for s, r in self.live.items() if r.cancelled]:
             self._free(self.live[slot])
         rows = [r for r in self.live.values() if 0 < r.launched < r.sampling.max_new_tokens and not r.done]
