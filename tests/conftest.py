@@ -111,6 +111,13 @@ def buffer_processor(out, sources, **data):
     return BufferProcessor(DataConfig(**d), TokenizerConfig(**TOKENIZER_CFG))
 
 
+def counting_prefill(engine) -> list[int]:
+    """The prompt tokens a continuous ``engine`` computes from now on, one entry per chunk."""
+    real, lens = engine.slots.prefill, []
+    engine.slots.prefill = lambda p, s, a=None: lens.extend(len(x) for x in p) or real(p, s, a)
+    return lens
+
+
 def write_jsonl(path, rows):
     with open(path, "wb") as f:
         for r in rows:

@@ -9,6 +9,7 @@ import torch
 from cerbero_ray.generate.dedup import embed, jaccard, near_duplicates, near_duplicates_cosine, shingles
 from cerbero_ray.generate.selfchat import degenerate, repeated_trigram_ratio, self_chat, user_prompt
 from cerbero_ray.inference.sampling import Sampling, cut_at_stop
+from conftest import counting_prefill
 
 BASE = (
     "La fotosintesi è il processo con cui le piante trasformano la luce del sole in energia chimica, "
@@ -156,13 +157,6 @@ class Waves:
         return self.engine.generate(prompts, sampling, seed=seed)
 
 
-def _computed(engine) -> list[int]:
-    """The prompt tokens ``engine`` computes from now on, one entry per chunk."""
-    real, lens = engine.slots.prefill, []
-    engine.slots.prefill = lambda p, s, a=None: lens.extend(len(x) for x in p) or real(p, s, a)
-    return lens
-
-
 def test_on_the_continuous_engine_each_conversation_is_a_chain_that_finds_its_own_slot(tok):
     """Six conversations on two slots: run as chains, each turn reuses the conversation so far from
     the slot its previous turn left, where turn-by-turn waves keep only the last two. Greedy, the
@@ -179,7 +173,7 @@ def test_on_the_continuous_engine_each_conversation_is_a_chain_that_finds_its_ow
         kw = dict(turns=3, sampling=s, user_sampling=replace(s, max_new_tokens=9), min_chars=1, max_repeat=1.0)
         kw.update(drop_unfinished=False, seed=7)
         cb = ContinuousBatcher(model, tok, num_slots=2, max_prompt_tokens=512, max_new_tokens=16)
-        computed = _computed(cb)
+        computed = counting_prefill(cb)
         convs, reasons = self_chat(cb if way != "waves" else Waves(cb), seeds, **kw)
         assert all(c is not None and len(c) == 6 for c in convs), reasons  # 3 exchanges each
         runs[way] = convs, sum(computed)

@@ -19,7 +19,7 @@ from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.inference.slots import SlotModel
 from cerbero_ray.models import tiny
 from cerbero_ray.tokenizer import encode_prompts
-from conftest import DEVICES
+from conftest import DEVICES, counting_prefill
 
 PROMPTS = [
     "Ciao!",
@@ -769,13 +769,6 @@ def test_the_longest_held_prefix_under_the_request_s_adapter():
     assert p.best([1, 2, 3], 0, 10) == (-1, 0)
 
 
-def _counting_prefill(cb) -> list[int]:
-    """The prompt tokens ``cb`` computes from now on, one entry per chunk."""
-    real, lens = cb.slots.prefill, []
-    cb.slots.prefill = lambda p, s, a=None: lens.extend(len(x) for x in p) or real(p, s, a)
-    return lens
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_prompts_that_start_alike_reuse_what_the_slots_hold_and_get_the_same_text(model, tok, device):
     """Prefix reuse: four chats with one long system prompt, sent at once: the first is computed,
@@ -800,7 +793,7 @@ def test_prompts_that_start_alike_reuse_what_the_slots_hold_and_get_the_same_tex
     plain = ContinuousBatcher(model, tok, prefix_cache=False, **kw)
     cb = ContinuousBatcher(model, tok, **kw)
     assert "; prefix reuse" in cb.describe() and "no prefix reuse" in plain.describe()
-    computed = _counting_prefill(cb)
+    computed = counting_prefill(cb)
     for order in (questions, questions[::-1]):
         batch = [render(q) for q in order]
         want, got = plain.generate(batch, GREEDY_20), cb.generate(batch, GREEDY_20)

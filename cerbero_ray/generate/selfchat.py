@@ -78,8 +78,8 @@ def self_chat(
     # half-turn h (the answers: even, the human's turns: odd) of every conversation samples as
     # ``gen.generate(..., seed=seed * 1000 + h)`` does its rows
     half = (
-        Sampling(**{**sampling.__dict__, "stop": tuple(sampling.stop)}),
-        Sampling(**{**user_sampling.__dict__, "stop": (ASSISTANT_TAGS[assistant_tag], USER_TAG)}),
+        replace(sampling, stop=tuple(sampling.stop)),
+        replace(user_sampling, stop=(ASSISTANT_TAGS[assistant_tag], USER_TAG)),
     )
 
     def prompt(i: int, h: int) -> str:
