@@ -21,6 +21,7 @@
 #   bash bench/gpu_run.sh prefill       # bench_prefill.py: packed prefill vs transformers' padded prefill, 7B shape
 #   bash bench/gpu_run.sh prefix        # bench_prefix.py: prefix reuse on vs off (system prompt, chat turns, distinct), 7B shape
 #   bash bench/gpu_run.sh selfchat      # bench_selfchat.py: self-chat chains vs waves, 7B shape
+#   bash bench/gpu_run.sh prefix_store  # bench_prefix_store.py: chats back after their slot was taken, host store, 7B
 #   bash bench/gpu_run.sh evaluate      # bench_evaluate.py: score vs generate protocol, continuous vs generate
 #   bash bench/gpu_run.sh tests         # python -m pytest -m gpu (every gpu-marked test)
 #   bash bench/gpu_run.sh train31       # issue 31 in one call: the default run once, then torch, LoRA, Liger, SDPA, compile
@@ -129,6 +130,8 @@ for stage in "$@"; do
       step bench_prefix 300 $PY bench/bench_prefix.py --out "$OUT" "${SMOKE[@]}" ;;
     selfchat) # self-chat as chains of requests vs turn-by-turn waves, with and without prefix reuse (~3 min)
       step bench_selfchat 300 $PY bench/bench_selfchat.py --out "$OUT" "${SMOKE[@]}" ;;
+    prefix_store)  # chats back after others took their slot: slots alone vs a host prefix store (~3 min)
+      step bench_prefix_store 300 $PY bench/bench_prefix_store.py --out "$OUT" "${SMOKE[@]}" ;;
     probe)   # where a decode step's time goes: the engine's graph vs fused / compiled variants (~3 min)
       step probe_decode_gpu 240 $PY bench/probe_decode_gpu.py --out "$OUT" "${SMOKE[@]}" ;;
     evaluate)
@@ -152,7 +155,7 @@ for stage in "$@"; do
       step bench_prefill 90 $PY bench/bench_prefill.py --out "$OUT" "${SMOKE[@]}" ;;
     tests)
       step pytest_gpu 300 $PY -m pytest -q -m gpu -p no:cacheprovider ;;
-    *) echo "unknown stage '$stage' (serve, probe, attention, structured, label, train, accum, lora, lora_dropout, compile, kernels, native, train_attention, whole7b, whole7b_lora, whole7b_ds, whole7b_offload, multilora, prefill, prefix, selfchat, evaluate, tests, train31, serve30)" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown stage '$stage' (serve, probe, attention, structured, label, train, accum, lora, lora_dropout, compile, kernels, native, train_attention, whole7b, whole7b_lora, whole7b_ds, whole7b_offload, multilora, prefill, prefix, selfchat, prefix_store, evaluate, tests, train31, serve30)" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 printf '%s\n' "--- summary" "${SUMMARY[@]}" | tee -a "$LOG"

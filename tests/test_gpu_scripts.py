@@ -126,6 +126,7 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "prefill",
         "prefix",
         "selfchat",
+        "prefix_store",
         "multilora",
         "evaluate",
     ]
@@ -147,6 +148,7 @@ def test_every_gpu_run_stage_runs_on_cpu(tmp_path):
         "bench_prefill",
         "bench_prefix",
         "bench_selfchat",
+        "bench_prefix_store",
         "bench_train_gpu_lora_dropout",
     }
 

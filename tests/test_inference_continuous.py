@@ -361,13 +361,30 @@ def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):
     for sizes in ("[0,4]", "[4,17]"):  # max_batch_size 16
         with pytest.raises(ValueError, match=r"serve.graph_batch_sizes must lie within 1..serve.max_batch_size \(16\)"):
             compose("serve", [f"serve.checkpoint={tiny_hf}", f"serve.graph_batch_sizes={sizes}"], checked=True)
-    sc = compose("serve", [f"serve.checkpoint={tiny_hf}", "serve.graph_batch_sizes=[1,8]"], checked=True).serve
+    for bad in (["serve.prefix_store_gib=-1"], ["serve.prefix_store_gib=1", "serve.prefix_cache=false"]):
+        with pytest.raises(ValueError, match=r"serve.prefix_store_gib=.*needs serve.engine=continuous and serve.pref"):
+            compose("serve", [f"serve.checkpoint={tiny_hf}", *bad], checked=True)
+    over = ["serve.graph_batch_sizes=[1,8]", "serve.prefix_store_gib=0.5"]
+    sc = compose("serve", [f"serve.checkpoint={tiny_hf}", *over], checked=True).serve
     assert list(sc.graph_batch_sizes) == [1, 8]
     from cerbero_ray.serve.engine import ServeEngine
 
-    se = ServeEngine(tiny_hf, max_batch_size=sc.max_batch_size, graph_batch_sizes=sc.graph_batch_sizes)
-    assert se.batcher.slots.batch_buckets == [1, 8, 16]
+    se = ServeEngine(
+        tiny_hf,
+        max_batch_size=sc.max_batch_size,
+        graph_batch_sizes=sc.graph_batch_sizes,
+        prefix_store_gib=sc.prefix_store_gib,
+    )
+    page = 64 * se.batcher.slots.token_bytes()  # STORE_PAGE positions
+    assert se.batcher.slots.batch_buckets == [1, 8, 16] and se.batcher.store.pages == 2**29 // page
+    assert "a host prefix store of 0.50 GiB (" in se.batcher.describe()
     se.batcher.close()
+    with pytest.raises(ValueError, match="needs prefix reuse"):
+        ContinuousBatcher(tiny(), None, num_slots=1, prefix_cache=False, prefix_store_bytes=1)
+    with pytest.raises(ValueError, match="holds not one page of 64 tokens"):
+        ContinuousBatcher(tiny(), se.tok, num_slots=1, prefix_store_bytes=page - 1)
+    with pytest.raises(ValueError, match=r"the host prefix store does not fit: .* GiB asked \(serve.prefix_store"):
+        ContinuousBatcher(tiny(), se.tok, num_slots=1, prefix_store_bytes=2**50)
     from cerbero_ray.config.serve import DECODE_ATTENTION
     from cerbero_ray.inference.slots import ATTENTION
 
@@ -848,6 +865,103 @@ def test_a_request_that_waits_for_a_shared_prefix_keeps_a_slot_and_holds_no_one_
         assert steps == [[len(a)], [len(b) - shared], [len(c)]]
     plain.close()
     cb.close()
+
+
+def test_the_host_store_keeps_the_most_recent_prefixes_within_its_pages():
+    import random
+
+    from cerbero_ray.inference.prefix import HostPrefixes, covers
+
+    st = HostPrefixes(pages=6, page_tokens=16, block=8)  # 96 tokens, in pages of 16, found by blocks of 8
+    a = list(range(100, 148))
+    assert st.add("a", a[:40]) == [0, 1, 2]  # 3 pages
+    assert st.add("b", a[:20]) == [3, 4]  # another key: both kept
+    assert st.add("a", a[:48]) == [0, 1, 2]  # extends the first under its key: replaces it
+    assert [(e[0], len(e[1])) for e in st.entries.values()] == [("b", 20), ("a", 48)] and st.used == 5
+    with pytest.raises(ValueError, match="a block at least"):
+        st.add("a", a[:7])
+    # found through whole pages, then compared token by token; never across keys
+    assert st.find(a[:30] + [7, 7, 7], "a", 100) == (2, 30) and st.find(a, "a", 41) == (2, 41)
+    assert st.find(a[:7] + [1] * 30, "a", 100) == (-1, 0)  # not one whole block shared
+    assert st.find(a[:9] + [1] * 30, "a", 100) == (2, 9)
+    assert st.find(a, "c", 100) == (-1, 0) and st.find(a, "b", 100) == (1, 20)
+    assert st.holds("a", a[:45]) and st.holds("b", a[:17]) and not st.holds("b", a[:21])
+    assert not st.holds("a", a[:7]) and st.holds("a", a[:8]) and not st.holds("c", a[:20])
+    assert not covers([("a", [0, 1])], "a", [0, 1, 2]) and not covers([None, ("a", [0, 2])], "a", [0, 1])
+    assert covers([("a", [0, 1, 2])], "a", [0, 1])
+    assert st.take(1) == [3, 4] and st.hits == 1  # now the most recently used
+    assert st.add("c", a[:30]) == [0, 1]  # 2 pages, 1 free: the least recently used ("a") goes
+    assert [e[0] for e in st.entries.values()] == ["b", "c"] and st.used == 4
+    assert st.find(a, "a", 100) == (-1, 0) and not st.holds("a", a[:20])  # and its index with it
+    assert not st.fits(97) and st.fits(96)
+    # an entry being copied back is never dropped to make room for the one copied out beside it
+    assert list(st.entries) == [1, 3]  # "b" the least recently used
+    assert len(st.add("d", a, keep=1)) == 3 and list(st.entries) == [1, 4]  # "c" went, not "b"
+    assert st.add("e", a + a[:32], keep=1) is None and list(st.entries) == [1, 4]  # 5 pages: no room beside "b"
+    st.clear()
+    assert st.entries == {} and st.index == {} and st.used == 0 and sorted(st.free) == list(range(6))
+    # against a brute-force search over many entries sharing their first pages (a system prompt)
+    g = random.Random(0)
+    big = HostPrefixes(pages=4000, page_tokens=16, block=4)
+    system = [g.randrange(50) for _ in range(40)]
+    for _ in range(300):
+        big.add(0, system + [g.randrange(3) for _ in range(g.randrange(0, 60))])
+    for _ in range(200):
+        ids = system + [g.randrange(3) for _ in range(g.randrange(0, 70))]
+        limit = g.randrange(1, len(ids) + 1)
+        want = max(min(common_prefix(e[1], ids), limit) for e in big.entries.values())
+        got = big.find(ids, 0, limit)
+        assert got[1] == (want if want >= 4 else 0), (ids, limit)
+        assert got[0] == -1 or min(common_prefix(big.entries[got[0]][1], ids), limit) == got[1]
+        assert big.holds(0, ids) == any(e[1][: len(ids)] == ids for e in big.entries.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_chat_whose_slot_was_taken_gets_its_prefix_back_from_the_host_store(model, tok, device):
+    """Four chats on two slots, turn after turn: between a chat's turns the others take its slot.
+    With slots alone most turns find nothing; with a host store each turn copies its conversation
+    back (saved when its slot was taken) and prefills only the new tokens. Every text equals an
+    engine without reuse (so what came back is the keys and values themselves); a prefix that
+    another slot or entry still holds is not saved twice; forget() empties the store too (on CUDA:
+    pinned memory, asynchronous copies both ways, the graphs)."""
+    model = model if device == "cpu" else tiny().to(device).eval()
+    kw = dict(num_slots=2, max_prompt_tokens=256, max_new_tokens=24)
+    plain = ContinuousBatcher(model, tok, prefix_cache=False, **kw)
+    slots_only = ContinuousBatcher(model, tok, **kw)
+    cb = ContinuousBatcher(model, tok, prefix_store_bytes=2**24, **kw)
+    computed = counting_prefill(cb)
+    convs = [[{"role": "user", "content": q}] for q in (PROMPTS[1], PROMPTS[2], PROMPTS[3], PROMPTS[4])]
+    cached, before = {"slots": [], "store": []}, []
+    for turn in range(3):
+        prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+        want = plain.generate(prompts, GREEDY_20)
+        got, alone = cb.generate(prompts, GREEDY_20), slots_only.generate(prompts, GREEDY_20)
+        assert [g["text"] for g in got] == [w["text"] for w in want] == [a["text"] for a in alone]
+        assert sum(computed) == sum(g["prompt_tokens"] - g["cached_tokens"] for g in got)
+        computed.clear()
+        if turn:
+            ids, _ = encode_prompts(tok, prompts, 256)
+            # each turn starts with the conversation's previous prompt: with the store that much at
+            # least came back; with slots alone most turns found less (others had taken the slot)
+            prev = [common_prefix(p, x) for p, x in zip(before, ids)]
+            assert all(g["cached_tokens"] >= n for g, n in zip(got, prev))
+            cached["slots"] += [a["cached_tokens"] < n for a, n in zip(alone, prev)]
+            cached["store"] += [g["cached_tokens"] for g in got]
+            cached["alone"] = cached.get("alone", 0) + sum(a["cached_tokens"] for a in alone)
+        before, _ = encode_prompts(tok, prompts, 256)
+        for c, w in zip(convs, want):
+            c += [{"role": "assistant", "content": w["text"] or "..."}, {"role": "user", "content": "E poi?"}]
+    assert sum(cached["slots"]) >= 4 and sum(cached["store"]) > 2 * cached["alone"]
+    assert cb.store.hits == 8 and cb.store.saved >= 8
+    pages = [p for e in cb.store.entries.values() for p in e[2]]
+    assert len(set(pages)) == len(pages) == cb.store.used > 0 and not set(pages) & set(cb.store.free)
+    for i, e in enumerate(cb.store.entries.values()):  # nothing saved twice: no entry covers another
+        others = [(f[0], f[1]) for j, f in enumerate(cb.store.entries.values()) if j != i]
+        assert not any(o[1][: len(e[1])] == e[1] for o in others)
+    cb.forget()
+    assert cb.store.entries == {} and cb.store.used == 0
+    for engine in (plain, slots_only, cb):
+        engine.close()
 
 
 def test_a_prefix_is_reused_only_where_it_saves_arithmetic(model, tok):

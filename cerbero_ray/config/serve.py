@@ -64,6 +64,10 @@ class ServeConfig:
     # continuous: a prompt that starts as one a cache slot holds (a shared system prompt, a chat's
     # earlier turns, the other choices of n) reuses its keys and values instead of computing them
     prefix_cache: bool = True
+    # continuous, with prefix_cache: host memory (GiB) for prefixes a slot was about to lose to another
+    # request (a chat's earlier turns while its client types), copied back when their next prompt comes;
+    # 0: off (each copy out costs a device-to-host transfer of the prefix: worth it for multi-turn traffic)
+    prefix_store_gib: float = 0.0
     batch_wait_timeout_s: float = 0.02
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512  # the most a request may ask for
@@ -115,6 +119,11 @@ def check_serve(c: ServeStageConfig, before: frozenset = frozenset()) -> None:
         1,
         "serve",
     )
+    if sc.prefix_store_gib < 0 or (sc.prefix_store_gib and not (sc.prefix_cache and sc.engine == "continuous")):
+        raise ValueError(
+            f"serve.prefix_store_gib={sc.prefix_store_gib}: host memory for the continuous engine's prefix reuse "
+            "(>= 0; needs serve.engine=continuous and serve.prefix_cache=true)"
+        )
     if sc.port > 65535:
         raise ValueError(f"serve.port must be a port (1..65535), got {sc.port}")
     at_least(sc, ("shutdown_grace_s",), 0, "serve")

@@ -44,9 +44,9 @@ from typing import AsyncIterator, Callable, Iterator
 import torch
 
 from cerbero_ray.config.sampling import check_token_ids
-from cerbero_ray.inference.prefix import SlotPrefixes
+from cerbero_ray.inference.prefix import HostPrefixes, SlotPrefixes, covers
 from cerbero_ray.inference.sampling import Sampling, cut_at_stop, sample  # noqa: F401 (sample: re-exported)
-from cerbero_ray.inference.slots import SlotModel
+from cerbero_ray.inference.slots import CACHE_SHARE, SlotModel, free_memory
 from cerbero_ray.tokenizer import encode_prompts
 
 # prefix reuse (:mod:`cerbero_ray.inference.prefix`): a newcomer waits a step for a prompt being
@@ -54,6 +54,8 @@ from cerbero_ray.tokenizer import encode_prompts
 # holds its prefix (rather than the lowest free one, which keeps live slots packed) from this many
 DEFER_FOR = 32
 TAKE_SLOT_FROM = 32
+# the host prefix store's page: its prefixes take whole pages of this many positions
+STORE_PAGE = 64
 
 
 @dataclass(eq=False)
@@ -152,7 +154,12 @@ class ContinuousBatcher:
         decode_attention: str = "auto",
         graph_batch_sizes=None,
         prefix_cache: bool = True,
+        prefix_store_bytes: int = 0,
     ):
+        if prefix_store_bytes < 0 or (prefix_store_bytes and not prefix_cache):
+            raise ValueError(
+                f"a prefix store of {prefix_store_bytes} bytes: it must be >= 0 and needs prefix reuse (prefix_cache)"
+            )
         self.tok = tok
         self.adapters = adapters  # an AdapterSet: requests name theirs, mixed in every step
         # the fast step pays inside a captured graph (compiled regions); eager on a GPU it is slower than the
@@ -186,6 +193,25 @@ class ContinuousBatcher:
         self.on_step: Callable[[], None] | None = None  # called by the loop after each step (a server's metrics)
         # which tokens each slot's cache holds: a prompt that starts the same way reuses them (.prefix)
         self.prefixes = SlotPrefixes(num_slots) if prefix_cache else None
+        # and, with a budget, what a slot was about to lose, kept in host memory (.prefix.HostPrefixes)
+        self.store = None
+        if prefix_store_bytes:
+            page = STORE_PAGE * self.slots.token_bytes()
+            if prefix_store_bytes < page:
+                raise ValueError(
+                    f"a prefix store of {prefix_store_bytes} bytes holds not one page of {STORE_PAGE} tokens "
+                    f"({page} bytes on this model)"
+                )
+            pages = prefix_store_bytes // page
+            free = free_memory(torch.device("cpu"))
+            if free is not None and pages * page > CACHE_SHARE * free:
+                raise ValueError(
+                    f"the host prefix store does not fit: {pages * page / 2**30:.2f} GiB asked "
+                    f"(serve.prefix_store_gib), and this host has {free / 2**30:.2f} GiB free, of which it may "
+                    f"take {CACHE_SHARE:.0%}"
+                )
+            self.store = HostPrefixes(pages, STORE_PAGE)
+            self.store.pool = self.slots.host_pool(self.store.pages, STORE_PAGE)
         # what a prompt token costs a layer in matrix products (2 x a layer's parameters: the
         # projections and the MLP) and what a query-key pair costs in attention (QK and AV), for
         # _pays: whether reusing a prefix saves more than attending to it as a continuing chunk adds
@@ -215,6 +241,10 @@ class ContinuousBatcher:
             took = f" in {sm.warm_s:.1f} s" if sm.warm_s is not None else ""
             parts.append(f"CUDA graphs for batch sizes {sm.batch_buckets}{took}")
         parts.append("prefix reuse" if self.prefixes is not None else "no prefix reuse")
+        if self.store is not None:
+            size = self.store.pool.numel() * self.store.pool.element_size()
+            pages = f"{self.store.pages} pages of {STORE_PAGE} tokens"
+            parts.append(f"a host prefix store of {size / 2**30:.2f} GiB ({pages})")
         for what, why in (
             ("graphs off", sm.graph_error),
             ("compile off", sm.compile_error),
@@ -297,12 +327,14 @@ class ContinuousBatcher:
             self._cv.notify()
 
     def forget(self) -> None:
-        """Drop what the slots hold for prefix reuse: the next prompts are computed whole. A batch
+        """Drop what the slots (and the host store) hold for prefix reuse: the next prompts are computed whole. A batch
         job calls it per chunk, so that a chunk's output depends on the chunk alone (a rerun of a
         lost chunk on a fresh worker gives the same rows) and not on what the worker ran before."""
         if self.prefixes is not None:
             with self.lock:  # between steps
                 self.prefixes.clear()
+                if self.store is not None:
+                    self.store.clear()
 
     def cancel(self, r: _Request) -> None:
         """The client went away: the request's slot is freed at the next step."""
@@ -605,7 +637,9 @@ class ContinuousBatcher:
         is prefilled a chunk per step, the live requests decoding in between.
 
         With prefix reuse, a newcomer starts after the longest beginning of its prompt a slot holds
-        (copied into its slot, or that slot itself when it is free; :mod:`.prefix`). One whose prompt
+        (copied into its slot, or that slot itself when it is free; :mod:`.prefix`) or, with a host
+        store, that the store holds when it holds more (copied back; what the newcomer's slot held
+        is copied out first, unless held elsewhere). One whose prompt
         shares much more with a prompt prefilled in this step waits a step, a free slot kept for it;
         the requests behind it go ahead into the other free slots."""
         budget, plan = self.prefill_tokens, []
@@ -631,11 +665,15 @@ class ContinuousBatcher:
                 if r.cancelled:
                     del self.waiting[deferred]
                     continue
-                slot, src, reuse = free[0], -1, 0
+                slot, src, reuse, entry = free[0], -1, 0, None
                 if self.prefixes is not None:
                     src, reuse = self.prefixes.best(r.ids, r.key, len(r.ids) - 1)
+                    if self.store is not None:  # more of it in host memory: copied back (a slot's copy is cheaper)
+                        e, n = self.store.find(r.ids, r.key, len(r.ids) - 1)
+                        if n > reuse:
+                            src, reuse, entry = -1, n, e
                     if not self._pays(reuse, len(r.ids)):
-                        src, reuse = -1, 0
+                        src, reuse, entry = -1, 0, None
                     # a prompt being prefilled in this step shares much more: wait a step and copy it then
                     later = self.prefixes.best(r.ids, r.key, len(r.ids) - 1, soon)[1]
                     if later >= reuse + DEFER_FOR and self._pays(later, len(r.ids)):
@@ -652,7 +690,12 @@ class ContinuousBatcher:
                 self.live[slot] = r
                 self.slots.set_adapter(slot, r.adapter)
                 if self.prefixes is not None:
-                    if reuse and src != slot:
+                    pages = self.store.take(entry) if entry is not None else None
+                    if self.store is not None:  # what the slot held, before it is overwritten
+                        self._keep(slot, reuse if src == slot else 0, entry)
+                    if pages is not None:
+                        self.slots.load_prefix(slot, self.store.pool, pages, reuse)
+                    elif reuse and src != slot:
                         self.slots.copy_prefix(src, slot, reuse)  # before this step's prefill writes into src
                     self.prefixes.set(slot, r.key, r.ids[:reuse])
                     soon[slot] = (r.key, r.ids[: reuse + n])
@@ -661,6 +704,21 @@ class ContinuousBatcher:
                 if reuse + n < len(r.ids):
                     self.prefilling.append(r)
         return plan
+
+    def _keep(self, slot: int, kept: int, using: int | None) -> None:
+        """Copy what ``slot`` holds into the host store before a new request overwrites all of it
+        but its first ``kept`` tokens, if what is lost is long enough to be worth reusing and no
+        other slot or entry holds it whole (never in place of entry ``using``, about to be copied
+        into the slot)."""
+        rec = self.prefixes.held[slot]
+        if rec is None or len(rec[1]) - kept < TAKE_SLOT_FROM:
+            return
+        others = [h for s, h in enumerate(self.prefixes.held) if s != slot]
+        if not self.store.fits(len(rec[1])) or covers(others, *rec) or self.store.holds(*rec):
+            return
+        pages = self.store.add(*rec, keep=using)
+        if pages is not None:
+            self.slots.save_prefix(slot, len(rec[1]), self.store.pool, pages)
 
     def _pays(self, reuse: int, length: int) -> bool:
         """Whether a prompt of ``length`` tokens computes less when its first ``reuse`` come from a

@@ -29,6 +29,7 @@ class EngineConfig:
     decode_attention: str = "auto"  # continuous, fast step: auto | sdpa | varlen | flex (slots.ATTENTION)
     graph_batch_sizes: tuple | None = None  # continuous, CUDA graphs: the batch buckets; None: 1, 2, 4, 8, 16, …
     prefix_cache: bool = True  # continuous: a prompt reuses what a cache slot holds of its beginning
+    prefix_store_bytes: int = 0  # continuous: host memory for prefixes the slots lose (.prefix.HostPrefixes)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -56,6 +57,7 @@ def build_engine(model, tok, cfg: EngineConfig, lock: threading.Lock | None = No
             decode_attention=cfg.decode_attention,
             graph_batch_sizes=cfg.graph_batch_sizes,
             prefix_cache=cfg.prefix_cache,
+            prefix_store_bytes=cfg.prefix_store_bytes,
             lock=lock,
             adapters=adapters,
         )

@@ -13,11 +13,17 @@ so a slot only serves requests for the adapter that wrote it; and a request with
 from another's time to first token what prompts the other sent.
 
 This is vLLM's automatic prefix caching and SGLang's radix cache without their page tables: the
-cache is contiguous per slot (:class:`~cerbero_ray.inference.slots.SlotModel`), so what can be
-reused is what the slots hold now, not an unbounded store.
+cache is contiguous per slot (:class:`~cerbero_ray.inference.slots.SlotModel`), so the slots hold
+only as many prefixes as there are slots. A prefix a slot is about to lose (another request takes
+the slot) can be kept in host memory (:class:`HostPrefixes`, ``prefix_store_bytes``, off by
+default): a chat client whose slot others took while it typed its next turn gets its conversation
+copied back into a slot instead of prefilled again (vLLM's KV offloading, SGLang's hierarchical
+cache, in their simplest form: whole prefixes, least recently used evicted first).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -68,3 +74,131 @@ class SlotPrefixes:
             if n > best:
                 best, at = n, slot
         return at, best
+
+
+def covers(records, key, tokens: list[int]) -> bool:
+    """Whether one of ``records`` (``(key, tokens)`` pairs or None) holds ``tokens`` whole under ``key``."""
+    return any(
+        rec is not None and rec[0] == key and len(rec[1]) >= len(tokens) and rec[1][: len(tokens)] == tokens
+        for rec in records
+    )
+
+
+class HostPrefixes:
+    """Prefixes that left the cache slots, their keys and values in host memory: a pool of pages of
+    ``page_tokens`` positions allocated once (pinned beside a GPU, so that copies both ways are
+    asynchronous, and never more than the budget), an entry ``(key, tokens, pages)`` holding its
+    tokens' keys and values in its pages, in order. The least recently saved or used entry goes
+    first. The pool and the copies are the model's (:meth:`SlotModel.host_pool`,
+    :meth:`SlotModel.save_prefix`); this class only keeps the books.
+
+    An entry is found through blocks of ``block`` tokens (16, vLLM's block size; an entry is one
+    block at least): each whole block of its tokens has a hash of that block and every one before
+    it (vLLM's block hashes), so a lookup walks the prompt's blocks and compares tokens only with
+    the entries that share the most blocks, however many entries there are."""
+
+    def __init__(self, pages: int, page_tokens: int, block: int = 16):
+        self.pages, self.page_tokens, self.block = pages, page_tokens, block
+        self.free = list(range(pages - 1, -1, -1))  # popped from the end: page 0 first
+        self.entries: OrderedDict[int, tuple] = OrderedDict()  # entry: (key, tokens, pages, chain)
+        self.index: dict[tuple, set[int]] = {}  # (key, hash of pages 0..j): the entries that hold them
+        self.saved = self.hits = 0  # entries saved and entries copied back into a slot, for the record
+        self.pool = None  # the pages' memory, set by the engine
+        self._next = 0
+
+    def chain(self, tokens: list[int]) -> list[int]:
+        """The hashes of ``tokens``' whole blocks, each covering its block and every one before."""
+        out, h, size = [], 0, self.block
+        for a in range(0, len(tokens) - size + 1, size):
+            h = hash((h, tuple(tokens[a : a + size])))
+            out.append(h)
+        return out
+
+    def _deepest(self, key, chain: list[int]) -> tuple[int, set[int]]:
+        """(blocks, entries): the most whole blocks of ``chain`` some entries hold, and those entries."""
+        depth, found = 0, set()
+        for j, h in enumerate(chain):
+            hit = self.index.get((key, h))
+            if not hit:
+                break
+            depth, found = j + 1, hit
+        return depth, found
+
+    def find(self, ids: list[int], key, limit: int) -> tuple[int, int]:
+        """(entry, n): the entry that shares the longest prefix with ``ids`` under ``key``, at most
+        ``limit`` tokens (the most recent among equals); (-1, 0) if none shares a whole block."""
+        depth, found = self._deepest(key, self.chain(ids[:limit]))
+        best, at = 0, -1
+        for i in sorted(found, reverse=True):
+            n = min(common_prefix(self.entries[i][1], ids), limit)
+            if n > best:
+                best, at = n, i
+        return at, best
+
+    def holds(self, key, tokens: list[int]) -> bool:
+        """Whether an entry holds ``tokens`` whole under ``key``."""
+        chain = self.chain(tokens)
+        if not chain:
+            return False
+        found = self.index.get((key, chain[-1]), ())
+        return any(
+            len(self.entries[i][1]) >= len(tokens) and self.entries[i][1][: len(tokens)] == tokens for i in found
+        )
+
+    def fits(self, n: int) -> bool:
+        return -(-n // self.page_tokens) <= self.pages
+
+    @property
+    def used(self) -> int:
+        """Pages held by entries."""
+        return self.pages - len(self.free)
+
+    def add(self, key, tokens: list[int], keep: int | None = None) -> list[int] | None:
+        """Make room for ``tokens`` (a block at least) and return the pages to copy their keys and
+        values into: entries they extend (the same key, a prefix of them) are dropped, then the
+        least recently used until enough pages are free; never entry ``keep`` (None if there is
+        no room without it)."""
+        chain = self.chain(tokens)
+        if not chain:
+            raise ValueError(f"an entry is a block at least ({self.block} tokens), got {len(tokens)}")
+        need = -(-len(tokens) // self.page_tokens)
+        if keep is not None and need > self.pages - len(self.entries[keep][2]):
+            return None
+        for i in list(self.index.get((key, chain[0]), ())):
+            e = self.entries[i]
+            if (
+                i != keep
+                and len(e[1]) <= len(tokens)
+                and e[3][-1] == chain[len(e[3]) - 1]
+                and e[1] == tokens[: len(e[1])]
+            ):
+                self._drop(i)
+        while len(self.free) < need:
+            self._drop(next(i for i in self.entries if i != keep))
+        pages = [self.free.pop() for _ in range(need)]
+        i = self._next
+        self._next += 1
+        self.entries[i] = (key, tokens, pages, chain)
+        for h in chain:
+            self.index.setdefault((key, h), set()).add(i)
+        self.saved += 1
+        return pages
+
+    def take(self, entry: int) -> list[int]:
+        """The pages of an entry about to be copied back (it becomes the most recently used)."""
+        self.entries.move_to_end(entry)
+        self.hits += 1
+        return self.entries[entry][2]
+
+    def _drop(self, entry: int) -> None:
+        key, _, pages, chain = self.entries.pop(entry)
+        self.free.extend(reversed(pages))
+        for h in chain:
+            hit = self.index[(key, h)]
+            hit.discard(entry)
+            if not hit:
+                del self.index[(key, h)]
+
+    def clear(self) -> None:
+        for i in list(self.entries):
+            self._drop(i)

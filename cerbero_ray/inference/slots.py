@@ -843,6 +843,40 @@ class SlotModel:
         self.k[:, dst, :n] = self.k[:, src, :n]
         self.v[:, dst, :n] = self.v[:, src, :n]
 
+    def host_pool(self, pages: int, page_tokens: int) -> torch.Tensor:
+        """Host memory for ``pages`` pages of ``page_tokens`` positions' keys and values, ``[page,
+        K or V, layer, position, kv head, head dim]``, allocated once (pinned beside a GPU)."""
+        shape = (pages, 2, self.k.shape[0], page_tokens, *self.k.shape[3:])
+        return torch.empty(shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def save_prefix(self, slot: int, n: int, pool: torch.Tensor, pages: list[int]) -> None:
+        """Copy slot ``slot``'s first ``n`` positions' keys and values into ``pages`` of ``pool``
+        (:meth:`host_pool`), whole pages (a page's positions past ``n`` hold whatever the slot
+        had there, never read). Beside a GPU the copies are asynchronous, queued on the stream
+        before whatever next writes the slot."""
+        size = pool.shape[3]
+        for j, page in enumerate(pages):
+            a = j * size
+            b = min(a + size, self.max_len)
+            for which, src in enumerate((self.k, self.v)):
+                pool[page, which, :, : b - a].copy_(src[:, slot, a:b], non_blocking=True)
+
+    @torch.no_grad()
+    def load_prefix(self, slot: int, pool: torch.Tensor, pages: list[int], n: int) -> None:
+        """Slot ``slot``'s first ``n`` positions get the keys and values :meth:`save_prefix` put in
+        ``pages`` (whole pages: the positions past ``n`` they reach are written before they are read)."""
+        size = pool.shape[3]
+        for j, page in enumerate(pages[: -(-n // size)]):
+            a = j * size
+            b = min(a + size, self.max_len)
+            for which, dst in enumerate((self.k, self.v)):
+                dst[:, slot, a:b].copy_(pool[page, which, :, : b - a], non_blocking=True)
+
+    def token_bytes(self) -> int:
+        """What one position of one slot holds: its keys and values in every layer."""
+        return 2 * self.k[:, 0, 0].numel() * self.k.element_size()
+
     def set_sampling(
         self,
         slots: list[int],

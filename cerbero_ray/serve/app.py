@@ -256,6 +256,7 @@ class CerberoServer:
             decode_attention=sc.decode_attention,
             graph_batch_sizes=sc.graph_batch_sizes,
             prefix_cache=sc.prefix_cache,
+            prefix_store_gib=sc.prefix_store_gib,
             adapters=sc.adapters,
             model_name=sc.model_name,
         )

@@ -49,6 +49,7 @@ class ServeEngine:
         decode_attention: str = "auto",
         graph_batch_sizes=None,
         prefix_cache: bool = True,
+        prefix_store_gib: float = 0.0,
         adapters: dict[str, str] | None = None,
         model_name: str = "base",
     ):
@@ -72,6 +73,7 @@ class ServeEngine:
             decode_attention,
             None if graph_batch_sizes is None else tuple(graph_batch_sizes),
             prefix_cache,
+            int(prefix_store_gib * 2**30),
         )
         built = build_engine(self.model, self.tok, cfg, self.lock, self.adapters)
         self.batcher = built if engine == "continuous" else None  # continuous: requests join a running batch

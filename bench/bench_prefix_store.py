@@ -1,0 +1,141 @@
+"""The host prefix store: chats that come back after others took their cache slot. The continuous
+engine with prefix reuse from its slots alone against the same engine with a host store
+(``prefix_store_bytes``), and without reuse for reference; the same requests in one process,
+warmed up, the order alternated, medians.
+
+    python bench/bench_prefix_store.py               # ~6 minutes: the mid shape, 24 chats on 8 slots
+    python bench/bench_prefix_store.py --cpu-smoke   # seconds: checks the script runs
+    bash bench/gpu_run.sh prefix_store               # on a GPU: the full Mistral-7B shape, bf16, random weights
+
+Workload (the real tokenizer's chat template, greedy, 16 new tokens a request): 3 x the slots
+chats, each opened by a ~150-word message, then 3 more exchanges of a ~10-word question; each
+round sends every chat's next turn at once, so between two turns of a chat the others take its
+slot. A turn's prompt is its chat so far: with slots alone it finds its earlier turns only when its
+slot was not taken; with the store they are copied back (saved when the slot was taken). On a GPU
+the copies out cost device-to-host transfers, on the same stream as the steps: the figure says
+whether the store pays there. Reports seconds each way, the ratios, prompt tokens computed and
+reused, the store's hits, and whether every text is equal (fp32 on the CPU: required).
+Writes <out>/prefix_store-<date>.json (``--out``, default bench/results).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_prefix import arguments, save, words  # noqa: E402
+
+WAYS = ("no reuse", "slots", "slots + store")
+
+
+def chats(n: int, opener_words: int, rounds: int) -> tuple[list, list]:
+    g = random.Random(0)
+    start = [[{"role": "user", "content": words(g, opener_words) + "?"}] for _ in range(n)]
+    follow = [[words(g, 10) + "?" for _ in range(rounds - 1)] for _ in range(n)]
+    return start, follow
+
+
+def run_way(cb, tok, way: str, start, follow, s, pool) -> tuple[float, list[str], int, int, int]:
+    """(seconds, every text, prompt tokens, of them reused, store hits) of one way on engine ``cb``
+    (idle between runs), starting cold (nothing held from an earlier run); ``pool``: the store's
+    host memory, allocated once."""
+    from cerbero_ray.inference.prefix import HostPrefixes, SlotPrefixes
+
+    cb.prefixes = SlotPrefixes(cb.slots.num_slots) if way != "no reuse" else None
+    cb.store = None
+    if way == "slots + store":
+        cb.store = HostPrefixes(pool.shape[0], pool.shape[3])
+        cb.store.pool = pool
+    texts, prompt, cached = [], 0, 0
+    t0 = time.perf_counter()
+    convs = [list(c) for c in start]
+    for t in range(len(follow[0]) + 1):
+        prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+        for c, o in zip(convs, cb.generate(prompts, s)):
+            texts.append(o["text"])
+            prompt += o["prompt_tokens"]
+            cached += o["cached_tokens"]
+            c.append({"role": "assistant", "content": o["text"] or "..."})
+        if t < len(follow[0]):
+            for c, f in zip(convs, follow):
+                c.append({"role": "user", "content": f[t]})
+    hits = cb.store.hits if cb.store is not None else 0
+    return time.perf_counter() - t0, texts, prompt, cached, hits
+
+
+def main() -> None:
+    ap = arguments(__doc__)
+    ap.add_argument("--store-gib", type=float, default=8.0, help="the store's host memory (default 8)")
+    a = ap.parse_args()
+    import torch
+
+    from cerbero_ray.inference.continuous import ContinuousBatcher
+    from cerbero_ray.inference.sampling import Sampling
+    from cerbero_ray.tokenizer import build_tokenizer
+
+    cuda = torch.cuda.is_available() and not a.cpu_smoke
+    torch.set_num_threads(os.cpu_count() or 1)
+    tok = build_tokenizer()
+    opener, rounds = 150, 4
+    if a.cpu_smoke:
+        a.shape, a.reps, a.slots, opener, rounds = "tiny", 1, 2, 40, 2
+    elif cuda:
+        a.shape = "7b"
+        opener = 300
+    a.slots = a.slots or (32 if cuda else 8)
+    a.store_gib = a.store_gib if not a.cpu_smoke else 0.05
+    from bench_prefill import build  # the same tiny, mid and 7b models
+
+    model = build(a.shape)
+    s = Sampling(max_new_tokens=16, temperature=0.0, stop=())
+    store = int(a.store_gib * 2**30)
+    kw = dict(num_slots=a.slots, max_prompt_tokens=2048, max_new_tokens=16, prefix_store_bytes=store)
+    cb = ContinuousBatcher(model, tok, **kw)
+    print(cb.describe(), flush=True)
+    start, follow = chats(3 * a.slots, opener, rounds)
+    store = cb.store.pool
+    for way in WAYS:  # warm-up: every shape once
+        run_way(cb, tok, way, start, follow, s, store)
+    times, seen = {w: [] for w in WAYS}, {}
+    for rep in range(a.reps):
+        for way in WAYS if rep % 2 == 0 else WAYS[::-1]:
+            sec, *seen[way] = run_way(cb, tok, way, start, follow, s, store)
+            times[way].append(sec)
+    cb.close()
+    med = {w: statistics.median(times[w]) for w in WAYS}
+    results = {
+        w: {
+            "seconds": med[w],
+            "runs": times[w],
+            "prompt_tokens": seen[w][1],
+            "reused_tokens": seen[w][2],
+            "computed_tokens": seen[w][1] - seen[w][2],
+            "store_hits": seen[w][3],
+            "texts_equal_to_no_reuse": seen[w][0] == seen["no reuse"][0],
+        }
+        for w in WAYS
+    }
+    for w in WAYS:
+        r = results[w]
+        print(
+            f"{w:14s} {r['seconds']:7.2f} s  prompt tokens {r['prompt_tokens']:,}, "
+            f"computed {r['computed_tokens']:,} (reused {r['reused_tokens']:,}; store hits {r['store_hits']})  "
+            f"texts equal: {r['texts_equal_to_no_reuse']}",
+            flush=True,
+        )
+    ratio = med["slots"] / med["slots + store"]
+    print(f"store vs slots alone: {ratio:.2f}x; vs no reuse: {med['no reuse'] / med['slots + store']:.2f}x")
+    fields = {"shape": a.shape, "slots": a.slots, "chats": len(start), "rounds": rounds, "reps": a.reps}
+    fields |= {"store_gib": a.store_gib, "store_vs_slots": ratio, "results": results}
+    save(a.out, "prefix_store", cuda, fields)
+    if not cuda and not all(r["texts_equal_to_no_reuse"] for r in results.values()):
+        sys.exit("texts differ between the ways")
+
+
+if __name__ == "__main__":
+    main()
