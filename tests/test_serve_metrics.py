@@ -96,7 +96,16 @@ def test_the_engine_loop_sets_the_load_gauges_and_times_each_request(tok):
     assert len(running) <= 3  # throttled: not one per step (each request took 6)
     for x in out:
         assert 0 < x["first_token_s"] <= x["seconds"]
+    assert "cerbero_prefix_store_bytes" not in r.calls  # no store, no gauge
     # an observer that raises never stops the loop
     cb.on_step = lambda: 1 / 0
     assert [x["text"] for x in cb.run([("Ciao!", s)])] == [out[0]["text"]]
+    cb.close()
+    # with a host prefix store: what it holds, in bytes (whole pages)
+    kw = dict(num_slots=1, max_prompt_tokens=128, max_new_tokens=8, prefix_store_bytes=2**22)
+    cb = ContinuousBatcher(tiny().eval(), tok, **kw)
+    cb.run([(f"Scrivi una frase sul {w} " * 6, s) for w in ("mare", "monte")])  # the second takes the first's slot
+    m.load(cb)
+    page = cb.store.page_tokens * cb.slots.token_bytes()
+    assert cb.store.used >= 1 and r.calls["cerbero_prefix_store_bytes"][-1] == (cb.store.used * page, {})
     cb.close()

@@ -9,13 +9,16 @@ metrics page and Grafana read the same). Per served model (``model``: the base o
   ``error`` for a generation that failed after it was accepted);
 - ``cerbero_prompt_tokens_total``, ``cerbero_generated_tokens_total``, ``cerbero_label_texts_total``;
 - ``cerbero_cached_prompt_tokens_total``: of the prompt tokens, those the continuous engine reused
-  from a cache slot instead of computing them (prefix reuse; their ratio is its hit rate);
+  from a cache slot or its host prefix store instead of computing them (prefix reuse; their ratio
+  is its hit rate);
 - ``cerbero_time_to_first_token_seconds``: from the engine's admission of a request to its first
   token (the continuous engine; a stream on the hf engine: to its first piece);
 - ``cerbero_time_per_output_token_seconds``: each later token, on average over a request;
 - ``cerbero_request_seconds``: a request end to end in the replica;
 - ``cerbero_running_requests`` and ``cerbero_waiting_requests``: the continuous engine's decoding
-  slots in use and its queue, set by its loop (at most every half second, and when it empties).
+  slots in use and its queue, and ``cerbero_prefix_store_bytes`` what its host prefix store holds
+  (``serve.prefix_store_gib``; not set without one), set by its loop (at most every half second,
+  and when it empties).
 
 Recording never fails a request: an error there is logged once and the metric is left alone.
 """
@@ -43,7 +46,9 @@ class ServeMetrics:
         self.prompt_tokens = C("cerbero_prompt_tokens", "Prompt tokens of the requests answered", ("model",))
         self.generated_tokens = C("cerbero_generated_tokens", "Tokens generated", ("model",))
         self.cached_tokens = C(
-            "cerbero_cached_prompt_tokens", "Prompt tokens reused from a cache slot (prefix reuse)", ("model",)
+            "cerbero_cached_prompt_tokens",
+            "Prompt tokens reused from a cache slot or the host prefix store (prefix reuse)",
+            ("model",),
         )
         self.label_texts = C("cerbero_label_texts", "Texts labeled", ("model", "task"))
         self.ttft = H(
@@ -66,6 +71,7 @@ class ServeMetrics:
         )
         self.running = G("cerbero_running_requests", "Decoding slots in use (continuous engine)")
         self.waiting = G("cerbero_waiting_requests", "Requests waiting for a slot (continuous engine)")
+        self.store = G("cerbero_prefix_store_bytes", "Bytes the host prefix store holds (continuous engine)")
         self._failed = False
 
     def _safe(self, fn) -> None:
@@ -110,8 +116,15 @@ class ServeMetrics:
         self._safe(record)
 
     def load(self, batcher) -> None:
-        """The continuous engine's slots in use and queue now."""
-        self._safe(lambda: (self.running.set(len(batcher.live)), self.waiting.set(len(batcher.waiting))))
+        """The continuous engine's slots in use and queue now, and what its host prefix store holds."""
+
+        def record():
+            self.running.set(len(batcher.live))
+            self.waiting.set(len(batcher.waiting))
+            if batcher.store is not None:
+                self.store.set(batcher.store.used * batcher.store.page_tokens * batcher.slots.token_bytes())
+
+        self._safe(record)
 
     def load_hook(self, batcher, every_s: float = 0.5):
         """What the engine's loop calls after each step: :meth:`load` at most every ``every_s``
