@@ -66,6 +66,7 @@ def _check_packing(packing: str) -> None:
     one_of(packing, ("split",), "data.packing")  # a check of ours, raising from our code
 
 
+@pytest.mark.integration
 def test_a_check_of_ours_in_a_ray_task_is_one_line_and_a_library_error_there_keeps_its_stack(
     tmp_path, capsys, ray_local
 ):
