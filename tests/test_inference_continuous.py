@@ -1164,8 +1164,8 @@ def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(wi
     random moments from many threads, two clients that leave after their first piece) through engines
     of 2 to 5 slots, prefill budgets smaller than a prompt up to larger than all of them, with the
     fast step or the module path, eager or through captured batch buckets (the CPU stand-in for
-    CUDA graphs): every request that stays gets what it gets alone in a one-slot engine, and the
-    engine ends with no slot held."""
+    CUDA graphs), two of them with a host prefix store: every request that stays gets what it gets
+    alone in a one-slot engine, and the engine ends with no slot held."""
     import queue
     import random
 
@@ -1203,10 +1203,15 @@ def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(wi
     )
     want = [ask(alone, i)["text"] for i in range(n)]
     reused = 0
-    configs = ((g.choice([3, 5, 9]), 2, True, False), (g.choice([17, 40]), 5, False, True), (200, 3, True, True))
-    for budget, slots, fast, graphs in configs:
+    configs = (  # (prefill budget, slots, fast step, graphs, a host prefix store)
+        (g.choice([3, 5, 9]), 2, True, False, 2**22),
+        (g.choice([17, 40]), 5, False, True, 0),
+        (200, 3, True, True, 2**22),
+    )
+    stored = 0
+    for budget, slots, fast, graphs, store in configs:
         kw = dict(num_slots=slots, max_prompt_tokens=96, max_new_tokens=12, prefill_tokens=budget, fast_decode=fast)
-        cb = ContinuousBatcher(model, tok, **kw)
+        cb = ContinuousBatcher(model, tok, prefix_store_bytes=store, **kw)
         if graphs:
             cpu_graphs(cb)
         leaving = set(g.sample(range(n), 2))
@@ -1230,6 +1235,7 @@ def test_random_arrivals_budgets_and_cancels_give_each_request_its_own_result(wi
         while (cb.live or cb.prefilling or cb.waiting) and time.time() < deadline:
             time.sleep(0.01)
         assert not cb.live and not cb.prefilling and not cb.waiting
+        stored += cb.store.saved if cb.store is not None else 0
         cb.close()
     alone.close()
-    assert reused > 0  # some of them did start from what a slot held
+    assert reused > 0 and stored > 0  # some of them did start from what a slot held; slots' prefixes were kept
