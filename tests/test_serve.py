@@ -43,6 +43,7 @@ def server(tiny_hf, tiny_adapters, ray_local):
                 "serve.max_label_texts=4",
                 "serve.max_label_tokens=600",
                 "serve.max_body_bytes=65536",
+                "serve.prefix_store_gib=0.01",  # every test here runs with the host prefix store on
                 *[f"+serve.adapters.{n}={p}" for n, p in tiny_adapters.items()],
             ],
         )
@@ -931,7 +932,7 @@ def test_chat_page_in_headless_chromium(server):
 def test_the_replica_s_metrics_reach_ray_s_metrics_agent(server):
     """What the tests above generated, labeled and streamed, as Prometheus scrapes it from Ray's
     metrics agent (exported every ~10 s): tokens and requests per model and endpoint, the time to
-    first token, the load gauges, each with Serve's deployment tag."""
+    first token, the load gauges (and the host prefix store's bytes), each with Serve's deployment tag."""
     import re
     import time
 
@@ -939,6 +940,7 @@ def test_the_replica_s_metrics_reach_ray_s_metrics_agent(server):
 
     port = ray.nodes()[0]["MetricsExportPort"]
     want = ("generated_tokens_total", "requests_total", "time_to_first_token_seconds_count", "running_requests")
+    want += ("prefix_store_bytes",)
     deadline = time.monotonic() + 60
     while True:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
@@ -959,3 +961,4 @@ def test_the_replica_s_metrics_reach_ray_s_metrics_agent(server):
     assert total("time_to_first_token_seconds_count", model="cerbero") > 0
     assert total("request_seconds_count", endpoint="text") > 0
     assert any(re.match(r'ray_cerbero_running_requests\{.*deployment="[^"]+".*replica="', x) for x in lines), lines
+    assert any(re.match(r'ray_cerbero_prefix_store_bytes\{.*deployment="[^"]+"', x) for x in lines), lines
