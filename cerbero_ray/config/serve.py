@@ -64,9 +64,10 @@ class ServeConfig:
     # continuous: a prompt that starts as one a cache slot holds (a shared system prompt, a chat's
     # earlier turns, the other choices of n) reuses its keys and values instead of computing them
     prefix_cache: bool = True
-    # continuous, with prefix_cache: host memory (GiB) for prefixes a slot was about to lose to another
-    # request (a chat's earlier turns while its client types), copied back when their next prompt comes;
-    # 0: off (each copy out costs a device-to-host transfer of the prefix: worth it for multi-turn traffic)
+    # continuous, with prefix_cache: host memory (GiB, per replica, allocated at its start) for prefixes a
+    # slot was about to lose to another request (a chat's earlier turns while its client types), copied
+    # back when their next prompt comes; 0: off (on a GPU each copy out is a device-to-host transfer of the
+    # prefix: not yet measured there; on CPU 1.87x the slots alone for 3 chats a slot, docs/BENCHMARKS.md)
     prefix_store_gib: float = 0.0
     batch_wait_timeout_s: float = 0.02
     max_prompt_tokens: int = 2048
