@@ -385,6 +385,14 @@ def test_engine_config_errors_name_the_key(tmp_path, tiny_hf):
         ContinuousBatcher(tiny(), se.tok, num_slots=1, prefix_store_bytes=page - 1)
     with pytest.raises(ValueError, match=r"the host prefix store does not fit: .* GiB asked \(serve.prefix_store"):
         ContinuousBatcher(tiny(), se.tok, num_slots=1, prefix_store_bytes=2**50)
+
+    def refused(*a, **k):
+        raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+
+    with pytest.MonkeyPatch.context() as mp:  # what a GPU host that will not lock the memory says
+        mp.setattr(SlotModel, "host_pool", refused)
+        with pytest.raises(ValueError, match=r"the host prefix store \(.* GiB, serve.prefix_store_gib\) could not"):
+            ContinuousBatcher(tiny(), se.tok, num_slots=1, prefix_store_bytes=page)
     from cerbero_ray.config.serve import DECODE_ATTENTION
     from cerbero_ray.inference.slots import ATTENTION
 

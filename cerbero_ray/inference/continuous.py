@@ -211,7 +211,13 @@ class ContinuousBatcher:
                     f"take {CACHE_SHARE:.0%}"
                 )
             self.store = HostPrefixes(pages, STORE_PAGE)
-            self.store.pool = self.slots.host_pool(self.store.pages, STORE_PAGE)
+            try:  # pinned beside a GPU: the OS may refuse to lock that much (ulimit -l, a container's limit)
+                self.store.pool = self.slots.host_pool(self.store.pages, STORE_PAGE)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"the host prefix store ({pages * page / 2**30:.2f} GiB, serve.prefix_store_gib) could not be "
+                    f"allocated: {e}"
+                ) from None
         # what a prompt token costs a layer in matrix products (2 x a layer's parameters: the
         # projections and the MLP) and what a query-key pair costs in attention (QK and AV), for
         # _pays: whether reusing a prefix saves more than attending to it as a continuing chunk adds
