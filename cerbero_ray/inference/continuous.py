@@ -248,9 +248,8 @@ class ContinuousBatcher:
             parts.append(f"CUDA graphs for batch sizes {sm.batch_buckets}{took}")
         parts.append("prefix reuse" if self.prefixes is not None else "no prefix reuse")
         if self.store is not None:
-            size = self.store.pool.numel() * self.store.pool.element_size()
             pages = f"{self.store.pages} pages of {STORE_PAGE} tokens"
-            parts.append(f"a host prefix store of {size / 2**30:.2f} GiB ({pages})")
+            parts.append(f"a host prefix store of {self.store.pool.nbytes / 2**30:.2f} GiB ({pages})")
         for what, why in (
             ("graphs off", sm.graph_error),
             ("compile off", sm.compile_error),

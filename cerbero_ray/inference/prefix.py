@@ -145,13 +145,21 @@ class HostPrefixes:
             len(self.entries[i][1]) >= len(tokens) and self.entries[i][1][: len(tokens)] == tokens for i in found
         )
 
+    def _pages_for(self, n: int) -> int:
+        return -(-n // self.page_tokens)
+
     def fits(self, n: int) -> bool:
-        return -(-n // self.page_tokens) <= self.pages
+        return self._pages_for(n) <= self.pages
 
     @property
     def used(self) -> int:
         """Pages held by entries."""
         return self.pages - len(self.free)
+
+    @property
+    def held_bytes(self) -> int:
+        """What the entries' pages take of the pool."""
+        return self.used * self.pool[0].nbytes
 
     def add(self, key, tokens: list[int], keep: int | None = None) -> list[int] | None:
         """Make room for ``tokens`` (a block at least) and return the pages to copy their keys and
@@ -161,7 +169,7 @@ class HostPrefixes:
         chain = self.chain(tokens)
         if not chain:
             raise ValueError(f"an entry is a block at least ({self.block} tokens), got {len(tokens)}")
-        need = -(-len(tokens) // self.page_tokens)
+        need = self._pages_for(len(tokens))
         if keep is not None and need > self.pages - len(self.entries[keep][2]):
             return None
         for i in list(self.index.get((key, chain[0]), ())):

@@ -122,7 +122,7 @@ class ServeMetrics:
             self.running.set(len(batcher.live))
             self.waiting.set(len(batcher.waiting))
             if batcher.store is not None:
-                self.store.set(batcher.store.used * batcher.store.page_tokens * batcher.slots.token_bytes())
+                self.store.set(batcher.store.held_bytes)
 
         self._safe(record)
 
