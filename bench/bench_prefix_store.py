@@ -24,11 +24,10 @@ import os
 import random
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_prefix import arguments, save, words  # noqa: E402
+from bench_prefix import arguments, run_case, save, words  # noqa: E402
 
 WAYS = ("no reuse", "slots", "slots + store")
 
@@ -42,30 +41,17 @@ def chats(n: int, opener_words: int, rounds: int) -> tuple[list, list]:
 
 def run_way(cb, tok, way: str, start, follow, s, pool) -> tuple[float, list[str], int, int, int]:
     """(seconds, every text, prompt tokens, of them reused, store hits) of one way on engine ``cb``
-    (idle between runs), starting cold (nothing held from an earlier run); ``pool``: the store's
-    host memory, allocated once."""
-    from cerbero_ray.inference.prefix import HostPrefixes, SlotPrefixes
+    (idle between runs), starting cold (nothing held from an earlier run): bench_prefix's
+    ``run_case``, with the store set for it; ``pool``: the store's host memory, allocated once."""
+    from cerbero_ray.inference.prefix import HostPrefixes
 
-    cb.prefixes = SlotPrefixes(cb.slots.num_slots) if way != "no reuse" else None
     cb.store = None
     if way == "slots + store":
         cb.store = HostPrefixes(pool.shape[0], pool.shape[3])
         cb.store.pool = pool
-    texts, prompt, cached = [], 0, 0
-    t0 = time.perf_counter()
-    convs = [list(c) for c in start]
-    for t in range(len(follow[0]) + 1):
-        prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
-        for c, o in zip(convs, cb.generate(prompts, s)):
-            texts.append(o["text"])
-            prompt += o["prompt_tokens"]
-            cached += o["cached_tokens"]
-            c.append({"role": "assistant", "content": o["text"] or "..."})
-        if t < len(follow[0]):
-            for c, f in zip(convs, follow):
-                c.append({"role": "user", "content": f[t]})
-    hits = cb.store.hits if cb.store is not None else 0
-    return time.perf_counter() - t0, texts, prompt, cached, hits
+    # run_case appends a round's question after every round, the last one's never sent
+    out = run_case(cb, tok, start, [f + [""] for f in follow], s, way != "no reuse")
+    return (*out, cb.store.hits if cb.store is not None else 0)
 
 
 def main() -> None:
