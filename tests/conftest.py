@@ -16,8 +16,31 @@ from cerbero_ray.tokenizer import build_tokenizer
 SHARED_DATA = os.environ.get("CERBERO_DATA_DIR", os.path.join(REPO_DIR, "..", "shared", "data"))
 
 
+def _ephemeral() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def _free_port():
-    with socket.socket() as s:
+    """A port free now and outside the kernel's ephemeral range: a port the kernel hands out (bind to
+    0) can be taken as the source port of any outgoing connection before the server that was given it
+    binds it (a Ray job agent then never came up: "address already in use", seen in a CI run)."""
+    import random
+
+    lo, hi = _ephemeral()
+    for _ in range(200):
+        port = random.randrange(20000, lo) if lo > 21000 else random.randrange(hi + 1, 65536)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every try taken: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
