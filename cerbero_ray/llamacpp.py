@@ -2,7 +2,7 @@
 
 llama.cpp is native code, and native code can die from a signal: SIGILL from CPU kernels the build
 chose that this machine cannot run (llama.cpp's AMX kernels on CPUs whose kernel gates AMX per
-thread; see ``deploy/llama_cpp_no_amx.cmake``), SIGSEGV on a file it misreads. In our own process
+thread; see ``deploy/llama_cpp.cmake``), SIGSEGV on a file it misreads. In our own process
 such a crash would end the job, or the whole test suite, without a word. So every call into
 llama.cpp's runtime — the quantizer, loading a file, a forward pass, generation — runs in a child
 (``python -m cerbero_ray.llamacpp``): a crash there is a :class:`NativeCrash` naming the signal and
@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 
-BUILD_FLAG = "CMAKE_ARGS=-DCMAKE_PROJECT_INCLUDE=$PWD/deploy/llama_cpp_no_amx.cmake"
+BUILD_FLAG = 'CMAKE_ARGS="-DLLAVA_BUILD=OFF -DCMAKE_PROJECT_INCLUDE=$PWD/deploy/llama_cpp.cmake"'
 REBUILD = (
     "rebuild llama-cpp-python for this CPU without AMX kernels (README, 'Native builds'): "
     f"pip cache remove llama_cpp_python; {BUILD_FLAG} pip install --force-reinstall --no-deps llama-cpp-python"

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -169,16 +170,59 @@ def exported(hf_dir, tmp_path_factory):
 @needs_llama_cpp
 def test_llama_cpp_build_has_no_amx_kernels():
     """llama.cpp's AMX kernels die with SIGILL on CPUs whose kernel gates AMX per thread: the build
-    the README makes (deploy/llama_cpp_no_amx.cmake) has none, whatever this machine's CPU."""
+    the README makes (deploy/llama_cpp.cmake) has none, whatever this machine's CPU."""
     info = llamacpp.call("system_info")["info"]
     assert "CPU" in info and "AMX_INT8 = 1" not in info, info
+
+
+_STUB_TOP = """cmake_minimum_required(VERSION 3.21)
+project(llama_cpp C)
+option(LLAVA_BUILD "" ON)
+set(LLAMA_BUILD_COMMON ON CACHE BOOL "" FORCE)
+add_subdirectory(vendor)
+"""
+_STUB_LLAMA = """cmake_minimum_required(VERSION 3.14...3.28)
+project("llama.cpp" C)
+option(LLAMA_BUILD_COMMON "" OFF)
+if (LLAMA_BUILD_COMMON)
+  message(STATUS "STUB: common built")
+endif()
+get_directory_property(opts COMPILE_OPTIONS)
+message(STATUS "STUB: options ${opts}")
+"""
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake on this machine")
+def test_the_build_include_skips_common_without_llava_and_takes_amx_out(tmp_path):
+    """deploy/llama_cpp.cmake on a stub shaped like llama-cpp-python's build (its top project forces
+    LLAMA_BUILD_COMMON=ON, then adds llama.cpp's, which builds common when that is on): with
+    -DLLAVA_BUILD=OFF common is not built, with the multimodal library on it is; the AMX flags reach
+    llama.cpp's directory either way (on x86-64 with a compiler that takes them)."""
+    (tmp_path / "src" / "vendor").mkdir(parents=True)
+    (tmp_path / "src" / "CMakeLists.txt").write_text(_STUB_TOP)
+    (tmp_path / "src" / "vendor" / "CMakeLists.txt").write_text(_STUB_LLAMA)
+    include = os.path.join(os.path.dirname(__file__), "..", "deploy", "llama_cpp.cmake")
+    said = {}
+    for llava in ("OFF", "ON"):
+        r = subprocess.run(
+            ["cmake", "-S", tmp_path / "src", "-B", tmp_path / llava, f"-DLLAVA_BUILD={llava}",
+             f"-DCMAKE_PROJECT_INCLUDE={include}"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        said[llava] = r.stdout
+    assert "STUB: common built" not in said["OFF"] and "common library not built" in said["OFF"]
+    assert "STUB: common built" in said["ON"] and "common library not built" not in said["ON"]
+    if os.uname().machine == "x86_64":
+        for out in said.values():
+            assert "-mno-amx-int8;-mno-amx-bf16;-mno-amx-tile" in out, out
 
 
 def test_a_native_crash_is_a_finding_not_the_end(monkeypatch):
     """The child dies from SIGILL (the drill): the caller gets an error naming the signal and the
     build flag, and this process (the test suite) goes on."""
     monkeypatch.setenv(llamacpp.FAULT_ENV, "SIGILL")
-    with pytest.raises(llamacpp.NativeCrash, match="SIGILL in system_info.*llama_cpp_no_amx.cmake") as e:
+    with pytest.raises(llamacpp.NativeCrash, match="SIGILL in system_info.*llama_cpp.cmake") as e:
         llamacpp.call("system_info")
     assert e.value.signal == "SIGILL"
     monkeypatch.setenv(llamacpp.FAULT_ENV, "SIGSEGV")
@@ -258,7 +302,7 @@ def test_a_file_that_crashes_llama_cpp_is_failed_not_written(hf_dir, tmp_path, m
         and line.startswith("[export] f16: llama.cpp check FAILED")
         and "m-F16.gguf" in line
     )
-    assert "llama_cpp_no_amx.cmake" in line and not res["snippet"]
+    assert "llama_cpp.cmake" in line and not res["snippet"]
     monkeypatch.delenv(llamacpp.FAULT_ENV)  # the same command, on a working llama.cpp: written and checked
     res = run_export({"paths": PATHS, "export": {**x, "overwrite": False, "verify": True, "base": None, "lora": True}})
     assert res["failed"] == [] and res["files"]["f16"]["status"] == "checked" and (tmp_path / "m-F16.gguf").exists()
