@@ -85,9 +85,11 @@ def cases(system_words: int, distinct_words: int, n: int, convs: int, turns: int
     return {"system": (chats, None), "turns": (openers, follow), "distinct": (distinct, None)}
 
 
-def run_case(cb, tok, start, follow, s, reuse: bool) -> tuple[float, list[str], int, int]:
+def run_case(cb, tok, start, follow, s, reuse: bool, at_once: int = 0) -> tuple[float, list[str], int, int]:
     """(seconds, every text, prompt tokens, of them reused) of one case on engine ``cb`` (idle
-    between runs) with prefix reuse on or off, starting cold (nothing held from an earlier run)."""
+    between runs) with prefix reuse on or off, starting cold (nothing held from an earlier run);
+    each round's prompts sent all at once, or ``at_once`` at a time (the next group when the
+    previous one has finished)."""
     from cerbero_ray.inference.prefix import SlotPrefixes
 
     cb.prefixes = SlotPrefixes(cb.slots.num_slots) if reuse else None
@@ -97,7 +99,8 @@ def run_case(cb, tok, start, follow, s, reuse: bool) -> tuple[float, list[str], 
     rounds = len(follow[0]) if follow else 1
     for t in range(rounds):
         prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
-        out = cb.generate(prompts, s)
+        step = at_once or len(prompts)
+        out = [o for i in range(0, len(prompts), step) for o in cb.generate(prompts[i : i + step], s)]
         for c, o in zip(convs, out):
             texts.append(o["text"])
             prompt += o["prompt_tokens"]

@@ -555,9 +555,11 @@ def test_a_failed_admission_fails_its_requests_and_leaves_the_live_ones_running(
     want = cb.generate([chat(tok, PROMPTS[2])], long)[0]
     real = cb.slots.prefill
     bad = cb.encode([chat(tok, PROMPTS[4])])[0][0]
+    failed = []
 
     def prefill(prompts, slots, starts=None):
         if any(len(p) > 8 and p == bad[len(bad) - len(p) :] for p in prompts):  # its rest after what a slot held
+            failed.extend(slots)
             raise torch.OutOfMemoryError("CUDA out of memory (a test)")
         return real(prompts, slots, starts)
 
@@ -567,7 +569,7 @@ def test_a_failed_admission_fails_its_requests_and_leaves_the_live_ones_running(
     with pytest.raises(RuntimeError, match="admission failed: .*out of memory"):
         cb.generate([chat(tok, PROMPTS[4])], GREEDY)
     # the failed slot's cache is not offered to later prompts (its prefill may have written part of it)
-    assert [cb.prefixes.tokens(s) for s in range(3) if s not in cb.live] == [[], []]
+    assert len(failed) == 1 and failed[0] not in cb.live and cb.prefixes.tokens(failed[0]) == []
     rest = list(it)
     assert (first + "".join(rest[:-1])).strip() == want["text"] and rest[-1]["new_tokens"] == 40
     after = cb.generate([chat(tok, PROMPTS[0])], GREEDY)[0]  # the failed one's slot is free again
@@ -972,6 +974,57 @@ def test_a_chat_whose_slot_was_taken_gets_its_prefix_back_from_the_host_store(mo
         engine.close()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_at_light_load_the_idle_slots_keep_the_chats_their_turns_come_back_to(model, tok, device):
+    """One request at a time on four slots (a light load): two chats, one-off questions between
+    their turns. Each request decodes in slot 0 (the live rows stay packed), and what slot 0 held
+    moves to an idle slot (the least recently used prefix goes first) instead of being lost, so each
+    chat's next turn finds its conversation (before: the one-off questions had overwritten it, and
+    slots 1 to 3 were never used). Every text equals an engine without reuse, and every slot's cache
+    is what a fresh prefill of the tokens it says it holds writes."""
+    model = model if device == "cpu" else tiny().to(device).eval()
+    kw = dict(num_slots=4, max_prompt_tokens=256, max_new_tokens=24)
+    plain = ContinuousBatcher(model, tok, prefix_cache=False, **kw)
+    cb = ContinuousBatcher(model, tok, **kw)
+    rows = set()
+    cb.on_step = lambda: rows.update(cb.live)
+    convs = {c: [{"role": "user", "content": PROMPTS[i]}] for c, i in (("a", 1), ("b", 3))}
+    first = {}
+    for turn in range(2):
+        for c, other in (("a", PROMPTS[2]), ("b", PROMPTS[4])):
+            for msgs in (convs[c], [{"role": "user", "content": f"{other} ({turn})"}]):
+                prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                got, want = cb.generate([prompt], GREEDY_20)[0], plain.generate([prompt], GREEDY_20)[0]
+                assert got["text"] == want["text"]
+                if msgs is convs[c]:
+                    answer = want["text"]
+                    ids = encode_prompts(tok, [prompt], 256)[0][0]
+                    if turn:  # the conversation so far: its first prompt and answer at least
+                        assert got["cached_tokens"] >= common_prefix(first[c], ids) >= len(first[c]) - 1
+                    first[c] = ids
+            convs[c] += [{"role": "assistant", "content": answer or "..."}, {"role": "user", "content": "E poi?"}]
+    assert rows == {0}
+    held = [cb.prefixes.tokens(s) for s in range(4)]
+    assert all(held)
+    for slot, tokens in enumerate(held):
+        ref = SlotModel(model, num_slots=1, max_len=256)
+        ref.prefill([tokens], [0])
+        for got, want in ((cb.slots.k, ref.k), (cb.slots.v, ref.v)):
+            torch.testing.assert_close(got[:, slot, : len(tokens)], want[:, 0, : len(tokens)], rtol=1e-4, atol=1e-5)
+    cb.park = False  # the old choice: each request in the lowest free slot, over what it held
+    cb.forget()
+    prompts = [
+        tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+        for m in (convs["a"][:1], [{"role": "user", "content": PROMPTS[2]}], convs["a"][:3])
+    ]
+    last = [cb.generate([p], GREEDY_20)[0] for p in prompts][-1]
+    ids = encode_prompts(tok, prompts, 256)[0]
+    # what the one-off question shares with it (the chat template's start), not its first turn
+    assert last["cached_tokens"] == common_prefix(ids[1], ids[2]) < common_prefix(ids[0], ids[2]) - 1
+    plain.close()
+    cb.close()
+
+
 def test_a_prefix_is_reused_only_where_it_saves_arithmetic(model, tok):
     """A continuing chunk's attention computes every query-key pair (a mask over the slot's cache)
     where a whole prompt's causal kernel skips half: on the tiny model, whose layers are small beside
@@ -1023,7 +1076,8 @@ def test_a_salted_request_shares_cached_prefixes_only_with_its_own_salt(model, t
 
     got = [asyncio.run(ask(salt)) for salt in (None, "a", "a", "b", None, None)]
     assert len({g["text"] for g in got}) == 1
-    # one slot in use at a time (the lowest free): each request's record replaces the one before
+    # one slot decodes (slot 0), the other keeps what slot 0 held before (the least recently used
+    # goes): when the fifth comes, the two slots hold "a"'s and "b"'s, not the unsalted first's
     assert [g["cached_tokens"] for g in got] == [0, 0, len(ids) - 1, 0, 0, len(ids) - 1]
     cb.forget()  # what a batch job does per chunk: nothing is reused from before
     assert asyncio.run(ask(None))["cached_tokens"] == 0
@@ -1058,7 +1112,7 @@ def test_what_a_slot_says_it_holds_is_what_its_cache_holds(model, tok):
         time.sleep(0.01)
     held = [cb.prefixes.tokens(s) for s in range(3)]
     assert all(held) and cb.live == {}
-    assert len(held[0]) == ended[0]["prompt_tokens"] + 10 - 1  # the token limit's last token was never fed
+    assert len(held[rs[0].slot]) == ended[0]["prompt_tokens"] + 10 - 1  # the token limit's last token was never fed
     for slot, tokens in enumerate(held):
         ref = SlotModel(model, num_slots=1, max_len=80)
         ref.prefill([tokens], [0])
@@ -1085,7 +1139,7 @@ def test_a_slot_s_cache_is_reused_only_under_the_adapter_that_wrote_it(tiny_hf, 
     assert [g["text"] for g in got] == [w["text"] for w in want]
     assert len({w["text"] for w in want[:4]}) == 3  # the adapters do change the text
     # two slots: adapter 2's second request finds its first; the base finds nothing of its own;
-    # adapter 1's first slot was taken by then (the lowest free slot is the one given out)
+    # adapter 1's prefix was the least recently used of the two kept by then
     assert [g["cached_tokens"] for g in got] == [0, 0, n - 1, 0, 0]
     cb.close()
     plain.close()

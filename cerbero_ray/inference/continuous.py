@@ -3,8 +3,9 @@ PyTorch, no Ray (a serving replica runs one :class:`ContinuousBatcher`; benchmar
 
 Each step of the loop thread:
   1. decode one token for every live slot, each at its own position (:class:`SlotModel`);
-  2. admit waiting requests into free cache slots (lowest first, so the live slots stay packed at
-     the front) and prefill them together, up to ``prefill_tokens`` prompt tokens per step;
+  2. admit waiting requests into free cache slots (among the rows the decode steps compute anyway,
+     so the live slots stay packed at the front) and prefill them together, up to
+     ``prefill_tokens`` prompt tokens per step;
   3. sample per request (its own temperature, top-p and, when it has one, seeded random stream, so
      a seeded request gives the same text whatever else is in the batch), detokenize incrementally,
      hand the new text to the request's callback, and free the slots of finished requests.
@@ -44,14 +45,15 @@ from typing import AsyncIterator, Callable, Iterator
 import torch
 
 from cerbero_ray.config.sampling import check_token_ids
-from cerbero_ray.inference.prefix import HostPrefixes, SlotPrefixes, covers
+from cerbero_ray.inference.prefix import HostPrefixes, SlotPrefixes, common_prefix, covers
 from cerbero_ray.inference.sampling import Sampling, cut_at_stop, sample  # noqa: F401 (sample: re-exported)
 from cerbero_ray.inference.slots import CACHE_SHARE, SlotModel, free_memory
 from cerbero_ray.tokenizer import encode_prompts
 
 # prefix reuse (:mod:`cerbero_ray.inference.prefix`): a newcomer waits a step for a prompt being
 # prefilled when it would then reuse at least this many more tokens, and takes the free slot that
-# holds its prefix (rather than the lowest free one, which keeps live slots packed) from this many
+# holds its prefix (when the decode steps compute its row anyway; else it copies it) from this many;
+# a prefix is kept (moved to an idle slot, or to the host store) when this many of its tokens would be lost
 DEFER_FOR = 32
 TAKE_SLOT_FROM = 32
 # the host prefix store's page: its prefixes take whole pages of this many positions
@@ -193,6 +195,11 @@ class ContinuousBatcher:
         self.on_step: Callable[[], None] | None = None  # called by the loop after each step (a server's metrics)
         # which tokens each slot's cache holds: a prompt that starts the same way reuses them (.prefix)
         self.prefixes = SlotPrefixes(num_slots) if prefix_cache else None
+        # what a slot holds, when a newcomer takes the slot, moves to a free slot past the rows the
+        # decode steps compute instead of being lost (:meth:`_park`; False: each newcomer into the
+        # lowest free slot, over what it held); each slot's last use, for choosing which goes
+        self.park = True
+        self._used = [0] * num_slots
         # and, with a budget, what a slot was about to lose, kept in host memory (.prefix.HostPrefixes)
         self.store = None
         if prefix_store_bytes:
@@ -548,6 +555,7 @@ class ContinuousBatcher:
     def _free(self, r: _Request) -> None:
         r.done = True
         self.slots.stop(r.slot)
+        self._used[r.slot] = self.steps
         if self.prefixes is not None:  # the slot keeps what it computed: the prompt, the answer but its last token
             whole = r.prefilled == len(r.ids)
             self.prefixes.set(r.slot, r.key, r.ids + r.out[:-1] if whole else r.ids[: r.prefilled])
@@ -637,14 +645,15 @@ class ContinuousBatcher:
 
     def _plan(self) -> list[tuple[_Request, int, int]]:
         """This step's prefill, as (request, start, end) chunks of prompts: the partly prefilled
-        requests first, then waiting ones into free slots (lowest first). The chunks run packed
+        requests first, then waiting ones into free slots (:meth:`_victim`). The chunks run packed
         (no padding), so their tokens stay within ``prefill_tokens``; a prompt longer than that
         is prefilled a chunk per step, the live requests decoding in between.
 
         With prefix reuse, a newcomer starts after the longest beginning of its prompt a slot holds
-        (copied into its slot, or that slot itself when it is free; :mod:`.prefix`) or, with a host
-        store, that the store holds when it holds more (copied back; what the newcomer's slot held
-        is copied out first, unless held elsewhere). One whose prompt
+        (copied into its slot, or that slot itself when it is free and among the rows the decode
+        steps compute; :mod:`.prefix`) or, with a host store, that the store holds when it holds
+        more (copied back). What the newcomer's slot held moves first to an idle slot past those
+        rows (:meth:`_park`), else to the host store, unless held elsewhere. One whose prompt
         shares much more with a prompt prefilled in this step waits a step, a free slot kept for it;
         the requests behind it go ahead into the other free slots."""
         budget, plan = self.prefill_tokens, []
@@ -670,7 +679,7 @@ class ContinuousBatcher:
                 if r.cancelled:
                     del self.waiting[deferred]
                     continue
-                slot, src, reuse, entry = free[0], -1, 0, None
+                slot, src, reuse, entry = self._victim(free), -1, 0, None
                 if self.prefixes is not None:
                     src, reuse = self.prefixes.best(r.ids, r.key, len(r.ids) - 1)
                     if self.store is not None:  # more of it in host memory: copied back (a slot's copy is cheaper)
@@ -684,8 +693,8 @@ class ContinuousBatcher:
                     if later >= reuse + DEFER_FOR and self._pays(later, len(r.ids)):
                         deferred += 1  # the requests behind it that share nothing do not wait with it
                         continue
-                    if reuse >= TAKE_SLOT_FROM and src in free:
-                        slot = src  # no copy, and the other free slots keep what they hold
+                    if reuse >= TAKE_SLOT_FROM and src in free and (src < self._bound() or not self.park):
+                        slot = src  # no copy, and no more rows for the decode steps than the other choice
                 n = take(len(r.ids) - reuse)
                 if not n:
                     break
@@ -696,8 +705,12 @@ class ContinuousBatcher:
                 self.slots.set_adapter(slot, r.adapter)
                 if self.prefixes is not None:
                     pages = self.store.take(entry) if entry is not None else None
-                    if self.store is not None:  # what the slot held, before it is overwritten
-                        self._keep(slot, reuse if src == slot else 0, entry)
+                    if src >= 0:
+                        self._used[src] = self.steps
+                    # what the slot held, before it is overwritten: to an idle slot, else to the host
+                    kept = reuse if src == slot else 0
+                    if not self._park(slot, kept, free, src, entry) and self.store is not None:
+                        self._keep(slot, kept, entry)
                     if pages is not None:
                         self.slots.load_prefix(slot, self.store.pool, pages, reuse)
                     elif reuse and src != slot:
@@ -709,6 +722,70 @@ class ContinuousBatcher:
                 if reuse + n < len(r.ids):
                     self.prefilling.append(r)
         return plan
+
+    def _worths(self) -> list[tuple[int, int]]:
+        """What losing each slot's prefix costs, to compare: (0, 0) when it holds nothing, or fewer
+        than ``TAKE_SLOT_FROM`` tokens that no other slot holds under its key (say, a chat's earlier
+        turn, its next turn in another slot); else (1, its last use). The most any other record
+        shares with one is what its neighbours share with it in sorted order."""
+        held, out = self.prefixes.held, [(0, 0)] * len(self.prefixes.held)
+        groups: dict[object, list[int]] = {}
+        for i, h in enumerate(held):
+            if h is not None:
+                groups.setdefault(h[0], []).append(i)
+        for ids in groups.values():
+            ids.sort(key=lambda i: held[i][1])
+            for j, i in enumerate(ids):
+                t = held[i][1]
+                shared = max(
+                    (common_prefix(t, held[k][1]) for k in ids[max(j - 1, 0) : j] + ids[j + 1 : j + 2]), default=0
+                )
+                if len(t) - shared >= TAKE_SLOT_FROM:
+                    out[i] = (1, self._used[i])
+        return out
+
+    def _bound(self) -> int:
+        """The rows the decode steps compute anyway: up to the highest live slot, or as many as the
+        live and waiting requests together fill (a burst fills the slots it finds)."""
+        return max(max(self.live, default=-1) + 1, min(self.slots.num_slots, len(self.live) + len(self.waiting)))
+
+    def _victim(self, free: list[int]) -> int:
+        """The free slot a newcomer takes when it takes none for its prefix: one of the rows the
+        decode steps compute anyway (:meth:`_bound`: there is always a free one), the one whose
+        prefix is worth least (:meth:`_worths`), the lowest among equals: the live slots stay
+        packed at the front, and the prefixes above them are kept."""
+        if self.prefixes is None or not self.park:
+            return free[0]
+        bound, worth = self._bound(), self._worths()
+        return min((s for s in free if s < bound), key=lambda s: (worth[s], s))
+
+    def _park(self, slot: int, kept: int, free: list[int], src: int, entry: int | None) -> bool:
+        """Before a newcomer overwrites all but the first ``kept`` positions of ``slot``, copy what
+        the slot holds to a free slot past the rows the decode steps compute (:meth:`_bound`; one
+        device copy), the one whose own prefix is worth least, if that is worth less than this one
+        and what is lost is long enough to be worth reusing (what that slot held goes to the host
+        store, when there is one and it is worth it). The copy keeps its last use: the idle slots
+        hold the most recently used prefixes. True if nothing worth keeping is lost (parked, or
+        held whole by another slot)."""
+        rec = self.prefixes.held[slot]
+        if not self.park or rec is None or len(rec[1]) - kept < TAKE_SLOT_FROM:
+            return False
+        worth = self._worths()
+        if worth[slot][0] == 0:
+            return True
+        bound = self._bound()
+        spots = [s for s in free if s >= bound and s not in (slot, src)]
+        if not spots:
+            return False
+        to = min(spots, key=lambda s: (worth[s], -s))  # the highest among equals
+        if worth[to] >= worth[slot]:
+            return False
+        if self.store is not None:  # what the spot held, to the host if worth it (never in place of ``entry``)
+            self._keep(to, 0, entry)
+        self.slots.copy_prefix(slot, to, len(rec[1]))
+        self.prefixes.set(to, *rec)
+        self._used[to] = self._used[slot]
+        return True
 
     def _keep(self, slot: int, kept: int, using: int | None) -> None:
         """Copy what ``slot`` holds into the host store before a new request overwrites all of it

@@ -14,10 +14,13 @@ from another's time to first token what prompts the other sent.
 
 This is vLLM's automatic prefix caching and SGLang's radix cache without their page tables: the
 cache is contiguous per slot (:class:`~cerbero_ray.inference.slots.SlotModel`), so the slots hold
-only as many prefixes as there are slots. A prefix a slot is about to lose (another request takes
-the slot) can be kept in host memory (:class:`HostPrefixes`, ``prefix_store_bytes``, off by
-default): a chat client whose slot others took while it typed its next turn gets its conversation
-copied back into a slot instead of prefilled again (vLLM's KV offloading, SGLang's hierarchical
+only as many prefixes as there are slots. The idle ones serve as a cache of their own: a newcomer
+takes a slot among the rows the decode steps compute, and what that slot held moves to an idle slot
+past them (one device copy; the least recently used prefix there goes first), so at a light load a
+chat's next turn still finds its conversation. A prefix no slot can keep can be kept in host
+memory (:class:`HostPrefixes`, ``prefix_store_bytes``, off by default): a chat client whose slot
+others took while it typed its next turn gets its conversation copied back into a slot instead of
+prefilled again (vLLM's KV offloading, SGLang's hierarchical
 cache, in their simplest form: whole prefixes, least recently used evicted first).
 """
 
