@@ -4,6 +4,7 @@ engine with prefix reuse from its slots alone against the same engine with a hos
 warmed up, the order alternated, medians.
 
     python bench/bench_prefix_store.py               # ~13 minutes: the mid shape, 24 chats on 8 slots, then 7
+    python bench/bench_prefix_store.py --part light  # ~4 minutes: the light-load part alone
     python bench/bench_prefix_store.py --cpu-smoke   # seconds: checks the script runs
     bash bench/gpu_run.sh prefix_store               # on a GPU: the full Mistral-7B shape, bf16, random weights
 
@@ -21,7 +22,8 @@ round's turns sent two at a time, so two slots decode and the others sit idle. A
 slot among the rows the decode steps compute, and what that slot held moves to an idle one ("idle
 slots kept", the engine's default) against the choice before, where each request took the lowest
 free slot and overwrote what it held ("lowest free slot", ``ContinuousBatcher.park = False``), and
-without reuse. ``--no-light`` skips it (the GPU stage does: its device time is short).
+without reuse. ``--part store`` skips it (the GPU stage does: its device time is short), ``--part
+light`` runs it alone.
 Writes <out>/prefix_store-<date>.json (``--out``, default bench/results).
 """
 
@@ -99,7 +101,9 @@ def measure(cb, tok, ways, start, follow, s, pool, reps: int, at_once: int = 0) 
 def main() -> None:
     ap = arguments(__doc__)
     ap.add_argument("--store-gib", type=float, default=8.0, help="the store's host memory (default 8)")
-    ap.add_argument("--no-light", dest="light", action="store_false", help="skip the light-load part")
+    ap.add_argument(
+        "--part", choices=["both", "store", "light"], default="both", help="the store's part, the light load's, or both"
+    )
     a = ap.parse_args()
     import torch
 
@@ -128,15 +132,16 @@ def main() -> None:
     print(cb.describe(), flush=True)
     start, follow = chats(3 * a.slots, opener, rounds)
     store = cb.store.pool
-    print(f"{len(start)} chats on {a.slots} slots, each round's turns at once:", flush=True)
-    results = measure(cb, tok, WAYS, start, follow, s, store, a.reps)
-    med = {w: r["seconds"] for w, r in results.items()}
-    ratio = med["slots"] / med["slots + store"]
-    print(f"store vs slots alone: {ratio:.2f}x; vs no reuse: {med['no reuse'] / med['slots + store']:.2f}x")
     fields = {"shape": a.shape, "slots": a.slots, "chats": len(start), "rounds": rounds, "reps": a.reps}
-    fields |= {"store_gib": a.store_gib, "store_vs_slots": ratio, "results": results}
-    light = {}
-    if a.light:
+    results, light = {}, {}
+    if a.part in ("both", "store"):
+        print(f"{len(start)} chats on {a.slots} slots, each round's turns at once:", flush=True)
+        results = measure(cb, tok, WAYS, start, follow, s, store, a.reps)
+        med = {w: r["seconds"] for w, r in results.items()}
+        ratio = med["slots"] / med["slots + store"]
+        print(f"store vs slots alone: {ratio:.2f}x; vs no reuse: {med['no reuse'] / med['slots + store']:.2f}x")
+        fields |= {"store_gib": a.store_gib, "store_vs_slots": ratio, "results": results}
+    if a.part in ("both", "light"):
         print(f"{a.slots - 1} chats on {a.slots} slots, each round's turns two at a time:", flush=True)
         light = measure(cb, tok, LIGHT, start[: a.slots - 1], follow[: a.slots - 1], s, store, a.reps, at_once=2)
         idle = light["lowest free slot"]["seconds"] / light["idle slots kept"]["seconds"]

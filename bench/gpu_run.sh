@@ -131,7 +131,7 @@ for stage in "$@"; do
     selfchat) # self-chat as chains of requests vs turn-by-turn waves, with and without prefix reuse (~3 min)
       step bench_selfchat 300 $PY bench/bench_selfchat.py --out "$OUT" "${SMOKE[@]}" ;;
     prefix_store)  # chats back after others took their slot: slots alone vs a host prefix store (~3 min)
-      step bench_prefix_store 300 $PY bench/bench_prefix_store.py --no-light --out "$OUT" "${SMOKE[@]}" ;;
+      step bench_prefix_store 300 $PY bench/bench_prefix_store.py --part store --out "$OUT" "${SMOKE[@]}" ;;
     probe)   # where a decode step's time goes: the engine's graph vs fused / compiled variants (~3 min)
       step probe_decode_gpu 240 $PY bench/probe_decode_gpu.py --out "$OUT" "${SMOKE[@]}" ;;
     evaluate)

@@ -14,7 +14,7 @@ import torch
 from cerbero_ray.chat import SYSTEM_LINE
 from cerbero_ray.inference.continuous import ContinuousBatcher, sample
 from cerbero_ray.inference.generator import Generator
-from cerbero_ray.inference.prefix import common_prefix
+from cerbero_ray.inference.prefix import SlotPrefixes, common_prefix
 from cerbero_ray.inference.sampling import Sampling
 from cerbero_ray.inference.slots import SlotModel
 from cerbero_ray.models import tiny
@@ -772,8 +772,6 @@ def test_packed_prefill_groups_bound_the_padding():
 
 
 def test_the_longest_held_prefix_under_the_request_s_adapter():
-    from cerbero_ray.inference.prefix import SlotPrefixes
-
     pairs = (([], [1]), ([1, 2, 3], [1, 2, 3]), ([1, 2, 3], [1, 2]), ([5], [6]))
     assert [common_prefix(a, b) for a, b in pairs] == [0, 3, 2, 0]
     g = np.random.default_rng(0)
@@ -794,6 +792,46 @@ def test_the_longest_held_prefix_under_the_request_s_adapter():
     assert p.tokens(2) == [] and p.best([1, 2, 3, 4], 0, 10) == (0, 3)
     p.clear()
     assert p.best([1, 2, 3], 0, 10) == (-1, 0)
+
+
+def test_what_no_other_slot_holds_is_counted_as_records_change():
+    """``SlotPrefixes.unique``: a slot's tokens past the whole 16-token blocks another record under
+    the same key starts with too, against a brute-force count, through random sets, overwrites,
+    drops and a clear (records sharing a system prompt, chats extending earlier turns, another key)."""
+    import random
+
+    g = random.Random(0)
+    p, size = SlotPrefixes(12), SlotPrefixes.BLOCK
+    system = [g.randrange(50) for _ in range(70)]
+    for it in range(400):
+        slot = g.randrange(12)
+        op = g.random()
+        if op < 0.05:
+            p.drop(slot)
+        elif op < 0.07:
+            p.clear()
+        else:
+            other = p.tokens(g.randrange(12))
+            base = other if other and g.random() < 0.5 else system[: g.randrange(0, 70)]
+            p.set(
+                slot,
+                g.randrange(2),
+                base[: g.randrange(len(base) + 1)] + [g.randrange(50) for _ in range(g.randrange(40))],
+            )
+        for s in range(12):
+            rec = p.held[s]
+            if rec is None:
+                assert p.unique(s) == 0
+                continue
+            shared = max(
+                (
+                    common_prefix(rec[1], h[1])
+                    for t, h in enumerate(p.held)
+                    if t != s and h is not None and h[0] == rec[0]
+                ),
+                default=0,
+            )
+            assert p.unique(s) == len(rec[1]) - shared // size * size, (it, s)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -45,7 +45,7 @@ from typing import AsyncIterator, Callable, Iterator
 import torch
 
 from cerbero_ray.config.sampling import check_token_ids
-from cerbero_ray.inference.prefix import HostPrefixes, SlotPrefixes, common_prefix, covers
+from cerbero_ray.inference.prefix import HostPrefixes, SlotPrefixes, covers
 from cerbero_ray.inference.sampling import Sampling, cut_at_stop, sample  # noqa: F401 (sample: re-exported)
 from cerbero_ray.inference.slots import CACHE_SHARE, SlotModel, free_memory
 from cerbero_ray.tokenizer import encode_prompts
@@ -723,26 +723,12 @@ class ContinuousBatcher:
                     self.prefilling.append(r)
         return plan
 
-    def _worths(self) -> list[tuple[int, int]]:
-        """What losing each slot's prefix costs, to compare: (0, 0) when it holds nothing, or fewer
-        than ``TAKE_SLOT_FROM`` tokens that no other slot holds under its key (say, a chat's earlier
-        turn, its next turn in another slot); else (1, its last use). The most any other record
-        shares with one is what its neighbours share with it in sorted order."""
-        held, out = self.prefixes.held, [(0, 0)] * len(self.prefixes.held)
-        groups: dict[object, list[int]] = {}
-        for i, h in enumerate(held):
-            if h is not None:
-                groups.setdefault(h[0], []).append(i)
-        for ids in groups.values():
-            ids.sort(key=lambda i: held[i][1])
-            for j, i in enumerate(ids):
-                t = held[i][1]
-                shared = max(
-                    (common_prefix(t, held[k][1]) for k in ids[max(j - 1, 0) : j] + ids[j + 1 : j + 2]), default=0
-                )
-                if len(t) - shared >= TAKE_SLOT_FROM:
-                    out[i] = (1, self._used[i])
-        return out
+    def _worth(self, slot: int) -> tuple[int, int]:
+        """What losing what slot ``slot`` holds costs, to compare: (0, 0) when it holds nothing, or
+        fewer than ``TAKE_SLOT_FROM`` tokens that no other slot holds under its key (say, a chat's
+        earlier turn, its next turn in another slot: :meth:`SlotPrefixes.unique`); else (1, its
+        last use)."""
+        return (1, self._used[slot]) if self.prefixes.unique(slot) >= TAKE_SLOT_FROM else (0, 0)
 
     def _bound(self) -> int:
         """The rows the decode steps compute anyway: up to the highest live slot, or as many as the
@@ -752,12 +738,12 @@ class ContinuousBatcher:
     def _victim(self, free: list[int]) -> int:
         """The free slot a newcomer takes when it takes none for its prefix: one of the rows the
         decode steps compute anyway (:meth:`_bound`: there is always a free one), the one whose
-        prefix is worth least (:meth:`_worths`), the lowest among equals: the live slots stay
+        prefix is worth least (:meth:`_worth`), the lowest among equals: the live slots stay
         packed at the front, and the prefixes above them are kept."""
         if self.prefixes is None or not self.park:
             return free[0]
-        bound, worth = self._bound(), self._worths()
-        return min((s for s in free if s < bound), key=lambda s: (worth[s], s))
+        bound = self._bound()
+        return min((s for s in free if s < bound), key=lambda s: (self._worth(s), s))
 
     def _park(self, slot: int, kept: int, free: list[int], src: int, entry: int | None) -> bool:
         """Before a newcomer overwrites all but the first ``kept`` positions of ``slot``, copy what
@@ -770,15 +756,15 @@ class ContinuousBatcher:
         rec = self.prefixes.held[slot]
         if not self.park or rec is None or len(rec[1]) - kept < TAKE_SLOT_FROM:
             return False
-        worth = self._worths()
-        if worth[slot][0] == 0:
+        mine = self._worth(slot)
+        if mine[0] == 0:
             return True
         bound = self._bound()
         spots = [s for s in free if s >= bound and s not in (slot, src)]
         if not spots:
             return False
-        to = min(spots, key=lambda s: (worth[s], -s))  # the highest among equals
-        if worth[to] >= worth[slot]:
+        to = min(spots, key=lambda s: (self._worth(s), -s))  # the highest among equals
+        if self._worth(to) >= mine:
             return False
         if self.store is not None:  # what the spot held, to the host if worth it (never in place of ``entry``)
             self._keep(to, 0, entry)

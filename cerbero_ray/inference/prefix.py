@@ -46,20 +46,55 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class SlotPrefixes:
     """Which tokens each cache slot holds the keys and values of, under which key: what must be
-    equal for them to be shared (the engine's: the adapter and the cache salt)."""
+    equal for them to be shared (the engine's: the adapter and the cache salt).
+
+    For choosing which prefix to give up, it also counts, per 16-token block, how many records hold
+    it and every block before it under the same key (hashes, as :class:`HostPrefixes` finds its
+    entries), kept as records change: :meth:`unique` is then a few lookups, however many slots."""
+
+    BLOCK = 16
 
     def __init__(self, num_slots: int):
         self.held: list[tuple[object, list[int]] | None] = [None] * num_slots
+        self._chains: list[list] = [[] for _ in range(num_slots)]
+        self._count: dict[tuple, int] = {}
 
     def set(self, slot: int, key, tokens: list[int]) -> None:
         """``tokens``: kept as given (the engine passes slices of its own, never changed after)."""
+        for c in self._chains[slot]:
+            if self._count[c] == 1:
+                del self._count[c]
+            else:
+                self._count[c] -= 1
         self.held[slot] = (key, tokens) if tokens else None
+        chain, h, size = [], 0, self.BLOCK
+        for a in range(0, len(tokens) - size + 1, size):
+            h = hash((h, tuple(tokens[a : a + size])))
+            chain.append((key, h))
+            self._count[chain[-1]] = self._count.get(chain[-1], 0) + 1
+        self._chains[slot] = chain
 
     def drop(self, slot: int) -> None:
-        self.held[slot] = None
+        self.set(slot, None, [])
 
     def clear(self) -> None:
         self.held = [None] * len(self.held)
+        self._chains = [[] for _ in self.held]
+        self._count = {}
+
+    def unique(self, slot: int) -> int:
+        """How many of the tokens ``slot`` holds no other slot holds under the same key (past the
+        whole 16-token blocks another record starts with too); 0 if it holds none."""
+        if self.held[slot] is None:
+            return 0
+        chain, lo, hi = self._chains[slot], 0, len(self._chains[slot])
+        while lo < hi:  # the leading blocks another record shares: a prefix of the chain
+            mid = (lo + hi) // 2
+            if self._count[chain[mid]] > 1:
+                lo = mid + 1
+            else:
+                hi = mid
+        return len(self.held[slot][1]) - lo * self.BLOCK
 
     def tokens(self, slot: int) -> list[int]:
         return self.held[slot][1] if self.held[slot] is not None else []
