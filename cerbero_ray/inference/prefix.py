@@ -44,6 +44,17 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return lo
 
 
+def block_chain(tokens: list[int], block: int) -> list[int]:
+    """The hashes of ``tokens``' whole blocks of ``block`` tokens, each covering its block and every
+    one before (vLLM's block hashes): two token lists share their first ``j`` blocks exactly when
+    their chains share their first ``j`` hashes (but for a hash collision)."""
+    out, h = [], 0
+    for a in range(0, len(tokens) - block + 1, block):
+        h = hash((h, tuple(tokens[a : a + block])))
+        out.append(h)
+    return out
+
+
 class SlotPrefixes:
     """Which tokens each cache slot holds the keys and values of, under which key: what must be
     equal for them to be shared (the engine's: the adapter and the cache salt).
@@ -67,12 +78,9 @@ class SlotPrefixes:
             else:
                 self._count[c] -= 1
         self.held[slot] = (key, tokens) if tokens else None
-        chain, h, size = [], 0, self.BLOCK
-        for a in range(0, len(tokens) - size + 1, size):
-            h = hash((h, tuple(tokens[a : a + size])))
-            chain.append((key, h))
-            self._count[chain[-1]] = self._count.get(chain[-1], 0) + 1
-        self._chains[slot] = chain
+        self._chains[slot] = [(key, h) for h in block_chain(tokens, self.BLOCK)]
+        for c in self._chains[slot]:
+            self._count[c] = self._count.get(c, 0) + 1
 
     def drop(self, slot: int) -> None:
         self.set(slot, None, [])
@@ -146,11 +154,7 @@ class HostPrefixes:
 
     def chain(self, tokens: list[int]) -> list[int]:
         """The hashes of ``tokens``' whole blocks, each covering its block and every one before."""
-        out, h, size = [], 0, self.block
-        for a in range(0, len(tokens) - size + 1, size):
-            h = hash((h, tuple(tokens[a : a + size])))
-            out.append(h)
-        return out
+        return block_chain(tokens, self.block)
 
     def _deepest(self, key, chain: list[int]) -> tuple[int, set[int]]:
         """(blocks, entries): the most whole blocks of ``chain`` some entries hold, and those entries."""
