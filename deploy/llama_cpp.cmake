@@ -4,7 +4,7 @@
 #
 # 1. No llama.cpp "common" library when the multimodal one is off (-DLLAVA_BUILD=OFF). llama-cpp-python
 #    forces LLAMA_BUILD_COMMON=ON, but only its multimodal library (tools/mtmd) links common; the
-#    package loads libllama and libggml*. Common (argument parsing, chat templates, JSON) is a third
+#    package loads libllama and libggml*. Common (argument parsing, chat templates, JSON) is half
 #    of the compile: 103 s instead of 197 s for the whole wheel on 2 cores (AMD EPYC, 0.3.36), same
 #    libraries in llama_cpp/lib. A normal variable in llama.cpp's scope wins over the cached ON
 #    (its option() honours it: CMP0077), and its `if (LLAMA_BUILD_COMMON)` then skips common.
