@@ -126,24 +126,23 @@ def main() -> None:
 
     model = build(a.shape)
     s = Sampling(max_new_tokens=16, temperature=0.0, stop=())
-    store = int(a.store_gib * 2**30)
-    kw = dict(num_slots=a.slots, max_prompt_tokens=2048, max_new_tokens=16, prefix_store_bytes=store)
+    kw = dict(num_slots=a.slots, max_prompt_tokens=2048, max_new_tokens=16, prefix_store_bytes=int(a.store_gib * 2**30))
     cb = ContinuousBatcher(model, tok, **kw)
     print(cb.describe(), flush=True)
     start, follow = chats(3 * a.slots, opener, rounds)
-    store = cb.store.pool
+    pool = cb.store.pool  # the store's host memory, allocated once: each way with a store uses it
     fields = {"shape": a.shape, "slots": a.slots, "chats": len(start), "rounds": rounds, "reps": a.reps}
     results, light = {}, {}
     if a.part in ("both", "store"):
         print(f"{len(start)} chats on {a.slots} slots, each round's turns at once:", flush=True)
-        results = measure(cb, tok, WAYS, start, follow, s, store, a.reps)
+        results = measure(cb, tok, WAYS, start, follow, s, pool, a.reps)
         med = {w: r["seconds"] for w, r in results.items()}
         ratio = med["slots"] / med["slots + store"]
         print(f"store vs slots alone: {ratio:.2f}x; vs no reuse: {med['no reuse'] / med['slots + store']:.2f}x")
         fields |= {"store_gib": a.store_gib, "store_vs_slots": ratio, "results": results}
     if a.part in ("both", "light"):
         print(f"{a.slots - 1} chats on {a.slots} slots, each round's turns two at a time:", flush=True)
-        light = measure(cb, tok, LIGHT, start[: a.slots - 1], follow[: a.slots - 1], s, store, a.reps, at_once=2)
+        light = measure(cb, tok, LIGHT, start[: a.slots - 1], follow[: a.slots - 1], s, pool, a.reps, at_once=2)
         idle = light["lowest free slot"]["seconds"] / light["idle slots kept"]["seconds"]
         print(f"idle slots kept vs lowest free slot: {idle:.2f}x")
         fields |= {"light_chats": a.slots - 1, "idle_vs_lowest": idle, "light": light}

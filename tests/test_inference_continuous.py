@@ -1012,6 +1012,15 @@ def test_a_chat_whose_slot_was_taken_gets_its_prefix_back_from_the_host_store(mo
         engine.close()
 
 
+def _assert_slots_hold(cb, model, held: list[list[int]], max_len: int) -> None:
+    """Each slot's cache holds, for the tokens ``held[slot]``, what a fresh prefill of them writes."""
+    for slot, tokens in enumerate(held):
+        ref = SlotModel(model, num_slots=1, max_len=max_len)
+        ref.prefill([tokens], [0])
+        for got, want in ((cb.slots.k, ref.k), (cb.slots.v, ref.v)):
+            torch.testing.assert_close(got[:, slot, : len(tokens)], want[:, 0, : len(tokens)], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_at_light_load_the_idle_slots_keep_the_chats_their_turns_come_back_to(model, tok, device):
     """One request at a time on four slots (a light load): two chats, one-off questions between
@@ -1044,11 +1053,7 @@ def test_at_light_load_the_idle_slots_keep_the_chats_their_turns_come_back_to(mo
     assert rows == {0}
     held = [cb.prefixes.tokens(s) for s in range(4)]
     assert all(held)
-    for slot, tokens in enumerate(held):
-        ref = SlotModel(model, num_slots=1, max_len=256)
-        ref.prefill([tokens], [0])
-        for got, want in ((cb.slots.k, ref.k), (cb.slots.v, ref.v)):
-            torch.testing.assert_close(got[:, slot, : len(tokens)], want[:, 0, : len(tokens)], rtol=1e-4, atol=1e-5)
+    _assert_slots_hold(cb, model, held, max_len=256)
     cb.park = False  # the old choice: each request in the lowest free slot, over what it held
     cb.forget()
     prompts = [
@@ -1151,11 +1156,7 @@ def test_what_a_slot_says_it_holds_is_what_its_cache_holds(model, tok):
     held = [cb.prefixes.tokens(s) for s in range(3)]
     assert all(held) and cb.live == {}
     assert len(held[rs[0].slot]) == ended[0]["prompt_tokens"] + 10 - 1  # the token limit's last token was never fed
-    for slot, tokens in enumerate(held):
-        ref = SlotModel(model, num_slots=1, max_len=80)
-        ref.prefill([tokens], [0])
-        for got, want in ((cb.slots.k, ref.k), (cb.slots.v, ref.v)):
-            torch.testing.assert_close(got[:, slot, : len(tokens)], want[:, 0, : len(tokens)], rtol=1e-4, atol=1e-5)
+    _assert_slots_hold(cb, model, held, max_len=80)
     cb.close()
 
 
