@@ -2,12 +2,21 @@
 cross-entropy as the loss). They have no CPU path: on CPU the plain path runs, said once, with
 the plain path's very losses; a missing package and a bad value are named. On CUDA (``gpu`` tier,
 with liger-kernel installed) the fused step gives the plain step's losses to bf16's precision and
-the fused loss equals the chunked one. The engines are built by the trainer's own functions."""
+the fused loss equals the chunked one. The engines are built by the trainer's own functions.
 
+Where triton and liger-kernel are installed (``pip install triton '.[liger]'``; CI has neither),
+the kernels also run on CPU under Triton's interpreter: the patched model gives the plain model's
+loss and gradients, and Liger's patching of the modeling module stays with the model it patched."""
+
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from cerbero_ray.config import check, compose
 from cerbero_ray.train.loop import train_step
@@ -46,8 +55,17 @@ def losses(e, bs, device: str) -> list[float]:
     return [train_step(e, [b], torch.device(device), 1)[0] for b in bs]
 
 
+@pytest.fixture
+def rope_kept(monkeypatch):
+    """The modeling module's rope function as it is, put back after the test (Liger's stays patched
+    in it for the patched model's sake, and on CUDA would serve the models of later tests)."""
+    from transformers.models.mistral import modeling_mistral
+
+    monkeypatch.setattr(modeling_mistral, "apply_rotary_pos_emb", modeling_mistral.apply_rotary_pos_emb)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_liger_kernels_train_as_the_plain_path(one_rank, device):
+def test_liger_kernels_train_as_the_plain_path(one_rank, rope_kept, device):
     bs = batches(4, device)
     precision = "bf16" if device == "cuda" else "fp32"
     plain = losses(engine(device, "none", precision), bs, device)
@@ -59,7 +77,7 @@ def test_liger_kernels_train_as_the_plain_path(one_rank, device):
         return
     pytest.importorskip("liger_kernel", reason="train.kernels=liger needs liger-kernel (bench/gpu_prepare.sh --train)")
     e = engine(device, "liger", precision)
-    kinds = {type(m).__name__ for m in e.module.modules()}
+    kinds = {m._get_name() for m in e.module.modules()}  # Liger patches instances: their classes stay
     assert e.module.fused_loss and {"LigerRMSNorm", "LigerSwiGLUMLP"} <= kinds, kinds
     assert losses(e, bs, device) == pytest.approx(plain, rel=2e-2)
 
@@ -96,3 +114,100 @@ def test_a_missing_package_and_a_bad_value_are_named(monkeypatch):
         apply_liger(tiny())
     with pytest.raises(ValueError, match="train.kernels must be one of"):
         check("train", compose("train", ["paths.output_dir=/tmp/unused", "train.kernels=unsloth"]))
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+def test_what_liger_patches_in_the_modeling_module_stays_with_its_model(monkeypatch, rope_kept, interpret):
+    """Without liger-kernel (CI): a stand-in patching as Liger does (the instance's forward, the
+    module's classes and rope) shows what :func:`apply_liger` puts back: the classes, and the rope
+    for tensors Triton cannot take (CPU, unless under its interpreter)."""
+    import types
+
+    from transformers.models.mistral import modeling_mistral as mm
+
+    from cerbero_ray.models import tiny
+    from cerbero_ray.train.modeling import apply_liger
+
+    own, calls = mm.apply_rotary_pos_emb, []
+
+    def liger_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        calls.append(q.device.type)
+        return own(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    def apply_to_mistral(rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy, model):
+        mm.apply_rotary_pos_emb, mm.MistralRMSNorm, mm.MistralMLP = liger_rope, nn.Identity, nn.Identity
+        model.model.norm._get_name = lambda: "LigerRMSNorm"
+
+    patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {"mistral": apply_to_mistral}
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+    classes = mm.MistralRMSNorm, mm.MistralMLP
+    lm = tiny()
+    apply_liger(lm)
+    apply_liger(lm)  # twice: still one level of dispatch to the module's own rope
+    assert mm.apply_rotary_pos_emb._liger_plain is own
+    assert (mm.MistralRMSNorm, mm.MistralMLP) == classes and lm.model.norm._get_name() == "LigerRMSNorm"
+    later = tiny()
+    assert {type(m) for m in later.modules()} >= set(classes)
+    ids = torch.arange(3, 19)[None]
+    for model in (lm, later):
+        calls.clear()
+        model(ids)
+        assert calls == (["cpu"] * model.config.num_hidden_layers if interpret else []), calls
+
+
+# Triton's interpreter (3.6-3.9) passes float arguments as Python floats, which Liger's RMSNorm
+# kernel casts (``eps.to``), and gives no interpreted ``libdevice.rsqrt``: two shims, for this check only.
+INTERPRETED = """
+import json, sys
+import numpy as np
+import torch
+import triton.language as tl
+import triton.runtime.interpreter as interpreter
+import liger_kernel.ops.rms_norm
+
+cvt = interpreter._implicit_cvt
+f32 = lambda v: tl.tensor(interpreter.TensorHandle(np.array([v], dtype=np.float32), tl.float32), tl.float32)
+interpreter._implicit_cvt = lambda a: f32(a) if isinstance(a, float) else cvt(a)
+liger_kernel.ops.rms_norm.rsqrt = lambda x: 1.0 / tl.sqrt(x)
+
+from transformers.models.mistral import modeling_mistral
+from cerbero_ray.models import tiny
+from cerbero_ray.train.modeling import PackedCausalLM, apply_liger
+
+classes = modeling_mistral.MistralRMSNorm, modeling_mistral.MistralMLP
+plain, fused = tiny(seed=0), tiny(seed=0)
+apply_liger(fused)
+later = tiny(seed=0)  # built after the patch
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(3, 32000, (1, 128), generator=g)
+labels = ids.clone()
+labels[0, :10] = -100
+pos = torch.cat([torch.arange(64), torch.arange(64)])[None]
+out = {}
+for name, lm in (("plain", plain), ("fused", fused), ("later", later)):
+    loss, n = PackedCausalLM(lm, fused_loss=name == "fused")(ids, labels, pos)
+    loss.backward()
+    out[name], out[name + "_n"] = float(loss), int(n)
+    out[name + "_names"] = sorted({m._get_name() for m in lm.modules()})
+out["grad_diff"] = max(float((a.grad - b.grad).abs().max()) for a, b in zip(plain.parameters(), fused.parameters()))
+out["grad_max"] = max(float(a.grad.abs().max()) for a in plain.parameters())
+out["classes_kept"] = (modeling_mistral.MistralRMSNorm, modeling_mistral.MistralMLP) == classes
+json.dump(out, sys.stdout)
+"""
+
+
+def test_liger_kernels_under_tritons_interpreter_give_the_plain_loss_and_stay_with_their_model():
+    pytest.importorskip("triton", reason="needs triton (pip install triton '.[liger]')")
+    pytest.importorskip("liger_kernel", reason="needs liger-kernel (pip install triton '.[liger]')")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.splitlines()[-1])
+    assert {"LigerRMSNorm", "LigerSwiGLUMLP"} <= set(out["fused_names"]), out["fused_names"]
+    assert out["fused"] == pytest.approx(out["plain"], rel=1e-5) and out["fused_n"] == out["plain_n"] > 100
+    assert out["grad_diff"] <= 1e-4 * out["grad_max"], out
+    # the model built after the patch is of the plain modules (its rope: Liger's under the interpreter)
+    assert out["classes_kept"] and "LigerRMSNorm" not in out["later_names"], out["later_names"]
+    assert out["later"] == pytest.approx(out["plain"], rel=1e-5)

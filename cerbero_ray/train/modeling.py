@@ -17,6 +17,8 @@ fp32 logits would be 1 GiB per row.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +97,15 @@ def fused_loss_sum(
 def apply_liger(lm: nn.Module) -> None:
     """Liger Kernel's Triton RMSNorm, SwiGLU and rope in ``lm``'s modules (``train.kernels=liger``;
     the loss is :func:`fused_loss_sum`); ``ValueError`` naming the key when the package is missing
-    or has no kernels for the architecture."""
+    or has no kernels for the architecture.
+
+    Liger patches ``lm``'s instances (their ``forward``; they keep their classes: ``_get_name()``
+    says ``LigerRMSNorm``) and, to do so, the modeling module's globals: its norm and MLP classes,
+    so that every model built after it in the process would be built of Liger's modules, Triton
+    and CUDA only, and its rope function, which the attention looks up at each call. The classes
+    are put back here; the rope stays patched for the instance's sake, but as :func:`_on_triton`:
+    Liger's kernel where Triton can run (CUDA tensors), the module's own function elsewhere (a CPU
+    model in the same process)."""
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as e:
@@ -108,7 +118,26 @@ def apply_liger(lm: nn.Module) -> None:
         raise ValueError(
             f"train.kernels=liger: Liger Kernel has no kernels for {kind!r} models; use train.kernels=none"
         )
+    module = sys.modules[type(lm).__module__]
+    before = dict(vars(module))
     fn(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=lm)
+    for name, value in before.items():
+        now = getattr(module, name)
+        if now is not value:
+            setattr(module, name, _on_triton(now, value) if name == "apply_rotary_pos_emb" else value)
+
+
+def _on_triton(liger, plain):
+    """A rope function that runs Liger's Triton kernel on CUDA tensors (or anywhere under Triton's
+    interpreter, ``TRITON_INTERPRET=1``) and the model's own elsewhere."""
+    anywhere = os.environ.get("TRITON_INTERPRET") == "1"
+    plain = getattr(plain, "_liger_plain", plain)  # applied twice: wrap the module's own function once
+
+    def rope(q, k, *args, **kwargs):
+        return (liger if anywhere or q.is_cuda else plain)(q, k, *args, **kwargs)
+
+    rope._liger_plain = plain
+    return rope
 
 
 def output_weight(head: nn.Module) -> torch.Tensor:
