@@ -6,7 +6,9 @@ the fused loss equals the chunked one. The engines are built by the trainer's ow
 
 Where triton and liger-kernel are installed (``pip install triton '.[liger]'``; CI has neither),
 the kernels also run on CPU under Triton's interpreter: the patched model gives the plain model's
-loss and gradients, and Liger's patching of the modeling module stays with the model it patched."""
+loss and gradients, with and without LoRA adapters over it, in fp32 (the interpreter computes
+bf16 on its raw bits: Liger's SwiGLU and rope give NaN there, not on a GPU), and Liger's patching
+of the modeling module stays with the model it patched."""
 
 import json
 import os
@@ -173,7 +175,9 @@ interpreter._implicit_cvt = lambda a: f32(a) if isinstance(a, float) else cvt(a)
 liger_kernel.ops.rms_norm.rsqrt = lambda x: 1.0 / tl.sqrt(x)
 
 from transformers.models.mistral import modeling_mistral
+from cerbero_ray.config.train import LORA_TARGETS, LoraConfig
 from cerbero_ray.models import tiny
+from cerbero_ray.train.lora import apply_lora
 from cerbero_ray.train.modeling import PackedCausalLM, apply_liger
 
 classes = modeling_mistral.MistralRMSNorm, modeling_mistral.MistralMLP
@@ -191,6 +195,21 @@ for name, lm in (("plain", plain), ("fused", fused), ("later", later)):
     loss.backward()
     out[name], out[name + "_n"] = float(loss), int(n)
     out[name + "_names"] = sorted({m._get_name() for m in lm.modules()})
+# LoRA on the patched base (the trainer applies Liger first, then the adapters over its projections)
+for name in ("plain_lora", "fused_lora"):
+    lm = tiny(seed=0).requires_grad_(False)
+    if name == "fused_lora":
+        apply_liger(lm)
+    peft_model = apply_lora(lm, LoraConfig(target_modules=list(LORA_TARGETS)), seed=0)
+    for p in peft_model.parameters():  # B starts at zero: give the adapters a say in the loss
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+    loss, n = PackedCausalLM(lm, fused_loss=name == "fused_lora")(ids, labels, pos)
+    loss.backward()
+    out[name] = float(loss)
+    out[name + "_grad"] = torch.cat([p.grad.flatten() for p in peft_model.parameters() if p.requires_grad])
+a, b = out.pop("plain_lora_grad"), out.pop("fused_lora_grad")
+out["lora_grad_diff"], out["lora_grad_max"] = float((a - b).abs().max()), float(a.abs().max())
 out["grad_diff"] = max(float((a.grad - b.grad).abs().max()) for a, b in zip(plain.parameters(), fused.parameters()))
 out["grad_max"] = max(float(a.grad.abs().max()) for a in plain.parameters())
 out["classes_kept"] = (modeling_mistral.MistralRMSNorm, modeling_mistral.MistralMLP) == classes
@@ -208,6 +227,8 @@ def test_liger_kernels_under_tritons_interpreter_give_the_plain_loss_and_stay_wi
     assert {"LigerRMSNorm", "LigerSwiGLUMLP"} <= set(out["fused_names"]), out["fused_names"]
     assert out["fused"] == pytest.approx(out["plain"], rel=1e-5) and out["fused_n"] == out["plain_n"] > 100
     assert out["grad_diff"] <= 1e-4 * out["grad_max"], out
+    assert out["fused_lora"] == pytest.approx(out["plain_lora"], rel=1e-5) and out["fused_lora"] != out["plain"]
+    assert out["lora_grad_diff"] <= 1e-4 * out["lora_grad_max"], out
     # the model built after the patch is of the plain modules (its rope: Liger's under the interpreter)
     assert out["classes_kept"] and "LigerRMSNorm" not in out["later_names"], out["later_names"]
     assert out["later"] == pytest.approx(out["plain"], rel=1e-5)
