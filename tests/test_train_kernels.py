@@ -5,10 +5,12 @@ with liger-kernel installed) the fused step gives the plain step's losses to bf1
 the fused loss equals the chunked one. The engines are built by the trainer's own functions.
 
 Where triton and liger-kernel are installed (``pip install triton '.[liger]'``; CI has neither),
-the kernels also run on CPU under Triton's interpreter: the patched model gives the plain model's
-loss and gradients, with and without LoRA adapters over it, in fp32 (the interpreter computes
-bf16 on its raw bits: Liger's SwiGLU and rope give NaN there, not on a GPU), and Liger's patching
-of the modeling module stays with the model it patched."""
+the kernels also run on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, which also lets
+the trainer apply them on CPU): the patched model gives the plain model's loss and gradients,
+with and without LoRA adapters over it, in fp32 (the interpreter computes bf16 on its raw bits:
+Liger's SwiGLU and rope give NaN there, not on a GPU), and Liger's patching of the modeling
+module stays with the model it patched; in the slow tier, the trainer's own engine with Liger
+on trains with the plain path's losses and resumes exactly."""
 
 import json
 import os
@@ -114,6 +116,9 @@ def test_a_missing_package_and_a_bad_value_are_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", None)
     with pytest.raises(ValueError, match="train.kernels=liger needs the liger-kernel package"):
         apply_liger(tiny())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton runs on CPU then: the trainer applies Liger
+    with pytest.raises(ValueError, match="train.kernels=liger needs the liger-kernel package"):
+        engine("cpu", "liger")
     with pytest.raises(ValueError, match="train.kernels must be one of"):
         check("train", compose("train", ["paths.output_dir=/tmp/unused", "train.kernels=unsloth"]))
 
@@ -160,9 +165,9 @@ def test_what_liger_patches_in_the_modeling_module_stays_with_its_model(monkeypa
 
 
 # Triton's interpreter (3.6-3.9) passes float arguments as Python floats, which Liger's RMSNorm
-# kernel casts (``eps.to``), and gives no interpreted ``libdevice.rsqrt``: two shims, for this check only.
-INTERPRETED = """
-import json, sys
+# kernel casts (``eps.to``), and gives no interpreted ``libdevice.rsqrt``: two shims, for these checks only.
+SHIMS = """
+import json, os, sys
 import numpy as np
 import torch
 import triton.language as tl
@@ -173,7 +178,11 @@ cvt = interpreter._implicit_cvt
 f32 = lambda v: tl.tensor(interpreter.TensorHandle(np.array([v], dtype=np.float32), tl.float32), tl.float32)
 interpreter._implicit_cvt = lambda a: f32(a) if isinstance(a, float) else cvt(a)
 liger_kernel.ops.rms_norm.rsqrt = lambda x: 1.0 / tl.sqrt(x)
+"""
 
+INTERPRETED = (
+    SHIMS
+    + """
 from transformers.models.mistral import modeling_mistral
 from cerbero_ray.config.train import LORA_TARGETS, LoraConfig
 from cerbero_ray.models import tiny
@@ -215,15 +224,70 @@ out["grad_max"] = max(float(a.grad.abs().max()) for a in plain.parameters())
 out["classes_kept"] = (modeling_mistral.MistralRMSNorm, modeling_mistral.MistralMLP) == classes
 json.dump(out, sys.stdout)
 """
+)
+
+# the trainer's own path (build_engine, train_step, DeepSpeed ZeRO-1 on one gloo rank) with Liger on
+TRAINED = (
+    SHIMS
+    + """
+import tempfile
+import torch.distributed as dist
+from cerbero_ray.config import check, compose
+from cerbero_ray.train.loop import train_step
+from cerbero_ray.train.zero import build_engine
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo", rank=0, world_size=1)
+cpu = torch.device("cpu")
 
 
-def test_liger_kernels_under_tritons_interpreter_give_the_plain_loss_and_stay_with_their_model():
+def engine(kernels):
+    o = ["paths.output_dir=/tmp/unused", "train.num_workers=1", "train.global_batch_size=1", "train.lr=1e-3"]
+    o += [f"train.kernels={kernels}", "train.precision=fp32", "train.warmup_steps=0", "train.use_gpu=false"]
+    return build_engine(check("train", compose("train", o)), 10, cpu, 1)[0]
+
+
+def run(e, bs):
+    return [train_step(e, [b], cpu, 1)[0] for b in bs]
+
+
+g = torch.Generator().manual_seed(0)
+bs = []
+for _ in range(4):
+    ids = torch.randint(3, 32000, (1, 96), generator=g)
+    pos = torch.cat([torch.arange(40), torch.arange(30), torch.arange(26)])[None]
+    bs.append({"input_ids": ids, "labels": ids.clone(), "position_ids": pos})
+out = {"plain": run(engine("none"), bs)}
+whole = engine("liger")
+out["fused_loss"] = whole.module.fused_loss
+out["names"] = sorted({m._get_name() for m in whole.module.modules()})
+out["fused"] = run(whole, bs)
+first = engine("liger")
+run(first, bs[:2])
+with tempfile.TemporaryDirectory() as d:
+    first.save_checkpoint(d, tag="step2")
+    again = engine("liger")
+    again.load_checkpoint(d, tag="step2")
+out["resumed"] = run(again, bs[2:])
+a, b = whole.module.state_dict(), again.module.state_dict()
+out["weights_equal"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+json.dump(out, sys.stdout)
+"""
+)
+
+
+def interpreted(script: str, *args: str) -> dict:
+    """What ``script`` prints last (JSON), run by a child under Triton's interpreter."""
     pytest.importorskip("triton", reason="needs triton (pip install triton '.[liger]')")
     pytest.importorskip("liger_kernel", reason="needs liger-kernel (pip install triton '.[liger]')")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    run = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.splitlines()[-1])
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def test_liger_kernels_under_tritons_interpreter_give_the_plain_loss_and_stay_with_their_model():
+    out = interpreted(INTERPRETED)
     assert {"LigerRMSNorm", "LigerSwiGLUMLP"} <= set(out["fused_names"]), out["fused_names"]
     assert out["fused"] == pytest.approx(out["plain"], rel=1e-5) and out["fused_n"] == out["plain_n"] > 100
     assert out["grad_diff"] <= 1e-4 * out["grad_max"], out
@@ -232,3 +296,16 @@ def test_liger_kernels_under_tritons_interpreter_give_the_plain_loss_and_stay_wi
     # the model built after the patch is of the plain modules (its rope: Liger's under the interpreter)
     assert out["classes_kept"] and "LigerRMSNorm" not in out["later_names"], out["later_names"]
     assert out["later"] == pytest.approx(out["plain"], rel=1e-5)
+
+
+@pytest.mark.slow  # ~3 minutes: Liger's fused loss over a 32,000-word vocabulary, interpreted
+def test_the_trainer_runs_liger_under_tritons_interpreter_as_the_plain_path_and_resumes_exactly():
+    """``train.kernels=liger`` through ``build_engine`` on CPU when Triton's interpreter is on: the
+    fused model and loss train with the plain path's losses, and a run resumed from its DeepSpeed
+    checkpoint continues exactly as the uninterrupted one."""
+    from conftest import free_port
+
+    out = interpreted(TRAINED, str(free_port()))
+    assert out["fused_loss"] and {"LigerRMSNorm", "LigerSwiGLUMLP"} <= set(out["names"]), out
+    assert out["fused"] == pytest.approx(out["plain"], rel=1e-4) and out["fused"] != out["plain"]
+    assert out["resumed"] == out["fused"][2:] and out["weights_equal"]

@@ -127,11 +127,18 @@ def apply_liger(lm: nn.Module) -> None:
             setattr(module, name, _on_triton(now, value) if name == "apply_rotary_pos_emb" else value)
 
 
+def triton_runs(device: torch.device) -> bool:
+    """Whether Triton kernels run on ``device``'s tensors: CUDA, or anywhere under Triton's
+    interpreter (``TRITON_INTERPRET=1``: the kernels run on the host, slowly; how they are checked
+    on a machine without a GPU)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _on_triton(liger, plain):
-    """A rope function that runs Liger's Triton kernel on CUDA tensors (or anywhere under Triton's
-    interpreter, ``TRITON_INTERPRET=1``) and the model's own elsewhere."""
-    anywhere = os.environ.get("TRITON_INTERPRET") == "1"
+    """A rope function that runs Liger's Triton kernel where :func:`triton_runs` and the model's
+    own elsewhere (the interpreter's switch read once, here: nothing for a compiled layer to trace)."""
     plain = getattr(plain, "_liger_plain", plain)  # applied twice: wrap the module's own function once
+    anywhere = triton_runs(torch.device("cpu"))
 
     def rope(q, k, *args, **kwargs):
         return (liger if anywhere or q.is_cuda else plain)(q, k, *args, **kwargs)

@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from cerbero_ray.config.train import SCHEDULES, DeepSpeedConfig, TrainConfig, TrainStageConfig, accumulation_steps
 from cerbero_ray.logs import drop_lines
 from cerbero_ray.models import build_model
-from cerbero_ray.train.modeling import PackedCausalLM, apply_liger, pick_attention
+from cerbero_ray.train.modeling import PackedCausalLM, apply_liger, pick_attention, triton_runs
 
 
 def deepspeed_config(ds: DeepSpeedConfig, t: TrainConfig, world_size: int) -> dict:
@@ -158,9 +158,13 @@ def build_packed(config: TrainStageConfig, device: torch.device, on_base=None, a
         lm = build_model(replace(config.model, dtype="float32"), seed=t.seed)
     lm.config._attn_implementation = pick_attention(t.attention, cuda, t.micro_batch_size)
     lm.config.use_cache = False
-    liger = t.kernels == "liger" and cuda
-    if t.kernels == "liger" and not cuda:
-        warnings.warn("train.kernels=liger: Liger's Triton kernels need CUDA; the plain path runs on CPU", stacklevel=2)
+    liger = t.kernels == "liger" and triton_runs(device)
+    if t.kernels == "liger" and not liger:
+        warnings.warn(
+            "train.kernels=liger: Liger's Triton kernels need CUDA (or Triton's interpreter, TRITON_INTERPRET=1); "
+            "the plain path runs on CPU",
+            stacklevel=2,
+        )
     if liger:  # on the base, before any adapter wraps its projections
         apply_liger(lm)
     if t.gradient_checkpointing and t.compile == "none":  # transformers >= 5.2x renamed it; the GPU images may be older
