@@ -104,8 +104,8 @@ def apply_liger(lm: nn.Module) -> None:
     so that every model built after it in the process would be built of Liger's modules, Triton
     and CUDA only, and its rope function, which the attention looks up at each call. The classes
     are put back here; the rope stays patched for the instance's sake, but as :func:`_on_triton`:
-    Liger's kernel where Triton can run (CUDA tensors), the module's own function elsewhere (a CPU
-    model in the same process)."""
+    Liger's kernel where Triton can run (:func:`triton_runs`), the module's own function elsewhere
+    (a CPU model in the same process)."""
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as e:
