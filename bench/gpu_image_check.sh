@@ -8,6 +8,7 @@
 # separate folder on PYTHONPATH, as gpu_run.sh does there; then runs
 #   CPU_SMOKE=1 bash bench/gpu_run.sh <stages>     (every stage by default)
 #   pytest on the test files with a gpu twin       (their cpu cases: the same inputs and assertions)
+#   Liger's Triton kernels under Triton's interpreter (tests/test_train_kernels.py -k interpreter)
 # Needs a Python 3.12 (PYTHON312=, or pyenv's); IMAGE_VENV= to keep the venv elsewhere (default
 # /tmp/cerbero_image_venv); OUT= for the smoke run's files (default outputs/gpu_image).
 #   bash bench/gpu_image_check.sh                  # ~5 minutes once the venv exists (~5 more to build it)
@@ -54,4 +55,9 @@ grep -q "rc=[1-9]" "$OUT/gpu_run.log" && { echo "a smoke step failed: $OUT/gpu_r
 PYTHONPATH="$PWD:$SITE" "$VENV/bin/python3" -m pytest -q -p no:cacheprovider -m "not integration" \
   tests/test_inference_continuous.py tests/test_lora_gpu.py tests/test_train_gpu.py tests/test_train_kernels.py \
   tests/test_grammar.py || rc=1
+# Liger's kernels (carried) on the image's triton, run by Triton's interpreter on CPU; its 3.6 needs NumPy < 2.4
+# (first on the path, for this run only). INTERPRETER_SLOW=1 adds the trainer's engine and an exact resume (~4 min).
+"$VENV/bin/python3" -m pip install -q --target "$SITE/np" "numpy<2.4"
+PYTHONPATH="$SITE/np:$PWD:$SITE" "$VENV/bin/python3" -m pytest -q -p no:cacheprovider -rs -k interpreter \
+  -m "${INTERPRETER_SLOW:+slow or }not slow" tests/test_train_kernels.py || rc=1
 exit $rc
