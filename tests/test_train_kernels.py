@@ -123,11 +123,12 @@ def test_a_missing_package_and_a_bad_value_are_named(monkeypatch):
         check("train", compose("train", ["paths.output_dir=/tmp/unused", "train.kernels=unsloth"]))
 
 
-@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("interpret", [False, True, "fails"])
 def test_what_liger_patches_in_the_modeling_module_stays_with_its_model(monkeypatch, rope_kept, interpret):
     """Without liger-kernel (CI): a stand-in patching as Liger does (the instance's forward, the
     module's classes and rope) shows what :func:`apply_liger` puts back: the classes, and the rope
-    for tensors Triton cannot take (CPU, unless under its interpreter)."""
+    for tensors Triton cannot take (CPU, unless under its interpreter); a patch that fails midway (a
+    liger-kernel that does not know this transformers) is named and leaves the module as it was."""
     import types
 
     from transformers.models.mistral import modeling_mistral as mm
@@ -144,6 +145,8 @@ def test_what_liger_patches_in_the_modeling_module_stays_with_its_model(monkeypa
     def apply_to_mistral(rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy, model):
         mm.apply_rotary_pos_emb, mm.MistralRMSNorm, mm.MistralMLP = liger_rope, nn.Identity, nn.Identity
         model.model.norm._get_name = lambda: "LigerRMSNorm"
+        if interpret == "fails":
+            raise AttributeError("'MistralModel' object has no attribute 'norm_f'")
 
     patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
     patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {"mistral": apply_to_mistral}
@@ -151,6 +154,11 @@ def test_what_liger_patches_in_the_modeling_module_stays_with_its_model(monkeypa
     monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
     classes = mm.MistralRMSNorm, mm.MistralMLP
     lm = tiny()
+    if interpret == "fails":
+        with pytest.raises(ValueError, match=r"train.kernels=liger: Liger Kernel could not patch this mistral model"):
+            apply_liger(lm)
+        assert (mm.apply_rotary_pos_emb, mm.MistralRMSNorm, mm.MistralMLP) == (own, *classes)
+        return
     apply_liger(lm)
     apply_liger(lm)  # twice: still one level of dispatch to the module's own rope
     assert mm.apply_rotary_pos_emb._liger_plain is own

@@ -96,8 +96,8 @@ def fused_loss_sum(
 
 def apply_liger(lm: nn.Module) -> None:
     """Liger Kernel's Triton RMSNorm, SwiGLU and rope in ``lm``'s modules (``train.kernels=liger``;
-    the loss is :func:`fused_loss_sum`); ``ValueError`` naming the key when the package is missing
-    or has no kernels for the architecture.
+    the loss is :func:`fused_loss_sum`); ``ValueError`` naming the key when the package is missing,
+    has no kernels for the architecture or fails to patch it (the module then as it was).
 
     Liger patches ``lm``'s instances (their ``forward``; they keep their classes: ``_get_name()``
     says ``LigerRMSNorm``) and, to do so, the modeling module's globals: its norm and MLP classes,
@@ -120,7 +120,14 @@ def apply_liger(lm: nn.Module) -> None:
         )
     module = sys.modules[type(lm).__module__]
     before = dict(vars(module))
-    fn(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=lm)
+    try:
+        fn(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=lm)
+    except Exception as e:  # a liger-kernel that does not know this transformers' model code
+        vars(module).update(before)  # nothing half-patched left in the module
+        raise ValueError(
+            f"train.kernels=liger: Liger Kernel could not patch this {kind} model ({e!r}); "
+            "check that liger-kernel supports this transformers version, or use train.kernels=none"
+        ) from e
     for name, value in before.items():
         now = getattr(module, name)
         if now is not value:
