@@ -196,16 +196,14 @@ from cerbero_ray.config.train import LORA_TARGETS, LoraConfig
 from cerbero_ray.models import tiny
 from cerbero_ray.train.lora import apply_lora
 from cerbero_ray.train.modeling import PackedCausalLM, apply_liger
+from test_train_kernels import batches
 
 classes = modeling_mistral.MistralRMSNorm, modeling_mistral.MistralMLP
 plain, fused = tiny(seed=0), tiny(seed=0)
 apply_liger(fused)
 later = tiny(seed=0)  # built after the patch
-g = torch.Generator().manual_seed(0)
-ids = torch.randint(3, 32000, (1, 128), generator=g)
-labels = ids.clone()
-labels[0, :10] = -100
-pos = torch.cat([torch.arange(64), torch.arange(64)])[None]
+b = batches(1, "cpu")[0]
+ids, labels, pos = b["input_ids"], b["labels"], b["position_ids"]
 out = {}
 for name, lm in (("plain", plain), ("fused", fused), ("later", later)):
     loss, n = PackedCausalLM(lm, fused_loss=name == "fused")(ids, labels, pos)
@@ -234,49 +232,31 @@ json.dump(out, sys.stdout)
 """
 )
 
-# the trainer's own path (build_engine, train_step, DeepSpeed ZeRO-1 on one gloo rank) with Liger on
+# the trainer's own path (build_engine, train_step, DeepSpeed ZeRO-1 on one gloo rank) with Liger on,
+# through this file's engine() and losses(), on test_train_compile's batches()
 TRAINED = (
     SHIMS
     + """
 import tempfile
 import torch.distributed as dist
-from cerbero_ray.config import check, compose
-from cerbero_ray.train.loop import train_step
-from cerbero_ray.train.zero import build_engine
+from test_train_compile import batches  # packed rows of three documents
+from test_train_kernels import engine, losses
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 dist.init_process_group("gloo", rank=0, world_size=1)
-cpu = torch.device("cpu")
-
-
-def engine(kernels):
-    o = ["paths.output_dir=/tmp/unused", "train.num_workers=1", "train.global_batch_size=1", "train.lr=1e-3"]
-    o += [f"train.kernels={kernels}", "train.precision=fp32", "train.warmup_steps=0", "train.use_gpu=false"]
-    return build_engine(check("train", compose("train", o)), 10, cpu, 1)[0]
-
-
-def run(e, bs):
-    return [train_step(e, [b], cpu, 1)[0] for b in bs]
-
-
-g = torch.Generator().manual_seed(0)
-bs = []
-for _ in range(4):
-    ids = torch.randint(3, 32000, (1, 96), generator=g)
-    pos = torch.cat([torch.arange(40), torch.arange(30), torch.arange(26)])[None]
-    bs.append({"input_ids": ids, "labels": ids.clone(), "position_ids": pos})
-out = {"plain": run(engine("none"), bs)}
-whole = engine("liger")
+bs = batches(4)
+out = {"plain": losses(engine("cpu", "none"), bs, "cpu")}
+whole = engine("cpu", "liger")
 out["fused_loss"] = whole.module.fused_loss
 out["names"] = sorted({m._get_name() for m in whole.module.modules()})
-out["fused"] = run(whole, bs)
-first = engine("liger")
-run(first, bs[:2])
+out["fused"] = losses(whole, bs, "cpu")
+first = engine("cpu", "liger")
+losses(first, bs[:2], "cpu")
 with tempfile.TemporaryDirectory() as d:
     first.save_checkpoint(d, tag="step2")
-    again = engine("liger")
+    again = engine("cpu", "liger")
     again.load_checkpoint(d, tag="step2")
-out["resumed"] = run(again, bs[2:])
+out["resumed"] = losses(again, bs[2:], "cpu")
 a, b = whole.module.state_dict(), again.module.state_dict()
 out["weights_equal"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 json.dump(out, sys.stdout)
@@ -295,7 +275,8 @@ def interpreted(script: str, *args: str) -> dict:
         pytest.skip(
             f"Triton {triton.__version__}'s interpreter takes int() of 1-element arrays, which NumPy >= 2.4 refuses"
         )
-    path = os.pathsep.join([str(Path(__file__).parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])
+    here = Path(__file__).parent  # the repository and this folder: the scripts call this file's helpers
+    path = os.pathsep.join([str(here.parent), str(here), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     run = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
