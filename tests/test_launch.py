@@ -107,3 +107,43 @@ def test_our_error_reads_only_a_traceback_that_ends_in_our_code():
     assert our_error(formatted(lambda: json.loads("{not json"))) is None  # raised in the json module
     assert our_error(formatted(lambda: {}["key"])) is None  # not a kind our checks raise
     assert our_error("ValueError: no traceback around it") is None and our_error("") is None
+
+
+def test_the_train_stage_s_local_data_is_checked_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """The stage table's precheck: a local train.data_dir without a manifest, with too few rows or
+    rows of another length is one line and exit status 2 before Ray starts (the job, and the main
+    job when its data stage does not run first); the main job whose data stage makes the manifest,
+    a whole manifest and a bucket's folder (read when the run plans) go on to start Ray."""
+    import re
+
+    from test_train_config import manifest_dir
+
+    import cerbero_ray.runtime as runtime
+
+    class RayStarts(Exception):
+        pass
+
+    def init_ray(cluster):
+        raise RayStarts
+
+    monkeypatch.setattr(runtime, "init_ray", init_ray)
+    out = f"paths.output_dir={tmp_path}"
+    (tmp_path / "few").mkdir()
+    few = manifest_dir(tmp_path / "few", rows=6)
+    for stage, over, said in (
+        ("train", [f"train.data_dir={tmp_path}/nothing"], r"train\.data_dir: no manifest\.json in .*nothing"),
+        ("train", [f"train.data_dir={few}"], r"train\.global_batch_size \+ train\.eval_rows = 12 rows, but .* holds 6"),
+        ("train", [f"train.data_dir={few}", "train.seq_len=256"], r"train\.seq_len=256 but the shards in .* are 512"),
+        ("recipe", ["stages=[train,label]"], r"train\.data_dir: no manifest\.json in .*data/chat_sample"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            launch(stage, compose(stage, [out, *over]), lambda c: None)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and re.fullmatch(f"error: {said}.*\n", err), err
+    for stage, over in (
+        ("recipe", ["stages=[data,train]"]),
+        ("train", [f"train.data_dir={manifest_dir(tmp_path)}"]),
+        ("train", ["train.data_dir=s3://bucket/run/data"]),
+    ):
+        with pytest.raises(RayStarts):
+            launch(stage, compose(stage, [out, *over]), lambda c: None)

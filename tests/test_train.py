@@ -102,6 +102,21 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     ckpts = sorted(d for d in os.listdir(run) if d.startswith("checkpoint_step_"))
     assert ckpts == ["checkpoint_step_0000006", "checkpoint_step_0000008"]
     assert os.path.exists(os.path.join(run, ckpts[-1], "hf", "model.safetensors"))
+    # each with the record the driver reads to refuse another data order (tests/test_train_config.py)
+    from cerbero_ray.train.checkpoint import read_record
+
+    records = [read_record(os.path.join(run, c)) for c in ckpts]
+    assert [r["step"] for r in records] == [6, 8] and len({r["signature"] for r in records}) == 1
+    from cerbero_ray.config import check
+    from cerbero_ray.train.run_plan import check_resume, plan_run
+
+    # the driver signs the order as the workers did: the same config would resume (were the run
+    # longer), another seed is refused before any worker starts
+    same = check("train", train_cfg(shards, tmp_path, "killed", fail_at_step=4, fail_rank=1))
+    check_resume(plan_run(same), same.train, STEPS + 1)
+    other = check("train", train_cfg(shards, tmp_path, "killed", seed=7))
+    with pytest.raises(ValueError, match="another data order"):
+        check_resume(plan_run(other), other.train, STEPS + 1)
     assert os.path.exists(os.path.join(run, "loss.png")) and os.listdir(os.path.join(run, "tensorboard"))
 
     # a rerun of a finished run resumes at its end instead of starting over: tests/test_s3.py (the

@@ -2,6 +2,7 @@
 on the driver before any worker starts."""
 
 import json
+import os
 
 import pytest
 
@@ -145,3 +146,40 @@ def test_each_schedule_gives_transformers_learning_rates_and_resumes(tmp_path, s
     assert got[12] == pytest.approx({"cosine": 0.2, "linear": 0.0, "constant": 1.0}[schedule] * t.lr)
     if warmup:
         assert got[0] == 0.0 and got[1] == pytest.approx(t.lr / 3)
+
+
+def test_a_changed_data_order_is_refused_before_any_worker_starts(tmp_path):
+    """The newest complete checkpoint's record (step, data-order signature) against the run's: the
+    driver refuses a resume in another order (Ray Train would restart the worker group
+    train.max_failures times, each finding the same); the same order, a finished run and a
+    checkpoint some rank did not finish pass."""
+    from cerbero_ray.train.checkpoint import checkpoint_name, write_record
+    from cerbero_ray.train.plan import plan_all, signature, total_steps
+    from cerbero_ray.train.run_plan import check_resume
+
+    def plan(*over):
+        c = check("train", cfg(tmp_path, *over))
+        run = plan_run(c)
+        return run, c.train, total_steps(plan_all(list(run.shards), c.train, c.train.num_workers), c.train)
+
+    run, t, total = plan()
+    check_resume(run, t, total)  # no checkpoint yet
+
+    def checkpoint(step, sig, ranks=(0, 1)):
+        d = os.path.join(run.run_dir, checkpoint_name(step))
+        os.makedirs(os.path.join(d, "complete"), exist_ok=True)
+        write_record(d, step, sig)
+        for r in ranks:
+            open(os.path.join(d, "complete", f"rank_{r}"), "w").close()
+
+    checkpoint(2, signature(list(run.shards), t, t.num_workers))
+    check_resume(run, t, total)  # the same order resumes
+    moved, t2, total2 = plan("train.global_batch_size=8")
+    assert moved.run_dir == run.run_dir and total2 < total
+    with pytest.raises(ValueError, match=r"another data order .* use a new train\.name \(.*checkpoint_step_0000002\)"):
+        check_resume(moved, t2, total2)
+    checkpoint(3, "another", ranks=(0,))  # newer, but rank 1 never finished it: the step-2 one counts
+    with pytest.raises(ValueError, match="checkpoint_step_0000002"):
+        check_resume(moved, t2, total2)
+    checkpoint(total2, "another")  # a finished run reads nothing more, whatever its order
+    check_resume(moved, t2, total2)

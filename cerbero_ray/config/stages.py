@@ -33,6 +33,9 @@ class Stage:
     resume: str  # what running the same command again does after a stop
     recipe: int | None = None  # its place in the main job (None: not one of its stages)
     layer: int = STAGE_LAYER  # the import layer of its package (or module) under cerbero_ray/
+    # "module:function"(c, before): what the job reads of its local input before Ray starts, past
+    # the config's check (the train stage's manifest); None: nothing
+    precheck: str | None = None
 
     @property
     def package(self) -> str:
@@ -41,8 +44,22 @@ class Stage:
         return module.split(".")[1] if module.startswith("cerbero_ray.") else module
 
     def runner(self) -> Callable:
-        module, _, fn = self.run.partition(":")
-        return getattr(importlib.import_module(module), fn)
+        return _resolve(self.run)
+
+
+def _resolve(path: str) -> Callable:
+    module, _, fn = path.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def precheck(name: str, c, before: frozenset = frozenset()) -> None:
+    """Before Ray starts (``runtime.launch``): stage ``name``'s precheck on the checked config ``c``
+    (the main job's: each of its stages', knowing which run before it). ``ValueError`` naming the key."""
+    if name == "recipe":
+        for i, s in enumerate(c.stages):
+            precheck(s, c, frozenset(c.stages[:i]))
+    elif STAGES[name].precheck:
+        _resolve(STAGES[name].precheck)(c, before)
 
 
 def register(stage: Stage) -> Stage:
@@ -90,6 +107,7 @@ for _s in (
         True,
         "the same command resumes from its last complete checkpoint",
         recipe=2,
+        precheck="cerbero_ray.train.run_plan:check_local_data",
     ),
     Stage(
         "label",

@@ -11,6 +11,8 @@
                             ``AutoModelForCausalLM.from_pretrained(<checkpoint>/hf)``
       adapter/              instead of hf/ under ``train.method=lora`` (the weights in ds/ then
                             leave the frozen base out: it is rebuilt, not stored)
+      loop.json             rank 0: the step and the data order's signature (what the driver
+                            reads to refuse a changed data order before any worker starts)
       complete/rank_<r>     written by each rank once all its files are in storage
 
 Every rank writes its own files into its own folder, then copies them into the run folder's
@@ -21,6 +23,7 @@ resume, and the choice does not depend on Ray's controller having seen the repor
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -32,6 +35,7 @@ from cerbero_ray import storage
 
 TAG = "state"
 PREFIX = "checkpoint_step_"
+RECORD = "loop.json"
 
 
 def checkpoint_name(step: int) -> str:
@@ -61,6 +65,21 @@ def complete_checkpoints(run_dir: str, world_size: int) -> list[str]:
         if {m.base_name for m in marks} >= {f"rank_{r}" for r in range(world_size)}:
             out.append(storage.join(run_dir, info.base_name))
     return out
+
+
+def write_record(directory: str, step: int, signature: str) -> None:
+    """Rank 0: the checkpoint's step and data-order signature, readable without DeepSpeed or torch."""
+    with open(os.path.join(directory, RECORD), "w") as f:
+        json.dump({"step": step, "signature": signature}, f)
+
+
+def read_record(checkpoint: str) -> dict | None:
+    """What :func:`write_record` wrote in ``checkpoint`` (a path or URI); None for a checkpoint
+    from before it was written (its workers check the signature in DeepSpeed's client state)."""
+    try:
+        return storage.read_json(storage.join(checkpoint, RECORD))
+    except FileNotFoundError:
+        return None
 
 
 def rng_state() -> dict:

@@ -30,7 +30,7 @@ from cerbero_ray.train import checkpoint as ckpt
 from cerbero_ray.train.env import TrainEnv
 from cerbero_ray.train.metrics import Writer, progress_line, write_summary
 from cerbero_ray.train.modeling import count_flops_per_token, peak_flops
-from cerbero_ray.train.plan import plan_all, remaining, signature, total_steps
+from cerbero_ray.train.plan import DATA_ORDER_CHANGED, plan_all, remaining, signature, total_steps
 from cerbero_ray.train.reader import local_batches
 from cerbero_ray.train.run_plan import RunPlan
 from cerbero_ray.train.zero import build_engine
@@ -136,11 +136,7 @@ class _Run:
         if d:
             state = ckpt.load(self.engine, d, self.rank, frozen=self.lora)["loop"]
             if state["signature"] != self.sig and state["step"] < self.total:  # a finished run reads nothing more
-                raise ValueError(
-                    "this run's checkpoint was made with another data order (world size, batch sizes, "
-                    "epochs, seed, eval_rows, mix_block_rows or shards changed); keep them, or use a new "
-                    "train.name"
-                )
+                raise ValueError(DATA_ORDER_CHANGED)  # the driver's check_resume: unless it predates loop.json
             self.step, self.history, self.resumed_from = state["step"], state["history"], state["step"]
             if self.rank == 0:
                 say(f"[train] resumed from step {self.step} ({d})")
@@ -157,6 +153,8 @@ class _Run:
         client = {"loop": {"step": at, "history": self.history, "signature": self.sig}}
         write = self.write_model if self.t.hf_in_checkpoints else None
         ckpt.save(self.engine, d, self.rank, client, write, frozen=self.lora)
+        if self.rank == 0:
+            ckpt.write_record(d, at, self.sig)
         if self.writer:
             self.writer.history(self.history)
             self.writer.sync()

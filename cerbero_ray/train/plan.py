@@ -173,6 +173,12 @@ def total_steps(plans: list[EpochPlan], t: TrainConfig) -> int:
     return min(n, t.max_steps) if t.max_steps else n
 
 
+DATA_ORDER_CHANGED = (
+    "this run's checkpoint was made with another data order (world size, batch sizes, epochs, seed, "
+    "eval_rows, max_steps, mix_block_rows or shards changed); keep them, or use a new train.name"
+)
+
+
 def signature(shards: list[dict], t: TrainConfig, world: int) -> str:
     """What fixes the data order: a checkpoint only resumes a run with the same one."""
     keys = ("micro_batch_size", "global_batch_size", "epochs", "seed", "eval_rows", "max_steps")

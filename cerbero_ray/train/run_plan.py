@@ -1,7 +1,9 @@
 """The training stage's run-time checks, before any worker starts: :func:`plan_run` checks the
 config (``check_train``), reads the data stage's manifest, checks the shards and the model against
 it (a ``ValueError`` naming the key), and returns the run's :class:`RunPlan` (what every worker
-trains on, and where it writes), which the workers get beside the config.
+trains on, and where it writes), which the workers get beside the config. The part that needs
+neither the tokenizer nor the model (a local manifest, its rows' length and count) runs before Ray
+starts too: :func:`check_local_data`, the train stage's ``precheck`` in the stage table.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from cerbero_ray import storage
 from cerbero_ray.config import check
 from cerbero_ray.config.train import TrainStageConfig
 from cerbero_ray.shards import read_manifest
+from cerbero_ray.train.plan import DATA_ORDER_CHANGED, signature
 
 
 @dataclass(frozen=True)
@@ -26,19 +29,8 @@ def plan_run(c: TrainStageConfig) -> RunPlan:
     """Validate ``c`` (the resolved config) against the shards and the model; returns the run's plan."""
     c = check("train", c)
     t = c.train
-    try:
-        manifest = read_manifest(t.data_dir)
-    except FileNotFoundError:
-        raise ValueError(
-            f"train.data_dir: no manifest.json in {t.data_dir} (run the data stage first, "
-            "or point train.data_dir at its data.output_dir)"
-        ) from None
-    seq_len = int(manifest["seq_len"])
-    if t.seq_len is not None and int(t.seq_len) != seq_len:
-        raise ValueError(
-            f"train.seq_len={t.seq_len} but the shards in {t.data_dir} are {seq_len} tokens "
-            "long; rerun the data stage with that data.seq_len, or drop train.seq_len"
-        )
+    manifest = _manifest(t.data_dir)
+    seq_len = _check_shards(t, manifest)
     # transformers is imported here, not with the module: Ray Train's controller unpickles the
     # worker function from cerbero_ray.train.trainer, which imports this module, and runs no plan
     from cerbero_ray.models import build_model_config
@@ -61,12 +53,58 @@ def plan_run(c: TrainStageConfig) -> RunPlan:
         raise ValueError(f"model: max_position_embeddings {mc.max_position_embeddings} < the shards' seq_len {seq_len}")
     shards = [{"path": s["path"], "rows": int(s["rows"])} for s in manifest["shards"]]
     rows = sum(s["rows"] for s in shards)
+    # a local run folder made absolute here, once: the workers' working folder is not the driver's
+    out = t.output_dir if storage.is_uri(t.output_dir) else storage.resolve(t.output_dir)[1]
+    return RunPlan(storage.join(out, t.name), seq_len, rows, tuple(shards))
+
+
+def check_resume(run: RunPlan, t, total: int) -> None:
+    """Before any worker starts: ``ValueError`` when the run folder's newest complete checkpoint was
+    made with another data order and the run is not finished (``total`` steps). The workers check it
+    too, but only once each has built its model; Ray Train restarts a failed worker group
+    ``train.max_failures`` times, and each restart would find the same."""
+    from cerbero_ray.train.checkpoint import complete_checkpoints, read_record
+
+    done = complete_checkpoints(run.run_dir, t.num_workers)
+    rec = read_record(done[-1]) if done else None
+    if rec and rec["signature"] != signature(list(run.shards), t, t.num_workers) and rec["step"] < total:
+        raise ValueError(f"{DATA_ORDER_CHANGED} ({done[-1]})")
+
+
+def check_local_data(c, before: frozenset = frozenset()) -> None:
+    """Before Ray starts (``runtime.launch``): a local ``train.data_dir``'s manifest, its rows'
+    length and count against the config (what :func:`plan_run` checks first, without the tokenizer
+    and the model), unless the data stage runs before this one in the same job. An object-store
+    folder is read when the run plans."""
+    t = c.train
+    if "data" in before or storage.is_uri(t.data_dir):
+        return
+    _check_shards(t, _manifest(t.data_dir))
+
+
+def _manifest(data_dir: str) -> dict:
+    try:
+        return read_manifest(data_dir)
+    except FileNotFoundError:
+        raise ValueError(
+            f"train.data_dir: no manifest.json in {data_dir} (run the data stage first, "
+            "or point train.data_dir at its data.output_dir)"
+        ) from None
+
+
+def _check_shards(t, manifest: dict) -> int:
+    """``ValueError`` naming the key when the shards cannot feed the run; returns their seq_len."""
+    seq_len = int(manifest["seq_len"])
+    if t.seq_len is not None and int(t.seq_len) != seq_len:
+        raise ValueError(
+            f"train.seq_len={t.seq_len} but the shards in {t.data_dir} are {seq_len} tokens "
+            "long; rerun the data stage with that data.seq_len, or drop train.seq_len"
+        )
+    rows = sum(int(s["rows"]) for s in manifest["shards"])
     need = t.global_batch_size + t.eval_rows
     if rows < need:
         raise ValueError(
             f"train.global_batch_size + train.eval_rows = {need} rows, but {t.data_dir} holds {rows}; "
             "lower them or prepare more data (a shorter data.seq_len gives more rows)"
         )
-    # a local run folder made absolute here, once: the workers' working folder is not the driver's
-    out = t.output_dir if storage.is_uri(t.output_dir) else storage.resolve(t.output_dir)[1]
-    return RunPlan(storage.join(out, t.name), seq_len, rows, tuple(shards))
+    return seq_len

@@ -26,7 +26,7 @@ from cerbero_ray.config import check
 from cerbero_ray.config.train import TrainStageConfig
 from cerbero_ray.train.metrics import read_summary
 from cerbero_ray.train.plan import plan_all, total_steps
-from cerbero_ray.train.run_plan import plan_run
+from cerbero_ray.train.run_plan import check_resume, plan_run
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def run_train(cfg: DictConfig | dict | TrainStageConfig) -> dict:
     run = plan_run(c)
     plans = plan_all(list(run.shards), t, t.num_workers)
     steps = total_steps(plans, t)
+    check_resume(run, t, steps)  # a changed data order: here, not in every worker once per restart
     log.info(
         f"[train] {run.rows} rows × {run.seq_len} tokens; {t.num_workers} workers; "
         f"global batch {t.global_batch_size} rows; {steps} steps over {t.epochs} epoch(s) "
