@@ -110,8 +110,9 @@ def test_our_error_reads_only_a_traceback_that_ends_in_our_code():
 
 
 def test_the_train_stage_s_local_data_is_checked_before_ray_starts(tmp_path, monkeypatch, capsys):
-    """The stage table's precheck: a local train.data_dir without a manifest, with too few rows or
-    rows of another length is one line and exit status 2 before Ray starts (the job, and the main
+    """The stage table's precheck: a local train.data_dir without a manifest, with one cut short or
+    not the data stage's, with too few rows or rows of another length is one line and exit status 2
+    before Ray starts (the job, and the main
     job when its data stage does not run first); the main job whose data stage makes the manifest,
     a whole manifest and a bucket's folder (read when the run plans) go on to start Ray."""
     import re
@@ -130,11 +131,17 @@ def test_the_train_stage_s_local_data_is_checked_before_ray_starts(tmp_path, mon
     out = f"paths.output_dir={tmp_path}"
     (tmp_path / "few").mkdir()
     few = manifest_dir(tmp_path / "few", rows=6)
+    for name, text in (("cut", '{"seq_len": 5'), ("foreign", '{"rows": 3}'), ("odd", '{"seq_len": 512, "shards": 1}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(text)
     for stage, over, said in (
         ("train", [f"train.data_dir={tmp_path}/nothing"], r"train\.data_dir: no manifest\.json in .*nothing"),
         ("train", [f"train.data_dir={few}"], r"train\.global_batch_size \+ train\.eval_rows = 12 rows, but .* holds 6"),
         ("train", [f"train.data_dir={few}", "train.seq_len=256"], r"train\.seq_len=256 but the shards in .* are 512"),
         ("recipe", ["stages=[train,label]"], r"train\.data_dir: no manifest\.json in .*data/chat_sample"),
+        ("train", [f"train.data_dir={tmp_path}/cut"], r"train\.data_dir: .*cut/manifest\.json is not JSON \(.*"),
+        ("train", [f"train.data_dir={tmp_path}/foreign"], r"train\.data_dir: .*foreign/manifest\.json is not a data"),
+        ("train", [f"train.data_dir={tmp_path}/odd"], r"train\.data_dir: .*odd/manifest\.json is not a data"),
     ):
         with pytest.raises(SystemExit) as e:
             launch(stage, compose(stage, [out, *over]), lambda c: None)

@@ -83,13 +83,28 @@ def check_local_data(c, before: frozenset = frozenset()) -> None:
 
 
 def _manifest(data_dir: str) -> dict:
+    """The data stage's manifest in ``data_dir``, with what the trainer reads of it; else a
+    ``ValueError`` naming the key and the file."""
     try:
-        return read_manifest(data_dir)
+        m = read_manifest(data_dir)
     except FileNotFoundError:
         raise ValueError(
             f"train.data_dir: no manifest.json in {data_dir} (run the data stage first, "
             "or point train.data_dir at its data.output_dir)"
         ) from None
+    except ValueError as e:  # not JSON: a copy cut short, or another file under the name
+        raise ValueError(f"train.data_dir: {data_dir}/manifest.json is not JSON ({e}); rerun the data stage") from None
+    try:
+        ok = int(m["seq_len"]) > 0 and isinstance(m["tokenizer_hash"], str) and isinstance(m["shards"], list)
+        ok = ok and all(isinstance(s["path"], str) and int(s["rows"]) >= 0 for s in m["shards"])
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"train.data_dir: {data_dir}/manifest.json is not a data stage manifest (seq_len, tokenizer_hash, "
+            "shards with path and rows); rerun the data stage"
+        )
+    return m
 
 
 def _check_shards(t, manifest: dict) -> int:
