@@ -165,6 +165,22 @@ def test_bf16_on_cpu_without_ray(shards, tmp_path):
 
 
 @pytest.mark.slow  # ~1 minute
+def test_a_check_that_fails_in_the_workers_is_one_line_and_no_verdict_is_left(shards, tmp_path, ray_local):
+    """A checkpoint from before loop.json (the driver cannot read its data order) resumed in another
+    order: the workers refuse it, their verdict makes Ray Train's restart fail at once
+    (tests/test_train_config.py), and the driver raises it as one ValueError, leaving no verdict."""
+    from cerbero_ray.train.trainer import FAILED
+
+    run = run_train(train_cfg(shards, tmp_path, "old"))["run_dir"]  # checkpoints 6 and 8 kept
+    os.remove(os.path.join(run, "checkpoint_step_0000008", "loop.json"))
+    longer = [o for o in train_overrides(shards, tmp_path, "old") if not o.startswith("train.max_steps=")]
+    longer += [f"train.max_steps={STEPS + 4}", "train.seed=7", "train.max_failures=1"]  # unfinished, reordered
+    with pytest.raises(ValueError, match=r"^this run's checkpoint was made with another data order"):
+        run_train(to_container(compose("train", longer)))
+    assert not os.path.exists(os.path.join(run, FAILED))
+
+
+@pytest.mark.slow  # ~1 minute
 def test_the_torch_strategy_under_ray_train_resumes_exactly(shards, tmp_path, ray_local):
     """``train.strategy=torch`` on Ray Train's 2 gloo workers (DDP, ZeroRedundancyOptimizer): a worker
     killed mid-run resumes from its own checkpoint format to the same losses and bit-identical

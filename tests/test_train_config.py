@@ -4,6 +4,8 @@ on the driver before any worker starts."""
 import json
 import os
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from cerbero_ray.config import check, compose, to_container
@@ -14,7 +16,8 @@ from cerbero_ray.train.zero import deepspeed_config
 
 def manifest_dir(tmp_path, seq_len=512, rows=40, tok_hash=None):
     d = tmp_path / "data"
-    d.mkdir(exist_ok=True)
+    (d / "shards").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"input_ids": [[0, 1]] * rows}), d / "shards" / "a.parquet")  # the rows it lists
     m = {
         "seq_len": seq_len,
         "tokenizer_hash": tok_hash or tokenizer_hash(build_tokenizer()),
@@ -183,3 +186,51 @@ def test_a_changed_data_order_is_refused_before_any_worker_starts(tmp_path):
         check_resume(moved, t2, total2)
     checkpoint(total2, "another")  # a finished run reads nothing more, whatever its order
     check_resume(moved, t2, total2)
+
+
+def test_a_worker_s_verdict_on_its_input_makes_the_restarts_fail_at_once(tmp_path):
+    """Ray Train restarts a failed worker group train.max_failures times: a check of ours that
+    failed in a worker is left in the run folder, so each restart raises it before building its
+    model; a library's error (a crash, perhaps transient) is not, and the driver reads the verdict
+    once, leaving the folder clean for a rerun."""
+    from cerbero_ray.train.trainer import FAILED, attempt, verdict
+
+    run_dir = str(tmp_path / "run")
+    calls = []
+
+    def ours():
+        calls.append("ours")
+        plan_run(cfg(tmp_path, "train.seq_len=1024"))  # raises from our code: the shards are 512
+
+    with pytest.raises(ValueError, match=r"train\.seq_len=1024 but the shards"):
+        attempt(run_dir, ours)
+    assert os.path.exists(os.path.join(run_dir, FAILED))
+    with pytest.raises(ValueError, match=r"train\.seq_len=1024 but the shards"):
+        attempt(run_dir, ours)  # the restart: at once
+    assert calls == ["ours"]
+    assert verdict(run_dir).startswith("train.seq_len=1024 but the shards") and verdict(run_dir) is None
+
+    def library():
+        calls.append("library")
+        json.loads("{not json")
+
+    with pytest.raises(ValueError, match="Expecting property name"):
+        attempt(run_dir, library)
+    with pytest.raises(ValueError, match="Expecting property name"):
+        attempt(run_dir, library)  # tried again: not a verdict on the input
+    assert calls == ["ours", "library", "library"] and verdict(run_dir) is None
+    attempt(run_dir, lambda: calls.append("fine"))
+    assert calls[-1] == "fine" and not os.path.exists(os.path.join(run_dir, FAILED))
+
+
+def test_shards_missing_or_rewritten_since_the_manifest_are_refused_on_the_driver(tmp_path):
+    """Each listed shard's Parquet footer against the manifest's rows: a folder copied in part or a
+    shard rewritten fails in one line naming the file, before any worker reads it mid-epoch."""
+    c = cfg(tmp_path)
+    shard = tmp_path / "data" / "shards" / "a.parquet"
+    pq.write_table(pa.table({"input_ids": [[0, 1]] * 20}), shard)
+    with pytest.raises(ValueError, match=r"train\.data_dir: .*a\.parquet has 20 rows; the manifest says 40 rows"):
+        plan_run(c)
+    shard.unlink()
+    with pytest.raises(ValueError, match=r"train\.data_dir: .*a\.parquet is missing; the manifest says 40 rows"):
+        plan_run(c)

@@ -116,6 +116,7 @@ def _check_shards(t, manifest: dict) -> int:
             "long; rerun the data stage with that data.seq_len, or drop train.seq_len"
         )
     rows = sum(int(s["rows"]) for s in manifest["shards"])
+    _check_rows(manifest["shards"])
     need = t.global_batch_size + t.eval_rows
     if rows < need:
         raise ValueError(
@@ -123,3 +124,30 @@ def _check_shards(t, manifest: dict) -> int:
             "lower them or prepare more data (a shorter data.seq_len gives more rows)"
         )
     return seq_len
+
+
+def _check_rows(shards: list[dict]) -> None:
+    """Each shard the manifest lists is there with the rows it says (its Parquet footer only, read in
+    parallel for an object store): a folder copied in part, or shards rewritten since, fail here,
+    not in a worker's read mid-epoch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    def rows(path: str) -> int | None:
+        fs, p = storage.resolve(path)
+        try:
+            with fs.open_input_file(p) as f:
+                return pq.ParquetFile(f).metadata.num_rows
+        except FileNotFoundError:
+            return None
+
+    with ThreadPoolExecutor(min(16, max(1, len(shards)))) as pool:
+        found = list(pool.map(rows, [s["path"] for s in shards]))
+    for s, n in zip(shards, found):
+        if n != int(s["rows"]):
+            what = "is missing" if n is None else f"has {n} rows"
+            raise ValueError(
+                f"train.data_dir: {s['path']} {what}; the manifest says {s['rows']} rows (shards changed or "
+                "copied in part since the data stage wrote them: rerun it, or copy its whole folder)"
+            )

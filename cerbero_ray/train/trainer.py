@@ -29,6 +29,10 @@ from cerbero_ray.train.plan import plan_all, total_steps
 from cerbero_ray.train.run_plan import check_resume, plan_run
 
 log = logging.getLogger(__name__)
+# a check of ours that failed in a worker (its message): Ray Train restarts a failed worker group
+# train.max_failures times, and every restart would find the same input, after building its model
+# again; with this in the run folder a restart fails at once. The driver clears it before a run.
+FAILED = ".failed.json"
 
 
 def _worker(config: dict) -> None:
@@ -46,7 +50,38 @@ def _worker(config: dict) -> None:
         pass
     c, plan = config["config"], config["plan"]
     t = c.train
-    train_loop(c, plan, RayEnv(plan.run_dir, t.fail_at_step, t.fail_rank))
+    attempt(plan.run_dir, lambda: train_loop(c, plan, RayEnv(plan.run_dir, t.fail_at_step, t.fail_rank)))
+
+
+def attempt(run_dir: str, train) -> None:
+    """A worker's attempt at the run in ``run_dir``: ``train()``, unless an earlier attempt left its
+    verdict (:data:`FAILED`), which it raises at once; a check of ours that fails in ``train()``
+    (here, or in a Ray Data read task) is left as the verdict, then raised."""
+    import traceback
+
+    from cerbero_ray.logs import our_error
+
+    failed = storage.join(run_dir, FAILED)
+    if storage.is_file(failed):  # an earlier attempt of this run found its input wrong: so would this one
+        raise ValueError(storage.read_json(failed)["error"])
+    try:
+        train()
+    except Exception:
+        why = our_error(traceback.format_exc())
+        if why is not None:
+            storage.write_json(failed, {"error": why})
+        raise
+
+
+def verdict(run_dir: str) -> str | None:
+    """The verdict a worker left in ``run_dir`` (None: none), removed: the next run starts clean."""
+    failed = storage.join(run_dir, FAILED)
+    if not storage.is_file(failed):
+        return None
+    why = storage.read_json(failed)["error"]
+    fs, p = storage.resolve(failed)
+    fs.delete_file(p)
+    return why
 
 
 def _storage(output_dir: str) -> dict:
@@ -105,9 +140,16 @@ def run_train(cfg: DictConfig | dict | TrainStageConfig) -> dict:
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    verdict(run.run_dir)  # an earlier run's: its input may have been mended since
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except Exception:
+        why = verdict(run.run_dir)
+        if why is None:
+            raise
+        raise ValueError(why) from None  # one line: what the workers found wrong with the input
     summary = read_summary(run.run_dir)
     # Ray's path is inside its filesystem (no s3://): the same checkpoint named by the run folder's URI
     last = result.checkpoint
