@@ -135,6 +135,33 @@ def test_a_cut_short_hf_folder_in_the_bucket_is_refused_naming_the_key(bucket, t
     assert r.returncode == 2 and "export.checkpoint" in r.stderr and "incomplete" in r.stderr, r.stderr[-2000:]
 
 
+def test_shards_the_bucket_lacks_or_holds_cut_are_refused_before_training(bucket, tmp_path):
+    """The driver's check of each listed shard (Parquet footer) on a bucket, as on a local disk
+    (tests/test_train_config.py): a data folder copied in part fails naming the key."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_train_config import manifest_dir
+
+    from cerbero_ray.train.run_plan import plan_run
+
+    m = json.load(open(os.path.join(manifest_dir(tmp_path), "manifest.json")))
+    key = f"{bucket}/data/shards/a.parquet"
+    storage.write_bytes(key, open(m["shards"][0]["path"], "rb").read())
+    m["shards"][0]["path"] = key
+    storage.write_json(f"{bucket}/data/manifest.json", m)
+    c = to_container(compose("train", [f"paths.output_dir={tmp_path}", f"train.data_dir={bucket}/data"]))
+    assert plan_run(c).rows == 40
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"input_ids": [[0, 1]] * 7}), sink)
+    storage.write_bytes(key, sink.getvalue().to_pybytes())
+    with pytest.raises(ValueError, match=rf"train\.data_dir: {re.escape(key)} has 7 rows; the manifest says 40"):
+        plan_run(c)
+    fs, p = storage.resolve(key)
+    fs.delete_file(p)
+    with pytest.raises(ValueError, match=rf"train\.data_dir: {re.escape(key)} is missing"):
+        plan_run(c)
+
+
 @pytest.fixture
 def proxy(s3_server):
     p = FaultProxy(S3_PORT).start()

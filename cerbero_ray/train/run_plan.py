@@ -136,11 +136,10 @@ def _check_rows(shards: list[dict]) -> None:
 
     def rows(path: str) -> int | None:
         fs, p = storage.resolve(path)
-        try:
-            with fs.open_input_file(p) as f:
-                return pq.ParquetFile(f).metadata.num_rows
-        except FileNotFoundError:
+        if not fs.get_file_info(p).is_file:  # a local path or a bucket key alike
             return None
+        with fs.open_input_file(p) as f:
+            return pq.ParquetFile(f).metadata.num_rows
 
     with ThreadPoolExecutor(min(16, max(1, len(shards)))) as pool:
         found = list(pool.map(rows, [s["path"] for s in shards]))
