@@ -152,10 +152,11 @@ def test_each_schedule_gives_transformers_learning_rates_and_resumes(tmp_path, s
 
 
 def test_a_changed_data_order_is_refused_before_any_worker_starts(tmp_path):
-    """The newest complete checkpoint's record (step, data-order signature) against the run's: the
-    driver refuses a resume in another order (Ray Train would restart the worker group
-    train.max_failures times, each finding the same); the same order, a finished run and a
-    checkpoint some rank did not finish pass."""
+    """The newest checkpoint's record (step, data-order signature) against the run's: the driver
+    refuses a resume in another order (Ray Train would restart the worker group train.max_failures
+    times, each finding the same), also from a run of fewer workers (none of its checkpoints is
+    whole for more); the same order (a checkpoint rank 1 did not finish included) and a finished
+    run pass."""
     from cerbero_ray.train.checkpoint import checkpoint_name, write_record
     from cerbero_ray.train.plan import plan_all, signature, total_steps
     from cerbero_ray.train.run_plan import check_resume
@@ -181,9 +182,14 @@ def test_a_changed_data_order_is_refused_before_any_worker_starts(tmp_path):
     assert moved.run_dir == run.run_dir and total2 < total
     with pytest.raises(ValueError, match=r"another data order .* use a new train\.name \(.*checkpoint_step_0000002\)"):
         check_resume(moved, t2, total2)
-    checkpoint(3, "another", ranks=(0,))  # newer, but rank 1 never finished it: the step-2 one counts
-    with pytest.raises(ValueError, match="checkpoint_step_0000002"):
-        check_resume(moved, t2, total2)
+    checkpoint(3, sig := signature(list(run.shards), t, t.num_workers), ranks=(0,))  # rank 1 died writing it
+    check_resume(run, t, total)  # the same order: the workers resume from step 2
+    one = check("train", cfg(tmp_path, "train.num_workers=1", "train.global_batch_size=2"))
+    checkpoint(4, signature(list(run.shards), one.train, 1), ranks=(0,))  # a one-worker run's, whole for it
+    assert sig != signature(list(run.shards), one.train, 1)
+    with pytest.raises(ValueError, match="checkpoint_step_0000004"):  # newer than any whole for two workers
+        check_resume(run, t, total)
+    assert total2 > 4
     checkpoint(total2, "another")  # a finished run reads nothing more, whatever its order
     check_resume(moved, t2, total2)
 

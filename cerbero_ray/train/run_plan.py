@@ -59,16 +59,18 @@ def plan_run(c: TrainStageConfig) -> RunPlan:
 
 
 def check_resume(run: RunPlan, t, total: int) -> None:
-    """Before any worker starts: ``ValueError`` when the run folder's newest complete checkpoint was
-    made with another data order and the run is not finished (``total`` steps). The workers check it
-    too, but only once each has built its model; Ray Train restarts a failed worker group
-    ``train.max_failures`` times, and each restart would find the same."""
+    """Before any worker starts: ``ValueError`` when the run folder's newest checkpoint was made with
+    another data order and the run is not finished (``total`` steps). The workers check it too, but
+    only once each has built its model; Ray Train restarts a failed worker group
+    ``train.max_failures`` times, and each restart would find the same. The newest checkpoint rank 0
+    finished counts, complete or not: a run with more workers than the checkpoint's finds none of
+    its own world complete, and would otherwise start over in the same folder."""
     from cerbero_ray.train.checkpoint import complete_checkpoints, read_record
 
-    done = complete_checkpoints(run.run_dir, t.num_workers)
-    rec = read_record(done[-1]) if done else None
+    marked = complete_checkpoints(run.run_dir, 1)  # rank 0 marked it (its loop.json is written before)
+    rec = read_record(marked[-1]) if marked else None
     if rec and rec["signature"] != signature(list(run.shards), t, t.num_workers) and rec["step"] < total:
-        raise ValueError(f"{DATA_ORDER_CHANGED} ({done[-1]})")
+        raise ValueError(f"{DATA_ORDER_CHANGED} ({marked[-1]})")
 
 
 def check_local_data(c, before: frozenset = frozenset()) -> None:
