@@ -90,7 +90,6 @@ def launch(stage: str, cfg, run=None, ray: bool | None = None, **kwargs):
     from cerbero_ray.config import check
     from cerbero_ray.config.stages import STAGES, precheck
 
-    run = run or STAGES[stage].runner()  # the stage table's run_<stage>, unless given (tests)
     ray = STAGES[stage].ray if ray is None else ray
     try:
         c = check(stage, cfg)
@@ -98,6 +97,9 @@ def launch(stage: str, cfg, run=None, ray: bool | None = None, **kwargs):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    # the stage table's run_<stage>, unless given (tests); imported after the checks: a stage's module
+    # may import torch and transformers (seconds), which a config error need not wait for
+    run = run or STAGES[stage].runner()
     if ray:
         init_ray(c.cluster)
     interrupt_on_sigterm()  # after ray.init, which installs a C++ stack dump for SIGTERM

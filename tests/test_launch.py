@@ -154,3 +154,32 @@ def test_the_train_stage_s_local_data_is_checked_before_ray_starts(tmp_path, mon
     ):
         with pytest.raises(RayStarts):
             launch(stage, compose(stage, [out, *over]), lambda c: None)
+
+
+def test_a_config_error_is_reported_before_any_stage_module_is_imported():
+    """A stage's run_<stage> module may import torch and transformers (seconds on a small machine):
+    ``launch`` resolves it only after the checks, so a bad value is one line at once, for every stage."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from cerbero_ray.config import compose
+from cerbero_ray.config.stages import STAGES
+from cerbero_ray.runtime import launch
+for stage in STAGES:
+    bad = ["export.types=[nope]"] if stage == "export" else ["cluster.num_cpus=0"]
+    try:
+        launch(stage, compose(stage, bad))
+    except SystemExit as e:
+        assert e.code == 2, (stage, e.code)
+    else:
+        raise AssertionError(stage)
+print(len(STAGES), [m for m in ("torch", "transformers", "ray") if m in sys.modules])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stages, imported = r.stdout.split(" ", 1)
+    assert imported.strip() == "[]", r.stdout  # none of them imported
+    lines = r.stderr.splitlines()
+    assert len(lines) == int(stages) >= 8 and all(x.startswith("error: ") for x in lines), r.stderr  # one line each
