@@ -53,12 +53,9 @@ def _resolve(path: str) -> Callable:
 
 
 def precheck(name: str, c, before: frozenset = frozenset()) -> None:
-    """Before Ray starts (``runtime.launch``): stage ``name``'s precheck on the checked config ``c``
-    (the main job's: each of its stages', knowing which run before it). ``ValueError`` naming the key."""
-    if name == "recipe":
-        for i, s in enumerate(c.stages):
-            precheck(s, c, frozenset(c.stages[:i]))
-    elif STAGES[name].precheck:
+    """Before Ray starts (``runtime.launch``): stage ``name``'s precheck, as its record names it, on
+    the checked config ``c``. ``ValueError`` naming the key."""
+    if STAGES[name].precheck:
         _resolve(STAGES[name].precheck)(c, before)
 
 
@@ -86,6 +83,13 @@ def check_recipe(c: RecipeConfig, before: frozenset = frozenset()) -> None:
     c.stages = [s for s in available if s in chosen]  # the recipe's order, whatever the list's
     for i, name in enumerate(c.stages):
         STAGES[name].check(c, frozenset(c.stages[:i]))
+
+
+def precheck_recipe(c: RecipeConfig, before: frozenset = frozenset()) -> None:
+    """The main job's precheck: each of its stages', knowing which stages run before it (its data
+    stage writes the manifest the train stage's precheck would read)."""
+    for i, name in enumerate(c.stages):
+        precheck(name, c, frozenset(c.stages[:i]))
 
 
 STAGES: dict[str, Stage] = {}
@@ -160,6 +164,7 @@ for _s in (
         True,
         "the same command resumes: finished stages, chunks and checkpoints are kept",
         layer=JOB_LAYER,
+        precheck="cerbero_ray.config.stages:precheck_recipe",
     ),
 ):
     register(_s)
