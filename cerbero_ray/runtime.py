@@ -82,11 +82,11 @@ def shutdown_ray() -> None:
 def launch(stage: str, cfg, run=None, ray: bool | None = None, **kwargs):
     """What every ``jobs/<stage>.py`` does: check the composed config and the stage's local input (a
     bad key or value, a missing local input or manifest, is one line naming the key and exit status
-    2, before Ray starts), start or attach
-    Ray (unless ``ray=False``), and call ``run(cfg)``. What the run itself finds wrong with its input
-    (a ``ValueError`` or file error raised by our code, here or in a Ray task or actor: a model actor
-    whose cache does not fit) is one line and exit status 2 as well (``HYDRA_FULL_ERROR=1`` shows the
-    stack); a SIGTERM or Ctrl-C, one line and 128 + the signal."""
+    2, before Ray starts), start or attach Ray (unless ``ray=False``), and call ``run(cfg)``. What
+    the run itself finds wrong with its input (a ``ValueError`` or file error raised by our code, here
+    or in a Ray task or actor: a model actor whose cache does not fit) is one line and exit status 2
+    as well (``HYDRA_FULL_ERROR=1`` shows the stack); a SIGTERM or Ctrl-C, one line and 128 + the
+    signal."""
     from cerbero_ray.config import check
     from cerbero_ray.config.stages import STAGES, precheck
 

@@ -62,8 +62,9 @@ def attempt(run_dir: str, train) -> None:
     from cerbero_ray.logs import our_error
 
     failed = storage.join(run_dir, FAILED)
-    if storage.is_file(failed):  # an earlier attempt of this run found its input wrong: so would this one
-        raise ValueError(storage.read_json(failed)["error"])
+    earlier = _read_verdict(failed)
+    if earlier is not None:  # an earlier attempt of this run found its input wrong: so would this one
+        raise ValueError(earlier)
     try:
         train()
     except Exception:
@@ -76,12 +77,18 @@ def attempt(run_dir: str, train) -> None:
 def verdict(run_dir: str) -> str | None:
     """The verdict a worker left in ``run_dir`` (None: none), removed: the next run starts clean."""
     failed = storage.join(run_dir, FAILED)
-    if not storage.is_file(failed):
-        return None
-    why = storage.read_json(failed)["error"]
-    fs, p = storage.resolve(failed)
-    fs.delete_file(p)
+    why = _read_verdict(failed)
+    if why is not None:
+        fs, p = storage.resolve(failed)
+        fs.delete_file(p)
     return why
+
+
+def _read_verdict(path: str) -> str | None:
+    try:
+        return storage.read_json(path)["error"]
+    except FileNotFoundError:
+        return None
 
 
 def _storage(output_dir: str) -> dict:
