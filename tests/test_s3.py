@@ -79,9 +79,16 @@ def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket
     # (in this process, on the test's Ray: the same train stage as the job's, without a second start)
     from cerbero_ray.train import run_train
 
+    # Ray Train's record of the run, as another Ray version left it: it would refuse to start; the
+    # driver sets it aside on the bucket and the run resumes from its own checkpoints all the same
+    from cerbero_ray.train.trainer import RAY_RECORD
+
+    record = f"{out}/train/tiny-cpu/{RAY_RECORD}"
+    storage.write_json(record, {**storage.read_json(record), "ray_version": "2.9.0"})
     c = to_container(compose("recipe", list(args)))
     again = run_train({k: c[k] for k in ("cluster", "paths", "tokenizer", "model", "deepspeed", "train")})
     assert again["resumed_from"] and again["checkpoint"].startswith(f"{out}/train/tiny-cpu/checkpoint_step_")
+    assert any(k.startswith(f"train/tiny-cpu/{RAY_RECORD}.set-aside-") for k in _objects(out))
     _no_secret_in(out)
     assert S3_SECRET not in said
 

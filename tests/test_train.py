@@ -118,6 +118,21 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     with pytest.raises(ValueError, match="another data order"):
         check_resume(plan_run(other), other.train, STEPS + 1)
     assert os.path.exists(os.path.join(run, "loss.png")) and os.listdir(os.path.join(run, "tensorboard"))
+    # Ray Train's own record of the run (written by this Ray): kept while it names what is there; set
+    # aside once a checkpoint it names is gone, since Ray Train would refuse to start on it (the
+    # workers resume from the run folder; a rerun on a set-aside record: tests/test_s3.py)
+    import shutil
+
+    from cerbero_ray.train.trainer import RAY_RECORD, set_aside_ray_record
+
+    assert set_aside_ray_record(run) is None and os.path.isfile(os.path.join(run, RAY_RECORD))
+    back = tmp_path / "went-back-one"  # the run folder with its newest checkpoint deleted by hand
+    os.makedirs(back / "checkpoint_step_0000006")
+    shutil.copy(os.path.join(run, RAY_RECORD), back)
+    why = set_aside_ray_record(str(back))
+    assert why and "it names checkpoint_step_0000008, which is gone" in why
+    left = sorted(os.listdir(back))
+    assert len(left) == 2 and left[0].startswith(f"{RAY_RECORD}.set-aside-") and left[1] == "checkpoint_step_0000006"
 
     # a rerun of a finished run resumes at its end instead of starting over: tests/test_s3.py (the
     # main job's training rerun, from a bucket) and the slow tier's two-node main job

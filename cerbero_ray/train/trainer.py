@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 
+import pyarrow.fs as pafs
 from omegaconf import DictConfig
 
 from cerbero_ray import storage
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 # train.max_failures times, and every restart would find the same input, after building its model
 # again; with this in the run folder a restart fails at once. The driver clears it before a run.
 FAILED = ".failed.json"
+# Ray Train's own record of the run's checkpoints (Ray 2.60's name), read when a run resumes
+RAY_RECORD = "checkpoint_manager_snapshot.json"
 
 
 def _worker(config: dict) -> None:
@@ -82,6 +85,50 @@ def verdict(run_dir: str) -> str | None:
         fs, p = storage.resolve(failed)
         fs.delete_file(p)
     return why
+
+
+def set_aside_ray_record(run_dir: str) -> str | None:
+    """Ray Train's record of the checkpoints in ``run_dir`` (:data:`RAY_RECORD`), moved aside to
+    ``<name>.set-aside-<UTC time>`` when Ray Train would refuse to start on it: a checkpoint it names
+    is gone (deleted by hand to go back one, or by a bucket's lifecycle rule), it is not JSON (a copy
+    cut short), or another Ray version wrote it. Ray Train would raise its
+    ``CheckpointManagerInitializationError`` and ask for a new run name or the folder deleted; but
+    the workers resume from the run folder itself (the newest checkpoint every rank completed), so
+    Ray Train can start a new record instead. Returns why it was moved (None: fine, or absent).
+    The checkpoints the old record named count as unregistered ones: rank 0 deletes them once the
+    new record holds a newer one (:meth:`~cerbero_ray.train.env.RayEnv.report`)."""
+    import time
+
+    import ray
+
+    path = storage.join(run_dir, RAY_RECORD)
+    try:
+        rec = storage.read_json(path)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        why = f"it is not JSON ({e})"
+    else:
+        why = None
+        if not isinstance(rec, dict):
+            why = "it is not Ray Train's record"
+        elif rec.get("ray_version") != ray.__version__:
+            why = f"Ray {rec.get('ray_version')} wrote it and this is Ray {ray.__version__}"
+        else:
+            results = [*(rec.get("checkpoint_results") or []), rec.get("latest_checkpoint_result") or {}]
+            names = {r.get("checkpoint_dir_name") for r in results if isinstance(r, dict)} - {None}
+            fs, p = storage.resolve(run_dir)
+            gone = sorted(n for n in names if fs.get_file_info(f"{p}/{n}").type != pafs.FileType.Directory)
+            if gone:
+                why = f"it names {', '.join(gone)}, which {'is' if len(gone) == 1 else 'are'} gone"
+    if why is None:
+        return None
+    fs, p = storage.resolve(path)
+    aside = f"{p}.set-aside-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    fs.copy_file(p, aside)
+    fs.delete_file(p)
+    aside = storage.join(run_dir, os.path.basename(aside))
+    return f"Ray Train's record of this run's checkpoints set aside ({why}): {aside}"
 
 
 def _read_verdict(path: str) -> str | None:
@@ -148,6 +195,9 @@ def run_train(cfg: DictConfig | dict | TrainStageConfig) -> dict:
         ),
     )
     verdict(run.run_dir)  # an earlier run's: its input may have been mended since
+    aside = set_aside_ray_record(run.run_dir)
+    if aside:
+        log.warning(f"[train] {aside}; resuming from the run folder's newest complete checkpoint")
     try:
         result = trainer.fit()
         if result.error:
@@ -160,7 +210,13 @@ def run_train(cfg: DictConfig | dict | TrainStageConfig) -> dict:
     summary = read_summary(run.run_dir)
     # Ray's path is inside its filesystem (no s3://): the same checkpoint named by the run folder's URI
     last = result.checkpoint
-    summary["checkpoint"] = storage.join(run.run_dir, os.path.basename(last.path.rstrip("/"))) if last else None
+    if last is None:  # a finished run rerun after its Ray record was set aside reports none
+        from cerbero_ray.train.checkpoint import complete_checkpoints
+
+        done = complete_checkpoints(run.run_dir, t.num_workers)
+        summary["checkpoint"] = done[-1] if done else None
+    else:
+        summary["checkpoint"] = storage.join(run.run_dir, os.path.basename(last.path.rstrip("/")))
     evals = summary.get("eval_losses") or []
     log.info("── train ─────────────────────────────────────────────────────")
     log.info(f" run           {summary.get('run_dir')}")
