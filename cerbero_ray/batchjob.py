@@ -383,18 +383,32 @@ def done_keys(out: str) -> set[str]:
     }
 
 
+# a run record's key for what its checkpoint held (storage.version); records written before it was
+# kept lack it, and match whatever the checkpoint holds now
+CHECKPOINT_VERSION = "checkpoint_version"
+
+
 def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: str) -> None:
     """Record what this run is in ``<out>/<run_file>``; refuse an output folder that holds a run with
-    other settings (its parts would mix with ours) unless ``overwrite``, which clears it first."""
+    other settings (its parts would mix with ours) unless ``overwrite``, which clears it first. A
+    checkpoint written again since that run (same path, other files) counts as another setting."""
     ident = json.loads(json.dumps(ident))  # as it reads back: tuples become lists
     path = storage.join(out, run_file)
     if storage.is_file(path):
         old = storage.read_json(path)
+        if CHECKPOINT_VERSION not in old:
+            old = {**old, CHECKPOINT_VERSION: ident.get(CHECKPOINT_VERSION)}
         if old != ident:
             if not overwrite:
+                differ = [k for k in ident if ident[k] != old.get(k)]
+                if differ == [CHECKPOINT_VERSION]:
+                    raise FileExistsError(
+                        f"{out} holds a {stage} run of {ident['checkpoint']} as it was before: it was "
+                        f"written again since (its files differ); pass {stage}.overwrite=true to "
+                        f"start over with it, or another {stage}.output_dir"
+                    )
                 raise FileExistsError(
-                    f"{out} holds a {stage} run with other settings "
-                    f"({', '.join(k for k in ident if ident[k] != old.get(k))} differ); "
+                    f"{out} holds a {stage} run with other settings ({', '.join(differ)} differ); "
                     f"pass {stage}.overwrite=true or another {stage}.output_dir"
                 )
             fs, p = storage.resolve(out)

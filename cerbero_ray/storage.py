@@ -9,8 +9,8 @@ Three rules hold for every reader and writer of the project:
   on close: apache/arrow#40502). A rerun deletes the ``*.tmp`` a killed writer left.
 - **A folder is complete only with its marker.** :func:`upload_folder` (an HF model, a trainer's
   metrics) writes ``.cerbero-writing`` first, then the files, then ``.cerbero-complete`` (the
-  files and their sizes) last; :func:`check_folder` refuses a folder that was being written and
-  is not complete, or whose files do not match its marker. A folder we did not write (a model
+  files and their sizes, and an id of this writing) last; :func:`check_folder` refuses a folder
+  that was being written and is not complete, or whose files do not match its marker. A folder we did not write (a model
   from elsewhere) has neither and is taken as it is.
 - **Transient errors are retried, in one place.** S3 clients retry with backoff
   (``CERBERO_S3_MAX_ATTEMPTS``, default 10, AWS's standard strategy: throttling, 5xx, dropped
@@ -174,10 +174,14 @@ def delete_tmp(folder: str) -> None:
 
 
 def upload_folder(local_dir: str, dest: str, markers: bool = True) -> str:
-    """A local folder's files copied to ``dest`` (local or URI), each whole or not at all, files
-    already there with the same size skipped. With ``markers`` the folder is marked: after an
-    interruption it reads as incomplete, never as a model or a run. Complete markers of subfolders
-    (an HF folder inside a checkpoint) are copied after every other file."""
+    """A local folder's files copied to ``dest`` (local or URI), each whole or not at all, every one
+    of them: a file already there is written over even at the same size (a model saved again after
+    more steps has the same sizes and other weights). With ``markers`` the folder is one thing
+    written whole (a model): it is marked, so that after an interruption it reads as incomplete,
+    never as a model or a run, and the files it held before that this copy lacks are deleted.
+    Without, files are added beside what is there (each rank's part of a checkpoint, a run's
+    metrics beside its checkpoints). Complete markers of subfolders (an HF folder inside a
+    checkpoint) are copied after every other file."""
     fs, p = resolve(dest)
     if not is_uri(dest):
         fs.create_dir(p, recursive=True)
@@ -189,17 +193,27 @@ def upload_folder(local_dir: str, dest: str, markers: bool = True) -> str:
     )
     if markers:
         write_bytes(join(dest, WRITING), b"")
+        _delete_others(fs, p, {n.replace(os.sep, "/") for n in names} | {WRITING})
     for name in sorted(names, key=lambda n: os.path.basename(n) == COMPLETE):  # nested markers last
-        target = join(dest, *name.split(os.sep))
-        info = fs.get_file_info(resolve(target)[1])
-        if not (info.is_file and info.size == os.path.getsize(os.path.join(local_dir, name))):
-            upload_file(os.path.join(local_dir, name), target)
+        upload_file(os.path.join(local_dir, name), join(dest, *name.split(os.sep)))
     if markers:
         sizes = {n.replace(os.sep, "/"): os.path.getsize(os.path.join(local_dir, n)) for n in names}
-        write_json(join(dest, COMPLETE), {"files": sizes})
+        write_json(join(dest, COMPLETE), {"files": sizes, "id": uuid.uuid4().hex})
         with contextlib.suppress(FileNotFoundError):
             fs.delete_file(resolve(join(dest, WRITING))[1])
     return dest
+
+
+def _delete_others(fs: pafs.FileSystem, p: str, keep: set[str]) -> None:
+    """Files under the folder ``p`` that ``keep`` does not name (its relative paths): what a folder
+    written again over an older one must not keep (an older model's shards and their index would
+    be loaded beside, or instead of, the new weights)."""
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return
+    for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+        if info.is_file and info.path[len(p) :].lstrip("/") not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                fs.delete_file(info.path)
 
 
 def mark_complete(local_dir: str) -> None:
@@ -212,7 +226,7 @@ def mark_complete(local_dir: str) -> None:
         if f not in (WRITING, COMPLETE)
     }
     with open(os.path.join(local_dir, COMPLETE), "w") as f:
-        json.dump({"files": sizes}, f)
+        json.dump({"files": sizes, "id": uuid.uuid4().hex}, f)
 
 
 def check_folder(path: str, key: str) -> None:
@@ -239,22 +253,89 @@ def cache_dir() -> str:
     return os.environ.get("CERBERO_CACHE", os.path.expanduser("~/.cache/cerbero_ray"))
 
 
+def _listing(fs: pafs.FileSystem, src: str) -> list:
+    """Each file under ``src``: its path inside, size and modification time (one listing; an
+    object store's LIST returns them). A folder rewritten since (a run trained again under the
+    same name, an adapter saved again) lists differently, whatever its sizes."""
+    infos = fs.get_file_info(pafs.FileSelector(src, recursive=True))
+    return sorted([i.path[len(src) :].lstrip("/"), i.size, i.mtime_ns] for i in infos if i.is_file)
+
+
+def _read_bytes(fs: pafs.FileSystem, p: str) -> bytes:
+    with fs.open_input_stream(p, compression=None) as f:
+        return f.read()
+
+
+def _version(*what) -> str:
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:12]
+
+
+def _folder_version(fs: pafs.FileSystem, p: str) -> tuple[list, str]:
+    """The folder's listing and its version: the listing, and the ids our complete markers hold
+    (the folder's, an HF folder's in a checkpoint): a folder written again within the same second
+    at the same sizes differs there."""
+    listed = _listing(fs, p)
+    marks = [_read_bytes(fs, f"{p}/{f}").decode() for f, _, _ in listed if posixpath.basename(f) == COMPLETE]
+    return listed, _version(listed, marks)
+
+
+def version(path: str) -> str | None:
+    """What the folder or file at ``path`` (local or URI) holds now, as 12 hex digits: each file's
+    path inside, size and modification time, and our markers' ids (one listing). A run keyed on a
+    checkpoint (labeling, generation, evaluation) keys on this too, so a checkpoint written again
+    under the same path (a run trained again under its name) is not taken for the one it ran on;
+    a copy of it elsewhere, or a file touched, reads as another version. None: nothing there, or an
+    http(s) endpoint (what it serves is its own)."""
+    if path.startswith(("http://", "https://")):
+        return None
+    fs, p = resolve(path)
+    with naming(path, "reading"):
+        info = fs.get_file_info(p)
+        if info.is_file:
+            return _version(info.size, info.mtime_ns)
+        if info.type != pafs.FileType.Directory:
+            return None
+        return _folder_version(fs, p)[1]
+
+
+def _drop_other_versions(root: str, key: str, keep: str) -> None:
+    """Earlier copies of the same URI (``<key>-…``, or the bare ``<key>`` older releases made):
+    the URI holds something else now. A process still reading one loses it; one that loaded it
+    (weights in memory) does not notice."""
+    for name in os.listdir(root):
+        if name != keep and (name == key or name.startswith(f"{key}-")) and not name.endswith(TMP_SUFFIX):
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
 def local_copy(path: str, cache: str | None = None) -> str:
     """A local folder holding ``path``: the path itself when local, else a cached download. The
-    copy goes into a temporary folder renamed into place once whole, so a download cut short (or
-    two processes downloading at once) never leaves a partial folder in the cache."""
+    cache keys on the URI and on what it lists (each file's size and modification time: one
+    listing per call), so a URI written again is downloaded again, never served from the copy of
+    what it held before; that older copy is then deleted. The copy goes into a temporary folder
+    renamed into place once whole, so a download cut short (or two processes downloading at
+    once) never leaves a partial folder in the cache; a folder that changes while it is copied
+    is refused (``ValueError``: copy it again once its writer is done)."""
     if not is_uri(path):
         return resolve(path)[1]
     root = cache or cache_dir()
-    dest = os.path.join(root, hashlib.sha256(path.encode()).hexdigest()[:16])
+    fs, src = resolve(path)
+    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    with naming(path, "reading"):
+        listed, ver = _folder_version(fs, src)
+    name = f"{key}-{ver}"
+    dest = os.path.join(root, name)
     if os.path.exists(os.path.join(dest, ".complete")):
         return dest
     check_folder(path, path)
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".download-", dir=root)
     try:
-        fs, src = resolve(path)
-        pafs.copy_files(src, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        with naming(path, "reading"):
+            pafs.copy_files(src, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            if _listing(fs, src) != listed:
+                raise ValueError(f"{path} changed while it was being copied; run again once its writer is done")
         open(os.path.join(tmp, ".complete"), "w").close()
         try:
             os.rename(tmp, dest)
@@ -264,19 +345,28 @@ def local_copy(path: str, cache: str | None = None) -> str:
                 os.rename(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _drop_other_versions(root, key, name)
     return dest
 
 
 def local_file(path: str, cache: str | None = None) -> str:
-    """A local path holding the file ``path``: itself when local, else a cached download (written
-    under a temporary name and renamed, so a download cut short is never taken for the file)."""
+    """A local path holding the file ``path``: itself when local, else a cached download, keyed on
+    the URI, its size and modification time (so a file written again is downloaded again; the
+    older copy is deleted), written under a temporary name and renamed, so a download cut short
+    is never taken for the file."""
     if not is_uri(path):
         return resolve(path)[1]
     root = cache or cache_dir()
-    dest = os.path.join(root, hashlib.sha256(path.encode()).hexdigest()[:16] + "-" + posixpath.basename(path))
+    fs, src = resolve(path)
+    with naming(path, "reading"):
+        info = fs.get_file_info(src)
+    if not info.is_file:
+        raise FileNotFoundError(f"no such file: {path}")
+    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    name = f"{key}-{_version(info.size, info.mtime_ns)}-{posixpath.basename(path)}"
+    dest = os.path.join(root, name)
     if not os.path.exists(dest):
         os.makedirs(root, exist_ok=True)
-        fs, src = resolve(path)
         tmp = f"{dest}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
         try:
             with naming(path, "reading"), fs.open_input_stream(src, compression=None) as f, open(tmp, "wb") as out:
@@ -285,6 +375,7 @@ def local_file(path: str, cache: str | None = None) -> str:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        _drop_other_versions(root, key, name)
     return dest
 
 

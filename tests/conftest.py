@@ -1,9 +1,12 @@
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 
@@ -60,6 +63,11 @@ S3_ENV = {
     "CERBERO_S3_MAX_ATTEMPTS": "6",
 }
 os.environ.update(S3_ENV)
+# Local copies of URIs go to a cache of this run's own (every worker and job inherits it), not the
+# user's ~/.cache/cerbero_ray: a run never reads another's copies, and leaves none behind
+_CACHE = tempfile.mkdtemp(prefix="cerbero-test-cache-")
+os.environ["CERBERO_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 SAMPLES = os.path.join(REPO_DIR, "data", "samples")
 # A GPU test's body runs on CPU too, in the default tier, with the same inputs and assertions (so a
 # signature change breaks it in CI, which has no GPU); its CUDA run is the `gpu` tier's

@@ -472,3 +472,22 @@ def test_per_row_score_requests_are_scored_under_their_own_task(tmp_path, tiny_h
     for item, p_yes in zip(items, out["p_yes"]):
         want = Scorer(w.model, w.tok, LabelTask(**tasks[item["scorer"]])).score([item["text"]])[0]["probs"]["yes"]
         assert p_yes == pytest.approx(want, abs=1e-5), item["scorer"]
+
+
+def test_a_checkpoint_written_again_under_its_path_is_evaluated_again(tmp_path):
+    """A (checkpoint, task)'s results are keyed on what the checkpoint holds, not only its path:
+    a model trained again under the same name is evaluated again (that an unchanged one resumes:
+    tests/test_evaluate_pipeline.py)."""
+    from cerbero_ray import storage
+    from cerbero_ray.evaluate.pipeline import model_identity
+
+    ck = tmp_path / "hf"
+    ck.mkdir()
+    ec = compose("evaluate", [f"paths.output_dir={tmp_path}"]).evaluate
+    (ck / "model.safetensors").write_bytes(b"a" * 100)
+    storage.mark_complete(str(ck))
+    first = model_identity(ec, str(ck))
+    assert model_identity(ec, str(ck)) == first and first["checkpoint"] == str(ck)
+    storage.mark_complete(str(ck))  # written again
+    assert model_identity(ec, str(ck)) != first
+    assert model_identity(ec, "http://127.0.0.1:8000/v1")["version"] is None  # what an endpoint serves is its own

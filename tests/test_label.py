@@ -88,6 +88,41 @@ def test_a_missing_input_or_unknown_format_is_named_before_the_output_is_claimed
         start_run("label", job(f, "csv"), "run.json", {})
 
 
+def test_a_checkpoint_written_again_under_its_path_is_another_run(tmp_path):
+    """A labeling (or generation) folder is resumed only with the checkpoint it began with: one
+    trained again under the same path is refused, naming it, unless overwrite; a folder recorded
+    before versions were kept resumes whatever the checkpoint holds."""
+    from cerbero_ray import storage
+    from cerbero_ray.batchjob import CHECKPOINT_VERSION, claim_output
+
+    ck, out = tmp_path / "hf", str(tmp_path / "out")
+
+    def save(weights: bytes):  # as training writes a model folder: its files, then its marker
+        ck.mkdir(exist_ok=True)
+        (ck / "model.safetensors").write_bytes(weights)
+        storage.mark_complete(str(ck))
+
+    def ident():
+        return {"checkpoint": str(ck), CHECKPOINT_VERSION: [storage.version(str(ck))], "input": "in.jsonl"}
+
+    save(b"a" * 100)
+    claim_output(out, "run.json", ident(), False, "label")
+    (tmp_path / "out" / "parts").mkdir()
+    claim_output(out, "run.json", ident(), False, "label")  # the same checkpoint: resumed
+    save(b"b" * 100)  # trained again: same sizes
+    with pytest.raises(FileExistsError, match=r"holds a label run of .*/hf as it was before: it was written again"):
+        claim_output(out, "run.json", ident(), False, "label")
+    before = {k: v for k, v in ident().items() if k != CHECKPOINT_VERSION}
+    storage.write_json(os.path.join(out, "run.json"), before)  # an older release's record
+    claim_output(out, "run.json", ident(), False, "label")
+    assert storage.read_json(os.path.join(out, "run.json")) == ident()
+    with pytest.raises(FileExistsError, match=r"\(input differ\)"):
+        claim_output(out, "run.json", {**ident(), "input": "other.jsonl"}, False, "label")
+    save(b"c" * 100)
+    claim_output(out, "run.json", ident(), True, "label")  # overwrite: started over
+    assert os.listdir(out) == ["run.json"]
+
+
 # a job killed midway and rerun (exactly once, the SIGTERM line, another task refused into the same
 # folder): tests/test_label_extract.py, on the extract task (the same chunk machinery, its slower rows)
 

@@ -96,6 +96,76 @@ def test_a_folder_is_complete_only_with_its_marker(root, tmp_path):
     storage.check_folder(str(src), "x")  # a folder we did not write (no markers) is taken as it is
 
 
+def test_a_folder_written_again_holds_the_new_files_only(root, tmp_path):
+    """A model saved again over an older one (a run resumed and trained further, an adapter saved
+    again): same names, same sizes, other bytes; and a file the new one lacks (an older model's
+    shard index, which transformers would load instead) is gone."""
+    src = _folder(tmp_path)
+    dest = storage.join(root, "hf")
+    storage.upload_folder(str(src), dest)
+    storage.write_bytes(storage.join(dest, "model.safetensors.index.json"), b"{}")  # the older model's
+    new = os.urandom(100_000)
+    (src / "model.safetensors").write_bytes(new)
+    storage.upload_folder(str(src), dest)
+    fs, p = storage.resolve(storage.join(dest, "model.safetensors"))
+    with fs.open_input_stream(p) as f:
+        assert f.read() == new
+    assert set(_names(dest)) == {storage.COMPLETE, "config.json", "model.safetensors", "sub/x.txt"}
+    storage.check_folder(dest, "x.checkpoint")
+    # without markers (a rank's part of a checkpoint, a run's metrics) files are added beside
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "rank_1.pt").write_bytes(b"1")
+    storage.upload_folder(str(other), dest, markers=False)
+    assert "config.json" in _names(dest) and "rank_1.pt" in _names(dest)
+
+
+def test_a_version_changes_when_the_folder_or_file_is_written_again(root, tmp_path):
+    """What runs keyed on a checkpoint (labels, generations, evaluations) key on besides its path:
+    the same while nothing is written there, another once it is (our folders' markers tell two
+    writings apart at the same sizes in the same second; a file, by size or time)."""
+    src = _folder(tmp_path)
+    dest = storage.join(root, "hf")
+    assert storage.version(dest) is None and storage.version("http://127.0.0.1:1/v1") is None
+    storage.upload_folder(str(src), dest)
+    v = storage.version(dest)
+    assert v == storage.version(dest)
+    storage.upload_folder(str(src), dest)  # the same bytes written again: another writing
+    assert storage.version(dest) != v
+    f = storage.join(root, "m.gguf")
+    storage.write_bytes(f, b"a" * 10)
+    w = storage.version(f)
+    assert w == storage.version(f) and w != storage.version(dest)
+    storage.write_bytes(f, b"a" * 11)
+    assert storage.version(f) != w
+
+
+def test_a_cached_copy_of_a_uri_is_what_the_uri_holds_now(bucket, tmp_path):
+    """A URI written again (a run trained again under its name) is copied again, even at the same
+    sizes within the same second (our folders' markers tell the writings apart); the older copy is
+    deleted. So for a single file, by its size and modification time."""
+    src = _folder(tmp_path)
+    cache = str(tmp_path / "cache")
+    uri = f"{bucket}/run/hf"
+    storage.upload_folder(str(src), uri)
+    first = storage.local_copy(uri, cache)
+    new = os.urandom(100_000)
+    (src / "model.safetensors").write_bytes(new)
+    storage.upload_folder(str(src), uri)
+    again = storage.local_copy(uri, cache)
+    assert again != first and open(os.path.join(again, "model.safetensors"), "rb").read() == new
+    assert storage.local_copy(uri, cache) == again and os.listdir(cache) == [os.path.basename(again)]
+    gguf = f"{bucket}/export/model.gguf"
+    storage.write_bytes(gguf, b"a" * 1000)
+    one = storage.local_file(gguf, cache)
+    assert storage.local_file(gguf, cache) == one  # cached
+    storage.write_bytes(gguf, b"b" * 1001)
+    two = storage.local_file(gguf, cache)
+    assert open(two, "rb").read() == b"b" * 1001 and not os.path.exists(one)
+    with pytest.raises(FileNotFoundError):
+        storage.local_file(f"{bucket}/export/none.gguf", cache)
+
+
 def test_a_cached_copy_of_a_uri_folder(bucket, tmp_path):
     """Every stage that loads a checkpoint from a URI goes through this (it failed: the cache
     folder was never created)."""

@@ -219,10 +219,22 @@ def _over_prompts(by_unit: dict) -> dict:
     return dict(out)
 
 
+def model_identity(ec: EvaluateConfig, spec: str) -> dict:
+    """How a model runs, for its results' identity: the checkpoint, dtype and prompt limit, and
+    what the checkpoint holds now (:func:`~cerbero_ray.storage.version`): results of the files that
+    were at its path before are not its own."""
+    return {
+        "dtype": ec.dtype,
+        "max_prompt_tokens": ec.max_prompt_tokens,
+        "checkpoint": spec,
+        "version": storage.version(spec),
+    }
+
+
 def evaluate_model(ec: EvaluateConfig, ckpt: str, prepared: dict[str, Prepared]) -> dict[str, dict]:
     """Every task of one model; returns {task: metrics.json content}."""
     tasks, kind = selected_tasks(ec), model_kind(ec.checkpoints[ckpt])
-    model = {"dtype": ec.dtype, "max_prompt_tokens": ec.max_prompt_tokens, "checkpoint": ec.checkpoints[ckpt]}
+    model = model_identity(ec, ec.checkpoints[ckpt])
     results, todo, idents, refused = {}, {}, {}, {}
     # an endpoint is asked once which model it serves and whether it scores
     how, cannot = probe(kind, ec.checkpoints[ckpt], ModelRun.of(ec, ec.checkpoints[ckpt]))

@@ -204,6 +204,8 @@ def run_identity(gc: GenerateConfig) -> dict:
             "engine",
         )
     }
+    # what the checkpoint holds now: one written again under the same path is another run
+    out[batchjob.CHECKPOINT_VERSION] = [storage.version(x) for x in (gc.checkpoint, gc.base) if x]
     for k, off in (("frequency_penalty", 0), ("presence_penalty", 0), ("repetition_penalty", 1), ("logit_bias", {})):
         if out["sampling"][k] in (off, None):
             del out["sampling"][k]

@@ -86,6 +86,8 @@ def run_identity(lc: LabelConfig, task: LabelTask) -> dict:
     return {
         "task": task.identity(),
         "checkpoint": lc.checkpoint,
+        # what the checkpoint holds now: one written again under the same path is another run
+        batchjob.CHECKPOINT_VERSION: [storage.version(x) for x in (lc.checkpoint, lc.base) if x],
         "input": lc.input,
         "text_field": lc.text_field,
         "id_field": lc.id_field,
