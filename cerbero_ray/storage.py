@@ -280,12 +280,14 @@ def _folder_version(fs: pafs.FileSystem, p: str) -> tuple[list, str]:
 
 
 def version(path: str) -> str | None:
-    """What the folder or file at ``path`` (local or URI) holds now, as 12 hex digits: each file's
-    path inside, size and modification time, and our markers' ids (one listing). A run keyed on a
-    checkpoint (labeling, generation, evaluation) keys on this too, so a checkpoint written again
-    under the same path (a run trained again under its name) is not taken for the one it ran on;
-    a copy of it elsewhere, or a file touched, reads as another version. None: nothing there, or an
-    http(s) endpoint (what it serves is its own)."""
+    """What the folder or file at ``path`` (local or URI) holds now, as 12 hex digits. A run keyed
+    on a checkpoint (labeling, generation, evaluation) keys on this too, so a checkpoint written
+    again under the same path (a run trained again under its name) is not taken for the one it ran
+    on. A folder we wrote: its complete marker (its files, their sizes, the id of that writing),
+    so a copy of it (rsync, ``cp -r``) is the same version. Any other folder: each file's path
+    inside, size and modification time (one listing), so a copy of it, or a file touched, reads as
+    another. A file: its size and modification time. None: nothing there, or an http(s) endpoint
+    (what it serves is its own)."""
     if path.startswith(("http://", "https://")):
         return None
     fs, p = resolve(path)
@@ -295,6 +297,8 @@ def version(path: str) -> str | None:
             return _version(info.size, info.mtime_ns)
         if info.type != pafs.FileType.Directory:
             return None
+        if fs.get_file_info(f"{p}/{COMPLETE}").is_file:
+            return _version(_read_bytes(fs, f"{p}/{COMPLETE}").decode())
         return _folder_version(fs, p)[1]
 
 

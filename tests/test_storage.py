@@ -32,6 +32,12 @@ def _names(path: str) -> list[str]:
     )
 
 
+def _read(path: str) -> bytes:
+    fs, p = storage.resolve(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
 def test_a_write_that_fails_is_never_published(root):
     dest = storage.join(root, "out", "x.bin")
     with pytest.raises(RuntimeError, match="boom"):
@@ -107,9 +113,7 @@ def test_a_folder_written_again_holds_the_new_files_only(root, tmp_path):
     new = os.urandom(100_000)
     (src / "model.safetensors").write_bytes(new)
     storage.upload_folder(str(src), dest)
-    fs, p = storage.resolve(storage.join(dest, "model.safetensors"))
-    with fs.open_input_stream(p) as f:
-        assert f.read() == new
+    assert _read(storage.join(dest, "model.safetensors")) == new
     assert set(_names(dest)) == {storage.COMPLETE, "config.json", "model.safetensors", "sub/x.txt"}
     storage.check_folder(dest, "x.checkpoint")
     # without markers (a rank's part of a checkpoint, a run's metrics) files are added beside
@@ -132,6 +136,16 @@ def test_a_version_changes_when_the_folder_or_file_is_written_again(root, tmp_pa
     assert v == storage.version(dest)
     storage.upload_folder(str(src), dest)  # the same bytes written again: another writing
     assert storage.version(dest) != v
+    v = storage.version(dest)
+    copy = storage.join(root, "copy")
+    for name in _names(dest):  # a copy of our folder (as rsync makes it: other times) is the same model
+        storage.write_bytes(storage.join(copy, name), _read(storage.join(dest, name)))
+    assert storage.version(copy) == v
+    foreign = storage.join(root, "foreign")  # a folder we did not write: its files' sizes and times
+    storage.write_bytes(storage.join(foreign, "config.json"), b"{}")
+    u = storage.version(foreign)
+    storage.write_bytes(storage.join(foreign, "config.json"), b"{}" * 2)
+    assert storage.version(foreign) != u
     f = storage.join(root, "m.gguf")
     storage.write_bytes(f, b"a" * 10)
     w = storage.version(f)
