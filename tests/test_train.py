@@ -80,7 +80,7 @@ def run_torchrun(overrides: list[str]) -> dict:
     return json.load(open(os.path.join(t.output_dir, t.name, "summary.json")))
 
 
-def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
+def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local, monkeypatch):
     """The uninterrupted reference runs without Ray (torchrun, 2 gloo ranks: ~14 s here against ~33 s
     on Ray Train), so the killed Ray Train run also shows that both paths train bit for bit alike."""
     clean = run_torchrun(train_overrides(shards, tmp_path, "clean"))  # as many ranks as the killed run
@@ -113,10 +113,20 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local):
     # the driver signs the order as the workers did: the same config would resume (were the run
     # longer), another seed is refused before any worker starts
     same = check("train", train_cfg(shards, tmp_path, "killed", fail_at_step=4, fail_rank=1))
-    check_resume(plan_run(same), same.train, STEPS + 1)
+    check_resume(plan_run(same), same, STEPS + 1)
     other = check("train", train_cfg(shards, tmp_path, "killed", seed=7))
     with pytest.raises(ValueError, match="another data order"):
-        check_resume(plan_run(other), other.train, STEPS + 1)
+        check_resume(plan_run(other), other, STEPS + 1)
+    # so are the settings that shaped the weights (a finished run too), also under torchrun, where
+    # each process says it before building its model
+    from cerbero_ray.train.local import run_local
+    from cerbero_ray.train.plan import settings
+
+    assert records[-1]["settings"] == settings(same)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    changed = rf"clean holds a run trained with other settings \(train\.lr: {same.train.lr!r} -> 0\.0123\)"
+    with pytest.raises(ValueError, match=changed):
+        run_local([*train_overrides(shards, tmp_path, "clean"), "train.lr=0.0123"])
     assert os.path.exists(os.path.join(run, "loss.png")) and os.listdir(os.path.join(run, "tensorboard"))
     # Ray Train's own record of the run (written by this Ray): kept while it names what is there; set
     # aside once a checkpoint it names is gone, since Ray Train would refuse to start on it (the

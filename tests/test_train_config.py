@@ -164,10 +164,11 @@ def test_a_changed_data_order_is_refused_before_any_worker_starts(tmp_path):
     def plan(*over):
         c = check("train", cfg(tmp_path, *over))
         run = plan_run(c)
-        return run, c.train, total_steps(plan_all(list(run.shards), c.train, c.train.num_workers), c.train)
+        return run, c, total_steps(plan_all(list(run.shards), c.train, c.train.num_workers), c.train)
 
-    run, t, total = plan()
-    check_resume(run, t, total)  # no checkpoint yet
+    run, c, total = plan()
+    t = c.train
+    check_resume(run, c, total)  # no checkpoint yet
 
     def checkpoint(step, sig, ranks=(0, 1)):
         d = os.path.join(run.run_dir, checkpoint_name(step))
@@ -177,21 +178,56 @@ def test_a_changed_data_order_is_refused_before_any_worker_starts(tmp_path):
             open(os.path.join(d, "complete", f"rank_{r}"), "w").close()
 
     checkpoint(2, signature(list(run.shards), t, t.num_workers))
-    check_resume(run, t, total)  # the same order resumes
-    moved, t2, total2 = plan("train.global_batch_size=8")
+    check_resume(run, c, total)  # the same order resumes
+    moved, c2, total2 = plan("train.global_batch_size=8")
     assert moved.run_dir == run.run_dir and total2 < total
     with pytest.raises(ValueError, match=r"another data order .* use a new train\.name \(.*checkpoint_step_0000002\)"):
-        check_resume(moved, t2, total2)
+        check_resume(moved, c2, total2)
     checkpoint(3, sig := signature(list(run.shards), t, t.num_workers), ranks=(0,))  # rank 1 died writing it
-    check_resume(run, t, total)  # the same order: the workers resume from step 2
+    check_resume(run, c, total)  # the same order: the workers resume from step 2
     one = check("train", cfg(tmp_path, "train.num_workers=1", "train.global_batch_size=2"))
     checkpoint(4, signature(list(run.shards), one.train, 1), ranks=(0,))  # a one-worker run's, whole for it
     assert sig != signature(list(run.shards), one.train, 1)
     with pytest.raises(ValueError, match="checkpoint_step_0000004"):  # newer than any whole for two workers
-        check_resume(run, t, total)
+        check_resume(run, c, total)
     assert total2 > 4
     checkpoint(total2, "another")  # a finished run reads nothing more, whatever its order
-    check_resume(moved, t2, total2)
+    check_resume(moved, c2, total2)
+
+
+def test_a_resume_under_other_settings_is_refused_naming_each(tmp_path):
+    """A checkpoint resumes with its own weights, optimizer and schedule: a rerun under another
+    learning rate, schedule or model (finished or not) would silently not apply them, so the driver
+    refuses it naming each key and both values, and so do the workers (torchrun has no driver
+    check); what only changes how the run executes (kernels, checkpointing, logging) resumes."""
+    from cerbero_ray.train.checkpoint import checkpoint_name, write_record
+    from cerbero_ray.train.plan import plan_all, settings, settings_changed, signature, total_steps
+    from cerbero_ray.train.run_plan import check_resume
+
+    c = check("train", cfg(tmp_path))
+    run = plan_run(c)
+    total = total_steps(plan_all(list(run.shards), c.train, c.train.num_workers), c.train)
+    d = os.path.join(run.run_dir, checkpoint_name(total))  # a finished run
+    os.makedirs(os.path.join(d, "complete"))
+    write_record(d, total, signature(list(run.shards), c.train, c.train.num_workers), settings(c))
+    for r in (0, 1):
+        open(os.path.join(d, "complete", f"rank_{r}"), "w").close()
+    check_resume(run, c, total)
+    for over in ("train.checkpoint_every=1", "train.log_every=5", "train.attention=eager", "train.keep_checkpoints=3"):
+        check_resume(run, check("train", cfg(tmp_path, over)), total)
+    other = check("train", cfg(tmp_path, "train.lr=0.0123", "train.schedule=linear"))
+    with pytest.raises(ValueError) as e:
+        check_resume(run, other, total)
+    assert str(e.value).startswith(f"{run.run_dir} holds a run trained with other settings (")
+    assert f"train.lr: {c.train.lr!r} -> 0.0123; train.schedule: 'cosine' -> 'linear'" in str(e.value)
+    assert str(e.value).endswith("use a new train.name, or delete the run folder to start over")
+    lora = check("train", cfg(tmp_path, "train.method=lora"))
+    with pytest.raises(ValueError, match=r"train\.method: 'full' -> 'lora'"):
+        check_resume(run, lora, total)
+    with pytest.raises(ValueError, match=r"model\.overrides: .*hidden_size"):
+        check_resume(run, check("train", cfg(tmp_path, "+model.overrides.hidden_size=96")), total)
+    assert settings_changed(None, settings(other), "x") is None  # a checkpoint from before the record
+    assert settings_changed({"train.lr": 2e-05, "train.new_key": 1}, {"train.lr": 2e-05}, "x") is None
 
 
 def test_a_worker_s_verdict_on_its_input_makes_the_restarts_fail_at_once(tmp_path):

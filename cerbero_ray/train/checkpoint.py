@@ -67,10 +67,11 @@ def complete_checkpoints(run_dir: str, world_size: int) -> list[str]:
     return out
 
 
-def write_record(directory: str, step: int, signature: str) -> None:
-    """Rank 0: the checkpoint's step and data-order signature, readable without DeepSpeed or torch."""
+def write_record(directory: str, step: int, signature: str, settings: dict | None = None) -> None:
+    """Rank 0: the checkpoint's step, data-order signature and the settings that shaped its
+    weights (:func:`~cerbero_ray.train.plan.settings`), readable without DeepSpeed or torch."""
     with open(os.path.join(directory, RECORD), "w") as f:
-        json.dump({"step": step, "signature": signature}, f)
+        json.dump({"step": step, "signature": signature, "settings": settings or {}}, f)
 
 
 def read_record(checkpoint: str) -> dict | None:

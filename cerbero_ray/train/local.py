@@ -15,7 +15,8 @@ import sys
 from cerbero_ray.config import check, compose
 from cerbero_ray.train.env import LocalEnv
 from cerbero_ray.train.loop import train_loop
-from cerbero_ray.train.run_plan import plan_run
+from cerbero_ray.train.plan import plan_all, total_steps
+from cerbero_ray.train.run_plan import check_resume, plan_run
 
 
 def run_local(overrides: list[str]) -> dict:
@@ -23,6 +24,8 @@ def run_local(overrides: list[str]) -> dict:
     c = check("train", compose("train", [f"train.num_workers={world}", *overrides]))
     plan = plan_run(c)
     t = c.train
+    # another data order or other settings: said before this process builds its model
+    check_resume(plan, c, total_steps(plan_all(list(plan.shards), t, t.num_workers), t))
     env = LocalEnv(
         plan.run_dir,
         keep=t.keep_checkpoints,

@@ -30,7 +30,15 @@ from cerbero_ray.train import checkpoint as ckpt
 from cerbero_ray.train.env import TrainEnv
 from cerbero_ray.train.metrics import Writer, progress_line, write_summary
 from cerbero_ray.train.modeling import count_flops_per_token, peak_flops
-from cerbero_ray.train.plan import DATA_ORDER_CHANGED, plan_all, remaining, signature, total_steps
+from cerbero_ray.train.plan import (
+    DATA_ORDER_CHANGED,
+    plan_all,
+    remaining,
+    settings,
+    settings_changed,
+    signature,
+    total_steps,
+)
 from cerbero_ray.train.reader import local_batches
 from cerbero_ray.train.run_plan import RunPlan
 from cerbero_ray.train.zero import build_engine
@@ -134,6 +142,10 @@ class _Run:
         """Load the newest complete checkpoint, if any (refused when the data order changed)."""
         d = self.env.latest_checkpoint()
         if d:
+            recorded = (ckpt.read_record(d) or {}).get("settings")
+            why = settings_changed(recorded, settings(self.config), self.plan.run_dir)
+            if why:  # before the load, which a changed model would fail deep inside DeepSpeed
+                raise ValueError(why)  # the driver's check_resume says it first on Ray
             state = ckpt.load(self.engine, d, self.rank, frozen=self.lora)["loop"]
             if state["signature"] != self.sig and state["step"] < self.total:  # a finished run reads nothing more
                 raise ValueError(DATA_ORDER_CHANGED)  # the driver's check_resume: unless it predates loop.json
@@ -154,7 +166,7 @@ class _Run:
         write = self.write_model if self.t.hf_in_checkpoints else None
         ckpt.save(self.engine, d, self.rank, client, write, frozen=self.lora)
         if self.rank == 0:
-            ckpt.write_record(d, at, self.sig)
+            ckpt.write_record(d, at, self.sig, settings(self.config))
         if self.writer:
             self.writer.history(self.history)
             self.writer.sync()

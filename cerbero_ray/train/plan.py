@@ -179,6 +179,57 @@ DATA_ORDER_CHANGED = (
 )
 
 
+# What shapes the trained weights besides the data order: a run resumed under other values keeps
+# its checkpoint's (the weights, the optimizer's and the schedule's state: DeepSpeed and torch load
+# their hyperparameters with them), so a change is refused instead of silently not applied, and a
+# finished run is not returned as if trained under the new values. Kernels, attention, compilation,
+# checkpointing, logging and resources may change between attempts.
+TRAIN_SETTINGS = (
+    "method",
+    "precision",
+    "strategy",
+    "lr",
+    "min_lr_ratio",
+    "schedule",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "betas",
+    "eps",
+    "max_grad_norm",
+)
+LORA_SETTINGS = ("r", "alpha", "dropout", "target_modules", "train_in_full", "lr", "qlora")
+MODEL_SETTINGS = ("_target_", "path", "overrides")
+
+
+def settings(c) -> dict:
+    """The run's :data:`TRAIN_SETTINGS` (``train.lora.*`` too for a LoRA run) and the model it starts
+    from, by config key, as they read back from a checkpoint's ``loop.json``."""
+    t, m = c.train, c.model
+    out = {f"train.{k}": getattr(t, k) for k in TRAIN_SETTINGS}
+    if t.method == "lora":
+        out |= {f"train.lora.{k}": getattr(t.lora, k) for k in LORA_SETTINGS}
+    out |= {f"model.{k}": getattr(m, k) for k in MODEL_SETTINGS}
+    return json.loads(json.dumps(out, default=str))
+
+
+def settings_changed(recorded: dict | None, now: dict, run_dir: str) -> str | None:
+    """Why the run in ``run_dir`` cannot resume under ``now`` (its newest checkpoint recorded
+    ``recorded``), naming each changed key with both values; None when nothing changed (or the
+    checkpoint predates the record). Keys only one side has (a later release's) are not compared."""
+    if not recorded:
+        return None
+    both = sorted(recorded.keys() & now.keys())
+    changed = [f"{k}: {recorded[k]!r} -> {now[k]!r}" for k in both if recorded[k] != now[k]]
+    if not changed:
+        return None
+    return (
+        f"{run_dir} holds a run trained with other settings ({'; '.join(changed)}): resuming it keeps "
+        "its checkpoint's weights, optimizer and schedule, so they would not apply; use a new "
+        "train.name, or delete the run folder to start over"
+    )
+
+
 def signature(shards: list[dict], t: TrainConfig, world: int) -> str:
     """What fixes the data order: a checkpoint only resumes a run with the same one."""
     keys = ("micro_batch_size", "global_batch_size", "epochs", "seed", "eval_rows", "max_steps")

@@ -14,7 +14,7 @@ from cerbero_ray import storage
 from cerbero_ray.config import check
 from cerbero_ray.config.train import TrainStageConfig
 from cerbero_ray.shards import read_manifest
-from cerbero_ray.train.plan import DATA_ORDER_CHANGED, signature
+from cerbero_ray.train.plan import DATA_ORDER_CHANGED, settings, settings_changed, signature
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,24 @@ def plan_run(c: TrainStageConfig) -> RunPlan:
     return RunPlan(storage.join(out, t.name), seq_len, rows, tuple(shards))
 
 
-def check_resume(run: RunPlan, t, total: int) -> None:
+def check_resume(run: RunPlan, c, total: int) -> None:
     """Before any worker starts: ``ValueError`` when the run folder's newest checkpoint was made with
-    another data order and the run is not finished (``total`` steps). The workers check it too, but
-    only once each has built its model; Ray Train restarts a failed worker group
+    another data order and the run is not finished (``total`` steps), or under other settings
+    (:func:`~cerbero_ray.train.plan.settings_changed`, finished or not). The workers check it too,
+    but only once each has built its model; Ray Train restarts a failed worker group
     ``train.max_failures`` times, and each restart would find the same. The newest checkpoint rank 0
     finished counts, complete or not: a run with more workers than the checkpoint's finds none of
     its own world complete, and would otherwise start over in the same folder."""
     from cerbero_ray.train.checkpoint import complete_checkpoints, read_record
 
+    t = c.train
     marked = complete_checkpoints(run.run_dir, 1)  # rank 0 marked it (its loop.json is written before)
     rec = read_record(marked[-1]) if marked else None
     if rec and rec["signature"] != signature(list(run.shards), t, t.num_workers) and rec["step"] < total:
         raise ValueError(f"{DATA_ORDER_CHANGED} ({marked[-1]})")
+    why = settings_changed((rec or {}).get("settings"), settings(c), run.run_dir)
+    if why:
+        raise ValueError(why)
 
 
 def check_local_data(c, before: frozenset = frozenset()) -> None:

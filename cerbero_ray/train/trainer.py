@@ -163,7 +163,7 @@ def run_train(cfg: DictConfig | dict | TrainStageConfig) -> dict:
     run = plan_run(c)
     plans = plan_all(list(run.shards), t, t.num_workers)
     steps = total_steps(plans, t)
-    check_resume(run, t, steps)  # a changed data order: here, not in every worker once per restart
+    check_resume(run, c, steps)  # a changed data order or settings: here, not in every worker once per restart
     log.info(
         f"[train] {run.rows} rows × {run.seq_len} tokens; {t.num_workers} workers; "
         f"global batch {t.global_batch_size} rows; {steps} steps over {t.epochs} epoch(s) "
