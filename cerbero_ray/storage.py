@@ -10,8 +10,9 @@ Three rules hold for every reader and writer of the project:
 - **A folder is complete only with its marker.** :func:`upload_folder` (an HF model, a trainer's
   metrics) writes ``.cerbero-writing`` first, then the files, then ``.cerbero-complete`` (the
   files and their sizes, and an id of this writing) last; :func:`check_folder` refuses a folder
-  that was being written and is not complete, or whose files do not match its marker. A folder we did not write (a model
-  from elsewhere) has neither and is taken as it is.
+  that was being written and is not complete, or whose files do not match its marker. A folder we
+  did not write (a model from elsewhere) has neither and is taken as it is. A folder written again
+  is written whole: every file, the older files it lacks deleted.
 - **Transient errors are retried, in one place.** S3 clients retry with backoff
   (``CERBERO_S3_MAX_ATTEMPTS``, default 10, AWS's standard strategy: throttling, 5xx, dropped
   connections), and :func:`retried_io_errors` is what Ray Data retries on top.
