@@ -318,10 +318,10 @@ def local_copy(path: str, cache: str | None = None) -> str:
     """A local folder holding ``path``: the path itself when local, else a cached download. The
     cache keys on the URI and on what it lists (each file's size and modification time: one
     listing per call), so a URI written again is downloaded again, never served from the copy of
-    what it held before; that older copy is then deleted. The copy goes into a temporary folder
-    renamed into place once whole, so a download cut short (or two processes downloading at
-    once) never leaves a partial folder in the cache; a folder that changes while it is copied
-    is refused (``ValueError``: copy it again once its writer is done)."""
+    what it held before; that older copy is then deleted. One process at a time copies a URI (the
+    others wait for its copy). The copy goes into a temporary folder renamed into place once
+    whole, so a download cut short never leaves a partial folder in the cache; a folder that
+    changes while it is copied is refused (``ValueError``: copy it again once its writer is done)."""
     if not is_uri(path):
         return resolve(path)[1]
     root = cache or cache_dir()
@@ -334,24 +334,38 @@ def local_copy(path: str, cache: str | None = None) -> str:
     if os.path.exists(os.path.join(dest, ".complete")):
         return dest
     check_folder(path, path)
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".download-", dir=root)
-    try:
-        with naming(path, "reading"):
-            pafs.copy_files(src, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-            if _listing(fs, src) != listed:
-                raise ValueError(f"{path} changed while it was being copied; run again once its writer is done")
-        open(os.path.join(tmp, ".complete"), "w").close()
+    with _cache_lock(root, key):
+        if os.path.exists(os.path.join(dest, ".complete")):  # another process copied it meanwhile
+            return dest
+        tmp = tempfile.mkdtemp(prefix=".download-", dir=root)
         try:
+            with naming(path, "reading"):
+                pafs.copy_files(src, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                if _listing(fs, src) != listed:
+                    raise ValueError(f"{path} changed while it was being copied; run again once its writer is done")
+            open(os.path.join(tmp, ".complete"), "w").close()
+            shutil.rmtree(dest, ignore_errors=True)  # a copy cut short by an older release
             os.rename(tmp, dest)
-        except OSError:  # another process put it there first
-            if not os.path.exists(os.path.join(dest, ".complete")):
-                shutil.rmtree(dest, ignore_errors=True)
-                os.rename(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _drop_other_versions(root, key, name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _drop_other_versions(root, key, name)
     return dest
+
+
+@contextlib.contextmanager
+def _cache_lock(root: str, key: str):
+    """One process at a time copies a URI into the cache; the others wait, then take its copy: the
+    ranks on one node resuming from the same checkpoint download it once, not once each (a lock
+    on ``<root>/.<key>.lock``, released by the kernel if its holder dies)."""
+    import fcntl
+
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{key}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def local_file(path: str, cache: str | None = None) -> str:
@@ -370,8 +384,11 @@ def local_file(path: str, cache: str | None = None) -> str:
     key = hashlib.sha256(path.encode()).hexdigest()[:16]
     name = f"{key}-{_version(info.size, info.mtime_ns)}-{posixpath.basename(path)}"
     dest = os.path.join(root, name)
-    if not os.path.exists(dest):
-        os.makedirs(root, exist_ok=True)
+    if os.path.exists(dest):
+        return dest
+    with _cache_lock(root, key):
+        if os.path.exists(dest):  # another process copied it meanwhile
+            return dest
         tmp = f"{dest}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
         try:
             with naming(path, "reading"), fs.open_input_stream(src, compression=None) as f, open(tmp, "wb") as out:

@@ -168,7 +168,8 @@ def test_a_cached_copy_of_a_uri_is_what_the_uri_holds_now(bucket, tmp_path):
     storage.upload_folder(str(src), uri)
     again = storage.local_copy(uri, cache)
     assert again != first and open(os.path.join(again, "model.safetensors"), "rb").read() == new
-    assert storage.local_copy(uri, cache) == again and os.listdir(cache) == [os.path.basename(again)]
+    copies = [n for n in os.listdir(cache) if not n.startswith(".")]  # beside the lock files
+    assert storage.local_copy(uri, cache) == again and copies == [os.path.basename(again)]
     gguf = f"{bucket}/export/model.gguf"
     storage.write_bytes(gguf, b"a" * 1000)
     one = storage.local_file(gguf, cache)
@@ -178,6 +179,33 @@ def test_a_cached_copy_of_a_uri_is_what_the_uri_holds_now(bucket, tmp_path):
     assert open(two, "rb").read() == b"b" * 1001 and not os.path.exists(one)
     with pytest.raises(FileNotFoundError):
         storage.local_file(f"{bucket}/export/none.gguf", cache)
+
+
+def test_processes_copying_one_uri_at_once_download_it_once(bucket, tmp_path, monkeypatch):
+    """The ranks on one node resuming from the same checkpoint: one downloads it, the others wait
+    for its copy and take it (each used to download the whole checkpoint at once)."""
+    import threading
+    import time
+
+    src = _folder(tmp_path)
+    uri = f"{bucket}/run/checkpoint_step_0000003"
+    storage.upload_folder(str(src), uri)
+    real, calls = storage.pafs.copy_files, []
+
+    def slow_copy(*a, **k):
+        calls.append(1)
+        time.sleep(0.3)  # long enough for every other caller to be waiting
+        return real(*a, **k)
+
+    monkeypatch.setattr(storage.pafs, "copy_files", slow_copy)
+    cache, got = str(tmp_path / "cache"), []
+    ranks = [threading.Thread(target=lambda: got.append(storage.local_copy(uri, cache))) for _ in range(4)]
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join()
+    assert len(got) == 4 and len(set(got)) == 1 and len(calls) == 1
+    assert open(os.path.join(got[0], "sub", "x.txt")).read() == "nested"
 
 
 def test_a_cached_copy_of_a_uri_folder(bucket, tmp_path):
