@@ -303,7 +303,7 @@ def version(path: str) -> str | None:
         return _folder_version(fs, p)[1]
 
 
-def _drop_other_versions(root: str, key: str, keep: str) -> None:
+def _drop_other_versions(root: str, key: str, keep: str | None) -> None:
     """Earlier copies of the same URI (``<key>-…``, or the bare ``<key>`` older releases made):
     the URI holds something else now. A process still reading one loses it; one that loaded it
     (weights in memory) does not notice."""
@@ -312,6 +312,13 @@ def _drop_other_versions(root: str, key: str, keep: str) -> None:
             path = os.path.join(root, name)
             with contextlib.suppress(OSError):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def drop_copy(path: str, cache: str | None = None) -> None:
+    """Delete the cached copies of the URI ``path`` (:func:`local_copy`, :func:`local_file`)."""
+    root = cache or cache_dir()
+    if is_uri(path) and os.path.isdir(root):
+        _drop_other_versions(root, hashlib.sha256(path.encode()).hexdigest()[:16], None)
 
 
 def local_copy(path: str, cache: str | None = None) -> str:

@@ -89,6 +89,11 @@ def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket
     again = run_train({k: c[k] for k in ("cluster", "paths", "tokenizer", "model", "deepspeed", "train")})
     assert again["resumed_from"] and again["checkpoint"].startswith(f"{out}/train/tiny-cpu/checkpoint_step_")
     assert any(k.startswith(f"train/tiny-cpu/{RAY_RECORD}.set-aside-") for k in _objects(out))
+    # the checkpoint the workers downloaded to resume from is not kept once they have loaded it
+    import hashlib
+
+    key = hashlib.sha256(again["checkpoint"].encode()).hexdigest()[:16]
+    assert not [n for n in os.listdir(storage.cache_dir()) if n.startswith(key)]
     _no_secret_in(out)
     assert S3_SECRET not in said
 

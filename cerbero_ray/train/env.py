@@ -39,6 +39,7 @@ class TrainEnv(Protocol):
 
     def batches(self, segments: list[Segment], micro: int, read_cpus: float) -> Iterator[dict]: ...
     def latest_checkpoint(self) -> str | None: ...
+    def loaded(self) -> None: ...
     def checkpoint_dir(self, step: int) -> str: ...
     def report(self, metrics: dict, checkpoint: str | None = None) -> None: ...
     def after_step(self, step: int) -> None: ...
@@ -54,10 +55,25 @@ class _RunFolder:
     fail_at_step: int | None = None
     fail_rank: int = 1
 
+    _copied: str | None = None
+
     def latest_checkpoint(self) -> str | None:
-        """A local folder holding it (downloaded when the run folder is a URI), or None."""
+        """A local folder holding it (downloaded when the run folder is a URI: once per node), or None."""
         done = complete_checkpoints(self.run_dir, self.world_size)
-        return storage.local_copy(done[-1]) if done else None
+        if not done:
+            return None
+        self._copied = done[-1] if storage.is_uri(done[-1]) else None
+        return storage.local_copy(done[-1])
+
+    def loaded(self) -> None:
+        """Every rank has loaded the checkpoint :meth:`latest_checkpoint` gave: its downloaded copy
+        goes (a 7B's is ~100 GB, and each resume is another checkpoint's)."""
+        if self._copied is None:
+            return
+        if dist.is_initialized():
+            dist.barrier()  # the node's other ranks may still be reading it
+        storage.drop_copy(self._copied)
+        self._copied = None
 
     def after_step(self, step: int) -> None:
         if self.fail_at_step != step or self.rank != self.fail_rank:

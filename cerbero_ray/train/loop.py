@@ -147,6 +147,7 @@ class _Run:
             if why:  # before the load, which a changed model would fail deep inside DeepSpeed
                 raise ValueError(why)  # the driver's check_resume says it first on Ray
             state = ckpt.load(self.engine, d, self.rank, frozen=self.lora)["loop"]
+            self.env.loaded()
             if state["signature"] != self.sig and state["step"] < self.total:  # a finished run reads nothing more
                 raise ValueError(DATA_ORDER_CHANGED)  # the driver's check_resume: unless it predates loop.json
             self.step, self.history, self.resumed_from = state["step"], state["history"], state["step"]
