@@ -388,32 +388,56 @@ def done_keys(out: str) -> set[str]:
 CHECKPOINT_VERSION = "checkpoint_version"
 
 
+def _other_run(out: str, run_file: str, ident: dict) -> list[str] | None:
+    """What differs between this run (``ident``, as it reads back) and the run ``<out>/<run_file>``
+    records: the keys (empty: the same run), or None when there is no record."""
+    path = storage.join(out, run_file)
+    if not storage.is_file(path):
+        return None
+    old = storage.read_json(path)
+    if CHECKPOINT_VERSION not in old:
+        old = {**old, CHECKPOINT_VERSION: ident.get(CHECKPOINT_VERSION)}
+    return [k for k in ident if ident[k] != old.get(k)] + [k for k in old if k not in ident]
+
+
+def check_claim(out: str, run_file: str, ident: dict, stage: str) -> None:
+    """``FileExistsError`` when ``out`` holds a run with other settings than ``ident`` (its parts would
+    mix with ours), naming them; a checkpoint written again since that run (same path, other files)
+    counts as another setting. Reads only: also the stage's check before Ray starts."""
+    ident = json.loads(json.dumps(ident))  # as it reads back: tuples become lists
+    differ = _other_run(out, run_file, ident)
+    if not differ:
+        return
+    if differ == [CHECKPOINT_VERSION]:
+        raise FileExistsError(
+            f"{out} holds a {stage} run of {ident['checkpoint']} as it was before: it was written again "
+            f"since (its files differ); pass {stage}.overwrite=true to start over with it, or another "
+            f"{stage}.output_dir"
+        )
+    raise FileExistsError(
+        f"{out} holds a {stage} run with other settings ({', '.join(differ)} differ); "
+        f"pass {stage}.overwrite=true or another {stage}.output_dir"
+    )
+
+
 def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: str) -> None:
     """Record what this run is in ``<out>/<run_file>``; refuse an output folder that holds a run with
-    other settings (its parts would mix with ours) unless ``overwrite``, which clears it first. A
-    checkpoint written again since that run (same path, other files) counts as another setting."""
-    ident = json.loads(json.dumps(ident))  # as it reads back: tuples become lists
-    path = storage.join(out, run_file)
-    if storage.is_file(path):
-        old = storage.read_json(path)
-        if CHECKPOINT_VERSION not in old:
-            old = {**old, CHECKPOINT_VERSION: ident.get(CHECKPOINT_VERSION)}
-        if old != ident:
-            if not overwrite:
-                differ = [k for k in ident if ident[k] != old.get(k)]
-                if differ == [CHECKPOINT_VERSION]:
-                    raise FileExistsError(
-                        f"{out} holds a {stage} run of {ident['checkpoint']} as it was before: it was "
-                        f"written again since (its files differ); pass {stage}.overwrite=true to "
-                        f"start over with it, or another {stage}.output_dir"
-                    )
-                raise FileExistsError(
-                    f"{out} holds a {stage} run with other settings ({', '.join(differ)} differ); "
-                    f"pass {stage}.overwrite=true or another {stage}.output_dir"
-                )
-            fs, p = storage.resolve(out)
-            fs.delete_dir_contents(p)
-    storage.write_json(path, ident)
+    other settings (:func:`check_claim`) unless ``overwrite``, which clears it first."""
+    ident = json.loads(json.dumps(ident))
+    if not overwrite:
+        check_claim(out, run_file, ident, stage)
+    elif _other_run(out, run_file, ident):
+        fs, p = storage.resolve(out)
+        fs.delete_dir_contents(p)
+    storage.write_json(storage.join(out, run_file), ident)
+
+
+def precheck_output(stage: str, b, run_file: str, ident, before: frozenset) -> None:
+    """A batch stage's precheck (the stage table's): its output folder's record against this run
+    (``ident()``, computed only when it counts), before Ray starts; not when the job trains the
+    checkpoint first (``before`` holds train: it may be written again) or with ``overwrite``."""
+    if not b.overwrite and "train" not in before:
+        check_claim(b.output_dir, run_file, ident(), stage)
 
 
 def start_run(

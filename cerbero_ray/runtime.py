@@ -93,8 +93,8 @@ def launch(stage: str, cfg, run=None, ray: bool | None = None, **kwargs):
     ray = STAGES[stage].ray if ray is None else ray
     try:
         c = check(stage, cfg)
-        precheck(stage, c)  # what it reads of its local input (the train stage's manifest)
-    except (ValueError, FileNotFoundError) as e:
+        precheck(stage, c)  # what it reads of its local input and output (a manifest, a run record)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     # the stage table's run_<stage>, unless given (tests); imported after the checks: a stage's module

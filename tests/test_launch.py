@@ -156,6 +156,64 @@ def test_the_train_stage_s_local_data_is_checked_before_ray_starts(tmp_path, mon
             launch(stage, compose(stage, [out, *over]), lambda c: None)
 
 
+def test_a_batch_stage_s_output_folder_holding_another_run_is_refused_before_ray_starts(
+    tmp_path, tiny_hf, monkeypatch, capsys
+):
+    """The label and generate stages' precheck: the run record in their output folder against this
+    run's (another task or settings; the checkpoint written again since) is one line and exit 2
+    before Ray starts; the same run, overwrite, or the main job training the checkpoint first go
+    on to start Ray."""
+    import re
+    import shutil
+
+    import cerbero_ray.runtime as runtime
+    from cerbero_ray import storage
+    from cerbero_ray.batchjob import claim_output
+    from cerbero_ray.config import check
+    from cerbero_ray.generate.pipeline import RUN_FILE as GENERATE_RUN
+    from cerbero_ray.generate.pipeline import run_identity as generate_identity
+    from cerbero_ray.label.pipeline import RUN_FILE as LABEL_RUN
+    from cerbero_ray.label.pipeline import resolve_task
+    from cerbero_ray.label.pipeline import run_identity as label_identity
+
+    class RayStarts(Exception):
+        pass
+
+    def init_ray(cluster):
+        raise RayStarts
+
+    monkeypatch.setattr(runtime, "init_ray", init_ray)
+    ck = tmp_path / "hf"
+    shutil.copytree(tiny_hf, ck)
+    storage.mark_complete(str(ck))  # as training writes a model
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "text": "Ciao"}\n')
+    label = [f"label.checkpoint={ck}", f"label.input={tmp_path}/in.jsonl", f"label.output_dir={tmp_path}/labels"]
+    gen = [f"generate.checkpoint={ck}", f"generate.input={tmp_path}/in.jsonl", f"generate.output_dir={tmp_path}/gen"]
+    lc = check("label", compose("label", label)).label
+    claim_output(lc.output_dir, LABEL_RUN, label_identity(lc, resolve_task(lc)), False, "label")
+    gc = check("generate", compose("generate", gen)).generate
+    claim_output(gc.output_dir, GENERATE_RUN, generate_identity(gc), False, "generate")
+    for stage, over in (("label", label), ("generate", gen), ("label", [*label, "label.overwrite=true"])):
+        with pytest.raises(RayStarts):  # the same run resumes
+            launch(stage, compose(stage, over), lambda c: None)
+    storage.mark_complete(str(ck))  # trained again under the same path
+    for stage, over, said in (
+        ("label", label, r".*labels holds a label run of .*hf as it was before: it was written again since"),
+        ("generate", gen, r".*gen holds a generate run of .*hf as it was before"),
+        ("generate", [*gen, "generate.sampling.temperature=0.5"], r".*gen holds a generate run with other settings "),
+    ):
+        with pytest.raises(SystemExit) as e:
+            launch(stage, compose(stage, over), lambda c: None)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and re.fullmatch(f"error: {said}.*\n", err), err
+    with pytest.raises(RayStarts):  # the main job trains the checkpoint first: its label stage decides then
+        launch(
+            "recipe",
+            compose("recipe", [f"paths.output_dir={tmp_path}", *label[1:], "stages=[data,train,label]"]),
+            lambda c: None,
+        )
+
+
 def test_a_config_error_is_reported_before_any_stage_module_is_imported():
     """A stage's run_<stage> module may import torch and transformers (seconds on a small machine):
     ``launch`` resolves it only after the checks, so a bad value is one line at once, for every stage."""

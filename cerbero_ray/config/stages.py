@@ -33,8 +33,8 @@ class Stage:
     resume: str  # what running the same command again does after a stop
     recipe: int | None = None  # its place in the main job (None: not one of its stages)
     layer: int = STAGE_LAYER  # the import layer of its package (or module) under cerbero_ray/
-    # "module:function"(c, before): what the job reads of its local input before Ray starts, past
-    # the config's check (the train stage's manifest); None: nothing
+    # "module:function"(c, before): what the job reads of its local input and output before Ray
+    # starts, past the config's check (the train stage's manifest, a batch stage's run record); None: nothing
     precheck: str | None = None
 
     @property
@@ -121,6 +121,7 @@ for _s in (
         True,
         "the same command resumes: finished chunks are kept",
         recipe=3,
+        precheck="cerbero_ray.label.pipeline:precheck",
     ),
     Stage(
         "generate",
@@ -129,6 +130,7 @@ for _s in (
         "cerbero_ray.generate:run_generate",
         True,
         "the same command resumes: finished chunks are kept",
+        precheck="cerbero_ray.generate.pipeline:precheck",
     ),
     Stage(
         "serve",

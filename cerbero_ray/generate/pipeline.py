@@ -185,6 +185,15 @@ def conversation_text(messages: list[dict]) -> str:
     return " ".join(m["content"] for m in messages)
 
 
+RUN_FILE = "generate_run.json"
+
+
+def precheck(c: GenerateStageConfig, before: frozenset = frozenset()) -> None:
+    """The stage table's precheck: an output folder holding another generation run (other settings,
+    the checkpoint written again since) is refused before Ray starts."""
+    batchjob.precheck_output("generate", c.generate, RUN_FILE, lambda: run_identity(c.generate), before)
+
+
 def run_identity(gc: GenerateConfig) -> dict:
     """What fixes a generation run's output: another run into the same folder must match it (a
     constraint, the sampling penalties and logit bias only when set, so an earlier run's folder
@@ -263,7 +272,7 @@ def run_generate(cfg: DictConfig | dict | GenerateStageConfig) -> dict:
     if gc.mode == "self_chat" and sc.dedup == "embedding" and sc.dedup_model:
         check_checkpoint(sc.dedup_model, "generate.self_chat.dedup_model")
     out = gc.output_dir
-    chunks, todo, skipped = batchjob.start_run("generate", gc, "generate_run.json", run_identity(gc))
+    chunks, todo, skipped = batchjob.start_run("generate", gc, RUN_FILE, run_identity(gc))
     log.info(
         f"[generate] {gc.mode}: {len(chunks)} chunks; {len(chunks) - len(todo)} already done, "
         f"{len(todo)} to go -> {out}",

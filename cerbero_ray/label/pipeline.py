@@ -158,6 +158,13 @@ def distribution_png(summary: dict, out: str) -> str:
     return path
 
 
+def precheck(c: LabelStageConfig, before: frozenset = frozenset()) -> None:
+    """The stage table's precheck: an output folder holding another labeling run (another task or
+    input, the checkpoint written again since) is refused before Ray starts."""
+    lc = c.label
+    batchjob.precheck_output("label", lc, RUN_FILE, lambda: run_identity(lc, resolve_task(lc)), before)
+
+
 def run_label(cfg: DictConfig | dict | LabelStageConfig) -> dict:
     """Label ``label.input`` on an initialised Ray; returns the summary (also ``summary.json``)."""
     c = check("label", cfg)
