@@ -83,8 +83,15 @@ def test_refuses_to_mix_runs_and_rejects_unusable_sources(ray_local, tmp_path):
     cfg = cfg_for(tmp_path / "out", {"c": {"path": src, "format": "auto"}})
     first = run_data(cfg)
     assert run_data(cfg) == first  # the same config on the same files: up to date, reused
+    # the file edited since, to the same size (a case fix): its shards are not up to date
+    text = open(src).read()
+    open(src, "w").write(text.replace("Ciao", "ciao") if "Ciao" in text else text.swapcase())
+    os.utime(src, ns=(os.stat(src).st_atime_ns, os.stat(src).st_mtime_ns + 1_000_000_000))
+    assert os.path.getsize(src) == first["sources"]["c"]["bytes"]
+    with pytest.raises(FileExistsError, match=r"holds a data run of the files of data\.sources\.c as they were"):
+        run_data(cfg)
     cfg["data"]["seq_len"] = 256
-    with pytest.raises(FileExistsError, match="overwrite"):  # another config: never mixed in
+    with pytest.raises(FileExistsError, match="of another config; pass data.overwrite=true"):  # never mixed in
         run_data(cfg)
     cfg["data"]["overwrite"] = True
     assert run_data(cfg)["documents"] == 1

@@ -67,6 +67,7 @@ def build_manifest(stats: list[dict], cfg: DataStageConfig, plans, seconds: floa
                 "files": p.files,
                 "format": p.format,
                 "bytes": p.bytes,
+                "stamp": p.stamp,  # its files' sizes and modification times
                 "weight": d.sources[p.name].weight,
                 "skipped_files": p.skipped,  # files of the source's folder not read, with why
             }

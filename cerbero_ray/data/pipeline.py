@@ -27,19 +27,42 @@ log = logging.getLogger(__name__)
 
 
 def finished_run(out: str, cfg: DataStageConfig, plans) -> dict | None:
-    """The manifest of a complete earlier run of this same config on the same input files, if any."""
+    """The manifest of a complete earlier run of this same config on the same input files, if any:
+    the same files, sizes and (for a manifest that records them) modification times."""
     try:
         m = read_manifest(out)
     except FileNotFoundError:
         return None
-    same_files = {p.name: (p.files, p.bytes) for p in plans} == {
-        name: (v["files"], v["bytes"]) for name, v in m.get("sources", {}).items()
-    }
-    return m if m.get("config_hash") == config_hash(cfg) and same_files else None
+    return m if m.get("config_hash") == config_hash(cfg) and not _edited(m, plans) else None
 
 
-def prepare_output(out: str, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder; with ``overwrite`` clear the old run first."""
+def _edited(m: dict, plans) -> list[str]:
+    """The sources whose input files differ from the manifest's run (names)."""
+    recorded = m.get("sources", {})
+    out = []
+    for p in plans:
+        v = recorded.get(p.name) or {}
+        if (p.files, p.bytes) != (v.get("files"), v.get("bytes")) or v.get("stamp", p.stamp) != p.stamp:
+            out.append(p.name)
+    return out + sorted(set(recorded) - {p.name for p in plans})
+
+
+def other_run(out: str, cfg: DataStageConfig, plans) -> str:
+    """How the finished run in ``out`` differs from this one, for the refusal ("" when none is there)."""
+    try:
+        m = read_manifest(out)
+    except (FileNotFoundError, ValueError):
+        return ""
+    if m.get("config_hash") != config_hash(cfg):
+        return " of another config"
+    edited = _edited(m, plans)
+    names = ", ".join(f"data.sources.{n}" for n in edited)
+    return f" of the files of {names} as they were (other files, sizes or times since)"
+
+
+def prepare_output(out: str, overwrite: bool, why: str = "") -> None:
+    """Refuse to mix two runs in one folder (``why``: how the one there differs); with ``overwrite``
+    clear the old run first."""
     fs, p = storage.resolve(out)
     info = fs.get_file_info(p)
     if info.type == storage.pafs.FileType.NotFound:
@@ -54,7 +77,9 @@ def prepare_output(out: str, overwrite: bool) -> None:
     if existing and not finished:  # the manifest comes last: a run stopped before it is of no use to anyone
         log.info(f"[data] {out} holds an unfinished run (no manifest.json): cleared, starting again")
     elif existing and not overwrite:
-        raise FileExistsError(f"{out} already holds a data run; pass data.overwrite=true or another data.output_dir")
+        raise FileExistsError(
+            f"{out} already holds a data run{why}; pass data.overwrite=true or another data.output_dir"
+        )
     for i in existing:
         fs.delete_dir(i.path) if i.type == storage.pafs.FileType.Directory else fs.delete_file(i.path)
 
@@ -78,7 +103,7 @@ def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
             "data.overwrite=true redoes it",
         )
         return done
-    prepare_output(out, d.overwrite)
+    prepare_output(out, d.overwrite, "" if d.overwrite else other_run(out, c, plans))
     cpus = float(ray.cluster_resources().get("CPU", 1))
     reserve = 1.0 if cpus >= 2 else cpus / 2  # reads must always get a CPU, or the stream stalls
     workers = d.workers or int(max(1, cpus - reserve))

@@ -8,6 +8,7 @@ format is there (a schema-level problem is a ``ValueError`` naming the source).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -30,6 +31,9 @@ class SourcePlan:
     format: str
     bytes: int
     skipped: list[dict] = field(default_factory=list)  # files of the folder not read, with why
+    # each file's size and modification time, hashed: a file edited since a run (even to the same
+    # size: a case fix) makes that run's shards out of date
+    stamp: str = ""
 
 
 def _peek_records(path: str) -> list:
@@ -92,7 +96,9 @@ def inspect_sources(sources: dict[str, SourceConfig]) -> list[SourcePlan]:
         if not files:  # one file named, and it is empty
             raise ValueError(f"data.sources.{name}.path: {skipped[0]['path']}: {skipped[0]['reason']}")
         fs, _ = storage.resolve(files[0])
-        size = sum(fs.get_file_info(storage.resolve(f)[1]).size for f in files)
+        infos = [fs.get_file_info(storage.resolve(f)[1]) for f in files]
+        size = sum(i.size for i in infos)
+        stamp = hashlib.sha256(json.dumps([[f, i.size, i.mtime_ns] for f, i in zip(files, infos)]).encode())
         text_field = src.text_field
         if all(inputs.format_suffix(f) == ".txt" for f in files):
             fmt = "text"
@@ -126,7 +132,7 @@ def inspect_sources(sources: dict[str, SourceConfig]) -> list[SourcePlan]:
                     f"data.sources.{name}: none of the first {len(dicts)} rows of {src.path} "
                     f"is a valid '{fmt}' record; check data.sources.{name}.format/text_field"
                 )
-        plans.append(SourcePlan(name, files, fmt, size, skipped))
+        plans.append(SourcePlan(name, files, fmt, size, skipped, stamp.hexdigest()[:16]))
     return plans
 
 
