@@ -56,6 +56,8 @@ def other_run(out: str, cfg: DataStageConfig, plans) -> str:
     if m.get("config_hash") != config_hash(cfg):
         return " of another config"
     edited = _edited(m, plans)
+    if not edited:
+        return ""
     names = ", ".join(f"data.sources.{n}" for n in edited)
     return f" of the files of {names} as they were (other files, sizes or times since)"
 
