@@ -125,8 +125,7 @@ def set_aside_ray_record(run_dir: str) -> str | None:
         return None
     fs, p = storage.resolve(path)
     aside = f"{p}.set-aside-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    fs.copy_file(p, aside)
-    fs.delete_file(p)
+    fs.move(p, aside)  # as storage.open_output publishes (an object store: a copy, then a delete)
     aside = storage.join(run_dir, os.path.basename(aside))
     return f"Ray Train's record of this run's checkpoints set aside ({why}): {aside}"
 
