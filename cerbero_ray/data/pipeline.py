@@ -26,14 +26,21 @@ from cerbero_ray.data.sources import build_dataset, inspect_sources
 log = logging.getLogger(__name__)
 
 
-def finished_run(out: str, cfg: DataStageConfig, plans) -> dict | None:
-    """The manifest of a complete earlier run of this same config on the same input files, if any:
-    the same files, sizes and (for a manifest that records them) modification times."""
+def finished_run(out: str, cfg: DataStageConfig, plans) -> tuple[dict | None, str]:
+    """The manifest of a complete earlier run of this same config on the same input files (the same
+    files, sizes and, for a manifest that records them, modification times), else None; and how the
+    finished run there differs, for the refusal ("" when none is there)."""
     try:
         m = read_manifest(out)
     except FileNotFoundError:
-        return None
-    return m if m.get("config_hash") == config_hash(cfg) and not _edited(m, plans) else None
+        return None, ""
+    if m.get("config_hash") != config_hash(cfg):
+        return None, " of another config"
+    edited = _edited(m, plans)
+    if not edited:
+        return m, ""
+    names = ", ".join(f"data.sources.{n}" for n in edited)
+    return None, f" of the files of {names} as they were (other files, sizes or times since)"
 
 
 def _edited(m: dict, plans) -> list[str]:
@@ -45,21 +52,6 @@ def _edited(m: dict, plans) -> list[str]:
         if (p.files, p.bytes) != (v.get("files"), v.get("bytes")) or v.get("stamp", p.stamp) != p.stamp:
             out.append(p.name)
     return out + sorted(set(recorded) - {p.name for p in plans})
-
-
-def other_run(out: str, cfg: DataStageConfig, plans) -> str:
-    """How the finished run in ``out`` differs from this one, for the refusal ("" when none is there)."""
-    try:
-        m = read_manifest(out)
-    except (FileNotFoundError, ValueError):
-        return ""
-    if m.get("config_hash") != config_hash(cfg):
-        return " of another config"
-    edited = _edited(m, plans)
-    if not edited:
-        return ""
-    names = ", ".join(f"data.sources.{n}" for n in edited)
-    return f" of the files of {names} as they were (other files, sizes or times since)"
 
 
 def prepare_output(out: str, overwrite: bool, why: str = "") -> None:
@@ -98,14 +90,14 @@ def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
     for p in plans:
         d.sources[p.name].format = p.format
     out = d.output_dir
-    done = None if d.overwrite else finished_run(out, c, plans)
+    done, why = (None, "") if d.overwrite else finished_run(out, c, plans)
     if done:  # a rerun of the same config on the same files: the shards are already there
         log.info(
             f"[data] {out} is up to date ({done['rows']:,} rows, config {done['config_hash']}); "
             "data.overwrite=true redoes it",
         )
         return done
-    prepare_output(out, d.overwrite, "" if d.overwrite else other_run(out, c, plans))
+    prepare_output(out, d.overwrite, why)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     reserve = 1.0 if cpus >= 2 else cpus / 2  # reads must always get a CPU, or the stream stalls
     workers = d.workers or int(max(1, cpus - reserve))
