@@ -417,7 +417,14 @@ def test_an_adapter_exports_merged_and_as_a_llama_cpp_lora(hf_dir, tmp_path):
     assert not res["failed"], res
     files = res["files"]
     assert set(files) == {"f16", "lora", "base-f16"} and all(f["status"] == "checked" for f in files.values())
-    assert sorted(os.listdir(out)) == ["cerbero-F16.gguf", "cerbero-LORA-F32.gguf", "cerbero-base-F16.gguf"]
+    assert sorted(os.listdir(out)) == [
+        "cerbero-F16.gguf",
+        "cerbero-LORA-F32.gguf",
+        "cerbero-base-F16.gguf",
+        "export.json",
+    ]
+    made = json.load(open(out / "export.json"))["files"]["cerbero-LORA-F32.gguf"]["made_from"]
+    assert made["checkpoint"] == adapter and made["base"] == hf_dir and made["base_version"]
     pair = files["lora"]["check"]
     assert pair["tokens_match"] and pair["max_logit_diff_rel"] < 1e-2
     # the same reference without the adapter applied fails: the check does see the adapter
@@ -442,3 +449,55 @@ def test_an_adapter_exports_merged_and_as_a_llama_cpp_lora(hf_dir, tmp_path):
     assert bytes(kv["general.type"].parts[-1]).decode() == "adapter"
     assert float(kv["adapter.lora.alpha"].parts[-1][0]) == 16.0  # lora_alpha 2r: scale 2 = 16 / 8
     assert len(r.tensors) == 2 * 7 * SHAPE["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_a_file_is_kept_only_when_made_from_what_the_checkpoint_holds_now(tiny_hf, tmp_path, request, where):
+    """A rerun keeps a GGUF file only when ``export.json`` says it was made from the checkpoint as
+    it is now: not one of another checkpoint exported to the same name (whose files may be older
+    than the GGUF: times decide nothing), not one of an earlier training under the same path."""
+    from cerbero_ray import storage
+    from cerbero_ray.export import run_export
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_hf, other)
+    tiny(seed=1).save_pretrained(other)  # same shapes and sizes, other weights
+    for f in os.listdir(other):  # files older than any GGUF written below
+        os.utime(other / f, (1e9, 1e9))
+    root = request.getfixturevalue("bucket") if where == "bucket" else str(tmp_path)
+    a, b = tiny_hf, str(other)
+    if where == "bucket":
+        a, b = storage.upload_folder(a, f"{root}/a"), storage.upload_folder(b, f"{root}/b")
+    out = f"{root}/gguf"
+
+    def export(ckpt, dest=out):
+        x = {"checkpoint": ckpt, "output_dir": dest, "name": "m", "types": ["f16"], "threads": 2}
+        res = run_export(
+            {"paths": PATHS, "export": {**x, "overwrite": False, "verify": False, "base": None, "lora": True}}
+        )
+        return res["files"]["f16"]["status"]
+
+    def gguf_bytes(dest=out):
+        fs, p = storage.resolve(f"{dest}/m-F16.gguf")
+        with fs.open_input_stream(p) as f:
+            return f.read()
+
+    assert export(a) == "unchecked" and export(a) == "kept"
+    of_a = gguf_bytes()
+    assert export(b) == "unchecked"  # another checkpoint to the same name: made again
+    assert (
+        gguf_bytes() != of_a
+        and export(b, f"{root}/gguf-b") == "unchecked"
+        and gguf_bytes() == gguf_bytes(f"{root}/gguf-b")
+    )
+    made = storage.read_json(f"{out}/export.json")["files"]["m-F16.gguf"]["made_from"]
+    assert made["checkpoint"] == b and made["version"] == storage.version(b)
+    assert export(b) == "kept"
+    # b trained again under its path: made again
+    again = tmp_path / "again"
+    tiny(seed=2).save_pretrained(again)
+    shutil.copy(again / "model.safetensors", other / "model.safetensors")
+    if where == "bucket":
+        storage.upload_folder(str(other), b)
+    assert export(b) == "unchecked" and gguf_bytes() != of_a
+    assert export(a) == "unchecked" and gguf_bytes() == of_a

@@ -20,7 +20,7 @@ class ExportConfig:
     name: str = "cerbero"  # general.name in the file, and the file names' prefix
     types: List[str] = field(default_factory=lambda: ["f16", "q4_k_m"])
     threads: int = 0  # llama.cpp's quantizer; 0: all cores
-    overwrite: bool = False  # redo files that are newer than the checkpoint
+    overwrite: bool = False  # redo files export.json says were made from what the checkpoint holds now
     verify: bool = True  # llama.cpp loads each file and runs the seed's prompt (in a child process)
     # an adapter checkpoint: besides the merged model's files, the adapter as a llama.cpp LoRA file
     # (<name>-LORA-F32.gguf) and the base it applies to (<name>-base-F16.gguf)

@@ -3,8 +3,11 @@
 The checkpoint (a local folder, or a URI fetched once into the cache) is converted tensor by tensor
 (:mod:`cerbero_ray.export.gguf`) into ``f32``/``f16``/``bf16``/``q8_0``; each K-quant (``q4_k_m``…)
 is made from the f16 file by llama.cpp's quantizer (:mod:`cerbero_ray.export.quantize`; an f16 file
-not asked for is made and removed). Files are ``<output_dir>/<name>-<TYPE>.gguf``; one newer than
-every file of the checkpoint is kept on a rerun (``export.overwrite=true`` redoes it). Each file is
+not asked for is made and removed). Files are ``<output_dir>/<name>-<TYPE>.gguf``; ``export.json``
+beside them records what each was made from (the checkpoint, its base, and what they held:
+:func:`~cerbero_ray.storage.version`), and a rerun keeps a file made from what they hold now
+(``export.overwrite=true`` redoes it): never a file of another checkpoint, or of an earlier
+training under the same path, whatever the files' times say. Each file is
 written as ``….gguf.unverified`` and checked by llama.cpp in a child process (:mod:`.verify`: the
 seed's prompt, tokens and logits against transformers) before it takes its final name; one that
 fails stays ``….gguf.failed`` and is reported (``export.verify=false`` skips the check). The stage
@@ -52,14 +55,68 @@ def file_name(name: str, out_type: str) -> str:
     return f"{name}-{out_type.upper()}.gguf"
 
 
-def _fresh(dest: str, folder: str) -> bool:
-    """``dest`` exists and is newer than every file of the checkpoint folder."""
-    fs, p = storage.resolve(dest)
+RECORD = "export.json"  # beside the files: what each was made from
+
+
+def _made_from(x: ExportConfig, base: str | None) -> dict:
+    """What the files of this run are made from: the checkpoint (and an adapter's base) and what
+    each holds now. A file is kept on a rerun only when its record says the same."""
+    made = {"checkpoint": x.checkpoint, "version": storage.version(x.checkpoint)}
+    if base is not None:
+        made |= {"base": base, "base_version": storage.version(base)}
+    return made
+
+
+def _records(out: str) -> dict:
+    try:
+        return storage.read_json(storage.join(out, RECORD)).get("files", {})
+    except (FileNotFoundError, ValueError, AttributeError):  # none yet, or not ours: nothing is kept
+        return {}
+
+
+def _kept(final: str, made: dict, records: dict, checks: bool) -> str | None:
+    """Why ``final`` is kept (None: it is made again): it is there, at the size its record gives,
+    made from what the checkpoint holds now, and checked by llama.cpp if this run would check it."""
+    rec = records.get(final.rsplit("/", 1)[-1])
+    fs, p = storage.resolve(final)
     info = fs.get_file_info(p)
     if not info.is_file:
-        return False
-    newest = max(os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder))
-    return info.mtime is not None and info.mtime.timestamp() >= newest
+        return None
+    if rec is None or rec.get("made_from") != made:
+        log.info(f"[export] {final} is there but was made from {_describe(rec)}: written again")
+        return None
+    if rec.get("bytes") != info.size:
+        log.info(f"[export] {final} is not the size its {RECORD} gives: written again")
+        return None
+    if checks and rec.get("status") != "checked":
+        log.info(f"[export] {final} was not checked by llama.cpp when it was made: made and checked again")
+        return None
+    return f"[export] {final} was made from this checkpoint as it is now: kept (export.overwrite=true redoes it)"
+
+
+def _describe(rec: dict | None) -> str:
+    if rec is None:
+        return f"what no {RECORD} records"
+    m = rec.get("made_from") or {}
+    return f"{m.get('checkpoint')} as it was then" + (f" (on {m['base']})" if m.get("base") else "")
+
+
+def _record(out: str, final: str, info: dict | None, made: dict) -> None:
+    """The published ``final`` into the folder's record (``info`` None: its entry out, before the
+    file is replaced). The record is read again each time: another type may be in it by now."""
+    records, name = _records(out), final.rsplit("/", 1)[-1]
+    if info is None:
+        if records.pop(name, None) is not None:
+            storage.write_json(storage.join(out, RECORD), {"files": records})
+        return
+    records[name] = {
+        "made_from": made,
+        "type": info["type"],
+        "status": info["status"],
+        "bytes": info.get("bytes"),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_json(storage.join(out, RECORD), {"files": records})
 
 
 def _template(folder: str) -> str | None:
@@ -79,16 +136,18 @@ def run_export(cfg: DictConfig | dict | ExportStageConfig) -> dict:
     check_checkpoint(x.checkpoint, "export.checkpoint", x.base)
     with tempfile.TemporaryDirectory(prefix="cerbero-merged-") as merged:
         if not adapters.is_adapter(x.checkpoint):
+            made = _made_from(x, None)  # before the copy: files changed meanwhile are made again next time
             folder = storage.local_copy(x.checkpoint)
             check_weights(folder, "export.checkpoint")
-            return _export(x, folder, folder)
-        src = storage.local_copy(x.checkpoint)
+            return _export(x, folder, made)
         base = adapters.base_of(x.checkpoint, x.base, "export.checkpoint")
+        made = _made_from(x, base)
+        src = storage.local_copy(x.checkpoint)
         base_folder = storage.local_copy(base)
         check_weights(base_folder, "export.base")
         check_base(x.checkpoint, base, base_folder, "export.checkpoint")
         _merge(x.checkpoint, base, src, base_folder, merged)
-        return _export(x, merged, src, (src, base_folder) if x.lora else None)
+        return _export(x, merged, made, (src, base_folder) if x.lora else None)
 
 
 def _merge(adapter: str, base: str, src: str, base_folder: str, dest: str) -> None:
@@ -105,8 +164,8 @@ def _merge(adapter: str, base: str, src: str, base_folder: str, dest: str) -> No
     log.info(f"[export] {adapter}: merged into {base} for the GGUF files")
 
 
-def _export(x: ExportConfig, folder: str, src: str, lora: tuple[str, str] | None = None) -> dict:
-    """Export the local HF folder ``folder`` (``src``: what the files' freshness is judged against);
+def _export(x: ExportConfig, folder: str, made: dict, lora: tuple[str, str] | None = None) -> dict:
+    """Export the local HF folder ``folder`` (``made``: what it was made from, :func:`_made_from`);
     ``lora``: (adapter folder, base folder) to write as a LoRA file and its base too."""
     conv.read_arch(folder)  # architecture, tokenizer and sizes are checked before anything is written
     conv.vocabulary(folder)
@@ -121,21 +180,23 @@ def _export(x: ExportConfig, folder: str, src: str, lora: tuple[str, str] | None
         os.makedirs(local_out, exist_ok=True)
         order = sorted(x.types, key=lambda t: t in quant.FTYPES)  # the f16 file first: quants start from it
         f16 = os.path.join(local_out, file_name(x.name, "f16"))
+        records = {} if x.overwrite else _records(out)
         for t in order:
             final = storage.join(out, file_name(x.name, t))
-            if not x.overwrite and _fresh(final, src):
+            kept = None if x.overwrite else _kept(final, made, records, ref is not None)
+            if kept:
                 results[t] = {"path": final, "type": t, "status": "kept"}
-                log.warning(f"[export] {final} is newer than the checkpoint: kept (export.overwrite=true redoes it)")
+                log.warning(kept)
                 continue
             if t in quant.FTYPES and results.get("f16", {}).get("status") == "kept" and storage.is_uri(out):
                 if not os.path.exists(f16):  # the quantizer starts from the f16 file kept in the bucket
                     _download(storage.join(out, file_name(x.name, "f16")), f16)
             results[t] = _make(t, folder, os.path.join(local_out, file_name(x.name, t)), f16, x, template, ref)
-            _publish(results[t], final, storage.is_uri(out))
+            _publish(results[t], out, final, made)
         if os.path.exists(f16 + UNVERIFIED):  # an f16 file made only for the quantizer
             os.remove(f16 + UNVERIFIED)
         if lora is not None:
-            results.update(_lora_files(x, lora, local_out, src, template, ref))
+            results.update(_lora_files(x, lora, local_out, made, records, template, ref))
     failed = [t for t, r in results.items() if r["status"] == "failed"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     good = [t for t in x.types if results[t]["status"] != "failed"]
@@ -183,7 +244,9 @@ def _reference(folder: str, tag: str, wanted: bool) -> dict | None:
     return verify.reference(folder, tag)
 
 
-def _lora_files(x: ExportConfig, lora: tuple[str, str], local_out: str, src: str, template, ref: dict | None) -> dict:
+def _lora_files(
+    x: ExportConfig, lora: tuple[str, str], local_out: str, made: dict, records: dict, template, ref: dict | None
+) -> dict:
     """The adapter as ``<name>-LORA-F32.gguf`` and its base as ``<name>-base-F16.gguf``, checked
     together by llama.cpp (the adapter applied at load time) against the merged model."""
     adapter, base_folder = lora
@@ -193,9 +256,10 @@ def _lora_files(x: ExportConfig, lora: tuple[str, str], local_out: str, src: str
         return {}
     names = {"base-f16": file_name(f"{x.name}-base", "f16"), "lora": file_name(x.name, "lora-f32")}
     finals = {k: storage.join(x.output_dir, n) for k, n in names.items()}
-    if not x.overwrite and all(_fresh(f, src) for f in finals.values()):
-        for f in finals.values():
-            log.warning(f"[export] {f} is newer than the checkpoint: kept (export.overwrite=true redoes it)")
+    kept = [] if x.overwrite else [_kept(f, made, records, ref is not None) for f in finals.values()]
+    if kept and all(kept):  # the pair is checked together: both kept, or both made again
+        for said in kept:
+            log.warning(said)
         return {k: {"path": f, "type": k, "status": "kept"} for k, f in finals.items()}
     t1 = time.perf_counter()
     staged = {k: os.path.join(local_out, n) + UNVERIFIED for k, n in names.items()}
@@ -213,7 +277,7 @@ def _lora_files(x: ExportConfig, lora: tuple[str, str], local_out: str, src: str
         info.update(type=k, status=status, seconds=round(time.perf_counter() - t1, 2), staged=staged[k])
         if check is not None:
             info["check"] = check
-        _publish(info, finals[k], storage.is_uri(x.output_dir))
+        _publish(info, x.output_dir, finals[k], made)
     return infos
 
 
@@ -250,9 +314,11 @@ def _make(t: str, folder: str, dest: str, f16: str, x: ExportConfig, template: s
     return info
 
 
-def _publish(info: dict, final: str, uri: bool) -> None:
-    """A checked (or unchecked) file goes under its final name; a failed one stays ``….failed``."""
-    staged = info.pop("staged", None)
+def _publish(info: dict, out: str, final: str, made: dict) -> None:
+    """A checked (or unchecked) file goes under its final name in ``out``, and into the folder's
+    record of what each file was made from (``made``): the file's old entry goes first, so a file
+    half replaced is never taken for its old self. A failed one stays ``….failed``."""
+    staged, uri = info.pop("staged", None), storage.is_uri(out)
     if info["status"] == "failed":
         if staged and os.path.exists(staged) and not uri:
             os.replace(staged, storage.resolve(final)[1] + ".failed")
@@ -260,12 +326,14 @@ def _publish(info: dict, final: str, uri: bool) -> None:
         log.warning(f"[export] {info['type']}: not written as {final} (it failed llama.cpp's check)")
         return
     dest = staged[: -len(UNVERIFIED)]
+    _record(out, final, None, made)
     if uri:
         storage.upload_file(staged, final)
         os.replace(staged, dest)  # kept locally for the quantizer (f16) until the temporary folder goes
     else:
         os.replace(staged, dest)
     info["path"] = final
+    _record(out, final, info, made)
     log.info(f"[export] {info['type']}: {final} ({info['bytes'] / 2**20:.1f} MiB, {info['seconds']} s)")
 
 
