@@ -26,13 +26,17 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import shutil
 import tempfile
+import time
 import uuid
 
 import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
 
 WRITING = ".cerbero-writing"
 COMPLETE = ".cerbero-complete"
@@ -254,6 +258,102 @@ def cache_dir() -> str:
     return os.environ.get("CERBERO_CACHE", os.path.expanduser("~/.cache/cerbero_ray"))
 
 
+CACHE_MAX_ENV = "CERBERO_CACHE_MAX_GB"  # the most the cache may hold (unset: the disk's free space)
+CACHE_IDLE_S = 600  # a copy used within this many seconds is never deleted to make room
+_HEADROOM = 1 << 30  # free space left on the disk after a copy
+
+
+def _entries(root: str) -> list[tuple[float, int, str]]:
+    """The cache's copies: (last use, bytes, path), oldest first (not the lock files, not a copy
+    being made)."""
+    out = []
+    for name in os.listdir(root):
+        if name.startswith(".") or name.endswith(TMP_SUFFIX):
+            continue
+        path = os.path.join(root, name)
+        try:
+            used = os.stat(path).st_mtime
+            size = (
+                sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+                if os.path.isdir(path)
+                else os.path.getsize(path)
+            )
+        except OSError:  # deleted meanwhile
+            continue
+        out.append((used, size, path))
+    return sorted(out)
+
+
+def _make_room(root: str, key: str, path: str, need: int) -> None:
+    """Room in the cache for ``need`` more bytes (a copy of ``path``): the copies of other URIs
+    unused for the longest go first (none used in the last :data:`CACHE_IDLE_S` s, none another
+    process is copying), until the disk keeps 1 GiB free after the copy and the cache stays under
+    ``CERBERO_CACHE_MAX_GB``. When that is not enough, a ``ValueError`` (one line, as the checks
+    of a config) says so before anything is downloaded, not "No space left on device" half-way
+    through a checkpoint."""
+    raw = os.environ.get(CACHE_MAX_ENV, "").strip()
+    try:
+        cap = int(float(raw) * 2**30) if raw else None
+    except ValueError:
+        raise ValueError(f"{CACHE_MAX_ENV}={raw!r}: a number of GB, e.g. {CACHE_MAX_ENV}=200") from None
+    entries = _entries(root)
+    held = sum(size for _, size, _ in entries)
+    free = shutil.disk_usage(root).free
+
+    def short() -> bool:
+        return free - need < _HEADROOM or (cap is not None and held + need > cap)
+
+    dropped = 0
+    # this URI's older copies first (deleted after the copy anyway: the URI holds something else now)
+    for used, size, victim in sorted(entries, key=lambda e: not os.path.basename(e[2]).startswith(key)):
+        if not short():
+            break
+        name = os.path.basename(victim)
+        own = name.startswith(key)
+        if not own and (time.time() - used < CACHE_IDLE_S or _busy(root, name.split("-", 1)[0])):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(victim) if os.path.isdir(victim) else os.remove(victim)
+            free, held, dropped = free + size, held - size, dropped + 1
+    if dropped:
+        log.info(
+            f"[cache] deleted {dropped} older cop{'y' if dropped == 1 else 'ies'} in {root} to make room for {path}"
+        )
+    if short():
+        gb = 2**30
+        why = (
+            f"{free / gb:.1f} GB free on its disk (1 GB kept free)"
+            if free - need < _HEADROOM
+            else f"the cache holds {held / gb:.1f} GB of {cap / gb:.1f} ({CACHE_MAX_ENV})"
+        )
+        raise ValueError(
+            f"copying {path} needs {need / gb:.2f} GB in the cache {root}; {why}, after deleting the copies "
+            f"unused for {CACHE_IDLE_S // 60} min: set CERBERO_CACHE to a larger disk, or free space"
+        )
+
+
+def _busy(root: str, key: str) -> bool:
+    """Whether another process holds the copy lock of ``key`` (it is copying that URI)."""
+    import fcntl
+
+    lock = os.path.join(root, f".{key}.lock")
+    if not os.path.exists(lock):
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def _used(path: str) -> None:
+    """Mark a cached copy as used now (the cache deletes the least recently used first)."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
 def _listing(fs: pafs.FileSystem, src: str) -> list:
     """Each file under ``src``: its path inside, size and modification time (one listing; an
     object store's LIST returns them). A folder rewritten since (a run trained again under the
@@ -339,11 +439,14 @@ def local_copy(path: str, cache: str | None = None) -> str:
     name = f"{key}-{ver}"
     dest = os.path.join(root, name)
     if os.path.exists(os.path.join(dest, ".complete")):
+        _used(dest)
         return dest
     check_folder(path, path)
     with _cache_lock(root, key):
         if os.path.exists(os.path.join(dest, ".complete")):  # another process copied it meanwhile
+            _used(dest)
             return dest
+        _make_room(root, key, path, sum(size for _, size, _ in listed))
         tmp = tempfile.mkdtemp(prefix=".download-", dir=root)
         try:
             with naming(path, "reading"):
@@ -392,10 +495,13 @@ def local_file(path: str, cache: str | None = None) -> str:
     name = f"{key}-{_version(info.size, info.mtime_ns)}-{posixpath.basename(path)}"
     dest = os.path.join(root, name)
     if os.path.exists(dest):
+        _used(dest)
         return dest
     with _cache_lock(root, key):
         if os.path.exists(dest):  # another process copied it meanwhile
+            _used(dest)
             return dest
+        _make_room(root, key, path, info.size)
         tmp = f"{dest}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
         try:
             with naming(path, "reading"), fs.open_input_stream(src, compression=None) as f, open(tmp, "wb") as out:

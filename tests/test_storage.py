@@ -208,6 +208,58 @@ def test_processes_copying_one_uri_at_once_download_it_once(bucket, tmp_path, mo
     assert open(os.path.join(got[0], "sub", "x.txt")).read() == "nested"
 
 
+def test_the_cache_makes_room_for_a_copy_and_says_when_it_cannot(bucket, tmp_path, monkeypatch, caplog):
+    """Copies of other URIs go, least recently used first, to keep the cache under
+    CERBERO_CACHE_MAX_GB and 1 GiB free on its disk; never one used in the last 10 minutes or one
+    another process is copying. When that is not room enough: one error before any download."""
+    import fcntl
+    import hashlib
+    import logging
+    import time
+
+    caplog.set_level(logging.INFO, logger="cerbero_ray")
+    src, cache = _folder(tmp_path), str(tmp_path / "cache")
+    uris = {n: storage.upload_folder(str(src), f"{bucket}/{n}/hf") for n in ("a", "b", "c", "d")}
+    per_copy = 100_000 + 100
+    monkeypatch.setenv(storage.CACHE_MAX_ENV, str(2.5 * per_copy / 2**30))  # room for two copies
+    a, b = storage.local_copy(uris["a"], cache), storage.local_copy(uris["b"], cache)
+    hour_ago = time.time() - 3600
+    os.utime(a, (hour_ago - 60, hour_ago - 60))
+    os.utime(b, (hour_ago, hour_ago))
+    c = storage.local_copy(uris["c"], cache)  # a, the least recently used, makes room
+    assert not os.path.exists(a) and os.path.exists(b) and os.path.exists(c)
+    assert any("deleted 1 older copy" in r.getMessage() and uris["c"] in r.getMessage() for r in caplog.records)
+    # b is idle but being copied by another process: kept; c was used a moment ago: kept
+    key_b = hashlib.sha256(uris["b"].encode()).hexdigest()[:16]
+    with open(os.path.join(cache, f".{key_b}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(
+            ValueError, match=rf"copying {uris['d']} needs 0\.00 GB in the cache {cache}; the cache holds"
+        ):
+            storage.local_copy(uris["d"], cache)
+    assert os.path.exists(b) and os.path.exists(c) and storage.local_copy(uris["c"], cache) == c
+    copies = sorted(n for n in os.listdir(cache) if not n.startswith("."))  # beside the lock files
+    assert copies == sorted([os.path.basename(b), os.path.basename(c)])  # nothing of d was downloaded
+    d = storage.local_copy(uris["d"], cache)  # the lock released: b goes
+    assert os.path.exists(d) and not os.path.exists(b)
+    # a disk nearly full: the same error, by its free space
+    monkeypatch.delenv(storage.CACHE_MAX_ENV)
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: shutil_usage(free=2**30 + per_copy // 2))
+    with pytest.raises(
+        ValueError, match=r"GB free on its disk \(1 GB kept free\), after deleting the copies unused for 10 min"
+    ):
+        storage.local_copy(uris["a"], cache)
+    monkeypatch.setenv(storage.CACHE_MAX_ENV, "lots")
+    with pytest.raises(ValueError, match="CERBERO_CACHE_MAX_GB='lots': a number of GB"):
+        storage.local_copy(uris["a"], cache)
+
+
+def shutil_usage(free: int):
+    import collections
+
+    return collections.namedtuple("usage", "total used free")(10 * free, 9 * free, free)
+
+
 def test_a_cached_copy_of_a_uri_folder(bucket, tmp_path):
     """Every stage that loads a checkpoint from a URI goes through this (it failed: the cache
     folder was never created)."""
