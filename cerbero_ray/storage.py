@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 
 import pyarrow.fs as pafs
 
@@ -284,7 +285,7 @@ def _entries(root: str) -> list[tuple[float, int, str]]:
     return sorted(out)
 
 
-def _make_room(root: str, key: str, path: str, need: int) -> None:
+def _make_room(root: str, key: str, path: str, need: int, current: str) -> None:
     """Room in the cache for ``need`` more bytes (a copy of ``path``): the copies of other URIs
     unused for the longest go first (none used in the last :data:`CACHE_IDLE_S` s, none another
     process is copying), until the disk keeps 1 GiB free after the copy and the cache stays under
@@ -304,12 +305,15 @@ def _make_room(root: str, key: str, path: str, need: int) -> None:
         return free - need < _HEADROOM or (cap is not None and held + need > cap)
 
     dropped = 0
-    # this URI's older copies first (deleted after the copy anyway: the URI holds something else now)
-    for used, size, victim in sorted(entries, key=lambda e: not os.path.basename(e[2]).startswith(key)):
+
+    def stale(name: str) -> bool:  # an older version of this URI: deleted after the copy anyway
+        return name.startswith(key) and not name.startswith(current)
+
+    for used, size, victim in sorted(entries, key=lambda e: not stale(os.path.basename(e[2]))):
         if not short():
             break
         name = os.path.basename(victim)
-        own = name.startswith(key)
+        own = stale(name)
         if not own and (time.time() - used < CACHE_IDLE_S or _busy(root, name.split("-", 1)[0])):
             continue
         with contextlib.suppress(OSError):
@@ -405,10 +409,13 @@ def version(path: str) -> str | None:
 
 def _drop_other_versions(root: str, key: str, keep: str | None) -> None:
     """Earlier copies of the same URI (``<key>-…``, or the bare ``<key>`` older releases made):
-    the URI holds something else now. A process still reading one loses it; one that loaded it
-    (weights in memory) does not notice."""
+    the URI holds something else now (``keep``: the names that start so are the copies of what it
+    holds now). A process still reading one loses it; one that loaded it (weights in memory) does
+    not notice."""
     for name in os.listdir(root):
-        if name != keep and (name == key or name.startswith(f"{key}-")) and not name.endswith(TMP_SUFFIX):
+        if keep is not None and name.startswith(keep):
+            continue
+        if (name == key or name.startswith(f"{key}-")) and not name.endswith(TMP_SUFFIX):
             path = os.path.join(root, name)
             with contextlib.suppress(OSError):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -421,14 +428,16 @@ def drop_copy(path: str, cache: str | None = None) -> None:
         _drop_other_versions(root, hashlib.sha256(path.encode()).hexdigest()[:16], None)
 
 
-def local_copy(path: str, cache: str | None = None) -> str:
+def local_copy(path: str, cache: str | None = None, only: Callable[[str], bool] | None = None, part: str = "") -> str:
     """A local folder holding ``path``: the path itself when local, else a cached download. The
     cache keys on the URI and on what it lists (each file's size and modification time: one
     listing per call), so a URI written again is downloaded again, never served from the copy of
     what it held before; that older copy is then deleted. One process at a time copies a URI (the
     others wait for its copy). The copy goes into a temporary folder renamed into place once
     whole, so a download cut short never leaves a partial folder in the cache; a folder that
-    changes while it is copied is refused (``ValueError``: copy it again once its writer is done)."""
+    changes while it is copied is refused (``ValueError``: copy it again once its writer is done).
+    ``only``: the files to copy (their paths inside, ``/``-separated), a part of the folder named
+    ``part`` in the cache (a resume's: this node's ranks' state, not the whole checkpoint)."""
     if not is_uri(path):
         return resolve(path)[1]
     root = cache or cache_dir()
@@ -436,7 +445,7 @@ def local_copy(path: str, cache: str | None = None) -> str:
     key = hashlib.sha256(path.encode()).hexdigest()[:16]
     with naming(path, "reading"):
         listed, ver = _folder_version(fs, src)
-    name = f"{key}-{ver}"
+    name = f"{key}-{ver}" + (f"-{part}" if part else "")
     dest = os.path.join(root, name)
     if os.path.exists(os.path.join(dest, ".complete")):
         _used(dest)
@@ -446,11 +455,15 @@ def local_copy(path: str, cache: str | None = None) -> str:
         if os.path.exists(os.path.join(dest, ".complete")):  # another process copied it meanwhile
             _used(dest)
             return dest
-        _make_room(root, key, path, sum(size for _, size, _ in listed))
+        wanted = [(f, size) for f, size, _ in listed if only is None or only(f)]
+        _make_room(root, key, path, sum(size for _, size in wanted), f"{key}-{ver}")
         tmp = tempfile.mkdtemp(prefix=".download-", dir=root)
         try:
             with naming(path, "reading"):
-                pafs.copy_files(src, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                if only is None:
+                    pafs.copy_files(src, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                else:
+                    _copy_some(fs, src, tmp, [f for f, _ in wanted])
                 if _listing(fs, src) != listed:
                     raise ValueError(f"{path} changed while it was being copied; run again once its writer is done")
             open(os.path.join(tmp, ".complete"), "w").close()
@@ -458,8 +471,22 @@ def local_copy(path: str, cache: str | None = None) -> str:
             os.rename(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        _drop_other_versions(root, key, name)
+        _drop_other_versions(root, key, f"{key}-{ver}")  # other parts of this version stay
     return dest
+
+
+def _copy_some(fs: pafs.FileSystem, src: str, dest: str, files: list[str]) -> None:
+    """The files ``files`` (paths inside ``src``) copied into the local folder ``dest``, several at
+    once (as ``copy_files`` copies a whole folder)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(f: str) -> None:
+        out = os.path.join(dest, *f.split("/"))
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        pafs.copy_files(f"{src}/{f}", out, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(one, files))
 
 
 @contextlib.contextmanager
@@ -501,7 +528,7 @@ def local_file(path: str, cache: str | None = None) -> str:
         if os.path.exists(dest):  # another process copied it meanwhile
             _used(dest)
             return dest
-        _make_room(root, key, path, info.size)
+        _make_room(root, key, path, info.size, name)
         tmp = f"{dest}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
         try:
             with naming(path, "reading"), fs.open_input_stream(src, compression=None) as f, open(tmp, "wb") as out:

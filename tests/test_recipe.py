@@ -95,6 +95,25 @@ def test_labels_exports_and_evaluation(run):
         assert (gguf / "cerbero-Q4_K_M.gguf").stat().st_size > 1_000_000
 
 
+def test_a_resume_on_one_machine_downloads_only_what_its_ranks_read(run):
+    """Of the job's checkpoint (two ZeRO-1 ranks, as DeepSpeed names their files), a resume of rank
+    1 alone on a machine reads its own optimizer partition and RNG states, the weights and the
+    record: not rank 0's partition, not the HF folder (the final model's)."""
+    from cerbero_ray.train.checkpoint import resume_files
+
+    out, _, _ = run
+    ckpt = sorted((out / "train" / "tiny-cpu").glob("checkpoint_step_*"))[-1]
+    names = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()}
+    kept = {n for n in names if resume_files({1})(n)}
+    dropped = names - kept
+    assert {"loop.json", "ds/state/mp_rank_00_model_states.pt", "rng/rank_1.pt"} <= kept
+    assert any(n.endswith("zero_pp_rank_1_mp_rank_00_optim_states.pt") for n in kept)
+    zero0 = {n for n in names if n.endswith("zero_pp_rank_0_mp_rank_00_optim_states.pt")}
+    assert zero0 and {n for n in dropped if not n.startswith("hf/")} == zero0 | {"rng/rank_0.pt"}
+    assert {n for n in names if n.startswith("hf/")} <= dropped and "hf/model.safetensors" in names
+    assert {n for n in names if resume_files({0, 1})(n)} == {n for n in names if not n.startswith("hf/")}
+
+
 def test_a_rerun_picks_up_finished_work(run):
     """The same command again resumes instead of starting over: checked here on the stages no other
     test reruns (data: the same config's shards are up to date; export: the files are kept); train,

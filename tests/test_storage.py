@@ -260,6 +260,30 @@ def shutil_usage(free: int):
     return collections.namedtuple("usage", "total used free")(10 * free, 9 * free, free)
 
 
+def test_a_part_of_a_folder_is_copied_as_its_own_entry(bucket, tmp_path):
+    """``local_copy(only=…, part=…)``: the files asked for, under a name of its own, beside the
+    other parts of the same version (another machine's ranks, on a shared cache); every part goes
+    when the URI holds something else."""
+    src = _folder(tmp_path)
+    (src / "hf").mkdir()
+    (src / "hf" / "model.safetensors").write_bytes(b"w" * 5000)
+    uri = storage.upload_folder(str(src), f"{bucket}/run/checkpoint_step_0000002")
+    cache = str(tmp_path / "cache")
+
+    def copied(d):
+        return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
+
+    a = storage.local_copy(uri, cache, only=lambda n: not n.startswith("hf/"), part="a")
+    b = storage.local_copy(uri, cache, only=lambda n: n.startswith("sub/"), part="b")
+    assert copied(a) == [".cerbero-complete", ".complete", "config.json", "model.safetensors", "sub/x.txt"]
+    assert copied(b) == [".complete", "sub/x.txt"] and os.path.exists(a)
+    assert storage.local_copy(uri, cache, only=lambda n: False, part="a") == a  # cached: by its name
+    (src / "config.json").write_text('{"model_type": "mistral", "again": 1}')
+    storage.upload_folder(str(src), uri)
+    c = storage.local_copy(uri, cache, only=lambda n: n == "config.json", part="a")
+    assert copied(c) == [".complete", "config.json"] and not os.path.exists(a) and not os.path.exists(b)
+
+
 def test_a_cached_copy_of_a_uri_folder(bucket, tmp_path):
     """Every stage that loads a checkpoint from a URI goes through this (it failed: the cache
     folder was never created)."""

@@ -18,7 +18,9 @@
 Every rank writes its own files into its own folder, then copies them into the run folder's
 ``checkpoint_step_<step>/`` and marks its part complete. Resume takes the newest checkpoint whose
 every rank is marked: a worker that dies while writing leaves an incomplete one, never a torn
-resume, and the choice does not depend on Ray's controller having seen the report in time.
+resume, and the choice does not depend on Ray's controller having seen the report in time. A
+resume from a bucket downloads what its node's ranks read (:func:`resume_files`): not ``hf/`` or
+``adapter/``, nor the optimizer partitions and RNG states of the ranks on other nodes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -50,6 +54,28 @@ def publish(local_dir: str, run_dir: str, step: int, rank: int) -> str:
         storage.upload_folder(local_dir, dest, markers=False)  # the rank marks say it is complete
     storage.write_bytes(storage.join(dest, "complete", f"rank_{rank}"), b"")
     return dest
+
+
+# a file of one rank's: its ZeRO optimizer partition (``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt``),
+# its torch-strategy optimizer state, its RNG states
+_RANK_FILE = re.compile(
+    r"(?:zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt|/optimizer_rank_(\d+)\.pt|^rng/rank_(\d+)\.pt)$"
+)
+
+
+def resume_files(ranks: set[int]) -> Callable[[str], bool]:
+    """Which files of a checkpoint (paths inside it) a resume on ``ranks`` (one node's) reads: the
+    engine state and record, not the final model's ``hf/`` or ``adapter/`` (the engine state holds
+    the weights: for a 7B, 14.5 GB not downloaded), nor the optimizer partitions and RNG states of
+    other nodes' ranks (on 2 nodes, half the 87 GB of a 7B's optimizer state)."""
+
+    def wanted(name: str) -> bool:
+        if name.split("/", 1)[0] in ("hf", "adapter"):
+            return False
+        m = _RANK_FILE.search(name)
+        return m is None or int(next(g for g in m.groups() if g is not None)) in ranks
+
+    return wanted
 
 
 def complete_checkpoints(run_dir: str, world_size: int) -> list[str]:

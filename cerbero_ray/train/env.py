@@ -10,9 +10,12 @@ the same loop runs on a machine without Ray (GPU benchmarks).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from typing import Iterator, Protocol
 
@@ -21,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from cerbero_ray import storage
-from cerbero_ray.train.checkpoint import PREFIX, checkpoint_name, complete_checkpoints, publish
+from cerbero_ray.train.checkpoint import PREFIX, checkpoint_name, complete_checkpoints, publish, resume_files
 from cerbero_ray.train.plan import Segment
 from cerbero_ray.train.reader import local_batches, ray_batches
 
@@ -45,6 +48,16 @@ class TrainEnv(Protocol):
     def after_step(self, step: int) -> None: ...
 
 
+def _ranks_here(rank: int) -> set[int]:
+    """The ranks on this machine (they share its disk and its cache): by host name, from every rank
+    (a collective: every rank calls it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return {rank}
+    hosts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return {r for r, h in enumerate(hosts) if h == hosts[rank]}
+
+
 class _RunFolder:
     """Resume from the run folder: the newest checkpoint every rank marked complete. Drills:
     ``fail_at_step`` makes rank ``fail_rank`` die abruptly after that step, once per run."""
@@ -58,12 +71,17 @@ class _RunFolder:
     _copied: str | None = None
 
     def latest_checkpoint(self) -> str | None:
-        """A local folder holding it (downloaded when the run folder is a URI: once per node), or None."""
+        """A local folder holding it, or None. From a bucket, downloaded once per machine, and only
+        what its ranks read (:func:`~cerbero_ray.train.checkpoint.resume_files`)."""
+        ranks = _ranks_here(self.rank) if storage.is_uri(self.run_dir) else None  # every rank, or none
         done = complete_checkpoints(self.run_dir, self.world_size)
         if not done:
             return None
-        self._copied = done[-1] if storage.is_uri(done[-1]) else None
-        return storage.local_copy(done[-1])
+        if ranks is None:
+            return storage.local_copy(done[-1])
+        self._copied = done[-1]
+        tag = hashlib.sha256(json.dumps(sorted(ranks)).encode()).hexdigest()[:8]
+        return storage.local_copy(done[-1], only=resume_files(ranks), part=f"resume-{tag}")
 
     def loaded(self) -> None:
         """Every rank has loaded the checkpoint :meth:`latest_checkpoint` gave: its downloaded copy
