@@ -286,9 +286,10 @@ def _entries(root: str) -> list[tuple[float, int, str]]:
 
 
 def _make_room(root: str, key: str, path: str, need: int, current: str) -> None:
-    """Room in the cache for ``need`` more bytes (a copy of ``path``): the copies of other URIs
-    unused for the longest go first (none used in the last :data:`CACHE_IDLE_S` s, none another
-    process is copying), until the disk keeps 1 GiB free after the copy and the cache stays under
+    """Room in the cache for ``need`` more bytes (a copy of ``path``, whose copies are named
+    ``<key>-…``; ``current``: the prefix of those of what it holds now): its older versions go
+    first, then the copies of other URIs unused for the longest (none used in the last
+    :data:`CACHE_IDLE_S` s, none another process is copying), until the disk keeps 1 GiB free after the copy and the cache stays under
     ``CERBERO_CACHE_MAX_GB``. When that is not enough, a ``ValueError`` (one line, as the checks
     of a config) says so before anything is downloaded, not "No space left on device" half-way
     through a checkpoint."""
@@ -304,17 +305,15 @@ def _make_room(root: str, key: str, path: str, need: int, current: str) -> None:
     def short() -> bool:
         return free - need < _HEADROOM or (cap is not None and held + need > cap)
 
-    dropped = 0
-
     def stale(name: str) -> bool:  # an older version of this URI: deleted after the copy anyway
         return name.startswith(key) and not name.startswith(current)
 
-    for used, size, victim in sorted(entries, key=lambda e: not stale(os.path.basename(e[2]))):
+    dropped = 0
+    for used, size, victim in sorted(entries, key=lambda e: not stale(os.path.basename(e[2]))):  # stale first
         if not short():
             break
         name = os.path.basename(victim)
-        own = stale(name)
-        if not own and (time.time() - used < CACHE_IDLE_S or _busy(root, name.split("-", 1)[0])):
+        if not stale(name) and (time.time() - used < CACHE_IDLE_S or _busy(root, name.split("-", 1)[0])):
             continue
         with contextlib.suppress(OSError):
             shutil.rmtree(victim) if os.path.isdir(victim) else os.remove(victim)
