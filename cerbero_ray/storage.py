@@ -289,10 +289,10 @@ def _make_room(root: str, key: str, path: str, need: int, current: str) -> None:
     """Room in the cache for ``need`` more bytes (a copy of ``path``, whose copies are named
     ``<key>-…``; ``current``: the prefix of those of what it holds now): its older versions go
     first, then the copies of other URIs unused for the longest (none used in the last
-    :data:`CACHE_IDLE_S` s, none another process is copying), until the disk keeps 1 GiB free after the copy and the cache stays under
-    ``CERBERO_CACHE_MAX_GB``. When that is not enough, a ``ValueError`` (one line, as the checks
-    of a config) says so before anything is downloaded, not "No space left on device" half-way
-    through a checkpoint."""
+    :data:`CACHE_IDLE_S` s, none another process is copying), until the disk keeps 1 GiB free
+    after the copy and the cache stays under ``CERBERO_CACHE_MAX_GB``. When that is not enough, a
+    ``ValueError`` (one line, as the checks of a config) says so before anything is downloaded,
+    not "No space left on device" half-way through a checkpoint."""
     raw = os.environ.get(CACHE_MAX_ENV, "").strip()
     try:
         cap = int(float(raw) * 2**30) if raw else None

@@ -493,6 +493,9 @@ def test_a_file_is_kept_only_when_made_from_what_the_checkpoint_holds_now(tiny_h
     made = storage.read_json(f"{out}/export.json")["files"]["m-F16.gguf"]["made_from"]
     assert made["checkpoint"] == b and made["version"] == storage.version(b)
     assert export(b) == "kept"
+    for junk in (b"[1, 2]", b'{"files": [1]}', b'{"files": {"m-F16.gguf": 3}}', b"{cut"):  # not ours: made again
+        storage.write_bytes(f"{out}/export.json", junk)
+        assert export(b) == "unchecked" and export(b) == "kept"
     # b trained again under its path: made again
     again = tmp_path / "again"
     tiny(seed=2).save_pretrained(again)

@@ -691,6 +691,39 @@ def test_a_graph_captured_mid_answer_leaves_the_penalty_counts_as_they_were(mode
     cb.close()
 
 
+def test_a_graph_that_runs_out_of_memory_at_capture_is_that_shape_s_alone(model, tok, cpu_graphs, monkeypatch):
+    """The largest batch bucket's capture runs out of memory (a full card): its steps decode
+    eagerly, every other bucket keeps its graph, compilation stays on, the engine says so, and the
+    texts are the eager engine's."""
+    from conftest import _Replayed
+
+    def capture(self, body, compiled):  # the CPU stand-in, short of memory for 4 rows
+        out = body(compiled)
+        if (out if isinstance(out, torch.Tensor) else out[0]).shape[0] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return _Replayed(body, out), out
+
+    kw = dict(num_slots=4, max_prompt_tokens=128, max_new_tokens=12)
+    items = [
+        (chat(tok, p), Sampling(max_new_tokens=12 - i, temperature=0.0, stop=()), 0) for i, p in enumerate(PROMPTS[:4])
+    ]
+    want = [ContinuousBatcher(model, tok, **kw).run([it])[0] for it in items]
+    cb = cpu_graphs(ContinuousBatcher(model, tok, **kw))
+    monkeypatch.setattr(SlotModel, "_capture_once", capture)
+    with pytest.warns(UserWarning, match=r"capture of \(\d+, 4, (True|False)\) ran out of memory: that shape decodes"):
+        cb.slots.step_graphs.clear()
+        cb.slots.warm()
+    sm = cb.slots
+    assert sm.graph_error is None and {k[1] for k, g in sm.step_graphs.items() if g is None} == {4}
+    assert {k[1] for k, g in sm.step_graphs.items() if g is not None} == {1, 2}
+    assert "no graph (out of memory at capture) for batch sizes [4]" in cb.describe()
+    got = cb.run(items)
+    assert [(r["text"], r["new_tokens"]) for r in got] == [(r["text"], r["new_tokens"]) for r in want]
+    replayed = {k[1] for k, g in sm.step_graphs.items() if g is not None and g[0].replays}
+    assert replayed == {1, 2}  # the rows fell from 4 to 1 as answers ended: the small buckets replayed
+    cb.close()
+
+
 def test_closing_the_engine_stops_its_loop_and_fails_what_it_held(model, tok):
     cb = ContinuousBatcher(model, tok, num_slots=1, max_prompt_tokens=128, max_new_tokens=64)
     it = cb.stream(chat(tok, PROMPTS[1]), Sampling(max_new_tokens=64, temperature=0.0, stop=()))

@@ -68,10 +68,13 @@ def _made_from(x: ExportConfig, base: str | None) -> dict:
 
 
 def _records(out: str) -> dict:
+    """{file name: record} of ``out``'s ``export.json``; empty when there is none, or it is not
+    ours (edited, cut short): then nothing is kept, and the next file written starts it again."""
     try:
-        return storage.read_json(storage.join(out, RECORD)).get("files", {})
-    except (FileNotFoundError, ValueError, AttributeError):  # none yet, or not ours: nothing is kept
+        files = storage.read_json(storage.join(out, RECORD)).get("files")
+    except (FileNotFoundError, ValueError, AttributeError):
         return {}
+    return {k: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
 
 
 def _kept(final: str, made: dict, records: dict, checks: bool) -> str | None:

@@ -257,6 +257,9 @@ class ContinuousBatcher:
         if self.store is not None:
             pages = f"{self.store.pages} pages of {STORE_PAGE} tokens"
             parts.append(f"a host prefix store of {self.store.pool.nbytes / 2**30:.2f} GiB ({pages})")
+        if sm.graphs_oom:
+            rows = sorted({k[2] if isinstance(k[0], str) else k[1] for k in sm.graphs_oom})
+            parts.append(f"no graph (out of memory at capture) for batch sizes {rows}")
         for what, why in (
             ("graphs off", sm.graph_error),
             ("compile off", sm.compile_error),

@@ -388,6 +388,7 @@ class SlotModel:
         # (length bucket, rows, sampling); ("forward", length bucket, rows); ("pick", length bucket, rows, sampling)
         self.step_graphs: dict[tuple, tuple] = {}
         self.graph_error: str | None = None
+        self.graphs_oom: list[tuple] = []  # the graph keys whose capture ran out of memory (eager)
         self.compile_error: str | None = None
         self._pool = None
         why = fast_unsupported(model, adapters)
@@ -763,12 +764,25 @@ class SlotModel:
 
     def _graph(self, table: dict, key, capture):
         """``table[key]``, captured by ``capture()`` on first use; None once capture has failed (a
-        CUDA/driver combination that cannot capture: eager decoding from then on, slower)."""
+        CUDA/driver combination that cannot capture: eager decoding from then on, slower). A graph
+        that runs out of memory while it is captured (the largest batch bucket on a full card) is
+        that shape's alone: its steps run eagerly, the other shapes keep their graphs."""
         if self.graph_error:
             return None
         if key not in table:
             try:
                 table[key] = capture()
+            except torch.OutOfMemoryError as e:
+                table[key] = None
+                self.graphs_oom.append(key)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                warnings.warn(
+                    f"CUDA-graph capture of {key} ran out of memory: that shape decodes without a graph "
+                    f"(the others keep theirs): {str(e)[:200]}",
+                    stacklevel=3,
+                )
+                return None
             except Exception as e:
                 self.graph_error = repr(e)
                 warnings.warn(f"CUDA-graph capture failed, decoding without graphs: {e!r}", stacklevel=3)
@@ -788,6 +802,8 @@ class SlotModel:
         try:
             try:
                 return self._capture_once(body, self.compiled)
+            except torch.OutOfMemoryError:
+                raise  # the memory, not the compiler: this shape goes without a graph (_graph)
             except Exception as e:
                 if not self.compiled:
                     raise
