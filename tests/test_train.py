@@ -189,6 +189,66 @@ def test_bf16_on_cpu_without_ray(shards, tmp_path):
     assert os.path.isdir(tmp_path / "train" / "tiny-cpu" / "checkpoint_step_0000003" / "ds" / "state")
 
 
+OOM_RUNS = """
+import sys, torch
+from cerbero_ray import storage
+from cerbero_ray.train import loop
+from cerbero_ray.train.local import run_local
+from cerbero_ray.train.trainer import FAILED, attempt
+
+real, calls = loop.train_step, []
+
+def oom_at(n):  # the n-th step of this process runs out of memory, as a full card does
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*a, **k)
+    return step
+
+out, over = sys.argv[1], sys.argv[2:]
+loop.train_step = oom_at(1)
+run = out + "/train/first"
+try:  # as a Ray Train worker runs it: the verdict is left for the restarts
+    attempt(run, lambda: run_local([*over, "train.name=first"]))
+except ValueError as e:
+    print("VERDICT", e)
+print("LEFT", storage.read_json(storage.join(run, FAILED))["error"][:40])
+try:
+    attempt(run, lambda: print("BUILT AGAIN"))
+except ValueError as e:
+    print("AT ONCE", str(e)[:40])
+calls.clear()
+loop.train_step = oom_at(3)
+try:  # two steps done in this attempt: a restart may pass, so it is not a verdict
+    run_local([*over, "train.name=later"])
+except torch.OutOfMemoryError:
+    print("RAISED OOM")
+"""
+
+
+def test_out_of_memory_before_a_step_is_a_verdict_and_later_a_restart(shards, tmp_path):
+    """A step that runs out of memory before the attempt finished any: one line naming the keys
+    to change, left as the run's verdict (Ray Train's restarts fail at once instead of building the
+    model again to run out the same way); after steps have passed, the error stays as it is."""
+    import subprocess
+    import sys
+
+    over = [f"paths.output_dir={tmp_path}", f"train.data_dir={shards}", "train.strategy=torch"]
+    over += ["train.max_steps=4", "train.epochs=1", "train.num_workers=1", "train.eval_rows=0"]
+    r = subprocess.run(
+        [sys.executable, "-c", OOM_RUNS, str(tmp_path), *over], capture_output=True, text=True, timeout=600
+    )
+    said = r.stdout
+    assert r.returncode == 0, r.stderr[-3000:]
+    verdict = next(line for line in said.splitlines() if line.startswith("VERDICT"))
+    assert "train: out of memory in step 1, before this attempt finished a step (4 micro-batch(es) of" in verdict
+    assert "train.micro_batch_size=1 row(s) x 256 tokens per rank and step): every restart would" in verdict
+    assert "Lower train.micro_batch_size" in verdict and "train.gradient_checkpointing=true" in verdict
+    assert "LEFT train: out of memory in step 1" in said and "AT ONCE train: out of memory" in said
+    assert "BUILT AGAIN" not in said and "RAISED OOM" in said
+
+
 @pytest.mark.slow  # ~1 minute
 def test_a_check_that_fails_in_the_workers_is_one_line_and_no_verdict_is_left(shards, tmp_path, ray_local):
     """A checkpoint from before loop.json (the driver cannot read its data order) resumed in another

@@ -16,6 +16,7 @@ Checkpoints carry the step, so a restarted worker re-plans and reads from exactl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -94,6 +95,21 @@ def evaluate(engine, segments, device: torch.device) -> float | None:
     return s / n if n else None
 
 
+def out_of_memory(t, seq_len: int, accum: int, device: torch.device, what: str) -> str:
+    """What to change when a step runs out of memory (the card's figures on CUDA)."""
+    mem = ""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        mem = f"; {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated at most, of {total / 2**30:.1f}"
+    return (
+        f"train: out of memory in {what}, before this attempt finished a step ({accum} micro-batch(es) of "
+        f"train.micro_batch_size={t.micro_batch_size} row(s) x {seq_len} tokens per rank and step{mem}): every "
+        "restart would run out the same way. Lower train.micro_batch_size (train.global_batch_size stays: more "
+        "micro-batches accumulate), keep train.gradient_checkpointing=true, or train on more GPUs (ZeRO-1 "
+        "shards the optimizer's states over them) or with train.method=lora"
+    )
+
+
 class _Run:
     """One worker's training run: the engine, the plan, the history, and where they are written."""
 
@@ -116,6 +132,19 @@ class _Run:
         self.accum = accumulation_steps(t, self.world)
         self.read_cpus = float(t.read_cpus)
         self.step, self.history, self.resumed_from = 0, [], None
+        self.steps_here = 0  # steps this attempt (process) has finished
+
+    @contextlib.contextmanager
+    def first_oom(self, what: str):
+        """Out of memory before this attempt has finished a step is a verdict, not a failure to
+        retry: the rows are packed to one length, so every restart (each building the model again)
+        would run out at the same place. Later, a restart may pass (fragmentation): re-raised."""
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            if self.steps_here:
+                raise
+            raise ValueError(out_of_memory(self.t, self.plan.seq_len, self.accum, self.device, what)) from e
 
     def _record_base(self, lm) -> None:
         """Rank 0, LoRA: the frozen base's identity (a random-init base is written to <run>/base)."""
@@ -174,14 +203,17 @@ class _Run:
         self.env.report({**(self.history[-1] if self.history else {}), "step": at}, checkpoint=d)
 
     def held_out(self) -> float | None:
-        return evaluate(self.engine, self.plans[0].eval_ranges[self.rank], self.device)
+        with self.first_oom("the held-out evaluation"):
+            return evaluate(self.engine, self.plans[0].eval_ranges[self.rank], self.device)
 
     def one_step(self, it, epoch: int, timing: tuple[float, int]) -> dict:
         """Train one optimizer step from the batch iterator ``it``; returns its metrics."""
         t = self.t
         t0, lr = time.perf_counter(), self.sched.get_last_lr()[0]
-        loss, n = train_step(self.engine, [next(it) for _ in range(self.accum)], self.device, self.world)
+        with self.first_oom(f"step {self.step + 1}"):
+            loss, n = train_step(self.engine, [next(it) for _ in range(self.accum)], self.device, self.world)
         self.step += 1
+        self.steps_here += 1
         dt = time.perf_counter() - t0
         gn = self.engine.get_global_grad_norm()
         tokens = self.world * self.accum * self.micro * self.plan.seq_len
