@@ -50,6 +50,36 @@ def test_scores_equal_separate_passes(tok, max_batch_tokens):
         assert sum(g["probs"].values()) == pytest.approx(1.0) and not g["truncated"]
 
 
+def test_a_batch_out_of_memory_is_scored_again_in_halves_and_a_row_that_cannot_fit_is_an_error(tok, caplog):
+    """A batch that runs out of memory (a card smaller than max_batch_tokens assumed) is scored
+    again in smaller batches, to the same scores, and the smaller budget stays; a row that does not
+    fit alone is an error row, the others scored."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="cerbero_ray")
+    model = tiny().eval()
+    want = Scorer(model, tok, TASK, max_batch_tokens=100000).score(TEXTS)
+    scorer = Scorer(model, tok, TASK, max_batch_tokens=100000)
+    real, seen = model.model.forward, []
+
+    def forward(*a, input_ids=None, **k):  # a card that holds 2 rows of these prompts, or 250 tokens
+        seen.append(tuple(input_ids.shape))
+        if input_ids.shape[0] > 2 or (input_ids.shape[0] == 1 and input_ids.shape[1] > 250):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real(*a, input_ids=input_ids, **k)
+
+    scorer.model.model.forward = forward
+    got = scorer.score(TEXTS)
+    for g, w in zip(got, want):
+        assert g["label"] == w["label"] and "error" not in g
+        assert all(g["logprobs"][k] == pytest.approx(w["logprobs"][k], abs=1e-4) for k in TASK.labels)
+    assert scorer.max_batch_tokens < 100000 and any("ran out of memory" in r.getMessage() for r in caplog.records)
+    long = "Una frase molto lunga, ripetuta. " * 40  # alone beyond the 250 tokens the card holds
+    got = scorer.score([TEXTS[0], long, TEXTS[1]])
+    assert got[1]["label"] is None and got[1]["error"].startswith("out of memory: this row alone (")
+    assert [g["label"] for g in (got[0], got[2])] == [want[0]["label"], want[1]["label"]]
+
+
 def test_multi_token_labels_sum_every_token(tok):
     conts = continuations(TASK, tok)
     assert len(conts["mixed"]) > len(conts["positive"]) >= 3  # verbalizer pieces + newline + </s>

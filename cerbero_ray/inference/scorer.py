@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 
 import numpy as np
 import torch
@@ -26,6 +27,8 @@ import torch
 from cerbero_ray.config.label_task import LabelTask
 from cerbero_ray.inference.label_prompts import continuations, text_prompts
 from cerbero_ray.tokenizer import encode_prompts
+
+log = logging.getLogger(__name__)
 
 
 def plan_batches(lengths: list[int], extra: int, max_tokens: int, window: int) -> list[list[int]]:
@@ -157,24 +160,52 @@ class Scorer:
         with guard():
             shared, cache = self._shared_prefix(prompts)
         which, targets = self._which.to(self.device), self._targets.to(self.device)
-        for batch in plan_batches([len(p) for p in prompts], self.tail, self.max_batch_tokens, self.sort_window):
-            ids, pos, mask, rows, cols = self._inputs([prompts[i][shared:] for i in batch], shared)
-            past = None
-            if cache is not None:
-                past = copy.deepcopy(cache)
-                past.batch_repeat_interleave(len(batch))
-            with guard():
-                hidden = self.model.model(
-                    input_ids=ids,
-                    position_ids=pos,
-                    attention_mask=mask,
-                    use_cache=past is not None,
-                    **{self._cache_kw: past},
-                ).last_hidden_state
-                logits = self.model.lm_head(hidden[rows, cols]).float().view(len(batch), self.positions, -1)
-            tok_lp = torch.log_softmax(logits, -1)[:, which, targets].double().cpu().numpy()
-            out[batch] = np.stack([tok_lp[:, bounds[j] : bounds[j + 1]].sum(1) for j in range(len(lens))], 1)
+        lengths, todo = [len(p) for p in prompts], list(range(len(prompts)))
+        while todo:  # again with a smaller budget after a batch ran out of memory
+            plan = plan_batches([lengths[i] for i in todo], self.tail, self.max_batch_tokens, self.sort_window)
+            done = set()
+            for batch in ([todo[j] for j in b] for b in plan):
+                try:
+                    tok_lp = self._batch(prompts, batch, shared, cache, which, targets, guard)
+                except torch.OutOfMemoryError:
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if len(batch) > 1:
+                        self._lower_budget(len(batch) * (max(lengths[i] for i in batch) + self.tail))
+                        break
+                    out[batch] = np.nan  # this row alone does not fit: an error row (score)
+                else:
+                    out[batch] = np.stack([tok_lp[:, bounds[j] : bounds[j + 1]].sum(1) for j in range(len(lens))], 1)
+                done.update(batch)
+            todo = [i for i in todo if i not in done]
         return out
+
+    def _batch(self, prompts, batch, shared, cache, which, targets, guard) -> np.ndarray:
+        """The continuation tokens' log-probabilities of the rows ``batch``: ``[rows, tokens]``."""
+        ids, pos, mask, rows, cols = self._inputs([prompts[i][shared:] for i in batch], shared)
+        past = None
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(batch))
+        with guard():
+            hidden = self.model.model(
+                input_ids=ids,
+                position_ids=pos,
+                attention_mask=mask,
+                use_cache=past is not None,
+                **{self._cache_kw: past},
+            ).last_hidden_state
+            logits = self.model.lm_head(hidden[rows, cols]).float().view(len(batch), self.positions, -1)
+        return torch.log_softmax(logits, -1)[:, which, targets].double().cpu().numpy()
+
+    def _lower_budget(self, used: int) -> None:
+        """A batch of ``used`` tokens ran out of memory: batches take half that from now on (for
+        every later call too; said once per halving)."""
+        old, self.max_batch_tokens = self.max_batch_tokens, max(1, used // 2)
+        log.warning(
+            f"[scorer] a batch of {used} tokens ran out of memory on {self.device}: batches of at most "
+            f"{self.max_batch_tokens} tokens from now on (max_batch_tokens={old}; set it lower to skip this)"
+        )
 
     def score(self, texts: list[str], guard=contextlib.nullcontext) -> list[dict]:
         """Per text: ``label``, ``probs`` {label: p}, ``logprobs`` {label: summed log p}, ``truncated``
@@ -197,8 +228,9 @@ class Scorer:
                 for ok, cut in zip(fits, truncated)
             ]
         lp = self.score_ids(prompts, guard)
-        probs = np.exp(lp - lp.max(1, keepdims=True))
-        probs /= probs.sum(1, keepdims=True)
+        with np.errstate(invalid="ignore"):  # a row that did not fit is NaN: an error row below
+            probs = np.exp(lp - lp.max(1, keepdims=True))
+            probs /= probs.sum(1, keepdims=True)
         return [
             {
                 "label": self.labels[int(np.argmax(p))],
@@ -206,5 +238,13 @@ class Scorer:
                 "logprobs": dict(zip(self.labels, lps.tolist())),
                 "truncated": cut,
             }
-            for p, lps, cut in zip(probs, lp, truncated)
+            if not np.isnan(lps).any()
+            else {
+                "label": None,
+                "probs": None,
+                "logprobs": None,
+                "truncated": cut,
+                "error": f"out of memory: this row alone ({len(ids)} tokens) does not fit; lower max_text_tokens",
+            }
+            for p, lps, cut, ids in zip(probs, lp, truncated, prompts)
         ]
