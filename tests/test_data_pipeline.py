@@ -59,15 +59,49 @@ def test_mixed_formats_and_bad_rows(ray_local, tmp_path):
     assert read_manifest(str(out))["config_hash"] == m["config_hash"]
 
 
-def test_sample_corpus_is_deterministic_and_readable_by_ray_data(ray_local, tmp_path):
+def test_sample_corpus_is_deterministic_resumable_and_readable_by_ray_data(ray_local, tmp_path, monkeypatch, caplog):
+    """Two runs write the same shards, the second one stopped before its manifest (SIGTERM, a dead
+    node) and run again: that keeps the buffers the stopped run finished, processes only those
+    without their record, and drops what it left of buffers this run does not have."""
+    import logging
+
     import ray.data
 
+    import cerbero_ray.data.pipeline as pipeline
+
+    caplog.set_level(logging.INFO, logger="cerbero_ray")
     sources = {
         "chat": {"path": os.path.join(SAMPLES, "chat_it_openassistant.jsonl"), "format": "openai"},
         "novels": {"path": os.path.join(SAMPLES, "novels_it_sample.jsonl"), "format": "text", "weight": 0.5},
     }
-    a = run_data(cfg_for(tmp_path / "a", sources, seq_len=2048, buffer_docs=64))
-    b = run_data(cfg_for(tmp_path / "b", sources, seq_len=2048, buffer_docs=64))
+    a = run_data(cfg_for(tmp_path / "a", sources, seq_len=2048, buffer_docs=32))
+    out = tmp_path / "b"
+
+    def stopped(*_):  # every buffer done, the manifest not written: what a SIGTERM there leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_manifest", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_data(cfg_for(out, sources, seq_len=2048, buffer_docs=32))
+    monkeypatch.undo()
+    done = sorted((out / "buffers").iterdir())
+    assert (out / "run.json").exists() and not (out / "manifest.json").exists() and len(done) > 3
+    for marker in done[:2]:  # two buffers had not finished: no record (one's shard written, one's not)
+        marker.unlink()
+    (out / "shards" / f"shard-{done[1].stem}.parquet").unlink(missing_ok=True)
+    kept = out / "shards" / f"shard-{done[-1].stem}.parquet"
+    before = kept.stat().st_mtime_ns
+    foreign = out / "shards" / "shard-00000000deadbeef.parquet"  # a buffer of rows batched otherwise
+    foreign.write_bytes(kept.read_bytes())
+    (out / "buffers" / "00000000deadbeef.json").write_text("{}")
+    caplog.clear()
+    b = run_data(cfg_for(out, sources, seq_len=2048, buffer_docs=32))
+    assert f"resumed, {len(done) - 2 + 1} buffer(s) done" in caplog.text  # the foreign record counted
+    assert "2 file(s) of the unfinished run's other buffers deleted" in caplog.text
+    assert kept.stat().st_mtime_ns == before and not foreign.exists()
+    assert not (out / "buffers").exists() and not (out / "run.json").exists()
+    assert sorted(os.listdir(out / "shards")) == sorted(os.path.basename(s["path"]) for s in b["shards"])
+    assert (b["rows"], b["documents"], b["tokens"]) == (a["rows"], a["documents"], a["tokens"])
     assert len(a["shards"]) > 1
     assert [os.path.basename(s["path"]) for s in a["shards"]] == [os.path.basename(s["path"]) for s in b["shards"]]
     for sa, sb in zip(a["shards"], b["shards"]):
@@ -95,7 +129,8 @@ def test_refuses_to_mix_runs_and_rejects_unusable_sources(ray_local, tmp_path):
         run_data(cfg)
     cfg["data"]["overwrite"] = True
     assert run_data(cfg)["documents"] == 1
-    # a run stopped before its manifest (the last file written) is cleared and redone, not refused
+    # a run stopped before its manifest (the last file written), without the run record of this
+    # config and these files (another config's, an older release's): cleared and redone, not refused
     os.remove(tmp_path / "out" / "manifest.json")
     (tmp_path / "out" / "shards" / "shard-99999.parquet").write_bytes(b"half a shard")
     cfg["data"]["overwrite"] = False

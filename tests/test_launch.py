@@ -58,7 +58,7 @@ def test_sigterm_stops_a_job_as_ctrl_c_does(tmp_path, capsys):
         STOPPED_BY.clear()
     assert e.value.code == 128 + signal.SIGTERM
     assert capsys.readouterr().err == (
-        "[data] stopped by SIGTERM; the same command starts it again (the unfinished shards are cleared)\n"
+        "[data] stopped by SIGTERM; the same command resumes: finished buffers are kept\n"
     )
 
 

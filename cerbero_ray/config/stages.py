@@ -100,7 +100,7 @@ for _s in (
         check_data,
         "cerbero_ray.data:run_data",
         True,
-        "the same command starts it again (the unfinished shards are cleared)",
+        "the same command resumes: finished buffers are kept",
         recipe=1,
     ),
     Stage(

@@ -2,14 +2,18 @@
 
 Ray Data streams raw rows from every source (never the whole corpus in memory) into a pool of
 actors; each actor takes ``buffer_docs`` rows at a time and runs :class:`BufferProcessor`:
-validate → render chat → tokenize → loss mask → pack → write one shard (and a rejects file). The
-driver only sees one small stats record per shard, from which it writes the manifest.
+validate → render chat → tokenize → loss mask → pack → write one shard (and a rejects file), then
+its record (``buffers/<key>.json``: its stats). The driver only sees one small stats record per
+shard, from which it writes the manifest, last. A run stopped before it resumes on the same
+command: ``run.json`` (written first) names its config and input files, and the buffers with a
+record are not processed again.
 
     python jobs/data.py data=mix_sample          # embedded local cluster
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -54,28 +58,75 @@ def _edited(m: dict, plans) -> list[str]:
     return out + sorted(set(recorded) - {p.name for p in plans})
 
 
-def prepare_output(out: str, overwrite: bool, why: str = "") -> None:
+RUN_RECORD = "run.json"  # what a run writes first: its config and input files (an unfinished run resumes on it)
+BUFFERS = "buffers"  # <key>.json per buffer done: its stats, written after its shard and rejects
+
+
+def run_record(cfg: DataStageConfig, plans) -> dict:
+    """What fixes a run's shards: its config and its input files (each source's files, sizes and
+    modification times)."""
+    return {
+        "config_hash": config_hash(cfg),
+        "sources": {p.name: {"files": p.files, "bytes": p.bytes, "stamp": p.stamp} for p in plans},
+    }
+
+
+def prepare_output(out: str, overwrite: bool, why: str = "", record: dict | None = None) -> bool:
     """Refuse to mix two runs in one folder (``why``: how the one there differs); with ``overwrite``
-    clear the old run first."""
+    clear the old run first. An unfinished run (no manifest yet) of the same ``record`` is resumed:
+    returns True, its finished buffers kept; one of another config or other files is cleared."""
     fs, p = storage.resolve(out)
     info = fs.get_file_info(p)
     if info.type == storage.pafs.FileType.NotFound:
         fs.create_dir(p, recursive=True)
-        return
+        return _start(out, record)
     existing = [
         i
         for i in fs.get_file_info(storage.pafs.FileSelector(p))
-        if i.base_name in ("shards", "rejects", "manifest.json")
+        if i.base_name in ("shards", "rejects", "manifest.json", BUFFERS, RUN_RECORD)
     ]
     finished = any(i.base_name == "manifest.json" for i in existing)
-    if existing and not finished:  # the manifest comes last: a run stopped before it is of no use to anyone
-        log.info(f"[data] {out} holds an unfinished run (no manifest.json): cleared, starting again")
+    if existing and not finished:  # the manifest comes last: a run stopped before it is unfinished
+        if not overwrite and record is not None and _recorded(out) == record:
+            fs2, b = storage.resolve(storage.join(out, BUFFERS))
+            done = sum(1 for _ in fs2.get_file_info(storage.pafs.FileSelector(b, allow_not_found=True)))
+            log.info(f"[data] {out} holds an unfinished run of this config and input: resumed, {done} buffer(s) done")
+            return True
+        log.info(f"[data] {out} holds an unfinished run (no manifest.json) of another config or other files: cleared")
     elif existing and not overwrite:
         raise FileExistsError(
             f"{out} already holds a data run{why}; pass data.overwrite=true or another data.output_dir"
         )
     for i in existing:
         fs.delete_dir(i.path) if i.type == storage.pafs.FileType.Directory else fs.delete_file(i.path)
+    return _start(out, record)
+
+
+def _recorded(out: str) -> dict | None:
+    try:
+        return storage.read_json(storage.join(out, RUN_RECORD))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _start(out: str, record: dict | None) -> bool:
+    if record is not None:
+        storage.write_json(storage.join(out, RUN_RECORD), record)
+    return False
+
+
+def _drop_other_buffers(out: str, keys: set[str]) -> int:
+    """Delete what an unfinished run left of buffers this run has not (its rows were batched
+    otherwise: a kept shard of them would put rows in twice); returns how many files went."""
+    gone = 0
+    for sub, name in (("shards", "shard-{}.parquet"), ("rejects", "rejects-{}.jsonl"), (BUFFERS, "{}.json")):
+        fs, p = storage.resolve(storage.join(out, sub))
+        keep = {name.format(k) for k in keys}
+        for i in fs.get_file_info(storage.pafs.FileSelector(p, allow_not_found=True)):
+            if i.is_file and i.base_name not in keep:
+                fs.delete_file(i.path)
+                gone += 1
+    return gone
 
 
 def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
@@ -97,7 +148,7 @@ def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
             "data.overwrite=true redoes it",
         )
         return done
-    prepare_output(out, d.overwrite, why)
+    resumed = prepare_output(out, d.overwrite, why, run_record(c, plans))
     cpus = float(ray.cluster_resources().get("CPU", 1))
     reserve = 1.0 if cpus >= 2 else cpus / 2  # reads must always get a CPU, or the stream stalls
     workers = d.workers or int(max(1, cpus - reserve))
@@ -123,7 +174,13 @@ def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
             bar.set_postfix(tokens=f"{sum(s['tokens'] for s in stats) / 1e6:.1f}M", shards=len(stats))
         bar.update(total - bar.n)  # file sizes count newlines the rows do not
     seconds = time.perf_counter() - t0
+    if resumed and (gone := _drop_other_buffers(out, {s["key"] for s in stats})):
+        log.info(f"[data] {gone} file(s) of the unfinished run's other buffers deleted (rows batched otherwise)")
     manifest = build_manifest(stats, c, plans, seconds)
     write_manifest(manifest, out)
+    for leftover in (BUFFERS, RUN_RECORD):  # the manifest says it all now
+        fs, p = storage.resolve(storage.join(out, leftover))
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fs.delete_dir(p) if leftover == BUFFERS else fs.delete_file(p)
     log.info(format_summary(manifest, out))
     return manifest

@@ -107,6 +107,11 @@ class BufferProcessor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         n = len(batch["raw"])
         key = hashlib.sha1(f"{batch['path'][0]}:{batch['line_no'][0]}:{n}".encode()).hexdigest()[:16]
+        done = storage.join(self.cfg.output_dir, "buffers", f"{key}.json")
+        try:  # done by an earlier, unfinished run of this config on these files (the stage resumed it)
+            return {k: [v] for k, v in storage.read_json(done).items()}
+        except (FileNotFoundError, ValueError):
+            pass
         stats: dict[str, Any] = {
             "key": key,
             "input_rows": n,
@@ -166,6 +171,7 @@ class BufferProcessor:
             per_source=json.dumps(dict(per_source)),
         )
         stats["rejects_path"] = self._write_rejects(rejects, key)
+        storage.write_json(done, stats)  # last: the buffer counts as done once its files are all there
         return {k: [v] for k, v in stats.items()}
 
     def _reject_row(self, source, path, line_no, raw: bytes, r: Reject) -> dict:
