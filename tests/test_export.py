@@ -452,7 +452,9 @@ def test_an_adapter_exports_merged_and_as_a_llama_cpp_lora(hf_dir, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["local", "bucket"])
-def test_a_file_is_kept_only_when_made_from_what_the_checkpoint_holds_now(tiny_hf, tmp_path, request, where):
+def test_a_file_is_kept_only_when_made_from_what_the_checkpoint_holds_now(
+    tiny_hf, tmp_path, request, where, monkeypatch
+):
     """A rerun keeps a GGUF file only when ``export.json`` says it was made from the checkpoint as
     it is now: not one of another checkpoint exported to the same name (whose files may be older
     than the GGUF: times decide nothing), not one of an earlier training under the same path."""
@@ -492,7 +494,9 @@ def test_a_file_is_kept_only_when_made_from_what_the_checkpoint_holds_now(tiny_h
     )
     made = storage.read_json(f"{out}/export.json")["files"]["m-F16.gguf"]["made_from"]
     assert made["checkpoint"] == b and made["version"] == storage.version(b)
-    assert export(b) == "kept"
+    with monkeypatch.context() as m:  # every file kept: nothing downloaded, merged or loaded
+        m.setattr(storage, "local_copy", lambda *a, **k: pytest.fail("the checkpoint was copied"))
+        assert export(b) == "kept"
     for junk in (b"[1, 2]", b'{"files": [1]}', b'{"files": {"m-F16.gguf": 3}}', b"{cut"):  # not ours: made again
         storage.write_bytes(f"{out}/export.json", junk)
         assert export(b) == "unchecked" and export(b) == "kept"

@@ -24,6 +24,7 @@ run time) against the merged model in transformers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import resource
@@ -77,22 +78,25 @@ def _records(out: str) -> dict:
     return {k: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
 
 
-def _kept(final: str, made: dict, records: dict, checks: bool) -> str | None:
-    """Why ``final`` is kept (None: it is made again): it is there, at the size its record gives,
-    made from what the checkpoint holds now, and checked by llama.cpp if this run would check it."""
+def _kept(final: str, made: dict, records: dict, checks: bool, say: bool = True) -> str | None:
+    """Why ``final`` is kept (None: it is made again, and ``say`` logs why): it is there, at the
+    size its record gives, made from what the checkpoint holds now, and checked by llama.cpp if
+    this run would check it."""
     rec = records.get(final.rsplit("/", 1)[-1])
     fs, p = storage.resolve(final)
     info = fs.get_file_info(p)
     if not info.is_file:
         return None
+    why = None
     if rec is None or rec.get("made_from") != made:
-        log.info(f"[export] {final} is there but was made from {_describe(rec)}: written again")
-        return None
-    if rec.get("bytes") != info.size:
-        log.info(f"[export] {final} is not the size its {RECORD} gives: written again")
-        return None
-    if checks and rec.get("status") != "checked":
-        log.info(f"[export] {final} was not checked by llama.cpp when it was made: made and checked again")
+        why = f"is there but was made from {_describe(rec)}: written again"
+    elif rec.get("bytes") != info.size:
+        why = f"is not the size its {RECORD} gives: written again"
+    elif checks and rec.get("status") != "checked":
+        why = "was not checked by llama.cpp when it was made: made and checked again"
+    if why is not None:
+        if say:
+            log.info(f"[export] {final} {why}")
         return None
     return f"[export] {final} was made from this checkpoint as it is now: kept (export.overwrite=true redoes it)"
 
@@ -104,7 +108,7 @@ def _describe(rec: dict | None) -> str:
     return f"{m.get('checkpoint')} as it was then" + (f" (on {m['base']})" if m.get("base") else "")
 
 
-def _record(out: str, final: str, info: dict | None, made: dict) -> None:
+def _record(out: str, final: str, info: dict | None, made: dict, tag: str = "") -> None:
     """The published ``final`` into the folder's record (``info`` None: its entry out, before the
     file is replaced). The record is read again each time: another type may be in it by now."""
     records, name = _records(out), final.rsplit("/", 1)[-1]
@@ -117,6 +121,7 @@ def _record(out: str, final: str, info: dict | None, made: dict) -> None:
         "type": info["type"],
         "status": info["status"],
         "bytes": info.get("bytes"),
+        "tag": tag,  # the chat template's assistant tag: the snippet of a rerun that keeps every file
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     storage.write_json(storage.join(out, RECORD), {"files": records})
@@ -137,20 +142,41 @@ def run_export(cfg: DictConfig | dict | ExportStageConfig) -> dict:
     c = check("export", cfg)
     x = c.export
     check_checkpoint(x.checkpoint, "export.checkpoint", x.base)
+    adapter = adapters.is_adapter(x.checkpoint)
+    base = adapters.base_of(x.checkpoint, x.base, "export.checkpoint") if adapter else None
+    made = _made_from(x, base)  # before the copy: files changed meanwhile are made again next time
+    done = None if x.overwrite else _all_kept(x, made, adapter and x.lora)
+    if done is not None:  # nothing to download, merge or load
+        return done
     with tempfile.TemporaryDirectory(prefix="cerbero-merged-") as merged:
-        if not adapters.is_adapter(x.checkpoint):
-            made = _made_from(x, None)  # before the copy: files changed meanwhile are made again next time
+        if not adapter:
             folder = storage.local_copy(x.checkpoint)
             check_weights(folder, "export.checkpoint")
             return _export(x, folder, made)
-        base = adapters.base_of(x.checkpoint, x.base, "export.checkpoint")
-        made = _made_from(x, base)
         src = storage.local_copy(x.checkpoint)
         base_folder = storage.local_copy(base)
         check_weights(base_folder, "export.base")
         check_base(x.checkpoint, base, base_folder, "export.checkpoint")
         _merge(x.checkpoint, base, src, base_folder, merged)
         return _export(x, merged, made, (src, base_folder) if x.lora else None)
+
+
+LORA_FILES = {"base-f16": ("-base", "f16"), "lora": ("", "lora-f32")}  # an adapter's pair: (name suffix, type)
+
+
+def _all_kept(x: ExportConfig, made: dict, pair: bool) -> dict | None:
+    """The stage's result when every file it would write (and an adapter's pair, ``pair``) is kept
+    (:func:`_kept`), before anything is downloaded, merged or loaded; else None."""
+    kinds = {t: file_name(x.name, t) for t in x.types}
+    kinds |= {k: file_name(f"{x.name}{suffix}", t) for k, (suffix, t) in LORA_FILES.items()} if pair else {}
+    records, checks = _records(x.output_dir), x.verify and llamacpp.available()
+    said = {k: _kept(storage.join(x.output_dir, n), made, records, checks, say=False) for k, n in kinds.items()}
+    if not all(said.values()) or any("tag" not in records[n] for n in kinds.values()):
+        return None
+    for line in said.values():
+        log.warning(line)
+    results = {k: {"path": storage.join(x.output_dir, n), "type": k, "status": "kept"} for k, n in kinds.items()}
+    return _finish(x, results, records[kinds[x.types[-1]]]["tag"], pair, time.perf_counter())
 
 
 def _merge(adapter: str, base: str, src: str, base_folder: str, dest: str) -> None:
@@ -177,7 +203,8 @@ def _export(x: ExportConfig, folder: str, made: dict, lora: tuple[str, str] | No
     out, results, t0 = x.output_dir, {}, time.perf_counter()
     template = _template(folder)
     tag = assistant_tag_of(template)
-    ref = _reference(folder, tag, x.verify)
+    checks = x.verify and llamacpp.available()
+    ref = functools.cache(lambda: _reference(folder, tag, x.verify))  # transformers' run: only if a file is made
     with tempfile.TemporaryDirectory(prefix="cerbero-gguf-") as tmp:
         local_out = tmp if storage.is_uri(out) else storage.resolve(out)[1]
         os.makedirs(local_out, exist_ok=True)
@@ -186,7 +213,7 @@ def _export(x: ExportConfig, folder: str, made: dict, lora: tuple[str, str] | No
         records = {} if x.overwrite else _records(out)
         for t in order:
             final = storage.join(out, file_name(x.name, t))
-            kept = None if x.overwrite else _kept(final, made, records, ref is not None)
+            kept = None if x.overwrite else _kept(final, made, records, checks)
             if kept:
                 results[t] = {"path": final, "type": t, "status": "kept"}
                 log.warning(kept)
@@ -194,12 +221,17 @@ def _export(x: ExportConfig, folder: str, made: dict, lora: tuple[str, str] | No
             if t in quant.FTYPES and results.get("f16", {}).get("status") == "kept" and storage.is_uri(out):
                 if not os.path.exists(f16):  # the quantizer starts from the f16 file kept in the bucket
                     _download(storage.join(out, file_name(x.name, "f16")), f16)
-            results[t] = _make(t, folder, os.path.join(local_out, file_name(x.name, t)), f16, x, template, ref)
-            _publish(results[t], out, final, made)
+            results[t] = _make(t, folder, os.path.join(local_out, file_name(x.name, t)), f16, x, template, ref())
+            _publish(results[t], out, final, made, tag)
         if os.path.exists(f16 + UNVERIFIED):  # an f16 file made only for the quantizer
             os.remove(f16 + UNVERIFIED)
         if lora is not None:
-            results.update(_lora_files(x, lora, local_out, made, records, template, ref))
+            results.update(_lora_files(x, lora, local_out, made, records, template, tag, checks, ref))
+    return _finish(x, results, tag, lora is not None, t0)
+
+
+def _finish(x: ExportConfig, results: dict, tag: str, pair: bool, t0: float) -> dict:
+    """The stage's result and its last lines: the count, the chat snippet, an adapter's pair."""
     failed = [t for t, r in results.items() if r["status"] == "failed"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     good = [t for t in x.types if results[t]["status"] != "failed"]
@@ -210,7 +242,7 @@ def _export(x: ExportConfig, folder: str, made: dict, lora: tuple[str, str] | No
     )
     if snippet:
         log.info(f"[export] chat with it in llama-cpp-python (pip install llama-cpp-python):\n{snippet}")
-    if lora is not None and all(k in results and results[k]["status"] != "failed" for k in ("lora", "base-f16")):
+    if pair and all(k in results and results[k]["status"] != "failed" for k in ("lora", "base-f16")):
         log.info(
             "[export] or the base with the adapter applied at load time: "
             f'Llama(model_path="{_at_hand(results["base-f16"]["path"])}", '
@@ -248,7 +280,7 @@ def _reference(folder: str, tag: str, wanted: bool) -> dict | None:
 
 
 def _lora_files(
-    x: ExportConfig, lora: tuple[str, str], local_out: str, made: dict, records: dict, template, ref: dict | None
+    x: ExportConfig, lora: tuple, local_out: str, made: dict, records: dict, template, tag: str, checks: bool, ref
 ) -> dict:
     """The adapter as ``<name>-LORA-F32.gguf`` and its base as ``<name>-base-F16.gguf``, checked
     together by llama.cpp (the adapter applied at load time) against the merged model."""
@@ -257,9 +289,9 @@ def _lora_files(
     if why:
         log.warning(f"[export] no LoRA file: llama.cpp's LoRA files cannot hold {why}; the merged files are written")
         return {}
-    names = {"base-f16": file_name(f"{x.name}-base", "f16"), "lora": file_name(x.name, "lora-f32")}
+    names = {k: file_name(f"{x.name}{suffix}", t) for k, (suffix, t) in LORA_FILES.items()}
     finals = {k: storage.join(x.output_dir, n) for k, n in names.items()}
-    kept = [] if x.overwrite else [_kept(f, made, records, ref is not None) for f in finals.values()]
+    kept = [] if x.overwrite else [_kept(f, made, records, checks) for f in finals.values()]
     if kept and all(kept):  # the pair is checked together: both kept, or both made again
         for said in kept:
             log.warning(said)
@@ -270,7 +302,7 @@ def _lora_files(
         "base-f16": {**conv.convert(base_folder, staged["base-f16"], "f16", f"{x.name}-base", template)},
         "lora": {**conv.convert_lora(adapter, base_folder, staged["lora"], x.name)},
     }
-    status, check = "unchecked", None
+    status, check, ref = "unchecked", None, ref()
     if ref is not None:
         check = verify.verify(staged["base-f16"], "f16", ref, x.threads, lora=staged["lora"])
         status = "checked" if check["ok"] else "failed"
@@ -280,7 +312,7 @@ def _lora_files(
         info.update(type=k, status=status, seconds=round(time.perf_counter() - t1, 2), staged=staged[k])
         if check is not None:
             info["check"] = check
-        _publish(info, x.output_dir, finals[k], made)
+        _publish(info, x.output_dir, finals[k], made, tag)
     return infos
 
 
@@ -317,7 +349,7 @@ def _make(t: str, folder: str, dest: str, f16: str, x: ExportConfig, template: s
     return info
 
 
-def _publish(info: dict, out: str, final: str, made: dict) -> None:
+def _publish(info: dict, out: str, final: str, made: dict, tag: str) -> None:
     """A checked (or unchecked) file goes under its final name in ``out``, and into the folder's
     record of what each file was made from (``made``): the file's old entry goes first, so a file
     half replaced is never taken for its old self. A failed one stays ``….failed``."""
@@ -336,7 +368,7 @@ def _publish(info: dict, out: str, final: str, made: dict) -> None:
     else:
         os.replace(staged, dest)
     info["path"] = final
-    _record(out, final, info, made)
+    _record(out, final, info, made, tag)
     log.info(f"[export] {info['type']}: {final} ({info['bytes'] / 2**20:.1f} MiB, {info['seconds']} s)")
 
 
