@@ -88,8 +88,7 @@ def prepare_output(out: str, overwrite: bool, why: str = "", record: dict | None
     finished = any(i.base_name == "manifest.json" for i in existing)
     if existing and not finished:  # the manifest comes last: a run stopped before it is unfinished
         if not overwrite and record is not None and _recorded(out) == record:
-            fs2, b = storage.resolve(storage.join(out, BUFFERS))
-            done = sum(1 for _ in fs2.get_file_info(storage.pafs.FileSelector(b, allow_not_found=True)))
+            done = len(fs.get_file_info(storage.pafs.FileSelector(f"{p}/{BUFFERS}", allow_not_found=True)))
             log.info(f"[data] {out} holds an unfinished run of this config and input: resumed, {done} buffer(s) done")
             return True
         log.info(f"[data] {out} holds an unfinished run (no manifest.json) of another config or other files: cleared")
