@@ -247,6 +247,12 @@ def test_out_of_memory_before_a_step_is_a_verdict_and_later_a_restart(shards, tm
     assert "Lower train.micro_batch_size" in verdict and "train.gradient_checkpointing=true" in verdict
     assert "LEFT train: out of memory in step 1" in said and "AT ONCE train: out of memory" in said
     assert "BUILT AGAIN" not in said and "RAISED OOM" in said
+    # a resumed run keeps its checkpoint's data order, micro-batch included: the line says so
+    from cerbero_ray.config.train import TrainConfig
+    from cerbero_ray.train.loop import out_of_memory
+
+    fresh, resumed = (out_of_memory(TrainConfig(), 256, 4, torch.device("cpu"), "step 7", r) for r in (False, True))
+    assert "needs another train.name" in resumed and "train.name" not in fresh
 
 
 @pytest.mark.slow  # ~1 minute

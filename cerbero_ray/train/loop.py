@@ -95,8 +95,9 @@ def evaluate(engine, segments, device: torch.device) -> float | None:
     return s / n if n else None
 
 
-def out_of_memory(t, seq_len: int, accum: int, device: torch.device, what: str) -> str:
-    """What to change when a step runs out of memory (the card's figures on CUDA)."""
+def out_of_memory(t, seq_len: int, accum: int, device: torch.device, what: str, resumed: bool = False) -> str:
+    """What to change when a step runs out of memory (the card's figures on CUDA). ``resumed``: the
+    run resumed from a checkpoint, whose data order (the micro-batch is part of it) a resume keeps."""
     mem = ""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -107,6 +108,12 @@ def out_of_memory(t, seq_len: int, accum: int, device: torch.device, what: str) 
         "restart would run out the same way. Lower train.micro_batch_size (train.global_batch_size stays: more "
         "micro-batches accumulate), keep train.gradient_checkpointing=true, or train on more GPUs (ZeRO-1 "
         "shards the optimizer's states over them) or with train.method=lora"
+        + (
+            " (this run resumed from a checkpoint, whose data order a resume keeps: another micro-batch "
+            "or GPU count needs another train.name; or resume it on cards with more memory)"
+            if resumed
+            else ""
+        )
     )
 
 
@@ -144,7 +151,8 @@ class _Run:
         except torch.OutOfMemoryError as e:
             if self.steps_here:
                 raise
-            raise ValueError(out_of_memory(self.t, self.plan.seq_len, self.accum, self.device, what)) from e
+            why = out_of_memory(self.t, self.plan.seq_len, self.accum, self.device, what, self.step > 0)
+            raise ValueError(why) from e
 
     def _record_base(self, lm) -> None:
         """Rank 0, LoRA: the frozen base's identity (a random-init base is written to <run>/base)."""
