@@ -78,10 +78,10 @@ def _records(out: str) -> dict:
     return {k: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
 
 
-def _kept(final: str, made: dict, records: dict, checks: bool, say: bool = True) -> str | None:
-    """Why ``final`` is kept (None: it is made again, and ``say`` logs why): it is there, at the
-    size its record gives, made from what the checkpoint holds now, and checked by llama.cpp if
-    this run would check it."""
+def _kept(final: str, made: dict, records: dict, checks: bool) -> str | None:
+    """Why ``final`` is kept (None: it is made again, and why is logged): it is there, at the size
+    its record gives, made from what the checkpoint holds now, and checked by llama.cpp if this run
+    would check it."""
     rec = records.get(final.rsplit("/", 1)[-1])
     fs, p = storage.resolve(final)
     info = fs.get_file_info(p)
@@ -95,8 +95,7 @@ def _kept(final: str, made: dict, records: dict, checks: bool, say: bool = True)
     elif checks and rec.get("status") != "checked":
         why = "was not checked by llama.cpp when it was made: made and checked again"
     if why is not None:
-        if say:
-            log.info(f"[export] {final} {why}")
+        log.info(f"[export] {final} {why}")
         return None
     return f"[export] {final} was made from this checkpoint as it is now: kept (export.overwrite=true redoes it)"
 
@@ -145,38 +144,43 @@ def run_export(cfg: DictConfig | dict | ExportStageConfig) -> dict:
     adapter = adapters.is_adapter(x.checkpoint)
     base = adapters.base_of(x.checkpoint, x.base, "export.checkpoint") if adapter else None
     made = _made_from(x, base)  # before the copy: files changed meanwhile are made again next time
-    done = None if x.overwrite else _all_kept(x, made, adapter and x.lora)
-    if done is not None:  # nothing to download, merge or load
-        return done
+    pair = adapter and x.lora
+    kept, tag = ({}, None) if x.overwrite else _keepable(x, made, pair)
+    if kept and all(kept.values()) and tag is not None:  # nothing to download, merge or load
+        for said in kept.values():
+            log.warning(said)
+        results = {k: {"path": _final(x, k), "type": k, "status": "kept"} for k in kept}
+        return _finish(x, results, tag, pair, time.perf_counter())
     with tempfile.TemporaryDirectory(prefix="cerbero-merged-") as merged:
         if not adapter:
             folder = storage.local_copy(x.checkpoint)
             check_weights(folder, "export.checkpoint")
-            return _export(x, folder, made)
+            return _export(x, folder, made, kept)
         src = storage.local_copy(x.checkpoint)
         base_folder = storage.local_copy(base)
         check_weights(base_folder, "export.base")
         check_base(x.checkpoint, base, base_folder, "export.checkpoint")
         _merge(x.checkpoint, base, src, base_folder, merged)
-        return _export(x, merged, made, (src, base_folder) if x.lora else None)
+        return _export(x, merged, made, kept, (src, base_folder) if x.lora else None)
 
 
 LORA_FILES = {"base-f16": ("-base", "f16"), "lora": ("", "lora-f32")}  # an adapter's pair: (name suffix, type)
 
 
-def _all_kept(x: ExportConfig, made: dict, pair: bool) -> dict | None:
-    """The stage's result when every file it would write (and an adapter's pair, ``pair``) is kept
-    (:func:`_kept`), before anything is downloaded, merged or loaded; else None."""
-    kinds = {t: file_name(x.name, t) for t in x.types}
-    kinds |= {k: file_name(f"{x.name}{suffix}", t) for k, (suffix, t) in LORA_FILES.items()} if pair else {}
+def _final(x: ExportConfig, kind: str) -> str:
+    """Where the file of ``kind`` (one of ``export.types``, or of an adapter's pair) goes."""
+    suffix, t = LORA_FILES.get(kind, ("", kind))
+    return storage.join(x.output_dir, file_name(f"{x.name}{suffix}", t))
+
+
+def _keepable(x: ExportConfig, made: dict, pair: bool) -> tuple[dict, str | None]:
+    """Per file this run writes (each of ``export.types``; an adapter's pair too with ``pair``):
+    why it is kept (:func:`_kept`), or None; decided once, before anything is downloaded. And the
+    chat tag the records keep (a rerun that keeps every file writes its snippet with it)."""
+    kinds = [*x.types, *(LORA_FILES if pair else ())]
     records, checks = _records(x.output_dir), x.verify and llamacpp.available()
-    said = {k: _kept(storage.join(x.output_dir, n), made, records, checks, say=False) for k, n in kinds.items()}
-    if not all(said.values()) or any("tag" not in records[n] for n in kinds.values()):
-        return None
-    for line in said.values():
-        log.warning(line)
-    results = {k: {"path": storage.join(x.output_dir, n), "type": k, "status": "kept"} for k, n in kinds.items()}
-    return _finish(x, results, records[kinds[x.types[-1]]]["tag"], pair, time.perf_counter())
+    kept = {k: _kept(_final(x, k), made, records, checks) for k in kinds}
+    return kept, records.get(file_name(x.name, x.types[-1]), {}).get("tag")
 
 
 def _merge(adapter: str, base: str, src: str, base_folder: str, dest: str) -> None:
@@ -193,9 +197,10 @@ def _merge(adapter: str, base: str, src: str, base_folder: str, dest: str) -> No
     log.info(f"[export] {adapter}: merged into {base} for the GGUF files")
 
 
-def _export(x: ExportConfig, folder: str, made: dict, lora: tuple[str, str] | None = None) -> dict:
-    """Export the local HF folder ``folder`` (``made``: what it was made from, :func:`_made_from`);
-    ``lora``: (adapter folder, base folder) to write as a LoRA file and its base too."""
+def _export(x: ExportConfig, folder: str, made: dict, kept: dict, lora: tuple[str, str] | None = None) -> dict:
+    """Export the local HF folder ``folder`` (``made``: what it was made from, :func:`_made_from`;
+    ``kept``: the files kept, :func:`_keepable`); ``lora``: (adapter folder, base folder) to write
+    as a LoRA file and its base too."""
     conv.read_arch(folder)  # architecture, tokenizer and sizes are checked before anything is written
     conv.vocabulary(folder)
     if any(t in quant.FTYPES for t in x.types) and not quant.available():
@@ -203,20 +208,17 @@ def _export(x: ExportConfig, folder: str, made: dict, lora: tuple[str, str] | No
     out, results, t0 = x.output_dir, {}, time.perf_counter()
     template = _template(folder)
     tag = assistant_tag_of(template)
-    checks = x.verify and llamacpp.available()
     ref = functools.cache(lambda: _reference(folder, tag, x.verify))  # transformers' run: only if a file is made
     with tempfile.TemporaryDirectory(prefix="cerbero-gguf-") as tmp:
         local_out = tmp if storage.is_uri(out) else storage.resolve(out)[1]
         os.makedirs(local_out, exist_ok=True)
         order = sorted(x.types, key=lambda t: t in quant.FTYPES)  # the f16 file first: quants start from it
         f16 = os.path.join(local_out, file_name(x.name, "f16"))
-        records = {} if x.overwrite else _records(out)
         for t in order:
-            final = storage.join(out, file_name(x.name, t))
-            kept = None if x.overwrite else _kept(final, made, records, checks)
-            if kept:
+            final = _final(x, t)
+            if kept.get(t):
                 results[t] = {"path": final, "type": t, "status": "kept"}
-                log.warning(kept)
+                log.warning(kept[t])
                 continue
             if t in quant.FTYPES and results.get("f16", {}).get("status") == "kept" and storage.is_uri(out):
                 if not os.path.exists(f16):  # the quantizer starts from the f16 file kept in the bucket
@@ -226,7 +228,7 @@ def _export(x: ExportConfig, folder: str, made: dict, lora: tuple[str, str] | No
         if os.path.exists(f16 + UNVERIFIED):  # an f16 file made only for the quantizer
             os.remove(f16 + UNVERIFIED)
         if lora is not None:
-            results.update(_lora_files(x, lora, local_out, made, records, template, tag, checks, ref))
+            results.update(_lora_files(x, lora, local_out, made, kept, template, tag, ref))
     return _finish(x, results, tag, lora is not None, t0)
 
 
@@ -279,9 +281,7 @@ def _reference(folder: str, tag: str, wanted: bool) -> dict | None:
     return verify.reference(folder, tag)
 
 
-def _lora_files(
-    x: ExportConfig, lora: tuple, local_out: str, made: dict, records: dict, template, tag: str, checks: bool, ref
-) -> dict:
+def _lora_files(x: ExportConfig, lora: tuple, local_out: str, made: dict, kept: dict, template, tag: str, ref) -> dict:
     """The adapter as ``<name>-LORA-F32.gguf`` and its base as ``<name>-base-F16.gguf``, checked
     together by llama.cpp (the adapter applied at load time) against the merged model."""
     adapter, base_folder = lora
@@ -289,13 +289,12 @@ def _lora_files(
     if why:
         log.warning(f"[export] no LoRA file: llama.cpp's LoRA files cannot hold {why}; the merged files are written")
         return {}
-    names = {k: file_name(f"{x.name}{suffix}", t) for k, (suffix, t) in LORA_FILES.items()}
-    finals = {k: storage.join(x.output_dir, n) for k, n in names.items()}
-    kept = [] if x.overwrite else [_kept(f, made, records, checks) for f in finals.values()]
-    if kept and all(kept):  # the pair is checked together: both kept, or both made again
-        for said in kept:
-            log.warning(said)
+    finals = {k: _final(x, k) for k in LORA_FILES}
+    if all(kept.get(k) for k in LORA_FILES):  # the pair is checked together: both kept, or both made again
+        for k in LORA_FILES:
+            log.warning(kept[k])
         return {k: {"path": f, "type": k, "status": "kept"} for k, f in finals.items()}
+    names = {k: f.rsplit("/", 1)[-1] for k, f in finals.items()}
     t1 = time.perf_counter()
     staged = {k: os.path.join(local_out, n) + UNVERIFIED for k, n in names.items()}
     infos = {
