@@ -24,7 +24,7 @@ from cerbero_ray import storage
 from cerbero_ray.config import check
 from cerbero_ray.config.data import DataStageConfig
 from cerbero_ray.data.manifest import build_manifest, config_hash, format_summary, read_manifest, write_manifest
-from cerbero_ray.data.process import BufferProcessor
+from cerbero_ray.data.process import BUFFERS, BufferProcessor
 from cerbero_ray.data.sources import build_dataset, inspect_sources
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ def _edited(m: dict, plans) -> list[str]:
 
 
 RUN_RECORD = "run.json"  # what a run writes first: its config and input files (an unfinished run resumes on it)
-BUFFERS = "buffers"  # <key>.json per buffer done: its stats, written after its shard and rejects
 
 
 def run_record(cfg: DataStageConfig, plans) -> dict:
@@ -114,13 +113,15 @@ def _start(out: str, record: dict | None) -> bool:
     return False
 
 
-def _drop_other_buffers(out: str, keys: set[str]) -> int:
+def _drop_other_buffers(out: str, stats: list[dict]) -> int:
     """Delete what an unfinished run left of buffers this run has not (its rows were batched
-    otherwise: a kept shard of them would put rows in twice); returns how many files went."""
+    otherwise: a kept shard of them would put rows in twice): every file in the shards, rejects and
+    buffer records that this run's ``stats`` do not name. Returns how many files went."""
+    keep = {f"{s['key']}.json" for s in stats}
+    keep |= {x.rsplit("/", 1)[-1] for s in stats for x in (s["shard"], s["rejects_path"]) if x}
     gone = 0
-    for sub, name in (("shards", "shard-{}.parquet"), ("rejects", "rejects-{}.jsonl"), (BUFFERS, "{}.json")):
+    for sub in ("shards", "rejects", BUFFERS):
         fs, p = storage.resolve(storage.join(out, sub))
-        keep = {name.format(k) for k in keys}
         for i in fs.get_file_info(storage.pafs.FileSelector(p, allow_not_found=True)):
             if i.is_file and i.base_name not in keep:
                 fs.delete_file(i.path)
@@ -173,13 +174,14 @@ def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
             bar.set_postfix(tokens=f"{sum(s['tokens'] for s in stats) / 1e6:.1f}M", shards=len(stats))
         bar.update(total - bar.n)  # file sizes count newlines the rows do not
     seconds = time.perf_counter() - t0
-    if resumed and (gone := _drop_other_buffers(out, {s["key"] for s in stats})):
+    if resumed and (gone := _drop_other_buffers(out, stats)):
         log.info(f"[data] {gone} file(s) of the unfinished run's other buffers deleted (rows batched otherwise)")
     manifest = build_manifest(stats, c, plans, seconds)
     write_manifest(manifest, out)
-    for leftover in (BUFFERS, RUN_RECORD):  # the manifest says it all now
-        fs, p = storage.resolve(storage.join(out, leftover))
-        with contextlib.suppress(FileNotFoundError, OSError):
-            fs.delete_dir(p) if leftover == BUFFERS else fs.delete_file(p)
+    fs, p = storage.resolve(out)
+    with contextlib.suppress(OSError):  # the manifest says it all now
+        fs.delete_dir(f"{p}/{BUFFERS}")
+    with contextlib.suppress(OSError):
+        fs.delete_file(f"{p}/{RUN_RECORD}")
     log.info(format_summary(manifest, out))
     return manifest

@@ -42,6 +42,9 @@ def copies(weight: float, seed: int, key: str) -> int:
     return whole + (u < frac)
 
 
+BUFFERS = "buffers"  # <key>.json per buffer done: its stats, written after its shard and rejects file
+
+
 class BufferProcessor:
     """Callable on a batch of raw rows (a dict of numpy arrays); returns one stats record.
 
@@ -107,7 +110,7 @@ class BufferProcessor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         n = len(batch["raw"])
         key = hashlib.sha1(f"{batch['path'][0]}:{batch['line_no'][0]}:{n}".encode()).hexdigest()[:16]
-        done = storage.join(self.cfg.output_dir, "buffers", f"{key}.json")
+        done = storage.join(self.cfg.output_dir, BUFFERS, f"{key}.json")
         try:  # done by an earlier, unfinished run of this config on these files (the stage resumed it)
             return {k: [v] for k, v in storage.read_json(done).items()}
         except (FileNotFoundError, ValueError):
