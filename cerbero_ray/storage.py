@@ -335,11 +335,16 @@ def _make_room(root: str, key: str, path: str, need: int, current: str) -> None:
         )
 
 
+def _lock_path(root: str, key: str) -> str:
+    """The lock file of one URI's copies (:func:`_cache_lock`)."""
+    return os.path.join(root, f".{key}.lock")
+
+
 def _busy(root: str, key: str) -> bool:
     """Whether another process holds the copy lock of ``key`` (it is copying that URI)."""
     import fcntl
 
-    lock = os.path.join(root, f".{key}.lock")
+    lock = _lock_path(root, key)
     if not os.path.exists(lock):
         return False
     with open(lock, "a") as f:
@@ -444,7 +449,8 @@ def local_copy(path: str, cache: str | None = None, only: Callable[[str], bool] 
     key = hashlib.sha256(path.encode()).hexdigest()[:16]
     with naming(path, "reading"):
         listed, ver = _folder_version(fs, src)
-    name = f"{key}-{ver}" + (f"-{part}" if part else "")
+    current = f"{key}-{ver}"  # the copies of what the URI holds now: the whole folder, or parts
+    name = current + (f"-{part}" if part else "")
     dest = os.path.join(root, name)
     if os.path.exists(os.path.join(dest, ".complete")):
         _used(dest)
@@ -455,7 +461,7 @@ def local_copy(path: str, cache: str | None = None, only: Callable[[str], bool] 
             _used(dest)
             return dest
         wanted = [(f, size) for f, size, _ in listed if only is None or only(f)]
-        _make_room(root, key, path, sum(size for _, size in wanted), f"{key}-{ver}")
+        _make_room(root, key, path, sum(size for _, size in wanted), current)
         tmp = tempfile.mkdtemp(prefix=".download-", dir=root)
         try:
             with naming(path, "reading"):
@@ -470,7 +476,7 @@ def local_copy(path: str, cache: str | None = None, only: Callable[[str], bool] 
             os.rename(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        _drop_other_versions(root, key, f"{key}-{ver}")  # other parts of this version stay
+        _drop_other_versions(root, key, current)  # other parts of this version stay
     return dest
 
 
@@ -496,7 +502,7 @@ def _cache_lock(root: str, key: str):
     import fcntl
 
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, f".{key}.lock"), "a") as f:
+    with open(_lock_path(root, key), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -139,7 +139,6 @@ class _Run:
         self.accum = accumulation_steps(t, self.world)
         self.read_cpus = float(t.read_cpus)
         self.step, self.history, self.resumed_from = 0, [], None
-        self.steps_here = 0  # steps this attempt (process) has finished
 
     @contextlib.contextmanager
     def first_oom(self, what: str):
@@ -149,9 +148,10 @@ class _Run:
         try:
             yield
         except torch.OutOfMemoryError as e:
-            if self.steps_here:
+            start = self.resumed_from or 0  # where this attempt began
+            if self.step > start:  # steps passed in this attempt
                 raise
-            why = out_of_memory(self.t, self.plan.seq_len, self.accum, self.device, what, self.step > 0)
+            why = out_of_memory(self.t, self.plan.seq_len, self.accum, self.device, what, start > 0)
             raise ValueError(why) from e
 
     def _record_base(self, lm) -> None:
@@ -221,7 +221,6 @@ class _Run:
         with self.first_oom(f"step {self.step + 1}"):
             loss, n = train_step(self.engine, [next(it) for _ in range(self.accum)], self.device, self.world)
         self.step += 1
-        self.steps_here += 1
         dt = time.perf_counter() - t0
         gn = self.engine.get_global_grad_norm()
         tokens = self.world * self.accum * self.micro * self.plan.seq_len
