@@ -17,10 +17,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~2 minutes: `python 
 
 
 @pytest.fixture
-def two_nodes(tmp_path_factory):
+def two_nodes():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_AUTH_TOKEN", None)
-    node = start_head(env, tmp_path_factory.mktemp("ray"), num_cpus=1)
+    node = start_head(env, num_cpus=1)
     add_worker_node(node, num_cpus=1)
     probe = "import ray; ray.init(address='{}'); print(sum(n['Alive'] for n in ray.nodes()))".format(node["gcs"])
     deadline = time.monotonic() + 120
@@ -77,7 +77,7 @@ def no_shared_disk(tmp_path_factory, bucket):
         d = tmp_path_factory.mktemp(name)
         return {**base, "TMPDIR": str(d), "CERBERO_CACHE": str(d / "cache")}
 
-    node = start_head(own("head"), tmp_path_factory.mktemp("ray"), num_cpus=1)
+    node = start_head(own("head"), num_cpus=1)
     worker_env = own("worker")
     state = {"proc": add_worker_node(node, 1, worker_env)}
 

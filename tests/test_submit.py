@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module", params=["token", pytest.param("disabled", marks=pytest.mark.slow)])
-def head(request, tmp_path_factory):
+def head(request):
     """One `ray start --head` per auth mode, shared by this module's tests (each submits its own jobs
     into its own output folder); the head without auth is the slow tier's."""
     env = {**os.environ, "RAY_AUTH_MODE": request.param}
@@ -26,7 +26,7 @@ def head(request, tmp_path_factory):
         env["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
     else:
         env.pop("RAY_AUTH_TOKEN", None)
-    node = start_head(env, tmp_path_factory.mktemp("ray"), num_cpus=2)
+    node = start_head(env, num_cpus=2)
     yield node["dashboard"], env
     stop_node(node)
 
