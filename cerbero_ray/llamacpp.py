@@ -144,10 +144,13 @@ _LOADED: dict[tuple, object] = {}  # (path, logits_all) -> Llama: a session's mo
 
 def _loaded(path: str, n_ctx: int, logits_all: bool = False):
     """A Llama for ``path`` with at least ``n_ctx`` positions, kept for the session's next calls (a
-    larger context than the one held loads it again)."""
+    larger context than the one held loads it again). What it holds is the length of its token
+    array: llama-cpp-python sizes that (and its logits) by the ``n_ctx`` asked for, while
+    ``n_ctx()`` answers llama.cpp's context, rounded up to 256 (asked 541, it says 768: a prompt of
+    600 tokens then overflowed the arrays of a model kept for a shorter one)."""
     key = (path, logits_all)
     llm = _LOADED.get(key)
-    if llm is None or llm.n_ctx() < n_ctx:
+    if llm is None or len(llm.input_ids) < n_ctx:
         _LOADED.pop(key, None)
         llm = _LOADED[key] = _llama(path, n_ctx=max(n_ctx, 512), logits_all=logits_all)
     return llm

@@ -371,6 +371,28 @@ def test_llama_cpp_logits_match_transformers(exported, hf_dir, out_type):
     assert err < max_err and kl < max_kl and top1 >= min_top1, f"{out_type}: {err:.2e} {kl:.2e} {top1:.2f}"
 
 
+def test_a_session_scores_a_longer_prompt_after_a_shorter_one(exported):
+    """An evaluation's llama.cpp session keeps its model loaded between batches and loads it again
+    for a longer context. A first batch that asks for 550 positions gets a context llama.cpp rounds
+    up to 768, but token and logit arrays of 550: the next batch's 700-token prompt overflowed them
+    ("could not broadcast input array from shape (46,) into shape (33,)", the README's main job on
+    its Q4_K_M file). The answer equals a fresh session's."""
+    tok = build_tokenizer()
+    text = " ".join(SENTENCES * 40)
+    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids
+    assert len(ids) > 700
+    conts = {"yes": tok("sì", add_special_tokens=False).input_ids, "no": tok(" no", add_special_tokens=False).input_ids}
+    short, longer = [ids[:540]], [ids[:700], ids[:120]]
+    with llamacpp.Session() as s:
+        s.call("score_many", path=exported["f16"], prompts=short, continuations=conts)
+        got = s.call("score_many", path=exported["f16"], prompts=longer, continuations=conts)["logprobs"]
+    with llamacpp.Session() as fresh:
+        want = fresh.call("score_many", path=exported["f16"], prompts=longer, continuations=conts)["logprobs"]
+    assert len(got) == 2 and all(np.isfinite(r[k]) for r in got for k in conts)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-4, abs=1e-4)
+
+
 def test_greedy_continuation_is_identical_for_f16(exported, hf_dir):
     from transformers import AutoModelForCausalLM
 
