@@ -140,7 +140,7 @@ def test_the_main_job_as_the_readme_writes_it(tmp_path):
     assert "-e '.[gguf]' && python jobs/recipe.py\n```" in readme  # the command this test runs
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CERBERO_OUTPUT_DIR": str(tmp_path)}
     said = main_job(env, tmp_path).stdout
-    evalita = os.path.isdir(os.path.join(os.environ.get("CERBERO_DATA_DIR", SHARED_DATA), "evalita"))
+    evalita = os.path.isdir(os.path.join(SHARED_DATA, "evalita"))  # CERBERO_DATA_DIR, as conftest reads it
     tasks = ["squad_it", *(["ami2020", "ironita", "sentipolc"] if evalita else [])]
     results = json.load(open(tmp_path / "evaluate" / "results.json"))["results"]
     assert set(results) == {"untrained", "trained", "trained-Q4_K_M"}, said[-3000:]
