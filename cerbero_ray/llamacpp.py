@@ -249,15 +249,19 @@ def generate_many(
 def score_many(path: str, prompts: list[list[int]], continuations: dict[str, list[int]], threads: int = 0) -> dict:
     """The summed log-probability of each continuation after each prompt: the prompt's forward pass
     once, then each continuation after it (the KV cache rewound to the prompt's end); the
-    log-softmax only at the positions that predict a continuation token. One model load."""
+    log-softmax only at the positions that predict a continuation token. One model load. A prompt
+    runs only past what it shares with the tokens the cache holds (the previous prompt's: the same
+    few-shot examples, as llama-cpp-python's ``generate`` reuses a prefix), its last token always;
+    ``prompt_tokens``: how many prompt tokens it evaluated."""
     import numpy as np
 
     longest = max((len(p) for p in prompts), default=1) + max((len(c) for c in continuations.values()), default=1)
     llm = _loaded(path, longest + 8, logits_all=True) if not threads else _llama(path, longest + 8, threads, True)
-    out = []
+    out, evaluated = [], 0
     for ids in prompts:
-        llm.reset()
-        llm.eval(ids)
+        llm.n_tokens = _shared(llm.input_ids[: llm.n_tokens], ids)  # eval drops the cache past it
+        evaluated += len(ids) - llm.n_tokens
+        llm.eval(ids[llm.n_tokens :])
         first = np.asarray(llm.scores[len(ids) - 1], dtype=np.float64)  # predicts every label's first token
         row = {}
         for label, cont in continuations.items():
@@ -271,7 +275,19 @@ def score_many(path: str, prompts: list[list[int]], continuations: dict[str, lis
                 logp += float(x[t] - m - np.log(np.exp(x - m).sum()))
             row[label] = logp
         out.append(row)
-    return {"logprobs": out}
+    return {"logprobs": out, "prompt_tokens": evaluated}
+
+
+def _shared(held, ids: list[int]) -> int:
+    """How many of ``ids``' first tokens the cache holds (``held``, its tokens), at most all but the
+    last: the prompt's last position must be evaluated for its logits."""
+    import numpy as np
+
+    n = min(len(held), len(ids) - 1)
+    if n <= 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(held[:n]) != np.asarray(ids[:n]))
+    return int(differ[0]) if len(differ) else n
 
 
 def metadata(path: str) -> dict:

@@ -393,6 +393,35 @@ def test_a_session_scores_a_longer_prompt_after_a_shorter_one(exported):
         assert g == pytest.approx(w, rel=1e-4, abs=1e-4)
 
 
+def test_scoring_runs_a_shared_prefix_once_and_answers_as_a_fresh_session(exported):
+    """Prompts with the same few-shot examples (an EVALITA unit's) share a long prefix: a prompt runs
+    only past what it shares with the tokens the cache holds, its last token always (its logits).
+    Every answer equals that prompt scored alone in a fresh session (within llama.cpp's rounding: a
+    batch of another size sums in another order): a prompt that diverges early, a shorter one that
+    the cache holds whole, the same prompt again."""
+    tok = build_tokenizer()
+    shots = [tok.bos_token_id] + tok(" ".join(SENTENCES * 8), add_special_tokens=False).input_ids
+    tail = [tok(f" Testo {i}: {s}", add_special_tokens=False).input_ids for i, s in enumerate(SENTENCES)]
+    prompts = [shots + tail[0], shots + tail[1], shots[:40] + tail[2], shots + tail[1], shots + tail[1], shots[:30]]
+    conts = {"yes": tok("sì", add_special_tokens=False).input_ids, "no": tok(" no", add_special_tokens=False).input_ids}
+    with llamacpp.Session() as s:
+        got = s.call("score_many", path=exported["f16"], prompts=prompts, continuations=conts)
+    want_evaluated, held = 0, []  # the first runs whole; each next one past what it shares with the last
+    for p in prompts:
+        same = next((i for i, (a, b) in enumerate(zip(held, p)) if a != b), min(len(held), len(p)))
+        want_evaluated += len(p) - min(same, len(p) - 1)
+        held = p + conts["no"][:-1]  # the cache ends with the last label's continuation but its last token
+    assert got["prompt_tokens"] == want_evaluated < sum(map(len, prompts)) / 2
+    for p, g in zip(prompts, got["logprobs"]):
+        with llamacpp.Session() as fresh:
+            want = fresh.call("score_many", path=exported["f16"], prompts=[p], continuations=conts)
+        assert want["prompt_tokens"] == len(p)
+        assert g == pytest.approx(want["logprobs"][0], rel=1e-4, abs=1e-4)
+    # the same prompt again, run from the shared examples' end, from token 40, from its last token
+    assert got["logprobs"][3] == pytest.approx(got["logprobs"][1], rel=1e-4, abs=1e-4)
+    assert got["logprobs"][4] == pytest.approx(got["logprobs"][1], rel=1e-4, abs=1e-4)
+
+
 def test_greedy_continuation_is_identical_for_f16(exported, hf_dir):
     from transformers import AutoModelForCausalLM
 
