@@ -222,15 +222,26 @@ def choice_grammar(choices: list[str]) -> str:
 
 
 def generate_many(
-    path: str, prompts: list[list[int]], max_tokens: int, stop: list[str], threads: int = 0, grammar: str | None = None
+    path: str,
+    prompts: list[list[int]],
+    max_tokens: int,
+    stop: list[str],
+    threads: int = 0,
+    grammar: str | None = None,
+    slots: int = 1,
 ) -> dict:
     """Greedy continuations of many token-id prompts, one model load: each stops at EOS, at one of
     the ``stop`` strings (in its detokenized text) or after ``max_tokens`` tokens; ``grammar`` (GBNF,
-    :func:`choice_grammar`): each held to it, and ended where it allows nothing more."""
+    :func:`choice_grammar`): each held to it, and ended where it allows nothing more. ``slots`` > 1
+    (without a grammar): up to that many prompts decoded together (:func:`_generate_batched`)."""
     from llama_cpp import LlamaGrammar
 
     longest = max((len(p) for p in prompts), default=1)
     llm = _loaded(path, longest + max_tokens + 8) if not threads else _llama(path, longest + max_tokens + 8, threads)
+    if slots > 1 and grammar is None and len(prompts) > 1 and _can_batch():
+        got = _generate_batched(llm, prompts, max_tokens, stop, slots)
+        if got is not None:
+            return {"tokens": got}
     out = []
     for ids in prompts:
         toks = []
@@ -239,11 +250,114 @@ def generate_many(
             if t == llm.token_eos():
                 break
             toks.append(t)
-            text = llm.detokenize(toks).decode("utf-8", errors="ignore")
-            if len(toks) >= max_tokens or any(s in text for s in stop):
+            if _ended(llm, toks, max_tokens, stop):
                 break
         out.append(toks)
     return {"tokens": out}
+
+
+def _ended(llm, toks: list[int], max_tokens: int, stop: list[str]) -> bool:
+    text = llm.detokenize(toks).decode("utf-8", errors="ignore")
+    return len(toks) >= max_tokens or any(s in text for s in stop)
+
+
+def _can_batch() -> bool:
+    """Whether this llama-cpp-python binds what :func:`_generate_batched` calls (llama.cpp's memory
+    API and a context's KV streams: 2025's llama.cpp); older builds decode one prompt at a time."""
+    import llama_cpp
+
+    names = ("llama_memory_seq_rm", "llama_memory_seq_cp", "llama_get_memory", "llama_init_from_model")
+    fields = {f for f, _ in llama_cpp.llama_context_params._fields_}
+    return all(hasattr(llama_cpp, n) for n in names) and {"n_seq_max", "kv_unified"} <= fields
+
+
+def _generate_batched(
+    llm, prompts: list[list[int]], max_tokens: int, stop: list[str], slots: int
+) -> list[list[int]] | None:
+    """:func:`generate_many`'s greedy continuations, up to ``slots`` prompts at a time in one batch
+    per step (continuous batching: a finished row's slot takes the next prompt), on a context of
+    its own with one KV sequence per slot. llama.cpp reads the weights once per step for all of
+    them: on a CPU, decoding is bound by reading the weights, so a step of 8 costs little more than
+    a step of 1. A prompt runs only past the longest prefix that some slot's sequence holds (an
+    EVALITA unit's few-shot examples), copied from that slot (``llama_memory_seq_cp``). Each step's
+    tokens: the slots' next tokens first, then prompt tokens up to the batch size; a prompt whose
+    prefix another slot is still running waits for it. The tokens are the one-at-a-time path's, but
+    for near-ties: a batch of other rows rounds differently (as llama.cpp's own paths do: a whole
+    prompt's forward and one token at a time differ by as much). None when llama.cpp cannot make
+    the context (memory): the caller decodes one prompt at a time."""
+    import llama_cpp
+    import numpy as np
+
+    slots = min(slots, len(prompts), llama_cpp.llama_max_parallel_sequences())
+    n_vocab, eos = llm.n_vocab(), llm.token_eos()
+    longest = max(len(p) for p in prompts)
+    params = type(llm.context_params).from_buffer_copy(llm.context_params)
+    # each slot a KV stream of its own: attention reads a row's own cells (one shared stream of
+    # cells for all slots makes every row's attention read every slot's: 2x slower at 16 slots)
+    params.n_seq_max, params.kv_unified = slots, False
+    params.n_ctx = slots * -(-(longest + max_tokens + 1) // 256) * 256  # a whole number of 256-cell blocks a slot
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    if not ctx:  # no memory for every slot's cells: one prompt at a time, in the model's own context
+        print(f"[llamacpp] no context of {params.n_ctx} positions for {slots} slots: one at a time", file=sys.stderr)
+        return None
+    nb = params.n_batch
+    batch = llama_cpp.llama_batch_init(nb, 0, 1)
+    try:
+        mem = llama_cpp.llama_get_memory(ctx)
+        queue = [i for i in range(len(prompts)) if prompts[i]][::-1]  # popped from the end: in order
+        out: list[list[int]] = [[] for _ in prompts]
+        held: list[list[int]] = [[] for _ in range(slots)]  # the tokens in each slot's sequence
+        feed: list[list[int]] = [[] for _ in range(slots)]  # what each slot runs next
+        row: list[int | None] = [None] * slots
+        while queue or any(r is not None for r in row):
+            for s in range(slots):
+                if row[s] is None and queue:
+                    ids = prompts[queue[-1]]
+                    src, n = max(((t, _shared(held[t], ids)) for t in range(slots)), key=lambda x: (x[1], x[0] == s))
+                    coming = max((_shared(held[t] + feed[t], ids) for t in range(slots) if len(feed[t]) > 1), default=0)
+                    if coming > n + 32:  # a slot is still running the prefix this prompt shares: wait for it
+                        break
+                    i = queue.pop()
+                    if src == s:
+                        llama_cpp.llama_memory_seq_rm(mem, s, n, -1)
+                    else:
+                        llama_cpp.llama_memory_seq_rm(mem, s, -1, -1)
+                        if n:  # slots keep their own cells: a sequence is copied whole, then cut
+                            llama_cpp.llama_memory_seq_cp(mem, src, s, -1, -1)
+                            llama_cpp.llama_memory_seq_rm(mem, s, n, -1)
+                    held[s], feed[s], row[s] = ids[:n], ids[n:], i
+            order = sorted((s for s in range(slots) if row[s] is not None), key=lambda s: len(feed[s]) > 1)
+            ends, n = [], 0
+            for s in order:  # the decoding slots first, then prompts: as much as the batch holds
+                take = min(len(feed[s]), nb - n)
+                if take <= 0:
+                    break
+                for j, tok in enumerate(feed[s][:take]):
+                    batch.token[n + j], batch.pos[n + j] = tok, len(held[s]) + j
+                    batch.seq_id[n + j][0], batch.n_seq_id[n + j], batch.logits[n + j] = s, 1, 0
+                held[s] += feed[s][:take]
+                feed[s] = feed[s][take:]
+                n += take
+                if not feed[s]:  # its last token ran: the next one comes from its logits
+                    batch.logits[n - 1] = 1
+                    ends.append((s, n - 1))
+            batch.n_tokens = n
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc} ({n} tokens, {slots} slots, n_ctx {params.n_ctx})")
+            for s, k in ends:
+                i = row[s]
+                t = int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, k), shape=(n_vocab,)).argmax())
+                if t != eos:
+                    out[i].append(t)
+                if t == eos or _ended(llm, out[i], max_tokens, stop):
+                    row[s] = None
+                else:
+                    feed[s] = [t]
+        return out
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
 
 
 def score_many(path: str, prompts: list[list[int]], continuations: dict[str, list[int]], threads: int = 0) -> dict:

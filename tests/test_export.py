@@ -422,6 +422,32 @@ def test_scoring_runs_a_shared_prefix_once_and_answers_as_a_fresh_session(export
     assert got["logprobs"][4] == pytest.approx(got["logprobs"][1], rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.parametrize("slots", [3, 16])
+def test_batched_generation_gives_the_one_at_a_time_tokens(exported, slots):
+    """Greedy generation with ``slots`` prompts decoded together (a KV stream each, a finished row's
+    slot taking the next prompt, a shared prefix copied from the slot that holds it) gives the tokens
+    of one prompt at a time: stop strings and the token limit end the same rows at the same token."""
+    tok = build_tokenizer()
+    shots = [tok.bos_token_id] + tok(" ".join(SENTENCES * 3), add_special_tokens=False).input_ids
+    chat = tok(
+        tok.apply_chat_template(
+            [{"role": "user", "content": "Ciao, come stai?"}], tokenize=False, add_generation_prompt=True
+        ),
+        add_special_tokens=False,
+    ).input_ids
+    tails = [tok(f" {s}", add_special_tokens=False).input_ids for s in SENTENCES]
+    prompts = [shots + t for t in tails] + [chat, shots[:20], shots + tails[0], chat] + [shots[:5] + t for t in tails]
+    with llamacpp.Session() as s:
+        for max_tokens, stop in [(12, []), (40, ["\n"]), (24, ["grazie", "[|Umano|]"])]:
+            kw = {"path": exported["f16"], "prompts": prompts, "max_tokens": max_tokens, "stop": stop}
+            one = s.call("generate_many", **kw)["tokens"]
+            many = s.call("generate_many", **kw, slots=slots)["tokens"]
+            assert many == one, (max_tokens, stop)
+            assert all(0 < len(t) <= max_tokens for t in one)
+            if stop:  # some row ends early at a stop string
+                assert any(len(t) < max_tokens for t in one), stop
+
+
 def test_greedy_continuation_is_identical_for_f16(exported, hf_dir):
     from transformers import AutoModelForCausalLM
 

@@ -60,7 +60,7 @@ class EvaluateConfig:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     batch_rows: int = 64  # rows per actor call
-    batch_size: int = 16  # continuous-batching slots (generate protocol)
+    batch_size: int = 16  # continuous-batching slots (generate protocol; a GGUF file's too: a KV stream each)
     prefill_tokens: int = 32768  # prompt tokens prefilled per step: offline, bigger steps go faster
     max_prompt_tokens: int = 4096
     overwrite: bool = False

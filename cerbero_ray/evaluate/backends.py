@@ -128,7 +128,13 @@ class GGUFRunner:
             ids, cut = encode_prompts(self.tok, prompts, self.cfg.max_prompt_tokens)
             grammar = llamacpp.choice_grammar(json.loads(choices)) if choices else None
             toks = self.call(
-                "generate_many", path=self.path, prompts=ids, max_tokens=new, stop=_stops(newline), grammar=grammar
+                "generate_many",
+                path=self.path,
+                prompts=ids,
+                max_tokens=new,
+                stop=_stops(newline),
+                grammar=grammar,
+                slots=self.cfg.batch_size,
             )["tokens"]
             for i, t, c in zip(idx, toks, cut):
                 out[i] = {
