@@ -242,6 +242,7 @@ def start_head(env, num_cpus):
             break
         except Exception:
             if proc.poll() is not None or time.monotonic() > deadline:
+                stop_node({"procs": [proc], "temp": temp})  # its process group and its folder go too
                 raise RuntimeError(f"ray head did not start: {proc.stdout.read().decode()[-2000:]}") from None
             time.sleep(1)
     return {"procs": [proc], "gcs": f"127.0.0.1:{port}", "dashboard": address, "env": env, "temp": str(temp)}
