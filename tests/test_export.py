@@ -528,6 +528,41 @@ def test_an_adapter_exports_merged_and_as_a_llama_cpp_lora(hf_dir, tmp_path):
     assert len(r.tensors) == 2 * 7 * SHAPE["num_hidden_layers"]
 
 
+def test_an_adapter_llama_cpp_cannot_hold_exports_merged_and_a_rerun_keeps_it(hf_dir, tmp_path, caplog):
+    """An adapter with a module trained in full (``modules_to_save``) has no llama.cpp LoRA file:
+    only the merged model's, said in one line. A rerun keeps that file without merging again (it
+    looked for the pair it never writes, and merged on every rerun)."""
+    pytest.importorskip("llama_cpp")
+    import logging
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cerbero_ray.config import check, to_container
+    from cerbero_ray.export.pipeline import run_export
+    from cerbero_ray.train.lora import make_record, save_adapter
+
+    torch.manual_seed(3)
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_dir), cfg)
+    adapter = str(tmp_path / "adapter")
+    save_adapter(pm, build_tokenizer(), make_record(hf_dir, hf_dir), adapter)
+    out = tmp_path / "gguf"
+    overrides = [f"export.checkpoint={adapter}", f"export.output_dir={out}", "export.types=[f16]"]
+    c = check("export", to_container(compose("export", overrides)))
+    caplog.set_level(logging.INFO, logger="cerbero_ray.export.pipeline")
+    for status in ("checked", "kept"):
+        caplog.clear()
+        res = run_export(c)
+        assert not res["failed"] and set(res["files"]) == {"f16"}, res
+        assert res["files"]["f16"]["status"] == status
+        said = [r.getMessage() for r in caplog.records]
+        assert sum("no LoRA file" in m and "modules trained in full" in m for m in said) == 1, said
+        assert sum("merged into" in m for m in said) == (status == "checked"), said
+        assert sorted(os.listdir(out)) == ["cerbero-F16.gguf", "export.json"]
+
+
 @pytest.mark.parametrize("where", ["local", "bucket"])
 def test_a_file_is_kept_only_when_made_from_what_the_checkpoint_holds_now(
     tiny_hf, tmp_path, request, where, monkeypatch
