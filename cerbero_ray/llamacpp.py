@@ -284,18 +284,28 @@ def _generate_batched(
     prefix another slot is still running waits for it. The tokens are the one-at-a-time path's, but
     for near-ties: a batch of other rows rounds differently (as llama.cpp's own paths do: a whole
     prompt's forward and one token at a time differ by as much). None when llama.cpp cannot make
-    the context (memory): the caller decodes one prompt at a time."""
+    the context (memory), or when fewer than 2 slots' KV caches fit in half the free memory
+    (:func:`_fit_slots`): the caller decodes one prompt at a time."""
     import llama_cpp
     import numpy as np
 
-    slots = min(slots, len(prompts), llama_cpp.llama_max_parallel_sequences())
     n_vocab, eos = llm.n_vocab(), llm.token_eos()
     longest = max(len(p) for p in prompts)
+    per = -(-(longest + max_tokens + 1) // 256) * 256  # a slot's cells: a whole number of 256-cell blocks
+    asked = min(slots, len(prompts), llama_cpp.llama_max_parallel_sequences())
+    slots = _fit_slots(asked, per, _kv_bytes_per_cell(llm.metadata), _available_memory())
+    if slots < asked:
+        print(
+            f"[llamacpp] {asked} slots of {per} positions would fill over half the free memory: {slots}",
+            file=sys.stderr,
+        )
+    if slots < 2:
+        return None
     params = type(llm.context_params).from_buffer_copy(llm.context_params)
     # each slot a KV stream of its own: attention reads a row's own cells (one shared stream of
     # cells for all slots makes every row's attention read every slot's: 2x slower at 16 slots)
     params.n_seq_max, params.kv_unified = slots, False
-    params.n_ctx = slots * -(-(longest + max_tokens + 1) // 256) * 256  # a whole number of 256-cell blocks a slot
+    params.n_ctx = slots * per
     ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
     if not ctx:  # no memory for every slot's cells: one prompt at a time, in the model's own context
         print(f"[llamacpp] no context of {params.n_ctx} positions for {slots} slots: one at a time", file=sys.stderr)
@@ -358,6 +368,39 @@ def _generate_batched(
     finally:
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
+
+
+def _kv_bytes_per_cell(meta: dict) -> int:
+    """The bytes of one position's keys and values in every layer, in llama.cpp's default f16
+    cache (a Mistral-7B: 2 x 32 layers x 8 KV heads x 128 x 2 bytes = 128 KiB); 0 if unknown."""
+    try:
+        heads = int(meta["llama.attention.head_count"])
+        dim = int(meta.get("llama.attention.key_length") or int(meta["llama.embedding_length"]) // heads)
+        kv = int(meta.get("llama.attention.head_count_kv") or heads)
+        return 2 * int(meta["llama.block_count"]) * kv * dim * 2
+    except (KeyError, ValueError, ZeroDivisionError):
+        return 0
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _fit_slots(slots: int, cells: int, cell_bytes: int, available: int | None) -> int:
+    """As many of ``slots`` as keep their KV cache (``cells`` each of ``cell_bytes``) within half
+    the memory ``available``, at least 1; all of them when either is unknown. A 7B's 16 slots of
+    2,048 positions (SQuAD-it's prompts) are 4 GiB."""
+    if not cell_bytes or not available:
+        return slots
+    return max(1, min(slots, available // 2 // (cells * cell_bytes)))
 
 
 def score_many(path: str, prompts: list[list[int]], continuations: dict[str, list[int]], threads: int = 0) -> dict:

@@ -448,6 +448,28 @@ def test_batched_generation_gives_the_one_at_a_time_tokens(exported, slots):
                 assert any(len(t) < max_tokens for t in one), stop
 
 
+def test_batched_generation_takes_the_slots_whose_kv_cache_fits_half_the_free_memory():
+    """The slots' KV caches are allocated up front: a 7B's 16 slots of 2,048 positions are 4 GiB,
+    so slots are cut to what half the free memory holds (fewer than 2: one prompt at a time)."""
+    from cerbero_ray.llamacpp import _fit_slots, _kv_bytes_per_cell
+
+    mistral_7b = {
+        "llama.block_count": "32",
+        "llama.embedding_length": "4096",
+        "llama.attention.head_count": "32",
+        "llama.attention.head_count_kv": "8",
+    }
+    cell = _kv_bytes_per_cell(mistral_7b)
+    assert cell == 2 * 32 * 8 * 128 * 2 == 128 * 1024
+    assert _kv_bytes_per_cell({**mistral_7b, "llama.attention.key_length": "64"}) == cell // 2
+    assert _kv_bytes_per_cell({"llama.block_count": "2"}) == 0  # unknown: no cut
+    gib = 1 << 30
+    assert _fit_slots(16, 2048, cell, 16 * gib) == 16  # 4 GiB of 8
+    assert _fit_slots(16, 2048, cell, 4 * gib) == 8  # 2 GiB: 8 slots of 256 MiB
+    assert _fit_slots(16, 2048, cell, 300 << 20) == 1
+    assert _fit_slots(16, 2048, 0, 300 << 20) == _fit_slots(16, 2048, cell, None) == 16
+
+
 def test_greedy_continuation_is_identical_for_f16(exported, hf_dir):
     from transformers import AutoModelForCausalLM
 
