@@ -117,16 +117,22 @@ def test_a_resume_on_one_machine_downloads_only_what_its_ranks_read(run):
 
 def test_a_rerun_picks_up_finished_work(run):
     """The same command again resumes instead of starting over: checked here on the stages no other
-    test reruns (data: the same config's shards are up to date; export: the files are kept); train,
-    label and evaluate resume in their own tests (test_train, test_label, test_evaluate_pipeline),
-    and on a bucket in test_s3."""
+    test reruns (data: the same config's shards are up to date; train: a finished run starts no
+    worker and loads no checkpoint; export: the files are kept); a killed training, labeling and
+    evaluation resume in their own tests (test_train, test_label, test_evaluate_pipeline), and on a
+    bucket in test_s3."""
     out, _, env = run
     manifest = out / "data" / "chat_sample" / "manifest.json"
-    before = json.load(open(manifest))
-    again = main_job(env, out, *FASTER, "stages=[data,export]")
+    summary = out / "train" / "tiny-cpu" / "summary.json"
+    before = json.load(open(manifest)), json.load(open(summary))
+    again = main_job(env, out, *FASTER, "stages=[data,train,export]")
     said = again.stdout + again.stderr
     assert "is up to date" in said and "cerbero-F16.gguf was made from this checkpoint as it is now: kept" in said
-    assert json.load(open(manifest)) == before
+    steps = before[1]["steps"]
+    assert f"tiny-cpu finished its {steps} steps: nothing to train" in said, said[-3000:]
+    assert "RayTrainWorker" not in said and "resumed from step" not in said  # no worker started
+    assert re.search(rf"checkpoint: .*/train/tiny-cpu/checkpoint_step_0*{steps}\n", said), said[-3000:]
+    assert (json.load(open(manifest)), json.load(open(summary))) == before
 
 
 @pytest.mark.slow  # ~5 minutes

@@ -6,6 +6,7 @@ stops the job with one line naming the URI, and the same command then finishes; 
 the secret key."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -47,7 +48,7 @@ def _job(stage: str, *overrides: str, env: dict | None = None, check: bool = Tru
     return r
 
 
-def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket, tmp_path, ray_local):
+def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket, tmp_path, ray_local, caplog):
     import ray
 
     out = f"{bucket}/recipe"
@@ -85,10 +86,22 @@ def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket
 
     record = f"{out}/train/tiny-cpu/{RAY_RECORD}"
     storage.write_json(record, {**storage.read_json(record), "ray_version": "2.9.0"})
+    # the run as if stopped after its last checkpoint, before rank 0 wrote its summary (a finished
+    # run starts no worker: below): the workers resume from the bucket
+    from cerbero_ray.train.metrics import SUMMARY
+
+    fs, p = storage.resolve(f"{out}/train/tiny-cpu/{SUMMARY}")
+    fs.delete_file(p)
     c = to_container(compose("recipe", list(args)))
-    again = run_train({k: c[k] for k in ("cluster", "paths", "tokenizer", "model", "deepspeed", "train")})
+    stage = {k: c[k] for k in ("cluster", "paths", "tokenizer", "model", "deepspeed", "train")}
+    again = run_train(stage)
     assert again["resumed_from"] and again["checkpoint"].startswith(f"{out}/train/tiny-cpu/checkpoint_step_")
     assert any(k.startswith(f"train/tiny-cpu/{RAY_RECORD}.set-aside-") for k in _objects(out))
+    # finished now, with its summary on the bucket: a third run returns it, starting no worker
+    objs = _objects(out)
+    caplog.set_level(logging.INFO, logger="cerbero_ray.train.trainer")
+    assert run_train(stage) == again
+    assert "finished its 6 steps: nothing to train" in caplog.text and _objects(out) == objs
     # the checkpoint the workers downloaded to resume from is not kept once they have loaded it
     import hashlib
 

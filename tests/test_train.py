@@ -144,8 +144,9 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local, monkeypatch)
     left = sorted(os.listdir(back))
     assert len(left) == 2 and left[0].startswith(f"{RAY_RECORD}.set-aside-") and left[1] == "checkpoint_step_0000006"
 
-    # a rerun of a finished run resumes at its end instead of starting over: tests/test_s3.py (the
-    # main job's training rerun, from a bucket) and the slow tier's two-node main job
+    # a rerun of a finished run returns its summary and starts no worker (tests/test_recipe.py's
+    # rerun, tests/test_s3.py); one stopped after its last checkpoint, before its summary, resumes
+    # at its end (tests/test_s3.py, from a bucket)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -8,7 +8,8 @@
 - The run folder is ``<train.output_dir>/<train.name>``: Ray Train's checkpoints (the last
   ``keep_checkpoints``), ``hf/`` (the final model; ``adapter/`` under ``train.method=lora``, see
   :mod:`cerbero_ray.train.lora`), ``metrics.jsonl``, ``tensorboard/``, ``loss.png``.
-  Running again with the same name resumes that run (a finished one returns at once).
+  Running again with the same name resumes that run (a finished one returns its summary at once:
+  no worker starts, no checkpoint is loaded; :func:`finished`).
 
     python jobs/train.py                      # tiny model, 2 CPU workers, the shipped chat sample
 """
@@ -168,6 +169,13 @@ def run_train(cfg: DictConfig | dict | TrainStageConfig) -> dict:
         f"global batch {t.global_batch_size} rows; {steps} steps over {t.epochs} epoch(s) "
         f"({plans[0].dropped_rows} rows per epoch left over, {t.eval_rows} held out) → {run.run_dir}",
     )
+    done = finished(run.run_dir, t, steps)
+    if done is not None:  # a rerun of a finished run: no worker starts, no checkpoint is loaded
+        log.info(
+            f"[train] {run.run_dir} finished its {steps} steps: nothing to train "
+            "(another train.name, or more epochs, trains on)"
+        )
+        return _report(done)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     check_fits(  # Ray Train starts the workers together
         {k: v * t.num_workers for k, v in resources.items()},
@@ -216,6 +224,36 @@ def run_train(cfg: DictConfig | dict | TrainStageConfig) -> dict:
         summary["checkpoint"] = done[-1] if done else None
     else:
         summary["checkpoint"] = storage.join(run.run_dir, os.path.basename(last.path.rstrip("/")))
+    return _report(summary)
+
+
+def finished(run_dir: str, t, steps: int) -> dict | None:
+    """The summary of a run that already trained all ``steps`` (with its newest checkpoint), or
+    None: its ``summary.json`` (rank 0 writes it last) says ``steps``, every one of
+    ``train.num_workers`` ranks completed a checkpoint of that step, and its model folder is there
+    (``hf/``; under LoRA ``adapter/``, and ``hf/`` when merged). Starting the workers would load
+    that checkpoint (a 7B's weights and optimizer states) only to find nothing left to do."""
+    from cerbero_ray.train.checkpoint import complete_checkpoints, read_record
+
+    try:
+        summary = read_summary(run_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+    if summary.get("steps") != steps or summary.get("method", "full") != t.method:
+        return None
+    done = complete_checkpoints(run_dir, t.num_workers)
+    if not done or (read_record(done[-1]) or {}).get("step") != steps:
+        return None
+    models = [summary.get("adapter_dir")] if t.method == "lora" else []
+    models += [summary.get("hf_dir")] if t.method != "lora" or t.lora.merge else []
+    marker = {summary.get("adapter_dir"): "adapter_config.json"}
+    if not all(m and storage.is_file(storage.join(m, marker.get(m, "config.json"))) for m in models):
+        return None
+    return {**summary, "checkpoint": done[-1]}
+
+
+def _report(summary: dict) -> dict:
+    """The run's summary block in the log; returns ``summary``."""
     evals = summary.get("eval_losses") or []
     log.info("── train ─────────────────────────────────────────────────────")
     log.info(f" run           {summary.get('run_dir')}")
