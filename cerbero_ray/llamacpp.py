@@ -277,10 +277,12 @@ def _generate_batched(
     """:func:`generate_many`'s greedy continuations, up to ``slots`` prompts at a time in one batch
     per step (continuous batching: a finished row's slot takes the next prompt), on a context of
     its own with one KV sequence per slot. llama.cpp reads the weights once per step for all of
-    them: on a CPU, decoding is bound by reading the weights, so a step of 8 costs little more than
-    a step of 1. A prompt runs only past the longest prefix that some slot's sequence holds (an
-    EVALITA unit's few-shot examples), copied from that slot (``llama_memory_seq_cp``). Each step's
-    tokens: the slots' next tokens first, then prompt tokens up to the batch size; a prompt whose
+    them: where one row's step is bound by reading the weights (a 7B on a many-core CPU), a step of
+    8 costs little more than a step of 1; on 2 cores its Q4_K kernels are bound by arithmetic and
+    the gain is smaller (docs/BENCHMARKS.md). A prompt runs only past the longest prefix that some
+    slot's sequence holds (an EVALITA unit's few-shot examples), copied from that slot
+    (``llama_memory_seq_cp``). Each step's tokens: the slots' next tokens first, then prompt tokens
+    up to the batch size; a prompt whose
     prefix another slot is still running waits for it. The tokens are the one-at-a-time path's, but
     for near-ties: a batch of other rows rounds differently (as llama.cpp's own paths do: a whole
     prompt's forward and one token at a time differ by as much). None when llama.cpp cannot make
