@@ -301,3 +301,39 @@ def test_a_ray_record_that_ray_train_would_refuse_is_set_aside_not_deleted(tmp_p
         aside = said.rsplit(": ", 1)[1]
         assert not (run / RAY_RECORD).exists() and open(aside).read() == body
         os.rename(aside, tmp_path / "seen")  # the next case's moved file may take the same second's name
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "lora-merged"])
+def test_a_finished_run_is_known_on_the_driver_only_when_everything_it_wrote_is_there(tmp_path, method):
+    """``trainer.finished``: a rerun starts no worker only for a run whose summary says every step
+    was trained, whose checkpoint of that step every rank completed, and whose model folders are
+    there (``hf/``; under LoRA ``adapter/``, and ``hf/`` when merged). Anything less: None (the
+    workers resume, or train on)."""
+    from cerbero_ray.train.checkpoint import checkpoint_name, write_record
+    from cerbero_ray.train.trainer import finished
+
+    lora = ["train.method=lora", f"train.lora.merge={method == 'lora-merged'}"] if method != "full" else []
+    t = check("train", cfg(tmp_path, *lora)).train
+    run = tmp_path / "run"
+    ckpt = run / checkpoint_name(8)
+    (ckpt / "complete").mkdir(parents=True)
+    write_record(str(ckpt), 8, "sig")
+    models = {"hf": "config.json"} if method != "lora" else {}
+    models |= {"adapter": "adapter_config.json"} if method != "full" else {}
+    summary = {"steps": 8, "method": t.method, "hf_dir": str(run / "hf") if "hf" in models else None}
+    summary |= {"adapter_dir": str(run / "adapter")} if method != "full" else {}
+    (run / "summary.json").write_text(json.dumps(summary))
+    for rank in range(t.num_workers - 1):
+        (ckpt / "complete" / f"rank_{rank}").touch()
+    assert finished(str(run), t, 8) is None  # one rank never completed the checkpoint
+    (ckpt / "complete" / f"rank_{t.num_workers - 1}").touch()
+    for folder, marker in models.items():
+        assert finished(str(run), t, 8) is None, folder  # that model folder is not there yet
+        (run / folder).mkdir()
+        (run / folder / marker).touch()
+    assert finished(str(run), t, 8) == {**summary, "checkpoint": str(ckpt)}
+    assert finished(str(run), t, 12) is None  # more steps asked: the workers train on
+    other = check("train", cfg(tmp_path, *(["train.method=lora"] if method == "full" else []))).train
+    assert finished(str(run), other, 8) is None  # the other method's run
+    write_record(str(ckpt), 6, "sig")
+    assert finished(str(run), t, 8) is None  # its newest complete checkpoint is of an earlier step
