@@ -146,13 +146,15 @@ def run_export(cfg: DictConfig | dict | ExportStageConfig) -> dict:
     made = _made_from(x, base)  # before the copy: files changed meanwhile are made again next time
     # an adapter llama.cpp's LoRA files cannot hold has no pair: only the merged files, which a rerun keeps
     no_pair = adapters.unsupported(adapters.adapter_config(x.checkpoint)) if adapter and x.lora else None
+    if no_pair:
+        log.warning(
+            f"[export] no LoRA file: llama.cpp's LoRA files cannot hold {no_pair}; the merged files are written"
+        )
     pair = adapter and x.lora and not no_pair
     kept, tag = ({}, None) if x.overwrite else _keepable(x, made, pair)
     if kept and all(kept.values()) and tag is not None:  # nothing to download, merge or load
         for said in kept.values():
             log.warning(said)
-        if no_pair:
-            log.warning(_no_pair(no_pair))
         results = {k: {"path": _final(x, k), "type": k, "status": "kept"} for k in kept}
         return _finish(x, results, tag, pair, time.perf_counter())
     with tempfile.TemporaryDirectory(prefix="cerbero-merged-") as merged:
@@ -165,7 +167,7 @@ def run_export(cfg: DictConfig | dict | ExportStageConfig) -> dict:
         check_weights(base_folder, "export.base")
         check_base(x.checkpoint, base, base_folder, "export.checkpoint")
         _merge(x.checkpoint, base, src, base_folder, merged)
-        return _export(x, merged, made, kept, (src, base_folder) if x.lora else None)
+        return _export(x, merged, made, kept, (src, base_folder) if pair else None)
 
 
 LORA_FILES = {"base-f16": ("-base", "f16"), "lora": ("", "lora-f32")}  # an adapter's pair: (name suffix, type)
@@ -285,18 +287,10 @@ def _reference(folder: str, tag: str, wanted: bool) -> dict | None:
     return verify.reference(folder, tag)
 
 
-def _no_pair(why: str) -> str:
-    return f"[export] no LoRA file: llama.cpp's LoRA files cannot hold {why}; the merged files are written"
-
-
 def _lora_files(x: ExportConfig, lora: tuple, local_out: str, made: dict, kept: dict, template, tag: str, ref) -> dict:
     """The adapter as ``<name>-LORA-F32.gguf`` and its base as ``<name>-base-F16.gguf``, checked
     together by llama.cpp (the adapter applied at load time) against the merged model."""
     adapter, base_folder = lora
-    why = adapters.unsupported(adapters.adapter_config(adapter))
-    if why:
-        log.warning(_no_pair(why))
-        return {}
     finals = {k: _final(x, k) for k in LORA_FILES}
     if all(kept.get(k) for k in LORA_FILES):  # the pair is checked together: both kept, or both made again
         for k in LORA_FILES:

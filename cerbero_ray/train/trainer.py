@@ -244,10 +244,10 @@ def finished(run_dir: str, t, steps: int) -> dict | None:
     done = complete_checkpoints(run_dir, t.num_workers)
     if not done or (read_record(done[-1]) or {}).get("step") != steps:
         return None
-    models = [summary.get("adapter_dir")] if t.method == "lora" else []
-    models += [summary.get("hf_dir")] if t.method != "lora" or t.lora.merge else []
-    marker = {summary.get("adapter_dir"): "adapter_config.json"}
-    if not all(m and storage.is_file(storage.join(m, marker.get(m, "config.json"))) for m in models):
+    models = [(summary.get("adapter_dir"), "adapter_config.json")] if t.method == "lora" else []
+    if t.method != "lora" or t.lora.merge:
+        models.append((summary.get("hf_dir"), "config.json"))
+    if not all(folder and storage.is_file(storage.join(folder, marker)) for folder, marker in models):
         return None
     return {**summary, "checkpoint": done[-1]}
 
