@@ -213,11 +213,20 @@ def test_what_the_embedded_cluster_lacks_is_refused_before_ray_waits_for_it(tmp_
     # what only the replica can find (the memory its machine has free) fails the start in one line,
     # and leaves nothing retrying on the cluster
 
+    # (started once: Serve would start it 3 times, loading the weights again to fail alike)
+    from ray.util.state import list_actors
+
+    def replicas() -> set[str]:
+        kind = [("class_name", "=", "ServeReplica:cerbero:cerbero")]
+        return {a.actor_id for a in list_actors(filters=kind, limit=10_000)}
+
+    before = replicas()
     huge = ["serve.max_batch_size=100000000", f"serve.port={free_port()}", "serve.cpus_per_replica=0.5"]
     try:
         with pytest.raises(ValueError, match=r"the model replica did not start: the engine's cache does not fit: "):
             run_serve(to_container(compose("serve", [f"serve.checkpoint={tiny_hf}", *huge])))
         assert "cerbero" not in serve.status().applications
+        assert len(replicas() - before) == 1
     finally:
         serve.shutdown()
     # an attached cluster may scale up to the request: nothing is checked there

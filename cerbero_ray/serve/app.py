@@ -715,6 +715,10 @@ def deployment(sc: ServeConfig):
         ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica},
         graceful_shutdown_timeout_s=sc.shutdown_grace_s,  # in-flight requests finish first
         graceful_shutdown_wait_loop_s=0.5,
+        # one start per first replica: until one is up, Serve retries a failed start up to 3 times
+        # a replica, loading the weights again to fail the same way (a setting that does not fit, a
+        # checkpoint it cannot read); once one is up, a replica that dies is still started again
+        max_constructor_retry_count=sc.min_replicas,
     ).bind(sc)
 
 
