@@ -491,3 +491,106 @@ def test_a_checkpoint_written_again_under_its_path_is_evaluated_again(tmp_path):
     storage.mark_complete(str(ck))  # written again
     assert model_identity(ec, str(ck)) != first
     assert model_identity(ec, "http://127.0.0.1:8000/v1")["version"] is None  # what an endpoint serves is its own
+
+
+@pytest.fixture
+def endpoint(monkeypatch):
+    """``serve(handler)``: an http(s)://…/v1 URL answered by ``handler(method, path) -> (status,
+    headers, body bytes or None: the connection dropped)``, on loopback; retries without waiting."""
+    import http.server
+    import threading
+
+    from cerbero_ray.evaluate import backends
+
+    monkeypatch.setattr(backends, "RETRY_WAITS", (0.0,) * 6)
+    servers = []
+
+    def serve(handler):
+        class H(http.server.BaseHTTPRequestHandler):
+            def _any(self):
+                if self.command == "POST":
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                status, headers, body = handler(self.command, self.path)
+                if body is None:
+                    self.close_connection = True
+                    return
+                self.send_response(status)
+                for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _any
+
+            def log_message(self, *a):
+                pass
+
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_port}/v1"
+
+    yield serve
+    for s in servers:
+        s.shutdown()
+
+
+def _endpoint_run(url: str, **kw):
+    from cerbero_ray.evaluate.backends import ModelRun
+
+    return ModelRun.of(EvaluateConfig(**kw), url)
+
+
+def _chat_row():
+    return {
+        "text": None,
+        "messages": [{"role": "user", "content": "Ciao"}],
+        "max_new_tokens": 4,
+        "stop_at_newline": True,
+    }
+
+
+def test_an_endpoint_that_cannot_be_asked_stops_in_one_line(endpoint):
+    """Nothing listening, a key refused, no model listed, an answer that is not JSON or not the
+    OpenAI shape, a server error: each an EndpointError naming the URL (the job's one line), never
+    a traceback or a wrong figure; a busy answer is tried 7 times before it is one."""
+    import socket
+
+    from cerbero_ray.evaluate.backends import EndpointError, EndpointRunner
+
+    with socket.socket() as s:  # a port with nothing behind it
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(EndpointError, match=rf"127.0.0.1:{closed}/v1/models: .*refused on each of 7 tries"):
+        EndpointRunner(f"http://127.0.0.1:{closed}/v1", _endpoint_run("x"))
+    models = json.dumps({"data": [{"id": "m"}]}).encode()
+    cases = {
+        "key": (lambda m, p: (401, {}, b"{}"), r"/v1: 401 Unauthorized; the key comes from \$OPENAI_API_KEY"),
+        "no model": (lambda m, p: (200, {}, b'{"data": []}'), r"/v1/models named no model"),
+        "no route": (lambda m, p: (404, {}, b"{}"), r"/v1/models: 404 Not Found; name the model"),
+        "html": (lambda m, p: (200, {}, b"<html>"), r"/v1/models: answered b'<html>', not JSON"),
+    }
+    for handler, says in cases.values():
+        with pytest.raises(EndpointError, match=says):
+            EndpointRunner(endpoint(handler), _endpoint_run("x"))
+    tries = []
+
+    def busy(method, path):
+        if method == "GET":
+            return 200, {}, models
+        tries.append(path)
+        return 503, {"Retry-After": "0"}, b""
+
+    run = EndpointRunner(endpoint(busy), _endpoint_run("x"))
+    with pytest.raises(EndpointError, match=r"/v1/chat/completions: 503 Service Unavailable on each of 7 tries"):
+        run.run([_chat_row()])
+    assert len(tries) == 7
+    for status, body, says in [
+        (500, b"{}", r"/v1/chat/completions: 500 Internal Server Error$"),
+        (200, b'{"id": 1}', r"/v1/chat/completions: answered \{\"id\": 1\}, not what it reads"),
+    ]:
+        run = EndpointRunner(
+            endpoint(lambda m, p, s=status, b=body: (200, {}, models) if m == "GET" else (s, {}, b)), _endpoint_run("x")
+        )
+        with pytest.raises(EndpointError, match=says):
+            run.run([_chat_row()])

@@ -323,15 +323,20 @@ def test_an_openai_compatible_endpoint_is_evaluated(tmp_path, tiny_hf, hf_runs, 
         assert all(abs(a - b) < 1e-4 for a, b in scored), scored
 
 
-def test_an_endpoint_that_cannot_score_runs_the_rest(tmp_path, evalita_dir, ray_local):
+def test_an_endpoint_that_cannot_score_runs_the_rest(tmp_path, evalita_dir, ray_local, monkeypatch):
     """An OpenAI-compatible endpoint without /v1/label (as vLLM's or llama.cpp's server): asked
     once, score is refused in one line and ``unsupported`` in the results; generate and benchita run.
-    A row the endpoint answers 400 (a prompt over its window) is counted as an error, the rest go on."""
+    A row the endpoint answers 400 (a prompt over its window) is counted as an error, the rest go on.
+    A request it cannot take at first (a 503 with Retry-After, a dropped connection) is sent again:
+    no error, the answer it then gives."""
     import http.server
     import threading
     import zlib
 
-    seen = []
+    from cerbero_ray.evaluate import backends
+
+    monkeypatch.setattr(backends, "RETRY_WAITS", (0.01,) * 6)
+    seen, tried = [], set()
 
     class OpenAIOnly(http.server.BaseHTTPRequestHandler):
         def _send(self, code, body):
@@ -354,6 +359,16 @@ def test_an_endpoint_that_cannot_score_runs_the_rest(tmp_path, evalita_dir, ray_
             if zlib.crc32(body) % 5 == 0:  # some rows, the same ones on every run
                 seen.append(("400", self.path))
                 return self._send(400, {"error": {"message": "the prompt exceeds the context window"}})
+            if zlib.crc32(body) % 5 in (1, 2) and body not in tried:  # others: busy at the first try
+                tried.add(body)
+                seen.append(("busy", self.path))
+                if zlib.crc32(body) % 5 == 1:
+                    self.close_connection = True  # dropped: no answer at all
+                    return
+                self.send_response(503)
+                self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", "0")
+                return self.end_headers()
             self._send(200, {"choices": [{"message": {"role": "assistant", "content": "no"}}]})
 
         def log_message(self, *a):
@@ -372,6 +387,11 @@ def test_an_endpoint_that_cannot_score_runs_the_rest(tmp_path, evalita_dir, ray_
     assert [p for p in seen if p[0] == "GET"] == [("GET", "/v1/models")]  # which model: asked once too
     errors = sum(u["errors"] for t in res["results"]["other"].values() for u in t.values())
     assert errors == seen.count(("400", "/v1/chat/completions")) > 0
+    busy = seen.count(("busy", "/v1/chat/completions"))
+    assert busy == len(tried) > 1  # each once, then answered
+    runs = os.path.join(tmp_path, "evaluate", "runs", "other")
+    rows = [r for t in ("squad_it", "ami2020") for r in pq.read_table(f"{runs}/{t}/predictions.parquet").to_pylist()]
+    assert sum(r["raw"] == "no" for r in rows) == len(rows) - errors
 
 
 def test_job_refuses_a_bad_config_before_ray(tmp_path):

@@ -14,13 +14,18 @@ the child process or behind the endpoint).
   return: on cerbero-ray's own server it goes through ``/v1/label`` with the unit's yes/no task
   sent inline (the same scorer as the HF path, on the served model or adapter); an endpoint
   without it (vLLM, llama.cpp's server, OpenAI) is asked once, and refuses ``score`` in one line
-  (``unsupported`` in the results).
+  (``unsupported`` in the results). A request the endpoint cannot take now (429, 502, 503, 504,
+  a refused, dropped or timed-out connection) is sent again after a wait (its ``Retry-After`` where
+  it gives one; :data:`RETRY_WAITS`); one that still fails stops the evaluation in one line naming
+  the URL, as does an endpoint that cannot be reached or asked for its model.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, replace
@@ -168,23 +173,102 @@ class GGUFRunner:
         return out
 
 
+# seconds before each new try of a request the endpoint could not take now (its Retry-After, up to
+# a minute, where it gives one): 7 tries over about 30 s, then the evaluation stops in one line
+RETRY_WAITS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+BUSY = {429, 502, 503, 504}  # overloaded or restarting: another try may pass
+
+
+class EndpointError(ValueError):
+    """What stops an endpoint's evaluation, in one line: a request it could not take on any of its
+    tries, a key it refused, a server error."""
+
+
+def _busy(e: Exception) -> bool:
+    """Whether another try of the request may pass: a 429 or 50x that says so, or a connection
+    refused, dropped or timed out (a restarting server, a proxy between)."""
+    if isinstance(e, urllib.error.HTTPError):
+        return e.code in BUSY
+    return isinstance(e, (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError))
+
+
+def _wait(e: Exception, default: float) -> float:
+    try:
+        return min(max(float(e.headers["Retry-After"]), 0.0), 60.0)  # type: ignore[attr-defined]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return default
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, urllib.error.HTTPError):
+        return f"{e.code} {e.reason}"
+    return str(getattr(e, "reason", None) or e) or type(e).__name__
+
+
 class EndpointRunner:
     def __init__(self, url: str, cfg: ModelRun):
         self.url, self.cfg = url.rstrip("/"), cfg
         self.key = os.environ.get(self._key_env(), "unused")
-        self.model = cfg.endpoint_model or self._get("/models")["data"][0]["id"]
+        self.model = cfg.endpoint_model or self._served_model()
+
+    def _served_model(self) -> str:
+        """The first model of ``/v1/models``; a clear error where the endpoint cannot say it."""
+        try:
+            listed = self._get("/models")
+        except urllib.error.HTTPError as e:  # 404: no such route
+            raise EndpointError(
+                f"{self.url}/models: {_why(e)}; name the model it serves with evaluate.endpoint_model"
+            ) from None
+        try:
+            return str(listed["data"][0]["id"])
+        except (KeyError, IndexError, TypeError):
+            raise EndpointError(
+                f"{self.url}/models named no model (an OpenAI-compatible endpoint lists them under "
+                "'data'); name it with evaluate.endpoint_model"
+            ) from None
 
     def _request(self, path: str, body: dict | None = None) -> dict:
+        """One request, sent again while the endpoint cannot take it now (:func:`_busy`); a refused
+        key or a server error is an :class:`EndpointError`; another 4xx is raised as it came (the
+        caller decides: a row over the endpoint's window, a route it lacks)."""
         req = urllib.request.Request(
             self.url + path,
             data=None if body is None else json.dumps(body).encode(),
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"},
         )
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return json.loads(r.read())
+        for attempt, default in enumerate((*RETRY_WAITS, None)):
+            try:
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    data = r.read()
+                try:
+                    return json.loads(data)
+                except ValueError:
+                    raise EndpointError(f"{self.url}{path}: answered {data[:80]!r}, not JSON") from None
+            except Exception as e:  # what is not worth another try is raised as it came
+                if isinstance(e, urllib.error.HTTPError) and e.code in (401, 403):
+                    raise EndpointError(f"{self.url}: {_why(e)}; the key comes from ${self._key_env()}") from None
+                if isinstance(e, urllib.error.HTTPError) and e.code >= 500 and e.code not in BUSY:
+                    raise EndpointError(f"{self.url}{path}: {_why(e)}") from None
+                if not _busy(e):
+                    raise
+                if default is None:
+                    raise EndpointError(
+                        f"{self.url}{path}: {_why(e)} on each of {attempt + 1} tries; is the endpoint up? "
+                        "(the same command evaluates this model again)"
+                    ) from None
+                time.sleep(_wait(e, default))
 
     def _get(self, path: str) -> dict:
         return self._request(path)
+
+    def _answer(self, path: str, body: dict, read):
+        """``read`` of the endpoint's answer to ``body``; an answer without what it reads is an
+        :class:`EndpointError` naming the route (not an OpenAI-compatible answer)."""
+        got = self._request(path, body)
+        try:
+            return read(got)
+        except (KeyError, IndexError, TypeError):
+            raise EndpointError(f"{self.url}{path}: answered {json.dumps(got)[:120]}, not what it reads") from None
 
     def scores(self) -> bool:
         """Whether the endpoint scores given answers: cerbero-ray's ``/v1/label`` with a task inline."""
@@ -192,9 +276,9 @@ class EndpointRunner:
         try:
             body = self._request("/label", {"task": probe, "texts": ["prova"], "model": self.model})
             return set(body["results"][0]["probs"]) == {"yes", "no"}
-        except urllib.error.HTTPError as e:
-            if e.code in (401, 403):
-                raise ValueError(f"{self.url}: {e.code} {e.reason}; the key comes from ${self._key_env()}") from None
+        except EndpointError:  # down, a key refused: not a "no"
+            raise
+        except urllib.error.HTTPError:
             return False  # 404 (no such route), 400/422 (an older server: named tasks only)
         except (KeyError, IndexError, TypeError, ValueError):
             return False
@@ -207,10 +291,10 @@ class EndpointRunner:
         (too long for its window) is ``p_yes`` None, counted as an error like the HF path's."""
         body = {"task": self.cfg.tasks[key], "texts": texts, "model": self.model}
         try:
-            results = self._request("/label", body)["results"]
+            results = self._answer("/label", body, lambda b: b["results"])
         except urllib.error.HTTPError as e:
             if e.code != 400:
-                raise
+                raise EndpointError(f"{self.url}/label: {_why(e)}") from None
             if len(texts) == 1:
                 return [_refused(e)]
             return [o for t in texts for o in self._score(key, [t])]  # one by one: the bad one alone
@@ -238,10 +322,10 @@ class EndpointRunner:
             if r.get("choices"):  # the choice protocol: vLLM's name, which our server accepts too
                 body["guided_choice"] = json.loads(r["choices"])
             try:
-                text = self._request("/chat/completions", body)["choices"][0]["message"]["content"] or ""
+                text = self._answer("/chat/completions", body, lambda b: b["choices"][0]["message"]["content"]) or ""
             except urllib.error.HTTPError as e:
                 if e.code != 400:
-                    raise
+                    raise EndpointError(f"{self.url}/chat/completions: {_why(e)}") from None
                 return _refused(e)  # this row only (a prompt over the endpoint's window): counted
             return {"raw": _cut(text, _stops(r["stop_at_newline"])), "p_yes": None, "truncated": False}
 
