@@ -409,3 +409,57 @@ def test_job_refuses_a_bad_config_before_ray(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: evaluate.checkpoints.tiny-cpu")
     assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "evaluate")
     assert squad.ANSWER_PREFIX == "Risposta breve:"
+
+
+def test_a_model_that_fails_keeps_the_tasks_it_finished(tmp_path, evalita_dir, ray_local, monkeypatch):
+    """Each task is written as soon as its last answer is in: an endpoint that fails on the second
+    task stops the job in one line with the first task's figures kept, and the same command then
+    asks only for the second."""
+    import http.server
+    import threading
+
+    from cerbero_ray.evaluate import backends
+
+    monkeypatch.setattr(backends, "RETRY_WAITS", (0.0,) * 6)
+    healthy, asked = threading.Event(), []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def _send(self, code, body):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._send(200, {"data": [{"id": "m"}]})
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            if self.path != "/v1/chat/completions":
+                return self._send(404, {})
+            squad_row = json.loads(body)["max_tokens"] in (8, 100)  # _small's SQuAD-it units (ami2020's: 4, 10)
+            asked.append(squad_row)
+            if not squad_row and not healthy.is_set():  # down once the SQuAD-it rows are answered
+                return self._send(500, {"error": {"message": "out of memory"}})
+            self._send(200, {"choices": [{"message": {"role": "assistant", "content": "no"}}]})
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    cfg = _small(tmp_path, {"api": f"http://127.0.0.1:{srv.server_port}/v1"}, evalita_dir, "evaluate.batch_rows=4")
+    runs = tmp_path / "evaluate" / "runs" / "api"
+    try:
+        with pytest.raises(backends.EndpointError, match=r"/v1/chat/completions: 500 Internal Server Error"):
+            run_evaluate(cfg)
+        assert (runs / "squad_it" / "metrics.json").exists() and not (runs / "ami2020").exists()
+        squad_asked = asked.count(True)
+        healthy.set()
+        asked.clear()
+        res = run_evaluate(cfg)
+    finally:
+        srv.shutdown()
+    assert asked and not any(asked)  # the second run asked for ami2020's rows only
+    assert list(res["results"]["api"]) == ["squad_it", "ami2020"] and squad_asked > 0

@@ -127,23 +127,35 @@ def _requests(todo: dict[str, list[Unit]]) -> list[dict]:
     ]
 
 
-def _answers(ec: EvaluateConfig, ckpt: str, todo: dict[str, list[Unit]], how: ModelRun) -> dict[tuple, dict]:
+def _answers(
+    ec: EvaluateConfig, ckpt: str, todo: dict[str, list[Unit]], how: ModelRun, on_task=None
+) -> dict[tuple, dict]:
     """Every request of ``todo`` answered by model ``ckpt`` run as ``how`` says: {(task, unit, id):
-    {raw, p_yes, truncated}}."""
+    {raw, p_yes, truncated}}. ``on_task(name, answers)`` is called as soon as every request of task
+    ``name`` has its answer (the requests go task after task), so a model that fails later keeps
+    the tasks it finished."""
     spec, kind = how.checkpoint, model_kind(how.checkpoint)
     items = _requests(todo)
+    left = Counter(item["task"] for item in items)
+    out = {}
+
+    def got(key: tuple, answer: dict) -> None:
+        out[key] = answer
+        left[key[0]] -= 1
+        if left[key[0]] == 0 and on_task is not None:
+            on_task(key[0], out)
+
     longest = max([u.max_new_tokens for us in todo.values() for u in us] or [1])
     tasks = {f"{n}/{u.key}": u.task for n, us in todo.items() for u in us if u.task}
     tasks |= {
         f"{n}/{u.key}/{r['id']}": r["task"] for n, us in todo.items() for u in us for r in u.requests if "task" in r
     }
     cfg = replace(how, max_new_tokens=max(longest, 1), tasks=tasks)
-    out = {}
     if kind == "hf":
         for row in batchjob.map_items(
             items, EvalWorker, cfg, "evaluate", f"evaluate {ckpt}", len(items), ec.batch_rows, batch_format="pyarrow"
         ):
-            out[(row["task"], row["unit"], row["id"])] = row
+            got((row["task"], row["unit"], row["id"]), row)
         return out
     run = runner(kind, spec, cfg)
     try:
@@ -151,7 +163,7 @@ def _answers(ec: EvaluateConfig, ckpt: str, todo: dict[str, list[Unit]], how: Mo
             for s in range(0, len(items), ec.batch_rows):
                 batch = items[s : s + ec.batch_rows]
                 for item, o in zip(batch, run.run(batch)):
-                    out[(item["task"], item["unit"], item["id"])] = o
+                    got((item["task"], item["unit"], item["id"]), o)
                 bar.update(len(batch))
     finally:
         if hasattr(run, "close"):  # a GGUF file's llama.cpp child
@@ -253,10 +265,15 @@ def evaluate_model(ec: EvaluateConfig, ckpt: str, prepared: dict[str, Prepared])
     log.info(f"[evaluate] {ckpt}: {len(results)} task(s) already done, {len(todo)} to go ({', '.join(todo) or '-'})")
     if not todo:
         return results
-    answers = _answers(ec, ckpt, todo, how)
-    for name, units in todo.items():
-        results[name] = _finish_task(ec, ckpt, prepared[name], units, answers, idents[name], refused[name])
-    return results
+
+    def finish(name: str, answers: dict) -> None:  # written as soon as its last answer is in
+        results[name] = _finish_task(ec, ckpt, prepared[name], todo[name], answers, idents[name], refused[name])
+
+    answers = _answers(ec, ckpt, todo, how, finish)
+    for name in todo:
+        if name not in results:  # no request to send (every unit refused)
+            finish(name, answers)
+    return {name: results[name] for name in prepared}  # in the tasks' order, however they finished
 
 
 def paired(ec: EvaluateConfig, prepared: dict[str, Prepared], per_model: dict) -> dict:
