@@ -216,9 +216,10 @@ def test_what_the_embedded_cluster_lacks_is_refused_before_ray_waits_for_it(tmp_
     # (started once: Serve would start it 3 times, loading the weights again to fail alike)
     from ray.util.state import list_actors
 
-    def replicas() -> set[str]:
+    def replicas() -> set[str]:  # this test's cluster's (under pytest -n 2 the box has several)
         kind = [("class_name", "=", "ServeReplica:cerbero:cerbero")]
-        return {a.actor_id for a in list_actors(filters=kind, limit=10_000)}
+        at = ray.get_runtime_context().gcs_address
+        return {a.actor_id for a in list_actors(address=at, filters=kind, limit=10_000)}
 
     before = replicas()
     huge = ["serve.max_batch_size=100000000", f"serve.port={free_port()}", "serve.cpus_per_replica=0.5"]
