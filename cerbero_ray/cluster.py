@@ -2,13 +2,32 @@
 
 :mod:`cerbero_ray.runtime` records whether it started the cluster itself (the embedded one: one
 machine, no autoscaler); on that cluster a request it cannot meet would wait forever, so the stages
-check theirs first (:func:`check_fits`)."""
+check theirs first (:func:`check_fits`). :func:`host_free_memory`: what this machine has free, for the
+checks only a worker can make (a KV cache's size)."""
 
 from __future__ import annotations
 
 import errno
 
 _EMBEDDED = {"here": False}
+
+
+def host_free_memory() -> int | None:
+    """This host's available memory in bytes: Linux's MemAvailable, within the cgroup's limit where
+    one is set (a container's MemAvailable is its machine's); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                free = min(free, int(limit) - int(g.read()))
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def started_here(embedded: bool) -> None:

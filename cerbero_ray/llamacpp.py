@@ -295,7 +295,9 @@ def _generate_batched(
     longest = max(len(p) for p in prompts)
     per = -(-(longest + max_tokens + 1) // 256) * 256  # a slot's cells: a whole number of 256-cell blocks
     asked = min(slots, len(prompts), llama_cpp.llama_max_parallel_sequences())
-    slots = _fit_slots(asked, per, _kv_bytes_per_cell(llm.metadata), _available_memory())
+    from cerbero_ray.cluster import host_free_memory
+
+    slots = _fit_slots(asked, per, _kv_bytes_per_cell(llm.metadata), host_free_memory())
     if slots < asked:
         print(
             f"[llamacpp] {asked} slots of {per} positions would fill over half the free memory: {slots}",
@@ -384,18 +386,6 @@ def _kv_bytes_per_cell(meta: dict) -> int:
         return 0
 
 
-def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _fit_slots(slots: int, cells: int, cell_bytes: int, available: int | None) -> int:
     """As many of ``slots`` as keep their KV cache (``cells`` each of ``cell_bytes``) within half
     the memory ``available``, at least 1; all of them when either is unknown. A 7B's 16 slots of
@@ -438,15 +428,11 @@ def score_many(path: str, prompts: list[list[int]], continuations: dict[str, lis
 
 
 def _shared(held, ids: list[int]) -> int:
-    """How many of ``ids``' first tokens the cache holds (``held``, its tokens), at most all but the
-    last: the prompt's last position must be evaluated for its logits."""
-    import numpy as np
+    """How many of ``ids``' first tokens the cache holds (``held``, its tokens: a list or llama.cpp's
+    array), at most all but the last: the prompt's last position must be evaluated for its logits."""
+    from cerbero_ray.inference.prefix import common_prefix
 
-    n = min(len(held), len(ids) - 1)
-    if n <= 0:
-        return 0
-    differ = np.flatnonzero(np.asarray(held[:n]) != np.asarray(ids[:n]))
-    return int(differ[0]) if len(differ) else n
+    return common_prefix(held.tolist() if hasattr(held, "tolist") else held, ids[:-1])
 
 
 def metadata(path: str) -> dict:

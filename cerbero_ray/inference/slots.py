@@ -285,19 +285,9 @@ def free_memory(device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0] + cached
     if device.type != "cpu":
         return None
-    try:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
-            limit = f.read().strip()
-            if limit != "max":
-                free = min(free, int(limit) - int(g.read()))
-    except (OSError, ValueError):
-        pass
-    return free
+    from cerbero_ray.cluster import host_free_memory
+
+    return host_free_memory()
 
 
 def check_cache_fits(num_slots: int, max_len: int, per_slot: int, device: torch.device, layers: int) -> None:
