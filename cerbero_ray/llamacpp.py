@@ -428,11 +428,16 @@ def score_many(path: str, prompts: list[list[int]], continuations: dict[str, lis
 
 
 def _shared(held, ids: list[int]) -> int:
-    """How many of ``ids``' first tokens the cache holds (``held``, its tokens: a list or llama.cpp's
-    array), at most all but the last: the prompt's last position must be evaluated for its logits."""
-    from cerbero_ray.inference.prefix import common_prefix
+    """How many of ``ids``' first tokens the cache holds (``held``, its tokens), at most all but the
+    last: the prompt's last position must be evaluated for its logits. (The ground floor's own:
+    :func:`cerbero_ray.inference.prefix.common_prefix` is a layer up.)"""
+    import numpy as np
 
-    return common_prefix(held.tolist() if hasattr(held, "tolist") else held, ids[:-1])
+    n = min(len(held), len(ids) - 1)
+    if n <= 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(held[:n]) != np.asarray(ids[:n]))
+    return int(differ[0]) if len(differ) else n
 
 
 def metadata(path: str) -> dict:
