@@ -550,6 +550,34 @@ def _chat_row():
     }
 
 
+def test_the_first_failed_request_stops_the_others_at_once(endpoint):
+    """A row the endpoint fails (a 500) while the rows before it wait to be tried again (503s with
+    a Retry-After of 30 s): the evaluation stops in one line at once, naming the failure; the
+    waiting requests give up and the rows not yet sent are never sent."""
+    import time
+
+    from cerbero_ray.evaluate.backends import EndpointError, EndpointRunner
+
+    models = json.dumps({"data": [{"id": "m"}]}).encode()
+    posts = []
+
+    def handler(method, path):
+        if method == "GET":
+            return 200, {}, models
+        posts.append(path)
+        if len(posts) == 4:
+            time.sleep(0.5)  # after the others are answered 503 and wait
+            return 500, {}, b"{}"
+        return 503, {"Retry-After": "30"}, b""
+
+    run = EndpointRunner(endpoint(handler), _endpoint_run("x", endpoint_concurrency=8))
+    start = time.monotonic()
+    with pytest.raises(EndpointError, match=r"/v1/chat/completions: 500 Internal Server Error$"):
+        run.run([_chat_row() for _ in range(40)])
+    assert time.monotonic() - start < 20  # not the 30 s the busy rows were told to wait
+    assert len(posts) == 8  # the first 8, each once: no second try, none of the 32 queued rows
+
+
 def test_an_endpoint_that_cannot_be_asked_stops_in_one_line(endpoint):
     """Nothing listening, a key refused, no model listed, an answer that is not JSON or not the
     OpenAI shape, a server error: each an EndpointError naming the URL (the job's one line), never

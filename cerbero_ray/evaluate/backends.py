@@ -17,7 +17,9 @@ the child process or behind the endpoint).
   (``unsupported`` in the results). A request the endpoint cannot take now (429, 502, 503, 504,
   a refused, dropped or timed-out connection) is sent again after a wait (its ``Retry-After`` where
   it gives one; :data:`RETRY_WAITS`); one that still fails stops the evaluation in one line naming
-  the URL, as does an endpoint that cannot be reached or asked for its model.
+  the URL, as does an endpoint that cannot be reached or asked for its model. The first request
+  that fails stops the others at once (those waiting to try again give up, those not sent are not
+  sent), whatever its place among the rows.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import time
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, replace
@@ -184,6 +186,10 @@ class EndpointError(ValueError):
     tries, a key it refused, a server error."""
 
 
+class _GaveUp(EndpointError):
+    """A request not sent, or not tried again, because another failed first: never the one reported."""
+
+
 def _busy(e: Exception) -> bool:
     """Whether another try of the request may pass: a 429 or 50x that says so, or a connection
     refused, dropped or timed out (a restarting server, a proxy between)."""
@@ -208,6 +214,7 @@ def _why(e: Exception) -> str:
 class EndpointRunner:
     def __init__(self, url: str, cfg: ModelRun):
         self.url, self.cfg = url.rstrip("/"), cfg
+        self._stop = threading.Event()  # set by run() at the first failure: the other requests give up
         self.key = os.environ.get(self._key_env(), "unused")
         self.model = cfg.endpoint_model or self._served_model()
 
@@ -256,7 +263,8 @@ class EndpointRunner:
                         f"{self.url}{path}: {_why(e)} on each of {attempt + 1} tries; is the endpoint up? "
                         "(the same command evaluates this model again)"
                     ) from None
-                time.sleep(_wait(e, default))
+                if self._stop.wait(_wait(e, default)):
+                    raise _GaveUp(f"{self.url}{path}: not tried again: another request failed") from None
 
     def _get(self, path: str) -> dict:
         return self._request(path)
@@ -301,7 +309,7 @@ class EndpointRunner:
         return [{"raw": None, "p_yes": r["probs"]["yes"], "truncated": bool(r["truncated"])} for r in results]
 
     def run(self, rows: list[dict]) -> list[dict]:
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
         out = [None] * len(rows)
         scored = [i for i, r in enumerate(rows) if r["text"] is not None]
@@ -311,7 +319,8 @@ class EndpointRunner:
             for s in range(0, len(idx), LABEL_CHUNK)
         ]
 
-        def one(r):
+        def one(i):
+            r = rows[i]
             body = {
                 "model": self.model,
                 "messages": r["messages"],
@@ -326,20 +335,36 @@ class EndpointRunner:
             except urllib.error.HTTPError as e:
                 if e.code != 400:
                     raise EndpointError(f"{self.url}/chat/completions: {_why(e)}") from None
-                return _refused(e)  # this row only (a prompt over the endpoint's window): counted
-            return {"raw": _cut(text, _stops(r["stop_at_newline"])), "p_yes": None, "truncated": False}
+                return [i], [_refused(e)]  # this row only (a prompt over the endpoint's window): counted
+            return [i], [{"raw": _cut(text, _stops(r["stop_at_newline"])), "p_yes": None, "truncated": False}]
 
         def chunk(c):
             key, idx = c
             return idx, self._score(key, [rows[i]["text"] for i in idx])
 
-        gen = [i for i, r in enumerate(rows) if r["text"] is None]
+        def stopping(fn, item):
+            """``fn(item)``, unless a request has failed: the first failure stops every other."""
+            if self._stop.is_set():
+                raise _GaveUp(f"{self.url}: not sent: another request failed")
+            try:
+                return fn(item)
+            except BaseException:
+                self._stop.set()
+                raise
+
+        self._stop.clear()
         with ThreadPoolExecutor(self.cfg.endpoint_concurrency) as pool:
-            for i, o in zip(gen, pool.map(one, [rows[i] for i in gen])):
+            futures = [pool.submit(stopping, one, i) for i, r in enumerate(rows) if r["text"] is None]
+            futures += [pool.submit(stopping, chunk, c) for c in chunks]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in pending:
+                f.cancel()
+            failed = [f.exception() for f in futures if f in done and f.exception() is not None]
+            if failed:  # the first in the rows' order among those failed by now, the cause of the rest
+                raise next((e for e in failed if not isinstance(e, _GaveUp)), failed[0])
+        for f in futures:
+            for i, o in zip(*f.result()):
                 out[i] = o
-            for idx, outs in pool.map(chunk, chunks):
-                for i, o in zip(idx, outs):
-                    out[i] = o
         return out
 
 
