@@ -68,6 +68,9 @@ os.environ.update(S3_ENV)
 _CACHE = tempfile.mkdtemp(prefix="cerbero-test-cache-")
 os.environ["CERBERO_CACHE"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, True)
+# Experiment trackers (train.tracker) never reach a server from a test: W&B runs offline into the
+# run folder; MLflow is given a file store (its legacy backend, on opt-in) by the tests that use it
+os.environ.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_ALLOW_FILE_STORE": "true"})
 SAMPLES = os.path.join(REPO_DIR, "data", "samples")
 # A GPU test's body runs on CPU too, in the default tier, with the same inputs and assertions (so a
 # signature change breaks it in CI, which has no GPU); its CUDA run is the `gpu` tier's
@@ -407,3 +410,32 @@ def cpu_graphs(monkeypatch):
         return cb
 
     return on
+
+
+def wandb_history(run_folder) -> tuple[str, list[dict]]:
+    """An offline W&B run's id and its history rows (``{"_step", key: value}``), read from the
+    ``run-<id>.wandb`` file W&B writes under ``<run_folder>/wandb/`` (a LevelDB-style log of its
+    protobuf records: 32 KiB blocks of chunks, each a CRC, a length and a type)."""
+    import glob
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = glob.glob(os.path.join(str(run_folder), "wandb", "offline-run-*", "run-*.wandb"))
+    data, pos, chunk, rows = open(path, "rb").read(), 7, b"", []  # 7: W&B's file header
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header: padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            break
+        chunk += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or a record's last chunk
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            chunk = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return os.path.basename(path)[len("run-") : -len(".wandb")], rows

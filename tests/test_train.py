@@ -82,10 +82,14 @@ def run_torchrun(overrides: list[str]) -> dict:
 
 def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local, monkeypatch):
     """The uninterrupted reference runs without Ray (torchrun, 2 gloo ranks: ~14 s here against ~33 s
-    on Ray Train), so the killed Ray Train run also shows that both paths train bit for bit alike."""
-    clean = run_torchrun(train_overrides(shards, tmp_path, "clean"))  # as many ranks as the killed run
+    on Ray Train), so the killed Ray Train run also shows that both paths train bit for bit alike.
+    The clean run logs into W&B (offline), the killed one into MLflow (a file store): each tracker
+    run holds every step once, with metrics.jsonl's values (tests/test_train_tracking.py: the rest)."""
+    wandb = ["train.tracker.kind=wandb", "train.tracker.project=killed"]
+    clean = run_torchrun(train_overrides(shards, tmp_path, "clean", wandb))  # as many ranks as the killed run
     assert clean["steps"] == STEPS and clean["resumed_from"] is None
-    killed = run_train(train_cfg(shards, tmp_path, "killed", fail_at_step=4, fail_rank=1))
+    mlflow = ["train.tracker.kind=mlflow", f"train.tracker.uri=file:{tmp_path}/mlruns", "train.tracker.project=killed"]
+    killed = run_train(train_cfg(shards, tmp_path, "killed", mlflow, fail_at_step=4, fail_rank=1))
     run = killed["run_dir"]
     assert open(os.path.join(run, ".fault_injected")).read() == "4"  # it did die
     assert killed["resumed_from"] == 3  # and came back from the step-3 checkpoint
@@ -98,6 +102,7 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local, monkeypatch)
     wb = load_file(os.path.join(killed["hf_dir"], "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert clean["eval_losses"] == killed["eval_losses"] and clean["eval_losses"][-1] < clean["eval_losses"][0]
+    tracked(tmp_path, clean, killed)
     # the last K checkpoints only, each with an HF folder
     ckpts = sorted(d for d in os.listdir(run) if d.startswith("checkpoint_step_"))
     assert ckpts == ["checkpoint_step_0000006", "checkpoint_step_0000008"]
@@ -156,6 +161,29 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local, monkeypatch)
     assert "[|AI|]" in tok.apply_chat_template(
         [{"role": "user", "content": "Ciao"}], tokenize=False, add_generation_prompt=True
     )
+
+
+def tracked(tmp_path, clean: dict, killed: dict) -> None:
+    """The killed run's MLflow run and the clean run's W&B run: every step once, the run's values."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import wandb_history
+
+    losses = [(h["step"], h["loss"]) for h in history(killed["run_dir"]) if "loss" in h]
+    evals = [0, 4, STEPS]  # train.eval_every=4, and the last step's
+    rec = json.load(open(os.path.join(killed["run_dir"], "tracker.json")))
+    client = MlflowClient(tracking_uri=f"file:{tmp_path}/mlruns")
+    runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+    assert [r.info.run_id for r in runs] == [rec["run_id"]]  # one run, though two worker groups logged into it
+    run = client.get_run(rec["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["train.checkpoint_every"] == "3"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(rec["run_id"], "train/loss")) == losses
+    held = sorted((m.step, m.value) for m in client.get_metric_history(rec["run_id"], "eval/loss"))
+    assert held == list(zip(evals, killed["eval_losses"]))
+    run_id, rows = wandb_history(clean["run_dir"])  # W&B's folder, inside the (local) run folder
+    assert run_id == json.load(open(os.path.join(clean["run_dir"], "tracker.json")))["run_id"]
+    assert [(r["_step"], r["train/loss"]) for r in rows if "train/loss" in r] == losses
+    assert [(r["_step"], r["eval/loss"]) for r in rows if "eval/loss" in r] == list(zip(evals, clean["eval_losses"]))
 
 
 def test_bf16_on_cpu_without_ray(shards, tmp_path):

@@ -191,7 +191,7 @@ class _Run:
             if self.rank == 0:
                 say(f"[train] resumed from step {self.step} ({d})")
         if self.rank == 0:
-            self.writer = Writer(self.plan.run_dir, self.step)
+            self.writer = Writer(self.plan.run_dir, self.step, self.plan.tracker, self.config)
 
     def record(self, m: dict) -> None:
         self.history.append(m)
@@ -281,6 +281,8 @@ class _Run:
         ev = self.held_out()
         if h and h[-1]["step"] == self.step:
             h[-1]["eval_loss"] = ev
+            if self.writer:
+                self.writer.scalars(self.step, {"eval_loss": ev})
         else:
             self.record({"step": self.step, "eval_loss": ev})
         if self.rank == 0:

@@ -1,4 +1,5 @@
-"""Training metrics for people: the progress line, TensorBoard events, metrics.jsonl, the loss PNG.
+"""Training metrics for people: the progress line, TensorBoard events (and an experiment
+tracker's run, :mod:`cerbero_ray.train.tracking`), metrics.jsonl, the loss PNG.
 
 Written by rank 0 only. ``metrics.jsonl`` and ``loss.png`` are rebuilt from the history carried in
 every checkpoint, so a resumed run shows each step once.
@@ -42,7 +43,7 @@ def progress_line(m: dict, total_steps: int) -> str:
 class Writer:
     """Rank 0's outputs under the run folder (a local path, or staged locally and uploaded)."""
 
-    def __init__(self, run_dir: str, resume_step: int):
+    def __init__(self, run_dir: str, resume_step: int, tracker: dict | None = None, config=None):
         self.run_dir = run_dir
         self.local = (
             storage.resolve(run_dir)[1] if not storage.is_uri(run_dir) else tempfile.mkdtemp(prefix="cerbero-run-")
@@ -56,14 +57,24 @@ class Writer:
             self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"), purge_step=resume_step or None)
         except ImportError:  # tensorboard is a dependency; tolerate a trimmed install
             pass
+        self.tracker = None
+        if tracker:  # the run the driver opened (train.tracker): this worker logs into it
+            from cerbero_ray.train.tracking import Tracker
+
+            self.tracker = Tracker(tracker, config, None if storage.is_uri(run_dir) else self.local)
         self.t0 = time.time()
 
     def scalars(self, step: int, values: dict) -> None:
-        if self.tb is None:
-            return
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and v is not None:
-                self.tb.add_scalar(f"train/{k}" if not k.startswith("eval") else k.replace("_", "/", 1), v, step)
+        named = {
+            f"train/{k}" if not k.startswith("eval") else k.replace("_", "/", 1): v
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and v is not None
+        }
+        if self.tb is not None:
+            for k, v in named.items():
+                self.tb.add_scalar(k, v, step)
+        if self.tracker is not None:
+            self.tracker.log(step, named)
 
     def history(self, history: list[dict]) -> None:
         with open(os.path.join(self.local, "metrics.jsonl"), "w") as f:
@@ -73,12 +84,16 @@ class Writer:
     def sync(self) -> None:
         if self.tb is not None:
             self.tb.flush()
+        if self.tracker is not None:
+            self.tracker.flush()
         if storage.is_uri(self.run_dir):
             storage.upload_folder(self.local, self.run_dir, markers=False)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.tracker is not None:
+            self.tracker.finish()
         self.sync()
         if storage.is_uri(self.run_dir):
             shutil.rmtree(self.local, ignore_errors=True)

@@ -1,0 +1,131 @@
+"""``train.tracker``: MLflow and W&B runs opened by the driver, logged by rank 0, each step once
+across a resume; a tracker that refuses is one line before any worker, one that fails mid-run is a
+warning. A training run through Ray Train into both trackers: tests/test_train.py
+(``test_lora_killed_worker_resumes_exactly_into_mlflow_and_w_b``)."""
+
+import json
+import logging
+import os
+import socket
+
+import pytest
+from omegaconf import OmegaConf
+
+from cerbero_ray.config import check, compose
+from cerbero_ray.config.train import TrainStageConfig
+from cerbero_ray.train.tracking import RECORD, Tracker, flat_config, open_run
+from conftest import wandb_history
+
+
+def config(tmp_path, *over) -> TrainStageConfig:
+    base = [f"paths.output_dir={tmp_path}", f"train.data_dir={tmp_path}", "train.name=run1"]
+    return OmegaConf.to_object(compose("train", [*base, *over]))
+
+
+def mlflow_config(tmp_path, *over):
+    return config(tmp_path, "train.tracker.kind=mlflow", f"train.tracker.uri=file:{tmp_path}/mlruns", *over)
+
+
+@pytest.mark.parametrize(
+    "over, says",
+    [
+        (["train.tracker.kind=tensorboard"], r"train.tracker.kind.*'tensorboard'"),
+        (["train.tracker.kind=mlflow"], r"train.tracker.uri: MLflow needs a tracking URI"),
+        (["train.tracker.kind=wandb", "train.tracker.project= "], r"train.tracker.project: empty"),
+    ],
+)
+def test_a_bad_tracker_is_named_before_ray_starts(tmp_path, monkeypatch, over, says):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ValueError, match=says):
+        check("train", compose("train", [f"paths.output_dir={tmp_path}", *over]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path}/mlruns")  # the URI from the environment
+    check("train", compose("train", [f"paths.output_dir={tmp_path}", "train.tracker.kind=mlflow"]))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match=r"train.tracker.kind=wandb needs wandb: pip install '.\[tracking\]'"):
+        check("train", compose("train", [f"paths.output_dir={tmp_path}", "train.tracker.kind=wandb"]))
+
+
+def test_mlflow_run_opened_once_resumed_and_each_step_logged_once(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    extra = "+deepspeed.extra={" + ",".join(f"k{i}: {i}" for i in range(40)) + "}"  # > 100 parameters in all
+    c = mlflow_config(tmp_path, "train.tracker.project=exp1", "train.lr=0.001", extra)
+    run_dir = str(tmp_path / "train" / "run1")
+    rec = open_run(c, run_dir)
+    assert json.load(open(os.path.join(run_dir, RECORD))) == rec and rec["kind"] == "mlflow"
+    client = MlflowClient(tracking_uri=rec["uri"])
+    run = client.get_run(rec["run_id"])
+    assert run.data.params["train.lr"] == "0.001" and run.data.params["deepspeed.extra.k39"] == "39"
+    assert len(run.data.params) == len(flat_config(c)) > 100  # in batches of 100
+    assert run.info.run_name == "run1" and run.data.tags["cerbero.run_dir"] == run_dir
+
+    first = Tracker(rec, c, None)  # an attempt that dies after step 3: never finished
+    for step in range(4):
+        first.log(step, {"train/loss": 1.0 / (step + 1), **({"eval/loss": 2.0} if step == 0 else {})})
+    first.flush()  # (at each checkpoint)
+    assert open_run(c, run_dir) == rec  # the rerun (or a restarted worker group): the same run
+    again = Tracker(rec, c, None)  # resumes from the step-2 checkpoint: steps 3.. once more
+    for step in range(3, 6):
+        again.log(step, {"train/loss": 1.0 / (step + 1)})
+    again.log(5, {"eval/loss": 1.5})  # the final held-out loss, at the last step
+    again.finish()
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(rec["run_id"], "train/loss"))
+    assert loss == [(s, 1.0 / (s + 1)) for s in range(6)]  # each step once
+    assert sorted((m.step, m.value) for m in client.get_metric_history(rec["run_id"], "eval/loss")) == [
+        (0, 2.0),
+        (5, 1.5),
+    ]
+    assert client.get_run(rec["run_id"]).info.status == "FINISHED"
+
+    client.delete_run(rec["run_id"])  # deleted on the server: a rerun opens a new one
+    new = open_run(c, run_dir)
+    assert new["run_id"] != rec["run_id"] and json.load(open(os.path.join(run_dir, RECORD)))["run_id"] == new["run_id"]
+    other = mlflow_config(tmp_path, "train.tracker.project=exp2")  # another experiment: another run
+    assert open_run(other, run_dir)["run_id"] not in (rec["run_id"], new["run_id"])
+
+
+def test_an_mlflow_server_that_cannot_be_reached_is_one_line_and_a_failure_mid_run_a_warning(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with socket.socket() as s:  # a port with nothing behind it
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    c = config(tmp_path, "train.tracker.kind=mlflow", f"train.tracker.uri=http://127.0.0.1:{closed}")
+    with pytest.raises(ValueError, match=rf"^train.tracker: MLflow at http://127.0.0.1:{closed}: ") as e:
+        open_run(c, str(tmp_path / "run"))
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "run" / RECORD)
+    # a run the driver opened, whose server goes away during the training: a warning, no error
+    rec = {"kind": "mlflow", "uri": f"http://127.0.0.1:{closed}", "run_id": "0" * 32, "project": "p", "name": "n"}
+    gone = Tracker(rec, c, None)
+    with caplog.at_level(logging.WARNING):
+        for step in range(3):
+            gone.log(step, {"train/loss": 1.0})
+        gone.finish()
+    said = [r.message for r in caplog.records if "tracking stopped" in r.message]
+    assert len(said) == 1 and said[0].startswith("[train] mlflow tracking stopped, the training goes on")
+
+
+def test_a_wandb_run_keeps_its_id_across_a_rerun_and_logs_offline(tmp_path):
+    c = config(tmp_path, "train.tracker.kind=wandb", "train.tracker.project=p1")
+    run_dir = tmp_path / "train" / "run1"
+    rec = open_run(c, str(run_dir))
+    assert rec["kind"] == "wandb" and open_run(c, str(run_dir)) == rec  # the id kept for the rerun
+    t = Tracker(rec, c, str(run_dir))
+    for step in range(3):
+        t.log(step, {"train/loss": 1.0 / (step + 1)})
+    t.log(2, {"eval/loss": 0.5})  # the same step again: merged into it
+    t.finish()
+    run_id, rows = wandb_history(run_dir)
+    assert run_id == rec["run_id"]
+    assert [(r["_step"], r["train/loss"]) for r in rows] == [(s, 1.0 / (s + 1)) for s in range(3)]
+    assert rows[-1]["eval/loss"] == 0.5
+    assert (
+        open_run(config(tmp_path, "train.tracker.kind=wandb", "train.tracker.project=p2"), str(run_dir))["run_id"]
+        != rec["run_id"]
+    )  # another project: another run
