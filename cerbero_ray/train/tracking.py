@@ -77,6 +77,9 @@ def open_run(config, run_dir: str) -> dict | None:
         rec["run_id"] = old["run_id"] if same else uuid.uuid4().hex[:12]
     if rec != old:
         storage.write_json(path, rec)
+    where = f" at {rec['uri']}" if rec["uri"] else ""
+    again = " (the run's own, resumed)" if old and old.get("run_id") == rec["run_id"] else ""
+    log.info(f"[train] logging into {tc.kind}{where}: {tc.project}, run {rec['run_id']}{again}")
     return rec
 
 
