@@ -284,6 +284,45 @@ def test_out_of_memory_before_a_step_is_a_verdict_and_later_a_restart(shards, tm
     assert "needs another train.name" in resumed and "train.name" not in fresh
 
 
+REFUSED_KEY = """
+import sys
+from cerbero_ray.train import loop
+from cerbero_ray.train.local import run_local
+from cerbero_ray.train.trainer import attempt
+
+def built(*a, **k):
+    print("MODEL BUILT")
+    sys.exit(3)
+
+loop.build_engine = built
+try:  # as a Ray Train worker runs it
+    attempt(sys.argv[1], lambda: run_local(sys.argv[2:]))
+except ValueError as e:
+    print("VERDICT", e)
+"""
+
+
+def test_a_tracker_that_refuses_its_key_is_one_line_before_the_model_is_built(shards, tmp_path):
+    """W&B online without a key: the run's verdict in one line, from rank 0 before it builds its
+    model (a 7B's load is minutes); Ray Train's restarts would raise it at once."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), WANDB_SILENT="true")  # no key anywhere
+    over = [f"paths.output_dir={tmp_path}", f"train.data_dir={shards}", "train.num_workers=1"]
+    over += ["train.tracker.kind=wandb", "train.name=run"]
+    run = str(tmp_path / "train" / "run")
+    r = subprocess.run(
+        [sys.executable, "-c", REFUSED_KEY, run, *over], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "MODEL BUILT" not in r.stdout
+    verdict = next(line for line in r.stdout.splitlines() if line.startswith("VERDICT"))
+    assert verdict.startswith("VERDICT train.tracker: wandb could not start: ") and "API key" in verdict
+    assert json.load(open(os.path.join(run, "tracker.json")))["kind"] == "wandb"
+
+
 @pytest.mark.slow  # ~1 minute
 def test_a_check_that_fails_in_the_workers_is_one_line_and_no_verdict_is_left(shards, tmp_path, ray_local):
     """A checkpoint from before loop.json (the driver cannot read its data order) resumed in another

@@ -126,7 +126,12 @@ class _Run:
         self.rank, self.world, self.device = env.rank, env.world_size, env.device
         self.plans = plan_all(list(plan.shards), t, self.world)
         self.total, self.sig = total_steps(self.plans, t), signature(list(plan.shards), t, self.world)
-        self.tok = self.writer = self.base_record = None
+        self.tok = self.writer = self.base_record = self.tracker = None
+        if self.rank == 0 and plan.tracker:  # before the model: a tracker that refuses costs no model load
+            from cerbero_ray.train.tracking import Tracker
+
+            local = None if storage.is_uri(plan.run_dir) else storage.resolve(plan.run_dir)[1]
+            self.tracker = Tracker(plan.tracker, config, local)
         if self.rank == 0:  # the HF export's tokenizer
             from cerbero_ray.tokenizer import build_tokenizer
 
@@ -191,7 +196,7 @@ class _Run:
             if self.rank == 0:
                 say(f"[train] resumed from step {self.step} ({d})")
         if self.rank == 0:
-            self.writer = Writer(self.plan.run_dir, self.step, self.plan.tracker, self.config)
+            self.writer = Writer(self.plan.run_dir, self.step, self.tracker)
 
     def record(self, m: dict) -> None:
         self.history.append(m)

@@ -43,7 +43,7 @@ def progress_line(m: dict, total_steps: int) -> str:
 class Writer:
     """Rank 0's outputs under the run folder (a local path, or staged locally and uploaded)."""
 
-    def __init__(self, run_dir: str, resume_step: int, tracker: dict | None = None, config=None):
+    def __init__(self, run_dir: str, resume_step: int, tracker=None):
         self.run_dir = run_dir
         self.local = (
             storage.resolve(run_dir)[1] if not storage.is_uri(run_dir) else tempfile.mkdtemp(prefix="cerbero-run-")
@@ -57,11 +57,7 @@ class Writer:
             self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"), purge_step=resume_step or None)
         except ImportError:  # tensorboard is a dependency; tolerate a trimmed install
             pass
-        self.tracker = None
-        if tracker:  # the run the driver opened (train.tracker): this worker logs into it
-            from cerbero_ray.train.tracking import Tracker
-
-            self.tracker = Tracker(tracker, config, None if storage.is_uri(run_dir) else self.local)
+        self.tracker = tracker  # train.tracker's run (cerbero_ray.train.tracking.Tracker), or None
         self.t0 = time.time()
 
     def scalars(self, step: int, values: dict) -> None:
