@@ -62,12 +62,12 @@ def test_mlflow_run_opened_once_resumed_and_each_step_logged_once(tmp_path):
     assert len(run.data.params) == len(flat_config(c)) > 100  # in batches of 100
     assert run.info.run_name == "run1" and run.data.tags["cerbero.run_dir"] == run_dir
 
-    first = Tracker(rec, c, None)  # an attempt that dies after step 3: never finished
+    first = Tracker(rec, c, run_dir)  # an attempt that dies after step 3: never finished
     for step in range(4):
         first.log(step, {"train/loss": 1.0 / (step + 1), **({"eval/loss": 2.0} if step == 0 else {})})
     first.flush()  # (at each checkpoint)
     assert open_run(c, run_dir) == rec  # the rerun (or a restarted worker group): the same run
-    again = Tracker(rec, c, None)  # resumes from the step-2 checkpoint: steps 3.. once more
+    again = Tracker(rec, c, run_dir)  # resumes from the step-2 checkpoint: steps 3.. once more
     for step in range(3, 6):
         again.log(step, {"train/loss": 1.0 / (step + 1)})
     again.log(5, {"eval/loss": 1.5})  # the final held-out loss, at the last step
@@ -102,7 +102,7 @@ def test_an_mlflow_server_that_cannot_be_reached_is_one_line_and_a_failure_mid_r
     assert not os.path.exists(tmp_path / "run" / RECORD)
     # a run the driver opened, whose server goes away during the training: a warning, no error
     rec = {"kind": "mlflow", "uri": f"http://127.0.0.1:{closed}", "run_id": "0" * 32, "project": "p", "name": "n"}
-    gone = Tracker(rec, c, None)
+    gone = Tracker(rec, c, str(tmp_path / "run"))
     with caplog.at_level(logging.WARNING):
         for step in range(3):
             gone.log(step, {"train/loss": 1.0})
@@ -129,3 +129,27 @@ def test_a_wandb_run_keeps_its_id_across_a_rerun_and_logs_offline(tmp_path):
         open_run(config(tmp_path, "train.tracker.kind=wandb", "train.tracker.project=p2"), str(run_dir))["run_id"]
         != rec["run_id"]
     )  # another project: another run
+
+
+def test_trackers_of_a_run_folder_in_a_bucket(tmp_path, bucket):
+    """tracker.json in the bucket (a rerun on another machine finds the run); W&B's offline run
+    copied into ``<run>/wandb/`` there at the end."""
+    import boto3
+
+    run_dir = f"{bucket}/train/run1"
+    c = mlflow_config(tmp_path)
+    rec = open_run(c, run_dir)
+    stored = boto3.client("s3").get_object(Bucket=bucket[5:], Key="train/run1/tracker.json")["Body"].read()
+    assert json.loads(stored) == rec
+    assert open_run(c, run_dir) == rec
+    w = config(tmp_path, "train.tracker.kind=wandb")
+    rec = open_run(w, run_dir)  # another tracker: its own run, recorded instead
+    assert open_run(w, run_dir) == rec and rec["kind"] == "wandb"
+    t = Tracker(rec, w, run_dir)
+    for step in range(3):
+        t.log(step, {"train/loss": float(step)})
+    t.finish()
+    from cerbero_ray import storage
+
+    run_id, rows = wandb_history(storage.local_copy(run_dir))  # the run folder, downloaded
+    assert run_id == rec["run_id"] and [r["train/loss"] for r in rows] == [0.0, 1.0, 2.0]

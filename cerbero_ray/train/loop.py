@@ -130,8 +130,7 @@ class _Run:
         if self.rank == 0 and plan.tracker:  # before the model: a tracker that refuses costs no model load
             from cerbero_ray.train.tracking import Tracker
 
-            local = None if storage.is_uri(plan.run_dir) else storage.resolve(plan.run_dir)[1]
-            self.tracker = Tracker(plan.tracker, config, local)
+            self.tracker = Tracker(plan.tracker, config, plan.run_dir)
         if self.rank == 0:  # the HF export's tokenizer
             from cerbero_ray.tokenizer import build_tokenizer
 

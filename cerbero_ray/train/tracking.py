@@ -109,8 +109,9 @@ class Tracker:
     """Rank 0's side: :meth:`log` each step's scalars (TensorBoard's names), :meth:`finish` at
     the end. A failure warns once and turns the tracker off; the training goes on."""
 
-    def __init__(self, rec: dict, config, local_dir: str | None):
+    def __init__(self, rec: dict, config, run_dir: str):
         self.rec, self.kind, self.client, self.run = rec, rec["kind"], None, None
+        self.run_dir, self.staged = run_dir, None  # W&B's folder, for a run folder in a bucket
         self.held: dict[str, int] = {}  # MLflow: key -> the last step the run already has
         self.wandb_from = 0  # W&B: the first step the run does not have yet
         self.sent: list = []  # MLflow: the batches its client is still sending (RunOperations)
@@ -120,14 +121,21 @@ class Tracker:
 
                 self.client = MlflowClient(tracking_uri=rec["uri"])
             else:
-                self._start_wandb(config, local_dir)
+                self._start_wandb(config)
         except Exception as e:
             raise ValueError(f"train.tracker: {self.kind} could not start: {str(e).strip()[:300]}") from None
 
-    def _start_wandb(self, config, local_dir: str | None) -> None:
+    def _start_wandb(self, config) -> None:
+        """W&B's own folder (its offline run, its logs): ``$WANDB_DIR``, else ``<run>/wandb/``; a run
+        folder in a bucket gets it copied there at the end."""
         import wandb
 
-        folder = os.environ.get("WANDB_DIR") or local_dir or tempfile.mkdtemp(prefix="cerbero-wandb-")
+        folder = os.environ.get("WANDB_DIR")
+        if not folder and storage.is_uri(self.run_dir):
+            folder = self.staged = tempfile.mkdtemp(prefix="cerbero-wandb-")
+        elif not folder:
+            folder = storage.resolve(self.run_dir)[1]
+            os.makedirs(folder, exist_ok=True)
         kw = {"settings": wandb.Settings(base_url=self.rec["uri"])} if self.rec.get("uri") else {}
         self.run = wandb.init(
             project=self.rec["project"],
@@ -189,6 +197,9 @@ class Tracker:
                 self.client.set_terminated(self.rec["run_id"], "FINISHED")
             else:
                 self.run.finish(exit_code=0)
+                if self.staged:
+                    where = storage.join(self.run_dir, "wandb")
+                    storage.upload_folder(os.path.join(self.staged, "wandb"), where, markers=False)
         except Exception as e:
             self._off(e)
         self.kind = None
