@@ -84,7 +84,7 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local, monkeypatch)
     """The uninterrupted reference runs without Ray (torchrun, 2 gloo ranks: ~14 s here against ~33 s
     on Ray Train), so the killed Ray Train run also shows that both paths train bit for bit alike.
     The clean run logs into W&B (offline), the killed one into MLflow (a file store): each tracker
-    run holds every step once, with metrics.jsonl's values (tests/test_train_tracking.py: the rest)."""
+    run holds every step once, with metrics.jsonl's values (tests/test_tracking.py: the rest)."""
     wandb = ["train.tracker.kind=wandb", "train.tracker.project=killed"]
     clean = run_torchrun(train_overrides(shards, tmp_path, "clean", wandb))  # as many ranks as the killed run
     assert clean["steps"] == STEPS and clean["resumed_from"] is None

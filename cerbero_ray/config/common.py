@@ -31,6 +31,17 @@ class ClusterConfig:
 
 
 @dataclass
+class TrackerConfig:
+    """``<stage>.tracker``: an experiment tracker's run beside the stage's own files
+    (:mod:`cerbero_ray.tracking`): training's per-step metrics, evaluation's figures."""
+
+    kind: str = "none"  # none | mlflow | wandb (pip install '.[tracking]')
+    project: str = "cerbero-ray"  # the MLflow experiment or the W&B project
+    # MLflow: its tracking URI (null: $MLFLOW_TRACKING_URI); W&B: its server (null: $WANDB_BASE_URL, wandb.ai)
+    uri: Optional[str] = None
+
+
+@dataclass
 class PathsConfig:
     repo_dir: str = MISSING
     data_dir: str = MISSING  # external data (../shared/data or a bucket)

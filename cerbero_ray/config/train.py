@@ -13,12 +13,14 @@ from cerbero_ray.config.common import (
     ModelConfig,
     PathsConfig,
     TokenizerConfig,
+    TrackerConfig,
     at_least,
     check_model,
     check_output_dir,
     check_tokenizer,
     one_of,
 )
+from cerbero_ray.tracking import check_tracker
 
 PRECISIONS = ("bf16", "fp32")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -29,8 +31,6 @@ KERNELS = ("none", "liger")
 SCHEDULES = ("cosine", "linear", "constant")
 ZERO_STAGES = (0, 1, 2)
 METHODS = ("full", "lora")
-TRACKERS = ("none", "mlflow", "wandb")
-TRACKER_PACKAGES = {"mlflow": "mlflow-skinny (or mlflow)", "wandb": "wandb"}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FULL_MODULES = ("embed_tokens", "lm_head")  # what train.lora.train_in_full may name
 HEAD = "lm_head"  # a LoRA target beside LORA_TARGETS (not a default): the output layer
@@ -60,17 +60,6 @@ class LoraConfig:
     lr: Optional[float] = None  # the LoRA run's peak learning rate; null: train.lr
     merge: bool = False  # also write <run>/hf: the base with the adapter merged in
     qlora: bool = False  # a 4-bit base through bitsandbytes (CUDA; on CPU its slow fallback)
-
-
-@dataclass
-class TrackerConfig:
-    """``train.tracker``: each step's metrics and the config in an experiment tracker too
-    (rank 0; :mod:`cerbero_ray.train.tracking`), beside TensorBoard and metrics.jsonl."""
-
-    kind: str = "none"  # none | mlflow | wandb (pip install '.[tracking]')
-    project: str = "cerbero-ray"  # the MLflow experiment or the W&B project
-    # MLflow: its tracking URI (null: $MLFLOW_TRACKING_URI); W&B: its server (null: $WANDB_BASE_URL, wandb.ai)
-    uri: Optional[str] = None
 
 
 @dataclass
@@ -198,7 +187,7 @@ def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
             "row's documents from position_ids on that path only for one row, so documents of a row "
             "would attend to each other (use auto, which picks flex_attention, or sdpa)"
         )
-    check_tracker(t.tracker)
+    check_tracker(t.tracker, "train.tracker")
     if ds.stage not in ZERO_STAGES:
         raise ValueError(
             f"deepspeed.stage must be one of {ZERO_STAGES} (the recipe is ZeRO-1; stage 3 shards "
@@ -272,25 +261,4 @@ def check_bitsandbytes(cuda: bool) -> None:
         raise ValueError(
             f"train.lora.qlora=true needs bitsandbytes >= {need} {'on CUDA' if cuda else 'on CPU'} "
             f"(found {v or 'none'}): pip install '.[qlora]'"
-        )
-
-
-def check_tracker(tc: TrackerConfig) -> None:
-    """Before Ray starts: ``ValueError`` naming the key for an unknown tracker, its package missing,
-    an empty project, or MLflow without a tracking URI (its default, a database file in the working
-    folder, would be a Ray worker's scratch folder)."""
-    import importlib.util
-    import os
-
-    one_of(tc.kind, TRACKERS, "train.tracker.kind")
-    if tc.kind == "none":
-        return
-    if importlib.util.find_spec(tc.kind) is None:
-        raise ValueError(f"train.tracker.kind={tc.kind} needs {TRACKER_PACKAGES[tc.kind]}: pip install '.[tracking]'")
-    if not str(tc.project or "").strip():
-        raise ValueError("train.tracker.project: empty; name the MLflow experiment or W&B project to log into")
-    if tc.kind == "mlflow" and not (tc.uri or os.environ.get("MLFLOW_TRACKING_URI")):
-        raise ValueError(
-            "train.tracker.uri: MLflow needs a tracking URI (http://host:5000, databricks, "
-            "sqlite:////abs/path/mlflow.db) here or in $MLFLOW_TRACKING_URI"
         )

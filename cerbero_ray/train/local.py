@@ -14,11 +14,11 @@ import sys
 from dataclasses import replace
 
 from cerbero_ray.config import check, compose
+from cerbero_ray.tracking import flat_config, open_run
 from cerbero_ray.train.env import LocalEnv
 from cerbero_ray.train.loop import train_loop
 from cerbero_ray.train.plan import plan_all, total_steps
 from cerbero_ray.train.run_plan import check_resume, plan_run
-from cerbero_ray.train.tracking import open_run
 
 
 def run_local(overrides: list[str]) -> dict:
@@ -29,7 +29,7 @@ def run_local(overrides: list[str]) -> dict:
     # another data order or other settings: said before this process builds its model
     check_resume(plan, c, total_steps(plan_all(list(plan.shards), t, t.num_workers), t))
     if int(os.environ.get("RANK", 0)) == 0:  # the experiment tracker's run, which rank 0 alone logs into
-        plan = replace(plan, tracker=open_run(c, plan.run_dir))
+        plan = replace(plan, tracker=open_run(t.tracker, "train.tracker", t.name, plan.run_dir, flat_config(c)))
     env = LocalEnv(
         plan.run_dir,
         keep=t.keep_checkpoints,

@@ -128,9 +128,9 @@ class _Run:
         self.total, self.sig = total_steps(self.plans, t), signature(list(plan.shards), t, self.world)
         self.tok = self.writer = self.base_record = self.tracker = None
         if self.rank == 0 and plan.tracker:  # before the model: a tracker that refuses costs no model load
-            from cerbero_ray.train.tracking import Tracker
+            from cerbero_ray.tracking import Tracker, flat_config
 
-            self.tracker = Tracker(plan.tracker, config, plan.run_dir)
+            self.tracker = Tracker(plan.tracker, flat_config(config), plan.run_dir, "train.tracker")
         if self.rank == 0:  # the HF export's tokenizer
             from cerbero_ray.tokenizer import build_tokenizer
 

@@ -1,5 +1,5 @@
 """Training metrics for people: the progress line, TensorBoard events (and an experiment
-tracker's run, :mod:`cerbero_ray.train.tracking`), metrics.jsonl, the loss PNG.
+tracker's run, :mod:`cerbero_ray.tracking`), metrics.jsonl, the loss PNG.
 
 Written by rank 0 only. ``metrics.jsonl`` and ``loss.png`` are rebuilt from the history carried in
 every checkpoint, so a resumed run shows each step once.
@@ -57,7 +57,7 @@ class Writer:
             self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"), purge_step=resume_step or None)
         except ImportError:  # tensorboard is a dependency; tolerate a trimmed install
             pass
-        self.tracker = tracker  # train.tracker's run (cerbero_ray.train.tracking.Tracker), or None
+        self.tracker = tracker  # train.tracker's run (cerbero_ray.tracking.Tracker), or None
         self.t0 = time.time()
 
     def scalars(self, step: int, values: dict) -> None:

@@ -23,7 +23,7 @@ class RunPlan:
     seq_len: int  # the shards' rows, in tokens
     rows: int  # rows in all the shards
     shards: tuple  # ({"path", "rows"}, …): the manifest's shards, in its order
-    tracker: dict | None = None  # the experiment tracker's run rank 0 logs into (train.tracking.open_run)
+    tracker: dict | None = None  # the experiment tracker's run rank 0 logs into (cerbero_ray.tracking.open_run)
 
 
 def plan_run(c: TrainStageConfig) -> RunPlan:

@@ -27,10 +27,10 @@ from cerbero_ray import storage
 from cerbero_ray.cluster import check_fits
 from cerbero_ray.config import check
 from cerbero_ray.config.train import TrainStageConfig
+from cerbero_ray.tracking import flat_config, open_run
 from cerbero_ray.train.metrics import read_summary
 from cerbero_ray.train.plan import plan_all, total_steps
 from cerbero_ray.train.run_plan import check_resume, plan_run
-from cerbero_ray.train.tracking import open_run
 
 log = logging.getLogger(__name__)
 # a check of ours that failed in a worker (its message): Ray Train restarts a failed worker group
@@ -178,7 +178,8 @@ def run_train(cfg: DictConfig | dict | TrainStageConfig) -> dict:
             "(another train.name, or more epochs, trains on)"
         )
         return _report(done)
-    run = replace(run, tracker=open_run(c, run.run_dir))  # a tracker that refuses: here, before the workers
+    # a tracker that refuses: here, before the workers
+    run = replace(run, tracker=open_run(t.tracker, "train.tracker", t.name, run.run_dir, flat_config(c)))
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     check_fits(  # Ray Train starts the workers together
         {k: v * t.num_workers for k, v in resources.items()},

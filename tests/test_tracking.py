@@ -1,7 +1,8 @@
-"""``train.tracker``: MLflow and W&B runs opened by the driver, logged by rank 0, each step once
-across a resume; a tracker that refuses is one line before any worker, one that fails mid-run is a
-warning. A training run through Ray Train into both trackers: tests/test_train.py
-(``test_lora_killed_worker_resumes_exactly_into_mlflow_and_w_b``)."""
+"""``train.tracker`` and ``evaluate.tracker``: MLflow and W&B runs opened by the driver, logged by
+one process, each step once across a resume; a tracker that refuses is one line before any worker,
+one that fails mid-run is a warning. A training run through Ray Train into both trackers:
+tests/test_train.py (``test_killed_worker_resumes_exactly``); an evaluation into the training run
+that made its checkpoint: tests/test_evaluate_pipeline.py."""
 
 import json
 import logging
@@ -13,13 +14,23 @@ from omegaconf import OmegaConf
 
 from cerbero_ray.config import check, compose
 from cerbero_ray.config.train import TrainStageConfig
-from cerbero_ray.train.tracking import RECORD, Tracker, flat_config, open_run
+from cerbero_ray.tracking import RECORD, Tracker, flat_config, open_run
 from conftest import wandb_history
 
 
 def config(tmp_path, *over) -> TrainStageConfig:
     base = [f"paths.output_dir={tmp_path}", f"train.data_dir={tmp_path}", "train.name=run1"]
     return OmegaConf.to_object(compose("train", [*base, *over]))
+
+
+def opened(c: TrainStageConfig, folder: str) -> dict | None:
+    """The training run's tracker run, as the driver opens it."""
+    return open_run(c.train.tracker, "train.tracker", c.train.name, folder, flat_config(c))
+
+
+def tracker(rec: dict, c: TrainStageConfig, folder: str) -> Tracker:
+    """Rank 0's side of it."""
+    return Tracker(rec, flat_config(c), folder, "train.tracker")
 
 
 def mlflow_config(tmp_path, *over):
@@ -54,20 +65,20 @@ def test_mlflow_run_opened_once_resumed_and_each_step_logged_once(tmp_path):
     extra = "+deepspeed.extra={" + ",".join(f"k{i}: {i}" for i in range(40)) + "}"  # > 100 parameters in all
     c = mlflow_config(tmp_path, "train.tracker.project=exp1", "train.lr=0.001", extra)
     run_dir = str(tmp_path / "train" / "run1")
-    rec = open_run(c, run_dir)
+    rec = opened(c, run_dir)
     assert json.load(open(os.path.join(run_dir, RECORD))) == rec and rec["kind"] == "mlflow"
     client = MlflowClient(tracking_uri=rec["uri"])
     run = client.get_run(rec["run_id"])
     assert run.data.params["train.lr"] == "0.001" and run.data.params["deepspeed.extra.k39"] == "39"
     assert len(run.data.params) == len(flat_config(c)) > 100  # in batches of 100
-    assert run.info.run_name == "run1" and run.data.tags["cerbero.run_dir"] == run_dir
+    assert run.info.run_name == "run1" and run.data.tags["cerbero.folder"] == run_dir
 
-    first = Tracker(rec, c, run_dir)  # an attempt that dies after step 3: never finished
+    first = tracker(rec, c, run_dir)  # an attempt that dies after step 3: never finished
     for step in range(4):
         first.log(step, {"train/loss": 1.0 / (step + 1), **({"eval/loss": 2.0} if step == 0 else {})})
     first.flush()  # (at each checkpoint)
-    assert open_run(c, run_dir) == rec  # the rerun (or a restarted worker group): the same run
-    again = Tracker(rec, c, run_dir)  # resumes from the step-2 checkpoint: steps 3.. once more
+    assert opened(c, run_dir) == rec  # the rerun (or a restarted worker group): the same run
+    again = tracker(rec, c, run_dir)  # resumes from the step-2 checkpoint: steps 3.. once more
     for step in range(3, 6):
         again.log(step, {"train/loss": 1.0 / (step + 1)})
     again.log(5, {"eval/loss": 1.5})  # the final held-out loss, at the last step
@@ -81,10 +92,10 @@ def test_mlflow_run_opened_once_resumed_and_each_step_logged_once(tmp_path):
     assert client.get_run(rec["run_id"]).info.status == "FINISHED"
 
     client.delete_run(rec["run_id"])  # deleted on the server: a rerun opens a new one
-    new = open_run(c, run_dir)
+    new = opened(c, run_dir)
     assert new["run_id"] != rec["run_id"] and json.load(open(os.path.join(run_dir, RECORD)))["run_id"] == new["run_id"]
     other = mlflow_config(tmp_path, "train.tracker.project=exp2")  # another experiment: another run
-    assert open_run(other, run_dir)["run_id"] not in (rec["run_id"], new["run_id"])
+    assert opened(other, run_dir)["run_id"] not in (rec["run_id"], new["run_id"])
 
 
 def test_an_mlflow_server_that_cannot_be_reached_is_one_line_and_a_failure_mid_run_a_warning(
@@ -97,26 +108,26 @@ def test_an_mlflow_server_that_cannot_be_reached_is_one_line_and_a_failure_mid_r
         closed = s.getsockname()[1]
     c = config(tmp_path, "train.tracker.kind=mlflow", f"train.tracker.uri=http://127.0.0.1:{closed}")
     with pytest.raises(ValueError, match=rf"^train.tracker: MLflow at http://127.0.0.1:{closed}: ") as e:
-        open_run(c, str(tmp_path / "run"))
+        opened(c, str(tmp_path / "run"))
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "run" / RECORD)
     # a run the driver opened, whose server goes away during the training: a warning, no error
     rec = {"kind": "mlflow", "uri": f"http://127.0.0.1:{closed}", "run_id": "0" * 32, "project": "p", "name": "n"}
-    gone = Tracker(rec, c, str(tmp_path / "run"))
+    gone = tracker(rec, c, str(tmp_path / "run"))
     with caplog.at_level(logging.WARNING):
         for step in range(3):
             gone.log(step, {"train/loss": 1.0})
         gone.finish()
     said = [r.message for r in caplog.records if "tracking stopped" in r.message]
-    assert len(said) == 1 and said[0].startswith("[train] mlflow tracking stopped, the training goes on")
+    assert len(said) == 1 and said[0].startswith("train.tracker: mlflow tracking stopped, the job goes on")
 
 
 def test_a_wandb_run_keeps_its_id_across_a_rerun_and_logs_offline(tmp_path):
     c = config(tmp_path, "train.tracker.kind=wandb", "train.tracker.project=p1")
     run_dir = tmp_path / "train" / "run1"
-    rec = open_run(c, str(run_dir))
-    assert rec["kind"] == "wandb" and open_run(c, str(run_dir)) == rec  # the id kept for the rerun
-    t = Tracker(rec, c, str(run_dir))
+    rec = opened(c, str(run_dir))
+    assert rec["kind"] == "wandb" and opened(c, str(run_dir)) == rec  # the id kept for the rerun
+    t = tracker(rec, c, str(run_dir))
     for step in range(3):
         t.log(step, {"train/loss": 1.0 / (step + 1)})
     t.log(2, {"eval/loss": 0.5})  # the same step again: merged into it
@@ -126,7 +137,7 @@ def test_a_wandb_run_keeps_its_id_across_a_rerun_and_logs_offline(tmp_path):
     assert [(r["_step"], r["train/loss"]) for r in rows] == [(s, 1.0 / (s + 1)) for s in range(3)]
     assert rows[-1]["eval/loss"] == 0.5
     assert (
-        open_run(config(tmp_path, "train.tracker.kind=wandb", "train.tracker.project=p2"), str(run_dir))["run_id"]
+        opened(config(tmp_path, "train.tracker.kind=wandb", "train.tracker.project=p2"), str(run_dir))["run_id"]
         != rec["run_id"]
     )  # another project: another run
 
@@ -138,14 +149,14 @@ def test_trackers_of_a_run_folder_in_a_bucket(tmp_path, bucket):
 
     run_dir = f"{bucket}/train/run1"
     c = mlflow_config(tmp_path)
-    rec = open_run(c, run_dir)
+    rec = opened(c, run_dir)
     stored = boto3.client("s3").get_object(Bucket=bucket[5:], Key="train/run1/tracker.json")["Body"].read()
     assert json.loads(stored) == rec
-    assert open_run(c, run_dir) == rec
+    assert opened(c, run_dir) == rec
     w = config(tmp_path, "train.tracker.kind=wandb")
-    rec = open_run(w, run_dir)  # another tracker: its own run, recorded instead
-    assert open_run(w, run_dir) == rec and rec["kind"] == "wandb"
-    t = Tracker(rec, w, run_dir)
+    rec = opened(w, run_dir)  # another tracker: its own run, recorded instead
+    assert opened(w, run_dir) == rec and rec["kind"] == "wandb"
+    t = tracker(rec, w, run_dir)
     for step in range(3):
         t.log(step, {"train/loss": float(step)})
     t.finish()

@@ -1,0 +1,313 @@
+"""Experiment tracking: a training run's per-step metrics and an evaluation's figures in MLflow or
+Weights & Biases (``train.tracker``, ``evaluate.tracker``), beside TensorBoard and results.json.
+
+A tracker run is opened once (:func:`open_run`, on the driver, before any worker starts: MLflow's
+experiment and run are created there, so a wrong URI or refused credentials is one line before a
+model is built; W&B's run id is chosen there) and recorded in ``tracker.json`` beside what it
+tracks, so a rerun, or a worker group Ray Train restarts, logs into the same run. One process logs
+(:class:`Tracker`; training: rank 0), each step once: a step the run already holds (logged before a
+crash, with the same values, since a resume is exact) is not sent again. A tracker that fails
+mid-run warns once and the job goes on without it. An evaluated checkpoint that a tracked training
+run wrote (``<run>/hf``, ``<run>/adapter``, ``<run>/checkpoint_step_N/hf``) gets its figures in that
+run (:func:`training_run_of`).
+
+Credentials stay in the environment (``MLFLOW_TRACKING_TOKEN`` and the like, ``WANDB_API_KEY``):
+the embedded cluster's workers inherit the job's; on a cluster of your own, pass them in the job's
+runtime env (``cerbero-submit --env WANDB_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import queue
+import re
+import tempfile
+import threading
+import time
+import uuid
+
+from cerbero_ray import storage
+
+log = logging.getLogger(__name__)
+RECORD = "tracker.json"
+TRACKERS = ("none", "mlflow", "wandb")
+PACKAGES = {"mlflow": "mlflow-skinny (or mlflow)", "wandb": "wandb"}
+
+
+def tracking_uri(tc) -> str | None:
+    """MLflow's tracking URI: ``<stage>.tracker.uri``, else ``$MLFLOW_TRACKING_URI``."""
+    return tc.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def check_tracker(tc, key: str) -> None:
+    """Before Ray starts: ``ValueError`` naming ``key`` (``train.tracker``) for an unknown tracker,
+    its package missing, an empty project, or MLflow without a tracking URI (its default, a database
+    file in the working folder, would be a Ray worker's scratch folder)."""
+    if tc.kind not in TRACKERS:
+        raise ValueError(f"{key}.kind must be one of {', '.join(TRACKERS)}, got {tc.kind!r}")
+    if tc.kind == "none":
+        return
+    if importlib.util.find_spec(tc.kind) is None:
+        raise ValueError(f"{key}.kind={tc.kind} needs {PACKAGES[tc.kind]}: pip install '.[tracking]'")
+    if not str(tc.project or "").strip():
+        raise ValueError(f"{key}.project: empty; name the MLflow experiment or W&B project to log into")
+    if tc.kind == "mlflow" and not tracking_uri(tc):
+        raise ValueError(
+            f"{key}.uri: MLflow needs a tracking URI (http://host:5000, databricks, "
+            "sqlite:////abs/path/mlflow.db) here or in $MLFLOW_TRACKING_URI"
+        )
+
+
+def flat_config(config) -> dict:
+    """A resolved config (a dataclass) as ``{"train.lr": 2e-05, …}``: a tracker run's parameters."""
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    out: dict = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+
+    walk("", tree)
+    return out
+
+
+def read_record(folder: str) -> dict | None:
+    """The tracker run recorded in ``folder`` (local or URI), or None."""
+    path = storage.join(folder, RECORD)
+    fs, p = storage.resolve(path)
+    return storage.read_json(path) if fs.get_file_info(p).is_file else None
+
+
+def open_run(tc, key: str, name: str, folder: str, params: dict, tags: dict | None = None) -> dict | None:
+    """The tracker run (``tc``: a ``TrackerConfig``) that what ``folder`` holds logs into: the one
+    ``<folder>/tracker.json`` names, when it is of the same tracker and project and still there;
+    else a new one named ``name``, with ``params`` (and ``tags``), recorded there. None without a
+    tracker. ``ValueError`` (one line, naming the config ``key``: ``train.tracker``) when the
+    tracker cannot be reached or refuses."""
+    if tc.kind == "none":
+        return None
+    old = read_record(folder)
+    rec = {"kind": tc.kind, "project": tc.project, "name": name, "uri": None, "run_id": None}
+    if tc.kind == "mlflow":
+        rec["uri"] = tracking_uri(tc)
+        try:
+            rec["run_id"] = _mlflow_run(rec, old, params, {"cerbero.folder": folder, **(tags or {})})
+        except Exception as e:  # the client's own errors: a URI it cannot reach, a token refused
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{key}: MLflow at {rec['uri']}: {first[:300]}") from None
+    else:
+        rec["uri"] = tc.uri
+        same = old and old.get("kind") == "wandb" and old.get("project") == tc.project
+        rec["run_id"] = old["run_id"] if same else uuid.uuid4().hex[:12]
+    if rec != old:
+        storage.write_json(storage.join(folder, RECORD), rec)
+    where = f" at {rec['uri']}" if rec["uri"] else ""
+    again = " (resumed)" if old and old.get("run_id") == rec["run_id"] else ""
+    log.info(f"[{key.split('.')[0]}] logging into {tc.kind}{where}: {tc.project}, run {rec['run_id']}{again}")
+    return rec
+
+
+def _mlflow_run(rec: dict, old: dict | None, params: dict, tags: dict) -> str:
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=rec["uri"])
+    if old and old.get("kind") == "mlflow" and (old.get("uri"), old.get("project")) == (rec["uri"], rec["project"]):
+        try:
+            run = client.get_run(old["run_id"])
+            if run.info.lifecycle_stage != "deleted":
+                return old["run_id"]
+        except MlflowException:  # deleted from the server since: a new run
+            pass
+    exp = client.get_experiment_by_name(rec["project"])
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(rec["project"])
+    run = client.create_run(exp_id, run_name=rec["name"], tags=tags)
+    listed = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for s in range(0, len(listed), 100):  # MLflow takes at most 100 parameters a batch
+        client.log_batch(run.info.run_id, params=listed[s : s + 100])
+    return run.info.run_id
+
+
+def training_run_of(checkpoint: str) -> tuple[str, dict, int] | None:
+    """The training run folder that wrote ``checkpoint`` (``<run>/hf``, ``<run>/adapter``, or one
+    in ``<run>/checkpoint_step_N/``), when that run was tracked: (its folder, its tracker record,
+    the checkpoint's step); else None."""
+    path = checkpoint.rstrip("/")
+    parent, base = path.rsplit("/", 1) if "/" in path else ("", path)
+    if base not in ("hf", "adapter") or not parent:
+        return None
+    run, step = parent, None
+    up, last = parent.rsplit("/", 1) if "/" in parent else ("", parent)
+    found = re.fullmatch(r"checkpoint_step_(\d+)", last)
+    if found and up:
+        run, step = up, int(found.group(1))
+    try:
+        rec = read_record(run)
+        if rec is None:
+            return None
+        if step is None:  # the run's final model: its summary's step count
+            summary = storage.join(run, "summary.json")
+            fs, p = storage.resolve(summary)
+            step = int(storage.read_json(summary)["steps"]) if fs.get_file_info(p).is_file else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return run, rec, step
+
+
+def metric_name(name: str) -> str:
+    """A name every tracker takes (MLflow: letters, digits, ``_ - . / :`` and spaces)."""
+    return re.sub(r"[^A-Za-z0-9_\-./: ]", "_", name)
+
+
+class Tracker:
+    """The logging side of a run :func:`open_run` opened: :meth:`log` a step's scalars,
+    :meth:`summary` figures that have no step of their own, :meth:`finish` at the end. ``params``:
+    the run's configuration for W&B (None: leave the run's as it is). A failure after the start
+    warns once and turns the tracker off; the job goes on."""
+
+    def __init__(self, rec: dict, params: dict | None, folder: str, key: str):
+        self.rec, self.kind, self.client, self.run, self.key = rec, rec["kind"], None, None, key
+        self.folder, self.staged = folder, None  # W&B's folder, for a folder in a bucket
+        self.held: dict[str, int] = {}  # MLflow: key -> the last step the run already has
+        self.wandb_from = 0  # W&B: the first step the run does not have yet
+        # MLflow: batches sent in order by one thread of ours, so that a slow server never holds a
+        # step up (its client's own asynchronous queue sends batches of one run concurrently,
+        # which its file store does not survive: lines lost)
+        self.outbox: queue.Queue = queue.Queue()
+        self.sender: threading.Thread | None = None
+        self.failed: Exception | None = None
+        try:
+            if self.kind == "mlflow":
+                from mlflow.tracking import MlflowClient
+
+                self.client = MlflowClient(tracking_uri=rec["uri"])
+            else:
+                self._start_wandb(params)
+        except Exception as e:
+            raise ValueError(f"{key}: {self.kind} could not start: {str(e).strip()[:300]}") from None
+
+    def _start_wandb(self, params: dict | None) -> None:
+        """W&B's own folder (its offline run, its logs): ``$WANDB_DIR``, else ``<folder>/wandb/``;
+        a folder in a bucket gets it copied there at the end."""
+        import wandb
+
+        where = os.environ.get("WANDB_DIR")
+        if not where and storage.is_uri(self.folder):
+            where = self.staged = tempfile.mkdtemp(prefix="cerbero-wandb-")
+        elif not where:
+            where = storage.resolve(self.folder)[1]
+            os.makedirs(where, exist_ok=True)
+        kw = {"settings": wandb.Settings(base_url=self.rec["uri"])} if self.rec.get("uri") else {}
+        self.run = wandb.init(
+            project=self.rec["project"],
+            name=self.rec["name"],
+            id=self.rec["run_id"],
+            resume="allow",
+            dir=where,
+            **({"config": params} if params is not None else {}),
+            **kw,
+        )
+        self.wandb_from = int(self.run.step)  # resumed: what an earlier attempt logged stays
+
+    def _new(self, step: int, key: str) -> bool:
+        """Whether the tracker run lacks ``key`` at ``step``. MLflow: asked once per key (a
+        resumed run's history), then kept; W&B: its steps run in order, every key at once (a step
+        logged again merges into it)."""
+        if self.kind == "wandb":
+            return step >= self.wandb_from
+        if key not in self.held:
+            history = self.client.get_metric_history(self.rec["run_id"], key)
+            self.held[key] = max((m.step for m in history), default=-1)
+        return step > self.held[key]
+
+    def log(self, step: int, values: dict) -> None:
+        if self.kind is None:
+            return
+        try:
+            new = {metric_name(k): float(v) for k, v in values.items() if self._new(step, metric_name(k))}
+            if not new:
+                return
+            if self.kind == "mlflow":
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                if self.failed is not None:
+                    raise self.failed
+                if self.sender is None:
+                    self.sender = threading.Thread(target=self._send, name="cerbero-mlflow", daemon=True)
+                    self.sender.start()
+                self.outbox.put([Metric(k, v, now, step) for k, v in new.items()])
+            else:
+                self.run.log(new, step=step)
+            self.held.update(dict.fromkeys(new, step))
+        except Exception as e:
+            self._off(e)
+
+    def summary(self, step: int, values: dict) -> None:
+        """Figures of the run as a whole (an evaluation's): MLflow metrics at ``step`` (the
+        checkpoint's), W&B's run summary (its steps belong to the training)."""
+        self.flush()  # one batch of a run at a time
+        if self.kind is None:
+            return
+        try:
+            values = {metric_name(k): float(v) for k, v in values.items()}
+            if self.kind == "mlflow":
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                self.client.log_batch(self.rec["run_id"], metrics=[Metric(k, v, now, step) for k, v in values.items()])
+            else:
+                self.run.summary.update(values)
+        except Exception as e:
+            self._off(e)
+
+    def _send(self) -> None:
+        """The sending thread: each batch in turn, until a failure (kept for the logging side)."""
+        while True:
+            metrics = self.outbox.get()
+            try:
+                if self.failed is None:
+                    self.client.log_batch(self.rec["run_id"], metrics=metrics)
+            except Exception as e:
+                self.failed = e
+            finally:
+                self.outbox.task_done()
+
+    def flush(self) -> None:
+        """Wait until the tracker has every step logged so far (at a checkpoint, at the end)."""
+        if self.kind != "mlflow":
+            return
+        self.outbox.join()
+        if self.failed is not None:
+            self._off(self.failed)
+
+    def finish(self, terminate: bool = True) -> None:
+        """The run done: every step sent; MLflow's run marked finished (``terminate``: an
+        evaluation logging into a training run leaves its status as it is)."""
+        self.flush()
+        if self.kind is None:
+            return
+        try:
+            if self.kind == "mlflow":
+                if terminate:
+                    self.client.set_terminated(self.rec["run_id"], "FINISHED")
+            else:
+                self.run.finish(exit_code=0)
+                if self.staged:
+                    where = storage.join(self.folder, "wandb")
+                    storage.upload_folder(os.path.join(self.staged, "wandb"), where, markers=False)
+        except Exception as e:
+            self._off(e)
+        self.kind = None
+
+    def _off(self, e: Exception) -> None:
+        log.warning(f"{self.key}: {self.kind} tracking stopped, the job goes on: {str(e).strip()[:300]}")
+        self.kind = None
