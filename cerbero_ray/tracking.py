@@ -184,6 +184,7 @@ class Tracker:
         self.outbox: queue.Queue = queue.Queue()
         self.sender: threading.Thread | None = None
         self.failed: Exception | None = None
+        self.broken = False  # turned off by a failure (said once)
         try:
             if self.kind == "mlflow":
                 from mlflow.tracking import MlflowClient
@@ -310,4 +311,4 @@ class Tracker:
 
     def _off(self, e: Exception) -> None:
         log.warning(f"{self.key}: {self.kind} tracking stopped, the job goes on: {str(e).strip()[:300]}")
-        self.kind = None
+        self.kind, self.broken = None, True

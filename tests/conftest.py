@@ -412,17 +412,17 @@ def cpu_graphs(monkeypatch):
     return on
 
 
-def wandb_history(run_folder) -> tuple[str, list[dict]]:
-    """An offline W&B run's id and its history rows (``{"_step", key: value}``), read from the
-    ``run-<id>.wandb`` file W&B writes under ``<run_folder>/wandb/`` (a LevelDB-style log of its
-    protobuf records: 32 KiB blocks of chunks, each a CRC, a length and a type)."""
+def wandb_records(run_folder) -> tuple[str, list]:
+    """An offline W&B run's id and its protobuf records, read from the ``run-<id>.wandb`` file W&B
+    writes under ``<run_folder>/wandb/`` (a LevelDB-style log: 32 KiB blocks of chunks, each a CRC,
+    a length and a type)."""
     import glob
     import struct
 
     from wandb.proto import wandb_internal_pb2
 
     (path,) = glob.glob(os.path.join(str(run_folder), "wandb", "offline-run-*", "run-*.wandb"))
-    data, pos, chunk, rows = open(path, "rb").read(), 7, b"", []  # 7: W&B's file header
+    data, pos, chunk, records = open(path, "rb").read(), 7, b"", []  # 7: W&B's file header
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a header: padding
             pos += 32768 - pos % 32768
@@ -435,7 +435,25 @@ def wandb_history(run_folder) -> tuple[str, list[dict]]:
         if kind in (1, 4):  # a whole record, or a record's last chunk
             record = wandb_internal_pb2.Record()
             record.ParseFromString(chunk)
+            records.append(record)
             chunk = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-    return os.path.basename(path)[len("run-") : -len(".wandb")], rows
+    return os.path.basename(path)[len("run-") : -len(".wandb")], records
+
+
+def _items(items) -> dict:
+    return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+
+
+def wandb_history(run_folder) -> tuple[str, list[dict]]:
+    """An offline W&B run's id and its history rows (``{"_step", key: value}``)."""
+    run_id, records = wandb_records(run_folder)
+    return run_id, [_items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+
+
+def wandb_summary(run_folder) -> dict:
+    """An offline W&B run's summary, as its updates leave it."""
+    out: dict = {}
+    for r in wandb_records(run_folder)[1]:
+        if r.WhichOneof("record_type") == "summary":
+            out.update(_items(r.summary.update))
+    return out

@@ -463,3 +463,79 @@ def test_a_model_that_fails_keeps_the_tasks_it_finished(tmp_path, evalita_dir, r
         srv.shutdown()
     assert asked and not any(asked)  # the second run asked for ami2020's rows only
     assert list(res["results"]["api"]) == ["squad_it", "ami2020"] and squad_asked > 0
+
+
+def test_figures_go_into_the_training_run_that_made_the_checkpoint(tmp_path, tiny_hf, evalita_dir, ray_local):
+    """``evaluate.tracker.kind=mlflow``: a checkpoint that a tracked training run wrote (``<run>/hf``)
+    gets its figures in that run, at the run's step, its status and parameters left as they are; an
+    endpoint gets a run of its own; the same command again sends nothing."""
+    import http.server
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from cerbero_ray.config.common import TrackerConfig
+    from cerbero_ray.evaluate.report import tracked_figures
+    from cerbero_ray.tracking import open_run
+
+    uri = f"file:{tmp_path}/mlruns"
+    run = tmp_path / "train" / "run1"
+    shutil.copytree(tiny_hf, run / "hf")
+    training = TrackerConfig(kind="mlflow", project="training", uri=uri)
+    rec = open_run(training, "train.tracker", "run1", str(run), {"train.lr": 0.1})
+    (run / "summary.json").write_text(json.dumps({"steps": 7}))
+
+    class Answers(http.server.BaseHTTPRequestHandler):
+        def _send(self, code, body):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._send(200, {"data": [{"id": "m"}]})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path != "/v1/chat/completions":
+                return self._send(404, {})  # no /v1/label: score is unsupported
+            self._send(200, {"choices": [{"message": {"role": "assistant", "content": "no"}}]})
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    api = f"http://127.0.0.1:{srv.server_port}/v1"
+    tracked = ["evaluate.tracker.kind=mlflow", f"evaluate.tracker.uri={uri}"]
+    cfg = _small(tmp_path, {"trained": str(run / "hf"), "api": api}, evalita_dir, *tracked)
+    try:
+        res = run_evaluate(cfg)
+        client = MlflowClient(tracking_uri=uri)
+        own = json.load(open(tmp_path / "evaluate" / "runs" / "api" / "tracker.json"))["run_id"]
+        runs = {"trained": (rec["run_id"], 7), "api": (own, 0)}
+
+        def figures(m):
+            run_id, step = runs[m]
+            units = res["results"][m].items()
+            want = {f"eval/{t}/{k}": v for t, u in units for k, v in tracked_figures(u).items()}
+            got = client.get_run(run_id).data.metrics
+            assert {k: got.get(k) for k in want} == want
+            return {k: [(x.step, x.value) for x in client.get_metric_history(run_id, k)] for k in want}
+
+        trained, asked = figures("trained"), figures("api")
+        some = {"eval/squad_it/generate/f1", "eval/ami2020/score/macro_f1", "eval/ami2020/choice/accuracy"}
+        assert some <= set(trained)
+        assert "eval/squad_it/generate/f1" in asked and not any("/score/" in k for k in asked)
+        assert all(len(h) == 1 and h[0][0] == 7 for h in trained.values())
+        assert all(len(h) == 1 and h[0][0] == 0 for h in asked.values())
+        t = client.get_run(rec["run_id"])  # the training run: its status and parameters as they were
+        assert t.info.status == "RUNNING" and t.data.params == {"train.lr": "0.1"}
+        a = client.get_run(own)
+        assert a.info.run_name == "api" and a.data.params["checkpoint"] == api and a.info.status == "FINISHED"
+        assert client.get_experiment(a.info.experiment_id).name == "cerbero-ray"  # evaluate.tracker.project
+        run_evaluate(cfg)  # every task done already: nothing sent again
+        assert figures("trained") == trained and figures("api") == asked
+    finally:
+        srv.shutdown()

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from cerbero_ray.config import check, compose
 from cerbero_ray.config.train import TrainStageConfig
 from cerbero_ray.tracking import RECORD, Tracker, flat_config, open_run
-from conftest import wandb_history
+from conftest import wandb_history, wandb_summary
 
 
 def config(tmp_path, *over) -> TrainStageConfig:
@@ -164,3 +164,17 @@ def test_trackers_of_a_run_folder_in_a_bucket(tmp_path, bucket):
 
     run_id, rows = wandb_history(storage.local_copy(run_dir))  # the run folder, downloaded
     assert run_id == rec["run_id"] and [r["train/loss"] for r in rows] == [0.0, 1.0, 2.0]
+
+
+def test_an_evaluation_s_figures_go_into_the_w_b_run_summary(tmp_path):
+    """W&B's steps belong to the training: an evaluation's figures go into the run's summary (its
+    runs table), under names every tracker takes."""
+    from cerbero_ray.config.common import TrackerConfig
+
+    tc, params = TrackerConfig(kind="wandb", project="p"), {"checkpoint": "/ckpt/hf"}
+    rec = open_run(tc, "evaluate.tracker", "model", str(tmp_path), params)
+    t = Tracker(rec, params, str(tmp_path), "evaluate.tracker")
+    t.summary(0, {"eval/squad_it/generate/f1": 12.5, "eval/ami2020/score#1/f1": 3.0})
+    t.finish()
+    got = wandb_summary(tmp_path)
+    assert got["eval/squad_it/generate/f1"] == 12.5 and got["eval/ami2020/score_1/f1"] == 3.0

@@ -13,6 +13,7 @@ from cerbero_ray.config.common import (
     INFERENCE_DTYPES,
     ClusterConfig,
     PathsConfig,
+    TrackerConfig,
     at_least,
     check_local_checkpoint,
     check_output_dir,
@@ -20,6 +21,7 @@ from cerbero_ray.config.common import (
     local_path,
     one_of,
 )
+from cerbero_ray.tracking import check_tracker
 
 TASK_KINDS = ("squad", "ami2020", "ironita", "sentipolc")
 SHOT_MODES = ("draws", "per_row")
@@ -69,6 +71,9 @@ class EvaluateConfig:
     endpoint_key_env: str = "OPENAI_API_KEY"  # the environment variable holding an endpoint's key
     endpoint_concurrency: int = 8  # requests in flight to an endpoint
     published: List[Dict[str, Any]] = field(default_factory=list)  # rows printed for reference in results.md
+    # each model's figures in MLflow or W&B: the training run that wrote its checkpoint, when that
+    # run was tracked with the same tracker; else a run of its own in tracker.project
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
 
 @dataclass
@@ -88,6 +93,7 @@ def check_evaluate(c: EvaluateStageConfig, before: frozenset = frozenset()) -> N
     import os
 
     ec = c.evaluate
+    check_tracker(ec.tracker, "evaluate.tracker")
     checkpoints = not before & {"train", "export"}
     if not ec.checkpoints:
         raise ValueError("evaluate.checkpoints: no checkpoint (a mapping name -> HF folder or URI)")

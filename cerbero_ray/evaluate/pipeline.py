@@ -37,7 +37,7 @@ from cerbero_ray.evaluate import squad
 from cerbero_ray.evaluate.backends import ModelRun, model_kind, probe, runner
 from cerbero_ray.evaluate.metrics import baselines, paired_bootstrap, prompt_summary
 from cerbero_ray.evaluate.reading import columns_from_rows, figures, metric_kind, read_unit
-from cerbero_ray.evaluate.report import write_report
+from cerbero_ray.evaluate.report import tracked_figures, write_report
 from cerbero_ray.evaluate.tasks import Prepared, Unit, prepare, unit_key
 from cerbero_ray.evaluate.worker import EvalWorker
 from cerbero_ray.logs import progress
@@ -371,4 +371,45 @@ def run_evaluate(cfg: DictConfig | dict | EvaluateStageConfig) -> dict:
     }
     storage.write_json(storage.join(ec.output_dir, "results.json"), results)
     results["report"] = write_report(results, ec)
+    track(ec, per_model)
     return results
+
+
+TRACKED = "tracked.json"  # beside a model's tasks: each task's identity its tracker run has the figures of
+
+
+def track(ec: EvaluateConfig, per_model: dict) -> None:
+    """``evaluate.tracker``: each model's figures (:func:`~cerbero_ray.evaluate.report.tracked_figures`,
+    as ``eval/<task>/<protocol>/<metric>``) in its tracker run: the training run that wrote its
+    checkpoint, when that run was tracked with the same tracker (at the checkpoint's step; the
+    run's status left as it is), else a run of its own named after the model in
+    ``evaluate.tracker.project`` (recorded in ``runs/<model>/tracker.json``). A task's figures go
+    once per identity: a rerun that computes nothing new sends nothing."""
+    tc = ec.tracker
+    if tc.kind == "none":
+        return
+    from cerbero_ray.tracking import Tracker, flat_config, open_run, training_run_of
+
+    for m, res in per_model.items():
+        folder = storage.join(ec.output_dir, "runs", m)
+        record = storage.join(folder, TRACKED)
+        sent = storage.read_json(record) if storage.is_file(record) else {}
+        new = {t: r for t, r in res.items() if sent.get(t) != r["identity"]}
+        if not new:
+            continue
+        path = ec.checkpoints[m]
+        owner = training_run_of(path) if model_kind(path) == "hf" else None
+        if owner and owner[1]["kind"] == tc.kind:
+            where, rec, step = owner
+            params, own = None, False
+        else:
+            params = {"checkpoint": path, **flat_config(ec)}
+            rec = open_run(tc, "evaluate.tracker", m, folder, params, {"cerbero.checkpoint": path})
+            where, step, own = folder, 0, True
+        t = Tracker(rec, params, where, "evaluate.tracker")
+        figures = {f"eval/{task}/{k}": v for task, r in new.items() for k, v in tracked_figures(r["units"]).items()}
+        t.summary(step, figures)
+        t.finish(terminate=own)
+        if not t.broken:  # else said once (a warning); the next run sends them again
+            storage.write_json(record, {**sent, **{task: r["identity"] for task, r in new.items()}})
+            log.info(f"[evaluate] {m}: {len(new)} task(s)' figures in {tc.kind} run {rec['run_id']}")

@@ -68,6 +68,16 @@ def _first(units: dict, protocol: str) -> dict | None:
     return out
 
 
+def tracked_figures(units: dict) -> dict[str, float]:
+    """A task's figures as the tables give them (each protocol's first prompt wording; over several
+    shot draws, their mean), ``{"<protocol>/<metric>": value}``: what an experiment tracker gets."""
+    out = {}
+    for proto in dict.fromkeys(k.split("/")[0] for k in units):
+        first = _first(units, proto) or {}
+        out.update({f"{proto}/{k}": v for k, v in first.items() if isinstance(v, float)})
+    return out
+
+
 def squad_table(results: dict, published: list[dict]) -> list[str]:
     names = [t for t, v in results["tasks"].items() if v["kind"] == "squad"]
     if not names:
