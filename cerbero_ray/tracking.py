@@ -79,10 +79,17 @@ def flat_config(config) -> dict:
 
 
 def read_record(folder: str) -> dict | None:
-    """The tracker run recorded in ``folder`` (local or URI), or None."""
+    """The tracker run recorded in ``folder`` (local or URI), or None (also for a record that does
+    not read as one: a new run is opened and recorded in its place)."""
     path = storage.join(folder, RECORD)
-    fs, p = storage.resolve(path)
-    return storage.read_json(path) if fs.get_file_info(p).is_file else None
+    if not storage.is_file(path):
+        return None
+    try:
+        rec = storage.read_json(path)
+    except ValueError:
+        return None
+    ok = isinstance(rec, dict) and rec.get("kind") in TRACKERS and isinstance(rec.get("run_id"), str)
+    return rec if ok else None
 
 
 def open_run(tc, key: str, name: str, folder: str, params: dict, tags: dict | None = None) -> dict | None:
@@ -155,8 +162,7 @@ def training_run_of(checkpoint: str) -> tuple[str, dict, int] | None:
             return None
         if step is None:  # the run's final model: its summary's step count
             summary = storage.join(run, "summary.json")
-            fs, p = storage.resolve(summary)
-            step = int(storage.read_json(summary)["steps"]) if fs.get_file_info(p).is_file else 0
+            step = int(storage.read_json(summary)["steps"]) if storage.is_file(summary) else 0
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return run, rec, step

@@ -178,3 +178,36 @@ def test_an_evaluation_s_figures_go_into_the_w_b_run_summary(tmp_path):
     t.finish()
     got = wandb_summary(tmp_path)
     assert got["eval/squad_it/generate/f1"] == 12.5 and got["eval/ami2020/score_1/f1"] == 3.0
+
+
+def test_a_record_that_does_not_read_is_replaced_and_an_evaluation_tracker_refusing_stops_it_first(
+    tmp_path, monkeypatch
+):
+    """A tracker.json cut short (a crash while it was written): a new run, recorded in its place.
+    An evaluation whose tracker cannot be reached says so in one line before any model runs."""
+    c = mlflow_config(tmp_path)
+    run_dir = tmp_path / "train" / "run1"
+    os.makedirs(run_dir)
+    (run_dir / RECORD).write_text('{"kind": "mlfl')
+    rec = opened(c, str(run_dir))
+    assert rec["kind"] == "mlflow" and json.load(open(run_dir / RECORD)) == rec
+
+    from cerbero_ray.evaluate import run_evaluate
+    from conftest import SAMPLES
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    over = [
+        f"paths.output_dir={tmp_path}",
+        "~evaluate.checkpoints.tiny-cpu",
+        f"+evaluate.checkpoints.api=http://127.0.0.1:{closed}/v1",  # never asked: the tracker first
+        f"evaluate.tasks.squad_it.path={SAMPLES}/squad_it_sample.json",
+        "evaluate.only=[squad_it]",
+        "evaluate.tracker.kind=mlflow",
+        f"evaluate.tracker.uri=http://127.0.0.1:{closed}",
+    ]
+    with pytest.raises(ValueError, match=rf"^evaluate.tracker: MLflow at http://127.0.0.1:{closed}: [^\n]*$"):
+        run_evaluate(compose("evaluate", over))
+    assert not os.path.exists(tmp_path / "evaluate" / "runs" / "api" / "squad_it")

@@ -343,6 +343,7 @@ def run_evaluate(cfg: DictConfig | dict | EvaluateStageConfig) -> dict:
             f"{', rejects ' + str(dict(rej)) if rej else ''}"
         )
     models = [m for m, path in ec.checkpoints.items() if _present(ec, m, path)]
+    runs = open_tracking(ec, models)  # evaluate.tracker: a tracker that refuses says so before any model runs
     per_model = {m: evaluate_model(ec, m, prepared) for m in models}
     results = {
         "config": asdict(ec),
@@ -371,45 +372,56 @@ def run_evaluate(cfg: DictConfig | dict | EvaluateStageConfig) -> dict:
     }
     storage.write_json(storage.join(ec.output_dir, "results.json"), results)
     results["report"] = write_report(results, ec)
-    track(ec, per_model)
+    track(ec, per_model, runs)
     return results
 
 
 TRACKED = "tracked.json"  # beside a model's tasks: each task's identity its tracker run has the figures of
 
 
-def track(ec: EvaluateConfig, per_model: dict) -> None:
-    """``evaluate.tracker``: each model's figures (:func:`~cerbero_ray.evaluate.report.tracked_figures`,
-    as ``eval/<task>/<protocol>/<metric>``) in its tracker run: the training run that wrote its
-    checkpoint, when that run was tracked with the same tracker (at the checkpoint's step; the
-    run's status left as it is), else a run of its own named after the model in
-    ``evaluate.tracker.project`` (recorded in ``runs/<model>/tracker.json``). A task's figures go
-    once per identity: a rerun that computes nothing new sends nothing."""
+def open_tracking(ec: EvaluateConfig, models: list[str]) -> dict:
+    """``evaluate.tracker``, before any model runs (a tracker that refuses is one line then): each
+    model's tracker run, ``{model: (folder, record, step, params or None, its own run)}``: the
+    training run that wrote its checkpoint when that run was tracked with the same tracker (at the
+    checkpoint's step, its parameters and status left as they are), else a run of its own named
+    after the model in ``evaluate.tracker.project`` (recorded in ``runs/<model>/tracker.json``)."""
     tc = ec.tracker
     if tc.kind == "none":
-        return
-    from cerbero_ray.tracking import Tracker, flat_config, open_run, training_run_of
+        return {}
+    from cerbero_ray.tracking import flat_config, open_run, training_run_of
+
+    out = {}
+    for m in models:
+        path = ec.checkpoints[m]
+        owner = training_run_of(path) if model_kind(path) == "hf" else None
+        if owner and owner[1]["kind"] == tc.kind:
+            out[m] = (*owner, None, False)
+        else:
+            folder, params = storage.join(ec.output_dir, "runs", m), {"checkpoint": path, **flat_config(ec)}
+            out[m] = (folder, open_run(tc, "evaluate.tracker", m, folder, params, {"cerbero.checkpoint": path}), 0)
+            out[m] += (params, True)
+    return out
+
+
+def track(ec: EvaluateConfig, per_model: dict, runs: dict) -> None:
+    """Each model's figures (:func:`~cerbero_ray.evaluate.report.tracked_figures`, as
+    ``eval/<task>/<protocol>/<metric>``) into its tracker run (:func:`open_tracking`). A task's
+    figures go once per identity: a rerun that computes nothing new sends nothing."""
+    from cerbero_ray.tracking import Tracker
 
     for m, res in per_model.items():
-        folder = storage.join(ec.output_dir, "runs", m)
-        record = storage.join(folder, TRACKED)
+        if m not in runs:
+            continue
+        record = storage.join(ec.output_dir, "runs", m, TRACKED)
         sent = storage.read_json(record) if storage.is_file(record) else {}
         new = {t: r for t, r in res.items() if sent.get(t) != r["identity"]}
         if not new:
             continue
-        path = ec.checkpoints[m]
-        owner = training_run_of(path) if model_kind(path) == "hf" else None
-        if owner and owner[1]["kind"] == tc.kind:
-            where, rec, step = owner
-            params, own = None, False
-        else:
-            params = {"checkpoint": path, **flat_config(ec)}
-            rec = open_run(tc, "evaluate.tracker", m, folder, params, {"cerbero.checkpoint": path})
-            where, step, own = folder, 0, True
+        where, rec, step, params, own = runs[m]
         t = Tracker(rec, params, where, "evaluate.tracker")
         figures = {f"eval/{task}/{k}": v for task, r in new.items() for k, v in tracked_figures(r["units"]).items()}
         t.summary(step, figures)
         t.finish(terminate=own)
         if not t.broken:  # else said once (a warning); the next run sends them again
             storage.write_json(record, {**sent, **{task: r["identity"] for task, r in new.items()}})
-            log.info(f"[evaluate] {m}: {len(new)} task(s)' figures in {tc.kind} run {rec['run_id']}")
+            log.info(f"[evaluate] {m}: {len(new)} task(s)' figures in {ec.tracker.kind} run {rec['run_id']}")
