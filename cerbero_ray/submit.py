@@ -19,6 +19,8 @@ import shlex
 import sys
 import time
 
+from omegaconf import OmegaConf
+
 from cerbero_ray import storage
 from cerbero_ray.config import REPO_DIR, compose
 from cerbero_ray.config.stages import STAGES
@@ -35,6 +37,17 @@ EXCLUDES = [
     "bench/results/",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# an experiment tracker's settings in the environment (train.tracker, evaluate.tracker): shipped with
+# the job, which reads them as this machine would (MLflow's URI among them: without it the job's own
+# config check would fail there); its credentials only with --env, as any other
+TRACKER_SETTINGS = {
+    "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"),
+    "wandb": ("WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY"),
+}
+TRACKER_SECRETS = {
+    "mlflow": ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+    "wandb": ("WANDB_API_KEY",),
+}
 
 
 def job_spec(stage: str, overrides: list[str], pass_env: list[str] = ()) -> dict:
@@ -48,6 +61,11 @@ def job_spec(stage: str, overrides: list[str], pass_env: list[str] = ()) -> dict
     for key, var in (("output_dir", "CERBERO_OUTPUT_DIR"), ("data_dir", "CERBERO_DATA_DIR")):
         value = str(cfg.paths[key])
         env[var] = value if storage.is_uri(value) else os.path.abspath(value)
+    kinds = {
+        str(OmegaConf.select(cfg, f"{stage_}.tracker.kind", default="none")) for stage_ in ("train", "evaluate")
+    } - {"none"}
+    for kind in sorted(kinds):
+        env.update({v: os.environ[v] for v in TRACKER_SETTINGS[kind] if v in os.environ})
     for var in pass_env:
         if var not in os.environ:
             raise ValueError(f"--env {var}: not set in this environment")
@@ -55,7 +73,14 @@ def job_spec(stage: str, overrides: list[str], pass_env: list[str] = ()) -> dict
     # the job's cwd is a copy of the checkout: paths it gets must not be relative to it
     overrides = [o for o in overrides if not o.startswith(("paths.output_dir=", "paths.data_dir="))]
     entrypoint = " ".join(["python", f"jobs/{stage}.py", *(shlex.quote(o) for o in overrides)])
-    return {"entrypoint": entrypoint, "runtime_env": {"working_dir": REPO_DIR, "excludes": EXCLUDES, "env_vars": env}}
+    unsent = [v for k in sorted(kinds) for v in TRACKER_SECRETS[k] if v in os.environ and v not in pass_env]
+    spec = {"entrypoint": entrypoint, "runtime_env": {"working_dir": REPO_DIR, "excludes": EXCLUDES, "env_vars": env}}
+    if unsent:  # said, not sent: the cluster may have its own
+        spec["notes"] = [
+            f"{', '.join(unsent)} set here but not shipped: add {' '.join('--env ' + v for v in unsent)} "
+            "unless the cluster's nodes have their own"
+        ]
+    return spec
 
 
 def submit(
@@ -71,6 +96,8 @@ def submit(
     from ray.job_submission import JobSubmissionClient
 
     spec = job_spec(stage, overrides, pass_env)
+    for note in spec.pop("notes", []):
+        print(f"note: {note}", file=sys.stderr, flush=True)
     client = JobSubmissionClient(address)
     job_id = _submit_when_ready(client, spec, submission_id)
     print(f"submitted {job_id}: {spec['entrypoint']}", flush=True)

@@ -135,6 +135,25 @@ def test_credentials_are_shipped_only_when_asked(monkeypatch):
         job_spec("data", [], pass_env=["NOT_THERE"])
 
 
+def test_a_tracker_s_settings_go_with_the_job_and_its_key_only_when_asked(monkeypatch, tmp_path):
+    """MLflow's URI from this environment is shipped (the job checks the config again there, and
+    needs it); W&B's key is named in a note, shipped with --env only; nothing without a tracker."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key-1234")
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example")
+    base = [f"paths.output_dir={tmp_path}"]
+    plain = job_spec("train", base)
+    shipped = set(plain["runtime_env"]["env_vars"])
+    assert not {"MLFLOW_TRACKING_URI", "WANDB_BASE_URL"} & shipped and "notes" not in plain
+    spec = job_spec("train", [*base, "train.tracker.kind=mlflow"])
+    assert spec["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and "notes" not in spec
+    spec = job_spec("recipe", [*base, "evaluate.tracker.kind=wandb"])
+    assert spec["runtime_env"]["env_vars"]["WANDB_BASE_URL"] == "https://wandb.example"
+    assert "secret-key-1234" not in json.dumps(spec) and "--env WANDB_API_KEY" in spec["notes"][0]
+    spec = job_spec("train", [*base, "train.tracker.kind=wandb"], pass_env=["WANDB_API_KEY"])
+    assert spec["runtime_env"]["env_vars"]["WANDB_API_KEY"] == "secret-key-1234" and "notes" not in spec
+
+
 def test_bad_config_fails_before_submitting():
     with pytest.raises(Exception, match="seq_lenn"):
         job_spec("data", ["data.seq_lenn=1"])
