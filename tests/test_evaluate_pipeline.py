@@ -2,6 +2,7 @@
 tables, chart and per-row predictions written; SQuAD predictions rescored from the files give the
 same EM/F1; a rerun resumes every (checkpoint, task); a bad config is one line before Ray starts."""
 
+import contextlib
 import json
 import logging
 import os
@@ -411,19 +412,15 @@ def test_job_refuses_a_bad_config_before_ray(tmp_path):
     assert squad.ANSWER_PREFIX == "Risposta breve:"
 
 
-def test_a_model_that_fails_keeps_the_tasks_it_finished(tmp_path, evalita_dir, ray_local, monkeypatch):
-    """Each task is written as soon as its last answer is in: an endpoint that fails on the second
-    task stops the job in one line with the first task's figures kept, and the same command then
-    asks only for the second."""
+@contextlib.contextmanager
+def chat_endpoint(answer):
+    """An OpenAI-style endpoint on loopback for the evaluation's requests: ``/v1/models`` names
+    one model, ``/v1/chat/completions`` is ``answer(body) -> (status, json)``, any other route a
+    404 (no ``/v1/label``: ``score`` is unsupported there). Yields its ``…/v1`` URL."""
     import http.server
     import threading
 
-    from cerbero_ray.evaluate import backends
-
-    monkeypatch.setattr(backends, "RETRY_WAITS", (0.0,) * 6)
-    healthy, asked = threading.Event(), []
-
-    class Flaky(http.server.BaseHTTPRequestHandler):
+    class Handler(http.server.BaseHTTPRequestHandler):
         def _send(self, code, body):
             data = json.dumps(body).encode()
             self.send_response(code)
@@ -435,23 +432,44 @@ def test_a_model_that_fails_keeps_the_tasks_it_finished(tmp_path, evalita_dir, r
             self._send(200, {"data": [{"id": "m"}]})
 
         def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-            if self.path != "/v1/chat/completions":
-                return self._send(404, {})
-            squad_row = json.loads(body)["max_tokens"] in (8, 100)  # _small's SQuAD-it units (ami2020's: 4, 10)
-            asked.append(squad_row)
-            if not squad_row and not healthy.is_set():  # down once the SQuAD-it rows are answered
-                return self._send(500, {"error": {"message": "out of memory"}})
-            self._send(200, {"choices": [{"message": {"role": "assistant", "content": "no"}}]})
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self._send(*answer(body)) if self.path == "/v1/chat/completions" else self._send(404, {})
 
         def log_message(self, *a):
             pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    cfg = _small(tmp_path, {"api": f"http://127.0.0.1:{srv.server_port}/v1"}, evalita_dir, "evaluate.batch_rows=4")
-    runs = tmp_path / "evaluate" / "runs" / "api"
     try:
+        yield f"http://127.0.0.1:{srv.server_port}/v1"
+    finally:
+        srv.shutdown()
+
+
+NO = (200, {"choices": [{"message": {"role": "assistant", "content": "no"}}]})
+
+
+def test_a_model_that_fails_keeps_the_tasks_it_finished(tmp_path, evalita_dir, ray_local, monkeypatch):
+    """Each task is written as soon as its last answer is in: an endpoint that fails on the second
+    task stops the job in one line with the first task's figures kept, and the same command then
+    asks only for the second."""
+    import threading
+
+    from cerbero_ray.evaluate import backends
+
+    monkeypatch.setattr(backends, "RETRY_WAITS", (0.0,) * 6)
+    healthy, asked = threading.Event(), []
+
+    def answer(body):
+        squad_row = body["max_tokens"] in (8, 100)  # _small's SQuAD-it units (ami2020's: 4, 10)
+        asked.append(squad_row)
+        if not squad_row and not healthy.is_set():  # down once the SQuAD-it rows are answered
+            return 500, {"error": {"message": "out of memory"}}
+        return NO
+
+    runs = tmp_path / "evaluate" / "runs" / "api"
+    with chat_endpoint(answer) as api:
+        cfg = _small(tmp_path, {"api": api}, evalita_dir, "evaluate.batch_rows=4")
         with pytest.raises(backends.EndpointError, match=r"/v1/chat/completions: 500 Internal Server Error"):
             run_evaluate(cfg)
         assert (runs / "squad_it" / "metrics.json").exists() and not (runs / "ami2020").exists()
@@ -459,8 +477,6 @@ def test_a_model_that_fails_keeps_the_tasks_it_finished(tmp_path, evalita_dir, r
         healthy.set()
         asked.clear()
         res = run_evaluate(cfg)
-    finally:
-        srv.shutdown()
     assert asked and not any(asked)  # the second run asked for ami2020's rows only
     assert list(res["results"]["api"]) == ["squad_it", "ami2020"] and squad_asked > 0
 
@@ -469,8 +485,6 @@ def test_figures_go_into_the_training_run_that_made_the_checkpoint(tmp_path, tin
     """``evaluate.tracker.kind=mlflow``: a checkpoint that a tracked training run wrote (``<run>/hf``)
     gets its figures in that run, at the run's step, its status and parameters left as they are; an
     endpoint gets a run of its own; the same command again sends nothing."""
-    import http.server
-    import threading
 
     from mlflow.tracking import MlflowClient
 
@@ -485,32 +499,9 @@ def test_figures_go_into_the_training_run_that_made_the_checkpoint(tmp_path, tin
     rec = open_run(training, "train.tracker", "run1", str(run), {"train.lr": 0.1})
     (run / "summary.json").write_text(json.dumps({"steps": 7}))
 
-    class Answers(http.server.BaseHTTPRequestHandler):
-        def _send(self, code, body):
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            self._send(200, {"data": [{"id": "m"}]})
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            if self.path != "/v1/chat/completions":
-                return self._send(404, {})  # no /v1/label: score is unsupported
-            self._send(200, {"choices": [{"message": {"role": "assistant", "content": "no"}}]})
-
-        def log_message(self, *a):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    api = f"http://127.0.0.1:{srv.server_port}/v1"
     tracked = ["evaluate.tracker.kind=mlflow", f"evaluate.tracker.uri={uri}"]
-    cfg = _small(tmp_path, {"trained": str(run / "hf"), "api": api}, evalita_dir, *tracked)
-    try:
+    with chat_endpoint(lambda body: NO) as api:
+        cfg = _small(tmp_path, {"trained": str(run / "hf"), "api": api}, evalita_dir, *tracked)
         res = run_evaluate(cfg)
         client = MlflowClient(tracking_uri=uri)
         own = json.load(open(tmp_path / "evaluate" / "runs" / "api" / "tracker.json"))["run_id"]
@@ -537,5 +528,3 @@ def test_figures_go_into_the_training_run_that_made_the_checkpoint(tmp_path, tin
         assert client.get_experiment(a.info.experiment_id).name == "cerbero-ray"  # evaluate.tracker.project
         run_evaluate(cfg)  # every task done already: nothing sent again
         assert figures("trained") == trained and figures("api") == asked
-    finally:
-        srv.shutdown()
