@@ -79,6 +79,21 @@ def shutdown_ray() -> None:
     cluster_state.started_here(False)
 
 
+LAUNCHED: dict = {}  # set once launch() has the composed config: Hydra's exit 1 after that is not a config error
+
+
+def hydra_job(main) -> None:
+    """A job's ``if __name__ == "__main__"``: its Hydra ``main()``, with a config Hydra cannot
+    compose (a misspelled key, a value of the wrong type, an option that is not there) exiting 2
+    as every other config error does, not Hydra's 1 (its message stays as Hydra prints it)."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and not LAUNCHED:
+            sys.exit(2)
+        raise
+
+
 def launch(stage: str, cfg, run=None, ray: bool | None = None, **kwargs):
     """What every ``jobs/<stage>.py`` does: check the composed config and the stage's local input (a
     bad key or value, a missing local input or manifest, is one line naming the key and exit status
@@ -91,6 +106,7 @@ def launch(stage: str, cfg, run=None, ray: bool | None = None, **kwargs):
     from cerbero_ray.config.stages import STAGES, precheck
 
     ray = STAGES[stage].ray if ray is None else ray
+    LAUNCHED[stage] = True
     try:
         c = check(stage, cfg)
         precheck(stage, c)  # what it reads of its local input and output (a manifest, a run record)

@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cerbero_ray.config import register_configs
-from cerbero_ray.runtime import launch
+from cerbero_ray.runtime import hydra_job, launch
 
 register_configs()
 
@@ -19,4 +19,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_job(main)

@@ -241,3 +241,49 @@ print(len(STAGES), [m for m in ("torch", "transformers", "ray") if m in sys.modu
     assert imported.strip() == "[]", r.stdout  # none of them imported
     lines = r.stderr.splitlines()
     assert len(lines) == int(stages) >= 8 and all(x.startswith("error: ") for x in lines), r.stderr  # one line each
+
+
+@pytest.mark.parametrize(
+    "job, override, says",
+    [
+        ("train", "train.lrr=1", "Could not override 'train.lrr'"),  # a misspelled key
+        ("data", "data.seq_len=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("train", "train=nosuch", "Could not find 'train/nosuch'"),  # an option that is not there
+    ],
+)
+def test_a_config_hydra_cannot_compose_exits_2_as_every_config_error(job, override, says):
+    """Hydra's own errors (before our checks see the config) keep Hydra's message and exit 2, not
+    Hydra's 1: a scheduler that retries on 1 does not retry a config that cannot work."""
+    import subprocess
+    import sys
+
+    from cerbero_ray.config import REPO_DIR
+
+    r = subprocess.run(
+        [sys.executable, os.path.join(REPO_DIR, "jobs", f"{job}.py"), override],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and says in r.stderr, (r.returncode, r.stderr[-2000:])
+
+
+def test_a_failure_after_the_config_is_composed_keeps_hydra_s_status(monkeypatch):
+    """Only a config Hydra could not compose is turned into 2: once launch has it, Hydra's 1 (a
+    library's failure) stays 1."""
+    from cerbero_ray import runtime
+
+    def hydra_exits(code, launched):
+        def main():
+            if launched:
+                monkeypatch.setitem(runtime.LAUNCHED, "data", True)
+            raise SystemExit(code)
+
+        return main
+
+    monkeypatch.setattr(runtime, "LAUNCHED", {})
+    for code, launched, out in ((1, False, 2), (1, True, 1), (0, False, 0), (2, False, 2)):
+        monkeypatch.setattr(runtime, "LAUNCHED", {})
+        with pytest.raises(SystemExit) as e:
+            runtime.hydra_job(hydra_exits(code, launched))
+        assert e.value.code == out, (code, launched)
