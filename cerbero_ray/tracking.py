@@ -137,7 +137,8 @@ def _mlflow_run(rec: dict, old: dict | None, params: dict, tags: dict) -> str:
     exp = client.get_experiment_by_name(rec["project"])
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(rec["project"])
     run = client.create_run(exp_id, run_name=rec["name"], tags=tags)
-    listed = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    named = {metric_name(k)[:250]: str(v)[:6000] for k, v in params.items()}  # MLflow's limits on both
+    listed = [Param(k, v) for k, v in named.items()]
     for s in range(0, len(listed), 100):  # MLflow takes at most 100 parameters a batch
         client.log_batch(run.info.run_id, params=listed[s : s + 100])
     return run.info.run_id
@@ -169,7 +170,8 @@ def training_run_of(checkpoint: str) -> tuple[str, dict, int] | None:
 
 
 def metric_name(name: str) -> str:
-    """A name every tracker takes (MLflow: letters, digits, ``_ - . / :`` and spaces)."""
+    """A name every tracker takes, for a metric or a parameter (MLflow: letters, digits,
+    ``_ - . / :`` and spaces; a model or task name of the config may hold anything)."""
     return re.sub(r"[^A-Za-z0-9_\-./: ]", "_", name)
 
 

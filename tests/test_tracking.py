@@ -72,6 +72,8 @@ def test_mlflow_run_opened_once_resumed_and_each_step_logged_once(tmp_path):
     assert run.data.params["train.lr"] == "0.001" and run.data.params["deepspeed.extra.k39"] == "39"
     assert len(run.data.params) == len(flat_config(c)) > 100  # in batches of 100
     assert run.info.run_name == "run1" and run.data.tags["cerbero.folder"] == run_dir
+    named = open_run(c.train.tracker, "evaluate.tracker", "m", str(tmp_path / "m"), {"checkpoints.my model (v2)": 1})
+    assert client.get_run(named["run_id"]).data.params == {"checkpoints.my model _v2_": "1"}  # a name MLflow takes
 
     first = tracker(rec, c, run_dir)  # an attempt that dies after step 3: never finished
     for step in range(4):
