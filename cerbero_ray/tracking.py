@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -241,7 +242,8 @@ class Tracker:
         if self.kind is None:
             return
         try:
-            new = {metric_name(k): float(v) for k, v in values.items() if self._new(step, metric_name(k))}
+            named = {metric_name(k): float(v) for k, v in values.items()}
+            new = {k: v for k, v in named.items() if self._new(step, k)}
             if not new:
                 return
             if self.kind == "mlflow":
@@ -313,6 +315,7 @@ class Tracker:
                 if self.staged:
                     where = storage.join(self.folder, "wandb")
                     storage.upload_folder(os.path.join(self.staged, "wandb"), where, markers=False)
+                    shutil.rmtree(self.staged, ignore_errors=True)
         except Exception as e:
             self._off(e)
         self.kind = None

@@ -396,10 +396,10 @@ def open_tracking(ec: EvaluateConfig, models: list[str]) -> dict:
         owner = training_run_of(path) if model_kind(path) == "hf" else None
         if owner and owner[1]["kind"] == tc.kind:
             out[m] = (*owner, None, False)
-        else:
-            folder, params = storage.join(ec.output_dir, "runs", m), {"checkpoint": path, **flat_config(ec)}
-            out[m] = (folder, open_run(tc, "evaluate.tracker", m, folder, params, {"cerbero.checkpoint": path}), 0)
-            out[m] += (params, True)
+            continue
+        folder, params = storage.join(ec.output_dir, "runs", m), {"checkpoint": path, **flat_config(ec)}
+        rec = open_run(tc, "evaluate.tracker", m, folder, params, {"cerbero.checkpoint": path})
+        out[m] = (folder, rec, 0, params, True)
     return out
 
 
