@@ -311,7 +311,13 @@ class Tracker:
                 if terminate:
                     self.client.set_terminated(self.rec["run_id"], "FINISHED")
             else:
+                import wandb
+
                 self.run.finish(exit_code=0)
+                # finish only tells W&B's service the run is done; the service writes the run's
+                # file to its end after that: its teardown waits for it (an offline run read, or a
+                # bucket's copy made, right after finish held a file cut short)
+                wandb.teardown()
                 if self.staged:
                     where = storage.join(self.folder, "wandb")
                     storage.upload_folder(os.path.join(self.staged, "wandb"), where, markers=False)
