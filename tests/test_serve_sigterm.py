@@ -218,6 +218,19 @@ def test_stalled_uploads_hold_no_slot_and_sigterm_keeps_every_accepted_request(t
         first_503 = min(at for at, r in late if r[0] == 503)
         assert first_503 < 3, [(round(at, 2), r[0]) for at, r in late[:40]]
         assert all(r[0] != 200 for at, r in late if at > first_503 + 0.5), [(round(at, 2), r[0]) for at, r in late]
+        # the port closed: refused; reset when the connection reached the kernel's backlog as the
+        # listener closed; or closed unanswered when uvicorn's shutdown found it open with no request
+        # read yet (it closes such a connection, as every HTTP server does with an idle keep-alive one).
+        # None is an accepted request (those are all answered above): they come at the end, after
+        # every answer (within 1 s: a probe's thread may start its request a little late)
+        gone = [at for at, r in late if not isinstance(r[0], int)]
+        assert {r[0] for _, r in late if not isinstance(r[0], int)} <= {
+            "ConnectionRefusedError",
+            "ConnectionResetError",
+            "RemoteDisconnected",
+        } and (gone or len(late) >= 600), [(round(at, 2), r[0]) for at, r in late]
+        answered = [at for at, r in late if isinstance(r[0], int)]
+        assert not gone or max(answered) < min(gone) + 1.0, [(round(at, 2), r[0]) for at, r in late]
         late = [r for _, r in late]
         codes = [r[0] for r in results]
         assert all(c in (200, 503) for c in codes), codes  # never a dropped connection
@@ -231,10 +244,6 @@ def test_stalled_uploads_hold_no_slot_and_sigterm_keeps_every_accepted_request(t
                 assert body["error"]["code"] == "shutting_down" and headers.get("retry-after"), (body, headers)
                 assert "grace period ran out" not in body["error"]["message"], body
         late_codes = [r[0] for r in late]
-        # the port closed: refused, or reset when the connection reached the kernel's backlog as the
-        # listener closed (never read: not an accepted request; those are all answered above)
-        gone = [c for c in late_codes if not isinstance(c, int)]
-        assert set(gone) <= {"ConnectionRefusedError", "ConnectionResetError"} and (gone or len(late) >= 600), gone
         assert 503 in late_codes and all(c in (200, 503) for c in late_codes if isinstance(c, int)), late_codes
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0 and "[serve] stopped" in out, out[-3000:]  # drained, then exit 0
