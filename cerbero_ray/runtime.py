@@ -197,6 +197,6 @@ def interrupt_on_sigterm() -> None:
 
     def on_sigterm(signum, _frame):
         STOPPED_BY["signal"] = signum
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(signal.Signals(signum).name)  # what stopped it, for a tracker run's record
 
     signal.signal(signal.SIGTERM, on_sigterm)

@@ -11,6 +11,12 @@ mid-run warns once and the job goes on without it. An evaluated checkpoint that 
 run wrote (``<run>/hf``, ``<run>/adapter``, ``<run>/checkpoint_step_N/hf``) gets its figures in that
 run (:func:`training_run_of`).
 
+A run's status says how it ended: MLflow's RUNNING while a training runs (again on a resume),
+FINISHED at its end, FAILED or KILLED (a signal, Ctrl-C) with the first line of the reason as the tag
+``cerbero.failure``: rank 0 marks the failures it sees, the driver those it alone sees (another
+rank's, a node lost, a signal to the job: :func:`end_run`). W&B's run finishes with exit code 1 on a
+failure rank 0 sees; one whose process died unfinished, W&B marks crashed itself.
+
 Credentials stay in the environment (``MLFLOW_TRACKING_TOKEN`` and the like, ``WANDB_API_KEY``):
 the embedded cluster's workers inherit the job's; on a cluster of your own, pass them in the job's
 runtime env (``cerbero-submit --env WANDB_API_KEY``).
@@ -34,6 +40,7 @@ from cerbero_ray import storage
 log = logging.getLogger(__name__)
 RECORD = "tracker.json"
 TRACKERS = ("none", "mlflow", "wandb")
+FAILURE = "cerbero.failure"  # an MLflow run's tag: what ended its last attempt
 PACKAGES = {"mlflow": "mlflow-skinny (or mlflow)", "wandb": "wandb"}
 
 
@@ -122,6 +129,40 @@ def open_run(tc, key: str, name: str, folder: str, params: dict, tags: dict | No
     return rec
 
 
+def ended_by(e: BaseException) -> str:
+    """MLflow's status for a run that ``e`` ended: KILLED (a signal, Ctrl-C), else FAILED."""
+    return "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
+def _reason(e: BaseException) -> str:
+    """What ended a run, in one line: the error's type and first line; a stop, its signal."""
+    if isinstance(e, KeyboardInterrupt):  # runtime.interrupt_on_sigterm's carries the signal's name
+        return f"stopped by {str(e) or 'SIGINT (Ctrl-C)'}"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:500] if first else type(e).__name__
+
+
+def _mark(client, run_id: str, e: BaseException) -> None:
+    client.set_tag(run_id, FAILURE, _reason(e))
+    client.set_terminated(run_id, ended_by(e))
+
+
+def end_run(rec: dict | None, e: BaseException, key: str) -> None:
+    """The driver's side of a run that ``e`` ended unfinished: its MLflow run, while still RUNNING
+    (rank 0 has marked a failure it saw), becomes FAILED or KILLED (:func:`ended_by`), the reason in
+    its tag ``cerbero.failure``. A tracker that cannot be reached then: a warning."""
+    if not rec or rec.get("kind") != "mlflow":
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=rec["uri"])
+        if client.get_run(rec["run_id"]).info.status == "RUNNING":
+            _mark(client, rec["run_id"], e)
+    except Exception as x:
+        log.warning(f"{key}: MLflow run {rec['run_id']} not marked {ended_by(e)}: {str(x).strip()[:300]}")
+
+
 def _mlflow_run(rec: dict, old: dict | None, params: dict, tags: dict) -> str:
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
@@ -179,11 +220,14 @@ def metric_name(name: str) -> str:
 class Tracker:
     """The logging side of a run :func:`open_run` opened: :meth:`log` a step's scalars,
     :meth:`summary` figures that have no step of their own, :meth:`finish` at the end. ``params``:
-    the run's configuration for W&B (None: leave the run's as it is). A failure after the start
-    warns once and turns the tracker off; the job goes on."""
+    the run's configuration for W&B (None: leave the run's as it is). ``own``: the run is this
+    job's, whose status it sets (MLflow: RUNNING from the start, as a resume reopens a run; an
+    evaluation logging into the training run that made its checkpoint leaves its status be). A
+    failure after the start warns once and turns the tracker off; the job goes on."""
 
-    def __init__(self, rec: dict, params: dict | None, folder: str, key: str):
+    def __init__(self, rec: dict, params: dict | None, folder: str, key: str, own: bool = True):
         self.rec, self.kind, self.client, self.run, self.key = rec, rec["kind"], None, None, key
+        self.own = own
         self.folder, self.staged = folder, None  # W&B's folder, for a folder in a bucket
         self.held: dict[str, int] = {}  # MLflow: key -> the last step the run already has
         self.wandb_from = 0  # W&B: the first step the run does not have yet
@@ -199,6 +243,8 @@ class Tracker:
                 from mlflow.tracking import MlflowClient
 
                 self.client = MlflowClient(tracking_uri=rec["uri"])
+                if own:  # sent first, by the sending thread: a slow server holds nothing up
+                    self._queue(self._reopen)
             else:
                 self._start_wandb(params)
         except Exception as e:
@@ -252,10 +298,8 @@ class Tracker:
                 now = int(time.time() * 1000)
                 if self.failed is not None:
                     raise self.failed
-                if self.sender is None:
-                    self.sender = threading.Thread(target=self._send, name="cerbero-mlflow", daemon=True)
-                    self.sender.start()
-                self.outbox.put([Metric(k, v, now, step) for k, v in new.items()])
+                metrics = [Metric(k, v, now, step) for k, v in new.items()]
+                self._queue(lambda: self.client.log_batch(self.rec["run_id"], metrics=metrics))
             else:
                 self.run.log(new, step=step)
             self.held.update(dict.fromkeys(new, step))
@@ -280,13 +324,49 @@ class Tracker:
         except Exception as e:
             self._off(e)
 
+    def _reopen(self) -> None:
+        """MLflow: the run RUNNING, without the failure an earlier attempt left on it."""
+        run = self.client.get_run(self.rec["run_id"])
+        if run.info.status != "RUNNING":
+            self.client.update_run(self.rec["run_id"], status="RUNNING")
+        if FAILURE in run.data.tags:
+            self.client.delete_tag(self.rec["run_id"], FAILURE)
+
+    def _queue(self, call) -> None:
+        """MLflow: ``call`` (one request to the server) sent after those queued before it."""
+        if self.sender is None:
+            self.sender = threading.Thread(target=self._send, name="cerbero-mlflow", daemon=True)
+            self.sender.start()
+        self.outbox.put(call)
+
+    def files(self, paths: list[str], under: str | None = None) -> None:
+        """Local files stored with the run (MLflow's artifacts, W&B's run files; ``under``: in that
+        folder of them): a training's loss curve and summary, an evaluation's report. One that
+        cannot be stored (an artifact store this machine cannot reach) is a warning; the run's
+        figures and status are not affected."""
+        if self.kind is None:
+            return
+        for p in paths:
+            try:
+                if self.kind == "mlflow":
+                    self.client.log_artifact(self.rec["run_id"], p, artifact_path=under)
+                else:  # a copy in the run's own folder: W&B would link to ``p``, which may be temporary
+                    where = os.path.join(self.run.dir, under or "")
+                    os.makedirs(where, exist_ok=True)
+                    kept = shutil.copy(p, where)
+                    self.run.save(kept, base_path=self.run.dir, policy="now")
+            except Exception as e:
+                name = os.path.basename(p)
+                log.warning(f"{self.key}: {name} and the run's other files not stored in {self.kind}: {str(e)[:300]}")
+                return
+
     def _send(self) -> None:
-        """The sending thread: each batch in turn, until a failure (kept for the logging side)."""
+        """The sending thread: each request in turn, until a failure (kept for the logging side)."""
         while True:
-            metrics = self.outbox.get()
+            call = self.outbox.get()
             try:
                 if self.failed is None:
-                    self.client.log_batch(self.rec["run_id"], metrics=metrics)
+                    call()
             except Exception as e:
                 self.failed = e
             finally:
@@ -300,20 +380,23 @@ class Tracker:
         if self.failed is not None:
             self._off(self.failed)
 
-    def finish(self, terminate: bool = True) -> None:
-        """The run done: every step sent; MLflow's run marked finished (``terminate``: an
-        evaluation logging into a training run leaves its status as it is)."""
+    def finish(self, failure: BaseException | None = None) -> None:
+        """The run done (``failure``: ended by it): every step sent; the run's status set when it is
+        this job's own (MLflow: FINISHED, else FAILED or KILLED with the reason; W&B: exit code
+        0, else 1)."""
         self.flush()
         if self.kind is None:
             return
         try:
             if self.kind == "mlflow":
-                if terminate:
+                if self.own and failure is None:
                     self.client.set_terminated(self.rec["run_id"], "FINISHED")
+                elif self.own:
+                    _mark(self.client, self.rec["run_id"], failure)
             else:
                 import wandb
 
-                self.run.finish(exit_code=0)
+                self.run.finish(exit_code=0 if failure is None else 1)
                 # finish only tells W&B's service the run is done; the service writes the run's
                 # file to its end after that: its teardown waits for it (an offline run read, or a
                 # bucket's copy made, right after finish held a file cut short)

@@ -484,7 +484,8 @@ def test_a_model_that_fails_keeps_the_tasks_it_finished(tmp_path, evalita_dir, r
 def test_figures_go_into_the_training_run_that_made_the_checkpoint(tmp_path, tiny_hf, evalita_dir, ray_local):
     """``evaluate.tracker.kind=mlflow``: a checkpoint that a tracked training run wrote (``<run>/hf``)
     gets its figures in that run, at the run's step, its status and parameters left as they are; an
-    endpoint gets a run of its own; the same command again sends nothing."""
+    endpoint gets a run of its own; each gets the report as files; the same command again sends
+    nothing."""
 
     from mlflow.tracking import MlflowClient
 
@@ -526,5 +527,12 @@ def test_figures_go_into_the_training_run_that_made_the_checkpoint(tmp_path, tin
         a = client.get_run(own)
         assert a.info.run_name == "api" and a.data.params["checkpoint"] == api and a.info.status == "FINISHED"
         assert client.get_experiment(a.info.experiment_id).name == "cerbero-ray"  # evaluate.tracker.project
+        for run_id in (rec["run_id"], own):  # the report, as files of each run
+            assert [f.path for f in client.list_artifacts(run_id, "evaluation")] == [
+                "evaluation/results.md",
+                "evaluation/results.png",
+            ]
+        md = open(client.download_artifacts(own, "evaluation/results.md", str(tmp_path))).read()
+        assert md == (tmp_path / "evaluate" / "results.md").read_text()
         run_evaluate(cfg)  # every task done already: nothing sent again
         assert figures("trained") == trained and figures("api") == asked

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from cerbero_ray.config import check, compose
 from cerbero_ray.config.train import TrainStageConfig
-from cerbero_ray.tracking import RECORD, Tracker, flat_config, open_run
+from cerbero_ray.tracking import FAILURE, RECORD, Tracker, end_run, flat_config, open_run
 from conftest import wandb_history, wandb_summary
 
 
@@ -79,6 +79,10 @@ def test_mlflow_run_opened_once_resumed_and_each_step_logged_once(tmp_path):
     for step in range(4):
         first.log(step, {"train/loss": 1.0 / (step + 1), **({"eval/loss": 2.0} if step == 0 else {})})
     first.flush()  # (at each checkpoint)
+    assert client.get_run(rec["run_id"]).info.status == "RUNNING"
+    end_run(rec, ValueError("a node was lost\nmore"), "train.tracker")  # the driver, once the attempt died
+    run = client.get_run(rec["run_id"])
+    assert (run.info.status, run.data.tags[FAILURE]) == ("FAILED", "ValueError: a node was lost")
     assert opened(c, run_dir) == rec  # the rerun (or a restarted worker group): the same run
     again = tracker(rec, c, run_dir)  # resumes from the step-2 checkpoint: steps 3.. once more
     for step in range(3, 6):
@@ -91,7 +95,8 @@ def test_mlflow_run_opened_once_resumed_and_each_step_logged_once(tmp_path):
         (0, 2.0),
         (5, 1.5),
     ]
-    assert client.get_run(rec["run_id"]).info.status == "FINISHED"
+    run = client.get_run(rec["run_id"])
+    assert run.info.status == "FINISHED" and FAILURE not in run.data.tags  # the resume took the failure away
 
     client.delete_run(rec["run_id"])  # deleted on the server: a rerun opens a new one
     new = opened(c, run_dir)
@@ -120,8 +125,11 @@ def test_an_mlflow_server_that_cannot_be_reached_is_one_line_and_a_failure_mid_r
         for step in range(3):
             gone.log(step, {"train/loss": 1.0})
         gone.finish()
+        end_run(rec, KeyboardInterrupt("SIGTERM"), "train.tracker")  # the driver, stopped: a warning
     said = [r.message for r in caplog.records if "tracking stopped" in r.message]
     assert len(said) == 1 and said[0].startswith("train.tracker: mlflow tracking stopped, the job goes on")
+    said = [r.message for r in caplog.records if "not marked" in r.message]
+    assert len(said) == 1 and said[0].startswith(f"train.tracker: MLflow run {'0' * 32} not marked KILLED: ")
 
 
 def test_a_wandb_run_keeps_its_id_across_a_rerun_and_logs_offline(tmp_path):

@@ -164,10 +164,11 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local, monkeypatch)
 
 
 def tracked(tmp_path, clean: dict, killed: dict) -> None:
-    """The killed run's MLflow run and the clean run's W&B run: every step once, the run's values."""
+    """The killed run's MLflow run and the clean run's W&B run: every step once, the run's values,
+    its summary's figures and files."""
     from mlflow.tracking import MlflowClient
 
-    from conftest import wandb_history
+    from conftest import wandb_history, wandb_summary
 
     losses = [(h["step"], h["loss"]) for h in history(killed["run_dir"]) if "loss" in h]
     evals = [0, 4, STEPS]  # train.eval_every=4, and the last step's
@@ -180,10 +181,23 @@ def tracked(tmp_path, clean: dict, killed: dict) -> None:
     assert sorted((m.step, m.value) for m in client.get_metric_history(rec["run_id"], "train/loss")) == losses
     held = sorted((m.step, m.value) for m in client.get_metric_history(rec["run_id"], "eval/loss"))
     assert held == list(zip(evals, killed["eval_losses"]))
+    # the run's summary: its figures at the last step, and as a file beside the loss curve
+    for key in ("final_loss", "tokens_per_s_median", "train_s", "trainable_params"):
+        (m,) = client.get_metric_history(rec["run_id"], f"summary/{key}")
+        assert (m.step, m.value) == (STEPS, killed[key]), key
+    assert sorted(a.path for a in client.list_artifacts(rec["run_id"])) == ["loss.png", "summary.json"]
+    got = json.load(open(client.download_artifacts(rec["run_id"], "summary.json", str(tmp_path))))
+    assert got == {k: v for k, v in killed.items() if k != "checkpoint"}  # the driver adds the checkpoint
     run_id, rows = wandb_history(clean["run_dir"])  # W&B's folder, inside the (local) run folder
     assert run_id == json.load(open(os.path.join(clean["run_dir"], "tracker.json")))["run_id"]
     assert [(r["_step"], r["train/loss"]) for r in rows if "train/loss" in r] == losses
     assert [(r["_step"], r["eval/loss"]) for r in rows if "eval/loss" in r] == list(zip(evals, clean["eval_losses"]))
+    summary = wandb_summary(clean["run_dir"])
+    assert summary["summary/final_loss"] == clean["final_loss"] and summary["summary/train_s"] == clean["train_s"]
+    import glob
+
+    files = glob.glob(os.path.join(clean["run_dir"], "wandb", "offline-run-*", "files", "*"))
+    assert {"loss.png", "summary.json"} <= {os.path.basename(f) for f in files}
 
 
 def test_bf16_on_cpu_without_ray(shards, tmp_path):
@@ -282,6 +296,79 @@ def test_out_of_memory_before_a_step_is_a_verdict_and_later_a_restart(shards, tm
 
     fresh, resumed = (out_of_memory(TrainConfig(), 256, 4, torch.device("cpu"), "step 7", r) for r in (False, True))
     assert "needs another train.name" in resumed and "train.name" not in fresh
+
+
+ENDINGS = """
+import json, sys
+from mlflow.tracking import MlflowClient
+from cerbero_ray.train import env
+from cerbero_ray.train.local import run_local
+
+def status(run_dir):
+    rec = json.load(open(run_dir + "/tracker.json"))
+    run = MlflowClient(tracking_uri=rec["uri"]).get_run(rec["run_id"])
+    return [run.info.status, run.data.tags.get("cerbero.failure")]
+
+run_dir, ends = sys.argv[1], []
+for at, how in ((4, "stop"), (7, "fail"), (None, None)):  # Ctrl-C or a signal; an error; to the end
+    def after_step(self, step, at=at, how=how):
+        if step == at and how == "stop":
+            raise KeyboardInterrupt("SIGTERM")  # as runtime.interrupt_on_sigterm raises it
+        if step == at:
+            raise RuntimeError("the disk is full\\nits details")
+    env.LocalEnv.after_step = after_step
+    try:
+        run_local(sys.argv[2:])
+        ends.append(["FINISHED", None])
+    except BaseException as e:
+        ends.append([type(e).__name__, str(e)])
+    ends.append(status(run_dir))
+print("ENDS", json.dumps(ends))
+"""
+
+
+def test_a_tracker_run_says_how_each_attempt_ended(shards, tmp_path):
+    """MLflow's status of a training run, attempt by attempt (one process, as torchrun's rank 0):
+    KILLED by a signal, RUNNING again and FAILED with the error's first line, FINISHED at the end
+    (the failure's tag gone);
+    every step in it once, as metrics.jsonl has it. The driver's mark after a failure rank 0
+    already marked leaves it be; the status of a run Ray Train restarts: test_killed_worker_resumes_exactly."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    mlflow = ["train.tracker.kind=mlflow", f"train.tracker.uri=file:{tmp_path}/mlruns"]
+    over = train_overrides(shards, tmp_path, "ends", mlflow, num_workers=1, eval_rows=0)
+    run = str(tmp_path / "train" / "ends")
+    r = subprocess.run(
+        [sys.executable, "-c", ENDINGS, run, *over],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MASTER_PORT": str(free_port())},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    ends = json.loads(next(line[5:] for line in r.stdout.splitlines() if line.startswith("ENDS ")))
+    assert ends == [
+        ["KeyboardInterrupt", "SIGTERM"],
+        ["KILLED", "stopped by SIGTERM"],
+        ["RuntimeError", "the disk is full\nits details"],
+        ["FAILED", "RuntimeError: the disk is full"],  # the tag of this attempt: the first line
+        ["FINISHED", None],
+        ["FINISHED", None],  # a failure's tag goes when the run is resumed
+    ], r.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    from cerbero_ray.tracking import end_run
+
+    rec = json.load(open(os.path.join(run, "tracker.json")))
+    client = MlflowClient(tracking_uri=rec["uri"])
+    end_run(rec, RuntimeError("a node was lost"), "train.tracker")  # the driver's, on a run not RUNNING: left be
+    assert client.get_run(rec["run_id"]).info.status == "FINISHED"
+    losses = [(h["step"], h["loss"]) for h in history(run) if "loss" in h]
+    assert [s for s, _ in losses] == list(range(1, STEPS + 1))
+    assert sorted((m.step, m.value) for m in client.get_metric_history(rec["run_id"], "train/loss")) == losses
 
 
 REFUSED_KEY = """

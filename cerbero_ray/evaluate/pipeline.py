@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
+import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, replace
@@ -344,7 +346,15 @@ def run_evaluate(cfg: DictConfig | dict | EvaluateStageConfig) -> dict:
         )
     models = [m for m, path in ec.checkpoints.items() if _present(ec, m, path)]
     runs = open_tracking(ec, models)  # evaluate.tracker: a tracker that refuses says so before any model runs
-    per_model = {m: evaluate_model(ec, m, prepared) for m in models}
+    try:
+        per_model = {m: evaluate_model(ec, m, prepared) for m in models}
+    except BaseException as e:  # the runs of their own this evaluation opened say how it ended
+        from cerbero_ray.tracking import end_run
+
+        for _, rec, _, _, own in runs.values():
+            if own:
+                end_run(rec, e, "evaluate.tracker")
+        raise
     results = {
         "config": asdict(ec),
         "seed": ec.seed,
@@ -403,6 +413,19 @@ def open_tracking(ec: EvaluateConfig, models: list[str]) -> dict:
     return out
 
 
+def _report_copies(out: str, d: str) -> list[str]:
+    """Local copies, in ``d``, of the report under ``out`` (local or a bucket)."""
+    copies = []
+    for name in ("results.md", "results.png"):
+        src = storage.join(out, name)
+        if storage.is_file(src):
+            fs, p = storage.resolve(src)
+            with fs.open_input_stream(p) as f, open(os.path.join(d, name), "wb") as dst:
+                dst.write(f.read())
+            copies.append(os.path.join(d, name))
+    return copies
+
+
 def track(ec: EvaluateConfig, per_model: dict, runs: dict) -> None:
     """Each model's figures (:func:`~cerbero_ray.evaluate.report.tracked_figures`, as
     ``eval/<task>/<protocol>/<metric>``) into its tracker run (:func:`open_tracking`). A task's
@@ -418,10 +441,12 @@ def track(ec: EvaluateConfig, per_model: dict, runs: dict) -> None:
         if not new:
             continue
         where, rec, step, params, own = runs[m]
-        t = Tracker(rec, params, where, "evaluate.tracker")
+        t = Tracker(rec, params, where, "evaluate.tracker", own=own)
         figures = {f"eval/{task}/{k}": v for task, r in new.items() for k, v in tracked_figures(r["units"]).items()}
         t.summary(step, figures)
-        t.finish(terminate=own)
+        with tempfile.TemporaryDirectory(prefix="cerbero-report-") as d:  # the report beside them
+            t.files(_report_copies(ec.output_dir, d), under="evaluation")
+        t.finish()
         if not t.broken:  # else said once (a warning); the next run sends them again
             storage.write_json(record, {**sent, **{task: r["identity"] for task, r in new.items()}})
             log.info(f"[evaluate] {m}: {len(new)} task(s)' figures in {ec.tracker.kind} run {rec['run_id']}")

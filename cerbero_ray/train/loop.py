@@ -120,17 +120,14 @@ def out_of_memory(t, seq_len: int, accum: int, device: torch.device, what: str, 
 class _Run:
     """One worker's training run: the engine, the plan, the history, and where they are written."""
 
-    def __init__(self, config: TrainStageConfig, plan: RunPlan, env: TrainEnv):
+    def __init__(self, config: TrainStageConfig, plan: RunPlan, env: TrainEnv, tracker=None):
         t = config.train
         self.config, self.plan, self.t, self.env = config, plan, t, env
         self.rank, self.world, self.device = env.rank, env.world_size, env.device
         self.plans = plan_all(list(plan.shards), t, self.world)
         self.total, self.sig = total_steps(self.plans, t), signature(list(plan.shards), t, self.world)
-        self.tok = self.writer = self.base_record = self.tracker = None
-        if self.rank == 0 and plan.tracker:  # before the model: a tracker that refuses costs no model load
-            from cerbero_ray.tracking import Tracker, flat_config
-
-            self.tracker = Tracker(plan.tracker, flat_config(config), plan.run_dir, "train.tracker")
+        self.tok = self.writer = self.base_record = None
+        self.tracker = tracker  # rank 0's (cerbero_ray.tracking.Tracker), or None
         if self.rank == 0:  # the HF export's tokenizer
             from cerbero_ray.tokenizer import build_tokenizer
 
@@ -296,8 +293,23 @@ class _Run:
 def train_loop(config: TrainStageConfig, plan: RunPlan, env: TrainEnv) -> dict:
     """Train on this worker (``plan``: the run's :class:`~cerbero_ray.train.run_plan.RunPlan`;
     ``env``: a :class:`~cerbero_ray.train.env.TrainEnv`); every worker runs it. Returns rank 0's
-    summary (others: {})."""
-    r = _Run(config, plan, env)
+    summary (others: {}). Rank 0 logs into the run's experiment tracker (``plan.tracker``), and
+    marks it failed when the training fails here."""
+    tracker = None
+    if env.rank == 0 and plan.tracker:  # before the model: a tracker that refuses costs no model load
+        from cerbero_ray.tracking import Tracker, flat_config
+
+        tracker = Tracker(plan.tracker, flat_config(config), plan.run_dir, "train.tracker")
+    try:
+        return _train(config, plan, env, tracker)
+    except BaseException as e:
+        if tracker is not None:
+            tracker.finish(e)
+        raise
+
+
+def _train(config: TrainStageConfig, plan: RunPlan, env: TrainEnv, tracker) -> dict:
+    r = _Run(config, plan, env, tracker)
     r.resume()
     start = r.step
     if r.step == 0 and r.t.eval_rows:

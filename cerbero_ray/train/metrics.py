@@ -85,10 +85,25 @@ class Writer:
         if storage.is_uri(self.run_dir):
             storage.upload_folder(self.local, self.run_dir, markers=False)
 
-    def close(self) -> None:
+    def close(self, summary: dict | None = None) -> None:
+        """The end of the run: TensorBoard closed; the tracker run gets the ``summary``'s figures
+        (``summary/<key>``, at the last step), the loss curve and the summary as files, and is
+        finished; the folder uploaded."""
         if self.tb is not None:
             self.tb.close()
         if self.tracker is not None:
+            if summary is not None:
+                figures = {
+                    f"summary/{k}": v
+                    for k, v in summary.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("steps", "resumed_from")
+                }
+                self.tracker.summary(int(summary["steps"]), figures)
+                with tempfile.TemporaryDirectory(prefix="cerbero-summary-") as d:
+                    with open(os.path.join(d, SUMMARY), "w") as f:
+                        json.dump(summary, f, indent=2)
+                    png = os.path.join(self.local, "loss.png")
+                    self.tracker.files([p for p in (png, f.name) if os.path.isfile(p)])
             self.tracker.finish()
         self.sync()
         if storage.is_uri(self.run_dir):
@@ -136,7 +151,6 @@ def write_summary(
         loss_png(history, os.path.join(writer.local, "loss.png"), f"{name}: {step} steps")
     except ImportError:  # matplotlib is a dependency; a bare benchmark machine may lack it
         log.warning("no matplotlib: loss.png not written")
-    writer.close()
     evals = [h["eval_loss"] for h in history if h.get("eval_loss") is not None]
     losses = [h["loss"] for h in history if "loss" in h]
     speeds = sorted(h["tokens_per_s"] for h in history if "tokens_per_s" in h)
@@ -153,7 +167,8 @@ def write_summary(
         "train_s": sum(h.get("step_s", 0.0) for h in history),
         **(extra or {}),
     }
-    storage.write_json(storage.join(run_dir, SUMMARY), summary)
+    writer.close(summary)
+    storage.write_json(storage.join(run_dir, SUMMARY), summary)  # last: the run's mark of a finished run
     return summary
 
 

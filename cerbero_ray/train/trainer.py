@@ -27,7 +27,7 @@ from cerbero_ray import storage
 from cerbero_ray.cluster import check_fits
 from cerbero_ray.config import check
 from cerbero_ray.config.train import TrainStageConfig
-from cerbero_ray.tracking import flat_config, open_run
+from cerbero_ray.tracking import end_run, flat_config, open_run
 from cerbero_ray.train.metrics import read_summary
 from cerbero_ray.train.plan import plan_all, total_steps
 from cerbero_ray.train.run_plan import check_resume, plan_run
@@ -210,14 +210,18 @@ def run_train(cfg: DictConfig | dict | TrainStageConfig) -> dict:
     if aside:
         log.warning(f"[train] {aside}; resuming from the run folder's newest complete checkpoint")
     try:
-        result = trainer.fit()
-        if result.error:
-            raise result.error
-    except Exception:
-        why = verdict(run.run_dir)
-        if why is None:
-            raise
-        raise ValueError(why) from None  # one line: what the workers found wrong with the input
+        try:
+            result = trainer.fit()
+            if result.error:
+                raise result.error
+        except Exception:
+            why = verdict(run.run_dir)
+            if why is None:
+                raise
+            raise ValueError(why) from None  # one line: what the workers found wrong with the input
+    except BaseException as e:  # the tracker's run says so, when rank 0 could not (killed, or Ctrl-C here)
+        end_run(run.tracker, e, "train.tracker")
+        raise
     summary = read_summary(run.run_dir)
     # Ray's path is inside its filesystem (no s3://): the same checkpoint named by the run folder's URI
     last = result.checkpoint
