@@ -64,6 +64,14 @@ def test_data_and_training(run):
     hf = out / "train" / "tiny-cpu" / "hf"
     assert f"from_pretrained('{hf}'): MistralForCausalLM" in said
     assert (out / "train" / "tiny-cpu" / "loss.png").stat().st_size > 10_000
+    # its model card (tests/test_card.py: its code runs), written before the folder's complete marker
+    from huggingface_hub import ModelCard
+
+    card, ran = ModelCard.load(str(hf / "README.md")), json.load(open(out / "train" / "tiny-cpu" / "summary.json"))
+    assert card.data.language == ["it"] and card.data.library_name == "transformers" and card.data.license is None
+    assert f"| steps | {ran['steps']} × 4 rows ({ran['steps'] * 4:,} rows = " in card.text  # train=tiny_cpu's batch
+    assert f"| {ran['eval_losses'][0]:.4f} | {ran['eval_losses'][-1]:.4f} |" in card.text
+    assert "README.md" in json.load(open(hf / ".cerbero-complete"))["files"]
     took = re.search(r"\[recipe\] 5 stage\(s\) in (.+?): (.+)", said)  # last: each stage's wall time
     assert took and [p.split()[0] for p in took[2].split(", ")] == ["data", "train", "label", "export", "evaluate"]
 

@@ -491,6 +491,12 @@ def test_a_lora_run_trains_only_the_adapter_and_records_its_base(shards, tmp_pat
     assert os.path.exists(os.path.join(clean["run_dir"], ck, "adapter", "adapter_model.safetensors"))
     pm = PeftModel.from_pretrained(base, clean["adapter_dir"])
     assert sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n) == clean["trainable_params"]
+    # its model card, in place of peft's template: the base to load it on (tests/test_card.py: the code runs)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(os.path.join(clean["adapter_dir"], "README.md"))
+    assert card.data.library_name == "peft" and "lora" in card.data.tags
+    assert f'base = "{base_dir}"' in card.text and "| method | LoRA r=4, alpha=32" in card.text
 
 
 @pytest.mark.slow  # ~1 minute

@@ -3,6 +3,7 @@ against it at run time, :func:`cerbero_ray.train.run_plan.plan_run`)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -63,6 +64,17 @@ class LoraConfig:
 
 
 @dataclass
+class CardConfig:
+    """The model card's Hub metadata (``README.md`` in ``hf/`` and ``adapter/``): what the run
+    cannot know. Both are left out of the card while null."""
+
+    # the Hub's license id (apache-2.0, cc-by-nc-4.0, other, …): the base's and the data's terms decide it
+    license: Optional[str] = None
+    # the base's Hub id (mistralai/Mistral-7B-v0.1); model.path is a local or bucket path
+    base_model: Optional[str] = None
+
+
+@dataclass
 class TrainConfig:
     method: str = "full"  # full (the recipe) | lora (train.lora.*: an adapter on a frozen base)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -112,6 +124,7 @@ class TrainConfig:
     peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs, else no MFU
     read_cpus: float = 0.25  # CPUs per Ray Data read task
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    card: CardConfig = field(default_factory=CardConfig)
     fail_at_step: Optional[int] = None  # fault injection (tests, drills): a worker dies after this step, once
     fail_rank: int = 1
 
@@ -188,6 +201,7 @@ def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
             "would attend to each other (use auto, which picks flex_attention, or sdpa)"
         )
     check_tracker(t.tracker, "train.tracker")
+    check_card(t.card)
     if ds.stage not in ZERO_STAGES:
         raise ValueError(
             f"deepspeed.stage must be one of {ZERO_STAGES} (the recipe is ZeRO-1; stage 3 shards "
@@ -212,6 +226,24 @@ def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
     one_of(t.method, METHODS, "train.method")
     if t.method == "lora":
         check_lora(t.lora, t.use_gpu)
+
+
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")  # the Hub's license ids: apache-2.0, cc-by-nc-sa-4.0, llama3.1
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")  # gpt2, mistralai/Mistral-7B-v0.1
+
+
+def check_card(cc: CardConfig) -> None:
+    """``ValueError`` naming the ``train.card`` key: what the Hub would not read as its metadata."""
+    if cc.license is not None and not LICENSE_ID.fullmatch(str(cc.license)):
+        raise ValueError(
+            f"train.card.license: {cc.license!r} is not a Hub license id (lower case, as apache-2.0, mit, "
+            "cc-by-4.0, other)"
+        )
+    if cc.base_model is not None and (not HUB_ID.fullmatch(str(cc.base_model)) or ".." in str(cc.base_model)):
+        raise ValueError(
+            f"train.card.base_model: {cc.base_model!r} is not a Hub model id (owner/name, as "
+            "mistralai/Mistral-7B-v0.1); a local path belongs in model.path"
+        )
 
 
 def check_lora(lc: LoraConfig, use_gpu: bool) -> None:

@@ -140,10 +140,11 @@ def save(engine, directory: str, rank: int, client_state: dict, write_model=None
         write_model(directory)
 
 
-def save_hf(hf_model, tokenizer, directory: str, dtype: torch.dtype | None = None) -> None:
+def save_hf(hf_model, tokenizer, directory: str, dtype: torch.dtype | None = None, card: str | None = None) -> None:
     """An HF folder, its complete marker last (:func:`cerbero_ray.storage.check_folder`). ``dtype``:
     the floating weights written in it (fp32 masters as the bf16 model DeepSpeed's bf16 run
-    exports), copied tensor by tensor to host memory; the model itself is left as it is."""
+    exports), copied tensor by tensor to host memory; the model itself is left as it is. ``card``:
+    its ``README.md`` (:mod:`cerbero_ray.train.card`)."""
     import json
 
     hf_model.config.use_cache = True
@@ -164,6 +165,9 @@ def save_hf(hf_model, tokenizer, directory: str, dtype: torch.dtype | None = Non
         from cerbero_ray.tokenizer import save_tokenizer
 
         save_tokenizer(tokenizer, directory)
+    if card is not None:
+        with open(os.path.join(directory, "README.md"), "w") as f:
+            f.write(card)
     storage.mark_complete(directory)
 
 

@@ -29,7 +29,7 @@ from cerbero_ray.config.train import TrainStageConfig, accumulation_steps
 from cerbero_ray.shards import IGNORE_INDEX
 from cerbero_ray.train import checkpoint as ckpt
 from cerbero_ray.train.env import TrainEnv
-from cerbero_ray.train.metrics import Writer, progress_line, write_summary
+from cerbero_ray.train.metrics import Writer, progress_line, summarize, write_summary
 from cerbero_ray.train.modeling import count_flops_per_token, peak_flops
 from cerbero_ray.train.plan import (
     DATA_ORDER_CHANGED,
@@ -162,19 +162,60 @@ class _Run:
         path = self.config.model.path
         self.base_record = record_of(path) if path else save_base(lm, self.tok, self.plan.run_dir)
 
-    def write_model(self, folder: str) -> str:
-        """Rank 0: the model into ``folder`` (``hf/``, or ``adapter/`` for LoRA); returns its path."""
+    def write_model(self, folder: str, card: str | None = None) -> str:
+        """Rank 0: the model into ``folder`` (``hf/``, or ``adapter/`` for LoRA), with its model
+        ``card``; returns its path."""
         if self.lora:
             from cerbero_ray.train.lora import save_adapter
 
             d = os.path.join(folder, "adapter")
-            save_adapter(self.peft, self.tok, self.base_record, d)
+            save_adapter(self.peft, self.tok, self.base_record, d, card=card)
         else:
             d = os.path.join(folder, "hf")
             # train.strategy=torch trains fp32 weights under bf16 autocast: its model is written in bf16, as DeepSpeed's
             cast = self.t.strategy == "torch" and self.t.precision == "bf16"
-            ckpt.save_hf(self.lm, self.tok, d, torch.bfloat16 if cast else None)
+            ckpt.save_hf(self.lm, self.tok, d, torch.bfloat16 if cast else None, card=card)
         return d
+
+    def extra(self) -> dict:
+        """Rank 0, at the end: the summary's method, parameter counts, adapter paths, peak memory."""
+        run_dir = self.plan.run_dir
+        out = {"method": self.t.method}
+        if self.lora:
+            from cerbero_ray.train.lora import counts
+
+            trainable, total = counts(self.lm)
+            merged = self.t.lora.merge
+            out.update(
+                trainable_params=trainable,
+                total_params=total,
+                trainable_share=trainable / total,
+                adapter_dir=storage.join(run_dir, "adapter"),
+                base=self.base_record["base"],
+                hf_dir=storage.join(run_dir, "hf") if merged else None,
+            )
+        else:
+            n = sum(p.numel() for p in self.lm.parameters())
+            out.update(trainable_params=n, total_params=n, trainable_share=1.0)
+        out["peak_memory_bytes"] = peak_memory(self.device)
+        return out
+
+    def card(self, summary: dict, kind: str) -> str | None:
+        """Rank 0: the model card of the folder ``kind`` (:mod:`cerbero_ray.train.card`); None (a
+        warning) when it cannot be made: the model is written without one."""
+        from cerbero_ray.shards import read_manifest
+        from cerbero_ray.train.card import EXAMPLE, card_text
+
+        try:
+            try:
+                manifest = read_manifest(self.t.data_dir)
+            except (OSError, ValueError):
+                manifest = None
+            prompt = self.tok.apply_chat_template(EXAMPLE, tokenize=False, add_generation_prompt=True)
+            return card_text(self.config, summary, manifest, prompt, kind)
+        except Exception as e:  # a card is documentation: never the reason a trained model is lost
+            say(f"[train] warning: no model card in {kind}/: {type(e).__name__}: {e}")
+            return None
 
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any (refused when the data order changed)."""
@@ -321,31 +362,15 @@ def _train(config: TrainStageConfig, plan: RunPlan, env: TrainEnv, tracker) -> d
     if r.rank != 0:
         return {}
     local = r.writer.local
-    done = os.path.join(local, "adapter" if r.lora else "hf", "config.json" if not r.lora else "adapter_config.json")
+    summary = summarize(plan.run_dir, r.history, r.step, r.resumed_from, r.extra())
+    sub = "adapter" if r.lora else "hf"
+    done = os.path.join(local, sub, "adapter_config.json" if r.lora else "config.json")
     if start != r.step or not os.path.isfile(done):  # a finished run leaves it be
-        r.write_model(local)
-    extra = {"method": r.t.method}
-    if r.lora:
-        from cerbero_ray.train.lora import counts
-
-        trainable, total = counts(r.lm)
-        merged = r.t.lora.merge
-        hf = os.path.join(local, "hf")
-        if merged and (start != r.step or not os.path.isfile(os.path.join(hf, "config.json"))):
-            ckpt.save_hf(r.peft.merge_and_unload(), r.tok, hf)
-        extra.update(
-            trainable_params=trainable,
-            total_params=total,
-            trainable_share=trainable / total,
-            adapter_dir=storage.join(plan.run_dir, "adapter"),
-            base=r.base_record["base"],
-            hf_dir=storage.join(plan.run_dir, "hf") if merged else None,
-        )
-    else:
-        n = sum(p.numel() for p in r.lm.parameters())
-        extra.update(trainable_params=n, total_params=n, trainable_share=1.0)
-    extra["peak_memory_bytes"] = peak_memory(r.device)
-    return write_summary(config.train.name, plan.run_dir, r.writer, r.history, r.step, r.resumed_from, extra)
+        r.write_model(local, r.card(summary, sub))
+    hf = os.path.join(local, "hf")
+    if r.lora and r.t.lora.merge and (start != r.step or not os.path.isfile(os.path.join(hf, "config.json"))):
+        ckpt.save_hf(r.peft.merge_and_unload(), r.tok, hf, card=r.card(summary, "hf"))
+    return write_summary(config.train.name, r.writer, r.history, summary)
 
 
 def peak_memory(device: torch.device) -> int | None:

@@ -173,8 +173,9 @@ def make_record(base: str, folder: str) -> dict:
     return {"base": base, "model_type": kind, "fingerprint": adapters.fingerprint(folder)}
 
 
-def save_adapter(peft_model, tokenizer, record: dict, directory: str) -> None:
-    """An adapter folder: peft's files, the tokenizer, the base record; its complete marker last.
+def save_adapter(peft_model, tokenizer, record: dict, directory: str, card: str | None = None) -> None:
+    """An adapter folder: peft's files, the tokenizer, the base record, our model ``card`` (in place
+    of peft's template, when given); its complete marker last.
 
     ``save_embedding_layers=False``: with ``lm_head`` among the targets peft would otherwise copy the
     frozen base head (vocab x hidden, 262 MB for Mistral-7B in bf16) into every adapter; the base
@@ -185,4 +186,7 @@ def save_adapter(peft_model, tokenizer, record: dict, directory: str) -> None:
 
         save_tokenizer(tokenizer, directory)
     adapters.write_record(directory, record)
+    if card is not None:
+        with open(os.path.join(directory, "README.md"), "w") as f:
+            f.write(card)
     storage.mark_complete(directory)

@@ -135,26 +135,15 @@ def loss_png(history: list[dict], path: str, title: str) -> str:
     return path
 
 
-def write_summary(
-    name: str,
-    run_dir: str,
-    writer: Writer,
-    history: list[dict],
-    step: int,
-    resumed_from: int | None,
-    extra: dict | None = None,
+def summarize(
+    run_dir: str, history: list[dict], step: int, resumed_from: int | None, extra: dict | None = None
 ) -> dict:
-    """Rank 0 at the end: ``metrics.jsonl``, ``loss.png``, TensorBoard closed, ``summary.json``
-    (``extra``: the method, trainable parameters and their share, peak memory, the adapter)."""
-    writer.history(history)
-    try:
-        loss_png(history, os.path.join(writer.local, "loss.png"), f"{name}: {step} steps")
-    except ImportError:  # matplotlib is a dependency; a bare benchmark machine may lack it
-        log.warning("no matplotlib: loss.png not written")
+    """What ``summary.json`` holds: the run's figures from its ``history`` (``extra``: the method,
+    trainable parameters and their share, peak memory, the adapter)."""
     evals = [h["eval_loss"] for h in history if h.get("eval_loss") is not None]
     losses = [h["loss"] for h in history if "loss" in h]
     speeds = sorted(h["tokens_per_s"] for h in history if "tokens_per_s" in h)
-    summary = {
+    return {
         "steps": step,
         "resumed_from": resumed_from,
         "run_dir": run_dir,
@@ -167,8 +156,19 @@ def write_summary(
         "train_s": sum(h.get("step_s", 0.0) for h in history),
         **(extra or {}),
     }
+
+
+def write_summary(name: str, writer: Writer, history: list[dict], summary: dict) -> dict:
+    """Rank 0 at the end: ``metrics.jsonl``, ``loss.png``, TensorBoard and the tracker closed,
+    ``summary.json`` (:func:`summarize`) last; returns ``summary``."""
+    writer.history(history)
+    try:
+        loss_png(history, os.path.join(writer.local, "loss.png"), f"{name}: {summary['steps']} steps")
+    except ImportError:  # matplotlib is a dependency; a bare benchmark machine may lack it
+        log.warning("no matplotlib: loss.png not written")
     writer.close(summary)
-    storage.write_json(storage.join(run_dir, SUMMARY), summary)  # last: the run's mark of a finished run
+    # last: the run's mark of a finished run
+    storage.write_json(storage.join(summary["run_dir"], SUMMARY), summary)
     return summary
 
 
