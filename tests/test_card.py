@@ -115,3 +115,6 @@ def test_an_adapter_s_card_loads_it_on_its_base(tmp_path, tiny_hf, tiny_adapters
     assert "| method | LoRA r=4, alpha=32" in text and "a LoRA adapter (rank 4, alpha 32) on a random-init" in text
     assert f'base = "{tiny_hf}"' in _use(text)
     assert 0 < _run_in(folder, _use(text)) <= 64
+    merged = card_text(c, summary(base=tiny_hf), MANIFEST, prompt, kind="hf")  # train.lora.merge=true's hf/
+    assert ModelCard(merged).data.library_name == "transformers" and "merged into its base" in merged
+    assert "PeftModel" not in _use(merged)
