@@ -130,6 +130,12 @@ def test_config_errors_name_the_key(hf_dir, tmp_path):
     ):
         with pytest.raises(ValueError, match=key):
             compose("export", [f"export.checkpoint={hf_dir}", *over], checked=True)
+    # into the checkpoint's own folder (however it is written): the files and their card would change it
+    for same in (hf_dir, hf_dir + "/", os.path.relpath(hf_dir)):
+        with pytest.raises(ValueError, match=r"export.output_dir is export.checkpoint .*: the GGUF files and their"):
+            compose("export", [f"export.checkpoint={hf_dir}", f"export.output_dir={same}"], checked=True)
+    with pytest.raises(ValueError, match=r"export.output_dir is export.checkpoint \(s3://b/run/hf/\)"):
+        compose("export", ["export.checkpoint=s3://b/run/hf/", "export.output_dir=s3://b/run/hf"], checked=True)
 
 
 # ── llama.cpp itself (always in a child process: a native crash fails a test, not the suite) ──────
@@ -267,6 +273,35 @@ def test_the_export_reports_each_files_check(exported):
         exported["res"]["files"]["f16"]["check"]["greedy"]
         == exported["res"]["files"]["f16"]["check"]["greedy_transformers"]
     )
+
+
+@needs_llama_cpp
+def test_the_folder_s_card_gives_each_file_s_check_and_its_code_runs_there(exported):
+    """``README.md`` beside the files, for the Hub: GGUF metadata, a row per file with what llama.cpp's
+    check found, the chat format, and code that opens a file by its name in the folder."""
+    import re
+    import subprocess
+    import sys
+
+    from huggingface_hub import ModelCard
+
+    folder = os.path.dirname(exported["f16"])
+    assert exported["res"]["card"] == os.path.join(folder, "README.md")
+    card = ModelCard.load(os.path.join(folder, "README.md"))
+    assert card.data.language == ["it"] and {"gguf", "llama.cpp"} <= set(card.data.tags)
+    for t in ("f32", "f16", "bf16", "q8_0", "q4_k_m"):
+        c = exported["res"]["files"][t]["check"]
+        name = os.path.basename(exported[t])
+        row = next(line for line in card.text.splitlines() if line.startswith(f"| `{name}` | {t} |"))
+        assert f"the same {c['tokens']} tokens as transformers; the same greedy next token" in row, row
+        assert f"largest logit difference {c['max_logit_diff']:.3g} " in row
+    from cerbero_ray.chat import seed_prompt
+
+    assert seed_prompt("AI") in card.text  # the chat format, as the seed's prompt
+    code = re.search(r"## Use\n\n```python\n(.*?)```", card.text, re.S)[1]
+    assert 'model_path="tiny-Q4_K_M.gguf"' in code  # the folder is what gets published
+    r = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.endswith("\n"), r.stderr[-3000:]  # it printed the answer
 
 
 def test_the_snippet_opens_a_local_file_and_names_a_buckets_copy(tmp_path):
@@ -517,11 +552,17 @@ def test_an_adapter_exports_merged_and_as_a_llama_cpp_lora(hf_dir, tmp_path):
     files = res["files"]
     assert set(files) == {"f16", "lora", "base-f16"} and all(f["status"] == "checked" for f in files.values())
     assert sorted(os.listdir(out)) == [
+        "README.md",
         "cerbero-F16.gguf",
         "cerbero-LORA-F32.gguf",
         "cerbero-base-F16.gguf",
         "export.json",
     ]
+    said = open(out / "README.md").read()  # the pair, named as such in the folder's card
+    assert (
+        "`cerbero-LORA-F32.gguf` is a LoRA adapter" in said
+        and "| `cerbero-base-F16.gguf` | f16, the adapter's base |" in said
+    )
     made = json.load(open(out / "export.json"))["files"]["cerbero-LORA-F32.gguf"]["made_from"]
     assert made["checkpoint"] == adapter and made["base"] == hf_dir and made["base_version"]
     pair = files["lora"]["check"]
@@ -582,7 +623,7 @@ def test_an_adapter_llama_cpp_cannot_hold_exports_merged_and_a_rerun_keeps_it(hf
         said = [r.getMessage() for r in caplog.records]
         assert sum("no LoRA file" in m and "modules trained in full" in m for m in said) == 1, said
         assert sum("merged into" in m for m in said) == (status == "checked"), said
-        assert sorted(os.listdir(out)) == ["cerbero-F16.gguf", "export.json"]
+        assert sorted(os.listdir(out)) == ["README.md", "cerbero-F16.gguf", "export.json"]
 
 
 @pytest.mark.parametrize("where", ["local", "bucket"])
@@ -642,3 +683,19 @@ def test_a_file_is_kept_only_when_made_from_what_the_checkpoint_holds_now(
         storage.upload_folder(str(other), b)
     assert export(b) == "unchecked" and gguf_bytes() != of_a
     assert export(a) == "unchecked" and gguf_bytes() == of_a
+    # the folder's card lists its file, unchecked here; a license the checkpoint's own card gives
+    from huggingface_hub import ModelCard
+
+    def card(dest=out):
+        fs, p = storage.resolve(f"{dest}/README.md")
+        with fs.open_input_stream(p) as f:
+            return ModelCard(f.read().decode())
+
+    assert "| `m-F16.gguf` | f16 | " in card().text and "not checked (`export.verify=false`" in card().text
+    assert card().data.license is None and "the checkpoint's card gives none" in card().text
+    licensed = tmp_path / "licensed"
+    shutil.copytree(tiny_hf, licensed)
+    (licensed / "README.md").write_text("---\nlicense: mit\n---\n\n# a\n")  # as a training run writes it
+    c = storage.upload_folder(str(licensed), f"{root}/c") if where == "bucket" else str(licensed)
+    assert export(c, f"{root}/gguf-c") == "unchecked"
+    assert card(f"{root}/gguf-c").data.license == "mit" and "gives none" not in card(f"{root}/gguf-c").text

@@ -39,9 +39,9 @@ from cerbero_ray.chat import USER_TAG, assistant_tag_of, seed_prompt
 from cerbero_ray.checkpoints import check_base, check_checkpoint, check_weights
 from cerbero_ray.config import check
 from cerbero_ray.config.export import ExportConfig, ExportStageConfig
+from cerbero_ray.export import card, verify
 from cerbero_ray.export import gguf as conv
 from cerbero_ray.export import quantize as quant
-from cerbero_ray.export import verify
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,14 @@ def _record(out: str, final: str, info: dict | None, made: dict, tag: str = "") 
         "tag": tag,  # the chat template's assistant tag: the snippet of a rerun that keeps every file
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    c = info.get("check") or {}
+    if c.get("ok"):  # what llama.cpp's check found: the folder's card gives it
+        records[name]["check"] = {
+            "tokens": c["tokens"],
+            "greedy_same": c["greedy"] == c["greedy_transformers"],
+            "max_logit_diff": c["max_logit_diff"],
+            "max_logit_diff_rel": c["max_logit_diff_rel"],
+        }
     storage.write_json(storage.join(out, RECORD), {"files": records})
 
 
@@ -239,7 +247,8 @@ def _export(x: ExportConfig, folder: str, made: dict, kept: dict, lora: tuple[st
 
 
 def _finish(x: ExportConfig, results: dict, tag: str, pair: bool, t0: float) -> dict:
-    """The stage's result and its last lines: the count, the chat snippet, an adapter's pair."""
+    """The stage's result and its last lines: the count, the chat snippet, an adapter's pair; the
+    folder's card (:mod:`cerbero_ray.export.card`)."""
     failed = [t for t, r in results.items() if r["status"] == "failed"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     good = [t for t in x.types if results[t]["status"] != "failed"]
@@ -250,13 +259,20 @@ def _finish(x: ExportConfig, results: dict, tag: str, pair: bool, t0: float) -> 
     )
     if snippet:
         log.info(f"[export] chat with it in llama-cpp-python (pip install llama-cpp-python):\n{snippet}")
+    where = storage.join(x.output_dir, card.CARD) if good else None
+    if where:  # the folder's card, from the record of every file in it (kept ones too)
+        there = {f: r for f, r in _records(x.output_dir).items() if storage.is_file(storage.join(x.output_dir, f))}
+        name = results[good[-1]]["path"].rsplit("/", 1)[-1]
+        code = SNIPPET.format(fetch="", path=name, prompt=seed_prompt(tag), stop=USER_TAG)
+        text = card.gguf_card(x.name, x.checkpoint, there, code, seed_prompt(tag), card.source_license(x.checkpoint))
+        storage.write_bytes(where, text.encode())
     if pair and all(k in results and results[k]["status"] != "failed" for k in ("lora", "base-f16")):
         log.info(
             "[export] or the base with the adapter applied at load time: "
             f'Llama(model_path="{_at_hand(results["base-f16"]["path"])}", '
             f'lora_path="{_at_hand(results["lora"]["path"])}", n_ctx=4086)',
         )
-    return {"files": results, "failed": failed, "peak_rss_mib": round(peak), "snippet": snippet}
+    return {"files": results, "failed": failed, "peak_rss_mib": round(peak), "snippet": snippet, "card": where}
 
 
 def _at_hand(path: str) -> str:
