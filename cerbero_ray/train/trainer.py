@@ -281,7 +281,8 @@ def _report(summary: dict) -> dict:
             f"base {summary['base']})"
         )
     if summary.get("hf_dir"):
-        log.info(f" hf model      {summary['hf_dir']}")
+        carded = storage.is_file(storage.join(summary["hf_dir"], "README.md"))
+        log.info(f" hf model      {summary['hf_dir']}" + ("  (its model card: README.md)" if carded else ""))
     log.info(f" loss curve    {summary.get('loss_png')}")
     log.info("──────────────────────────────────────────────────────────────")
     return summary
