@@ -212,7 +212,7 @@ def main():
         from cerbero_ray.train import loop as loop_mod
 
         mock.patch.object(loop_mod._Run, "save", lambda self, at: None).start()
-        mock.patch.object(loop_mod._Run, "write_model", lambda self, folder: folder).start()
+        mock.patch.object(loop_mod._Run, "write_model", lambda self, folder, card=None: folder).start()
     try:
         summary = train_loop(cfg, plan, env)
     except torch.cuda.OutOfMemoryError as e:  # a figure too: what does not fit one GPU (a whole 7B's masters)
