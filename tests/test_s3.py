@@ -71,6 +71,7 @@ def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket
     assert any(re.match(r"train/tiny-cpu/checkpoint_step_\d+/complete/rank_1", k) for k in objs)
     assert "label/sentiment/summary.json" in objs and any(k.startswith("label/sentiment/parts/") for k in objs)
     assert "evaluate/results.json" in objs and "export/tiny-cpu/cerbero-F16.gguf" in objs
+    assert "train/tiny-cpu/hf/README.md" in objs and "export/tiny-cpu/README.md" in objs  # the two cards
     assert not any(k.endswith(storage.TMP_SUFFIX) or storage.WRITING in k for k in objs)
     assert re.search(rf"checkpoint: {re.escape(out)}/train/tiny-cpu/checkpoint_step_\d+", said), said[-3000:]
     assert "[export] f16: llama.cpp check ok" in said or "check skipped" in said
