@@ -11,7 +11,10 @@ from cerbero_ray.config import REPO_DIR
 from cerbero_ray.config.stages import STAGES, Stage
 
 ROOT = os.path.join(REPO_DIR, "cerbero_ray")
-GROUND = {"chat", "storage", "checkpoints", "shards", "inputs", "llamacpp", "logs", "adapters", "cluster", "tracking"}
+GROUND = {
+    *("chat", "storage", "checkpoints", "shards", "inputs", "llamacpp", "logs", "adapters", "cluster", "tracking"),
+    "cards",
+}
 CORE = {"config": 1, "tokenizer": 2, "models": 2, "inference": 3, "batchjob": 4, "runtime": 6, "submit": 6}
 
 

@@ -6,6 +6,7 @@ written from ``export.json`` (every file in the folder, kept ones too) at the en
 from __future__ import annotations
 
 from cerbero_ray import storage
+from cerbero_ray.cards import chat_and_use, front_matter
 
 CARD = "README.md"
 SHOWN = {"lora": "LoRA adapter (f32)", "base-f16": "f16, the adapter's base"}  # an adapter's pair, by its record's type
@@ -44,9 +45,7 @@ def gguf_card(name: str, checkpoint: str, records: dict, snippet: str, prompt: s
     """The export folder's card: ``records`` ``export.json``'s files, ``snippet`` the code that
     opens one (its path the file's name: the folder is what gets published), ``prompt`` the seed's
     prompt in the chat format."""
-    from huggingface_hub import ModelCardData
-
-    meta = ModelCardData(
+    meta = dict(
         language=["it"],
         license=license,
         pipeline_tag="text-generation",
@@ -60,10 +59,7 @@ def gguf_card(name: str, checkpoint: str, records: dict, snippet: str, prompt: s
     ]
     pair = [f for f, r in records.items() if r.get("type") == "lora"]
     lines = [
-        "---",
-        meta.to_yaml(),
-        "---",
-        "",
+        *front_matter(**meta),
         f"# {name} (GGUF)",
         "",
         f"GGUF files of `{checkpoint}` for llama.cpp, written by cerbero-ray's export stage. Each was loaded "
@@ -81,18 +77,7 @@ def gguf_card(name: str, checkpoint: str, records: dict, snippet: str, prompt: s
             "",
         ]
     lines += [
-        "## Chat format",
-        "",
-        "```",
-        prompt.rstrip("\n"),
-        "```",
-        "",
-        "## Use",
-        "",
-        "```python",
-        snippet,
-        "```",
-        "",
+        *chat_and_use("", prompt, [snippet]),
         "llama.cpp's own tools open the same files (`llama-cli -m <file>`, `llama-server -m <file>`).",
         "",
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from cerbero_ray.cards import chat_and_use, front_matter
 from cerbero_ray.chat import STOP_STRING
 
 CARD = "README.md"
@@ -32,11 +33,9 @@ def card_text(config, summary: dict, manifest: dict | None, prompt: str, kind: s
     merged in; ``adapter``: a peft adapter folder) of a finished run: ``config`` the run's
     ``TrainStageConfig``, ``summary`` what ``summary.json`` holds, ``manifest`` the data stage's
     (None: not readable), ``prompt`` the chat template applied to :data:`EXAMPLE`."""
-    from huggingface_hub import ModelCardData
-
     t, lora = config.train, config.train.method == "lora"
     tags = ["cerbero-ray", "italian", "mistral", "conversational", "lora" if lora else "full-fine-tune"]
-    meta = ModelCardData(
+    meta = dict(
         language=["it"],
         license=t.card.license,
         library_name="peft" if kind == "adapter" else "transformers",
@@ -54,32 +53,19 @@ def card_text(config, summary: dict, manifest: dict | None, prompt: str, kind: s
     m = manifest or {}
     docs = m.get("documents_by_source") or {}
     sources = ", ".join(f"`{k}` ({v:,})" for k, v in docs.items()) or "–"
+    intro = (
+        f"Turns are tagged as the tokenizer's chat template writes them; the model ends its turn with `{STOP_STRING}` "
+        "(stop there):"
+    )
     lines = [
-        "---",
-        meta.to_yaml(),
-        "---",
-        "",
+        *front_matter(**meta),
         f"# {t.name}",
         "",
         f"An Italian chat model (Mistral architecture, {_n(summary.get('total_params') or 0)} parameters): {what}, "
         "trained with cerbero-ray: the cerbero-7b recipe (a full fine-tune of "
         "mistral-7b on Italian conversations, DeepSpeed ZeRO-1, one epoch) as Ray jobs.",
         "",
-        "## Chat format",
-        "",
-        f"Turns are tagged as the tokenizer's chat template writes them; the model ends its turn with `{STOP_STRING}` "
-        "(stop there):",
-        "",
-        "```",
-        prompt.rstrip("\n"),
-        "```",
-        "",
-        "## Use",
-        "",
-        "```python",
-        *_usage(kind, summary),
-        "```",
-        "",
+        *chat_and_use(intro, prompt, _usage(kind, summary)),
         "llama.cpp: cerbero-ray's `python jobs/export.py export.checkpoint=<this folder>` writes GGUF files "
         "(f16 and q4_k_m by default) and has llama.cpp check each against transformers.",
         "",
