@@ -306,14 +306,21 @@ class Tracker:
         except Exception as e:
             self._off(e)
 
-    def summary(self, step: int, values: dict) -> None:
-        """Figures of the run as a whole (an evaluation's): MLflow metrics at ``step`` (the
-        checkpoint's), W&B's run summary (its steps belong to the training)."""
+    def summary(self, step: int, values: dict, once: bool = False) -> None:
+        """Figures of the run as a whole (a training's summary, an evaluation's): MLflow metrics at
+        ``step`` (the last step, the checkpoint's), W&B's run summary (its steps belong to the
+        training). ``once``: a figure MLflow's run holds at ``step`` already (sent by an attempt
+        that died before it could say it was done) is not sent again."""
         self.flush()  # one batch of a run at a time
         if self.kind is None:
             return
         try:
             values = {metric_name(k): float(v) for k, v in values.items()}
+            if self.kind == "mlflow" and once:
+                values = {k: v for k, v in values.items() if self._new(step, k)}
+                self.held.update(dict.fromkeys(values, step))
+            if not values:
+                return
             if self.kind == "mlflow":
                 from mlflow.entities import Metric
 

@@ -88,7 +88,13 @@ def test_mlflow_run_opened_once_resumed_and_each_step_logged_once(tmp_path):
     for step in range(3, 6):
         again.log(step, {"train/loss": 1.0 / (step + 1)})
     again.log(5, {"eval/loss": 1.5})  # the final held-out loss, at the last step
+    again.summary(5, {"summary/final_loss": 0.25}, once=True)  # the run's summary, at the end
     again.finish()
+    rerun = tracker(rec, c, run_dir)  # an attempt that died after the summary went, before summary.json
+    rerun.summary(5, {"summary/final_loss": 0.25, "summary/train_s": 9.0}, once=True)
+    rerun.finish()
+    assert [(m.step, m.value) for m in client.get_metric_history(rec["run_id"], "summary/final_loss")] == [(5, 0.25)]
+    assert [(m.step, m.value) for m in client.get_metric_history(rec["run_id"], "summary/train_s")] == [(5, 9.0)]
     loss = sorted((m.step, m.value) for m in client.get_metric_history(rec["run_id"], "train/loss"))
     assert loss == [(s, 1.0 / (s + 1)) for s in range(6)]  # each step once
     assert sorted((m.step, m.value) for m in client.get_metric_history(rec["run_id"], "eval/loss")) == [

@@ -98,7 +98,7 @@ class Writer:
                     for k, v in summary.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("steps", "resumed_from")
                 }
-                self.tracker.summary(int(summary["steps"]), figures)
+                self.tracker.summary(int(summary["steps"]), figures, once=True)  # a rerun at the end: once
                 with tempfile.TemporaryDirectory(prefix="cerbero-summary-") as d:
                     with open(os.path.join(d, SUMMARY), "w") as f:
                         json.dump(summary, f, indent=2)
