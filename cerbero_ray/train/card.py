@@ -33,6 +33,8 @@ def card_text(config, summary: dict, manifest: dict | None, prompt: str, kind: s
     merged in; ``adapter``: a peft adapter folder) of a finished run: ``config`` the run's
     ``TrainStageConfig``, ``summary`` what ``summary.json`` holds, ``manifest`` the data stage's
     (None: not readable), ``prompt`` the chat template applied to :data:`EXAMPLE`."""
+    from cerbero_ray.train.zero import learning_rate  # the optimizer's, a LoRA run's own when set
+
     t, lora = config.train, config.train.method == "lora"
     tags = ["cerbero-ray", "italian", "mistral", "conversational", "lora" if lora else "full-fine-tune"]
     meta = dict(
@@ -78,7 +80,7 @@ def card_text(config, summary: dict, manifest: dict | None, prompt: str, kind: s
         f"{m.get('seq_len', '?')} tokens; {_n(m.get('tokens', 0))} tokens, loss on the {m.get('loss_on', '?')} "
         f"turns ({_n(m.get('loss_tokens', 0))} tokens) |",
         f"| steps | {_steps(summary.get('steps') or 0, t, m.get('rows'))} |",
-        f"| optimizer | AdamW, lr {t.method == 'lora' and t.lora.lr or t.lr:g}, {t.schedule} to {t.min_lr_ratio:g}×, "
+        f"| optimizer | AdamW, lr {learning_rate(t):g}, {t.schedule} to {t.min_lr_ratio:g}×, "
         f"weight decay {t.weight_decay:g}, betas {tuple(t.betas)}, gradient clip {t.max_grad_norm:g} |",
         f"| precision | {t.precision} |",
         f"| workers | {t.num_workers} × {'GPU' if t.use_gpu else 'CPU'} |",

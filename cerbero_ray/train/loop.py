@@ -17,6 +17,7 @@ Checkpoints carry the step, so a restarted worker re-plans and reads from exactl
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -200,19 +201,26 @@ class _Run:
         out["peak_memory_bytes"] = peak_memory(self.device)
         return out
 
+    @functools.cached_property
+    def card_inputs(self) -> tuple[dict | None, str]:
+        """Rank 0: what every card of the run reads (the data stage's manifest, None when it does not
+        read; the chat template on the card's example), read once."""
+        from cerbero_ray.shards import read_manifest
+        from cerbero_ray.train.card import EXAMPLE
+
+        try:
+            manifest = read_manifest(self.t.data_dir)
+        except (OSError, ValueError):
+            manifest = None
+        return manifest, self.tok.apply_chat_template(EXAMPLE, tokenize=False, add_generation_prompt=True)
+
     def card(self, summary: dict, kind: str) -> str | None:
         """Rank 0: the model card of the folder ``kind`` (:mod:`cerbero_ray.train.card`); None (a
         warning) when it cannot be made: the model is written without one."""
-        from cerbero_ray.shards import read_manifest
-        from cerbero_ray.train.card import EXAMPLE, card_text
+        from cerbero_ray.train.card import card_text
 
         try:
-            try:
-                manifest = read_manifest(self.t.data_dir)
-            except (OSError, ValueError):
-                manifest = None
-            prompt = self.tok.apply_chat_template(EXAMPLE, tokenize=False, add_generation_prompt=True)
-            return card_text(self.config, summary, manifest, prompt, kind)
+            return card_text(self.config, summary, *self.card_inputs, kind)
         except Exception as e:  # a card is documentation: never the reason a trained model is lost
             say(f"[train] warning: no model card in {kind}/: {type(e).__name__}: {e}")
             return None
