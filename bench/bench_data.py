@@ -155,6 +155,7 @@ def data_config(sources: dict, out: str, seq_len: int, **data) -> dict:
             "compression": "zstd",
             "output_dir": out,
             "overwrite": True,
+            "dedup": "none",  # the corpus is repeated to size: every copy packed, as (a) and (b) tokenize it
             **data,
         },
         "tokenizer": {"path": None, "assistant_tag": "AI", "system_line": SYSTEM_LINE},

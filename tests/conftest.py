@@ -167,14 +167,15 @@ def data_stage(out, sources, **data):
     return {"paths": PATHS, "data": proc_cfg(out, sources, **data), "tokenizer": TOKENIZER_CFG}
 
 
-def buffer_processor(out, sources, **data):
-    """A BufferProcessor on sources given as SourceConfig keys (path optional: the rows come in batches)."""
+def buffer_processor(out, sources, duplicates="", **data):
+    """A BufferProcessor on sources given as SourceConfig keys (path optional: the rows come in
+    batches); ``duplicates``: a dedup table's path."""
     from cerbero_ray.config.common import TokenizerConfig
     from cerbero_ray.config.data import DataConfig, SourceConfig
     from cerbero_ray.data.process import BufferProcessor
 
     d = proc_cfg(out, {k: SourceConfig(**{"path": "-", **s}) for k, s in sources.items()}, **data)
-    return BufferProcessor(DataConfig(**d), TokenizerConfig(**TOKENIZER_CFG))
+    return BufferProcessor(DataConfig(**d), TokenizerConfig(**TOKENIZER_CFG), duplicates=duplicates)
 
 
 def counting_prefill(engine) -> list[int]:

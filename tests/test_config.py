@@ -96,7 +96,15 @@ def test_types_are_checked():
 
 
 @pytest.mark.parametrize(
-    "key,value", [("loss_on", "users"), ("packing", "tight"), ("long_docs", "keep"), ("seq_len", 4), ("buffer_docs", 0)]
+    "key,value",
+    [
+        ("loss_on", "users"),
+        ("packing", "tight"),
+        ("long_docs", "keep"),
+        ("dedup", "minhash"),
+        ("seq_len", 4),
+        ("buffer_docs", 0),
+    ],
 )
 def test_bad_values_name_the_key(key, value):
     c = to_container(compose("data"))

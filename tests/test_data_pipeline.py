@@ -48,12 +48,29 @@ def test_mixed_formats_and_bad_rows(ray_local, tmp_path):
         )
     )
     assert m["sources"]["chat"]["format"] == "openai" and m["sources"]["sg"]["format"] == "sharegpt"
-    assert m["documents_by_source"] == {"chat": 2, "sg": 1, "txt": 1, "pq": 4}
-    assert m["rejects_by_reason"] == {"invalid_utf8": 1, "invalid_json": 1, "no_assistant_turn": 1, "empty": 1}
+    # line 4 repeats line 1 (data.dedup=exact by default): a counted reject naming the row kept
+    assert m["documents_by_source"] == {"chat": 1, "sg": 1, "txt": 1, "pq": 4}
+    assert m["rejects_by_reason"] == {
+        "duplicate": 1,
+        "invalid_utf8": 1,
+        "invalid_json": 1,
+        "no_assistant_turn": 1,
+        "empty": 1,
+    }
+    assert m["dedup"] | {"seconds": 0} == {
+        "mode": "exact",
+        "documents": 6,  # the rows that parse, before weights (pq: 2 rows, 4 documents)
+        "duplicates": 1,
+        "near_duplicates": 0,
+        "seconds": 0,
+    }
     # the blank line is a row too, counted: input rows = documents + rejects for every file
-    assert m["rejected"] == 4 and m["input_rows"] == 6 + 1 + 1 + 2
+    assert m["rejected"] == 5 and m["input_rows"] == 6 + 1 + 1 + 2
     rejects = [json.loads(line) for f in m["rejects_files"] for line in open(f)]
-    assert sorted(r["line_no"] for r in rejects) == [2, 3, 5, 6]
+    assert sorted(r["line_no"] for r in rejects) == [2, 3, 4, 5, 6]
+    (dup,) = [r for r in rejects if r["reason"] == "duplicate"]
+    assert dup["detail"] == f"same text as chat {src / 'chat.jsonl'}:1 (kept)" and json.loads(dup["raw"]) == CHAT
+    assert not (out / "duplicates.parquet").exists()  # the rejects say it all once the manifest is written
     rows = sum(pq.read_table(s["path"]).num_rows for s in m["shards"])
     assert rows == m["rows"] and m["tokens"] + m["padding"] == rows * m["seq_len"]
     assert read_manifest(str(out))["config_hash"] == m["config_hash"]
@@ -173,7 +190,8 @@ def test_a_folder_with_compressed_corrupt_and_foreign_files_accounts_for_every_f
     (src / "c.parquet").write_bytes(bytes(data))
     (src / "d.csv").write_text("a,b\n1,2\n")
     (src / ".e.jsonl").write_bytes(b"\n".join(chats))
-    m = run_data(cfg_for(tmp_path / "out", {"s": {"path": str(src), "format": "auto"}}))
+    # the same chat in every row: this test counts reads, not duplicates
+    m = run_data(cfg_for(tmp_path / "out", {"s": {"path": str(src), "format": "auto"}}, dedup="none"))
     assert m["documents_by_source"] == {"s": 30 + 10 + 30}, m["rejects_by_reason"]
     assert m["rejects_by_reason"] == {"unreadable_file": 1}
     assert m["input_rows"] == 30 + 10 + 30 + 1 == m["documents"] + m["rejected"]

@@ -254,6 +254,10 @@ def test_the_data_stage_counts_every_row(tmp_path, seed, fmt):
         assert reasons.get("invalid_utf8") and reasons.get("role_tag_in_text")
     rejected = [json.loads(x) for x in open(stats["rejects_path"])]
     assert len(rejected) == sum(reasons.values())
+    # the dedup pass reads the same rows without breaking, and fingerprints exactly the documents
+    from cerbero_ray.data.dedup import Fingerprints
+
+    assert len(Fingerprints(proc.sources, "near")(batch)["exact"]) == stats["documents"]
 
 
 def test_a_lone_surrogate_in_a_json_array_is_one_reject(tmp_path):

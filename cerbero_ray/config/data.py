@@ -38,6 +38,7 @@ class DataConfig:
     loss_on: str = "assistant"  # assistant | all
     packing: str = "whole"  # whole (best-fit decreasing) | split (fill every row)
     long_docs: str = "split"  # split | drop  (documents longer than seq_len)
+    dedup: str = "exact"  # none | exact | near: rows repeating an earlier one dropped (cerbero_ray/data/dedup.py)
     buffer_docs: int = 4096  # documents per packing buffer (= per shard)
     workers: Optional[int] = None  # packing actors; None = cluster CPUs - 1 (one CPU left for reads)
     seed: int = 0
@@ -65,6 +66,7 @@ def check_data(c: DataStageConfig, before: frozenset = frozenset()) -> None:
     one_of(d.loss_on, ("assistant", "all"), "data.loss_on")
     one_of(d.packing, ("whole", "split"), "data.packing")
     one_of(d.long_docs, ("split", "drop"), "data.long_docs")
+    one_of(d.dedup, ("none", "exact", "near"), "data.dedup")
     if not d.sources:
         raise ValueError("data.sources: no source (add one: +data.sources.NAME.path=...)")
     defaults = {k: v for k, v in asdict(SourceConfig()).items() if k != "path"}

@@ -12,6 +12,7 @@ reason; the pipeline writes it to the rejects file and counts it. Pure Python, n
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from cerbero_ray.chat import forges_turn
@@ -135,3 +136,27 @@ def to_document(record: dict, fmt: str, text_field: str = "text") -> Document:
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     return Document(messages=check_turns(msgs))
+
+
+def parse_raw(kind: str, raw: bytes, fmt: str, text_field: str = "text") -> Document:
+    """The document of one raw row (``kind`` as the source reader names it: ``jsonl``, ``record``,
+    ``txt``, ``unreadable``) in format ``fmt``, or :class:`Reject`."""
+    if kind == "unreadable":  # what the reader could not read: a Parquet row group, a cut stream
+        raise Reject("unreadable_file", raw.decode("utf-8", "replace"))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Reject("invalid_utf8", str(e)) from None
+    if kind == "jsonl" and not text.strip():
+        raise Reject("empty", "a blank line")
+    if kind == "txt":
+        if not text.strip():
+            raise Reject("empty_text", "file is empty")
+        return Document(text=text)
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise Reject("invalid_json", str(e)[:200]) from None
+    except RecursionError:
+        raise Reject("invalid_json", "nested deeper than the JSON parser allows") from None
+    return to_document(record, fmt, text_field)

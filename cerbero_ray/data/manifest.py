@@ -40,7 +40,7 @@ def config_hash(cfg: DataStageConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_manifest(stats: list[dict], cfg: DataStageConfig, plans, seconds: float) -> dict:
+def build_manifest(stats: list[dict], cfg: DataStageConfig, plans, seconds: float, dedup: dict | None = None) -> dict:
     d, t = cfg.data, cfg.tokenizer
     totals = {k: int(sum(s[k] for s in stats)) for k in SUM_KEYS}
     reasons, per_source = Counter(), Counter()
@@ -61,6 +61,7 @@ def build_manifest(stats: list[dict], cfg: DataStageConfig, plans, seconds: floa
         **totals,
         "fill": round(totals["tokens"] / capacity, 6) if capacity else 0.0,
         "rejects_by_reason": dict(sorted(reasons.items())),
+        "dedup": dedup or {"mode": "none"},  # the pass's counts (its duplicates are rejects too)
         "documents_by_source": dict(per_source),
         "sources": {
             p.name: {
@@ -98,12 +99,24 @@ def format_summary(m: dict, out: str) -> str:
         f" fill          {100 * m['fill']:.2f}%  (packing {m['packing']}; cut to fill {m['cut_to_fill']:,})",
         f" long docs     split {m['split_documents']:,} (into {m['split_pieces']:,}), dropped {m['dropped_long']:,}",
         f" rejected      {m['rejected']:,} ({rej})" + (f" -> {out}/rejects/" if m["rejected"] else ""),
+        *_dedup_lines(m),
         *_skipped_lines(m),
         f" speed         {m['tokens_per_s'] or 0:,} tokens/s over {m['seconds']} s",
         f" manifest      {storage.join(out, 'manifest.json')}",
         "─────────────────────────────────────────────────────────────",
     ]
     return "\n".join(lines)
+
+
+def _dedup_lines(m: dict) -> list[str]:
+    x = m.get("dedup") or {"mode": "none"}
+    if x["mode"] == "none":
+        return [" dedup         off (data.dedup=none)"]
+    near = f", {x['near_duplicates']:,} near" if x["mode"] == "near" else ""
+    return [
+        f" dedup         {x['duplicates']:,} exact{near} duplicate(s) of {x['documents']:,} documents dropped "
+        f"(data.dedup={x['mode']}, {x['seconds']} s)"
+    ]
 
 
 def _skipped_lines(m: dict) -> list[str]:

@@ -3,7 +3,9 @@
 Ray Data streams raw rows from every source (never the whole corpus in memory) into a pool of
 actors; each actor takes ``buffer_docs`` rows at a time and runs :class:`BufferProcessor`:
 validate → render chat → tokenize → loss mask → pack → write one shard (and a rejects file), then
-its record (``buffers/<key>.json``: its stats). The driver only sees one small stats record per
+its record (``buffers/<key>.json``: its stats). Before that, unless ``data.dedup=none``, a lighter
+pass over the same inputs finds the rows that repeat an earlier one (:mod:`cerbero_ray.data.dedup`),
+which the actors reject as duplicates. The driver only sees one small stats record per
 shard, from which it writes the manifest, last. A run stopped before it resumes on the same
 command: ``run.json`` (written first) names its config and input files, and the buffers with a
 record are not processed again.
@@ -17,12 +19,22 @@ import contextlib
 import logging
 import time
 
+import numpy as np
+import pyarrow as pa
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from cerbero_ray import storage
 from cerbero_ray.config import check
 from cerbero_ray.config.data import DataStageConfig
+from cerbero_ray.data.dedup import (
+    FileIds,
+    duplicates_meta,
+    find_duplicates,
+    fingerprint_batch,
+    read_duplicates,
+    write_duplicates,
+)
 from cerbero_ray.data.manifest import build_manifest, config_hash, format_summary, read_manifest, write_manifest
 from cerbero_ray.data.process import BUFFERS, BufferProcessor
 from cerbero_ray.data.sources import build_dataset, inspect_sources
@@ -82,7 +94,7 @@ def prepare_output(out: str, overwrite: bool, why: str = "", record: dict | None
     existing = [
         i
         for i in fs.get_file_info(storage.pafs.FileSelector(p))
-        if i.base_name in ("shards", "rejects", "manifest.json", BUFFERS, RUN_RECORD)
+        if i.base_name in ("shards", "rejects", "manifest.json", BUFFERS, RUN_RECORD, DUPLICATES)
     ]
     finished = any(i.base_name == "manifest.json" for i in existing)
     if existing and not finished:  # the manifest comes last: a run stopped before it is unfinished
@@ -129,6 +141,50 @@ def _drop_other_buffers(out: str, stats: list[dict]) -> int:
     return gone
 
 
+DUPLICATES = "duplicates.parquet"  # the dedup pass's rows to drop: written after run.json, before any buffer
+
+
+def dedup_pass(out: str, d, plans, resumed: bool) -> tuple[str, dict]:
+    """Fingerprint every document of every source (a Ray Data pass over the inputs, without
+    tokenizing), find the rows that repeat an earlier one and write them to ``<out>/duplicates.parquet``
+    for the packing actors. Returns its path and counts; a resumed run reuses the one it wrote."""
+    path = storage.join(out, DUPLICATES)
+    if resumed:
+        with contextlib.suppress(OSError, pa.ArrowException):
+            if meta := duplicates_meta(read_duplicates(path)):
+                log.info(f"[data] dedup: the unfinished run's {DUPLICATES} reused")
+                return path, meta
+    t0 = time.perf_counter()
+    ds = build_dataset(plans).map_batches(
+        fingerprint_batch, fn_kwargs={"sources": d.sources, "mode": d.dedup}, batch_size=1024, batch_format="numpy"
+    )
+    files = FileIds([(p.name, storage.resolve(f)[1]) for p in plans for f in p.files])
+    parts = []
+    with tqdm(unit=" docs", desc=f"dedup ({d.dedup})", dynamic_ncols=True) as bar:
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            parts.append(files.compact(b))
+            bar.update(len(b["exact"]))
+    if not parts:  # no row parses: the packing pass rejects them all
+        parts = [{"file": np.zeros(0, np.int32), "line_no": np.zeros(0, np.int64), "exact": np.zeros(0, np.uint64)}]
+    fp = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+    del parts
+    table = find_duplicates(fp, files)
+    reasons = table.column("reason").to_pylist()
+    meta = {
+        "mode": d.dedup,
+        "documents": len(fp["exact"]),
+        "duplicates": reasons.count("duplicate"),
+        "near_duplicates": reasons.count("near_duplicate"),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    write_duplicates(table, path, **meta)
+    log.info(
+        f"[data] dedup ({d.dedup}): {meta['duplicates']:,} exact and {meta['near_duplicates']:,} near duplicate(s) "
+        f"of {meta['documents']:,} documents, in {meta['seconds']} s"
+    )
+    return path, meta
+
+
 def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
     """Run the data stage on an initialised Ray; returns the manifest (also written to
     ``<data.output_dir>/manifest.json``)."""
@@ -149,6 +205,7 @@ def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
         )
         return done
     resumed = prepare_output(out, d.overwrite, why, run_record(c, plans))
+    dups, dedup = dedup_pass(out, d, plans, resumed) if d.dedup != "none" else ("", {"mode": "none"})
     cpus = float(ray.cluster_resources().get("CPU", 1))
     reserve = 1.0 if cpus >= 2 else cpus / 2  # reads must always get a CPU, or the stream stalls
     workers = d.workers or int(max(1, cpus - reserve))
@@ -158,7 +215,7 @@ def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
     ctx.execution_options.preserve_order = True  # same inputs + seed -> same shards
     ds = build_dataset(plans).map_batches(
         BufferProcessor,
-        fn_constructor_args=(d, c.tokenizer, max(1, int(cpus) // workers)),
+        fn_constructor_args=(d, c.tokenizer, max(1, int(cpus) // workers), dups),
         batch_size=d.buffer_docs,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
@@ -176,12 +233,13 @@ def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
     seconds = time.perf_counter() - t0
     if resumed and (gone := _drop_other_buffers(out, stats)):
         log.info(f"[data] {gone} file(s) of the unfinished run's other buffers deleted (rows batched otherwise)")
-    manifest = build_manifest(stats, c, plans, seconds)
+    manifest = build_manifest(stats, c, plans, seconds, dedup)
     write_manifest(manifest, out)
     fs, p = storage.resolve(out)
     with contextlib.suppress(OSError):  # the manifest says it all now
         fs.delete_dir(f"{p}/{BUFFERS}")
-    with contextlib.suppress(OSError):
-        fs.delete_file(f"{p}/{RUN_RECORD}")
+    for name in (DUPLICATES, RUN_RECORD):  # the rejects name every duplicate and what it repeats
+        with contextlib.suppress(OSError):
+            fs.delete_file(f"{p}/{name}")
     log.info(format_summary(manifest, out))
     return manifest

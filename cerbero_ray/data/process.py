@@ -23,13 +23,15 @@ import pyarrow.parquet as pq
 from cerbero_ray import storage
 from cerbero_ray.config.common import TokenizerConfig
 from cerbero_ray.config.data import DataConfig
-from cerbero_ray.data.formats import Document, Reject, to_document
+from cerbero_ray.data.dedup import DropList, read_duplicates
+from cerbero_ray.data.formats import Document, Reject, parse_raw
 from cerbero_ray.data.packing import IGNORE_INDEX, best_fit_decreasing, build_rows, sequential_fill, split_long
 from cerbero_ray.tokenizer import build_tokenizer, encode_chats, encode_plain
 
 ROW_GROUP_ROWS = 16  # rows per Parquet row group (~1.5 MB at seq 8192)
 
 MAX_REJECT_BYTES = 1 << 20  # a rejected row is kept whole up to 1 MiB, and its length always
+DUPLICATE_BYTES = 1 << 10  # a duplicate's first KiB only: the row it repeats is trained on, and named
 
 
 def copies(weight: float, seed: int, key: str) -> int:
@@ -49,40 +51,19 @@ class BufferProcessor:
     """Callable on a batch of raw rows (a dict of numpy arrays); returns one stats record.
 
     ``cfg``: the data config (its sources typed, as ``check_data`` leaves them); ``threads``: the
-    tokenizer's thread pool (0: its default).
+    tokenizer's thread pool (0: its default); ``duplicates``: the table of rows to drop that the
+    stage's deduplication pass wrote ("": none).
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer: TokenizerConfig, threads: int = 0):
+    def __init__(self, cfg: DataConfig, tokenizer: TokenizerConfig, threads: int = 0, duplicates: str = ""):
         self.cfg = cfg
+        self.drops = DropList(read_duplicates(duplicates) if duplicates else None)
         if threads:  # the tokenizer's Rust thread pool; read when it first starts
             os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
         self.tok = build_tokenizer(tokenizer.path, tokenizer.assistant_tag, tokenizer.system_line)
         self.sources = cfg.sources
         self.seq_len = cfg.seq_len
         self.assistant_only = cfg.loss_on == "assistant"
-
-    # -- parse ---------------------------------------------------------------------------------
-    def _parse(self, source: str, kind: str, raw: bytes) -> Document:
-        if kind == "unreadable":  # what the reader could not read: a Parquet row group, a cut stream
-            raise Reject("unreadable_file", raw.decode("utf-8", "replace"))
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise Reject("invalid_utf8", str(e)) from None
-        src = self.sources[source]
-        if kind == "jsonl" and not text.strip():
-            raise Reject("empty", "a blank line")
-        if kind == "txt":
-            if not text.strip():
-                raise Reject("empty_text", "file is empty")
-            return Document(text=text)
-        try:
-            record = json.loads(text)
-        except ValueError as e:
-            raise Reject("invalid_json", str(e)[:200]) from None
-        except RecursionError:
-            raise Reject("invalid_json", "nested deeper than the JSON parser allows") from None
-        return to_document(record, src.format, src.text_field)
 
     # -- tokenize ------------------------------------------------------------------------------
     def _tokenize(self, docs: list[Document]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -126,13 +107,19 @@ class BufferProcessor:
         }
         rejects, reasons, per_source = [], Counter(), Counter()
         docs, origins = [], []
+        drops = self.drops.for_batch(batch["path"])
         for source, path, line_no, kind, raw in zip(
             batch["source"], batch["path"], batch["line_no"], batch["kind"], batch["raw"]
         ):
             raw = bytes(raw) if raw is not None else b""
             stats["input_bytes"] += len(raw)
+            if drop := drops.get((source, path, int(line_no))):
+                reasons[drop[0]] += 1
+                rejects.append(self._reject_row(source, path, line_no, raw, Reject(*drop), DUPLICATE_BYTES))
+                continue
             try:
-                doc = self._parse(source, kind, raw)
+                src = self.sources[source]
+                doc = parse_raw(kind, raw, src.format, src.text_field)
             except Exception as e:  # Reject, or anything a row can still break: one row never stops the job
                 r = e if isinstance(e, Reject) else Reject("unreadable", f"{type(e).__name__}: {str(e)[:200]}")
                 reasons[r.reason] += 1
@@ -177,7 +164,7 @@ class BufferProcessor:
         storage.write_json(done, stats)  # last: the buffer counts as done once its files are all there
         return {k: [v] for k, v in stats.items()}
 
-    def _reject_row(self, source, path, line_no, raw: bytes, r: Reject) -> dict:
+    def _reject_row(self, source, path, line_no, raw: bytes, r: Reject, keep: int = MAX_REJECT_BYTES) -> dict:
         return {
             "source": source,
             "path": path,
@@ -185,7 +172,7 @@ class BufferProcessor:
             "reason": r.reason,
             "detail": r.detail,
             "raw_bytes": len(raw),
-            "raw": raw[:MAX_REJECT_BYTES].decode("utf-8", errors="replace"),
+            "raw": raw[:keep].decode("utf-8", errors="replace"),
         }
 
     def _write(self, pieces: list[tuple[np.ndarray, np.ndarray]], sources: list[str], key: str) -> dict:

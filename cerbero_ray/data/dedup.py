@@ -1,0 +1,255 @@
+"""Document deduplication: which input rows repeat an earlier one, exactly or nearly.
+
+A repeated document is trained on twice (or a hundred times: a scraped page, a self-chat seed
+sampled again), which weights it above the rest and teaches the model to recite it. The data stage
+finds them in a pass over every source before any buffer is packed (``data.dedup``):
+
+* ``exact``: the same text after Unicode NFKC, lower case and collapsed whitespace (a chat: its
+  roles and contents). One 64-bit hash per document.
+* ``near``: exact, plus MinHash-LSH over word 5-grams (112 hashes in 14 bands of 8, as datatrove
+  and text-dedup default to): two documents whose 5-gram sets overlap by Jaccard 0.8 share a band
+  with probability 0.92, by 0.5 with 0.05. Documents that share a band are one cluster (connected
+  components: a chain of near copies is one cluster too).
+
+Of each cluster the first row in the config's order (source, then file, then line) is kept; the
+others become ``duplicate`` / ``near_duplicate`` rejects naming it. The outcome depends on the
+inputs only, never on how rows were batched or which worker saw them first, so reruns agree.
+
+:class:`Fingerprints` is the pass's per-batch function (no Ray); :func:`find_duplicates` turns the
+fingerprints of the whole input into the table of rows to drop, which every packing actor reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cerbero_ray import storage
+from cerbero_ray.data.formats import Document, parse_raw
+
+MODES = ("none", "exact", "near")
+NGRAM = 5  # words per shingle
+BANDS, ROWS = 14, 8  # MinHash-LSH: BANDS bands of ROWS hashes each
+_rng = np.random.default_rng(0x5EED)  # fixed: which rows are duplicates depends on the inputs only
+_MUL = _rng.integers(1, 2**32, BANDS * ROWS, dtype=np.uint32) | np.uint32(1)  # odd: a bijection of uint32
+_ADD = _rng.integers(0, 2**32, BANDS * ROWS, dtype=np.uint32)
+_POLY = np.uint64(1_000_003)  # shingle hash: a polynomial of its words' hashes, mod 2**64
+_WORD = re.compile(r"\w{1,32}")  # a word (a longer one is read as pieces of 32 characters)
+_PLACE = _rng.integers(1, 2**63, 32, dtype=np.uint64) | np.uint64(1)  # a word's hash: its characters' places
+_CHUNK = 8192  # shingles per step of the MinHash (its temporary: 112 x 8192 uint32 = 3.7 MB)
+
+
+def normalized(doc: Document) -> str:
+    """The text two documents must share to be exact duplicates."""
+    if doc.text is not None:
+        parts = [doc.text]
+    else:
+        parts = [f"{m['role']}: {m['content']}" for m in doc.messages]
+    return "\n".join(" ".join(unicodedata.normalize("NFKC", p).lower().split()) for p in parts)
+
+
+def _h64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def exact_hash(text: str) -> int:
+    return _h64(text.encode("utf-8", "surrogatepass"))
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a well-spread uint64 from a structured one (the polynomial hashes
+    below are linear; MinHash wants its inputs to look random)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def band_hashes(text: str) -> np.ndarray | None:
+    """The ``BANDS`` LSH keys of a normalized text (uint64), or None when it has no word."""
+    words = _WORD.findall(text)
+    if not words:
+        return None
+    # every word at once: its code points (UCS-4, zero-padded to the longest) times a multiplier per place
+    codes = np.array(words).view(np.uint32).reshape(len(words), -1).astype(np.uint64)
+    n = min(NGRAM, len(words))  # a text shorter than a shingle is one shingle
+    with np.errstate(over="ignore"):
+        w = _mix((codes * _PLACE[: codes.shape[1]]).sum(axis=1))
+        shingles = np.zeros(len(w) - n + 1, dtype=np.uint64)
+        for k in range(n):
+            shingles = shingles * _POLY + w[k : len(w) - n + 1 + k]
+        shingles = (_mix(shingles) >> np.uint64(32)).astype(np.uint32)  # 32 bits: twice the MinHash speed
+        sig = np.full(BANDS * ROWS, np.iinfo(np.uint32).max, dtype=np.uint32)
+        for s in range(0, len(shingles), _CHUNK):
+            part = shingles[None, s : s + _CHUNK]
+            sig = np.minimum(sig, (_MUL[:, None] * part + _ADD[:, None]).min(axis=1))
+    return np.array([_h64(b.tobytes()) for b in sig.reshape(BANDS, ROWS)], dtype=np.uint64)
+
+
+class Fingerprints:
+    """Callable on a batch of raw rows (the data stage's ``source, path, line_no, kind, raw``):
+    the fingerprint of every row that parses as a document (rows that do not are rejected by the
+    packing pass, with their reason). ``sources``: the data config's typed sources."""
+
+    def __init__(self, sources: dict, mode: str):
+        if mode not in MODES[1:]:
+            raise ValueError(f"data.dedup must be one of {MODES[1:]} here, got {mode!r}")
+        self.sources, self.near = sources, mode == "near"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep, exact, bands = [], [], []
+        for i, (source, kind, raw) in enumerate(zip(batch["source"], batch["kind"], batch["raw"])):
+            src = self.sources[source]
+            try:
+                text = normalized(parse_raw(kind, bytes(raw or b""), src.format, src.text_field))
+            except Exception:  # noqa: BLE001 - a row that breaks is the packing pass's reject to count
+                continue
+            keep.append(i)
+            exact.append(exact_hash(text))
+            if self.near:
+                b = band_hashes(text)
+                bands.append(np.zeros(BANDS + 1, np.uint64) if b is None else np.r_[b, np.uint64(1)])
+        out = {k: np.asarray(batch[k])[keep] for k in ("source", "path", "line_no")}
+        out["exact"] = np.array(exact, dtype=np.uint64)
+        if self.near:  # the last column says whether the row has bands (a text of no word has none)
+            out["bands"] = np.stack(bands) if bands else np.zeros((0, BANDS + 1), np.uint64)
+        return out
+
+
+def fingerprint_batch(batch: dict[str, np.ndarray], sources: dict, mode: str) -> dict[str, np.ndarray]:
+    """:class:`Fingerprints` as a Ray Data task function (this module imports no tokenizer: a task
+    worker starts in a fraction of a second)."""
+    return Fingerprints(sources, mode)(batch)
+
+
+def _same_key_edges(key: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (row, first row of its key) among ``rows`` (indices in priority order) by ``key``."""
+    order = rows[np.argsort(key[rows], kind="stable")]
+    k = key[order]
+    same = np.r_[False, k[1:] == k[:-1]]
+    first = np.maximum.accumulate(np.where(same, 0, np.arange(len(order))))
+    return order[same], order[first[same]]
+
+
+class FileIds:
+    """(source, path) -> a small int, and each one's place in the config's order (``planned``: every
+    source's files, in order); a pair not planned (never expected) goes after them, by name.
+    ``compact`` turns a batch of :class:`Fingerprints` into ``file`` ids: the driver holds 4 bytes
+    per document for where it comes from, not two strings."""
+
+    def __init__(self, planned: list[tuple[str, str]]):
+        self.names = list(dict.fromkeys(planned))
+        self.ids = {k: i for i, k in enumerate(self.names)}
+        self.planned = len(self.names)
+
+    def _id(self, key: tuple[str, str]) -> int:
+        if key not in self.ids:
+            self.ids[key] = len(self.names)
+            self.names.append(key)
+        return self.ids[key]
+
+    def compact(self, fp: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: v for k, v in fp.items() if k not in ("source", "path")}
+        out["file"] = np.fromiter(map(self._id, zip(fp["source"], fp["path"])), np.int32, len(fp["source"]))
+        return out
+
+    def ranks(self) -> np.ndarray:
+        extra = sorted(range(self.planned, len(self.names)), key=lambda i: self.names[i])
+        rank = np.arange(len(self.names))
+        rank[extra] = np.arange(self.planned, len(self.names))
+        return rank
+
+
+def find_duplicates(fp: dict[str, np.ndarray], files: FileIds) -> pa.Table:
+    """The rows to drop, from the whole input's fingerprints ``fp`` (batches of :class:`Fingerprints`
+    compacted by ``files`` and concatenated: ``file``, ``line_no``, ``exact``[, ``bands``]): one row
+    per duplicate with ``reason`` and the kept row it repeats (``of_*``)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    file = np.asarray(fp["file"], np.int64)
+    order = np.lexsort((np.asarray(fp["line_no"], np.int64), files.ranks()[file]))  # priority: config order
+    cols = {k: np.asarray(v)[order] for k, v in fp.items()}
+    n = len(order)
+    everyone = np.arange(n)
+    us, vs = [], []
+    u, v = _same_key_edges(cols["exact"], everyone)
+    us.append(u), vs.append(v)
+    if "bands" in cols and n:
+        banded = everyone[cols["bands"][:, BANDS] == 1]
+        for b in range(BANDS):
+            u, v = _same_key_edges(cols["bands"][:, b], banded)
+            us.append(u), vs.append(v)
+    u, v = np.concatenate(us), np.concatenate(vs)
+    _, label = connected_components(coo_matrix((np.ones(len(u)), (u, v)), shape=(n, n)), directed=False)
+    first = np.full(label.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(first, label, everyone)  # a cluster's kept row: its first in priority order
+    kept = first[label]
+    dup = np.flatnonzero(kept != everyone)
+    of = kept[dup]
+    same_text = cols["exact"][dup] == cols["exact"][of]
+    src, path = (np.array([name[i] for name in files.names] + [""], dtype=object) for i in (0, 1))
+
+    def names(rows, f):  # source and path of each row (dictionary-encoded: few files, many rows)
+        return pa.DictionaryArray.from_arrays(pa.array(cols["file"][rows], pa.int32()), pa.array(f[:-1].tolist()))
+
+    return pa.table(
+        {
+            "source": names(dup, src),
+            "path": names(dup, path),
+            "line_no": pa.array(cols["line_no"][dup], pa.int64()),
+            "reason": pa.array(np.where(same_text, "duplicate", "near_duplicate").tolist(), pa.string()),
+            "of_source": names(of, src),
+            "of_path": names(of, path),
+            "of_line_no": pa.array(cols["line_no"][of], pa.int64()),
+        }
+    )
+
+
+class DropList:
+    """The duplicates table, asked per batch: ``for_batch(paths)`` gives
+    {(source, path, line_no): (reason, detail)} for the rows of those files to drop."""
+
+    def __init__(self, table: pa.Table | None):
+        self.table = table
+
+    def for_batch(self, paths) -> dict[tuple[str, str, int], tuple[str, str]]:
+        if self.table is None or not self.table.num_rows:
+            return {}
+        wanted = pa.array(sorted(set(paths)), pa.string())
+        t = self.table.filter(pc.is_in(pc.cast(self.table["path"], pa.string()), wanted))
+        return {
+            (r["source"], r["path"], r["line_no"]): (
+                r["reason"],
+                f"{'same text' if r['reason'] == 'duplicate' else 'nearly the same words'} as "
+                f"{r['of_source']} {r['of_path']}:{r['of_line_no']} (kept)",
+            )
+            for r in t.to_pylist()
+        }
+
+
+def write_duplicates(table: pa.Table, path: str, **meta) -> str:
+    """The duplicates table at ``path`` (local or a URI), with ``meta`` (the pass's counts) in its
+    schema metadata: a resumed run reads it back instead of fingerprinting again."""
+    table = table.replace_schema_metadata({"cerbero": json.dumps(meta)})
+    with storage.open_output(path) as f:
+        pq.write_table(table, f, compression="zstd")
+    return path
+
+
+def read_duplicates(path: str) -> pa.Table:
+    fs, p = storage.resolve(path)
+    with storage.naming(path, "reading"):
+        return pq.read_table(p, filesystem=fs)
+
+
+def duplicates_meta(table: pa.Table) -> dict:
+    return json.loads((table.schema.metadata or {}).get(b"cerbero", b"{}"))

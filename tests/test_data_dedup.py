@@ -1,0 +1,177 @@
+"""Deduplication: what counts as the same document, which copy is kept, and the data stage's pass
+(counted rejects naming the kept row, reruns and resumes that agree, a bucket as well as a disk)."""
+
+import json
+import logging
+import os
+import random
+
+import numpy as np
+import pytest
+
+from cerbero_ray.config.data import SourceConfig
+from cerbero_ray.data.dedup import (
+    BANDS,
+    DropList,
+    FileIds,
+    Fingerprints,
+    band_hashes,
+    find_duplicates,
+    normalized,
+    write_duplicates,
+)
+from cerbero_ray.data.formats import Document
+from conftest import buffer_processor, data_stage, write_jsonl
+
+WORDS = [f"parola{i}" for i in range(3000)]
+
+
+def prose(rng: random.Random, n: int = 200) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def edited(rng: random.Random, text: str, words: int) -> str:
+    w = text.split()
+    for i in rng.sample(range(len(w)), words):
+        w[i] = rng.choice(WORDS)
+    return " ".join(w)
+
+
+def batch(texts, path="in.jsonl", source="s", first_line=1):
+    raws = [json.dumps({"text": t}, ensure_ascii=False).encode() if isinstance(t, str) else t for t in texts]
+    n = len(raws)
+    return {
+        "source": np.array([source] * n, dtype=object),
+        "path": np.array([path] * n, dtype=object),
+        "line_no": np.arange(first_line, first_line + n),
+        "kind": np.array(["jsonl"] * n, dtype=object),
+        "raw": np.array(raws + [b""], dtype=object)[:n],
+    }
+
+
+SOURCES = {"s": SourceConfig(path="-", format="text"), "t": SourceConfig(path="-", format="text")}
+
+
+def fingerprints(batches, files, mode="near"):
+    parts = [files.compact(Fingerprints(SOURCES, mode)(b)) for b in batches]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def duplicates(batches, planned, mode="near"):
+    files = FileIds(planned)
+    return find_duplicates(fingerprints(batches, files, mode), files)
+
+
+def test_exact_means_the_same_text_up_to_case_spacing_and_unicode_form():
+    same = [" Ciao,\tMONDO!\n", "ciao, mondo!", "ciao, mondo!"]  # the last with a compatibility (NFKC) form
+    assert len({normalized(Document(text=t)) for t in same}) == 1
+    assert normalized(Document(text="ciao, mondo")) != normalized(Document(text="ciao mondo"))
+    user = Document(messages=[{"role": "user", "content": "Ciao"}, {"role": "assistant", "content": "Salve"}])
+    swapped = Document(messages=[{"role": "assistant", "content": "Ciao"}, {"role": "user", "content": "Salve"}])
+    assert normalized(user) != normalized(swapped)  # who says it is part of a chat
+
+
+def test_minhash_finds_near_copies_and_only_them():
+    rng = random.Random(0)
+    base = prose(rng)
+    assert band_hashes("!!! ...") is None  # no word: only the exact hash can match it
+    near = sum((band_hashes(base) == band_hashes(edited(rng, base, 2))).any() for _ in range(40))
+    far = sum((band_hashes(base) == band_hashes(edited(rng, base, 40))).any() for _ in range(40))
+    other = sum((band_hashes(base) == band_hashes(prose(rng))).any() for _ in range(40))
+    # 2 of 200 words changed: Jaccard ~0.9 (found ~always); 40: ~0.35 (never); unrelated: never
+    assert near >= 38 and far == 0 and other == 0, (near, far, other)
+    assert band_hashes(base).shape == (BANDS,) and band_hashes(base).dtype == np.uint64
+    long = prose(rng, 20_000)  # longer than one MinHash chunk: the same keys as computed in one go
+    assert (band_hashes(long) == band_hashes(long + " ")).all()
+
+
+def test_the_first_copy_in_config_order_is_kept_however_the_rows_arrive():
+    rng = random.Random(1)
+    a, c = prose(rng), prose(rng)
+    b = edited(rng, a, 1)  # a near copy of a
+    b2 = edited(rng, b, 1)  # of b: a chain, one cluster
+    rows_t = batch([b, a.upper(), c], path="t.jsonl", source="t")  # source t comes second in the config
+    rows_s = batch(["ciao", b2, "!!!", "!!!", b"{broken"], path="s.jsonl", source="s")
+    planned = [("s", "s.jsonl"), ("t", "t.jsonl")]
+    one = duplicates([rows_t, rows_s], planned).to_pylist()
+    split = [{k: v[i : i + 1] for k, v in rows_s.items()} for i in range(5)]
+    again = duplicates([*split[::-1], rows_t], planned).to_pylist()
+    key = lambda r: (r["source"], r["line_no"])  # noqa: E731
+    assert sorted(one, key=key) == sorted(again, key=key)  # batching and arrival order change nothing
+    got = {(r["source"], r["line_no"]): (r["reason"], r["of_source"], r["of_line_no"]) for r in one}
+    assert got == {
+        ("s", 4): ("duplicate", "s", 3),  # "!!!" twice: no word, found by its exact hash
+        ("t", 1): ("near_duplicate", "s", 2),  # b: near b2, which comes first (source s)
+        ("t", 2): ("near_duplicate", "s", 2),  # a: near b, so near b2's cluster
+    }
+    exact_only = duplicates([rows_t, rows_s], planned, "exact").to_pylist()
+    assert [(r["source"], r["line_no"]) for r in exact_only] == [("s", 4)]
+    assert duplicates([batch(["x"])], [("s", "in.jsonl")]).num_rows == 0
+    # a file the plan did not name (never expected): ranked after the planned ones, not an error
+    late = duplicates([batch([b2], path="z.jsonl"), rows_s], [("s", "s.jsonl")]).to_pylist()
+    assert [(r["reason"], r["of_path"], r["of_line_no"]) for r in late if r["path"] == "z.jsonl"] == [
+        ("duplicate", "s.jsonl", 2)
+    ]
+
+
+def test_the_packing_buffer_rejects_what_the_table_names(tmp_path):
+    rng = random.Random(2)
+    big = prose(rng, 800)  # over 1 KiB: a duplicate's reject keeps its first KiB and its length
+    rows = batch([big, "altro testo", big, big.upper()])
+    table = duplicates([rows], [("s", "in.jsonl")], "exact")
+    path = write_duplicates(table, str(tmp_path / "dups.parquet"), documents=4)
+    proc = buffer_processor(tmp_path / "out", {"s": {"format": "text"}})
+    clean = {k: v[0] for k, v in proc(rows).items()}
+    assert clean["documents"] == 4 and clean["rejected"] == 0
+    proc = buffer_processor(tmp_path / "out2", {"s": {"format": "text"}}, duplicates=path)
+    stats = {k: v[0] for k, v in proc(rows).items()}
+    assert stats["documents"] == 2 and json.loads(stats["reject_reasons"]) == {"duplicate": 2}
+    rejects = [json.loads(x) for x in open(stats["rejects_path"])]
+    assert [r["line_no"] for r in rejects] == [3, 4]
+    assert all(r["detail"] == "same text as s in.jsonl:1 (kept)" for r in rejects)
+    raw = json.dumps({"text": big}).encode()
+    assert rejects[0]["raw_bytes"] == len(raw) and rejects[0]["raw"] == raw[:1024].decode()
+    assert DropList(table).for_batch(["other.jsonl"]) == {}
+
+
+@pytest.mark.integration
+def test_the_stage_drops_near_copies_across_sources_and_resumes(ray_local, tmp_path, monkeypatch, caplog):
+    import cerbero_ray.data.pipeline as pipeline
+    from cerbero_ray.data.pipeline import run_data
+
+    rng = random.Random(3)
+    docs = [prose(rng, 120) for _ in range(30)]
+    first = write_jsonl(tmp_path / "web.jsonl", [{"text": t} for t in docs[:20]])
+    # the second source: 10 new, 5 near copies of the first source's, 5 exact (case, spacing)
+    again = [edited(rng, t, 1) for t in docs[:5]] + ["  " + t.upper() for t in docs[5:10]] + docs[20:]
+    second = write_jsonl(tmp_path / "forum.jsonl", [{"text": t} for t in again])
+    sources = {"web": {"path": first, "format": "text"}, "forum": {"path": second, "format": "text"}}
+    near = run_data(data_stage(tmp_path / "near", sources, seq_len=512, buffer_docs=8, dedup="near"))
+    assert near["documents_by_source"] == {"web": 20, "forum": 10}
+    assert near["rejects_by_reason"] == {"duplicate": 5, "near_duplicate": 5}
+    assert near["dedup"]["documents"] == 40 and near["dedup"]["near_duplicates"] == 5
+    rejects = [json.loads(x) for f in near["rejects_files"] for x in open(f)]
+    assert {r["source"] for r in rejects} == {"forum"} and all(first in r["detail"] for r in rejects)
+    exact = run_data(data_stage(tmp_path / "exact", sources, seq_len=512, buffer_docs=8))
+    assert exact["documents_by_source"] == {"web": 20, "forum": 15} and exact["dedup"]["mode"] == "exact"
+    off = run_data(data_stage(tmp_path / "off", sources, seq_len=512, buffer_docs=8, dedup="none"))
+    assert off["documents"] == 40 and off["dedup"] == {"mode": "none"}
+
+    # stopped before its manifest, then run again: the pass's table is reused, the result the same
+    out = tmp_path / "resumed"
+    cfg = data_stage(out, sources, seq_len=512, buffer_docs=8, dedup="near")
+    monkeypatch.setattr(pipeline, "write_manifest", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run_data(cfg)
+    monkeypatch.undo()
+    assert (out / "duplicates.parquet").exists()
+    caplog.set_level(logging.INFO, logger="cerbero_ray")
+    b = run_data(data_stage(out, sources, seq_len=512, buffer_docs=8, dedup="near"))
+    assert "duplicates.parquet reused" in caplog.text
+    assert (b["documents"], b["rows"], b["tokens"], b["rejects_by_reason"]) == (
+        near["documents"],
+        near["rows"],
+        near["tokens"],
+        near["rejects_by_reason"],
+    )
+    assert sorted(os.listdir(out)) == ["manifest.json", "rejects", "shards"]
