@@ -17,11 +17,13 @@ from cerbero_ray.data.dedup import (
     Fingerprints,
     band_hashes,
     find_duplicates,
+    grams,
     normalized,
+    word_hashes,
     write_duplicates,
 )
 from cerbero_ray.data.formats import Document
-from conftest import buffer_processor, data_stage, write_jsonl
+from conftest import SHARED_DATA, buffer_processor, data_stage, write_jsonl
 
 WORDS = [f"parola{i}" for i in range(3000)]
 
@@ -85,6 +87,17 @@ def test_minhash_finds_near_copies_and_only_them():
     assert (band_hashes(long) == band_hashes(long + " ")).all()
 
 
+def test_a_whole_book_is_read_in_segments_with_the_same_result(monkeypatch):
+    import cerbero_ray.data.dedup as dedup
+
+    rng = random.Random(4)
+    book = "\n".join(prose(rng, 50) for _ in range(400))  # 20,000 words, lines of 50
+    whole = band_hashes(book)
+    monkeypatch.setattr(dedup, "_SEGMENT", 997)  # ~70 segments, each cut at a space or a newline
+    assert (band_hashes(book) == whole).all()
+    assert (dedup.word_hashes(book) == dedup.word_hashes(book.replace("\n", " "))).all()
+
+
 def test_the_first_copy_in_config_order_is_kept_however_the_rows_arrive():
     rng = random.Random(1)
     a, c = prose(rng), prose(rng)
@@ -114,6 +127,15 @@ def test_the_first_copy_in_config_order_is_kept_however_the_rows_arrive():
     ]
 
 
+def write_and_read(table, **meta):
+    import tempfile
+
+    from cerbero_ray.data.dedup import read_duplicates
+
+    with tempfile.TemporaryDirectory() as d:
+        return read_duplicates(write_duplicates(table, os.path.join(d, "t.parquet"), **meta))
+
+
 def test_the_packing_buffer_rejects_what_the_table_names(tmp_path):
     rng = random.Random(2)
     big = prose(rng, 800)  # over 1 KiB: a duplicate's reject keeps its first KiB and its length
@@ -137,6 +159,7 @@ def test_the_packing_buffer_rejects_what_the_table_names(tmp_path):
 @pytest.mark.integration
 def test_the_stage_drops_near_copies_across_sources_and_resumes(ray_local, tmp_path, monkeypatch, caplog):
     import cerbero_ray.data.pipeline as pipeline
+    from cerbero_ray.data.manifest import write_manifest
     from cerbero_ray.data.pipeline import run_data
 
     rng = random.Random(3)
@@ -146,24 +169,22 @@ def test_the_stage_drops_near_copies_across_sources_and_resumes(ray_local, tmp_p
     again = [edited(rng, t, 1) for t in docs[:5]] + ["  " + t.upper() for t in docs[5:10]] + docs[20:]
     second = write_jsonl(tmp_path / "forum.jsonl", [{"text": t} for t in again])
     sources = {"web": {"path": first, "format": "text"}, "forum": {"path": second, "format": "text"}}
+    monkeypatch.setattr(pipeline, "LOCAL_PASS_BYTES", 0)  # the pass as a Ray Data job, as on inputs over 32 MB
     near = run_data(data_stage(tmp_path / "near", sources, seq_len=512, buffer_docs=8, dedup="near"))
     assert near["documents_by_source"] == {"web": 20, "forum": 10}
     assert near["rejects_by_reason"] == {"duplicate": 5, "near_duplicate": 5}
     assert near["dedup"]["documents"] == 40 and near["dedup"]["near_duplicates"] == 5
     rejects = [json.loads(x) for f in near["rejects_files"] for x in open(f)]
     assert {r["source"] for r in rejects} == {"forum"} and all(first in r["detail"] for r in rejects)
-    exact = run_data(data_stage(tmp_path / "exact", sources, seq_len=512, buffer_docs=8))
-    assert exact["documents_by_source"] == {"web": 20, "forum": 15} and exact["dedup"]["mode"] == "exact"
-    off = run_data(data_stage(tmp_path / "off", sources, seq_len=512, buffer_docs=8, dedup="none"))
-    assert off["documents"] == 40 and off["dedup"] == {"mode": "none"}
-
+    # in the driver (the inputs' size decides, not the outcome): the same table
+    monkeypatch.setattr(pipeline, "LOCAL_PASS_BYTES", 1 << 30)
     # stopped before its manifest, then run again: the pass's table is reused, the result the same
     out = tmp_path / "resumed"
     cfg = data_stage(out, sources, seq_len=512, buffer_docs=8, dedup="near")
     monkeypatch.setattr(pipeline, "write_manifest", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         run_data(cfg)
-    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "write_manifest", write_manifest)
     assert (out / "duplicates.parquet").exists()
     caplog.set_level(logging.INFO, logger="cerbero_ray")
     b = run_data(data_stage(out, sources, seq_len=512, buffer_docs=8, dedup="near"))
@@ -175,3 +196,95 @@ def test_the_stage_drops_near_copies_across_sources_and_resumes(ray_local, tmp_p
         near["rejects_by_reason"],
     )
     assert sorted(os.listdir(out)) == ["manifest.json", "rejects", "shards"]
+
+
+SQUAD = os.path.join(SHARED_DATA, "squad_it", "SQuAD_it-test.sample_1k.json")
+
+
+def test_a_document_quoting_an_evaluation_passage_is_marked(tmp_path):
+    from cerbero_ray.data.decontaminate import eval_grams, eval_texts
+
+    context = json.load(open(SQUAD))["data"][0]["paragraphs"][0]["context"]
+    words = context.split()
+    quoted = " ".join(words[10:23])  # 13 words of SQuAD-it's first context
+    rng = random.Random(5)
+    question = "Chi scrisse la Divina Commedia nel Trecento?"
+    (tmp_path / "items.jsonl").write_text(json.dumps({"id": 1, "item": {"question": question}}))
+    (tmp_path / "items.csv").write_text("id;text;label\n7;" + prose(rng, 30) + ";1\n")
+    assert question in list(eval_texts(str(tmp_path / "items.jsonl")))
+    evals = eval_grams([str(tmp_path / "items.csv"), SQUAD], 13)
+    assert len(evals[0]) == 32 - 13 + 1  # the header has 3 words (none); the row its id, 30 words, its label
+    docs = [
+        f"Una domanda. {quoted.upper()}, disse lui.",  # the passage, in upper case: found (SQuAD-it's set)
+        "Una domanda. " + " ".join(words[10:22]) + " e poi altro.",  # 12 of its words only: not
+        prose(rng),
+    ]
+    fp = Fingerprints(SOURCES, "none", evals, 13)(batch(docs))
+    assert fp["contaminated"].tolist() == [1, -1, -1] and "bands" not in fp
+    assert Fingerprints(SOURCES, "none", evals, 12)(batch(docs[1:2]))["contaminated"].tolist() == [-1]
+    assert Fingerprints(SOURCES, "none", eval_grams([SQUAD], 12), 12)(batch(docs[1:2]))["contaminated"].tolist() == [0]
+
+
+def test_a_contaminated_row_is_dropped_and_its_clean_near_copy_kept():
+    rng = random.Random(6)
+    passage, words = prose(rng, 13).split(), prose(rng, 200).split()
+    a = " ".join(words[:100] + passage + words[100:])
+    b = " ".join(words[:100] + passage[:6] + ["cambiata"] + passage[7:] + words[100:])  # no 13-word run of it
+    passage = " ".join(passage)
+    files = FileIds([("s", "in.jsonl")])
+    evals = [np.unique(grams(word_hashes(passage), 13))]
+    parts = [files.compact(Fingerprints(SOURCES, "near", evals, 13)(batch([a, b])))]
+    fp = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    table = find_duplicates(fp, files, ["eval/set.jsonl"])
+    got = [(r["line_no"], r["reason"], r["of_path"], r["of_line_no"]) for r in table.to_pylist()]
+    assert got == [(1, "contaminated", "eval/set.jsonl", -1)]  # b is a near copy of a, but a is not kept: b is
+    without = find_duplicates({k: v for k, v in fp.items() if k != "contaminated"}, files).to_pylist()
+    assert [(r["line_no"], r["reason"], r["of_line_no"]) for r in without] == [(2, "near_duplicate", 1)]
+    drops = DropList(write_and_read(table, ngram=13)).for_batch(["in.jsonl"])
+    assert drops[("s", "in.jsonl", 1)] == (
+        "contaminated",
+        "shares a passage of 13 words with the evaluation set eval/set.jsonl",
+    )
+
+
+@pytest.mark.parametrize(
+    "over,says",
+    [
+        ({"paths": ["/no/such/eval.json"]}, r"data.decontaminate.paths\[0\]: no such file"),
+        ({"paths": [SQUAD], "ngram": 3}, r"data.decontaminate.ngram must be an integer >= 5"),
+    ],
+)
+def test_a_bad_decontaminate_setting_is_named_before_ray_starts(tmp_path, over, says):
+    from cerbero_ray.config import check
+
+    cfg = data_stage(tmp_path / "o", {"s": {"path": str(tmp_path)}}, decontaminate=over)
+    with pytest.raises(ValueError, match=says):
+        check("data", cfg)
+
+
+@pytest.mark.integration
+def test_the_stage_drops_documents_quoting_an_evaluation_set(ray_local, tmp_path, caplog):
+    from cerbero_ray.data.manifest import format_summary
+    from cerbero_ray.data.pipeline import run_data
+
+    context = json.load(open(SQUAD))["data"][1]["paragraphs"][0]["context"]
+    rng = random.Random(7)
+    chat = lambda user, answer: {  # noqa: E731
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    }
+    rows = [chat("Parlami di questo.", context), chat("Ciao", prose(rng, 40)), chat("Ciao", prose(rng, 40))]
+    src = write_jsonl(tmp_path / "chat.jsonl", rows)
+    cfg = data_stage(
+        tmp_path / "out",
+        {"chat": {"path": src, "format": "openai"}},
+        seq_len=512,
+        dedup="none",  # the pass runs for the evaluation sets alone
+        decontaminate={"paths": [SQUAD]},
+    )
+    m = run_data(cfg)
+    assert m["documents"] == 2 and m["rejects_by_reason"] == {"contaminated": 1}
+    assert m["dedup"]["evaluation_sets"] == {SQUAD: 1} and m["dedup"]["mode"] == "none"
+    (r,) = [json.loads(x) for f in m["rejects_files"] for x in open(f)]
+    assert r["line_no"] == 1 and r["detail"] == f"shares a passage of 13 words with the evaluation set {SQUAD}"
+    said = format_summary(m, str(tmp_path / "out"))
+    assert "dedup         off" in said and "contaminated  1 document(s) sharing 13 words" in said

@@ -62,6 +62,9 @@ def test_mixed_formats_and_bad_rows(ray_local, tmp_path):
         "documents": 6,  # the rows that parse, before weights (pq: 2 rows, 4 documents)
         "duplicates": 1,
         "near_duplicates": 0,
+        "contaminated": 0,  # data.decontaminate: no evaluation set named
+        "ngram": 13,
+        "evaluation_sets": {},
         "seconds": 0,
     }
     # the blank line is a row too, counted: input rows = documents + rejects for every file

@@ -72,6 +72,10 @@ def test_data_and_training(run):
     assert f"| steps | {ran['steps']} × 4 rows ({ran['steps'] * 4:,} rows = " in card.text  # train=tiny_cpu's batch
     assert f"| {ran['eval_losses'][0]:.4f} | {ran['eval_losses'][-1]:.4f} |" in card.text
     assert "README.md" in json.load(open(hf / ".cerbero-complete"))["files"]
+    # the checkpoint at the last step has its card too, the run's (tests/test_train.py: one before the end)
+    last = sorted((out / "train" / "tiny-cpu").glob("checkpoint_step_*"))[-1]
+    assert int(last.name.rsplit("_", 1)[1]) == ran["steps"]
+    assert f"| steps | {ran['steps']} × 4 rows" in ModelCard.load(str(last / "hf" / "README.md")).text
     took = re.search(r"\[recipe\] 5 stage\(s\) in (.+?): (.+)", said)  # last: each stage's wall time
     assert took and [p.split()[0] for p in took[2].split(", ")] == ["data", "train", "label", "export", "evaluate"]
 

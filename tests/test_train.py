@@ -107,6 +107,10 @@ def test_killed_worker_resumes_exactly(shards, tmp_path, ray_local, monkeypatch)
     ckpts = sorted(d for d in os.listdir(run) if d.startswith("checkpoint_step_"))
     assert ckpts == ["checkpoint_step_0000006", "checkpoint_step_0000008"]
     assert os.path.exists(os.path.join(run, ckpts[-1], "hf", "model.safetensors"))
+    # each HF folder with its model card: the one before the end says it is a checkpoint, with the run so far
+    early, last = (open(os.path.join(run, c, "hf", "README.md")).read() for c in ckpts)
+    assert "**A checkpoint at step 6 of 8**" in early and "| steps | 6 × " in early
+    assert "**A checkpoint" not in last and "| steps | 8 × " in last
     # each with the record the driver reads to refuse another data order (tests/test_train_config.py)
     from cerbero_ray.train.checkpoint import read_record
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -30,6 +30,14 @@ class SourceConfig:
 
 
 @dataclass
+class DecontaminateConfig:
+    # evaluation files (JSON, JSONL, CSV/TSV, text; local or URIs): a training document sharing a run
+    # of `ngram` words with any of their texts is dropped (cerbero_ray/data/decontaminate.py)
+    paths: List[str] = field(default_factory=list)
+    ngram: int = 13
+
+
+@dataclass
 class DataConfig:
     # name -> a SourceConfig's keys. Not typed as Dict[str, SourceConfig]: Hydra could then not add a
     # source from the command line (+data.sources.NAME.path=…); check_data checks every key instead
@@ -39,6 +47,7 @@ class DataConfig:
     packing: str = "whole"  # whole (best-fit decreasing) | split (fill every row)
     long_docs: str = "split"  # split | drop  (documents longer than seq_len)
     dedup: str = "exact"  # none | exact | near: rows repeating an earlier one dropped (cerbero_ray/data/dedup.py)
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
     buffer_docs: int = 4096  # documents per packing buffer (= per shard)
     workers: Optional[int] = None  # packing actors; None = cluster CPUs - 1 (one CPU left for reads)
     seed: int = 0
@@ -67,6 +76,13 @@ def check_data(c: DataStageConfig, before: frozenset = frozenset()) -> None:
     one_of(d.packing, ("whole", "split"), "data.packing")
     one_of(d.long_docs, ("split", "drop"), "data.long_docs")
     one_of(d.dedup, ("none", "exact", "near"), "data.dedup")
+    dc = d.decontaminate
+    if not isinstance(dc.ngram, int) or dc.ngram < 5:  # shorter runs of words are common Italian, not a test item
+        raise ValueError(f"data.decontaminate.ngram must be an integer >= 5, got {dc.ngram!r}")
+    for i, path in enumerate(dc.paths):
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"data.decontaminate.paths[{i}] must be a file path or URI, got {path!r}")
+        check_local_path(path, f"data.decontaminate.paths[{i}]")
     if not d.sources:
         raise ValueError("data.sources: no source (add one: +data.sources.NAME.path=...)")
     defaults = {k: v for k, v in asdict(SourceConfig()).items() if k != "path"}

@@ -43,6 +43,7 @@ _ADD = _rng.integers(0, 2**32, BANDS * ROWS, dtype=np.uint32)
 _POLY = np.uint64(1_000_003)  # shingle hash: a polynomial of its words' hashes, mod 2**64
 _WORD = re.compile(r"\w{1,32}")  # a word (a longer one is read as pieces of 32 characters)
 _PLACE = _rng.integers(1, 2**63, 32, dtype=np.uint64) | np.uint64(1)  # a word's hash: its characters' places
+_SEGMENT = 1 << 20  # characters read into words at a time
 _CHUNK = 8192  # shingles per step of the MinHash (its temporary: 112 x 8192 uint32 = 3.7 MB)
 
 
@@ -73,39 +74,76 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def band_hashes(text: str) -> np.ndarray | None:
-    """The ``BANDS`` LSH keys of a normalized text (uint64), or None when it has no word."""
-    words = _WORD.findall(text)
-    if not words:
-        return None
-    # every word at once: its code points (UCS-4, zero-padded to the longest) times a multiplier per place
-    codes = np.array(words).view(np.uint32).reshape(len(words), -1).astype(np.uint64)
-    n = min(NGRAM, len(words))  # a text shorter than a shingle is one shingle
+def word_hashes(text: str) -> np.ndarray:
+    """A uint64 per word of ``text``, read a segment of ``_SEGMENT`` characters at a time (cut at a
+    space or a newline): a whole book in one document never holds more than one segment's words as strings."""
+    out, start = [], 0
+    while start < len(text):
+        end = start + _SEGMENT
+        if end < len(text):
+            cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))  # normalized: no other space
+            end = cut + 1 if cut > start else end
+        words = _WORD.findall(text, start, end)
+        if words:  # every word at once: its code points (UCS-4, zero-padded) times a multiplier per place
+            codes = np.array(words).view(np.uint32).reshape(len(words), -1).astype(np.uint64)
+            with np.errstate(over="ignore"):
+                out.append(_mix((codes * _PLACE[: codes.shape[1]]).sum(axis=1)))
+        start = end
+    return np.concatenate(out) if out else np.zeros(0, np.uint64)
+
+
+def grams(w: np.ndarray, n: int) -> np.ndarray:
+    """The well-spread uint64 hash of every run of ``n`` words (``w``: their hashes); none when
+    there are fewer than ``n`` words."""
+    if len(w) < n:
+        return np.zeros(0, np.uint64)
     with np.errstate(over="ignore"):
-        w = _mix((codes * _PLACE[: codes.shape[1]]).sum(axis=1))
-        shingles = np.zeros(len(w) - n + 1, dtype=np.uint64)
+        out = np.zeros(len(w) - n + 1, dtype=np.uint64)
         for k in range(n):
-            shingles = shingles * _POLY + w[k : len(w) - n + 1 + k]
-        shingles = (_mix(shingles) >> np.uint64(32)).astype(np.uint32)  # 32 bits: twice the MinHash speed
-        sig = np.full(BANDS * ROWS, np.iinfo(np.uint32).max, dtype=np.uint32)
+            out = out * _POLY + w[k : len(w) - n + 1 + k]
+        return _mix(out)
+
+
+def _bands(w: np.ndarray) -> np.ndarray | None:
+    if not len(w):
+        return None
+    # a text shorter than a shingle is one shingle; 32 bits: twice the MinHash speed of 64
+    shingles = (grams(w, min(NGRAM, len(w))) >> np.uint64(32)).astype(np.uint32)
+    sig = np.full(BANDS * ROWS, np.iinfo(np.uint32).max, dtype=np.uint32)
+    with np.errstate(over="ignore"):
         for s in range(0, len(shingles), _CHUNK):
             part = shingles[None, s : s + _CHUNK]
             sig = np.minimum(sig, (_MUL[:, None] * part + _ADD[:, None]).min(axis=1))
     return np.array([_h64(b.tobytes()) for b in sig.reshape(BANDS, ROWS)], dtype=np.uint64)
 
 
+def band_hashes(text: str) -> np.ndarray | None:
+    """The ``BANDS`` LSH keys of a normalized text (uint64), or None when it has no word."""
+    return _bands(word_hashes(text))
+
+
 class Fingerprints:
     """Callable on a batch of raw rows (the data stage's ``source, path, line_no, kind, raw``):
     the fingerprint of every row that parses as a document (rows that do not are rejected by the
-    packing pass, with their reason). ``sources``: the data config's typed sources."""
+    packing pass, with their reason). ``sources``: the data config's typed sources; ``mode``:
+    ``data.dedup``; ``evals``: the word ``ngram``-grams of each evaluation set (sorted, from
+    :func:`cerbero_ray.data.decontaminate.eval_grams`), whose rows sharing one are marked
+    (``contaminated``: the set's index, -1 for none). A Ray Data actor: the sets come once."""
 
-    def __init__(self, sources: dict, mode: str):
-        if mode not in MODES[1:]:
-            raise ValueError(f"data.dedup must be one of {MODES[1:]} here, got {mode!r}")
-        self.sources, self.near = sources, mode == "near"
+    def __init__(self, sources: dict, mode: str, evals: list[np.ndarray] | None = None, ngram: int = 13):
+        if mode not in MODES:
+            raise ValueError(f"data.dedup must be one of {MODES}, got {mode!r}")
+        self.sources, self.near, self.evals, self.ngram = sources, mode == "near", evals or [], ngram
+
+    def _contaminated(self, w: np.ndarray) -> int:
+        g = grams(w, self.ngram)
+        for i, e in enumerate(self.evals):
+            if len(g) and len(e) and (e[np.minimum(np.searchsorted(e, g), len(e) - 1)] == g).any():
+                return i
+        return -1
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keep, exact, bands = [], [], []
+        keep, exact, bands, dirty = [], [], [], []
         for i, (source, kind, raw) in enumerate(zip(batch["source"], batch["kind"], batch["raw"])):
             src = self.sources[source]
             try:
@@ -114,20 +152,19 @@ class Fingerprints:
                 continue
             keep.append(i)
             exact.append(exact_hash(text))
+            w = word_hashes(text) if self.near or self.evals else None
             if self.near:
-                b = band_hashes(text)
+                b = _bands(w)
                 bands.append(np.zeros(BANDS + 1, np.uint64) if b is None else np.r_[b, np.uint64(1)])
+            if self.evals:
+                dirty.append(self._contaminated(w))
         out = {k: np.asarray(batch[k])[keep] for k in ("source", "path", "line_no")}
         out["exact"] = np.array(exact, dtype=np.uint64)
         if self.near:  # the last column says whether the row has bands (a text of no word has none)
             out["bands"] = np.stack(bands) if bands else np.zeros((0, BANDS + 1), np.uint64)
+        if self.evals:
+            out["contaminated"] = np.array(dirty, dtype=np.int16)
         return out
-
-
-def fingerprint_batch(batch: dict[str, np.ndarray], sources: dict, mode: str) -> dict[str, np.ndarray]:
-    """:class:`Fingerprints` as a Ray Data task function (this module imports no tokenizer: a task
-    worker starts in a fraction of a second)."""
-    return Fingerprints(sources, mode)(batch)
 
 
 def _same_key_edges(key: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,10 +205,13 @@ class FileIds:
         return rank
 
 
-def find_duplicates(fp: dict[str, np.ndarray], files: FileIds) -> pa.Table:
+def find_duplicates(fp: dict[str, np.ndarray], files: FileIds, evals: list[str] = ()) -> pa.Table:
     """The rows to drop, from the whole input's fingerprints ``fp`` (batches of :class:`Fingerprints`
-    compacted by ``files`` and concatenated: ``file``, ``line_no``, ``exact``[, ``bands``]): one row
-    per duplicate with ``reason`` and the kept row it repeats (``of_*``)."""
+    compacted by ``files`` and concatenated: ``file``, ``line_no``, ``exact``[, ``bands``,
+    ``contaminated``]): one row per duplicate with ``reason`` and the kept row it repeats
+    (``of_*``), and one per row sharing a passage with the evaluation set ``evals[i]``
+    (``contaminated``, ``of_path`` the set). A contaminated row is no cluster's kept row: a copy of
+    it that shares no passage itself is kept."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -180,11 +220,13 @@ def find_duplicates(fp: dict[str, np.ndarray], files: FileIds) -> pa.Table:
     cols = {k: np.asarray(v)[order] for k, v in fp.items()}
     n = len(order)
     everyone = np.arange(n)
+    dirty = cols["contaminated"] if "contaminated" in cols else np.full(n, -1, np.int16)
+    clean = everyone[dirty < 0]
     us, vs = [], []
-    u, v = _same_key_edges(cols["exact"], everyone)
+    u, v = _same_key_edges(cols["exact"], clean)
     us.append(u), vs.append(v)
     if "bands" in cols and n:
-        banded = everyone[cols["bands"][:, BANDS] == 1]
+        banded = clean[cols["bands"][clean, BANDS] == 1]
         for b in range(BANDS):
             u, v = _same_key_edges(cols["bands"][:, b], banded)
             us.append(u), vs.append(v)
@@ -195,21 +237,24 @@ def find_duplicates(fp: dict[str, np.ndarray], files: FileIds) -> pa.Table:
     kept = first[label]
     dup = np.flatnonzero(kept != everyone)
     of = kept[dup]
-    same_text = cols["exact"][dup] == cols["exact"][of]
-    src, path = (np.array([name[i] for name in files.names] + [""], dtype=object) for i in (0, 1))
+    reason = np.where(cols["exact"][dup] == cols["exact"][of], "duplicate", "near_duplicate")
+    bad = np.flatnonzero(dirty >= 0)
+    rows = np.concatenate([dup, bad])
+    names = [*files.names, *(("evaluation", e) for e in evals)]
+    of_ids = np.concatenate([cols["file"][of], len(files.names) + dirty[bad].astype(np.int64)])
 
-    def names(rows, f):  # source and path of each row (dictionary-encoded: few files, many rows)
-        return pa.DictionaryArray.from_arrays(pa.array(cols["file"][rows], pa.int32()), pa.array(f[:-1].tolist()))
+    def named(ids, i):  # source (i=0) or path (1) of each row (dictionary-encoded: few files, many rows)
+        return pa.DictionaryArray.from_arrays(pa.array(ids, pa.int32()), pa.array([x[i] for x in names], pa.string()))
 
     return pa.table(
         {
-            "source": names(dup, src),
-            "path": names(dup, path),
-            "line_no": pa.array(cols["line_no"][dup], pa.int64()),
-            "reason": pa.array(np.where(same_text, "duplicate", "near_duplicate").tolist(), pa.string()),
-            "of_source": names(of, src),
-            "of_path": names(of, path),
-            "of_line_no": pa.array(cols["line_no"][of], pa.int64()),
+            "source": named(cols["file"][rows], 0),
+            "path": named(cols["file"][rows], 1),
+            "line_no": pa.array(cols["line_no"][rows], pa.int64()),
+            "reason": pa.array([*reason.tolist(), *["contaminated"] * len(bad)], pa.string()),
+            "of_source": named(of_ids, 0),
+            "of_path": named(of_ids, 1),
+            "of_line_no": pa.array(np.concatenate([cols["line_no"][of], np.full(len(bad), -1)]), pa.int64()),
         }
     )
 
@@ -220,20 +265,20 @@ class DropList:
 
     def __init__(self, table: pa.Table | None):
         self.table = table
+        self.ngram = duplicates_meta(table).get("ngram") if table is not None else None
 
     def for_batch(self, paths) -> dict[tuple[str, str, int], tuple[str, str]]:
         if self.table is None or not self.table.num_rows:
             return {}
         wanted = pa.array(sorted(set(paths)), pa.string())
         t = self.table.filter(pc.is_in(pc.cast(self.table["path"], pa.string()), wanted))
-        return {
-            (r["source"], r["path"], r["line_no"]): (
-                r["reason"],
-                f"{'same text' if r['reason'] == 'duplicate' else 'nearly the same words'} as "
-                f"{r['of_source']} {r['of_path']}:{r['of_line_no']} (kept)",
-            )
-            for r in t.to_pylist()
-        }
+        return {(r["source"], r["path"], r["line_no"]): (r["reason"], self._detail(r)) for r in t.to_pylist()}
+
+    def _detail(self, r: dict) -> str:
+        if r["reason"] == "contaminated":
+            return f"shares a passage of {self.ngram} words with the evaluation set {r['of_path']}"
+        same = "same text" if r["reason"] == "duplicate" else "nearly the same words"
+        return f"{same} as {r['of_source']} {r['of_path']}:{r['of_line_no']} (kept)"
 
 
 def write_duplicates(table: pa.Table, path: str, **meta) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import asdict
 
@@ -110,13 +111,20 @@ def format_summary(m: dict, out: str) -> str:
 
 def _dedup_lines(m: dict) -> list[str]:
     x = m.get("dedup") or {"mode": "none"}
+    lines = []
     if x["mode"] == "none":
-        return [" dedup         off (data.dedup=none)"]
-    near = f", {x['near_duplicates']:,} near" if x["mode"] == "near" else ""
-    return [
-        f" dedup         {x['duplicates']:,} exact{near} duplicate(s) of {x['documents']:,} documents dropped "
-        f"(data.dedup={x['mode']}, {x['seconds']} s)"
-    ]
+        lines.append(" dedup         off (data.dedup=none)")
+    else:
+        near = f", {x['near_duplicates']:,} near" if x["mode"] == "near" else ""
+        lines.append(
+            f" dedup         {x['duplicates']:,} exact{near} duplicate(s) of {x['documents']:,} documents dropped "
+            f"(data.dedup={x['mode']}, {x['seconds']} s)"
+        )
+    if x.get("evaluation_sets"):
+        sets = ", ".join(f"{os.path.basename(p)}: {n:,}" for p, n in x["evaluation_sets"].items())
+        n, words = x["contaminated"], x["ngram"]
+        lines.append(f" contaminated  {n:,} document(s) sharing {words} words with an evaluation set ({sets}) dropped")
+    return lines
 
 
 def _skipped_lines(m: dict) -> list[str]:

@@ -27,17 +27,18 @@ from tqdm import tqdm
 from cerbero_ray import storage
 from cerbero_ray.config import check
 from cerbero_ray.config.data import DataStageConfig
+from cerbero_ray.data.decontaminate import eval_grams
 from cerbero_ray.data.dedup import (
     FileIds,
+    Fingerprints,
     duplicates_meta,
     find_duplicates,
-    fingerprint_batch,
     read_duplicates,
     write_duplicates,
 )
 from cerbero_ray.data.manifest import build_manifest, config_hash, format_summary, read_manifest, write_manifest
 from cerbero_ray.data.process import BUFFERS, BufferProcessor
-from cerbero_ray.data.sources import build_dataset, inspect_sources
+from cerbero_ray.data.sources import build_dataset, inspect_sources, local_batches
 
 log = logging.getLogger(__name__)
 
@@ -142,45 +143,69 @@ def _drop_other_buffers(out: str, stats: list[dict]) -> int:
 
 
 DUPLICATES = "duplicates.parquet"  # the dedup pass's rows to drop: written after run.json, before any buffer
+LOCAL_PASS_BYTES = 32 << 20  # inputs this small are fingerprinted in the driver: a Ray Data job's start costs more
 
 
-def dedup_pass(out: str, d, plans, resumed: bool) -> tuple[str, dict]:
-    """Fingerprint every document of every source (a Ray Data pass over the inputs, without
-    tokenizing), find the rows that repeat an earlier one and write them to ``<out>/duplicates.parquet``
-    for the packing actors. Returns its path and counts; a resumed run reuses the one it wrote."""
+def dedup_pass(out: str, d, plans, resumed: bool, workers: int, actor_cpus: float) -> tuple[str, dict]:
+    """Fingerprint every document of every source without tokenizing (a Ray Data pass over the
+    inputs; in this process for inputs under ``LOCAL_PASS_BYTES``), each checked against the
+    evaluation sets of ``data.decontaminate``; find the rows that repeat an earlier one or share a
+    passage with an evaluation set and write them to ``<out>/duplicates.parquet`` for the packing
+    actors. Returns its path and counts; a resumed run reuses the one it wrote."""
+    import ray.data
+
     path = storage.join(out, DUPLICATES)
     if resumed:
         with contextlib.suppress(OSError, pa.ArrowException):
             if meta := duplicates_meta(read_duplicates(path)):
                 log.info(f"[data] dedup: the unfinished run's {DUPLICATES} reused")
                 return path, meta
-    t0 = time.perf_counter()
-    ds = build_dataset(plans).map_batches(
-        fingerprint_batch, fn_kwargs={"sources": d.sources, "mode": d.dedup}, batch_size=1024, batch_format="numpy"
-    )
+    t0, dc = time.perf_counter(), d.decontaminate
+    evals = eval_grams(dc.paths, dc.ngram)
+    for p, g in zip(dc.paths, evals):
+        log.info(f"[data] decontaminate: {len(g):,} distinct {dc.ngram}-word passages in {p}")
+    args = (d.sources, d.dedup, evals, dc.ngram)
+    if sum(p.bytes for p in plans) <= LOCAL_PASS_BYTES:
+        batches = map(Fingerprints(*args), local_batches(plans))
+    else:
+        batches = (
+            build_dataset(plans)
+            .map_batches(
+                Fingerprints,
+                fn_constructor_args=args,  # once per actor: the evaluation sets may be large
+                batch_size=1024,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=workers),
+                num_cpus=actor_cpus,
+            )
+            .iter_batches(batch_size=None, batch_format="numpy")
+        )
     files = FileIds([(p.name, storage.resolve(f)[1]) for p in plans for f in p.files])
     parts = []
     with tqdm(unit=" docs", desc=f"dedup ({d.dedup})", dynamic_ncols=True) as bar:
-        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for b in batches:
             parts.append(files.compact(b))
             bar.update(len(b["exact"]))
     if not parts:  # no row parses: the packing pass rejects them all
         parts = [{"file": np.zeros(0, np.int32), "line_no": np.zeros(0, np.int64), "exact": np.zeros(0, np.uint64)}]
     fp = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
     del parts
-    table = find_duplicates(fp, files)
+    table = find_duplicates(fp, files, list(dc.paths))
     reasons = table.column("reason").to_pylist()
     meta = {
         "mode": d.dedup,
         "documents": len(fp["exact"]),
         "duplicates": reasons.count("duplicate"),
         "near_duplicates": reasons.count("near_duplicate"),
+        "contaminated": reasons.count("contaminated"),
+        "ngram": dc.ngram,
+        "evaluation_sets": {p: int((fp["contaminated"] == i).sum()) for i, p in enumerate(dc.paths)},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     write_duplicates(table, path, **meta)
     log.info(
         f"[data] dedup ({d.dedup}): {meta['duplicates']:,} exact and {meta['near_duplicates']:,} near duplicate(s) "
-        f"of {meta['documents']:,} documents, in {meta['seconds']} s"
+        f"and {meta['contaminated']:,} contaminated of {meta['documents']:,} documents, in {meta['seconds']} s"
     )
     return path, meta
 
@@ -205,11 +230,13 @@ def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
         )
         return done
     resumed = prepare_output(out, d.overwrite, why, run_record(c, plans))
-    dups, dedup = dedup_pass(out, d, plans, resumed) if d.dedup != "none" else ("", {"mode": "none"})
     cpus = float(ray.cluster_resources().get("CPU", 1))
     reserve = 1.0 if cpus >= 2 else cpus / 2  # reads must always get a CPU, or the stream stalls
     workers = d.workers or int(max(1, cpus - reserve))
     actor_cpus = min(1.0, (cpus - reserve) / workers)
+    dups, dedup = "", {"mode": "none"}
+    if d.dedup != "none" or d.decontaminate.paths:
+        dups, dedup = dedup_pass(out, d, plans, resumed, workers, actor_cpus)
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs + seed -> same shards

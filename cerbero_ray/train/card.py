@@ -67,6 +67,7 @@ def card_text(config, summary: dict, manifest: dict | None, prompt: str, kind: s
         "trained with cerbero-ray: the cerbero-7b recipe (a full fine-tune of "
         "mistral-7b on Italian conversations, DeepSpeed ZeRO-1, one epoch) as Ray jobs.",
         "",
+        *_checkpoint_note(summary, kind),
         *chat_and_use(intro, prompt, _usage(kind, summary)),
         "llama.cpp: cerbero-ray's `python jobs/export.py export.checkpoint=<this folder>` writes GGUF files "
         "(f16 and q4_k_m by default) and has llama.cpp check each against transformers.",
@@ -107,6 +108,18 @@ def card_text(config, summary: dict, manifest: dict | None, prompt: str, kind: s
             "",
         ]
     return "\n".join(lines)
+
+
+def _checkpoint_note(summary: dict, kind: str) -> list[str]:
+    """A checkpoint's folder says so: the figures below are the run's so far."""
+    steps, total = summary.get("steps") or 0, summary.get("total_steps")
+    if not total or steps >= total:
+        return []
+    return [
+        f"**A checkpoint at step {steps} of {total}**: the training and losses below are the run's so far; "
+        f"its final model is written to the run's `{kind}/` folder.",
+        "",
+    ]
 
 
 def _steps(steps: int, t, rows: int | None) -> str:

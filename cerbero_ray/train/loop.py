@@ -225,6 +225,15 @@ class _Run:
             say(f"[train] warning: no model card in {kind}/: {type(e).__name__}: {e}")
             return None
 
+    def _checkpoint_card(self, at: int) -> str | None:
+        """Rank 0: the card of a checkpoint's model folder: the run so far, marked as a checkpoint."""
+        try:
+            so_far = summarize(self.plan.run_dir, self.history, at, self.resumed_from, self.extra())
+        except Exception as e:  # documentation: never the reason a checkpoint is lost
+            say(f"[train] warning: no model card in the checkpoint at step {at}: {type(e).__name__}: {e}")
+            return None
+        return self.card({**so_far, "total_steps": self.total}, "adapter" if self.lora else "hf")
+
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any (refused when the data order changed)."""
         d = self.env.latest_checkpoint()
@@ -251,7 +260,9 @@ class _Run:
     def save(self, at: int) -> None:
         d = self.env.checkpoint_dir(at)
         client = {"loop": {"step": at, "history": self.history, "signature": self.sig}}
-        write = self.write_model if self.t.hf_in_checkpoints else None
+        write = None
+        if self.t.hf_in_checkpoints:
+            write = lambda folder: self.write_model(folder, self._checkpoint_card(at))  # noqa: E731
         ckpt.save(self.engine, d, self.rank, client, write, frozen=self.lora)
         if self.rank == 0:
             ckpt.write_record(d, at, self.sig, settings(self.config))
