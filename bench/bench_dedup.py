@@ -1,6 +1,7 @@
 """What deduplication costs and what it finds (``data.dedup``; CPU).
 
-1. Fingerprinting, per document, in this process: ``exact`` and ``near`` on the novels (1,231
+1. Fingerprinting, per document, in this process: ``exact``, ``near`` and decontamination alone
+   (``dedup=none``, against SQuAD-it's sample: its 13-word passages) on the novels (1,231
    chunks of ~4 KB) and the chat data (275 conversations), against the bare fast tokenizer
    encoding the same texts (what the packing pass spends on them anyway), alternated, medians.
    And how often ``near`` finds a copy, by how much of it was edited (200 pairs per point).
@@ -66,19 +67,23 @@ def texts_of(raws: list[bytes], fmt: str) -> list[str]:
 
 
 def part1(reps: int) -> dict:
+    from cerbero_ray.data.decontaminate import eval_grams
     from cerbero_ray.tokenizer import build_tokenizer, encode_plain
 
     tok = build_tokenizer(None)
-    out = {}
+    squad = eval_grams([os.path.join(SHARED, "squad_it", "SQuAD_it-test.sample_1k.json")], 13)
+    out = {"squad_passages": len(squad[0])}
     for name, path, fmt in (
         ("novels", os.path.join(SHARED, "text_it", "it_novels_packing_5MB.jsonl"), "text"),
         ("chat", os.path.join(SHARED, "chat_it", "eu_it_messages.json"), "openai"),
     ):
         raws = rows_of(path)
         b, texts = batch(raws), texts_of(raws, fmt)
+        srcs = {"s": SourceConfig(path="-", format=fmt)}
         runs = {
-            "exact": lambda b=b, fmt=fmt: Fingerprints({"s": SourceConfig(path="-", format=fmt)}, "exact")(b),
-            "near": lambda b=b, fmt=fmt: Fingerprints({"s": SourceConfig(path="-", format=fmt)}, "near")(b),
+            "exact": lambda b=b, srcs=srcs: Fingerprints(srcs, "exact")(b),
+            "near": lambda b=b, srcs=srcs: Fingerprints(srcs, "near")(b),
+            "decontaminate": lambda b=b, srcs=srcs: Fingerprints(srcs, "none", squad)(b),
             "tokenizer": lambda texts=texts: encode_plain(tok, texts),
         }
         times = {k: [] for k in runs}

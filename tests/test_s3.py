@@ -236,3 +236,17 @@ def test_an_endpoint_gone_for_good_stops_the_job_in_one_line_and_the_same_comman
     proxy.down(False)
     _job("data", *over, env=env)
     assert storage.read_json(f"{bucket}/out/data/chat_sample/manifest.json")["documents"] == 20
+
+
+def test_an_evaluation_set_in_the_bucket_decontaminates_as_the_local_file(bucket, tmp_path):
+    """``data.decontaminate.paths`` read from a bucket, gzip-compressed there: the same passages as
+    the local file."""
+    import gzip
+
+    from cerbero_ray.data.decontaminate import eval_grams
+    from conftest import SHARED_DATA
+
+    local = os.path.join(SHARED_DATA, "squad_it", "SQuAD_it-test.sample_1k.json")
+    key = storage.write_bytes(f"{bucket}/evals/squad.json.gz", gzip.compress(open(local, "rb").read()))
+    (here,), (there,) = eval_grams([local], 13), eval_grams([key], 13)
+    assert len(here) > 10_000 and (here == there).all()
