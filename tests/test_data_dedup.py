@@ -252,6 +252,7 @@ def test_a_contaminated_row_is_dropped_and_its_clean_near_copy_kept():
     [
         ({"paths": ["/no/such/eval.json"]}, r"data.decontaminate.paths\[0\]: no such file"),
         ({"paths": [SQUAD], "ngram": 3}, r"data.decontaminate.ngram must be an integer >= 5"),
+        ({"paths": [os.path.dirname(SQUAD)]}, r"data.decontaminate.paths\[0\]: .* is a folder; name the evaluation"),
     ],
 )
 def test_a_bad_decontaminate_setting_is_named_before_ray_starts(tmp_path, over, says):
@@ -274,17 +275,27 @@ def test_the_stage_drops_documents_quoting_an_evaluation_set(ray_local, tmp_path
     }
     rows = [chat("Parlami di questo.", context), chat("Ciao", prose(rng, 40)), chat("Ciao", prose(rng, 40))]
     src = write_jsonl(tmp_path / "chat.jsonl", rows)
+    squad = tmp_path / "squad.json"
+    squad.write_bytes(open(SQUAD, "rb").read())
     cfg = data_stage(
         tmp_path / "out",
         {"chat": {"path": src, "format": "openai"}},
         seq_len=512,
         dedup="none",  # the pass runs for the evaluation sets alone
-        decontaminate={"paths": [SQUAD]},
+        decontaminate={"paths": [str(squad)]},
     )
     m = run_data(cfg)
     assert m["documents"] == 2 and m["rejects_by_reason"] == {"contaminated": 1}
-    assert m["dedup"]["evaluation_sets"] == {SQUAD: 1} and m["dedup"]["mode"] == "none"
+    assert m["dedup"]["evaluation_sets"] == {str(squad): 1} and m["dedup"]["mode"] == "none"
     (r,) = [json.loads(x) for f in m["rejects_files"] for x in open(f)]
-    assert r["line_no"] == 1 and r["detail"] == f"shares a passage of 13 words with the evaluation set {SQUAD}"
+    assert r["line_no"] == 1 and r["detail"] == f"shares a passage of 13 words with the evaluation set {squad}"
     said = format_summary(m, str(tmp_path / "out"))
     assert "dedup         off" in said and "contaminated  1 document(s) sharing 13 words" in said
+    assert run_data(cfg) == m  # the same config, inputs and evaluation files: up to date
+    # the evaluation file edited since (a newer release of the set): the shards are not up to date
+    squad.write_bytes(open(SQUAD, "rb").read() + b"\n")
+    with pytest.raises(FileExistsError, match="checked against the evaluation files of data.decontaminate.paths"):
+        run_data(cfg)
+    squad.unlink()
+    with pytest.raises(ValueError, match=r"data.decontaminate.paths\[0\]: no such file"):
+        run_data(cfg)  # gone: named, before any work

@@ -65,6 +65,7 @@ def test_mixed_formats_and_bad_rows(ray_local, tmp_path):
         "contaminated": 0,  # data.decontaminate: no evaluation set named
         "ngram": 13,
         "evaluation_sets": {},
+        "evaluation_stamp": "",
         "seconds": 0,
     }
     # the blank line is a row too, counted: input rows = documents + rejects for every file

@@ -250,3 +250,11 @@ def test_an_evaluation_set_in_the_bucket_decontaminates_as_the_local_file(bucket
     key = storage.write_bytes(f"{bucket}/evals/squad.json.gz", gzip.compress(open(local, "rb").read()))
     (here,), (there,) = eval_grams([local], 13), eval_grams([key], 13)
     assert len(here) > 10_000 and (here == there).all()
+    # a URI is not looked up at config time: the run names one that is not there, or a folder, first
+    from cerbero_ray.data.decontaminate import eval_stamp
+
+    assert len(eval_stamp([key])) == 16
+    with pytest.raises(FileNotFoundError, match=r"data.decontaminate.paths\[1\]: no such file"):
+        eval_stamp([key, f"{bucket}/evals/missing.json"])
+    with pytest.raises(ValueError, match=r"data.decontaminate.paths\[0\]: .* is a folder"):
+        eval_stamp([f"{bucket}/evals"])

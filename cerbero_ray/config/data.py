@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -17,6 +18,7 @@ from cerbero_ray.config.common import (
     check_tokenizer,
     one_of,
 )
+from cerbero_ray.storage import is_local, local_path
 
 SOURCE_FORMATS = ("auto", "openai", "sharegpt", "alpaca", "text")
 
@@ -83,6 +85,8 @@ def check_data(c: DataStageConfig, before: frozenset = frozenset()) -> None:
         if not isinstance(path, str) or not path:
             raise ValueError(f"data.decontaminate.paths[{i}] must be a file path or URI, got {path!r}")
         check_local_path(path, f"data.decontaminate.paths[{i}]")
+        if is_local(path) and os.path.isdir(local_path(path)):
+            raise ValueError(f"data.decontaminate.paths[{i}]: {path} is a folder; name the evaluation files in it")
     if not d.sources:
         raise ValueError("data.sources: no source (add one: +data.sources.NAME.path=...)")
     defaults = {k: v for k, v in asdict(SourceConfig()).items() if k != "path"}

@@ -17,6 +17,7 @@ tweets: their n-grams then also match more ordinary Italian).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 
@@ -25,6 +26,25 @@ import numpy as np
 from cerbero_ray import inputs, storage
 from cerbero_ray.data.dedup import grams, normalized, word_hashes
 from cerbero_ray.data.formats import Document
+
+
+def eval_stamp(paths: list[str]) -> str:
+    """A hash of the evaluation files' sizes and modification times ("" for none): a finished run
+    checked against other contents is not up to date. ``FileNotFoundError`` / ``ValueError`` naming
+    the key for a file that is not there or is a folder."""
+    if not paths:
+        return ""
+    seen = []
+    for i, path in enumerate(paths):
+        fs, p = storage.resolve(path)
+        info = fs.get_file_info(p)
+        key = f"data.decontaminate.paths[{i}]"
+        if info.type == storage.pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{key}: no such file: {path}")
+        if info.type != storage.pafs.FileType.File:
+            raise ValueError(f"{key}: {path} is a folder; name the evaluation files in it")
+        seen.append([path, info.size, info.mtime_ns])
+    return hashlib.sha256(json.dumps(seen).encode()).hexdigest()[:16]
 
 
 def _strings(obj) -> Iterator[str]:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from cerbero_ray import storage
 from cerbero_ray.config import check
 from cerbero_ray.config.data import DataStageConfig
-from cerbero_ray.data.decontaminate import eval_grams
+from cerbero_ray.data.decontaminate import eval_grams, eval_stamp
 from cerbero_ray.data.dedup import (
     FileIds,
     Fingerprints,
@@ -43,7 +43,7 @@ from cerbero_ray.data.sources import build_dataset, inspect_sources, local_batch
 log = logging.getLogger(__name__)
 
 
-def finished_run(out: str, cfg: DataStageConfig, plans) -> tuple[dict | None, str]:
+def finished_run(out: str, cfg: DataStageConfig, plans, evals: str = "") -> tuple[dict | None, str]:
     """The manifest of a complete earlier run of this same config on the same input files (the same
     files, sizes and, for a manifest that records them, modification times), else None; and how the
     finished run there differs, for the refusal ("" when none is there)."""
@@ -53,6 +53,8 @@ def finished_run(out: str, cfg: DataStageConfig, plans) -> tuple[dict | None, st
         return None, ""
     if m.get("config_hash") != config_hash(cfg):
         return None, " of another config"
+    if (m.get("dedup") or {}).get("evaluation_stamp", "") != evals:
+        return None, " checked against the evaluation files of data.decontaminate.paths as they were"
     edited = _edited(m, plans)
     if not edited:
         return m, ""
@@ -74,12 +76,13 @@ def _edited(m: dict, plans) -> list[str]:
 RUN_RECORD = "run.json"  # what a run writes first: its config and input files (an unfinished run resumes on it)
 
 
-def run_record(cfg: DataStageConfig, plans) -> dict:
-    """What fixes a run's shards: its config and its input files (each source's files, sizes and
-    modification times)."""
+def run_record(cfg: DataStageConfig, plans, evals: str = "") -> dict:
+    """What fixes a run's shards: its config, its input files (each source's files, sizes and
+    modification times) and the evaluation files it is checked against (their stamp)."""
     return {
         "config_hash": config_hash(cfg),
         "sources": {p.name: {"files": p.files, "bytes": p.bytes, "stamp": p.stamp} for p in plans},
+        "evaluation_stamp": evals,
     }
 
 
@@ -221,15 +224,16 @@ def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
     plans = inspect_sources(d.sources)
     for p in plans:
         d.sources[p.name].format = p.format
+    evals = eval_stamp(d.decontaminate.paths)  # each file there, before any work
     out = d.output_dir
-    done, why = (None, "") if d.overwrite else finished_run(out, c, plans)
+    done, why = (None, "") if d.overwrite else finished_run(out, c, plans, evals)
     if done:  # a rerun of the same config on the same files: the shards are already there
         log.info(
             f"[data] {out} is up to date ({done['rows']:,} rows, config {done['config_hash']}); "
             "data.overwrite=true redoes it",
         )
         return done
-    resumed = prepare_output(out, d.overwrite, why, run_record(c, plans))
+    resumed = prepare_output(out, d.overwrite, why, run_record(c, plans, evals))
     cpus = float(ray.cluster_resources().get("CPU", 1))
     reserve = 1.0 if cpus >= 2 else cpus / 2  # reads must always get a CPU, or the stream stalls
     workers = d.workers or int(max(1, cpus - reserve))
@@ -237,6 +241,7 @@ def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
     dups, dedup = "", {"mode": "none"}
     if d.dedup != "none" or d.decontaminate.paths:
         dups, dedup = dedup_pass(out, d, plans, resumed, workers, actor_cpus)
+        dedup["evaluation_stamp"] = evals
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs + seed -> same shards
