@@ -229,6 +229,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--stage-reps", type=int, default=3)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="documents for part 2")
     p.add_argument("--work", default=os.path.join(REPO, ".bench", "dedup"))
     a = p.parse_args()
     res = {
@@ -236,7 +237,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "fingerprints": part1(a.reps),
         "near_curve": curve(200),
-        "find_duplicates": part2([100_000, 1_000_000]),
+        "find_duplicates": part2(a.sizes),
     }
     if not a.quick:
         res["stage"] = part3(a.work, a.stage_reps)
