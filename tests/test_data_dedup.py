@@ -7,6 +7,7 @@ import os
 import random
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from cerbero_ray.config.data import SourceConfig
@@ -154,6 +155,9 @@ def test_the_packing_buffer_rejects_what_the_table_names(tmp_path):
     raw = json.dumps({"text": big}).encode()
     assert rejects[0]["raw_bytes"] == len(raw) and rejects[0]["raw"] == raw[:1024].decode()
     assert DropList(table).for_batch(["other.jsonl"]) == {}
+    plain = table.set_column(1, "path", table["path"].cast(pa.string()))  # not dictionary-encoded: the same
+    assert DropList(plain).for_batch(["in.jsonl", "x"]) == DropList(table).for_batch(["in.jsonl"])
+    assert len(DropList(table).for_batch(["in.jsonl"])) == 2
 
 
 @pytest.mark.integration
@@ -299,3 +303,25 @@ def test_the_stage_drops_documents_quoting_an_evaluation_set(ray_local, tmp_path
     squad.unlink()
     with pytest.raises(ValueError, match=r"data.decontaminate.paths\[0\]: no such file"):
         run_data(cfg)  # gone: named, before any work
+
+
+@pytest.mark.integration
+def test_sources_with_no_document_pass_through_the_pass_both_ways(ray_local, tmp_path, monkeypatch):
+    """A file of broken rows only gives the pass a batch of no fingerprint (on the Ray Data path,
+    beside a file that has some); a run where no row parses gives it none at all."""
+    import cerbero_ray.data.pipeline as pipeline
+    from cerbero_ray.data.pipeline import run_data
+
+    broken = write_jsonl(tmp_path / "broken.jsonl", [b"{oops", b"[1, 2", b"\xff"])
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": prose(random.Random(8), 60)}] * 2)
+    evals = {"paths": [SQUAD]}
+    monkeypatch.setattr(pipeline, "LOCAL_PASS_BYTES", 0)
+    both = {"broken": {"path": broken, "format": "text"}, "good": {"path": good, "format": "text"}}
+    m = run_data(data_stage(tmp_path / "a", both, seq_len=256, dedup="near", decontaminate=evals))
+    assert m["rejects_by_reason"] == {"invalid_json": 2, "invalid_utf8": 1, "duplicate": 1}
+    assert (m["documents"], m["dedup"]["documents"]) == (1, 2)
+    monkeypatch.setattr(pipeline, "LOCAL_PASS_BYTES", 1 << 30)
+    only = {"broken": both["broken"]}
+    m = run_data(data_stage(tmp_path / "b", only, seq_len=256, dedup="near", decontaminate=evals))
+    assert m["documents"] == 0 and m["rejected"] == 3 and m["dedup"]["documents"] == 0
+    assert m["dedup"]["evaluation_sets"] == {SQUAD: 0}

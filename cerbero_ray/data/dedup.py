@@ -171,7 +171,8 @@ def _same_key_edges(key: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.n
     """Edges (row, first row of its key) among ``rows`` (indices in priority order) by ``key``."""
     order = rows[np.argsort(key[rows], kind="stable")]
     k = key[order]
-    same = np.r_[False, k[1:] == k[:-1]]
+    same = np.zeros(len(order), bool)
+    same[1:] = k[1:] == k[:-1]
     first = np.maximum.accumulate(np.where(same, 0, np.arange(len(order))))
     return order[same], order[first[same]]
 
@@ -195,6 +196,8 @@ class FileIds:
 
     def compact(self, fp: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: v for k, v in fp.items() if k not in ("source", "path")}
+        if "bands" in out:  # a batch of no document may come back from Ray Data without its second axis
+            out["bands"] = np.asarray(out["bands"], np.uint64).reshape(-1, BANDS + 1)
         out["file"] = np.fromiter(map(self._id, zip(fp["source"], fp["path"])), np.int32, len(fp["source"]))
         return out
 
@@ -261,17 +264,29 @@ def find_duplicates(fp: dict[str, np.ndarray], files: FileIds, evals: list[str] 
 
 class DropList:
     """The duplicates table, asked per batch: ``for_batch(paths)`` gives
-    {(source, path, line_no): (reason, detail)} for the rows of those files to drop."""
+    {(source, path, line_no): (reason, detail)} for the rows of those files to drop. The table's
+    rows are grouped by file once: a batch looks up its own files, never scans the whole table."""
 
     def __init__(self, table: pa.Table | None):
-        self.table = table
+        self.table, self.rows = table, {}
         self.ngram = duplicates_meta(table).get("ngram") if table is not None else None
+        if table is None or not table.num_rows:
+            return
+        col = table["path"].combine_chunks()
+        if not pa.types.is_dictionary(col.type):
+            col = pc.dictionary_encode(col)
+        codes = col.indices.to_numpy(zero_copy_only=False)
+        order = np.argsort(codes, kind="stable")
+        starts = np.searchsorted(codes[order], np.arange(len(col.dictionary) + 1))
+        for i, name in enumerate(col.dictionary.to_pylist()):
+            if starts[i] < starts[i + 1]:
+                self.rows[name] = order[starts[i] : starts[i + 1]]
 
     def for_batch(self, paths) -> dict[tuple[str, str, int], tuple[str, str]]:
-        if self.table is None or not self.table.num_rows:
+        picked = [self.rows[p] for p in set(paths) if p in self.rows]
+        if not picked:
             return {}
-        wanted = pa.array(sorted(set(paths)), pa.string())
-        t = self.table.filter(pc.is_in(pc.cast(self.table["path"], pa.string()), wanted))
+        t = self.table.take(pa.array(np.concatenate(picked)))
         return {(r["source"], r["path"], r["line_no"]): (r["reason"], self._detail(r)) for r in t.to_pylist()}
 
     def _detail(self, r: dict) -> str:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -149,6 +151,10 @@ DUPLICATES = "duplicates.parquet"  # the dedup pass's rows to drop: written afte
 LOCAL_PASS_BYTES = 32 << 20  # inputs this small are fingerprinted in the driver: a Ray Data job's start costs more
 
 
+def _no_rows() -> dict[str, np.ndarray]:
+    return {k: np.zeros(0, object) for k in ("source", "path", "kind", "raw")} | {"line_no": np.zeros(0, np.int64)}
+
+
 def dedup_pass(out: str, d, plans, resumed: bool, workers: int, actor_cpus: float) -> tuple[str, dict]:
     """Fingerprint every document of every source without tokenizing (a Ray Data pass over the
     inputs; in this process for inputs under ``LOCAL_PASS_BYTES``), each checked against the
@@ -190,19 +196,20 @@ def dedup_pass(out: str, d, plans, resumed: bool, workers: int, actor_cpus: floa
             parts.append(files.compact(b))
             bar.update(len(b["exact"]))
     if not parts:  # no row parses: the packing pass rejects them all
-        parts = [{"file": np.zeros(0, np.int32), "line_no": np.zeros(0, np.int64), "exact": np.zeros(0, np.uint64)}]
+        parts = [files.compact(Fingerprints(*args)(_no_rows()))]
     fp = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
     del parts
     table = find_duplicates(fp, files, list(dc.paths))
-    reasons = table.column("reason").to_pylist()
+    reasons = Counter(table.column("reason").to_pylist())
+    bad = table.filter(pc.equal(table["reason"], "contaminated")).column("of_path").to_pylist()
     meta = {
         "mode": d.dedup,
         "documents": len(fp["exact"]),
-        "duplicates": reasons.count("duplicate"),
-        "near_duplicates": reasons.count("near_duplicate"),
-        "contaminated": reasons.count("contaminated"),
+        "duplicates": reasons["duplicate"],
+        "near_duplicates": reasons["near_duplicate"],
+        "contaminated": reasons["contaminated"],
         "ngram": dc.ngram,
-        "evaluation_sets": {p: int((fp["contaminated"] == i).sum()) for i, p in enumerate(dc.paths)},
+        "evaluation_sets": {p: bad.count(p) for p in dc.paths},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     write_duplicates(table, path, **meta)
