@@ -216,6 +216,8 @@ def test_a_document_quoting_an_evaluation_passage_is_marked(tmp_path):
     (tmp_path / "items.jsonl").write_text(json.dumps({"id": 1, "item": {"question": question}}))
     (tmp_path / "items.csv").write_text("id;text;label\n7;" + prose(rng, 30) + ";1\n")
     assert question in list(eval_texts(str(tmp_path / "items.jsonl")))
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "\n" + json.dumps({"q": question}) + "\n")
+    assert list(eval_texts(str(tmp_path / "deep.jsonl"))) == ["[" * 100_000, question]  # too deep: a line of text
     evals = eval_grams([str(tmp_path / "items.csv"), SQUAD], 13)
     assert len(evals[0]) == 32 - 13 + 1  # the header has 3 words (none); the row its id, 30 words, its label
     docs = [

@@ -68,14 +68,14 @@ def eval_texts(path: str) -> Iterator[str]:
         try:
             yield from _strings(json.loads(data))
             return
-        except ValueError:
+        except (ValueError, RecursionError):
             pass  # JSON Lines under a .json name: line by line
     for line in data.splitlines():
         if suffix in (".json", ".jsonl"):
             try:
                 yield from _strings(json.loads(line))
                 continue
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
         yield line
 

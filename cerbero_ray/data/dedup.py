@@ -6,10 +6,10 @@ finds them in a pass over every source before any buffer is packed (``data.dedup
 
 * ``exact``: the same text after Unicode NFKC, lower case and collapsed whitespace (a chat: its
   roles and contents). One 64-bit hash per document.
-* ``near``: exact, plus MinHash-LSH over word 5-grams (112 hashes in 14 bands of 8, as datatrove
-  and text-dedup default to): two documents whose 5-gram sets overlap by Jaccard 0.8 share a band
-  with probability 0.92, by 0.5 with 0.05. Documents that share a band are one cluster (connected
-  components: a chain of near copies is one cluster too).
+* ``near``: exact, plus MinHash-LSH over word 5-grams (112 32-bit hashes in 14 bands of 8:
+  datatrove's ``MinhashConfig`` defaults): two documents whose 5-gram sets overlap by Jaccard 0.8
+  share a band with probability 0.92, by 0.5 with 0.05. Documents that share a band are one
+  cluster (connected components: a chain of near copies is one cluster too).
 
 Of each cluster the first row in the config's order (source, then file, then line) is kept; the
 others become ``duplicate`` / ``near_duplicate`` rejects naming it. The outcome depends on the
@@ -76,7 +76,8 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 def word_hashes(text: str) -> np.ndarray:
     """A uint64 per word of ``text``, read a segment of ``_SEGMENT`` characters at a time (cut at a
-    space or a newline): a whole book in one document never holds more than one segment's words as strings."""
+    space or a newline): a whole book in one document never holds more than one segment's words
+    as strings."""
     out, start = [], 0
     while start < len(text):
         end = start + _SEGMENT

@@ -31,7 +31,7 @@ from cerbero_ray.tokenizer import build_tokenizer, encode_chats, encode_plain
 ROW_GROUP_ROWS = 16  # rows per Parquet row group (~1.5 MB at seq 8192)
 
 MAX_REJECT_BYTES = 1 << 20  # a rejected row is kept whole up to 1 MiB, and its length always
-DUPLICATE_BYTES = 1 << 10  # a duplicate's first KiB only: the row it repeats is trained on, and named
+DUPLICATE_BYTES = 1 << 10  # a dedup drop's first KiB: its file and line hold it all (a duplicate's copy is trained on)
 
 
 def copies(weight: float, seed: int, key: str) -> int:
