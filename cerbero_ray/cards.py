@@ -4,6 +4,17 @@
 
 from __future__ import annotations
 
+import os
+
+CARD = "README.md"  # a model folder's card: where the Hub reads it
+
+
+def write_card(directory: str, card: str | None) -> None:
+    """``card`` as the card of the local folder ``directory`` (nothing when None)."""
+    if card is not None:
+        with open(os.path.join(directory, CARD), "w") as f:
+            f.write(card)
+
 
 def front_matter(**meta) -> list[str]:
     """The card's first lines: its metadata (``ModelCardData``'s fields; None ones left out)."""

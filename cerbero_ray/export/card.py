@@ -6,9 +6,8 @@ written from ``export.json`` (every file in the folder, kept ones too) at the en
 from __future__ import annotations
 
 from cerbero_ray import storage
-from cerbero_ray.cards import chat_and_use, front_matter
+from cerbero_ray.cards import CARD, chat_and_use, front_matter
 
-CARD = "README.md"
 SHOWN = {"lora": "LoRA adapter (f32)", "base-f16": "f16, the adapter's base"}  # an adapter's pair, by its record's type
 
 

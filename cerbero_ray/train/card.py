@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 
-from cerbero_ray.cards import chat_and_use, front_matter
+from cerbero_ray.cards import CARD, chat_and_use, front_matter  # noqa: F401 (CARD: the folder's card, named here too)
 from cerbero_ray.chat import STOP_STRING
 
-CARD = "README.md"
 EXAMPLE = [{"role": "user", "content": "Ciao! Come stai?"}]
 
 

@@ -36,6 +36,7 @@ import pyarrow.fs as pafs
 import torch
 
 from cerbero_ray import storage
+from cerbero_ray.cards import write_card
 
 TAG = "state"
 PREFIX = "checkpoint_step_"
@@ -165,9 +166,7 @@ def save_hf(hf_model, tokenizer, directory: str, dtype: torch.dtype | None = Non
         from cerbero_ray.tokenizer import save_tokenizer
 
         save_tokenizer(tokenizer, directory)
-    if card is not None:
-        with open(os.path.join(directory, "README.md"), "w") as f:
-            f.write(card)
+    write_card(directory, card)
     storage.mark_complete(directory)
 
 

@@ -163,16 +163,20 @@ class _Run:
         path = self.config.model.path
         self.base_record = record_of(path) if path else save_base(lm, self.tok, self.plan.run_dir)
 
+    @property
+    def model_kind(self) -> str:
+        """The folder the run's model goes into, and the kind of its card: ``adapter`` for LoRA, else ``hf``."""
+        return "adapter" if self.lora else "hf"
+
     def write_model(self, folder: str, card: str | None = None) -> str:
         """Rank 0: the model into ``folder`` (``hf/``, or ``adapter/`` for LoRA), with its model
         ``card``; returns its path."""
+        d = os.path.join(folder, self.model_kind)
         if self.lora:
             from cerbero_ray.train.lora import save_adapter
 
-            d = os.path.join(folder, "adapter")
             save_adapter(self.peft, self.tok, self.base_record, d, card=card)
         else:
-            d = os.path.join(folder, "hf")
             # train.strategy=torch trains fp32 weights under bf16 autocast: its model is written in bf16, as DeepSpeed's
             cast = self.t.strategy == "torch" and self.t.precision == "bf16"
             ckpt.save_hf(self.lm, self.tok, d, torch.bfloat16 if cast else None, card=card)
@@ -232,7 +236,7 @@ class _Run:
         except Exception as e:  # documentation: never the reason a checkpoint is lost
             say(f"[train] warning: no model card in the checkpoint at step {at}: {type(e).__name__}: {e}")
             return None
-        return self.card({**so_far, "total_steps": self.total}, "adapter" if self.lora else "hf")
+        return self.card({**so_far, "total_steps": self.total}, self.model_kind)
 
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any (refused when the data order changed)."""
@@ -382,10 +386,9 @@ def _train(config: TrainStageConfig, plan: RunPlan, env: TrainEnv, tracker) -> d
         return {}
     local = r.writer.local
     summary = summarize(plan.run_dir, r.history, r.step, r.resumed_from, r.extra())
-    sub = "adapter" if r.lora else "hf"
-    done = os.path.join(local, sub, "adapter_config.json" if r.lora else "config.json")
+    done = os.path.join(local, r.model_kind, "adapter_config.json" if r.lora else "config.json")
     if start != r.step or not os.path.isfile(done):  # a finished run leaves it be
-        r.write_model(local, r.card(summary, sub))
+        r.write_model(local, r.card(summary, r.model_kind))
     hf = os.path.join(local, "hf")
     if r.lora and r.t.lora.merge and (start != r.step or not os.path.isfile(os.path.join(hf, "config.json"))):
         ckpt.save_hf(r.peft.merge_and_unload(), r.tok, hf, card=r.card(summary, "hf"))

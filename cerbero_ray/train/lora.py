@@ -26,6 +26,7 @@ from dataclasses import replace
 import torch
 
 from cerbero_ray import adapters, storage
+from cerbero_ray.cards import write_card
 from cerbero_ray.config.common import ModelConfig
 from cerbero_ray.config.train import LoraConfig, TrainConfig, check_bitsandbytes
 
@@ -186,7 +187,5 @@ def save_adapter(peft_model, tokenizer, record: dict, directory: str, card: str 
 
         save_tokenizer(tokenizer, directory)
     adapters.write_record(directory, record)
-    if card is not None:
-        with open(os.path.join(directory, "README.md"), "w") as f:
-            f.write(card)
+    write_card(directory, card)
     storage.mark_complete(directory)

@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 from omegaconf import DictConfig
 
 from cerbero_ray import storage
+from cerbero_ray.cards import CARD
 from cerbero_ray.cluster import check_fits
 from cerbero_ray.config import check
 from cerbero_ray.config.train import TrainStageConfig
@@ -281,8 +282,8 @@ def _report(summary: dict) -> dict:
             f"base {summary['base']})"
         )
     if summary.get("hf_dir"):
-        carded = storage.is_file(storage.join(summary["hf_dir"], "README.md"))
-        log.info(f" hf model      {summary['hf_dir']}" + ("  (its model card: README.md)" if carded else ""))
+        carded = storage.is_file(storage.join(summary["hf_dir"], CARD))
+        log.info(f" hf model      {summary['hf_dir']}" + (f"  (its model card: {CARD})" if carded else ""))
     log.info(f" loss curve    {summary.get('loss_png')}")
     log.info("──────────────────────────────────────────────────────────────")
     return summary
