@@ -226,15 +226,11 @@ def find_duplicates(fp: dict[str, np.ndarray], files: FileIds, evals: list[str] 
     everyone = np.arange(n)
     dirty = cols["contaminated"] if "contaminated" in cols else np.full(n, -1, np.int16)
     clean = everyone[dirty < 0]
-    us, vs = [], []
-    u, v = _same_key_edges(cols["exact"], clean)
-    us.append(u), vs.append(v)
+    edges = [_same_key_edges(cols["exact"], clean)]
     if "bands" in cols and n:
         banded = clean[cols["bands"][clean, BANDS] == 1]
-        for b in range(BANDS):
-            u, v = _same_key_edges(cols["bands"][:, b], banded)
-            us.append(u), vs.append(v)
-    u, v = np.concatenate(us), np.concatenate(vs)
+        edges += [_same_key_edges(cols["bands"][:, b], banded) for b in range(BANDS)]
+    u, v = (np.concatenate(side) for side in zip(*edges))
     _, label = connected_components(coo_matrix((np.ones(len(u)), (u, v)), shape=(n, n)), directed=False)
     first = np.full(label.max() + 1 if n else 0, n, dtype=np.int64)
     np.minimum.at(first, label, everyone)  # a cluster's kept row: its first in priority order

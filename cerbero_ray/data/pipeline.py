@@ -3,9 +3,10 @@
 Ray Data streams raw rows from every source (never the whole corpus in memory) into a pool of
 actors; each actor takes ``buffer_docs`` rows at a time and runs :class:`BufferProcessor`:
 validate → render chat → tokenize → loss mask → pack → write one shard (and a rejects file), then
-its record (``buffers/<key>.json``: its stats). Before that, unless ``data.dedup=none``, a lighter
-pass over the same inputs finds the rows that repeat an earlier one (:mod:`cerbero_ray.data.dedup`),
-which the actors reject as duplicates. The driver only sees one small stats record per
+its record (``buffers/<key>.json``: its stats). Before that, unless ``data.dedup=none`` and no
+``data.decontaminate.paths``, a lighter pass over the same inputs finds the rows that repeat an
+earlier one (:mod:`cerbero_ray.data.dedup`) or share a passage with an evaluation set
+(:mod:`cerbero_ray.data.decontaminate`), which the actors reject. The driver only sees one small stats record per
 shard, from which it writes the manifest, last. A run stopped before it resumes on the same
 command: ``run.json`` (written first) names its config and input files, and the buffers with a
 record are not processed again.
@@ -40,7 +41,7 @@ from cerbero_ray.data.dedup import (
 )
 from cerbero_ray.data.manifest import build_manifest, config_hash, format_summary, read_manifest, write_manifest
 from cerbero_ray.data.process import BUFFERS, BufferProcessor
-from cerbero_ray.data.sources import build_dataset, inspect_sources, local_batches
+from cerbero_ray.data.sources import build_dataset, inspect_sources, local_batches, no_rows
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +152,6 @@ DUPLICATES = "duplicates.parquet"  # the dedup pass's rows to drop: written afte
 LOCAL_PASS_BYTES = 32 << 20  # inputs this small are fingerprinted in the driver: a Ray Data job's start costs more
 
 
-def _no_rows() -> dict[str, np.ndarray]:
-    return {k: np.zeros(0, object) for k in ("source", "path", "kind", "raw")} | {"line_no": np.zeros(0, np.int64)}
-
-
 def dedup_pass(out: str, d, plans, resumed: bool, workers: int, actor_cpus: float) -> tuple[str, dict]:
     """Fingerprint every document of every source without tokenizing (a Ray Data pass over the
     inputs; in this process for inputs under ``LOCAL_PASS_BYTES``), each checked against the
@@ -196,12 +193,12 @@ def dedup_pass(out: str, d, plans, resumed: bool, workers: int, actor_cpus: floa
             parts.append(files.compact(b))
             bar.update(len(b["exact"]))
     if not parts:  # no row parses: the packing pass rejects them all
-        parts = [files.compact(Fingerprints(*args)(_no_rows()))]
+        parts = [files.compact(Fingerprints(*args)(no_rows()))]
     fp = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
     del parts
     table = find_duplicates(fp, files, list(dc.paths))
     reasons = Counter(table.column("reason").to_pylist())
-    bad = table.filter(pc.equal(table["reason"], "contaminated")).column("of_path").to_pylist()
+    bad = Counter(table.filter(pc.equal(table["reason"], "contaminated")).column("of_path").to_pylist())
     meta = {
         "mode": d.dedup,
         "documents": len(fp["exact"]),
@@ -209,7 +206,7 @@ def dedup_pass(out: str, d, plans, resumed: bool, workers: int, actor_cpus: floa
         "near_duplicates": reasons["near_duplicate"],
         "contaminated": reasons["contaminated"],
         "ngram": dc.ngram,
-        "evaluation_sets": {p: bad.count(p) for p in dc.paths},
+        "evaluation_sets": {p: bad[p] for p in dc.paths},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     write_duplicates(table, path, **meta)

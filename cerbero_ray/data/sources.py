@@ -275,6 +275,11 @@ def local_batches(plans: list[SourcePlan], block_rows: int = 1024) -> Iterator[d
 _TEXT_COLUMNS = ("source", "path", "kind", "raw")
 
 
+def no_rows() -> dict[str, np.ndarray]:
+    """A batch of raw rows with none in it (:func:`local_batches`' columns)."""
+    return {k: np.zeros(0, object) for k in _TEXT_COLUMNS} | {"line_no": np.zeros(0, np.int64)}
+
+
 def build_dataset(plans: list[SourcePlan], block_rows: int = 1024):
     """One Ray Dataset of raw rows over every source, in config order."""
     import ray.data
