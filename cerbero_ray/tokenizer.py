@@ -24,7 +24,9 @@ import shutil
 import tempfile
 import threading
 
-from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+# AutoTokenizer only where a folder is read: its import loads torch (~1 s, ~175 MB per process), which
+# the data stage's packing actors never need
+from transformers import LlamaTokenizer, PreTrainedTokenizerBase
 
 from cerbero_ray.chat import ASSISTANT_TAGS, SYSTEM_LINE, USER_TAG, chat_template
 
@@ -58,6 +60,8 @@ def build_tokenizer(
             # Mistral tokenizer do: "<s>Questa" -> ["<s>", "▁Qu", "esta"].
             tok = LlamaTokenizer.from_pretrained(tmp, legacy=True, add_bos_token=True)
     else:
+        from transformers import AutoTokenizer
+
         from cerbero_ray.storage import local_copy
 
         local = local_copy(path)
