@@ -1,10 +1,10 @@
 """What deduplication costs and what it finds (``data.dedup``; CPU).
 
 1. Fingerprinting, per document, in this process: ``exact``, ``near`` and decontamination alone
-   (``dedup=none``, against SQuAD-it's sample: its 13-word passages) on the novels (1,231
-   chunks of ~4 KB) and the chat data (275 conversations), against the bare fast tokenizer
-   encoding the same texts (what the packing pass spends on them anyway), alternated, medians.
-   And how often ``near`` finds a copy, by how much of it was edited (200 pairs per point).
+   (``dedup=none``, against SQuAD-it's sample: its 13-word passages, its texts of 8-12 words
+   whole) on the novels (1,231 chunks of ~4 KB) and the chat data (275 conversations), against
+   the bare fast tokenizer encoding the same texts (what the packing pass spends on them anyway),
+   alternated, medians. And how often ``near`` finds a copy, by how much of it was edited (200 pairs per point).
 2. The driver's step, :func:`find_duplicates`, on synthetic fingerprints of 100k and 1M documents
    (5% near copies): seconds and its peak memory (numpy, by tracemalloc).
 3. The whole data stage on an embedded Ray cluster, ``none``, ``exact``, ``near``, in turn, the

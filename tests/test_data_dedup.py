@@ -16,11 +16,13 @@ from cerbero_ray.data.dedup import (
     DropList,
     FileIds,
     Fingerprints,
+    _mix,
     band_hashes,
     find_duplicates,
     grams,
     normalized,
     word_hashes,
+    word_runs,
     write_duplicates,
 )
 from cerbero_ray.data.formats import Document
@@ -214,21 +216,43 @@ def test_a_document_quoting_an_evaluation_passage_is_marked(tmp_path):
     rng = random.Random(5)
     question = "Chi scrisse la Divina Commedia nel Trecento?"
     (tmp_path / "items.jsonl").write_text(json.dumps({"id": 1, "item": {"question": question}}))
-    (tmp_path / "items.csv").write_text("id;text;label\n7;" + prose(rng, 30) + ";1\n")
     assert question in list(eval_texts(str(tmp_path / "items.jsonl")))
     (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "\n" + json.dumps({"q": question}) + "\n")
     assert list(eval_texts(str(tmp_path / "deep.jsonl"))) == ["[" * 100_000, question]  # too deep: a line of text
-    evals = eval_grams([str(tmp_path / "items.csv"), SQUAD], 13)
-    assert len(evals[0]) == 32 - 13 + 1  # the header has 3 words (none); the row its id, 30 words, its label
+    # a CSV's cells, its delimiter sniffed (EVALITA's is ";"), a quoted cell holding it: the tweet is one text
+    tweet = "oggi il mare di Napoli era; davvero bellissimo al tramonto"  # 10 words
+    (tmp_path / "items.csv").write_text(f'id;text;label\n7;{prose(rng, 30)};1\n8;"{tweet}";0\n')
+    assert tweet in list(eval_texts(str(tmp_path / "items.csv")))
+    evals = eval_grams([str(tmp_path / "items.csv"), SQUAD], 13, 8)
+    # the 30-word cell's 18 runs of 13; the tweet whole (10 words); ids, labels and the header: too short
+    assert {n: len(g) for n, g in evals[0].items()} == {13: 30 - 13 + 1, 10: 1}
+    assert len(evals[1][13]) > 10_000 and min(evals[1]) == 8  # SQuAD-it's contexts, and its short questions whole
     docs = [
         f"Una domanda. {quoted.upper()}, disse lui.",  # the passage, in upper case: found (SQuAD-it's set)
-        "Una domanda. " + " ".join(words[10:22]) + " e poi altro.",  # 12 of its words only: not
+        # 12 of its words: no 13-word run, but a whole answer of SQuAD-it (9 words: "membri dell'
+        # Organizzazione dei Paesi esportatori di petrolio arabo"): found
+        "Una domanda. " + " ".join(words[10:22]) + " e poi altro.",
         prose(rng),
+        f"Ho letto: {tweet.upper()}! E basta.",  # the whole tweet inside a document: found (the CSV)
+        "Oggi il mare di Napoli era davvero bellissimo, e domani?",  # 8 of its 10 words: not
     ]
-    fp = Fingerprints(SOURCES, "none", evals, 13)(batch(docs))
-    assert fp["contaminated"].tolist() == [1, -1, -1] and "bands" not in fp
-    assert Fingerprints(SOURCES, "none", evals, 12)(batch(docs[1:2]))["contaminated"].tolist() == [-1]
-    assert Fingerprints(SOURCES, "none", eval_grams([SQUAD], 12), 12)(batch(docs[1:2]))["contaminated"].tolist() == [0]
+    fp = Fingerprints(SOURCES, "none", evals)(batch(docs))
+    assert fp["contaminated"].tolist() == [1, 1, -1, 0, -1] and "bands" not in fp
+    # min_words = ngram: no text is matched whole (the tweet's and the answer's documents pass); runs
+    # of 12 words find the 12 words
+    assert Fingerprints(SOURCES, "none", eval_grams([SQUAD], 13, 13))(batch(docs[1:2]))["contaminated"].tolist() == [-1]
+    assert Fingerprints(SOURCES, "none", eval_grams([str(tmp_path / "items.csv")], 13, 13))(batch(docs[3:4]))[
+        "contaminated"
+    ].tolist() == [-1]
+    assert Fingerprints(SOURCES, "none", eval_grams([SQUAD], 12, 12))(batch(docs[1:2]))["contaminated"].tolist() == [0]
+
+
+def test_word_runs_are_the_grams_of_each_length_before_mixing():
+    w = word_hashes(prose(random.Random(9), 40))
+    for n in (1, 5, 13, 40, 41, 60):
+        assert (_mix(word_runs(w, [n])) == grams(w, n)).all() and len(word_runs(w, [n])) == max(0, 40 - n + 1)
+    both = word_runs(w, [13, 5])
+    assert (both == np.concatenate([word_runs(w, [5]), word_runs(w, [13])])).all()
 
 
 def test_a_contaminated_row_is_dropped_and_its_clean_near_copy_kept():
@@ -238,19 +262,23 @@ def test_a_contaminated_row_is_dropped_and_its_clean_near_copy_kept():
     b = " ".join(words[:100] + passage[:6] + ["cambiata"] + passage[7:] + words[100:])  # no 13-word run of it
     passage = " ".join(passage)
     files = FileIds([("s", "in.jsonl")])
-    evals = [np.unique(grams(word_hashes(passage), 13))]
-    parts = [files.compact(Fingerprints(SOURCES, "near", evals, 13)(batch([a, b])))]
+    evals = [{13: np.unique(word_runs(word_hashes(passage), [13]))}]
+    parts = [files.compact(Fingerprints(SOURCES, "near", evals)(batch([a, b])))]
     fp = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     table = find_duplicates(fp, files, ["eval/set.jsonl"])
     got = [(r["line_no"], r["reason"], r["of_path"], r["of_line_no"]) for r in table.to_pylist()]
     assert got == [(1, "contaminated", "eval/set.jsonl", -1)]  # b is a near copy of a, but a is not kept: b is
     without = find_duplicates({k: v for k, v in fp.items() if k != "contaminated"}, files).to_pylist()
     assert [(r["line_no"], r["reason"], r["of_line_no"]) for r in without] == [(2, "near_duplicate", 1)]
-    drops = DropList(write_and_read(table, ngram=13)).for_batch(["in.jsonl"])
+    drops = DropList(write_and_read(table, ngram=13, min_words=8)).for_batch(["in.jsonl"])
     assert drops[("s", "in.jsonl", 1)] == (
         "contaminated",
-        "shares a passage of 13 words with the evaluation set eval/set.jsonl",
+        "shares a passage of 13 words (or one of its texts of 8 to 12 words whole) with the evaluation set "
+        "eval/set.jsonl",
     )
+    # a table from before min_words (or min_words = ngram): passages only
+    drops = DropList(write_and_read(table, ngram=13)).for_batch(["in.jsonl"])
+    assert drops[("s", "in.jsonl", 1)][1] == "shares a passage of 13 words with the evaluation set eval/set.jsonl"
 
 
 @pytest.mark.parametrize(
@@ -258,6 +286,11 @@ def test_a_contaminated_row_is_dropped_and_its_clean_near_copy_kept():
     [
         ({"paths": ["/no/such/eval.json"]}, r"data.decontaminate.paths\[0\]: no such file"),
         ({"paths": [SQUAD], "ngram": 3}, r"data.decontaminate.ngram must be an integer >= 5"),
+        (
+            {"paths": [SQUAD], "min_words": 4},
+            r"data.decontaminate.min_words must be an integer from 5 to .* \(13\), got 4",
+        ),
+        ({"paths": [SQUAD], "ngram": 10, "min_words": 11}, r"data.decontaminate.min_words must be .* got 11"),
         ({"paths": [os.path.dirname(SQUAD)]}, r"data.decontaminate.paths\[0\]: .* is a folder; name the evaluation"),
     ],
 )
@@ -279,7 +312,9 @@ def test_the_stage_drops_documents_quoting_an_evaluation_set(ray_local, tmp_path
     chat = lambda user, answer: {  # noqa: E731
         "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     }
+    question = json.load(open(SQUAD))["data"][1]["paragraphs"][0]["qas"][1]["question"]  # 10 words
     rows = [chat("Parlami di questo.", context), chat("Ciao", prose(rng, 40)), chat("Ciao", prose(rng, 40))]
+    rows.append(chat(f"Rispondi: {question}", prose(rng, 20)))  # the whole question, in a user turn
     src = write_jsonl(tmp_path / "chat.jsonl", rows)
     squad = tmp_path / "squad.json"
     squad.write_bytes(open(SQUAD, "rb").read())
@@ -291,12 +326,16 @@ def test_the_stage_drops_documents_quoting_an_evaluation_set(ray_local, tmp_path
         decontaminate={"paths": [str(squad)]},
     )
     m = run_data(cfg)
-    assert m["documents"] == 2 and m["rejects_by_reason"] == {"contaminated": 1}
-    assert m["dedup"]["evaluation_sets"] == {str(squad): 1} and m["dedup"]["mode"] == "none"
-    (r,) = [json.loads(x) for f in m["rejects_files"] for x in open(f)]
-    assert r["line_no"] == 1 and r["detail"] == f"shares a passage of 13 words with the evaluation set {squad}"
+    assert m["documents"] == 2 and m["rejects_by_reason"] == {"contaminated": 2}
+    assert m["dedup"]["evaluation_sets"] == {str(squad): 2} and m["dedup"]["mode"] == "none"
+    assert (m["dedup"]["ngram"], m["dedup"]["min_words"]) == (13, 8)
+    rejects = [json.loads(x) for f in m["rejects_files"] for x in open(f)]
+    assert sorted(r["line_no"] for r in rejects) == [1, 4]
+    whole = "(or one of its texts of 8 to 12 words whole)"
+    assert {r["detail"] for r in rejects} == {f"shares a passage of 13 words {whole} with the evaluation set {squad}"}
     said = format_summary(m, str(tmp_path / "out"))
-    assert "dedup         off" in said and "contaminated  1 document(s) sharing 13 words" in said
+    assert "dedup         off" in said
+    assert "contaminated  2 document(s) sharing 13 words or holding a text of 8+ words with an evaluation set" in said
     assert run_data(cfg) == m  # the same config, inputs and evaluation files: up to date
     # the evaluation file edited since (a newer release of the set): the shards are not up to date
     squad.write_bytes(open(SQUAD, "rb").read() + b"\n")
@@ -327,3 +366,16 @@ def test_sources_with_no_document_pass_through_the_pass_both_ways(ray_local, tmp
     m = run_data(data_stage(tmp_path / "b", only, seq_len=256, dedup="near", decontaminate=evals))
     assert m["documents"] == 0 and m["rejected"] == 3 and m["dedup"]["documents"] == 0
     assert m["dedup"]["evaluation_sets"] == {SQUAD: 0}
+
+
+def test_decontamination_settings_shape_the_run_only_when_it_is_on(tmp_path):
+    """Its ngram and min_words are part of what makes shards up to date when evaluation files are
+    named, and nothing when none is: a run packed without them stays up to date."""
+    from cerbero_ray.config import check
+    from cerbero_ray.data.manifest import config_hash
+
+    def h(**dc):
+        return config_hash(check("data", data_stage(tmp_path / "o", {"s": {"path": str(tmp_path)}}, decontaminate=dc)))
+
+    assert h() == h(ngram=20, min_words=9)
+    assert len({h(paths=[SQUAD]), h(paths=[SQUAD], min_words=9), h(paths=[SQUAD], ngram=20), h()}) == 4

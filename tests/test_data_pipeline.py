@@ -64,6 +64,7 @@ def test_mixed_formats_and_bad_rows(ray_local, tmp_path):
         "near_duplicates": 0,
         "contaminated": 0,  # data.decontaminate: no evaluation set named
         "ngram": 13,
+        "min_words": 8,
         "evaluation_sets": {},
         "evaluation_stamp": "",
         "seconds": 0,

@@ -34,9 +34,11 @@ class SourceConfig:
 @dataclass
 class DecontaminateConfig:
     # evaluation files (JSON, JSONL, CSV/TSV, text; local or URIs): a training document sharing a run
-    # of `ngram` words with any of their texts is dropped (cerbero_ray/data/decontaminate.py)
+    # of `ngram` words with any of their texts, or holding a text of `min_words` to `ngram - 1` words
+    # whole, is dropped (cerbero_ray/data/decontaminate.py)
     paths: List[str] = field(default_factory=list)
     ngram: int = 13
+    min_words: int = 8
 
 
 @dataclass
@@ -81,6 +83,11 @@ def check_data(c: DataStageConfig, before: frozenset = frozenset()) -> None:
     dc = d.decontaminate
     if not isinstance(dc.ngram, int) or dc.ngram < 5:  # shorter runs of words are common Italian, not a test item
         raise ValueError(f"data.decontaminate.ngram must be an integer >= 5, got {dc.ngram!r}")
+    if not isinstance(dc.min_words, int) or not 5 <= dc.min_words <= dc.ngram:
+        raise ValueError(
+            f"data.decontaminate.min_words must be an integer from 5 to data.decontaminate.ngram ({dc.ngram}), "
+            f"got {dc.min_words!r}"
+        )
     for i, path in enumerate(dc.paths):
         if not isinstance(path, str) or not path:
             raise ValueError(f"data.decontaminate.paths[{i}] must be a file path or URI, got {path!r}")

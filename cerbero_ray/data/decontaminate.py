@@ -9,22 +9,25 @@ normalization as ``data.dedup``: NFKC, lower case, words) with any text in them 
 (:class:`cerbero_ray.data.dedup.Fingerprints`), with or without deduplication.
 
 What counts as a text of an evaluation file: every string of a JSON file (SQuAD's contexts,
-questions and answers), every string of each line of a JSON Lines file, every line of anything
-else (CSV/TSV: a row, its id and labels included, which only add n-grams no document has). A
-text shorter than ``ngram`` words is not checked (lower ``ngram`` for short-text sets such as
-tweets: their n-grams then also match more ordinary Italian).
+questions and answers), every string of each line of a JSON Lines file, every cell of a CSV/TSV
+file (EVALITA's tweets; ids and labels are too short to count), every line of anything else. A
+text of ``data.decontaminate.min_words`` (8) to ``ngram - 1`` words is matched whole: a document
+holding all of it, in order, is contaminated too (most SQuAD-it questions and a third of EVALITA's
+tweets are shorter than 13 words). Shorter texts are not checked: their words are ordinary Italian.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 from collections.abc import Iterator
 
 import numpy as np
 
 from cerbero_ray import inputs, storage
-from cerbero_ray.data.dedup import grams, normalized, word_hashes
+from cerbero_ray.data.dedup import normalized, word_hashes, word_runs
 from cerbero_ray.data.formats import Document
 
 
@@ -58,6 +61,23 @@ def _strings(obj) -> Iterator[str]:
             yield from _strings(v)
 
 
+def _cells(data: str, suffix: str) -> Iterator[str] | None:
+    """Every cell of a CSV/TSV text (its delimiter sniffed for .csv: EVALITA's are ``;``), or None
+    when it does not read as one."""
+    if suffix == ".tsv":
+        dialect = csv.excel_tab
+    else:
+        try:
+            dialect = csv.Sniffer().sniff(data[:65536], delimiters=",;\t|")
+        except csv.Error:
+            dialect = csv.excel
+    try:
+        rows = list(csv.reader(io.StringIO(data, newline=""), dialect))
+    except csv.Error:  # a cell over the csv module's limit, a stray NUL: the file is read by lines
+        return None
+    return (cell for row in rows for cell in row)
+
+
 def eval_texts(path: str) -> Iterator[str]:
     """The texts of one evaluation file (local or a URI; compressed or not)."""
     fs, p = storage.resolve(path)
@@ -70,6 +90,9 @@ def eval_texts(path: str) -> Iterator[str]:
             return
         except (ValueError, RecursionError):
             pass  # JSON Lines under a .json name: line by line
+    if suffix in (".csv", ".tsv") and (cells := _cells(data, suffix)) is not None:
+        yield from cells
+        return
     for line in data.splitlines():
         if suffix in (".json", ".jsonl"):
             try:
@@ -80,10 +103,17 @@ def eval_texts(path: str) -> Iterator[str]:
         yield line
 
 
-def eval_grams(paths: list[str], ngram: int) -> list[np.ndarray]:
-    """Per evaluation file, the sorted hashes of its texts' word ``ngram``-grams."""
+def eval_grams(paths: list[str], ngram: int = 13, min_words: int = 8) -> list[dict[int, np.ndarray]]:
+    """Per evaluation file, the sorted hashes (:func:`cerbero_ray.data.dedup.word_runs`) of its texts'
+    runs of words by length: every run of ``ngram`` words of a text that long, and each text of
+    ``min_words`` to ``ngram - 1`` words whole."""
     out = []
     for path in paths:
-        parts = [grams(word_hashes(normalized(Document(text=t))), ngram) for t in eval_texts(path)]
-        out.append(np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64))
+        parts: dict[int, list[np.ndarray]] = {}
+        for t in eval_texts(path):
+            w = word_hashes(normalized(Document(text=t)))
+            n = ngram if len(w) >= ngram else len(w)
+            if n >= min_words:
+                parts.setdefault(n, []).append(word_runs(w, [n]))
+        out.append({n: np.unique(np.concatenate(g)) for n, g in sorted(parts.items())})
     return out

@@ -105,6 +105,21 @@ def grams(w: np.ndarray, n: int) -> np.ndarray:
         return _mix(out)
 
 
+def word_runs(w: np.ndarray, lengths) -> np.ndarray:
+    """The hash of every run of ``n`` words for each ``n`` of ``lengths`` (``w``: the words' hashes),
+    all in one array: the runs' polynomials (``grams`` before its mixing; for set membership the
+    words' own hashes are spread enough), built in one pass: a run's is that of its first ``n - 1``
+    words times ``_POLY`` plus its last word's hash."""
+    wanted, parts = set(lengths), []
+    acc = np.zeros(len(w), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for n in range(1, min(max(wanted, default=0), len(w)) + 1):
+            acc = acc[: len(w) - n + 1] * _POLY + w[n - 1 :]
+            if n in wanted:
+                parts.append(acc)
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+
+
 def _bands(w: np.ndarray) -> np.ndarray | None:
     if not len(w):
         return None
@@ -127,20 +142,38 @@ class Fingerprints:
     """Callable on a batch of raw rows (the data stage's ``source, path, line_no, kind, raw``):
     the fingerprint of every row that parses as a document (rows that do not are rejected by the
     packing pass, with their reason). ``sources``: the data config's typed sources; ``mode``:
-    ``data.dedup``; ``evals``: the word ``ngram``-grams of each evaluation set (sorted, from
-    :func:`cerbero_ray.data.decontaminate.eval_grams`), whose rows sharing one are marked
-    (``contaminated``: the set's index, -1 for none). A Ray Data actor: the sets come once."""
+    ``data.dedup``; ``evals``: per evaluation set, its runs of words by length ({words: sorted
+    hashes of :func:`word_runs`}, from :func:`cerbero_ray.data.decontaminate.eval_grams`), whose
+    rows holding one are marked (``contaminated``: the set's index, -1 for none). A Ray Data actor:
+    the sets come once."""
 
-    def __init__(self, sources: dict, mode: str, evals: list[np.ndarray] | None = None, ngram: int = 13):
+    def __init__(self, sources: dict, mode: str, evals: list[dict[int, np.ndarray]] | None = None):
         if mode not in MODES:
             raise ValueError(f"data.dedup must be one of {MODES}, got {mode!r}")
-        self.sources, self.near, self.evals, self.ngram = sources, mode == "near", evals or [], ngram
+        self.sources, self.near = sources, mode == "near"
+        self.lengths = sorted({n for e in evals or [] for n, g in e.items() if len(g)})
+        # each set's runs of every length in one sorted array, and a bitmap of all of them (a bit
+        # per low bits of a hash, ~16 bits per run): a document's runs are looked up in the sets
+        # only where the bitmap has them, a few in a thousand (a binary search of every run in
+        # a large array cost 4x the rest of the check)
+        self.evals = [np.unique(np.concatenate([np.zeros(0, np.uint64), *e.values()])) for e in evals or []]
+        every = np.concatenate([np.zeros(0, np.uint64), *self.evals])
+        self.bits = int(np.clip(np.ceil(np.log2(max(len(every), 1) * 16)), 16, 30))
+        self.bitmap = np.zeros(1 << (self.bits - 3), np.uint8)
+        slot = every & np.uint64((1 << self.bits) - 1)
+        np.bitwise_or.at(
+            self.bitmap, (slot >> np.uint64(3)).astype(np.int64), (1 << (slot & np.uint64(7))).astype(np.uint8)
+        )
 
     def _contaminated(self, w: np.ndarray) -> int:
-        g = grams(w, self.ngram)
-        for i, e in enumerate(self.evals):
-            if len(g) and len(e) and (e[np.minimum(np.searchsorted(e, g), len(e) - 1)] == g).any():
-                return i
+        runs = word_runs(w, self.lengths)
+        slot = runs & np.uint64((1 << self.bits) - 1)
+        hit = (self.bitmap[(slot >> np.uint64(3)).astype(np.int64)] >> (slot & np.uint64(7)).astype(np.uint8)) & 1
+        runs = runs[hit.astype(bool)]
+        if len(runs):
+            for i, e in enumerate(self.evals):
+                if (e[np.minimum(np.searchsorted(e, runs), len(e) - 1)] == runs).any():
+                    return i
         return -1
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -266,7 +299,8 @@ class DropList:
 
     def __init__(self, table: pa.Table | None):
         self.table, self.rows = table, {}
-        self.ngram = duplicates_meta(table).get("ngram") if table is not None else None
+        meta = duplicates_meta(table) if table is not None else {}
+        self.ngram, self.min_words = meta.get("ngram"), meta.get("min_words", meta.get("ngram"))
         if table is None or not table.num_rows:
             return
         col = table["path"].combine_chunks()
@@ -288,7 +322,12 @@ class DropList:
 
     def _detail(self, r: dict) -> str:
         if r["reason"] == "contaminated":
-            return f"shares a passage of {self.ngram} words with the evaluation set {r['of_path']}"
+            whole = (
+                f" (or one of its texts of {self.min_words} to {self.ngram - 1} words whole)"
+                if self.min_words and self.ngram and self.min_words < self.ngram
+                else ""
+            )
+            return f"shares a passage of {self.ngram} words{whole} with the evaluation set {r['of_path']}"
         same = "same text" if r["reason"] == "duplicate" else "nearly the same words"
         return f"{same} as {r['of_source']} {r['of_path']}:{r['of_line_no']} (kept)"
 

@@ -37,6 +37,8 @@ SUM_KEYS = (
 def config_hash(cfg: DataStageConfig) -> str:
     """Hash of what determines the shards: the data config (minus where it is written) and the tokenizer."""
     data = {k: v for k, v in asdict(cfg.data).items() if k not in ("output_dir", "overwrite", "workers")}
+    if not data["decontaminate"]["paths"]:  # off: its settings shape nothing
+        del data["decontaminate"]
     blob = json.dumps({"data": data, "tokenizer": asdict(cfg.tokenizer)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -122,8 +124,11 @@ def _dedup_lines(m: dict) -> list[str]:
         )
     if x.get("evaluation_sets"):
         sets = ", ".join(f"{os.path.basename(p)}: {n:,}" for p, n in x["evaluation_sets"].items())
-        n, words = x["contaminated"], x["ngram"]
-        lines.append(f" contaminated  {n:,} document(s) sharing {words} words with an evaluation set ({sets}) dropped")
+        n, words, whole = x["contaminated"], x["ngram"], x.get("min_words", x["ngram"])
+        also = f" or holding a text of {whole}+ words" if whole < words else ""
+        lines.append(
+            f" contaminated  {n:,} document(s) sharing {words} words{also} with an evaluation set ({sets}) dropped"
+        )
     return lines
 
 

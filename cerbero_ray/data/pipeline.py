@@ -167,10 +167,14 @@ def dedup_pass(out: str, d, plans, resumed: bool, workers: int, actor_cpus: floa
                 log.info(f"[data] dedup: the unfinished run's {DUPLICATES} reused")
                 return path, meta
     t0, dc = time.perf_counter(), d.decontaminate
-    evals = eval_grams(dc.paths, dc.ngram)
+    evals = eval_grams(dc.paths, dc.ngram, dc.min_words)
     for p, g in zip(dc.paths, evals):
-        log.info(f"[data] decontaminate: {len(g):,} distinct {dc.ngram}-word passages in {p}")
-    args = (d.sources, d.dedup, evals, dc.ngram)
+        whole = sum(len(h) for n, h in g.items() if n < dc.ngram)
+        log.info(
+            f"[data] decontaminate: {len(g.get(dc.ngram, ())):,} distinct {dc.ngram}-word passages and "
+            f"{whole:,} whole texts of {dc.min_words}-{dc.ngram - 1} words in {p}"
+        )
+    args = (d.sources, d.dedup, evals)
     if sum(p.bytes for p in plans) <= LOCAL_PASS_BYTES:
         batches = map(Fingerprints(*args), local_batches(plans))
     else:
@@ -206,6 +210,7 @@ def dedup_pass(out: str, d, plans, resumed: bool, workers: int, actor_cpus: floa
         "near_duplicates": reasons["near_duplicate"],
         "contaminated": reasons["contaminated"],
         "ngram": dc.ngram,
+        "min_words": dc.min_words,
         "evaluation_sets": {p: bad[p] for p in dc.paths},
         "seconds": round(time.perf_counter() - t0, 2),
     }
