@@ -23,6 +23,7 @@ MANIFEST = {
     "tokens": 33524,
     "loss_tokens": 26896,
     "loss_on": "assistant",
+    "dedup": {"mode": "exact", "documents": 109, "duplicates": 2, "near_duplicates": 0, "contaminated": 0},
 }
 
 
@@ -91,6 +92,27 @@ def test_the_card_s_metadata_reads_back_and_its_code_runs_on_its_folder(tmp_path
     assert "| method | full fine-tune, DeepSpeed ZeRO-1 |" in text
     assert "| data | 107 documents (`chat` (107)) packed into 67 rows of 512 tokens" in text
     assert "| training | 10.4100 | 7.2500 |" in text
+    # what the data stage checked: whether a benchmark figure of this model means something
+    assert "| deduplication | `exact`: 2 exact duplicate(s) of 109 documents dropped |" in text
+    assert "| decontamination | none: the data was not checked against any evaluation set |" in text
+    checked = {
+        "mode": "near",
+        "documents": 109,
+        "duplicates": 2,
+        "near_duplicates": 3,
+        "ngram": 13,
+        "min_words": 8,
+        "evaluation_sets": {"s3://b/evals/squad.json": 4, "/data/evalita/ironita.csv": 0},
+    }
+    text = card_text(c, summary(), {**MANIFEST, "dedup": checked}, prompt)
+    assert "| deduplication | `near`: 2 exact and 3 near duplicate(s) of 109 documents dropped |" in text
+    assert (
+        "| decontamination | checked against `squad.json` (4 dropped), `ironita.csv` (0 dropped): a document "
+        "sharing a 13-word passage or a whole text of 8+ words with one is dropped |" in text
+    )
+    text = card_text(c, summary(), {**MANIFEST, "dedup": {"mode": "none"}}, prompt)
+    assert "| deduplication | none (`data.dedup=none`) |" in text and "| decontamination | none:" in text
+    assert "| deduplication" not in card_text(c, summary(), {**MANIFEST, "dedup": None}, prompt)  # an older manifest
     assert f"| held-out ({c.train.eval_rows} rows never trained on) | 10.4000 | 7.3000 |" in text
     assert "License: not set" not in text
     assert 0 < _run_in(folder, _use(text)) <= 64  # loads the folder and answers

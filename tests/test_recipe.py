@@ -71,6 +71,7 @@ def test_data_and_training(run):
     assert card.data.language == ["it"] and card.data.library_name == "transformers" and card.data.license is None
     assert f"| steps | {ran['steps']} × 4 rows ({ran['steps'] * 4:,} rows = " in card.text  # train=tiny_cpu's batch
     assert f"| {ran['eval_losses'][0]:.4f} | {ran['eval_losses'][-1]:.4f} |" in card.text
+    assert "| deduplication | `exact`: 0 exact duplicate(s) of 107 documents dropped |" in card.text  # the manifest's
     assert "README.md" in json.load(open(hf / ".cerbero-complete"))["files"]
     # the checkpoint at the last step has its card too, the run's (tests/test_train.py: one before the end)
     last = sorted((out / "train" / "tiny-cpu").glob("checkpoint_step_*"))[-1]
