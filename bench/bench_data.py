@@ -28,6 +28,8 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _results import write_results  # noqa: E402 (bench/, the script's own folder)
+
 from cerbero_ray.chat import SYSTEM_LINE  # noqa: E402
 from cerbero_ray.tokenizer import build_tokenizer  # noqa: E402
 
@@ -250,9 +252,7 @@ def main() -> None:
         for k, v in res.items()
         if k.startswith("ours_novels")
     }
-    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-    path = os.path.join(REPO, "bench", "results", f"data-{res['date']}.json")
-    json.dump(res, open(path, "w"), indent=2)
+    path = write_results("data", res)
     print(json.dumps(res["ratios"], indent=2), f"\nwritten {path}")
 
 

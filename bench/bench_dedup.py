@@ -36,6 +36,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
+from _results import write_results  # noqa: E402 (bench/, the script's own folder)
+
 from cerbero_ray.config.data import SourceConfig  # noqa: E402
 from cerbero_ray.data.dedup import BANDS, FileIds, Fingerprints, find_duplicates  # noqa: E402
 
@@ -241,10 +243,7 @@ def main() -> None:
     }
     if not a.quick:
         res["stage"] = part3(a.work, a.stage_reps)
-    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-    path = os.path.join(REPO, "bench", "results", f"dedup-{res['date']}.json")
-    json.dump(res, open(path, "w"), indent=2)
-    print(f"written {path}")
+    print(f"written {write_results('dedup', res)}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _results import write_results  # noqa: E402 (bench/, the script's own folder)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -116,9 +118,7 @@ def main():
     res["generate_per_row_rows_per_s"] = round(1 / t_row, 1)
     res["ratio_vs_per_row"] = round(t_row * a.rows / t_score, 2)
     print(json.dumps(res, indent=1))
-    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-    with open(os.path.join(REPO, "bench", "results", f"label-{res['date']}.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_results("label", res)
 
 
 if __name__ == "__main__":

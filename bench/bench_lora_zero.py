@@ -27,6 +27,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _results import write_results  # noqa: E402 (bench/, the script's own folder)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -147,9 +149,7 @@ def main():
         "same_loss": len({round(r["final_loss"], 4) for r in runs}) == 1,
     }
     print(json.dumps(res, indent=1))
-    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-    with open(os.path.join(REPO, "bench", "results", f"lora-zero-{res['date']}.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_results("lora-zero", res)
 
 
 if __name__ == "__main__":

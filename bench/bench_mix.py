@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from _results import write_results  # noqa: E402 (bench/, the script's own folder)
+
 from cerbero_ray.train.plan import plan_epoch, step_rows  # noqa: E402
 
 SHARED = os.path.join(REPO, "..", "shared", "data")
@@ -156,10 +158,7 @@ def main() -> None:
     for name, r in rows:
         label = f"{name} (shard order)" if name == "0" else name
         print(f"{label:>22} {r['steps']:>6} {r['mean_tvd']:>9.4f} {r['p95_tvd']:>7.4f} {r['max_tvd']:>7.4f}")
-    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-    path = os.path.join(REPO, "bench", "results", f"mix-{result['date']}.json")
-    json.dump(result, open(path, "w"), indent=2)
-    print(f"written {path}")
+    print(f"written {write_results('mix', result)}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _results import write_results  # noqa: E402 (bench/, the script's own folder)
 
 
 def settings():
@@ -85,10 +86,7 @@ def main() -> None:
         "every_run": {k: [round(x) for x in v] for k, v in runs.items()},
     }
     print(json.dumps(res, indent=1))
-    out_dir = os.path.join(os.path.dirname(__file__), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"sampling-{res['date']}.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_results("sampling", res)
 
 
 if __name__ == "__main__":

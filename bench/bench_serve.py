@@ -28,6 +28,8 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _results import write_results  # noqa: E402 (bench/, the script's own folder)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [
     "Ciao! Come stai?",
@@ -136,9 +138,7 @@ def main():
         res[f"ratio_{name}"] = round(res[name]["requests_per_s"] / res["per_request"]["requests_per_s"], 2)
     shutdown_ray()
     print(json.dumps(res, indent=1))
-    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-    with open(os.path.join(REPO, "bench", "results", f"serve-{res['date']}.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_results("serve", res)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _results import RESULTS, write_results  # noqa: E402 (bench/, the script's own folder)
 
 SCALARS = [  # what the loop's Writer.scalars sends at each step
     "train/loss",
@@ -78,7 +79,7 @@ def main():
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--kinds", default="none,mlflow,wandb")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--out", default=RESULTS)
     p.add_argument("--cpu-smoke", action="store_true", help="20 steps, one repetition: checks the script runs")
     a = p.parse_args()
     if a.cpu_smoke:
@@ -104,9 +105,7 @@ def main():
     }
     print(json.dumps(res, indent=1))
     if not a.cpu_smoke:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, f"tracker-{res['date']}.json"), "w") as f:
-            json.dump(res, f, indent=1)
+        write_results("tracker", res, a.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _results import write_results  # noqa: E402 (bench/, the script's own folder)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -159,9 +161,7 @@ def main():
     for k in ("local", "ray_1worker", "ray"):
         res[f"{k}_vs_plain"] = round(res[f"{k}_tokens_per_s"] / res["plain_tokens_per_s"], 3)
     print(json.dumps(res, indent=1))
-    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-    with open(os.path.join(REPO, "bench", "results", f"train-{res['date']}.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_results("train", res)
 
 
 if __name__ == "__main__":
