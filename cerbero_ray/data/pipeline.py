@@ -170,10 +170,8 @@ def dedup_pass(out: str, d, plans, resumed: bool, workers: int, actor_cpus: floa
     evals = eval_grams(dc.paths, dc.ngram, dc.min_words)
     for p, g in zip(dc.paths, evals):
         whole = sum(len(h) for n, h in g.items() if n < dc.ngram)
-        log.info(
-            f"[data] decontaminate: {len(g.get(dc.ngram, ())):,} distinct {dc.ngram}-word passages and "
-            f"{whole:,} whole texts of {dc.min_words}-{dc.ngram - 1} words in {p}"
-        )
+        short = f" and {whole:,} whole texts of {dc.min_words}-{dc.ngram - 1} words" if dc.min_words < dc.ngram else ""
+        log.info(f"[data] decontaminate: {len(g.get(dc.ngram, ())):,} distinct {dc.ngram}-word passages{short} in {p}")
     args = (d.sources, d.dedup, evals)
     if sum(p.bytes for p in plans) <= LOCAL_PASS_BYTES:
         batches = map(Fingerprints(*args), local_batches(plans))
