@@ -186,19 +186,26 @@ def _mlflow_run(rec: dict, old: dict | None, params: dict, tags: dict) -> str:
     return run.info.run_id
 
 
-def training_run_of(checkpoint: str) -> tuple[str, dict, int] | None:
-    """The training run folder that wrote ``checkpoint`` (``<run>/hf``, ``<run>/adapter``, or one
-    in ``<run>/checkpoint_step_N/``), when that run was tracked: (its folder, its tracker record,
-    the checkpoint's step); else None."""
+def run_folder_of(checkpoint: str) -> tuple[str, int | None] | None:
+    """The training run folder that wrote ``checkpoint`` by its place (``<run>/hf``,
+    ``<run>/adapter``, or one in ``<run>/checkpoint_step_N/``) and the checkpoint's step (None: the
+    run's final model); None for any other path."""
     path = checkpoint.rstrip("/")
     parent, base = path.rsplit("/", 1) if "/" in path else ("", path)
     if base not in ("hf", "adapter") or not parent:
         return None
-    run, step = parent, None
     up, last = parent.rsplit("/", 1) if "/" in parent else ("", parent)
     found = re.fullmatch(r"checkpoint_step_(\d+)", last)
-    if found and up:
-        run, step = up, int(found.group(1))
+    return (up, int(found.group(1))) if found and up else (parent, None)
+
+
+def training_run_of(checkpoint: str) -> tuple[str, dict, int] | None:
+    """The training run folder that wrote ``checkpoint`` (:func:`run_folder_of`), when that run was
+    tracked: (its folder, its tracker record, the checkpoint's step); else None."""
+    where = run_folder_of(checkpoint)
+    if where is None:
+        return None
+    run, step = where
     try:
         rec = read_record(run)
         if rec is None:

@@ -622,3 +622,39 @@ def test_an_endpoint_that_cannot_be_asked_stops_in_one_line(endpoint):
         )
         with pytest.raises(EndpointError, match=says):
             run.run([_chat_row()])
+
+
+def test_results_md_says_which_test_sets_each_trained_model_s_data_was_checked_against(tmp_path):
+    """A model trained by cerbero-ray: its run's summary.json records the data stage's dedup block,
+    found from the checkpoint's place (hf/, adapter/, a checkpoint's); results.md says per task
+    whether the data was checked against a file of that name (a bucket's .gz too), and what it cost."""
+    from cerbero_ray import storage
+    from cerbero_ray.evaluate.pipeline import training_data_of
+    from cerbero_ray.evaluate.report import contamination_table
+
+    run = tmp_path / "train" / "demo"
+    dedup = {"mode": "exact", "evaluation_sets": {"s3://b/evals/squad.json.gz": 3}, "ngram": 13, "min_words": 8}
+    storage.write_json(str(run / "summary.json"), {"steps": 8, "data": {"dir": "/d", "dedup": dedup}})
+    for folder in (run / "hf", run / "adapter", run / "checkpoint_step_0000004" / "hf"):
+        assert training_data_of(str(folder)) == {"dir": "/d", "dedup": dedup}
+    assert training_data_of(str(tmp_path / "base-model")) is None  # not one of ours
+    assert training_data_of(str(tmp_path / "other" / "hf")) is None  # no summary there
+    ec = EvaluateConfig(
+        output_dir=str(tmp_path),
+        tasks={
+            "squad_it": EvalTaskConfig(kind="squad", path="/data/squad_it/squad.json"),
+            "ironita": EvalTaskConfig(kind="ironita", path="/data/evalita/ironita.csv"),
+        },
+    )
+    results = {
+        "tasks": {"squad_it": {}, "ironita": {}},
+        "training_data": {"trained": {"dedup": dedup}, "old": {"dedup": None}},
+    }
+    table = contamination_table(results, ec)
+    assert table[:4] == [
+        "| Model | squad_it | ironita |",
+        "|---|---|---|",
+        "| trained | checked (3 dropped) | not checked |",
+        "| old | not checked | not checked |",
+    ]
+    assert contamination_table({**results, "training_data": {}}, ec) == []  # no model of ours: no section

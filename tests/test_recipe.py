@@ -98,6 +98,9 @@ def test_labels_exports_and_evaluation(run):
     assert re.search(rf"\| untrained \| generate \| {interval} \|", md)
     assert re.search(rf"\| trained \| benchita \(v2, first gold\) \| {interval} \|", md)
     assert "| mistral-7b (published) | published |" in md and "trained - untrained" in md
+    # the trained model's run records what its data was checked against (nothing, here): results.md says so
+    assert "## Training data and these test sets" in md and "| trained | not checked |" in md
+    assert "| untrained |" not in md.split("## Training data and these test sets")[1].split("##")[0]
     results = json.load(open(out / "evaluate" / "results.json"))
     models = {"untrained", "trained"} | ({"trained-Q4_K_M"} if quantize.available() else set())
     assert set(results["results"]) == models and results["tasks"]["squad_it"]["rows"] == 24

@@ -328,6 +328,22 @@ def _present(ec: EvaluateConfig, name: str, path: str) -> bool:
     raise ValueError(f"evaluate.checkpoints.{name}: no such GGUF file: {path}")
 
 
+def training_data_of(checkpoint: str) -> dict | None:
+    """What the training run that wrote ``checkpoint`` (one of ours: ``<run>/hf``, ``<run>/adapter``,
+    a checkpoint's) says of its data (``summary.json``'s ``data``: the data stage's dedup block,
+    which evaluation files it was checked against); None when there is no such record."""
+    from cerbero_ray.tracking import run_folder_of
+
+    where = run_folder_of(checkpoint)
+    if where is None:
+        return None
+    try:
+        data = storage.read_json(storage.join(where[0], "summary.json")).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def run_evaluate(cfg: DictConfig | dict | EvaluateStageConfig) -> dict:
     """Evaluate every model on every task on an initialised Ray; returns ``results.json``'s content."""
     c = check("evaluate", cfg)
@@ -378,6 +394,7 @@ def run_evaluate(cfg: DictConfig | dict | EvaluateStageConfig) -> dict:
         "results": {m: {t: r["units"] for t, r in res.items()} for m, res in per_model.items()},
         "over_prompts": {m: {t: r["protocols"] for t, r in res.items()} for m, res in per_model.items()},
         "model_kinds": {m: model_kind(ec.checkpoints[m]) for m in per_model},
+        "training_data": {m: d for m in per_model if (d := training_data_of(ec.checkpoints[m])) is not None},
         "paired": paired(ec, prepared, per_model),
     }
     storage.write_json(storage.join(ec.output_dir, "results.json"), results)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import tempfile
 
 from cerbero_ray import storage
 from cerbero_ray.config.evaluate import EvaluateConfig
 from cerbero_ray.evaluate.evalita import SEED_NAMES
+from cerbero_ray.inputs import COMPRESSION_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +257,43 @@ def setting_notes(results: dict, ec: EvaluateConfig) -> list[str]:
     return out
 
 
+def _file_name(path: str) -> str:
+    """A file's name without its compression suffix: ``squad.json`` for ``s3://b/x/squad.json.gz``."""
+    name = posixpath.basename(path.rstrip("/"))
+    stem, ext = posixpath.splitext(name)
+    return stem if ext.lower() in COMPRESSION_SUFFIXES else name
+
+
+def contamination_table(results: dict, ec: EvaluateConfig) -> list[str]:
+    """Per model trained by cerbero-ray (its run's ``summary.json`` says what its data was checked
+    against: ``data.decontaminate.paths``), per task: whether a file of the task file's name was
+    among them, and how many training documents it cost. A figure of a model whose data was not
+    checked may count test items it memorised."""
+    records = results.get("training_data") or {}
+    if not records:
+        return []
+    tasks = list(results["tasks"])
+    rows = ["| Model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for model, data in records.items():
+        sets = (data.get("dedup") or {}).get("evaluation_sets") or {}
+        by_name = {_file_name(p): n for p, n in sets.items()}
+        cells = []
+        for t in tasks:
+            name = _file_name(ec.tasks[t].path) if t in ec.tasks else None
+            n = by_name.get(name)
+            cells.append("not checked" if n is None else f"checked ({n:,} dropped)")
+        rows.append(f"| {model} | " + " | ".join(cells) + " |")
+    return [
+        *rows,
+        "",
+        "A model's training data checked against a file of the task file's name (the data stage's "
+        "`data.decontaminate.paths`): its documents sharing a passage with the test set (`data.decontaminate.ngram` "
+        'words, 13 by default), or holding one of its short texts whole, were dropped before training. "not '
+        'checked": the figure may count test items the model memorised. Models without a cerbero-ray training '
+        "record (a base model, a GGUF file) are not listed.",
+    ]
+
+
 def markdown(results: dict, ec: EvaluateConfig) -> str:
     published = ec.published
     out = ["# Evaluation", ""]
@@ -269,6 +308,7 @@ def markdown(results: dict, ec: EvaluateConfig) -> str:
         if len(ev) > 2:
             out += [f"## EVALITA ({title}, %; first prompt wording, 95% bootstrap interval)", "", *ev, ""]
     for title, table in (
+        ("Training data and these test sets", contamination_table(results, ec)),
         ("Answers not read as a label, and prompts cut to fit", counts_table(results)),
         ("Prompt sensitivity (over the shipped wordings)", prompts_table(results)),
         ("Shot draws (first wording: each draw's shots and figure)", draws_table(results)),

@@ -203,6 +203,9 @@ class _Run:
             n = sum(p.numel() for p in self.lm.parameters())
             out.update(trainable_params=n, total_params=n, trainable_share=1.0)
         out["peak_memory_bytes"] = peak_memory(self.device)
+        # what the data stage checked the data against (an evaluation reads it: cerbero_ray/evaluate/report.py)
+        manifest = self.card_inputs[0] or {}
+        out["data"] = {"dir": self.t.data_dir, "dedup": manifest.get("dedup")}
         return out
 
     @functools.cached_property
