@@ -66,6 +66,7 @@ def test_mixed_formats_and_bad_rows(ray_local, tmp_path):
         "ngram": 13,
         "min_words": 8,
         "evaluation_sets": {},
+        "evaluation_sha256": {},
         "evaluation_stamp": "",
         "seconds": 0,
     }

@@ -627,13 +627,18 @@ def test_an_endpoint_that_cannot_be_asked_stops_in_one_line(endpoint):
 def test_results_md_says_which_test_sets_each_trained_model_s_data_was_checked_against(tmp_path):
     """A model trained by cerbero-ray: its run's summary.json records the data stage's dedup block,
     found from the checkpoint's place (hf/, adapter/, a checkpoint's); results.md says per task
-    whether the data was checked against a file of that name (a bucket's .gz too), and what it cost."""
+    whether the data was checked against that very file (its bytes' hash, as the evaluation's own),
+    a file of its name with other bytes (a bucket's .gz), and what it cost."""
     from cerbero_ray import storage
     from cerbero_ray.evaluate.pipeline import training_data_of
     from cerbero_ray.evaluate.report import contamination_table
 
+    squad = tmp_path / "data" / "squad.json"
+    storage.write_bytes(str(squad), b'{"data": []}')
+    mine = storage.file_hash(str(squad))
     run = tmp_path / "train" / "demo"
-    dedup = {"mode": "exact", "evaluation_sets": {"s3://b/evals/squad.json.gz": 3}, "ngram": 13, "min_words": 8}
+    dedup = {"mode": "exact", "evaluation_sets": {"/elsewhere/squad.json": 3}, "ngram": 13, "min_words": 8}
+    dedup["evaluation_sha256"] = {"/elsewhere/squad.json": mine}  # moved since: the same bytes
     storage.write_json(str(run / "summary.json"), {"steps": 8, "data": {"dir": "/d", "dedup": dedup}})
     for folder in (run / "hf", run / "adapter", run / "checkpoint_step_0000004" / "hf"):
         assert training_data_of(str(folder)) == {"dir": "/d", "dedup": dedup}
@@ -642,19 +647,32 @@ def test_results_md_says_which_test_sets_each_trained_model_s_data_was_checked_a
     ec = EvaluateConfig(
         output_dir=str(tmp_path),
         tasks={
-            "squad_it": EvalTaskConfig(kind="squad", path="/data/squad_it/squad.json"),
+            "squad_it": EvalTaskConfig(kind="squad", path=str(squad)),
             "ironita": EvalTaskConfig(kind="ironita", path="/data/evalita/ironita.csv"),
         },
     )
+    gz = {
+        "mode": "exact",
+        "evaluation_sets": {"s3://b/squad.json.gz": 5},
+        "evaluation_sha256": {"s3://b/squad.json.gz": "0" * 16},
+    }
+    older = {"mode": "exact", "evaluation_sets": {"/x/squad.json": 2}}  # a record from before the hashes
     results = {
-        "tasks": {"squad_it": {}, "ironita": {}},
-        "training_data": {"trained": {"dedup": dedup}, "old": {"dedup": None}},
+        "tasks": {"squad_it": {"file_sha256": mine}, "ironita": {"file_sha256": "1" * 16}},
+        "training_data": {
+            "trained": {"dedup": dedup},
+            "gz": {"dedup": gz},
+            "older": {"dedup": older},
+            "none": {"dedup": None},
+        },
     }
     table = contamination_table(results, ec)
-    assert table[:4] == [
+    assert table[:6] == [
         "| Model | squad_it | ironita |",
         "|---|---|---|",
         "| trained | checked (3 dropped) | not checked |",
-        "| old | not checked | not checked |",
+        "| gz | another squad.json checked (5 dropped) | not checked |",
+        "| older | checked, by name (2 dropped) | not checked |",
+        "| none | not checked | not checked |",
     ]
     assert contamination_table({**results, "training_data": {}}, ec) == []  # no model of ours: no section

@@ -210,6 +210,7 @@ def dedup_pass(out: str, d, plans, resumed: bool, workers: int, actor_cpus: floa
         "ngram": dc.ngram,
         "min_words": dc.min_words,
         "evaluation_sets": {p: bad[p] for p in dc.paths},
+        "evaluation_sha256": {p: storage.file_hash(p) for p in dc.paths},  # the evaluate stage's file identity
         "seconds": round(time.perf_counter() - t0, 2),
     }
     write_duplicates(table, path, **meta)

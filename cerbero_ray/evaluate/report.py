@@ -275,22 +275,32 @@ def contamination_table(results: dict, ec: EvaluateConfig) -> list[str]:
     tasks = list(results["tasks"])
     rows = ["| Model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for model, data in records.items():
-        sets = (data.get("dedup") or {}).get("evaluation_sets") or {}
-        by_name = {_file_name(p): n for p, n in sets.items()}
+        dedup = data.get("dedup") or {}
+        sets, hashes = dedup.get("evaluation_sets") or {}, dedup.get("evaluation_sha256") or {}
+        by_hash = {hashes[p]: n for p, n in sets.items() if p in hashes}
+        by_name = {_file_name(p): (n, hashes.get(p)) for p, n in sets.items()}
         cells = []
         for t in tasks:
-            name = _file_name(ec.tasks[t].path) if t in ec.tasks else None
-            n = by_name.get(name)
-            cells.append("not checked" if n is None else f"checked ({n:,} dropped)")
+            mine = results["tasks"][t].get("file_sha256")
+            named = by_name.get(_file_name(ec.tasks[t].path)) if t in ec.tasks else None
+            if mine and mine in by_hash:
+                cells.append(f"checked ({by_hash[mine]:,} dropped)")
+            elif named is None:
+                cells.append("not checked")
+            elif named[1] and mine:  # the same name, other bytes: another version of the set
+                cells.append(f"another {_file_name(ec.tasks[t].path)} checked ({named[0]:,} dropped)")
+            else:  # a record without hashes: by name
+                cells.append(f"checked, by name ({named[0]:,} dropped)")
         rows.append(f"| {model} | " + " | ".join(cells) + " |")
     return [
         *rows,
         "",
-        "A model's training data checked against a file of the task file's name (the data stage's "
-        "`data.decontaminate.paths`): its documents sharing a passage with the test set (`data.decontaminate.ngram` "
-        'words, 13 by default), or holding one of its short texts whole, were dropped before training. "not '
-        'checked": the figure may count test items the model memorised. Models without a cerbero-ray training '
-        "record (a base model, a GGUF file) are not listed.",
+        '"checked": the model\'s training data was checked against this very file (the same bytes: the data '
+        "stage's `data.decontaminate.paths`); its documents sharing a passage with the test set "
+        "(`data.decontaminate.ngram` words, 13 by default), or holding one of its short texts whole, were dropped "
+        'before training. "another … checked": a file of that name with other bytes (another version, or '
+        'compressed). "not checked": the figure may count test items the model memorised. Models without a '
+        "cerbero-ray training record (a base model, a GGUF file) are not listed.",
     ]
 
 

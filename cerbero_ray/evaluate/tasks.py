@@ -73,15 +73,6 @@ class Prepared:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def file_hash(path: str) -> str:
-    fs, p = storage.resolve(path)
-    h = hashlib.sha256()
-    with fs.open_input_stream(p) as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def wordings(tc: EvalTaskConfig, kind: str) -> list[int]:
     """The prompt wordings a task runs (``prompts``: their indices; null: every shipped one)."""
     shipped = len(prompts.PROMPTS["squad" if kind == "squad" else kind])
@@ -109,7 +100,7 @@ def _squad(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
             reqs = [{"id": r["id"], "messages": prompts.benchita_squad_messages(r, shots[r["id"]])} for r in scored]
             units.append(Unit("benchita", 0, reqs, prompts.BENCHITA_MAX_NEW_TOKENS["squad"], False))
     out = [{"id": r["id"], "gold": r["answers"], "context": r["context"], "question": r["question"]} for r in scored]
-    return Prepared(name, "squad", out, rejects, units, pool_rows=len(rows), file_sha256=file_hash(tc.path))
+    return Prepared(name, "squad", out, rejects, units, pool_rows=len(rows), file_sha256=storage.file_hash(tc.path))
 
 
 def _evalita(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
@@ -136,7 +127,7 @@ def _evalita(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
             units.append(Unit("benchita", 0, reqs, prompts.BENCHITA_MAX_NEW_TOKENS["evalita"], False))
     out = [{"id": r["id"], "gold": r["gold"], "text": r["text"]} for r in scored]
     ids = [] if per_row else [[s["id"] for s in shots] for shots in shot_sets]
-    return Prepared(name, tc.kind, out, rejects, units, ids, len(pool), file_hash(tc.path))
+    return Prepared(name, tc.kind, out, rejects, units, ids, len(pool), storage.file_hash(tc.path))
 
 
 def _evalita_unit(spec, protocol, p, d, shots, scored, own, max_new_tokens) -> Unit:
