@@ -124,7 +124,10 @@ def _try(url, body, timeout=120):
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read()), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()}
+        try:
+            return e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()}
+        except http.client.IncompleteRead:  # the connection closed mid-answer: as the port closes
+            return "IncompleteRead", None, {}
     except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
         return type(reason).__name__, None, {}
@@ -220,7 +223,8 @@ def test_stalled_uploads_hold_no_slot_and_sigterm_keeps_every_accepted_request(t
         assert all(r[0] != 200 for at, r in late if at > first_503 + 0.5), [(round(at, 2), r[0]) for at, r in late]
         # the port closed: refused; reset when the connection reached the kernel's backlog as the
         # listener closed; or closed unanswered when uvicorn's shutdown found it open with no request
-        # read yet (it closes such a connection, as every HTTP server does with an idle keep-alive one).
+        # read yet (it closes such a connection, as every HTTP server does with an idle keep-alive one);
+        # or a drain 503's body cut as the proxy stopped (its status line came: seen once in CI).
         # None is an accepted request (those are all answered above): they come at the end, after
         # every answer (within 1 s: a probe's thread may start its request a little late)
         gone = [at for at, r in late if not isinstance(r[0], int)]
@@ -228,6 +232,7 @@ def test_stalled_uploads_hold_no_slot_and_sigterm_keeps_every_accepted_request(t
             "ConnectionRefusedError",
             "ConnectionResetError",
             "RemoteDisconnected",
+            "IncompleteRead",
         } and (gone or len(late) >= 600), [(round(at, 2), r[0]) for at, r in late]
         answered = [at for at, r in late if isinstance(r[0], int)]
         assert not gone or max(answered) < min(gone) + 1.0, [(round(at, 2), r[0]) for at, r in late]
