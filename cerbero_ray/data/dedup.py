@@ -93,21 +93,9 @@ def word_hashes(text: str) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, np.uint64)
 
 
-def grams(w: np.ndarray, n: int) -> np.ndarray:
-    """The well-spread uint64 hash of every run of ``n`` words (``w``: their hashes); none when
-    there are fewer than ``n`` words."""
-    if len(w) < n:
-        return np.zeros(0, np.uint64)
-    with np.errstate(over="ignore"):
-        out = np.zeros(len(w) - n + 1, dtype=np.uint64)
-        for k in range(n):
-            out = out * _POLY + w[k : len(w) - n + 1 + k]
-        return _mix(out)
-
-
 def word_runs(w: np.ndarray, lengths) -> np.ndarray:
     """The hash of every run of ``n`` words for each ``n`` of ``lengths`` (``w``: the words' hashes),
-    all in one array: the runs' polynomials (``grams`` before its mixing; for set membership the
+    all in one array: the runs' polynomials (:func:`grams` mixes them; for set membership the
     words' own hashes are spread enough), built in one pass: a run's is that of its first ``n - 1``
     words times ``_POLY`` plus its last word's hash."""
     wanted, parts = set(lengths), []
@@ -118,6 +106,12 @@ def word_runs(w: np.ndarray, lengths) -> np.ndarray:
             if n in wanted:
                 parts.append(acc)
     return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+
+
+def grams(w: np.ndarray, n: int) -> np.ndarray:
+    """The well-spread uint64 hash of every run of ``n`` words (``w``: their hashes); none when
+    there are fewer than ``n`` words."""
+    return _mix(word_runs(w, [n]))
 
 
 def _bands(w: np.ndarray) -> np.ndarray | None:
