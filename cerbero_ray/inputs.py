@@ -18,6 +18,7 @@ from __future__ import annotations
 import bz2
 import codecs
 import fnmatch
+import hashlib
 import posixpath
 import zlib
 
@@ -141,6 +142,26 @@ def open_stream(path: str):
     """A file's bytes as a stream, decompressed when its first bytes say it is compressed."""
     fs, p = storage.resolve(path)
     return decompressed(fs.open_input_file(p))
+
+
+def read_bytes(path: str) -> bytes:
+    """A whole file's bytes (a small one: an evaluation set), decompressed when its first bytes say
+    it is compressed."""
+    fs, p = storage.resolve(path)
+    with storage.naming(path, "reading"), fs.open_input_file(p) as f:
+        return decompressed(f).read()
+
+
+def digest(data: bytes) -> str:
+    """The first 16 hex digits of the SHA-256 of a file's contents (as :func:`read_bytes` gives them):
+    the evaluate stage's identity of a task's file and the data stage's record of the evaluation
+    files it checked the data against, compared in results.md. A file and a gzip of it are one."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def file_hash(path: str) -> str:
+    """:func:`digest` of the file at ``path`` (local or a URI)."""
+    return digest(read_bytes(path))
 
 
 def decompressed(f):

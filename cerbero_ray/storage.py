@@ -165,18 +165,6 @@ def upload_file(local: str, path: str) -> str:
     return path
 
 
-def file_hash(path: str) -> str:
-    """The first 16 hex digits of the SHA-256 of a file's bytes as stored (local or a URI): the
-    evaluate stage's identity of a task's file, and the data stage's record of the evaluation files
-    it checked the data against (the two are compared in results.md)."""
-    fs, p = resolve(path)
-    h = hashlib.sha256()
-    with naming(path, "reading"), fs.open_input_stream(p) as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def write_json(path: str, obj, indent: int | None = 1) -> str:
     """``obj`` as JSON at ``path`` (a local path or URI), parent folders created; returns ``path``."""
     return write_bytes(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str).encode())

@@ -36,6 +36,7 @@ import time
 import uuid
 
 from cerbero_ray import storage
+from cerbero_ray.train.metrics import SUMMARY
 
 log = logging.getLogger(__name__)
 RECORD = "tracker.json"
@@ -211,11 +212,25 @@ def training_run_of(checkpoint: str) -> tuple[str, dict, int] | None:
         if rec is None:
             return None
         if step is None:  # the run's final model: its summary's step count
-            summary = storage.join(run, "summary.json")
+            summary = storage.join(run, SUMMARY)
             step = int(storage.read_json(summary)["steps"]) if storage.is_file(summary) else 0
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return run, rec, step
+
+
+def training_data_of(checkpoint: str) -> dict | None:
+    """What the training run that wrote ``checkpoint`` (:func:`run_folder_of`) says of its data: its
+    summary's ``data`` (the data stage's dedup block: which evaluation files it was checked against);
+    None when there is no such record."""
+    where = run_folder_of(checkpoint)
+    if where is None:
+        return None
+    try:
+        data = storage.read_json(storage.join(where[0], SUMMARY)).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def metric_name(name: str) -> str:

@@ -330,7 +330,7 @@ def test_the_stage_drops_documents_quoting_an_evaluation_set(ray_local, tmp_path
     assert m["dedup"]["evaluation_sets"] == {str(squad): 2} and m["dedup"]["mode"] == "none"
     assert (m["dedup"]["ngram"], m["dedup"]["min_words"]) == (13, 8)
     # the file's identity as the evaluate stage computes it (results.md matches the two)
-    from cerbero_ray.storage import file_hash
+    from cerbero_ray.inputs import file_hash
 
     assert m["dedup"]["evaluation_sha256"] == {str(squad): file_hash(SQUAD)}
     rejects = [json.loads(x) for f in m["rejects_files"] for x in open(f)]

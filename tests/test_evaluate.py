@@ -627,15 +627,20 @@ def test_an_endpoint_that_cannot_be_asked_stops_in_one_line(endpoint):
 def test_results_md_says_which_test_sets_each_trained_model_s_data_was_checked_against(tmp_path):
     """A model trained by cerbero-ray: its run's summary.json records the data stage's dedup block,
     found from the checkpoint's place (hf/, adapter/, a checkpoint's); results.md says per task
-    whether the data was checked against that very file (its bytes' hash, as the evaluation's own),
-    a file of its name with other bytes (a bucket's .gz), and what it cost."""
-    from cerbero_ray import storage
-    from cerbero_ray.evaluate.pipeline import training_data_of
+    whether the data was checked against that very file (its contents' hash, as the evaluation's own:
+    a gzip of it is the same file), a file of its name with other contents, and what it cost."""
+    import gzip
+
+    from cerbero_ray import inputs, storage
     from cerbero_ray.evaluate.report import contamination_table
+    from cerbero_ray.tracking import training_data_of
 
     squad = tmp_path / "data" / "squad.json"
     storage.write_bytes(str(squad), b'{"data": []}')
-    mine = storage.file_hash(str(squad))
+    mine = inputs.file_hash(str(squad))
+    gzipped = storage.write_bytes(str(tmp_path / "data" / "squad.json.gz"), gzip.compress(b'{"data": []}'))
+    other = storage.write_bytes(str(tmp_path / "v2" / "squad.json"), b'{"data": [] }')
+    assert inputs.file_hash(gzipped) == mine != inputs.file_hash(other)
     run = tmp_path / "train" / "demo"
     dedup = {"mode": "exact", "evaluation_sets": {"/elsewhere/squad.json": 3}, "ngram": 13, "min_words": 8}
     dedup["evaluation_sha256"] = {"/elsewhere/squad.json": mine}  # moved since: the same bytes
@@ -651,7 +656,7 @@ def test_results_md_says_which_test_sets_each_trained_model_s_data_was_checked_a
             "ironita": EvalTaskConfig(kind="ironita", path="/data/evalita/ironita.csv"),
         },
     )
-    gz = {
+    gz = {  # another version of the set, in a bucket, compressed
         "mode": "exact",
         "evaluation_sets": {"s3://b/squad.json.gz": 5},
         "evaluation_sha256": {"s3://b/squad.json.gz": "0" * 16},

@@ -243,13 +243,17 @@ def test_an_evaluation_set_in_the_bucket_decontaminates_as_the_local_file(bucket
     the local file."""
     import gzip
 
-    from cerbero_ray.data.decontaminate import eval_grams
+    from cerbero_ray import inputs
+    from cerbero_ray.data.decontaminate import eval_sets
     from conftest import SHARED_DATA
 
     local = os.path.join(SHARED_DATA, "squad_it", "SQuAD_it-test.sample_1k.json")
     key = storage.write_bytes(f"{bucket}/evals/squad.json.gz", gzip.compress(open(local, "rb").read()))
-    (here,), (there,) = eval_grams([local], 13), eval_grams([key], 13)
+    (mine,), (theirs,) = eval_sets([local], 13), eval_sets([key], 13)
+    here, there = mine.runs, theirs.runs
     assert len(here[13]) > 10_000 and here.keys() == there.keys() and all((here[n] == there[n]).all() for n in here)
+    # each file's identity, from the one read: its contents' (the JSON inside the .gz: the same set)
+    assert mine.sha256 == theirs.sha256 == inputs.file_hash(key) == inputs.file_hash(local)
     # a URI is not looked up at config time: the run names one that is not there, or a folder, first
     from cerbero_ray.data.decontaminate import eval_stamp
 

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -78,11 +79,8 @@ def _cells(data: str, suffix: str) -> Iterator[str] | None:
     return (cell for row in rows for cell in row)
 
 
-def eval_texts(path: str) -> Iterator[str]:
-    """The texts of one evaluation file (local or a URI; compressed or not)."""
-    fs, p = storage.resolve(path)
-    with storage.naming(path, "reading"), fs.open_input_file(p) as f:
-        data = inputs.to_utf8(inputs.decompressed(f).read()).decode("utf-8", "replace")
+def _texts(raw: bytes, path: str) -> Iterator[str]:
+    data = inputs.to_utf8(raw).decode("utf-8", "replace")
     suffix = inputs.format_suffix(path)
     if suffix == ".json":
         try:
@@ -103,17 +101,40 @@ def eval_texts(path: str) -> Iterator[str]:
         yield line
 
 
-def eval_grams(paths: list[str], ngram: int = 13, min_words: int = 8) -> list[dict[int, np.ndarray]]:
-    """Per evaluation file, the sorted hashes (:func:`cerbero_ray.data.dedup.word_runs`) of its texts'
-    runs of words by length: every run of ``ngram`` words of a text that long, and each text of
-    ``min_words`` to ``ngram - 1`` words whole."""
+def eval_texts(path: str) -> Iterator[str]:
+    """The texts of one evaluation file (local or a URI; compressed or not)."""
+    return _texts(inputs.read_bytes(path), path)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation file as the dedup pass checks it: ``runs`` = the sorted hashes
+    (:func:`cerbero_ray.data.dedup.word_runs`) of its texts' runs of words by length, every run of
+    ``ngram`` words of a text that long and each text of ``min_words`` to ``ngram - 1`` words whole;
+    ``sha256`` = :func:`cerbero_ray.inputs.digest` of the same contents (the evaluate stage's identity
+    of a task's file: results.md says whether a model's data was checked against that very file)."""
+
+    path: str
+    sha256: str
+    runs: dict[int, np.ndarray]
+
+
+def eval_sets(paths: list[str], ngram: int = 13, min_words: int = 8) -> list[EvalSet]:
+    """The evaluation files, each read once."""
     out = []
     for path in paths:
+        raw = inputs.read_bytes(path)
         parts: dict[int, list[np.ndarray]] = {}
-        for t in eval_texts(path):
+        for t in _texts(raw, path):
             w = word_hashes(normalized(Document(text=t)))
             n = ngram if len(w) >= ngram else len(w)
             if n >= min_words:
                 parts.setdefault(n, []).append(word_runs(w, [n]))
-        out.append({n: np.unique(np.concatenate(g)) for n, g in sorted(parts.items())})
+        runs = {n: np.unique(np.concatenate(g)) for n, g in sorted(parts.items())}
+        out.append(EvalSet(path, inputs.digest(raw), runs))
     return out
+
+
+def eval_grams(paths: list[str], ngram: int = 13, min_words: int = 8) -> list[dict[int, np.ndarray]]:
+    """Per evaluation file, :attr:`EvalSet.runs`."""
+    return [s.runs for s in eval_sets(paths, ngram, min_words)]

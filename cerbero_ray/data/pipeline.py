@@ -30,7 +30,7 @@ from tqdm import tqdm
 from cerbero_ray import storage
 from cerbero_ray.config import check
 from cerbero_ray.config.data import DataStageConfig
-from cerbero_ray.data.decontaminate import eval_grams, eval_stamp
+from cerbero_ray.data.decontaminate import eval_sets, eval_stamp
 from cerbero_ray.data.dedup import (
     FileIds,
     Fingerprints,
@@ -167,12 +167,12 @@ def dedup_pass(out: str, d, plans, resumed: bool, workers: int, actor_cpus: floa
                 log.info(f"[data] dedup: the unfinished run's {DUPLICATES} reused")
                 return path, meta
     t0, dc = time.perf_counter(), d.decontaminate
-    evals = eval_grams(dc.paths, dc.ngram, dc.min_words)
-    for p, g in zip(dc.paths, evals):
+    sets = eval_sets(dc.paths, dc.ngram, dc.min_words)
+    for p, g in ((s.path, s.runs) for s in sets):
         whole = sum(len(h) for n, h in g.items() if n < dc.ngram)
         short = f" and {whole:,} whole texts of {dc.min_words}-{dc.ngram - 1} words" if dc.min_words < dc.ngram else ""
         log.info(f"[data] decontaminate: {len(g.get(dc.ngram, ())):,} distinct {dc.ngram}-word passages{short} in {p}")
-    args = (d.sources, d.dedup, evals)
+    args = (d.sources, d.dedup, [s.runs for s in sets])
     if sum(p.bytes for p in plans) <= LOCAL_PASS_BYTES:
         batches = map(Fingerprints(*args), local_batches(plans))
     else:
@@ -210,7 +210,7 @@ def dedup_pass(out: str, d, plans, resumed: bool, workers: int, actor_cpus: floa
         "ngram": dc.ngram,
         "min_words": dc.min_words,
         "evaluation_sets": {p: bad[p] for p in dc.paths},
-        "evaluation_sha256": {p: storage.file_hash(p) for p in dc.paths},  # the evaluate stage's file identity
+        "evaluation_sha256": {s.path: s.sha256 for s in sets},  # the evaluate stage's file identity
         "seconds": round(time.perf_counter() - t0, 2),
     }
     write_duplicates(table, path, **meta)

@@ -44,6 +44,7 @@ from cerbero_ray.evaluate.tasks import Prepared, Unit, prepare, unit_key
 from cerbero_ray.evaluate.worker import EvalWorker
 from cerbero_ray.logs import progress
 from cerbero_ray.storage import is_local
+from cerbero_ray.tracking import training_data_of
 
 log = logging.getLogger(__name__)
 
@@ -326,22 +327,6 @@ def _present(ec: EvaluateConfig, name: str, path: str) -> bool:
         log.warning(f"[evaluate] {name} skipped: no GGUF file at {path}")
         return False
     raise ValueError(f"evaluate.checkpoints.{name}: no such GGUF file: {path}")
-
-
-def training_data_of(checkpoint: str) -> dict | None:
-    """What the training run that wrote ``checkpoint`` (one of ours: ``<run>/hf``, ``<run>/adapter``,
-    a checkpoint's) says of its data (``summary.json``'s ``data``: the data stage's dedup block,
-    which evaluation files it was checked against); None when there is no such record."""
-    from cerbero_ray.tracking import run_folder_of
-
-    where = run_folder_of(checkpoint)
-    if where is None:
-        return None
-    try:
-        data = storage.read_json(storage.join(where[0], "summary.json")).get("data")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def run_evaluate(cfg: DictConfig | dict | EvaluateStageConfig) -> dict:

@@ -266,8 +266,9 @@ def _file_name(path: str) -> str:
 
 def contamination_table(results: dict, ec: EvaluateConfig) -> list[str]:
     """Per model trained by cerbero-ray (its run's ``summary.json`` says what its data was checked
-    against: ``data.decontaminate.paths``), per task: whether a file of the task file's name was
-    among them, and how many training documents it cost. A figure of a model whose data was not
+    against: ``data.decontaminate.paths``), per task: whether the task's file (by its contents'
+    :func:`cerbero_ray.inputs.digest`), or a file of its name, was among them, and how many training
+    documents it cost. A figure of a model whose data was not
     checked may count test items it memorised."""
     records = results.get("training_data") or {}
     if not records:
@@ -287,7 +288,7 @@ def contamination_table(results: dict, ec: EvaluateConfig) -> list[str]:
                 cells.append(f"checked ({by_hash[mine]:,} dropped)")
             elif named is None:
                 cells.append("not checked")
-            elif named[1] and mine:  # the same name, other bytes: another version of the set
+            elif named[1] and mine:  # the same name, other contents: another version of the set
                 cells.append(f"another {_file_name(ec.tasks[t].path)} checked ({named[0]:,} dropped)")
             else:  # a record without hashes: by name
                 cells.append(f"checked, by name ({named[0]:,} dropped)")
@@ -295,11 +296,11 @@ def contamination_table(results: dict, ec: EvaluateConfig) -> list[str]:
     return [
         *rows,
         "",
-        '"checked": the model\'s training data was checked against this very file (the same bytes: the data '
-        "stage's `data.decontaminate.paths`); its documents sharing a passage with the test set "
-        "(`data.decontaminate.ngram` words, 13 by default), or holding one of its short texts whole, were dropped "
-        'before training. "another … checked": a file of that name with other bytes (another version, or '
-        'compressed). "not checked": the figure may count test items the model memorised. Models without a '
+        '"checked": the model\'s training data was checked against this very file (the same contents, '
+        "compressed or not: the data stage's `data.decontaminate.paths`); its documents sharing a passage with the "
+        "test set (`data.decontaminate.ngram` words, 13 by default), or holding one of its short texts whole, were "
+        'dropped before training. "another … checked": a file of that name with other contents (another version '
+        'of the set). "not checked": the figure may count test items the model memorised. Models without a '
         "cerbero-ray training record (a base model, a GGUF file) are not listed.",
     ]
 

@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 
-from cerbero_ray import storage
+from cerbero_ray import inputs
 from cerbero_ray.config.evaluate import EvalTaskConfig
 from cerbero_ray.evaluate import evalita, prompts, squad
 
@@ -57,7 +57,7 @@ class Prepared:
     file_sha256: str = ""
 
     def identity(self, tc: EvalTaskConfig, seed: int, model: dict) -> str:
-        """Fixes a (checkpoint, task)'s results: the task's config, the seed, the input file's bytes,
+        """Fixes a (checkpoint, task)'s results: the task's config, the seed, the input file's contents,
         every unit's prompts, and how the model runs (``model``: checkpoint, dtype, prompt limit)."""
         blob = json.dumps(
             {
@@ -100,7 +100,7 @@ def _squad(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
             reqs = [{"id": r["id"], "messages": prompts.benchita_squad_messages(r, shots[r["id"]])} for r in scored]
             units.append(Unit("benchita", 0, reqs, prompts.BENCHITA_MAX_NEW_TOKENS["squad"], False))
     out = [{"id": r["id"], "gold": r["answers"], "context": r["context"], "question": r["question"]} for r in scored]
-    return Prepared(name, "squad", out, rejects, units, pool_rows=len(rows), file_sha256=storage.file_hash(tc.path))
+    return Prepared(name, "squad", out, rejects, units, pool_rows=len(rows), file_sha256=inputs.file_hash(tc.path))
 
 
 def _evalita(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
@@ -127,7 +127,7 @@ def _evalita(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
             units.append(Unit("benchita", 0, reqs, prompts.BENCHITA_MAX_NEW_TOKENS["evalita"], False))
     out = [{"id": r["id"], "gold": r["gold"], "text": r["text"]} for r in scored]
     ids = [] if per_row else [[s["id"] for s in shots] for shots in shot_sets]
-    return Prepared(name, tc.kind, out, rejects, units, ids, len(pool), storage.file_hash(tc.path))
+    return Prepared(name, tc.kind, out, rejects, units, ids, len(pool), inputs.file_hash(tc.path))
 
 
 def _evalita_unit(spec, protocol, p, d, shots, scored, own, max_new_tokens) -> Unit:
