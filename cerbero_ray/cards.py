@@ -1,12 +1,17 @@
 """What the cards of a trained model folder (:mod:`cerbero_ray.train.card`) and of an export folder
 (:mod:`cerbero_ray.export.card`) share: the Hub's metadata block, written by
-``huggingface_hub.ModelCardData`` (the form the Hub parses), and the chat-format and usage sections."""
+``huggingface_hub.ModelCardData`` (the form the Hub parses), the chat-format and usage sections, and
+the training data's checks: rows for the reader and, in the metadata (:data:`RECORD`), the record the
+evaluate stage reads back, so that a folder copied out of its run (to a bucket, to the Hub) still
+says which evaluation sets its data was checked against."""
 
 from __future__ import annotations
 
 import os
+import posixpath
 
 CARD = "README.md"  # a model folder's card: where the Hub reads it
+RECORD = "cerbero_ray"  # the card metadata's key for what the run knew of its data: it travels with the folder
 
 
 def write_card(directory: str, card: str | None) -> None:
@@ -29,3 +34,64 @@ def chat_and_use(intro: str, prompt: str, code: list[str]) -> list[str]:
     said = [intro, ""] if intro else []
     chat = ["## Chat format", "", *said, "```", prompt.rstrip("\n"), "```", ""]
     return [*chat, "## Use", "", "```python", *code, "```", ""]
+
+
+def data_checks(dedup: dict | None) -> list[str]:
+    """The data stage's deduplication and decontamination, as card rows (none for a manifest from
+    before them): whether the data was checked against evaluation sets is what makes a benchmark
+    figure of this model mean something."""
+    if not dedup:
+        return []
+    mode = dedup.get("mode", "none")
+    if mode == "none":
+        rows = ["| deduplication | none (`data.dedup=none`) |"]
+    else:
+        near = f" and {dedup.get('near_duplicates', 0):,} near" if mode == "near" else ""
+        rows = [
+            f"| deduplication | `{mode}`: {dedup.get('duplicates', 0):,} exact{near} duplicate(s) of "
+            f"{dedup.get('documents', 0):,} documents dropped |"
+        ]
+    sets = dedup.get("evaluation_sets") or {}
+    if not sets:
+        return [*rows, "| decontamination | none: the data was not checked against any evaluation set |"]
+    n, whole = dedup.get("ngram", 13), dedup.get("min_words", dedup.get("ngram", 13))
+    named = ", ".join(f"`{posixpath.basename(p)}` ({k:,} dropped)" for p, k in sets.items())
+    how = f"a {n}-word passage" + (f" or a whole text of {whole}+ words" if whole < n else "")
+    return [*rows, f"| decontamination | checked against {named}: a document sharing {how} with one is dropped |"]
+
+
+def data_record(dedup: dict | None) -> dict | None:
+    """The card metadata's :data:`RECORD` for a model trained on data with the data stage's dedup
+    block ``dedup`` (its manifest's): the checks, each evaluation file by its name (a card gets
+    published: no folder or bucket of the user's in it) with its contents' hash and the documents
+    it cost; None without a block."""
+    if not dedup:
+        return None
+    sets, hashes = dedup.get("evaluation_sets") or {}, dedup.get("evaluation_sha256") or {}
+    names = {p: posixpath.basename(p.rstrip("/")) for p in sets}
+    if len(set(names.values())) < len(names):  # two files of one name: their paths tell them apart
+        names = {p: p for p in sets}
+    keep = ("mode", "documents", "duplicates", "near_duplicates", "contaminated", "ngram", "min_words")
+    out = {k: dedup[k] for k in keep if k in dedup}
+    out["evaluation_sets"] = {names[p]: n for p, n in sets.items()}
+    if hashes:
+        out["evaluation_sha256"] = {names[p]: hashes[p] for p in sets if p in hashes}
+    return {"data": {"dedup": out}}
+
+
+def card_metadata(folder: str) -> dict:
+    """The metadata of the card in ``folder`` (local or a URI); {} when there is none or it does not
+    parse."""
+    from cerbero_ray import storage
+
+    path = storage.join(folder, CARD)
+    try:
+        if not storage.is_file(path):
+            return {}
+        from huggingface_hub import ModelCard
+
+        fs, p = storage.resolve(path)
+        with fs.open_input_stream(p, compression=None) as f:
+            return ModelCard(f.read().decode("utf-8", "replace")).data.to_dict()
+    except Exception:  # a card that does not parse says nothing
+        return {}

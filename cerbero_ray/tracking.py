@@ -220,9 +220,19 @@ def training_run_of(checkpoint: str) -> tuple[str, dict, int] | None:
 
 
 def training_data_of(checkpoint: str) -> dict | None:
-    """What the training run that wrote ``checkpoint`` (:func:`run_folder_of`) says of its data: its
-    summary's ``data`` (the data stage's dedup block: which evaluation files it was checked against);
-    None when there is no such record."""
+    """What is known of the data a model of ours was trained on: ``{"dedup": ...}``, the data stage's
+    checks (which evaluation files it was checked against). From the model's own card first (its
+    metadata's :data:`cerbero_ray.cards.RECORD`: in ``hf/``, ``adapter/``, a checkpoint's, and an
+    export folder's for a GGUF file: it goes wherever the folder goes), else from the summary of the
+    run folder it sits in (a checkpoint from before the record); None when neither says."""
+    from cerbero_ray.cards import RECORD, card_metadata
+
+    folder = checkpoint.rstrip("/")
+    if folder.lower().endswith(".gguf"):
+        folder = folder.rsplit("/", 1)[0] if "/" in folder else "."
+    record = card_metadata(folder).get(RECORD)
+    if isinstance(record, dict) and isinstance(record.get("data"), dict):
+        return record["data"]
     where = run_folder_of(checkpoint)
     if where is None:
         return None

@@ -12,6 +12,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
+from cerbero_ray.cards import RECORD, data_record
 from cerbero_ray.config import check, compose
 from cerbero_ray.train.card import CARD, EXAMPLE, card_text
 
@@ -104,8 +105,32 @@ def test_the_card_s_metadata_reads_back_and_its_code_runs_on_its_folder(tmp_path
         "min_words": 8,
         "evaluation_sets": {"s3://b/evals/squad.json": 4, "/data/evalita/ironita.csv": 0},
     }
+    checked["evaluation_sha256"] = {
+        "s3://b/evals/squad.json": "0123456789012345",
+        "/data/evalita/ironita.csv": "ab" * 8,
+    }
     text = card_text(c, summary(), {**MANIFEST, "dedup": checked}, prompt)
     assert "| deduplication | `near`: 2 exact and 3 near duplicate(s) of 109 documents dropped |" in text
+    # the same in the metadata, for the evaluate stage wherever the folder goes: each file by its name
+    # (no bucket or folder of the user's in a card), its contents' hash (a string, though all digits)
+    record = ModelCard(text).data.to_dict()[RECORD]["data"]["dedup"]
+    assert record == {
+        "mode": "near",
+        "documents": 109,
+        "duplicates": 2,
+        "near_duplicates": 3,
+        "ngram": 13,
+        "min_words": 8,
+        "evaluation_sets": {"squad.json": 4, "ironita.csv": 0},
+        "evaluation_sha256": {"squad.json": "0123456789012345", "ironita.csv": "ab" * 8},
+    }
+    assert "s3://" not in text.split("---")[1]
+    twins = {"evaluation_sets": {"/a/test.json": 1, "/b/test.json": 2}}  # one name twice: by their paths
+    assert data_record(twins)["data"]["dedup"]["evaluation_sets"] == twins["evaluation_sets"]
+    assert (
+        data_record(None) is None
+        and RECORD not in ModelCard(card_text(c, summary(), MANIFEST | {"dedup": None}, prompt)).data.to_dict()
+    )
     assert (
         "| decontamination | checked against `squad.json` (4 dropped), `ironita.csv` (0 dropped): a document "
         "sharing a 13-word passage or a whole text of 8+ words with one is dropped |" in text

@@ -649,6 +649,21 @@ def test_results_md_says_which_test_sets_each_trained_model_s_data_was_checked_a
         assert training_data_of(str(folder)) == {"dir": "/d", "dedup": dedup}
     assert training_data_of(str(tmp_path / "base-model")) is None  # not one of ours
     assert training_data_of(str(tmp_path / "other" / "hf")) is None  # no summary there
+    # the model's own card records it too (its metadata): a folder copied out of its run, an export
+    # folder's GGUF file; the card is read first
+    from cerbero_ray.cards import CARD, data_record, front_matter
+
+    card = "\n".join([*front_matter(license="mit", cerbero_ray=data_record(dedup)), "# m", ""])
+    by_card = {"dedup": {**data_record(dedup)["data"]["dedup"]}}
+    assert by_card["dedup"]["evaluation_sha256"] == {"squad.json": mine}
+    for where in (tmp_path / "copied" / "model", tmp_path / "export", run / "hf"):
+        storage.write_bytes(str(where / CARD), card.encode())
+    assert training_data_of(str(tmp_path / "copied" / "model")) == by_card
+    assert training_data_of(str(tmp_path / "export" / "m-Q4_K_M.gguf")) == by_card
+    assert training_data_of(str(run / "hf")) == by_card and training_data_of(str(run / "adapter"))["dir"] == "/d"
+    for junk in ("---\ncerbero_ray: [1]\n---\n", "---\n: : :\n---\n", "no metadata"):  # a card that says nothing
+        storage.write_bytes(str(tmp_path / "copied" / "model" / CARD), junk.encode())
+        assert training_data_of(str(tmp_path / "copied" / "model")) is None
     ec = EvaluateConfig(
         output_dir=str(tmp_path),
         tasks={
@@ -662,20 +677,23 @@ def test_results_md_says_which_test_sets_each_trained_model_s_data_was_checked_a
         "evaluation_sha256": {"s3://b/squad.json.gz": "0" * 16},
     }
     older = {"mode": "exact", "evaluation_sets": {"/x/squad.json": 2}}  # a record from before the hashes
+    carded = by_card["dedup"]  # a card's record: file names for paths
     results = {
         "tasks": {"squad_it": {"file_sha256": mine}, "ironita": {"file_sha256": "1" * 16}},
         "training_data": {
             "trained": {"dedup": dedup},
+            "carded": {"dedup": carded},
             "gz": {"dedup": gz},
             "older": {"dedup": older},
             "none": {"dedup": None},
         },
     }
     table = contamination_table(results, ec)
-    assert table[:6] == [
+    assert table[:7] == [
         "| Model | squad_it | ironita |",
         "|---|---|---|",
         "| trained | checked (3 dropped) | not checked |",
+        "| carded | checked (3 dropped) | not checked |",
         "| gz | another squad.json checked (5 dropped) | not checked |",
         "| older | checked, by name (2 dropped) | not checked |",
         "| none | not checked | not checked |",

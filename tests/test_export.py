@@ -695,7 +695,18 @@ def test_a_file_is_kept_only_when_made_from_what_the_checkpoint_holds_now(
     assert card().data.license is None and "the checkpoint's card gives none" in card().text
     licensed = tmp_path / "licensed"
     shutil.copytree(tiny_hf, licensed)
-    (licensed / "README.md").write_text("---\nlicense: mit\n---\n\n# a\n")  # as a training run writes it
+    # as a training run writes it: a license, and the record of what its data was checked against
+    from cerbero_ray.cards import RECORD, data_record, front_matter
+
+    record = data_record({"mode": "exact", "evaluation_sets": {"/d/squad.json": 4}, "ngram": 13, "min_words": 8})
+    (licensed / "README.md").write_text("\n".join([*front_matter(license="mit", cerbero_ray=record), "# a", ""]))
     c = storage.upload_folder(str(licensed), f"{root}/c") if where == "bucket" else str(licensed)
     assert export(c, f"{root}/gguf-c") == "unchecked"
-    assert card(f"{root}/gguf-c").data.license == "mit" and "gives none" not in card(f"{root}/gguf-c").text
+    made = card(f"{root}/gguf-c")
+    assert made.data.license == "mit" and "gives none" not in made.text
+    # the files carry the record (the evaluate stage reads it for a GGUF file) and say it
+    assert made.data.to_dict()[RECORD] == record and "## Training data" not in card().text
+    assert "| decontamination | checked against `squad.json` (4 dropped)" in made.text
+    from cerbero_ray.tracking import training_data_of
+
+    assert training_data_of(f"{root}/gguf-c/m-F16.gguf") == record["data"]

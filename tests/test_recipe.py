@@ -103,6 +103,8 @@ def test_labels_exports_and_evaluation(run):
     assert "| untrained |" not in md.split("## Training data and these test sets")[1].split("##")[0]
     results = json.load(open(out / "evaluate" / "results.json"))
     models = {"untrained", "trained"} | ({"trained-Q4_K_M"} if quantize.available() else set())
+    if quantize.available():  # the GGUF file's folder card carries the checkpoint card's record
+        assert "| trained-Q4_K_M | not checked |" in md
     assert set(results["results"]) == models and results["tasks"]["squad_it"]["rows"] == 24
     assert set(results["results"]["trained"]["squad_it"]) == {"generate/0", "generate/1", "benchita/0"}
     assert (out / "evaluate" / "results.png").stat().st_size > 1000

@@ -265,11 +265,11 @@ def _file_name(path: str) -> str:
 
 
 def contamination_table(results: dict, ec: EvaluateConfig) -> list[str]:
-    """Per model trained by cerbero-ray (its run's ``summary.json`` says what its data was checked
-    against: ``data.decontaminate.paths``), per task: whether the task's file (by its contents'
-    :func:`cerbero_ray.inputs.digest`), or a file of its name, was among them, and how many training
-    documents it cost. A figure of a model whose data was not
-    checked may count test items it memorised."""
+    """Per model trained by cerbero-ray (its card or its run's ``summary.json`` says what its data
+    was checked against, ``data.decontaminate.paths``: :func:`cerbero_ray.tracking.training_data_of`),
+    per task: whether the task's file (by its contents' :func:`cerbero_ray.inputs.digest`), or a file
+    of its name, was among them, and how many training documents it cost. A figure of a model whose
+    data was not checked may count test items it memorised."""
     records = results.get("training_data") or {}
     if not records:
         return []
@@ -301,7 +301,7 @@ def contamination_table(results: dict, ec: EvaluateConfig) -> list[str]:
         "test set (`data.decontaminate.ngram` words, 13 by default), or holding one of its short texts whole, were "
         'dropped before training. "another … checked": a file of that name with other contents (another version '
         'of the set). "not checked": the figure may count test items the model memorised. Models without a '
-        "cerbero-ray training record (a base model, a GGUF file) are not listed.",
+        "cerbero-ray training record (a base model, a file made elsewhere) are not listed.",
     ]
 
 

@@ -5,8 +5,7 @@ written from ``export.json`` (every file in the folder, kept ones too) at the en
 
 from __future__ import annotations
 
-from cerbero_ray import storage
-from cerbero_ray.cards import CARD, chat_and_use, front_matter
+from cerbero_ray.cards import CARD, RECORD, chat_and_use, data_checks, front_matter  # noqa: F401 (CARD: named here too)
 
 SHOWN = {"lora": "LoRA adapter (f32)", "base-f16": "f16, the adapter's base"}  # an adapter's pair, by its record's type
 
@@ -25,31 +24,19 @@ def check_line(rec: dict) -> str:
     )
 
 
-def source_license(checkpoint: str) -> str | None:
-    """The license the checkpoint's own card (``README.md``, a training run's) gives, if any."""
-    path = storage.join(checkpoint, CARD)
-    try:
-        if not storage.is_file(path):
-            return None
-        from huggingface_hub import ModelCard
-
-        fs, p = storage.resolve(path)
-        with fs.open_input_stream(p) as f:
-            return ModelCard(f.read().decode("utf-8", "replace")).data.license
-    except Exception:  # a card that does not parse: the export's card says nothing of a license
-        return None
-
-
-def gguf_card(name: str, checkpoint: str, records: dict, snippet: str, prompt: str, license: str | None) -> str:
+def gguf_card(name: str, checkpoint: str, records: dict, snippet: str, prompt: str, source: dict) -> str:
     """The export folder's card: ``records`` ``export.json``'s files, ``snippet`` the code that
     opens one (its path the file's name: the folder is what gets published), ``prompt`` the seed's
-    prompt in the chat format."""
+    prompt in the chat format, ``source`` the checkpoint card's metadata (:func:`cerbero_ray.cards.card_metadata`:
+    its license and the training data's record are the files' too)."""
     meta = dict(
         language=["it"],
-        license=license,
+        license=source.get("license"),
         pipeline_tag="text-generation",
         tags=["cerbero-ray", "italian", "mistral", "gguf", "llama.cpp", "conversational"],
     )
+    if isinstance(source.get(RECORD), dict):
+        meta[RECORD] = source[RECORD]
     rows = [
         f"| `{f}` | {SHOWN.get(r.get('type'), r.get('type'))} | {(r.get('bytes') or 0) / 2**20:,.1f} MiB "
         f"| {check_line(r)} |"
@@ -80,6 +67,9 @@ def gguf_card(name: str, checkpoint: str, records: dict, snippet: str, prompt: s
         "llama.cpp's own tools open the same files (`llama-cli -m <file>`, `llama-server -m <file>`).",
         "",
     ]
-    if license is None:
+    dedup = ((meta.get(RECORD) or {}).get("data") or {}).get("dedup")
+    if checks := data_checks(dedup if isinstance(dedup, dict) else None):
+        lines += ["## Training data", "", "As the checkpoint's card records it:", "", "| | |", "|---|---|", *checks, ""]
+    if meta["license"] is None:
         lines += ["License: the checkpoint's card gives none: its base model's terms and its data's decide it.", ""]
     return "\n".join(lines)

@@ -34,7 +34,7 @@ import time
 
 from omegaconf import DictConfig
 
-from cerbero_ray import adapters, llamacpp, storage
+from cerbero_ray import adapters, cards, llamacpp, storage
 from cerbero_ray.chat import USER_TAG, assistant_tag_of, seed_prompt
 from cerbero_ray.checkpoints import check_base, check_checkpoint, check_weights
 from cerbero_ray.config import check
@@ -264,7 +264,7 @@ def _finish(x: ExportConfig, results: dict, tag: str, pair: bool, t0: float) -> 
         there = {f: r for f, r in _records(x.output_dir).items() if storage.is_file(storage.join(x.output_dir, f))}
         name = results[good[-1]]["path"].rsplit("/", 1)[-1]
         code = SNIPPET.format(fetch="", path=name, prompt=seed_prompt(tag), stop=USER_TAG)
-        text = card.gguf_card(x.name, x.checkpoint, there, code, seed_prompt(tag), card.source_license(x.checkpoint))
+        text = card.gguf_card(x.name, x.checkpoint, there, code, seed_prompt(tag), cards.card_metadata(x.checkpoint))
         storage.write_bytes(where, text.encode())
     if pair and all(k in results and results[k]["status"] != "failed" for k in ("lora", "base-f16")):
         log.info(

@@ -8,9 +8,8 @@ complete marker."""
 from __future__ import annotations
 
 import json
-import posixpath
 
-from cerbero_ray.cards import CARD, chat_and_use, front_matter  # noqa: F401 (CARD: the folder's card, named here too)
+from cerbero_ray.cards import CARD, RECORD, chat_and_use, data_checks, data_record, front_matter  # noqa: F401 (CARD: the folder's card, named here too)
 from cerbero_ray.chat import STOP_STRING
 
 EXAMPLE = [{"role": "user", "content": "Ciao! Come stai?"}]
@@ -45,6 +44,8 @@ def card_text(config, summary: dict, manifest: dict | None, prompt: str, kind: s
         base_model=t.card.base_model,
         tags=tags,
     )
+    if record := data_record((manifest or {}).get("dedup")):  # the evaluate stage reads it, wherever the folder goes
+        meta[RECORD] = record
     builder = config.model._target_.rsplit(".", 1)[-1]
     base = config.model.path or f"a random-init `{builder}` (not a language model: a demo)"
     if lora:
@@ -80,7 +81,7 @@ def card_text(config, summary: dict, manifest: dict | None, prompt: str, kind: s
         f"| data | {m.get('documents', 0):,} documents ({sources}) packed into {m.get('rows', 0):,} rows of "
         f"{m.get('seq_len', '?')} tokens; {_n(m.get('tokens', 0))} tokens, loss on the {m.get('loss_on', '?')} "
         f"turns ({_n(m.get('loss_tokens', 0))} tokens) |",
-        *_checks(m.get("dedup")),
+        *data_checks(m.get("dedup")),
         f"| steps | {_steps(summary.get('steps') or 0, t, m.get('rows'))} |",
         f"| optimizer | AdamW, lr {learning_rate(t):g}, {t.schedule} to {t.min_lr_ratio:g}×, "
         f"weight decay {t.weight_decay:g}, betas {tuple(t.betas)}, gradient clip {t.max_grad_norm:g} |",
@@ -139,30 +140,6 @@ def _method(config) -> str:
         return f"LoRA r={lc.r}, alpha={lc.alpha:g}, dropout {lc.dropout:g} on {', '.join(lc.target_modules)}{full}"
     engine = f"DeepSpeed ZeRO-{ds.stage}" if t.strategy == "deepspeed" else "PyTorch ZeRO-1 (ZeroRedundancyOptimizer)"
     return f"full fine-tune, {engine}"
-
-
-def _checks(dedup: dict | None) -> list[str]:
-    """The data stage's deduplication and decontamination, as card rows (none for a manifest from
-    before them): whether the data was checked against evaluation sets is what makes a benchmark
-    figure of this model mean something."""
-    if not dedup:
-        return []
-    mode = dedup.get("mode", "none")
-    if mode == "none":
-        rows = ["| deduplication | none (`data.dedup=none`) |"]
-    else:
-        near = f" and {dedup.get('near_duplicates', 0):,} near" if mode == "near" else ""
-        rows = [
-            f"| deduplication | `{mode}`: {dedup.get('duplicates', 0):,} exact{near} duplicate(s) of "
-            f"{dedup.get('documents', 0):,} documents dropped |"
-        ]
-    sets = dedup.get("evaluation_sets") or {}
-    if not sets:
-        return [*rows, "| decontamination | none: the data was not checked against any evaluation set |"]
-    n, whole = dedup.get("ngram", 13), dedup.get("min_words", dedup.get("ngram", 13))
-    named = ", ".join(f"`{posixpath.basename(p)}` ({k:,} dropped)" for p, k in sets.items())
-    how = f"a {n}-word passage" + (f" or a whole text of {whole}+ words" if whole < n else "")
-    return [*rows, f"| decontamination | checked against {named}: a document sharing {how} with one is dropped |"]
 
 
 def _usage(kind: str, summary: dict) -> list[str]:
