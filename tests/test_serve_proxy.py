@@ -60,3 +60,46 @@ def test_ray_serve_accepts_the_callback():
     from ray.serve._private.http_util import validate_http_proxy_callback_return
 
     assert validate_http_proxy_callback_return(proxy_middlewares())[0].cls is JSONErrors
+
+
+def test_a_drain_answer_counts_as_held_until_it_is_written(monkeypatch):
+    """Once the drain is on, a new request is answered 503; the driver stops Serve when no proxy
+    holds a request, so each such answer is held while it is written (two at once: held while
+    either is), and not after."""
+    from cerbero_ray.serve import proxy
+
+    monkeypatch.setattr(proxy.DRAIN, "draining", True)
+    monkeypatch.setattr(proxy.DRAIN, "task", object())  # no poll of a control actor
+    monkeypatch.setattr(proxy.DRAIN, "held", set())
+    guard = proxy.ProxyGuard(lambda *a: None)  # never reached
+    held, sent = [], []
+
+    def sender(gate):
+        async def send(msg):
+            held.append(len(proxy.DRAIN.held))
+            sent.append(msg)
+            await gate.wait()  # a slow client: the body waits for the socket
+
+        return send
+
+    async def main():
+        slow, quick = asyncio.Event(), asyncio.Event()
+        quick.set()
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        first = asyncio.ensure_future(guard({"type": "http", "headers": []}, receive, sender(slow)))
+        await asyncio.sleep(0.01)
+        await guard({"type": "http", "headers": []}, receive, sender(quick))  # starts and ends meanwhile
+        during = len(proxy.DRAIN.held)
+        slow.set()
+        await first
+        return during
+
+    assert asyncio.run(main()) == 1  # the first is still being written
+    assert proxy.DRAIN.held == set() and held and min(held) >= 1
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert [m["status"] for m in starts] == [503, 503]
+    bodies = [m["body"] for m in sent if m["type"] == "http.response.body"]
+    assert [json.loads(b)["error"]["code"] for b in bodies] == ["shutting_down"] * 2

@@ -7,7 +7,8 @@
   server's control actor (:class:`ServeControl`) says so, a new request is answered 503 with
   ``Retry-After``; every request accepted before (running, or queued for a replica) finishes, or
   at the end of ``serve.shutdown_grace_s`` is answered 503 (a stream: an error event, then
-  ``[DONE]``) — never dropped. The driver shuts Serve down once no proxy holds a request.
+  ``[DONE]``) — never dropped. The driver shuts Serve down once no proxy holds a request (a drain
+  503 being written counts: stopped mid-answer, it would reach the client as a status line alone).
 - :class:`JSONErrors`: the errors the proxy answers itself — overload (``serve.overload_status``
   503 or 429, with ``Retry-After``), a request timeout (408), a replica lost mid-request (500), no
   route (the app not yet or no longer deployed: 503) — get the same JSON error object as every
@@ -126,10 +127,18 @@ class ProxyGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         DRAIN.start()
-        if DRAIN.draining:
-            return await send_json(
-                send, 503, error_body(SHUTTING_DOWN, "server_error", code="shutting_down"), self.retry_after
-            )
+        if DRAIN.draining:  # held while it is written: the server stops once no proxy holds a request
+
+            def writing() -> None:  # its entry among the held (one per answer): nothing to abort
+                pass
+
+            DRAIN.held.add(writing)
+            try:
+                return await send_json(
+                    send, 503, error_body(SHUTTING_DOWN, "server_error", code="shutting_down"), self.retry_after
+                )
+            finally:
+                DRAIN.held.discard(writing)
         body = await self._body(scope, receive, send)
         if body is None:  # answered (408, 413) or the client went away
             return
