@@ -36,7 +36,6 @@ import time
 import uuid
 
 from cerbero_ray import storage
-from cerbero_ray.train.metrics import SUMMARY
 
 log = logging.getLogger(__name__)
 RECORD = "tracker.json"
@@ -185,6 +184,9 @@ def _mlflow_run(rec: dict, old: dict | None, params: dict, tags: dict) -> str:
     for s in range(0, len(listed), 100):  # MLflow takes at most 100 parameters a batch
         client.log_batch(run.info.run_id, params=listed[s : s + 100])
     return run.info.run_id
+
+
+SUMMARY = "summary.json"  # a training run folder's figures (rank 0 writes it: cerbero_ray.train.metrics), read here
 
 
 def run_folder_of(checkpoint: str) -> tuple[str, int | None] | None:

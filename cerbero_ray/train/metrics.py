@@ -15,9 +15,9 @@ import tempfile
 import time
 
 from cerbero_ray import storage
+from cerbero_ray.tracking import SUMMARY
 
 log = logging.getLogger(__name__)
-SUMMARY = "summary.json"
 
 
 def format_eta(seconds: float) -> str:
