@@ -661,9 +661,20 @@ def test_results_md_says_which_test_sets_each_trained_model_s_data_was_checked_a
     assert training_data_of(str(tmp_path / "copied" / "model")) == by_card
     assert training_data_of(str(tmp_path / "export" / "m-Q4_K_M.gguf")) == by_card
     assert training_data_of(str(run / "hf")) == by_card and training_data_of(str(run / "adapter"))["dir"] == "/d"
-    for junk in ("---\ncerbero_ray: [1]\n---\n", "---\n: : :\n---\n", "no metadata"):  # a card that says nothing
-        storage.write_bytes(str(tmp_path / "copied" / "model" / CARD), junk.encode())
-        assert training_data_of(str(tmp_path / "copied" / "model")) is None
+    junk = [
+        "---\ncerbero_ray: [1]\n---\n",
+        "---\n: : :\n---\n",
+        "no metadata",
+        "---\ncerbero_ray:\n  data:\n    dedup: 3\n---\n",
+        "---\ncerbero_ray:\n  data:\n    dedup:\n      evaluation_sets: squad.json\n---\n",
+        "---\ncerbero_ray:\n  data:\n    dedup:\n      evaluation_sets:\n        squad.json: many\n---\n",
+        "---\ncerbero_ray:\n  data:\n    dedup:\n      evaluation_sha256: [1]\n---\n",
+    ]
+    for text in junk:  # a card that says nothing, or nothing results.md can read: as if none
+        storage.write_bytes(str(tmp_path / "copied" / "model" / CARD), text.encode())
+        assert training_data_of(str(tmp_path / "copied" / "model")) is None, text
+    storage.write_bytes(str(run / "adapter" / CARD), junk[-1].encode())  # in a run: its summary says it
+    assert training_data_of(str(run / "adapter"))["dir"] == "/d"
     ec = EvaluateConfig(
         output_dir=str(tmp_path),
         tasks={
