@@ -63,14 +63,17 @@ def data_checks(dedup: dict | None) -> list[str]:
 def data_record(dedup: dict | None) -> dict | None:
     """The card metadata's :data:`RECORD` for a model trained on data with the data stage's dedup
     block ``dedup`` (its manifest's): the checks, each evaluation file by its name (a card gets
-    published: no folder or bucket of the user's in it) with its contents' hash and the documents
-    it cost; None without a block."""
+    published: no folder or bucket of the user's in it; two files of one name, with as many of
+    their folders as tell them apart) with its contents' hash and the documents it cost; None
+    without a block."""
     if not dedup:
         return None
     sets, hashes = dedup.get("evaluation_sets") or {}, dedup.get("evaluation_sha256") or {}
-    names = {p: posixpath.basename(p.rstrip("/")) for p in sets}
-    if len(set(names.values())) < len(names):  # two files of one name: their paths tell them apart
-        names = {p: p for p in sets}
+    parts = {p: p.rstrip("/").split("/") for p in sets}
+    for depth in range(1, max((len(x) for x in parts.values()), default=1) + 1):
+        names = {p: "/".join(x[-depth:]) for p, x in parts.items()}
+        if len(set(names.values())) == len(names):  # two files of one name: their folders tell them apart
+            break
     keep = ("mode", "documents", "duplicates", "near_duplicates", "contaminated", "ngram", "min_words")
     out = {k: dedup[k] for k in keep if k in dedup}
     out["evaluation_sets"] = {names[p]: n for p, n in sets.items()}

@@ -125,8 +125,14 @@ def test_the_card_s_metadata_reads_back_and_its_code_runs_on_its_folder(tmp_path
         "evaluation_sha256": {"squad.json": "0123456789012345", "ironita.csv": "ab" * 8},
     }
     assert "s3://" not in text.split("---")[1]
-    twins = {"evaluation_sets": {"/a/test.json": 1, "/b/test.json": 2}}  # one name twice: by their paths
-    assert data_record(twins)["data"]["dedup"]["evaluation_sets"] == twins["evaluation_sets"]
+    twins = {"evaluation_sets": {"s3://b/x/a/test.json": 1, "/data/b/test.json": 2, "/data/a/test.json": 3}}
+    assert data_record(twins)["data"]["dedup"][
+        "evaluation_sets"
+    ] == {  # one name twice: with their folders (as many as tell them all apart)
+        "x/a/test.json": 1,
+        "data/b/test.json": 2,
+        "data/a/test.json": 3,
+    }
     assert (
         data_record(None) is None
         and RECORD not in ModelCard(card_text(c, summary(), MANIFEST | {"dedup": None}, prompt)).data.to_dict()
