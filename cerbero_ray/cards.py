@@ -98,3 +98,31 @@ def card_metadata(folder: str) -> dict:
             return ModelCard(f.read().decode("utf-8", "replace")).data.to_dict()
     except Exception:  # a card that does not parse says nothing
         return {}
+
+
+def readable_data(data) -> dict | None:
+    """``data`` when it has the shape results.md and the cards read (``dedup``: None, or a dict whose
+    counts are integers, ``evaluation_sets`` mapping names to counts and ``evaluation_sha256`` names
+    to hashes), else None: a card's metadata is anyone's to edit."""
+    if not isinstance(data, dict):
+        return None
+    dedup = data.get("dedup")
+    if dedup is None:
+        return data
+    if not isinstance(dedup, dict):
+        return None
+    sets, hashes = dedup.get("evaluation_sets") or {}, dedup.get("evaluation_sha256") or {}
+    if not isinstance(sets, dict) or not isinstance(hashes, dict):
+        return None
+    numbers = ("documents", "duplicates", "near_duplicates", "contaminated", "ngram", "min_words")
+    if not isinstance(dedup.get("mode", ""), str) or any(type(dedup.get(k, 0)) is not int for k in numbers):
+        return None
+    counts = all(isinstance(k, str) and type(v) is int for k, v in sets.items())
+    return data if counts and all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()) else None
+
+
+def data_of(metadata: dict) -> dict | None:
+    """The :data:`RECORD`'s ``data`` of a card's metadata (:func:`card_metadata`) when it is one
+    (:func:`readable_data`), else None."""
+    record = metadata.get(RECORD)
+    return readable_data(record.get("data")) if isinstance(record, dict) else None

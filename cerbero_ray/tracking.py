@@ -227,39 +227,20 @@ def training_data_of(checkpoint: str) -> dict | None:
     metadata's :data:`cerbero_ray.cards.RECORD`: in ``hf/``, ``adapter/``, a checkpoint's, and an
     export folder's for a GGUF file: it goes wherever the folder goes), else from the summary of the
     run folder it sits in (a checkpoint from before the record); None when neither says."""
-    from cerbero_ray.cards import RECORD, card_metadata
+    from cerbero_ray.cards import card_metadata, data_of, readable_data
 
     folder = checkpoint.rstrip("/")
     if folder.lower().endswith(".gguf"):
         folder = folder.rsplit("/", 1)[0] if "/" in folder else "."
-    record = card_metadata(folder).get(RECORD)
-    if isinstance(record, dict) and (data := _data_record(record.get("data"))) is not None:
+    if (data := data_of(card_metadata(folder))) is not None:
         return data
     where = run_folder_of(checkpoint)
     if where is None:
         return None
     try:
-        return _data_record(storage.read_json(storage.join(where[0], SUMMARY)).get("data"))
+        return readable_data(storage.read_json(storage.join(where[0], SUMMARY)).get("data"))
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def _data_record(data) -> dict | None:
-    """``data`` when it has the shape results.md reads (``dedup``: None, or a dict whose
-    ``evaluation_sets`` maps names to counts and ``evaluation_sha256`` names to hashes), else None:
-    a card's metadata is anyone's to edit."""
-    if not isinstance(data, dict):
-        return None
-    dedup = data.get("dedup")
-    if dedup is None:
-        return data
-    if not isinstance(dedup, dict):
-        return None
-    sets, hashes = dedup.get("evaluation_sets") or {}, dedup.get("evaluation_sha256") or {}
-    if not isinstance(sets, dict) or not isinstance(hashes, dict):
-        return None
-    counts = all(isinstance(k, str) and type(v) is int for k, v in sets.items())
-    return data if counts and all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()) else None
 
 
 def metric_name(name: str) -> str:

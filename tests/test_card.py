@@ -171,3 +171,34 @@ def test_an_adapter_s_card_loads_it_on_its_base(tmp_path, tiny_hf, tiny_adapters
     merged = card_text(c, summary(base=tiny_hf), MANIFEST, prompt, kind="hf")  # train.lora.merge=true's hf/
     assert ModelCard(merged).data.library_name == "transformers" and "merged into its base" in merged
     assert "PeftModel" not in _use(merged)
+
+
+def test_the_gguf_card_carries_the_checkpoint_card_s_record_and_ignores_a_junk_one():
+    """The export folder's card takes the checkpoint card's license and data record (the evaluate
+    stage reads it for a GGUF file); a record of another shape (a hand-edited card) is left out, never
+    a crash at the end of an export."""
+    from huggingface_hub import ModelCard
+
+    from cerbero_ray.cards import data_of
+    from cerbero_ray.export.card import gguf_card
+
+    files = {"m-F16.gguf": {"type": "f16", "bytes": 2**20, "status": "unchecked"}}
+    dedup = {"mode": "exact", "documents": 9, "duplicates": 1, "ngram": 13, "min_words": 8}
+    good = data_record(
+        {**dedup, "evaluation_sets": {"/d/squad.json": 2}, "evaluation_sha256": {"/d/squad.json": "f" * 16}}
+    )
+    text = gguf_card("m", "/ckpt", files, "print(1)", "<s>", {"license": "mit", RECORD: good})
+    assert ModelCard(text).data.license == "mit" and data_of(ModelCard(text).data.to_dict()) == good["data"]
+    assert "## Training data" in text and "| decontamination | checked against `squad.json` (2 dropped)" in text
+    junk = [
+        [1],
+        {"data": [1]},
+        {"data": {"dedup": "exact"}},
+        {"data": {"dedup": {**dedup, "duplicates": "one"}}},
+        {"data": {"dedup": {**dedup, "evaluation_sets": {"squad.json": "2"}}}},
+        {"data": {"dedup": {**dedup, "evaluation_sha256": ["f" * 16]}}},
+    ]
+    for bad in junk:
+        text = gguf_card("m", "/ckpt", files, "print(1)", "<s>", {RECORD: bad})
+        assert RECORD not in ModelCard(text).data.to_dict() and "## Training data" not in text, bad
+        assert "| `m-F16.gguf` | f16 | 1.0 MiB |" in text

@@ -5,7 +5,7 @@ written from ``export.json`` (every file in the folder, kept ones too) at the en
 
 from __future__ import annotations
 
-from cerbero_ray.cards import CARD, RECORD, chat_and_use, data_checks, front_matter  # noqa: F401 (CARD: named here too)
+from cerbero_ray.cards import CARD, RECORD, chat_and_use, data_checks, data_of, front_matter  # noqa: F401 (CARD: named here too)
 
 SHOWN = {"lora": "LoRA adapter (f32)", "base-f16": "f16, the adapter's base"}  # an adapter's pair, by its record's type
 
@@ -35,8 +35,8 @@ def gguf_card(name: str, checkpoint: str, records: dict, snippet: str, prompt: s
         pipeline_tag="text-generation",
         tags=["cerbero-ray", "italian", "mistral", "gguf", "llama.cpp", "conversational"],
     )
-    if isinstance(source.get(RECORD), dict):
-        meta[RECORD] = source[RECORD]
+    if (data := data_of(source)) is not None:  # what the checkpoint's data was checked against
+        meta[RECORD] = {"data": data}
     rows = [
         f"| `{f}` | {SHOWN.get(r.get('type'), r.get('type'))} | {(r.get('bytes') or 0) / 2**20:,.1f} MiB "
         f"| {check_line(r)} |"
@@ -67,8 +67,7 @@ def gguf_card(name: str, checkpoint: str, records: dict, snippet: str, prompt: s
         "llama.cpp's own tools open the same files (`llama-cli -m <file>`, `llama-server -m <file>`).",
         "",
     ]
-    dedup = ((meta.get(RECORD) or {}).get("data") or {}).get("dedup")
-    if checks := data_checks(dedup if isinstance(dedup, dict) else None):
+    if checks := data_checks((data or {}).get("dedup")):
         lines += ["## Training data", "", "As the checkpoint's card records it:", "", "| | |", "|---|---|", *checks, ""]
     if meta["license"] is None:
         lines += ["License: the checkpoint's card gives none: its base model's terms and its data's decide it.", ""]
