@@ -96,15 +96,8 @@ def test_the_card_s_metadata_reads_back_and_its_code_runs_on_its_folder(tmp_path
     # what the data stage checked: whether a benchmark figure of this model means something
     assert "| deduplication | `exact`: 2 exact duplicate(s) of 109 documents dropped |" in text
     assert "| decontamination | none: the data was not checked against any evaluation set |" in text
-    checked = {
-        "mode": "near",
-        "documents": 109,
-        "duplicates": 2,
-        "near_duplicates": 3,
-        "ngram": 13,
-        "min_words": 8,
-        "evaluation_sets": {"s3://b/evals/squad.json": 4, "/data/evalita/ironita.csv": 0},
-    }
+    counts = {"mode": "near", "documents": 109, "duplicates": 2, "near_duplicates": 3, "ngram": 13, "min_words": 8}
+    checked = {**counts, "evaluation_sets": {"s3://b/evals/squad.json": 4, "/data/evalita/ironita.csv": 0}}
     checked["evaluation_sha256"] = {
         "s3://b/evals/squad.json": "0123456789012345",
         "/data/evalita/ironita.csv": "ab" * 8,
@@ -115,12 +108,7 @@ def test_the_card_s_metadata_reads_back_and_its_code_runs_on_its_folder(tmp_path
     # (no bucket or folder of the user's in a card), its contents' hash (a string, though all digits)
     record = ModelCard(text).data.to_dict()[RECORD]["data"]["dedup"]
     assert record == {
-        "mode": "near",
-        "documents": 109,
-        "duplicates": 2,
-        "near_duplicates": 3,
-        "ngram": 13,
-        "min_words": 8,
+        **counts,
         "evaluation_sets": {"squad.json": 4, "ironita.csv": 0},
         "evaluation_sha256": {"squad.json": "0123456789012345", "ironita.csv": "ab" * 8},
     }
