@@ -302,6 +302,23 @@ def test_a_bad_decontaminate_setting_is_named_before_ray_starts(tmp_path, over, 
         check("data", cfg)
 
 
+def test_an_evaluation_file_the_size_of_a_corpus_is_refused_before_ray_starts(tmp_path):
+    """A training corpus named among the evaluation sets by mistake: every run of its words would be
+    held in the driver's memory. Refused by its size (a sparse file: no gigabyte written)."""
+    from cerbero_ray.config import check
+    from cerbero_ray.config.data import EVAL_MAX_BYTES
+
+    big = tmp_path / "corpus.jsonl"
+    with open(big, "wb") as f:
+        f.truncate(EVAL_MAX_BYTES + 1)
+    cfg = data_stage(tmp_path / "o", {"s": {"path": str(tmp_path)}}, decontaminate={"paths": [SQUAD, str(big)]})
+    with pytest.raises(ValueError, match=r"data.decontaminate.paths\[1\]: .*corpus.jsonl is 1.0 GiB, over the 1 GiB"):
+        check("data", cfg)
+    with open(big, "wb") as f:
+        f.truncate(EVAL_MAX_BYTES)  # at the limit: taken
+    check("data", cfg)
+
+
 @pytest.mark.integration
 def test_the_stage_drops_documents_quoting_an_evaluation_set(ray_local, tmp_path, caplog):
     from cerbero_ray.data.manifest import format_summary

@@ -262,3 +262,9 @@ def test_an_evaluation_set_in_the_bucket_decontaminates_as_the_local_file(bucket
         eval_stamp([key, f"{bucket}/evals/missing.json"])
     with pytest.raises(ValueError, match=r"data.decontaminate.paths\[0\]: .* is a folder"):
         eval_stamp([f"{bucket}/evals"])
+    from cerbero_ray.config import data as data_config
+
+    with pytest.MonkeyPatch.context() as m:  # a file over the limit (lowered here): named by its size
+        m.setattr(data_config, "EVAL_MAX_BYTES", 1000)
+        with pytest.raises(ValueError, match=r"data.decontaminate.paths\[0\]: .*squad.json.gz is 0.0 GiB, over the"):
+            eval_stamp([key])

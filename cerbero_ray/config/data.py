@@ -68,6 +68,20 @@ class DataStageConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
+EVAL_MAX_BYTES = 1 << 30  # an evaluation file's size at most: the dedup pass holds all its texts' runs in memory
+
+
+def check_eval_size(i: int, path: str, size: int) -> None:
+    """``ValueError`` naming ``data.decontaminate.paths[i]`` when the file is over :data:`EVAL_MAX_BYTES`:
+    a test set is megabytes; a file this large is a training corpus named by mistake, whose every
+    run of words would be held in the driver's memory."""
+    if size > EVAL_MAX_BYTES:
+        raise ValueError(
+            f"data.decontaminate.paths[{i}]: {path} is {size / 2**30:.1f} GiB, over the {EVAL_MAX_BYTES / 2**30:g} GiB "
+            "an evaluation set may be (test sets are megabytes: is it a training file?)"
+        )
+
+
 def check_data(c: DataStageConfig, before: frozenset = frozenset()) -> None:
     """``ValueError`` naming the key for a bad data config (the sources' files are checked at run time)."""
     d = c.data
@@ -94,6 +108,8 @@ def check_data(c: DataStageConfig, before: frozenset = frozenset()) -> None:
         check_local_path(path, f"data.decontaminate.paths[{i}]")
         if is_local(path) and os.path.isdir(local_path(path)):
             raise ValueError(f"data.decontaminate.paths[{i}]: {path} is a folder; name the evaluation files in it")
+        if is_local(path) and os.path.isfile(local_path(path)):
+            check_eval_size(i, path, os.path.getsize(local_path(path)))
     if not d.sources:
         raise ValueError("data.sources: no source (add one: +data.sources.NAME.path=...)")
     defaults = {k: v for k, v in asdict(SourceConfig()).items() if k != "path"}

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cerbero_ray import inputs, storage
+from cerbero_ray.config.data import check_eval_size
 from cerbero_ray.data.dedup import normalized, word_hashes, word_runs
 from cerbero_ray.data.formats import Document
 
@@ -35,7 +36,7 @@ from cerbero_ray.data.formats import Document
 def eval_stamp(paths: list[str]) -> str:
     """A hash of the evaluation files' sizes and modification times ("" for none): a finished run
     checked against other contents is not up to date. ``FileNotFoundError`` / ``ValueError`` naming
-    the key for a file that is not there or is a folder."""
+    the key for a file that is not there, is a folder or is too large for one."""
     if not paths:
         return ""
     seen = []
@@ -47,6 +48,7 @@ def eval_stamp(paths: list[str]) -> str:
             raise FileNotFoundError(f"{key}: no such file: {path}")
         if info.type != storage.pafs.FileType.File:
             raise ValueError(f"{key}: {path} is a folder; name the evaluation files in it")
+        check_eval_size(i, path, info.size)
         seen.append([path, info.size, info.mtime_ns])
     return hashlib.sha256(json.dumps(seen).encode()).hexdigest()[:16]
 
