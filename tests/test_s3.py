@@ -52,10 +52,16 @@ def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket
     import ray
 
     out = f"{bucket}/recipe"
+    # the data checked against the SQuAD-it slice the evaluation reads, a gzipped copy in the bucket
+    import gzip
+
+    sample = os.path.join(REPO_DIR, "data", "samples", "squad_it_sample.json")
+    evals = storage.write_bytes(f"{bucket}/evals/squad_it_sample.json.gz", gzip.compress(open(sample, "rb").read()))
     args = (  # the job attaches to this test's Ray (one cluster on the box, not two competing for its cores)
         f"cluster.address={ray.get_runtime_context().gcs_address}",
         f"paths.output_dir={out}",
         f"paths.data_dir={tmp_path / 'no-shared-data'}",
+        f"data.decontaminate.paths=[{evals}]",
         "train.epochs=1",
         "train.max_steps=6",  # a bucket's checkpoint, every rank's marker and a resume need no more
         "evaluate.tasks.squad_it.max_rows=4",
@@ -75,6 +81,12 @@ def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket
     assert not any(k.endswith(storage.TMP_SUFFIX) or storage.WRITING in k for k in objs)
     assert re.search(rf"checkpoint: {re.escape(out)}/train/tiny-cpu/checkpoint_step_\d+", said), said[-3000:]
     assert "[export] f16: llama.cpp check ok" in said or "check skipped" in said
+    # results.md knows the trained model's data was checked against that very set: the record in its
+    # card on the bucket, the bucket's .gz and the evaluation's local file one by their contents
+    fs, p = storage.resolve(f"{out}/evaluate/results.md")
+    with fs.open_input_stream(p) as f:
+        md = f.read().decode()
+    assert "| trained | checked (0 dropped) |" in md, md[-2000:]
     assert f"aws s3 cp {out}/export/tiny-cpu/cerbero-F16.gguf ." in said and 'model_path="cerbero-F16.gguf"' in said
     # a rerun resumes from the bucket: checked on training (its checkpoint read back from the bucket;
     # every stage's own rerun is tested on a local disk, test_recipe and the stage tests)
