@@ -95,7 +95,10 @@ def card_metadata(folder: str) -> dict:
 
         fs, p = storage.resolve(path)
         with fs.open_input_stream(p, compression=None) as f:
-            return ModelCard(f.read().decode("utf-8", "replace")).data.to_dict()
+            text = f.read().decode("utf-8", "replace")
+        if not text.lstrip("\ufeff \t\r\n").startswith("---"):  # no metadata block (a README, not a card)
+            return {}
+        return ModelCard(text).data.to_dict()
     except Exception:  # a card that does not parse says nothing
         return {}
 
