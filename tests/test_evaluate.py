@@ -218,6 +218,30 @@ def test_squad_shots_are_deterministic_and_from_other_articles():
     assert len({g0.prompt_hash(), g1.prompt_hash(), b.prompt_hash()}) == 3
 
 
+def test_a_task_file_compressed_is_the_same_task(tmp_path):
+    """A task's file read as every input is (compression by its first bytes, whatever its name): a
+    gzip of the SQuAD-it slice, named .json.gz or plain .json, is the same task, with the same
+    identity (the contents' hash, from the same one read)."""
+    import gzip
+
+    from cerbero_ray import inputs
+
+    packed = gzip.compress(open(SQUAD_SLICE, "rb").read())
+    (tmp_path / "squad.json.gz").write_bytes(packed)
+    (tmp_path / "squad.json").write_bytes(packed)  # a gzip under a plain name
+    tc = {"kind": "squad", "shots": 1, "max_rows": 5, "protocols": ["generate"], "prompts": [0], "max_new_tokens": 8}
+    plain = prepare("squad_it", EvalTaskConfig(path=SQUAD_SLICE, **tc), seed=0)
+    for name in ("squad.json.gz", "squad.json"):
+        p = prepare("squad_it", EvalTaskConfig(path=str(tmp_path / name), **tc), seed=0)
+        assert p.rows == plain.rows and p.file_sha256 == plain.file_sha256 == inputs.file_hash(SQUAD_SLICE)
+        assert p.units[0].prompt_hash() == plain.units[0].prompt_hash()
+    ami, _ = _evalita_files(tmp_path)
+    (tmp_path / "ami.tsv.gz").write_bytes(gzip.compress(ami.read_bytes()))
+    assert evalita.load(evalita.SPECS["ami2020"], str(tmp_path / "ami.tsv.gz")) == evalita.load(
+        evalita.SPECS["ami2020"], str(ami)
+    )
+
+
 def _evalita_files(tmp_path):
     ami = ["id\ttext\tmisogynous\taggressiveness"] + [f"{i}\ttesto numero {i}\t{i % 2}\t0" for i in range(30)]
     ami += ["99\t\t1\t0", "98\tsenza etichetta\tforse\t0", "97\tcampi\t1"]  # no text, bad gold, too few fields

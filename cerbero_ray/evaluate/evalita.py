@@ -17,7 +17,7 @@ import io
 import random
 from dataclasses import dataclass
 
-from cerbero_ray import storage
+from cerbero_ray import inputs
 from cerbero_ray.config.label_task import LabelTask
 from cerbero_ray.evaluate.prompts import NO, PROMPTS, YES  # noqa: F401 (YES/NO: the answers, re-exported)
 
@@ -50,13 +50,12 @@ def _gold(value) -> int | None:
     return 1 if v in _TRUE else 0 if v in _FALSE else None
 
 
-def load(spec: Spec, path: str) -> tuple[list[dict], list[dict]]:
+def load(spec: Spec, path: str, raw: bytes | None = None) -> tuple[list[dict], list[dict]]:
     """Rows ``{id, text, gold, split}`` and rejects ``{id, line, reason}`` (a row with no text, an
-    unknown gold value or the wrong number of fields is counted, never silently dropped)."""
-    fs, p = storage.resolve(path)
-    with fs.open_input_stream(p) as f:
-        raw = f.read().decode("utf-8", errors="replace")
-    reader = csv.DictReader(io.StringIO(raw), delimiter=spec.delimiter)
+    unknown gold value or the wrong number of fields is counted, never silently dropped). ``raw``:
+    the file's contents when already read (:func:`cerbero_ray.inputs.read_bytes`)."""
+    text = (inputs.read_bytes(path) if raw is None else raw).decode("utf-8", errors="replace")
+    reader = csv.DictReader(io.StringIO(text), delimiter=spec.delimiter)
     missing = {spec.text_col, spec.gold_col, *([spec.split_col] if spec.split_col else [])} - set(
         reader.fieldnames or []
     )

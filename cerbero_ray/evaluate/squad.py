@@ -14,17 +14,16 @@ from __future__ import annotations
 import json
 import random
 
-from cerbero_ray import storage
+from cerbero_ray import inputs
 from cerbero_ray.chat import STOP_STRING
 from cerbero_ray.evaluate.prompts import ANSWER_PREFIX
 
 
-def load(path: str) -> tuple[list[dict], list[dict]]:
+def load(path: str, raw: bytes | None = None) -> tuple[list[dict], list[dict]]:
     """SQuAD v1.1 JSON → (rows ``{id, article, context, question, answers}``, rejects ``{id, reason}``).
-    A question without a usable id, question or answer is a reject, never silently dropped."""
-    fs, p = storage.resolve(path)
-    with fs.open_input_stream(p) as f:
-        doc = json.loads(f.read())
+    A question without a usable id, question or answer is a reject, never silently dropped. ``raw``:
+    the file's contents when already read (:func:`cerbero_ray.inputs.read_bytes`)."""
+    doc = json.loads(inputs.read_bytes(path) if raw is None else raw)
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise ValueError(f"{path}: not SQuAD v1.1 JSON (no top-level 'data' list)")
     rows, rejects, seen = [], [], set()

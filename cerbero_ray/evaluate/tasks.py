@@ -87,7 +87,8 @@ def prepare(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
 
 
 def _squad(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
-    rows, rejects = squad.load(tc.path)
+    raw = inputs.read_bytes(tc.path)  # read once: its rows and its identity
+    rows, rejects = squad.load(tc.path, raw)
     scored = squad.sample_rows(rows, tc.max_rows, seed)
     shots = {r["id"]: squad.shots_for(r, rows, tc.shots, seed) for r in scored}
     units = []
@@ -100,12 +101,13 @@ def _squad(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
             reqs = [{"id": r["id"], "messages": prompts.benchita_squad_messages(r, shots[r["id"]])} for r in scored]
             units.append(Unit("benchita", 0, reqs, prompts.BENCHITA_MAX_NEW_TOKENS["squad"], False))
     out = [{"id": r["id"], "gold": r["answers"], "context": r["context"], "question": r["question"]} for r in scored]
-    return Prepared(name, "squad", out, rejects, units, pool_rows=len(rows), file_sha256=inputs.file_hash(tc.path))
+    return Prepared(name, "squad", out, rejects, units, pool_rows=len(rows), file_sha256=inputs.digest(raw))
 
 
 def _evalita(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
     spec = evalita.SPECS[tc.kind]
-    rows, rejects = evalita.load(spec, tc.path)
+    raw = inputs.read_bytes(tc.path)
+    rows, rejects = evalita.load(spec, tc.path, raw)
     pool, scored = evalita.split(spec, rows, tc.pool_rows, seed)
     scored = squad.sample_rows(scored, tc.max_rows, seed)
     per_row = tc.shot_mode == "per_row" and tc.shots > 0
@@ -127,7 +129,7 @@ def _evalita(name: str, tc: EvalTaskConfig, seed: int) -> Prepared:
             units.append(Unit("benchita", 0, reqs, prompts.BENCHITA_MAX_NEW_TOKENS["evalita"], False))
     out = [{"id": r["id"], "gold": r["gold"], "text": r["text"]} for r in scored]
     ids = [] if per_row else [[s["id"] for s in shots] for shots in shot_sets]
-    return Prepared(name, tc.kind, out, rejects, units, ids, len(pool), inputs.file_hash(tc.path))
+    return Prepared(name, tc.kind, out, rejects, units, ids, len(pool), inputs.digest(raw))
 
 
 def _evalita_unit(spec, protocol, p, d, shots, scored, own, max_new_tokens) -> Unit:
