@@ -12,6 +12,7 @@ import posixpath
 
 CARD = "README.md"  # a model folder's card: where the Hub reads it
 RECORD = "cerbero_ray"  # the card metadata's key for what the run knew of its data: it travels with the folder
+GGUF_KEY = "cerbero_ray.data"  # the same record in a GGUF file's own metadata (JSON): it travels with the file
 
 
 def write_card(directory: str, card: str | None) -> None:
@@ -129,3 +130,52 @@ def data_of(metadata: dict) -> dict | None:
     (:func:`readable_data`), else None."""
     record = metadata.get(RECORD)
     return readable_data(record.get("data")) if isinstance(record, dict) else None
+
+
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+_GGUF_HEAD = 1 << 20  # the record sits before the vocabulary (the writer puts it there; the quantizer keeps the order)
+
+
+def gguf_data(path: str) -> dict | None:
+    """The training data's record (:data:`GGUF_KEY`) in the metadata of the GGUF file at ``path``
+    (local or a URI: its first MiB is read, not the weights) when it has a readable one
+    (:func:`readable_data`), else None."""
+    import json
+    import struct
+
+    from cerbero_ray import storage
+
+    try:
+        fs, p = storage.resolve(path)
+        with fs.open_input_file(p) as f:
+            head = f.read(_GGUF_HEAD)
+        if head[:4] != b"GGUF" or struct.unpack_from("<I", head, 4)[0] not in (2, 3):
+            return None
+        (kvs,), at = struct.unpack_from("<Q", head, 16), 24
+
+        def string(at: int) -> tuple[bytes, int]:
+            (n,) = struct.unpack_from("<Q", head, at)
+            if at + 8 + n > len(head):
+                raise ValueError("past the head")
+            return head[at + 8 : at + 8 + n], at + 8 + n
+
+        for _ in range(kvs):
+            key, at = string(at)
+            (kind,), at = struct.unpack_from("<I", head, at), at + 4
+            if kind == 8:
+                value, at = string(at)
+                if key == GGUF_KEY.encode():
+                    return readable_data(json.loads(value))
+            elif kind == 9:  # an array: its items' type, their count, the items
+                (item, count), at = struct.unpack_from("<IQ", head, at), at + 12
+                if item != 8:
+                    at += count * _GGUF_SCALARS[item]
+                for _ in range(count if item == 8 else 0):  # each string reads its length: ends past the head
+                    at = string(at)[1]
+            else:
+                at += _GGUF_SCALARS[kind]
+            if at > len(head):
+                return None
+    except (OSError, ValueError, KeyError, struct.error, RecursionError):
+        return None  # not a GGUF file, or no record within its first MiB
+    return None

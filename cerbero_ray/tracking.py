@@ -224,15 +224,15 @@ def training_run_of(checkpoint: str) -> tuple[str, dict, int] | None:
 def training_data_of(checkpoint: str) -> dict | None:
     """What is known of the data a model of ours was trained on: ``{"dedup": ...}``, the data stage's
     checks (which evaluation files it was checked against). From the model's own card first (its
-    metadata's :data:`cerbero_ray.cards.RECORD`: in ``hf/``, ``adapter/``, a checkpoint's, and an
-    export folder's for a GGUF file: it goes wherever the folder goes), else from the summary of the
-    run folder it sits in (a checkpoint from before the record); None when neither says."""
-    from cerbero_ray.cards import card_metadata, data_of, readable_data
+    metadata's :data:`cerbero_ray.cards.RECORD`, in ``hf/``, ``adapter/``, a checkpoint's: it goes
+    wherever the folder goes), else from the summary of the run folder it sits in (a checkpoint from
+    before the record); a GGUF file's from its own metadata (:func:`cerbero_ray.cards.gguf_data`: it
+    goes wherever the file goes). None when nothing says."""
+    from cerbero_ray.cards import card_metadata, data_of, gguf_data, readable_data
 
-    folder = checkpoint.rstrip("/")
-    if folder.lower().endswith(".gguf"):
-        folder = folder.rsplit("/", 1)[0] if "/" in folder else "."
-    if (data := data_of(card_metadata(folder))) is not None:
+    if checkpoint.lower().endswith(".gguf"):  # the file's own metadata (an adapter's base file has none)
+        return gguf_data(checkpoint)
+    if (data := data_of(card_metadata(checkpoint.rstrip("/")))) is not None:
         return data
     where = run_folder_of(checkpoint)
     if where is None:

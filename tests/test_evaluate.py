@@ -683,8 +683,31 @@ def test_results_md_says_which_test_sets_each_trained_model_s_data_was_checked_a
     for where in (tmp_path / "copied" / "model", tmp_path / "export", run / "hf"):
         storage.write_bytes(str(where / CARD), card.encode())
     assert training_data_of(str(tmp_path / "copied" / "model")) == by_card
-    assert training_data_of(str(tmp_path / "export" / "m-Q4_K_M.gguf")) == by_card
     assert training_data_of(str(run / "hf")) == by_card and training_data_of(str(run / "adapter"))["dir"] == "/d"
+    # a GGUF file: its own metadata, as the export stage writes it (after the vocabulary's arrays
+    # here: read past them), whatever the folder's card says (an adapter's base file has none)
+    import gguf
+
+    from cerbero_ray.cards import GGUF_KEY
+
+    def gguf_file(path, data=None, tokens=1000):
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_token_list([f"t{i}" for i in range(tokens)])
+        w.add_token_scores([0.0] * tokens)
+        if data is not None:
+            w.add_string(GGUF_KEY, data if isinstance(data, str) else json.dumps(data))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        return str(path)
+
+    assert training_data_of(gguf_file(tmp_path / "export" / "m-Q4_K_M.gguf", by_card)) == by_card
+    assert training_data_of(gguf_file(tmp_path / "export" / "m-base-F16.gguf")) is None  # the card is not its
+    for bad in ('{"dedup": 3}', "{cut", "[" * 100_000):  # a record results.md cannot read: none
+        assert training_data_of(gguf_file(tmp_path / "bad.gguf", bad)) is None
+    assert training_data_of(gguf_file(tmp_path / "far.gguf", by_card, tokens=200_000)) is None  # past the first MiB
+    storage.write_bytes(str(tmp_path / "junk.gguf"), b"GGUF" + b"\xff" * 64)  # not a GGUF file
+    assert training_data_of(str(tmp_path / "junk.gguf")) is None and training_data_of("/no/such.gguf") is None
     junk = [
         "---\ncerbero_ray: [1]\n---\n",
         "---\n: : :\n---\n",

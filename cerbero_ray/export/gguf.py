@@ -203,10 +203,17 @@ def _load(f: str, name: str):
 
 
 def convert(
-    folder: str, dest: str, out_type: str = "f16", name: str = "cerbero", chat_template: str | None = None
+    folder: str,
+    dest: str,
+    out_type: str = "f16",
+    name: str = "cerbero",
+    chat_template: str | None = None,
+    data: dict | None = None,
 ) -> dict:
     """Write ``folder`` (a local HF folder) as GGUF ``out_type`` to the local path ``dest``;
-    returns what was written (tensors, vocabulary source, bytes)."""
+    returns what was written (tensors, vocabulary source, bytes). ``data``: what the model's
+    training data was checked against (:func:`cerbero_ray.cards.data_of`), kept in the file's
+    metadata under :data:`cerbero_ray.cards.GGUF_KEY` (llama.cpp's quantizer copies it on)."""
     import logging
 
     import gguf
@@ -225,6 +232,7 @@ def convert(
         )
     with _writing(dest) as w:
         _metadata(w, arch, name, out_type, folder, tokens, scores, types, chat_template)
+        _data(w, data)
         for _, _, g, shape, q in plan:
             raw = gguf.quant_shape_to_byte_shape(shape, q)  # a quantized tensor is declared in bytes
             dtype = _NUMPY.get(q.name, np.uint8)
@@ -238,6 +246,14 @@ def convert(
             w.write_tensor_data(np.ascontiguousarray(x))
             del x
     return {"path": dest, "type": out_type, "tensors": len(plan), "vocabulary": source, "bytes": os.path.getsize(dest)}
+
+
+def _data(w, data: dict | None) -> None:
+    """The training data's record as one JSON string (none: nothing written)."""
+    if data is not None:
+        from cerbero_ray.cards import GGUF_KEY
+
+        w.add_string(GGUF_KEY, json.dumps(data, sort_keys=True, ensure_ascii=False))
 
 
 def _metadata(w, arch: Arch, name: str, out_type: str, folder: str, tokens, scores, types, chat_template) -> None:
@@ -267,7 +283,7 @@ def _metadata(w, arch: Arch, name: str, out_type: str, folder: str, tokens, scor
     special.add_to_gguf(w, quiet=True)
 
 
-def convert_lora(adapter: str, base: str, dest: str, name: str = "cerbero") -> dict:
+def convert_lora(adapter: str, base: str, dest: str, name: str = "cerbero", data: dict | None = None) -> dict:
     """Write a peft LoRA adapter (local folder ``adapter``, trained on the local HF folder ``base``)
     as a llama.cpp LoRA GGUF at ``dest``: per adapted weight ``blk.N.<tensor>.weight.lora_a`` (the
     ``r × in`` A) and ``.lora_b`` (the ``out × r`` B, its rows permuted as the weight's are for the
@@ -292,6 +308,7 @@ def convert_lora(adapter: str, base: str, dest: str, name: str = "cerbero") -> d
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        _data(w, data)  # the adapter is what was trained (its base file gets none)
         for module in sorted(pairs, key=_module_order):
             a, b = (t.numpy().astype(np.float32) for t in pairs[module])
             g = gguf_name(module + ".weight")

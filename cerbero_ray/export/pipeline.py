@@ -149,6 +149,7 @@ def run_export(cfg: DictConfig | dict | ExportStageConfig) -> dict:
     c = check("export", cfg)
     x = c.export
     check_checkpoint(x.checkpoint, "export.checkpoint", x.base)
+    source = cards.card_metadata(x.checkpoint)  # its license and its data's record: the files' too
     adapter = adapters.is_adapter(x.checkpoint)
     base = adapters.base_of(x.checkpoint, x.base, "export.checkpoint") if adapter else None
     made = _made_from(x, base)  # before the copy: files changed meanwhile are made again next time
@@ -164,18 +165,18 @@ def run_export(cfg: DictConfig | dict | ExportStageConfig) -> dict:
         for said in kept.values():
             log.warning(said)
         results = {k: {"path": _final(x, k), "type": k, "status": "kept"} for k in kept}
-        return _finish(x, results, tag, pair, time.perf_counter())
+        return _finish(x, results, tag, pair, time.perf_counter(), source)
     with tempfile.TemporaryDirectory(prefix="cerbero-merged-") as merged:
         if not adapter:
             folder = storage.local_copy(x.checkpoint)
             check_weights(folder, "export.checkpoint")
-            return _export(x, folder, made, kept)
+            return _export(x, folder, made, kept, source)
         src = storage.local_copy(x.checkpoint)
         base_folder = storage.local_copy(base)
         check_weights(base_folder, "export.base")
         check_base(x.checkpoint, base, base_folder, "export.checkpoint")
         _merge(x.checkpoint, base, src, base_folder, merged)
-        return _export(x, merged, made, kept, (src, base_folder) if pair else None)
+        return _export(x, merged, made, kept, source, (src, base_folder) if pair else None)
 
 
 LORA_FILES = {"base-f16": ("-base", "f16"), "lora": ("", "lora-f32")}  # an adapter's pair: (name suffix, type)
@@ -211,7 +212,9 @@ def _merge(adapter: str, base: str, src: str, base_folder: str, dest: str) -> No
     log.info(f"[export] {adapter}: merged into {base} for the GGUF files")
 
 
-def _export(x: ExportConfig, folder: str, made: dict, kept: dict, lora: tuple[str, str] | None = None) -> dict:
+def _export(
+    x: ExportConfig, folder: str, made: dict, kept: dict, source: dict, lora: tuple[str, str] | None = None
+) -> dict:
     """Export the local HF folder ``folder`` (``made``: what it was made from, :func:`_made_from`;
     ``kept``: the files kept, :func:`_keepable`); ``lora``: (adapter folder, base folder) to write
     as a LoRA file and its base too."""
@@ -222,6 +225,7 @@ def _export(x: ExportConfig, folder: str, made: dict, kept: dict, lora: tuple[st
     out, results, t0 = x.output_dir, {}, time.perf_counter()
     template = _template(folder)
     tag = assistant_tag_of(template)
+    data = cards.data_of(source)  # what its training data was checked against: in each file's metadata
     ref = functools.cache(lambda: _reference(folder, tag, x.verify))  # transformers' run: only if a file is made
     with tempfile.TemporaryDirectory(prefix="cerbero-gguf-") as tmp:
         local_out = tmp if storage.is_uri(out) else storage.resolve(out)[1]
@@ -237,16 +241,17 @@ def _export(x: ExportConfig, folder: str, made: dict, kept: dict, lora: tuple[st
             if t in quant.FTYPES and results.get("f16", {}).get("status") == "kept" and storage.is_uri(out):
                 if not os.path.exists(f16):  # the quantizer starts from the f16 file kept in the bucket
                     _download(storage.join(out, file_name(x.name, "f16")), f16)
-            results[t] = _make(t, folder, os.path.join(local_out, file_name(x.name, t)), f16, x, template, ref())
+            dest = os.path.join(local_out, file_name(x.name, t))
+            results[t] = _make(t, folder, dest, f16, x, template, ref(), data)
             _publish(results[t], out, final, made, tag)
         if os.path.exists(f16 + UNVERIFIED):  # an f16 file made only for the quantizer
             os.remove(f16 + UNVERIFIED)
         if lora is not None:
-            results.update(_lora_files(x, lora, local_out, made, kept, template, tag, ref))
-    return _finish(x, results, tag, lora is not None, t0)
+            results.update(_lora_files(x, lora, local_out, made, kept, template, tag, ref, data))
+    return _finish(x, results, tag, lora is not None, t0, source)
 
 
-def _finish(x: ExportConfig, results: dict, tag: str, pair: bool, t0: float) -> dict:
+def _finish(x: ExportConfig, results: dict, tag: str, pair: bool, t0: float, source: dict) -> dict:
     """The stage's result and its last lines: the count, the chat snippet, an adapter's pair; the
     folder's card (:mod:`cerbero_ray.export.card`)."""
     failed = [t for t, r in results.items() if r["status"] == "failed"]
@@ -264,7 +269,7 @@ def _finish(x: ExportConfig, results: dict, tag: str, pair: bool, t0: float) -> 
         there = {f: r for f, r in _records(x.output_dir).items() if storage.is_file(storage.join(x.output_dir, f))}
         name = results[good[-1]]["path"].rsplit("/", 1)[-1]
         code = SNIPPET.format(fetch="", path=name, prompt=seed_prompt(tag), stop=USER_TAG)
-        text = card.gguf_card(x.name, x.checkpoint, there, code, seed_prompt(tag), cards.card_metadata(x.checkpoint))
+        text = card.gguf_card(x.name, x.checkpoint, there, code, seed_prompt(tag), source)
         storage.write_bytes(where, text.encode())
     if pair and all(k in results and results[k]["status"] != "failed" for k in ("lora", "base-f16")):
         log.info(
@@ -303,7 +308,9 @@ def _reference(folder: str, tag: str, wanted: bool) -> dict | None:
     return verify.reference(folder, tag)
 
 
-def _lora_files(x: ExportConfig, lora: tuple, local_out: str, made: dict, kept: dict, template, tag: str, ref) -> dict:
+def _lora_files(
+    x: ExportConfig, lora: tuple, local_out: str, made: dict, kept: dict, template, tag: str, ref, data: dict | None
+) -> dict:
     """The adapter as ``<name>-LORA-F32.gguf`` and its base as ``<name>-base-F16.gguf``, checked
     together by llama.cpp (the adapter applied at load time) against the merged model."""
     adapter, base_folder = lora
@@ -317,7 +324,7 @@ def _lora_files(x: ExportConfig, lora: tuple, local_out: str, made: dict, kept: 
     staged = {k: os.path.join(local_out, n) + UNVERIFIED for k, n in names.items()}
     infos = {
         "base-f16": {**conv.convert(base_folder, staged["base-f16"], "f16", f"{x.name}-base", template)},
-        "lora": {**conv.convert_lora(adapter, base_folder, staged["lora"], x.name)},
+        "lora": {**conv.convert_lora(adapter, base_folder, staged["lora"], x.name, data)},
     }
     status, check, ref = "unchecked", None, ref()
     if ref is not None:
@@ -333,7 +340,9 @@ def _lora_files(x: ExportConfig, lora: tuple, local_out: str, made: dict, kept: 
     return infos
 
 
-def _make(t: str, folder: str, dest: str, f16: str, x: ExportConfig, template: str | None, ref: dict | None) -> dict:
+def _make(
+    t: str, folder: str, dest: str, f16: str, x: ExportConfig, template: str | None, ref: dict | None, data: dict | None
+) -> dict:
     """Write type ``t`` as ``dest + UNVERIFIED``, check it with llama.cpp (when ``ref``); returns its
     info with ``status`` (``checked``, ``unchecked`` or ``failed``) and ``check``."""
     t1, staged = time.perf_counter(), dest + UNVERIFIED
@@ -342,10 +351,10 @@ def _make(t: str, folder: str, dest: str, f16: str, x: ExportConfig, template: s
             # the f16 file of this run (made or kept), else one made only for the quantizer
             src = f16 if "f16" in x.types and os.path.exists(f16) else f16 + UNVERIFIED
             if not os.path.exists(src):
-                conv.convert(folder, src, "f16", x.name, template)
+                conv.convert(folder, src, "f16", x.name, template, data)
             info = quant.quantize(src, staged, t, x.threads)
         else:
-            info = conv.convert(folder, staged, t, x.name, template)
+            info = conv.convert(folder, staged, t, x.name, template, data)
     except llamacpp.NativeCrash as e:  # the quantizer died: this type fails, the others go on
         log.warning(f"[export] {t}: FAILED: {e}")
         return {"type": t, "status": "failed", "check": {"ok": False, "signal": e.signal, "error": str(e)}}
