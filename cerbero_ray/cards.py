@@ -133,7 +133,7 @@ def data_of(metadata: dict) -> dict | None:
 
 
 _GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
-_GGUF_HEAD = 1 << 20  # the record sits before the vocabulary (the writer puts it there; the quantizer keeps the order)
+_GGUF_HEAD = 1 << 20  # the export writes the record after the name, before the vocabulary (the quantizer keeps it)
 
 
 def gguf_data(path: str) -> dict | None:

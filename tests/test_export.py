@@ -82,9 +82,11 @@ def test_permutation_pairs_rotary_halves():
 def test_keys_and_shapes(hf_dir, tmp_path, out_type):
     from gguf import GGUFReader
 
-    r = convert(
-        hf_dir, str(tmp_path / "m.gguf"), out_type, chat_template=plain_template(build_tokenizer().chat_template)
-    )
+    from cerbero_ray.cards import GGUF_KEY, gguf_data
+
+    data = {"dedup": {"mode": "exact", "evaluation_sets": {"squad.json": 2}, "evaluation_sha256": {"squad.json": "f"}}}
+    template = plain_template(build_tokenizer().chat_template)
+    r = convert(hf_dir, str(tmp_path / "m.gguf"), out_type, chat_template=template, data=data)
     assert r["vocabulary"] == "tokenizer.model" and r["tensors"] == 3 + 9 * SHAPE["num_hidden_layers"]
     g = GGUFReader(str(tmp_path / "m.gguf"))
 
@@ -98,6 +100,10 @@ def test_keys_and_shapes(hf_dir, tmp_path, out_type):
     assert val("tokenizer.ggml.model") == "llama" and len(val("tokenizer.ggml.tokens")) == 32000
     assert val("tokenizer.ggml.bos_token_id") == 1 and val("tokenizer.ggml.eos_token_id") == 2
     assert "[|Umano|]" in val("tokenizer.chat_template") and "{%- generation %}" not in val("tokenizer.chat_template")
+    # the training data's record: JSON, before the vocabulary (read from the file's first MiB)
+    assert json.loads(val(GGUF_KEY)) == data == gguf_data(str(tmp_path / "m.gguf"))
+    keys = list(g.fields)
+    assert keys.index(GGUF_KEY) < keys.index("tokenizer.ggml.tokens")
     shapes = {t.name: (t.shape.tolist(), t.tensor_type.name) for t in g.tensors}
     q = "F16" if out_type == "f16" else "Q8_0"
     assert shapes["token_embd.weight"] == ([256, 32000], q) and shapes["output_norm.weight"] == ([256], "F32")

@@ -231,8 +231,7 @@ def convert(
             f"{arch.vocab} and the embedding has {embed_rows} rows: they must agree"
         )
     with _writing(dest) as w:
-        _metadata(w, arch, name, out_type, folder, tokens, scores, types, chat_template)
-        _data(w, data)
+        _metadata(w, arch, name, out_type, folder, tokens, scores, types, chat_template, data)
         for _, _, g, shape, q in plan:
             raw = gguf.quant_shape_to_byte_shape(shape, q)  # a quantized tensor is declared in bytes
             dtype = _NUMPY.get(q.name, np.uint8)
@@ -256,10 +255,13 @@ def _data(w, data: dict | None) -> None:
         w.add_string(GGUF_KEY, json.dumps(data, sort_keys=True, ensure_ascii=False))
 
 
-def _metadata(w, arch: Arch, name: str, out_type: str, folder: str, tokens, scores, types, chat_template) -> None:
+def _metadata(
+    w, arch: Arch, name: str, out_type: str, folder: str, tokens, scores, types, chat_template, data=None
+) -> None:
     import gguf
 
     w.add_name(name)
+    _data(w, data)  # early: a reader finds it without reading past the vocabulary
     w.add_vocab_size(arch.vocab)
     w.add_context_length(arch.context)
     w.add_embedding_length(arch.hidden)
