@@ -133,49 +133,70 @@ def data_of(metadata: dict) -> dict | None:
 
 
 _GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
-_GGUF_HEAD = 1 << 20  # the export writes the record after the name, before the vocabulary (the quantizer keeps it)
+_GGUF_READS = (1 << 20, 1 << 23, 1 << 26)  # how much of the file is read: its metadata only (our writer puts the
+# record before the vocabulary; llama.cpp's quantizer moves it after, so a large vocabulary takes a second read)
+
+
+class _Short(Exception):
+    """The metadata goes on past the bytes read."""
 
 
 def gguf_data(path: str) -> dict | None:
     """The training data's record (:data:`GGUF_KEY`) in the metadata of the GGUF file at ``path``
-    (local or a URI: its first MiB is read, not the weights) when it has a readable one
+    (local or a URI: its metadata is read, never the weights) when it has a readable one
     (:func:`readable_data`), else None."""
-    import json
-    import struct
-
     from cerbero_ray import storage
 
     try:
         fs, p = storage.resolve(path)
         with fs.open_input_file(p) as f:
-            head = f.read(_GGUF_HEAD)
-        if head[:4] != b"GGUF" or struct.unpack_from("<I", head, 4)[0] not in (2, 3):
-            return None
-        (kvs,), at = struct.unpack_from("<Q", head, 16), 24
+            for size in _GGUF_READS:
+                head = f.read_at(size, 0)
+                try:
+                    return _gguf_record(head)
+                except _Short:
+                    if len(head) < size:  # the file ends first: not a whole GGUF file
+                        return None
+    except (OSError, ValueError, KeyError, RecursionError):
+        return None  # not a GGUF file, or a record results.md cannot read
+    return None  # metadata over 64 MiB: not ours
 
-        def string(at: int) -> tuple[bytes, int]:
-            (n,) = struct.unpack_from("<Q", head, at)
-            if at + 8 + n > len(head):
-                raise ValueError("past the head")
-            return head[at + 8 : at + 8 + n], at + 8 + n
 
-        for _ in range(kvs):
-            key, at = string(at)
-            (kind,), at = struct.unpack_from("<I", head, at), at + 4
-            if kind == 8:
-                value, at = string(at)
-                if key == GGUF_KEY.encode():
-                    return readable_data(json.loads(value))
-            elif kind == 9:  # an array: its items' type, their count, the items
-                (item, count), at = struct.unpack_from("<IQ", head, at), at + 12
-                if item != 8:
-                    at += count * _GGUF_SCALARS[item]
-                for _ in range(count if item == 8 else 0):  # each string reads its length: ends past the head
-                    at = string(at)[1]
-            else:
-                at += _GGUF_SCALARS[kind]
-            if at > len(head):
-                return None
-    except (OSError, ValueError, KeyError, struct.error, RecursionError):
-        return None  # not a GGUF file, or no record within its first MiB
+def _gguf_record(head: bytes) -> dict | None:
+    """:func:`gguf_data` of a file's first bytes ``head``; :class:`_Short` when its metadata goes on
+    past them."""
+    import json
+    import struct
+
+    def unpack(fmt: str, at: int) -> tuple:
+        if at + struct.calcsize(fmt) > len(head):
+            raise _Short
+        return struct.unpack_from(fmt, head, at)
+
+    def string(at: int) -> tuple[bytes, int]:
+        (n,) = unpack("<Q", at)
+        if at + 8 + n > len(head):
+            raise _Short
+        return head[at + 8 : at + 8 + n], at + 8 + n
+
+    if head[:4] != b"GGUF" or unpack("<I", 4)[0] not in (2, 3):
+        return None
+    (kvs,), at = unpack("<Q", 16), 24
+    for _ in range(kvs):
+        key, at = string(at)
+        (kind,), at = unpack("<I", at), at + 4
+        if kind == 8:
+            value, at = string(at)
+            if key == GGUF_KEY.encode():
+                return readable_data(json.loads(value))
+        elif kind == 9:  # an array: its items' type, their count, the items
+            (item, count), at = unpack("<IQ", at), at + 12
+            if item != 8:
+                at += count * _GGUF_SCALARS[item]
+            for _ in range(count if item == 8 else 0):  # each string reads its length: past the head, _Short
+                at = string(at)[1]
+        else:
+            at += _GGUF_SCALARS[kind]
+        if at > len(head):
+            raise _Short
     return None

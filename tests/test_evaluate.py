@@ -685,7 +685,8 @@ def test_results_md_says_which_test_sets_each_trained_model_s_data_was_checked_a
     assert training_data_of(str(tmp_path / "copied" / "model")) == by_card
     assert training_data_of(str(run / "hf")) == by_card and training_data_of(str(run / "adapter"))["dir"] == "/d"
     # a GGUF file: its own metadata, as the export stage writes it (after the vocabulary's arrays
-    # here: read past them), whatever the folder's card says (an adapter's base file has none)
+    # here, as llama.cpp's quantizer leaves it: read past them), whatever the folder's card says (an
+    # adapter's base file has none)
     import gguf
 
     from cerbero_ray.cards import GGUF_KEY
@@ -705,7 +706,11 @@ def test_results_md_says_which_test_sets_each_trained_model_s_data_was_checked_a
     assert training_data_of(gguf_file(tmp_path / "export" / "m-base-F16.gguf")) is None  # the card is not its
     for bad in ('{"dedup": 3}', "{cut", "[" * 100_000):  # a record results.md cannot read: none
         assert training_data_of(gguf_file(tmp_path / "bad.gguf", bad)) is None
-    assert training_data_of(gguf_file(tmp_path / "far.gguf", by_card, tokens=200_000)) is None  # past the first MiB
+    # after a vocabulary of 200,000 tokens (llama.cpp's quantizer moves it there): past the first MiB, found
+    assert training_data_of(gguf_file(tmp_path / "far.gguf", by_card, tokens=200_000)) == by_card
+    cut = tmp_path / "cut.gguf"  # a file cut short inside its metadata
+    cut.write_bytes(open(tmp_path / "far.gguf", "rb").read()[: 3 << 20])
+    assert training_data_of(str(cut)) is None
     storage.write_bytes(str(tmp_path / "junk.gguf"), b"GGUF" + b"\xff" * 64)  # not a GGUF file
     assert training_data_of(str(tmp_path / "junk.gguf")) is None and training_data_of("/no/such.gguf") is None
     junk = [
