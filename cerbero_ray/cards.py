@@ -12,6 +12,7 @@ import posixpath
 
 CARD = "README.md"  # a model folder's card: where the Hub reads it
 RECORD = "cerbero_ray"  # the card metadata's key for what the run knew of its data: it travels with the folder
+_COUNTS = ("documents", "duplicates", "near_duplicates", "contaminated", "ngram", "min_words")  # its integers
 GGUF_KEY = "cerbero_ray.data"  # the same record in a GGUF file's own metadata (JSON): it travels with the file
 
 
@@ -75,8 +76,7 @@ def data_record(dedup: dict | None) -> dict | None:
         names = {p: "/".join(x[-depth:]) for p, x in parts.items()}
         if len(set(names.values())) == len(names):  # two files of one name: their folders tell them apart
             break
-    keep = ("mode", "documents", "duplicates", "near_duplicates", "contaminated", "ngram", "min_words")
-    out = {k: dedup[k] for k in keep if k in dedup}
+    out = {k: dedup[k] for k in ("mode", *_COUNTS) if k in dedup}
     out["evaluation_sets"] = {names[p]: n for p, n in sets.items()}
     if hashes:
         out["evaluation_sha256"] = {names[p]: hashes[p] for p in sets if p in hashes}
@@ -118,8 +118,7 @@ def readable_data(data) -> dict | None:
     sets, hashes = dedup.get("evaluation_sets") or {}, dedup.get("evaluation_sha256") or {}
     if not isinstance(sets, dict) or not isinstance(hashes, dict):
         return None
-    numbers = ("documents", "duplicates", "near_duplicates", "contaminated", "ngram", "min_words")
-    if not isinstance(dedup.get("mode", ""), str) or any(type(dedup.get(k, 0)) is not int for k in numbers):
+    if not isinstance(dedup.get("mode", ""), str) or any(type(dedup.get(k, 0)) is not int for k in _COUNTS):
         return None
     counts = all(isinstance(k, str) and type(v) is int for k, v in sets.items())
     return data if counts and all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()) else None

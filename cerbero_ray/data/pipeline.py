@@ -168,10 +168,11 @@ def dedup_pass(out: str, d, plans, resumed: bool, workers: int, actor_cpus: floa
                 return path, meta
     t0, dc = time.perf_counter(), d.decontaminate
     sets = eval_sets(dc.paths, dc.ngram, dc.min_words)
-    for p, g in ((s.path, s.runs) for s in sets):
-        whole = sum(len(h) for n, h in g.items() if n < dc.ngram)
+    for s in sets:
+        whole = sum(len(h) for n, h in s.runs.items() if n < dc.ngram)
         short = f" and {whole:,} whole texts of {dc.min_words}-{dc.ngram - 1} words" if dc.min_words < dc.ngram else ""
-        log.info(f"[data] decontaminate: {len(g.get(dc.ngram, ())):,} distinct {dc.ngram}-word passages{short} in {p}")
+        passages = len(s.runs.get(dc.ngram, ()))
+        log.info(f"[data] decontaminate: {passages:,} distinct {dc.ngram}-word passages{short} in {s.path}")
     args = (d.sources, d.dedup, [s.runs for s in sets])
     if sum(p.bytes for p in plans) <= LOCAL_PASS_BYTES:
         batches = map(Fingerprints(*args), local_batches(plans))

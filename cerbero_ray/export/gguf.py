@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cerbero_ray.cards import GGUF_KEY
+
 SUPPORTED = ("mistral", "llama")
 WRITTEN = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}  # type -> GGMLQuantizationType
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
@@ -250,8 +252,6 @@ def convert(
 def _data(w, data: dict | None) -> None:
     """The training data's record as one JSON string (none: nothing written)."""
     if data is not None:
-        from cerbero_ray.cards import GGUF_KEY
-
         w.add_string(GGUF_KEY, json.dumps(data, sort_keys=True, ensure_ascii=False))
 
 
