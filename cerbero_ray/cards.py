@@ -8,7 +8,6 @@ says which evaluation sets its data was checked against."""
 from __future__ import annotations
 
 import os
-import posixpath
 
 CARD = "README.md"  # a model folder's card: where the Hub reads it
 RECORD = "cerbero_ray"  # the card metadata's key for what the run knew of its data: it travels with the folder
@@ -57,9 +56,22 @@ def data_checks(dedup: dict | None) -> list[str]:
     if not sets:
         return [*rows, "| decontamination | none: the data was not checked against any evaluation set |"]
     n, whole = dedup.get("ngram", 13), dedup.get("min_words", dedup.get("ngram", 13))
-    named = ", ".join(f"`{posixpath.basename(p)}` ({k:,} dropped)" for p, k in sets.items())
+    names = _names(sets)
+    named = ", ".join(f"`{names[p]}` ({k:,} dropped)" for p, k in sets.items())
     how = f"a {n}-word passage" + (f" or a whole text of {whole}+ words" if whole < n else "")
     return [*rows, f"| decontamination | checked against {named}: a document sharing {how} with one is dropped |"]
+
+
+def _names(paths) -> dict[str, str]:
+    """Each path (local or a URI) by its file's name; two files of one name with as many of their
+    folders as tell them apart. A name given again is itself (a record's names read back)."""
+    parts = {p: p.rstrip("/").split("/") for p in paths}
+    names = {}
+    for depth in range(1, max((len(x) for x in parts.values()), default=1) + 1):
+        names = {p: "/".join(x[-depth:]) for p, x in parts.items()}
+        if len(set(names.values())) == len(names):
+            break
+    return names
 
 
 def data_record(dedup: dict | None) -> dict | None:
@@ -71,11 +83,7 @@ def data_record(dedup: dict | None) -> dict | None:
     if not dedup:
         return None
     sets, hashes = dedup.get("evaluation_sets") or {}, dedup.get("evaluation_sha256") or {}
-    parts = {p: p.rstrip("/").split("/") for p in sets}
-    for depth in range(1, max((len(x) for x in parts.values()), default=1) + 1):
-        names = {p: "/".join(x[-depth:]) for p, x in parts.items()}
-        if len(set(names.values())) == len(names):  # two files of one name: their folders tell them apart
-            break
+    names = _names(sets)
     out = {k: dedup[k] for k in ("mode", *_COUNTS) if k in dedup}
     out["evaluation_sets"] = {names[p]: n for p, n in sets.items()}
     if hashes:

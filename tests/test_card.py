@@ -12,7 +12,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from cerbero_ray.cards import RECORD, data_record
+from cerbero_ray.cards import RECORD, data_checks, data_record
 from cerbero_ray.config import check, compose
 from cerbero_ray.train.card import CARD, EXAMPLE, card_text
 
@@ -121,6 +121,9 @@ def test_the_card_s_metadata_reads_back_and_its_code_runs_on_its_folder(tmp_path
         "data/b/test.json": 2,
         "data/a/test.json": 3,
     }
+    twin_row = "checked against `x/a/test.json` (1 dropped), `data/b/test.json` (2 dropped), `data/a/test.json` (3"
+    assert twin_row in data_checks(twins)[-1]  # the card's row tells them apart as the record does
+    assert twin_row in data_checks(data_record(twins)["data"]["dedup"])[-1]  # the GGUF card: from the record
     assert (
         data_record(None) is None
         and RECORD not in ModelCard(card_text(c, summary(), MANIFEST | {"dedup": None}, prompt)).data.to_dict()
