@@ -243,6 +243,42 @@ print(len(STAGES), [m for m in ("torch", "transformers", "ray") if m in sys.modu
     assert len(lines) == int(stages) >= 8 and all(x.startswith("error: ") for x in lines), r.stderr  # one line each
 
 
+def test_a_blank_output_or_data_folder_is_refused_before_anything_is_written(tmp_path):
+    """``CERBERO_OUTPUT_DIR=$UNSET`` (or ``paths.output_dir=``) would put every stage's folder at the
+    filesystem's root (/data, /train, /label, /export: seen before this check); every stage refuses
+    it with one line and exit 2, as a blank data folder and a stage's own blank output folder."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from cerbero_ray.config import compose
+from cerbero_ray.config.stages import STAGES
+from cerbero_ray.runtime import launch
+out = "paths.output_dir={tmp_path}"
+bad = [(stage, []) for stage in STAGES]
+bad += [("recipe", [out, "paths.data_dir=' '"]), ("train", [out, "train.output_dir=''"])]
+for stage, over in bad:
+    try:
+        launch(stage, compose(stage, over))
+    except SystemExit as e:
+        assert e.code == 2, (stage, e.code)
+    else:
+        raise AssertionError(stage)
+print(len(bad))
+"""
+    env = {**os.environ, "CERBERO_OUTPUT_DIR": ""}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stderr.splitlines()
+    assert len(lines) == int(r.stdout) >= 10, r.stderr  # one line each
+    blank = "error: paths.output_dir is empty (is $CERBERO_OUTPUT_DIR set to an empty value?)"
+    assert all(x.startswith(blank) for x in lines[:-2]), r.stderr
+    assert lines[-2].startswith("error: paths.data_dir is empty (is $CERBERO_DATA_DIR set to an empty value?)")
+    assert lines[-1] == "error: train.output_dir is empty: give a folder or a URI"
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "job, override, says",
     [

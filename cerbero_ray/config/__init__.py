@@ -103,6 +103,10 @@ def check(stage: str, cfg):
         from cerbero_ray.config.common import check_cluster
 
         check_cluster(c.cluster)
+    if getattr(c, "paths", None) is not None:  # every stage's: where it reads and writes
+        from cerbero_ray.config.common import check_paths
+
+        check_paths(c.paths)
     STAGES[stage].check(c)
     mark_checked(c, {stage, *(c.stages if stage == "recipe" else ())})
     return c

@@ -75,8 +75,21 @@ def at_least(section, keys, low: float, prefix: str) -> None:
             raise ValueError(f"{prefix}.{k} must be >= {low}, got {v}")
 
 
+def check_paths(pc: PathsConfig) -> None:
+    """A blank ``paths.output_dir`` or ``paths.data_dir`` (``CERBERO_OUTPUT_DIR=$UNSET``) is refused:
+    every folder under it would start at the filesystem's root (``/train``, ``/data``)."""
+    for key, env in (("output_dir", "CERBERO_OUTPUT_DIR"), ("data_dir", "CERBERO_DATA_DIR")):
+        if not str(getattr(pc, key) or "").strip():
+            raise ValueError(
+                f"paths.{key} is empty (is ${env} set to an empty value?): every folder under it would "
+                "start at the filesystem's root; give a folder or a URI"
+            )
+
+
 def check_output_dir(path: str, key: str) -> None:
-    """``ValueError`` naming ``key`` when a local output folder is an existing file."""
+    """``ValueError`` naming ``key`` when a local output folder is blank or an existing file."""
+    if not str(path or "").strip():
+        raise ValueError(f"{key} is empty: give a folder or a URI")
     if is_local(path) and os.path.exists(local_path(path)) and not os.path.isdir(local_path(path)):
         raise ValueError(f"{key}: {path} is a file; give a folder (it is made if missing)")
 
