@@ -189,12 +189,15 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:200]
 
 
-def plan_chunks(path: str, fmt: str, chunk_rows: int, key: str = "format") -> tuple[list[Chunk], list[dict]]:
+def plan_chunks(
+    path: str, fmt: str, chunk_rows: int, key: str = "format", exclude: str | None = None
+) -> tuple[list[Chunk], list[dict]]:
     """Chunks of every input file (for line formats, byte ranges found by scanning for line ends),
-    and the files of a folder that are not read, with why (:func:`cerbero_ray.inputs.list_inputs`)."""
+    and the files of a folder that are not read, with why (:func:`cerbero_ray.inputs.list_inputs`;
+    ``exclude``: the stage's output folder)."""
     if fmt not in FORMATS:
         raise ValueError(f"{key} must be one of {FORMATS}, got {fmt!r}")
-    files, skipped = inputs.list_inputs(path, inputs.FORMAT_SUFFIXES if fmt == "auto" else ())
+    files, skipped = inputs.list_inputs(path, inputs.FORMAT_SUFFIXES if fmt == "auto" else (), exclude)
     chunks = []
     for f in files:
         chunks += _plan_file(f, file_format(f, fmt, key), chunk_rows, key)
@@ -420,15 +423,24 @@ def check_claim(out: str, run_file: str, ident: dict, stage: str) -> None:
     )
 
 
-def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: str) -> None:
+OUTPUTS = ("parts", "summary.json")  # what every batch stage writes in its output folder (and its run file)
+
+
+def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: str, outputs: tuple = ()) -> None:
     """Record what this run is in ``<out>/<run_file>``; refuse an output folder that holds a run with
-    other settings (:func:`check_claim`) unless ``overwrite``, which clears it first."""
+    other settings (:func:`check_claim`) unless ``overwrite``, which deletes that run first: what the
+    stage writes (:data:`OUTPUTS`, ``run_file`` and the stage's ``outputs``), never another file
+    of the folder (a user's own, beside the run)."""
     ident = json.loads(json.dumps(ident))
     if not overwrite:
         check_claim(out, run_file, ident, stage)
     elif _other_run(out, run_file, ident):
         fs, p = storage.resolve(out)
-        fs.delete_dir_contents(p)
+        for i in fs.get_file_info([f"{p}/{name}" for name in (*OUTPUTS, *outputs, run_file)]):
+            if i.type == storage.pafs.FileType.Directory:
+                fs.delete_dir(i.path)
+            elif i.type == storage.pafs.FileType.File:
+                fs.delete_file(i.path)
     storage.write_json(storage.join(out, run_file), ident)
 
 
@@ -441,20 +453,22 @@ def precheck_output(stage: str, b, run_file: str, ident, before: frozenset) -> N
 
 
 def start_run(
-    stage: str, b: BatchInferenceConfig, run_file: str, ident: dict
+    stage: str, b: BatchInferenceConfig, run_file: str, ident: dict, outputs: tuple = ()
 ) -> tuple[list[Chunk], list[Chunk], list[dict]]:
-    """Plan ``b.input``, claim ``b.output_dir`` for this run (``ident``: what fixes its output),
-    delete what a killed run left half-written; returns (every chunk, the chunks whose part is still
-    missing, the input files skipped). A missing input is reported as such (naming
-    ``<stage>.input``) before the output folder is looked at."""
+    """Plan ``b.input`` (never what lies in ``b.output_dir``: an output folder inside the input
+    folder), claim ``b.output_dir`` for this run (``ident``: what fixes its output; ``outputs``: the
+    stage's files there besides :data:`OUTPUTS`), delete what a killed run left half-written;
+    returns (every chunk, the chunks whose part is still missing, the input files skipped). A
+    missing input is reported as such (naming ``<stage>.input``) before the output folder is
+    looked at."""
     out = b.output_dir
     try:
-        chunks, skipped = plan_chunks(b.input, b.format, b.chunk_rows, key=f"{stage}.format")
+        chunks, skipped = plan_chunks(b.input, b.format, b.chunk_rows, key=f"{stage}.format", exclude=out)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{stage}.input: {e}") from None
     if skipped:
         log.warning(f"[{stage}] {inputs.describe_skipped(skipped)}; all listed in summary.json")
-    claim_output(out, run_file, ident, b.overwrite, stage)
+    claim_output(out, run_file, ident, b.overwrite, stage, outputs)
     clean_partial(out)
     done = done_keys(out)
     return chunks, [ch for ch in chunks if ch.key not in done], skipped

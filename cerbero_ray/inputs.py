@@ -48,14 +48,18 @@ def format_suffix(path: str) -> str:
     return ext.lower()
 
 
-def list_inputs(path: str, suffixes: tuple[str, ...] = FORMAT_SUFFIXES) -> tuple[list[str], list[dict]]:
+def list_inputs(
+    path: str, suffixes: tuple[str, ...] = FORMAT_SUFFIXES, exclude: str | None = None
+) -> tuple[list[str], list[dict]]:
     """(files read, files skipped as ``{"path", "reason"}``) under ``path``: a file (always read: it
     was named, unless it is empty), a folder (recursively; on a local disk symbolic links are
     followed, each real folder and file read once, a loop named once) or a glob in its last part;
     sorted, full paths or URIs. ``suffixes`` empty: every file of the folder that is not hidden is
-    read. An empty file (0 bytes) is skipped and listed: it holds no row."""
+    read. An empty file (0 bytes) is skipped and listed: it holds no row. The files of a folder that
+    lie in the folder ``exclude`` (the stage's output, inside its input) are skipped, the folder
+    listed once: a rerun reads what the first run read, never the stage's own output."""
     fs, p = storage.resolve(path)
-    prefix = path[: len(path) - len(p)] if storage.is_uri(path) else ""
+    prefix = path.split("://", 1)[0] + "://" if storage.is_uri(path) else ""  # a listed object's: scheme + its path
     pattern = None
     if any(c in posixpath.basename(p) for c in "*?["):
         p, pattern = posixpath.dirname(p), posixpath.basename(p)
@@ -67,13 +71,18 @@ def list_inputs(path: str, suffixes: tuple[str, ...] = FORMAT_SUFFIXES) -> tuple
             return [], [{"path": path, "reason": "empty file (0 bytes)"}]
         return [path], []
     entries, skipped = _walk_local(p) if not prefix else _walk(fs, p, prefix)
+    if exclude is not None and not storage.within(exclude, prefix + p):
+        exclude = None  # not in this folder: no file to test
+    left_out = 0
     files = []
     for full, size in entries:
         name = posixpath.basename(full)
         if pattern is not None and not fnmatch.fnmatch(name, pattern):
             continue
         rel = posixpath.relpath(full[len(prefix) :] if prefix else full, p)
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
+        if exclude is not None and storage.within(full, exclude):
+            left_out += 1
+        elif any(part.startswith((".", "_")) for part in rel.split("/")):
             skipped.append({"path": full, "reason": "hidden name (starts with '.' or '_')"})
         elif suffixes and format_suffix(name) not in suffixes:
             skipped.append({"path": full, "reason": f"not an input format ({format_suffix(name) or 'no suffix'})"})
@@ -81,6 +90,8 @@ def list_inputs(path: str, suffixes: tuple[str, ...] = FORMAT_SUFFIXES) -> tuple
             skipped.append({"path": full, "reason": "empty file (0 bytes)"})
         else:
             files.append(full)
+    if left_out:  # one line for the folder, however many files the stage wrote there
+        skipped.append({"path": exclude, "reason": f"the stage's output folder ({left_out} file(s)): never its input"})
     if not files:
         why = f" ({len(skipped)} skipped: {skipped[0]['path']}: {skipped[0]['reason']}…)" if skipped else ""
         raise FileNotFoundError(f"no input files{' ' + str(suffixes) if suffixes else ''} under {path}{why}")

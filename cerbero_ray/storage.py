@@ -92,6 +92,24 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
+def _where(path: str) -> str:
+    """A path as one string to compare with another: a local one real and absolute, a URI as its
+    scheme and resolved path (no query, no trailing ``/``)."""
+    if is_uri(path):
+        scheme, inside = path.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(inside.split('?', 1)[0]).strip('/')}"
+    return os.path.realpath(local_path(path))
+
+
+def within(path: str, folder: str) -> bool:
+    """Whether ``path`` (local or a URI) is the folder ``folder`` or lies inside it, links followed
+    on a local disk; a local path is never inside a URI, nor a URI in another bucket."""
+    if is_uri(path) != is_uri(folder):
+        return False
+    p, f = _where(path), _where(folder)
+    return p == f or p.startswith(f.rstrip("/") + "/")
+
+
 def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
 

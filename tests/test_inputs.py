@@ -237,3 +237,70 @@ def test_an_empty_file_is_listed_as_skipped(tmp_path, name):
     assert skipped == [{"path": str(tmp_path / name), "reason": "empty file (0 bytes)"}]
     files, skipped = inputs.list_inputs(str(tmp_path / name))  # named on its own: still listed
     assert files == [] and skipped[0]["reason"] == "empty file (0 bytes)"
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_an_output_folder_inside_the_input_folder_is_never_read(tmp_path, where, request):
+    """``label.input=corpus/ label.output_dir=corpus/labels``: the rerun reads what the first run
+    read, not the first run's parts and summary (before: 20 rows, then 86, then 177, growing on each
+    rerun; the data stage's rerun refused its own folder as "other files since"). The output folder
+    is listed once as skipped, whatever it holds; a glob and the data stage's sources alike, on a
+    disk and in a bucket."""
+    if where == "local":
+        root, base = str(tmp_path / "corpus"), str(tmp_path)
+    else:
+        root = base = request.getfixturevalue("bucket")
+    from cerbero_ray import storage
+
+    put = storage.write_bytes
+    put(storage.join(root, "a.jsonl"), JSONL)
+    out = storage.join(root, "labels")
+    for name in ("summary.json", "label_run.json", "parts/part-0.parquet", "parts/part-1.parquet"):
+        put(storage.join(out, name), b'{"id": "own", "text": "own output"}\n')
+    put(storage.join(root, "labels-2", "b.jsonl"), JSONL)  # a neighbour whose name starts alike: read
+    ours = [storage.join(root, "a.jsonl"), storage.join(root, "labels-2", "b.jsonl")]
+    for path, n in ((root, 4), (root + "/", 4), (storage.join(root, "*.json*"), 2)):  # the glob: 2 of its 4
+        files, skipped = inputs.list_inputs(path, exclude=out + "/")
+        assert files == ours, path  # a bucket's folder named with a trailing "/" too (it gave s3://bbucket/...)
+        assert skipped == [{"path": out + "/", "reason": f"the stage's output folder ({n} file(s)): never its input"}]
+        assert inputs.list_inputs(path)[0] != files  # without it: the output is read
+    chunks, skipped = batchjob.plan_chunks(root, "auto", 1000, exclude=out)
+    assert len(chunks) == 2 and len(skipped) == 1
+    (plan,) = inspect_sources({"s": SourceConfig(root)}, out)  # the data stage's listing
+    assert len(plan.files) == 2 and plan.skipped == skipped
+    assert inputs.list_inputs(root, exclude=storage.join(base, "elsewhere"))[1] == []  # not in the input
+    with pytest.raises(FileNotFoundError, match=r"no input files .* under .*labels.*the stage's output folder"):
+        inputs.list_inputs(out, exclude=out)  # the output folder named as the input: nothing of it is read
+
+
+def test_an_input_that_is_its_stage_s_output_folder_is_refused_before_ray_starts(tmp_path, bucket):
+    """The input folder (or a glob's) as the output folder: the stage would read its own output on a
+    rerun; refused at config time for label, generate and the data stage, local or a bucket. An
+    output folder inside the input, or a file named in the output folder, is fine."""
+    from cerbero_ray.config import check, compose
+    from cerbero_ray.storage import within
+
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(JSONL)
+    os.symlink(d, tmp_path / "link")
+    ck = ["label.checkpoint=" + str(tmp_path)]  # not looked at before the input
+    says = "reads label.output_dir .*: a rerun would read the stage's own output as its input"
+    for inp, out in (
+        (d, d),
+        (f"{d}/", d),
+        (f"{d}/*.jsonl", d),
+        (tmp_path / "link", d),
+        (f"{bucket}/c", f"{bucket}/c/"),
+    ):
+        with pytest.raises(ValueError, match=f"label.input .*{says}"):
+            check("label", compose("label", [f"label.input={inp}", f"label.output_dir={out}", *ck]))
+    with pytest.raises(ValueError, match="generate.input .*reads generate.output_dir"):
+        check("generate", compose("generate", [f"generate.input={d}", f"generate.output_dir={d}"]))
+    with pytest.raises(ValueError, match="data.sources.chat.path .*reads data.output_dir"):
+        check("data", compose("data", [f"data.sources.chat.path={d}/*.jsonl", f"data.output_dir={d}"]))
+    for inp, out in ((d, d / "labels"), (d / "a.jsonl", d), (f"{bucket}/c", f"{bucket}/c/labels")):
+        with pytest.raises(ValueError, match="label.checkpoint"):  # past the input check: the next one
+            check("label", compose("label", [f"label.input={inp}", f"label.output_dir={out}", *ck]))
+    assert within(f"{bucket}/c/./x", f"{bucket}//c") and not within(f"{bucket}/cd", f"{bucket}/c")
+    assert not within(str(d), f"{bucket}{d}") and within(str(tmp_path / "link" / "a.jsonl"), str(d))

@@ -119,8 +119,10 @@ def test_a_checkpoint_written_again_under_its_path_is_another_run(tmp_path):
     with pytest.raises(FileExistsError, match=r"\(input differ\)"):
         claim_output(out, "run.json", {**ident(), "input": "other.jsonl"}, False, "label")
     save(b"c" * 100)
-    claim_output(out, "run.json", ident(), True, "label")  # overwrite: started over
-    assert os.listdir(out) == ["run.json"]
+    for name in ("summary.json", "chart.png", "notes.txt"):  # the run's files and one of the user's
+        (tmp_path / "out" / name).write_text("x")
+    claim_output(out, "run.json", ident(), True, "label", ("chart.png",))  # overwrite: started over
+    assert sorted(os.listdir(out)) == ["notes.txt", "run.json"]  # what the run wrote is gone, nothing else
 
 
 # a job killed midway and rerun (exactly once, the SIGTERM line, another task refused into the same

@@ -10,7 +10,7 @@ from omegaconf import MISSING
 
 from cerbero_ray.chat import ASSISTANT_TAGS, SYSTEM_LINE
 from cerbero_ray.checkpoints import PATH_REQUIRED, check_local_checkpoint
-from cerbero_ray.storage import is_local, local_path
+from cerbero_ray.storage import is_local, local_path, within
 
 INFERENCE_DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: bfloat16 on GPU, float32 on CPU
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -92,6 +92,22 @@ def check_output_dir(path: str, key: str) -> None:
         raise ValueError(f"{key} is empty: give a folder or a URI")
     if is_local(path) and os.path.exists(local_path(path)) and not os.path.isdir(local_path(path)):
         raise ValueError(f"{key}: {path} is a file; give a folder (it is made if missing)")
+
+
+def check_apart(inp: str, out: str, in_key: str, out_key: str) -> None:
+    """``ValueError`` when the input ``inp`` (a folder, or a glob's folder; local or a URI) is the
+    output folder ``out``: a rerun would read the stage's output as its input. An output folder
+    inside the input folder is fine: what lies in it is never read
+    (:func:`cerbero_ray.inputs.list_inputs`); so is an input file named in the output folder."""
+    if not isinstance(inp, str) or not inp.strip() or not isinstance(out, str) or not out.strip():
+        return
+    head, _, last = inp.rstrip("/").rpartition("/")
+    folder = head if head and any(c in last for c in "*?[") else inp
+    if within(folder, out) and within(out, folder):
+        raise ValueError(
+            f"{in_key} ({inp}) reads {out_key} ({out}): a rerun would read the stage's own output as its "
+            "input; give the output a folder of its own (one inside the input folder is fine: it is never read)"
+        )
 
 
 def check_tokenizer(tc: TokenizerConfig) -> None:

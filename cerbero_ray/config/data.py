@@ -13,6 +13,7 @@ from cerbero_ray.config.common import (
     PathsConfig,
     TokenizerConfig,
     at_least,
+    check_apart,
     check_local_path,
     check_output_dir,
     check_tokenizer,
@@ -124,6 +125,7 @@ def check_data(c: DataStageConfig, before: frozenset = frozenset()) -> None:
         if not isinstance(s.get("path"), str) or not s["path"]:
             raise ValueError(f"{key}.path is required (a file, folder, glob or URI)")
         s = SourceConfig(**{**defaults, **s})
+        check_apart(s.path, d.output_dir, f"{key}.path", "data.output_dir")
         one_of(s.format, SOURCE_FORMATS, f"{key}.format")
         if not isinstance(s.weight, (int, float)) or not s.weight > 0:
             raise ValueError(f"{key}.weight must be a number > 0, got {s.weight!r}")

@@ -12,6 +12,7 @@ from cerbero_ray.config.common import (
     ClusterConfig,
     PathsConfig,
     at_least,
+    check_apart,
     check_local_checkpoint,
     check_local_path,
     check_output_dir,
@@ -77,6 +78,7 @@ def check_batch_inference(b: BatchInferenceConfig, stage: str) -> None:
         raise ValueError(f"{stage}.gpus_per_worker must be >= 0 and {stage}.cpus_per_worker > 0")
     check_local_path(b.input, f"{stage}.input", glob_ok=True)
     check_output_dir(b.output_dir, f"{stage}.output_dir")
+    check_apart(b.input, b.output_dir, f"{stage}.input", f"{stage}.output_dir")
 
 
 def check_label(c: LabelStageConfig, before: frozenset = frozenset()) -> None:

@@ -230,7 +230,7 @@ def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
 
     c = check("data", cfg)
     d = c.data
-    plans = inspect_sources(d.sources)
+    plans = inspect_sources(d.sources, d.output_dir)
     for p in plans:
         d.sources[p.name].format = p.format
     evals = eval_stamp(d.decontaminate.paths)  # each file there, before any work

@@ -79,8 +79,9 @@ def _peek(path: str) -> list:
     return records
 
 
-def inspect_sources(sources: dict[str, SourceConfig]) -> list[SourcePlan]:
-    """Files, format and size of each source; ``ValueError`` if a source has no usable data."""
+def inspect_sources(sources: dict[str, SourceConfig], exclude: str | None = None) -> list[SourcePlan]:
+    """Files, format and size of each source (never one in the folder ``exclude``: the data stage's
+    output, inside a source's folder); ``ValueError`` if a source has no usable data."""
     if not sources:
         raise ValueError("data.sources is empty: give at least one source (see conf/data/*.yaml)")
     plans = []
@@ -91,7 +92,7 @@ def inspect_sources(sources: dict[str, SourceConfig]) -> list[SourcePlan]:
         if float(src.weight) < 0:
             raise ValueError(f"data.sources.{name}.weight must be >= 0, got {src.weight}")
         try:
-            files, skipped = inputs.list_inputs(src.path, SUFFIXES)
+            files, skipped = inputs.list_inputs(src.path, SUFFIXES, exclude)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"data.sources.{name}.path: {e}") from None
         if not files:  # one file named, and it is empty

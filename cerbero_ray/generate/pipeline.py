@@ -186,6 +186,7 @@ def conversation_text(messages: list[dict]) -> str:
 
 
 RUN_FILE = "generate_run.json"
+CONVERSATIONS = "conversations.jsonl"  # self-chat's conversations, the data stage's input
 
 
 def precheck(c: GenerateStageConfig, before: frozenset = frozenset()) -> None:
@@ -246,7 +247,7 @@ def finish_self_chat(gc: GenerateConfig, reasons: Counter) -> dict:
     else:
         dup = [None] * len(convs)
     kept = [(r, c) for r, c, d in zip(rows, convs, dup) if d is None]
-    path = storage.join(out, "conversations.jsonl")
+    path = storage.join(out, CONVERSATIONS)
     lines = (
         json.dumps({"id": r["id"], "messages": c, "source": "self_chat", "model": r["model"]}, ensure_ascii=False)
         + "\n"
@@ -272,7 +273,7 @@ def run_generate(cfg: DictConfig | dict | GenerateStageConfig) -> dict:
     if gc.mode == "self_chat" and sc.dedup == "embedding" and sc.dedup_model:
         check_checkpoint(sc.dedup_model, "generate.self_chat.dedup_model")
     out = gc.output_dir
-    chunks, todo, skipped = batchjob.start_run("generate", gc, RUN_FILE, run_identity(gc))
+    chunks, todo, skipped = batchjob.start_run("generate", gc, RUN_FILE, run_identity(gc), (CONVERSATIONS,))
     log.info(
         f"[generate] {gc.mode}: {len(chunks)} chunks; {len(chunks) - len(todo)} already done, "
         f"{len(todo)} to go -> {out}",

@@ -34,6 +34,7 @@ from cerbero_ray.inference.batch import Labeler
 
 log = logging.getLogger(__name__)
 RUN_FILE = "label_run.json"
+CHART = "label_distribution.png"  # the labels' distribution, beside the parts
 
 
 class LabelWorker(batchjob.ChunkWorker):
@@ -150,11 +151,11 @@ def distribution_png(summary: dict, out: str) -> str:
     ax.set_title(f"label distribution ({summary['rows']:,} rows)")
     fig.tight_layout()
     local = storage.resolve(out)[1] if not storage.is_uri(out) else "/tmp"
-    path = os.path.join(local, "label_distribution.png")
+    path = os.path.join(local, CHART)
     fig.savefig(path)
     plt.close(fig)
     if storage.is_uri(out):
-        return storage.upload_file(path, storage.join(out, "label_distribution.png"))
+        return storage.upload_file(path, storage.join(out, CHART))
     return path
 
 
@@ -172,7 +173,7 @@ def run_label(cfg: DictConfig | dict | LabelStageConfig) -> dict:
     task = resolve_task(lc)
     check_checkpoint(lc.checkpoint, "label.checkpoint", lc.base)
     out = lc.output_dir
-    chunks, todo, skipped = batchjob.start_run("label", lc, RUN_FILE, run_identity(lc, task))
+    chunks, todo, skipped = batchjob.start_run("label", lc, RUN_FILE, run_identity(lc, task), (CHART,))
     log.info(
         f"[label] {task.name}: {len(chunks)} chunks of up to {lc.chunk_rows} rows; "
         f"{len(chunks) - len(todo)} already done, {len(todo)} to go -> {out}",
