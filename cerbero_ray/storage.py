@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import time
@@ -83,10 +84,12 @@ def _s3(bucket: str) -> pafs.S3FileSystem:
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and the path inside it; local paths become absolute."""
     if is_uri(path):
-        if path.startswith("s3://"):
-            inside = path[len("s3://") :].split("?", 1)[0].rstrip("/")
+        scheme, rest = path.split("://", 1)
+        rest = re.sub(r"/{2,}", "/", rest)  # s3://b/run/ + /data: one key, as the folder it names
+        if scheme == "s3":
+            inside = rest.split("?", 1)[0].rstrip("/")
             return _s3(inside.split("/", 1)[0]), inside
-        return pafs.FileSystem.from_uri(path)
+        return pafs.FileSystem.from_uri(f"{scheme}://{rest}")
     if path.startswith("file://"):
         path = path[len("file://") :]
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))

@@ -271,6 +271,8 @@ def test_an_output_folder_inside_the_input_folder_is_never_read(tmp_path, where,
     assert inputs.list_inputs(root, exclude=storage.join(base, "elsewhere"))[1] == []  # not in the input
     with pytest.raises(FileNotFoundError, match=r"no input files .* under .*labels.*the stage's output folder"):
         inputs.list_inputs(out, exclude=out)  # the output folder named as the input: nothing of it is read
+    put(f"{base}/run//x.json", b"1")  # s3://b/run//x.json: the key the folder s3://b/run/ meant
+    assert storage.is_file(storage.join(base, "run", "x.json"))
 
 
 def test_an_input_that_is_its_stage_s_output_folder_is_refused_before_ray_starts(tmp_path, bucket):

@@ -279,6 +279,23 @@ print(len(bad))
     assert os.listdir(tmp_path) == []
 
 
+def test_a_folder_uri_with_a_trailing_slash_makes_no_doubled_slash():
+    """``paths.output_dir=s3://b/run/`` interpolates to ``s3://b/run//data/...``: a key no one named
+    (pyarrow refused it: ArrowInvalid "Empty path component"; a printed ``aws s3 cp`` of it found
+    nothing). The typed config writes every object-store URI with single slashes; a web address
+    (an evaluated endpoint) is left as given."""
+    from cerbero_ray.config import check, compose, typed
+
+    over = ["paths.output_dir=s3://b/run/", "train.output_dir=gs://g//t/", "+evaluate.checkpoints.web=http://h//v1"]
+    c = typed("recipe", compose("recipe", over))
+    assert c.data.output_dir == "s3://b/run/data/chat_sample" and c.label.output_dir == "s3://b/run/label/sentiment"
+    assert c.train.output_dir == "gs://g/t/" and c.evaluate.checkpoints["trained"] == "gs://g/t/tiny-cpu/hf"
+    assert c.evaluate.checkpoints["web"] == "http://h//v1"
+    assert c.export.output_dir == "s3://b/run/export/tiny-cpu"
+    stage = check("data", compose("data", ["paths.output_dir=s3://b/run/"]))
+    assert stage.data.output_dir == "s3://b/run/data/chat_sample"
+
+
 @pytest.mark.parametrize(
     "job, override, says",
     [

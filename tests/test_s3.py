@@ -59,7 +59,7 @@ def test_the_main_job_writes_everything_to_the_bucket_and_resumes_from_it(bucket
     evals = storage.write_bytes(f"{bucket}/evals/squad_it_sample.json.gz", gzip.compress(open(sample, "rb").read()))
     args = (  # the job attaches to this test's Ray (one cluster on the box, not two competing for its cores)
         f"cluster.address={ray.get_runtime_context().gcs_address}",
-        f"paths.output_dir={out}",
+        f"paths.output_dir={out}/",  # as users write a folder: no key of s3://b/recipe//data (printed or written)
         f"paths.data_dir={tmp_path / 'no-shared-data'}",
         f"data.decontaminate.paths=[{evals}]",
         "train.epochs=1",

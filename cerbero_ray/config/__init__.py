@@ -14,6 +14,7 @@ transformers.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import fields, is_dataclass
 
 from hydra.core.config_store import ConfigStore
@@ -79,14 +80,35 @@ def as_stage(stage: str, cfg):
     return out
 
 
+_URI = re.compile(r"([a-z][a-z0-9+.-]*)://(.*)", re.S)
+
+
+def _tidy_uris(x):
+    """``x`` with every object-store URI in it written with single slashes: ``paths.output_dir=
+    s3://b/run/`` makes ``s3://b/run//train``, a key no one named (pyarrow refuses it; ``aws s3 cp``
+    of the printed URI finds nothing). Web addresses (an endpoint) are left as they are."""
+    if is_dataclass(x):
+        for f in fields(x):
+            setattr(x, f.name, _tidy_uris(getattr(x, f.name)))
+    elif isinstance(x, dict):
+        for k in x:
+            x[k] = _tidy_uris(x[k])
+    elif isinstance(x, list):
+        x[:] = [_tidy_uris(v) for v in x]
+    elif isinstance(x, str) and (m := _URI.fullmatch(x)) and m[1] not in ("http", "https"):
+        return f"{m[1]}://{re.sub(r'/{2,}', '/', m[2])}"
+    return x
+
+
 def typed(stage: str, cfg: DictConfig | dict):
     """``cfg`` (composed, or plain dicts) as ``stage``'s schema dataclass, resolved, every default
-    filled; a key the schema lacks or a value of the wrong type is a ``ValueError`` naming the key."""
+    filled, its URIs tidied (:func:`_tidy_uris`); a key the schema lacks or a value of the wrong
+    type is a ``ValueError`` naming the key."""
     if is_dataclass(cfg):
         return as_stage(stage, cfg)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(STAGES[stage].schema), cfg)
-        return OmegaConf.to_object(merged)
+        return _tidy_uris(OmegaConf.to_object(merged))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         msg = getattr(e, "msg", None) or str(e).splitlines()[0]
