@@ -535,7 +535,7 @@ def map_items(
     import ray
     import ray.data
 
-    from cerbero_ray.cluster import check_fits
+    from cerbero_ray.cluster import actor_share, check_fits
     from cerbero_ray.logs import progress
 
     res = ray.cluster_resources()
@@ -544,6 +544,7 @@ def map_items(
     workers = cfg.workers or (int(res.get("GPU", 0) // gpus) if gpus else max(1, int(cpus - 1)))
     batches = -(-len(items) // batch_size)
     workers = max(1, min(workers, batches))
+    share = actor_share(max(cpus - 1, 0.5), workers, f"{stage}.workers")
     ray.data.DataContext.get_current().execution_options.preserve_order = False
     ds = ray.data.from_items(items, override_num_blocks=batches)
     ds = ds.map_batches(
@@ -553,7 +554,7 @@ def map_items(
         batch_format=batch_format,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=gpus or None,
-        num_cpus=min(float(cfg.cpus_per_worker), max(cpus - 1, 0.5) / workers),
+        num_cpus=min(float(cfg.cpus_per_worker), share),
     )
     with progress(total=total_rows, unit="row", desc=desc) as bar:
         for row in ds.iter_rows():

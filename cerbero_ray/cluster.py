@@ -35,6 +35,21 @@ def started_here(embedded: bool) -> None:
     _EMBEDDED["here"] = embedded
 
 
+RAY_UNIT = 1e-4  # the smallest share of a resource Ray schedules (a task asking for less is refused)
+
+
+def actor_share(cpus: float, workers: int, what: str) -> float:
+    """One of ``workers`` actors' share of ``cpus`` CPUs; a ``ValueError`` naming ``what`` when it is
+    under Ray's smallest (:data:`RAY_UNIT`): Ray would stop the job with a traceback about precision."""
+    share = cpus / workers
+    if share < RAY_UNIT:
+        raise ValueError(
+            f"{what}: {workers:,} actors on {cpus:g} CPU(s) would get {share:.2g} CPU each, under the "
+            f"{RAY_UNIT:g} Ray can schedule; give fewer workers"
+        )
+    return share
+
+
 def check_fits(need: dict[str, float], what: str) -> None:
     """On the embedded cluster (one machine, no autoscaler: what it lacks never comes), a
     ``ValueError`` naming ``what`` when ``need`` (resource -> amount, e.g. every Ray Train worker's

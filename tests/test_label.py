@@ -192,6 +192,12 @@ def test_what_the_embedded_cluster_lacks_is_refused_before_ray_waits_for_it(tmp_
         match=r"label.gpus_per_worker=1 \(one model actor's\) needs 1 GPU; the embedded Ray cluster has 0 GPU",
     ):
         run_label(cfg)
+    # more model actors than Ray can share the CPUs among (under 0.0001 CPU each): one line naming
+    # the key, not Ray's traceback about "precision"
+    many = write_jsonl(tmp_path / "many.jsonl", [{"id": str(i), "text": "Ciao"} for i in range(30_000)])
+    cfg = label_cfg(tmp_path, tiny_hf, many, "label.workers=20000", "label.chunk_rows=1", "label.overwrite=true")
+    with pytest.raises(ValueError, match=r"^label.workers: 20,000 actors on 1 CPU\(s\) would get 5e-05 CPU each"):
+        run_label(cfg)
     over = ["serve.cpus_per_replica=3", "serve.gpus_per_replica=0"]
     serve_cfg = to_container(compose("serve", [f"serve.checkpoint={tiny_hf}", *over]))
     with pytest.raises(

@@ -279,6 +279,32 @@ print(len(bad))
     assert os.listdir(tmp_path) == []
 
 
+def test_a_resource_share_ray_cannot_schedule_is_refused_before_ray_starts(tmp_path):
+    """Under 0.0001 of a CPU or GPU (or below 0) Ray stops the job with a traceback about "precision"
+    once the actors start: refused at config time naming the key (0 GPUs is no GPU: fine)."""
+    from cerbero_ray.config import check, compose
+    from cerbero_ray.config.common import check_share
+
+    label = [f"paths.output_dir={tmp_path}", f"label.checkpoint={tmp_path}"]
+    for over, says in (
+        ("label.cpus_per_worker=0.00001", r"label.cpus_per_worker must be at least 0.0001 .*got 1e-05"),
+        ("label.cpus_per_worker=0", r"label.cpus_per_worker must be at least 0.0001"),
+        ("label.gpus_per_worker=0.00001", r"label.gpus_per_worker must be 0 or at least 0.0001"),
+        ("label.gpus_per_worker=-1", r"label.gpus_per_worker must be 0 or at least 0.0001"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            check("label", compose("label", [*label, over]))
+    with pytest.raises(ValueError, match="serve.cpus_per_replica must be 0 or at least 0.0001"):
+        check("serve", compose("serve", [f"serve.checkpoint={tmp_path}", "serve.cpus_per_replica=-0.5"]))
+    with pytest.raises(ValueError, match="label.checkpoint"):  # 0 GPUs and a small CPU share pass: the next check
+        check("label", compose("label", [*label, "label.gpus_per_worker=0", "label.cpus_per_worker=0.0001"]))
+    for ok in (1e-4, 0.5, 8):  # each passes (a refusal raises)
+        check_share(ok, "x")
+    check_share(0, "x", zero_ok=True)
+    with pytest.raises(ValueError, match="x must be at least 0.0001"):
+        check_share(0, "x")
+
+
 def test_a_folder_uri_with_a_trailing_slash_makes_no_doubled_slash():
     """``paths.output_dir=s3://b/run/`` interpolates to ``s3://b/run//data/...``: a key no one named
     (pyarrow refused it: ArrowInvalid "Empty path component"; a printed ``aws s3 cp`` of it found

@@ -110,6 +110,17 @@ def check_apart(inp: str, out: str, in_key: str, out_key: str) -> None:
         )
 
 
+def check_share(value, key: str, zero_ok: bool = False) -> None:
+    """``ValueError`` naming ``key`` unless ``value`` is a share of a resource Ray schedules: at least
+    its smallest (0.0001; 0 too when ``zero_ok``: no GPU)."""
+    from cerbero_ray.cluster import RAY_UNIT
+
+    v = float(value)
+    if not (v >= RAY_UNIT or (zero_ok and v == 0)):
+        floor = f"0 or at least {RAY_UNIT:g}" if zero_ok else f"at least {RAY_UNIT:g}"
+        raise ValueError(f"{key} must be {floor} (the smallest share of a resource Ray schedules), got {value}")
+
+
 def check_tokenizer(tc: TokenizerConfig) -> None:
     one_of(tc.assistant_tag, ASSISTANT_TAGS, "tokenizer.assistant_tag")
 

@@ -17,6 +17,7 @@ from cerbero_ray.config.common import (
     at_least,
     check_local_checkpoint,
     check_output_dir,
+    check_share,
     is_local,
     local_path,
     one_of,
@@ -118,8 +119,8 @@ def check_evaluate(c: EvaluateStageConfig, before: frozenset = frozenset()) -> N
         "evaluate",
     )
     at_least(ec, ("bootstrap",), 0, "evaluate")
-    if float(ec.gpus_per_worker) < 0 or float(ec.cpus_per_worker) <= 0:
-        raise ValueError("evaluate.gpus_per_worker must be >= 0 and evaluate.cpus_per_worker > 0")
+    check_share(ec.gpus_per_worker, "evaluate.gpus_per_worker", zero_ok=True)
+    check_share(ec.cpus_per_worker, "evaluate.cpus_per_worker")
     for name, t in selected_tasks(ec).items():
         key = f"evaluate.tasks.{name}"
         one_of(t.kind, TASK_KINDS, f"{key}.kind")

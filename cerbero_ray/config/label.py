@@ -16,6 +16,7 @@ from cerbero_ray.config.common import (
     check_local_checkpoint,
     check_local_path,
     check_output_dir,
+    check_share,
     one_of,
 )
 
@@ -74,8 +75,8 @@ def check_batch_inference(b: BatchInferenceConfig, stage: str) -> None:
     one_of(b.format, INPUT_FORMATS, f"{stage}.format")
     one_of(b.dtype, INFERENCE_DTYPES, f"{stage}.dtype")
     at_least(b, ("chunk_rows", "workers"), 1, stage)
-    if float(b.gpus_per_worker) < 0 or float(b.cpus_per_worker) <= 0:
-        raise ValueError(f"{stage}.gpus_per_worker must be >= 0 and {stage}.cpus_per_worker > 0")
+    check_share(b.gpus_per_worker, f"{stage}.gpus_per_worker", zero_ok=True)
+    check_share(b.cpus_per_worker, f"{stage}.cpus_per_worker")
     check_local_path(b.input, f"{stage}.input", glob_ok=True)
     check_output_dir(b.output_dir, f"{stage}.output_dir")
     check_apart(b.input, b.output_dir, f"{stage}.input", f"{stage}.output_dir")

@@ -16,6 +16,7 @@ from cerbero_ray.config.common import (
     PathsConfig,
     at_least,
     check_local_checkpoint,
+    check_share,
     one_of,
 )
 from cerbero_ray.config.label import LabelTaskConfig
@@ -101,6 +102,8 @@ def check_serve(c: ServeStageConfig, before: frozenset = frozenset()) -> None:
             f"serve.min_replicas ({sc.min_replicas}) must be >= 1 and <= serve.max_replicas ({sc.max_replicas})"
         )
     one_of(sc.overload_status, (503, 429), "serve.overload_status")
+    check_share(sc.cpus_per_replica, "serve.cpus_per_replica", zero_ok=True)
+    check_share(sc.gpus_per_replica, "serve.gpus_per_replica", zero_ok=True)
     at_least(
         sc,
         (

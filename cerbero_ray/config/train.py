@@ -18,6 +18,7 @@ from cerbero_ray.config.common import (
     at_least,
     check_model,
     check_output_dir,
+    check_share,
     check_tokenizer,
     one_of,
 )
@@ -221,8 +222,8 @@ def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
         raise ValueError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
     if not 0 <= t.warmup_ratio <= 1:
         raise ValueError(f"train.warmup_ratio must be in [0, 1], got {t.warmup_ratio}")
-    if t.cpus_per_worker <= 0 or t.read_cpus <= 0:
-        raise ValueError("train.cpus_per_worker and train.read_cpus must be > 0")
+    check_share(t.cpus_per_worker, "train.cpus_per_worker")
+    check_share(t.read_cpus, "train.read_cpus")
     one_of(t.method, METHODS, "train.method")
     if t.method == "lora":
         check_lora(t.lora, t.use_gpu)

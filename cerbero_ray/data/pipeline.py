@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from cerbero_ray import storage
+from cerbero_ray.cluster import actor_share
 from cerbero_ray.config import check
 from cerbero_ray.config.data import DataStageConfig
 from cerbero_ray.data.decontaminate import eval_sets, eval_stamp
@@ -246,7 +247,7 @@ def run_data(cfg: DictConfig | dict | DataStageConfig) -> dict:
     cpus = float(ray.cluster_resources().get("CPU", 1))
     reserve = 1.0 if cpus >= 2 else cpus / 2  # reads must always get a CPU, or the stream stalls
     workers = d.workers or int(max(1, cpus - reserve))
-    actor_cpus = min(1.0, (cpus - reserve) / workers)
+    actor_cpus = min(1.0, actor_share(cpus - reserve, workers, "data.workers"))
     dups, dedup = "", {"mode": "none"}
     if d.dedup != "none" or d.decontaminate.paths:
         dups, dedup = dedup_pass(out, d, plans, resumed, workers, actor_cpus)
