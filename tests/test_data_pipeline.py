@@ -167,6 +167,10 @@ def test_refuses_to_mix_runs_and_rejects_unusable_sources(ray_local, tmp_path):
         run_data(cfg_for(tmp_path / "o2", {"b": {"path": bad, "format": "auto"}}))
     with pytest.raises(ValueError, match="data.sources.b.path: no such file or folder"):  # named, before any work
         run_data(cfg_for(tmp_path / "o3", {"b": {"path": str(tmp_path / "missing.jsonl")}}))
+    many = cfg_for(tmp_path / "o4", {"c": {"path": src, "format": "auto"}})
+    many["data"]["workers"] = 100_000  # more packing actors than Ray can share 1 CPU among: one line
+    with pytest.raises(ValueError, match=r"^data.workers: 100,000 actors on 1 CPU\(s\) would get 1e-05 CPU each"):
+        run_data(many)
 
 
 def test_shipped_config_runs(ray_local, tmp_path, monkeypatch):
