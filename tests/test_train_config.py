@@ -57,6 +57,10 @@ def test_a_good_config_gets_its_run_plan(tmp_path):
         ("train.mix_block_rows=-1", "train.mix_block_rows"),
         ("train.strategy=fsdp", "train.strategy"),
         ("train.kernels=unsloth", "train.kernels"),
+        ("train.name=", "train.name must be a folder name"),  # the run would be train.output_dir itself
+        ("train.name=..", "train.name must be a folder name"),  # ... or the folder above it
+        ("train.name=runs/a", "train.name must be a folder name"),
+        ("train.read_cpus=0", "train.read_cpus must be at least 0.0001"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, key):

@@ -153,6 +153,11 @@ def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
     if t.method == "lora" and t.lora.qlora and not c.model._target_.endswith(".from_pretrained"):
         raise ValueError("train.lora.qlora=true quantizes a checkpoint as it loads: use model=hf model.path=…")
     check_output_dir(t.output_dir, "train.output_dir")
+    if not isinstance(t.name, str) or not t.name.strip() or t.name in (".", "..") or re.search(r"[/\\]", t.name):
+        raise ValueError(
+            f"train.name must be a folder name (the run's folder in train.output_dir: no '/', not '.' or '..'), "
+            f"got {t.name!r}"
+        )
     positive = (
         "num_workers",
         "micro_batch_size",
