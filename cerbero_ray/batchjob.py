@@ -189,15 +189,21 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:200]
 
 
+def list_input(path: str, fmt: str, exclude: str | None = None) -> tuple[list[str], list[dict]]:
+    """The files a batch stage reads under ``path`` in format ``fmt`` and those it skips, with why
+    (:func:`cerbero_ray.inputs.list_inputs`; ``exclude``: the stage's output folder)."""
+    return inputs.list_inputs(path, inputs.FORMAT_SUFFIXES if fmt == "auto" else (), exclude)
+
+
 def plan_chunks(
-    path: str, fmt: str, chunk_rows: int, key: str = "format", exclude: str | None = None
+    path: str, fmt: str, chunk_rows: int, key: str = "format", exclude: str | None = None, files=None
 ) -> tuple[list[Chunk], list[dict]]:
     """Chunks of every input file (for line formats, byte ranges found by scanning for line ends),
-    and the files of a folder that are not read, with why (:func:`cerbero_ray.inputs.list_inputs`;
-    ``exclude``: the stage's output folder)."""
+    and the files of a folder that are not read, with why (:func:`list_input`; ``files``: its
+    answer, when it was asked already)."""
     if fmt not in FORMATS:
         raise ValueError(f"{key} must be one of {FORMATS}, got {fmt!r}")
-    files, skipped = inputs.list_inputs(path, inputs.FORMAT_SUFFIXES if fmt == "auto" else (), exclude)
+    files, skipped = files or list_input(path, fmt, exclude)
     chunks = []
     for f in files:
         chunks += _plan_file(f, file_format(f, fmt, key), chunk_rows, key)
@@ -389,6 +395,11 @@ def done_keys(out: str) -> set[str]:
 # a run record's key for what its checkpoint held (storage.version); records written before it was
 # kept lack it, and match whatever the checkpoint holds now
 CHECKPOINT_VERSION = "checkpoint_version"
+# ... and for what its input files were (inputs.stamp: names, sizes, times): a file grown since
+# would make a chunk of new line numbers beside the old one's part (its rows twice), one edited
+# in place keep labels of rows it no longer holds; records from before it match whatever is there
+INPUT_VERSION = "input_version"
+_SINCE = (CHECKPOINT_VERSION, INPUT_VERSION)
 
 
 def _other_run(out: str, run_file: str, ident: dict) -> list[str] | None:
@@ -398,8 +409,7 @@ def _other_run(out: str, run_file: str, ident: dict) -> list[str] | None:
     if not storage.is_file(path):
         return None
     old = storage.read_json(path)
-    if CHECKPOINT_VERSION not in old:
-        old = {**old, CHECKPOINT_VERSION: ident.get(CHECKPOINT_VERSION)}
+    old = {**{k: ident.get(k) for k in _SINCE if k in ident}, **old}
     return [k for k in ident if ident[k] != old.get(k)] + [k for k in old if k not in ident]
 
 
@@ -416,6 +426,12 @@ def check_claim(out: str, run_file: str, ident: dict, stage: str) -> None:
             f"{out} holds a {stage} run of {ident['checkpoint']} as it was before: it was written again "
             f"since (its files differ); pass {stage}.overwrite=true to start over with it, or another "
             f"{stage}.output_dir"
+        )
+    if differ == [INPUT_VERSION]:
+        raise FileExistsError(
+            f"{out} holds a {stage} run of {stage}.input ({ident['input']}) as its files were: one was "
+            f"written, added or removed since (names, sizes or times differ); pass {stage}.overwrite=true "
+            f"to start over with them, or another {stage}.output_dir"
         )
     raise FileExistsError(
         f"{out} holds a {stage} run with other settings ({', '.join(differ)} differ); "
@@ -449,7 +465,19 @@ def precheck_output(stage: str, b, run_file: str, ident, before: frozenset) -> N
     (``ident()``, computed only when it counts), before Ray starts; not when the job trains the
     checkpoint first (``before`` holds train: it may be written again) or with ``overwrite``."""
     if not b.overwrite and "train" not in before:
-        check_claim(b.output_dir, run_file, ident(), stage)
+        ident = ident()
+        if storage.is_file(storage.join(b.output_dir, run_file)):  # the input is listed only when it counts
+            ident[INPUT_VERSION] = inputs.stamp(_listed(stage, b)[0])[1]
+        check_claim(b.output_dir, run_file, ident, stage)
+
+
+def _listed(stage: str, b) -> tuple[list[str], list[dict]]:
+    """:func:`list_input` of ``b.input`` (never in ``b.output_dir``), a missing input named as
+    ``<stage>.input``."""
+    try:
+        return list_input(b.input, b.format, b.output_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{stage}.input: {e}") from None
 
 
 def start_run(
@@ -462,12 +490,11 @@ def start_run(
     missing input is reported as such (naming ``<stage>.input``) before the output folder is
     looked at."""
     out = b.output_dir
-    try:
-        chunks, skipped = plan_chunks(b.input, b.format, b.chunk_rows, key=f"{stage}.format", exclude=out)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{stage}.input: {e}") from None
+    listed = _listed(stage, b)
+    chunks, skipped = plan_chunks(b.input, b.format, b.chunk_rows, key=f"{stage}.format", files=listed)
     if skipped:
         log.warning(f"[{stage}] {inputs.describe_skipped(skipped)}; all listed in summary.json")
+    ident = {**ident, INPUT_VERSION: inputs.stamp(listed[0])[1]}
     claim_output(out, run_file, ident, b.overwrite, stage, outputs)
     clean_partial(out)
     done = done_keys(out)

@@ -19,6 +19,7 @@ import bz2
 import codecs
 import fnmatch
 import hashlib
+import json
 import posixpath
 import zlib
 
@@ -96,6 +97,18 @@ def list_inputs(
         why = f" ({len(skipped)} skipped: {skipped[0]['path']}: {skipped[0]['reason']}…)" if skipped else ""
         raise FileNotFoundError(f"no input files{' ' + str(suffixes) if suffixes else ''} under {path}{why}")
     return files, skipped
+
+
+def stamp(files: list[str]) -> tuple[int, str]:
+    """(bytes, stamp) of the listed ``files`` (one storage): their sizes together, and a hash of
+    their names, sizes and modification times that changes when one is written again, added or
+    removed; read from the listing, never from the files' contents."""
+    if not files:
+        return 0, hashlib.sha256(b"[]").hexdigest()[:16]
+    fs, _ = storage.resolve(files[0])
+    infos = fs.get_file_info([storage.resolve(f)[1] for f in files])
+    blob = json.dumps([[f, i.size, i.mtime_ns] for f, i in zip(files, infos)])
+    return sum(i.size for i in infos), hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _walk(fs, p: str, prefix: str) -> tuple[list[tuple[str, int]], list[dict]]:

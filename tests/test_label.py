@@ -174,6 +174,25 @@ def test_a_folder_of_mixed_broken_and_compressed_files_is_labeled_row_for_row(tm
     assert again["chunks_processed"] == 0 and again["rows"] == s["rows"]
 
 
+def test_an_input_written_since_its_run_is_refused_never_labeled_twice(tmp_path, tiny_hf, ray_local):
+    """A file that grew since its run began: chunks are line ranges, so the new last chunk (rows 2-3)
+    sat beside the old one's part (row 2) and row 2 was in the output twice (seen: 444 rows for 400
+    ids, "the input repeats ids"). Now the run record holds the input's stamp: refused, naming why;
+    overwrite starts over and every row is there once."""
+    rows = [{"id": f"r{i}", "text": f"Testo numero {i}"} for i in range(5)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows[:3])
+    cfg = label_cfg(tmp_path, tiny_hf, inp, "label.chunk_rows=2")
+    out = cfg["label"]["output_dir"]
+    run_label(cfg)
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    with pytest.raises(FileExistsError, match=r"holds a label run of label.input \(.*in.jsonl\) as its files were"):
+        run_label(cfg)
+    assert sorted(r["id"] for r in output(out)) == ["r0", "r1", "r2"]  # nothing mixed in
+    cfg["label"]["overwrite"] = True
+    run_label(cfg)
+    assert sorted(r["id"] for r in output(out)) == [r["id"] for r in rows]
+
+
 def test_what_the_embedded_cluster_lacks_is_refused_before_ray_waits_for_it(tmp_path, tiny_hf, ray_local):
     """On the embedded cluster (no autoscaler) a request for GPUs it does not have would wait
     forever ("No available node types can fulfill resource request" every ~35 s): a model actor's

@@ -160,7 +160,7 @@ def test_a_batch_stage_s_output_folder_holding_another_run_is_refused_before_ray
     tmp_path, tiny_hf, monkeypatch, capsys
 ):
     """The label and generate stages' precheck: the run record in their output folder against this
-    run's (another task or settings; the checkpoint written again since) is one line and exit 2
+    run's (another task or settings; the checkpoint or the input written again since) is one line and exit 2
     before Ray starts; the same run, overwrite, or the main job training the checkpoint first go
     on to start Ray."""
     import re
@@ -196,6 +196,25 @@ def test_a_batch_stage_s_output_folder_holding_another_run_is_refused_before_ray
     for stage, over in (("label", label), ("generate", gen), ("label", [*label, "label.overwrite=true"])):
         with pytest.raises(RayStarts):  # the same run resumes
             launch(stage, compose(stage, over), lambda c: None)
+    # the input written since the run began: a grown file's new last chunk would label its old
+    # last chunk's rows a second time, a file edited in place keep labels of rows it no longer holds
+    from cerbero_ray import inputs
+    from cerbero_ray.batchjob import INPUT_VERSION
+
+    def claim_as_run():  # the record start_run writes: with the input's stamp
+        ident = {**label_identity(lc, resolve_task(lc)), INPUT_VERSION: inputs.stamp([lc.input])[1]}
+        claim_output(lc.output_dir, LABEL_RUN, ident, True, "label")
+
+    claim_as_run()
+    with pytest.raises(RayStarts):  # unchanged: resumes
+        launch("label", compose("label", label), lambda c: None)
+    with open(tmp_path / "in.jsonl", "a") as f:
+        f.write('{"id": "b", "text": "Ancora"}\n')
+    with pytest.raises(SystemExit) as e:
+        launch("label", compose("label", label), lambda c: None)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"labels holds a label run of label.input ({lc.input}) as its files were: " in err
+    claim_as_run()  # a run of the file as it is now
     storage.mark_complete(str(ck))  # trained again under the same path
     for stage, over, said in (
         ("label", label, r".*labels holds a label run of .*hf as it was before: it was written again since"),

@@ -8,7 +8,6 @@ format is there (a schema-level problem is a ``ValueError`` naming the source).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -97,10 +96,7 @@ def inspect_sources(sources: dict[str, SourceConfig], exclude: str | None = None
             raise FileNotFoundError(f"data.sources.{name}.path: {e}") from None
         if not files:  # one file named, and it is empty
             raise ValueError(f"data.sources.{name}.path: {skipped[0]['path']}: {skipped[0]['reason']}")
-        fs, _ = storage.resolve(files[0])
-        infos = [fs.get_file_info(storage.resolve(f)[1]) for f in files]
-        size = sum(i.size for i in infos)
-        stamp = hashlib.sha256(json.dumps([[f, i.size, i.mtime_ns] for f, i in zip(files, infos)]).encode())
+        size, stamp = inputs.stamp(files)
         text_field = src.text_field
         if all(inputs.format_suffix(f) == ".txt" for f in files):
             fmt = "text"
@@ -134,7 +130,7 @@ def inspect_sources(sources: dict[str, SourceConfig], exclude: str | None = None
                     f"data.sources.{name}: none of the first {len(dicts)} rows of {src.path} "
                     f"is a valid '{fmt}' record; check data.sources.{name}.format/text_field"
                 )
-        plans.append(SourcePlan(name, files, fmt, size, skipped, stamp.hexdigest()[:16]))
+        plans.append(SourcePlan(name, files, fmt, size, skipped, stamp))
     return plans
 
 
