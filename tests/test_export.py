@@ -142,6 +142,12 @@ def test_config_errors_name_the_key(hf_dir, tmp_path):
             compose("export", [f"export.checkpoint={hf_dir}", f"export.output_dir={same}"], checked=True)
     with pytest.raises(ValueError, match=r"export.output_dir is export.checkpoint \(s3://b/run/hf/\)"):
         compose("export", ["export.checkpoint=s3://b/run/hf/", "export.output_dir=s3://b/run/hf"], checked=True)
+    # or inside it (its file list, what label and generate runs record of it, would change too)
+    for inside in (f"{hf_dir}/gguf", "s3://b/run/hf/gguf"):
+        ck = "s3://b/run/hf" if inside.startswith("s3") else hf_dir
+        with pytest.raises(ValueError, match=r"export.output_dir lies in export.checkpoint "):
+            compose("export", [f"export.checkpoint={ck}", f"export.output_dir={inside}"], checked=True)
+    compose("export", [f"export.checkpoint={hf_dir}", f"export.output_dir={hf_dir}-gguf"], checked=True)  # beside
 
 
 # ── llama.cpp itself (always in a child process: a native crash fails a test, not the suite) ──────

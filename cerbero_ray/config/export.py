@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from omegaconf import MISSING
 
 from cerbero_ray.config.common import ClusterConfig, PathsConfig, at_least, check_local_checkpoint, check_output_dir
-from cerbero_ray.storage import is_local, local_path
+from cerbero_ray.storage import within
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k")
 
@@ -36,13 +35,6 @@ class ExportStageConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-def _same_folder(a: str, b: str) -> bool:
-    """Whether two folders (local paths or URIs) are one."""
-    if is_local(a) and is_local(b):
-        return os.path.abspath(local_path(a)) == os.path.abspath(local_path(b))
-    return a.rstrip("/") == b.rstrip("/")
-
-
 def check_export(c: ExportStageConfig, before: frozenset = frozenset()) -> None:
     """``before``: the stages that run before this one in the same job (the recipe's train stage
     writes the checkpoint: it is not there yet)."""
@@ -57,10 +49,12 @@ def check_export(c: ExportStageConfig, before: frozenset = frozenset()) -> None:
     at_least(x, ("threads",), 0, "export")
     check_output_dir(x.output_dir, "export.output_dir")
     for key, folder in (("checkpoint", x.checkpoint), ("base", x.base)):
-        if folder and _same_folder(x.output_dir, folder):
+        if folder and within(x.output_dir, folder):  # the folder itself, or one inside it
+            same = "is" if within(folder, x.output_dir) else "lies in"
             raise ValueError(
-                f"export.output_dir is export.{key} ({folder}): the GGUF files and their README.md would change "
-                "the checkpoint (and replace its model card); give a folder of their own"
+                f"export.output_dir {same} export.{key} ({folder}): the GGUF files and their README.md would "
+                "change the checkpoint (its files, and so what a run of it records; its model card); give a "
+                "folder of their own"
             )
     if "train" not in before and not x.base:
         check_local_checkpoint(x.checkpoint, "export.checkpoint")
