@@ -12,6 +12,8 @@ fixed-size int32 lists; ``num_docs``; per packed document ``doc_sources`` and ``
 
 from __future__ import annotations
 
+import posixpath
+
 from cerbero_ray import storage
 
 IGNORE_INDEX = -100  # a label position that carries no loss (PyTorch's cross-entropy default)
@@ -29,6 +31,27 @@ def write_manifest(manifest: dict, out: str) -> str:
     return storage.write_json(manifest_path(out), manifest, indent=2)
 
 
+SHARDS = "shards"  # the folder of a data run's shards, beside its manifest
+
+
 def read_manifest(out: str) -> dict:
-    """The manifest of the data run in ``out``; ``FileNotFoundError`` when it has none."""
-    return storage.read_json(manifest_path(out))
+    """The manifest of the data run in ``out``, its shards where they are now: beside it, in ``out``
+    (:func:`shard_here`); ``FileNotFoundError`` when it has none."""
+    m = storage.read_json(manifest_path(out))
+    if isinstance(m, dict) and isinstance(m.get("shards"), list):
+        for s in m["shards"]:
+            if isinstance(s, dict) and isinstance(s.get("path"), str):
+                s["path"] = shard_here(s["path"], out)
+    return m
+
+
+def shard_here(path: str, out: str) -> str:
+    """A shard the manifest lists by the full path it was written to, as it is under ``out``, where
+    the manifest is read now: a data folder copied whole (to a bucket for a cluster, to another
+    machine) carries its shards beside its manifest, and the trainer reads those, never the
+    folder it was copied from. A path not in a ``shards`` folder is kept as listed."""
+    parent, name = posixpath.split(path.replace("\\", "/"))
+    if posixpath.basename(parent) != SHARDS or not name:
+        return path
+    here = storage.join(out if storage.is_uri(out) else storage.resolve(out)[1], SHARDS, name)
+    return path if storage.is_uri(path) == storage.is_uri(here) and storage.within(path, here) else here

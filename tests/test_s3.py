@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -174,21 +175,30 @@ def test_a_cut_short_hf_folder_in_the_bucket_is_refused_naming_the_key(bucket, t
 
 
 def test_shards_the_bucket_lacks_or_holds_cut_are_refused_before_training(bucket, tmp_path):
-    """The driver's check of each listed shard (Parquet footer) on a bucket, as on a local disk
-    (tests/test_train_config.py): a data folder copied in part fails naming the key."""
+    """A data folder copied whole to a bucket trains from its shards there; the driver's check of each
+    listed shard (Parquet footer) on a bucket, as on a local disk (tests/test_train_config.py): a
+    data folder copied in part fails naming the key."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from test_train_config import manifest_dir
 
     from cerbero_ray.train.run_plan import plan_run
 
-    m = json.load(open(os.path.join(manifest_dir(tmp_path), "manifest.json")))
+    local = manifest_dir(tmp_path)
+    m = json.load(open(os.path.join(local, "manifest.json")))
     key = f"{bucket}/data/shards/a.parquet"
+    # the data folder copied whole (aws s3 sync): its manifest lists the shards where they were
+    # written; the trainer reads the copies beside it (the local folder is gone: on a cluster it
+    # never was there), as it reads a manifest that names them in the bucket
     storage.write_bytes(key, open(m["shards"][0]["path"], "rb").read())
+    storage.write_json(f"{bucket}/data/manifest.json", m)
+    shutil.rmtree(local)
+    c = to_container(compose("train", [f"paths.output_dir={tmp_path}", f"train.data_dir={bucket}/data/"]))
+    run = plan_run(c)
+    assert run.rows == 40 and run.shards[0]["path"] == key
     m["shards"][0]["path"] = key
     storage.write_json(f"{bucket}/data/manifest.json", m)
-    c = to_container(compose("train", [f"paths.output_dir={tmp_path}", f"train.data_dir={bucket}/data"]))
-    assert plan_run(c).rows == 40
+    assert plan_run(c).shards == run.shards
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table({"input_ids": [[0, 1]] * 7}), sink)
     storage.write_bytes(key, sink.getvalue().to_pybytes())

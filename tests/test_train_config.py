@@ -269,6 +269,25 @@ def test_a_worker_s_verdict_on_its_input_makes_the_restarts_fail_at_once(tmp_pat
     assert calls[-1] == "fine" and not os.path.exists(os.path.join(run_dir, FAILED))
 
 
+def test_a_data_folder_copied_elsewhere_trains_from_its_own_shards(tmp_path):
+    """The manifest lists each shard by the full path the data stage wrote; a copy of the folder
+    (another disk, another machine, through a link) reads the shards beside its manifest, never
+    the folder it was copied from (gone here: before, "…/a.parquet is missing")."""
+    import shutil
+
+    c = cfg(tmp_path)
+    here = plan_run(c).shards
+    os.symlink(tmp_path / "data", tmp_path / "link")  # the same folder by another name: the listed path kept
+    c["train"]["data_dir"] = str(tmp_path / "link")  # (what a run's data order is signed with stays)
+    assert plan_run(c).shards == here
+    copy = tmp_path / "elsewhere" / "data"
+    shutil.copytree(tmp_path / "data", copy)
+    shutil.rmtree(tmp_path / "data")
+    c["train"]["data_dir"] = str(copy)
+    moved = plan_run(c)
+    assert moved.rows == 40 and moved.shards[0]["path"] == str(copy / "shards" / "a.parquet") != here[0]["path"]
+
+
 def test_shards_missing_or_rewritten_since_the_manifest_are_refused_on_the_driver(tmp_path):
     """Each listed shard's Parquet footer against the manifest's rows: a folder copied in part or a
     shard rewritten fails in one line naming the file, before any worker reads it mid-epoch."""
