@@ -395,6 +395,7 @@ def test_config_errors_name_the_key(tmp_path, tiny_hf):
         (["evaluate.only=[squad_it]", "evaluate.tasks.squad_it.protocols=[score]"], "squad_it.protocols"),
         (["evaluate.only=[squad_it]", "evaluate.tasks.squad_it.prompts=[2]"], "squad_it.prompts"),
         (["evaluate.only=[squad_it]", "evaluate.bootstrap=-1"], "evaluate.bootstrap"),
+        (["evaluate.only=[squad_it]", "evaluate.seed=-1"], "evaluate.seed must be >= 0"),  # was a numpy traceback
         (["evaluate.only=[nope]"], "evaluate.only"),
         ([f"evaluate.tasks.ami2020.path={tmp_path}/none.tsv"], "evaluate.tasks.ami2020.path"),
         (["evaluate.only=[squad_it]", f"evaluate.checkpoints.tiny-cpu={tmp_path}"], "evaluate.checkpoints.tiny-cpu"),

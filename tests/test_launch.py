@@ -324,6 +324,16 @@ def test_a_resource_share_ray_cannot_schedule_is_refused_before_ray_starts(tmp_p
         check_share(0, "x")
 
 
+def test_a_negative_data_seed_is_refused_before_ray_starts(tmp_path):
+    """numpy's generators refuse a negative seed: the data stage's shuffle stopped with a traceback
+    once its actors ran (the training and evaluation seeds: their stages' config tests)."""
+    from cerbero_ray.config import compose
+
+    with pytest.raises(ValueError, match="data.seed must be >= 0, got -2"):
+        compose("data", [f"paths.output_dir={tmp_path}", "data.seed=-2"], checked=True)
+    compose("data", [f"paths.output_dir={tmp_path}", "data.seed=7"], checked=True)
+
+
 def test_a_folder_uri_with_a_trailing_slash_makes_no_doubled_slash():
     """``paths.output_dir=s3://b/run/`` interpolates to ``s3://b/run//data/...``: a key no one named
     (pyarrow refused it: ArrowInvalid "Empty path component"; a printed ``aws s3 cp`` of it found

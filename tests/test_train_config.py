@@ -61,6 +61,7 @@ def test_a_good_config_gets_its_run_plan(tmp_path):
         ("train.name=..", "train.name must be a folder name"),  # ... or the folder above it
         ("train.name=runs/a", "train.name must be a folder name"),
         ("train.read_cpus=0", "train.read_cpus must be at least 0.0001"),
+        ("train.seed=-1", "train.seed must be >= 0"),  # numpy's generators refuse it, after Ray started
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, key):

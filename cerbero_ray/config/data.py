@@ -91,6 +91,7 @@ def check_data(c: DataStageConfig, before: frozenset = frozenset()) -> None:
     if int(d.seq_len) < 16:
         raise ValueError(f"data.seq_len must be >= 16, got {d.seq_len}")
     at_least(d, ("buffer_docs", "workers"), 1, "data")
+    at_least(d, ("seed",), 0, "data")  # numpy's generators take no negative seed
     one_of(d.loss_on, ("assistant", "all"), "data.loss_on")
     one_of(d.packing, ("whole", "split"), "data.packing")
     one_of(d.long_docs, ("split", "drop"), "data.long_docs")

@@ -118,7 +118,7 @@ def check_evaluate(c: EvaluateStageConfig, before: frozenset = frozenset()) -> N
         1,
         "evaluate",
     )
-    at_least(ec, ("bootstrap",), 0, "evaluate")
+    at_least(ec, ("bootstrap", "seed"), 0, "evaluate")  # numpy's generators take no negative seed
     check_share(ec.gpus_per_worker, "evaluate.gpus_per_worker", zero_ok=True)
     check_share(ec.cpus_per_worker, "evaluate.cpus_per_worker")
     for name, t in selected_tasks(ec).items():

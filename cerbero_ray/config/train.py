@@ -180,6 +180,7 @@ def check_train(c: TrainStageConfig, before: frozenset = frozenset()) -> None:
             "weight_decay",
             "warmup_steps",
             "mix_block_rows",
+            "seed",  # numpy's generators take no negative seed
         ),
         0,
         "train",
