@@ -77,6 +77,7 @@ def check_local_checkpoint(path: str, key: str, base: str | None = None) -> None
     """At compose time: :func:`check_checkpoint` and :func:`check_weights` for a local ``path``
     (an object-store checkpoint is looked at when the stage has copied it)."""
     if not is_local(path):
+        storage.check_scheme(path, key)
         return
     if adapters.is_adapter(local_path(path)):
         check_adapter(local_path(path), key)

@@ -49,6 +49,23 @@ def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")  # the object stores pyarrow's filesystems read
+
+
+def check_scheme(path: str, key: str | None = None) -> None:
+    """``ValueError`` (naming ``key``) when ``path`` is a URI of a scheme no storage here reads (an
+    ``https://`` download link, Hadoop's ``s3a://``): one line, not pyarrow's "Unrecognized filesystem"."""
+    if is_uri(path):
+        scheme = path.split("://", 1)[0]
+        if scheme.lower() not in (*SCHEMES, "mock"):
+            known = ", ".join(f"{s}://" for s in SCHEMES)
+            hint = f": write it s3://{path.split('://', 1)[1]}" if scheme.lower() in ("s3a", "s3n") else ""
+            raise ValueError(
+                f"{key + ': ' if key else ''}{path}: {scheme}:// is not a storage this platform reads or writes "
+                f"(a local path, or {known}){hint}"
+            )
+
+
 def is_local(path: str) -> bool:
     """A path on this machine's disk (plain, or ``file://``), not an object-store URI."""
     return not is_uri(path)
@@ -84,6 +101,7 @@ def _s3(bucket: str) -> pafs.S3FileSystem:
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and the path inside it; local paths become absolute."""
     if is_uri(path):
+        check_scheme(path)
         scheme, rest = path.split("://", 1)
         rest = re.sub(r"/{2,}", "/", rest)  # s3://b/run/ + /data: one key, as the folder it names
         if scheme == "s3":

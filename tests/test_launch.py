@@ -334,6 +334,28 @@ def test_a_negative_data_seed_is_refused_before_ray_starts(tmp_path):
     compose("data", [f"paths.output_dir={tmp_path}", "data.seed=7"], checked=True)
 
 
+def test_a_uri_no_storage_here_reads_is_refused_naming_the_key(tmp_path):
+    """An https:// link or Hadoop's s3a:// as an input, a checkpoint or an output folder stopped the
+    job with pyarrow's "Unrecognized filesystem type" traceback after Ray started; refused at config
+    time naming the key (and by storage itself, for a path no config check saw)."""
+    from cerbero_ray import storage
+    from cerbero_ray.config import compose
+
+    out = f"paths.output_dir={tmp_path}"
+    for stage, over, says in (
+        ("label", ["label.input=https://example.com/x.jsonl"], r"label.input: https://example.com/x.jsonl: https://"),
+        ("label", ["label.checkpoint=https://h/hf"], r"label.checkpoint: https://h/hf: https:// is not a storage"),
+        ("data", ["data.sources.chat.path=s3a://b/x.jsonl"], r"data.sources.chat.path: .*: write it s3://b/x.jsonl$"),
+        ("train", ["train.output_dir=ftp://h/runs"], r"train.output_dir: ftp://h/runs: ftp:// is not a storage"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            compose(stage, [out, *over], checked=True)
+    with pytest.raises(ValueError, match=r"^http://h/x.jsonl: http:// is not a storage this platform reads"):
+        storage.resolve("http://h/x.jsonl")
+    for ok in ("s3://b/x", "gs://b/x", "abfss://c@a.dfs.core.windows.net/x"):
+        storage.check_scheme(ok, "k")  # a refusal raises
+
+
 def test_a_folder_uri_with_a_trailing_slash_makes_no_doubled_slash():
     """``paths.output_dir=s3://b/run/`` interpolates to ``s3://b/run//data/...``: a key no one named
     (pyarrow refused it: ArrowInvalid "Empty path component"; a printed ``aws s3 cp`` of it found

@@ -10,7 +10,7 @@ from omegaconf import MISSING
 
 from cerbero_ray.chat import ASSISTANT_TAGS, SYSTEM_LINE
 from cerbero_ray.checkpoints import PATH_REQUIRED, check_local_checkpoint
-from cerbero_ray.storage import is_local, local_path, within
+from cerbero_ray.storage import check_scheme, is_local, local_path, within
 
 INFERENCE_DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: bfloat16 on GPU, float32 on CPU
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -87,9 +87,11 @@ def check_paths(pc: PathsConfig) -> None:
 
 
 def check_output_dir(path: str, key: str) -> None:
-    """``ValueError`` naming ``key`` when a local output folder is blank or an existing file."""
+    """``ValueError`` naming ``key`` when a local output folder is blank or an existing file, or a
+    URI of a scheme no storage here reads."""
     if not str(path or "").strip():
         raise ValueError(f"{key} is empty: give a folder or a URI")
+    check_scheme(path, key)
     if is_local(path) and os.path.exists(local_path(path)) and not os.path.isdir(local_path(path)):
         raise ValueError(f"{key}: {path} is a file; give a folder (it is made if missing)")
 
@@ -141,8 +143,10 @@ def check_cluster(cc: ClusterConfig) -> None:
 
 
 def check_local_path(path: str, key: str, glob_ok: bool = False) -> None:
-    """``ValueError`` naming ``key`` when a local ``path`` does not exist (URIs are not looked up)."""
+    """``ValueError`` naming ``key`` when a local ``path`` does not exist (URIs are not looked up:
+    only their scheme is checked)."""
     if not is_local(path):
+        check_scheme(path, key)
         return
     p = local_path(path)
     if glob_ok and any(c in os.path.basename(p) for c in "*?["):
