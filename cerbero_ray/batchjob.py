@@ -196,14 +196,14 @@ def list_input(path: str, fmt: str, exclude: str | None = None) -> tuple[list[st
 
 
 def plan_chunks(
-    path: str, fmt: str, chunk_rows: int, key: str = "format", exclude: str | None = None, files=None
+    path: str, fmt: str, chunk_rows: int, key: str = "format", exclude: str | None = None, listed=None
 ) -> tuple[list[Chunk], list[dict]]:
     """Chunks of every input file (for line formats, byte ranges found by scanning for line ends),
-    and the files of a folder that are not read, with why (:func:`list_input`; ``files``: its
+    and the files of a folder that are not read, with why (:func:`list_input`; ``listed``: its
     answer, when it was asked already)."""
     if fmt not in FORMATS:
         raise ValueError(f"{key} must be one of {FORMATS}, got {fmt!r}")
-    files, skipped = files or list_input(path, fmt, exclude)
+    files, skipped = listed or list_input(path, fmt, exclude)
     chunks = []
     for f in files:
         chunks += _plan_file(f, file_format(f, fmt, key), chunk_rows, key)
@@ -491,7 +491,7 @@ def start_run(
     looked at."""
     out = b.output_dir
     listed = _listed(stage, b)
-    chunks, skipped = plan_chunks(b.input, b.format, b.chunk_rows, key=f"{stage}.format", files=listed)
+    chunks, skipped = plan_chunks(b.input, b.format, b.chunk_rows, key=f"{stage}.format", listed=listed)
     if skipped:
         log.warning(f"[{stage}] {inputs.describe_skipped(skipped)}; all listed in summary.json")
     ident = {**ident, INPUT_VERSION: inputs.stamp(listed[0])[1]}

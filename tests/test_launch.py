@@ -364,10 +364,11 @@ def test_a_folder_uri_with_a_trailing_slash_makes_no_doubled_slash():
     from cerbero_ray.config import check, compose, typed
 
     over = ["paths.output_dir=s3://b/run/", "train.output_dir=gs://g//t/", "+evaluate.checkpoints.web=http://h//v1"]
+    over += ["train.tracker.uri=sqlite:////abs/mlflow.db"]  # four slashes: SQLAlchemy's absolute path
     c = typed("recipe", compose("recipe", over))
     assert c.data.output_dir == "s3://b/run/data/chat_sample" and c.label.output_dir == "s3://b/run/label/sentiment"
     assert c.train.output_dir == "gs://g/t/" and c.evaluate.checkpoints["trained"] == "gs://g/t/tiny-cpu/hf"
-    assert c.evaluate.checkpoints["web"] == "http://h//v1"
+    assert c.evaluate.checkpoints["web"] == "http://h//v1" and c.train.tracker.uri == "sqlite:////abs/mlflow.db"
     assert c.export.output_dir == "s3://b/run/export/tiny-cpu"
     stage = check("data", compose("data", ["paths.output_dir=s3://b/run/"]))
     assert stage.data.output_dir == "s3://b/run/data/chat_sample"

@@ -25,6 +25,7 @@ from cerbero_ray.config.common import ModelConfig
 from cerbero_ray.config.data import SourceConfig
 from cerbero_ray.config.evaluate import EvalTaskConfig
 from cerbero_ray.config.stages import STAGES
+from cerbero_ray.storage import SCHEMES
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,7 +87,8 @@ _URI = re.compile(r"([a-z][a-z0-9+.-]*)://(.*)", re.S)
 def _tidy_uris(x):
     """``x`` with every object-store URI in it written with single slashes: ``paths.output_dir=
     s3://b/run/`` makes ``s3://b/run//train``, a key no one named (pyarrow refuses it; ``aws s3 cp``
-    of the printed URI finds nothing). Web addresses (an endpoint) are left as they are."""
+    of the printed URI finds nothing). Other schemes are left as they are: a web address (an
+    endpoint), a tracker's ``sqlite:////abs/mlflow.db`` (four slashes: an absolute path)."""
     if is_dataclass(x):
         for f in fields(x):
             setattr(x, f.name, _tidy_uris(getattr(x, f.name)))
@@ -95,7 +97,7 @@ def _tidy_uris(x):
             x[k] = _tidy_uris(x[k])
     elif isinstance(x, list):
         x[:] = [_tidy_uris(v) for v in x]
-    elif isinstance(x, str) and (m := _URI.fullmatch(x)) and m[1] not in ("http", "https"):
+    elif isinstance(x, str) and (m := _URI.fullmatch(x)) and m[1].lower() in SCHEMES:
         return f"{m[1]}://{re.sub(r'/{2,}', '/', m[2])}"
     return x
 
