@@ -181,10 +181,12 @@ def test_run_code_gets_the_typed_schema_with_every_default(tmp_path):
     from cerbero_ray.config import checked_for
     from cerbero_ray.config.label import LabelStageConfig
 
-    c = to_container(compose("export", [f"export.checkpoint={tmp_path}", f"export.output_dir={tmp_path}/out"]))
+    ck = tmp_path / "hf"
+    c = to_container(compose("export", [f"export.checkpoint={ck}", f"export.output_dir={tmp_path}/out"]))
     del c["export"]["threads"], c["export"]["verify"]  # a hand-written config that leaves defaults out
-    (tmp_path / "config.json").write_text("{}")
-    (tmp_path / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    ck.mkdir()
+    (ck / "config.json").write_text("{}")
+    (ck / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
     x = check("export", c)
     assert (x.export.threads, x.export.verify) == (0, True) and x.cluster.num_cpus is None
     assert check("export", x) is x and checked_for(x) == {"export"}
