@@ -233,50 +233,12 @@ def test_a_batch_stage_s_output_folder_holding_another_run_is_refused_before_ray
         )
 
 
-def test_a_config_error_is_reported_before_any_stage_module_is_imported():
-    """A stage's run_<stage> module may import torch and transformers (seconds on a small machine):
-    ``launch`` resolves it only after the checks, so a bad value is one line at once, for every stage."""
-    import subprocess
-    import sys
-
-    code = """
+_EACH = """
 import sys
 from cerbero_ray.config import compose
 from cerbero_ray.config.stages import STAGES
 from cerbero_ray.runtime import launch
-for stage in STAGES:
-    bad = ["export.types=[nope]"] if stage == "export" else ["cluster.num_cpus=0"]
-    try:
-        launch(stage, compose(stage, bad))
-    except SystemExit as e:
-        assert e.code == 2, (stage, e.code)
-    else:
-        raise AssertionError(stage)
-print(len(STAGES), [m for m in ("torch", "transformers", "ray") if m in sys.modules])
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    stages, imported = r.stdout.split(" ", 1)
-    assert imported.strip() == "[]", r.stdout  # none of them imported
-    lines = r.stderr.splitlines()
-    assert len(lines) == int(stages) >= 8 and all(x.startswith("error: ") for x in lines), r.stderr  # one line each
-
-
-def test_a_blank_output_or_data_folder_is_refused_before_anything_is_written(tmp_path):
-    """``CERBERO_OUTPUT_DIR=$UNSET`` (or ``paths.output_dir=``) would put every stage's folder at the
-    filesystem's root (/data, /train, /label, /export: seen before this check); every stage refuses
-    it with one line and exit 2, as a blank data folder and a stage's own blank output folder."""
-    import subprocess
-    import sys
-
-    code = f"""
-import sys
-from cerbero_ray.config import compose
-from cerbero_ray.config.stages import STAGES
-from cerbero_ray.runtime import launch
-out = "paths.output_dir={tmp_path}"
-bad = [(stage, []) for stage in STAGES]
-bad += [("recipe", [out, "paths.data_dir=' '"]), ("train", [out, "train.output_dir=''"])]
+bad = {bad}
 for stage, over in bad:
     try:
         launch(stage, compose(stage, over))
@@ -284,15 +246,45 @@ for stage, over in bad:
         assert e.code == 2, (stage, e.code)
     else:
         raise AssertionError(stage)
-print(len(bad))
+print(len(bad), [m for m in ("torch", "transformers", "ray") if m in sys.modules])
 """
-    env = {**os.environ, "CERBERO_OUTPUT_DIR": ""}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
+def _launch_each(bad: str, env: dict | None = None) -> tuple[int, str, list[str]]:
+    """In a fresh interpreter, ``launch`` of each (stage, overrides) the expression ``bad`` lists
+    (``STAGES`` in scope): each must exit 2. Returns how many, the heavy modules imported, and the
+    lines written to stderr."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _EACH.format(bad=bad)], capture_output=True, text=True, timeout=120, env=env
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stderr.splitlines()
-    assert len(lines) == int(r.stdout) >= 10, r.stderr  # one line each
+    count, imported = r.stdout.split(" ", 1)
+    return int(count), imported.strip(), r.stderr.splitlines()
+
+
+def test_a_config_error_is_reported_before_any_stage_module_is_imported():
+    """A stage's run_<stage> module may import torch and transformers (seconds on a small machine):
+    ``launch`` resolves it only after the checks, so a bad value is one line at once, for every stage."""
+    bad = '[(s, ["export.types=[nope]"] if s == "export" else ["cluster.num_cpus=0"]) for s in STAGES]'
+    stages, imported, lines = _launch_each(bad)
+    assert imported == "[]", imported  # none of them imported
+    assert len(lines) == stages >= 8 and all(x.startswith("error: ") for x in lines), lines  # one line each
+
+
+def test_a_blank_output_or_data_folder_is_refused_before_anything_is_written(tmp_path):
+    """``CERBERO_OUTPUT_DIR=$UNSET`` (or ``paths.output_dir=``) would put every stage's folder at the
+    filesystem's root (/data, /train, /label, /export: seen before this check); every stage refuses
+    it with one line and exit 2, as a blank data folder and a stage's own blank output folder."""
+    out = f"paths.output_dir={tmp_path}"
+    more = [("recipe", [out, "paths.data_dir=' '"]), ("train", [out, "train.output_dir=''"])]
+    bad = f"[(s, []) for s in STAGES] + {more!r}"
+    count, _, lines = _launch_each(bad, {**os.environ, "CERBERO_OUTPUT_DIR": ""})
+    assert len(lines) == count >= 10, lines  # one line each
     blank = "error: paths.output_dir is empty (is $CERBERO_OUTPUT_DIR set to an empty value?)"
-    assert all(x.startswith(blank) for x in lines[:-2]), r.stderr
+    assert all(x.startswith(blank) for x in lines[:-2]), lines
     assert lines[-2].startswith("error: paths.data_dir is empty (is $CERBERO_DATA_DIR set to an empty value?)")
     assert lines[-1] == "error: train.output_dir is empty: give a folder or a URI"
     assert os.listdir(tmp_path) == []
