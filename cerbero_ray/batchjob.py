@@ -189,7 +189,7 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:200]
 
 
-def list_input(path: str, fmt: str, exclude: str | None = None) -> tuple[list[str], list[dict]]:
+def input_files(path: str, fmt: str, exclude: str | None = None) -> tuple[list[str], list[dict]]:
     """The files a batch stage reads under ``path`` in format ``fmt`` and those it skips, with why
     (:func:`cerbero_ray.inputs.list_inputs`; ``exclude``: the stage's output folder)."""
     return inputs.list_inputs(path, inputs.FORMAT_SUFFIXES if fmt == "auto" else (), exclude)
@@ -199,11 +199,11 @@ def plan_chunks(
     path: str, fmt: str, chunk_rows: int, key: str = "format", exclude: str | None = None, listed=None
 ) -> tuple[list[Chunk], list[dict]]:
     """Chunks of every input file (for line formats, byte ranges found by scanning for line ends),
-    and the files of a folder that are not read, with why (:func:`list_input`; ``listed``: its
+    and the files of a folder that are not read, with why (:func:`input_files`; ``listed``: its
     answer, when it was asked already)."""
     if fmt not in FORMATS:
         raise ValueError(f"{key} must be one of {FORMATS}, got {fmt!r}")
-    files, skipped = listed or list_input(path, fmt, exclude)
+    files, skipped = listed or input_files(path, fmt, exclude)
     chunks = []
     for f in files:
         chunks += _plan_file(f, file_format(f, fmt, key), chunk_rows, key)
@@ -472,10 +472,10 @@ def precheck_output(stage: str, b, run_file: str, ident, before: frozenset) -> N
 
 
 def _listed(stage: str, b) -> tuple[list[str], list[dict]]:
-    """:func:`list_input` of ``b.input`` (never in ``b.output_dir``), a missing input named as
+    """:func:`input_files` of ``b.input`` (never in ``b.output_dir``), a missing input named as
     ``<stage>.input``."""
     try:
-        return list_input(b.input, b.format, b.output_dir)
+        return input_files(b.input, b.format, b.output_dir)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{stage}.input: {e}") from None
 

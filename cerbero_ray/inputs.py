@@ -61,9 +61,7 @@ def list_inputs(
     listed once: a rerun reads what the first run read, never the stage's own output."""
     fs, p = storage.resolve(path)
     prefix = path.split("://", 1)[0] + "://" if storage.is_uri(path) else ""  # a listed object's: scheme + its path
-    pattern = None
-    if any(c in posixpath.basename(p) for c in "*?["):
-        p, pattern = posixpath.dirname(p), posixpath.basename(p)
+    p, pattern = storage.split_glob(p)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"no such file or folder: {path}")

@@ -50,8 +50,8 @@ def shard_here(path: str, out: str) -> str:
     the manifest is read now: a data folder copied whole (to a bucket for a cluster, to another
     machine) carries its shards beside its manifest, and the trainer reads those, never the
     folder it was copied from. A path not in a ``shards`` folder is kept as listed."""
-    parent, name = posixpath.split(path.replace("\\", "/"))
+    parent, name = posixpath.split(path)
     if posixpath.basename(parent) != SHARDS or not name:
         return path
     here = storage.join(out if storage.is_uri(out) else storage.resolve(out)[1], SHARDS, name)
-    return path if storage.is_uri(path) == storage.is_uri(here) and storage.within(path, here) else here
+    return path if storage.within(path, here) else here

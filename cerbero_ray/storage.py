@@ -66,6 +66,13 @@ def check_scheme(path: str, key: str | None = None) -> None:
             )
 
 
+def split_glob(path: str) -> tuple[str, str | None]:
+    """(folder, pattern) of a path whose last part is a glob (``corpus/*.jsonl``; its folder "." when
+    it names none), else (``path``, None)."""
+    head, last = posixpath.split(path)
+    return (head or ".", last) if any(c in last for c in "*?[") else (path, None)
+
+
 def is_local(path: str) -> bool:
     """A path on this machine's disk (plain, or ``file://``), not an object-store URI."""
     return not is_uri(path)

@@ -275,7 +275,7 @@ def test_an_output_folder_inside_the_input_folder_is_never_read(tmp_path, where,
     assert storage.is_file(storage.join(base, "run", "x.json"))
 
 
-def test_an_input_that_is_its_stage_s_output_folder_is_refused_before_ray_starts(tmp_path, bucket):
+def test_an_input_that_is_its_stage_s_output_folder_is_refused_before_ray_starts(tmp_path, bucket, monkeypatch):
     """The input folder (or a glob's) as the output folder: the stage would read its own output on a
     rerun; refused at config time for label, generate and the data stage, local or a bucket. An
     output folder inside the input, or a file named in the output folder, is fine."""
@@ -297,6 +297,9 @@ def test_an_input_that_is_its_stage_s_output_folder_is_refused_before_ray_starts
     ):
         with pytest.raises(ValueError, match=f"label.input .*{says}"):
             check("label", compose("label", [f"label.input={inp}", f"label.output_dir={out}", *ck]))
+    monkeypatch.chdir(d)  # a glob naming no folder: the working folder's files
+    with pytest.raises(ValueError, match=f"label.input .*{says}"):
+        check("label", compose("label", ["label.input=*.jsonl", "label.output_dir=.", *ck]))
     with pytest.raises(ValueError, match="generate.input .*reads generate.output_dir"):
         check("generate", compose("generate", [f"generate.input={d}", f"generate.output_dir={d}"]))
     with pytest.raises(ValueError, match="data.sources.chat.path .*reads data.output_dir"):

@@ -10,7 +10,7 @@ from omegaconf import MISSING
 
 from cerbero_ray.chat import ASSISTANT_TAGS, SYSTEM_LINE
 from cerbero_ray.checkpoints import PATH_REQUIRED, check_local_checkpoint
-from cerbero_ray.storage import check_scheme, is_local, local_path, within
+from cerbero_ray.storage import check_scheme, is_local, local_path, split_glob, within
 
 INFERENCE_DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: bfloat16 on GPU, float32 on CPU
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -103,8 +103,7 @@ def check_apart(inp: str, out: str, in_key: str, out_key: str) -> None:
     (:func:`cerbero_ray.inputs.list_inputs`); so is an input file named in the output folder."""
     if not isinstance(inp, str) or not inp.strip() or not isinstance(out, str) or not out.strip():
         return
-    head, _, last = inp.rstrip("/").rpartition("/")
-    folder = head if head and any(c in last for c in "*?[") else inp
+    folder = split_glob(inp)[0]
     if within(folder, out) and within(out, folder):
         raise ValueError(
             f"{in_key} ({inp}) reads {out_key} ({out}): a rerun would read the stage's own output as its "
@@ -149,7 +148,7 @@ def check_local_path(path: str, key: str, glob_ok: bool = False) -> None:
         check_scheme(path, key)
         return
     p = local_path(path)
-    if glob_ok and any(c in os.path.basename(p) for c in "*?["):
-        p = os.path.dirname(p) or "."
+    if glob_ok:
+        p = split_glob(p)[0]
     if not os.path.exists(p):
         raise ValueError(f"{key}: no such file or folder: {path}")
