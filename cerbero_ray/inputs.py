@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bz2
 import codecs
-import fnmatch
 import hashlib
 import json
 import posixpath
@@ -54,11 +53,13 @@ def list_inputs(
 ) -> tuple[list[str], list[dict]]:
     """(files read, files skipped as ``{"path", "reason"}``) under ``path``: a file (always read: it
     was named, unless it is empty), a folder (recursively; on a local disk symbolic links are
-    followed, each real folder and file read once, a loop named once) or a glob in its last part;
-    sorted, full paths or URIs. ``suffixes`` empty: every file of the folder that is not hidden is
-    read. An empty file (0 bytes) is skipped and listed: it holds no row. The files of a folder that
-    lie in the folder ``exclude`` (the stage's output, inside its input) are skipped, the folder
-    listed once: a rerun reads what the first run read, never the stage's own output."""
+    followed, each real folder and file read once, a loop named once) or a glob, matched as a shell
+    matches it (:func:`cerbero_ray.storage.glob_match`: ``corpus/*.jsonl`` is the folder's own
+    files, never its subfolders'; ``corpus/**/*.jsonl`` every folder's); sorted, full paths or URIs.
+    ``suffixes`` empty: every file of the folder that is not hidden is read. An empty file (0 bytes)
+    is skipped and listed: it holds no row. The files of a folder that lie in the folder ``exclude``
+    (the stage's output, inside its input) are skipped, the folder listed once: a rerun reads what
+    the first run read, never the stage's own output."""
     fs, p = storage.resolve(path)
     prefix = path.split("://", 1)[0] + "://" if storage.is_uri(path) else ""  # a listed object's: scheme + its path
     p, pattern = storage.split_glob(p)
@@ -69,16 +70,17 @@ def list_inputs(
         if info.size == 0:
             return [], [{"path": path, "reason": "empty file (0 bytes)"}]
         return [path], []
-    entries, skipped = _walk_local(p) if not prefix else _walk(fs, p, prefix)
+    depth = None if pattern is None or "**" in pattern.split("/") else pattern.count("/") + 1
+    entries, skipped = _walk_local(p, depth) if not prefix else _walk(fs, p, prefix, depth)
     if exclude is not None and not storage.within(exclude, prefix + p):
         exclude = None  # not in this folder: no file to test
     left_out = 0
     files = []
     for full, size in entries:
         name = posixpath.basename(full)
-        if pattern is not None and not fnmatch.fnmatch(name, pattern):
-            continue
         rel = posixpath.relpath(full[len(prefix) :] if prefix else full, p)
+        if pattern is not None and not storage.glob_match(rel, pattern):
+            continue
         if exclude is not None and storage.within(full, exclude):
             left_out += 1
         elif any(part.startswith((".", "_")) for part in rel.split("/")):
@@ -93,6 +95,14 @@ def list_inputs(
         skipped.append({"path": exclude, "reason": f"the stage's output folder ({left_out} file(s)): never its input"})
     if not files:
         why = f" ({len(skipped)} skipped: {skipped[0]['path']}: {skipped[0]['reason']}…)" if skipped else ""
+        if pattern is not None and depth is not None:  # what the glob would match a folder down or more
+            every = (_walk(fs, p, prefix) if prefix else _walk_local(p))[0]
+            rels = [posixpath.relpath(f[len(prefix) :] if prefix else f, p) for f, _ in every]
+            n = sum(r.count("/") >= depth and storage.glob_match(r, f"**/{pattern}") for r in rels)
+            if n:
+                whole = storage.join(storage.split_glob(path)[0], "**", pattern)
+                why += f" ({n} file(s) in its subfolders match {pattern!r}: a glob reads the folders it names"
+                why += f"; {whole} reads them)"
         raise FileNotFoundError(f"no input files{' ' + str(suffixes) if suffixes else ''} under {path}{why}")
     return files, skipped
 
@@ -109,9 +119,10 @@ def stamp(files: list[str]) -> tuple[int, str]:
     return sum(i.size for i in infos), hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _walk(fs, p: str, prefix: str) -> tuple[list[tuple[str, int]], list[dict]]:
-    """(full name, size) of every file under ``p`` in an object store (no links there), sorted."""
-    infos = sorted(fs.get_file_info(pafs.FileSelector(p, recursive=True)), key=lambda i: i.path)
+def _walk(fs, p: str, prefix: str, depth: int | None = None) -> tuple[list[tuple[str, int]], list[dict]]:
+    """(full name, size) of every file under ``p`` in an object store (no links there), sorted;
+    only the folder's own files when ``depth`` is 1 (a listing, not a walk of the whole prefix)."""
+    infos = sorted(fs.get_file_info(pafs.FileSelector(p, recursive=depth != 1)), key=lambda i: i.path)
     return [
         (prefix + i.path if not i.path.startswith(prefix) else i.path, i.size)
         for i in infos
@@ -119,14 +130,17 @@ def _walk(fs, p: str, prefix: str) -> tuple[list[tuple[str, int]], list[dict]]:
     ], []
 
 
-def _walk_local(p: str) -> tuple[list[tuple[str, int]], list[dict]]:
+def _walk_local(p: str, depth: int | None = None) -> tuple[list[tuple[str, int]], list[dict]]:
     """(path, size) of every file under the local folder ``p``, sorted, following symbolic links but
     entering each real folder once and listing each real file once; what is not entered or read
-    again is listed as skipped, with why."""
+    again is listed as skipped, with why. ``depth``: files at most that many folders down (1: the
+    folder's own) are listed; deeper folders are not entered."""
     import os
 
     files, skipped, seen_dirs, seen_files = [], [], {}, {}
     for folder, dirs, names in os.walk(p, followlinks=True):
+        if depth is not None and os.path.relpath(folder, p).count(os.sep) + (folder != p) >= depth - 1:
+            dirs[:] = []  # its subfolders' files lie deeper than the glob reaches
         real = os.path.realpath(folder)
         if real in seen_dirs:  # a link back up (a loop) or a second way into a folder already read
             skipped.append({"path": folder, "reason": f"symbolic link loop: the same folder as {seen_dirs[real]}"})

@@ -23,6 +23,7 @@ Credentials are never read here: pyarrow takes them from the environment or the 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import hashlib
 import json
@@ -66,11 +67,36 @@ def check_scheme(path: str, key: str | None = None) -> None:
             )
 
 
+GLOB_CHARS = "*?["
+
+
 def split_glob(path: str) -> tuple[str, str | None]:
-    """(folder, pattern) of a path whose last part is a glob (``corpus/*.jsonl``; its folder "." when
-    it names none), else (``path``, None)."""
-    head, last = posixpath.split(path)
-    return (head or ".", last) if any(c in last for c in "*?[") else (path, None)
+    """(folder, pattern) of a glob: the folder is the parts before the first one holding a glob
+    character (``"."`` when it names none), the pattern the rest, relative to it (``corpus/*.jsonl``
+    -> (``corpus``, ``*.jsonl``); ``s3://b/c/**/*.json`` -> (``s3://b/c``, ``**/*.json``)); a path
+    with no glob: (``path``, None). See :func:`glob_match` for what a pattern matches."""
+    parts = path.split("/")
+    first = next((i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS)), None)
+    if first is None:
+        return path, None
+    folder = "/".join(parts[:first])
+    return folder or ("/" if path.startswith("/") else "."), "/".join(parts[first:])
+
+
+def glob_match(rel: str, pattern: str) -> bool:
+    """Whether the path ``rel`` (relative to a glob's folder, ``/``-separated) matches ``pattern``
+    as a shell, Python's glob and the datasets library match it: each part by :mod:`fnmatch` rules
+    (``*`` never crosses a ``/``), and a part ``**`` any number of folders, none included
+    (``*.jsonl`` is the folder's own files; ``**/*.jsonl`` those of every folder under it)."""
+    return _match(rel.split("/"), pattern.split("/"))
+
+
+def _match(names: list[str], parts: list[str]) -> bool:
+    if not parts:
+        return not names
+    if parts[0] == "**":
+        return any(_match(names[i:], parts[1:]) for i in range(len(names) + 1))
+    return bool(names) and fnmatch.fnmatchcase(names[0], parts[0]) and _match(names[1:], parts[1:])
 
 
 def is_local(path: str) -> bool:

@@ -240,6 +240,56 @@ def test_an_empty_file_is_listed_as_skipped(tmp_path, name):
 
 
 @pytest.mark.parametrize("where", ["local", "bucket"])
+def test_a_glob_reads_the_folders_it_names_as_a_shell_does(tmp_path, where, request):
+    """``corpus/*.jsonl`` is the folder's own files: it read every subfolder's too, by name (an
+    ``archive/`` of older copies labeled beside the corpus). ``**`` reads every folder, a glob may
+    name folders, and one that matches only deeper files says where they are; on a disk and in a
+    bucket, for the batch jobs and the data stage alike."""
+    from cerbero_ray import storage
+
+    root = str(tmp_path / "corpus") if where == "local" else storage.join(request.getfixturevalue("bucket"), "corpus")
+    names = (
+        "a.jsonl",
+        "b.json",
+        "archive/a.jsonl",
+        "2024-01/c.jsonl",
+        "2024-02/d.jsonl",
+        "2024-02/x/e.jsonl",
+        "old/2023/f.jsonl",
+    )
+    for name in names:
+        storage.write_bytes(storage.join(root, *name.split("/")), JSONL)
+    cases = {
+        "*.jsonl": ["a.jsonl"],
+        "*.json*": ["a.jsonl", "b.json"],
+        "*/*.jsonl": ["2024-01/c.jsonl", "2024-02/d.jsonl", "archive/a.jsonl"],
+        "2024-*/*.jsonl": ["2024-01/c.jsonl", "2024-02/d.jsonl"],
+        "**/*.jsonl": [
+            "2024-01/c.jsonl",
+            "2024-02/d.jsonl",
+            "2024-02/x/e.jsonl",
+            "a.jsonl",
+            "archive/a.jsonl",
+            "old/2023/f.jsonl",
+        ],
+        "2024-02/**/*.jsonl": ["2024-02/d.jsonl", "2024-02/x/e.jsonl"],
+    }
+    for pattern, want in cases.items():
+        files, skipped = inputs.list_inputs(storage.join(root, pattern))
+        assert files == [storage.join(root, *w.split("/")) for w in want] and skipped == [], pattern
+    chunks, _ = batchjob.plan_chunks(storage.join(root, "*.jsonl"), "auto", 1000)
+    assert len(chunks) == 1  # the batch jobs' reader: 50 rows of one file, not 100 of two
+    (plan,) = inspect_sources({"s": SourceConfig(storage.join(root, "*.jsonl"))})  # the data stage's
+    assert plan.files == [storage.join(root, "a.jsonl")]
+    with pytest.raises(
+        FileNotFoundError, match=r"1 file\(s\) in its subfolders match '\*\.jsonl'.*old/\*\*/\*\.jsonl reads"
+    ):
+        inputs.list_inputs(storage.join(root, "old", "*.jsonl"))  # its one file is a folder further down
+    with pytest.raises(FileNotFoundError, match=r"under .*\*\.txt$"):  # nothing matches anywhere: no hint
+        inputs.list_inputs(storage.join(root, "*.txt"))
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
 def test_an_output_folder_inside_the_input_folder_is_never_read(tmp_path, where, request):
     """``label.input=corpus/ label.output_dir=corpus/labels``: the rerun reads what the first run
     read, not the first run's parts and summary (before: 20 rows, then 86, then 177, growing on each
@@ -259,7 +309,7 @@ def test_an_output_folder_inside_the_input_folder_is_never_read(tmp_path, where,
         put(storage.join(out, name), b'{"id": "own", "text": "own output"}\n')
     put(storage.join(root, "labels-2", "b.jsonl"), JSONL)  # a neighbour whose name starts alike: read
     ours = [storage.join(root, "a.jsonl"), storage.join(root, "labels-2", "b.jsonl")]
-    for path, n in ((root, 4), (root + "/", 4), (storage.join(root, "*.json*"), 2)):  # the glob: 2 of its 4
+    for path, n in ((root, 4), (root + "/", 4), (storage.join(root, "**", "*.json*"), 2)):  # the glob: 2 of its 4
         files, skipped = inputs.list_inputs(path, exclude=out + "/")
         assert files == ours, path  # a bucket's folder named with a trailing "/" too (it gave s3://bbucket/...)
         assert skipped == [{"path": out + "/", "reason": f"the stage's output folder ({n} file(s)): never its input"}]
