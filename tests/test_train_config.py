@@ -289,6 +289,43 @@ def test_a_data_folder_copied_elsewhere_trains_from_its_own_shards(tmp_path):
     assert moved.rows == 40 and moved.shards[0]["path"] == str(copy / "shards" / "a.parquet") != here[0]["path"]
 
 
+def test_a_run_resumes_from_a_copy_of_its_data_folder_but_not_from_other_data(tmp_path):
+    """A checkpoint signs its data order by what the shards hold, not where they lie: a run started on
+    the local data folder resumes once the folder is copied to another place (a bucket for the
+    cluster); before, the copy's paths signed it as "another data order". Data made again with other
+    sources or settings is refused even at the same paths (the paths alone let it through), and a
+    checkpoint signed by the paths, as runs from before were, still resumes where they are."""
+    import shutil
+
+    from cerbero_ray.config import check
+    from cerbero_ray.train.checkpoint import checkpoint_name, write_record
+    from cerbero_ray.train.plan import plan_all, signature, total_steps
+    from cerbero_ray.train.run_plan import check_resume
+
+    c = check("train", cfg(tmp_path))
+    t = c.train
+    run = plan_run(c)
+    total = total_steps(plan_all(list(run.shards), t, t.num_workers), t)
+    d = os.path.join(run.run_dir, checkpoint_name(2))
+    os.makedirs(os.path.join(d, "complete"))
+    write_record(d, 2, signature(list(run.shards), t, t.num_workers, run.data_id))
+    for r in (0, 1):
+        open(os.path.join(d, "complete", f"rank_{r}"), "w").close()
+    copy = tmp_path / "bucket-copy" / "data"
+    shutil.copytree(tmp_path / "data", copy)
+    on_copy = check("train", cfg(tmp_path, f"train.data_dir={copy}"))
+    there = plan_run(on_copy)
+    assert there.shards[0]["path"] != run.shards[0]["path"] and there.data_id == run.data_id
+    check_resume(there, on_copy, total)  # the copy resumes the run
+    m = json.loads((copy / "manifest.json").read_text())
+    for change in ({"config_hash": "another"}, {"shards": [{**m["shards"][0], "tokens": 2}]}):
+        (copy / "manifest.json").write_text(json.dumps({**m, **change}))  # data made again: other settings
+        with pytest.raises(ValueError, match="another data order"):
+            check_resume(plan_run(on_copy), on_copy, total)
+    write_record(d, 2, signature(list(run.shards), t, t.num_workers))  # signed by its paths: from before
+    check_resume(run, c, total)
+
+
 def test_shards_missing_or_rewritten_since_the_manifest_are_refused_on_the_driver(tmp_path):
     """Each listed shard's Parquet footer against the manifest's rows: a folder copied in part or a
     shard rewritten fails in one line naming the file, before any worker reads it mid-epoch."""

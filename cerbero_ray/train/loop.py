@@ -36,6 +36,7 @@ from cerbero_ray.train.plan import (
     DATA_ORDER_CHANGED,
     plan_all,
     remaining,
+    same_order,
     settings,
     settings_changed,
     signature,
@@ -126,7 +127,7 @@ class _Run:
         self.config, self.plan, self.t, self.env = config, plan, t, env
         self.rank, self.world, self.device = env.rank, env.world_size, env.device
         self.plans = plan_all(list(plan.shards), t, self.world)
-        self.total, self.sig = total_steps(self.plans, t), signature(list(plan.shards), t, self.world)
+        self.total, self.sig = total_steps(self.plans, t), signature(list(plan.shards), t, self.world, plan.data_id)
         self.tok = self.writer = self.base_record = None
         self.tracker = tracker  # rank 0's (cerbero_ray.tracking.Tracker), or None
         if self.rank == 0:  # the HF export's tokenizer
@@ -251,7 +252,8 @@ class _Run:
                 raise ValueError(why)  # the driver's check_resume says it first on Ray
             state = ckpt.load(self.engine, d, self.rank, frozen=self.lora)["loop"]
             self.env.loaded()
-            if state["signature"] != self.sig and state["step"] < self.total:  # a finished run reads nothing more
+            order = same_order(state["signature"], list(self.plan.shards), self.t, self.world, self.plan.data_id)
+            if not order and state["step"] < self.total:  # a finished run reads nothing more
                 raise ValueError(DATA_ORDER_CHANGED)  # the driver's check_resume: unless it predates loop.json
             self.step, self.history, self.resumed_from = state["step"], state["history"], state["step"]
             if self.rank == 0:

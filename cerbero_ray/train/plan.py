@@ -230,13 +230,16 @@ def settings_changed(recorded: dict | None, now: dict, run_dir: str) -> str | No
     )
 
 
-def signature(shards: list[dict], t: TrainConfig, world: int) -> str:
-    """What fixes the data order: a checkpoint only resumes a run with the same one."""
+def signature(shards: list[dict], t: TrainConfig, world: int, data_id: str | None = None) -> str:
+    """What fixes the data order: a checkpoint only resumes a run with the same one. ``data_id``
+    (:func:`cerbero_ray.train.run_plan.data_id`: what the shards hold, not where they lie) signs the
+    data, so a data folder copied elsewhere (a bucket for a cluster) resumes its runs; without it,
+    the shards' full paths sign it, as runs from before it did (:func:`same_order` takes both)."""
     keys = ("micro_batch_size", "global_batch_size", "epochs", "seed", "eval_rows", "max_steps")
     mix = t.mix_block_rows  # 0, the shard order, signs as runs from before the setting did
     blob = json.dumps(
         {
-            "shards": shards,
+            **({"data": data_id, "rows": [int(s["rows"]) for s in shards]} if data_id else {"shards": shards}),
             "world": world,
             **{k: getattr(t, k) for k in keys},
             **({"mix_block_rows": mix} if mix else {}),
@@ -244,3 +247,9 @@ def signature(shards: list[dict], t: TrainConfig, world: int) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def same_order(recorded: str, shards: list[dict], t: TrainConfig, world: int, data_id: str | None) -> bool:
+    """Whether a checkpoint's ``recorded`` signature is this run's data order: signed by what the
+    shards hold (:func:`signature` with ``data_id``), or by their paths (a checkpoint from before)."""
+    return recorded in (signature(shards, t, world, data_id), signature(shards, t, world))

@@ -8,13 +8,16 @@ starts too: :func:`check_local_data`, the train stage's ``precheck`` in the stag
 
 from __future__ import annotations
 
+import hashlib
+import json
+import posixpath
 from dataclasses import dataclass
 
 from cerbero_ray import storage
 from cerbero_ray.config import check
 from cerbero_ray.config.train import TrainStageConfig
 from cerbero_ray.shards import read_manifest
-from cerbero_ray.train.plan import DATA_ORDER_CHANGED, settings, settings_changed, signature
+from cerbero_ray.train.plan import DATA_ORDER_CHANGED, same_order, settings, settings_changed
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class RunPlan:
     rows: int  # rows in all the shards
     shards: tuple  # ({"path", "rows"}, …): the manifest's shards, in its order
     tracker: dict | None = None  # the experiment tracker's run rank 0 logs into (cerbero_ray.tracking.open_run)
+    data_id: str | None = None  # what the shards hold, wherever they lie (data_id): signs the data order
 
 
 def plan_run(c: TrainStageConfig) -> RunPlan:
@@ -56,7 +60,24 @@ def plan_run(c: TrainStageConfig) -> RunPlan:
     rows = sum(s["rows"] for s in shards)
     # a local run folder made absolute here, once: the workers' working folder is not the driver's
     out = t.output_dir if storage.is_uri(t.output_dir) else storage.resolve(t.output_dir)[1]
-    return RunPlan(storage.join(out, t.name), seq_len, rows, tuple(shards))
+    return RunPlan(storage.join(out, t.name), seq_len, rows, tuple(shards), data_id=data_id(manifest))
+
+
+def data_id(manifest: dict) -> str:
+    """What a data run's shards hold, not where they lie: the data config's and tokenizer's hashes,
+    its sources' files (sizes and times) and each shard's name, rows and tokens, as the manifest
+    says. A copy of the folder (another disk, a bucket) has the same; a data run again with
+    other sources, settings or files has another, even written to the same paths."""
+    blob = json.dumps(
+        {
+            "config": manifest.get("config_hash"),
+            "tokenizer": manifest.get("tokenizer_hash"),
+            "sources": {k: (v or {}).get("stamp") for k, v in sorted((manifest.get("sources") or {}).items())},
+            "shards": [[posixpath.basename(s["path"]), int(s["rows"]), s.get("tokens")] for s in manifest["shards"]],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def check_resume(run: RunPlan, c, total: int) -> None:
@@ -72,7 +93,8 @@ def check_resume(run: RunPlan, c, total: int) -> None:
     t = c.train
     marked = complete_checkpoints(run.run_dir, 1)  # rank 0 marked it (its loop.json is written before)
     rec = read_record(marked[-1]) if marked else None
-    if rec and rec["signature"] != signature(list(run.shards), t, t.num_workers) and rec["step"] < total:
+    order = rec and same_order(rec["signature"], list(run.shards), t, t.num_workers, run.data_id)
+    if rec and not order and rec["step"] < total:
         raise ValueError(f"{DATA_ORDER_CHANGED} ({marked[-1]})")
     why = settings_changed((rec or {}).get("settings"), settings(c), run.run_dir)
     if why:
