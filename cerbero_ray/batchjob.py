@@ -413,6 +413,23 @@ def _other_run(out: str, run_file: str, ident: dict) -> list[str] | None:
     return [k for k in ident if ident[k] != old.get(k)] + [k for k in old if k not in ident]
 
 
+# each batch stage's run record in its output folder: another stage's in the folder means its parts
+# and summary are there, and a run of this one would mix its parts with them and write over them
+RUN_FILES = {"label": "label_run.json", "generate": "generate_run.json"}
+
+
+def check_own_folder(out: str, stage: str) -> None:
+    """``FileExistsError`` when ``out`` holds another batch stage's run (its record): this stage's
+    parts would mix with that run's and its summary replace the other's; ``overwrite`` does not
+    delete another stage's output."""
+    for other, name in RUN_FILES.items():
+        if other != stage and storage.is_file(storage.join(out, name)):
+            raise FileExistsError(
+                f"{out} holds a {other} run ({name}): this {stage} run's parts would mix with its parts and "
+                f"its summary.json be written over; give {stage}.output_dir a folder of its own"
+            )
+
+
 def check_claim(out: str, run_file: str, ident: dict, stage: str) -> None:
     """``FileExistsError`` when ``out`` holds a run with other settings than ``ident`` (its parts would
     mix with ours), naming them; a checkpoint written again since that run (same path, other files)
@@ -448,6 +465,7 @@ def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: s
     stage writes (:data:`OUTPUTS`, ``run_file`` and the stage's ``outputs``), never another file
     of the folder (a user's own, beside the run)."""
     ident = json.loads(json.dumps(ident))
+    check_own_folder(out, stage)
     if not overwrite:
         check_claim(out, run_file, ident, stage)
     elif _other_run(out, run_file, ident):
@@ -464,6 +482,7 @@ def precheck_output(stage: str, b, run_file: str, ident, before: frozenset) -> N
     """A batch stage's precheck (the stage table's): its output folder's record against this run
     (``ident()``, computed only when it counts), before Ray starts; not when the job trains the
     checkpoint first (``before`` holds train: it may be written again) or with ``overwrite``."""
+    check_own_folder(b.output_dir, stage)
     if not b.overwrite and "train" not in before:
         ident = ident()
         if storage.is_file(storage.join(b.output_dir, run_file)):  # the input is listed only when it counts

@@ -231,6 +231,20 @@ def test_a_batch_stage_s_output_folder_holding_another_run_is_refused_before_ray
             compose("recipe", [f"paths.output_dir={tmp_path}", *label[1:], "stages=[data,train,label]"]),
             lambda c: None,
         )
+    # the other batch stage's output folder: its parts would mix with the run's and its summary be
+    # written over (a label run there counted generate's parts as its rows, 214 for 107, and replaced
+    # generate's summary.json); overwrite deletes no other stage's output, so it is refused too
+    for stage, over, other in (
+        ("label", [*label[:2], f"label.output_dir={tmp_path}/gen"], "generate"),
+        ("generate", [*gen[:2], f"generate.output_dir={tmp_path}/labels", "generate.overwrite=true"], "label"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            launch(stage, compose(stage, over), lambda c: None)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"holds a {other} run ({other}_run.json): this {stage} run's parts" in err, err
+        with pytest.raises(FileExistsError, match=f"holds a {other} run"):  # and in the job, the main job's too
+            ident = (label_identity(lc, resolve_task(lc)), generate_identity(gc))[stage == "generate"]
+            claim_output(over[2].split("=", 1)[1], (LABEL_RUN, GENERATE_RUN)[stage == "generate"], ident, True, stage)
 
 
 _EACH = """

@@ -185,7 +185,7 @@ def conversation_text(messages: list[dict]) -> str:
     return " ".join(m["content"] for m in messages)
 
 
-RUN_FILE = "generate_run.json"
+RUN_FILE = batchjob.RUN_FILES["generate"]
 CONVERSATIONS = "conversations.jsonl"  # self-chat's conversations, the data stage's input
 
 

@@ -33,7 +33,7 @@ from cerbero_ray.config.label_task import LabelTask, resolve_task
 from cerbero_ray.inference.batch import Labeler
 
 log = logging.getLogger(__name__)
-RUN_FILE = "label_run.json"
+RUN_FILE = batchjob.RUN_FILES["label"]
 CHART = "label_distribution.png"  # the labels' distribution, beside the parts
 
 
