@@ -418,16 +418,31 @@ def _other_run(out: str, run_file: str, ident: dict) -> list[str] | None:
 RUN_FILES = {"label": "label_run.json", "generate": "generate_run.json"}
 
 
-def check_own_folder(out: str, stage: str) -> None:
-    """``FileExistsError`` when ``out`` holds another batch stage's run (its record): this stage's
-    parts would mix with that run's and its summary replace the other's; ``overwrite`` does not
-    delete another stage's output."""
+def check_own_folder(out: str, run_file: str, stage: str) -> None:
+    """``FileExistsError`` when ``out`` holds what a batch stage writes (``parts/``, ``summary.json``)
+    but no run of this stage: another stage's run (a generate run's folder for label, a training run
+    folder's summary): this stage's parts would mix with those and its summary replace the other's.
+    ``overwrite`` deletes only this stage's own run (``run_file``), so it is refused with it too."""
+    if storage.is_file(storage.join(out, run_file)):
+        return
     for other, name in RUN_FILES.items():
-        if other != stage and storage.is_file(storage.join(out, name)):
+        if name != run_file and storage.is_file(storage.join(out, name)):
             raise FileExistsError(
                 f"{out} holds a {other} run ({name}): this {stage} run's parts would mix with its parts and "
                 f"its summary.json be written over; give {stage}.output_dir a folder of its own"
             )
+    fs, p = storage.resolve(out)
+    found = [
+        i.base_name for i in fs.get_file_info([f"{p}/{n}" for n in OUTPUTS]) if i.type != storage.pafs.FileType.NotFound
+    ]
+    if found:
+        raise FileExistsError(
+            f"{out} holds {' and '.join(found)} of no {stage} run (another job's output: a training run's "
+            f"summary, a run of another stage); give {stage}.output_dir a folder of its own"
+        )
+
+
+OUTPUTS = ("parts", "summary.json")  # what every batch stage writes in its output folder (and its run file)
 
 
 def check_claim(out: str, run_file: str, ident: dict, stage: str) -> None:
@@ -456,16 +471,13 @@ def check_claim(out: str, run_file: str, ident: dict, stage: str) -> None:
     )
 
 
-OUTPUTS = ("parts", "summary.json")  # what every batch stage writes in its output folder (and its run file)
-
-
 def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: str, outputs: tuple = ()) -> None:
     """Record what this run is in ``<out>/<run_file>``; refuse an output folder that holds a run with
     other settings (:func:`check_claim`) unless ``overwrite``, which deletes that run first: what the
     stage writes (:data:`OUTPUTS`, ``run_file`` and the stage's ``outputs``), never another file
     of the folder (a user's own, beside the run)."""
     ident = json.loads(json.dumps(ident))
-    check_own_folder(out, stage)
+    check_own_folder(out, run_file, stage)
     if not overwrite:
         check_claim(out, run_file, ident, stage)
     elif _other_run(out, run_file, ident):
@@ -482,7 +494,7 @@ def precheck_output(stage: str, b, run_file: str, ident, before: frozenset) -> N
     """A batch stage's precheck (the stage table's): its output folder's record against this run
     (``ident()``, computed only when it counts), before Ray starts; not when the job trains the
     checkpoint first (``before`` holds train: it may be written again) or with ``overwrite``."""
-    check_own_folder(b.output_dir, stage)
+    check_own_folder(b.output_dir, run_file, stage)
     if not b.overwrite and "train" not in before:
         ident = ident()
         if storage.is_file(storage.join(b.output_dir, run_file)):  # the input is listed only when it counts

@@ -245,6 +245,12 @@ def test_a_batch_stage_s_output_folder_holding_another_run_is_refused_before_ray
         with pytest.raises(FileExistsError, match=f"holds a {other} run"):  # and in the job, the main job's too
             ident = (label_identity(lc, resolve_task(lc)), generate_identity(gc))[stage == "generate"]
             claim_output(over[2].split("=", 1)[1], (LABEL_RUN, GENERATE_RUN)[stage == "generate"], ident, True, stage)
+    # a folder holding what a batch stage writes, of no run of this stage: a training run's summary
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        launch("label", compose("label", [*label[:2], f"label.output_dir={tmp_path}/run"]), lambda c: None)
+    assert "run holds summary.json of no label run (another job's output" in capsys.readouterr().err
 
 
 _EACH = """
