@@ -5,6 +5,7 @@ through the batch jobs' reader (label, generate) and the data stage's reader."""
 
 import bz2
 import gzip
+import hashlib
 import json
 import os
 
@@ -359,3 +360,33 @@ def test_an_input_that_is_its_stage_s_output_folder_is_refused_before_ray_starts
             check("label", compose("label", [f"label.input={inp}", f"label.output_dir={out}", *ck]))
     assert within(f"{bucket}/c/./x", f"{bucket}//c") and not within(f"{bucket}/cd", f"{bucket}/c")
     assert not within(str(d), f"{bucket}{d}") and within(str(tmp_path / "link" / "a.jsonl"), str(d))
+
+
+def test_a_bucket_s_files_are_stamped_from_its_listing_not_a_request_per_object(bucket, monkeypatch):
+    """A rerun's check of its input (names, sizes, times) asked each object for its size and time, one
+    request after another: 50,000 requests for a corpus of 50,000 files, twice (before Ray starts
+    and once it has). A folder holding several of the files is listed instead; the stamp is the
+    same, and still changes when a file is written again, added or removed."""
+    from cerbero_ray import storage
+
+    for i in range(12):
+        storage.write_bytes(f"{bucket}/corpus/f{i:02d}.jsonl", JSONL)
+    storage.write_bytes(f"{bucket}/corpus/sub/g.jsonl", JSONL)  # alone in its folder: asked on its own
+    files, _ = inputs.list_inputs(f"{bucket}/corpus")
+    fs, _ = storage.resolve(files[0])
+    asked = fs.get_file_info([storage.resolve(f)[1] for f in files])  # a request per object
+    want = hashlib.sha256(json.dumps([[f, i.size, i.mtime_ns] for f, i in zip(files, asked)]).encode()).hexdigest()[:16]
+    calls = []
+
+    class Counting:  # the bucket's filesystem, counting the objects asked about one by one
+        def get_file_info(self, what):
+            calls.append(len(what) if isinstance(what, list) else "listing")
+            return fs.get_file_info(what)
+
+    resolve = storage.resolve
+    monkeypatch.setattr(storage, "resolve", lambda p: (Counting(), resolve(p)[1]))
+    assert inputs.stamp(files) == (13 * len(JSONL), want)
+    assert calls == ["listing", 1]  # the folder of 12 listed; the lone file asked
+    monkeypatch.undo()
+    storage.write_bytes(f"{bucket}/corpus/f03.jsonl", JSONL + JSONL[:40])
+    assert inputs.stamp(files)[1] != want
