@@ -358,6 +358,22 @@ def test_an_input_that_is_its_stage_s_output_folder_is_refused_before_ray_starts
     for inp, out in ((d, d / "labels"), (d / "a.jsonl", d), (f"{bucket}/c", f"{bucket}/c/labels")):
         with pytest.raises(ValueError, match="label.checkpoint"):  # past the input check: the next one
             check("label", compose("label", [f"label.input={inp}", f"label.output_dir={out}", *ck]))
+    # an input in the folders the stage writes there: a run started over deleted it (a label run's part
+    # labeled again into its own folder with overwrite=true: the part gone, then a traceback)
+    for name in ("parts/part-1.parquet", "rejects/r.jsonl"):
+        os.makedirs(d / os.path.dirname(name), exist_ok=True)
+        (d / name).write_bytes(JSONL)
+    for key, inp, out in (
+        ("label.input", d / "parts" / "part-1.parquet", d),
+        ("label.input", f"{d}/parts/*.parquet", d),
+        ("generate.input", f"{bucket}/g/parts/part-1.parquet", f"{bucket}/g"),
+        ("data.sources.chat.path", d / "rejects", d),
+    ):
+        stage = key.split(".")[0]
+        with pytest.raises(ValueError, match=rf"{key} .*lies in {stage}.output_dir's (parts|rejects)/ .*deletes"):
+            check(
+                stage, compose(stage, [f"{key}={inp}", f"{stage}.output_dir={out}", *(ck if stage == "label" else [])])
+            )
     assert within(f"{bucket}/c/./x", f"{bucket}//c") and not within(f"{bucket}/cd", f"{bucket}/c")
     assert not within(str(d), f"{bucket}{d}") and within(str(tmp_path / "link" / "a.jsonl"), str(d))
 

@@ -10,7 +10,7 @@ from omegaconf import MISSING
 
 from cerbero_ray.chat import ASSISTANT_TAGS, SYSTEM_LINE
 from cerbero_ray.checkpoints import PATH_REQUIRED, check_local_checkpoint
-from cerbero_ray.storage import check_scheme, is_local, local_path, split_glob, within
+from cerbero_ray.storage import check_scheme, is_local, join, local_path, split_glob, within
 
 INFERENCE_DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: bfloat16 on GPU, float32 on CPU
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -96,11 +96,13 @@ def check_output_dir(path: str, key: str) -> None:
         raise ValueError(f"{key}: {path} is a file; give a folder (it is made if missing)")
 
 
-def check_apart(inp: str, out: str, in_key: str, out_key: str) -> None:
+def check_apart(inp: str, out: str, in_key: str, out_key: str, written: tuple[str, ...] = ()) -> None:
     """``ValueError`` when the input ``inp`` (a folder, or a glob's folder; local or a URI) is the
-    output folder ``out``: a rerun would read the stage's output as its input. An output folder
-    inside the input folder is fine: what lies in it is never read
-    (:func:`cerbero_ray.inputs.list_inputs`); so is an input file named in the output folder."""
+    output folder ``out``: a rerun would read the stage's output as its input; or lies in one of the
+    folders the stage writes in ``out`` (``written``: its ``parts/``, the data stage's ``shards/``),
+    which a run started over deletes. An output folder inside the input folder is fine: what lies
+    in it is never read (:func:`cerbero_ray.inputs.list_inputs`); so is an input file named in the
+    output folder."""
     if not isinstance(inp, str) or not inp.strip() or not isinstance(out, str) or not out.strip():
         return
     folder = split_glob(inp)[0]
@@ -109,6 +111,12 @@ def check_apart(inp: str, out: str, in_key: str, out_key: str) -> None:
             f"{in_key} ({inp}) reads {out_key} ({out}): a rerun would read the stage's own output as its "
             "input; give the output a folder of its own (one inside the input folder is fine: it is never read)"
         )
+    for name in written:
+        if within(folder, join(out, name)):
+            raise ValueError(
+                f"{in_key} ({inp}) lies in {out_key}'s {name}/ ({out}), which the stage writes and a run "
+                "started over deletes; copy it elsewhere, or give the output a folder of its own"
+            )
 
 
 def check_share(value, key: str, zero_ok: bool = False) -> None:

@@ -126,7 +126,7 @@ def check_data(c: DataStageConfig, before: frozenset = frozenset()) -> None:
         if not isinstance(s.get("path"), str) or not s["path"]:
             raise ValueError(f"{key}.path is required (a file, folder, glob or URI)")
         s = SourceConfig(**{**defaults, **s})
-        check_apart(s.path, d.output_dir, f"{key}.path", "data.output_dir")
+        check_apart(s.path, d.output_dir, f"{key}.path", "data.output_dir", ("shards", "rejects"))
         one_of(s.format, SOURCE_FORMATS, f"{key}.format")
         if not isinstance(s.weight, (int, float)) or not s.weight > 0:
             raise ValueError(f"{key}.weight must be a number > 0, got {s.weight!r}")

@@ -79,7 +79,7 @@ def check_batch_inference(b: BatchInferenceConfig, stage: str) -> None:
     check_share(b.cpus_per_worker, f"{stage}.cpus_per_worker")
     check_local_path(b.input, f"{stage}.input", glob_ok=True)
     check_output_dir(b.output_dir, f"{stage}.output_dir")
-    check_apart(b.input, b.output_dir, f"{stage}.input", f"{stage}.output_dir")
+    check_apart(b.input, b.output_dir, f"{stage}.input", f"{stage}.output_dir", ("parts",))
 
 
 def check_label(c: LabelStageConfig, before: frozenset = frozenset()) -> None:
