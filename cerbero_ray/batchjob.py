@@ -123,10 +123,11 @@ def _line_ends(block: np.ndarray, universal: bool) -> np.ndarray:
     return np.flatnonzero(lf | lone_cr) + 1
 
 
-def _plan_file(f: str, kind: str, chunk_rows: int, key: str) -> list[Chunk]:
+def _plan_file(f: str, kind: str, chunk_rows: int, key: str, digests: dict | None = None) -> list[Chunk]:
     """The chunks of one input file. What cannot be read becomes an ``unreadable`` chunk (one error
     row) instead of stopping the job: a Parquet file whose footer is broken, a compressed stream
-    cut short (the lines before the break are planned as usual)."""
+    cut short (the lines before the break are planned as usual). A line file read whole puts the
+    hash of its (decompressed) bytes in ``digests``: the scan for line ends reads them anyway."""
     if kind == "parquet":
         try:
             with parquet_file(f) as pf:
@@ -146,10 +147,13 @@ def _plan_file(f: str, kind: str, chunk_rows: int, key: str) -> list[Chunk]:
     compressed = inputs.compression(f) is not None
     universal = kind == "txt"
     chunks, line, at, start_byte, last, held = [], 0, 0, 0, b"", b""
+    digest = hashlib.sha256() if digests is not None else None
     try:
         with inputs.open_stream(f) as fh:
             while True:
                 block = fh.read(_block(compressed))
+                if digest is not None:
+                    digest.update(block)
                 data = held + block
                 held = data[-1:] if block and data.endswith(b"\r") and universal else b""
                 data = data[: len(data) - len(held)]
@@ -168,6 +172,8 @@ def _plan_file(f: str, kind: str, chunk_rows: int, key: str) -> list[Chunk]:
         last = b"\n"  # a line the break cut is part of what could not be read
     else:
         broken = None
+        if digest is not None:
+            digests[f] = digest.hexdigest()[:16]
     if at > start_byte:
         start = line - line % chunk_rows if line % chunk_rows else line
         chunks.append(Chunk(f, start, line + (last not in (b"\n", b"\r")), start_byte, at))
@@ -196,17 +202,23 @@ def input_files(path: str, fmt: str, exclude: str | None = None) -> tuple[list[s
 
 
 def plan_chunks(
-    path: str, fmt: str, chunk_rows: int, key: str = "format", exclude: str | None = None, listed=None
+    path: str,
+    fmt: str,
+    chunk_rows: int,
+    key: str = "format",
+    exclude: str | None = None,
+    listed=None,
+    digests: dict | None = None,
 ) -> tuple[list[Chunk], list[dict]]:
     """Chunks of every input file (for line formats, byte ranges found by scanning for line ends),
     and the files of a folder that are not read, with why (:func:`input_files`; ``listed``: its
-    answer, when it was asked already)."""
+    answer, when it was asked already; ``digests``: filled with each line file's contents hash)."""
     if fmt not in FORMATS:
         raise ValueError(f"{key} must be one of {FORMATS}, got {fmt!r}")
     files, skipped = listed or input_files(path, fmt, exclude)
     chunks = []
     for f in files:
-        chunks += _plan_file(f, file_format(f, fmt, key), chunk_rows, key)
+        chunks += _plan_file(f, file_format(f, fmt, key), chunk_rows, key, digests)
     return chunks, skipped
 
 
@@ -399,7 +411,19 @@ CHECKPOINT_VERSION = "checkpoint_version"
 # would make a chunk of new line numbers beside the old one's part (its rows twice), one edited
 # in place keep labels of rows it no longer holds; records from before it match whatever is there
 INPUT_VERSION = "input_version"
-_SINCE = (CHECKPOINT_VERSION, INPUT_VERSION)
+# ... and what the input files hold, when every one is a line file (JSONL, text: the plan's scan
+# reads their bytes): files written again with the same contents (copied again, `touch`ed) are the
+# same input, so a rerun resumes instead of labeling everything again; None for Parquet and JSON
+INPUT_CONTENT = "input_content"
+_SINCE = (CHECKPOINT_VERSION, INPUT_VERSION, INPUT_CONTENT)
+
+
+def input_content(files: list[str], digests: dict) -> str | None:
+    """The hash of the input files' names and contents (:func:`plan_chunks`'s ``digests``), or None
+    when one of them has none (Parquet, a JSON array, a file that could not be read whole)."""
+    if not files or any(f not in digests for f in files):
+        return None
+    return hashlib.sha256(json.dumps([[f, digests[f]] for f in files]).encode()).hexdigest()[:16]
 
 
 def _other_run(out: str, run_file: str, ident: dict) -> list[str] | None:
@@ -445,25 +469,34 @@ def check_own_folder(out: str, run_file: str, stage: str) -> None:
 OUTPUTS = ("parts", "summary.json")  # what every batch stage writes in its output folder (and its run file)
 
 
-def check_claim(out: str, run_file: str, ident: dict, stage: str) -> None:
+def check_claim(out: str, run_file: str, ident: dict, stage: str, contents_later: bool = False) -> None:
     """``FileExistsError`` when ``out`` holds a run with other settings than ``ident`` (its parts would
     mix with ours), naming them; a checkpoint written again since that run (same path, other files)
-    counts as another setting. Reads only: also the stage's check before Ray starts."""
+    counts as another setting, and so does an input written since, unless its contents are the
+    same (:data:`INPUT_CONTENT`). Reads only: also the stage's check before Ray starts, which has
+    not read the files (``contents_later``): the run decides on their contents."""
     ident = json.loads(json.dumps(ident))  # as it reads back: tuples become lists
-    differ = _other_run(out, run_file, ident)
+    differ = [k for k in _other_run(out, run_file, ident) or [] if not (contents_later and k == INPUT_CONTENT)]
     if not differ:
         return
+    if set(differ) <= {INPUT_VERSION, INPUT_CONTENT}:
+        if INPUT_VERSION not in differ:  # the same files by names, sizes and times
+            return
+        recorded = storage.read_json(storage.join(out, run_file)).get(INPUT_CONTENT)
+        if recorded and (contents_later or INPUT_CONTENT not in differ):  # the same bytes, written again
+            if not contents_later:
+                log.info(f"[{stage}] {stage}.input was written again since the run began, same contents: resumed")
+            return
+        raise FileExistsError(
+            f"{out} holds a {stage} run of {stage}.input ({ident['input']}) as its files were: one was "
+            f"written, added or removed since (names, sizes or times differ, and for JSONL and text files "
+            f"their contents); pass {stage}.overwrite=true to start over with them, or another {stage}.output_dir"
+        )
     if differ == [CHECKPOINT_VERSION]:
         raise FileExistsError(
             f"{out} holds a {stage} run of {ident['checkpoint']} as it was before: it was written again "
             f"since (its files differ); pass {stage}.overwrite=true to start over with it, or another "
             f"{stage}.output_dir"
-        )
-    if differ == [INPUT_VERSION]:
-        raise FileExistsError(
-            f"{out} holds a {stage} run of {stage}.input ({ident['input']}) as its files were: one was "
-            f"written, added or removed since (names, sizes or times differ); pass {stage}.overwrite=true "
-            f"to start over with them, or another {stage}.output_dir"
         )
     raise FileExistsError(
         f"{out} holds a {stage} run with other settings ({', '.join(differ)} differ); "
@@ -499,7 +532,7 @@ def precheck_output(stage: str, b, run_file: str, ident, before: frozenset) -> N
         ident = ident()
         if storage.is_file(storage.join(b.output_dir, run_file)):  # the input is listed only when it counts
             ident[INPUT_VERSION] = inputs.stamp(_listed(stage, b)[0])[1]
-        check_claim(b.output_dir, run_file, ident, stage)
+        check_claim(b.output_dir, run_file, ident, stage, contents_later=True)
 
 
 def _listed(stage: str, b) -> tuple[list[str], list[dict]]:
@@ -522,10 +555,11 @@ def start_run(
     looked at."""
     out = b.output_dir
     listed = _listed(stage, b)
-    chunks, skipped = plan_chunks(b.input, b.format, b.chunk_rows, key=f"{stage}.format", listed=listed)
+    digests = {}
+    chunks, skipped = plan_chunks(b.input, b.format, b.chunk_rows, f"{stage}.format", listed=listed, digests=digests)
     if skipped:
         log.warning(f"[{stage}] {inputs.describe_skipped(skipped)}; all listed in summary.json")
-    ident = {**ident, INPUT_VERSION: inputs.stamp(listed[0])[1]}
+    ident = {**ident, INPUT_VERSION: inputs.stamp(listed[0])[1], INPUT_CONTENT: input_content(listed[0], digests)}
     claim_output(out, run_file, ident, b.overwrite, stage, outputs)
     clean_partial(out)
     done = done_keys(out)

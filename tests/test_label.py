@@ -184,6 +184,16 @@ def test_an_input_written_since_its_run_is_refused_never_labeled_twice(tmp_path,
     cfg = label_cfg(tmp_path, tiny_hf, inp, "label.chunk_rows=2")
     out = cfg["label"]["output_dir"]
     run_label(cfg)
+    # written again with the same bytes (copied again, touched): the same input, resumed with nothing
+    # to do (before: refused, and overwrite labeled it all again)
+    before = (tmp_path / "in.jsonl").read_bytes()
+    (tmp_path / "in.jsonl").write_bytes(before)
+    os.utime(tmp_path / "in.jsonl", ns=(1, 10**18))
+    assert run_label(cfg)["chunks_processed"] == 0
+    (tmp_path / "in.jsonl").write_bytes(before.replace(b"numero 1", b"numero 7"))  # edited, same size
+    with pytest.raises(FileExistsError, match=r"holds a label run of label.input \(.*in.jsonl\) as its files were"):
+        run_label(cfg)
+    (tmp_path / "in.jsonl").write_bytes(before)
     write_jsonl(tmp_path / "in.jsonl", rows)
     with pytest.raises(FileExistsError, match=r"holds a label run of label.input \(.*in.jsonl\) as its files were"):
         run_label(cfg)

@@ -214,6 +214,12 @@ def test_a_batch_stage_s_output_folder_holding_another_run_is_refused_before_ray
         launch("label", compose("label", label), lambda c: None)
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"labels holds a label run of label.input ({lc.input}) as its files were: " in err
+    from cerbero_ray.batchjob import INPUT_CONTENT
+
+    ident = {**label_identity(lc, resolve_task(lc)), INPUT_VERSION: "then", INPUT_CONTENT: "its-bytes"}
+    claim_output(lc.output_dir, LABEL_RUN, ident, True, "label")
+    with pytest.raises(RayStarts):  # a record of a line file's bytes: the run compares them once it reads them
+        launch("label", compose("label", label), lambda c: None)
     claim_as_run()  # a run of the file as it is now
     storage.mark_complete(str(ck))  # trained again under the same path
     for stage, over, said in (
