@@ -426,15 +426,25 @@ def input_content(files: list[str], digests: dict) -> str | None:
     return hashlib.sha256(json.dumps([[f, digests[f]] for f in files]).encode()).hexdigest()[:16]
 
 
-def _other_run(out: str, run_file: str, ident: dict) -> list[str] | None:
-    """What differs between this run (``ident``, as it reads back) and the run ``<out>/<run_file>``
-    records: the keys (empty: the same run), or None when there is no record."""
+def _recorded(out: str, run_file: str) -> dict | None:
+    """The run record ``<out>/<run_file>``, or None when there is none."""
     path = storage.join(out, run_file)
-    if not storage.is_file(path):
+    return storage.read_json(path) if storage.is_file(path) else None
+
+
+def _differ(old: dict | None, ident: dict) -> list[str] | None:
+    """What differs between this run (``ident``, as it reads back) and the run record ``old``: the
+    keys (empty: the same run), or None when there is no record."""
+    if old is None:
         return None
-    old = storage.read_json(path)
     old = {**{k: ident.get(k) for k in _SINCE if k in ident}, **old}
     return [k for k in ident if ident[k] != old.get(k)] + [k for k in old if k not in ident]
+
+
+def _present(out: str, names) -> list:
+    """The ``FileInfo`` of each of ``names`` (files or folders) that is in ``out``."""
+    fs, p = storage.resolve(out)
+    return [i for i in fs.get_file_info([f"{p}/{n}" for n in names]) if i.type != storage.pafs.FileType.NotFound]
 
 
 # each batch stage's run record in its output folder: another stage's in the folder means its parts
@@ -455,10 +465,7 @@ def check_own_folder(out: str, run_file: str, stage: str) -> None:
                 f"{out} holds a {other} run ({name}): this {stage} run's parts would mix with its parts and "
                 f"its summary.json be written over; give {stage}.output_dir a folder of its own"
             )
-    fs, p = storage.resolve(out)
-    found = [
-        i.base_name for i in fs.get_file_info([f"{p}/{n}" for n in OUTPUTS]) if i.type != storage.pafs.FileType.NotFound
-    ]
+    found = [i.base_name for i in _present(out, OUTPUTS)]
     if found:
         raise FileExistsError(
             f"{out} holds {' and '.join(found)} of no {stage} run (another job's output: a training run's "
@@ -476,13 +483,14 @@ def check_claim(out: str, run_file: str, ident: dict, stage: str, contents_later
     same (:data:`INPUT_CONTENT`). Reads only: also the stage's check before Ray starts, which has
     not read the files (``contents_later``): the run decides on their contents."""
     ident = json.loads(json.dumps(ident))  # as it reads back: tuples become lists
-    differ = [k for k in _other_run(out, run_file, ident) or [] if not (contents_later and k == INPUT_CONTENT)]
+    old = _recorded(out, run_file)
+    differ = [k for k in _differ(old, ident) or [] if not (contents_later and k == INPUT_CONTENT)]
     if not differ:
         return
     if set(differ) <= {INPUT_VERSION, INPUT_CONTENT}:
         if INPUT_VERSION not in differ:  # the same files by names, sizes and times
             return
-        recorded = storage.read_json(storage.join(out, run_file)).get(INPUT_CONTENT)
+        recorded = old.get(INPUT_CONTENT)
         if recorded and (contents_later or INPUT_CONTENT not in differ):  # the same bytes, written again
             if not contents_later:
                 log.info(f"[{stage}] {stage}.input was written again since the run began, same contents: resumed")
@@ -513,9 +521,9 @@ def claim_output(out: str, run_file: str, ident: dict, overwrite: bool, stage: s
     check_own_folder(out, run_file, stage)
     if not overwrite:
         check_claim(out, run_file, ident, stage)
-    elif _other_run(out, run_file, ident):
-        fs, p = storage.resolve(out)
-        for i in fs.get_file_info([f"{p}/{name}" for name in (*OUTPUTS, *outputs, run_file)]):
+    elif _differ(_recorded(out, run_file), ident):
+        fs, _ = storage.resolve(out)
+        for i in _present(out, (*OUTPUTS, *outputs, run_file)):
             if i.type == storage.pafs.FileType.Directory:
                 fs.delete_dir(i.path)
             elif i.type == storage.pafs.FileType.File:

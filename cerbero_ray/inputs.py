@@ -70,20 +70,27 @@ def list_inputs(
         if info.size == 0:
             return [], [{"path": path, "reason": "empty file (0 bytes)"}]
         return [path], []
+
+    def walk(depth):  # (full name, size) of the files under the folder, and what it skipped
+        return _walk(fs, p, prefix, depth) if prefix else _walk_local(p, depth)
+
+    def rel(full):  # a listed file's path under the folder
+        return posixpath.relpath(full[len(prefix) :] if prefix else full, p)
+
     depth = None if pattern is None or "**" in pattern.split("/") else pattern.count("/") + 1
-    entries, skipped = _walk_local(p, depth) if not prefix else _walk(fs, p, prefix, depth)
+    entries, skipped = walk(depth)
     if exclude is not None and not storage.within(exclude, prefix + p):
         exclude = None  # not in this folder: no file to test
     left_out = 0
     files = []
     for full, size in entries:
         name = posixpath.basename(full)
-        rel = posixpath.relpath(full[len(prefix) :] if prefix else full, p)
-        if pattern is not None and not storage.glob_match(rel, pattern):
+        under = rel(full)
+        if pattern is not None and not storage.glob_match(under, pattern):
             continue
         if exclude is not None and storage.within(full, exclude):
             left_out += 1
-        elif any(part.startswith((".", "_")) for part in rel.split("/")):
+        elif any(part.startswith((".", "_")) for part in under.split("/")):
             skipped.append({"path": full, "reason": "hidden name (starts with '.' or '_')"})
         elif suffixes and format_suffix(name) not in suffixes:
             skipped.append({"path": full, "reason": f"not an input format ({format_suffix(name) or 'no suffix'})"})
@@ -96,8 +103,7 @@ def list_inputs(
     if not files:
         why = f" ({len(skipped)} skipped: {skipped[0]['path']}: {skipped[0]['reason']}…)" if skipped else ""
         if pattern is not None and depth is not None:  # what the glob would match a folder down or more
-            every = (_walk(fs, p, prefix) if prefix else _walk_local(p))[0]
-            rels = [posixpath.relpath(f[len(prefix) :] if prefix else f, p) for f, _ in every]
+            rels = [rel(f) for f, _ in walk(None)[0]]
             n = sum(r.count("/") >= depth and storage.glob_match(r, f"**/{pattern}") for r in rels)
             if n:
                 whole = storage.join(storage.split_glob(path)[0], "**", pattern)
