@@ -15,13 +15,17 @@ still gets an output row, with ``error`` set, and never stops the job.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional, Protocol
 
@@ -139,19 +143,19 @@ def _plan_file(f: str, kind: str, chunk_rows: int, key: str, digests: dict | Non
         items = json_items(f)
         n = 1 if items is _BAD else len(items)
         return [Chunk(f, a, min(a + chunk_rows, n)) for a in range(0, n, chunk_rows)]
-    with inputs.open_stream(f) as fh:
-        head = fh.read(4)
-    if inputs.is_wide(head):  # UTF-16/32: decoded whole, chunked by line
-        n = len(_decoded_lines(f, *_identity(f)))
-        return [Chunk(f, a, min(a + chunk_rows, n), mode="decoded") for a in range(0, n, chunk_rows)]
-    compressed = inputs.compression(f) is not None
-    universal = kind == "txt"
+    universal, wide = kind == "txt", False
     chunks, line, at, start_byte, last, held = [], 0, 0, 0, b"", b""
     digest = hashlib.sha256() if digests is not None else None
-    try:
-        with inputs.open_stream(f) as fh:
+    fs, p = storage.resolve(f)
+    with fs.open_input_file(p) as raw:  # opened once: three requests per file on a bucket
+        fh = inputs.decompressed(raw)
+        compressed = fh is not raw
+        try:
             while True:
                 block = fh.read(_block(compressed))
+                if not at and not held and inputs.is_wide(block[:4]):
+                    wide = True  # UTF-16/32: decoded whole below, chunked by line
+                    break
                 if digest is not None:
                     digest.update(block)
                 data = held + block
@@ -167,13 +171,16 @@ def _plan_file(f: str, kind: str, chunk_rows: int, key: str, digests: dict | Non
                 line += len(ends)
                 at += len(data)
                 last = data[-1:]
-    except (OSError, pa.ArrowException, EOFError) as e:  # a compressed stream cut short or corrupt
-        broken = Chunk(f, line, line + 1, mode="unreadable", error=f"unreadable_file: {_short(e)}")
-        last = b"\n"  # a line the break cut is part of what could not be read
-    else:
-        broken = None
-        if digest is not None:
-            digests[f] = digest.hexdigest()[:16]
+        except (OSError, pa.ArrowException, EOFError) as e:  # a compressed stream cut short or corrupt
+            broken = Chunk(f, line, line + 1, mode="unreadable", error=f"unreadable_file: {_short(e)}")
+            last = b"\n"  # a line the break cut is part of what could not be read
+        else:
+            broken = None
+            if digest is not None and not wide:
+                digests[f] = digest.hexdigest()[:16]
+    if wide:
+        n = len(_decoded_lines(f, *_identity(f)))
+        return [Chunk(f, a, min(a + chunk_rows, n), mode="decoded") for a in range(0, n, chunk_rows)]
     if at > start_byte:
         start = line - line % chunk_rows if line % chunk_rows else line
         chunks.append(Chunk(f, start, line + (last not in (b"\n", b"\r")), start_byte, at))
@@ -201,6 +208,10 @@ def input_files(path: str, fmt: str, exclude: str | None = None) -> tuple[list[s
     return inputs.list_inputs(path, inputs.FORMAT_SUFFIXES if fmt == "auto" else (), exclude)
 
 
+PLAN_THREADS = 8  # files planned at once (each holds a block of up to 8 MiB and its line ends)
+PLAN_BAR = 16  # files from which planning shows a progress bar
+
+
 def plan_chunks(
     path: str,
     fmt: str,
@@ -209,17 +220,32 @@ def plan_chunks(
     exclude: str | None = None,
     listed=None,
     digests: dict | None = None,
+    desc: str | None = None,
 ) -> tuple[list[Chunk], list[dict]]:
     """Chunks of every input file (for line formats, byte ranges found by scanning for line ends),
     and the files of a folder that are not read, with why (:func:`input_files`; ``listed``: its
-    answer, when it was asked already; ``digests``: filled with each line file's contents hash)."""
+    answer, when it was asked already; ``digests``: filled with each line file's contents hash;
+    ``desc``: a progress bar's, shown from :data:`PLAN_BAR` files on)."""
     if fmt not in FORMATS:
         raise ValueError(f"{key} must be one of {FORMATS}, got {fmt!r}")
     files, skipped = listed or input_files(path, fmt, exclude)
-    chunks = []
-    for f in files:
-        chunks += _plan_file(f, file_format(f, fmt, key), chunk_rows, key, digests)
-    return chunks, skipped
+
+    def plan(f: str) -> list[Chunk]:
+        return _plan_file(f, file_format(f, fmt, key), chunk_rows, key, digests)
+
+    from cerbero_ray.logs import progress
+
+    # files planned side by side (reads, decompression and hashing let go of the GIL; on a bucket,
+    # each file's requests wait on the network), in the listing's order
+    with (
+        concurrent.futures.ThreadPoolExecutor(max(1, min(PLAN_THREADS, len(files)))) as pool,
+        progress(total=len(files), unit=" file", desc=desc, disable=desc is None or len(files) < PLAN_BAR) as bar,
+    ):
+        planned = []
+        for cs in pool.map(plan, files):
+            planned.append(cs)
+            bar.update(1)
+    return [ch for cs in planned for ch in cs], skipped
 
 
 def read_chunk(chunk: Chunk, fmt: str, text_field: str, id_field: str | None) -> list[dict]:
@@ -259,16 +285,60 @@ def read_chunk(chunk: Chunk, fmt: str, text_field: str, id_field: str | None) ->
 
 
 def _stream_lines(chunk: Chunk, universal: bool) -> list[bytes]:
-    """Lines ``start..stop`` of a compressed file, read from its start (a compressed stream has no
-    byte offsets to seek to: a chunk costs the decompression of what comes before it)."""
-    out = []
-    with inputs.open_stream(chunk.path) as fh:
-        for i, line in enumerate(iter_lines(fh, universal, _block(True))):
-            if i >= chunk.start:
-                out.append(line)
-            if i + 1 >= chunk.stop:  # not one read more: past the planned lines a stream may be broken
-                break
-    return out
+    """Lines ``start..stop`` of a compressed file. A compressed stream has no byte offsets to seek
+    to: the lines come from a :class:`_Cursor` of this process that goes on where the chunk before
+    left it when this chunk lies further on (an actor is handed a file's chunks in order), so each
+    actor decompresses a file about once, not once per chunk."""
+    key = ("stream", chunk.path, universal, _identity(chunk.path))
+    with _kept(key, lambda: _Cursor(chunk.path, universal), lambda c: c.at <= chunk.start) as cursor:
+        return cursor.take(chunk.start, chunk.stop)
+
+
+@contextlib.contextmanager
+def _kept(key: tuple, make, usable):
+    """The reader this process keeps under ``key`` (a file's identity in it) when ``usable(reader)``,
+    else a new one, ``make()``; kept again afterwards (the last :data:`_KEPT` used), closed when
+    reading failed."""
+    with _READERS_LOCK:
+        reader = _READERS.pop(key, None)
+        if reader is not None and not usable(reader):
+            reader.close()
+            reader = None
+        reader = reader or make()
+        try:
+            yield reader
+        except BaseException:
+            reader.close()
+            raise
+        _READERS[key] = reader  # the most recently used last
+        while len(_READERS) > _KEPT:
+            _READERS.pop(next(iter(_READERS))).close()
+
+
+_READERS: collections.OrderedDict = collections.OrderedDict()
+_KEPT = 4  # files an actor may be between (the chunks of two files meet at their boundary)
+_READERS_LOCK = threading.Lock()
+
+
+class _Cursor:
+    """A compressed file's decompressing stream and the index of the next line it gives."""
+
+    def __init__(self, path: str, universal: bool):
+        self.fh = inputs.open_stream(path)
+        self.lines, self.at = iter_lines(self.fh, universal, _block(True)), 0
+
+    def take(self, start: int, stop: int) -> list[bytes]:
+        """Lines ``start..stop`` (``start`` at or past :attr:`at`); not one read more: past the
+        planned lines a stream may be broken."""
+        skipped = sum(1 for _ in itertools.islice(self.lines, start - self.at))
+        out = list(itertools.islice(self.lines, stop - start)) if skipped == start - self.at else []
+        self.at = self.at + skipped + len(out)
+        return out
+
+    def close(self) -> None:
+        self.lines.close()
+        self.fh.close()
+
 
 
 def iter_lines(fh, universal: bool, block_size: int = 1 << 23) -> Iterator[bytes]:
@@ -301,18 +371,20 @@ def parquet_file(path: str):
 
 
 def _parquet_rows(chunk: Chunk, name: str, text_field: str, id_field: str | None) -> list[dict]:
-    """The chunk's rows, read row group by row group: a row group that cannot be read (corrupt data
-    pages) gives an error row for each of its rows in the chunk, and the others are read as usual."""
+    """The chunk's rows, read row group by row group through the file's :class:`_Groups` of this
+    process: a row group that cannot be read (corrupt data pages) gives an error row for each of
+    its rows in the chunk, and the others are read as usual."""
     rows = []
-    with parquet_file(chunk.path) as pf:
+    key = ("parquet", chunk.path, text_field, id_field, _identity(chunk.path))
+    with _kept(key, lambda: _Groups(chunk.path, (text_field, id_field)), lambda g: True) as groups:
         first = 0
-        for g in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
+        for g, n in enumerate(groups.sizes):
             lo, hi = max(chunk.start, first), min(chunk.stop, first + n)
             if lo < hi:
                 try:
-                    records = pf.read_row_group(g).slice(lo - first, hi - lo).to_pylist()
+                    records = groups.take(g, lo - first, hi - first)
                 except (OSError, ValueError, pa.ArrowException) as e:
+                    groups.drop()
                     err = f"unreadable_row_group: {g}: {_short(e)}"
                     records = [None] * (hi - lo)
                 rows += [
@@ -323,6 +395,45 @@ def _parquet_rows(chunk: Chunk, name: str, text_field: str, id_field: str | None
                 ]
             first += n
     return rows
+
+
+class _Groups:
+    """An open Parquet file read for the columns a batch stage uses (the text and id fields, those
+    of them it has), a row group at a time in batches: a chunk further on in the row group being
+    read goes on from the chunk before. A row group (a million rows by pyarrow's default) was read
+    whole, every column, for each chunk of its rows."""
+
+    BATCH = 1024  # rows decoded at a time
+
+    def __init__(self, path: str, fields: tuple):
+        self.stack = contextlib.ExitStack()
+        self.pf = self.stack.enter_context(parquet_file(path))
+        names = set(self.pf.schema_arrow.names)
+        self.columns = [c for c in dict.fromkeys(fields) if c in names]
+        self.sizes = [self.pf.metadata.row_group(g).num_rows for g in range(self.pf.metadata.num_row_groups)]
+        self.group, self.rows, self.at = None, iter(()), 0
+
+    def take(self, group: int, start: int, stop: int) -> list[dict]:
+        """Rows ``start..stop`` of row group ``group``."""
+        if group != self.group or self.at > start:
+            self.group, self.rows, self.at = group, self._rows(group), 0
+        skipped = sum(1 for _ in itertools.islice(self.rows, start - self.at))
+        out = list(itertools.islice(self.rows, stop - start))
+        self.at += skipped + len(out)
+        return out
+
+    def _rows(self, group: int) -> Iterator[dict]:
+        if not self.columns:  # neither field: every row is one without text
+            return itertools.repeat({}, self.sizes[group])
+        batches = self.pf.iter_batches(self.BATCH, row_groups=[group], columns=self.columns, use_threads=False)
+        return (r for b in batches for r in b.to_pylist())
+
+    def drop(self) -> None:
+        """Forget the row group being read (it failed): the next chunk reads it from its start."""
+        self.group, self.rows, self.at = None, iter(()), 0
+
+    def close(self) -> None:
+        self.stack.close()
 
 
 def _guarded(parse, raw, rid: str, *args) -> dict:
@@ -564,7 +675,9 @@ def start_run(
     out = b.output_dir
     listed = _listed(stage, b)
     digests = {}
-    chunks, skipped = plan_chunks(b.input, b.format, b.chunk_rows, f"{stage}.format", listed=listed, digests=digests)
+    chunks, skipped = plan_chunks(
+        b.input, b.format, b.chunk_rows, f"{stage}.format", listed=listed, digests=digests, desc=f"{stage}: plan"
+    )
     if skipped:
         log.warning(f"[{stage}] {inputs.describe_skipped(skipped)}; all listed in summary.json")
     ident = {**ident, INPUT_VERSION: inputs.stamp(listed[0])[1], INPUT_CONTENT: input_content(listed[0], digests)}

@@ -44,7 +44,7 @@ def progress(**kw):
         _warm = False
 
         def update(self, n=1):
-            if self._warm or not n:
+            if self._warm or not n or self.disable:
                 return super().update(n)
             self._warm = True
             self.n += n

@@ -55,6 +55,45 @@ def test_compressed_jsonl_is_read_whole_never_as_text(tmp_path, codec, name):
     assert [json.loads(raw)["id"] for _, raw in raw_rows(f)] == [r["id"] for r in ROWS]  # the data stage
 
 
+@pytest.mark.parametrize("codec", sorted(COMPRESS))
+def test_a_compressed_file_is_decompressed_once_per_reader_not_once_per_chunk(tmp_path, monkeypatch, codec):
+    """A compressed line file has no byte offsets: a reader handed its chunks in order (as an actor
+    is) goes on where the chunk before left the stream; out of order, across two files, or after the
+    file changed, it starts again. The rows are the file's rows whatever the order."""
+    ext = {"gzip": "gz", "zstd": "zst", "bz2": "bz2"}[codec]
+    a, b = tmp_path / f"a.jsonl.{ext}", tmp_path / f"b.txt.{ext}"
+    a.write_bytes(COMPRESS[codec](JSONL))
+    b.write_bytes(COMPRESS[codec]("\n".join(r["text"] for r in ROWS).encode()))
+    chunks = {f: batchjob.plan_chunks(str(f), "auto", 7)[0] for f in (a, b)}
+    assert {ch.mode for cs in chunks.values() for ch in cs} == {"stream"} and len(chunks[a]) == 8
+    opened = []
+    real = inputs.open_stream
+    monkeypatch.setattr(inputs, "open_stream", lambda p: opened.append(os.path.basename(p)) or real(p))
+
+    def read(order):
+        return [r for ch in order for r in batchjob.read_chunk(ch, "auto", "text", "id")]
+
+    ids = [r["id"] for r in ROWS]
+    every = read(chunks[a])
+    assert [r["id"] for r in every] == ids and all(r["error"] is None for r in every) and opened == [a.name]
+    opened.clear()  # one actor of three: every third chunk, still one pass
+    assert [r["id"] for r in read(chunks[a][1::3])] == [i for k in range(1, 8, 3) for i in ids[7 * k : 7 * k + 7]]
+    assert opened == [a.name]
+    opened.clear()  # backwards: each chunk starts the stream again
+    assert read(chunks[a][::-1]) == [r for k in range(7, -1, -1) for r in every[7 * k : 7 * k + 7]]
+    assert opened == [a.name] * 8
+    opened.clear()  # two files' chunks interleaved: each file's stream goes on
+    mixed = [ch for pair in zip(chunks[a], chunks[b]) for ch in pair]
+    got = read(mixed)
+    assert [r["id"] for r in got if not r["id"].startswith("b.")] == ids
+    assert [r["text"] for r in got if r["id"].startswith("b.")] == [r["text"] for r in ROWS]
+    assert sorted(opened) == [a.name, b.name]
+    opened.clear()  # the file written again between two chunks: its new bytes, from a new stream
+    read(chunks[a][:2])
+    a.write_bytes(COMPRESS[codec](JSONL.replace(b"Testo", b"Riga!")))
+    assert {r["text"][:5] for r in read(chunks[a][2:4])} == {"Riga!"} and opened == [a.name, a.name]
+
+
 def test_compressed_json_array_txt_and_parquet(tmp_path):
     (tmp_path / "a.json.gz").write_bytes(gzip.compress(json.dumps(ROWS).encode()))
     (tmp_path / "b.txt.zst").write_bytes(COMPRESS["zstd"]("\n".join(r["text"] for r in ROWS).encode()))
@@ -155,6 +194,47 @@ def test_a_parquet_file_cut_short_is_one_error_row(tmp_path):
     assert len(rows) == 51 and [r["id"] for r in rows if r["error"]] == ["t.parquet:0"]
     assert rows[-1]["error"].startswith("unreadable_file")
     assert [k for k, _ in raw_rows(tmp_path / "t.parquet")] == ["unreadable"]
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_parquet_row_group_is_read_once_per_reader_and_only_its_text_and_id(tmp_path, monkeypatch, compressed):
+    """A row group (a million rows by pyarrow's default: most files are one) was read whole, every
+    column, for each chunk of its rows (and a gzipped file decompressed whole for each). A reader
+    handed the chunks in order now reads each row group once, only the text and id columns, and a
+    chunk that lies behind starts the row group again; the rows are the same whatever the order."""
+    rows = [{**r, "url": f"https://example.org/{i}", "meta": {"n": i}} for i, r in enumerate(ROWS)]
+    f = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), f, row_group_size=20)  # groups of 20, 20, 10
+    if compressed:
+        f.write_bytes(gzip.compress(f.read_bytes()))
+    chunks = batchjob.plan_chunks(str(f), "auto", 7)[0]
+    assert len(chunks) == 8
+    opened, decoded = [], []
+    real_open, real_batches = batchjob.parquet_file, pq.ParquetFile.iter_batches
+    monkeypatch.setattr(batchjob, "parquet_file", lambda p: opened.append(p) or real_open(p))
+
+    def batches(self, batch_size, row_groups, columns, **kw):
+        decoded.append((tuple(row_groups), tuple(columns)))
+        return real_batches(self, batch_size, row_groups=row_groups, columns=columns, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", batches)
+
+    def read(order):
+        return [r for ch in order for r in batchjob.read_chunk(ch, "auto", "text", "id")]
+
+    every = read(chunks)
+    assert [(r["id"], r["text"]) for r in every] == [(r["id"], r["text"]) for r in ROWS]
+    assert len(opened) == 1 and decoded == [((g,), ("text", "id")) for g in range(3)]
+    opened.clear(), decoded.clear()  # one reader of three: every third chunk, each group once
+    assert read(chunks[::3]) == [r for k in range(0, 8, 3) for r in every[7 * k : 7 * k + 7]]
+    assert not opened and [g for (g,), _ in decoded] == [0, 1, 2]
+    decoded.clear()  # backwards: a chunk behind starts its row group again
+    assert read(chunks[::-1]) == [r for k in range(7, -1, -1) for r in every[7 * k : 7 * k + 7]]
+    assert len(decoded) > 3
+    # ids from the id column only when there is one; without the text column every row says so
+    pq.write_table(pa.Table.from_pylist([{"body": "x", "n": 1}] * 3), tmp_path / "other.parquet")
+    got = read(batchjob.plan_chunks(str(tmp_path / "other.parquet"), "auto", 2)[0])
+    assert [(r["id"], r["error"]) for r in got] == [(f"other.parquet:{i}", "no_text") for i in range(3)]
 
 
 def test_text_line_ends_cr_lf_and_crlf(tmp_path):
@@ -406,3 +486,82 @@ def test_a_bucket_s_files_are_stamped_from_its_listing_not_a_request_per_object(
     monkeypatch.undo()
     storage.write_bytes(f"{bucket}/corpus/f03.jsonl", JSONL + JSONL[:40])
     assert inputs.stamp(files)[1] != want
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_a_folder_s_files_are_planned_side_by_side_each_opened_once(tmp_path, where, request, monkeypatch, capsys):
+    """The plan (the scan for line ends) opened each line file three times, one file after another:
+    on a bucket eight requests a file, each a round trip, before any work started. Now each file is
+    opened once and several are planned at once; the chunks, their order and the contents hashes
+    are those of a plan of one file at a time."""
+    import threading
+    import time
+
+    from cerbero_ray import storage
+
+    root = str(tmp_path / "corpus") if where == "local" else storage.join(request.getfixturevalue("bucket"), "corpus")
+    bodies = {
+        "a.jsonl": JSONL,
+        "b.jsonl.gz": gzip.compress(JSONL),
+        "c.txt": b"uno\r\ndue\rtre\n",
+        "d.txt": "riga\n".encode("utf-16"),
+        "e.jsonl": JSONL * 3,
+    }
+    for i in range(3):
+        for name, body in bodies.items():
+            storage.write_bytes(storage.join(root, f"{i}{name}"), body)
+    monkeypatch.setattr(batchjob, "PLAN_THREADS", 1)
+    one_at_a_time = {}
+    want = batchjob.plan_chunks(root, "auto", 20, digests=one_at_a_time)
+    monkeypatch.undo()
+    opened, live, most = [], [0], [0]
+    lock = threading.Lock()
+    resolve = storage.resolve
+
+    class Counting:  # the filesystem, counting opens and how many files are open at once
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def open_input_file(self, p):
+            with lock:
+                opened.append(os.path.basename(p))
+                live[0] += 1
+                most[0] = max(most[0], live[0])
+            time.sleep(0.05)  # a round trip
+            f = self.fs.open_input_file(p)
+            real_close = f.close
+
+            def close():
+                with lock:
+                    live[0] -= 1
+                return real_close()
+
+            class Open:  # the file, its close counted
+                def __getattr__(self, name):
+                    return close if name == "close" else getattr(f, name)
+
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *a):
+                    close()
+
+            return Open()
+
+    monkeypatch.setattr(storage, "resolve", lambda p: (lambda fs, q: (Counting(fs), q))(*resolve(p)))
+    digests = {}
+    assert batchjob.plan_chunks(root, "auto", 20, digests=digests) == want
+    assert digests == one_at_a_time and len(digests) == 12  # the UTF-16 files are decoded whole: no hash
+    lines = [n for n in opened if not n.endswith("d.txt")]
+    assert sorted(lines) == sorted(n for n in {f"{i}{k}" for i in range(3) for k in bodies} if not n.endswith("d.txt"))
+    assert most[0] > 1
+    monkeypatch.setattr(batchjob, "PLAN_BAR", 15)  # a bar from that many files on
+    capsys.readouterr()
+    batchjob.plan_chunks(root, "auto", 20, desc="label: plan")
+    err = capsys.readouterr().err
+    assert "label: plan: 100%" in err and "15/15" in err
+    batchjob.plan_chunks(root, "auto", 20)  # none without a description (the tests' and bench's plans)
+    assert "15/15" not in capsys.readouterr().err

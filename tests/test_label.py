@@ -7,7 +7,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from cerbero_ray.batchjob import plan_chunks, read_chunk, start_run
+from cerbero_ray import inputs
+from cerbero_ray.batchjob import ChunkWorker, map_chunks, plan_chunks, read_chunk, start_run
 from cerbero_ray.config import compose, to_container
 from cerbero_ray.config.label import BatchInferenceConfig
 from cerbero_ray.label import run_label
@@ -275,3 +276,37 @@ def test_what_the_embedded_cluster_lacks_is_refused_before_ray_waits_for_it(tmp_
         cluster.check_fits({"GPU": 8}, "anything")
     finally:
         cluster.started_here(True)
+
+
+def test_ray_data_hands_each_actor_a_file_s_chunks_in_order(tmp_path, ray_local):
+    """What the readers that go on from the chunk before rest on: the actor pool of the batch jobs
+    (:func:`map_chunks`) hands each actor a file's chunks in order, so each actor opens a
+    compressed file once; every row is read once."""
+    import collections
+    import gzip
+
+    f = tmp_path / "in.jsonl.gz"
+    rows = [{"id": f"r{i}", "text": f"Testo {i}."} for i in range(200)]
+    f.write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in rows)))
+    chunks = plan_chunks(str(f), "auto", 5)[0]
+
+    class Reader(ChunkWorker):  # defined here: Ray pickles it whole
+        def __init__(self, cfg):
+            self.opens, real = [0], inputs.open_stream
+            inputs.open_stream = lambda p: self.opens.__setitem__(0, self.opens[0] + 1) or real(p)
+
+        def process(self, ch):
+            ids = [r["id"] for r in read_chunk(ch, "auto", "text", "id")]
+            return {"rows": len(ids), "pid": os.getpid(), "opens": self.opens[0], "start": ch.start, "ids": ids}
+
+    class Pool:
+        workers, gpus_per_worker, cpus_per_worker = 2, 0, 0.5
+
+    by_actor = collections.defaultdict(list)
+    ids = []
+    for r in map_chunks(chunks, Reader, Pool, "label", "read"):
+        by_actor[r["pid"]].append((r["start"], r["opens"]))
+        ids += list(r["ids"])
+    assert sorted(ids) == sorted(r["id"] for r in rows) and len(by_actor) == 2
+    for seen in by_actor.values():
+        assert [s for s, _ in seen] == sorted(s for s, _ in seen) and seen[-1][1] == 1, seen

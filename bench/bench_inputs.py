@@ -1,0 +1,217 @@
+"""Reading a batch job's input (label, generate) on CPU: the plan before Ray starts and the chunks
+the actors read, each against the way it was done before, in one process.
+
+    python bench/bench_inputs.py                 # ~2 minutes
+    python bench/bench_inputs.py --gz-mb 50 --reps 1
+
+  plan, bucket   the plan (the scan for line ends and the contents hash) of a folder of JSONL files
+                 on an S3-protocol server (moto on loopback) behind a proxy that holds each request
+                 --latency-ms (a round trip to a real bucket): files one at a time
+                 (``PLAN_THREADS=1``) against side by side
+  plan, disk     the same folder on the local disk
+  gzip chunks    one of --actors actors reading every --actors-th chunk of a .jsonl.gz file, in
+                 order (as Ray Data hands them out): each chunk decompressing its file from the
+                 start (the cursor dropped before each chunk: what every chunk did before) against
+                 the cursor that goes on where the chunk before left the stream
+  parquet chunks the same with a Parquet file of --pq-rows rows in one row group (pyarrow's default
+                 holds a million rows), four columns: each chunk reading its row group whole, every
+                 column (the code before, kept below) against the reader that reads the text and id
+                 columns in batches and goes on from the chunk before
+Order alternated, medians of --reps. Writes bench/results/inputs-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import logging
+import os
+import platform
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the tests' fault proxy
+from _results import write_results  # noqa: E402 (bench/, the script's own folder)
+
+
+def corpus_lines(mb: float, seed: int = 0) -> bytes:
+    """About ``mb`` MB of JSONL rows of README words in random order (compresses ~3x, as text does)."""
+    rng = random.Random(seed)
+    words = open(os.path.join(HERE, "..", "README.md")).read().split()
+    out, n, i = [], 0, 0
+    while n < mb * 1_000_000:
+        line = (json.dumps({"id": f"r{i}", "text": " ".join(rng.choices(words, k=120))}) + "\n").encode()
+        out.append(line)
+        n, i = n + len(line), i + 1
+    return b"".join(out)
+
+
+def alternated(cases: dict, reps: int) -> dict:
+    """Median seconds of each case, the order of the cases reversed on every other repetition."""
+    times = {k: [] for k in cases}
+    for r in range(reps):
+        for k in list(cases)[:: 1 if r % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            cases[k]()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def s3_behind_proxy():
+    """moto's server on loopback and the fault proxy in front of it; AWS_ENDPOINT_URL set to the proxy."""
+    from faults import FaultProxy
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
+    proxy = FaultProxy(port).start()
+    for k, v in {
+        "AWS_ENDPOINT_URL": proxy.url,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        os.environ[k] = v
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="bench-inputs")
+    return proxy
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--files", type=int, default=64, help="JSONL files in the planned folder")
+    p.add_argument("--file-mb", type=float, default=1.0)
+    p.add_argument("--latency-ms", type=float, default=30.0, help="held on each bucket request")
+    p.add_argument("--gz-mb", type=float, default=100.0, help="the .jsonl.gz file's size, decompressed")
+    p.add_argument("--pq-rows", type=int, default=100_000, help="rows of the Parquet file (one row group)")
+    p.add_argument("--actors", type=int, default=4)
+    p.add_argument("--chunk-rows", type=int, default=256)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+
+    from cerbero_ray import batchjob, storage
+
+    res = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "args": vars(args),
+    }
+    tmp = tempfile.mkdtemp(prefix="bench-inputs-")
+    body = corpus_lines(args.file_mb)
+    proxy = s3_behind_proxy()
+    folders = {"bucket": "s3://bench-inputs/corpus", "disk": os.path.join(tmp, "corpus")}
+    for folder in folders.values():
+        for i in range(args.files):
+            storage.write_bytes(storage.join(folder, f"f{i:04d}.jsonl"), body)
+    proxy.inject("stall", 10**7, args.latency_ms / 1000)
+
+    def plan(folder: str, threads: int):
+        def run():
+            batchjob.PLAN_THREADS = threads
+            batchjob.plan_chunks(folder, "auto", args.chunk_rows, digests={})
+
+        return run
+
+    threads = batchjob.PLAN_THREADS
+    for where, folder in folders.items():
+        asked = proxy.requests
+        batchjob.plan_chunks(folder, "auto", args.chunk_rows)  # warm-up (and the requests of one plan)
+        t = alternated({"one file at a time": plan(folder, 1), "side by side": plan(folder, threads)}, args.reps)
+        res[f"plan_{where}"] = {**t, "speedup": t["one file at a time"] / t["side by side"]}
+        if where == "bucket":
+            res["plan_bucket"]["requests_per_file"] = (proxy.requests - asked) / args.files
+        print(
+            f"plan, {where}: {args.files} files x {len(body) / 1e6:.1f} MB: one at a time "
+            f"{t['one file at a time']:.2f} s, side by side ({threads} threads) {t['side by side']:.2f} s: "
+            f"{res[f'plan_{where}']['speedup']:.1f}x"
+        )
+    batchjob.PLAN_THREADS = threads
+
+    gz = os.path.join(tmp, "corpus.jsonl.gz")
+    with open(gz, "wb") as f:
+        f.write(gzip.compress(corpus_lines(args.gz_mb, seed=1), compresslevel=6))
+    chunks, _ = batchjob.plan_chunks(gz, "auto", args.chunk_rows)
+    mine = chunks[0 :: args.actors]
+
+    def read(from_start: bool):
+        def run():
+            batchjob._READERS.clear()
+            for ch in mine:
+                if from_start:
+                    batchjob._READERS.clear()
+                batchjob.read_chunk(ch, "auto", "text", "id")
+
+        return run
+
+    t = alternated({"from the start": read(True), "cursor": read(False)}, args.reps)
+    res["gzip_chunks"] = {**t, "chunks": len(mine), "speedup": t["from the start"] / t["cursor"]}
+    print(
+        f"gzip chunks: one of {args.actors} actors, {len(mine)} of {len(chunks)} chunks of a {args.gz_mb:g} MB "
+        f".jsonl.gz: from the start {t['from the start']:.2f} s, cursor {t['cursor']:.2f} s: "
+        f"{res['gzip_chunks']['speedup']:.0f}x"
+    )
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(2)
+    words = open(os.path.join(HERE, "..", "README.md")).read().split()
+    n = args.pq_rows
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "text": [" ".join(rng.choices(words, k=120)) for _ in range(n)],
+            "url": [f"https://example.org/{i}" for i in range(n)],
+            "meta": [json.dumps({"source": "bench", "n": i}) for i in range(n)],
+        }
+    )
+    pqf = os.path.join(tmp, "corpus.parquet")
+    pq.write_table(table, pqf, row_group_size=max(n, 1))
+    chunks, _ = batchjob.plan_chunks(pqf, "auto", args.chunk_rows)
+    mine = chunks[0 :: args.actors]
+
+    def whole_group(ch):  # the code before: the row group read whole, every column, for each chunk
+        out = []
+        with batchjob.parquet_file(ch.path) as pf:
+            first = 0
+            for g in range(pf.metadata.num_row_groups):
+                k = pf.metadata.row_group(g).num_rows
+                lo, hi = max(ch.start, first), min(ch.stop, first + k)
+                if lo < hi:
+                    out += pf.read_row_group(g).slice(lo - first, hi - lo).to_pylist()
+                first += k
+        return out
+
+    def read_pq(before: bool):
+        def run():
+            batchjob._READERS.clear()
+            for ch in mine:
+                whole_group(ch) if before else batchjob.read_chunk(ch, "auto", "text", "id")
+
+        return run
+
+    t = alternated({"whole row group": read_pq(True), "reader": read_pq(False)}, args.reps)
+    res["parquet_chunks"] = {**t, "chunks": len(mine), "speedup": t["whole row group"] / t["reader"]}
+    print(
+        f"parquet chunks: one of {args.actors} actors, {len(mine)} of {len(chunks)} chunks of {n:,} rows in one "
+        f"row group ({os.path.getsize(pqf) / 1e6:.0f} MB): whole row group {t['whole row group']:.2f} s, "
+        f"reader {t['reader']:.2f} s: {res['parquet_chunks']['speedup']:.0f}x"
+    )
+    print("->", write_results("inputs", res))
+
+
+if __name__ == "__main__":
+    main()
