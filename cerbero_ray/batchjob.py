@@ -340,7 +340,6 @@ class _Cursor:
         self.fh.close()
 
 
-
 def iter_lines(fh, universal: bool, block_size: int = 1 << 23) -> Iterator[bytes]:
     """The lines of a stream, as :func:`split_lines` cuts them, a block at a time (a UTF-8
     byte-order mark at the start dropped)."""
