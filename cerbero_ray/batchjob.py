@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import os
+import posixpath
 import re
 import threading
 from dataclasses import dataclass
@@ -127,21 +128,28 @@ def _line_ends(block: np.ndarray, universal: bool) -> np.ndarray:
     return np.flatnonzero(lf | lone_cr) + 1
 
 
-def _plan_file(f: str, kind: str, chunk_rows: int, key: str, digests: dict | None = None) -> list[Chunk]:
+def _plan_file(
+    f: str, kind: str, chunk_rows: int, key: str, digests: dict | None = None, fields: dict | None = None
+) -> list[Chunk]:
     """The chunks of one input file. What cannot be read becomes an ``unreadable`` chunk (one error
     row) instead of stopping the job: a Parquet file whose footer is broken, a compressed stream
     cut short (the lines before the break are planned as usual). A line file read whole puts the
-    hash of its (decompressed) bytes in ``digests``: the scan for line ends reads them anyway."""
+    hash of its (decompressed) bytes in ``digests``: the scan for line ends reads them anyway; the
+    fields of its first records go in ``fields`` (:func:`check_text_field`)."""
+    fields = {} if fields is None else fields
     if kind == "parquet":
         try:
             with parquet_file(f) as pf:
                 n = pf.metadata.num_rows
+                fields[f] = set(pf.schema_arrow.names)
         except (OSError, ValueError, pa.ArrowException) as e:
             return [Chunk(f, 0, 1, mode="unreadable", error=f"unreadable_file: {_short(e)}")]
         return [Chunk(f, a, min(a + chunk_rows, n)) for a in range(0, n, chunk_rows)]
     if kind == "json":  # a file that is no JSON array is one row, an error row
         items = json_items(f)
         n = 1 if items is _BAD else len(items)
+        if items is not _BAD:
+            fields[f] = _keys(items[:SAMPLE_ROWS])
         return [Chunk(f, a, min(a + chunk_rows, n)) for a in range(0, n, chunk_rows)]
     universal, wide = kind == "txt", False
     chunks, line, at, start_byte, last, held = [], 0, 0, 0, b"", b""
@@ -156,6 +164,10 @@ def _plan_file(f: str, kind: str, chunk_rows: int, key: str, digests: dict | Non
                 if not at and not held and inputs.is_wide(block[:4]):
                     wide = True  # UTF-16/32: decoded whole below, chunked by line
                     break
+                if not at and kind == "jsonl":
+                    fields[f] = _keys(
+                        _json(ln) for ln in storage.strip_bom(block).split(b"\n", SAMPLE_ROWS)[:SAMPLE_ROWS]
+                    )
                 if digest is not None:
                     digest.update(block)
                 data = held + block
@@ -192,6 +204,37 @@ def _plan_file(f: str, kind: str, chunk_rows: int, key: str, digests: dict | Non
     return chunks
 
 
+SAMPLE_ROWS = 20  # a file's first records whose fields the plan notes
+
+
+def _keys(records) -> set:
+    """The fields of those of ``records`` that are objects."""
+    return {k for r in records if isinstance(r, dict) for k in r}
+
+
+def check_text_field(stage: str, text_field: str, fields: dict) -> None:
+    """``<stage>.text_field`` against the fields of each file's first records (:func:`plan_chunks`'s
+    ``fields``): in none of the files that have records, a wrong key (every row would be an error
+    row: ``no_text``): refused, naming the fields there are; missing from some files only: a
+    warning naming them (their rows become error rows)."""
+    known = {f: names for f, names in fields.items() if names}
+    lacking = [f for f, names in known.items() if text_field not in names]
+    if not lacking:
+        return
+    found = sorted(set().union(*(known[f] for f in lacking)))
+    shown = ", ".join(map(repr, found[:12])) + (f" and {len(found) - 12} more" if len(found) > 12 else "")
+    if len(lacking) == len(known):
+        raise ValueError(
+            f"{stage}.text_field={text_field!r}: no input file has that field in its first records (their "
+            f"fields: {shown}); every row would be an error row. Set {stage}.text_field to the field of the text"
+        )
+    names = ", ".join(posixpath.basename(f) for f in lacking[:5]) + (" …" if len(lacking) > 5 else "")
+    log.warning(
+        f"[{stage}] {len(lacking)} of {len(known)} input file(s) have no {text_field!r} field in their first "
+        f"records ({names}; their fields: {shown}): their rows become error rows (no_text)"
+    )
+
+
 def _block(compressed: bool) -> int:
     """Bytes read at a time: small for a compressed stream, whose read fails whole at a break (what
     a failed read held is counted as unreadable, so it stays small)."""
@@ -221,17 +264,19 @@ def plan_chunks(
     listed=None,
     digests: dict | None = None,
     desc: str | None = None,
+    fields: dict | None = None,
 ) -> tuple[list[Chunk], list[dict]]:
     """Chunks of every input file (for line formats, byte ranges found by scanning for line ends),
     and the files of a folder that are not read, with why (:func:`input_files`; ``listed``: its
     answer, when it was asked already; ``digests``: filled with each line file's contents hash;
-    ``desc``: a progress bar's, shown from :data:`PLAN_BAR` files on)."""
+    ``desc``: a progress bar's, shown from :data:`PLAN_BAR` files on; ``fields``: filled with the
+    fields of each file's first records, :func:`check_text_field`)."""
     if fmt not in FORMATS:
         raise ValueError(f"{key} must be one of {FORMATS}, got {fmt!r}")
     files, skipped = listed or input_files(path, fmt, exclude)
 
     def plan(f: str) -> list[Chunk]:
-        return _plan_file(f, file_format(f, fmt, key), chunk_rows, key, digests)
+        return _plan_file(f, file_format(f, fmt, key), chunk_rows, key, digests, fields)
 
     from cerbero_ray.logs import progress
 
@@ -673,10 +718,10 @@ def start_run(
     looked at."""
     out = b.output_dir
     listed = _listed(stage, b)
-    digests = {}
-    chunks, skipped = plan_chunks(
-        b.input, b.format, b.chunk_rows, f"{stage}.format", listed=listed, digests=digests, desc=f"{stage}: plan"
-    )
+    digests, fields = {}, {}
+    plan = dict(listed=listed, digests=digests, desc=f"{stage}: plan", fields=fields)
+    chunks, skipped = plan_chunks(b.input, b.format, b.chunk_rows, f"{stage}.format", **plan)
+    check_text_field(stage, b.text_field, fields)
     if skipped:
         log.warning(f"[{stage}] {inputs.describe_skipped(skipped)}; all listed in summary.json")
     ident = {**ident, INPUT_VERSION: inputs.stamp(listed[0])[1], INPUT_CONTENT: input_content(listed[0], digests)}

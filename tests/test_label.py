@@ -89,6 +89,40 @@ def test_a_missing_input_or_unknown_format_is_named_before_the_output_is_claimed
         start_run("label", job(f, "csv"), "run.json", {})
 
 
+@pytest.mark.parametrize("stage", ["label", "generate"])
+def test_a_text_field_no_file_has_is_refused_before_any_row_is_read(tmp_path, stage, caplog):
+    """``label.text_field=body`` on a corpus whose text is ``text`` labeled every row as an error row
+    (``no_text``) and exited 0. The plan notes each file's first records' fields: a field no file
+    has is refused (naming those there are) before the output is claimed; a field some files lack
+    is a warning naming them, and their rows are error rows as before."""
+    import gzip
+    import shutil
+
+    import pyarrow as pa
+
+    src, out = tmp_path / "in", str(tmp_path / "out")
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", [{"id": f"a{i}", "text": "ciao", "lang": "it"} for i in range(30)])
+    (src / "b.jsonl.gz").write_bytes(gzip.compress(b'\xef\xbb\xbf{"id": "b0", "text": "ciao"}\n'))
+    pq.write_table(pa.table({"id": ["c0"], "text": ["ciao"], "url": ["u"]}), src / "c.parquet")
+    (src / "d.json").write_text('[{"id": "d0", "text": "ciao"}]')
+    (src / "e.txt").write_text("una riga di testo\n")  # a text file has no fields: never counted
+
+    def job(field):
+        return BatchInferenceConfig(input=str(src), output_dir=out, checkpoint="-", chunk_rows=10, text_field=field)
+
+    with pytest.raises(ValueError, match=rf"{stage}.text_field='body': no input file has that field") as e:
+        start_run(stage, job("body"), "run.json", {})
+    assert "'id', 'lang', 'text', 'url'" in str(e.value) and not os.path.exists(out)  # nothing claimed
+    chunks, todo, _ = start_run(stage, job("text"), "run.json", {})  # every file has it
+    assert len(chunks) == len(todo) == 7 and "no 'text' field" not in caplog.text
+    write_jsonl(src / "meta.jsonl", [{"source": "x", "count": 3}])  # a file beside the corpus without it
+    caplog.set_level("WARNING")
+    shutil.rmtree(out)  # another input now: a new run
+    start_run(stage, job("text"), "run.json", {})
+    assert f"[{stage}] 1 of 5 input file(s) have no 'text' field in their first records (meta.jsonl" in caplog.text
+
+
 def test_a_checkpoint_written_again_under_its_path_is_another_run(tmp_path):
     """A labeling (or generation) folder is resumed only with the checkpoint it began with: one
     trained again under the same path is refused, naming it, unless overwrite; a folder recorded
