@@ -135,7 +135,7 @@ def _plan_file(
     row) instead of stopping the job: a Parquet file whose footer is broken, a compressed stream
     cut short (the lines before the break are planned as usual). A line file read whole puts the
     hash of its (decompressed) bytes in ``digests``: the scan for line ends reads them anyway; the
-    fields of its first records go in ``fields`` (:func:`check_text_field`)."""
+    fields of its first records go in ``fields`` (:func:`check_fields`)."""
     fields = {} if fields is None else fields
     if kind == "parquet":
         try:
@@ -212,12 +212,17 @@ def _keys(records) -> set:
     return {k for r in records if isinstance(r, dict) for k in r}
 
 
-def check_text_field(stage: str, text_field: str, fields: dict) -> None:
+def check_fields(stage: str, text_field: str, id_field: str | None, fields: dict) -> None:
     """``<stage>.text_field`` against the fields of each file's first records (:func:`plan_chunks`'s
     ``fields``): in none of the files that have records, a wrong key (every row would be an error
     row: ``no_text``): refused, naming the fields there are; missing from some files only: a
-    warning naming them (their rows become error rows)."""
+    warning naming them (their rows become error rows). An ``id_field`` no file has: a line saying
+    the rows are named by file and line."""
     known = {f: names for f, names in fields.items() if names}
+    if id_field and known and not any(id_field in names for names in known.values()):
+        log.info(
+            f"[{stage}] no input file has {id_field!r} ({stage}.id_field) in its first records: rows are <file>:<line>"
+        )
     lacking = [f for f, names in known.items() if text_field not in names]
     if not lacking:
         return
@@ -270,7 +275,7 @@ def plan_chunks(
     and the files of a folder that are not read, with why (:func:`input_files`; ``listed``: its
     answer, when it was asked already; ``digests``: filled with each line file's contents hash;
     ``desc``: a progress bar's, shown from :data:`PLAN_BAR` files on; ``fields``: filled with the
-    fields of each file's first records, :func:`check_text_field`)."""
+    fields of each file's first records, :func:`check_fields`)."""
     if fmt not in FORMATS:
         raise ValueError(f"{key} must be one of {FORMATS}, got {fmt!r}")
     files, skipped = listed or input_files(path, fmt, exclude)
@@ -721,7 +726,7 @@ def start_run(
     digests, fields = {}, {}
     plan = dict(listed=listed, digests=digests, desc=f"{stage}: plan", fields=fields)
     chunks, skipped = plan_chunks(b.input, b.format, b.chunk_rows, f"{stage}.format", **plan)
-    check_text_field(stage, b.text_field, fields)
+    check_fields(stage, b.text_field, b.id_field, fields)
     if skipped:
         log.warning(f"[{stage}] {inputs.describe_skipped(skipped)}; all listed in summary.json")
     ident = {**ident, INPUT_VERSION: inputs.stamp(listed[0])[1], INPUT_CONTENT: input_content(listed[0], digests)}

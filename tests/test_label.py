@@ -97,6 +97,7 @@ def test_a_text_field_no_file_has_is_refused_before_any_row_is_read(tmp_path, st
     is a warning naming them, and their rows are error rows as before."""
     import gzip
     import shutil
+    from dataclasses import replace
 
     import pyarrow as pa
 
@@ -121,6 +122,11 @@ def test_a_text_field_no_file_has_is_refused_before_any_row_is_read(tmp_path, st
     shutil.rmtree(out)  # another input now: a new run
     start_run(stage, job("text"), "run.json", {})
     assert f"[{stage}] 1 of 5 input file(s) have no 'text' field in their first records (meta.jsonl" in caplog.text
+    assert "ids are <file>:<line>" not in caplog.text
+    caplog.set_level("INFO")  # an id field no file has: the rows are named by file and line, said once
+    shutil.rmtree(out)
+    start_run(stage, replace(job("text"), id_field="doc_id"), "run.json", {})
+    assert f"[{stage}] no input file has 'doc_id' ({stage}.id_field) in its first records" in caplog.text
 
 
 def test_a_checkpoint_written_again_under_its_path_is_another_run(tmp_path):
