@@ -185,6 +185,28 @@ def test_a_corrupt_parquet_row_group_becomes_error_rows_and_the_rest_is_read(tmp
     assert kinds.count("unreadable") == 1 and kinds.count("record") == 75
 
 
+def test_the_data_stage_streams_a_row_group_and_keeps_the_rows_before_a_corrupt_page(tmp_path):
+    """The data stage decoded each row group whole into Python records (a million rows by pyarrow's
+    default: GBs in one worker) and lost all of it to one corrupt page. Now a row group is read in
+    blocks: the rows before the page that cannot be read are records, the rest one row naming them."""
+    rows = [{"id": f"r{i}", "text": f"Testo numero {i}: " + "parole diverse " * 5} for i in range(200)]
+    f = tmp_path / "late.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), f, compression="none", data_page_size=512, use_dictionary=False)
+    col = pq.ParquetFile(f).metadata.row_group(0).column(1)
+    end = col.data_page_offset + col.total_compressed_size
+    data = bytearray(f.read_bytes())
+    data[end - 300 : end - 10] = b"\xff" * 290  # the text column's last page
+    f.write_bytes(bytes(data))
+    with pa.OSFile(str(f)) as fh:
+        tables = list(read_raw_stream(fh, str(f), "s", block_rows=16))
+    assert {t.num_rows for t in tables[:-1]} == {16}  # blocks, not the row group at once
+    kinds = [k for t in tables for k in t["kind"].to_pylist()]
+    kept = kinds.count("record")
+    assert 100 < kept < 200 and kinds == ["record"] * kept + ["unreadable"]
+    assert [json.loads(r)["id"] for t in tables[:-1] for r in t["raw"].to_pylist()] == [f"r{i}" for i in range(kept)]
+    assert f"row group 0 (rows {kept}..199)" in tables[-1]["raw"].to_pylist()[0].decode()
+
+
 def test_a_parquet_file_cut_short_is_one_error_row(tmp_path):
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "t.parquet")
     data = (tmp_path / "t.parquet").read_bytes()
