@@ -17,6 +17,9 @@ the actors read, each against the way it was done before, in one process.
                  holds a million rows), four columns: each chunk reading its row group whole, every
                  column (the code before, kept below) against the reader that reads the text and id
                  columns in batches and goes on from the chunk before
+  dispatch       --dispatch-chunks chunks whose work is nothing through the batch jobs' actor pool
+                 (an embedded 2-CPU Ray, one actor): a chunk per call against several
+                 (``map_chunks``: up to CHUNKS_PER_CALL): what Ray Data costs per call
 Order alternated, medians of --reps. Writes bench/results/inputs-<date>.json.
 """
 
@@ -98,6 +101,7 @@ def main():
     p.add_argument("--gz-mb", type=float, default=100.0, help="the .jsonl.gz file's size, decompressed")
     p.add_argument("--pq-rows", type=int, default=100_000, help="rows of the Parquet file (one row group)")
     p.add_argument("--actors", type=int, default=4)
+    p.add_argument("--dispatch-chunks", type=int, default=3000, help="0: no dispatch case (it starts Ray)")
     p.add_argument("--chunk-rows", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
@@ -210,7 +214,42 @@ def main():
         f"row group ({os.path.getsize(pqf) / 1e6:.0f} MB): whole row group {t['whole row group']:.2f} s, "
         f"reader {t['reader']:.2f} s: {res['parquet_chunks']['speedup']:.0f}x"
     )
+    if args.dispatch_chunks:
+        res["dispatch"] = dispatch(args.dispatch_chunks, args.reps)
     print("->", write_results("inputs", res))
+
+
+def dispatch(n: int, reps: int) -> dict:
+    """Seconds for ``n`` chunks of no work through :func:`batchjob.map_items`, one chunk a call vs
+    as many as :func:`batchjob.map_chunks` gives a call."""
+    import ray
+
+    from cerbero_ray import batchjob
+
+    class Nothing(batchjob.ChunkWorker):
+        def __init__(self, cfg):
+            pass
+
+        def process(self, ch):
+            return {"rows": ch.stop - ch.start}
+
+    class Pool:
+        workers, gpus_per_worker, cpus_per_worker = 1, 0, 1
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    items = [batchjob.Chunk(f"/c/f{i // 100}.jsonl", i % 100 * 256, i % 100 * 256 + 256).__dict__ for i in range(n)]
+
+    def run(per_call):
+        return lambda: sum(1 for _ in batchjob.map_items(items, Nothing, Pool, "label", "dispatch", n * 256, per_call))
+
+    t = alternated({"a chunk a call": run(1), "several a call": run(None)}, reps)
+    ray.shutdown()
+    out = {**t, "chunks": n, "speedup": t["a chunk a call"] / t["several a call"]}
+    print(
+        f"dispatch: {n} chunks of no work, one actor: a chunk a call {t['a chunk a call']:.1f} s "
+        f"({1000 * t['a chunk a call'] / n:.1f} ms a chunk), several {t['several a call']:.1f} s: {out['speedup']:.1f}x"
+    )
+    return out
 
 
 if __name__ == "__main__":

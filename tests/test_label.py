@@ -321,32 +321,46 @@ def test_what_the_embedded_cluster_lacks_is_refused_before_ray_waits_for_it(tmp_
 def test_ray_data_hands_each_actor_a_file_s_chunks_in_order(tmp_path, ray_local):
     """What the readers that go on from the chunk before rest on: the actor pool of the batch jobs
     (:func:`map_chunks`) hands each actor a file's chunks in order, so each actor opens a
-    compressed file once; every row is read once."""
+    compressed file once; every row is read once. With many chunks an actor call takes several
+    (Ray Data's cost is per call): 200 chunks on 2 actors, 6 a call."""
     import collections
     import gzip
 
     f = tmp_path / "in.jsonl.gz"
-    rows = [{"id": f"r{i}", "text": f"Testo {i}."} for i in range(200)]
+    rows = [{"id": f"r{i}", "text": f"Testo {i}."} for i in range(400)]
     f.write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in rows)))
-    chunks = plan_chunks(str(f), "auto", 5)[0]
+    chunks = plan_chunks(str(f), "auto", 2)[0]
 
     class Reader(ChunkWorker):  # defined here: Ray pickles it whole
         def __init__(self, cfg):
-            self.opens, real = [0], inputs.open_stream
+            self.opens, self.calls, real = [0], 0, inputs.open_stream
             inputs.open_stream = lambda p: self.opens.__setitem__(0, self.opens[0] + 1) or real(p)
+
+        def __call__(self, batch):
+            self.calls += 1
+            return super().__call__(batch)
 
         def process(self, ch):
             ids = [r["id"] for r in read_chunk(ch, "auto", "text", "id")]
-            return {"rows": len(ids), "pid": os.getpid(), "opens": self.opens[0], "start": ch.start, "ids": ids}
+            return {
+                "rows": len(ids),
+                "pid": os.getpid(),
+                "opens": self.opens[0],
+                "start": ch.start,
+                "ids": ids,
+                "calls": self.calls,
+            }
 
     class Pool:
         workers, gpus_per_worker, cpus_per_worker = 2, 0, 0.5
 
-    by_actor = collections.defaultdict(list)
+    by_actor, calls = collections.defaultdict(list), {}
     ids = []
     for r in map_chunks(chunks, Reader, Pool, "label", "read"):
         by_actor[r["pid"]].append((r["start"], r["opens"]))
+        calls[r["pid"]] = max(calls.get(r["pid"], 0), r["calls"])
         ids += list(r["ids"])
     assert sorted(ids) == sorted(r["id"] for r in rows) and len(by_actor) == 2
+    assert sum(calls.values()) == -(-200 // 6)  # 34 calls for 200 chunks
     for seen in by_actor.values():
         assert [s for s, _ in seen] == sorted(s for s, _ in seen) and seen[-1][1] == 1, seen
