@@ -129,13 +129,20 @@ def _line_ends(block: np.ndarray, universal: bool) -> np.ndarray:
 
 
 def _plan_file(
-    f: str, kind: str, chunk_rows: int, key: str, digests: dict | None = None, fields: dict | None = None
+    f: str,
+    kind: str,
+    chunk_rows: int,
+    key: str,
+    digests: dict | None = None,
+    fields: dict | None = None,
+    stop: threading.Event | None = None,
 ) -> list[Chunk]:
     """The chunks of one input file. What cannot be read becomes an ``unreadable`` chunk (one error
     row) instead of stopping the job: a Parquet file whose footer is broken, a compressed stream
     cut short (the lines before the break are planned as usual). A line file read whole puts the
     hash of its (decompressed) bytes in ``digests``: the scan for line ends reads them anyway; the
-    fields of its first records go in ``fields`` (:func:`check_fields`)."""
+    fields of its first records go in ``fields`` (:func:`check_fields`). ``stop`` set: the scan
+    ends at its next block (:class:`PlanStopped`)."""
     fields = {} if fields is None else fields
     if kind == "parquet":
         try:
@@ -160,6 +167,8 @@ def _plan_file(
         compressed = fh is not raw
         try:
             while True:
+                if stop is not None and stop.is_set():
+                    raise PlanStopped(f)
                 block = fh.read(_block(compressed))
                 if not at and not held and inputs.is_wide(block[:4]):
                     wide = True  # UTF-16/32: decoded whole below, chunked by line
@@ -202,6 +211,10 @@ def _plan_file(
         at_line = chunks[-1].stop if chunks else 0
         chunks.append(Chunk(f, at_line, at_line + 1, mode="unreadable", error=broken.error))
     return chunks
+
+
+class PlanStopped(Exception):
+    """A file's scan ended because the plan failed elsewhere or was interrupted."""
 
 
 SAMPLE_ROWS = 20  # a file's first records whose fields the plan notes
@@ -280,21 +293,27 @@ def plan_chunks(
         raise ValueError(f"{key} must be one of {FORMATS}, got {fmt!r}")
     files, skipped = listed or input_files(path, fmt, exclude)
 
+    stop = threading.Event()  # set when the plan fails or is interrupted: the other scans end too
+
     def plan(f: str) -> list[Chunk]:
-        return _plan_file(f, file_format(f, fmt, key), chunk_rows, key, digests, fields)
+        return _plan_file(f, file_format(f, fmt, key), chunk_rows, key, digests, fields, stop)
 
     from cerbero_ray.logs import progress
 
     # files planned side by side (reads, decompression and hashing let go of the GIL; on a bucket,
     # each file's requests wait on the network), in the listing's order
-    with (
-        concurrent.futures.ThreadPoolExecutor(max(1, min(PLAN_THREADS, len(files)))) as pool,
-        progress(total=len(files), unit=" file", desc=desc, disable=desc is None or len(files) < PLAN_BAR) as bar,
-    ):
-        planned = []
-        for cs in pool.map(plan, files):
-            planned.append(cs)
-            bar.update(1)
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(PLAN_THREADS, len(files))))
+    planned = []
+    try:
+        with progress(total=len(files), unit=" file", desc=desc, disable=desc is None or len(files) < PLAN_BAR) as bar:
+            for cs in pool.map(plan, files):
+                planned.append(cs)
+                bar.update(1)
+    except BaseException:  # a SIGTERM or Ctrl-C too: no scan of a large file goes on after it
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return [ch for cs in planned for ch in cs], skipped
 
 

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import os
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -587,3 +588,34 @@ def test_a_folder_s_files_are_planned_side_by_side_each_opened_once(tmp_path, wh
     assert "label: plan: 100%" in err and "15/15" in err
     batchjob.plan_chunks(root, "auto", 20)  # none without a description (the tests' and bench's plans)
     assert "15/15" not in capsys.readouterr().err
+
+
+def test_an_interrupted_plan_ends_every_scan_before_it_returns(tmp_path, monkeypatch):
+    """Files are planned in threads: a Ctrl-C or SIGTERM (a KeyboardInterrupt in the main thread)
+    while a large file is scanned must not wait for that scan to end, nor leave it running."""
+    import contextlib
+
+    from cerbero_ray import logs
+
+    (tmp_path / "a.jsonl").write_bytes(JSONL)
+    (tmp_path / "b.jsonl").write_bytes(JSONL * 200)  # ~0.5 MB in 256-byte blocks: 2,000 and more
+    monkeypatch.setattr(batchjob, "_block", lambda compressed: 256)
+    scans, real = [], batchjob._line_ends
+
+    def slow(block, universal):
+        scans.append(len(block))
+        time.sleep(0.002)
+        return real(block, universal)
+
+    class Interrupted:  # the first file done: the interrupt arrives
+        def update(self, n):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(batchjob, "_line_ends", slow)
+    monkeypatch.setattr(logs, "progress", lambda **kw: contextlib.nullcontext(Interrupted()))
+    with pytest.raises(KeyboardInterrupt):
+        batchjob.plan_chunks(str(tmp_path), "auto", 100)
+    done = len(scans)
+    assert done < 500  # a.jsonl's 5 blocks and b.jsonl's first few, not its 2,000
+    time.sleep(0.1)
+    assert len(scans) == done  # and none after
