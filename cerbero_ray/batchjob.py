@@ -471,7 +471,7 @@ class _Groups:
     read goes on from the chunk before. A row group (a million rows by pyarrow's default) was read
     whole, every column, for each chunk of its rows."""
 
-    BATCH = 1024  # rows decoded at a time
+    BATCH = 256  # rows decoded at a time (a batch of long texts is what an actor holds)
 
     def __init__(self, path: str, fields: tuple):
         self.stack = contextlib.ExitStack()
@@ -479,26 +479,32 @@ class _Groups:
         names = set(self.pf.schema_arrow.names)
         self.columns = [c for c in dict.fromkeys(fields) if c in names]
         self.sizes = [self.pf.metadata.row_group(g).num_rows for g in range(self.pf.metadata.num_row_groups)]
-        self.group, self.rows, self.at = None, iter(()), 0
+        self.drop()
 
     def take(self, group: int, start: int, stop: int) -> list[dict]:
-        """Rows ``start..stop`` of row group ``group``."""
+        """Rows ``start..stop`` of row group ``group``: the batches before ``start`` are decoded
+        (Parquet pages are read in order) but never turned into records."""
+        if not self.columns:  # neither field: every row is one without text
+            return [{} for _ in range(start, min(stop, self.sizes[group]))]
         if group != self.group or self.at > start:
-            self.group, self.rows, self.at = group, self._rows(group), 0
-        skipped = sum(1 for _ in itertools.islice(self.rows, start - self.at))
-        out = list(itertools.islice(self.rows, stop - start))
-        self.at += skipped + len(out)
+            self.drop()
+            self.group = group
+            self.batches = self.pf.iter_batches(self.BATCH, row_groups=[group], columns=self.columns, use_threads=False)
+        self.at, out = max(self.at, start), []
+        while self.at < stop:
+            while self.end <= self.at:  # on to the batch that holds row ``at``
+                batch = next(self.batches, None)
+                if batch is None:
+                    return out
+                self.batch, self.begin, self.end = batch, self.end, self.end + batch.num_rows
+            upto = min(stop, self.end)
+            out += self.batch.slice(self.at - self.begin, upto - self.at).to_pylist()
+            self.at = upto
         return out
 
-    def _rows(self, group: int) -> Iterator[dict]:
-        if not self.columns:  # neither field: every row is one without text
-            return itertools.repeat({}, self.sizes[group])
-        batches = self.pf.iter_batches(self.BATCH, row_groups=[group], columns=self.columns, use_threads=False)
-        return (r for b in batches for r in b.to_pylist())
-
     def drop(self) -> None:
-        """Forget the row group being read (it failed): the next chunk reads it from its start."""
-        self.group, self.rows, self.at = None, iter(()), 0
+        """Forget the row group being read (it failed, or a chunk lies behind): read from its start."""
+        self.group, self.batches, self.batch, self.begin, self.end, self.at = None, iter(()), None, 0, 0, 0
 
     def close(self) -> None:
         self.stack.close()
