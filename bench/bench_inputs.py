@@ -65,7 +65,15 @@ def alternated(cases: dict, reps: int) -> dict:
             t0 = time.perf_counter()
             cases[k]()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    before, now = list(cases)  # the way before first
+    return {**med, "speedup": med[before] / med[now]}
+
+
+def said(name: str, what: str, t: dict) -> str:
+    """One line of a comparison: ``<name>: <what>: <before> s, <now> s: <speedup>x``."""
+    (before, a), (now, b) = list(t.items())[:2]
+    return f"{name}: {what}: {before} {a:.2f} s, {now} {b:.2f} s: {t['speedup']:.1f}x"
 
 
 def s3_behind_proxy():
@@ -134,14 +142,10 @@ def main():
         asked = proxy.requests
         batchjob.plan_chunks(folder, "auto", args.chunk_rows)  # warm-up (and the requests of one plan)
         t = alternated({"one file at a time": plan(folder, 1), "side by side": plan(folder, threads)}, args.reps)
-        res[f"plan_{where}"] = {**t, "speedup": t["one file at a time"] / t["side by side"]}
+        res[f"plan_{where}"] = t
         if where == "bucket":
             res["plan_bucket"]["requests_per_file"] = (proxy.requests - asked) / args.files
-        print(
-            f"plan, {where}: {args.files} files x {len(body) / 1e6:.1f} MB: one at a time "
-            f"{t['one file at a time']:.2f} s, side by side ({threads} threads) {t['side by side']:.2f} s: "
-            f"{res[f'plan_{where}']['speedup']:.1f}x"
-        )
+        print(said(f"plan, {where}", f"{args.files} files x {len(body) / 1e6:.1f} MB, {threads} threads", t))
     batchjob.PLAN_THREADS = threads
 
     gz = os.path.join(tmp, "corpus.jsonl.gz")
@@ -160,13 +164,9 @@ def main():
 
         return run
 
-    t = alternated({"from the start": read(True), "cursor": read(False)}, args.reps)
-    res["gzip_chunks"] = {**t, "chunks": len(mine), "speedup": t["from the start"] / t["cursor"]}
-    print(
-        f"gzip chunks: one of {args.actors} actors, {len(mine)} of {len(chunks)} chunks of a {args.gz_mb:g} MB "
-        f".jsonl.gz: from the start {t['from the start']:.2f} s, cursor {t['cursor']:.2f} s: "
-        f"{res['gzip_chunks']['speedup']:.0f}x"
-    )
+    res["gzip_chunks"] = t = alternated({"from the start": read(True), "cursor": read(False)}, args.reps)
+    share = f"one of {args.actors} actors, {len(mine)} of {len(chunks)} chunks"
+    print(said("gzip chunks", f"{share} of a {args.gz_mb:g} MB .jsonl.gz", t))
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -207,13 +207,9 @@ def main():
 
         return run
 
-    t = alternated({"whole row group": read_pq(True), "reader": read_pq(False)}, args.reps)
-    res["parquet_chunks"] = {**t, "chunks": len(mine), "speedup": t["whole row group"] / t["reader"]}
-    print(
-        f"parquet chunks: one of {args.actors} actors, {len(mine)} of {len(chunks)} chunks of {n:,} rows in one "
-        f"row group ({os.path.getsize(pqf) / 1e6:.0f} MB): whole row group {t['whole row group']:.2f} s, "
-        f"reader {t['reader']:.2f} s: {res['parquet_chunks']['speedup']:.0f}x"
-    )
+    res["parquet_chunks"] = t = alternated({"whole row group": read_pq(True), "reader": read_pq(False)}, args.reps)
+    share = f"one of {args.actors} actors, {len(mine)} of {len(chunks)} chunks"
+    print(said("parquet chunks", f"{share} of {n:,} rows in one row group ({os.path.getsize(pqf) / 1e6:.0f} MB)", t))
     if args.dispatch_chunks:
         res["dispatch"] = dispatch(args.dispatch_chunks, args.reps)
     print("->", write_results("inputs", res))
@@ -244,12 +240,8 @@ def dispatch(n: int, reps: int) -> dict:
 
     t = alternated({"a chunk a call": run(1), "several a call": run(None)}, reps)
     ray.shutdown()
-    out = {**t, "chunks": n, "speedup": t["a chunk a call"] / t["several a call"]}
-    print(
-        f"dispatch: {n} chunks of no work, one actor: a chunk a call {t['a chunk a call']:.1f} s "
-        f"({1000 * t['a chunk a call'] / n:.1f} ms a chunk), several {t['several a call']:.1f} s: {out['speedup']:.1f}x"
-    )
-    return out
+    print(said("dispatch", f"{n} chunks of no work, one actor ({1000 * t['a chunk a call'] / n:.1f} ms a chunk)", t))
+    return t
 
 
 if __name__ == "__main__":
