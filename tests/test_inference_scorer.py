@@ -208,3 +208,70 @@ def test_a_template_places_the_instruction_where_it_says(tok):
     assert "ironico" not in prompt_text(plain, "ciao {instruction}", tok)  # a template without the slot: left out
     rendered = prompt_text(placed, "ciao {instruction}", tok)
     assert "Il testo è ironico?\nTesto: ciao {instruction}" in rendered  # the text's own braces stay as they are
+
+
+def test_a_huge_text_is_cut_as_its_whole_tokenization_cuts_it_tokenizing_only_its_head(tok, monkeypatch):
+    """A row of 10 MB was tokenized whole (10 s, 0.9 GB) to keep its first ``max_text_tokens``:
+    one of 100 MB would stall or kill its actor. Only its head is tokenized now, and the prompt is
+    the one the whole text's tokens give, for text with spaces, newlines, accents and emoji, a
+    word longer than the head, and texts under the budget."""
+    import random
+
+    from cerbero_ray import tokenizer
+    from cerbero_ray.inference import label_prompts
+    from cerbero_ray.inference.label_prompts import head, longest_piece, text_prompts
+
+    rng = random.Random(0)
+    words = ["perché", "città", "l'uomo", "è", "🙂", "casa\n", "\tnota", "ciao,", "Verità"] + TEXTS
+    texts = [" ".join(rng.choices(words, k=k)) for k in (5, 800, 5_000, 60_000)]
+    texts += ["a" * 30_000, "parola" + "x" * 40_000 + " fine", "🙂" * 20_000]
+
+    def whole(text, n):  # the way before: the whole text tokenized, its first n tokens kept
+        ids = tokenizer.encode_plain(tok, [text])[0]
+        return (tok.decode(ids[:n]) if len(ids) > n else text), len(ids) > n
+
+    budget = (64 + label_prompts.HEAD_MARGIN) * longest_piece(tok)
+    seen = []
+    real = tokenizer.encode_plain
+    monkeypatch.setattr(tokenizer, "encode_plain", lambda t, xs: seen.extend(map(len, xs)) or real(t, xs))
+    prompts, cut = text_prompts(TASK, tok, texts, 64)
+    assert max(seen) <= budget and len(head("x " * 10**6, 64, tok)) <= budget  # never the whole 2 MB
+    monkeypatch.undo()
+    kept = [whole(x, 64) for x in texts]
+    assert cut == [c for _, c in kept] == [False] + [True] * 6
+    assert prompts == [prompt_text(TASK, x, tok) for x, _ in kept]
+
+
+def test_a_huge_prompt_keeps_the_last_tokens_its_whole_text_gives_from_its_tail_alone(tok):
+    """The generate stage keeps an over-long prompt's last tokens (:func:`encode_prompts`): it
+    tokenizes only the text's end now (:func:`tail`), and the prompt's tokens are the same."""
+    import random
+
+    from cerbero_ray.inference.batch import chat_prompt
+    from cerbero_ray.inference.label_prompts import longest_piece, tail
+    from cerbero_ray.tokenizer import encode_prompts
+
+    rng = random.Random(1)
+    words = ["perché", "città", "è", "🙂", "casa\n", "\tnota", "ciao,"] + TEXTS
+    texts = [" ".join(rng.choices(words, k=k)) for k in (10, 3_000, 40_000)] + ["b" * 30_000, "fine " + "y" * 20_000]
+    for text in texts:
+        short = tail(text, 128, tok)
+        assert len(short) <= (128 + 64) * longest_piece(tok) and text.endswith(short)
+        assert encode_prompts(tok, [chat_prompt(tok, short)], 128) == encode_prompts(tok, [chat_prompt(tok, text)], 128)
+
+
+def test_the_generate_stage_hands_the_engine_a_huge_text_s_tail_only(tok):
+    from cerbero_ray.config.sampling import Sampling
+    from cerbero_ray.inference.batch import generate_columns
+
+    class Engine:  # what the stage's engine is given, and its prompt budget
+        max_prompt_tokens = 64
+
+        def generate(self, prompts, sampling, seed=None):
+            self.prompts = prompts
+            return [{"text": "ok", "finish_reason": "stop", "prompt_tokens": 64, "new_tokens": 1} for _ in prompts]
+
+    engine = Engine()
+    cols = generate_columns(engine, tok, ["Ciao!", "parola " * 10**6], Sampling(), 0)
+    assert cols["completion"] == ["ok", "ok"] and "Ciao!" in engine.prompts[0]
+    assert len(engine.prompts[1]) < 5_000 and engine.prompts[1].count("parola") > 100
