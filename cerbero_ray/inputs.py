@@ -197,12 +197,6 @@ def sniff(head: bytes) -> str | None:
     return next((codec for magic, codec in MAGIC if head.startswith(magic)), None)
 
 
-def compression(path: str) -> str | None:
-    fs, p = storage.resolve(path)
-    with fs.open_input_file(p) as f:  # as stored (open_input_stream would decompress by the name)
-        return sniff(f.read(4))
-
-
 def open_stream(path: str):
     """A file's bytes as a stream, decompressed when its first bytes say it is compressed."""
     fs, p = storage.resolve(path)

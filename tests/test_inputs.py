@@ -619,3 +619,18 @@ def test_an_interrupted_plan_ends_every_scan_before_it_returns(tmp_path, monkeyp
     assert done < 500  # a.jsonl's 5 blocks and b.jsonl's first few, not its 2,000
     time.sleep(0.1)
     assert len(scans) == done  # and none after
+
+
+def test_the_format_peek_of_a_parquet_file_whose_first_row_group_is_empty(tmp_path):
+    """The peek reads the first rows of row group 0 in one batch (not the group whole): an empty
+    first row group gives no rows, as reading the group whole did, never StopIteration."""
+    from cerbero_ray.data.sources import _peek
+
+    f = str(tmp_path / "empty_first.parquet")
+    with pq.ParquetWriter(f, pa.schema([("text", pa.string())])) as w:
+        w.write_table(pa.table({"text": pa.array([], pa.string())}))
+        w.write_table(pa.table({"text": ["ciao"]}))
+    assert [pq.ParquetFile(f).metadata.row_group(g).num_rows for g in range(2)] == [0, 1]
+    assert _peek(f) == []
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(80)]}), tmp_path / "full.parquet")
+    assert [r["text"] for r in _peek(str(tmp_path / "full.parquet"))] == [f"t{i}" for i in range(50)]

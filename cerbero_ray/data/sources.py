@@ -55,7 +55,8 @@ def _peek(path: str) -> list:
                 return []
             # the first rows only: a row group (a million rows by pyarrow's default) decoded whole
             # to peek at 50 rows cost seconds and GBs per file
-            return next(pf.iter_batches(PEEK_ROWS, row_groups=[0], use_threads=False)).to_pylist()
+            first = next(pf.iter_batches(PEEK_ROWS, row_groups=[0], use_threads=False), None)
+            return first.to_pylist() if first is not None else []  # an empty first row group: as before
     with inputs.open_stream(path) as f:
         head = f.read(1 << 20) if suffix == ".jsonl" else f.read()
     wide = inputs.is_wide(head)
