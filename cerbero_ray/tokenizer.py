@@ -233,3 +233,43 @@ def _fit(tok: PreTrainedTokenizerBase, body: str, budget: int) -> list[int]:
                 return ids[:head] + ids[t:]
     head = first if first <= budget // 2 else 0
     return ids[:head] + ids[len(ids) - (budget - head) :]
+
+
+CUT_MARGIN = 64  # tokens past the budget whose text a head or a tail keeps
+
+
+@functools.lru_cache(maxsize=8)
+def longest_piece(tok: PreTrainedTokenizerBase) -> int:
+    """The most characters one token of ``tok`` stands for (its longest vocabulary entry: a byte
+    token's ``<0x0A>`` or a byte-level BPE entry is longer than what it decodes to, never shorter)."""
+    return max(map(len, tok.get_vocab()))
+
+
+def cut_chars(max_tokens: int, tok: PreTrainedTokenizerBase) -> int:
+    """Characters that hold more than ``max_tokens`` tokens of any text: ``(max_tokens +
+    CUT_MARGIN) * longest_piece`` (no token stands for more characters)."""
+    return (max_tokens + CUT_MARGIN) * longest_piece(tok)
+
+
+def text_head(text: str, max_tokens: int, tok: PreTrainedTokenizerBase) -> str:
+    """The start of ``text`` that holds its first ``max_tokens`` tokens and more (:func:`cut_chars`),
+    cut at the last whitespace of its second half, where the tokenizers' words end (the tokens before
+    a word's end are those of the whole text)."""
+    budget = cut_chars(max_tokens, tok)
+    if len(text) <= budget:
+        return text
+    cut = text[:budget]
+    end = max(cut.rfind(c) for c in " \n\t")
+    return cut[:end] if end > budget // 2 else cut
+
+
+def text_tail(text: str, max_tokens: int, tok: PreTrainedTokenizerBase) -> str:
+    """The end of ``text`` that holds its last ``max_tokens`` tokens and more (:func:`text_head`'s
+    mirror, cut at the first whitespace of its first half): what a prompt cut to its last tokens
+    keeps (:func:`encode_prompts`) is the same from it as from the text."""
+    budget = cut_chars(max_tokens, tok)
+    if len(text) <= budget:
+        return text
+    cut = text[-budget:]
+    start = min((i for i in (cut.find(c) for c in " \n\t") if i >= 0), default=-1)
+    return cut[start + 1 :] if 0 <= start < budget // 2 else cut

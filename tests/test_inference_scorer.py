@@ -218,8 +218,8 @@ def test_a_huge_text_is_cut_as_its_whole_tokenization_cuts_it_tokenizing_only_it
     import random
 
     from cerbero_ray import tokenizer
-    from cerbero_ray.inference import label_prompts
-    from cerbero_ray.inference.label_prompts import head, longest_piece, text_prompts
+    from cerbero_ray.inference.label_prompts import text_prompts
+    from cerbero_ray.tokenizer import cut_chars, text_head
 
     rng = random.Random(0)
     words = ["perché", "città", "l'uomo", "è", "🙂", "casa\n", "\tnota", "ciao,", "Verità"] + TEXTS
@@ -230,12 +230,13 @@ def test_a_huge_text_is_cut_as_its_whole_tokenization_cuts_it_tokenizing_only_it
         ids = tokenizer.encode_plain(tok, [text])[0]
         return (tok.decode(ids[:n]) if len(ids) > n else text), len(ids) > n
 
-    budget = (64 + label_prompts.HEAD_MARGIN) * longest_piece(tok)
+    budget = cut_chars(64, tok)
+    assert budget == (64 + 64) * 16  # the Mistral vocabulary's longest entry: 16 characters
     seen = []
     real = tokenizer.encode_plain
     monkeypatch.setattr(tokenizer, "encode_plain", lambda t, xs: seen.extend(map(len, xs)) or real(t, xs))
     prompts, cut = text_prompts(TASK, tok, texts, 64)
-    assert max(seen) <= budget and len(head("x " * 10**6, 64, tok)) <= budget  # never the whole 2 MB
+    assert max(seen) <= budget and len(text_head("x " * 10**6, 64, tok)) <= budget  # never the whole 2 MB
     monkeypatch.undo()
     kept = [whole(x, 64) for x in texts]
     assert cut == [c for _, c in kept] == [False] + [True] * 6
@@ -244,18 +245,17 @@ def test_a_huge_text_is_cut_as_its_whole_tokenization_cuts_it_tokenizing_only_it
 
 def test_a_huge_prompt_keeps_the_last_tokens_its_whole_text_gives_from_its_tail_alone(tok):
     """The generate stage keeps an over-long prompt's last tokens (:func:`encode_prompts`): it
-    tokenizes only the text's end now (:func:`tail`), and the prompt's tokens are the same."""
+    tokenizes only the text's end now (:func:`text_tail`), and the prompt's tokens are the same."""
     import random
 
     from cerbero_ray.inference.batch import chat_prompt
-    from cerbero_ray.inference.label_prompts import longest_piece, tail
-    from cerbero_ray.tokenizer import encode_prompts
+    from cerbero_ray.tokenizer import encode_prompts, longest_piece, text_tail
 
     rng = random.Random(1)
     words = ["perché", "città", "è", "🙂", "casa\n", "\tnota", "ciao,"] + TEXTS
     texts = [" ".join(rng.choices(words, k=k)) for k in (10, 3_000, 40_000)] + ["b" * 30_000, "fine " + "y" * 20_000]
     for text in texts:
-        short = tail(text, 128, tok)
+        short = text_tail(text, 128, tok)
         assert len(short) <= (128 + 64) * longest_piece(tok) and text.endswith(short)
         assert encode_prompts(tok, [chat_prompt(tok, short)], 128) == encode_prompts(tok, [chat_prompt(tok, text)], 128)
 

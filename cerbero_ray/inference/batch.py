@@ -66,11 +66,12 @@ def generate_columns(
 ) -> dict[str, list]:
     """``completion``, ``finish_reason``, ``prompt_tokens``, ``new_tokens``, ``truncated``, ``error``
     for each text, each asked as the human's turn; ``engine`` is a ``ContinuousBatcher`` or a ``Generator``."""
-    from cerbero_ray.inference.label_prompts import tail
+    from cerbero_ray.tokenizer import text_tail
 
     errors = [e or text_error(t) for t, e in zip(texts, errors or [None] * len(texts))]
     # a prompt over the budget keeps its last tokens: only a huge text's end is tokenized
-    prompts = [chat_prompt(tok, tail(t, engine.max_prompt_tokens, tok)) for t, e in zip(texts, errors) if e is None]
+    budget = engine.max_prompt_tokens
+    prompts = [chat_prompt(tok, text_tail(t, budget, tok)) for t, e in zip(texts, errors) if e is None]
     results = iter(engine.generate(prompts, sampling, seed=seed))
     keys = ("completion", "finish_reason", "prompt_tokens", "new_tokens")
     cols: dict[str, list] = {k: [] for k in (*keys, "truncated", "error")}

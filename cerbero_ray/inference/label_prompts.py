@@ -19,7 +19,6 @@ its ``output`` as compact JSON, the form the constrained answer takes.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -77,11 +76,12 @@ def prompt_text(task: LabelTask, text: str, tok) -> str:
 
 def text_prompts(task: LabelTask, tok, texts: list[str], max_text_tokens: int) -> tuple[list[str], list[bool]]:
     """Each text's rendered prompt, and whether the text was cut: a text over ``max_text_tokens``
-    keeps its first tokens. Only a text's head is tokenized (:func:`head`): a row of 10 MB took
-    10 s and 0.9 GB to tokenize whole, and one of 100 MB would stall or kill its actor."""
-    from cerbero_ray.tokenizer import encode_plain
+    keeps its first tokens. Only a text's head is tokenized (:func:`~cerbero_ray.tokenizer.text_head`):
+    a row of 10 MB took 10 s and 0.9 GB to tokenize whole, and one of 100 MB would stall or kill its
+    actor."""
+    from cerbero_ray.tokenizer import encode_plain, text_head
 
-    ids = encode_plain(tok, [head(x, max_text_tokens, tok) for x in texts])
+    ids = encode_plain(tok, [text_head(x, max_text_tokens, tok) for x in texts])
     cut = [len(t) > max_text_tokens for t in ids]
     kept = [tok.decode(t[:max_text_tokens]) if c else x for x, t, c in zip(texts, ids, cut)]
     return [prompt_text(task, x, tok) for x in kept], cut
@@ -114,38 +114,3 @@ def prompt_hash(task: LabelTask, tok) -> str:
         ensure_ascii=False,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-HEAD_MARGIN = 64  # tokens past the budget whose text a head keeps
-
-
-@functools.lru_cache(maxsize=8)
-def longest_piece(tok) -> int:
-    """The most characters one token of ``tok`` stands for (its longest vocabulary entry: a byte
-    token's ``<0x0A>`` or a byte-level BPE entry is longer than what it decodes to, never shorter)."""
-    return max(map(len, tok.get_vocab()))
-
-
-def head(text: str, max_tokens: int, tok) -> str:
-    """The start of ``text`` that holds its first ``max_tokens`` tokens and more: past
-    ``(max_tokens + HEAD_MARGIN) * longest_piece`` characters (no token stands for more), cut at
-    the last whitespace in its second half, where the tokenizers' words end (the tokens before a
-    word's end are those of the whole text)."""
-    budget = (max_tokens + HEAD_MARGIN) * longest_piece(tok)
-    if len(text) <= budget:
-        return text
-    cut = text[:budget]
-    end = max(cut.rfind(c) for c in " \n\t")
-    return cut[:end] if end > budget // 2 else cut
-
-
-def tail(text: str, max_tokens: int, tok) -> str:
-    """The end of ``text`` that holds its last ``max_tokens`` tokens and more (:func:`head`'s
-    mirror, cut at the first whitespace of its first half): what a prompt cut to its last tokens
-    keeps (:func:`cerbero_ray.tokenizer.encode_prompts`) is the same from it as from the text."""
-    budget = (max_tokens + HEAD_MARGIN) * longest_piece(tok)
-    if len(text) <= budget:
-        return text
-    cut = text[-budget:]
-    start = min((i for i in (cut.find(c) for c in " \n\t") if i >= 0), default=-1)
-    return cut[start + 1 :] if 0 <= start < budget // 2 else cut
