@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from _results import write_results  # noqa: E402 (bench/, the script's own folder)
+from _results import alternated, write_results  # noqa: E402 (bench/, the script's own folder)
 
 from cerbero_ray.config.data import SourceConfig  # noqa: E402
 from cerbero_ray.data.dedup import BANDS, FileIds, Fingerprints, find_duplicates  # noqa: E402
@@ -88,15 +88,9 @@ def part1(reps: int) -> dict:
             "decontaminate": lambda b=b, srcs=srcs: Fingerprints(srcs, "none", squad)(b),
             "tokenizer": lambda texts=texts: encode_plain(tok, texts),
         }
-        times = {k: [] for k in runs}
         for f in runs.values():
             f()  # warm-up
-        for r in range(reps):
-            for k in list(runs)[:: 1 if r % 2 == 0 else -1]:
-                t = time.perf_counter()
-                runs[k]()
-                times[k].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = alternated(runs, reps)
         mb = sum(len(r) for r in raws) / 1e6
         out[name] = {
             "documents": len(raws),

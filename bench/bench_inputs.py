@@ -34,15 +34,13 @@ import os
 import platform
 import random
 import socket
-import statistics
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the tests' fault proxy
-from _results import write_results  # noqa: E402 (bench/, the script's own folder)
+from _results import alternated, write_results  # noqa: E402 (bench/, the script's own folder)
 
 
 def corpus_lines(mb: float, seed: int = 0) -> bytes:
@@ -57,16 +55,10 @@ def corpus_lines(mb: float, seed: int = 0) -> bytes:
     return b"".join(out)
 
 
-def alternated(cases: dict, reps: int) -> dict:
-    """Median seconds of each case, the order of the cases reversed on every other repetition."""
-    times = {k: [] for k in cases}
-    for r in range(reps):
-        for k in list(cases)[:: 1 if r % 2 == 0 else -1]:
-            t0 = time.perf_counter()
-            cases[k]()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    before, now = list(cases)  # the way before first
+def versus(cases: dict, reps: int) -> dict:
+    """:func:`_results.alternated` of two cases, the way before first, with the speedup of the second."""
+    med = alternated(cases, reps)
+    before, now = list(cases)
     return {**med, "speedup": med[before] / med[now]}
 
 
@@ -141,7 +133,7 @@ def main():
     for where, folder in folders.items():
         asked = proxy.requests
         batchjob.plan_chunks(folder, "auto", args.chunk_rows)  # warm-up (and the requests of one plan)
-        t = alternated({"one file at a time": plan(folder, 1), "side by side": plan(folder, threads)}, args.reps)
+        t = versus({"one file at a time": plan(folder, 1), "side by side": plan(folder, threads)}, args.reps)
         res[f"plan_{where}"] = t
         if where == "bucket":
             res["plan_bucket"]["requests_per_file"] = (proxy.requests - asked) / args.files
@@ -164,7 +156,7 @@ def main():
 
         return run
 
-    res["gzip_chunks"] = t = alternated({"from the start": read(True), "cursor": read(False)}, args.reps)
+    res["gzip_chunks"] = t = versus({"from the start": read(True), "cursor": read(False)}, args.reps)
     share = f"one of {args.actors} actors, {len(mine)} of {len(chunks)} chunks"
     print(said("gzip chunks", f"{share} of a {args.gz_mb:g} MB .jsonl.gz", t))
 
@@ -207,7 +199,7 @@ def main():
 
         return run
 
-    res["parquet_chunks"] = t = alternated({"whole row group": read_pq(True), "reader": read_pq(False)}, args.reps)
+    res["parquet_chunks"] = t = versus({"whole row group": read_pq(True), "reader": read_pq(False)}, args.reps)
     share = f"one of {args.actors} actors, {len(mine)} of {len(chunks)} chunks"
     print(said("parquet chunks", f"{share} of {n:,} rows in one row group ({os.path.getsize(pqf) / 1e6:.0f} MB)", t))
     if args.dispatch_chunks:
@@ -238,7 +230,7 @@ def dispatch(n: int, reps: int) -> dict:
     def run(per_call):
         return lambda: sum(1 for _ in batchjob.map_items(items, Nothing, Pool, "label", "dispatch", n * 256, per_call))
 
-    t = alternated({"a chunk a call": run(1), "several a call": run(None)}, reps)
+    t = versus({"a chunk a call": run(1), "several a call": run(None)}, reps)
     ray.shutdown()
     print(said("dispatch", f"{n} chunks of no work, one actor ({1000 * t['a chunk a call'] / n:.1f} ms a chunk)", t))
     return t
